@@ -1,0 +1,111 @@
+//! The command line: subcommands and their flags. Each flag that configures the service also
+//! reads an environment variable (named in `--help`); `config::Settings` adds the TOML file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "chronospipe", version, about = "Train language models with memory-fitting pipeline-parallel plans", long_about = None)]
+pub struct Cli {
+    /// Log line format on standard error.
+    #[arg(long, global = true, env = "CHRONOSPIPE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration as TOML, secrets redacted.
+    Print(ServiceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+/// Settings shared by `serve`, `worker` and `config print`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServiceArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "CHRONOSPIPE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "CHRONOSPIPE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// `postgres://...` or `sqlite://PATH` [default: a SQLite file in the data directory].
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Directory for uploaded files, checkpoints and the embedded database [default: data].
+    #[arg(long, env = "CHRONOSPIPE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Devices to train on, e.g. `cpu:4x256MiB` [default: what the machine has].
+    #[arg(long, env = "CHRONOSPIPE_DEVICES")]
+    pub devices: Option<String>,
+
+    /// API key accepted by the service (otherwise keys come from the database).
+    #[arg(long, env = "CHRONOSPIPE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_parses_its_flags() {
+        let cli = Cli::try_parse_from([
+            "chronospipe",
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "0.0.0.0:8081",
+            "--devices",
+            "cpu:2x64MiB",
+        ])
+        .unwrap();
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve")
+        };
+        assert_eq!(args.service.listen, Some("0.0.0.0:8081".parse().unwrap()));
+        assert_eq!(args.service.devices.as_deref(), Some("cpu:2x64MiB"));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let err = Cli::try_parse_from(["chronospipe", "serve", "--listen", "nowhere"]).unwrap_err();
+        assert!(err.to_string().contains("--listen"), "{err}");
+        assert!(Cli::try_parse_from(["chronospipe", "--log-format", "xml", "serve"]).is_err());
+        assert!(Cli::try_parse_from(["chronospipe", "frobnicate"]).is_err());
+    }
+}
