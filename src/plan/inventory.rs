@@ -1,0 +1,240 @@
+//! The activation inventory: for a part of the model (embedding, one decoder layer, the head)
+//! and a micro-batch shape, the tensors that part holds, by group, under an implementation
+//! profile. The executor allocates exactly these and the planner sums them, so the planner's
+//! predicted peak for a CPU run equals the executor's measured peak (DESIGN.md, contract 1).
+//!
+//! Memory rules shared by planner and executor (`chunk_memory` computes them):
+//! - A part's `stash` is allocated during its forward and freed when its backward ends. A
+//!   decoder layer and the head stash their own `input`; that buffer is written by the part
+//!   before them (its output) and is counted once, in the consumer's stash.
+//! - `forward_scratch` lives only while that part's forward runs; `backward_scratch` likewise.
+//! - A chunk's output (the last part's output when it is not the head) is a communication
+//!   buffer from the end of the chunk's forward until its send completes. The gradient
+//!   travelling backward between parts is in `backward_scratch` (`grad_output`).
+
+use serde::{Deserialize, Serialize};
+
+/// Element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    Bf16,
+    /// Token ids and targets.
+    I32,
+}
+
+impl DType {
+    pub fn bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+}
+
+/// One tensor: a name unique within its part, a shape, an element type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: &'static str,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl TensorSpec {
+    pub fn new(name: &'static str, shape: &[usize], dtype: DType) -> Self {
+        TensorSpec {
+            name,
+            shape: shape.to_vec(),
+            dtype,
+        }
+    }
+
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.elements() * self.dtype.bytes()
+    }
+}
+
+/// Sum of the bytes of a list of tensors.
+pub fn total_bytes(tensors: &[TensorSpec]) -> usize {
+    tensors.iter().map(TensorSpec::bytes).sum()
+}
+
+/// The shape of a Llama-style decoder, as the planner and executor need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelDims {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+}
+
+impl ModelDims {
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim()
+    }
+}
+
+/// One micro-batch: `batch` sequences of `seq` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MicroShape {
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl MicroShape {
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// A unit of the model that a pipeline chunk is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Part {
+    /// Token embedding; first part of the first chunk.
+    Embedding,
+    /// One decoder layer.
+    Layer,
+    /// Final RMSNorm, LM head and cross-entropy; last part of the last chunk.
+    Head,
+}
+
+/// What one part holds for one micro-batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartInventory {
+    pub params: Vec<TensorSpec>,
+    pub stash: Vec<TensorSpec>,
+    pub forward_scratch: Vec<TensorSpec>,
+    pub backward_scratch: Vec<TensorSpec>,
+    /// The activation this part hands to the next part (none for the head).
+    pub output: Option<TensorSpec>,
+}
+
+/// The per-parameter state kept on a device, in bytes per parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateBytes {
+    pub weight: usize,
+    pub grad: usize,
+    pub optimizer: usize,
+}
+
+/// An implementation profile: how a backend lays out a part's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Profile {
+    /// Exactly what the CPU executor allocates (f32 everywhere, flash-style attention).
+    CpuF32,
+}
+
+impl Profile {
+    pub fn state_bytes(self) -> StateBytes {
+        match self {
+            // f32 weight, f32 grad, AdamW m and v in f32.
+            Profile::CpuF32 => StateBytes {
+                weight: 4,
+                grad: 4,
+                optimizer: 8,
+            },
+        }
+    }
+
+    pub fn part(self, dims: &ModelDims, micro: MicroShape, part: Part) -> PartInventory {
+        match self {
+            Profile::CpuF32 => cpu_f32(dims, micro, part),
+        }
+    }
+}
+
+/// The CPU executor's tensors. Keep in step with `exec`: a test compares them.
+fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
+    use DType::{F32, I32};
+    let n = m.tokens();
+    let (h, kv, f, v) = (d.hidden, d.kv_width(), d.ffn, d.vocab);
+    let t = |name, shape: &[usize], dtype| TensorSpec::new(name, shape, dtype);
+    let hidden_out = Some(t("output", &[n, h], F32));
+    match part {
+        Part::Embedding => PartInventory {
+            params: vec![t("embed_tokens.weight", &[v, h], F32)],
+            stash: vec![t("token_ids", &[n], I32)],
+            forward_scratch: vec![],
+            backward_scratch: vec![],
+            output: hidden_out,
+        },
+        Part::Layer => PartInventory {
+            params: vec![
+                t("input_layernorm.weight", &[h], F32),
+                t("self_attn.q_proj.weight", &[h, h], F32),
+                t("self_attn.k_proj.weight", &[kv, h], F32),
+                t("self_attn.v_proj.weight", &[kv, h], F32),
+                t("self_attn.o_proj.weight", &[h, h], F32),
+                t("post_attention_layernorm.weight", &[h], F32),
+                t("mlp.gate_proj.weight", &[f, h], F32),
+                t("mlp.up_proj.weight", &[f, h], F32),
+                t("mlp.down_proj.weight", &[h, f], F32),
+            ],
+            stash: vec![
+                t("input", &[n, h], F32),
+                t("attn_norm_rstd", &[n], F32),
+                t("q", &[n, h], F32),
+                t("k", &[n, kv], F32),
+                t("v", &[n, kv], F32),
+                t("attn_out", &[n, h], F32),
+                t("attn_lse", &[m.batch, d.heads, m.seq], F32),
+                t("resid_mid", &[n, h], F32),
+                t("mlp_norm_rstd", &[n], F32),
+                t("gate", &[n, f], F32),
+                t("up", &[n, f], F32),
+            ],
+            forward_scratch: vec![t("norm_out", &[n, h], F32), t("act", &[n, f], F32)],
+            backward_scratch: vec![
+                t("grad_output", &[n, h], F32),
+                t("norm_out", &[n, h], F32),
+                t("act", &[n, f], F32),
+                t("d_gate", &[n, f], F32),
+                t("d_up", &[n, f], F32),
+                t("d_norm_out", &[n, h], F32),
+                t("d_resid_mid", &[n, h], F32),
+                t("d_attn_out", &[n, h], F32),
+                t("d_q", &[n, h], F32),
+                t("d_k", &[n, kv], F32),
+                t("d_v", &[n, kv], F32),
+                t("attn_delta", &[m.batch, d.heads, m.seq], F32),
+            ],
+            output: hidden_out,
+        },
+        Part::Head => PartInventory {
+            params: vec![
+                t("norm.weight", &[h], F32),
+                t("lm_head.weight", &[v, h], F32),
+            ],
+            stash: vec![
+                t("input", &[n, h], F32),
+                t("final_norm_rstd", &[n], F32),
+                t("targets", &[n], I32),
+            ],
+            forward_scratch: vec![
+                t("norm_out", &[n, h], F32),
+                t("logits_block", &[LOGITS_BLOCK_TOKENS.min(n), v], F32),
+            ],
+            backward_scratch: vec![
+                t("norm_out", &[n, h], F32),
+                t("logits_block", &[LOGITS_BLOCK_TOKENS.min(n), v], F32),
+                t("d_norm_out", &[n, h], F32),
+            ],
+            output: None,
+        },
+    }
+}
+
+/// The fused LM head + cross-entropy materialises logits for this many tokens at a time.
+pub const LOGITS_BLOCK_TOKENS: usize = 64;
