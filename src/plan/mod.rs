@@ -4,7 +4,11 @@
 pub mod cost;
 pub mod error;
 pub mod inventory;
+pub mod ir;
 pub mod megatron;
 pub mod memory;
+pub mod schedule;
+pub mod validate;
 
 pub use error::PlanError;
+pub use ir::{Action, ChunkSpec, Group, Plan};
