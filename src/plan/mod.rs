@@ -8,6 +8,7 @@ pub mod ir;
 pub mod megatron;
 pub mod memory;
 pub mod schedule;
+pub mod simulate;
 pub mod validate;
 
 pub use error::PlanError;
