@@ -34,7 +34,7 @@ impl DType {
 }
 
 /// One tensor: a name unique within its part, a shape, an element type.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
     pub name: &'static str,
     pub shape: Vec<usize>,
@@ -109,7 +109,8 @@ pub enum Part {
     Head,
 }
 
-/// What one part holds for one micro-batch.
+/// What one part holds for one micro-batch. Serialize only: tensor names are `&'static str`,
+/// which serde cannot deserialize into a struct that is generic over the input's lifetime.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PartInventory {
     pub params: Vec<TensorSpec>,
@@ -134,6 +135,13 @@ pub struct StateBytes {
 pub enum Profile {
     /// Exactly what the CPU executor allocates (f32 everywhere, flash-style attention).
     CpuF32,
+    /// Paper-scale planning: bf16 activations, tensor parallel degree `tensor_parallel` with
+    /// sequence parallelism, mixed-precision state of 18 bytes per parameter. The tensors and
+    /// their formulas are in `plan::megatron`; shapes are per device (one tensor-parallel rank).
+    MegatronBf16 {
+        tensor_parallel: usize,
+        flash_attention: bool,
+    },
 }
 
 impl Profile {
@@ -145,12 +153,27 @@ impl Profile {
                 grad: 4,
                 optimizer: 8,
             },
+            Profile::MegatronBf16 { .. } => super::megatron::STATE_BYTES,
+        }
+    }
+
+    /// Ranks one tensor-parallel group spans (1 for the CPU profile).
+    pub fn tensor_parallel(self) -> usize {
+        match self {
+            Profile::CpuF32 => 1,
+            Profile::MegatronBf16 {
+                tensor_parallel, ..
+            } => tensor_parallel,
         }
     }
 
     pub fn part(self, dims: &ModelDims, micro: MicroShape, part: Part) -> PartInventory {
         match self {
             Profile::CpuF32 => cpu_f32(dims, micro, part),
+            Profile::MegatronBf16 {
+                tensor_parallel,
+                flash_attention,
+            } => super::megatron::part(dims, micro, part, tensor_parallel, flash_attention),
         }
     }
 }

@@ -1,0 +1,524 @@
+//! The plan IR: per device, an ordered program of small value-type actions that the executor
+//! runs literally (one thread per device, in order; no scheduling decisions in the runtime).
+//!
+//! Chunks are numbered in model order: chunk 0 starts with the embedding, the last chunk ends
+//! with the head, and the activation of chunk `c` feeds chunk `c + 1`. `Plan::chunks` says which
+//! device holds each chunk and which layers it has.
+//!
+//! | text | action | meaning |
+//! |---|---|---|
+//! | `F3.1` | forward | forward of micro-batch 3 through chunk 1, keeping its stash |
+//! | `FD3.1` | forward, dropping | the same, but when it ends it keeps only the chunk input (token ids for chunk 0); an `R3.1` must come before `B3.1` |
+//! | `R3.1` | recompute | rebuild the stash of (3, 1) from its kept input |
+//! | `B3.1` | backward | backward of (3, 1); weight gradients accumulate in micro-batch order |
+//! | `SA3.1>2` | send activation | send the output of `F3.1` to device 2 (which holds chunk 2) |
+//! | `RA3.1<0` | receive activation | receive the output of `F3.1` from device 0: the input of (3, 2) |
+//! | `SG3.2>1` | send gradient | send the input gradient made by `B3.2` to device 1 (holding chunk 1) |
+//! | `RG3.2<0` | receive gradient | receive the input gradient made by `B3.2` from device 0 |
+//! | `OFF:g` / `PRE:g` | offload / prefetch | copy group `g` to host and free it / copy it back |
+//! | `STEP1` | optimizer step | update chunk 1's weights from its accumulated gradients |
+//!
+//! Groups `g`: `S3.1` the stash of (3, 1) (whatever of it is on the device), `W1` chunk 1's
+//! weights, `G1` its gradients, `O1` its optimizer state.
+//!
+//! Sends and receives pair up by (kind, micro-batch, chunk) and name the peer. A send does not
+//! block its device; a receive blocks until the data has arrived. Offload and prefetch are
+//! queued on the device's copy engines and do not block; an action that needs a group waits
+//! until its prefetch has landed. A program describes one training step and repeats: a weight,
+//! gradient or optimizer group starts the step where the program leaves it (on the host if the
+//! program's last `OFF`/`PRE` of it is an `OFF`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::PlanError;
+
+/// A named set of tensors that offload and prefetch move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Group {
+    Stash { mb: u32, chunk: u32 },
+    Weights { chunk: u32 },
+    Grads { chunk: u32 },
+    Optimizer { chunk: u32 },
+}
+
+impl Group {
+    pub fn chunk(self) -> u32 {
+        match self {
+            Group::Stash { chunk, .. }
+            | Group::Weights { chunk }
+            | Group::Grads { chunk }
+            | Group::Optimizer { chunk } => chunk,
+        }
+    }
+}
+
+/// One step of a device's program. Small and `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Forward {
+        mb: u32,
+        chunk: u32,
+        drop_stash: bool,
+    },
+    Recompute {
+        mb: u32,
+        chunk: u32,
+    },
+    Backward {
+        mb: u32,
+        chunk: u32,
+    },
+    SendAct {
+        mb: u32,
+        chunk: u32,
+        peer: u32,
+    },
+    RecvAct {
+        mb: u32,
+        chunk: u32,
+        peer: u32,
+    },
+    SendGrad {
+        mb: u32,
+        chunk: u32,
+        peer: u32,
+    },
+    RecvGrad {
+        mb: u32,
+        chunk: u32,
+        peer: u32,
+    },
+    Offload(Group),
+    Prefetch(Group),
+    Step {
+        chunk: u32,
+    },
+}
+
+impl Action {
+    pub fn forward(mb: u32, chunk: u32) -> Self {
+        Action::Forward {
+            mb,
+            chunk,
+            drop_stash: false,
+        }
+    }
+
+    /// True for actions that occupy the device's compute stream.
+    pub fn is_compute(self) -> bool {
+        matches!(
+            self,
+            Action::Forward { .. }
+                | Action::Recompute { .. }
+                | Action::Backward { .. }
+                | Action::Step { .. }
+        )
+    }
+}
+
+impl fmt::Display for Group {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Group::Stash { mb, chunk } => write!(f, "S{mb}.{chunk}"),
+            Group::Weights { chunk } => write!(f, "W{chunk}"),
+            Group::Grads { chunk } => write!(f, "G{chunk}"),
+            Group::Optimizer { chunk } => write!(f, "O{chunk}"),
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Action::Forward {
+                mb,
+                chunk,
+                drop_stash,
+            } => {
+                let kind = if drop_stash { "FD" } else { "F" };
+                write!(f, "{kind}{mb}.{chunk}")
+            }
+            Action::Recompute { mb, chunk } => write!(f, "R{mb}.{chunk}"),
+            Action::Backward { mb, chunk } => write!(f, "B{mb}.{chunk}"),
+            Action::SendAct { mb, chunk, peer } => write!(f, "SA{mb}.{chunk}>{peer}"),
+            Action::RecvAct { mb, chunk, peer } => write!(f, "RA{mb}.{chunk}<{peer}"),
+            Action::SendGrad { mb, chunk, peer } => write!(f, "SG{mb}.{chunk}>{peer}"),
+            Action::RecvGrad { mb, chunk, peer } => write!(f, "RG{mb}.{chunk}<{peer}"),
+            Action::Offload(g) => write!(f, "OFF:{g}"),
+            Action::Prefetch(g) => write!(f, "PRE:{g}"),
+            Action::Step { chunk } => write!(f, "STEP{chunk}"),
+        }
+    }
+}
+
+fn parse_err(token: &str, message: &str) -> PlanError {
+    PlanError::Parse {
+        line: 0,
+        token: token.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn number(token: &str, s: &str) -> Result<u32, PlanError> {
+    s.parse()
+        .map_err(|_| parse_err(token, &format!("`{s}` is not a number")))
+}
+
+/// `3.1` -> (3, 1)
+fn mb_chunk(token: &str, s: &str) -> Result<(u32, u32), PlanError> {
+    let (mb, chunk) = s
+        .split_once('.')
+        .ok_or_else(|| parse_err(token, "expected MICROBATCH.CHUNK"))?;
+    Ok((number(token, mb)?, number(token, chunk)?))
+}
+
+/// `3.1>2` -> (3, 1, 2)
+fn mb_chunk_peer(token: &str, s: &str, sep: char) -> Result<(u32, u32, u32), PlanError> {
+    let (left, peer) = s
+        .split_once(sep)
+        .ok_or_else(|| parse_err(token, &format!("expected MICROBATCH.CHUNK{sep}DEVICE")))?;
+    let (mb, chunk) = mb_chunk(token, left)?;
+    Ok((mb, chunk, number(token, peer)?))
+}
+
+impl FromStr for Group {
+    type Err = PlanError;
+    fn from_str(s: &str) -> Result<Self, PlanError> {
+        let rest = s.get(1..).unwrap_or("");
+        match s.chars().next() {
+            Some('S') => {
+                let (mb, chunk) = mb_chunk(s, rest)?;
+                Ok(Group::Stash { mb, chunk })
+            }
+            Some('W') => Ok(Group::Weights {
+                chunk: number(s, rest)?,
+            }),
+            Some('G') => Ok(Group::Grads {
+                chunk: number(s, rest)?,
+            }),
+            Some('O') => Ok(Group::Optimizer {
+                chunk: number(s, rest)?,
+            }),
+            _ => Err(parse_err(s, "a group is S<mb>.<chunk>, W<c>, G<c> or O<c>")),
+        }
+    }
+}
+
+impl FromStr for Action {
+    type Err = PlanError;
+    fn from_str(s: &str) -> Result<Self, PlanError> {
+        // Longest prefixes first: `FD` before `F`, `STEP` before `SA`/`SG`.
+        if let Some(g) = s.strip_prefix("OFF:") {
+            return Ok(Action::Offload(g.parse()?));
+        }
+        if let Some(g) = s.strip_prefix("PRE:") {
+            return Ok(Action::Prefetch(g.parse()?));
+        }
+        if let Some(c) = s.strip_prefix("STEP") {
+            return Ok(Action::Step {
+                chunk: number(s, c)?,
+            });
+        }
+        let two = |p: &str| s.strip_prefix(p);
+        if let Some(r) = two("FD") {
+            let (mb, chunk) = mb_chunk(s, r)?;
+            return Ok(Action::Forward {
+                mb,
+                chunk,
+                drop_stash: true,
+            });
+        }
+        if let Some(r) = two("SA") {
+            let (mb, chunk, peer) = mb_chunk_peer(s, r, '>')?;
+            return Ok(Action::SendAct { mb, chunk, peer });
+        }
+        if let Some(r) = two("RA") {
+            let (mb, chunk, peer) = mb_chunk_peer(s, r, '<')?;
+            return Ok(Action::RecvAct { mb, chunk, peer });
+        }
+        if let Some(r) = two("SG") {
+            let (mb, chunk, peer) = mb_chunk_peer(s, r, '>')?;
+            return Ok(Action::SendGrad { mb, chunk, peer });
+        }
+        if let Some(r) = two("RG") {
+            let (mb, chunk, peer) = mb_chunk_peer(s, r, '<')?;
+            return Ok(Action::RecvGrad { mb, chunk, peer });
+        }
+        let rest = s.get(1..).unwrap_or("");
+        match s.chars().next() {
+            Some('F') => {
+                let (mb, chunk) = mb_chunk(s, rest)?;
+                Ok(Action::forward(mb, chunk))
+            }
+            Some('R') => {
+                let (mb, chunk) = mb_chunk(s, rest)?;
+                Ok(Action::Recompute { mb, chunk })
+            }
+            Some('B') => {
+                let (mb, chunk) = mb_chunk(s, rest)?;
+                Ok(Action::Backward { mb, chunk })
+            }
+            _ => Err(parse_err(s, "unknown action")),
+        }
+    }
+}
+
+impl Serialize for Action {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which device holds a chunk and what the chunk is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSpec {
+    pub device: u32,
+    pub embedding: bool,
+    /// Decoder layers `first_layer..end_layer`.
+    pub first_layer: u32,
+    pub end_layer: u32,
+    pub head: bool,
+}
+
+impl ChunkSpec {
+    pub fn layers(&self) -> u32 {
+        self.end_layer - self.first_layer
+    }
+    pub fn parts(&self) -> Vec<super::inventory::Part> {
+        super::memory::chunk_parts(self.embedding, self.layers() as usize, self.head)
+    }
+}
+
+/// A whole plan: chunk placement and one program per device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub microbatches: u32,
+    pub chunks: Vec<ChunkSpec>,
+    pub programs: Vec<Vec<Action>>,
+}
+
+impl Plan {
+    pub fn devices(&self) -> usize {
+        self.programs.len()
+    }
+
+    /// The device holding `chunk`, if the chunk exists.
+    pub fn device_of(&self, chunk: u32) -> Option<u32> {
+        self.chunks.get(chunk as usize).map(|c| c.device)
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "microbatches {}", self.microbatches)?;
+        for (i, c) in self.chunks.iter().enumerate() {
+            write!(f, "chunk {i} device {}", c.device)?;
+            if c.embedding {
+                write!(f, " embedding")?;
+            }
+            write!(f, " layers {}..{}", c.first_layer, c.end_layer)?;
+            if c.head {
+                write!(f, " head")?;
+            }
+            writeln!(f)?;
+        }
+        for (d, program) in self.programs.iter().enumerate() {
+            write!(f, "device {d}:")?;
+            for a in program {
+                write!(f, " {a}")?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+fn at_line(line: usize, e: PlanError) -> PlanError {
+    match e {
+        PlanError::Parse { token, message, .. } => PlanError::Parse {
+            line,
+            token,
+            message,
+        },
+        other => other,
+    }
+}
+
+impl FromStr for Plan {
+    type Err = PlanError;
+    fn from_str(text: &str) -> Result<Self, PlanError> {
+        let mut plan = Plan {
+            microbatches: 0,
+            chunks: vec![],
+            programs: vec![],
+        };
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let l = raw.trim();
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            let bad = |msg: &str| PlanError::Parse {
+                line,
+                token: l.to_string(),
+                message: msg.to_string(),
+            };
+            if let Some(n) = l.strip_prefix("microbatches ") {
+                plan.microbatches = n.trim().parse().map_err(|_| bad("expected a number"))?;
+            } else if let Some(rest) = l.strip_prefix("chunk ") {
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                let idx: usize = words
+                    .first()
+                    .and_then(|w| w.parse().ok())
+                    .ok_or_else(|| bad("expected `chunk N device D ...`"))?;
+                if idx != plan.chunks.len() {
+                    return Err(bad("chunks must be listed in order from 0"));
+                }
+                let mut spec = ChunkSpec {
+                    device: 0,
+                    embedding: false,
+                    first_layer: 0,
+                    end_layer: 0,
+                    head: false,
+                };
+                let mut k = 1;
+                while k < words.len() {
+                    match words[k] {
+                        "device" => {
+                            k += 1;
+                            spec.device = words
+                                .get(k)
+                                .and_then(|w| w.parse().ok())
+                                .ok_or_else(|| bad("expected a device number"))?;
+                        }
+                        "embedding" => spec.embedding = true,
+                        "head" => spec.head = true,
+                        "layers" => {
+                            k += 1;
+                            let (a, b) = words
+                                .get(k)
+                                .and_then(|w| w.split_once(".."))
+                                .ok_or_else(|| bad("expected layers A..B"))?;
+                            spec.first_layer = a.parse().map_err(|_| bad("bad layer range"))?;
+                            spec.end_layer = b.parse().map_err(|_| bad("bad layer range"))?;
+                            if spec.end_layer < spec.first_layer {
+                                return Err(bad("layer range runs backwards"));
+                            }
+                        }
+                        _ => return Err(bad("unknown word in chunk line")),
+                    }
+                    k += 1;
+                }
+                plan.chunks.push(spec);
+            } else if let Some(rest) = l.strip_prefix("device ") {
+                let (d, actions) = rest
+                    .split_once(':')
+                    .ok_or_else(|| bad("expected `device N: ACTIONS`"))?;
+                let d: usize = d.trim().parse().map_err(|_| bad("bad device number"))?;
+                if d != plan.programs.len() {
+                    return Err(bad("devices must be listed in order from 0"));
+                }
+                let program = actions
+                    .split_whitespace()
+                    .map(|t| t.parse().map_err(|e| at_line(line, e)))
+                    .collect::<Result<Vec<Action>, _>>()?;
+                plan.programs.push(program);
+            } else {
+                return Err(bad("expected `microbatches`, `chunk` or `device`"));
+            }
+        }
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_group() -> impl Strategy<Value = Group> {
+        prop_oneof![
+            (0u32..500, 0u32..64).prop_map(|(mb, chunk)| Group::Stash { mb, chunk }),
+            (0u32..64).prop_map(|chunk| Group::Weights { chunk }),
+            (0u32..64).prop_map(|chunk| Group::Grads { chunk }),
+            (0u32..64).prop_map(|chunk| Group::Optimizer { chunk }),
+        ]
+    }
+
+    fn any_action() -> impl Strategy<Value = Action> {
+        let mc = (0u32..500, 0u32..64);
+        let mcp = (0u32..500, 0u32..64, 0u32..64);
+        prop_oneof![
+            (mc.clone(), any::<bool>()).prop_map(|((mb, chunk), drop_stash)| Action::Forward {
+                mb,
+                chunk,
+                drop_stash
+            }),
+            mc.clone()
+                .prop_map(|(mb, chunk)| Action::Recompute { mb, chunk }),
+            mc.prop_map(|(mb, chunk)| Action::Backward { mb, chunk }),
+            mcp.clone()
+                .prop_map(|(mb, chunk, peer)| Action::SendAct { mb, chunk, peer }),
+            mcp.clone()
+                .prop_map(|(mb, chunk, peer)| Action::RecvAct { mb, chunk, peer }),
+            mcp.clone()
+                .prop_map(|(mb, chunk, peer)| Action::SendGrad { mb, chunk, peer }),
+            mcp.prop_map(|(mb, chunk, peer)| Action::RecvGrad { mb, chunk, peer }),
+            any_group().prop_map(Action::Offload),
+            any_group().prop_map(Action::Prefetch),
+            (0u32..64).prop_map(|chunk| Action::Step { chunk }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_action_round_trips(a in any_action()) {
+            let text = a.to_string();
+            prop_assert!(!text.contains(' '));
+            prop_assert_eq!(text.parse::<Action>().unwrap(), a);
+        }
+    }
+
+    #[test]
+    fn text_forms_read_as_documented() {
+        assert_eq!("F3.1".parse::<Action>().unwrap(), Action::forward(3, 1));
+        assert_eq!(
+            "SA3.1>2".parse::<Action>().unwrap(),
+            Action::SendAct {
+                mb: 3,
+                chunk: 1,
+                peer: 2
+            }
+        );
+        assert_eq!(
+            "OFF:O1".parse::<Action>().unwrap(),
+            Action::Offload(Group::Optimizer { chunk: 1 })
+        );
+        for bad in ["", "X1.2", "F1", "F1.x", "SA1.2", "OFF:Q1", "STEP"] {
+            assert!(bad.parse::<Action>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_plan_round_trips_and_errors_name_the_line() {
+        let text = "microbatches 1\nchunk 0 device 0 embedding layers 0..1\nchunk 1 device 1 layers 1..2 head\ndevice 0: F0.0 SA0.0>1 RG0.1<1 B0.0 STEP0\ndevice 1: RA0.0<0 F0.1 B0.1 SG0.1>0 STEP1\n";
+        let plan: Plan = text.parse().unwrap();
+        assert_eq!(plan.to_string(), text);
+        let json = serde_json::to_string(&plan).unwrap();
+        assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), plan);
+        let err = "microbatches 1\ndevice 0: F0.0 Q1"
+            .parse::<Plan>()
+            .unwrap_err();
+        assert!(matches!(err, PlanError::Parse { line: 2, .. }), "{err}");
+    }
+}

@@ -1,0 +1,259 @@
+//! Schedules: each one decides, per device, the order of forward and backward passes of
+//! (micro-batch, chunk); shared passes then place the chunks' layers, add the sends and
+//! receives, and add the optimizer steps. The result is a `Plan` in the IR.
+//!
+//! Every schedule runs each chunk's backward passes in micro-batch order, so gradients
+//! accumulate in the same order whatever the schedule (DESIGN.md, determinism).
+
+mod chronos;
+mod interleaved;
+mod one_f_one_b;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::PlanError;
+use super::ir::{Action, ChunkSpec, Plan};
+
+/// A pipeline schedule and its knob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleKind {
+    /// All forwards, then all backwards; one chunk per device.
+    Gpipe,
+    /// One forward, one backward; one chunk per device.
+    OneFOneB,
+    /// Megatron's interleaved 1F1B: `chunks_per_device` chunks per device, placed round-robin.
+    Interleaved { chunks_per_device: u32 },
+    /// V-shaped placement (device d holds chunks d and 2p-1-d, the loss on device 0), backward
+    /// passes as early as their inputs allow, at most `in_flight` micro-batches between their
+    /// first forward and their last backward.
+    Chronos { in_flight: u32 },
+}
+
+impl ScheduleKind {
+    pub fn chunks_per_device(self) -> u32 {
+        match self {
+            ScheduleKind::Gpipe | ScheduleKind::OneFOneB => 1,
+            ScheduleKind::Interleaved { chunks_per_device } => chunks_per_device,
+            ScheduleKind::Chronos { .. } => 2,
+        }
+    }
+}
+
+impl fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScheduleKind::Gpipe => write!(f, "gpipe"),
+            ScheduleKind::OneFOneB => write!(f, "1f1b"),
+            ScheduleKind::Interleaved { chunks_per_device } => {
+                write!(f, "interleaved:{chunks_per_device}")
+            }
+            ScheduleKind::Chronos { in_flight } => write!(f, "chronos:{in_flight}"),
+        }
+    }
+}
+
+impl FromStr for ScheduleKind {
+    type Err = PlanError;
+    /// `gpipe`, `1f1b`, `interleaved[:V]` (default 2), `chronos:K` (K in-flight micro-batches).
+    fn from_str(s: &str) -> Result<Self, PlanError> {
+        let (name, knob) = match s.split_once(':') {
+            Some((n, k)) => (n, Some(k)),
+            None => (s, None),
+        };
+        let knob = |default: u32| -> Result<u32, PlanError> {
+            match knob {
+                None => Ok(default),
+                Some(k) => k.parse().map_err(|_| {
+                    PlanError::invalid("schedule", format!("`{k}` is not a number in `{s}`"))
+                }),
+            }
+        };
+        match name {
+            "gpipe" => Ok(ScheduleKind::Gpipe),
+            "1f1b" => Ok(ScheduleKind::OneFOneB),
+            "interleaved" => Ok(ScheduleKind::Interleaved {
+                chunks_per_device: knob(2)?,
+            }),
+            "chronos" => Ok(ScheduleKind::Chronos {
+                in_flight: knob(0)?,
+            }),
+            _ => Err(PlanError::invalid(
+                "schedule",
+                format!("unknown schedule `{s}`; use gpipe, 1f1b, interleaved[:V] or chronos[:K]"),
+            )),
+        }
+    }
+}
+
+/// A compute slot before communication is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    F(u32, u32),
+    B(u32, u32),
+}
+
+/// Builds the plan of `kind` for `devices` pipeline devices, `microbatches` micro-batches and
+/// a model of `layers` decoder layers. `Chronos { in_flight: 0 }` means `devices`.
+pub fn build(
+    kind: ScheduleKind,
+    devices: u32,
+    microbatches: u32,
+    layers: u32,
+) -> Result<Plan, PlanError> {
+    super::error::require_positive("pipeline_devices", devices as u64)?;
+    super::error::require_positive("microbatches", microbatches as u64)?;
+    let v = kind.chunks_per_device();
+    super::error::require_positive("schedule.chunks_per_device", v as u64)?;
+    let chunks = devices * v;
+    if layers < chunks {
+        return Err(PlanError::invalid(
+            "model.layers",
+            format!(
+                "{layers} layers cannot fill {chunks} chunks ({devices} devices x {v} chunks each); need at least {chunks} layers or fewer devices"
+            ),
+        ));
+    }
+    let (p, m) = (devices, microbatches);
+    let (placement, order) = match kind {
+        ScheduleKind::Gpipe => ((0..p).collect(), gpipe(p, m)),
+        ScheduleKind::OneFOneB => ((0..p).collect(), one_f_one_b::order(p, m)),
+        ScheduleKind::Interleaved { chunks_per_device } => (
+            (0..chunks).map(|c| c % p).collect(),
+            interleaved::order(p, chunks_per_device, m)?,
+        ),
+        ScheduleKind::Chronos { in_flight } => {
+            let k = if in_flight == 0 { p } else { in_flight };
+            (chronos::placement(p), chronos::order(p, m, k)?)
+        }
+    };
+    let chunks = split_layers(layers, &placement);
+    Ok(with_steps(with_communication(Plan {
+        microbatches: m,
+        chunks,
+        programs: order
+            .into_iter()
+            .map(|slots| {
+                slots
+                    .into_iter()
+                    .map(|s| match s {
+                        Slot::F(mb, c) => Action::forward(mb, c),
+                        Slot::B(mb, c) => Action::Backward { mb, chunk: c },
+                    })
+                    .collect()
+            })
+            .collect(),
+    })))
+}
+
+fn gpipe(p: u32, m: u32) -> Vec<Vec<Slot>> {
+    (0..p)
+        .map(|d| {
+            (0..m)
+                .map(|mb| Slot::F(mb, d))
+                .chain((0..m).map(|mb| Slot::B(mb, d)))
+                .collect()
+        })
+        .collect()
+}
+
+/// Layers spread evenly over chunks; the spare ones go to the first chunks, never to the last
+/// (it already carries the LM head, the most expensive part).
+fn split_layers(layers: u32, placement: &[u32]) -> Vec<ChunkSpec> {
+    let c = placement.len() as u32;
+    let (base, spare) = (layers / c, layers % c);
+    let mut first = 0;
+    placement
+        .iter()
+        .enumerate()
+        .map(|(i, &device)| {
+            let n = base + u32::from((i as u32) < spare);
+            let spec = ChunkSpec {
+                device,
+                embedding: i == 0,
+                first_layer: first,
+                end_layer: first + n,
+                head: i as u32 == c - 1,
+            };
+            first += n;
+            spec
+        })
+        .collect()
+}
+
+/// Adds a receive right before each forward or backward whose input comes from another
+/// device, and a send right after each pass whose output goes to another device.
+pub fn with_communication(plan: Plan) -> Plan {
+    let last = plan.chunks.len() as u32 - 1;
+    let dev = |c: u32| plan.chunks[c as usize].device;
+    let programs = plan
+        .programs
+        .iter()
+        .enumerate()
+        .map(|(d, program)| {
+            let d = d as u32;
+            let mut out = Vec::with_capacity(program.len() * 2);
+            for &a in program {
+                match a {
+                    Action::Forward { mb, chunk, .. } => {
+                        if chunk > 0 && dev(chunk - 1) != d {
+                            let peer = dev(chunk - 1);
+                            out.push(Action::RecvAct {
+                                mb,
+                                chunk: chunk - 1,
+                                peer,
+                            });
+                        }
+                        out.push(a);
+                        if chunk < last && dev(chunk + 1) != d {
+                            let peer = dev(chunk + 1);
+                            out.push(Action::SendAct { mb, chunk, peer });
+                        }
+                    }
+                    Action::Backward { mb, chunk } => {
+                        if chunk < last && dev(chunk + 1) != d {
+                            let peer = dev(chunk + 1);
+                            out.push(Action::RecvGrad {
+                                mb,
+                                chunk: chunk + 1,
+                                peer,
+                            });
+                        }
+                        out.push(a);
+                        if chunk > 0 && dev(chunk - 1) != d {
+                            let peer = dev(chunk - 1);
+                            out.push(Action::SendGrad { mb, chunk, peer });
+                        }
+                    }
+                    other => out.push(other),
+                }
+            }
+            out
+        })
+        .collect();
+    Plan { programs, ..plan }
+}
+
+/// Adds each chunk's optimizer step right after its last backward on its device.
+pub fn with_steps(mut plan: Plan) -> Plan {
+    for program in &mut plan.programs {
+        let mut i = program.len();
+        let mut seen = Vec::new();
+        while i > 0 {
+            i -= 1;
+            if let Action::Backward { chunk, .. } = program[i]
+                && !seen.contains(&chunk)
+            {
+                seen.push(chunk);
+                program.insert(i + 1, Action::Step { chunk });
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests;
