@@ -93,7 +93,10 @@ impl Settings {
     pub fn effective_database_url(&self) -> String {
         match &self.database_url {
             Some(url) => url.clone(),
-            None => format!("sqlite://{}", self.data_dir.join("chronospipe.sqlite").display()),
+            None => format!(
+                "sqlite://{}",
+                self.data_dir.join("chronospipe.sqlite").display()
+            ),
         }
     }
 
@@ -209,7 +212,10 @@ mod tests {
         ]);
         let s = Settings::resolve(&args, None).unwrap().redacted();
         let printed = serde_json::to_string(&s).unwrap();
-        assert!(!printed.contains("hunter2") && !printed.contains("sk-secret"), "{printed}");
+        assert!(
+            !printed.contains("hunter2") && !printed.contains("sk-secret"),
+            "{printed}"
+        );
         assert_eq!(
             s.database_url.as_deref(),
             Some("postgres://app:<redacted>@db:5432/cp")

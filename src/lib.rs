@@ -6,5 +6,6 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod exec;
 pub mod plan;
 pub mod telemetry;

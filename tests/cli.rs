@@ -15,7 +15,11 @@ fn chronospipe() -> Command {
 
 fn stdout_of(cmd: &mut Command) -> String {
     let out = cmd.output().expect("runs");
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -24,7 +28,10 @@ fn help_and_version() {
     let help = stdout_of(chronospipe().arg("--help"));
     assert!(help.contains("serve") && help.contains("config"), "{help}");
     let version = stdout_of(chronospipe().arg("--version"));
-    assert_eq!(version.trim(), format!("chronospipe {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        version.trim(),
+        format!("chronospipe {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -49,8 +56,14 @@ fn config_print_takes_flags_over_environment_over_file() {
     assert_eq!(settings["listen"].as_str(), Some("127.0.0.1:9003"));
     assert_eq!(settings["devices"].as_str(), Some("cpu:2x2GiB"));
     assert_eq!(settings["data_dir"].as_str(), Some("/from/file"));
-    assert_eq!(settings["database_url"].as_str(), Some("postgres://u:<redacted>@db/x"));
-    assert!(!printed.contains("sk-very-secret") && !printed.contains("pw@"), "{printed}");
+    assert_eq!(
+        settings["database_url"].as_str(),
+        Some("postgres://u:<redacted>@db/x")
+    );
+    assert!(
+        !printed.contains("sk-very-secret") && !printed.contains("pw@"),
+        "{printed}"
+    );
 }
 
 #[test]
@@ -64,20 +77,30 @@ fn serve_answers_healthz_and_stops_on_sigterm() {
     let mut line = String::new();
     let addr = loop {
         line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "server exited before listening");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before listening"
+        );
         let log: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
         if let Some(addr) = log["fields"]["addr"].as_str() {
             break addr.to_owned();
         }
     };
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-    write!(stream, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("\"status\":\"ok\""), "{response}");
 
-    let status = Command::new("kill").arg(child.id().to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 }

@@ -7,7 +7,10 @@ use sqlx::{Connection, PgConnection, Row};
 async fn postgres_answers_a_query_through_database_url() {
     let url = std::env::var("DATABASE_URL")
         .expect("DATABASE_URL must point at PostgreSQL; run the suite through scripts/test");
-    assert!(url.starts_with("postgres"), "DATABASE_URL is not PostgreSQL: {url}");
+    assert!(
+        url.starts_with("postgres"),
+        "DATABASE_URL is not PostgreSQL: {url}"
+    );
     let mut conn = PgConnection::connect(&url).await.expect("connects");
     let row = sqlx::query("SELECT 40 + 2 AS answer, version() AS version")
         .fetch_one(&mut conn)
