@@ -12,6 +12,8 @@ use chronospipe::exec::model::part::{
     MicroTokens, PartOutput, PartStash, backward_part, forward_part,
 };
 use chronospipe::exec::model::{PartCtx, PartId, PartParams};
+use chronospipe::exec::optim::clip::{clip_factor, global_norm, part_squares, scale_grads};
+use chronospipe::exec::optim::{OptimizerConfig, PartOptimState, step_part};
 use chronospipe::plan::inventory::MicroShape;
 
 fn fixture() -> PathBuf {
@@ -123,4 +125,50 @@ fn logits_loss_and_gradients_match_pytorch() {
         ok,
         "some tensors differ from the PyTorch reference (see NOT OK lines)"
     );
+}
+
+fn step_and_compare(prefix: &str, config: OptimizerConfig, lr: f32, clip: Option<f32>) {
+    let dir = fixture();
+    let reference = TensorFile::open(&dir.join("reference.safetensors")).unwrap();
+    let mut run = run_reference(&dir, &reference);
+    let pool = Pool::new("cpu:0", 64 << 20);
+    let squares: Vec<_> = run.parts.iter().map(part_squares).collect();
+    let norm = global_norm(&squares);
+    let mut ok = compare(
+        "grad_norm",
+        &[norm as f32],
+        &reference.f32("grad_norm").unwrap().1,
+    );
+    if let Some(max_norm) = clip {
+        let factor = clip_factor(norm, max_norm);
+        run.parts.iter_mut().for_each(|p| scale_grads(p, factor));
+    }
+    for p in &mut run.parts {
+        let mut state = PartOptimState::allocate(&pool, &config, p).unwrap();
+        step_part(&config, 1, lr, p, &mut state);
+        for (name, w) in p.names.iter().zip(&p.weights) {
+            let want = reference.f32(&format!("{prefix}.{name}")).unwrap().1;
+            ok &= compare(&format!("{prefix}.{name}"), w.data(), &want);
+        }
+    }
+    assert!(
+        ok,
+        "some parameters differ after the {prefix} step (see NOT OK lines)"
+    );
+}
+
+#[test]
+fn sgd_step_matches_pytorch() {
+    step_and_compare("sgd", OptimizerConfig::Sgd, 0.5, None);
+}
+
+#[test]
+fn adamw_step_with_clipping_matches_pytorch() {
+    let adamw = OptimizerConfig::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    step_and_compare("adamw", adamw, 1e-3, Some(1.0));
 }

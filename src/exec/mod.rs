@@ -7,4 +7,5 @@ pub mod checkpoint;
 pub mod device;
 pub mod kernels;
 pub mod model;
+pub mod optim;
 pub mod tensor;
