@@ -127,24 +127,12 @@ pub fn redact_url_password(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    use crate::cli::{Cli, Command, ConfigCommand};
-
-    fn service_args(argv: &[&str]) -> ServiceArgs {
-        let cli = Cli::try_parse_from(argv).expect("parses");
-        match cli.command {
-            Command::Serve(args) => args.service,
-            Command::Config {
-                command: ConfigCommand::Print(args),
-            } => args,
-            other => panic!("unexpected command {other:?}"),
-        }
-    }
+    // Tests build `ServiceArgs` directly: parsing argv here would also read the process
+    // environment (scripts/test sets DATABASE_URL). tests/cli.rs covers the environment.
 
     #[test]
     fn defaults_apply_without_flags_or_file() {
-        let s = Settings::resolve(&service_args(&["chronospipe", "serve"]), None).unwrap();
+        let s = Settings::resolve(&ServiceArgs::default(), None).unwrap();
         assert_eq!(s.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(s.data_dir, PathBuf::from("data"));
         assert_eq!(s.log_format, LogFormat::Text);
@@ -163,14 +151,11 @@ mod tests {
             "listen = \"0.0.0.0:9000\"\ndata_dir = \"/srv/cp\"\ndevices = \"cpu:2x1GiB\"\nlog_format = \"json\"\n",
         )
         .unwrap();
-        let args = service_args(&[
-            "chronospipe",
-            "serve",
-            "--config",
-            path.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:7000",
-        ]);
+        let args = ServiceArgs {
+            config: Some(path),
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..ServiceArgs::default()
+        };
         let s = Settings::resolve(&args, None).unwrap();
         assert_eq!(s.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(s.data_dir, PathBuf::from("/srv/cp"));
@@ -185,14 +170,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "listn = \"0.0.0.0:9000\"\n").unwrap();
-        let args = service_args(&["chronospipe", "serve", "--config", path.to_str().unwrap()]);
+        let args = ServiceArgs {
+            config: Some(path),
+            ..ServiceArgs::default()
+        };
         let err = Settings::resolve(&args, None).unwrap_err().to_string();
         assert!(err.contains("c.toml") && err.contains("listn"), "{err}");
     }
 
     #[test]
     fn missing_file_is_a_read_error() {
-        let args = service_args(&["chronospipe", "serve", "--config", "/nonexistent/c.toml"]);
+        let args = ServiceArgs {
+            config: Some("/nonexistent/c.toml".into()),
+            ..ServiceArgs::default()
+        };
         assert!(matches!(
             Settings::resolve(&args, None),
             Err(ConfigError::Read { .. })
@@ -201,15 +192,11 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let args = service_args(&[
-            "chronospipe",
-            "config",
-            "print",
-            "--database-url",
-            "postgres://app:hunter2@db:5432/cp",
-            "--api-key",
-            "sk-secret",
-        ]);
+        let args = ServiceArgs {
+            database_url: Some("postgres://app:hunter2@db:5432/cp".into()),
+            api_key: Some("sk-secret".into()),
+            ..ServiceArgs::default()
+        };
         let s = Settings::resolve(&args, None).unwrap().redacted();
         let printed = serde_json::to_string(&s).unwrap();
         assert!(

@@ -8,4 +8,5 @@ pub mod cli;
 pub mod config;
 pub mod exec;
 pub mod plan;
+pub mod spec;
 pub mod telemetry;

@@ -34,7 +34,7 @@ impl DType {
 }
 
 /// One tensor: a name unique within its part, a shape, an element type.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TensorSpec {
     pub name: &'static str,
     pub shape: Vec<usize>,
@@ -109,8 +109,7 @@ pub enum Part {
     Head,
 }
 
-/// What one part holds for one micro-batch. Serialize only: `TensorSpec` names are `&'static`,
-/// so an inventory is computed, never read back.
+/// What one part holds for one micro-batch.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PartInventory {
     pub params: Vec<TensorSpec>,

@@ -1,0 +1,243 @@
+//! The model part of a job: a Llama architecture and where its initial weights come from.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::validate::{SpecError, positive};
+use crate::plan::inventory::ModelDims;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    #[default]
+    Llama,
+}
+
+/// Initial weights: a seeded random init, or a Hugging Face Llama directory (CLI: a path;
+/// service: a file id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum ModelInit {
+    Seed { seed: u64 },
+    From { from: String },
+}
+
+impl Default for ModelInit {
+    fn default() -> Self {
+        ModelInit::Seed { seed: 0 }
+    }
+}
+
+/// Architecture fields may be left out when `init.from` names pretrained weights: they are then
+/// read from its `config.json`, and any that are given must agree with it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub architecture: Architecture,
+    pub hidden_size: Option<usize>,
+    pub num_layers: Option<usize>,
+    pub num_heads: Option<usize>,
+    /// Defaults to `num_heads` (no grouped-query attention).
+    pub num_kv_heads: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub vocab_size: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub init: ModelInit,
+}
+
+/// A fully known Llama architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ModelArch {
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+}
+
+pub const DEFAULT_RMS_NORM_EPS: f64 = 1e-5;
+pub const DEFAULT_ROPE_THETA: f64 = 10000.0;
+
+impl ModelArch {
+    pub fn dims(&self) -> ModelDims {
+        ModelDims {
+            hidden: self.hidden_size,
+            layers: self.num_layers,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            ffn: self.intermediate_size,
+            vocab: self.vocab_size,
+        }
+    }
+
+    /// Shape rules the kernels rely on, reported under `prefix` (e.g. `model`).
+    pub fn check(&self, prefix: &str, errors: &mut Vec<SpecError>) {
+        let p = |f: &str| format!("{prefix}.{f}");
+        positive(&p("hidden_size"), self.hidden_size, errors);
+        positive(&p("num_layers"), self.num_layers, errors);
+        positive(&p("num_heads"), self.num_heads, errors);
+        positive(&p("num_kv_heads"), self.num_kv_heads, errors);
+        positive(&p("intermediate_size"), self.intermediate_size, errors);
+        positive(&p("vocab_size"), self.vocab_size, errors);
+        if self.num_heads > 0 && !self.hidden_size.is_multiple_of(self.num_heads) {
+            errors.push(SpecError::new(
+                p("num_heads"),
+                format!(
+                    "{} heads do not divide hidden_size {}; divisors near it: {}",
+                    self.num_heads,
+                    self.hidden_size,
+                    nearby_divisors(self.hidden_size, self.num_heads)
+                ),
+            ));
+        } else if self.num_heads > 0 && !(self.hidden_size / self.num_heads).is_multiple_of(2) {
+            errors.push(SpecError::new(
+                p("num_heads"),
+                format!(
+                    "head_dim = hidden_size / num_heads = {} must be even for rotary embeddings",
+                    self.hidden_size / self.num_heads
+                ),
+            ));
+        }
+        if self.num_kv_heads > 0 && !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            errors.push(SpecError::new(
+                p("num_kv_heads"),
+                format!(
+                    "{} key/value heads do not divide num_heads {}; divisors near it: {}",
+                    self.num_kv_heads,
+                    self.num_heads,
+                    nearby_divisors(self.num_heads, self.num_kv_heads)
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                errors.push(SpecError::new(
+                    p(field),
+                    format!("must be a positive number, got {value}"),
+                ));
+            }
+        }
+    }
+}
+
+/// Divisors of `n` closest to `near`, for error messages.
+fn nearby_divisors(n: usize, near: usize) -> String {
+    let mut divisors: Vec<usize> = (1..=n).filter(|d| n.is_multiple_of(*d)).collect();
+    divisors.sort_by_key(|d| d.abs_diff(near));
+    let mut closest: Vec<usize> = divisors.into_iter().take(3).collect();
+    closest.sort_unstable();
+    closest
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl ModelSpec {
+    /// The architecture when every required field is given (random init).
+    pub fn explicit_arch(&self) -> Option<ModelArch> {
+        Some(ModelArch {
+            hidden_size: self.hidden_size?,
+            num_layers: self.num_layers?,
+            num_heads: self.num_heads?,
+            num_kv_heads: self.num_kv_heads.or(self.num_heads)?,
+            intermediate_size: self.intermediate_size?,
+            vocab_size: self.vocab_size?,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(DEFAULT_RMS_NORM_EPS),
+            rope_theta: self.rope_theta.unwrap_or(DEFAULT_ROPE_THETA),
+        })
+    }
+
+    /// Combines the fields given here with a pretrained model's architecture: any field given
+    /// must equal the pretrained value.
+    pub fn merge_pretrained(&self, pretrained: &ModelArch) -> Result<ModelArch, Vec<SpecError>> {
+        let mut errors = Vec::new();
+        let mut agree = |field: &str, given: Option<f64>, actual: f64| {
+            if let Some(given) = given
+                && given != actual
+            {
+                errors.push(SpecError::new(
+                    format!("model.{field}"),
+                    format!("is {given} but the pretrained model's config.json says {actual}; leave it out or set {actual}"),
+                ));
+            }
+        };
+        let as_f = |v: Option<usize>| v.map(|v| v as f64);
+        agree(
+            "hidden_size",
+            as_f(self.hidden_size),
+            pretrained.hidden_size as f64,
+        );
+        agree(
+            "num_layers",
+            as_f(self.num_layers),
+            pretrained.num_layers as f64,
+        );
+        agree(
+            "num_heads",
+            as_f(self.num_heads),
+            pretrained.num_heads as f64,
+        );
+        agree(
+            "num_kv_heads",
+            as_f(self.num_kv_heads),
+            pretrained.num_kv_heads as f64,
+        );
+        agree(
+            "intermediate_size",
+            as_f(self.intermediate_size),
+            pretrained.intermediate_size as f64,
+        );
+        agree(
+            "vocab_size",
+            as_f(self.vocab_size),
+            pretrained.vocab_size as f64,
+        );
+        agree("rms_norm_eps", self.rms_norm_eps, pretrained.rms_norm_eps);
+        agree("rope_theta", self.rope_theta, pretrained.rope_theta);
+        if errors.is_empty() {
+            Ok(*pretrained)
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub(super) fn check(&self, errors: &mut Vec<SpecError>) {
+        match (&self.init, self.explicit_arch()) {
+            (ModelInit::Seed { .. }, None) => {
+                for (field, given) in [
+                    ("hidden_size", self.hidden_size.is_some()),
+                    ("num_layers", self.num_layers.is_some()),
+                    ("num_heads", self.num_heads.is_some()),
+                    ("intermediate_size", self.intermediate_size.is_some()),
+                    ("vocab_size", self.vocab_size.is_some()),
+                ] {
+                    if !given {
+                        errors.push(SpecError::new(
+                            format!("model.{field}"),
+                            "is required when the model starts from a random init (model.init.seed)",
+                        ));
+                    }
+                }
+            }
+            (_, Some(arch)) => arch.check("model", errors),
+            (ModelInit::From { from }, None) => {
+                if from.trim().is_empty() {
+                    errors.push(SpecError::new(
+                        "model.init.from",
+                        "must name a model directory or file",
+                    ));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+use super::*;
+
+/// The example body of issue 4, verbatim.
+const EXAMPLE: &str = r#"{
+  "model": {"architecture": "llama", "hidden_size": 256, "num_layers": 4, "num_heads": 4,
+            "num_kv_heads": 4, "intermediate_size": 688, "vocab_size": 256,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "init": {"seed": 1234}},
+  "data": {"train": "corpus.txt", "tokenizer": "bytes"},
+  "training": {"seq_len": 256, "micro_batch_size": 2, "microbatches": 4, "steps": 100,
+               "optimizer": {"kind": "adamw", "lr": 3e-4, "betas": [0.9, 0.95],
+                             "eps": 1e-8, "weight_decay": 0.1},
+               "grad_clip": 1.0, "warmup_steps": 0, "lr_decay": "constant",
+               "seed": 1234, "shuffle": false, "checkpoint_every": 50},
+  "parallelism": {"stages": 4, "schedule": "chronos", "chunks_per_stage": 2,
+                  "recompute": "auto", "offload": "auto"},
+  "devices": "cpu:4x256MiB"
+}"#;
+
+fn example() -> JobSpec {
+    JobSpec::from_json(EXAMPLE).expect("example parses")
+}
+
+fn params_of(spec: &JobSpec) -> Vec<String> {
+    spec.validate()
+        .unwrap_err()
+        .0
+        .into_iter()
+        .map(|e| e.param)
+        .collect()
+}
+
+#[test]
+fn issue_example_parses_and_validates() {
+    let spec = example();
+    spec.validate().unwrap();
+    assert_eq!(spec.model.init, ModelInit::Seed { seed: 1234 });
+    assert_eq!(spec.parallelism.stages, Stages::Count(4));
+    assert_eq!(spec.parallelism.schedule, ScheduleChoice::Chronos);
+    assert_eq!(spec.training.sequences_per_step(), 8);
+    let arch = spec.model.explicit_arch().unwrap();
+    assert_eq!(arch.dims().head_dim(), 64);
+}
+
+#[test]
+fn round_trips_through_json() {
+    let spec = example();
+    let again = JobSpec::from_json(&serde_json::to_string(&spec).unwrap()).unwrap();
+    assert_eq!(spec, again);
+}
+
+#[test]
+fn minimal_body_takes_defaults() {
+    let spec = JobSpec::from_json(
+        r#"{"model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                      "intermediate_size": 176, "vocab_size": 256},
+            "data": {"train": "f"},
+            "training": {"seq_len": 32, "micro_batch_size": 1, "microbatches": 2, "steps": 3}}"#,
+    )
+    .unwrap();
+    spec.validate().unwrap();
+    let arch = spec.model.explicit_arch().unwrap();
+    assert_eq!(arch.num_kv_heads, 4);
+    assert_eq!(arch.rope_theta, 10000.0);
+    assert_eq!(spec.data.tokenizer, "bytes");
+    assert_eq!(spec.training.grad_clip, Some(1.0));
+    assert_eq!(spec.parallelism.stages, Stages::default());
+    assert_eq!(spec.parallelism.stages.count(), None);
+    assert!(matches!(
+        spec.training.optimizer,
+        OptimizerSpec::Adamw { .. }
+    ));
+}
+
+#[test]
+fn auto_and_null_values_parse() {
+    let text = EXAMPLE
+        .replace(r#""stages": 4"#, r#""stages": "auto""#)
+        .replace(r#""grad_clip": 1.0"#, r#""grad_clip": null"#)
+        .replace(
+            r#""optimizer": {"kind": "adamw", "lr": 3e-4, "betas": [0.9, 0.95],
+                             "eps": 1e-8, "weight_decay": 0.1}"#,
+            r#""optimizer": {"kind": "sgd", "lr": 0.5}"#,
+        );
+    let spec = JobSpec::from_json(&text).unwrap();
+    assert_eq!(spec.parallelism.stages.count(), None);
+    assert_eq!(spec.training.grad_clip, None);
+    assert_eq!(spec.training.optimizer, OptimizerSpec::Sgd { lr: 0.5 });
+}
+
+#[test]
+fn unknown_fields_and_bad_enums_are_rejected() {
+    let err = JobSpec::from_json(&EXAMPLE.replace("\"shuffle\"", "\"shufle\"")).unwrap_err();
+    assert!(err.to_string().contains("shufle"), "{err}");
+    let err = JobSpec::from_json(&EXAMPLE.replace("\"chronos\"", "\"zigzag\"")).unwrap_err();
+    assert!(err.to_string().contains("zigzag"), "{err}");
+    assert!(JobSpec::from_json(&EXAMPLE.replace(r#""stages": 4"#, r#""stages": "many""#)).is_err());
+}
+
+#[test]
+fn shape_errors_name_the_field_and_what_would_fit() {
+    let mut spec = example();
+    spec.model.num_heads = Some(3);
+    let err = spec.validate().unwrap_err();
+    assert_eq!(err.first().param, "model.num_heads");
+    assert!(err.first().message.contains("do not divide"), "{err}");
+    assert!(
+        err.first().message.contains('4'),
+        "suggests a divisor: {err}"
+    );
+
+    let mut spec = example();
+    spec.model.num_kv_heads = Some(3);
+    assert_eq!(params_of(&spec), ["model.num_kv_heads"]);
+
+    let mut spec = example();
+    spec.model.vocab_size = Some(100);
+    assert_eq!(params_of(&spec), ["model.vocab_size"]);
+}
+
+#[test]
+fn zero_sizes_are_each_reported() {
+    let mut spec = example();
+    spec.model.hidden_size = Some(0);
+    spec.training.seq_len = 0;
+    spec.training.microbatches = 0;
+    spec.parallelism.stages = Stages::Count(0);
+    let params = params_of(&spec);
+    for want in [
+        "model.hidden_size",
+        "training.seq_len",
+        "training.microbatches",
+        "parallelism.stages",
+    ] {
+        assert!(
+            params.iter().any(|p| p == want),
+            "{want} missing from {params:?}"
+        );
+    }
+}
+
+#[test]
+fn optimizer_settings_are_checked() {
+    let mut spec = example();
+    spec.training.optimizer = OptimizerSpec::Adamw {
+        lr: -1.0,
+        betas: [0.9, 1.0],
+        eps: 0.0,
+        weight_decay: f64::NAN,
+    };
+    spec.training.grad_clip = Some(0.0);
+    spec.training.warmup_steps = 1000;
+    assert_eq!(
+        params_of(&spec),
+        [
+            "training.optimizer.lr",
+            "training.optimizer.betas[1]",
+            "training.optimizer.eps",
+            "training.optimizer.weight_decay",
+            "training.grad_clip",
+            "training.warmup_steps",
+        ]
+    );
+}
+
+#[test]
+fn random_init_needs_the_architecture() {
+    let mut spec = example();
+    spec.model.intermediate_size = None;
+    assert_eq!(params_of(&spec), ["model.intermediate_size"]);
+}
+
+#[test]
+fn pretrained_init_may_omit_the_architecture_but_must_agree() {
+    let spec = JobSpec::from_json(
+        r#"{"model": {"init": {"from": "hf-llama-tiny"}, "hidden_size": 64},
+            "data": {"train": "f"},
+            "training": {"seq_len": 32, "micro_batch_size": 1, "microbatches": 2, "steps": 3}}"#,
+    )
+    .unwrap();
+    spec.validate().unwrap();
+    let pretrained = ModelArch {
+        hidden_size: 64,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        intermediate_size: 176,
+        vocab_size: 256,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+    };
+    assert_eq!(
+        spec.model.merge_pretrained(&pretrained).unwrap(),
+        pretrained
+    );
+    let other = ModelArch {
+        hidden_size: 128,
+        ..pretrained
+    };
+    let errors = spec.model.merge_pretrained(&other).unwrap_err();
+    assert_eq!(errors[0].param, "model.hidden_size");
+    assert!(errors[0].message.contains("128"), "{}", errors[0]);
+}

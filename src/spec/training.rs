@@ -1,0 +1,194 @@
+//! Data and training settings of a job.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::validate::{SpecError, positive};
+
+/// Where the tokens come from. Paths on the CLI, file ids in the service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub train: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<String>,
+    /// `bytes` (token = byte value) or a Hugging Face `tokenizer.json`.
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: String,
+}
+
+pub const BYTES_TOKENIZER: &str = "bytes";
+
+fn default_tokenizer() -> String {
+    BYTES_TOKENIZER.to_owned()
+}
+
+impl DataSpec {
+    pub(super) fn check(&self, errors: &mut Vec<SpecError>) {
+        if self.train.trim().is_empty() {
+            errors.push(SpecError::new("data.train", "must name the training data"));
+        }
+        if self.tokenizer.trim().is_empty() {
+            errors.push(SpecError::new(
+                "data.tokenizer",
+                "must be \"bytes\" or name a tokenizer.json",
+            ));
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum OptimizerSpec {
+    /// PyTorch's AdamW: decoupled weight decay, bias correction.
+    Adamw {
+        lr: f64,
+        #[serde(default = "default_betas")]
+        betas: [f64; 2],
+        #[serde(default = "default_eps")]
+        eps: f64,
+        #[serde(default = "default_weight_decay")]
+        weight_decay: f64,
+    },
+    /// Plain SGD, no momentum.
+    Sgd { lr: f64 },
+}
+
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.95]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_weight_decay() -> f64 {
+    0.1
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        OptimizerSpec::Adamw {
+            lr: 3e-4,
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: default_weight_decay(),
+        }
+    }
+}
+
+impl OptimizerSpec {
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimizerSpec::Adamw { lr, .. } | OptimizerSpec::Sgd { lr } => *lr,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LrDecay {
+    #[default]
+    Constant,
+    /// Cosine from the peak rate after warm-up down to zero at the last step.
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    pub seq_len: usize,
+    pub micro_batch_size: usize,
+    pub microbatches: usize,
+    pub steps: u64,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    /// Global gradient-norm clip; `null` turns clipping off.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: Option<f64>,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub lr_decay: LrDecay,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub shuffle: bool,
+    /// Save a checkpoint every this many steps (the final one is always saved).
+    #[serde(default)]
+    pub checkpoint_every: Option<u64>,
+}
+
+fn default_grad_clip() -> Option<f64> {
+    Some(1.0)
+}
+
+impl TrainingSpec {
+    /// Sequences in one optimizer step.
+    pub fn sequences_per_step(&self) -> usize {
+        self.micro_batch_size * self.microbatches
+    }
+
+    pub(super) fn check(&self, errors: &mut Vec<SpecError>) {
+        positive("training.seq_len", self.seq_len, errors);
+        positive("training.micro_batch_size", self.micro_batch_size, errors);
+        positive("training.microbatches", self.microbatches, errors);
+        positive("training.steps", self.steps as usize, errors);
+        let lr = self.optimizer.lr();
+        if !(lr.is_finite() && lr > 0.0) {
+            errors.push(SpecError::new(
+                "training.optimizer.lr",
+                format!("must be a positive number, got {lr}"),
+            ));
+        }
+        if let OptimizerSpec::Adamw {
+            betas,
+            eps,
+            weight_decay,
+            ..
+        } = &self.optimizer
+        {
+            for (i, beta) in betas.iter().enumerate() {
+                if !(0.0..1.0).contains(beta) {
+                    errors.push(SpecError::new(
+                        format!("training.optimizer.betas[{i}]"),
+                        format!("must be in [0, 1), got {beta}"),
+                    ));
+                }
+            }
+            if !(eps.is_finite() && *eps > 0.0) {
+                errors.push(SpecError::new(
+                    "training.optimizer.eps",
+                    format!("must be a positive number, got {eps}"),
+                ));
+            }
+            if !(weight_decay.is_finite() && *weight_decay >= 0.0) {
+                errors.push(SpecError::new(
+                    "training.optimizer.weight_decay",
+                    format!("must be zero or positive, got {weight_decay}"),
+                ));
+            }
+        }
+        if let Some(clip) = self.grad_clip
+            && !(clip.is_finite() && clip > 0.0)
+        {
+            errors.push(SpecError::new(
+                "training.grad_clip",
+                format!("must be a positive number or null, got {clip}"),
+            ));
+        }
+        if self.warmup_steps > self.steps {
+            errors.push(SpecError::new(
+                "training.warmup_steps",
+                format!(
+                    "{} warm-up steps exceed the {} training steps",
+                    self.warmup_steps, self.steps
+                ),
+            ));
+        }
+        if self.checkpoint_every == Some(0) {
+            errors.push(SpecError::new(
+                "training.checkpoint_every",
+                "must be at least 1, or left out to save only the final checkpoint",
+            ));
+        }
+    }
+}
