@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod exec;
 pub mod plan;
 pub mod spec;
