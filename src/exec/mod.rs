@@ -9,3 +9,4 @@ pub mod kernels;
 pub mod model;
 pub mod optim;
 pub mod tensor;
+pub mod train;

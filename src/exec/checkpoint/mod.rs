@@ -4,6 +4,8 @@
 
 pub mod model_files;
 pub mod safetensors_io;
+pub mod single_device;
+pub mod trainer_state;
 
 use std::path::PathBuf;
 

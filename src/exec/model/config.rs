@@ -4,6 +4,7 @@ use serde_json::{Value, json};
 
 use crate::exec::model::ModelError;
 use crate::plan::inventory::ModelDims;
+use crate::spec::ModelArch;
 
 /// A Llama-style decoder: sizes plus the two numeric constants the kernels need.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,6 +58,17 @@ impl LlamaConfig {
             return bad("rms_norm_eps/rope_theta", "must be positive".into());
         }
         Ok(())
+    }
+
+    /// The architecture a job spec resolved to.
+    pub fn from_arch(a: &ModelArch) -> Result<LlamaConfig, ModelError> {
+        let cfg = LlamaConfig {
+            dims: a.dims(),
+            rms_norm_eps: a.rms_norm_eps as f32,
+            rope_theta: a.rope_theta as f32,
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Reads a transformers `LlamaConfig` JSON (`rope_theta` at the top or under `rope_parameters`).

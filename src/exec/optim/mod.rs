@@ -7,6 +7,7 @@ pub mod schedule;
 use crate::exec::device::{DeviceError, MemGroup, PoolRef};
 use crate::exec::model::PartParams;
 use crate::exec::tensor::Tensor;
+use crate::spec::OptimizerSpec;
 
 /// The update rule and its constants (the learning rate comes from the schedule each step).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,6 +21,25 @@ pub enum OptimizerConfig {
         eps: f32,
         weight_decay: f32,
     },
+}
+
+impl OptimizerConfig {
+    pub fn from_spec(spec: &OptimizerSpec) -> Self {
+        match *spec {
+            OptimizerSpec::Sgd { .. } => OptimizerConfig::Sgd,
+            OptimizerSpec::Adamw {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => OptimizerConfig::AdamW {
+                beta1: betas[0] as f32,
+                beta2: betas[1] as f32,
+                eps: eps as f32,
+                weight_decay: weight_decay as f32,
+            },
+        }
+    }
 }
 
 /// One part's optimizer state (AdamW's moments; empty for SGD), counted as optimizer state.
@@ -122,5 +142,22 @@ pub fn step_part(
                 }
             }
         }
+    }
+}
+
+/// The end of a step for the parts one device holds: scale gradients by the clipping factor,
+/// apply the update with learning rate `lr`, zero the gradients for the next step.
+pub fn update_parts(
+    config: &OptimizerConfig,
+    step: u64,
+    lr: f32,
+    clip_factor: f32,
+    parts: &mut [PartParams],
+    states: &mut [PartOptimState],
+) {
+    for (part, state) in parts.iter_mut().zip(states.iter_mut()) {
+        clip::scale_grads(part, clip_factor);
+        step_part(config, step, lr, part, state);
+        part.zero_grads();
     }
 }

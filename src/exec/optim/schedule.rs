@@ -1,10 +1,7 @@
 //! Learning rate over steps: linear warm-up, then constant or cosine decay to zero.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LrDecay {
-    Constant,
-    Cosine,
-}
+pub use crate::spec::LrDecay;
+use crate::spec::TrainingSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
@@ -22,6 +19,16 @@ impl LrSchedule {
             warmup_steps: 0,
             decay: LrDecay::Constant,
             total_steps: 0,
+        }
+    }
+
+    /// The schedule a job spec asks for.
+    pub fn from_spec(t: &TrainingSpec) -> Self {
+        LrSchedule {
+            base_lr: t.optimizer.lr() as f32,
+            warmup_steps: t.warmup_steps,
+            decay: t.lr_decay,
+            total_steps: t.steps,
         }
     }
 
