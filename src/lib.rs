@@ -6,6 +6,8 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod data;
+pub mod exec;
 pub mod plan;
 pub mod spec;
 pub mod telemetry;

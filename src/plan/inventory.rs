@@ -190,7 +190,8 @@ fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
             params: vec![t("embed_tokens.weight", &[v, h], F32)],
             stash: vec![t("token_ids", &[n], I32)],
             forward_scratch: vec![],
-            backward_scratch: vec![],
+            // The first layer's input gradient, alive while the embedding adds it to its table.
+            backward_scratch: vec![t("grad_output", &[n, h], F32)],
             output: hidden_out,
         },
         Part::Layer => PartInventory {

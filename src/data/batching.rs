@@ -1,0 +1,239 @@
+//! Deterministic batching. Sequence i is tokens `[i*S, i*S+S)` with targets shifted by one
+//! token. Step k takes sequences `k*B .. k*B+B-1` (B = micro_batch_size x microbatches), and
+//! microbatch j of the step takes `k*B + j*micro_batch_size ..`. Sequence numbers past the end
+//! wrap into the next epoch. With `shuffle`, each epoch visits the windows in a permutation
+//! drawn from the seed and the epoch number, so any step's batch is a pure function of
+//! (data, layout, step): resuming needs only the step.
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::data::DataError;
+use crate::plan::inventory::MicroShape;
+
+/// How a step is cut into micro-batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLayout {
+    pub seq_len: usize,
+    pub micro_batch_size: usize,
+    pub microbatches: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+}
+
+impl BatchLayout {
+    pub fn sequences_per_step(&self) -> usize {
+        self.micro_batch_size * self.microbatches
+    }
+    pub fn micro_shape(&self) -> MicroShape {
+        MicroShape {
+            batch: self.micro_batch_size,
+            seq: self.seq_len,
+        }
+    }
+}
+
+/// One micro-batch: `input_ids` and `targets` are [micro_batch_size * seq_len], row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Microbatch {
+    pub step: u64,
+    pub index: usize,
+    pub shape: MicroShape,
+    /// Which windows of the data, in order.
+    pub windows: Vec<usize>,
+    pub input_ids: Vec<i32>,
+    pub targets: Vec<i32>,
+}
+
+#[derive(Debug)]
+pub struct Batcher {
+    tokens: Vec<i32>,
+    windows: usize,
+    layout: BatchLayout,
+    /// The permutation of the epoch last asked for (shuffle only).
+    cached: Option<(u64, Vec<usize>)>,
+}
+
+impl Batcher {
+    /// Checks the tokens against the vocabulary and the layout against the data.
+    pub fn new(tokens: &[u32], vocab: usize, layout: BatchLayout) -> Result<Batcher, DataError> {
+        for (field, v) in [
+            ("seq_len", layout.seq_len),
+            ("micro_batch_size", layout.micro_batch_size),
+            ("microbatches", layout.microbatches),
+        ] {
+            if v == 0 {
+                return Err(DataError::EmptyLayout { field });
+            }
+        }
+        let needed = layout.seq_len + 1;
+        if tokens.len() < needed {
+            return Err(DataError::TooShort {
+                tokens: tokens.len(),
+                needed,
+                seq_len: layout.seq_len,
+            });
+        }
+        if let Some(position) = tokens.iter().position(|&t| t as usize >= vocab) {
+            return Err(DataError::TokenOutOfRange {
+                id: tokens[position],
+                position,
+                vocab,
+            });
+        }
+        Ok(Batcher {
+            tokens: tokens.iter().map(|&t| t as i32).collect(),
+            windows: (tokens.len() - 1) / layout.seq_len,
+            layout,
+            cached: None,
+        })
+    }
+
+    /// Number of whole sequences (with their targets) in the data: one epoch.
+    pub fn windows(&self) -> usize {
+        self.windows
+    }
+
+    pub fn layout(&self) -> BatchLayout {
+        self.layout
+    }
+
+    /// Sequences consumed before step `step`: the data position a checkpoint records.
+    pub fn position_before(&self, step: u64) -> u64 {
+        step * self.layout.sequences_per_step() as u64
+    }
+
+    fn window_of(&mut self, sequence: u64) -> usize {
+        let w = self.windows as u64;
+        let (epoch, within) = (sequence / w, (sequence % w) as usize);
+        if !self.layout.shuffle {
+            return within;
+        }
+        if self.cached.as_ref().map(|c| c.0) != Some(epoch) {
+            let mut perm: Vec<usize> = (0..self.windows).collect();
+            let mut rng = ChaCha8Rng::seed_from_u64(self.layout.seed);
+            rng.set_stream(epoch);
+            perm.shuffle(&mut rng);
+            self.cached = Some((epoch, perm));
+        }
+        self.cached.as_ref().map_or(within, |c| c.1[within])
+    }
+
+    /// Micro-batch `index` of step `step`.
+    pub fn microbatch(&mut self, step: u64, index: usize) -> Microbatch {
+        let l = self.layout;
+        let first = step * l.sequences_per_step() as u64 + (index * l.micro_batch_size) as u64;
+        let mut mb = Microbatch {
+            step,
+            index,
+            shape: l.micro_shape(),
+            windows: Vec::with_capacity(l.micro_batch_size),
+            input_ids: Vec::with_capacity(l.micro_batch_size * l.seq_len),
+            targets: Vec::with_capacity(l.micro_batch_size * l.seq_len),
+        };
+        for r in 0..l.micro_batch_size as u64 {
+            let window = self.window_of(first + r);
+            let start = window * l.seq_len;
+            mb.windows.push(window);
+            mb.input_ids
+                .extend_from_slice(&self.tokens[start..start + l.seq_len]);
+            mb.targets
+                .extend_from_slice(&self.tokens[start + 1..start + 1 + l.seq_len]);
+        }
+        mb
+    }
+
+    /// All micro-batches of a step, in order.
+    pub fn step(&mut self, step: u64) -> Vec<Microbatch> {
+        (0..self.layout.microbatches)
+            .map(|j| self.microbatch(step, j))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(seq_len: usize, mbs: usize, mbc: usize, shuffle: bool) -> BatchLayout {
+        BatchLayout {
+            seq_len,
+            micro_batch_size: mbs,
+            microbatches: mbc,
+            shuffle,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn sequences_and_targets_follow_the_contract() {
+        let tokens: Vec<u32> = (0..23).collect(); // 5 windows of 4 (+1 target), 2 tokens spare
+        let mut b = Batcher::new(&tokens, 256, layout(4, 2, 2, false)).unwrap();
+        assert_eq!(b.windows(), 5);
+        let mb = b.microbatch(0, 1);
+        assert_eq!(mb.windows, vec![2, 3]);
+        assert_eq!(mb.input_ids, vec![8, 9, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(mb.targets, vec![9, 10, 11, 12, 13, 14, 15, 16]);
+        // Step 1 takes sequences 4..8: windows 4, then 0, 1, 2 of the next epoch.
+        let s1: Vec<usize> = b.step(1).iter().flat_map(|m| m.windows.clone()).collect();
+        assert_eq!(s1, vec![4, 0, 1, 2]);
+        assert_eq!(b.position_before(3), 12);
+    }
+
+    #[test]
+    fn exact_fit_and_single_window() {
+        let tokens: Vec<u32> = (0..5).collect();
+        let mut b = Batcher::new(&tokens, 256, layout(4, 3, 1, false)).unwrap();
+        assert_eq!(b.windows(), 1);
+        let mb = b.microbatch(2, 0);
+        assert_eq!(mb.windows, vec![0, 0, 0]);
+        assert_eq!(&mb.targets[..4], &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn shuffle_is_a_deterministic_permutation_per_epoch() {
+        let tokens: Vec<u32> = (0..101).map(|i| i % 256).collect();
+        let l = layout(10, 5, 2, true); // 10 windows, one epoch per step
+        let epoch = |step| {
+            let mut b = Batcher::new(&tokens, 256, l).unwrap();
+            let mut w: Vec<usize> = b
+                .step(step)
+                .iter()
+                .flat_map(|m| m.windows.clone())
+                .collect();
+            let order = w.clone();
+            w.sort();
+            assert_eq!(w, (0..10).collect::<Vec<_>>());
+            order
+        };
+        assert_eq!(epoch(0), epoch(0));
+        assert_ne!(epoch(0), epoch(1));
+        assert_ne!(epoch(0), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn bad_data_is_an_error() {
+        let err = Batcher::new(&[1, 2, 3, 4], 256, layout(4, 1, 1, false)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataError::TooShort {
+                    tokens: 4,
+                    needed: 5,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = Batcher::new(&[1, 2, 300, 4, 5], 256, layout(4, 1, 1, false)).unwrap_err();
+        assert!(err.to_string().contains("300") && err.to_string().contains("position 2"));
+        let err = Batcher::new(&[1; 9], 256, layout(4, 0, 1, false)).unwrap_err();
+        assert!(matches!(
+            err,
+            DataError::EmptyLayout {
+                field: "micro_batch_size"
+            }
+        ));
+    }
+}

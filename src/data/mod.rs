@@ -1,0 +1,36 @@
+//! Training data: tokenizers and deterministic batching into micro-batches.
+
+pub mod batching;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+pub use batching::{BatchLayout, Batcher, Microbatch};
+pub use tokenizer::Tokenizer;
+
+#[derive(Debug, Error)]
+pub enum DataError {
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("tokenizer {name:?}: {reason}")]
+    Tokenizer { name: String, reason: String },
+    #[error(
+        "the data has {tokens} tokens, fewer than one sequence needs ({needed}: seq_len {seq_len} \
+         plus one target); give more text or a shorter seq_len"
+    )]
+    TooShort {
+        tokens: usize,
+        needed: usize,
+        seq_len: usize,
+    },
+    #[error("token id {id} at position {position} is not below the model's vocab_size {vocab}")]
+    TokenOutOfRange {
+        id: u32,
+        position: usize,
+        vocab: usize,
+    },
+    #[error("batch layout: {field} must be at least 1")]
+    EmptyLayout { field: &'static str },
+}

@@ -1,0 +1,249 @@
+//! The compute backend: the kernels the model calls, behind one small trait so another device
+//! kind (CUDA, in its own issue) can implement the same calls. The CPU backend works on host
+//! slices; a CUDA backend will bring its own storage type behind `Tensor` and implement these
+//! same operations.
+
+use thiserror::Error;
+
+use crate::exec::kernels::attention::{self, AttnShape};
+use crate::exec::kernels::cross_entropy::{self, HeadShape};
+use crate::exec::kernels::matmul::{self, MatRef, Threads};
+use crate::exec::kernels::{embedding, rmsnorm, rope, swiglu};
+
+/// Which kind of device a backend drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BackendError {
+    #[error("the {backend} backend is unavailable: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
+}
+
+/// The operations of Llama training. Each forward has its backward; arguments are explicit.
+#[allow(clippy::too_many_arguments)]
+pub trait Backend: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// `dst (+)= a · b`.
+    fn matmul(&self, dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool);
+
+    fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32);
+    fn rmsnorm_apply(&self, out: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32]);
+    fn rmsnorm_backward(
+        &self,
+        dy_to_dx: &mut [f32],
+        dw: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+    );
+
+    fn rope(
+        &self,
+        x: &mut [f32],
+        width: usize,
+        seq: usize,
+        head_dim: usize,
+        theta: f32,
+        inverse: bool,
+    );
+
+    fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]);
+    fn swiglu_backward(
+        &self,
+        d_gate: &mut [f32],
+        d_act_to_d_up: &mut [f32],
+        gate: &[f32],
+        up: &[f32],
+    );
+
+    fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[i32], hidden: usize);
+    fn embedding_backward(&self, d_table: &mut [f32], d_out: &[f32], ids: &[i32], hidden: usize);
+
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: AttnShape,
+    );
+    fn attention_backward(
+        &self,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        delta: &mut [f32],
+        d_out: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        shape: AttnShape,
+    );
+
+    fn head_ce_forward(
+        &self,
+        logits_block: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        targets: &[i32],
+        shape: HeadShape,
+    ) -> f64;
+    fn head_ce_backward(
+        &self,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        logits_block: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        targets: &[i32],
+        scale: f32,
+        shape: HeadShape,
+    );
+}
+
+/// The f32 CPU backend; `threads` is what matrix products may use.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuBackend {
+    pub threads: usize,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend {
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
+/// The backend for a device kind, or why it cannot run here.
+pub fn backend_for(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
+    match kind {
+        BackendKind::Cpu => Ok(Box::new(CpuBackend::default())),
+        BackendKind::Cuda => Err(BackendError::Unavailable {
+            backend: "cuda",
+            reason: "this build has no CUDA kernels yet".to_string(),
+        }),
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn matmul(&self, dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+        matmul::matmul(dst, a, b, accumulate, Threads(self.threads));
+    }
+    fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+        rmsnorm::rmsnorm_forward(out, rstd, x, w, eps);
+    }
+    fn rmsnorm_apply(&self, out: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32]) {
+        rmsnorm::rmsnorm_apply(out, rstd, x, w);
+    }
+    fn rmsnorm_backward(&self, dy: &mut [f32], dw: &mut [f32], x: &[f32], w: &[f32], rstd: &[f32]) {
+        rmsnorm::rmsnorm_backward(dy, dw, x, w, rstd);
+    }
+    fn rope(&self, x: &mut [f32], width: usize, seq: usize, hd: usize, theta: f32, inverse: bool) {
+        rope::rope_apply(x, width, seq, hd, theta, inverse);
+    }
+    fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]) {
+        swiglu::swiglu_forward(act, gate, up);
+    }
+    fn swiglu_backward(&self, d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32]) {
+        swiglu::swiglu_backward(d_gate, d_up, gate, up);
+    }
+    fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[i32], hidden: usize) {
+        embedding::embedding_forward(out, table, ids, hidden);
+    }
+    fn embedding_backward(&self, d_table: &mut [f32], d_out: &[f32], ids: &[i32], hidden: usize) {
+        embedding::embedding_backward(d_table, d_out, ids, hidden);
+    }
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        shape: AttnShape,
+    ) {
+        attention::attention_forward(out, lse, q, k, v, shape);
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        delta: &mut [f32],
+        d_out: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        shape: AttnShape,
+    ) {
+        attention::attention_backward(dq, dk, dv, delta, d_out, q, k, v, out, lse, shape);
+    }
+    fn head_ce_forward(
+        &self,
+        logits_block: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        targets: &[i32],
+        shape: HeadShape,
+    ) -> f64 {
+        cross_entropy::head_ce_forward(logits_block, x, w, targets, shape, Threads(self.threads))
+    }
+    fn head_ce_backward(
+        &self,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        logits_block: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        targets: &[i32],
+        scale: f32,
+        shape: HeadShape,
+    ) {
+        cross_entropy::head_ce_backward(
+            dx,
+            dw,
+            logits_block,
+            x,
+            w,
+            targets,
+            scale,
+            shape,
+            Threads(self.threads),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_is_a_typed_unavailable_error() {
+        let err = backend_for(BackendKind::Cuda).err().unwrap();
+        assert!(matches!(
+            err,
+            BackendError::Unavailable {
+                backend: "cuda",
+                ..
+            }
+        ));
+        assert_eq!(backend_for(BackendKind::Cpu).unwrap().name(), "cpu");
+    }
+}

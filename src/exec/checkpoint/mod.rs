@@ -1,0 +1,37 @@
+//! Checkpoints in Hugging Face layout: `model.safetensors` + `config.json` that transformers'
+//! `LlamaForCausalLM.from_pretrained` loads, plus `optimizer.safetensors` and
+//! `trainer_state.json` for an exact resume.
+
+pub mod model_files;
+pub mod safetensors_io;
+pub mod single_device;
+pub mod trainer_state;
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::exec::device::DeviceError;
+use crate::exec::model::ModelError;
+
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    #[error("{path}: not a valid checkpoint file: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("{path}: tensor {name} is missing")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("tensor {name}: shape {found:?} in the file, the model needs {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor {name}: dtype {dtype} is not supported (f32, bf16, f16 are)")]
+    WrongDtype { name: String, dtype: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}

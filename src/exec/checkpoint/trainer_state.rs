@@ -1,0 +1,102 @@
+//! `optimizer.safetensors` and `trainer_state.json`: what an exact resume needs beyond weights.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::exec::checkpoint::CheckpointError;
+use crate::exec::checkpoint::safetensors_io::{F32View, TensorFile, write_f32_file};
+use crate::exec::model::PartParams;
+use crate::exec::optim::PartOptimState;
+
+/// Where training stands. Batching is a pure function of the step, so the step fixes the
+/// data position; the shuffle seed is the only randomness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Steps completed.
+    pub step: u64,
+    /// Sequences consumed (step x sequences per step).
+    pub data_position: u64,
+    /// The seed of the data shuffle (epoch e uses stream e of this seed).
+    pub rng_seed: u64,
+    /// The loss of the last completed step.
+    pub last_loss: Option<f64>,
+}
+
+fn io_err(path: &Path, e: impl ToString) -> CheckpointError {
+    CheckpointError::Io {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+impl TrainerState {
+    pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let path = dir.join("trainer_state.json");
+        let text = serde_json::to_string_pretty(self).map_err(|e| io_err(&path, e))?;
+        std::fs::write(&path, text).map_err(|e| io_err(&path, e))
+    }
+
+    pub fn load(dir: &Path) -> Result<TrainerState, CheckpointError> {
+        let path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+            path,
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// Writes AdamW's moments of the given parts as `exp_avg.<name>` and `exp_avg_sq.<name>`
+/// (nothing but the file for SGD).
+pub fn save_optimizer(
+    dir: &Path,
+    parts: &[(&PartParams, &PartOptimState)],
+) -> Result<(), CheckpointError> {
+    let mut tensors = Vec::new();
+    for (p, st) in parts {
+        for (i, name) in p.names.iter().enumerate() {
+            for (prefix, list) in [("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq)] {
+                if let Some(t) = list.get(i) {
+                    let view = F32View {
+                        shape: t.shape().to_vec(),
+                        data: t.data(),
+                    };
+                    tensors.push((format!("{prefix}.{name}"), view));
+                }
+            }
+        }
+    }
+    let meta: Option<HashMap<String, String>> = None;
+    write_f32_file(&dir.join("optimizer.safetensors"), tensors, meta)
+}
+
+/// Reads the moments saved by `save_optimizer` into already allocated state.
+pub fn load_optimizer(
+    dir: &Path,
+    parts: &mut [(&PartParams, &mut PartOptimState)],
+) -> Result<(), CheckpointError> {
+    let file = TensorFile::open(&dir.join("optimizer.safetensors"))?;
+    for (p, st) in parts.iter_mut() {
+        for (i, name) in p.names.iter().enumerate() {
+            for (prefix, list) in [
+                ("exp_avg", &mut st.exp_avg),
+                ("exp_avg_sq", &mut st.exp_avg_sq),
+            ] {
+                let Some(t) = list.get_mut(i) else { continue };
+                let key = format!("{prefix}.{name}");
+                let (shape, data) = file.f32(&key)?;
+                if shape != t.shape() {
+                    return Err(CheckpointError::ShapeMismatch {
+                        name: key,
+                        found: shape,
+                        expected: t.shape().to_vec(),
+                    });
+                }
+                t.data_mut().copy_from_slice(&data);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! The LM head fused with cross-entropy: logits exist only for `block` tokens at a time, in a
+//! caller-provided buffer of `block x vocab` floats.
+
+use rayon::prelude::*;
+
+use crate::exec::kernels::matmul::{MatRef, Threads, matmul};
+
+/// Shapes of one head call: `tokens` rows of `hidden` features, `vocab` classes.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadShape {
+    pub tokens: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    /// Tokens whose logits are materialised together.
+    pub block: usize,
+}
+
+fn row_lse(row: &[f32]) -> f32 {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+}
+
+/// Returns the sum over tokens of `-log softmax(x W^T)[target]`, accumulated in f64 in token
+/// order (so it does not depend on threads).
+pub fn head_ce_forward(
+    logits_block: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    targets: &[i32],
+    sh: HeadShape,
+    threads: Threads,
+) -> f64 {
+    let (h, v) = (sh.hidden, sh.vocab);
+    let mut loss = 0.0f64;
+    for t0 in (0..sh.tokens).step_by(sh.block) {
+        let bt = sh.block.min(sh.tokens - t0);
+        let logits = &mut logits_block[..bt * v];
+        matmul(
+            logits,
+            MatRef::rows(&x[t0 * h..(t0 + bt) * h], bt, h),
+            MatRef::rows(w, v, h).t(),
+            false,
+            threads,
+        );
+        let per_row: Vec<f32> = logits
+            .par_chunks(v)
+            .zip(&targets[t0..t0 + bt])
+            .map(|(row, &t)| row_lse(row) - row[t as usize])
+            .collect();
+        loss += per_row.iter().map(|&l| l as f64).sum::<f64>();
+    }
+    loss
+}
+
+/// Backward with the loss scaled by `scale` (1 / tokens of the whole step): writes `dx`
+/// and adds to `dw`.
+#[allow(clippy::too_many_arguments)]
+pub fn head_ce_backward(
+    dx: &mut [f32],
+    dw: &mut [f32],
+    logits_block: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    targets: &[i32],
+    scale: f32,
+    sh: HeadShape,
+    threads: Threads,
+) {
+    let (h, v) = (sh.hidden, sh.vocab);
+    for t0 in (0..sh.tokens).step_by(sh.block) {
+        let bt = sh.block.min(sh.tokens - t0);
+        let xb = MatRef::rows(&x[t0 * h..(t0 + bt) * h], bt, h);
+        let logits = &mut logits_block[..bt * v];
+        matmul(logits, xb, MatRef::rows(w, v, h).t(), false, threads);
+        logits
+            .par_chunks_mut(v)
+            .zip(&targets[t0..t0 + bt])
+            .for_each(|(row, &t)| {
+                let lse = row_lse(row);
+                for l in row.iter_mut() {
+                    *l = (*l - lse).exp() * scale;
+                }
+                row[t as usize] -= scale;
+            });
+        let dl = MatRef::rows(logits, bt, v);
+        matmul(
+            &mut dx[t0 * h..(t0 + bt) * h],
+            dl,
+            MatRef::rows(w, v, h),
+            false,
+            threads,
+        );
+        matmul(dw, dl.t(), xb, true, threads);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocked_matches_one_block_and_finite_differences() {
+        let sh = HeadShape {
+            tokens: 7,
+            hidden: 5,
+            vocab: 11,
+            block: 3,
+        };
+        let x: Vec<f32> = (0..35).map(|i| (i as f32 * 0.41).sin()).collect();
+        let w: Vec<f32> = (0..55).map(|i| (i as f32 * 0.23).cos()).collect();
+        let t: Vec<i32> = (0..7i32).map(|i| i * 5 % 11).collect();
+        let mut buf = vec![0.0; 11 * 7];
+        let blocked = head_ce_forward(&mut buf, &x, &w, &t, sh, Threads(1));
+        let whole = head_ce_forward(
+            &mut buf,
+            &x,
+            &w,
+            &t,
+            HeadShape { block: 7, ..sh },
+            Threads(1),
+        );
+        assert!((blocked - whole).abs() < 1e-5);
+        let (mut dx, mut dw) = (vec![0.0; 35], vec![0.0; 55]);
+        head_ce_backward(&mut dx, &mut dw, &mut buf, &x, &w, &t, 0.5, sh, Threads(2));
+        let e = 1e-2;
+        for i in 0..35 {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += e;
+            xm[i] -= e;
+            let fd = 0.5
+                * (head_ce_forward(&mut buf, &xp, &w, &t, sh, Threads(1))
+                    - head_ce_forward(&mut buf, &xm, &w, &t, sh, Threads(1)))
+                / (2.0 * e as f64);
+            assert!(
+                (fd - dx[i] as f64).abs() < 1e-3,
+                "dx[{i}] {fd} vs {}",
+                dx[i]
+            );
+        }
+        for i in 0..55 {
+            let (mut wp, mut wm) = (w.clone(), w.clone());
+            wp[i] += e;
+            wm[i] -= e;
+            let fd = 0.5
+                * (head_ce_forward(&mut buf, &x, &wp, &t, sh, Threads(1))
+                    - head_ce_forward(&mut buf, &x, &wm, &t, sh, Threads(1)))
+                / (2.0 * e as f64);
+            assert!(
+                (fd - dw[i] as f64).abs() < 1e-3,
+                "dw[{i}] {fd} vs {}",
+                dw[i]
+            );
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! f32 CPU kernels, each forward with its backward and explicit arguments. Parallel loops
+//! split work so that every sum runs in a fixed order: results do not depend on thread count.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod matmul;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;

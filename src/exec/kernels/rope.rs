@@ -1,0 +1,61 @@
+//! Rotary position embedding in transformers' rotate-half convention: within each head the
+//! first half of the dimensions pairs with the second half, `x' = x·cos + rotate_half(x)·sin`.
+
+use rayon::prelude::*;
+
+/// Rotates each head of `x` (rows of `width = heads * head_dim`, rows grouped in sequences of
+/// `seq` tokens) by the row's position in its sequence. `inverse` applies the transposed
+/// rotation, which is the backward of the forward rotation.
+pub fn rope_apply(
+    x: &mut [f32],
+    width: usize,
+    seq: usize,
+    head_dim: usize,
+    theta: f32,
+    inverse: bool,
+) {
+    let half = head_dim / 2;
+    // inv_freq and angles in f32, as transformers computes them.
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let sign = if inverse { -1.0 } else { 1.0 };
+    x.par_chunks_mut(width).enumerate().for_each_init(
+        || (vec![0.0f32; half], vec![0.0f32; half]),
+        |(cos, sin), (row, xr)| {
+            let pos = (row % seq) as f32;
+            for i in 0..half {
+                let angle = pos * inv_freq[i];
+                cos[i] = angle.cos();
+                sin[i] = sign * angle.sin();
+            }
+            for head in xr.chunks_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inverse_undoes_forward_and_position_zero_is_identity() {
+        let (width, seq, hd) = (8, 3, 4);
+        let x: Vec<f32> = (0..2 * seq * width).map(|i| (i as f32).sin()).collect();
+        let mut y = x.clone();
+        rope_apply(&mut y, width, seq, hd, 10000.0, false);
+        assert_eq!(&y[..width], &x[..width]);
+        assert_ne!(&y[width..2 * width], &x[width..2 * width]);
+        rope_apply(&mut y, width, seq, hd, 10000.0, true);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+}

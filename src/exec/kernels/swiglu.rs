@@ -1,0 +1,60 @@
+//! SwiGLU: `act = silu(gate) * up`, the gated MLP activation of Llama.
+
+use rayon::prelude::*;
+
+const CHUNK: usize = 4096;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub fn swiglu_forward(act: &mut [f32], gate: &[f32], up: &[f32]) {
+    act.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|((a, g), u)| {
+            for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                *a = g * sigmoid(*g) * u;
+            }
+        });
+}
+
+/// Given `d_act` (in `d_up`'s buffer on entry), writes `d_gate` and `d_up`.
+pub fn swiglu_backward(d_gate: &mut [f32], d_act_to_d_up: &mut [f32], gate: &[f32], up: &[f32]) {
+    d_gate
+        .par_chunks_mut(CHUNK)
+        .zip(d_act_to_d_up.par_chunks_mut(CHUNK))
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|(((dg, du), g), u)| {
+            for (((dg, du), g), u) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u) {
+                let s = sigmoid(*g);
+                let silu = g * s;
+                let da = *du;
+                *dg = da * u * s * (1.0 + g * (1.0 - s));
+                *du = da * silu;
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let g = [-2.0f32, -0.3, 0.0, 0.7, 3.0];
+        let u = [0.5f32, -1.0, 2.0, 1.5, -0.2];
+        let f = |g: f32, u: f32| (g as f64) / (1.0 + (-(g as f64)).exp()) * u as f64;
+        let mut dg = [0.0; 5];
+        let mut du = [1.0; 5];
+        swiglu_backward(&mut dg, &mut du, &g, &u);
+        for i in 0..5 {
+            let e = 1e-3;
+            let fg = (f(g[i] + e, u[i]) - f(g[i] - e, u[i])) / (2.0 * e as f64);
+            let fu = (f(g[i], u[i] + e) - f(g[i], u[i] - e)) / (2.0 * e as f64);
+            assert!((fg - dg[i] as f64).abs() < 1e-3, "{i}: {fg} {}", dg[i]);
+            assert!((fu - du[i] as f64).abs() < 1e-3, "{i}: {fu} {}", du[i]);
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Global-norm gradient clipping across devices. Each part reports the sum of squares of its
+//! gradients; the global norm adds the parts' sums in forward order of parts, whatever device
+//! holds them, so the result is bit-identical for any number of pipeline stages.
+
+use crate::exec::model::{PartId, PartParams};
+
+/// One part's contribution to the global norm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PartSquares {
+    pub part: PartId,
+    pub sum_of_squares: f64,
+}
+
+/// Sum of squared gradients of one part, tensor by tensor in a fixed order, in f64.
+pub fn part_squares(part: &PartParams) -> PartSquares {
+    let sum_of_squares = part
+        .grads
+        .iter()
+        .map(|g| {
+            g.data()
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+        })
+        .sum();
+    PartSquares {
+        part: part.id,
+        sum_of_squares,
+    }
+}
+
+/// The L2 norm over every gradient of the model from each part's contribution, combined in
+/// the parts' forward order regardless of the order given.
+pub fn global_norm(partials: &[PartSquares]) -> f64 {
+    let mut sorted = partials.to_vec();
+    sorted.sort_by_key(|p| p.part);
+    sorted.iter().map(|p| p.sum_of_squares).sum::<f64>().sqrt()
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` multiplies gradients by: at most 1.
+pub fn clip_factor(norm: f64, max_norm: f32) -> f32 {
+    ((max_norm as f64) / (norm + 1e-6)).min(1.0) as f32
+}
+
+/// Multiplies every gradient of a part by `factor`.
+pub fn scale_grads(part: &mut PartParams, factor: f32) {
+    if factor == 1.0 {
+        return;
+    }
+    for g in &mut part.grads {
+        g.data_mut().iter_mut().for_each(|x| *x *= factor);
+    }
+}

@@ -1,0 +1,163 @@
+//! Optimizers with PyTorch's semantics, applied part by part so each pipeline device steps its
+//! own parameters.
+
+pub mod clip;
+pub mod schedule;
+
+use crate::exec::device::{DeviceError, MemGroup, PoolRef};
+use crate::exec::model::PartParams;
+use crate::exec::tensor::Tensor;
+use crate::spec::OptimizerSpec;
+
+/// The update rule and its constants (the learning rate comes from the schedule each step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptimizerConfig {
+    /// Plain SGD, no momentum: `p -= lr * g`.
+    Sgd,
+    /// `torch.optim.AdamW`: decoupled weight decay, bias-corrected moments.
+    AdamW {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+}
+
+impl OptimizerConfig {
+    pub fn from_spec(spec: &OptimizerSpec) -> Self {
+        match *spec {
+            OptimizerSpec::Sgd { .. } => OptimizerConfig::Sgd,
+            OptimizerSpec::Adamw {
+                betas,
+                eps,
+                weight_decay,
+                ..
+            } => OptimizerConfig::AdamW {
+                beta1: betas[0] as f32,
+                beta2: betas[1] as f32,
+                eps: eps as f32,
+                weight_decay: weight_decay as f32,
+            },
+        }
+    }
+}
+
+/// One part's optimizer state (AdamW's moments; empty for SGD), counted as optimizer state.
+#[derive(Debug)]
+pub struct PartOptimState {
+    pub exp_avg: Vec<Tensor>,
+    pub exp_avg_sq: Vec<Tensor>,
+}
+
+impl PartOptimState {
+    /// Allocates zeroed state for `part` in `pool`.
+    pub fn allocate(
+        pool: &PoolRef,
+        config: &OptimizerConfig,
+        part: &PartParams,
+    ) -> Result<Self, DeviceError> {
+        let mut st = PartOptimState {
+            exp_avg: Vec::new(),
+            exp_avg_sq: Vec::new(),
+        };
+        if let OptimizerConfig::AdamW { .. } = config {
+            for (name, w) in part.names.iter().zip(&part.weights) {
+                let g = MemGroup::OptimizerState;
+                st.exp_avg.push(Tensor::zeros(
+                    pool,
+                    format!("exp_avg.{name}"),
+                    w.shape(),
+                    g,
+                )?);
+                st.exp_avg_sq.push(Tensor::zeros(
+                    pool,
+                    format!("exp_avg_sq.{name}"),
+                    w.shape(),
+                    g,
+                )?);
+            }
+        }
+        Ok(st)
+    }
+
+    /// Moves the state to another pool (offload between steps, prefetch before the next).
+    pub fn transfer(self, to: &PoolRef) -> Result<Self, DeviceError> {
+        let g = MemGroup::OptimizerState;
+        let move_all = |v: Vec<Tensor>| -> Result<Vec<Tensor>, DeviceError> {
+            v.into_iter().map(|t| t.transfer(to, g)).collect()
+        };
+        Ok(PartOptimState {
+            exp_avg: move_all(self.exp_avg)?,
+            exp_avg_sq: move_all(self.exp_avg_sq)?,
+        })
+    }
+}
+
+/// Applies one update to `part` with its (already clipped) gradients. `step` counts from 1,
+/// as PyTorch's bias correction does.
+pub fn step_part(
+    config: &OptimizerConfig,
+    step: u64,
+    lr: f32,
+    part: &mut PartParams,
+    state: &mut PartOptimState,
+) {
+    match *config {
+        OptimizerConfig::Sgd => {
+            for (w, g) in part.weights.iter_mut().zip(&part.grads) {
+                for (w, g) in w.data_mut().iter_mut().zip(g.data()) {
+                    *w -= lr * g;
+                }
+            }
+        }
+        OptimizerConfig::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => {
+            // Python computes these in f64 and hands them to f32 kernels.
+            let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
+            let bc2_sqrt = (1.0 - (beta2 as f64).powi(step as i32)).sqrt();
+            let step_size = (lr as f64 / bc1) as f32;
+            let bc2_sqrt = bc2_sqrt as f32;
+            let decay = 1.0 - lr * weight_decay;
+            let tensors = part
+                .weights
+                .iter_mut()
+                .zip(&part.grads)
+                .zip(state.exp_avg.iter_mut().zip(state.exp_avg_sq.iter_mut()));
+            for ((w, g), (m, v)) in tensors {
+                let rows = w
+                    .data_mut()
+                    .iter_mut()
+                    .zip(g.data())
+                    .zip(m.data_mut().iter_mut().zip(v.data_mut().iter_mut()));
+                for ((w, &g), (m, v)) in rows {
+                    *w *= decay;
+                    *m += (g - *m) * (1.0 - beta1);
+                    *v = *v * beta2 + (1.0 - beta2) * g * g;
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    *w -= step_size * (*m / denom);
+                }
+            }
+        }
+    }
+}
+
+/// The end of a step for the parts one device holds: scale gradients by the clipping factor,
+/// apply the update with learning rate `lr`, zero the gradients for the next step.
+pub fn update_parts(
+    config: &OptimizerConfig,
+    step: u64,
+    lr: f32,
+    clip_factor: f32,
+    parts: &mut [PartParams],
+    states: &mut [PartOptimState],
+) {
+    for (part, state) in parts.iter_mut().zip(states.iter_mut()) {
+        clip::scale_grads(part, clip_factor);
+        step_part(config, step, lr, part, state);
+        part.zero_grads();
+    }
+}

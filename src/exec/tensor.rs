@@ -1,0 +1,174 @@
+//! Tensors: a flat buffer, a shape and a lease on the pool that counts their bytes.
+
+use crate::exec::device::{DeviceError, MemGroup, PoolRef};
+use crate::plan::inventory::{DType, TensorSpec};
+
+/// An element type a tensor may hold.
+pub trait Element: Copy + Default + Send + Sync + 'static {
+    const DTYPE: DType;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+
+impl Element for i32 {
+    const DTYPE: DType = DType::I32;
+}
+
+/// Returns the bytes to the pool when the tensor goes away.
+#[derive(Debug)]
+struct Lease {
+    pool: PoolRef,
+    group: MemGroup,
+    bytes: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.release(self.group, self.bytes);
+    }
+}
+
+/// A dense row-major tensor living in one pool.
+#[derive(Debug)]
+pub struct Tensor<T: Element = f32> {
+    name: String,
+    shape: Vec<usize>,
+    data: Vec<T>,
+    lease: Lease,
+}
+
+impl<T: Element> Tensor<T> {
+    /// A zero-filled tensor counted in `pool` under `group`.
+    pub fn zeros(
+        pool: &PoolRef,
+        name: impl Into<String>,
+        shape: &[usize],
+        group: MemGroup,
+    ) -> Result<Self, DeviceError> {
+        let name = name.into();
+        let elements: usize = shape.iter().product();
+        let bytes = elements * T::DTYPE.bytes();
+        pool.reserve(&name, group, bytes)?;
+        Ok(Tensor {
+            name,
+            shape: shape.to_vec(),
+            data: vec![T::default(); elements],
+            lease: Lease {
+                pool: pool.clone(),
+                group,
+                bytes,
+            },
+        })
+    }
+
+    /// A zero-filled tensor with the name and shape an inventory entry gives.
+    pub fn from_spec(
+        pool: &PoolRef,
+        spec: &TensorSpec,
+        group: MemGroup,
+    ) -> Result<Self, DeviceError> {
+        debug_assert_eq!(spec.dtype, T::DTYPE, "{}", spec.name);
+        Self::zeros(pool, spec.name, &spec.shape, group)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.lease.bytes
+    }
+
+    pub fn group(&self) -> MemGroup {
+        self.lease.group
+    }
+
+    pub fn pool(&self) -> &PoolRef {
+        &self.lease.pool
+    }
+
+    pub fn data(&self) -> &[T] {
+        &self.data
+    }
+
+    pub fn data_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+
+    /// Renames the tensor, e.g. when a part's output becomes the next part's stashed input.
+    pub fn renamed(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Counts the tensor under another group of the same pool (an output becoming a
+    /// communication buffer, say). Fails only if the pool is full.
+    pub fn regroup(self, group: MemGroup) -> Result<Self, DeviceError> {
+        let pool = self.lease.pool.clone();
+        self.transfer(&pool, group)
+    }
+
+    /// Moves the tensor to another pool (offload to the host, prefetch back, a send between
+    /// devices). The destination is charged before the source is released, as a real copy is.
+    pub fn transfer(self, to: &PoolRef, group: MemGroup) -> Result<Self, DeviceError> {
+        to.reserve(&self.name, group, self.lease.bytes)?;
+        let Tensor {
+            name,
+            shape,
+            data,
+            lease,
+        } = self;
+        let bytes = lease.bytes;
+        drop(lease);
+        Ok(Tensor {
+            name,
+            shape,
+            data,
+            lease: Lease {
+                pool: to.clone(),
+                group,
+                bytes,
+            },
+        })
+    }
+
+    /// Sets every element to zero (gradients before a step's first microbatch).
+    pub fn fill_zero(&mut self) {
+        self.data.fill(T::default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::device::Pool;
+
+    #[test]
+    fn tensors_are_counted_while_alive() {
+        let dev = Pool::new("cpu:0", 1 << 20);
+        let host = Pool::new("host", usize::MAX);
+        let t = Tensor::<f32>::zeros(&dev, "x", &[4, 8], MemGroup::Activations).unwrap();
+        let ids = Tensor::<i32>::zeros(&dev, "ids", &[8], MemGroup::Activations).unwrap();
+        assert_eq!(dev.live().get(MemGroup::Activations), 4 * 32 + 32);
+        let t = t.transfer(&host, MemGroup::Activations).unwrap();
+        assert_eq!(dev.live_bytes(), 32);
+        assert_eq!(host.live_bytes(), 128);
+        drop((t, ids));
+        assert_eq!(dev.live_bytes() + host.live_bytes(), 0);
+        assert_eq!(dev.peak_bytes(), 160);
+    }
+}
