@@ -172,6 +172,13 @@ impl Pool {
         Ok(())
     }
 
+    /// Recounts `bytes` from one group to another; the total is unchanged.
+    pub(crate) fn move_between(&self, from: MemGroup, to: MemGroup, bytes: usize) {
+        let mut c = self.counters();
+        c.live.0[from.index()] -= bytes;
+        c.live.0[to.index()] += bytes;
+    }
+
     pub(crate) fn release(&self, group: MemGroup, bytes: usize) {
         let mut c = self.counters();
         c.live.0[group.index()] -= bytes;

@@ -8,5 +8,6 @@ pub mod device;
 pub mod kernels;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod tensor;
 pub mod train;

@@ -116,10 +116,46 @@ impl<T: Element> Tensor<T> {
     }
 
     /// Counts the tensor under another group of the same pool (an output becoming a
-    /// communication buffer, say). Fails only if the pool is full.
-    pub fn regroup(self, group: MemGroup) -> Result<Self, DeviceError> {
-        let pool = self.lease.pool.clone();
-        self.transfer(&pool, group)
+    /// communication buffer, say). The bytes stay where they are, so the total never rises.
+    pub fn regroup(mut self, group: MemGroup) -> Self {
+        self.lease
+            .pool
+            .move_between(self.lease.group, group, self.lease.bytes);
+        self.lease.group = group;
+        self
+    }
+
+    /// A tensor of `data` counted in `pool` (a received message, say).
+    pub fn from_data(
+        pool: &PoolRef,
+        name: impl Into<String>,
+        shape: &[usize],
+        data: Vec<T>,
+        group: MemGroup,
+    ) -> Result<Self, DeviceError> {
+        let name = name.into();
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len(), "{name}");
+        let bytes = data.len() * T::DTYPE.bytes();
+        pool.reserve(&name, group, bytes)?;
+        Ok(Tensor {
+            name,
+            shape: shape.to_vec(),
+            data,
+            lease: Lease {
+                pool: pool.clone(),
+                group,
+                bytes,
+            },
+        })
+    }
+
+    /// Gives the bytes back to the pool and returns name, shape and data (a message in
+    /// flight between devices belongs to neither).
+    pub fn into_data(self) -> (String, Vec<usize>, Vec<T>) {
+        let Tensor {
+            name, shape, data, ..
+        } = self;
+        (name, shape, data)
     }
 
     /// Moves the tensor to another pool (offload to the host, prefetch back, a send between

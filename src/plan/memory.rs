@@ -9,13 +9,14 @@
 //!   allocated again. The forward scratch is freed when the part's forward ends. The chunk's
 //!   last output (not for the head) outlives the forward: it is sent, or handed to the next
 //!   chunk on the same device as that chunk's input.
-//! - **Backward** of a part allocates its backward scratch except `grad_output`, and the
-//!   gradient of its input (the previous part's `grad_output`; for the chunk's first part, the
+//! - **Backward** of a part allocates its backward scratch except `grad_output`. One of those
+//!   scratch tensors, the size of the part's input, becomes the gradient of its input and
+//!   outlives the backward (the previous part's `grad_output`; for the chunk's first part, the
 //!   gradient the chunk sends; the embedding makes none). `grad_output`, the gradient of the
 //!   part's output (same size as its output; the embedding does not list it), is already there:
 //!   made by the next part's backward, or, for the chunk's last part, received or handed over
-//!   before the backward starts. When the part's backward ends, its backward scratch, that
-//!   gradient and its stash are freed.
+//!   before the backward starts. When the part's backward ends, its other backward scratch,
+//!   that gradient and its stash are freed.
 //! - **Forward dropping the stash** (for recompute) runs as a forward and, when it ends, frees
 //!   the whole stash except what the recompute starts from: the chunk input (`input` of the
 //!   first part), or the token ids when the chunk starts with the embedding.
@@ -174,7 +175,8 @@ pub fn chunk_memory(
         } else {
             named(inv, Which::Stash, "input")
         };
-        bpeak = bpeak.max(level + (scratch + grad_out_bytes) as i64);
+        // The input gradient is one of the scratch tensors (it outlives the backward).
+        bpeak = bpeak.max(level + scratch as i64);
         level += grad_out_bytes as i64 - arriving as i64 - total_bytes(&inv.stash) as i64;
     }
     let backward = ActionMemory {
@@ -268,10 +270,11 @@ mod tests {
         assert_eq!(m.forward.net, (bytes(&l.stash) - input + out) as i64);
         assert_eq!(m.grad_in_bytes, input);
         assert_eq!(m.grad_out_bytes, input);
-        // Backward adds its scratch less the arriving gradient, plus the gradient it sends.
+        // Backward adds its scratch less the arriving gradient; the gradient it sends is
+        // one of those scratch tensors.
         assert_eq!(
             m.backward.peak_above_start,
-            bytes(&l.backward_scratch) - input + input
+            bytes(&l.backward_scratch) - input
         );
         assert_eq!(m.backward.net, -(bytes(&l.stash) as i64));
         // Dropping keeps the input only; the recompute rebuilds the rest.

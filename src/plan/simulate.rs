@@ -7,7 +7,8 @@
 //! sends, offloads and prefetches are queued on their engine when the program reaches them
 //! and do not hold it. Memory follows `memory::chunk_memory`: at a compute action's start its
 //! transient peak is added, at its end replaced by its net; the receiver of a transfer
-//! allocates its buffer when the transfer starts, the sender frees its copy when it ends; an
+//! allocates its buffer when its program posts the receive, the sender frees its copy when
+//! the transfer ends; an
 //! offload frees device memory when its copy ends, a prefetch allocates when its copy starts.
 
 use serde::Serialize;
@@ -402,7 +403,6 @@ pub fn simulate(
                         let arrive = end + hw.p2p_latency_s;
                         act_arrive[at(mb, c)] = arrive;
                         push(ev, d, arrive, -(bytes as i64), COMM);
-                        push(ev, peer as usize, start, bytes as i64, ACTIVATIONS);
                         (start, arrive)
                     }
                     Action::SendGrad { mb, chunk: c, peer } => {
@@ -414,7 +414,6 @@ pub fn simulate(
                         let arrive = end + hw.p2p_latency_s;
                         grad_arrive[at(mb, c)] = arrive;
                         push(ev, d, arrive, -(bytes as i64), COMM);
-                        push(ev, peer as usize, start, bytes as i64, COMM);
                         (start, arrive)
                     }
                     Action::RecvAct { mb, chunk: c, .. }
@@ -427,6 +426,14 @@ pub fn simulate(
                         if arrive.is_nan() {
                             break 'program;
                         }
+                        // The receiver's buffer is taken when its program posts the receive.
+                        let memory = &costs[c as usize].memory;
+                        let (bytes, category) = if matches!(a, Action::RecvAct { .. }) {
+                            (memory.output_bytes, ACTIVATIONS)
+                        } else {
+                            (memory.grad_out_bytes, COMM)
+                        };
+                        push(ev, d, now, bytes as i64, category);
                         cursor[d] = now.max(arrive);
                         (now, cursor[d])
                     }

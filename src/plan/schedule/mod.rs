@@ -237,20 +237,22 @@ pub fn with_communication(plan: Plan) -> Plan {
     Plan { programs, ..plan }
 }
 
-/// Adds each chunk's optimizer step right after its last backward on its device.
+/// Adds each chunk's optimizer steps at the end of its device's program, in chunk order.
+/// Steps wait for every backward of the whole pipeline anyway: global-norm clipping needs all
+/// gradients first. Stepping earlier, between a device's backwards, would block that device
+/// while its neighbours still wait for its gradients.
 pub fn with_steps(mut plan: Plan) -> Plan {
     for program in &mut plan.programs {
-        let mut i = program.len();
-        let mut seen = Vec::new();
-        while i > 0 {
-            i -= 1;
-            if let Action::Backward { chunk, .. } = program[i]
-                && !seen.contains(&chunk)
-            {
-                seen.push(chunk);
-                program.insert(i + 1, Action::Step { chunk });
-            }
-        }
+        let mut chunks: Vec<u32> = program
+            .iter()
+            .filter_map(|a| match a {
+                Action::Backward { chunk, .. } => Some(*chunk),
+                _ => None,
+            })
+            .collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        program.extend(chunks.into_iter().map(|chunk| Action::Step { chunk }));
     }
     plan
 }

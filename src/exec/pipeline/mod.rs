@@ -1,0 +1,410 @@
+//! The pipeline runtime: one thread per device runs that device's program from the plan,
+//! literally and in order. Activations and gradients cross devices only through the plan's
+//! send and receive actions; recompute, offload and prefetch happen where the plan puts them.
+//! Gradients accumulate per chunk in micro-batch order (every schedule runs a chunk's
+//! backwards in that order) and the global gradient norm adds the parts' contributions in
+//! model order, so the trained weights are bit-identical whatever the plan.
+//!
+//! Memory is counted at program points: a send gives the sender's bytes back, a receive takes
+//! the receiver's, an offload gives them back and a prefetch takes them when the action runs.
+//! On CPU devices the host pool is the same memory, so a move is bookkeeping and never stalls.
+
+mod mailbox;
+mod step_sync;
+mod worker;
+
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::data::Microbatch;
+use crate::exec::backend::Backend;
+use crate::exec::device::{DeviceError, DeviceSet};
+use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
+use crate::exec::optim::schedule::LrSchedule;
+use crate::exec::optim::{OptimizerConfig, PartOptimState};
+use crate::exec::train::StepReport;
+use crate::plan::ir::{Action, Group, Plan};
+use crate::plan::validate::validate;
+
+use mailbox::{Abort, Mailbox};
+use step_sync::StepSync;
+pub use worker::ChunkState;
+use worker::{DeviceWorker, StepContext};
+
+#[derive(Debug, Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("the plan does not validate: {0}")]
+    Plan(#[from] crate::plan::error::PlanError),
+    #[error("the plan has {plan} devices but {given} were given")]
+    DeviceCount { plan: usize, given: usize },
+    #[error("the plan's chunks hold layers {covered} but the model has {layers}")]
+    LayerCount { covered: String, layers: usize },
+    #[error("the plan has {plan} micro-batches per step but {given} were given")]
+    MicrobatchCount { plan: u32, given: usize },
+    #[error("device {device}, action {index} ({action}): {source}")]
+    Action {
+        device: u32,
+        index: usize,
+        action: Action,
+        source: Box<PipelineError>,
+    },
+    #[error("no {what} for micro-batch {mb}, chunk {chunk}")]
+    Missing {
+        what: &'static str,
+        mb: u32,
+        chunk: u32,
+    },
+    #[error("the {what} of micro-batch {mb}, chunk {chunk} is on the host: a prefetch is missing")]
+    OnHost {
+        what: &'static str,
+        mb: u32,
+        chunk: u32,
+    },
+    #[error("group {group} is on the host: a prefetch is missing")]
+    GroupOnHost { group: Group },
+    #[error("group {group} is already {}", if *on_host { "on the host" } else { "on the device" })]
+    AlreadyThere { group: Group, on_host: bool },
+    #[error("chunk {chunk} is not on this device")]
+    NotHere { chunk: u32 },
+    #[error("a chunk has no parts")]
+    EmptyChunk,
+    #[error("group {group} belongs to a micro-batch, not to a chunk")]
+    NotChunkGroup { group: Group },
+    #[error("device {device} does not exist")]
+    NoSuchDevice { device: u32 },
+    #[error("device {device} ended its program with {leftovers} tensors never used")]
+    Incomplete { device: u32, leftovers: usize },
+    #[error("step {step}: the loss is {loss} (not finite); parameters were left unchanged")]
+    NonFiniteLoss { step: u64, loss: f64 },
+    #[error(
+        "step {step}: the gradient norm is {norm} (not finite); parameters were left unchanged"
+    )]
+    NonFiniteGradNorm { step: u64, norm: f64 },
+    #[error("stopped because another device failed")]
+    Aborted,
+    #[error("device {device}'s thread panicked")]
+    Panicked { device: u32 },
+}
+
+impl PipelineError {
+    fn at(self, device: u32, index: usize, action: Action) -> Self {
+        match self {
+            e @ (PipelineError::Aborted | PipelineError::Action { .. }) => e,
+            e => PipelineError::Action {
+                device,
+                index,
+                action,
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
+/// What each device measured in one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceTiming {
+    pub compute: Duration,
+    /// Time waiting for messages or for the other devices at the step's meeting point.
+    pub waiting: Duration,
+}
+
+/// The model split into the plan's chunks, each on its device, and the optimizer around it.
+pub struct Pipeline {
+    pub config: LlamaConfig,
+    pub plan: Plan,
+    pub devices: DeviceSet,
+    /// Per device, the chunks it holds.
+    chunks: Vec<Vec<ChunkState>>,
+    backend: Box<dyn Backend>,
+    pub optimizer: OptimizerConfig,
+    pub schedule: LrSchedule,
+    pub grad_clip: Option<f32>,
+    /// Steps completed so far.
+    pub step: u64,
+}
+
+impl Pipeline {
+    /// Places `parts` (every part of the model, in forward order, in any pool) on the plan's
+    /// devices and allocates each chunk's optimizer state there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: LlamaConfig,
+        plan: Plan,
+        devices: DeviceSet,
+        backend: Box<dyn Backend>,
+        parts: Vec<PartParams>,
+        optimizer: OptimizerConfig,
+        schedule: LrSchedule,
+        grad_clip: Option<f32>,
+    ) -> Result<Pipeline, PipelineError> {
+        validate(&plan)?;
+        if plan.devices() != devices.devices.len() {
+            return Err(PipelineError::DeviceCount {
+                plan: plan.devices(),
+                given: devices.devices.len(),
+            });
+        }
+        let layers = config.dims.layers;
+        let covered = plan.chunks.last().map_or(0, |c| c.end_layer as usize);
+        if covered != layers {
+            return Err(PipelineError::LayerCount {
+                covered: format!("0..{covered}"),
+                layers,
+            });
+        }
+        let mut chunks: Vec<Vec<ChunkState>> = (0..plan.devices()).map(|_| Vec::new()).collect();
+        let mut parts = parts.into_iter();
+        for (index, spec) in plan.chunks.iter().enumerate() {
+            let count =
+                spec.layers() as usize + usize::from(spec.embedding) + usize::from(spec.head);
+            let pool = &devices.devices[spec.device as usize];
+            let mut chunk_parts = Vec::with_capacity(count);
+            for part in parts.by_ref().take(count) {
+                chunk_parts.push(move_part(part, pool)?);
+            }
+            let states = chunk_parts
+                .iter()
+                .map(|p| PartOptimState::allocate(pool, &optimizer, p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut state = ChunkState {
+                index: index as u32,
+                parts: chunk_parts,
+                states,
+                weights_on_host: false,
+                grads_on_host: false,
+                optimizer_on_host: false,
+            };
+            // A program is one step that repeats: a group starts where the program leaves it.
+            for group in [
+                Group::Weights {
+                    chunk: index as u32,
+                },
+                Group::Grads {
+                    chunk: index as u32,
+                },
+                Group::Optimizer {
+                    chunk: index as u32,
+                },
+            ] {
+                let last_move = plan.programs[spec.device as usize]
+                    .iter()
+                    .rev()
+                    .find_map(|a| match a {
+                        Action::Offload(g) if *g == group => Some(true),
+                        Action::Prefetch(g) if *g == group => Some(false),
+                        _ => None,
+                    });
+                if last_move == Some(true) {
+                    state.place(group, &devices.host, true)?;
+                }
+            }
+            chunks[spec.device as usize].push(state);
+        }
+        Ok(Pipeline {
+            config,
+            plan,
+            devices,
+            chunks,
+            backend,
+            optimizer,
+            schedule,
+            grad_clip,
+            step: 0,
+        })
+    }
+
+    /// Every part with its optimizer state, in model order (for checkpoints).
+    pub fn parts(&self) -> Vec<(&PartParams, &PartOptimState)> {
+        let mut all: Vec<_> = self
+            .chunks
+            .iter()
+            .flatten()
+            .flat_map(|c| c.parts.iter().zip(&c.states))
+            .collect();
+        all.sort_by_key(|(p, _)| p.id);
+        all
+    }
+
+    /// Mutable access in model order (to load a checkpoint into the placed model).
+    pub fn parts_mut(&mut self) -> Vec<(&mut PartParams, &mut PartOptimState)> {
+        let mut all: Vec<_> = self
+            .chunks
+            .iter_mut()
+            .flatten()
+            .flat_map(|c| c.parts.iter_mut().zip(c.states.iter_mut()))
+            .collect();
+        all.sort_by_key(|(p, _)| p.id);
+        all
+    }
+
+    /// Each device's measured peak bytes so far.
+    pub fn measured_peaks(&self) -> Vec<usize> {
+        self.devices
+            .devices
+            .iter()
+            .map(|d| d.peak_bytes())
+            .collect()
+    }
+
+    /// One optimizer step over the step's micro-batches (in order), run as the plan says.
+    pub fn train_step(
+        &mut self,
+        microbatches: &[Microbatch],
+    ) -> Result<(StepReport, Vec<DeviceTiming>), PipelineError> {
+        if microbatches.len() != self.plan.microbatches as usize {
+            return Err(PipelineError::MicrobatchCount {
+                plan: self.plan.microbatches,
+                given: microbatches.len(),
+            });
+        }
+        let total_tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
+        let mailboxes: Vec<Mailbox> = (0..self.plan.devices())
+            .map(|_| Mailbox::default())
+            .collect();
+        let abort = Abort::default();
+        let sync = StepSync::new(self.plan.devices());
+        let cx = StepContext {
+            config: &self.config,
+            microbatches,
+            loss_scale: 1.0 / total_tokens as f32,
+            mailboxes: &mailboxes,
+            abort: &abort,
+            sync: &sync,
+            optimizer: &self.optimizer,
+            schedule: &self.schedule,
+            grad_clip: self.grad_clip,
+            step: self.step,
+            host: &self.devices.host,
+        };
+        let started = Instant::now();
+        let backend = self.backend.as_ref();
+        let held = std::mem::take(&mut self.chunks);
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = held
+                .into_iter()
+                .enumerate()
+                .map(|(d, chunks)| {
+                    let pool = &self.devices.devices[d];
+                    let program = &self.plan.programs[d];
+                    let cx = &cx;
+                    scope.spawn(move || {
+                        let mut w = DeviceWorker::new(d as u32, pool, backend, program, chunks);
+                        let result = w.run(cx);
+                        if result.is_err() {
+                            cx.abort.raise(cx.mailboxes);
+                            cx.sync.wake();
+                        }
+                        (result, w.chunks)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(d, h)| {
+                    h.join().map_err(|_| {
+                        abort.raise(&mailboxes);
+                        sync.wake();
+                        PipelineError::Panicked { device: d as u32 }
+                    })
+                })
+                .collect()
+        });
+        let _elapsed = started.elapsed();
+        let mut first_error = None;
+        let mut reports = Vec::new();
+        for result in results {
+            match result {
+                Ok((Ok(report), chunks)) => {
+                    self.chunks.push(chunks);
+                    reports.push(report);
+                }
+                Ok((Err(e), chunks)) => {
+                    self.chunks.push(chunks);
+                    // The device that failed first names the cause; the others were aborted.
+                    if first_error.is_none() || matches!(first_error, Some(PipelineError::Aborted))
+                    {
+                        first_error = Some(e);
+                    }
+                }
+                Err(e) => first_error = Some(e),
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let totals = reports
+            .iter()
+            .find_map(|r| r.totals)
+            .expect("every device met at its step action");
+        let step = self.step;
+        let loss = totals.loss_sum / total_tokens as f64;
+        if !loss.is_finite() {
+            return Err(PipelineError::NonFiniteLoss { step, loss });
+        }
+        if !totals.grad_norm.is_finite() {
+            return Err(PipelineError::NonFiniteGradNorm {
+                step,
+                norm: totals.grad_norm,
+            });
+        }
+        self.step += 1;
+        let timings = reports
+            .iter()
+            .map(|r| DeviceTiming {
+                compute: r.compute,
+                waiting: r.waiting,
+            })
+            .collect();
+        Ok((
+            StepReport {
+                step,
+                loss,
+                grad_norm: totals.grad_norm,
+                lr: self.schedule.lr_at(step),
+            },
+            timings,
+        ))
+    }
+}
+
+/// Moves a part's weights and gradients into `pool`.
+fn move_part(
+    mut part: PartParams,
+    pool: &crate::exec::device::PoolRef,
+) -> Result<PartParams, DeviceError> {
+    use crate::exec::device::MemGroup;
+    part.weights = std::mem::take(&mut part.weights)
+        .into_iter()
+        .map(|t| t.transfer(pool, MemGroup::Weights))
+        .collect::<Result<_, _>>()?;
+    part.grads = std::mem::take(&mut part.grads)
+        .into_iter()
+        .map(|t| t.transfer(pool, MemGroup::Gradients))
+        .collect::<Result<_, _>>()?;
+    Ok(part)
+}
+
+/// Every part of a model in forward order, allocated in `pool` and initialised from `seed`.
+pub fn seeded_parts(
+    config: &LlamaConfig,
+    pool: &crate::exec::device::PoolRef,
+    seed: u64,
+) -> Result<Vec<PartParams>, DeviceError> {
+    PartId::all(config.dims.layers)
+        .into_iter()
+        .map(|id| {
+            let mut p = PartParams::allocate(pool, config, id)?;
+            p.init_from_seed(seed);
+            Ok(p)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! The runtime against the single-device reference: every schedule, stage count, recompute
+//! and offload choice must give bit-identical weights.
+
+use super::*;
+use crate::data::{BatchLayout, Batcher};
+use crate::exec::backend::CpuBackend;
+use crate::exec::device::Pool;
+use crate::exec::train::SingleDevice;
+use crate::plan::inventory::ModelDims;
+use crate::plan::schedule::{ScheduleKind, build};
+
+const STEPS: u64 = 3;
+const MICROBATCHES: usize = 4;
+
+fn config() -> LlamaConfig {
+    LlamaConfig {
+        dims: ModelDims {
+            hidden: 32,
+            layers: 8,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 48,
+            vocab: 256,
+        },
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+    }
+}
+
+fn adamw() -> OptimizerConfig {
+    OptimizerConfig::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    }
+}
+
+fn batcher() -> Batcher {
+    let text = "pipelines keep every device busy while memory stays small. ".repeat(30);
+    let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+    let layout = BatchLayout {
+        seq_len: 16,
+        micro_batch_size: 2,
+        microbatches: MICROBATCHES,
+        shuffle: false,
+        seed: 0,
+    };
+    Batcher::new(&tokens, 256, layout).unwrap()
+}
+
+/// Weights after `STEPS` steps, in model order, as raw bits.
+fn reference_weights() -> Vec<Vec<u32>> {
+    let mut single = SingleDevice::from_seed(
+        config(),
+        Pool::new("cpu:0", 256 << 20),
+        Box::new(CpuBackend::default()),
+        7,
+        adamw(),
+        LrSchedule::constant(1e-2),
+        Some(1.0),
+    )
+    .unwrap();
+    let mut data = batcher();
+    for step in 0..STEPS {
+        single.train_step(&data.step(step)).unwrap();
+    }
+    single
+        .parts
+        .iter()
+        .flat_map(|p| p.weights.iter().map(bits))
+        .collect()
+}
+
+fn bits(t: &crate::exec::tensor::Tensor) -> Vec<u32> {
+    t.data().iter().map(|x| x.to_bits()).collect()
+}
+
+fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineError> {
+    let devices = DeviceSet::parse(&format!("cpu:{}x{budget}", plan.devices())).unwrap();
+    let parts = seeded_parts(&config(), &devices.host, 7)?;
+    Pipeline::new(
+        config(),
+        plan,
+        devices,
+        Box::new(CpuBackend::default()),
+        parts,
+        adamw(),
+        LrSchedule::constant(1e-2),
+        Some(1.0),
+    )
+}
+
+fn trained_weights(plan: Plan) -> Vec<Vec<u32>> {
+    let mut p = pipeline(plan, 256 << 20).unwrap();
+    let mut data = batcher();
+    for step in 0..STEPS {
+        p.train_step(&data.step(step)).unwrap();
+    }
+    p.parts()
+        .iter()
+        .flat_map(|(part, _)| part.weights.iter().map(bits))
+        .collect()
+}
+
+/// Drops the stash of `chunks` after each forward and recomputes it just before the backward.
+fn with_recompute(mut plan: Plan, chunks: &[u32]) -> Plan {
+    for program in &mut plan.programs {
+        let mut out = Vec::new();
+        for &a in program.iter() {
+            match a {
+                Action::Forward { mb, chunk, .. } if chunks.contains(&chunk) => {
+                    out.push(Action::Forward {
+                        mb,
+                        chunk,
+                        drop_stash: true,
+                    })
+                }
+                Action::Backward { mb, chunk } if chunks.contains(&chunk) => {
+                    out.push(Action::Recompute { mb, chunk });
+                    out.push(a);
+                }
+                _ => out.push(a),
+            }
+        }
+        *program = out;
+    }
+    plan
+}
+
+/// Sends every stash to the host after its forward and brings it back before it is needed;
+/// keeps each chunk's optimizer state on the host between steps.
+fn with_offload(mut plan: Plan) -> Plan {
+    for program in &mut plan.programs {
+        let mut out = Vec::new();
+        for &a in program.iter() {
+            match a {
+                Action::Forward { mb, chunk, .. } => {
+                    out.push(a);
+                    out.push(Action::Offload(Group::Stash { mb, chunk }));
+                }
+                Action::Recompute { mb, chunk } => {
+                    out.push(Action::Prefetch(Group::Stash { mb, chunk }));
+                    out.push(a);
+                }
+                Action::Backward { mb, chunk } => {
+                    if !matches!(out.last(), Some(Action::Recompute { .. })) {
+                        out.push(Action::Prefetch(Group::Stash { mb, chunk }));
+                    }
+                    out.push(a);
+                }
+                Action::Step { chunk } => {
+                    out.push(Action::Prefetch(Group::Optimizer { chunk }));
+                    out.push(a);
+                    out.push(Action::Offload(Group::Optimizer { chunk }));
+                }
+                _ => out.push(a),
+            }
+        }
+        *program = out;
+    }
+    plan
+}
+
+#[test]
+fn every_schedule_trains_bit_identically_to_one_device() {
+    let reference = reference_weights();
+    let m = MICROBATCHES as u32;
+    let layers = config().dims.layers as u32;
+    for devices in [1, 2, 4] {
+        for kind in [
+            ScheduleKind::Gpipe,
+            ScheduleKind::OneFOneB,
+            ScheduleKind::Interleaved {
+                chunks_per_device: 2,
+            },
+            ScheduleKind::Chronos { in_flight: 0 },
+        ] {
+            if matches!(kind, ScheduleKind::Interleaved { .. }) && devices == 1 {
+                continue;
+            }
+            let plan = build(kind, devices, m, layers).unwrap();
+            let chunks: Vec<u32> = (0..plan.chunks.len() as u32).collect();
+            let variants = [
+                ("plain", plan.clone()),
+                ("recompute", with_recompute(plan.clone(), &chunks)),
+                ("offload", with_offload(plan.clone())),
+                (
+                    "recompute+offload",
+                    with_offload(with_recompute(plan.clone(), &chunks[..1])),
+                ),
+            ];
+            for (name, variant) in variants {
+                let got = trained_weights(variant);
+                assert!(
+                    got == reference,
+                    "{kind} on {devices} devices ({name}) differs from one device"
+                );
+            }
+        }
+    }
+}
+
+/// The planner's predicted peak (cpu-f32 inventory, simulated plan) against the pools'
+/// measured peak, device by device.
+fn peaks(plan: &Plan) -> (Vec<u64>, Vec<u64>) {
+    use crate::plan::inventory::{MicroShape, Profile};
+    use crate::plan::simulate::{Hardware, chunk_costs, simulate};
+    let hw = Hardware {
+        peak_flops: 50e9,
+        efficiency: 1.0,
+        hbm_bytes_per_s: 20e9,
+        p2p_bytes_per_s: 1e30,
+        p2p_latency_s: 0.0,
+        host_bytes_per_s: 1e30,
+    };
+    let micro = MicroShape { batch: 2, seq: 16 };
+    let costs = chunk_costs(plan, Profile::CpuF32, &config().dims, micro, &hw);
+    let sim = simulate(plan, &costs, &hw, false).unwrap();
+    let predicted = sim.devices.iter().map(|d| d.peak_bytes).collect();
+    let mut p = pipeline(plan.clone(), 256 << 20).unwrap();
+    let mut data = batcher();
+    for step in 0..2 {
+        p.train_step(&data.step(step)).unwrap();
+    }
+    let measured = p.measured_peaks().into_iter().map(|b| b as u64).collect();
+    (predicted, measured)
+}
+
+#[test]
+fn measured_peak_equals_the_planners_prediction() {
+    let m = MICROBATCHES as u32;
+    let layers = config().dims.layers as u32;
+    for devices in [1, 2, 4] {
+        for kind in [
+            ScheduleKind::Gpipe,
+            ScheduleKind::OneFOneB,
+            ScheduleKind::Interleaved {
+                chunks_per_device: 2,
+            },
+            ScheduleKind::Chronos { in_flight: 0 },
+        ] {
+            if matches!(kind, ScheduleKind::Interleaved { .. }) && devices == 1 {
+                continue;
+            }
+            let plan = build(kind, devices, m, layers).unwrap();
+            let chunks: Vec<u32> = (0..plan.chunks.len() as u32).collect();
+            for (name, variant) in [
+                ("plain", plan.clone()),
+                ("recompute", with_recompute(plan.clone(), &chunks)),
+                ("offload", with_offload(plan.clone())),
+            ] {
+                let (predicted, measured) = peaks(&variant);
+                // The issue asks for 1%; the shared inventory and rules give the exact bytes.
+                assert_eq!(
+                    predicted, measured,
+                    "{kind} {name} on {devices} devices: predicted vs measured peak bytes\n{variant}"
+                );
+            }
+        }
+    }
+}
