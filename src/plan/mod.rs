@@ -7,6 +7,7 @@ pub mod inventory;
 pub mod ir;
 pub mod megatron;
 pub mod memory;
+pub mod policy;
 pub mod schedule;
 pub mod simulate;
 pub mod validate;
