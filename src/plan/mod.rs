@@ -8,7 +8,9 @@ pub mod ir;
 pub mod megatron;
 pub mod memory;
 pub mod policy;
+pub mod presets;
 pub mod schedule;
+pub mod search;
 pub mod simulate;
 pub mod validate;
 
