@@ -7,4 +7,5 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod plan;
+pub mod plan_cmd;
 pub mod telemetry;

@@ -9,6 +9,7 @@ pub mod megatron;
 pub mod memory;
 pub mod policy;
 pub mod presets;
+pub mod render;
 pub mod schedule;
 pub mod search;
 pub mod simulate;
