@@ -196,7 +196,7 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
                 ScheduleKind::Interleaved {
                     chunks_per_device: 2,
                 },
-                ScheduleKind::Chronos { in_flight: p },
+                ScheduleKind::Chronos { in_flight: 0 },
             ],
         }
     };
@@ -356,7 +356,7 @@ pub struct CapacityRow {
 
 /// The strategies `plan capacity` compares.
 pub fn capacity_strategies(p: u32) -> Vec<(&'static str, ScheduleKind, Recompute, Offload)> {
-    let chronos = ScheduleKind::Chronos { in_flight: p };
+    let chronos = ScheduleKind::Chronos { in_flight: 0 };
     vec![
         (
             "1f1b",

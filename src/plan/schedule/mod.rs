@@ -28,8 +28,8 @@ pub enum ScheduleKind {
     /// Megatron's interleaved 1F1B: `chunks_per_device` chunks per device, placed round-robin.
     Interleaved { chunks_per_device: u32 },
     /// V-shaped placement (device d holds chunks d and 2p-1-d, the loss on device 0), backward
-    /// passes as early as their inputs allow, at most `in_flight` micro-batches between their
-    /// first forward and their last backward.
+    /// passes as early as the devices allow, about `in_flight` micro-batches at most between
+    /// their first forward and their last backward (0: no bound).
     Chronos { in_flight: u32 },
 }
 
@@ -97,7 +97,7 @@ enum Slot {
 }
 
 /// Builds the plan of `kind` for `devices` pipeline devices, `microbatches` micro-batches and
-/// a model of `layers` decoder layers. `Chronos { in_flight: 0 }` means `devices`.
+/// a model of `layers` decoder layers. `Chronos { in_flight: 0 }` sets no bound.
 pub fn build(
     kind: ScheduleKind,
     devices: u32,
@@ -126,8 +126,7 @@ pub fn build(
             interleaved::order(p, chunks_per_device, m)?,
         ),
         ScheduleKind::Chronos { in_flight } => {
-            let k = if in_flight == 0 { p } else { in_flight };
-            (chronos::placement(p), chronos::order(p, m, k)?)
+            (chronos::placement(p), chronos::order(p, m, in_flight)?)
         }
     };
     let chunks = split_layers(layers, &placement);

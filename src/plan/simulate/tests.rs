@@ -187,3 +187,28 @@ proptest! {
         prop_assert!(one(m) <= one(m + 1));
     }
 }
+
+#[test]
+#[ignore = "prints chronos bubble and stash counts; run with --ignored --nocapture"]
+fn chronos_shape_report() {
+    for p in [4u32, 8] {
+        for k in [0, p / 2, p, 2 * p] {
+            let plan = build(ScheduleKind::Chronos { in_flight: k }, p, 64, 2 * p).unwrap();
+            let costs = uniform_costs(plan.chunks.len(), unit_memory(), 1.0);
+            let sim = simulate(&plan, &costs, &ideal(), false).unwrap();
+            let peaks: Vec<u64> = sim.devices.iter().map(|d| d.peak_bytes).collect();
+            println!(
+                "chronos p={p} k={k} bubble={:.3} chunk stashes={peaks:?}",
+                sim.bubble_ratio
+            );
+        }
+        let plan = build(ScheduleKind::OneFOneB, p, 64, p).unwrap();
+        let costs = uniform_costs(plan.chunks.len(), unit_memory(), 2.0);
+        let sim = simulate(&plan, &costs, &ideal(), false).unwrap();
+        let peaks: Vec<u64> = sim.devices.iter().map(|d| 2 * d.peak_bytes).collect();
+        println!(
+            "1f1b p={p} bubble={:.3} chunk stashes={peaks:?}",
+            sim.bubble_ratio
+        );
+    }
+}
