@@ -14,7 +14,7 @@
 //! Offloading is tried before recomputing because a hidden copy costs no compute. Moves are
 //! made per device, on the device furthest over its budget, one chunk at a time.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::PlanError;
 use super::ir::{Action, Group, Plan};
-use super::simulate::{ChunkCost, Hardware, Simulation, simulate};
+use super::simulate::{ChunkCost, Hardware, Simulation, simulate, slice_bytes};
 
 /// Which stashes to drop and recompute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -146,7 +146,8 @@ pub fn apply(
         current = realize(plan, (plan, &timing), costs, hw, &choices);
         timing = simulate(&current, costs, hw, false)?;
     }
-    // Every move adds a chunk to one set, so this ends.
+    // Every move is tried at most once, so this ends.
+    let mut tried: HashSet<Move> = HashSet::new();
     loop {
         let mut over: Vec<usize> = (0..current.devices())
             .filter(|&d| over_budget(&timing, d, budget) > 0)
@@ -161,7 +162,8 @@ pub fn apply(
         }
         // The device furthest over first; the next one if it has nothing left to move.
         over.sort_by_key(|&d| std::cmp::Reverse(over_budget(&timing, d, budget)));
-        let moved = over.iter().any(|&d| {
+        let before = choices.clone();
+        let moved = over.iter().find_map(|&d| {
             next_move(
                 &current,
                 &timing,
@@ -170,19 +172,30 @@ pub fn apply(
                 d as u32,
                 recompute,
                 offload,
+                &tried,
                 &mut choices,
             )
+            .map(|m| (d, m))
         });
-        if !moved {
+        let Some((d, made)) = moved else {
             return Ok(Applied {
                 plan: current,
                 sim: timing,
                 choices,
                 fits: false,
             });
+        };
+        tried.insert(made);
+        let next = realize(plan, (&current, &timing), costs, hw, &choices);
+        let next_timing = simulate(&next, costs, hw, false)?;
+        // A move that does not lower its device's overshoot (the peak is elsewhere, say in
+        // the optimizer step) only costs time or bandwidth: undo it.
+        if over_budget(&next_timing, d, budget) >= over_budget(&timing, d, budget) {
+            choices = before;
+            continue;
         }
-        current = realize(plan, (&current, &timing), costs, hw, &choices);
-        timing = simulate(&current, costs, hw, false)?;
+        current = next;
+        timing = next_timing;
     }
 }
 
@@ -220,7 +233,15 @@ fn stash_lifetimes(plan: &Plan, sim: &Simulation) -> HashMap<u32, f64> {
         .collect()
 }
 
-/// Picks one more thing to move off device `d`. False when nothing is left.
+/// One decision of the pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Move {
+    OffloadOptimizer(u32),
+    OffloadStash(u32),
+    Recompute(u32),
+}
+
+/// Picks one more thing to move off device `d`; `None` when nothing untried is left.
 #[allow(clippy::too_many_arguments)]
 fn next_move(
     plan: &Plan,
@@ -230,25 +251,23 @@ fn next_move(
     d: u32,
     recompute: Recompute,
     offload: Offload,
+    tried: &HashSet<Move>,
     choices: &mut Choices,
-) -> bool {
+) -> Option<Move> {
     let mine: Vec<u32> = (0..plan.chunks.len() as u32)
         .filter(|&c| plan.chunks[c as usize].device == d)
         .collect();
     let round_trip = |bytes: u64| 2.0 * bytes as f64 / hw.host_bytes_per_s.max(1.0);
     if offload != Offload::None {
-        let fresh: Vec<u32> = mine
-            .iter()
-            .copied()
-            .filter(|c| {
-                !choices.offloaded_optimizer.contains(c)
-                    && costs[*c as usize].optimizer_bytes > 0
-                    && round_trip(costs[*c as usize].optimizer_bytes) < sim.step_time_s
-            })
-            .collect();
-        if !fresh.is_empty() {
-            choices.offloaded_optimizer.extend(fresh);
-            return true;
+        let fresh = mine.iter().copied().find(|c| {
+            !choices.offloaded_optimizer.contains(c)
+                && !tried.contains(&Move::OffloadOptimizer(*c))
+                && costs[*c as usize].optimizer_bytes > 0
+                && round_trip(costs[*c as usize].optimizer_bytes) < sim.step_time_s
+        });
+        if let Some(c) = fresh {
+            choices.offloaded_optimizer.insert(c);
+            return Some(Move::OffloadOptimizer(c));
         }
     }
     let lifetimes = stash_lifetimes(plan, sim);
@@ -262,26 +281,26 @@ fn next_move(
         let candidate = by_lifetime.iter().copied().find(|c| {
             !choices.offloaded_stash.contains(c)
                 && !choices.recomputed_chunks.contains(c)
+                && !tried.contains(&Move::OffloadStash(*c))
                 && lifetimes.get(c).copied().unwrap_or(0.0)
                     > round_trip(costs[*c as usize].memory.stash_bytes)
         });
         if let Some(c) = candidate {
             choices.offloaded_stash.insert(c);
-            return true;
+            return Some(Move::OffloadStash(c));
         }
     }
     if matches!(recompute, Recompute::Chronos | Recompute::Auto) {
-        let candidate = by_lifetime
-            .iter()
-            .copied()
-            .find(|c| !choices.recomputed_chunks.contains(c));
+        let candidate = by_lifetime.iter().copied().find(|c| {
+            !choices.recomputed_chunks.contains(c) && !tried.contains(&Move::Recompute(*c))
+        });
         if let Some(c) = candidate {
             choices.offloaded_stash.remove(&c);
             choices.recomputed_chunks.insert(c);
-            return true;
+            return Some(Move::Recompute(c));
         }
     }
-    false
+    None
 }
 
 /// Compute actions are unique per device; a forward is known by (mb, chunk) whatever it drops.
@@ -303,6 +322,7 @@ fn realize(
     choices: &Choices,
 ) -> Plan {
     let copy = |bytes: u64| 1.1 * bytes as f64 / hw.host_bytes_per_s.max(1.0);
+    let slices = optimizer_slices(costs, choices);
     let mut programs = Vec::with_capacity(base.devices());
     for (d, program) in base.programs.iter().enumerate() {
         let when = compute_starts(d, timed.0, timed.1);
@@ -319,7 +339,11 @@ fn realize(
             let pos = if n == 0 { 0 } else { timed_compute[n - 1].0 };
             pos.max(not_before)
         };
-        let mut out_actions: Vec<Action> = Vec::with_capacity(program.len() + 8);
+        // What each base action becomes (a step may become several slices).
+        let mut out_actions: Vec<Vec<Action>> = Vec::with_capacity(program.len());
+        // Optimizer states come back one chunk at a time: each prefetch after the previous
+        // chunk's offload.
+        let mut after_last_state_offload = 0;
         let backward_at: HashMap<(u32, u32), usize> = program
             .iter()
             .enumerate()
@@ -368,43 +392,77 @@ fn realize(
                             };
                             inserts.push((at, 2, Action::Recompute { mb, chunk }));
                         }
-                        out_actions.push(Action::Forward {
+                        out_actions.push(vec![Action::Forward {
                             mb,
                             chunk,
                             drop_stash: true,
-                        });
+                        }]);
                         continue;
                     }
                 }
-                Action::Step { chunk } if choices.offloaded_optimizer.contains(&chunk) => {
-                    let g = Group::Optimizer { chunk };
+                Action::Step { chunk, .. } => {
+                    let step = |slice| Action::Step { chunk, slice };
+                    if !choices.offloaded_optimizer.contains(&chunk) {
+                        out_actions.push((0..slices).map(step).collect());
+                        continue;
+                    }
+                    let o = |slice| Group::Optimizer { chunk, slice };
+                    let bytes = costs[chunk as usize].optimizer_bytes;
                     let need = when.get(&a).copied().unwrap_or(0.0);
-                    let pre = compute_before(need - copy(costs[chunk as usize].optimizer_bytes), 0);
-                    inserts.push((pre.min(i), 1, Action::Prefetch(g)));
-                    inserts.push((i + 1, 0, Action::Offload(g)));
+                    let lead = copy(slice_bytes(bytes, slices as usize, 0));
+                    let pre = compute_before(need - lead, after_last_state_offload);
+                    inserts.push((pre.min(i), 1, Action::Prefetch(o(0))));
+                    // Slice s+1 comes in while slice s is stepped and goes out: at most two
+                    // slices of state on the device.
+                    let mut seq = vec![step(0)];
+                    for slice in 1..slices {
+                        seq.extend([
+                            Action::Prefetch(o(slice)),
+                            Action::Offload(o(slice - 1)),
+                            step(slice),
+                        ]);
+                    }
+                    seq.push(Action::Offload(o(slices - 1)));
+                    out_actions.push(seq);
+                    after_last_state_offload = i + 1;
+                    continue;
                 }
                 _ => {}
             }
-            out_actions.push(a);
+            out_actions.push(vec![a]);
         }
         // Merge: stable by (position, order), inserted before the base action at `position`.
         inserts.sort_by_key(|&(pos, order, _)| (pos, order));
         let mut merged = Vec::with_capacity(out_actions.len() + inserts.len());
         let mut k = 0;
-        for (i, a) in out_actions.into_iter().enumerate() {
+        for (i, seq) in out_actions.into_iter().enumerate() {
             while k < inserts.len() && inserts[k].0 == i {
                 merged.push(inserts[k].2);
                 k += 1;
             }
-            merged.push(a);
+            merged.extend(seq);
         }
         merged.extend(inserts[k..].iter().map(|x| x.2));
         programs.push(merged);
     }
     Plan {
         programs,
+        optimizer_slices: slices,
         ..base.clone()
     }
+}
+
+/// Offloaded optimizer state moves in slices of about this size, so that the optimizer step
+/// needs only two slices on the device, not a whole chunk's state.
+const OPTIMIZER_SLICE_BYTES: u64 = 1 << 30;
+
+/// How many slices each chunk's optimizer state is cut into.
+fn optimizer_slices(costs: &[ChunkCost], choices: &Choices) -> u32 {
+    if choices.offloaded_optimizer.is_empty() {
+        return 1;
+    }
+    let largest = costs.iter().map(|c| c.optimizer_bytes).max().unwrap_or(0);
+    largest.div_ceil(OPTIMIZER_SLICE_BYTES).clamp(1, 64) as u32
 }
 
 /// Start times of device `d`'s compute actions on a simulated timeline.

@@ -132,6 +132,7 @@ pub fn build(
     let chunks = split_layers(layers, &placement);
     Ok(with_steps(with_communication(Plan {
         microbatches: m,
+        optimizer_slices: 1,
         chunks,
         programs: order
             .into_iter()
@@ -236,7 +237,7 @@ pub fn with_communication(plan: Plan) -> Plan {
     Plan { programs, ..plan }
 }
 
-/// Adds each chunk's optimizer step right after its last backward on its device.
+/// Adds each chunk's optimizer steps (every slice) right after its last backward.
 pub fn with_steps(mut plan: Plan) -> Plan {
     for program in &mut plan.programs {
         let mut i = program.len();
@@ -247,7 +248,9 @@ pub fn with_steps(mut plan: Plan) -> Plan {
                 && !seen.contains(&chunk)
             {
                 seen.push(chunk);
-                program.insert(i + 1, Action::Step { chunk });
+                for slice in (0..plan.optimizer_slices).rev() {
+                    program.insert(i + 1, Action::Step { chunk, slice });
+                }
             }
         }
     }

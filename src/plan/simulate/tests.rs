@@ -119,8 +119,11 @@ fn optimizer_offload_moves_bytes_to_host_and_late_prefetch_stalls() {
         .iter()
         .position(|a| matches!(a, Action::Step { .. }))
         .unwrap();
-    late.programs[0].insert(step, Action::Prefetch(Group::Optimizer { chunk: 0 }));
-    late.programs[0].push(Action::Offload(Group::Optimizer { chunk: 0 }));
+    late.programs[0].insert(
+        step,
+        Action::Prefetch(Group::Optimizer { chunk: 0, slice: 0 }),
+    );
+    late.programs[0].push(Action::Offload(Group::Optimizer { chunk: 0, slice: 0 }));
     let base = simulate(&plan, &costs, &hw, false).unwrap();
     let sim = simulate(&late, &costs, &hw, false).unwrap();
     assert_eq!(base.devices[0].peak_bytes, 101);
@@ -133,7 +136,7 @@ fn optimizer_offload_moves_bytes_to_host_and_late_prefetch_stalls() {
     // Prefetched at the start instead: hidden behind 6 s of compute... partly.
     let mut early = late.clone();
     early.programs[0].retain(|a| !matches!(a, Action::Prefetch(_)));
-    early.programs[0].insert(0, Action::Prefetch(Group::Optimizer { chunk: 0 }));
+    early.programs[0].insert(0, Action::Prefetch(Group::Optimizer { chunk: 0, slice: 0 }));
     let sim = simulate(&early, &costs, &hw, false).unwrap();
     assert!((sim.devices[0].prefetch_stall_s - 4.0).abs() < 1e-9);
 }
