@@ -355,7 +355,7 @@ pub struct CapacityRow {
 }
 
 /// The strategies `plan capacity` compares.
-pub fn capacity_strategies(p: u32) -> Vec<(&'static str, ScheduleKind, Recompute, Offload)> {
+pub fn capacity_strategies() -> Vec<(&'static str, ScheduleKind, Recompute, Offload)> {
     let chronos = ScheduleKind::Chronos { in_flight: 0 };
     vec![
         (
@@ -389,8 +389,14 @@ pub fn capacity_strategies(p: u32) -> Vec<(&'static str, ScheduleKind, Recompute
     ]
 }
 
+/// The work rate `plan capacity` holds Chronos to in its extra row, relative to 1F1B's.
+pub const CAPACITY_RATE_FLOOR: f64 = 0.9;
+
 /// For each strategy, the most decoder layers that fit (all devices in one pipeline, the
-/// model's other dimensions fixed) and the simulated throughput there.
+/// model's other dimensions fixed) and the simulated throughput there. A last row gives the
+/// most layers `chronos` fits while its work rate (tokens/s x layers) stays at least
+/// `CAPACITY_RATE_FLOOR` of 1F1B's: beyond the plain maximum, recomputing trades speed for
+/// depth.
 pub fn capacity(
     model: &ModelDims,
     cluster: &Cluster,
@@ -401,74 +407,102 @@ pub fn capacity(
     cluster.validate()?;
     require_positive("microbatches", microbatches as u64)?;
     let p = cluster.devices / cluster.tensor_parallel;
+    let strategies = capacity_strategies();
+    let shape = (micro_batch_size, microbatches);
     let mut rows = Vec::new();
-    for (name, schedule, r, o) in capacity_strategies(p) {
-        let at = |layers: u32| -> Result<Option<Evaluated>, PlanError> {
-            let m = ModelDims {
-                layers: layers as usize,
-                ..*model
-            };
-            let e = evaluate(
-                &m,
-                cluster,
-                seq,
-                p,
-                micro_batch_size,
-                microbatches,
-                schedule,
-                r,
-                o,
-            )?;
-            Ok(e.candidate.fits.then_some(e))
-        };
-        let least = p * schedule.chunks_per_device();
-        let Some(mut best) = at(least)? else {
-            rows.push(CapacityRow {
-                name: name.to_string(),
-                max_layers: 0,
-                params: 0,
-                tokens_per_s: 0.0,
-                peak_bytes: 0,
-                layer_tokens_per_s: 0.0,
-            });
-            continue;
-        };
-        // Double until it stops fitting, then bisect: fitting is monotone in depth.
-        let (mut lo, mut hi) = (least, least * 2);
-        while hi < 1 << 16 {
-            match at(hi)? {
-                Some(e) => {
-                    best = e;
-                    lo = hi;
-                    hi *= 2;
-                }
-                None => break,
-            }
-        }
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            match at(mid)? {
-                Some(e) => {
-                    best = e;
-                    lo = mid;
-                }
-                None => hi = mid,
-            }
-        }
+    for &strategy in &strategies {
+        let least = p * strategy.1.chunks_per_device();
+        rows.push(deepest(
+            model, cluster, seq, p, shape, strategy, least, 0.0,
+        )?);
+    }
+    let floor = CAPACITY_RATE_FLOOR * rows[0].layer_tokens_per_s;
+    let (_, schedule, r, o) = strategies[strategies.len() - 1];
+    // Shallow models pay relatively more for the embedding, head and optimizer step, so the
+    // rate is searched upward from the depth plain chronos-pipe reaches.
+    let start = rows[3].max_layers.max(p * schedule.chunks_per_device());
+    let strategy = ("chronos@0.9x-rate", schedule, r, o);
+    rows.push(deepest(
+        model, cluster, seq, p, shape, strategy, start, floor,
+    )?);
+    Ok(rows)
+}
+
+/// The most layers that fit with a work rate of at least `min_rate`, found by doubling and
+/// bisecting (fitting, and the rate, fall with depth).
+#[allow(clippy::too_many_arguments)]
+fn deepest(
+    model: &ModelDims,
+    cluster: &Cluster,
+    seq: u32,
+    p: u32,
+    (micro_batch_size, microbatches): (u32, u32),
+    (name, schedule, r, o): (&str, ScheduleKind, Recompute, Offload),
+    least: u32,
+    min_rate: f64,
+) -> Result<CapacityRow, PlanError> {
+    let at = |layers: u32| -> Result<Option<Evaluated>, PlanError> {
         let m = ModelDims {
-            layers: lo as usize,
+            layers: layers as usize,
             ..*model
         };
-        rows.push(CapacityRow {
+        let e = evaluate(
+            &m,
+            cluster,
+            seq,
+            p,
+            micro_batch_size,
+            microbatches,
+            schedule,
+            r,
+            o,
+        )?;
+        let ok = e.candidate.fits && e.candidate.tokens_per_s * layers as f64 >= min_rate;
+        Ok(ok.then_some(e))
+    };
+    let Some(mut best) = at(least)? else {
+        return Ok(CapacityRow {
             name: name.to_string(),
-            max_layers: lo,
-            params: cost::model_params(&m),
-            tokens_per_s: best.candidate.tokens_per_s,
-            peak_bytes: best.candidate.peak_bytes,
-            layer_tokens_per_s: best.candidate.tokens_per_s * lo as f64,
+            max_layers: 0,
+            params: 0,
+            tokens_per_s: 0.0,
+            peak_bytes: 0,
+            layer_tokens_per_s: 0.0,
         });
+    };
+    let (mut lo, mut hi) = (least, least * 2);
+    while hi < 1 << 16 {
+        match at(hi)? {
+            Some(e) => {
+                best = e;
+                lo = hi;
+                hi *= 2;
+            }
+            None => break,
+        }
     }
-    Ok(rows)
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match at(mid)? {
+            Some(e) => {
+                best = e;
+                lo = mid;
+            }
+            None => hi = mid,
+        }
+    }
+    let m = ModelDims {
+        layers: lo as usize,
+        ..*model
+    };
+    Ok(CapacityRow {
+        name: name.to_string(),
+        max_layers: lo,
+        params: cost::model_params(&m),
+        tokens_per_s: best.candidate.tokens_per_s,
+        peak_bytes: best.candidate.peak_bytes,
+        layer_tokens_per_s: best.candidate.tokens_per_s * lo as f64,
+    })
 }
 
 #[cfg(test)]

@@ -237,21 +237,24 @@ pub fn with_communication(plan: Plan) -> Plan {
     Plan { programs, ..plan }
 }
 
-/// Adds each chunk's optimizer steps (every slice) right after its last backward.
+/// Adds each chunk's optimizer steps (every slice) at the end of its device's program, in
+/// the order of the chunks' last backwards. At the end, not right after each chunk's last
+/// backward: a step whose state must first come back from the host would hold up the other
+/// chunk's backwards, and every device downstream of them.
 pub fn with_steps(mut plan: Plan) -> Plan {
     for program in &mut plan.programs {
-        let mut i = program.len();
-        let mut seen = Vec::new();
-        while i > 0 {
-            i -= 1;
-            if let Action::Backward { chunk, .. } = program[i]
-                && !seen.contains(&chunk)
-            {
-                seen.push(chunk);
-                for slice in (0..plan.optimizer_slices).rev() {
-                    program.insert(i + 1, Action::Step { chunk, slice });
+        let mut last_backward: Vec<(usize, u32)> = Vec::new();
+        for (i, a) in program.iter().enumerate() {
+            if let Action::Backward { chunk, .. } = *a {
+                match last_backward.iter_mut().find(|(_, c)| *c == chunk) {
+                    Some(entry) => entry.0 = i,
+                    None => last_backward.push((i, chunk)),
                 }
             }
+        }
+        last_backward.sort();
+        for (_, chunk) in last_backward {
+            program.extend((0..plan.optimizer_slices).map(|slice| Action::Step { chunk, slice }));
         }
     }
     plan
