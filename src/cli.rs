@@ -23,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP service.
     Serve(ServeArgs),
+    /// Plan a pipeline-parallel schedule that fits the devices' memory.
+    Plan(crate::plan_cmd::PlanArgs),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]

@@ -9,5 +9,6 @@ pub mod config;
 pub mod data;
 pub mod exec;
 pub mod plan;
+pub mod plan_cmd;
 pub mod spec;
 pub mod telemetry;

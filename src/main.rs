@@ -13,6 +13,10 @@ fn main() -> anyhow::Result<()> {
             telemetry::init(settings.log_format);
             serve(settings)
         }
+        Command::Plan(args) => {
+            print!("{}", chronospipe::plan_cmd::run(&args)?);
+            Ok(())
+        }
         Command::Config {
             command: ConfigCommand::Print(args),
         } => {

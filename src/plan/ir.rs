@@ -16,15 +16,19 @@
 //! | `SG3.2>1` | send gradient | send the input gradient made by `B3.2` to device 1 (holding chunk 1) |
 //! | `RG3.2<0` | receive gradient | receive the input gradient made by `B3.2` from device 0 |
 //! | `OFF:g` / `PRE:g` | offload / prefetch | copy group `g` to host and free it / copy it back |
-//! | `STEP1` | optimizer step | update chunk 1's weights from its accumulated gradients |
+//! | `STEP1` / `STEP1.2` | optimizer step | update chunk 1's weights (slice 0 / slice 2 of them) from the accumulated gradients |
 //!
 //! Groups `g`: `S3.1` the stash of (3, 1) (whatever of it is on the device), `W1` chunk 1's
-//! weights, `G1` its gradients, `O1` its optimizer state.
+//! weights, `G1` its gradients, `O1` / `O1.2` slice 0 / slice 2 of its optimizer state. The
+//! plan's `optimizer_slices` (default 1) says how many slices each chunk has: equal contiguous
+//! ranges of the chunk's flattened parameters, each stepped exactly once per step.
 //!
 //! Sends and receives pair up by (kind, micro-batch, chunk) and name the peer. A send does not
 //! block its device; a receive blocks until the data has arrived. Offload and prefetch are
 //! queued on the device's copy engines and do not block; an action that needs a group waits
-//! until its prefetch has landed. A program describes one training step and repeats: a weight,
+//! until its prefetch has landed. A prefetch of weights, gradients or optimizer state starts
+//! only when the offloads of such state issued before it on the device have finished, so two
+//! chunks' optimizer states (say) are never on the device together by accident. A program describes one training step and repeats: a weight,
 //! gradient or optimizer group starts the step where the program leaves it (on the host if the
 //! program's last `OFF`/`PRE` of it is an `OFF`).
 
@@ -38,10 +42,21 @@ use super::error::PlanError;
 /// A named set of tensors that offload and prefetch move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Group {
-    Stash { mb: u32, chunk: u32 },
-    Weights { chunk: u32 },
-    Grads { chunk: u32 },
-    Optimizer { chunk: u32 },
+    Stash {
+        mb: u32,
+        chunk: u32,
+    },
+    Weights {
+        chunk: u32,
+    },
+    Grads {
+        chunk: u32,
+    },
+    /// Slice `slice` of the chunk's optimizer state (see `Plan::optimizer_slices`).
+    Optimizer {
+        chunk: u32,
+        slice: u32,
+    },
 }
 
 impl Group {
@@ -50,7 +65,7 @@ impl Group {
             Group::Stash { chunk, .. }
             | Group::Weights { chunk }
             | Group::Grads { chunk }
-            | Group::Optimizer { chunk } => chunk,
+            | Group::Optimizer { chunk, .. } => chunk,
         }
     }
 }
@@ -93,8 +108,10 @@ pub enum Action {
     },
     Offload(Group),
     Prefetch(Group),
+    /// Optimizer step of slice `slice` of the chunk's parameters.
     Step {
         chunk: u32,
+        slice: u32,
     },
 }
 
@@ -125,7 +142,8 @@ impl fmt::Display for Group {
             Group::Stash { mb, chunk } => write!(f, "S{mb}.{chunk}"),
             Group::Weights { chunk } => write!(f, "W{chunk}"),
             Group::Grads { chunk } => write!(f, "G{chunk}"),
-            Group::Optimizer { chunk } => write!(f, "O{chunk}"),
+            Group::Optimizer { chunk, slice: 0 } => write!(f, "O{chunk}"),
+            Group::Optimizer { chunk, slice } => write!(f, "O{chunk}.{slice}"),
         }
     }
 }
@@ -149,7 +167,8 @@ impl fmt::Display for Action {
             Action::RecvGrad { mb, chunk, peer } => write!(f, "RG{mb}.{chunk}<{peer}"),
             Action::Offload(g) => write!(f, "OFF:{g}"),
             Action::Prefetch(g) => write!(f, "PRE:{g}"),
-            Action::Step { chunk } => write!(f, "STEP{chunk}"),
+            Action::Step { chunk, slice: 0 } => write!(f, "STEP{chunk}"),
+            Action::Step { chunk, slice } => write!(f, "STEP{chunk}.{slice}"),
         }
     }
 }
@@ -173,6 +192,14 @@ fn mb_chunk(token: &str, s: &str) -> Result<(u32, u32), PlanError> {
         .split_once('.')
         .ok_or_else(|| parse_err(token, "expected MICROBATCH.CHUNK"))?;
     Ok((number(token, mb)?, number(token, chunk)?))
+}
+
+/// `3` -> (3, 0), `3.2` -> (3, 2): a chunk and an optimizer slice (0 when left out).
+fn chunk_slice(token: &str, s: &str) -> Result<(u32, u32), PlanError> {
+    match s.split_once('.') {
+        Some((c, k)) => Ok((number(token, c)?, number(token, k)?)),
+        None => Ok((number(token, s)?, 0)),
+    }
 }
 
 /// `3.1>2` -> (3, 1, 2)
@@ -199,10 +226,14 @@ impl FromStr for Group {
             Some('G') => Ok(Group::Grads {
                 chunk: number(s, rest)?,
             }),
-            Some('O') => Ok(Group::Optimizer {
-                chunk: number(s, rest)?,
-            }),
-            _ => Err(parse_err(s, "a group is S<mb>.<chunk>, W<c>, G<c> or O<c>")),
+            Some('O') => {
+                let (chunk, slice) = chunk_slice(s, rest)?;
+                Ok(Group::Optimizer { chunk, slice })
+            }
+            _ => Err(parse_err(
+                s,
+                "a group is S<mb>.<chunk>, W<c>, G<c> or O<c>[.<slice>]",
+            )),
         }
     }
 }
@@ -218,9 +249,8 @@ impl FromStr for Action {
             return Ok(Action::Prefetch(g.parse()?));
         }
         if let Some(c) = s.strip_prefix("STEP") {
-            return Ok(Action::Step {
-                chunk: number(s, c)?,
-            });
+            let (chunk, slice) = chunk_slice(s, c)?;
+            return Ok(Action::Step { chunk, slice });
         }
         let two = |p: &str| s.strip_prefix(p);
         if let Some(r) = two("FD") {
@@ -279,6 +309,10 @@ impl<'de> Deserialize<'de> for Action {
     }
 }
 
+fn one() -> u32 {
+    1
+}
+
 /// Which device holds a chunk and what the chunk is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkSpec {
@@ -303,6 +337,10 @@ impl ChunkSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub microbatches: u32,
+    /// Each chunk's optimizer state and step come in this many slices: equal contiguous
+    /// ranges of its flattened parameters (Adam is elementwise, so any split is exact).
+    #[serde(default = "one")]
+    pub optimizer_slices: u32,
     pub chunks: Vec<ChunkSpec>,
     pub programs: Vec<Vec<Action>>,
 }
@@ -321,6 +359,9 @@ impl Plan {
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "microbatches {}", self.microbatches)?;
+        if self.optimizer_slices != 1 {
+            writeln!(f, "optimizer_slices {}", self.optimizer_slices)?;
+        }
         for (i, c) in self.chunks.iter().enumerate() {
             write!(f, "chunk {i} device {}", c.device)?;
             if c.embedding {
@@ -359,6 +400,7 @@ impl FromStr for Plan {
     fn from_str(text: &str) -> Result<Self, PlanError> {
         let mut plan = Plan {
             microbatches: 0,
+            optimizer_slices: 1,
             chunks: vec![],
             programs: vec![],
         };
@@ -375,6 +417,8 @@ impl FromStr for Plan {
             };
             if let Some(n) = l.strip_prefix("microbatches ") {
                 plan.microbatches = n.trim().parse().map_err(|_| bad("expected a number"))?;
+            } else if let Some(n) = l.strip_prefix("optimizer_slices ") {
+                plan.optimizer_slices = n.trim().parse().map_err(|_| bad("expected a number"))?;
             } else if let Some(rest) = l.strip_prefix("chunk ") {
                 let words: Vec<&str> = rest.split_whitespace().collect();
                 let idx: usize = words
@@ -451,7 +495,7 @@ mod tests {
             (0u32..500, 0u32..64).prop_map(|(mb, chunk)| Group::Stash { mb, chunk }),
             (0u32..64).prop_map(|chunk| Group::Weights { chunk }),
             (0u32..64).prop_map(|chunk| Group::Grads { chunk }),
-            (0u32..64).prop_map(|chunk| Group::Optimizer { chunk }),
+            (0u32..64, 0u32..8).prop_map(|(chunk, slice)| Group::Optimizer { chunk, slice }),
         ]
     }
 
@@ -476,7 +520,7 @@ mod tests {
             mcp.prop_map(|(mb, chunk, peer)| Action::RecvGrad { mb, chunk, peer }),
             any_group().prop_map(Action::Offload),
             any_group().prop_map(Action::Prefetch),
-            (0u32..64).prop_map(|chunk| Action::Step { chunk }),
+            (0u32..64, 0u32..8).prop_map(|(chunk, slice)| Action::Step { chunk, slice }),
         ]
     }
 
@@ -502,7 +546,7 @@ mod tests {
         );
         assert_eq!(
             "OFF:O1".parse::<Action>().unwrap(),
-            Action::Offload(Group::Optimizer { chunk: 1 })
+            Action::Offload(Group::Optimizer { chunk: 1, slice: 0 })
         );
         for bad in ["", "X1.2", "F1", "F1.x", "SA1.2", "OFF:Q1", "STEP"] {
             assert!(bad.parse::<Action>().is_err(), "{bad}");

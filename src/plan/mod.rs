@@ -7,7 +7,11 @@ pub mod inventory;
 pub mod ir;
 pub mod megatron;
 pub mod memory;
+pub mod policy;
+pub mod presets;
+pub mod render;
 pub mod schedule;
+pub mod search;
 pub mod simulate;
 pub mod validate;
 

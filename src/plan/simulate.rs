@@ -219,8 +219,11 @@ pub fn simulate(
     let mut grad_arrive = vec![f64::NAN; m * nc];
     let mut stash = vec![Residence::on_device(); m * nc];
     let mut stash_bytes = vec![0u64; m * nc];
-    // Persistent groups start where the program leaves them (programs repeat).
-    let mut persistent = vec![[Residence::on_device(); 3]; nc];
+    // Persistent groups start where the program leaves them (programs repeat): weights and
+    // gradients per chunk, optimizer state per (chunk, slice).
+    let k = plan.optimizer_slices.max(1) as usize;
+    let mut persistent = vec![[Residence::on_device(); 2]; nc];
+    let mut optimizer = vec![Residence::on_device(); nc * k];
     let mut events: Vec<Vec<MemEvent>> = vec![Vec::new(); p];
     for program in &plan.programs {
         for a in program {
@@ -229,27 +232,45 @@ pub fn simulate(
                 Action::Prefetch(g) => (g, false),
                 _ => continue,
             };
-            if let Some((slot, c)) = persistent_slot(g) {
-                persistent[c][slot].device_since = if host { None } else { Some(0.0) };
+            let place = if host { None } else { Some(0.0) };
+            match g {
+                Group::Weights { chunk } => {
+                    persistent[chunk as usize][WEIGHTS].device_since = place
+                }
+                Group::Grads { chunk } => persistent[chunk as usize][GRADS].device_since = place,
+                Group::Optimizer { chunk, slice } => {
+                    optimizer[chunk as usize * k + slice as usize].device_since = place
+                }
+                Group::Stash { .. } => {}
             }
         }
     }
     for (c, cost) in costs.iter().enumerate() {
         let d = dev(c as u32);
-        for (slot, bytes) in [cost.weight_bytes, cost.grad_bytes, cost.optimizer_bytes]
-            .into_iter()
-            .enumerate()
-        {
-            let category = if persistent[c][slot].device_since.is_some() {
-                slot
-            } else {
-                HOST
-            };
+        let mut start = |on_device: bool, bytes: u64, category: usize| {
             events[d].push(MemEvent {
                 t: 0.0,
                 delta: bytes as i64,
-                category,
+                category: if on_device { category } else { HOST },
             });
+        };
+        start(
+            persistent[c][WEIGHTS].device_since.is_some(),
+            cost.weight_bytes,
+            WEIGHTS,
+        );
+        start(
+            persistent[c][GRADS].device_since.is_some(),
+            cost.grad_bytes,
+            GRADS,
+        );
+        for slice in 0..k {
+            let bytes = slice_bytes(cost.optimizer_bytes, k, slice);
+            start(
+                optimizer[c * k + slice].device_since.is_some(),
+                bytes,
+                OPTIMIZER,
+            );
         }
     }
 
@@ -257,6 +278,8 @@ pub fn simulate(
     let mut cursor = vec![0f64; p];
     let mut d2h_free = vec![0f64; p];
     let mut h2d_free = vec![0f64; p];
+    // When the last offload of weights, gradients or optimizer state issued so far ends.
+    let mut state_offloaded = vec![0f64; p];
     let mut link_free = vec![0f64; p * p];
     let mut busy = vec![0f64; p];
     let mut stall = vec![0f64; p];
@@ -383,14 +406,17 @@ pub fn simulate(
                         cursor[d] = end;
                         (start, end)
                     }
-                    Action::Step { chunk: c } => {
+                    Action::Step { chunk: c, slice } => {
                         let g = &persistent[c as usize];
-                        let ready = [WEIGHTS, GRADS, OPTIMIZER]
-                            .into_iter()
-                            .map(|s| group_ready(&g[s]))
-                            .fold(now, f64::max);
+                        let ready = [
+                            group_ready(&g[WEIGHTS]),
+                            group_ready(&g[GRADS]),
+                            group_ready(&optimizer[c as usize * k + slice as usize]),
+                        ]
+                        .into_iter()
+                        .fold(now, f64::max);
                         stall[d] += ready - now;
-                        let end = ready + costs[c as usize].step_s;
+                        let end = ready + costs[c as usize].step_s / k as f64;
                         cursor[d] = end;
                         (ready, end)
                     }
@@ -443,13 +469,17 @@ pub fn simulate(
                             &mut stash,
                             &stash_bytes,
                             &mut persistent,
+                            &mut optimizer,
                             &costs[g.chunk() as usize],
-                            nc,
+                            (nc, k),
                         );
                         let since = res.device_since.unwrap_or(now);
                         let start = now.max(d2h_free[d]).max(since);
                         let end = start + copy(bytes);
                         d2h_free[d] = end;
+                        if !matches!(g, Group::Stash { .. }) {
+                            state_offloaded[d] = end;
+                        }
                         res.device_since = None;
                         res.host_since = end;
                         push(ev, d, start, bytes as i64, HOST);
@@ -462,10 +492,14 @@ pub fn simulate(
                             &mut stash,
                             &stash_bytes,
                             &mut persistent,
+                            &mut optimizer,
                             &costs[g.chunk() as usize],
-                            nc,
+                            (nc, k),
                         );
-                        let start = now.max(h2d_free[d]).max(res.host_since);
+                        let mut start = now.max(h2d_free[d]).max(res.host_since);
+                        if !matches!(g, Group::Stash { .. }) {
+                            start = start.max(state_offloaded[d]);
+                        }
                         let end = start + copy(bytes);
                         h2d_free[d] = end;
                         res.device_since = Some(end);
@@ -523,13 +557,10 @@ pub fn simulate(
     })
 }
 
-fn persistent_slot(g: Group) -> Option<(usize, usize)> {
-    match g {
-        Group::Weights { chunk } => Some((WEIGHTS, chunk as usize)),
-        Group::Grads { chunk } => Some((GRADS, chunk as usize)),
-        Group::Optimizer { chunk } => Some((OPTIMIZER, chunk as usize)),
-        Group::Stash { .. } => None,
-    }
+/// Bytes of slice `slice` of `k` of a chunk's optimizer state (the first ones take the rest).
+pub fn slice_bytes(total: u64, k: usize, slice: usize) -> u64 {
+    let k = k.max(1) as u64;
+    total / k + u64::from((slice as u64) < total % k)
 }
 
 /// When a group used by compute is on the device; never, if it stays on the host.
@@ -541,9 +572,10 @@ fn group_of<'a>(
     g: Group,
     stash: &'a mut [Residence],
     stash_bytes: &[u64],
-    persistent: &'a mut [[Residence; 3]],
+    persistent: &'a mut [[Residence; 2]],
+    optimizer: &'a mut [Residence],
     cost: &ChunkCost,
-    nc: usize,
+    (nc, k): (usize, usize),
 ) -> (&'a mut Residence, u64, usize) {
     match g {
         Group::Stash { mb, chunk } => {
@@ -560,9 +592,9 @@ fn group_of<'a>(
             cost.grad_bytes,
             GRADS,
         ),
-        Group::Optimizer { chunk } => (
-            &mut persistent[chunk as usize][OPTIMIZER],
-            cost.optimizer_bytes,
+        Group::Optimizer { chunk, slice } => (
+            &mut optimizer[chunk as usize * k + slice as usize],
+            slice_bytes(cost.optimizer_bytes, k, slice as usize),
             OPTIMIZER,
         ),
     }

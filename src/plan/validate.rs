@@ -61,6 +61,8 @@ struct State {
     grad_here: Vec<bool>,
     next_backward_mb: Vec<u32>,
     backwards_done: Vec<u32>,
+    slices: usize,
+    steps_done: Vec<u32>,
     stash: Vec<Place>,
     weights: Vec<Place>,
     grads: Vec<Place>,
@@ -77,10 +79,11 @@ impl State {
 /// offload (programs repeat every step).
 fn starting_places(plan: &Plan) -> [Vec<Place>; 3] {
     let n = plan.chunks.len();
+    let k = plan.optimizer_slices.max(1) as usize;
     let mut places = [
         vec![Place::Device; n],
         vec![Place::Device; n],
-        vec![Place::Device; n],
+        vec![Place::Device; n * k],
     ];
     for program in &plan.programs {
         for a in program {
@@ -89,13 +92,13 @@ fn starting_places(plan: &Plan) -> [Vec<Place>; 3] {
                 Action::Prefetch(g) => (g, Place::Device),
                 _ => continue,
             };
-            let (slot, c) = match g {
-                Group::Weights { chunk } => (0, chunk),
-                Group::Grads { chunk } => (1, chunk),
-                Group::Optimizer { chunk } => (2, chunk),
+            let (slot, i) = match g {
+                Group::Weights { chunk } => (0, chunk as usize),
+                Group::Grads { chunk } => (1, chunk as usize),
+                Group::Optimizer { chunk, slice } => (2, chunk as usize * k + slice as usize),
                 Group::Stash { .. } => continue,
             };
-            if let Some(p) = places[slot].get_mut(c as usize) {
+            if let Some(p) = places[slot].get_mut(i) {
                 *p = place;
             }
         }
@@ -110,10 +113,10 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
         plan.chunks.len(),
         plan.programs.len(),
     );
-    if chunks == 0 || devices == 0 || m == 0 {
+    if chunks == 0 || devices == 0 || m == 0 || plan.optimizer_slices == 0 {
         return Err(PlanError::invalid(
             "plan",
-            "a plan needs at least one chunk, one device and one micro-batch",
+            "a plan needs at least one chunk, one device, one micro-batch and one optimizer slice",
         ));
     }
     for (c, spec) in plan.chunks.iter().enumerate() {
@@ -144,6 +147,8 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
         grad_here: vec![false; m * chunks],
         next_backward_mb: vec![0; chunks],
         backwards_done: vec![0; chunks],
+        slices: plan.optimizer_slices as usize,
+        steps_done: vec![0; chunks * plan.optimizer_slices as usize],
         stash: vec![Place::Host; m * chunks],
         weights,
         grads,
@@ -193,6 +198,16 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
                 ));
             }
         }
+    }
+    if let Some(i) = s.steps_done.iter().position(|&n| n == 0) {
+        let (c, k) = (i / s.slices, i % s.slices);
+        let (d, end) = last_place(plan, c as u32);
+        return Err(fail(
+            plan,
+            d,
+            end,
+            format!("chunk {c}'s optimizer slice {k} is never stepped"),
+        ));
     }
     Ok(())
 }
@@ -412,21 +427,35 @@ fn step(plan: &Plan, s: &mut State, d: usize, a: Action) -> Result<bool, String>
                 }
                 Group::Weights { chunk } => &mut s.weights[chunk as usize],
                 Group::Grads { chunk } => &mut s.grads[chunk as usize],
-                Group::Optimizer { chunk } => &mut s.optimizer[chunk as usize],
+                Group::Optimizer { chunk, slice } => {
+                    if slice as usize >= s.slices {
+                        return Err(format!("optimizer slice {slice} does not exist"));
+                    }
+                    &mut s.optimizer[chunk as usize * s.slices + slice as usize]
+                }
             };
             if *place == to {
                 return Err(format!("{g} is already there"));
             }
             *place = to;
         }
-        Action::Step { chunk: c } => {
-            if c as usize >= s.chunks {
-                return Err(format!("chunk {c} does not exist"));
+        Action::Step { chunk: c, slice } => {
+            if c as usize >= s.chunks || slice as usize >= s.slices {
+                return Err(format!("chunk {c}, optimizer slice {slice} does not exist"));
             }
             holds(c)?;
             resident(&s.weights, c, "the weights")?;
             resident(&s.grads, c, "the gradients")?;
-            resident(&s.optimizer, c, "the optimizer state")?;
+            let i = c as usize * s.slices + slice as usize;
+            if s.optimizer[i] != Place::Device {
+                return Err(format!(
+                    "optimizer state slice {slice} of chunk {c} is on the host; prefetch it first"
+                ));
+            }
+            if s.steps_done[i] > 0 {
+                return Err(format!("second step of chunk {c} slice {slice}"));
+            }
+            s.steps_done[i] += 1;
             if s.backwards_done[c as usize] as usize != s.m {
                 return Err(format!(
                     "optimizer step of chunk {c} before all its {} backwards",

@@ -1,17 +1,28 @@
-//! Chronos-Pipe, as we reconstruct it: a V-shaped placement and backward-first list
-//! scheduling.
+//! Chronos-Pipe, as we reconstruct it: a V-shaped placement and a repeating per-micro-batch
+//! block that runs each backward as early as the devices allow.
 //!
 //! Device d holds chunk d (shallow) and chunk 2p-1-d (deep), so a micro-batch's forward runs
-//! down the devices and back up, and the loss is computed on device 0. The order is built by
-//! simulating unit-time passes (forward 1, backward 2, no link time): whenever a device is
-//! free it starts the ready pass that can start earliest, preferring a backward, then the
-//! deeper chunk. So deep chunks' stashes, produced close to the loss, are consumed almost at
-//! once; only the shallow chunks hold activations for long, which Chronos-Recomp then drops.
-//! A new micro-batch enters only while fewer than `in_flight` are between their first forward
-//! and their last backward: fewer in flight, less memory and more bubble.
+//! down the devices and back up, and the loss is computed on device 0. In units where a
+//! chunk's forward takes 1 and its backward 2, every device spends 6 units per micro-batch.
+//! We place one micro-batch's passes (the block) at the earliest times their inputs allow such
+//! that, repeated every `period` units, no device runs two passes at once: forwards in chain
+//! order, then backwards from the loss back to chunk 0, each at its earliest free slot
+//! (backtracking when a choice leaves a device no room). With period 6 nothing idles in the
+//! steady state, and the bubble is the block's fill and drain, like 1F1B's. A deep chunk's
+//! stash lives only while the micro-batch goes to the loss and back, so the devices hold about
+//! half of 1F1B's activations; the shallow chunks hold most of it, which Chronos-Recomp then
+//! drops.
+//!
+//! The in-flight knob k (0: unlimited) stretches the period to at least block length / k, so
+//! that at most about k micro-batches are in the pipe: less memory, more bubble. Each device runs its
+//! passes in the order of their planned times; since a pass's inputs are planned strictly
+//! earlier, that order cannot deadlock.
 
 use super::Slot;
 use crate::plan::error::PlanError;
+
+const F_UNITS: u64 = 1;
+const B_UNITS: u64 = 2;
 
 pub(super) fn placement(p: u32) -> Vec<u32> {
     (0..2 * p)
@@ -19,87 +30,179 @@ pub(super) fn placement(p: u32) -> Vec<u32> {
         .collect()
 }
 
-pub(super) fn order(p: u32, m: u32, in_flight: u32) -> Result<Vec<Vec<Slot>>, PlanError> {
-    const F_TIME: u64 = 1;
-    const B_TIME: u64 = 2;
-    let chunks = 2 * p;
-    let dev = placement(p);
-    let (mu, cu) = (m as usize, chunks as usize);
-    let mut f_end = vec![None::<u64>; mu * cu];
-    let mut b_end = vec![None::<u64>; mu * cu];
-    // The next micro-batch each chunk will run forward / backward: per-chunk order is mb order.
-    let mut next_f = vec![0u32; cu];
-    let mut next_b = vec![0u32; cu];
-    let mut free = vec![0u64; p as usize];
-    let mut admitted_end: Vec<u64> = Vec::new(); // end times of finished micro-batches
-    let mut order = vec![Vec::new(); p as usize];
-    let at = |mb: u32, c: u32| mb as usize * cu + c as usize;
-    for _ in 0..2 * mu * cu {
-        // (start, backward-first key, deeper-first key, device, slot)
-        let mut best: Option<(u64, u8, u32, u32, Slot)> = None;
-        for c in 0..chunks {
-            let d = dev[c as usize];
-            let mut consider = |start: u64, is_b: bool, slot: Slot| {
-                let key = (start, u8::from(!is_b), chunks - c, d, slot);
-                if best.is_none_or(|b| (key.0, key.1, key.2, key.3) < (b.0, b.1, b.2, b.3)) {
-                    best = Some(key);
-                }
-            };
-            let mb = next_b[c as usize];
-            if mb < m
-                && let Some(f) = f_end[at(mb, c)]
-            {
-                let grad = if c + 1 == chunks {
-                    Some(f)
-                } else {
-                    b_end[at(mb, c + 1)]
-                };
-                if let Some(g) = grad {
-                    consider(g.max(free[d as usize]), true, Slot::B(mb, c));
-                }
-            }
-            let mb = next_f[c as usize];
-            if mb < m {
-                let input = if c == 0 {
-                    // Admission: the micro-batch that would exceed `in_flight` waits for the
-                    // earliest finish among those in flight.
-                    let finished = admitted_end.len() as u32;
-                    if mb < finished + in_flight {
-                        Some(0)
-                    } else {
-                        None
-                    }
-                } else {
-                    f_end[at(mb, c - 1)]
-                };
-                if let Some(i) = input {
-                    consider(i.max(free[d as usize]), false, Slot::F(mb, c));
-                }
-            }
-        }
-        let Some((start, _, _, d, slot)) = best else {
-            return Err(PlanError::invalid(
-                "schedule.in_flight",
-                "chronos schedule stalled; in_flight must be at least 1",
-            ));
-        };
-        let d = d as usize;
-        match slot {
-            Slot::F(mb, c) => {
-                free[d] = start + F_TIME;
-                f_end[at(mb, c)] = Some(free[d]);
-                next_f[c as usize] += 1;
-            }
-            Slot::B(mb, c) => {
-                free[d] = start + B_TIME;
-                b_end[at(mb, c)] = Some(free[d]);
-                next_b[c as usize] += 1;
-                if c == 0 {
-                    admitted_end.push(free[d]);
-                }
-            }
-        }
-        order[d].push(slot);
+/// Planned start of each forward and backward of one micro-batch, and the period.
+struct Block {
+    forward: Vec<u64>,
+    backward: Vec<u64>,
+    period: u64,
+}
+
+impl Block {
+    fn length(&self) -> u64 {
+        self.backward[0] + B_UNITS
     }
-    Ok(order)
+}
+
+/// A pass of the block in placement order: (chunk, is_backward).
+fn passes(p: u32) -> Vec<(u32, bool)> {
+    let c = 2 * p;
+    (0..c)
+        .map(|k| (k, false))
+        .chain((0..c).rev().map(|k| (k, true)))
+        .collect()
+}
+
+fn block(p: u32) -> Block {
+    let dev = placement(p);
+    let order = passes(p);
+    let per_device = 2 * (F_UNITS + B_UNITS);
+    let mut period = per_device;
+    loop {
+        let mut search = Search {
+            order: &order,
+            dev: &dev,
+            period,
+            busy: vec![vec![false; period as usize]; p as usize],
+            times: vec![0; order.len()],
+            best: None,
+            nodes: 0,
+        };
+        search.place(0);
+        if let Some(times) = search.best {
+            let c = 2 * p as usize;
+            return Block {
+                forward: times[..c].to_vec(),
+                backward: (0..c).map(|k| times[order.len() - 1 - k]).collect(),
+                period,
+            };
+        }
+        // A longer period always leaves room; it only costs throughput.
+        period += 1;
+    }
+}
+
+/// Branch and bound over the passes' start times: the shortest block (fill and drain, and so
+/// the stash lifetimes) found within a budget of search nodes.
+struct Search<'a> {
+    order: &'a [(u32, bool)],
+    dev: &'a [u32],
+    period: u64,
+    busy: Vec<Vec<bool>>,
+    times: Vec<u64>,
+    best: Option<Vec<u64>>,
+    nodes: u32,
+}
+
+/// Enough to find the shortest block for the pipeline depths we plan (up to 64 devices)
+/// in well under the search's time budget.
+const NODE_BUDGET: u32 = 20_000;
+
+impl Search<'_> {
+    fn length(times: &[u64]) -> u64 {
+        times.last().map_or(0, |t| t + B_UNITS)
+    }
+
+    fn place(&mut self, i: usize) {
+        let Some(&(chunk, backward)) = self.order.get(i) else {
+            let better = self
+                .best
+                .as_ref()
+                .is_none_or(|b| Self::length(&self.times) < Self::length(b));
+            if better {
+                self.best = Some(self.times.clone());
+            }
+            return;
+        };
+        self.nodes += 1;
+        if self.nodes > NODE_BUDGET && self.best.is_some() {
+            return;
+        }
+        let c = self.dev.len();
+        // The input: the previous forward, or the next chunk's backward (the loss for the
+        // last chunk).
+        let ready = match (backward, i) {
+            (false, 0) => 0,
+            (false, _) => self.times[i - 1] + F_UNITS,
+            (true, _) if chunk as usize == c - 1 => self.times[c - 1] + F_UNITS,
+            (true, _) => self.times[i - 1] + B_UNITS,
+        };
+        let len = if backward { B_UNITS } else { F_UNITS };
+        let backwards_left = if backward { self.order.len() - i } else { c } as u64;
+        let d = self.dev[chunk as usize] as usize;
+        for t in ready..ready + self.period {
+            // Every remaining backward takes at least its own time.
+            let bound = t + if backward { 0 } else { F_UNITS } + B_UNITS * backwards_left;
+            if self.best.as_ref().is_some_and(|b| bound >= Self::length(b)) {
+                return;
+            }
+            let slots: Vec<usize> = (t..t + len).map(|x| (x % self.period) as usize).collect();
+            if slots.iter().any(|&s| self.busy[d][s]) {
+                continue;
+            }
+            for &s in &slots {
+                self.busy[d][s] = true;
+            }
+            self.times[i] = t;
+            self.place(i + 1);
+            for &s in &slots {
+                self.busy[d][s] = false;
+            }
+        }
+    }
+}
+
+pub(super) fn order(p: u32, m: u32, in_flight: u32) -> Result<Vec<Vec<Slot>>, PlanError> {
+    let b = block(p);
+    // 0: as many in flight as the steady state takes.
+    let period = match in_flight {
+        0 => b.period,
+        k => b.period.max(b.length().div_ceil(k as u64)),
+    };
+    let dev = placement(p);
+    let mut planned: Vec<Vec<(u64, Slot)>> = vec![Vec::new(); p as usize];
+    for mb in 0..m {
+        let start = mb as u64 * period;
+        for c in 0..2 * p {
+            let d = dev[c as usize] as usize;
+            planned[d].push((start + b.forward[c as usize], Slot::F(mb, c)));
+            planned[d].push((start + b.backward[c as usize], Slot::B(mb, c)));
+        }
+    }
+    Ok(planned
+        .into_iter()
+        .map(|mut v| {
+            // Ties (only when the period was stretched) go to the backward: it frees memory.
+            v.sort_by_key(|&(t, s)| (t, matches!(s, Slot::F(..))));
+            v.into_iter().map(|(_, s)| s).collect()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_block_tiles_the_period_without_overlap() {
+        for p in 1..=16 {
+            let b = block(p);
+            let dev = placement(p);
+            let mut busy = vec![vec![0u32; b.period as usize]; p as usize];
+            for c in 0..2 * p as usize {
+                let d = dev[c] as usize;
+                for t in b.forward[c]..b.forward[c] + F_UNITS {
+                    busy[d][(t % b.period) as usize] += 1;
+                }
+                for t in b.backward[c]..b.backward[c] + B_UNITS {
+                    busy[d][(t % b.period) as usize] += 1;
+                }
+                if c > 0 {
+                    assert!(b.forward[c] > b.forward[c - 1]);
+                    assert!(b.backward[c - 1] >= b.backward[c] + B_UNITS);
+                }
+            }
+            assert!(busy.iter().flatten().all(|&n| n <= 1), "p={p}");
+            assert_eq!(b.period, 6, "p={p}: no idle slot in the steady state");
+        }
+    }
 }

@@ -28,8 +28,8 @@ pub enum ScheduleKind {
     /// Megatron's interleaved 1F1B: `chunks_per_device` chunks per device, placed round-robin.
     Interleaved { chunks_per_device: u32 },
     /// V-shaped placement (device d holds chunks d and 2p-1-d, the loss on device 0), backward
-    /// passes as early as their inputs allow, at most `in_flight` micro-batches between their
-    /// first forward and their last backward.
+    /// passes as early as the devices allow, about `in_flight` micro-batches at most between
+    /// their first forward and their last backward (0: no bound).
     Chronos { in_flight: u32 },
 }
 
@@ -97,7 +97,7 @@ enum Slot {
 }
 
 /// Builds the plan of `kind` for `devices` pipeline devices, `microbatches` micro-batches and
-/// a model of `layers` decoder layers. `Chronos { in_flight: 0 }` means `devices`.
+/// a model of `layers` decoder layers. `Chronos { in_flight: 0 }` sets no bound.
 pub fn build(
     kind: ScheduleKind,
     devices: u32,
@@ -126,13 +126,13 @@ pub fn build(
             interleaved::order(p, chunks_per_device, m)?,
         ),
         ScheduleKind::Chronos { in_flight } => {
-            let k = if in_flight == 0 { p } else { in_flight };
-            (chronos::placement(p), chronos::order(p, m, k)?)
+            (chronos::placement(p), chronos::order(p, m, in_flight)?)
         }
     };
     let chunks = split_layers(layers, &placement);
     Ok(with_steps(with_communication(Plan {
         microbatches: m,
+        optimizer_slices: 1,
         chunks,
         programs: order
             .into_iter()
@@ -237,22 +237,25 @@ pub fn with_communication(plan: Plan) -> Plan {
     Plan { programs, ..plan }
 }
 
-/// Adds each chunk's optimizer steps at the end of its device's program, in chunk order.
-/// Steps wait for every backward of the whole pipeline anyway: global-norm clipping needs all
-/// gradients first. Stepping earlier, between a device's backwards, would block that device
-/// while its neighbours still wait for its gradients.
+/// Adds each chunk's optimizer steps (every slice) at the end of its device's program, in
+/// the order of the chunks' last backwards. At the end, not right after each chunk's last
+/// backward: a step whose state must first come back from the host would hold up the other
+/// chunk's backwards, and every device downstream of them.
 pub fn with_steps(mut plan: Plan) -> Plan {
     for program in &mut plan.programs {
-        let mut chunks: Vec<u32> = program
-            .iter()
-            .filter_map(|a| match a {
-                Action::Backward { chunk, .. } => Some(*chunk),
-                _ => None,
-            })
-            .collect();
-        chunks.sort_unstable();
-        chunks.dedup();
-        program.extend(chunks.into_iter().map(|chunk| Action::Step { chunk }));
+        let mut last_backward: Vec<(usize, u32)> = Vec::new();
+        for (i, a) in program.iter().enumerate() {
+            if let Action::Backward { chunk, .. } = *a {
+                match last_backward.iter_mut().find(|(_, c)| *c == chunk) {
+                    Some(entry) => entry.0 = i,
+                    None => last_backward.push((i, chunk)),
+                }
+            }
+        }
+        last_backward.sort();
+        for (_, chunk) in last_backward {
+            program.extend((0..plan.optimizer_slices).map(|slice| Action::Step { chunk, slice }));
+        }
     }
     plan
 }

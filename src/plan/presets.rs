@@ -1,0 +1,258 @@
+//! Named models and clusters, and the cluster description the search plans for.
+//!
+//! Cluster assumptions, stated once: `a100-80g-pp8-tp8` is 8 nodes of 8 A100-SXM4-80GB; a
+//! tensor-parallel group of 8 is one node (NVLink), the 8 pipeline stages talk over one
+//! 200 Gb/s HDR InfiniBand rail per GPU (25 GB/s, 5 µs); host link PCIe 4.0 x16, 25 GB/s each
+//! way; 1 TiB of host memory per node (128 GiB per GPU); bf16 dense peak 312 TFLOP/s at an
+//! assumed 50% model-FLOPs efficiency with tensor-parallel communication folded in; HBM2e
+//! 2.0 TB/s. `h100-80g-pp8-tp8` is the same shape with H100-SXM5-80GB: 989 TFLOP/s at an
+//! assumed 45%, HBM3 3.35 TB/s, 400 Gb/s NDR (50 GB/s), host link still 25 GB/s, 2 TiB per
+//! node. Both keep 5% of device memory in reserve (allocator fragmentation, CUDA context,
+//! communication libraries' buffers).
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{PlanError, require_positive};
+use super::inventory::{ModelDims, Profile};
+use super::simulate::Hardware;
+
+const GIB: u64 = 1 << 30;
+
+/// Which implementation profile a cluster runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileName {
+    CpuF32,
+    MegatronBf16,
+}
+
+fn default_reserve() -> f64 {
+    0.05
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A set of devices to plan for. JSON files use these field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub name: String,
+    /// All devices (pipeline x tensor parallel x data parallel).
+    pub devices: u32,
+    pub tensor_parallel: u32,
+    pub memory_bytes: u64,
+    /// Fraction of `memory_bytes` never planned for.
+    #[serde(default = "default_reserve")]
+    pub reserve_fraction: f64,
+    /// Host memory available to each device for offloaded groups.
+    pub host_memory_bytes: u64,
+    pub profile: ProfileName,
+    #[serde(default = "default_true")]
+    pub flash_attention: bool,
+    pub peak_flops: f64,
+    pub efficiency: f64,
+    pub hbm_bytes_per_s: f64,
+    /// Between pipeline stages (and for the data-parallel gradient all-reduce), per device.
+    pub p2p_bytes_per_s: f64,
+    pub p2p_latency_s: f64,
+    pub host_bytes_per_s: f64,
+}
+
+impl Cluster {
+    pub fn validate(&self) -> Result<(), PlanError> {
+        require_positive("cluster.devices", self.devices as u64)?;
+        require_positive("cluster.tensor_parallel", self.tensor_parallel as u64)?;
+        require_positive("cluster.memory_bytes", self.memory_bytes)?;
+        if self.devices % self.tensor_parallel != 0 {
+            return Err(PlanError::invalid(
+                "cluster.tensor_parallel",
+                format!(
+                    "{} does not divide the {} devices",
+                    self.tensor_parallel, self.devices
+                ),
+            ));
+        }
+        if self.profile == ProfileName::CpuF32 && self.tensor_parallel != 1 {
+            return Err(PlanError::invalid(
+                "cluster.tensor_parallel",
+                "the cpu-f32 profile has no tensor parallelism; use 1",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.reserve_fraction) {
+            return Err(PlanError::invalid(
+                "cluster.reserve_fraction",
+                "must be in [0, 1)",
+            ));
+        }
+        if !(self.efficiency > 0.0 && self.efficiency <= 1.0) {
+            return Err(PlanError::invalid(
+                "cluster.efficiency",
+                "must be in (0, 1]",
+            ));
+        }
+        for (field, v) in [
+            ("cluster.peak_flops", self.peak_flops),
+            ("cluster.hbm_bytes_per_s", self.hbm_bytes_per_s),
+            ("cluster.p2p_bytes_per_s", self.p2p_bytes_per_s),
+            ("cluster.host_bytes_per_s", self.host_bytes_per_s),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(PlanError::invalid(field, "must be a positive number"));
+            }
+        }
+        if !(self.p2p_latency_s >= 0.0 && self.p2p_latency_s.is_finite()) {
+            return Err(PlanError::invalid(
+                "cluster.p2p_latency_s",
+                "must be zero or positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Usable bytes per device.
+    pub fn budget_bytes(&self) -> u64 {
+        (self.memory_bytes as f64 * (1.0 - self.reserve_fraction)) as u64
+    }
+
+    pub fn profile(&self) -> Profile {
+        match self.profile {
+            ProfileName::CpuF32 => Profile::CpuF32,
+            ProfileName::MegatronBf16 => Profile::MegatronBf16 {
+                tensor_parallel: self.tensor_parallel as usize,
+                flash_attention: self.flash_attention,
+            },
+        }
+    }
+
+    pub fn hardware(&self) -> Hardware {
+        Hardware {
+            peak_flops: self.peak_flops,
+            efficiency: self.efficiency,
+            hbm_bytes_per_s: self.hbm_bytes_per_s,
+            p2p_bytes_per_s: self.p2p_bytes_per_s,
+            p2p_latency_s: self.p2p_latency_s,
+            host_bytes_per_s: self.host_bytes_per_s,
+        }
+    }
+}
+
+pub const MODEL_NAMES: &[&str] = &["llama2-70b", "llama2-7b", "tiny"];
+pub const CLUSTER_NAMES: &[&str] = &["a100-80g-pp8-tp8", "h100-80g-pp8-tp8", "cpu-4x1g"];
+
+/// A model preset by name.
+pub fn model(name: &str) -> Option<ModelDims> {
+    Some(match name {
+        "llama2-70b" => ModelDims {
+            hidden: 8192,
+            layers: 80,
+            heads: 64,
+            kv_heads: 8,
+            ffn: 28672,
+            vocab: 32000,
+        },
+        "llama2-7b" => ModelDims {
+            hidden: 4096,
+            layers: 32,
+            heads: 32,
+            kv_heads: 32,
+            ffn: 11008,
+            vocab: 32000,
+        },
+        // The size the CPU executor trains in tests.
+        "tiny" => ModelDims {
+            hidden: 64,
+            layers: 8,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 172,
+            vocab: 256,
+        },
+        _ => return None,
+    })
+}
+
+/// A cluster preset by name.
+pub fn cluster(name: &str) -> Option<Cluster> {
+    let gpu = |name: &str, peak, eff, hbm, p2p, host_mem| Cluster {
+        name: name.to_string(),
+        devices: 64,
+        tensor_parallel: 8,
+        memory_bytes: 80 * GIB,
+        reserve_fraction: 0.05,
+        host_memory_bytes: host_mem,
+        profile: ProfileName::MegatronBf16,
+        flash_attention: true,
+        peak_flops: peak,
+        efficiency: eff,
+        hbm_bytes_per_s: hbm,
+        p2p_bytes_per_s: p2p,
+        p2p_latency_s: 5e-6,
+        host_bytes_per_s: 25e9,
+    };
+    Some(match name {
+        "a100-80g-pp8-tp8" => gpu(name, 312e12, 0.5, 2.0e12, 25e9, 128 * GIB),
+        "h100-80g-pp8-tp8" => gpu(name, 989e12, 0.45, 3.35e12, 50e9, 256 * GIB),
+        // Four CPU devices of 1 GiB, as the embedded executor runs them.
+        "cpu-4x1g" => Cluster {
+            name: name.to_string(),
+            devices: 4,
+            tensor_parallel: 1,
+            memory_bytes: GIB,
+            reserve_fraction: 0.0,
+            host_memory_bytes: 4 * GIB,
+            profile: ProfileName::CpuF32,
+            flash_attention: true,
+            peak_flops: 50e9,
+            efficiency: 0.5,
+            hbm_bytes_per_s: 20e9,
+            p2p_bytes_per_s: 10e9,
+            p2p_latency_s: 1e-6,
+            host_bytes_per_s: 10e9,
+        },
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_valid() {
+        for n in CLUSTER_NAMES {
+            cluster(n).unwrap().validate().unwrap();
+        }
+        for n in MODEL_NAMES {
+            let m = model(n).unwrap();
+            crate::plan::cost::validate(
+                Profile::CpuF32,
+                &m,
+                crate::plan::inventory::MicroShape { batch: 1, seq: 8 },
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_clusters_name_the_field() {
+        let mut c = cluster("a100-80g-pp8-tp8").unwrap();
+        c.tensor_parallel = 3;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            Some("cluster.tensor_parallel")
+        );
+        let mut c = cluster("a100-80g-pp8-tp8").unwrap();
+        c.memory_bytes = 0;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            Some("cluster.memory_bytes")
+        );
+        let mut c = cluster("a100-80g-pp8-tp8").unwrap();
+        c.host_bytes_per_s = f64::NAN;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            Some("cluster.host_bytes_per_s")
+        );
+    }
+}

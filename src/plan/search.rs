@@ -1,0 +1,509 @@
+//! The search: for a model, a cluster, a sequence length and a batch, every pipeline degree,
+//! micro-batch size, schedule and recompute/offload option is planned, fitted by the policy
+//! pass and simulated; the fastest plan whose every device fits wins. The answer keeps the
+//! runners-up and says why each lost; when nothing fits, a typed error names the smallest
+//! memory per device that would have fitted the closest configuration.
+
+use serde::Serialize;
+
+use super::cost;
+use super::error::{PlanError, require_positive};
+use super::inventory::{MicroShape, ModelDims};
+use super::ir::Plan;
+use super::policy::{Budget, Choices, Offload, Recompute, apply};
+use super::presets::Cluster;
+use super::schedule::{ScheduleKind, build};
+use super::simulate::{Simulation, chunk_costs};
+
+/// What to plan.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Request {
+    pub model: ModelDims,
+    pub seq_len: u32,
+    /// Sequences per optimizer step over all data-parallel replicas.
+    pub global_batch: u32,
+    /// Fixed micro-batch size; searched over 1, 2, 4, 8 when `None`.
+    pub micro_batch_size: Option<u32>,
+    /// Fixed micro-batches per replica; the global batch then follows from it.
+    pub microbatches: Option<u32>,
+    /// Fixed pipeline degree; every divisor of devices / tensor parallel when `None`.
+    pub pipeline: Option<u32>,
+    /// Fixed schedule; 1f1b, interleaved:2 and chronos when `None`.
+    pub schedule: Option<ScheduleKind>,
+    pub recompute: Recompute,
+    pub offload: Offload,
+}
+
+/// One configuration tried, and how it did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Candidate {
+    pub pipeline: u32,
+    pub data_parallel: u32,
+    pub schedule: String,
+    pub micro_batch_size: u32,
+    pub microbatches: u32,
+    pub recompute: Recompute,
+    pub offload: Offload,
+    pub choices: String,
+    pub fits: bool,
+    pub peak_bytes: u64,
+    pub host_peak_bytes: u64,
+    pub step_time_s: f64,
+    pub tokens_per_s: f64,
+    pub bubble_ratio: f64,
+    pub prefetch_stall_s: f64,
+    pub recomputed_chunks: usize,
+}
+
+/// A candidate that lost, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunnerUp {
+    pub candidate: Candidate,
+    pub why: String,
+}
+
+/// The winner, its plan and simulation, and the runners-up.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub best: Candidate,
+    pub budget_bytes: u64,
+    pub plan: Plan,
+    #[serde(skip)]
+    pub sim: Simulation,
+    pub runners_up: Vec<RunnerUp>,
+    pub candidates_tried: usize,
+}
+
+/// A planned, fitted, simulated configuration.
+pub struct Evaluated {
+    pub candidate: Candidate,
+    pub plan: Plan,
+    pub sim: Simulation,
+    pub choices: Choices,
+}
+
+/// Plans one configuration: build, fit, simulate.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    model: &ModelDims,
+    cluster: &Cluster,
+    seq: u32,
+    pipeline: u32,
+    micro_batch_size: u32,
+    microbatches: u32,
+    schedule: ScheduleKind,
+    recompute: Recompute,
+    offload: Offload,
+) -> Result<Evaluated, PlanError> {
+    let profile = cluster.profile();
+    let micro = MicroShape {
+        batch: micro_batch_size as usize,
+        seq: seq as usize,
+    };
+    cost::validate(profile, model, micro)?;
+    let plan = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    let hw = cluster.hardware();
+    let costs = chunk_costs(&plan, profile, model, micro, &hw);
+    let budget = Budget {
+        device_bytes: cluster.budget_bytes(),
+        host_bytes: cluster.host_memory_bytes,
+    };
+    let applied = apply(&plan, &costs, &hw, budget, recompute, offload)?;
+    let dp = cluster.devices / cluster.tensor_parallel / pipeline;
+    // Data-parallel replicas all-reduce gradients after the step (ring: 2(dp-1)/dp of them).
+    let grad_bytes = (0..plan.devices() as u32)
+        .map(|d| {
+            plan.chunks
+                .iter()
+                .zip(&costs)
+                .filter(|(c, _)| c.device == d)
+                .map(|(_, k)| k.grad_bytes)
+                .sum::<u64>()
+        })
+        .max()
+        .unwrap_or(0);
+    let allreduce = if dp > 1 {
+        2.0 * (dp - 1) as f64 / dp as f64 * grad_bytes as f64 / hw.p2p_bytes_per_s
+    } else {
+        0.0
+    };
+    let sim = applied.sim;
+    let step = sim.step_time_s + allreduce;
+    let tokens = dp as f64 * microbatches as f64 * micro_batch_size as f64 * seq as f64;
+    let candidate = Candidate {
+        pipeline,
+        data_parallel: dp,
+        schedule: schedule.to_string(),
+        micro_batch_size,
+        microbatches,
+        recompute,
+        offload,
+        choices: applied.choices.to_string(),
+        fits: applied.fits,
+        peak_bytes: sim.peak_bytes(),
+        host_peak_bytes: sim
+            .devices
+            .iter()
+            .map(|d| d.host_peak_bytes)
+            .max()
+            .unwrap_or(0),
+        step_time_s: step,
+        tokens_per_s: if step > 0.0 { tokens / step } else { 0.0 },
+        bubble_ratio: sim.bubble_ratio,
+        prefetch_stall_s: sim.prefetch_stall_s(),
+        recomputed_chunks: applied.choices.recomputed_chunks.len(),
+    };
+    Ok(Evaluated {
+        candidate,
+        plan: applied.plan,
+        sim,
+        choices: applied.choices,
+    })
+}
+
+fn divisors(n: u32) -> Vec<u32> {
+    (1..=n).filter(|d| n % d == 0).collect()
+}
+
+/// Finds the fastest plan that fits.
+pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
+    cluster.validate()?;
+    require_positive("seq_len", req.seq_len as u64)?;
+    let micro_probe = MicroShape {
+        batch: 1,
+        seq: req.seq_len as usize,
+    };
+    cost::validate(cluster.profile(), &req.model, micro_probe)?;
+    let stages = cluster.devices / cluster.tensor_parallel;
+    let pipelines = match req.pipeline {
+        Some(p) => {
+            if p == 0 || stages % p != 0 {
+                return Err(PlanError::invalid(
+                    "pipeline",
+                    format!("must divide the {stages} devices per tensor-parallel rank"),
+                ));
+            }
+            vec![p]
+        }
+        None => divisors(stages),
+    };
+    let schedules = |p: u32| -> Vec<ScheduleKind> {
+        match req.schedule {
+            Some(s) => vec![s],
+            None if p == 1 => vec![ScheduleKind::OneFOneB],
+            None => vec![
+                ScheduleKind::OneFOneB,
+                ScheduleKind::Interleaved {
+                    chunks_per_device: 2,
+                },
+                ScheduleKind::Chronos { in_flight: 0 },
+            ],
+        }
+    };
+    // Chronos recompute that is not needed recomputes nothing, so it covers `none`; `full`
+    // is what it ends at when everything must go.
+    let recomputes = match req.recompute {
+        Recompute::Auto => vec![Recompute::Chronos],
+        r => vec![r],
+    };
+    let offloads = match req.offload {
+        Offload::Auto => vec![Offload::None, Offload::Chronos],
+        o => vec![o],
+    };
+    let mut tried: Vec<Evaluated> = Vec::new();
+    let mut first_error = None;
+    for &p in &pipelines {
+        let dp = stages / p;
+        let shapes: Vec<(u32, u32)> = match (req.micro_batch_size, req.microbatches) {
+            (b, Some(m)) => vec![(b.unwrap_or(1), m)],
+            (Some(b), None) => vec![(b, req.global_batch / dp / b.max(1))],
+            (None, None) => [1, 2, 4, 8]
+                .into_iter()
+                .filter(|b| req.global_batch % (dp * b) == 0)
+                .map(|b| (b, req.global_batch / (dp * b)))
+                .collect(),
+        };
+        for (b, m) in shapes {
+            if m == 0 {
+                first_error.get_or_insert(PlanError::invalid(
+                    "global_batch",
+                    format!(
+                        "{} sequences cannot give each of {dp} replicas a micro-batch of {b}",
+                        req.global_batch
+                    ),
+                ));
+                continue;
+            }
+            for s in schedules(p) {
+                for &r in &recomputes {
+                    for &o in &offloads {
+                        match evaluate(&req.model, cluster, req.seq_len, p, b, m, s, r, o) {
+                            Ok(e) => tried.push(e),
+                            Err(e) => {
+                                first_error.get_or_insert(e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if tried.is_empty() {
+        return Err(first_error
+            .unwrap_or_else(|| PlanError::invalid("pipeline", "no configuration could be built")));
+    }
+    let budget = cluster.budget_bytes();
+    tried.sort_by(|a, b| {
+        let (a, b) = (&a.candidate, &b.candidate);
+        b.fits
+            .cmp(&a.fits)
+            .then(b.tokens_per_s.total_cmp(&a.tokens_per_s))
+            .then(a.peak_bytes.cmp(&b.peak_bytes))
+    });
+    let candidates_tried = tried.len();
+    if !tried[0].candidate.fits {
+        let closest = tried
+            .iter()
+            .min_by_key(|e| e.candidate.peak_bytes)
+            .map(|e| &e.candidate)
+            .expect("tried is not empty");
+        return Err(PlanError::DoesNotFit {
+            have_bytes: budget,
+            need_bytes: closest.peak_bytes,
+            closest: describe(closest),
+        });
+    }
+    let mut it = tried.into_iter();
+    let best = it.next().expect("tried is not empty");
+    let runners_up = it
+        .take(6)
+        .map(|e| RunnerUp {
+            why: why_lost(&e.candidate, &best.candidate, budget),
+            candidate: e.candidate,
+        })
+        .collect();
+    Ok(Answer {
+        best: best.candidate,
+        budget_bytes: budget,
+        plan: best.plan,
+        sim: best.sim,
+        runners_up,
+        candidates_tried,
+    })
+}
+
+/// One line naming a configuration.
+pub fn describe(c: &Candidate) -> String {
+    format!(
+        "pp{} dp{} {} mbs{} x{} recompute={} offload={}",
+        c.pipeline,
+        c.data_parallel,
+        c.schedule,
+        c.micro_batch_size,
+        c.microbatches,
+        c.recompute,
+        c.offload
+    )
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+fn why_lost(c: &Candidate, best: &Candidate, budget: u64) -> String {
+    if !c.fits {
+        return format!(
+            "does not fit: peak {} per device over the {} usable",
+            gib(c.peak_bytes),
+            gib(budget)
+        );
+    }
+    let slower = 100.0 * (1.0 - c.tokens_per_s / best.tokens_per_s.max(f64::MIN_POSITIVE));
+    let mut reasons = Vec::new();
+    if c.bubble_ratio > best.bubble_ratio + 0.005 {
+        reasons.push(format!(
+            "bubble {:.1}% vs {:.1}%",
+            100.0 * c.bubble_ratio,
+            100.0 * best.bubble_ratio
+        ));
+    }
+    if c.recomputed_chunks > best.recomputed_chunks {
+        reasons.push(format!("recomputes {} chunks", c.recomputed_chunks));
+    }
+    if c.prefetch_stall_s > best.prefetch_stall_s + 1e-3 {
+        reasons.push(format!("waits {:.3} s on prefetches", c.prefetch_stall_s));
+    }
+    if c.data_parallel > 1 && c.data_parallel != best.data_parallel {
+        reasons.push(format!("{}-way gradient all-reduce", c.data_parallel));
+    }
+    if reasons.is_empty() {
+        reasons.push("equal on every count; ranked by order".into());
+    }
+    format!("{slower:.1}% slower: {}", reasons.join(", "))
+}
+
+/// One row of `plan capacity`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CapacityRow {
+    pub name: String,
+    pub max_layers: u32,
+    pub params: u64,
+    pub tokens_per_s: f64,
+    pub peak_bytes: u64,
+    /// tokens/s x layers: the work rate, comparable across model depths.
+    pub layer_tokens_per_s: f64,
+}
+
+/// The strategies `plan capacity` compares.
+pub fn capacity_strategies() -> Vec<(&'static str, ScheduleKind, Recompute, Offload)> {
+    let chronos = ScheduleKind::Chronos { in_flight: 0 };
+    vec![
+        (
+            "1f1b",
+            ScheduleKind::OneFOneB,
+            Recompute::None,
+            Offload::None,
+        ),
+        (
+            "1f1b+recompute",
+            ScheduleKind::OneFOneB,
+            Recompute::Full,
+            Offload::None,
+        ),
+        (
+            "interleaved",
+            ScheduleKind::Interleaved {
+                chunks_per_device: 2,
+            },
+            Recompute::None,
+            Offload::None,
+        ),
+        ("chronos-pipe", chronos, Recompute::None, Offload::None),
+        (
+            "chronos-pipe+recomp",
+            chronos,
+            Recompute::Chronos,
+            Offload::None,
+        ),
+        ("chronos", chronos, Recompute::Chronos, Offload::Chronos),
+    ]
+}
+
+/// The work rate `plan capacity` holds Chronos to in its extra row, relative to 1F1B's.
+pub const CAPACITY_RATE_FLOOR: f64 = 0.9;
+
+/// For each strategy, the most decoder layers that fit (all devices in one pipeline, the
+/// model's other dimensions fixed) and the simulated throughput there. A last row gives the
+/// most layers `chronos` fits while its work rate (tokens/s x layers) stays at least
+/// `CAPACITY_RATE_FLOOR` of 1F1B's: beyond the plain maximum, recomputing trades speed for
+/// depth.
+pub fn capacity(
+    model: &ModelDims,
+    cluster: &Cluster,
+    seq: u32,
+    micro_batch_size: u32,
+    microbatches: u32,
+) -> Result<Vec<CapacityRow>, PlanError> {
+    cluster.validate()?;
+    require_positive("microbatches", microbatches as u64)?;
+    let p = cluster.devices / cluster.tensor_parallel;
+    let strategies = capacity_strategies();
+    let shape = (micro_batch_size, microbatches);
+    let mut rows = Vec::new();
+    for &strategy in &strategies {
+        let least = p * strategy.1.chunks_per_device();
+        rows.push(deepest(
+            model, cluster, seq, p, shape, strategy, least, 0.0,
+        )?);
+    }
+    let floor = CAPACITY_RATE_FLOOR * rows[0].layer_tokens_per_s;
+    let (_, schedule, r, o) = strategies[strategies.len() - 1];
+    // Shallow models pay relatively more for the embedding, head and optimizer step, so the
+    // rate is searched upward from the depth plain chronos-pipe reaches.
+    let start = rows[3].max_layers.max(p * schedule.chunks_per_device());
+    let strategy = ("chronos@0.9x-rate", schedule, r, o);
+    rows.push(deepest(
+        model, cluster, seq, p, shape, strategy, start, floor,
+    )?);
+    Ok(rows)
+}
+
+/// The most layers that fit with a work rate of at least `min_rate`, found by doubling and
+/// bisecting (fitting, and the rate, fall with depth).
+#[allow(clippy::too_many_arguments)]
+fn deepest(
+    model: &ModelDims,
+    cluster: &Cluster,
+    seq: u32,
+    p: u32,
+    (micro_batch_size, microbatches): (u32, u32),
+    (name, schedule, r, o): (&str, ScheduleKind, Recompute, Offload),
+    least: u32,
+    min_rate: f64,
+) -> Result<CapacityRow, PlanError> {
+    let at = |layers: u32| -> Result<Option<Evaluated>, PlanError> {
+        let m = ModelDims {
+            layers: layers as usize,
+            ..*model
+        };
+        let e = evaluate(
+            &m,
+            cluster,
+            seq,
+            p,
+            micro_batch_size,
+            microbatches,
+            schedule,
+            r,
+            o,
+        )?;
+        let ok = e.candidate.fits && e.candidate.tokens_per_s * layers as f64 >= min_rate;
+        Ok(ok.then_some(e))
+    };
+    let Some(mut best) = at(least)? else {
+        return Ok(CapacityRow {
+            name: name.to_string(),
+            max_layers: 0,
+            params: 0,
+            tokens_per_s: 0.0,
+            peak_bytes: 0,
+            layer_tokens_per_s: 0.0,
+        });
+    };
+    let (mut lo, mut hi) = (least, least * 2);
+    while hi < 1 << 16 {
+        match at(hi)? {
+            Some(e) => {
+                best = e;
+                lo = hi;
+                hi *= 2;
+            }
+            None => break,
+        }
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match at(mid)? {
+            Some(e) => {
+                best = e;
+                lo = mid;
+            }
+            None => hi = mid,
+        }
+    }
+    let m = ModelDims {
+        layers: lo as usize,
+        ..*model
+    };
+    Ok(CapacityRow {
+        name: name.to_string(),
+        max_layers: lo,
+        params: cost::model_params(&m),
+        tokens_per_s: best.candidate.tokens_per_s,
+        peak_bytes: best.candidate.peak_bytes,
+        layer_tokens_per_s: best.candidate.tokens_per_s * lo as f64,
+    })
+}
+
+#[cfg(test)]
+mod tests;
