@@ -407,9 +407,8 @@ fn realize(
                         continue;
                     }
                     let o = |slice| Group::Optimizer { chunk, slice };
-                    let bytes = costs[chunk as usize].optimizer_bytes;
                     let need = when.get(&a).copied().unwrap_or(0.0);
-                    let lead = copy(slice_bytes(bytes, slices as usize, 0));
+                    let lead = copy(slice_bytes(&costs[chunk as usize], slices as usize, 0));
                     let pre = compute_before(need - lead, after_last_state_offload);
                     inserts.push((pre.min(i), 1, Action::Prefetch(o(0))));
                     // Slice s+1 comes in while slice s is stepped and goes out: at most two

@@ -265,7 +265,7 @@ pub fn simulate(
             GRADS,
         );
         for slice in 0..k {
-            let bytes = slice_bytes(cost.optimizer_bytes, k, slice);
+            let bytes = slice_bytes(cost, k, slice);
             start(
                 optimizer[c * k + slice].device_since.is_some(),
                 bytes,
@@ -557,10 +557,16 @@ pub fn simulate(
     })
 }
 
-/// Bytes of slice `slice` of `k` of a chunk's optimizer state (the first ones take the rest).
-pub fn slice_bytes(total: u64, k: usize, slice: usize) -> u64 {
+/// Bytes of slice `slice` of `k` of a chunk's optimizer state. Slices split the chunk's
+/// parameters (not bytes): `params / k` each, the first ones one more, as the executor does.
+/// Costs given in bytes alone (no parameter count) split the bytes instead.
+pub fn slice_bytes(cost: &ChunkCost, k: usize, slice: usize) -> u64 {
     let k = k.max(1) as u64;
-    total / k + u64::from((slice as u64) < total % k)
+    let share = |total: u64| total / k + u64::from((slice as u64) < total % k);
+    match cost.optimizer_bytes.checked_div(cost.params) {
+        Some(per_param) => share(cost.params) * per_param,
+        None => share(cost.optimizer_bytes),
+    }
 }
 
 /// When a group used by compute is on the device; never, if it stays on the host.
@@ -594,7 +600,7 @@ fn group_of<'a>(
         ),
         Group::Optimizer { chunk, slice } => (
             &mut optimizer[chunk as usize * k + slice as usize],
-            slice_bytes(cost.optimizer_bytes, k, slice as usize),
+            slice_bytes(cost, k, slice as usize),
             OPTIMIZER,
         ),
     }

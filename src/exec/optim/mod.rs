@@ -93,6 +93,76 @@ impl PartOptimState {
     }
 }
 
+/// The constants of one step's update, computed once (PyTorch computes the bias corrections
+/// in f64 and hands f32 values to its kernels; so do we).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UpdateCoeffs {
+    lr: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    decay: f32,
+}
+
+impl OptimizerConfig {
+    /// Coefficients for step `step` (counted from 1, as PyTorch's bias correction does).
+    pub fn coeffs(&self, step: u64, lr: f32) -> UpdateCoeffs {
+        match *self {
+            OptimizerConfig::Sgd => UpdateCoeffs {
+                lr,
+                step_size: lr,
+                bc2_sqrt: 1.0,
+                decay: 1.0,
+            },
+            OptimizerConfig::AdamW {
+                beta1,
+                beta2,
+                weight_decay,
+                ..
+            } => {
+                let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
+                let bc2_sqrt = (1.0 - (beta2 as f64).powi(step as i32)).sqrt();
+                UpdateCoeffs {
+                    lr,
+                    step_size: (lr as f64 / bc1) as f32,
+                    bc2_sqrt: bc2_sqrt as f32,
+                    decay: 1.0 - lr * weight_decay,
+                }
+            }
+        }
+    }
+}
+
+/// Updates weights `w` from gradients `g` element by element; `m` and `v` are AdamW's moments
+/// for the same elements (empty for SGD). Any split of a tensor into ranges gives the same bits.
+pub fn update_elements(
+    config: &OptimizerConfig,
+    c: &UpdateCoeffs,
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    match *config {
+        OptimizerConfig::Sgd => {
+            for (w, g) in w.iter_mut().zip(g) {
+                *w -= c.lr * g;
+            }
+        }
+        OptimizerConfig::AdamW {
+            beta1, beta2, eps, ..
+        } => {
+            let rows = w.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut()));
+            for ((w, &g), (m, v)) in rows {
+                *w *= c.decay;
+                *m += (g - *m) * (1.0 - beta1);
+                *v = *v * beta2 + (1.0 - beta2) * g * g;
+                let denom = v.sqrt() / c.bc2_sqrt + eps;
+                *w -= c.step_size * (*m / denom);
+            }
+        }
+    }
+}
+
 /// Applies one update to `part` with its (already clipped) gradients. `step` counts from 1,
 /// as PyTorch's bias correction does.
 pub fn step_part(
@@ -102,46 +172,14 @@ pub fn step_part(
     part: &mut PartParams,
     state: &mut PartOptimState,
 ) {
-    match *config {
-        OptimizerConfig::Sgd => {
-            for (w, g) in part.weights.iter_mut().zip(&part.grads) {
-                for (w, g) in w.data_mut().iter_mut().zip(g.data()) {
-                    *w -= lr * g;
-                }
-            }
-        }
-        OptimizerConfig::AdamW {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } => {
-            // Python computes these in f64 and hands them to f32 kernels.
-            let bc1 = 1.0 - (beta1 as f64).powi(step as i32);
-            let bc2_sqrt = (1.0 - (beta2 as f64).powi(step as i32)).sqrt();
-            let step_size = (lr as f64 / bc1) as f32;
-            let bc2_sqrt = bc2_sqrt as f32;
-            let decay = 1.0 - lr * weight_decay;
-            let tensors = part
-                .weights
-                .iter_mut()
-                .zip(&part.grads)
-                .zip(state.exp_avg.iter_mut().zip(state.exp_avg_sq.iter_mut()));
-            for ((w, g), (m, v)) in tensors {
-                let rows = w
-                    .data_mut()
-                    .iter_mut()
-                    .zip(g.data())
-                    .zip(m.data_mut().iter_mut().zip(v.data_mut().iter_mut()));
-                for ((w, &g), (m, v)) in rows {
-                    *w *= decay;
-                    *m += (g - *m) * (1.0 - beta1);
-                    *v = *v * beta2 + (1.0 - beta2) * g * g;
-                    let denom = v.sqrt() / bc2_sqrt + eps;
-                    *w -= step_size * (*m / denom);
-                }
-            }
-        }
+    let c = config.coeffs(step, lr);
+    for (i, (w, g)) in part.weights.iter_mut().zip(&part.grads).enumerate() {
+        let (m, v): (&mut [f32], &mut [f32]) =
+            match (state.exp_avg.get_mut(i), state.exp_avg_sq.get_mut(i)) {
+                (Some(m), Some(v)) => (m.data_mut(), v.data_mut()),
+                _ => (&mut [], &mut []),
+            };
+        update_elements(config, &c, w.data_mut(), g.data(), m, v);
     }
 }
 

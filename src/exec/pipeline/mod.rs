@@ -9,6 +9,7 @@
 //! the receiver's, an offload gives them back and a prefetch takes them when the action runs.
 //! On CPU devices the host pool is the same memory, so a move is bookkeeping and never stalls.
 
+mod chunk;
 mod mailbox;
 mod step_sync;
 mod worker;
@@ -19,6 +20,7 @@ use thiserror::Error;
 
 use crate::data::Microbatch;
 use crate::exec::backend::Backend;
+use crate::exec::checkpoint::CheckpointError;
 use crate::exec::device::{DeviceError, DeviceSet};
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::schedule::LrSchedule;
@@ -27,9 +29,9 @@ use crate::exec::train::StepReport;
 use crate::plan::ir::{Action, Group, Plan};
 use crate::plan::validate::validate;
 
+pub use chunk::ChunkState;
 use mailbox::{Abort, Mailbox};
 use step_sync::StepSync;
-pub use worker::ChunkState;
 use worker::{DeviceWorker, StepContext};
 
 #[derive(Debug, Error)]
@@ -75,6 +77,10 @@ pub enum PipelineError {
     EmptyChunk,
     #[error("group {group} belongs to a micro-batch, not to a chunk")]
     NotChunkGroup { group: Group },
+    #[error("group {group} names an optimizer slice the plan does not have")]
+    NoSuchSlice { group: Group },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("device {device} does not exist")]
     NoSuchDevice { device: u32 },
     #[error("device {device} ended its program with {leftovers} tensors never used")]
@@ -163,34 +169,26 @@ impl Pipeline {
             let count =
                 spec.layers() as usize + usize::from(spec.embedding) + usize::from(spec.head);
             let pool = &devices.devices[spec.device as usize];
-            let mut chunk_parts = Vec::with_capacity(count);
-            for part in parts.by_ref().take(count) {
-                chunk_parts.push(move_part(part, pool)?);
-            }
-            let states = chunk_parts
-                .iter()
-                .map(|p| PartOptimState::allocate(pool, &optimizer, p))
+            let chunk_parts = parts
+                .by_ref()
+                .take(count)
+                .map(|part| move_part(part, &devices.host))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut state = ChunkState {
-                index: index as u32,
-                parts: chunk_parts,
-                states,
-                weights_on_host: false,
-                grads_on_host: false,
-                optimizer_on_host: false,
-            };
-            // A program is one step that repeats: a group starts where the program leaves it.
-            for group in [
-                Group::Weights {
-                    chunk: index as u32,
-                },
-                Group::Grads {
-                    chunk: index as u32,
-                },
-                Group::Optimizer {
-                    chunk: index as u32,
-                },
-            ] {
+            let chunk = index as u32;
+            // Built on the host, then each group goes to the device unless the program leaves
+            // it on the host (a program is one step that repeats), so no device ever holds
+            // more than it will in a step.
+            let mut state = ChunkState::new_on_host(
+                chunk,
+                chunk_parts,
+                &optimizer,
+                plan.optimizer_slices,
+                &devices.host,
+            )?;
+            let groups = [Group::Weights { chunk }, Group::Grads { chunk }]
+                .into_iter()
+                .chain((0..plan.optimizer_slices).map(|slice| Group::Optimizer { chunk, slice }));
+            for group in groups {
                 let last_move = plan.programs[spec.device as usize]
                     .iter()
                     .rev()
@@ -199,8 +197,8 @@ impl Pipeline {
                         Action::Prefetch(g) if *g == group => Some(false),
                         _ => None,
                     });
-                if last_move == Some(true) {
-                    state.place(group, &devices.host, true)?;
+                if last_move != Some(true) {
+                    state.place(group, pool, false)?;
                 }
             }
             chunks[spec.device as usize].push(state);
@@ -218,28 +216,41 @@ impl Pipeline {
         })
     }
 
-    /// Every part with its optimizer state, in model order (for checkpoints).
-    pub fn parts(&self) -> Vec<(&PartParams, &PartOptimState)> {
+    /// Every part, in model order.
+    pub fn parts(&self) -> Vec<&PartParams> {
         let mut all: Vec<_> = self
             .chunks
             .iter()
             .flatten()
-            .flat_map(|c| c.parts.iter().zip(&c.states))
+            .flat_map(|c| &c.parts)
             .collect();
-        all.sort_by_key(|(p, _)| p.id);
+        all.sort_by_key(|p| p.id);
         all
     }
 
-    /// Mutable access in model order (to load a checkpoint into the placed model).
-    pub fn parts_mut(&mut self) -> Vec<(&mut PartParams, &mut PartOptimState)> {
-        let mut all: Vec<_> = self
-            .chunks
-            .iter_mut()
-            .flatten()
-            .flat_map(|c| c.parts.iter_mut().zip(c.states.iter_mut()))
-            .collect();
+    /// Every part with a copy of its optimizer state (made in the host pool), in model order.
+    pub fn parts_with_state(&self) -> Result<Vec<(&PartParams, PartOptimState)>, DeviceError> {
+        let mut all = Vec::new();
+        for chunk in self.chunks.iter().flatten() {
+            let states = chunk.gather_states(&self.optimizer, &self.devices.host)?;
+            all.extend(chunk.parts.iter().zip(states));
+        }
         all.sort_by_key(|(p, _)| p.id);
-        all
+        Ok(all)
+    }
+
+    /// Runs `load` on each chunk's parts and a per-part copy of its optimizer state, then
+    /// keeps what it loaded (a checkpoint, say).
+    pub fn load_state(
+        &mut self,
+        mut load: impl FnMut(&mut [PartParams], &mut [PartOptimState]) -> Result<(), CheckpointError>,
+    ) -> Result<(), PipelineError> {
+        for chunk in self.chunks.iter_mut().flatten() {
+            let mut states = chunk.gather_states(&self.optimizer, &self.devices.host)?;
+            load(&mut chunk.parts, &mut states)?;
+            chunk.scatter_states(&states);
+        }
+        Ok(())
     }
 
     /// Each device's measured peak bytes so far.

@@ -8,26 +8,17 @@ use crate::exec::backend::Backend;
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::part::{MicroTokens, PartOutput, PartStash, backward_part, forward_part};
 use crate::exec::model::{LlamaConfig, PartCtx, PartParams};
+
+use super::chunk::ChunkState;
+use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::clip::{clip_factor, part_squares};
 use crate::exec::optim::schedule::LrSchedule;
-use crate::exec::optim::{OptimizerConfig, PartOptimState, update_parts};
 use crate::exec::tensor::Tensor;
 use crate::plan::ir::{Action, Group};
 
 use super::PipelineError;
 use super::mailbox::{Abort, Mailbox, Message, MessageKey, MessageKind};
 use super::step_sync::{StepSync, StepTotals};
-
-/// A chunk's parameters and optimizer state, and where each group lives now.
-#[derive(Debug)]
-pub struct ChunkState {
-    pub index: u32,
-    pub parts: Vec<PartParams>,
-    pub states: Vec<PartOptimState>,
-    pub weights_on_host: bool,
-    pub grads_on_host: bool,
-    pub optimizer_on_host: bool,
-}
 
 /// What a forward leaves for its backward.
 #[derive(Debug)]
@@ -181,7 +172,7 @@ impl<'a> DeviceWorker<'a> {
             }
             Action::Offload(group) => self.relocate(cx, group, true),
             Action::Prefetch(group) => self.relocate(cx, group, false),
-            Action::Step { chunk } => self.timed(|w| w.optimizer_step(cx, chunk)),
+            Action::Step { chunk, slice } => self.timed(|w| w.optimizer_step(cx, chunk, slice)),
         }
     }
 
@@ -411,8 +402,13 @@ impl<'a> DeviceWorker<'a> {
     }
 
     /// The first step action meets the other devices for the global norm and loss; every
-    /// step action then updates its chunk.
-    fn optimizer_step(&mut self, cx: &StepContext<'_>, chunk: u32) -> Result<(), PipelineError> {
+    /// step action then updates its slice of its chunk.
+    fn optimizer_step(
+        &mut self,
+        cx: &StepContext<'_>,
+        chunk: u32,
+        slice: u32,
+    ) -> Result<(), PipelineError> {
         let totals = match self.totals {
             Some(t) => t,
             None => {
@@ -432,11 +428,6 @@ impl<'a> DeviceWorker<'a> {
             }
         };
         let state = self.chunk(chunk)?;
-        if state.weights_on_host || state.grads_on_host || state.optimizer_on_host {
-            return Err(PipelineError::GroupOnHost {
-                group: Group::Optimizer { chunk },
-            });
-        }
         if !totals.grad_norm.is_finite() || !totals.loss_sum.is_finite() {
             // Leave the weights as they were; the caller reports which value went bad.
             state.parts.iter_mut().for_each(PartParams::zero_grads);
@@ -445,16 +436,8 @@ impl<'a> DeviceWorker<'a> {
         let factor = cx
             .grad_clip
             .map_or(1.0, |c| clip_factor(totals.grad_norm, c));
-        let lr = cx.schedule.lr_at(cx.step);
-        update_parts(
-            cx.optimizer,
-            cx.step + 1,
-            lr,
-            factor,
-            &mut state.parts,
-            &mut state.states,
-        );
-        Ok(())
+        let coeffs = cx.optimizer.coeffs(cx.step + 1, cx.schedule.lr_at(cx.step));
+        state.step_slice(cx.optimizer, &coeffs, factor, slice)
     }
 
     /// Offload (`to_host`) or prefetch a group. The device's bytes are given back or taken
@@ -495,7 +478,7 @@ impl<'a> DeviceWorker<'a> {
                 };
                 self.stashes.insert((mb, chunk), (moved, to_host));
             }
-            Group::Weights { chunk } | Group::Grads { chunk } | Group::Optimizer { chunk } => {
+            Group::Weights { chunk } | Group::Grads { chunk } | Group::Optimizer { chunk, .. } => {
                 let state = self.chunk(chunk)?;
                 if state.on_host(group) == to_host {
                     return Err(PipelineError::AlreadyThere {
@@ -505,53 +488,6 @@ impl<'a> DeviceWorker<'a> {
                 }
                 state.place(group, target, to_host)?;
             }
-        }
-        Ok(())
-    }
-}
-
-impl ChunkState {
-    /// Whether a weights, gradients or optimizer-state group is on the host now.
-    pub fn on_host(&self, group: Group) -> bool {
-        match group {
-            Group::Weights { .. } => self.weights_on_host,
-            Group::Grads { .. } => self.grads_on_host,
-            Group::Optimizer { .. } => self.optimizer_on_host,
-            Group::Stash { .. } => false,
-        }
-    }
-
-    /// Moves a weights, gradients or optimizer-state group into `pool` (the host's when
-    /// `to_host`). Stashes are not a chunk's: they move with `DeviceWorker::relocate`.
-    pub fn place(
-        &mut self,
-        group: Group,
-        pool: &PoolRef,
-        to_host: bool,
-    ) -> Result<(), PipelineError> {
-        let move_all = |v: &mut Vec<Tensor>, g: MemGroup| -> Result<(), PipelineError> {
-            let moved = std::mem::take(v)
-                .into_iter()
-                .map(|t| t.transfer(pool, g))
-                .collect::<Result<Vec<_>, _>>()?;
-            *v = moved;
-            Ok(())
-        };
-        for (part, opt) in self.parts.iter_mut().zip(self.states.iter_mut()) {
-            match group {
-                Group::Weights { .. } => move_all(&mut part.weights, MemGroup::Weights)?,
-                Group::Grads { .. } => move_all(&mut part.grads, MemGroup::Gradients)?,
-                Group::Optimizer { .. } => {
-                    move_all(&mut opt.exp_avg, MemGroup::OptimizerState)?;
-                    move_all(&mut opt.exp_avg_sq, MemGroup::OptimizerState)?;
-                }
-                Group::Stash { .. } => return Err(PipelineError::NotChunkGroup { group }),
-            }
-        }
-        match group {
-            Group::Weights { .. } => self.weights_on_host = to_host,
-            Group::Grads { .. } => self.grads_on_host = to_host,
-            _ => self.optimizer_on_host = to_host,
         }
         Ok(())
     }
