@@ -25,6 +25,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Plan a pipeline-parallel schedule that fits the devices' memory.
     Plan(crate::plan_cmd::PlanArgs),
+    /// Train a job spec on this machine's devices, without the service.
+    Train(crate::train_cmd::TrainArgs),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]

@@ -12,3 +12,4 @@ pub mod plan;
 pub mod plan_cmd;
 pub mod spec;
 pub mod telemetry;
+pub mod train_cmd;

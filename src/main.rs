@@ -13,6 +13,12 @@ fn main() -> anyhow::Result<()> {
             telemetry::init(settings.log_format);
             serve(settings)
         }
+        Command::Train(args) => {
+            telemetry::init(cli.log_format.unwrap_or_default());
+            let summary = chronospipe::train_cmd::run(&args)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
         Command::Plan(args) => {
             print!("{}", chronospipe::plan_cmd::run(&args)?);
             Ok(())

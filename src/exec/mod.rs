@@ -9,5 +9,6 @@ pub mod kernels;
 pub mod model;
 pub mod optim;
 pub mod pipeline;
+pub mod run;
 pub mod tensor;
 pub mod train;

@@ -64,7 +64,7 @@ impl Cluster {
         require_positive("cluster.devices", self.devices as u64)?;
         require_positive("cluster.tensor_parallel", self.tensor_parallel as u64)?;
         require_positive("cluster.memory_bytes", self.memory_bytes)?;
-        if self.devices % self.tensor_parallel != 0 {
+        if !self.devices.is_multiple_of(self.tensor_parallel) {
             return Err(PlanError::invalid(
                 "cluster.tensor_parallel",
                 format!(
@@ -94,10 +94,17 @@ impl Cluster {
         for (field, v) in [
             ("cluster.peak_flops", self.peak_flops),
             ("cluster.hbm_bytes_per_s", self.hbm_bytes_per_s),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(PlanError::invalid(field, "must be a positive number"));
+            }
+        }
+        // Infinite link speeds stand for in-process hand-overs (CPU devices).
+        for (field, v) in [
             ("cluster.p2p_bytes_per_s", self.p2p_bytes_per_s),
             ("cluster.host_bytes_per_s", self.host_bytes_per_s),
         ] {
-            if !(v > 0.0 && v.is_finite()) {
+            if v.is_nan() || v <= 0.0 {
                 return Err(PlanError::invalid(field, "must be a positive number"));
             }
         }
@@ -108,6 +115,30 @@ impl Cluster {
             ));
         }
         Ok(())
+    }
+
+    /// `devices` CPU devices of `memory_bytes` each, as the embedded executor runs them: its
+    /// pools count every byte, so nothing is reserved. Sends, offloads and prefetches between
+    /// CPU devices and the host hand a buffer over without copying it, so they take no time
+    /// and free the sender's bytes at once, as the executor counts them. The compute speed is
+    /// rough (one core's share of a 2-core machine); only memory has to be exact.
+    pub fn cpu(devices: u32, memory_bytes: u64) -> Cluster {
+        Cluster {
+            name: format!("cpu-{devices}x{memory_bytes}"),
+            devices,
+            tensor_parallel: 1,
+            memory_bytes,
+            reserve_fraction: 0.0,
+            host_memory_bytes: 4 * GIB,
+            profile: ProfileName::CpuF32,
+            flash_attention: true,
+            peak_flops: 50e9,
+            efficiency: 0.5,
+            hbm_bytes_per_s: 20e9,
+            p2p_bytes_per_s: f64::INFINITY,
+            p2p_latency_s: 0.0,
+            host_bytes_per_s: f64::INFINITY,
+        }
     }
 
     /// Usable bytes per device.
@@ -196,19 +227,7 @@ pub fn cluster(name: &str) -> Option<Cluster> {
         // Four CPU devices of 1 GiB, as the embedded executor runs them.
         "cpu-4x1g" => Cluster {
             name: name.to_string(),
-            devices: 4,
-            tensor_parallel: 1,
-            memory_bytes: GIB,
-            reserve_fraction: 0.0,
-            host_memory_bytes: 4 * GIB,
-            profile: ProfileName::CpuF32,
-            flash_attention: true,
-            peak_flops: 50e9,
-            efficiency: 0.5,
-            hbm_bytes_per_s: 20e9,
-            p2p_bytes_per_s: 10e9,
-            p2p_latency_s: 1e-6,
-            host_bytes_per_s: 10e9,
+            ..Cluster::cpu(4, GIB)
         },
         _ => return None,
     })

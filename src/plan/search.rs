@@ -162,7 +162,7 @@ pub fn evaluate(
 }
 
 fn divisors(n: u32) -> Vec<u32> {
-    (1..=n).filter(|d| n % d == 0).collect()
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }
 
 /// Finds the fastest plan that fits.
@@ -177,7 +177,7 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
     let stages = cluster.devices / cluster.tensor_parallel;
     let pipelines = match req.pipeline {
         Some(p) => {
-            if p == 0 || stages % p != 0 {
+            if p == 0 || !stages.is_multiple_of(p) {
                 return Err(PlanError::invalid(
                     "pipeline",
                     format!("must divide the {stages} devices per tensor-parallel rank"),
@@ -219,7 +219,7 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
             (Some(b), None) => vec![(b, req.global_batch / dp / b.max(1))],
             (None, None) => [1, 2, 4, 8]
                 .into_iter()
-                .filter(|b| req.global_batch % (dp * b) == 0)
+                .filter(|b| req.global_batch.is_multiple_of(dp * b))
                 .map(|b| (b, req.global_batch / (dp * b)))
                 .collect(),
         };

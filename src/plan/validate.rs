@@ -157,15 +157,15 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
     let mut pc = vec![0usize; devices];
     loop {
         let mut progress = false;
-        for d in 0..devices {
-            while pc[d] < plan.programs[d].len() {
-                match step(plan, &mut s, d, plan.programs[d][pc[d]]) {
+        for (d, next) in pc.iter_mut().enumerate() {
+            while *next < plan.programs[d].len() {
+                match step(plan, &mut s, d, plan.programs[d][*next]) {
                     Ok(true) => {
-                        pc[d] += 1;
+                        *next += 1;
                         progress = true;
                     }
                     Ok(false) => break,
-                    Err(message) => return Err(fail(plan, d, pc[d], message)),
+                    Err(message) => return Err(fail(plan, d, *next, message)),
                 }
             }
         }

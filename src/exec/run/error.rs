@@ -1,0 +1,88 @@
+//! Why a run could not start or go on, and whose fault that is.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use crate::data::DataError;
+use crate::exec::checkpoint::CheckpointError;
+use crate::exec::device::DeviceError;
+use crate::exec::model::ModelError;
+use crate::exec::pipeline::PipelineError;
+use crate::plan::PlanError;
+use crate::spec::SpecError;
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("invalid job spec: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Spec(Vec<SpecError>),
+    #[error("devices {spec:?}: {reason}")]
+    Devices { spec: String, reason: String },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("{path}: {reason}")]
+    Io { path: PathBuf, reason: String },
+    /// The observer (a progress display, the job store) could not take a report.
+    #[error("{0}")]
+    Observer(String),
+}
+
+/// Whose fault an error is, a stable code and, where one field is at fault, its JSON path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blame {
+    pub user: bool,
+    pub code: &'static str,
+    pub param: Option<String>,
+}
+
+impl RunError {
+    pub(super) fn io(path: &Path, e: std::io::Error) -> Self {
+        RunError::Io {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    }
+
+    pub fn blame(&self) -> Blame {
+        let user = |code, param: Option<&str>| Blame {
+            user: true,
+            code,
+            param: param.map(str::to_owned),
+        };
+        match self {
+            RunError::Spec(errors) => {
+                user("invalid_spec", errors.first().map(|e| e.param.as_str()))
+            }
+            RunError::Devices { .. } => user("invalid_devices", Some("devices")),
+            RunError::Plan(PlanError::DoesNotFit { .. }) => user("does_not_fit", Some("devices")),
+            RunError::Plan(_) => user("invalid_plan", Some("parallelism")),
+            RunError::Data(_) => user("invalid_data", Some("data.train")),
+            RunError::Checkpoint(_) => user("invalid_model", Some("model.init.from")),
+            RunError::Model(_) => user("invalid_model", Some("model")),
+            RunError::Pipeline(
+                PipelineError::NonFiniteLoss { .. } | PipelineError::NonFiniteGradNorm { .. },
+            ) => user("diverged", Some("training.optimizer.lr")),
+            RunError::Device(DeviceError::OutOfMemory(_))
+            | RunError::Pipeline(PipelineError::Device(DeviceError::OutOfMemory(_))) => Blame {
+                user: false,
+                code: "out_of_memory",
+                param: None,
+            },
+            _ => Blame {
+                user: false,
+                code: "internal",
+                param: None,
+            },
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! `chronospipe train JOB.json`: plans, trains with a progress line, writes checkpoints under
+//! `--out` (`step-<k>/` and `final/`) and `summary.json` at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::exec::run::{Observer, Outcome, Run, RunError, StepMetrics, drive};
+use crate::plan::render;
+use crate::spec::JobSpec;
+
+/// Devices used when neither the job nor `--devices` names any.
+pub const DEFAULT_DEVICES: &str = "cpu:1x4GiB";
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The job spec (JSON): model, data, training, parallelism, devices.
+    pub job: PathBuf,
+    /// Where checkpoints and summary.json go.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    /// Devices, e.g. `cpu:4x256MiB`; overrides the job's `devices`.
+    #[arg(long)]
+    pub devices: Option<String>,
+    /// Train this many steps instead of the job's `training.steps`.
+    #[arg(long)]
+    pub steps: Option<u64>,
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub plan: String,
+    pub devices: Vec<DeviceSummary>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceSummary {
+    pub device: usize,
+    pub measured_peak_bytes: u64,
+    pub predicted_peak_bytes: u64,
+}
+
+/// Prints the plan and a progress line per step to standard error.
+struct Progress {
+    out: PathBuf,
+    total: u64,
+    started: Instant,
+    tokens: u64,
+    last_loss: Option<f64>,
+}
+
+impl Observer for Progress {
+    fn plan_chosen(&mut self, run: &Run) -> Result<(), RunError> {
+        eprint!("{}", render::text(&run.answer));
+        Ok(())
+    }
+
+    fn step(&mut self, m: &StepMetrics) -> Result<(), RunError> {
+        self.tokens += m.tokens;
+        self.last_loss = Some(m.loss);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta = elapsed / m.step as f64 * (self.total - m.step) as f64;
+        let width = 30;
+        let done = (width as u64 * m.step / self.total.max(1)) as usize;
+        eprint!(
+            "\r[{}{}] step {}/{} loss {:.4} {:.0} tok/s eta {:.0}s ",
+            "#".repeat(done),
+            ".".repeat(width - done),
+            m.step,
+            self.total,
+            m.loss,
+            self.tokens as f64 / elapsed.max(1e-9),
+            eta
+        );
+        if m.step == self.total {
+            eprintln!();
+        }
+        std::io::stderr()
+            .flush()
+            .map_err(|e| RunError::Observer(e.to_string()))
+    }
+
+    fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf {
+        if last {
+            self.out.join("final")
+        } else {
+            self.out.join(format!("step-{step}"))
+        }
+    }
+}
+
+/// Runs the command; returns the summary it wrote.
+pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
+    let text = std::fs::read_to_string(&args.job)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.job.display()))?;
+    let mut spec = JobSpec::from_json(&text)?;
+    resolve_paths(&mut spec, args.job.parent().unwrap_or(Path::new(".")));
+    if let Some(steps) = args.steps {
+        spec.training.steps = steps;
+    }
+    if let Some(devices) = &args.devices {
+        spec.devices = Some(devices.clone());
+    }
+    let mut run = Run::prepare(spec, DEFAULT_DEVICES)?;
+    let mut progress = Progress {
+        out: args.out.clone(),
+        total: run.total_steps(),
+        started: Instant::now(),
+        tokens: 0,
+        last_loss: None,
+    };
+    let outcome = drive(&mut run, &mut progress)?;
+    debug_assert!(matches!(outcome, Outcome::Completed { .. }));
+    let elapsed = progress.started.elapsed().as_secs_f64();
+    let predicted = run.predicted_peaks();
+    let summary = Summary {
+        steps: run.step(),
+        final_loss: progress.last_loss,
+        tokens_per_s: progress.tokens as f64 / elapsed.max(1e-9),
+        plan: run.answer.best.choices.clone(),
+        devices: run
+            .measured_peaks()
+            .into_iter()
+            .zip(predicted)
+            .enumerate()
+            .map(|(device, (measured, predicted))| DeviceSummary {
+                device,
+                measured_peak_bytes: measured,
+                predicted_peak_bytes: predicted,
+            })
+            .collect(),
+    };
+    let path = args.out.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(summary)
+}
+
+/// Relative data, tokenizer and model paths are relative to the job file.
+fn resolve_paths(spec: &mut JobSpec, base: &Path) {
+    let fix = |p: &mut String| {
+        let path = Path::new(p.as_str());
+        if path.is_relative() && !base.as_os_str().is_empty() && base.join(path).exists() {
+            *p = base.join(path).to_string_lossy().into_owned();
+        }
+    };
+    fix(&mut spec.data.train);
+    if let Some(v) = &mut spec.data.validation {
+        fix(v);
+    }
+    if spec.data.tokenizer != "bytes" {
+        fix(&mut spec.data.tokenizer);
+    }
+    if let crate::spec::ModelInit::From { from } = &mut spec.model.init {
+        fix(from);
+    }
+}
