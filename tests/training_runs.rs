@@ -1,0 +1,225 @@
+//! Whole runs through `exec::run`, as `chronospipe train` and the service's workers make them:
+//! bit-identical checkpoints whatever the plan, exact resume, predicted = measured memory, and
+//! bad input that stops with a clear error.
+
+use std::path::{Path, PathBuf};
+
+use chronospipe::exec::run::{Observer, Outcome, Run, RunError, StepMetrics, drive};
+use chronospipe::spec::JobSpec;
+
+struct Quiet {
+    out: PathBuf,
+    losses: Vec<f64>,
+}
+
+impl Quiet {
+    fn new(out: &Path) -> Self {
+        Quiet {
+            out: out.to_owned(),
+            losses: Vec::new(),
+        }
+    }
+}
+
+impl Observer for Quiet {
+    fn step(&mut self, m: &StepMetrics) -> Result<(), RunError> {
+        self.losses.push(m.loss);
+        Ok(())
+    }
+    fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf {
+        self.out.join(if last {
+            "final".into()
+        } else {
+            format!("step-{step}")
+        })
+    }
+}
+
+fn corpus(dir: &Path) -> PathBuf {
+    let path = dir.join("corpus.txt");
+    let text = "A pipeline keeps every device busy; memory is a small fast cache. ".repeat(60);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn job(corpus: &Path, stages: usize, schedule: &str, recompute: &str, offload: &str) -> JobSpec {
+    let text = format!(
+        r#"{{"model": {{"hidden_size": 32, "num_layers": 8, "num_heads": 4, "num_kv_heads": 2,
+                     "intermediate_size": 48, "vocab_size": 256, "init": {{"seed": 11}}}},
+            "data": {{"train": {corpus:?}}},
+            "training": {{"seq_len": 16, "micro_batch_size": 2, "microbatches": 4, "steps": 3,
+                         "optimizer": {{"kind": "adamw", "lr": 0.01}}, "shuffle": true, "seed": 5}},
+            "parallelism": {{"stages": {stages}, "schedule": "{schedule}",
+                            "recompute": "{recompute}", "offload": "{offload}"}},
+            "devices": "cpu:{stages}x64MiB"}}"#
+    );
+    JobSpec::from_json(&text).unwrap()
+}
+
+fn train(spec: JobSpec, out: &Path) -> (Run, Quiet) {
+    let mut run = Run::prepare(spec, "cpu:1x64MiB").unwrap();
+    let mut quiet = Quiet::new(out);
+    let outcome = drive(&mut run, &mut quiet).unwrap();
+    assert_eq!(
+        outcome,
+        Outcome::Completed {
+            final_dir: out.join("final")
+        }
+    );
+    (run, quiet)
+}
+
+#[test]
+fn checkpoints_are_byte_identical_whatever_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let reference_dir = dir.path().join("one");
+    train(job(&data, 1, "1f1b", "none", "none"), &reference_dir);
+    let reference = std::fs::read(reference_dir.join("final/model.safetensors")).unwrap();
+    let mut runs = 0;
+    for stages in [2, 4] {
+        for schedule in ["gpipe", "1f1b", "interleaved", "chronos"] {
+            for (recompute, offload) in [("none", "none"), ("full", "chronos")] {
+                let out = dir.path().join(format!("{stages}-{schedule}-{recompute}"));
+                let (run, _) = train(job(&data, stages, schedule, recompute, offload), &out);
+                let bytes = std::fs::read(out.join("final/model.safetensors")).unwrap();
+                assert!(
+                    bytes == reference,
+                    "{stages} stages, {schedule}, recompute {recompute}, offload {offload}: \
+                     model.safetensors differs from one device ({})",
+                    run.answer.best.choices
+                );
+                runs += 1;
+            }
+        }
+    }
+    assert_eq!(runs, 16);
+}
+
+#[test]
+fn predicted_peak_equals_measured_peak_on_every_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    for (schedule, recompute, offload) in [
+        ("1f1b", "none", "none"),
+        ("chronos", "full", "none"),
+        ("chronos", "chronos", "chronos"),
+        ("interleaved", "none", "chronos"),
+    ] {
+        let (run, _) = train(job(&data, 4, schedule, recompute, offload), dir.path());
+        assert_eq!(
+            run.predicted_peaks(),
+            run.measured_peaks(),
+            "{schedule} recompute {recompute} offload {offload}"
+        );
+    }
+}
+
+#[test]
+fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let mut spec = job(&data, 2, "chronos", "chronos", "chronos");
+    spec.training.steps = 4;
+    spec.training.checkpoint_every = Some(2);
+    let whole = dir.path().join("whole");
+    let (_, uninterrupted) = train(spec.clone(), &whole);
+    assert!(whole.join("step-2/trainer_state.json").exists());
+
+    let resumed = dir.path().join("resumed");
+    let mut run = Run::prepare(spec, "cpu:1x64MiB").unwrap();
+    let state = run.resume_from(&whole.join("step-2")).unwrap();
+    assert_eq!(state.step, 2);
+    let mut quiet = Quiet::new(&resumed);
+    drive(&mut run, &mut quiet).unwrap();
+    assert_eq!(quiet.losses, uninterrupted.losses[2..]);
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(whole.join("final").join(file)).unwrap()
+                == std::fs::read(resumed.join("final").join(file)).unwrap(),
+            "{file} differs after resume"
+        );
+    }
+}
+
+#[test]
+fn a_run_starts_from_hugging_face_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let tiny = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/testdata/hf-llama-tiny"
+    );
+    let text = format!(
+        r#"{{"model": {{"init": {{"from": {tiny:?}}}}},
+            "data": {{"train": {data:?}}},
+            "training": {{"seq_len": 32, "micro_batch_size": 1, "microbatches": 2, "steps": 2}},
+            "parallelism": {{"stages": 2, "schedule": "1f1b"}},
+            "devices": "cpu:2x64MiB"}}"#
+    );
+    let (run, quiet) = train(JobSpec::from_json(&text).unwrap(), dir.path());
+    assert_eq!(run.pipeline().config.dims.hidden, 64);
+    // A trained byte-level model starts near ln(256) = 5.5 on text it has not seen.
+    assert!(
+        quiet.losses[0] > 1.0 && quiet.losses[0] < 8.0,
+        "{:?}",
+        quiet.losses
+    );
+
+    let wrong = text.replace(r#""init""#, r#""hidden_size": 128, "init""#);
+    let err = Run::prepare(JobSpec::from_json(&wrong).unwrap(), "cpu:1x64MiB")
+        .err()
+        .expect("a disagreeing architecture is refused");
+    assert!(err.to_string().contains("model.hidden_size"), "{err}");
+}
+
+#[test]
+fn bad_input_stops_with_an_error_that_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "too short").unwrap();
+    let err = Run::prepare(job(&short, 1, "1f1b", "none", "none"), "")
+        .err()
+        .unwrap();
+    assert_eq!(err.blame().code, "invalid_data", "{err}");
+    assert!(err.to_string().contains("fewer than one sequence"), "{err}");
+
+    let mut tight = job(&data, 2, "1f1b", "none", "none");
+    tight.devices = Some("cpu:2x64KiB".into());
+    let err = Run::prepare(tight, "").err().unwrap();
+    assert_eq!(err.blame().code, "does_not_fit", "{err}");
+    assert!(err.to_string().contains("bytes per device"), "{err}");
+
+    let mut too_many = job(&data, 4, "1f1b", "none", "none");
+    too_many.devices = Some("cpu:2x64MiB".into());
+    let err = Run::prepare(too_many, "").err().unwrap();
+    assert_eq!(
+        err.blame().param.as_deref(),
+        Some("parallelism.stages"),
+        "{err}"
+    );
+
+    // A learning rate this large overflows within a few steps: the run stops naming the step
+    // and the checkpoint before it stays.
+    let mut wild = job(&data, 2, "1f1b", "none", "none");
+    wild.training.optimizer = chronospipe::spec::OptimizerSpec::Sgd { lr: 1e30 };
+    wild.training.grad_clip = None;
+    wild.training.steps = 6;
+    wild.training.checkpoint_every = Some(1);
+    let out = dir.path().join("wild");
+    let mut run = Run::prepare(wild, "").unwrap();
+    let err = drive(&mut run, &mut Quiet::new(&out)).unwrap_err();
+    assert_eq!(err.blame().code, "diverged", "{err}");
+    let failed_step = run.step();
+    assert!(
+        err.to_string().contains(&format!("step {failed_step}")),
+        "{err}"
+    );
+    assert!(failed_step >= 1, "the first step has finite weights");
+    assert!(
+        out.join(format!("step-{failed_step}/model.safetensors"))
+            .exists()
+    );
+}
