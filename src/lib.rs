@@ -8,4 +8,5 @@ pub mod cli;
 pub mod config;
 pub mod plan;
 pub mod spec;
+pub mod store;
 pub mod telemetry;
