@@ -6,6 +6,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod jobs;
 pub mod plan;
 pub mod spec;
 pub mod store;

@@ -188,4 +188,3 @@ pub async fn connect(url: &str) -> StoreResult<Arc<dyn Store>> {
         Err(StoreError::UnsupportedUrl(url.to_owned()))
     }
 }
-

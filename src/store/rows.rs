@@ -66,7 +66,8 @@ pub struct JobRow {
 
 impl JobRow {
     pub fn job_state(&self) -> Result<JobState, StoreError> {
-        JobState::parse(&self.state).map_err(|e| StoreError::Corrupt(format!("job {}: {e}", self.id)))
+        JobState::parse(&self.state)
+            .map_err(|e| StoreError::Corrupt(format!("job {}: {e}", self.id)))
     }
 }
 

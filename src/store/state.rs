@@ -45,7 +45,9 @@ pub struct InvalidTransition {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown job state {0:?}; expected one of validating, queued, running, pausing, paused, cancelling, cancelled, succeeded, failed")]
+#[error(
+    "unknown job state {0:?}; expected one of validating, queued, running, pausing, paused, cancelling, cancelled, succeeded, failed"
+)]
 pub struct UnknownState(pub String);
 
 impl JobState {
@@ -143,7 +145,9 @@ mod tests {
         use JobState::*;
         let lives: [&[JobState]; 4] = [
             &[Validating, Queued, Running, Succeeded],
-            &[Validating, Queued, Running, Pausing, Paused, Queued, Running, Failed],
+            &[
+                Validating, Queued, Running, Pausing, Paused, Queued, Running, Failed,
+            ],
             &[Validating, Queued, Running, Cancelling, Cancelled],
             &[Validating, Queued, Running, Queued, Running, Succeeded],
         ];
