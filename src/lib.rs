@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod jobs;
 pub mod plan;
+pub mod service;
 pub mod spec;
 pub mod store;
 pub mod telemetry;

@@ -30,17 +30,24 @@ pub fn generate_key() -> String {
 pub async fn create_key(store: &dyn Store, name: &str) -> Result<String, StoreError> {
     let key = generate_key();
     let tenant = store.create_tenant(name).await?;
-    store.create_api_key(&tenant.id, name, &hash_key(&key)).await?;
+    store
+        .create_api_key(&tenant.id, name, &hash_key(&key))
+        .await?;
     Ok(key)
 }
 
 /// At start: make the configured key valid, or when there is no key at all create one.
 /// Returns a key to print once, if one was created.
-pub async fn bootstrap_key(store: &dyn Store, configured: Option<&str>) -> Result<Option<String>, StoreError> {
+pub async fn bootstrap_key(
+    store: &dyn Store,
+    configured: Option<&str>,
+) -> Result<Option<String>, StoreError> {
     if let Some(key) = configured {
         if store.tenant_for_key(&hash_key(key)).await?.is_none() {
             let tenant = store.create_tenant("default").await?;
-            store.create_api_key(&tenant.id, "configured", &hash_key(key)).await?;
+            store
+                .create_api_key(&tenant.id, "configured", &hash_key(key))
+                .await?;
         }
         return Ok(None);
     }
@@ -63,20 +70,45 @@ impl FromRequestParts<AppState> for Tenant {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| {
-                ApiError::new(StatusCode::UNAUTHORIZED, "missing_api_key", "send Authorization: Bearer KEY")
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing_api_key",
+                    "send Authorization: Bearer KEY",
+                )
             })?;
-        let key = header.strip_prefix("Bearer ").map(str::trim).filter(|k| !k.is_empty()).ok_or_else(|| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "missing_api_key", "the Authorization header must be `Bearer KEY`")
-        })?;
+        let key = header
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing_api_key",
+                    "the Authorization header must be `Bearer KEY`",
+                )
+            })?;
         let hash = hash_key(key);
-        let cached = state.keys.lock().unwrap_or_else(|p| p.into_inner()).get(&hash).cloned();
+        let cached = state
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            .cloned();
         let tenant = match cached {
             Some(tenant) => tenant,
             None => {
                 let tenant = state.store.tenant_for_key(&hash).await?.ok_or_else(|| {
-                    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "this API key is not known")
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "invalid_api_key",
+                        "this API key is not known",
+                    )
                 })?;
-                state.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.clone(), tenant.clone());
+                state
+                    .keys
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(hash.clone(), tenant.clone());
                 tenant
             }
         };
@@ -105,7 +137,11 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(per_second: f64, burst: f64) -> Self {
-        RateLimiter { per_second, burst: burst.max(1.0), buckets: Mutex::new(HashMap::new()) }
+        RateLimiter {
+            per_second,
+            burst: burst.max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     /// `Err(seconds to wait)` when the key has no token left.
@@ -113,7 +149,8 @@ impl RateLimiter {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let (tokens, last) = buckets.entry(key.to_owned()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
+        *tokens =
+            (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
         *last = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;

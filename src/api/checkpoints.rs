@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use file_stream::reader_stream;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::AppState;
 use super::auth::Tenant;
@@ -33,10 +33,21 @@ pub fn routes() -> Router<AppState> {
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<CheckpointList>> {
-    state.store.get_job(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+pub async fn list(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CheckpointList>> {
+    state
+        .store
+        .get_job(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
     let rows = state.store.list_checkpoints(&id).await?;
-    let data = rows.into_iter().map(CheckpointView::try_from).collect::<Result<Vec<_>, _>>()?;
+    let data = rows
+        .into_iter()
+        .map(CheckpointView::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(CheckpointList::new(data, false)))
 }
 
@@ -62,10 +73,18 @@ pub async fn download(
     Path((id, step, name)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let step: i64 = step
-        .parse()
-        .map_err(|_| ApiError::bad_request("invalid_step", format!("step must be an integer, got {step:?}"), "step"))?;
-    state.store.get_job(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+    let step: i64 = step.parse().map_err(|_| {
+        ApiError::bad_request(
+            "invalid_step",
+            format!("step must be an integer, got {step:?}"),
+            "step",
+        )
+    })?;
+    state
+        .store
+        .get_job(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
     let checkpoint = state
         .store
         .get_checkpoint(&id, step)
@@ -80,11 +99,19 @@ pub async fn download(
         .ok_or_else(|| ApiError::not_found("checkpoint file", &name))?;
     let path = PathBuf::from(&checkpoint.path).join(&file.name);
     let meta = tokio::fs::metadata(&path).await.map_err(|e| {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("checkpoint file {name} is gone from storage: {e}"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("checkpoint file {name} is gone from storage: {e}"),
+        )
     })?;
     let len = meta.len();
     let etag = format!("\"{id}-{step}-{name}-{len}\"");
-    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) == Some(etag.as_str()) {
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+    {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
@@ -98,25 +125,32 @@ pub async fn download(
         })?),
         None => None,
     };
-    let mut fh = tokio::fs::File::open(&path).await.map_err(ApiError::internal)?;
+    let mut fh = tokio::fs::File::open(&path)
+        .await
+        .map_err(ApiError::internal)?;
     let (status, start, count) = match range {
         Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
         None => (StatusCode::OK, 0, len),
     };
-    fh.seek(SeekFrom::Start(start)).await.map_err(ApiError::internal)?;
+    fh.seek(SeekFrom::Start(start))
+        .await
+        .map_err(ApiError::internal)?;
     let body = Body::from_stream(reader_stream(fh.take(count)));
     let mut response = (status, body).into_response();
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
-    if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + count - 1)) {
-            h.insert(header::CONTENT_RANGE, v);
-        }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + count - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
     }
     Ok(response)
 }
@@ -175,7 +209,14 @@ mod tests {
         assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
         assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
         assert_eq!(parse_range("bytes=50-500", 100), Some((50, 99)));
-        for bad in ["bytes=100-", "bytes=5-2", "items=0-1", "bytes=0-1,3-4", "bytes=-0", "bytes=x-"] {
+        for bad in [
+            "bytes=100-",
+            "bytes=5-2",
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=-0",
+            "bytes=x-",
+        ] {
             assert_eq!(parse_range(bad, 100), None, "{bad}");
         }
     }

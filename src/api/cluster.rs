@@ -10,7 +10,9 @@ use super::problem::{ApiResult, Problem};
 use super::views::{DeviceList, DeviceView, QueueEntry, QueueView};
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/devices", get(devices)).route("/queue", get(queue))
+    Router::new()
+        .route("/devices", get(devices))
+        .route("/queue", get(queue))
 }
 
 /// This service's devices: id, kind, memory, and the job using each (named when it is yours).
@@ -21,16 +23,26 @@ pub fn routes() -> Router<AppState> {
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn devices(State(state): State<AppState>, Tenant(tenant): Tenant) -> ApiResult<Json<DeviceList>> {
+pub async fn devices(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> ApiResult<Json<DeviceList>> {
     let used = match &state.worker_id {
         Some(worker) => state.store.devices_in_use(worker).await?,
         None => Vec::new(),
     };
     let mut data = Vec::with_capacity(state.devices.len());
     for device in &state.devices {
-        let job = used.iter().find(|(d, _)| d == &device.id).map(|(_, job)| job.clone());
+        let job = used
+            .iter()
+            .find(|(d, _)| d == &device.id)
+            .map(|(_, job)| job.clone());
         let visible = match &job {
-            Some(job) => state.store.get_job(&tenant, job).await?.map(|_| job.clone()),
+            Some(job) => state
+                .store
+                .get_job(&tenant, job)
+                .await?
+                .map(|_| job.clone()),
             None => None,
         };
         data.push(DeviceView {
@@ -52,7 +64,10 @@ pub async fn devices(State(state): State<AppState>, Tenant(tenant): Tenant) -> A
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn queue(State(state): State<AppState>, Tenant(tenant): Tenant) -> ApiResult<Json<QueueView>> {
+pub async fn queue(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+) -> ApiResult<Json<QueueView>> {
     let queued = state.store.queued_jobs(100).await?;
     let length = state
         .store
@@ -71,5 +86,9 @@ pub async fn queue(State(state): State<AppState>, Tenant(tenant): Tenant) -> Api
             devices_needed: job.devices_needed,
         })
         .collect();
-    Ok(Json(QueueView { object: "queue", length, data }))
+    Ok(Json(QueueView {
+        object: "queue",
+        length,
+        data,
+    }))
 }

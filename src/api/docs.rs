@@ -10,7 +10,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::AppState;
-use super::{checkpoints, cluster, events, files, health, job_actions, job_metrics, jobs, plans, prometheus};
+use super::{
+    checkpoints, cluster, events, files, health, job_actions, job_metrics, jobs, plans, prometheus,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -65,12 +67,25 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .route("/docs", get(|| async { Html(INDEX) }))
-        .route("/docs/swagger-ui-bundle.js", get(|| async { asset("application/javascript", BUNDLE) }))
-        .route("/docs/swagger-ui.css", get(|| async { asset("text/css", CSS) }))
+        .route(
+            "/docs/swagger-ui-bundle.js",
+            get(|| async { asset("application/javascript", BUNDLE) }),
+        )
+        .route(
+            "/docs/swagger-ui.css",
+            get(|| async { asset("text/css", CSS) }),
+        )
 }
 
 fn asset(content_type: &'static str, bytes: &'static [u8]) -> Response {
-    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=86400")], bytes).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        bytes,
+    )
+        .into_response()
 }
 
 static BUNDLE: &[u8] = include_bytes!("../../assets/swagger-ui/swagger-ui-bundle.js");

@@ -57,10 +57,20 @@ pub async fn list(
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> ApiResult<Json<EventList>> {
     let limit = page_limit(query.limit)?;
-    state.store.get_job(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
-    let rows = state.store.list_events(&id, query.after.unwrap_or(0), limit + 1).await?;
+    state
+        .store
+        .get_job(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    let rows = state
+        .store
+        .list_events(&id, query.after.unwrap_or(0), limit + 1)
+        .await?;
     let (rows, has_more) = page(rows, limit);
-    Ok(Json(EventList::new(rows.into_iter().map(EventView::from).collect(), has_more)))
+    Ok(Json(EventList::new(
+        rows.into_iter().map(EventView::from).collect(),
+        has_more,
+    )))
 }
 
 /// Follow a job's events as Server-Sent Events (`id` = sequence number, `event` = kind,
@@ -82,15 +92,33 @@ pub async fn stream(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    state.store.get_job(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+    state
+        .store
+        .get_job(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
     let last = match headers.get("last-event-id") {
-        Some(value) => value.to_str().ok().and_then(|v| v.trim().parse::<i64>().ok()).ok_or_else(|| {
-            ApiError::bad_request("invalid_last_event_id", "Last-Event-ID must be an event's sequence number", "Last-Event-ID")
-        })?,
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_last_event_id",
+                    "Last-Event-ID must be an event's sequence number",
+                    "Last-Event-ID",
+                )
+            })?,
         None => query.after.unwrap_or(0),
     };
     let keep_alive = state.limits.keep_alive;
-    let follow = Follow { state, id, after: last, buffer: VecDeque::new(), done: false };
+    let follow = Follow {
+        state,
+        id,
+        after: last,
+        buffer: VecDeque::new(),
+        done: false,
+    };
     let events = futures_util::stream::unfold(follow, |mut f| async move {
         let event = f.next().await?;
         Some((Ok(event), f))
@@ -112,13 +140,21 @@ impl Follow {
             if let Some(row) = self.buffer.pop_front() {
                 self.after = row.seq;
                 return Some(
-                    Event::default().id(row.seq.to_string()).event(row.kind).data(row.data),
+                    Event::default()
+                        .id(row.seq.to_string())
+                        .event(row.kind)
+                        .data(row.data),
                 );
             }
-            if self.done {
+            if self.done || *self.state.shutdown.borrow() {
                 return None;
             }
-            match self.state.store.list_events(&self.id, self.after, 100).await {
+            match self
+                .state
+                .store
+                .list_events(&self.id, self.after, 100)
+                .await
+            {
                 Ok(rows) if !rows.is_empty() => self.buffer.extend(rows),
                 Ok(_) => {
                     // The final state's event commits with the state, so once finished
@@ -129,7 +165,12 @@ impl Follow {
                         Err(_) => false,
                     };
                     if finished {
-                        match self.state.store.list_events(&self.id, self.after, 100).await {
+                        match self
+                            .state
+                            .store
+                            .list_events(&self.id, self.after, 100)
+                            .await
+                        {
                             Ok(rows) if !rows.is_empty() => self.buffer.extend(rows),
                             _ => self.done = true,
                         }

@@ -19,12 +19,18 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match Bytes::from_request(req, state).await {
             Ok(bytes) => Ok(Body(bytes)),
-            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body too large: {}", rejection.body_text()),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request body too large: {}", rejection.body_text()),
+                ))
+            }
+            Err(rejection) => Err(ApiError::bad_request(
+                "invalid_body",
+                rejection.body_text(),
+                "",
             )),
-            Err(rejection) => Err(ApiError::bad_request("invalid_body", rejection.body_text(), "")),
         }
     }
 }

@@ -23,12 +23,18 @@ use crate::store::{FileRow, new_id, now_ms};
 pub const PURPOSES: [&str; 4] = ["train", "validation", "model", "tokenizer"];
 
 pub fn routes(state: &AppState) -> Router<AppState> {
-    let upload_limit = state.limits.max_upload_bytes.saturating_mul(2).saturating_add(1 << 20);
+    let upload_limit = state
+        .limits
+        .max_upload_bytes
+        .saturating_mul(2)
+        .saturating_add(1 << 20);
     Router::new()
         .route(
             "/files",
             post(upload)
-                .layer(DefaultBodyLimit::max(usize::try_from(upload_limit).unwrap_or(usize::MAX)))
+                .layer(DefaultBodyLimit::max(
+                    usize::try_from(upload_limit).unwrap_or(usize::MAX),
+                ))
                 .get(list),
         )
         .route("/files/{id}", get(retrieve).delete(delete))
@@ -72,11 +78,13 @@ pub async fn upload(
     Tenant(tenant): Tenant,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<FileView>)> {
-    let multipart = multipart
-        .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text(), "file"))?;
+    let multipart =
+        multipart.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text(), "file"))?;
     let id = new_id("file");
     let dir = state.data_dir.join("files").join(&id);
-    tokio::fs::create_dir_all(&dir).await.map_err(ApiError::internal)?;
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(ApiError::internal)?;
     let received = match receive(&state, &dir, multipart).await {
         Ok(received) => received,
         Err(e) => {
@@ -84,7 +92,11 @@ pub async fn upload(
             return Err(e);
         }
     };
-    let path = if received.purpose == "model" { dir.clone() } else { dir.join("data") };
+    let path = if received.purpose == "model" {
+        dir.clone()
+    } else {
+        dir.join("data")
+    };
     let row = FileRow {
         id,
         tenant_id: tenant,
@@ -107,7 +119,11 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
     let mut purpose = None;
     let mut file = None;
     let mut has_config = false;
-    while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, limit))?
+    {
         match field.name().unwrap_or("") {
             "purpose" => purpose = Some(field.text().await.map_err(|e| multipart_error(e, limit))?),
             "file" => {
@@ -122,7 +138,9 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_field",
-                    format!("unknown form field {other:?}; send file, purpose and (for a model) config"),
+                    format!(
+                        "unknown form field {other:?}; send file, purpose and (for a model) config"
+                    ),
                     other,
                 ));
             }
@@ -138,21 +156,44 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
             "purpose",
         ));
     }
-    let (filename, bytes, sha256) =
-        file.ok_or_else(|| ApiError::bad_request("missing_field", "the form needs a file part", "file"))?;
+    let (filename, bytes, sha256) = file.ok_or_else(|| {
+        ApiError::bad_request("missing_field", "the form needs a file part", "file")
+    })?;
     if has_config && purpose != "model" {
-        return Err(ApiError::bad_request("unknown_field", "only a model file comes with a config part", "config"));
+        return Err(ApiError::bad_request(
+            "unknown_field",
+            "only a model file comes with a config part",
+            "config",
+        ));
     }
-    let name = if purpose == "model" { "model.safetensors" } else { "data" };
+    let name = if purpose == "model" {
+        "model.safetensors"
+    } else {
+        "data"
+    };
     let target = dir.join(name);
-    tokio::fs::rename(dir.join("upload.part"), &target).await.map_err(ApiError::internal)?;
-    check_content(&purpose, &target, has_config.then(|| dir.join("config.json"))).await?;
-    Ok(Received { purpose, filename, bytes, sha256 })
+    tokio::fs::rename(dir.join("upload.part"), &target)
+        .await
+        .map_err(ApiError::internal)?;
+    check_content(
+        &purpose,
+        &target,
+        has_config.then(|| dir.join("config.json")),
+    )
+    .await?;
+    Ok(Received {
+        purpose,
+        filename,
+        bytes,
+        sha256,
+    })
 }
 
 /// Streams a part to `path`, hashing as it goes; 413 past `limit`.
 async fn save(mut field: Field<'_>, path: &Path, limit: u64) -> ApiResult<(u64, String)> {
-    let mut out = tokio::fs::File::create(path).await.map_err(ApiError::internal)?;
+    let mut out = tokio::fs::File::create(path)
+        .await
+        .map_err(ApiError::internal)?;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
     while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
@@ -186,11 +227,15 @@ async fn check_content(purpose: &str, path: &Path, config: Option<PathBuf>) -> A
                 safetensors::SafeTensors::deserialize(&bytes)
                     .map_err(|e| (format!("not a safetensors file: {e:?}"), "file"))?;
                 if let Some(config) = config {
-                    let text = std::fs::read_to_string(&config).map_err(|e| (e.to_string(), "config"))?;
+                    let text =
+                        std::fs::read_to_string(&config).map_err(|e| (e.to_string(), "config"))?;
                     let value: serde_json::Value = serde_json::from_str(&text)
                         .map_err(|e| (format!("config is not JSON: {e}"), "config"))?;
                     if !value.is_object() {
-                        return Err(("config must be a JSON object (a Hugging Face config.json)".into(), "config"));
+                        return Err((
+                            "config must be a JSON object (a Hugging Face config.json)".into(),
+                            "config",
+                        ));
                     }
                 }
             }
@@ -233,14 +278,24 @@ pub async fn list(
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<FileList>> {
     let limit = page_limit(query.limit)?;
-    if let Some(after) = &query.after {
-        if state.store.get_file(&tenant, after).await?.is_none() {
-            return Err(ApiError::bad_request("invalid_cursor", format!("no file {after:?} to list after"), "after"));
-        }
+    if let Some(after) = &query.after
+        && state.store.get_file(&tenant, after).await?.is_none()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_cursor",
+            format!("no file {after:?} to list after"),
+            "after",
+        ));
     }
-    let rows = state.store.list_files(&tenant, query.after.as_deref(), limit + 1).await?;
+    let rows = state
+        .store
+        .list_files(&tenant, query.after.as_deref(), limit + 1)
+        .await?;
     let (rows, has_more) = page(rows, limit);
-    Ok(Json(FileList::new(rows.into_iter().map(FileView::from).collect(), has_more)))
+    Ok(Json(FileList::new(
+        rows.into_iter().map(FileView::from).collect(),
+        has_more,
+    )))
 }
 
 /// One file.
@@ -257,7 +312,11 @@ pub async fn retrieve(
     Tenant(tenant): Tenant,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Json<FileView>> {
-    let file = state.store.get_file(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("file", &id))?;
+    let file = state
+        .store
+        .get_file(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
     Ok(Json(file.into()))
 }
 
@@ -276,10 +335,18 @@ pub async fn delete(
     Tenant(tenant): Tenant,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Json<DeletedView>> {
-    let file = state.store.delete_file(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("file", &id))?;
+    let file = state
+        .store
+        .delete_file(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("file", &id))?;
     let dir = state.data_dir.join("files").join(&file.id);
     if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a deleted file's data");
     }
-    Ok(Json(DeletedView { id: file.id, object: "file", deleted: true }))
+    Ok(Json(DeletedView {
+        id: file.id,
+        object: "file",
+        deleted: true,
+    }))
 }

@@ -10,7 +10,9 @@ use super::AppState;
 use super::problem::{ApiError, ApiResult, Problem};
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -23,7 +25,10 @@ pub struct Health {
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
 pub async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok", version: env!("CARGO_PKG_VERSION") })
+    Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
 }
 
 /// The database answers.
@@ -33,7 +38,14 @@ pub async fn healthz() -> Json<Health> {
 ))]
 pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     state.store.ping().await.map_err(|e| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", format!("database does not answer: {e}"))
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!("database does not answer: {e}"),
+        )
     })?;
-    Ok(Json(Health { status: "ready", version: env!("CARGO_PKG_VERSION") }))
+    Ok(Json(Health {
+        status: "ready",
+        version: env!("CARGO_PKG_VERSION"),
+    }))
 }

@@ -38,13 +38,29 @@ fn target(action: Action, from: JobState) -> Option<JobState> {
     }
 }
 
-async fn act(state: AppState, tenant: String, id: String, action: Action, verb: &str) -> ApiResult<Json<JobView>> {
-    let job = state.store.get_job(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+async fn act(
+    state: AppState,
+    tenant: String,
+    id: String,
+    action: Action,
+    verb: &str,
+) -> ApiResult<Json<JobView>> {
+    let job = state
+        .store
+        .get_job(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
     let from = job.job_state()?;
     let to = target(action, from).ok_or_else(|| {
-        ApiError::conflict("invalid_state", format!("job {id} is {from} and cannot be {verb}"))
+        ApiError::conflict(
+            "invalid_state",
+            format!("job {id} is {from} and cannot be {verb}"),
+        )
     })?;
-    let change = TransitionChange { message: Some(format!("{verb} on request")), ..TransitionChange::default() };
+    let change = TransitionChange {
+        message: Some(format!("{verb} on request")),
+        ..TransitionChange::default()
+    };
     let job = state.store.transition(&id, to, change).await?;
     Ok(Json(view(&state, job).await?))
 }
@@ -59,7 +75,11 @@ async fn act(state: AppState, tenant: String, id: String, action: Action, verb: 
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn cancel(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
     act(state, tenant, id, Action::Cancel, "cancelled").await
 }
 
@@ -73,7 +93,11 @@ pub async fn cancel(State(state): State<AppState>, Tenant(tenant): Tenant, Path(
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn pause(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+pub async fn pause(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
     act(state, tenant, id, Action::Pause, "paused").await
 }
 
@@ -87,6 +111,10 @@ pub async fn pause(State(state): State<AppState>, Tenant(tenant): Tenant, Path(i
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn resume(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+pub async fn resume(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
     act(state, tenant, id, Action::Resume, "resumed").await
 }

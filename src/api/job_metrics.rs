@@ -43,9 +43,19 @@ pub async fn list(
     ApiQuery(query): ApiQuery<MetricsQuery>,
 ) -> ApiResult<Json<MetricList>> {
     let limit = page_limit(query.limit)?;
-    state.store.get_job(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
-    let rows = state.store.list_metrics(&id, query.after_step.unwrap_or(0), limit + 1).await?;
+    state
+        .store
+        .get_job(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    let rows = state
+        .store
+        .list_metrics(&id, query.after_step.unwrap_or(0), limit + 1)
+        .await?;
     let (rows, has_more) = page(rows, limit);
-    let data = rows.into_iter().map(MetricView::try_from).collect::<Result<Vec<_>, _>>()?;
+    let data = rows
+        .into_iter()
+        .map(MetricView::try_from)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(MetricList::new(data, has_more)))
 }

@@ -70,7 +70,11 @@ pub async fn create(
         },
     };
     if let Some(reason) = &state.refuse_jobs {
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "jobs_unavailable", reason.clone()));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "jobs_unavailable",
+            reason.clone(),
+        ));
     }
     let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
     let devices = job_devices(&state, &spec)?;
@@ -93,7 +97,10 @@ pub async fn create(
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
-                format!("this Idempotency-Key created job {} with a different body", job.id),
+                format!(
+                    "this Idempotency-Key created job {} with a different body",
+                    job.id
+                ),
             )
             .param("Idempotency-Key"));
         }
@@ -107,14 +114,20 @@ pub async fn create(
                 plan_svg: Some(outcome.svg),
                 plan_summary: Some(summary.clone()),
             };
-            state.store.set_plan(&job.id, &plan, outcome.summary.devices as i64).await?;
+            state
+                .store
+                .set_plan(&job.id, &plan, outcome.summary.devices as i64)
+                .await?;
             state.store.append_event(&job.id, "plan", &summary).await?;
             (JobState::Queued, TransitionChange::default())
         }
-        Err(failure) => (JobState::Failed, TransitionChange {
-            error: serde_json::to_string(&plan_failure(failure)).ok(),
-            ..TransitionChange::default()
-        }),
+        Err(failure) => (
+            JobState::Failed,
+            TransitionChange {
+                error: serde_json::to_string(&plan_failure(failure)).ok(),
+                ..TransitionChange::default()
+            },
+        ),
     };
     let job = state.store.transition(&job.id, to, change).await?;
     Ok((StatusCode::CREATED, Json(view(&state, job).await?)))
@@ -122,9 +135,15 @@ pub async fn create(
 
 fn plan_failure(failure: PlanFailure) -> RunFailure {
     match failure {
-        PlanFailure::DoesNotFit { message, smallest_memory_bytes, .. } => RunFailure::user(
+        PlanFailure::DoesNotFit {
+            message,
+            smallest_memory_bytes,
+            ..
+        } => RunFailure::user(
             "plan_does_not_fit",
-            format!("{message} (smallest memory per device that fits: {smallest_memory_bytes} bytes)"),
+            format!(
+                "{message} (smallest memory per device that fits: {smallest_memory_bytes} bytes)"
+            ),
             Some("devices"),
         ),
         PlanFailure::Invalid(invalid) => {
@@ -168,12 +187,19 @@ pub async fn list(
         .map(JobState::parse)
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_status", e.to_string(), "status"))?;
-    if let Some(after) = &query.after {
-        if state.store.get_job(&tenant, after).await?.is_none() {
-            return Err(ApiError::bad_request("invalid_cursor", format!("no job {after:?} to list after"), "after"));
-        }
+    if let Some(after) = &query.after
+        && state.store.get_job(&tenant, after).await?.is_none()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_cursor",
+            format!("no job {after:?} to list after"),
+            "after",
+        ));
     }
-    let rows = state.store.list_jobs(&tenant, query.after.as_deref(), status, limit + 1).await?;
+    let rows = state
+        .store
+        .list_jobs(&tenant, query.after.as_deref(), status, limit + 1)
+        .await?;
     let (rows, has_more) = page(rows, limit);
     let mut data = Vec::with_capacity(rows.len());
     for row in rows {
@@ -191,15 +217,31 @@ pub async fn list(
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn retrieve(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
-    let job = state.store.get_job(&tenant, &id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+pub async fn retrieve(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    let job = state
+        .store
+        .get_job(&tenant, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", &id))?;
     Ok(Json(view(&state, job).await?))
 }
 
 async fn stored_plan(state: &AppState, tenant: &str, id: &str) -> ApiResult<PlanRow> {
-    let plan = state.store.get_plan(tenant, id).await?.ok_or_else(|| ApiError::not_found("job", id))?;
+    let plan = state
+        .store
+        .get_plan(tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", id))?;
     if plan.plan.is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_planned", format!("job {id} has no plan (it failed before planning)")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_planned",
+            format!("job {id} has no plan (it failed before planning)"),
+        ));
     }
     Ok(plan)
 }
@@ -213,9 +255,17 @@ async fn stored_plan(state: &AppState, tenant: &str, id: &str) -> ApiResult<Plan
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn plan_json(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn plan_json(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let plan = stored_plan(&state, &tenant, &id).await?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], plan.plan.unwrap_or_default()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        plan.plan.unwrap_or_default(),
+    )
+        .into_response())
 }
 
 /// The job's schedule drawn as SVG.
@@ -227,7 +277,15 @@ pub async fn plan_json(State(state): State<AppState>, Tenant(tenant): Tenant, Pa
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn plan_svg(State(state): State<AppState>, Tenant(tenant): Tenant, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn plan_svg(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let plan = stored_plan(&state, &tenant, &id).await?;
-    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], plan.plan_svg.unwrap_or_default()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        plan.plan_svg.unwrap_or_default(),
+    )
+        .into_response())
 }

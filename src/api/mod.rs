@@ -30,6 +30,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::jobs::{DeviceInfo, Planner};
 use crate::store::Store;
@@ -71,6 +72,8 @@ pub struct Shared {
     pub worker_id: Option<String>,
     pub data_dir: PathBuf,
     pub limits: Limits,
+    /// Turns true when the service stops: event streams end.
+    pub shutdown: watch::Receiver<bool>,
     keys: Mutex<HashMap<String, String>>,
     rate: auth::RateLimiter,
     requests: prometheus::RequestMetrics,
@@ -93,6 +96,7 @@ pub struct AppConfig {
     pub worker_id: Option<String>,
     pub data_dir: PathBuf,
     pub limits: Limits,
+    pub shutdown: watch::Receiver<bool>,
 }
 
 impl AppState {
@@ -106,6 +110,7 @@ impl AppState {
             data_dir: config.data_dir,
             rate: auth::RateLimiter::new(config.limits.rate_per_second, config.limits.rate_burst),
             limits: config.limits,
+            shutdown: config.shutdown,
             keys: Mutex::new(HashMap::new()),
             requests: prometheus::RequestMetrics::default(),
         }))
@@ -130,7 +135,10 @@ pub fn router(state: AppState) -> Router {
         .merge(prometheus::routes())
         .merge(docs::routes())
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), prometheus::record_latency))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            prometheus::record_latency,
+        ))
         .with_state(state)
 }
 

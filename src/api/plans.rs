@@ -14,7 +14,10 @@ use super::AppState;
 use super::auth::Tenant;
 use super::extract::Body;
 use super::problem::{ApiError, ApiResult, Problem};
-use crate::jobs::{DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, ResolveError, ResolvedSpec, parse_devices, resolve_files};
+use crate::jobs::{
+    DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, ResolveError, ResolvedSpec,
+    parse_devices, resolve_files,
+};
 use crate::spec::{JobSpec, SpecError};
 
 pub fn routes() -> Router<AppState> {
@@ -31,9 +34,14 @@ pub struct PlanView {
 }
 
 /// Parses and validates a job body and resolves its file ids (400 / 422 on problems).
-pub(super) async fn checked_spec(state: &AppState, tenant: &str, body: &[u8]) -> ApiResult<(JobSpec, ResolvedSpec)> {
-    let text = std::str::from_utf8(body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}"), ""))?;
+pub(super) async fn checked_spec(
+    state: &AppState,
+    tenant: &str,
+    body: &[u8],
+) -> ApiResult<(JobSpec, ResolvedSpec)> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}"), "")
+    })?;
     let spec = JobSpec::from_json(text).map_err(|e| {
         let first = e.first();
         ApiError::bad_request("invalid_json", first.message.clone(), &first.param)
@@ -52,7 +60,10 @@ pub(super) fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<Dev
     match &spec.devices {
         None => Ok(state.devices.clone()),
         Some(text) => parse_devices(text).map_err(|e| {
-            ApiError::invalid_spec(crate::spec::InvalidSpec(vec![SpecError::new("devices", e.to_string())]))
+            ApiError::invalid_spec(crate::spec::InvalidSpec(vec![SpecError::new(
+                "devices",
+                e.to_string(),
+            )]))
         }),
     }
 }
@@ -90,26 +101,45 @@ pub(super) async fn run_planner(
         (status = 503, description = "No planner in this build", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
-pub async fn create(State(state): State<AppState>, Tenant(tenant): Tenant, Body(body): Body) -> ApiResult<Json<PlanView>> {
+pub async fn create(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Body(body): Body,
+) -> ApiResult<Json<PlanView>> {
     let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
     let devices = job_devices(&state, &spec)?;
     let planner = planner(&state)?;
     match run_planner(planner, resolved.spec, devices).await {
-        Ok(outcome) => Ok(Json(PlanView { object: "plan", summary: outcome.summary, plan: outcome.plan })),
+        Ok(outcome) => Ok(Json(PlanView {
+            object: "plan",
+            summary: outcome.summary,
+            plan: outcome.plan,
+        })),
         Err(failure) => Err(plan_problem(failure)),
     }
 }
 
 pub(super) fn plan_problem(failure: PlanFailure) -> ApiError {
     match failure {
-        PlanFailure::DoesNotFit { message, smallest_memory_bytes, closest } => {
-            let mut e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "plan_does_not_fit", message).param("devices");
+        PlanFailure::DoesNotFit {
+            message,
+            smallest_memory_bytes,
+            closest,
+        } => {
+            let mut e = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "plan_does_not_fit",
+                message,
+            )
+            .param("devices");
             e.problem.smallest_memory_bytes = Some(smallest_memory_bytes);
             e.problem.closest = Some(closest);
             e
         }
         PlanFailure::Invalid(invalid) => ApiError::invalid_spec(invalid),
-        PlanFailure::Unavailable(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "planner_unavailable", why),
+        PlanFailure::Unavailable(why) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "planner_unavailable", why)
+        }
         PlanFailure::Internal(why) => ApiError::internal(why),
     }
 }

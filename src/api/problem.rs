@@ -37,7 +37,7 @@ pub struct Problem {
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub problem: Problem,
+    pub problem: Box<Problem>,
     pub retry_after: Option<u64>,
 }
 
@@ -47,7 +47,7 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
         ApiError {
             status,
-            problem: Problem {
+            problem: Box::new(Problem {
                 problem_type: format!("urn:chronospipe:problem:{code}"),
                 title: status.canonical_reason().unwrap_or("Error").to_owned(),
                 status: status.as_u16(),
@@ -57,7 +57,7 @@ impl ApiError {
                 errors: None,
                 smallest_memory_bytes: None,
                 closest: None,
-            },
+            }),
             retry_after: None,
         }
     }
@@ -72,7 +72,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str, id: &str) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no {what} {id:?}"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {what} {id:?}"),
+        )
     }
 
     pub fn conflict(code: &str, detail: impl Into<String>) -> Self {
@@ -99,8 +103,12 @@ impl ApiError {
     /// 422 with every problem of a job body; `param` is the first.
     pub fn invalid_spec(invalid: InvalidSpec) -> Self {
         let first = invalid.first().clone();
-        let mut e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec", invalid.to_string())
-            .param(first.param);
+        let mut e = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_spec",
+            invalid.to_string(),
+        )
+        .param(first.param);
         e.problem.errors = Some(invalid.0);
         e
     }

@@ -11,7 +11,10 @@ fn seconds(ms: i64) -> i64 {
     ms / 1000
 }
 
-fn json_or<T: serde::de::DeserializeOwned>(text: Option<&str>, what: &str) -> Result<Option<T>, StoreError> {
+fn json_or<T: serde::de::DeserializeOwned>(
+    text: Option<&str>,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
     text.map(|t| serde_json::from_str(t).map_err(|e| StoreError::Corrupt(format!("{what}: {e}"))))
         .transpose()
 }
@@ -91,9 +94,14 @@ impl JobView {
     pub fn new(job: JobRow, queue_position: Option<i64>) -> Result<JobView, StoreError> {
         let status = job.job_state()?;
         Ok(JobView {
-            spec: serde_json::from_str(&job.spec).map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?,
+            spec: serde_json::from_str(&job.spec)
+                .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?,
             plan: json_or(job.plan_summary.as_deref(), "plan summary")?,
-            progress: Progress { step: job.step, total_steps: job.total_steps, tokens: job.tokens },
+            progress: Progress {
+                step: job.step,
+                total_steps: job.total_steps,
+                tokens: job.tokens,
+            },
             latest_metrics: json_or(job.latest_metrics.as_deref(), "metrics")?,
             queue_position,
             restart_count: job.restart_count,
@@ -146,7 +154,8 @@ impl TryFrom<MetricRow> for MetricView {
         Ok(MetricView {
             object: "metric",
             created_at: seconds(m.created_at),
-            metrics: serde_json::from_str(&m.data).map_err(|e| StoreError::Corrupt(format!("metrics: {e}")))?,
+            metrics: serde_json::from_str(&m.data)
+                .map_err(|e| StoreError::Corrupt(format!("metrics: {e}")))?,
         })
     }
 }
@@ -173,7 +182,8 @@ impl TryFrom<CheckpointRow> for CheckpointView {
             object: "checkpoint",
             step: c.step,
             created_at: seconds(c.created_at),
-            files: serde_json::from_str(&c.files).map_err(|e| StoreError::Corrupt(format!("checkpoint files: {e}")))?,
+            files: serde_json::from_str(&c.files)
+                .map_err(|e| StoreError::Corrupt(format!("checkpoint files: {e}")))?,
         })
     }
 }
@@ -191,7 +201,11 @@ macro_rules! list_type {
 
         impl $name {
             pub fn new(data: Vec<$item>, has_more: bool) -> Self {
-                $name { object: "list", data, has_more }
+                $name {
+                    object: "list",
+                    data,
+                    has_more,
+                }
             }
         }
     };
