@@ -21,6 +21,7 @@ async fn queued_job(store: &dyn Store, tenant: &str, devices_needed: i64) -> Str
         file_ids: vec![],
         idempotency_key: None,
         request_hash: None,
+        planned: None,
     };
     store.insert_job(&job).await.unwrap();
     let plan = PlanRow {

@@ -17,7 +17,7 @@ use super::problem::{ApiError, ApiResult, Problem};
 use super::views::{JobList, JobView};
 use crate::jobs::{PlanFailure, RunFailure};
 use crate::spec::JobSpec;
-use crate::store::{Inserted, JobRow, JobState, NewJob, PlanRow, TransitionChange, new_id};
+use crate::store::{Inserted, JobRow, JobState, NewJob, PlanRow, Planned, new_id};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -29,7 +29,7 @@ pub fn routes() -> Router<AppState> {
 
 pub(super) async fn view(state: &AppState, job: JobRow) -> ApiResult<JobView> {
     let position = if job.state == JobState::Queued.as_str() {
-        state.store.queue_position(&job.id).await?
+        Some(state.store.queue_position(&job.id).await?)
     } else {
         None
     };
@@ -80,14 +80,32 @@ pub async fn create(
     let devices = job_devices(&state, &spec)?;
     let planner = planner(&state)?;
     let canonical = serde_json::to_string(&spec).map_err(ApiError::internal)?;
+    // Planning is pure and quick: done first, so the job, its plan and its first states are
+    // written in one transaction.
+    let planned = match run_planner(planner, resolved.spec, devices).await {
+        Ok(outcome) => Planned::Queued {
+            devices_needed: outcome.summary.devices as i64,
+            plan: PlanRow {
+                plan: Some(outcome.plan.to_string()),
+                plan_svg: Some(outcome.svg),
+                plan_summary: Some(
+                    serde_json::to_string(&outcome.summary).map_err(ApiError::internal)?,
+                ),
+            },
+        },
+        Err(failure) => Planned::Failed {
+            error: serde_json::to_string(&plan_failure(failure)).map_err(ApiError::internal)?,
+        },
+    };
     let new = NewJob {
         id: new_id("job"),
         tenant_id: tenant,
         total_steps: spec.training.steps as i64,
-        spec: canonical.clone(),
-        file_ids: resolved.file_ids.clone(),
         request_hash: Some(hex::encode(Sha256::digest(canonical.as_bytes()))),
+        spec: canonical,
+        file_ids: resolved.file_ids,
         idempotency_key: key,
+        planned: Some(planned),
     };
     let job = match state.store.insert_job(&new).await? {
         Inserted::Existing(job) if job.request_hash == new.request_hash => {
@@ -106,30 +124,6 @@ pub async fn create(
         }
         Inserted::Created(job) => job,
     };
-    let (to, change) = match run_planner(planner, resolved.spec, devices).await {
-        Ok(outcome) => {
-            let summary = serde_json::to_string(&outcome.summary).map_err(ApiError::internal)?;
-            let plan = PlanRow {
-                plan: Some(outcome.plan.to_string()),
-                plan_svg: Some(outcome.svg),
-                plan_summary: Some(summary.clone()),
-            };
-            state
-                .store
-                .set_plan(&job.id, &plan, outcome.summary.devices as i64)
-                .await?;
-            state.store.append_event(&job.id, "plan", &summary).await?;
-            (JobState::Queued, TransitionChange::default())
-        }
-        Err(failure) => (
-            JobState::Failed,
-            TransitionChange {
-                error: serde_json::to_string(&plan_failure(failure)).ok(),
-                ..TransitionChange::default()
-            },
-        ),
-    };
-    let job = state.store.transition(&job.id, to, change).await?;
     Ok((StatusCode::CREATED, Json(view(&state, job).await?)))
 }
 

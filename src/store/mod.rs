@@ -9,6 +9,7 @@
 mod ids;
 mod postgres;
 mod queries;
+mod queue_sql;
 mod rows;
 mod sqlite;
 pub mod state;
@@ -121,8 +122,8 @@ pub trait Store: Send + Sync + 'static {
     /// The plan JSON and SVG of a job.
     async fn get_plan(&self, tenant_id: &str, id: &str) -> StoreResult<Option<PlanRow>>;
     async fn set_plan(&self, id: &str, plan: &PlanRow, devices_needed: i64) -> StoreResult<()>;
-    /// 1 for the next job to be claimed; `None` unless queued.
-    async fn queue_position(&self, id: &str) -> StoreResult<Option<i64>>;
+    /// For a queued job: 1 when it is claimed next.
+    async fn queue_position(&self, id: &str) -> StoreResult<i64>;
     /// Queued jobs in claim order (all tenants).
     async fn queued_jobs(&self, limit: i64) -> StoreResult<Vec<JobRow>>;
 

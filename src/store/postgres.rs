@@ -20,8 +20,9 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
-    async fn writer(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
-        Ok(self.pool.begin().await?)
+    /// Row locks order PostgreSQL's writers; no process-wide guard is needed.
+    async fn writer(&self) -> StoreResult<((), sqlx::Transaction<'static, sqlx::Postgres>)> {
+        Ok(((), self.pool.begin().await?))
     }
 }
 

@@ -81,6 +81,17 @@ pub struct NewJob {
     pub file_ids: Vec<String>,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
+    /// Planning's outcome, recorded in the same transaction; `None` leaves it `validating`.
+    pub planned: Option<Planned>,
+}
+
+/// How planning went for a new job.
+#[derive(Debug, Clone)]
+pub enum Planned {
+    /// Queue it with this plan, needing this many devices.
+    Queued { plan: PlanRow, devices_needed: i64 },
+    /// Fail it with this `error` JSON.
+    Failed { error: String },
 }
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]

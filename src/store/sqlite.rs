@@ -1,19 +1,25 @@
-//! SQLite: the embedded default. One writer at a time: every write transaction starts with
-//! `BEGIN IMMEDIATE`, which takes the write lock up front, so a claim or transition never reads
-//! a state another writer is changing (and never fails upgrading a read lock).
+//! SQLite: the embedded default. One writer at a time: a process-wide guard queues this
+//! process's writers, and every write transaction starts with `BEGIN IMMEDIATE`, which takes
+//! SQLite's write lock up front (other processes wait on it), so a claim or transition never
+//! reads a state another writer is changing.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
 use super::queries::sql_store;
 use super::*;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Writers of this process queue here rather than in SQLite's sleeping busy handler.
+    write: Arc<Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -37,11 +43,20 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            write: Arc::new(Mutex::new(())),
+        })
     }
 
-    async fn writer(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn writer(
+        &self,
+    ) -> StoreResult<(
+        OwnedMutexGuard<()>,
+        sqlx::Transaction<'static, sqlx::Sqlite>,
+    )> {
+        let guard = self.write.clone().lock_owned().await;
+        Ok((guard, self.pool.begin_with("BEGIN IMMEDIATE").await?))
     }
 }
 
