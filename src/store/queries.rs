@@ -111,28 +111,31 @@ macro_rules! sql_store {
 
             async fn delete_file(&self, tenant_id: &str, id: &str) -> StoreResult<Option<FileRow>> {
                 let (_write, mut tx) = self.writer().await?;
-                let file = sqlx::query_as::<_, FileRow>(
-                    "SELECT * FROM files WHERE tenant_id = $1 AND id = $2",
-                )
-                .bind(tenant_id)
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some(file) = file else { return Ok(None) };
-                let user: Option<String> = sqlx::query_scalar(
-                    "SELECT j.id FROM job_files f JOIN jobs j ON j.id = f.job_id \
-                     WHERE f.file_id = $1 AND j.state NOT IN ('succeeded', 'failed', 'cancelled') \
-                     ORDER BY j.id LIMIT 1",
-                )
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(job) = user {
-                    return Err(StoreError::FileInUse { file: id.to_owned(), job });
+                let result: StoreResult<_> = async {
+                    let file = sqlx::query_as::<_, FileRow>(
+                        "SELECT * FROM files WHERE tenant_id = $1 AND id = $2",
+                    )
+                    .bind(tenant_id)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some(file) = file else { return Ok(None) };
+                    let user: Option<String> = sqlx::query_scalar(
+                        "SELECT j.id FROM job_files f JOIN jobs j ON j.id = f.job_id \
+                         WHERE f.file_id = $1 AND j.state NOT IN ('succeeded', 'failed', 'cancelled') \
+                         ORDER BY j.id LIMIT 1",
+                    )
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if let Some(job) = user {
+                        return Err(StoreError::FileInUse { file: id.to_owned(), job });
+                    }
+                    sqlx::query("DELETE FROM files WHERE id = $1").bind(id).execute(&mut *tx).await?;
+                    Ok(Some(file))
                 }
-                sqlx::query("DELETE FROM files WHERE id = $1").bind(id).execute(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(Some(file))
+                .await;
+                Self::settle(tx, result).await
             }
 
             async fn get_job(&self, tenant_id: &str, id: &str) -> StoreResult<Option<JobRow>> {
@@ -238,10 +241,13 @@ macro_rules! sql_store {
 
             async fn append_event(&self, id: &str, kind: &str, data: &str) -> StoreResult<i64> {
                 let (_write, mut tx) = self.writer().await?;
-                Self::lock_job(&mut tx, id).await?;
-                let seq = Self::event_in(&mut tx, id, kind, data).await?;
-                tx.commit().await?;
-                Ok(seq)
+                let result: StoreResult<_> = async {
+                    Self::lock_job(&mut tx, id).await?;
+                    let seq = Self::event_in(&mut tx, id, kind, data).await?;
+                    Ok(seq)
+                }
+                .await;
+                Self::settle(tx, result).await
             }
 
             async fn list_events(&self, id: &str, after: i64, limit: i64) -> StoreResult<Vec<EventRow>> {
