@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::service::{KeysArgs, ServeArgs, WorkerArgs};
 use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
@@ -21,12 +22,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the HTTP service.
+    /// Run the HTTP service (and an embedded worker).
     Serve(ServeArgs),
+    /// Run a worker without the HTTP server (more machines on one PostgreSQL queue).
+    Worker(WorkerArgs),
     /// Plan a pipeline-parallel schedule that fits the devices' memory.
     Plan(crate::plan_cmd::PlanArgs),
     /// Train a job spec on this machine's devices, without the service.
     Train(crate::train_cmd::TrainArgs),
+    /// Manage API keys.
+    Keys(KeysArgs),
+    /// Print the OpenAPI document.
+    Openapi,
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -38,12 +45,6 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Print the effective configuration as TOML, secrets redacted.
     Print(ServiceArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub service: ServiceArgs,
 }
 
 /// Settings shared by `serve`, `worker` and `config print`.

@@ -1,18 +1,16 @@
-use anyhow::Context;
 use clap::Parser;
 
 use chronospipe::cli::{Cli, Command, ConfigCommand};
 use chronospipe::config::Settings;
-use chronospipe::{api, telemetry};
+use chronospipe::{service, telemetry};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => {
-            let settings = Settings::resolve(&args.service, cli.log_format)?;
-            telemetry::init(settings.log_format);
-            serve(settings)
-        }
+        Command::Serve(args) => Ok(service::serve(&args, cli.log_format)?),
+        Command::Worker(args) => Ok(service::worker(&args, cli.log_format)?),
+        Command::Keys(args) => Ok(service::keys(&args, cli.log_format)?),
+        Command::Openapi => Ok(service::openapi()?),
         Command::Train(args) => {
             telemetry::init(cli.log_format.unwrap_or_default());
             let summary = chronospipe::train_cmd::run(&args)?;
@@ -31,31 +29,4 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-#[tokio::main]
-async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "chronospipe serving");
-    api::launch_with_listener(listener, shutdown_signal()).await?;
-    tracing::info!("chronospipe stopped");
-    Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }

@@ -68,8 +68,12 @@ fn config_print_takes_flags_over_environment_over_file() {
 
 #[test]
 fn serve_answers_healthz_and_stops_on_sigterm() {
+    let data_dir = tempfile::tempdir().unwrap();
     let mut child = chronospipe()
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

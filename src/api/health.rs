@@ -1,12 +1,51 @@
-//! Liveness: the process is up and serving requests.
+//! Liveness (`/healthz`: the process serves) and readiness (`/readyz`: the database answers).
 
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::{Json, Router, routing::get};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
-pub fn routes() -> Router {
-    Router::new().route("/healthz", get(healthz))
+use super::AppState;
+use super::problem::{ApiError, ApiResult, Problem};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `ready`.
+    pub status: &'static str,
+    pub version: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// The database answers.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, body = Health),
+    (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json"),
+))]
+pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
+    state.store.ping().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            format!("database does not answer: {e}"),
+        )
+    })?;
+    Ok(Json(Health {
+        status: "ready",
+        version: env!("CARGO_PKG_VERSION"),
+    }))
 }

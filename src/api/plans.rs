@@ -1,0 +1,145 @@
+//! `POST /v1/plans`: the plan a job body would get, without creating a job; and the planning
+//! step `POST /v1/jobs` shares with it.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::auth::Tenant;
+use super::extract::Body;
+use super::problem::{ApiError, ApiResult, Problem};
+use crate::jobs::{
+    DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, ResolveError, ResolvedSpec,
+    parse_devices, resolve_files,
+};
+use crate::spec::{JobSpec, SpecError};
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/plans", post(create))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PlanView {
+    /// Always `plan`.
+    pub object: &'static str,
+    pub summary: PlanSummary,
+    /// The whole plan: per-device programs, as the planner renders it.
+    pub plan: serde_json::Value,
+}
+
+/// Parses and validates a job body and resolves its file ids (400 / 422 on problems).
+pub(super) async fn checked_spec(
+    state: &AppState,
+    tenant: &str,
+    body: &[u8],
+) -> ApiResult<(JobSpec, ResolvedSpec)> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("body is not UTF-8: {e}"), "")
+    })?;
+    let spec = JobSpec::from_json(text).map_err(|e| {
+        let first = e.first();
+        ApiError::bad_request("invalid_json", first.message.clone(), &first.param)
+    })?;
+    spec.validate().map_err(ApiError::invalid_spec)?;
+    let resolved = match resolve_files(state.store.as_ref(), tenant, &spec).await {
+        Ok(resolved) => resolved,
+        Err(ResolveError::Invalid(invalid)) => return Err(ApiError::invalid_spec(invalid)),
+        Err(ResolveError::Store(e)) => return Err(e.into()),
+    };
+    Ok((spec, resolved))
+}
+
+/// The devices a job body asks for, else the service's.
+pub(super) fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<DeviceInfo>> {
+    match &spec.devices {
+        None => Ok(state.devices.clone()),
+        Some(text) => parse_devices(text).map_err(|e| {
+            ApiError::invalid_spec(crate::spec::InvalidSpec(vec![SpecError::new(
+                "devices",
+                e.to_string(),
+            )]))
+        }),
+    }
+}
+
+pub(super) fn planner(state: &AppState) -> ApiResult<Arc<dyn Planner>> {
+    state.planner.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "planner_unavailable",
+            "this build of the service has no planner plugged in; plans and jobs cannot be made",
+        )
+    })
+}
+
+/// Runs the planner on a blocking thread.
+pub(super) async fn run_planner(
+    planner: Arc<dyn Planner>,
+    spec: JobSpec,
+    devices: Vec<DeviceInfo>,
+) -> Result<PlanOutcome, PlanFailure> {
+    tokio::task::spawn_blocking(move || planner.plan(&spec, &devices))
+        .await
+        .unwrap_or_else(|e| Err(PlanFailure::Internal(format!("the planner panicked: {e}"))))
+}
+
+/// Plan a job body without creating a job.
+#[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body = JobSpec,
+    responses(
+        (status = 200, body = PlanView),
+        (status = 400, description = "Malformed JSON or unknown field", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or unknown API key", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the size limit", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid body, unknown file, or no plan fits the devices (then with smallest_memory_bytes and closest)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "No planner in this build", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Body(body): Body,
+) -> ApiResult<Json<PlanView>> {
+    let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
+    let devices = job_devices(&state, &spec)?;
+    let planner = planner(&state)?;
+    match run_planner(planner, resolved.spec, devices).await {
+        Ok(outcome) => Ok(Json(PlanView {
+            object: "plan",
+            summary: outcome.summary,
+            plan: outcome.plan,
+        })),
+        Err(failure) => Err(plan_problem(failure)),
+    }
+}
+
+pub(super) fn plan_problem(failure: PlanFailure) -> ApiError {
+    match failure {
+        PlanFailure::DoesNotFit {
+            message,
+            smallest_memory_bytes,
+            closest,
+        } => {
+            let mut e = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "plan_does_not_fit",
+                message,
+            )
+            .param("devices");
+            e.problem.smallest_memory_bytes = Some(smallest_memory_bytes);
+            e.problem.closest = Some(closest);
+            e
+        }
+        PlanFailure::Invalid(invalid) => ApiError::invalid_spec(invalid),
+        PlanFailure::Unavailable(why) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "planner_unavailable", why)
+        }
+        PlanFailure::Internal(why) => ApiError::internal(why),
+    }
+}

@@ -1,0 +1,39 @@
+//! Jobs off the HTTP path: the contracts with the planner (`Planner`) and the executor
+//! (`JobRunner`), resolving file ids, and the worker that claims queued jobs and runs them.
+
+pub mod devices;
+mod planner;
+mod resolve;
+mod runner;
+mod sink;
+mod worker;
+
+pub use devices::{DeviceInfo, default_devices, parse_devices};
+pub use planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
+pub use resolve::{ResolveError, ResolvedSpec, resolve_files};
+pub use runner::{
+    EventLevel, Fault, JobRunner, ResumePoint, RunControl, RunEnd, RunFailure, RunRequest, RunSink,
+    SinkError, StepMetrics, StopRequest,
+};
+pub use worker::{Worker, WorkerConfig, WorkerError};
+
+use std::sync::Arc;
+
+/// The planner and trainer this build runs with. The service checks for `None` and refuses
+/// the work with a clear error rather than pretend.
+#[derive(Clone, Default)]
+pub struct Engines {
+    pub planner: Option<Arc<dyn Planner>>,
+    pub runner: Option<Arc<dyn JobRunner>>,
+}
+
+impl Engines {
+    /// The engines `serve` and `worker` use. The real planner (`crate::plan`) and executor
+    /// (`crate::exec`) plug in here.
+    pub fn production() -> Engines {
+        Engines {
+            planner: None,
+            runner: None,
+        }
+    }
+}

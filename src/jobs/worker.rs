@@ -1,0 +1,365 @@
+//! The worker: claims queued jobs when its devices are free, holds each claim with a lease it
+//! renews by heartbeat, runs the job through the `JobRunner`, and records how it ended. Expired
+//! leases of other (dead) workers are put back in the queue first, so the next claim resumes
+//! them from their latest checkpoint.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::devices::DeviceInfo;
+use super::resolve::{ResolveError, resolve_files};
+use super::runner::{
+    JobRunner, ResumePoint, RunControl, RunEnd, RunFailure, RunRequest, StopRequest,
+};
+use super::sink::StoreSink;
+use crate::spec::JobSpec;
+use crate::store::{Claim, JobState, Store, StoreError, TransitionChange, new_id, now_ms};
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    pub devices: Vec<DeviceInfo>,
+    /// Checkpoints go under `DATA_DIR/jobs/JOB_ID/checkpoints` (shared storage when several
+    /// machines work one queue).
+    pub data_dir: PathBuf,
+    /// A claim not renewed for this long is taken back.
+    pub lease: Duration,
+    /// How often an idle worker looks for work.
+    pub poll: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(data_dir: PathBuf, devices: Vec<DeviceInfo>) -> Self {
+        WorkerConfig {
+            worker_id: new_id("worker"),
+            devices,
+            data_dir,
+            lease: Duration::from_secs(30),
+            poll: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Worker {
+    store: Arc<dyn Store>,
+    runner: Arc<dyn JobRunner>,
+    config: WorkerConfig,
+    /// Jobs on this worker: their devices and stop flag.
+    running: Mutex<HashMap<String, (Vec<String>, RunControl)>>,
+}
+
+impl Worker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        runner: Arc<dyn JobRunner>,
+        config: WorkerConfig,
+    ) -> Arc<Self> {
+        Arc::new(Worker {
+            store,
+            runner,
+            config,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.worker_id
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Vec<String>, RunControl)>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn free_devices(&self) -> Vec<String> {
+        let running = self.running();
+        self.config
+            .devices
+            .iter()
+            .map(|d| d.id.clone())
+            .filter(|d| !running.values().any(|(used, _)| used.contains(d)))
+            .collect()
+    }
+
+    fn lease_until(&self) -> i64 {
+        now_ms() + self.config.lease.as_millis() as i64
+    }
+
+    /// Requeues expired leases, then claims the next job that fits the free devices.
+    pub async fn claim_next(&self) -> Result<Option<Claim>, WorkerError> {
+        for id in self.store.requeue_expired(now_ms()).await? {
+            tracing::warn!(job = %id, "lease expired; job requeued");
+        }
+        let free = self.free_devices();
+        let Some(claim) = self
+            .store
+            .claim_job(self.id(), &free, self.lease_until())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let devices: Vec<String> =
+            serde_json::from_str(claim.job.devices.as_deref().unwrap_or("[]")).unwrap_or_default();
+        self.running()
+            .insert(claim.job.id.clone(), (devices, RunControl::new()));
+        tracing::info!(job = %claim.job.id, worker = %self.id(), "claimed");
+        Ok(Some(claim))
+    }
+
+    /// Claims one job and runs it to its end; returns its id. Tests drain the queue with it.
+    pub async fn try_execute_one(self: &Arc<Self>) -> Result<Option<String>, WorkerError> {
+        let Some(claim) = self.claim_next().await? else {
+            return Ok(None);
+        };
+        let id = claim.job.id.clone();
+        self.execute(claim).await?;
+        Ok(Some(id))
+    }
+
+    /// Claims and runs jobs until `shutdown` turns true; then stops claiming, asks running jobs
+    /// to checkpoint, and waits for them to be requeued.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tasks = JoinSet::new();
+        tracing::info!(worker = %self.id(), devices = self.config.devices.len(), "worker started");
+        while !*shutdown.borrow() {
+            match self.claim_next().await {
+                Ok(Some(claim)) => {
+                    let me = self.clone();
+                    tasks.spawn(async move { me.execute(claim).await });
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "cannot claim a job"),
+            }
+            while let Some(done) = tasks.try_join_next() {
+                log_task_end(done);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.poll) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        tracing::info!(
+            running = self.running().len(),
+            "worker stopping: checkpointing running jobs"
+        );
+        for (_, control) in self.running().values() {
+            control.request(StopRequest::Shutdown);
+        }
+        while let Some(done) = tasks.join_next().await {
+            log_task_end(done);
+        }
+        tracing::info!(worker = %self.id(), "worker stopped");
+    }
+
+    /// Runs a claimed job until it ends, fails, stops on request, or the lease is lost.
+    pub async fn execute(self: &Arc<Self>, claim: Claim) -> Result<(), WorkerError> {
+        let id = claim.job.id.clone();
+        let result = self.execute_inner(claim).await;
+        self.running().remove(&id);
+        result
+    }
+
+    async fn execute_inner(self: &Arc<Self>, claim: Claim) -> Result<(), WorkerError> {
+        let id = claim.job.id.clone();
+        let control = match self.running().get(&id) {
+            Some((_, control)) => control.clone(),
+            None => RunControl::new(),
+        };
+        let request = match self.prepare(&claim).await {
+            Ok(request) => request,
+            Err(failure) => return self.finish(&id, Ok(Err(failure)), &control).await,
+        };
+        let mut sink = StoreSink {
+            handle: tokio::runtime::Handle::current(),
+            store: self.store.clone(),
+            job_id: id.clone(),
+            worker_id: self.id().to_owned(),
+            lease: self.config.lease,
+            control: control.clone(),
+            tokens: self
+                .store
+                .get_job_any(&id)
+                .await?
+                .map_or(0, |j| j.tokens.max(0) as u64),
+        };
+        let heartbeat = tokio::spawn(heartbeat(
+            self.store.clone(),
+            id.clone(),
+            self.id().to_owned(),
+            self.config.lease,
+            control.clone(),
+        ));
+        let runner = self.runner.clone();
+        let run_control = control.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || runner.run(request, &mut sink, &run_control)).await;
+        heartbeat.abort();
+        let outcome = outcome.map_err(|e| {
+            RunFailure::service("executor_crashed", format!("the executor panicked: {e}"))
+        });
+        self.finish(&id, outcome, &control).await
+    }
+
+    async fn prepare(&self, claim: &Claim) -> Result<RunRequest, RunFailure> {
+        let job = &claim.job;
+        let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|e| {
+            RunFailure::service(
+                "corrupt_job",
+                format!("stored job body does not parse: {e}"),
+            )
+        })?;
+        let resolved = match resolve_files(self.store.as_ref(), &job.tenant_id, &spec).await {
+            Ok(resolved) => resolved,
+            Err(ResolveError::Invalid(invalid)) => {
+                let first = invalid.first();
+                return Err(RunFailure::user(
+                    "file_not_found",
+                    first.message.clone(),
+                    Some(&first.param),
+                ));
+            }
+            Err(ResolveError::Store(e)) => {
+                return Err(RunFailure::service("store_unavailable", e.to_string()));
+            }
+        };
+        let store_err = |e: StoreError| RunFailure::service("store_unavailable", e.to_string());
+        let plan_row = self
+            .store
+            .get_plan(&job.tenant_id, &job.id)
+            .await
+            .map_err(store_err)?;
+        let plan = plan_row
+            .and_then(|p| p.plan)
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let resume_from = claim.resume_from.as_ref().map(|c| ResumePoint {
+            step: c.step.max(0) as u64,
+            dir: PathBuf::from(&c.path),
+        });
+        // Steps after the checkpoint are trained again; their earlier metrics go.
+        let kept = resume_from.as_ref().map_or(0, |r| r.step as i64);
+        self.store
+            .discard_metrics_after(&job.id, kept)
+            .await
+            .map_err(store_err)?;
+        let device_ids: Vec<String> =
+            serde_json::from_str(job.devices.as_deref().unwrap_or("[]")).unwrap_or_default();
+        let devices = device_ids
+            .iter()
+            .filter_map(|d| {
+                self.config
+                    .devices
+                    .iter()
+                    .find(|info| &info.id == d)
+                    .cloned()
+            })
+            .collect();
+        Ok(RunRequest {
+            job_id: job.id.clone(),
+            spec: resolved.spec,
+            plan,
+            devices,
+            checkpoint_root: self
+                .config
+                .data_dir
+                .join("jobs")
+                .join(&job.id)
+                .join("checkpoints"),
+            resume_from,
+        })
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        outcome: Result<Result<RunEnd, RunFailure>, RunFailure>,
+        control: &RunControl,
+    ) -> Result<(), WorkerError> {
+        if control.requested() == Some(StopRequest::Abandon) {
+            tracing::warn!(job = %id, "lease lost; leaving the job to its new worker");
+            return Ok(());
+        }
+        let mut change = TransitionChange {
+            worker: Some(self.id().to_owned()),
+            ..Default::default()
+        };
+        let to = match outcome.and_then(|run| run) {
+            Ok(RunEnd::Completed) => JobState::Succeeded,
+            Ok(RunEnd::Cancelled) => JobState::Cancelled,
+            Ok(RunEnd::Stopped { step }) => {
+                let state = match self.store.get_job_any(id).await? {
+                    Some(job) => job.job_state()?,
+                    None => return Ok(()),
+                };
+                change.message = Some(format!("stopped after checkpoint of step {step}"));
+                match state {
+                    JobState::Pausing => JobState::Paused,
+                    JobState::Cancelling => JobState::Cancelled,
+                    _ => {
+                        change.restart = true;
+                        JobState::Queued
+                    }
+                }
+            }
+            Err(failure) => {
+                tracing::warn!(job = %id, error = %failure, "job failed");
+                change.error = serde_json::to_string(&failure).ok();
+                JobState::Failed
+            }
+        };
+        match self.store.transition(id, to, change).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::LeaseLost { .. }) => {
+                tracing::warn!(job = %id, "lease lost before the job's end was recorded");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+async fn heartbeat(
+    store: Arc<dyn Store>,
+    id: String,
+    worker: String,
+    lease: Duration,
+    control: RunControl,
+) {
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        match store
+            .heartbeat(&id, &worker, now_ms() + lease.as_millis() as i64)
+            .await
+        {
+            Ok(JobState::Pausing) => control.request(StopRequest::Pause),
+            Ok(JobState::Cancelling) => control.request(StopRequest::Cancel),
+            Ok(_) => {}
+            Err(StoreError::LeaseLost { .. }) => {
+                control.request(StopRequest::Abandon);
+                return;
+            }
+            Err(e) => tracing::warn!(job = %id, error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+fn log_task_end(done: Result<Result<(), WorkerError>, tokio::task::JoinError>) {
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "job run could not be recorded"),
+        Err(e) => tracing::error!(error = %e, "job task panicked"),
+    }
+}

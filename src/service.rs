@@ -1,0 +1,278 @@
+//! The service's subcommands: `serve` (API + embedded worker), `worker` (a worker alone, for
+//! more machines on one PostgreSQL queue), `keys create`, `openapi`. Their flags live here so
+//! `cli::Command` gains one line per subcommand.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppConfig, AppState, Limits};
+use crate::cli::ServiceArgs;
+use crate::config::{ConfigError, Settings};
+use crate::jobs::devices::DeviceSpecError;
+use crate::jobs::{DeviceInfo, Engines, Worker, WorkerConfig, default_devices, parse_devices};
+use crate::store::{self, StoreError};
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+
+    /// Serve the API only; jobs are run by `chronospipe worker` processes.
+    #[arg(long)]
+    pub no_worker: bool,
+
+    /// Requests per second allowed per API key (bursts of twice as many).
+    #[arg(long, env = "CHRONOSPIPE_RATE_LIMIT", default_value_t = 100.0)]
+    pub rate_limit: f64,
+
+    /// Largest uploaded file, in bytes.
+    #[arg(long, env = "CHRONOSPIPE_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
+    pub max_upload_bytes: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a tenant with a new API key and print the key (it is stored hashed, shown once).
+    Create {
+        /// Name of the key and its tenant.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Devices(#[from] DeviceSpecError),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "this build has no trainer plugged in, so `chronospipe worker` has nothing to run jobs with"
+    )]
+    NoRunner,
+}
+
+/// What `run_service` and `run_worker` need, resolved from the settings.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    pub database_url: String,
+    pub data_dir: PathBuf,
+    pub devices: Vec<DeviceInfo>,
+    pub api_key: Option<String>,
+    pub run_worker: bool,
+    pub limits: Limits,
+    pub lease: Duration,
+    pub poll: Duration,
+}
+
+impl ServiceOptions {
+    pub fn from_settings(settings: &Settings) -> Result<Self, ServiceError> {
+        let devices = match &settings.devices {
+            Some(spec) => parse_devices(spec)?,
+            None => default_devices(),
+        };
+        Ok(ServiceOptions {
+            database_url: settings.effective_database_url(),
+            data_dir: settings.data_dir.clone(),
+            devices,
+            api_key: settings.api_key.clone(),
+            run_worker: true,
+            limits: Limits::default(),
+            lease: Duration::from_secs(30),
+            poll: Duration::from_millis(500),
+        })
+    }
+
+    fn worker_config(&self) -> WorkerConfig {
+        WorkerConfig {
+            lease: self.lease,
+            poll: self.poll,
+            ..WorkerConfig::new(self.data_dir.clone(), self.devices.clone())
+        }
+    }
+}
+
+/// Serves the API (and, unless told otherwise, an embedded worker) on `listener` until
+/// `shutdown` resolves; then stops claiming, has running jobs checkpoint and requeue, and
+/// returns once they have.
+pub async fn run_service(
+    options: ServiceOptions,
+    engines: Engines,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let store = store::connect(&options.database_url).await?;
+    if let Some(key) = api::bootstrap_key(store.as_ref(), options.api_key.as_deref()).await? {
+        println!("Created API key (shown once, store it now): {key}");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut worker_task = None;
+    let mut worker_id = None;
+    let mut refuse_jobs = None;
+    if options.run_worker {
+        match engines.runner.clone() {
+            Some(runner) => {
+                let worker = Worker::new(store.clone(), runner, options.worker_config());
+                worker_id = Some(worker.id().to_owned());
+                worker_task = Some(tokio::spawn(worker.run(stop_rx.clone())));
+            }
+            None => {
+                let why = "this build of the service has no trainer plugged in, so it refuses jobs \
+                           (run it with --no-worker to queue jobs for `chronospipe worker` processes)";
+                tracing::error!("{why}");
+                refuse_jobs = Some(why.to_owned());
+            }
+        }
+    }
+    let state = AppState::new(
+        store,
+        AppConfig {
+            planner: engines.planner,
+            refuse_jobs,
+            devices: options.devices.clone(),
+            worker_id,
+            data_dir: options.data_dir.clone(),
+            limits: options.limits.clone(),
+            shutdown: stop_rx,
+        },
+    );
+    let addr = listener.local_addr().map_err(|source| ServiceError::Io {
+        what: "read the listening address".into(),
+        source,
+    })?;
+    tracing::info!(%addr, "chronospipe serving");
+    let stopping = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new claims, running jobs checkpoint and requeue");
+        let _ = stop_tx.send(true);
+    };
+    let served = api::launch_with_listener(state, listener, stopping).await;
+    if let Some(task) = worker_task {
+        let _ = task.await;
+    }
+    served.map_err(|source| ServiceError::Io {
+        what: "serve HTTP".into(),
+        source,
+    })?;
+    tracing::info!("chronospipe stopped");
+    Ok(())
+}
+
+/// A worker without the HTTP server, until `shutdown`.
+pub async fn run_worker(
+    options: ServiceOptions,
+    engines: Engines,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let runner = engines.runner.ok_or(ServiceError::NoRunner)?;
+    let store = store::connect(&options.database_url).await?;
+    let worker: Arc<Worker> = Worker::new(store, runner, options.worker_config());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    worker.run(stop_rx).await;
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ServiceError> {
+    tokio::runtime::Runtime::new().map_err(|source| ServiceError::Io {
+        what: "start the async runtime".into(),
+        source,
+    })
+}
+
+/// `chronospipe serve`.
+pub fn serve(args: &ServeArgs, log_format: Option<LogFormat>) -> Result<(), ServiceError> {
+    let settings = Settings::resolve(&args.service, log_format)?;
+    telemetry::init(settings.log_format);
+    let mut options = ServiceOptions::from_settings(&settings)?;
+    options.run_worker = !args.no_worker;
+    options.limits.rate_per_second = args.rate_limit;
+    options.limits.rate_burst = args.rate_limit * 2.0;
+    options.limits.max_upload_bytes = args.max_upload_bytes;
+    runtime()?.block_on(async move {
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| ServiceError::Io {
+                    what: format!("listen on {}", settings.listen),
+                    source,
+                })?;
+        run_service(options, Engines::production(), listener, shutdown_signal()).await
+    })
+}
+
+/// `chronospipe worker`.
+pub fn worker(args: &WorkerArgs, log_format: Option<LogFormat>) -> Result<(), ServiceError> {
+    let settings = Settings::resolve(&args.service, log_format)?;
+    telemetry::init(settings.log_format);
+    let options = ServiceOptions::from_settings(&settings)?;
+    runtime()?.block_on(run_worker(
+        options,
+        Engines::production(),
+        shutdown_signal(),
+    ))
+}
+
+/// `chronospipe keys create --name NAME`.
+pub fn keys(args: &KeysArgs, log_format: Option<LogFormat>) -> Result<(), ServiceError> {
+    let KeysCommand::Create { name, service } = &args.command;
+    let settings = Settings::resolve(service, log_format)?;
+    runtime()?.block_on(async {
+        let store = store::connect(&settings.effective_database_url()).await?;
+        let key = api::create_key(store.as_ref(), name).await?;
+        println!("{key}");
+        Ok(())
+    })
+}
+
+/// `chronospipe openapi`: the OpenAPI document, as committed in `openapi/openapi.json`.
+pub fn openapi() -> Result<(), ServiceError> {
+    print!("{}", api::ApiDoc::pretty_json());
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,184 @@
+//! The store's queue semantics on SQLite and PostgreSQL: claims respect free devices and never
+//! hand one job to two workers; leases expire into the queue; transitions are checked.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use chronospipe::store::{
+    JobState, NewJob, PlanRow, StepRecord, Store, StoreError, TransitionChange, connect, new_id,
+    now_ms,
+};
+
+async fn queued_job(store: &dyn Store, tenant: &str, devices_needed: i64) -> String {
+    let id = new_id("job");
+    let job = NewJob {
+        id: id.clone(),
+        tenant_id: tenant.to_owned(),
+        spec: "{}".into(),
+        total_steps: 10,
+        file_ids: vec![],
+        idempotency_key: None,
+        request_hash: None,
+        planned: None,
+    };
+    store.insert_job(&job).await.unwrap();
+    let plan = PlanRow {
+        plan: Some("{}".into()),
+        plan_svg: None,
+        plan_summary: None,
+    };
+    store.set_plan(&id, &plan, devices_needed).await.unwrap();
+    store
+        .transition(&id, JobState::Queued, TransitionChange::default())
+        .await
+        .unwrap();
+    id
+}
+
+fn devices(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("cpu:{i}")).collect()
+}
+
+async fn claims(url: &str) {
+    let store: Arc<dyn Store> = connect(url).await.unwrap();
+    let tenant = store.create_tenant("t").await.unwrap().id;
+    let big = queued_job(store.as_ref(), &tenant, 3).await;
+    let mut small = HashSet::new();
+    for _ in 0..12 {
+        small.insert(queued_job(store.as_ref(), &tenant, 1).await);
+    }
+    // The 3-device job is skipped while only 2 devices are free; smaller ones go first.
+    let claim = store
+        .claim_job("w0", &devices(2), now_ms() + 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(claim.job.id, big);
+    assert_eq!(claim.job.devices.as_deref(), Some("[\"cpu:0\"]"));
+    assert!(claim.resume_from.is_none());
+    assert!(small.remove(&claim.job.id));
+
+    // Four workers racing: every job is claimed exactly once.
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(claim) = store
+                .claim_job(&format!("w{}", w + 1), &devices(1), now_ms() + 60_000)
+                .await
+                .unwrap()
+            {
+                mine.push(claim.job.id);
+            }
+            mine
+        }));
+    }
+    let mut claimed = Vec::new();
+    for task in tasks {
+        claimed.extend(task.await.unwrap());
+    }
+    assert_eq!(claimed.len(), small.len(), "{claimed:?}");
+    assert_eq!(claimed.iter().cloned().collect::<HashSet<_>>(), small);
+    let big_claim = store
+        .claim_job("w9", &devices(4), now_ms() + 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(big_claim.job.id, big);
+    assert_eq!(store.devices_in_use("w9").await.unwrap().len(), 3);
+}
+both_databases!(claim_tests, super::claims);
+
+async fn leases(url: &str) {
+    let store = connect(url).await.unwrap();
+    let tenant = store.create_tenant("t").await.unwrap().id;
+    let id = queued_job(store.as_ref(), &tenant, 1).await;
+    let claim = store
+        .claim_job("dead", &devices(1), now_ms() - 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.job.state, "running");
+    let step = StepRecord {
+        step: 1,
+        tokens: 32,
+        data: "{\"step\":1}".into(),
+        lease_until: now_ms() - 1,
+    };
+    assert_eq!(
+        store.record_step(&id, "dead", &step).await.unwrap(),
+        JobState::Running
+    );
+    assert!(matches!(
+        store.record_step(&id, "other", &step).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+
+    assert_eq!(
+        store.requeue_expired(now_ms()).await.unwrap(),
+        vec![id.clone()]
+    );
+    let job = store.get_job_any(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (job.state.as_str(), job.restart_count, job.worker_id),
+        ("queued", 1, None)
+    );
+    assert!(matches!(
+        store.heartbeat(&id, "dead", now_ms() + 1000).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+
+    let claim = store
+        .claim_job("alive", &devices(1), now_ms() + 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claim.job.id, id);
+    assert_eq!(
+        store
+            .heartbeat(&id, "alive", now_ms() + 60_000)
+            .await
+            .unwrap(),
+        JobState::Running
+    );
+    // Without a checkpoint the resumed run starts over: its old metrics go.
+    assert_eq!(store.discard_metrics_after(&id, 0).await.unwrap(), 1);
+    assert_eq!(store.get_job_any(&id).await.unwrap().unwrap().step, 0);
+
+    let done = TransitionChange {
+        worker: Some("alive".into()),
+        ..Default::default()
+    };
+    store
+        .transition(&id, JobState::Succeeded, done)
+        .await
+        .unwrap();
+    let again = store
+        .transition(&id, JobState::Running, TransitionChange::default())
+        .await;
+    assert!(matches!(again, Err(StoreError::Transition(_))), "{again:?}");
+    let kinds: Vec<String> = store
+        .list_events(&id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "state").count(),
+        6,
+        "{kinds:?}"
+    );
+    let seqs: Vec<i64> = store
+        .list_events(&id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+}
+both_databases!(lease_tests, super::leases);
