@@ -2,12 +2,14 @@
 //! (`JobRunner`), resolving file ids, and the worker that claims queued jobs and runs them.
 
 pub mod devices;
+mod executor;
 mod planner;
 mod resolve;
 mod runner;
 mod sink;
 mod worker;
 
+pub use executor::{ExecPlanner, ExecRunner};
 pub use devices::{DeviceInfo, default_devices, parse_devices};
 pub use planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
 pub use resolve::{ResolveError, ResolvedSpec, resolve_files};
@@ -28,12 +30,12 @@ pub struct Engines {
 }
 
 impl Engines {
-    /// The engines `serve` and `worker` use. The real planner (`crate::plan`) and executor
-    /// (`crate::exec`) plug in here.
+    /// The engines `serve` and `worker` use: the planner (`crate::plan`) and the executor
+    /// (`crate::exec`).
     pub fn production() -> Engines {
         Engines {
-            planner: None,
-            runner: None,
+            planner: Some(Arc::new(executor::ExecPlanner)),
+            runner: Some(Arc::new(executor::ExecRunner)),
         }
     }
 }

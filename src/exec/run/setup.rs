@@ -95,16 +95,22 @@ pub fn plan_job(spec: &JobSpec, arch: &ModelArch, devices: &DeviceSet) -> Result
 }
 
 impl Run {
-    /// Plans, loads the data and places the model. `devices` is used when the spec names none.
+    /// Plans, loads the data and places the model. `default_devices` is used when the spec
+    /// names none.
     pub fn prepare(spec: JobSpec, default_devices: &str) -> Result<Run, RunError> {
-        spec.validate().map_err(|e| RunError::Spec(e.0))?;
-        let arch = resolve_arch(&spec)?;
-        let config = LlamaConfig::from_arch(&arch)?;
         let device_spec = spec.devices.as_deref().unwrap_or(default_devices);
-        let mut devices = DeviceSet::parse(device_spec).map_err(|e| RunError::Devices {
+        let devices = DeviceSet::parse(device_spec).map_err(|e| RunError::Devices {
             spec: device_spec.to_owned(),
             reason: e.to_string(),
         })?;
+        Run::prepare_on(spec, devices)
+    }
+
+    /// As `prepare`, on devices already made (the service's).
+    pub fn prepare_on(spec: JobSpec, mut devices: DeviceSet) -> Result<Run, RunError> {
+        spec.validate().map_err(|e| RunError::Spec(e.0))?;
+        let arch = resolve_arch(&spec)?;
+        let config = LlamaConfig::from_arch(&arch)?;
         let answer = plan_job(&spec, &arch, &devices)?;
         devices.devices.truncate(answer.plan.devices());
 
