@@ -3,6 +3,8 @@
 //! A pool counts live bytes by [`MemGroup`] and remembers its peak. Tensors hold a lease on
 //! their pool and give their bytes back when dropped, so "live bytes" is exactly what exists.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -116,6 +118,10 @@ pub struct Pool {
     name: String,
     budget: usize,
     counters: Mutex<Counters>,
+    /// Buffers of dropped tensors kept for reuse, by element type and length, like PyTorch's
+    /// caching allocator: training repeats the same shapes every micro-batch, and reusing
+    /// them avoids the page faults of fresh allocations. Cached buffers are not live bytes.
+    cache: Mutex<HashMap<(TypeId, usize), Vec<Box<dyn Any + Send>>>>,
 }
 
 /// Shared handle to a pool; tensors keep one.
@@ -127,6 +133,7 @@ impl Pool {
             name: name.into(),
             budget,
             counters: Mutex::new(Counters::default()),
+            cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -170,6 +177,34 @@ impl Pool {
             c.peak_by_group = c.live;
         }
         Ok(())
+    }
+
+    /// A buffer of `len` elements with unspecified (finite, previously written) contents.
+    pub(crate) fn take_buffer<T: Copy + Default + Send + 'static>(&self, len: usize) -> Vec<T> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get_mut(&(TypeId::of::<T>(), len))
+            .and_then(Vec::pop)
+            .and_then(|b| b.downcast::<Vec<T>>().ok())
+            .map(|b| *b)
+            .unwrap_or_else(|| vec![T::default(); len])
+    }
+
+    /// Keeps a dropped tensor's buffer for the next tensor of the same size.
+    pub(crate) fn recycle<T: Copy + Default + Send + 'static>(&self, buffer: Vec<T>) {
+        if buffer.is_empty() {
+            return;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((TypeId::of::<T>(), buffer.len()))
+            .or_default()
+            .push(Box::new(buffer));
+    }
+
+    /// Returns cached buffers to the system allocator.
+    pub fn trim_cache(&self) {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     pub(crate) fn release(&self, group: MemGroup, bytes: usize) {
