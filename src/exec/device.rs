@@ -112,6 +112,9 @@ struct Counters {
     peak_by_group: GroupBytes,
 }
 
+/// Free buffers by (element type, length).
+type BufferCache = HashMap<(TypeId, usize), Vec<Box<dyn Any + Send>>>;
+
 /// One memory pool: a device's "HBM" or the host.
 #[derive(Debug)]
 pub struct Pool {
@@ -121,7 +124,7 @@ pub struct Pool {
     /// Buffers of dropped tensors kept for reuse, by element type and length, like PyTorch's
     /// caching allocator: training repeats the same shapes every micro-batch, and reusing
     /// them avoids the page faults of fresh allocations. Cached buffers are not live bytes.
-    cache: Mutex<HashMap<(TypeId, usize), Vec<Box<dyn Any + Send>>>>,
+    cache: Mutex<BufferCache>,
 }
 
 /// Shared handle to a pool; tensors keep one.
