@@ -1,5 +1,6 @@
 //! A pipeline chunk: a contiguous run of parts run forward and backward as one unit.
 
+use crate::exec::device::{DeviceError, PoolRef};
 use crate::exec::model::part::{MicroTokens, PartOutput, PartStash, backward_part, forward_part};
 use crate::exec::model::{ModelError, PartCtx, PartParams};
 use crate::exec::tensor::Tensor;
@@ -8,6 +9,18 @@ use crate::exec::tensor::Tensor;
 #[derive(Debug)]
 pub struct ChunkStash {
     pub parts: Vec<PartStash>,
+}
+
+impl ChunkStash {
+    /// Moves every kept tensor to another pool: offload to the host, prefetch back.
+    pub fn transfer(self, to: &PoolRef) -> Result<Self, DeviceError> {
+        let parts = self
+            .parts
+            .into_iter()
+            .map(|p| p.transfer(to))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ChunkStash { parts })
+    }
 }
 
 /// Runs `parts` (contiguous, forward order) on `input` (none when the chunk starts with the
