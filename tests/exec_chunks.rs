@@ -7,6 +7,7 @@ use chronospipe::exec::model::chunk::{backward_chunk, forward_chunk};
 use chronospipe::exec::model::part::{MicroTokens, PartOutput};
 use chronospipe::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use chronospipe::exec::optim::clip::{global_norm, part_squares};
+use chronospipe::exec::tensor::Tensor;
 use chronospipe::plan::inventory::{MicroShape, ModelDims};
 
 fn config() -> LlamaConfig {
@@ -142,4 +143,57 @@ fn two_chunks_on_two_pools_match_one_device_bit_for_bit() {
         d0.live().get(MemGroup::Communication) + d1.live().get(MemGroup::Communication),
         0
     );
+}
+
+#[test]
+fn recompute_from_the_kept_input_gives_identical_gradients() {
+    let cfg = config();
+    let micro = MicroShape { batch: 2, seq: 16 };
+    let backend = CpuBackend::default();
+    let ids = [PartId::Layer(0), PartId::Layer(1)];
+    let (ids_in, targets) = tokens(0);
+    let t = MicroTokens {
+        input_ids: &ids_in,
+        targets: &targets,
+    };
+    let run = |recompute: bool| {
+        let pool = Pool::new("cpu:0", 64 << 20);
+        let host = Pool::new("host", usize::MAX);
+        let ctx = PartCtx {
+            backend: &backend,
+            pool: &pool,
+            config: &cfg,
+            micro,
+        };
+        let emb = parts_on(&pool, &[PartId::Embedding]);
+        let mut layers = parts_on(&pool, &ids);
+        let (_, x) = forward_chunk(&ctx, &emb, None, t).unwrap();
+        let PartOutput::Hidden(x) = x else { panic!() };
+        let mut kept = Tensor::zeros(&pool, "kept", x.shape(), MemGroup::Activations).unwrap();
+        kept.data_mut().copy_from_slice(x.data());
+        let (stash, out) = forward_chunk(&ctx, &layers, Some(x), t).unwrap();
+        let stash = if recompute {
+            // Drop the stash, keep only the chunk input, rebuild before backward.
+            drop(stash);
+            forward_chunk(&ctx, &layers, Some(kept), t).unwrap().0
+        } else {
+            // Offload the stash to the host and prefetch it back.
+            drop(kept);
+            let away = stash.transfer(&host).unwrap();
+            assert!(host.live_bytes() > 0);
+            away.transfer(&pool).unwrap()
+        };
+        let PartOutput::Hidden(y) = out else { panic!() };
+        let mut g = Tensor::zeros(&pool, "grad_output", y.shape(), MemGroup::Activations).unwrap();
+        g.data_mut()
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = (i as f32 * 0.01).sin());
+        let back = backward_chunk(&ctx, &mut layers, stash, Some(g), 1.0).unwrap();
+        (
+            back.unwrap().data().to_vec(),
+            layers[0].grads[1].data().to_vec(),
+        )
+    };
+    assert_eq!(run(true), run(false));
 }
