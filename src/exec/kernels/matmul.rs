@@ -170,7 +170,8 @@ mod tests {
         let am = MatRef::rows(&a, 5, 7);
         let bt = MatRef::rows(&b, 5, 7).t(); // 7 x 5
         let want = naive(am, bt);
-        let mut got = vec![1.0; 25];
+        // A recycled buffer may hold anything, NaN included: a plain product must not read it.
+        let mut got = vec![f32::NAN; 25];
         matmul(&mut got, am, bt, false, Threads(2));
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5);
