@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use chronospipe::exec::kernels::attention::{AttnShape, attention_backward, attention_forward};
 use chronospipe::exec::kernels::matmul::{MatRef, Threads, matmul};
+use chronospipe::exec::kernels::swiglu::{swiglu_backward, swiglu_forward};
 
 /// Mean time of 10 runs after one warm-up, with the rate for `flops` per run.
 fn report<F: FnMut()>(name: &str, flops: f64, mut run: F) {
@@ -56,6 +57,16 @@ fn main() {
             true,
             Threads(2),
         )
+    });
+
+    let (gate, up) = (wave(n * f), wave(n * f));
+    let mut act = vec![0.0f32; n * f];
+    report("swiglu forward", 4.0 * (n * f) as f64, || {
+        swiglu_forward(&mut act, &gate, &up)
+    });
+    let mut d_gate = vec![0.0f32; n * f];
+    report("swiglu backward", 8.0 * (n * f) as f64, || {
+        swiglu_backward(&mut d_gate, &mut act, &gate, &up)
     });
 
     let sh = AttnShape {

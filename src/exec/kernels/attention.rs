@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use crate::exec::kernels::fast_exp;
 use crate::exec::kernels::matmul::matmul_raw;
 
 /// Queries handled together: blocks of the score matrix are products through gemm.
@@ -156,11 +157,10 @@ pub fn attention_forward(
                         let m_old = sc.row_max[r];
                         let m_new = m_old.max(bm);
                         let c = (m_old - m_new).exp();
-                        let mut l = sc.row_sum[r] * c;
                         for x in &mut row[..valid] {
-                            *x = (*x - m_new).exp();
-                            l += *x;
+                            *x = fast_exp::exp(*x - m_new);
                         }
+                        let l = sc.row_sum[r] * c + fast_exp::sum(&row[..valid]);
                         row[valid..].fill(0.0);
                         sc.row_max[r] = m_new;
                         sc.row_sum[r] = l;
@@ -293,7 +293,7 @@ pub fn attention_backward(
                             let p = &mut sc.scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
                             let dp = &mut sc.d_scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
                             for (pv, dpv) in p[..valid].iter_mut().zip(dp[..valid].iter_mut()) {
-                                *pv = (*pv * scale - lse_i).exp();
+                                *pv = fast_exp::exp(*pv * scale - lse_i);
                                 *dpv = *pv * (*dpv - delta_i) * scale;
                             }
                             p[valid..].fill(0.0);
