@@ -47,16 +47,30 @@ fn keys_create_prints_a_new_key_each_time() {
 }
 
 #[test]
-fn worker_without_a_trainer_says_so() {
+fn worker_runs_with_the_trainer_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let out = chronospipe()
+    let mut child = chronospipe()
         .args(["worker", "--data-dir"])
         .arg(dir.path())
-        .output()
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no trainer"), "{stderr}");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the worker exited on its own"
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn get(addr: &str, path: &str) -> String {

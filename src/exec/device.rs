@@ -3,6 +3,8 @@
 //! A pool counts live bytes by [`MemGroup`] and remembers its peak. Tensors hold a lease on
 //! their pool and give their bytes back when dropped, so "live bytes" is exactly what exists.
 
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -110,12 +112,19 @@ struct Counters {
     peak_by_group: GroupBytes,
 }
 
+/// Free buffers by (element type, length).
+type BufferCache = HashMap<(TypeId, usize), Vec<Box<dyn Any + Send>>>;
+
 /// One memory pool: a device's "HBM" or the host.
 #[derive(Debug)]
 pub struct Pool {
     name: String,
     budget: usize,
     counters: Mutex<Counters>,
+    /// Buffers of dropped tensors kept for reuse, by element type and length, like PyTorch's
+    /// caching allocator: training repeats the same shapes every micro-batch, and reusing
+    /// them avoids the page faults of fresh allocations. Cached buffers are not live bytes.
+    cache: Mutex<BufferCache>,
 }
 
 /// Shared handle to a pool; tensors keep one.
@@ -127,6 +136,7 @@ impl Pool {
             name: name.into(),
             budget,
             counters: Mutex::new(Counters::default()),
+            cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -177,6 +187,34 @@ impl Pool {
         let mut c = self.counters();
         c.live.0[from.index()] -= bytes;
         c.live.0[to.index()] += bytes;
+    }
+
+    /// A buffer of `len` elements with unspecified (finite, previously written) contents.
+    pub(crate) fn take_buffer<T: Copy + Default + Send + 'static>(&self, len: usize) -> Vec<T> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get_mut(&(TypeId::of::<T>(), len))
+            .and_then(Vec::pop)
+            .and_then(|b| b.downcast::<Vec<T>>().ok())
+            .map(|b| *b)
+            .unwrap_or_else(|| vec![T::default(); len])
+    }
+
+    /// Keeps a dropped tensor's buffer for the next tensor of the same size.
+    pub(crate) fn recycle<T: Copy + Default + Send + 'static>(&self, buffer: Vec<T>) {
+        if buffer.is_empty() {
+            return;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry((TypeId::of::<T>(), buffer.len()))
+            .or_default()
+            .push(Box::new(buffer));
+    }
+
+    /// Returns cached buffers to the system allocator.
+    pub fn trim_cache(&self) {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     pub(crate) fn release(&self, group: MemGroup, bytes: usize) {

@@ -47,6 +47,19 @@ impl<T: Element> Tensor<T> {
         shape: &[usize],
         group: MemGroup,
     ) -> Result<Self, DeviceError> {
+        let mut t = Self::scratch(pool, name, shape, group)?;
+        t.fill_zero();
+        Ok(t)
+    }
+
+    /// A tensor whose contents are whatever its recycled buffer held: for buffers a kernel
+    /// overwrites completely (activations, scratch), saving a pass over memory.
+    pub fn scratch(
+        pool: &PoolRef,
+        name: impl Into<String>,
+        shape: &[usize],
+        group: MemGroup,
+    ) -> Result<Self, DeviceError> {
         let name = name.into();
         let elements: usize = shape.iter().product();
         let bytes = elements * T::DTYPE.bytes();
@@ -54,7 +67,7 @@ impl<T: Element> Tensor<T> {
         Ok(Tensor {
             name,
             shape: shape.to_vec(),
-            data: vec![T::default(); elements],
+            data: pool.take_buffer(elements),
             lease: Lease {
                 pool: pool.clone(),
                 group,
@@ -63,14 +76,14 @@ impl<T: Element> Tensor<T> {
         })
     }
 
-    /// A zero-filled tensor with the name and shape an inventory entry gives.
+    /// A scratch tensor (contents unspecified) with the name and shape of an inventory entry.
     pub fn from_spec(
         pool: &PoolRef,
         spec: &TensorSpec,
         group: MemGroup,
     ) -> Result<Self, DeviceError> {
         debug_assert_eq!(spec.dtype, T::DTYPE, "{}", spec.name);
-        Self::zeros(pool, spec.name, &spec.shape, group)
+        Self::scratch(pool, spec.name, &spec.shape, group)
     }
 
     pub fn name(&self) -> &str {
@@ -151,40 +164,41 @@ impl<T: Element> Tensor<T> {
 
     /// Gives the bytes back to the pool and returns name, shape and data (a message in
     /// flight between devices belongs to neither).
-    pub fn into_data(self) -> (String, Vec<usize>, Vec<T>) {
-        let Tensor {
-            name, shape, data, ..
-        } = self;
+    pub fn into_data(mut self) -> (String, Vec<usize>, Vec<T>) {
+        let name = std::mem::take(&mut self.name);
+        let shape = std::mem::take(&mut self.shape);
+        let data = std::mem::take(&mut self.data);
         (name, shape, data)
     }
 
     /// Moves the tensor to another pool (offload to the host, prefetch back, a send between
     /// devices). The destination is charged before the source is released, as a real copy is.
-    pub fn transfer(self, to: &PoolRef, group: MemGroup) -> Result<Self, DeviceError> {
-        to.reserve(&self.name, group, self.lease.bytes)?;
-        let Tensor {
-            name,
-            shape,
-            data,
-            lease,
-        } = self;
-        let bytes = lease.bytes;
-        drop(lease);
-        Ok(Tensor {
-            name,
-            shape,
-            data,
+    pub fn transfer(mut self, to: &PoolRef, group: MemGroup) -> Result<Self, DeviceError> {
+        let bytes = self.lease.bytes;
+        to.reserve(&self.name, group, bytes)?;
+        let moved = Tensor {
+            name: std::mem::take(&mut self.name),
+            shape: std::mem::take(&mut self.shape),
+            data: std::mem::take(&mut self.data),
             lease: Lease {
                 pool: to.clone(),
                 group,
                 bytes,
             },
-        })
+        };
+        drop(self); // releases the source bytes; its buffer was moved out
+        Ok(moved)
     }
 
     /// Sets every element to zero (gradients before a step's first microbatch).
     pub fn fill_zero(&mut self) {
         self.data.fill(T::default());
+    }
+}
+
+impl<T: Element> Drop for Tensor<T> {
+    fn drop(&mut self) {
+        self.lease.pool.recycle(std::mem::take(&mut self.data));
     }
 }
 

@@ -8,7 +8,8 @@ use thiserror::Error;
 use crate::data::Microbatch;
 use crate::exec::backend::Backend;
 use crate::exec::device::{DeviceError, PoolRef};
-use crate::exec::model::part::{MicroTokens, PartOutput, backward_part, forward_part};
+use crate::exec::model::chunk::{backward_chunk, forward_chunk};
+use crate::exec::model::part::{MicroTokens, PartOutput};
 use crate::exec::model::{LlamaConfig, ModelError, PartCtx, PartId, PartParams};
 use crate::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use crate::exec::optim::schedule::LrSchedule;
@@ -162,21 +163,14 @@ impl SingleDevice {
             input_ids: &mb.input_ids,
             targets: &mb.targets,
         };
-        let mut stashes = Vec::with_capacity(self.parts.len());
-        let mut carry = None;
-        let mut loss_sum = 0.0;
-        for part in &self.parts {
-            let (stash, out) = forward_part(&ctx, part, carry.take(), tokens)?;
-            stashes.push(stash);
-            match out {
-                PartOutput::Hidden(t) => carry = Some(t),
-                PartOutput::LossSum(l) => loss_sum = l,
-            }
-        }
-        let mut grad = None;
-        for (part, stash) in self.parts.iter_mut().zip(stashes).rev() {
-            grad = backward_part(&ctx, part, stash, grad.take(), loss_scale)?;
-        }
+        let (stash, out) = forward_chunk(&ctx, &self.parts, None, tokens)?;
+        let PartOutput::LossSum(loss_sum) = out else {
+            return Err(TrainError::Model(ModelError::WrongInput {
+                part: PartId::Head,
+                reason: "the model's last part is not the head".into(),
+            }));
+        };
+        backward_chunk(&ctx, &mut self.parts, stash, None, loss_scale)?;
         Ok(loss_sum)
     }
 }

@@ -66,9 +66,9 @@ fn plan_failure(e: RunError) -> PlanFailure {
             smallest_memory_bytes: need_bytes,
             closest: json!({ "configuration": closest, "memory_bytes": need_bytes }),
         },
-        RunError::Plan(PlanError::Invalid { field, message }) => {
-            PlanFailure::Invalid(InvalidSpec(vec![crate::spec::SpecError::new(field, message)]))
-        }
+        RunError::Plan(PlanError::Invalid { field, message }) => PlanFailure::Invalid(InvalidSpec(
+            vec![crate::spec::SpecError::new(field, message)],
+        )),
         other => PlanFailure::Internal(other.to_string()),
     }
 }
@@ -79,7 +79,12 @@ fn outcome(answer: &Answer) -> PlanOutcome {
         schedule: answer.best.schedule.clone(),
         stages: answer.best.pipeline,
         devices: answer.plan.devices() as u32,
-        actions_per_device: answer.plan.programs.iter().map(|p| p.len() as u64).collect(),
+        actions_per_device: answer
+            .plan
+            .programs
+            .iter()
+            .map(|p| p.len() as u64)
+            .collect(),
         peak_bytes: sim.devices.iter().map(|d| d.peak_bytes).collect(),
         step_time_s: sim.step_time_s,
         bubble_ratio: sim.bubble_ratio,
@@ -87,7 +92,11 @@ fn outcome(answer: &Answer) -> PlanOutcome {
             .runners_up
             .iter()
             .map(|r| PlanCandidate {
-                label: format!("{} ({})", crate::plan::search::describe(&r.candidate), r.why),
+                label: format!(
+                    "{} ({})",
+                    crate::plan::search::describe(&r.candidate),
+                    r.why
+                ),
                 max_peak_bytes: r.candidate.peak_bytes,
                 step_time_s: r.candidate.step_time_s,
                 bubble_ratio: r.candidate.bubble_ratio,

@@ -9,8 +9,8 @@ mod runner;
 mod sink;
 mod worker;
 
-pub use executor::{ExecPlanner, ExecRunner};
 pub use devices::{DeviceInfo, default_devices, parse_devices};
+pub use executor::{ExecPlanner, ExecRunner};
 pub use planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
 pub use resolve::{ResolveError, ResolvedSpec, resolve_files};
 pub use runner::{

@@ -8,8 +8,14 @@
 
 use rayon::prelude::*;
 
-/// Keys scored together before the running maximum is updated.
-const KEY_BLOCK: usize = 64;
+use crate::exec::kernels::fast_exp;
+use crate::exec::kernels::matmul::matmul_raw;
+
+/// Queries handled together: blocks of the score matrix are products through gemm.
+const BLOCK: usize = 64;
+/// Keys scored together before the running maximum is updated. Wider than the query block
+/// so each product is larger; causal trimming keeps each block's columns at the diagonal.
+const KEY_BLOCK: usize = 256;
 
 /// The sizes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -39,16 +45,14 @@ impl AttnShape {
 /// A raw pointer handed to parallel tasks that write disjoint elements of one buffer.
 #[derive(Clone, Copy)]
 struct Disjoint(*mut f32);
-// SAFETY: every task writes only the (token, head) slices it owns; see each use.
+// SAFETY: every task writes only the (token, head) elements it owns; see each use.
 unsafe impl Send for Disjoint {}
 unsafe impl Sync for Disjoint {}
 
 impl Disjoint {
-    /// SAFETY: the caller guarantees no other task touches `[offset, offset+len)` meanwhile
-    /// and that the range lies inside the buffer.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
+    // A method, not field access, so closures capture the whole Send + Sync wrapper.
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 
@@ -70,10 +74,25 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline]
-fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
+/// Per-thread working set of one block pair (`BLOCK x KEY_BLOCK` floats), not counted in a
+/// device pool (kernel scratch, like a gemm's packing buffers).
+struct BlockScratch {
+    scores: Vec<f32>,
+    d_scores: Vec<f32>,
+    acc: Vec<f32>,
+    row_max: Vec<f32>,
+    row_sum: Vec<f32>,
+}
+
+impl BlockScratch {
+    fn new(head_dim: usize) -> Self {
+        BlockScratch {
+            scores: vec![0.0; BLOCK * KEY_BLOCK],
+            d_scores: vec![0.0; BLOCK * KEY_BLOCK],
+            acc: vec![0.0; BLOCK * head_dim],
+            row_max: vec![0.0; BLOCK],
+            row_sum: vec![0.0; BLOCK],
+        }
     }
 }
 
@@ -90,46 +109,94 @@ pub fn attention_forward(
     let scale = sh.scale();
     assert!(out.len() == q.len() && q.len() == sh.batch * s * qw);
     assert!(k.len() == sh.batch * s * kw && v.len() == k.len());
+    assert_eq!(lse.len(), sh.batch * sh.heads * s);
     let out_ptr = Disjoint(out.as_mut_ptr());
     // Each task is one (sequence, query head): it owns that head's columns of `out` and one
     // contiguous row of `lse`.
     lse.par_chunks_mut(s).enumerate().for_each_init(
-        || (vec![0.0f32; KEY_BLOCK], vec![0.0f32; d]),
-        |(scores, acc), (task, lse_row)| {
+        || BlockScratch::new(d),
+        |sc, (task, lse_row)| {
             let (b, h) = (task / sh.heads, task % sh.heads);
             let g = h / sh.group();
-            for i in 0..s {
-                let qi = &q[(b * s + i) * qw + h * d..][..d];
-                let (mut m, mut l) = (f32::NEG_INFINITY, 0.0f32);
-                acc.fill(0.0);
-                for j0 in (0..=i).step_by(KEY_BLOCK) {
-                    let j1 = (j0 + KEY_BLOCK).min(i + 1);
-                    let mut bm = f32::NEG_INFINITY;
-                    for j in j0..j1 {
-                        let kj = &k[(b * s + j) * kw + g * d..][..d];
-                        let sc = dot(qi, kj) * scale;
-                        scores[j - j0] = sc;
-                        bm = bm.max(sc);
+            let q_base = b * s * qw + h * d;
+            let kv_base = b * s * kw + g * d;
+            for q0 in (0..s).step_by(BLOCK) {
+                let rows = BLOCK.min(s - q0);
+                sc.row_max[..rows].fill(f32::NEG_INFINITY);
+                sc.row_sum[..rows].fill(0.0);
+                sc.acc[..rows * d].fill(0.0);
+                // Causal: only key blocks that start at or before the block's last query.
+                for k0 in (0..q0 + rows).step_by(KEY_BLOCK) {
+                    let cols = KEY_BLOCK.min(q0 + rows - k0);
+                    // SAFETY: q/k blocks lie inside their slices (asserted lengths); scores is
+                    // this thread's own scratch.
+                    unsafe {
+                        matmul_raw(
+                            rows,
+                            cols,
+                            d,
+                            sc.scores.as_mut_ptr(),
+                            KEY_BLOCK,
+                            q.as_ptr().add(q_base + q0 * qw),
+                            qw,
+                            1,
+                            k.as_ptr().add(kv_base + k0 * kw),
+                            1,
+                            kw,
+                            false,
+                        );
                     }
-                    if bm > m {
-                        let c = (m - bm).exp();
-                        l *= c;
-                        acc.iter_mut().for_each(|a| *a *= c);
-                        m = bm;
+                    for r in 0..rows {
+                        let valid = cols.min(q0 + r + 1 - k0.min(q0 + r + 1));
+                        let row = &mut sc.scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
+                        let mut bm = f32::NEG_INFINITY;
+                        for x in &mut row[..valid] {
+                            *x *= scale;
+                            bm = bm.max(*x);
+                        }
+                        let m_old = sc.row_max[r];
+                        let m_new = m_old.max(bm);
+                        let c = (m_old - m_new).exp();
+                        for x in &mut row[..valid] {
+                            *x = fast_exp::exp(*x - m_new);
+                        }
+                        let l = sc.row_sum[r] * c + fast_exp::sum(&row[..valid]);
+                        row[valid..].fill(0.0);
+                        sc.row_max[r] = m_new;
+                        sc.row_sum[r] = l;
+                        if c != 1.0 {
+                            sc.acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= c);
+                        }
                     }
-                    for j in j0..j1 {
-                        let p = (scores[j - j0] - m).exp();
-                        l += p;
-                        axpy(acc, p, &v[(b * s + j) * kw + g * d..][..d]);
+                    // SAFETY: as above; acc is this thread's own buffer.
+                    unsafe {
+                        matmul_raw(
+                            rows,
+                            d,
+                            cols,
+                            sc.acc.as_mut_ptr(),
+                            d,
+                            sc.scores.as_ptr(),
+                            KEY_BLOCK,
+                            1,
+                            v.as_ptr().add(kv_base + k0 * kw),
+                            kw,
+                            1,
+                            true,
+                        );
                     }
                 }
-                // SAFETY: row (b, i), head h belongs to this task alone.
-                let o = unsafe { out_ptr.slice((b * s + i) * qw + h * d, d) };
-                let inv = 1.0 / l;
-                for (o, a) in o.iter_mut().zip(acc.iter()) {
-                    *o = a * inv;
+                for r in 0..rows {
+                    let inv = 1.0 / sc.row_sum[r];
+                    // SAFETY: row (b, q0+r), head h belongs to this task alone.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(out_ptr.at(q_base + (q0 + r) * qw), d)
+                    };
+                    for (o, a) in o.iter_mut().zip(&sc.acc[r * d..(r + 1) * d]) {
+                        *o = a * inv;
+                    }
+                    lse_row[q0 + r] = sc.row_max[r] + sc.row_sum[r].ln();
                 }
-                lse_row[i] = m + l.ln();
             }
         },
     );
@@ -152,6 +219,10 @@ pub fn attention_backward(
 ) {
     let (s, d, qw, kw) = (sh.seq, sh.head_dim, sh.q_width(), sh.kv_width());
     let scale = sh.scale();
+    assert!(q.len() == sh.batch * s * qw && dq.len() == q.len() && d_out.len() == q.len());
+    assert!(out.len() == q.len() && k.len() == sh.batch * s * kw);
+    assert!(v.len() == k.len() && dk.len() == k.len() && dv.len() == k.len());
+    assert!(lse.len() == sh.batch * sh.heads * s && delta.len() == lse.len());
     delta.par_chunks_mut(s).enumerate().for_each(|(task, row)| {
         let (b, h) = (task / sh.heads, task % sh.heads);
         for (i, r) in row.iter_mut().enumerate() {
@@ -170,32 +241,116 @@ pub fn attention_backward(
     let delta = &*delta;
     // Each task is one (sequence, key/value head) and the query heads that share it, so the
     // sums into dk and dv run in a fixed order inside one task.
-    (0..sh.batch * sh.kv_heads)
-        .into_par_iter()
-        .for_each(|task| {
+    (0..sh.batch * sh.kv_heads).into_par_iter().for_each_init(
+        || BlockScratch::new(d),
+        |sc, task| {
             let (b, g) = (task / sh.kv_heads, task % sh.kv_heads);
+            let kv_base = b * s * kw + g * d;
             for h in g * sh.group()..(g + 1) * sh.group() {
-                let row_stats = (b * sh.heads + h) * s;
-                for i in 0..s {
-                    let qoff = (b * s + i) * qw + h * d;
-                    let (qi, doi) = (&q[qoff..qoff + d], &d_out[qoff..qoff + d]);
-                    let (lse_i, delta_i) = (lse[row_stats + i], delta[row_stats + i]);
-                    // SAFETY: query row (b, i), head h is written by this task only.
-                    let dqi = unsafe { dq_ptr.slice(qoff, d) };
-                    for j in 0..=i {
-                        let koff = (b * s + j) * kw + g * d;
-                        let (kj, vj) = (&k[koff..koff + d], &v[koff..koff + d]);
-                        let p = (dot(qi, kj) * scale - lse_i).exp();
-                        let ds = p * (dot(doi, vj) - delta_i) * scale;
-                        axpy(dqi, ds, kj);
-                        // SAFETY: key row (b, j), kv head g is written by this task only.
-                        let (dkj, dvj) = unsafe { (dk_ptr.slice(koff, d), dv_ptr.slice(koff, d)) };
-                        axpy(dkj, ds, qi);
-                        axpy(dvj, p, doi);
+                let q_base = b * s * qw + h * d;
+                let stats = (b * sh.heads + h) * s;
+                for q0 in (0..s).step_by(BLOCK) {
+                    let rows = BLOCK.min(s - q0);
+                    for k0 in (0..q0 + rows).step_by(KEY_BLOCK) {
+                        let cols = KEY_BLOCK.min(q0 + rows - k0);
+                        // SAFETY (all products below): blocks lie inside the asserted buffers;
+                        // dq rows of head h and dk/dv rows of kv head g of sequence b belong to
+                        // this task only; scores/d_scores are this thread's own.
+                        unsafe {
+                            matmul_raw(
+                                rows,
+                                cols,
+                                d,
+                                sc.scores.as_mut_ptr(),
+                                KEY_BLOCK,
+                                q.as_ptr().add(q_base + q0 * qw),
+                                qw,
+                                1,
+                                k.as_ptr().add(kv_base + k0 * kw),
+                                1,
+                                kw,
+                                false,
+                            );
+                            matmul_raw(
+                                rows,
+                                cols,
+                                d,
+                                sc.d_scores.as_mut_ptr(),
+                                KEY_BLOCK,
+                                d_out.as_ptr().add(q_base + q0 * qw),
+                                qw,
+                                1,
+                                v.as_ptr().add(kv_base + k0 * kw),
+                                1,
+                                kw,
+                                false,
+                            );
+                        }
+                        for r in 0..rows {
+                            let i = q0 + r;
+                            let valid = cols.min(i + 1 - k0.min(i + 1));
+                            let (lse_i, delta_i) = (lse[stats + i], delta[stats + i]);
+                            let p = &mut sc.scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
+                            let dp = &mut sc.d_scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
+                            for (pv, dpv) in p[..valid].iter_mut().zip(dp[..valid].iter_mut()) {
+                                *pv = fast_exp::exp(*pv * scale - lse_i);
+                                *dpv = *pv * (*dpv - delta_i) * scale;
+                            }
+                            p[valid..].fill(0.0);
+                            dp[valid..].fill(0.0);
+                        }
+                        unsafe {
+                            // dV_j += Pᵀ · dO_i
+                            matmul_raw(
+                                cols,
+                                d,
+                                rows,
+                                dv_ptr.at(kv_base + k0 * kw),
+                                kw,
+                                sc.scores.as_ptr(),
+                                1,
+                                KEY_BLOCK,
+                                d_out.as_ptr().add(q_base + q0 * qw),
+                                qw,
+                                1,
+                                true,
+                            );
+                            // dQ_i += dS · K_j
+                            matmul_raw(
+                                rows,
+                                d,
+                                cols,
+                                dq_ptr.at(q_base + q0 * qw),
+                                qw,
+                                sc.d_scores.as_ptr(),
+                                KEY_BLOCK,
+                                1,
+                                k.as_ptr().add(kv_base + k0 * kw),
+                                kw,
+                                1,
+                                true,
+                            );
+                            // dK_j += dSᵀ · Q_i
+                            matmul_raw(
+                                cols,
+                                d,
+                                rows,
+                                dk_ptr.at(kv_base + k0 * kw),
+                                kw,
+                                sc.d_scores.as_ptr(),
+                                1,
+                                KEY_BLOCK,
+                                q.as_ptr().add(q_base + q0 * qw),
+                                qw,
+                                1,
+                                true,
+                            );
+                        }
                     }
                 }
             }
-        });
+        },
+    );
 }
 
 #[cfg(test)]
@@ -247,7 +402,7 @@ mod tests {
 
     const SHAPE: AttnShape = AttnShape {
         batch: 2,
-        seq: 70, // more than one key block
+        seq: 300, // more than one query block and one key block
         heads: 4,
         kv_heads: 2,
         head_dim: 8,
@@ -268,7 +423,13 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        let sh = AttnShape { seq: 9, ..SHAPE };
+        // Several query blocks and two key blocks, kept small so the naive reference is quick.
+        let sh = AttnShape {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            ..SHAPE
+        };
         let (q, k, v) = inputs(sh, 1.0);
         let (w, _, _) = inputs(sh, 5.0); // loss = Σ w · out
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
@@ -288,7 +449,7 @@ mod tests {
         );
         let e = 1e-2f32;
         let check = |name: &str, grad: &[f32], which: usize| {
-            for idx in (0..grad.len()).step_by(7) {
+            for idx in (0..grad.len()).step_by(53) {
                 let mut bufs = [q.clone(), k.clone(), v.clone()];
                 bufs[which][idx] += e;
                 let up = loss(&bufs[0], &bufs[1], &bufs[2]);

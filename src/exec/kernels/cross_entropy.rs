@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use crate::exec::kernels::fast_exp;
 use crate::exec::kernels::matmul::{MatRef, Threads, matmul};
 
 /// Shapes of one head call: `tokens` rows of `hidden` features, `vocab` classes.
@@ -17,7 +18,7 @@ pub struct HeadShape {
 
 fn row_lse(row: &[f32]) -> f32 {
     let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+    m + fast_exp::sum_exp_shifted(row, m).ln()
 }
 
 /// Returns the sum over tokens of `-log softmax(x W^T)[target]`, accumulated in f64 in token
@@ -78,7 +79,7 @@ pub fn head_ce_backward(
             .for_each(|(row, &t)| {
                 let lse = row_lse(row);
                 for l in row.iter_mut() {
-                    *l = (*l - lse).exp() * scale;
+                    *l = fast_exp::exp(*l - lse) * scale;
                 }
                 row[t as usize] -= scale;
             });

@@ -43,6 +43,56 @@ impl<'a> MatRef<'a> {
     }
 }
 
+/// `dst (+)= a · b` on raw pointers with element strides, single-threaded: for kernels whose
+/// parallel tasks each own strided pieces of shared buffers (attention's heads).
+///
+/// # Safety
+/// Every element addressed through the shapes and strides must be inside its allocation,
+/// and no other thread may access the addressed elements of `dst` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_row_stride: usize,
+    a: *const f32,
+    a_row_stride: usize,
+    a_col_stride: usize,
+    b: *const f32,
+    b_row_stride: usize,
+    b_col_stride: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row_stride as isize,
+            accumulate,
+            a,
+            a_col_stride as isize,
+            a_row_stride as isize,
+            b,
+            b_col_stride as isize,
+            b_row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// How many threads a product may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Threads(pub usize);
@@ -120,7 +170,8 @@ mod tests {
         let am = MatRef::rows(&a, 5, 7);
         let bt = MatRef::rows(&b, 5, 7).t(); // 7 x 5
         let want = naive(am, bt);
-        let mut got = vec![1.0; 25];
+        // A recycled buffer may hold anything, NaN included: a plain product must not read it.
+        let mut got = vec![f32::NAN; 25];
         matmul(&mut got, am, bt, false, Threads(2));
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5);

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
+pub mod fast_exp;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;

@@ -15,30 +15,31 @@ pub fn rope_apply(
     inverse: bool,
 ) {
     let half = head_dim / 2;
-    // inv_freq and angles in f32, as transformers computes them.
+    // inv_freq and angles in f32, as transformers computes them. The cos/sin table covers one
+    // sequence (seq x head_dim/2 pairs): kernel scratch, shared by every sequence and head.
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
         .collect();
     let sign = if inverse { -1.0 } else { 1.0 };
-    x.par_chunks_mut(width).enumerate().for_each_init(
-        || (vec![0.0f32; half], vec![0.0f32; half]),
-        |(cos, sin), (row, xr)| {
-            let pos = (row % seq) as f32;
-            for i in 0..half {
-                let angle = pos * inv_freq[i];
-                cos[i] = angle.cos();
-                sin[i] = sign * angle.sin();
+    let table: Vec<(f32, f32)> = (0..seq)
+        .flat_map(|pos| {
+            inv_freq.iter().map(move |f| {
+                let angle = pos as f32 * f;
+                (angle.cos(), sign * angle.sin())
+            })
+        })
+        .collect();
+    x.par_chunks_mut(width).enumerate().for_each(|(row, xr)| {
+        let cs = &table[(row % seq) * half..(row % seq + 1) * half];
+        for head in xr.chunks_mut(head_dim) {
+            let (lo, hi) = head.split_at_mut(half);
+            for ((a, b), &(cos, sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(cs) {
+                let (x0, x1) = (*a, *b);
+                *a = x0 * cos - x1 * sin;
+                *b = x1 * cos + x0 * sin;
             }
-            for head in xr.chunks_mut(head_dim) {
-                let (lo, hi) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (lo[i], hi[i]);
-                    lo[i] = a * cos[i] - b * sin[i];
-                    hi[i] = b * cos[i] + a * sin[i];
-                }
-            }
-        },
-    );
+        }
+    });
 }
 
 #[cfg(test)]

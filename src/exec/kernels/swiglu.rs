@@ -2,10 +2,13 @@
 
 use rayon::prelude::*;
 
+use crate::exec::kernels::fast_exp;
+
 const CHUNK: usize = 4096;
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + fast_exp::exp(-x))
 }
 
 pub fn swiglu_forward(act: &mut [f32], gate: &[f32], up: &[f32]) {

@@ -3,6 +3,7 @@
 //! is any contiguous run of parts. Each part's kept activations are a named stash struct whose
 //! tensors are allocated from the `cpu-f32` activation inventory.
 
+pub mod chunk;
 pub mod config;
 pub mod embedding;
 pub mod head;

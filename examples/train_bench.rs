@@ -1,0 +1,113 @@
+//! Training throughput of the CPU executor on one device, for comparison with PyTorch eager
+//! (`shared/bench/torch_llama_ref.py`, same shapes). Usage:
+//! `cargo run --release --example train_bench -- --config a|b [--steps N]`
+//! Prints the median step time over the steps after two warm-up steps, as tokens/s.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use chronospipe::data::Microbatch;
+use chronospipe::exec::backend::CpuBackend;
+use chronospipe::exec::device::Pool;
+use chronospipe::exec::model::LlamaConfig;
+use chronospipe::exec::optim::OptimizerConfig;
+use chronospipe::exec::optim::schedule::LrSchedule;
+use chronospipe::exec::train::SingleDevice;
+use chronospipe::plan::inventory::{MicroShape, ModelDims};
+use rand::{Rng, SeedableRng};
+
+struct BenchConfig {
+    dims: ModelDims,
+    seq: usize,
+    batch: usize,
+}
+
+fn config(name: &str) -> anyhow::Result<BenchConfig> {
+    let (hidden, layers, heads, ffn, seq, batch) = match name {
+        "a" => (256, 4, 4, 688, 256, 8),
+        "b" => (512, 8, 8, 1376, 512, 4),
+        other => bail!("unknown config {other:?}: expected a or b"),
+    };
+    Ok(BenchConfig {
+        dims: ModelDims {
+            hidden,
+            layers,
+            heads,
+            kv_heads: heads,
+            ffn,
+            vocab: 256,
+        },
+        seq,
+        batch,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let bench = config(&flag("--config").unwrap_or_else(|| "a".into()))?;
+    let steps: usize = flag("--steps")
+        .unwrap_or_else(|| "8".into())
+        .parse()
+        .context("--steps")?;
+    let llama = LlamaConfig {
+        dims: bench.dims,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+    };
+    let mut trainer = SingleDevice::from_seed(
+        llama,
+        Pool::new("cpu:0", usize::MAX),
+        Box::new(CpuBackend::default()),
+        0,
+        OptimizerConfig::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
+        LrSchedule::constant(1e-3),
+        None,
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let shape = MicroShape {
+        batch: bench.batch,
+        seq: bench.seq,
+    };
+    let tokens: Vec<i32> = (0..shape.tokens() + 1)
+        .map(|_| rng.gen_range(0..256))
+        .collect();
+    let mb = Microbatch {
+        step: 0,
+        index: 0,
+        shape,
+        windows: vec![0; bench.batch],
+        input_ids: tokens[..shape.tokens()].to_vec(),
+        targets: tokens[1..].to_vec(),
+    };
+    let mut times = Vec::new();
+    for i in 0..steps + 2 {
+        let t = Instant::now();
+        let report = trainer.train_step(std::slice::from_ref(&mb))?;
+        let dt = t.elapsed().as_secs_f64();
+        if i >= 2 {
+            times.push(dt);
+        }
+        eprintln!("step {i}: loss {:.4} {:.3}s", report.loss, dt);
+    }
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    let params: usize = trainer.parts.iter().map(|p| p.param_count()).sum();
+    println!(
+        "params={params} threads={} step_s={med:.4} tokens_per_s={:.0} peak_bytes={}",
+        rayon::current_num_threads(),
+        shape.tokens() as f64 / med,
+        trainer.pool.peak_bytes()
+    );
+    Ok(())
+}

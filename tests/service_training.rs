@@ -1,0 +1,126 @@
+//! The service with the real planner and trainer (`Engines::production()`), on SQLite and
+//! PostgreSQL: a job trains through the pipeline executor, streams its metrics, and its
+//! downloaded checkpoint is byte-identical to the same job run directly through `exec::run`
+//! and loads with the executor's loader.
+
+mod common;
+
+use std::path::PathBuf;
+
+use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
+use chronospipe::exec::device::Pool;
+use chronospipe::exec::model::PartId;
+use chronospipe::exec::run::{Observer, Run, RunError, StepMetrics, drive};
+use chronospipe::jobs::Engines;
+use chronospipe::spec::JobSpec;
+use common::{TestServer, read_sse};
+use serde_json::{Value, json};
+
+const TEXT: &str = "Memory is a small fast cache; keep what is used soon, move the rest. ";
+
+fn body(train: &str) -> Value {
+    json!({
+        "model": {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 48, "vocab_size": 256, "init": {"seed": 3}},
+        "data": {"train": train},
+        "training": {"seq_len": 16, "micro_batch_size": 2, "microbatches": 4, "steps": 4,
+                     "checkpoint_every": 2, "optimizer": {"kind": "adamw", "lr": 0.003}},
+        "parallelism": {"stages": 2, "schedule": "chronos"}
+    })
+}
+
+struct Direct(PathBuf);
+
+impl Observer for Direct {
+    fn step(&mut self, _: &StepMetrics) -> Result<(), RunError> {
+        Ok(())
+    }
+    fn checkpoint_dir(&self, step: u64, _: bool) -> PathBuf {
+        self.0.join(format!("step-{step}"))
+    }
+}
+
+async fn trains_for_real(url: &str) {
+    let server = TestServer::start_with(url, Engines::production(), |_| {}).await;
+    let corpus = TEXT.repeat(20);
+    let train = server
+        .upload("train", "corpus.txt", corpus.clone().into_bytes())
+        .await;
+
+    let plan = server
+        .post("/v1/plans")
+        .json(&body(&train))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plan.status(), 200);
+    let plan: Value = plan.json().await.unwrap();
+    assert_eq!(plan["summary"]["stages"], 2, "{plan}");
+    assert_eq!(plan["summary"]["schedule"], "chronos:0", "{plan}");
+    assert_eq!(
+        plan["summary"]["peak_bytes"].as_array().unwrap().len(),
+        2,
+        "{plan}"
+    );
+
+    let job = server.create_job(&body(&train)).await;
+    let id = job["id"].as_str().unwrap().to_owned();
+    let stream = server
+        .get(&format!("/v1/jobs/{id}/events/stream"))
+        .send()
+        .await
+        .unwrap();
+    let events = read_sse(stream, |kind, data| {
+        kind == "state" && (data["to"] == "succeeded" || data["to"] == "failed")
+    })
+    .await;
+    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{events:?}");
+    let metrics = server.get_json(&format!("/v1/jobs/{id}/metrics")).await;
+    let losses: Vec<f64> = metrics["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3] < losses[0], "the loss falls: {losses:?}");
+
+    let download = |name: &str| {
+        let path = format!("/v1/jobs/{id}/checkpoints/4/files/{name}");
+        let request = server.get(&path);
+        async move { request.send().await.unwrap().bytes().await.unwrap() }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let got = dir.path().join("got");
+    std::fs::create_dir_all(&got).unwrap();
+    for name in ["model.safetensors", "config.json"] {
+        std::fs::write(got.join(name), download(name).await).unwrap();
+    }
+
+    // The same job straight through the executor gives the same bytes.
+    let corpus_path = dir.path().join("corpus.txt");
+    std::fs::write(&corpus_path, &corpus).unwrap();
+    let mut spec: JobSpec = serde_json::from_value(body(corpus_path.to_str().unwrap())).unwrap();
+    spec.devices = Some("cpu:2x64MiB".into());
+    let direct = dir.path().join("direct");
+    let mut run = Run::prepare(spec, "").unwrap();
+    drive(&mut run, &mut Direct(direct.clone())).unwrap();
+    assert!(
+        std::fs::read(got.join("model.safetensors")).unwrap()
+            == std::fs::read(direct.join("step-4/model.safetensors")).unwrap(),
+        "the service's checkpoint differs from a direct run's"
+    );
+
+    let config = read_hf_config(&got).unwrap();
+    let parts = load_hf_parts(
+        &got,
+        &config,
+        &PartId::all(config.dims.layers),
+        &Pool::new("host", usize::MAX),
+    )
+    .unwrap();
+    assert_eq!(parts.len(), 4 + 2);
+    server.stop().await;
+}
+both_databases!(trains_for_real_tests, super::trains_for_real);
