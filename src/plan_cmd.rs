@@ -56,7 +56,8 @@ pub struct RunArgs {
     /// Sequences per micro-batch [default: searched].
     #[arg(long)]
     pub micro_batch_size: Option<u32>,
-    /// Micro-batches per pipeline replica (fixes the global batch) [default: from it].
+    /// Micro-batches per pipeline replica [default: from the global batch]; with
+    /// --micro-batch-size too, it fixes the global batch instead.
     #[arg(long)]
     pub microbatches: Option<u32>,
     /// Pipeline stages [default: searched].

@@ -20,7 +20,7 @@ pub fn validate(profile: Profile, dims: &ModelDims, micro: MicroShape) -> Result
     pos("model.vocab", dims.vocab as u64)?;
     pos("micro_batch_size", micro.batch as u64)?;
     pos("seq_len", micro.seq as u64)?;
-    if dims.hidden % dims.heads != 0 {
+    if !dims.hidden.is_multiple_of(dims.heads) {
         return Err(PlanError::invalid(
             "model.heads",
             format!(
@@ -31,7 +31,7 @@ pub fn validate(profile: Profile, dims: &ModelDims, micro: MicroShape) -> Result
             ),
         ));
     }
-    if dims.heads % dims.kv_heads != 0 {
+    if !dims.heads.is_multiple_of(dims.kv_heads) {
         return Err(PlanError::invalid(
             "model.kv_heads",
             format!(
@@ -44,7 +44,7 @@ pub fn validate(profile: Profile, dims: &ModelDims, micro: MicroShape) -> Result
     }
     let t = profile.tensor_parallel();
     pos("cluster.tensor_parallel", t as u64)?;
-    if dims.kv_heads % t != 0 {
+    if !dims.kv_heads.is_multiple_of(t) {
         return Err(PlanError::invalid(
             "cluster.tensor_parallel",
             format!(
@@ -59,7 +59,7 @@ pub fn validate(profile: Profile, dims: &ModelDims, micro: MicroShape) -> Result
 /// The divisor of `n` closest to `want` (ties to the smaller).
 fn nearest_divisor(n: usize, want: usize) -> usize {
     (1..=n)
-        .filter(|d| n % d == 0)
+        .filter(|d| n.is_multiple_of(*d))
         .min_by_key(|d| d.abs_diff(want))
         .unwrap_or(1)
 }

@@ -64,7 +64,7 @@ impl Cluster {
         require_positive("cluster.devices", self.devices as u64)?;
         require_positive("cluster.tensor_parallel", self.tensor_parallel as u64)?;
         require_positive("cluster.memory_bytes", self.memory_bytes)?;
-        if self.devices % self.tensor_parallel != 0 {
+        if !self.devices.is_multiple_of(self.tensor_parallel) {
             return Err(PlanError::invalid(
                 "cluster.tensor_parallel",
                 format!(

@@ -24,7 +24,8 @@ pub struct Request {
     pub global_batch: u32,
     /// Fixed micro-batch size; searched over 1, 2, 4, 8 when `None`.
     pub micro_batch_size: Option<u32>,
-    /// Fixed micro-batches per replica; the global batch then follows from it.
+    /// Fixed micro-batches per replica: with a fixed micro-batch size the global batch
+    /// follows from it, otherwise the micro-batch size does.
     pub microbatches: Option<u32>,
     /// Fixed pipeline degree; every divisor of devices / tensor parallel when `None`.
     pub pipeline: Option<u32>,
@@ -162,7 +163,7 @@ pub fn evaluate(
 }
 
 fn divisors(n: u32) -> Vec<u32> {
-    (1..=n).filter(|d| n % d == 0).collect()
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
 }
 
 /// Finds the fastest plan that fits.
@@ -177,7 +178,7 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
     let stages = cluster.devices / cluster.tensor_parallel;
     let pipelines = match req.pipeline {
         Some(p) => {
-            if p == 0 || stages % p != 0 {
+            if p == 0 || !stages.is_multiple_of(p) {
                 return Err(PlanError::invalid(
                     "pipeline",
                     format!("must divide the {stages} devices per tensor-parallel rank"),
@@ -215,11 +216,25 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
     for &p in &pipelines {
         let dp = stages / p;
         let shapes: Vec<(u32, u32)> = match (req.micro_batch_size, req.microbatches) {
-            (b, Some(m)) => vec![(b.unwrap_or(1), m)],
+            (Some(b), Some(m)) => vec![(b, m)],
+            // The global batch stays fixed; so the micro-batch size follows, when it can.
+            (None, Some(m)) if m > 0 && req.global_batch.is_multiple_of(dp * m) => {
+                vec![(req.global_batch / (dp * m), m)]
+            }
+            (None, Some(m)) => {
+                first_error.get_or_insert(PlanError::invalid(
+                    "microbatches",
+                    format!(
+                        "{m} micro-batches per replica do not divide a global batch of {} over {dp} replicas",
+                        req.global_batch
+                    ),
+                ));
+                continue;
+            }
             (Some(b), None) => vec![(b, req.global_batch / dp / b.max(1))],
             (None, None) => [1, 2, 4, 8]
                 .into_iter()
-                .filter(|b| req.global_batch % (dp * b) == 0)
+                .filter(|b| req.global_batch.is_multiple_of(dp * b))
                 .map(|b| (b, req.global_batch / (dp * b)))
                 .collect(),
         };
@@ -261,6 +276,19 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
             .then(a.peak_bytes.cmp(&b.peak_bytes))
     });
     let candidates_tried = tried.len();
+    // Options that led to the same plan (say offload=chronos when nothing needed offloading)
+    // are one configuration: keep the first.
+    let mut seen = std::collections::HashSet::new();
+    tried.retain(|e| {
+        let c = &e.candidate;
+        seen.insert((
+            c.pipeline,
+            c.schedule.clone(),
+            c.micro_batch_size,
+            c.microbatches,
+            c.choices.clone(),
+        ))
+    });
     if !tried[0].candidate.fits {
         let closest = tried
             .iter()

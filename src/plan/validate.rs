@@ -157,6 +157,7 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
     let mut pc = vec![0usize; devices];
     loop {
         let mut progress = false;
+        #[allow(clippy::needless_range_loop)] // `d` also names the device to `step`
         for d in 0..devices {
             while pc[d] < plan.programs[d].len() {
                 match step(plan, &mut s, d, plan.programs[d][pc[d]]) {

@@ -28,7 +28,7 @@ pub(super) fn order(p: u32, v: u32, m: u32) -> Result<Vec<Vec<Slot>>, PlanError>
             "interleaved needs at least 2 chunks per device (1 is plain 1f1b)",
         ));
     }
-    if m % p != 0 {
+    if !m.is_multiple_of(p) {
         let up = m.div_ceil(p) * p;
         return Err(PlanError::invalid(
             "microbatches",
