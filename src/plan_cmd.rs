@@ -363,7 +363,7 @@ mod tests {
         let out = run(&p).unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let rows = v["strategies"].as_array().unwrap();
-        assert_eq!(rows.len(), 7);
+        assert_eq!(rows.len(), 8);
         for key in ["name", "max_layers", "params", "tokens_per_s", "peak_bytes"] {
             assert!(rows[0].get(key).is_some(), "{key}");
         }

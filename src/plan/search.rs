@@ -398,6 +398,14 @@ pub fn capacity_strategies() -> Vec<(&'static str, ScheduleKind, Recompute, Offl
             Recompute::Full,
             Offload::None,
         ),
+        // Not one of the paper's strategies: what optimizer and stash offload alone give
+        // 1F1B, to show how much of Chronos' depth is the offload and how much the schedule.
+        (
+            "1f1b+offload",
+            ScheduleKind::OneFOneB,
+            Recompute::None,
+            Offload::Chronos,
+        ),
         (
             "interleaved",
             ScheduleKind::Interleaved {
@@ -448,7 +456,10 @@ pub fn capacity(
     let (_, schedule, r, o) = strategies[strategies.len() - 1];
     // Shallow models pay relatively more for the embedding, head and optimizer step, so the
     // rate is searched upward from the depth plain chronos-pipe reaches.
-    let start = rows[3].max_layers.max(p * schedule.chunks_per_device());
+    let pipe_only = rows.iter().find(|r| r.name == "chronos-pipe");
+    let start = pipe_only
+        .map_or(0, |r| r.max_layers)
+        .max(p * schedule.chunks_per_device());
     let strategy = ("chronos@0.9x-rate", schedule, r, o);
     rows.push(deepest(
         model, cluster, seq, p, shape, strategy, start, floor,
