@@ -668,6 +668,53 @@ mod tests {
     }
 
     #[test]
+    fn large_optimizer_state_moves_in_slices_two_at_a_time() {
+        let plan = build(ScheduleKind::Chronos { in_flight: 0 }, 2, 4, 4).unwrap();
+        let mut costs = uniform_costs(4, memory(), 1.0);
+        for c in &mut costs {
+            c.optimizer_bytes = 4 << 30; // four 1 GiB slices per chunk
+        }
+        let hw = hw(1e12);
+        let base = apply(
+            &plan,
+            &costs,
+            &hw,
+            budget(u64::MAX),
+            Recompute::None,
+            Offload::None,
+        )
+        .unwrap();
+        let need = base.sim.peak_bytes();
+        let off = apply(
+            &plan,
+            &costs,
+            &hw,
+            budget(need - (4 << 30)),
+            Recompute::None,
+            Offload::Chronos,
+        )
+        .unwrap();
+        assert!(off.fits, "{}", off.choices);
+        assert_eq!(off.plan.optimizer_slices, 4);
+        crate::plan::validate::validate(&off.plan).unwrap();
+        let text = off.plan.to_string();
+        assert!(
+            text.contains("STEP0.3") && text.contains("PRE:O0.1"),
+            "{text}"
+        );
+        assert_eq!(text.parse::<Plan>().unwrap(), off.plan);
+        // Never more than three slices (stepping, arriving, leaving) of state on a device.
+        let most = off
+            .sim
+            .devices
+            .iter()
+            .map(|d| d.at_peak.optimizer)
+            .max()
+            .unwrap();
+        assert!(most <= 3 << 30, "{most}");
+    }
+
+    #[test]
     fn options_parse_and_print() {
         for s in ["none", "full", "chronos", "auto"] {
             assert_eq!(s.parse::<Recompute>().unwrap().to_string(), s);
