@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::PlanError;
 use super::ir::{Action, Group, Plan};
-use super::simulate::{ChunkCost, Hardware, Simulation, simulate, slice_bytes};
+use super::simulate::{ChunkCost, Hardware, Simulation, simulate, simulate_trusted, slice_bytes};
 
 /// Which stashes to drop and recompute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -144,27 +144,22 @@ pub fn apply(
     let mut current = plan.clone();
     if !choices.recomputed_chunks.is_empty() {
         current = realize(plan, (plan, &timing), costs, hw, &choices);
-        timing = simulate(&current, costs, hw, false)?;
+        timing = simulate_trusted(&current, costs, hw, false)?;
     }
     // Every move is tried at most once, so this ends.
     let mut tried: HashSet<Move> = HashSet::new();
     loop {
-        let mut over: Vec<usize> = (0..current.devices())
+        let over: Vec<usize> = (0..current.devices())
             .filter(|&d| over_budget(&timing, d, budget) > 0)
             .collect();
         if over.is_empty() {
-            return Ok(Applied {
-                plan: current,
-                sim: timing,
-                choices,
-                fits: true,
-            });
+            return finish(current, timing, choices, true);
         }
-        // The device furthest over first; the next one if it has nothing left to move.
-        over.sort_by_key(|&d| std::cmp::Reverse(over_budget(&timing, d, budget)));
-        let before = choices.clone();
-        let moved = over.iter().find_map(|&d| {
-            next_move(
+        // One move on every device over budget, then one re-simulation for all of them.
+        let mut made = Vec::new();
+        for &d in &over {
+            let was_offloaded = choices.offloaded_stash.clone();
+            let found = next_move(
                 &current,
                 &timing,
                 costs,
@@ -174,29 +169,65 @@ pub fn apply(
                 offload,
                 &tried,
                 &mut choices,
-            )
-            .map(|m| (d, m))
-        });
-        let Some((d, made)) = moved else {
-            return Ok(Applied {
-                plan: current,
-                sim: timing,
-                choices,
-                fits: false,
-            });
-        };
-        tried.insert(made);
+            );
+            if let Some(m) = found {
+                tried.insert(m);
+                made.push((d, m, was_offloaded));
+            }
+        }
+        if made.is_empty() {
+            return finish(current, timing, choices, false);
+        }
         let next = realize(plan, (&current, &timing), costs, hw, &choices);
-        let next_timing = simulate(&next, costs, hw, false)?;
+        let next_timing = simulate_trusted(&next, costs, hw, false)?;
         // A move that does not lower its device's overshoot (the peak is elsewhere, say in
         // the optimizer step) only costs time or bandwidth: undo it.
-        if over_budget(&next_timing, d, budget) >= over_budget(&timing, d, budget) {
-            choices = before;
+        let (mut kept, mut undone) = (0, 0);
+        for (d, m, was_offloaded) in made {
+            if over_budget(&next_timing, d, budget) < over_budget(&timing, d, budget) {
+                kept += 1;
+                continue;
+            }
+            undone += 1;
+            match m {
+                Move::OffloadOptimizer(c) => {
+                    choices.offloaded_optimizer.remove(&c);
+                }
+                Move::OffloadStash(c) => {
+                    choices.offloaded_stash.remove(&c);
+                }
+                Move::Recompute(c) => {
+                    choices.recomputed_chunks.remove(&c);
+                    if was_offloaded.contains(&c) {
+                        choices.offloaded_stash.insert(c);
+                    }
+                }
+            }
+        }
+        if kept == 0 {
             continue;
         }
+        let (next, next_timing) = if undone == 0 {
+            (next, next_timing)
+        } else {
+            let again = realize(plan, (&current, &timing), costs, hw, &choices);
+            let t = simulate_trusted(&again, costs, hw, false)?;
+            (again, t)
+        };
         current = next;
         timing = next_timing;
     }
+}
+
+/// The pass's result; the plan is validated once here rather than at every re-simulation.
+fn finish(plan: Plan, sim: Simulation, choices: Choices, fits: bool) -> Result<Applied, PlanError> {
+    super::validate::validate(&plan)?;
+    Ok(Applied {
+        plan,
+        sim,
+        choices,
+        fits,
+    })
 }
 
 fn over_budget(sim: &Simulation, d: usize, budget: Budget) -> u64 {
