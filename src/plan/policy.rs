@@ -153,6 +153,10 @@ pub fn apply(
             .filter(|&d| over_budget(&timing, d, budget) > 0)
             .collect();
         if over.is_empty() {
+            if recompute != Recompute::Full {
+                (current, timing) =
+                    take_back_recomputes(plan, (current, timing), costs, hw, budget, &mut choices)?;
+            }
             return finish(current, timing, choices, true);
         }
         // One move on every device over budget, then one re-simulation for all of them.
@@ -216,6 +220,84 @@ pub fn apply(
         };
         current = next;
         timing = next_timing;
+    }
+}
+
+/// Once the plan fits, later moves (an optimizer offload, say) may have made earlier
+/// recomputes unneeded. Each round takes back, on every device, the chunk recomputed with the
+/// shortest-lived stash, keeps what still fits, and stops when nothing more can go.
+fn take_back_recomputes(
+    plan: &Plan,
+    (mut current, mut timing): (Plan, Simulation),
+    costs: &[ChunkCost],
+    hw: &Hardware,
+    budget: Budget,
+    choices: &mut Choices,
+) -> Result<(Plan, Simulation), PlanError> {
+    let mut settled: BTreeSet<u32> = BTreeSet::new();
+    loop {
+        let lifetimes = stash_lifetimes(&current, &timing);
+        let mut trial = Vec::new();
+        for d in 0..current.devices() as u32 {
+            let shortest = choices
+                .recomputed_chunks
+                .iter()
+                .copied()
+                .filter(|c| plan.chunks[*c as usize].device == d && !settled.contains(c))
+                .min_by(|a, b| {
+                    let la = lifetimes.get(a).copied().unwrap_or(0.0);
+                    let lb = lifetimes.get(b).copied().unwrap_or(0.0);
+                    la.total_cmp(&lb)
+                });
+            if let Some(c) = shortest {
+                trial.push(c);
+            }
+        }
+        if trial.is_empty() {
+            return Ok((current, timing));
+        }
+        for c in &trial {
+            choices.recomputed_chunks.remove(c);
+        }
+        let next = realize(plan, (&current, &timing), costs, hw, choices);
+        let next_timing = simulate_trusted(&next, costs, hw, false)?;
+        let mut restored = false;
+        for &c in &trial {
+            let d = plan.chunks[c as usize].device as usize;
+            if over_budget(&next_timing, d, budget) > 0 {
+                choices.recomputed_chunks.insert(c);
+                settled.insert(c);
+                restored = true;
+            }
+        }
+        let all_fit = (0..next.devices()).all(|d| over_budget(&next_timing, d, budget) == 0);
+        if !restored && all_fit {
+            current = next;
+            timing = next_timing;
+            continue;
+        }
+        if !restored {
+            for &c in &trial {
+                choices.recomputed_chunks.insert(c);
+                settled.insert(c);
+            }
+            return Ok((current, timing));
+        }
+        if trial.iter().all(|c| settled.contains(c)) {
+            return Ok((current, timing));
+        }
+        // Some came back: rebuild with the ones that stayed out, and check the whole plan.
+        let again = realize(plan, (&current, &timing), costs, hw, choices);
+        let again_timing = simulate_trusted(&again, costs, hw, false)?;
+        if (0..again.devices()).any(|d| over_budget(&again_timing, d, budget) > 0) {
+            for &c in &trial {
+                choices.recomputed_chunks.insert(c);
+                settled.insert(c);
+            }
+            return Ok((current, timing));
+        }
+        current = again;
+        timing = again_timing;
     }
 }
 
