@@ -519,8 +519,8 @@ pub const CAPACITY_RATE_FLOOR: f64 = 0.9;
 /// For each strategy, the most decoder layers that fit (all devices in one pipeline, the
 /// model's other dimensions fixed) and the simulated throughput there. A last row gives the
 /// most layers `chronos` fits while its work rate (tokens/s x layers) stays at least
-/// `CAPACITY_RATE_FLOOR` of 1F1B's: beyond the plain maximum, recomputing trades speed for
-/// depth.
+/// `CAPACITY_RATE_FLOOR` of 1F1B's (scanned, since the rate is not monotone in depth): toward
+/// the plain maximum, recomputing trades speed for depth.
 pub fn capacity(
     model: &ModelDims,
     cluster: &Cluster,
@@ -549,9 +549,61 @@ pub fn capacity(
         .map_or(0, |r| r.max_layers)
         .max(p * schedule.chunks_per_device());
     let strategy = ("chronos@0.9x-rate", schedule, r, o);
-    rows.push(deepest(
-        model, cluster, seq, p, shape, strategy, start, floor,
-    )?);
+    // The rate falls with depth but not strictly (recompute decisions come in whole chunks),
+    // so scan every depth from chronos-pipe's up to plain chronos', in steps of one layer per
+    // chunk, then every depth just above the deepest that qualified.
+    let most = rows[rows.len() - 1].max_layers;
+    let step = p * schedule.chunks_per_device();
+    let qualifies = |depth: u32| -> Result<Option<Evaluated>, PlanError> {
+        let m = ModelDims {
+            layers: depth as usize,
+            ..*model
+        };
+        let e = evaluate(&m, cluster, seq, p, shape.0, shape.1, schedule, r, o)?;
+        let ok = e.candidate.fits && e.candidate.tokens_per_s * depth as f64 >= floor;
+        Ok(ok.then_some(e))
+    };
+    let mut best: Option<(u32, Evaluated)> = None;
+    let mut depth = start;
+    while depth <= most {
+        if let Some(e) = qualifies(depth)? {
+            best = Some((depth, e));
+        }
+        depth += step;
+    }
+    if let Some((found, _)) = &best {
+        let found = *found;
+        for depth in (found + 1..found + step).rev() {
+            if let Some(e) = qualifies(depth)? {
+                best = Some((depth, e));
+                break;
+            }
+        }
+    }
+    rows.push(match best {
+        Some((depth, e)) => {
+            let m = ModelDims {
+                layers: depth as usize,
+                ..*model
+            };
+            CapacityRow {
+                name: strategy.0.to_string(),
+                max_layers: depth,
+                params: cost::model_params(&m),
+                tokens_per_s: e.candidate.tokens_per_s,
+                peak_bytes: e.candidate.peak_bytes,
+                layer_tokens_per_s: e.candidate.tokens_per_s * depth as f64,
+            }
+        }
+        None => CapacityRow {
+            name: strategy.0.to_string(),
+            max_layers: 0,
+            params: 0,
+            tokens_per_s: 0.0,
+            peak_bytes: 0,
+            layer_tokens_per_s: 0.0,
+        },
+    });
     Ok(rows)
 }
 
