@@ -56,7 +56,8 @@ pub struct RunArgs {
     /// Sequences per micro-batch [default: searched].
     #[arg(long)]
     pub micro_batch_size: Option<u32>,
-    /// Micro-batches per pipeline replica (fixes the global batch) [default: from it].
+    /// Micro-batches per pipeline replica [default: from the global batch]; with
+    /// --micro-batch-size too, it fixes the global batch instead.
     #[arg(long)]
     pub microbatches: Option<u32>,
     /// Pipeline stages [default: searched].
@@ -362,7 +363,7 @@ mod tests {
         let out = run(&p).unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let rows = v["strategies"].as_array().unwrap();
-        assert_eq!(rows.len(), 7);
+        assert_eq!(rows.len(), 8);
         for key in ["name", "max_layers", "params", "tokens_per_s", "peak_bytes"] {
             assert!(rows[0].get(key).is_some(), "{key}");
         }

@@ -20,6 +20,23 @@ pub fn validate(profile: Profile, dims: &ModelDims, micro: MicroShape) -> Result
     pos("model.vocab", dims.vocab as u64)?;
     pos("micro_batch_size", micro.batch as u64)?;
     pos("seq_len", micro.seq as u64)?;
+    // Bounds far above any real model keep byte counts inside 64 bits and plans in memory.
+    for (field, value, most) in [
+        ("model.hidden", dims.hidden, 1 << 20),
+        ("model.layers", dims.layers, 100_000),
+        ("model.heads", dims.heads, 1 << 16),
+        ("model.ffn", dims.ffn, 1 << 22),
+        ("model.vocab", dims.vocab, 1 << 24),
+        ("micro_batch_size", micro.batch, 1 << 16),
+        ("seq_len", micro.seq, 1 << 22),
+    ] {
+        if value > most {
+            return Err(PlanError::invalid(
+                field,
+                format!("{value} is beyond what the planner handles (at most {most})"),
+            ));
+        }
+    }
     if !dims.hidden.is_multiple_of(dims.heads) {
         return Err(PlanError::invalid(
             "model.heads",
@@ -161,6 +178,12 @@ mod tests {
         assert_eq!(
             validate(p, &d, m).unwrap_err().field(),
             Some("model.hidden")
+        );
+        let mut d = llama2_70b();
+        d.layers = 10_000_000;
+        assert_eq!(
+            validate(p, &d, m).unwrap_err().field(),
+            Some("model.layers")
         );
         let bad_seq = MicroShape { batch: 1, seq: 0 };
         assert_eq!(

@@ -7,8 +7,8 @@
 //! tensor-parallel regions, the head/FFN dimension inside them).
 //!
 //! **State, bytes per parameter** (mixed precision with Adam): bf16 weight 2, fp32 gradient 4,
-//! fp32 master weight 4, Adam m 4 and Adam v 4, **18** in all. We count the master copy, m and
-//! v as "optimizer state" (12), since only the optimizer step reads them.
+//! fp32 master weight 4, Adam m 4 and v 4: **18** in all. We count the master copy, m and v
+//! as "optimizer state" (12), since only the optimizer step reads them.
 //!
 //! **Activations a layer stashes for backward**, bytes per micro-batch and rank:
 //! ```text

@@ -1,5 +1,21 @@
 //! The planner: pure functions from a model and a set of devices to a pipeline plan that fits
 //! their memory. No I/O, no async.
+//!
+//! Entry points:
+//! - `search::search(&Request, &Cluster) -> Answer`: the fastest plan that fits (its `plan`,
+//!   simulation, and the runners-up), or `PlanError::DoesNotFit` with what would fit.
+//! - `search::evaluate(...)`: one fixed configuration (pipeline degree, micro-batch shape,
+//!   schedule, recompute and offload options), built, fitted and simulated.
+//! - `schedule::build(kind, devices, microbatches, layers) -> Plan`, then optionally
+//!   `policy::apply` to add recompute/offload, for callers that choose the schedule themselves.
+//! - `ir::Plan` and `ir::Action`: what the executor runs (text form in `ir`'s doc);
+//!   `validate::validate` checks a plan before it runs.
+//! - `memory::chunk_memory`: per chunk and action kind, the bytes the executor must measure.
+//! - `search::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
+//!
+//! One concept per module: `cost` (parameters, FLOPs, shape checks), `inventory` and
+//! `megatron` (tensors per part and profile), `memory`, `ir`, `schedule`, `validate`,
+//! `simulate`, `policy`, `search`, `presets`, `render`, `error`.
 
 pub mod cost;
 pub mod error;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::PlanError;
 use super::ir::{Action, Group, Plan};
-use super::simulate::{ChunkCost, Hardware, Simulation, simulate, slice_bytes};
+use super::simulate::{ChunkCost, Hardware, Simulation, simulate, simulate_trusted, slice_bytes};
 
 /// Which stashes to drop and recompute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -144,27 +144,26 @@ pub fn apply(
     let mut current = plan.clone();
     if !choices.recomputed_chunks.is_empty() {
         current = realize(plan, (plan, &timing), costs, hw, &choices);
-        timing = simulate(&current, costs, hw, false)?;
+        timing = simulate_trusted(&current, costs, hw, false)?;
     }
     // Every move is tried at most once, so this ends.
     let mut tried: HashSet<Move> = HashSet::new();
     loop {
-        let mut over: Vec<usize> = (0..current.devices())
+        let over: Vec<usize> = (0..current.devices())
             .filter(|&d| over_budget(&timing, d, budget) > 0)
             .collect();
         if over.is_empty() {
-            return Ok(Applied {
-                plan: current,
-                sim: timing,
-                choices,
-                fits: true,
-            });
+            if recompute != Recompute::Full {
+                (current, timing) =
+                    take_back_recomputes(plan, (current, timing), costs, hw, budget, &mut choices)?;
+            }
+            return finish(current, timing, choices, true);
         }
-        // The device furthest over first; the next one if it has nothing left to move.
-        over.sort_by_key(|&d| std::cmp::Reverse(over_budget(&timing, d, budget)));
-        let before = choices.clone();
-        let moved = over.iter().find_map(|&d| {
-            next_move(
+        // One move on every device over budget, then one re-simulation for all of them.
+        let mut made = Vec::new();
+        for &d in &over {
+            let was_offloaded = choices.offloaded_stash.clone();
+            let found = next_move(
                 &current,
                 &timing,
                 costs,
@@ -174,29 +173,143 @@ pub fn apply(
                 offload,
                 &tried,
                 &mut choices,
-            )
-            .map(|m| (d, m))
-        });
-        let Some((d, made)) = moved else {
-            return Ok(Applied {
-                plan: current,
-                sim: timing,
-                choices,
-                fits: false,
-            });
-        };
-        tried.insert(made);
+            );
+            if let Some(m) = found {
+                tried.insert(m);
+                made.push((d, m, was_offloaded));
+            }
+        }
+        if made.is_empty() {
+            return finish(current, timing, choices, false);
+        }
         let next = realize(plan, (&current, &timing), costs, hw, &choices);
-        let next_timing = simulate(&next, costs, hw, false)?;
+        let next_timing = simulate_trusted(&next, costs, hw, false)?;
         // A move that does not lower its device's overshoot (the peak is elsewhere, say in
         // the optimizer step) only costs time or bandwidth: undo it.
-        if over_budget(&next_timing, d, budget) >= over_budget(&timing, d, budget) {
-            choices = before;
+        let (mut kept, mut undone) = (0, 0);
+        for (d, m, was_offloaded) in made {
+            if over_budget(&next_timing, d, budget) < over_budget(&timing, d, budget) {
+                kept += 1;
+                continue;
+            }
+            undone += 1;
+            match m {
+                Move::OffloadOptimizer(c) => {
+                    choices.offloaded_optimizer.remove(&c);
+                }
+                Move::OffloadStash(c) => {
+                    choices.offloaded_stash.remove(&c);
+                }
+                Move::Recompute(c) => {
+                    choices.recomputed_chunks.remove(&c);
+                    if was_offloaded.contains(&c) {
+                        choices.offloaded_stash.insert(c);
+                    }
+                }
+            }
+        }
+        if kept == 0 {
             continue;
         }
+        let (next, next_timing) = if undone == 0 {
+            (next, next_timing)
+        } else {
+            let again = realize(plan, (&current, &timing), costs, hw, &choices);
+            let t = simulate_trusted(&again, costs, hw, false)?;
+            (again, t)
+        };
         current = next;
         timing = next_timing;
     }
+}
+
+/// Once the plan fits, later moves (an optimizer offload, say) may have made earlier
+/// recomputes unneeded. Each round takes back, on every device, the chunk recomputed with the
+/// shortest-lived stash, keeps what still fits, and stops when nothing more can go.
+fn take_back_recomputes(
+    plan: &Plan,
+    (mut current, mut timing): (Plan, Simulation),
+    costs: &[ChunkCost],
+    hw: &Hardware,
+    budget: Budget,
+    choices: &mut Choices,
+) -> Result<(Plan, Simulation), PlanError> {
+    let mut settled: BTreeSet<u32> = BTreeSet::new();
+    loop {
+        let lifetimes = stash_lifetimes(&current, &timing);
+        let mut trial = Vec::new();
+        for d in 0..current.devices() as u32 {
+            let shortest = choices
+                .recomputed_chunks
+                .iter()
+                .copied()
+                .filter(|c| plan.chunks[*c as usize].device == d && !settled.contains(c))
+                .min_by(|a, b| {
+                    let la = lifetimes.get(a).copied().unwrap_or(0.0);
+                    let lb = lifetimes.get(b).copied().unwrap_or(0.0);
+                    la.total_cmp(&lb)
+                });
+            if let Some(c) = shortest {
+                trial.push(c);
+            }
+        }
+        if trial.is_empty() {
+            return Ok((current, timing));
+        }
+        for c in &trial {
+            choices.recomputed_chunks.remove(c);
+        }
+        let next = realize(plan, (&current, &timing), costs, hw, choices);
+        let next_timing = simulate_trusted(&next, costs, hw, false)?;
+        let mut restored = false;
+        for &c in &trial {
+            let d = plan.chunks[c as usize].device as usize;
+            if over_budget(&next_timing, d, budget) > 0 {
+                choices.recomputed_chunks.insert(c);
+                settled.insert(c);
+                restored = true;
+            }
+        }
+        let all_fit = (0..next.devices()).all(|d| over_budget(&next_timing, d, budget) == 0);
+        if !restored && all_fit {
+            current = next;
+            timing = next_timing;
+            continue;
+        }
+        if !restored {
+            for &c in &trial {
+                choices.recomputed_chunks.insert(c);
+                settled.insert(c);
+            }
+            return Ok((current, timing));
+        }
+        if trial.iter().all(|c| settled.contains(c)) {
+            return Ok((current, timing));
+        }
+        // Some came back: rebuild with the ones that stayed out, and check the whole plan.
+        let again = realize(plan, (&current, &timing), costs, hw, choices);
+        let again_timing = simulate_trusted(&again, costs, hw, false)?;
+        if (0..again.devices()).any(|d| over_budget(&again_timing, d, budget) > 0) {
+            for &c in &trial {
+                choices.recomputed_chunks.insert(c);
+                settled.insert(c);
+            }
+            return Ok((current, timing));
+        }
+        current = again;
+        timing = again_timing;
+    }
+}
+
+/// The pass's result; the plan is validated once here rather than at every re-simulation.
+fn finish(plan: Plan, sim: Simulation, choices: Choices, fits: bool) -> Result<Applied, PlanError> {
+    super::validate::validate(&plan)?;
+    Ok(Applied {
+        plan,
+        sim,
+        choices,
+        fits,
+    })
 }
 
 fn over_budget(sim: &Simulation, d: usize, budget: Budget) -> u64 {
@@ -664,6 +777,53 @@ mod tests {
         .unwrap();
         assert!(slow.choices.offloaded_stash.is_empty(), "{}", slow.choices);
         assert!(slow.fits);
+    }
+
+    #[test]
+    fn large_optimizer_state_moves_in_slices_two_at_a_time() {
+        let plan = build(ScheduleKind::Chronos { in_flight: 0 }, 2, 4, 4).unwrap();
+        let mut costs = uniform_costs(4, memory(), 1.0);
+        for c in &mut costs {
+            c.optimizer_bytes = 4 << 30; // four 1 GiB slices per chunk
+        }
+        let hw = hw(1e12);
+        let base = apply(
+            &plan,
+            &costs,
+            &hw,
+            budget(u64::MAX),
+            Recompute::None,
+            Offload::None,
+        )
+        .unwrap();
+        let need = base.sim.peak_bytes();
+        let off = apply(
+            &plan,
+            &costs,
+            &hw,
+            budget(need - (4 << 30)),
+            Recompute::None,
+            Offload::Chronos,
+        )
+        .unwrap();
+        assert!(off.fits, "{}", off.choices);
+        assert_eq!(off.plan.optimizer_slices, 4);
+        crate::plan::validate::validate(&off.plan).unwrap();
+        let text = off.plan.to_string();
+        assert!(
+            text.contains("STEP0.3") && text.contains("PRE:O0.1"),
+            "{text}"
+        );
+        assert_eq!(text.parse::<Plan>().unwrap(), off.plan);
+        // Never more than three slices (stepping, arriving, leaving) of state on a device.
+        let most = off
+            .sim
+            .devices
+            .iter()
+            .map(|d| d.at_peak.optimizer)
+            .max()
+            .unwrap();
+        assert!(most <= 3 << 30, "{most}");
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub struct Request {
     pub global_batch: u32,
     /// Fixed micro-batch size; searched over 1, 2, 4, 8 when `None`.
     pub micro_batch_size: Option<u32>,
-    /// Fixed micro-batches per replica; the global batch then follows from it.
+    /// Fixed micro-batches per replica: with a fixed micro-batch size the global batch
+    /// follows from it, otherwise the micro-batch size does.
     pub microbatches: Option<u32>,
     /// Fixed pipeline degree; every divisor of devices / tensor parallel when `None`.
     pub pipeline: Option<u32>,
@@ -82,9 +83,25 @@ pub struct Evaluated {
     pub choices: Choices,
 }
 
-/// Plans one configuration: build, fit, simulate.
+/// A configuration built and simulated before fitting: its speed then bounds what fitting
+/// (which only adds recomputes and copies) can reach.
+struct Prepared {
+    pipeline: u32,
+    data_parallel: u32,
+    micro_batch_size: u32,
+    microbatches: u32,
+    schedule: ScheduleKind,
+    recompute: Recompute,
+    offload: Offload,
+    plan: Plan,
+    costs: Vec<super::simulate::ChunkCost>,
+    allreduce_s: f64,
+    tokens: f64,
+    best_tokens_per_s: f64,
+}
+
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate(
+fn prepare(
     model: &ModelDims,
     cluster: &Cluster,
     seq: u32,
@@ -94,7 +111,7 @@ pub fn evaluate(
     schedule: ScheduleKind,
     recompute: Recompute,
     offload: Offload,
-) -> Result<Evaluated, PlanError> {
+) -> Result<Prepared, PlanError> {
     let profile = cluster.profile();
     let micro = MicroShape {
         batch: micro_batch_size as usize,
@@ -104,11 +121,6 @@ pub fn evaluate(
     let plan = build(schedule, pipeline, microbatches, model.layers as u32)?;
     let hw = cluster.hardware();
     let costs = chunk_costs(&plan, profile, model, micro, &hw);
-    let budget = Budget {
-        device_bytes: cluster.budget_bytes(),
-        host_bytes: cluster.host_memory_bytes,
-    };
-    let applied = apply(&plan, &costs, &hw, budget, recompute, offload)?;
     let dp = cluster.devices / cluster.tensor_parallel / pipeline;
     // Data-parallel replicas all-reduce gradients after the step (ring: 2(dp-1)/dp of them).
     let grad_bytes = (0..plan.devices() as u32)
@@ -122,22 +134,48 @@ pub fn evaluate(
         })
         .max()
         .unwrap_or(0);
-    let allreduce = if dp > 1 {
+    let allreduce_s = if dp > 1 {
         2.0 * (dp - 1) as f64 / dp as f64 * grad_bytes as f64 / hw.p2p_bytes_per_s
     } else {
         0.0
     };
-    let sim = applied.sim;
-    let step = sim.step_time_s + allreduce;
     let tokens = dp as f64 * microbatches as f64 * micro_batch_size as f64 * seq as f64;
-    let candidate = Candidate {
+    let base = super::simulate::simulate(&plan, &costs, &hw, false)?;
+    Ok(Prepared {
         pipeline,
         data_parallel: dp,
-        schedule: schedule.to_string(),
         micro_batch_size,
         microbatches,
+        schedule,
         recompute,
         offload,
+        plan,
+        costs,
+        allreduce_s,
+        tokens,
+        best_tokens_per_s: tokens / (base.step_time_s + allreduce_s).max(f64::MIN_POSITIVE),
+    })
+}
+
+/// Fits a prepared configuration into the cluster's memory and simulates it.
+fn fit(prepared: Prepared, cluster: &Cluster) -> Result<Evaluated, PlanError> {
+    let hw = cluster.hardware();
+    let budget = Budget {
+        device_bytes: cluster.budget_bytes(),
+        host_bytes: cluster.host_memory_bytes,
+    };
+    let p = prepared;
+    let applied = apply(&p.plan, &p.costs, &hw, budget, p.recompute, p.offload)?;
+    let sim = applied.sim;
+    let step = sim.step_time_s + p.allreduce_s;
+    let candidate = Candidate {
+        pipeline: p.pipeline,
+        data_parallel: p.data_parallel,
+        schedule: p.schedule.to_string(),
+        micro_batch_size: p.micro_batch_size,
+        microbatches: p.microbatches,
+        recompute: p.recompute,
+        offload: p.offload,
         choices: applied.choices.to_string(),
         fits: applied.fits,
         peak_bytes: sim.peak_bytes(),
@@ -148,7 +186,7 @@ pub fn evaluate(
             .max()
             .unwrap_or(0),
         step_time_s: step,
-        tokens_per_s: if step > 0.0 { tokens / step } else { 0.0 },
+        tokens_per_s: if step > 0.0 { p.tokens / step } else { 0.0 },
         bubble_ratio: sim.bubble_ratio,
         prefetch_stall_s: sim.prefetch_stall_s(),
         recomputed_chunks: applied.choices.recomputed_chunks.len(),
@@ -159,6 +197,33 @@ pub fn evaluate(
         sim,
         choices: applied.choices,
     })
+}
+
+/// Plans one configuration: build, fit, simulate.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate(
+    model: &ModelDims,
+    cluster: &Cluster,
+    seq: u32,
+    pipeline: u32,
+    micro_batch_size: u32,
+    microbatches: u32,
+    schedule: ScheduleKind,
+    recompute: Recompute,
+    offload: Offload,
+) -> Result<Evaluated, PlanError> {
+    let p = prepare(
+        model,
+        cluster,
+        seq,
+        pipeline,
+        micro_batch_size,
+        microbatches,
+        schedule,
+        recompute,
+        offload,
+    )?;
+    fit(p, cluster)
 }
 
 fn divisors(n: u32) -> Vec<u32> {
@@ -210,12 +275,26 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
         Offload::Auto => vec![Offload::None, Offload::Chronos],
         o => vec![o],
     };
-    let mut tried: Vec<Evaluated> = Vec::new();
+    let mut prepared: Vec<Prepared> = Vec::new();
     let mut first_error = None;
     for &p in &pipelines {
         let dp = stages / p;
         let shapes: Vec<(u32, u32)> = match (req.micro_batch_size, req.microbatches) {
-            (b, Some(m)) => vec![(b.unwrap_or(1), m)],
+            (Some(b), Some(m)) => vec![(b, m)],
+            // The global batch stays fixed; so the micro-batch size follows, when it can.
+            (None, Some(m)) if m > 0 && req.global_batch.is_multiple_of(dp * m) => {
+                vec![(req.global_batch / (dp * m), m)]
+            }
+            (None, Some(m)) => {
+                first_error.get_or_insert(PlanError::invalid(
+                    "microbatches",
+                    format!(
+                        "{m} micro-batches per replica do not divide a global batch of {} over {dp} replicas",
+                        req.global_batch
+                    ),
+                ));
+                continue;
+            }
             (Some(b), None) => vec![(b, req.global_batch / dp / b.max(1))],
             (None, None) => [1, 2, 4, 8]
                 .into_iter()
@@ -237,8 +316,8 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
             for s in schedules(p) {
                 for &r in &recomputes {
                     for &o in &offloads {
-                        match evaluate(&req.model, cluster, req.seq_len, p, b, m, s, r, o) {
-                            Ok(e) => tried.push(e),
+                        match prepare(&req.model, cluster, req.seq_len, p, b, m, s, r, o) {
+                            Ok(e) => prepared.push(e),
                             Err(e) => {
                                 first_error.get_or_insert(e);
                             }
@@ -247,6 +326,30 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
                 }
             }
         }
+    }
+    // Fit the fastest unfitted configurations first; once one fits, any configuration whose
+    // unfitted speed is no better cannot win, since fitting only adds work.
+    prepared.sort_by(|a, b| b.best_tokens_per_s.total_cmp(&a.best_tokens_per_s));
+    let mut tried: Vec<Evaluated> = Vec::new();
+    let mut best_fit = 0.0f64;
+    let mut pruned = 0;
+    // Keep a few losers beyond the winner so the answer can say why they lost.
+    const EXPLAINED: usize = 6;
+    let mut beaten_after_fit = 0;
+    for p in prepared {
+        if p.best_tokens_per_s <= best_fit && beaten_after_fit >= EXPLAINED {
+            pruned += 1;
+            continue;
+        }
+        let e = fit(p, cluster)?;
+        if e.candidate.fits {
+            if e.candidate.tokens_per_s > best_fit {
+                best_fit = e.candidate.tokens_per_s;
+            } else {
+                beaten_after_fit += 1;
+            }
+        }
+        tried.push(e);
     }
     if tried.is_empty() {
         return Err(first_error
@@ -260,7 +363,20 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
             .then(b.tokens_per_s.total_cmp(&a.tokens_per_s))
             .then(a.peak_bytes.cmp(&b.peak_bytes))
     });
-    let candidates_tried = tried.len();
+    let candidates_tried = tried.len() + pruned;
+    // Options that led to the same plan (say offload=chronos when nothing needed offloading)
+    // are one configuration: keep the first.
+    let mut seen = std::collections::HashSet::new();
+    tried.retain(|e| {
+        let c = &e.candidate;
+        seen.insert((
+            c.pipeline,
+            c.schedule.clone(),
+            c.micro_batch_size,
+            c.microbatches,
+            c.choices.clone(),
+        ))
+    });
     if !tried[0].candidate.fits {
         let closest = tried
             .iter()
@@ -370,6 +486,14 @@ pub fn capacity_strategies() -> Vec<(&'static str, ScheduleKind, Recompute, Offl
             Recompute::Full,
             Offload::None,
         ),
+        // Not one of the paper's strategies: what optimizer and stash offload alone give
+        // 1F1B, to show how much of Chronos' depth is the offload and how much the schedule.
+        (
+            "1f1b+offload",
+            ScheduleKind::OneFOneB,
+            Recompute::None,
+            Offload::Chronos,
+        ),
         (
             "interleaved",
             ScheduleKind::Interleaved {
@@ -395,8 +519,8 @@ pub const CAPACITY_RATE_FLOOR: f64 = 0.9;
 /// For each strategy, the most decoder layers that fit (all devices in one pipeline, the
 /// model's other dimensions fixed) and the simulated throughput there. A last row gives the
 /// most layers `chronos` fits while its work rate (tokens/s x layers) stays at least
-/// `CAPACITY_RATE_FLOOR` of 1F1B's: beyond the plain maximum, recomputing trades speed for
-/// depth.
+/// `CAPACITY_RATE_FLOOR` of 1F1B's (scanned, since the rate is not monotone in depth): toward
+/// the plain maximum, recomputing trades speed for depth.
 pub fn capacity(
     model: &ModelDims,
     cluster: &Cluster,
@@ -420,11 +544,66 @@ pub fn capacity(
     let (_, schedule, r, o) = strategies[strategies.len() - 1];
     // Shallow models pay relatively more for the embedding, head and optimizer step, so the
     // rate is searched upward from the depth plain chronos-pipe reaches.
-    let start = rows[3].max_layers.max(p * schedule.chunks_per_device());
+    let pipe_only = rows.iter().find(|r| r.name == "chronos-pipe");
+    let start = pipe_only
+        .map_or(0, |r| r.max_layers)
+        .max(p * schedule.chunks_per_device());
     let strategy = ("chronos@0.9x-rate", schedule, r, o);
-    rows.push(deepest(
-        model, cluster, seq, p, shape, strategy, start, floor,
-    )?);
+    // The rate falls with depth but not strictly (recompute decisions come in whole chunks),
+    // so scan every depth from chronos-pipe's up to plain chronos', in steps of one layer per
+    // chunk, then every depth just above the deepest that qualified.
+    let most = rows[rows.len() - 1].max_layers;
+    let step = p * schedule.chunks_per_device();
+    let qualifies = |depth: u32| -> Result<Option<Evaluated>, PlanError> {
+        let m = ModelDims {
+            layers: depth as usize,
+            ..*model
+        };
+        let e = evaluate(&m, cluster, seq, p, shape.0, shape.1, schedule, r, o)?;
+        let ok = e.candidate.fits && e.candidate.tokens_per_s * depth as f64 >= floor;
+        Ok(ok.then_some(e))
+    };
+    let mut best: Option<(u32, Evaluated)> = None;
+    let mut depth = start;
+    while depth <= most {
+        if let Some(e) = qualifies(depth)? {
+            best = Some((depth, e));
+        }
+        depth += step;
+    }
+    if let Some((found, _)) = &best {
+        let found = *found;
+        for depth in (found + 1..found + step).rev() {
+            if let Some(e) = qualifies(depth)? {
+                best = Some((depth, e));
+                break;
+            }
+        }
+    }
+    rows.push(match best {
+        Some((depth, e)) => {
+            let m = ModelDims {
+                layers: depth as usize,
+                ..*model
+            };
+            CapacityRow {
+                name: strategy.0.to_string(),
+                max_layers: depth,
+                params: cost::model_params(&m),
+                tokens_per_s: e.candidate.tokens_per_s,
+                peak_bytes: e.candidate.peak_bytes,
+                layer_tokens_per_s: e.candidate.tokens_per_s * depth as f64,
+            }
+        }
+        None => CapacityRow {
+            name: strategy.0.to_string(),
+            max_layers: 0,
+            params: 0,
+            tokens_per_s: 0.0,
+            peak_bytes: 0,
+            layer_tokens_per_s: 0.0,
+        },
+    });
     Ok(rows)
 }
 

@@ -157,15 +157,16 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
     let mut pc = vec![0usize; devices];
     loop {
         let mut progress = false;
-        for (d, next) in pc.iter_mut().enumerate() {
-            while *next < plan.programs[d].len() {
-                match step(plan, &mut s, d, plan.programs[d][*next]) {
+        #[allow(clippy::needless_range_loop)] // `d` also names the device to `step`
+        for d in 0..devices {
+            while pc[d] < plan.programs[d].len() {
+                match step(plan, &mut s, d, plan.programs[d][pc[d]]) {
                     Ok(true) => {
-                        *next += 1;
+                        pc[d] += 1;
                         progress = true;
                     }
                     Ok(false) => break,
-                    Err(message) => return Err(fail(plan, d, *next, message)),
+                    Err(message) => return Err(fail(plan, d, pc[d], message)),
                 }
             }
         }

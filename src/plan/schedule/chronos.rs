@@ -188,7 +188,7 @@ mod tests {
             let b = block(p);
             let dev = placement(p);
             let mut busy = vec![vec![0u32; b.period as usize]; p as usize];
-            for (c, &d) in dev.iter().enumerate().take(2 * p as usize) {
+            for (c, &d) in dev.iter().enumerate() {
                 let d = d as usize;
                 for t in b.forward[c]..b.forward[c] + F_UNITS {
                     busy[d][(t % b.period) as usize] += 1;

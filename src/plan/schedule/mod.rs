@@ -106,9 +106,29 @@ pub fn build(
 ) -> Result<Plan, PlanError> {
     super::error::require_positive("pipeline_devices", devices as u64)?;
     super::error::require_positive("microbatches", microbatches as u64)?;
+    if devices > 4096 {
+        return Err(PlanError::invalid("pipeline_devices", "at most 4096"));
+    }
+    if microbatches > 1 << 16 {
+        return Err(PlanError::invalid("microbatches", "at most 65536"));
+    }
     let v = kind.chunks_per_device();
+    if v > 64 {
+        return Err(PlanError::invalid(
+            "schedule.chunks_per_device",
+            "at most 64",
+        ));
+    }
     super::error::require_positive("schedule.chunks_per_device", v as u64)?;
     let chunks = devices * v;
+    if chunks as u64 * microbatches as u64 > 1 << 22 {
+        return Err(PlanError::invalid(
+            "microbatches",
+            format!(
+                "{microbatches} micro-batches x {chunks} chunks is too many passes to plan (at most 4194304)"
+            ),
+        ));
+    }
     if layers < chunks {
         return Err(PlanError::invalid(
             "model.layers",

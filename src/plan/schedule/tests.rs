@@ -189,3 +189,17 @@ proptest! {
         prop_assert!(validate(&plan).is_ok());
     }
 }
+
+#[test]
+fn chronos_builds_quickly_for_deep_pipelines() {
+    for p in [16u32, 32, 64] {
+        let started = std::time::Instant::now();
+        let plan = build(ScheduleKind::Chronos { in_flight: 0 }, p, 2 * p, 2 * p).unwrap();
+        validate(&plan).unwrap();
+        assert!(
+            started.elapsed().as_secs_f64() < 5.0,
+            "p={p}: {:?}",
+            started.elapsed()
+        );
+    }
+}
