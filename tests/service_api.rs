@@ -162,12 +162,38 @@ async fn idempotency(url: &str) {
     )
     .await;
     assert_eq!(p["param"], "Idempotency-Key");
+    // Concurrent requests with one new key: one job.
+    let racers: Vec<_> = (0..6)
+        .map(|_| {
+            server
+                .post("/v1/jobs")
+                .header("Idempotency-Key", "k-race")
+                .json(&body)
+                .send()
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for response in futures_util::future::join_all(racers).await {
+        let response = response.unwrap();
+        assert!(
+            response.status() == 201 || response.status() == 200,
+            "{}",
+            response.status()
+        );
+        ids.insert(
+            response.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
     // No key: a new job each time.
     let a = server.create_job(&body).await;
     let b = server.create_job(&body).await;
     assert_ne!(a["id"], b["id"]);
     let jobs = server.get_json("/v1/jobs?limit=100").await;
-    assert_eq!(jobs["data"].as_array().unwrap().len(), 3);
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 4);
     server.stop().await;
 }
 both_databases!(idempotency_tests, super::idempotency);
@@ -587,3 +613,70 @@ async fn refuses_jobs_without_a_trainer(url: &str) {
     server.stop().await;
 }
 both_databases!(no_trainer_tests, super::refuses_jobs_without_a_trainer);
+
+async fn event_stream_keeps_alive(url: &str) {
+    let server = TestServer::start_with(url, common::engines(), |o| {
+        o.run_worker = false;
+        o.limits.keep_alive = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let train = server.upload("train", "a.txt", b"text".to_vec()).await;
+    let id = server.create_job(&job_body(&train, 2)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = server
+        .get(&format!("/v1/jobs/{id}/events/stream"))
+        .send()
+        .await
+        .unwrap();
+    use futures_util::StreamExt;
+    let mut stream = response.bytes_stream();
+    let mut text = String::new();
+    // The queued job has three events, then nothing happens: an SSE comment keeps it alive.
+    while !text.lines().any(|l| l.starts_with(':')) {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+            .await
+            .expect("a keep-alive in time")
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("id: 3") || text.contains("id:3"), "{text}");
+    drop(stream);
+    server.stop().await;
+}
+both_databases!(keep_alive_tests, super::event_stream_keeps_alive);
+
+async fn queue_position_is_capped(url: &str) {
+    use chronospipe::store::{NewJob, PlanRow, Planned, QUEUE_POSITION_CAP, connect, new_id};
+    let store = connect(url).await.unwrap();
+    let tenant = store.create_tenant("t").await.unwrap().id;
+    let mut last = String::new();
+    for _ in 0..QUEUE_POSITION_CAP + 5 {
+        last = new_id("job");
+        let job = NewJob {
+            id: last.clone(),
+            tenant_id: tenant.clone(),
+            spec: "{}".into(),
+            total_steps: 1,
+            file_ids: vec![],
+            idempotency_key: None,
+            request_hash: None,
+            planned: Some(Planned::Queued {
+                plan: PlanRow {
+                    plan: None,
+                    plan_svg: None,
+                    plan_summary: None,
+                },
+                devices_needed: 1,
+            }),
+        };
+        store.insert_job(&job).await.unwrap();
+    }
+    assert_eq!(
+        store.queue_position(&last).await.unwrap(),
+        QUEUE_POSITION_CAP + 1
+    );
+}
+both_databases!(queue_position_tests, super::queue_position_is_capped);

@@ -131,6 +131,26 @@ async fn end_to_end(url: &str) {
         .await
         .unwrap();
     assert_eq!(unchanged.status(), 304);
+    let beyond = server
+        .get(&path)
+        .header("Range", format!("bytes={length}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beyond.status(), 416);
+    assert_eq!(beyond.headers()["content-type"], "application/problem+json");
+    let outside = server
+        .get(&format!("/v1/jobs/{id}/checkpoints/6/files/..%2Fsecret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(outside.status(), 404);
+    let bad_step = server
+        .get(&format!("/v1/jobs/{id}/checkpoints/six/files/config.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_step.status(), 400);
     let config = server
         .get(&format!("/v1/jobs/{id}/checkpoints/6/files/config.json"))
         .send()

@@ -76,7 +76,7 @@ pub struct JobView {
     pub plan: Option<PlanSummary>,
     pub progress: Progress,
     pub latest_metrics: Option<StepMetrics>,
-    /// 1 = claimed next; only while queued.
+    /// 1 = claimed next; only while queued. Exact up to 1000; 1001 means further back.
     pub queue_position: Option<i64>,
     /// Times the job was resumed on another worker run after losing its worker.
     pub restart_count: i64,

@@ -51,6 +51,9 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Queue positions are counted exactly up to this; beyond it they read `QUEUE_POSITION_CAP + 1`.
+pub const QUEUE_POSITION_CAP: i64 = 1000;
+
 /// What `insert_job` did with an `Idempotency-Key`.
 #[derive(Debug, Clone)]
 pub enum Inserted {
@@ -122,7 +125,7 @@ pub trait Store: Send + Sync + 'static {
     /// The plan JSON and SVG of a job.
     async fn get_plan(&self, tenant_id: &str, id: &str) -> StoreResult<Option<PlanRow>>;
     async fn set_plan(&self, id: &str, plan: &PlanRow, devices_needed: i64) -> StoreResult<()>;
-    /// For a queued job: 1 when it is claimed next.
+    /// For a queued job: 1 when it is claimed next; `QUEUE_POSITION_CAP + 1` means further back.
     async fn queue_position(&self, id: &str) -> StoreResult<i64>;
     /// Queued jobs in claim order (all tenants).
     async fn queued_jobs(&self, limit: i64) -> StoreResult<Vec<JobRow>>;

@@ -198,8 +198,12 @@ macro_rules! sql_store {
             }
 
             async fn queue_position(&self, id: &str) -> StoreResult<i64> {
-                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND id <= $1")
-                    .bind(id)
+                // Counting is linear in the jobs ahead, so it stops past QUEUE_POSITION_CAP.
+                Ok(sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND id <= $1 LIMIT $2) AS ahead",
+                )
+                .bind(id)
+                .bind(QUEUE_POSITION_CAP + 1)
                     .fetch_one(&self.pool)
                     .await?)
             }
