@@ -292,21 +292,7 @@ impl<'a> DeviceWorker<'a> {
         mb: u32,
         chunk: u32,
     ) -> Result<(), PipelineError> {
-        let (stash, on_host) = self
-            .stashes
-            .remove(&(mb, chunk))
-            .ok_or(PipelineError::Missing {
-                what: "stash to recompute from",
-                mb,
-                chunk,
-            })?;
-        if on_host {
-            return Err(PipelineError::OnHost {
-                what: "stash to recompute from",
-                mb,
-                chunk,
-            });
-        }
+        let stash = self.take_stash_on_device(mb, chunk, "stash to recompute from")?;
         let input = match stash {
             Stash::Kept(KeptInput::Hidden(x)) => Some(x),
             // The embedding's forward rebuilds its token ids from the micro-batch.
@@ -330,21 +316,7 @@ impl<'a> DeviceWorker<'a> {
 
     fn backward(&mut self, cx: &StepContext<'_>, mb: u32, chunk: u32) -> Result<(), PipelineError> {
         self.require_weights(chunk)?;
-        let (stash, on_host) = self
-            .stashes
-            .remove(&(mb, chunk))
-            .ok_or(PipelineError::Missing {
-                what: "stash",
-                mb,
-                chunk,
-            })?;
-        if on_host {
-            return Err(PipelineError::OnHost {
-                what: "stash",
-                mb,
-                chunk,
-            });
-        }
+        let stash = self.take_stash_on_device(mb, chunk, "stash")?;
         let Stash::Full(stashes) = stash else {
             return Err(PipelineError::Missing {
                 what: "a recompute before this backward (the stash was dropped)",
@@ -390,6 +362,21 @@ impl<'a> DeviceWorker<'a> {
                 .insert((mb, chunk), g.regroup(MemGroup::Communication));
         }
         Ok(())
+    }
+
+    /// Removes the stash of (mb, chunk), which must be on the device (prefetched if it was
+    /// offloaded).
+    fn take_stash_on_device(
+        &mut self,
+        mb: u32,
+        chunk: u32,
+        what: &'static str,
+    ) -> Result<Stash, PipelineError> {
+        match self.stashes.remove(&(mb, chunk)) {
+            None => Err(PipelineError::Missing { what, mb, chunk }),
+            Some((_, true)) => Err(PipelineError::OnHost { what, mb, chunk }),
+            Some((stash, false)) => Ok(stash),
+        }
     }
 
     fn require_weights(&mut self, chunk: u32) -> Result<(), PipelineError> {
