@@ -1,5 +1,4 @@
-//! The devices a worker trains on, as the service shows them. Parsing a device spec here is a
-//! stand-in until the executor's device set replaces it.
+//! The devices a worker trains on, as the service shows them.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -20,7 +19,7 @@ pub struct DeviceSpecError {
     pub reason: String,
 }
 
-/// `cpu:NxSIZE` (SIZE with B, KiB, MiB, GiB) or `cuda:I,J,...` (memory unknown here: 0).
+/// `cpu:NxSIZE` (SIZE in B, KiB, MiB, GiB, KB, MB or GB) or `cuda:I,J,...` (memory unknown here: 0).
 pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
     let err = |reason: &str| DeviceSpecError {
         spec: spec.to_owned(),
@@ -58,17 +57,9 @@ pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
     }
 }
 
+/// The executor's size syntax, so `--devices` and a job's `devices` accept the same units.
 fn parse_size(text: &str) -> Option<u64> {
-    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let value: u64 = digits.parse().ok()?;
-    let unit = match &text[digits.len()..] {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return None,
-    };
-    value.checked_mul(unit)
+    crate::exec::device::parse_size(text).map(|b| b as u64)
 }
 
 /// Without `--devices`: one CPU device with half the available memory.
@@ -100,7 +91,11 @@ mod tests {
         assert_eq!(d[1].id, "cpu:1");
         assert_eq!(d[1].memory_bytes, 64 << 20);
         assert_eq!(parse_devices("cuda:0,1").unwrap()[1].id, "cuda:1");
-        for bad in ["cpu", "cpu:0x1MiB", "cpu:2x1MB", "tpu:1", "cuda:a"] {
+        assert_eq!(
+            parse_devices("cpu:1x1MB").unwrap()[0].memory_bytes,
+            1_000_000
+        );
+        for bad in ["cpu", "cpu:0x1MiB", "cpu:2x1TB", "tpu:1", "cuda:a"] {
             assert!(parse_devices(bad).is_err(), "{bad}");
         }
     }
