@@ -11,7 +11,10 @@ use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use chronospipe::exec::device::Pool;
 use chronospipe::exec::model::PartId;
 use chronospipe::exec::run::{Observer, Run, RunError, StepMetrics, drive};
-use chronospipe::jobs::Engines;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chronospipe::jobs::{Engines, ExecRunner, Worker, WorkerConfig, parse_devices};
 use chronospipe::spec::JobSpec;
 use common::{TestServer, read_sse};
 use serde_json::{Value, json};
@@ -124,3 +127,97 @@ async fn trains_for_real(url: &str) {
     server.stop().await;
 }
 both_databases!(trains_for_real_tests, super::trains_for_real);
+
+/// A worker killed mid-job: another finishes it from its last checkpoint, every step's metrics
+/// are recorded exactly once, and the final weights equal an uninterrupted run's.
+async fn crash_recovery_with_the_real_trainer(url: &str) {
+    let server = TestServer::start_with(url, Engines::production(), |o| o.run_worker = false).await;
+    let train = server
+        .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
+        .await;
+    let mut job = body(&train);
+    job["training"]["steps"] = json!(24);
+    job["training"]["checkpoint_every"] = json!(4);
+    job["model"]["hidden_size"] = json!(64);
+    let config = |id: &str| WorkerConfig {
+        worker_id: id.to_owned(),
+        lease: Duration::from_secs(1),
+        poll: Duration::from_millis(50),
+        ..WorkerConfig::new(
+            server.data_dir.path().to_owned(),
+            parse_devices("cpu:2x64MiB").unwrap(),
+        )
+    };
+    let store = chronospipe::store::connect(url).await.unwrap();
+    let survivor = Worker::new(store, Arc::new(ExecRunner), config("worker_b"));
+
+    let reference = server.create_job(&job).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        survivor.try_execute_one().await.unwrap().as_deref(),
+        Some(reference.as_str())
+    );
+
+    let id = server.create_job(&job).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (url_a, config_a) = (url.to_owned(), config("worker_a"));
+    doomed.spawn(async move {
+        let store = chronospipe::store::connect(&url_a).await.unwrap();
+        let _ = Worker::new(store, Arc::new(ExecRunner), config_a)
+            .try_execute_one()
+            .await;
+    });
+    for _ in 0..500 {
+        let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+        if job["progress"]["step"].as_i64().unwrap() >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    doomed.shutdown_background();
+
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while survivor.try_execute_one().await.unwrap().as_deref() != Some(id.as_str()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the survivor finishes the job");
+    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["restart_count"], 1, "{job}");
+    let metrics = server
+        .get_json(&format!("/v1/jobs/{id}/metrics?limit=100"))
+        .await;
+    let steps: Vec<i64> = metrics["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=24).collect::<Vec<_>>());
+    let weights = |job: &str| {
+        let request = server.get(&format!(
+            "/v1/jobs/{job}/checkpoints/24/files/model.safetensors"
+        ));
+        async move { request.send().await.unwrap().bytes().await.unwrap() }
+    };
+    assert!(
+        weights(&id).await == weights(&reference).await,
+        "the resumed job's weights differ from the uninterrupted run's"
+    );
+    server.stop().await;
+}
+both_databases!(
+    crash_recovery_tests,
+    super::crash_recovery_with_the_real_trainer
+);
