@@ -14,7 +14,7 @@ mod mailbox;
 mod step_sync;
 mod worker;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -75,6 +75,8 @@ pub enum PipelineError {
     NotHere { chunk: u32 },
     #[error("a chunk has no parts")]
     EmptyChunk,
+    #[error("the plan has no optimizer step: no device computed the step's loss and gradient norm")]
+    NoStep,
     #[error("group {group} belongs to a micro-batch, not to a chunk")]
     NotChunkGroup { group: Group },
     #[error("group {group} names an optimizer slice the plan does not have")]
@@ -292,7 +294,6 @@ impl Pipeline {
             step: self.step,
             host: &self.devices.host,
         };
-        let started = Instant::now();
         let backend = self.backend.as_ref();
         let held = std::mem::take(&mut self.chunks);
         let results: Vec<_> = std::thread::scope(|scope| {
@@ -326,7 +327,6 @@ impl Pipeline {
                 })
                 .collect()
         });
-        let _elapsed = started.elapsed();
         let mut first_error = None;
         let mut reports = Vec::new();
         for result in results {
@@ -352,7 +352,7 @@ impl Pipeline {
         let totals = reports
             .iter()
             .find_map(|r| r.totals)
-            .expect("every device met at its step action");
+            .ok_or(PipelineError::NoStep)?;
         let step = self.step;
         let loss = totals.loss_sum / total_tokens as f64;
         if !loss.is_finite() {

@@ -256,7 +256,7 @@ impl<'a> DeviceWorker<'a> {
         let output = match (last, carry) {
             (Some(loss), _) => loss,
             (None, Some(hidden)) => PartOutput::Hidden(hidden),
-            (None, None) => unreachable!("a chunk has at least one part"),
+            (None, None) => return Err(PipelineError::EmptyChunk),
         };
         Ok((stashes, output))
     }
