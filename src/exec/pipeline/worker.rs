@@ -167,7 +167,8 @@ impl<'a> DeviceWorker<'a> {
             }
             Action::RecvGrad { mb, chunk, .. } => {
                 let t = self.receive(cx, MessageKind::Gradient, mb, chunk)?;
-                self.grads_in.insert((mb, chunk - 1), t);
+                // The validator only lets a chunk's input gradient come from chunk 1 or later.
+                self.grads_in.insert((mb, chunk.saturating_sub(1)), t);
                 Ok(())
             }
             Action::Offload(group) => self.relocate(cx, group, true),
@@ -210,15 +211,23 @@ impl<'a> DeviceWorker<'a> {
 
     /// The forward's input: the chunk input received or handed over (none with the embedding).
     fn forward_input(&mut self, mb: u32, chunk: u32) -> Result<Option<Tensor>, PipelineError> {
-        let starts_with_embedding =
-            self.chunk(chunk)?.parts[0].id.kind() == crate::plan::inventory::Part::Embedding;
-        if starts_with_embedding {
+        let first = self
+            .chunk(chunk)?
+            .parts
+            .first()
+            .ok_or(PipelineError::EmptyChunk)?;
+        if first.id.kind() == crate::plan::inventory::Part::Embedding {
             return Ok(None);
         }
         if let Some(t) = self.inputs.remove(&(mb, chunk)) {
             return Ok(Some(t));
         }
-        let handed = take(&mut self.outputs, (mb, chunk - 1), "input of the forward")?;
+        let previous = chunk.checked_sub(1).ok_or(PipelineError::Missing {
+            what: "input of the forward",
+            mb,
+            chunk,
+        })?;
+        let handed = take(&mut self.outputs, (mb, previous), "input of the forward")?;
         Ok(Some(handed.regroup(MemGroup::Activations)))
     }
 
