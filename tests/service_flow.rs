@@ -1,14 +1,13 @@
 //! The service end to end against a real server on 127.0.0.1:0, on SQLite and PostgreSQL:
 //! upload, plan, train (through `common::runner()`), follow the event stream, read metrics,
-//! download checkpoints; pause, resume, cancel; SIGTERM requeue; a killed worker's job
-//! finished by another from its checkpoint.
+//! download checkpoints; pause, resume, cancel; SIGTERM requeue. A killed worker's job finished
+//! by another from its checkpoint is tested with the real trainer in `service_training.rs`.
 
 mod common;
 
 use std::time::Duration;
 
-use chronospipe::jobs::{Worker, WorkerConfig, parse_devices};
-use common::{TestServer, job_body, read_sse, read_weights, runner};
+use common::{TestServer, job_body, read_sse, read_weights};
 use serde_json::Value;
 
 const TEXT: &[u8] = b"the quick brown fox jumps over the lazy dog, again and again and again.\n";
@@ -318,105 +317,3 @@ async fn sigterm_requeues(url: &str) {
     server.stop().await;
 }
 both_databases!(sigterm_tests, super::sigterm_requeues);
-
-async fn crash_recovery(url: &str) {
-    let server = TestServer::start_with(url, common::engines(), |o| o.run_worker = false).await;
-    let train = server.upload("train", "corpus.txt", TEXT.to_vec()).await;
-    let config = |id: &str| WorkerConfig {
-        worker_id: id.to_owned(),
-        lease: Duration::from_secs(1),
-        poll: Duration::from_millis(50),
-        ..WorkerConfig::new(
-            server.data_dir.path().to_owned(),
-            parse_devices("cpu:2x64MiB").unwrap(),
-        )
-    };
-    let store = chronospipe::store::connect(url).await.unwrap();
-    let survivor = Worker::new(store, runner(), config("worker_b"));
-
-    // The reference: the same job run without interruption.
-    let reference = server.create_job(&job_body(&train, 8)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(
-        survivor.try_execute_one().await.unwrap().as_deref(),
-        Some(reference.as_str())
-    );
-
-    let id = server.create_job(&job_body(&train, 8)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    // Worker A runs in its own runtime; shutting that down is the kill: its heartbeats,
-    // connections and bookkeeping die mid-job.
-    let doomed = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (url_a, config_a) = (url.to_owned(), config("worker_a"));
-    doomed.spawn(async move {
-        let store = chronospipe::store::connect(&url_a).await.unwrap();
-        let _ = Worker::new(store, runner(), config_a)
-            .try_execute_one()
-            .await;
-    });
-    for _ in 0..200 {
-        let job = server.get_json(&format!("/v1/jobs/{id}")).await;
-        if job["progress"]["step"].as_i64().unwrap() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    doomed.shutdown_background();
-
-    let finished = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if survivor.try_execute_one().await.unwrap().as_deref() == Some(id.as_str()) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    assert!(finished.is_ok(), "the survivor took the job over");
-    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["restart_count"], 1);
-    let metrics = server
-        .get_json(&format!("/v1/jobs/{id}/metrics?limit=100"))
-        .await;
-    let steps: Vec<i64> = metrics["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["step"].as_i64().unwrap())
-        .collect();
-    assert_eq!(
-        steps,
-        (1..=8).collect::<Vec<_>>(),
-        "no step lost or duplicated"
-    );
-    let weights = |job: String| {
-        let server = &server;
-        async move {
-            let path = format!("/v1/jobs/{job}/checkpoints/8/files/model.safetensors");
-            server
-                .get(&path)
-                .send()
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap()
-        }
-    };
-    assert_eq!(
-        weights(id.clone()).await,
-        weights(reference).await,
-        "same weights as the uninterrupted run"
-    );
-    server.stop().await;
-}
-both_databases!(crash_recovery_tests, super::crash_recovery);
