@@ -38,11 +38,7 @@ pub async fn list(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Json<CheckpointList>> {
-    state
-        .store
-        .get_job(&tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    state.tenant_job(&tenant, &id).await?;
     let rows = state.store.list_checkpoints(&id).await?;
     let data = rows
         .into_iter()
@@ -80,11 +76,7 @@ pub async fn download(
             "step",
         )
     })?;
-    state
-        .store
-        .get_job(&tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    state.tenant_job(&tenant, &id).await?;
     let checkpoint = state
         .store
         .get_checkpoint(&id, step)

@@ -57,11 +57,7 @@ pub async fn list(
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> ApiResult<Json<EventList>> {
     let limit = page_limit(query.limit)?;
-    state
-        .store
-        .get_job(&tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    state.tenant_job(&tenant, &id).await?;
     let rows = state
         .store
         .list_events(&id, query.after.unwrap_or(0), limit + 1)
@@ -92,11 +88,7 @@ pub async fn stream(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    state
-        .store
-        .get_job(&tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    state.tenant_job(&tenant, &id).await?;
     let last = match headers.get("last-event-id") {
         Some(value) => value
             .to_str()

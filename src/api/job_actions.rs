@@ -45,11 +45,7 @@ async fn act(
     action: Action,
     verb: &str,
 ) -> ApiResult<Json<JobView>> {
-    let job = state
-        .store
-        .get_job(&tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    let job = state.tenant_job(&tenant, &id).await?;
     let from = job.job_state()?;
     let to = target(action, from).ok_or_else(|| {
         ApiError::conflict(

@@ -10,7 +10,7 @@ use utoipa::IntoParams;
 use super::AppState;
 use super::auth::Tenant;
 use super::extract::{ApiQuery, page, page_limit};
-use super::problem::{ApiError, ApiResult, Problem};
+use super::problem::{ApiResult, Problem};
 use super::views::{MetricList, MetricView};
 
 pub fn routes() -> Router<AppState> {
@@ -43,11 +43,7 @@ pub async fn list(
     ApiQuery(query): ApiQuery<MetricsQuery>,
 ) -> ApiResult<Json<MetricList>> {
     let limit = page_limit(query.limit)?;
-    state
-        .store
-        .get_job(&tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    state.tenant_job(&tenant, &id).await?;
     let rows = state
         .store
         .list_metrics(&id, query.after_step.unwrap_or(0), limit + 1)

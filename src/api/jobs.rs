@@ -216,11 +216,7 @@ pub async fn retrieve(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobView>> {
-    let job = state
-        .store
-        .get_job(&tenant, &id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job", &id))?;
+    let job = state.tenant_job(&tenant, &id).await?;
     Ok(Json(view(&state, job).await?))
 }
 

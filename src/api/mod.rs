@@ -115,6 +115,18 @@ impl AppState {
             requests: prometheus::RequestMetrics::default(),
         }))
     }
+
+    /// The tenant's job `id`; another tenant's job is as absent as a missing one (404).
+    pub(crate) async fn tenant_job(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> problem::ApiResult<crate::store::JobRow> {
+        self.store
+            .get_job(tenant, id)
+            .await?
+            .ok_or_else(|| problem::ApiError::not_found("job", id))
+    }
 }
 
 /// All routes of the service.
