@@ -247,16 +247,7 @@ async fn pause_resume_cancel(url: &str) {
     assert_eq!(resumed.json::<Value>().await.unwrap()["status"], "queued");
     let job = server.wait_for(&id, "succeeded").await;
     assert_eq!(job["restart_count"], 0);
-    let metrics = server
-        .get_json(&format!("/v1/jobs/{id}/metrics?limit=100"))
-        .await;
-    let steps: Vec<i64> = metrics["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["step"].as_i64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    assert_eq!(server.metric_steps(&id).await, (1..=12).collect::<Vec<_>>());
 
     let id = server.create_job(&job_body(&train, 50)).await["id"]
         .as_str()
@@ -304,16 +295,7 @@ async fn sigterm_requeues(url: &str) {
     assert_eq!(job["restart_count"], 1, "{job}");
     let job = server.wait_for(&id, "succeeded").await;
     assert_eq!(job["restart_count"], 1);
-    let metrics = server
-        .get_json(&format!("/v1/jobs/{id}/metrics?limit=100"))
-        .await;
-    let steps: Vec<i64> = metrics["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["step"].as_i64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=20).collect::<Vec<_>>());
+    assert_eq!(server.metric_steps(&id).await, (1..=20).collect::<Vec<_>>());
     server.stop().await;
 }
 both_databases!(sigterm_tests, super::sigterm_requeues);

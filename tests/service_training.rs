@@ -195,16 +195,7 @@ async fn crash_recovery_with_the_real_trainer(url: &str) {
     let job = server.get_json(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["restart_count"], 1, "{job}");
-    let metrics = server
-        .get_json(&format!("/v1/jobs/{id}/metrics?limit=100"))
-        .await;
-    let steps: Vec<i64> = metrics["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["step"].as_i64().unwrap())
-        .collect();
-    assert_eq!(steps, (1..=24).collect::<Vec<_>>());
+    assert_eq!(server.metric_steps(&id).await, (1..=24).collect::<Vec<_>>());
     let weights = |job: &str| {
         let request = server.get(&format!(
             "/v1/jobs/{job}/checkpoints/24/files/model.safetensors"

@@ -259,6 +259,19 @@ impl TestServer {
         response.json().await.unwrap()
     }
 
+    /// The steps of the job's recorded metrics, in order.
+    pub async fn metric_steps(&self, id: &str) -> Vec<i64> {
+        let metrics = self
+            .get_json(&format!("/v1/jobs/{id}/metrics?limit=100"))
+            .await;
+        metrics["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["step"].as_i64().unwrap())
+            .collect()
+    }
+
     /// Polls until the job is in `status`.
     pub async fn wait_for(&self, id: &str, status: &str) -> Value {
         for _ in 0..600 {
