@@ -30,6 +30,8 @@ pub enum Command {
     Plan(crate::plan_cmd::PlanArgs),
     /// Train a job spec on this machine's devices, without the service.
     Train(crate::train_cmd::TrainArgs),
+    /// Check the CUDA backend against the CPU backend and time it (needs an NVIDIA GPU).
+    Selftest(crate::selftest_cmd::SelftestArgs),
     /// Manage API keys.
     Keys(KeysArgs),
     /// Print the OpenAPI document.

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod jobs;
 pub mod plan;
 pub mod plan_cmd;
+pub mod selftest_cmd;
 pub mod service;
 pub mod spec;
 pub mod store;

@@ -11,6 +11,7 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(args) => Ok(service::worker(&args, cli.log_format)?),
         Command::Keys(args) => Ok(service::keys(&args, cli.log_format)?),
         Command::Openapi => Ok(service::openapi()?),
+        Command::Selftest(args) => chronospipe::selftest_cmd::run(&args),
         Command::Train(args) => {
             telemetry::init(cli.log_format.unwrap_or_default());
             let summary = chronospipe::train_cmd::run(&args)?;

@@ -262,10 +262,16 @@ impl DeviceSet {
             spec: spec.to_string(),
             reason: reason.to_string(),
         };
+        if spec.trim().starts_with("cuda") {
+            return Err(bad(
+                "the pipeline runtime drives CPU devices only so far; the CUDA backend trains \
+                 on one GPU through `chronospipe selftest --gpu`",
+            ));
+        }
         let rest = spec
             .trim()
             .strip_prefix("cpu:")
-            .ok_or_else(|| bad("only `cpu:` devices are known to this build's parser"))?;
+            .ok_or_else(|| bad("devices are `cpu:NxSIZE`"))?;
         let (count, size) = rest
             .split_once(['x', 'X'])
             .ok_or_else(|| bad("missing `x` between the count and the size"))?;

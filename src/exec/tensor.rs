@@ -16,12 +16,30 @@ impl Element for i32 {
     const DTYPE: DType = DType::I32;
 }
 
-/// Returns the bytes to the pool when the tensor goes away.
+/// Returns the bytes to the pool when the tensor goes away. Device buffers of other backends
+/// (CUDA) hold one too, so every backend counts memory the same way.
 #[derive(Debug)]
-struct Lease {
+pub(crate) struct Lease {
     pool: PoolRef,
     group: MemGroup,
     bytes: usize,
+}
+
+impl Lease {
+    /// Charges `bytes` for `tensor` to `pool` under `group`, or fails with the device's state.
+    pub(crate) fn reserve(
+        pool: &PoolRef,
+        tensor: &str,
+        group: MemGroup,
+        bytes: usize,
+    ) -> Result<Lease, DeviceError> {
+        pool.reserve(tensor, group, bytes)?;
+        Ok(Lease {
+            pool: pool.clone(),
+            group,
+            bytes,
+        })
+    }
 }
 
 impl Drop for Lease {

@@ -135,6 +135,9 @@ pub struct StateBytes {
 pub enum Profile {
     /// Exactly what the CPU executor allocates (f32 everywhere, flash-style attention).
     CpuF32,
+    /// Exactly what the CUDA backend allocates: `cpu-f32`'s tensors, plus the attention
+    /// scores of one sequence as scratch and the head's larger logits blocks.
+    CudaF32,
     /// Paper-scale planning: bf16 activations, tensor parallel degree `tensor_parallel` with
     /// sequence parallelism, mixed-precision state of 18 bytes per parameter. The tensors and
     /// their formulas are in `plan::megatron`; shapes are per device (one tensor-parallel rank).
@@ -148,7 +151,7 @@ impl Profile {
     pub fn state_bytes(self) -> StateBytes {
         match self {
             // f32 weight, f32 grad, AdamW m and v in f32.
-            Profile::CpuF32 => StateBytes {
+            Profile::CpuF32 | Profile::CudaF32 => StateBytes {
                 weight: 4,
                 grad: 4,
                 optimizer: 8,
@@ -160,7 +163,7 @@ impl Profile {
     /// Ranks one tensor-parallel group spans (1 for the CPU profile).
     pub fn tensor_parallel(self) -> usize {
         match self {
-            Profile::CpuF32 => 1,
+            Profile::CpuF32 | Profile::CudaF32 => 1,
             Profile::MegatronBf16 {
                 tensor_parallel, ..
             } => tensor_parallel,
@@ -170,6 +173,7 @@ impl Profile {
     pub fn part(self, dims: &ModelDims, micro: MicroShape, part: Part) -> PartInventory {
         match self {
             Profile::CpuF32 => cpu_f32(dims, micro, part),
+            Profile::CudaF32 => cuda_f32(dims, micro, part),
             Profile::MegatronBf16 {
                 tensor_parallel,
                 flash_attention,
@@ -262,3 +266,38 @@ fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
 
 /// The fused LM head + cross-entropy materialises logits for this many tokens at a time.
 pub const LOGITS_BLOCK_TOKENS: usize = 64;
+
+/// The CUDA head's logits block: large enough to keep the tensor cores busy.
+pub const CUDA_LOGITS_BLOCK_TOKENS: usize = 2048;
+
+/// The CUDA backend's tensors (`exec::backend::cuda::model`): attention products run one
+/// sequence at a time through cuBLAS with the scores of all heads as scratch; the head keeps
+/// per-token losses on the device until the micro-batch's sum is read.
+fn cuda_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
+    let mut inv = cpu_f32(d, m, part);
+    let n = m.tokens();
+    let scores = |name| TensorSpec::new(name, &[d.heads, m.seq, m.seq], DType::F32);
+    match part {
+        Part::Embedding => {}
+        Part::Layer => {
+            inv.forward_scratch.push(scores("attn_scores"));
+            inv.backward_scratch.push(scores("attn_scores"));
+            inv.backward_scratch.push(scores("attn_d_scores"));
+        }
+        Part::Head => {
+            let block = TensorSpec::new(
+                "logits_block",
+                &[CUDA_LOGITS_BLOCK_TOKENS.min(n), d.vocab],
+                DType::F32,
+            );
+            for list in [&mut inv.forward_scratch, &mut inv.backward_scratch] {
+                for t in list.iter_mut().filter(|t| t.name == "logits_block") {
+                    *t = block.clone();
+                }
+            }
+            inv.forward_scratch
+                .push(TensorSpec::new("token_loss", &[n], DType::F32));
+        }
+    }
+    inv
+}

@@ -103,6 +103,13 @@ pub struct UpdateCoeffs {
     decay: f32,
 }
 
+impl UpdateCoeffs {
+    /// `(decay, step_size, bc2_sqrt)` as a device kernel takes them.
+    pub fn kernel_args(&self) -> (f32, f32, f32) {
+        (self.decay, self.step_size, self.bc2_sqrt)
+    }
+}
+
 impl OptimizerConfig {
     /// Coefficients for step `step` (counted from 1, as PyTorch's bias correction does).
     pub fn coeffs(&self, step: u64, lr: f32) -> UpdateCoeffs {

@@ -3,6 +3,8 @@
 //! slices; a CUDA backend will bring its own storage type behind `Tensor` and implement these
 //! same operations.
 
+pub mod cuda;
+
 use thiserror::Error;
 
 use crate::exec::kernels::attention::{self, AttnShape};

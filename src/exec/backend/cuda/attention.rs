@@ -1,0 +1,232 @@
+//! Causal grouped-query attention on the GPU. The products run on tensor cores through cuBLAS,
+//! one sequence at a time: scores of all heads of a sequence, `[heads, seq, seq]`, exist only
+//! as scratch; the forward keeps the output and each row's log-sum-exp, and the backward
+//! recomputes the probabilities from them, as a flash kernel does.
+//!
+//! Query head `hd` reads key/value head `hd / group`. Heads are batched per `sub` in
+//! `0..group`: the batch runs over key/value heads `g`, query head `g * group + sub`, so every
+//! operand advances by a constant stride.
+
+use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::ops::Gemm;
+use crate::exec::backend::cuda::tensor::DevPtr;
+use crate::exec::kernels::attention::AttnShape;
+
+type R = Result<(), CudaError>;
+
+/// Element offsets of sequence `b` and the strides the batched products use.
+struct Layout {
+    seq: usize,
+    hd: usize,
+    width: usize,
+    kv_width: usize,
+    group: usize,
+    kv_heads: usize,
+    heads: usize,
+    scores: usize,
+}
+
+impl Layout {
+    fn new(sh: &AttnShape) -> Layout {
+        Layout {
+            seq: sh.seq,
+            hd: sh.head_dim,
+            width: sh.heads * sh.head_dim,
+            kv_width: sh.kv_heads * sh.head_dim,
+            group: sh.heads / sh.kv_heads,
+            kv_heads: sh.kv_heads,
+            heads: sh.heads,
+            scores: sh.seq * sh.seq,
+        }
+    }
+
+    /// `op(A)[m,k] · op(B)[k,n]` batched over key/value heads.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        (trans_a, trans_b): (bool, bool),
+        (lda, ldb, ldc): (usize, usize, usize),
+        (stride_a, stride_b, stride_c): (usize, usize, usize),
+        alpha: f32,
+        accumulate: bool,
+    ) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            lda,
+            ldb,
+            ldc,
+            alpha,
+            beta: if accumulate { 1.0 } else { 0.0 },
+            batch: self.kv_heads,
+            stride_a,
+            stride_b,
+            stride_c,
+        }
+    }
+
+    /// Scores of query heads `g·group + sub`: `scale · Q K^T`.
+    fn scores(&self, scale: f32) -> Gemm {
+        let (s, l) = (self.seq, self);
+        l.gemm(
+            (s, s, l.hd),
+            (false, true),
+            (l.width, l.kv_width, s),
+            (l.group * l.hd, l.hd, l.group * l.scores),
+            scale,
+            false,
+        )
+    }
+}
+
+fn offset(p: DevPtr, elements: usize) -> DevPtr {
+    DevPtr(p.0 + (elements * 4) as u64)
+}
+
+impl Gpu {
+    /// Fills `out` [n, heads·hd] and `lse` [batch, heads, seq]; `scores` holds
+    /// `heads·seq·seq` floats of scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward(
+        &self,
+        out: DevPtr,
+        lse: DevPtr,
+        q: DevPtr,
+        k: DevPtr,
+        v: DevPtr,
+        scores: DevPtr,
+        sh: AttnShape,
+    ) -> R {
+        let l = Layout::new(&sh);
+        let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        for b in 0..sh.batch {
+            let tok = b * l.seq;
+            let (qb, kb, vb) = (
+                offset(q, tok * l.width),
+                offset(k, tok * l.kv_width),
+                offset(v, tok * l.kv_width),
+            );
+            for sub in 0..l.group {
+                let s_sub = offset(scores, sub * l.scores);
+                self.gemm(s_sub, offset(qb, sub * l.hd), kb, l.scores(scale))?;
+            }
+            self.launch_softmax(
+                scores,
+                offset(lse, b * l.heads * l.seq),
+                l.heads * l.seq,
+                l.seq,
+            )?;
+            for sub in 0..l.group {
+                let pv = l.gemm(
+                    (l.seq, l.hd, l.seq),
+                    (false, false),
+                    (l.seq, l.kv_width, l.width),
+                    (l.group * l.scores, l.hd, l.group * l.hd),
+                    1.0,
+                    false,
+                );
+                self.gemm(
+                    offset(out, tok * l.width + sub * l.hd),
+                    offset(scores, sub * l.scores),
+                    vb,
+                    pv,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `dq`, `dk`, `dv` and `delta` [batch, heads, seq]; `scores` and `d_scores` hold
+    /// `heads·seq·seq` floats of scratch each.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward(
+        &self,
+        (dq, dk, dv, delta): (DevPtr, DevPtr, DevPtr, DevPtr),
+        d_out: DevPtr,
+        (q, k, v, out, lse): (DevPtr, DevPtr, DevPtr, DevPtr, DevPtr),
+        (scores, d_scores): (DevPtr, DevPtr),
+        sh: AttnShape,
+    ) -> R {
+        let l = Layout::new(&sh);
+        let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        self.launch_delta(delta, d_out, out, &sh)?;
+        let rows = l.heads * l.seq;
+        for b in 0..sh.batch {
+            let tok = b * l.seq;
+            let (qb, kb, vb) = (
+                offset(q, tok * l.width),
+                offset(k, tok * l.kv_width),
+                offset(v, tok * l.kv_width),
+            );
+            let (dqb, dkb, dvb, dob) = (
+                offset(dq, tok * l.width),
+                offset(dk, tok * l.kv_width),
+                offset(dv, tok * l.kv_width),
+                offset(d_out, tok * l.width),
+            );
+            let stats = b * l.heads * l.seq;
+            for sub in 0..l.group {
+                let s_sub = offset(scores, sub * l.scores);
+                self.gemm(s_sub, offset(qb, sub * l.hd), kb, l.scores(scale))?;
+            }
+            self.launch_probs(scores, offset(lse, stats), rows, l.seq)?;
+            for sub in 0..l.group {
+                let (p_sub, dp_sub) = (
+                    offset(scores, sub * l.scores),
+                    offset(d_scores, sub * l.scores),
+                );
+                let do_sub = offset(dob, sub * l.hd);
+                // dV_g (+)= P^T dO over the group's query heads.
+                let dv_g = l.gemm(
+                    (l.seq, l.hd, l.seq),
+                    (true, false),
+                    (l.seq, l.width, l.kv_width),
+                    (l.group * l.scores, l.group * l.hd, l.hd),
+                    1.0,
+                    sub > 0,
+                );
+                self.gemm(dvb, p_sub, do_sub, dv_g)?;
+                // dP = dO V^T.
+                let dp = l.gemm(
+                    (l.seq, l.seq, l.hd),
+                    (false, true),
+                    (l.width, l.kv_width, l.seq),
+                    (l.group * l.hd, l.hd, l.group * l.scores),
+                    1.0,
+                    false,
+                );
+                self.gemm(dp_sub, do_sub, vb, dp)?;
+            }
+            self.launch_dscores(d_scores, scores, offset(delta, stats), rows, l.seq, scale)?;
+            for sub in 0..l.group {
+                let ds_sub = offset(d_scores, sub * l.scores);
+                // dQ = dS K.
+                let dq_h = l.gemm(
+                    (l.seq, l.hd, l.seq),
+                    (false, false),
+                    (l.seq, l.kv_width, l.width),
+                    (l.group * l.scores, l.hd, l.group * l.hd),
+                    1.0,
+                    false,
+                );
+                self.gemm(offset(dqb, sub * l.hd), ds_sub, kb, dq_h)?;
+                // dK_g (+)= dS^T Q over the group's query heads.
+                let dk_g = l.gemm(
+                    (l.seq, l.hd, l.seq),
+                    (true, false),
+                    (l.seq, l.width, l.kv_width),
+                    (l.group * l.scores, l.group * l.hd, l.hd),
+                    1.0,
+                    sub > 0,
+                );
+                self.gemm(dkb, ds_sub, offset(qb, sub * l.hd), dk_g)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! One CUDA device: its context, the stream every kernel and product runs on, a cuBLAS handle
+//! and the kernels of `kernels/*.cu`, compiled by NVRTC when the device is opened (once per
+//! context) for the device's own architecture.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::nvrtc::CompileOptions;
+
+use crate::exec::backend::cuda::libs::Libraries;
+use crate::exec::backend::cuda::{CudaError, Precision};
+use crate::exec::device::{Pool, PoolRef};
+
+/// The kernel sources, compiled together as one program (the header first).
+pub const KERNEL_SOURCES: [(&str, &str); 9] = [
+    ("common.cuh", include_str!("../../../../kernels/common.cuh")),
+    ("rmsnorm.cu", include_str!("../../../../kernels/rmsnorm.cu")),
+    ("rope.cu", include_str!("../../../../kernels/rope.cu")),
+    ("swiglu.cu", include_str!("../../../../kernels/swiglu.cu")),
+    (
+        "embedding.cu",
+        include_str!("../../../../kernels/embedding.cu"),
+    ),
+    (
+        "attention.cu",
+        include_str!("../../../../kernels/attention.cu"),
+    ),
+    (
+        "cross_entropy.cu",
+        include_str!("../../../../kernels/cross_entropy.cu"),
+    ),
+    ("optim.cu", include_str!("../../../../kernels/optim.cu")),
+    (
+        "elementwise.cu",
+        include_str!("../../../../kernels/elementwise.cu"),
+    ),
+];
+
+/// Every `extern "C" __global__` function in [`KERNEL_SOURCES`].
+pub fn kernel_names() -> Vec<&'static str> {
+    let mut names = Vec::new();
+    for (_, src) in KERNEL_SOURCES {
+        for line in src.lines() {
+            if let Some(rest) = line.trim().strip_prefix("extern \"C\" __global__ void ") {
+                names.push(rest.split('(').next().unwrap_or(rest).trim());
+            }
+        }
+    }
+    names
+}
+
+/// The whole program NVRTC compiles.
+pub fn kernel_program() -> String {
+    KERNEL_SOURCES
+        .iter()
+        .map(|(name, src)| format!("// ---- kernels/{name}\n{src}\n"))
+        .collect()
+}
+
+/// Compiles the kernels to PTX for `compute_{major}{minor}` (needs NVRTC, not a device).
+pub fn compile_kernels(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, CudaError> {
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(kernel_program(), opts)
+        .map_err(|e| CudaError::Compile(e.to_string()))
+}
+
+/// One opened device.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    functions: HashMap<&'static str, CudaFunction>,
+    pub precision: Precision,
+    pub name: String,
+    pub ordinal: usize,
+    /// Calls and seconds per operation while profiling (see [`Gpu::profile`]).
+    profile: Option<RefCell<BTreeMap<String, (u64, f64)>>>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` after checking that the libraries it needs are present.
+    pub fn open(ordinal: usize, precision: Precision) -> Result<Gpu, CudaError> {
+        Libraries::probe().require_compute()?;
+        let count = CudaContext::device_count()?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::Unsupported(format!(
+                "cuda:{ordinal} does not exist: this machine has {count} CUDA device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream runs everything in order, so cudarc's per-buffer events are not needed.
+        // SAFETY: no buffer of this context is ever used from a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone())?;
+        let (major, minor) = ctx.compute_capability()?;
+        let module = ctx.load_module(compile_kernels(major, minor)?)?;
+        let mut functions = HashMap::new();
+        for name in kernel_names() {
+            functions.insert(name, module.load_function(name)?);
+        }
+        Ok(Gpu {
+            name: ctx.name()?,
+            ctx,
+            stream,
+            blas,
+            functions,
+            precision,
+            ordinal,
+            profile: None,
+        })
+    }
+
+    /// From now on, times every kernel and product by waiting for the stream before and after
+    /// it (slow: for finding where a step's time goes, not for throughput).
+    pub fn profile(&mut self) {
+        self.profile = Some(RefCell::new(BTreeMap::new()));
+    }
+
+    /// Operations with their calls and seconds so far, longest first.
+    pub fn profile_report(&self) -> Vec<(String, u64, f64)> {
+        let mut rows: Vec<(String, u64, f64)> = self
+            .profile
+            .as_ref()
+            .map(|p| {
+                p.borrow()
+                    .iter()
+                    .map(|(k, (n, s))| (k.clone(), *n, *s))
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
+    }
+
+    /// Runs `op`, timing it under `name()` while profiling.
+    pub(crate) fn timed<T>(
+        &self,
+        name: impl FnOnce() -> String,
+        op: impl FnOnce() -> Result<T, CudaError>,
+    ) -> Result<T, CudaError> {
+        let Some(profile) = &self.profile else {
+            return op();
+        };
+        self.synchronize()?;
+        let start = Instant::now();
+        let out = op()?;
+        self.synchronize()?;
+        let mut p = profile.borrow_mut();
+        let entry = p.entry(name()).or_insert((0, 0.0));
+        entry.0 += 1;
+        entry.1 += start.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    pub(crate) fn function(&self, name: &'static str) -> Result<&CudaFunction, CudaError> {
+        self.functions.get(name).ok_or(CudaError::NoKernel(name))
+    }
+
+    /// A pool for this device: `cap` bytes, or what is free now less `reserve` bytes.
+    pub fn pool(&self, cap: Option<usize>, reserve: usize) -> Result<PoolRef, CudaError> {
+        let (free, _total) = self.ctx.mem_get_info()?;
+        let budget = cap.unwrap_or(free.saturating_sub(reserve));
+        Ok(Pool::new(format!("cuda:{}", self.ordinal), budget))
+    }
+
+    /// Waits for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        Ok(self.stream.synchronize()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_source_declares_kernels_and_names_are_unique() {
+        let names = kernel_names();
+        assert!(names.contains(&"rmsnorm_forward") && names.contains(&"adamw_update"));
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len());
+    }
+
+    /// Runs where NVRTC is on the loader path (no GPU needed): the kernels compile for Hopper.
+    #[test]
+    #[ignore = "needs NVRTC (libnvrtc.so.13) on the library path"]
+    fn gpu_kernels_compile_with_nvrtc() {
+        let ptx = compile_kernels(9, 0).unwrap();
+        let src = ptx.to_src();
+        for name in kernel_names() {
+            assert!(src.contains(name), "{name} missing from the PTX");
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The CUDA backend: kernels from `kernels/*.cu` compiled by NVRTC when a device is first
+//! opened, matrix products through cuBLAS (TF32 tensor cores for f32, or bf16 tensor cores
+//! with f32 storage), and the Llama model's parts written against them with the same stash
+//! tensors as the CPU executor (the `cuda-f32` inventory: `cpu-f32` plus attention scores).
+//!
+//! Everything loads at run time (cudarc's dynamic loading), so the crate builds and its tests
+//! run on machines without CUDA; opening a device there is a typed [`CudaError::Unavailable`]
+//! naming the missing library, never a panic.
+//!
+//! - [`libs`]: which CUDA libraries this machine has, and their versions.
+//! - [`gpu::Gpu`]: one device: context, stream, cuBLAS handle, compiled kernels.
+//! - [`tensor::GpuTensor`]: a device buffer counted in a [`crate::exec::device::Pool`].
+//! - [`ops`]: one function per kernel (and the products through cuBLAS).
+//! - [`model`]: embedding, decoder layer and head forward/backward, and [`model::GpuTrainer`],
+//!   a whole-model training step with AdamW/SGD and global-norm clipping on one device.
+//! - [`selftest`]: `chronospipe selftest --gpu`: parity with the CPU backend and timings.
+//!
+//! Not here yet: running pipeline plans (the thread-per-device runtime in `exec::pipeline`
+//! drives host tensors only), NCCL transport and pinned-memory offload.
+
+pub mod attention;
+pub mod gpu;
+pub mod libs;
+pub mod model;
+pub mod ops;
+pub mod selftest;
+pub mod tensor;
+
+use thiserror::Error;
+
+use crate::exec::device::DeviceError;
+
+#[derive(Debug, Error)]
+pub enum CudaError {
+    #[error("CUDA unavailable: {library} was not found ({hint})")]
+    Unavailable { library: &'static str, hint: String },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("cuBLAS: {0}")]
+    Blas(#[from] cudarc::cublas::result::CublasError),
+    #[error("NVRTC could not compile kernels/*.cu: {0}")]
+    Compile(String),
+    #[error("no kernel named {0} in kernels/*.cu")]
+    NoKernel(&'static str),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What the matrix products compute in; storage stays f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 products on CUDA cores: the strict reference the parity checks hold to 1e-5.
+    F32,
+    /// f32 inputs rounded to TF32 on tensor cores, f32 accumulation.
+    Tf32,
+    /// f32 inputs rounded to bf16 on tensor cores, f32 accumulation.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}

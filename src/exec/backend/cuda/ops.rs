@@ -1,0 +1,497 @@
+//! One function per kernel of `kernels/*.cu`, plus row-major matrix products through cuBLAS.
+//! Pointers come from [`GpuTensor`](super::tensor::GpuTensor)s; callers pass the shapes the
+//! buffers were made for (a wrong shape reads or writes out of bounds, as any kernel would).
+
+use std::ffi::c_void;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::tensor::DevPtr;
+use crate::exec::backend::cuda::{CudaError, Precision};
+use crate::exec::kernels::attention::AttnShape;
+
+type R = Result<(), CudaError>;
+
+/// A kernel argument by value.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg {
+    Ptr(DevPtr),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+impl Gpu {
+    /// Launches kernel `name` with `args` in the order of its signature in kernels/*.cu.
+    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> R {
+        let f = self.function(name)?;
+        self.timed(
+            || name.to_string(),
+            || {
+                let mut builder = self.stream.launch_builder(f);
+                for a in args {
+                    match a {
+                        Arg::Ptr(p) => builder.arg(&p.0),
+                        Arg::I32(v) => builder.arg(v),
+                        Arg::I64(v) => builder.arg(v),
+                        Arg::F32(v) => builder.arg(v),
+                    };
+                }
+                // SAFETY: the argument list matches the kernel's signature, and the buffers
+                // behind the pointers are at least as long as the shapes the caller passed.
+                unsafe { builder.launch(cfg) }?;
+                Ok(())
+            },
+        )
+    }
+}
+
+use Arg::{F32, I32, I64, Ptr};
+
+const BLOCK: u32 = 256;
+
+/// One block of 256 threads per row.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Enough 256-thread blocks for `n` elements, capped (the kernels loop over the rest).
+fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 16384) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn len(n: usize) -> Arg {
+    I64(n as i64)
+}
+
+fn int(n: usize) -> Arg {
+    I32(n as i32)
+}
+
+/// A row-major product `C[m, n] = alpha · op(A)[m, k] · op(B)[k, n] + beta · C`, repeated
+/// `batch` times at the given element strides.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// One product of contiguous matrices; `accumulate` adds to C.
+    pub fn dense(
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    ) -> Gemm {
+        Gemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            lda: if trans_a { m } else { k },
+            ldb: if trans_b { k } else { n },
+            ldc: n,
+            alpha: 1.0,
+            beta: if accumulate { 1.0 } else { 0.0 },
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    }
+}
+
+fn op(trans: bool) -> cublasOperation_t {
+    if trans {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+impl Gpu {
+    /// Runs `g` on f32 buffers. cuBLAS is column-major, so it computes `C^T = op(B)^T op(A)^T`.
+    pub fn gemm(&self, c: DevPtr, a: DevPtr, b: DevPtr, g: Gemm) -> R {
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return Ok(());
+        }
+        let compute = match self.precision {
+            Precision::F32 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Precision::Tf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            Precision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        };
+        let f32_t = cudaDataType::CUDA_R_32F;
+        let name = || {
+            format!(
+                "gemm {}x{}x{} x{} ({}{})",
+                g.m,
+                g.n,
+                g.k,
+                g.batch,
+                if g.trans_a { "T" } else { "N" },
+                if g.trans_b { "T" } else { "N" }
+            )
+        };
+        // SAFETY: the pointers address buffers of the sizes `g` describes.
+        self.timed(name, || unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(g.trans_b),
+                op(g.trans_a),
+                g.n as i32,
+                g.m as i32,
+                g.k as i32,
+                (&g.alpha) as *const f32 as *const c_void,
+                b.0 as *const c_void,
+                f32_t,
+                g.ldb as i32,
+                g.stride_b as i64,
+                a.0 as *const c_void,
+                f32_t,
+                g.lda as i32,
+                g.stride_a as i64,
+                (&g.beta) as *const f32 as *const c_void,
+                c.0 as *mut c_void,
+                f32_t,
+                g.ldc as i32,
+                g.stride_c as i64,
+                g.batch as i32,
+                compute,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )?;
+            Ok(())
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_forward(
+        &self,
+        out: DevPtr,
+        rstd: DevPtr,
+        x: DevPtr,
+        w: DevPtr,
+        rows: usize,
+        h: usize,
+        eps: f32,
+    ) -> R {
+        self.launch(
+            "rmsnorm_forward",
+            per_row(rows),
+            &[Ptr(out), Ptr(rstd), Ptr(x), Ptr(w), int(h), F32(eps)],
+        )
+    }
+
+    pub fn rmsnorm_apply(
+        &self,
+        out: DevPtr,
+        rstd: DevPtr,
+        x: DevPtr,
+        w: DevPtr,
+        rows: usize,
+        h: usize,
+    ) -> R {
+        self.launch(
+            "rmsnorm_apply",
+            per_row(rows),
+            &[Ptr(out), Ptr(rstd), Ptr(x), Ptr(w), int(h)],
+        )
+    }
+
+    /// `dw += Σ dy·x·rstd`, then `dy` becomes `dx` in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_backward(
+        &self,
+        dy_dx: DevPtr,
+        dw: DevPtr,
+        x: DevPtr,
+        w: DevPtr,
+        rstd: DevPtr,
+        rows: usize,
+        h: usize,
+    ) -> R {
+        const ROWS_PER_BLOCK: usize = 64;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                h.div_ceil(BLOCK as usize) as u32,
+                rows.div_ceil(ROWS_PER_BLOCK) as u32,
+                1,
+            ),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "rmsnorm_backward_weight",
+            cfg,
+            &[
+                Ptr(dw),
+                Ptr(dy_dx),
+                Ptr(x),
+                Ptr(rstd),
+                int(rows),
+                int(h),
+                int(ROWS_PER_BLOCK),
+            ],
+        )?;
+        self.launch(
+            "rmsnorm_backward_input",
+            per_row(rows),
+            &[Ptr(dy_dx), Ptr(x), Ptr(w), Ptr(rstd), int(h)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: DevPtr,
+        rows: usize,
+        width: usize,
+        seq: usize,
+        head_dim: usize,
+        theta: f32,
+        inverse: bool,
+    ) -> R {
+        self.launch(
+            "rope",
+            elementwise(rows * width / 2),
+            &[
+                Ptr(x),
+                len(rows),
+                int(width),
+                int(seq),
+                int(head_dim),
+                F32(theta),
+                I32(inverse as i32),
+            ],
+        )
+    }
+
+    pub fn swiglu_forward(&self, act: DevPtr, gate: DevPtr, up: DevPtr, n: usize) -> R {
+        self.launch(
+            "swiglu_forward",
+            elementwise(n),
+            &[Ptr(act), Ptr(gate), Ptr(up), len(n)],
+        )
+    }
+
+    pub fn swiglu_backward(
+        &self,
+        d_gate: DevPtr,
+        d_act_to_d_up: DevPtr,
+        gate: DevPtr,
+        up: DevPtr,
+        n: usize,
+    ) -> R {
+        self.launch(
+            "swiglu_backward",
+            elementwise(n),
+            &[Ptr(d_gate), Ptr(d_act_to_d_up), Ptr(gate), Ptr(up), len(n)],
+        )
+    }
+
+    pub fn embedding_forward(
+        &self,
+        out: DevPtr,
+        table: DevPtr,
+        ids: DevPtr,
+        tokens: usize,
+        hidden: usize,
+    ) -> R {
+        self.launch(
+            "embedding_forward",
+            elementwise(tokens * hidden),
+            &[Ptr(out), Ptr(table), Ptr(ids), len(tokens), int(hidden)],
+        )
+    }
+
+    pub fn embedding_backward(
+        &self,
+        d_table: DevPtr,
+        d_out: DevPtr,
+        ids: DevPtr,
+        tokens: usize,
+        hidden: usize,
+    ) -> R {
+        self.launch(
+            "embedding_backward",
+            elementwise(tokens * hidden),
+            &[Ptr(d_table), Ptr(d_out), Ptr(ids), len(tokens), int(hidden)],
+        )
+    }
+
+    /// `a += b` over `n` elements.
+    pub fn add_into(&self, a: DevPtr, b: DevPtr, n: usize) -> R {
+        self.launch("add_into", elementwise(n), &[Ptr(a), Ptr(b), len(n)])
+    }
+
+    /// Per-row losses `lse(logits) - logits[target]` of `rows` rows.
+    pub fn ce_forward(
+        &self,
+        loss_rows: DevPtr,
+        logits: DevPtr,
+        targets: DevPtr,
+        rows: usize,
+        vocab: usize,
+    ) -> R {
+        self.launch(
+            "ce_forward",
+            per_row(rows),
+            &[Ptr(loss_rows), Ptr(logits), Ptr(targets), int(vocab)],
+        )
+    }
+
+    /// Logits become `scale · (softmax - one_hot(target))` in place.
+    pub fn ce_backward(
+        &self,
+        logits: DevPtr,
+        targets: DevPtr,
+        rows: usize,
+        vocab: usize,
+        scale: f32,
+    ) -> R {
+        self.launch(
+            "ce_backward",
+            per_row(rows),
+            &[Ptr(logits), Ptr(targets), int(vocab), F32(scale)],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_update(
+        &self,
+        w: DevPtr,
+        g: DevPtr,
+        m: DevPtr,
+        v: DevPtr,
+        n: usize,
+        factor: f32,
+        (beta1, beta2, eps): (f32, f32, f32),
+        (decay, step_size, bc2_sqrt): (f32, f32, f32),
+    ) -> R {
+        self.launch(
+            "adamw_update",
+            elementwise(n),
+            &[
+                Ptr(w),
+                Ptr(g),
+                Ptr(m),
+                Ptr(v),
+                len(n),
+                F32(factor),
+                F32(beta1),
+                F32(beta2),
+                F32(eps),
+                F32(decay),
+                F32(step_size),
+                F32(bc2_sqrt),
+            ],
+        )
+    }
+
+    pub fn sgd_update(&self, w: DevPtr, g: DevPtr, n: usize, factor: f32, lr: f32) -> R {
+        self.launch(
+            "sgd_update",
+            elementwise(n),
+            &[Ptr(w), Ptr(g), len(n), F32(factor), F32(lr)],
+        )
+    }
+
+    /// `*acc += Σ x²` in f64 (`acc` addresses one double).
+    pub fn sum_squares(&self, acc: DevPtr, x: DevPtr, n: usize) -> R {
+        let mut cfg = elementwise(n);
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+        self.launch("sum_squares", cfg, &[Ptr(acc), Ptr(x), len(n)])
+    }
+
+    /// Scaled scores of `rows` rows of `seq` become causal probabilities; writes each lse.
+    pub(crate) fn launch_softmax(&self, scores: DevPtr, lse: DevPtr, rows: usize, seq: usize) -> R {
+        self.launch(
+            "attn_softmax",
+            per_row(rows),
+            &[Ptr(scores), Ptr(lse), int(seq)],
+        )
+    }
+
+    /// Scaled scores become probabilities again from the kept lse.
+    pub(crate) fn launch_probs(&self, scores: DevPtr, lse: DevPtr, rows: usize, seq: usize) -> R {
+        self.launch(
+            "attn_probs",
+            elementwise(rows * seq),
+            &[Ptr(scores), Ptr(lse), len(rows), int(seq)],
+        )
+    }
+
+    /// `delta = Σ dO·O` per query row, for every sequence and head.
+    pub(crate) fn launch_delta(
+        &self,
+        delta: DevPtr,
+        d_out: DevPtr,
+        out: DevPtr,
+        sh: &AttnShape,
+    ) -> R {
+        let n = sh.batch * sh.heads * sh.seq;
+        self.launch(
+            "attn_delta",
+            elementwise(n),
+            &[
+                Ptr(delta),
+                Ptr(d_out),
+                Ptr(out),
+                len(sh.batch),
+                int(sh.heads),
+                int(sh.seq),
+                int(sh.head_dim),
+            ],
+        )
+    }
+
+    /// `dP` becomes `dS = P·(dP - delta)·scale` in place.
+    pub(crate) fn launch_dscores(
+        &self,
+        d_scores: DevPtr,
+        probs: DevPtr,
+        delta: DevPtr,
+        rows: usize,
+        seq: usize,
+        scale: f32,
+    ) -> R {
+        self.launch(
+            "attn_dscores",
+            elementwise(rows * seq),
+            &[
+                Ptr(d_scores),
+                Ptr(probs),
+                Ptr(delta),
+                len(rows),
+                int(seq),
+                F32(scale),
+            ],
+        )
+    }
+}

@@ -1,0 +1,58 @@
+//! `chronospipe selftest --gpu`: the CUDA backend's checks and timings, from the binary itself,
+//! so a GPU machine without a Rust toolchain needs only this binary and the test fixture.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+
+use crate::exec::backend::cuda::selftest::{self, SelftestOptions};
+
+#[derive(Debug, Args)]
+pub struct SelftestArgs {
+    /// Check the CUDA backend (the only backend this command checks; `cargo test` covers CPU).
+    #[arg(long)]
+    pub gpu: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// The Hugging Face fixture with `reference.safetensors` (PyTorch's results).
+    #[arg(long, default_value = "../shared/testdata/hf-llama-tiny")]
+    pub fixture: PathBuf,
+    /// Sequences per micro-batch in the timing runs (sequence length 1024).
+    #[arg(long, default_value_t = 8)]
+    pub micro_batch_size: usize,
+    /// Micro-batches per step in the timing runs.
+    #[arg(long, default_value_t = 2)]
+    pub microbatches: usize,
+    /// Timed steps per precision (after two warm-up steps).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Only the parity checks.
+    #[arg(long)]
+    pub skip_timing: bool,
+    /// After the timings, show where one step's time goes, operation by operation.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
+    if !args.gpu {
+        bail!(
+            "selftest checks the CUDA backend: pass --gpu (the CPU backend is covered by `scripts/test`)"
+        );
+    }
+    let opts = SelftestOptions {
+        device: args.device,
+        fixture: args.fixture.clone(),
+        micro_batch_size: args.micro_batch_size,
+        microbatches: args.microbatches,
+        steps: args.steps,
+        skip_timing: args.skip_timing,
+        profile: args.profile,
+    };
+    if !selftest::run(&opts)? {
+        bail!("some GPU checks failed (the FAIL lines above)");
+    }
+    Ok(())
+}
