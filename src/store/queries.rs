@@ -198,9 +198,11 @@ macro_rules! sql_store {
             }
 
             async fn queue_position(&self, id: &str) -> StoreResult<i64> {
-                // Counting is linear in the jobs ahead, so it stops past QUEUE_POSITION_CAP.
+                // Counting is linear in the jobs ahead, so it stops past QUEUE_POSITION_CAP. The
+                // ORDER BY makes the planner walk the `jobs_queue` index in order and stop at
+                // the limit (a bitmap scan would visit every queued job first).
                 Ok(sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND id <= $1 LIMIT $2) AS ahead",
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state = 'queued' AND id <= $1 ORDER BY id LIMIT $2) AS ahead",
                 )
                 .bind(id)
                 .bind(QUEUE_POSITION_CAP + 1)
