@@ -1,0 +1,51 @@
+//! The token embedding on the GPU.
+
+use super::{Alloc, GpuCtx, GpuPart, Result};
+use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::tensor::GpuTensor;
+use crate::exec::model::check_tokens;
+use crate::plan::inventory::Part;
+
+pub struct EmbeddingStash {
+    token_ids: GpuTensor<i32>,
+}
+
+pub fn embedding_forward(
+    ctx: GpuCtx<'_>,
+    p: &GpuPart,
+    ids: &[i32],
+) -> Result<(EmbeddingStash, GpuTensor)> {
+    let d = ctx.config.dims;
+    check_tokens("input_ids", ids, d.vocab)?;
+    let a = Alloc::new(ctx, Part::Embedding);
+    let mut token_ids: GpuTensor<i32> = a.stash("token_ids")?;
+    if ids.len() != token_ids.len() {
+        return Err(CudaError::Unsupported(format!(
+            "{} input ids for a micro-batch of {} tokens",
+            ids.len(),
+            token_ids.len()
+        )));
+    }
+    token_ids.copy_from_host(ctx.gpu, ids)?;
+    let out = a.output()?;
+    let table = &p.weights[0];
+    ctx.gpu
+        .embedding_forward(out.ptr(), table.ptr(), token_ids.ptr(), ids.len(), d.hidden)?;
+    Ok((EmbeddingStash { token_ids }, out))
+}
+
+pub fn embedding_backward(
+    ctx: GpuCtx<'_>,
+    p: &mut GpuPart,
+    st: EmbeddingStash,
+    grad_output: GpuTensor,
+) -> Result<()> {
+    let n = st.token_ids.len();
+    ctx.gpu.embedding_backward(
+        p.grads[0].ptr(),
+        grad_output.ptr(),
+        st.token_ids.ptr(),
+        n,
+        ctx.config.dims.hidden,
+    )
+}

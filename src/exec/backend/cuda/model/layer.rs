@@ -1,0 +1,242 @@
+//! One decoder layer on the GPU: the CPU layer's steps, with the attention of
+//! `cuda::attention`.
+
+use super::{Alloc, GpuCtx, GpuPart, Result, project, project_backward};
+use crate::exec::backend::cuda::tensor::GpuTensor;
+use crate::exec::model::params::layer_param as lp;
+use crate::plan::inventory::Part;
+
+/// The layer's kept tensors: the CPU `LayerStash`'s names and shapes.
+pub struct LayerStash {
+    input: GpuTensor,
+    attn_norm_rstd: GpuTensor,
+    q: GpuTensor,
+    k: GpuTensor,
+    v: GpuTensor,
+    attn_out: GpuTensor,
+    attn_lse: GpuTensor,
+    resid_mid: GpuTensor,
+    mlp_norm_rstd: GpuTensor,
+    gate: GpuTensor,
+    up: GpuTensor,
+}
+
+pub fn layer_forward(
+    ctx: GpuCtx<'_>,
+    p: &GpuPart,
+    input: GpuTensor,
+) -> Result<(LayerStash, GpuTensor)> {
+    let (gpu, cfg, m) = (ctx.gpu, ctx.config, ctx.micro);
+    let d = cfg.dims;
+    let (n, h, kv, f) = (m.tokens(), d.hidden, d.kv_width(), d.ffn);
+    let a = Alloc::new(ctx, Part::Layer);
+    let mut st = LayerStash {
+        input,
+        attn_norm_rstd: a.stash("attn_norm_rstd")?,
+        q: a.stash("q")?,
+        k: a.stash("k")?,
+        v: a.stash("v")?,
+        attn_out: a.stash("attn_out")?,
+        attn_lse: a.stash("attn_lse")?,
+        resid_mid: a.stash("resid_mid")?,
+        mlp_norm_rstd: a.stash("mlp_norm_rstd")?,
+        gate: a.stash("gate")?,
+        up: a.stash("up")?,
+    };
+    let norm_out = a.fwd("norm_out")?;
+    let act = a.fwd("act")?;
+    let scores = a.fwd("attn_scores")?;
+    let mut output = a.output()?;
+    let w = &p.weights;
+    let hd = d.head_dim();
+
+    gpu.rmsnorm_forward(
+        norm_out.ptr(),
+        st.attn_norm_rstd.ptr(),
+        st.input.ptr(),
+        w[lp::INPUT_NORM].ptr(),
+        n,
+        h,
+        cfg.rms_norm_eps,
+    )?;
+    for (dst, wi) in [(&st.q, lp::Q), (&st.k, lp::K), (&st.v, lp::V)] {
+        project(gpu, dst.ptr(), norm_out.ptr(), &w[wi], n, false)?;
+    }
+    gpu.rope(st.q.ptr(), n, h, m.seq, hd, cfg.rope_theta, false)?;
+    gpu.rope(st.k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, false)?;
+    gpu.attention_forward(
+        st.attn_out.ptr(),
+        st.attn_lse.ptr(),
+        st.q.ptr(),
+        st.k.ptr(),
+        st.v.ptr(),
+        scores.ptr(),
+        ctx.attn_shape(),
+    )?;
+    st.resid_mid.copy_from(gpu, &st.input)?;
+    project(
+        gpu,
+        st.resid_mid.ptr(),
+        st.attn_out.ptr(),
+        &w[lp::O],
+        n,
+        true,
+    )?;
+
+    gpu.rmsnorm_forward(
+        norm_out.ptr(),
+        st.mlp_norm_rstd.ptr(),
+        st.resid_mid.ptr(),
+        w[lp::POST_NORM].ptr(),
+        n,
+        h,
+        cfg.rms_norm_eps,
+    )?;
+    project(gpu, st.gate.ptr(), norm_out.ptr(), &w[lp::GATE], n, false)?;
+    project(gpu, st.up.ptr(), norm_out.ptr(), &w[lp::UP], n, false)?;
+    gpu.swiglu_forward(act.ptr(), st.gate.ptr(), st.up.ptr(), n * f)?;
+    output.copy_from(gpu, &st.resid_mid)?;
+    project(gpu, output.ptr(), act.ptr(), &w[lp::DOWN], n, true)?;
+    Ok((st, output))
+}
+
+/// Adds the micro-batch's parameter gradients; returns the gradient of the layer's input.
+pub fn layer_backward(
+    ctx: GpuCtx<'_>,
+    p: &mut GpuPart,
+    st: LayerStash,
+    grad_output: GpuTensor,
+) -> Result<GpuTensor> {
+    let (gpu, cfg, m) = (ctx.gpu, ctx.config, ctx.micro);
+    let d = cfg.dims;
+    let (n, h, kv, f) = (m.tokens(), d.hidden, d.kv_width(), d.ffn);
+    let a = Alloc::new(ctx, Part::Layer);
+    let norm_out = a.bwd("norm_out")?;
+    let act = a.bwd("act")?;
+    let d_gate = a.bwd("d_gate")?;
+    let d_up = a.bwd("d_up")?;
+    let d_norm_out = a.bwd("d_norm_out")?;
+    let mut d_resid_mid = a.bwd("d_resid_mid")?;
+    let d_attn_out = a.bwd("d_attn_out")?;
+    let d_q = a.bwd("d_q")?;
+    let d_k = a.bwd("d_k")?;
+    let d_v = a.bwd("d_v")?;
+    let attn_delta = a.bwd("attn_delta")?;
+    let scores = a.bwd("attn_scores")?;
+    let d_scores = a.bwd("attn_d_scores")?;
+    let (w, g) = (&p.weights, &p.grads);
+    let dy = grad_output.ptr();
+    let hd = d.head_dim();
+
+    // MLP block, recomputing its normalised input and activation from the stash.
+    gpu.rmsnorm_apply(
+        norm_out.ptr(),
+        st.mlp_norm_rstd.ptr(),
+        st.resid_mid.ptr(),
+        w[lp::POST_NORM].ptr(),
+        n,
+        h,
+    )?;
+    gpu.swiglu_forward(act.ptr(), st.gate.ptr(), st.up.ptr(), n * f)?;
+    project_backward(
+        gpu,
+        &g[lp::DOWN],
+        d_up.ptr(),
+        dy,
+        act.ptr(),
+        &w[lp::DOWN],
+        n,
+        false,
+    )?;
+    gpu.swiglu_backward(d_gate.ptr(), d_up.ptr(), st.gate.ptr(), st.up.ptr(), n * f)?;
+    project_backward(
+        gpu,
+        &g[lp::GATE],
+        d_norm_out.ptr(),
+        d_gate.ptr(),
+        norm_out.ptr(),
+        &w[lp::GATE],
+        n,
+        false,
+    )?;
+    project_backward(
+        gpu,
+        &g[lp::UP],
+        d_norm_out.ptr(),
+        d_up.ptr(),
+        norm_out.ptr(),
+        &w[lp::UP],
+        n,
+        true,
+    )?;
+    gpu.rmsnorm_backward(
+        d_norm_out.ptr(),
+        g[lp::POST_NORM].ptr(),
+        st.resid_mid.ptr(),
+        w[lp::POST_NORM].ptr(),
+        st.mlp_norm_rstd.ptr(),
+        n,
+        h,
+    )?;
+    d_resid_mid.copy_from(gpu, &grad_output)?;
+    gpu.add_into(d_resid_mid.ptr(), d_norm_out.ptr(), n * h)?;
+
+    // Attention block.
+    project_backward(
+        gpu,
+        &g[lp::O],
+        d_attn_out.ptr(),
+        d_resid_mid.ptr(),
+        st.attn_out.ptr(),
+        &w[lp::O],
+        n,
+        false,
+    )?;
+    gpu.attention_backward(
+        (d_q.ptr(), d_k.ptr(), d_v.ptr(), attn_delta.ptr()),
+        d_attn_out.ptr(),
+        (
+            st.q.ptr(),
+            st.k.ptr(),
+            st.v.ptr(),
+            st.attn_out.ptr(),
+            st.attn_lse.ptr(),
+        ),
+        (scores.ptr(), d_scores.ptr()),
+        ctx.attn_shape(),
+    )?;
+    gpu.rope(d_q.ptr(), n, h, m.seq, hd, cfg.rope_theta, true)?;
+    gpu.rope(d_k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, true)?;
+    gpu.rmsnorm_apply(
+        norm_out.ptr(),
+        st.attn_norm_rstd.ptr(),
+        st.input.ptr(),
+        w[lp::INPUT_NORM].ptr(),
+        n,
+        h,
+    )?;
+    let projections = [(&d_q, lp::Q), (&d_k, lp::K), (&d_v, lp::V)];
+    for (i, (dp, wi)) in projections.into_iter().enumerate() {
+        project_backward(
+            gpu,
+            &g[wi],
+            d_norm_out.ptr(),
+            dp.ptr(),
+            norm_out.ptr(),
+            &w[wi],
+            n,
+            i > 0,
+        )?;
+    }
+    gpu.rmsnorm_backward(
+        d_norm_out.ptr(),
+        g[lp::INPUT_NORM].ptr(),
+        st.input.ptr(),
+        w[lp::INPUT_NORM].ptr(),
+        st.attn_norm_rstd.ptr(),
+        n,
+        h,
+    )?;
+    gpu.add_into(d_resid_mid.ptr(), d_norm_out.ptr(), n * h)?;
+    Ok(d_resid_mid)
+}

@@ -1,0 +1,211 @@
+//! The Llama model's parts on one CUDA device, each forward with its backward, allocating
+//! exactly the `cuda-f32` inventory's tensors (the CPU executor's stash names and shapes) and
+//! holding each part's scratch for the whole of its forward or backward, as the planner's
+//! memory model assumes, so its predicted peaks hold here; and
+//! [`GpuTrainer`]: a whole-model training step with the CPU trainer's semantics (mean loss over
+//! the step's tokens, global-norm clipping, AdamW or SGD with PyTorch's update).
+
+mod embedding;
+mod head;
+mod layer;
+mod trainer;
+
+pub use embedding::{EmbeddingStash, embedding_backward, embedding_forward};
+pub use head::{HeadStash, head_backward, head_forward};
+pub use layer::{LayerStash, layer_backward, layer_forward};
+pub use trainer::GpuTrainer;
+
+use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::ops::Gemm;
+use crate::exec::backend::cuda::tensor::{DevPtr, GpuTensor};
+use crate::exec::device::{MemGroup, PoolRef};
+use crate::exec::kernels::attention::AttnShape;
+use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
+use crate::exec::optim::OptimizerConfig;
+use crate::exec::tensor::Element;
+use crate::plan::inventory::{MicroShape, Part, PartInventory, Profile, TensorSpec};
+
+type Result<T> = std::result::Result<T, CudaError>;
+
+/// What every part's forward and backward needs besides its parameters.
+#[derive(Clone, Copy)]
+pub struct GpuCtx<'a> {
+    pub gpu: &'a Gpu,
+    pub pool: &'a PoolRef,
+    pub config: &'a LlamaConfig,
+    pub micro: MicroShape,
+}
+
+impl GpuCtx<'_> {
+    fn attn_shape(&self) -> AttnShape {
+        let d = self.config.dims;
+        AttnShape {
+            batch: self.micro.batch,
+            seq: self.micro.seq,
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            head_dim: d.head_dim(),
+        }
+    }
+}
+
+/// Allocates a part's tensors by their inventory names.
+struct Alloc<'a> {
+    ctx: GpuCtx<'a>,
+    part: Part,
+    inv: PartInventory,
+}
+
+impl<'a> Alloc<'a> {
+    fn new(ctx: GpuCtx<'a>, part: Part) -> Self {
+        let inv = Profile::CudaF32.part(&ctx.config.dims, ctx.micro, part);
+        Alloc { ctx, part, inv }
+    }
+
+    fn from<T>(&self, list: &[TensorSpec], name: &'static str) -> Result<GpuTensor<T>>
+    where
+        T: Element + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    {
+        let spec = list
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or(ModelError::NotInInventory {
+                part: self.part,
+                name,
+            })?;
+        GpuTensor::from_spec(self.ctx.gpu, self.ctx.pool, spec, MemGroup::Activations)
+    }
+
+    fn stash<T>(&self, name: &'static str) -> Result<GpuTensor<T>>
+    where
+        T: Element + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
+    {
+        self.from(&self.inv.stash, name)
+    }
+
+    fn fwd(&self, name: &'static str) -> Result<GpuTensor> {
+        self.from(&self.inv.forward_scratch, name)
+    }
+
+    fn bwd(&self, name: &'static str) -> Result<GpuTensor> {
+        self.from(&self.inv.backward_scratch, name)
+    }
+
+    fn output(&self) -> Result<GpuTensor> {
+        let spec = self.inv.output.as_ref().ok_or(ModelError::NotInInventory {
+            part: self.part,
+            name: "output",
+        })?;
+        GpuTensor::from_spec(self.ctx.gpu, self.ctx.pool, spec, MemGroup::Activations)
+    }
+}
+
+impl From<ModelError> for CudaError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Device(d) => CudaError::Device(d),
+            other => CudaError::Unsupported(other.to_string()),
+        }
+    }
+}
+
+/// One part's parameters, gradients and optimizer state on the device.
+pub struct GpuPart {
+    pub id: PartId,
+    pub weights: Vec<GpuTensor>,
+    pub grads: Vec<GpuTensor>,
+    exp_avg: Vec<GpuTensor>,
+    exp_avg_sq: Vec<GpuTensor>,
+}
+
+impl GpuPart {
+    /// Copies a host part's weights to the device, with zero gradients and optimizer state.
+    pub fn upload(
+        gpu: &Gpu,
+        pool: &PoolRef,
+        host: &PartParams,
+        optimizer: &OptimizerConfig,
+    ) -> Result<GpuPart> {
+        let mut p = GpuPart {
+            id: host.id,
+            weights: Vec::new(),
+            grads: Vec::new(),
+            exp_avg: Vec::new(),
+            exp_avg_sq: Vec::new(),
+        };
+        let adam = matches!(optimizer, OptimizerConfig::AdamW { .. });
+        for (name, w) in host.names.iter().zip(&host.weights) {
+            let shape = w.shape();
+            let group = MemGroup::Weights;
+            p.weights.push(GpuTensor::from_host(
+                gpu,
+                pool,
+                name,
+                shape,
+                w.data(),
+                group,
+            )?);
+            let g = MemGroup::Gradients;
+            p.grads.push(GpuTensor::zeros(gpu, pool, name, shape, g)?);
+            if adam {
+                let o = MemGroup::OptimizerState;
+                p.exp_avg.push(GpuTensor::zeros(gpu, pool, name, shape, o)?);
+                p.exp_avg_sq
+                    .push(GpuTensor::zeros(gpu, pool, name, shape, o)?);
+            }
+        }
+        Ok(p)
+    }
+
+    /// Copies weights and gradients into a host part of the same layout.
+    pub fn download(&self, gpu: &Gpu, host: &mut PartParams) -> Result<()> {
+        for (src, dst) in self.weights.iter().zip(host.weights.iter_mut()) {
+            dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
+        }
+        for (src, dst) in self.grads.iter().zip(host.grads.iter_mut()) {
+            dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
+        }
+        Ok(())
+    }
+}
+
+/// `y[n, out] (+)= x[n, in] · W[out, in]^T`, the projections' forward.
+fn project(
+    gpu: &Gpu,
+    y: DevPtr,
+    x: DevPtr,
+    w: &GpuTensor,
+    n: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let (out, inp) = (w.shape()[0], w.shape()[1]);
+    gpu.gemm(
+        y,
+        x,
+        w.ptr(),
+        Gemm::dense(n, out, inp, false, true, accumulate),
+    )
+}
+
+/// Backward of [`project`]: `dW += dy^T · x` and `dx (+)= dy · W`.
+#[allow(clippy::too_many_arguments)]
+fn project_backward(
+    gpu: &Gpu,
+    dw: &GpuTensor,
+    dx: DevPtr,
+    dy: DevPtr,
+    x: DevPtr,
+    w: &GpuTensor,
+    n: usize,
+    accumulate_dx: bool,
+) -> Result<()> {
+    let (out, inp) = (w.shape()[0], w.shape()[1]);
+    gpu.gemm(dw.ptr(), dy, x, Gemm::dense(out, inp, n, true, false, true))?;
+    gpu.gemm(
+        dx,
+        dy,
+        w.ptr(),
+        Gemm::dense(n, inp, out, false, false, accumulate_dx),
+    )
+}

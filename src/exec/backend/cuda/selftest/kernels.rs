@@ -1,0 +1,377 @@
+//! Every kernel against its CPU counterpart on random inputs.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{Check, Result};
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::ops::Gemm;
+use crate::exec::backend::cuda::tensor::GpuTensor;
+use crate::exec::backend::{Backend, CpuBackend};
+use crate::exec::device::{MemGroup, Pool, PoolRef};
+use crate::exec::kernels::attention::AttnShape;
+use crate::exec::kernels::cross_entropy::HeadShape;
+use crate::exec::kernels::matmul::MatRef;
+use crate::exec::optim::{OptimizerConfig, update_elements};
+
+fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+struct Kit<'a> {
+    gpu: &'a Gpu,
+    pool: PoolRef,
+    cpu: CpuBackend,
+    rng: ChaCha8Rng,
+}
+
+impl Kit<'_> {
+    fn up(&self, data: &[f32]) -> Result<GpuTensor> {
+        GpuTensor::from_host(
+            self.gpu,
+            &self.pool,
+            "t",
+            &[data.len()],
+            data,
+            MemGroup::Activations,
+        )
+    }
+    fn up_i32(&self, data: &[i32]) -> Result<GpuTensor<i32>> {
+        GpuTensor::from_host(
+            self.gpu,
+            &self.pool,
+            "ids",
+            &[data.len()],
+            data,
+            MemGroup::Activations,
+        )
+    }
+    fn rand(&mut self, n: usize) -> Vec<f32> {
+        random(&mut self.rng, n)
+    }
+}
+
+/// Every kernel against its CPU counterpart on random inputs; products held to `gemm_tol`.
+pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
+    let mut k = Kit {
+        gpu,
+        pool: Pool::new("cuda-check", usize::MAX),
+        cpu: CpuBackend::default(),
+        rng: ChaCha8Rng::seed_from_u64(11),
+    };
+    let mut checks = Vec::new();
+    let ew = 1e-5;
+
+    // Products, plain and transposed.
+    for (ta, tb) in [(false, true), (true, false), (false, false)] {
+        let (m, n, kk) = (67, 45, 33);
+        let a = k.rand(m * kk);
+        let b = k.rand(kk * n);
+        let c0 = k.rand(m * n);
+        let mut want = c0.clone();
+        let am = if ta {
+            MatRef::rows(&a, kk, m).t()
+        } else {
+            MatRef::rows(&a, m, kk)
+        };
+        let bm = if tb {
+            MatRef::rows(&b, n, kk).t()
+        } else {
+            MatRef::rows(&b, kk, n)
+        };
+        k.cpu.matmul(&mut want, am, bm, true);
+        let (ga, gb, gc) = (k.up(&a)?, k.up(&b)?, k.up(&c0)?);
+        gpu.gemm(
+            gc.ptr(),
+            ga.ptr(),
+            gb.ptr(),
+            Gemm::dense(m, n, kk, ta, tb, true),
+        )?;
+        checks.push(Check::new(
+            format!("gemm ta={ta} tb={tb} (accumulate)"),
+            &gc.to_host(gpu)?,
+            &want,
+            gemm_tol,
+        ));
+    }
+
+    // RMSNorm forward and backward (h not a multiple of the block).
+    let (rows, h) = (37, 200);
+    let (x, w, dy, dw0) = (k.rand(rows * h), k.rand(h), k.rand(rows * h), k.rand(h));
+    let (mut out, mut rstd) = (vec![0.0; rows * h], vec![0.0; rows]);
+    k.cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, 1e-5);
+    let (gx, gw, go, gr) = (k.up(&x)?, k.up(&w)?, k.up(&out)?, k.up(&rstd)?);
+    gpu.rmsnorm_forward(go.ptr(), gr.ptr(), gx.ptr(), gw.ptr(), rows, h, 1e-5)?;
+    checks.push(Check::new("rmsnorm forward", &go.to_host(gpu)?, &out, ew));
+    checks.push(Check::new(
+        "rmsnorm forward rstd",
+        &gr.to_host(gpu)?,
+        &rstd,
+        ew,
+    ));
+    let (mut dx, mut dw) = (dy.clone(), dw0.clone());
+    k.cpu.rmsnorm_backward(&mut dx, &mut dw, &x, &w, &rstd);
+    let (gdy, gdw) = (k.up(&dy)?, k.up(&dw0)?);
+    gpu.rmsnorm_backward(gdy.ptr(), gdw.ptr(), gx.ptr(), gw.ptr(), gr.ptr(), rows, h)?;
+    checks.push(Check::new(
+        "rmsnorm backward dx",
+        &gdy.to_host(gpu)?,
+        &dx,
+        ew,
+    ));
+    checks.push(Check::new(
+        "rmsnorm backward dw (accumulate)",
+        &gdw.to_host(gpu)?,
+        &dw,
+        ew,
+    ));
+
+    // RoPE and its inverse.
+    let (seq, width, hd) = (16, 64, 16);
+    for inverse in [false, true] {
+        let x = k.rand(2 * seq * width);
+        let mut want = x.clone();
+        k.cpu.rope(&mut want, width, seq, hd, 10000.0, inverse);
+        let gx = k.up(&x)?;
+        gpu.rope(gx.ptr(), 2 * seq, width, seq, hd, 10000.0, inverse)?;
+        checks.push(Check::new(
+            format!("rope inverse={inverse}"),
+            &gx.to_host(gpu)?,
+            &want,
+            ew,
+        ));
+    }
+
+    // SwiGLU.
+    let n = 1000;
+    let (g, u, da) = (k.rand(n), k.rand(n), k.rand(n));
+    let mut act = vec![0.0; n];
+    k.cpu.swiglu_forward(&mut act, &g, &u);
+    let (gg, gu, gact) = (k.up(&g)?, k.up(&u)?, k.up(&act)?);
+    gpu.swiglu_forward(gact.ptr(), gg.ptr(), gu.ptr(), n)?;
+    checks.push(Check::new("swiglu forward", &gact.to_host(gpu)?, &act, ew));
+    let (mut dg, mut du) = (vec![0.0; n], da.clone());
+    k.cpu.swiglu_backward(&mut dg, &mut du, &g, &u);
+    let (gdg, gdu) = (k.up(&dg)?, k.up(&da)?);
+    gpu.swiglu_backward(gdg.ptr(), gdu.ptr(), gg.ptr(), gu.ptr(), n)?;
+    checks.push(Check::new(
+        "swiglu backward d_gate",
+        &gdg.to_host(gpu)?,
+        &dg,
+        ew,
+    ));
+    checks.push(Check::new(
+        "swiglu backward d_up",
+        &gdu.to_host(gpu)?,
+        &du,
+        ew,
+    ));
+
+    // Embedding.
+    let (vocab, hidden, tokens) = (50, 24, 40);
+    let table = k.rand(vocab * hidden);
+    let ids: Vec<i32> = (0..tokens).map(|i| ((i * 7) % vocab) as i32).collect();
+    let mut out = vec![0.0; tokens * hidden];
+    k.cpu.embedding_forward(&mut out, &table, &ids, hidden);
+    let (gt, gids, gout) = (k.up(&table)?, k.up_i32(&ids)?, k.up(&out)?);
+    gpu.embedding_forward(gout.ptr(), gt.ptr(), gids.ptr(), tokens, hidden)?;
+    checks.push(Check::new(
+        "embedding forward",
+        &gout.to_host(gpu)?,
+        &out,
+        ew,
+    ));
+    let d_out = k.rand(tokens * hidden);
+    let mut d_table = table.clone();
+    k.cpu.embedding_backward(&mut d_table, &d_out, &ids, hidden);
+    let gdo = k.up(&d_out)?;
+    gpu.embedding_backward(gt.ptr(), gdo.ptr(), gids.ptr(), tokens, hidden)?;
+    checks.push(Check::new(
+        "embedding backward (accumulate)",
+        &gt.to_host(gpu)?,
+        &d_table,
+        ew,
+    ));
+
+    checks.extend(attention_checks(&mut k, gemm_tol)?);
+    checks.extend(head_checks(&mut k, gemm_tol)?);
+
+    // AdamW with a clipping factor.
+    let n = 1000;
+    let (w0, g, m0, v0) = (
+        k.rand(n),
+        k.rand(n),
+        k.rand(n),
+        k.rand(n).iter().map(|x| x.abs()).collect::<Vec<_>>(),
+    );
+    let adamw = OptimizerConfig::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let c = adamw.coeffs(3, 1e-3);
+    let factor = 0.7;
+    let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
+    let scaled: Vec<f32> = g.iter().map(|x| x * factor).collect();
+    update_elements(&adamw, &c, &mut w, &scaled, &mut m, &mut v);
+    let (gw, gg, gm, gv) = (k.up(&w0)?, k.up(&g)?, k.up(&m0)?, k.up(&v0)?);
+    gpu.adamw_update(
+        gw.ptr(),
+        gg.ptr(),
+        gm.ptr(),
+        gv.ptr(),
+        n,
+        factor,
+        (0.9, 0.95, 1e-8),
+        c.kernel_args(),
+    )?;
+    checks.push(Check::new("adamw weights", &gw.to_host(gpu)?, &w, ew));
+    checks.push(Check::new("adamw exp_avg", &gm.to_host(gpu)?, &m, ew));
+    checks.push(Check::new("adamw exp_avg_sq", &gv.to_host(gpu)?, &v, ew));
+    Ok(checks)
+}
+
+fn attention_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
+    let gpu = k.gpu;
+    let sh = AttnShape {
+        batch: 2,
+        seq: 48,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+    };
+    let (n, w, kvw) = (
+        sh.batch * sh.seq,
+        sh.heads * sh.head_dim,
+        sh.kv_heads * sh.head_dim,
+    );
+    let stats = sh.batch * sh.heads * sh.seq;
+    let (q, kk, v, d_out) = (
+        k.rand(n * w),
+        k.rand(n * kvw),
+        k.rand(n * kvw),
+        k.rand(n * w),
+    );
+    let (mut out, mut lse) = (vec![0.0; n * w], vec![0.0; stats]);
+    k.cpu.attention_forward(&mut out, &mut lse, &q, &kk, &v, sh);
+    let (mut dq, mut dk, mut dv, mut delta) = (
+        vec![0.0; n * w],
+        vec![0.0; n * kvw],
+        vec![0.0; n * kvw],
+        vec![0.0; stats],
+    );
+    k.cpu.attention_backward(
+        &mut dq, &mut dk, &mut dv, &mut delta, &d_out, &q, &kk, &v, &out, &lse, sh,
+    );
+
+    let (gq, gk, gv, gdo) = (k.up(&q)?, k.up(&kk)?, k.up(&v)?, k.up(&d_out)?);
+    let zeros =
+        |len: usize| GpuTensor::<f32>::zeros(gpu, &k.pool, "z", &[len], MemGroup::Activations);
+    let (gout, glse, scores, d_scores) = (
+        zeros(n * w)?,
+        zeros(stats)?,
+        zeros(sh.heads * sh.seq * sh.seq)?,
+        zeros(sh.heads * sh.seq * sh.seq)?,
+    );
+    gpu.attention_forward(
+        gout.ptr(),
+        glse.ptr(),
+        gq.ptr(),
+        gk.ptr(),
+        gv.ptr(),
+        scores.ptr(),
+        sh,
+    )?;
+    let (gdq, gdk, gdv, gdelta) = (
+        zeros(n * w)?,
+        zeros(n * kvw)?,
+        zeros(n * kvw)?,
+        zeros(stats)?,
+    );
+    gpu.attention_backward(
+        (gdq.ptr(), gdk.ptr(), gdv.ptr(), gdelta.ptr()),
+        gdo.ptr(),
+        (gq.ptr(), gk.ptr(), gv.ptr(), gout.ptr(), glse.ptr()),
+        (scores.ptr(), d_scores.ptr()),
+        sh,
+    )?;
+    Ok(vec![
+        Check::new(
+            "attention forward out (GQA 4/2 heads)",
+            &gout.to_host(gpu)?,
+            &out,
+            tol,
+        ),
+        Check::new("attention forward lse", &glse.to_host(gpu)?, &lse, tol),
+        Check::new(
+            "attention backward delta",
+            &gdelta.to_host(gpu)?,
+            &delta,
+            tol,
+        ),
+        Check::new("attention backward dq", &gdq.to_host(gpu)?, &dq, tol),
+        Check::new("attention backward dk", &gdk.to_host(gpu)?, &dk, tol),
+        Check::new("attention backward dv", &gdv.to_host(gpu)?, &dv, tol),
+    ])
+}
+
+fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
+    let gpu = k.gpu;
+    let (tokens, hidden, vocab) = (70, 32, 300);
+    let sh = HeadShape {
+        tokens,
+        hidden,
+        vocab,
+        block: 64,
+    };
+    let (x, w) = (k.rand(tokens * hidden), k.rand(vocab * hidden));
+    let targets: Vec<i32> = (0..tokens).map(|i| ((i * 13) % vocab) as i32).collect();
+    let mut block = vec![0.0; 64 * vocab];
+    let loss = k.cpu.head_ce_forward(&mut block, &x, &w, &targets, sh);
+    let (mut dx, mut dw) = (vec![0.0; tokens * hidden], vec![0.0; vocab * hidden]);
+    let scale = 1.0 / tokens as f32;
+    k.cpu
+        .head_ce_backward(&mut dx, &mut dw, &mut block, &x, &w, &targets, scale, sh);
+
+    let (gx, gw, gt) = (k.up(&x)?, k.up(&w)?, k.up_i32(&targets)?);
+    let zeros =
+        |len: usize| GpuTensor::<f32>::zeros(gpu, &k.pool, "z", &[len], MemGroup::Activations);
+    let (logits, rows, gdx, gdw) = (
+        zeros(tokens * vocab)?,
+        zeros(tokens)?,
+        zeros(tokens * hidden)?,
+        zeros(vocab * hidden)?,
+    );
+    gpu.gemm(
+        logits.ptr(),
+        gx.ptr(),
+        gw.ptr(),
+        Gemm::dense(tokens, vocab, hidden, false, true, false),
+    )?;
+    gpu.ce_forward(rows.ptr(), logits.ptr(), gt.ptr(), tokens, vocab)?;
+    let gpu_loss: f64 = rows.to_host(gpu)?.iter().map(|&l| l as f64).sum();
+    gpu.ce_backward(logits.ptr(), gt.ptr(), tokens, vocab, scale)?;
+    gpu.gemm(
+        gdw.ptr(),
+        logits.ptr(),
+        gx.ptr(),
+        Gemm::dense(vocab, hidden, tokens, true, false, true),
+    )?;
+    gpu.gemm(
+        gdx.ptr(),
+        logits.ptr(),
+        gw.ptr(),
+        Gemm::dense(tokens, hidden, vocab, false, false, false),
+    )?;
+    Ok(vec![
+        Check::new(
+            "cross-entropy loss",
+            &[gpu_loss as f32],
+            &[loss as f32],
+            tol,
+        ),
+        Check::new("cross-entropy backward dx", &gdx.to_host(gpu)?, &dx, tol),
+        Check::new("cross-entropy backward dw", &gdw.to_host(gpu)?, &dw, tol),
+    ])
+}

@@ -1,0 +1,203 @@
+//! `chronospipe selftest --gpu`: holds the CUDA backend against the CPU backend, kernel by
+//! kernel on random data and for a whole training step of `shared/testdata/hf-llama-tiny`
+//! (also against the PyTorch reference stored there), then times training of a ~125M Llama
+//! on one GPU in each precision. Every check prints a line; the run fails if any check fails.
+
+mod kernels;
+mod model;
+mod timing;
+
+pub use kernels::kernel_checks;
+pub use model::model_checks;
+pub use timing::{Timing, llama_125m, predicted_peak, step_flops, time_training};
+
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::libs::Libraries;
+use crate::exec::backend::cuda::{CudaError, Precision};
+use crate::plan::inventory::MicroShape;
+
+type Result<T> = std::result::Result<T, CudaError>;
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// One comparison: relative L2 error against a reference, and the bound it must stay under.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: String,
+    pub rel_err: f64,
+    pub tolerance: f64,
+}
+
+impl Check {
+    pub fn new(name: impl Into<String>, ours: &[f32], reference: &[f32], tolerance: f64) -> Check {
+        Check {
+            name: name.into(),
+            rel_err: rel_err(ours, reference),
+            tolerance,
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        self.rel_err < self.tolerance
+    }
+}
+
+/// `|ours - reference| / |reference|` in the L2 norm; infinite for unequal lengths or NaNs.
+pub fn rel_err(ours: &[f32], reference: &[f32]) -> f64 {
+    if ours.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    let num: f64 = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
+    let err = (num / den.max(1e-30)).sqrt();
+    if err.is_nan() { f64::INFINITY } else { err }
+}
+
+fn print_checks(title: &str, checks: &[Check]) -> bool {
+    println!("\n{title}");
+    for c in checks {
+        let verdict = if c.passed() { "ok  " } else { "FAIL" };
+        println!(
+            "  {verdict} {:<48} rel err {:.2e} (< {:.0e})",
+            c.name, c.rel_err, c.tolerance
+        );
+    }
+    checks.iter().all(Check::passed)
+}
+
+/// What `selftest --gpu` runs.
+#[derive(Debug, Clone)]
+pub struct SelftestOptions {
+    pub device: usize,
+    pub fixture: std::path::PathBuf,
+    pub micro_batch_size: usize,
+    pub microbatches: usize,
+    pub steps: usize,
+    pub skip_timing: bool,
+    /// Also print where one step's time goes, operation by operation.
+    pub profile: bool,
+}
+
+/// Prints a section's error and reports failure, so one broken section does not hide the rest.
+fn section<T>(title: &str, result: Result<T>) -> Option<T> {
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            println!("\n{title}\n  FAIL {e}");
+            None
+        }
+    }
+}
+
+/// Runs every check and prints the tables; `Ok(false)` when a check failed.
+pub fn run(opts: &SelftestOptions) -> Result<bool> {
+    let libs = Libraries::probe();
+    println!("libraries: {libs}");
+    libs.require_compute()?;
+    let mut ok = true;
+    for (precision, tol) in [(Precision::F32, 1e-5), (Precision::Tf32, 1e-3)] {
+        let gpu = Gpu::open(opts.device, precision)?;
+        if precision == Precision::F32 {
+            let (free, total) = gpu.ctx.mem_get_info()?;
+            let (major, minor) = gpu.ctx.compute_capability()?;
+            println!(
+                "device cuda:{}: {} (sm_{major}{minor}), {} MiB free of {} MiB",
+                opts.device,
+                gpu.name,
+                free >> 20,
+                total >> 20
+            );
+        }
+        let title = format!("kernels vs CPU, products in {}", precision.name());
+        ok &= section(&title, kernel_checks(&gpu, tol)).is_some_and(|c| print_checks(&title, &c));
+        let title = format!(
+            "hf-llama-tiny training step vs CPU and PyTorch, products in {}",
+            precision.name()
+        );
+        ok &= section(
+            &title,
+            model_checks(gpu, &opts.fixture, tol, precision == Precision::F32),
+        )
+        .is_some_and(|c| print_checks(&title, &c));
+    }
+    if !opts.skip_timing {
+        let config = llama_125m();
+        let micro = MicroShape {
+            batch: opts.micro_batch_size,
+            seq: 1024,
+        };
+        println!(
+            "\ntraining throughput: ~125M Llama (hidden 768, 12 layers, 12 heads, FFN 2048, \
+             vocab 32000), seq 1024, {} x {} sequences per step, AdamW",
+            opts.microbatches, opts.micro_batch_size
+        );
+        println!(
+            "| precision | tokens/s | step ms | MFU | measured peak MiB | predicted peak MiB |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+        let mut profiles = Vec::new();
+        for precision in [Precision::Tf32, Precision::Bf16] {
+            let timed = time_training(
+                opts.device,
+                precision,
+                config,
+                micro,
+                opts.microbatches,
+                (2, opts.steps),
+                opts.profile,
+            );
+            let Some(t) = section(precision.name(), timed) else {
+                ok = false;
+                continue;
+            };
+            let mfu = t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
+            println!(
+                "| {} | {:.0} | {:.1} | {mfu} | {:.1} | {:.1} |",
+                precision.name(),
+                t.tokens_per_s,
+                t.step_ms,
+                t.peak_bytes as f64 / MIB,
+                t.predicted_peak_bytes as f64 / MIB
+            );
+            profiles.push((precision, t.profile));
+        }
+        for (precision, rows) in profiles.iter().filter(|(_, r)| !r.is_empty()) {
+            let total: f64 = rows.iter().map(|r| r.2).sum();
+            println!(
+                "\none {} step, operation by operation (synchronised; total {:.1} ms)",
+                precision.name(),
+                total * 1e3
+            );
+            for (name, calls, secs) in rows.iter().take(25) {
+                println!(
+                    "  {:>7.2} ms {:>5.1}% {calls:>6}x  {name}",
+                    secs * 1e3,
+                    100.0 * secs / total
+                );
+            }
+        }
+    }
+    println!(
+        "\nnot run on the GPU yet: pipeline plans (the pipeline runtime drives CPU devices \
+         only), NCCL transport, pinned-memory offload"
+    );
+    Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_error_is_infinite_for_mismatches_and_nans() {
+        assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((rel_err(&[1.1], &[1.0]) - 0.1).abs() < 1e-6);
+        assert_eq!(rel_err(&[1.0], &[1.0, 2.0]), f64::INFINITY);
+        assert_eq!(rel_err(&[f32::NAN], &[1.0]), f64::INFINITY);
+        assert!(!Check::new("x", &[2.0], &[1.0], 1e-3).passed());
+    }
+}

@@ -1,0 +1,201 @@
+//! Timing a ~125M Llama's training on one GPU, and the planner's memory prediction for it.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::Result;
+use super::model::{host_parts, microbatch};
+use crate::data::Microbatch;
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::model::GpuTrainer;
+use crate::exec::backend::cuda::{CudaError, Precision};
+use crate::exec::device::Pool;
+use crate::exec::model::LlamaConfig;
+use crate::exec::optim::OptimizerConfig;
+use crate::exec::optim::schedule::LrSchedule;
+use crate::plan::cost::part_forward_flops;
+use crate::plan::inventory::{MicroShape, ModelDims, Part, Profile};
+use crate::plan::schedule::{ScheduleKind, build};
+use crate::plan::simulate::{Hardware, chunk_costs, simulate};
+
+/// One row of the timing table.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub precision: Precision,
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+    /// Model FLOPs per second over the GPU's dense peak for the precision, if known.
+    pub mfu: Option<f64>,
+    pub peak_bytes: usize,
+    /// The planner's prediction for the same run (`cuda-f32` inventory, one-stage plan).
+    pub predicted_peak_bytes: u64,
+    /// Per-operation times of one extra step, when asked for (calls, seconds), longest first.
+    pub profile: Vec<(String, u64, f64)>,
+}
+
+/// The ~125M-parameter Llama of the issue: hidden 768, 12 layers, 12 heads, FFN 2048.
+pub fn llama_125m() -> LlamaConfig {
+    LlamaConfig {
+        dims: ModelDims {
+            hidden: 768,
+            layers: 12,
+            heads: 12,
+            kv_heads: 12,
+            ffn: 2048,
+            vocab: 32000,
+        },
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+    }
+}
+
+/// Dense tensor-core peak in FLOP/s for the GPUs whose figures we know.
+fn peak_flops(name: &str, precision: Precision) -> Option<f64> {
+    let hopper = name.contains("H100") || name.contains("H200") || name.contains("GH200");
+    let a100 = name.contains("A100");
+    match precision {
+        Precision::Bf16 if hopper => Some(989.4e12),
+        Precision::Tf32 if hopper => Some(494.7e12),
+        Precision::Bf16 if a100 => Some(312e12),
+        Precision::Tf32 if a100 => Some(156e12),
+        _ => None,
+    }
+}
+
+/// Model FLOPs of one training step (forward + backward = 3x forward, causal attention).
+pub fn step_flops(config: &LlamaConfig, micro: MicroShape, microbatches: usize) -> f64 {
+    let d = &config.dims;
+    let f = |p| part_forward_flops(Profile::CudaF32, d, micro, p);
+    let forward = f(Part::Embedding) + d.layers as f64 * f(Part::Layer) + f(Part::Head);
+    3.0 * forward * microbatches as f64
+}
+
+/// The planner's peak for training on one device: a one-stage 1F1B plan (each micro-batch's
+/// forward then backward, the step at the end) simulated with the `cuda-f32` inventory.
+pub fn predicted_peak(config: &LlamaConfig, micro: MicroShape, microbatches: usize) -> Result<u64> {
+    let planner = |e: crate::plan::PlanError| CudaError::Unsupported(format!("planner: {e}"));
+    let plan = build(
+        ScheduleKind::OneFOneB,
+        1,
+        microbatches as u32,
+        config.dims.layers as u32,
+    )
+    .map_err(planner)?;
+    let hw = Hardware {
+        peak_flops: 1e15,
+        efficiency: 1.0,
+        hbm_bytes_per_s: 1e12,
+        p2p_bytes_per_s: 1e30,
+        p2p_latency_s: 0.0,
+        host_bytes_per_s: 1e30,
+    };
+    let costs = chunk_costs(&plan, Profile::CudaF32, &config.dims, micro, &hw);
+    Ok(simulate(&plan, &costs, &hw, false)
+        .map_err(planner)?
+        .peak_bytes())
+}
+
+/// Times `steps` training steps (after `warmup`) of `config` on GPU `ordinal`.
+pub fn time_training(
+    ordinal: usize,
+    precision: Precision,
+    config: LlamaConfig,
+    micro: MicroShape,
+    microbatches: usize,
+    (warmup, steps): (usize, usize),
+    profile: bool,
+) -> Result<Timing> {
+    let gpu = Gpu::open(ordinal, precision)?;
+    let host = Pool::new("host", usize::MAX);
+    let mut parts = host_parts(&config, &host)?;
+    for p in &mut parts {
+        p.init_from_seed(1234);
+    }
+    let pool = gpu.pool(None, 1 << 30)?;
+    let adamw = OptimizerConfig::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut trainer = GpuTrainer::upload(
+        gpu,
+        pool,
+        config,
+        &parts,
+        adamw,
+        LrSchedule::constant(3e-4),
+        Some(1.0),
+    )?;
+    drop(parts);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let vocab = config.dims.vocab as i32;
+    let batches: Vec<Microbatch> = (0..microbatches)
+        .map(|_| {
+            let ids: Vec<i32> = (0..micro.tokens() + 1)
+                .map(|_| rng.gen_range(0..vocab))
+                .collect();
+            microbatch(micro, ids[..micro.tokens()].to_vec(), ids[1..].to_vec())
+        })
+        .collect();
+    for _ in 0..warmup {
+        trainer.train_step(&batches)?;
+    }
+    trainer.gpu.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        trainer.train_step(&batches)?;
+    }
+    trainer.gpu.synchronize()?;
+    let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let tokens = (micro.tokens() * microbatches) as f64;
+    let mfu = peak_flops(&trainer.gpu.name, precision)
+        .map(|p| step_flops(&config, micro, microbatches) / secs / p);
+    let mut report = Vec::new();
+    if profile {
+        trainer.gpu.profile();
+        trainer.train_step(&batches)?;
+        report = trainer.gpu.profile_report();
+    }
+    Ok(Timing {
+        precision,
+        tokens_per_s: tokens / secs,
+        step_ms: secs * 1e3,
+        mfu,
+        peak_bytes: trainer.pool.peak_bytes(),
+        predicted_peak_bytes: predicted_peak(&config, micro, microbatches)?,
+        profile: report,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::MIB;
+    use super::*;
+    use crate::plan::cost::model_params;
+    use crate::plan::inventory::total_bytes;
+
+    /// The timing run's predicted peak holds the f32 states (16 bytes per parameter) and one
+    /// micro-batch's stashes, never two: micro-batches run one after another.
+    #[test]
+    fn predicted_peak_of_the_timing_run_is_states_plus_one_microbatch() {
+        let config = llama_125m();
+        let micro = MicroShape {
+            batch: 8,
+            seq: 1024,
+        };
+        let states = 16 * model_params(&config.dims);
+        let stash = |p| total_bytes(&Profile::CudaF32.part(&config.dims, micro, p).stash) as u64;
+        let one_mb = stash(Part::Embedding) + 12 * stash(Part::Layer) + stash(Part::Head);
+        let peak = predicted_peak(&config, micro, 2).unwrap();
+        assert!(peak > states + one_mb, "{peak} <= {states} + {one_mb}");
+        assert!(
+            peak < states + 2 * one_mb,
+            "{peak} >= {states} + 2 x {one_mb}"
+        );
+        assert_eq!(peak, predicted_peak(&config, micro, 4).unwrap());
+        println!("predicted peak {:.1} MiB", peak as f64 / MIB);
+    }
+}
