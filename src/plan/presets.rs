@@ -23,6 +23,8 @@ const GIB: u64 = 1 << 30;
 #[serde(rename_all = "kebab-case")]
 pub enum ProfileName {
     CpuF32,
+    /// What the CUDA backend allocates (`exec::backend::cuda`), f32 storage.
+    CudaF32,
     MegatronBf16,
 }
 
@@ -73,10 +75,11 @@ impl Cluster {
                 ),
             ));
         }
-        if self.profile == ProfileName::CpuF32 && self.tensor_parallel != 1 {
+        let single_rank = matches!(self.profile, ProfileName::CpuF32 | ProfileName::CudaF32);
+        if single_rank && self.tensor_parallel != 1 {
             return Err(PlanError::invalid(
                 "cluster.tensor_parallel",
-                "the cpu-f32 profile has no tensor parallelism; use 1",
+                "the cpu-f32 and cuda-f32 profiles have no tensor parallelism; use 1",
             ));
         }
         if !(0.0..1.0).contains(&self.reserve_fraction) {
@@ -149,6 +152,7 @@ impl Cluster {
     pub fn profile(&self) -> Profile {
         match self.profile {
             ProfileName::CpuF32 => Profile::CpuF32,
+            ProfileName::CudaF32 => Profile::CudaF32,
             ProfileName::MegatronBf16 => Profile::MegatronBf16 {
                 tensor_parallel: self.tensor_parallel as usize,
                 flash_attention: self.flash_attention,
@@ -272,6 +276,23 @@ mod tests {
         assert_eq!(
             c.validate().unwrap_err().field(),
             Some("cluster.host_bytes_per_s")
+        );
+    }
+
+    #[test]
+    fn a_cuda_f32_cluster_plans_with_the_cuda_inventory_and_one_rank() {
+        let json = r#"{"name": "h200-1", "devices": 1, "tensor_parallel": 1,
+            "memory_bytes": 150000000000, "host_memory_bytes": 0, "profile": "cuda-f32",
+            "peak_flops": 4.9e14, "efficiency": 0.3, "hbm_bytes_per_s": 4.8e12,
+            "p2p_bytes_per_s": 1e11, "p2p_latency_s": 1e-5, "host_bytes_per_s": 2.5e10}"#;
+        let mut c: Cluster = serde_json::from_str(json).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.profile(), Profile::CudaF32);
+        c.tensor_parallel = 2;
+        c.devices = 2;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            Some("cluster.tensor_parallel")
         );
     }
 }
