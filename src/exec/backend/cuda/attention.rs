@@ -70,15 +70,55 @@ impl Layout {
         }
     }
 
-    /// Scores of query heads `g·group + sub`: `scale · Q K^T`.
-    fn scores(&self, scale: f32) -> Gemm {
-        let (s, l) = (self.seq, self);
+    /// `scale · Q K^T` for query heads `g·group + sub`: `[seq, seq]` per head.
+    fn q_kt(&self, scale: f32) -> Gemm {
+        let l = self;
         l.gemm(
-            (s, s, l.hd),
+            (l.seq, l.seq, l.hd),
             (false, true),
-            (l.width, l.kv_width, s),
+            (l.width, l.kv_width, l.seq),
             (l.group * l.hd, l.hd, l.group * l.scores),
             scale,
+            false,
+        )
+    }
+
+    /// `scores · KV` into a query head's columns: `P V` (the output) and `dS K` (`dQ`).
+    fn scores_kv(&self) -> Gemm {
+        let l = self;
+        l.gemm(
+            (l.seq, l.hd, l.seq),
+            (false, false),
+            (l.seq, l.kv_width, l.width),
+            (l.group * l.scores, l.hd, l.group * l.hd),
+            1.0,
+            false,
+        )
+    }
+
+    /// `scores^T · X` summed over the group into a key/value head: `P^T dO` (`dV`) and
+    /// `dS^T Q` (`dK`); the first query head of the group overwrites, the others add.
+    fn scores_t_x(&self, sub: usize) -> Gemm {
+        let l = self;
+        l.gemm(
+            (l.seq, l.hd, l.seq),
+            (true, false),
+            (l.seq, l.width, l.kv_width),
+            (l.group * l.scores, l.group * l.hd, l.hd),
+            1.0,
+            sub > 0,
+        )
+    }
+
+    /// `dO V^T` (`dP`) for query heads `g·group + sub`.
+    fn dout_vt(&self) -> Gemm {
+        let l = self;
+        l.gemm(
+            (l.seq, l.seq, l.hd),
+            (false, true),
+            (l.width, l.kv_width, l.seq),
+            (l.group * l.hd, l.hd, l.group * l.scores),
+            1.0,
             false,
         )
     }
@@ -89,6 +129,15 @@ fn offset(p: DevPtr, elements: usize) -> DevPtr {
 }
 
 impl Gpu {
+    /// Scaled scores of every head of one sequence into `scores`.
+    fn sequence_scores(&self, scores: DevPtr, qb: DevPtr, kb: DevPtr, l: &Layout, scale: f32) -> R {
+        for sub in 0..l.group {
+            let q_sub = offset(qb, sub * l.hd);
+            self.gemm(offset(scores, sub * l.scores), q_sub, kb, l.q_kt(scale))?;
+        }
+        Ok(())
+    }
+
     /// Fills `out` [n, heads·hd] and `lse` [batch, heads, seq]; `scores` holds
     /// `heads·seq·seq` floats of scratch.
     #[allow(clippy::too_many_arguments)]
@@ -104,6 +153,7 @@ impl Gpu {
     ) -> R {
         let l = Layout::new(&sh);
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        let rows = l.heads * l.seq;
         for b in 0..sh.batch {
             let tok = b * l.seq;
             let (qb, kb, vb) = (
@@ -111,31 +161,11 @@ impl Gpu {
                 offset(k, tok * l.kv_width),
                 offset(v, tok * l.kv_width),
             );
+            self.sequence_scores(scores, qb, kb, &l, scale)?;
+            self.launch_softmax(scores, offset(lse, b * rows), rows, l.seq)?;
             for sub in 0..l.group {
-                let s_sub = offset(scores, sub * l.scores);
-                self.gemm(s_sub, offset(qb, sub * l.hd), kb, l.scores(scale))?;
-            }
-            self.launch_softmax(
-                scores,
-                offset(lse, b * l.heads * l.seq),
-                l.heads * l.seq,
-                l.seq,
-            )?;
-            for sub in 0..l.group {
-                let pv = l.gemm(
-                    (l.seq, l.hd, l.seq),
-                    (false, false),
-                    (l.seq, l.kv_width, l.width),
-                    (l.group * l.scores, l.hd, l.group * l.hd),
-                    1.0,
-                    false,
-                );
-                self.gemm(
-                    offset(out, tok * l.width + sub * l.hd),
-                    offset(scores, sub * l.scores),
-                    vb,
-                    pv,
-                )?;
+                let out_sub = offset(out, tok * l.width + sub * l.hd);
+                self.gemm(out_sub, offset(scores, sub * l.scores), vb, l.scores_kv())?;
             }
         }
         Ok(())
@@ -169,62 +199,29 @@ impl Gpu {
                 offset(dv, tok * l.kv_width),
                 offset(d_out, tok * l.width),
             );
-            let stats = b * l.heads * l.seq;
-            for sub in 0..l.group {
-                let s_sub = offset(scores, sub * l.scores);
-                self.gemm(s_sub, offset(qb, sub * l.hd), kb, l.scores(scale))?;
-            }
-            self.launch_probs(scores, offset(lse, stats), rows, l.seq)?;
+            self.sequence_scores(scores, qb, kb, &l, scale)?;
+            self.launch_probs(scores, offset(lse, b * rows), rows, l.seq)?;
             for sub in 0..l.group {
                 let (p_sub, dp_sub) = (
                     offset(scores, sub * l.scores),
                     offset(d_scores, sub * l.scores),
                 );
                 let do_sub = offset(dob, sub * l.hd);
-                // dV_g (+)= P^T dO over the group's query heads.
-                let dv_g = l.gemm(
-                    (l.seq, l.hd, l.seq),
-                    (true, false),
-                    (l.seq, l.width, l.kv_width),
-                    (l.group * l.scores, l.group * l.hd, l.hd),
-                    1.0,
-                    sub > 0,
-                );
-                self.gemm(dvb, p_sub, do_sub, dv_g)?;
-                // dP = dO V^T.
-                let dp = l.gemm(
-                    (l.seq, l.seq, l.hd),
-                    (false, true),
-                    (l.width, l.kv_width, l.seq),
-                    (l.group * l.hd, l.hd, l.group * l.scores),
-                    1.0,
-                    false,
-                );
-                self.gemm(dp_sub, do_sub, vb, dp)?;
+                self.gemm(dvb, p_sub, do_sub, l.scores_t_x(sub))?;
+                self.gemm(dp_sub, do_sub, vb, l.dout_vt())?;
             }
-            self.launch_dscores(d_scores, scores, offset(delta, stats), rows, l.seq, scale)?;
+            self.launch_dscores(
+                d_scores,
+                scores,
+                offset(delta, b * rows),
+                rows,
+                l.seq,
+                scale,
+            )?;
             for sub in 0..l.group {
                 let ds_sub = offset(d_scores, sub * l.scores);
-                // dQ = dS K.
-                let dq_h = l.gemm(
-                    (l.seq, l.hd, l.seq),
-                    (false, false),
-                    (l.seq, l.kv_width, l.width),
-                    (l.group * l.scores, l.hd, l.group * l.hd),
-                    1.0,
-                    false,
-                );
-                self.gemm(offset(dqb, sub * l.hd), ds_sub, kb, dq_h)?;
-                // dK_g (+)= dS^T Q over the group's query heads.
-                let dk_g = l.gemm(
-                    (l.seq, l.hd, l.seq),
-                    (true, false),
-                    (l.seq, l.width, l.kv_width),
-                    (l.group * l.scores, l.group * l.hd, l.hd),
-                    1.0,
-                    sub > 0,
-                );
-                self.gemm(dkb, ds_sub, offset(qb, sub * l.hd), dk_g)?;
+                self.gemm(offset(dqb, sub * l.hd), ds_sub, kb, l.scores_kv())?;
+                self.gemm(dkb, ds_sub, offset(qb, sub * l.hd), l.scores_t_x(sub))?;
             }
         }
         Ok(())
