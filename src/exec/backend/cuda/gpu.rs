@@ -1,15 +1,15 @@
 //! One CUDA device: its context, the stream every kernel and product runs on, a cuBLAS handle
-//! and the kernels of `kernels/*.cu`, compiled by NVRTC when the device is opened (once per
-//! context) for the device's own architecture.
+//! and the kernels of `kernels/*.cu`, compiled by NVRTC for the device's architecture the first
+//! time a device of that architecture is opened, and loaded into each context that opens.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
-use cudarc::nvrtc::CompileOptions;
+use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::{CudaError, Precision};
@@ -62,13 +62,25 @@ pub fn kernel_program() -> String {
 }
 
 /// Compiles the kernels to PTX for `compute_{major}{minor}` (needs NVRTC, not a device).
-pub fn compile_kernels(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx, CudaError> {
+pub fn compile_kernels(major: i32, minor: i32) -> Result<Ptx, CudaError> {
     let opts = CompileOptions {
         options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
         ..Default::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(kernel_program(), opts)
         .map_err(|e| CudaError::Compile(e.to_string()))
+}
+
+/// The kernels' PTX for an architecture, compiled on first use and kept for the process.
+fn cached_kernels(major: i32, minor: i32) -> Result<Ptx, CudaError> {
+    static CACHE: Mutex<BTreeMap<(i32, i32), String>> = Mutex::new(BTreeMap::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(src) = cache.get(&(major, minor)) {
+        return Ok(Ptx::from_src(src.clone()));
+    }
+    let ptx = compile_kernels(major, minor)?;
+    cache.insert((major, minor), ptx.to_src());
+    Ok(ptx)
 }
 
 /// One opened device.
@@ -101,7 +113,7 @@ impl Gpu {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())?;
         let (major, minor) = ctx.compute_capability()?;
-        let module = ctx.load_module(compile_kernels(major, minor)?)?;
+        let module = ctx.load_module(cached_kernels(major, minor)?)?;
         let mut functions = HashMap::new();
         for name in kernel_names() {
             functions.insert(name, module.load_function(name)?);
@@ -195,10 +207,10 @@ mod tests {
     #[test]
     #[ignore = "needs NVRTC (libnvrtc.so.13) on the library path"]
     fn gpu_kernels_compile_with_nvrtc() {
-        let ptx = compile_kernels(9, 0).unwrap();
-        let src = ptx.to_src();
+        let src = cached_kernels(9, 0).unwrap().to_src();
         for name in kernel_names() {
             assert!(src.contains(name), "{name} missing from the PTX");
         }
+        assert_eq!(cached_kernels(9, 0).unwrap().to_src(), src);
     }
 }

@@ -118,7 +118,13 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
 
     /// Overwrites the tensor with another of the same length (device to device).
     pub fn copy_from(&mut self, gpu: &Gpu, src: &GpuTensor<T>) -> Result<(), CudaError> {
-        assert_eq!(src.len(), self.len(), "device copy of unequal lengths");
+        if src.len() != self.len() {
+            return Err(CudaError::Unsupported(format!(
+                "copying a tensor of {} values into one of {}",
+                src.len(),
+                self.len()
+            )));
+        }
         gpu.stream.memcpy_dtod(&src.buf, &mut self.buf)?;
         Ok(())
     }
