@@ -108,3 +108,28 @@ fn serve_answers_healthz_and_stops_on_sigterm() {
     assert!(status.success());
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 }
+
+/// Without `--gpu` the command says what it checks; without CUDA it names the missing library
+/// and exits with an error, never a panic (with CUDA it runs the checks, which the ignored
+/// `tests/gpu.rs` covers).
+#[test]
+fn selftest_needs_gpu_and_reports_missing_cuda_cleanly() {
+    let out = chronospipe().arg("selftest").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --gpu"));
+    if chronospipe::exec::backend::cuda::libs::Libraries::probe()
+        .require_compute()
+        .is_ok()
+    {
+        return;
+    }
+    let out = chronospipe()
+        .args(["selftest", "--gpu", "--skip-timing"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("CUDA unavailable: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

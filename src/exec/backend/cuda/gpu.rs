@@ -203,6 +203,15 @@ mod tests {
         assert_eq!(sorted.len(), names.len());
     }
 
+    #[test]
+    fn opening_a_device_is_a_gpu_or_a_typed_unavailable_error() {
+        match Gpu::open(0, Precision::F32) {
+            Ok(gpu) => assert!(!gpu.name.is_empty()),
+            Err(CudaError::Unavailable { library, .. }) => assert!(!library.is_empty()),
+            Err(other) => panic!("expected a GPU or CudaError::Unavailable, got {other}"),
+        }
+    }
+
     /// Runs where NVRTC is on the loader path (no GPU needed): the kernels compile for Hopper.
     #[test]
     #[ignore = "needs NVRTC (libnvrtc.so.13) on the library path"]
