@@ -81,16 +81,12 @@ impl<T: Element> Tensor<T> {
         let name = name.into();
         let elements: usize = shape.iter().product();
         let bytes = elements * T::DTYPE.bytes();
-        pool.reserve(&name, group, bytes)?;
+        let lease = Lease::reserve(pool, &name, group, bytes)?;
         Ok(Tensor {
             name,
             shape: shape.to_vec(),
             data: pool.take_buffer(elements),
-            lease: Lease {
-                pool: pool.clone(),
-                group,
-                bytes,
-            },
+            lease,
         })
     }
 
@@ -167,16 +163,12 @@ impl<T: Element> Tensor<T> {
         let name = name.into();
         debug_assert_eq!(shape.iter().product::<usize>(), data.len(), "{name}");
         let bytes = data.len() * T::DTYPE.bytes();
-        pool.reserve(&name, group, bytes)?;
+        let lease = Lease::reserve(pool, &name, group, bytes)?;
         Ok(Tensor {
             name,
             shape: shape.to_vec(),
             data,
-            lease: Lease {
-                pool: pool.clone(),
-                group,
-                bytes,
-            },
+            lease,
         })
     }
 
@@ -192,17 +184,12 @@ impl<T: Element> Tensor<T> {
     /// Moves the tensor to another pool (offload to the host, prefetch back, a send between
     /// devices). The destination is charged before the source is released, as a real copy is.
     pub fn transfer(mut self, to: &PoolRef, group: MemGroup) -> Result<Self, DeviceError> {
-        let bytes = self.lease.bytes;
-        to.reserve(&self.name, group, bytes)?;
+        let lease = Lease::reserve(to, &self.name, group, self.lease.bytes)?;
         let moved = Tensor {
             name: std::mem::take(&mut self.name),
             shape: std::mem::take(&mut self.shape),
             data: std::mem::take(&mut self.data),
-            lease: Lease {
-                pool: to.clone(),
-                group,
-                bytes,
-            },
+            lease,
         };
         drop(self); // releases the source bytes; its buffer was moved out
         Ok(moved)
