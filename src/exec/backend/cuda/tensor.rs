@@ -30,10 +30,9 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         shape: &[usize],
         group: MemGroup,
     ) -> Result<Self, CudaError> {
-        let len: usize = shape.iter().product();
-        let lease = Lease::reserve(pool, name, group, len * T::DTYPE.bytes())?;
-        let buf = gpu.stream.alloc_zeros::<T>(len.max(1))?;
-        Ok(Self::wrap(gpu, buf, shape, lease))
+        let mut t = Self::scratch(gpu, pool, name, shape, group)?;
+        t.fill_zero(gpu)?;
+        Ok(t)
     }
 
     /// A tensor whose contents are unspecified, for buffers a kernel overwrites completely.
