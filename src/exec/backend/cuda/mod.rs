@@ -44,6 +44,15 @@ pub enum CudaError {
     NoKernel(&'static str),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(
+        "step {step}: loss {loss}, gradient norm {grad_norm} (not finite); parameters were \
+         left unchanged"
+    )]
+    Diverged {
+        step: u64,
+        loss: f64,
+        grad_norm: f64,
+    },
     #[error("{0}")]
     Unsupported(String),
 }

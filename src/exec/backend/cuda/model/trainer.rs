@@ -133,9 +133,14 @@ impl GpuTrainer {
                     )?,
                 }
             }
-            for g in &mut p.grads {
-                g.fill_zero(gpu)?;
-            }
+        }
+        self.zero_grads()
+    }
+
+    /// Clears every gradient (after an update, or when a step is abandoned).
+    fn zero_grads(&mut self) -> Result<()> {
+        for g in self.parts.iter_mut().flat_map(|p| &mut p.grads) {
+            g.fill_zero(&self.gpu)?;
         }
         Ok(())
     }
@@ -155,9 +160,13 @@ impl GpuTrainer {
         let loss = loss_sum / total_tokens as f64;
         let grad_norm = self.grad_norm()?;
         if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(CudaError::Unsupported(format!(
-                "step {step} diverged: loss {loss}, gradient norm {grad_norm}"
-            )));
+            // As on the CPU: the parameters stay as they were and the next step starts clean.
+            self.zero_grads()?;
+            return Err(CudaError::Diverged {
+                step,
+                loss,
+                grad_norm,
+            });
         }
         let factor = self.grad_clip.map_or(1.0, |c| clip_factor(grad_norm, c));
         let lr = self.schedule.lr_at(step);
