@@ -652,9 +652,10 @@ async fn queue_position_is_capped(url: &str) {
     use chronospipe::store::{NewJob, PlanRow, Planned, QUEUE_POSITION_CAP, connect, new_id};
     let store = connect(url).await.unwrap();
     let tenant = store.create_tenant("t").await.unwrap().id;
-    let mut last = String::new();
+    let mut ids = Vec::new();
     for _ in 0..QUEUE_POSITION_CAP + 5 {
-        last = new_id("job");
+        let last = new_id("job");
+        ids.push(last.clone());
         let job = NewJob {
             id: last.clone(),
             tenant_id: tenant.clone(),
@@ -674,9 +675,24 @@ async fn queue_position_is_capped(url: &str) {
         };
         store.insert_job(&job).await.unwrap();
     }
+    let last = ids.last().unwrap();
     assert_eq!(
-        store.queue_position(&last).await.unwrap(),
+        store.queue_position(last).await.unwrap(),
         QUEUE_POSITION_CAP + 1
     );
+    // The batch form agrees with the one-job form, in the order asked, capped the same way.
+    let asked: Vec<&str> = [1000, 0, 999, 1004, 41]
+        .iter()
+        .map(|&i| ids[i].as_str())
+        .collect();
+    let mut one_by_one = Vec::new();
+    for id in &asked {
+        one_by_one.push(store.queue_position(id).await.unwrap());
+    }
+    assert_eq!(
+        one_by_one,
+        vec![QUEUE_POSITION_CAP + 1, 1, 1000, QUEUE_POSITION_CAP + 1, 42]
+    );
+    assert_eq!(store.queue_positions(&asked).await.unwrap(), one_by_one);
 }
 both_databases!(queue_position_tests, super::queue_position_is_capped);

@@ -195,9 +195,23 @@ pub async fn list(
         .list_jobs(&tenant, query.after.as_deref(), status, limit + 1)
         .await?;
     let (rows, has_more) = page(rows, limit);
+    let queued: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.state == JobState::Queued.as_str())
+        .map(|r| r.id.as_str())
+        .collect();
+    let mut positions = if queued.is_empty() {
+        Vec::new()
+    } else {
+        state.store.queue_positions(&queued).await?
+    }
+    .into_iter();
     let mut data = Vec::with_capacity(rows.len());
     for row in rows {
-        data.push(view(&state, row).await?);
+        let position = (row.state == JobState::Queued.as_str())
+            .then(|| positions.next())
+            .flatten();
+        data.push(JobView::new(row, position)?);
     }
     Ok(Json(JobList::new(data, has_more)))
 }

@@ -127,6 +127,8 @@ pub trait Store: Send + Sync + 'static {
     async fn set_plan(&self, id: &str, plan: &PlanRow, devices_needed: i64) -> StoreResult<()>;
     /// For a queued job: 1 when it is claimed next; `QUEUE_POSITION_CAP + 1` means further back.
     async fn queue_position(&self, id: &str) -> StoreResult<i64>;
+    /// `queue_position` of several queued jobs at once (a page of a list), in the order given.
+    async fn queue_positions(&self, ids: &[&str]) -> StoreResult<Vec<i64>>;
     /// Queued jobs in claim order (all tenants).
     async fn queued_jobs(&self, limit: i64) -> StoreResult<Vec<JobRow>>;
 

@@ -210,6 +210,26 @@ macro_rules! sql_store {
                     .await?)
             }
 
+            async fn queue_positions(&self, ids: &[&str]) -> StoreResult<Vec<i64>> {
+                // One walk of the first QUEUE_POSITION_CAP + 1 queued ids serves every job asked
+                // about; a job not among them is further back.
+                let order: Vec<String> = sqlx::query_scalar(
+                    "SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT $1",
+                )
+                .bind(QUEUE_POSITION_CAP + 1)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(ids
+                    .iter()
+                    .map(|id| {
+                        order
+                            .iter()
+                            .position(|q| q == id)
+                            .map_or(QUEUE_POSITION_CAP + 1, |i| i as i64 + 1)
+                    })
+                    .collect())
+            }
+
             async fn queued_jobs(&self, limit: i64) -> StoreResult<Vec<JobRow>> {
                 let sql = format!(
                     "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY id LIMIT $1"
