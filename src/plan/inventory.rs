@@ -252,11 +252,11 @@ fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
             ],
             forward_scratch: vec![
                 t("norm_out", &[n, h], F32),
-                t("logits_block", &[LOGITS_BLOCK_TOKENS.min(n), v], F32),
+                t("logits_block", &[logits_block_tokens(v).min(n), v], F32),
             ],
             backward_scratch: vec![
                 t("norm_out", &[n, h], F32),
-                t("logits_block", &[LOGITS_BLOCK_TOKENS.min(n), v], F32),
+                t("logits_block", &[logits_block_tokens(v).min(n), v], F32),
                 t("d_norm_out", &[n, h], F32),
             ],
             output: None,
@@ -264,8 +264,13 @@ fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
     }
 }
 
-/// The fused LM head + cross-entropy materialises logits for this many tokens at a time.
-pub const LOGITS_BLOCK_TOKENS: usize = 64;
+/// The fused LM head + cross-entropy materialises logits for this many tokens at a time: as
+/// many as fit in 2 MiB (small vocabularies get blocks large enough for efficient products),
+/// and at least 64.
+pub fn logits_block_tokens(vocab: usize) -> usize {
+    const BLOCK_BYTES: usize = 2 << 20;
+    (BLOCK_BYTES / (4 * vocab.max(1))).max(64)
+}
 
 /// The CUDA head's logits block: large enough to keep the tensor cores busy.
 pub const CUDA_LOGITS_BLOCK_TOKENS: usize = 2048;

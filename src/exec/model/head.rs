@@ -6,7 +6,7 @@ use crate::exec::kernels::matmul::MatRef;
 use crate::exec::model::params::head_param as hp;
 use crate::exec::model::{InventoryAlloc, ModelError, PartCtx, PartParams, check_tokens};
 use crate::exec::tensor::Tensor;
-use crate::plan::inventory::{LOGITS_BLOCK_TOKENS, Part};
+use crate::plan::inventory::{Part, logits_block_tokens};
 
 /// What the head keeps from forward to backward.
 #[derive(Debug)]
@@ -35,7 +35,7 @@ fn head_shape(ctx: &PartCtx<'_>) -> HeadShape {
         tokens: ctx.micro.tokens(),
         hidden: ctx.config.dims.hidden,
         vocab: ctx.config.dims.vocab,
-        block: LOGITS_BLOCK_TOKENS,
+        block: logits_block_tokens(ctx.config.dims.vocab),
     }
 }
 
