@@ -6,7 +6,7 @@
 use thiserror::Error;
 
 use crate::data::Microbatch;
-use crate::exec::backend::Backend;
+use crate::exec::backend::{Backend, on_compute_pool};
 use crate::exec::device::{DeviceError, PoolRef};
 use crate::exec::model::chunk::{backward_chunk, forward_chunk};
 use crate::exec::model::part::{MicroTokens, PartOutput};
@@ -108,6 +108,13 @@ impl SingleDevice {
 
     /// One optimizer step over `microbatches` (all of the step's micro-batches, in order).
     pub fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport, TrainError> {
+        on_compute_pool(|| self.step_on_this_thread(microbatches))
+    }
+
+    fn step_on_this_thread(
+        &mut self,
+        microbatches: &[Microbatch],
+    ) -> Result<StepReport, TrainError> {
         if microbatches.is_empty() {
             return Err(TrainError::NoMicrobatches);
         }

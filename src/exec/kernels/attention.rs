@@ -6,10 +6,11 @@
 //! tokens are `batch` sequences of `seq`; `lse` and `delta` are [batch, heads, seq]. Query head
 //! `h` reads key/value head `h / (heads / kv_heads)`, as transformers' `repeat_kv` does.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::exec::kernels::fast_exp;
 use crate::exec::kernels::matmul::matmul_raw;
+use crate::exec::kernels::{fast_exp, reduce};
 
 /// Queries handled together: blocks of the score matrix are products through gemm.
 const BLOCK: usize = 64;
@@ -56,24 +57,6 @@ impl Disjoint {
     }
 }
 
-/// Dot product with eight partial sums, so the compiler can vectorise it.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s = acc.iter().sum::<f32>();
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
-}
-
 /// Per-thread working set of one block pair (`BLOCK x KEY_BLOCK` floats), not counted in a
 /// device pool (kernel scratch, like a gemm's packing buffers).
 struct BlockScratch {
@@ -94,6 +77,53 @@ impl BlockScratch {
             row_sum: vec![0.0; BLOCK],
         }
     }
+}
+
+/// One query row's step of the online softmax over a block of raw scores, of which the first
+/// `valid` are causal (the rest become 0): scales them, raises the running maximum `m`, turns
+/// the scores into `exp(score - m)`, and rescales the running sum `l` and the output
+/// accumulator `acc` to the new maximum.
+#[multiversion(targets = "simd")]
+fn online_softmax_row(
+    row: &mut [f32],
+    valid: usize,
+    scale: f32,
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32],
+) {
+    row[..valid].iter_mut().for_each(|x| *x *= scale);
+    let m_new = m.max(reduce::max(&row[..valid]));
+    let c = (*m - m_new).exp();
+    for x in &mut row[..valid] {
+        *x = fast_exp::exp(*x - m_new);
+    }
+    *l = *l * c + reduce::sum(&row[..valid]);
+    row[valid..].fill(0.0);
+    *m = m_new;
+    if c != 1.0 {
+        acc.iter_mut().for_each(|a| *a *= c);
+    }
+}
+
+/// One query row of the backward: raw scores `p` become probabilities `exp(p·scale - lse)`
+/// and `dp` (dO·Vᵀ) becomes the scores' gradient `p · (dp - delta) · scale`; entries past
+/// `valid` (masked) become 0.
+#[multiversion(targets = "simd")]
+fn probs_and_score_grads_row(
+    p: &mut [f32],
+    dp: &mut [f32],
+    valid: usize,
+    scale: f32,
+    lse: f32,
+    delta: f32,
+) {
+    for (pv, dpv) in p[..valid].iter_mut().zip(dp[..valid].iter_mut()) {
+        *pv = fast_exp::exp(*pv * scale - lse);
+        *dpv = *pv * (*dpv - delta) * scale;
+    }
+    p[valid..].fill(0.0);
+    dp[valid..].fill(0.0);
 }
 
 /// Forward: fills `out` and `lse`.
@@ -149,24 +179,9 @@ pub fn attention_forward(
                     for r in 0..rows {
                         let valid = cols.min(q0 + r + 1 - k0.min(q0 + r + 1));
                         let row = &mut sc.scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
-                        let mut bm = f32::NEG_INFINITY;
-                        for x in &mut row[..valid] {
-                            *x *= scale;
-                            bm = bm.max(*x);
-                        }
-                        let m_old = sc.row_max[r];
-                        let m_new = m_old.max(bm);
-                        let c = (m_old - m_new).exp();
-                        for x in &mut row[..valid] {
-                            *x = fast_exp::exp(*x - m_new);
-                        }
-                        let l = sc.row_sum[r] * c + fast_exp::sum(&row[..valid]);
-                        row[valid..].fill(0.0);
-                        sc.row_max[r] = m_new;
-                        sc.row_sum[r] = l;
-                        if c != 1.0 {
-                            sc.acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= c);
-                        }
+                        let acc = &mut sc.acc[r * d..(r + 1) * d];
+                        let (m, l) = (&mut sc.row_max[r], &mut sc.row_sum[r]);
+                        online_softmax_row(row, valid, scale, m, l, acc);
                     }
                     // SAFETY: as above; acc is this thread's own buffer.
                     unsafe {
@@ -227,7 +242,7 @@ pub fn attention_backward(
         let (b, h) = (task / sh.heads, task % sh.heads);
         for (i, r) in row.iter_mut().enumerate() {
             let off = (b * s + i) * qw + h * d;
-            *r = dot(&d_out[off..off + d], &out[off..off + d]);
+            *r = reduce::dot(&d_out[off..off + d], &out[off..off + d]);
         }
     });
     dq.fill(0.0);
@@ -292,12 +307,7 @@ pub fn attention_backward(
                             let (lse_i, delta_i) = (lse[stats + i], delta[stats + i]);
                             let p = &mut sc.scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
                             let dp = &mut sc.d_scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
-                            for (pv, dpv) in p[..valid].iter_mut().zip(dp[..valid].iter_mut()) {
-                                *pv = fast_exp::exp(*pv * scale - lse_i);
-                                *dpv = *pv * (*dpv - delta_i) * scale;
-                            }
-                            p[valid..].fill(0.0);
-                            dp[valid..].fill(0.0);
+                            probs_and_score_grads_row(p, dp, valid, scale, lse_i, delta_i);
                         }
                         unsafe {
                             // dV_j += Pᵀ · dO_i

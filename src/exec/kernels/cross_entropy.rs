@@ -1,10 +1,11 @@
 //! The LM head fused with cross-entropy: logits exist only for `block` tokens at a time, in a
 //! caller-provided buffer of `block x vocab` floats.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::exec::kernels::fast_exp;
 use crate::exec::kernels::matmul::{MatRef, Threads, matmul};
+use crate::exec::kernels::{fast_exp, reduce};
 
 /// Shapes of one head call: `tokens` rows of `hidden` features, `vocab` classes.
 #[derive(Debug, Clone, Copy)]
@@ -16,9 +17,20 @@ pub struct HeadShape {
     pub block: usize,
 }
 
+#[multiversion(targets = "simd")]
 fn row_lse(row: &[f32]) -> f32 {
-    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let m = reduce::max(row);
     m + fast_exp::sum_exp_shifted(row, m).ln()
+}
+
+/// Turns one row of logits into its loss gradient: `softmax · scale`, less `scale` at the target.
+#[multiversion(targets = "simd")]
+fn row_grad(row: &mut [f32], target: usize, scale: f32) {
+    let lse = row_lse(row);
+    for l in row.iter_mut() {
+        *l = fast_exp::exp(*l - lse) * scale;
+    }
+    row[target] -= scale;
 }
 
 /// Returns the sum over tokens of `-log softmax(x W^T)[target]`, accumulated in f64 in token
@@ -76,13 +88,7 @@ pub fn head_ce_backward(
         logits
             .par_chunks_mut(v)
             .zip(&targets[t0..t0 + bt])
-            .for_each(|(row, &t)| {
-                let lse = row_lse(row);
-                for l in row.iter_mut() {
-                    *l = fast_exp::exp(*l - lse) * scale;
-                }
-                row[t as usize] -= scale;
-            });
+            .for_each(|(row, &t)| row_grad(row, t as usize, scale));
         let dl = MatRef::rows(logits, bt, v);
         matmul(
             &mut dx[t0 * h..(t0 + bt) * h],

@@ -25,6 +25,7 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// Σ e^(x - shift) over `xs`, in eight interleaved partial sums so the loop vectorises.
+#[inline(always)]
 pub fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = xs.chunks_exact(8);
@@ -35,19 +36,6 @@ pub fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail.iter().map(|&x| exp(x - shift)).sum::<f32>()
-}
-
-/// Σ xs, in eight interleaved partial sums.
-pub fn sum(xs: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for l in 0..8 {
-            acc[l] += c[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod cross_entropy;
 pub mod embedding;
 pub mod fast_exp;
 pub mod matmul;
+pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;

@@ -1,33 +1,54 @@
 //! RMSNorm as transformers' `LlamaRMSNorm` computes it in f32: `w * x / sqrt(mean(x²) + eps)`.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
+
+use crate::exec::kernels::reduce;
+
+/// Rows handed to one parallel task.
+const ROWS_PER_TASK: usize = 16;
 
 /// `out = w * x * rstd` row by row; `rstd[r] = 1 / sqrt(mean(x[r]²) + eps)` is kept for backward.
 pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
     let h = w.len();
-    out.par_chunks_mut(h)
-        .zip(rstd.par_iter_mut())
-        .zip(x.par_chunks(h))
-        .for_each(|((o, r), xr)| {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            *r = 1.0 / (ms + eps).sqrt();
-            for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
-                *o = wv * (xv * *r);
-            }
-        });
+    out.par_chunks_mut(h * ROWS_PER_TASK)
+        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+        .zip(x.par_chunks(h * ROWS_PER_TASK))
+        .for_each(|((o, r), x)| forward_rows(o, r, x, w, eps));
+}
+
+#[multiversion(targets = "simd")]
+fn forward_rows(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let h = w.len();
+    for ((o, r), xr) in out.chunks_mut(h).zip(rstd).zip(x.chunks(h)) {
+        *r = 1.0 / (reduce::dot(xr, xr) / h as f32 + eps).sqrt();
+        scale_row(o, xr, w, *r);
+    }
+}
+
+/// `out = w * (x * rstd)`, element by element.
+#[inline(always)]
+fn scale_row(out: &mut [f32], x: &[f32], w: &[f32], rstd: f32) {
+    for ((o, xv), wv) in out.iter_mut().zip(x).zip(w) {
+        *o = wv * (xv * rstd);
+    }
 }
 
 /// Recomputes the forward output from the kept `rstd` (no reduction needed).
 pub fn rmsnorm_apply(out: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32]) {
     let h = w.len();
-    out.par_chunks_mut(h)
-        .zip(rstd.par_iter())
-        .zip(x.par_chunks(h))
-        .for_each(|((o, r), xr)| {
-            for ((o, xv), wv) in o.iter_mut().zip(xr).zip(w) {
-                *o = wv * (xv * *r);
-            }
-        });
+    out.par_chunks_mut(h * ROWS_PER_TASK)
+        .zip(rstd.par_chunks(ROWS_PER_TASK))
+        .zip(x.par_chunks(h * ROWS_PER_TASK))
+        .for_each(|((o, r), x)| apply_rows(o, r, x, w));
+}
+
+#[multiversion(targets = "simd")]
+fn apply_rows(out: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32]) {
+    let h = w.len();
+    for ((o, r), xr) in out.chunks_mut(h).zip(rstd).zip(x.chunks(h)) {
+        scale_row(o, xr, w, *r);
+    }
 }
 
 /// Backward of RMSNorm, in place: `dy` (gradient of the output) becomes the gradient of `x`,
@@ -35,28 +56,35 @@ pub fn rmsnorm_apply(out: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32]) {
 /// does not depend on the thread count.
 pub fn rmsnorm_backward(dy_to_dx: &mut [f32], dw: &mut [f32], x: &[f32], w: &[f32], rstd: &[f32]) {
     let h = w.len();
-    for ((dy, xr), r) in dy_to_dx.chunks(h).zip(x.chunks(h)).zip(rstd) {
+    accumulate_dw(dw, dy_to_dx, x, rstd);
+    dy_to_dx
+        .par_chunks_mut(h * ROWS_PER_TASK)
+        .zip(x.par_chunks(h * ROWS_PER_TASK))
+        .zip(rstd.par_chunks(ROWS_PER_TASK))
+        .for_each(|((d, x), r)| backward_rows(d, x, w, r));
+}
+
+#[multiversion(targets = "simd")]
+fn accumulate_dw(dw: &mut [f32], dy: &[f32], x: &[f32], rstd: &[f32]) {
+    let h = dw.len();
+    for ((dy, xr), r) in dy.chunks(h).zip(x.chunks(h)).zip(rstd) {
         for ((dwv, d), xv) in dw.iter_mut().zip(dy).zip(xr) {
             *dwv += d * xv * r;
         }
     }
-    dy_to_dx
-        .par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .zip(rstd.par_iter())
-        .for_each(|((d, xr), r)| {
-            // dx = rstd * (w*dy) - x * rstd³ * mean(w*dy*x)
-            let dot = d
-                .iter()
-                .zip(w)
-                .zip(xr)
-                .map(|((d, w), x)| d * w * x)
-                .sum::<f32>();
-            let c = dot * r * r * r / h as f32;
-            for ((dv, wv), xv) in d.iter_mut().zip(w).zip(xr) {
-                *dv = r * (*dv * wv) - c * xv;
-            }
-        });
+}
+
+#[multiversion(targets = "simd")]
+fn backward_rows(dy_to_dx: &mut [f32], x: &[f32], w: &[f32], rstd: &[f32]) {
+    let h = w.len();
+    for ((d, xr), r) in dy_to_dx.chunks_mut(h).zip(x.chunks(h)).zip(rstd) {
+        // dx = rstd * (w*dy) - x * rstd³ * mean(w*dy*x)
+        let dot = reduce::dot3(d, w, xr);
+        let c = dot * r * r * r / h as f32;
+        for ((dv, wv), xv) in d.iter_mut().zip(w).zip(xr) {
+            *dv = r * (*dv * wv) - c * xv;
+        }
+    }
 }
 
 #[cfg(test)]

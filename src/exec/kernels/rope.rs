@@ -1,6 +1,7 @@
 //! Rotary position embedding in transformers' rotate-half convention: within each head the
 //! first half of the dimensions pairs with the second half, `x' = x·cos + rotate_half(x)·sin`.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Rotates each head of `x` (rows of `width = heads * head_dim`, rows grouped in sequences of
@@ -21,25 +22,42 @@ pub fn rope_apply(
         .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
         .collect();
     let sign = if inverse { -1.0 } else { 1.0 };
-    let table: Vec<(f32, f32)> = (0..seq)
-        .flat_map(|pos| {
-            inv_freq.iter().map(move |f| {
-                let angle = pos as f32 * f;
-                (angle.cos(), sign * angle.sin())
-            })
-        })
-        .collect();
-    x.par_chunks_mut(width).enumerate().for_each(|(row, xr)| {
-        let cs = &table[(row % seq) * half..(row % seq + 1) * half];
+    let angles = || (0..seq).flat_map(|pos| inv_freq.iter().map(move |f| pos as f32 * f));
+    let cos: Vec<f32> = angles().map(f32::cos).collect();
+    let sin: Vec<f32> = angles().map(|a| sign * a.sin()).collect();
+    const ROWS_PER_TASK: usize = 16;
+    x.par_chunks_mut(width * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, rows)| {
+            let first = task * ROWS_PER_TASK;
+            rotate_rows(rows, first, width, seq, head_dim, (&cos, &sin))
+        });
+}
+
+/// Rotates rows `first..` of `x` (the rows held in `rows`) with the per-position cos/sin tables.
+#[multiversion(targets = "simd")]
+fn rotate_rows(
+    rows: &mut [f32],
+    first: usize,
+    width: usize,
+    seq: usize,
+    head_dim: usize,
+    (cos, sin): (&[f32], &[f32]),
+) {
+    let half = head_dim / 2;
+    for (i, xr) in rows.chunks_mut(width).enumerate() {
+        let pos = (first + i) % seq;
+        let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
         for head in xr.chunks_mut(head_dim) {
             let (lo, hi) = head.split_at_mut(half);
-            for ((a, b), &(cos, sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(cs) {
+            for ((a, b), (&cos, &sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(cos.iter().zip(sin))
+            {
                 let (x0, x1) = (*a, *b);
                 *a = x0 * cos - x1 * sin;
                 *b = x1 * cos + x0 * sin;
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! SwiGLU: `act = silu(gate) * up`, the gated MLP activation of Llama.
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::exec::kernels::fast_exp;
@@ -15,11 +16,14 @@ pub fn swiglu_forward(act: &mut [f32], gate: &[f32], up: &[f32]) {
     act.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
-        .for_each(|((a, g), u)| {
-            for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                *a = g * sigmoid(*g) * u;
-            }
-        });
+        .for_each(|((a, g), u)| forward_chunk(a, g, u));
+}
+
+#[multiversion(targets = "simd")]
+fn forward_chunk(act: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((a, g), u) in act.iter_mut().zip(gate).zip(up) {
+        *a = g * sigmoid(*g) * u;
+    }
 }
 
 /// Given `d_act` (in `d_up`'s buffer on entry), writes `d_gate` and `d_up`.
@@ -29,15 +33,19 @@ pub fn swiglu_backward(d_gate: &mut [f32], d_act_to_d_up: &mut [f32], gate: &[f3
         .zip(d_act_to_d_up.par_chunks_mut(CHUNK))
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
-        .for_each(|(((dg, du), g), u)| {
-            for (((dg, du), g), u) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u) {
-                let s = sigmoid(*g);
-                let silu = g * s;
-                let da = *du;
-                *dg = da * u * s * (1.0 + g * (1.0 - s));
-                *du = da * silu;
-            }
-        });
+        .for_each(|(((dg, du), g), u)| backward_chunk(dg, du, g, u));
+}
+
+#[multiversion(targets = "simd")]
+fn backward_chunk(d_gate: &mut [f32], d_act_to_d_up: &mut [f32], gate: &[f32], up: &[f32]) {
+    let rows = d_gate.iter_mut().zip(d_act_to_d_up.iter_mut());
+    for ((dg, du), (g, u)) in rows.zip(gate.iter().zip(up)) {
+        let s = sigmoid(*g);
+        let silu = g * s;
+        let da = *du;
+        *dg = da * u * s * (1.0 + g * (1.0 - s));
+        *du = da * silu;
+    }
 }
 
 #[cfg(test)]

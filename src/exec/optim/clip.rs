@@ -2,6 +2,9 @@
 //! gradients; the global norm adds the parts' sums in forward order of parts, whatever device
 //! holds them, so the result is bit-identical for any number of pipeline stages.
 
+use multiversion::multiversion;
+
+use crate::exec::kernels::reduce;
 use crate::exec::model::{PartId, PartParams};
 
 /// One part's contribution to the global norm.
@@ -13,20 +16,16 @@ pub struct PartSquares {
 
 /// Sum of squared gradients of one part, tensor by tensor in a fixed order, in f64.
 pub fn part_squares(part: &PartParams) -> PartSquares {
-    let sum_of_squares = part
-        .grads
-        .iter()
-        .map(|g| {
-            g.data()
-                .iter()
-                .map(|&x| (x as f64) * (x as f64))
-                .sum::<f64>()
-        })
-        .sum();
+    let sum_of_squares = part.grads.iter().map(|g| tensor_squares(g.data())).sum();
     PartSquares {
         part: part.id,
         sum_of_squares,
     }
+}
+
+#[multiversion(targets = "simd")]
+fn tensor_squares(xs: &[f32]) -> f64 {
+    reduce::sum_squares_f64(xs)
 }
 
 /// The L2 norm over every gradient of the model from each part's contribution, combined in

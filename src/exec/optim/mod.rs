@@ -4,6 +4,9 @@
 pub mod clip;
 pub mod schedule;
 
+use multiversion::multiversion;
+use rayon::prelude::*;
+
 use crate::exec::device::{DeviceError, MemGroup, PoolRef};
 use crate::exec::model::PartParams;
 use crate::exec::tensor::Tensor;
@@ -149,24 +152,45 @@ pub fn update_elements(
     m: &mut [f32],
     v: &mut [f32],
 ) {
+    const CHUNK: usize = 1 << 14;
     match *config {
-        OptimizerConfig::Sgd => {
-            for (w, g) in w.iter_mut().zip(g) {
-                *w -= c.lr * g;
-            }
-        }
+        OptimizerConfig::Sgd => w
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(w, g)| sgd_chunk(c.lr, w, g)),
         OptimizerConfig::AdamW {
             beta1, beta2, eps, ..
-        } => {
-            let rows = w.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut()));
-            for ((w, &g), (m, v)) in rows {
-                *w *= c.decay;
-                *m += (g - *m) * (1.0 - beta1);
-                *v = *v * beta2 + (1.0 - beta2) * g * g;
-                let denom = v.sqrt() / c.bc2_sqrt + eps;
-                *w -= c.step_size * (*m / denom);
-            }
-        }
+        } => w
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((w, g), (m, v))| adamw_chunk(c, (beta1, beta2, eps), w, g, m, v)),
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn sgd_chunk(lr: f32, w: &mut [f32], g: &[f32]) {
+    for (w, g) in w.iter_mut().zip(g) {
+        *w -= lr * g;
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn adamw_chunk(
+    c: &UpdateCoeffs,
+    (beta1, beta2, eps): (f32, f32, f32),
+    w: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    let rows = w.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut()));
+    for ((w, &g), (m, v)) in rows {
+        *w *= c.decay;
+        *m += (g - *m) * (1.0 - beta1);
+        *v = *v * beta2 + (1.0 - beta2) * g * g;
+        let denom = v.sqrt() / c.bc2_sqrt + eps;
+        *w -= c.step_size * (*m / denom);
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::data::Microbatch;
-use crate::exec::backend::Backend;
+use crate::exec::backend::{Backend, on_compute_pool};
 use crate::exec::checkpoint::CheckpointError;
 use crate::exec::device::{DeviceError, DeviceSet};
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
@@ -295,6 +295,7 @@ impl Pipeline {
             host: &self.devices.host,
         };
         let backend = self.backend.as_ref();
+        let alone = self.plan.devices() == 1;
         let held = std::mem::take(&mut self.chunks);
         let results: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = held
@@ -305,13 +306,16 @@ impl Pipeline {
                     let program = &self.plan.programs[d];
                     let cx = &cx;
                     scope.spawn(move || {
-                        let mut w = DeviceWorker::new(d as u32, pool, backend, program, chunks);
-                        let result = w.run(cx);
-                        if result.is_err() {
-                            cx.abort.raise(cx.mailboxes);
-                            cx.sync.wake();
-                        }
-                        (result, w.chunks)
+                        let work = move || {
+                            let mut w = DeviceWorker::new(d as u32, pool, backend, program, chunks);
+                            let result = w.run(cx);
+                            if result.is_err() {
+                                cx.abort.raise(cx.mailboxes);
+                                cx.sync.wake();
+                            }
+                            (result, w.chunks)
+                        };
+                        if alone { on_compute_pool(work) } else { work() }
                     })
                 })
                 .collect();
