@@ -1,6 +1,8 @@
 //! Rotary position embedding in transformers' rotate-half convention: within each head the
 //! first half of the dimensions pairs with the second half, `x' = x·cos + rotate_half(x)·sin`.
 
+use std::sync::{Arc, Mutex};
+
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -15,44 +17,80 @@ pub fn rope_apply(
     theta: f32,
     inverse: bool,
 ) {
-    let half = head_dim / 2;
-    // inv_freq and angles in f32, as transformers computes them. The cos/sin table covers one
-    // sequence (seq x head_dim/2 pairs): kernel scratch, shared by every sequence and head.
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
+    let table = RopeTable::cached(seq, head_dim, theta);
     let sign = if inverse { -1.0 } else { 1.0 };
-    let angles = || (0..seq).flat_map(|pos| inv_freq.iter().map(move |f| pos as f32 * f));
-    let cos: Vec<f32> = angles().map(f32::cos).collect();
-    let sin: Vec<f32> = angles().map(|a| sign * a.sin()).collect();
     const ROWS_PER_TASK: usize = 16;
     x.par_chunks_mut(width * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, rows)| {
             let first = task * ROWS_PER_TASK;
-            rotate_rows(rows, first, width, seq, head_dim, (&cos, &sin))
+            rotate_rows(rows, first, width, &table, sign)
         });
 }
 
-/// Rotates rows `first..` of `x` (the rows held in `rows`) with the per-position cos/sin tables.
-#[multiversion(targets = "simd")]
-fn rotate_rows(
-    rows: &mut [f32],
-    first: usize,
-    width: usize,
+/// cos and sin of every (position, frequency) angle of one sequence, `seq x head_dim/2` each:
+/// kernel scratch shared by every sequence, head and call with the same shape.
+struct RopeTable {
     seq: usize,
     head_dim: usize,
-    (cos, sin): (&[f32], &[f32]),
-) {
+    theta: f32,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(seq: usize, head_dim: usize, theta: f32) -> Self {
+        // inv_freq and angles in f32, as transformers computes them.
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let angles = || (0..seq).flat_map(|pos| inv_freq.iter().map(move |f| pos as f32 * f));
+        RopeTable {
+            seq,
+            head_dim,
+            theta,
+            cos: angles().map(f32::cos).collect(),
+            sin: angles().map(f32::sin).collect(),
+        }
+    }
+
+    /// The table for this shape, computed on first use (a layer calls rope four times a
+    /// micro-batch, and the sines and cosines cost more than the rotation).
+    fn cached(seq: usize, head_dim: usize, theta: f32) -> Arc<RopeTable> {
+        static TABLES: Mutex<Vec<Arc<RopeTable>>> = Mutex::new(Vec::new());
+        let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+        let same = |t: &&Arc<RopeTable>| {
+            t.seq == seq && t.head_dim == head_dim && t.theta.to_bits() == theta.to_bits()
+        };
+        if let Some(t) = tables.iter().find(same) {
+            return Arc::clone(t);
+        }
+        let table = Arc::new(RopeTable::new(seq, head_dim, theta));
+        // A handful of shapes per process; the bound only guards against unbounded growth.
+        if tables.len() >= 16 {
+            tables.remove(0);
+        }
+        tables.push(Arc::clone(&table));
+        table
+    }
+}
+
+/// Rotates rows `first..` of `x` (the rows held in `rows`) by their positions; `sign` -1 turns
+/// the rotation into its inverse.
+#[multiversion(targets = "simd")]
+fn rotate_rows(rows: &mut [f32], first: usize, width: usize, table: &RopeTable, sign: f32) {
+    let (seq, head_dim) = (table.seq, table.head_dim);
     let half = head_dim / 2;
     for (i, xr) in rows.chunks_mut(width).enumerate() {
         let pos = (first + i) % seq;
-        let (cos, sin) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+        let cos = &table.cos[pos * half..][..half];
+        let sin = &table.sin[pos * half..][..half];
         for head in xr.chunks_mut(head_dim) {
             let (lo, hi) = head.split_at_mut(half);
             for ((a, b), (&cos, &sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(cos.iter().zip(sin))
             {
-                let (x0, x1) = (*a, *b);
+                let (x0, x1, sin) = (*a, *b, sign * sin);
                 *a = x0 * cos - x1 * sin;
                 *b = x1 * cos + x0 * sin;
             }
