@@ -57,24 +57,50 @@ impl Disjoint {
     }
 }
 
-/// Per-thread working set of one block pair (`BLOCK x KEY_BLOCK` floats), not counted in a
-/// device pool (kernel scratch, like a gemm's packing buffers).
+/// Per-thread working set: one block pair (`BLOCK x KEY_BLOCK` floats) and one sequence's key
+/// and value head transposed (`head_dim x seq` each); not counted in a device pool (kernel
+/// scratch, like a gemm's packing buffers).
 struct BlockScratch {
     scores: Vec<f32>,
     d_scores: Vec<f32>,
     acc: Vec<f32>,
     row_max: Vec<f32>,
     row_sum: Vec<f32>,
+    k_t: Vec<f32>,
+    v_t: Vec<f32>,
 }
 
 impl BlockScratch {
-    fn new(head_dim: usize) -> Self {
+    fn new(head_dim: usize, seq: usize) -> Self {
         BlockScratch {
             scores: vec![0.0; BLOCK * KEY_BLOCK],
             d_scores: vec![0.0; BLOCK * KEY_BLOCK],
             acc: vec![0.0; BLOCK * head_dim],
             row_max: vec![0.0; BLOCK],
             row_sum: vec![0.0; BLOCK],
+            k_t: vec![0.0; head_dim * seq],
+            v_t: vec![0.0; head_dim * seq],
+        }
+    }
+}
+
+/// Copies one head of one sequence, `seq` rows of `head_dim` starting at `src[base]` with rows
+/// `row_stride` apart, into `dst` as `head_dim x seq` (row e holds feature e of every token).
+/// Products `A · Kᵀ` with both operands token-major run at about 60% of gemm's speed on
+/// these shapes (64 x 256 x 64: the packing reads rows 1 KiB apart); with K transposed first
+/// they run at its full speed.
+fn transpose_head(dst: &mut [f32], src: &[f32], base: usize, row_stride: usize, head_dim: usize) {
+    // Sixteen tokens at a time: each destination row gets 64 contiguous bytes per pass while
+    // the sixteen source rows stay in cache.
+    const TOKENS: usize = 16;
+    let seq = dst.len() / head_dim;
+    for t0 in (0..seq).step_by(TOKENS) {
+        let n = TOKENS.min(seq - t0);
+        let first = base + t0 * row_stride;
+        for e in 0..head_dim {
+            for (i, d) in dst[e * seq + t0..][..n].iter_mut().enumerate() {
+                *d = src[first + i * row_stride + e];
+            }
         }
     }
 }
@@ -126,6 +152,23 @@ fn probs_and_score_grads_row(
     dp[valid..].fill(0.0);
 }
 
+/// `dst[i] = a_i · b_i` for the `head_dim` features of token i of one head: rows `row_stride`
+/// apart from `base` in both `a` and `b`.
+#[multiversion(targets = "simd")]
+fn row_dots(
+    dst: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    base: usize,
+    row_stride: usize,
+    head_dim: usize,
+) {
+    for (i, r) in dst.iter_mut().enumerate() {
+        let off = base + i * row_stride;
+        *r = reduce::dot(&a[off..off + head_dim], &b[off..off + head_dim]);
+    }
+}
+
 /// Forward: fills `out` and `lse`.
 pub fn attention_forward(
     out: &mut [f32],
@@ -144,12 +187,13 @@ pub fn attention_forward(
     // Each task is one (sequence, query head): it owns that head's columns of `out` and one
     // contiguous row of `lse`.
     lse.par_chunks_mut(s).enumerate().for_each_init(
-        || BlockScratch::new(d),
+        || BlockScratch::new(d, s),
         |sc, (task, lse_row)| {
             let (b, h) = (task / sh.heads, task % sh.heads);
             let g = h / sh.group();
             let q_base = b * s * qw + h * d;
             let kv_base = b * s * kw + g * d;
+            transpose_head(&mut sc.k_t, k, kv_base, kw, d);
             for q0 in (0..s).step_by(BLOCK) {
                 let rows = BLOCK.min(s - q0);
                 sc.row_max[..rows].fill(f32::NEG_INFINITY);
@@ -158,7 +202,7 @@ pub fn attention_forward(
                 // Causal: only key blocks that start at or before the block's last query.
                 for k0 in (0..q0 + rows).step_by(KEY_BLOCK) {
                     let cols = KEY_BLOCK.min(q0 + rows - k0);
-                    // SAFETY: q/k blocks lie inside their slices (asserted lengths); scores is
+                    // SAFETY: q/kᵀ blocks lie inside their slices (asserted lengths); scores is
                     // this thread's own scratch.
                     unsafe {
                         matmul_raw(
@@ -170,9 +214,9 @@ pub fn attention_forward(
                             q.as_ptr().add(q_base + q0 * qw),
                             qw,
                             1,
-                            k.as_ptr().add(kv_base + k0 * kw),
+                            sc.k_t.as_ptr().add(k0),
+                            s,
                             1,
-                            kw,
                             false,
                         );
                     }
@@ -240,10 +284,7 @@ pub fn attention_backward(
     assert!(lse.len() == sh.batch * sh.heads * s && delta.len() == lse.len());
     delta.par_chunks_mut(s).enumerate().for_each(|(task, row)| {
         let (b, h) = (task / sh.heads, task % sh.heads);
-        for (i, r) in row.iter_mut().enumerate() {
-            let off = (b * s + i) * qw + h * d;
-            *r = reduce::dot(&d_out[off..off + d], &out[off..off + d]);
-        }
+        row_dots(row, d_out, out, b * s * qw + h * d, qw, d);
     });
     dq.fill(0.0);
     dk.fill(0.0);
@@ -257,10 +298,12 @@ pub fn attention_backward(
     // Each task is one (sequence, key/value head) and the query heads that share it, so the
     // sums into dk and dv run in a fixed order inside one task.
     (0..sh.batch * sh.kv_heads).into_par_iter().for_each_init(
-        || BlockScratch::new(d),
+        || BlockScratch::new(d, s),
         |sc, task| {
             let (b, g) = (task / sh.kv_heads, task % sh.kv_heads);
             let kv_base = b * s * kw + g * d;
+            transpose_head(&mut sc.k_t, k, kv_base, kw, d);
+            transpose_head(&mut sc.v_t, v, kv_base, kw, d);
             for h in g * sh.group()..(g + 1) * sh.group() {
                 let q_base = b * s * qw + h * d;
                 let stats = (b * sh.heads + h) * s;
@@ -281,9 +324,9 @@ pub fn attention_backward(
                                 q.as_ptr().add(q_base + q0 * qw),
                                 qw,
                                 1,
-                                k.as_ptr().add(kv_base + k0 * kw),
+                                sc.k_t.as_ptr().add(k0),
+                                s,
                                 1,
-                                kw,
                                 false,
                             );
                             matmul_raw(
@@ -295,9 +338,9 @@ pub fn attention_backward(
                                 d_out.as_ptr().add(q_base + q0 * qw),
                                 qw,
                                 1,
-                                v.as_ptr().add(kv_base + k0 * kw),
+                                sc.v_t.as_ptr().add(k0),
+                                s,
                                 1,
-                                kw,
                                 false,
                             );
                         }

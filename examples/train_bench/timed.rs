@@ -1,26 +1,18 @@
-//! Where a CPU training step's time goes: runs config A's step (as `train_bench`) through a
-//! backend wrapper that times every kernel call, and prints milliseconds per step by kernel.
-//! `cargo run --release --example step_profile -- [--steps N]`
+//! A backend that times every kernel call of the CPU backend, for `--profile`: where a step's
+//! time goes, by kernel and (for products) by shape.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use chronospipe::data::Microbatch;
 use chronospipe::exec::backend::{Backend, CpuBackend};
-use chronospipe::exec::device::Pool;
 use chronospipe::exec::kernels::attention::AttnShape;
 use chronospipe::exec::kernels::cross_entropy::HeadShape;
 use chronospipe::exec::kernels::matmul::MatRef;
-use chronospipe::exec::model::LlamaConfig;
-use chronospipe::exec::optim::OptimizerConfig;
-use chronospipe::exec::optim::schedule::LrSchedule;
-use chronospipe::exec::train::SingleDevice;
-use chronospipe::plan::inventory::{MicroShape, ModelDims};
 
 /// Delegates to the CPU backend and adds each call's wall time to its kernel's total.
-struct Timed {
-    inner: CpuBackend,
+pub struct Timed {
+    pub inner: CpuBackend,
 }
 
 /// Seconds and calls by kernel name.
@@ -153,62 +145,13 @@ impl Backend for Timed {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let steps: usize = match args.iter().position(|a| a == "--steps") {
-        Some(i) => args.get(i + 1).map_or(Ok(8), |s| s.parse())?,
-        None => 8,
-    };
-    let dims = ModelDims {
-        hidden: 256,
-        layers: 4,
-        heads: 4,
-        kv_heads: 4,
-        ffn: 688,
-        vocab: 256,
-    };
-    let llama = LlamaConfig {
-        dims,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-    };
-    let mut trainer = SingleDevice::from_seed(
-        llama,
-        Pool::new("cpu:0", usize::MAX),
-        Box::new(Timed {
-            inner: CpuBackend::default(),
-        }),
-        0,
-        OptimizerConfig::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        },
-        LrSchedule::constant(1e-3),
-        None,
-    )?;
-    let shape = MicroShape { batch: 8, seq: 256 };
-    let tokens: Vec<i32> = (0..shape.tokens() as i32 + 1)
-        .map(|i| (i * 7919) % 256)
-        .collect();
-    let mb = Microbatch {
-        step: 0,
-        index: 0,
-        shape,
-        windows: vec![0; shape.batch],
-        input_ids: tokens[..shape.tokens()].to_vec(),
-        targets: tokens[1..].to_vec(),
-    };
-    for _ in 0..2 {
-        trainer.train_step(std::slice::from_ref(&mb))?;
-    }
+/// Forgets what was timed so far (the warm-up steps).
+pub fn reset() {
     TOTALS.lock().unwrap().clear();
-    let start = Instant::now();
-    for _ in 0..steps {
-        trainer.train_step(std::slice::from_ref(&mb))?;
-    }
-    let step_ms = start.elapsed().as_secs_f64() * 1e3 / steps as f64;
+}
+
+/// Prints milliseconds per step by kernel, largest first, and what the step spent outside them.
+pub fn print_table(steps: usize, step_ms: f64) {
     let totals = TOTALS.lock().unwrap();
     let mut rows: Vec<_> = totals.iter().collect();
     rows.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
@@ -219,11 +162,7 @@ fn main() -> anyhow::Result<()> {
         timed += ms;
         println!("{name:<40} {ms:>9.2} {:>6}", calls / steps);
     }
-    println!(
-        "{:<40} {:>9.2}",
-        "outside kernels (optimizer, allocation)",
-        step_ms - timed
-    );
-    println!("{:<40} {:>9.2}", "step", step_ms);
-    Ok(())
+    let outside = "outside kernels (optimizer, glue)";
+    println!("{outside:<40} {:>9.2}", step_ms - timed);
+    println!("{:<40} {step_ms:>9.2}", "step (mean)");
 }

@@ -1,13 +1,17 @@
 //! Training throughput of the CPU executor on one device, for comparison with PyTorch eager
 //! (`shared/bench/torch_llama_ref.py`, same shapes). Usage:
-//! `cargo run --release --example train_bench -- --config a|b [--steps N]`
-//! Prints the median step time over the steps after two warm-up steps, as tokens/s.
+//! `cargo run --release --example train_bench -- --config a|b [--steps N] [--profile]`
+//! Prints the median step time over the steps after two warm-up steps, as tokens/s. With
+//! `--profile`, every kernel call is timed and a table of milliseconds per step by kernel
+//! follows (the timing adds little, but quote throughput from runs without it).
+
+mod timed;
 
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use chronospipe::data::Microbatch;
-use chronospipe::exec::backend::CpuBackend;
+use chronospipe::exec::backend::{Backend, CpuBackend};
 use chronospipe::exec::device::Pool;
 use chronospipe::exec::model::LlamaConfig;
 use chronospipe::exec::optim::OptimizerConfig;
@@ -55,6 +59,14 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "8".into())
         .parse()
         .context("--steps")?;
+    let profile = args.iter().any(|a| a == "--profile");
+    let backend: Box<dyn Backend> = if profile {
+        Box::new(timed::Timed {
+            inner: CpuBackend::default(),
+        })
+    } else {
+        Box::new(CpuBackend::default())
+    };
     let llama = LlamaConfig {
         dims: bench.dims,
         rms_norm_eps: 1e-5,
@@ -63,7 +75,7 @@ fn main() -> anyhow::Result<()> {
     let mut trainer = SingleDevice::from_seed(
         llama,
         Pool::new("cpu:0", usize::MAX),
-        Box::new(CpuBackend::default()),
+        backend,
         0,
         OptimizerConfig::AdamW {
             beta1: 0.9,
@@ -98,10 +110,17 @@ fn main() -> anyhow::Result<()> {
         if i >= 2 {
             times.push(dt);
         }
+        if i == 1 {
+            timed::reset();
+        }
         eprintln!("step {i}: loss {:.4} {:.3}s", report.loss, dt);
     }
+    let total: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
     let med = times[times.len() / 2];
+    if profile {
+        timed::print_table(times.len(), total * 1e3 / times.len() as f64);
+    }
     let params: usize = trainer.parts.iter().map(|p| p.param_count()).sum();
     println!(
         "params={params} threads={} step_s={med:.4} tokens_per_s={:.0} peak_bytes={}",
