@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use chronospipe::exec::backend::CpuBackend;
 use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use chronospipe::exec::checkpoint::safetensors_io::TensorFile;
+use chronospipe::exec::compare::rel_err;
 use chronospipe::exec::device::Pool;
 use chronospipe::exec::model::head::head_logits;
 use chronospipe::exec::model::part::{
@@ -23,23 +24,9 @@ fn fixture() -> PathBuf {
     ))
 }
 
-fn rel_err(ours: &[f32], reference: &[f32]) -> f64 {
-    let num: f64 = ours
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
-}
-
 /// Prints an OK / NOT OK line and returns whether it passed.
 fn compare(name: &str, ours: &[f32], reference: &[f32]) -> bool {
-    let err = if ours.len() == reference.len() {
-        rel_err(ours, reference)
-    } else {
-        f64::INFINITY
-    };
+    let err = rel_err(ours, reference);
     let ok = err < 1e-4;
     println!(
         "{} {name}: rel err {err:.2e}",

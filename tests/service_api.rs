@@ -261,6 +261,18 @@ async fn error_statuses(url: &str) {
     )
     .await;
     assert_eq!(p["param"], "after");
+    assert_eq!(p["detail"], "no job \"job_nope\" to list after");
+    let p = problem(
+        server
+            .get("/v1/files?after=file_nope")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "invalid_cursor",
+    )
+    .await;
+    assert_eq!(p["detail"], "no file \"file_nope\" to list after");
     let form = reqwest::multipart::Form::new()
         .text("purpose", "weights")
         .part("file", reqwest::multipart::Part::bytes(b"x".to_vec()));

@@ -69,6 +69,15 @@ pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
+/// The error for an `after` cursor that names no `kind` (job, file) of the caller's.
+pub fn unknown_cursor(kind: &str, after: &str) -> ApiError {
+    ApiError::bad_request(
+        "invalid_cursor",
+        format!("no {kind} {after:?} to list after"),
+        "after",
+    )
+}
+
 /// Splits a `limit + 1` fetch into the page and `has_more`.
 pub fn page<T>(mut rows: Vec<T>, limit: i64) -> (Vec<T>, bool) {
     let has_more = rows.len() as i64 > limit;

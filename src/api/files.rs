@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::auth::Tenant;
-use super::extract::{ApiQuery, page, page_limit};
+use super::extract::{ApiQuery, page, page_limit, unknown_cursor};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::views::{DeletedView, FileList, FileView};
 use crate::store::{FileRow, new_id, now_ms};
@@ -281,11 +281,7 @@ pub async fn list(
     if let Some(after) = &query.after
         && state.store.get_file(&tenant, after).await?.is_none()
     {
-        return Err(ApiError::bad_request(
-            "invalid_cursor",
-            format!("no file {after:?} to list after"),
-            "after",
-        ));
+        return Err(unknown_cursor("file", after));
     }
     let rows = state
         .store

@@ -11,7 +11,7 @@ use utoipa::IntoParams;
 
 use super::AppState;
 use super::auth::Tenant;
-use super::extract::{ApiQuery, Body, page, page_limit};
+use super::extract::{ApiQuery, Body, page, page_limit, unknown_cursor};
 use super::plans::{checked_spec, job_devices, planner, run_planner};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::views::{JobList, JobView};
@@ -184,11 +184,7 @@ pub async fn list(
     if let Some(after) = &query.after
         && state.store.get_job(&tenant, after).await?.is_none()
     {
-        return Err(ApiError::bad_request(
-            "invalid_cursor",
-            format!("no job {after:?} to list after"),
-            "after",
-        ));
+        return Err(unknown_cursor("job", after));
     }
     let rows = state
         .store

@@ -20,6 +20,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod compare;
 pub mod device;
 pub mod kernels;
 pub mod model;
