@@ -66,7 +66,7 @@ fn main() {
     });
     let mut d_gate = vec![0.0f32; n * f];
     report("swiglu backward", 8.0 * (n * f) as f64, || {
-        swiglu_backward(&mut d_gate, &mut act, &gate, &up)
+        swiglu_backward(&mut out[..n * f], &mut d_gate, &mut act, &gate, &up)
     });
 
     let sh = AttnShape {

@@ -69,9 +69,9 @@ impl Backend for Timed {
             self.inner.swiglu_forward(act, gate, up)
         })
     }
-    fn swiglu_backward(&self, dg: &mut [f32], du: &mut [f32], gate: &[f32], up: &[f32]) {
+    fn swiglu_backward(&self, a: &mut [f32], dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32]) {
         self.time("swiglu backward", || {
-            self.inner.swiglu_backward(dg, du, gate, up)
+            self.inner.swiglu_backward(a, dg, du, g, u)
         })
     }
     fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[i32], hidden: usize) {

@@ -58,8 +58,10 @@ pub trait Backend: Send + Sync {
     );
 
     fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]);
+    /// Also recomputes `act` (the forward's output) in the same pass.
     fn swiglu_backward(
         &self,
+        act: &mut [f32],
         d_gate: &mut [f32],
         d_act_to_d_up: &mut [f32],
         gate: &[f32],
@@ -171,8 +173,15 @@ impl Backend for CpuBackend {
     fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]) {
         swiglu::swiglu_forward(act, gate, up);
     }
-    fn swiglu_backward(&self, d_gate: &mut [f32], d_up: &mut [f32], gate: &[f32], up: &[f32]) {
-        swiglu::swiglu_backward(d_gate, d_up, gate, up);
+    fn swiglu_backward(
+        &self,
+        act: &mut [f32],
+        d_gate: &mut [f32],
+        d_up: &mut [f32],
+        gate: &[f32],
+        up: &[f32],
+    ) {
+        swiglu::swiglu_backward(act, d_gate, d_up, gate, up);
     }
     fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[i32], hidden: usize) {
         embedding::embedding_forward(out, table, ids, hidden);

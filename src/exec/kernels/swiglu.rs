@@ -26,23 +26,39 @@ fn forward_chunk(act: &mut [f32], gate: &[f32], up: &[f32]) {
     }
 }
 
-/// Given `d_act` (in `d_up`'s buffer on entry), writes `d_gate` and `d_up`.
-pub fn swiglu_backward(d_gate: &mut [f32], d_act_to_d_up: &mut [f32], gate: &[f32], up: &[f32]) {
-    d_gate
-        .par_chunks_mut(CHUNK)
+/// Given `d_act` (in `d_up`'s buffer on entry), writes `d_gate` and `d_up`, and `act` as the
+/// forward computed it (the down projection's weight gradient needs it; recomputing it here
+/// shares the sigmoid and one pass over `gate` and `up`).
+pub fn swiglu_backward(
+    act: &mut [f32],
+    d_gate: &mut [f32],
+    d_act_to_d_up: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+) {
+    act.par_chunks_mut(CHUNK)
+        .zip(d_gate.par_chunks_mut(CHUNK))
         .zip(d_act_to_d_up.par_chunks_mut(CHUNK))
-        .zip(gate.par_chunks(CHUNK))
-        .zip(up.par_chunks(CHUNK))
-        .for_each(|(((dg, du), g), u)| backward_chunk(dg, du, g, u));
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(((a, dg), du), (g, u))| backward_chunk(a, dg, du, g, u));
 }
 
 #[multiversion(targets = "simd")]
-fn backward_chunk(d_gate: &mut [f32], d_act_to_d_up: &mut [f32], gate: &[f32], up: &[f32]) {
-    let rows = d_gate.iter_mut().zip(d_act_to_d_up.iter_mut());
-    for ((dg, du), (g, u)) in rows.zip(gate.iter().zip(up)) {
+fn backward_chunk(
+    act: &mut [f32],
+    d_gate: &mut [f32],
+    d_act_to_d_up: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+) {
+    let outs = act
+        .iter_mut()
+        .zip(d_gate.iter_mut().zip(d_act_to_d_up.iter_mut()));
+    for ((a, (dg, du)), (g, u)) in outs.zip(gate.iter().zip(up)) {
         let s = sigmoid(*g);
         let silu = g * s;
         let da = *du;
+        *a = silu * u;
         *dg = da * u * s * (1.0 + g * (1.0 - s));
         *du = da * silu;
     }
@@ -59,7 +75,11 @@ mod tests {
         let f = |g: f32, u: f32| (g as f64) / (1.0 + (-(g as f64)).exp()) * u as f64;
         let mut dg = [0.0; 5];
         let mut du = [1.0; 5];
-        swiglu_backward(&mut dg, &mut du, &g, &u);
+        let mut act = [f32::NAN; 5];
+        swiglu_backward(&mut act, &mut dg, &mut du, &g, &u);
+        let mut fwd = [0.0; 5];
+        swiglu_forward(&mut fwd, &g, &u);
+        assert_eq!(act, fwd, "the backward's act is the forward's, bit for bit");
         for i in 0..5 {
             let e = 1e-3;
             let fg = (f(g[i] + e, u[i]) - f(g[i] - e, u[i])) / (2.0 * e as f64);

@@ -214,22 +214,23 @@ pub fn layer_backward(
     } = params;
     let dy = &grad_output;
 
-    // MLP block, recomputing its normalised input and activation from the stash.
+    // MLP block, recomputing its normalised input and (with SwiGLU's backward) its activation
+    // from the stash.
     be.rmsnorm_apply(
         norm_out.data_mut(),
         st.mlp_norm_rstd.data(),
         st.resid_mid.data(),
         w[lp::POST_NORM].data(),
     );
-    be.swiglu_forward(act.data_mut(), st.gate.data(), st.up.data());
-    be.matmul(g[lp::DOWN].data_mut(), rows(dy).t(), rows(&act), true);
     be.matmul(d_up.data_mut(), rows(dy), rows(&w[lp::DOWN]), false);
     be.swiglu_backward(
+        act.data_mut(),
         d_gate.data_mut(),
         d_up.data_mut(),
         st.gate.data(),
         st.up.data(),
     );
+    be.matmul(g[lp::DOWN].data_mut(), rows(dy).t(), rows(&act), true);
     be.matmul(
         g[lp::GATE].data_mut(),
         rows(&d_gate).t(),

@@ -151,7 +151,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     gpu.swiglu_forward(gact.ptr(), gg.ptr(), gu.ptr(), n)?;
     checks.push(Check::new("swiglu forward", &gact.to_host(gpu)?, &act, ew));
     let (mut dg, mut du) = (vec![0.0; n], da.clone());
-    k.cpu.swiglu_backward(&mut dg, &mut du, &g, &u);
+    k.cpu.swiglu_backward(&mut act, &mut dg, &mut du, &g, &u);
     let (gdg, gdu) = (k.up(&dg)?, k.up(&da)?);
     gpu.swiglu_backward(gdg.ptr(), gdu.ptr(), gg.ptr(), gu.ptr(), n)?;
     checks.push(Check::new(
