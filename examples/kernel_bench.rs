@@ -1,5 +1,6 @@
 //! Throughput of the CPU kernels that dominate a training step, on config A's shapes.
-//! `cargo run --release --example kernel_bench` prints milliseconds and GFLOP/s per kernel.
+//! `cargo run --release --example kernel_bench [FILTER]` prints milliseconds and GFLOP/s per
+//! kernel (only those whose name contains FILTER, when given).
 
 use std::time::Instant;
 
@@ -9,6 +10,11 @@ use chronospipe::exec::kernels::swiglu::{swiglu_backward, swiglu_forward};
 
 /// Mean time of 10 runs after one warm-up, with the rate for `flops` per run.
 fn report<F: FnMut()>(name: &str, flops: f64, mut run: F) {
+    if let Some(filter) = std::env::args().nth(1)
+        && !name.contains(&filter)
+    {
+        return;
+    }
     run();
     let reps = 10;
     let start = Instant::now();
@@ -27,6 +33,15 @@ fn main() {
     let (n, h, f) = (2048usize, 256usize, 688usize);
     let wave =
         |len: usize| -> Vec<f32> { (0..len).map(|i| ((i % 97) as f32 * 0.01).sin()).collect() };
+    // The machine's product roofline, to compare machines by.
+    let big = wave(1024 * 1024);
+    let mut big_out = vec![0.0f32; 1024 * 1024];
+    for threads in [1, 2] {
+        report(&format!("matmul 1024^3, {threads} thread(s)"), 2.0 * 1024f64.powi(3), || {
+            let m = MatRef::rows(&big, 1024, 1024);
+            matmul(&mut big_out, m, m, false, Threads(threads))
+        });
+    }
     let (x_nh, x_nf, w_fh) = (wave(n * h), wave(n * f), wave(f * h));
     let mut out = vec![0.0f32; n * f];
     let linear = 2.0 * (n * h * f) as f64;

@@ -59,27 +59,43 @@ impl Disjoint {
     }
 }
 
-/// Per-thread working set: one block pair (`BLOCK x KEY_BLOCK` floats) and one sequence's key
-/// and value head transposed (`head_dim x seq` each); not counted in a device pool (kernel
-/// scratch, like a gemm's packing buffers).
-struct BlockScratch {
+/// The forward's per-thread working set: one block of scores (`BLOCK x KEY_BLOCK` floats), the
+/// block's running softmax state, and one sequence's key head transposed (`head_dim x seq`);
+/// not counted in a device pool (kernel scratch, like a gemm's packing buffers).
+struct ForwardScratch {
     scores: Vec<f32>,
-    d_scores: Vec<f32>,
     acc: Vec<f32>,
     row_max: Vec<f32>,
     row_sum: Vec<f32>,
     k_t: Vec<f32>,
-    v_t: Vec<f32>,
 }
 
-impl BlockScratch {
+impl ForwardScratch {
     fn new(head_dim: usize, seq: usize) -> Self {
-        BlockScratch {
+        ForwardScratch {
             scores: vec![0.0; BLOCK * KEY_BLOCK],
-            d_scores: vec![0.0; BLOCK * KEY_BLOCK],
             acc: vec![0.0; BLOCK * head_dim],
             row_max: vec![0.0; BLOCK],
             row_sum: vec![0.0; BLOCK],
+            k_t: vec![0.0; head_dim * seq],
+        }
+    }
+}
+
+/// The backward's per-thread working set: probabilities and score gradients of one block pair,
+/// and the key and value head transposed.
+struct BackwardScratch {
+    scores: Vec<f32>,
+    d_scores: Vec<f32>,
+    k_t: Vec<f32>,
+    v_t: Vec<f32>,
+}
+
+impl BackwardScratch {
+    fn new(head_dim: usize, seq: usize) -> Self {
+        BackwardScratch {
+            scores: vec![0.0; BLOCK * KEY_BLOCK],
+            d_scores: vec![0.0; BLOCK * KEY_BLOCK],
             k_t: vec![0.0; head_dim * seq],
             v_t: vec![0.0; head_dim * seq],
         }
@@ -189,7 +205,7 @@ pub fn attention_forward(
     // Each task is one (sequence, query head): it owns that head's columns of `out` and one
     // contiguous row of `lse`.
     lse.par_chunks_mut(s).enumerate().for_each_init(
-        || BlockScratch::new(d, s),
+        || ForwardScratch::new(d, s),
         |sc, (task, lse_row)| {
             let (b, h) = (task / sh.heads, task % sh.heads);
             let g = h / sh.group();
@@ -300,7 +316,7 @@ pub fn attention_backward(
     // Each task is one (sequence, key/value head) and the query heads that share it, so the
     // sums into dk and dv run in a fixed order inside one task.
     (0..sh.batch * sh.kv_heads).into_par_iter().for_each_init(
-        || BlockScratch::new(d, s),
+        || BackwardScratch::new(d, s),
         |sc, task| {
             let (b, g) = (task / sh.kv_heads, task % sh.kv_heads);
             let kv_base = b * s * kw + g * d;
