@@ -1,5 +1,9 @@
 //! Matrix products through the `gemm` crate. Every product the model needs is
-//! `dst (+)= a · b` with `a` and `b` possibly transposed, expressed by strides.
+//! `dst (+)= a · b` with `a` and `b` possibly transposed, expressed by strides. A product on
+//! several threads is cut into row (or column) ranges of `dst`, one single-threaded gemm call
+//! each: each element's sum runs in the same order whatever the thread count.
+
+use rayon::prelude::*;
 
 /// A read-only matrix: `rows x cols`, element (r, c) at `data[r * row_stride + c * col_stride]`.
 #[derive(Clone, Copy)]
@@ -112,35 +116,57 @@ pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, t
         }
         return;
     }
-    let parallelism = if threads.0 > 1 {
-        gemm::Parallelism::Rayon(threads.0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index gemm computes from the shapes and strides
-    // inside the three buffers, and `dst` is borrowed mutably so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    // Threads take whole row ranges of `dst` (column ranges when it is wider than tall), each
+    // one single-threaded product: one fork per product, where gemm's own threading forks per
+    // block.
+    let by_rows = m >= n;
+    let side = if by_rows { m } else { n };
+    let pieces = threads.0.clamp(1, side.div_ceil(MIN_PIECE));
+    let len = side.div_ceil(pieces);
+    let dst = Disjoint(dst.as_mut_ptr());
+    (0..pieces).into_par_iter().for_each(|i| {
+        let (s0, s1) = (i * len, ((i + 1) * len).min(side));
+        let (rows, cols, dst_at, a_at, b_at) = if by_rows {
+            (s1 - s0, n, s0 * n, s0 * a.row_stride, 0)
+        } else {
+            (m, s1 - s0, s0, 0, s0 * b.col_stride)
+        };
+        // SAFETY: the asserts above keep every index from the shapes and strides inside the
+        // three buffers; `dst` is borrowed mutably (aliases neither input) and each piece
+        // writes its own rows or columns.
+        unsafe {
+            matmul_raw(
+                rows,
+                cols,
+                k,
+                dst.at(dst_at),
+                n,
+                a.data.as_ptr().add(a_at),
+                a.row_stride,
+                a.col_stride,
+                b.data.as_ptr().add(b_at),
+                b.row_stride,
+                b.col_stride,
+                accumulate,
+            )
+        }
+    });
+}
+
+/// The fewest rows (or columns) worth a thread of their own.
+const MIN_PIECE: usize = 64;
+
+/// `dst`'s base pointer handed to the pieces, which write disjoint rows or columns.
+#[derive(Clone, Copy)]
+struct Disjoint(*mut f32);
+// SAFETY: see `matmul`: every piece writes only its own rows or columns.
+unsafe impl Send for Disjoint {}
+unsafe impl Sync for Disjoint {}
+
+impl Disjoint {
+    // A method, not field access, so closures capture the whole Send + Sync wrapper.
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
     }
 }
 
@@ -179,6 +205,27 @@ mod tests {
         matmul(&mut got, am, bt, true, Threads(1));
         for (g, w) in got.iter().zip(&want) {
             assert!((g - 2.0 * w).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn pieces_split_rows_or_columns_and_agree_with_one_thread() {
+        // Tall (split by rows) and wide (split by columns), with b transposed in one of them.
+        for (m, k, n) in [(150, 70, 40), (40, 70, 150)] {
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.013).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.029).cos()).collect();
+            let am = MatRef::rows(&a, m, k);
+            for bm in [MatRef::rows(&b, k, n), MatRef::rows(&b, n, k).t()] {
+                let want = naive(am, bm);
+                let mut one = vec![1.0; m * n];
+                let mut two = vec![1.0; m * n];
+                matmul(&mut one, am, bm, true, Threads(1));
+                matmul(&mut two, am, bm, true, Threads(2));
+                assert_eq!(one, two, "{m}x{k}x{n}: thread count changed the bits");
+                for (g, w) in two.iter().zip(&want) {
+                    assert!((g - (w + 1.0)).abs() < 1e-4, "{m}x{k}x{n}: {g} vs {}", w + 1.0);
+                }
+            }
         }
     }
 }
