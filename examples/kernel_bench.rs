@@ -37,10 +37,14 @@ fn main() {
     let big = wave(1024 * 1024);
     let mut big_out = vec![0.0f32; 1024 * 1024];
     for threads in [1, 2] {
-        report(&format!("matmul 1024^3, {threads} thread(s)"), 2.0 * 1024f64.powi(3), || {
-            let m = MatRef::rows(&big, 1024, 1024);
-            matmul(&mut big_out, m, m, false, Threads(threads))
-        });
+        report(
+            &format!("matmul 1024^3, {threads} thread(s)"),
+            2.0 * 1024f64.powi(3),
+            || {
+                let m = MatRef::rows(&big, 1024, 1024);
+                matmul(&mut big_out, m, m, false, Threads(threads))
+            },
+        );
     }
     let (x_nh, x_nf, w_fh) = (wave(n * h), wave(n * f), wave(f * h));
     let mut out = vec![0.0f32; n * f];

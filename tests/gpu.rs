@@ -29,3 +29,90 @@ fn gpu_kernels_and_a_training_step_match_the_cpu_backend() {
         "some GPU checks failed (FAIL lines above)"
     );
 }
+
+/// A whole run through `exec::run` on the GPU (`devices: "cuda"`) against the same run on a
+/// CPU device: losses step by step, the checkpoint's weights, and exact resume.
+#[test]
+#[ignore = "needs an NVIDIA GPU with CUDA 13 libraries on the loader path"]
+fn gpu_run_matches_a_cpu_run_and_resumes() {
+    use chronospipe::exec::run::{Run, drive};
+    use chronospipe::spec::JobSpec;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("corpus.txt");
+    std::fs::write(&data, "Device memory is a small fast cache. ".repeat(200)).unwrap();
+    let spec = |devices: &str| {
+        JobSpec::from_json(&format!(
+            r#"{{"model": {{"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                         "intermediate_size": 96, "vocab_size": 256, "init": {{"seed": 3}}}},
+                "data": {{"train": {data:?}}},
+                "training": {{"seq_len": 32, "micro_batch_size": 2, "microbatches": 2, "steps": 4,
+                             "checkpoint_every": 2}},
+                "devices": {devices:?}}}"#
+        ))
+        .unwrap()
+    };
+    let run_to = |devices: &str, out: &std::path::Path| {
+        let mut run = Run::prepare(spec(devices), "cpu:1x256MiB").unwrap();
+        let mut log = observer::Log::new(out);
+        drive(&mut run, &mut log).unwrap();
+        (run, log.losses)
+    };
+    let (cpu_dir, gpu_dir) = (dir.path().join("cpu"), dir.path().join("gpu"));
+    let (_, cpu) = run_to("cpu:1x256MiB", &cpu_dir);
+    let (gpu_run, gpu) = run_to("cuda", &gpu_dir);
+    for (c, g) in cpu.iter().zip(&gpu) {
+        assert!((c - g).abs() / c.abs() < 1e-3, "losses {cpu:?} vs {gpu:?}");
+    }
+    assert_eq!(gpu_run.measured_peaks().len(), 1);
+
+    // Resume on the GPU from step 2: the last two losses of the uninterrupted GPU run (to
+    // rounding: some GPU sums use atomics, whose order varies).
+    let mut resumed = Run::prepare(spec("cuda"), "cpu:1x256MiB").unwrap();
+    resumed.resume_from(&gpu_dir.join("step-2")).unwrap();
+    let mut log = observer::Log::new(&dir.path().join("resumed"));
+    drive(&mut resumed, &mut log).unwrap();
+    assert_eq!(log.losses.len(), 2);
+    for (r, g) in log.losses.iter().zip(&gpu[2..]) {
+        assert!(
+            (r - g).abs() / g.abs() < 1e-5,
+            "resumed {:?} vs {gpu:?}",
+            log.losses
+        );
+    }
+}
+
+mod observer {
+    use std::path::{Path, PathBuf};
+
+    use chronospipe::exec::run::{Observer, RunError, StepMetrics};
+
+    /// Keeps each step's loss; checkpoints go to `out/step-K` and `out/final`.
+    pub struct Log {
+        out: PathBuf,
+        pub losses: Vec<f64>,
+    }
+
+    impl Log {
+        pub fn new(out: &Path) -> Self {
+            Log {
+                out: out.to_owned(),
+                losses: Vec::new(),
+            }
+        }
+    }
+
+    impl Observer for Log {
+        fn step(&mut self, m: &StepMetrics) -> Result<(), RunError> {
+            self.losses.push(m.loss);
+            Ok(())
+        }
+        fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf {
+            self.out.join(if last {
+                "final".into()
+            } else {
+                format!("step-{step}")
+            })
+        }
+    }
+}

@@ -158,7 +158,7 @@ fn a_run_starts_from_hugging_face_weights() {
             "devices": "cpu:2x64MiB"}}"#
     );
     let (run, quiet) = train(JobSpec::from_json(&text).unwrap(), dir.path());
-    assert_eq!(run.pipeline().config.dims.hidden, 64);
+    assert_eq!(run.config().dims.hidden, 64);
     // A trained byte-level model starts near ln(256) = 5.5 on text it has not seen.
     assert!(
         quiet.losses[0] > 1.0 && quiet.losses[0] < 8.0,
@@ -222,4 +222,43 @@ fn bad_input_stops_with_an_error_that_says_why() {
         out.join(format!("step-{failed_step}/model.safetensors"))
             .exists()
     );
+}
+
+/// `devices: "cuda"` puts the whole model on one GPU; what that cannot do yet is refused by
+/// field before any GPU is touched, and a machine without CUDA says which library it lacks.
+#[test]
+fn cuda_runs_refuse_what_one_gpu_cannot_do_and_say_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let on = |devices: &str, stages: usize, recompute: &str| {
+        let mut spec = job(&data, stages, "1f1b", recompute, "none");
+        spec.devices = Some(devices.to_owned());
+        Run::prepare(spec, "cpu:1x64MiB").err()
+    };
+    for (devices, want) in [
+        ("cuda:0,1", "not built yet"),
+        ("cuda:0x4", "not built yet"),
+        ("cuda:one", "not a whole number"),
+        ("cudax", "`cuda` or `cuda:N`"),
+    ] {
+        let err = on(devices, 1, "none").expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains(devices) && msg.contains(want), "{msg}");
+        assert_eq!(err.blame().code, "invalid_devices");
+    }
+    let err = on("cuda", 2, "full").expect("refused").to_string();
+    assert!(
+        err.contains("parallelism.stages") && err.contains("parallelism.recompute"),
+        "{err}"
+    );
+
+    let libs = chronospipe::exec::backend::cuda::libs::Libraries::probe();
+    if !libs.driver {
+        let err = on("cuda", 1, "auto").expect("no driver here");
+        assert!(
+            err.to_string().contains("CUDA unavailable: libcuda.so"),
+            "{err}"
+        );
+        assert_eq!(err.blame().code, "invalid_devices");
+    }
 }

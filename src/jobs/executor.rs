@@ -14,6 +14,7 @@ use super::runner::{
 use crate::exec::device::{DeviceSet, Pool};
 use crate::exec::run::{Observer, Outcome, Run, RunError, Stop, drive, plan_job, resolve_arch};
 use crate::plan::PlanError;
+use crate::plan::presets::ProfileName;
 use crate::plan::render;
 use crate::plan::search::Answer;
 use crate::spec::{InvalidSpec, JobSpec};
@@ -46,7 +47,7 @@ impl Planner for ExecPlanner {
         spec.validate()?;
         let set = device_set(devices).map_err(PlanFailure::Unavailable)?;
         let answer = resolve_arch(spec)
-            .and_then(|arch| plan_job(spec, &arch, &set))
+            .and_then(|arch| plan_job(spec, &arch, &set, ProfileName::CpuF32))
             .map_err(plan_failure)?;
         Ok(outcome(&answer))
     }

@@ -223,7 +223,11 @@ mod tests {
                 matmul(&mut two, am, bm, true, Threads(2));
                 assert_eq!(one, two, "{m}x{k}x{n}: thread count changed the bits");
                 for (g, w) in two.iter().zip(&want) {
-                    assert!((g - (w + 1.0)).abs() < 1e-4, "{m}x{k}x{n}: {g} vs {}", w + 1.0);
+                    assert!(
+                        (g - (w + 1.0)).abs() < 1e-4,
+                        "{m}x{k}x{n}: {g} vs {}",
+                        w + 1.0
+                    );
                 }
             }
         }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::data::DataError;
+use crate::exec::backend::cuda::CudaError;
 use crate::exec::checkpoint::CheckpointError;
 use crate::exec::device::DeviceError;
 use crate::exec::model::ModelError;
@@ -30,6 +31,8 @@ pub enum RunError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
     /// The observer (a progress display, the job store) could not take a report.
@@ -63,7 +66,9 @@ impl RunError {
             RunError::Spec(errors) => {
                 user("invalid_spec", errors.first().map(|e| e.param.as_str()))
             }
-            RunError::Devices { .. } => user("invalid_devices", Some("devices")),
+            RunError::Devices { .. } | RunError::Cuda(CudaError::Unavailable { .. }) => {
+                user("invalid_devices", Some("devices"))
+            }
             RunError::Plan(PlanError::DoesNotFit { .. }) => user("does_not_fit", Some("devices")),
             RunError::Plan(_) => user("invalid_plan", Some("parallelism")),
             RunError::Data(_) => user("invalid_data", Some("data.train")),
@@ -73,6 +78,7 @@ impl RunError {
                 PipelineError::NonFiniteLoss { .. } | PipelineError::NonFiniteGradNorm { .. },
             ) => user("diverged", Some("training.optimizer.lr")),
             RunError::Device(DeviceError::OutOfMemory(_))
+            | RunError::Cuda(CudaError::Device(DeviceError::OutOfMemory(_)))
             | RunError::Pipeline(PipelineError::Device(DeviceError::OutOfMemory(_))) => Blame {
                 user: false,
                 code: "out_of_memory",

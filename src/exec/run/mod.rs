@@ -3,18 +3,20 @@
 //! report and checkpoint until done or told to stop.
 
 mod error;
+mod placement;
 mod setup;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub use error::RunError;
+use placement::Placement;
 pub use setup::{plan_job, resolve_arch};
 
 use crate::data::Batcher;
 use crate::exec::checkpoint::model_files::{load_weights, save_model};
 use crate::exec::checkpoint::trainer_state::{TrainerState, load_optimizer, save_optimizer};
-use crate::exec::pipeline::Pipeline;
+use crate::exec::model::LlamaConfig;
 use crate::plan::search::Answer;
 use crate::spec::JobSpec;
 
@@ -38,7 +40,7 @@ pub struct Run {
     pub spec: JobSpec,
     /// The chosen plan with its predictions and the runners-up.
     pub answer: Answer,
-    pipeline: Pipeline,
+    placement: Placement,
     batcher: Batcher,
 }
 
@@ -80,7 +82,7 @@ pub trait Observer {
 impl Run {
     /// Steps completed.
     pub fn step(&self) -> u64 {
-        self.pipeline.step
+        self.placement.step()
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -98,24 +100,24 @@ impl Run {
     }
 
     pub fn measured_peaks(&self) -> Vec<u64> {
-        self.pipeline
+        self.placement
             .measured_peaks()
             .into_iter()
             .map(|b| b as u64)
             .collect()
     }
 
-    pub fn pipeline(&self) -> &Pipeline {
-        &self.pipeline
+    pub fn config(&self) -> &LlamaConfig {
+        self.placement.config()
     }
 
     /// One optimizer step on the next batch.
     pub fn train_step(&mut self) -> Result<StepMetrics, RunError> {
-        let step = self.pipeline.step;
+        let step = self.step();
         let microbatches = self.batcher.step(step);
         let tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
         let started = Instant::now();
-        let (report, _timings) = self.pipeline.train_step(&microbatches)?;
+        let report = self.placement.train_step(&microbatches)?;
         let seconds = started.elapsed().as_secs_f64();
         Ok(StepMetrics {
             step: step + 1,
@@ -133,12 +135,12 @@ impl Run {
     /// `optimizer.safetensors` and `trainer_state.json` into `dir`.
     pub fn save_checkpoint(&self, dir: &Path, last_loss: Option<f64>) -> Result<(), RunError> {
         std::fs::create_dir_all(dir).map_err(|e| RunError::io(dir, e))?;
-        let with_state = self.pipeline.parts_with_state()?;
-        let parts: Vec<_> = with_state.iter().map(|(p, _)| *p).collect();
-        save_model(dir, &self.pipeline.config, &parts)?;
-        let pairs: Vec<_> = with_state.iter().map(|(p, s)| (*p, s)).collect();
-        save_optimizer(dir, &pairs)?;
-        let step = self.pipeline.step;
+        self.placement.with_state(|pairs| {
+            let parts: Vec<_> = pairs.iter().map(|(p, _)| *p).collect();
+            save_model(dir, self.placement.config(), &parts)?;
+            Ok(save_optimizer(dir, pairs)?)
+        })?;
+        let step = self.step();
         TrainerState {
             step,
             data_position: step * self.spec.training.sequences_per_step() as u64,
@@ -153,12 +155,12 @@ impl Run {
     pub fn resume_from(&mut self, dir: &Path) -> Result<TrainerState, RunError> {
         let state = TrainerState::load(dir)?;
         let weights = dir.join("model.safetensors");
-        self.pipeline.load_state(|parts, states| {
+        self.placement.load_state(|parts, states| {
             load_weights(parts, &weights)?;
             let mut pairs: Vec<_> = parts.iter().zip(states.iter_mut()).collect();
             load_optimizer(dir, &mut pairs)
         })?;
-        self.pipeline.step = state.step;
+        self.placement.set_step(state.step);
         Ok(state)
     }
 }

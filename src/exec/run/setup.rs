@@ -4,21 +4,25 @@ use std::path::Path;
 
 use crate::data::{BatchLayout, Batcher, Tokenizer};
 use crate::exec::backend::CpuBackend;
+use crate::exec::backend::cuda::Precision;
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
-use crate::exec::device::DeviceSet;
-use crate::exec::model::{LlamaConfig, PartId};
+use crate::exec::device::{DeviceSet, Pool, PoolRef};
+use crate::exec::model::{LlamaConfig, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::pipeline::{Pipeline, seeded_parts};
 use crate::plan::policy::{Offload, Recompute};
-use crate::plan::presets::Cluster;
+use crate::plan::presets::{Cluster, ProfileName};
 use crate::plan::schedule::ScheduleKind;
 use crate::plan::search::{Answer, Request, search};
 use crate::spec::{
     JobSpec, ModelArch, ModelInit, OffloadChoice, RecomputeChoice, ScheduleChoice, SpecError,
+    Stages,
 };
 
-use super::{Run, RunError};
+use super::{Placement, Run, RunError};
 
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
 /// (with which any field the spec gives must agree).
@@ -50,8 +54,14 @@ pub fn resolve_arch(spec: &JobSpec) -> Result<ModelArch, RunError> {
 }
 
 /// The fastest plan for `spec` on the first `stages` of `devices` (all of them when the
-/// spec says `auto`) whose predicted peak fits each device's budget.
-pub fn plan_job(spec: &JobSpec, arch: &ModelArch, devices: &DeviceSet) -> Result<Answer, RunError> {
+/// spec says `auto`) whose predicted peak fits each device's budget, with the memory layout
+/// of the backend that will run it (`profile`).
+pub fn plan_job(
+    spec: &JobSpec,
+    arch: &ModelArch,
+    devices: &DeviceSet,
+    profile: ProfileName,
+) -> Result<Answer, RunError> {
     let available = devices.devices.len();
     let stages = spec.parallelism.stages.count().unwrap_or(available);
     if stages > available {
@@ -91,7 +101,101 @@ pub fn plan_job(spec: &JobSpec, arch: &ModelArch, devices: &DeviceSet) -> Result
             OffloadChoice::Chronos => Offload::Chronos,
         },
     };
-    Ok(search(&request, &Cluster::cpu(stages as u32, budget))?)
+    let cluster = Cluster {
+        profile,
+        ..Cluster::cpu(stages as u32, budget)
+    };
+    Ok(search(&request, &cluster)?)
+}
+
+/// How much of a GPU's free memory a run leaves alone: the CUDA context's own allocations,
+/// cuBLAS workspaces and the compiled kernels are not counted in the device's pool.
+const GPU_RESERVE: usize = 1 << 30;
+
+/// `cuda` or `cuda:N`: the GPU that holds a whole-model run; `None` for other device kinds.
+fn gpu_ordinal(spec: &str) -> Result<Option<usize>, RunError> {
+    let Some(rest) = spec.trim().strip_prefix("cuda") else {
+        return Ok(None);
+    };
+    let bad = |reason: &str| RunError::Devices {
+        spec: spec.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if rest.is_empty() {
+        return Ok(Some(0));
+    }
+    let index = rest
+        .strip_prefix(':')
+        .ok_or_else(|| bad("CUDA devices are `cuda` or `cuda:N`"))?;
+    if index.contains([',', 'x', 'X']) {
+        return Err(bad(
+            "several GPUs, or several stages on one GPU, need the pipeline runtime on GPUs, \
+             which is not built yet; use `cuda` or `cuda:N` (the whole model on one GPU)",
+        ));
+    }
+    index
+        .trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| bad("the GPU index is not a whole number"))
+}
+
+/// A GPU run is one stage without recompute or offload (what `GpuTrainer` does); `auto`
+/// settings become that, anything else is refused by field.
+fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
+    let p = &spec.parallelism;
+    let mut errors = Vec::new();
+    let why = "a run on a GPU holds the whole model on one GPU (one stage, no recompute or \
+               offload) until the pipeline runtime runs on GPUs";
+    if p.stages.count().is_some_and(|n| n != 1) {
+        errors.push(SpecError::new("parallelism.stages", why));
+    }
+    if !matches!(p.recompute, RecomputeChoice::Auto | RecomputeChoice::None) {
+        errors.push(SpecError::new("parallelism.recompute", why));
+    }
+    if !matches!(p.offload, OffloadChoice::Auto | OffloadChoice::None) {
+        errors.push(SpecError::new("parallelism.offload", why));
+    }
+    if !errors.is_empty() {
+        return Err(RunError::Spec(errors));
+    }
+    let mut one = spec.clone();
+    one.parallelism.stages = Stages::Count(1);
+    one.parallelism.recompute = RecomputeChoice::None;
+    one.parallelism.offload = OffloadChoice::None;
+    Ok(one)
+}
+
+/// The batches of the spec's data, for a model of `arch`.
+fn load_data(spec: &JobSpec, arch: &ModelArch) -> Result<Batcher, RunError> {
+    let t = &spec.training;
+    let tokenizer = Tokenizer::load(&spec.data.tokenizer)?;
+    let tokens = tokenizer.encode_file(Path::new(&spec.data.train))?;
+    let layout = BatchLayout {
+        seq_len: t.seq_len,
+        micro_batch_size: t.micro_batch_size,
+        microbatches: t.microbatches,
+        shuffle: t.shuffle,
+        seed: t.seed,
+    };
+    Ok(Batcher::new(&tokens, arch.vocab_size, layout)?)
+}
+
+/// The model's starting parts, in `host`: seeded, or read from a Hugging Face directory.
+fn initial_parts(
+    spec: &JobSpec,
+    config: &LlamaConfig,
+    host: &PoolRef,
+) -> Result<Vec<PartParams>, RunError> {
+    Ok(match &spec.model.init {
+        ModelInit::Seed { seed } => seeded_parts(config, host, *seed)?,
+        ModelInit::From { from } => load_hf_parts(
+            Path::new(from),
+            config,
+            &PartId::all(config.dims.layers),
+            host,
+        )?,
+    })
 }
 
 impl Run {
@@ -99,6 +203,9 @@ impl Run {
     /// names none.
     pub fn prepare(spec: JobSpec, default_devices: &str) -> Result<Run, RunError> {
         let device_spec = spec.devices.as_deref().unwrap_or(default_devices);
+        if let Some(ordinal) = gpu_ordinal(device_spec)? {
+            return Run::prepare_on_gpu(spec, ordinal);
+        }
         let devices = DeviceSet::parse(device_spec).map_err(|e| RunError::Devices {
             spec: device_spec.to_owned(),
             reason: e.to_string(),
@@ -111,30 +218,11 @@ impl Run {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
         let config = LlamaConfig::from_arch(&arch)?;
-        let answer = plan_job(&spec, &arch, &devices)?;
+        let answer = plan_job(&spec, &arch, &devices, ProfileName::CpuF32)?;
         devices.devices.truncate(answer.plan.devices());
-
+        let batcher = load_data(&spec, &arch)?;
+        let parts = initial_parts(&spec, &config, &devices.host)?;
         let t = &spec.training;
-        let tokenizer = Tokenizer::load(&spec.data.tokenizer)?;
-        let tokens = tokenizer.encode_file(Path::new(&spec.data.train))?;
-        let layout = BatchLayout {
-            seq_len: t.seq_len,
-            micro_batch_size: t.micro_batch_size,
-            microbatches: t.microbatches,
-            shuffle: t.shuffle,
-            seed: t.seed,
-        };
-        let batcher = Batcher::new(&tokens, arch.vocab_size, layout)?;
-
-        let parts = match &spec.model.init {
-            ModelInit::Seed { seed } => seeded_parts(&config, &devices.host, *seed)?,
-            ModelInit::From { from } => load_hf_parts(
-                Path::new(from),
-                &config,
-                &PartId::all(config.dims.layers),
-                &devices.host,
-            )?,
-        };
         let pipeline = Pipeline::new(
             config,
             answer.plan.clone(),
@@ -148,7 +236,45 @@ impl Run {
         Ok(Run {
             spec,
             answer,
-            pipeline,
+            placement: Placement::Pipeline(Box::new(pipeline)),
+            batcher,
+        })
+    }
+
+    /// The whole model on GPU `ordinal`, products in TF32 (f32 storage), planned with the
+    /// CUDA backend's memory layout (`cuda-f32`) against the GPU's free memory.
+    fn prepare_on_gpu(spec: JobSpec, ordinal: usize) -> Result<Run, RunError> {
+        spec.validate().map_err(|e| RunError::Spec(e.0))?;
+        let arch = resolve_arch(&spec)?;
+        let config = LlamaConfig::from_arch(&arch)?;
+        let one = one_stage(&spec)?;
+        let batcher = load_data(&spec, &arch)?;
+        let gpu = Gpu::open(ordinal, Precision::Tf32)?;
+        let pool = gpu.pool(None, GPU_RESERVE)?;
+        let host = Pool::new("host", usize::MAX);
+        let devices = DeviceSet {
+            devices: vec![pool.clone()],
+            host: host.clone(),
+        };
+        let answer = plan_job(&one, &arch, &devices, ProfileName::CudaF32)?;
+        let parts = initial_parts(&spec, &config, &host)?;
+        let t = &spec.training;
+        let trainer = GpuTrainer::upload(
+            gpu,
+            pool,
+            config,
+            &parts,
+            OptimizerConfig::from_spec(&t.optimizer),
+            LrSchedule::from_spec(t),
+            t.grad_clip.map(|c| c as f32),
+        )?;
+        Ok(Run {
+            spec,
+            answer,
+            placement: Placement::Gpu {
+                trainer: Box::new(trainer),
+                host,
+            },
             batcher,
         })
     }

@@ -22,7 +22,7 @@ use crate::exec::backend::cuda::tensor::{DevPtr, GpuTensor};
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
-use crate::exec::optim::OptimizerConfig;
+use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::tensor::Element;
 use crate::plan::inventory::{MicroShape, Part, PartInventory, Profile, TensorSpec};
 
@@ -165,6 +165,35 @@ impl GpuPart {
         }
         for (src, dst) in self.grads.iter().zip(host.grads.iter_mut()) {
             dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
+        }
+        Ok(())
+    }
+
+    /// Copies the optimizer state into host tensors of the same layout (none for SGD).
+    pub fn download_state(&self, gpu: &Gpu, host: &mut PartOptimState) -> Result<()> {
+        let pairs = self
+            .exp_avg
+            .iter()
+            .zip(host.exp_avg.iter_mut())
+            .chain(self.exp_avg_sq.iter().zip(host.exp_avg_sq.iter_mut()));
+        for (src, dst) in pairs {
+            dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
+        }
+        Ok(())
+    }
+
+    /// Replaces weights and optimizer state with a host part's (a checkpoint's).
+    pub fn load(&mut self, gpu: &Gpu, host: &PartParams, state: &PartOptimState) -> Result<()> {
+        for (dst, src) in self.weights.iter_mut().zip(&host.weights) {
+            dst.copy_from_host(gpu, src.data())?;
+        }
+        let pairs = self
+            .exp_avg
+            .iter_mut()
+            .zip(&state.exp_avg)
+            .chain(self.exp_avg_sq.iter_mut().zip(&state.exp_avg_sq));
+        for (dst, src) in pairs {
+            dst.copy_from_host(gpu, src.data())?;
         }
         Ok(())
     }

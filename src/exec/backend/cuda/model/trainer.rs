@@ -12,9 +12,9 @@ use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::device::PoolRef;
 use crate::exec::model::{LlamaConfig, PartId, PartParams};
-use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::clip::clip_factor;
 use crate::exec::optim::schedule::LrSchedule;
+use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::train::StepReport;
 
 /// The whole model and its optimizer on one GPU.
@@ -135,6 +135,29 @@ impl GpuTrainer {
             }
         }
         self.zero_grads()
+    }
+
+    /// Every part's weights (and gradients) with its optimizer state, copied into `host`'s
+    /// pool, in model order: what a checkpoint writes.
+    pub fn to_host(&self, host: &PoolRef) -> Result<Vec<(PartParams, PartOptimState)>> {
+        self.parts
+            .iter()
+            .map(|p| {
+                let mut part = PartParams::allocate(host, &self.config, p.id)?;
+                p.download(&self.gpu, &mut part)?;
+                let mut state = PartOptimState::allocate(host, &self.optimizer, &part)?;
+                p.download_state(&self.gpu, &mut state)?;
+                Ok((part, state))
+            })
+            .collect()
+    }
+
+    /// Loads weights and optimizer state from host copies (as [`GpuTrainer::to_host`] makes).
+    pub fn load_from_host(&mut self, host: &[(PartParams, PartOptimState)]) -> Result<()> {
+        for (p, (part, state)) in self.parts.iter_mut().zip(host) {
+            p.load(&self.gpu, part, state)?;
+        }
+        Ok(())
     }
 
     /// Clears every gradient (after an update, or when a step is abandoned).
