@@ -251,6 +251,10 @@ fn cuda_runs_refuse_what_one_gpu_cannot_do_and_say_what_is_missing() {
         err.contains("parallelism.stages") && err.contains("parallelism.recompute"),
         "{err}"
     );
+    let mut gpipe = job(&data, 1, "gpipe", "none", "none");
+    gpipe.devices = Some("cuda".into());
+    let err = Run::prepare(gpipe, "cpu:1x64MiB").err().expect("refused");
+    assert!(err.to_string().contains("parallelism.schedule"), "{err}");
 
     let libs = chronospipe::exec::backend::cuda::libs::Libraries::probe();
     if !libs.driver {

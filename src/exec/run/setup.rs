@@ -140,15 +140,19 @@ fn gpu_ordinal(spec: &str) -> Result<Option<usize>, RunError> {
         .map_err(|_| bad("the GPU index is not a whole number"))
 }
 
-/// A GPU run is one stage without recompute or offload (what `GpuTrainer` does); `auto`
-/// settings become that, anything else is refused by field.
+/// A GPU run is one stage running each micro-batch's forward then its backward, without
+/// recompute or offload (what `GpuTrainer` does): `auto` settings become that, anything else
+/// is refused by field.
 fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
     let p = &spec.parallelism;
     let mut errors = Vec::new();
-    let why = "a run on a GPU holds the whole model on one GPU (one stage, no recompute or \
-               offload) until the pipeline runtime runs on GPUs";
+    let why = "a run on a GPU holds the whole model on one GPU (one stage, 1F1B, no recompute \
+               or offload) until the pipeline runtime runs on GPUs";
     if p.stages.count().is_some_and(|n| n != 1) {
         errors.push(SpecError::new("parallelism.stages", why));
+    }
+    if !matches!(p.schedule, ScheduleChoice::Auto | ScheduleChoice::OneFOneB) {
+        errors.push(SpecError::new("parallelism.schedule", why));
     }
     if !matches!(p.recompute, RecomputeChoice::Auto | RecomputeChoice::None) {
         errors.push(SpecError::new("parallelism.recompute", why));
@@ -161,6 +165,7 @@ fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
     }
     let mut one = spec.clone();
     one.parallelism.stages = Stages::Count(1);
+    one.parallelism.schedule = ScheduleChoice::OneFOneB;
     one.parallelism.recompute = RecomputeChoice::None;
     one.parallelism.offload = OffloadChoice::None;
     Ok(one)
