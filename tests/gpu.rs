@@ -4,7 +4,11 @@
 
 use std::path::PathBuf;
 
+#[path = "common/run_log.rs"]
+mod run_log;
+
 use chronospipe::exec::backend::cuda::selftest::{self, SelftestOptions};
+use run_log::RunLog;
 
 fn options() -> SelftestOptions {
     SelftestOptions {
@@ -54,7 +58,7 @@ fn gpu_run_matches_a_cpu_run_and_resumes() {
     };
     let run_to = |devices: &str, out: &std::path::Path| {
         let mut run = Run::prepare(spec(devices), "cpu:1x256MiB").unwrap();
-        let mut log = observer::Log::new(out);
+        let mut log = RunLog::new(out);
         drive(&mut run, &mut log).unwrap();
         (run, log.losses)
     };
@@ -70,7 +74,7 @@ fn gpu_run_matches_a_cpu_run_and_resumes() {
     // rounding: some GPU sums use atomics, whose order varies).
     let mut resumed = Run::prepare(spec("cuda"), "cpu:1x256MiB").unwrap();
     resumed.resume_from(&gpu_dir.join("step-2")).unwrap();
-    let mut log = observer::Log::new(&dir.path().join("resumed"));
+    let mut log = RunLog::new(&dir.path().join("resumed"));
     drive(&mut resumed, &mut log).unwrap();
     assert_eq!(log.losses.len(), 2);
     for (r, g) in log.losses.iter().zip(&gpu[2..]) {
@@ -79,40 +83,5 @@ fn gpu_run_matches_a_cpu_run_and_resumes() {
             "resumed {:?} vs {gpu:?}",
             log.losses
         );
-    }
-}
-
-mod observer {
-    use std::path::{Path, PathBuf};
-
-    use chronospipe::exec::run::{Observer, RunError, StepMetrics};
-
-    /// Keeps each step's loss; checkpoints go to `out/step-K` and `out/final`.
-    pub struct Log {
-        out: PathBuf,
-        pub losses: Vec<f64>,
-    }
-
-    impl Log {
-        pub fn new(out: &Path) -> Self {
-            Log {
-                out: out.to_owned(),
-                losses: Vec::new(),
-            }
-        }
-    }
-
-    impl Observer for Log {
-        fn step(&mut self, m: &StepMetrics) -> Result<(), RunError> {
-            self.losses.push(m.loss);
-            Ok(())
-        }
-        fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf {
-            self.out.join(if last {
-                "final".into()
-            } else {
-                format!("step-{step}")
-            })
-        }
     }
 }

@@ -4,36 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use chronospipe::exec::run::{Observer, Outcome, Run, RunError, StepMetrics, drive};
+#[path = "common/run_log.rs"]
+mod run_log;
+
+use chronospipe::exec::run::{Outcome, Run, drive};
 use chronospipe::spec::JobSpec;
-
-struct Quiet {
-    out: PathBuf,
-    losses: Vec<f64>,
-}
-
-impl Quiet {
-    fn new(out: &Path) -> Self {
-        Quiet {
-            out: out.to_owned(),
-            losses: Vec::new(),
-        }
-    }
-}
-
-impl Observer for Quiet {
-    fn step(&mut self, m: &StepMetrics) -> Result<(), RunError> {
-        self.losses.push(m.loss);
-        Ok(())
-    }
-    fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf {
-        self.out.join(if last {
-            "final".into()
-        } else {
-            format!("step-{step}")
-        })
-    }
-}
+use run_log::RunLog;
 
 fn corpus(dir: &Path) -> PathBuf {
     let path = dir.join("corpus.txt");
@@ -56,9 +32,9 @@ fn job(corpus: &Path, stages: usize, schedule: &str, recompute: &str, offload: &
     JobSpec::from_json(&text).unwrap()
 }
 
-fn train(spec: JobSpec, out: &Path) -> (Run, Quiet) {
+fn train(spec: JobSpec, out: &Path) -> (Run, RunLog) {
     let mut run = Run::prepare(spec, "cpu:1x64MiB").unwrap();
-    let mut quiet = Quiet::new(out);
+    let mut quiet = RunLog::new(out);
     let outcome = drive(&mut run, &mut quiet).unwrap();
     assert_eq!(
         outcome,
@@ -130,7 +106,7 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
     let mut run = Run::prepare(spec, "cpu:1x64MiB").unwrap();
     let state = run.resume_from(&whole.join("step-2")).unwrap();
     assert_eq!(state.step, 2);
-    let mut quiet = Quiet::new(&resumed);
+    let mut quiet = RunLog::new(&resumed);
     drive(&mut run, &mut quiet).unwrap();
     assert_eq!(quiet.losses, uninterrupted.losses[2..]);
     for file in ["model.safetensors", "optimizer.safetensors"] {
@@ -210,7 +186,7 @@ fn bad_input_stops_with_an_error_that_says_why() {
     wild.training.checkpoint_every = Some(1);
     let out = dir.path().join("wild");
     let mut run = Run::prepare(wild, "").unwrap();
-    let err = drive(&mut run, &mut Quiet::new(&out)).unwrap_err();
+    let err = drive(&mut run, &mut RunLog::new(&out)).unwrap_err();
     assert_eq!(err.blame().code, "diverged", "{err}");
     let failed_step = run.step();
     assert!(

@@ -9,6 +9,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use crate::exec::kernels::disjoint::Disjoint;
 use crate::exec::kernels::matmul::matmul_raw;
 use crate::exec::kernels::{fast_exp, reduce};
 
@@ -42,20 +43,6 @@ impl AttnShape {
     }
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
-    }
-}
-
-/// A raw pointer handed to parallel tasks that write disjoint elements of one buffer.
-#[derive(Clone, Copy)]
-struct Disjoint(*mut f32);
-// SAFETY: every task writes only the (token, head) elements it owns; see each use.
-unsafe impl Send for Disjoint {}
-unsafe impl Sync for Disjoint {}
-
-impl Disjoint {
-    // A method, not field access, so closures capture the whole Send + Sync wrapper.
-    fn at(&self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 

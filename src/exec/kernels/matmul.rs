@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::disjoint::Disjoint;
+
 /// A read-only matrix: `rows x cols`, element (r, c) at `data[r * row_stride + c * col_stride]`.
 #[derive(Clone, Copy)]
 pub struct MatRef<'a> {
@@ -155,20 +157,6 @@ pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, t
 
 /// The fewest rows (or columns) worth a thread of their own.
 const MIN_PIECE: usize = 64;
-
-/// `dst`'s base pointer handed to the pieces, which write disjoint rows or columns.
-#[derive(Clone, Copy)]
-struct Disjoint(*mut f32);
-// SAFETY: see `matmul`: every piece writes only its own rows or columns.
-unsafe impl Send for Disjoint {}
-unsafe impl Sync for Disjoint {}
-
-impl Disjoint {
-    // A method, not field access, so closures capture the whole Send + Sync wrapper.
-    fn at(&self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
 
 #[cfg(test)]
 mod tests {

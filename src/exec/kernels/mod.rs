@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+mod disjoint;
 pub mod embedding;
 pub mod fast_exp;
 pub mod matmul;
