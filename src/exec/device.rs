@@ -264,8 +264,8 @@ impl DeviceSet {
         };
         if spec.trim().starts_with("cuda") {
             return Err(bad(
-                "the pipeline runtime drives CPU devices only so far; the CUDA backend trains \
-                 on one GPU through `chronospipe selftest --gpu`",
+                "CPU device sets only: a run opens a GPU itself (`cuda` or `cuda:N`, the whole \
+                 model on one GPU); pipelines on GPUs are not built yet",
             ));
         }
         let rest = spec
