@@ -125,7 +125,7 @@ pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, t
     let side = if by_rows { m } else { n };
     let pieces = threads.0.clamp(1, side.div_ceil(MIN_PIECE));
     let dst = Disjoint(dst.as_mut_ptr());
-    (0..pieces).into_par_iter().for_each(|i| {
+    let piece = |i: usize| {
         // Balanced and never empty: pieces <= side.
         let (s0, s1) = (i * side / pieces, (i + 1) * side / pieces);
         let (rows, cols, dst_at, a_at, b_at) = if by_rows {
@@ -152,7 +152,14 @@ pub fn matmul(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, t
                 accumulate,
             )
         }
-    });
+    };
+    // One piece runs on the calling thread: no hand-over to the pool for small products or a
+    // single thread.
+    if pieces == 1 {
+        piece(0);
+    } else {
+        (0..pieces).into_par_iter().for_each(piece);
+    }
 }
 
 /// The fewest rows (or columns) worth a thread of their own.
