@@ -23,7 +23,7 @@ use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
-use crate::exec::tensor::Element;
+use crate::exec::tensor::{Element, Tensor};
 use crate::plan::inventory::{MicroShape, Part, PartInventory, Profile, TensorSpec};
 
 type Result<T> = std::result::Result<T, CudaError>;
@@ -160,26 +160,25 @@ impl GpuPart {
 
     /// Copies weights and gradients into a host part of the same layout.
     pub fn download(&self, gpu: &Gpu, host: &mut PartParams) -> Result<()> {
-        for (src, dst) in self.weights.iter().zip(host.weights.iter_mut()) {
-            dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
-        }
-        for (src, dst) in self.grads.iter().zip(host.grads.iter_mut()) {
-            dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
-        }
-        Ok(())
+        let weights = self.weights.iter().zip(host.weights.iter_mut());
+        copy_to_host(
+            gpu,
+            weights.chain(self.grads.iter().zip(host.grads.iter_mut())),
+        )
     }
 
-    /// Copies the optimizer state into host tensors of the same layout (none for SGD).
-    pub fn download_state(&self, gpu: &Gpu, host: &mut PartOptimState) -> Result<()> {
-        let pairs = self
-            .exp_avg
-            .iter()
-            .zip(host.exp_avg.iter_mut())
-            .chain(self.exp_avg_sq.iter().zip(host.exp_avg_sq.iter_mut()));
-        for (src, dst) in pairs {
-            dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
-        }
-        Ok(())
+    /// Copies what a checkpoint keeps, the weights and the optimizer state (none for SGD),
+    /// into host tensors of the same layout; gradients stay as they are (zero between steps).
+    pub fn download_checkpoint(
+        &self,
+        gpu: &Gpu,
+        host: &mut PartParams,
+        state: &mut PartOptimState,
+    ) -> Result<()> {
+        let weights = self.weights.iter().zip(host.weights.iter_mut());
+        let moments = (self.exp_avg.iter().zip(state.exp_avg.iter_mut()))
+            .chain(self.exp_avg_sq.iter().zip(state.exp_avg_sq.iter_mut()));
+        copy_to_host(gpu, weights.chain(moments))
     }
 
     /// Replaces weights and optimizer state with a host part's (a checkpoint's).
@@ -197,6 +196,17 @@ impl GpuPart {
         }
         Ok(())
     }
+}
+
+/// Copies each device tensor into its host tensor of the same length.
+fn copy_to_host<'a>(
+    gpu: &Gpu,
+    pairs: impl Iterator<Item = (&'a GpuTensor, &'a mut Tensor)>,
+) -> Result<()> {
+    for (src, dst) in pairs {
+        dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
+    }
+    Ok(())
 }
 
 /// `y[n, out] (+)= x[n, in] · W[out, in]^T`, the projections' forward.

@@ -137,16 +137,15 @@ impl GpuTrainer {
         self.zero_grads()
     }
 
-    /// Every part's weights (and gradients) with its optimizer state, copied into `host`'s
-    /// pool, in model order: what a checkpoint writes.
+    /// Every part's weights with its optimizer state, copied into `host`'s pool, in model
+    /// order: what a checkpoint writes (gradients are zero between steps, as on the host).
     pub fn to_host(&self, host: &PoolRef) -> Result<Vec<(PartParams, PartOptimState)>> {
         self.parts
             .iter()
             .map(|p| {
                 let mut part = PartParams::allocate(host, &self.config, p.id)?;
-                p.download(&self.gpu, &mut part)?;
                 let mut state = PartOptimState::allocate(host, &self.optimizer, &part)?;
-                p.download_state(&self.gpu, &mut state)?;
+                p.download_checkpoint(&self.gpu, &mut part, &mut state)?;
                 Ok((part, state))
             })
             .collect()
