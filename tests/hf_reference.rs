@@ -13,7 +13,7 @@ use chronospipe::exec::model::part::{
     MicroTokens, PartOutput, PartStash, backward_part, forward_part,
 };
 use chronospipe::exec::model::{PartCtx, PartId, PartParams};
-use chronospipe::exec::optim::clip::{clip_factor, global_norm, part_squares, scale_grads};
+use chronospipe::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use chronospipe::exec::optim::{OptimizerConfig, PartOptimState, step_part};
 use chronospipe::plan::inventory::MicroShape;
 
@@ -126,13 +126,10 @@ fn step_and_compare(prefix: &str, config: OptimizerConfig, lr: f32, clip: Option
         &[norm as f32],
         &reference.f32("grad_norm").unwrap().1,
     );
-    if let Some(max_norm) = clip {
-        let factor = clip_factor(norm, max_norm);
-        run.parts.iter_mut().for_each(|p| scale_grads(p, factor));
-    }
+    let factor = clip.map_or(1.0, |max_norm| clip_factor(norm, max_norm));
     for p in &mut run.parts {
         let mut state = PartOptimState::allocate(&pool, &config, p).unwrap();
-        step_part(&config, 1, lr, p, &mut state);
+        step_part(&config, 1, lr, factor, p, &mut state);
         for (name, w) in p.names.iter().zip(&p.weights) {
             let want = reference.f32(&format!("{prefix}.{name}")).unwrap().1;
             ok &= compare(&format!("{prefix}.{name}"), w.data(), &want);

@@ -46,6 +46,12 @@ impl Backend for Timed {
         let name = format!("{kind} {}x{}x{}", a.rows, b.cols, a.cols);
         self.time(&name, || self.inner.matmul(dst, a, b, acc))
     }
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        self.time("residual copy", || self.inner.copy(dst, src))
+    }
+    fn add(&self, dst: &mut [f32], src: &[f32]) {
+        self.time("residual add", || self.inner.add(dst, src))
+    }
     fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
         self.time("rmsnorm forward", || {
             self.inner.rmsnorm_forward(out, rstd, x, w, eps)

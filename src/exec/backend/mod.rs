@@ -10,7 +10,7 @@ use thiserror::Error;
 use crate::exec::kernels::attention::{self, AttnShape};
 use crate::exec::kernels::cross_entropy::{self, HeadShape};
 use crate::exec::kernels::matmul::{self, MatRef, Threads};
-use crate::exec::kernels::{embedding, rmsnorm, rope, swiglu};
+use crate::exec::kernels::{embedding, residual, rmsnorm, rope, swiglu};
 
 /// Which kind of device a backend drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +35,11 @@ pub trait Backend: Send + Sync {
 
     /// `dst (+)= a · b`.
     fn matmul(&self, dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool);
+
+    /// `dst = src` (the residual stream's copies).
+    fn copy(&self, dst: &mut [f32], src: &[f32]);
+    /// `dst += src` (the residual stream's sums).
+    fn add(&self, dst: &mut [f32], src: &[f32]);
 
     fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32);
     fn rmsnorm_apply(&self, out: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32]);
@@ -157,6 +162,12 @@ impl Backend for CpuBackend {
     }
     fn matmul(&self, dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
         matmul::matmul(dst, a, b, accumulate, Threads(self.threads));
+    }
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        residual::copy(dst, src);
+    }
+    fn add(&self, dst: &mut [f32], src: &[f32]) {
+        residual::add(dst, src);
     }
     fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
         rmsnorm::rmsnorm_forward(out, rstd, x, w, eps);

@@ -8,6 +8,7 @@ pub mod embedding;
 pub mod fast_exp;
 pub mod matmul;
 pub mod reduce;
+pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;

@@ -139,7 +139,7 @@ pub fn layer_forward(
         attn_shape(ctx),
     );
     // resid_mid = input + attn_out · Wo^T, the residual added by the product itself.
-    st.resid_mid.data_mut().copy_from_slice(st.input.data());
+    be.copy(st.resid_mid.data_mut(), st.input.data());
     be.matmul(
         st.resid_mid.data_mut(),
         rows(&st.attn_out),
@@ -168,7 +168,7 @@ pub fn layer_forward(
         false,
     );
     be.swiglu_forward(act.data_mut(), st.gate.data(), st.up.data());
-    output.data_mut().copy_from_slice(st.resid_mid.data());
+    be.copy(output.data_mut(), st.resid_mid.data());
     be.matmul(output.data_mut(), rows(&act), rows(&w[lp::DOWN]).t(), true);
     Ok((st, output))
 }
@@ -252,14 +252,8 @@ pub fn layer_backward(
         w[lp::POST_NORM].data(),
         st.mlp_norm_rstd.data(),
     );
-    for ((r, y), n) in d_resid_mid
-        .data_mut()
-        .iter_mut()
-        .zip(dy.data())
-        .zip(d_norm_out.data())
-    {
-        *r = y + n;
-    }
+    be.copy(d_resid_mid.data_mut(), dy.data());
+    be.add(d_resid_mid.data_mut(), d_norm_out.data());
 
     // Attention block.
     be.matmul(
@@ -317,8 +311,6 @@ pub fn layer_backward(
         w[lp::INPUT_NORM].data(),
         st.attn_norm_rstd.data(),
     );
-    for (r, n) in d_resid_mid.data_mut().iter_mut().zip(d_norm_out.data()) {
-        *r += n;
-    }
+    be.add(d_resid_mid.data_mut(), d_norm_out.data());
     Ok(d_resid_mid.renamed("grad_output"))
 }

@@ -3,6 +3,7 @@
 //! holds them, so the result is bit-identical for any number of pipeline stages.
 
 use multiversion::multiversion;
+use rayon::prelude::*;
 
 use crate::exec::kernels::reduce;
 use crate::exec::model::{PartId, PartParams};
@@ -23,8 +24,16 @@ pub fn part_squares(part: &PartParams) -> PartSquares {
     }
 }
 
-#[multiversion(targets = "simd")]
+/// Fixed ranges summed on the pool's threads, their sums added in order: the same bits for
+/// any number of threads.
 fn tensor_squares(xs: &[f32]) -> f64 {
+    const CHUNK: usize = 1 << 16;
+    let partials: Vec<f64> = xs.par_chunks(CHUNK).map(chunk_squares).collect();
+    partials.iter().sum()
+}
+
+#[multiversion(targets = "simd")]
+fn chunk_squares(xs: &[f32]) -> f64 {
     reduce::sum_squares_f64(xs)
 }
 
@@ -39,14 +48,4 @@ pub fn global_norm(partials: &[PartSquares]) -> f64 {
 /// The factor `torch.nn.utils.clip_grad_norm_` multiplies gradients by: at most 1.
 pub fn clip_factor(norm: f64, max_norm: f32) -> f32 {
     ((max_norm as f64) / (norm + 1e-6)).min(1.0) as f32
-}
-
-/// Multiplies every gradient of a part by `factor`.
-pub fn scale_grads(part: &mut PartParams, factor: f32) {
-    if factor == 1.0 {
-        return;
-    }
-    for g in &mut part.grads {
-        g.data_mut().iter_mut().for_each(|x| *x *= factor);
-    }
 }

@@ -142,13 +142,16 @@ impl OptimizerConfig {
     }
 }
 
-/// Updates weights `w` from gradients `g` element by element; `m` and `v` are AdamW's moments
-/// for the same elements (empty for SGD). Any split of a tensor into ranges gives the same bits.
+/// Updates weights `w` from gradients `g` element by element, the gradients multiplied by
+/// `clip_factor` first, and leaves `g` zeroed for the next step's sums (one pass over memory
+/// instead of three); `m` and `v` are AdamW's moments for the same elements (empty for SGD).
+/// Any split of a tensor into ranges gives the same bits.
 pub fn update_elements(
     config: &OptimizerConfig,
     c: &UpdateCoeffs,
+    clip_factor: f32,
     w: &mut [f32],
-    g: &[f32],
+    g: &mut [f32],
     m: &mut [f32],
     v: &mut [f32],
 ) {
@@ -156,22 +159,25 @@ pub fn update_elements(
     match *config {
         OptimizerConfig::Sgd => w
             .par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(w, g)| sgd_chunk(c.lr, w, g)),
+            .zip(g.par_chunks_mut(CHUNK))
+            .for_each(|(w, g)| sgd_chunk(c.lr, clip_factor, w, g)),
         OptimizerConfig::AdamW {
             beta1, beta2, eps, ..
         } => w
             .par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
+            .zip(g.par_chunks_mut(CHUNK))
             .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((w, g), (m, v))| adamw_chunk(c, (beta1, beta2, eps), w, g, m, v)),
+            .for_each(|((w, g), (m, v))| {
+                adamw_chunk(c, (beta1, beta2, eps), clip_factor, w, g, m, v)
+            }),
     }
 }
 
 #[multiversion(targets = "simd")]
-fn sgd_chunk(lr: f32, w: &mut [f32], g: &[f32]) {
+fn sgd_chunk(lr: f32, clip_factor: f32, w: &mut [f32], g: &mut [f32]) {
     for (w, g) in w.iter_mut().zip(g) {
-        *w -= lr * g;
+        *w -= lr * (*g * clip_factor);
+        *g = 0.0;
     }
 }
 
@@ -179,13 +185,16 @@ fn sgd_chunk(lr: f32, w: &mut [f32], g: &[f32]) {
 fn adamw_chunk(
     c: &UpdateCoeffs,
     (beta1, beta2, eps): (f32, f32, f32),
+    clip_factor: f32,
     w: &mut [f32],
-    g: &[f32],
+    g: &mut [f32],
     m: &mut [f32],
     v: &mut [f32],
 ) {
     let rows = w.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut()));
-    for ((w, &g), (m, v)) in rows {
+    for ((w, g_slot), (m, v)) in rows {
+        let g = *g_slot * clip_factor;
+        *g_slot = 0.0;
         *w *= c.decay;
         *m += (g - *m) * (1.0 - beta1);
         *v = *v * beta2 + (1.0 - beta2) * g * g;
@@ -194,23 +203,24 @@ fn adamw_chunk(
     }
 }
 
-/// Applies one update to `part` with its (already clipped) gradients. `step` counts from 1,
-/// as PyTorch's bias correction does.
+/// Applies one update to `part` with its gradients times `clip_factor`, and zeroes the
+/// gradients. `step` counts from 1, as PyTorch's bias correction does.
 pub fn step_part(
     config: &OptimizerConfig,
     step: u64,
     lr: f32,
+    clip_factor: f32,
     part: &mut PartParams,
     state: &mut PartOptimState,
 ) {
     let c = config.coeffs(step, lr);
-    for (i, (w, g)) in part.weights.iter_mut().zip(&part.grads).enumerate() {
+    for (i, (w, g)) in part.weights.iter_mut().zip(&mut part.grads).enumerate() {
         let (m, v): (&mut [f32], &mut [f32]) =
             match (state.exp_avg.get_mut(i), state.exp_avg_sq.get_mut(i)) {
                 (Some(m), Some(v)) => (m.data_mut(), v.data_mut()),
                 _ => (&mut [], &mut []),
             };
-        update_elements(config, &c, w.data_mut(), g.data(), m, v);
+        update_elements(config, &c, clip_factor, w.data_mut(), g.data_mut(), m, v);
     }
 }
 
@@ -225,8 +235,6 @@ pub fn update_parts(
     states: &mut [PartOptimState],
 ) {
     for (part, state) in parts.iter_mut().zip(states.iter_mut()) {
-        clip::scale_grads(part, clip_factor);
-        step_part(config, step, lr, part, state);
-        part.zero_grads();
+        step_part(config, step, lr, clip_factor, part, state);
     }
 }

@@ -194,9 +194,6 @@ impl ChunkState {
             let part = &mut self.parts[o.part];
             let (w, g) = (&mut part.weights[o.tensor], &mut part.grads[o.tensor]);
             let g = &mut g.data_mut()[o.local.clone()];
-            if clip_factor != 1.0 {
-                g.iter_mut().for_each(|x| *x *= clip_factor);
-            }
             let (m, v): (&mut [f32], &mut [f32]) = match &mut self.optimizer[k].moments {
                 Some((m, v)) => (
                     &mut m.data_mut()[o.within.clone()],
@@ -204,8 +201,15 @@ impl ChunkState {
                 ),
                 None => (&mut [], &mut []),
             };
-            update_elements(config, coeffs, &mut w.data_mut()[o.local], g, m, v);
-            g.fill(0.0);
+            update_elements(
+                config,
+                coeffs,
+                clip_factor,
+                &mut w.data_mut()[o.local],
+                g,
+                m,
+                v,
+            );
         }
         Ok(())
     }

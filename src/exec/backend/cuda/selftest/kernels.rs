@@ -213,8 +213,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     let c = adamw.coeffs(3, 1e-3);
     let factor = 0.7;
     let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
-    let scaled: Vec<f32> = g.iter().map(|x| x * factor).collect();
-    update_elements(&adamw, &c, &mut w, &scaled, &mut m, &mut v);
+    update_elements(&adamw, &c, factor, &mut w, &mut g.clone(), &mut m, &mut v);
     let (gw, gg, gm, gv) = (k.up(&w0)?, k.up(&g)?, k.up(&m0)?, k.up(&v0)?);
     gpu.adamw_update(
         gw.ptr(),

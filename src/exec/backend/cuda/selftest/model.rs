@@ -15,7 +15,7 @@ use crate::exec::device::{Pool, PoolRef};
 use crate::exec::model::chunk::{backward_chunk, forward_chunk};
 use crate::exec::model::part::{MicroTokens, PartOutput};
 use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
-use crate::exec::optim::clip::{clip_factor, global_norm, part_squares, scale_grads};
+use crate::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::plan::inventory::MicroShape;
@@ -150,9 +150,8 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
         .collect();
     let factor = clip_factor(cpu_norm, max_norm);
     for p in &mut cpu_parts {
-        scale_grads(p, factor);
         let mut state = PartOptimState::allocate(&host, &adamw, p)?;
-        crate::exec::optim::step_part(&adamw, 1, lr, p, &mut state);
+        crate::exec::optim::step_part(&adamw, 1, lr, factor, p, &mut state);
     }
     // With rounded products, AdamW's first step (about lr·sign(g)) turns the rounding noise
     // of near-zero gradients into whole steps; there the step runs on the CPU's gradients,
