@@ -14,9 +14,10 @@ use crate::exec::kernels::matmul::matmul_raw;
 use crate::exec::kernels::{fast_exp, reduce};
 
 /// Queries handled together: blocks of the score matrix are products through gemm. Small
-/// blocks waste less on the diagonal block's masked half; measured on seq 256 / head_dim 64,
-/// 16-48 query rows beat 64 by 15-20% and 128 is slower still.
-const BLOCK: usize = 32;
+/// blocks waste less on the diagonal block's masked half, and the backward's two score blocks
+/// (16 x 256 floats each) then fit in L1 together; measured on seq 256 / head_dim 64
+/// (`kernel_bench attention`, Zen 4): 16 rows beat 32 by about 5% and 8 or 64 by 20%.
+const BLOCK: usize = 16;
 /// Keys scored together before the running maximum is updated. Wider than the query block
 /// so each product is larger; causal trimming keeps each block's columns at the diagonal.
 const KEY_BLOCK: usize = 256;
