@@ -175,6 +175,17 @@ fn row_dots(
     }
 }
 
+/// Zeroes `rows` rows of `width` floats, `row_stride` apart, from `at`.
+///
+/// # Safety
+/// The addressed elements must be inside one allocation that no other thread touches meanwhile.
+unsafe fn zero_head(at: *mut f32, row_stride: usize, width: usize, rows: usize) {
+    for r in 0..rows {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { std::ptr::write_bytes(at.add(r * row_stride), 0, width) };
+    }
+}
+
 /// Forward: fills `out` and `lse`.
 pub fn attention_forward(
     out: &mut [f32],
@@ -292,9 +303,6 @@ pub fn attention_backward(
         let (b, h) = (task / sh.heads, task % sh.heads);
         row_dots(row, d_out, out, b * s * qw + h * d, qw, d);
     });
-    dq.fill(0.0);
-    dk.fill(0.0);
-    dv.fill(0.0);
     let (dq_ptr, dk_ptr, dv_ptr) = (
         Disjoint(dq.as_mut_ptr()),
         Disjoint(dk.as_mut_ptr()),
@@ -302,15 +310,25 @@ pub fn attention_backward(
     );
     let delta = &*delta;
     // Each task is one (sequence, key/value head) and the query heads that share it, so the
-    // sums into dk and dv run in a fixed order inside one task.
+    // sums into dk and dv run in a fixed order inside one task. A task zeroes the rows it sums
+    // into itself: on its own thread, just before use.
     (0..sh.batch * sh.kv_heads).into_par_iter().for_each_init(
         || BackwardScratch::new(d, s),
         |sc, task| {
             let (b, g) = (task / sh.kv_heads, task % sh.kv_heads);
             let kv_base = b * s * kw + g * d;
+            let heads = g * sh.group()..(g + 1) * sh.group();
+            // SAFETY: these head columns of sequence b belong to this task alone.
+            unsafe {
+                zero_head(dk_ptr.at(kv_base), kw, d, s);
+                zero_head(dv_ptr.at(kv_base), kw, d, s);
+                for h in heads.clone() {
+                    zero_head(dq_ptr.at(b * s * qw + h * d), qw, d, s);
+                }
+            }
             transpose_head(&mut sc.k_t, k, kv_base, kw, d);
             transpose_head(&mut sc.v_t, v, kv_base, kw, d);
-            for h in g * sh.group()..(g + 1) * sh.group() {
+            for h in heads {
                 let q_base = b * s * qw + h * d;
                 let stats = (b * sh.heads + h) * s;
                 for q0 in (0..s).step_by(BLOCK) {
