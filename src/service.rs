@@ -14,7 +14,9 @@ use crate::api::{self, AppConfig, AppState, Limits};
 use crate::cli::ServiceArgs;
 use crate::config::{ConfigError, Settings};
 use crate::jobs::devices::DeviceSpecError;
-use crate::jobs::{DeviceInfo, Engines, Worker, WorkerConfig, default_devices, parse_devices};
+use crate::jobs::{
+    DeviceInfo, Engines, Worker, WorkerConfig, default_devices, parse_devices, with_gpu_memory,
+};
 use crate::store::{self, StoreError};
 use crate::telemetry::{self, LogFormat};
 
@@ -68,6 +70,8 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Devices(#[from] DeviceSpecError),
+    #[error("cannot use the service's GPUs: {0}")]
+    Gpus(#[from] crate::exec::run::RunError),
     #[error("cannot {what}: {source}")]
     Io {
         what: String,
@@ -95,7 +99,7 @@ pub struct ServiceOptions {
 impl ServiceOptions {
     pub fn from_settings(settings: &Settings) -> Result<Self, ServiceError> {
         let devices = match &settings.devices {
-            Some(spec) => parse_devices(spec)?,
+            Some(spec) => with_gpu_memory(parse_devices(spec)?)?,
             None => default_devices(),
         };
         Ok(ServiceOptions {

@@ -144,3 +144,32 @@ fn serve_prints_a_first_key_and_serves_docs_offline() {
     );
     assert!(child.wait().unwrap().success(), "clean exit on SIGTERM");
 }
+
+/// `serve --devices` takes the executor's device syntax; GPUs are opened at start, so a
+/// machine without a driver (or a form this build cannot run) says so before serving.
+#[test]
+fn serve_checks_its_gpus_before_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |devices: &str| {
+        chronospipe()
+            .args(["serve", "--listen", "127.0.0.1:0", "--devices", devices])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = serve("cuda:0x4");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cuda:0x4") && err.contains("not built yet"),
+        "{err}"
+    );
+
+    if !chronospipe::exec::backend::cuda::libs::Libraries::probe().driver {
+        let out = serve("cuda");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("CUDA unavailable: libcuda.so"), "{err}");
+    }
+}

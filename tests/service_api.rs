@@ -404,6 +404,25 @@ async fn error_statuses(url: &str) {
     .await;
     assert_eq!(p["smallest_memory_bytes"], common::SMALLEST_FIT);
     assert!(p["closest"].is_object());
+    // 422: a GPU the service does not have, and stages sharing a GPU (not built yet)
+    for (devices, want) in [
+        (
+            "cuda:3",
+            "this service has no GPU cuda:3; its devices are cpu:0, cpu:1",
+        ),
+        ("cuda:0x4", "not built yet"),
+    ] {
+        let mut on_gpu = job_body(&train, 1);
+        on_gpu["devices"] = json!(devices);
+        let p = problem(
+            server.post("/v1/plans").json(&on_gpu).send().await.unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_spec",
+        )
+        .await;
+        assert_eq!(p["param"], "devices");
+        assert!(p["detail"].as_str().unwrap().contains(want), "{p}");
+    }
     let plan: Value = server
         .post("/v1/plans")
         .json(&job_body(&train, 2))

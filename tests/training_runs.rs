@@ -215,7 +215,8 @@ fn cuda_runs_refuse_what_one_gpu_cannot_do_and_say_what_is_missing() {
         ("cuda:0,1", "not built yet"),
         ("cuda:0x4", "not built yet"),
         ("cuda:one", "not a whole number"),
-        ("cudax", "`cuda` or `cuda:N`"),
+        ("cudax", "unknown device kind"),
+        ("cuda:1,1", "named twice"),
     ] {
         let err = on(devices, 1, "none").expect("refused");
         let msg = err.to_string();

@@ -55,17 +55,39 @@ pub(super) async fn checked_spec(
     Ok((spec, resolved))
 }
 
-/// The devices a job body asks for, else the service's.
+/// The devices a job body asks for, else the service's. CPU devices may be any size (they
+/// are the plan's budget); GPUs must be the service's own, whose memory it measured.
 pub(super) fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<DeviceInfo>> {
-    match &spec.devices {
-        None => Ok(state.devices.clone()),
-        Some(text) => parse_devices(text).map_err(|e| {
-            ApiError::invalid_spec(crate::spec::InvalidSpec(vec![SpecError::new(
-                "devices",
-                e.to_string(),
-            )]))
-        }),
-    }
+    let invalid = |message: String| {
+        ApiError::invalid_spec(crate::spec::InvalidSpec(vec![SpecError::new(
+            "devices", message,
+        )]))
+    };
+    let Some(text) = &spec.devices else {
+        return Ok(state.devices.clone());
+    };
+    let asked = parse_devices(text).map_err(|e| invalid(e.to_string()))?;
+    asked
+        .into_iter()
+        .map(|d| {
+            if d.kind == "cpu" {
+                return Ok(d);
+            }
+            state
+                .devices
+                .iter()
+                .find(|own| own.id == d.id)
+                .cloned()
+                .ok_or_else(|| {
+                    let own: Vec<&str> = state.devices.iter().map(|o| o.id.as_str()).collect();
+                    invalid(format!(
+                        "this service has no GPU {}; its devices are {}",
+                        d.id,
+                        own.join(", ")
+                    ))
+                })
+        })
+        .collect()
 }
 
 pub(super) fn planner(state: &AppState) -> ApiResult<Arc<dyn Planner>> {

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
+use crate::exec::device_spec::DeviceSpec;
+
 /// What a tensor is for; the pool counts each group separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MemGroup {
@@ -256,40 +258,32 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    /// Parses `cpu:NxSIZE` (SIZE: bytes with an optional `KiB`, `MiB`, `GiB`, `KB`, `MB`, `GB`).
-    pub fn parse(spec: &str) -> Result<DeviceSet, DeviceError> {
-        let bad = |reason: &str| DeviceError::BadDeviceSpec {
-            spec: spec.to_string(),
-            reason: reason.to_string(),
-        };
-        if spec.trim().starts_with("cuda") {
-            return Err(bad(
-                "CPU device sets only: a run opens a GPU itself (`cuda` or `cuda:N`, the whole \
-                 model on one GPU); pipelines on GPUs are not built yet",
-            ));
-        }
-        let rest = spec
-            .trim()
-            .strip_prefix("cpu:")
-            .ok_or_else(|| bad("devices are `cpu:NxSIZE`"))?;
-        let (count, size) = rest
-            .split_once(['x', 'X'])
-            .ok_or_else(|| bad("missing `x` between the count and the size"))?;
-        let count: usize = count
-            .trim()
-            .parse()
-            .map_err(|_| bad("the device count is not a whole number"))?;
-        if count == 0 {
-            return Err(bad("the device count must be at least 1"));
-        }
-        let budget = parse_size(size.trim()).ok_or_else(|| bad("the size is not like `256MiB`"))?;
-        let devices = (0..count)
-            .map(|i| Pool::new(format!("cpu:{i}"), budget))
-            .collect();
-        Ok(DeviceSet {
-            devices,
+    /// `count` CPU devices named `cpu:0`.. with `budget` bytes each, and an unbounded host.
+    pub fn cpu(count: usize, budget: usize) -> DeviceSet {
+        DeviceSet {
+            devices: (0..count)
+                .map(|i| Pool::new(format!("cpu:{i}"), budget))
+                .collect(),
             host: Pool::new("host", usize::MAX),
-        })
+        }
+    }
+
+    /// Parses `cpu:NxSIZE` (the syntax of `device_spec`; GPUs are refused here: a run opens
+    /// a GPU itself).
+    pub fn parse(spec: &str) -> Result<DeviceSet, DeviceError> {
+        let bad = |reason: String| DeviceError::BadDeviceSpec {
+            spec: spec.to_string(),
+            reason,
+        };
+        match DeviceSpec::parse(spec).map_err(|e| bad(e.reason))? {
+            DeviceSpec::Cpu {
+                count,
+                budget_bytes,
+            } => Ok(DeviceSet::cpu(count, budget_bytes)),
+            DeviceSpec::Cuda { .. } => Err(bad(
+                "CPU device sets only: a run opens a GPU itself (`cuda` or `cuda:N`)".into(),
+            )),
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod compare;
 pub mod device;
+pub mod device_spec;
 pub mod kernels;
 pub mod model;
 pub mod optim;

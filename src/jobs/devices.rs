@@ -3,6 +3,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::exec::device_spec::DeviceSpec;
+pub use crate::exec::device_spec::DeviceSpecError;
+use crate::exec::run::{RunError, gpu_budget};
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DeviceInfo {
     /// e.g. `cpu:0`, `cuda:1`.
@@ -12,54 +16,60 @@ pub struct DeviceInfo {
     pub memory_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("device spec {spec:?}: {reason}; expected e.g. cpu:4x256MiB or cuda:0,1")]
-pub struct DeviceSpecError {
-    pub spec: String,
-    pub reason: String,
-}
-
-/// `cpu:NxSIZE` (SIZE in B, KiB, MiB, GiB, KB, MB or GB) or `cuda:I,J,...` (memory unknown here: 0).
+/// The service's devices from `devices` text (`exec::device_spec`'s syntax): `cpu:NxSIZE`,
+/// or GPUs (`cuda`, `cuda:N`, `cuda:I,J,...`), each running whole-model jobs, their memory
+/// unknown here (0) until `with_gpu_memory` measures it. `cuda:NxK` (several stages on one
+/// GPU) needs the pipeline runtime on GPUs and is refused.
 pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
-    let err = |reason: &str| DeviceSpecError {
-        spec: spec.to_owned(),
-        reason: reason.to_owned(),
+    let info = |id: String, kind: &str, memory_bytes: u64| DeviceInfo {
+        id,
+        kind: kind.into(),
+        memory_bytes,
     };
-    let (kind, rest) = spec.split_once(':').ok_or_else(|| err("missing ':'"))?;
-    match kind {
-        "cpu" => {
-            let (count, size) = rest.split_once('x').ok_or_else(|| err("missing 'x'"))?;
-            let count: usize = count.parse().map_err(|_| err("bad device count"))?;
-            let memory_bytes = parse_size(size).ok_or_else(|| err("bad memory size"))?;
-            if count == 0 {
-                return Err(err("needs at least one device"));
-            }
-            Ok((0..count)
-                .map(|i| DeviceInfo {
-                    id: format!("cpu:{i}"),
-                    kind: "cpu".into(),
-                    memory_bytes,
-                })
-                .collect())
-        }
-        "cuda" => rest
-            .split(',')
-            .map(|i| {
-                let index: usize = i.trim().parse().map_err(|_| err("bad CUDA index"))?;
-                Ok(DeviceInfo {
-                    id: format!("cuda:{index}"),
-                    kind: "cuda".into(),
-                    memory_bytes: 0,
-                })
-            })
-            .collect(),
-        _ => Err(err("unknown device kind")),
+    match DeviceSpec::parse(spec)? {
+        DeviceSpec::Cpu {
+            count,
+            budget_bytes,
+        } => Ok((0..count)
+            .map(|i| info(format!("cpu:{i}"), "cpu", budget_bytes as u64))
+            .collect()),
+        DeviceSpec::Cuda {
+            gpus,
+            stages_per_gpu: 1,
+        } => Ok(gpus
+            .iter()
+            .map(|g| info(format!("cuda:{g}"), "cuda", 0))
+            .collect()),
+        DeviceSpec::Cuda { .. } => Err(DeviceSpecError {
+            spec: spec.to_owned(),
+            reason: "several stages on one GPU need the pipeline runtime on GPUs, which is not \
+                     built yet; the service runs whole-model jobs on each GPU it names \
+                     (`cuda:0,1`)"
+                .into(),
+        }),
     }
 }
 
-/// The executor's size syntax, so `--devices` and a job's `devices` accept the same units.
-fn parse_size(text: &str) -> Option<u64> {
-    crate::exec::device::parse_size(text).map(|b| b as u64)
+/// The GPU ordinal of a `cuda:N` device, `None` for other kinds.
+pub fn gpu_ordinal(device: &DeviceInfo) -> Option<usize> {
+    match DeviceSpec::parse(&device.id).ok()? {
+        DeviceSpec::Cuda { gpus, .. } if device.kind == "cuda" => gpus.first().copied(),
+        _ => None,
+    }
+}
+
+/// Fills in each GPU's memory: what a job may use of it now (free memory less a reserve).
+/// Opens every GPU, so a machine without a driver or without that GPU says so here, at start.
+pub fn with_gpu_memory(devices: Vec<DeviceInfo>) -> Result<Vec<DeviceInfo>, RunError> {
+    devices
+        .into_iter()
+        .map(|mut d| {
+            if let Some(ordinal) = gpu_ordinal(&d) {
+                d.memory_bytes = gpu_budget(ordinal)? as u64;
+            }
+            Ok(d)
+        })
+        .collect()
 }
 
 /// Without `--devices`: one CPU device with half the available memory.
@@ -90,7 +100,11 @@ mod tests {
         assert_eq!(d.len(), 2);
         assert_eq!(d[1].id, "cpu:1");
         assert_eq!(d[1].memory_bytes, 64 << 20);
-        assert_eq!(parse_devices("cuda:0,1").unwrap()[1].id, "cuda:1");
+        let gpus = parse_devices("cuda:0,1").unwrap();
+        assert_eq!(gpus[1].id, "cuda:1");
+        assert_eq!(gpu_ordinal(&gpus[1]), Some(1));
+        assert_eq!(gpu_ordinal(&d[1]), None);
+        assert_eq!(parse_devices("cuda").unwrap()[0].id, "cuda:0");
         assert_eq!(
             parse_devices("cpu:1x1MB").unwrap()[0].memory_bytes,
             1_000_000
@@ -98,5 +112,7 @@ mod tests {
         for bad in ["cpu", "cpu:0x1MiB", "cpu:2x1TB", "tpu:1", "cuda:a"] {
             assert!(parse_devices(bad).is_err(), "{bad}");
         }
+        let err = parse_devices("cuda:0x4").unwrap_err().to_string();
+        assert!(err.contains("not built yet"), "{err}");
     }
 }

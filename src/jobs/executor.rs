@@ -5,49 +5,72 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::devices::DeviceInfo;
+use super::devices::{DeviceInfo, gpu_ordinal};
 use super::planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
 use super::runner::{
     EventLevel, JobRunner, RunControl, RunEnd, RunFailure, RunRequest, RunSink, StepMetrics,
     StopRequest,
 };
 use crate::exec::device::{DeviceSet, Pool};
-use crate::exec::run::{Observer, Outcome, Run, RunError, Stop, drive, plan_job, resolve_arch};
+use crate::exec::run::{
+    Observer, Outcome, Run, RunError, Stop, drive, plan_job, plan_on_gpu, resolve_arch,
+};
 use crate::plan::PlanError;
 use crate::plan::presets::ProfileName;
 use crate::plan::render;
 use crate::plan::search::Answer;
 use crate::spec::{InvalidSpec, JobSpec};
 
-/// CPU device pools for the service's devices; CUDA devices need the CUDA backend.
-fn device_set(devices: &[DeviceInfo]) -> Result<DeviceSet, String> {
+/// Where a job runs on the service's devices: a pipeline over CPU pools, or the whole model
+/// on one GPU (the first given; the pipeline runtime does not run on GPUs yet).
+enum Placement<'a> {
+    Cpu(DeviceSet),
+    Gpu {
+        device: &'a DeviceInfo,
+        ordinal: usize,
+    },
+}
+
+fn placement(devices: &[DeviceInfo]) -> Result<Placement<'_>, String> {
+    let Some(first) = devices.first() else {
+        return Err("no devices are configured".into());
+    };
+    if let Some(ordinal) = gpu_ordinal(first) {
+        return Ok(Placement::Gpu {
+            device: first,
+            ordinal,
+        });
+    }
     if let Some(d) = devices.iter().find(|d| d.kind != "cpu") {
         return Err(format!(
-            "device {} is {}: this build trains on CPU devices only",
+            "device {} is {}: a job runs on CPU devices or on one GPU",
             d.id, d.kind
         ));
     }
-    if devices.is_empty() {
-        return Err("no devices are configured".into());
-    }
-    Ok(DeviceSet {
+    Ok(Placement::Cpu(DeviceSet {
         devices: devices
             .iter()
             .map(|d| Pool::new(d.id.clone(), d.memory_bytes as usize))
             .collect(),
         host: Pool::new("host", usize::MAX),
-    })
+    }))
 }
 
-/// Plans with `plan::search` for CPU devices.
+/// Plans with `plan::search`: `cpu-f32` for CPU devices, `cuda-f32` for a GPU's measured
+/// memory.
 pub struct ExecPlanner;
 
 impl Planner for ExecPlanner {
     fn plan(&self, spec: &JobSpec, devices: &[DeviceInfo]) -> Result<PlanOutcome, PlanFailure> {
         spec.validate()?;
-        let set = device_set(devices).map_err(PlanFailure::Unavailable)?;
+        let placement = placement(devices).map_err(PlanFailure::Unavailable)?;
         let answer = resolve_arch(spec)
-            .and_then(|arch| plan_job(spec, &arch, &set, ProfileName::CpuF32))
+            .and_then(|arch| match &placement {
+                Placement::Cpu(set) => plan_job(spec, &arch, set, ProfileName::CpuF32),
+                Placement::Gpu { device, .. } => {
+                    plan_on_gpu(spec, &arch, &device.id, device.memory_bytes as usize)
+                }
+            })
             .map_err(plan_failure)?;
         Ok(outcome(&answer))
     }
@@ -112,7 +135,7 @@ fn outcome(answer: &Answer) -> PlanOutcome {
     }
 }
 
-/// Trains with `exec::run` on CPU devices.
+/// Trains with `exec::run`: a pipeline on CPU devices, or the whole model on one GPU.
 pub struct ExecRunner;
 
 impl JobRunner for ExecRunner {
@@ -122,9 +145,14 @@ impl JobRunner for ExecRunner {
         sink: &mut dyn RunSink,
         control: &RunControl,
     ) -> Result<RunEnd, RunFailure> {
-        let set = device_set(&request.devices)
+        let placement = placement(&request.devices)
             .map_err(|m| RunFailure::service("devices_unavailable", m))?;
-        let mut run = Run::prepare_on(request.spec.clone(), set).map_err(failure)?;
+        let spec = request.spec.clone();
+        let mut run = match placement {
+            Placement::Cpu(set) => Run::prepare_on(spec, set),
+            Placement::Gpu { ordinal, .. } => Run::prepare_on_gpu(spec, ordinal),
+        }
+        .map_err(failure)?;
         if let Some(resume) = &request.resume_from {
             run.resume_from(&resume.dir).map_err(failure)?;
         }
@@ -204,5 +232,70 @@ impl Observer for SinkObserver<'_> {
             StopRequest::Pause | StopRequest::Shutdown => Some(Stop::Checkpoint),
             StopRequest::Cancel | StopRequest::Abandon => Some(Stop::Now),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(parallelism: &str) -> JobSpec {
+        JobSpec::from_json(&format!(
+            r#"{{"model": {{"hidden_size": 64, "num_layers": 4, "num_heads": 4,
+                          "intermediate_size": 176, "vocab_size": 256}},
+                "data": {{"train": "f"}},
+                "training": {{"seq_len": 32, "micro_batch_size": 1, "microbatches": 4,
+                              "steps": 3}},
+                "parallelism": {parallelism}}}"#
+        ))
+        .unwrap()
+    }
+
+    fn gpu(id: &str, memory_bytes: u64) -> DeviceInfo {
+        DeviceInfo {
+            id: id.into(),
+            kind: "cuda".into(),
+            memory_bytes,
+        }
+    }
+
+    #[test]
+    fn a_gpu_is_planned_as_one_stage_against_its_measured_memory() {
+        let planner = ExecPlanner;
+        let devices = [gpu("cuda:1", 8 << 30), gpu("cuda:2", 8 << 30)];
+        let out = planner.plan(&spec("{}"), &devices).unwrap();
+        assert_eq!((out.summary.stages, out.summary.devices), (1, 1));
+        assert_eq!(out.summary.schedule, "1f1b");
+        // The cuda-f32 layout is not the CPU's: the same job on a CPU device of the same size
+        // is planned with its own (different) peak.
+        let cpu = DeviceInfo {
+            kind: "cpu".into(),
+            ..gpu("cpu:0", 8 << 30)
+        };
+        let on_cpu = planner.plan(&spec(r#"{"stages": 1}"#), &[cpu]).unwrap();
+        assert_ne!(out.summary.peak_bytes, on_cpu.summary.peak_bytes);
+
+        match planner.plan(&spec(r#"{"stages": 2}"#), &devices) {
+            Err(PlanFailure::Invalid(e)) => assert_eq!(e.first().param, "parallelism.stages"),
+            other => panic!("stages 2 on a GPU: {other:?}"),
+        }
+        match planner.plan(&spec("{}"), &[gpu("cuda:0", 1 << 16)]) {
+            Err(PlanFailure::DoesNotFit {
+                smallest_memory_bytes,
+                ..
+            }) => assert!(smallest_memory_bytes > 1 << 16),
+            other => panic!("64 KiB GPU: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn devices_of_two_kinds_are_refused() {
+        let cpu = DeviceInfo {
+            id: "cpu:0".into(),
+            kind: "cpu".into(),
+            memory_bytes: 1 << 30,
+        };
+        let err = placement(&[cpu, gpu("cuda:0", 1 << 30)]).err().unwrap();
+        assert!(err.contains("cuda:0"), "{err}");
     }
 }

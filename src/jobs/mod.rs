@@ -9,7 +9,7 @@ mod runner;
 mod sink;
 mod worker;
 
-pub use devices::{DeviceInfo, default_devices, parse_devices};
+pub use devices::{DeviceInfo, default_devices, gpu_ordinal, parse_devices, with_gpu_memory};
 pub use executor::{ExecPlanner, ExecRunner};
 pub use planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
 pub use resolve::{ResolveError, ResolvedSpec, resolve_files};

@@ -8,6 +8,7 @@ use crate::data::DataError;
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::checkpoint::CheckpointError;
 use crate::exec::device::DeviceError;
+use crate::exec::device_spec::DeviceSpecError;
 use crate::exec::model::ModelError;
 use crate::exec::pipeline::PipelineError;
 use crate::plan::PlanError;
@@ -17,8 +18,8 @@ use crate::spec::SpecError;
 pub enum RunError {
     #[error("invalid job spec: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Spec(Vec<SpecError>),
-    #[error("devices {spec:?}: {reason}")]
-    Devices { spec: String, reason: String },
+    #[error(transparent)]
+    Devices(#[from] DeviceSpecError),
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error(transparent)]
@@ -66,7 +67,7 @@ impl RunError {
             RunError::Spec(errors) => {
                 user("invalid_spec", errors.first().map(|e| e.param.as_str()))
             }
-            RunError::Devices { .. } | RunError::Cuda(CudaError::Unavailable { .. }) => {
+            RunError::Devices(_) | RunError::Cuda(CudaError::Unavailable { .. }) => {
                 user("invalid_devices", Some("devices"))
             }
             RunError::Plan(PlanError::DoesNotFit { .. }) => user("does_not_fit", Some("devices")),

@@ -9,6 +9,7 @@ use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use crate::exec::device::{DeviceSet, Pool, PoolRef};
+use crate::exec::device_spec::{DeviceSpec, Target};
 use crate::exec::model::{LlamaConfig, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
@@ -112,32 +113,26 @@ pub fn plan_job(
 /// cuBLAS workspaces and the compiled kernels are not counted in the device's pool.
 const GPU_RESERVE: usize = 1 << 30;
 
-/// `cuda` or `cuda:N`: the GPU that holds a whole-model run; `None` for other device kinds.
-fn gpu_ordinal(spec: &str) -> Result<Option<usize>, RunError> {
-    let Some(rest) = spec.trim().strip_prefix("cuda") else {
-        return Ok(None);
+/// The memory a whole-model run on GPU `ordinal` may use now: its free memory less the
+/// reserve. Opens the GPU (a clear error where there is no driver or no such GPU).
+pub fn gpu_budget(ordinal: usize) -> Result<usize, RunError> {
+    let gpu = Gpu::open(ordinal, Precision::Tf32)?;
+    Ok(gpu.pool(None, GPU_RESERVE)?.budget())
+}
+
+/// Plans a whole-model run on one GPU named `name` with `budget` bytes: one stage, laid out
+/// as the CUDA backend allocates (`cuda-f32`).
+pub fn plan_on_gpu(
+    spec: &JobSpec,
+    arch: &ModelArch,
+    name: &str,
+    budget: usize,
+) -> Result<Answer, RunError> {
+    let devices = DeviceSet {
+        devices: vec![Pool::new(name, budget)],
+        host: Pool::new("host", usize::MAX),
     };
-    let bad = |reason: &str| RunError::Devices {
-        spec: spec.to_owned(),
-        reason: reason.to_owned(),
-    };
-    if rest.is_empty() {
-        return Ok(Some(0));
-    }
-    let index = rest
-        .strip_prefix(':')
-        .ok_or_else(|| bad("CUDA devices are `cuda` or `cuda:N`"))?;
-    if index.contains([',', 'x', 'X']) {
-        return Err(bad(
-            "several GPUs, or several stages on one GPU, need the pipeline runtime on GPUs, \
-             which is not built yet; use `cuda` or `cuda:N` (the whole model on one GPU)",
-        ));
-    }
-    index
-        .trim()
-        .parse()
-        .map(Some)
-        .map_err(|_| bad("the GPU index is not a whole number"))
+    plan_job(&one_stage(spec)?, arch, &devices, ProfileName::CudaF32)
 }
 
 /// A GPU run is one stage running each micro-batch's forward then its backward, without
@@ -207,15 +202,11 @@ impl Run {
     /// Plans, loads the data and places the model. `default_devices` is used when the spec
     /// names none.
     pub fn prepare(spec: JobSpec, default_devices: &str) -> Result<Run, RunError> {
-        let device_spec = spec.devices.as_deref().unwrap_or(default_devices);
-        if let Some(ordinal) = gpu_ordinal(device_spec)? {
-            return Run::prepare_on_gpu(spec, ordinal);
+        let devices = DeviceSpec::parse(spec.devices.as_deref().unwrap_or(default_devices))?;
+        match devices.target()? {
+            Target::CpuPipeline(set) => Run::prepare_on(spec, set),
+            Target::WholeModelGpu(ordinal) => Run::prepare_on_gpu(spec, ordinal),
         }
-        let devices = DeviceSet::parse(device_spec).map_err(|e| RunError::Devices {
-            spec: device_spec.to_owned(),
-            reason: e.to_string(),
-        })?;
-        Run::prepare_on(spec, devices)
     }
 
     /// As `prepare`, on devices already made (the service's).
@@ -248,20 +239,16 @@ impl Run {
 
     /// The whole model on GPU `ordinal`, products in TF32 (f32 storage), planned with the
     /// CUDA backend's memory layout (`cuda-f32`) against the GPU's free memory.
-    fn prepare_on_gpu(spec: JobSpec, ordinal: usize) -> Result<Run, RunError> {
+    pub fn prepare_on_gpu(spec: JobSpec, ordinal: usize) -> Result<Run, RunError> {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
         let config = LlamaConfig::from_arch(&arch)?;
-        let one = one_stage(&spec)?;
+        one_stage(&spec)?; // refused by field before the GPU is opened
         let batcher = load_data(&spec, &arch)?;
         let gpu = Gpu::open(ordinal, Precision::Tf32)?;
         let pool = gpu.pool(None, GPU_RESERVE)?;
+        let answer = plan_on_gpu(&spec, &arch, pool.name(), pool.budget())?;
         let host = Pool::new("host", usize::MAX);
-        let devices = DeviceSet {
-            devices: vec![pool.clone()],
-            host: host.clone(),
-        };
-        let answer = plan_job(&one, &arch, &devices, ProfileName::CudaF32)?;
         let parts = initial_parts(&spec, &config, &host)?;
         let t = &spec.training;
         let trainer = GpuTrainer::upload(

@@ -1,0 +1,235 @@
+//! The one syntax that names devices, shared by `chronospipe train --devices`, a job's
+//! `devices` field and `chronospipe serve --devices`:
+//!
+//! - `cpu:NxSIZE`: N CPU devices with SIZE bytes of "HBM" each (SIZE: bytes with an optional
+//!   `KiB`, `MiB`, `GiB`, `KB`, `MB` or `GB`);
+//! - `cuda` (GPU 0) or `cuda:N`: one GPU;
+//! - `cuda:I,J,...`: one stage on each of several GPUs;
+//! - `cuda:NxK`: K stages sharing GPU N.
+//!
+//! Parsing says only what was asked for; `DeviceSpec::placement` says what this build runs
+//! on it.
+
+use std::fmt;
+
+use crate::exec::device::{DeviceSet, parse_size};
+
+/// Parsed `devices` text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu {
+        count: usize,
+        budget_bytes: usize,
+    },
+    Cuda {
+        gpus: Vec<usize>,
+        stages_per_gpu: usize,
+    },
+}
+
+/// Where this build runs a job on the devices named.
+#[derive(Debug)]
+pub enum Target {
+    /// The pipeline runtime on CPU device pools.
+    CpuPipeline(DeviceSet),
+    /// The whole model on this GPU (`cuda`, `cuda:N`).
+    WholeModelGpu(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "device spec {spec:?}: {reason}; expected `cpu:NxSIZE` (e.g. `cpu:4x256MiB`), `cuda`, \
+     `cuda:N`, `cuda:0,1` or `cuda:0x4`"
+)]
+pub struct DeviceSpecError {
+    pub spec: String,
+    pub reason: String,
+}
+
+impl DeviceSpec {
+    pub fn parse(text: &str) -> Result<DeviceSpec, DeviceSpecError> {
+        let bad = |reason: &str| DeviceSpecError {
+            spec: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let count = |t: &str, what: &str| -> Result<usize, DeviceSpecError> {
+            t.trim()
+                .parse()
+                .map_err(|_| bad(&format!("the {what} is not a whole number")))
+        };
+        let trimmed = text.trim();
+        let (kind, rest) = match trimmed.split_once(':') {
+            Some((kind, rest)) => (kind.trim(), Some(rest.trim())),
+            None => (trimmed, None),
+        };
+        match (kind, rest) {
+            ("cpu", Some(rest)) => {
+                let (n, size) = rest
+                    .split_once(['x', 'X'])
+                    .ok_or_else(|| bad("missing `x` between the device count and the size"))?;
+                let n = count(n, "device count")?;
+                if n == 0 {
+                    return Err(bad("the device count must be at least 1"));
+                }
+                let budget_bytes =
+                    parse_size(size.trim()).ok_or_else(|| bad("the size is not like `256MiB`"))?;
+                Ok(DeviceSpec::Cpu {
+                    count: n,
+                    budget_bytes,
+                })
+            }
+            ("cpu", None) => Err(bad("CPU devices need a count and a size")),
+            ("cuda", None) => Ok(DeviceSpec::Cuda {
+                gpus: vec![0],
+                stages_per_gpu: 1,
+            }),
+            ("cuda", Some(rest)) => {
+                if let Some((gpu, stages)) = rest.split_once(['x', 'X']) {
+                    let stages_per_gpu = count(stages, "stage count")?;
+                    if stages_per_gpu == 0 {
+                        return Err(bad("the stage count must be at least 1"));
+                    }
+                    return Ok(DeviceSpec::Cuda {
+                        gpus: vec![count(gpu, "GPU index")?],
+                        stages_per_gpu,
+                    });
+                }
+                let gpus = rest
+                    .split(',')
+                    .map(|g| count(g, "GPU index"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut sorted = gpus.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                if sorted.len() != gpus.len() {
+                    return Err(bad("a GPU is named twice"));
+                }
+                Ok(DeviceSpec::Cuda {
+                    gpus,
+                    stages_per_gpu: 1,
+                })
+            }
+            _ => Err(bad("unknown device kind (`cpu` or `cuda`)")),
+        }
+    }
+
+    /// What this build runs on these devices: CPU pools for the pipeline, or one GPU holding
+    /// the whole model; an error for the GPU forms that need the pipeline runtime on GPUs.
+    pub fn target(&self) -> Result<Target, DeviceSpecError> {
+        match self {
+            DeviceSpec::Cpu {
+                count,
+                budget_bytes,
+            } => Ok(Target::CpuPipeline(DeviceSet::cpu(*count, *budget_bytes))),
+            DeviceSpec::Cuda {
+                gpus,
+                stages_per_gpu: 1,
+            } if gpus.len() == 1 => Ok(Target::WholeModelGpu(gpus[0])),
+            DeviceSpec::Cuda { .. } => Err(DeviceSpecError {
+                spec: self.to_string(),
+                reason: "several GPUs, or several stages on one GPU, need the pipeline runtime \
+                         on GPUs, which is not built yet; use `cuda` or `cuda:N` (the whole \
+                         model on one GPU)"
+                    .into(),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu {
+                count,
+                budget_bytes,
+            } => write!(f, "cpu:{count}x{budget_bytes}"),
+            DeviceSpec::Cuda {
+                gpus,
+                stages_per_gpu,
+            } if *stages_per_gpu > 1 => write!(f, "cuda:{}x{stages_per_gpu}", gpus[0]),
+            DeviceSpec::Cuda { gpus, .. } => {
+                let list: Vec<String> = gpus.iter().map(ToString::to_string).collect();
+                write!(f, "cuda:{}", list.join(","))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cuda(gpus: &[usize], stages_per_gpu: usize) -> DeviceSpec {
+        DeviceSpec::Cuda {
+            gpus: gpus.to_vec(),
+            stages_per_gpu,
+        }
+    }
+
+    #[test]
+    fn every_form_parses_and_prints_back() {
+        let cases = [
+            (
+                "cpu:4x256MiB",
+                DeviceSpec::Cpu {
+                    count: 4,
+                    budget_bytes: 256 << 20,
+                },
+            ),
+            (
+                " cpu:2X1MB ",
+                DeviceSpec::Cpu {
+                    count: 2,
+                    budget_bytes: 1_000_000,
+                },
+            ),
+            ("cuda", cuda(&[0], 1)),
+            ("cuda:3", cuda(&[3], 1)),
+            ("cuda:0, 1", cuda(&[0, 1], 1)),
+            ("cuda:0x4", cuda(&[0], 4)),
+        ];
+        for (text, want) in cases {
+            let got = DeviceSpec::parse(text).unwrap();
+            assert_eq!(got, want, "{text}");
+            assert_eq!(DeviceSpec::parse(&got.to_string()).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn bad_specs_name_the_text_and_the_reason() {
+        for (text, reason) in [
+            ("cpu", "need a count and a size"),
+            ("cpu:4", "missing `x`"),
+            ("cpu:0x1MiB", "at least 1"),
+            ("cpu:ax1MiB", "device count"),
+            ("cpu:2x12PiB", "256MiB"),
+            ("cuda:a", "GPU index"),
+            ("cuda:0x0", "at least 1"),
+            ("cuda:1,1", "named twice"),
+            ("tpu:1", "unknown device kind"),
+        ] {
+            let err = DeviceSpec::parse(text).unwrap_err().to_string();
+            assert!(err.contains(text) && err.contains(reason), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn cpu_pools_or_one_gpu_holding_the_whole_model_run_in_this_build() {
+        let target = |t: &str| DeviceSpec::parse(t).unwrap().target();
+        assert!(matches!(target("cuda").unwrap(), Target::WholeModelGpu(0)));
+        assert!(matches!(
+            target("cuda:2").unwrap(),
+            Target::WholeModelGpu(2)
+        ));
+        let Target::CpuPipeline(set) = target("cpu:2x1MiB").unwrap() else {
+            panic!("CPU devices are the pipeline's");
+        };
+        assert_eq!(set.devices.len(), 2);
+        assert_eq!(set.devices[1].name(), "cpu:1");
+        assert_eq!(set.devices[1].budget(), 1 << 20);
+        for text in ["cuda:0,1", "cuda:0x4"] {
+            let err = target(text).unwrap_err().to_string();
+            assert!(err.contains("not built yet") && err.contains(text), "{err}");
+        }
+    }
+}
