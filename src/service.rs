@@ -71,7 +71,7 @@ pub enum ServiceError {
     #[error(transparent)]
     Devices(#[from] DeviceSpecError),
     #[error("cannot use the service's GPUs: {0}")]
-    Gpus(#[from] crate::exec::run::RunError),
+    Gpus(String),
     #[error("cannot {what}: {source}")]
     Io {
         what: String,
@@ -99,7 +99,8 @@ pub struct ServiceOptions {
 impl ServiceOptions {
     pub fn from_settings(settings: &Settings) -> Result<Self, ServiceError> {
         let devices = match &settings.devices {
-            Some(spec) => with_gpu_memory(parse_devices(spec)?)?,
+            Some(spec) => with_gpu_memory(parse_devices(spec)?)
+                .map_err(|e| ServiceError::Gpus(e.to_string()))?,
             None => default_devices(),
         };
         Ok(ServiceOptions {
