@@ -5,7 +5,9 @@
 //!   `KiB`, `MiB`, `GiB`, `KB`, `MB` or `GB`);
 //! - `cuda` (GPU 0) or `cuda:N`: one GPU;
 //! - `cuda:I,J,...`: one stage on each of several GPUs;
-//! - `cuda:NxK`: K stages sharing GPU N.
+//! - `cuda:NxK`: K stages sharing GPU N;
+//! - any of the GPU forms followed by `@SIZE` (`cuda:1@40GiB`): the most memory each stage
+//!   may use (otherwise: the GPU's free memory less a reserve).
 //!
 //! Parsing says only what was asked for; `DeviceSpec::placement` says what this build runs
 //! on it.
@@ -24,6 +26,8 @@ pub enum DeviceSpec {
     Cuda {
         gpus: Vec<usize>,
         stages_per_gpu: usize,
+        /// The most bytes each stage may use; `None`: what the GPU has free, less a reserve.
+        cap_bytes: Option<usize>,
     },
 }
 
@@ -32,14 +36,17 @@ pub enum DeviceSpec {
 pub enum Target {
     /// The pipeline runtime on CPU device pools.
     CpuPipeline(DeviceSet),
-    /// The whole model on this GPU (`cuda`, `cuda:N`).
-    WholeModelGpu(usize),
+    /// The whole model on GPU `ordinal` (`cuda`, `cuda:N`), within `cap_bytes` if given.
+    WholeModelGpu {
+        ordinal: usize,
+        cap_bytes: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "device spec {spec:?}: {reason}; expected `cpu:NxSIZE` (e.g. `cpu:4x256MiB`), `cuda`, \
-     `cuda:N`, `cuda:0,1` or `cuda:0x4`"
+     `cuda:N`, `cuda:0,1` or `cuda:0x4`, GPUs with an optional `@SIZE` cap"
 )]
 pub struct DeviceSpecError {
     pub spec: String,
@@ -57,7 +64,19 @@ impl DeviceSpec {
                 .parse()
                 .map_err(|_| bad(&format!("the {what} is not a whole number")))
         };
-        let trimmed = text.trim();
+        let (trimmed, cap) = match text.trim().split_once('@') {
+            Some((devices, cap)) => (devices.trim(), Some(cap.trim())),
+            None => (text.trim(), None),
+        };
+        let cap_bytes = match cap {
+            Some(_) if trimmed.starts_with("cpu") => {
+                return Err(bad(
+                    "a cap (`@SIZE`) is for GPUs; CPU devices give their size",
+                ));
+            }
+            Some(c) => Some(parse_size(c).ok_or_else(|| bad("the cap is not like `40GiB`"))?),
+            None => None,
+        };
         let (kind, rest) = match trimmed.split_once(':') {
             Some((kind, rest)) => (kind.trim(), Some(rest.trim())),
             None => (trimmed, None),
@@ -82,6 +101,7 @@ impl DeviceSpec {
             ("cuda", None) => Ok(DeviceSpec::Cuda {
                 gpus: vec![0],
                 stages_per_gpu: 1,
+                cap_bytes,
             }),
             ("cuda", Some(rest)) => {
                 if let Some((gpu, stages)) = rest.split_once(['x', 'X']) {
@@ -92,6 +112,7 @@ impl DeviceSpec {
                     return Ok(DeviceSpec::Cuda {
                         gpus: vec![count(gpu, "GPU index")?],
                         stages_per_gpu,
+                        cap_bytes,
                     });
                 }
                 let gpus = rest
@@ -107,6 +128,7 @@ impl DeviceSpec {
                 Ok(DeviceSpec::Cuda {
                     gpus,
                     stages_per_gpu: 1,
+                    cap_bytes,
                 })
             }
             _ => Err(bad("unknown device kind (`cpu` or `cuda`)")),
@@ -124,7 +146,11 @@ impl DeviceSpec {
             DeviceSpec::Cuda {
                 gpus,
                 stages_per_gpu: 1,
-            } if gpus.len() == 1 => Ok(Target::WholeModelGpu(gpus[0])),
+                cap_bytes,
+            } if gpus.len() == 1 => Ok(Target::WholeModelGpu {
+                ordinal: gpus[0],
+                cap_bytes: *cap_bytes,
+            }),
             DeviceSpec::Cuda { .. } => Err(DeviceSpecError {
                 spec: self.to_string(),
                 reason: "several GPUs, or several stages on one GPU, need the pipeline runtime \
@@ -146,10 +172,18 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cuda {
                 gpus,
                 stages_per_gpu,
-            } if *stages_per_gpu > 1 => write!(f, "cuda:{}x{stages_per_gpu}", gpus[0]),
-            DeviceSpec::Cuda { gpus, .. } => {
-                let list: Vec<String> = gpus.iter().map(ToString::to_string).collect();
-                write!(f, "cuda:{}", list.join(","))
+                cap_bytes,
+            } => {
+                if *stages_per_gpu > 1 {
+                    write!(f, "cuda:{}x{stages_per_gpu}", gpus[0])?;
+                } else {
+                    let list: Vec<String> = gpus.iter().map(ToString::to_string).collect();
+                    write!(f, "cuda:{}", list.join(","))?;
+                }
+                match cap_bytes {
+                    Some(cap) => write!(f, "@{cap}"),
+                    None => Ok(()),
+                }
             }
         }
     }
@@ -163,6 +197,15 @@ mod tests {
         DeviceSpec::Cuda {
             gpus: gpus.to_vec(),
             stages_per_gpu,
+            cap_bytes: None,
+        }
+    }
+
+    fn capped(gpus: &[usize], stages_per_gpu: usize, cap: usize) -> DeviceSpec {
+        DeviceSpec::Cuda {
+            gpus: gpus.to_vec(),
+            stages_per_gpu,
+            cap_bytes: Some(cap),
         }
     }
 
@@ -187,6 +230,10 @@ mod tests {
             ("cuda:3", cuda(&[3], 1)),
             ("cuda:0, 1", cuda(&[0, 1], 1)),
             ("cuda:0x4", cuda(&[0], 4)),
+            ("cuda@1GiB", capped(&[0], 1, 1 << 30)),
+            ("cuda:1 @ 40GB", capped(&[1], 1, 40_000_000_000)),
+            ("cuda:0,1@2MiB", capped(&[0, 1], 1, 2 << 20)),
+            ("cuda:0x4@20GiB", capped(&[0], 4, 20 << 30)),
         ];
         for (text, want) in cases {
             let got = DeviceSpec::parse(text).unwrap();
@@ -207,6 +254,8 @@ mod tests {
             ("cuda:0x0", "at least 1"),
             ("cuda:1,1", "named twice"),
             ("tpu:1", "unknown device kind"),
+            ("cuda@lots", "the cap is not like"),
+            ("cpu:2x1MiB@1GiB", "a cap (`@SIZE`) is for GPUs"),
         ] {
             let err = DeviceSpec::parse(text).unwrap_err().to_string();
             assert!(err.contains(text) && err.contains(reason), "{text}: {err}");
@@ -216,11 +265,15 @@ mod tests {
     #[test]
     fn cpu_pools_or_one_gpu_holding_the_whole_model_run_in_this_build() {
         let target = |t: &str| DeviceSpec::parse(t).unwrap().target();
-        assert!(matches!(target("cuda").unwrap(), Target::WholeModelGpu(0)));
-        assert!(matches!(
-            target("cuda:2").unwrap(),
-            Target::WholeModelGpu(2)
-        ));
+        let gpu = |ordinal, cap_bytes| Target::WholeModelGpu { ordinal, cap_bytes };
+        for (text, want) in [
+            ("cuda", gpu(0, None)),
+            ("cuda:2", gpu(2, None)),
+            ("cuda:2@1MiB", gpu(2, Some(1 << 20))),
+        ] {
+            let got = target(text).unwrap();
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "{text}");
+        }
         let Target::CpuPipeline(set) = target("cpu:2x1MiB").unwrap() else {
             panic!("CPU devices are the pipeline's");
         };

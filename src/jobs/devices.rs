@@ -17,9 +17,10 @@ pub struct DeviceInfo {
 }
 
 /// The service's devices from `devices` text (`exec::device_spec`'s syntax): `cpu:NxSIZE`,
-/// or GPUs (`cuda`, `cuda:N`, `cuda:I,J,...`), each running whole-model jobs, their memory
-/// unknown here (0) until `with_gpu_memory` measures it. `cuda:NxK` (several stages on one
-/// GPU) needs the pipeline runtime on GPUs and is refused.
+/// or GPUs (`cuda`, `cuda:N`, `cuda:I,J,...`, optionally `@SIZE`), each running whole-model
+/// jobs; a GPU's memory is its cap, else unknown here (0) until `with_gpu_memory` measures
+/// it. `cuda:NxK` (several stages on one GPU) needs the pipeline runtime on GPUs and is
+/// refused.
 pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
     let info = |id: String, kind: &str, memory_bytes: u64| DeviceInfo {
         id,
@@ -36,9 +37,10 @@ pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
         DeviceSpec::Cuda {
             gpus,
             stages_per_gpu: 1,
+            cap_bytes,
         } => Ok(gpus
             .iter()
-            .map(|g| info(format!("cuda:{g}"), "cuda", 0))
+            .map(|g| info(format!("cuda:{g}"), "cuda", cap_bytes.unwrap_or(0) as u64))
             .collect()),
         DeviceSpec::Cuda { .. } => Err(DeviceSpecError {
             spec: spec.to_owned(),
@@ -58,14 +60,29 @@ pub fn gpu_ordinal(device: &DeviceInfo) -> Option<usize> {
     }
 }
 
-/// Fills in each GPU's memory: what a job may use of it now (free memory less a reserve).
-/// Opens every GPU, so a machine without a driver or without that GPU says so here, at start.
+/// Fills in each GPU's memory: what a job may use of it (free memory less a reserve), or its
+/// cap, which must not be more. Opens every GPU, so a machine without a driver or without that
+/// GPU says so here, at start.
 pub fn with_gpu_memory(devices: Vec<DeviceInfo>) -> Result<Vec<DeviceInfo>, RunError> {
     devices
         .into_iter()
         .map(|mut d| {
             if let Some(ordinal) = gpu_ordinal(&d) {
-                d.memory_bytes = gpu_budget(ordinal)? as u64;
+                let cap = d.memory_bytes;
+                d.memory_bytes = gpu_budget(ordinal, None)? as u64;
+                if cap > d.memory_bytes {
+                    return Err(RunError::Devices(DeviceSpecError {
+                        spec: format!("{}@{cap}", d.id),
+                        reason: format!(
+                            "the cap is more than the {} bytes this GPU has free (less a \
+                             reserve)",
+                            d.memory_bytes
+                        ),
+                    }));
+                }
+                if cap > 0 {
+                    d.memory_bytes = cap;
+                }
             }
             Ok(d)
         })
@@ -105,6 +122,8 @@ mod tests {
         assert_eq!(gpu_ordinal(&gpus[1]), Some(1));
         assert_eq!(gpu_ordinal(&d[1]), None);
         assert_eq!(parse_devices("cuda").unwrap()[0].id, "cuda:0");
+        let capped = parse_devices("cuda:0,1@2GiB").unwrap();
+        assert!(capped.iter().all(|d| d.memory_bytes == 2 << 30));
         assert_eq!(
             parse_devices("cpu:1x1MB").unwrap()[0].memory_bytes,
             1_000_000

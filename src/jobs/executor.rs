@@ -150,7 +150,10 @@ impl JobRunner for ExecRunner {
         let spec = request.spec.clone();
         let mut run = match placement {
             Placement::Cpu(set) => Run::prepare_on(spec, set),
-            Placement::Gpu { ordinal, .. } => Run::prepare_on_gpu(spec, ordinal),
+            // Within the memory the job was planned for (measured, or capped, at start).
+            Placement::Gpu { device, ordinal } => {
+                Run::prepare_on_gpu(spec, ordinal, Some(device.memory_bytes as usize))
+            }
         }
         .map_err(failure)?;
         if let Some(resume) = &request.resume_from {

@@ -113,11 +113,18 @@ pub fn plan_job(
 /// cuBLAS workspaces and the compiled kernels are not counted in the device's pool.
 const GPU_RESERVE: usize = 1 << 30;
 
-/// The memory a whole-model run on GPU `ordinal` may use now: its free memory less the
-/// reserve. Opens the GPU (a clear error where there is no driver or no such GPU).
-pub fn gpu_budget(ordinal: usize) -> Result<usize, RunError> {
+/// The memory a whole-model run on GPU `ordinal` may use now: its free memory less a
+/// reserve, at most `cap`. Opens the GPU (a clear error where there is no driver or no such
+/// GPU).
+pub fn gpu_budget(ordinal: usize, cap: Option<usize>) -> Result<usize, RunError> {
     let gpu = Gpu::open(ordinal, Precision::Tf32)?;
-    Ok(gpu.pool(None, GPU_RESERVE)?.budget())
+    Ok(gpu_pool(&gpu, cap)?.budget())
+}
+
+/// The device pool of a run on `gpu`: see `gpu_budget`.
+fn gpu_pool(gpu: &Gpu, cap: Option<usize>) -> Result<PoolRef, RunError> {
+    let free = gpu.pool(None, GPU_RESERVE)?.budget();
+    Ok(gpu.pool(Some(cap.map_or(free, |c| c.min(free))), GPU_RESERVE)?)
 }
 
 /// Plans a whole-model run on one GPU named `name` with `budget` bytes: one stage, laid out
@@ -205,7 +212,9 @@ impl Run {
         let devices = DeviceSpec::parse(spec.devices.as_deref().unwrap_or(default_devices))?;
         match devices.target()? {
             Target::CpuPipeline(set) => Run::prepare_on(spec, set),
-            Target::WholeModelGpu(ordinal) => Run::prepare_on_gpu(spec, ordinal),
+            Target::WholeModelGpu { ordinal, cap_bytes } => {
+                Run::prepare_on_gpu(spec, ordinal, cap_bytes)
+            }
         }
     }
 
@@ -238,15 +247,20 @@ impl Run {
     }
 
     /// The whole model on GPU `ordinal`, products in TF32 (f32 storage), planned with the
-    /// CUDA backend's memory layout (`cuda-f32`) against the GPU's free memory.
-    pub fn prepare_on_gpu(spec: JobSpec, ordinal: usize) -> Result<Run, RunError> {
+    /// CUDA backend's memory layout (`cuda-f32`) against the GPU's free memory less a reserve,
+    /// at most `cap` bytes.
+    pub fn prepare_on_gpu(
+        spec: JobSpec,
+        ordinal: usize,
+        cap: Option<usize>,
+    ) -> Result<Run, RunError> {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
         let config = LlamaConfig::from_arch(&arch)?;
         one_stage(&spec)?; // refused by field before the GPU is opened
         let batcher = load_data(&spec, &arch)?;
         let gpu = Gpu::open(ordinal, Precision::Tf32)?;
-        let pool = gpu.pool(None, GPU_RESERVE)?;
+        let pool = gpu_pool(&gpu, cap)?;
         let answer = plan_on_gpu(&spec, &arch, pool.name(), pool.budget())?;
         let host = Pool::new("host", usize::MAX);
         let parts = initial_parts(&spec, &config, &host)?;
