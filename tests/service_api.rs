@@ -411,6 +411,7 @@ async fn error_statuses(url: &str) {
             "this service has no GPU cuda:3; its devices are cpu:0, cpu:1",
         ),
         ("cuda:0x4", "not built yet"),
+        ("cuda:0@1GiB", "name the GPU without `@SIZE`"),
     ] {
         let mut on_gpu = job_body(&train, 1);
         on_gpu["devices"] = json!(devices);

@@ -73,6 +73,13 @@ pub(super) fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<Dev
             if d.kind == "cpu" {
                 return Ok(d);
             }
+            if d.memory_bytes > 0 {
+                return Err(invalid(format!(
+                    "a job runs within the memory the service gives {} (`serve --devices \
+                     cuda@SIZE` sets it); name the GPU without `@SIZE`",
+                    d.id
+                )));
+            }
             state
                 .devices
                 .iter()

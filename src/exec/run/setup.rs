@@ -118,13 +118,7 @@ const GPU_RESERVE: usize = 1 << 30;
 /// GPU).
 pub fn gpu_budget(ordinal: usize, cap: Option<usize>) -> Result<usize, RunError> {
     let gpu = Gpu::open(ordinal, Precision::Tf32)?;
-    Ok(gpu_pool(&gpu, cap)?.budget())
-}
-
-/// The device pool of a run on `gpu`: see `gpu_budget`.
-fn gpu_pool(gpu: &Gpu, cap: Option<usize>) -> Result<PoolRef, RunError> {
-    let free = gpu.pool(None, GPU_RESERVE)?.budget();
-    Ok(gpu.pool(Some(cap.map_or(free, |c| c.min(free))), GPU_RESERVE)?)
+    Ok(gpu.pool(cap, GPU_RESERVE)?.budget())
 }
 
 /// Plans a whole-model run on one GPU named `name` with `budget` bytes: one stage, laid out
@@ -260,7 +254,7 @@ impl Run {
         one_stage(&spec)?; // refused by field before the GPU is opened
         let batcher = load_data(&spec, &arch)?;
         let gpu = Gpu::open(ordinal, Precision::Tf32)?;
-        let pool = gpu_pool(&gpu, cap)?;
+        let pool = gpu.pool(cap, GPU_RESERVE)?;
         let answer = plan_on_gpu(&spec, &arch, pool.name(), pool.budget())?;
         let host = Pool::new("host", usize::MAX);
         let parts = initial_parts(&spec, &config, &host)?;

@@ -176,10 +176,11 @@ impl Gpu {
         self.functions.get(name).ok_or(CudaError::NoKernel(name))
     }
 
-    /// A pool for this device: `cap` bytes, or what is free now less `reserve` bytes.
+    /// A pool for this device: what is free now less `reserve` bytes, at most `cap` bytes.
     pub fn pool(&self, cap: Option<usize>, reserve: usize) -> Result<PoolRef, CudaError> {
         let (free, _total) = self.ctx.mem_get_info()?;
-        let budget = cap.unwrap_or(free.saturating_sub(reserve));
+        let available = free.saturating_sub(reserve);
+        let budget = cap.map_or(available, |c| c.min(available));
         Ok(Pool::new(format!("cuda:{}", self.ordinal), budget))
     }
 
