@@ -68,7 +68,8 @@ pub struct ServiceArgs {
     #[arg(long, env = "CHRONOSPIPE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// Devices to train on, e.g. `cpu:4x256MiB` [default: what the machine has].
+    /// Devices to train on, e.g. `cpu:4x256MiB`, `cuda` or `cuda:0,1@40GiB` (one job per GPU,
+    /// at most 40 GiB each) [default: one CPU device, half the free memory].
     #[arg(long, env = "CHRONOSPIPE_DEVICES")]
     pub devices: Option<String>,
 

@@ -22,7 +22,8 @@ pub struct TrainArgs {
     /// Where checkpoints and summary.json go.
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
-    /// Devices, e.g. `cpu:4x256MiB`; overrides the job's `devices`.
+    /// Devices, e.g. `cpu:4x256MiB`, `cuda` or `cuda:1@40GiB` (the whole model on GPU 1, at
+    /// most 40 GiB of it); overrides the job's `devices`.
     #[arg(long)]
     pub devices: Option<String>,
     /// Train this many steps instead of the job's `training.steps`.

@@ -26,7 +26,8 @@ pub struct JobSpec {
     pub training: TrainingSpec,
     #[serde(default)]
     pub parallelism: ParallelismSpec,
-    /// Device set, e.g. `cpu:4x256MiB` or `cuda:0,1`; omitted means the service's devices.
+    /// Device set: `cpu:NxSIZE` (e.g. `cpu:4x256MiB`), or one of the service's GPUs (`cuda`,
+    /// `cuda:N`), which holds the whole model; omitted means the service's devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<String>,
 }
