@@ -74,7 +74,11 @@ impl DeviceSpec {
                     "a cap (`@SIZE`) is for GPUs; CPU devices give their size",
                 ));
             }
-            Some(c) => Some(parse_size(c).ok_or_else(|| bad("the cap is not like `40GiB`"))?),
+            Some(c) => match parse_size(c) {
+                Some(0) => return Err(bad("the cap must be more than 0 bytes")),
+                Some(bytes) => Some(bytes),
+                None => return Err(bad("the cap is not like `40GiB`")),
+            },
             None => None,
         };
         let (kind, rest) = match trimmed.split_once(':') {
@@ -255,6 +259,7 @@ mod tests {
             ("cuda:1,1", "named twice"),
             ("tpu:1", "unknown device kind"),
             ("cuda@lots", "the cap is not like"),
+            ("cuda:1@0MiB", "more than 0 bytes"),
             ("cpu:2x1MiB@1GiB", "a cap (`@SIZE`) is for GPUs"),
         ] {
             let err = DeviceSpec::parse(text).unwrap_err().to_string();
