@@ -40,6 +40,16 @@ impl Lease {
             bytes,
         })
     }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Counts the same bytes under another group.
+    pub(crate) fn regroup(&mut self, group: MemGroup) {
+        self.pool.move_between(self.group, group, self.bytes);
+        self.group = group;
+    }
 }
 
 impl Drop for Lease {
@@ -145,10 +155,7 @@ impl<T: Element> Tensor<T> {
     /// Counts the tensor under another group of the same pool (an output becoming a
     /// communication buffer, say). The bytes stay where they are, so the total never rises.
     pub fn regroup(mut self, group: MemGroup) -> Self {
-        self.lease
-            .pool
-            .move_between(self.lease.group, group, self.lease.bytes);
-        self.lease.group = group;
+        self.lease.regroup(group);
         self
     }
 

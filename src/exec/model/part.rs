@@ -31,9 +31,9 @@ impl PartStash {
 
 /// What a part's forward hands on.
 #[derive(Debug)]
-pub enum PartOutput {
+pub enum PartOutput<T = Tensor> {
     /// Hidden states [tokens, hidden] for the next part.
-    Hidden(Tensor),
+    Hidden(T),
     /// The micro-batch's summed cross-entropy (the head).
     LossSum(f64),
 }

@@ -4,28 +4,26 @@
 
 use std::ops::Range;
 
-use crate::exec::device::{DeviceError, MemGroup, PoolRef};
+use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::PartParams;
-use crate::exec::optim::{OptimizerConfig, PartOptimState, UpdateCoeffs, update_elements};
-use crate::exec::tensor::Tensor;
+use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::plan::ir::Group;
 
 use super::PipelineError;
+use super::engine::{Engine, Update};
 
 /// AdamW's moments for one range of the chunk's parameters (none for SGD).
-#[derive(Debug)]
-pub struct OptimizerSlice {
+pub struct OptimizerSlice<T> {
     pub start: usize,
     pub end: usize,
-    moments: Option<(Tensor, Tensor)>,
+    moments: Option<(T, T)>,
     pub on_host: bool,
 }
 
-#[derive(Debug)]
-pub struct ChunkState {
+pub struct ChunkState<E: Engine> {
     pub index: u32,
-    pub parts: Vec<PartParams>,
-    pub optimizer: Vec<OptimizerSlice>,
+    pub parts: Vec<E::Part>,
+    pub optimizer: Vec<OptimizerSlice<E::Tensor>>,
     pub weights_on_host: bool,
     pub grads_on_host: bool,
 }
@@ -40,13 +38,14 @@ struct Overlap {
     within: Range<usize>,
 }
 
-/// Every (slice, tensor) overlap of the flattened chunk (parts in order, tensors in order).
-fn overlaps(parts: &[PartParams], slices: &[OptimizerSlice]) -> Vec<Overlap> {
+/// Every (slice, tensor) overlap of the flattened chunk (parts in order, tensors in order);
+/// `lens` holds each part's tensor lengths.
+fn overlaps<T>(lens: &[Vec<usize>], slices: &[OptimizerSlice<T>]) -> Vec<Overlap> {
     let mut out = Vec::new();
     let mut start = 0;
-    for (part, p) in parts.iter().enumerate() {
-        for (tensor, w) in p.weights.iter().enumerate() {
-            let end = start + w.len();
+    for (part, tensors) in lens.iter().enumerate() {
+        for (tensor, &len) in tensors.iter().enumerate() {
+            let end = start + len;
             for (slice, s) in slices.iter().enumerate() {
                 let (lo, hi) = (start.max(s.start), end.min(s.end));
                 if lo < hi {
@@ -65,17 +64,21 @@ fn overlaps(parts: &[PartParams], slices: &[OptimizerSlice]) -> Vec<Overlap> {
     out
 }
 
-impl ChunkState {
-    /// The chunk with `parts` (already in the host pool `host`) and zeroed optimizer state in
-    /// `slices` slices, every group on the host.
+impl<E: Engine> ChunkState<E> {
+    /// The chunk with `parts` (the engine's, in the host pool `host`) and zeroed optimizer
+    /// state in `slices` slices, every group on the host.
     pub fn new_on_host(
+        engine: &E,
         index: u32,
-        parts: Vec<PartParams>,
+        parts: Vec<E::Part>,
         optimizer: &OptimizerConfig,
         slices: u32,
         host: &PoolRef,
-    ) -> Result<ChunkState, DeviceError> {
-        let total: usize = parts.iter().map(PartParams::param_count).sum();
+    ) -> Result<Self, PipelineError> {
+        let total: usize = parts
+            .iter()
+            .map(|p| engine.param_lens(p).iter().sum::<usize>())
+            .sum();
         let k = slices.max(1) as usize;
         let mut start = 0;
         let mut state = Vec::with_capacity(k);
@@ -87,8 +90,8 @@ impl ChunkState {
                     let g = MemGroup::OptimizerState;
                     let name = |m: &str| format!("{m}.chunk{index}.slice{i}");
                     Some((
-                        Tensor::zeros(host, name("exp_avg"), &[len], g)?,
-                        Tensor::zeros(host, name("exp_avg_sq"), &[len], g)?,
+                        engine.host_zeros(host, &name("exp_avg"), len, g)?,
+                        engine.host_zeros(host, &name("exp_avg_sq"), len, g)?,
                     ))
                 }
             };
@@ -126,30 +129,34 @@ impl ChunkState {
     /// `to_host`). Stashes are not a chunk's: the device worker moves them.
     pub fn place(
         &mut self,
+        engine: &E,
+        device: u32,
         group: Group,
         pool: &PoolRef,
         to_host: bool,
     ) -> Result<(), PipelineError> {
-        let move_all = |v: &mut Vec<Tensor>, g: MemGroup| -> Result<(), DeviceError> {
-            let moved = std::mem::take(v)
-                .into_iter()
-                .map(|t| t.transfer(pool, g))
-                .collect::<Result<Vec<_>, _>>()?;
-            *v = moved;
-            Ok(())
-        };
+        let move_one = |t: E::Tensor, g: MemGroup| engine.move_tensor(device, t, pool, g, to_host);
         match group {
-            Group::Weights { .. } => {
+            Group::Weights { .. } | Group::Grads { .. } => {
+                let weights = matches!(group, Group::Weights { .. });
+                let mem = if weights {
+                    MemGroup::Weights
+                } else {
+                    MemGroup::Gradients
+                };
                 for part in &mut self.parts {
-                    move_all(&mut part.weights, MemGroup::Weights)?;
+                    let (w, g) = engine.params_mut(part);
+                    let list = if weights { w } else { g };
+                    *list = std::mem::take(list)
+                        .into_iter()
+                        .map(|t| move_one(t, mem))
+                        .collect::<Result<_, _>>()?;
                 }
-                self.weights_on_host = to_host;
-            }
-            Group::Grads { .. } => {
-                for part in &mut self.parts {
-                    move_all(&mut part.grads, MemGroup::Gradients)?;
+                if weights {
+                    self.weights_on_host = to_host;
+                } else {
+                    self.grads_on_host = to_host;
                 }
-                self.grads_on_host = to_host;
             }
             Group::Optimizer { slice, .. } => {
                 let s = self
@@ -158,7 +165,7 @@ impl ChunkState {
                     .ok_or(PipelineError::NoSuchSlice { group })?;
                 if let Some((m, v)) = s.moments.take() {
                     let g = MemGroup::OptimizerState;
-                    s.moments = Some((m.transfer(pool, g)?, v.transfer(pool, g)?));
+                    s.moments = Some((move_one(m, g)?, move_one(v, g)?));
                 }
                 s.on_host = to_host;
             }
@@ -167,13 +174,17 @@ impl ChunkState {
         Ok(())
     }
 
+    fn lens(&self, engine: &E) -> Vec<Vec<usize>> {
+        self.parts.iter().map(|p| engine.param_lens(p)).collect()
+    }
+
     /// Clips, updates and zeroes the gradients of the parameters in slice `slice`, element by
     /// element exactly as a whole-tensor update would.
     pub fn step_slice(
         &mut self,
-        config: &OptimizerConfig,
-        coeffs: &UpdateCoeffs,
-        clip_factor: f32,
+        engine: &E,
+        device: u32,
+        update: Update<'_>,
         slice: u32,
     ) -> Result<(), PipelineError> {
         let group = Group::Optimizer {
@@ -187,29 +198,14 @@ impl ChunkState {
         if on_host || self.weights_on_host || self.grads_on_host {
             return Err(PipelineError::GroupOnHost { group });
         }
-        for o in overlaps(&self.parts, &self.optimizer) {
+        for o in overlaps(&self.lens(engine), &self.optimizer) {
             if o.slice != k {
                 continue;
             }
-            let part = &mut self.parts[o.part];
-            let (w, g) = (&mut part.weights[o.tensor], &mut part.grads[o.tensor]);
-            let g = &mut g.data_mut()[o.local.clone()];
-            let (m, v): (&mut [f32], &mut [f32]) = match &mut self.optimizer[k].moments {
-                Some((m, v)) => (
-                    &mut m.data_mut()[o.within.clone()],
-                    &mut v.data_mut()[o.within],
-                ),
-                None => (&mut [], &mut []),
-            };
-            update_elements(
-                config,
-                coeffs,
-                clip_factor,
-                &mut w.data_mut()[o.local],
-                g,
-                m,
-                v,
-            );
+            let (w, g) = engine.params_mut(&mut self.parts[o.part]);
+            let moments = self.optimizer[k].moments.as_mut().map(|(m, v)| (m, v));
+            let (w, g) = (&mut w[o.tensor], &mut g[o.tensor]);
+            engine.update(device, update, w, g, o.local, moments, o.within)?;
         }
         Ok(())
     }
@@ -217,36 +213,46 @@ impl ChunkState {
     /// The optimizer state per part and tensor, copied into `pool` (for checkpoints).
     pub fn gather_states(
         &self,
+        engine: &E,
+        device: u32,
         config: &OptimizerConfig,
+        host_parts: &[&PartParams],
         pool: &PoolRef,
-    ) -> Result<Vec<PartOptimState>, DeviceError> {
-        let mut states = self
-            .parts
+    ) -> Result<Vec<PartOptimState>, PipelineError> {
+        let mut states = host_parts
             .iter()
             .map(|p| PartOptimState::allocate(pool, config, p))
             .collect::<Result<Vec<_>, _>>()?;
-        for o in overlaps(&self.parts, &self.optimizer) {
+        for o in overlaps(&self.lens(engine), &self.optimizer) {
             let Some((m, v)) = &self.optimizer[o.slice].moments else {
                 continue;
             };
             let st = &mut states[o.part];
-            st.exp_avg[o.tensor].data_mut()[o.local.clone()]
-                .copy_from_slice(&m.data()[o.within.clone()]);
-            st.exp_avg_sq[o.tensor].data_mut()[o.local].copy_from_slice(&v.data()[o.within]);
+            let dst = &mut st.exp_avg[o.tensor].data_mut()[o.local.clone()];
+            engine.read(device, m, o.within.clone(), dst)?;
+            let dst = &mut st.exp_avg_sq[o.tensor].data_mut()[o.local];
+            engine.read(device, v, o.within, dst)?;
         }
         Ok(states)
     }
 
     /// Loads per-part optimizer state (from a checkpoint) into the slices.
-    pub fn scatter_states(&mut self, states: &[PartOptimState]) {
-        for o in overlaps(&self.parts, &self.optimizer) {
+    pub fn scatter_states(
+        &mut self,
+        engine: &E,
+        device: u32,
+        states: &[PartOptimState],
+    ) -> Result<(), PipelineError> {
+        for o in overlaps(&self.lens(engine), &self.optimizer) {
             let Some((m, v)) = &mut self.optimizer[o.slice].moments else {
                 continue;
             };
             let st = &states[o.part];
-            m.data_mut()[o.within.clone()]
-                .copy_from_slice(&st.exp_avg[o.tensor].data()[o.local.clone()]);
-            v.data_mut()[o.within].copy_from_slice(&st.exp_avg_sq[o.tensor].data()[o.local]);
+            let src = &st.exp_avg[o.tensor].data()[o.local.clone()];
+            engine.write(device, m, o.within.clone(), src)?;
+            let src = &st.exp_avg_sq[o.tensor].data()[o.local];
+            engine.write(device, v, o.within, src)?;
         }
+        Ok(())
     }
 }

@@ -22,19 +22,20 @@ pub struct MessageKey {
     pub chunk: u32,
 }
 
-/// A tensor in flight: its bytes belong to no device until it is received.
+/// One device's inbox of `M`s (the engine's tensors in flight).
 #[derive(Debug)]
-pub struct Message {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+pub struct Mailbox<M> {
+    messages: Mutex<HashMap<MessageKey, M>>,
+    arrived: Condvar,
 }
 
-/// One device's inbox.
-#[derive(Debug, Default)]
-pub struct Mailbox {
-    messages: Mutex<HashMap<MessageKey, Message>>,
-    arrived: Condvar,
+impl<M> Default for Mailbox<M> {
+    fn default() -> Self {
+        Mailbox {
+            messages: Mutex::new(HashMap::new()),
+            arrived: Condvar::new(),
+        }
+    }
 }
 
 /// Raised in every waiting device when one device fails, so no thread waits forever.
@@ -44,7 +45,7 @@ pub struct Abort {
 }
 
 impl Abort {
-    pub fn raise(&self, mailboxes: &[Mailbox]) {
+    pub fn raise<M>(&self, mailboxes: &[Mailbox<M>]) {
         self.raised.store(true, Ordering::SeqCst);
         for m in mailboxes {
             // Take the lock so a receiver between its check and its wait sees the flag.
@@ -58,15 +59,15 @@ impl Abort {
     }
 }
 
-impl Mailbox {
-    pub fn post(&self, key: MessageKey, message: Message) {
+impl<M> Mailbox<M> {
+    pub fn post(&self, key: MessageKey, message: M) {
         let mut messages = self.messages.lock().unwrap_or_else(|e| e.into_inner());
         messages.insert(key, message);
         self.arrived.notify_all();
     }
 
     /// Waits for `key`; `None` when the step was aborted.
-    pub fn take(&self, key: MessageKey, abort: &Abort) -> Option<Message> {
+    pub fn take(&self, key: MessageKey, abort: &Abort) -> Option<M> {
         let mut messages = self.messages.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(m) = messages.remove(&key) {

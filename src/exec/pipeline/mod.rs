@@ -10,6 +10,7 @@
 //! On CPU devices the host pool is the same memory, so a move is bookkeeping and never stalls.
 
 mod chunk;
+pub mod engine;
 mod mailbox;
 mod step_sync;
 mod worker;
@@ -19,7 +20,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::data::Microbatch;
-use crate::exec::backend::{Backend, on_compute_pool};
+use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::on_compute_pool;
 use crate::exec::checkpoint::CheckpointError;
 use crate::exec::device::{DeviceError, DeviceSet};
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
@@ -30,6 +32,8 @@ use crate::plan::ir::{Action, Group, Plan};
 use crate::plan::validate::validate;
 
 pub use chunk::ChunkState;
+use engine::HostPart;
+pub use engine::{CpuEngine, Engine};
 use mailbox::{Abort, Mailbox};
 use step_sync::StepSync;
 use worker::{DeviceWorker, StepContext};
@@ -40,6 +44,8 @@ pub enum PipelineError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
     #[error("the plan does not validate: {0}")]
     Plan(#[from] crate::plan::error::PlanError),
     #[error("the plan has {plan} devices but {given} were given")]
@@ -122,13 +128,13 @@ pub struct DeviceTiming {
 }
 
 /// The model split into the plan's chunks, each on its device, and the optimizer around it.
-pub struct Pipeline {
+pub struct Pipeline<E: Engine = CpuEngine> {
     pub config: LlamaConfig,
     pub plan: Plan,
     pub devices: DeviceSet,
     /// Per device, the chunks it holds.
-    chunks: Vec<Vec<ChunkState>>,
-    backend: Box<dyn Backend>,
+    chunks: Vec<Vec<ChunkState<E>>>,
+    pub engine: E,
     pub optimizer: OptimizerConfig,
     pub schedule: LrSchedule,
     pub grad_clip: Option<f32>,
@@ -136,7 +142,7 @@ pub struct Pipeline {
     pub step: u64,
 }
 
-impl Pipeline {
+impl<E: Engine> Pipeline<E> {
     /// Places `parts` (every part of the model, in forward order, in any pool) on the plan's
     /// devices and allocates each chunk's optimizer state there.
     #[allow(clippy::too_many_arguments)]
@@ -144,12 +150,12 @@ impl Pipeline {
         config: LlamaConfig,
         plan: Plan,
         devices: DeviceSet,
-        backend: Box<dyn Backend>,
+        engine: E,
         parts: Vec<PartParams>,
         optimizer: OptimizerConfig,
         schedule: LrSchedule,
         grad_clip: Option<f32>,
-    ) -> Result<Pipeline, PipelineError> {
+    ) -> Result<Self, PipelineError> {
         validate(&plan)?;
         if plan.devices() != devices.devices.len() {
             return Err(PipelineError::DeviceCount {
@@ -165,7 +171,7 @@ impl Pipeline {
                 layers,
             });
         }
-        let mut chunks: Vec<Vec<ChunkState>> = (0..plan.devices()).map(|_| Vec::new()).collect();
+        let mut chunks: Vec<Vec<ChunkState<E>>> = (0..plan.devices()).map(|_| Vec::new()).collect();
         let mut parts = parts.into_iter();
         for (index, spec) in plan.chunks.iter().enumerate() {
             let count =
@@ -174,13 +180,14 @@ impl Pipeline {
             let chunk_parts = parts
                 .by_ref()
                 .take(count)
-                .map(|part| move_part(part, &devices.host))
+                .map(|part| engine.adopt(part, &devices.host))
                 .collect::<Result<Vec<_>, _>>()?;
             let chunk = index as u32;
             // Built on the host, then each group goes to the device unless the program leaves
             // it on the host (a program is one step that repeats), so no device ever holds
             // more than it will in a step.
             let mut state = ChunkState::new_on_host(
+                &engine,
                 chunk,
                 chunk_parts,
                 &optimizer,
@@ -200,7 +207,7 @@ impl Pipeline {
                         _ => None,
                     });
                 if last_move != Some(true) {
-                    state.place(group, pool, false)?;
+                    state.place(&engine, spec.device, group, pool, false)?;
                 }
             }
             chunks[spec.device as usize].push(state);
@@ -210,7 +217,7 @@ impl Pipeline {
             plan,
             devices,
             chunks,
-            backend,
+            engine,
             optimizer,
             schedule,
             grad_clip,
@@ -218,39 +225,57 @@ impl Pipeline {
         })
     }
 
-    /// Every part, in model order.
-    pub fn parts(&self) -> Vec<&PartParams> {
-        let mut all: Vec<_> = self
-            .chunks
-            .iter()
-            .flatten()
-            .flat_map(|c| &c.parts)
-            .collect();
-        all.sort_by_key(|p| p.id);
-        all
-    }
-
-    /// Every part with a copy of its optimizer state (made in the host pool), in model order.
-    pub fn parts_with_state(&self) -> Result<Vec<(&PartParams, PartOptimState)>, DeviceError> {
-        let mut all = Vec::new();
+    /// Calls `write` with every part and its optimizer state, in model order, as host
+    /// tensors (lent where they are host memory already, copied into the host pool otherwise).
+    pub fn with_state<R>(
+        &self,
+        write: impl FnOnce(&[(&PartParams, &PartOptimState)]) -> R,
+    ) -> Result<R, PipelineError> {
+        let host = &self.devices.host;
+        let mut all: Vec<(HostPart<'_>, PartOptimState)> = Vec::new();
         for chunk in self.chunks.iter().flatten() {
-            let states = chunk.gather_states(&self.optimizer, &self.devices.host)?;
-            all.extend(chunk.parts.iter().zip(states));
+            let device = self.plan.chunks[chunk.index as usize].device;
+            let parts = chunk
+                .parts
+                .iter()
+                .map(|p| self.engine.host_part(device, p, host, &self.config))
+                .collect::<Result<Vec<_>, _>>()?;
+            let lent: Vec<&PartParams> = parts.iter().map(|p| &**p).collect();
+            let states = chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
+            all.extend(parts.into_iter().zip(states));
         }
         all.sort_by_key(|(p, _)| p.id);
-        Ok(all)
+        let pairs: Vec<_> = all.iter().map(|(p, s)| (&**p, s)).collect();
+        Ok(write(&pairs))
     }
 
-    /// Runs `load` on each chunk's parts and a per-part copy of its optimizer state, then
-    /// keeps what it loaded (a checkpoint, say).
+    /// Runs `load` on host copies of each chunk's parts and optimizer state, then keeps what
+    /// it loaded (a checkpoint, say).
     pub fn load_state(
         &mut self,
         mut load: impl FnMut(&mut [PartParams], &mut [PartOptimState]) -> Result<(), CheckpointError>,
     ) -> Result<(), PipelineError> {
+        let host = &self.devices.host;
         for chunk in self.chunks.iter_mut().flatten() {
-            let mut states = chunk.gather_states(&self.optimizer, &self.devices.host)?;
-            load(&mut chunk.parts, &mut states)?;
-            chunk.scatter_states(&states);
+            let device = self.plan.chunks[chunk.index as usize].device;
+            let mut parts = Vec::with_capacity(chunk.parts.len());
+            for p in &chunk.parts {
+                let lent = self.engine.host_part(device, p, host, &self.config)?;
+                let mut copy = PartParams::allocate(host, &self.config, lent.id)?;
+                for (dst, src) in copy.weights.iter_mut().zip(&lent.weights) {
+                    dst.data_mut().copy_from_slice(src.data());
+                }
+                parts.push(copy);
+            }
+            let mut states = {
+                let lent: Vec<&PartParams> = parts.iter().collect();
+                chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?
+            };
+            load(&mut parts, &mut states)?;
+            for (p, loaded) in chunk.parts.iter_mut().zip(&parts) {
+                self.engine.load_part(device, p, loaded)?;
+            }
+            chunk.scatter_states(&self.engine, device, &states)?;
         }
         Ok(())
     }
@@ -276,12 +301,13 @@ impl Pipeline {
             });
         }
         let total_tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
-        let mailboxes: Vec<Mailbox> = (0..self.plan.devices())
+        let mailboxes: Vec<Mailbox<E::Message>> = (0..self.plan.devices())
             .map(|_| Mailbox::default())
             .collect();
         let abort = Abort::default();
         let sync = StepSync::new(self.plan.devices());
         let cx = StepContext {
+            engine: &self.engine,
             config: &self.config,
             microbatches,
             loss_scale: 1.0 / total_tokens as f32,
@@ -294,7 +320,6 @@ impl Pipeline {
             step: self.step,
             host: &self.devices.host,
         };
-        let backend = self.backend.as_ref();
         let alone = self.plan.devices() == 1;
         let held = std::mem::take(&mut self.chunks);
         let results: Vec<_> = std::thread::scope(|scope| {
@@ -307,7 +332,7 @@ impl Pipeline {
                     let cx = &cx;
                     scope.spawn(move || {
                         let work = move || {
-                            let mut w = DeviceWorker::new(d as u32, pool, backend, program, chunks);
+                            let mut w = DeviceWorker::new(d as u32, pool, program, chunks);
                             let result = w.run(cx);
                             if result.is_err() {
                                 cx.abort.raise(cx.mailboxes);
@@ -388,21 +413,18 @@ impl Pipeline {
     }
 }
 
-/// Moves a part's weights and gradients into `pool`.
-fn move_part(
-    mut part: PartParams,
-    pool: &crate::exec::device::PoolRef,
-) -> Result<PartParams, DeviceError> {
-    use crate::exec::device::MemGroup;
-    part.weights = std::mem::take(&mut part.weights)
-        .into_iter()
-        .map(|t| t.transfer(pool, MemGroup::Weights))
-        .collect::<Result<_, _>>()?;
-    part.grads = std::mem::take(&mut part.grads)
-        .into_iter()
-        .map(|t| t.transfer(pool, MemGroup::Gradients))
-        .collect::<Result<_, _>>()?;
-    Ok(part)
+impl Pipeline<CpuEngine> {
+    /// Every part, in model order.
+    pub fn parts(&self) -> Vec<&PartParams> {
+        let mut all: Vec<_> = self
+            .chunks
+            .iter()
+            .flatten()
+            .flat_map(|c| &c.parts)
+            .collect();
+        all.sort_by_key(|p| p.id);
+        all
+    }
 }
 
 /// Every part of a model in forward order, allocated in `pool` and initialised from `seed`.

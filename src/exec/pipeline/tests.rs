@@ -83,7 +83,9 @@ fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineError> {
         config(),
         plan,
         devices,
-        Box::new(CpuBackend::default()),
+        CpuEngine {
+            backend: Box::new(CpuBackend::default()),
+        },
         parts,
         adamw(),
         LrSchedule::constant(1e-2),

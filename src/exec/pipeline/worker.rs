@@ -4,43 +4,36 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::data::Microbatch;
-use crate::exec::backend::Backend;
 use crate::exec::device::{MemGroup, PoolRef};
-use crate::exec::model::part::{MicroTokens, PartOutput, PartStash, backward_part, forward_part};
-use crate::exec::model::{LlamaConfig, PartCtx, PartParams};
-
-use super::chunk::ChunkState;
+use crate::exec::model::LlamaConfig;
+use crate::exec::model::part::{MicroTokens, PartOutput};
 use crate::exec::optim::OptimizerConfig;
-use crate::exec::optim::clip::{clip_factor, part_squares};
+use crate::exec::optim::clip::{PartSquares, clip_factor};
 use crate::exec::optim::schedule::LrSchedule;
-use crate::exec::tensor::Tensor;
+use crate::plan::inventory::Part;
 use crate::plan::ir::{Action, Group};
 
 use super::PipelineError;
-use super::mailbox::{Abort, Mailbox, Message, MessageKey, MessageKind};
+use super::chunk::ChunkState;
+use super::engine::{At, Engine, Kept, Update};
+use super::mailbox::{Abort, Mailbox, MessageKey, MessageKind};
 use super::step_sync::{StepSync, StepTotals};
 
 /// What a forward leaves for its backward.
-#[derive(Debug)]
-enum Stash {
+enum Stash<E: Engine> {
     /// Every part's kept activations.
-    Full(Vec<PartStash>),
+    Full(Vec<E::Stash>),
     /// Only what a recompute starts from: the chunk input (or the embedding's token ids).
-    Kept(KeptInput),
-}
-
-#[derive(Debug)]
-enum KeptInput {
-    Hidden(Tensor),
-    Tokens(Box<PartStash>),
+    Kept(Kept<E::Tensor, E::Stash>),
 }
 
 /// Everything a device thread needs that is shared by the whole step.
-pub struct StepContext<'a> {
+pub struct StepContext<'a, E: Engine> {
+    pub engine: &'a E,
     pub config: &'a LlamaConfig,
     pub microbatches: &'a [Microbatch],
     pub loss_scale: f32,
-    pub mailboxes: &'a [Mailbox],
+    pub mailboxes: &'a [Mailbox<E::Message>],
     pub abort: &'a Abort,
     pub sync: &'a StepSync,
     pub optimizer: &'a OptimizerConfig,
@@ -61,38 +54,35 @@ pub struct DeviceStep {
 
 type Key = (u32, u32);
 
-pub struct DeviceWorker<'a> {
+pub struct DeviceWorker<'a, E: Engine> {
     pub device: u32,
     pub pool: &'a PoolRef,
-    pub backend: &'a dyn Backend,
     pub program: &'a [Action],
-    pub chunks: Vec<ChunkState>,
+    pub chunks: Vec<ChunkState<E>>,
     /// Inputs of forwards: received, or the output of the previous chunk on this device.
-    inputs: HashMap<Key, Tensor>,
+    inputs: HashMap<Key, E::Tensor>,
     /// Forward outputs not yet sent or handed on.
-    outputs: HashMap<Key, Tensor>,
-    stashes: HashMap<Key, (Stash, bool)>,
+    outputs: HashMap<Key, E::Tensor>,
+    stashes: HashMap<Key, (Stash<E>, bool)>,
     /// Gradients of chunk outputs: received, or made by the next chunk on this device.
-    grads_in: HashMap<Key, Tensor>,
+    grads_in: HashMap<Key, E::Tensor>,
     /// Gradients of chunk inputs not yet sent or handed on.
-    grads_out: HashMap<Key, Tensor>,
+    grads_out: HashMap<Key, E::Tensor>,
     losses: Vec<(u32, f64)>,
     totals: Option<StepTotals>,
     report: DeviceStep,
 }
 
-impl<'a> DeviceWorker<'a> {
+impl<'a, E: Engine> DeviceWorker<'a, E> {
     pub fn new(
         device: u32,
         pool: &'a PoolRef,
-        backend: &'a dyn Backend,
         program: &'a [Action],
-        chunks: Vec<ChunkState>,
+        chunks: Vec<ChunkState<E>>,
     ) -> Self {
         DeviceWorker {
             device,
             pool,
-            backend,
             program,
             chunks,
             inputs: HashMap::new(),
@@ -107,7 +97,7 @@ impl<'a> DeviceWorker<'a> {
     }
 
     /// Runs the program once (one training step). On error the caller aborts the step.
-    pub fn run(&mut self, cx: &StepContext<'_>) -> Result<DeviceStep, PipelineError> {
+    pub fn run(&mut self, cx: &StepContext<'_, E>) -> Result<DeviceStep, PipelineError> {
         for (index, &action) in self.program.iter().enumerate() {
             self.run_action(cx, action)
                 .map_err(|e| e.at(self.device, index, action))?;
@@ -127,23 +117,23 @@ impl<'a> DeviceWorker<'a> {
         Ok(self.report)
     }
 
-    fn chunk(&mut self, index: u32) -> Result<&mut ChunkState, PipelineError> {
+    fn chunk(&mut self, index: u32) -> Result<&mut ChunkState<E>, PipelineError> {
         self.chunks
             .iter_mut()
             .find(|c| c.index == index)
             .ok_or(PipelineError::NotHere { chunk: index })
     }
 
-    fn ctx<'c>(&'c self, cx: &'c StepContext<'_>, mb: u32) -> PartCtx<'c> {
-        PartCtx {
-            backend: self.backend,
+    fn at<'c>(&'c self, cx: &'c StepContext<'_, E>, mb: u32) -> At<'c> {
+        At {
+            device: self.device,
             pool: self.pool,
             config: cx.config,
             micro: cx.microbatches[mb as usize].shape,
         }
     }
 
-    fn run_action(&mut self, cx: &StepContext<'_>, action: Action) -> Result<(), PipelineError> {
+    fn run_action(&mut self, cx: &StepContext<'_, E>, action: Action) -> Result<(), PipelineError> {
         match action {
             Action::Forward {
                 mb,
@@ -154,11 +144,11 @@ impl<'a> DeviceWorker<'a> {
             Action::Backward { mb, chunk } => self.timed(|w| w.backward(cx, mb, chunk)),
             Action::SendAct { mb, chunk, peer } => {
                 let t = take(&mut self.outputs, (mb, chunk), "activation to send")?;
-                send(cx, peer, MessageKind::Activation, mb, chunk, t)
+                self.send(cx, peer, MessageKind::Activation, mb, chunk, t)
             }
             Action::SendGrad { mb, chunk, peer } => {
                 let t = take(&mut self.grads_out, (mb, chunk), "gradient to send")?;
-                send(cx, peer, MessageKind::Gradient, mb, chunk, t)
+                self.send(cx, peer, MessageKind::Gradient, mb, chunk, t)
             }
             Action::RecvAct { mb, chunk, .. } => {
                 let t = self.receive(cx, MessageKind::Activation, mb, chunk)?;
@@ -189,34 +179,60 @@ impl<'a> DeviceWorker<'a> {
 
     fn receive(
         &mut self,
-        cx: &StepContext<'_>,
+        cx: &StepContext<'_, E>,
         kind: MessageKind,
         mb: u32,
         chunk: u32,
-    ) -> Result<Tensor, PipelineError> {
+    ) -> Result<E::Tensor, PipelineError> {
         let start = Instant::now();
         let key = MessageKey { kind, mb, chunk };
         let message = cx.mailboxes[self.device as usize]
             .take(key, cx.abort)
             .ok_or(PipelineError::Aborted)?;
         self.report.waiting += start.elapsed();
-        Ok(Tensor::from_data(
-            self.pool,
-            message.name,
-            &message.shape,
-            message.data,
-            MemGroup::Activations,
-        )?)
+        cx.engine.receive(self.device, message, self.pool)
+    }
+
+    fn send(
+        &self,
+        cx: &StepContext<'_, E>,
+        peer: u32,
+        kind: MessageKind,
+        mb: u32,
+        chunk: u32,
+        tensor: E::Tensor,
+    ) -> Result<(), PipelineError> {
+        let mailbox = cx
+            .mailboxes
+            .get(peer as usize)
+            .ok_or(PipelineError::NoSuchDevice { device: peer })?;
+        let message = cx.engine.send(self.device, tensor);
+        mailbox.post(MessageKey { kind, mb, chunk }, message);
+        Ok(())
+    }
+
+    /// The kind of the chunk's first (or `last`) part.
+    fn end_kind(
+        &self,
+        cx: &StepContext<'_, E>,
+        chunk: u32,
+        last: bool,
+    ) -> Result<Part, PipelineError> {
+        let state = self.chunks.iter().find(|c| c.index == chunk);
+        let parts = &state.ok_or(PipelineError::NotHere { chunk })?.parts;
+        let part = if last { parts.last() } else { parts.first() };
+        let part = part.ok_or(PipelineError::EmptyChunk)?;
+        Ok(cx.engine.part_id(part).kind())
     }
 
     /// The forward's input: the chunk input received or handed over (none with the embedding).
-    fn forward_input(&mut self, mb: u32, chunk: u32) -> Result<Option<Tensor>, PipelineError> {
-        let first = self
-            .chunk(chunk)?
-            .parts
-            .first()
-            .ok_or(PipelineError::EmptyChunk)?;
-        if first.id.kind() == crate::plan::inventory::Part::Embedding {
+    fn forward_input(
+        &mut self,
+        cx: &StepContext<'_, E>,
+        mb: u32,
+        chunk: u32,
+    ) -> Result<Option<E::Tensor>, PipelineError> {
+        if self.end_kind(cx, chunk, false)? == Part::Embedding {
             return Ok(None);
         }
         if let Some(t) = self.inputs.remove(&(mb, chunk)) {
@@ -228,24 +244,25 @@ impl<'a> DeviceWorker<'a> {
             chunk,
         })?;
         let handed = take(&mut self.outputs, (mb, previous), "input of the forward")?;
-        Ok(Some(handed.regroup(MemGroup::Activations)))
+        Ok(Some(cx.engine.regroup(handed, MemGroup::Activations)))
     }
 
     /// Runs the chunk's parts forward from `input`; returns the stashes and the output.
+    #[allow(clippy::type_complexity)]
     fn run_parts_forward(
         &mut self,
-        cx: &StepContext<'_>,
+        cx: &StepContext<'_, E>,
         mb: u32,
         chunk: u32,
-        input: Option<Tensor>,
-    ) -> Result<(Vec<PartStash>, PartOutput), PipelineError> {
+        input: Option<E::Tensor>,
+    ) -> Result<(Vec<E::Stash>, PartOutput<E::Tensor>), PipelineError> {
         self.require_weights(chunk)?;
         let batch = &cx.microbatches[mb as usize];
         let tokens = MicroTokens {
             input_ids: &batch.input_ids,
             targets: &batch.targets,
         };
-        let ctx = self.ctx(cx, mb);
+        let at = self.at(cx, mb);
         let state = self
             .chunks
             .iter()
@@ -255,7 +272,7 @@ impl<'a> DeviceWorker<'a> {
         let mut stashes = Vec::with_capacity(state.parts.len());
         let mut last = None;
         for part in &state.parts {
-            let (stash, out) = forward_part(&ctx, part, carry.take(), tokens)?;
+            let (stash, out) = cx.engine.forward(at, part, carry.take(), tokens)?;
             stashes.push(stash);
             match out {
                 PartOutput::Hidden(t) => carry = Some(t),
@@ -272,22 +289,26 @@ impl<'a> DeviceWorker<'a> {
 
     fn forward(
         &mut self,
-        cx: &StepContext<'_>,
+        cx: &StepContext<'_, E>,
         mb: u32,
         chunk: u32,
         drop_stash: bool,
     ) -> Result<(), PipelineError> {
-        let input = self.forward_input(mb, chunk)?;
+        let input = self.forward_input(cx, mb, chunk)?;
         let (stashes, output) = self.run_parts_forward(cx, mb, chunk, input)?;
         match output {
             PartOutput::LossSum(loss) => self.losses.push((mb, loss)),
             PartOutput::Hidden(t) => {
-                self.outputs
-                    .insert((mb, chunk), t.regroup(MemGroup::Communication));
+                let t = cx.engine.regroup(t, MemGroup::Communication);
+                self.outputs.insert((mb, chunk), t);
             }
         }
         let stash = if drop_stash {
-            Stash::Kept(keep_input(stashes)?)
+            let first = stashes
+                .into_iter()
+                .next()
+                .ok_or(PipelineError::EmptyChunk)?;
+            Stash::Kept(cx.engine.keep_input(first))
         } else {
             Stash::Full(stashes)
         };
@@ -297,15 +318,15 @@ impl<'a> DeviceWorker<'a> {
 
     fn recompute(
         &mut self,
-        cx: &StepContext<'_>,
+        cx: &StepContext<'_, E>,
         mb: u32,
         chunk: u32,
     ) -> Result<(), PipelineError> {
         let stash = self.take_stash_on_device(mb, chunk, "stash to recompute from")?;
         let input = match stash {
-            Stash::Kept(KeptInput::Hidden(x)) => Some(x),
+            Stash::Kept(Kept::Input(x)) => Some(x),
             // The embedding's forward rebuilds its token ids from the micro-batch.
-            Stash::Kept(KeptInput::Tokens(ids)) => {
+            Stash::Kept(Kept::Stash(ids)) => {
                 drop(ids);
                 None
             }
@@ -323,7 +344,12 @@ impl<'a> DeviceWorker<'a> {
         Ok(())
     }
 
-    fn backward(&mut self, cx: &StepContext<'_>, mb: u32, chunk: u32) -> Result<(), PipelineError> {
+    fn backward(
+        &mut self,
+        cx: &StepContext<'_, E>,
+        mb: u32,
+        chunk: u32,
+    ) -> Result<(), PipelineError> {
         self.require_weights(chunk)?;
         let stash = self.take_stash_on_device(mb, chunk, "stash")?;
         let Stash::Full(stashes) = stash else {
@@ -333,8 +359,7 @@ impl<'a> DeviceWorker<'a> {
                 chunk,
             });
         };
-        let ends_with_head = self.chunk(chunk)?.parts.last().map(|p| p.id.kind())
-            == Some(crate::plan::inventory::Part::Head);
+        let ends_with_head = self.end_kind(cx, chunk, true)? == Part::Head;
         let mut grad = if ends_with_head {
             None
         } else if let Some(g) = self.grads_in.remove(&(mb, chunk)) {
@@ -345,10 +370,10 @@ impl<'a> DeviceWorker<'a> {
                 (mb, chunk + 1),
                 "gradient of the output",
             )?;
-            Some(handed.regroup(MemGroup::Activations))
+            Some(cx.engine.regroup(handed, MemGroup::Activations))
         };
-        let ctx = PartCtx {
-            backend: self.backend,
+        let at = At {
+            device: self.device,
             pool: self.pool,
             config: cx.config,
             micro: cx.microbatches[mb as usize].shape,
@@ -364,11 +389,13 @@ impl<'a> DeviceWorker<'a> {
             });
         }
         for (part, stash) in state.parts.iter_mut().zip(stashes).rev() {
-            grad = backward_part(&ctx, part, stash, grad.take(), cx.loss_scale)?;
+            grad = cx
+                .engine
+                .backward(at, part, stash, grad.take(), cx.loss_scale)?;
         }
         if let Some(g) = grad {
-            self.grads_out
-                .insert((mb, chunk), g.regroup(MemGroup::Communication));
+            let g = cx.engine.regroup(g, MemGroup::Communication);
+            self.grads_out.insert((mb, chunk), g);
         }
         Ok(())
     }
@@ -380,7 +407,7 @@ impl<'a> DeviceWorker<'a> {
         mb: u32,
         chunk: u32,
         what: &'static str,
-    ) -> Result<Stash, PipelineError> {
+    ) -> Result<Stash<E>, PipelineError> {
         match self.stashes.remove(&(mb, chunk)) {
             None => Err(PipelineError::Missing { what, mb, chunk }),
             Some((_, true)) => Err(PipelineError::OnHost { what, mb, chunk }),
@@ -401,18 +428,22 @@ impl<'a> DeviceWorker<'a> {
     /// step action then updates its slice of its chunk.
     fn optimizer_step(
         &mut self,
-        cx: &StepContext<'_>,
+        cx: &StepContext<'_, E>,
         chunk: u32,
         slice: u32,
     ) -> Result<(), PipelineError> {
+        let engine = cx.engine;
+        let device = self.device;
         let totals = match self.totals {
             Some(t) => t,
             None => {
-                let squares = self
-                    .chunks
-                    .iter()
-                    .flat_map(|c| c.parts.iter().map(part_squares))
-                    .collect();
+                let mut squares = Vec::new();
+                for part in self.chunks.iter().flat_map(|c| &c.parts) {
+                    squares.push(PartSquares {
+                        part: engine.part_id(part),
+                        sum_of_squares: engine.grad_squares(device, part)?,
+                    });
+                }
                 let start = Instant::now();
                 let totals = cx
                     .sync
@@ -426,24 +457,32 @@ impl<'a> DeviceWorker<'a> {
         let state = self.chunk(chunk)?;
         if !totals.grad_norm.is_finite() || !totals.loss_sum.is_finite() {
             // Leave the weights as they were; the caller reports which value went bad.
-            state.parts.iter_mut().for_each(PartParams::zero_grads);
+            for part in &mut state.parts {
+                engine.zero_grads(device, part)?;
+            }
             return Ok(());
         }
         let factor = cx
             .grad_clip
             .map_or(1.0, |c| clip_factor(totals.grad_norm, c));
         let coeffs = cx.optimizer.coeffs(cx.step + 1, cx.schedule.lr_at(cx.step));
-        state.step_slice(cx.optimizer, &coeffs, factor, slice)
+        let update = Update {
+            config: cx.optimizer,
+            coeffs: &coeffs,
+            clip_factor: factor,
+        };
+        state.step_slice(engine, device, update, slice)
     }
 
     /// Offload (`to_host`) or prefetch a group. The device's bytes are given back or taken
     /// at this point of the program, so the measured peak does not depend on thread timing.
     fn relocate(
         &mut self,
-        cx: &StepContext<'_>,
+        cx: &StepContext<'_, E>,
         group: Group,
         to_host: bool,
     ) -> Result<(), PipelineError> {
+        let (engine, device) = (cx.engine, self.device);
         let target = if to_host { cx.host } else { self.pool };
         match group {
             Group::Stash { mb, chunk } => {
@@ -458,19 +497,22 @@ impl<'a> DeviceWorker<'a> {
                 if on_host == to_host {
                     return Err(PipelineError::AlreadyThere { group, on_host });
                 }
+                let move_stash = |s| engine.move_stash(device, s, target, to_host);
                 let moved = match stash {
                     Stash::Full(parts) => Stash::Full(
                         parts
                             .into_iter()
-                            .map(|s| s.transfer(target))
+                            .map(move_stash)
                             .collect::<Result<_, _>>()?,
                     ),
-                    Stash::Kept(KeptInput::Hidden(t)) => Stash::Kept(KeptInput::Hidden(
-                        t.transfer(target, MemGroup::Activations)?,
-                    )),
-                    Stash::Kept(KeptInput::Tokens(s)) => {
-                        Stash::Kept(KeptInput::Tokens(Box::new(s.transfer(target)?)))
-                    }
+                    Stash::Kept(Kept::Input(t)) => Stash::Kept(Kept::Input(engine.move_tensor(
+                        device,
+                        t,
+                        target,
+                        MemGroup::Activations,
+                        to_host,
+                    )?)),
+                    Stash::Kept(Kept::Stash(s)) => Stash::Kept(Kept::Stash(move_stash(s)?)),
                 };
                 self.stashes.insert((mb, chunk), (moved, to_host));
             }
@@ -482,55 +524,17 @@ impl<'a> DeviceWorker<'a> {
                         on_host: to_host,
                     });
                 }
-                state.place(group, target, to_host)?;
+                state.place(engine, device, group, target, to_host)?;
             }
         }
         Ok(())
     }
 }
 
-/// What a forward that drops its stash keeps: the first part's input, or the embedding's
-/// token ids.
-fn keep_input(stashes: Vec<PartStash>) -> Result<KeptInput, PipelineError> {
-    let first = stashes
-        .into_iter()
-        .next()
-        .ok_or(PipelineError::EmptyChunk)?;
-    Ok(match first {
-        PartStash::Embedding(_) => KeptInput::Tokens(Box::new(first)),
-        PartStash::Layer(layer) => KeptInput::Hidden(layer.input),
-        PartStash::Head(head) => KeptInput::Hidden(head.input),
-    })
-}
-
-fn take(
-    map: &mut HashMap<Key, Tensor>,
-    key: Key,
-    what: &'static str,
-) -> Result<Tensor, PipelineError> {
+fn take<T>(map: &mut HashMap<Key, T>, key: Key, what: &'static str) -> Result<T, PipelineError> {
     map.remove(&key).ok_or(PipelineError::Missing {
         what,
         mb: key.0,
         chunk: key.1,
     })
-}
-
-fn send(
-    cx: &StepContext<'_>,
-    peer: u32,
-    kind: MessageKind,
-    mb: u32,
-    chunk: u32,
-    tensor: Tensor,
-) -> Result<(), PipelineError> {
-    let mailbox = cx
-        .mailboxes
-        .get(peer as usize)
-        .ok_or(PipelineError::NoSuchDevice { device: peer })?;
-    let (name, shape, data) = tensor.into_data();
-    mailbox.post(
-        MessageKey { kind, mb, chunk },
-        Message { name, shape, data },
-    );
-    Ok(())
 }

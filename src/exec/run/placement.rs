@@ -84,11 +84,7 @@ impl Placement {
         write: impl FnOnce(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError>,
     ) -> Result<(), RunError> {
         match self {
-            Placement::Pipeline(p) => {
-                let owned = p.parts_with_state()?;
-                let pairs: Vec<_> = owned.iter().map(|(p, s)| (*p, s)).collect();
-                write(&pairs)
-            }
+            Placement::Pipeline(p) => p.with_state(write)?,
             Placement::Gpu { trainer, host } => {
                 let owned = trainer.to_host(host)?;
                 let pairs: Vec<_> = owned.iter().map(|(p, s)| (p, s)).collect();

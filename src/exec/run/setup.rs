@@ -13,7 +13,7 @@ use crate::exec::device_spec::{DeviceSpec, Target};
 use crate::exec::model::{LlamaConfig, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
-use crate::exec::pipeline::{Pipeline, seeded_parts};
+use crate::exec::pipeline::{CpuEngine, Pipeline, seeded_parts};
 use crate::plan::policy::{Offload, Recompute};
 use crate::plan::presets::{Cluster, ProfileName};
 use crate::plan::schedule::ScheduleKind;
@@ -226,7 +226,9 @@ impl Run {
             config,
             answer.plan.clone(),
             devices,
-            Box::new(CpuBackend::default()),
+            CpuEngine {
+                backend: Box::new(CpuBackend::default()),
+            },
             parts,
             OptimizerConfig::from_spec(&t.optimizer),
             LrSchedule::from_spec(t),

@@ -1,5 +1,7 @@
 //! Device buffers counted in a pool, like host tensors: the lease gives the bytes back when
 //! the buffer is dropped, so the pool's live bytes are exactly what exists on the device.
+//! A tensor the pipeline has offloaded keeps its values in host memory, counted in the host's
+//! pool, until it is moved back ([`GpuTensor::relocate`]).
 
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
@@ -13,12 +15,20 @@ use crate::plan::inventory::TensorSpec;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DevPtr(pub(crate) u64);
 
-/// A dense tensor on one CUDA device.
+/// Where a tensor's values are.
+enum Storage<T> {
+    Device(CudaSlice<T>),
+    Host(Vec<T>),
+}
+
+/// A dense tensor on one CUDA device (or offloaded to the host).
 pub struct GpuTensor<T: Element = f32> {
-    buf: CudaSlice<T>,
+    storage: Storage<T>,
+    /// The device address of element 0 (0 while on the host).
     addr: u64,
+    name: String,
     shape: Vec<usize>,
-    _lease: Lease,
+    lease: Lease,
 }
 
 impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
@@ -47,7 +57,93 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         let lease = Lease::reserve(pool, name, group, len * T::DTYPE.bytes())?;
         // SAFETY: every user of a scratch tensor writes it before reading it.
         let buf = unsafe { gpu.stream.alloc::<T>(len.max(1))? };
-        Ok(Self::wrap(gpu, buf, shape, lease))
+        Ok(Self::wrap(gpu, buf, name, shape, lease))
+    }
+
+    /// Host values counted in `pool` (the host's): a tensor that starts offloaded.
+    pub fn on_host(
+        pool: &PoolRef,
+        name: &str,
+        shape: &[usize],
+        data: Vec<T>,
+        group: MemGroup,
+    ) -> Result<Self, CudaError> {
+        check_len(name, shape, data.len())?;
+        let lease = Lease::reserve(pool, name, group, data.len() * T::DTYPE.bytes())?;
+        Ok(GpuTensor {
+            storage: Storage::Host(data),
+            addr: 0,
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            lease,
+        })
+    }
+
+    /// Moves the tensor into `to` under `group`, the destination charged before the source
+    /// is given back: to host memory when `to_host` (copied from the device if it is there),
+    /// else onto `gpu` (copied from the host if it is there). Between pools on the same side
+    /// only the counting moves.
+    pub fn relocate(
+        self,
+        gpu: &Gpu,
+        to: &PoolRef,
+        group: MemGroup,
+        to_host: bool,
+    ) -> Result<Self, CudaError> {
+        let lease = Lease::reserve(to, &self.name, group, self.lease.bytes())?;
+        let GpuTensor {
+            storage,
+            addr,
+            name,
+            shape,
+            lease: _given_back,
+        } = self;
+        let (storage, addr) = match (storage, to_host) {
+            (Storage::Device(buf), true) => {
+                let mut data = gpu.stream.clone_dtoh(&buf)?;
+                data.truncate(shape.iter().product());
+                (Storage::Host(data), 0)
+            }
+            (Storage::Host(data), false) => {
+                // SAFETY: written completely below before any kernel reads it.
+                let mut buf = unsafe { gpu.stream.alloc::<T>(data.len().max(1))? };
+                if !data.is_empty() {
+                    gpu.stream.memcpy_htod(&data, &mut buf)?;
+                }
+                let addr = buf.device_ptr(&gpu.stream).0;
+                (Storage::Device(buf), addr)
+            }
+            (kept, _) => (kept, addr),
+        };
+        Ok(GpuTensor {
+            storage,
+            addr,
+            name,
+            shape,
+            lease,
+        })
+    }
+
+    /// The same tensor counted under another group of its pool.
+    pub fn regroup(mut self, group: MemGroup) -> Self {
+        self.lease.regroup(group);
+        self
+    }
+
+    /// Gives the tensor's bytes back to its pool, keeping its values: a tensor sent to
+    /// another pipeline stage, counted nowhere until it is received.
+    pub fn detach(self) -> Detached<T> {
+        Detached {
+            storage: self.storage,
+            addr: self.addr,
+            name: self.name,
+            shape: self.shape,
+        }
+    }
+
+    /// Whether the values are in host memory (offloaded).
+    pub fn is_on_host(&self) -> bool {
+        matches!(self.storage, Storage::Host(_))
     }
 
     /// A scratch tensor with the name and shape of an inventory entry.
@@ -70,47 +166,88 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         data: &[T],
         group: MemGroup,
     ) -> Result<Self, CudaError> {
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(CudaError::Unsupported(format!(
-                "{name}: {} values for shape {shape:?}",
-                data.len()
-            )));
-        }
+        check_len(name, shape, data.len())?;
         let mut t = Self::scratch(gpu, pool, name, shape, group)?;
-        if !data.is_empty() {
-            gpu.stream.memcpy_htod(data, &mut t.buf)?;
-        }
+        t.copy_from_host(gpu, data)?;
         Ok(t)
     }
 
-    fn wrap(gpu: &Gpu, buf: CudaSlice<T>, shape: &[usize], lease: Lease) -> Self {
+    fn wrap(gpu: &Gpu, buf: CudaSlice<T>, name: &str, shape: &[usize], lease: Lease) -> Self {
         let addr = buf.device_ptr(&gpu.stream).0;
         GpuTensor {
-            buf,
+            storage: Storage::Device(buf),
             addr,
+            name: name.to_string(),
             shape: shape.to_vec(),
-            _lease: lease,
+            lease,
         }
     }
 
     /// Copies the tensor to the host (waits for the stream).
     pub fn to_host(&self, gpu: &Gpu) -> Result<Vec<T>, CudaError> {
-        let mut all = gpu.stream.clone_dtoh(&self.buf)?;
-        all.truncate(self.len());
-        Ok(all)
+        match &self.storage {
+            Storage::Device(buf) => {
+                let mut all = gpu.stream.clone_dtoh(buf)?;
+                all.truncate(self.len());
+                Ok(all)
+            }
+            Storage::Host(data) => Ok(data.clone()),
+        }
+    }
+
+    /// Copies elements `range` to `dst` (waits for the stream).
+    pub fn read_range(
+        &self,
+        gpu: &Gpu,
+        range: std::ops::Range<usize>,
+        dst: &mut [T],
+    ) -> Result<(), CudaError> {
+        match &self.storage {
+            Storage::Device(buf) => gpu.stream.memcpy_dtoh(&buf.slice(range), dst)?,
+            Storage::Host(data) => dst.copy_from_slice(&data[range]),
+        }
+        Ok(())
+    }
+
+    /// Overwrites elements `range` with `src`.
+    pub fn write_range(
+        &mut self,
+        gpu: &Gpu,
+        range: std::ops::Range<usize>,
+        src: &[T],
+    ) -> Result<(), CudaError> {
+        match &mut self.storage {
+            Storage::Device(buf) => gpu.stream.memcpy_htod(src, &mut buf.slice_mut(range))?,
+            Storage::Host(data) => data[range].copy_from_slice(src),
+        }
+        Ok(())
+    }
+
+    /// Sets elements `range` to zero.
+    pub fn zero_range(
+        &mut self,
+        gpu: &Gpu,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), CudaError> {
+        match &mut self.storage {
+            Storage::Device(buf) => gpu.stream.memset_zeros(&mut buf.slice_mut(range))?,
+            Storage::Host(data) => data[range].fill(T::default()),
+        }
+        Ok(())
     }
 
     /// Overwrites the tensor with host data of the same length.
     pub fn copy_from_host(&mut self, gpu: &Gpu, data: &[T]) -> Result<(), CudaError> {
         if data.len() != self.len() {
             return Err(CudaError::Unsupported(format!(
-                "copying {} values into a tensor of {}",
+                "copying {} values into {} of {}",
                 data.len(),
+                self.name,
                 self.len()
             )));
         }
         if !data.is_empty() {
-            gpu.stream.memcpy_htod(data, &mut self.buf)?;
+            self.write_range(gpu, 0..data.len(), data)?;
         }
         Ok(())
     }
@@ -124,14 +261,77 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
                 self.len()
             )));
         }
-        gpu.stream.memcpy_dtod(&src.buf, &mut self.buf)?;
+        match (&src.storage, &mut self.storage) {
+            (Storage::Device(s), Storage::Device(d)) => gpu.stream.memcpy_dtod(s, d)?,
+            _ => return Err(self.offloaded()),
+        }
         Ok(())
     }
 
     pub fn fill_zero(&mut self, gpu: &Gpu) -> Result<(), CudaError> {
-        gpu.stream.memset_zeros(&mut self.buf)?;
-        Ok(())
+        let len = self.len();
+        self.zero_range(gpu, 0..len)
     }
+
+    fn offloaded(&self) -> CudaError {
+        CudaError::Unsupported(format!(
+            "{} is in host memory: a prefetch is missing",
+            self.name
+        ))
+    }
+}
+
+/// A tensor's values counted in no pool (see [`GpuTensor::detach`]).
+pub struct Detached<T: Element = f32> {
+    storage: Storage<T>,
+    addr: u64,
+    name: String,
+    shape: Vec<usize>,
+}
+
+impl<T: Element + DeviceRepr + ValidAsZeroBits> Detached<T> {
+    /// The tensor counted in `pool` on `to`. Its values stay where they are when they are on
+    /// `to` already (`from` is `to`: stages sharing a GPU hand buffers over); otherwise they
+    /// are copied from `from` through host memory.
+    pub fn attach(
+        self,
+        from: &Gpu,
+        to: &Gpu,
+        pool: &PoolRef,
+        group: MemGroup,
+    ) -> Result<GpuTensor<T>, CudaError> {
+        let lease = Lease::reserve(pool, &self.name, group, self.bytes())?;
+        let data = match self.storage {
+            Storage::Device(buf) if from.ordinal == to.ordinal => {
+                return Ok(GpuTensor {
+                    storage: Storage::Device(buf),
+                    addr: self.addr,
+                    name: self.name,
+                    shape: self.shape,
+                    lease,
+                });
+            }
+            Storage::Device(buf) => from.stream.clone_dtoh(&buf)?,
+            Storage::Host(data) => data,
+        };
+        // SAFETY: written completely before any kernel reads it.
+        let mut copy = unsafe { to.stream.alloc::<T>(data.len().max(1))? };
+        to.stream.memcpy_htod(&data, &mut copy)?;
+        Ok(GpuTensor::wrap(to, copy, &self.name, &self.shape, lease))
+    }
+
+    fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * T::DTYPE.bytes()
+    }
+}
+
+fn check_len(name: &str, shape: &[usize], len: usize) -> Result<(), CudaError> {
+    if shape.iter().product::<usize>() != len {
+        return Err(CudaError::Unsupported(format!(
+            "{name}: {len} values for shape {shape:?}"
+        )));
+    }
+    Ok(())
 }
 
 impl<T: Element> GpuTensor<T> {
@@ -147,14 +347,20 @@ impl<T: Element> GpuTensor<T> {
         self.len() == 0
     }
 
-    /// The address of element 0.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address of element 0. The pipeline never computes on an offloaded tensor (it
+    /// checks every group is on its device first), so a host tensor here is a bug.
     pub fn ptr(&self) -> DevPtr {
+        assert!(self.addr != 0, "{} is in host memory", self.name);
         DevPtr(self.addr)
     }
 
     /// The address of element `offset` (checked against the length).
     pub fn at(&self, offset: usize) -> DevPtr {
         assert!(offset <= self.len(), "offset {offset} past {}", self.len());
-        DevPtr(self.addr + (offset * std::mem::size_of::<T>()) as u64)
+        DevPtr(self.ptr().0 + (offset * std::mem::size_of::<T>()) as u64)
     }
 }
