@@ -162,7 +162,7 @@ fn serve_checks_its_gpus_before_serving() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("cuda:0x4") && err.contains("not built yet"),
+        err.contains("cuda:0x4") && err.contains("one whole-model job on each GPU"),
         "{err}"
     );
 

@@ -404,13 +404,13 @@ async fn error_statuses(url: &str) {
     .await;
     assert_eq!(p["smallest_memory_bytes"], common::SMALLEST_FIT);
     assert!(p["closest"].is_object());
-    // 422: a GPU the service does not have, and stages sharing a GPU (not built yet)
+    // 422: a GPU the service does not have, and stages sharing a GPU (CLI only for now)
     for (devices, want) in [
         (
             "cuda:3",
             "this service has no GPU cuda:3; its devices are cpu:0, cpu:1",
         ),
-        ("cuda:0x4", "not built yet"),
+        ("cuda:0x4", "one whole-model job on each GPU"),
         ("cuda:0@1GiB", "name the GPU without `@SIZE`"),
     ] {
         let mut on_gpu = job_body(&train, 1);

@@ -200,8 +200,9 @@ fn bad_input_stops_with_an_error_that_says_why() {
     );
 }
 
-/// `devices: "cuda"` puts the whole model on one GPU; what that cannot do yet is refused by
-/// field before any GPU is touched, and a machine without CUDA says which library it lacks.
+/// `devices: "cuda"` puts the whole model on one GPU; what that cannot do is refused by field
+/// before any GPU is touched, and a machine without CUDA says which library it lacks (for
+/// pipeline stages on GPUs too).
 #[test]
 fn cuda_runs_refuse_what_one_gpu_cannot_do_and_say_what_is_missing() {
     let dir = tempfile::tempdir().unwrap();
@@ -212,8 +213,6 @@ fn cuda_runs_refuse_what_one_gpu_cannot_do_and_say_what_is_missing() {
         Run::prepare(spec, "cpu:1x64MiB").err()
     };
     for (devices, want) in [
-        ("cuda:0,1", "not built yet"),
-        ("cuda:0x4", "not built yet"),
         ("cuda:one", "not a whole number"),
         ("cudax", "unknown device kind"),
         ("cuda:1,1", "named twice"),
@@ -235,11 +234,14 @@ fn cuda_runs_refuse_what_one_gpu_cannot_do_and_say_what_is_missing() {
 
     let libs = chronospipe::exec::backend::cuda::libs::Libraries::probe();
     if !libs.driver {
-        let err = on("cuda", 1, "auto").expect("no driver here");
-        assert!(
-            err.to_string().contains("CUDA unavailable: libcuda.so"),
-            "{err}"
-        );
-        assert_eq!(err.blame().code, "invalid_devices");
+        // One GPU holding the whole model, and pipeline stages on GPUs, alike.
+        for devices in ["cuda", "cuda:0,1", "cuda:0x4@1GiB"] {
+            let err = on(devices, 1, "auto").expect("no driver here");
+            assert!(
+                err.to_string().contains("CUDA unavailable: libcuda.so"),
+                "{devices}: {err}"
+            );
+            assert_eq!(err.blame().code, "invalid_devices");
+        }
     }
 }

@@ -41,6 +41,12 @@ pub enum Target {
         ordinal: usize,
         cap_bytes: Option<usize>,
     },
+    /// The pipeline runtime with one stage per entry of `stage_gpus` (a GPU ordinal, repeated
+    /// for stages that share it), each within `cap_bytes` if given.
+    GpuPipeline {
+        stage_gpus: Vec<usize>,
+        cap_bytes: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -139,29 +145,33 @@ impl DeviceSpec {
         }
     }
 
-    /// What this build runs on these devices: CPU pools for the pipeline, or one GPU holding
-    /// the whole model; an error for the GPU forms that need the pipeline runtime on GPUs.
-    pub fn target(&self) -> Result<Target, DeviceSpecError> {
+    /// What runs on these devices: the pipeline on CPU pools, the whole model on one GPU
+    /// (`cuda`, `cuda:N`), or the pipeline on GPU stages (`cuda:0,1`, `cuda:0x4`).
+    pub fn target(&self) -> Target {
         match self {
             DeviceSpec::Cpu {
                 count,
                 budget_bytes,
-            } => Ok(Target::CpuPipeline(DeviceSet::cpu(*count, *budget_bytes))),
+            } => Target::CpuPipeline(DeviceSet::cpu(*count, *budget_bytes)),
             DeviceSpec::Cuda {
                 gpus,
                 stages_per_gpu: 1,
                 cap_bytes,
-            } if gpus.len() == 1 => Ok(Target::WholeModelGpu {
+            } if gpus.len() == 1 => Target::WholeModelGpu {
                 ordinal: gpus[0],
                 cap_bytes: *cap_bytes,
-            }),
-            DeviceSpec::Cuda { .. } => Err(DeviceSpecError {
-                spec: self.to_string(),
-                reason: "several GPUs, or several stages on one GPU, need the pipeline runtime \
-                         on GPUs, which is not built yet; use `cuda` or `cuda:N` (the whole \
-                         model on one GPU)"
-                    .into(),
-            }),
+            },
+            DeviceSpec::Cuda {
+                gpus,
+                stages_per_gpu,
+                cap_bytes,
+            } => Target::GpuPipeline {
+                stage_gpus: gpus
+                    .iter()
+                    .flat_map(|&g| std::iter::repeat_n(g, *stages_per_gpu))
+                    .collect(),
+                cap_bytes: *cap_bytes,
+            },
         }
     }
 }
@@ -268,26 +278,28 @@ mod tests {
     }
 
     #[test]
-    fn cpu_pools_or_one_gpu_holding_the_whole_model_run_in_this_build() {
+    fn cpu_pools_one_gpu_or_gpu_stages() {
         let target = |t: &str| DeviceSpec::parse(t).unwrap().target();
         let gpu = |ordinal, cap_bytes| Target::WholeModelGpu { ordinal, cap_bytes };
+        let stages = |stage_gpus: &[usize], cap_bytes| Target::GpuPipeline {
+            stage_gpus: stage_gpus.to_vec(),
+            cap_bytes,
+        };
         for (text, want) in [
             ("cuda", gpu(0, None)),
             ("cuda:2", gpu(2, None)),
             ("cuda:2@1MiB", gpu(2, Some(1 << 20))),
+            ("cuda:0,1", stages(&[0, 1], None)),
+            ("cuda:1x3@2GiB", stages(&[1, 1, 1], Some(2 << 30))),
         ] {
-            let got = target(text).unwrap();
+            let got = target(text);
             assert_eq!(format!("{got:?}"), format!("{want:?}"), "{text}");
         }
-        let Target::CpuPipeline(set) = target("cpu:2x1MiB").unwrap() else {
+        let Target::CpuPipeline(set) = target("cpu:2x1MiB") else {
             panic!("CPU devices are the pipeline's");
         };
         assert_eq!(set.devices.len(), 2);
         assert_eq!(set.devices[1].name(), "cpu:1");
         assert_eq!(set.devices[1].budget(), 1 << 20);
-        for text in ["cuda:0,1", "cuda:0x4"] {
-            let err = target(text).unwrap_err().to_string();
-            assert!(err.contains("not built yet") && err.contains(text), "{err}");
-        }
     }
 }

@@ -19,8 +19,8 @@ pub struct DeviceInfo {
 /// The service's devices from `devices` text (`exec::device_spec`'s syntax): `cpu:NxSIZE`,
 /// or GPUs (`cuda`, `cuda:N`, `cuda:I,J,...`, optionally `@SIZE`), each running whole-model
 /// jobs; a GPU's memory is its cap, else unknown here (0) until `with_gpu_memory` measures
-/// it. `cuda:NxK` (several stages on one GPU) needs the pipeline runtime on GPUs and is
-/// refused.
+/// it. `cuda:NxK` (several stages on one GPU) is refused: the service does not run pipeline
+/// stages on GPUs yet (the CLI's `train` does).
 pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
     let info = |id: String, kind: &str, memory_bytes: u64| DeviceInfo {
         id,
@@ -44,9 +44,9 @@ pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
             .collect()),
         DeviceSpec::Cuda { .. } => Err(DeviceSpecError {
             spec: spec.to_owned(),
-            reason: "several stages on one GPU need the pipeline runtime on GPUs, which is not \
-                     built yet; the service runs whole-model jobs on each GPU it names \
-                     (`cuda:0,1`)"
+            reason: "the service runs one whole-model job on each GPU it names (`cuda:0,1`); \
+                     pipeline stages on GPUs run from the command line for now (`chronospipe \
+                     train --devices cuda:0x4`)"
                 .into(),
         }),
     }
@@ -132,6 +132,6 @@ mod tests {
             assert!(parse_devices(bad).is_err(), "{bad}");
         }
         let err = parse_devices("cuda:0x4").unwrap_err().to_string();
-        assert!(err.contains("not built yet"), "{err}");
+        assert!(err.contains("one whole-model job on each GPU"), "{err}");
     }
 }

@@ -107,6 +107,11 @@ pub struct UpdateCoeffs {
 }
 
 impl UpdateCoeffs {
+    /// The learning rate of this step.
+    pub fn lr(&self) -> f32 {
+        self.lr
+    }
+
     /// `(decay, step_size, bc2_sqrt)` as a device kernel takes them.
     pub fn kernel_args(&self) -> (f32, f32, f32) {
         (self.decay, self.step_size, self.bc2_sqrt)

@@ -1,7 +1,6 @@
-//! Where a run's model lives and steps: the pipeline runtime over CPU devices, or the whole
-//! model on one GPU (`devices: "cuda"` or `"cuda:N"`). Multi-stage plans on GPUs need the
-//! pipeline runtime made generic over the device (docs/architecture.md); until then a GPU
-//! run is one stage without recompute or offload.
+//! Where a run's model lives and steps: the pipeline runtime (over CPU devices, or over
+//! pipeline stages on GPUs: `cuda:0,1`, `cuda:0x4`), or the whole model on one GPU
+//! (`devices: "cuda"` or `"cuda:N"`, the fastest way to train on one GPU).
 
 use crate::data::Microbatch;
 use crate::exec::backend::cuda::CudaError;
@@ -10,13 +9,75 @@ use crate::exec::checkpoint::CheckpointError;
 use crate::exec::device::PoolRef;
 use crate::exec::model::{LlamaConfig, PartParams};
 use crate::exec::optim::PartOptimState;
-use crate::exec::pipeline::{Pipeline, PipelineError};
+use crate::exec::pipeline::{Engine, Pipeline, PipelineError};
 use crate::exec::train::StepReport;
 
 use super::RunError;
 
+/// A pipeline on any engine, as a run sees it.
+pub trait Stages: Send {
+    fn config(&self) -> &LlamaConfig;
+    fn step(&self) -> u64;
+    fn set_step(&mut self, step: u64);
+    fn measured_peaks(&self) -> Vec<usize>;
+    fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport, PipelineError>;
+    fn with_state(
+        &self,
+        write: &mut dyn FnMut(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError>,
+    ) -> Result<(), RunError>;
+    fn load_state(
+        &mut self,
+        load: &mut dyn FnMut(
+            &mut [PartParams],
+            &mut [PartOptimState],
+        ) -> Result<(), CheckpointError>,
+    ) -> Result<(), PipelineError>;
+}
+
+impl<E: Engine + Send> Stages for Pipeline<E>
+where
+    E::Part: Send,
+{
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
+    fn measured_peaks(&self) -> Vec<usize> {
+        Pipeline::measured_peaks(self)
+    }
+
+    fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport, PipelineError> {
+        Ok(Pipeline::train_step(self, microbatches)?.0)
+    }
+
+    fn with_state(
+        &self,
+        write: &mut dyn FnMut(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError>,
+    ) -> Result<(), RunError> {
+        Pipeline::with_state(self, write)?
+    }
+
+    fn load_state(
+        &mut self,
+        load: &mut dyn FnMut(
+            &mut [PartParams],
+            &mut [PartOptimState],
+        ) -> Result<(), CheckpointError>,
+    ) -> Result<(), PipelineError> {
+        Pipeline::load_state(self, load)
+    }
+}
+
 pub enum Placement {
-    Pipeline(Box<Pipeline>),
+    Pipeline(Box<dyn Stages>),
     Gpu {
         trainer: Box<GpuTrainer>,
         /// Where checkpoints are staged on their way to and from the GPU.
@@ -27,7 +88,7 @@ pub enum Placement {
 impl Placement {
     pub fn config(&self) -> &LlamaConfig {
         match self {
-            Placement::Pipeline(p) => &p.config,
+            Placement::Pipeline(p) => p.config(),
             Placement::Gpu { trainer, .. } => &trainer.config,
         }
     }
@@ -35,14 +96,14 @@ impl Placement {
     /// Steps completed.
     pub fn step(&self) -> u64 {
         match self {
-            Placement::Pipeline(p) => p.step,
+            Placement::Pipeline(p) => p.step(),
             Placement::Gpu { trainer, .. } => trainer.step,
         }
     }
 
     pub fn set_step(&mut self, step: u64) {
         match self {
-            Placement::Pipeline(p) => p.step = step,
+            Placement::Pipeline(p) => p.set_step(step),
             Placement::Gpu { trainer, .. } => trainer.step = step,
         }
     }
@@ -57,7 +118,7 @@ impl Placement {
 
     pub fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport, RunError> {
         match self {
-            Placement::Pipeline(p) => Ok(p.train_step(microbatches)?.0),
+            Placement::Pipeline(p) => Ok(p.train_step(microbatches)?),
             Placement::Gpu { trainer, .. } => {
                 trainer.train_step(microbatches).map_err(|e| match e {
                     // The CPU runtime's errors for the same events, so both blame the same.
@@ -81,10 +142,10 @@ impl Placement {
     /// for a GPU).
     pub fn with_state(
         &self,
-        write: impl FnOnce(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError>,
+        mut write: impl FnMut(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError>,
     ) -> Result<(), RunError> {
         match self {
-            Placement::Pipeline(p) => p.with_state(write)?,
+            Placement::Pipeline(p) => p.with_state(&mut write),
             Placement::Gpu { trainer, host } => {
                 let owned = trainer.to_host(host)?;
                 let pairs: Vec<_> = owned.iter().map(|(p, s)| (p, s)).collect();
@@ -100,7 +161,7 @@ impl Placement {
         mut load: impl FnMut(&mut [PartParams], &mut [PartOptimState]) -> Result<(), CheckpointError>,
     ) -> Result<(), RunError> {
         match self {
-            Placement::Pipeline(p) => Ok(p.load_state(load)?),
+            Placement::Pipeline(p) => Ok(p.load_state(&mut load)?),
             Placement::Gpu { trainer, host } => {
                 let (mut parts, mut states): (Vec<_>, Vec<_>) =
                     trainer.to_host(host)?.into_iter().unzip();

@@ -4,9 +4,10 @@ use std::path::Path;
 
 use crate::data::{BatchLayout, Batcher, Tokenizer};
 use crate::exec::backend::CpuBackend;
-use crate::exec::backend::cuda::Precision;
+use crate::exec::backend::cuda::engine::GpuEngine;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::model::GpuTrainer;
+use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use crate::exec::device::{DeviceSet, Pool, PoolRef};
 use crate::exec::device_spec::{DeviceSpec, Target};
@@ -142,8 +143,9 @@ pub fn plan_on_gpu(
 fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
     let p = &spec.parallelism;
     let mut errors = Vec::new();
-    let why = "a run on a GPU holds the whole model on one GPU (one stage, 1F1B, no recompute \
-               or offload) until the pipeline runtime runs on GPUs";
+    let why = "`cuda` and `cuda:N` hold the whole model on one GPU (one stage, 1F1B, no \
+               recompute or offload); for pipeline stages name them, as `cuda:0x4` (four on \
+               GPU 0) or `cuda:0,1`";
     if p.stages.count().is_some_and(|n| n != 1) {
         errors.push(SpecError::new("parallelism.stages", why));
     }
@@ -204,11 +206,15 @@ impl Run {
     /// names none.
     pub fn prepare(spec: JobSpec, default_devices: &str) -> Result<Run, RunError> {
         let devices = DeviceSpec::parse(spec.devices.as_deref().unwrap_or(default_devices))?;
-        match devices.target()? {
+        match devices.target() {
             Target::CpuPipeline(set) => Run::prepare_on(spec, set),
             Target::WholeModelGpu { ordinal, cap_bytes } => {
                 Run::prepare_on_gpu(spec, ordinal, cap_bytes)
             }
+            Target::GpuPipeline {
+                stage_gpus,
+                cap_bytes,
+            } => Run::prepare_on_gpu_stages(spec, &stage_gpus, cap_bytes),
         }
     }
 
@@ -280,4 +286,78 @@ impl Run {
             batcher,
         })
     }
+
+    /// The pipeline runtime on GPU stages: stage `i` on GPU `stage_gpus[i]` with its own pool
+    /// of `cap` bytes, or an equal share of what its GPU has free less a reserve. Planned
+    /// with the CUDA backend's memory layout (`cuda-f32`), products in TF32.
+    pub fn prepare_on_gpu_stages(
+        spec: JobSpec,
+        stage_gpus: &[usize],
+        cap: Option<usize>,
+    ) -> Result<Run, RunError> {
+        spec.validate().map_err(|e| RunError::Spec(e.0))?;
+        let arch = resolve_arch(&spec)?;
+        let config = LlamaConfig::from_arch(&arch)?;
+        let batcher = load_data(&spec, &arch)?;
+        let engine = GpuEngine::open(stage_gpus, Precision::Tf32)?;
+        let mut devices = DeviceSet {
+            devices: stage_pools(&engine, stage_gpus, cap)?,
+            host: Pool::new("host", usize::MAX),
+        };
+        let answer = plan_job(&spec, &arch, &devices, ProfileName::CudaF32)?;
+        devices.devices.truncate(answer.plan.devices());
+        let parts = initial_parts(&spec, &config, &devices.host)?;
+        let t = &spec.training;
+        let pipeline = Pipeline::new(
+            config,
+            answer.plan.clone(),
+            devices,
+            engine,
+            parts,
+            OptimizerConfig::from_spec(&t.optimizer),
+            LrSchedule::from_spec(t),
+            t.grad_clip.map(|c| c as f32),
+        )?;
+        Ok(Run {
+            spec,
+            answer,
+            placement: Placement::Pipeline(Box::new(pipeline)),
+            batcher,
+        })
+    }
+}
+
+/// One pool per stage: `cap` bytes each, or an equal share of the free memory (less a
+/// reserve) of the GPU it shares with the other stages there.
+fn stage_pools(
+    engine: &GpuEngine,
+    stage_gpus: &[usize],
+    cap: Option<usize>,
+) -> Result<Vec<PoolRef>, RunError> {
+    let mut pools = Vec::with_capacity(stage_gpus.len());
+    for (stage, &ordinal) in stage_gpus.iter().enumerate() {
+        let sharing = stage_gpus.iter().filter(|&&g| g == ordinal).count();
+        let free = engine.gpu(stage as u32).pool(None, GPU_RESERVE)?.budget();
+        let budget = match cap {
+            Some(c) if c.saturating_mul(sharing) > free => {
+                return Err(RunError::Cuda(CudaError::Unsupported(format!(
+                    "{sharing} stages of {} MiB on cuda:{ordinal} need {} MiB but it has {} MiB \
+                     free (after a reserve of {} MiB); name a smaller cap or fewer stages",
+                    c >> 20,
+                    c.saturating_mul(sharing) >> 20,
+                    free >> 20,
+                    GPU_RESERVE >> 20,
+                ))));
+            }
+            Some(c) => c,
+            None => free / sharing,
+        };
+        let name = if sharing == 1 {
+            format!("cuda:{ordinal}")
+        } else {
+            format!("cuda:{ordinal}/stage{stage}")
+        };
+        pools.push(Pool::new(name, budget));
+    }
+    Ok(pools)
 }

@@ -2,7 +2,6 @@
 //! and the kernels of `kernels/*.cu`, compiled by NVRTC for the device's architecture the first
 //! time a device of that architecture is opened, and loaded into each context that opens.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -93,7 +92,7 @@ pub struct Gpu {
     pub name: String,
     pub ordinal: usize,
     /// Calls and seconds per operation while profiling (see [`Gpu::profile`]).
-    profile: Option<RefCell<BTreeMap<String, (u64, f64)>>>,
+    profile: Option<Mutex<BTreeMap<String, (u64, f64)>>>,
 }
 
 impl Gpu {
@@ -133,7 +132,7 @@ impl Gpu {
     /// From now on, times every kernel and product by waiting for the stream before and after
     /// it (slow: for finding where a step's time goes, not for throughput).
     pub fn profile(&mut self) {
-        self.profile = Some(RefCell::new(BTreeMap::new()));
+        self.profile = Some(Mutex::new(BTreeMap::new()));
     }
 
     /// Operations with their calls and seconds so far, longest first.
@@ -142,7 +141,8 @@ impl Gpu {
             .profile
             .as_ref()
             .map(|p| {
-                p.borrow()
+                p.lock()
+                    .unwrap_or_else(|e| e.into_inner())
                     .iter()
                     .map(|(k, (n, s))| (k.clone(), *n, *s))
                     .collect()
@@ -165,7 +165,7 @@ impl Gpu {
         let start = Instant::now();
         let out = op()?;
         self.synchronize()?;
-        let mut p = profile.borrow_mut();
+        let mut p = profile.lock().unwrap_or_else(|e| e.into_inner());
         let entry = p.entry(name()).or_insert((0, 0.0));
         entry.0 += 1;
         entry.1 += start.elapsed().as_secs_f64();

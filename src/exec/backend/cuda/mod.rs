@@ -19,6 +19,7 @@
 //! drives host tensors only), NCCL transport and pinned-memory offload.
 
 pub mod attention;
+pub mod engine;
 pub mod gpu;
 pub mod libs;
 pub mod model;

@@ -2,12 +2,24 @@
 
 use super::{Alloc, GpuCtx, GpuPart, Result};
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::GpuTensor;
+use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::check_tokens;
 use crate::plan::inventory::Part;
 
 pub struct EmbeddingStash {
     token_ids: GpuTensor<i32>,
+}
+
+impl EmbeddingStash {
+    /// The token ids moved into `to` (see [`GpuTensor::relocate`]).
+    pub fn relocate(self, gpu: &Gpu, to: &PoolRef, to_host: bool) -> Result<Self> {
+        let token_ids = self
+            .token_ids
+            .relocate(gpu, to, MemGroup::Activations, to_host)?;
+        Ok(EmbeddingStash { token_ids })
+    }
 }
 
 pub fn embedding_forward(

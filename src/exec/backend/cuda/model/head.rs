@@ -2,7 +2,9 @@
 
 use super::{Alloc, GpuCtx, GpuPart, Result, project, project_backward};
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::GpuTensor;
+use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::check_tokens;
 use crate::exec::model::params::head_param as hp;
 use crate::plan::inventory::{CUDA_LOGITS_BLOCK_TOKENS, Part};
@@ -11,6 +13,23 @@ pub struct HeadStash {
     input: GpuTensor,
     final_norm_rstd: GpuTensor,
     targets: GpuTensor<i32>,
+}
+
+impl HeadStash {
+    /// Every kept tensor moved into `to` (see [`GpuTensor::relocate`]).
+    pub fn relocate(self, gpu: &Gpu, to: &PoolRef, to_host: bool) -> Result<Self> {
+        let g = MemGroup::Activations;
+        Ok(HeadStash {
+            input: self.input.relocate(gpu, to, g, to_host)?,
+            final_norm_rstd: self.final_norm_rstd.relocate(gpu, to, g, to_host)?,
+            targets: self.targets.relocate(gpu, to, g, to_host)?,
+        })
+    }
+
+    /// The head's input, all a recompute needs.
+    pub fn into_input(self) -> GpuTensor {
+        self.input
+    }
 }
 
 /// Final norm, LM head and cross-entropy; returns the stash and the summed loss.

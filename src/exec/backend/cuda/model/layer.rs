@@ -2,7 +2,9 @@
 //! `cuda::attention`.
 
 use super::{Alloc, GpuCtx, GpuPart, Result, project, project_backward};
+use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::GpuTensor;
+use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::params::layer_param as lp;
 use crate::plan::inventory::Part;
 
@@ -19,6 +21,31 @@ pub struct LayerStash {
     mlp_norm_rstd: GpuTensor,
     gate: GpuTensor,
     up: GpuTensor,
+}
+
+impl LayerStash {
+    /// Every kept tensor moved into `to` (see [`GpuTensor::relocate`]).
+    pub fn relocate(self, gpu: &Gpu, to: &PoolRef, to_host: bool) -> Result<Self> {
+        let m = |t: GpuTensor| t.relocate(gpu, to, MemGroup::Activations, to_host);
+        Ok(LayerStash {
+            input: m(self.input)?,
+            attn_norm_rstd: m(self.attn_norm_rstd)?,
+            q: m(self.q)?,
+            k: m(self.k)?,
+            v: m(self.v)?,
+            attn_out: m(self.attn_out)?,
+            attn_lse: m(self.attn_lse)?,
+            resid_mid: m(self.resid_mid)?,
+            mlp_norm_rstd: m(self.mlp_norm_rstd)?,
+            gate: m(self.gate)?,
+            up: m(self.up)?,
+        })
+    }
+
+    /// The layer's input, all a recompute needs.
+    pub fn into_input(self) -> GpuTensor {
+        self.input
+    }
 }
 
 pub fn layer_forward(

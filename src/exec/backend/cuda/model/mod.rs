@@ -120,6 +120,18 @@ pub struct GpuPart {
 }
 
 impl GpuPart {
+    /// A part of the given weights and gradients, without optimizer state (the pipeline
+    /// keeps moments in its optimizer slices).
+    pub fn new(id: PartId, weights: Vec<GpuTensor>, grads: Vec<GpuTensor>) -> GpuPart {
+        GpuPart {
+            id,
+            weights,
+            grads,
+            exp_avg: Vec::new(),
+            exp_avg_sq: Vec::new(),
+        }
+    }
+
     /// Copies a host part's weights to the device, with zero gradients and optimizer state.
     pub fn upload(
         gpu: &Gpu,

@@ -1,0 +1,355 @@
+//! The pipeline runtime's engine on CUDA devices: a plan's devices are pipeline stages, each
+//! with its own pool, on one GPU or several. Stages that share a GPU share its stream, so a
+//! tensor handed from one to the next is ordered after the kernels that made it without any
+//! event; a send between stages on one GPU hands the buffer over, a send between GPUs copies
+//! it through host memory. Offload and prefetch copy a tensor between device and host memory
+//! on the stream, synchronously.
+
+use std::ops::Range;
+
+use cudarc::driver::DevicePtr;
+
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::model::{
+    EmbeddingStash, GpuCtx, GpuPart, HeadStash, LayerStash, embedding_backward, embedding_forward,
+    head_backward, head_forward, layer_backward, layer_forward,
+};
+use crate::exec::backend::cuda::tensor::{Detached, DevPtr, GpuTensor};
+use crate::exec::backend::cuda::{CudaError, Precision};
+use crate::exec::device::{MemGroup, PoolRef};
+use crate::exec::model::part::{MicroTokens, PartOutput};
+use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
+use crate::exec::optim::OptimizerConfig;
+use crate::exec::pipeline::PipelineError;
+use crate::exec::pipeline::engine::{At, Engine, HostPart, Kept, Update};
+
+type Result<T> = std::result::Result<T, PipelineError>;
+
+/// One part's kept activations on a GPU.
+pub enum GpuStash {
+    Embedding(EmbeddingStash),
+    Layer(Box<LayerStash>),
+    Head(HeadStash),
+}
+
+/// A tensor between stages, and the plan device that sent it.
+pub struct GpuMessage {
+    tensor: Detached,
+    from: u32,
+}
+
+/// The GPUs a plan runs on.
+pub struct GpuEngine {
+    /// Each GPU once.
+    gpus: Vec<Gpu>,
+    /// For each plan device (stage), the index in `gpus` of the GPU it runs on.
+    stage_gpu: Vec<usize>,
+}
+
+impl GpuEngine {
+    /// Opens the GPU of every stage (`ordinals[stage]`, repeats allowed) once.
+    pub fn open(ordinals: &[usize], precision: Precision) -> std::result::Result<Self, CudaError> {
+        let mut gpus: Vec<Gpu> = Vec::new();
+        let mut stage_gpu = Vec::with_capacity(ordinals.len());
+        for &ordinal in ordinals {
+            let index = match gpus.iter().position(|g| g.ordinal == ordinal) {
+                Some(i) => i,
+                None => {
+                    gpus.push(Gpu::open(ordinal, precision)?);
+                    gpus.len() - 1
+                }
+            };
+            stage_gpu.push(index);
+        }
+        Ok(GpuEngine { gpus, stage_gpu })
+    }
+
+    /// The GPU that runs plan device `device`.
+    pub fn gpu(&self, device: u32) -> &Gpu {
+        &self.gpus[self.stage_gpu[device as usize]]
+    }
+
+    fn ctx<'a>(&'a self, at: At<'a>) -> GpuCtx<'a> {
+        GpuCtx {
+            gpu: self.gpu(at.device),
+            pool: at.pool,
+            config: at.config,
+            micro: at.micro,
+        }
+    }
+}
+
+fn wrong(part: PartId, reason: &str) -> PipelineError {
+    PipelineError::Model(ModelError::WrongInput {
+        part,
+        reason: reason.to_string(),
+    })
+}
+
+impl Engine for GpuEngine {
+    type Tensor = GpuTensor;
+    type Stash = GpuStash;
+    type Part = GpuPart;
+    type Message = GpuMessage;
+
+    fn forward(
+        &self,
+        at: At<'_>,
+        part: &GpuPart,
+        input: Option<GpuTensor>,
+        tokens: MicroTokens<'_>,
+    ) -> Result<(GpuStash, PartOutput<GpuTensor>)> {
+        let ctx = self.ctx(at);
+        Ok(match (part.id, input) {
+            (PartId::Embedding, None) => {
+                let (st, out) = embedding_forward(ctx, part, tokens.input_ids)?;
+                (GpuStash::Embedding(st), PartOutput::Hidden(out))
+            }
+            (PartId::Layer(_), Some(x)) => {
+                let (st, out) = layer_forward(ctx, part, x)?;
+                (GpuStash::Layer(Box::new(st)), PartOutput::Hidden(out))
+            }
+            (PartId::Head, Some(x)) => {
+                let (st, loss) = head_forward(ctx, part, x, tokens.targets)?;
+                (GpuStash::Head(st), PartOutput::LossSum(loss))
+            }
+            (PartId::Embedding, Some(_)) => {
+                return Err(wrong(part.id, "the embedding takes token ids"));
+            }
+            (_, None) => return Err(wrong(part.id, "needs the previous part's output")),
+        })
+    }
+
+    fn backward(
+        &self,
+        at: At<'_>,
+        part: &mut GpuPart,
+        stash: GpuStash,
+        grad_output: Option<GpuTensor>,
+        loss_scale: f32,
+    ) -> Result<Option<GpuTensor>> {
+        let ctx = self.ctx(at);
+        Ok(match (stash, grad_output) {
+            (GpuStash::Head(st), None) => Some(head_backward(ctx, part, st, loss_scale)?),
+            (GpuStash::Layer(st), Some(g)) => Some(layer_backward(ctx, part, *st, g)?),
+            (GpuStash::Embedding(st), Some(g)) => {
+                embedding_backward(ctx, part, st, g)?;
+                None
+            }
+            _ => return Err(wrong(part.id, "stash or gradient of another part")),
+        })
+    }
+
+    fn keep_input(&self, first: GpuStash) -> Kept<GpuTensor, GpuStash> {
+        match first {
+            GpuStash::Embedding(_) => Kept::Stash(first),
+            GpuStash::Layer(st) => Kept::Input(st.into_input()),
+            GpuStash::Head(st) => Kept::Input(st.into_input()),
+        }
+    }
+
+    fn regroup(&self, t: GpuTensor, group: MemGroup) -> GpuTensor {
+        t.regroup(group)
+    }
+
+    fn move_tensor(
+        &self,
+        device: u32,
+        t: GpuTensor,
+        to: &PoolRef,
+        group: MemGroup,
+        to_host: bool,
+    ) -> Result<GpuTensor> {
+        Ok(t.relocate(self.gpu(device), to, group, to_host)?)
+    }
+
+    fn move_stash(
+        &self,
+        device: u32,
+        s: GpuStash,
+        to: &PoolRef,
+        to_host: bool,
+    ) -> Result<GpuStash> {
+        let gpu = self.gpu(device);
+        Ok(match s {
+            GpuStash::Embedding(st) => GpuStash::Embedding(st.relocate(gpu, to, to_host)?),
+            GpuStash::Layer(st) => GpuStash::Layer(Box::new(st.relocate(gpu, to, to_host)?)),
+            GpuStash::Head(st) => GpuStash::Head(st.relocate(gpu, to, to_host)?),
+        })
+    }
+
+    fn send(&self, device: u32, t: GpuTensor) -> GpuMessage {
+        GpuMessage {
+            tensor: t.detach(),
+            from: device,
+        }
+    }
+
+    fn receive(&self, device: u32, m: GpuMessage, pool: &PoolRef) -> Result<GpuTensor> {
+        let (from, to) = (self.gpu(m.from), self.gpu(device));
+        Ok(m.tensor.attach(from, to, pool, MemGroup::Activations)?)
+    }
+
+    /// Host weights become host-resident GPU tensors without a copy; the pipeline uploads
+    /// each group when it places the chunk.
+    fn adopt(&self, part: PartParams, host: &PoolRef) -> Result<GpuPart> {
+        let id = part.id;
+        let mut weights = Vec::with_capacity(part.weights.len());
+        let mut grads = Vec::with_capacity(part.weights.len());
+        let PartParams {
+            names,
+            weights: host_weights,
+            ..
+        } = part;
+        for (name, w) in names.iter().zip(host_weights) {
+            let (_, shape, data) = w.into_data();
+            let len = data.len();
+            weights.push(GpuTensor::on_host(
+                host,
+                name,
+                &shape,
+                data,
+                MemGroup::Weights,
+            )?);
+            grads.push(GpuTensor::on_host(
+                host,
+                name,
+                &shape,
+                vec![0.0; len],
+                MemGroup::Gradients,
+            )?);
+        }
+        Ok(GpuPart::new(id, weights, grads))
+    }
+
+    fn part_id(&self, part: &GpuPart) -> PartId {
+        part.id
+    }
+
+    fn params_mut<'p>(
+        &self,
+        part: &'p mut GpuPart,
+    ) -> (&'p mut Vec<GpuTensor>, &'p mut Vec<GpuTensor>) {
+        (&mut part.weights, &mut part.grads)
+    }
+
+    fn param_lens(&self, part: &GpuPart) -> Vec<usize> {
+        part.weights.iter().map(GpuTensor::len).collect()
+    }
+
+    fn host_zeros(
+        &self,
+        host: &PoolRef,
+        name: &str,
+        len: usize,
+        group: MemGroup,
+    ) -> Result<GpuTensor> {
+        Ok(GpuTensor::on_host(
+            host,
+            name,
+            &[len],
+            vec![0.0; len],
+            group,
+        )?)
+    }
+
+    fn grad_squares(&self, device: u32, part: &GpuPart) -> Result<f64> {
+        let gpu = self.gpu(device);
+        let acc = gpu.stream.alloc_zeros::<f64>(1).map_err(CudaError::from)?;
+        let at = DevPtr(acc.device_ptr(&gpu.stream).0);
+        for g in &part.grads {
+            gpu.sum_squares(at, g.ptr(), g.len())?;
+        }
+        let sum = gpu.stream.clone_dtoh(&acc).map_err(CudaError::from)?;
+        Ok(sum[0])
+    }
+
+    fn update(
+        &self,
+        device: u32,
+        u: Update<'_>,
+        w: &mut GpuTensor,
+        g: &mut GpuTensor,
+        local: Range<usize>,
+        moments: Option<(&mut GpuTensor, &mut GpuTensor)>,
+        within: Range<usize>,
+    ) -> Result<()> {
+        let gpu = self.gpu(device);
+        let n = local.len();
+        let (wp, gp) = (w.at(local.start), g.at(local.start));
+        match (u.config, moments) {
+            (OptimizerConfig::Sgd, _) => gpu.sgd_update(wp, gp, n, u.clip_factor, u.coeffs.lr())?,
+            (
+                &OptimizerConfig::AdamW {
+                    beta1, beta2, eps, ..
+                },
+                Some((m, v)),
+            ) => gpu.adamw_update(
+                wp,
+                gp,
+                m.at(within.start),
+                v.at(within.start),
+                n,
+                u.clip_factor,
+                (beta1, beta2, eps),
+                u.coeffs.kernel_args(),
+            )?,
+            (OptimizerConfig::AdamW { .. }, None) => {
+                return Err(CudaError::Unsupported("AdamW without its moments".into()).into());
+            }
+        }
+        Ok(g.zero_range(gpu, local)?)
+    }
+
+    fn zero_grads(&self, device: u32, part: &mut GpuPart) -> Result<()> {
+        let gpu = self.gpu(device);
+        for g in &mut part.grads {
+            g.fill_zero(gpu)?;
+        }
+        Ok(())
+    }
+
+    fn host_part<'p>(
+        &self,
+        device: u32,
+        part: &'p GpuPart,
+        host: &PoolRef,
+        config: &LlamaConfig,
+    ) -> Result<HostPart<'p>> {
+        let gpu = self.gpu(device);
+        let mut copy = PartParams::allocate(host, config, part.id)?;
+        for (src, dst) in part.weights.iter().zip(copy.weights.iter_mut()) {
+            let len = src.len();
+            src.read_range(gpu, 0..len, dst.data_mut())?;
+        }
+        Ok(HostPart::Copied(copy))
+    }
+
+    fn load_part(&self, device: u32, part: &mut GpuPart, from: &PartParams) -> Result<()> {
+        let gpu = self.gpu(device);
+        for (dst, src) in part.weights.iter_mut().zip(&from.weights) {
+            dst.copy_from_host(gpu, src.data())?;
+        }
+        Ok(())
+    }
+
+    fn read(
+        &self,
+        device: u32,
+        t: &GpuTensor,
+        within: Range<usize>,
+        dst: &mut [f32],
+    ) -> Result<()> {
+        Ok(t.read_range(self.gpu(device), within, dst)?)
+    }
+
+    fn write(
+        &self,
+        device: u32,
+        t: &mut GpuTensor,
+        within: Range<usize>,
+        src: &[f32],
+    ) -> Result<()> {
+        Ok(t.write_range(self.gpu(device), within, src)?)
+    }
+}
