@@ -14,6 +14,12 @@ use crate::exec::train::StepReport;
 
 use super::RunError;
 
+/// What a checkpoint writer is given: every part with its optimizer state, in model order.
+pub type WriteState<'a> = dyn FnMut(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError> + 'a;
+/// What a checkpoint reader fills in: each chunk's parts and their optimizer state.
+pub type LoadState<'a> =
+    dyn FnMut(&mut [PartParams], &mut [PartOptimState]) -> Result<(), CheckpointError> + 'a;
+
 /// A pipeline on any engine, as a run sees it.
 pub trait Stages: Send {
     fn config(&self) -> &LlamaConfig;
@@ -21,17 +27,8 @@ pub trait Stages: Send {
     fn set_step(&mut self, step: u64);
     fn measured_peaks(&self) -> Vec<usize>;
     fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport, PipelineError>;
-    fn with_state(
-        &self,
-        write: &mut dyn FnMut(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError>,
-    ) -> Result<(), RunError>;
-    fn load_state(
-        &mut self,
-        load: &mut dyn FnMut(
-            &mut [PartParams],
-            &mut [PartOptimState],
-        ) -> Result<(), CheckpointError>,
-    ) -> Result<(), PipelineError>;
+    fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError>;
+    fn load_state(&mut self, load: &mut LoadState<'_>) -> Result<(), PipelineError>;
 }
 
 impl<E: Engine + Send> Stages for Pipeline<E>
@@ -58,20 +55,11 @@ where
         Ok(Pipeline::train_step(self, microbatches)?.0)
     }
 
-    fn with_state(
-        &self,
-        write: &mut dyn FnMut(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError>,
-    ) -> Result<(), RunError> {
+    fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError> {
         Pipeline::with_state(self, write)?
     }
 
-    fn load_state(
-        &mut self,
-        load: &mut dyn FnMut(
-            &mut [PartParams],
-            &mut [PartOptimState],
-        ) -> Result<(), CheckpointError>,
-    ) -> Result<(), PipelineError> {
+    fn load_state(&mut self, load: &mut LoadState<'_>) -> Result<(), PipelineError> {
         Pipeline::load_state(self, load)
     }
 }

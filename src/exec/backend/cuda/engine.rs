@@ -29,7 +29,7 @@ type Result<T> = std::result::Result<T, PipelineError>;
 pub enum GpuStash {
     Embedding(EmbeddingStash),
     Layer(Box<LayerStash>),
-    Head(HeadStash),
+    Head(Box<HeadStash>),
 }
 
 /// A tensor between stages, and the plan device that sent it.
@@ -111,7 +111,7 @@ impl Engine for GpuEngine {
             }
             (PartId::Head, Some(x)) => {
                 let (st, loss) = head_forward(ctx, part, x, tokens.targets)?;
-                (GpuStash::Head(st), PartOutput::LossSum(loss))
+                (GpuStash::Head(Box::new(st)), PartOutput::LossSum(loss))
             }
             (PartId::Embedding, Some(_)) => {
                 return Err(wrong(part.id, "the embedding takes token ids"));
@@ -130,7 +130,7 @@ impl Engine for GpuEngine {
     ) -> Result<Option<GpuTensor>> {
         let ctx = self.ctx(at);
         Ok(match (stash, grad_output) {
-            (GpuStash::Head(st), None) => Some(head_backward(ctx, part, st, loss_scale)?),
+            (GpuStash::Head(st), None) => Some(head_backward(ctx, part, *st, loss_scale)?),
             (GpuStash::Layer(st), Some(g)) => Some(layer_backward(ctx, part, *st, g)?),
             (GpuStash::Embedding(st), Some(g)) => {
                 embedding_backward(ctx, part, st, g)?;
@@ -174,7 +174,7 @@ impl Engine for GpuEngine {
         Ok(match s {
             GpuStash::Embedding(st) => GpuStash::Embedding(st.relocate(gpu, to, to_host)?),
             GpuStash::Layer(st) => GpuStash::Layer(Box::new(st.relocate(gpu, to, to_host)?)),
-            GpuStash::Head(st) => GpuStash::Head(st.relocate(gpu, to, to_host)?),
+            GpuStash::Head(st) => GpuStash::Head(Box::new(st.relocate(gpu, to, to_host)?)),
         })
     }
 
