@@ -34,8 +34,9 @@ fn gpu_kernels_and_a_training_step_match_the_cpu_backend() {
     );
 }
 
-/// A whole run through `exec::run` on the GPU (`devices: "cuda"`) against the same run on a
-/// CPU device: losses step by step, the checkpoint's weights, and exact resume.
+/// A whole run through `exec::run` on the GPU (`devices: "cuda"`, and two pipeline stages
+/// sharing it: `cuda:0x2`) against the same run on a CPU device: losses step by step, and
+/// resuming from a checkpoint.
 #[test]
 #[ignore = "needs an NVIDIA GPU with CUDA 13 libraries on the loader path"]
 fn gpu_run_matches_a_cpu_run_and_resumes() {
@@ -62,26 +63,36 @@ fn gpu_run_matches_a_cpu_run_and_resumes() {
         drive(&mut run, &mut log).unwrap();
         (run, log.losses)
     };
-    let (cpu_dir, gpu_dir) = (dir.path().join("cpu"), dir.path().join("gpu"));
-    let (_, cpu) = run_to("cpu:1x256MiB", &cpu_dir);
-    let (gpu_run, gpu) = run_to("cuda", &gpu_dir);
-    for (c, g) in cpu.iter().zip(&gpu) {
-        assert!((c - g).abs() / c.abs() < 1e-3, "losses {cpu:?} vs {gpu:?}");
-    }
-    assert_eq!(gpu_run.measured_peaks().len(), 1);
-
-    // Resume on the GPU from step 2: the last two losses of the uninterrupted GPU run (to
-    // rounding: some GPU sums use atomics, whose order varies).
-    let mut resumed = Run::prepare(spec("cuda"), "cpu:1x256MiB").unwrap();
-    resumed.resume_from(&gpu_dir.join("step-2")).unwrap();
-    let mut log = RunLog::new(&dir.path().join("resumed"));
-    drive(&mut resumed, &mut log).unwrap();
-    assert_eq!(log.losses.len(), 2);
-    for (r, g) in log.losses.iter().zip(&gpu[2..]) {
-        assert!(
-            (r - g).abs() / g.abs() < 1e-5,
-            "resumed {:?} vs {gpu:?}",
-            log.losses
+    let (_, cpu) = run_to("cpu:1x256MiB", &dir.path().join("cpu"));
+    // The whole model on one GPU, then two pipeline stages sharing it.
+    for (devices, stages) in [("cuda", 1), ("cuda:0x2", 2)] {
+        let gpu_dir = dir.path().join(devices);
+        let (gpu_run, gpu) = run_to(devices, &gpu_dir);
+        for (c, g) in cpu.iter().zip(&gpu) {
+            assert!(
+                (c - g).abs() / c.abs() < 1e-3,
+                "{devices}: losses {cpu:?} vs {gpu:?}"
+            );
+        }
+        assert_eq!(gpu_run.measured_peaks().len(), stages);
+        assert_eq!(
+            gpu_run.measured_peaks().len(),
+            gpu_run.predicted_peaks().len()
         );
+
+        // Resume on the GPU from step 2: the last two losses of the uninterrupted GPU run (to
+        // rounding: some GPU sums use atomics, whose order varies).
+        let mut resumed = Run::prepare(spec(devices), "cpu:1x256MiB").unwrap();
+        resumed.resume_from(&gpu_dir.join("step-2")).unwrap();
+        let mut log = RunLog::new(&dir.path().join(format!("{devices}-resumed")));
+        drive(&mut resumed, &mut log).unwrap();
+        assert_eq!(log.losses.len(), 2);
+        for (r, g) in log.losses.iter().zip(&gpu[2..]) {
+            assert!(
+                (r - g).abs() / g.abs() < 1e-5,
+                "{devices}: resumed {:?} vs {gpu:?}",
+                log.losses
+            );
+        }
     }
 }

@@ -159,6 +159,9 @@ impl Gpu {
                 if g.trans_b { "T" } else { "N" }
             )
         };
+        // cuBLAS launches on the calling thread's current context: pipeline stages call this
+        // from their own threads, so make this GPU's current first.
+        self.ctx.bind_to_thread()?;
         // SAFETY: the pointers address buffers of the sizes `g` describes.
         self.timed(name, || unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(

@@ -2,12 +2,9 @@
 
 use std::time::Instant;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
 use super::Result;
-use super::model::{host_parts, microbatch};
-use crate::data::Microbatch;
+use super::model::host_parts;
+use super::pipeline::{predicted_peaks, random_batches};
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::backend::cuda::{CudaError, Precision};
@@ -18,7 +15,6 @@ use crate::exec::optim::schedule::LrSchedule;
 use crate::plan::cost::part_forward_flops;
 use crate::plan::inventory::{MicroShape, ModelDims, Part, Profile};
 use crate::plan::schedule::{ScheduleKind, build};
-use crate::plan::simulate::{Hardware, chunk_costs, simulate};
 
 /// One row of the timing table.
 #[derive(Debug, Clone)]
@@ -75,26 +71,14 @@ pub fn step_flops(config: &LlamaConfig, micro: MicroShape, microbatches: usize) 
 /// The planner's peak for training on one device: a one-stage 1F1B plan (each micro-batch's
 /// forward then backward, the step at the end) simulated with the `cuda-f32` inventory.
 pub fn predicted_peak(config: &LlamaConfig, micro: MicroShape, microbatches: usize) -> Result<u64> {
-    let planner = |e: crate::plan::PlanError| CudaError::Unsupported(format!("planner: {e}"));
     let plan = build(
         ScheduleKind::OneFOneB,
         1,
         microbatches as u32,
         config.dims.layers as u32,
     )
-    .map_err(planner)?;
-    let hw = Hardware {
-        peak_flops: 1e15,
-        efficiency: 1.0,
-        hbm_bytes_per_s: 1e12,
-        p2p_bytes_per_s: 1e30,
-        p2p_latency_s: 0.0,
-        host_bytes_per_s: 1e30,
-    };
-    let costs = chunk_costs(&plan, Profile::CudaF32, &config.dims, micro, &hw);
-    Ok(simulate(&plan, &costs, &hw, false)
-        .map_err(planner)?
-        .peak_bytes())
+    .map_err(|e| CudaError::Unsupported(format!("planner: {e}")))?;
+    Ok(predicted_peaks(&plan, config, micro)?[0])
 }
 
 /// Times `steps` training steps (after `warmup`) of `config` on GPU `ordinal`.
@@ -130,16 +114,7 @@ pub fn time_training(
         Some(1.0),
     )?;
     drop(parts);
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let vocab = config.dims.vocab as i32;
-    let batches: Vec<Microbatch> = (0..microbatches)
-        .map(|_| {
-            let ids: Vec<i32> = (0..micro.tokens() + 1)
-                .map(|_| rng.gen_range(0..vocab))
-                .collect();
-            microbatch(micro, ids[..micro.tokens()].to_vec(), ids[1..].to_vec())
-        })
-        .collect();
+    let batches = random_batches(&config, micro, microbatches);
     for _ in 0..warmup {
         trainer.train_step(&batches)?;
     }

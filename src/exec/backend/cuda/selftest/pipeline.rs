@@ -1,0 +1,290 @@
+//! Pipeline plans on GPU stages (several stages sharing one GPU): every schedule, and chronos
+//! plans the planner squeezed into less memory with recompute and offload, must train to the
+//! weights the whole-model GPU trainer reaches, and each stage's measured peak must be what
+//! the planner predicted.
+
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::model::microbatch;
+use super::{Check, Result};
+use crate::data::Microbatch;
+use crate::exec::backend::cuda::engine::GpuEngine;
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::model::GpuTrainer;
+use crate::exec::backend::cuda::{CudaError, Precision};
+use crate::exec::device::{DeviceSet, Pool};
+use crate::exec::model::{LlamaConfig, PartParams};
+use crate::exec::optim::OptimizerConfig;
+use crate::exec::optim::schedule::LrSchedule;
+use crate::exec::pipeline::{Pipeline, PipelineError, seeded_parts};
+use crate::plan::inventory::{MicroShape, ModelDims, Profile};
+use crate::plan::ir::{Action, Plan};
+use crate::plan::policy::{Offload, Recompute};
+use crate::plan::presets::{Cluster, ProfileName};
+use crate::plan::schedule::{ScheduleKind, build};
+use crate::plan::search::{Answer, Request, search};
+use crate::plan::simulate::{Hardware, chunk_costs, simulate};
+
+const SEED: u64 = 99;
+
+fn adamw() -> OptimizerConfig {
+    OptimizerConfig::AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    }
+}
+
+fn pipeline_error(e: PipelineError) -> CudaError {
+    match e {
+        PipelineError::Cuda(e) => e,
+        other => CudaError::Unsupported(other.to_string()),
+    }
+}
+
+fn planner_error(e: impl std::fmt::Display) -> CudaError {
+    CudaError::Unsupported(format!("planner: {e}"))
+}
+
+/// `microbatches` micro-batches of random tokens.
+pub fn random_batches(config: &LlamaConfig, micro: MicroShape, count: usize) -> Vec<Microbatch> {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let vocab = config.dims.vocab as i32;
+    (0..count)
+        .map(|_| {
+            let ids: Vec<i32> = (0..micro.tokens() + 1)
+                .map(|_| rng.gen_range(0..vocab))
+                .collect();
+            microbatch(micro, ids[..micro.tokens()].to_vec(), ids[1..].to_vec())
+        })
+        .collect()
+}
+
+/// A plan's stages trained on one GPU: the final weights, each stage's measured peak and the
+/// seconds per step after the first.
+pub struct StagesRun {
+    pub weights: Vec<f32>,
+    pub measured_peaks: Vec<usize>,
+    pub step_s: f64,
+}
+
+/// Trains `plan` for `steps` steps on `batches`, every stage on GPU `ordinal` within
+/// `budget` bytes, from the seeded model.
+pub fn train_stages(
+    ordinal: usize,
+    precision: Precision,
+    config: LlamaConfig,
+    plan: Plan,
+    budget: usize,
+    batches: &[Microbatch],
+    steps: usize,
+) -> Result<StagesRun> {
+    let stages = plan.devices();
+    let engine = GpuEngine::open(&vec![ordinal; stages], precision)?;
+    let host = Pool::new("host", usize::MAX);
+    let devices = DeviceSet {
+        devices: (0..stages)
+            .map(|s| Pool::new(format!("cuda:{ordinal}/stage{s}"), budget))
+            .collect(),
+        host: host.clone(),
+    };
+    let parts = seeded_parts(&config, &host, SEED)?;
+    let mut p = Pipeline::new(
+        config,
+        plan,
+        devices,
+        engine,
+        parts,
+        adamw(),
+        LrSchedule::constant(3e-4),
+        Some(1.0),
+    )
+    .map_err(pipeline_error)?;
+    p.train_step(batches).map_err(pipeline_error)?;
+    p.engine.gpu(0).synchronize()?;
+    let start = Instant::now();
+    for _ in 1..steps {
+        p.train_step(batches).map_err(pipeline_error)?;
+    }
+    p.engine.gpu(0).synchronize()?;
+    let step_s = start.elapsed().as_secs_f64() / (steps.max(2) - 1) as f64;
+    let weights = p.with_state(|pairs| flat_weights(pairs.iter().map(|(p, _)| *p)));
+    Ok(StagesRun {
+        weights: weights.map_err(pipeline_error)?,
+        measured_peaks: p.measured_peaks(),
+        step_s,
+    })
+}
+
+fn flat_weights<'a>(parts: impl Iterator<Item = &'a PartParams>) -> Vec<f32> {
+    parts
+        .flat_map(|p| p.weights.iter().flat_map(|w| w.data().iter().copied()))
+        .collect()
+}
+
+/// The whole-model trainer's weights after the same steps.
+fn whole_model_weights(
+    ordinal: usize,
+    precision: Precision,
+    config: LlamaConfig,
+    batches: &[Microbatch],
+    steps: usize,
+) -> Result<Vec<f32>> {
+    let gpu = Gpu::open(ordinal, precision)?;
+    let pool = Pool::new(format!("cuda:{ordinal}"), usize::MAX);
+    let host = Pool::new("host", usize::MAX);
+    let parts = seeded_parts(&config, &host, SEED)?;
+    let mut t = GpuTrainer::upload(
+        gpu,
+        pool,
+        config,
+        &parts,
+        adamw(),
+        LrSchedule::constant(3e-4),
+        Some(1.0),
+    )?;
+    for _ in 0..steps {
+        t.train_step(batches)?;
+    }
+    let pairs = t.to_host(&host)?;
+    Ok(flat_weights(pairs.iter().map(|(p, _)| p)))
+}
+
+/// The planner's fastest `stages`-stage chronos plan for `config` when it must fit in
+/// `fraction` of the memory its roomiest plan needs (so it recomputes and offloads).
+pub fn squeezed_chronos(
+    config: &LlamaConfig,
+    micro: MicroShape,
+    microbatches: usize,
+    stages: usize,
+    fraction: f64,
+) -> Result<Answer> {
+    let request = Request {
+        model: config.dims,
+        seq_len: micro.seq as u32,
+        global_batch: (micro.batch * microbatches) as u32,
+        micro_batch_size: Some(micro.batch as u32),
+        microbatches: Some(microbatches as u32),
+        pipeline: Some(stages as u32),
+        schedule: Some(ScheduleKind::Chronos { in_flight: 0 }),
+        recompute: Recompute::Chronos,
+        offload: Offload::Chronos,
+    };
+    let cluster = |memory_bytes| Cluster {
+        profile: ProfileName::CudaF32,
+        ..Cluster::cpu(stages as u32, memory_bytes)
+    };
+    let roomy = search(&request, &cluster(1 << 50)).map_err(planner_error)?;
+    let tight = (roomy.sim.peak_bytes() as f64 * fraction) as u64;
+    search(&request, &cluster(tight)).map_err(planner_error)
+}
+
+fn count(plan: &Plan, what: fn(&Action) -> bool) -> usize {
+    plan.programs.iter().flatten().filter(|a| what(a)).count()
+}
+
+/// What a plan recomputes and offloads, in a few words.
+pub fn plan_summary(plan: &Plan) -> String {
+    format!(
+        "{} recomputes, {} offloads",
+        count(plan, |a| matches!(a, Action::Recompute { .. })),
+        count(plan, |a| matches!(a, Action::Offload(_)))
+    )
+}
+
+/// Every schedule on 2 and 4 stages of GPU `ordinal`, and squeezed chronos plans, against the
+/// whole-model trainer (weights after three steps) and the planner (peaks per stage).
+pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result<Vec<Check>> {
+    let config = LlamaConfig {
+        dims: ModelDims {
+            hidden: 128,
+            layers: 8,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 256,
+            vocab: 512,
+        },
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+    };
+    let micro = MicroShape { batch: 2, seq: 64 };
+    let microbatches = 8;
+    let steps = 3;
+    let batches = random_batches(&config, micro, microbatches);
+    let reference = whole_model_weights(ordinal, precision, config, &batches, steps)?;
+    let layers = config.dims.layers as u32;
+    let mut plans = Vec::new();
+    for stages in [2, 4] {
+        for kind in [
+            ScheduleKind::Gpipe,
+            ScheduleKind::OneFOneB,
+            ScheduleKind::Interleaved {
+                chunks_per_device: 2,
+            },
+            ScheduleKind::Chronos { in_flight: 0 },
+        ] {
+            let plan = build(kind, stages, microbatches as u32, layers).map_err(planner_error)?;
+            plans.push((format!("{kind} on {stages} stages"), plan, usize::MAX));
+        }
+        let squeezed = squeezed_chronos(&config, micro, microbatches, stages as usize, 0.7)?;
+        let label = format!(
+            "chronos on {stages} stages in 70% ({})",
+            plan_summary(&squeezed.plan)
+        );
+        plans.push((label, squeezed.plan, squeezed.budget_bytes as usize));
+    }
+    let mut checks = Vec::new();
+    for (label, plan, budget) in plans {
+        let predicted = predicted_peaks(&plan, &config, micro)?;
+        let run = train_stages(ordinal, precision, config, plan, budget, &batches, steps)?;
+        checks.push(Check::new(
+            format!("{label}: weights"),
+            &run.weights,
+            &reference,
+            tol,
+        ));
+        checks.push(peak_check(
+            format!("{label}: peaks"),
+            &run.measured_peaks,
+            &predicted,
+        ));
+    }
+    Ok(checks)
+}
+
+/// Each stage's peak as the planner simulates `plan` with the `cuda-f32` inventory.
+pub fn predicted_peaks(plan: &Plan, config: &LlamaConfig, micro: MicroShape) -> Result<Vec<u64>> {
+    let hw = Hardware {
+        peak_flops: 1e15,
+        efficiency: 1.0,
+        hbm_bytes_per_s: 1e12,
+        p2p_bytes_per_s: 1e30,
+        p2p_latency_s: 0.0,
+        host_bytes_per_s: 1e30,
+    };
+    let costs = chunk_costs(plan, Profile::CudaF32, &config.dims, micro, &hw);
+    let sim = simulate(plan, &costs, &hw, false).map_err(planner_error)?;
+    Ok(sim.devices.iter().map(|d| d.peak_bytes).collect())
+}
+
+/// The largest relative gap between measured and predicted peaks, held to the 5% goal.
+pub fn peak_check(name: String, measured: &[usize], predicted: &[u64]) -> Check {
+    let gap = if measured.len() != predicted.len() {
+        f64::INFINITY
+    } else {
+        measured
+            .iter()
+            .zip(predicted)
+            .map(|(&m, &p)| (m as f64 - p as f64).abs() / (p as f64).max(1.0))
+            .fold(0.0, f64::max)
+    };
+    Check {
+        name,
+        rel_err: gap,
+        tolerance: 0.05,
+    }
+}
