@@ -103,9 +103,12 @@ pub fn plan_job(
             OffloadChoice::Chronos => Offload::Chronos,
         },
     };
-    let cluster = Cluster {
-        profile,
-        ..Cluster::cpu(stages as u32, budget)
+    let cluster = match profile {
+        ProfileName::CudaF32 => Cluster::cuda(stages as u32, budget),
+        _ => Cluster {
+            profile,
+            ..Cluster::cpu(stages as u32, budget)
+        },
     };
     Ok(search(&request, &cluster)?)
 }
@@ -334,10 +337,27 @@ fn stage_pools(
     stage_gpus: &[usize],
     cap: Option<usize>,
 ) -> Result<Vec<PoolRef>, RunError> {
-    let mut pools = Vec::with_capacity(stage_gpus.len());
-    for (stage, &ordinal) in stage_gpus.iter().enumerate() {
+    let mut free = Vec::with_capacity(stage_gpus.len());
+    for stage in 0..stage_gpus.len() {
+        free.push(engine.gpu(stage as u32).pool(None, GPU_RESERVE)?.budget());
+    }
+    stage_budgets(stage_gpus, cap, &free).map(|budgets| {
+        budgets
+            .into_iter()
+            .map(|(name, bytes)| Pool::new(name, bytes))
+            .collect()
+    })
+}
+
+/// Each stage's pool name and budget, given what each stage's GPU has free (`free[stage]`).
+fn stage_budgets(
+    stage_gpus: &[usize],
+    cap: Option<usize>,
+    free: &[usize],
+) -> Result<Vec<(String, usize)>, RunError> {
+    let mut budgets = Vec::with_capacity(stage_gpus.len());
+    for (stage, (&ordinal, &free)) in stage_gpus.iter().zip(free).enumerate() {
         let sharing = stage_gpus.iter().filter(|&&g| g == ordinal).count();
-        let free = engine.gpu(stage as u32).pool(None, GPU_RESERVE)?.budget();
         let budget = match cap {
             Some(c) if c.saturating_mul(sharing) > free => {
                 return Err(RunError::Cuda(CudaError::Unsupported(format!(
@@ -357,7 +377,37 @@ fn stage_pools(
         } else {
             format!("cuda:{ordinal}/stage{stage}")
         };
-        pools.push(Pool::new(name, budget));
+        budgets.push((name, budget));
     }
-    Ok(pools)
+    Ok(budgets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: usize = 1 << 30;
+
+    #[test]
+    fn stages_share_their_gpu_equally_or_take_their_cap_if_it_fits() {
+        let four = stage_budgets(&[0, 0, 0, 0], None, &[8 * GIB; 4]).unwrap();
+        assert_eq!(four[3], ("cuda:0/stage3".to_string(), 2 * GIB));
+        let two = stage_budgets(&[0, 1], None, &[8 * GIB, 6 * GIB]).unwrap();
+        assert_eq!(
+            two,
+            vec![
+                ("cuda:0".to_string(), 8 * GIB),
+                ("cuda:1".to_string(), 6 * GIB)
+            ]
+        );
+        let capped = stage_budgets(&[1, 1], Some(3 * GIB), &[8 * GIB; 2]).unwrap();
+        assert!(capped.iter().all(|(_, b)| *b == 3 * GIB));
+        let err = stage_budgets(&[1, 1, 1], Some(3 * GIB), &[8 * GIB; 3])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("3 stages of 3072 MiB on cuda:1 need 9216 MiB but it has 8192 MiB free"),
+            "{err}"
+        );
+    }
 }

@@ -23,7 +23,7 @@ use crate::exec::pipeline::{Pipeline, PipelineError, seeded_parts};
 use crate::plan::inventory::{MicroShape, ModelDims, Profile};
 use crate::plan::ir::{Action, Plan};
 use crate::plan::policy::{Offload, Recompute};
-use crate::plan::presets::{Cluster, ProfileName};
+use crate::plan::presets::Cluster;
 use crate::plan::schedule::{ScheduleKind, build};
 use crate::plan::search::{Answer, Request, search};
 use crate::plan::simulate::{Hardware, chunk_costs, simulate};
@@ -174,10 +174,7 @@ pub fn squeezed_chronos(
         recompute: Recompute::Chronos,
         offload: Offload::Chronos,
     };
-    let cluster = |memory_bytes| Cluster {
-        profile: ProfileName::CudaF32,
-        ..Cluster::cpu(stages as u32, memory_bytes)
-    };
+    let cluster = |memory_bytes| Cluster::cuda(stages as u32, memory_bytes);
     let roomy = search(&request, &cluster(1 << 50)).map_err(planner_error)?;
     let tight = (roomy.sim.peak_bytes() as f64 * fraction) as u64;
     search(&request, &cluster(tight)).map_err(planner_error)
