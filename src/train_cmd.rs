@@ -23,7 +23,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
     /// Devices, e.g. `cpu:4x256MiB`, `cuda` or `cuda:1@40GiB` (the whole model on GPU 1, at
-    /// most 40 GiB of it); overrides the job's `devices`.
+    /// most 40 GiB of it), `cuda:0x4` (four pipeline stages sharing GPU 0) or `cuda:0,1` (a
+    /// stage on each); overrides the job's `devices`.
     #[arg(long)]
     pub devices: Option<String>,
     /// Train this many steps instead of the job's `training.steps`.
