@@ -148,9 +148,10 @@ impl Cluster {
     /// engine runs them: pools count every byte the backend allocates (`cuda-f32`), so nothing
     /// is reserved here (the run leaves its own reserve out of the budget); TF32 products at
     /// the ~20% of peak measured for the 125M model. The engine's sends between stages on one
-    /// GPU hand the buffer over, and its offloads and prefetches copy synchronously at their
-    /// program points, so transfers free and take bytes at once, as here (their copy time is
-    /// not charged yet: it belongs on a copy stream the engine does not have yet).
+    /// GPU hand the buffer over, and its pools count an offload's bytes as given back (and a
+    /// prefetch's as taken) at the action, so transfers here are instant and the predicted
+    /// peaks are the pools' to the byte. (The copies run on a copy stream; an offloaded
+    /// buffer's device memory is freed when its copy ends, which the GPU's reserve absorbs.)
     pub fn cuda(stages: u32, memory_bytes: u64) -> Cluster {
         Cluster {
             name: format!("cuda-{stages}x{memory_bytes}"),

@@ -1,9 +1,10 @@
 //! The pipeline runtime's engine on CUDA devices: a plan's devices are pipeline stages, each
-//! with its own pool, on one GPU or several. Stages that share a GPU share its stream, so a
-//! tensor handed from one to the next is ordered after the kernels that made it without any
-//! event; a send between stages on one GPU hands the buffer over, a send between GPUs copies
-//! it through host memory. Offload and prefetch copy a tensor between device and host memory
-//! on the stream, synchronously.
+//! with its own pool, on one GPU or several. Stages that share a GPU share its compute stream,
+//! so a tensor handed from one to the next is ordered after the kernels that made it without
+//! any event; a send between stages on one GPU hands the buffer over, a send between GPUs
+//! copies it through host memory. Offload and prefetch run on the GPU's copy stream through
+//! pinned host memory (`offload`), overlapping compute: every operation here first makes the
+//! compute stream wait for prefetches into the tensors it reads.
 
 use std::ops::Range;
 
@@ -79,6 +80,14 @@ impl GpuEngine {
     }
 }
 
+/// Makes the compute stream wait for any prefetch into the part's weights or gradients.
+fn await_part(gpu: &Gpu, part: &GpuPart) -> std::result::Result<(), CudaError> {
+    for t in part.weights.iter().chain(&part.grads) {
+        t.await_ready(gpu)?;
+    }
+    Ok(())
+}
+
 fn wrong(part: PartId, reason: &str) -> PipelineError {
     PipelineError::Model(ModelError::WrongInput {
         part,
@@ -100,6 +109,10 @@ impl Engine for GpuEngine {
         tokens: MicroTokens<'_>,
     ) -> Result<(GpuStash, PartOutput<GpuTensor>)> {
         let ctx = self.ctx(at);
+        await_part(ctx.gpu, part)?;
+        if let Some(x) = &input {
+            x.await_ready(ctx.gpu)?;
+        }
         Ok(match (part.id, input) {
             (PartId::Embedding, None) => {
                 let (st, out) = embedding_forward(ctx, part, tokens.input_ids)?;
@@ -129,6 +142,15 @@ impl Engine for GpuEngine {
         loss_scale: f32,
     ) -> Result<Option<GpuTensor>> {
         let ctx = self.ctx(at);
+        await_part(ctx.gpu, part)?;
+        match &stash {
+            GpuStash::Embedding(st) => st.await_ready(ctx.gpu)?,
+            GpuStash::Layer(st) => st.await_ready(ctx.gpu)?,
+            GpuStash::Head(st) => st.await_ready(ctx.gpu)?,
+        }
+        if let Some(g) = &grad_output {
+            g.await_ready(ctx.gpu)?;
+        }
         Ok(match (stash, grad_output) {
             (GpuStash::Head(st), None) => Some(head_backward(ctx, part, *st, loss_scale)?),
             (GpuStash::Layer(st), Some(g)) => Some(layer_backward(ctx, part, *st, g)?),
@@ -255,6 +277,7 @@ impl Engine for GpuEngine {
 
     fn grad_squares(&self, device: u32, part: &GpuPart) -> Result<f64> {
         let gpu = self.gpu(device);
+        await_part(gpu, part)?;
         let acc = gpu.stream.alloc_zeros::<f64>(1).map_err(CudaError::from)?;
         let at = DevPtr(acc.device_ptr(&gpu.stream).0);
         for g in &part.grads {
@@ -275,6 +298,12 @@ impl Engine for GpuEngine {
         within: Range<usize>,
     ) -> Result<()> {
         let gpu = self.gpu(device);
+        for t in [&*w, &*g]
+            .into_iter()
+            .chain(moments.iter().flat_map(|(m, v)| [&**m, &**v]))
+        {
+            t.await_ready(gpu)?;
+        }
         let n = local.len();
         let (wp, gp) = (w.at(local.start), g.at(local.start));
         match (u.config, moments) {

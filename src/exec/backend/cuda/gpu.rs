@@ -1,5 +1,5 @@
-//! One CUDA device: its context, the stream every kernel and product runs on, a cuBLAS handle
-//! and the kernels of `kernels/*.cu`, compiled by NVRTC for the device's architecture the first
+//! One CUDA device: its context, the stream every kernel and product runs on, a copy stream for
+//! offload and prefetch (`offload`), a cuBLAS handle and the kernels of `kernels/*.cu`, compiled by NVRTC for the device's architecture the first
 //! time a device of that architecture is opened, and loaded into each context that opens.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,6 +11,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::exec::backend::cuda::libs::Libraries;
+use crate::exec::backend::cuda::offload::PinnedCache;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{Pool, PoolRef};
 
@@ -86,6 +87,10 @@ fn cached_kernels(major: i32, minor: i32) -> Result<Ptx, CudaError> {
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// Offload and prefetch copies, ordered against `stream` by explicit events.
+    pub copy: Arc<CudaStream>,
+    /// Pinned host buffers for offloaded tensors, kept for reuse.
+    pub(crate) pinned: PinnedCache,
     pub(crate) blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
     pub precision: Precision,
@@ -106,10 +111,13 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal)?;
-        // One stream runs everything in order, so cudarc's per-buffer events are not needed.
-        // SAFETY: no buffer of this context is ever used from a second stream.
+        // One stream runs every kernel in order; the copy stream's uses of a buffer are ordered
+        // against it with explicit events (`offload`), so cudarc's per-buffer events are not
+        // needed.
+        // SAFETY: every buffer used on the copy stream is ordered by those events.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let copy = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         let (major, minor) = ctx.compute_capability()?;
         let module = ctx.load_module(cached_kernels(major, minor)?)?;
@@ -121,6 +129,8 @@ impl Gpu {
             name: ctx.name()?,
             ctx,
             stream,
+            copy,
+            pinned: PinnedCache::default(),
             blas,
             functions,
             precision,
@@ -184,9 +194,10 @@ impl Gpu {
         Ok(Pool::new(format!("cuda:{}", self.ordinal), budget))
     }
 
-    /// Waits for everything queued on the stream.
+    /// Waits for everything queued on the compute and copy streams.
     pub fn synchronize(&self) -> Result<(), CudaError> {
-        Ok(self.stream.synchronize()?)
+        self.stream.synchronize()?;
+        Ok(self.copy.synchronize()?)
     }
 }
 

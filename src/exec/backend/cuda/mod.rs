@@ -23,6 +23,7 @@ pub mod engine;
 pub mod gpu;
 pub mod libs;
 pub mod model;
+pub mod offload;
 pub mod ops;
 pub mod selftest;
 pub mod tensor;

@@ -3,10 +3,13 @@
 //! A tensor the pipeline has offloaded keeps its values in host memory, counted in the host's
 //! pool, until it is moved back ([`GpuTensor::relocate`]).
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::offload;
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::tensor::{Element, Lease};
 use crate::plan::inventory::TensorSpec;
@@ -18,7 +21,10 @@ pub struct DevPtr(pub(crate) u64);
 /// Where a tensor's values are.
 enum Storage<T> {
     Device(CudaSlice<T>),
+    /// Never on a device yet (a part adopted from host weights, zeroed optimizer state).
     Host(Vec<T>),
+    /// Offloaded: pinned host memory whose event marks the end of the copy into it.
+    Pinned(PinnedHostSlice<T>),
 }
 
 /// A dense tensor on one CUDA device (or offloaded to the host).
@@ -29,6 +35,8 @@ pub struct GpuTensor<T: Element = f32> {
     name: String,
     shape: Vec<usize>,
     lease: Lease,
+    /// After a prefetch: the copy's event, which kernels reading the tensor wait for.
+    ready: Option<CudaEvent>,
 }
 
 impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
@@ -76,33 +84,46 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
             name: name.to_string(),
             shape: shape.to_vec(),
             lease,
+            ready: None,
         })
     }
 
     /// Moves the tensor into `to` under `group`, the destination charged before the source
-    /// is given back: to host memory when `to_host` (copied from the device if it is there),
-    /// else onto `gpu` (copied from the host if it is there). Between pools on the same side
-    /// only the counting moves.
+    /// is given back: to pinned host memory when `to_host` (an offload, on the copy stream),
+    /// else onto `gpu` (a prefetch on the copy stream, or a synchronous upload of values that
+    /// were never on the device). Between pools on the same side only the counting moves.
     pub fn relocate(
         self,
         gpu: &Gpu,
         to: &PoolRef,
         group: MemGroup,
         to_host: bool,
-    ) -> Result<Self, CudaError> {
+    ) -> Result<Self, CudaError>
+    where
+        T: 'static,
+    {
         let lease = Lease::reserve(to, &self.name, group, self.lease.bytes())?;
+        let len = self.len();
         let GpuTensor {
             storage,
             addr,
             name,
             shape,
             lease: _given_back,
+            ready,
         } = self;
-        let (storage, addr) = match (storage, to_host) {
-            (Storage::Device(buf), true) => {
-                let mut data = gpu.stream.clone_dtoh(&buf)?;
-                data.truncate(shape.iter().product());
-                (Storage::Host(data), 0)
+        let (storage, addr, ready) = match (storage, to_host) {
+            (Storage::Device(buf), true) if len > 0 => {
+                if let Some(e) = &ready {
+                    gpu.copy.wait(e)?;
+                }
+                (Storage::Pinned(offload::offload(gpu, buf, len)?), 0, None)
+            }
+            (Storage::Device(_), true) => (Storage::Host(Vec::new()), 0, None),
+            (Storage::Pinned(pinned), false) => {
+                let (buf, ready) = offload::prefetch(gpu, pinned)?;
+                let addr = buf.device_ptr(&gpu.stream).0;
+                (Storage::Device(buf), addr, Some(ready))
             }
             (Storage::Host(data), false) => {
                 // SAFETY: written completely below before any kernel reads it.
@@ -111,9 +132,9 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
                     gpu.stream.memcpy_htod(&data, &mut buf)?;
                 }
                 let addr = buf.device_ptr(&gpu.stream).0;
-                (Storage::Device(buf), addr)
+                (Storage::Device(buf), addr, None)
             }
-            (kept, _) => (kept, addr),
+            (kept, _) => (kept, addr, ready),
         };
         Ok(GpuTensor {
             storage,
@@ -121,7 +142,17 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
             name,
             shape,
             lease,
+            ready,
         })
+    }
+
+    /// Makes `gpu`'s compute stream wait until a prefetch into this tensor has landed (no-op
+    /// otherwise). Every kernel that may read a prefetched tensor runs after this.
+    pub fn await_ready(&self, gpu: &Gpu) -> Result<(), CudaError> {
+        if let Some(e) = &self.ready {
+            gpu.stream.wait(e)?;
+        }
+        Ok(())
     }
 
     /// The same tensor counted under another group of its pool.
@@ -134,6 +165,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
     /// another pipeline stage, counted nowhere until it is received.
     pub fn detach(self) -> Detached<T> {
         Detached {
+            ready: self.ready,
             storage: self.storage,
             addr: self.addr,
             name: self.name,
@@ -143,7 +175,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
 
     /// Whether the values are in host memory (offloaded).
     pub fn is_on_host(&self) -> bool {
-        matches!(self.storage, Storage::Host(_))
+        !matches!(self.storage, Storage::Device(_))
     }
 
     /// A scratch tensor with the name and shape of an inventory entry.
@@ -180,6 +212,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
             name: name.to_string(),
             shape: shape.to_vec(),
             lease,
+            ready: None,
         }
     }
 
@@ -192,6 +225,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
                 Ok(all)
             }
             Storage::Host(data) => Ok(data.clone()),
+            Storage::Pinned(p) => Ok(p.as_slice()?.to_vec()),
         }
     }
 
@@ -203,8 +237,12 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         dst: &mut [T],
     ) -> Result<(), CudaError> {
         match &self.storage {
-            Storage::Device(buf) => gpu.stream.memcpy_dtoh(&buf.slice(range), dst)?,
+            Storage::Device(buf) => {
+                self.await_ready(gpu)?;
+                gpu.stream.memcpy_dtoh(&buf.slice(range), dst)?
+            }
             Storage::Host(data) => dst.copy_from_slice(&data[range]),
+            Storage::Pinned(p) => dst.copy_from_slice(&p.as_slice()?[range]),
         }
         Ok(())
     }
@@ -216,9 +254,13 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         range: std::ops::Range<usize>,
         src: &[T],
     ) -> Result<(), CudaError> {
+        if let Some(e) = &self.ready {
+            gpu.stream.wait(e)?;
+        }
         match &mut self.storage {
             Storage::Device(buf) => gpu.stream.memcpy_htod(src, &mut buf.slice_mut(range))?,
             Storage::Host(data) => data[range].copy_from_slice(src),
+            Storage::Pinned(p) => p.as_mut_slice()?[range].copy_from_slice(src),
         }
         Ok(())
     }
@@ -229,9 +271,13 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         gpu: &Gpu,
         range: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
+        if let Some(e) = &self.ready {
+            gpu.stream.wait(e)?;
+        }
         match &mut self.storage {
             Storage::Device(buf) => gpu.stream.memset_zeros(&mut buf.slice_mut(range))?,
             Storage::Host(data) => data[range].fill(T::default()),
+            Storage::Pinned(p) => p.as_mut_slice()?[range].fill(T::default()),
         }
         Ok(())
     }
@@ -261,6 +307,8 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
                 self.len()
             )));
         }
+        src.await_ready(gpu)?;
+        self.await_ready(gpu)?;
         match (&src.storage, &mut self.storage) {
             (Storage::Device(s), Storage::Device(d)) => gpu.stream.memcpy_dtod(s, d)?,
             _ => return Err(self.offloaded()),
@@ -283,6 +331,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
 
 /// A tensor's values counted in no pool (see [`GpuTensor::detach`]).
 pub struct Detached<T: Element = f32> {
+    ready: Option<CudaEvent>,
     storage: Storage<T>,
     addr: u64,
     name: String,
@@ -309,10 +358,17 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> Detached<T> {
                     name: self.name,
                     shape: self.shape,
                     lease,
+                    ready: self.ready,
                 });
             }
-            Storage::Device(buf) => from.stream.clone_dtoh(&buf)?,
+            Storage::Device(buf) => {
+                if let Some(e) = &self.ready {
+                    from.stream.wait(e)?;
+                }
+                from.stream.clone_dtoh(&buf)?
+            }
             Storage::Host(data) => data,
+            Storage::Pinned(p) => p.as_slice()?.to_vec(),
         };
         // SAFETY: written completely before any kernel reads it.
         let mut copy = unsafe { to.stream.alloc::<T>(data.len().max(1))? };

@@ -22,6 +22,13 @@ impl EmbeddingStash {
     }
 }
 
+impl EmbeddingStash {
+    /// Makes the compute stream wait for any prefetch into the stash.
+    pub fn await_ready(&self, gpu: &Gpu) -> Result<()> {
+        self.token_ids.await_ready(gpu)
+    }
+}
+
 pub fn embedding_forward(
     ctx: GpuCtx<'_>,
     p: &GpuPart,

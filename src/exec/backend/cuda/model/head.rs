@@ -26,6 +26,13 @@ impl HeadStash {
         })
     }
 
+    /// Makes the compute stream wait for any prefetch into the stash.
+    pub fn await_ready(&self, gpu: &Gpu) -> Result<()> {
+        self.input.await_ready(gpu)?;
+        self.final_norm_rstd.await_ready(gpu)?;
+        self.targets.await_ready(gpu)
+    }
+
     /// The head's input, all a recompute needs.
     pub fn into_input(self) -> GpuTensor {
         self.input

@@ -42,6 +42,27 @@ impl LayerStash {
         })
     }
 
+    /// Makes the compute stream wait for any prefetch into the stash (see
+    /// [`GpuTensor::await_ready`]).
+    pub fn await_ready(&self, gpu: &Gpu) -> Result<()> {
+        for t in [
+            &self.input,
+            &self.attn_norm_rstd,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attn_out,
+            &self.attn_lse,
+            &self.resid_mid,
+            &self.mlp_norm_rstd,
+            &self.gate,
+            &self.up,
+        ] {
+            t.await_ready(gpu)?;
+        }
+        Ok(())
+    }
+
     /// The layer's input, all a recompute needs.
     pub fn into_input(self) -> GpuTensor {
         self.input

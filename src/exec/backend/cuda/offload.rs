@@ -1,0 +1,97 @@
+//! Moving tensors between a GPU and pinned host memory on the GPU's copy stream, so the copies
+//! overlap the kernels on its compute stream.
+//!
+//! Ordering is explicit (the context does not track events per buffer):
+//! - offload: the copy stream waits for what the compute stream has queued so far (which made
+//!   the tensor), copies into a pinned buffer, and frees the device buffer on the copy stream
+//!   after the copy, so the compute stream never waits for an offload;
+//! - prefetch: the buffer is allocated on the compute stream, the copy stream waits for that
+//!   point and copies into it, and the tensor carries the copy's event: the first kernel that
+//!   reads the tensor waits for it ([`crate::exec::backend::cuda::tensor::GpuTensor::await_ready`]),
+//!   so the kernels queued between the prefetch and that use overlap the copy.
+//!
+//! Pinned buffers are kept for reuse per GPU: page-locking memory costs far more than a copy.
+//! A pinned buffer records its last copy's event, and host reads of it wait for that event.
+
+use std::any::Any;
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaEvent, CudaSlice, DeviceRepr, PinnedHostSlice};
+
+use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::gpu::Gpu;
+
+/// Pinned host buffers not in use, of any element type and length.
+#[derive(Default)]
+pub struct PinnedCache {
+    free: Mutex<Vec<Box<dyn Any + Send>>>,
+}
+
+impl PinnedCache {
+    fn take<T: DeviceRepr + 'static>(
+        &self,
+        gpu: &Gpu,
+        len: usize,
+    ) -> Result<PinnedHostSlice<T>, CudaError> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let found = free.iter().position(|b| {
+            b.downcast_ref::<PinnedHostSlice<T>>()
+                .is_some_and(|p| p.len() == len)
+        });
+        if let Some(i) = found
+            && let Ok(p) = free.swap_remove(i).downcast::<PinnedHostSlice<T>>()
+        {
+            return Ok(*p);
+        }
+        drop(free);
+        // SAFETY: every byte is written by the copy that follows before anything reads it.
+        // Flags 0: ordinary (not write-combined) pinned memory, which the host reads at full
+        // speed (checkpoints read offloaded optimizer state).
+        Ok(unsafe { gpu.ctx.alloc_pinned_with_flags::<T>(len, 0)? })
+    }
+
+    fn give_back<T: 'static>(&self, p: PinnedHostSlice<T>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(Box::new(p));
+    }
+}
+
+/// Copies the first `len` elements of `buf` to pinned host memory on the copy stream and
+/// frees `buf` there once copied. Returns at once; the buffer's event marks the copy's end.
+pub fn offload<T: DeviceRepr + 'static>(
+    gpu: &Gpu,
+    buf: CudaSlice<T>,
+    len: usize,
+) -> Result<PinnedHostSlice<T>, CudaError> {
+    let mut pinned = gpu.pinned.take::<T>(gpu, len)?;
+    let made = gpu.stream.record_event(None)?;
+    gpu.copy.wait(&made)?;
+    gpu.copy.memcpy_dtoh(&buf.slice(0..len), &mut pinned)?;
+    let allocated = buf.len();
+    let ptr = buf.leak();
+    // SAFETY: `ptr` came from `buf`, which no longer exists; dropping the slice rebuilt on the
+    // copy stream frees it there, after the copy just queued.
+    drop(unsafe { gpu.copy.upgrade_device_ptr::<T>(ptr, allocated) });
+    Ok(pinned)
+}
+
+/// Copies pinned host memory into a new device buffer (of at least one element) on the copy
+/// stream. Returns the buffer and the event kernels that read it must wait for; the pinned
+/// buffer goes back to the cache (later copies into it queue behind this one).
+pub fn prefetch<T: DeviceRepr + 'static>(
+    gpu: &Gpu,
+    pinned: PinnedHostSlice<T>,
+) -> Result<(CudaSlice<T>, CudaEvent), CudaError> {
+    let len = pinned.len();
+    // SAFETY: the copy below writes every element before a kernel reads it (they wait for
+    // its event).
+    let mut buf = unsafe { gpu.stream.alloc::<T>(len.max(1))? };
+    let allocated = gpu.stream.record_event(None)?;
+    gpu.copy.wait(&allocated)?;
+    if len > 0 {
+        gpu.copy.memcpy_htod(&pinned, &mut buf.slice_mut(0..len))?;
+    }
+    let ready = gpu.copy.record_event(None)?;
+    gpu.pinned.give_back(pinned);
+    Ok((buf, ready))
+}
