@@ -14,7 +14,7 @@ use crate::exec::device_spec::{DeviceSpec, Target};
 use crate::exec::model::{LlamaConfig, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
-use crate::exec::pipeline::{CpuEngine, Pipeline, seeded_parts};
+use crate::exec::pipeline::{CpuEngine, Engine, Pipeline, seeded_parts};
 use crate::plan::policy::{Offload, Recompute};
 use crate::plan::presets::{Cluster, ProfileName};
 use crate::plan::schedule::ScheduleKind;
@@ -222,22 +222,39 @@ impl Run {
     }
 
     /// As `prepare`, on devices already made (the service's).
-    pub fn prepare_on(spec: JobSpec, mut devices: DeviceSet) -> Result<Run, RunError> {
+    pub fn prepare_on(spec: JobSpec, devices: DeviceSet) -> Result<Run, RunError> {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
-        let config = LlamaConfig::from_arch(&arch)?;
-        let answer = plan_job(&spec, &arch, &devices, ProfileName::CpuF32)?;
+        let engine = CpuEngine {
+            backend: Box::new(CpuBackend::default()),
+        };
+        Run::on_pipeline(spec, &arch, devices, ProfileName::CpuF32, engine)
+    }
+
+    /// Plans a validated `spec` for `devices` with `profile`'s memory layout, loads its data
+    /// and places the model on the pipeline runtime over `engine`.
+    fn on_pipeline<E>(
+        spec: JobSpec,
+        arch: &ModelArch,
+        mut devices: DeviceSet,
+        profile: ProfileName,
+        engine: E,
+    ) -> Result<Run, RunError>
+    where
+        E: Engine + Send + 'static,
+        E::Part: Send,
+    {
+        let config = LlamaConfig::from_arch(arch)?;
+        let answer = plan_job(&spec, arch, &devices, profile)?;
         devices.devices.truncate(answer.plan.devices());
-        let batcher = load_data(&spec, &arch)?;
+        let batcher = load_data(&spec, arch)?;
         let parts = initial_parts(&spec, &config, &devices.host)?;
         let t = &spec.training;
         let pipeline = Pipeline::new(
             config,
             answer.plan.clone(),
             devices,
-            CpuEngine {
-                backend: Box::new(CpuBackend::default()),
-            },
+            engine,
             parts,
             OptimizerConfig::from_spec(&t.optimizer),
             LrSchedule::from_spec(t),
@@ -300,33 +317,13 @@ impl Run {
     ) -> Result<Run, RunError> {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
-        let config = LlamaConfig::from_arch(&arch)?;
-        let batcher = load_data(&spec, &arch)?;
+        LlamaConfig::from_arch(&arch)?; // refused before the GPUs are opened
         let engine = GpuEngine::open(stage_gpus, Precision::Tf32)?;
-        let mut devices = DeviceSet {
+        let devices = DeviceSet {
             devices: stage_pools(&engine, stage_gpus, cap)?,
             host: Pool::new("host", usize::MAX),
         };
-        let answer = plan_job(&spec, &arch, &devices, ProfileName::CudaF32)?;
-        devices.devices.truncate(answer.plan.devices());
-        let parts = initial_parts(&spec, &config, &devices.host)?;
-        let t = &spec.training;
-        let pipeline = Pipeline::new(
-            config,
-            answer.plan.clone(),
-            devices,
-            engine,
-            parts,
-            OptimizerConfig::from_spec(&t.optimizer),
-            LrSchedule::from_spec(t),
-            t.grad_clip.map(|c| c as f32),
-        )?;
-        Ok(Run {
-            spec,
-            answer,
-            placement: Placement::Pipeline(Box::new(pipeline)),
-            batcher,
-        })
+        Run::on_pipeline(spec, &arch, devices, ProfileName::CudaF32, engine)
     }
 }
 
