@@ -14,9 +14,9 @@
 //! A pinned buffer records its last copy's event, and host reads of it wait for that event.
 
 use std::any::Any;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaEvent, CudaSlice, DeviceRepr, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
@@ -75,13 +75,34 @@ pub fn offload<T: DeviceRepr + 'static>(
     Ok(pinned)
 }
 
+/// The end of a prefetch's copy into a device buffer. Kernels that read the buffer wait for
+/// it ([`Ready::wait_on`]); dropping it makes the compute stream wait too, so a buffer dropped
+/// unused (a step that failed) is freed after the copy into it, never during.
+pub struct Ready {
+    event: CudaEvent,
+    compute: Arc<CudaStream>,
+}
+
+impl Ready {
+    pub fn wait_on(&self, stream: &CudaStream) -> Result<(), CudaError> {
+        Ok(stream.wait(&self.event)?)
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        // An error here has nowhere to go; the context records it for its next call.
+        let _ = self.compute.wait(&self.event);
+    }
+}
+
 /// Copies pinned host memory into a new device buffer (of at least one element) on the copy
-/// stream. Returns the buffer and the event kernels that read it must wait for; the pinned
-/// buffer goes back to the cache (later copies into it queue behind this one).
+/// stream. Returns the buffer and its [`Ready`]; the pinned buffer goes back to the cache
+/// (later copies into it queue behind this one).
 pub fn prefetch<T: DeviceRepr + 'static>(
     gpu: &Gpu,
     pinned: PinnedHostSlice<T>,
-) -> Result<(CudaSlice<T>, CudaEvent), CudaError> {
+) -> Result<(CudaSlice<T>, Ready), CudaError> {
     let len = pinned.len();
     // SAFETY: the copy below writes every element before a kernel reads it (they wait for
     // its event).
@@ -91,7 +112,10 @@ pub fn prefetch<T: DeviceRepr + 'static>(
     if len > 0 {
         gpu.copy.memcpy_htod(&pinned, &mut buf.slice_mut(0..len))?;
     }
-    let ready = gpu.copy.record_event(None)?;
+    let ready = Ready {
+        event: gpu.copy.record_event(None)?,
+        compute: gpu.stream.clone(),
+    };
     gpu.pinned.give_back(pinned);
     Ok((buf, ready))
 }

@@ -3,13 +3,11 @@
 //! A tensor the pipeline has offloaded keeps its values in host memory, counted in the host's
 //! pool, until it is moved back ([`GpuTensor::relocate`]).
 
-use cudarc::driver::{
-    CudaEvent, CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::offload;
+use crate::exec::backend::cuda::offload::{self, Ready};
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::tensor::{Element, Lease};
 use crate::plan::inventory::TensorSpec;
@@ -29,14 +27,15 @@ enum Storage<T> {
 
 /// A dense tensor on one CUDA device (or offloaded to the host).
 pub struct GpuTensor<T: Element = f32> {
+    /// After a prefetch: the end of its copy, which kernels reading the tensor wait for.
+    /// Declared before `storage` so it is dropped first (see [`Ready`]).
+    ready: Option<Ready>,
     storage: Storage<T>,
     /// The device address of element 0 (0 while on the host).
     addr: u64,
     name: String,
     shape: Vec<usize>,
     lease: Lease,
-    /// After a prefetch: the copy's event, which kernels reading the tensor wait for.
-    ready: Option<CudaEvent>,
 }
 
 impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
@@ -115,7 +114,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         let (storage, addr, ready) = match (storage, to_host) {
             (Storage::Device(buf), true) if len > 0 => {
                 if let Some(e) = &ready {
-                    gpu.copy.wait(e)?;
+                    e.wait_on(&gpu.copy)?;
                 }
                 (Storage::Pinned(offload::offload(gpu, buf, len)?), 0, None)
             }
@@ -150,7 +149,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
     /// otherwise). Every kernel that may read a prefetched tensor runs after this.
     pub fn await_ready(&self, gpu: &Gpu) -> Result<(), CudaError> {
         if let Some(e) = &self.ready {
-            gpu.stream.wait(e)?;
+            e.wait_on(&gpu.stream)?;
         }
         Ok(())
     }
@@ -255,7 +254,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         src: &[T],
     ) -> Result<(), CudaError> {
         if let Some(e) = &self.ready {
-            gpu.stream.wait(e)?;
+            e.wait_on(&gpu.stream)?;
         }
         match &mut self.storage {
             Storage::Device(buf) => gpu.stream.memcpy_htod(src, &mut buf.slice_mut(range))?,
@@ -272,7 +271,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         range: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
         if let Some(e) = &self.ready {
-            gpu.stream.wait(e)?;
+            e.wait_on(&gpu.stream)?;
         }
         match &mut self.storage {
             Storage::Device(buf) => gpu.stream.memset_zeros(&mut buf.slice_mut(range))?,
@@ -331,7 +330,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
 
 /// A tensor's values counted in no pool (see [`GpuTensor::detach`]).
 pub struct Detached<T: Element = f32> {
-    ready: Option<CudaEvent>,
+    ready: Option<Ready>,
     storage: Storage<T>,
     addr: u64,
     name: String,
@@ -363,7 +362,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> Detached<T> {
             }
             Storage::Device(buf) => {
                 if let Some(e) = &self.ready {
-                    from.stream.wait(e)?;
+                    e.wait_on(&from.stream)?;
                 }
                 from.stream.clone_dtoh(&buf)?
             }
