@@ -69,7 +69,8 @@ pub struct ServiceArgs {
     pub data_dir: Option<PathBuf>,
 
     /// Devices to train on, e.g. `cpu:4x256MiB`, `cuda` or `cuda:0,1@40GiB` (one job per GPU,
-    /// at most 40 GiB each) [default: one CPU device, half the free memory].
+    /// at most 40 GiB each), `cuda:0x4` (each job a pipeline over four stages sharing GPU 0)
+    /// [default: one CPU device, half the free memory].
     #[arg(long, env = "CHRONOSPIPE_DEVICES")]
     pub devices: Option<String>,
 

@@ -146,7 +146,7 @@ fn serve_prints_a_first_key_and_serves_docs_offline() {
 }
 
 /// `serve --devices` takes the executor's device syntax; GPUs are opened at start, so a
-/// machine without a driver (or a form this build cannot run) says so before serving.
+/// machine without a driver (or a malformed form) says so before serving.
 #[test]
 fn serve_checks_its_gpus_before_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,18 +158,24 @@ fn serve_checks_its_gpus_before_serving() {
             .output()
             .unwrap()
     };
-    let out = serve("cuda:0x4");
+    let out = serve("cuda:0x4@0MiB");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("cuda:0x4") && err.contains("one whole-model job on each GPU"),
+        err.contains("cuda:0x4@0MiB") && err.contains("more than 0 bytes"),
         "{err}"
     );
 
     if !chronospipe::exec::backend::cuda::libs::Libraries::probe().driver {
-        let out = serve("cuda");
-        assert!(!out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("CUDA unavailable: libcuda.so"), "{err}");
+        // Whole-model GPUs and stages sharing one alike.
+        for devices in ["cuda", "cuda:0x4"] {
+            let out = serve(devices);
+            assert!(!out.status.success());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("CUDA unavailable: libcuda.so"),
+                "{devices}: {err}"
+            );
+        }
     }
 }

@@ -404,13 +404,16 @@ async fn error_statuses(url: &str) {
     .await;
     assert_eq!(p["smallest_memory_bytes"], common::SMALLEST_FIT);
     assert!(p["closest"].is_object());
-    // 422: a GPU the service does not have, and stages sharing a GPU (CLI only for now)
+    // 422: GPUs (or stages of one) the service does not have, and a cap in the body
     for (devices, want) in [
         (
             "cuda:3",
             "this service has no GPU cuda:3; its devices are cpu:0, cpu:1",
         ),
-        ("cuda:0x4", "one whole-model job on each GPU"),
+        (
+            "cuda:0x4",
+            "this service has no GPU cuda:0/stage0; its devices are cpu:0, cpu:1",
+        ),
         ("cuda:0@1GiB", "name the GPU without `@SIZE`"),
     ] {
         let mut on_gpu = job_body(&train, 1);

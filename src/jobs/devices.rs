@@ -9,7 +9,7 @@ use crate::exec::run::{RunError, gpu_budget};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DeviceInfo {
-    /// e.g. `cpu:0`, `cuda:1`.
+    /// e.g. `cpu:0`, `cuda:1`, or `cuda:0/stage2` (a pipeline stage sharing GPU 0).
     pub id: String,
     /// `cpu` or `cuda`.
     pub kind: String,
@@ -17,10 +17,10 @@ pub struct DeviceInfo {
 }
 
 /// The service's devices from `devices` text (`exec::device_spec`'s syntax): `cpu:NxSIZE`,
-/// or GPUs (`cuda`, `cuda:N`, `cuda:I,J,...`, optionally `@SIZE`), each running whole-model
-/// jobs; a GPU's memory is its cap, else unknown here (0) until `with_gpu_memory` measures
-/// it. `cuda:NxK` (several stages on one GPU) is refused: the service does not run pipeline
-/// stages on GPUs yet (the CLI's `train` does).
+/// GPUs each running whole-model jobs (`cuda`, `cuda:N`, `cuda:I,J,...`), or pipeline stages
+/// sharing one GPU (`cuda:NxK`: devices `cuda:N/stage0` to `cuda:N/stageK-1`), GPUs optionally
+/// `@SIZE` (each stage's cap). A GPU's memory is its cap, else unknown here (0) until
+/// `with_gpu_memory` measures it.
 pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
     let info = |id: String, kind: &str, memory_bytes: u64| DeviceInfo {
         id,
@@ -36,54 +36,75 @@ pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {
             .collect()),
         DeviceSpec::Cuda {
             gpus,
-            stages_per_gpu: 1,
+            stages_per_gpu,
             cap_bytes,
-        } => Ok(gpus
-            .iter()
-            .map(|g| info(format!("cuda:{g}"), "cuda", cap_bytes.unwrap_or(0) as u64))
-            .collect()),
-        DeviceSpec::Cuda { .. } => Err(DeviceSpecError {
-            spec: spec.to_owned(),
-            reason: "the service runs one whole-model job on each GPU it names (`cuda:0,1`); \
-                     pipeline stages on GPUs run from the command line for now (`chronospipe \
-                     train --devices cuda:0x4`)"
-                .into(),
-        }),
+        } => {
+            let memory = cap_bytes.unwrap_or(0) as u64;
+            Ok(gpus
+                .iter()
+                .flat_map(|g| {
+                    (0..stages_per_gpu).map(move |s| match stages_per_gpu {
+                        1 => format!("cuda:{g}"),
+                        _ => format!("cuda:{g}/stage{s}"),
+                    })
+                })
+                .map(|id| info(id, "cuda", memory))
+                .collect())
+        }
     }
 }
 
-/// The GPU ordinal of a `cuda:N` device, `None` for other kinds.
+/// The GPU ordinal of a `cuda:N` device or a `cuda:N/stageS` stage, `None` for other kinds.
 pub fn gpu_ordinal(device: &DeviceInfo) -> Option<usize> {
-    match DeviceSpec::parse(&device.id).ok()? {
-        DeviceSpec::Cuda { gpus, .. } if device.kind == "cuda" => gpus.first().copied(),
+    if device.kind != "cuda" {
+        return None;
+    }
+    let gpu = device.id.split('/').next()?;
+    match DeviceSpec::parse(gpu).ok()? {
+        DeviceSpec::Cuda { gpus, .. } => gpus.first().copied(),
         _ => None,
     }
 }
 
-/// Fills in each GPU's memory: what a job may use of it (free memory less a reserve), or its
-/// cap, which must not be more. Opens every GPU, so a machine without a driver or without that
-/// GPU says so here, at start.
+/// Whether a device is one of several pipeline stages sharing a GPU (`cuda:N/stageS`).
+pub fn is_gpu_stage(device: &DeviceInfo) -> bool {
+    gpu_ordinal(device).is_some() && device.id.contains("/stage")
+}
+
+/// Fills in each GPU device's memory: what a job may use of it, its GPU's free memory less a
+/// reserve shared equally by the stages on it, or its cap, which must fit in that. Opens every
+/// GPU, so a machine without a driver or without that GPU says so here, at start.
 pub fn with_gpu_memory(devices: Vec<DeviceInfo>) -> Result<Vec<DeviceInfo>, RunError> {
+    let ordinals: Vec<Option<usize>> = devices.iter().map(gpu_ordinal).collect();
+    let mut free = std::collections::BTreeMap::new();
     devices
         .into_iter()
-        .map(|mut d| {
-            if let Some(ordinal) = gpu_ordinal(&d) {
-                let cap = d.memory_bytes;
-                d.memory_bytes = gpu_budget(ordinal, None)? as u64;
-                if cap > d.memory_bytes {
-                    return Err(RunError::Devices(DeviceSpecError {
-                        spec: format!("{}@{cap}", d.id),
-                        reason: format!(
-                            "the cap is more than the {} bytes this GPU has free (less a \
-                             reserve)",
-                            d.memory_bytes
-                        ),
-                    }));
+        .zip(&ordinals)
+        .map(|(mut d, ordinal)| {
+            let Some(ordinal) = *ordinal else {
+                return Ok(d);
+            };
+            let sharing = ordinals.iter().filter(|o| **o == Some(ordinal)).count() as u64;
+            let gpu_free = match free.get(&ordinal) {
+                Some(&f) => f,
+                None => {
+                    let f = gpu_budget(ordinal, None)? as u64;
+                    free.insert(ordinal, f);
+                    f
                 }
-                if cap > 0 {
-                    d.memory_bytes = cap;
-                }
+            };
+            let share = gpu_free / sharing;
+            let cap = d.memory_bytes;
+            if cap > share {
+                return Err(RunError::Devices(DeviceSpecError {
+                    spec: format!("{}@{cap}", d.id),
+                    reason: format!(
+                        "the cap is more than the {share} bytes this device gets of its GPU's \
+                         free memory (less a reserve, shared by {sharing} stage(s))"
+                    ),
+                }));
             }
+            d.memory_bytes = if cap > 0 { cap } else { share };
             Ok(d)
         })
         .collect()
@@ -131,7 +152,11 @@ mod tests {
         for bad in ["cpu", "cpu:0x1MiB", "cpu:2x1TB", "tpu:1", "cuda:a"] {
             assert!(parse_devices(bad).is_err(), "{bad}");
         }
-        let err = parse_devices("cuda:0x4").unwrap_err().to_string();
-        assert!(err.contains("one whole-model job on each GPU"), "{err}");
+        let stages = parse_devices("cuda:1x3@1GiB").unwrap();
+        let ids: Vec<&str> = stages.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["cuda:1/stage0", "cuda:1/stage1", "cuda:1/stage2"]);
+        assert!(stages.iter().all(|d| d.memory_bytes == 1 << 30));
+        assert_eq!(gpu_ordinal(&stages[2]), Some(1));
+        assert!(is_gpu_stage(&stages[2]) && !is_gpu_stage(&gpus[1]) && !is_gpu_stage(&d[0]));
     }
 }

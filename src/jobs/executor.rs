@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::devices::{DeviceInfo, gpu_ordinal};
+use super::devices::{DeviceInfo, gpu_ordinal, is_gpu_stage};
 use super::planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
 use super::runner::{
     EventLevel, JobRunner, RunControl, RunEnd, RunFailure, RunRequest, RunSink, StepMetrics,
@@ -21,20 +21,44 @@ use crate::plan::render;
 use crate::plan::search::Answer;
 use crate::spec::{InvalidSpec, JobSpec};
 
-/// Where a job runs on the service's devices: a pipeline over CPU pools, or the whole model
-/// on one GPU (the first given; the pipeline runtime does not run on GPUs yet).
+/// Where a job runs on the service's devices: a pipeline over CPU pools, the whole model on
+/// one GPU (the first given), or a pipeline over the stages sharing a GPU (`cuda:NxK`).
 enum Placement<'a> {
     Cpu(DeviceSet),
     Gpu {
         device: &'a DeviceInfo,
         ordinal: usize,
     },
+    GpuStages {
+        /// One pool per stage, of the memory the service gives it.
+        set: DeviceSet,
+        /// Each stage's GPU.
+        ordinals: Vec<usize>,
+    },
+}
+
+/// The devices as pools of the memory the service gives each.
+fn pools(devices: &[&DeviceInfo]) -> DeviceSet {
+    DeviceSet {
+        devices: devices
+            .iter()
+            .map(|d| Pool::new(d.id.clone(), d.memory_bytes as usize))
+            .collect(),
+        host: Pool::new("host", usize::MAX),
+    }
 }
 
 fn placement(devices: &[DeviceInfo]) -> Result<Placement<'_>, String> {
     let Some(first) = devices.first() else {
         return Err("no devices are configured".into());
     };
+    if is_gpu_stage(first) {
+        let stages: Vec<&DeviceInfo> = devices.iter().filter(|d| is_gpu_stage(d)).collect();
+        return Ok(Placement::GpuStages {
+            set: pools(&stages),
+            ordinals: stages.iter().filter_map(|d| gpu_ordinal(d)).collect(),
+        });
+    }
     if let Some(ordinal) = gpu_ordinal(first) {
         return Ok(Placement::Gpu {
             device: first,
@@ -47,13 +71,7 @@ fn placement(devices: &[DeviceInfo]) -> Result<Placement<'_>, String> {
             d.id, d.kind
         ));
     }
-    Ok(Placement::Cpu(DeviceSet {
-        devices: devices
-            .iter()
-            .map(|d| Pool::new(d.id.clone(), d.memory_bytes as usize))
-            .collect(),
-        host: Pool::new("host", usize::MAX),
-    }))
+    Ok(Placement::Cpu(pools(&devices.iter().collect::<Vec<_>>())))
 }
 
 /// Plans with `plan::search`: `cpu-f32` for CPU devices, `cuda-f32` for a GPU's measured
@@ -67,6 +85,9 @@ impl Planner for ExecPlanner {
         let answer = resolve_arch(spec)
             .and_then(|arch| match &placement {
                 Placement::Cpu(set) => plan_job(spec, &arch, set, ProfileName::CpuF32),
+                Placement::GpuStages { set, .. } => {
+                    plan_job(spec, &arch, set, ProfileName::CudaF32)
+                }
                 Placement::Gpu { device, .. } => {
                     plan_on_gpu(spec, &arch, &device.id, device.memory_bytes as usize)
                 }
@@ -135,7 +156,8 @@ fn outcome(answer: &Answer) -> PlanOutcome {
     }
 }
 
-/// Trains with `exec::run`: a pipeline on CPU devices, or the whole model on one GPU.
+/// Trains with `exec::run`: a pipeline on CPU devices or on stages sharing a GPU, or the
+/// whole model on one GPU.
 pub struct ExecRunner;
 
 impl JobRunner for ExecRunner {
@@ -153,6 +175,10 @@ impl JobRunner for ExecRunner {
             // Within the memory the job was planned for (measured, or capped, at start).
             Placement::Gpu { device, ordinal } => {
                 Run::prepare_on_gpu(spec, ordinal, Some(device.memory_bytes as usize))
+            }
+            Placement::GpuStages { set, ordinals } => {
+                let each = set.devices.iter().map(|p| p.budget()).min();
+                Run::prepare_on_gpu_stages(spec, &ordinals, each)
             }
         }
         .map_err(failure)?;
@@ -289,6 +315,34 @@ mod tests {
             }) => assert!(smallest_memory_bytes > 1 << 16),
             other => panic!("64 KiB GPU: {other:?}"),
         }
+    }
+
+    /// Stages sharing a GPU (`serve --devices cuda:0x4`) are a pipeline planned with the
+    /// CUDA layout, each stage within the memory the service gives it.
+    #[test]
+    fn stages_sharing_a_gpu_are_planned_as_a_pipeline() {
+        let planner = ExecPlanner;
+        let stages: Vec<DeviceInfo> = (0..4)
+            .map(|s| gpu(&format!("cuda:0/stage{s}"), 2 << 30))
+            .collect();
+        let one_f_one_b = spec(r#"{"schedule": "1f1b"}"#);
+        let out = planner.plan(&one_f_one_b, &stages).unwrap();
+        assert_eq!((out.summary.stages, out.summary.devices), (4, 4));
+        assert_eq!(out.summary.schedule, "1f1b");
+        let Ok(Placement::GpuStages { set, ordinals }) = placement(&stages) else {
+            panic!("stages of one GPU");
+        };
+        assert_eq!(ordinals, [0, 0, 0, 0]);
+        assert_eq!(set.devices[3].name(), "cuda:0/stage3");
+        // The same pipeline on four CPU devices is planned with its own (different) peaks.
+        let cpus: Vec<DeviceInfo> = (0..4)
+            .map(|i| DeviceInfo {
+                kind: "cpu".into(),
+                ..gpu(&format!("cpu:{i}"), 2 << 30)
+            })
+            .collect();
+        let on_cpu = planner.plan(&one_f_one_b, &cpus).unwrap();
+        assert_ne!(out.summary.peak_bytes, on_cpu.summary.peak_bytes);
     }
 
     #[test]

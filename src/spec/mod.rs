@@ -27,8 +27,9 @@ pub struct JobSpec {
     #[serde(default)]
     pub parallelism: ParallelismSpec,
     /// Device set: `cpu:NxSIZE` (e.g. `cpu:4x256MiB`), one of the service's GPUs (`cuda`,
-    /// `cuda:N`), which holds the whole model, or (`chronospipe train` only) pipeline stages on
-    /// GPUs (`cuda:0x4`: four sharing GPU 0; `cuda:0,1`); omitted means the service's devices.
+    /// `cuda:N`), which holds the whole model, or pipeline stages on GPUs (`cuda:0x4`: four
+    /// sharing GPU 0, which a service started with them has; `cuda:0,1` from `chronospipe
+    /// train`); omitted means the service's devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<String>,
 }
