@@ -7,7 +7,10 @@
 //!
 //! Memory is counted at program points: a send gives the sender's bytes back, a receive takes
 //! the receiver's, an offload gives them back and a prefetch takes them when the action runs.
-//! On CPU devices the host pool is the same memory, so a move is bookkeeping and never stalls.
+//!
+//! The runtime is generic over an [`Engine`], the kind of device: [`CpuEngine`] (the host
+//! pool is the same memory, so a move is bookkeeping and never stalls) or the CUDA backend's
+//! `GpuEngine` (stages on GPUs).
 
 mod chunk;
 pub mod engine;
