@@ -285,3 +285,52 @@ pub fn peak_check(name: String, measured: &[usize], predicted: &[u64]) -> Check 
         tolerance: 0.05,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::backend::cuda::selftest::llama_125m;
+
+    /// The plans `selftest --gpu` squeezes (the stage checks' model on 2 and 4 stages, the
+    /// table's 125M model on 4) fit their budgets only by recomputing or offloading, and the
+    /// planner's peaks are the ones `predicted_peaks` checks the GPU against.
+    #[test]
+    fn squeezed_chronos_plans_recompute_or_offload_to_fit() {
+        let small = LlamaConfig {
+            dims: ModelDims {
+                hidden: 128,
+                layers: 8,
+                heads: 4,
+                kv_heads: 2,
+                ffn: 256,
+                vocab: 512,
+            },
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+        };
+        let cases = [
+            (small, MicroShape { batch: 2, seq: 64 }, 8, 2),
+            (small, MicroShape { batch: 2, seq: 64 }, 8, 4),
+            (
+                llama_125m(),
+                MicroShape {
+                    batch: 8,
+                    seq: 1024,
+                },
+                8,
+                4,
+            ),
+        ];
+        for (config, micro, microbatches, stages) in cases {
+            let a = squeezed_chronos(&config, micro, microbatches, stages, 0.7).unwrap();
+            let moved = count(&a.plan, |a| {
+                matches!(a, Action::Recompute { .. } | Action::Offload(_))
+            });
+            assert!(moved > 0, "{stages} stages: {}", plan_summary(&a.plan));
+            let peaks = predicted_peaks(&a.plan, &config, micro).unwrap();
+            let planned: Vec<u64> = a.sim.devices.iter().map(|d| d.peak_bytes).collect();
+            assert_eq!(peaks, planned);
+            assert!(peaks.iter().all(|&p| p <= a.budget_bytes), "{peaks:?}");
+        }
+    }
+}
