@@ -139,6 +139,13 @@ impl PartParams {
         }
     }
 
+    /// Overwrites the weights with `from`'s (a part of the same layout).
+    pub fn copy_weights_from(&mut self, from: &PartParams) {
+        for (dst, src) in self.weights.iter_mut().zip(&from.weights) {
+            dst.data_mut().copy_from_slice(src.data());
+        }
+    }
+
     pub fn zero_grads(&mut self) {
         self.grads.iter_mut().for_each(Tensor::fill_zero);
     }

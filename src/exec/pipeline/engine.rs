@@ -380,9 +380,7 @@ impl Engine for CpuEngine {
     }
 
     fn load_part(&self, _device: u32, part: &mut PartParams, from: &PartParams) -> Result<()> {
-        for (dst, src) in part.weights.iter_mut().zip(&from.weights) {
-            dst.data_mut().copy_from_slice(src.data());
-        }
+        part.copy_weights_from(from);
         Ok(())
     }
 

@@ -265,9 +265,7 @@ impl<E: Engine> Pipeline<E> {
             for p in &chunk.parts {
                 let lent = self.engine.host_part(device, p, host, &self.config)?;
                 let mut copy = PartParams::allocate(host, &self.config, lent.id)?;
-                for (dst, src) in copy.weights.iter_mut().zip(&lent.weights) {
-                    dst.data_mut().copy_from_slice(src.data());
-                }
+                copy.copy_weights_from(&lent);
                 parts.push(copy);
             }
             let mut states = {

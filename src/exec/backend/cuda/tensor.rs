@@ -253,9 +253,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         range: std::ops::Range<usize>,
         src: &[T],
     ) -> Result<(), CudaError> {
-        if let Some(e) = &self.ready {
-            e.wait_on(&gpu.stream)?;
-        }
+        self.await_ready(gpu)?;
         match &mut self.storage {
             Storage::Device(buf) => gpu.stream.memcpy_htod(src, &mut buf.slice_mut(range))?,
             Storage::Host(data) => data[range].copy_from_slice(src),
@@ -270,9 +268,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         gpu: &Gpu,
         range: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
-        if let Some(e) = &self.ready {
-            e.wait_on(&gpu.stream)?;
-        }
+        self.await_ready(gpu)?;
         match &mut self.storage {
             Storage::Device(buf) => gpu.stream.memset_zeros(&mut buf.slice_mut(range))?,
             Storage::Host(data) => data[range].fill(T::default()),

@@ -193,10 +193,9 @@ pub fn plan_summary(plan: &Plan) -> String {
     )
 }
 
-/// Every schedule on 2 and 4 stages of GPU `ordinal`, and squeezed chronos plans, against the
-/// whole-model trainer (weights after three steps) and the planner (peaks per stage).
-pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result<Vec<Check>> {
-    let config = LlamaConfig {
+/// The model of the stage checks: small, with 8 layers so chronos fills 4 stages.
+fn stage_model() -> LlamaConfig {
+    LlamaConfig {
         dims: ModelDims {
             hidden: 128,
             layers: 8,
@@ -207,9 +206,16 @@ pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result
         },
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
-    };
-    let micro = MicroShape { batch: 2, seq: 64 };
-    let microbatches = 8;
+    }
+}
+
+const STAGE_MICRO: MicroShape = MicroShape { batch: 2, seq: 64 };
+const STAGE_MICROBATCHES: usize = 8;
+
+/// Every schedule on 2 and 4 stages of GPU `ordinal`, and squeezed chronos plans, against the
+/// whole-model trainer (weights after three steps) and the planner (peaks per stage).
+pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result<Vec<Check>> {
+    let (config, micro, microbatches) = (stage_model(), STAGE_MICRO, STAGE_MICROBATCHES);
     let steps = 3;
     let batches = random_batches(&config, micro, microbatches);
     let reference = whole_model_weights(ordinal, precision, config, &batches, steps)?;
@@ -296,21 +302,9 @@ mod tests {
     /// planner's peaks are the ones `predicted_peaks` checks the GPU against.
     #[test]
     fn squeezed_chronos_plans_recompute_or_offload_to_fit() {
-        let small = LlamaConfig {
-            dims: ModelDims {
-                hidden: 128,
-                layers: 8,
-                heads: 4,
-                kv_heads: 2,
-                ffn: 256,
-                vocab: 512,
-            },
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-        };
         let cases = [
-            (small, MicroShape { batch: 2, seq: 64 }, 8, 2),
-            (small, MicroShape { batch: 2, seq: 64 }, 8, 4),
+            (stage_model(), STAGE_MICRO, STAGE_MICROBATCHES, 2),
+            (stage_model(), STAGE_MICRO, STAGE_MICROBATCHES, 4),
             (
                 llama_125m(),
                 MicroShape {
