@@ -2,6 +2,26 @@
 // program with this header first, so nothing here may be defined twice.
 
 #define CP_WARP 32
+
+// Activations are stored as act_t: float, or bf16 when compiled with -DCP_ACT_BF16 (kept as
+// its 16 bits, so no header is needed). Kernels load them with cp_ld, compute in float and
+// store with cp_st. Weights, gradients of weights, optimizer state and per-row statistics
+// (1/rms, log-sum-exp, losses) are float in both builds.
+#ifdef CP_ACT_BF16
+typedef unsigned short act_t;
+__device__ __forceinline__ float cp_ld(act_t v) { return __uint_as_float(((unsigned int)v) << 16); }
+// Round to nearest even; NaN stays a (quiet) NaN.
+__device__ __forceinline__ act_t cp_st(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (act_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (act_t)(u >> 16);
+}
+#else
+typedef float act_t;
+__device__ __forceinline__ float cp_ld(act_t v) { return v; }
+__device__ __forceinline__ act_t cp_st(float f) { return f; }
+#endif
 // NVRTC has no <math.h>; this is the float infinity the kernels need.
 #define CP_INF __int_as_float(0x7f800000)
 

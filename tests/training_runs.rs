@@ -232,6 +232,16 @@ fn cuda_runs_refuse_what_one_gpu_cannot_do_and_say_what_is_missing() {
     let err = Run::prepare(gpipe, "cpu:1x64MiB").err().expect("refused");
     assert!(err.to_string().contains("parallelism.schedule"), "{err}");
 
+    // bf16 activations are a CUDA backend's: refused on CPU devices, by field.
+    let mut bf16 = job(&data, 1, "1f1b", "none", "none");
+    bf16.training.precision = chronospipe::spec::PrecisionSpec::Bf16;
+    let err = Run::prepare(bf16, "cpu:1x64MiB").err().expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("training.precision") && msg.contains("CUDA devices only"),
+        "{msg}"
+    );
+
     let libs = chronospipe::exec::backend::cuda::libs::Libraries::probe();
     if !libs.driver {
         // One GPU holding the whole model, and pipeline stages on GPUs, alike.

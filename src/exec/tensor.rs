@@ -3,8 +3,8 @@
 use crate::exec::device::{DeviceError, MemGroup, PoolRef};
 use crate::plan::inventory::{DType, TensorSpec};
 
-/// An element type a tensor may hold.
-pub trait Element: Copy + Default + Send + Sync + 'static {
+/// An element type a tensor may hold (plain bytes, so device buffers can hold any of them).
+pub trait Element: bytemuck::Pod + Default + Send + Sync + 'static {
     const DTYPE: DType;
 }
 
@@ -14,6 +14,10 @@ impl Element for f32 {
 
 impl Element for i32 {
     const DTYPE: DType = DType::I32;
+}
+
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::Bf16;
 }
 
 /// Returns the bytes to the pool when the tensor goes away. Device buffers of other backends

@@ -13,10 +13,9 @@ use super::runner::{
 };
 use crate::exec::device::{DeviceSet, Pool};
 use crate::exec::run::{
-    Observer, Outcome, Run, RunError, Stop, drive, plan_job, plan_on_gpu, resolve_arch,
+    DeviceKind, Observer, Outcome, Run, RunError, Stop, drive, plan_job, plan_on_gpu, resolve_arch,
 };
 use crate::plan::PlanError;
-use crate::plan::presets::ProfileName;
 use crate::plan::render;
 use crate::plan::search::Answer;
 use crate::spec::{InvalidSpec, JobSpec};
@@ -74,8 +73,8 @@ fn placement(devices: &[DeviceInfo]) -> Result<Placement<'_>, String> {
     Ok(Placement::Cpu(pools(&devices.iter().collect::<Vec<_>>())))
 }
 
-/// Plans with `plan::search`: `cpu-f32` for CPU devices, `cuda-f32` for a GPU's measured
-/// memory.
+/// Plans with `plan::search`: `cpu-f32` for CPU devices, `cuda-f32` (or `cuda-bf16` for
+/// bf16 jobs) for a GPU's measured memory.
 pub struct ExecPlanner;
 
 impl Planner for ExecPlanner {
@@ -84,10 +83,8 @@ impl Planner for ExecPlanner {
         let placement = placement(devices).map_err(PlanFailure::Unavailable)?;
         let answer = resolve_arch(spec)
             .and_then(|arch| match &placement {
-                Placement::Cpu(set) => plan_job(spec, &arch, set, ProfileName::CpuF32),
-                Placement::GpuStages { set, .. } => {
-                    plan_job(spec, &arch, set, ProfileName::CudaF32)
-                }
+                Placement::Cpu(set) => plan_job(spec, &arch, set, DeviceKind::Cpu),
+                Placement::GpuStages { set, .. } => plan_job(spec, &arch, set, DeviceKind::Cuda),
                 Placement::Gpu { device, .. } => {
                     plan_on_gpu(spec, &arch, &device.id, device.memory_bytes as usize)
                 }
@@ -343,6 +340,44 @@ mod tests {
             .collect();
         let on_cpu = planner.plan(&one_f_one_b, &cpus).unwrap();
         assert_ne!(out.summary.peak_bytes, on_cpu.summary.peak_bytes);
+    }
+
+    /// `training.precision: bf16` plans GPU stages with the `cuda-bf16` layout (smaller
+    /// peaks than f32) and is refused on CPU devices, by field.
+    #[test]
+    fn bf16_jobs_plan_smaller_on_gpus_and_are_refused_on_cpus() {
+        let planner = ExecPlanner;
+        let bf16 = |s: JobSpec| {
+            let mut s = s;
+            s.training.precision = crate::spec::PrecisionSpec::Bf16;
+            s
+        };
+        let one_f_one_b = spec(r#"{"schedule": "1f1b"}"#);
+        let stages: Vec<DeviceInfo> = (0..2)
+            .map(|s| gpu(&format!("cuda:0/stage{s}"), 2 << 30))
+            .collect();
+        let f32_plan = planner.plan(&one_f_one_b, &stages).unwrap();
+        let bf16_plan = planner.plan(&bf16(one_f_one_b.clone()), &stages).unwrap();
+        let (b, f) = (&bf16_plan.summary.peak_bytes, &f32_plan.summary.peak_bytes);
+        assert_eq!(b.len(), f.len());
+        assert!(
+            b.iter().zip(f).all(|(b, f)| b < f),
+            "bf16 {b:?} vs f32 {f:?}"
+        );
+        let whole = planner.plan(&bf16(spec("{}")), &[gpu("cuda:0", 8 << 30)]);
+        assert!(whole.is_ok(), "{whole:?}");
+
+        let cpu = DeviceInfo {
+            kind: "cpu".into(),
+            ..gpu("cpu:0", 1 << 30)
+        };
+        match planner.plan(&bf16(one_f_one_b), &[cpu]) {
+            Err(PlanFailure::Invalid(e)) => {
+                assert_eq!(e.first().param, "training.precision");
+                assert!(e.first().message.contains("CUDA"), "{}", e.first().message);
+            }
+            other => panic!("bf16 on a CPU device: {other:?}"),
+        }
     }
 
     #[test]

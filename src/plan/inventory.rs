@@ -22,6 +22,8 @@ pub enum DType {
     Bf16,
     /// Token ids and targets.
     I32,
+    /// The CUDA backend's gradient-norm accumulator (never in an inventory).
+    F64,
 }
 
 impl DType {
@@ -29,6 +31,7 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::Bf16 => 2,
+            DType::F64 => 8,
         }
     }
 }
@@ -138,6 +141,11 @@ pub enum Profile {
     /// Exactly what the CUDA backend allocates: `cpu-f32`'s tensors, plus the attention
     /// scores of one sequence as scratch and the head's larger logits blocks.
     CudaF32,
+    /// What the CUDA backend allocates with bf16 activations: `cuda-f32`'s tensors with
+    /// activations in bf16 (per-row statistics, losses and token ids keep their types), plus
+    /// bf16 copies of a part's projection weights as scratch of its forward and backward.
+    /// Weights, gradients and optimizer state stay f32.
+    CudaBf16,
     /// Paper-scale planning: bf16 activations, tensor parallel degree `tensor_parallel` with
     /// sequence parallelism, mixed-precision state of 18 bytes per parameter. The tensors and
     /// their formulas are in `plan::megatron`; shapes are per device (one tensor-parallel rank).
@@ -151,7 +159,7 @@ impl Profile {
     pub fn state_bytes(self) -> StateBytes {
         match self {
             // f32 weight, f32 grad, AdamW m and v in f32.
-            Profile::CpuF32 | Profile::CudaF32 => StateBytes {
+            Profile::CpuF32 | Profile::CudaF32 | Profile::CudaBf16 => StateBytes {
                 weight: 4,
                 grad: 4,
                 optimizer: 8,
@@ -163,7 +171,7 @@ impl Profile {
     /// Ranks one tensor-parallel group spans (1 for the CPU profile).
     pub fn tensor_parallel(self) -> usize {
         match self {
-            Profile::CpuF32 | Profile::CudaF32 => 1,
+            Profile::CpuF32 | Profile::CudaF32 | Profile::CudaBf16 => 1,
             Profile::MegatronBf16 {
                 tensor_parallel, ..
             } => tensor_parallel,
@@ -174,6 +182,7 @@ impl Profile {
         match self {
             Profile::CpuF32 => cpu_f32(dims, micro, part),
             Profile::CudaF32 => cuda_f32(dims, micro, part),
+            Profile::CudaBf16 => cuda_bf16(dims, micro, part),
             Profile::MegatronBf16 {
                 tensor_parallel,
                 flash_attention,
@@ -305,4 +314,110 @@ fn cuda_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
         }
     }
     inv
+}
+
+/// Tensors that stay f32 when the CUDA backend stores activations in bf16: per-row
+/// statistics and per-token losses (besides parameters).
+const CUDA_BF16_KEEPS_F32: [&str; 6] = [
+    "attn_norm_rstd",
+    "mlp_norm_rstd",
+    "final_norm_rstd",
+    "attn_lse",
+    "attn_delta",
+    "token_loss",
+];
+
+/// The CUDA backend's tensors with bf16 activations: `cuda-f32` with every f32 activation in
+/// bf16 except [`CUDA_BF16_KEEPS_F32`], and `weights_bf16` (the part's projection weights,
+/// rounded for the products) in the forward and backward scratch of a layer and the head.
+fn cuda_bf16(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
+    let mut inv = cuda_f32(d, m, part);
+    let lists = [
+        &mut inv.stash,
+        &mut inv.forward_scratch,
+        &mut inv.backward_scratch,
+    ];
+    for t in lists.into_iter().flatten().chain(inv.output.as_mut()) {
+        if t.dtype == DType::F32 && !CUDA_BF16_KEEPS_F32.contains(&t.name) {
+            t.dtype = DType::Bf16;
+        }
+    }
+    let projections: usize = (inv.params.iter())
+        .filter(|t| t.shape.len() == 2)
+        .map(TensorSpec::elements)
+        .sum();
+    if part != Part::Embedding {
+        let copies = TensorSpec::new("weights_bf16", &[projections], DType::Bf16);
+        inv.forward_scratch.push(copies.clone());
+        inv.backward_scratch.push(copies);
+    }
+    inv
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIMS: ModelDims = ModelDims {
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 176,
+        vocab: 256,
+    };
+    const MICRO: MicroShape = MicroShape { batch: 2, seq: 32 };
+
+    fn lists(inv: &PartInventory) -> [&Vec<TensorSpec>; 3] {
+        [&inv.stash, &inv.forward_scratch, &inv.backward_scratch]
+    }
+
+    /// `cuda-bf16` is `cuda-f32` tensor for tensor with activations in bf16 (statistics,
+    /// losses and token ids keep their types), plus the projections' bf16 copies in a layer's
+    /// and the head's forward and backward scratch.
+    #[test]
+    fn cuda_bf16_is_cuda_f32_with_bf16_activations_and_weight_copies() {
+        for part in [Part::Embedding, Part::Layer, Part::Head] {
+            let f32_inv = Profile::CudaF32.part(&DIMS, MICRO, part);
+            let bf16_inv = Profile::CudaBf16.part(&DIMS, MICRO, part);
+            assert_eq!(bf16_inv.params, f32_inv.params, "{part:?}");
+            let projections: usize = (f32_inv.params.iter())
+                .filter(|t| t.shape.len() == 2)
+                .map(TensorSpec::elements)
+                .sum();
+            // Stash, forward scratch, backward scratch: the copies are scratch of a layer
+            // and the head.
+            let lists_of = |inv| lists(inv).into_iter().enumerate();
+            for ((i, f), (_, b)) in lists_of(&f32_inv).zip(lists_of(&bf16_inv)) {
+                let copies: Vec<&TensorSpec> =
+                    b.iter().filter(|t| t.name == "weights_bf16").collect();
+                let rest: Vec<&TensorSpec> =
+                    b.iter().filter(|t| t.name != "weights_bf16").collect();
+                assert_eq!(rest.len(), f.len(), "{part:?}");
+                for (ft, bt) in f.iter().zip(rest) {
+                    assert_eq!((ft.name, &ft.shape), (bt.name, &bt.shape));
+                    let want = match ft.dtype {
+                        DType::F32 if !CUDA_BF16_KEEPS_F32.contains(&ft.name) => DType::Bf16,
+                        kept => kept,
+                    };
+                    assert_eq!(bt.dtype, want, "{part:?} {}", ft.name);
+                }
+                let want: Vec<(usize, DType)> = if i > 0 && part != Part::Embedding {
+                    vec![(projections, DType::Bf16)]
+                } else {
+                    vec![]
+                };
+                let got: Vec<(usize, DType)> =
+                    copies.iter().map(|c| (c.elements(), c.dtype)).collect();
+                assert_eq!(got, want, "{part:?} list {i}");
+            }
+            let output = |inv: &PartInventory| inv.output.as_ref().map(|t| t.dtype);
+            let want = output(&f32_inv).map(|_| DType::Bf16);
+            assert_eq!(output(&bf16_inv), want, "{part:?}");
+        }
+        // A layer keeps a little over half the bytes: statistics stay f32.
+        let stash = |p: Profile| total_bytes(&p.part(&DIMS, MICRO, Part::Layer).stash) as f64;
+        let ratio = stash(Profile::CudaBf16) / stash(Profile::CudaF32);
+        assert!((0.5..0.52).contains(&ratio), "{ratio}");
+    }
 }

@@ -25,6 +25,8 @@ pub enum ProfileName {
     CpuF32,
     /// What the CUDA backend allocates (`exec::backend::cuda`), f32 storage.
     CudaF32,
+    /// What the CUDA backend allocates with bf16 activations.
+    CudaBf16,
     MegatronBf16,
 }
 
@@ -75,11 +77,11 @@ impl Cluster {
                 ),
             ));
         }
-        let single_rank = matches!(self.profile, ProfileName::CpuF32 | ProfileName::CudaF32);
+        let single_rank = self.profile != ProfileName::MegatronBf16;
         if single_rank && self.tensor_parallel != 1 {
             return Err(PlanError::invalid(
                 "cluster.tensor_parallel",
-                "the cpu-f32 and cuda-f32 profiles have no tensor parallelism; use 1",
+                "the cpu-f32, cuda-f32 and cuda-bf16 profiles have no tensor parallelism; use 1",
             ));
         }
         if !(0.0..1.0).contains(&self.reserve_fraction) {
@@ -145,19 +147,21 @@ impl Cluster {
     }
 
     /// `stages` pipeline stages of `memory_bytes` each on Hopper-class GPUs, as the CUDA
-    /// engine runs them: pools count every byte the backend allocates (`cuda-f32`), so nothing
-    /// is reserved here (the run leaves its own reserve out of the budget); TF32 products at
-    /// the ~20% of peak measured for the 125M model. The engine's sends between stages on one
+    /// engine runs them with `profile`'s layout (`cuda-f32` or `cuda-bf16`): pools count every
+    /// byte the backend allocates, so nothing is reserved here (the run leaves its own reserve
+    /// out of the budget); products at ~20% of the dense TF32 or bf16 peak (measured for TF32
+    /// with the 125M model). The engine's sends between stages on one
     /// GPU hand the buffer over, and its pools count an offload's bytes as given back (and a
     /// prefetch's as taken) at the action, so transfers here are instant and the predicted
     /// peaks are the pools' to the byte. (The copies run on a copy stream; an offloaded
     /// buffer's device memory is freed when its copy ends, which the GPU's reserve absorbs.)
-    pub fn cuda(stages: u32, memory_bytes: u64) -> Cluster {
+    pub fn cuda(stages: u32, memory_bytes: u64, profile: ProfileName) -> Cluster {
+        let bf16 = profile == ProfileName::CudaBf16;
         Cluster {
             name: format!("cuda-{stages}x{memory_bytes}"),
-            profile: ProfileName::CudaF32,
+            profile,
             host_memory_bytes: 64 * GIB,
-            peak_flops: 494.7e12,
+            peak_flops: if bf16 { 989.4e12 } else { 494.7e12 },
             efficiency: 0.2,
             hbm_bytes_per_s: 3.35e12,
             ..Cluster::cpu(stages, memory_bytes)
@@ -173,6 +177,7 @@ impl Cluster {
         match self.profile {
             ProfileName::CpuF32 => Profile::CpuF32,
             ProfileName::CudaF32 => Profile::CudaF32,
+            ProfileName::CudaBf16 => Profile::CudaBf16,
             ProfileName::MegatronBf16 => Profile::MegatronBf16 {
                 tensor_parallel: self.tensor_parallel as usize,
                 flash_attention: self.flash_attention,

@@ -11,7 +11,7 @@ mod validate;
 
 pub use model::{Architecture, ModelArch, ModelInit, ModelSpec};
 pub use parallelism::{OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages};
-pub use training::{DataSpec, LrDecay, OptimizerSpec, TrainingSpec};
+pub use training::{DataSpec, LrDecay, OptimizerSpec, PrecisionSpec, TrainingSpec};
 pub use validate::{InvalidSpec, SpecError};
 
 use serde::{Deserialize, Serialize};

@@ -70,6 +70,23 @@ fn minimal_body_takes_defaults() {
         spec.training.optimizer,
         OptimizerSpec::Adamw { .. }
     ));
+    assert_eq!(spec.training.precision, PrecisionSpec::F32);
+}
+
+#[test]
+fn precision_is_f32_or_bf16() {
+    let with = |p: &str| {
+        EXAMPLE.replace(
+            r#""checkpoint_every": 50"#,
+            &format!(r#""checkpoint_every": 50, "precision": {p}"#),
+        )
+    };
+    let spec = JobSpec::from_json(&with(r#""bf16""#)).unwrap();
+    assert_eq!(spec.training.precision, PrecisionSpec::Bf16);
+    let err = JobSpec::from_json(&with(r#""fp16""#))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fp16") && err.contains("bf16"), "{err}");
 }
 
 #[test]

@@ -115,6 +115,21 @@ pub struct TrainingSpec {
     /// Save a checkpoint every this many steps (the final one is always saved).
     #[serde(default)]
     pub checkpoint_every: Option<u64>,
+    #[serde(default)]
+    pub precision: PrecisionSpec,
+}
+
+/// How activations are stored and matrix products computed. Weights, gradients and optimizer
+/// state are f32 either way, and so are checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PrecisionSpec {
+    /// f32 activations; on CUDA devices the matrix products run on tensor cores in TF32.
+    #[default]
+    F32,
+    /// bf16 activations and matrix products (f32 accumulation): half the activation memory.
+    /// CUDA devices only.
+    Bf16,
 }
 
 fn default_grad_clip() -> Option<f64> {

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 pub use error::RunError;
 use placement::Placement;
-pub use setup::{gpu_budget, plan_job, plan_on_gpu, resolve_arch};
+pub use setup::{DeviceKind, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch};
 
 use crate::data::Batcher;
 use crate::exec::checkpoint::model_files::{load_weights, save_model};

@@ -20,8 +20,8 @@ use crate::plan::presets::{Cluster, ProfileName};
 use crate::plan::schedule::ScheduleKind;
 use crate::plan::search::{Answer, Request, search};
 use crate::spec::{
-    JobSpec, ModelArch, ModelInit, OffloadChoice, RecomputeChoice, ScheduleChoice, SpecError,
-    Stages,
+    JobSpec, ModelArch, ModelInit, OffloadChoice, PrecisionSpec, RecomputeChoice, ScheduleChoice,
+    SpecError, Stages,
 };
 
 use super::{Placement, Run, RunError};
@@ -55,15 +55,51 @@ pub fn resolve_arch(spec: &JobSpec) -> Result<ModelArch, RunError> {
     }
 }
 
+/// What a run's devices are. With the spec's precision it decides the memory layout the
+/// planner counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    /// The backend's memory layout for `precision` on these devices; bf16 on CPU devices is
+    /// refused by field.
+    pub fn profile(self, precision: PrecisionSpec) -> Result<ProfileName, RunError> {
+        Ok(match (self, precision) {
+            (DeviceKind::Cpu, PrecisionSpec::F32) => ProfileName::CpuF32,
+            (DeviceKind::Cpu, PrecisionSpec::Bf16) => {
+                return Err(RunError::Spec(vec![SpecError::new(
+                    "training.precision",
+                    "bf16 runs on CUDA devices only and these are CPU devices; use f32, or \
+                     CUDA devices such as `cuda` or `cuda:0x4`",
+                )]));
+            }
+            (DeviceKind::Cuda, PrecisionSpec::F32) => ProfileName::CudaF32,
+            (DeviceKind::Cuda, PrecisionSpec::Bf16) => ProfileName::CudaBf16,
+        })
+    }
+}
+
+/// The CUDA backend's precision for the spec's: f32 activations with TF32 products, or bf16.
+pub fn gpu_precision(precision: PrecisionSpec) -> Precision {
+    match precision {
+        PrecisionSpec::F32 => Precision::Tf32,
+        PrecisionSpec::Bf16 => Precision::Bf16,
+    }
+}
+
 /// The fastest plan for `spec` on the first `stages` of `devices` (all of them when the
 /// spec says `auto`) whose predicted peak fits each device's budget, with the memory layout
-/// of the backend that will run it (`profile`).
+/// of the backend that will run it (`kind`, at the spec's precision).
 pub fn plan_job(
     spec: &JobSpec,
     arch: &ModelArch,
     devices: &DeviceSet,
-    profile: ProfileName,
+    kind: DeviceKind,
 ) -> Result<Answer, RunError> {
+    let profile = kind.profile(spec.training.precision)?;
     let available = devices.devices.len();
     let stages = spec.parallelism.stages.count().unwrap_or(available);
     if stages > available {
@@ -103,12 +139,9 @@ pub fn plan_job(
             OffloadChoice::Chronos => Offload::Chronos,
         },
     };
-    let cluster = match profile {
-        ProfileName::CudaF32 => Cluster::cuda(stages as u32, budget),
-        _ => Cluster {
-            profile,
-            ..Cluster::cpu(stages as u32, budget)
-        },
+    let cluster = match kind {
+        DeviceKind::Cuda => Cluster::cuda(stages as u32, budget, profile),
+        DeviceKind::Cpu => Cluster::cpu(stages as u32, budget),
     };
     Ok(search(&request, &cluster)?)
 }
@@ -126,7 +159,7 @@ pub fn gpu_budget(ordinal: usize, cap: Option<usize>) -> Result<usize, RunError>
 }
 
 /// Plans a whole-model run on one GPU named `name` with `budget` bytes: one stage, laid out
-/// as the CUDA backend allocates (`cuda-f32`).
+/// as the CUDA backend allocates at the spec's precision.
 pub fn plan_on_gpu(
     spec: &JobSpec,
     arch: &ModelArch,
@@ -137,7 +170,7 @@ pub fn plan_on_gpu(
         devices: vec![Pool::new(name, budget)],
         host: Pool::new("host", usize::MAX),
     };
-    plan_job(&one_stage(spec)?, arch, &devices, ProfileName::CudaF32)
+    plan_job(&one_stage(spec)?, arch, &devices, DeviceKind::Cuda)
 }
 
 /// A GPU run is one stage running each micro-batch's forward then its backward, without
@@ -228,16 +261,16 @@ impl Run {
         let engine = CpuEngine {
             backend: Box::new(CpuBackend::default()),
         };
-        Run::on_pipeline(spec, &arch, devices, ProfileName::CpuF32, engine)
+        Run::on_pipeline(spec, &arch, devices, DeviceKind::Cpu, engine)
     }
 
-    /// Plans a validated `spec` for `devices` with `profile`'s memory layout, loads its data
-    /// and places the model on the pipeline runtime over `engine`.
+    /// Plans a validated `spec` for `devices` of `kind`, loads its data and places the model
+    /// on the pipeline runtime over `engine`.
     fn on_pipeline<E>(
         spec: JobSpec,
         arch: &ModelArch,
         mut devices: DeviceSet,
-        profile: ProfileName,
+        kind: DeviceKind,
         engine: E,
     ) -> Result<Run, RunError>
     where
@@ -245,7 +278,7 @@ impl Run {
         E::Part: Send,
     {
         let config = LlamaConfig::from_arch(arch)?;
-        let answer = plan_job(&spec, arch, &devices, profile)?;
+        let answer = plan_job(&spec, arch, &devices, kind)?;
         devices.devices.truncate(answer.plan.devices());
         let batcher = load_data(&spec, arch)?;
         let parts = initial_parts(&spec, &config, &devices.host)?;
@@ -268,9 +301,9 @@ impl Run {
         })
     }
 
-    /// The whole model on GPU `ordinal`, products in TF32 (f32 storage), planned with the
-    /// CUDA backend's memory layout (`cuda-f32`) against the GPU's free memory less a reserve,
-    /// at most `cap` bytes.
+    /// The whole model on GPU `ordinal` at the spec's precision, planned with the CUDA
+    /// backend's memory layout against the GPU's free memory less a reserve, at most `cap`
+    /// bytes.
     pub fn prepare_on_gpu(
         spec: JobSpec,
         ordinal: usize,
@@ -281,7 +314,7 @@ impl Run {
         let config = LlamaConfig::from_arch(&arch)?;
         one_stage(&spec)?; // refused by field before the GPU is opened
         let batcher = load_data(&spec, &arch)?;
-        let gpu = Gpu::open(ordinal, Precision::Tf32)?;
+        let gpu = Gpu::open(ordinal, gpu_precision(spec.training.precision))?;
         let pool = gpu.pool(cap, GPU_RESERVE)?;
         let answer = plan_on_gpu(&spec, &arch, pool.name(), pool.budget())?;
         let host = Pool::new("host", usize::MAX);
@@ -309,7 +342,7 @@ impl Run {
 
     /// The pipeline runtime on GPU stages: stage `i` on GPU `stage_gpus[i]` with its own pool
     /// of `cap` bytes, or an equal share of what its GPU has free less a reserve. Planned
-    /// with the CUDA backend's memory layout (`cuda-f32`), products in TF32.
+    /// with the CUDA backend's memory layout at the spec's precision.
     pub fn prepare_on_gpu_stages(
         spec: JobSpec,
         stage_gpus: &[usize],
@@ -318,12 +351,12 @@ impl Run {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
         LlamaConfig::from_arch(&arch)?; // refused before the GPUs are opened
-        let engine = GpuEngine::open(stage_gpus, Precision::Tf32)?;
+        let engine = GpuEngine::open(stage_gpus, gpu_precision(spec.training.precision))?;
         let devices = DeviceSet {
             devices: stage_pools(&engine, stage_gpus, cap)?,
             host: Pool::new("host", usize::MAX),
         };
-        Run::on_pipeline(spec, &arch, devices, ProfileName::CudaF32, engine)
+        Run::on_pipeline(spec, &arch, devices, DeviceKind::Cuda, engine)
     }
 }
 

@@ -124,16 +124,12 @@ impl Layout {
     }
 }
 
-fn offset(p: DevPtr, elements: usize) -> DevPtr {
-    DevPtr(p.0 + (elements * 4) as u64)
-}
-
 impl Gpu {
     /// Scaled scores of every head of one sequence into `scores`.
     fn sequence_scores(&self, scores: DevPtr, qb: DevPtr, kb: DevPtr, l: &Layout, scale: f32) -> R {
         for sub in 0..l.group {
-            let q_sub = offset(qb, sub * l.hd);
-            self.gemm(offset(scores, sub * l.scores), q_sub, kb, l.q_kt(scale))?;
+            let q_sub = qb.offset(sub * l.hd);
+            self.gemm(scores.offset(sub * l.scores), q_sub, kb, l.q_kt(scale))?;
         }
         Ok(())
     }
@@ -157,15 +153,15 @@ impl Gpu {
         for b in 0..sh.batch {
             let tok = b * l.seq;
             let (qb, kb, vb) = (
-                offset(q, tok * l.width),
-                offset(k, tok * l.kv_width),
-                offset(v, tok * l.kv_width),
+                q.offset(tok * l.width),
+                k.offset(tok * l.kv_width),
+                v.offset(tok * l.kv_width),
             );
             self.sequence_scores(scores, qb, kb, &l, scale)?;
-            self.launch_softmax(scores, offset(lse, b * rows), rows, l.seq)?;
+            self.launch_softmax(scores, lse.offset(b * rows), rows, l.seq)?;
             for sub in 0..l.group {
-                let out_sub = offset(out, tok * l.width + sub * l.hd);
-                self.gemm(out_sub, offset(scores, sub * l.scores), vb, l.scores_kv())?;
+                let out_sub = out.offset(tok * l.width + sub * l.hd);
+                self.gemm(out_sub, scores.offset(sub * l.scores), vb, l.scores_kv())?;
             }
         }
         Ok(())
@@ -189,39 +185,32 @@ impl Gpu {
         for b in 0..sh.batch {
             let tok = b * l.seq;
             let (qb, kb, vb) = (
-                offset(q, tok * l.width),
-                offset(k, tok * l.kv_width),
-                offset(v, tok * l.kv_width),
+                q.offset(tok * l.width),
+                k.offset(tok * l.kv_width),
+                v.offset(tok * l.kv_width),
             );
             let (dqb, dkb, dvb, dob) = (
-                offset(dq, tok * l.width),
-                offset(dk, tok * l.kv_width),
-                offset(dv, tok * l.kv_width),
-                offset(d_out, tok * l.width),
+                dq.offset(tok * l.width),
+                dk.offset(tok * l.kv_width),
+                dv.offset(tok * l.kv_width),
+                d_out.offset(tok * l.width),
             );
             self.sequence_scores(scores, qb, kb, &l, scale)?;
-            self.launch_probs(scores, offset(lse, b * rows), rows, l.seq)?;
+            self.launch_probs(scores, lse.offset(b * rows), rows, l.seq)?;
             for sub in 0..l.group {
                 let (p_sub, dp_sub) = (
-                    offset(scores, sub * l.scores),
-                    offset(d_scores, sub * l.scores),
+                    scores.offset(sub * l.scores),
+                    d_scores.offset(sub * l.scores),
                 );
-                let do_sub = offset(dob, sub * l.hd);
+                let do_sub = dob.offset(sub * l.hd);
                 self.gemm(dvb, p_sub, do_sub, l.scores_t_x(sub))?;
                 self.gemm(dp_sub, do_sub, vb, l.dout_vt())?;
             }
-            self.launch_dscores(
-                d_scores,
-                scores,
-                offset(delta, b * rows),
-                rows,
-                l.seq,
-                scale,
-            )?;
+            self.launch_dscores(d_scores, scores, delta.offset(b * rows), rows, l.seq, scale)?;
             for sub in 0..l.group {
-                let ds_sub = offset(d_scores, sub * l.scores);
-                self.gemm(offset(dqb, sub * l.hd), ds_sub, kb, l.scores_kv())?;
-                self.gemm(dkb, ds_sub, offset(qb, sub * l.hd), l.scores_t_x(sub))?;
+                let ds_sub = d_scores.offset(sub * l.scores);
+                self.gemm(dqb.offset(sub * l.hd), ds_sub, kb, l.scores_kv())?;
+                self.gemm(dkb, ds_sub, qb.offset(sub * l.hd), l.scores_t_x(sub))?;
             }
         }
         Ok(())

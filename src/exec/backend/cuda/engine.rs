@@ -23,6 +23,7 @@ use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::pipeline::PipelineError;
 use crate::exec::pipeline::engine::{At, Engine, HostPart, Kept, Update};
+use crate::plan::inventory::DType;
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
@@ -237,7 +238,7 @@ impl Engine for GpuEngine {
                 host,
                 name,
                 &shape,
-                vec![0.0; len],
+                vec![0.0f32; len],
                 MemGroup::Gradients,
             )?);
         }
@@ -270,7 +271,7 @@ impl Engine for GpuEngine {
             host,
             name,
             &[len],
-            vec![0.0; len],
+            vec![0.0f32; len],
             group,
         )?)
     }
@@ -279,7 +280,7 @@ impl Engine for GpuEngine {
         let gpu = self.gpu(device);
         await_part(gpu, part)?;
         let acc = gpu.stream.alloc_zeros::<f64>(1).map_err(CudaError::from)?;
-        let at = DevPtr(acc.device_ptr(&gpu.stream).0);
+        let at = DevPtr::new(acc.device_ptr(&gpu.stream).0, DType::F64);
         for g in &part.grads {
             gpu.sum_squares(at, g.ptr(), g.len())?;
         }

@@ -14,6 +14,7 @@ use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::offload::PinnedCache;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{Pool, PoolRef};
+use crate::plan::inventory::DType;
 
 /// The kernel sources, compiled together as one program (the header first).
 pub const KERNEL_SOURCES: [(&str, &str); 9] = [
@@ -61,25 +62,39 @@ pub fn kernel_program() -> String {
         .collect()
 }
 
-/// Compiles the kernels to PTX for `compute_{major}{minor}` (needs NVRTC, not a device).
-pub fn compile_kernels(major: i32, minor: i32) -> Result<Ptx, CudaError> {
+/// Compiles the kernels to PTX for `compute_{major}{minor}` with activations stored as
+/// `activations` (f32 or bf16: the kernels' `act_t`). Needs NVRTC, not a device.
+pub fn compile_kernels(major: i32, minor: i32, activations: DType) -> Result<Ptx, CudaError> {
+    let mut options = vec![format!("--gpu-architecture=compute_{major}{minor}")];
+    match activations {
+        DType::F32 => {}
+        DType::Bf16 => options.push("-DCP_ACT_BF16".to_string()),
+        other => {
+            return Err(CudaError::Unsupported(format!(
+                "activations stored as {other:?} (f32 or bf16 are)"
+            )));
+        }
+    }
     let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture=compute_{major}{minor}")],
+        options,
         ..Default::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(kernel_program(), opts)
         .map_err(|e| CudaError::Compile(e.to_string()))
 }
 
-/// The kernels' PTX for an architecture, compiled on first use and kept for the process.
-fn cached_kernels(major: i32, minor: i32) -> Result<Ptx, CudaError> {
-    static CACHE: Mutex<BTreeMap<(i32, i32), String>> = Mutex::new(BTreeMap::new());
+/// The kernels' PTX for an architecture and activation type, compiled on first use and kept
+/// for the process.
+fn cached_kernels(major: i32, minor: i32, activations: DType) -> Result<Ptx, CudaError> {
+    type Cache = BTreeMap<(i32, i32, bool), String>;
+    static CACHE: Mutex<Cache> = Mutex::new(BTreeMap::new());
+    let key = (major, minor, activations == DType::Bf16);
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(src) = cache.get(&(major, minor)) {
+    if let Some(src) = cache.get(&key) {
         return Ok(Ptx::from_src(src.clone()));
     }
-    let ptx = compile_kernels(major, minor)?;
-    cache.insert((major, minor), ptx.to_src());
+    let ptx = compile_kernels(major, minor, activations)?;
+    cache.insert(key, ptx.to_src());
     Ok(ptx)
 }
 
@@ -120,7 +135,8 @@ impl Gpu {
         let copy = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         let (major, minor) = ctx.compute_capability()?;
-        let module = ctx.load_module(cached_kernels(major, minor)?)?;
+        let ptx = cached_kernels(major, minor, precision.activations())?;
+        let module = ctx.load_module(ptx)?;
         let mut functions = HashMap::new();
         for name in kernel_names() {
             functions.insert(name, module.load_function(name)?);
@@ -224,14 +240,19 @@ mod tests {
         }
     }
 
-    /// Runs where NVRTC is on the loader path (no GPU needed): the kernels compile for Hopper.
+    /// Runs where NVRTC is on the loader path (no GPU needed): the kernels compile for Hopper
+    /// with f32 and with bf16 activations, and the two programs differ.
     #[test]
     #[ignore = "needs NVRTC (libnvrtc.so.13) on the library path"]
     fn gpu_kernels_compile_with_nvrtc() {
-        let src = cached_kernels(9, 0).unwrap().to_src();
-        for name in kernel_names() {
-            assert!(src.contains(name), "{name} missing from the PTX");
+        let f32_src = cached_kernels(9, 0, DType::F32).unwrap().to_src();
+        let bf16_src = cached_kernels(9, 0, DType::Bf16).unwrap().to_src();
+        for src in [&f32_src, &bf16_src] {
+            for name in kernel_names() {
+                assert!(src.contains(name), "{name} missing from the PTX");
+            }
         }
-        assert_eq!(cached_kernels(9, 0).unwrap().to_src(), src);
+        assert_ne!(f32_src, bf16_src);
+        assert_eq!(cached_kernels(9, 0, DType::F32).unwrap().to_src(), f32_src);
     }
 }

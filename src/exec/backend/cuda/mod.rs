@@ -1,7 +1,8 @@
 //! The CUDA backend: kernels from `kernels/*.cu` compiled by NVRTC when a device is first
-//! opened, matrix products through cuBLAS (TF32 tensor cores for f32, or bf16 tensor cores
-//! with f32 storage), and the Llama model's parts written against them with the same stash
-//! tensors as the CPU executor (the `cuda-f32` inventory: `cpu-f32` plus attention scores).
+//! opened, matrix products through cuBLAS (TF32 tensor cores on f32 activations, or bf16
+//! tensor cores on bf16 activations), and the Llama model's parts written against them with
+//! the same stash tensors as the CPU executor (the `cuda-f32` inventory: `cpu-f32` plus
+//! attention scores; `cuda-bf16`: the same with activations in bf16, plus bf16 weight copies).
 //!
 //! Everything loads at run time (cudarc's dynamic loading), so the crate builds and its tests
 //! run on machines without CUDA; opening a device there is a typed [`CudaError::Unavailable`]
@@ -15,8 +16,11 @@
 //!   a whole-model training step with AdamW/SGD and global-norm clipping on one device.
 //! - [`selftest`]: `chronospipe selftest --gpu`: parity with the CPU backend and timings.
 //!
-//! Not here yet: running pipeline plans (the thread-per-device runtime in `exec::pipeline`
-//! drives host tensors only), NCCL transport and pinned-memory offload.
+//! - [`engine::GpuEngine`]: the pipeline runtime's engine: plan devices as stages on GPUs,
+//!   offload and prefetch through pinned host memory on a copy stream ([`offload`]).
+//!
+//! Not here yet: NCCL transport (stages on different GPUs exchange tensors through host
+//! memory).
 
 pub mod attention;
 pub mod engine;
@@ -31,6 +35,8 @@ pub mod tensor;
 use thiserror::Error;
 
 use crate::exec::device::DeviceError;
+use crate::plan::inventory::{DType, Profile};
+use crate::plan::presets::ProfileName;
 
 #[derive(Debug, Error)]
 pub enum CudaError {
@@ -59,14 +65,19 @@ pub enum CudaError {
     Unsupported(String),
 }
 
-/// What the matrix products compute in; storage stays f32 either way.
+/// How activations are stored and what the matrix products compute in. Weights, gradients
+/// and optimizer state are f32 in every case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// f32 products on CUDA cores: the strict reference the parity checks hold to 1e-5.
+    /// f32 activations, f32 products on CUDA cores: the strict reference the parity checks
+    /// hold to 1e-5.
     F32,
-    /// f32 inputs rounded to TF32 on tensor cores, f32 accumulation.
+    /// f32 activations; products on tensor cores with inputs rounded to TF32, f32
+    /// accumulation.
     Tf32,
-    /// f32 inputs rounded to bf16 on tensor cores, f32 accumulation.
+    /// bf16 activations (statistics such as 1/rms, log-sum-exp and losses stay f32);
+    /// products on tensor cores from bf16 inputs (weights rounded to bf16 copies for each
+    /// part's forward and backward), f32 accumulation.
     Bf16,
 }
 
@@ -76,6 +87,30 @@ impl Precision {
             Precision::F32 => "f32",
             Precision::Tf32 => "tf32",
             Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The element type activations are stored in.
+    pub fn activations(self) -> DType {
+        match self {
+            Precision::F32 | Precision::Tf32 => DType::F32,
+            Precision::Bf16 => DType::Bf16,
+        }
+    }
+
+    /// The planner's name for what this backend allocates at this precision.
+    pub fn profile_name(self) -> ProfileName {
+        match self {
+            Precision::F32 | Precision::Tf32 => ProfileName::CudaF32,
+            Precision::Bf16 => ProfileName::CudaBf16,
+        }
+    }
+
+    /// The planner's inventory of what this backend allocates at this precision.
+    pub fn profile(self) -> Profile {
+        match self {
+            Precision::F32 | Precision::Tf32 => Profile::CudaF32,
+            Precision::Bf16 => Profile::CudaBf16,
         }
     }
 }

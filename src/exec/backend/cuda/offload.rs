@@ -13,57 +13,46 @@
 //! Pinned buffers are kept for reuse per GPU: page-locking memory costs far more than a copy.
 //! A pinned buffer records its last copy's event, and host reads of it wait for that event.
 
-use std::any::Any;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
 
-/// Pinned host buffers not in use, of any element type and length.
+/// Pinned host buffers not in use, of any length.
 #[derive(Default)]
 pub struct PinnedCache {
-    free: Mutex<Vec<Box<dyn Any + Send>>>,
+    free: Mutex<Vec<PinnedHostSlice<u8>>>,
 }
 
 impl PinnedCache {
-    fn take<T: DeviceRepr + 'static>(
-        &self,
-        gpu: &Gpu,
-        len: usize,
-    ) -> Result<PinnedHostSlice<T>, CudaError> {
+    fn take(&self, gpu: &Gpu, len: usize) -> Result<PinnedHostSlice<u8>, CudaError> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        let found = free.iter().position(|b| {
-            b.downcast_ref::<PinnedHostSlice<T>>()
-                .is_some_and(|p| p.len() == len)
-        });
-        if let Some(i) = found
-            && let Ok(p) = free.swap_remove(i).downcast::<PinnedHostSlice<T>>()
-        {
-            return Ok(*p);
+        if let Some(i) = free.iter().position(|p| p.len() == len) {
+            return Ok(free.swap_remove(i));
         }
         drop(free);
         // SAFETY: every byte is written by the copy that follows before anything reads it.
         // Flags 0: ordinary (not write-combined) pinned memory, which the host reads at full
         // speed (checkpoints read offloaded optimizer state).
-        Ok(unsafe { gpu.ctx.alloc_pinned_with_flags::<T>(len, 0)? })
+        Ok(unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(len, 0)? })
     }
 
-    fn give_back<T: 'static>(&self, p: PinnedHostSlice<T>) {
+    fn give_back(&self, p: PinnedHostSlice<u8>) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.push(Box::new(p));
+        free.push(p);
     }
 }
 
-/// Copies the first `len` elements of `buf` to pinned host memory on the copy stream and
-/// frees `buf` there once copied. Returns at once; the buffer's event marks the copy's end.
-pub fn offload<T: DeviceRepr + 'static>(
+/// Copies the first `len` bytes of `buf` to pinned host memory on the copy stream and frees
+/// `buf` there once copied. Returns at once; the buffer's event marks the copy's end.
+pub fn offload(
     gpu: &Gpu,
-    buf: CudaSlice<T>,
+    buf: CudaSlice<u8>,
     len: usize,
-) -> Result<PinnedHostSlice<T>, CudaError> {
-    let mut pinned = gpu.pinned.take::<T>(gpu, len)?;
+) -> Result<PinnedHostSlice<u8>, CudaError> {
+    let mut pinned = gpu.pinned.take(gpu, len)?;
     let made = gpu.stream.record_event(None)?;
     gpu.copy.wait(&made)?;
     gpu.copy.memcpy_dtoh(&buf.slice(0..len), &mut pinned)?;
@@ -71,7 +60,7 @@ pub fn offload<T: DeviceRepr + 'static>(
     let ptr = buf.leak();
     // SAFETY: `ptr` came from `buf`, which no longer exists; dropping the slice rebuilt on the
     // copy stream frees it there, after the copy just queued.
-    drop(unsafe { gpu.copy.upgrade_device_ptr::<T>(ptr, allocated) });
+    drop(unsafe { gpu.copy.upgrade_device_ptr::<u8>(ptr, allocated) });
     Ok(pinned)
 }
 
@@ -96,17 +85,17 @@ impl Drop for Ready {
     }
 }
 
-/// Copies pinned host memory into a new device buffer (of at least one element) on the copy
+/// Copies pinned host memory into a new device buffer (of at least one byte) on the copy
 /// stream. Returns the buffer and its [`Ready`]; the pinned buffer goes back to the cache
 /// (later copies into it queue behind this one).
-pub fn prefetch<T: DeviceRepr + 'static>(
+pub fn prefetch(
     gpu: &Gpu,
-    pinned: PinnedHostSlice<T>,
-) -> Result<(CudaSlice<T>, Ready), CudaError> {
+    pinned: PinnedHostSlice<u8>,
+) -> Result<(CudaSlice<u8>, Ready), CudaError> {
     let len = pinned.len();
-    // SAFETY: the copy below writes every element before a kernel reads it (they wait for
+    // SAFETY: the copy below writes every byte before a kernel reads it (they wait for
     // its event).
-    let mut buf = unsafe { gpu.stream.alloc::<T>(len.max(1))? };
+    let mut buf = unsafe { gpu.stream.alloc::<u8>(len.max(1))? };
     let allocated = gpu.stream.record_event(None)?;
     gpu.copy.wait(&allocated)?;
     if len > 0 {

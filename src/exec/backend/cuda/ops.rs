@@ -11,6 +11,7 @@ use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::kernels::attention::AttnShape;
+use crate::plan::inventory::DType;
 
 type R = Result<(), CudaError>;
 
@@ -33,7 +34,7 @@ impl Gpu {
                 let mut builder = self.stream.launch_builder(f);
                 for a in args {
                     match a {
-                        Arg::Ptr(p) => builder.arg(&p.0),
+                        Arg::Ptr(p) => builder.arg(&p.addr),
                         Arg::I32(v) => builder.arg(v),
                         Arg::I64(v) => builder.arg(v),
                         Arg::F32(v) => builder.arg(v),
@@ -136,33 +137,55 @@ fn op(trans: bool) -> cublasOperation_t {
     }
 }
 
+/// cuBLAS's name for an operand's element type, if it can take part in a product.
+fn blas_type(p: DevPtr) -> Result<cudaDataType, CudaError> {
+    match p.dtype {
+        DType::F32 => Ok(cudaDataType::CUDA_R_32F),
+        DType::Bf16 => Ok(cudaDataType::CUDA_R_16BF),
+        other => Err(CudaError::Unsupported(format!(
+            "a matrix product on {other:?} values"
+        ))),
+    }
+}
+
 impl Gpu {
-    /// Runs `g` on f32 buffers. cuBLAS is column-major, so it computes `C^T = op(B)^T op(A)^T`.
+    /// Runs `g`. A and B share an element type: f32 (computed as [`Precision`] says) or bf16
+    /// (f32 accumulation); C is f32 or bf16 (gradients of weights accumulate in f32 from bf16
+    /// activations). cuBLAS is column-major, so it computes `C^T = op(B)^T op(A)^T`.
     pub fn gemm(&self, c: DevPtr, a: DevPtr, b: DevPtr, g: Gemm) -> R {
         if g.m == 0 || g.n == 0 || g.batch == 0 {
             return Ok(());
         }
-        let compute = match self.precision {
-            Precision::F32 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            Precision::Tf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-            Precision::Bf16 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        if a.dtype != b.dtype {
+            return Err(CudaError::Unsupported(format!(
+                "a product of {:?} and {:?} matrices",
+                a.dtype, b.dtype
+            )));
+        }
+        let compute = match (a.dtype, self.precision) {
+            (DType::Bf16, _) | (_, Precision::F32) => cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            (_, Precision::Tf32 | Precision::Bf16) => {
+                cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+            }
         };
-        let f32_t = cudaDataType::CUDA_R_32F;
+        let (a_t, b_t, c_t) = (blas_type(a)?, blas_type(b)?, blas_type(c)?);
         let name = || {
             format!(
-                "gemm {}x{}x{} x{} ({}{})",
+                "gemm {}x{}x{} x{} ({}{}) {:?}",
                 g.m,
                 g.n,
                 g.k,
                 g.batch,
                 if g.trans_a { "T" } else { "N" },
-                if g.trans_b { "T" } else { "N" }
+                if g.trans_b { "T" } else { "N" },
+                a.dtype
             )
         };
         // cuBLAS launches on the calling thread's current context: pipeline stages call this
         // from their own threads, so make this GPU's current first.
         self.ctx.bind_to_thread()?;
-        // SAFETY: the pointers address buffers of the sizes `g` describes.
+        // SAFETY: the pointers address buffers of the sizes and types `g`, `a`, `b` and `c`
+        // describe.
         self.timed(name, || unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(
                 *self.blas.handle(),
@@ -172,17 +195,17 @@ impl Gpu {
                 g.m as i32,
                 g.k as i32,
                 (&g.alpha) as *const f32 as *const c_void,
-                b.0 as *const c_void,
-                f32_t,
+                b.addr as *const c_void,
+                b_t,
                 g.ldb as i32,
                 g.stride_b as i64,
-                a.0 as *const c_void,
-                f32_t,
+                a.addr as *const c_void,
+                a_t,
                 g.lda as i32,
                 g.stride_a as i64,
                 (&g.beta) as *const f32 as *const c_void,
-                c.0 as *mut c_void,
-                f32_t,
+                c.addr as *mut c_void,
+                c_t,
                 g.ldc as i32,
                 g.stride_c as i64,
                 g.batch as i32,
@@ -351,6 +374,11 @@ impl Gpu {
     /// `a += b` over `n` elements.
     pub fn add_into(&self, a: DevPtr, b: DevPtr, n: usize) -> R {
         self.launch("add_into", elementwise(n), &[Ptr(a), Ptr(b), len(n)])
+    }
+
+    /// `out` (activation type) = `x` (f32) over `n` elements, rounded.
+    pub fn cast_to_act(&self, out: DevPtr, x: DevPtr, n: usize) -> R {
+        self.launch("cast_to_act", elementwise(n), &[Ptr(out), Ptr(x), len(n)])
     }
 
     /// Per-row losses `lse(logits) - logits[target]` of `rows` rows.

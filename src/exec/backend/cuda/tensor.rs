@@ -2,52 +2,93 @@
 //! the buffer is dropped, so the pool's live bytes are exactly what exists on the device.
 //! A tensor the pipeline has offloaded keeps its values in host memory, counted in the host's
 //! pool, until it is moved back ([`GpuTensor::relocate`]).
+//!
+//! A tensor holds bytes and an element type ([`DType`]) chosen at run time: activations are f32
+//! or bf16 by the run's precision, parameters f32, token ids i32. Host reads and writes name
+//! their element type and are checked against it.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, DevicePtr, PinnedHostSlice};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::offload::{self, Ready};
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::tensor::{Element, Lease};
-use crate::plan::inventory::TensorSpec;
+use crate::plan::inventory::{DType, TensorSpec};
 
-/// A raw device address inside a [`GpuTensor`], for kernel arguments and cuBLAS.
+/// A raw device address inside a [`GpuTensor`] and the type of its elements, for kernel
+/// arguments and cuBLAS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DevPtr(pub(crate) u64);
+pub struct DevPtr {
+    pub(crate) addr: u64,
+    pub dtype: DType,
+}
 
-/// Where a tensor's values are.
-enum Storage<T> {
-    Device(CudaSlice<T>),
+impl DevPtr {
+    pub(crate) fn new(addr: u64, dtype: DType) -> DevPtr {
+        DevPtr { addr, dtype }
+    }
+
+    /// The address `elements` further on.
+    pub fn offset(self, elements: usize) -> DevPtr {
+        DevPtr::new(
+            self.addr + (elements * self.dtype.bytes()) as u64,
+            self.dtype,
+        )
+    }
+}
+
+/// Where a tensor's bytes are.
+enum Storage {
+    Device(CudaSlice<u8>),
     /// Never on a device yet (a part adopted from host weights, zeroed optimizer state).
-    Host(Vec<T>),
+    Host(Vec<u8>),
     /// Offloaded: pinned host memory whose event marks the end of the copy into it.
-    Pinned(PinnedHostSlice<T>),
+    Pinned(PinnedHostSlice<u8>),
 }
 
 /// A dense tensor on one CUDA device (or offloaded to the host).
-pub struct GpuTensor<T: Element = f32> {
+pub struct GpuTensor {
     /// After a prefetch: the end of its copy, which kernels reading the tensor wait for.
     /// Declared before `storage` so it is dropped first (see [`Ready`]).
     ready: Option<Ready>,
-    storage: Storage<T>,
+    storage: Storage,
     /// The device address of element 0 (0 while on the host).
     addr: u64,
     name: String,
     shape: Vec<usize>,
+    dtype: DType,
     lease: Lease,
 }
 
-impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
+/// Checks that host values of type `T` fit a tensor of `dtype`.
+fn check_dtype<T: Element>(name: &str, dtype: DType) -> Result<(), CudaError> {
+    if T::DTYPE != dtype {
+        return Err(CudaError::Unsupported(format!(
+            "{name} holds {dtype:?} values, not {:?}",
+            T::DTYPE
+        )));
+    }
+    Ok(())
+}
+
+/// Device memory for `bytes` bytes (at least one), contents unspecified.
+fn alloc(gpu: &Gpu, bytes: usize) -> Result<CudaSlice<u8>, CudaError> {
+    // SAFETY: every caller writes the buffer before a kernel reads it.
+    Ok(unsafe { gpu.stream.alloc::<u8>(bytes.max(1))? })
+}
+
+impl GpuTensor {
     /// A zero-filled tensor counted in `pool` under `group`.
     pub fn zeros(
         gpu: &Gpu,
         pool: &PoolRef,
         name: &str,
         shape: &[usize],
+        dtype: DType,
         group: MemGroup,
     ) -> Result<Self, CudaError> {
-        let mut t = Self::scratch(gpu, pool, name, shape, group)?;
+        let mut t = Self::scratch(gpu, pool, name, shape, dtype, group)?;
         t.fill_zero(gpu)?;
         Ok(t)
     }
@@ -58,17 +99,27 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         pool: &PoolRef,
         name: &str,
         shape: &[usize],
+        dtype: DType,
         group: MemGroup,
     ) -> Result<Self, CudaError> {
-        let len: usize = shape.iter().product();
-        let lease = Lease::reserve(pool, name, group, len * T::DTYPE.bytes())?;
-        // SAFETY: every user of a scratch tensor writes it before reading it.
-        let buf = unsafe { gpu.stream.alloc::<T>(len.max(1))? };
-        Ok(Self::wrap(gpu, buf, name, shape, lease))
+        let bytes = shape.iter().product::<usize>() * dtype.bytes();
+        let lease = Lease::reserve(pool, name, group, bytes)?;
+        let buf = alloc(gpu, bytes)?;
+        Ok(Self::wrap(gpu, buf, name, shape, dtype, lease))
+    }
+
+    /// A scratch tensor with the name, shape and element type of an inventory entry.
+    pub fn from_spec(
+        gpu: &Gpu,
+        pool: &PoolRef,
+        spec: &TensorSpec,
+        group: MemGroup,
+    ) -> Result<Self, CudaError> {
+        Self::scratch(gpu, pool, spec.name, &spec.shape, spec.dtype, group)
     }
 
     /// Host values counted in `pool` (the host's): a tensor that starts offloaded.
-    pub fn on_host(
+    pub fn on_host<T: Element>(
         pool: &PoolRef,
         name: &str,
         shape: &[usize],
@@ -76,15 +127,52 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         group: MemGroup,
     ) -> Result<Self, CudaError> {
         check_len(name, shape, data.len())?;
-        let lease = Lease::reserve(pool, name, group, data.len() * T::DTYPE.bytes())?;
+        let bytes: Vec<u8> = bytemuck::cast_slice(&data).to_vec();
+        let lease = Lease::reserve(pool, name, group, bytes.len())?;
         Ok(GpuTensor {
-            storage: Storage::Host(data),
+            storage: Storage::Host(bytes),
             addr: 0,
             name: name.to_string(),
             shape: shape.to_vec(),
+            dtype: T::DTYPE,
             lease,
             ready: None,
         })
+    }
+
+    /// A copy of host data.
+    pub fn from_host<T: Element>(
+        gpu: &Gpu,
+        pool: &PoolRef,
+        name: &str,
+        shape: &[usize],
+        data: &[T],
+        group: MemGroup,
+    ) -> Result<Self, CudaError> {
+        check_len(name, shape, data.len())?;
+        let mut t = Self::scratch(gpu, pool, name, shape, T::DTYPE, group)?;
+        t.copy_from_host(gpu, data)?;
+        Ok(t)
+    }
+
+    fn wrap(
+        gpu: &Gpu,
+        buf: CudaSlice<u8>,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        lease: Lease,
+    ) -> Self {
+        let addr = buf.device_ptr(&gpu.stream).0;
+        GpuTensor {
+            storage: Storage::Device(buf),
+            addr,
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            dtype,
+            lease,
+            ready: None,
+        }
     }
 
     /// Moves the tensor into `to` under `group`, the destination charged before the source
@@ -97,26 +185,24 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         to: &PoolRef,
         group: MemGroup,
         to_host: bool,
-    ) -> Result<Self, CudaError>
-    where
-        T: 'static,
-    {
+    ) -> Result<Self, CudaError> {
         let lease = Lease::reserve(to, &self.name, group, self.lease.bytes())?;
-        let len = self.len();
+        let bytes = self.bytes();
         let GpuTensor {
             storage,
             addr,
             name,
             shape,
+            dtype,
             lease: _given_back,
             ready,
         } = self;
         let (storage, addr, ready) = match (storage, to_host) {
-            (Storage::Device(buf), true) if len > 0 => {
+            (Storage::Device(buf), true) if bytes > 0 => {
                 if let Some(e) = &ready {
                     e.wait_on(&gpu.copy)?;
                 }
-                (Storage::Pinned(offload::offload(gpu, buf, len)?), 0, None)
+                (Storage::Pinned(offload::offload(gpu, buf, bytes)?), 0, None)
             }
             (Storage::Device(_), true) => (Storage::Host(Vec::new()), 0, None),
             (Storage::Pinned(pinned), false) => {
@@ -125,8 +211,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
                 (Storage::Device(buf), addr, Some(ready))
             }
             (Storage::Host(data), false) => {
-                // SAFETY: written completely below before any kernel reads it.
-                let mut buf = unsafe { gpu.stream.alloc::<T>(data.len().max(1))? };
+                let mut buf = alloc(gpu, data.len())?;
                 if !data.is_empty() {
                     gpu.stream.memcpy_htod(&data, &mut buf)?;
                 }
@@ -140,6 +225,7 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
             addr,
             name,
             shape,
+            dtype,
             lease,
             ready,
         })
@@ -162,13 +248,14 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
 
     /// Gives the tensor's bytes back to its pool, keeping its values: a tensor sent to
     /// another pipeline stage, counted nowhere until it is received.
-    pub fn detach(self) -> Detached<T> {
+    pub fn detach(self) -> Detached {
         Detached {
             ready: self.ready,
             storage: self.storage,
             addr: self.addr,
             name: self.name,
             shape: self.shape,
+            dtype: self.dtype,
         }
     }
 
@@ -177,87 +264,55 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         !matches!(self.storage, Storage::Device(_))
     }
 
-    /// A scratch tensor with the name and shape of an inventory entry.
-    pub fn from_spec(
-        gpu: &Gpu,
-        pool: &PoolRef,
-        spec: &TensorSpec,
-        group: MemGroup,
-    ) -> Result<Self, CudaError> {
-        debug_assert_eq!(spec.dtype, T::DTYPE, "{}", spec.name);
-        Self::scratch(gpu, pool, spec.name, &spec.shape, group)
-    }
-
-    /// A copy of host data.
-    pub fn from_host(
-        gpu: &Gpu,
-        pool: &PoolRef,
-        name: &str,
-        shape: &[usize],
-        data: &[T],
-        group: MemGroup,
-    ) -> Result<Self, CudaError> {
-        check_len(name, shape, data.len())?;
-        let mut t = Self::scratch(gpu, pool, name, shape, group)?;
-        t.copy_from_host(gpu, data)?;
-        Ok(t)
-    }
-
-    fn wrap(gpu: &Gpu, buf: CudaSlice<T>, name: &str, shape: &[usize], lease: Lease) -> Self {
-        let addr = buf.device_ptr(&gpu.stream).0;
-        GpuTensor {
-            storage: Storage::Device(buf),
-            addr,
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            lease,
-            ready: None,
-        }
-    }
-
     /// Copies the tensor to the host (waits for the stream).
-    pub fn to_host(&self, gpu: &Gpu) -> Result<Vec<T>, CudaError> {
-        match &self.storage {
-            Storage::Device(buf) => {
-                let mut all = gpu.stream.clone_dtoh(buf)?;
-                all.truncate(self.len());
-                Ok(all)
-            }
-            Storage::Host(data) => Ok(data.clone()),
-            Storage::Pinned(p) => Ok(p.as_slice()?.to_vec()),
-        }
+    pub fn to_host<T: Element>(&self, gpu: &Gpu) -> Result<Vec<T>, CudaError> {
+        let mut out = vec![T::default(); self.len()];
+        self.read_range(gpu, 0..self.len(), &mut out)?;
+        Ok(out)
     }
 
     /// Copies elements `range` to `dst` (waits for the stream).
-    pub fn read_range(
+    pub fn read_range<T: Element>(
         &self,
         gpu: &Gpu,
         range: std::ops::Range<usize>,
         dst: &mut [T],
     ) -> Result<(), CudaError> {
+        check_dtype::<T>(&self.name, self.dtype)?;
+        let bytes = self.byte_range(range);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
         match &self.storage {
             Storage::Device(buf) => {
                 self.await_ready(gpu)?;
-                gpu.stream.memcpy_dtoh(&buf.slice(range), dst)?
+                gpu.stream.memcpy_dtoh(&buf.slice(bytes), dst)?
             }
-            Storage::Host(data) => dst.copy_from_slice(&data[range]),
-            Storage::Pinned(p) => dst.copy_from_slice(&p.as_slice()?[range]),
+            Storage::Host(data) => dst.copy_from_slice(&data[bytes]),
+            Storage::Pinned(p) => dst.copy_from_slice(&p.as_slice()?[bytes]),
         }
         Ok(())
     }
 
     /// Overwrites elements `range` with `src`.
-    pub fn write_range(
+    pub fn write_range<T: Element>(
         &mut self,
         gpu: &Gpu,
         range: std::ops::Range<usize>,
         src: &[T],
     ) -> Result<(), CudaError> {
+        check_dtype::<T>(&self.name, self.dtype)?;
         self.await_ready(gpu)?;
+        let bytes = self.byte_range(range);
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let src: &[u8] = bytemuck::cast_slice(src);
         match &mut self.storage {
-            Storage::Device(buf) => gpu.stream.memcpy_htod(src, &mut buf.slice_mut(range))?,
-            Storage::Host(data) => data[range].copy_from_slice(src),
-            Storage::Pinned(p) => p.as_mut_slice()?[range].copy_from_slice(src),
+            Storage::Device(buf) => gpu.stream.memcpy_htod(src, &mut buf.slice_mut(bytes))?,
+            Storage::Host(data) => data[bytes].copy_from_slice(src),
+            Storage::Pinned(p) => p.as_mut_slice()?[bytes].copy_from_slice(src),
         }
         Ok(())
     }
@@ -269,16 +324,20 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
         range: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
         self.await_ready(gpu)?;
+        let bytes = self.byte_range(range);
+        if bytes.is_empty() {
+            return Ok(());
+        }
         match &mut self.storage {
-            Storage::Device(buf) => gpu.stream.memset_zeros(&mut buf.slice_mut(range))?,
-            Storage::Host(data) => data[range].fill(T::default()),
-            Storage::Pinned(p) => p.as_mut_slice()?[range].fill(T::default()),
+            Storage::Device(buf) => gpu.stream.memset_zeros(&mut buf.slice_mut(bytes))?,
+            Storage::Host(data) => data[bytes].fill(0),
+            Storage::Pinned(p) => p.as_mut_slice()?[bytes].fill(0),
         }
         Ok(())
     }
 
     /// Overwrites the tensor with host data of the same length.
-    pub fn copy_from_host(&mut self, gpu: &Gpu, data: &[T]) -> Result<(), CudaError> {
+    pub fn copy_from_host<T: Element>(&mut self, gpu: &Gpu, data: &[T]) -> Result<(), CudaError> {
         if data.len() != self.len() {
             return Err(CudaError::Unsupported(format!(
                 "copying {} values into {} of {}",
@@ -287,25 +346,30 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
                 self.len()
             )));
         }
-        if !data.is_empty() {
-            self.write_range(gpu, 0..data.len(), data)?;
-        }
-        Ok(())
+        self.write_range(gpu, 0..data.len(), data)
     }
 
-    /// Overwrites the tensor with another of the same length (device to device).
-    pub fn copy_from(&mut self, gpu: &Gpu, src: &GpuTensor<T>) -> Result<(), CudaError> {
-        if src.len() != self.len() {
+    /// Overwrites the tensor with another of the same length and type (device to device).
+    pub fn copy_from(&mut self, gpu: &Gpu, src: &GpuTensor) -> Result<(), CudaError> {
+        if src.len() != self.len() || src.dtype != self.dtype {
             return Err(CudaError::Unsupported(format!(
-                "copying a tensor of {} values into one of {}",
+                "copying {} ({} {:?}) into {} ({} {:?})",
+                src.name,
                 src.len(),
-                self.len()
+                src.dtype,
+                self.name,
+                self.len(),
+                self.dtype
             )));
         }
         src.await_ready(gpu)?;
         self.await_ready(gpu)?;
+        let bytes = self.bytes();
         match (&src.storage, &mut self.storage) {
-            (Storage::Device(s), Storage::Device(d)) => gpu.stream.memcpy_dtod(s, d)?,
+            _ if bytes == 0 => {}
+            (Storage::Device(s), Storage::Device(d)) => gpu
+                .stream
+                .memcpy_dtod(&s.slice(0..bytes), &mut d.slice_mut(0..bytes))?,
             _ => return Err(self.offloaded()),
         }
         Ok(())
@@ -322,70 +386,17 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits> GpuTensor<T> {
             self.name
         ))
     }
-}
 
-/// A tensor's values counted in no pool (see [`GpuTensor::detach`]).
-pub struct Detached<T: Element = f32> {
-    ready: Option<Ready>,
-    storage: Storage<T>,
-    addr: u64,
-    name: String,
-    shape: Vec<usize>,
-}
-
-impl<T: Element + DeviceRepr + ValidAsZeroBits> Detached<T> {
-    /// The tensor counted in `pool` on `to`. Its values stay where they are when they are on
-    /// `to` already (`from` is `to`: stages sharing a GPU hand buffers over); otherwise they
-    /// are copied from `from` through host memory.
-    pub fn attach(
-        self,
-        from: &Gpu,
-        to: &Gpu,
-        pool: &PoolRef,
-        group: MemGroup,
-    ) -> Result<GpuTensor<T>, CudaError> {
-        let lease = Lease::reserve(pool, &self.name, group, self.bytes())?;
-        let data = match self.storage {
-            Storage::Device(buf) if from.ordinal == to.ordinal => {
-                return Ok(GpuTensor {
-                    storage: Storage::Device(buf),
-                    addr: self.addr,
-                    name: self.name,
-                    shape: self.shape,
-                    lease,
-                    ready: self.ready,
-                });
-            }
-            Storage::Device(buf) => {
-                if let Some(e) = &self.ready {
-                    e.wait_on(&from.stream)?;
-                }
-                from.stream.clone_dtoh(&buf)?
-            }
-            Storage::Host(data) => data,
-            Storage::Pinned(p) => p.as_slice()?.to_vec(),
-        };
-        // SAFETY: written completely before any kernel reads it.
-        let mut copy = unsafe { to.stream.alloc::<T>(data.len().max(1))? };
-        to.stream.memcpy_htod(&data, &mut copy)?;
-        Ok(GpuTensor::wrap(to, copy, &self.name, &self.shape, lease))
+    /// The bytes of elements `range`.
+    fn byte_range(&self, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let size = self.dtype.bytes();
+        range.start * size..range.end * size
     }
 
     fn bytes(&self) -> usize {
-        self.shape.iter().product::<usize>() * T::DTYPE.bytes()
+        self.len() * self.dtype.bytes()
     }
-}
 
-fn check_len(name: &str, shape: &[usize], len: usize) -> Result<(), CudaError> {
-    if shape.iter().product::<usize>() != len {
-        return Err(CudaError::Unsupported(format!(
-            "{name}: {len} values for shape {shape:?}"
-        )));
-    }
-    Ok(())
-}
-
-impl<T: Element> GpuTensor<T> {
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -402,16 +413,91 @@ impl<T: Element> GpuTensor<T> {
         &self.name
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The address of element 0. The pipeline never computes on an offloaded tensor (it
     /// checks every group is on its device first), so a host tensor here is a bug.
     pub fn ptr(&self) -> DevPtr {
         assert!(self.addr != 0, "{} is in host memory", self.name);
-        DevPtr(self.addr)
+        DevPtr::new(self.addr, self.dtype)
     }
 
     /// The address of element `offset` (checked against the length).
     pub fn at(&self, offset: usize) -> DevPtr {
         assert!(offset <= self.len(), "offset {offset} past {}", self.len());
-        DevPtr(self.ptr().0 + (offset * std::mem::size_of::<T>()) as u64)
+        self.ptr().offset(offset)
     }
+}
+
+/// A tensor's values counted in no pool (see [`GpuTensor::detach`]).
+pub struct Detached {
+    ready: Option<Ready>,
+    storage: Storage,
+    addr: u64,
+    name: String,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl Detached {
+    /// The tensor counted in `pool` on `to`. Its values stay where they are when they are on
+    /// `to` already (`from` is `to`: stages sharing a GPU hand buffers over); otherwise they
+    /// are copied from `from` through host memory.
+    pub fn attach(
+        self,
+        from: &Gpu,
+        to: &Gpu,
+        pool: &PoolRef,
+        group: MemGroup,
+    ) -> Result<GpuTensor, CudaError> {
+        let bytes = self.shape.iter().product::<usize>() * self.dtype.bytes();
+        let lease = Lease::reserve(pool, &self.name, group, bytes)?;
+        let data = match self.storage {
+            Storage::Device(buf) if from.ordinal == to.ordinal => {
+                return Ok(GpuTensor {
+                    storage: Storage::Device(buf),
+                    addr: self.addr,
+                    name: self.name,
+                    shape: self.shape,
+                    dtype: self.dtype,
+                    lease,
+                    ready: self.ready,
+                });
+            }
+            Storage::Device(_) if bytes == 0 => Vec::new(),
+            Storage::Device(buf) => {
+                if let Some(e) = &self.ready {
+                    e.wait_on(&from.stream)?;
+                }
+                let mut host = vec![0u8; bytes];
+                from.stream.memcpy_dtoh(&buf.slice(0..bytes), &mut host)?;
+                host
+            }
+            Storage::Host(data) => data,
+            Storage::Pinned(p) => p.as_slice()?.to_vec(),
+        };
+        let mut copy = alloc(to, data.len())?;
+        if !data.is_empty() {
+            to.stream.memcpy_htod(&data, &mut copy)?;
+        }
+        Ok(GpuTensor::wrap(
+            to,
+            copy,
+            &self.name,
+            &self.shape,
+            self.dtype,
+            lease,
+        ))
+    }
+}
+
+fn check_len(name: &str, shape: &[usize], len: usize) -> Result<(), CudaError> {
+    if shape.iter().product::<usize>() != len {
+        return Err(CudaError::Unsupported(format!(
+            "{name}: {len} values for shape {shape:?}"
+        )));
+    }
+    Ok(())
 }

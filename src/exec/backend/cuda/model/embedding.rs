@@ -9,7 +9,7 @@ use crate::exec::model::check_tokens;
 use crate::plan::inventory::Part;
 
 pub struct EmbeddingStash {
-    token_ids: GpuTensor<i32>,
+    token_ids: GpuTensor,
 }
 
 impl EmbeddingStash {
@@ -37,7 +37,7 @@ pub fn embedding_forward(
     let d = ctx.config.dims;
     check_tokens("input_ids", ids, d.vocab)?;
     let a = Alloc::new(ctx, Part::Embedding);
-    let mut token_ids: GpuTensor<i32> = a.stash("token_ids")?;
+    let mut token_ids = a.stash("token_ids")?;
     if ids.len() != token_ids.len() {
         return Err(CudaError::Unsupported(format!(
             "{} input ids for a micro-batch of {} tokens",

@@ -12,7 +12,7 @@ use crate::plan::inventory::{CUDA_LOGITS_BLOCK_TOKENS, Part};
 pub struct HeadStash {
     input: GpuTensor,
     final_norm_rstd: GpuTensor,
-    targets: GpuTensor<i32>,
+    targets: GpuTensor,
 }
 
 impl HeadStash {
@@ -66,6 +66,8 @@ pub fn head_forward(
     let logits = a.fwd("logits_block")?;
     let token_loss = a.fwd("token_loss")?;
     let w = &p.weights;
+    let products = a.product_weights(p, false)?;
+    let lm_head = products.get(p, hp::LM_HEAD);
     gpu.rmsnorm_forward(
         norm_out.ptr(),
         st.final_norm_rstd.ptr(),
@@ -77,18 +79,15 @@ pub fn head_forward(
     )?;
     for t0 in (0..n).step_by(CUDA_LOGITS_BLOCK_TOKENS) {
         let bt = CUDA_LOGITS_BLOCK_TOKENS.min(n - t0);
-        project(
-            gpu,
-            logits.ptr(),
-            norm_out.at(t0 * h),
-            &w[hp::LM_HEAD],
-            bt,
-            false,
-        )?;
+        project(gpu, logits.ptr(), norm_out.at(t0 * h), lm_head, bt, false)?;
         gpu.ce_forward(token_loss.at(t0), logits.ptr(), st.targets.at(t0), bt, v)?;
     }
     // Summed in token order in f64, as the CPU head does.
-    let loss: f64 = token_loss.to_host(gpu)?.iter().map(|&l| l as f64).sum();
+    let loss: f64 = token_loss
+        .to_host::<f32>(gpu)?
+        .iter()
+        .map(|&l| l as f64)
+        .sum();
     Ok((st, loss))
 }
 
@@ -105,6 +104,8 @@ pub fn head_backward(
     let norm_out = a.bwd("norm_out")?;
     let logits = a.bwd("logits_block")?;
     let d_norm_out = a.bwd("d_norm_out")?;
+    let products = a.product_weights(p, true)?;
+    let lm_head = products.get(p, hp::LM_HEAD);
     let (w, g) = (&p.weights, &p.grads);
     gpu.rmsnorm_apply(
         norm_out.ptr(),
@@ -117,7 +118,7 @@ pub fn head_backward(
     for t0 in (0..n).step_by(CUDA_LOGITS_BLOCK_TOKENS) {
         let bt = CUDA_LOGITS_BLOCK_TOKENS.min(n - t0);
         let x = norm_out.at(t0 * h);
-        project(gpu, logits.ptr(), x, &w[hp::LM_HEAD], bt, false)?;
+        project(gpu, logits.ptr(), x, lm_head, bt, false)?;
         gpu.ce_backward(logits.ptr(), st.targets.at(t0), bt, v, scale)?;
         project_backward(
             gpu,
@@ -125,7 +126,7 @@ pub fn head_backward(
             d_norm_out.at(t0 * h),
             logits.ptr(),
             x,
-            &w[hp::LM_HEAD],
+            lm_head,
             bt,
             false,
         )?;

@@ -96,6 +96,8 @@ pub fn layer_forward(
     let scores = a.fwd("attn_scores")?;
     let mut output = a.output()?;
     let w = &p.weights;
+    let pw = a.product_weights(p, false)?;
+    let pw = |i| pw.get(p, i);
     let hd = d.head_dim();
 
     gpu.rmsnorm_forward(
@@ -108,7 +110,7 @@ pub fn layer_forward(
         cfg.rms_norm_eps,
     )?;
     for (dst, wi) in [(&st.q, lp::Q), (&st.k, lp::K), (&st.v, lp::V)] {
-        project(gpu, dst.ptr(), norm_out.ptr(), &w[wi], n, false)?;
+        project(gpu, dst.ptr(), norm_out.ptr(), pw(wi), n, false)?;
     }
     gpu.rope(st.q.ptr(), n, h, m.seq, hd, cfg.rope_theta, false)?;
     gpu.rope(st.k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, false)?;
@@ -126,7 +128,7 @@ pub fn layer_forward(
         gpu,
         st.resid_mid.ptr(),
         st.attn_out.ptr(),
-        &w[lp::O],
+        pw(lp::O),
         n,
         true,
     )?;
@@ -140,11 +142,11 @@ pub fn layer_forward(
         h,
         cfg.rms_norm_eps,
     )?;
-    project(gpu, st.gate.ptr(), norm_out.ptr(), &w[lp::GATE], n, false)?;
-    project(gpu, st.up.ptr(), norm_out.ptr(), &w[lp::UP], n, false)?;
+    project(gpu, st.gate.ptr(), norm_out.ptr(), pw(lp::GATE), n, false)?;
+    project(gpu, st.up.ptr(), norm_out.ptr(), pw(lp::UP), n, false)?;
     gpu.swiglu_forward(act.ptr(), st.gate.ptr(), st.up.ptr(), n * f)?;
     output.copy_from(gpu, &st.resid_mid)?;
-    project(gpu, output.ptr(), act.ptr(), &w[lp::DOWN], n, true)?;
+    project(gpu, output.ptr(), act.ptr(), pw(lp::DOWN), n, true)?;
     Ok((st, output))
 }
 
@@ -172,6 +174,8 @@ pub fn layer_backward(
     let attn_delta = a.bwd("attn_delta")?;
     let scores = a.bwd("attn_scores")?;
     let d_scores = a.bwd("attn_d_scores")?;
+    let pw = a.product_weights(p, true)?;
+    let pw = |i| pw.get(p, i);
     let (w, g) = (&p.weights, &p.grads);
     let dy = grad_output.ptr();
     let hd = d.head_dim();
@@ -192,7 +196,7 @@ pub fn layer_backward(
         d_up.ptr(),
         dy,
         act.ptr(),
-        &w[lp::DOWN],
+        pw(lp::DOWN),
         n,
         false,
     )?;
@@ -203,7 +207,7 @@ pub fn layer_backward(
         d_norm_out.ptr(),
         d_gate.ptr(),
         norm_out.ptr(),
-        &w[lp::GATE],
+        pw(lp::GATE),
         n,
         false,
     )?;
@@ -213,7 +217,7 @@ pub fn layer_backward(
         d_norm_out.ptr(),
         d_up.ptr(),
         norm_out.ptr(),
-        &w[lp::UP],
+        pw(lp::UP),
         n,
         true,
     )?;
@@ -236,7 +240,7 @@ pub fn layer_backward(
         d_attn_out.ptr(),
         d_resid_mid.ptr(),
         st.attn_out.ptr(),
-        &w[lp::O],
+        pw(lp::O),
         n,
         false,
     )?;
@@ -271,7 +275,7 @@ pub fn layer_backward(
             d_norm_out.ptr(),
             dp.ptr(),
             norm_out.ptr(),
-            &w[wi],
+            pw(wi),
             n,
             i > 0,
         )?;

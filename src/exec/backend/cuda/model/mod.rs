@@ -1,5 +1,7 @@
 //! The Llama model's parts on one CUDA device, each forward with its backward, allocating
-//! exactly the `cuda-f32` inventory's tensors (the CPU executor's stash names and shapes) and
+//! exactly the inventory's tensors for the device's precision (`cuda-f32`: the CPU
+//! executor's stash names and shapes; `cuda-bf16`: the same in bf16, plus bf16 copies of the
+//! weights the products read) and
 //! holding each part's scratch for the whole of its forward or backward, as the planner's
 //! memory model assumes, so its predicted peaks hold here; and
 //! [`GpuTrainer`]: a whole-model training step with the CPU trainer's semantics (mean loss over
@@ -23,8 +25,8 @@ use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
-use crate::exec::tensor::{Element, Tensor};
-use crate::plan::inventory::{MicroShape, Part, PartInventory, Profile, TensorSpec};
+use crate::exec::tensor::Tensor;
+use crate::plan::inventory::{DType, MicroShape, Part, PartInventory, TensorSpec};
 
 type Result<T> = std::result::Result<T, CudaError>;
 
@@ -59,14 +61,12 @@ struct Alloc<'a> {
 
 impl<'a> Alloc<'a> {
     fn new(ctx: GpuCtx<'a>, part: Part) -> Self {
-        let inv = Profile::CudaF32.part(&ctx.config.dims, ctx.micro, part);
+        let profile = ctx.gpu.precision.profile();
+        let inv = profile.part(&ctx.config.dims, ctx.micro, part);
         Alloc { ctx, part, inv }
     }
 
-    fn from<T>(&self, list: &[TensorSpec], name: &'static str) -> Result<GpuTensor<T>>
-    where
-        T: Element + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
-    {
+    fn from(&self, list: &[TensorSpec], name: &'static str) -> Result<GpuTensor> {
         let spec = list
             .iter()
             .find(|s| s.name == name)
@@ -77,10 +77,7 @@ impl<'a> Alloc<'a> {
         GpuTensor::from_spec(self.ctx.gpu, self.ctx.pool, spec, MemGroup::Activations)
     }
 
-    fn stash<T>(&self, name: &'static str) -> Result<GpuTensor<T>>
-    where
-        T: Element + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
-    {
+    fn stash(&self, name: &'static str) -> Result<GpuTensor> {
         self.from(&self.inv.stash, name)
     }
 
@@ -92,6 +89,42 @@ impl<'a> Alloc<'a> {
         self.from(&self.inv.backward_scratch, name)
     }
 
+    /// The weights the part's products read in its forward (`backward` false) or backward:
+    /// the f32 weights themselves, or with bf16 activations their bf16 copies, made now into
+    /// the inventory's `weights_bf16` scratch.
+    fn product_weights(&self, p: &GpuPart, backward: bool) -> Result<ProductWeights> {
+        let gpu = self.ctx.gpu;
+        let mut ptrs = Vec::with_capacity(p.weights.len());
+        if gpu.precision.activations() == DType::F32 {
+            ptrs.extend(p.weights.iter().map(GpuTensor::ptr));
+            return Ok(ProductWeights {
+                _copies: None,
+                ptrs,
+            });
+        }
+        let list = if backward {
+            &self.inv.backward_scratch
+        } else {
+            &self.inv.forward_scratch
+        };
+        let copies = self.from(list, "weights_bf16")?;
+        let mut offset = 0;
+        for w in &p.weights {
+            if w.shape().len() == 2 {
+                let dst = copies.at(offset);
+                gpu.cast_to_act(dst, w.ptr(), w.len())?;
+                ptrs.push(dst);
+                offset += w.len();
+            } else {
+                ptrs.push(w.ptr());
+            }
+        }
+        Ok(ProductWeights {
+            _copies: Some(copies),
+            ptrs,
+        })
+    }
+
     fn output(&self) -> Result<GpuTensor> {
         let spec = self.inv.output.as_ref().ok_or(ModelError::NotInInventory {
             part: self.part,
@@ -99,6 +132,34 @@ impl<'a> Alloc<'a> {
         })?;
         GpuTensor::from_spec(self.ctx.gpu, self.ctx.pool, spec, MemGroup::Activations)
     }
+}
+
+/// What a part's products read as its weights, indexed like the part's weights (see
+/// [`Alloc::product_weights`]).
+struct ProductWeights {
+    /// The bf16 copies, kept alive while the products that read them are queued.
+    _copies: Option<GpuTensor>,
+    ptrs: Vec<DevPtr>,
+}
+
+impl ProductWeights {
+    /// Weight `i` of `p` as its products read it.
+    fn get(&self, p: &GpuPart, i: usize) -> Weight {
+        let shape = p.weights[i].shape();
+        Weight {
+            ptr: self.ptrs[i],
+            out: shape[0],
+            inp: shape[1],
+        }
+    }
+}
+
+/// A projection's weight `[out, in]` as the products read it.
+#[derive(Clone, Copy)]
+struct Weight {
+    ptr: DevPtr,
+    out: usize,
+    inp: usize,
 }
 
 impl From<ModelError> for CudaError {
@@ -158,13 +219,11 @@ impl GpuPart {
                 w.data(),
                 group,
             )?);
-            let g = MemGroup::Gradients;
-            p.grads.push(GpuTensor::zeros(gpu, pool, name, shape, g)?);
+            let zeros = |group| GpuTensor::zeros(gpu, pool, name, shape, DType::F32, group);
+            p.grads.push(zeros(MemGroup::Gradients)?);
             if adam {
-                let o = MemGroup::OptimizerState;
-                p.exp_avg.push(GpuTensor::zeros(gpu, pool, name, shape, o)?);
-                p.exp_avg_sq
-                    .push(GpuTensor::zeros(gpu, pool, name, shape, o)?);
+                p.exp_avg.push(zeros(MemGroup::OptimizerState)?);
+                p.exp_avg_sq.push(zeros(MemGroup::OptimizerState)?);
             }
         }
         Ok(p)
@@ -216,30 +275,18 @@ fn copy_to_host<'a>(
     pairs: impl Iterator<Item = (&'a GpuTensor, &'a mut Tensor)>,
 ) -> Result<()> {
     for (src, dst) in pairs {
-        dst.data_mut().copy_from_slice(&src.to_host(gpu)?);
+        src.read_range(gpu, 0..src.len(), dst.data_mut())?;
     }
     Ok(())
 }
 
 /// `y[n, out] (+)= x[n, in] · W[out, in]^T`, the projections' forward.
-fn project(
-    gpu: &Gpu,
-    y: DevPtr,
-    x: DevPtr,
-    w: &GpuTensor,
-    n: usize,
-    accumulate: bool,
-) -> Result<()> {
-    let (out, inp) = (w.shape()[0], w.shape()[1]);
-    gpu.gemm(
-        y,
-        x,
-        w.ptr(),
-        Gemm::dense(n, out, inp, false, true, accumulate),
-    )
+fn project(gpu: &Gpu, y: DevPtr, x: DevPtr, w: Weight, n: usize, accumulate: bool) -> Result<()> {
+    let dense = Gemm::dense(n, w.out, w.inp, false, true, accumulate);
+    gpu.gemm(y, x, w.ptr, dense)
 }
 
-/// Backward of [`project`]: `dW += dy^T · x` and `dx (+)= dy · W`.
+/// Backward of [`project`]: `dW += dy^T · x` (f32) and `dx (+)= dy · W`.
 #[allow(clippy::too_many_arguments)]
 fn project_backward(
     gpu: &Gpu,
@@ -247,16 +294,12 @@ fn project_backward(
     dx: DevPtr,
     dy: DevPtr,
     x: DevPtr,
-    w: &GpuTensor,
+    w: Weight,
     n: usize,
     accumulate_dx: bool,
 ) -> Result<()> {
-    let (out, inp) = (w.shape()[0], w.shape()[1]);
+    let (out, inp) = (w.out, w.inp);
     gpu.gemm(dw.ptr(), dy, x, Gemm::dense(out, inp, n, true, false, true))?;
-    gpu.gemm(
-        dx,
-        dy,
-        w.ptr(),
-        Gemm::dense(n, inp, out, false, false, accumulate_dx),
-    )
+    let dense = Gemm::dense(n, inp, out, false, false, accumulate_dx);
+    gpu.gemm(dx, dy, w.ptr, dense)
 }

@@ -16,6 +16,7 @@ use crate::exec::optim::clip::clip_factor;
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::train::StepReport;
+use crate::plan::inventory::DType;
 
 /// The whole model and its optimizer on one GPU.
 pub struct GpuTrainer {
@@ -101,7 +102,7 @@ impl GpuTrainer {
     pub fn grad_norm(&mut self) -> Result<f64> {
         let gpu = &self.gpu;
         gpu.stream.memset_zeros(&mut self.norm_acc)?;
-        let acc = DevPtr(self.norm_acc.device_ptr(&gpu.stream).0);
+        let acc = DevPtr::new(self.norm_acc.device_ptr(&gpu.stream).0, DType::F64);
         for g in self.parts.iter().flat_map(|p| &p.grads) {
             gpu.sum_squares(acc, g.ptr(), g.len())?;
         }

@@ -13,6 +13,7 @@ use crate::exec::kernels::attention::AttnShape;
 use crate::exec::kernels::cross_entropy::HeadShape;
 use crate::exec::kernels::matmul::MatRef;
 use crate::exec::optim::{OptimizerConfig, update_elements};
+use crate::plan::inventory::DType;
 
 fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
@@ -36,7 +37,7 @@ impl Kit<'_> {
             MemGroup::Activations,
         )
     }
-    fn up_i32(&self, data: &[i32]) -> Result<GpuTensor<i32>> {
+    fn up_i32(&self, data: &[i32]) -> Result<GpuTensor> {
         GpuTensor::from_host(
             self.gpu,
             &self.pool,
@@ -89,7 +90,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         )?;
         checks.push(Check::new(
             format!("gemm ta={ta} tb={tb} (accumulate)"),
-            &gc.to_host(gpu)?,
+            &gc.to_host::<f32>(gpu)?,
             &want,
             gemm_tol,
         ));
@@ -102,10 +103,15 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     k.cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, 1e-5);
     let (gx, gw, go, gr) = (k.up(&x)?, k.up(&w)?, k.up(&out)?, k.up(&rstd)?);
     gpu.rmsnorm_forward(go.ptr(), gr.ptr(), gx.ptr(), gw.ptr(), rows, h, 1e-5)?;
-    checks.push(Check::new("rmsnorm forward", &go.to_host(gpu)?, &out, ew));
+    checks.push(Check::new(
+        "rmsnorm forward",
+        &go.to_host::<f32>(gpu)?,
+        &out,
+        ew,
+    ));
     checks.push(Check::new(
         "rmsnorm forward rstd",
-        &gr.to_host(gpu)?,
+        &gr.to_host::<f32>(gpu)?,
         &rstd,
         ew,
     ));
@@ -115,13 +121,13 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     gpu.rmsnorm_backward(gdy.ptr(), gdw.ptr(), gx.ptr(), gw.ptr(), gr.ptr(), rows, h)?;
     checks.push(Check::new(
         "rmsnorm backward dx",
-        &gdy.to_host(gpu)?,
+        &gdy.to_host::<f32>(gpu)?,
         &dx,
         ew,
     ));
     checks.push(Check::new(
         "rmsnorm backward dw (accumulate)",
-        &gdw.to_host(gpu)?,
+        &gdw.to_host::<f32>(gpu)?,
         &dw,
         ew,
     ));
@@ -136,7 +142,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         gpu.rope(gx.ptr(), 2 * seq, width, seq, hd, 10000.0, inverse)?;
         checks.push(Check::new(
             format!("rope inverse={inverse}"),
-            &gx.to_host(gpu)?,
+            &gx.to_host::<f32>(gpu)?,
             &want,
             ew,
         ));
@@ -149,20 +155,25 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     k.cpu.swiglu_forward(&mut act, &g, &u);
     let (gg, gu, gact) = (k.up(&g)?, k.up(&u)?, k.up(&act)?);
     gpu.swiglu_forward(gact.ptr(), gg.ptr(), gu.ptr(), n)?;
-    checks.push(Check::new("swiglu forward", &gact.to_host(gpu)?, &act, ew));
+    checks.push(Check::new(
+        "swiglu forward",
+        &gact.to_host::<f32>(gpu)?,
+        &act,
+        ew,
+    ));
     let (mut dg, mut du) = (vec![0.0; n], da.clone());
     k.cpu.swiglu_backward(&mut act, &mut dg, &mut du, &g, &u);
     let (gdg, gdu) = (k.up(&dg)?, k.up(&da)?);
     gpu.swiglu_backward(gdg.ptr(), gdu.ptr(), gg.ptr(), gu.ptr(), n)?;
     checks.push(Check::new(
         "swiglu backward d_gate",
-        &gdg.to_host(gpu)?,
+        &gdg.to_host::<f32>(gpu)?,
         &dg,
         ew,
     ));
     checks.push(Check::new(
         "swiglu backward d_up",
-        &gdu.to_host(gpu)?,
+        &gdu.to_host::<f32>(gpu)?,
         &du,
         ew,
     ));
@@ -177,7 +188,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     gpu.embedding_forward(gout.ptr(), gt.ptr(), gids.ptr(), tokens, hidden)?;
     checks.push(Check::new(
         "embedding forward",
-        &gout.to_host(gpu)?,
+        &gout.to_host::<f32>(gpu)?,
         &out,
         ew,
     ));
@@ -188,7 +199,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     gpu.embedding_backward(gt.ptr(), gdo.ptr(), gids.ptr(), tokens, hidden)?;
     checks.push(Check::new(
         "embedding backward (accumulate)",
-        &gt.to_host(gpu)?,
+        &gt.to_host::<f32>(gpu)?,
         &d_table,
         ew,
     ));
@@ -225,9 +236,24 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         (0.9, 0.95, 1e-8),
         c.kernel_args(),
     )?;
-    checks.push(Check::new("adamw weights", &gw.to_host(gpu)?, &w, ew));
-    checks.push(Check::new("adamw exp_avg", &gm.to_host(gpu)?, &m, ew));
-    checks.push(Check::new("adamw exp_avg_sq", &gv.to_host(gpu)?, &v, ew));
+    checks.push(Check::new(
+        "adamw weights",
+        &gw.to_host::<f32>(gpu)?,
+        &w,
+        ew,
+    ));
+    checks.push(Check::new(
+        "adamw exp_avg",
+        &gm.to_host::<f32>(gpu)?,
+        &m,
+        ew,
+    ));
+    checks.push(Check::new(
+        "adamw exp_avg_sq",
+        &gv.to_host::<f32>(gpu)?,
+        &v,
+        ew,
+    ));
     Ok(checks)
 }
 
@@ -266,7 +292,7 @@ fn attention_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
 
     let (gq, gk, gv, gdo) = (k.up(&q)?, k.up(&kk)?, k.up(&v)?, k.up(&d_out)?);
     let zeros =
-        |len: usize| GpuTensor::<f32>::zeros(gpu, &k.pool, "z", &[len], MemGroup::Activations);
+        |len: usize| GpuTensor::zeros(gpu, &k.pool, "z", &[len], DType::F32, MemGroup::Activations);
     let (gout, glse, scores, d_scores) = (
         zeros(n * w)?,
         zeros(stats)?,
@@ -298,20 +324,25 @@ fn attention_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
     Ok(vec![
         Check::new(
             "attention forward out (GQA 4/2 heads)",
-            &gout.to_host(gpu)?,
+            &gout.to_host::<f32>(gpu)?,
             &out,
             tol,
         ),
-        Check::new("attention forward lse", &glse.to_host(gpu)?, &lse, tol),
+        Check::new(
+            "attention forward lse",
+            &glse.to_host::<f32>(gpu)?,
+            &lse,
+            tol,
+        ),
         Check::new(
             "attention backward delta",
-            &gdelta.to_host(gpu)?,
+            &gdelta.to_host::<f32>(gpu)?,
             &delta,
             tol,
         ),
-        Check::new("attention backward dq", &gdq.to_host(gpu)?, &dq, tol),
-        Check::new("attention backward dk", &gdk.to_host(gpu)?, &dk, tol),
-        Check::new("attention backward dv", &gdv.to_host(gpu)?, &dv, tol),
+        Check::new("attention backward dq", &gdq.to_host::<f32>(gpu)?, &dq, tol),
+        Check::new("attention backward dk", &gdk.to_host::<f32>(gpu)?, &dk, tol),
+        Check::new("attention backward dv", &gdv.to_host::<f32>(gpu)?, &dv, tol),
     ])
 }
 
@@ -335,7 +366,7 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
 
     let (gx, gw, gt) = (k.up(&x)?, k.up(&w)?, k.up_i32(&targets)?);
     let zeros =
-        |len: usize| GpuTensor::<f32>::zeros(gpu, &k.pool, "z", &[len], MemGroup::Activations);
+        |len: usize| GpuTensor::zeros(gpu, &k.pool, "z", &[len], DType::F32, MemGroup::Activations);
     let (logits, rows, gdx, gdw) = (
         zeros(tokens * vocab)?,
         zeros(tokens)?,
@@ -349,7 +380,7 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
         Gemm::dense(tokens, vocab, hidden, false, true, false),
     )?;
     gpu.ce_forward(rows.ptr(), logits.ptr(), gt.ptr(), tokens, vocab)?;
-    let gpu_loss: f64 = rows.to_host(gpu)?.iter().map(|&l| l as f64).sum();
+    let gpu_loss: f64 = rows.to_host::<f32>(gpu)?.iter().map(|&l| l as f64).sum();
     gpu.ce_backward(logits.ptr(), gt.ptr(), tokens, vocab, scale)?;
     gpu.gemm(
         gdw.ptr(),
@@ -370,7 +401,17 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
             &[loss as f32],
             tol,
         ),
-        Check::new("cross-entropy backward dx", &gdx.to_host(gpu)?, &dx, tol),
-        Check::new("cross-entropy backward dw", &gdw.to_host(gpu)?, &dw, tol),
+        Check::new(
+            "cross-entropy backward dx",
+            &gdx.to_host::<f32>(gpu)?,
+            &dx,
+            tol,
+        ),
+        Check::new(
+            "cross-entropy backward dw",
+            &gdw.to_host::<f32>(gpu)?,
+            &dw,
+            tol,
+        ),
     ])
 }

@@ -19,7 +19,7 @@ use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::compare::rel_err;
-use crate::plan::inventory::MicroShape;
+use crate::plan::inventory::{DType, MicroShape};
 
 type Result<T> = std::result::Result<T, CudaError>;
 
@@ -59,6 +59,18 @@ fn print_checks(title: &str, checks: &[Check]) -> bool {
     checks.iter().all(Check::passed)
 }
 
+/// Each precision the checks run at, with the relative error they allow against the CPU
+/// backend and PyTorch (f32 references), and between pipeline stages and the whole-model
+/// trainer on the GPU (same kernels; AdamW's first step turns the order of float atomics
+/// into whole steps on a few weights). bf16 activations keep 8 significant bits (relative
+/// rounding 2^-9 per value), so their model checks allow 5e-2; that bound has not been
+/// calibrated on a GPU yet.
+const PRECISIONS: [(Precision, f64, f64); 3] = [
+    (Precision::F32, 1e-5, 1e-5),
+    (Precision::Tf32, 1e-3, 1e-3),
+    (Precision::Bf16, 5e-2, 1e-3),
+];
+
 /// What `selftest --gpu` runs.
 #[derive(Debug, Clone)]
 pub struct SelftestOptions {
@@ -89,7 +101,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
     println!("libraries: {libs}");
     libs.require_compute()?;
     let mut ok = true;
-    for (precision, tol) in [(Precision::F32, 1e-5), (Precision::Tf32, 1e-3)] {
+    for (precision, tol, stage_tol) in PRECISIONS {
         let gpu = Gpu::open(opts.device, precision)?;
         if precision == Precision::F32 {
             let (free, total) = gpu.ctx.mem_get_info()?;
@@ -102,22 +114,22 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
                 total >> 20
             );
         }
-        let title = format!("kernels vs CPU, products in {}", precision.name());
-        ok &= section(&title, kernel_checks(&gpu, tol)).is_some_and(|c| print_checks(&title, &c));
-        let title = format!(
-            "hf-llama-tiny training step vs CPU and PyTorch, products in {}",
-            precision.name()
-        );
+        let name = precision.name();
+        if precision.activations() == DType::F32 {
+            let title = format!("kernels vs CPU, products in {name}");
+            ok &=
+                section(&title, kernel_checks(&gpu, tol)).is_some_and(|c| print_checks(&title, &c));
+        }
+        let title = format!("hf-llama-tiny training step vs CPU and PyTorch, {name}");
         ok &= section(
             &title,
             model_checks(gpu, &opts.fixture, tol, precision == Precision::F32),
         )
         .is_some_and(|c| print_checks(&title, &c));
         let title = format!(
-            "pipeline stages on one GPU vs the whole-model trainer and the planner, products in {}",
-            precision.name()
+            "pipeline stages on one GPU vs the whole-model trainer and the planner, {name}"
         );
-        ok &= section(&title, pipeline_checks(opts.device, precision, tol))
+        ok &= section(&title, pipeline_checks(opts.device, precision, stage_tol))
             .is_some_and(|c| print_checks(&title, &c));
     }
     if !opts.skip_timing {
@@ -182,10 +194,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             }
         }
     }
-    println!(
-        "\nnot built yet: NCCL transport (stages on different GPUs copy through host memory), \
-         bf16 storage (bf16 is cuBLAS's compute type on f32 tensors)"
-    );
+    println!("\nnot built yet: NCCL transport (stages on different GPUs copy through host memory)");
     Ok(ok)
 }
 
@@ -200,7 +209,7 @@ fn stages_table(
 ) -> Result<bool> {
     const STAGES: usize = 4;
     let microbatches = microbatches.max(2 * STAGES);
-    let answer = squeezed_chronos(&config, micro, microbatches, STAGES, 0.7)?;
+    let answer = squeezed_chronos(&config, Precision::Tf32, micro, microbatches, STAGES, 0.7)?;
     let predicted: Vec<u64> = answer.sim.devices.iter().map(|d| d.peak_bytes).collect();
     let batches = pipeline::random_batches(&config, micro, microbatches);
     let plan = answer.plan.clone();

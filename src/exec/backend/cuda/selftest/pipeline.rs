@@ -20,7 +20,7 @@ use crate::exec::model::{LlamaConfig, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::pipeline::{Pipeline, PipelineError, seeded_parts};
-use crate::plan::inventory::{MicroShape, ModelDims, Profile};
+use crate::plan::inventory::{MicroShape, ModelDims};
 use crate::plan::ir::{Action, Plan};
 use crate::plan::policy::{Offload, Recompute};
 use crate::plan::presets::Cluster;
@@ -154,10 +154,11 @@ fn whole_model_weights(
     Ok(flat_weights(pairs.iter().map(|(p, _)| p)))
 }
 
-/// The planner's fastest `stages`-stage chronos plan for `config` when it must fit in
-/// `fraction` of the memory its roomiest plan needs (so it recomputes and offloads).
+/// The planner's fastest `stages`-stage chronos plan for `config` at `precision` when it must
+/// fit in `fraction` of the memory its roomiest plan needs (so it recomputes and offloads).
 pub fn squeezed_chronos(
     config: &LlamaConfig,
+    precision: Precision,
     micro: MicroShape,
     microbatches: usize,
     stages: usize,
@@ -174,7 +175,8 @@ pub fn squeezed_chronos(
         recompute: Recompute::Chronos,
         offload: Offload::Chronos,
     };
-    let cluster = |memory_bytes| Cluster::cuda(stages as u32, memory_bytes);
+    let profile = precision.profile_name();
+    let cluster = |memory_bytes| Cluster::cuda(stages as u32, memory_bytes, profile);
     let roomy = search(&request, &cluster(1 << 50)).map_err(planner_error)?;
     let tight = (roomy.sim.peak_bytes() as f64 * fraction) as u64;
     search(&request, &cluster(tight)).map_err(planner_error)
@@ -233,7 +235,14 @@ pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result
             let plan = build(kind, stages, microbatches as u32, layers).map_err(planner_error)?;
             plans.push((format!("{kind} on {stages} stages"), plan, usize::MAX));
         }
-        let squeezed = squeezed_chronos(&config, micro, microbatches, stages as usize, 0.7)?;
+        let squeezed = squeezed_chronos(
+            &config,
+            precision,
+            micro,
+            microbatches,
+            stages as usize,
+            0.7,
+        )?;
         let label = format!(
             "chronos on {stages} stages in 70% ({})",
             plan_summary(&squeezed.plan)
@@ -242,7 +251,7 @@ pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result
     }
     let mut checks = Vec::new();
     for (label, plan, budget) in plans {
-        let predicted = predicted_peaks(&plan, &config, micro)?;
+        let predicted = predicted_peaks(&plan, precision, &config, micro)?;
         let run = train_stages(ordinal, precision, config, plan, budget, &batches, steps)?;
         checks.push(Check::new(
             format!("{label}: weights"),
@@ -259,8 +268,13 @@ pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result
     Ok(checks)
 }
 
-/// Each stage's peak as the planner simulates `plan` with the `cuda-f32` inventory.
-pub fn predicted_peaks(plan: &Plan, config: &LlamaConfig, micro: MicroShape) -> Result<Vec<u64>> {
+/// Each stage's peak as the planner simulates `plan` with the inventory of `precision`.
+pub fn predicted_peaks(
+    plan: &Plan,
+    precision: Precision,
+    config: &LlamaConfig,
+    micro: MicroShape,
+) -> Result<Vec<u64>> {
     let hw = Hardware {
         peak_flops: 1e15,
         efficiency: 1.0,
@@ -269,7 +283,7 @@ pub fn predicted_peaks(plan: &Plan, config: &LlamaConfig, micro: MicroShape) -> 
         p2p_latency_s: 0.0,
         host_bytes_per_s: 1e30,
     };
-    let costs = chunk_costs(plan, Profile::CudaF32, &config.dims, micro, &hw);
+    let costs = chunk_costs(plan, precision.profile(), &config.dims, micro, &hw);
     let sim = simulate(plan, &costs, &hw, false).map_err(planner_error)?;
     Ok(sim.devices.iter().map(|d| d.peak_bytes).collect())
 }
@@ -316,15 +330,18 @@ mod tests {
             ),
         ];
         for (config, micro, microbatches, stages) in cases {
-            let a = squeezed_chronos(&config, micro, microbatches, stages, 0.7).unwrap();
-            let moved = count(&a.plan, |a| {
-                matches!(a, Action::Recompute { .. } | Action::Offload(_))
-            });
-            assert!(moved > 0, "{stages} stages: {}", plan_summary(&a.plan));
-            let peaks = predicted_peaks(&a.plan, &config, micro).unwrap();
-            let planned: Vec<u64> = a.sim.devices.iter().map(|d| d.peak_bytes).collect();
-            assert_eq!(peaks, planned);
-            assert!(peaks.iter().all(|&p| p <= a.budget_bytes), "{peaks:?}");
+            for precision in [Precision::Tf32, Precision::Bf16] {
+                let a =
+                    squeezed_chronos(&config, precision, micro, microbatches, stages, 0.7).unwrap();
+                let moved = count(&a.plan, |a| {
+                    matches!(a, Action::Recompute { .. } | Action::Offload(_))
+                });
+                assert!(moved > 0, "{stages} stages: {}", plan_summary(&a.plan));
+                let peaks = predicted_peaks(&a.plan, precision, &config, micro).unwrap();
+                let planned: Vec<u64> = a.sim.devices.iter().map(|d| d.peak_bytes).collect();
+                assert_eq!(peaks, planned);
+                assert!(peaks.iter().all(|&p| p <= a.budget_bytes), "{peaks:?}");
+            }
         }
     }
 }

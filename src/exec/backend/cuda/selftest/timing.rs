@@ -25,7 +25,7 @@ pub struct Timing {
     /// Model FLOPs per second over the GPU's dense peak for the precision, if known.
     pub mfu: Option<f64>,
     pub peak_bytes: usize,
-    /// The planner's prediction for the same run (`cuda-f32` inventory, one-stage plan).
+    /// The planner's prediction for the same run (the precision's inventory, one-stage plan).
     pub predicted_peak_bytes: u64,
     /// Per-operation times of one extra step, when asked for (calls, seconds), longest first.
     pub profile: Vec<(String, u64, f64)>,
@@ -69,8 +69,13 @@ pub fn step_flops(config: &LlamaConfig, micro: MicroShape, microbatches: usize) 
 }
 
 /// The planner's peak for training on one device: a one-stage 1F1B plan (each micro-batch's
-/// forward then backward, the step at the end) simulated with the `cuda-f32` inventory.
-pub fn predicted_peak(config: &LlamaConfig, micro: MicroShape, microbatches: usize) -> Result<u64> {
+/// forward then backward, the step at the end) simulated with `precision`'s inventory.
+pub fn predicted_peak(
+    config: &LlamaConfig,
+    precision: Precision,
+    micro: MicroShape,
+    microbatches: usize,
+) -> Result<u64> {
     let plan = build(
         ScheduleKind::OneFOneB,
         1,
@@ -78,7 +83,7 @@ pub fn predicted_peak(config: &LlamaConfig, micro: MicroShape, microbatches: usi
         config.dims.layers as u32,
     )
     .map_err(|e| CudaError::Unsupported(format!("planner: {e}")))?;
-    Ok(predicted_peaks(&plan, config, micro)?[0])
+    Ok(predicted_peaks(&plan, precision, config, micro)?[0])
 }
 
 /// Times `steps` training steps (after `warmup`) of `config` on GPU `ordinal`.
@@ -140,7 +145,7 @@ pub fn time_training(
         step_ms: secs * 1e3,
         mfu,
         peak_bytes: trainer.pool.peak_bytes(),
-        predicted_peak_bytes: predicted_peak(&config, micro, microbatches)?,
+        predicted_peak_bytes: predicted_peak(&config, precision, micro, microbatches)?,
         profile: report,
     })
 }
@@ -164,13 +169,27 @@ mod tests {
         let states = 16 * model_params(&config.dims);
         let stash = |p| total_bytes(&Profile::CudaF32.part(&config.dims, micro, p).stash) as u64;
         let one_mb = stash(Part::Embedding) + 12 * stash(Part::Layer) + stash(Part::Head);
-        let peak = predicted_peak(&config, micro, 2).unwrap();
+        let peak = predicted_peak(&config, Precision::Tf32, micro, 2).unwrap();
         assert!(peak > states + one_mb, "{peak} <= {states} + {one_mb}");
         assert!(
             peak < states + 2 * one_mb,
             "{peak} >= {states} + 2 x {one_mb}"
         );
-        assert_eq!(peak, predicted_peak(&config, micro, 4).unwrap());
-        println!("predicted peak {:.1} MiB", peak as f64 / MIB);
+        assert_eq!(
+            peak,
+            predicted_peak(&config, Precision::Tf32, micro, 4).unwrap()
+        );
+        // bf16 activations: the same states, each micro-batch's activations about halved.
+        let bf16 = predicted_peak(&config, Precision::Bf16, micro, 2).unwrap();
+        assert!(
+            bf16 > states && bf16 - states < (peak - states) * 6 / 10,
+            "{bf16}"
+        );
+        println!(
+            "predicted peak {:.1} MiB (f32 activations), {:.1} MiB (bf16); states {:.1} MiB",
+            peak as f64 / MIB,
+            bf16 as f64 / MIB,
+            states as f64 / MIB
+        );
     }
 }
