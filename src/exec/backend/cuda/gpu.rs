@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, sys};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::exec::backend::cuda::libs::Libraries;
@@ -98,6 +98,32 @@ fn cached_kernels(major: i32, minor: i32, activations: DType) -> Result<Ptx, Cud
     Ok(ptx)
 }
 
+/// Makes the device's stream-ordered allocator keep the memory it frees for reuse. cudarc
+/// allocates every buffer from the device's default memory pool (`cuMemAllocAsync`), whose
+/// release threshold is 0 unless set: each synchronisation (a step reads its loss) would hand
+/// the freed memory back to the driver, and the next allocations would map it again. The
+/// pools (`device::Pool`) still bound what the run allocates; the driver's pool holds at most
+/// the largest amount live at once.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), CudaError> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool, a handle that lives as long as the
+    // device; the attribute takes a pointer to a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(())
+}
+
 /// One opened device.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -131,6 +157,7 @@ impl Gpu {
         // needed.
         // SAFETY: every buffer used on the copy stream is ordered by those events.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let stream = ctx.default_stream();
         let copy = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
