@@ -65,6 +65,19 @@ async fn trains_for_real(url: &str) {
         2,
         "{plan}"
     );
+    // bf16 activations need CUDA devices: a plan is refused by field, a job is created and
+    // failed by field, the user at fault.
+    let mut bf16 = body(&train);
+    bf16["training"]["precision"] = json!("bf16");
+    let refused = server.post("/v1/plans").json(&bf16).send().await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let problem: Value = refused.json().await.unwrap();
+    assert_eq!(problem["param"], "training.precision", "{problem}");
+    let failed = server.create_job(&bf16).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "invalid_spec", "{failed}");
+    assert_eq!(failed["error"]["param"], "training.precision", "{failed}");
+    assert_eq!(failed["error"]["fault"], "user", "{failed}");
 
     let job = server.create_job(&body(&train)).await;
     let id = job["id"].as_str().unwrap().to_owned();

@@ -305,7 +305,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cuda_f32_cluster_plans_with_the_cuda_inventory_and_one_rank() {
+    fn cuda_clusters_plan_with_the_cuda_inventories_and_one_rank() {
         let json = r#"{"name": "h200-1", "devices": 1, "tensor_parallel": 1,
             "memory_bytes": 150000000000, "host_memory_bytes": 0, "profile": "cuda-f32",
             "peak_flops": 4.9e14, "efficiency": 0.3, "hbm_bytes_per_s": 4.8e12,
@@ -313,6 +313,10 @@ mod tests {
         let mut c: Cluster = serde_json::from_str(json).unwrap();
         c.validate().unwrap();
         assert_eq!(c.profile(), Profile::CudaF32);
+        let bf16: Cluster =
+            serde_json::from_str(&json.replace("\"cuda-f32\"", "\"cuda-bf16\"")).unwrap();
+        bf16.validate().unwrap();
+        assert_eq!(bf16.profile(), Profile::CudaBf16);
         c.tensor_parallel = 2;
         c.devices = 2;
         assert_eq!(
