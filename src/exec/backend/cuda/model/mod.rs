@@ -1,9 +1,8 @@
 //! The Llama model's parts on one CUDA device, each forward with its backward, allocating
 //! exactly the inventory's tensors for the device's precision (`cuda-f32`: the CPU
 //! executor's stash names and shapes; `cuda-bf16`: the same in bf16, plus bf16 copies of the
-//! weights the products read) and
-//! holding each part's scratch for the whole of its forward or backward, as the planner's
-//! memory model assumes, so its predicted peaks hold here; and
+//! weights the products read) and holding each part's scratch for the whole of its forward
+//! or backward, as the planner's memory model assumes, so its predicted peaks hold here; and
 //! [`GpuTrainer`]: a whole-model training step with the CPU trainer's semantics (mean loss over
 //! the step's tokens, global-norm clipping, AdamW or SGD with PyTorch's update).
 

@@ -19,6 +19,11 @@ fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
 }
 
+/// A device tensor's f32 values.
+fn down(gpu: &Gpu, t: &GpuTensor) -> Result<Vec<f32>> {
+    t.to_host(gpu)
+}
+
 struct Kit<'a> {
     gpu: &'a Gpu,
     pool: PoolRef,
@@ -90,7 +95,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         )?;
         checks.push(Check::new(
             format!("gemm ta={ta} tb={tb} (accumulate)"),
-            &gc.to_host::<f32>(gpu)?,
+            &down(gpu, &gc)?,
             &want,
             gemm_tol,
         ));
@@ -103,15 +108,10 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     k.cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, 1e-5);
     let (gx, gw, go, gr) = (k.up(&x)?, k.up(&w)?, k.up(&out)?, k.up(&rstd)?);
     gpu.rmsnorm_forward(go.ptr(), gr.ptr(), gx.ptr(), gw.ptr(), rows, h, 1e-5)?;
-    checks.push(Check::new(
-        "rmsnorm forward",
-        &go.to_host::<f32>(gpu)?,
-        &out,
-        ew,
-    ));
+    checks.push(Check::new("rmsnorm forward", &down(gpu, &go)?, &out, ew));
     checks.push(Check::new(
         "rmsnorm forward rstd",
-        &gr.to_host::<f32>(gpu)?,
+        &down(gpu, &gr)?,
         &rstd,
         ew,
     ));
@@ -121,13 +121,13 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     gpu.rmsnorm_backward(gdy.ptr(), gdw.ptr(), gx.ptr(), gw.ptr(), gr.ptr(), rows, h)?;
     checks.push(Check::new(
         "rmsnorm backward dx",
-        &gdy.to_host::<f32>(gpu)?,
+        &down(gpu, &gdy)?,
         &dx,
         ew,
     ));
     checks.push(Check::new(
         "rmsnorm backward dw (accumulate)",
-        &gdw.to_host::<f32>(gpu)?,
+        &down(gpu, &gdw)?,
         &dw,
         ew,
     ));
@@ -142,7 +142,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         gpu.rope(gx.ptr(), 2 * seq, width, seq, hd, 10000.0, inverse)?;
         checks.push(Check::new(
             format!("rope inverse={inverse}"),
-            &gx.to_host::<f32>(gpu)?,
+            &down(gpu, &gx)?,
             &want,
             ew,
         ));
@@ -155,25 +155,20 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     k.cpu.swiglu_forward(&mut act, &g, &u);
     let (gg, gu, gact) = (k.up(&g)?, k.up(&u)?, k.up(&act)?);
     gpu.swiglu_forward(gact.ptr(), gg.ptr(), gu.ptr(), n)?;
-    checks.push(Check::new(
-        "swiglu forward",
-        &gact.to_host::<f32>(gpu)?,
-        &act,
-        ew,
-    ));
+    checks.push(Check::new("swiglu forward", &down(gpu, &gact)?, &act, ew));
     let (mut dg, mut du) = (vec![0.0; n], da.clone());
     k.cpu.swiglu_backward(&mut act, &mut dg, &mut du, &g, &u);
     let (gdg, gdu) = (k.up(&dg)?, k.up(&da)?);
     gpu.swiglu_backward(gdg.ptr(), gdu.ptr(), gg.ptr(), gu.ptr(), n)?;
     checks.push(Check::new(
         "swiglu backward d_gate",
-        &gdg.to_host::<f32>(gpu)?,
+        &down(gpu, &gdg)?,
         &dg,
         ew,
     ));
     checks.push(Check::new(
         "swiglu backward d_up",
-        &gdu.to_host::<f32>(gpu)?,
+        &down(gpu, &gdu)?,
         &du,
         ew,
     ));
@@ -188,7 +183,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     gpu.embedding_forward(gout.ptr(), gt.ptr(), gids.ptr(), tokens, hidden)?;
     checks.push(Check::new(
         "embedding forward",
-        &gout.to_host::<f32>(gpu)?,
+        &down(gpu, &gout)?,
         &out,
         ew,
     ));
@@ -199,7 +194,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     gpu.embedding_backward(gt.ptr(), gdo.ptr(), gids.ptr(), tokens, hidden)?;
     checks.push(Check::new(
         "embedding backward (accumulate)",
-        &gt.to_host::<f32>(gpu)?,
+        &down(gpu, &gt)?,
         &d_table,
         ew,
     ));
@@ -236,24 +231,9 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         (0.9, 0.95, 1e-8),
         c.kernel_args(),
     )?;
-    checks.push(Check::new(
-        "adamw weights",
-        &gw.to_host::<f32>(gpu)?,
-        &w,
-        ew,
-    ));
-    checks.push(Check::new(
-        "adamw exp_avg",
-        &gm.to_host::<f32>(gpu)?,
-        &m,
-        ew,
-    ));
-    checks.push(Check::new(
-        "adamw exp_avg_sq",
-        &gv.to_host::<f32>(gpu)?,
-        &v,
-        ew,
-    ));
+    checks.push(Check::new("adamw weights", &down(gpu, &gw)?, &w, ew));
+    checks.push(Check::new("adamw exp_avg", &down(gpu, &gm)?, &m, ew));
+    checks.push(Check::new("adamw exp_avg_sq", &down(gpu, &gv)?, &v, ew));
     Ok(checks)
 }
 
@@ -324,25 +304,20 @@ fn attention_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
     Ok(vec![
         Check::new(
             "attention forward out (GQA 4/2 heads)",
-            &gout.to_host::<f32>(gpu)?,
+            &down(gpu, &gout)?,
             &out,
             tol,
         ),
-        Check::new(
-            "attention forward lse",
-            &glse.to_host::<f32>(gpu)?,
-            &lse,
-            tol,
-        ),
+        Check::new("attention forward lse", &down(gpu, &glse)?, &lse, tol),
         Check::new(
             "attention backward delta",
-            &gdelta.to_host::<f32>(gpu)?,
+            &down(gpu, &gdelta)?,
             &delta,
             tol,
         ),
-        Check::new("attention backward dq", &gdq.to_host::<f32>(gpu)?, &dq, tol),
-        Check::new("attention backward dk", &gdk.to_host::<f32>(gpu)?, &dk, tol),
-        Check::new("attention backward dv", &gdv.to_host::<f32>(gpu)?, &dv, tol),
+        Check::new("attention backward dq", &down(gpu, &gdq)?, &dq, tol),
+        Check::new("attention backward dk", &down(gpu, &gdk)?, &dk, tol),
+        Check::new("attention backward dv", &down(gpu, &gdv)?, &dv, tol),
     ])
 }
 
@@ -380,7 +355,7 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
         Gemm::dense(tokens, vocab, hidden, false, true, false),
     )?;
     gpu.ce_forward(rows.ptr(), logits.ptr(), gt.ptr(), tokens, vocab)?;
-    let gpu_loss: f64 = rows.to_host::<f32>(gpu)?.iter().map(|&l| l as f64).sum();
+    let gpu_loss: f64 = down(gpu, &rows)?.iter().map(|&l| l as f64).sum();
     gpu.ce_backward(logits.ptr(), gt.ptr(), tokens, vocab, scale)?;
     gpu.gemm(
         gdw.ptr(),
@@ -401,17 +376,7 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
             &[loss as f32],
             tol,
         ),
-        Check::new(
-            "cross-entropy backward dx",
-            &gdx.to_host::<f32>(gpu)?,
-            &dx,
-            tol,
-        ),
-        Check::new(
-            "cross-entropy backward dw",
-            &gdw.to_host::<f32>(gpu)?,
-            &dw,
-            tol,
-        ),
+        Check::new("cross-entropy backward dx", &down(gpu, &gdx)?, &dx, tol),
+        Check::new("cross-entropy backward dw", &down(gpu, &gdw)?, &dw, tol),
     ])
 }
