@@ -226,7 +226,6 @@ impl Engine for GpuEngine {
         } = part;
         for (name, w) in names.iter().zip(host_weights) {
             let (_, shape, data) = w.into_data();
-            let len = data.len();
             weights.push(GpuTensor::on_host(
                 host,
                 name,
@@ -234,13 +233,8 @@ impl Engine for GpuEngine {
                 data,
                 MemGroup::Weights,
             )?);
-            grads.push(GpuTensor::on_host(
-                host,
-                name,
-                &shape,
-                vec![0.0f32; len],
-                MemGroup::Gradients,
-            )?);
+            let g = MemGroup::Gradients;
+            grads.push(GpuTensor::zeros_on_host(host, name, &shape, DType::F32, g)?);
         }
         Ok(GpuPart::new(id, weights, grads))
     }
@@ -267,11 +261,11 @@ impl Engine for GpuEngine {
         len: usize,
         group: MemGroup,
     ) -> Result<GpuTensor> {
-        Ok(GpuTensor::on_host(
+        Ok(GpuTensor::zeros_on_host(
             host,
             name,
             &[len],
-            vec![0.0f32; len],
+            DType::F32,
             group,
         )?)
     }

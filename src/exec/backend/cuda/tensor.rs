@@ -128,13 +128,36 @@ impl GpuTensor {
     ) -> Result<Self, CudaError> {
         check_len(name, shape, data.len())?;
         let bytes: Vec<u8> = bytemuck::cast_slice(&data).to_vec();
+        Self::host_bytes(pool, name, shape, T::DTYPE, bytes, group)
+    }
+
+    /// Zeros in host memory counted in `pool` (the host's): a tensor that starts offloaded.
+    pub fn zeros_on_host(
+        pool: &PoolRef,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        group: MemGroup,
+    ) -> Result<Self, CudaError> {
+        let bytes = vec![0u8; shape.iter().product::<usize>() * dtype.bytes()];
+        Self::host_bytes(pool, name, shape, dtype, bytes, group)
+    }
+
+    fn host_bytes(
+        pool: &PoolRef,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        bytes: Vec<u8>,
+        group: MemGroup,
+    ) -> Result<Self, CudaError> {
         let lease = Lease::reserve(pool, name, group, bytes.len())?;
         Ok(GpuTensor {
             storage: Storage::Host(bytes),
             addr: 0,
             name: name.to_string(),
             shape: shape.to_vec(),
-            dtype: T::DTYPE,
+            dtype,
             lease,
             ready: None,
         })
