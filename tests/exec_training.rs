@@ -32,22 +32,13 @@ fn tiny_config() -> LlamaConfig {
     }
 }
 
-fn adamw() -> OptimizerConfig {
-    OptimizerConfig::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    }
-}
-
 fn trainer(seed: u64) -> SingleDevice {
     SingleDevice::from_seed(
         tiny_config(),
         Pool::new("cpu:0", 64 << 20),
         Box::new(CpuBackend::default()),
         seed,
-        adamw(),
+        OptimizerConfig::default(),
         LrSchedule::constant(3e-3),
         Some(1.0),
     )
@@ -245,7 +236,7 @@ fn bad_input_is_an_error_not_a_panic() {
         Pool::new("cpu:0", 100_000),
         Box::new(CpuBackend::default()),
         1,
-        adamw(),
+        OptimizerConfig::default(),
         LrSchedule::constant(1e-3),
         None,
     );

@@ -45,6 +45,13 @@ impl OptimizerConfig {
     }
 }
 
+/// A job spec's default optimizer: AdamW with betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig::from_spec(&OptimizerSpec::default())
+    }
+}
+
 /// One part's optimizer state (AdamW's moments; empty for SGD), counted as optimizer state.
 #[derive(Debug)]
 pub struct PartOptimState {
@@ -241,5 +248,21 @@ pub fn update_parts(
 ) {
     for (part, state) in parts.iter_mut().zip(states.iter_mut()) {
         step_part(config, step, lr, clip_factor, part, state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_the_job_specs_adamw() {
+        let want = OptimizerConfig::AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        assert_eq!(OptimizerConfig::default(), want);
     }
 }

@@ -27,15 +27,6 @@ fn config() -> LlamaConfig {
     }
 }
 
-fn adamw() -> OptimizerConfig {
-    OptimizerConfig::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    }
-}
-
 fn batcher() -> Batcher {
     let text = "pipelines keep every device busy while memory stays small. ".repeat(30);
     let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
@@ -56,7 +47,7 @@ fn reference_weights() -> Vec<Vec<u32>> {
         Pool::new("cpu:0", 256 << 20),
         Box::new(CpuBackend::default()),
         7,
-        adamw(),
+        OptimizerConfig::default(),
         LrSchedule::constant(1e-2),
         Some(1.0),
     )
@@ -87,7 +78,7 @@ fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineError> {
             backend: Box::new(CpuBackend::default()),
         },
         parts,
-        adamw(),
+        OptimizerConfig::default(),
         LrSchedule::constant(1e-2),
         Some(1.0),
     )
@@ -179,14 +170,7 @@ fn every_schedule() -> Vec<(String, Plan)> {
     let layers = config().dims.layers as u32;
     let mut plans = Vec::new();
     for devices in [1, 2, 4] {
-        for kind in [
-            ScheduleKind::Gpipe,
-            ScheduleKind::OneFOneB,
-            ScheduleKind::Interleaved {
-                chunks_per_device: 2,
-            },
-            ScheduleKind::Chronos { in_flight: 0 },
-        ] {
+        for kind in ScheduleKind::EACH {
             if matches!(kind, ScheduleKind::Interleaved { .. }) && devices == 1 {
                 continue;
             }

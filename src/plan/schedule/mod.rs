@@ -34,6 +34,17 @@ pub enum ScheduleKind {
 }
 
 impl ScheduleKind {
+    /// One of each schedule (interleaved with 2 chunks per device, chronos unbounded), for
+    /// checks that run them all.
+    pub const EACH: [ScheduleKind; 4] = [
+        ScheduleKind::Gpipe,
+        ScheduleKind::OneFOneB,
+        ScheduleKind::Interleaved {
+            chunks_per_device: 2,
+        },
+        ScheduleKind::Chronos { in_flight: 0 },
+    ];
+
     pub fn chunks_per_device(self) -> u32 {
         match self {
             ScheduleKind::Gpipe | ScheduleKind::OneFOneB => 1,

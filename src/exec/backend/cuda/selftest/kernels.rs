@@ -210,12 +210,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         k.rand(n),
         k.rand(n).iter().map(|x| x.abs()).collect::<Vec<_>>(),
     );
-    let adamw = OptimizerConfig::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let adamw = OptimizerConfig::default();
     let c = adamw.coeffs(3, 1e-3);
     let factor = 0.7;
     let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());

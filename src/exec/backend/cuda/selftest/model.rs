@@ -58,12 +58,7 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
     let ids = PartId::all(config.dims.layers);
     let mut cpu_parts = load_hf_parts(fixture, &config, &ids, &host).map_err(|e| bad(&e))?;
     let (lr, max_norm) = (1e-3, 1.0);
-    let adamw = OptimizerConfig::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let adamw = OptimizerConfig::default();
 
     let pool = gpu.pool(None, 1 << 30)?;
     let mut trainer = GpuTrainer::upload(

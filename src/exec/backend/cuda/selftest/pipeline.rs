@@ -30,15 +30,6 @@ use crate::plan::simulate::{Hardware, chunk_costs, simulate};
 
 const SEED: u64 = 99;
 
-fn adamw() -> OptimizerConfig {
-    OptimizerConfig::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    }
-}
-
 fn pipeline_error(e: PipelineError) -> CudaError {
     match e {
         PipelineError::Cuda(e) => e,
@@ -99,7 +90,7 @@ pub fn train_stages(
         devices,
         engine,
         parts,
-        adamw(),
+        OptimizerConfig::default(),
         LrSchedule::constant(3e-4),
         Some(1.0),
     )
@@ -143,7 +134,7 @@ fn whole_model_weights(
         pool,
         config,
         &parts,
-        adamw(),
+        OptimizerConfig::default(),
         LrSchedule::constant(3e-4),
         Some(1.0),
     )?;
@@ -224,14 +215,7 @@ pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result
     let layers = config.dims.layers as u32;
     let mut plans = Vec::new();
     for stages in [2, 4] {
-        for kind in [
-            ScheduleKind::Gpipe,
-            ScheduleKind::OneFOneB,
-            ScheduleKind::Interleaved {
-                chunks_per_device: 2,
-            },
-            ScheduleKind::Chronos { in_flight: 0 },
-        ] {
+        for kind in ScheduleKind::EACH {
             let plan = build(kind, stages, microbatches as u32, layers).map_err(planner_error)?;
             plans.push((format!("{kind} on {stages} stages"), plan, usize::MAX));
         }

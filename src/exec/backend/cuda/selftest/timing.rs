@@ -103,12 +103,7 @@ pub fn time_training(
         p.init_from_seed(1234);
     }
     let pool = gpu.pool(None, 1 << 30)?;
-    let adamw = OptimizerConfig::AdamW {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let adamw = OptimizerConfig::default();
     let mut trainer = GpuTrainer::upload(
         gpu,
         pool,
