@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 
+use crate::exec::backend::cuda::Precision;
 use crate::exec::backend::cuda::selftest::{self, SelftestOptions};
 
 #[derive(Debug, Args)]
@@ -31,6 +32,11 @@ pub struct SelftestArgs {
     /// Only the parity checks.
     #[arg(long)]
     pub skip_timing: bool,
+    /// Only these precisions (comma-separated: f32, tf32, bf16), checks and timings alike;
+    /// running each in its own process keeps one precision's failure from hiding the others'.
+    #[arg(long, value_delimiter = ',', value_parser = parse_precision,
+          default_value = "f32,tf32,bf16")]
+    pub precision: Vec<Precision>,
     /// After the timings, show where one step's time goes, operation by operation.
     #[arg(long)]
     pub profile: bool,
@@ -49,10 +55,18 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
         microbatches: args.microbatches,
         steps: args.steps,
         skip_timing: args.skip_timing,
+        precisions: args.precision.clone(),
         profile: args.profile,
     };
     if !selftest::run(&opts)? {
         bail!("some GPU checks failed (the FAIL lines above)");
     }
     Ok(())
+}
+
+fn parse_precision(name: &str) -> Result<Precision, String> {
+    Precision::EACH
+        .into_iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| format!("unknown precision `{name}`: one of f32, tf32, bf16"))
 }

@@ -82,6 +82,8 @@ pub enum Precision {
 }
 
 impl Precision {
+    pub const EACH: [Precision; 3] = [Precision::F32, Precision::Tf32, Precision::Bf16];
+
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",

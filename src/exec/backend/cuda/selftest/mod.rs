@@ -80,6 +80,9 @@ pub struct SelftestOptions {
     pub microbatches: usize,
     pub steps: usize,
     pub skip_timing: bool,
+    /// The precisions to check and time (the timing table has rows for TF32 and bf16, and the
+    /// 4-stage plan runs in TF32).
+    pub precisions: Vec<Precision>,
     /// Also print where one step's time goes, operation by operation.
     pub profile: bool,
 }
@@ -101,9 +104,11 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
     println!("libraries: {libs}");
     libs.require_compute()?;
     let mut ok = true;
-    for (precision, tol, stage_tol) in PRECISIONS {
+    let asked = |p: &Precision| opts.precisions.contains(p);
+    let checked = PRECISIONS.into_iter().filter(|(p, ..)| asked(p));
+    for (i, (precision, tol, stage_tol)) in checked.enumerate() {
         let gpu = Gpu::open(opts.device, precision)?;
-        if precision == Precision::F32 {
+        if i == 0 {
             let (free, total) = gpu.ctx.mem_get_info()?;
             let (major, minor) = gpu.ctx.compute_capability()?;
             println!(
@@ -132,7 +137,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         ok &= section(&title, pipeline_checks(opts.device, precision, stage_tol))
             .is_some_and(|c| print_checks(&title, &c));
     }
-    if !opts.skip_timing {
+    if !opts.skip_timing && (asked(&Precision::Tf32) || asked(&Precision::Bf16)) {
         let config = llama_125m();
         let micro = MicroShape {
             batch: opts.micro_batch_size,
@@ -148,7 +153,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         );
         println!("|---|---:|---:|---:|---:|---:|");
         let mut profiles = Vec::new();
-        for precision in [Precision::Tf32, Precision::Bf16] {
+        for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
             let timed = time_training(
                 opts.device,
                 precision,
@@ -173,11 +178,13 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             );
             profiles.push((precision, t.profile));
         }
-        ok &= section(
-            "4-stage chronos plan on one GPU",
-            stages_table(opts.device, config, micro, opts.microbatches),
-        )
-        .unwrap_or(false);
+        if asked(&Precision::Tf32) {
+            ok &= section(
+                "4-stage chronos plan on one GPU",
+                stages_table(opts.device, config, micro, opts.microbatches),
+            )
+            .unwrap_or(false);
+        }
         for (precision, rows) in profiles.iter().filter(|(_, r)| !r.is_empty()) {
             let total: f64 = rows.iter().map(|r| r.2).sum();
             println!(
