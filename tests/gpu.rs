@@ -7,6 +7,7 @@ use std::path::PathBuf;
 #[path = "common/run_log.rs"]
 mod run_log;
 
+use chronospipe::exec::backend::cuda::Precision;
 use chronospipe::exec::backend::cuda::selftest::{self, SelftestOptions};
 use run_log::RunLog;
 
@@ -21,6 +22,7 @@ fn options() -> SelftestOptions {
         microbatches: 2,
         steps: 5,
         skip_timing: true,
+        precisions: Precision::EACH.to_vec(),
         profile: false,
     }
 }

@@ -143,7 +143,8 @@ pub enum Profile {
     CudaF32,
     /// What the CUDA backend allocates with bf16 activations: `cuda-f32`'s tensors with
     /// activations in bf16 (per-row statistics, losses and token ids keep their types), plus
-    /// bf16 copies of a part's projection weights as scratch of its forward and backward.
+    /// bf16 copies of a part's projection weights as scratch of its forward and backward;
+    /// with the flash kernels' head dimensions, an f32 dQ accumulator instead of the scores.
     /// Weights, gradients and optimizer state stay f32.
     CudaBf16,
     /// Paper-scale planning: bf16 activations, tensor parallel degree `tensor_parallel` with
@@ -327,10 +328,34 @@ const CUDA_BF16_KEEPS_F32: [&str; 6] = [
     "token_loss",
 ];
 
+/// Head dimensions the CUDA backend's flash-attention kernels are built for.
+pub const CUDA_FLASH_HEAD_DIMS: [usize; 3] = [16, 32, 64];
+
+/// Whether the CUDA backend runs a layer's attention with its flash kernels (bf16 activations
+/// and a head dimension they are built for): scores then never reach device memory.
+pub fn cuda_flash_attention(profile: Profile, d: &ModelDims) -> bool {
+    profile == Profile::CudaBf16 && CUDA_FLASH_HEAD_DIMS.contains(&d.head_dim())
+}
+
 /// The CUDA backend's tensors with bf16 activations: `cuda-f32` with every f32 activation in
 /// bf16 except [`CUDA_BF16_KEEPS_F32`], and `weights_bf16` (the part's projection weights,
 /// rounded for the products) in the forward and backward scratch of a layer and the head.
+/// Where attention runs on the flash kernels ([`cuda_flash_attention`]), a layer has no
+/// scores scratch; its backward adds dQ into `attn_dq_acc`, f32, before rounding it.
 fn cuda_bf16(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
+    let mut inv = cuda_bf16_storage(d, m, part);
+    if part == Part::Layer && cuda_flash_attention(Profile::CudaBf16, d) {
+        let scores = ["attn_scores", "attn_d_scores"];
+        inv.forward_scratch.retain(|t| !scores.contains(&t.name));
+        inv.backward_scratch.retain(|t| !scores.contains(&t.name));
+        let dq = TensorSpec::new("attn_dq_acc", &[m.tokens(), d.heads * d.head_dim()], DType::F32);
+        inv.backward_scratch.push(dq);
+    }
+    inv
+}
+
+/// `cuda-bf16` with attention through cuBLAS (scores as scratch).
+fn cuda_bf16_storage(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
     let mut inv = cuda_f32(d, m, part);
     let lists = [
         &mut inv.stash,
@@ -374,12 +399,15 @@ mod tests {
 
     /// `cuda-bf16` is `cuda-f32` tensor for tensor with activations in bf16 (statistics,
     /// losses and token ids keep their types), plus the projections' bf16 copies in a layer's
-    /// and the head's forward and backward scratch.
+    /// and the head's forward and backward scratch (a head dimension the flash kernels are
+    /// not built for: 24).
     #[test]
     fn cuda_bf16_is_cuda_f32_with_bf16_activations_and_weight_copies() {
+        let dims = ModelDims { hidden: 96, ..DIMS };
+        assert!(!cuda_flash_attention(Profile::CudaBf16, &dims));
         for part in [Part::Embedding, Part::Layer, Part::Head] {
-            let f32_inv = Profile::CudaF32.part(&DIMS, MICRO, part);
-            let bf16_inv = Profile::CudaBf16.part(&DIMS, MICRO, part);
+            let f32_inv = Profile::CudaF32.part(&dims, MICRO, part);
+            let bf16_inv = Profile::CudaBf16.part(&dims, MICRO, part);
             assert_eq!(bf16_inv.params, f32_inv.params, "{part:?}");
             let projections: usize = (f32_inv.params.iter())
                 .filter(|t| t.shape.len() == 2)
@@ -416,8 +444,34 @@ mod tests {
             assert_eq!(output(&bf16_inv), want, "{part:?}");
         }
         // A layer keeps a little over half the bytes: statistics stay f32.
-        let stash = |p: Profile| total_bytes(&p.part(&DIMS, MICRO, Part::Layer).stash) as f64;
+        let stash = |p: Profile| total_bytes(&p.part(&dims, MICRO, Part::Layer).stash) as f64;
         let ratio = stash(Profile::CudaBf16) / stash(Profile::CudaF32);
         assert!((0.5..0.52).contains(&ratio), "{ratio}");
+    }
+
+    /// With a head dimension the flash kernels are built for, a bf16 layer trades the scores
+    /// scratch (forward and backward) for an f32 dQ accumulator in its backward; nothing else
+    /// changes, and only with bf16 activations.
+    #[test]
+    fn flash_attention_layers_hold_a_dq_accumulator_instead_of_scores() {
+        assert_eq!(DIMS.head_dim(), 16);
+        assert!(cuda_flash_attention(Profile::CudaBf16, &DIMS));
+        assert!(!cuda_flash_attention(Profile::CudaF32, &DIMS));
+        let flash = Profile::CudaBf16.part(&DIMS, MICRO, Part::Layer);
+        let mut cublas = cuda_bf16_storage(&DIMS, MICRO, Part::Layer);
+        let scores = |t: &TensorSpec| t.name == "attn_scores" || t.name == "attn_d_scores";
+        assert_eq!(cublas.forward_scratch.iter().filter(|t| scores(t)).count(), 1);
+        assert_eq!(cublas.backward_scratch.iter().filter(|t| scores(t)).count(), 2);
+        cublas.forward_scratch.retain(|t| !scores(t));
+        cublas.backward_scratch.retain(|t| !scores(t));
+        assert_eq!(flash.stash, cublas.stash);
+        assert_eq!(flash.forward_scratch, cublas.forward_scratch);
+        let dq: Vec<&TensorSpec> = (flash.backward_scratch.iter())
+            .filter(|t| !cublas.backward_scratch.contains(t))
+            .collect();
+        assert_eq!(dq.len(), 1);
+        assert_eq!((dq[0].name, dq[0].dtype), ("attn_dq_acc", DType::F32));
+        assert_eq!(dq[0].shape, [MICRO.tokens(), DIMS.hidden]);
+        assert_eq!(flash.backward_scratch.len(), cublas.backward_scratch.len() + 1);
     }
 }

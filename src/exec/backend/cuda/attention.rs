@@ -3,15 +3,20 @@
 //! as scratch; the forward keeps the output and each row's log-sum-exp, and the backward
 //! recomputes the probabilities from them, as a flash kernel does.
 //!
+//! With bf16 activations and a head dimension of [`FLASH_KERNELS`], the flash kernels
+//! (`kernels/flash_attention.cu`) do the same work with the scores kept on chip: no scratch
+//! but an f32 dQ accumulator in the backward.
+//!
 //! Query head `hd` reads key/value head `hd / group`. Heads are batched per `sub` in
 //! `0..group`: the batch runs over key/value heads `g`, query head `g * group + sub`, so every
 //! operand advances by a constant stride.
 
 use crate::exec::backend::cuda::CudaError;
-use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, Gpu};
 use crate::exec::backend::cuda::ops::Gemm;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::kernels::attention::AttnShape;
+use crate::plan::inventory::DType;
 
 type R = Result<(), CudaError>;
 
@@ -215,4 +220,59 @@ impl Gpu {
         }
         Ok(())
     }
+
+    /// The flash kernels' forward: fills `out` [n, heads·hd] and `lse` [batch, heads, seq]
+    /// from bf16 `q`, `k`, `v`, with no scratch.
+    pub fn flash_attention_forward(
+        &self,
+        (out, lse): (DevPtr, DevPtr),
+        (q, k, v): (DevPtr, DevPtr, DevPtr),
+        sh: AttnShape,
+    ) -> R {
+        let (forward, _) = flash_kernels(&[out, q, k, v], &sh)?;
+        let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        self.launch_flash_forward(forward, (out, lse), (q, k, v), &sh, scale)
+    }
+
+    /// The flash kernels' backward: writes `dq`, `dk`, `dv` and `delta`; `dq_acc` holds
+    /// [n, heads·hd] f32 of zeros on entry (the kernel adds each key block's share into it).
+    pub fn flash_attention_backward(
+        &self,
+        (dq, dk, dv, delta): (DevPtr, DevPtr, DevPtr, DevPtr),
+        d_out: DevPtr,
+        (q, k, v, out, lse): (DevPtr, DevPtr, DevPtr, DevPtr, DevPtr),
+        dq_acc: DevPtr,
+        sh: AttnShape,
+    ) -> R {
+        let (_, backward) = flash_kernels(&[dq, dk, dv, d_out, q, k, v, out], &sh)?;
+        let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        self.launch_delta(delta, d_out, out, &sh)?;
+        self.launch_flash_backward(
+            backward,
+            (dq_acc, dk, dv),
+            (q, k, v, d_out, lse, delta),
+            &sh,
+            scale,
+        )?;
+        self.cast_to_act(dq, dq_acc, sh.batch * sh.seq * sh.heads * sh.head_dim)
+    }
+}
+
+/// The flash kernels for `sh`'s head dimension, once the operands are known to suit them:
+/// bf16, and 16-byte aligned (the kernels copy rows in 16-byte pieces).
+fn flash_kernels(
+    operands: &[DevPtr],
+    sh: &AttnShape,
+) -> Result<(&'static str, &'static str), CudaError> {
+    let unsupported = |what: String| Err(CudaError::Unsupported(format!("flash attention: {what}")));
+    let Some(&(_, forward, backward)) = FLASH_KERNELS.iter().find(|k| k.0 == sh.head_dim) else {
+        return unsupported(format!("no kernels for head dimension {}", sh.head_dim));
+    };
+    if let Some(p) = operands.iter().find(|p| p.dtype != DType::Bf16) {
+        return unsupported(format!("operands are bf16, not {:?}", p.dtype));
+    }
+    if let Some(p) = operands.iter().find(|p| p.addr % 16 != 0) {
+        return unsupported(format!("operand at {:#x} is not 16-byte aligned", p.addr));
+    }
+    Ok((forward, backward))
 }

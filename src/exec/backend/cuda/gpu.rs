@@ -41,6 +41,15 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
     ),
 ];
 
+/// The flash-attention kernels, compiled after [`KERNEL_SOURCES`] and built only with bf16
+/// activations: per head dimension, the forward and the backward kernel.
+pub const FLASH_SOURCE: &str = include_str!("../../../../kernels/flash_attention.cu");
+pub const FLASH_KERNELS: [(usize, &str, &str); 3] = [
+    (16, "flash_forward_16", "flash_backward_16"),
+    (32, "flash_forward_32", "flash_backward_32"),
+    (64, "flash_forward_64", "flash_backward_64"),
+];
+
 /// Every `extern "C" __global__` function in [`KERNEL_SOURCES`].
 pub fn kernel_names() -> Vec<&'static str> {
     let mut names = Vec::new();
@@ -59,6 +68,7 @@ pub fn kernel_program() -> String {
     KERNEL_SOURCES
         .iter()
         .map(|(name, src)| format!("// ---- kernels/{name}\n{src}\n"))
+        .chain([format!("// ---- kernels/flash_attention.cu\n{FLASH_SOURCE}\n")])
         .collect()
 }
 
@@ -162,10 +172,18 @@ impl Gpu {
         let copy = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
         let (major, minor) = ctx.compute_capability()?;
+        let bf16 = precision.activations() == DType::Bf16;
+        if bf16 && major < 8 {
+            return Err(CudaError::Unsupported(format!(
+                "bf16 activations need a GPU of compute capability 8.0 or newer; cuda:{ordinal} \
+                 is {major}.{minor}: use training.precision f32"
+            )));
+        }
         let ptx = cached_kernels(major, minor, precision.activations())?;
         let module = ctx.load_module(ptx)?;
         let mut functions = HashMap::new();
-        for name in kernel_names() {
+        let flash = FLASH_KERNELS.iter().flat_map(|(_, f, b)| [*f, *b]);
+        for name in kernel_names().into_iter().chain(flash.filter(|_| bf16)) {
             functions.insert(name, module.load_function(name)?);
         }
         Ok(Gpu {
@@ -258,6 +276,18 @@ mod tests {
         assert_eq!(sorted.len(), names.len());
     }
 
+    /// The flash kernels exist for the head dimensions the planner's inventory assumes.
+    #[test]
+    fn flash_kernels_cover_the_planned_head_dimensions() {
+        let dims: Vec<usize> = FLASH_KERNELS.iter().map(|k| k.0).collect();
+        assert_eq!(dims, crate::plan::inventory::CUDA_FLASH_HEAD_DIMS);
+        for (d, forward, backward) in FLASH_KERNELS {
+            assert_eq!(forward, format!("flash_forward_{d}"));
+            assert_eq!(backward, format!("flash_backward_{d}"));
+            assert!(FLASH_SOURCE.contains(&format!("FA_KERNELS({d})")));
+        }
+    }
+
     #[test]
     fn opening_a_device_is_a_gpu_or_a_typed_unavailable_error() {
         match Gpu::open(0, Precision::F32) {
@@ -278,6 +308,10 @@ mod tests {
             for name in kernel_names() {
                 assert!(src.contains(name), "{name} missing from the PTX");
             }
+        }
+        for (_, forward, backward) in FLASH_KERNELS {
+            assert!(bf16_src.contains(forward) && bf16_src.contains(backward));
+            assert!(!f32_src.contains(forward), "{forward} built with f32 activations");
         }
         assert_ne!(f32_src, bf16_src);
         assert_eq!(cached_kernels(9, 0, DType::F32).unwrap().to_src(), f32_src);

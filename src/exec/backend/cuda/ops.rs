@@ -525,4 +525,71 @@ impl Gpu {
             ],
         )
     }
+
+    /// The flash forward for head dimension `hd`'s kernel: one block of four warps per 64
+    /// queries, head and sequence.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_flash_forward(
+        &self,
+        kernel: &'static str,
+        (out, lse): (DevPtr, DevPtr),
+        (q, k, v): (DevPtr, DevPtr, DevPtr),
+        sh: &AttnShape,
+        scale: f32,
+    ) -> R {
+        self.launch(
+            kernel,
+            flash_grid(sh.seq, sh.heads, sh.batch),
+            &[
+                Ptr(out),
+                Ptr(lse),
+                Ptr(q),
+                Ptr(k),
+                Ptr(v),
+                int(sh.seq),
+                int(sh.heads),
+                int(sh.kv_heads),
+                F32(scale),
+            ],
+        )
+    }
+
+    /// The flash backward: one block per 64 keys, key/value head and sequence.
+    pub(crate) fn launch_flash_backward(
+        &self,
+        kernel: &'static str,
+        (dq_acc, dk, dv): (DevPtr, DevPtr, DevPtr),
+        (q, k, v, d_out, lse, delta): (DevPtr, DevPtr, DevPtr, DevPtr, DevPtr, DevPtr),
+        sh: &AttnShape,
+        scale: f32,
+    ) -> R {
+        self.launch(
+            kernel,
+            flash_grid(sh.seq, sh.kv_heads, sh.batch),
+            &[
+                Ptr(dq_acc),
+                Ptr(dk),
+                Ptr(dv),
+                Ptr(q),
+                Ptr(k),
+                Ptr(v),
+                Ptr(d_out),
+                Ptr(lse),
+                Ptr(delta),
+                int(sh.seq),
+                int(sh.heads),
+                int(sh.kv_heads),
+                F32(scale),
+            ],
+        )
+    }
+}
+
+/// The flash kernels' grid: 64-row tiles of the sequence, by heads, by sequences.
+fn flash_grid(seq: usize, heads: usize, batch: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (seq.div_ceil(64) as u32, heads as u32, batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }

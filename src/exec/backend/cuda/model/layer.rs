@@ -93,7 +93,6 @@ pub fn layer_forward(
     };
     let norm_out = a.fwd("norm_out")?;
     let act = a.fwd("act")?;
-    let scores = a.fwd("attn_scores")?;
     let mut output = a.output()?;
     let w = &p.weights;
     let pw = a.product_weights(p, false)?;
@@ -114,15 +113,24 @@ pub fn layer_forward(
     }
     gpu.rope(st.q.ptr(), n, h, m.seq, hd, cfg.rope_theta, false)?;
     gpu.rope(st.k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, false)?;
-    gpu.attention_forward(
-        st.attn_out.ptr(),
-        st.attn_lse.ptr(),
-        st.q.ptr(),
-        st.k.ptr(),
-        st.v.ptr(),
-        scores.ptr(),
-        ctx.attn_shape(),
-    )?;
+    if ctx.flash_attention() {
+        gpu.flash_attention_forward(
+            (st.attn_out.ptr(), st.attn_lse.ptr()),
+            (st.q.ptr(), st.k.ptr(), st.v.ptr()),
+            ctx.attn_shape(),
+        )?;
+    } else {
+        let scores = a.fwd("attn_scores")?;
+        gpu.attention_forward(
+            st.attn_out.ptr(),
+            st.attn_lse.ptr(),
+            st.q.ptr(),
+            st.k.ptr(),
+            st.v.ptr(),
+            scores.ptr(),
+            ctx.attn_shape(),
+        )?;
+    }
     st.resid_mid.copy_from(gpu, &st.input)?;
     project(
         gpu,
@@ -172,8 +180,6 @@ pub fn layer_backward(
     let d_k = a.bwd("d_k")?;
     let d_v = a.bwd("d_v")?;
     let attn_delta = a.bwd("attn_delta")?;
-    let scores = a.bwd("attn_scores")?;
-    let d_scores = a.bwd("attn_d_scores")?;
     let pw = a.product_weights(p, true)?;
     let pw = |i| pw.get(p, i);
     let (w, g) = (&p.weights, &p.grads);
@@ -244,19 +250,25 @@ pub fn layer_backward(
         n,
         false,
     )?;
-    gpu.attention_backward(
-        (d_q.ptr(), d_k.ptr(), d_v.ptr(), attn_delta.ptr()),
-        d_attn_out.ptr(),
-        (
-            st.q.ptr(),
-            st.k.ptr(),
-            st.v.ptr(),
-            st.attn_out.ptr(),
-            st.attn_lse.ptr(),
-        ),
-        (scores.ptr(), d_scores.ptr()),
-        ctx.attn_shape(),
-    )?;
+    let grads = (d_q.ptr(), d_k.ptr(), d_v.ptr(), attn_delta.ptr());
+    let kept = (
+        st.q.ptr(),
+        st.k.ptr(),
+        st.v.ptr(),
+        st.attn_out.ptr(),
+        st.attn_lse.ptr(),
+    );
+    if ctx.flash_attention() {
+        let mut dq_acc = a.bwd("attn_dq_acc")?;
+        dq_acc.fill_zero(gpu)?;
+        let sh = ctx.attn_shape();
+        gpu.flash_attention_backward(grads, d_attn_out.ptr(), kept, dq_acc.ptr(), sh)?;
+    } else {
+        let scores = a.bwd("attn_scores")?;
+        let d_scores = a.bwd("attn_d_scores")?;
+        let scratch = (scores.ptr(), d_scores.ptr());
+        gpu.attention_backward(grads, d_attn_out.ptr(), kept, scratch, ctx.attn_shape())?;
+    }
     gpu.rope(d_q.ptr(), n, h, m.seq, hd, cfg.rope_theta, true)?;
     gpu.rope(d_k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, true)?;
     gpu.rmsnorm_apply(

@@ -25,7 +25,9 @@ use crate::exec::kernels::attention::AttnShape;
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::tensor::Tensor;
-use crate::plan::inventory::{DType, MicroShape, Part, PartInventory, TensorSpec};
+use crate::plan::inventory::{
+    DType, MicroShape, Part, PartInventory, TensorSpec, cuda_flash_attention,
+};
 
 type Result<T> = std::result::Result<T, CudaError>;
 
@@ -39,6 +41,11 @@ pub struct GpuCtx<'a> {
 }
 
 impl GpuCtx<'_> {
+    /// Whether layers run attention on the flash kernels (the inventory's rule).
+    fn flash_attention(&self) -> bool {
+        cuda_flash_attention(self.gpu.precision.profile(), &self.config.dims)
+    }
+
     fn attn_shape(&self) -> AttnShape {
         let d = self.config.dims;
         AttnShape {

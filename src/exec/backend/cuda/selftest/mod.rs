@@ -5,11 +5,13 @@
 //! one GPU in each precision, and as a 4-stage chronos plan on one GPU. Every check prints a
 //! line; the run fails if any check fails.
 
+mod flash;
 mod kernels;
 mod model;
 mod pipeline;
 mod timing;
 
+pub use flash::flash_checks;
 pub use kernels::kernel_checks;
 pub use model::model_checks;
 pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages};
@@ -124,6 +126,9 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             let title = format!("kernels vs CPU, products in {name}");
             ok &=
                 section(&title, kernel_checks(&gpu, tol)).is_some_and(|c| print_checks(&title, &c));
+        } else {
+            let title = "flash attention (bf16) vs CPU attention on the same inputs";
+            ok &= section(title, flash_checks(&gpu)).is_some_and(|c| print_checks(title, &c));
         }
         let title = format!("hf-llama-tiny training step vs CPU and PyTorch, {name}");
         ok &= section(

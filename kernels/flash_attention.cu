@@ -1,0 +1,309 @@
+// Causal grouped-query attention on tensor cores for bf16 activations, without scores in
+// global memory: bf16 products with f32 accumulation (mma.sync m16n8k16), an online softmax
+// in registers, the output and each row's log-sum-exp kept for the backward, which recomputes
+// the probabilities tile by tile. Built only with bf16 activations on sm_80 and newer.
+//
+// Layouts as in attention.cu: q, the output and dO are [tokens, heads * D], k, v [tokens,
+// kv_heads * D], lse and delta [batch, heads, seq]; query head h reads key/value head
+// h / (heads / kv_heads). Blocks are four warps; each warp owns 16 rows of a 64-row tile.
+#if defined(CP_ACT_BF16) && __CUDA_ARCH__ >= 800
+
+#define FA_ROWS 64     // rows of a block's tile: queries (forward) or keys (backward)
+#define FA_STEP 64     // keys (forward) or queries (backward) per step of the inner loop
+#define FA_PAD 8       // row padding in shared memory: a warp's fragment loads hit 32 banks
+#define FA_THREADS 128
+
+// Sixteen bytes, for whole-row copies between global and shared memory.
+struct alignas(16) fa_chunk {
+    unsigned x, y, z, w;
+};
+
+__device__ __forceinline__ unsigned fa_pack(act_t lo, act_t hi) {
+    return (unsigned)lo | ((unsigned)hi << 16);
+}
+
+__device__ __forceinline__ unsigned fa_pack_f(float lo, float hi) {
+    return fa_pack(cp_st(lo), cp_st(hi));
+}
+
+// d += a * b for one 16x8x16 tile: a 16x16 bf16 (row-major fragment), b 16x8 bf16
+// (column-major fragment), d 16x8 f32. Fragment layouts: PTX ISA, "mma.m16n8k16".
+__device__ __forceinline__ void fa_mma(float* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Each lane's place in a fragment: its group (row, or column of b) and its pair of columns.
+__device__ __forceinline__ int fa_group() { return (threadIdx.x & 31) >> 2; }
+__device__ __forceinline__ int fa_pair() { return (threadIdx.x & 3) * 2; }
+
+// Fragment loaders from a row-major shared tile `t` with row stride S (elements).
+// a[m][k] = t[r0 + m][c0 + k].
+template <int S>
+__device__ __forceinline__ void fa_frag_a(unsigned* a, const act_t* t, int r0, int c0) {
+    const act_t* p = t + (r0 + fa_group()) * S + c0 + fa_pair();
+    a[0] = *(const unsigned*)p;
+    a[1] = *(const unsigned*)(p + 8 * S);
+    a[2] = *(const unsigned*)(p + 8);
+    a[3] = *(const unsigned*)(p + 8 * S + 8);
+}
+
+// a[m][k] = t[c0 + k][r0 + m]: the tile holds a's transpose.
+template <int S>
+__device__ __forceinline__ void fa_frag_a_t(unsigned* a, const act_t* t, int r0, int c0) {
+    const act_t* p = t + (c0 + fa_pair()) * S + r0 + fa_group();
+    a[0] = fa_pack(p[0], p[S]);
+    a[1] = fa_pack(p[8], p[S + 8]);
+    a[2] = fa_pack(p[8 * S], p[9 * S]);
+    a[3] = fa_pack(p[8 * S + 8], p[9 * S + 8]);
+}
+
+// b[k][n] = t[n0 + n][k0 + k]: the tile's rows are b's columns (keys in Q K^T).
+template <int S>
+__device__ __forceinline__ void fa_frag_b_rows_n(unsigned* b, const act_t* t, int n0, int k0) {
+    const act_t* p = t + (n0 + fa_group()) * S + k0 + fa_pair();
+    b[0] = *(const unsigned*)p;
+    b[1] = *(const unsigned*)(p + 8);
+}
+
+// b[k][n] = t[k0 + k][n0 + n]: the tile's rows are b's rows (values in P V).
+template <int S>
+__device__ __forceinline__ void fa_frag_b_rows_k(unsigned* b, const act_t* t, int k0, int n0) {
+    const act_t* p = t + (k0 + fa_pair()) * S + n0 + fa_group();
+    b[0] = fa_pack(p[0], p[S]);
+    b[1] = fa_pack(p[8 * S], p[9 * S]);
+}
+
+// Rows row0 .. row0 + 63 of a [rows, stride] matrix's D columns at `src` into a shared tile;
+// rows past `seq` read as zeros.
+template <int D>
+__device__ __forceinline__ void fa_load(act_t* tile, const act_t* src, long long stride, int row0,
+                                        int seq) {
+    const int chunks = D / 8;
+    for (int i = threadIdx.x; i < FA_ROWS * chunks; i += FA_THREADS) {
+        int r = i / chunks, c = (i % chunks) * 8;
+        fa_chunk v = {0u, 0u, 0u, 0u};
+        if (row0 + r < seq) v = *(const fa_chunk*)(src + (row0 + r) * stride + c);
+        *(fa_chunk*)(tile + r * (D + FA_PAD) + c) = v;
+    }
+}
+
+// p[n] = a-rows x (the 64 rows of `t` as columns), over D: one 16x64 tile of products.
+template <int D>
+__device__ __forceinline__ void fa_rows_by_tile(float (*p)[4], const act_t* a_tile, int a_row,
+                                                const act_t* t) {
+    const int S = D + FA_PAD;
+    for (int n = 0; n < FA_STEP / 8; ++n) p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.0f;
+    for (int c = 0; c < D; c += 16) {
+        unsigned a[4];
+        fa_frag_a<S>(a, a_tile, a_row, c);
+        for (int n = 0; n < FA_STEP / 8; ++n) {
+            unsigned b[2];
+            fa_frag_b_rows_n<S>(b, t, n * 8, c);
+            fa_mma(p[n], a, b);
+        }
+    }
+}
+
+// acc[j] += p (16x64, as accumulators) x t (64 x D rows): p's accumulator layout is the a
+// fragment layout of the next product, two 8-column tiles per 16-wide step.
+template <int D>
+__device__ __forceinline__ void fa_tile_times_rows(float (*acc)[4], float (*p)[4], const act_t* t) {
+    const int S = D + FA_PAD;
+    for (int c = 0; c < FA_STEP / 16; ++c) {
+        unsigned a[4] = {fa_pack_f(p[2 * c][0], p[2 * c][1]), fa_pack_f(p[2 * c][2], p[2 * c][3]),
+                         fa_pack_f(p[2 * c + 1][0], p[2 * c + 1][1]),
+                         fa_pack_f(p[2 * c + 1][2], p[2 * c + 1][3])};
+        for (int j = 0; j < D / 8; ++j) {
+            unsigned b[2];
+            fa_frag_b_rows_k<S>(b, t, c * 16, j * 8);
+            fa_mma(acc[j], a, b);
+        }
+    }
+}
+
+// One block per (64 queries, head, sequence); heavier (later) query tiles start first.
+template <int D>
+__device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* k, const act_t* v,
+                           int seq, int heads, int kv_heads, float scale) {
+    const int S = D + FA_PAD;
+    __shared__ fa_chunk qs_raw[FA_ROWS * S / 8], ks_raw[FA_STEP * S / 8], vs_raw[FA_STEP * S / 8];
+    act_t *qs = (act_t*)qs_raw, *ks = (act_t*)ks_raw, *vs = (act_t*)vs_raw;
+    int head = blockIdx.y, b = blockIdx.z, kvh = head / (heads / kv_heads);
+    int q0 = (gridDim.x - 1 - blockIdx.x) * FA_ROWS;
+    long long width = (long long)heads * D, kv_width = (long long)kv_heads * D;
+    long long tok0 = (long long)b * seq;
+    const act_t* kg = k + tok0 * kv_width + kvh * D;
+    const act_t* vg = v + tok0 * kv_width + kvh * D;
+    fa_load<D>(qs, q + tok0 * width + head * D, width, q0, seq);
+    int warp = threadIdx.x >> 5, pair = fa_pair();
+    int rows[2] = {q0 + warp * 16 + fa_group(), q0 + warp * 16 + fa_group() + 8};
+    float o[D / 8][4];
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m[2] = {-CP_INF, -CP_INF}, l[2] = {0.0f, 0.0f};
+    int end = seq < q0 + FA_ROWS ? seq : q0 + FA_ROWS;
+    // Every row of the block sees key 0 in the first step, so its running max is finite after it.
+    for (int k0 = 0; k0 < end; k0 += FA_STEP) {
+        __syncthreads();
+        fa_load<D>(ks, kg, kv_width, k0, seq);
+        fa_load<D>(vs, vg, kv_width, k0, seq);
+        __syncthreads();
+        float s[FA_STEP / 8][4];
+        fa_rows_by_tile<D>(s, qs, warp * 16, ks);
+        for (int h = 0; h < 2; ++h) {
+            float mx = m[h];
+            for (int n = 0; n < FA_STEP / 8; ++n)
+                for (int e = 0; e < 2; ++e) {
+                    int key = k0 + n * 8 + pair + e;
+                    float x = key <= rows[h] && key < seq ? s[n][2 * h + e] * scale : -CP_INF;
+                    s[n][2 * h + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float corr = __expf(m[h] - mx);
+            m[h] = mx;
+            l[h] *= corr;
+            for (int j = 0; j < D / 8; ++j) {
+                o[j][2 * h] *= corr;
+                o[j][2 * h + 1] *= corr;
+            }
+            for (int n = 0; n < FA_STEP / 8; ++n)
+                for (int e = 0; e < 2; ++e) {
+                    float p = __expf(s[n][2 * h + e] - mx);
+                    s[n][2 * h + e] = p;
+                    l[h] += p;
+                }
+        }
+        fa_tile_times_rows<D>(o, s, vs);
+    }
+    for (int h = 0; h < 2; ++h) {
+        float sum = l[h];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        if (rows[h] >= seq) continue;
+        act_t* dst = out + (tok0 + rows[h]) * width + head * D + pair;
+        for (int j = 0; j < D / 8; ++j)
+            *(unsigned*)(dst + j * 8) = fa_pack_f(o[j][2 * h] / sum, o[j][2 * h + 1] / sum);
+        if (pair == 0) lse[((long long)b * heads + head) * seq + rows[h]] = m[h] + logf(sum);
+    }
+}
+
+// One block per (64 keys, key/value head, sequence): it walks every query head of the group
+// and every query tile from the diagonal on, keeping dK and dV of its keys in registers and
+// adding dQ into the f32 `dq_acc` [tokens, heads * D] (zeroed by the caller) with atomics.
+template <int D>
+__device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q, const act_t* k,
+                            const act_t* v, const act_t* d_out, const float* lse,
+                            const float* delta, int seq, int heads, int kv_heads, float scale) {
+    const int S = D + FA_PAD, SP = FA_STEP + FA_PAD;
+    __shared__ fa_chunk ks_raw[FA_ROWS * S / 8], vs_raw[FA_ROWS * S / 8];
+    __shared__ fa_chunk qs_raw[FA_STEP * S / 8], dos_raw[FA_STEP * S / 8];
+    __shared__ fa_chunk ds_raw[FA_ROWS * SP / 8];
+    __shared__ float lse_s[FA_STEP], delta_s[FA_STEP];
+    act_t *ks = (act_t*)ks_raw, *vs = (act_t*)vs_raw, *qs = (act_t*)qs_raw;
+    act_t *dos = (act_t*)dos_raw, *dst = (act_t*)ds_raw;
+    int k0 = blockIdx.x * FA_ROWS, kvh = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
+    long long width = (long long)heads * D, kv_width = (long long)kv_heads * D;
+    long long tok0 = (long long)b * seq;
+    fa_load<D>(ks, k + tok0 * kv_width + kvh * D, kv_width, k0, seq);
+    fa_load<D>(vs, v + tok0 * kv_width + kvh * D, kv_width, k0, seq);
+    int warp = threadIdx.x >> 5, g = fa_group(), pair = fa_pair();
+    int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+    for (int j = 0; j < D / 8; ++j)
+        for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.0f;
+    for (int sub = 0; sub < group; ++sub) {
+        int head = kvh * group + sub;
+        const act_t* qg = q + tok0 * width + head * D;
+        const act_t* dog = d_out + tok0 * width + head * D;
+        const float* lse_g = lse + ((long long)b * heads + head) * seq;
+        const float* delta_g = delta + ((long long)b * heads + head) * seq;
+        for (int q0 = k0; q0 < seq; q0 += FA_STEP) {
+            __syncthreads();
+            fa_load<D>(qs, qg, width, q0, seq);
+            fa_load<D>(dos, dog, width, q0, seq);
+            if (threadIdx.x < FA_STEP) {
+                int r = q0 + threadIdx.x;
+                lse_s[threadIdx.x] = r < seq ? lse_g[r] : CP_INF;
+                delta_s[threadIdx.x] = r < seq ? delta_g[r] : 0.0f;
+            }
+            __syncthreads();
+            // P^T for the warp's 16 keys and the step's 64 queries, from the kept lse; masked
+            // (query before key) and padded queries (lse infinite) give zero.
+            float p[FA_STEP / 8][4];
+            fa_rows_by_tile<D>(p, ks, warp * 16, qs);
+            for (int n = 0; n < FA_STEP / 8; ++n)
+                for (int i = 0; i < 4; ++i) {
+                    int col = n * 8 + pair + (i & 1);
+                    p[n][i] = q0 + col >= keys[i >> 1] ? __expf(p[n][i] * scale - lse_s[col]) : 0.0f;
+                }
+            fa_tile_times_rows<D>(dv_acc, p, dos);
+            // dS^T = P^T (dP^T - delta) scale, with dP^T = V dO^T.
+            float ds[FA_STEP / 8][4];
+            fa_rows_by_tile<D>(ds, vs, warp * 16, dos);
+            for (int n = 0; n < FA_STEP / 8; ++n)
+                for (int i = 0; i < 4; ++i) {
+                    int col = n * 8 + pair + (i & 1);
+                    ds[n][i] = p[n][i] * (ds[n][i] - delta_s[col]) * scale;
+                }
+            fa_tile_times_rows<D>(dk_acc, ds, qs);
+            for (int n = 0; n < FA_STEP / 8; ++n)
+                for (int h = 0; h < 2; ++h)
+                    *(unsigned*)(dst + (warp * 16 + g + 8 * h) * SP + n * 8 + pair) =
+                        fa_pack_f(ds[n][2 * h], ds[n][2 * h + 1]);
+            __syncthreads();
+            // dQ of the step's queries (warp w: queries 16w ..) = dS K over the block's keys.
+            float dq[D / 8][4];
+            for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
+            for (int c = 0; c < FA_ROWS / 16; ++c) {
+                unsigned a[4];
+                fa_frag_a_t<SP>(a, dst, warp * 16, c * 16);
+                for (int j = 0; j < D / 8; ++j) {
+                    unsigned bb[2];
+                    fa_frag_b_rows_k<S>(bb, ks, c * 16, j * 8);
+                    fa_mma(dq[j], a, bb);
+                }
+            }
+            for (int h = 0; h < 2; ++h) {
+                int query = q0 + warp * 16 + g + 8 * h;
+                if (query >= seq) continue;
+                float* to = dq_acc + (tok0 + query) * width + head * D + pair;
+                for (int j = 0; j < D / 8; ++j) {
+                    atomicAdd(to + j * 8, dq[j][2 * h]);
+                    atomicAdd(to + j * 8 + 1, dq[j][2 * h + 1]);
+                }
+            }
+        }
+    }
+    for (int h = 0; h < 2; ++h) {
+        if (keys[h] >= seq) continue;
+        long long at = (tok0 + keys[h]) * kv_width + kvh * D + pair;
+        for (int j = 0; j < D / 8; ++j) {
+            *(unsigned*)(dk + at + j * 8) = fa_pack_f(dk_acc[j][2 * h], dk_acc[j][2 * h + 1]);
+            *(unsigned*)(dv + at + j * 8) = fa_pack_f(dv_acc[j][2 * h], dv_acc[j][2 * h + 1]);
+        }
+    }
+}
+
+#define FA_KERNELS(D)                                                                            \
+    extern "C" __global__ void flash_forward_##D(act_t* out, float* lse, const act_t* q,        \
+                                                 const act_t* k, const act_t* v, int seq,       \
+                                                 int heads, int kv_heads, float scale) {        \
+        fa_forward<D>(out, lse, q, k, v, seq, heads, kv_heads, scale);                          \
+    }                                                                                            \
+    extern "C" __global__ void flash_backward_##D(                                              \
+        float* dq_acc, act_t* dk, act_t* dv, const act_t* q, const act_t* k, const act_t* v,     \
+        const act_t* d_out, const float* lse, const float* delta, int seq, int heads,            \
+        int kv_heads, float scale) {                                                             \
+        fa_backward<D>(dq_acc, dk, dv, q, k, v, d_out, lse, delta, seq, heads, kv_heads, scale); \
+    }
+
+FA_KERNELS(16)
+FA_KERNELS(32)
+FA_KERNELS(64)
+
+#endif
