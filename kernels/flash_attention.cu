@@ -28,12 +28,18 @@ __device__ __forceinline__ unsigned fa_pack_f(float lo, float hi) {
 
 // d += a * b for one 16x8x16 tile: a 16x16 bf16 (row-major fragment), b 16x8 bf16
 // (column-major fragment), d 16x8 f32. Fragment layouts: PTX ISA, "mma.m16n8k16".
+// (Host builds that check this file without a GPU supply cp_host_mma, a warp's product by
+// the same layouts.)
 __device__ __forceinline__ void fa_mma(float* d, const unsigned* a, const unsigned* b) {
+#ifdef CP_HOST_EMULATION
+    cp_host_mma(d, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // Each lane's place in a fragment: its group (row, or column of b) and its pair of columns.

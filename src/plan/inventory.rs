@@ -348,7 +348,11 @@ fn cuda_bf16(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
         let scores = ["attn_scores", "attn_d_scores"];
         inv.forward_scratch.retain(|t| !scores.contains(&t.name));
         inv.backward_scratch.retain(|t| !scores.contains(&t.name));
-        let dq = TensorSpec::new("attn_dq_acc", &[m.tokens(), d.heads * d.head_dim()], DType::F32);
+        let dq = TensorSpec::new(
+            "attn_dq_acc",
+            &[m.tokens(), d.heads * d.head_dim()],
+            DType::F32,
+        );
         inv.backward_scratch.push(dq);
     }
     inv
@@ -460,8 +464,14 @@ mod tests {
         let flash = Profile::CudaBf16.part(&DIMS, MICRO, Part::Layer);
         let mut cublas = cuda_bf16_storage(&DIMS, MICRO, Part::Layer);
         let scores = |t: &TensorSpec| t.name == "attn_scores" || t.name == "attn_d_scores";
-        assert_eq!(cublas.forward_scratch.iter().filter(|t| scores(t)).count(), 1);
-        assert_eq!(cublas.backward_scratch.iter().filter(|t| scores(t)).count(), 2);
+        assert_eq!(
+            cublas.forward_scratch.iter().filter(|t| scores(t)).count(),
+            1
+        );
+        assert_eq!(
+            cublas.backward_scratch.iter().filter(|t| scores(t)).count(),
+            2
+        );
         cublas.forward_scratch.retain(|t| !scores(t));
         cublas.backward_scratch.retain(|t| !scores(t));
         assert_eq!(flash.stash, cublas.stash);
@@ -472,6 +482,9 @@ mod tests {
         assert_eq!(dq.len(), 1);
         assert_eq!((dq[0].name, dq[0].dtype), ("attn_dq_acc", DType::F32));
         assert_eq!(dq[0].shape, [MICRO.tokens(), DIMS.hidden]);
-        assert_eq!(flash.backward_scratch.len(), cublas.backward_scratch.len() + 1);
+        assert_eq!(
+            flash.backward_scratch.len(),
+            cublas.backward_scratch.len() + 1
+        );
     }
 }

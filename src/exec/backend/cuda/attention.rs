@@ -264,7 +264,8 @@ fn flash_kernels(
     operands: &[DevPtr],
     sh: &AttnShape,
 ) -> Result<(&'static str, &'static str), CudaError> {
-    let unsupported = |what: String| Err(CudaError::Unsupported(format!("flash attention: {what}")));
+    let unsupported =
+        |what: String| Err(CudaError::Unsupported(format!("flash attention: {what}")));
     let Some(&(_, forward, backward)) = FLASH_KERNELS.iter().find(|k| k.0 == sh.head_dim) else {
         return unsupported(format!("no kernels for head dimension {}", sh.head_dim));
     };

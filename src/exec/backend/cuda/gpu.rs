@@ -68,7 +68,9 @@ pub fn kernel_program() -> String {
     KERNEL_SOURCES
         .iter()
         .map(|(name, src)| format!("// ---- kernels/{name}\n{src}\n"))
-        .chain([format!("// ---- kernels/flash_attention.cu\n{FLASH_SOURCE}\n")])
+        .chain([format!(
+            "// ---- kernels/flash_attention.cu\n{FLASH_SOURCE}\n"
+        )])
         .collect()
 }
 
@@ -311,7 +313,10 @@ mod tests {
         }
         for (_, forward, backward) in FLASH_KERNELS {
             assert!(bf16_src.contains(forward) && bf16_src.contains(backward));
-            assert!(!f32_src.contains(forward), "{forward} built with f32 activations");
+            assert!(
+                !f32_src.contains(forward),
+                "{forward} built with f32 activations"
+            );
         }
         assert_ne!(f32_src, bf16_src);
         assert_eq!(cached_kernels(9, 0, DType::F32).unwrap().to_src(), f32_src);

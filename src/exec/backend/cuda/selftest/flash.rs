@@ -14,28 +14,84 @@ use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::DType;
 
-/// Relative error allowed against f32: outputs are rounded to bf16 (2^-9 relative) and so are
-/// the probabilities and dS in the kernels' second products.
-const TOLERANCE: f64 = 2e-2;
+/// Relative error allowed against f32 (all but lse): outputs are rounded to bf16 (2^-9
+/// relative), and so are the probabilities and dS in the kernels' second products.
+pub const FLASH_TOLERANCE: f64 = 2e-2;
+/// Relative error allowed for lse, which the kernels keep in f32.
+pub const FLASH_LSE_TOLERANCE: f64 = 1e-3;
 
-/// The CPU reference of one shape: (out, lse, dq, dk, dv, delta).
-type Reference = [Vec<f32>; 6];
-
-pub fn flash_checks(gpu: &Gpu) -> Result<Vec<Check>> {
-    let pool = Pool::new("flash-check", usize::MAX);
-    let mut rng = ChaCha8Rng::seed_from_u64(17);
-    let mut checks = Vec::new();
-    for (&(head_dim, ..), (seq, heads, kv_heads)) in
-        FLASH_KERNELS.iter().zip([(77, 4, 1), (128, 4, 4), (200, 4, 2)])
-    {
-        let sh = AttnShape {
+/// The shapes checked, one per head dimension of [`FLASH_KERNELS`]: one key/value head for
+/// four query heads and a sequence ending inside a tile; no grouping and whole tiles; groups of
+/// two and a partial last tile.
+pub fn flash_check_shapes() -> Vec<AttnShape> {
+    FLASH_KERNELS
+        .iter()
+        .zip([(77, 4, 1), (128, 4, 4), (200, 4, 2)])
+        .map(|(&(head_dim, ..), (seq, heads, kv_heads))| AttnShape {
             batch: 2,
             seq,
             heads,
             kv_heads,
             head_dim,
-        };
-        checks.extend(check_shape(gpu, &pool, &mut rng, sh)?);
+        })
+        .collect()
+}
+
+/// Random bf16-exact inputs for `sh`: q, k, v, dO.
+pub fn flash_inputs(rng: &mut ChaCha8Rng, sh: &AttnShape) -> [Vec<f32>; 4] {
+    let n = sh.batch * sh.seq;
+    let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+    let mut rounded = |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| bf16::from_f32(rng.gen_range(-2.0f32..2.0)).to_f32())
+            .collect()
+    };
+    [
+        rounded(n * w),
+        rounded(n * kvw),
+        rounded(n * kvw),
+        rounded(n * w),
+    ]
+}
+
+/// The CPU backend's attention on the same inputs, in f32: out, lse, dq, dk, dv, delta.
+pub fn flash_reference(inputs: &[Vec<f32>; 4], sh: AttnShape) -> [Vec<f32>; 6] {
+    let [q, k, v, d_out] = inputs;
+    let cpu = CpuBackend::default();
+    let n = sh.batch * sh.seq;
+    let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+    let stats = sh.batch * sh.heads * sh.seq;
+    let (mut out, mut lse) = (vec![0.0; n * w], vec![0.0; stats]);
+    cpu.attention_forward(&mut out, &mut lse, q, k, v, sh);
+    let (mut dq, mut dk, mut dv, mut delta) = (
+        vec![0.0; n * w],
+        vec![0.0; n * kvw],
+        vec![0.0; n * kvw],
+        vec![0.0; stats],
+    );
+    cpu.attention_backward(
+        &mut dq, &mut dk, &mut dv, &mut delta, d_out, q, k, v, &out, &lse, sh,
+    );
+    [out, lse, dq, dk, dv, delta]
+}
+
+/// The names of [`flash_reference`]'s tensors, and the tolerance each is held to.
+pub const FLASH_OUTPUTS: [(&str, f64); 6] = [
+    ("out", FLASH_TOLERANCE),
+    ("lse", FLASH_LSE_TOLERANCE),
+    ("dq", FLASH_TOLERANCE),
+    ("dk", FLASH_TOLERANCE),
+    ("dv", FLASH_TOLERANCE),
+    ("delta", FLASH_TOLERANCE),
+];
+
+pub fn flash_checks(gpu: &Gpu) -> Result<Vec<Check>> {
+    let pool = Pool::new("flash-check", usize::MAX);
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let mut checks = Vec::new();
+    for sh in flash_check_shapes() {
+        let inputs = flash_inputs(&mut rng, &sh);
+        checks.extend(check_shape(gpu, &pool, &inputs, sh)?);
     }
     Ok(checks)
 }
@@ -43,19 +99,14 @@ pub fn flash_checks(gpu: &Gpu) -> Result<Vec<Check>> {
 fn check_shape(
     gpu: &Gpu,
     pool: &PoolRef,
-    rng: &mut ChaCha8Rng,
+    inputs: &[Vec<f32>; 4],
     sh: AttnShape,
 ) -> Result<Vec<Check>> {
     let n = sh.batch * sh.seq;
     let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
     let stats = sh.batch * sh.heads * sh.seq;
-    let mut rounded = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| bf16::from_f32(rng.gen_range(-2.0f32..2.0)).to_f32())
-            .collect()
-    };
-    let (q, k, v, d_out) = (rounded(n * w), rounded(n * kvw), rounded(n * kvw), rounded(n * w));
-    let want = reference(&q, &k, &v, &d_out, sh);
+    let [q, k, v, d_out] = inputs;
+    let want = flash_reference(inputs, sh);
 
     let up = |data: &[f32]| -> Result<GpuTensor> {
         let data: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -64,7 +115,7 @@ fn check_shape(
     let zeros = |len: usize, dtype: DType| {
         GpuTensor::zeros(gpu, pool, "out", &[len], dtype, MemGroup::Activations)
     };
-    let (gq, gk, gv, gdo) = (up(&q)?, up(&k)?, up(&v)?, up(&d_out)?);
+    let (gq, gk, gv, gdo) = (up(q)?, up(k)?, up(v)?, up(d_out)?);
     let (out, lse) = (zeros(n * w, DType::Bf16)?, zeros(stats, DType::F32)?);
     gpu.flash_attention_forward((out.ptr(), lse.ptr()), (gq.ptr(), gk.ptr(), gv.ptr()), sh)?;
     let (dq, dk, dv) = (
@@ -91,31 +142,10 @@ fn check_shape(
         sh.head_dim, sh.seq, sh.heads, sh.kv_heads
     );
     let ours = [&out, &lse, &dq, &dk, &dv, &delta];
-    let names = ["out", "lse", "dq", "dk", "dv", "delta"];
     let mut checks = Vec::new();
-    for ((t, name), reference) in ours.into_iter().zip(names).zip(&want) {
-        let tolerance = if name == "lse" { 1e-3 } else { TOLERANCE };
+    for ((t, (name, tolerance)), reference) in ours.into_iter().zip(FLASH_OUTPUTS).zip(&want) {
         let check = Check::new(format!("{label}: {name}"), &down(t)?, reference, tolerance);
         checks.push(check);
     }
     Ok(checks)
-}
-
-fn reference(q: &[f32], k: &[f32], v: &[f32], d_out: &[f32], sh: AttnShape) -> Reference {
-    let cpu = CpuBackend::default();
-    let n = sh.batch * sh.seq;
-    let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
-    let stats = sh.batch * sh.heads * sh.seq;
-    let (mut out, mut lse) = (vec![0.0; n * w], vec![0.0; stats]);
-    cpu.attention_forward(&mut out, &mut lse, q, k, v, sh);
-    let (mut dq, mut dk, mut dv, mut delta) = (
-        vec![0.0; n * w],
-        vec![0.0; n * kvw],
-        vec![0.0; n * kvw],
-        vec![0.0; stats],
-    );
-    cpu.attention_backward(
-        &mut dq, &mut dk, &mut dv, &mut delta, d_out, q, k, v, &out, &lse, sh,
-    );
-    [out, lse, dq, dk, dv, delta]
 }

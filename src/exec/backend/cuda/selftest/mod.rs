@@ -11,7 +11,7 @@ mod model;
 mod pipeline;
 mod timing;
 
-pub use flash::flash_checks;
+pub use flash::{FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, flash_reference};
 pub use kernels::kernel_checks;
 pub use model::model_checks;
 pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages};

@@ -1,0 +1,80 @@
+// The bf16 flash-attention path of the CUDA backend, run on the host by host_cuda.h: the same
+// kernels from kernels/*.cu in the same order as `Gpu::flash_attention_forward` and
+// `flash_attention_backward` launch them (flash forward; attn_delta; flash backward into a
+// zeroed f32 dQ; cast_to_act).
+//
+//   flash_attention HEAD_DIM BATCH SEQ HEADS KV_HEADS INPUT OUTPUT
+//
+// INPUT holds q, dO [batch * seq, heads * head_dim] and k, v [batch * seq, kv_heads *
+// head_dim] as bf16 bits (u16, little-endian) in the order q, k, v, dO. OUTPUT receives out,
+// dq [batch * seq, heads * head_dim], dk, dv as bf16 bits, then lse and delta [batch, heads,
+// seq] as f32.
+#include "host_cuda.h"
+#include "../../kernels/common.cuh"
+#include "../../kernels/attention.cu"
+#include "../../kernels/elementwise.cu"
+#include "../../kernels/flash_attention.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+
+template <typename T>
+static void read_into(std::ifstream& in, std::vector<T>& v) {
+    in.read(reinterpret_cast<char*>(v.data()), v.size() * sizeof(T));
+}
+
+template <typename T>
+static void write_from(std::ofstream& out, const std::vector<T>& v) {
+    out.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
+}
+
+template <int D>
+static int run(int batch, int seq, int heads, int kv_heads, const char* input, const char* output) {
+    long long n = (long long)batch * seq, w = (long long)heads * D, kvw = (long long)kv_heads * D;
+    long long rows = (long long)batch * heads * seq;
+    std::vector<act_t> q(n * w), k(n * kvw), v(n * kvw), d_out(n * w);
+    std::ifstream in(input, std::ios::binary);
+    for (auto* t : {&q, &k, &v, &d_out}) read_into(in, *t);
+    if (!in) {
+        std::fprintf(stderr, "%s: shorter than the shape needs\n", input);
+        return 1;
+    }
+    std::vector<act_t> out(n * w), dq(n * w), dk(n * kvw), dv(n * kvw);
+    std::vector<float> lse(rows), delta(rows), dq_acc(n * w, 0.0f);
+    float scale = 1.0f / std::sqrt((float)D);
+    unsigned tiles = (unsigned)((seq + FA_ROWS - 1) / FA_ROWS);
+    cp_launch({tiles, (unsigned)heads, (unsigned)batch}, FA_THREADS, [&] {
+        fa_forward<D>(out.data(), lse.data(), q.data(), k.data(), v.data(), seq, heads,
+                       kv_heads, scale);
+    });
+    cp_launch({4, 1, 1}, 128, [&] {
+        attn_delta(delta.data(), d_out.data(), out.data(), batch, heads, seq, D);
+    });
+    cp_launch({tiles, (unsigned)kv_heads, (unsigned)batch}, FA_THREADS, [&] {
+        fa_backward<D>(dq_acc.data(), dk.data(), dv.data(), q.data(), k.data(), v.data(),
+                               d_out.data(), lse.data(), delta.data(), seq, heads, kv_heads, scale);
+    });
+    cp_launch({4, 1, 1}, 128, [&] { cast_to_act(dq.data(), dq_acc.data(), n * w); });
+    std::ofstream o(output, std::ios::binary);
+    for (auto* t : {&out, &dq, &dk, &dv}) write_from(o, *t);
+    write_from(o, lse);
+    write_from(o, delta);
+    return o ? 0 : 1;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 8) {
+        std::fprintf(stderr, "usage: %s HEAD_DIM BATCH SEQ HEADS KV_HEADS INPUT OUTPUT\n", argv[0]);
+        return 2;
+    }
+    int hd = std::atoi(argv[1]), b = std::atoi(argv[2]), t = std::atoi(argv[3]);
+    int h = std::atoi(argv[4]), kv = std::atoi(argv[5]);
+    switch (hd) {
+        case 16: return run<16>(b, t, h, kv, argv[6], argv[7]);
+        case 32: return run<32>(b, t, h, kv, argv[6], argv[7]);
+        case 64: return run<64>(b, t, h, kv, argv[6], argv[7]);
+        default: std::fprintf(stderr, "no flash kernels for head dimension %d\n", hd); return 2;
+    }
+}

@@ -1,0 +1,106 @@
+// Runs CUDA kernels written for one block of threads on the host: each block's threads are
+// std::threads, __syncthreads a barrier, warp shuffles and mma.sync exchanges between the 32
+// threads of a warp. One block at a time, so __shared__ arrays can be plain statics.
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct cp_dim3 { unsigned x = 0, y = 0, z = 0; };
+inline thread_local cp_dim3 threadIdx, blockIdx;
+inline cp_dim3 gridDim, blockDim;
+
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __shared__ static
+#define CP_HOST_EMULATION 1
+#define CP_ACT_BF16 1
+#define __CUDA_ARCH__ 900
+
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __expf(float x) { return std::exp(x); }
+#include <math.h>
+
+inline std::unique_ptr<std::barrier<>> cp_block_barrier;
+inline std::vector<std::unique_ptr<std::barrier<>>> cp_warp_barriers;
+struct cp_warp_slots { float v[32]; unsigned a[32][4]; unsigned b[32][2]; };
+inline std::vector<cp_warp_slots> cp_slots;
+
+inline void __syncthreads() { cp_block_barrier->arrive_and_wait(); }
+inline int cp_lane() { return threadIdx.x & 31; }
+inline int cp_warp_index() { return threadIdx.x >> 5; }
+
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+    auto& s = cp_slots[cp_warp_index()];
+    auto& bar = *cp_warp_barriers[cp_warp_index()];
+    s.v[cp_lane()] = v;
+    bar.arrive_and_wait();
+    float r = s.v[cp_lane() ^ mask];
+    bar.arrive_and_wait();
+    return r;
+}
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+
+inline float cp_bf16_bits(unsigned short h) { return __uint_as_float(((unsigned)h) << 16); }
+
+// mma.m16n8k16 .row.col f32 += bf16 x bf16 by the PTX ISA's fragment layouts:
+// a: reg r, half h -> row g + 8 (r & 1), col 2t + h + 8 (r >> 1); b: reg r, half h -> k 2t + h +
+// 8 r, n g; c/d: element i -> row g + 8 (i >> 1), col 2t + (i & 1); g = lane / 4, t = lane % 4.
+inline void cp_host_mma(float* d, const unsigned* a, const unsigned* b) {
+    auto& s = cp_slots[cp_warp_index()];
+    auto& bar = *cp_warp_barriers[cp_warp_index()];
+    int lane = cp_lane();
+    for (int r = 0; r < 4; ++r) s.a[lane][r] = a[r];
+    for (int r = 0; r < 2; ++r) s.b[lane][r] = b[r];
+    bar.arrive_and_wait();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        int g = l >> 2, t = l & 3;
+        for (int r = 0; r < 4; ++r)
+            for (int h = 0; h < 2; ++h)
+                A[g + 8 * (r & 1)][2 * t + h + 8 * (r >> 1)] =
+                    cp_bf16_bits((unsigned short)(s.a[l][r] >> (16 * h)));
+        for (int r = 0; r < 2; ++r)
+            for (int h = 0; h < 2; ++h)
+                B[2 * t + h + 8 * r][g] = cp_bf16_bits((unsigned short)(s.b[l][r] >> (16 * h)));
+    }
+    bar.arrive_and_wait();
+    int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = d[i];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        d[i] = acc;
+    }
+}
+
+// Runs `kernel` over the grid, one block at a time, `threads` threads a block.
+inline void cp_launch(cp_dim3 grid, unsigned threads, const std::function<void()>& kernel) {
+    gridDim = grid;
+    blockDim = {threads, 1, 1};
+    unsigned warps = threads / 32;
+    cp_slots.assign(warps, {});
+    cp_warp_barriers.clear();
+    for (unsigned w = 0; w < warps; ++w) cp_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                cp_block_barrier = std::make_unique<std::barrier<>>(threads);
+                std::vector<std::thread> pool;
+                for (unsigned i = 0; i < threads; ++i)
+                    pool.emplace_back([&, i, x, y, z] {
+                        threadIdx = {i, 0, 0};
+                        blockIdx = {x, y, z};
+                        kernel();
+                    });
+                for (auto& th : pool) th.join();
+            }
+}
