@@ -65,12 +65,12 @@ fn print_checks(title: &str, checks: &[Check]) -> bool {
 /// backend and PyTorch (f32 references), and between pipeline stages and the whole-model
 /// trainer on the GPU (same kernels; AdamW's first step turns the order of float atomics
 /// into whole steps on a few weights). bf16 activations keep 8 significant bits (relative
-/// rounding 2^-9 per value), so their model checks allow 5e-2; that bound has not been
-/// calibrated on a GPU yet.
+/// rounding 2^-9 per value); their model checks allow 2e-2, where an H200 measured at most
+/// 7.3e-3 (gradients, attention through cuBLAS).
 const PRECISIONS: [(Precision, f64, f64); 3] = [
     (Precision::F32, 1e-5, 1e-5),
     (Precision::Tf32, 1e-3, 1e-3),
-    (Precision::Bf16, 5e-2, 1e-3),
+    (Precision::Bf16, 2e-2, 1e-3),
 ];
 
 /// What `selftest --gpu` runs.
