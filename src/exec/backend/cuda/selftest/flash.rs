@@ -2,6 +2,8 @@
 //! on the same bf16-rounded inputs, for each head dimension they are built for, with grouped
 //! query heads and sequences that end inside a 64-row tile.
 
+use std::time::Instant;
+
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -148,4 +150,58 @@ fn check_shape(
         checks.push(check);
     }
     Ok(checks)
+}
+
+/// Milliseconds of one causal attention forward and backward with bf16 activations, through
+/// cuBLAS with scores in device memory and on the flash kernels, for `sh` (the timed model's
+/// micro-batch), each the mean of `reps` after one warm-up.
+pub fn time_attention(gpu: &Gpu, sh: AttnShape, reps: usize) -> Result<(f64, f64)> {
+    let pool = Pool::new("flash-timing", usize::MAX);
+    let n = sh.batch * sh.seq;
+    let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+    let (stats, scores) = (sh.batch * sh.heads * sh.seq, sh.heads * sh.seq * sh.seq);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut tensor = |len: usize, dtype: DType| -> Result<GpuTensor> {
+        match dtype {
+            DType::Bf16 => {
+                let data: Vec<bf16> = (0..len)
+                    .map(|_| bf16::from_f32(rng.gen_range(-1.0f32..1.0)))
+                    .collect();
+                GpuTensor::from_host(gpu, &pool, "t", &[len], &data, MemGroup::Activations)
+            }
+            _ => GpuTensor::zeros(gpu, &pool, "t", &[len], dtype, MemGroup::Activations),
+        }
+    };
+    let [q, d_out] = [0, 1].map(|_| tensor(n * w, DType::Bf16));
+    let [k, v] = [0, 1].map(|_| tensor(n * kvw, DType::Bf16));
+    let (q, k, v, d_out) = (q?, k?, v?, d_out?);
+    let [out, dq] = [0, 1].map(|_| tensor(n * w, DType::Bf16));
+    let [dk, dv] = [0, 1].map(|_| tensor(n * kvw, DType::Bf16));
+    let [lse, delta] = [0, 1].map(|_| tensor(stats, DType::F32));
+    let [s, ds] = [0, 1].map(|_| tensor(scores, DType::Bf16));
+    let (out, dq, dk, dv, lse, delta, s, ds) = (out?, dq?, dk?, dv?, lse?, delta?, s?, ds?);
+    let mut dq_acc = tensor(n * w, DType::F32)?;
+    let grads = (dq.ptr(), dk.ptr(), dv.ptr(), delta.ptr());
+    let kept = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr());
+    let mut time = |step: &mut dyn FnMut(&mut GpuTensor) -> Result<()>| -> Result<f64> {
+        step(&mut dq_acc)?;
+        gpu.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            step(&mut dq_acc)?;
+        }
+        gpu.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
+    };
+    let cublas = time(&mut |_| {
+        gpu.attention_forward(out.ptr(), lse.ptr(), q.ptr(), k.ptr(), v.ptr(), s.ptr(), sh)?;
+        gpu.attention_backward(grads, d_out.ptr(), kept, (s.ptr(), ds.ptr()), sh)
+    })?;
+    let flash = time(&mut |acc| {
+        let (qkv, kept_out) = ((q.ptr(), k.ptr(), v.ptr()), (out.ptr(), lse.ptr()));
+        gpu.flash_attention_forward(kept_out, qkv, sh)?;
+        acc.fill_zero(gpu)?;
+        gpu.flash_attention_backward(grads, d_out.ptr(), kept, acc.ptr(), sh)
+    })?;
+    Ok((cublas, flash))
 }

@@ -11,7 +11,9 @@ mod model;
 mod pipeline;
 mod timing;
 
-pub use flash::{FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, flash_reference};
+pub use flash::{
+    FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, flash_reference, time_attention,
+};
 pub use kernels::kernel_checks;
 pub use model::model_checks;
 pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages};
@@ -21,6 +23,7 @@ use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::compare::rel_err;
+use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::{DType, MicroShape};
 
 type Result<T> = std::result::Result<T, CudaError>;
@@ -183,6 +186,13 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             );
             profiles.push((precision, t.profile));
         }
+        if asked(&Precision::Bf16) {
+            ok &= section(
+                "attention alone, bf16",
+                attention_table(opts.device, &config, micro, opts.steps),
+            )
+            .is_some();
+        }
         if asked(&Precision::Tf32) {
             ok &= section(
                 "4-stage chronos plan on one GPU",
@@ -208,6 +218,41 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
     }
     println!("\nnot built yet: NCCL transport (stages on different GPUs copy through host memory)");
     Ok(ok)
+}
+
+/// Times one micro-batch's causal attention, forward and backward, of the timed model with
+/// bf16 activations through cuBLAS and on the flash kernels.
+fn attention_table(
+    ordinal: usize,
+    config: &crate::exec::model::LlamaConfig,
+    micro: MicroShape,
+    reps: usize,
+) -> Result<()> {
+    let d = &config.dims;
+    let sh = AttnShape {
+        batch: micro.batch,
+        seq: micro.seq,
+        heads: d.heads,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim(),
+    };
+    let gpu = Gpu::open(ordinal, Precision::Bf16)?;
+    let (cublas, flash) = time_attention(&gpu, sh, reps)?;
+    // Model FLOPs: forward Q K^T and P V over the causal half, backward twice the forward.
+    let flops = 3.0 * 2.0 * (sh.batch * sh.heads * sh.seq * sh.seq * sh.head_dim) as f64;
+    println!(
+        "\nattention alone, bf16, {} x {} tokens, {} heads of {}: forward + backward",
+        sh.batch, sh.seq, sh.heads, sh.head_dim
+    );
+    println!("| path | ms | model TFLOP/s |");
+    println!("|---|---:|---:|");
+    for (path, ms) in [
+        ("cuBLAS, scores in memory", cublas),
+        ("flash kernels", flash),
+    ] {
+        println!("| {path} | {ms:.2} | {:.1} |", flops / (ms * 1e-3) / 1e12);
+    }
+    Ok(())
 }
 
 /// Trains the ~125M Llama as a 4-stage chronos plan on one GPU, squeezed by the planner into
