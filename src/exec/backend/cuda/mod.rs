@@ -2,7 +2,8 @@
 //! opened, matrix products through cuBLAS (TF32 tensor cores on f32 activations, or bf16
 //! tensor cores on bf16 activations), and the Llama model's parts written against them with
 //! the same stash tensors as the CPU executor (the `cuda-f32` inventory: `cpu-f32` plus
-//! attention scores; `cuda-bf16`: the same with activations in bf16, plus bf16 weight copies).
+//! attention scores; `cuda-bf16`: the same with activations in bf16, plus bf16 weight copies,
+//! and flash-attention kernels in place of the scores where the head dimension suits them).
 //!
 //! Everything loads at run time (cudarc's dynamic loading), so the crate builds and its tests
 //! run on machines without CUDA; opening a device there is a typed [`CudaError::Unavailable`]

@@ -93,6 +93,9 @@ pub fn layer_forward(
     };
     let norm_out = a.fwd("norm_out")?;
     let act = a.fwd("act")?;
+    let scores = (!ctx.flash_attention())
+        .then(|| a.fwd("attn_scores"))
+        .transpose()?;
     let mut output = a.output()?;
     let w = &p.weights;
     let pw = a.product_weights(p, false)?;
@@ -113,15 +116,13 @@ pub fn layer_forward(
     }
     gpu.rope(st.q.ptr(), n, h, m.seq, hd, cfg.rope_theta, false)?;
     gpu.rope(st.k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, false)?;
-    if ctx.flash_attention() {
-        gpu.flash_attention_forward(
+    match &scores {
+        None => gpu.flash_attention_forward(
             (st.attn_out.ptr(), st.attn_lse.ptr()),
             (st.q.ptr(), st.k.ptr(), st.v.ptr()),
             ctx.attn_shape(),
-        )?;
-    } else {
-        let scores = a.fwd("attn_scores")?;
-        gpu.attention_forward(
+        )?,
+        Some(scores) => gpu.attention_forward(
             st.attn_out.ptr(),
             st.attn_lse.ptr(),
             st.q.ptr(),
@@ -129,7 +130,7 @@ pub fn layer_forward(
             st.v.ptr(),
             scores.ptr(),
             ctx.attn_shape(),
-        )?;
+        )?,
     }
     st.resid_mid.copy_from(gpu, &st.input)?;
     project(
@@ -180,6 +181,11 @@ pub fn layer_backward(
     let d_k = a.bwd("d_k")?;
     let d_v = a.bwd("d_v")?;
     let attn_delta = a.bwd("attn_delta")?;
+    let mut attn_scratch = if ctx.flash_attention() {
+        AttnScratch::Flash(a.bwd("attn_dq_acc")?)
+    } else {
+        AttnScratch::Scores(a.bwd("attn_scores")?, a.bwd("attn_d_scores")?)
+    };
     let pw = a.product_weights(p, true)?;
     let pw = |i| pw.get(p, i);
     let (w, g) = (&p.weights, &p.grads);
@@ -258,16 +264,16 @@ pub fn layer_backward(
         st.attn_out.ptr(),
         st.attn_lse.ptr(),
     );
-    if ctx.flash_attention() {
-        let mut dq_acc = a.bwd("attn_dq_acc")?;
-        dq_acc.fill_zero(gpu)?;
-        let sh = ctx.attn_shape();
-        gpu.flash_attention_backward(grads, d_attn_out.ptr(), kept, dq_acc.ptr(), sh)?;
-    } else {
-        let scores = a.bwd("attn_scores")?;
-        let d_scores = a.bwd("attn_d_scores")?;
-        let scratch = (scores.ptr(), d_scores.ptr());
-        gpu.attention_backward(grads, d_attn_out.ptr(), kept, scratch, ctx.attn_shape())?;
+    let sh = ctx.attn_shape();
+    match &mut attn_scratch {
+        AttnScratch::Flash(dq_acc) => {
+            dq_acc.fill_zero(gpu)?;
+            gpu.flash_attention_backward(grads, d_attn_out.ptr(), kept, dq_acc.ptr(), sh)?;
+        }
+        AttnScratch::Scores(scores, d_scores) => {
+            let scratch = (scores.ptr(), d_scores.ptr());
+            gpu.attention_backward(grads, d_attn_out.ptr(), kept, scratch, sh)?;
+        }
     }
     gpu.rope(d_q.ptr(), n, h, m.seq, hd, cfg.rope_theta, true)?;
     gpu.rope(d_k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, true)?;
@@ -303,4 +309,11 @@ pub fn layer_backward(
     )?;
     gpu.add_into(d_resid_mid.ptr(), d_norm_out.ptr(), n * h)?;
     Ok(d_resid_mid)
+}
+
+/// A layer backward's attention scratch, held for the whole backward as the inventory says:
+/// the flash kernels' f32 dQ accumulator, or the scores and their gradient for cuBLAS.
+enum AttnScratch {
+    Flash(GpuTensor),
+    Scores(GpuTensor, GpuTensor),
 }
