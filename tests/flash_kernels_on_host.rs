@@ -7,7 +7,8 @@
 //! of the same checks (`scripts/gpu-check`) checks the hardware's side.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
 
 use chronospipe::exec::backend::cuda::selftest::{
     FLASH_OUTPUTS, flash_check_shapes, flash_inputs, flash_reference,
@@ -48,6 +49,22 @@ fn build(dir: &Path) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     binary
+}
+
+/// Waits for `child`, killing it after `limit`: a kernel whose threads miss a barrier would
+/// otherwise hang the suite.
+fn wait_at_most(mut child: Child, limit: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            panic!("the host build of the flash kernels ran past {limit:?} (a missed barrier?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn bf16_bytes(values: &[f32]) -> Vec<u8> {
@@ -97,12 +114,13 @@ fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
         )
         .unwrap();
         let dims = [sh.head_dim, sh.batch, sh.seq, sh.heads, sh.kv_heads];
-        let status = Command::new(&binary)
+        let child = Command::new(&binary)
             .args(dims.map(|d| d.to_string()))
             .arg(&input)
             .arg(&output)
-            .status()
+            .spawn()
             .unwrap();
+        let status = wait_at_most(child, Duration::from_secs(300));
         assert!(status.success(), "{binary:?} failed on {sh:?}");
         let (n, stats) = (sh.batch * sh.seq, sh.batch * sh.heads * sh.seq);
         let (w, kvw) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);

@@ -1,6 +1,10 @@
-// Runs CUDA kernels written for one block of threads on the host: each block's threads are
-// std::threads, __syncthreads a barrier, warp shuffles and mma.sync exchanges between the 32
-// threads of a warp. One block at a time, so __shared__ arrays can be plain statics.
+// Runs chronospipe's CUDA kernels on the host, for checking them without a GPU: blocks run one
+// after another, each block's threads as std::threads; __syncthreads is a barrier of the block,
+// warp shuffles and the tensor-core product (cp_host_mma, which kernels/flash_attention.cu
+// calls in place of its mma.sync when CP_HOST_EMULATION is defined) exchange values between a
+// warp's 32 threads through shared slots and a barrier of the warp. With one block at a time,
+// __shared__ arrays can be function statics. Slow (a thread per CUDA thread): for small shapes.
+#pragma once
 #include <atomic>
 #include <barrier>
 #include <cmath>
