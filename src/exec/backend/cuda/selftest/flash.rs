@@ -8,10 +8,9 @@ use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Check, Result};
+use super::{Check, Result, cpu_attention};
 use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, Gpu};
 use crate::exec::backend::cuda::tensor::GpuTensor;
-use crate::exec::backend::{Backend, CpuBackend};
 use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::DType;
@@ -56,28 +55,7 @@ pub fn flash_inputs(rng: &mut ChaCha8Rng, sh: &AttnShape) -> [Vec<f32>; 4] {
     ]
 }
 
-/// The CPU backend's attention on the same inputs, in f32: out, lse, dq, dk, dv, delta.
-pub fn flash_reference(inputs: &[Vec<f32>; 4], sh: AttnShape) -> [Vec<f32>; 6] {
-    let [q, k, v, d_out] = inputs;
-    let cpu = CpuBackend::default();
-    let n = sh.batch * sh.seq;
-    let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
-    let stats = sh.batch * sh.heads * sh.seq;
-    let (mut out, mut lse) = (vec![0.0; n * w], vec![0.0; stats]);
-    cpu.attention_forward(&mut out, &mut lse, q, k, v, sh);
-    let (mut dq, mut dk, mut dv, mut delta) = (
-        vec![0.0; n * w],
-        vec![0.0; n * kvw],
-        vec![0.0; n * kvw],
-        vec![0.0; stats],
-    );
-    cpu.attention_backward(
-        &mut dq, &mut dk, &mut dv, &mut delta, d_out, q, k, v, &out, &lse, sh,
-    );
-    [out, lse, dq, dk, dv, delta]
-}
-
-/// The names of [`flash_reference`]'s tensors, and the tolerance each is held to.
+/// The names of [`cpu_attention`]'s tensors, and the tolerance each is held to.
 pub const FLASH_OUTPUTS: [(&str, f64); 6] = [
     ("out", FLASH_TOLERANCE),
     ("lse", FLASH_LSE_TOLERANCE),
@@ -108,7 +86,7 @@ fn check_shape(
     let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
     let stats = sh.batch * sh.heads * sh.seq;
     let [q, k, v, d_out] = inputs;
-    let want = flash_reference(inputs, sh);
+    let want = cpu_attention(inputs, sh);
 
     let up = |data: &[f32]| -> Result<GpuTensor> {
         let data: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();

@@ -3,7 +3,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Check, Result};
+use super::{Check, Result, cpu_attention};
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::ops::Gemm;
 use crate::exec::backend::cuda::tensor::GpuTensor;
@@ -247,25 +247,16 @@ fn attention_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
         sh.kv_heads * sh.head_dim,
     );
     let stats = sh.batch * sh.heads * sh.seq;
-    let (q, kk, v, d_out) = (
+    let inputs = [
         k.rand(n * w),
         k.rand(n * kvw),
         k.rand(n * kvw),
         k.rand(n * w),
-    );
-    let (mut out, mut lse) = (vec![0.0; n * w], vec![0.0; stats]);
-    k.cpu.attention_forward(&mut out, &mut lse, &q, &kk, &v, sh);
-    let (mut dq, mut dk, mut dv, mut delta) = (
-        vec![0.0; n * w],
-        vec![0.0; n * kvw],
-        vec![0.0; n * kvw],
-        vec![0.0; stats],
-    );
-    k.cpu.attention_backward(
-        &mut dq, &mut dk, &mut dv, &mut delta, &d_out, &q, &kk, &v, &out, &lse, sh,
-    );
+    ];
+    let [out, lse, dq, dk, dv, delta] = cpu_attention(&inputs, sh);
+    let [q, kk, v, d_out] = &inputs;
 
-    let (gq, gk, gv, gdo) = (k.up(&q)?, k.up(&kk)?, k.up(&v)?, k.up(&d_out)?);
+    let (gq, gk, gv, gdo) = (k.up(q)?, k.up(kk)?, k.up(v)?, k.up(d_out)?);
     let zeros =
         |len: usize| GpuTensor::zeros(gpu, &k.pool, "z", &[len], DType::F32, MemGroup::Activations);
     let (gout, glse, scores, d_scores) = (

@@ -11,9 +11,7 @@ mod model;
 mod pipeline;
 mod timing;
 
-pub use flash::{
-    FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, flash_reference, time_attention,
-};
+pub use flash::{FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, time_attention};
 pub use kernels::kernel_checks;
 pub use model::model_checks;
 pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages};
@@ -22,6 +20,7 @@ pub use timing::{Timing, llama_125m, predicted_peak, step_flops, time_training};
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::{CudaError, Precision};
+use crate::exec::backend::{Backend, CpuBackend};
 use crate::exec::compare::rel_err;
 use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::{DType, MicroShape};
@@ -50,6 +49,28 @@ impl Check {
     pub fn passed(&self) -> bool {
         self.rel_err < self.tolerance
     }
+}
+
+/// The CPU backend's causal attention of q, k, v (and its backward for dO), in f32: out, lse,
+/// dq, dk, dv, delta; the reference for the GPU's attention paths.
+pub fn cpu_attention(inputs: &[Vec<f32>; 4], sh: AttnShape) -> [Vec<f32>; 6] {
+    let [q, k, v, d_out] = inputs;
+    let cpu = CpuBackend::default();
+    let n = sh.batch * sh.seq;
+    let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
+    let stats = sh.batch * sh.heads * sh.seq;
+    let (mut out, mut lse) = (vec![0.0; n * w], vec![0.0; stats]);
+    cpu.attention_forward(&mut out, &mut lse, q, k, v, sh);
+    let (mut dq, mut dk, mut dv, mut delta) = (
+        vec![0.0; n * w],
+        vec![0.0; n * kvw],
+        vec![0.0; n * kvw],
+        vec![0.0; stats],
+    );
+    cpu.attention_backward(
+        &mut dq, &mut dk, &mut dv, &mut delta, d_out, q, k, v, &out, &lse, sh,
+    );
+    [out, lse, dq, dk, dv, delta]
 }
 
 fn print_checks(title: &str, checks: &[Check]) -> bool {
