@@ -9,6 +9,7 @@
 // head_dim] as bf16 bits (u16, little-endian) in the order q, k, v, dO. OUTPUT receives out,
 // dq [batch * seq, heads * head_dim], dk, dv as bf16 bits, then lse and delta [batch, heads,
 // seq] as f32.
+#define CP_ACT_BF16 1
 #include "host_cuda.h"
 #include "../../kernels/common.cuh"
 #include "../../kernels/attention.cu"

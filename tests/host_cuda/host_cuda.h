@@ -4,6 +4,7 @@
 // calls in place of its mma.sync when CP_HOST_EMULATION is defined) exchange values between a
 // warp's 32 threads through shared slots and a barrier of the warp. With one block at a time,
 // __shared__ arrays can be function statics. Slow (a thread per CUDA thread): for small shapes.
+// Activations are f32 unless the including file defines CP_ACT_BF16 first.
 #pragma once
 #include <atomic>
 #include <barrier>
@@ -23,7 +24,6 @@ inline cp_dim3 gridDim, blockDim;
 #define __forceinline__ inline
 #define __shared__ static
 #define CP_HOST_EMULATION 1
-#define CP_ACT_BF16 1
 #define __CUDA_ARCH__ 900
 
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }

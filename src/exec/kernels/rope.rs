@@ -28,6 +28,15 @@ pub fn rope_apply(
         });
 }
 
+/// The rotation's frequency for each dimension pair `i < head_dim / 2`, in f32 as transformers
+/// computes it: position `pos` turns pair `i` by the angle `pos as f32 * inv_freq[i]`. The
+/// CUDA backend's rope kernel takes the same values, so both backends turn by the same angles.
+pub fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
 /// cos and sin of every (position, frequency) angle of one sequence, `seq x head_dim/2` each:
 /// kernel scratch shared by every sequence, head and call with the same shape.
 struct RopeTable {
@@ -40,11 +49,7 @@ struct RopeTable {
 
 impl RopeTable {
     fn new(seq: usize, head_dim: usize, theta: f32) -> Self {
-        // inv_freq and angles in f32, as transformers computes them.
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+        let inv_freq = inv_freq(head_dim, theta);
         let angles = || (0..seq).flat_map(|pos| inv_freq.iter().map(move |f| pos as f32 * f));
         RopeTable {
             seq,

@@ -11,22 +11,35 @@ use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::kernels::attention::AttnShape;
+use crate::exec::kernels::rope::inv_freq;
 use crate::plan::inventory::DType;
 
 type R = Result<(), CudaError>;
 
 /// A kernel argument by value.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg {
+pub(crate) enum Arg<'a> {
     Ptr(DevPtr),
     I32(i32),
     I64(i64),
     F32(f32),
+    RopeFreqs(&'a RopeFreqs),
 }
+
+/// `struct cp_rope_freqs` of kernels/rope.cu: a rotation's frequencies, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RopeFreqs([f32; ROPE_MAX_HALF]);
+
+/// `CP_ROPE_MAX_HALF`: the rope kernel takes head dimensions up to twice this.
+pub(crate) const ROPE_MAX_HALF: usize = 128;
+
+// SAFETY: a plain array of f32, laid out as the kernel's struct of one float array.
+unsafe impl cudarc::driver::DeviceRepr for RopeFreqs {}
 
 impl Gpu {
     /// Launches kernel `name` with `args` in the order of its signature in kernels/*.cu.
-    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> R {
+    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg<'_>]) -> R {
         let f = self.function(name)?;
         self.timed(
             || name.to_string(),
@@ -38,6 +51,7 @@ impl Gpu {
                         Arg::I32(v) => builder.arg(v),
                         Arg::I64(v) => builder.arg(v),
                         Arg::F32(v) => builder.arg(v),
+                        Arg::RopeFreqs(v) => builder.arg(*v),
                     };
                 }
                 // SAFETY: the argument list matches the kernel's signature, and the buffers
@@ -72,11 +86,11 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-fn len(n: usize) -> Arg {
+fn len(n: usize) -> Arg<'static> {
     I64(n as i64)
 }
 
-fn int(n: usize) -> Arg {
+fn int(n: usize) -> Arg<'static> {
     I32(n as i32)
 }
 
@@ -292,6 +306,8 @@ impl Gpu {
         )
     }
 
+    /// Rotates `rows` rows of `width = heads * head_dim` in place by their positions in
+    /// sequences of `seq` rows (see kernels/rope.cu); `inverse` turns the other way.
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
@@ -303,16 +319,36 @@ impl Gpu {
         theta: f32,
         inverse: bool,
     ) -> R {
+        let half = head_dim / 2;
+        if !head_dim.is_multiple_of(2)
+            || half == 0
+            || half > ROPE_MAX_HALF
+            || !width.is_multiple_of(head_dim)
+        {
+            return Err(CudaError::Unsupported(format!(
+                "rope: head dimension {head_dim} in rows of {width} (the kernel takes even head \
+                 dimensions from 2 to {} that divide the row)",
+                2 * ROPE_MAX_HALF
+            )));
+        }
+        let mut freqs = RopeFreqs([0.0; ROPE_MAX_HALF]);
+        freqs.0[..half].copy_from_slice(&inv_freq(head_dim, theta));
+        let rows_per_block = BLOCK as usize / half;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(rows_per_block).clamp(1, 16384) as u32, 1, 1),
+            block_dim: ((rows_per_block * half) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
         self.launch(
             "rope",
-            elementwise(rows * width / 2),
+            cfg,
             &[
                 Ptr(x),
-                len(rows),
+                int(rows),
                 int(width),
                 int(seq),
                 int(head_dim),
-                F32(theta),
+                Arg::RopeFreqs(&freqs),
                 I32(inverse as i32),
             ],
         )

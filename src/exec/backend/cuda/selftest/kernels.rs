@@ -132,16 +132,18 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         ew,
     ));
 
-    // RoPE and its inverse.
-    let (seq, width, hd) = (16, 64, 16);
-    for inverse in [false, true] {
+    // RoPE and its inverse, at angles up to 511 radians.
+    for ((seq, width, hd), inverse) in [(512, 128, 64), (37, 48, 16)]
+        .into_iter()
+        .flat_map(|shape| [(shape, false), (shape, true)])
+    {
         let x = k.rand(2 * seq * width);
         let mut want = x.clone();
         k.cpu.rope(&mut want, width, seq, hd, 10000.0, inverse);
         let gx = k.up(&x)?;
         gpu.rope(gx.ptr(), 2 * seq, width, seq, hd, 10000.0, inverse)?;
         checks.push(Check::new(
-            format!("rope inverse={inverse}"),
+            format!("rope seq={seq} head_dim={hd} inverse={inverse}"),
             &down(gpu, &gx)?,
             &want,
             ew,

@@ -1,0 +1,231 @@
+//! CUDA kernels without a GPU: `tests/host_cuda/` builds kernels from `kernels/*.cu` for the
+//! host with a C++20 compiler, each block's threads as threads (and the tensor-core product by
+//! the PTX ISA's fragment layouts), and the results are held against the CPU backend.
+//!
+//! - The bf16 flash-attention kernels (with `attn_delta` and `cast_to_act`, as the backend
+//!   launches them), with the shapes and tolerances of `selftest --gpu`'s flash checks: their
+//!   indexing, masking, online softmax and grouped heads.
+//! - The rope kernel, f32 and bf16 builds, at a thousand positions.
+//!
+//! The GPU runs of the same checks (`scripts/gpu-check`) check the hardware's side.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+use chronospipe::exec::backend::cuda::selftest::{
+    FLASH_OUTPUTS, cpu_attention, flash_check_shapes, flash_inputs,
+};
+use chronospipe::exec::compare::rel_err;
+use chronospipe::exec::kernels::rope::{inv_freq, rope_apply};
+use half::bf16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The C++ compiler: `$CXX`, else `c++` or `g++` on the path.
+fn compiler() -> String {
+    let candidates = std::env::var("CXX")
+        .into_iter()
+        .chain(["c++".into(), "g++".into()]);
+    for cxx in candidates {
+        if Command::new(&cxx).arg("--version").output().is_ok() {
+            return cxx;
+        }
+    }
+    panic!(
+        "no C++ compiler (set CXX, or install g++ 10 or newer): the flash kernels' host check needs one"
+    );
+}
+
+/// Builds `tests/host_cuda/{name}.cpp` into `dir` with the extra compiler flags `defines`.
+fn build(dir: &Path, name: &str, defines: &[&str]) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/host_cuda/{name}.cpp"));
+    let binary = dir.join(format!("{name}{}", defines.concat()));
+    let out = Command::new(compiler())
+        .args(["-std=c++20", "-O2", "-pthread"])
+        .args(defines)
+        .arg("-o")
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .expect("running the C++ compiler");
+    assert!(
+        out.status.success(),
+        "compiling {}:\n{}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary
+}
+
+/// Runs `binary` with `args`, killing it after `limit` (a kernel whose threads miss a barrier
+/// would otherwise hang the suite); panics unless it succeeds.
+fn run(binary: &Path, args: &[String], limit: Duration) {
+    let child = Command::new(binary).args(args).spawn().unwrap();
+    let status = wait_at_most(child, limit);
+    assert!(status.success(), "{binary:?} {args:?} failed: {status}");
+}
+
+fn wait_at_most(mut child: Child, limit: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            child.kill().ok();
+            panic!("the host build of a kernel ran past {limit:?} (a missed barrier?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn bf16_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+        .collect()
+}
+
+/// Splits the program's output into `counts` tensors: bf16 for the first four, then f32.
+fn parse_output(bytes: &[u8], counts: [usize; 6]) -> Vec<Vec<f32>> {
+    let mut at = 0;
+    let mut tensors = Vec::new();
+    for (i, n) in counts.into_iter().enumerate() {
+        let size = if i < 4 { 2 } else { 4 };
+        let chunk = &bytes[at..at + n * size];
+        at += n * size;
+        tensors.push(if i < 4 {
+            (chunk.chunks_exact(2))
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        } else {
+            (chunk.chunks_exact(4))
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        });
+    }
+    assert_eq!(at, bytes.len(), "output longer than its tensors");
+    tensors
+}
+
+#[test]
+fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = build(dir.path(), "flash_attention", &[]);
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let mut failures = Vec::new();
+    for sh in flash_check_shapes() {
+        let inputs = flash_inputs(&mut rng, &sh);
+        let (input, output) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
+        std::fs::write(
+            &input,
+            inputs
+                .iter()
+                .flat_map(|t| bf16_bytes(t))
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        let dims = [sh.head_dim, sh.batch, sh.seq, sh.heads, sh.kv_heads];
+        let mut args: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+        args.extend([&input, &output].map(|p| p.display().to_string()));
+        run(&binary, &args, Duration::from_secs(300));
+        let (n, stats) = (sh.batch * sh.seq, sh.batch * sh.heads * sh.seq);
+        let (w, kvw) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
+        // The program writes out, dq, dk, dv, lse, delta; the reference is out, lse, dq, dk,
+        // dv, delta.
+        let got = parse_output(
+            &std::fs::read(&output).unwrap(),
+            [w, w, kvw, kvw, stats, stats],
+        );
+        let got = [&got[0], &got[4], &got[1], &got[2], &got[3], &got[5]];
+        let want = cpu_attention(&inputs, sh);
+        for ((ours, reference), (name, tolerance)) in got.into_iter().zip(&want).zip(FLASH_OUTPUTS)
+        {
+            let err = rel_err(ours, reference);
+            println!("{sh:?} {name}: rel err {err:.2e} (< {tolerance:.0e})");
+            if err.is_nan() || err >= tolerance {
+                failures.push(format!("{sh:?} {name}: {err:.2e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The rope kernel's f32 and bf16 builds against the CPU backend's rope (the same frequencies
+/// from `inv_freq`), forward and inverse, at positions up to 1023 (angles up to 1023 radians),
+/// on 3 blocks so that each block strides over many rows: within the selftest's elementwise
+/// tolerance (f32) or bf16's rounding of the output.
+#[test]
+fn rope_kernel_run_on_the_host_matches_the_cpu_rope() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut failures = Vec::new();
+    for (bf16_build, tolerance) in [(false, 1e-5), (true, 4e-3)] {
+        let defines: &[&str] = if bf16_build { &["-DCP_ACT_BF16"] } else { &[] };
+        let binary = build(dir.path(), "rope", defines);
+        // (seq, width, head_dim): grouped layouts of the models, the smallest and largest head
+        // dimensions, and one whose pairs do not divide the block (96: 5 rows of 48 threads).
+        for (seq, width, head_dim) in [
+            (1024, 256, 64),
+            (300, 48, 16),
+            (40, 512, 256),
+            (64, 192, 96),
+        ] {
+            for inverse in [false, true] {
+                let rows = 2 * seq;
+                let mut x: Vec<f32> = (0..rows * width)
+                    .map(|_| rng.gen_range(-1.0..1.0))
+                    .collect();
+                if bf16_build {
+                    x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
+                }
+                let mut input = f32_bytes(&inv_freq(head_dim, 10000.0));
+                input.extend(if bf16_build {
+                    bf16_bytes(&x)
+                } else {
+                    f32_bytes(&x)
+                });
+                let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
+                std::fs::write(&in_path, input).unwrap();
+                let mut args: Vec<String> = [rows, width, seq, head_dim, inverse as usize, 3]
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect();
+                args.extend([&in_path, &out_path].map(|p| p.display().to_string()));
+                run(&binary, &args, Duration::from_secs(60));
+                let bytes = std::fs::read(&out_path).unwrap();
+                let got: Vec<f32> = if bf16_build {
+                    (bytes.chunks_exact(2))
+                        .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                        .collect()
+                } else {
+                    (bytes.chunks_exact(4))
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                };
+                assert_eq!(
+                    got.len(),
+                    x.len(),
+                    "rope {bytes_len} output bytes",
+                    bytes_len = bytes.len()
+                );
+                let mut want = x;
+                rope_apply(&mut want, width, seq, head_dim, 10000.0, inverse);
+                let err = rel_err(&got, &want);
+                let case = format!(
+                    "bf16={bf16_build} seq={seq} width={width} head_dim={head_dim} inverse={inverse}"
+                );
+                println!("rope {case}: rel err {err:.2e} (< {tolerance:.0e})");
+                if err.is_nan() || err >= tolerance {
+                    failures.push(format!("{case}: {err:.2e}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
