@@ -26,6 +26,9 @@ pub struct SelftestArgs {
     /// Micro-batches per step in the timing runs.
     #[arg(long, default_value_t = 2)]
     pub microbatches: usize,
+    /// Sequences of the extra timing row per precision: one micro-batch this large (0: none).
+    #[arg(long, default_value_t = 32)]
+    pub large_micro_batch: usize,
     /// Timed steps per precision (after two warm-up steps).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
@@ -53,6 +56,7 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
         fixture: args.fixture.clone(),
         micro_batch_size: args.micro_batch_size,
         microbatches: args.microbatches,
+        large_micro_batch: args.large_micro_batch,
         steps: args.steps,
         skip_timing: args.skip_timing,
         precisions: args.precision.clone(),

@@ -20,6 +20,7 @@ fn options() -> SelftestOptions {
         )),
         micro_batch_size: 8,
         microbatches: 2,
+        large_micro_batch: 32,
         steps: 5,
         skip_timing: true,
         precisions: Precision::EACH.to_vec(),

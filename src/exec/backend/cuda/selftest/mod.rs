@@ -104,6 +104,8 @@ pub struct SelftestOptions {
     pub fixture: std::path::PathBuf,
     pub micro_batch_size: usize,
     pub microbatches: usize,
+    /// Sequences in the extra timing row's single micro-batch (0: no extra row).
+    pub large_micro_batch: usize,
     pub steps: usize,
     pub skip_timing: bool,
     /// The precisions to check and time (the timing table has rows for TF32 and bf16, and the
@@ -174,38 +176,45 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         };
         println!(
             "\ntraining throughput: ~125M Llama (hidden 768, 12 layers, 12 heads, FFN 2048, \
-             vocab 32000), seq 1024, {} x {} sequences per step, AdamW",
-            opts.microbatches, opts.micro_batch_size
+             vocab 32000), seq 1024, AdamW; micro-batches x sequences per step"
         );
         println!(
-            "| precision | tokens/s | step ms | MFU | measured peak MiB | predicted peak MiB |"
+            "| precision | step | tokens/s | step ms | MFU | measured peak MiB | predicted peak MiB |"
         );
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!("|---|---|---:|---:|---:|---:|---:|");
+        // The asked-for step, profiled if asked, then one micro-batch of `large_micro_batch`
+        // sequences: larger products, as throughput runs use.
+        let shapes = [(opts.microbatches, opts.micro_batch_size), (1, opts.large_micro_batch)];
         let mut profiles = Vec::new();
         for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
-            let timed = time_training(
-                opts.device,
-                precision,
-                config,
-                micro,
-                opts.microbatches,
-                (2, opts.steps),
-                opts.profile,
-            );
-            let Some(t) = section(precision.name(), timed) else {
-                ok = false;
-                continue;
-            };
-            let mfu = t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
-            println!(
-                "| {} | {:.0} | {:.1} | {mfu} | {:.1} | {:.1} |",
-                precision.name(),
-                t.tokens_per_s,
-                t.step_ms,
-                t.peak_bytes as f64 / MIB,
-                t.predicted_peak_bytes as f64 / MIB
-            );
-            profiles.push((precision, t.profile));
+            for (i, &(microbatches, batch)) in shapes.iter().enumerate() {
+                if batch == 0 {
+                    continue;
+                }
+                let timed = time_training(
+                    opts.device,
+                    precision,
+                    config,
+                    MicroShape { batch, seq: 1024 },
+                    microbatches,
+                    (2, opts.steps),
+                    opts.profile && i == 0,
+                );
+                let Some(t) = section(precision.name(), timed) else {
+                    ok = false;
+                    continue;
+                };
+                let mfu = t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
+                println!(
+                    "| {} | {microbatches} x {batch} | {:.0} | {:.1} | {mfu} | {:.1} | {:.1} |",
+                    precision.name(),
+                    t.tokens_per_s,
+                    t.step_ms,
+                    t.peak_bytes as f64 / MIB,
+                    t.predicted_peak_bytes as f64 / MIB
+                );
+                profiles.push((precision, t));
+            }
         }
         if asked(&Precision::Bf16) {
             ok &= section(
@@ -221,14 +230,16 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             )
             .unwrap_or(false);
         }
-        for (precision, rows) in profiles.iter().filter(|(_, r)| !r.is_empty()) {
-            let total: f64 = rows.iter().map(|r| r.2).sum();
+        for (precision, t) in profiles.iter().filter(|(_, t)| !t.profile.is_empty()) {
+            let total: f64 = t.profile.iter().map(|r| r.2).sum();
             println!(
-                "\none {} step, operation by operation (synchronised; total {:.1} ms)",
+                "\none {} step, operation by operation (GPU time between events; {:.1} ms in \
+                 kernels and products of a {:.1} ms step)",
                 precision.name(),
-                total * 1e3
+                total * 1e3,
+                t.profiled_step_secs * 1e3
             );
-            for (name, calls, secs) in rows.iter().take(25) {
+            for (name, calls, secs) in t.profile.iter().take(25) {
                 println!(
                     "  {:>7.2} ms {:>5.1}% {calls:>6}x  {name}",
                     secs * 1e3,

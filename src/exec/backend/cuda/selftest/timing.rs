@@ -27,8 +27,10 @@ pub struct Timing {
     pub peak_bytes: usize,
     /// The planner's prediction for the same run (the precision's inventory, one-stage plan).
     pub predicted_peak_bytes: u64,
-    /// Per-operation times of one extra step, when asked for (calls, seconds), longest first.
+    /// Per-operation GPU times of one extra step, when asked for (calls, seconds), longest
+    /// first, and that step's wall time in seconds.
     pub profile: Vec<(String, u64, f64)>,
+    pub profiled_step_secs: f64,
 }
 
 /// The ~125M-parameter Llama of the issue: hidden 768, 12 layers, 12 heads, FFN 2048.
@@ -128,11 +130,14 @@ pub fn time_training(
     let tokens = (micro.tokens() * microbatches) as f64;
     let mfu = peak_flops(&trainer.gpu.name, precision)
         .map(|p| step_flops(&config, micro, microbatches) / secs / p);
-    let mut report = Vec::new();
+    let (mut report, mut profiled_step_secs) = (Vec::new(), 0.0);
     if profile {
         trainer.gpu.profile();
+        let start = Instant::now();
         trainer.train_step(&batches)?;
-        report = trainer.gpu.profile_report();
+        trainer.gpu.synchronize()?;
+        profiled_step_secs = start.elapsed().as_secs_f64();
+        report = trainer.gpu.profile_report()?;
     }
     Ok(Timing {
         precision,
@@ -142,6 +147,7 @@ pub fn time_training(
         peak_bytes: trainer.pool.peak_bytes(),
         predicted_peak_bytes: predicted_peak(&config, precision, micro, microbatches)?,
         profile: report,
+        profiled_step_secs,
     })
 }
 
