@@ -59,6 +59,17 @@ __device__ float cp_block_max(float v, float* scratch) {
     return cp_warp_max(v);
 }
 
+// 16 bytes of activations (8 bf16 or 4 f32), and as many floats: the unit in which the
+// elementwise kernels move aligned buffers. One thread moving 2 bytes at a time cannot keep
+// enough bytes in flight to reach the memory's bandwidth; 16 can.
+#define CP_VEC (16 / (int)sizeof(act_t))
+struct __align__(16) cp_acts { act_t e[CP_VEC]; };
+struct __align__(16) cp_floats { float e[CP_VEC]; };
+
+__device__ __forceinline__ bool cp_aligned16(const void* p) {
+    return ((unsigned long long)p & 15u) == 0;
+}
+
 // Grid-stride loop over n elements.
 #define CP_FOR_EACH(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \

@@ -6,6 +6,8 @@
 //!   launches them), with the shapes and tolerances of `selftest --gpu`'s flash checks: their
 //!   indexing, masking, online softmax and grouped heads.
 //! - The rope kernel, f32 and bf16 builds, at a thousand positions.
+//! - The elementwise kernels (residual sums, casts, SwiGLU), f32 and bf16 builds, on their
+//!   16-byte vector path, with a ragged tail, and unaligned.
 //!
 //! The GPU runs of the same checks (`scripts/gpu-check`) check the hardware's side.
 
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use chronospipe::exec::backend::cuda::selftest::{
     FLASH_OUTPUTS, cpu_attention, flash_check_shapes, flash_inputs,
 };
+use chronospipe::exec::backend::{Backend, CpuBackend};
 use chronospipe::exec::compare::rel_err;
 use chronospipe::exec::kernels::rope::{inv_freq, rope_apply};
 use half::bf16;
@@ -156,6 +159,37 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Activations as a host build reads them: bf16 bits or f32.
+fn act_bytes(values: &[f32], bf16_build: bool) -> Vec<u8> {
+    if bf16_build {
+        bf16_bytes(values)
+    } else {
+        f32_bytes(values)
+    }
+}
+
+fn acts_from_bytes(bytes: &[u8], bf16_build: bool) -> Vec<f32> {
+    if bf16_build {
+        (bytes.chunks_exact(2))
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    } else {
+        (bytes.chunks_exact(4))
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+}
+
+/// `values` as the activation type holds them.
+fn as_acts(mut values: Vec<f32>, bf16_build: bool) -> Vec<f32> {
+    if bf16_build {
+        values
+            .iter_mut()
+            .for_each(|v| *v = bf16::from_f32(*v).to_f32());
+    }
+    values
+}
+
 /// The rope kernel's f32 and bf16 builds against the CPU backend's rope (the same frequencies
 /// from `inv_freq`), forward and inverse, at positions up to 1023 (angles up to 1023 radians),
 /// on 3 blocks so that each block strides over many rows: within the selftest's elementwise
@@ -223,6 +257,93 @@ fn rope_kernel_run_on_the_host_matches_the_cpu_rope() {
                 println!("rope {case}: rel err {err:.2e} (< {tolerance:.0e})");
                 if err.is_nan() || err >= tolerance {
                     failures.push(format!("{case}: {err:.2e}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// `add_into`, `cast_to_act`, `swiglu_forward` and `swiglu_backward`, f32 and bf16 builds,
+/// against the CPU backend on the same (activation-typed) inputs: sums and casts to the bit
+/// (both round one f32 result the same way), SwiGLU within the selftest's elementwise tolerance
+/// (f32) or bf16's rounding. Lengths and offsets take each path: whole 16-byte vectors, vectors
+/// then a ragged tail, and unaligned buffers one element at a time; 3 blocks stride over them.
+#[test]
+fn elementwise_kernels_run_on_the_host_match_the_cpu_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = CpuBackend::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let mut failures = Vec::new();
+    for bf16_build in [false, true] {
+        let defines: &[&str] = if bf16_build { &["-DCP_ACT_BF16"] } else { &[] };
+        let binary = build(dir.path(), "elementwise", defines);
+        let swiglu_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
+        for (n, offset) in [(4096, 0), (4099, 0), (4099, 1)] {
+            let mut random = |scale: f32| -> Vec<f32> {
+                (0..n)
+                    .map(|_| scale * rng.gen_range(-1.0f32..1.0))
+                    .collect()
+            };
+            let (a, b, x) = (
+                as_acts(random(1.0), bf16_build),
+                as_acts(random(1.0), bf16_build),
+                random(1.0),
+            );
+            let (gate, up, d_act) = (
+                as_acts(random(4.0), bf16_build),
+                as_acts(random(1.0), bf16_build),
+                as_acts(random(1.0), bf16_build),
+            );
+            let sum: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
+            let mut act = vec![0.0; n];
+            cpu.swiglu_forward(&mut act, &gate, &up);
+            let (mut d_gate, mut d_up) = (vec![0.0; n], d_act.clone());
+            cpu.swiglu_backward(&mut act.clone(), &mut d_gate, &mut d_up, &gate, &up);
+            let acts = |v: &[f32]| act_bytes(v, bf16_build);
+            // (operation, its inputs' bytes, the outputs it should write, tolerance)
+            let cases: [(&str, Vec<u8>, _, f64); 4] = [
+                (
+                    "add_into",
+                    [acts(&a), acts(&b)].concat(),
+                    vec![as_acts(sum, bf16_build)],
+                    0.0,
+                ),
+                (
+                    "cast_to_act",
+                    f32_bytes(&x),
+                    vec![as_acts(x.clone(), bf16_build)],
+                    0.0,
+                ),
+                (
+                    "swiglu_forward",
+                    [acts(&gate), acts(&up)].concat(),
+                    vec![act.clone()],
+                    swiglu_tolerance,
+                ),
+                (
+                    "swiglu_backward",
+                    [acts(&gate), acts(&up), acts(&d_act)].concat(),
+                    vec![d_gate.clone(), d_up.clone()],
+                    swiglu_tolerance,
+                ),
+            ];
+            for (op, input, want, tolerance) in cases {
+                let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
+                std::fs::write(&in_path, input).unwrap();
+                let mut args: Vec<String> =
+                    vec![op.into(), n.to_string(), offset.to_string(), "3".into()];
+                args.extend([&in_path, &out_path].map(|p| p.display().to_string()));
+                run(&binary, &args, Duration::from_secs(60));
+                let got = acts_from_bytes(&std::fs::read(&out_path).unwrap(), bf16_build);
+                assert_eq!(got.len(), n * want.len(), "{op}: output length");
+                for (i, (ours, reference)) in got.chunks(n).zip(&want).enumerate() {
+                    let err = rel_err(ours, reference);
+                    let case = format!("{op} output {i}, bf16={bf16_build} n={n} offset={offset}");
+                    println!("{case}: rel err {err:.2e} (<= {tolerance:.0e})");
+                    if err.is_nan() || err > tolerance {
+                        failures.push(format!("{case}: {err:.2e}"));
+                    }
                 }
             }
         }

@@ -354,10 +354,16 @@ impl Gpu {
         )
     }
 
+    /// Threads for a kernel that moves `n` activations in 16-byte vectors (kernels/common.cuh's
+    /// `cp_acts`).
+    fn act_vectors(&self, n: usize) -> LaunchConfig {
+        elementwise(n.div_ceil(16 / self.precision.activations().bytes()))
+    }
+
     pub fn swiglu_forward(&self, act: DevPtr, gate: DevPtr, up: DevPtr, n: usize) -> R {
         self.launch(
             "swiglu_forward",
-            elementwise(n),
+            self.act_vectors(n),
             &[Ptr(act), Ptr(gate), Ptr(up), len(n)],
         )
     }
@@ -372,7 +378,7 @@ impl Gpu {
     ) -> R {
         self.launch(
             "swiglu_backward",
-            elementwise(n),
+            self.act_vectors(n),
             &[Ptr(d_gate), Ptr(d_act_to_d_up), Ptr(gate), Ptr(up), len(n)],
         )
     }
@@ -409,12 +415,16 @@ impl Gpu {
 
     /// `a += b` over `n` elements.
     pub fn add_into(&self, a: DevPtr, b: DevPtr, n: usize) -> R {
-        self.launch("add_into", elementwise(n), &[Ptr(a), Ptr(b), len(n)])
+        self.launch("add_into", self.act_vectors(n), &[Ptr(a), Ptr(b), len(n)])
     }
 
     /// `out` (activation type) = `x` (f32) over `n` elements, rounded.
     pub fn cast_to_act(&self, out: DevPtr, x: DevPtr, n: usize) -> R {
-        self.launch("cast_to_act", elementwise(n), &[Ptr(out), Ptr(x), len(n)])
+        self.launch(
+            "cast_to_act",
+            self.act_vectors(n),
+            &[Ptr(out), Ptr(x), len(n)],
+        )
     }
 
     /// Per-row losses `lse(logits) - logits[target]` of `rows` rows.

@@ -150,8 +150,8 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         ));
     }
 
-    // SwiGLU.
-    let n = 1000;
+    // SwiGLU: 16-byte vectors, then a ragged tail.
+    let n = 1003;
     let (g, u, da) = (k.rand(n), k.rand(n), k.rand(n));
     let mut act = vec![0.0; n];
     k.cpu.swiglu_forward(&mut act, &g, &u);
@@ -205,7 +205,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     checks.extend(head_checks(&mut k, gemm_tol)?);
 
     // AdamW with a clipping factor.
-    let n = 1000;
+    let n = 1003;
     let (w0, g, m0, v0) = (
         k.rand(n),
         k.rand(n),

@@ -184,7 +184,10 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         println!("|---|---|---:|---:|---:|---:|---:|");
         // The asked-for step, profiled if asked, then one micro-batch of `large_micro_batch`
         // sequences: larger products, as throughput runs use.
-        let shapes = [(opts.microbatches, opts.micro_batch_size), (1, opts.large_micro_batch)];
+        let shapes = [
+            (opts.microbatches, opts.micro_batch_size),
+            (1, opts.large_micro_batch),
+        ];
         let mut profiles = Vec::new();
         for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
             for (i, &(microbatches, batch)) in shapes.iter().enumerate() {
