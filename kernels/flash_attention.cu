@@ -18,6 +18,16 @@ struct alignas(16) fa_chunk {
     unsigned x, y, z, w;
 };
 
+// `p` as a pointer to T, for loads and stores wider than an element; p must be aligned to T
+// (a misaligned access faults on the GPU), which host builds check.
+template <typename T>
+__device__ __forceinline__ T* fa_as(const void* p) {
+#ifdef CP_HOST_EMULATION
+    cp_check_alignment(p, alignof(T));
+#endif
+    return (T*)p;
+}
+
 __device__ __forceinline__ unsigned fa_pack(act_t lo, act_t hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
 }
@@ -51,10 +61,10 @@ __device__ __forceinline__ int fa_pair() { return (threadIdx.x & 3) * 2; }
 template <int S>
 __device__ __forceinline__ void fa_frag_a(unsigned* a, const act_t* t, int r0, int c0) {
     const act_t* p = t + (r0 + fa_group()) * S + c0 + fa_pair();
-    a[0] = *(const unsigned*)p;
-    a[1] = *(const unsigned*)(p + 8 * S);
-    a[2] = *(const unsigned*)(p + 8);
-    a[3] = *(const unsigned*)(p + 8 * S + 8);
+    a[0] = *fa_as<const unsigned>(p);
+    a[1] = *fa_as<const unsigned>(p + 8 * S);
+    a[2] = *fa_as<const unsigned>(p + 8);
+    a[3] = *fa_as<const unsigned>(p + 8 * S + 8);
 }
 
 // a[m][k] = t[c0 + k][r0 + m]: the tile holds a's transpose.
@@ -71,8 +81,8 @@ __device__ __forceinline__ void fa_frag_a_t(unsigned* a, const act_t* t, int r0,
 template <int S>
 __device__ __forceinline__ void fa_frag_b_rows_n(unsigned* b, const act_t* t, int n0, int k0) {
     const act_t* p = t + (n0 + fa_group()) * S + k0 + fa_pair();
-    b[0] = *(const unsigned*)p;
-    b[1] = *(const unsigned*)(p + 8);
+    b[0] = *fa_as<const unsigned>(p);
+    b[1] = *fa_as<const unsigned>(p + 8);
 }
 
 // b[k][n] = t[k0 + k][n0 + n]: the tile's rows are b's rows (values in P V).
@@ -92,8 +102,8 @@ __device__ __forceinline__ void fa_load(act_t* tile, const act_t* src, long long
     for (int i = threadIdx.x; i < FA_ROWS * chunks; i += FA_THREADS) {
         int r = i / chunks, c = (i % chunks) * 8;
         fa_chunk v = {0u, 0u, 0u, 0u};
-        if (row0 + r < seq) v = *(const fa_chunk*)(src + (row0 + r) * stride + c);
-        *(fa_chunk*)(tile + r * (D + FA_PAD) + c) = v;
+        if (row0 + r < seq) v = *fa_as<const fa_chunk>(src + (row0 + r) * stride + c);
+        *fa_as<fa_chunk>(tile + r * (D + FA_PAD) + c) = v;
     }
 }
 
@@ -193,7 +203,7 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
         if (rows[h] >= seq) continue;
         act_t* dst = out + (tok0 + rows[h]) * width + head * D + pair;
         for (int j = 0; j < D / 8; ++j)
-            *(unsigned*)(dst + j * 8) = fa_pack_f(o[j][2 * h] / sum, o[j][2 * h + 1] / sum);
+            *fa_as<unsigned>(dst + j * 8) = fa_pack_f(o[j][2 * h] / sum, o[j][2 * h + 1] / sum);
         if (pair == 0) lse[((long long)b * heads + head) * seq + rows[h]] = m[h] + logf(sum);
     }
 }
@@ -259,7 +269,7 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
             fa_tile_times_rows<D>(dk_acc, ds, qs);
             for (int n = 0; n < FA_STEP / 8; ++n)
                 for (int h = 0; h < 2; ++h)
-                    *(unsigned*)(dst + (warp * 16 + g + 8 * h) * SP + n * 8 + pair) =
+                    *fa_as<unsigned>(dst + (warp * 16 + g + 8 * h) * SP + n * 8 + pair) =
                         fa_pack_f(ds[n][2 * h], ds[n][2 * h + 1]);
             __syncthreads();
             // dQ of the step's queries (warp w: queries 16w ..) = dS K over the block's keys.
@@ -289,8 +299,8 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
         if (keys[h] >= seq) continue;
         long long at = (tok0 + keys[h]) * kv_width + kvh * D + pair;
         for (int j = 0; j < D / 8; ++j) {
-            *(unsigned*)(dk + at + j * 8) = fa_pack_f(dk_acc[j][2 * h], dk_acc[j][2 * h + 1]);
-            *(unsigned*)(dv + at + j * 8) = fa_pack_f(dv_acc[j][2 * h], dv_acc[j][2 * h + 1]);
+            *fa_as<unsigned>(dk + at + j * 8) = fa_pack_f(dk_acc[j][2 * h], dk_acc[j][2 * h + 1]);
+            *fa_as<unsigned>(dv + at + j * 8) = fa_pack_f(dv_acc[j][2 * h], dv_acc[j][2 * h + 1]);
         }
     }
 }

@@ -9,6 +9,9 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -50,6 +53,15 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
     float r = s.v[cp_lane() ^ mask];
     bar.arrive_and_wait();
     return r;
+}
+
+// Kernels call this (under CP_HOST_EMULATION) before an access wider than an element: the GPU
+// faults on a misaligned one, the host would not.
+inline void cp_check_alignment(const void* p, std::size_t align) {
+    if (reinterpret_cast<std::uintptr_t>(p) % align != 0) {
+        std::fprintf(stderr, "misaligned access: %p is not %zu-byte aligned\n", p, align);
+        std::abort();
+    }
 }
 
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
