@@ -63,8 +63,8 @@ __device__ float cp_block_max(float v, float* scratch) {
 // elementwise kernels move aligned buffers. One thread moving 2 bytes at a time cannot keep
 // enough bytes in flight to reach the memory's bandwidth; 16 can.
 #define CP_VEC (16 / (int)sizeof(act_t))
-struct __align__(16) cp_acts { act_t e[CP_VEC]; };
-struct __align__(16) cp_floats { float e[CP_VEC]; };
+struct alignas(16) cp_acts { act_t e[CP_VEC]; };
+struct alignas(16) cp_floats { float e[CP_VEC]; };
 
 __device__ __forceinline__ bool cp_aligned16(const void* p) {
     return ((unsigned long long)p & 15u) == 0;

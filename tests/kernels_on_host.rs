@@ -6,8 +6,8 @@
 //!   launches them), with the shapes and tolerances of `selftest --gpu`'s flash checks: their
 //!   indexing, masking, online softmax and grouped heads.
 //! - The rope kernel, f32 and bf16 builds, at a thousand positions.
-//! - The elementwise kernels (residual sums, casts, SwiGLU), f32 and bf16 builds, on their
-//!   16-byte vector path, with a ragged tail, and unaligned.
+//! - The elementwise kernels (residual sums, casts, SwiGLU) and RMSNorm's, f32 and bf16
+//!   builds, on their 16-byte vector paths, with ragged rows or tails, and unaligned.
 //!
 //! The GPU runs of the same checks (`scripts/gpu-check`) check the hardware's side.
 
@@ -344,6 +344,76 @@ fn elementwise_kernels_run_on_the_host_match_the_cpu_backend() {
                     if err.is_nan() || err > tolerance {
                         failures.push(format!("{case}: {err:.2e}"));
                     }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// RMSNorm's kernels (forward, apply, backward of weights and input), f32 and bf16 builds,
+/// against the CPU backend on the same inputs: 1/rms and the weight gradient (f32 in both
+/// builds) within the selftest's elementwise tolerance, activations within it (f32) or bf16's
+/// rounding. Rows of 768 take the vector path; rows of 203, or buffers one element off a
+/// 16-byte boundary, the element-by-element one; 37 rows leave the last block's warps idle.
+#[test]
+fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = CpuBackend::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let mut failures = Vec::new();
+    for bf16_build in [false, true] {
+        let defines: &[&str] = if bf16_build { &["-DCP_ACT_BF16"] } else { &[] };
+        let binary = build(dir.path(), "rmsnorm", defines);
+        let act_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
+        for (rows, h, offset) in [(37, 768, 0), (37, 203, 0), (37, 768, 1)] {
+            let mut random =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
+            let (x, w, dy, dw0) = (random(rows * h), random(h), random(rows * h), random(h));
+            let (x, dy) = (as_acts(x, bf16_build), as_acts(dy, bf16_build));
+            let input = [
+                act_bytes(&x, bf16_build),
+                f32_bytes(&w),
+                act_bytes(&dy, bf16_build),
+                f32_bytes(&dw0),
+            ]
+            .concat();
+            let (mut out, mut rstd) = (vec![0.0; rows * h], vec![0.0; rows]);
+            cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, 1e-5);
+            let mut applied = vec![0.0; rows * h];
+            cpu.rmsnorm_apply(&mut applied, &rstd, &x, &w);
+            let (mut dx, mut dw) = (dy.clone(), dw0.clone());
+            cpu.rmsnorm_backward(&mut dx, &mut dw, &x, &w, &rstd);
+
+            let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
+            std::fs::write(&in_path, input).unwrap();
+            let mut args: Vec<String> = [rows, h, offset].iter().map(|d| d.to_string()).collect();
+            args.extend([&in_path, &out_path].map(|p| p.display().to_string()));
+            run(&binary, &args, Duration::from_secs(60));
+            let bytes = std::fs::read(&out_path).unwrap();
+            let act = if bf16_build { 2 } else { 4 };
+            let mut at = 0;
+            let mut take = |n: usize, f32_values: bool| {
+                let size = if f32_values { 4 } else { act };
+                let chunk = &bytes[at..at + n * size];
+                at += n * size;
+                acts_from_bytes(chunk, bf16_build && !f32_values)
+            };
+            let outputs = [
+                ("out", take(rows * h, false), out, act_tolerance),
+                ("rstd", take(rows, true), rstd, 1e-5),
+                ("applied out", take(rows * h, false), applied, act_tolerance),
+                ("dx", take(rows * h, false), dx, act_tolerance),
+                ("dw", take(h, true), dw, 1e-5),
+            ];
+            assert_eq!(at, bytes.len(), "rmsnorm: output longer than its tensors");
+            for (name, ours, reference, tolerance) in outputs {
+                let err = rel_err(&ours, &reference);
+                let case =
+                    format!("rmsnorm {name}, bf16={bf16_build} rows={rows} h={h} offset={offset}");
+                println!("{case}: rel err {err:.2e} (< {tolerance:.0e})");
+                if err.is_nan() || err >= tolerance {
+                    failures.push(format!("{case}: {err:.2e}"));
                 }
             }
         }

@@ -19,16 +19,6 @@
 #include <fstream>
 #include <string>
 
-// N elements of T starting OFFSET elements past a 16-byte boundary.
-template <typename T>
-struct Buffer {
-    std::vector<cp_acts> storage;
-    T* data;
-    Buffer(long long n, int offset)
-        : storage((n + offset) * sizeof(T) / sizeof(cp_acts) + 1),
-          data(reinterpret_cast<T*>(storage.data()) + offset) {}
-};
-
 int main(int argc, char** argv) {
     if (argc != 7) {
         std::fprintf(stderr, "usage: %s OP N OFFSET BLOCKS INPUT OUTPUT\n", argv[0]);
@@ -46,8 +36,8 @@ int main(int argc, char** argv) {
     auto write = [&](const auto& b) {
         out.write(reinterpret_cast<const char*>(b.data), n * sizeof(*b.data));
     };
-    Buffer<act_t> a(n, offset), b(n, offset), c(n, offset), d(n, offset);
-    Buffer<float> x(n, offset);
+    cp_buffer<act_t> a(n, offset), b(n, offset), c(n, offset), d(n, offset);
+    cp_buffer<float> x(n, offset);
     auto launch = [&](auto kernel) { cp_launch({blocks, 1, 1}, 256, kernel); };
     if (op == "add_into") {
         read(a), read(b);

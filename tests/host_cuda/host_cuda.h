@@ -6,6 +6,7 @@
 // __shared__ arrays can be function statics. Slow (a thread per CUDA thread): for small shapes.
 // Activations are f32 unless the including file defines CP_ACT_BF16 first.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -25,7 +26,6 @@ inline cp_dim3 gridDim, blockDim;
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __align__(n) alignas(n)
 #define __shared__ static
 #define CP_HOST_EMULATION 1
 #define __CUDA_ARCH__ 900
@@ -34,6 +34,8 @@ inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); retu
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __expf(float x) { return std::exp(x); }
+using std::max;
+using std::min;
 #include <math.h>
 
 inline std::unique_ptr<std::barrier<>> cp_block_barrier;
@@ -98,6 +100,18 @@ inline void cp_host_mma(float* d, const unsigned* a, const unsigned* b) {
         d[i] = acc;
     }
 }
+
+// n elements of T starting `offset` elements past a 16-byte boundary (an offset of 1 makes
+// the kernels take their unaligned paths).
+template <typename T>
+struct cp_buffer {
+    struct alignas(16) chunk { unsigned char b[16]; };
+    std::vector<chunk> storage;
+    T* data;
+    cp_buffer(long long n, int offset)
+        : storage((n + offset) * sizeof(T) / 16 + 1),
+          data(reinterpret_cast<T*>(storage.data()) + offset) {}
+};
 
 // Runs `kernel` over the grid, one block at a time, `threads` threads a block.
 inline void cp_launch(cp_dim3 grid, unsigned threads, const std::function<void()>& kernel) {

@@ -76,6 +76,16 @@ fn per_row(rows: usize) -> LaunchConfig {
     }
 }
 
+/// One warp per row, `CP_RMS_ROWS` (kernels/rmsnorm.cu) rows to a 256-thread block.
+fn warp_per_row(rows: usize) -> LaunchConfig {
+    const ROWS_PER_BLOCK: usize = 8;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Enough 256-thread blocks for `n` elements, capped (the kernels loop over the rest).
 fn elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(BLOCK as usize).clamp(1, 16384) as u32;
@@ -243,8 +253,16 @@ impl Gpu {
     ) -> R {
         self.launch(
             "rmsnorm_forward",
-            per_row(rows),
-            &[Ptr(out), Ptr(rstd), Ptr(x), Ptr(w), int(h), F32(eps)],
+            warp_per_row(rows),
+            &[
+                Ptr(out),
+                Ptr(rstd),
+                Ptr(x),
+                Ptr(w),
+                int(rows),
+                int(h),
+                F32(eps),
+            ],
         )
     }
 
@@ -259,8 +277,8 @@ impl Gpu {
     ) -> R {
         self.launch(
             "rmsnorm_apply",
-            per_row(rows),
-            &[Ptr(out), Ptr(rstd), Ptr(x), Ptr(w), int(h)],
+            warp_per_row(rows),
+            &[Ptr(out), Ptr(rstd), Ptr(x), Ptr(w), int(rows), int(h)],
         )
     }
 
@@ -276,7 +294,8 @@ impl Gpu {
         rows: usize,
         h: usize,
     ) -> R {
-        const ROWS_PER_BLOCK: usize = 64;
+        // Blocks of 256 threads (each one column, or 16 bytes of columns) by 16 rows.
+        const ROWS_PER_BLOCK: usize = 16;
         let cfg = LaunchConfig {
             grid_dim: (
                 h.div_ceil(BLOCK as usize) as u32,
@@ -301,8 +320,8 @@ impl Gpu {
         )?;
         self.launch(
             "rmsnorm_backward_input",
-            per_row(rows),
-            &[Ptr(dy_dx), Ptr(x), Ptr(w), Ptr(rstd), int(h)],
+            warp_per_row(rows),
+            &[Ptr(dy_dx), Ptr(x), Ptr(w), Ptr(rstd), int(rows), int(h)],
         )
     }
 

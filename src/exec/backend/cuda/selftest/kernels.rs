@@ -101,36 +101,44 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         ));
     }
 
-    // RMSNorm forward and backward (h not a multiple of the block).
-    let (rows, h) = (37, 200);
-    let (x, w, dy, dw0) = (k.rand(rows * h), k.rand(h), k.rand(rows * h), k.rand(h));
-    let (mut out, mut rstd) = (vec![0.0; rows * h], vec![0.0; rows]);
-    k.cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, 1e-5);
-    let (gx, gw, go, gr) = (k.up(&x)?, k.up(&w)?, k.up(&out)?, k.up(&rstd)?);
-    gpu.rmsnorm_forward(go.ptr(), gr.ptr(), gx.ptr(), gw.ptr(), rows, h, 1e-5)?;
-    checks.push(Check::new("rmsnorm forward", &down(gpu, &go)?, &out, ew));
-    checks.push(Check::new(
-        "rmsnorm forward rstd",
-        &down(gpu, &gr)?,
-        &rstd,
-        ew,
-    ));
-    let (mut dx, mut dw) = (dy.clone(), dw0.clone());
-    k.cpu.rmsnorm_backward(&mut dx, &mut dw, &x, &w, &rstd);
-    let (gdy, gdw) = (k.up(&dy)?, k.up(&dw0)?);
-    gpu.rmsnorm_backward(gdy.ptr(), gdw.ptr(), gx.ptr(), gw.ptr(), gr.ptr(), rows, h)?;
-    checks.push(Check::new(
-        "rmsnorm backward dx",
-        &down(gpu, &gdy)?,
-        &dx,
-        ew,
-    ));
-    checks.push(Check::new(
-        "rmsnorm backward dw (accumulate)",
-        &down(gpu, &gdw)?,
-        &dw,
-        ew,
-    ));
+    // RMSNorm forward and backward: rows of 768 in 16-byte vectors, rows of 203 element by
+    // element; 37 rows leave warps of the last block idle.
+    let rows = 37;
+    for h in [768, 203] {
+        let (x, w, dy, dw0) = (k.rand(rows * h), k.rand(h), k.rand(rows * h), k.rand(h));
+        let (mut out, mut rstd) = (vec![0.0; rows * h], vec![0.0; rows]);
+        k.cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, 1e-5);
+        let (gx, gw, go, gr) = (k.up(&x)?, k.up(&w)?, k.up(&out)?, k.up(&rstd)?);
+        gpu.rmsnorm_forward(go.ptr(), gr.ptr(), gx.ptr(), gw.ptr(), rows, h, 1e-5)?;
+        checks.push(Check::new(
+            format!("rmsnorm forward h={h}"),
+            &down(gpu, &go)?,
+            &out,
+            ew,
+        ));
+        checks.push(Check::new(
+            format!("rmsnorm forward rstd h={h}"),
+            &down(gpu, &gr)?,
+            &rstd,
+            ew,
+        ));
+        let (mut dx, mut dw) = (dy.clone(), dw0.clone());
+        k.cpu.rmsnorm_backward(&mut dx, &mut dw, &x, &w, &rstd);
+        let (gdy, gdw) = (k.up(&dy)?, k.up(&dw0)?);
+        gpu.rmsnorm_backward(gdy.ptr(), gdw.ptr(), gx.ptr(), gw.ptr(), gr.ptr(), rows, h)?;
+        checks.push(Check::new(
+            format!("rmsnorm backward dx h={h}"),
+            &down(gpu, &gdy)?,
+            &dx,
+            ew,
+        ));
+        checks.push(Check::new(
+            format!("rmsnorm backward dw (accumulate) h={h}"),
+            &down(gpu, &gdw)?,
+            &dw,
+            ew,
+        ));
+    }
 
     // RoPE and its inverse, at angles up to 511 radians.
     for ((seq, width, hd), inverse) in [(512, 128, 64), (37, 48, 16)]

@@ -1,0 +1,57 @@
+// The RMSNorm kernels (kernels/rmsnorm.cu) run on the host by host_cuda.h, with f32
+// activations or, built with -DCP_ACT_BF16, bf16 ones, launched as `Gpu::rmsnorm_*` launches
+// them: forward, apply (the forward again from the kept 1/rms), then the backward (weights,
+// then input).
+//
+//   rmsnorm ROWS H OFFSET INPUT OUTPUT
+//
+// INPUT holds x [ROWS, H] (activations), w [H] (f32), dy [ROWS, H] (activations), dw [H]
+// (f32, the gradient the backward adds to); activations are f32 or bf16 bits as u16,
+// little-endian. OUTPUT receives out, rstd (f32), the applied out, dx, dw. Every buffer starts
+// OFFSET elements past a 16-byte boundary (1 takes the kernels' unaligned paths).
+#include "host_cuda.h"
+#include "../../kernels/common.cuh"
+#include "../../kernels/rmsnorm.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+
+int main(int argc, char** argv) {
+    if (argc != 6) {
+        std::fprintf(stderr, "usage: %s ROWS H OFFSET INPUT OUTPUT\n", argv[0]);
+        return 2;
+    }
+    int rows = std::atoi(argv[1]), h = std::atoi(argv[2]), offset = std::atoi(argv[3]);
+    long long n = (long long)rows * h;
+    cp_buffer<act_t> x(n, offset), dy(n, offset), out(n, offset), applied(n, offset);
+    cp_buffer<float> w(h, offset), dw(h, offset), rstd(rows, offset);
+    std::ifstream in(argv[4], std::ios::binary);
+    auto read = [&](auto& b, long long len) {
+        in.read(reinterpret_cast<char*>(b.data), len * sizeof(*b.data));
+    };
+    read(x, n), read(w, h), read(dy, n), read(dw, h);
+    if (!in) {
+        std::fprintf(stderr, "%s: shorter than the shape needs\n", argv[4]);
+        return 1;
+    }
+    unsigned row_blocks = (unsigned)((rows + CP_RMS_ROWS - 1) / CP_RMS_ROWS);
+    cp_launch({row_blocks, 1, 1}, 256,
+              [&] { rmsnorm_forward(out.data, rstd.data, x.data, w.data, rows, h, 1e-5f); });
+    cp_launch({row_blocks, 1, 1}, 256,
+              [&] { rmsnorm_apply(applied.data, rstd.data, x.data, w.data, rows, h); });
+    const int rows_per_block = 16;
+    cp_launch({(unsigned)((h + 255) / 256), (unsigned)((rows + rows_per_block - 1) / rows_per_block), 1},
+              256, [&] {
+                  rmsnorm_backward_weight(dw.data, dy.data, x.data, rstd.data, rows, h,
+                                          rows_per_block);
+              });
+    cp_launch({row_blocks, 1, 1}, 256,
+              [&] { rmsnorm_backward_input(dy.data, x.data, w.data, rstd.data, rows, h); });
+    std::ofstream o(argv[5], std::ios::binary);
+    auto write = [&](const auto& b, long long len) {
+        o.write(reinterpret_cast<const char*>(b.data), len * sizeof(*b.data));
+    };
+    write(out, n), write(rstd, rows), write(applied, n), write(dy, n), write(dw, h);
+    return o ? 0 : 1;
+}
