@@ -7,6 +7,7 @@ use crate::exec::backend::CpuBackend;
 use crate::exec::backend::cuda::engine::GpuEngine;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::model::GpuTrainer;
+use crate::exec::backend::cuda::ops::MAX_HEAD_DIM;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use crate::exec::device::{DeviceSet, Pool, PoolRef};
@@ -82,6 +83,22 @@ impl DeviceKind {
     }
 }
 
+/// What the CUDA backend's kernels cannot run, refused by field before planning.
+fn check_cuda_model(arch: &ModelArch) -> Result<(), RunError> {
+    let head_dim = arch.hidden_size / arch.num_heads.max(1);
+    if head_dim > MAX_HEAD_DIM {
+        return Err(RunError::Spec(vec![SpecError::new(
+            "model.num_heads",
+            format!(
+                "head_dim = hidden_size / num_heads = {head_dim}, but CUDA devices run head \
+                 dimensions up to {MAX_HEAD_DIM}: use at least {} heads, or CPU devices",
+                arch.hidden_size.div_ceil(MAX_HEAD_DIM)
+            ),
+        )]));
+    }
+    Ok(())
+}
+
 /// The CUDA backend's precision for the spec's: f32 activations with TF32 products, or bf16.
 pub fn gpu_precision(precision: PrecisionSpec) -> Precision {
     match precision {
@@ -100,6 +117,9 @@ pub fn plan_job(
     kind: DeviceKind,
 ) -> Result<Answer, RunError> {
     let profile = kind.profile(spec.training.precision)?;
+    if kind == DeviceKind::Cuda {
+        check_cuda_model(arch)?;
+    }
     let available = devices.devices.len();
     let stages = spec.parallelism.stages.count().unwrap_or(available);
     if stages > available {
@@ -439,5 +459,33 @@ mod tests {
             err.contains("3 stages of 3072 MiB on cuda:1 need 9216 MiB but it has 8192 MiB free"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cuda_refuses_head_dimensions_its_kernels_do_not_run_by_field() {
+        let spec = |heads: usize| {
+            JobSpec::from_json(&format!(
+                r#"{{"model": {{"hidden_size": 1024, "num_layers": 2, "num_heads": {heads},
+                              "intermediate_size": 256, "vocab_size": 256}},
+                    "data": {{"train": "f"}},
+                    "training": {{"seq_len": 16, "micro_batch_size": 1, "microbatches": 1,
+                                  "steps": 1}}}}"#
+            ))
+            .unwrap()
+        };
+        let wide = spec(2);
+        let arch = resolve_arch(&wide).unwrap();
+        let err = plan_on_gpu(&wide, &arch, "cuda:0", 8 * GIB)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.num_heads")
+                && err.contains("head_dim = hidden_size / num_heads = 512"),
+            "{err}"
+        );
+        assert!(err.contains("use at least 4 heads"), "{err}");
+        let fits = spec(4);
+        let arch = resolve_arch(&fits).unwrap();
+        plan_on_gpu(&fits, &arch, "cuda:0", 8 * GIB).unwrap();
     }
 }

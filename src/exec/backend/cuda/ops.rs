@@ -34,6 +34,9 @@ pub(crate) struct RopeFreqs([f32; ROPE_MAX_HALF]);
 /// `CP_ROPE_MAX_HALF`: the rope kernel takes head dimensions up to twice this.
 pub(crate) const ROPE_MAX_HALF: usize = 128;
 
+/// The largest head dimension the CUDA backend runs (its rope kernel's limit).
+pub const MAX_HEAD_DIM: usize = 2 * ROPE_MAX_HALF;
+
 // SAFETY: a plain array of f32, laid out as the kernel's struct of one float array.
 unsafe impl cudarc::driver::DeviceRepr for RopeFreqs {}
 
@@ -346,8 +349,7 @@ impl Gpu {
         {
             return Err(CudaError::Unsupported(format!(
                 "rope: head dimension {head_dim} in rows of {width} (the kernel takes even head \
-                 dimensions from 2 to {} that divide the row)",
-                2 * ROPE_MAX_HALF
+                 dimensions from 2 to {MAX_HEAD_DIM} that divide the row)"
             )));
         }
         let mut freqs = RopeFreqs([0.0; ROPE_MAX_HALF]);
