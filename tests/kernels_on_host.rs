@@ -8,6 +8,7 @@
 //! - The rope kernel, f32 and bf16 builds, at a thousand positions.
 //! - The elementwise kernels (residual sums, casts, SwiGLU) and RMSNorm's, f32 and bf16
 //!   builds, on their 16-byte vector paths, with ragged rows or tails, and unaligned.
+//! - The flash and RMSNorm kernels built with ThreadSanitizer: no data races between threads.
 //!
 //! The GPU runs of the same checks (`scripts/gpu-check`) check the hardware's side.
 
@@ -20,6 +21,7 @@ use chronospipe::exec::backend::cuda::selftest::{
 };
 use chronospipe::exec::backend::{Backend, CpuBackend};
 use chronospipe::exec::compare::rel_err;
+use chronospipe::exec::kernels::attention::AttnShape;
 use chronospipe::exec::kernels::rope::{inv_freq, rope_apply};
 use half::bf16;
 use rand::{Rng, SeedableRng};
@@ -40,13 +42,17 @@ fn compiler() -> String {
     );
 }
 
-/// Builds `tests/host_cuda/{name}.cpp` into `dir` with the extra compiler flags `defines`.
-fn build(dir: &Path, name: &str, defines: &[&str]) -> PathBuf {
+/// Builds `tests/host_cuda/{name}.cpp` into `dir` at -O2 with the extra compiler flags `flags`
+/// (later flags win).
+fn build(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/host_cuda/{name}.cpp"));
-    let binary = dir.join(format!("{name}{}", defines.concat()));
+    let tag: String = (flags.concat().chars())
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let binary = dir.join(format!("{name}{tag}"));
     let out = Command::new(compiler())
         .args(["-std=c++20", "-O2", "-pthread"])
-        .args(defines)
+        .args(flags)
         .arg("-o")
         .arg(&binary)
         .arg(&source)
@@ -64,9 +70,13 @@ fn build(dir: &Path, name: &str, defines: &[&str]) -> PathBuf {
 /// Runs `binary` with `args`, killing it after `limit` (a kernel whose threads miss a barrier
 /// would otherwise hang the suite); panics unless it succeeds.
 fn run(binary: &Path, args: &[String], limit: Duration) {
-    let child = Command::new(binary).args(args).spawn().unwrap();
+    run_command(Command::new(binary).args(args), limit);
+}
+
+fn run_command(command: &mut Command, limit: Duration) {
+    let child = command.spawn().unwrap();
     let status = wait_at_most(child, limit);
-    assert!(status.success(), "{binary:?} {args:?} failed: {status}");
+    assert!(status.success(), "{command:?} failed: {status}");
 }
 
 fn wait_at_most(mut child: Child, limit: Duration) -> ExitStatus {
@@ -112,6 +122,25 @@ fn parse_output(bytes: &[u8], counts: [usize; 6]) -> Vec<Vec<f32>> {
     tensors
 }
 
+/// Writes random inputs for `sh` into `dir` and returns them with the flash program's
+/// arguments (its output goes to `dir/out.bin`).
+fn flash_run(dir: &Path, rng: &mut ChaCha8Rng, sh: &AttnShape) -> ([Vec<f32>; 4], Vec<String>) {
+    let inputs = flash_inputs(rng, sh);
+    let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
+    std::fs::write(
+        &input,
+        inputs
+            .iter()
+            .flat_map(|t| bf16_bytes(t))
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let dims = [sh.head_dim, sh.batch, sh.seq, sh.heads, sh.kv_heads];
+    let mut args: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+    args.extend([&input, &output].map(|p| p.display().to_string()));
+    (inputs, args)
+}
+
 #[test]
 fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,19 +148,8 @@ fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut failures = Vec::new();
     for sh in flash_check_shapes() {
-        let inputs = flash_inputs(&mut rng, &sh);
-        let (input, output) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
-        std::fs::write(
-            &input,
-            inputs
-                .iter()
-                .flat_map(|t| bf16_bytes(t))
-                .collect::<Vec<u8>>(),
-        )
-        .unwrap();
-        let dims = [sh.head_dim, sh.batch, sh.seq, sh.heads, sh.kv_heads];
-        let mut args: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
-        args.extend([&input, &output].map(|p| p.display().to_string()));
+        let (inputs, args) = flash_run(dir.path(), &mut rng, &sh);
+        let output = dir.path().join("out.bin");
         run(&binary, &args, Duration::from_secs(300));
         let (n, stats) = (sh.batch * sh.seq, sh.batch * sh.heads * sh.seq);
         let (w, kvw) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
@@ -419,4 +437,62 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// The kernels that share memory between threads, built with ThreadSanitizer: the flash
+/// kernels (shared tiles between warps, with grouped heads and several partial tiles) and
+/// RMSNorm's (warp reductions through the host shim). A barrier missing between one warp's
+/// writes and another's reads is a data race here, which the host results alone could miss
+/// (the threads may happen to run in a safe order) and the GPU would not forgive; a planted one
+/// (the forward's barrier after loading a key tile) is reported. The sanitizer exits with 66
+/// on a report. Runs under `setarch -R` where present: the sanitizer needs its memory layout.
+#[test]
+fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let sanitize = ["-fsanitize=thread", "-g", "-O1"];
+    let run_sanitized = |binary: &Path, args: &[String]| {
+        let no_aslr = Command::new("setarch").arg("--version").output().is_ok();
+        let mut command = if no_aslr {
+            let mut c = Command::new("setarch");
+            c.arg("-R").arg(binary);
+            c
+        } else {
+            Command::new(binary)
+        };
+        run_command(command.args(args), Duration::from_secs(300));
+    };
+    let flash = build(dir.path(), "flash_attention", &sanitize);
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    for (head_dim, seq, heads, kv_heads) in [(16, 70, 2, 1), (64, 130, 2, 2)] {
+        let sh = AttnShape {
+            batch: 1,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let (_, args) = flash_run(dir.path(), &mut rng, &sh);
+        run_sanitized(&flash, &args);
+    }
+    let rmsnorm = build(
+        dir.path(),
+        "rmsnorm",
+        &[&sanitize[..], &["-DCP_ACT_BF16"]].concat(),
+    );
+    let (rows, h) = (37, 768);
+    let values: Vec<f32> = (0..2 * rows * h + 2 * h)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let input = dir.path().join("rms.bin");
+    let (x, rest) = values.split_at(rows * h);
+    let (w, rest) = rest.split_at(h);
+    let (dy, dw) = rest.split_at(rows * h);
+    let bytes = [bf16_bytes(x), f32_bytes(w), bf16_bytes(dy), f32_bytes(dw)].concat();
+    std::fs::write(&input, bytes).unwrap();
+    let mut args: Vec<String> = [rows, h, 0].iter().map(|d| d.to_string()).collect();
+    args.extend([
+        input.display().to_string(),
+        dir.path().join("rms.out").display().to_string(),
+    ]);
+    run_sanitized(&rmsnorm, &args);
 }
