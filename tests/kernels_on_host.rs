@@ -67,16 +67,52 @@ fn build(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
     binary
 }
 
-/// Runs `binary` with `args`, killing it after `limit` (a kernel whose threads miss a barrier
-/// would otherwise hang the suite); panics unless it succeeds.
-fn run(binary: &Path, args: &[String], limit: Duration) {
-    run_command(Command::new(binary).args(args), limit);
+/// The f32 and bf16 (`-DCP_ACT_BF16`) builds of `tests/host_cuda/{name}.cpp`, each with
+/// whether it stores bf16.
+fn both_builds(dir: &Path, name: &str) -> [(bool, PathBuf); 2] {
+    [
+        (false, build(dir, name, &[])),
+        (true, build(dir, name, &["-DCP_ACT_BF16"])),
+    ]
 }
 
-fn run_command(command: &mut Command, limit: Duration) {
-    let child = command.spawn().unwrap();
-    let status = wait_at_most(child, limit);
+/// Relative errors held to tolerances, printed as they come; the test fails at the end with
+/// every one past its tolerance.
+#[derive(Default)]
+struct Checks(Vec<String>);
+
+impl Checks {
+    fn check(&mut self, case: &str, ours: &[f32], reference: &[f32], tolerance: f64) {
+        let err = rel_err(ours, reference);
+        println!("{case}: rel err {err:.2e} (tolerance {tolerance:.0e})");
+        if err.is_nan() || err > tolerance {
+            self.0.push(format!("{case}: {err:.2e}"));
+        }
+    }
+
+    fn assert_all_passed(self) {
+        assert!(self.0.is_empty(), "{:?}", self.0);
+    }
+}
+
+/// Runs `command` (a host program and its leading arguments) with an input file holding
+/// `input` and an output file as its last two arguments; returns what it wrote. Panics unless
+/// it succeeds within 5 minutes (a kernel whose threads miss a barrier would otherwise hang
+/// the suite).
+fn exchange(dir: &Path, mut command: Command, input: &[u8]) -> Vec<u8> {
+    let (in_path, out_path) = (dir.join("in.bin"), dir.join("out.bin"));
+    std::fs::write(&in_path, input).unwrap();
+    command.arg(&in_path).arg(&out_path);
+    let status = wait_at_most(command.spawn().unwrap(), Duration::from_secs(300));
     assert!(status.success(), "{command:?} failed: {status}");
+    std::fs::read(&out_path).unwrap()
+}
+
+/// `binary` with `args`, as a command.
+fn program(binary: &Path, args: impl IntoIterator<Item = impl ToString>) -> Command {
+    let mut command = Command::new(binary);
+    command.args(args.into_iter().map(|a| a.to_string()));
+    command
 }
 
 fn wait_at_most(mut child: Child, limit: Duration) -> ExitStatus {
@@ -122,23 +158,13 @@ fn parse_output(bytes: &[u8], counts: [usize; 6]) -> Vec<Vec<f32>> {
     tensors
 }
 
-/// Writes random inputs for `sh` into `dir` and returns them with the flash program's
-/// arguments (its output goes to `dir/out.bin`).
-fn flash_run(dir: &Path, rng: &mut ChaCha8Rng, sh: &AttnShape) -> ([Vec<f32>; 4], Vec<String>) {
+/// Random inputs for `sh` (q, k, v, dO), the flash program's input file holding them and its
+/// leading arguments.
+fn flash_case(rng: &mut ChaCha8Rng, sh: &AttnShape) -> ([Vec<f32>; 4], Vec<u8>, [usize; 5]) {
     let inputs = flash_inputs(rng, sh);
-    let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
-    std::fs::write(
-        &input,
-        inputs
-            .iter()
-            .flat_map(|t| bf16_bytes(t))
-            .collect::<Vec<u8>>(),
-    )
-    .unwrap();
+    let bytes = inputs.iter().flat_map(|t| bf16_bytes(t)).collect();
     let dims = [sh.head_dim, sh.batch, sh.seq, sh.heads, sh.kv_heads];
-    let mut args: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
-    args.extend([&input, &output].map(|p| p.display().to_string()));
-    (inputs, args)
+    (inputs, bytes, dims)
 }
 
 #[test]
@@ -146,31 +172,23 @@ fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
     let dir = tempfile::tempdir().unwrap();
     let binary = build(dir.path(), "flash_attention", &[]);
     let mut rng = ChaCha8Rng::seed_from_u64(17);
-    let mut failures = Vec::new();
+    let mut checks = Checks::default();
     for sh in flash_check_shapes() {
-        let (inputs, args) = flash_run(dir.path(), &mut rng, &sh);
-        let output = dir.path().join("out.bin");
-        run(&binary, &args, Duration::from_secs(300));
+        let (inputs, input, dims) = flash_case(&mut rng, &sh);
+        let output = exchange(dir.path(), program(&binary, dims), &input);
         let (n, stats) = (sh.batch * sh.seq, sh.batch * sh.heads * sh.seq);
         let (w, kvw) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
         // The program writes out, dq, dk, dv, lse, delta; the reference is out, lse, dq, dk,
         // dv, delta.
-        let got = parse_output(
-            &std::fs::read(&output).unwrap(),
-            [w, w, kvw, kvw, stats, stats],
-        );
+        let got = parse_output(&output, [w, w, kvw, kvw, stats, stats]);
         let got = [&got[0], &got[4], &got[1], &got[2], &got[3], &got[5]];
         let want = cpu_attention(&inputs, sh);
         for ((ours, reference), (name, tolerance)) in got.into_iter().zip(&want).zip(FLASH_OUTPUTS)
         {
-            let err = rel_err(ours, reference);
-            println!("{sh:?} {name}: rel err {err:.2e} (< {tolerance:.0e})");
-            if err.is_nan() || err >= tolerance {
-                failures.push(format!("{sh:?} {name}: {err:.2e}"));
-            }
+            checks.check(&format!("{sh:?} {name}"), ours, reference, tolerance);
         }
     }
-    assert!(failures.is_empty(), "{failures:?}");
+    checks.assert_all_passed();
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -216,10 +234,9 @@ fn as_acts(mut values: Vec<f32>, bf16_build: bool) -> Vec<f32> {
 fn rope_kernel_run_on_the_host_matches_the_cpu_rope() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let mut failures = Vec::new();
-    for (bf16_build, tolerance) in [(false, 1e-5), (true, 4e-3)] {
-        let defines: &[&str] = if bf16_build { &["-DCP_ACT_BF16"] } else { &[] };
-        let binary = build(dir.path(), "rope", defines);
+    let mut checks = Checks::default();
+    for (bf16_build, binary) in both_builds(dir.path(), "rope") {
+        let tolerance = if bf16_build { 4e-3 } else { 1e-5 };
         // (seq, width, head_dim): grouped layouts of the models, the smallest and largest head
         // dimensions, and one whose pairs do not divide the block (96: 5 rows of 48 threads).
         for (seq, width, head_dim) in [
@@ -237,49 +254,21 @@ fn rope_kernel_run_on_the_host_matches_the_cpu_rope() {
                     x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
                 }
                 let mut input = f32_bytes(&inv_freq(head_dim, 10000.0));
-                input.extend(if bf16_build {
-                    bf16_bytes(&x)
-                } else {
-                    f32_bytes(&x)
-                });
-                let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
-                std::fs::write(&in_path, input).unwrap();
-                let mut args: Vec<String> = [rows, width, seq, head_dim, inverse as usize, 3]
-                    .iter()
-                    .map(|d| d.to_string())
-                    .collect();
-                args.extend([&in_path, &out_path].map(|p| p.display().to_string()));
-                run(&binary, &args, Duration::from_secs(60));
-                let bytes = std::fs::read(&out_path).unwrap();
-                let got: Vec<f32> = if bf16_build {
-                    (bytes.chunks_exact(2))
-                        .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                        .collect()
-                } else {
-                    (bytes.chunks_exact(4))
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect()
-                };
-                assert_eq!(
-                    got.len(),
-                    x.len(),
-                    "rope {bytes_len} output bytes",
-                    bytes_len = bytes.len()
-                );
+                input.extend(act_bytes(&x, bf16_build));
+                let dims = [rows, width, seq, head_dim, inverse as usize, 3];
+                let got = exchange(dir.path(), program(&binary, dims), &input);
+                let got = acts_from_bytes(&got, bf16_build);
+                assert_eq!(got.len(), x.len(), "rope output length");
                 let mut want = x;
                 rope_apply(&mut want, width, seq, head_dim, 10000.0, inverse);
-                let err = rel_err(&got, &want);
                 let case = format!(
-                    "bf16={bf16_build} seq={seq} width={width} head_dim={head_dim} inverse={inverse}"
+                    "rope bf16={bf16_build} seq={seq} width={width} head_dim={head_dim} inverse={inverse}"
                 );
-                println!("rope {case}: rel err {err:.2e} (< {tolerance:.0e})");
-                if err.is_nan() || err >= tolerance {
-                    failures.push(format!("{case}: {err:.2e}"));
-                }
+                checks.check(&case, &got, &want, tolerance);
             }
         }
     }
-    assert!(failures.is_empty(), "{failures:?}");
+    checks.assert_all_passed();
 }
 
 /// `add_into`, `cast_to_act`, `swiglu_forward` and `swiglu_backward`, f32 and bf16 builds,
@@ -292,10 +281,8 @@ fn elementwise_kernels_run_on_the_host_match_the_cpu_backend() {
     let dir = tempfile::tempdir().unwrap();
     let cpu = CpuBackend::default();
     let mut rng = ChaCha8Rng::seed_from_u64(23);
-    let mut failures = Vec::new();
-    for bf16_build in [false, true] {
-        let defines: &[&str] = if bf16_build { &["-DCP_ACT_BF16"] } else { &[] };
-        let binary = build(dir.path(), "elementwise", defines);
+    let mut checks = Checks::default();
+    for (bf16_build, binary) in both_builds(dir.path(), "elementwise") {
         let swiglu_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
         for (n, offset) in [(4096, 0), (4099, 0), (4099, 1)] {
             let mut random = |scale: f32| -> Vec<f32> {
@@ -347,26 +334,23 @@ fn elementwise_kernels_run_on_the_host_match_the_cpu_backend() {
                 ),
             ];
             for (op, input, want, tolerance) in cases {
-                let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
-                std::fs::write(&in_path, input).unwrap();
-                let mut args: Vec<String> =
-                    vec![op.into(), n.to_string(), offset.to_string(), "3".into()];
-                args.extend([&in_path, &out_path].map(|p| p.display().to_string()));
-                run(&binary, &args, Duration::from_secs(60));
-                let got = acts_from_bytes(&std::fs::read(&out_path).unwrap(), bf16_build);
+                let args = [
+                    op.to_string(),
+                    n.to_string(),
+                    offset.to_string(),
+                    "3".into(),
+                ];
+                let got = exchange(dir.path(), program(&binary, args), &input);
+                let got = acts_from_bytes(&got, bf16_build);
                 assert_eq!(got.len(), n * want.len(), "{op}: output length");
                 for (i, (ours, reference)) in got.chunks(n).zip(&want).enumerate() {
-                    let err = rel_err(ours, reference);
                     let case = format!("{op} output {i}, bf16={bf16_build} n={n} offset={offset}");
-                    println!("{case}: rel err {err:.2e} (<= {tolerance:.0e})");
-                    if err.is_nan() || err > tolerance {
-                        failures.push(format!("{case}: {err:.2e}"));
-                    }
+                    checks.check(&case, ours, reference, tolerance);
                 }
             }
         }
     }
-    assert!(failures.is_empty(), "{failures:?}");
+    checks.assert_all_passed();
 }
 
 /// RMSNorm's kernels (forward, apply, backward of weights and input), f32 and bf16 builds,
@@ -379,10 +363,8 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
     let dir = tempfile::tempdir().unwrap();
     let cpu = CpuBackend::default();
     let mut rng = ChaCha8Rng::seed_from_u64(29);
-    let mut failures = Vec::new();
-    for bf16_build in [false, true] {
-        let defines: &[&str] = if bf16_build { &["-DCP_ACT_BF16"] } else { &[] };
-        let binary = build(dir.path(), "rmsnorm", defines);
+    let mut checks = Checks::default();
+    for (bf16_build, binary) in both_builds(dir.path(), "rmsnorm") {
         let act_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
         for (rows, h, offset) in [(37, 768, 0), (37, 203, 0), (37, 768, 1)] {
             let mut random =
@@ -403,12 +385,7 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
             let (mut dx, mut dw) = (dy.clone(), dw0.clone());
             cpu.rmsnorm_backward(&mut dx, &mut dw, &x, &w, &rstd);
 
-            let (in_path, out_path) = (dir.path().join("in.bin"), dir.path().join("out.bin"));
-            std::fs::write(&in_path, input).unwrap();
-            let mut args: Vec<String> = [rows, h, offset].iter().map(|d| d.to_string()).collect();
-            args.extend([&in_path, &out_path].map(|p| p.display().to_string()));
-            run(&binary, &args, Duration::from_secs(60));
-            let bytes = std::fs::read(&out_path).unwrap();
+            let bytes = exchange(dir.path(), program(&binary, [rows, h, offset]), &input);
             let act = if bf16_build { 2 } else { 4 };
             let mut at = 0;
             let mut take = |n: usize, f32_values: bool| {
@@ -426,17 +403,13 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
             ];
             assert_eq!(at, bytes.len(), "rmsnorm: output longer than its tensors");
             for (name, ours, reference, tolerance) in outputs {
-                let err = rel_err(&ours, &reference);
                 let case =
                     format!("rmsnorm {name}, bf16={bf16_build} rows={rows} h={h} offset={offset}");
-                println!("{case}: rel err {err:.2e} (< {tolerance:.0e})");
-                if err.is_nan() || err >= tolerance {
-                    failures.push(format!("{case}: {err:.2e}"));
-                }
+                checks.check(&case, &ours, &reference, tolerance);
             }
         }
     }
-    assert!(failures.is_empty(), "{failures:?}");
+    checks.assert_all_passed();
 }
 
 /// The kernels that share memory between threads, built with ThreadSanitizer: the flash
@@ -450,16 +423,15 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
 fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
     let dir = tempfile::tempdir().unwrap();
     let sanitize = ["-fsanitize=thread", "-g", "-O1"];
-    let run_sanitized = |binary: &Path, args: &[String]| {
-        let no_aslr = Command::new("setarch").arg("--version").output().is_ok();
-        let mut command = if no_aslr {
-            let mut c = Command::new("setarch");
-            c.arg("-R").arg(binary);
-            c
+    let sanitized = |binary: &Path, args: &[usize]| {
+        if Command::new("setarch").arg("--version").output().is_ok() {
+            let mut command = Command::new("setarch");
+            command.arg("-R").arg(binary);
+            command.args(args.iter().map(|a| a.to_string()));
+            command
         } else {
-            Command::new(binary)
-        };
-        run_command(command.args(args), Duration::from_secs(300));
+            program(binary, args)
+        }
     };
     let flash = build(dir.path(), "flash_attention", &sanitize);
     let mut rng = ChaCha8Rng::seed_from_u64(31);
@@ -471,8 +443,8 @@ fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
             kv_heads,
             head_dim,
         };
-        let (_, args) = flash_run(dir.path(), &mut rng, &sh);
-        run_sanitized(&flash, &args);
+        let (_, input, dims) = flash_case(&mut rng, &sh);
+        exchange(dir.path(), sanitized(&flash, &dims), &input);
     }
     let rmsnorm = build(
         dir.path(),
@@ -483,16 +455,9 @@ fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
     let values: Vec<f32> = (0..2 * rows * h + 2 * h)
         .map(|_| rng.gen_range(-1.0f32..1.0))
         .collect();
-    let input = dir.path().join("rms.bin");
     let (x, rest) = values.split_at(rows * h);
     let (w, rest) = rest.split_at(h);
     let (dy, dw) = rest.split_at(rows * h);
-    let bytes = [bf16_bytes(x), f32_bytes(w), bf16_bytes(dy), f32_bytes(dw)].concat();
-    std::fs::write(&input, bytes).unwrap();
-    let mut args: Vec<String> = [rows, h, 0].iter().map(|d| d.to_string()).collect();
-    args.extend([
-        input.display().to_string(),
-        dir.path().join("rms.out").display().to_string(),
-    ]);
-    run_sanitized(&rmsnorm, &args);
+    let input = [bf16_bytes(x), f32_bytes(w), bf16_bytes(dy), f32_bytes(dw)].concat();
+    exchange(dir.path(), sanitized(&rmsnorm, &[rows, h, 0]), &input);
 }
