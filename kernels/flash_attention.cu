@@ -56,10 +56,42 @@ __device__ __forceinline__ void fa_mma(float* d, const unsigned* a, const unsign
 __device__ __forceinline__ int fa_group() { return (threadIdx.x & 31) >> 2; }
 __device__ __forceinline__ int fa_pair() { return (threadIdx.x & 3) * 2; }
 
-// Fragment loaders from a row-major shared tile `t` with row stride S (elements).
+// Four 8x8 bf16 matrices from shared memory, one register each (ldmatrix .x4): lanes 8i to
+// 8i + 7 give the addresses of matrix i's rows (16 bytes each, 16-byte aligned). Lane l gets
+// elements (l / 4, 2 (l % 4)) and the next column of each matrix; with `trans`, elements
+// (2 (l % 4), l / 4) and the next row, as if the matrix were transposed. (Host builds supply
+// cp_host_ldmatrix, the same exchange between a warp's lanes.)
+__device__ __forceinline__ void fa_ldmatrix(unsigned* r, const act_t* row, bool trans) {
+#ifdef CP_HOST_EMULATION
+    cp_check_alignment(row, 16);
+    cp_host_ldmatrix(r, row, trans);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+#endif
+}
+
+// This lane's row of the 8x8 matrix it addresses in an ldmatrix, and the matrix (0 to 3).
+__device__ __forceinline__ int fa_ldsm_row() { return threadIdx.x & 7; }
+__device__ __forceinline__ int fa_ldsm_matrix() { return (threadIdx.x & 31) >> 3; }
+
+// Fragment loaders from a row-major shared tile `t` with row stride S (elements), by 32-bit
+// and 16-bit shared loads or, with LDSM, by ldmatrix (one instruction for four registers).
 // a[m][k] = t[r0 + m][c0 + k].
-template <int S>
+template <int S, bool LDSM>
 __device__ __forceinline__ void fa_frag_a(unsigned* a, const act_t* t, int r0, int c0) {
+    if (LDSM) {
+        int i = fa_ldsm_matrix();  // a[i]: rows + 8 (i & 1), columns + 8 (i >> 1)
+        fa_ldmatrix(a, t + (r0 + fa_ldsm_row() + 8 * (i & 1)) * S + c0 + 8 * (i >> 1), false);
+        return;
+    }
     const act_t* p = t + (r0 + fa_group()) * S + c0 + fa_pair();
     a[0] = *fa_as<const unsigned>(p);
     a[1] = *fa_as<const unsigned>(p + 8 * S);
@@ -68,8 +100,13 @@ __device__ __forceinline__ void fa_frag_a(unsigned* a, const act_t* t, int r0, i
 }
 
 // a[m][k] = t[c0 + k][r0 + m]: the tile holds a's transpose.
-template <int S>
+template <int S, bool LDSM>
 __device__ __forceinline__ void fa_frag_a_t(unsigned* a, const act_t* t, int r0, int c0) {
+    if (LDSM) {
+        int i = fa_ldsm_matrix();  // a[i]: m + 8 (i & 1), k + 8 (i >> 1)
+        fa_ldmatrix(a, t + (c0 + fa_ldsm_row() + 8 * (i >> 1)) * S + r0 + 8 * (i & 1), true);
+        return;
+    }
     const act_t* p = t + (c0 + fa_pair()) * S + r0 + fa_group();
     a[0] = fa_pack(p[0], p[S]);
     a[1] = fa_pack(p[8], p[S + 8]);
@@ -77,20 +114,42 @@ __device__ __forceinline__ void fa_frag_a_t(unsigned* a, const act_t* t, int r0,
     a[3] = fa_pack(p[8 * S + 8], p[9 * S + 8]);
 }
 
-// b[k][n] = t[n0 + n][k0 + k]: the tile's rows are b's columns (keys in Q K^T).
-template <int S>
-__device__ __forceinline__ void fa_frag_b_rows_n(unsigned* b, const act_t* t, int n0, int k0) {
-    const act_t* p = t + (n0 + fa_group()) * S + k0 + fa_pair();
-    b[0] = *fa_as<const unsigned>(p);
-    b[1] = *fa_as<const unsigned>(p + 8);
+// Two adjacent b fragments (columns n0 .. n0 + 7 and n0 + 8 .. n0 + 15) with
+// b[k][n] = t[n][k0 + k]: the tile's rows are b's columns (keys in Q K^T).
+template <int S, bool LDSM>
+__device__ __forceinline__ void fa_frag_b2_rows_n(unsigned (*b)[2], const act_t* t, int n0,
+                                                  int k0) {
+    if (LDSM) {
+        int i = fa_ldsm_matrix();  // b[i >> 1][i & 1]: columns + 8 (i >> 1), k + 8 (i & 1)
+        unsigned r[4];
+        fa_ldmatrix(r, t + (n0 + fa_ldsm_row() + 8 * (i >> 1)) * S + k0 + 8 * (i & 1), false);
+        b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+        return;
+    }
+    for (int h = 0; h < 2; ++h) {
+        const act_t* p = t + (n0 + 8 * h + fa_group()) * S + k0 + fa_pair();
+        b[h][0] = *fa_as<const unsigned>(p);
+        b[h][1] = *fa_as<const unsigned>(p + 8);
+    }
 }
 
-// b[k][n] = t[k0 + k][n0 + n]: the tile's rows are b's rows (values in P V).
-template <int S>
-__device__ __forceinline__ void fa_frag_b_rows_k(unsigned* b, const act_t* t, int k0, int n0) {
-    const act_t* p = t + (k0 + fa_pair()) * S + n0 + fa_group();
-    b[0] = fa_pack(p[0], p[S]);
-    b[1] = fa_pack(p[8 * S], p[9 * S]);
+// Two adjacent b fragments (columns n0 .. n0 + 15) with b[k][n] = t[k0 + k][n]: the tile's
+// rows are b's rows (values in P V).
+template <int S, bool LDSM>
+__device__ __forceinline__ void fa_frag_b2_rows_k(unsigned (*b)[2], const act_t* t, int k0,
+                                                  int n0) {
+    if (LDSM) {
+        int i = fa_ldsm_matrix();  // b[i >> 1][i & 1]: columns + 8 (i >> 1), k + 8 (i & 1)
+        unsigned r[4];
+        fa_ldmatrix(r, t + (k0 + fa_ldsm_row() + 8 * (i & 1)) * S + n0 + 8 * (i >> 1), true);
+        b[0][0] = r[0], b[0][1] = r[1], b[1][0] = r[2], b[1][1] = r[3];
+        return;
+    }
+    for (int h = 0; h < 2; ++h) {
+        const act_t* p = t + (k0 + fa_pair()) * S + n0 + 8 * h + fa_group();
+        b[h][0] = fa_pack(p[0], p[S]);
+        b[h][1] = fa_pack(p[8 * S], p[9 * S]);
+    }
 }
 
 // Rows row0 .. row0 + 63 of a [rows, stride] matrix's D columns at `src` into a shared tile;
@@ -108,41 +167,43 @@ __device__ __forceinline__ void fa_load(act_t* tile, const act_t* src, long long
 }
 
 // p[n] = a-rows x (the 64 rows of `t` as columns), over D: one 16x64 tile of products.
-template <int D>
+template <int D, bool LDSM>
 __device__ __forceinline__ void fa_rows_by_tile(float (*p)[4], const act_t* a_tile, int a_row,
                                                 const act_t* t) {
     const int S = D + FA_PAD;
     for (int n = 0; n < FA_STEP / 8; ++n) p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.0f;
     for (int c = 0; c < D; c += 16) {
         unsigned a[4];
-        fa_frag_a<S>(a, a_tile, a_row, c);
-        for (int n = 0; n < FA_STEP / 8; ++n) {
-            unsigned b[2];
-            fa_frag_b_rows_n<S>(b, t, n * 8, c);
-            fa_mma(p[n], a, b);
+        fa_frag_a<S, LDSM>(a, a_tile, a_row, c);
+        for (int n = 0; n < FA_STEP / 8; n += 2) {
+            unsigned b[2][2];
+            fa_frag_b2_rows_n<S, LDSM>(b, t, n * 8, c);
+            fa_mma(p[n], a, b[0]);
+            fa_mma(p[n + 1], a, b[1]);
         }
     }
 }
 
 // acc[j] += p (16x64, as accumulators) x t (64 x D rows): p's accumulator layout is the a
 // fragment layout of the next product, two 8-column tiles per 16-wide step.
-template <int D>
+template <int D, bool LDSM>
 __device__ __forceinline__ void fa_tile_times_rows(float (*acc)[4], float (*p)[4], const act_t* t) {
     const int S = D + FA_PAD;
     for (int c = 0; c < FA_STEP / 16; ++c) {
         unsigned a[4] = {fa_pack_f(p[2 * c][0], p[2 * c][1]), fa_pack_f(p[2 * c][2], p[2 * c][3]),
                          fa_pack_f(p[2 * c + 1][0], p[2 * c + 1][1]),
                          fa_pack_f(p[2 * c + 1][2], p[2 * c + 1][3])};
-        for (int j = 0; j < D / 8; ++j) {
-            unsigned b[2];
-            fa_frag_b_rows_k<S>(b, t, c * 16, j * 8);
-            fa_mma(acc[j], a, b);
+        for (int j = 0; j < D / 8; j += 2) {
+            unsigned b[2][2];
+            fa_frag_b2_rows_k<S, LDSM>(b, t, c * 16, j * 8);
+            fa_mma(acc[j], a, b[0]);
+            fa_mma(acc[j + 1], a, b[1]);
         }
     }
 }
 
 // One block per (64 queries, head, sequence); heavier (later) query tiles start first.
-template <int D>
+template <int D, bool LDSM>
 __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* k, const act_t* v,
                            int seq, int heads, int kv_heads, float scale) {
     const int S = D + FA_PAD;
@@ -168,7 +229,7 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
         fa_load<D>(vs, vg, kv_width, k0, seq);
         __syncthreads();
         float s[FA_STEP / 8][4];
-        fa_rows_by_tile<D>(s, qs, warp * 16, ks);
+        fa_rows_by_tile<D, LDSM>(s, qs, warp * 16, ks);
         for (int h = 0; h < 2; ++h) {
             float mx = m[h];
             for (int n = 0; n < FA_STEP / 8; ++n)
@@ -194,7 +255,7 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
                     l[h] += p;
                 }
         }
-        fa_tile_times_rows<D>(o, s, vs);
+        fa_tile_times_rows<D, LDSM>(o, s, vs);
     }
     for (int h = 0; h < 2; ++h) {
         float sum = l[h];
@@ -211,7 +272,7 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
 // One block per (64 keys, key/value head, sequence): it walks every query head of the group
 // and every query tile from the diagonal on, keeping dK and dV of its keys in registers and
 // adding dQ into the f32 `dq_acc` [tokens, heads * D] (zeroed by the caller) with atomics.
-template <int D>
+template <int D, bool LDSM>
 __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q, const act_t* k,
                             const act_t* v, const act_t* d_out, const float* lse,
                             const float* delta, int seq, int heads, int kv_heads, float scale) {
@@ -251,22 +312,22 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
             // P^T for the warp's 16 keys and the step's 64 queries, from the kept lse; masked
             // (query before key) and padded queries (lse infinite) give zero.
             float p[FA_STEP / 8][4];
-            fa_rows_by_tile<D>(p, ks, warp * 16, qs);
+            fa_rows_by_tile<D, LDSM>(p, ks, warp * 16, qs);
             for (int n = 0; n < FA_STEP / 8; ++n)
                 for (int i = 0; i < 4; ++i) {
                     int col = n * 8 + pair + (i & 1);
                     p[n][i] = q0 + col >= keys[i >> 1] ? __expf(p[n][i] * scale - lse_s[col]) : 0.0f;
                 }
-            fa_tile_times_rows<D>(dv_acc, p, dos);
+            fa_tile_times_rows<D, LDSM>(dv_acc, p, dos);
             // dS^T = P^T (dP^T - delta) scale, with dP^T = V dO^T.
             float ds[FA_STEP / 8][4];
-            fa_rows_by_tile<D>(ds, vs, warp * 16, dos);
+            fa_rows_by_tile<D, LDSM>(ds, vs, warp * 16, dos);
             for (int n = 0; n < FA_STEP / 8; ++n)
                 for (int i = 0; i < 4; ++i) {
                     int col = n * 8 + pair + (i & 1);
                     ds[n][i] = p[n][i] * (ds[n][i] - delta_s[col]) * scale;
                 }
-            fa_tile_times_rows<D>(dk_acc, ds, qs);
+            fa_tile_times_rows<D, LDSM>(dk_acc, ds, qs);
             for (int n = 0; n < FA_STEP / 8; ++n)
                 for (int h = 0; h < 2; ++h)
                     *fa_as<unsigned>(dst + (warp * 16 + g + 8 * h) * SP + n * 8 + pair) =
@@ -277,11 +338,12 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
             for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
             for (int c = 0; c < FA_ROWS / 16; ++c) {
                 unsigned a[4];
-                fa_frag_a_t<SP>(a, dst, warp * 16, c * 16);
-                for (int j = 0; j < D / 8; ++j) {
-                    unsigned bb[2];
-                    fa_frag_b_rows_k<S>(bb, ks, c * 16, j * 8);
-                    fa_mma(dq[j], a, bb);
+                fa_frag_a_t<SP, LDSM>(a, dst, warp * 16, c * 16);
+                for (int j = 0; j < D / 8; j += 2) {
+                    unsigned bb[2][2];
+                    fa_frag_b2_rows_k<S, LDSM>(bb, ks, c * 16, j * 8);
+                    fa_mma(dq[j], a, bb[0]);
+                    fa_mma(dq[j + 1], a, bb[1]);
                 }
             }
             for (int h = 0; h < 2; ++h) {
@@ -305,18 +367,24 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
     }
 }
 
-#define FA_KERNELS(D)                                                                            \
-    extern "C" __global__ void flash_forward_##D(act_t* out, float* lse, const act_t* q,        \
-                                                 const act_t* k, const act_t* v, int seq,       \
-                                                 int heads, int kv_heads, float scale) {        \
-        fa_forward<D>(out, lse, q, k, v, seq, heads, kv_heads, scale);                          \
+// The kernels for head dimension D: flash_forward_D and flash_backward_D load fragments with
+// 32- and 16-bit shared loads, flash_forward_ldsm_D and flash_backward_ldsm_D with ldmatrix.
+#define FA_KERNEL_PAIR(NAME, D, LDSM)                                                            \
+    extern "C" __global__ void flash_forward_##NAME(act_t* out, float* lse, const act_t* q,     \
+                                                    const act_t* k, const act_t* v, int seq,    \
+                                                    int heads, int kv_heads, float scale) {     \
+        fa_forward<D, LDSM>(out, lse, q, k, v, seq, heads, kv_heads, scale);                    \
     }                                                                                            \
-    extern "C" __global__ void flash_backward_##D(                                              \
+    extern "C" __global__ void flash_backward_##NAME(                                           \
         float* dq_acc, act_t* dk, act_t* dv, const act_t* q, const act_t* k, const act_t* v,     \
         const act_t* d_out, const float* lse, const float* delta, int seq, int heads,            \
         int kv_heads, float scale) {                                                             \
-        fa_backward<D>(dq_acc, dk, dv, q, k, v, d_out, lse, delta, seq, heads, kv_heads, scale); \
+        fa_backward<D, LDSM>(dq_acc, dk, dv, q, k, v, d_out, lse, delta, seq, heads, kv_heads,   \
+                             scale);                                                             \
     }
+#define FA_KERNELS(D)              \
+    FA_KERNEL_PAIR(D, D, false)    \
+    FA_KERNEL_PAIR(ldsm_##D, D, true)
 
 FA_KERNELS(16)
 FA_KERNELS(32)

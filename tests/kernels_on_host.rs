@@ -159,22 +159,35 @@ fn parse_output(bytes: &[u8], counts: [usize; 6]) -> Vec<Vec<f32>> {
 }
 
 /// Random inputs for `sh` (q, k, v, dO), the flash program's input file holding them and its
-/// leading arguments.
-fn flash_case(rng: &mut ChaCha8Rng, sh: &AttnShape) -> ([Vec<f32>; 4], Vec<u8>, [usize; 5]) {
+/// leading arguments (`ldmatrix`: the kernels that load fragments with ldmatrix).
+fn flash_case(
+    rng: &mut ChaCha8Rng,
+    sh: &AttnShape,
+    ldmatrix: bool,
+) -> ([Vec<f32>; 4], Vec<u8>, [usize; 6]) {
     let inputs = flash_inputs(rng, sh);
     let bytes = inputs.iter().flat_map(|t| bf16_bytes(t)).collect();
     let dims = [sh.head_dim, sh.batch, sh.seq, sh.heads, sh.kv_heads];
-    (inputs, bytes, dims)
+    let args = [
+        dims[0],
+        dims[1],
+        dims[2],
+        dims[3],
+        dims[4],
+        ldmatrix as usize,
+    ];
+    (inputs, bytes, args)
 }
 
-#[test]
-fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
+/// The flash program (`ldmatrix`: its variant loading fragments with ldmatrix) on every shape
+/// of the selftest's flash checks against the CPU attention, with their tolerances.
+fn check_flash_kernels(ldmatrix: bool) {
     let dir = tempfile::tempdir().unwrap();
     let binary = build(dir.path(), "flash_attention", &[]);
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut checks = Checks::default();
     for sh in flash_check_shapes() {
-        let (inputs, input, dims) = flash_case(&mut rng, &sh);
+        let (inputs, input, dims) = flash_case(&mut rng, &sh, ldmatrix);
         let output = exchange(dir.path(), program(&binary, dims), &input);
         let (n, stats) = (sh.batch * sh.seq, sh.batch * sh.heads * sh.seq);
         let (w, kvw) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
@@ -185,10 +198,23 @@ fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
         let want = cpu_attention(&inputs, sh);
         for ((ours, reference), (name, tolerance)) in got.into_iter().zip(&want).zip(FLASH_OUTPUTS)
         {
-            checks.check(&format!("{sh:?} {name}"), ours, reference, tolerance);
+            let case = format!("{sh:?} ldmatrix={ldmatrix} {name}");
+            checks.check(&case, ours, reference, tolerance);
         }
     }
     checks.assert_all_passed();
+}
+
+#[test]
+fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
+    check_flash_kernels(false);
+}
+
+/// The same with fragments loaded by ldmatrix (its lanes' addresses and the matrices' layouts,
+/// transposed and not, by the PTX ISA).
+#[test]
+fn flash_kernels_with_ldmatrix_run_on_the_host_match_the_cpu_attention() {
+    check_flash_kernels(true);
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -435,7 +461,12 @@ fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
     };
     let flash = build(dir.path(), "flash_attention", &sanitize);
     let mut rng = ChaCha8Rng::seed_from_u64(31);
-    for (head_dim, seq, heads, kv_heads) in [(16, 70, 2, 1), (64, 130, 2, 2)] {
+    let shapes = [
+        (16, 70, 2, 1, false),
+        (64, 130, 2, 2, false),
+        (64, 130, 2, 2, true),
+    ];
+    for (head_dim, seq, heads, kv_heads, ldmatrix) in shapes {
         let sh = AttnShape {
             batch: 1,
             seq,
@@ -443,7 +474,7 @@ fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
             kv_heads,
             head_dim,
         };
-        let (_, input, dims) = flash_case(&mut rng, &sh);
+        let (_, input, dims) = flash_case(&mut rng, &sh, ldmatrix);
         exchange(dir.path(), sanitized(&flash, &dims), &input);
     }
     let rmsnorm = build(

@@ -3,8 +3,9 @@
 // `flash_attention_backward` launch them (flash forward; attn_delta; flash backward into a
 // zeroed f32 dQ; cast_to_act).
 //
-//   flash_attention HEAD_DIM BATCH SEQ HEADS KV_HEADS INPUT OUTPUT
+//   flash_attention HEAD_DIM BATCH SEQ HEADS KV_HEADS LDMATRIX INPUT OUTPUT
 //
+// LDMATRIX 1 runs the kernels that load fragments with ldmatrix (flash_*_ldsm_D), 0 the others.
 // INPUT holds q, dO [batch * seq, heads * head_dim] and k, v [batch * seq, kv_heads *
 // head_dim] as bf16 bits (u16, little-endian) in the order q, k, v, dO. OUTPUT receives out,
 // dq [batch * seq, heads * head_dim], dk, dv as bf16 bits, then lse and delta [batch, heads,
@@ -31,7 +32,7 @@ static void write_from(std::ofstream& out, const std::vector<T>& v) {
     out.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
 }
 
-template <int D>
+template <int D, bool LDSM>
 static int run(int batch, int seq, int heads, int kv_heads, const char* input, const char* output) {
     long long n = (long long)batch * seq, w = (long long)heads * D, kvw = (long long)kv_heads * D;
     long long rows = (long long)batch * heads * seq;
@@ -47,14 +48,14 @@ static int run(int batch, int seq, int heads, int kv_heads, const char* input, c
     float scale = 1.0f / std::sqrt((float)D);
     unsigned tiles = (unsigned)((seq + FA_ROWS - 1) / FA_ROWS);
     cp_launch({tiles, (unsigned)heads, (unsigned)batch}, FA_THREADS, [&] {
-        fa_forward<D>(out.data(), lse.data(), q.data(), k.data(), v.data(), seq, heads,
+        fa_forward<D, LDSM>(out.data(), lse.data(), q.data(), k.data(), v.data(), seq, heads,
                        kv_heads, scale);
     });
     cp_launch({4, 1, 1}, 128, [&] {
         attn_delta(delta.data(), d_out.data(), out.data(), batch, heads, seq, D);
     });
     cp_launch({tiles, (unsigned)kv_heads, (unsigned)batch}, FA_THREADS, [&] {
-        fa_backward<D>(dq_acc.data(), dk.data(), dv.data(), q.data(), k.data(), v.data(),
+        fa_backward<D, LDSM>(dq_acc.data(), dk.data(), dv.data(), q.data(), k.data(), v.data(),
                                d_out.data(), lse.data(), delta.data(), seq, heads, kv_heads, scale);
     });
     cp_launch({4, 1, 1}, 128, [&] { cast_to_act(dq.data(), dq_acc.data(), n * w); });
@@ -65,17 +66,24 @@ static int run(int batch, int seq, int heads, int kv_heads, const char* input, c
     return o ? 0 : 1;
 }
 
+template <bool LDSM>
+static int run_dim(int hd, int b, int t, int h, int kv, const char* input, const char* output) {
+    switch (hd) {
+        case 16: return run<16, LDSM>(b, t, h, kv, input, output);
+        case 32: return run<32, LDSM>(b, t, h, kv, input, output);
+        case 64: return run<64, LDSM>(b, t, h, kv, input, output);
+        default: std::fprintf(stderr, "no flash kernels for head dimension %d\n", hd); return 2;
+    }
+}
+
 int main(int argc, char** argv) {
-    if (argc != 8) {
-        std::fprintf(stderr, "usage: %s HEAD_DIM BATCH SEQ HEADS KV_HEADS INPUT OUTPUT\n", argv[0]);
+    if (argc != 9) {
+        std::fprintf(stderr, "usage: %s HEAD_DIM BATCH SEQ HEADS KV_HEADS LDMATRIX INPUT OUTPUT\n",
+                     argv[0]);
         return 2;
     }
     int hd = std::atoi(argv[1]), b = std::atoi(argv[2]), t = std::atoi(argv[3]);
     int h = std::atoi(argv[4]), kv = std::atoi(argv[5]);
-    switch (hd) {
-        case 16: return run<16>(b, t, h, kv, argv[6], argv[7]);
-        case 32: return run<32>(b, t, h, kv, argv[6], argv[7]);
-        case 64: return run<64>(b, t, h, kv, argv[6], argv[7]);
-        default: std::fprintf(stderr, "no flash kernels for head dimension %d\n", hd); return 2;
-    }
+    if (std::atoi(argv[6])) return run_dim<true>(hd, b, t, h, kv, argv[7], argv[8]);
+    return run_dim<false>(hd, b, t, h, kv, argv[7], argv[8]);
 }

@@ -1,7 +1,8 @@
 // Runs chronospipe's CUDA kernels on the host, for checking them without a GPU: blocks run one
 // after another, each block's threads as std::threads; __syncthreads is a barrier of the block,
-// warp shuffles and the tensor-core product (cp_host_mma, which kernels/flash_attention.cu
-// calls in place of its mma.sync when CP_HOST_EMULATION is defined) exchange values between a
+// warp shuffles, the tensor-core product and ldmatrix (cp_host_mma and cp_host_ldmatrix, which
+// kernels/flash_attention.cu calls in place of its mma.sync and ldmatrix when
+// CP_HOST_EMULATION is defined) exchange values between a
 // warp's 32 threads through shared slots and a barrier of the warp. With one block at a time,
 // __shared__ arrays can be function statics. Slow (a thread per CUDA thread): for small shapes.
 // Activations are f32 unless the including file defines CP_ACT_BF16 first.
@@ -40,21 +41,25 @@ using std::min;
 
 inline std::unique_ptr<std::barrier<>> cp_block_barrier;
 inline std::vector<std::unique_ptr<std::barrier<>>> cp_warp_barriers;
-struct cp_warp_slots { float v[32]; unsigned a[32][4]; unsigned b[32][2]; };
+struct cp_warp_slots { float v[32]; unsigned a[32][4]; unsigned b[32][2]; const void* row[32]; };
+// Two sets of slots per warp, used by turns: a lane writes its values into its warp's next
+// set, meets the others at the warp's barrier and reads theirs. One barrier per exchange is
+// enough because a lane can write a set again only after every lane has passed the barrier
+// that follows its reads of it.
 inline std::vector<cp_warp_slots> cp_slots;
+inline thread_local unsigned cp_exchanges = 0;
 
 inline void __syncthreads() { cp_block_barrier->arrive_and_wait(); }
 inline int cp_lane() { return threadIdx.x & 31; }
 inline int cp_warp_index() { return threadIdx.x >> 5; }
+inline cp_warp_slots& cp_next_slots() { return cp_slots[2 * cp_warp_index() + (cp_exchanges++ & 1)]; }
+inline void cp_warp_barrier() { cp_warp_barriers[cp_warp_index()]->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
-    auto& s = cp_slots[cp_warp_index()];
-    auto& bar = *cp_warp_barriers[cp_warp_index()];
+    auto& s = cp_next_slots();
     s.v[cp_lane()] = v;
-    bar.arrive_and_wait();
-    float r = s.v[cp_lane() ^ mask];
-    bar.arrive_and_wait();
-    return r;
+    cp_warp_barrier();
+    return s.v[cp_lane() ^ mask];
 }
 
 // Kernels call this (under CP_HOST_EMULATION) before an access wider than an element: the GPU
@@ -74,30 +79,43 @@ inline float cp_bf16_bits(unsigned short h) { return __uint_as_float(((unsigned)
 // a: reg r, half h -> row g + 8 (r & 1), col 2t + h + 8 (r >> 1); b: reg r, half h -> k 2t + h +
 // 8 r, n g; c/d: element i -> row g + 8 (i >> 1), col 2t + (i & 1); g = lane / 4, t = lane % 4.
 inline void cp_host_mma(float* d, const unsigned* a, const unsigned* b) {
-    auto& s = cp_slots[cp_warp_index()];
-    auto& bar = *cp_warp_barriers[cp_warp_index()];
+    auto& s = cp_next_slots();
     int lane = cp_lane();
     for (int r = 0; r < 4; ++r) s.a[lane][r] = a[r];
     for (int r = 0; r < 2; ++r) s.b[lane][r] = b[r];
-    bar.arrive_and_wait();
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; ++l) {
-        int g = l >> 2, t = l & 3;
-        for (int r = 0; r < 4; ++r)
-            for (int h = 0; h < 2; ++h)
-                A[g + 8 * (r & 1)][2 * t + h + 8 * (r >> 1)] =
-                    cp_bf16_bits((unsigned short)(s.a[l][r] >> (16 * h)));
-        for (int r = 0; r < 2; ++r)
-            for (int h = 0; h < 2; ++h)
-                B[2 * t + h + 8 * r][g] = cp_bf16_bits((unsigned short)(s.b[l][r] >> (16 * h)));
-    }
-    bar.arrive_and_wait();
+    cp_warp_barrier();
+    // Element k of a row or column: lane 4 x + (k % 8) / 2 holds it, in half k % 2 of a
+    // register chosen by k / 8 (and for a, the row's half).
+    auto half = [](unsigned reg, int k) { return cp_bf16_bits((unsigned short)(reg >> (16 * (k & 1)))); };
     int g = lane >> 2, t = lane & 3;
     for (int i = 0; i < 4; ++i) {
         int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
         float acc = d[i];
-        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        for (int k = 0; k < 16; ++k) {
+            float x = half(s.a[4 * (row & 7) + ((k & 7) >> 1)][(row >> 3) + 2 * (k >> 3)], k);
+            float y = half(s.b[4 * col + ((k & 7) >> 1)][k >> 3], k);
+            acc += x * y;
+        }
         d[i] = acc;
+    }
+}
+
+// ldmatrix .x4 (.trans) by the PTX ISA: lanes 8i .. 8i + 7 give the row addresses of 8x8
+// matrix i of 16-bit elements; lane l's register i gets matrix i's elements (l / 4, 2 (l % 4))
+// and the next column, or with `trans` (2 (l % 4), l / 4) and the next row (low half first).
+inline void cp_host_ldmatrix(unsigned* r, const unsigned short* row, bool trans) {
+    auto& s = cp_next_slots();
+    int lane = cp_lane();
+    s.row[lane] = row;
+    cp_warp_barrier();
+    int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        auto at = [&](int rr, int cc) {
+            return (unsigned)static_cast<const unsigned short*>(s.row[8 * i + rr])[cc];
+        };
+        unsigned lo = trans ? at(2 * t, g) : at(g, 2 * t);
+        unsigned hi = trans ? at(2 * t + 1, g) : at(g, 2 * t + 1);
+        r[i] = lo | (hi << 16);
     }
 }
 
@@ -118,7 +136,7 @@ inline void cp_launch(cp_dim3 grid, unsigned threads, const std::function<void()
     gridDim = grid;
     blockDim = {threads, 1, 1};
     unsigned warps = threads / 32;
-    cp_slots.assign(warps, {});
+    cp_slots.assign(2 * warps, {});
     cp_warp_barriers.clear();
     for (unsigned w = 0; w < warps; ++w) cp_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
     for (unsigned z = 0; z < grid.z; ++z)

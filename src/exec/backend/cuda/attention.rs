@@ -12,7 +12,7 @@
 //! operand advances by a constant stride.
 
 use crate::exec::backend::cuda::CudaError;
-use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, Gpu};
+use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, FlashLoads, Gpu};
 use crate::exec::backend::cuda::ops::Gemm;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::kernels::attention::AttnShape;
@@ -229,7 +229,7 @@ impl Gpu {
         (q, k, v): (DevPtr, DevPtr, DevPtr),
         sh: AttnShape,
     ) -> R {
-        let (forward, _) = flash_kernels(&[out, q, k, v], &sh)?;
+        let (forward, _) = flash_kernels(self.flash_loads, &[out, q, k, v], &sh)?;
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
         self.launch_flash_forward(forward, (out, lse), (q, k, v), &sh, scale)
     }
@@ -244,7 +244,8 @@ impl Gpu {
         dq_acc: DevPtr,
         sh: AttnShape,
     ) -> R {
-        let (_, backward) = flash_kernels(&[dq, dk, dv, d_out, q, k, v, out], &sh)?;
+        let operands = [dq, dk, dv, d_out, q, k, v, out];
+        let (_, backward) = flash_kernels(self.flash_loads, &operands, &sh)?;
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
         self.launch_delta(delta, d_out, out, &sh)?;
         self.launch_flash_backward(
@@ -258,15 +259,17 @@ impl Gpu {
     }
 }
 
-/// The flash kernels for `sh`'s head dimension, once the operands are known to suit them:
-/// bf16, and 16-byte aligned (the kernels copy rows in 16-byte pieces).
+/// The flash kernels with `loads` for `sh`'s head dimension, once the operands are known to
+/// suit them: bf16, and 16-byte aligned (the kernels copy rows in 16-byte pieces).
 fn flash_kernels(
+    loads: FlashLoads,
     operands: &[DevPtr],
     sh: &AttnShape,
 ) -> Result<(&'static str, &'static str), CudaError> {
     let unsupported =
         |what: String| Err(CudaError::Unsupported(format!("flash attention: {what}")));
-    let Some(&(_, forward, backward)) = FLASH_KERNELS.iter().find(|k| k.0 == sh.head_dim) else {
+    let found = (FLASH_KERNELS.iter()).find(|k| k.0 == sh.head_dim && k.1 == loads);
+    let Some(&(_, _, forward, backward)) = found else {
         return unsupported(format!("no kernels for head dimension {}", sh.head_dim));
     };
     if let Some(p) = operands.iter().find(|p| p.dtype != DType::Bf16) {

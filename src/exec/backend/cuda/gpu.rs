@@ -43,10 +43,66 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
 /// The flash-attention kernels, compiled after [`KERNEL_SOURCES`] and built only with bf16
 /// activations: per head dimension, the forward and the backward kernel.
 pub const FLASH_SOURCE: &str = include_str!("../../../../kernels/flash_attention.cu");
-pub const FLASH_KERNELS: [(usize, &str, &str); 3] = [
-    (16, "flash_forward_16", "flash_backward_16"),
-    (32, "flash_forward_32", "flash_backward_32"),
-    (64, "flash_forward_64", "flash_backward_64"),
+
+/// How the flash kernels load tensor-core fragments from shared memory. Both variants compute
+/// the same products; which is faster is for a GPU to tell (`selftest --gpu` times both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashLoads {
+    /// 32- and 16-bit shared loads, one or two elements of a fragment register at a time.
+    Scalar,
+    /// `ldmatrix`: four 8x8 matrices (transposed where the product needs it) per instruction.
+    Ldmatrix,
+}
+
+impl FlashLoads {
+    pub const EACH: [FlashLoads; 2] = [FlashLoads::Scalar, FlashLoads::Ldmatrix];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FlashLoads::Scalar => "scalar loads",
+            FlashLoads::Ldmatrix => "ldmatrix",
+        }
+    }
+}
+
+/// The flash kernels: head dimension, fragment loads, forward and backward.
+pub const FLASH_KERNELS: [(usize, FlashLoads, &str, &str); 6] = [
+    (
+        16,
+        FlashLoads::Scalar,
+        "flash_forward_16",
+        "flash_backward_16",
+    ),
+    (
+        32,
+        FlashLoads::Scalar,
+        "flash_forward_32",
+        "flash_backward_32",
+    ),
+    (
+        64,
+        FlashLoads::Scalar,
+        "flash_forward_64",
+        "flash_backward_64",
+    ),
+    (
+        16,
+        FlashLoads::Ldmatrix,
+        "flash_forward_ldsm_16",
+        "flash_backward_ldsm_16",
+    ),
+    (
+        32,
+        FlashLoads::Ldmatrix,
+        "flash_forward_ldsm_32",
+        "flash_backward_ldsm_32",
+    ),
+    (
+        64,
+        FlashLoads::Ldmatrix,
+        "flash_forward_ldsm_64",
+        "flash_backward_ldsm_64",
+    ),
 ];
 
 /// Every `extern "C" __global__` function in [`KERNEL_SOURCES`].
@@ -146,6 +202,8 @@ pub struct Gpu {
     pub(crate) blas: CudaBlas,
     functions: HashMap<&'static str, CudaFunction>,
     pub precision: Precision,
+    /// The flash kernels' fragment loads (bf16 activations; scalar loads unless set).
+    pub flash_loads: FlashLoads,
     pub name: String,
     pub ordinal: usize,
     /// The operations queued while profiling (see [`Gpu::profile`]).
@@ -190,7 +248,7 @@ impl Gpu {
         let ptx = cached_kernels(major, minor, precision.activations())?;
         let module = ctx.load_module(ptx)?;
         let mut functions = HashMap::new();
-        let flash = FLASH_KERNELS.iter().flat_map(|(_, f, b)| [*f, *b]);
+        let flash = FLASH_KERNELS.iter().flat_map(|(_, _, f, b)| [*f, *b]);
         for name in kernel_names().into_iter().chain(flash.filter(|_| bf16)) {
             functions.insert(name, module.load_function(name)?);
         }
@@ -203,6 +261,7 @@ impl Gpu {
             blas,
             functions,
             precision,
+            flash_loads: FlashLoads::Scalar,
             ordinal,
             profile: None,
         })
@@ -298,11 +357,21 @@ mod tests {
     /// The flash kernels exist for the head dimensions the planner's inventory assumes.
     #[test]
     fn flash_kernels_cover_the_planned_head_dimensions() {
-        let dims: Vec<usize> = FLASH_KERNELS.iter().map(|k| k.0).collect();
-        assert_eq!(dims, crate::plan::inventory::CUDA_FLASH_HEAD_DIMS);
-        for (d, forward, backward) in FLASH_KERNELS {
-            assert_eq!(forward, format!("flash_forward_{d}"));
-            assert_eq!(backward, format!("flash_backward_{d}"));
+        for loads in FlashLoads::EACH {
+            let dims: Vec<usize> = (FLASH_KERNELS.iter())
+                .filter(|k| k.1 == loads)
+                .map(|k| k.0)
+                .collect();
+            assert_eq!(dims, crate::plan::inventory::CUDA_FLASH_HEAD_DIMS);
+        }
+        for (d, loads, forward, backward) in FLASH_KERNELS {
+            let infix = if loads == FlashLoads::Ldmatrix {
+                "ldsm_"
+            } else {
+                ""
+            };
+            assert_eq!(forward, format!("flash_forward_{infix}{d}"));
+            assert_eq!(backward, format!("flash_backward_{infix}{d}"));
             assert!(FLASH_SOURCE.contains(&format!("FA_KERNELS({d})")));
         }
     }
@@ -328,12 +397,18 @@ mod tests {
                 assert!(src.contains(name), "{name} missing from the PTX");
             }
         }
-        for (_, forward, backward) in FLASH_KERNELS {
+        for (_, _, forward, backward) in FLASH_KERNELS {
             assert!(bf16_src.contains(forward) && bf16_src.contains(backward));
             assert!(
                 !f32_src.contains(forward),
                 "{forward} built with f32 activations"
             );
+        }
+        // For reading the PTX (or, through ptxas, the SASS): CHRONOSPIPE_PTX_OUT=DIR.
+        if let Some(dir) = std::env::var_os("CHRONOSPIPE_PTX_OUT") {
+            let dir = std::path::Path::new(&dir);
+            std::fs::write(dir.join("kernels-f32.ptx"), &f32_src).unwrap();
+            std::fs::write(dir.join("kernels-bf16.ptx"), &bf16_src).unwrap();
         }
         assert_ne!(f32_src, bf16_src);
         assert_eq!(cached_kernels(9, 0, DType::F32).unwrap().to_src(), f32_src);

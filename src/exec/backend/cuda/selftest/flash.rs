@@ -9,11 +9,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Check, Result, cpu_attention};
-use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, Gpu};
+use crate::exec::backend::cuda::gpu::{FlashLoads, Gpu};
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
-use crate::plan::inventory::DType;
+use crate::plan::inventory::{CUDA_FLASH_HEAD_DIMS, DType};
 
 /// Relative error allowed against f32 (all but lse): outputs are rounded to bf16 (2^-9
 /// relative), and so are the probabilities and dS in the kernels' second products.
@@ -21,14 +21,14 @@ pub const FLASH_TOLERANCE: f64 = 2e-2;
 /// Relative error allowed for lse, which the kernels keep in f32.
 pub const FLASH_LSE_TOLERANCE: f64 = 1e-3;
 
-/// The shapes checked, one per head dimension of [`FLASH_KERNELS`]: one key/value head for
-/// four query heads and a sequence ending inside a tile; no grouping and whole tiles; groups of
-/// two and a partial last tile.
+/// The shapes checked, one per head dimension of the flash kernels
+/// ([`CUDA_FLASH_HEAD_DIMS`]): one key/value head for four query heads and a sequence ending
+/// inside a tile; no grouping and whole tiles; groups of two and a partial last tile.
 pub fn flash_check_shapes() -> Vec<AttnShape> {
-    FLASH_KERNELS
+    CUDA_FLASH_HEAD_DIMS
         .iter()
         .zip([(77, 4, 1), (128, 4, 4), (200, 4, 2)])
-        .map(|(&(head_dim, ..), (seq, heads, kv_heads))| AttnShape {
+        .map(|(&head_dim, (seq, heads, kv_heads))| AttnShape {
             batch: 2,
             seq,
             heads,
@@ -65,13 +65,21 @@ pub const FLASH_OUTPUTS: [(&str, f64); 6] = [
     ("delta", FLASH_TOLERANCE),
 ];
 
-pub fn flash_checks(gpu: &Gpu) -> Result<Vec<Check>> {
+/// Both variants of the flash kernels ([`FlashLoads`]) against the CPU attention on every
+/// shape of [`flash_check_shapes`]; leaves `gpu` with the loads it had.
+pub fn flash_checks(gpu: &mut Gpu) -> Result<Vec<Check>> {
     let pool = Pool::new("flash-check", usize::MAX);
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut checks = Vec::new();
+    let before = gpu.flash_loads;
     for sh in flash_check_shapes() {
         let inputs = flash_inputs(&mut rng, &sh);
-        checks.extend(check_shape(gpu, &pool, &inputs, sh)?);
+        for loads in FlashLoads::EACH {
+            gpu.flash_loads = loads;
+            let result = check_shape(gpu, &pool, &inputs, sh);
+            gpu.flash_loads = before;
+            checks.extend(result?);
+        }
     }
     Ok(checks)
 }
@@ -118,8 +126,12 @@ fn check_shape(
         })
     };
     let label = format!(
-        "flash hd {} seq {} heads {}/{}",
-        sh.head_dim, sh.seq, sh.heads, sh.kv_heads
+        "flash ({}) hd {} seq {} heads {}/{}",
+        gpu.flash_loads.name(),
+        sh.head_dim,
+        sh.seq,
+        sh.heads,
+        sh.kv_heads
     );
     let ours = [&out, &lse, &dq, &dk, &dv, &delta];
     let mut checks = Vec::new();
@@ -131,9 +143,10 @@ fn check_shape(
 }
 
 /// Milliseconds of one causal attention forward and backward with bf16 activations, through
-/// cuBLAS with scores in device memory and on the flash kernels, for `sh` (the timed model's
-/// micro-batch), each the mean of `reps` after one warm-up.
-pub fn time_attention(gpu: &Gpu, sh: AttnShape, reps: usize) -> Result<(f64, f64)> {
+/// cuBLAS with scores in device memory and on each variant of the flash kernels (in
+/// [`FlashLoads::EACH`] order), for `sh` (the timed model's micro-batch), each the mean of
+/// `reps` after one warm-up.
+pub fn time_attention(gpu: &mut Gpu, sh: AttnShape, reps: usize) -> Result<(f64, Vec<f64>)> {
     let pool = Pool::new("flash-timing", usize::MAX);
     let n = sh.batch * sh.seq;
     let (w, kvw) = (sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim);
@@ -161,25 +174,33 @@ pub fn time_attention(gpu: &Gpu, sh: AttnShape, reps: usize) -> Result<(f64, f64
     let mut dq_acc = tensor(n * w, DType::F32)?;
     let grads = (dq.ptr(), dk.ptr(), dv.ptr(), delta.ptr());
     let kept = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), lse.ptr());
-    let mut time = |step: &mut dyn FnMut(&mut GpuTensor) -> Result<()>| -> Result<f64> {
-        step(&mut dq_acc)?;
+    type Step<'a> = &'a dyn Fn(&Gpu, &mut GpuTensor) -> Result<()>;
+    let time = |gpu: &Gpu, acc: &mut GpuTensor, step: Step<'_>| -> Result<f64> {
+        step(gpu, acc)?;
         gpu.synchronize()?;
         let start = Instant::now();
         for _ in 0..reps {
-            step(&mut dq_acc)?;
+            step(gpu, acc)?;
         }
         gpu.synchronize()?;
         Ok(start.elapsed().as_secs_f64() * 1e3 / reps.max(1) as f64)
     };
-    let cublas = time(&mut |_| {
+    let cublas = time(gpu, &mut dq_acc, &|gpu, _| {
         gpu.attention_forward(out.ptr(), lse.ptr(), q.ptr(), k.ptr(), v.ptr(), s.ptr(), sh)?;
         gpu.attention_backward(grads, d_out.ptr(), kept, (s.ptr(), ds.ptr()), sh)
     })?;
-    let flash = time(&mut |acc| {
+    let flash_step = |gpu: &Gpu, acc: &mut GpuTensor| {
         let (qkv, kept_out) = ((q.ptr(), k.ptr(), v.ptr()), (out.ptr(), lse.ptr()));
         gpu.flash_attention_forward(kept_out, qkv, sh)?;
         acc.fill_zero(gpu)?;
         gpu.flash_attention_backward(grads, d_out.ptr(), kept, acc.ptr(), sh)
-    })?;
-    Ok((cublas, flash))
+    };
+    let before = gpu.flash_loads;
+    let mut flash = Vec::new();
+    for loads in FlashLoads::EACH {
+        gpu.flash_loads = loads;
+        flash.push(time(gpu, &mut dq_acc, &flash_step));
+    }
+    gpu.flash_loads = before;
+    Ok((cublas, flash.into_iter().collect::<Result<_>>()?))
 }

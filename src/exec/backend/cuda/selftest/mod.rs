@@ -17,7 +17,7 @@ pub use model::model_checks;
 pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages};
 pub use timing::{Timing, llama_125m, predicted_peak, step_flops, time_training};
 
-use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::gpu::{FlashLoads, Gpu};
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::backend::{Backend, CpuBackend};
@@ -135,7 +135,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
     let asked = |p: &Precision| opts.precisions.contains(p);
     let checked = PRECISIONS.into_iter().filter(|(p, ..)| asked(p));
     for (i, (precision, tol, stage_tol)) in checked.enumerate() {
-        let gpu = Gpu::open(opts.device, precision)?;
+        let mut gpu = Gpu::open(opts.device, precision)?;
         if i == 0 {
             let (free, total) = gpu.ctx.mem_get_info()?;
             let (major, minor) = gpu.ctx.compute_capability()?;
@@ -154,7 +154,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
                 section(&title, kernel_checks(&gpu, tol)).is_some_and(|c| print_checks(&title, &c));
         } else {
             let title = "flash attention (bf16) vs CPU attention on the same inputs";
-            ok &= section(title, flash_checks(&gpu)).is_some_and(|c| print_checks(title, &c));
+            ok &= section(title, flash_checks(&mut gpu)).is_some_and(|c| print_checks(title, &c));
         }
         let title = format!("hf-llama-tiny training step vs CPU and PyTorch, {name}");
         ok &= section(
@@ -183,41 +183,58 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         );
         println!("|---|---|---:|---:|---:|---:|---:|");
         // The asked-for step, profiled if asked, then one micro-batch of `large_micro_batch`
-        // sequences: larger products, as throughput runs use.
-        let shapes = [
-            (opts.microbatches, opts.micro_batch_size),
-            (1, opts.large_micro_batch),
-        ];
-        let mut profiles = Vec::new();
+        // sequences (larger products, as throughput runs use); with bf16, the asked-for step
+        // again on the flash kernels that load fragments with ldmatrix.
+        let asked_step = (opts.microbatches, opts.micro_batch_size, FlashLoads::Scalar);
+        let mut rows = Vec::new();
         for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
-            for (i, &(microbatches, batch)) in shapes.iter().enumerate() {
-                if batch == 0 {
-                    continue;
-                }
-                let timed = time_training(
-                    opts.device,
+            rows.push((precision, asked_step, opts.profile));
+            if opts.large_micro_batch > 0 {
+                rows.push((
                     precision,
+                    (1, opts.large_micro_batch, FlashLoads::Scalar),
+                    false,
+                ));
+            }
+            if precision == Precision::Bf16 {
+                let ldmatrix = (
+                    opts.microbatches,
+                    opts.micro_batch_size,
+                    FlashLoads::Ldmatrix,
+                );
+                rows.push((precision, ldmatrix, false));
+            }
+        }
+        let mut profiles = Vec::new();
+        for (precision, (microbatches, batch, loads), profile) in rows {
+            let label = match precision {
+                Precision::Bf16 => format!("{} ({})", precision.name(), loads.name()),
+                _ => precision.name().to_string(),
+            };
+            let timed = Gpu::open(opts.device, precision).and_then(|mut gpu| {
+                gpu.flash_loads = loads;
+                time_training(
+                    gpu,
                     config,
                     MicroShape { batch, seq: 1024 },
                     microbatches,
                     (2, opts.steps),
-                    opts.profile && i == 0,
-                );
-                let Some(t) = section(precision.name(), timed) else {
-                    ok = false;
-                    continue;
-                };
-                let mfu = t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
-                println!(
-                    "| {} | {microbatches} x {batch} | {:.0} | {:.1} | {mfu} | {:.1} | {:.1} |",
-                    precision.name(),
-                    t.tokens_per_s,
-                    t.step_ms,
-                    t.peak_bytes as f64 / MIB,
-                    t.predicted_peak_bytes as f64 / MIB
-                );
-                profiles.push((precision, t));
-            }
+                    profile,
+                )
+            });
+            let Some(t) = section(&label, timed) else {
+                ok = false;
+                continue;
+            };
+            let mfu = t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
+            println!(
+                "| {label} | {microbatches} x {batch} | {:.0} | {:.1} | {mfu} | {:.1} | {:.1} |",
+                t.tokens_per_s,
+                t.step_ms,
+                t.peak_bytes as f64 / MIB,
+                t.predicted_peak_bytes as f64 / MIB
+            );
+            profiles.push((precision, t));
         }
         if asked(&Precision::Bf16) {
             ok &= section(
@@ -271,8 +288,8 @@ fn attention_table(
         kv_heads: d.kv_heads,
         head_dim: d.head_dim(),
     };
-    let gpu = Gpu::open(ordinal, Precision::Bf16)?;
-    let (cublas, flash) = time_attention(&gpu, sh, reps)?;
+    let mut gpu = Gpu::open(ordinal, Precision::Bf16)?;
+    let (cublas, flash) = time_attention(&mut gpu, sh, reps)?;
     // Model FLOPs: forward Q K^T and P V over the causal half, backward twice the forward.
     let flops = 3.0 * 2.0 * (sh.batch * sh.heads * sh.seq * sh.seq * sh.head_dim) as f64;
     println!(
@@ -281,10 +298,12 @@ fn attention_table(
     );
     println!("| path | ms | model TFLOP/s |");
     println!("|---|---:|---:|");
-    for (path, ms) in [
-        ("cuBLAS, scores in memory", cublas),
-        ("flash kernels", flash),
-    ] {
+    let flash = FlashLoads::EACH.iter().zip(flash);
+    let rows = flash.map(|(loads, ms)| (format!("flash kernels, {}", loads.name()), ms));
+    for (path, ms) in [("cuBLAS, scores in memory".to_string(), cublas)]
+        .into_iter()
+        .chain(rows)
+    {
         println!("| {path} | {ms:.2} | {:.1} |", flops / (ms * 1e-3) / 1e12);
     }
     Ok(())

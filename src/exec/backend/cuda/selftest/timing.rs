@@ -88,17 +88,16 @@ pub fn predicted_peak(
     Ok(predicted_peaks(&plan, precision, config, micro)?[0])
 }
 
-/// Times `steps` training steps (after `warmup`) of `config` on GPU `ordinal`.
+/// Times `steps` training steps (after `warmup`) of `config` on `gpu`, at its precision.
 pub fn time_training(
-    ordinal: usize,
-    precision: Precision,
+    gpu: Gpu,
     config: LlamaConfig,
     micro: MicroShape,
     microbatches: usize,
     (warmup, steps): (usize, usize),
     profile: bool,
 ) -> Result<Timing> {
-    let gpu = Gpu::open(ordinal, precision)?;
+    let precision = gpu.precision;
     let host = Pool::new("host", usize::MAX);
     let mut parts = host_parts(&config, &host)?;
     for p in &mut parts {
