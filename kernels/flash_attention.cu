@@ -300,7 +300,9 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
         const float* lse_g = lse + ((long long)b * heads + head) * seq;
         const float* delta_g = delta + ((long long)b * heads + head) * seq;
         for (int q0 = k0; q0 < seq; q0 += FA_STEP) {
-            __syncthreads();
+            // No barrier before these writes: every read of qs, dos, lse_s and delta_s in the
+            // previous step comes before that step's second barrier, and the one below keeps
+            // the faster warps from writing dst until the slower have read it.
             fa_load<D>(qs, qg, width, q0, seq);
             fa_load<D>(dos, dog, width, q0, seq);
             if (threadIdx.x < FA_STEP) {
