@@ -31,15 +31,29 @@ extern "C" __global__ void attn_probs(act_t* scores, const float* lse, long long
 }
 
 // delta[b, head, t] = sum_d dO * O over the head's dimensions. out/d_out rows are tokens.
+// Consecutive threads take consecutive heads of a token, so a warp reads one stretch of
+// memory; each thread reads its head's row in 16-byte vectors when head_dim and the buffers
+// allow.
+template <int W>
+__device__ __forceinline__ float cp_head_dot(const act_t* a, const act_t* b, int head_dim) {
+    float acc = 0.0f;
+    for (int d = 0; d < head_dim; d += W) {
+        cp_act_run<W> x = cp_ld_run<W>(a, d), y = cp_ld_run<W>(b, d);
+        for (int j = 0; j < W; ++j) acc += cp_ld(x.e[j]) * cp_ld(y.e[j]);
+    }
+    return acc;
+}
+
 extern "C" __global__ void attn_delta(float* delta, const act_t* d_out, const act_t* out,
                                       long long batch, int heads, int seq, int head_dim) {
-    CP_FOR_EACH(i, batch * heads * seq) {
-        long long b = i / ((long long)heads * seq);
-        int head = (int)((i / seq) % heads), t = (int)(i % seq);
-        long long base = (b * seq + t) * (long long)heads * head_dim + (long long)head * head_dim;
-        float acc = 0.0f;
-        for (int d = 0; d < head_dim; ++d) acc += cp_ld(d_out[base + d]) * cp_ld(out[base + d]);
-        delta[i] = acc;
+    bool vec = head_dim % CP_VEC == 0 && cp_aligned16(d_out) && cp_aligned16(out);
+    CP_FOR_EACH(i, batch * seq * heads) {
+        long long token = i / heads;
+        int head = (int)(i % heads), t = (int)(token % seq);
+        long long base = i * head_dim;  // token * heads * head_dim + head * head_dim
+        float acc = vec ? cp_head_dot<CP_VEC>(d_out + base, out + base, head_dim)
+                        : cp_head_dot<1>(d_out + base, out + base, head_dim);
+        delta[(token / seq * heads + head) * seq + t] = acc;
     }
 }
 

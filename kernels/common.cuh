@@ -59,12 +59,27 @@ __device__ float cp_block_max(float v, float* scratch) {
     return cp_warp_max(v);
 }
 
-// 16 bytes of activations (8 bf16 or 4 f32), and as many floats: the unit in which the
-// elementwise kernels move aligned buffers. One thread moving 2 bytes at a time cannot keep
-// enough bytes in flight to reach the memory's bandwidth; 16 can.
+// W activations, or W floats, moved as one access (aligned to their size, at most 16 bytes).
+template <int W>
+struct alignas(W * sizeof(act_t) < 16 ? W * sizeof(act_t) : 16) cp_act_run { act_t e[W]; };
+template <int W>
+struct alignas(W * 4 < 16 ? W * 4 : 16) cp_float_run { float e[W]; };
+
+template <int W>
+__device__ __forceinline__ cp_act_run<W> cp_ld_run(const act_t* p, long long c) {
+    return *(const cp_act_run<W>*)(p + c);
+}
+template <int W>
+__device__ __forceinline__ cp_float_run<W> cp_ld_floats(const float* p, long long c) {
+    return *(const cp_float_run<W>*)(p + c);
+}
+
+// 16 bytes of activations (8 bf16 or 4 f32), and as many floats: the unit in which the row
+// and elementwise kernels move aligned buffers. One thread moving 2 bytes at a time cannot
+// keep enough bytes in flight to reach the memory's bandwidth; 16 can.
 #define CP_VEC (16 / (int)sizeof(act_t))
-struct alignas(16) cp_acts { act_t e[CP_VEC]; };
-struct alignas(16) cp_floats { float e[CP_VEC]; };
+typedef cp_act_run<CP_VEC> cp_acts;
+typedef cp_float_run<CP_VEC> cp_floats;
 
 __device__ __forceinline__ bool cp_aligned16(const void* p) {
     return ((unsigned long long)p & 15u) == 0;

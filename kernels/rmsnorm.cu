@@ -7,21 +7,6 @@
 
 #define CP_RMS_ROWS 8
 
-// W activations, or W floats, moved as one access.
-template <int W>
-struct alignas(W * sizeof(act_t) < 16 ? W * sizeof(act_t) : 16) cp_act_run { act_t e[W]; };
-template <int W>
-struct alignas(W * 4 < 16 ? W * 4 : 16) cp_float_run { float e[W]; };
-
-template <int W>
-__device__ __forceinline__ cp_act_run<W> cp_ld_run(const act_t* p, long long c) {
-    return *(const cp_act_run<W>*)(p + c);
-}
-template <int W>
-__device__ __forceinline__ cp_float_run<W> cp_ld_floats(const float* p, int c) {
-    return *(const cp_float_run<W>*)(p + c);
-}
-
 // Whether rows of h activations at each pointer, and h floats at w, take the vector path.
 __device__ __forceinline__ bool cp_rms_vec(int h, const void* a, const void* b, const void* w) {
     return h % CP_VEC == 0 && cp_aligned16(a) && cp_aligned16(b) && cp_aligned16(w);

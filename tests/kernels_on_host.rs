@@ -6,8 +6,8 @@
 //!   launches them), with the shapes and tolerances of `selftest --gpu`'s flash checks: their
 //!   indexing, masking, online softmax and grouped heads.
 //! - The rope kernel, f32 and bf16 builds, at a thousand positions.
-//! - The elementwise kernels (residual sums, casts, SwiGLU) and RMSNorm's, f32 and bf16
-//!   builds, on their 16-byte vector paths, with ragged rows or tails, and unaligned.
+//! - The elementwise kernels (residual sums, casts, SwiGLU), RMSNorm's and `attn_delta`, f32
+//!   and bf16 builds, on their 16-byte vector paths, with ragged rows or tails, and unaligned.
 //! - The flash and RMSNorm kernels built with ThreadSanitizer: no data races between threads.
 //!
 //! The GPU runs of the same checks (`scripts/gpu-check`) check the hardware's side.
@@ -433,6 +433,43 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
                     format!("rmsnorm {name}, bf16={bf16_build} rows={rows} h={h} offset={offset}");
                 checks.check(&case, &ours, &reference, tolerance);
             }
+        }
+    }
+    checks.assert_all_passed();
+}
+
+/// `attn_delta` (each query row's dO . O, which the attention backward subtracts), f32 and bf16
+/// builds, against the same sums on the host: rows of head dimension 64 in 16-byte vectors,
+/// of 10 element by element, and unaligned buffers; 3 blocks stride over 2 x 37 tokens.
+#[test]
+fn attn_delta_run_on_the_host_matches_the_row_sums() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(37);
+    let mut checks = Checks::default();
+    for (bf16_build, binary) in both_builds(dir.path(), "attn_delta") {
+        for (head_dim, offset) in [(64, 0), (10, 0), (64, 1)] {
+            let (batch, heads, seq) = (2, 3, 37);
+            let n = batch * seq * heads * head_dim;
+            let mut random = || {
+                as_acts(
+                    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
+                    bf16_build,
+                )
+            };
+            let (d_out, out) = (random(), random());
+            let mut want = vec![0.0f32; batch * heads * seq];
+            for (row, (d, o)) in d_out.chunks(head_dim).zip(out.chunks(head_dim)).enumerate() {
+                let (token, head) = (row / heads, row % heads);
+                let (b, t) = (token / seq, token % seq);
+                let dot: f64 = d.iter().zip(o).map(|(x, y)| *x as f64 * *y as f64).sum();
+                want[(b * heads + head) * seq + t] = dot as f32;
+            }
+            let input = [act_bytes(&d_out, bf16_build), act_bytes(&out, bf16_build)].concat();
+            let args = [batch, heads, seq, head_dim, offset, 3];
+            let got = exchange(dir.path(), program(&binary, args), &input);
+            let got = acts_from_bytes(&got, false);
+            let case = format!("attn_delta bf16={bf16_build} head_dim={head_dim} offset={offset}");
+            checks.check(&case, &got, &want, 1e-5);
         }
     }
     checks.assert_all_passed();
