@@ -1,34 +1,83 @@
 // Cross-entropy over rows of logits (activations). One block per row; losses are float.
+//
+// A row's log-sum-exp takes one pass: each thread keeps a running maximum and the sum of
+// exp(x - max) over its elements, rescaling the sum when the maximum grows, and the block
+// merges those pairs. Rows are read in 16-byte vectors when the vocabulary and the buffer
+// allow.
+
+// The pair (max, sum) of two partial log-sum-exps merged; a pair with no elements has max
+// -inf and sum 0.
+__device__ __forceinline__ void cp_lse_merge(float& m, float& s, float m2, float s2) {
+    float mx = fmaxf(m, m2);
+    if (mx == -CP_INF) return;
+    s = s * expf(m - mx) + s2 * expf(m2 - mx);
+    m = mx;
+}
+
+__device__ __forceinline__ void cp_lse_add(float& m, float& s, float x) {
+    if (x > m) {
+        s = s * expf(m - x) + 1.0f;
+        m = x;
+    } else if (x != -CP_INF) {
+        s += expf(x - m);
+    }
+}
+
+template <int W>
+__device__ float cp_row_lse_by(const act_t* x, int vocab, float* scratch) {
+    float m = -CP_INF, s = 0.0f;
+    for (int j = threadIdx.x * W; j < vocab; j += blockDim.x * W) {
+        cp_act_run<W> v = cp_ld_run<W>(x, j);
+        for (int e = 0; e < W; ++e) cp_lse_add(m, s, cp_ld(v.e[e]));
+    }
+    for (int o = CP_WARP / 2; o > 0; o /= 2) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        cp_lse_merge(m, s, m2, s2);
+    }
+    // Warp results through shared memory: maxima in scratch[0..32), sums in scratch[32..64).
+    int lane = threadIdx.x % CP_WARP, warp = threadIdx.x / CP_WARP, warps = blockDim.x / CP_WARP;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = m, scratch[32 + warp] = s;
+    __syncthreads();
+    m = -CP_INF, s = 0.0f;
+    for (int w = 0; w < warps; ++w) cp_lse_merge(m, s, scratch[w], scratch[32 + w]);
+    return m + logf(s);
+}
 
 __device__ float cp_row_lse(const act_t* x, int vocab, float* scratch) {
-    float m = -CP_INF;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, cp_ld(x[j]));
-    m = cp_block_max(m, scratch);
-    float sum = 0.0f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(cp_ld(x[j]) - m);
-    sum = cp_block_sum(sum, scratch);
-    return m + logf(sum);
+    if (vocab % CP_VEC == 0 && cp_aligned16(x)) return cp_row_lse_by<CP_VEC>(x, vocab, scratch);
+    return cp_row_lse_by<1>(x, vocab, scratch);
 }
 
 // loss_rows[row] = lse(logits[row]) - logits[row][target].
 extern "C" __global__ void ce_forward(float* loss_rows, const act_t* logits, const int* targets,
                                       int vocab) {
-    __shared__ float scratch[32];
+    __shared__ float scratch[64];
     long long row = blockIdx.x;
     const act_t* x = logits + row * vocab;
     float l = cp_row_lse(x, vocab, scratch);
     if (threadIdx.x == 0) loss_rows[row] = l - cp_ld(x[targets[row]]);
 }
 
+template <int W>
+__device__ void cp_ce_grad_by(act_t* x, int vocab, int target, float l, float scale) {
+    for (int j = threadIdx.x * W; j < vocab; j += blockDim.x * W) {
+        cp_act_run<W> v = cp_ld_run<W>(x, j);
+        for (int e = 0; e < W; ++e)
+            v.e[e] = cp_st((expf(cp_ld(v.e[e]) - l) - (j + e == target ? 1.0f : 0.0f)) * scale);
+        *(cp_act_run<W>*)(x + j) = v;
+    }
+}
+
 // Logits -> scale * (softmax - one_hot(target)) in place.
 extern "C" __global__ void ce_backward(act_t* logits_to_grad, const int* targets, int vocab,
                                        float scale) {
-    __shared__ float scratch[32];
+    __shared__ float scratch[64];
     long long row = blockIdx.x;
     act_t* x = logits_to_grad + row * vocab;
     float l = cp_row_lse(x, vocab, scratch);
-    __syncthreads();
-    int target = targets[row];
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x)
-        x[j] = cp_st((expf(cp_ld(x[j]) - l) - (j == target ? 1.0f : 0.0f)) * scale);
+    if (vocab % CP_VEC == 0 && cp_aligned16(x))
+        cp_ce_grad_by<CP_VEC>(x, vocab, targets[row], l, scale);
+    else
+        cp_ce_grad_by<1>(x, vocab, targets[row], l, scale);
 }

@@ -6,8 +6,9 @@
 //!   launches them), with the shapes and tolerances of `selftest --gpu`'s flash checks: their
 //!   indexing, masking, online softmax and grouped heads.
 //! - The rope kernel, f32 and bf16 builds, at a thousand positions.
-//! - The elementwise kernels (residual sums, casts, SwiGLU), RMSNorm's and `attn_delta`, f32
-//!   and bf16 builds, on their 16-byte vector paths, with ragged rows or tails, and unaligned.
+//! - The elementwise kernels (residual sums, casts, SwiGLU), RMSNorm's, cross-entropy's and
+//!   `attn_delta`, f32 and bf16 builds, on their 16-byte vector paths, with ragged rows or
+//!   tails, and unaligned.
 //! - The flash and RMSNorm kernels built with ThreadSanitizer: no data races between threads.
 //!
 //! The GPU runs of the same checks (`scripts/gpu-check`) check the hardware's side.
@@ -470,6 +471,60 @@ fn attn_delta_run_on_the_host_matches_the_row_sums() {
             let got = acts_from_bytes(&got, false);
             let case = format!("attn_delta bf16={bf16_build} head_dim={head_dim} offset={offset}");
             checks.check(&case, &got, &want, 1e-5);
+        }
+    }
+    checks.assert_all_passed();
+}
+
+/// The cross-entropy kernels (one-pass log-sum-exp, then the gradient in place), f32 and bf16
+/// builds, against the same in f64 on the host: losses within the selftest's elementwise
+/// tolerance, gradients within it (f32) or bf16's rounding. Logits up to +-8 make the running
+/// maximum move; vocabularies of 1,000 go in 16-byte vectors, of 1,001 element by element, as
+/// do logits one element off a 16-byte boundary.
+#[test]
+fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    let mut checks = Checks::default();
+    for (bf16_build, binary) in both_builds(dir.path(), "cross_entropy") {
+        let grad_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
+        for (vocab, offset) in [(1000, 0), (1001, 0), (1000, 1)] {
+            let (rows, scale) = (5, 0.25f32);
+            let logits: Vec<f32> = (0..rows * vocab)
+                .map(|_| rng.gen_range(-8.0f32..8.0))
+                .collect();
+            let logits = as_acts(logits, bf16_build);
+            let targets: Vec<i32> = (0..rows).map(|r| ((r * 337 + 11) % vocab) as i32).collect();
+            let (mut loss, mut grad) = (Vec::new(), Vec::new());
+            for (row, &target) in logits.chunks(vocab).zip(&targets) {
+                let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+                let lse = max + sum.ln();
+                loss.push((lse - row[target as usize] as f64) as f32);
+                grad.extend(row.iter().enumerate().map(|(j, &x)| {
+                    let hot = if j == target as usize { 1.0 } else { 0.0 };
+                    (((x as f64 - lse).exp() - hot) * scale as f64) as f32
+                }));
+            }
+            let targets: Vec<u8> = targets.iter().flat_map(|t| t.to_le_bytes()).collect();
+            let input = [act_bytes(&logits, bf16_build), targets].concat();
+            let args = [
+                rows.to_string(),
+                vocab.to_string(),
+                offset.to_string(),
+                scale.to_string(),
+            ];
+            let got = exchange(dir.path(), program(&binary, args), &input);
+            let (got_loss, got_grad) = got.split_at(4 * rows);
+            let case = format!("bf16={bf16_build} vocab={vocab} offset={offset}");
+            checks.check(
+                &format!("ce loss {case}"),
+                &acts_from_bytes(got_loss, false),
+                &loss,
+                1e-5,
+            );
+            let got_grad = acts_from_bytes(got_grad, bf16_build);
+            checks.check(&format!("ce grad {case}"), &got_grad, &grad, grad_tolerance);
         }
     }
     checks.assert_all_passed();
