@@ -85,6 +85,43 @@ __device__ __forceinline__ bool cp_aligned16(const void* p) {
     return ((unsigned long long)p & 15u) == 0;
 }
 
+// Log-sum-exp in one pass: each thread keeps a running maximum m and the sum s of exp(x - m)
+// over its elements, rescaling the sum when the maximum grows; the block then merges the
+// pairs. A pair with no elements is (-inf, 0).
+
+// The pair (m2, s2) merged into (m, s).
+__device__ __forceinline__ void cp_lse_merge(float& m, float& s, float m2, float s2) {
+    float mx = fmaxf(m, m2);
+    if (mx == -CP_INF) return;
+    s = s * expf(m - mx) + s2 * expf(m2 - mx);
+    m = mx;
+}
+
+__device__ __forceinline__ void cp_lse_add(float& m, float& s, float x) {
+    if (x > m) {
+        s = s * expf(m - x) + 1.0f;
+        m = x;
+    } else if (x != -CP_INF) {
+        s += expf(x - m);
+    }
+}
+
+// log(sum of exp) over the block from each thread's pair (blockDim.x a multiple of 32, at
+// most 1024); every thread gets the result. `scratch` holds 64 floats of shared memory.
+__device__ float cp_block_lse(float m, float s, float* scratch) {
+    for (int o = CP_WARP / 2; o > 0; o /= 2) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        cp_lse_merge(m, s, m2, s2);
+    }
+    int lane = threadIdx.x % CP_WARP, warp = threadIdx.x / CP_WARP, warps = blockDim.x / CP_WARP;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = m, scratch[32 + warp] = s;
+    __syncthreads();
+    m = -CP_INF, s = 0.0f;
+    for (int w = 0; w < warps; ++w) cp_lse_merge(m, s, scratch[w], scratch[32 + w]);
+    return m + logf(s);
+}
+
 // Grid-stride loop over n elements.
 #define CP_FOR_EACH(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); \

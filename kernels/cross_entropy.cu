@@ -1,27 +1,6 @@
 // Cross-entropy over rows of logits (activations). One block per row; losses are float.
-//
-// A row's log-sum-exp takes one pass: each thread keeps a running maximum and the sum of
-// exp(x - max) over its elements, rescaling the sum when the maximum grows, and the block
-// merges those pairs. Rows are read in 16-byte vectors when the vocabulary and the buffer
-// allow.
-
-// The pair (max, sum) of two partial log-sum-exps merged; a pair with no elements has max
-// -inf and sum 0.
-__device__ __forceinline__ void cp_lse_merge(float& m, float& s, float m2, float s2) {
-    float mx = fmaxf(m, m2);
-    if (mx == -CP_INF) return;
-    s = s * expf(m - mx) + s2 * expf(m2 - mx);
-    m = mx;
-}
-
-__device__ __forceinline__ void cp_lse_add(float& m, float& s, float x) {
-    if (x > m) {
-        s = s * expf(m - x) + 1.0f;
-        m = x;
-    } else if (x != -CP_INF) {
-        s += expf(x - m);
-    }
-}
+// A row's log-sum-exp takes one pass (cp_lse_add, cp_block_lse); rows are read in 16-byte
+// vectors when the vocabulary and the buffer allow.
 
 template <int W>
 __device__ float cp_row_lse_by(const act_t* x, int vocab, float* scratch) {
@@ -30,18 +9,7 @@ __device__ float cp_row_lse_by(const act_t* x, int vocab, float* scratch) {
         cp_act_run<W> v = cp_ld_run<W>(x, j);
         for (int e = 0; e < W; ++e) cp_lse_add(m, s, cp_ld(v.e[e]));
     }
-    for (int o = CP_WARP / 2; o > 0; o /= 2) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        cp_lse_merge(m, s, m2, s2);
-    }
-    // Warp results through shared memory: maxima in scratch[0..32), sums in scratch[32..64).
-    int lane = threadIdx.x % CP_WARP, warp = threadIdx.x / CP_WARP, warps = blockDim.x / CP_WARP;
-    __syncthreads();
-    if (lane == 0) scratch[warp] = m, scratch[32 + warp] = s;
-    __syncthreads();
-    m = -CP_INF, s = 0.0f;
-    for (int w = 0; w < warps; ++w) cp_lse_merge(m, s, scratch[w], scratch[32 + w]);
-    return m + logf(s);
+    return cp_block_lse(m, s, scratch);
 }
 
 __device__ float cp_row_lse(const act_t* x, int vocab, float* scratch) {

@@ -7,8 +7,8 @@
 //!   indexing, masking, online softmax and grouped heads.
 //! - The rope kernel, f32 and bf16 builds, at a thousand positions.
 //! - The elementwise kernels (residual sums, casts, SwiGLU), RMSNorm's, cross-entropy's and
-//!   `attn_delta`, f32 and bf16 builds, on their 16-byte vector paths, with ragged rows or
-//!   tails, and unaligned.
+//!   the attention path's row kernels (softmax, probabilities, dS, delta), f32 and bf16
+//!   builds, on their 16-byte vector paths, with ragged rows or tails, and unaligned.
 //! - The flash and RMSNorm kernels built with ThreadSanitizer: no data races between threads.
 //!
 //! The GPU runs of the same checks (`scripts/gpu-check`) check the hardware's side.
@@ -302,7 +302,8 @@ fn rope_kernel_run_on_the_host_matches_the_cpu_rope() {
 /// against the CPU backend on the same (activation-typed) inputs: sums and casts to the bit
 /// (both round one f32 result the same way), SwiGLU within the selftest's elementwise tolerance
 /// (f32) or bf16's rounding. Lengths and offsets take each path: whole 16-byte vectors, vectors
-/// then a ragged tail, and unaligned buffers one element at a time; 3 blocks stride over them.
+/// then a ragged tail, and unaligned buffers one element at a time; one block strides over
+/// them several times.
 #[test]
 fn elementwise_kernels_run_on_the_host_match_the_cpu_backend() {
     let dir = tempfile::tempdir().unwrap();
@@ -441,7 +442,7 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
 
 /// `attn_delta` (each query row's dO . O, which the attention backward subtracts), f32 and bf16
 /// builds, against the same sums on the host: rows of head dimension 64 in 16-byte vectors,
-/// of 10 element by element, and unaligned buffers; 3 blocks stride over 2 x 37 tokens.
+/// of 10 element by element, and unaligned buffers; one block strides over 606 rows.
 #[test]
 fn attn_delta_run_on_the_host_matches_the_row_sums() {
     let dir = tempfile::tempdir().unwrap();
@@ -449,7 +450,7 @@ fn attn_delta_run_on_the_host_matches_the_row_sums() {
     let mut checks = Checks::default();
     for (bf16_build, binary) in both_builds(dir.path(), "attn_delta") {
         for (head_dim, offset) in [(64, 0), (10, 0), (64, 1)] {
-            let (batch, heads, seq) = (2, 3, 37);
+            let (batch, heads, seq) = (2, 3, 101);
             let n = batch * seq * heads * head_dim;
             let mut random = || {
                 as_acts(
@@ -466,7 +467,7 @@ fn attn_delta_run_on_the_host_matches_the_row_sums() {
                 want[(b * heads + head) * seq + t] = dot as f32;
             }
             let input = [act_bytes(&d_out, bf16_build), act_bytes(&out, bf16_build)].concat();
-            let args = [batch, heads, seq, head_dim, offset, 3];
+            let args = [batch, heads, seq, head_dim, offset, 1];
             let got = exchange(dir.path(), program(&binary, args), &input);
             let got = acts_from_bytes(&got, false);
             let case = format!("attn_delta bf16={bf16_build} head_dim={head_dim} offset={offset}");
@@ -479,8 +480,8 @@ fn attn_delta_run_on_the_host_matches_the_row_sums() {
 /// The cross-entropy kernels (one-pass log-sum-exp, then the gradient in place), f32 and bf16
 /// builds, against the same in f64 on the host: losses within the selftest's elementwise
 /// tolerance, gradients within it (f32) or bf16's rounding. Logits up to +-8 make the running
-/// maximum move; vocabularies of 1,000 go in 16-byte vectors, of 1,001 element by element, as
-/// do logits one element off a 16-byte boundary.
+/// maximum move; vocabularies of 5,000 go in 16-byte vectors (several strides of a 256-thread
+/// block), of 5,001 element by element, as do logits one element off a 16-byte boundary.
 #[test]
 fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
     let dir = tempfile::tempdir().unwrap();
@@ -488,7 +489,7 @@ fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
     let mut checks = Checks::default();
     for (bf16_build, binary) in both_builds(dir.path(), "cross_entropy") {
         let grad_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
-        for (vocab, offset) in [(1000, 0), (1001, 0), (1000, 1)] {
+        for (vocab, offset) in [(5000, 0), (5001, 0), (5000, 1)] {
             let (rows, scale) = (5, 0.25f32);
             let logits: Vec<f32> = (0..rows * vocab)
                 .map(|_| rng.gen_range(-8.0f32..8.0))
@@ -525,6 +526,113 @@ fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
             );
             let got_grad = acts_from_bytes(got_grad, bf16_build);
             checks.check(&format!("ce grad {case}"), &got_grad, &grad, grad_tolerance);
+        }
+    }
+    checks.assert_all_passed();
+}
+
+/// The cuBLAS attention path's row kernels, f32 and bf16 builds, against f64 on the host:
+/// `attn_softmax` (causal softmax in place and each row's log-sum-exp in one pass),
+/// `attn_probs` (the probabilities again from that log-sum-exp) and `attn_dscores` (on the
+/// softmax's own output). Sequences of 40 go in 16-byte vectors, of 37 element by element, as
+/// do buffers one element off a 16-byte boundary; sequences of 296 and 297 on 32-thread
+/// blocks take several strides of a row either way.
+#[test]
+fn attention_row_kernels_run_on_the_host_match_f64_softmax() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(43);
+    let mut checks = Checks::default();
+    for (bf16_build, binary) in both_builds(dir.path(), "attention_rows") {
+        let tolerance = if bf16_build { 4e-3 } else { 1e-5 };
+        // (heads, seq, offset, threads a block): the kernels are written for any multiple of 32
+        // threads (the GPU runs 256); fewer threads keep the host's thread count down and make
+        // the long rows take several strides.
+        let cases = [
+            (2, 40, 0, 64),
+            (2, 37, 0, 64),
+            (2, 40, 1, 64),
+            (1, 296, 0, 32),
+            (1, 297, 0, 32),
+        ];
+        for (heads, seq, offset, threads) in cases {
+            let scale = 0.125f32;
+            let n = heads * seq * seq;
+            let mut random = |range: f32| -> Vec<f32> {
+                let v = (0..n).map(|_| rng.gen_range(-range..range)).collect();
+                as_acts(v, bf16_build)
+            };
+            let (scores, grad) = (random(6.0), random(1.0));
+            let delta: Vec<f32> = (0..heads * seq)
+                .map(|_| rng.gen_range(-1.0f32..1.0))
+                .collect();
+            let (mut probs, mut lse) = (Vec::new(), Vec::new());
+            for (r, row) in scores.chunks(seq).enumerate() {
+                let t = r % seq;
+                let max = row[..=t]
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                let l = max
+                    + row[..=t]
+                        .iter()
+                        .map(|&x| (x as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                lse.push(l as f32);
+                probs.extend((0..seq).map(|j| {
+                    if j <= t {
+                        (row[j] as f64 - l).exp() as f32
+                    } else {
+                        0.0
+                    }
+                }));
+            }
+            let input = [
+                act_bytes(&scores, bf16_build),
+                act_bytes(&grad, bf16_build),
+                f32_bytes(&delta),
+            ]
+            .concat();
+            let args = [
+                heads.to_string(),
+                seq.to_string(),
+                offset.to_string(),
+                scale.to_string(),
+                threads.to_string(),
+            ];
+            let out = exchange(dir.path(), program(&binary, args), &input);
+            let act = if bf16_build { 2 } else { 4 };
+            let (got_probs, rest) = out.split_at(n * act);
+            let (got_lse, rest) = rest.split_at(4 * heads * seq);
+            let (got_again, got_ds) = rest.split_at(n * act);
+            let got_probs = acts_from_bytes(got_probs, bf16_build);
+            let ds: Vec<f32> = (got_probs.iter().zip(&grad).enumerate())
+                .map(|(i, (p, g))| p * (g - delta[i / seq]) * scale)
+                .collect();
+            let case = format!("bf16={bf16_build} seq={seq} offset={offset} threads={threads}");
+            checks.check(
+                &format!("attn_softmax probs {case}"),
+                &got_probs,
+                &probs,
+                tolerance,
+            );
+            checks.check(
+                &format!("attn_softmax lse {case}"),
+                &acts_from_bytes(got_lse, false),
+                &lse,
+                1e-5,
+            );
+            checks.check(
+                &format!("attn_probs {case}"),
+                &acts_from_bytes(got_again, bf16_build),
+                &probs,
+                tolerance,
+            );
+            checks.check(
+                &format!("attn_dscores {case}"),
+                &acts_from_bytes(got_ds, bf16_build),
+                &ds,
+                tolerance,
+            );
         }
     }
     checks.assert_all_passed();

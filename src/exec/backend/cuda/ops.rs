@@ -540,8 +540,8 @@ impl Gpu {
     pub(crate) fn launch_probs(&self, scores: DevPtr, lse: DevPtr, rows: usize, seq: usize) -> R {
         self.launch(
             "attn_probs",
-            elementwise(rows * seq),
-            &[Ptr(scores), Ptr(lse), len(rows), int(seq)],
+            per_row(rows),
+            &[Ptr(scores), Ptr(lse), int(seq)],
         )
     }
 
@@ -581,15 +581,8 @@ impl Gpu {
     ) -> R {
         self.launch(
             "attn_dscores",
-            elementwise(rows * seq),
-            &[
-                Ptr(d_scores),
-                Ptr(probs),
-                Ptr(delta),
-                len(rows),
-                int(seq),
-                F32(scale),
-            ],
+            per_row(rows),
+            &[Ptr(d_scores), Ptr(probs), Ptr(delta), int(seq), F32(scale)],
         )
     }
 
