@@ -35,6 +35,9 @@ pub struct SelftestArgs {
     /// Only the parity checks.
     #[arg(long)]
     pub skip_timing: bool,
+    /// Only the timings: for comparing kernels once a full run's checks have passed.
+    #[arg(long, conflicts_with = "skip_timing")]
+    pub skip_checks: bool,
     /// Only these precisions (comma-separated: f32, tf32, bf16), checks and timings alike;
     /// running each in its own process keeps one precision's failure from hiding the others'.
     #[arg(long, value_delimiter = ',', value_parser = parse_precision,
@@ -59,6 +62,7 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
         large_micro_batch: args.large_micro_batch,
         steps: args.steps,
         skip_timing: args.skip_timing,
+        skip_checks: args.skip_checks,
         precisions: args.precision.clone(),
         profile: args.profile,
     };

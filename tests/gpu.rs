@@ -23,6 +23,7 @@ fn options() -> SelftestOptions {
         large_micro_batch: 32,
         steps: 5,
         skip_timing: true,
+        skip_checks: false,
         precisions: Precision::EACH.to_vec(),
         profile: false,
     }

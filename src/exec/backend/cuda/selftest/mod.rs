@@ -108,6 +108,8 @@ pub struct SelftestOptions {
     pub large_micro_batch: usize,
     pub steps: usize,
     pub skip_timing: bool,
+    /// Only the timings (for comparing kernels once the checks have passed).
+    pub skip_checks: bool,
     /// The precisions to check and time (the timing table has rows for TF32 and bf16, and the
     /// 4-stage plan runs in TF32).
     pub precisions: Vec<Precision>,
@@ -146,6 +148,9 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
                 free >> 20,
                 total >> 20
             );
+        }
+        if opts.skip_checks {
+            continue;
         }
         let name = precision.name();
         if precision.activations() == DType::F32 {
