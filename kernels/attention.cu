@@ -7,10 +7,6 @@
 // elements at a time: W = CP_VEC (16-byte vectors) when seq is a multiple of it and the
 // buffers are 16-byte aligned, else 1. Row r of a sequence's scores is query t = r % seq.
 
-__device__ __forceinline__ bool cp_rows_vec(int seq, const void* a, const void* b) {
-    return seq % CP_VEC == 0 && cp_aligned16(a) && cp_aligned16(b);
-}
-
 // Scores of query t -> probabilities exp(s - l) up to t and zeros after it; l is the row's
 // log-sum-exp over keys up to t, computed here in one pass when `lse_out` is set.
 template <int W>
@@ -29,7 +25,7 @@ __device__ void cp_probs_row(act_t* s, int t, int seq, float l, float* lse_out, 
         cp_act_run<W> v = cp_ld_run<W>(s, j);
         for (int e = 0; e < W; ++e)
             v.e[e] = cp_st(j + e <= t ? expf(cp_ld(v.e[e]) - l) : 0.0f);
-        *(cp_act_run<W>*)(s + j) = v;
+        cp_st_run<W>(s, j, v);
     }
 }
 
@@ -39,7 +35,7 @@ extern "C" __global__ void attn_softmax(act_t* scores, float* lse, int seq) {
     long long row = blockIdx.x;
     act_t* s = scores + row * seq;
     int t = (int)(row % seq);
-    if (cp_rows_vec(seq, scores, scores))
+    if (cp_rows_vec(seq, scores))
         cp_probs_row<CP_VEC>(s, t, seq, 0.0f, lse + row, scratch);
     else
         cp_probs_row<1>(s, t, seq, 0.0f, lse + row, scratch);
@@ -50,7 +46,7 @@ extern "C" __global__ void attn_probs(act_t* scores, const float* lse, int seq) 
     long long row = blockIdx.x;
     act_t* s = scores + row * seq;
     int t = (int)(row % seq);
-    if (cp_rows_vec(seq, scores, scores))
+    if (cp_rows_vec(seq, scores))
         cp_probs_row<CP_VEC>(s, t, seq, lse[row], nullptr, nullptr);
     else
         cp_probs_row<1>(s, t, seq, lse[row], nullptr, nullptr);
@@ -72,7 +68,7 @@ __device__ __forceinline__ float cp_head_dot(const act_t* a, const act_t* b, int
 
 extern "C" __global__ void attn_delta(float* delta, const act_t* d_out, const act_t* out,
                                       long long batch, int heads, int seq, int head_dim) {
-    bool vec = head_dim % CP_VEC == 0 && cp_aligned16(d_out) && cp_aligned16(out);
+    bool vec = cp_rows_vec(head_dim, d_out, out);
     CP_FOR_EACH(i, batch * seq * heads) {
         long long token = i / heads;
         int head = (int)(i % heads), t = (int)(token % seq);
@@ -90,7 +86,7 @@ __device__ void cp_dscores_row(act_t* ds, const act_t* p, float delta, int seq, 
         cp_act_run<W> d = cp_ld_run<W>(ds, j), pv = cp_ld_run<W>(p, j);
         for (int e = 0; e < W; ++e)
             d.e[e] = cp_st(cp_ld(pv.e[e]) * (cp_ld(d.e[e]) - delta) * scale);
-        *(cp_act_run<W>*)(ds + j) = d;
+        cp_st_run<W>(ds, j, d);
     }
 }
 

@@ -30,35 +30,6 @@ __device__ __forceinline__ float cp_warp_sum(float v) {
     return v;
 }
 
-__device__ __forceinline__ float cp_warp_max(float v) {
-    for (int o = CP_WARP / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-// `scratch` holds 32 floats of shared memory.
-__device__ float cp_block_sum(float v, float* scratch) {
-    int lane = threadIdx.x % CP_WARP, warp = threadIdx.x / CP_WARP;
-    v = cp_warp_sum(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x / CP_WARP;
-    v = lane < warps ? scratch[lane] : 0.0f;
-    return cp_warp_sum(v);
-}
-
-__device__ float cp_block_max(float v, float* scratch) {
-    int lane = threadIdx.x % CP_WARP, warp = threadIdx.x / CP_WARP;
-    v = cp_warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x / CP_WARP;
-    v = lane < warps ? scratch[lane] : -CP_INF;
-    return cp_warp_max(v);
-}
-
 // W activations, or W floats, moved as one access (aligned to their size, at most 16 bytes).
 template <int W>
 struct alignas(W * sizeof(act_t) < 16 ? W * sizeof(act_t) : 16) cp_act_run { act_t e[W]; };
@@ -73,6 +44,10 @@ template <int W>
 __device__ __forceinline__ cp_float_run<W> cp_ld_floats(const float* p, long long c) {
     return *(const cp_float_run<W>*)(p + c);
 }
+template <int W>
+__device__ __forceinline__ void cp_st_run(act_t* p, long long c, cp_act_run<W> v) {
+    *(cp_act_run<W>*)(p + c) = v;
+}
 
 // 16 bytes of activations (8 bf16 or 4 f32), and as many floats: the unit in which the row
 // and elementwise kernels move aligned buffers. One thread moving 2 bytes at a time cannot
@@ -83,6 +58,13 @@ typedef cp_float_run<CP_VEC> cp_floats;
 
 __device__ __forceinline__ bool cp_aligned16(const void* p) {
     return ((unsigned long long)p & 15u) == 0;
+}
+
+// Whether rows of `len` elements starting at these buffers can be moved in 16-byte vectors:
+// len a multiple of CP_VEC and every buffer 16-byte aligned (unused arguments stay null).
+__device__ __forceinline__ bool cp_rows_vec(long long len, const void* a,
+                                            const void* b = nullptr, const void* c = nullptr) {
+    return len % CP_VEC == 0 && cp_aligned16(a) && cp_aligned16(b) && cp_aligned16(c);
 }
 
 // Log-sum-exp in one pass: each thread keeps a running maximum m and the sum s of exp(x - m)

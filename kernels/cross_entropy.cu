@@ -13,7 +13,7 @@ __device__ float cp_row_lse_by(const act_t* x, int vocab, float* scratch) {
 }
 
 __device__ float cp_row_lse(const act_t* x, int vocab, float* scratch) {
-    if (vocab % CP_VEC == 0 && cp_aligned16(x)) return cp_row_lse_by<CP_VEC>(x, vocab, scratch);
+    if (cp_rows_vec(vocab, x)) return cp_row_lse_by<CP_VEC>(x, vocab, scratch);
     return cp_row_lse_by<1>(x, vocab, scratch);
 }
 
@@ -33,7 +33,7 @@ __device__ void cp_ce_grad_by(act_t* x, int vocab, int target, float l, float sc
         cp_act_run<W> v = cp_ld_run<W>(x, j);
         for (int e = 0; e < W; ++e)
             v.e[e] = cp_st((expf(cp_ld(v.e[e]) - l) - (j + e == target ? 1.0f : 0.0f)) * scale);
-        *(cp_act_run<W>*)(x + j) = v;
+        cp_st_run<W>(x, j, v);
     }
 }
 
@@ -44,7 +44,7 @@ extern "C" __global__ void ce_backward(act_t* logits_to_grad, const int* targets
     long long row = blockIdx.x;
     act_t* x = logits_to_grad + row * vocab;
     float l = cp_row_lse(x, vocab, scratch);
-    if (vocab % CP_VEC == 0 && cp_aligned16(x))
+    if (cp_rows_vec(vocab, x))
         cp_ce_grad_by<CP_VEC>(x, vocab, targets[row], l, scale);
     else
         cp_ce_grad_by<1>(x, vocab, targets[row], l, scale);

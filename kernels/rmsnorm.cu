@@ -7,11 +7,6 @@
 
 #define CP_RMS_ROWS 8
 
-// Whether rows of h activations at each pointer, and h floats at w, take the vector path.
-__device__ __forceinline__ bool cp_rms_vec(int h, const void* a, const void* b, const void* w) {
-    return h % CP_VEC == 0 && cp_aligned16(a) && cp_aligned16(b) && cp_aligned16(w);
-}
-
 // This thread's row (one warp a row), or -1 past the last.
 __device__ __forceinline__ long long cp_rms_row(int rows) {
     long long row = (long long)blockIdx.x * CP_RMS_ROWS + threadIdx.x / CP_WARP;
@@ -40,7 +35,7 @@ __device__ void cp_rms_row_forward(act_t* out, float* rstd, const act_t* x, cons
         cp_act_run<W> v = cp_ld_run<W>(x, c), o;
         cp_float_run<W> wv = cp_ld_floats<W>(w, c);
         for (int j = 0; j < W; ++j) o.e[j] = cp_st(wv.e[j] * (cp_ld(v.e[j]) * r));
-        *(cp_act_run<W>*)(out + c) = o;
+        cp_st_run<W>(out, c, o);
     }
 }
 
@@ -51,7 +46,7 @@ __device__ __forceinline__ void cp_rms_forward(act_t* out, float* rstd, const ac
     if (row < 0) return;
     act_t* o = out + row * h;
     const act_t* xr = x + row * h;
-    if (cp_rms_vec(h, out, x, w))
+    if (cp_rows_vec(h, out, x, w))
         cp_rms_row_forward<CP_VEC>(o, rstd + row, xr, w, h, eps, forward);
     else
         cp_rms_row_forward<1>(o, rstd + row, xr, w, h, eps, forward);
@@ -92,7 +87,7 @@ __device__ void cp_rms_backward_weight(float* dw, const act_t* dy, const act_t* 
 extern "C" __global__ void rmsnorm_backward_weight(float* dw, const act_t* dy, const act_t* x,
                                                    const float* rstd, int rows, int h,
                                                    int rows_per_block) {
-    if (h % CP_VEC == 0 && cp_aligned16(dy) && cp_aligned16(x))
+    if (cp_rows_vec(h, dy, x))
         cp_rms_backward_weight<CP_VEC>(dw, dy, x, rstd, rows, h, rows_per_block);
     else
         cp_rms_backward_weight<1>(dw, dy, x, rstd, rows, h, rows_per_block);
@@ -114,7 +109,7 @@ __device__ void cp_rms_row_backward(act_t* d, const act_t* x, const float* w, fl
         cp_float_run<W> wv = cp_ld_floats<W>(w, c);
         for (int j = 0; j < W; ++j)
             dv.e[j] = cp_st(r * (cp_ld(dv.e[j]) * wv.e[j]) - k * cp_ld(xv.e[j]));
-        *(cp_act_run<W>*)(d + c) = dv;
+        cp_st_run<W>(d, c, dv);
     }
 }
 
@@ -124,7 +119,7 @@ extern "C" __global__ void rmsnorm_backward_input(act_t* dy_dx, const act_t* x, 
     if (row < 0) return;
     act_t* d = dy_dx + row * h;
     const act_t* xr = x + row * h;
-    if (cp_rms_vec(h, dy_dx, x, w))
+    if (cp_rows_vec(h, dy_dx, x, w))
         cp_rms_row_backward<CP_VEC>(d, xr, w, rstd[row], h);
     else
         cp_rms_row_backward<1>(d, xr, w, rstd[row], h);

@@ -41,7 +41,8 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
 ];
 
 /// The flash-attention kernels, compiled after [`KERNEL_SOURCES`] and built only with bf16
-/// activations: per head dimension, the forward and the backward kernel.
+/// activations: per head dimension and [`FlashLoads`] variant, a forward and a backward kernel
+/// ([`FLASH_KERNELS`]).
 pub const FLASH_SOURCE: &str = include_str!("../../../../kernels/flash_attention.cu");
 
 /// How the flash kernels load tensor-core fragments from shared memory. Both variants compute
