@@ -243,6 +243,11 @@ fn acts_from_bytes(bytes: &[u8], bf16_build: bool) -> Vec<f32> {
     }
 }
 
+/// `n` values uniform in `-range..range`.
+fn uniform(rng: &mut ChaCha8Rng, n: usize, range: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-range..range)).collect()
+}
+
 /// `values` as the activation type holds them.
 fn as_acts(mut values: Vec<f32>, bf16_build: bool) -> Vec<f32> {
     if bf16_build {
@@ -274,12 +279,7 @@ fn rope_kernel_run_on_the_host_matches_the_cpu_rope() {
         ] {
             for inverse in [false, true] {
                 let rows = 2 * seq;
-                let mut x: Vec<f32> = (0..rows * width)
-                    .map(|_| rng.gen_range(-1.0..1.0))
-                    .collect();
-                if bf16_build {
-                    x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
-                }
+                let x = as_acts(uniform(&mut rng, rows * width, 1.0), bf16_build);
                 let mut input = f32_bytes(&inv_freq(head_dim, 10000.0));
                 input.extend(act_bytes(&x, bf16_build));
                 let dims = [rows, width, seq, head_dim, inverse as usize, 3];
@@ -313,21 +313,10 @@ fn elementwise_kernels_run_on_the_host_match_the_cpu_backend() {
     for (bf16_build, binary) in both_builds(dir.path(), "elementwise") {
         let swiglu_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
         for (n, offset) in [(4096, 0), (4099, 0), (4099, 1)] {
-            let mut random = |scale: f32| -> Vec<f32> {
-                (0..n)
-                    .map(|_| scale * rng.gen_range(-1.0f32..1.0))
-                    .collect()
-            };
-            let (a, b, x) = (
-                as_acts(random(1.0), bf16_build),
-                as_acts(random(1.0), bf16_build),
-                random(1.0),
-            );
-            let (gate, up, d_act) = (
-                as_acts(random(4.0), bf16_build),
-                as_acts(random(1.0), bf16_build),
-                as_acts(random(1.0), bf16_build),
-            );
+            let mut acts = |range: f32| as_acts(uniform(&mut rng, n, range), bf16_build);
+            let (a, b) = (acts(1.0), acts(1.0));
+            let (gate, up, d_act) = (acts(4.0), acts(1.0), acts(1.0));
+            let x = uniform(&mut rng, n, 1.0);
             let sum: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
             let mut act = vec![0.0; n];
             cpu.swiglu_forward(&mut act, &gate, &up);
@@ -395,8 +384,7 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
     for (bf16_build, binary) in both_builds(dir.path(), "rmsnorm") {
         let act_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
         for (rows, h, offset) in [(37, 768, 0), (37, 203, 0), (37, 768, 1)] {
-            let mut random =
-                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
+            let mut random = |n: usize| uniform(&mut rng, n, 1.0);
             let (x, w, dy, dw0) = (random(rows * h), random(h), random(rows * h), random(h));
             let (x, dy) = (as_acts(x, bf16_build), as_acts(dy, bf16_build));
             let input = [
@@ -452,12 +440,7 @@ fn attn_delta_run_on_the_host_matches_the_row_sums() {
         for (head_dim, offset) in [(64, 0), (10, 0), (64, 1)] {
             let (batch, heads, seq) = (2, 3, 101);
             let n = batch * seq * heads * head_dim;
-            let mut random = || {
-                as_acts(
-                    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
-                    bf16_build,
-                )
-            };
+            let mut random = || as_acts(uniform(&mut rng, n, 1.0), bf16_build);
             let (d_out, out) = (random(), random());
             let mut want = vec![0.0f32; batch * heads * seq];
             for (row, (d, o)) in d_out.chunks(head_dim).zip(out.chunks(head_dim)).enumerate() {
@@ -491,10 +474,7 @@ fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
         let grad_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
         for (vocab, offset) in [(5000, 0), (5001, 0), (5000, 1)] {
             let (rows, scale) = (5, 0.25f32);
-            let logits: Vec<f32> = (0..rows * vocab)
-                .map(|_| rng.gen_range(-8.0f32..8.0))
-                .collect();
-            let logits = as_acts(logits, bf16_build);
+            let logits = as_acts(uniform(&mut rng, rows * vocab, 8.0), bf16_build);
             let targets: Vec<i32> = (0..rows).map(|r| ((r * 337 + 11) % vocab) as i32).collect();
             let (mut loss, mut grad) = (Vec::new(), Vec::new());
             for (row, &target) in logits.chunks(vocab).zip(&targets) {
@@ -557,14 +537,9 @@ fn attention_row_kernels_run_on_the_host_match_f64_softmax() {
         for (heads, seq, offset, threads) in cases {
             let scale = 0.125f32;
             let n = heads * seq * seq;
-            let mut random = |range: f32| -> Vec<f32> {
-                let v = (0..n).map(|_| rng.gen_range(-range..range)).collect();
-                as_acts(v, bf16_build)
-            };
-            let (scores, grad) = (random(6.0), random(1.0));
-            let delta: Vec<f32> = (0..heads * seq)
-                .map(|_| rng.gen_range(-1.0f32..1.0))
-                .collect();
+            let mut acts = |range: f32| as_acts(uniform(&mut rng, n, range), bf16_build);
+            let (scores, grad) = (acts(6.0), acts(1.0));
+            let delta = uniform(&mut rng, heads * seq, 1.0);
             let (mut probs, mut lse) = (Vec::new(), Vec::new());
             for (r, row) in scores.chunks(seq).enumerate() {
                 let t = r % seq;
@@ -683,9 +658,7 @@ fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
         &[&sanitize[..], &["-DCP_ACT_BF16"]].concat(),
     );
     let (rows, h) = (37, 768);
-    let values: Vec<f32> = (0..2 * rows * h + 2 * h)
-        .map(|_| rng.gen_range(-1.0f32..1.0))
-        .collect();
+    let values = uniform(&mut rng, 2 * rows * h + 2 * h, 1.0);
     let (x, rest) = values.split_at(rows * h);
     let (w, rest) = rest.split_at(h);
     let (dy, dw) = rest.split_at(rows * h);
