@@ -66,22 +66,33 @@ pub const FLASH_OUTPUTS: [(&str, f64); 6] = [
 ];
 
 /// Both variants of the flash kernels ([`FlashLoads`]) against the CPU attention on every
-/// shape of [`flash_check_shapes`]; leaves `gpu` with the loads it had.
+/// shape of [`flash_check_shapes`].
 pub fn flash_checks(gpu: &mut Gpu) -> Result<Vec<Check>> {
     let pool = Pool::new("flash-check", usize::MAX);
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut checks = Vec::new();
-    let before = gpu.flash_loads;
     for sh in flash_check_shapes() {
         let inputs = flash_inputs(&mut rng, &sh);
-        for loads in FlashLoads::EACH {
-            gpu.flash_loads = loads;
-            let result = check_shape(gpu, &pool, &inputs, sh);
-            gpu.flash_loads = before;
-            checks.extend(result?);
-        }
+        let each = with_each_flash_loads(gpu, |gpu| check_shape(gpu, &pool, &inputs, sh))?;
+        checks.extend(each.into_iter().flatten());
     }
     Ok(checks)
+}
+
+/// `run` on `gpu` with each variant of the flash kernels in turn ([`FlashLoads::EACH`] order);
+/// leaves `gpu` with the loads it had, whatever `run` returns.
+fn with_each_flash_loads<T>(
+    gpu: &mut Gpu,
+    mut run: impl FnMut(&Gpu) -> Result<T>,
+) -> Result<Vec<T>> {
+    let before = gpu.flash_loads;
+    let mut results = Vec::new();
+    for loads in FlashLoads::EACH {
+        gpu.flash_loads = loads;
+        results.push(run(gpu));
+    }
+    gpu.flash_loads = before;
+    results.into_iter().collect()
 }
 
 fn check_shape(
@@ -195,12 +206,6 @@ pub fn time_attention(gpu: &mut Gpu, sh: AttnShape, reps: usize) -> Result<(f64,
         acc.fill_zero(gpu)?;
         gpu.flash_attention_backward(grads, d_out.ptr(), kept, acc.ptr(), sh)
     };
-    let before = gpu.flash_loads;
-    let mut flash = Vec::new();
-    for loads in FlashLoads::EACH {
-        gpu.flash_loads = loads;
-        flash.push(time(gpu, &mut dq_acc, &flash_step));
-    }
-    gpu.flash_loads = before;
-    Ok((cublas, flash.into_iter().collect::<Result<_>>()?))
+    let flash = with_each_flash_loads(gpu, |gpu| time(gpu, &mut dq_acc, &flash_step))?;
+    Ok((cublas, flash))
 }
