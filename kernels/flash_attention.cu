@@ -318,7 +318,8 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
             for (int n = 0; n < FA_STEP / 8; ++n)
                 for (int i = 0; i < 4; ++i) {
                     int col = n * 8 + pair + (i & 1);
-                    p[n][i] = q0 + col >= keys[i >> 1] ? __expf(p[n][i] * scale - lse_s[col]) : 0.0f;
+                    bool seen = q0 + col >= keys[i >> 1];
+                    p[n][i] = seen ? __expf(p[n][i] * scale - lse_s[col]) : 0.0f;
                 }
             fa_tile_times_rows<D, LDSM>(dv_acc, p, dos);
             // dS^T = P^T (dP^T - delta) scale, with dP^T = V dO^T.

@@ -33,9 +33,7 @@ int main(int argc, char** argv) {
     cp_buffer<act_t> softmax(n, offset), again(n, offset), grad(n, offset);
     cp_buffer<float> delta(rows, 0), lse(rows, 0);
     std::ifstream in(argv[6], std::ios::binary);
-    in.read(reinterpret_cast<char*>(softmax.data), n * sizeof(act_t));
-    in.read(reinterpret_cast<char*>(grad.data), n * sizeof(act_t));
-    in.read(reinterpret_cast<char*>(delta.data), rows * sizeof(float));
+    cp_read(in, softmax.data, n), cp_read(in, grad.data, n), cp_read(in, delta.data, rows);
     if (!in) {
         std::fprintf(stderr, "%s: shorter than the shape needs\n", argv[6]);
         return 1;
@@ -47,9 +45,7 @@ int main(int argc, char** argv) {
     cp_launch(grid, threads,
               [&] { attn_dscores(grad.data, softmax.data, delta.data, seq, scale); });
     std::ofstream o(argv[7], std::ios::binary);
-    o.write(reinterpret_cast<const char*>(softmax.data), n * sizeof(act_t));
-    o.write(reinterpret_cast<const char*>(lse.data), rows * sizeof(float));
-    o.write(reinterpret_cast<const char*>(again.data), n * sizeof(act_t));
-    o.write(reinterpret_cast<const char*>(grad.data), n * sizeof(act_t));
+    cp_write(o, softmax.data, n), cp_write(o, lse.data, rows);
+    cp_write(o, again.data, n), cp_write(o, grad.data, n);
     return o ? 0 : 1;
 }

@@ -29,8 +29,7 @@ int main(int argc, char** argv) {
     cp_buffer<act_t> d_out(n, offset), out(n, offset);
     cp_buffer<float> delta(rows, 0);
     std::ifstream in(argv[7], std::ios::binary);
-    in.read(reinterpret_cast<char*>(d_out.data), n * sizeof(act_t));
-    in.read(reinterpret_cast<char*>(out.data), n * sizeof(act_t));
+    cp_read(in, d_out.data, n), cp_read(in, out.data, n);
     if (!in) {
         std::fprintf(stderr, "%s: shorter than the shape needs\n", argv[7]);
         return 1;
@@ -38,6 +37,6 @@ int main(int argc, char** argv) {
     cp_launch({blocks, 1, 1}, 256,
               [&] { attn_delta(delta.data, d_out.data, out.data, batch, heads, seq, head_dim); });
     std::ofstream o(argv[8], std::ios::binary);
-    o.write(reinterpret_cast<const char*>(delta.data), rows * sizeof(float));
+    cp_write(o, delta.data, rows);
     return o ? 0 : 1;
 }

@@ -28,8 +28,7 @@ int main(int argc, char** argv) {
     cp_buffer<int> targets(rows, 0);
     cp_buffer<float> loss(rows, 0);
     std::ifstream in(argv[5], std::ios::binary);
-    in.read(reinterpret_cast<char*>(logits.data), n * sizeof(act_t));
-    in.read(reinterpret_cast<char*>(targets.data), rows * sizeof(int));
+    cp_read(in, logits.data, n), cp_read(in, targets.data, rows);
     if (!in) {
         std::fprintf(stderr, "%s: shorter than the shape needs\n", argv[5]);
         return 1;
@@ -39,7 +38,6 @@ int main(int argc, char** argv) {
     cp_launch({(unsigned)rows, 1, 1}, 256,
               [&] { ce_backward(logits.data, targets.data, vocab, scale); });
     std::ofstream o(argv[6], std::ios::binary);
-    o.write(reinterpret_cast<const char*>(loss.data), rows * sizeof(float));
-    o.write(reinterpret_cast<const char*>(logits.data), n * sizeof(act_t));
+    cp_write(o, loss.data, rows), cp_write(o, logits.data, n);
     return o ? 0 : 1;
 }

@@ -30,12 +30,8 @@ int main(int argc, char** argv) {
     unsigned blocks = (unsigned)std::atoi(argv[4]);
     std::ifstream in(argv[5], std::ios::binary);
     std::ofstream out(argv[6], std::ios::binary);
-    auto read = [&](auto& b) {
-        in.read(reinterpret_cast<char*>(b.data), n * sizeof(*b.data));
-    };
-    auto write = [&](const auto& b) {
-        out.write(reinterpret_cast<const char*>(b.data), n * sizeof(*b.data));
-    };
+    auto read = [&](auto& b) { cp_read(in, b.data, n); };
+    auto write = [&](const auto& b) { cp_write(out, b.data, n); };
     cp_buffer<act_t> a(n, offset), b(n, offset), c(n, offset), d(n, offset);
     cp_buffer<float> x(n, offset);
     auto launch = [&](auto kernel) { cp_launch({blocks, 1, 1}, 256, kernel); };

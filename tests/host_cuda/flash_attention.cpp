@@ -20,17 +20,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <iterator>
-
-template <typename T>
-static void read_into(std::ifstream& in, std::vector<T>& v) {
-    in.read(reinterpret_cast<char*>(v.data()), v.size() * sizeof(T));
-}
-
-template <typename T>
-static void write_from(std::ofstream& out, const std::vector<T>& v) {
-    out.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
-}
 
 template <int D, bool LDSM>
 static int run(int batch, int seq, int heads, int kv_heads, const char* input, const char* output) {
@@ -38,7 +27,7 @@ static int run(int batch, int seq, int heads, int kv_heads, const char* input, c
     long long rows = (long long)batch * heads * seq;
     std::vector<act_t> q(n * w), k(n * kvw), v(n * kvw), d_out(n * w);
     std::ifstream in(input, std::ios::binary);
-    for (auto* t : {&q, &k, &v, &d_out}) read_into(in, *t);
+    for (auto* t : {&q, &k, &v, &d_out}) cp_read(in, t->data(), (long long)t->size());
     if (!in) {
         std::fprintf(stderr, "%s: shorter than the shape needs\n", input);
         return 1;
@@ -60,9 +49,8 @@ static int run(int batch, int seq, int heads, int kv_heads, const char* input, c
     });
     cp_launch({4, 1, 1}, 128, [&] { cast_to_act(dq.data(), dq_acc.data(), n * w); });
     std::ofstream o(output, std::ios::binary);
-    for (auto* t : {&out, &dq, &dk, &dv}) write_from(o, *t);
-    write_from(o, lse);
-    write_from(o, delta);
+    for (auto* t : {&out, &dq, &dk, &dv}) cp_write(o, t->data(), (long long)t->size());
+    cp_write(o, lse.data(), rows), cp_write(o, delta.data(), rows);
     return o ? 0 : 1;
 }
 

@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <istream>
+#include <ostream>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -52,7 +54,9 @@ inline thread_local unsigned cp_exchanges = 0;
 inline void __syncthreads() { cp_block_barrier->arrive_and_wait(); }
 inline int cp_lane() { return threadIdx.x & 31; }
 inline int cp_warp_index() { return threadIdx.x >> 5; }
-inline cp_warp_slots& cp_next_slots() { return cp_slots[2 * cp_warp_index() + (cp_exchanges++ & 1)]; }
+inline cp_warp_slots& cp_next_slots() {
+    return cp_slots[2 * cp_warp_index() + (cp_exchanges++ & 1)];
+}
 inline void cp_warp_barrier() { cp_warp_barriers[cp_warp_index()]->arrive_and_wait(); }
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
@@ -86,7 +90,9 @@ inline void cp_host_mma(float* d, const unsigned* a, const unsigned* b) {
     cp_warp_barrier();
     // Element k of a row or column: lane 4 x + (k % 8) / 2 holds it, in half k % 2 of a
     // register chosen by k / 8 (and for a, the row's half).
-    auto half = [](unsigned reg, int k) { return cp_bf16_bits((unsigned short)(reg >> (16 * (k & 1)))); };
+    auto half = [](unsigned reg, int k) {
+        return cp_bf16_bits((unsigned short)(reg >> (16 * (k & 1))));
+    };
     int g = lane >> 2, t = lane & 3;
     for (int i = 0; i < 4; ++i) {
         int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
@@ -119,6 +125,17 @@ inline void cp_host_ldmatrix(unsigned* r, const unsigned short* row, bool trans)
     }
 }
 
+// n elements of T from or to a binary stream, as the runners' input and output files hold
+// them (little-endian, packed).
+template <typename T>
+void cp_read(std::istream& in, T* data, long long n) {
+    in.read(reinterpret_cast<char*>(data), n * (long long)sizeof(T));
+}
+template <typename T>
+void cp_write(std::ostream& out, const T* data, long long n) {
+    out.write(reinterpret_cast<const char*>(data), n * (long long)sizeof(T));
+}
+
 // n elements of T starting `offset` elements past a 16-byte boundary (an offset of 1 makes
 // the kernels take their unaligned paths).
 template <typename T>
@@ -138,7 +155,8 @@ inline void cp_launch(cp_dim3 grid, unsigned threads, const std::function<void()
     unsigned warps = threads / 32;
     cp_slots.assign(2 * warps, {});
     cp_warp_barriers.clear();
-    for (unsigned w = 0; w < warps; ++w) cp_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    for (unsigned w = 0; w < warps; ++w)
+        cp_warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {

@@ -27,10 +27,8 @@ int main(int argc, char** argv) {
     cp_buffer<act_t> x(n, offset), dy(n, offset), out(n, offset), applied(n, offset);
     cp_buffer<float> w(h, offset), dw(h, offset), rstd(rows, offset);
     std::ifstream in(argv[4], std::ios::binary);
-    auto read = [&](auto& b, long long len) {
-        in.read(reinterpret_cast<char*>(b.data), len * sizeof(*b.data));
-    };
-    read(x, n), read(w, h), read(dy, n), read(dw, h);
+    cp_read(in, x.data, n), cp_read(in, w.data, h);
+    cp_read(in, dy.data, n), cp_read(in, dw.data, h);
     if (!in) {
         std::fprintf(stderr, "%s: shorter than the shape needs\n", argv[4]);
         return 1;
@@ -41,17 +39,14 @@ int main(int argc, char** argv) {
     cp_launch({row_blocks, 1, 1}, 256,
               [&] { rmsnorm_apply(applied.data, rstd.data, x.data, w.data, rows, h); });
     const int rows_per_block = 16;
-    cp_launch({(unsigned)((h + 255) / 256), (unsigned)((rows + rows_per_block - 1) / rows_per_block), 1},
-              256, [&] {
-                  rmsnorm_backward_weight(dw.data, dy.data, x.data, rstd.data, rows, h,
-                                          rows_per_block);
-              });
+    unsigned row_groups = (unsigned)((rows + rows_per_block - 1) / rows_per_block);
+    cp_launch({(unsigned)((h + 255) / 256), row_groups, 1}, 256, [&] {
+        rmsnorm_backward_weight(dw.data, dy.data, x.data, rstd.data, rows, h, rows_per_block);
+    });
     cp_launch({row_blocks, 1, 1}, 256,
               [&] { rmsnorm_backward_input(dy.data, x.data, w.data, rstd.data, rows, h); });
     std::ofstream o(argv[5], std::ios::binary);
-    auto write = [&](const auto& b, long long len) {
-        o.write(reinterpret_cast<const char*>(b.data), len * sizeof(*b.data));
-    };
-    write(out, n), write(rstd, rows), write(applied, n), write(dy, n), write(dw, h);
+    cp_write(o, out.data, n), cp_write(o, rstd.data, rows), cp_write(o, applied.data, n);
+    cp_write(o, dy.data, n), cp_write(o, dw.data, h);
     return o ? 0 : 1;
 }

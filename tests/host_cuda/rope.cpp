@@ -32,8 +32,7 @@ int main(int argc, char** argv) {
     cp_rope_freqs freqs = {};
     std::vector<act_t> x((size_t)rows * width);
     std::ifstream in(argv[7], std::ios::binary);
-    in.read(reinterpret_cast<char*>(freqs.f), half * sizeof(float));
-    in.read(reinterpret_cast<char*>(x.data()), x.size() * sizeof(act_t));
+    cp_read(in, freqs.f, half), cp_read(in, x.data(), (long long)x.size());
     if (!in) {
         std::fprintf(stderr, "%s: shorter than the shape needs\n", argv[7]);
         return 1;
@@ -42,6 +41,6 @@ int main(int argc, char** argv) {
     cp_launch({blocks, 1, 1}, threads,
               [&] { rope(x.data(), rows, width, seq, head_dim, freqs, inverse); });
     std::ofstream out(argv[8], std::ios::binary);
-    out.write(reinterpret_cast<const char*>(x.data()), x.size() * sizeof(act_t));
+    cp_write(out, x.data(), (long long)x.size());
     return out ? 0 : 1;
 }
