@@ -1,10 +1,10 @@
 // Runs chronospipe's CUDA kernels on the host, for checking them without a GPU: blocks run one
 // after another, each block's threads as std::threads; __syncthreads is a barrier of the block,
-// warp shuffles, the tensor-core product and ldmatrix (cp_host_mma and cp_host_ldmatrix, which
-// kernels/flash_attention.cu calls in place of its mma.sync and ldmatrix when
-// CP_HOST_EMULATION is defined) exchange values between a
-// warp's 32 threads through shared slots and a barrier of the warp. With one block at a time,
-// __shared__ arrays can be function statics. Slow (a thread per CUDA thread): for small shapes.
+// and warp shuffles, the tensor-core product and ldmatrix (cp_host_mma and cp_host_ldmatrix,
+// which kernels/flash_attention.cu calls in place of its mma.sync and ldmatrix when
+// CP_HOST_EMULATION is defined) exchange values between a warp's 32 threads through shared
+// slots and a barrier of the warp. With one block at a time, __shared__ arrays can be function
+// statics. Slow (a thread per CUDA thread): for small shapes.
 // Activations are f32 unless the including file defines CP_ACT_BF16 first.
 #pragma once
 #include <algorithm>
@@ -17,8 +17,8 @@
 #include <cstring>
 #include <functional>
 #include <istream>
-#include <ostream>
 #include <memory>
+#include <ostream>
 #include <thread>
 #include <vector>
 
