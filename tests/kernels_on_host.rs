@@ -137,24 +137,19 @@ fn bf16_bytes(values: &[f32]) -> Vec<u8> {
         .collect()
 }
 
-/// Splits the program's output into `counts` tensors: bf16 for the first four, then f32.
-fn parse_output(bytes: &[u8], counts: [usize; 6]) -> Vec<Vec<f32>> {
+/// A runner's output as f32 values: `parts` in order, each (elements, whether they are
+/// activations, else f32), all of the output and nothing past it.
+fn split_output(bytes: &[u8], bf16_build: bool, parts: &[(usize, bool)]) -> Vec<Vec<f32>> {
     let mut at = 0;
-    let mut tensors = Vec::new();
-    for (i, n) in counts.into_iter().enumerate() {
-        let size = if i < 4 { 2 } else { 4 };
-        let chunk = &bytes[at..at + n * size];
-        at += n * size;
-        tensors.push(if i < 4 {
-            (chunk.chunks_exact(2))
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect()
-        } else {
-            (chunk.chunks_exact(4))
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
-        });
-    }
+    let tensors = (parts.iter())
+        .map(|&(n, activations)| {
+            let bf16 = activations && bf16_build;
+            let size = if bf16 { 2 } else { 4 };
+            let chunk = &bytes[at..at + n * size];
+            at += n * size;
+            acts_from_bytes(chunk, bf16)
+        })
+        .collect();
     assert_eq!(at, bytes.len(), "output longer than its tensors");
     tensors
 }
@@ -194,7 +189,15 @@ fn check_flash_kernels(ldmatrix: bool) {
         let (w, kvw) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
         // The program writes out, dq, dk, dv, lse, delta; the reference is out, lse, dq, dk,
         // dv, delta.
-        let got = parse_output(&output, [w, w, kvw, kvw, stats, stats]);
+        let parts = [
+            (w, true),
+            (w, true),
+            (kvw, true),
+            (kvw, true),
+            (stats, false),
+            (stats, false),
+        ];
+        let got = split_output(&output, true, &parts);
         let got = [&got[0], &got[4], &got[1], &got[2], &got[3], &got[5]];
         let want = cpu_attention(&inputs, sh);
         for ((ours, reference), (name, tolerance)) in got.into_iter().zip(&want).zip(FLASH_OUTPUTS)
@@ -402,23 +405,18 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
             cpu.rmsnorm_backward(&mut dx, &mut dw, &x, &w, &rstd);
 
             let bytes = exchange(dir.path(), program(&binary, [rows, h, offset]), &input);
-            let act = if bf16_build { 2 } else { 4 };
-            let mut at = 0;
-            let mut take = |n: usize, f32_values: bool| {
-                let size = if f32_values { 4 } else { act };
-                let chunk = &bytes[at..at + n * size];
-                at += n * size;
-                acts_from_bytes(chunk, bf16_build && !f32_values)
-            };
+            // out, rstd, applied out, dx (activations of every row), dw (f32 per column)
+            let (acts, per_row, per_column) = ((rows * h, true), (rows, false), (h, false));
+            let parts = [acts, per_row, acts, acts, per_column];
+            let got = split_output(&bytes, bf16_build, &parts);
             let outputs = [
-                ("out", take(rows * h, false), out, act_tolerance),
-                ("rstd", take(rows, true), rstd, 1e-5),
-                ("applied out", take(rows * h, false), applied, act_tolerance),
-                ("dx", take(rows * h, false), dx, act_tolerance),
-                ("dw", take(h, true), dw, 1e-5),
+                ("out", out, act_tolerance),
+                ("rstd", rstd, 1e-5),
+                ("applied out", applied, act_tolerance),
+                ("dx", dx, act_tolerance),
+                ("dw", dw, 1e-5),
             ];
-            assert_eq!(at, bytes.len(), "rmsnorm: output longer than its tensors");
-            for (name, ours, reference, tolerance) in outputs {
+            for ((name, reference, tolerance), ours) in outputs.into_iter().zip(got) {
                 let case =
                     format!("rmsnorm {name}, bf16={bf16_build} rows={rows} h={h} offset={offset}");
                 checks.check(&case, &ours, &reference, tolerance);
@@ -496,16 +494,10 @@ fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
                 scale.to_string(),
             ];
             let got = exchange(dir.path(), program(&binary, args), &input);
-            let (got_loss, got_grad) = got.split_at(4 * rows);
+            let got = split_output(&got, bf16_build, &[(rows, false), (rows * vocab, true)]);
             let case = format!("bf16={bf16_build} vocab={vocab} offset={offset}");
-            checks.check(
-                &format!("ce loss {case}"),
-                &acts_from_bytes(got_loss, false),
-                &loss,
-                1e-5,
-            );
-            let got_grad = acts_from_bytes(got_grad, bf16_build);
-            checks.check(&format!("ce grad {case}"), &got_grad, &grad, grad_tolerance);
+            checks.check(&format!("ce loss {case}"), &got[0], &loss, 1e-5);
+            checks.check(&format!("ce grad {case}"), &got[1], &grad, grad_tolerance);
         }
     }
     checks.assert_all_passed();
@@ -575,11 +567,9 @@ fn attention_row_kernels_run_on_the_host_match_f64_softmax() {
                 threads.to_string(),
             ];
             let out = exchange(dir.path(), program(&binary, args), &input);
-            let act = if bf16_build { 2 } else { 4 };
-            let (got_probs, rest) = out.split_at(n * act);
-            let (got_lse, rest) = rest.split_at(4 * heads * seq);
-            let (got_again, got_ds) = rest.split_at(n * act);
-            let got_probs = acts_from_bytes(got_probs, bf16_build);
+            let parts = [(n, true), (heads * seq, false), (n, true), (n, true)];
+            let [got_probs, got_lse, got_again, got_ds]: [Vec<f32>; 4] =
+                split_output(&out, bf16_build, &parts).try_into().unwrap();
             let ds: Vec<f32> = (got_probs.iter().zip(&grad).enumerate())
                 .map(|(i, (p, g))| p * (g - delta[i / seq]) * scale)
                 .collect();
@@ -590,24 +580,9 @@ fn attention_row_kernels_run_on_the_host_match_f64_softmax() {
                 &probs,
                 tolerance,
             );
-            checks.check(
-                &format!("attn_softmax lse {case}"),
-                &acts_from_bytes(got_lse, false),
-                &lse,
-                1e-5,
-            );
-            checks.check(
-                &format!("attn_probs {case}"),
-                &acts_from_bytes(got_again, bf16_build),
-                &probs,
-                tolerance,
-            );
-            checks.check(
-                &format!("attn_dscores {case}"),
-                &acts_from_bytes(got_ds, bf16_build),
-                &ds,
-                tolerance,
-            );
+            checks.check(&format!("attn_softmax lse {case}"), &got_lse, &lse, 1e-5);
+            checks.check(&format!("attn_probs {case}"), &got_again, &probs, tolerance);
+            checks.check(&format!("attn_dscores {case}"), &got_ds, &ds, tolerance);
         }
     }
     checks.assert_all_passed();
