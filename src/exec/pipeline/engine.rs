@@ -119,7 +119,7 @@ pub trait Engine: Sync {
         to_host: bool,
     ) -> Result<Self::Stash>;
 
-    fn send(&self, device: u32, t: Self::Tensor) -> Self::Message;
+    fn send(&self, device: u32, t: Self::Tensor) -> Result<Self::Message>;
     fn receive(&self, device: u32, m: Self::Message, pool: &PoolRef) -> Result<Self::Tensor>;
 
     /// A part of host parameters as this engine's part, still in the host pool.
@@ -285,9 +285,9 @@ impl Engine for CpuEngine {
 
     /// The host buffer changes hands: the sender's bytes are given back now, the receiver's
     /// taken when it receives.
-    fn send(&self, _device: u32, t: Tensor) -> HostMessage {
+    fn send(&self, _device: u32, t: Tensor) -> Result<HostMessage> {
         let (name, shape, data) = t.into_data();
-        HostMessage { name, shape, data }
+        Ok(HostMessage { name, shape, data })
     }
 
     fn receive(&self, _device: u32, m: HostMessage, pool: &PoolRef) -> Result<Tensor> {

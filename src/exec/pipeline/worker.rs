@@ -206,7 +206,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             .mailboxes
             .get(peer as usize)
             .ok_or(PipelineError::NoSuchDevice { device: peer })?;
-        let message = cx.engine.send(self.device, tensor);
+        let message = cx.engine.send(self.device, tensor)?;
         mailbox.post(MessageKey { kind, mb, chunk }, message);
         Ok(())
     }

@@ -1,10 +1,11 @@
 //! The pipeline runtime's engine on CUDA devices: a plan's devices are pipeline stages, each
 //! with its own pool, on one GPU or several. Stages that share a GPU share its compute stream,
 //! so a tensor handed from one to the next is ordered after the kernels that made it without
-//! any event; a send between stages on one GPU hands the buffer over, a send between GPUs
-//! copies it through host memory. Offload and prefetch run on the GPU's copy stream through
-//! pinned host memory (`offload`), overlapping compute: every operation here first makes the
-//! compute stream wait for prefetches into the tensors it reads.
+//! any event; a send between stages on one GPU hands the buffer over. A send between GPUs goes
+//! through NCCL (`nccl`: one communicator for the job's GPUs), or through host memory when
+//! this machine has no NCCL. Offload and prefetch run on the GPU's copy stream through pinned
+//! host memory (`offload`), overlapping compute: every operation here first makes the compute
+//! stream wait for prefetches into the tensors it reads.
 
 use std::ops::Range;
 
@@ -15,6 +16,7 @@ use crate::exec::backend::cuda::model::{
     EmbeddingStash, GpuCtx, GpuPart, HeadStash, LayerStash, embedding_backward, embedding_forward,
     head_backward, head_forward, layer_backward, layer_forward,
 };
+use crate::exec::backend::cuda::nccl::Nccl;
 use crate::exec::backend::cuda::tensor::{Detached, DevPtr, GpuTensor};
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{MemGroup, PoolRef};
@@ -42,6 +44,9 @@ pub struct GpuMessage {
 
 /// The GPUs a plan runs on.
 pub struct GpuEngine {
+    /// The communicator between the GPUs, when there are several and NCCL is here (dropped
+    /// before the GPUs).
+    nccl: Option<Nccl>,
     /// Each GPU once.
     gpus: Vec<Gpu>,
     /// For each plan device (stage), the index in `gpus` of the GPU it runs on.
@@ -63,7 +68,32 @@ impl GpuEngine {
             };
             stage_gpu.push(index);
         }
-        Ok(GpuEngine { gpus, stage_gpu })
+        let nccl = match gpus.len() {
+            1 => None,
+            _ => match Nccl::open(&gpus) {
+                Ok(nccl) => Some(nccl),
+                Err(e @ CudaError::Unavailable { .. }) => {
+                    tracing::warn!(error = %e, "stages on different GPUs exchange tensors through host memory");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        Ok(GpuEngine {
+            nccl,
+            gpus,
+            stage_gpu,
+        })
+    }
+
+    /// Waits for everything queued on every GPU.
+    pub fn synchronize(&self) -> std::result::Result<(), CudaError> {
+        self.gpus.iter().try_for_each(Gpu::synchronize)
+    }
+
+    /// Whether sends between GPUs go through NCCL.
+    pub fn has_nccl(&self) -> bool {
+        self.nccl.is_some()
     }
 
     /// The GPU that runs plan device `device`.
@@ -201,16 +231,18 @@ impl Engine for GpuEngine {
         })
     }
 
-    fn send(&self, device: u32, t: GpuTensor) -> GpuMessage {
-        GpuMessage {
-            tensor: t.detach(),
+    fn send(&self, device: u32, t: GpuTensor) -> Result<GpuMessage> {
+        let tensor = t.detach(self.gpu(device), self.nccl.is_some())?;
+        Ok(GpuMessage {
+            tensor,
             from: device,
-        }
+        })
     }
 
     fn receive(&self, device: u32, m: GpuMessage, pool: &PoolRef) -> Result<GpuTensor> {
         let (from, to) = (self.gpu(m.from), self.gpu(device));
-        Ok(m.tensor.attach(from, to, pool, MemGroup::Activations)?)
+        let group = MemGroup::Activations;
+        Ok(m.tensor.attach(from, to, self.nccl.as_ref(), pool, group)?)
     }
 
     /// Host weights become host-resident GPU tensors without a copy; the pipeline uploads

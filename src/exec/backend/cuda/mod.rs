@@ -18,16 +18,15 @@
 //! - [`selftest`]: `chronospipe selftest --gpu`: parity with the CPU backend and timings.
 //!
 //! - [`engine::GpuEngine`]: the pipeline runtime's engine: plan devices as stages on GPUs,
-//!   offload and prefetch through pinned host memory on a copy stream ([`offload`]).
-//!
-//! Not here yet: NCCL transport (stages on different GPUs exchange tensors through host
-//! memory).
+//!   offload and prefetch through pinned host memory on a copy stream ([`offload`]), sends
+//!   between GPUs through NCCL ([`nccl`]).
 
 pub mod attention;
 pub mod engine;
 pub mod gpu;
 pub mod libs;
 pub mod model;
+pub mod nccl;
 pub mod offload;
 pub mod ops;
 pub mod selftest;
@@ -45,6 +44,8 @@ pub enum CudaError {
     Unavailable { library: &'static str, hint: String },
     #[error("CUDA driver: {0}")]
     Driver(#[from] cudarc::driver::DriverError),
+    #[error("NCCL: {0}")]
+    Nccl(String),
     #[error("cuBLAS: {0}")]
     Blas(#[from] cudarc::cublas::result::CublasError),
     #[error("NVRTC could not compile kernels/*.cu: {0}")]

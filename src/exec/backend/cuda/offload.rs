@@ -73,6 +73,15 @@ pub struct Ready {
 }
 
 impl Ready {
+    /// The point `stream` has reached, which `gpu`'s compute stream waits for before the
+    /// buffer it guards is read or freed.
+    pub fn record(stream: &CudaStream, gpu: &Gpu) -> Result<Ready, CudaError> {
+        Ok(Ready {
+            event: stream.record_event(None)?,
+            compute: gpu.stream.clone(),
+        })
+    }
+
     pub fn wait_on(&self, stream: &CudaStream) -> Result<(), CudaError> {
         Ok(stream.wait(&self.event)?)
     }
@@ -101,10 +110,7 @@ pub fn prefetch(
     if len > 0 {
         gpu.copy.memcpy_htod(&pinned, &mut buf.slice_mut(0..len))?;
     }
-    let ready = Ready {
-        event: gpu.copy.record_event(None)?,
-        compute: gpu.stream.clone(),
-    };
+    let ready = Ready::record(&gpu.copy, gpu)?;
     gpu.pinned.give_back(pinned);
     Ok((buf, ready))
 }

@@ -7,10 +7,11 @@
 //! or bf16 by the run's precision, parameters f32, token ids i32. Host reads and writes name
 //! their element type and are checked against it.
 
-use cudarc::driver::{CudaSlice, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, PinnedHostSlice};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::nccl::Nccl;
 use crate::exec::backend::cuda::offload::{self, Ready};
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::tensor::{Element, Lease};
@@ -270,16 +271,20 @@ impl GpuTensor {
     }
 
     /// Gives the tensor's bytes back to its pool, keeping its values: a tensor sent to
-    /// another pipeline stage, counted nowhere until it is received.
-    pub fn detach(self) -> Detached {
-        Detached {
+    /// another pipeline stage, counted nowhere until it is received. With `record_sent`, it
+    /// keeps an event recorded now on `gpu`'s compute stream (which made it): a transfer to
+    /// another GPU waits for that point, and for nothing queued later.
+    pub fn detach(self, gpu: &Gpu, record_sent: bool) -> Result<Detached, CudaError> {
+        let sent = (record_sent.then(|| gpu.stream.record_event(None))).transpose()?;
+        Ok(Detached {
+            sent,
             ready: self.ready,
             storage: self.storage,
             addr: self.addr,
             name: self.name,
             shape: self.shape,
             dtype: self.dtype,
-        }
+        })
     }
 
     /// Whether the values are in host memory (offloaded).
@@ -456,6 +461,8 @@ impl GpuTensor {
 
 /// A tensor's values counted in no pool (see [`GpuTensor::detach`]).
 pub struct Detached {
+    /// The sender's compute stream when it sent the tensor (see [`GpuTensor::detach`]).
+    sent: Option<CudaEvent>,
     ready: Option<Ready>,
     storage: Storage,
     addr: u64,
@@ -467,18 +474,20 @@ pub struct Detached {
 impl Detached {
     /// The tensor counted in `pool` on `to`. Its values stay where they are when they are on
     /// `to` already (`from` is `to`: stages sharing a GPU hand buffers over); otherwise they
-    /// are copied from `from` through host memory.
+    /// move from `from` through NCCL when the job has a communicator (`nccl`), or else
+    /// through host memory.
     pub fn attach(
         self,
         from: &Gpu,
         to: &Gpu,
+        nccl: Option<&Nccl>,
         pool: &PoolRef,
         group: MemGroup,
     ) -> Result<GpuTensor, CudaError> {
         let bytes = self.shape.iter().product::<usize>() * self.dtype.bytes();
         let lease = Lease::reserve(pool, &self.name, group, bytes)?;
-        let data = match self.storage {
-            Storage::Device(buf) if from.ordinal == to.ordinal => {
+        let data = match (self.storage, nccl) {
+            (Storage::Device(buf), _) if from.ordinal == to.ordinal => {
                 return Ok(GpuTensor {
                     storage: Storage::Device(buf),
                     addr: self.addr,
@@ -489,8 +498,16 @@ impl Detached {
                     ready: self.ready,
                 });
             }
-            Storage::Device(_) if bytes == 0 => Vec::new(),
-            Storage::Device(buf) => {
+            (Storage::Device(_), _) if bytes == 0 => Vec::new(),
+            (Storage::Device(buf), Some(nccl)) => {
+                let sent = self.sent.as_ref();
+                let (copy, ready) =
+                    nccl.transfer(from, to, buf, bytes, sent, self.ready.as_ref())?;
+                let mut t = GpuTensor::wrap(to, copy, &self.name, &self.shape, self.dtype, lease);
+                t.ready = Some(ready);
+                return Ok(t);
+            }
+            (Storage::Device(buf), None) => {
                 if let Some(e) = &self.ready {
                     e.wait_on(&from.stream)?;
                 }
@@ -498,8 +515,8 @@ impl Detached {
                 from.stream.memcpy_dtoh(&buf.slice(0..bytes), &mut host)?;
                 host
             }
-            Storage::Host(data) => data,
-            Storage::Pinned(p) => p.as_slice()?.to_vec(),
+            (Storage::Host(data), _) => data,
+            (Storage::Pinned(p), _) => p.as_slice()?.to_vec(),
         };
         let mut copy = alloc(to, data.len())?;
         if !data.is_empty() {

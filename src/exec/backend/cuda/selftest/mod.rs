@@ -14,8 +14,10 @@ mod timing;
 pub use flash::{FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, time_attention};
 pub use kernels::kernel_checks;
 pub use model::model_checks;
-pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages};
+pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages, transfer_checks};
 pub use timing::{Timing, llama_125m, predicted_peak, step_flops, time_training};
+
+use cudarc::driver::CudaContext;
 
 use crate::exec::backend::cuda::gpu::{FlashLoads, Gpu};
 use crate::exec::backend::cuda::libs::Libraries;
@@ -134,6 +136,19 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
     println!("libraries: {libs}");
     libs.require_compute()?;
     let mut ok = true;
+    let count = CudaContext::device_count()?.max(0) as usize;
+    let second = (0..count).find(|&o| o != opts.device);
+    if let Some(other) = second.filter(|_| !opts.skip_checks) {
+        let title = format!("transfers between cuda:{} and cuda:{other}", opts.device);
+        ok &= section(&title, transfer_checks(opts.device, other)).is_some_and(|(nccl, c)| {
+            let via = if nccl {
+                "NCCL"
+            } else {
+                "host memory (no NCCL found)"
+            };
+            print_checks(&format!("{title}, through {via}"), &c)
+        });
+    }
     let asked = |p: &Precision| opts.precisions.contains(p);
     let checked = PRECISIONS.into_iter().filter(|(p, ..)| asked(p));
     for (i, (precision, tol, stage_tol)) in checked.enumerate() {
@@ -170,8 +185,21 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         let title = format!(
             "pipeline stages on one GPU vs the whole-model trainer and the planner, {name}"
         );
-        ok &= section(&title, pipeline_checks(opts.device, precision, stage_tol))
-            .is_some_and(|c| print_checks(&title, &c));
+        ok &= section(
+            &title,
+            pipeline_checks(&[opts.device], precision, stage_tol),
+        )
+        .is_some_and(|c| print_checks(&title, &c));
+        if let Some(other) = second {
+            let title = format!(
+                "pipeline stages alternating between cuda:{} and cuda:{other} vs the \
+                 whole-model trainer and the planner, {name}",
+                opts.device
+            );
+            let gpus = [opts.device, other];
+            ok &= section(&title, pipeline_checks(&gpus, precision, stage_tol))
+                .is_some_and(|c| print_checks(&title, &c));
+        }
     }
     if !opts.skip_timing && (asked(&Precision::Tf32) || asked(&Precision::Bf16)) {
         let config = llama_125m();
@@ -273,7 +301,11 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             }
         }
     }
-    println!("\nnot built yet: NCCL transport (stages on different GPUs copy through host memory)");
+    if second.is_none() {
+        println!(
+            "\nnot run: transfers and pipeline stages between GPUs (NCCL), this machine has one GPU"
+        );
+    }
     Ok(ok)
 }
 
@@ -330,7 +362,15 @@ fn stages_table(
     let batches = pipeline::random_batches(&config, micro, microbatches);
     let plan = answer.plan.clone();
     let budget = answer.budget_bytes as usize;
-    let run = train_stages(ordinal, Precision::Tf32, config, plan, budget, &batches, 3)?;
+    let run = train_stages(
+        &[ordinal],
+        Precision::Tf32,
+        config,
+        plan,
+        budget,
+        &batches,
+        3,
+    )?;
     let tokens = (micro.tokens() * microbatches) as f64;
     println!(
         "\n4-stage chronos plan on one GPU (TF32), same model, {microbatches} x {} sequences \

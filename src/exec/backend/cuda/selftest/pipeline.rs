@@ -14,12 +14,15 @@ use crate::data::Microbatch;
 use crate::exec::backend::cuda::engine::GpuEngine;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::model::GpuTrainer;
+use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::backend::cuda::{CudaError, Precision};
-use crate::exec::device::{DeviceSet, Pool};
+use crate::exec::device::{DeviceSet, MemGroup, Pool, PoolRef};
 use crate::exec::model::{LlamaConfig, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
+use crate::exec::pipeline::engine::Engine;
 use crate::exec::pipeline::{Pipeline, PipelineError, seeded_parts};
+use crate::exec::tensor::Element;
 use crate::plan::inventory::{MicroShape, ModelDims};
 use crate::plan::ir::{Action, Plan};
 use crate::plan::policy::{Offload, Recompute};
@@ -63,10 +66,10 @@ pub struct StagesRun {
     pub step_s: f64,
 }
 
-/// Trains `plan` for `steps` steps on `batches`, every stage on GPU `ordinal` within
-/// `budget` bytes, from the seeded model.
+/// Trains `plan` for `steps` steps on `batches`, stage `s` on GPU `gpus[s % gpus.len()]`
+/// within `budget` bytes, from the seeded model.
 pub fn train_stages(
-    ordinal: usize,
+    gpus: &[usize],
     precision: Precision,
     config: LlamaConfig,
     plan: Plan,
@@ -74,12 +77,12 @@ pub fn train_stages(
     batches: &[Microbatch],
     steps: usize,
 ) -> Result<StagesRun> {
-    let stages = plan.devices();
-    let engine = GpuEngine::open(&vec![ordinal; stages], precision)?;
+    let ordinals: Vec<usize> = (0..plan.devices()).map(|s| gpus[s % gpus.len()]).collect();
+    let engine = GpuEngine::open(&ordinals, precision)?;
     let host = Pool::new("host", usize::MAX);
     let devices = DeviceSet {
-        devices: (0..stages)
-            .map(|s| Pool::new(format!("cuda:{ordinal}/stage{s}"), budget))
+        devices: (ordinals.iter().enumerate())
+            .map(|(s, o)| Pool::new(format!("cuda:{o}/stage{s}"), budget))
             .collect(),
         host: host.clone(),
     };
@@ -96,12 +99,12 @@ pub fn train_stages(
     )
     .map_err(pipeline_error)?;
     p.train_step(batches).map_err(pipeline_error)?;
-    p.engine.gpu(0).synchronize()?;
+    p.engine.synchronize()?;
     let start = Instant::now();
     for _ in 1..steps {
         p.train_step(batches).map_err(pipeline_error)?;
     }
-    p.engine.gpu(0).synchronize()?;
+    p.engine.synchronize()?;
     let step_s = start.elapsed().as_secs_f64() / (steps.max(2) - 1) as f64;
     let weights = p.with_state(|pairs| flat_weights(pairs.iter().map(|(p, _)| *p)));
     Ok(StagesRun {
@@ -205,13 +208,14 @@ fn stage_model() -> LlamaConfig {
 const STAGE_MICRO: MicroShape = MicroShape { batch: 2, seq: 64 };
 const STAGE_MICROBATCHES: usize = 8;
 
-/// Every schedule on 2 and 4 stages of GPU `ordinal`, and squeezed chronos plans, against the
-/// whole-model trainer (weights after three steps) and the planner (peaks per stage).
-pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result<Vec<Check>> {
+/// Every schedule on 2 and 4 stages, stage `s` on GPU `gpus[s % gpus.len()]`, and squeezed
+/// chronos plans, against the whole-model trainer on `gpus[0]` (weights after three steps)
+/// and the planner (peaks per stage).
+pub fn pipeline_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result<Vec<Check>> {
     let (config, micro, microbatches) = (stage_model(), STAGE_MICRO, STAGE_MICROBATCHES);
     let steps = 3;
     let batches = random_batches(&config, micro, microbatches);
-    let reference = whole_model_weights(ordinal, precision, config, &batches, steps)?;
+    let reference = whole_model_weights(gpus[0], precision, config, &batches, steps)?;
     let layers = config.dims.layers as u32;
     let mut plans = Vec::new();
     for stages in [2, 4] {
@@ -236,7 +240,7 @@ pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result
     let mut checks = Vec::new();
     for (label, plan, budget) in plans {
         let predicted = predicted_peaks(&plan, precision, &config, micro)?;
-        let run = train_stages(ordinal, precision, config, plan, budget, &batches, steps)?;
+        let run = train_stages(gpus, precision, config, plan, budget, &batches, steps)?;
         checks.push(Check::new(
             format!("{label}: weights"),
             &run.weights,
@@ -250,6 +254,47 @@ pub fn pipeline_checks(ordinal: usize, precision: Precision, tol: f64) -> Result
         ));
     }
     Ok(checks)
+}
+
+/// Tensors sent from GPU `a` to GPU `b` and back through the pipeline engine's transport:
+/// each must arrive bit for bit, f32 and bf16, with lengths that are not a multiple of any
+/// transfer width. Also says whether the transport was NCCL.
+pub fn transfer_checks(a: usize, b: usize) -> Result<(bool, Vec<Check>)> {
+    let engine = GpuEngine::open(&[a, b], Precision::Bf16)?;
+    let pool = Pool::new("transfers", usize::MAX);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut checks = Vec::new();
+    for len in [1usize, 1001, 3 << 20] {
+        let values: Vec<f32> = (0..len).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let halves: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let exact = [
+            round_trip(&engine, &pool, &values)?,
+            round_trip(&engine, &pool, &halves)?,
+        ];
+        for (exact, dtype) in exact.into_iter().zip(["f32", "bf16"]) {
+            checks.push(Check {
+                name: format!("{len} {dtype} values cuda:{a} -> cuda:{b} -> cuda:{a}, bit for bit"),
+                rel_err: if exact { 0.0 } else { f64::INFINITY },
+                tolerance: f64::MIN_POSITIVE,
+            });
+        }
+    }
+    Ok((engine.has_nccl(), checks))
+}
+
+/// Sends `values` from the engine's first GPU to its second and back; whether they came back
+/// unchanged.
+fn round_trip<T: Element + PartialEq>(
+    engine: &GpuEngine,
+    pool: &PoolRef,
+    values: &[T],
+) -> Result<bool> {
+    let (first, act) = (engine.gpu(0), MemGroup::Activations);
+    let mut t = GpuTensor::scratch(first, pool, "sent", &[values.len()], T::DTYPE, act)?;
+    t.copy_from_host(first, values)?;
+    let there = engine.send(0, t).and_then(|m| engine.receive(1, m, pool));
+    let back = there.and_then(|t| engine.send(1, t).and_then(|m| engine.receive(0, m, pool)));
+    Ok(back.map_err(pipeline_error)?.to_host::<T>(first)? == values)
 }
 
 /// Each stage's peak as the planner simulates `plan` with the inventory of `precision`.

@@ -1,0 +1,199 @@
+//! Tensors between GPUs through NCCL: one communicator for a job's GPUs (a rank per GPU, made
+//! by `ncclCommInitAll`), a transfer stream per GPU, and a grouped send and receive per tensor.
+//!
+//! The receiving stage's thread issues both halves of a transfer in one NCCL group when it
+//! takes the message (one thread driving several GPUs is what NCCL's group calls are for):
+//! - the send, on the sender's transfer stream, after the event the sender recorded when it
+//!   posted the message, so kernels the sender queued since then are not waited for; the
+//!   sender's buffer is freed on that stream once sent;
+//! - the receive, on the receiver's transfer stream, into a buffer allocated on its compute
+//!   stream; the new tensor carries the receive's event, which its first reader waits for.
+//!
+//! One lock orders every transfer of the job, so each rank's stream holds its operations in
+//! one global order and every send meets its receive at the same place in both orders: pairs
+//! cannot cross, and no operation waits on one queued after it. NCCL's communicators are not
+//! thread-safe; the lock covers that too.
+
+use std::ffi::CStr;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nccl::result::{self as nccl, NcclError};
+use cudarc::nccl::sys;
+
+use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::libs::Libraries;
+use crate::exec::backend::cuda::offload::Ready;
+
+/// NCCL's own words for an error code.
+fn nccl_error(e: NcclError) -> CudaError {
+    // SAFETY: NCCL returns a static string for every code.
+    let text = unsafe { CStr::from_ptr(sys::ncclGetErrorString(e.0)) };
+    CudaError::Nccl(format!("{:?}: {}", e.0, text.to_string_lossy()))
+}
+
+/// The communicator's ranks: rank `r` is GPU `ordinals[r]`, sending and receiving on
+/// `streams[r]`.
+struct Ranks {
+    ordinals: Vec<usize>,
+    comms: Vec<sys::ncclComm_t>,
+    streams: Vec<Arc<CudaStream>>,
+}
+
+// SAFETY: the communicators are only used with the `Nccl` lock held.
+unsafe impl Send for Ranks {}
+
+impl Ranks {
+    fn rank(&self, gpu: &Gpu) -> Result<usize, CudaError> {
+        (self.ordinals.iter().position(|&o| o == gpu.ordinal)).ok_or_else(|| {
+            CudaError::Unsupported(format!(
+                "cuda:{} is not in this job's NCCL communicator ({:?})",
+                gpu.ordinal, self.ordinals
+            ))
+        })
+    }
+}
+
+/// The NCCL communicator of a job's GPUs.
+pub struct Nccl {
+    ranks: Mutex<Ranks>,
+}
+
+impl Nccl {
+    /// A communicator over `gpus` (distinct devices, at least two).
+    pub fn open(gpus: &[Gpu]) -> Result<Nccl, CudaError> {
+        let libraries = Libraries::probe();
+        if !libraries.nccl {
+            return Err(CudaError::Unavailable {
+                library: "libnccl.so (NCCL)",
+                hint: "install NCCL (e.g. the nvidia-nccl-cu13 wheel) and link libnccl.so to its \
+                       libnccl.so.2 in a folder on LD_LIBRARY_PATH"
+                    .into(),
+            });
+        }
+        let ordinals: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
+        let distinct = ordinals
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if ordinals.len() < 2 || distinct < ordinals.len() {
+            return Err(CudaError::Unsupported(format!(
+                "an NCCL communicator needs two or more distinct GPUs, not {ordinals:?} (stages \
+                 on one GPU hand tensors over without it)"
+            )));
+        }
+        let devices: Vec<i32> = ordinals.iter().map(|&o| o as i32).collect();
+        let streams = (gpus.iter().map(|g| g.ctx.new_stream())).collect::<Result<Vec<_>, _>>()?;
+        let mut comms = vec![std::ptr::null_mut(); gpus.len()];
+        // SAFETY: `comms` has room for one communicator per device in `devices`.
+        unsafe { nccl::comm_init_all(comms.as_mut_ptr(), devices.len() as i32, devices.as_ptr()) }
+            .map_err(nccl_error)?;
+        Ok(Nccl {
+            ranks: Mutex::new(Ranks {
+                ordinals,
+                comms,
+                streams,
+            }),
+        })
+    }
+
+    /// Moves the first `bytes` bytes of `src`, on `from`, into a new buffer on `to`, after
+    /// `sent` (the sender's compute stream when it posted the tensor) and `src_ready` (the end
+    /// of a prefetch into `src`, if any). Returns the buffer and the receive's end.
+    pub fn transfer(
+        &self,
+        from: &Gpu,
+        to: &Gpu,
+        src: CudaSlice<u8>,
+        bytes: usize,
+        sent: Option<&CudaEvent>,
+        src_ready: Option<&Ready>,
+    ) -> Result<(CudaSlice<u8>, Ready), CudaError> {
+        let ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
+        let (r_from, r_to) = (ranks.rank(from)?, ranks.rank(to)?);
+        let (s_from, s_to) = (&ranks.streams[r_from], &ranks.streams[r_to]);
+        if let Some(e) = sent {
+            s_from.wait(e)?;
+        }
+        if let Some(r) = src_ready {
+            r.wait_on(s_from)?;
+        }
+        // SAFETY: the receive below writes every byte before any kernel reads the buffer
+        // (they wait for its event).
+        let dst = unsafe { to.stream.alloc::<u8>(bytes.max(1))? };
+        s_to.wait(&to.stream.record_event(None)?)?;
+        let src_ptr = src.device_ptr(s_from).0;
+        let dst_ptr = dst.device_ptr(s_to).0;
+        nccl::group_start().map_err(nccl_error)?;
+        // SAFETY: both buffers hold at least `bytes` bytes and stay allocated until their
+        // streams pass these operations (`src` is freed on `s_from` below, `dst` is returned
+        // with the receive's event).
+        let queued = unsafe {
+            nccl::send(
+                src_ptr as *const _,
+                bytes,
+                sys::ncclDataType_t::ncclUint8,
+                r_to as i32,
+                ranks.comms[r_from],
+                s_from.cu_stream() as _,
+            )
+            .and_then(|_| {
+                nccl::recv(
+                    dst_ptr as *mut _,
+                    bytes,
+                    sys::ncclDataType_t::ncclUint8,
+                    r_from as i32,
+                    ranks.comms[r_to],
+                    s_to.cu_stream() as _,
+                )
+            })
+        };
+        let ended = nccl::group_end();
+        queued.map_err(nccl_error)?;
+        ended.map_err(nccl_error)?;
+        let allocated = src.len();
+        let ptr = src.leak();
+        // SAFETY: `ptr` came from `src`, which no longer exists; dropping the slice rebuilt on
+        // the sender's transfer stream frees it there, after the send.
+        drop(unsafe { s_from.upgrade_device_ptr::<u8>(ptr, allocated) });
+        Ok((dst, Ready::record(s_to, to)?))
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        let ranks = self.ranks.get_mut().unwrap_or_else(|e| e.into_inner());
+        // Errors here have nowhere to go: the job is over.
+        for s in &ranks.streams {
+            let _ = s.synchronize();
+        }
+        for &c in &ranks.comms {
+            // SAFETY: each communicator was made by `comm_init_all` and is destroyed once,
+            // with nothing of it left on its stream.
+            let _ = unsafe { nccl::comm_destroy(c) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without NCCL a communicator is a typed error naming the library and how to provide it;
+    /// with it, one that spans no GPUs is refused before NCCL is called.
+    #[test]
+    fn a_communicator_needs_nccl_and_two_gpus() {
+        match (Nccl::open(&[]), Libraries::probe().nccl) {
+            (Err(CudaError::Unavailable { library, hint }), false) => {
+                assert!(library.contains("libnccl.so"), "{library}");
+                assert!(hint.contains("libnccl.so.2"), "{hint}");
+            }
+            (Err(CudaError::Unsupported(msg)), true) => {
+                assert!(msg.contains("two or more distinct GPUs"), "{msg}");
+            }
+            (Err(e), nccl) => panic!("NCCL present: {nccl}; unexpected error: {e}"),
+            (Ok(_), _) => panic!("a communicator over no GPUs"),
+        }
+    }
+}
