@@ -211,11 +211,23 @@ pub struct Gpu {
     profile: Option<Mutex<Vec<Span>>>,
 }
 
-/// One profiled operation: events on the compute stream before and after it.
+/// One profiled operation: events on the compute stream before and after it, and the
+/// floating-point operations of its products (0 for other kernels).
 struct Span {
     name: String,
     start: CudaEvent,
     end: CudaEvent,
+    flops: f64,
+}
+
+/// One line of [`Gpu::profile_report`]: an operation's calls, seconds on the GPU and product
+/// FLOPs, summed.
+#[derive(Debug, Clone)]
+pub struct ProfileRow {
+    pub name: String,
+    pub calls: u64,
+    pub secs: f64,
+    pub flops: f64,
 }
 
 impl Gpu {
@@ -278,32 +290,36 @@ impl Gpu {
     /// Operations profiled so far with their calls and seconds on the GPU, longest first (waits
     /// for the stream). An operation's time runs from the end of the work queued before it to
     /// its own end: where the host falls behind the GPU, it includes the wait for its launch.
-    pub fn profile_report(&self) -> Result<Vec<(String, u64, f64)>, CudaError> {
+    pub fn profile_report(&self) -> Result<Vec<ProfileRow>, CudaError> {
         let Some(profile) = &self.profile else {
             return Ok(Vec::new());
         };
         self.synchronize()?;
         let spans = profile.lock().unwrap_or_else(|e| e.into_inner());
-        let mut totals: BTreeMap<&str, (u64, f64)> = BTreeMap::new();
+        let mut totals: BTreeMap<&str, ProfileRow> = BTreeMap::new();
         for span in spans.iter() {
             let ms = span.start.elapsed_ms(&span.end)?;
-            let entry = totals.entry(&span.name).or_insert((0, 0.0));
-            entry.0 += 1;
-            entry.1 += f64::from(ms) / 1e3;
+            let row = totals.entry(&span.name).or_insert_with(|| ProfileRow {
+                name: span.name.clone(),
+                calls: 0,
+                secs: 0.0,
+                flops: 0.0,
+            });
+            row.calls += 1;
+            row.secs += f64::from(ms) / 1e3;
+            row.flops += span.flops;
         }
-        let mut rows: Vec<(String, u64, f64)> = totals
-            .into_iter()
-            .map(|(name, (calls, secs))| (name.to_string(), calls, secs))
-            .collect();
-        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let mut rows: Vec<ProfileRow> = totals.into_values().collect();
+        rows.sort_by(|a, b| b.secs.total_cmp(&a.secs));
         Ok(rows)
     }
 
-    /// Runs `op`, which queues work on the compute stream, between two events under `name()`
-    /// while profiling.
+    /// Runs `op`, which queues work on the compute stream (`flops` of products), between two
+    /// events under `name()` while profiling.
     pub(crate) fn timed<T>(
         &self,
         name: impl FnOnce() -> String,
+        flops: f64,
         op: impl FnOnce() -> Result<T, CudaError>,
     ) -> Result<T, CudaError> {
         let Some(profile) = &self.profile else {
@@ -318,6 +334,7 @@ impl Gpu {
             name: name(),
             start,
             end,
+            flops,
         });
         Ok(out)
     }

@@ -43,9 +43,22 @@ unsafe impl cudarc::driver::DeviceRepr for RopeFreqs {}
 impl Gpu {
     /// Launches kernel `name` with `args` in the order of its signature in kernels/*.cu.
     fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg<'_>]) -> R {
+        self.launch_counted(name, cfg, args, 0.0)
+    }
+
+    /// [`Gpu::launch`] for a kernel that does `flops` floating-point operations of products
+    /// (for the profile's throughput column).
+    fn launch_counted(
+        &self,
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: &[Arg<'_>],
+        flops: f64,
+    ) -> R {
         let f = self.function(name)?;
         self.timed(
             || name.to_string(),
+            flops,
             || {
                 let mut builder = self.stream.launch_builder(f);
                 for a in args {
@@ -213,7 +226,8 @@ impl Gpu {
         self.ctx.bind_to_thread()?;
         // SAFETY: the pointers address buffers of the sizes and types `g`, `a`, `b` and `c`
         // describe.
-        self.timed(name, || unsafe {
+        let flops = 2.0 * (g.m * g.n * g.k * g.batch) as f64;
+        self.timed(name, flops, || unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(
                 *self.blas.handle(),
                 op(g.trans_b),
@@ -597,7 +611,9 @@ impl Gpu {
         sh: &AttnShape,
         scale: f32,
     ) -> R {
-        self.launch(
+        // Q K^T and P V over the causal half.
+        let flops = 2.0 * 2.0 * causal_half_products(sh);
+        self.launch_counted(
             kernel,
             flash_grid(sh.seq, sh.heads, sh.batch),
             &[
@@ -611,6 +627,7 @@ impl Gpu {
                 int(sh.kv_heads),
                 F32(scale),
             ],
+            flops,
         )
     }
 
@@ -623,7 +640,9 @@ impl Gpu {
         sh: &AttnShape,
         scale: f32,
     ) -> R {
-        self.launch(
+        // Q K^T again, dO V^T, dS K, dS^T Q and P^T dO over the causal half.
+        let flops = 5.0 * 2.0 * causal_half_products(sh);
+        self.launch_counted(
             kernel,
             flash_grid(sh.seq, sh.kv_heads, sh.batch),
             &[
@@ -641,8 +660,15 @@ impl Gpu {
                 int(sh.kv_heads),
                 F32(scale),
             ],
+            flops,
         )
     }
+}
+
+/// Multiply-adds of one `seq x seq x head_dim` product per head and sequence over the causal
+/// half of the scores.
+fn causal_half_products(sh: &AttnShape) -> f64 {
+    (sh.batch * sh.heads * sh.seq * sh.seq * sh.head_dim) as f64 / 2.0
 }
 
 /// The flash kernels' grid: 64-row tiles of the sequence, by heads, by sequences.

@@ -284,21 +284,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             .unwrap_or(false);
         }
         for (precision, t) in profiles.iter().filter(|(_, t)| !t.profile.is_empty()) {
-            let total: f64 = t.profile.iter().map(|r| r.2).sum();
-            println!(
-                "\none {} step, operation by operation (GPU time between events; {:.1} ms in \
-                 kernels and products of a {:.1} ms step)",
-                precision.name(),
-                total * 1e3,
-                t.profiled_step_secs * 1e3
-            );
-            for (name, calls, secs) in t.profile.iter().take(25) {
-                println!(
-                    "  {:>7.2} ms {:>5.1}% {calls:>6}x  {name}",
-                    secs * 1e3,
-                    100.0 * secs / total
-                );
-            }
+            print_profile(precision.name(), t);
         }
     }
     if second.is_none() {
@@ -307,6 +293,31 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         );
     }
     Ok(ok)
+}
+
+/// Where one profiled step's time went, operation by operation, with the throughput of the
+/// products (cuBLAS, and the flash kernels' on the causal half of the scores).
+fn print_profile(precision: &str, t: &Timing) {
+    let total: f64 = t.profile.iter().map(|r| r.secs).sum();
+    println!(
+        "\none {precision} step, operation by operation (GPU time between events; {:.1} ms in \
+         kernels and products of a {:.1} ms step; TFLOP/s of products)",
+        total * 1e3,
+        t.profiled_step_secs * 1e3
+    );
+    for r in t.profile.iter().take(25) {
+        let rate = match r.flops > 0.0 {
+            true => format!("{:>6.1}", r.flops / r.secs / 1e12),
+            false => format!("{:>6}", "-"),
+        };
+        println!(
+            "  {:>7.2} ms {:>5.1}% {:>6}x {rate}  {}",
+            r.secs * 1e3,
+            100.0 * r.secs / total,
+            r.calls,
+            r.name
+        );
+    }
 }
 
 /// Times one micro-batch's causal attention, forward and backward, of the timed model with

@@ -5,7 +5,7 @@ use std::time::Instant;
 use super::Result;
 use super::model::host_parts;
 use super::pipeline::{predicted_peaks, random_batches};
-use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::gpu::{Gpu, ProfileRow};
 use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::Pool;
@@ -27,9 +27,9 @@ pub struct Timing {
     pub peak_bytes: usize,
     /// The planner's prediction for the same run (the precision's inventory, one-stage plan).
     pub predicted_peak_bytes: u64,
-    /// Per-operation GPU times of one extra step, when asked for (calls, seconds), longest
-    /// first, and that step's wall time in seconds.
-    pub profile: Vec<(String, u64, f64)>,
+    /// Per-operation GPU times of one extra step, when asked for, longest first, and that
+    /// step's wall time in seconds.
+    pub profile: Vec<ProfileRow>,
     pub profiled_step_secs: f64,
 }
 
