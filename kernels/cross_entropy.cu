@@ -37,15 +37,20 @@ __device__ void cp_ce_grad_by(act_t* x, int vocab, int target, float l, float sc
     }
 }
 
-// Logits -> scale * (softmax - one_hot(target)) in place.
-extern "C" __global__ void ce_backward(act_t* logits_to_grad, const int* targets, int vocab,
-                                       float scale) {
+// Logits -> scale * (softmax - one_hot(target)) in place; unless loss_rows is null, each
+// row's loss too, as ce_forward writes it (the target's logit is read before the log-sum-exp,
+// whose block barriers every thread passes before any overwrites the row).
+extern "C" __global__ void ce_backward(act_t* logits_to_grad, float* loss_rows,
+                                       const int* targets, int vocab, float scale) {
     __shared__ float scratch[64];
     long long row = blockIdx.x;
     act_t* x = logits_to_grad + row * vocab;
+    int target = targets[row];
+    float picked = cp_ld(x[target]);
     float l = cp_row_lse(x, vocab, scratch);
+    if (loss_rows != nullptr && threadIdx.x == 0) loss_rows[row] = l - picked;
     if (cp_rows_vec(vocab, x))
-        cp_ce_grad_by<CP_VEC>(x, vocab, targets[row], l, scale);
+        cp_ce_grad_by<CP_VEC>(x, vocab, target, l, scale);
     else
-        cp_ce_grad_by<1>(x, vocab, targets[row], l, scale);
+        cp_ce_grad_by<1>(x, vocab, target, l, scale);
 }

@@ -286,8 +286,11 @@ pub fn logits_block_tokens(vocab: usize) -> usize {
 pub const CUDA_LOGITS_BLOCK_TOKENS: usize = 2048;
 
 /// The CUDA backend's tensors (`exec::backend::cuda::model`): attention products run one
-/// sequence at a time through cuBLAS with the scores of all heads as scratch; the head keeps
-/// per-token losses on the device until the micro-batch's sum is read.
+/// sequence at a time through cuBLAS with the scores of all heads as scratch; the head's
+/// logits blocks are larger, and it stashes its per-token losses (4 bytes a token): a
+/// one-stage run does the head's forward and backward in one pass
+/// (`head_forward_backward`), which holds them with the backward's scratch, and the stash is
+/// what makes that pass's bytes the inventory's.
 fn cuda_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
     let mut inv = cpu_f32(d, m, part);
     let n = m.tokens();
@@ -310,7 +313,7 @@ fn cuda_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
                     *t = block.clone();
                 }
             }
-            inv.forward_scratch
+            inv.stash
                 .push(TensorSpec::new("token_loss", &[n], DType::F32));
         }
     }

@@ -6,8 +6,9 @@
 //
 // INPUT holds logits [ROWS, VOCAB] as activations (f32, or bf16 bits as u16), then the
 // targets [ROWS] as i32, little-endian; the logits start OFFSET elements past a 16-byte
-// boundary (1 takes the kernels' unaligned path). OUTPUT receives each row's loss (f32), then
-// the logits' gradient (activations) scaled by SCALE.
+// boundary (1 takes the kernels' unaligned path). OUTPUT receives each row's loss (f32) from
+// ce_forward, the same from ce_backward, then the logits' gradient (activations) scaled by
+// SCALE.
 #include "host_cuda.h"
 #include "../../kernels/common.cuh"
 #include "../../kernels/cross_entropy.cu"
@@ -26,7 +27,7 @@ int main(int argc, char** argv) {
     long long n = (long long)rows * vocab;
     cp_buffer<act_t> logits(n, offset);
     cp_buffer<int> targets(rows, 0);
-    cp_buffer<float> loss(rows, 0);
+    cp_buffer<float> loss(rows, 0), backward_loss(rows, 0);
     std::ifstream in(argv[5], std::ios::binary);
     cp_read(in, logits.data, n), cp_read(in, targets.data, rows);
     if (!in) {
@@ -36,8 +37,9 @@ int main(int argc, char** argv) {
     cp_launch({(unsigned)rows, 1, 1}, 256,
               [&] { ce_forward(loss.data, logits.data, targets.data, vocab); });
     cp_launch({(unsigned)rows, 1, 1}, 256,
-              [&] { ce_backward(logits.data, targets.data, vocab, scale); });
+              [&] { ce_backward(logits.data, backward_loss.data, targets.data, vocab, scale); });
     std::ofstream o(argv[6], std::ios::binary);
-    cp_write(o, loss.data, rows), cp_write(o, logits.data, n);
+    cp_write(o, loss.data, rows), cp_write(o, backward_loss.data, rows);
+    cp_write(o, logits.data, n);
     return o ? 0 : 1;
 }

@@ -478,19 +478,29 @@ impl Gpu {
         )
     }
 
-    /// Logits become `scale · (softmax - one_hot(target))` in place.
+    /// Logits become `scale · (softmax - one_hot(target))` in place; with `loss_rows`, each
+    /// row's loss is written there too, as [`Gpu::ce_forward`] would (one pass over the logits
+    /// fewer when the loss and the gradient are both wanted).
     pub fn ce_backward(
         &self,
         logits: DevPtr,
+        loss_rows: Option<DevPtr>,
         targets: DevPtr,
         rows: usize,
         vocab: usize,
         scale: f32,
     ) -> R {
+        let loss_rows = loss_rows.unwrap_or(DevPtr::new(0, DType::F32));
         self.launch(
             "ce_backward",
             per_row(rows),
-            &[Ptr(logits), Ptr(targets), int(vocab), F32(scale)],
+            &[
+                Ptr(logits),
+                Ptr(loss_rows),
+                Ptr(targets),
+                int(vocab),
+                F32(scale),
+            ],
         )
     }
 

@@ -12,7 +12,7 @@ mod layer;
 mod trainer;
 
 pub use embedding::{EmbeddingStash, embedding_backward, embedding_forward};
-pub use head::{HeadStash, head_backward, head_forward};
+pub use head::{HeadStash, head_backward, head_forward, head_forward_backward};
 pub use layer::{LayerStash, layer_backward, layer_forward};
 pub use trainer::GpuTrainer;
 

@@ -3,7 +3,7 @@
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::{
-    GpuCtx, GpuPart, Result, embedding_backward, embedding_forward, head_backward, head_forward,
+    GpuCtx, GpuPart, Result, embedding_backward, embedding_forward, head_forward_backward,
     layer_backward, layer_forward,
 };
 use crate::data::Microbatch;
@@ -89,8 +89,8 @@ impl GpuTrainer {
             stashes.push(st);
             x = y;
         }
-        let (head_st, loss) = head_forward(ctx, &head[0], x, &mb.targets)?;
-        let mut grad = head_backward(ctx, &mut head[0], head_st, loss_scale)?;
+        let (mut grad, loss) =
+            head_forward_backward(ctx, &mut head[0], x, &mb.targets, loss_scale)?;
         for (p, st) in layer_parts.iter_mut().zip(stashes).rev() {
             grad = layer_backward(ctx, p, st, grad)?;
         }

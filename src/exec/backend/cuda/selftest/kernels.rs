@@ -338,8 +338,9 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
     let (gx, gw, gt) = (k.up(&x)?, k.up(&w)?, k.up_i32(&targets)?);
     let zeros =
         |len: usize| GpuTensor::zeros(gpu, &k.pool, "z", &[len], DType::F32, MemGroup::Activations);
-    let (logits, rows, gdx, gdw) = (
+    let (logits, rows, fused_rows, gdx, gdw) = (
         zeros(tokens * vocab)?,
+        zeros(tokens)?,
         zeros(tokens)?,
         zeros(tokens * hidden)?,
         zeros(vocab * hidden)?,
@@ -352,7 +353,8 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
     )?;
     gpu.ce_forward(rows.ptr(), logits.ptr(), gt.ptr(), tokens, vocab)?;
     let gpu_loss: f64 = down(gpu, &rows)?.iter().map(|&l| l as f64).sum();
-    gpu.ce_backward(logits.ptr(), gt.ptr(), tokens, vocab, scale)?;
+    let fused = Some(fused_rows.ptr());
+    gpu.ce_backward(logits.ptr(), fused, gt.ptr(), tokens, vocab, scale)?;
     gpu.gemm(
         gdw.ptr(),
         logits.ptr(),
@@ -371,6 +373,12 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
             &[gpu_loss as f32],
             &[loss as f32],
             tol,
+        ),
+        Check::new(
+            "cross-entropy losses written by the backward vs the forward's",
+            &down(gpu, &fused_rows)?,
+            &down(gpu, &rows)?,
+            1e-7,
         ),
         Check::new("cross-entropy backward dx", &down(gpu, &gdx)?, &dx, tol),
         Check::new("cross-entropy backward dw", &down(gpu, &gdw)?, &dw, tol),
