@@ -1,23 +1,32 @@
-// Optimizer updates with PyTorch's semantics; `factor` is the gradient-clipping factor.
+// Optimizer updates with PyTorch's semantics; `factor` is the gradient-clipping factor. Unless
+// `w_act` is null, the updated weights are also written there as activations (the bf16 copy
+// the products read), so the copy stays current without a pass of its own.
 
-extern "C" __global__ void adamw_update(float* w, const float* grad, float* m, float* v,
-                                        long long n, float factor, float beta1, float beta2,
-                                        float eps, float decay, float step_size, float bc2_sqrt) {
+extern "C" __global__ void adamw_update(float* w, act_t* w_act, const float* grad, float* m,
+                                        float* v, long long n, float factor, float beta1,
+                                        float beta2, float eps, float decay, float step_size,
+                                        float bc2_sqrt) {
     CP_FOR_EACH(i, n) {
         float g = grad[i] * factor;
         float wi = w[i] * decay;
         float mi = m[i] + (g - m[i]) * (1.0f - beta1);
         float vi = v[i] * beta2 + (1.0f - beta2) * g * g;
         float denom = sqrtf(vi) / bc2_sqrt + eps;
-        w[i] = wi - step_size * (mi / denom);
+        float updated = wi - step_size * (mi / denom);
+        w[i] = updated;
         m[i] = mi;
         v[i] = vi;
+        if (w_act != nullptr) w_act[i] = cp_st(updated);
     }
 }
 
-extern "C" __global__ void sgd_update(float* w, const float* grad, long long n, float factor,
-                                      float lr) {
-    CP_FOR_EACH(i, n) { w[i] -= lr * (grad[i] * factor); }
+extern "C" __global__ void sgd_update(float* w, act_t* w_act, const float* grad, long long n,
+                                      float factor, float lr) {
+    CP_FOR_EACH(i, n) {
+        float updated = w[i] - lr * (grad[i] * factor);
+        w[i] = updated;
+        if (w_act != nullptr) w_act[i] = cp_st(updated);
+    }
 }
 
 // acc += sum of x^2, in double (the global gradient norm).

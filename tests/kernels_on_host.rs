@@ -24,6 +24,7 @@ use chronospipe::exec::backend::{Backend, CpuBackend};
 use chronospipe::exec::compare::rel_err;
 use chronospipe::exec::kernels::attention::AttnShape;
 use chronospipe::exec::kernels::rope::{inv_freq, rope_apply};
+use chronospipe::exec::optim::{OptimizerConfig, update_elements};
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -507,6 +508,87 @@ fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
             );
             checks.check(&format!("ce grad {case}"), &got[2], &grad, grad_tolerance);
         }
+    }
+    checks.assert_all_passed();
+}
+
+/// The optimizer kernels, f32 and bf16 builds, against the CPU optimizer (`update_elements`):
+/// AdamW (step 3, with a clipping factor) and SGD on 1,500 weights, over two blocks so the
+/// grid-stride loop takes several strides. Each also writes the copy of the updated weights
+/// the products read, which must be those weights rounded to the activations' type, to the
+/// bit.
+#[test]
+fn optimizer_kernels_run_on_the_host_match_the_cpu_optimizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(47);
+    let mut checks = Checks::default();
+    let n = 1500;
+    let (w, g, m) = (
+        uniform(&mut rng, n, 1.0),
+        uniform(&mut rng, n, 1.0),
+        uniform(&mut rng, n, 0.1),
+    );
+    let v: Vec<f32> = uniform(&mut rng, n, 0.01).iter().map(|x| x.abs()).collect();
+    let (factor, lr) = (0.7f32, 1e-3f32);
+    let adamw = OptimizerConfig::default();
+    let OptimizerConfig::AdamW {
+        beta1, beta2, eps, ..
+    } = adamw
+    else {
+        unreachable!("the default optimizer is AdamW")
+    };
+    let c = adamw.coeffs(3, lr);
+    let (decay, step_size, bc2_sqrt) = c.kernel_args();
+    let (mut cpu_w, mut cpu_m, mut cpu_v) = (w.clone(), m.clone(), v.clone());
+    update_elements(
+        &adamw,
+        &c,
+        factor,
+        &mut cpu_w,
+        &mut g.clone(),
+        &mut cpu_m,
+        &mut cpu_v,
+    );
+    let sgd = OptimizerConfig::Sgd;
+    let mut sgd_w = w.clone();
+    let (mut m0, mut v0) = (m.clone(), v.clone());
+    update_elements(
+        &sgd,
+        &sgd.coeffs(3, lr),
+        factor,
+        &mut sgd_w,
+        &mut g.clone(),
+        &mut m0,
+        &mut v0,
+    );
+    let input = [&w, &g, &m, &v].map(|x| f32_bytes(x)).concat();
+    for (bf16_build, binary) in both_builds(dir.path(), "optim") {
+        let args =
+            [factor, beta1, beta2, eps, decay, step_size, bc2_sqrt, lr].map(|x| x.to_string());
+        let got = exchange(
+            dir.path(),
+            program(&binary, [n.to_string()].into_iter().chain(args)),
+            &input,
+        );
+        let shapes = [
+            (n, false),
+            (n, false),
+            (n, false),
+            (n, true),
+            (n, false),
+            (n, true),
+        ];
+        let got = split_output(&got, bf16_build, &shapes);
+        let case = format!("bf16={bf16_build}");
+        checks.check(&format!("adamw w {case}"), &got[0], &cpu_w, 1e-6);
+        checks.check(&format!("adamw m {case}"), &got[1], &cpu_m, 1e-6);
+        checks.check(&format!("adamw v {case}"), &got[2], &cpu_v, 1e-6);
+        checks.check(&format!("sgd w {case}"), &got[4], &sgd_w, 1e-6);
+        // The copies are the kernels' own updated weights in the activations' type.
+        let adamw_copy = as_acts(got[0].clone(), bf16_build);
+        checks.check(&format!("adamw copy {case}"), &got[3], &adamw_copy, 1e-30);
+        let sgd_copy = as_acts(got[4].clone(), bf16_build);
+        checks.check(&format!("sgd copy {case}"), &got[5], &sgd_copy, 1e-30);
     }
     checks.assert_all_passed();
 }

@@ -49,6 +49,10 @@ impl Lease {
         self.bytes
     }
 
+    pub(crate) fn group(&self) -> MemGroup {
+        self.group
+    }
+
     /// Counts the same bytes under another group.
     pub(crate) fn regroup(&mut self, group: MemGroup) {
         self.pool.move_between(self.group, group, self.bytes);

@@ -342,8 +342,11 @@ mod tests {
         assert_ne!(out.summary.peak_bytes, on_cpu.summary.peak_bytes);
     }
 
-    /// `training.precision: bf16` plans GPU stages with the `cuda-bf16` layout (smaller
-    /// peaks than f32) and is refused on CPU devices, by field.
+    /// `training.precision: bf16` plans GPU stages with the `cuda-bf16` layout and is refused
+    /// on CPU devices, by field. The layout halves activations and adds a 2-byte copy of each
+    /// projection weight, so its peaks are smaller where a stage's f32 activations outweigh its
+    /// projection weights' f32 bytes (roughly): here 256-token sequences, 4 to a
+    /// micro-batch (the helper's 32-token, 1-sequence micro-batches hold less than the copies).
     #[test]
     fn bf16_jobs_plan_smaller_on_gpus_and_are_refused_on_cpus() {
         let planner = ExecPlanner;
@@ -352,7 +355,11 @@ mod tests {
             s.training.precision = crate::spec::PrecisionSpec::Bf16;
             s
         };
-        let one_f_one_b = spec(r#"{"schedule": "1f1b"}"#);
+        let mut one_f_one_b = spec(r#"{"schedule": "1f1b"}"#);
+        (
+            one_f_one_b.training.seq_len,
+            one_f_one_b.training.micro_batch_size,
+        ) = (256, 4);
         let stages: Vec<DeviceInfo> = (0..2)
             .map(|s| gpu(&format!("cuda:0/stage{s}"), 2 << 30))
             .collect();

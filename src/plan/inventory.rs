@@ -142,10 +142,10 @@ pub enum Profile {
     /// scores of one sequence as scratch and the head's larger logits blocks.
     CudaF32,
     /// What the CUDA backend allocates with bf16 activations: `cuda-f32`'s tensors with
-    /// activations in bf16 (per-row statistics, losses and token ids keep their types), plus
-    /// bf16 copies of a part's projection weights as scratch of its forward and backward;
-    /// with the flash kernels' head dimensions, an f32 dQ accumulator instead of the scores.
-    /// Weights, gradients and optimizer state stay f32.
+    /// activations in bf16 (per-row statistics, losses and token ids keep their types); with
+    /// the flash kernels' head dimensions, an f32 dQ accumulator instead of the scores.
+    /// Weights, gradients and optimizer state stay f32; projection weights keep a bf16 copy
+    /// beside them for the products ([`act_copy_bytes`], counted with the weights).
     CudaBf16,
     /// Paper-scale planning: bf16 activations, tensor parallel degree `tensor_parallel` with
     /// sequence parallelism, mixed-precision state of 18 bytes per parameter. The tensors and
@@ -192,6 +192,44 @@ impl Profile {
     }
 }
 
+/// A part's parameters (f32, in the order the executors keep them).
+fn params(d: &ModelDims, part: Part) -> Vec<TensorSpec> {
+    let (h, kv, f, v) = (d.hidden, d.kv_width(), d.ffn, d.vocab);
+    let t = |name, shape: &[usize]| TensorSpec::new(name, shape, DType::F32);
+    match part {
+        Part::Embedding => vec![t("embed_tokens.weight", &[v, h])],
+        Part::Layer => vec![
+            t("input_layernorm.weight", &[h]),
+            t("self_attn.q_proj.weight", &[h, h]),
+            t("self_attn.k_proj.weight", &[kv, h]),
+            t("self_attn.v_proj.weight", &[kv, h]),
+            t("self_attn.o_proj.weight", &[h, h]),
+            t("post_attention_layernorm.weight", &[h]),
+            t("mlp.gate_proj.weight", &[f, h]),
+            t("mlp.up_proj.weight", &[f, h]),
+            t("mlp.down_proj.weight", &[h, f]),
+        ],
+        Part::Head => vec![t("norm.weight", &[h]), t("lm_head.weight", &[v, h])],
+    }
+}
+
+/// Whether the CUDA backend keeps a copy of a parameter of `part` of this shape in the
+/// activations' type beside it, for the products to read: the projection weights (2-D) of a
+/// layer and of the head, with bf16 activations. The copy lives while the weight is on its
+/// device and is counted with it (`MemGroup::Weights`).
+pub fn keeps_act_copy(profile: Profile, part: Part, shape: &[usize]) -> bool {
+    profile == Profile::CudaBf16 && part != Part::Embedding && shape.len() == 2
+}
+
+/// The bytes of a part's copies of its weights (see [`keeps_act_copy`]).
+pub fn act_copy_bytes(profile: Profile, dims: &ModelDims, part: Part) -> u64 {
+    let copied = params(dims, part).into_iter();
+    let copied = copied.filter(|p| keeps_act_copy(profile, part, &p.shape));
+    copied
+        .map(|p| (p.elements() * DType::Bf16.bytes()) as u64)
+        .sum()
+}
+
 /// The CPU executor's tensors. Keep in step with `exec`: a test compares them.
 fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
     use DType::{F32, I32};
@@ -201,7 +239,7 @@ fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
     let hidden_out = Some(t("output", &[n, h], F32));
     match part {
         Part::Embedding => PartInventory {
-            params: vec![t("embed_tokens.weight", &[v, h], F32)],
+            params: params(d, part),
             stash: vec![t("token_ids", &[n], I32)],
             forward_scratch: vec![],
             // The first layer's input gradient, alive while the embedding adds it to its table.
@@ -209,17 +247,7 @@ fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
             output: hidden_out,
         },
         Part::Layer => PartInventory {
-            params: vec![
-                t("input_layernorm.weight", &[h], F32),
-                t("self_attn.q_proj.weight", &[h, h], F32),
-                t("self_attn.k_proj.weight", &[kv, h], F32),
-                t("self_attn.v_proj.weight", &[kv, h], F32),
-                t("self_attn.o_proj.weight", &[h, h], F32),
-                t("post_attention_layernorm.weight", &[h], F32),
-                t("mlp.gate_proj.weight", &[f, h], F32),
-                t("mlp.up_proj.weight", &[f, h], F32),
-                t("mlp.down_proj.weight", &[h, f], F32),
-            ],
+            params: params(d, part),
             stash: vec![
                 t("input", &[n, h], F32),
                 t("attn_norm_rstd", &[n], F32),
@@ -251,10 +279,7 @@ fn cpu_f32(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
             output: hidden_out,
         },
         Part::Head => PartInventory {
-            params: vec![
-                t("norm.weight", &[h], F32),
-                t("lm_head.weight", &[v, h], F32),
-            ],
+            params: params(d, part),
             stash: vec![
                 t("input", &[n, h], F32),
                 t("final_norm_rstd", &[n], F32),
@@ -341,10 +366,10 @@ pub fn cuda_flash_attention(profile: Profile, d: &ModelDims) -> bool {
 }
 
 /// The CUDA backend's tensors with bf16 activations: `cuda-f32` with every f32 activation in
-/// bf16 except [`CUDA_BF16_KEEPS_F32`], and `weights_bf16` (the part's projection weights,
-/// rounded for the products) in the forward and backward scratch of a layer and the head.
-/// Where attention runs on the flash kernels ([`cuda_flash_attention`]), a layer has no
-/// scores scratch; its backward adds dQ into `attn_dq_acc`, f32, before rounding it.
+/// bf16 except [`CUDA_BF16_KEEPS_F32`] (the weights' bf16 copies are not activations: see
+/// [`act_copy_bytes`]). Where attention runs on the flash kernels ([`cuda_flash_attention`]),
+/// a layer has no scores scratch; its backward adds dQ into `attn_dq_acc`, f32, before
+/// rounding it.
 fn cuda_bf16(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory {
     let mut inv = cuda_bf16_storage(d, m, part);
     if part == Part::Layer && cuda_flash_attention(Profile::CudaBf16, d) {
@@ -374,15 +399,6 @@ fn cuda_bf16_storage(d: &ModelDims, m: MicroShape, part: Part) -> PartInventory 
             t.dtype = DType::Bf16;
         }
     }
-    let projections: usize = (inv.params.iter())
-        .filter(|t| t.shape.len() == 2)
-        .map(TensorSpec::elements)
-        .sum();
-    if part != Part::Embedding {
-        let copies = TensorSpec::new("weights_bf16", &[projections], DType::Bf16);
-        inv.forward_scratch.push(copies.clone());
-        inv.backward_scratch.push(copies);
-    }
     inv
 }
 
@@ -405,31 +421,19 @@ mod tests {
     }
 
     /// `cuda-bf16` is `cuda-f32` tensor for tensor with activations in bf16 (statistics,
-    /// losses and token ids keep their types), plus the projections' bf16 copies in a layer's
-    /// and the head's forward and backward scratch (a head dimension the flash kernels are
-    /// not built for: 24).
+    /// losses and token ids keep their types), at a head dimension the flash kernels are not
+    /// built for (24).
     #[test]
-    fn cuda_bf16_is_cuda_f32_with_bf16_activations_and_weight_copies() {
+    fn cuda_bf16_is_cuda_f32_with_bf16_activations() {
         let dims = ModelDims { hidden: 96, ..DIMS };
         assert!(!cuda_flash_attention(Profile::CudaBf16, &dims));
         for part in [Part::Embedding, Part::Layer, Part::Head] {
             let f32_inv = Profile::CudaF32.part(&dims, MICRO, part);
             let bf16_inv = Profile::CudaBf16.part(&dims, MICRO, part);
             assert_eq!(bf16_inv.params, f32_inv.params, "{part:?}");
-            let projections: usize = (f32_inv.params.iter())
-                .filter(|t| t.shape.len() == 2)
-                .map(TensorSpec::elements)
-                .sum();
-            // Stash, forward scratch, backward scratch: the copies are scratch of a layer
-            // and the head.
-            let lists_of = |inv| lists(inv).into_iter().enumerate();
-            for ((i, f), (_, b)) in lists_of(&f32_inv).zip(lists_of(&bf16_inv)) {
-                let copies: Vec<&TensorSpec> =
-                    b.iter().filter(|t| t.name == "weights_bf16").collect();
-                let rest: Vec<&TensorSpec> =
-                    b.iter().filter(|t| t.name != "weights_bf16").collect();
-                assert_eq!(rest.len(), f.len(), "{part:?}");
-                for (ft, bt) in f.iter().zip(rest) {
+            for (f, b) in lists(&f32_inv).into_iter().zip(lists(&bf16_inv)) {
+                assert_eq!(b.len(), f.len(), "{part:?}");
+                for (ft, bt) in f.iter().zip(b) {
                     assert_eq!((ft.name, &ft.shape), (bt.name, &bt.shape));
                     let want = match ft.dtype {
                         DType::F32 if !CUDA_BF16_KEEPS_F32.contains(&ft.name) => DType::Bf16,
@@ -437,14 +441,6 @@ mod tests {
                     };
                     assert_eq!(bt.dtype, want, "{part:?} {}", ft.name);
                 }
-                let want: Vec<(usize, DType)> = if i > 0 && part != Part::Embedding {
-                    vec![(projections, DType::Bf16)]
-                } else {
-                    vec![]
-                };
-                let got: Vec<(usize, DType)> =
-                    copies.iter().map(|c| (c.elements(), c.dtype)).collect();
-                assert_eq!(got, want, "{part:?} list {i}");
             }
             let output = |inv: &PartInventory| inv.output.as_ref().map(|t| t.dtype);
             let want = output(&f32_inv).map(|_| DType::Bf16);
@@ -454,6 +450,23 @@ mod tests {
         let stash = |p: Profile| total_bytes(&p.part(&dims, MICRO, Part::Layer).stash) as f64;
         let ratio = stash(Profile::CudaBf16) / stash(Profile::CudaF32);
         assert!((0.5..0.52).contains(&ratio), "{ratio}");
+    }
+
+    /// With bf16 activations, a layer's seven projections and the head's LM head keep 2-byte
+    /// copies; norm weights, the embedding and every other profile keep none.
+    #[test]
+    fn bf16_copies_are_the_projection_weights_of_layers_and_the_head() {
+        let (h, kv, f, v) = (DIMS.hidden, DIMS.kv_width(), DIMS.ffn, DIMS.vocab);
+        let bytes = |profile, part| act_copy_bytes(profile, &DIMS, part);
+        let layer = 2 * (2 * h * h + 2 * kv * h + 3 * f * h) as u64;
+        assert_eq!(bytes(Profile::CudaBf16, Part::Layer), layer);
+        assert_eq!(bytes(Profile::CudaBf16, Part::Head), 2 * (v * h) as u64);
+        assert_eq!(bytes(Profile::CudaBf16, Part::Embedding), 0);
+        for profile in [Profile::CpuF32, Profile::CudaF32] {
+            for part in [Part::Embedding, Part::Layer, Part::Head] {
+                assert_eq!(bytes(profile, part), 0, "{profile:?} {part:?}");
+            }
+        }
     }
 
     /// With a head dimension the flash kernels are built for, a bf16 layer trades the scores

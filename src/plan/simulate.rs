@@ -14,7 +14,7 @@
 use serde::Serialize;
 
 use super::error::PlanError;
-use super::inventory::{MicroShape, ModelDims, Profile};
+use super::inventory::{MicroShape, ModelDims, Profile, act_copy_bytes};
 use super::ir::{Action, Group, Plan};
 use super::memory::{ChunkMemory, chunk_memory};
 use super::{cost, validate};
@@ -68,6 +68,9 @@ pub fn chunk_costs(
             let parts = spec.parts();
             let fwd: f64 = parts.iter().map(|&p| flops(p)).sum::<f64>() / rate;
             let n: u64 = parts.iter().map(|&p| params(p)).sum();
+            let act_copies: u64 = (parts.iter())
+                .map(|&p| act_copy_bytes(profile, dims, p))
+                .sum();
             ChunkCost {
                 forward_s: fwd,
                 backward_s: 2.0 * fwd,
@@ -75,7 +78,8 @@ pub fn chunk_costs(
                 step_s: 2.0 * per_param * n as f64 / hw.hbm_bytes_per_s.max(1.0),
                 memory: chunk_memory(profile, dims, micro, &parts),
                 params: n,
-                weight_bytes: n * state.weight as u64,
+                // The weights, with the bf16 copies the products read beside them.
+                weight_bytes: n * state.weight as u64 + act_copies,
                 grad_bytes: n * state.grad as u64,
                 optimizer_bytes: n * state.optimizer as u64,
             }

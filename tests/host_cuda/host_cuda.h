@@ -76,6 +76,7 @@ inline void cp_check_alignment(const void* p, std::size_t align) {
 }
 
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 
 inline float cp_bf16_bits(unsigned short h) { return __uint_as_float(((unsigned)h) << 16); }
 

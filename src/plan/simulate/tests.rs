@@ -107,6 +107,37 @@ fn real_chunk_memory_adds_up_on_one_device() {
     assert_eq!(end.activations + end.comm, 0, "everything freed at the end");
 }
 
+/// With bf16 activations a chunk's weights carry their bf16 copies: 2 bytes more per
+/// projection weight (a layer's seven, the head's LM head; not the embedding, not the norms)
+/// than the f32 layout's 4 per parameter; gradients and optimizer state are unchanged.
+#[test]
+fn cuda_bf16_weights_count_their_copies() {
+    let dims = ModelDims {
+        hidden: 16,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 40,
+        vocab: 50,
+    };
+    let micro = MicroShape { batch: 1, seq: 8 };
+    let plan = build(ScheduleKind::OneFOneB, 2, 2, 2).unwrap();
+    let hw = ideal();
+    let f32_costs = chunk_costs(&plan, Profile::CudaF32, &dims, micro, &hw);
+    let bf16_costs = chunk_costs(&plan, Profile::CudaBf16, &dims, micro, &hw);
+    let (h, kv, f, v) = (16, 8, 40, 50);
+    let layer_copies = 2 * (2 * h * h + 2 * kv * h + 3 * f * h) as u64;
+    // Chunk 0: the embedding and a layer; chunk 1: a layer and the head.
+    let want = [layer_copies, layer_copies + 2 * (v * h) as u64];
+    for ((f, b), copies) in f32_costs.iter().zip(&bf16_costs).zip(want) {
+        assert_eq!(b.weight_bytes, f.weight_bytes + copies);
+        assert_eq!(
+            (b.grad_bytes, b.optimizer_bytes),
+            (f.grad_bytes, f.optimizer_bytes)
+        );
+    }
+}
+
 #[test]
 fn optimizer_offload_moves_bytes_to_host_and_late_prefetch_stalls() {
     let plan = build(ScheduleKind::OneFOneB, 1, 2, 1).unwrap();

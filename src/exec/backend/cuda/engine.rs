@@ -25,7 +25,7 @@ use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::pipeline::PipelineError;
 use crate::exec::pipeline::engine::{At, Engine, HostPart, Kept, Update};
-use crate::plan::inventory::DType;
+use crate::plan::inventory::{DType, keeps_act_copy};
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
@@ -256,15 +256,15 @@ impl Engine for GpuEngine {
             weights: host_weights,
             ..
         } = part;
+        let gpu = &self.gpus[0];
+        let copied = |shape: &[usize]| keeps_act_copy(gpu.precision.profile(), id.kind(), shape);
         for (name, w) in names.iter().zip(host_weights) {
             let (_, shape, data) = w.into_data();
-            weights.push(GpuTensor::on_host(
-                host,
-                name,
-                &shape,
-                data,
-                MemGroup::Weights,
-            )?);
+            let mut weight = GpuTensor::on_host(host, name, &shape, data, MemGroup::Weights)?;
+            if copied(&shape) {
+                weight = weight.keep_act_copy(gpu, host)?;
+            }
+            weights.push(weight);
             let g = MemGroup::Gradients;
             grads.push(GpuTensor::zeros_on_host(host, name, &shape, DType::F32, g)?);
         }
@@ -333,8 +333,11 @@ impl Engine for GpuEngine {
         }
         let n = local.len();
         let (wp, gp) = (w.at(local.start), g.at(local.start));
+        let copy = w.act_copy_at(local.start);
         match (u.config, moments) {
-            (OptimizerConfig::Sgd, _) => gpu.sgd_update(wp, gp, n, u.clip_factor, u.coeffs.lr())?,
+            (OptimizerConfig::Sgd, _) => {
+                gpu.sgd_update(wp, copy, gp, n, u.clip_factor, u.coeffs.lr())?
+            }
             (
                 &OptimizerConfig::AdamW {
                     beta1, beta2, eps, ..
@@ -342,6 +345,7 @@ impl Engine for GpuEngine {
                 Some((m, v)),
             ) => gpu.adamw_update(
                 wp,
+                copy,
                 gp,
                 m.at(within.start),
                 v.at(within.start),

@@ -2,8 +2,9 @@
 //! opened, matrix products through cuBLAS (TF32 tensor cores on f32 activations, or bf16
 //! tensor cores on bf16 activations), and the Llama model's parts written against them with
 //! the same stash tensors as the CPU executor (the `cuda-f32` inventory: `cpu-f32` plus
-//! attention scores; `cuda-bf16`: the same with activations in bf16, plus bf16 weight copies,
-//! and flash-attention kernels in place of the scores where the head dimension suits them).
+//! attention scores; `cuda-bf16`: the same with activations in bf16, and flash-attention
+//! kernels in place of the scores where the head dimension suits them; projection weights
+//! keep a bf16 copy beside them, [`act_copy`]).
 //!
 //! Everything loads at run time (cudarc's dynamic loading), so the crate builds and its tests
 //! run on machines without CUDA; opening a device there is a typed [`CudaError::Unavailable`]
@@ -11,7 +12,8 @@
 //!
 //! - [`libs`]: which CUDA libraries this machine has, and their versions.
 //! - [`gpu::Gpu`]: one device: context, stream, cuBLAS handle, compiled kernels.
-//! - [`tensor::GpuTensor`]: a device buffer counted in a [`crate::exec::device::Pool`].
+//! - [`tensor::GpuTensor`]: a device buffer counted in a [`crate::exec::device::Pool`]; an f32
+//!   weight's bf16 copy for the products ([`act_copy`]).
 //! - [`ops`]: one function per kernel (and the products through cuBLAS).
 //! - [`model`]: embedding, decoder layer and head forward/backward, and [`model::GpuTrainer`],
 //!   a whole-model training step with AdamW/SGD and global-norm clipping on one device.
@@ -21,6 +23,7 @@
 //!   offload and prefetch through pinned host memory on a copy stream ([`offload`]), sends
 //!   between GPUs through NCCL ([`nccl`]).
 
+pub mod act_copy;
 pub mod attention;
 pub mod engine;
 pub mod gpu;
@@ -78,8 +81,8 @@ pub enum Precision {
     /// accumulation.
     Tf32,
     /// bf16 activations (statistics such as 1/rms, log-sum-exp and losses stay f32);
-    /// products on tensor cores from bf16 inputs (weights rounded to bf16 copies for each
-    /// part's forward and backward), f32 accumulation.
+    /// products on tensor cores from bf16 inputs (projection weights read from bf16 copies
+    /// kept beside them and written by the optimizer's update), f32 accumulation.
     Bf16,
 }
 

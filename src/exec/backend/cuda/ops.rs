@@ -490,13 +490,12 @@ impl Gpu {
         vocab: usize,
         scale: f32,
     ) -> R {
-        let loss_rows = loss_rows.unwrap_or(DevPtr::new(0, DType::F32));
         self.launch(
             "ce_backward",
             per_row(rows),
             &[
                 Ptr(logits),
-                Ptr(loss_rows),
+                Ptr(or_null(loss_rows)),
                 Ptr(targets),
                 int(vocab),
                 F32(scale),
@@ -504,10 +503,13 @@ impl Gpu {
         )
     }
 
+    /// AdamW on `n` weights; with `w_act`, the updated weights are also written there in the
+    /// activations' type (a weight's bf16 copy).
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_update(
         &self,
         w: DevPtr,
+        w_act: Option<DevPtr>,
         g: DevPtr,
         m: DevPtr,
         v: DevPtr,
@@ -521,6 +523,7 @@ impl Gpu {
             elementwise(n),
             &[
                 Ptr(w),
+                Ptr(or_null(w_act)),
                 Ptr(g),
                 Ptr(m),
                 Ptr(v),
@@ -536,11 +539,27 @@ impl Gpu {
         )
     }
 
-    pub fn sgd_update(&self, w: DevPtr, g: DevPtr, n: usize, factor: f32, lr: f32) -> R {
+    /// SGD on `n` weights; `w_act` as for [`Gpu::adamw_update`].
+    pub fn sgd_update(
+        &self,
+        w: DevPtr,
+        w_act: Option<DevPtr>,
+        g: DevPtr,
+        n: usize,
+        factor: f32,
+        lr: f32,
+    ) -> R {
         self.launch(
             "sgd_update",
             elementwise(n),
-            &[Ptr(w), Ptr(g), len(n), F32(factor), F32(lr)],
+            &[
+                Ptr(w),
+                Ptr(or_null(w_act)),
+                Ptr(g),
+                len(n),
+                F32(factor),
+                F32(lr),
+            ],
         )
     }
 
@@ -679,6 +698,11 @@ impl Gpu {
 /// half of the scores.
 fn causal_half_products(sh: &AttnShape) -> f64 {
     (sh.batch * sh.heads * sh.seq * sh.seq * sh.head_dim) as f64 / 2.0
+}
+
+/// A kernel's optional pointer argument: null when absent.
+fn or_null(p: Option<DevPtr>) -> DevPtr {
+    p.unwrap_or(DevPtr::new(0, DType::F32))
 }
 
 /// The flash kernels' grid: 64-row tiles of the sequence, by heads, by sequences.

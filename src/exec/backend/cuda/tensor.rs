@@ -10,6 +10,7 @@
 use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, PinnedHostSlice};
 
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::act_copy::ActCopy;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::nccl::Nccl;
 use crate::exec::backend::cuda::offload::{self, Ready};
@@ -60,6 +61,8 @@ pub struct GpuTensor {
     shape: Vec<usize>,
     dtype: DType,
     lease: Lease,
+    /// An f32 weight's copy for the products, with bf16 activations (see [`ActCopy`]).
+    act_copy: ActCopy,
 }
 
 /// Checks that host values of type `T` fit a tensor of `dtype`.
@@ -161,6 +164,7 @@ impl GpuTensor {
             dtype,
             lease,
             ready: None,
+            act_copy: ActCopy::No,
         })
     }
 
@@ -196,7 +200,33 @@ impl GpuTensor {
             dtype,
             lease,
             ready: None,
+            act_copy: ActCopy::No,
         }
+    }
+
+    /// From now on the tensor, an f32 weight, keeps a copy in `gpu`'s activation type for the
+    /// products whenever it is on a device, counted beside it (allocated now if it is on
+    /// `gpu`, counted in `pool`).
+    pub fn keep_act_copy(mut self, gpu: &Gpu, pool: &PoolRef) -> Result<Self, CudaError> {
+        self.act_copy = match self.storage {
+            Storage::Device(_) => {
+                ActCopy::allocate(gpu, pool, &self.name, self.lease.group(), self.len())?
+            }
+            _ => ActCopy::Wanted,
+        };
+        Ok(self)
+    }
+
+    /// The weight in the activations' type for a product: its copy, cast first if the weight
+    /// changed since (`None` for a tensor without one).
+    pub fn act_copy(&self, gpu: &Gpu) -> Result<Option<DevPtr>, CudaError> {
+        self.await_ready(gpu)?;
+        self.act_copy.current(gpu, self.ptr(), self.len())
+    }
+
+    /// Element `offset` of the copy, for an update kernel that writes it with the weight.
+    pub fn act_copy_at(&self, offset: usize) -> Option<DevPtr> {
+        self.act_copy.at(offset)
     }
 
     /// Moves the tensor into `to` under `group`, the destination charged before the source
@@ -212,6 +242,12 @@ impl GpuTensor {
     ) -> Result<Self, CudaError> {
         let lease = Lease::reserve(to, &self.name, group, self.lease.bytes())?;
         let bytes = self.bytes();
+        // A weight's copy: given back in host memory, a fresh (stale) one on the device.
+        let act_copy = match (&self.act_copy, to_host) {
+            (ActCopy::No, _) => ActCopy::No,
+            (copy, true) => copy.on_host(),
+            (_, false) => ActCopy::allocate(gpu, to, &self.name, group, self.len())?,
+        };
         let GpuTensor {
             storage,
             addr,
@@ -220,6 +256,7 @@ impl GpuTensor {
             dtype,
             lease: _given_back,
             ready,
+            act_copy: given_back,
         } = self;
         let (storage, addr, ready) = match (storage, to_host) {
             (Storage::Device(buf), true) if bytes > 0 => {
@@ -244,6 +281,7 @@ impl GpuTensor {
             }
             (kept, _) => (kept, addr, ready),
         };
+        drop(given_back);
         Ok(GpuTensor {
             storage,
             addr,
@@ -252,6 +290,7 @@ impl GpuTensor {
             dtype,
             lease,
             ready,
+            act_copy,
         })
     }
 
@@ -267,6 +306,7 @@ impl GpuTensor {
     /// The same tensor counted under another group of its pool.
     pub fn regroup(mut self, group: MemGroup) -> Self {
         self.lease.regroup(group);
+        self.act_copy.regroup(group);
         self
     }
 
@@ -332,6 +372,7 @@ impl GpuTensor {
     ) -> Result<(), CudaError> {
         check_dtype::<T>(&self.name, self.dtype)?;
         self.await_ready(gpu)?;
+        self.act_copy.mark_stale();
         let bytes = self.byte_range(range);
         if bytes.is_empty() {
             return Ok(());
@@ -352,6 +393,7 @@ impl GpuTensor {
         range: std::ops::Range<usize>,
     ) -> Result<(), CudaError> {
         self.await_ready(gpu)?;
+        self.act_copy.mark_stale();
         let bytes = self.byte_range(range);
         if bytes.is_empty() {
             return Ok(());
@@ -392,6 +434,7 @@ impl GpuTensor {
         }
         src.await_ready(gpu)?;
         self.await_ready(gpu)?;
+        self.act_copy.mark_stale();
         let bytes = self.bytes();
         match (&src.storage, &mut self.storage) {
             _ if bytes == 0 => {}
@@ -496,6 +539,7 @@ impl Detached {
                     dtype: self.dtype,
                     lease,
                     ready: self.ready,
+                    act_copy: ActCopy::No,
                 });
             }
             (Storage::Device(_), _) if bytes == 0 => Vec::new(),

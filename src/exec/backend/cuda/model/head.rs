@@ -7,7 +7,7 @@
 //! of the weights. It holds the stash and the backward's scratch, exactly what the backward
 //! holds, so the planner's peak for the run is unchanged.
 
-use super::{Alloc, GpuCtx, GpuPart, Result, Weight, project, project_backward};
+use super::{Alloc, GpuCtx, GpuPart, ProductWeights, Result, Weight, project, project_backward};
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::GpuTensor;
@@ -90,7 +90,7 @@ pub fn head_forward(
     let st = HeadStash::new(ctx, &a, input, targets)?;
     let norm_out = a.fwd("norm_out")?;
     let logits = a.fwd("logits_block")?;
-    let products = a.product_weights(p, false)?;
+    let products = ProductWeights::of(gpu, p)?;
     let lm_head = products.get(p, hp::LM_HEAD);
     normalise(ctx, p, &st, &norm_out)?;
     for t0 in (0..n).step_by(CUDA_LOGITS_BLOCK_TOKENS) {
@@ -112,7 +112,7 @@ pub fn head_backward(
     let (gpu, d) = (ctx.gpu, ctx.config.dims);
     let a = Alloc::new(ctx, Part::Head);
     let norm_out = a.bwd("norm_out")?;
-    let products = a.product_weights(p, true)?;
+    let products = ProductWeights::of(gpu, p)?;
     let lm_head = products.get(p, hp::LM_HEAD);
     gpu.rmsnorm_apply(
         norm_out.ptr(),
@@ -137,7 +137,7 @@ pub fn head_forward_backward(
     let a = Alloc::new(ctx, Part::Head);
     let st = HeadStash::new(ctx, &a, input, targets)?;
     let norm_out = a.bwd("norm_out")?;
-    let products = a.product_weights(p, true)?;
+    let products = ProductWeights::of(ctx.gpu, p)?;
     let lm_head = products.get(p, hp::LM_HEAD);
     normalise(ctx, p, &st, &norm_out)?;
     let grad = backward_from_norm(ctx, &a, p, &st, &norm_out, lm_head, scale, true)?;

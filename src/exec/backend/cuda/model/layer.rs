@@ -1,7 +1,7 @@
 //! One decoder layer on the GPU: the CPU layer's steps, with the attention of
 //! `cuda::attention`.
 
-use super::{Alloc, GpuCtx, GpuPart, Result, project, project_backward};
+use super::{Alloc, GpuCtx, GpuPart, ProductWeights, Result, project, project_backward};
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::device::{MemGroup, PoolRef};
@@ -98,7 +98,7 @@ pub fn layer_forward(
         .transpose()?;
     let mut output = a.output()?;
     let w = &p.weights;
-    let pw = a.product_weights(p, false)?;
+    let pw = ProductWeights::of(gpu, p)?;
     let pw = |i| pw.get(p, i);
     let hd = d.head_dim();
 
@@ -186,7 +186,7 @@ pub fn layer_backward(
     } else {
         AttnScratch::Scores(a.bwd("attn_scores")?, a.bwd("attn_d_scores")?)
     };
-    let pw = a.product_weights(p, true)?;
+    let pw = ProductWeights::of(gpu, p)?;
     let pw = |i| pw.get(p, i);
     let (w, g) = (&p.weights, &p.grads);
     let dy = grad_output.ptr();

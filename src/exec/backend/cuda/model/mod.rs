@@ -1,8 +1,9 @@
 //! The Llama model's parts on one CUDA device, each forward with its backward, allocating
 //! exactly the inventory's tensors for the device's precision (`cuda-f32`: the CPU
-//! executor's stash names and shapes; `cuda-bf16`: the same in bf16, plus bf16 copies of the
-//! weights the products read) and holding each part's scratch for the whole of its forward
-//! or backward, as the planner's memory model assumes, so its predicted peaks hold here; and
+//! executor's stash names and shapes; `cuda-bf16`: the same in bf16, the products reading
+//! each projection weight's bf16 copy, kept beside it: `act_copy`) and holding each part's
+//! scratch for the whole of its forward or backward, as the planner's memory model assumes,
+//! so its predicted peaks hold here; and
 //! [`GpuTrainer`]: a whole-model training step with the CPU trainer's semantics (mean loss over
 //! the step's tokens, global-norm clipping, AdamW or SGD with PyTorch's update).
 
@@ -26,7 +27,7 @@ use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::tensor::Tensor;
 use crate::plan::inventory::{
-    DType, MicroShape, Part, PartInventory, TensorSpec, cuda_flash_attention,
+    DType, MicroShape, Part, PartInventory, TensorSpec, cuda_flash_attention, keeps_act_copy,
 };
 
 type Result<T> = std::result::Result<T, CudaError>;
@@ -95,42 +96,6 @@ impl<'a> Alloc<'a> {
         self.from(&self.inv.backward_scratch, name)
     }
 
-    /// The weights the part's products read in its forward (`backward` false) or backward:
-    /// the f32 weights themselves, or with bf16 activations their bf16 copies, made now into
-    /// the inventory's `weights_bf16` scratch.
-    fn product_weights(&self, p: &GpuPart, backward: bool) -> Result<ProductWeights> {
-        let gpu = self.ctx.gpu;
-        let mut ptrs = Vec::with_capacity(p.weights.len());
-        if gpu.precision.activations() == DType::F32 {
-            ptrs.extend(p.weights.iter().map(GpuTensor::ptr));
-            return Ok(ProductWeights {
-                _copies: None,
-                ptrs,
-            });
-        }
-        let list = if backward {
-            &self.inv.backward_scratch
-        } else {
-            &self.inv.forward_scratch
-        };
-        let copies = self.from(list, "weights_bf16")?;
-        let mut offset = 0;
-        for w in &p.weights {
-            if w.shape().len() == 2 {
-                let dst = copies.at(offset);
-                gpu.cast_to_act(dst, w.ptr(), w.len())?;
-                ptrs.push(dst);
-                offset += w.len();
-            } else {
-                ptrs.push(w.ptr());
-            }
-        }
-        Ok(ProductWeights {
-            _copies: Some(copies),
-            ptrs,
-        })
-    }
-
     fn output(&self) -> Result<GpuTensor> {
         let spec = self.inv.output.as_ref().ok_or(ModelError::NotInInventory {
             part: self.part,
@@ -140,15 +105,21 @@ impl<'a> Alloc<'a> {
     }
 }
 
-/// What a part's products read as its weights, indexed like the part's weights (see
-/// [`Alloc::product_weights`]).
+/// What a part's products read as its weights, indexed like the part's weights: each
+/// weight's copy in the activations' type where it keeps one (projection weights with bf16
+/// activations), cast first if the weight changed since; the f32 weight otherwise.
 struct ProductWeights {
-    /// The bf16 copies, kept alive while the products that read them are queued.
-    _copies: Option<GpuTensor>,
     ptrs: Vec<DevPtr>,
 }
 
 impl ProductWeights {
+    fn of(gpu: &Gpu, p: &GpuPart) -> Result<ProductWeights> {
+        let ptrs = (p.weights.iter())
+            .map(|w| Ok(w.act_copy(gpu)?.unwrap_or(w.ptr())))
+            .collect::<Result<_>>()?;
+        Ok(ProductWeights { ptrs })
+    }
+
     /// Weight `i` of `p` as its products read it.
     fn get(&self, p: &GpuPart, i: usize) -> Weight {
         let shape = p.weights[i].shape();
@@ -214,17 +185,15 @@ impl GpuPart {
             exp_avg_sq: Vec::new(),
         };
         let adam = matches!(optimizer, OptimizerConfig::AdamW { .. });
+        let profile = gpu.precision.profile();
         for (name, w) in host.names.iter().zip(&host.weights) {
             let shape = w.shape();
             let group = MemGroup::Weights;
-            p.weights.push(GpuTensor::from_host(
-                gpu,
-                pool,
-                name,
-                shape,
-                w.data(),
-                group,
-            )?);
+            let mut weight = GpuTensor::from_host(gpu, pool, name, shape, w.data(), group)?;
+            if keeps_act_copy(profile, host.id.kind(), shape) {
+                weight = weight.keep_act_copy(gpu, pool)?;
+            }
+            p.weights.push(weight);
             let zeros = |group| GpuTensor::zeros(gpu, pool, name, shape, DType::F32, group);
             p.grads.push(zeros(MemGroup::Gradients)?);
             if adam {

@@ -117,13 +117,14 @@ impl GpuTrainer {
         for p in &mut self.parts {
             for i in 0..p.weights.len() {
                 let (w, g) = (p.weights[i].ptr(), p.grads[i].ptr());
-                let n = p.weights[i].len();
+                let (n, copy) = (p.weights[i].len(), p.weights[i].act_copy_at(0));
                 match self.optimizer {
-                    OptimizerConfig::Sgd => gpu.sgd_update(w, g, n, factor, lr)?,
+                    OptimizerConfig::Sgd => gpu.sgd_update(w, copy, g, n, factor, lr)?,
                     OptimizerConfig::AdamW {
                         beta1, beta2, eps, ..
                     } => gpu.adamw_update(
                         w,
+                        copy,
                         g,
                         p.exp_avg[i].ptr(),
                         p.exp_avg_sq[i].ptr(),

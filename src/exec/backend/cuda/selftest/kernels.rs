@@ -226,8 +226,11 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     let (mut w, mut m, mut v) = (w0.clone(), m0.clone(), v0.clone());
     update_elements(&adamw, &c, factor, &mut w, &mut g.clone(), &mut m, &mut v);
     let (gw, gg, gm, gv) = (k.up(&w0)?, k.up(&g)?, k.up(&m0)?, k.up(&v0)?);
+    // The copy of the weights the products would read (f32 here: activations are f32).
+    let copy = k.up(&vec![0.0; n])?;
     gpu.adamw_update(
         gw.ptr(),
+        Some(copy.ptr()),
         gg.ptr(),
         gm.ptr(),
         gv.ptr(),
@@ -239,6 +242,12 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     checks.push(Check::new("adamw weights", &down(gpu, &gw)?, &w, ew));
     checks.push(Check::new("adamw exp_avg", &down(gpu, &gm)?, &m, ew));
     checks.push(Check::new("adamw exp_avg_sq", &down(gpu, &gv)?, &v, ew));
+    checks.push(Check::new(
+        "adamw's copy of the weights vs the weights",
+        &down(gpu, &copy)?,
+        &down(gpu, &gw)?,
+        f64::MIN_POSITIVE,
+    ));
     Ok(checks)
 }
 
