@@ -81,17 +81,20 @@ fn gpipe_holds_m_stashes_with_the_same_bubble() {
     assert!((sim.bubble_ratio - 3.0 / 9.0).abs() < 1e-9);
 }
 
+/// A model small enough to count its bytes by hand, and its micro-batch.
+const TINY: ModelDims = ModelDims {
+    hidden: 16,
+    layers: 2,
+    heads: 4,
+    kv_heads: 2,
+    ffn: 40,
+    vocab: 50,
+};
+const TINY_MICRO: MicroShape = MicroShape { batch: 1, seq: 8 };
+
 #[test]
 fn real_chunk_memory_adds_up_on_one_device() {
-    let dims = ModelDims {
-        hidden: 16,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 40,
-        vocab: 50,
-    };
-    let micro = MicroShape { batch: 1, seq: 8 };
+    let (dims, micro) = (TINY, TINY_MICRO);
     let plan = build(ScheduleKind::OneFOneB, 1, 1, 2).unwrap();
     let hw = ideal();
     let costs = chunk_costs(&plan, Profile::CpuF32, &dims, micro, &hw);
@@ -112,20 +115,12 @@ fn real_chunk_memory_adds_up_on_one_device() {
 /// than the f32 layout's 4 per parameter; gradients and optimizer state are unchanged.
 #[test]
 fn cuda_bf16_weights_count_their_copies() {
-    let dims = ModelDims {
-        hidden: 16,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 40,
-        vocab: 50,
-    };
-    let micro = MicroShape { batch: 1, seq: 8 };
+    let (dims, micro) = (TINY, TINY_MICRO);
     let plan = build(ScheduleKind::OneFOneB, 2, 2, 2).unwrap();
     let hw = ideal();
     let f32_costs = chunk_costs(&plan, Profile::CudaF32, &dims, micro, &hw);
     let bf16_costs = chunk_costs(&plan, Profile::CudaBf16, &dims, micro, &hw);
-    let (h, kv, f, v) = (16, 8, 40, 50);
+    let (h, kv, f, v) = (dims.hidden, dims.kv_width(), dims.ffn, dims.vocab);
     let layer_copies = 2 * (2 * h * h + 2 * kv * h + 3 * f * h) as u64;
     // Chunk 0: the embedding and a layer; chunk 1: a layer and the head.
     let want = [layer_copies, layer_copies + 2 * (v * h) as u64];

@@ -3,9 +3,9 @@
 //! The pipeline runs the head's forward (the loss) and, later, its backward, which makes each
 //! block's logits again. A one-stage run, whose backward follows at once, calls
 //! [`head_forward_backward`] instead: one product per block for the logits instead of two,
-//! the cross-entropy's loss and gradient in one kernel, one normalisation and one bf16 copy
-//! of the weights. It holds the stash and the backward's scratch, exactly what the backward
-//! holds, so the planner's peak for the run is unchanged.
+//! the cross-entropy's loss and gradient in one kernel, and one normalisation. It holds the
+//! stash and the backward's scratch, exactly what the backward holds, so the planner's peak
+//! for the run is unchanged.
 
 use super::{Alloc, GpuCtx, GpuPart, ProductWeights, Result, Weight, project, project_backward};
 use crate::exec::backend::cuda::CudaError;
