@@ -1,13 +1,15 @@
-// Optimizer updates with PyTorch's semantics; `factor` is the gradient-clipping factor. Unless
-// `w_act` is null, the updated weights are also written there as activations (the bf16 copy
-// the products read), so the copy stays current without a pass of its own.
+// Optimizer updates with PyTorch's semantics; `factor` is the gradient-clipping factor. Each
+// gradient is cleared once read (the next step accumulates from zero), and unless `w_act` is
+// null the updated weights are also written there as activations (the bf16 copy the products
+// read): neither needs a pass of its own.
 
-extern "C" __global__ void adamw_update(float* w, act_t* w_act, const float* grad, float* m,
+extern "C" __global__ void adamw_update(float* w, act_t* w_act, float* grad, float* m,
                                         float* v, long long n, float factor, float beta1,
                                         float beta2, float eps, float decay, float step_size,
                                         float bc2_sqrt) {
     CP_FOR_EACH(i, n) {
         float g = grad[i] * factor;
+        grad[i] = 0.0f;
         float wi = w[i] * decay;
         float mi = m[i] + (g - m[i]) * (1.0f - beta1);
         float vi = v[i] * beta2 + (1.0f - beta2) * g * g;
@@ -20,10 +22,11 @@ extern "C" __global__ void adamw_update(float* w, act_t* w_act, const float* gra
     }
 }
 
-extern "C" __global__ void sgd_update(float* w, act_t* w_act, const float* grad, long long n,
+extern "C" __global__ void sgd_update(float* w, act_t* w_act, float* grad, long long n,
                                       float factor, float lr) {
     CP_FOR_EACH(i, n) {
         float updated = w[i] - lr * (grad[i] * factor);
+        grad[i] = 0.0f;
         w[i] = updated;
         if (w_act != nullptr) w_act[i] = cp_st(updated);
     }

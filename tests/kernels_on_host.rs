@@ -516,7 +516,7 @@ fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
 /// AdamW (step 3, with a clipping factor) and SGD on 1,500 weights, over two blocks so the
 /// grid-stride loop takes several strides. Each also writes the copy of the updated weights
 /// the products read, which must be those weights rounded to the activations' type, to the
-/// bit.
+/// bit, and clears the gradients it read, as the CPU optimizer does.
 #[test]
 fn optimizer_kernels_run_on_the_host_match_the_cpu_optimizer() {
     let dir = tempfile::tempdir().unwrap();
@@ -577,6 +577,8 @@ fn optimizer_kernels_run_on_the_host_match_the_cpu_optimizer() {
             (n, true),
             (n, false),
             (n, true),
+            (n, false),
+            (n, false),
         ];
         let got = split_output(&got, bf16_build, &shapes);
         let case = format!("bf16={bf16_build}");
@@ -589,6 +591,12 @@ fn optimizer_kernels_run_on_the_host_match_the_cpu_optimizer() {
         checks.check(&format!("adamw copy {case}"), &got[3], &adamw_copy, 1e-30);
         let sgd_copy = as_acts(got[4].clone(), bf16_build);
         checks.check(&format!("sgd copy {case}"), &got[5], &sgd_copy, 1e-30);
+        for (kernel, grads) in ["adamw", "sgd"].iter().zip(&got[6..]) {
+            assert!(
+                grads.iter().all(|&x| x == 0.0),
+                "{kernel} left gradients {case}"
+            );
+        }
     }
     checks.assert_all_passed();
 }

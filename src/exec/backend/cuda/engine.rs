@@ -358,7 +358,8 @@ impl Engine for GpuEngine {
                 return Err(CudaError::Unsupported("AdamW without its moments".into()).into());
             }
         }
-        Ok(g.zero_range(gpu, local)?)
+        // The update kernels cleared the range's gradients.
+        Ok(())
     }
 
     fn zero_grads(&self, device: u32, part: &mut GpuPart) -> Result<()> {

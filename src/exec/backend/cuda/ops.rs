@@ -503,8 +503,8 @@ impl Gpu {
         )
     }
 
-    /// AdamW on `n` weights; with `w_act`, the updated weights are also written there in the
-    /// activations' type (a weight's bf16 copy).
+    /// AdamW on `n` weights, clearing their gradients; with `w_act`, the updated weights are
+    /// also written there in the activations' type (a weight's bf16 copy).
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_update(
         &self,
@@ -539,7 +539,7 @@ impl Gpu {
         )
     }
 
-    /// SGD on `n` weights; `w_act` as for [`Gpu::adamw_update`].
+    /// SGD on `n` weights, clearing their gradients; `w_act` as for [`Gpu::adamw_update`].
     pub fn sgd_update(
         &self,
         w: DevPtr,

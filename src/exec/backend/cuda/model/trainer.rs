@@ -110,7 +110,8 @@ impl GpuTrainer {
         Ok(sum.sqrt())
     }
 
-    /// Clips by `factor`, applies the update for step `step` (from 1) with `lr`, zeroes grads.
+    /// Clips by `factor`, applies the update for step `step` (from 1) with `lr`; the update
+    /// kernels clear the gradients.
     pub fn update(&mut self, step: u64, lr: f32, factor: f32) -> Result<()> {
         let gpu = &self.gpu;
         let c = self.optimizer.coeffs(step, lr);
@@ -136,7 +137,7 @@ impl GpuTrainer {
                 }
             }
         }
-        self.zero_grads()
+        Ok(())
     }
 
     /// Every part's weights with its optimizer state, copied into `host`'s pool, in model
