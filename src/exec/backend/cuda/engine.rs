@@ -68,16 +68,15 @@ impl GpuEngine {
             };
             stage_gpu.push(index);
         }
+        // Without NCCL (not installed, or it cannot start here) sends between GPUs still
+        // work, through host memory: slower, so say so.
         let nccl = match gpus.len() {
             1 => None,
-            _ => match Nccl::open(&gpus) {
-                Ok(nccl) => Some(nccl),
-                Err(e @ CudaError::Unavailable { .. }) => {
+            _ => Nccl::open(&gpus)
+                .inspect_err(|e| {
                     tracing::warn!(error = %e, "stages on different GPUs exchange tensors through host memory");
-                    None
-                }
-                Err(e) => return Err(e),
-            },
+                })
+                .ok(),
         };
         Ok(GpuEngine {
             nccl,

@@ -242,7 +242,9 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     checks.push(Check::new("adamw weights", &down(gpu, &gw)?, &w, ew));
     checks.push(Check::new("adamw exp_avg", &down(gpu, &gm)?, &m, ew));
     checks.push(Check::new("adamw exp_avg_sq", &down(gpu, &gv)?, &v, ew));
-    let left = down(gpu, &gg)?.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64));
+    let left = down(gpu, &gg)?
+        .iter()
+        .fold(0.0f64, |m, &x| m.max(x.abs() as f64));
     checks.push(Check {
         name: "adamw clears the gradients (largest left)".into(),
         rel_err: left,
