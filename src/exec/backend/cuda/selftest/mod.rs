@@ -144,7 +144,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             let via = if nccl {
                 "NCCL"
             } else {
-                "host memory (no NCCL found)"
+                "host memory (NCCL missing or failed to start: see the log)"
             };
             print_checks(&format!("{title}, through {via}"), &c)
         });
