@@ -168,10 +168,20 @@ impl Drop for Nccl {
         for s in &ranks.streams {
             let _ = s.synchronize();
         }
-        for &c in &ranks.comms {
-            // SAFETY: each communicator was made by `comm_init_all` and is destroyed once,
-            // with nothing of it left on its stream.
-            let _ = unsafe { nccl::comm_destroy(c) };
+        // One thread finalizes every rank, so the finalizes go in one group (each may wait for
+        // the others'); then each is destroyed.
+        // SAFETY: each communicator was made by `comm_init_all`, is finalized and destroyed
+        // once, with nothing of it left on its stream.
+        unsafe {
+            if nccl::group_start().is_ok() {
+                for &c in &ranks.comms {
+                    let _ = nccl::comm_finalize(c);
+                }
+                let _ = nccl::group_end();
+            }
+            for &c in &ranks.comms {
+                let _ = nccl::comm_destroy(c);
+            }
         }
     }
 }
