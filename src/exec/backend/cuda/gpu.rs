@@ -11,6 +11,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::offload::PinnedCache;
+use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{Pool, PoolRef};
 use crate::plan::inventory::DType;
@@ -211,23 +212,54 @@ pub struct Gpu {
     profile: Option<Mutex<Vec<Span>>>,
 }
 
-/// One profiled operation: events on the compute stream before and after it, and the
-/// floating-point operations of its products (0 for other kernels).
+/// What an operation computes (floating-point operations of products) and moves (bytes of
+/// device memory read and written, counting the main buffers once per pass), for the
+/// profile's rates.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Work {
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+impl Work {
+    pub fn products(flops: f64) -> Work {
+        Work { flops, bytes: 0.0 }
+    }
+
+    /// One pass over `n` elements of each of `buffers` (a buffer read and written is listed
+    /// twice).
+    pub fn moving(n: usize, buffers: &[DevPtr]) -> Work {
+        let per_element: usize = buffers.iter().map(|b| b.dtype.bytes()).sum();
+        Work {
+            flops: 0.0,
+            bytes: (n * per_element) as f64,
+        }
+    }
+
+    pub fn and(self, other: Work) -> Work {
+        Work {
+            flops: self.flops + other.flops,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
+
+/// One profiled operation: events on the compute stream before and after it, and its work.
 struct Span {
     name: String,
     start: CudaEvent,
     end: CudaEvent,
-    flops: f64,
+    work: Work,
 }
 
-/// One line of [`Gpu::profile_report`]: an operation's calls, seconds on the GPU and product
-/// FLOPs, summed.
+/// One line of [`Gpu::profile_report`]: an operation's calls, seconds on the GPU and work,
+/// summed.
 #[derive(Debug, Clone)]
 pub struct ProfileRow {
     pub name: String,
     pub calls: u64,
     pub secs: f64,
-    pub flops: f64,
+    pub work: Work,
 }
 
 impl Gpu {
@@ -303,23 +335,23 @@ impl Gpu {
                 name: span.name.clone(),
                 calls: 0,
                 secs: 0.0,
-                flops: 0.0,
+                work: Work::default(),
             });
             row.calls += 1;
             row.secs += f64::from(ms) / 1e3;
-            row.flops += span.flops;
+            row.work = row.work.and(span.work);
         }
         let mut rows: Vec<ProfileRow> = totals.into_values().collect();
         rows.sort_by(|a, b| b.secs.total_cmp(&a.secs));
         Ok(rows)
     }
 
-    /// Runs `op`, which queues work on the compute stream (`flops` of products), between two
-    /// events under `name()` while profiling.
+    /// Runs `op`, which queues `work` on the compute stream, between two events under `name()`
+    /// while profiling.
     pub(crate) fn timed<T>(
         &self,
         name: impl FnOnce() -> String,
-        flops: f64,
+        work: Work,
         op: impl FnOnce() -> Result<T, CudaError>,
     ) -> Result<T, CudaError> {
         let Some(profile) = &self.profile else {
@@ -334,7 +366,7 @@ impl Gpu {
             name: name(),
             start,
             end,
-            flops,
+            work,
         });
         Ok(out)
     }
@@ -361,6 +393,17 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel's bytes are one pass over each listed buffer at its element size; products
+    /// and passes add up.
+    #[test]
+    fn work_counts_each_buffer_pass_at_its_element_size() {
+        let (f32_buf, bf16_buf) = (DevPtr::new(0, DType::F32), DevPtr::new(0, DType::Bf16));
+        let pass = Work::moving(10, &[f32_buf, bf16_buf, bf16_buf]);
+        assert_eq!((pass.flops, pass.bytes), (0.0, 80.0));
+        let both = pass.and(Work::products(5.0)).and(Work::moving(3, &[]));
+        assert_eq!((both.flops, both.bytes), (5.0, 80.0));
+    }
 
     #[test]
     fn every_kernel_source_declares_kernels_and_names_are_unique() {

@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use crate::exec::backend::cuda::gpu::Gpu;
+use crate::exec::backend::cuda::gpu::{Gpu, Work};
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::kernels::attention::AttnShape;
@@ -41,24 +41,13 @@ pub const MAX_HEAD_DIM: usize = 2 * ROPE_MAX_HALF;
 unsafe impl cudarc::driver::DeviceRepr for RopeFreqs {}
 
 impl Gpu {
-    /// Launches kernel `name` with `args` in the order of its signature in kernels/*.cu.
-    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg<'_>]) -> R {
-        self.launch_counted(name, cfg, args, 0.0)
-    }
-
-    /// [`Gpu::launch`] for a kernel that does `flops` floating-point operations of products
-    /// (for the profile's throughput column).
-    fn launch_counted(
-        &self,
-        name: &'static str,
-        cfg: LaunchConfig,
-        args: &[Arg<'_>],
-        flops: f64,
-    ) -> R {
+    /// Launches kernel `name` with `args` in the order of its signature in kernels/*.cu; `work`
+    /// is what it computes or moves, for the profile's rates.
+    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg<'_>], work: Work) -> R {
         let f = self.function(name)?;
         self.timed(
             || name.to_string(),
-            flops,
+            work,
             || {
                 let mut builder = self.stream.launch_builder(f);
                 for a in args {
@@ -226,8 +215,8 @@ impl Gpu {
         self.ctx.bind_to_thread()?;
         // SAFETY: the pointers address buffers of the sizes and types `g`, `a`, `b` and `c`
         // describe.
-        let flops = 2.0 * (g.m * g.n * g.k * g.batch) as f64;
-        self.timed(name, flops, || unsafe {
+        let work = Work::products(2.0 * (g.m * g.n * g.k * g.batch) as f64);
+        self.timed(name, work, || unsafe {
             cudarc::cublas::result::gemm_strided_batched_ex(
                 *self.blas.handle(),
                 op(g.trans_b),
@@ -280,6 +269,7 @@ impl Gpu {
                 int(h),
                 F32(eps),
             ],
+            Work::moving(rows * h, &[x, out]),
         )
     }
 
@@ -296,6 +286,7 @@ impl Gpu {
             "rmsnorm_apply",
             warp_per_row(rows),
             &[Ptr(out), Ptr(rstd), Ptr(x), Ptr(w), int(rows), int(h)],
+            Work::moving(rows * h, &[x, out]),
         )
     }
 
@@ -334,11 +325,13 @@ impl Gpu {
                 int(h),
                 int(ROWS_PER_BLOCK),
             ],
+            Work::moving(rows * h, &[dy_dx, x]),
         )?;
         self.launch(
             "rmsnorm_backward_input",
             warp_per_row(rows),
             &[Ptr(dy_dx), Ptr(x), Ptr(w), Ptr(rstd), int(rows), int(h)],
+            Work::moving(rows * h, &[dy_dx, x, dy_dx]),
         )
     }
 
@@ -386,6 +379,7 @@ impl Gpu {
                 Arg::RopeFreqs(&freqs),
                 I32(inverse as i32),
             ],
+            Work::moving(rows * width, &[x, x]),
         )
     }
 
@@ -400,6 +394,7 @@ impl Gpu {
             "swiglu_forward",
             self.act_vectors(n),
             &[Ptr(act), Ptr(gate), Ptr(up), len(n)],
+            Work::moving(n, &[gate, up, act]),
         )
     }
 
@@ -415,6 +410,7 @@ impl Gpu {
             "swiglu_backward",
             self.act_vectors(n),
             &[Ptr(d_gate), Ptr(d_act_to_d_up), Ptr(gate), Ptr(up), len(n)],
+            Work::moving(n, &[gate, up, d_act_to_d_up, d_act_to_d_up, d_gate]),
         )
     }
 
@@ -430,6 +426,7 @@ impl Gpu {
             "embedding_forward",
             elementwise(tokens * hidden),
             &[Ptr(out), Ptr(table), Ptr(ids), len(tokens), int(hidden)],
+            Work::moving(tokens * hidden, &[table, out]),
         )
     }
 
@@ -445,12 +442,19 @@ impl Gpu {
             "embedding_backward",
             elementwise(tokens * hidden),
             &[Ptr(d_table), Ptr(d_out), Ptr(ids), len(tokens), int(hidden)],
+            Work::moving(tokens * hidden, &[d_out, d_table, d_table]),
         )
     }
 
     /// `a += b` over `n` elements.
     pub fn add_into(&self, a: DevPtr, b: DevPtr, n: usize) -> R {
-        self.launch("add_into", self.act_vectors(n), &[Ptr(a), Ptr(b), len(n)])
+        let work = Work::moving(n, &[a, b, a]);
+        self.launch(
+            "add_into",
+            self.act_vectors(n),
+            &[Ptr(a), Ptr(b), len(n)],
+            work,
+        )
     }
 
     /// `out` (activation type) = `x` (f32) over `n` elements, rounded.
@@ -459,6 +463,7 @@ impl Gpu {
             "cast_to_act",
             self.act_vectors(n),
             &[Ptr(out), Ptr(x), len(n)],
+            Work::moving(n, &[x, out]),
         )
     }
 
@@ -475,6 +480,7 @@ impl Gpu {
             "ce_forward",
             per_row(rows),
             &[Ptr(loss_rows), Ptr(logits), Ptr(targets), int(vocab)],
+            Work::moving(rows * vocab, &[logits]),
         )
     }
 
@@ -500,6 +506,8 @@ impl Gpu {
                 int(vocab),
                 F32(scale),
             ],
+            // The log-sum-exp pass, then the gradient's read and write.
+            Work::moving(rows * vocab, &[logits, logits, logits]),
         )
     }
 
@@ -536,6 +544,7 @@ impl Gpu {
                 F32(step_size),
                 F32(bc2_sqrt),
             ],
+            Work::moving(n, &[w, g, m, v, w, g, m, v]).and(Work::moving(n, w_act.as_slice())),
         )
     }
 
@@ -560,6 +569,7 @@ impl Gpu {
                 F32(factor),
                 F32(lr),
             ],
+            Work::moving(n, &[w, g, w, g]).and(Work::moving(n, w_act.as_slice())),
         )
     }
 
@@ -567,7 +577,12 @@ impl Gpu {
     pub fn sum_squares(&self, acc: DevPtr, x: DevPtr, n: usize) -> R {
         let mut cfg = elementwise(n);
         cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
-        self.launch("sum_squares", cfg, &[Ptr(acc), Ptr(x), len(n)])
+        self.launch(
+            "sum_squares",
+            cfg,
+            &[Ptr(acc), Ptr(x), len(n)],
+            Work::moving(n, &[x]),
+        )
     }
 
     /// Scaled scores of `rows` rows of `seq` become causal probabilities; writes each lse.
@@ -576,6 +591,7 @@ impl Gpu {
             "attn_softmax",
             per_row(rows),
             &[Ptr(scores), Ptr(lse), int(seq)],
+            Work::moving(rows * seq, &[scores, scores]),
         )
     }
 
@@ -585,6 +601,7 @@ impl Gpu {
             "attn_probs",
             per_row(rows),
             &[Ptr(scores), Ptr(lse), int(seq)],
+            Work::moving(rows * seq, &[scores, scores]),
         )
     }
 
@@ -609,6 +626,7 @@ impl Gpu {
                 int(sh.seq),
                 int(sh.head_dim),
             ],
+            Work::moving(n * sh.head_dim, &[d_out, out]),
         )
     }
 
@@ -626,6 +644,7 @@ impl Gpu {
             "attn_dscores",
             per_row(rows),
             &[Ptr(d_scores), Ptr(probs), Ptr(delta), int(seq), F32(scale)],
+            Work::moving(rows * seq, &[d_scores, probs, d_scores]),
         )
     }
 
@@ -641,8 +660,8 @@ impl Gpu {
         scale: f32,
     ) -> R {
         // Q K^T and P V over the causal half.
-        let flops = 2.0 * 2.0 * causal_half_products(sh);
-        self.launch_counted(
+        let work = Work::products(2.0 * 2.0 * causal_half_products(sh));
+        self.launch(
             kernel,
             flash_grid(sh.seq, sh.heads, sh.batch),
             &[
@@ -656,7 +675,7 @@ impl Gpu {
                 int(sh.kv_heads),
                 F32(scale),
             ],
-            flops,
+            work,
         )
     }
 
@@ -670,8 +689,8 @@ impl Gpu {
         scale: f32,
     ) -> R {
         // Q K^T again, dO V^T, dS K, dS^T Q and P^T dO over the causal half.
-        let flops = 5.0 * 2.0 * causal_half_products(sh);
-        self.launch_counted(
+        let work = Work::products(5.0 * 2.0 * causal_half_products(sh));
+        self.launch(
             kernel,
             flash_grid(sh.seq, sh.kv_heads, sh.batch),
             &[
@@ -689,7 +708,7 @@ impl Gpu {
                 int(sh.kv_heads),
                 F32(scale),
             ],
-            flops,
+            work,
         )
     }
 }

@@ -295,20 +295,24 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
     Ok(ok)
 }
 
-/// Where one profiled step's time went, operation by operation, with the throughput of the
-/// products (cuBLAS, and the flash kernels' on the causal half of the scores).
+/// Where one profiled step's time went, operation by operation, with the rate of each: TFLOP/s
+/// of products (cuBLAS, and the flash kernels' on the causal half of the scores), GB/s of
+/// memory for the other kernels (their main buffers, once per pass).
 fn print_profile(precision: &str, t: &Timing) {
     let total: f64 = t.profile.iter().map(|r| r.secs).sum();
     println!(
         "\none {precision} step, operation by operation (GPU time between events; {:.1} ms in \
-         kernels and products of a {:.1} ms step; TFLOP/s of products)",
+         kernels and products of a {:.1} ms step; TFLOP/s of products, GB/s of other kernels)",
         total * 1e3,
         t.profiled_step_secs * 1e3
     );
     for r in t.profile.iter().take(25) {
-        let rate = match r.flops > 0.0 {
-            true => format!("{:>6.1}", r.flops / r.secs / 1e12),
-            false => format!("{:>6}", "-"),
+        let rate = if r.work.flops > 0.0 {
+            format!("{:>7.1} TFLOP/s", r.work.flops / r.secs / 1e12)
+        } else if r.work.bytes > 0.0 {
+            format!("{:>7.0} GB/s   ", r.work.bytes / r.secs / 1e9)
+        } else {
+            format!("{:>15}", "-")
         };
         println!(
             "  {:>7.2} ms {:>5.1}% {:>6}x {rate}  {}",
