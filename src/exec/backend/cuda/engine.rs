@@ -2,8 +2,8 @@
 //! with its own pool, on one GPU or several. Stages that share a GPU share its compute stream,
 //! so a tensor handed from one to the next is ordered after the kernels that made it without
 //! any event; a send between stages on one GPU hands the buffer over. A send between GPUs goes
-//! through NCCL (`nccl`: one communicator for the job's GPUs), or through host memory when
-//! this machine has no NCCL. Offload and prefetch run on the GPU's copy stream through pinned
+//! through NCCL (`nccl`: one communicator for the job's GPUs), or through host memory where
+//! NCCL is missing or cannot start. Offload and prefetch run on the GPU's copy stream through pinned
 //! host memory (`offload`), overlapping compute: every operation here first makes the compute
 //! stream wait for prefetches into the tensors it reads.
 
@@ -256,11 +256,11 @@ impl Engine for GpuEngine {
             ..
         } = part;
         let gpu = &self.gpus[0];
-        let copied = |shape: &[usize]| keeps_act_copy(gpu.precision.profile(), id.kind(), shape);
+        let profile = gpu.precision.profile();
         for (name, w) in names.iter().zip(host_weights) {
             let (_, shape, data) = w.into_data();
             let mut weight = GpuTensor::on_host(host, name, &shape, data, MemGroup::Weights)?;
-            if copied(&shape) {
+            if keeps_act_copy(profile, id.kind(), &shape) {
                 weight = weight.keep_act_copy(gpu, host)?;
             }
             weights.push(weight);

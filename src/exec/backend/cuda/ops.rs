@@ -448,12 +448,11 @@ impl Gpu {
 
     /// `a += b` over `n` elements.
     pub fn add_into(&self, a: DevPtr, b: DevPtr, n: usize) -> R {
-        let work = Work::moving(n, &[a, b, a]);
         self.launch(
             "add_into",
             self.act_vectors(n),
             &[Ptr(a), Ptr(b), len(n)],
-            work,
+            Work::moving(n, &[a, b, a]),
         )
     }
 

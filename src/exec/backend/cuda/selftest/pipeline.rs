@@ -291,8 +291,7 @@ fn round_trip<T: Element + PartialEq>(
     values: &[T],
 ) -> Result<bool> {
     let (first, act) = (engine.gpu(0), MemGroup::Activations);
-    let mut t = GpuTensor::scratch(first, pool, "sent", &[values.len()], T::DTYPE, act)?;
-    t.copy_from_host(first, values)?;
+    let t = GpuTensor::from_host(first, pool, "sent", &[values.len()], values, act)?;
     let there = engine.send(0, t).and_then(|m| engine.receive(1, m, pool));
     let back = there.and_then(|t| engine.send(1, t).and_then(|m| engine.receive(0, m, pool)));
     Ok(back.map_err(pipeline_error)?.to_host::<T>(first)? == values)
