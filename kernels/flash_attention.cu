@@ -152,17 +152,56 @@ __device__ __forceinline__ void fa_frag_b2_rows_k(unsigned (*b)[2], const act_t*
     }
 }
 
-// Rows row0 .. row0 + 63 of a [rows, stride] matrix's D columns at `src` into a shared tile;
-// rows past `seq` read as zeros.
+// Asynchronous copies from global into shared memory (cp.async, sm_80 and newer): they bypass
+// registers, so a block loads its next tile while it computes on the current one. A thread's
+// copies since its last fa_commit form a group; fa_wait<N> returns once at most N of its
+// groups are still in flight, and a __syncthreads after it makes every thread's copies
+// visible to the block. `bytes` (4 or 16) are copied when `valid`, else as many zero bytes are
+// written (src is then not read). (Host builds supply cp_host_cp_async and friends, which
+// copy at the wait, so a read before it sees the old contents.)
+template <int BYTES>
+__device__ __forceinline__ void fa_copy_async(void* dst, const void* src, bool valid) {
+#ifdef CP_HOST_EMULATION
+    cp_host_cp_async(dst, src, valid ? BYTES : 0, BYTES);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
+    if (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+                     "r"(valid ? 16 : 0));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(src),
+                     "r"(valid ? 4 : 0));
+#endif
+}
+
+__device__ __forceinline__ void fa_commit() {
+#ifdef CP_HOST_EMULATION
+    cp_host_cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void fa_wait() {
+#ifdef CP_HOST_EMULATION
+    cp_host_cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Starts copying rows row0 .. row0 + 63 of a [rows, stride] matrix's D columns at `src` into
+// a shared tile; rows past `seq` read as zeros.
 template <int D>
 __device__ __forceinline__ void fa_load(act_t* tile, const act_t* src, long long stride, int row0,
                                         int seq) {
     const int chunks = D / 8;
     for (int i = threadIdx.x; i < FA_ROWS * chunks; i += FA_THREADS) {
         int r = i / chunks, c = (i % chunks) * 8;
-        fa_chunk v = {0u, 0u, 0u, 0u};
-        if (row0 + r < seq) v = *fa_as<const fa_chunk>(src + (row0 + r) * stride + c);
-        *fa_as<fa_chunk>(tile + r * (D + FA_PAD) + c) = v;
+        bool valid = row0 + r < seq;
+        fa_copy_async<16>(tile + r * (D + FA_PAD) + c, src + (valid ? (row0 + r) * stride + c : 0),
+                          valid);
     }
 }
 
@@ -202,20 +241,27 @@ __device__ __forceinline__ void fa_tile_times_rows(float (*acc)[4], float (*p)[4
     }
 }
 
-// One block per (64 queries, head, sequence); heavier (later) query tiles start first.
+// One block per (64 queries, head, sequence); heavier (later) query tiles start first. Key and
+// value tiles are double-buffered: the next pair loads while the block works on this one.
 template <int D, bool LDSM>
 __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* k, const act_t* v,
                            int seq, int heads, int kv_heads, float scale) {
     const int S = D + FA_PAD;
-    __shared__ fa_chunk qs_raw[FA_ROWS * S / 8], ks_raw[FA_STEP * S / 8], vs_raw[FA_STEP * S / 8];
-    act_t *qs = (act_t*)qs_raw, *ks = (act_t*)ks_raw, *vs = (act_t*)vs_raw;
+    __shared__ fa_chunk qs_raw[FA_ROWS * S / 8], kv_raw[2][2][FA_STEP * S / 8];
+    act_t* qs = (act_t*)qs_raw;
     int head = blockIdx.y, b = blockIdx.z, kvh = head / (heads / kv_heads);
     int q0 = (gridDim.x - 1 - blockIdx.x) * FA_ROWS;
     long long width = (long long)heads * D, kv_width = (long long)kv_heads * D;
     long long tok0 = (long long)b * seq;
     const act_t* kg = k + tok0 * kv_width + kvh * D;
     const act_t* vg = v + tok0 * kv_width + kvh * D;
+    auto load_keys = [&](int buf, int k0) {
+        fa_load<D>((act_t*)kv_raw[buf][0], kg, kv_width, k0, seq);
+        fa_load<D>((act_t*)kv_raw[buf][1], vg, kv_width, k0, seq);
+        fa_commit();
+    };
     fa_load<D>(qs, q + tok0 * width + head * D, width, q0, seq);
+    load_keys(0, 0);
     int warp = threadIdx.x >> 5, pair = fa_pair();
     int rows[2] = {q0 + warp * 16 + fa_group(), q0 + warp * 16 + fa_group() + 8};
     float o[D / 8][4];
@@ -223,19 +269,25 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
     float m[2] = {-CP_INF, -CP_INF}, l[2] = {0.0f, 0.0f};
     int end = seq < q0 + FA_ROWS ? seq : q0 + FA_ROWS;
     // Every row of the block sees key 0 in the first step, so its running max is finite after it.
-    for (int k0 = 0; k0 < end; k0 += FA_STEP) {
+    for (int k0 = 0, buf = 0; k0 < end; k0 += FA_STEP, buf ^= 1) {
+        // This tile's copies are the only ones in flight. The barrier makes every thread's
+        // visible, and keeps the next loads out of the other buffer until every warp is done
+        // with the previous tile.
+        fa_wait<0>();
         __syncthreads();
-        fa_load<D>(ks, kg, kv_width, k0, seq);
-        fa_load<D>(vs, vg, kv_width, k0, seq);
-        __syncthreads();
+        bool last = k0 + FA_STEP >= end;
+        if (!last) load_keys(buf ^ 1, k0 + FA_STEP);
+        const act_t *ks = (act_t*)kv_raw[buf][0], *vs = (act_t*)kv_raw[buf][1];
         float s[FA_STEP / 8][4];
         fa_rows_by_tile<D, LDSM>(s, qs, warp * 16, ks);
         for (int h = 0; h < 2; ++h) {
             float mx = m[h];
             for (int n = 0; n < FA_STEP / 8; ++n)
                 for (int e = 0; e < 2; ++e) {
+                    // Only the last tile holds keys after a row's query or past the sequence.
                     int key = k0 + n * 8 + pair + e;
-                    float x = key <= rows[h] && key < seq ? s[n][2 * h + e] * scale : -CP_INF;
+                    bool seen = !last || (key <= rows[h] && key < seq);
+                    float x = seen ? s[n][2 * h + e] * scale : -CP_INF;
                     s[n][2 * h + e] = x;
                     mx = fmaxf(mx, x);
                 }
@@ -271,7 +323,8 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
 
 // One block per (64 keys, key/value head, sequence): it walks every query head of the group
 // and every query tile from the diagonal on, keeping dK and dV of its keys in registers and
-// adding dQ into the f32 `dq_acc` [tokens, heads * D] (zeroed by the caller) with atomics.
+// adding dQ into the f32 `dq_acc` [tokens, heads * D] (zeroed by the caller) with atomics. A
+// step's queries load while the block computes the previous step's dQ.
 template <int D, bool LDSM>
 __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q, const act_t* k,
                             const act_t* v, const act_t* d_out, const float* lse,
@@ -286,39 +339,43 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
     int k0 = blockIdx.x * FA_ROWS, kvh = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
     long long width = (long long)heads * D, kv_width = (long long)kv_heads * D;
     long long tok0 = (long long)b * seq;
+    // Starts loading the step of query head `head`'s queries q0 .. q0 + 63; past the sequence,
+    // zeros (the step masks those queries).
+    auto load_queries = [&](int head, int q0) {
+        long long at = tok0 * width + head * D;
+        fa_load<D>(qs, q + at, width, q0, seq);
+        fa_load<D>(dos, d_out + at, width, q0, seq);
+        if (threadIdx.x < FA_STEP) {
+            int r = q0 + threadIdx.x;
+            long long row = ((long long)b * heads + head) * seq + (r < seq ? r : 0);
+            fa_copy_async<4>(lse_s + threadIdx.x, lse + row, r < seq);
+            fa_copy_async<4>(delta_s + threadIdx.x, delta + row, r < seq);
+        }
+        fa_commit();
+    };
     fa_load<D>(ks, k + tok0 * kv_width + kvh * D, kv_width, k0, seq);
     fa_load<D>(vs, v + tok0 * kv_width + kvh * D, kv_width, k0, seq);
+    load_queries(kvh * group, k0);
     int warp = threadIdx.x >> 5, g = fa_group(), pair = fa_pair();
     int keys[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
     for (int j = 0; j < D / 8; ++j)
         for (int i = 0; i < 4; ++i) dk_acc[j][i] = dv_acc[j][i] = 0.0f;
-    for (int sub = 0; sub < group; ++sub) {
-        int head = kvh * group + sub;
-        const act_t* qg = q + tok0 * width + head * D;
-        const act_t* dog = d_out + tok0 * width + head * D;
-        const float* lse_g = lse + ((long long)b * heads + head) * seq;
-        const float* delta_g = delta + ((long long)b * heads + head) * seq;
+    int heads_end = (kvh + 1) * group;
+    for (int head = kvh * group; head < heads_end; ++head) {
         for (int q0 = k0; q0 < seq; q0 += FA_STEP) {
-            // No barrier before these writes: every read of qs, dos, lse_s and delta_s in the
-            // previous step comes before that step's second barrier, and the one below keeps
-            // the faster warps from writing dst until the slower have read it.
-            fa_load<D>(qs, qg, width, q0, seq);
-            fa_load<D>(dos, dog, width, q0, seq);
-            if (threadIdx.x < FA_STEP) {
-                int r = q0 + threadIdx.x;
-                lse_s[threadIdx.x] = r < seq ? lse_g[r] : CP_INF;
-                delta_s[threadIdx.x] = r < seq ? delta_g[r] : 0.0f;
-            }
+            // The step's copies are the only ones in flight; after the barrier every thread sees
+            // them, and every warp is done reading dst for the previous step's dQ.
+            fa_wait<0>();
             __syncthreads();
             // P^T for the warp's 16 keys and the step's 64 queries, from the kept lse; masked
-            // (query before key) and padded queries (lse infinite) give zero.
+            // (query before key) and padded queries give zero.
             float p[FA_STEP / 8][4];
             fa_rows_by_tile<D, LDSM>(p, ks, warp * 16, qs);
             for (int n = 0; n < FA_STEP / 8; ++n)
                 for (int i = 0; i < 4; ++i) {
-                    int col = n * 8 + pair + (i & 1);
-                    bool seen = q0 + col >= keys[i >> 1];
+                    int col = n * 8 + pair + (i & 1), query = q0 + col;
+                    bool seen = query >= keys[i >> 1] && query < seq;
                     p[n][i] = seen ? __expf(p[n][i] * scale - lse_s[col]) : 0.0f;
                 }
             fa_tile_times_rows<D, LDSM>(dv_acc, p, dos);
@@ -335,7 +392,12 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
                 for (int h = 0; h < 2; ++h)
                     *fa_as<unsigned>(dst + (warp * 16 + g + 8 * h) * SP + n * 8 + pair) =
                         fa_pack_f(ds[n][2 * h], ds[n][2 * h + 1]);
+            // dst is whole, and every read of this step's queries is done: the next step's load
+            // goes ahead while this one adds its dQ.
             __syncthreads();
+            int next_head = head, next_q0 = q0 + FA_STEP;
+            if (next_q0 >= seq) ++next_head, next_q0 = k0;
+            if (next_head < heads_end) load_queries(next_head, next_q0);
             // dQ of the step's queries (warp w: queries 16w ..) = dS K over the block's keys.
             float dq[D / 8][4];
             for (int j = 0; j < D / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;

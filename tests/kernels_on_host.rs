@@ -691,7 +691,8 @@ fn attention_row_kernels_run_on_the_host_match_f64_softmax() {
 /// RMSNorm's (warp reductions through the host shim). A barrier missing between one warp's
 /// writes and another's reads is a data race here, which the host results alone could miss
 /// (the threads may happen to run in a safe order) and the GPU would not forgive; a planted one
-/// (the forward's barrier after loading a key tile) is reported. The sanitizer exits with 66
+/// (the forward's barrier after loading a key tile, or the backward's before loading the next
+/// queries) is reported. The sanitizer exits with 66
 /// on a report. Runs under `setarch -R` where present: the sanitizer needs its memory layout.
 #[test]
 fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
@@ -707,23 +708,35 @@ fn kernels_sharing_memory_have_no_data_races_under_thread_sanitizer() {
             program(binary, args)
         }
     };
-    let flash = build(dir.path(), "flash_attention", &sanitize);
+    // The flash kernels' cp.async copies landing as late as the rules allow (a read before
+    // the wait and barrier sees stale data or races) and as early (a copy into a tile another
+    // warp still reads races with that read).
+    let flash_builds = [
+        build(dir.path(), "flash_attention", &sanitize),
+        build(
+            dir.path(),
+            "flash_attention",
+            &[&sanitize[..], &["-DCP_ASYNC_EAGER"]].concat(),
+        ),
+    ];
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     let shapes = [
         (16, 70, 2, 1, false),
         (64, 130, 2, 2, false),
         (64, 130, 2, 2, true),
     ];
-    for (head_dim, seq, heads, kv_heads, ldmatrix) in shapes {
-        let sh = AttnShape {
-            batch: 1,
-            seq,
-            heads,
-            kv_heads,
-            head_dim,
-        };
-        let (_, input, dims) = flash_case(&mut rng, &sh, ldmatrix);
-        exchange(dir.path(), sanitized(&flash, &dims), &input);
+    for flash in &flash_builds {
+        for (head_dim, seq, heads, kv_heads, ldmatrix) in shapes {
+            let sh = AttnShape {
+                batch: 1,
+                seq,
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            let (_, input, dims) = flash_case(&mut rng, &sh, ldmatrix);
+            exchange(dir.path(), sanitized(flash, &dims), &input);
+        }
     }
     let rmsnorm = build(
         dir.path(),

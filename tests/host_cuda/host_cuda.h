@@ -3,7 +3,8 @@
 // and warp shuffles, the tensor-core product and ldmatrix (cp_host_mma and cp_host_ldmatrix,
 // which kernels/flash_attention.cu calls in place of its mma.sync and ldmatrix when
 // CP_HOST_EMULATION is defined) exchange values between a warp's 32 threads through shared
-// slots and a barrier of the warp. With one block at a time, __shared__ arrays can be function
+// slots and a barrier of the warp; cp.async copies land when their thread waits for them
+// (cp_host_cp_async). With one block at a time, __shared__ arrays can be function
 // statics. Slow (a thread per CUDA thread): for small shapes.
 // Activations are f32 unless the including file defines CP_ACT_BF16 first.
 #pragma once
@@ -15,6 +16,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <istream>
 #include <memory>
@@ -126,6 +128,52 @@ inline void cp_host_ldmatrix(unsigned* r, const unsigned short* row, bool trans)
     }
 }
 
+// cp.async by the PTX ISA's completion rules, at their latest: a copy lands only when its
+// thread waits for its group (cp.async.wait_group N: every group but the newest N), so a
+// kernel that reads shared memory before waiting, or before the barrier that follows the wait,
+// reads the old contents (or races, which ThreadSanitizer reports). Copies never committed are
+// never waited for, and a thread that ends with copies in flight aborts the run. Built with
+// CP_ASYNC_EAGER, at their earliest: a copy lands when issued, so one issued into a buffer
+// other warps still read races with those reads.
+struct cp_async_copy { void* dst; const void* src; int src_bytes, bytes; };
+inline thread_local std::vector<cp_async_copy> cp_async_open;
+inline thread_local std::deque<std::vector<cp_async_copy>> cp_async_groups;
+
+// Byte by byte, so that ThreadSanitizer sees every write (an inlined 16-byte memcpy escapes it).
+inline void cp_async_land(const cp_async_copy& c) {
+    auto* to = static_cast<volatile unsigned char*>(c.dst);
+    auto* from = static_cast<const unsigned char*>(c.src);
+    for (int i = 0; i < c.bytes; ++i) to[i] = i < c.src_bytes ? from[i] : 0;
+}
+
+inline void cp_host_cp_async(void* dst, const void* src, int src_bytes, int bytes) {
+    cp_check_alignment(dst, bytes);
+    if (src_bytes) cp_check_alignment(src, bytes);
+#ifdef CP_ASYNC_EAGER
+    cp_async_land({dst, src, src_bytes, bytes});
+#else
+    cp_async_open.push_back({dst, src, src_bytes, bytes});
+#endif
+}
+inline void cp_host_cp_async_commit() {
+    cp_async_groups.push_back(std::move(cp_async_open));
+    cp_async_open.clear();
+}
+inline void cp_host_cp_async_wait(int newest_pending) {
+    while ((int)cp_async_groups.size() > newest_pending) {
+        for (const auto& c : cp_async_groups.front()) cp_async_land(c);
+        cp_async_groups.pop_front();
+    }
+}
+inline void cp_check_no_copies_in_flight() {
+    if (!cp_async_open.empty() || !cp_async_groups.empty()) {
+        std::fprintf(stderr,
+                     "thread %u of block (%u, %u, %u) ended with cp.async copies in flight\n",
+                     threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z);
+        std::abort();
+    }
+}
+
 // n elements of T from or to a binary stream, as the runners' input and output files hold
 // them (little-endian, packed).
 template <typename T>
@@ -168,6 +216,7 @@ inline void cp_launch(cp_dim3 grid, unsigned threads, const std::function<void()
                         threadIdx = {i, 0, 0};
                         blockIdx = {x, y, z};
                         kernel();
+                        cp_check_no_copies_in_flight();
                     });
                 for (auto& th : pool) th.join();
             }
