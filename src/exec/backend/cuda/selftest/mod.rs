@@ -9,6 +9,7 @@ mod flash;
 mod kernels;
 mod model;
 mod pipeline;
+mod products;
 mod timing;
 
 pub use flash::{FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, time_attention};
@@ -276,6 +277,14 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             )
             .is_some();
         }
+        if asked(&Precision::Bf16) {
+            let title = "projection products alone, bf16";
+            ok &= section(
+                title,
+                products_table(opts.device, &config, micro, opts.steps),
+            )
+            .unwrap_or(false);
+        }
         if asked(&Precision::Tf32) {
             ok &= section(
                 "4-stage chronos plan on one GPU",
@@ -359,6 +368,42 @@ fn attention_table(
         println!("| {path} | {ms:.2} | {:.1} |", flops / (ms * 1e-3) / 1e12);
     }
     Ok(())
+}
+
+/// Times the timed model's projection products of one micro-batch in bf16, one call each and
+/// batched by shared operand (see [`products`]); `Ok(false)` when a batched call's results
+/// differ from the separate calls'.
+fn products_table(
+    ordinal: usize,
+    config: &crate::exec::model::LlamaConfig,
+    micro: MicroShape,
+    reps: usize,
+) -> Result<bool> {
+    let gpu = Gpu::open(ordinal, Precision::Bf16)?;
+    let (groups, checks) = products::time_products(&gpu, config, micro.tokens(), reps)?;
+    let ok = print_checks(
+        "batched products vs the same products one call each",
+        &checks,
+    );
+    println!(
+        "\nprojection products alone, bf16, {} tokens: one call each vs one batched call",
+        micro.tokens()
+    );
+    println!("| products | one call each ms | TFLOP/s | batched ms | TFLOP/s | speed-up |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for g in groups {
+        let rate = |ms: f64| g.flops / (ms * 1e-3) / 1e12;
+        println!(
+            "| {} | {:.3} | {:.1} | {:.3} | {:.1} | {:.2}x |",
+            g.name,
+            g.separate_ms,
+            rate(g.separate_ms),
+            g.batched_ms,
+            rate(g.batched_ms),
+            g.separate_ms / g.batched_ms
+        );
+    }
+    Ok(ok)
 }
 
 /// Trains the ~125M Llama as a 4-stage chronos plan on one GPU, squeezed by the planner into
