@@ -6,18 +6,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, sys};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, sys};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::offload::PinnedCache;
+use crate::exec::backend::cuda::product_group::GROUP_MAX;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{Pool, PoolRef};
 use crate::plan::inventory::DType;
 
 /// The kernel sources, compiled together as one program (the header first).
-pub const KERNEL_SOURCES: [(&str, &str); 9] = [
+pub const KERNEL_SOURCES: [(&str, &str); 10] = [
     ("common.cuh", include_str!("../../../../kernels/common.cuh")),
     ("rmsnorm.cu", include_str!("../../../../kernels/rmsnorm.cu")),
     ("rope.cu", include_str!("../../../../kernels/rope.cu")),
@@ -38,6 +39,10 @@ pub const KERNEL_SOURCES: [(&str, &str); 9] = [
     (
         "elementwise.cu",
         include_str!("../../../../kernels/elementwise.cu"),
+    ),
+    (
+        "product_group.cu",
+        include_str!("../../../../kernels/product_group.cu"),
     ),
 ];
 
@@ -206,6 +211,11 @@ pub struct Gpu {
     pub precision: Precision,
     /// The flash kernels' fragment loads (bf16 activations; scalar loads unless set).
     pub flash_loads: FlashLoads,
+    /// Whether layers run their products that share an input as one batched call (see
+    /// `product_group`; off unless set).
+    pub batch_products: bool,
+    /// The operand addresses of a batched product (`product_group`): 3 x `GROUP_MAX`.
+    pub(crate) group_pointers: CudaSlice<u64>,
     pub name: String,
     pub ordinal: usize,
     /// The operations queued while profiling (see [`Gpu::profile`]).
@@ -282,6 +292,7 @@ impl Gpu {
         let stream = ctx.default_stream();
         let copy = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone())?;
+        let group_pointers = stream.alloc_zeros::<u64>(3 * GROUP_MAX)?;
         let (major, minor) = ctx.compute_capability()?;
         let bf16 = precision.activations() == DType::Bf16;
         if bf16 && major < 8 {
@@ -307,6 +318,8 @@ impl Gpu {
             functions,
             precision,
             flash_loads: FlashLoads::Scalar,
+            batch_products: false,
+            group_pointers,
             ordinal,
             profile: None,
         })

@@ -32,6 +32,7 @@ pub mod model;
 pub mod nccl;
 pub mod offload;
 pub mod ops;
+pub mod product_group;
 pub mod selftest;
 pub mod tensor;
 

@@ -8,6 +8,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::exec::backend::cuda::gpu::{Gpu, Work};
+use crate::exec::backend::cuda::product_group::GroupPointers;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::kernels::attention::AttnShape;
@@ -24,6 +25,7 @@ pub(crate) enum Arg<'a> {
     I64(i64),
     F32(f32),
     RopeFreqs(&'a RopeFreqs),
+    GroupPointers(&'a GroupPointers),
 }
 
 /// `struct cp_rope_freqs` of kernels/rope.cu: a rotation's frequencies, passed by value.
@@ -43,7 +45,13 @@ unsafe impl cudarc::driver::DeviceRepr for RopeFreqs {}
 impl Gpu {
     /// Launches kernel `name` with `args` in the order of its signature in kernels/*.cu; `work`
     /// is what it computes or moves, for the profile's rates.
-    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg<'_>], work: Work) -> R {
+    pub(crate) fn launch(
+        &self,
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: &[Arg<'_>],
+        work: Work,
+    ) -> R {
         let f = self.function(name)?;
         self.timed(
             || name.to_string(),
@@ -57,6 +65,7 @@ impl Gpu {
                         Arg::I64(v) => builder.arg(v),
                         Arg::F32(v) => builder.arg(v),
                         Arg::RopeFreqs(v) => builder.arg(*v),
+                        Arg::GroupPointers(v) => builder.arg(*v),
                     };
                 }
                 // SAFETY: the argument list matches the kernel's signature, and the buffers
@@ -158,7 +167,30 @@ impl Gemm {
     }
 }
 
-fn op(trans: bool) -> cublasOperation_t {
+impl Gemm {
+    /// The product's name in the profile: its shape, batch, transposes and element type.
+    pub(crate) fn name(&self, kind: &str, dtype: DType) -> String {
+        format!(
+            "gemm {}x{}x{} x{}{kind} ({}{}) {dtype:?}",
+            self.m,
+            self.n,
+            self.k,
+            self.batch,
+            if self.trans_a { "T" } else { "N" },
+            if self.trans_b { "T" } else { "N" },
+        )
+    }
+}
+
+/// cuBLAS's element types of a product's operands and the type it computes in.
+pub(crate) struct ProductTypes {
+    pub compute: cublasComputeType_t,
+    pub a: cudaDataType,
+    pub b: cudaDataType,
+    pub c: cudaDataType,
+}
+
+pub(crate) fn op(trans: bool) -> cublasOperation_t {
     if trans {
         cublasOperation_t::CUBLAS_OP_T
     } else {
@@ -178,13 +210,13 @@ fn blas_type(p: DevPtr) -> Result<cudaDataType, CudaError> {
 }
 
 impl Gpu {
-    /// Runs `g`. A and B share an element type: f32 (computed as [`Precision`] says) or bf16
-    /// (f32 accumulation); C is f32 or bf16 (gradients of weights accumulate in f32 from bf16
-    /// activations). cuBLAS is column-major, so it computes `C^T = op(B)^T op(A)^T`.
-    pub fn gemm(&self, c: DevPtr, a: DevPtr, b: DevPtr, g: Gemm) -> R {
-        if g.m == 0 || g.n == 0 || g.batch == 0 {
-            return Ok(());
-        }
+    /// The types of a product of `a` and `b` into `c`.
+    pub(crate) fn product_types(
+        &self,
+        c: DevPtr,
+        a: DevPtr,
+        b: DevPtr,
+    ) -> Result<ProductTypes, CudaError> {
         if a.dtype != b.dtype {
             return Err(CudaError::Unsupported(format!(
                 "a product of {:?} and {:?} matrices",
@@ -197,53 +229,65 @@ impl Gpu {
                 cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
             }
         };
-        let (a_t, b_t, c_t) = (blas_type(a)?, blas_type(b)?, blas_type(c)?);
-        let name = || {
-            format!(
-                "gemm {}x{}x{} x{} ({}{}) {:?}",
-                g.m,
-                g.n,
-                g.k,
-                g.batch,
-                if g.trans_a { "T" } else { "N" },
-                if g.trans_b { "T" } else { "N" },
-                a.dtype
-            )
-        };
+        Ok(ProductTypes {
+            compute,
+            a: blas_type(a)?,
+            b: blas_type(b)?,
+            c: blas_type(c)?,
+        })
+    }
+
+    /// Runs `g`. A and B share an element type: f32 (computed as [`Precision`] says) or bf16
+    /// (f32 accumulation); C is f32 or bf16 (gradients of weights accumulate in f32 from bf16
+    /// activations). cuBLAS is column-major, so it computes `C^T = op(B)^T op(A)^T`.
+    pub fn gemm(&self, c: DevPtr, a: DevPtr, b: DevPtr, g: Gemm) -> R {
+        if g.m == 0 || g.n == 0 || g.batch == 0 {
+            return Ok(());
+        }
+        let ProductTypes {
+            compute,
+            a: a_t,
+            b: b_t,
+            c: c_t,
+        } = self.product_types(c, a, b)?;
         // cuBLAS launches on the calling thread's current context: pipeline stages call this
         // from their own threads, so make this GPU's current first.
         self.ctx.bind_to_thread()?;
         // SAFETY: the pointers address buffers of the sizes and types `g`, `a`, `b` and `c`
         // describe.
         let work = Work::products(2.0 * (g.m * g.n * g.k * g.batch) as f64);
-        self.timed(name, work, || unsafe {
-            cudarc::cublas::result::gemm_strided_batched_ex(
-                *self.blas.handle(),
-                op(g.trans_b),
-                op(g.trans_a),
-                g.n as i32,
-                g.m as i32,
-                g.k as i32,
-                (&g.alpha) as *const f32 as *const c_void,
-                b.addr as *const c_void,
-                b_t,
-                g.ldb as i32,
-                g.stride_b as i64,
-                a.addr as *const c_void,
-                a_t,
-                g.lda as i32,
-                g.stride_a as i64,
-                (&g.beta) as *const f32 as *const c_void,
-                c.addr as *mut c_void,
-                c_t,
-                g.ldc as i32,
-                g.stride_c as i64,
-                g.batch as i32,
-                compute,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )?;
-            Ok(())
-        })
+        self.timed(
+            || g.name("", a.dtype),
+            work,
+            || unsafe {
+                cudarc::cublas::result::gemm_strided_batched_ex(
+                    *self.blas.handle(),
+                    op(g.trans_b),
+                    op(g.trans_a),
+                    g.n as i32,
+                    g.m as i32,
+                    g.k as i32,
+                    (&g.alpha) as *const f32 as *const c_void,
+                    b.addr as *const c_void,
+                    b_t,
+                    g.ldb as i32,
+                    g.stride_b as i64,
+                    a.addr as *const c_void,
+                    a_t,
+                    g.lda as i32,
+                    g.stride_a as i64,
+                    (&g.beta) as *const f32 as *const c_void,
+                    c.addr as *mut c_void,
+                    c_t,
+                    g.ldc as i32,
+                    g.stride_c as i64,
+                    g.batch as i32,
+                    compute,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )?;
+                Ok(())
+            },
+        )
     }
 
     #[allow(clippy::too_many_arguments)]

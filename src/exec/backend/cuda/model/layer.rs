@@ -1,9 +1,10 @@
 //! One decoder layer on the GPU: the CPU layer's steps, with the attention of
 //! `cuda::attention`.
 
-use super::{Alloc, GpuCtx, GpuPart, ProductWeights, Result, project, project_backward};
+use super::projection::{project_each, project_input_grad, weight_grads_each};
+use super::{Alloc, GpuCtx, GpuPart, ProductWeights, Result, Weight, project, project_backward};
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::tensor::GpuTensor;
+use crate::exec::backend::cuda::tensor::{DevPtr, GpuTensor};
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::params::layer_param as lp;
 use crate::plan::inventory::Part;
@@ -111,9 +112,8 @@ pub fn layer_forward(
         h,
         cfg.rms_norm_eps,
     )?;
-    for (dst, wi) in [(&st.q, lp::Q), (&st.k, lp::K), (&st.v, lp::V)] {
-        project(gpu, dst.ptr(), norm_out.ptr(), pw(wi), n, false)?;
-    }
+    let qkv = [(&st.q, lp::Q), (&st.k, lp::K), (&st.v, lp::V)].map(|(t, i)| (t.ptr(), pw(i)));
+    project_each(gpu, norm_out.ptr(), &qkv, n)?;
     gpu.rope(st.q.ptr(), n, h, m.seq, hd, cfg.rope_theta, false)?;
     gpu.rope(st.k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, false)?;
     match &scores {
@@ -151,8 +151,8 @@ pub fn layer_forward(
         h,
         cfg.rms_norm_eps,
     )?;
-    project(gpu, st.gate.ptr(), norm_out.ptr(), pw(lp::GATE), n, false)?;
-    project(gpu, st.up.ptr(), norm_out.ptr(), pw(lp::UP), n, false)?;
+    let gate_up = [(st.gate.ptr(), pw(lp::GATE)), (st.up.ptr(), pw(lp::UP))];
+    project_each(gpu, norm_out.ptr(), &gate_up, n)?;
     gpu.swiglu_forward(act.ptr(), st.gate.ptr(), st.up.ptr(), n * f)?;
     output.copy_from(gpu, &st.resid_mid)?;
     project(gpu, output.ptr(), act.ptr(), pw(lp::DOWN), n, true)?;
@@ -213,26 +213,8 @@ pub fn layer_backward(
         false,
     )?;
     gpu.swiglu_backward(d_gate.ptr(), d_up.ptr(), st.gate.ptr(), st.up.ptr(), n * f)?;
-    project_backward(
-        gpu,
-        &g[lp::GATE],
-        d_norm_out.ptr(),
-        d_gate.ptr(),
-        norm_out.ptr(),
-        pw(lp::GATE),
-        n,
-        false,
-    )?;
-    project_backward(
-        gpu,
-        &g[lp::UP],
-        d_norm_out.ptr(),
-        d_up.ptr(),
-        norm_out.ptr(),
-        pw(lp::UP),
-        n,
-        true,
-    )?;
+    let gate_up = [(&d_gate, lp::GATE), (&d_up, lp::UP)];
+    projections_backward(gpu, p, &pw, &gate_up, d_norm_out.ptr(), norm_out.ptr(), n)?;
     gpu.rmsnorm_backward(
         d_norm_out.ptr(),
         g[lp::POST_NORM].ptr(),
@@ -285,19 +267,8 @@ pub fn layer_backward(
         n,
         h,
     )?;
-    let projections = [(&d_q, lp::Q), (&d_k, lp::K), (&d_v, lp::V)];
-    for (i, (dp, wi)) in projections.into_iter().enumerate() {
-        project_backward(
-            gpu,
-            &g[wi],
-            d_norm_out.ptr(),
-            dp.ptr(),
-            norm_out.ptr(),
-            pw(wi),
-            n,
-            i > 0,
-        )?;
-    }
+    let qkv = [(&d_q, lp::Q), (&d_k, lp::K), (&d_v, lp::V)];
+    projections_backward(gpu, p, &pw, &qkv, d_norm_out.ptr(), norm_out.ptr(), n)?;
     gpu.rmsnorm_backward(
         d_norm_out.ptr(),
         g[lp::INPUT_NORM].ptr(),
@@ -309,6 +280,27 @@ pub fn layer_backward(
     )?;
     gpu.add_into(d_resid_mid.ptr(), d_norm_out.ptr(), n * h)?;
     Ok(d_resid_mid)
+}
+
+/// Backward of projections of one input `x` (each output's gradient with its weight index):
+/// their weight gradients, then `dx` as the sum of their inputs' gradients.
+fn projections_backward(
+    gpu: &Gpu,
+    p: &GpuPart,
+    pw: &dyn Fn(usize) -> Weight,
+    outputs: &[(&GpuTensor, usize)],
+    dx: DevPtr,
+    x: DevPtr,
+    n: usize,
+) -> Result<()> {
+    let grads: Vec<_> = (outputs.iter())
+        .map(|&(dy, i)| (&p.grads[i], dy.ptr(), pw(i)))
+        .collect();
+    weight_grads_each(gpu, x, &grads, n)?;
+    for (j, &(dy, i)) in outputs.iter().enumerate() {
+        project_input_grad(gpu, dx, dy.ptr(), pw(i), n, j > 0)?;
+    }
+    Ok(())
 }
 
 /// A layer backward's attention scratch, held for the whole backward as the inventory says:

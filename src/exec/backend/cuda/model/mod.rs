@@ -10,6 +10,7 @@
 mod embedding;
 mod head;
 mod layer;
+mod projection;
 mod trainer;
 
 pub use embedding::{EmbeddingStash, embedding_backward, embedding_forward};
@@ -17,9 +18,10 @@ pub use head::{HeadStash, head_backward, head_forward, head_forward_backward};
 pub use layer::{LayerStash, layer_backward, layer_forward};
 pub use trainer::GpuTrainer;
 
+use projection::{Weight, project, project_backward};
+
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::ops::Gemm;
 use crate::exec::backend::cuda::tensor::{DevPtr, GpuTensor};
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
@@ -129,14 +131,6 @@ impl ProductWeights {
             inp: shape[1],
         }
     }
-}
-
-/// A projection's weight `[out, in]` as the products read it.
-#[derive(Clone, Copy)]
-struct Weight {
-    ptr: DevPtr,
-    out: usize,
-    inp: usize,
 }
 
 impl From<ModelError> for CudaError {
@@ -253,28 +247,4 @@ fn copy_to_host<'a>(
         src.read_range(gpu, 0..src.len(), dst.data_mut())?;
     }
     Ok(())
-}
-
-/// `y[n, out] (+)= x[n, in] · W[out, in]^T`, the projections' forward.
-fn project(gpu: &Gpu, y: DevPtr, x: DevPtr, w: Weight, n: usize, accumulate: bool) -> Result<()> {
-    let dense = Gemm::dense(n, w.out, w.inp, false, true, accumulate);
-    gpu.gemm(y, x, w.ptr, dense)
-}
-
-/// Backward of [`project`]: `dW += dy^T · x` (f32) and `dx (+)= dy · W`.
-#[allow(clippy::too_many_arguments)]
-fn project_backward(
-    gpu: &Gpu,
-    dw: &GpuTensor,
-    dx: DevPtr,
-    dy: DevPtr,
-    x: DevPtr,
-    w: Weight,
-    n: usize,
-    accumulate_dx: bool,
-) -> Result<()> {
-    let (out, inp) = (w.out, w.inp);
-    gpu.gemm(dw.ptr(), dy, x, Gemm::dense(out, inp, n, true, false, true))?;
-    let dense = Gemm::dense(n, inp, out, false, false, accumulate_dx);
-    gpu.gemm(dx, dy, w.ptr, dense)
 }

@@ -183,6 +183,14 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             model_checks(gpu, &opts.fixture, tol, precision == Precision::F32),
         )
         .is_some_and(|c| print_checks(&title, &c));
+        if precision == Precision::Bf16 {
+            let title = format!("{title}, products that share an input batched");
+            let checks = Gpu::open(opts.device, precision).and_then(|mut gpu| {
+                gpu.batch_products = true;
+                model_checks(gpu, &opts.fixture, tol, false)
+            });
+            ok &= section(&title, checks).is_some_and(|c| print_checks(&title, &c));
+        }
         let title = format!(
             "pipeline stages on one GPU vs the whole-model trainer and the planner, {name}"
         );
@@ -218,35 +226,56 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         println!("|---|---|---:|---:|---:|---:|---:|");
         // The asked-for step, profiled if asked, then one micro-batch of `large_micro_batch`
         // sequences (larger products, as throughput runs use); with bf16, the asked-for step
-        // again on the flash kernels that load fragments with ldmatrix.
-        let asked_step = (opts.microbatches, opts.micro_batch_size, FlashLoads::Scalar);
+        // again on the flash kernels that load fragments with ldmatrix, and again with the
+        // products that share an input batched.
+        let asked_step = TimedStep {
+            microbatches: opts.microbatches,
+            batch: opts.micro_batch_size,
+            loads: FlashLoads::Scalar,
+            batch_products: false,
+        };
         let mut rows = Vec::new();
         for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
             rows.push((precision, asked_step, opts.profile));
             if opts.large_micro_batch > 0 {
-                rows.push((
-                    precision,
-                    (1, opts.large_micro_batch, FlashLoads::Scalar),
-                    false,
-                ));
+                let large = TimedStep {
+                    microbatches: 1,
+                    batch: opts.large_micro_batch,
+                    ..asked_step
+                };
+                rows.push((precision, large, false));
             }
             if precision == Precision::Bf16 {
-                let ldmatrix = (
-                    opts.microbatches,
-                    opts.micro_batch_size,
-                    FlashLoads::Ldmatrix,
-                );
+                let ldmatrix = TimedStep {
+                    loads: FlashLoads::Ldmatrix,
+                    ..asked_step
+                };
+                let batched = TimedStep {
+                    batch_products: true,
+                    ..asked_step
+                };
                 rows.push((precision, ldmatrix, false));
+                rows.push((precision, batched, false));
             }
         }
         let mut profiles = Vec::new();
-        for (precision, (microbatches, batch, loads), profile) in rows {
+        for (precision, step, profile) in rows {
+            let TimedStep {
+                microbatches,
+                batch,
+                loads,
+                batch_products,
+            } = step;
             let label = match precision {
+                Precision::Bf16 if batch_products => {
+                    format!("{} ({}, batched products)", precision.name(), loads.name())
+                }
                 Precision::Bf16 => format!("{} ({})", precision.name(), loads.name()),
                 _ => precision.name().to_string(),
             };
             let timed = Gpu::open(opts.device, precision).and_then(|mut gpu| {
                 gpu.flash_loads = loads;
+                gpu.batch_products = batch_products;
                 time_training(
                     gpu,
                     config,
@@ -302,6 +331,15 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         );
     }
     Ok(ok)
+}
+
+/// One row of the timing table: the step's shape and the kernels' variants.
+#[derive(Debug, Clone, Copy)]
+struct TimedStep {
+    microbatches: usize,
+    batch: usize,
+    loads: FlashLoads,
+    batch_products: bool,
 }
 
 /// Where one profiled step's time went, operation by operation, with the rate of each: TFLOP/s

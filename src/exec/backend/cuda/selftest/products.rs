@@ -1,7 +1,7 @@
 //! The timed model's projection products on their own, bf16: each group of products that
-//! share an input (q, k, v; gate, up) run one call at a time, as a layer runs them now, and
-//! as one batched cuBLAS call. Whether fusing them would pay is measured here before anything
-//! is fused; the batched results are held against the separate ones first.
+//! share an input (q, k, v; gate, up; their weight gradients) one call at a time and as one
+//! batched call (`Gpu::gemm_group`, what layers run with `Gpu::batch_products`), the batched
+//! results held against the separate ones first.
 
 use std::time::Instant;
 
@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{Check, Result};
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::ops::Gemm;
+use crate::exec::backend::cuda::product_group::Product;
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::device::{MemGroup, Pool};
 use crate::exec::model::LlamaConfig;
@@ -95,32 +96,31 @@ pub fn time_products(
         } else {
             Gemm::dense(tokens, g.out, g.inp, false, true, false)
         };
+        let product = |c: &GpuTensor, i: usize| {
+            let (ai, ci) = (a.ptr().offset(i * a_stride), c.ptr().offset(i * c_stride));
+            match g.weight_grad {
+                true => Product {
+                    c: ci,
+                    a: ai,
+                    b: x.ptr(),
+                },
+                false => Product {
+                    c: ci,
+                    a: x.ptr(),
+                    b: ai,
+                },
+            }
+        };
         let run_separate = |c: &GpuTensor| -> Result<()> {
             for i in 0..g.count {
-                let (ai, ci) = (a.ptr().offset(i * a_stride), c.ptr().offset(i * c_stride));
-                let (lhs, rhs) = if g.weight_grad {
-                    (ai, x.ptr())
-                } else {
-                    (x.ptr(), ai)
-                };
-                gpu.gemm(ci, lhs, rhs, one)?;
+                let p = product(c, i);
+                gpu.gemm(p.c, p.a, p.b, one)?;
             }
             Ok(())
         };
         let run_batched = |c: &GpuTensor| -> Result<()> {
-            let (lhs, rhs, stride_a, stride_b) = if g.weight_grad {
-                (a.ptr(), x.ptr(), a_stride, 0)
-            } else {
-                (x.ptr(), a.ptr(), 0, a_stride)
-            };
-            let batch = Gemm {
-                batch: g.count,
-                stride_a,
-                stride_b,
-                stride_c: c_stride,
-                ..one
-            };
-            gpu.gemm(c.ptr(), lhs, rhs, batch)
+            let products: Vec<Product> = (0..g.count).map(|i| product(c, i)).collect();
+            gpu.gemm_group(&products, one)
         };
         run_separate(&separate)?;
         run_batched(&batched)?;
