@@ -52,6 +52,20 @@ __device__ __forceinline__ void fa_mma(float* d, const unsigned* a, const unsign
 #endif
 }
 
+// p[0] += x, p[1] += y atomically (p 8-byte aligned): one vector reduction on sm_90 and newer,
+// two scalar atomics before.
+__device__ __forceinline__ void fa_add2(float* p, float x, float y) {
+#if defined(CP_HOST_EMULATION) || __CUDA_ARCH__ < 900
+#ifdef CP_HOST_EMULATION
+    cp_check_alignment(p, 8);
+#endif
+    atomicAdd(p, x);
+    atomicAdd(p + 1, y);
+#else
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#endif
+}
+
 // Each lane's place in a fragment: its group (row, or column of b) and its pair of columns.
 __device__ __forceinline__ int fa_group() { return (threadIdx.x & 31) >> 2; }
 __device__ __forceinline__ int fa_pair() { return (threadIdx.x & 3) * 2; }
@@ -415,10 +429,7 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
                 int query = q0 + warp * 16 + g + 8 * h;
                 if (query >= seq) continue;
                 float* to = dq_acc + (tok0 + query) * width + head * D + pair;
-                for (int j = 0; j < D / 8; ++j) {
-                    atomicAdd(to + j * 8, dq[j][2 * h]);
-                    atomicAdd(to + j * 8 + 1, dq[j][2 * h + 1]);
-                }
+                for (int j = 0; j < D / 8; ++j) fa_add2(to + j * 8, dq[j][2 * h], dq[j][2 * h + 1]);
             }
         }
     }
