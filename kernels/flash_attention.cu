@@ -445,13 +445,16 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
 
 // The kernels for head dimension D: flash_forward_D and flash_backward_D load fragments with
 // 32- and 16-bit shared loads, flash_forward_ldsm_D and flash_backward_ldsm_D with ldmatrix.
+// Their register budgets keep 4 forward and 3 backward blocks on an SM (registers are what
+// bound them; at head dimension 64 the forward would take 130 unbounded, 126 bounded, no
+// spills).
 #define FA_KERNEL_PAIR(NAME, D, LDSM)                                                            \
-    extern "C" __global__ void flash_forward_##NAME(act_t* out, float* lse, const act_t* q,     \
-                                                    const act_t* k, const act_t* v, int seq,    \
-                                                    int heads, int kv_heads, float scale) {     \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)                                 \
+        flash_forward_##NAME(act_t* out, float* lse, const act_t* q, const act_t* k,             \
+                             const act_t* v, int seq, int heads, int kv_heads, float scale) {    \
         fa_forward<D, LDSM>(out, lse, q, k, v, seq, heads, kv_heads, scale);                    \
     }                                                                                            \
-    extern "C" __global__ void flash_backward_##NAME(                                           \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) flash_backward_##NAME(          \
         float* dq_acc, act_t* dk, act_t* dv, const act_t* q, const act_t* k, const act_t* v,     \
         const act_t* d_out, const float* lse, const float* delta, int seq, int heads,            \
         int kv_heads, float scale) {                                                             \

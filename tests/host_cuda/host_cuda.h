@@ -31,6 +31,7 @@ inline cp_dim3 gridDim, blockDim;
 #define __device__
 #define __global__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static
 #define CP_HOST_EMULATION 1
 #define __CUDA_ARCH__ 900
