@@ -31,8 +31,9 @@ pub(crate) struct GroupPointers {
     c: [u64; GROUP_MAX],
 }
 
-// SAFETY: three plain arrays of u64, laid out as the kernel's struct.
+// SAFETY: three plain arrays of u64, laid out as the kernel's struct (96 bytes, 8-aligned).
 unsafe impl cudarc::driver::DeviceRepr for GroupPointers {}
+const _: () = assert!(size_of::<GroupPointers>() == 3 * GROUP_MAX * 8);
 
 /// One product of a group: `c = op(a) op(b) (+ c)`.
 #[derive(Debug, Clone, Copy)]
