@@ -302,7 +302,8 @@ fn rope_kernel_run_on_the_host_matches_the_cpu_rope() {
     checks.assert_all_passed();
 }
 
-/// `add_into`, `cast_to_act`, `swiglu_forward` and `swiglu_backward`, f32 and bf16 builds,
+/// `add` (into a third buffer and in place), `cast_to_act`, `swiglu_forward` and
+/// `swiglu_backward`, f32 and bf16 builds,
 /// against the CPU backend on the same (activation-typed) inputs: sums and casts to the bit
 /// (both round one f32 result the same way), SwiGLU within the selftest's elementwise tolerance
 /// (f32) or bf16's rounding. Lengths and offsets take each path: whole 16-byte vectors, vectors
@@ -328,11 +329,13 @@ fn elementwise_kernels_run_on_the_host_match_the_cpu_backend() {
             cpu.swiglu_backward(&mut act.clone(), &mut d_gate, &mut d_up, &gate, &up);
             let acts = |v: &[f32]| act_bytes(v, bf16_build);
             // (operation, its inputs' bytes, the outputs it should write, tolerance)
-            let cases: [(&str, Vec<u8>, _, f64); 4] = [
+            let sum = as_acts(sum, bf16_build);
+            let cases: [(&str, Vec<u8>, _, f64); 5] = [
+                ("add", [acts(&a), acts(&b)].concat(), vec![sum.clone()], 0.0),
                 (
-                    "add_into",
+                    "add_in_place",
                     [acts(&a), acts(&b)].concat(),
-                    vec![as_acts(sum, bf16_build)],
+                    vec![sum],
                     0.0,
                 ),
                 (

@@ -3,7 +3,8 @@
 //
 //   elementwise OP N OFFSET BLOCKS INPUT OUTPUT
 //
-// OP is add_into (inputs a, b; output a), cast_to_act (x; out), swiglu_forward (gate, up; act)
+// OP is add (inputs a, b; output a + b into a third buffer), add_in_place (the same into a),
+// cast_to_act (x; out), swiglu_forward (gate, up; act)
 // or swiglu_backward (gate, up, d_act; d_gate, d_up). INPUT holds each input's N elements in
 // that order, as activations (f32, or bf16 bits as u16; cast_to_act's x is f32),
 // little-endian; OUTPUT receives the outputs the same way. Every buffer starts OFFSET elements
@@ -35,9 +36,13 @@ int main(int argc, char** argv) {
     cp_buffer<act_t> a(n, offset), b(n, offset), c(n, offset), d(n, offset);
     cp_buffer<float> x(n, offset);
     auto launch = [&](auto kernel) { cp_launch({blocks, 1, 1}, 256, kernel); };
-    if (op == "add_into") {
+    if (op == "add") {
         read(a), read(b);
-        launch([&] { add_into(a.data, b.data, n); });
+        launch([&] { add(c.data, a.data, b.data, n); });
+        write(c);
+    } else if (op == "add_in_place") {
+        read(a), read(b);
+        launch([&] { add(a.data, a.data, b.data, n); });
         write(a);
     } else if (op == "cast_to_act") {
         read(x);

@@ -490,13 +490,13 @@ impl Gpu {
         )
     }
 
-    /// `a += b` over `n` elements.
-    pub fn add_into(&self, a: DevPtr, b: DevPtr, n: usize) -> R {
+    /// `out = a + b` over `n` elements; `out` may be `a`.
+    pub fn add(&self, out: DevPtr, a: DevPtr, b: DevPtr, n: usize) -> R {
         self.launch(
-            "add_into",
+            "add",
             self.act_vectors(n),
-            &[Ptr(a), Ptr(b), len(n)],
-            Work::moving(n, &[a, b, a]),
+            &[Ptr(out), Ptr(a), Ptr(b), len(n)],
+            Work::moving(n, &[a, b, out]),
         )
     }
 

@@ -175,7 +175,7 @@ pub fn layer_backward(
     let d_gate = a.bwd("d_gate")?;
     let d_up = a.bwd("d_up")?;
     let d_norm_out = a.bwd("d_norm_out")?;
-    let mut d_resid_mid = a.bwd("d_resid_mid")?;
+    let d_resid_mid = a.bwd("d_resid_mid")?;
     let d_attn_out = a.bwd("d_attn_out")?;
     let d_q = a.bwd("d_q")?;
     let d_k = a.bwd("d_k")?;
@@ -224,8 +224,7 @@ pub fn layer_backward(
         n,
         h,
     )?;
-    d_resid_mid.copy_from(gpu, &grad_output)?;
-    gpu.add_into(d_resid_mid.ptr(), d_norm_out.ptr(), n * h)?;
+    gpu.add(d_resid_mid.ptr(), dy, d_norm_out.ptr(), n * h)?;
 
     // Attention block.
     project_backward(
@@ -278,7 +277,12 @@ pub fn layer_backward(
         n,
         h,
     )?;
-    gpu.add_into(d_resid_mid.ptr(), d_norm_out.ptr(), n * h)?;
+    gpu.add(
+        d_resid_mid.ptr(),
+        d_resid_mid.ptr(),
+        d_norm_out.ptr(),
+        n * h,
+    )?;
     Ok(d_resid_mid)
 }
 
