@@ -18,6 +18,31 @@ struct alignas(16) fa_chunk {
     unsigned x, y, z, w;
 };
 
+// Shared memory of a block, in bytes, for head dimension D (`ops::flash_shared_bytes` computes
+// the same for the launch): the forward's query tile and two key/value tile pairs; the
+// backward's key, value, query and dO tiles, dS^T, and a step's lse and delta. Dynamic, as the
+// larger head dimensions need more than the 48 KiB a static array may hold; the tiles are
+// carved from it in the order listed, each a multiple of 16 bytes.
+template <int D>
+__device__ constexpr int fa_forward_shared_bytes() {
+    return (FA_ROWS + 4 * FA_STEP) * (D + FA_PAD) * 2;
+}
+template <int D>
+__device__ constexpr int fa_backward_shared_bytes() {
+    return (2 * FA_ROWS + 2 * FA_STEP) * (D + FA_PAD) * 2 + FA_ROWS * (FA_STEP + FA_PAD) * 2 +
+           2 * FA_STEP * 4;
+}
+
+// The block's dynamic shared memory, checked (host builds) to hold `bytes`.
+__device__ __forceinline__ unsigned char* fa_shared(int bytes) {
+#ifdef CP_HOST_EMULATION
+    return cp_dynamic_shared(bytes);
+#else
+    extern __shared__ fa_chunk fa_dynamic[];
+    return (unsigned char*)fa_dynamic;
+#endif
+}
+
 // `p` as a pointer to T, for loads and stores wider than an element; p must be aligned to T
 // (a misaligned access faults on the GPU), which host builds check.
 template <typename T>
@@ -261,8 +286,9 @@ template <int D, bool LDSM>
 __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* k, const act_t* v,
                            int seq, int heads, int kv_heads, float scale) {
     const int S = D + FA_PAD;
-    __shared__ fa_chunk qs_raw[FA_ROWS * S / 8], kv_raw[2][2][FA_STEP * S / 8];
-    act_t* qs = (act_t*)qs_raw;
+    act_t* qs = (act_t*)fa_shared(fa_forward_shared_bytes<D>());
+    // kv(buf, 0) and kv(buf, 1): key and value tiles of buffer buf.
+    auto kv = [&](int buf, int which) { return qs + (FA_ROWS + (2 * buf + which) * FA_STEP) * S; };
     int head = blockIdx.y, b = blockIdx.z, kvh = head / (heads / kv_heads);
     int q0 = (gridDim.x - 1 - blockIdx.x) * FA_ROWS;
     long long width = (long long)heads * D, kv_width = (long long)kv_heads * D;
@@ -270,8 +296,8 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
     const act_t* kg = k + tok0 * kv_width + kvh * D;
     const act_t* vg = v + tok0 * kv_width + kvh * D;
     auto load_keys = [&](int buf, int k0) {
-        fa_load<D>((act_t*)kv_raw[buf][0], kg, kv_width, k0, seq);
-        fa_load<D>((act_t*)kv_raw[buf][1], vg, kv_width, k0, seq);
+        fa_load<D>(kv(buf, 0), kg, kv_width, k0, seq);
+        fa_load<D>(kv(buf, 1), vg, kv_width, k0, seq);
         fa_commit();
     };
     fa_load<D>(qs, q + tok0 * width + head * D, width, q0, seq);
@@ -291,7 +317,7 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
         __syncthreads();
         bool last = k0 + FA_STEP >= end;
         if (!last) load_keys(buf ^ 1, k0 + FA_STEP);
-        const act_t *ks = (act_t*)kv_raw[buf][0], *vs = (act_t*)kv_raw[buf][1];
+        const act_t *ks = kv(buf, 0), *vs = kv(buf, 1);
         float s[FA_STEP / 8][4];
         fa_rows_by_tile<D, LDSM>(s, qs, warp * 16, ks);
         for (int h = 0; h < 2; ++h) {
@@ -344,12 +370,11 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
                             const act_t* v, const act_t* d_out, const float* lse,
                             const float* delta, int seq, int heads, int kv_heads, float scale) {
     const int S = D + FA_PAD, SP = FA_STEP + FA_PAD;
-    __shared__ fa_chunk ks_raw[FA_ROWS * S / 8], vs_raw[FA_ROWS * S / 8];
-    __shared__ fa_chunk qs_raw[FA_STEP * S / 8], dos_raw[FA_STEP * S / 8];
-    __shared__ fa_chunk ds_raw[FA_ROWS * SP / 8];
-    __shared__ float lse_s[FA_STEP], delta_s[FA_STEP];
-    act_t *ks = (act_t*)ks_raw, *vs = (act_t*)vs_raw, *qs = (act_t*)qs_raw;
-    act_t *dos = (act_t*)dos_raw, *dst = (act_t*)ds_raw;
+    act_t* ks = (act_t*)fa_shared(fa_backward_shared_bytes<D>());
+    act_t *vs = ks + FA_ROWS * S, *qs = vs + FA_ROWS * S;
+    act_t *dos = qs + FA_STEP * S, *dst = dos + FA_STEP * S;
+    float* lse_s = (float*)(dst + FA_ROWS * SP);
+    float* delta_s = lse_s + FA_STEP;
     int k0 = blockIdx.x * FA_ROWS, kvh = blockIdx.y, b = blockIdx.z, group = heads / kv_heads;
     long long width = (long long)heads * D, kv_width = (long long)kv_heads * D;
     long long tok0 = (long long)b * seq;
@@ -445,28 +470,30 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
 
 // The kernels for head dimension D: flash_forward_D and flash_backward_D load fragments with
 // 32- and 16-bit shared loads, flash_forward_ldsm_D and flash_backward_ldsm_D with ldmatrix.
-// Their register budgets keep 4 forward and 3 backward blocks on an SM (registers are what
-// bound them; at head dimension 64 the forward would take 130 unbounded, 126 bounded, no
-// spills).
-#define FA_KERNEL_PAIR(NAME, D, LDSM)                                                            \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 4)                                 \
+// Each states the blocks an SM it is built to fit (registers are what bound them): at head
+// dimension 64, 4 forward (126 registers; 130 unbounded) and 3 backward; at 128, 2 and 2
+// (the backward at 255 registers), without spills.
+#define FA_KERNEL_PAIR(NAME, D, LDSM, FORWARD_BLOCKS, BACKWARD_BLOCKS)                         \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, FORWARD_BLOCKS)                    \
         flash_forward_##NAME(act_t* out, float* lse, const act_t* q, const act_t* k,             \
                              const act_t* v, int seq, int heads, int kv_heads, float scale) {    \
         fa_forward<D, LDSM>(out, lse, q, k, v, seq, heads, kv_heads, scale);                    \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) flash_backward_##NAME(          \
-        float* dq_acc, act_t* dk, act_t* dv, const act_t* q, const act_t* k, const act_t* v,     \
-        const act_t* d_out, const float* lse, const float* delta, int seq, int heads,            \
-        int kv_heads, float scale) {                                                             \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, BACKWARD_BLOCKS)                   \
+        flash_backward_##NAME(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,               \
+                              const act_t* k, const act_t* v, const act_t* d_out,                \
+                              const float* lse, const float* delta, int seq, int heads,          \
+                              int kv_heads, float scale) {                                       \
         fa_backward<D, LDSM>(dq_acc, dk, dv, q, k, v, d_out, lse, delta, seq, heads, kv_heads,   \
                              scale);                                                             \
     }
-#define FA_KERNELS(D)              \
-    FA_KERNEL_PAIR(D, D, false)    \
-    FA_KERNEL_PAIR(ldsm_##D, D, true)
+#define FA_KERNELS(D, FORWARD_BLOCKS, BACKWARD_BLOCKS)                \
+    FA_KERNEL_PAIR(D, D, false, FORWARD_BLOCKS, BACKWARD_BLOCKS)      \
+    FA_KERNEL_PAIR(ldsm_##D, D, true, FORWARD_BLOCKS, BACKWARD_BLOCKS)
 
-FA_KERNELS(16)
-FA_KERNELS(32)
-FA_KERNELS(64)
+FA_KERNELS(16, 4, 3)
+FA_KERNELS(32, 4, 3)
+FA_KERNELS(64, 4, 3)
+FA_KERNELS(128, 2, 2)
 
 #endif

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+use chronospipe::exec::backend::cuda::ops::flash_shared_bytes;
 use chronospipe::exec::backend::cuda::selftest::{
     FLASH_OUTPUTS, cpu_attention, flash_check_shapes, flash_inputs,
 };
@@ -156,22 +157,24 @@ fn split_output(bytes: &[u8], bf16_build: bool, parts: &[(usize, bool)]) -> Vec<
 }
 
 /// Random inputs for `sh` (q, k, v, dO), the flash program's input file holding them and its
-/// leading arguments (`ldmatrix`: the kernels that load fragments with ldmatrix).
+/// leading arguments (`ldmatrix`: the kernels that load fragments with ldmatrix; the dynamic
+/// shared memory the backend launches each kernel with).
 fn flash_case(
     rng: &mut ChaCha8Rng,
     sh: &AttnShape,
     ldmatrix: bool,
-) -> ([Vec<f32>; 4], Vec<u8>, [usize; 6]) {
+) -> ([Vec<f32>; 4], Vec<u8>, [usize; 8]) {
     let inputs = flash_inputs(rng, sh);
     let bytes = inputs.iter().flat_map(|t| bf16_bytes(t)).collect();
-    let dims = [sh.head_dim, sh.batch, sh.seq, sh.heads, sh.kv_heads];
     let args = [
-        dims[0],
-        dims[1],
-        dims[2],
-        dims[3],
-        dims[4],
+        sh.head_dim,
+        sh.batch,
+        sh.seq,
+        sh.heads,
+        sh.kv_heads,
         ldmatrix as usize,
+        flash_shared_bytes(sh.head_dim, true),
+        flash_shared_bytes(sh.head_dim, false),
     ];
     (inputs, bytes, args)
 }

@@ -357,7 +357,7 @@ const CUDA_BF16_KEEPS_F32: [&str; 6] = [
 ];
 
 /// Head dimensions the CUDA backend's flash-attention kernels are built for.
-pub const CUDA_FLASH_HEAD_DIMS: [usize; 3] = [16, 32, 64];
+pub const CUDA_FLASH_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 /// Whether the CUDA backend runs a layer's attention with its flash kernels (bf16 activations
 /// and a head dimension they are built for): scores then never reach device memory.

@@ -3,9 +3,12 @@
 // `flash_attention_backward` launch them (flash forward; attn_delta; flash backward into a
 // zeroed f32 dQ; cast_to_act).
 //
-//   flash_attention HEAD_DIM BATCH SEQ HEADS KV_HEADS LDMATRIX INPUT OUTPUT
+//   flash_attention HEAD_DIM BATCH SEQ HEADS KV_HEADS LDMATRIX SHARED_FWD SHARED_BWD INPUT OUTPUT
 //
 // LDMATRIX 1 runs the kernels that load fragments with ldmatrix (flash_*_ldsm_D), 0 the others.
+// SHARED_FWD and SHARED_BWD are the bytes of dynamic shared memory the backend launches the
+// forward and the backward with (`ops::flash_shared_bytes`); the kernels abort if they need
+// more.
 // INPUT holds q, dO [batch * seq, heads * head_dim] and k, v [batch * seq, kv_heads *
 // head_dim] as bf16 bits (u16, little-endian) in the order q, k, v, dO. OUTPUT receives out,
 // dq [batch * seq, heads * head_dim], dk, dv as bf16 bits, then lse and delta [batch, heads,
@@ -21,8 +24,14 @@
 #include <cstdlib>
 #include <fstream>
 
+// The bytes of dynamic shared memory each launch gets: the forward's, then the backward's.
+struct shared_sizes {
+    std::size_t forward, backward;
+};
+
 template <int D, bool LDSM>
-static int run(int batch, int seq, int heads, int kv_heads, const char* input, const char* output) {
+static int run(int batch, int seq, int heads, int kv_heads, shared_sizes shared,
+               const char* input, const char* output) {
     long long n = (long long)batch * seq, w = (long long)heads * D, kvw = (long long)kv_heads * D;
     long long rows = (long long)batch * heads * seq;
     std::vector<act_t> q(n * w), k(n * kvw), v(n * kvw), d_out(n * w);
@@ -39,14 +48,14 @@ static int run(int batch, int seq, int heads, int kv_heads, const char* input, c
     cp_launch({tiles, (unsigned)heads, (unsigned)batch}, FA_THREADS, [&] {
         fa_forward<D, LDSM>(out.data(), lse.data(), q.data(), k.data(), v.data(), seq, heads,
                        kv_heads, scale);
-    });
+    }, shared.forward);
     cp_launch({4, 1, 1}, 128, [&] {
         attn_delta(delta.data(), d_out.data(), out.data(), batch, heads, seq, D);
     });
     cp_launch({tiles, (unsigned)kv_heads, (unsigned)batch}, FA_THREADS, [&] {
         fa_backward<D, LDSM>(dq_acc.data(), dk.data(), dv.data(), q.data(), k.data(), v.data(),
                                d_out.data(), lse.data(), delta.data(), seq, heads, kv_heads, scale);
-    });
+    }, shared.backward);
     cp_launch({4, 1, 1}, 128, [&] { cast_to_act(dq.data(), dq_acc.data(), n * w); });
     std::ofstream o(output, std::ios::binary);
     for (auto* t : {&out, &dq, &dk, &dv}) cp_write(o, t->data(), (long long)t->size());
@@ -55,23 +64,28 @@ static int run(int batch, int seq, int heads, int kv_heads, const char* input, c
 }
 
 template <bool LDSM>
-static int run_dim(int hd, int b, int t, int h, int kv, const char* input, const char* output) {
+static int run_dim(int hd, int b, int t, int h, int kv, shared_sizes shared, const char* input,
+                   const char* output) {
     switch (hd) {
-        case 16: return run<16, LDSM>(b, t, h, kv, input, output);
-        case 32: return run<32, LDSM>(b, t, h, kv, input, output);
-        case 64: return run<64, LDSM>(b, t, h, kv, input, output);
+        case 16: return run<16, LDSM>(b, t, h, kv, shared, input, output);
+        case 32: return run<32, LDSM>(b, t, h, kv, shared, input, output);
+        case 64: return run<64, LDSM>(b, t, h, kv, shared, input, output);
+        case 128: return run<128, LDSM>(b, t, h, kv, shared, input, output);
         default: std::fprintf(stderr, "no flash kernels for head dimension %d\n", hd); return 2;
     }
 }
 
 int main(int argc, char** argv) {
-    if (argc != 9) {
-        std::fprintf(stderr, "usage: %s HEAD_DIM BATCH SEQ HEADS KV_HEADS LDMATRIX INPUT OUTPUT\n",
+    if (argc != 11) {
+        std::fprintf(stderr,
+                     "usage: %s HEAD_DIM BATCH SEQ HEADS KV_HEADS LDMATRIX SHARED_FWD SHARED_BWD "
+                     "INPUT OUTPUT\n",
                      argv[0]);
         return 2;
     }
     int hd = std::atoi(argv[1]), b = std::atoi(argv[2]), t = std::atoi(argv[3]);
     int h = std::atoi(argv[4]), kv = std::atoi(argv[5]);
-    if (std::atoi(argv[6])) return run_dim<true>(hd, b, t, h, kv, argv[7], argv[8]);
-    return run_dim<false>(hd, b, t, h, kv, argv[7], argv[8]);
+    shared_sizes shared = {(std::size_t)std::atoll(argv[7]), (std::size_t)std::atoll(argv[8])};
+    if (std::atoi(argv[6])) return run_dim<true>(hd, b, t, h, kv, shared, argv[9], argv[10]);
+    return run_dim<false>(hd, b, t, h, kv, shared, argv[9], argv[10]);
 }

@@ -198,8 +198,30 @@ struct cp_buffer {
           data(reinterpret_cast<T*>(storage.data()) + offset) {}
 };
 
-// Runs `kernel` over the grid, one block at a time, `threads` threads a block.
-inline void cp_launch(cp_dim3 grid, unsigned threads, const std::function<void()>& kernel) {
+// The launch's dynamic shared memory (`extern __shared__` on the GPU), reused by each block
+// in turn as static __shared__ arrays are.
+struct alignas(16) cp_shared_chunk { unsigned char b[16]; };
+inline std::vector<cp_shared_chunk> cp_dynamic;
+inline std::size_t cp_dynamic_bytes = 0;
+
+// A kernel's dynamic shared memory, which must hold `bytes`: a launch that gives less would
+// fault (or worse) on the GPU, so here it aborts.
+inline unsigned char* cp_dynamic_shared(int bytes) {
+    if ((std::size_t)bytes > cp_dynamic_bytes) {
+        std::fprintf(stderr,
+                     "the kernel needs %d bytes of dynamic shared memory, the launch gave %zu\n",
+                     bytes, cp_dynamic_bytes);
+        std::abort();
+    }
+    return cp_dynamic.data()->b;
+}
+
+// Runs `kernel` over the grid, one block at a time, `threads` threads a block, with
+// `shared_bytes` of dynamic shared memory.
+inline void cp_launch(cp_dim3 grid, unsigned threads, const std::function<void()>& kernel,
+                      std::size_t shared_bytes = 0) {
+    cp_dynamic.assign(shared_bytes / 16 + 1, {});
+    cp_dynamic_bytes = shared_bytes;
     gridDim = grid;
     blockDim = {threads, 1, 1};
     unsigned warps = threads / 32;

@@ -11,6 +11,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::offload::PinnedCache;
+use crate::exec::backend::cuda::ops::flash_shared_bytes;
 use crate::exec::backend::cuda::product_group::GROUP_MAX;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::backend::cuda::{CudaError, Precision};
@@ -73,7 +74,7 @@ impl FlashLoads {
 }
 
 /// The flash kernels: head dimension, fragment loads, forward and backward.
-pub const FLASH_KERNELS: [(usize, FlashLoads, &str, &str); 6] = [
+pub const FLASH_KERNELS: [(usize, FlashLoads, &str, &str); 8] = [
     (
         16,
         FlashLoads::Scalar,
@@ -93,6 +94,12 @@ pub const FLASH_KERNELS: [(usize, FlashLoads, &str, &str); 6] = [
         "flash_backward_64",
     ),
     (
+        128,
+        FlashLoads::Scalar,
+        "flash_forward_128",
+        "flash_backward_128",
+    ),
+    (
         16,
         FlashLoads::Ldmatrix,
         "flash_forward_ldsm_16",
@@ -109,6 +116,12 @@ pub const FLASH_KERNELS: [(usize, FlashLoads, &str, &str); 6] = [
         FlashLoads::Ldmatrix,
         "flash_forward_ldsm_64",
         "flash_backward_ldsm_64",
+    ),
+    (
+        128,
+        FlashLoads::Ldmatrix,
+        "flash_forward_ldsm_128",
+        "flash_backward_ldsm_128",
     ),
 ];
 
@@ -304,9 +317,19 @@ impl Gpu {
         let ptx = cached_kernels(major, minor, precision.activations())?;
         let module = ctx.load_module(ptx)?;
         let mut functions = HashMap::new();
-        let flash = FLASH_KERNELS.iter().flat_map(|(_, _, f, b)| [*f, *b]);
-        for name in kernel_names().into_iter().chain(flash.filter(|_| bf16)) {
+        for name in kernel_names() {
             functions.insert(name, module.load_function(name)?);
+        }
+        for &(head_dim, _, forward, backward) in FLASH_KERNELS.iter().filter(|_| bf16) {
+            for (name, is_forward) in [(forward, true), (backward, false)] {
+                let f = module.load_function(name)?;
+                // Past 48 KiB a block's dynamic shared memory must be asked for.
+                let bytes = flash_shared_bytes(head_dim, is_forward);
+                let attr =
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                f.set_attribute(attr, bytes as i32)?;
+                functions.insert(name, f);
+            }
         }
         Ok(Gpu {
             name: ctx.name()?,
@@ -446,7 +469,7 @@ mod tests {
             };
             assert_eq!(forward, format!("flash_forward_{infix}{d}"));
             assert_eq!(backward, format!("flash_backward_{infix}{d}"));
-            assert!(FLASH_SOURCE.contains(&format!("FA_KERNELS({d})")));
+            assert!(FLASH_SOURCE.contains(&format!("\nFA_KERNELS({d}, ")));
         }
     }
 

@@ -706,7 +706,12 @@ impl Gpu {
         let work = Work::products(2.0 * 2.0 * causal_half_products(sh));
         self.launch(
             kernel,
-            flash_grid(sh.seq, sh.heads, sh.batch),
+            flash_grid(
+                sh.seq,
+                sh.heads,
+                sh.batch,
+                flash_shared_bytes(sh.head_dim, true),
+            ),
             &[
                 Ptr(out),
                 Ptr(lse),
@@ -735,7 +740,12 @@ impl Gpu {
         let work = Work::products(5.0 * 2.0 * causal_half_products(sh));
         self.launch(
             kernel,
-            flash_grid(sh.seq, sh.kv_heads, sh.batch),
+            flash_grid(
+                sh.seq,
+                sh.kv_heads,
+                sh.batch,
+                flash_shared_bytes(sh.head_dim, false),
+            ),
             &[
                 Ptr(dq_acc),
                 Ptr(dk),
@@ -767,11 +777,34 @@ fn or_null(p: Option<DevPtr>) -> DevPtr {
     p.unwrap_or(DevPtr::new(0, DType::F32))
 }
 
-/// The flash kernels' grid: 64-row tiles of the sequence, by heads, by sequences.
-fn flash_grid(seq: usize, heads: usize, batch: usize) -> LaunchConfig {
+/// The flash kernels' grid: 64-row tiles of the sequence, by heads, by sequences, each block
+/// with `shared_bytes` of dynamic shared memory.
+fn flash_grid(seq: usize, heads: usize, batch: usize, shared_bytes: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (seq.div_ceil(64) as u32, heads as u32, batch as u32),
+        grid_dim: (seq.div_ceil(FLASH_ROWS) as u32, heads as u32, batch as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared_bytes as u32,
+    }
+}
+
+/// `FA_ROWS` and `FA_STEP` of kernels/flash_attention.cu: rows of a block's tile and of each
+/// step of its loop; `FA_PAD`, the elements that pad each row of a shared tile.
+const FLASH_ROWS: usize = 64;
+const FLASH_STEP: usize = 64;
+const FLASH_PAD: usize = 8;
+
+/// Bytes of dynamic shared memory a flash kernel's block uses for head dimension `head_dim`,
+/// as `fa_forward_shared_bytes` and `fa_backward_shared_bytes` in kernels/flash_attention.cu
+/// compute them (the host build of the kernels checks the two agree).
+pub fn flash_shared_bytes(head_dim: usize, forward: bool) -> usize {
+    let tile_row = (head_dim + FLASH_PAD) * 2;
+    if forward {
+        // The query tile, two pairs of key and value tiles.
+        (FLASH_ROWS + 4 * FLASH_STEP) * tile_row
+    } else {
+        // Key, value, query and dO tiles, dS^T, a step's lse and delta.
+        (2 * FLASH_ROWS + 2 * FLASH_STEP) * tile_row
+            + FLASH_ROWS * (FLASH_STEP + FLASH_PAD) * 2
+            + 2 * FLASH_STEP * 4
     }
 }

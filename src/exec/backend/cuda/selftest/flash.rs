@@ -23,11 +23,12 @@ pub const FLASH_LSE_TOLERANCE: f64 = 1e-3;
 
 /// The shapes checked, one per head dimension of the flash kernels
 /// ([`CUDA_FLASH_HEAD_DIMS`]): one key/value head for four query heads and a sequence ending
-/// inside a tile; no grouping and whole tiles; groups of two and a partial last tile.
+/// inside a tile; no grouping and whole tiles; groups of two and a partial last tile; two
+/// query heads on one key/value head over two tiles, the second partial.
 pub fn flash_check_shapes() -> Vec<AttnShape> {
     CUDA_FLASH_HEAD_DIMS
         .iter()
-        .zip([(77, 4, 1), (128, 4, 4), (200, 4, 2)])
+        .zip([(77, 4, 1), (128, 4, 4), (200, 4, 2), (100, 2, 1)])
         .map(|(&head_dim, (seq, heads, kv_heads))| AttnShape {
             batch: 2,
             seq,
