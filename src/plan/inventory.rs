@@ -503,4 +503,46 @@ mod tests {
             cublas.backward_scratch.len() + 1
         );
     }
+
+    /// Llama-2-7B's 128-wide heads run on the flash kernels: at seq 4096 a bf16 layer's
+    /// backward holds a 64 MiB dQ accumulator where attention through cuBLAS holds a GiB each
+    /// of scores and their gradient.
+    #[test]
+    fn head_dimension_128_runs_on_the_flash_kernels() {
+        let dims = ModelDims {
+            hidden: 4096,
+            layers: 32,
+            heads: 32,
+            kv_heads: 32,
+            ffn: 11008,
+            vocab: 32000,
+        };
+        let micro = MicroShape {
+            batch: 1,
+            seq: 4096,
+        };
+        assert_eq!(dims.head_dim(), 128);
+        assert!(cuda_flash_attention(Profile::CudaBf16, &dims));
+        let flash = Profile::CudaBf16.part(&dims, micro, Part::Layer);
+        let cublas = cuda_bf16_storage(&dims, micro, Part::Layer);
+        let bytes = |list: &[TensorSpec], name: &str| {
+            (list.iter())
+                .find(|t| t.name == name)
+                .map(TensorSpec::bytes)
+        };
+        assert_eq!(
+            bytes(&flash.backward_scratch, "attn_dq_acc"),
+            Some(64 << 20)
+        );
+        assert_eq!(bytes(&flash.backward_scratch, "attn_scores"), None);
+        assert_eq!(bytes(&flash.forward_scratch, "attn_scores"), None);
+        assert_eq!(
+            bytes(&cublas.backward_scratch, "attn_scores"),
+            Some(1 << 30)
+        );
+        assert_eq!(
+            bytes(&cublas.backward_scratch, "attn_d_scores"),
+            Some(1 << 30)
+        );
+    }
 }
