@@ -509,14 +509,7 @@ mod tests {
     /// of scores and their gradient.
     #[test]
     fn head_dimension_128_runs_on_the_flash_kernels() {
-        let dims = ModelDims {
-            hidden: 4096,
-            layers: 32,
-            heads: 32,
-            kv_heads: 32,
-            ffn: 11008,
-            vocab: 32000,
-        };
+        let dims = crate::plan::presets::model("llama2-7b").unwrap();
         let micro = MicroShape {
             batch: 1,
             seq: 4096,
