@@ -2,7 +2,8 @@
 //! kernel on random data and for a whole training step of `shared/testdata/hf-llama-tiny`
 //! (also against the PyTorch reference stored there); holds pipeline plans on GPU stages
 //! against the whole-model trainer and the planner; then times training of a ~125M Llama on
-//! one GPU in each precision, and as a 4-stage chronos plan on one GPU. Every check prints a
+//! one GPU in each precision (and in bf16 each kernel variant), its attention and projection
+//! products alone, and the model as a 4-stage chronos plan on one GPU. Every check prints a
 //! line; the run fails if any check fails.
 
 mod flash;
