@@ -323,11 +323,17 @@ impl Gpu {
         for &(head_dim, _, forward, backward) in FLASH_KERNELS.iter().filter(|_| bf16) {
             for (name, is_forward) in [(forward, true), (backward, false)] {
                 let f = module.load_function(name)?;
-                // Past 48 KiB a block's dynamic shared memory must be asked for.
+                // Past 48 KiB a block's dynamic shared memory must be asked for. The kernels
+                // keep their tiles there (copied past L1), so the SM's on-chip memory goes to
+                // shared memory first (100: the largest carveout), and their register
+                // budgets, not shared memory, set the blocks an SM.
+                use sys::CUfunction_attribute as A;
                 let bytes = flash_shared_bytes(head_dim, is_forward);
-                let attr =
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-                f.set_attribute(attr, bytes as i32)?;
+                f.set_attribute(
+                    A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )?;
+                f.set_attribute(A::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100)?;
                 functions.insert(name, f);
             }
         }
