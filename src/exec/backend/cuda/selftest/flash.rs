@@ -156,8 +156,7 @@ fn check_shape(
 
 /// Milliseconds of one causal attention forward and backward with bf16 activations, through
 /// cuBLAS with scores in device memory and on each variant of the flash kernels (in
-/// [`FlashLoads::EACH`] order), for `sh` (the timed model's micro-batch), each the mean of
-/// `reps` after one warm-up.
+/// [`FlashLoads::EACH`] order), for `sh`, each the mean of `reps` after one warm-up.
 pub fn time_attention(gpu: &mut Gpu, sh: AttnShape, reps: usize) -> Result<(f64, Vec<f64>)> {
     let pool = Pool::new("flash-timing", usize::MAX);
     let n = sh.batch * sh.seq;

@@ -372,8 +372,9 @@ fn print_profile(precision: &str, t: &Timing) {
     }
 }
 
-/// Times one micro-batch's causal attention, forward and backward, of the timed model with
-/// bf16 activations through cuBLAS and on the flash kernels.
+/// Times causal attention, forward and backward, with bf16 activations through cuBLAS and on
+/// the flash kernels: one micro-batch of the timed model (heads of 64), and two sequences of
+/// 2,048 tokens with Llama-2-7B's 32 heads of 128 on 8 key/value heads.
 fn attention_table(
     ordinal: usize,
     config: &crate::exec::model::LlamaConfig,
@@ -381,30 +382,41 @@ fn attention_table(
     reps: usize,
 ) -> Result<()> {
     let d = &config.dims;
-    let sh = AttnShape {
+    let timed = AttnShape {
         batch: micro.batch,
         seq: micro.seq,
         heads: d.heads,
         kv_heads: d.kv_heads,
         head_dim: d.head_dim(),
     };
+    let wide = AttnShape {
+        batch: 2,
+        seq: 2048,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    };
     let mut gpu = Gpu::open(ordinal, Precision::Bf16)?;
-    let (cublas, flash) = time_attention(&mut gpu, sh, reps)?;
-    // Model FLOPs: forward Q K^T and P V over the causal half, backward twice the forward.
-    let flops = 3.0 * 2.0 * (sh.batch * sh.heads * sh.seq * sh.seq * sh.head_dim) as f64;
-    println!(
-        "\nattention alone, bf16, {} x {} tokens, {} heads of {}: forward + backward",
-        sh.batch, sh.seq, sh.heads, sh.head_dim
-    );
-    println!("| path | ms | model TFLOP/s |");
-    println!("|---|---:|---:|");
-    let flash = FlashLoads::EACH.iter().zip(flash);
-    let rows = flash.map(|(loads, ms)| (format!("flash kernels, {}", loads.name()), ms));
-    for (path, ms) in [("cuBLAS, scores in memory".to_string(), cublas)]
-        .into_iter()
-        .chain(rows)
-    {
-        println!("| {path} | {ms:.2} | {:.1} |", flops / (ms * 1e-3) / 1e12);
+    println!("\nattention alone, bf16, forward + backward");
+    println!("| shape | path | ms | model TFLOP/s |");
+    println!("|---|---|---:|---:|");
+    for sh in [timed, wide] {
+        let (cublas, flash) = time_attention(&mut gpu, sh, reps)?;
+        // Model FLOPs: forward Q K^T and P V over the causal half, backward twice the forward.
+        let flops = 3.0 * 2.0 * (sh.batch * sh.heads * sh.seq * sh.seq * sh.head_dim) as f64;
+        let shape = format!(
+            "{} x {} tokens, {} heads of {} ({} kv)",
+            sh.batch, sh.seq, sh.heads, sh.head_dim, sh.kv_heads
+        );
+        let flash = FlashLoads::EACH.iter().zip(flash);
+        let rows = flash.map(|(loads, ms)| (format!("flash kernels, {}", loads.name()), ms));
+        for (path, ms) in [("cuBLAS, scores in memory".to_string(), cublas)]
+            .into_iter()
+            .chain(rows)
+        {
+            let rate = flops / (ms * 1e-3) / 1e12;
+            println!("| {shape} | {path} | {ms:.2} | {rate:.1} |");
+        }
     }
     Ok(())
 }
