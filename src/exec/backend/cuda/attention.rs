@@ -12,8 +12,8 @@
 //! operand advances by a constant stride.
 
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::gemm::Gemm;
 use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, FlashLoads, Gpu};
-use crate::exec::backend::cuda::ops::Gemm;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::DType;

@@ -26,6 +26,7 @@
 pub mod act_copy;
 pub mod attention;
 pub mod engine;
+pub mod gemm;
 pub mod gpu;
 pub mod libs;
 pub mod model;

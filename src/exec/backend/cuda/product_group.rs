@@ -14,8 +14,9 @@ use cudarc::cublas::sys::{cublasGemmAlgo_t, cublasGemmBatchedEx};
 use cudarc::driver::{DevicePtr, LaunchConfig};
 
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::gemm::{Gemm, ProductTypes, op};
 use crate::exec::backend::cuda::gpu::{Gpu, Work};
-use crate::exec::backend::cuda::ops::{Arg, Gemm, ProductTypes, op};
+use crate::exec::backend::cuda::ops::Arg;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::plan::inventory::DType;
 

@@ -3,8 +3,8 @@
 //! them ([`Gpu::batch_products`], see `product_group`).
 
 use super::Result;
+use crate::exec::backend::cuda::gemm::Gemm;
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::ops::Gemm;
 use crate::exec::backend::cuda::product_group::Product;
 use crate::exec::backend::cuda::tensor::{DevPtr, GpuTensor};
 

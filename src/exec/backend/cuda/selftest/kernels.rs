@@ -4,8 +4,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Check, Result, cpu_attention};
+use crate::exec::backend::cuda::gemm::Gemm;
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::ops::Gemm;
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::backend::{Backend, CpuBackend};
 use crate::exec::device::{MemGroup, Pool, PoolRef};

@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Check, Result};
+use crate::exec::backend::cuda::gemm::Gemm;
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::ops::Gemm;
 use crate::exec::backend::cuda::product_group::Product;
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::device::{MemGroup, Pool};
