@@ -14,7 +14,8 @@
 //! - [`gpu::Gpu`]: one device: context, stream, cuBLAS handle, compiled kernels.
 //! - [`tensor::GpuTensor`]: a device buffer counted in a [`crate::exec::device::Pool`]; an f32
 //!   weight's bf16 copy for the products ([`act_copy`]).
-//! - [`ops`]: one function per kernel (and the products through cuBLAS).
+//! - [`ops`]: one function per kernel; [`gemm`]: matrix products through cuBLAS;
+//!   [`product_group`]: products of one shape over several buffers in one call.
 //! - [`model`]: embedding, decoder layer and head forward/backward, and [`model::GpuTrainer`],
 //!   a whole-model training step with AdamW/SGD and global-norm clipping on one device.
 //! - [`selftest`]: `chronospipe selftest --gpu`: parity with the CPU backend and timings.
