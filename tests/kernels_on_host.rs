@@ -26,6 +26,7 @@ use chronospipe::exec::compare::rel_err;
 use chronospipe::exec::kernels::attention::AttnShape;
 use chronospipe::exec::kernels::rope::{inv_freq, rope_apply};
 use chronospipe::exec::optim::{OptimizerConfig, update_elements};
+use chronospipe::plan::inventory::CUDA_FLASH_HEAD_DIMS;
 use half::bf16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -223,6 +224,44 @@ fn flash_kernels_run_on_the_host_match_the_cpu_attention() {
 #[test]
 fn flash_kernels_with_ldmatrix_run_on_the_host_match_the_cpu_attention() {
     check_flash_kernels(true);
+}
+
+/// The dynamic shared memory the backend launches the flash kernels with
+/// (`ops::flash_shared_bytes`) is what they carve, to the 16-byte piece: the checks above run
+/// on exactly that much, and 16 bytes less for either kernel makes the host run abort (the
+/// GPU would fault), at every head dimension.
+#[test]
+fn flash_kernels_get_exactly_the_shared_memory_they_carve() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = build(dir.path(), "flash_attention", &[]);
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    for head_dim in CUDA_FLASH_HEAD_DIMS {
+        let sh = AttnShape {
+            batch: 1,
+            seq: 64,
+            heads: 1,
+            kv_heads: 1,
+            head_dim,
+        };
+        let (_, input, args) = flash_case(&mut rng, &sh, false);
+        std::fs::write(dir.path().join("in.bin"), &input).unwrap();
+        for short in [6, 7] {
+            let mut args = args;
+            args[short] -= 16;
+            let mut command = program(&binary, args);
+            command
+                .arg(dir.path().join("in.bin"))
+                .arg(dir.path().join("out.bin"));
+            let out = command.output().unwrap();
+            let kernel = if short == 6 { "forward" } else { "backward" };
+            assert!(
+                !out.status.success(),
+                "head dim {head_dim}: the {kernel} ran on 16 bytes less than it is given"
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("dynamic shared memory"), "{stderr}");
+        }
+    }
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
