@@ -29,6 +29,11 @@ pub struct SelftestArgs {
     /// Sequences of the extra timing row per precision: one micro-batch this large (0: none).
     #[arg(long, default_value_t = 32)]
     pub large_micro_batch: usize,
+    /// Attention heads of the timed ~125M model (hidden 768). 8 makes heads of 96, which no
+    /// flash kernel covers, so bf16 attention runs through cuBLAS: `scripts/gpu-check` times
+    /// bf16 that way when the flash kernels fail.
+    #[arg(long, default_value_t = 12, value_parser = parse_timing_heads)]
+    pub timing_heads: usize,
     /// Timed steps per precision (after two warm-up steps).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
@@ -60,6 +65,7 @@ pub fn run(args: &SelftestArgs) -> anyhow::Result<()> {
         micro_batch_size: args.micro_batch_size,
         microbatches: args.microbatches,
         large_micro_batch: args.large_micro_batch,
+        timing_heads: args.timing_heads,
         steps: args.steps,
         skip_timing: args.skip_timing,
         skip_checks: args.skip_checks,
@@ -77,4 +83,33 @@ fn parse_precision(name: &str) -> Result<Precision, String> {
         .into_iter()
         .find(|p| p.name() == name)
         .ok_or_else(|| format!("unknown precision `{name}`: one of f32, tf32, bf16"))
+}
+
+fn parse_timing_heads(text: &str) -> Result<usize, String> {
+    let heads: usize = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of heads"))?;
+    let hidden = selftest::llama_125m().dims.hidden;
+    if heads == 0 || !hidden.is_multiple_of(heads) || !(hidden / heads).is_multiple_of(2) {
+        return Err(format!(
+            "{heads} heads do not split hidden size {hidden} into heads of an even size: \
+             try 6, 8, 12 or 24"
+        ));
+    }
+    Ok(heads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timing_heads_must_split_the_hidden_size_into_even_heads() {
+        assert_eq!(parse_timing_heads("8"), Ok(8));
+        assert_eq!(parse_timing_heads("12"), Ok(12));
+        for bad in ["0", "7", "768", "eight"] {
+            let err = parse_timing_heads(bad).unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
 }

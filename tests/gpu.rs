@@ -21,6 +21,7 @@ fn options() -> SelftestOptions {
         micro_batch_size: 8,
         microbatches: 2,
         large_micro_batch: 32,
+        timing_heads: selftest::llama_125m().dims.heads,
         steps: 5,
         skip_timing: true,
         skip_checks: false,

@@ -156,7 +156,8 @@ fn check_shape(
 
 /// Milliseconds of one causal attention forward and backward with bf16 activations, through
 /// cuBLAS with scores in device memory and on each variant of the flash kernels (in
-/// [`FlashLoads::EACH`] order), for `sh`, each the mean of `reps` after one warm-up.
+/// [`FlashLoads::EACH`] order; none where no flash kernel covers the head dimension), for `sh`,
+/// each the mean of `reps` after one warm-up.
 pub fn time_attention(gpu: &mut Gpu, sh: AttnShape, reps: usize) -> Result<(f64, Vec<f64>)> {
     let pool = Pool::new("flash-timing", usize::MAX);
     let n = sh.batch * sh.seq;
@@ -200,6 +201,9 @@ pub fn time_attention(gpu: &mut Gpu, sh: AttnShape, reps: usize) -> Result<(f64,
         gpu.attention_forward(out.ptr(), lse.ptr(), q.ptr(), k.ptr(), v.ptr(), s.ptr(), sh)?;
         gpu.attention_backward(grads, d_out.ptr(), kept, (s.ptr(), ds.ptr()), sh)
     })?;
+    if !CUDA_FLASH_HEAD_DIMS.contains(&sh.head_dim) {
+        return Ok((cublas, Vec::new()));
+    }
     let flash_step = |gpu: &Gpu, acc: &mut GpuTensor| {
         let (qkv, kept_out) = ((q.ptr(), k.ptr(), v.ptr()), (out.ptr(), lse.ptr()));
         gpu.flash_attention_forward(kept_out, qkv, sh)?;

@@ -27,7 +27,7 @@ use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::backend::{Backend, CpuBackend};
 use crate::exec::compare::rel_err;
 use crate::exec::kernels::attention::AttnShape;
-use crate::plan::inventory::{DType, MicroShape};
+use crate::plan::inventory::{DType, MicroShape, Profile, cuda_flash_attention};
 
 type Result<T> = std::result::Result<T, CudaError>;
 
@@ -110,6 +110,8 @@ pub struct SelftestOptions {
     pub microbatches: usize,
     /// Sequences in the extra timing row's single micro-batch (0: no extra row).
     pub large_micro_batch: usize,
+    /// Attention heads (and key/value heads) of the timed model.
+    pub timing_heads: usize,
     pub steps: usize,
     pub skip_timing: bool,
     /// Only the timings (for comparing kernels once the checks have passed).
@@ -212,14 +214,18 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         }
     }
     if !opts.skip_timing && (asked(&Precision::Tf32) || asked(&Precision::Bf16)) {
-        let config = llama_125m();
+        let mut config = llama_125m();
+        config.dims.heads = opts.timing_heads;
+        config.dims.kv_heads = opts.timing_heads;
+        let flash = cuda_flash_attention(Profile::CudaBf16, &config.dims);
         let micro = MicroShape {
             batch: opts.micro_batch_size,
             seq: 1024,
         };
         println!(
-            "\ntraining throughput: ~125M Llama (hidden 768, 12 layers, 12 heads, FFN 2048, \
-             vocab 32000), seq 1024, AdamW; micro-batches x sequences per step"
+            "\ntraining throughput: ~125M Llama (hidden 768, 12 layers, {} heads, FFN 2048, \
+             vocab 32000), seq 1024, AdamW; micro-batches x sequences per step",
+            config.dims.heads
         );
         println!(
             "| precision | step | tokens/s | step ms | MFU | measured peak MiB | predicted peak MiB |"
@@ -246,7 +252,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
                 };
                 rows.push((precision, large, false));
             }
-            if precision == Precision::Bf16 {
+            if precision == Precision::Bf16 && flash {
                 let ldmatrix = TimedStep {
                     loads: FlashLoads::Ldmatrix,
                     ..asked_step
@@ -267,11 +273,16 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
                 loads,
                 batch_products,
             } = step;
+            let attention = if flash {
+                loads.name()
+            } else {
+                "attention through cuBLAS"
+            };
             let label = match precision {
                 Precision::Bf16 if batch_products => {
-                    format!("{} ({}, batched products)", precision.name(), loads.name())
+                    format!("{} ({attention}, batched products)", precision.name())
                 }
-                Precision::Bf16 => format!("{} ({})", precision.name(), loads.name()),
+                Precision::Bf16 => format!("{} ({attention})", precision.name()),
                 _ => precision.name().to_string(),
             };
             let timed = Gpu::open(opts.device, precision).and_then(|mut gpu| {
