@@ -227,8 +227,9 @@ pub struct Gpu {
     /// Whether layers run their products that share an input as one batched call (see
     /// `product_group`; off unless set).
     pub batch_products: bool,
-    /// The operand addresses of a batched product (`product_group`): 3 x `GROUP_MAX`.
-    pub(crate) group_pointers: CudaSlice<u64>,
+    /// The operand addresses of a batched product (`product_group`): 3 x `GROUP_MAX`, held
+    /// from their write until the product is queued.
+    pub(crate) group_pointers: Mutex<CudaSlice<u64>>,
     pub name: String,
     pub ordinal: usize,
     /// The operations queued while profiling (see [`Gpu::profile`]).
@@ -348,7 +349,7 @@ impl Gpu {
             precision,
             flash_loads: FlashLoads::Scalar,
             batch_products: false,
-            group_pointers,
+            group_pointers: Mutex::new(group_pointers),
             ordinal,
             profile: None,
         })

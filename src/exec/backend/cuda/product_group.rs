@@ -6,7 +6,9 @@
 //! cuBLAS reads a batched product's operand addresses from device memory. Each [`Gpu`] keeps
 //! one small buffer for them, written by a kernel (`kernels/product_group.cu`) on the compute
 //! stream right before the product: stream order keeps the next group's addresses from
-//! landing before this product has read them, so one buffer serves every group.
+//! landing before this product has read them, so one buffer serves every group. Stages that
+//! share a GPU launch from their own threads onto its one stream, so the table is locked from
+//! its write until the product that reads it is queued.
 
 use std::ffi::c_void;
 
@@ -75,7 +77,8 @@ impl Gpu {
             pointers.b[i] = p.b.addr;
             pointers.c[i] = p.c.addr;
         }
-        let (table, _sync) = self.group_pointers.device_ptr(&self.stream);
+        let group_pointers = (self.group_pointers.lock()).unwrap_or_else(|e| e.into_inner());
+        let (table, _sync) = group_pointers.device_ptr(&self.stream);
         let at = |i: usize| (table + (i * GROUP_MAX * size_of::<u64>()) as u64) as usize;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
