@@ -10,6 +10,7 @@
 
 #define FA_ROWS 64     // rows of a block's tile: queries (forward) or keys (backward)
 #define FA_STEP 64     // keys (forward) or queries (backward) per step of the inner loop
+#define FA_HALF 32     // queries the backward computes P^T and dS^T for at a time
 #define FA_PAD 8       // row padding in shared memory: a warp's fragment loads hit 32 banks
 #define FA_THREADS 128
 
@@ -244,16 +245,16 @@ __device__ __forceinline__ void fa_load(act_t* tile, const act_t* src, long long
     }
 }
 
-// p[n] = a-rows x (the 64 rows of `t` as columns), over D: one 16x64 tile of products.
-template <int D, bool LDSM>
+// p[n] = a-rows x (the first N rows of `t` as columns), over D: one 16xN tile of products.
+template <int D, bool LDSM, int N>
 __device__ __forceinline__ void fa_rows_by_tile(float (*p)[4], const act_t* a_tile, int a_row,
                                                 const act_t* t) {
     const int S = D + FA_PAD;
-    for (int n = 0; n < FA_STEP / 8; ++n) p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.0f;
+    for (int n = 0; n < N / 8; ++n) p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.0f;
     for (int c = 0; c < D; c += 16) {
         unsigned a[4];
         fa_frag_a<S, LDSM>(a, a_tile, a_row, c);
-        for (int n = 0; n < FA_STEP / 8; n += 2) {
+        for (int n = 0; n < N / 8; n += 2) {
             unsigned b[2][2];
             fa_frag_b2_rows_n<S, LDSM>(b, t, n * 8, c);
             fa_mma(p[n], a, b[0]);
@@ -262,12 +263,12 @@ __device__ __forceinline__ void fa_rows_by_tile(float (*p)[4], const act_t* a_ti
     }
 }
 
-// acc[j] += p (16x64, as accumulators) x t (64 x D rows): p's accumulator layout is the a
+// acc[j] += p (16xK, as accumulators) x t (K x D rows): p's accumulator layout is the a
 // fragment layout of the next product, two 8-column tiles per 16-wide step.
-template <int D, bool LDSM>
+template <int D, bool LDSM, int K>
 __device__ __forceinline__ void fa_tile_times_rows(float (*acc)[4], float (*p)[4], const act_t* t) {
     const int S = D + FA_PAD;
-    for (int c = 0; c < FA_STEP / 16; ++c) {
+    for (int c = 0; c < K / 16; ++c) {
         unsigned a[4] = {fa_pack_f(p[2 * c][0], p[2 * c][1]), fa_pack_f(p[2 * c][2], p[2 * c][3]),
                          fa_pack_f(p[2 * c + 1][0], p[2 * c + 1][1]),
                          fa_pack_f(p[2 * c + 1][2], p[2 * c + 1][3])};
@@ -319,7 +320,7 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
         if (!last) load_keys(buf ^ 1, k0 + FA_STEP);
         const act_t *ks = kv(buf, 0), *vs = kv(buf, 1);
         float s[FA_STEP / 8][4];
-        fa_rows_by_tile<D, LDSM>(s, qs, warp * 16, ks);
+        fa_rows_by_tile<D, LDSM, FA_STEP>(s, qs, warp * 16, ks);
         for (int h = 0; h < 2; ++h) {
             float mx = m[h];
             for (int n = 0; n < FA_STEP / 8; ++n)
@@ -347,7 +348,7 @@ __device__ void fa_forward(act_t* out, float* lse, const act_t* q, const act_t* 
                     l[h] += p;
                 }
         }
-        fa_tile_times_rows<D, LDSM>(o, s, vs);
+        fa_tile_times_rows<D, LDSM, FA_STEP>(o, s, vs);
     }
     for (int h = 0; h < 2; ++h) {
         float sum = l[h];
@@ -407,30 +408,36 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
             // them, and every warp is done reading dst for the previous step's dQ.
             fa_wait<0>();
             __syncthreads();
-            // P^T for the warp's 16 keys and the step's 64 queries, from the kept lse; masked
-            // (query before key) and padded queries give zero.
-            float p[FA_STEP / 8][4];
-            fa_rows_by_tile<D, LDSM>(p, ks, warp * 16, qs);
-            for (int n = 0; n < FA_STEP / 8; ++n)
-                for (int i = 0; i < 4; ++i) {
-                    int col = n * 8 + pair + (i & 1), query = q0 + col;
-                    bool seen = query >= keys[i >> 1] && query < seq;
-                    p[n][i] = seen ? __expf(p[n][i] * scale - lse_s[col]) : 0.0f;
-                }
-            fa_tile_times_rows<D, LDSM>(dv_acc, p, dos);
-            // dS^T = P^T (dP^T - delta) scale, with dP^T = V dO^T.
-            float ds[FA_STEP / 8][4];
-            fa_rows_by_tile<D, LDSM>(ds, vs, warp * 16, dos);
-            for (int n = 0; n < FA_STEP / 8; ++n)
-                for (int i = 0; i < 4; ++i) {
-                    int col = n * 8 + pair + (i & 1);
-                    ds[n][i] = p[n][i] * (ds[n][i] - delta_s[col]) * scale;
-                }
-            fa_tile_times_rows<D, LDSM>(dk_acc, ds, qs);
-            for (int n = 0; n < FA_STEP / 8; ++n)
-                for (int h = 0; h < 2; ++h)
-                    *fa_as<unsigned>(dst + (warp * 16 + g + 8 * h) * SP + n * 8 + pair) =
-                        fa_pack_f(ds[n][2 * h], ds[n][2 * h + 1]);
+            // The step's 64 queries in two halves, so that a half's P^T and dS^T (16 x 32 per
+            // warp) are what the registers hold beside dK and dV; the products add into dK and
+            // dV in the same order as over the whole step.
+            for (int half = 0; half < FA_STEP; half += FA_HALF) {
+                const act_t *qh = qs + half * S, *doh = dos + half * S;
+                // P^T for the warp's 16 keys and the half's queries, from the kept lse; masked
+                // (query before key) and padded queries give zero.
+                float p[FA_HALF / 8][4];
+                fa_rows_by_tile<D, LDSM, FA_HALF>(p, ks, warp * 16, qh);
+                for (int n = 0; n < FA_HALF / 8; ++n)
+                    for (int i = 0; i < 4; ++i) {
+                        int col = half + n * 8 + pair + (i & 1), query = q0 + col;
+                        bool seen = query >= keys[i >> 1] && query < seq;
+                        p[n][i] = seen ? __expf(p[n][i] * scale - lse_s[col]) : 0.0f;
+                    }
+                fa_tile_times_rows<D, LDSM, FA_HALF>(dv_acc, p, doh);
+                // dS^T = P^T (dP^T - delta) scale, with dP^T = V dO^T.
+                float ds[FA_HALF / 8][4];
+                fa_rows_by_tile<D, LDSM, FA_HALF>(ds, vs, warp * 16, doh);
+                for (int n = 0; n < FA_HALF / 8; ++n)
+                    for (int i = 0; i < 4; ++i) {
+                        int col = half + n * 8 + pair + (i & 1);
+                        ds[n][i] = p[n][i] * (ds[n][i] - delta_s[col]) * scale;
+                    }
+                fa_tile_times_rows<D, LDSM, FA_HALF>(dk_acc, ds, qh);
+                for (int n = 0; n < FA_HALF / 8; ++n)
+                    for (int h = 0; h < 2; ++h)
+                        *fa_as<unsigned>(dst + (warp * 16 + g + 8 * h) * SP + half + n * 8 +
+                                         pair) = fa_pack_f(ds[n][2 * h], ds[n][2 * h + 1]);
+            }
             // dst is whole, and every read of this step's queries is done: the next step's load
             // goes ahead while this one adds its dQ.
             __syncthreads();
@@ -471,8 +478,10 @@ __device__ void fa_backward(float* dq_acc, act_t* dk, act_t* dv, const act_t* q,
 // The kernels for head dimension D: flash_forward_D and flash_backward_D load fragments with
 // 32- and 16-bit shared loads, flash_forward_ldsm_D and flash_backward_ldsm_D with ldmatrix.
 // Each states the blocks an SM it is built to fit (registers are what bound them): at head
-// dimension 64, 4 forward (126 registers; 130 unbounded) and 3 backward; at 128, 2 and 2
-// (the backward at 255 registers), without spills.
+// dimension 64, 4 forward and 3 backward; at 128, 2 and 2. CUDA 13.0's NVRTC and ptxas
+// (scripts/check-kernels, which fails on any spill) give them, for sm_90: forward 127-128
+// registers at 64 and 162-174 at 128, backward 166-167 at 64 (187-210 unbounded) and 253-255
+// at 128, none spilling.
 #define FA_KERNEL_PAIR(NAME, D, LDSM, FORWARD_BLOCKS, BACKWARD_BLOCKS)                         \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, FORWARD_BLOCKS)                    \
         flash_forward_##NAME(act_t* out, float* lse, const act_t* q, const act_t* k,             \
