@@ -490,7 +490,8 @@ mod tests {
     }
 
     /// Runs where NVRTC is on the loader path (no GPU needed): the kernels compile for Hopper
-    /// with f32 and with bf16 activations, and the two programs differ.
+    /// with f32 and with bf16 activations, and the two programs differ; they compile for
+    /// Ampere too (`scripts/check-kernels` hands all four programs to ptxas).
     #[test]
     #[ignore = "needs NVRTC (libnvrtc.so.13) on the library path"]
     fn gpu_kernels_compile_with_nvrtc() {
@@ -508,11 +509,20 @@ mod tests {
                 "{forward} built with f32 activations"
             );
         }
-        // For reading the PTX (or, through ptxas, the SASS): CHRONOSPIPE_PTX_OUT=DIR.
+        let ampere = [DType::F32, DType::Bf16].map(|a| cached_kernels(8, 0, a).unwrap().to_src());
+        // For reading the PTX (or, through ptxas, the SASS): CHRONOSPIPE_PTX_OUT=DIR gets
+        // kernels-{f32,bf16}-sm{90,80}.ptx.
         if let Some(dir) = std::env::var_os("CHRONOSPIPE_PTX_OUT") {
             let dir = std::path::Path::new(&dir);
-            std::fs::write(dir.join("kernels-f32.ptx"), &f32_src).unwrap();
-            std::fs::write(dir.join("kernels-bf16.ptx"), &bf16_src).unwrap();
+            let [f32_80, bf16_80] = &ampere;
+            for (name, src) in [
+                ("f32-sm90", &f32_src),
+                ("bf16-sm90", &bf16_src),
+                ("f32-sm80", f32_80),
+                ("bf16-sm80", bf16_80),
+            ] {
+                std::fs::write(dir.join(format!("kernels-{name}.ptx")), src).unwrap();
+            }
         }
         assert_ne!(f32_src, bf16_src);
         assert_eq!(cached_kernels(9, 0, DType::F32).unwrap().to_src(), f32_src);
