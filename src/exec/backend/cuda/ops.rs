@@ -608,10 +608,13 @@ fn or_null(p: Option<DevPtr>) -> DevPtr {
 fn flash_grid(seq: usize, heads: usize, batch: usize, shared_bytes: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (seq.div_ceil(FLASH_ROWS) as u32, heads as u32, batch as u32),
-        block_dim: (128, 1, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
         shared_mem_bytes: shared_bytes as u32,
     }
 }
+
+/// `FA_THREADS` of kernels/flash_attention.cu: a flash kernel's block.
+pub const FLASH_THREADS: u32 = 128;
 
 /// `FA_ROWS` and `FA_STEP` of kernels/flash_attention.cu: rows of a block's tile and of each
 /// step of its loop; `FA_PAD`, the elements that pad each row of a shared tile.

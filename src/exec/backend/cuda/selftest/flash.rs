@@ -9,7 +9,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Check, Result, cpu_attention};
-use crate::exec::backend::cuda::gpu::{FlashLoads, Gpu};
+use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, FlashLoads, Gpu};
+use crate::exec::backend::cuda::ops::{FLASH_THREADS, flash_shared_bytes};
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
@@ -78,6 +79,30 @@ pub fn flash_checks(gpu: &mut Gpu) -> Result<Vec<Check>> {
         checks.extend(each.into_iter().flatten());
     }
     Ok(checks)
+}
+
+/// Prints each flash kernel as this GPU's driver compiled it: registers a thread, bytes of
+/// local memory a thread (registers spilled), the dynamic shared memory a launch gets, and the
+/// blocks an SM can hold with them. `scripts/check-kernels` reads the same off CUDA 13.0's
+/// ptxas without a GPU; a driver with another compiler may differ.
+pub fn print_flash_kernels(gpu: &Gpu) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute as A;
+    println!("\nflash kernels as compiled on this GPU ({FLASH_THREADS} threads a block)");
+    println!("| kernel | registers | spilled bytes a thread | shared KiB | blocks an SM |");
+    println!("|---|---:|---:|---:|---:|");
+    for (head_dim, _, forward, backward) in FLASH_KERNELS {
+        for (name, is_forward) in [(forward, true), (backward, false)] {
+            let f = gpu.function(name)?;
+            let shared = flash_shared_bytes(head_dim, is_forward);
+            let regs = f.get_attribute(A::CU_FUNC_ATTRIBUTE_NUM_REGS)?;
+            let local = f.get_attribute(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)?;
+            let blocks =
+                f.occupancy_max_active_blocks_per_multiprocessor(FLASH_THREADS, shared, None)?;
+            let kib = shared as f64 / 1024.0;
+            println!("| `{name}` | {regs} | {local} | {kib:.1} | {blocks} |");
+        }
+    }
+    Ok(())
 }
 
 /// `run` on `gpu` with each variant of the flash kernels in turn ([`FlashLoads::EACH`] order);

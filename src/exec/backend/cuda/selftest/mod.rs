@@ -13,7 +13,10 @@ mod pipeline;
 mod products;
 mod timing;
 
-pub use flash::{FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, time_attention};
+pub use flash::{
+    FLASH_OUTPUTS, flash_check_shapes, flash_checks, flash_inputs, print_flash_kernels,
+    time_attention,
+};
 pub use kernels::kernel_checks;
 pub use model::model_checks;
 pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages, transfer_checks};
@@ -177,6 +180,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             ok &=
                 section(&title, kernel_checks(&gpu, tol)).is_some_and(|c| print_checks(&title, &c));
         } else {
+            ok &= section("flash kernels as compiled", print_flash_kernels(&gpu)).is_some();
             let title = "flash attention (bf16) vs CPU attention on the same inputs";
             ok &= section(title, flash_checks(&mut gpu)).is_some_and(|c| print_checks(title, &c));
         }
