@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, sys};
+use cudarc::cublas::sys as cublas_sys;
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, sys};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::exec::backend::cuda::libs::Libraries;
@@ -211,6 +212,15 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<(), CudaError> {
     Ok(())
 }
 
+/// cuBLAS's workspace on a GPU of compute capability `major`: the sizes NVIDIA's cuBLAS
+/// documentation recommends, 32 MiB on Hopper and newer, 4 MiB before (cuBLAS chooses among
+/// its kernels by what fits there; set explicitly, it does not depend on the library's
+/// default). It comes out of the memory a run leaves outside the device's pool
+/// (`exec::run::setup`'s `GPU_RESERVE`).
+fn blas_workspace_size(major: i32) -> usize {
+    if major >= 9 { 32 << 20 } else { 4 << 20 }
+}
+
 /// One opened device.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -220,6 +230,9 @@ pub struct Gpu {
     /// Pinned host buffers for offloaded tensors, kept for reuse.
     pub(crate) pinned: PinnedCache,
     pub(crate) blas: CudaBlas,
+    /// cuBLAS's workspace (see [`blas_workspace_size`]); declared after `blas`, so the handle
+    /// is destroyed before its workspace is freed.
+    blas_workspace: CudaSlice<u8>,
     functions: HashMap<&'static str, CudaFunction>,
     pub precision: Precision,
     /// The flash kernels' fragment loads (bf16 activations; scalar loads unless set).
@@ -303,11 +316,30 @@ impl Gpu {
         // SAFETY: every buffer used on the copy stream is ordered by those events.
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
-        let stream = ctx.default_stream();
+        // A stream of its own rather than the context's legacy default (a null handle): a
+        // buffer is freed in its stream's order (`cuMemFreeAsync`), and a null handle means
+        // the legacy stream of whichever context is current on the dropping thread, which
+        // after a transfer between GPUs can be the other GPU's.
+        let stream = ctx.new_stream()?;
         let copy = ctx.new_stream()?;
-        let blas = CudaBlas::new(stream.clone())?;
-        let group_pointers = stream.alloc_zeros::<u64>(3 * GROUP_MAX)?;
         let (major, minor) = ctx.compute_capability()?;
+        let blas = CudaBlas::new(stream.clone())?;
+        let blas_workspace = stream.alloc_zeros::<u8>(blas_workspace_size(major))?;
+        {
+            let (ptr, _sync) = blas_workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (field order in `Gpu`), and
+            // every product runs on the handle's one stream, so no two use it at once. (Giving
+            // the handle another stream would put it back on cuBLAS's default workspace.)
+            unsafe {
+                cublas_sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    blas_workspace.len(),
+                )
+                .result()?;
+            }
+        }
+        let group_pointers = stream.alloc_zeros::<u64>(3 * GROUP_MAX)?;
         let bf16 = precision.activations() == DType::Bf16;
         if bf16 && major < 8 {
             return Err(CudaError::Unsupported(format!(
@@ -345,6 +377,7 @@ impl Gpu {
             copy,
             pinned: PinnedCache::default(),
             blas,
+            blas_workspace,
             functions,
             precision,
             flash_loads: FlashLoads::Scalar,
@@ -412,6 +445,11 @@ impl Gpu {
             work,
         });
         Ok(out)
+    }
+
+    /// The bytes of cuBLAS's workspace on this GPU.
+    pub fn blas_workspace_bytes(&self) -> usize {
+        self.blas_workspace.len()
     }
 
     pub(crate) fn function(&self, name: &'static str) -> Result<&CudaFunction, CudaError> {

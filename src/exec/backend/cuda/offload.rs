@@ -11,7 +11,8 @@
 //!   so the kernels queued between the prefetch and that use overlap the copy.
 //!
 //! Pinned buffers are kept for reuse per GPU: page-locking memory costs far more than a copy.
-//! A pinned buffer records its last copy's event, and host reads of it wait for that event.
+//! Each carries the event of the last copy queued into or out of it ([`Pinned`]): the host
+//! reads or writes it, and frees it, only after that copy.
 
 use std::sync::{Arc, Mutex};
 
@@ -20,42 +21,73 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
 
+/// Pinned host memory and the end of the last copy queued into or out of it, which host
+/// access and the free wait for. (cudarc's pinned slices carry an event too, but record it
+/// only when the context tracks events, which `Gpu::open` turns off: without this one, a
+/// checkpoint could read offloaded optimizer state while its copy was still in flight.)
+pub struct Pinned {
+    buf: PinnedHostSlice<u8>,
+    copied: CudaEvent,
+}
+
+impl Pinned {
+    /// The bytes, once the last copy queued into them has landed.
+    pub fn as_slice(&self) -> Result<&[u8], CudaError> {
+        self.copied.synchronize()?;
+        Ok(self.buf.as_slice()?)
+    }
+
+    /// The bytes to write, once the last copy queued into or out of them is done.
+    pub fn as_mut_slice(&mut self) -> Result<&mut [u8], CudaError> {
+        self.copied.synchronize()?;
+        Ok(self.buf.as_mut_slice()?)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // An error here has nowhere to go; the context records it for its next call.
+        let _ = self.copied.synchronize();
+    }
+}
+
 /// Pinned host buffers not in use, of any length.
 #[derive(Default)]
 pub struct PinnedCache {
-    free: Mutex<Vec<PinnedHostSlice<u8>>>,
+    free: Mutex<Vec<Pinned>>,
 }
 
 impl PinnedCache {
-    fn take(&self, gpu: &Gpu, len: usize) -> Result<PinnedHostSlice<u8>, CudaError> {
+    fn take(&self, gpu: &Gpu, len: usize) -> Result<Pinned, CudaError> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = free.iter().position(|p| p.len() == len) {
+        if let Some(i) = free.iter().position(|p| p.buf.len() == len) {
             return Ok(free.swap_remove(i));
         }
         drop(free);
         // SAFETY: every byte is written by the copy that follows before anything reads it.
         // Flags 0: ordinary (not write-combined) pinned memory, which the host reads at full
         // speed (checkpoints read offloaded optimizer state).
-        Ok(unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(len, 0)? })
+        let buf = unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(len, 0)? };
+        Ok(Pinned {
+            buf,
+            copied: gpu.copy.record_event(None)?,
+        })
     }
 
-    fn give_back(&self, p: PinnedHostSlice<u8>) {
+    fn give_back(&self, p: Pinned) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         free.push(p);
     }
 }
 
 /// Copies the first `len` bytes of `buf` to pinned host memory on the copy stream and frees
-/// `buf` there once copied. Returns at once; the buffer's event marks the copy's end.
-pub fn offload(
-    gpu: &Gpu,
-    buf: CudaSlice<u8>,
-    len: usize,
-) -> Result<PinnedHostSlice<u8>, CudaError> {
+/// `buf` there once copied. Returns at once; the host's reads of the result wait for the copy.
+pub fn offload(gpu: &Gpu, buf: CudaSlice<u8>, len: usize) -> Result<Pinned, CudaError> {
     let mut pinned = gpu.pinned.take(gpu, len)?;
     let made = gpu.stream.record_event(None)?;
     gpu.copy.wait(&made)?;
-    gpu.copy.memcpy_dtoh(&buf.slice(0..len), &mut pinned)?;
+    gpu.copy.memcpy_dtoh(&buf.slice(0..len), &mut pinned.buf)?;
+    pinned.copied = gpu.copy.record_event(None)?;
     let allocated = buf.len();
     let ptr = buf.leak();
     // SAFETY: `ptr` came from `buf`, which no longer exists; dropping the slice rebuilt on the
@@ -96,21 +128,20 @@ impl Drop for Ready {
 
 /// Copies pinned host memory into a new device buffer (of at least one byte) on the copy
 /// stream. Returns the buffer and its [`Ready`]; the pinned buffer goes back to the cache
-/// (later copies into it queue behind this one).
-pub fn prefetch(
-    gpu: &Gpu,
-    pinned: PinnedHostSlice<u8>,
-) -> Result<(CudaSlice<u8>, Ready), CudaError> {
-    let len = pinned.len();
+/// (later copies into it queue behind this one, and freeing it waits for this one).
+pub fn prefetch(gpu: &Gpu, mut pinned: Pinned) -> Result<(CudaSlice<u8>, Ready), CudaError> {
+    let len = pinned.buf.len();
     // SAFETY: the copy below writes every byte before a kernel reads it (they wait for
     // its event).
     let mut buf = unsafe { gpu.stream.alloc::<u8>(len.max(1))? };
     let allocated = gpu.stream.record_event(None)?;
     gpu.copy.wait(&allocated)?;
     if len > 0 {
-        gpu.copy.memcpy_htod(&pinned, &mut buf.slice_mut(0..len))?;
+        gpu.copy
+            .memcpy_htod(&pinned.buf, &mut buf.slice_mut(0..len))?;
     }
     let ready = Ready::record(&gpu.copy, gpu)?;
+    pinned.copied = gpu.copy.record_event(None)?;
     gpu.pinned.give_back(pinned);
     Ok((buf, ready))
 }

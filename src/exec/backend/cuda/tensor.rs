@@ -7,7 +7,7 @@
 //! or bf16 by the run's precision, parameters f32, token ids i32. Host reads and writes name
 //! their element type and are checked against it.
 
-use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::act_copy::ActCopy;
@@ -45,8 +45,8 @@ enum Storage {
     Device(CudaSlice<u8>),
     /// Never on a device yet (a part adopted from host weights, zeroed optimizer state).
     Host(Vec<u8>),
-    /// Offloaded: pinned host memory whose event marks the end of the copy into it.
-    Pinned(PinnedHostSlice<u8>),
+    /// Offloaded: pinned host memory, read once the copy into it has landed.
+    Pinned(offload::Pinned),
 }
 
 /// A dense tensor on one CUDA device (or offloaded to the host).

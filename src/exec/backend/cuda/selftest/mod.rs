@@ -164,11 +164,13 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             let (free, total) = gpu.ctx.mem_get_info()?;
             let (major, minor) = gpu.ctx.compute_capability()?;
             println!(
-                "device cuda:{}: {} (sm_{major}{minor}), {} MiB free of {} MiB",
+                "device cuda:{}: {} (sm_{major}{minor}), {} MiB free of {} MiB, cuBLAS \
+                 workspace {} MiB",
                 opts.device,
                 gpu.name,
                 free >> 20,
-                total >> 20
+                total >> 20,
+                gpu.blas_workspace_bytes() >> 20
             );
         }
         if opts.skip_checks {
@@ -495,7 +497,7 @@ fn stages_table(
         plan,
         budget,
         &batches,
-        3,
+        4,
     )?;
     let tokens = (micro.tokens() * microbatches) as f64;
     println!(

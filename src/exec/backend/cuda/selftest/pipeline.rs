@@ -18,11 +18,11 @@ use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{DeviceSet, MemGroup, Pool, PoolRef};
 use crate::exec::model::{LlamaConfig, PartParams};
-use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
+use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::pipeline::engine::Engine;
 use crate::exec::pipeline::{Pipeline, PipelineError, seeded_parts};
-use crate::exec::tensor::Element;
+use crate::exec::tensor::{Element, Tensor};
 use crate::plan::inventory::{MicroShape, ModelDims};
 use crate::plan::ir::{Action, Plan};
 use crate::plan::policy::{Offload, Recompute};
@@ -58,16 +58,41 @@ pub fn random_batches(config: &LlamaConfig, micro: MicroShape, count: usize) -> 
         .collect()
 }
 
-/// A plan's stages trained on one GPU: the final weights, each stage's measured peak and the
-/// seconds per step after the first.
+/// A plan's stages trained on one GPU: the final weights and optimizer state, each stage's
+/// measured peak and the seconds per step between the first and the last.
 pub struct StagesRun {
-    pub weights: Vec<f32>,
+    pub state: FlatState,
     pub measured_peaks: Vec<usize>,
     pub step_s: f64,
 }
 
-/// Trains `plan` for `steps` steps on `batches`, stage `s` on GPU `gpus[s % gpus.len()]`
-/// within `budget` bytes, from the seeded model.
+/// A model's weights and AdamW moments, each flattened in model order.
+pub struct FlatState {
+    pub weights: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Vec<f32>,
+}
+
+impl FlatState {
+    fn of(pairs: &[(&PartParams, &PartOptimState)]) -> FlatState {
+        let parts = || pairs.iter().map(|(p, _)| p);
+        let states = || pairs.iter().map(|(_, st)| st);
+        FlatState {
+            weights: flat(parts().flat_map(|p| &p.weights)),
+            exp_avg: flat(states().flat_map(|st| &st.exp_avg)),
+            exp_avg_sq: flat(states().flat_map(|st| &st.exp_avg_sq)),
+        }
+    }
+}
+
+fn flat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Vec<f32> {
+    tensors.flat_map(|t| t.data().iter().copied()).collect()
+}
+
+/// Trains `plan` for `steps` (at least 3) steps on `batches`, stage `s` on GPU
+/// `gpus[s % gpus.len()]` within `budget` bytes, from the seeded model, and reads its state
+/// straight after the last step, as a checkpoint does: state offloaded at the end of the step
+/// may still be on its way to host memory.
 pub fn train_stages(
     gpus: &[usize],
     precision: Precision,
@@ -98,36 +123,36 @@ pub fn train_stages(
         Some(1.0),
     )
     .map_err(pipeline_error)?;
+    if steps < 3 {
+        return Err(CudaError::Unsupported(format!(
+            "the stage checks time the steps between the first and the last: 3 or more, not {steps}"
+        )));
+    }
     p.train_step(batches).map_err(pipeline_error)?;
     p.engine.synchronize()?;
     let start = Instant::now();
-    for _ in 1..steps {
+    for _ in 2..steps {
         p.train_step(batches).map_err(pipeline_error)?;
     }
     p.engine.synchronize()?;
-    let step_s = start.elapsed().as_secs_f64() / (steps.max(2) - 1) as f64;
-    let weights = p.with_state(|pairs| flat_weights(pairs.iter().map(|(p, _)| *p)));
+    let step_s = start.elapsed().as_secs_f64() / (steps - 2) as f64;
+    p.train_step(batches).map_err(pipeline_error)?;
+    let state = p.with_state(FlatState::of);
     Ok(StagesRun {
-        weights: weights.map_err(pipeline_error)?,
+        state: state.map_err(pipeline_error)?,
         measured_peaks: p.measured_peaks(),
         step_s,
     })
 }
 
-fn flat_weights<'a>(parts: impl Iterator<Item = &'a PartParams>) -> Vec<f32> {
-    parts
-        .flat_map(|p| p.weights.iter().flat_map(|w| w.data().iter().copied()))
-        .collect()
-}
-
-/// The whole-model trainer's weights after the same steps.
-fn whole_model_weights(
+/// The whole-model trainer's weights and optimizer state after the same steps.
+fn whole_model_state(
     ordinal: usize,
     precision: Precision,
     config: LlamaConfig,
     batches: &[Microbatch],
     steps: usize,
-) -> Result<Vec<f32>> {
+) -> Result<FlatState> {
     let gpu = Gpu::open(ordinal, precision)?;
     let pool = Pool::new(format!("cuda:{ordinal}"), usize::MAX);
     let host = Pool::new("host", usize::MAX);
@@ -145,7 +170,8 @@ fn whole_model_weights(
         t.train_step(batches)?;
     }
     let pairs = t.to_host(&host)?;
-    Ok(flat_weights(pairs.iter().map(|(p, _)| p)))
+    let refs: Vec<_> = pairs.iter().map(|(p, st)| (p, st)).collect();
+    Ok(FlatState::of(&refs))
 }
 
 /// The planner's fastest `stages`-stage chronos plan for `config` at `precision` when it must
@@ -205,17 +231,25 @@ fn stage_model() -> LlamaConfig {
     }
 }
 
+/// The relative error allowed between the stages' AdamW moments and the whole-model
+/// trainer's. The moments are the step's gradients averaged, so they carry the gradients'
+/// rounding differences (float atomics in another order, bf16 roundings that flip) rather
+/// than the weights' smaller ones; what this check is for is state read before its copy to
+/// the host landed (zeros, or another tensor's values: errors near 1).
+const MOMENTS_TOLERANCE: f64 = 1e-2;
+
 const STAGE_MICRO: MicroShape = MicroShape { batch: 2, seq: 64 };
 const STAGE_MICROBATCHES: usize = 8;
 
 /// Every schedule on 2 and 4 stages, stage `s` on GPU `gpus[s % gpus.len()]`, and squeezed
-/// chronos plans, against the whole-model trainer on `gpus[0]` (weights after three steps)
-/// and the planner (peaks per stage).
+/// chronos plans, against the whole-model trainer on `gpus[0]` (weights and AdamW moments
+/// after three steps) and the planner (peaks per stage). The moments are held to
+/// [`MOMENTS_TOLERANCE`].
 pub fn pipeline_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result<Vec<Check>> {
     let (config, micro, microbatches) = (stage_model(), STAGE_MICRO, STAGE_MICROBATCHES);
     let steps = 3;
     let batches = random_batches(&config, micro, microbatches);
-    let reference = whole_model_weights(gpus[0], precision, config, &batches, steps)?;
+    let reference = whole_model_state(gpus[0], precision, config, &batches, steps)?;
     let layers = config.dims.layers as u32;
     let mut plans = Vec::new();
     for stages in [2, 4] {
@@ -241,12 +275,27 @@ pub fn pipeline_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result
     for (label, plan, budget) in plans {
         let predicted = predicted_peaks(&plan, precision, &config, micro)?;
         let run = train_stages(gpus, precision, config, plan, budget, &batches, steps)?;
-        checks.push(Check::new(
-            format!("{label}: weights"),
-            &run.weights,
-            &reference,
-            tol,
-        ));
+        let (ours, theirs) = (&run.state, &reference);
+        checks.extend([
+            Check::new(
+                format!("{label}: weights"),
+                &ours.weights,
+                &theirs.weights,
+                tol,
+            ),
+            Check::new(
+                format!("{label}: AdamW first moments"),
+                &ours.exp_avg,
+                &theirs.exp_avg,
+                MOMENTS_TOLERANCE,
+            ),
+            Check::new(
+                format!("{label}: AdamW second moments"),
+                &ours.exp_avg_sq,
+                &theirs.exp_avg_sq,
+                MOMENTS_TOLERANCE,
+            ),
+        ]);
         checks.push(peak_check(
             format!("{label}: peaks"),
             &run.measured_peaks,
