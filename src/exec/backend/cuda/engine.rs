@@ -85,9 +85,10 @@ impl GpuEngine {
         })
     }
 
-    /// Waits for everything queued on every GPU.
+    /// Waits for everything queued on every GPU, NCCL's transfers included.
     pub fn synchronize(&self) -> std::result::Result<(), CudaError> {
-        self.gpus.iter().try_for_each(Gpu::synchronize)
+        self.gpus.iter().try_for_each(Gpu::synchronize)?;
+        self.nccl.as_ref().map_or(Ok(()), Nccl::synchronize)
     }
 
     /// Whether sends between GPUs go through NCCL.

@@ -159,6 +159,15 @@ impl Nccl {
         drop(unsafe { s_from.upgrade_device_ptr::<u8>(ptr, allocated) });
         Ok((dst, Ready::record(s_to, to)?))
     }
+
+    /// Waits for every transfer queued so far (sends included, which no reader waits for).
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        let ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
+        for s in &ranks.streams {
+            s.synchronize()?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Nccl {
