@@ -44,7 +44,12 @@ pub struct ChunkCost {
     pub step_s: f64,
     pub memory: ChunkMemory,
     pub params: u64,
+    /// The weights as stored: what an offload moves and host memory holds.
     pub weight_bytes: u64,
+    /// The bf16 copies the products read beside the weights (`cuda-bf16`; 0 elsewhere): on
+    /// the device with the weights, never moved; an offload drops them when it starts and a
+    /// prefetch allocates them when it starts (the runtime casts them afresh).
+    pub act_copy_bytes: u64,
     pub grad_bytes: u64,
     pub optimizer_bytes: u64,
 }
@@ -78,8 +83,8 @@ pub fn chunk_costs(
                 step_s: 2.0 * per_param * n as f64 / hw.hbm_bytes_per_s.max(1.0),
                 memory: chunk_memory(profile, dims, micro, &parts),
                 params: n,
-                // The weights, with the bf16 copies the products read beside them.
-                weight_bytes: n * state.weight as u64 + act_copies,
+                weight_bytes: n * state.weight as u64,
+                act_copy_bytes: act_copies,
                 grad_bytes: n * state.grad as u64,
                 optimizer_bytes: n * state.optimizer as u64,
             }
@@ -97,6 +102,7 @@ pub fn uniform_costs(chunks: usize, memory: ChunkMemory, forward_s: f64) -> Vec<
             memory,
             params: 0,
             weight_bytes: 0,
+            act_copy_bytes: 0,
             grad_bytes: 0,
             optimizer_bytes: 0,
         };
@@ -270,11 +276,13 @@ pub fn simulate_trusted(
                 category: if on_device { category } else { HOST },
             });
         };
-        start(
-            persistent[c][WEIGHTS].device_since.is_some(),
-            cost.weight_bytes,
-            WEIGHTS,
-        );
+        let weights_on_device = persistent[c][WEIGHTS].device_since.is_some();
+        let copies = if weights_on_device {
+            cost.act_copy_bytes
+        } else {
+            0
+        };
+        start(weights_on_device, cost.weight_bytes + copies, WEIGHTS);
         start(
             persistent[c][GRADS].device_since.is_some(),
             cost.grad_bytes,
@@ -499,6 +507,7 @@ pub fn simulate_trusted(
                         res.device_since = None;
                         res.host_since = end;
                         push(ev, d, start, bytes as i64, HOST);
+                        push(ev, d, start, -(act_copies(g, costs) as i64), WEIGHTS);
                         push(ev, d, end, -(bytes as i64), category);
                         (start, end)
                     }
@@ -520,6 +529,7 @@ pub fn simulate_trusted(
                         h2d_free[d] = end;
                         res.device_since = Some(end);
                         push(ev, d, start, bytes as i64, category);
+                        push(ev, d, start, act_copies(g, costs) as i64, WEIGHTS);
                         push(ev, d, end, -(bytes as i64), HOST);
                         (start, end)
                     }
@@ -619,6 +629,14 @@ fn group_of<'a>(
             slice_bytes(cost, k, slice as usize),
             OPTIMIZER,
         ),
+    }
+}
+
+/// The bf16 weight copies an offload of `g` drops or its prefetch allocates.
+fn act_copies(g: Group, costs: &[ChunkCost]) -> u64 {
+    match g {
+        Group::Weights { chunk } => costs[chunk as usize].act_copy_bytes,
+        _ => 0,
     }
 }
 

@@ -100,7 +100,8 @@ fn real_chunk_memory_adds_up_on_one_device() {
     let costs = chunk_costs(&plan, Profile::CpuF32, &dims, micro, &hw);
     let sim = simulate(&plan, &costs, &hw, true).unwrap();
     let mm = chunk_memory(Profile::CpuF32, &dims, micro, &chunk_parts(true, 2, true));
-    let state = costs[0].weight_bytes + costs[0].grad_bytes + costs[0].optimizer_bytes;
+    let c = &costs[0];
+    let state = c.weight_bytes + c.act_copy_bytes + c.grad_bytes + c.optimizer_bytes;
     let act = mm
         .forward
         .peak_above_start
@@ -125,7 +126,8 @@ fn cuda_bf16_weights_count_their_copies() {
     // Chunk 0: the embedding and a layer; chunk 1: a layer and the head.
     let want = [layer_copies, layer_copies + 2 * (v * h) as u64];
     for ((f, b), copies) in f32_costs.iter().zip(&bf16_costs).zip(want) {
-        assert_eq!(b.weight_bytes, f.weight_bytes + copies);
+        assert_eq!((b.weight_bytes, f.act_copy_bytes), (f.weight_bytes, 0));
+        assert_eq!(b.act_copy_bytes, copies);
         assert_eq!(
             (b.grad_bytes, b.optimizer_bytes),
             (f.grad_bytes, f.optimizer_bytes)
@@ -165,6 +167,46 @@ fn optimizer_offload_moves_bytes_to_host_and_late_prefetch_stalls() {
     early.programs[0].insert(0, Action::Prefetch(Group::Optimizer { chunk: 0, slice: 0 }));
     let sim = simulate(&early, &costs, &hw, false).unwrap();
     assert!((sim.devices[0].prefetch_stall_s - 4.0).abs() < 1e-9);
+}
+
+/// An offload of bf16 weights moves the stored weights alone: their copies leave the device
+/// as it starts and come back as the prefetch starts, and host memory never holds them.
+#[test]
+fn weight_offload_moves_the_weights_not_their_copies() {
+    let plan = build(ScheduleKind::OneFOneB, 1, 1, 1).unwrap();
+    let mut costs = uniform_costs(1, unit_memory(), 1.0);
+    (costs[0].weight_bytes, costs[0].act_copy_bytes) = (100, 50);
+    let mut hw = ideal();
+    hw.host_bytes_per_s = 10.0; // 10 s to move the weights
+    let mut moved = plan.clone();
+    let (offload, prefetch) = (moved.programs[0].len(), moved.programs[0].len() + 1);
+    moved.programs[0].push(Action::Offload(Group::Weights { chunk: 0 }));
+    moved.programs[0].push(Action::Prefetch(Group::Weights { chunk: 0 }));
+    let sim = simulate(&moved, &costs, &hw, true).unwrap();
+    let dev = &sim.devices[0];
+    assert_eq!(dev.host_peak_bytes, 100);
+    let (start, end) = dev.spans[offload];
+    assert!((end - start - 10.0).abs() < 1e-9, "offload {start}..{end}");
+    let (p_start, p_end) = dev.spans[prefetch];
+    assert!(
+        (p_end - p_start - 10.0).abs() < 1e-9,
+        "prefetch {p_start}..{p_end}"
+    );
+    let during = |t: f64| {
+        let at = dev.curve.iter().rev().find(|m| m.t <= t).unwrap();
+        (at.weights, at.host)
+    };
+    assert_eq!(
+        during(start + 5.0),
+        (100, 100),
+        "copies gone, weights in flight"
+    );
+    assert_eq!(
+        during(p_start + 5.0),
+        (150, 100),
+        "copies back, weights in flight"
+    );
+    assert_eq!(during(p_end), (150, 0));
 }
 
 fn any_schedule() -> impl Strategy<Value = (ScheduleKind, u32, u32)> {

@@ -307,11 +307,20 @@ impl Engine for GpuEngine {
         await_part(gpu, part)?;
         let acc = gpu.stream.alloc_zeros::<f64>(1).map_err(CudaError::from)?;
         let at = DevPtr::new(acc.device_ptr(&gpu.stream).0, DType::F64);
+        // A device's first step sums every local part's gradients, and a plan may hold
+        // another chunk's in host memory until its own step: those are summed here.
+        let mut on_host = 0.0;
         for g in &part.grads {
-            gpu.sum_squares(at, g.ptr(), g.len())?;
+            if g.is_on_host() {
+                on_host += (g.to_host::<f32>(gpu)?.iter())
+                    .map(|&v| f64::from(v) * f64::from(v))
+                    .sum::<f64>();
+            } else {
+                gpu.sum_squares(at, g.ptr(), g.len())?;
+            }
         }
         let sum = gpu.stream.clone_dtoh(&acc).map_err(CudaError::from)?;
-        Ok(sum[0])
+        Ok(sum[0] + on_host)
     }
 
     fn update(
