@@ -63,23 +63,26 @@ extern "C" __global__ void rmsnorm_apply(act_t* out, const float* rstd, const ac
     cp_rms_forward(out, (float*)rstd, x, w, rows, h, 0.0f, false);
 }
 
-// dw[c] += sum over rows of dy * x * rstd. Block (x: 256 threads of W columns each,
-// rows_per_block rows), one atomic add per column and block. Must run before
+// dw[c] += sum over rows of dy * x * rstd. Block (x: 256 threads of W columns each, y: a
+// group of rows_per_block rows, then every gridDim.y-th group after it, so the grid's y stays
+// within its limit whatever the rows), one atomic add per column and block. Must run before
 // rmsnorm_backward_input overwrites dy.
 template <int W>
 __device__ void cp_rms_backward_weight(float* dw, const act_t* dy, const act_t* x,
                                        const float* rstd, int rows, int h, int rows_per_block) {
     int c = (blockIdx.x * blockDim.x + threadIdx.x) * W;
     if (c >= h) return;
-    int r0 = blockIdx.y * rows_per_block;
-    int r1 = min(rows, r0 + rows_per_block);
     float acc[W];
     for (int j = 0; j < W; ++j) acc[j] = 0.0f;
-    for (int r = r0; r < r1; ++r) {
-        long long i = (long long)r * h + c;
-        cp_act_run<W> d = cp_ld_run<W>(dy, i), xv = cp_ld_run<W>(x, i);
-        float s = rstd[r];
-        for (int j = 0; j < W; ++j) acc[j] += cp_ld(d.e[j]) * cp_ld(xv.e[j]) * s;
+    long long stride = (long long)gridDim.y * rows_per_block;
+    for (long long r0 = (long long)blockIdx.y * rows_per_block; r0 < rows; r0 += stride) {
+        long long r1 = min((long long)rows, r0 + rows_per_block);
+        for (long long r = r0; r < r1; ++r) {
+            long long i = r * h + c;
+            cp_act_run<W> d = cp_ld_run<W>(dy, i), xv = cp_ld_run<W>(x, i);
+            float s = rstd[r];
+            for (int j = 0; j < W; ++j) acc[j] += cp_ld(d.e[j]) * cp_ld(xv.e[j]) * s;
+        }
     }
     for (int j = 0; j < W; ++j) atomicAdd(&dw[c + j], acc[j]);
 }

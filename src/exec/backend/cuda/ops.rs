@@ -172,12 +172,14 @@ impl Gpu {
         rows: usize,
         h: usize,
     ) -> R {
-        // Blocks of 256 threads (each one column, or 16 bytes of columns) by 16 rows.
+        // Blocks of 256 threads (each one column, or 16 bytes of columns) by groups of 16
+        // rows; past the grid's y limit, each block takes every `grid.y`-th group.
         const ROWS_PER_BLOCK: usize = 16;
+        const MAX_GRID_Y: usize = 65_535;
         let cfg = LaunchConfig {
             grid_dim: (
                 h.div_ceil(BLOCK as usize) as u32,
-                rows.div_ceil(ROWS_PER_BLOCK) as u32,
+                rows.div_ceil(ROWS_PER_BLOCK).clamp(1, MAX_GRID_Y) as u32,
                 1,
             ),
             block_dim: (BLOCK, 1, 1),
