@@ -63,6 +63,11 @@ impl RunError {
             code,
             param: param.map(str::to_owned),
         };
+        let ours = |code| Blame {
+            user: false,
+            code,
+            param: None,
+        };
         match self {
             RunError::Spec(errors) => {
                 user("invalid_spec", errors.first().map(|e| e.param.as_str()))
@@ -79,17 +84,38 @@ impl RunError {
                 PipelineError::NonFiniteLoss { .. } | PipelineError::NonFiniteGradNorm { .. },
             ) => user("diverged", Some("training.optimizer.lr")),
             RunError::Device(DeviceError::OutOfMemory(_))
-            | RunError::Cuda(CudaError::Device(DeviceError::OutOfMemory(_)))
-            | RunError::Pipeline(PipelineError::Device(DeviceError::OutOfMemory(_))) => Blame {
-                user: false,
-                code: "out_of_memory",
-                param: None,
-            },
-            _ => Blame {
-                user: false,
-                code: "internal",
-                param: None,
-            },
+            | RunError::Pipeline(PipelineError::Device(DeviceError::OutOfMemory(_))) => {
+                ours("out_of_memory")
+            }
+            RunError::Cuda(e) | RunError::Pipeline(PipelineError::Cuda(e))
+                if e.is_out_of_memory() =>
+            {
+                ours("out_of_memory")
+            }
+            _ => ours("internal"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cudarc::driver::{DriverError, sys::CUresult};
+
+    use super::*;
+
+    /// A GPU that runs out of memory outside the pools' count (the driver's allocator, or
+    /// cuBLAS's) is out of memory, as a pool over budget is, not an internal error.
+    #[test]
+    fn running_out_of_gpu_memory_is_blamed_as_out_of_memory() {
+        let driver_oom = || CudaError::Driver(DriverError(CUresult::CUDA_ERROR_OUT_OF_MEMORY));
+        for e in [
+            RunError::Cuda(driver_oom()),
+            RunError::Pipeline(PipelineError::Cuda(driver_oom())),
+        ] {
+            assert_eq!(e.blame().code, "out_of_memory", "{e}");
+            assert!(!e.blame().user);
+        }
+        let launch = CudaError::Driver(DriverError(CUresult::CUDA_ERROR_LAUNCH_FAILED));
+        assert_eq!(RunError::Cuda(launch).blame().code, "internal");
     }
 }

@@ -73,6 +73,21 @@ pub enum CudaError {
     Unsupported(String),
 }
 
+impl CudaError {
+    /// Whether a GPU ran out of memory: a pool's budget, or the driver's or cuBLAS's own
+    /// allocation (memory the pools do not count, or fragmentation).
+    pub fn is_out_of_memory(&self) -> bool {
+        use cudarc::cublas::sys::cublasStatus_t;
+        use cudarc::driver::sys::CUresult;
+        match self {
+            CudaError::Device(DeviceError::OutOfMemory(_)) => true,
+            CudaError::Driver(e) => e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY,
+            CudaError::Blas(e) => e.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED,
+            _ => false,
+        }
+    }
+}
+
 /// How activations are stored and what the matrix products compute in. Weights, gradients
 /// and optimizer state are f32 in every case.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
