@@ -133,6 +133,14 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
             ));
         }
     }
+    // A step waits for every device's gradient norm, so a device without a chunk (which
+    // never steps) would keep the others waiting.
+    if let Some(d) = (0..devices).find(|&d| plan.chunks.iter().all(|c| c.device as usize != d)) {
+        return Err(PlanError::invalid(
+            format!("plan.programs[{d}]"),
+            format!("device {d} holds no chunk: every device needs at least one"),
+        ));
+    }
     let [weights, grads, optimizer] = starting_places(plan);
     let mut s = State {
         m,
@@ -460,6 +468,17 @@ fn step(plan: &Plan, s: &mut State, d: usize, a: Action) -> Result<bool, String>
             if s.backwards_done[c as usize] as usize != s.m {
                 return Err(format!(
                     "optimizer step of chunk {c} before all its {} backwards",
+                    s.m
+                ));
+            }
+            // The device's first step takes the norm of all of its chunks' gradients.
+            let unfinished = (0..s.chunks).find(|&other| {
+                dev(other as u32) == Some(d) && s.backwards_done[other] as usize != s.m
+            });
+            if let Some(other) = unfinished {
+                return Err(format!(
+                    "optimizer step of chunk {c} before all {} backwards of chunk {other} on the \
+                     same device (a device's steps clip by the gradient norm of all its chunks)",
                     s.m
                 ));
             }

@@ -142,6 +142,39 @@ fn validator_marks_the_failing_action() {
     let err = validate(&plan).unwrap_err();
     assert!(err.to_string().contains("deadlock"), "{err}");
 
+    // A device's step before another of its chunks has run all its backwards: the step
+    // clips by the norm of every chunk's gradients on the device, so it must wait.
+    let mut plan = build(
+        ScheduleKind::Interleaved {
+            chunks_per_device: 2,
+        },
+        2,
+        2,
+        4,
+    )
+    .unwrap();
+    let program = &mut plan.programs[0];
+    let is_step_2 = |a: &Action| matches!(a, Action::Step { chunk: 2, .. });
+    let step = program.iter().position(is_step_2).unwrap();
+    let last_backward_2 = (program.iter())
+        .rposition(|a| matches!(a, Action::Backward { chunk: 2, .. }))
+        .unwrap();
+    let moved = program.remove(step);
+    program.insert(last_backward_2 + 1, moved);
+    let err = validate(&plan).unwrap_err().to_string();
+    assert!(
+        err.contains("all 2 backwards of chunk 0 on the same device"),
+        "{err}"
+    );
+
+    // A device without a chunk never steps, and every step waits for it.
+    let plan: Plan = "microbatches 1\nchunk 0 device 0 embedding layers 0..1 head\n\
+                      device 0: F0.0 B0.0 STEP0\ndevice 1:\n"
+        .parse()
+        .unwrap();
+    let err = validate(&plan).unwrap_err().to_string();
+    assert!(err.contains("device 1 holds no chunk"), "{err}");
+
     // A missing backward.
     let plan: Plan =
         "microbatches 1\nchunk 0 device 0 embedding layers 0..1 head\ndevice 0: F0.0\n"
