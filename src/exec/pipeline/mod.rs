@@ -3,7 +3,10 @@
 //! send and receive actions; recompute, offload and prefetch happen where the plan puts them.
 //! Gradients accumulate per chunk in micro-batch order (every schedule runs a chunk's
 //! backwards in that order) and the global gradient norm adds the parts' contributions in
-//! model order, so the trained weights are bit-identical whatever the plan.
+//! model order, so on CPU devices the trained weights are bit-identical whatever the plan.
+//! (GPU kernels add some sums with float atomics in whatever order blocks finish: dQ, the
+//! embedding's and RMSNorm's weight gradients, the gradient norm. GPU runs agree to rounding,
+//! not to the bit.)
 //!
 //! Memory is counted at program points: a send gives the sender's bytes back, a receive takes
 //! the receiver's, an offload gives them back and a prefetch takes them when the action runs.
