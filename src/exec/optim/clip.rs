@@ -24,9 +24,9 @@ pub fn part_squares(part: &PartParams) -> PartSquares {
     }
 }
 
-/// Fixed ranges summed on the pool's threads, their sums added in order: the same bits for
-/// any number of threads.
-fn tensor_squares(xs: &[f32]) -> f64 {
+/// Sum of squares of one tensor's values in f64: fixed ranges summed on the pool's threads,
+/// their sums added in order, so the same bits for any number of threads.
+pub fn tensor_squares(xs: &[f32]) -> f64 {
     const CHUNK: usize = 1 << 16;
     let partials: Vec<f64> = xs.par_chunks(CHUNK).map(chunk_squares).collect();
     partials.iter().sum()

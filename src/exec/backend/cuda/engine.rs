@@ -23,6 +23,7 @@ use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::part::{MicroTokens, PartOutput};
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
+use crate::exec::optim::clip::tensor_squares;
 use crate::exec::pipeline::PipelineError;
 use crate::exec::pipeline::engine::{At, Engine, HostPart, Kept, Update};
 use crate::plan::inventory::{DType, keeps_act_copy};
@@ -312,9 +313,7 @@ impl Engine for GpuEngine {
         let mut on_host = 0.0;
         for g in &part.grads {
             if g.is_on_host() {
-                on_host += (g.to_host::<f32>(gpu)?.iter())
-                    .map(|&v| f64::from(v) * f64::from(v))
-                    .sum::<f64>();
+                on_host += tensor_squares(&g.to_host::<f32>(gpu)?);
             } else {
                 gpu.sum_squares(at, g.ptr(), g.len())?;
             }

@@ -20,7 +20,9 @@ pub use flash::{
 pub use kernels::kernel_checks;
 pub use model::model_checks;
 pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages, transfer_checks};
-pub use timing::{Timing, llama_125m, predicted_peak, step_flops, time_training};
+pub use timing::{
+    Timing, llama_125m, llama_125m_with_heads, predicted_peak, step_flops, time_training,
+};
 
 use cudarc::driver::CudaContext;
 
@@ -220,9 +222,8 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         }
     }
     if !opts.skip_timing && (asked(&Precision::Tf32) || asked(&Precision::Bf16)) {
-        let mut config = llama_125m();
-        config.dims.heads = opts.timing_heads;
-        config.dims.kv_heads = opts.timing_heads;
+        let config = llama_125m_with_heads(opts.timing_heads)
+            .map_err(|e| CudaError::Unsupported(format!("--timing-heads: {e}")))?;
         let flash = cuda_flash_attention(Profile::CudaBf16, &config.dims);
         let micro = MicroShape {
             batch: opts.micro_batch_size,

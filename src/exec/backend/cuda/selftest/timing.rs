@@ -9,7 +9,7 @@ use crate::exec::backend::cuda::gpu::{Gpu, ProfileRow};
 use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::Pool;
-use crate::exec::model::LlamaConfig;
+use crate::exec::model::{LlamaConfig, ModelError};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
 use crate::plan::cost::part_forward_flops;
@@ -47,6 +47,16 @@ pub fn llama_125m() -> LlamaConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
     }
+}
+
+/// [`llama_125m`] with `heads` attention heads, as many key/value heads, checked as any
+/// model config is.
+pub fn llama_125m_with_heads(heads: usize) -> std::result::Result<LlamaConfig, ModelError> {
+    let mut config = llama_125m();
+    config.dims.heads = heads;
+    config.dims.kv_heads = heads;
+    config.validate()?;
+    Ok(config)
 }
 
 /// Dense tensor-core peak in FLOP/s for the GPUs whose figures we know.
