@@ -3,12 +3,14 @@
 
 use chronospipe::exec::backend::CpuBackend;
 use chronospipe::exec::device::{MemGroup, Pool};
+use chronospipe::exec::kernels::rope::Rope;
 use chronospipe::exec::model::chunk::{backward_chunk, forward_chunk};
 use chronospipe::exec::model::part::{MicroTokens, PartOutput};
 use chronospipe::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use chronospipe::exec::optim::clip::{global_norm, part_squares};
 use chronospipe::exec::tensor::Tensor;
 use chronospipe::plan::inventory::{MicroShape, ModelDims};
+use chronospipe::spec::Architecture;
 
 fn config() -> LlamaConfig {
     LlamaConfig {
@@ -21,7 +23,8 @@ fn config() -> LlamaConfig {
             vocab: 256,
         },
         rms_norm_eps: 1e-5,
-        rope_theta: 500000.0,
+        rope: Rope::plain(500000.0),
+        architecture: Architecture::Llama,
     }
 }
 

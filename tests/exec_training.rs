@@ -9,6 +9,7 @@ use chronospipe::exec::checkpoint::CheckpointError;
 use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use chronospipe::exec::checkpoint::trainer_state::TrainerState;
 use chronospipe::exec::device::{MemGroup, Pool};
+use chronospipe::exec::kernels::rope::Rope;
 use chronospipe::exec::model::part::{MicroTokens, backward_part, forward_part};
 use chronospipe::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use chronospipe::exec::optim::OptimizerConfig;
@@ -16,6 +17,7 @@ use chronospipe::exec::optim::schedule::LrSchedule;
 use chronospipe::exec::tensor::Tensor;
 use chronospipe::exec::train::{SingleDevice, TrainError};
 use chronospipe::plan::inventory::{MicroShape, ModelDims, Profile, total_bytes};
+use chronospipe::spec::Architecture;
 
 fn tiny_config() -> LlamaConfig {
     LlamaConfig {
@@ -28,7 +30,8 @@ fn tiny_config() -> LlamaConfig {
             vocab: 256,
         },
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        rope: Rope::plain(10000.0),
+        architecture: Architecture::Llama,
     }
 }
 

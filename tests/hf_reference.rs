@@ -1,5 +1,6 @@
-//! Holds the executor against what transformers + PyTorch computed for a tiny Llama
-//! (`shared/testdata/hf-llama-tiny`): logits, loss, every gradient, one SGD and one AdamW step.
+//! Holds the executor against what transformers + PyTorch computed for tiny Llamas
+//! (`shared/testdata/hf-llama-tiny`, and `hf-llama3-tiny` with Llama 3.1's rotary scaling):
+//! logits, loss, every gradient, one SGD and one AdamW step.
 
 use std::path::{Path, PathBuf};
 
@@ -17,11 +18,13 @@ use chronospipe::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use chronospipe::exec::optim::{OptimizerConfig, PartOptimState, step_part};
 use chronospipe::plan::inventory::MicroShape;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/testdata/hf-llama-tiny"
-    ))
+/// The fixtures this executor implements; each holds the same reference tensors.
+const FIXTURES: [&str; 2] = ["hf-llama-tiny", "hf-llama3-tiny"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/testdata")
+        .join(name)
 }
 
 /// Prints an OK / NOT OK line and returns whether it passed.
@@ -93,9 +96,15 @@ fn run_reference(dir: &Path, reference: &TensorFile) -> Run {
 
 #[test]
 fn logits_loss_and_gradients_match_pytorch() {
-    let dir = fixture();
+    for name in FIXTURES {
+        println!("{name}:");
+        logits_loss_and_gradients_match(&fixture(name));
+    }
+}
+
+fn logits_loss_and_gradients_match(dir: &Path) {
     let reference = TensorFile::open(&dir.join("reference.safetensors")).unwrap();
-    let run = run_reference(&dir, &reference);
+    let run = run_reference(dir, &reference);
     let mut ok = compare("logits", &run.logits, &reference.f32("logits").unwrap().1);
     let ref_loss = reference.f32("loss").unwrap().1[0];
     ok &= compare("loss", &[run.loss as f32], &[ref_loss]);
@@ -110,14 +119,27 @@ fn logits_loss_and_gradients_match_pytorch() {
     }
     assert!(
         ok,
-        "some tensors differ from the PyTorch reference (see NOT OK lines)"
+        "{}: some tensors differ from the PyTorch reference (see NOT OK lines)",
+        dir.display()
     );
 }
 
 fn step_and_compare(prefix: &str, config: OptimizerConfig, lr: f32, clip: Option<f32>) {
-    let dir = fixture();
+    for name in FIXTURES {
+        println!("{name}:");
+        step_and_compare_on(&fixture(name), prefix, &config, lr, clip);
+    }
+}
+
+fn step_and_compare_on(
+    dir: &Path,
+    prefix: &str,
+    config: &OptimizerConfig,
+    lr: f32,
+    clip: Option<f32>,
+) {
     let reference = TensorFile::open(&dir.join("reference.safetensors")).unwrap();
-    let mut run = run_reference(&dir, &reference);
+    let mut run = run_reference(dir, &reference);
     let pool = Pool::new("cpu:0", 64 << 20);
     let squares: Vec<_> = run.parts.iter().map(part_squares).collect();
     let norm = global_norm(&squares);
@@ -128,8 +150,8 @@ fn step_and_compare(prefix: &str, config: OptimizerConfig, lr: f32, clip: Option
     );
     let factor = clip.map_or(1.0, |max_norm| clip_factor(norm, max_norm));
     for p in &mut run.parts {
-        let mut state = PartOptimState::allocate(&pool, &config, p).unwrap();
-        step_part(&config, 1, lr, factor, p, &mut state);
+        let mut state = PartOptimState::allocate(&pool, config, p).unwrap();
+        step_part(config, 1, lr, factor, p, &mut state);
         for (name, w) in p.names.iter().zip(&p.weights) {
             let want = reference.f32(&format!("{prefix}.{name}")).unwrap().1;
             ok &= compare(&format!("{prefix}.{name}"), w.data(), &want);
@@ -137,7 +159,8 @@ fn step_and_compare(prefix: &str, config: OptimizerConfig, lr: f32, clip: Option
     }
     assert!(
         ok,
-        "some parameters differ after the {prefix} step (see NOT OK lines)"
+        "{}: some parameters differ after the {prefix} step (see NOT OK lines)",
+        dir.display()
     );
 }
 

@@ -24,7 +24,7 @@ use chronospipe::exec::backend::cuda::selftest::{
 use chronospipe::exec::backend::{Backend, CpuBackend};
 use chronospipe::exec::compare::rel_err;
 use chronospipe::exec::kernels::attention::AttnShape;
-use chronospipe::exec::kernels::rope::{inv_freq, rope_apply};
+use chronospipe::exec::kernels::rope::{Rope, rope_apply};
 use chronospipe::exec::optim::{OptimizerConfig, update_elements};
 use chronospipe::plan::inventory::CUDA_FLASH_HEAD_DIMS;
 use half::bf16;
@@ -305,7 +305,7 @@ fn as_acts(mut values: Vec<f32>, bf16_build: bool) -> Vec<f32> {
 }
 
 /// The rope kernel's f32 and bf16 builds against the CPU backend's rope (the same frequencies
-/// from `inv_freq`), forward and inverse, at positions up to 1023 (angles up to 1023 radians),
+/// from `Rope::inv_freq`), forward and inverse, at positions up to 1023 (angles up to 1023 radians),
 /// on 3 blocks so that each block strides over many rows: within the selftest's elementwise
 /// tolerance (f32) or bf16's rounding of the output.
 #[test]
@@ -326,14 +326,21 @@ fn rope_kernel_run_on_the_host_matches_the_cpu_rope() {
             for inverse in [false, true] {
                 let rows = 2 * seq;
                 let x = as_acts(uniform(&mut rng, rows * width, 1.0), bf16_build);
-                let mut input = f32_bytes(&inv_freq(head_dim, 10000.0));
+                let mut input = f32_bytes(&Rope::plain(10000.0).inv_freq(head_dim));
                 input.extend(act_bytes(&x, bf16_build));
                 let dims = [rows, width, seq, head_dim, inverse as usize, 3];
                 let got = exchange(dir.path(), program(&binary, dims), &input);
                 let got = acts_from_bytes(&got, bf16_build);
                 assert_eq!(got.len(), x.len(), "rope output length");
                 let mut want = x;
-                rope_apply(&mut want, width, seq, head_dim, 10000.0, inverse);
+                rope_apply(
+                    &mut want,
+                    width,
+                    seq,
+                    head_dim,
+                    &Rope::plain(10000.0),
+                    inverse,
+                );
                 let case = format!(
                     "rope bf16={bf16_build} seq={seq} width={width} head_dim={head_dim} inverse={inverse}"
                 );

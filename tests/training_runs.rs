@@ -149,6 +149,90 @@ fn a_run_starts_from_hugging_face_weights() {
     assert!(err.to_string().contains("model.hidden_size"), "{err}");
 }
 
+fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/testdata")
+        .join(name)
+}
+
+fn pretrained_job(from: &Path, data: &Path) -> JobSpec {
+    let text = format!(
+        r#"{{"model": {{"init": {{"from": {from:?}}}}},
+            "data": {{"train": {data:?}}},
+            "training": {{"seq_len": 32, "micro_batch_size": 1, "microbatches": 2, "steps": 1}},
+            "parallelism": {{"stages": 2, "schedule": "1f1b"}},
+            "devices": "cpu:2x64MiB"}}"#
+    );
+    JobSpec::from_json(&text).unwrap()
+}
+
+/// A Llama 3.1-style checkpoint trains on a pipeline and is written back with its rotary
+/// scaling, and a Mistral one as a Mistral, both readable as what they were.
+#[test]
+fn checkpoints_keep_their_architecture_and_rotary_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("llama3");
+    let (run, _) = train(pretrained_job(&testdata("hf-llama3-tiny"), &data), &out);
+    assert!(run.config().rope.scaling.is_some());
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("final/config.json")).unwrap()).unwrap();
+    assert_eq!(written["rope_scaling"]["rope_type"], "llama3");
+    assert_eq!(written["rope_scaling"]["factor"], 8.0);
+    assert_eq!(written["rope_theta"], 500000.0);
+
+    // The same weights under Mistral's name (sliding window off) train the same numbers.
+    let mistral = dir.path().join("mistral-in");
+    std::fs::create_dir(&mistral).unwrap();
+    std::fs::copy(
+        testdata("hf-llama-tiny").join("model.safetensors"),
+        mistral.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(testdata("hf-llama-tiny").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    config["model_type"] = "mistral".into();
+    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    config["sliding_window"] = serde_json::Value::Null;
+    std::fs::write(mistral.join("config.json"), config.to_string()).unwrap();
+    let (_, as_mistral) = train(pretrained_job(&mistral, &data), &dir.path().join("m"));
+    let (_, as_llama) = train(
+        pretrained_job(&testdata("hf-llama-tiny"), &data),
+        &dir.path().join("l"),
+    );
+    assert_eq!(as_mistral.losses, as_llama.losses);
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("m/final/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["architectures"][0], "MistralForCausalLM");
+}
+
+/// Checkpoints whose config sets what the model does not compute are refused before
+/// anything runs, naming the field, as the user's input.
+#[test]
+fn checkpoints_with_settings_not_implemented_are_refused_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    for (fixture, field) in [
+        ("hf-qwen2-tiny", "model_type"),
+        ("hf-tied-tiny", "tie_word_embeddings"),
+    ] {
+        let err = Run::prepare(pretrained_job(&testdata(fixture), &data), "")
+            .err()
+            .expect("refused");
+        let blame = err.blame();
+        assert_eq!(blame.param.as_deref(), Some("model.init.from"), "{err}");
+        assert_eq!(blame.code, "invalid_spec", "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("config.json field {field}")),
+            "{fixture}: {err}"
+        );
+    }
+}
+
 #[test]
 fn bad_input_stops_with_an_error_that_says_why() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,11 +13,13 @@ use anyhow::{Context, bail};
 use chronospipe::data::Microbatch;
 use chronospipe::exec::backend::{Backend, CpuBackend};
 use chronospipe::exec::device::Pool;
+use chronospipe::exec::kernels::rope::Rope;
 use chronospipe::exec::model::LlamaConfig;
 use chronospipe::exec::optim::OptimizerConfig;
 use chronospipe::exec::optim::schedule::LrSchedule;
 use chronospipe::exec::train::SingleDevice;
 use chronospipe::plan::inventory::{MicroShape, ModelDims};
+use chronospipe::spec::Architecture;
 use rand::{Rng, SeedableRng};
 
 struct BenchConfig {
@@ -70,7 +72,8 @@ fn main() -> anyhow::Result<()> {
     let llama = LlamaConfig {
         dims: bench.dims,
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        rope: Rope::plain(10000.0),
+        architecture: Architecture::Llama,
     };
     let mut trainer = SingleDevice::from_seed(
         llama,

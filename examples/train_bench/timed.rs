@@ -9,6 +9,7 @@ use chronospipe::exec::backend::{Backend, CpuBackend};
 use chronospipe::exec::kernels::attention::AttnShape;
 use chronospipe::exec::kernels::cross_entropy::HeadShape;
 use chronospipe::exec::kernels::matmul::MatRef;
+use chronospipe::exec::kernels::rope::Rope;
 
 /// Delegates to the CPU backend and adds each call's wall time to its kernel's total.
 pub struct Timed {
@@ -67,7 +68,7 @@ impl Backend for Timed {
             self.inner.rmsnorm_backward(dy, dw, x, w, r)
         })
     }
-    fn rope(&self, x: &mut [f32], width: usize, seq: usize, hd: usize, th: f32, inv: bool) {
+    fn rope(&self, x: &mut [f32], width: usize, seq: usize, hd: usize, th: &Rope, inv: bool) {
         self.time("rope", || self.inner.rope(x, width, seq, hd, th, inv))
     }
     fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]) {

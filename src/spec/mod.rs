@@ -6,11 +6,13 @@
 
 mod model;
 mod parallelism;
+mod rope;
 mod training;
 mod validate;
 
 pub use model::{Architecture, ModelArch, ModelInit, ModelSpec};
 pub use parallelism::{OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages};
+pub use rope::RopeScaling;
 pub use training::{DataSpec, LrDecay, OptimizerSpec, PrecisionSpec, TrainingSpec};
 pub use validate::{InvalidSpec, SpecError};
 

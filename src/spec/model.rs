@@ -3,14 +3,38 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::rope::RopeScaling;
 use super::validate::{SpecError, positive};
 use crate::plan::inventory::ModelDims;
 
+/// The Hugging Face model class a job trains and writes back. Both compute Llama's layers;
+/// a Mistral is a Llama under another name once its sliding window is off (`null`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     #[default]
     Llama,
+    Mistral,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 2] = [Architecture::Llama, Architecture::Mistral];
+
+    /// `config.json`'s `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+        }
+    }
+
+    /// `config.json`'s `architectures` entry.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+        }
+    }
 }
 
 /// Initial weights: a seeded random init, or a Hugging Face Llama directory (CLI: a path;
@@ -33,8 +57,9 @@ impl Default for ModelInit {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    #[serde(default)]
-    pub architecture: Architecture,
+    /// `llama` (the default for a random init) or `mistral`; with `init.from` the checkpoint's
+    /// `config.json` decides, and a value given here must agree with it.
+    pub architecture: Option<Architecture>,
     pub hidden_size: Option<usize>,
     pub num_layers: Option<usize>,
     pub num_heads: Option<usize>,
@@ -44,6 +69,9 @@ pub struct ModelSpec {
     pub vocab_size: Option<usize>,
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
+    /// Rotary scaling (`{"rope_type": "llama3", ...}` or `{"rope_type": "linear", ...}`);
+    /// absent means none.
+    pub rope_scaling: Option<RopeScaling>,
     #[serde(default)]
     pub init: ModelInit,
 }
@@ -51,6 +79,7 @@ pub struct ModelSpec {
 /// A fully known Llama architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ModelArch {
+    pub architecture: Architecture,
     pub hidden_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
@@ -59,6 +88,7 @@ pub struct ModelArch {
     pub vocab_size: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
 }
 
 pub const DEFAULT_RMS_NORM_EPS: f64 = 1e-5;
@@ -126,6 +156,9 @@ impl ModelArch {
                 ));
             }
         }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.check(&p("rope_scaling"), errors);
+        }
     }
 }
 
@@ -146,6 +179,7 @@ impl ModelSpec {
     /// The architecture when every required field is given (random init).
     pub fn explicit_arch(&self) -> Option<ModelArch> {
         Some(ModelArch {
+            architecture: self.architecture.unwrap_or_default(),
             hidden_size: self.hidden_size?,
             num_layers: self.num_layers?,
             num_heads: self.num_heads?,
@@ -154,6 +188,7 @@ impl ModelSpec {
             vocab_size: self.vocab_size?,
             rms_norm_eps: self.rms_norm_eps.unwrap_or(DEFAULT_RMS_NORM_EPS),
             rope_theta: self.rope_theta.unwrap_or(DEFAULT_ROPE_THETA),
+            rope_scaling: self.rope_scaling,
         })
     }
 
@@ -204,6 +239,28 @@ impl ModelSpec {
         );
         agree("rms_norm_eps", self.rms_norm_eps, pretrained.rms_norm_eps);
         agree("rope_theta", self.rope_theta, pretrained.rope_theta);
+        if let Some(given) = self.architecture
+            && given != pretrained.architecture
+        {
+            errors.push(SpecError::new(
+                "model.architecture",
+                format!(
+                    "is {} but the pretrained model's config.json says {}; leave it out or set {}",
+                    given.model_type(),
+                    pretrained.architecture.model_type(),
+                    pretrained.architecture.model_type()
+                ),
+            ));
+        }
+        if self.rope_scaling.is_some() && self.rope_scaling != pretrained.rope_scaling {
+            errors.push(SpecError::new(
+                "model.rope_scaling",
+                format!(
+                    "is {:?} but the pretrained model's config.json says {:?}; leave it out",
+                    self.rope_scaling, pretrained.rope_scaling
+                ),
+            ));
+        }
         if errors.is_empty() {
             Ok(*pretrained)
         } else {

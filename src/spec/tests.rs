@@ -197,6 +197,7 @@ fn pretrained_init_may_omit_the_architecture_but_must_agree() {
     .unwrap();
     spec.validate().unwrap();
     let pretrained = ModelArch {
+        architecture: Architecture::Llama,
         hidden_size: 64,
         num_layers: 2,
         num_heads: 4,
@@ -205,6 +206,7 @@ fn pretrained_init_may_omit_the_architecture_but_must_agree() {
         vocab_size: 256,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
+        rope_scaling: None,
     };
     assert_eq!(
         spec.model.merge_pretrained(&pretrained).unwrap(),
@@ -217,4 +219,43 @@ fn pretrained_init_may_omit_the_architecture_but_must_agree() {
     let errors = spec.model.merge_pretrained(&other).unwrap_err();
     assert_eq!(errors[0].param, "model.hidden_size");
     assert!(errors[0].message.contains("128"), "{}", errors[0]);
+}
+
+/// Validation data would be accepted and never evaluated: refused by name until it is.
+#[test]
+fn validation_data_is_refused_until_it_is_evaluated() {
+    let mut spec = example();
+    spec.data.validation = Some("valid.txt".into());
+    assert_eq!(params_of(&spec), ["data.validation"]);
+}
+
+#[test]
+fn rope_scaling_and_architecture_are_read_and_checked() {
+    let spec = JobSpec::from_json(
+        r#"{"model": {"architecture": "mistral", "hidden_size": 64, "num_layers": 2,
+                      "num_heads": 4, "intermediate_size": 176, "vocab_size": 256,
+                      "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192}},
+            "data": {"train": "f"},
+            "training": {"seq_len": 32, "micro_batch_size": 1, "microbatches": 2, "steps": 3}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        spec.model.explicit_arch().unwrap().architecture,
+        Architecture::Mistral
+    );
+    assert_eq!(
+        params_of(&spec),
+        ["model.rope_scaling.high_freq_factor"],
+        "a high band below the low one is refused"
+    );
+    let yarn = r#"{"model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                   "intermediate_size": 176, "vocab_size": 256,
+                   "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+                   "data": {"train": "f"},
+                   "training": {"seq_len": 32, "micro_batch_size": 1, "microbatches": 2,
+                                "steps": 3}}"#;
+    let err = JobSpec::from_json(yarn).unwrap_err();
+    assert!(err.to_string().contains("yarn"), "{err}");
 }

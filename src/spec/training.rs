@@ -34,6 +34,13 @@ impl DataSpec {
                 "must be \"bytes\" or name a tokenizer.json",
             ));
         }
+        if self.validation.is_some() {
+            // Accepted but never evaluated would be a silent gap; refused until it is.
+            errors.push(SpecError::new(
+                "data.validation",
+                "validation loss is not implemented yet; leave data.validation out",
+            ));
+        }
     }
 }
 

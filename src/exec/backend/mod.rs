@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::exec::kernels::attention::{self, AttnShape};
 use crate::exec::kernels::cross_entropy::{self, HeadShape};
 use crate::exec::kernels::matmul::{self, MatRef, Threads};
+use crate::exec::kernels::rope::Rope;
 use crate::exec::kernels::{embedding, residual, rmsnorm, rope, swiglu};
 
 /// Which kind of device a backend drives.
@@ -58,7 +59,7 @@ pub trait Backend: Send + Sync {
         width: usize,
         seq: usize,
         head_dim: usize,
-        theta: f32,
+        rope: &Rope,
         inverse: bool,
     );
 
@@ -178,8 +179,8 @@ impl Backend for CpuBackend {
     fn rmsnorm_backward(&self, dy: &mut [f32], dw: &mut [f32], x: &[f32], w: &[f32], rstd: &[f32]) {
         rmsnorm::rmsnorm_backward(dy, dw, x, w, rstd);
     }
-    fn rope(&self, x: &mut [f32], width: usize, seq: usize, hd: usize, theta: f32, inverse: bool) {
-        rope::rope_apply(x, width, seq, hd, theta, inverse);
+    fn rope(&self, x: &mut [f32], width: usize, seq: usize, hd: usize, rope: &Rope, inverse: bool) {
+        rope::rope_apply(x, width, seq, hd, rope, inverse);
     }
     fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]) {
         swiglu::swiglu_forward(act, gate, up);

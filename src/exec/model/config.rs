@@ -1,17 +1,18 @@
-//! The model's hyper-parameters and their Hugging Face `config.json` form.
+//! The model's hyper-parameters (their Hugging Face `config.json` form is `hf_config`).
 
-use serde_json::{Value, json};
-
+use crate::exec::kernels::rope::Rope;
 use crate::exec::model::ModelError;
 use crate::plan::inventory::ModelDims;
-use crate::spec::ModelArch;
+use crate::spec::{Architecture, ModelArch};
 
-/// A Llama-style decoder: sizes plus the two numeric constants the kernels need.
+/// A Llama-style decoder: sizes, the numeric constants the kernels need, and the Hugging Face
+/// class it is saved as.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LlamaConfig {
     pub dims: ModelDims,
     pub rms_norm_eps: f32,
-    pub rope_theta: f32,
+    pub rope: Rope,
+    pub architecture: Architecture,
 }
 
 impl LlamaConfig {
@@ -54,7 +55,7 @@ impl LlamaConfig {
                 format!("head_dim {} must be even for RoPE", d.head_dim()),
             );
         }
-        if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
+        if !(self.rms_norm_eps > 0.0 && self.rope.theta > 0.0) {
             return bad("rms_norm_eps/rope_theta", "must be positive".into());
         }
         Ok(())
@@ -65,91 +66,30 @@ impl LlamaConfig {
         let cfg = LlamaConfig {
             dims: a.dims(),
             rms_norm_eps: a.rms_norm_eps as f32,
-            rope_theta: a.rope_theta as f32,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// Reads a transformers `LlamaConfig` JSON (`rope_theta` at the top or under `rope_parameters`).
-    pub fn from_hf_json(v: &Value) -> Result<LlamaConfig, ModelError> {
-        let int = |key: &str| -> Result<usize, ModelError> {
-            v.get(key)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .ok_or_else(|| ModelError::BadConfig {
-                    field: key.to_string(),
-                    reason: "missing or not a whole number".into(),
-                })
-        };
-        let heads = int("num_attention_heads")?;
-        let hidden = int("hidden_size")?;
-        let kv_heads = match v.get("num_key_value_heads") {
-            Some(Value::Null) | None => heads,
-            Some(_) => int("num_key_value_heads")?,
-        };
-        if let Some(hd) = v.get("head_dim").and_then(Value::as_u64)
-            && heads > 0
-            && hd as usize * heads != hidden
-        {
-            return Err(ModelError::BadConfig {
-                field: "head_dim".into(),
-                reason: format!("{hd} x {heads} heads != hidden_size {hidden}; unsupported"),
-            });
-        }
-        if v.get("tie_word_embeddings").and_then(Value::as_bool) == Some(true) {
-            return Err(ModelError::BadConfig {
-                field: "tie_word_embeddings".into(),
-                reason: "tied embeddings are not supported (the LM head is its own weight)".into(),
-            });
-        }
-        let theta = v
-            .get("rope_theta")
-            .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")))
-            .and_then(Value::as_f64)
-            .unwrap_or(10000.0);
-        let eps = v
-            .get("rms_norm_eps")
-            .and_then(Value::as_f64)
-            .unwrap_or(1e-6);
-        let cfg = LlamaConfig {
-            dims: ModelDims {
-                hidden,
-                layers: int("num_hidden_layers")?,
-                heads,
-                kv_heads,
-                ffn: int("intermediate_size")?,
-                vocab: int("vocab_size")?,
+            rope: Rope {
+                theta: a.rope_theta as f32,
+                scaling: a.rope_scaling,
             },
-            rms_norm_eps: eps as f32,
-            rope_theta: theta as f32,
+            architecture: a.architecture,
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// A `config.json` that transformers' `LlamaForCausalLM.from_pretrained` accepts.
-    pub fn to_hf_json(&self) -> Value {
+    /// The architecture as a job spec states it.
+    pub fn arch(&self) -> ModelArch {
         let d = &self.dims;
-        json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": d.hidden,
-            "num_hidden_layers": d.layers,
-            "num_attention_heads": d.heads,
-            "num_key_value_heads": d.kv_heads,
-            "head_dim": d.head_dim(),
-            "intermediate_size": d.ffn,
-            "vocab_size": d.vocab,
-            "rms_norm_eps": self.rms_norm_eps as f64,
-            "rope_theta": self.rope_theta as f64,
-            "hidden_act": "silu",
-            "attention_bias": false,
-            "mlp_bias": false,
-            "tie_word_embeddings": false,
-            "max_position_embeddings": 4096,
-            "initializer_range": 0.02,
-            "torch_dtype": "float32",
-        })
+        ModelArch {
+            architecture: self.architecture,
+            hidden_size: d.hidden,
+            num_layers: d.layers,
+            num_heads: d.heads,
+            num_kv_heads: d.kv_heads,
+            intermediate_size: d.ffn,
+            vocab_size: d.vocab,
+            rms_norm_eps: self.rms_norm_eps as f64,
+            rope_theta: self.rope.theta as f64,
+            rope_scaling: self.rope.scaling,
+        }
     }
 }

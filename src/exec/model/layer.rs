@@ -121,15 +121,8 @@ pub fn layer_forward(
         be.matmul(dst.data_mut(), rows(&norm_out), rows(&w[wi]).t(), false);
     }
     let hd = d.head_dim();
-    be.rope(st.q.data_mut(), d.hidden, m.seq, hd, cfg.rope_theta, false);
-    be.rope(
-        st.k.data_mut(),
-        d.kv_width(),
-        m.seq,
-        hd,
-        cfg.rope_theta,
-        false,
-    );
+    be.rope(st.q.data_mut(), d.hidden, m.seq, hd, &cfg.rope, false);
+    be.rope(st.k.data_mut(), d.kv_width(), m.seq, hd, &cfg.rope, false);
     be.attention_forward(
         st.attn_out.data_mut(),
         st.attn_lse.data_mut(),
@@ -282,15 +275,8 @@ pub fn layer_backward(
         attn_shape(ctx),
     );
     let hd = d.head_dim();
-    be.rope(d_q.data_mut(), d.hidden, m.seq, hd, cfg.rope_theta, true);
-    be.rope(
-        d_k.data_mut(),
-        d.kv_width(),
-        m.seq,
-        hd,
-        cfg.rope_theta,
-        true,
-    );
+    be.rope(d_q.data_mut(), d.hidden, m.seq, hd, &cfg.rope, true);
+    be.rope(d_k.data_mut(), d.kv_width(), m.seq, hd, &cfg.rope, true);
     be.rmsnorm_apply(
         norm_out.data_mut(),
         st.attn_norm_rstd.data(),

@@ -7,6 +7,7 @@ pub mod chunk;
 pub mod config;
 pub mod embedding;
 pub mod head;
+pub mod hf_config;
 pub mod layer;
 pub mod params;
 pub mod part;

@@ -5,9 +5,11 @@ use super::*;
 use crate::data::{BatchLayout, Batcher};
 use crate::exec::backend::CpuBackend;
 use crate::exec::device::Pool;
+use crate::exec::kernels::rope::Rope;
 use crate::exec::train::SingleDevice;
 use crate::plan::inventory::ModelDims;
 use crate::plan::schedule::{ScheduleKind, build};
+use crate::spec::Architecture;
 
 const STEPS: u64 = 3;
 const MICROBATCHES: usize = 4;
@@ -23,7 +25,8 @@ fn config() -> LlamaConfig {
             vocab: 256,
         },
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        rope: Rope::plain(10000.0),
+        architecture: Architecture::Llama,
     }
 }
 

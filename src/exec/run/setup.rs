@@ -9,10 +9,11 @@ use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::backend::cuda::ops::MAX_HEAD_DIM;
 use crate::exec::backend::cuda::{CudaError, Precision};
+use crate::exec::checkpoint::CheckpointError;
 use crate::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use crate::exec::device::{DeviceSet, Pool, PoolRef};
 use crate::exec::device_spec::{DeviceSpec, Target};
-use crate::exec::model::{LlamaConfig, PartId, PartParams};
+use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::pipeline::{CpuEngine, Engine, Pipeline, seeded_parts};
@@ -38,19 +39,19 @@ pub fn resolve_arch(spec: &JobSpec) -> Result<ModelArch, RunError> {
             )])
         }),
         ModelInit::From { from } => {
-            let c = read_hf_config(Path::new(from))?;
-            let pretrained = ModelArch {
-                hidden_size: c.dims.hidden,
-                num_layers: c.dims.layers,
-                num_heads: c.dims.heads,
-                num_kv_heads: c.dims.kv_heads,
-                intermediate_size: c.dims.ffn,
-                vocab_size: c.dims.vocab,
-                rms_norm_eps: c.rms_norm_eps as f64,
-                rope_theta: c.rope_theta as f64,
-            };
+            let pretrained = read_hf_config(Path::new(from)).map_err(|e| match e {
+                // What the user's config.json sets and we do not implement is their input
+                // to change, named by its field.
+                CheckpointError::Model(ModelError::BadConfig { field, reason }) => {
+                    RunError::Spec(vec![SpecError::new(
+                        "model.init.from",
+                        format!("config.json field {field}: {reason}"),
+                    )])
+                }
+                other => other.into(),
+            })?;
             spec.model
-                .merge_pretrained(&pretrained)
+                .merge_pretrained(&pretrained.arch())
                 .map_err(RunError::Spec)
         }
     }

@@ -9,7 +9,7 @@ use crate::exec::backend::cuda::gpu::{Gpu, Work};
 use crate::exec::backend::cuda::product_group::GroupPointers;
 use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::kernels::attention::AttnShape;
-use crate::exec::kernels::rope::inv_freq;
+use crate::exec::kernels::rope::Rope;
 use crate::plan::inventory::DType;
 
 type R = Result<(), CudaError>;
@@ -217,7 +217,7 @@ impl Gpu {
         width: usize,
         seq: usize,
         head_dim: usize,
-        theta: f32,
+        rope: &Rope,
         inverse: bool,
     ) -> R {
         let half = head_dim / 2;
@@ -232,7 +232,7 @@ impl Gpu {
             )));
         }
         let mut freqs = RopeFreqs([0.0; ROPE_MAX_HALF]);
-        freqs.0[..half].copy_from_slice(&inv_freq(head_dim, theta));
+        freqs.0[..half].copy_from_slice(&rope.inv_freq(head_dim));
         let rows_per_block = BLOCK as usize / half;
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(rows_per_block).clamp(1, 16384) as u32, 1, 1),

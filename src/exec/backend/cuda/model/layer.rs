@@ -114,8 +114,8 @@ pub fn layer_forward(
     )?;
     let qkv = [(&st.q, lp::Q), (&st.k, lp::K), (&st.v, lp::V)].map(|(t, i)| (t.ptr(), pw(i)));
     project_each(gpu, norm_out.ptr(), &qkv, n)?;
-    gpu.rope(st.q.ptr(), n, h, m.seq, hd, cfg.rope_theta, false)?;
-    gpu.rope(st.k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, false)?;
+    gpu.rope(st.q.ptr(), n, h, m.seq, hd, &cfg.rope, false)?;
+    gpu.rope(st.k.ptr(), n, kv, m.seq, hd, &cfg.rope, false)?;
     match &scores {
         None => gpu.flash_attention_forward(
             (st.attn_out.ptr(), st.attn_lse.ptr()),
@@ -256,8 +256,8 @@ pub fn layer_backward(
             gpu.attention_backward(grads, d_attn_out.ptr(), kept, scratch, sh)?;
         }
     }
-    gpu.rope(d_q.ptr(), n, h, m.seq, hd, cfg.rope_theta, true)?;
-    gpu.rope(d_k.ptr(), n, kv, m.seq, hd, cfg.rope_theta, true)?;
+    gpu.rope(d_q.ptr(), n, h, m.seq, hd, &cfg.rope, true)?;
+    gpu.rope(d_k.ptr(), n, kv, m.seq, hd, &cfg.rope, true)?;
     gpu.rmsnorm_apply(
         norm_out.ptr(),
         st.attn_norm_rstd.ptr(),

@@ -12,8 +12,10 @@ use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::kernels::attention::AttnShape;
 use crate::exec::kernels::cross_entropy::HeadShape;
 use crate::exec::kernels::matmul::MatRef;
+use crate::exec::kernels::rope::Rope;
 use crate::exec::optim::{OptimizerConfig, update_elements};
 use crate::plan::inventory::DType;
+use crate::spec::RopeScaling;
 
 fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
@@ -140,18 +142,32 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         ));
     }
 
-    // RoPE and its inverse, at angles up to 511 radians.
-    for ((seq, width, hd), inverse) in [(512, 128, 64), (37, 48, 16)]
-        .into_iter()
-        .flat_map(|shape| [(shape, false), (shape, true)])
+    // RoPE and its inverse, at angles up to 511 radians; the second shape with Llama 3.1's
+    // frequency scaling.
+    let llama3 = Rope {
+        theta: 500000.0,
+        scaling: Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        }),
+    };
+    for ((seq, width, hd, rope), inverse) in
+        [(512, 128, 64, Rope::plain(10000.0)), (37, 48, 16, llama3)]
+            .into_iter()
+            .flat_map(|shape| [(shape, false), (shape, true)])
     {
         let x = k.rand(2 * seq * width);
         let mut want = x.clone();
-        k.cpu.rope(&mut want, width, seq, hd, 10000.0, inverse);
+        k.cpu.rope(&mut want, width, seq, hd, &rope, inverse);
         let gx = k.up(&x)?;
-        gpu.rope(gx.ptr(), 2 * seq, width, seq, hd, 10000.0, inverse)?;
+        gpu.rope(gx.ptr(), 2 * seq, width, seq, hd, &rope, inverse)?;
         checks.push(Check::new(
-            format!("rope seq={seq} head_dim={hd} inverse={inverse}"),
+            format!(
+                "rope seq={seq} head_dim={hd} scaling={} inverse={inverse}",
+                rope.scaling.map_or("none", |s| s.name())
+            ),
             &down(gpu, &gx)?,
             &want,
             ew,

@@ -17,6 +17,7 @@ use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{DeviceSet, MemGroup, Pool, PoolRef};
+use crate::exec::kernels::rope::Rope;
 use crate::exec::model::{LlamaConfig, PartParams};
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
@@ -30,6 +31,7 @@ use crate::plan::presets::Cluster;
 use crate::plan::schedule::{ScheduleKind, build};
 use crate::plan::search::{Answer, Request, search};
 use crate::plan::simulate::{Hardware, chunk_costs, simulate};
+use crate::spec::Architecture;
 
 const SEED: u64 = 99;
 
@@ -227,7 +229,8 @@ fn stage_model() -> LlamaConfig {
             vocab: 512,
         },
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        rope: Rope::plain(10000.0),
+        architecture: Architecture::Llama,
     }
 }
 

@@ -9,12 +9,14 @@ use crate::exec::backend::cuda::gpu::{Gpu, ProfileRow};
 use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::Pool;
+use crate::exec::kernels::rope::Rope;
 use crate::exec::model::{LlamaConfig, ModelError};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
 use crate::plan::cost::part_forward_flops;
 use crate::plan::inventory::{MicroShape, ModelDims, Part, Profile};
 use crate::plan::schedule::{ScheduleKind, build};
+use crate::spec::Architecture;
 
 /// One row of the timing table.
 #[derive(Debug, Clone)]
@@ -45,7 +47,8 @@ pub fn llama_125m() -> LlamaConfig {
             vocab: 32000,
         },
         rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
+        rope: Rope::plain(10000.0),
+        architecture: Architecture::Llama,
     }
 }
 
