@@ -188,7 +188,12 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             let title = "flash attention (bf16) vs CPU attention on the same inputs";
             ok &= section(title, flash_checks(&mut gpu)).is_some_and(|c| print_checks(title, &c));
         }
-        let title = format!("hf-llama-tiny training step vs CPU and PyTorch, {name}");
+        let fixture = opts
+            .fixture
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let title = format!("{fixture} training step vs CPU and PyTorch, {name}");
         ok &= section(
             &title,
             model_checks(gpu, &opts.fixture, tol, precision == Precision::F32),
