@@ -89,6 +89,8 @@ pub struct ModelArch {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
+    /// A pretrained model's stated context length, written back unchanged.
+    pub max_position_embeddings: Option<usize>,
 }
 
 pub const DEFAULT_RMS_NORM_EPS: f64 = 1e-5;
@@ -189,6 +191,7 @@ impl ModelSpec {
             rms_norm_eps: self.rms_norm_eps.unwrap_or(DEFAULT_RMS_NORM_EPS),
             rope_theta: self.rope_theta.unwrap_or(DEFAULT_ROPE_THETA),
             rope_scaling: self.rope_scaling,
+            max_position_embeddings: None,
         })
     }
 

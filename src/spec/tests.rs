@@ -207,6 +207,7 @@ fn pretrained_init_may_omit_the_architecture_but_must_agree() {
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_scaling: None,
+        max_position_embeddings: Some(64),
     };
     assert_eq!(
         spec.model.merge_pretrained(&pretrained).unwrap(),

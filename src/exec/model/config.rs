@@ -13,6 +13,9 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f32,
     pub rope: Rope,
     pub architecture: Architecture,
+    /// The context length `config.json` states (it does not change training): kept so a
+    /// checkpoint says what the one it came from said.
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -71,6 +74,7 @@ impl LlamaConfig {
                 scaling: a.rope_scaling,
             },
             architecture: a.architecture,
+            max_position_embeddings: a.max_position_embeddings,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -90,6 +94,7 @@ impl LlamaConfig {
             rms_norm_eps: self.rms_norm_eps as f64,
             rope_theta: self.rope.theta as f64,
             rope_scaling: self.rope.scaling,
+            max_position_embeddings: self.max_position_embeddings,
         }
     }
 }

@@ -19,7 +19,6 @@ const METADATA: &[&str] = &[
     "transformers_version",
     "use_cache",
     "initializer_range",
-    "max_position_embeddings",
     "is_llama_config",
     "output_attentions",
     "output_hidden_states",
@@ -42,6 +41,7 @@ const READ: &[&str] = &[
     "rope_theta",
     "rope_parameters",
     "rope_scaling",
+    "max_position_embeddings",
 ];
 
 /// Fields whose every value but one (or null) changes the model: `(field, what it must be)`.
@@ -117,6 +117,10 @@ impl LlamaConfig {
             rms_norm_eps: eps as f32,
             rope: read_rope(obj)?,
             architecture,
+            max_position_embeddings: match obj.get("max_position_embeddings") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(int("max_position_embeddings")?),
+            },
         };
         cfg.validate()?;
         Ok(cfg)
@@ -136,12 +140,12 @@ impl LlamaConfig {
             "head_dim": d.head_dim(),
             "intermediate_size": d.ffn,
             "vocab_size": d.vocab,
-            "rms_norm_eps": self.rms_norm_eps as f64,
-            "rope_theta": self.rope.theta as f64,
+            "rms_norm_eps": shortest(self.rms_norm_eps),
+            "rope_theta": shortest(self.rope.theta),
             "rope_scaling": self.rope.scaling,
             "hidden_act": "silu",
             "tie_word_embeddings": false,
-            "max_position_embeddings": 4096,
+            "max_position_embeddings": self.max_position_embeddings.unwrap_or_else(|| self.default_context()),
             "initializer_range": 0.02,
             "torch_dtype": "float32",
         });
@@ -154,6 +158,27 @@ impl LlamaConfig {
         };
         out.extend(extra);
         v
+    }
+}
+
+/// The f64 nearest the shortest decimal that reads back as `x` (1e-5, not 9.99999974e-6), so a
+/// written config states the value the one it came from did.
+fn shortest(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+impl LlamaConfig {
+    /// A context length for a model that states none: 4096, or what Llama 3.1's scaling
+    /// stretches its original context to.
+    fn default_context(&self) -> usize {
+        match self.rope.scaling {
+            Some(RopeScaling::Llama3 {
+                factor,
+                original_max_position_embeddings,
+                ..
+            }) => 4096.max((original_max_position_embeddings as f64 * factor) as usize),
+            _ => 4096,
+        }
     }
 }
 

@@ -10,7 +10,7 @@ fn llama() -> Value {
         "rms_norm_eps": 1e-5, "hidden_act": "silu", "attention_bias": false, "mlp_bias": false,
         "tie_word_embeddings": false, "attention_dropout": 0.0, "pretraining_tp": 1,
         "bos_token_id": 1, "eos_token_id": [2, 3], "torch_dtype": "bfloat16",
-        "transformers_version": "4.43.0", "_name_or_path": "x",
+        "transformers_version": "4.43.0", "_name_or_path": "x", "max_position_embeddings": 131072,
         "rope_theta": 500000.0,
         "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"}
@@ -83,10 +83,19 @@ fn written_configs_read_back_the_same() {
         let back = LlamaConfig::from_hf_json(&cfg.to_hf_json()).unwrap();
         assert_eq!(back, cfg);
     }
+    let written = LlamaConfig::from_hf_json(&llama()).unwrap().to_hf_json();
+    assert_eq!(written["max_position_embeddings"], 131072);
+    assert_eq!(written["rms_norm_eps"], 1e-5);
     let plain = with(llama(), "rope_scaling", Value::Null);
     let cfg = LlamaConfig::from_hf_json(&plain).unwrap();
     assert_eq!(cfg.to_hf_json()["rope_scaling"], Value::Null);
     assert_eq!(LlamaConfig::from_hf_json(&cfg.to_hf_json()).unwrap(), cfg);
+    // A model that states no context gets one its rotary scaling fits.
+    let unstated = LlamaConfig {
+        max_position_embeddings: None,
+        ..LlamaConfig::from_hf_json(&llama()).unwrap()
+    };
+    assert_eq!(unstated.to_hf_json()["max_position_embeddings"], 65536);
 }
 
 #[test]
