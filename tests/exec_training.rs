@@ -32,7 +32,7 @@ fn tiny_config() -> LlamaConfig {
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),
         architecture: Architecture::Llama,
-        max_position_embeddings: None,
+        max_position_embeddings: 4096,
     }
 }
 

@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),
         architecture: Architecture::Llama,
-        max_position_embeddings: None,
+        max_position_embeddings: 4096,
     };
     let mut trainer = SingleDevice::from_seed(
         llama,

@@ -3,7 +3,7 @@
 use crate::exec::kernels::rope::Rope;
 use crate::exec::model::ModelError;
 use crate::plan::inventory::ModelDims;
-use crate::spec::{Architecture, ModelArch};
+use crate::spec::{Architecture, ModelArch, RopeScaling};
 
 /// A Llama-style decoder: sizes, the numeric constants the kernels need, and the Hugging Face
 /// class it is saved as.
@@ -15,7 +15,7 @@ pub struct LlamaConfig {
     pub architecture: Architecture,
     /// The context length `config.json` states (it does not change training): kept so a
     /// checkpoint says what the one it came from said.
-    pub max_position_embeddings: Option<usize>,
+    pub max_position_embeddings: usize,
 }
 
 impl LlamaConfig {
@@ -74,7 +74,9 @@ impl LlamaConfig {
                 scaling: a.rope_scaling,
             },
             architecture: a.architecture,
-            max_position_embeddings: a.max_position_embeddings,
+            max_position_embeddings: a
+                .max_position_embeddings
+                .unwrap_or_else(|| default_context(a.rope_scaling)),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -94,7 +96,20 @@ impl LlamaConfig {
             rms_norm_eps: self.rms_norm_eps as f64,
             rope_theta: self.rope.theta as f64,
             rope_scaling: self.rope.scaling,
-            max_position_embeddings: self.max_position_embeddings,
+            max_position_embeddings: Some(self.max_position_embeddings),
         }
+    }
+}
+
+/// A context length for a model that states none: 4096, or what Llama 3.1's scaling stretches
+/// its original context to.
+pub fn default_context(scaling: Option<RopeScaling>) -> usize {
+    match scaling {
+        Some(RopeScaling::Llama3 {
+            factor,
+            original_max_position_embeddings,
+            ..
+        }) => 4096.max((original_max_position_embeddings as f64 * factor) as usize),
+        _ => 4096,
     }
 }

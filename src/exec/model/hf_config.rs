@@ -5,6 +5,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::exec::kernels::rope::Rope;
+use crate::exec::model::config::default_context;
 use crate::exec::model::{LlamaConfig, ModelError};
 use crate::plan::inventory::ModelDims;
 use crate::spec::{Architecture, RopeScaling};
@@ -105,6 +106,7 @@ impl LlamaConfig {
                 .as_f64()
                 .ok_or_else(|| bad("rms_norm_eps", "not a number"))?,
         };
+        let rope = read_rope(obj)?;
         let cfg = LlamaConfig {
             dims: ModelDims {
                 hidden,
@@ -115,11 +117,11 @@ impl LlamaConfig {
                 vocab: int("vocab_size")?,
             },
             rms_norm_eps: eps as f32,
-            rope: read_rope(obj)?,
+            rope,
             architecture,
             max_position_embeddings: match obj.get("max_position_embeddings") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(int("max_position_embeddings")?),
+                None | Some(Value::Null) => default_context(rope.scaling),
+                Some(_) => int("max_position_embeddings")?,
             },
         };
         cfg.validate()?;
@@ -145,7 +147,7 @@ impl LlamaConfig {
             "rope_scaling": self.rope.scaling,
             "hidden_act": "silu",
             "tie_word_embeddings": false,
-            "max_position_embeddings": self.max_position_embeddings.unwrap_or_else(|| self.default_context()),
+            "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": 0.02,
             "torch_dtype": "float32",
         });
@@ -165,21 +167,6 @@ impl LlamaConfig {
 /// written config states the value the one it came from did.
 fn shortest(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(x as f64)
-}
-
-impl LlamaConfig {
-    /// A context length for a model that states none: 4096, or what Llama 3.1's scaling
-    /// stretches its original context to.
-    fn default_context(&self) -> usize {
-        match self.rope.scaling {
-            Some(RopeScaling::Llama3 {
-                factor,
-                original_max_position_embeddings,
-                ..
-            }) => 4096.max((original_max_position_embeddings as f64 * factor) as usize),
-            _ => 4096,
-        }
-    }
 }
 
 /// `model_type`, and `architectures` when given, must name a class this project implements.

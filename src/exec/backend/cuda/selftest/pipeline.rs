@@ -231,7 +231,7 @@ fn stage_model() -> LlamaConfig {
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),
         architecture: Architecture::Llama,
-        max_position_embeddings: None,
+        max_position_embeddings: 4096,
     }
 }
 
