@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{KEY, TestServer, job_body};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -366,33 +368,53 @@ async fn error_statuses(url: &str) {
         "invalid_file",
     )
     .await;
-    // A real safetensors model with its config uploads.
+    // A real safetensors model with its config uploads; a config whose settings the model
+    // does not compute (Qwen2's biases) is refused naming the config's field.
     let dir = tempfile::tempdir().unwrap();
     common::write_weights(dir.path(), &[1.0, 2.0]);
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "model")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(
-                std::fs::read(dir.path().join("model.safetensors")).unwrap(),
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata");
+    let model_form = |config: &str| {
+        reqwest::multipart::Form::new()
+            .text("purpose", "model")
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(
+                    std::fs::read(dir.path().join("model.safetensors")).unwrap(),
+                )
+                .file_name("model.safetensors"),
             )
-            .file_name("model.safetensors"),
-        )
-        .part(
-            "config",
-            reqwest::multipart::Part::bytes(std::fs::read(dir.path().join("config.json")).unwrap())
+            .part(
+                "config",
+                reqwest::multipart::Part::bytes(
+                    std::fs::read(testdata.join(config).join("config.json")).unwrap(),
+                )
                 .file_name("config.json"),
-        );
+            )
+    };
     assert_eq!(
         server
             .post("/v1/files")
-            .multipart(form)
+            .multipart(model_form("hf-llama-tiny"))
             .send()
             .await
             .unwrap()
             .status(),
         201
     );
+    let p = problem(
+        server
+            .post("/v1/files")
+            .multipart(model_form("hf-qwen2-tiny"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_file",
+    )
+    .await;
+    assert_eq!(p["param"], "config");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.contains("config.json field model_type"), "{detail}");
     // 422: no plan fits; the smallest memory that would and the closest configuration
     let mut small = job_body(&train, 2);
     small["devices"] = json!("cpu:2x1KiB");

@@ -18,6 +18,7 @@ use super::auth::Tenant;
 use super::extract::{ApiQuery, page, page_limit, unknown_cursor};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::views::{DeletedView, FileList, FileView};
+use crate::exec::model::{LlamaConfig, ModelError};
 use crate::store::{FileRow, new_id, now_ms};
 
 pub const PURPOSES: [&str; 4] = ["train", "validation", "model", "tokenizer"];
@@ -231,12 +232,14 @@ async fn check_content(purpose: &str, path: &Path, config: Option<PathBuf>) -> A
                         std::fs::read_to_string(&config).map_err(|e| (e.to_string(), "config"))?;
                     let value: serde_json::Value = serde_json::from_str(&text)
                         .map_err(|e| (format!("config is not JSON: {e}"), "config"))?;
-                    if !value.is_object() {
-                        return Err((
-                            "config must be a JSON object (a Hugging Face config.json)".into(),
-                            "config",
-                        ));
-                    }
+                    // What the model does not compute is refused now, by field, rather than
+                    // when a job names the file.
+                    LlamaConfig::from_hf_json(&value).map_err(|e| match e {
+                        ModelError::BadConfig { field, reason } => {
+                            (format!("config.json field {field}: {reason}"), "config")
+                        }
+                        other => (other.to_string(), "config"),
+                    })?;
                 }
             }
             "tokenizer" => {
