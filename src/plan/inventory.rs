@@ -1,7 +1,7 @@
 //! The activation inventory: for a part of the model (embedding, one decoder layer, the head)
 //! and a micro-batch shape, the tensors that part holds, by group, under an implementation
 //! profile. The executor allocates exactly these and the planner sums them, so the planner's
-//! predicted peak for a CPU run equals the executor's measured peak (DESIGN.md, contract 1).
+//! predicted peak for a CPU run equals the executor's measured peak (docs/architecture.md, "the executor").
 //!
 //! Memory rules shared by planner and executor (`chunk_memory` computes them):
 //! - A part's `stash` is allocated during its forward and freed when its backward ends. A

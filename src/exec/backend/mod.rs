@@ -1,7 +1,7 @@
-//! The compute backend: the kernels the model calls, behind one small trait so another device
-//! kind (CUDA, in its own issue) can implement the same calls. The CPU backend works on host
-//! slices; a CUDA backend will bring its own storage type behind `Tensor` and implement these
-//! same operations.
+//! The compute backend: the kernels the model calls, behind one small trait. The CPU backend
+//! works on host slices. The CUDA backend (`cuda`) has its own storage type and, for now, a
+//! model of its own calling its kernels (`cuda::model`); making this trait generic over the
+//! storage so one model serves both is the next step (docs/architecture.md).
 
 pub mod cuda;
 

@@ -3,7 +3,8 @@
 //! receives, and add the optimizer steps. The result is a `Plan` in the IR.
 //!
 //! Every schedule runs each chunk's backward passes in micro-batch order, so gradients
-//! accumulate in the same order whatever the schedule (DESIGN.md, determinism).
+//! accumulate in the same order whatever the schedule, and CPU runs give bit-identical weights
+//! whatever the plan.
 
 mod chronos;
 mod interleaved;
