@@ -11,15 +11,15 @@ fn main() -> anyhow::Result<()> {
         Command::Worker(args) => Ok(service::worker(&args, cli.log_format)?),
         Command::Keys(args) => Ok(service::keys(&args, cli.log_format)?),
         Command::Openapi => Ok(service::openapi()?),
-        Command::Selftest(args) => chronospipe::selftest_cmd::run(&args),
+        Command::Selftest(args) => chronospipe::cli::selftest::run(&args),
         Command::Train(args) => {
             telemetry::init(cli.log_format.unwrap_or_default());
-            let summary = chronospipe::train_cmd::run(&args)?;
+            let summary = chronospipe::cli::train::run(&args)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             Ok(())
         }
         Command::Plan(args) => {
-            print!("{}", chronospipe::plan_cmd::run(&args)?);
+            print!("{}", chronospipe::cli::plan::run(&args)?);
             Ok(())
         }
         Command::Config {

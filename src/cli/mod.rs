@@ -1,5 +1,10 @@
 //! The command line: subcommands and their flags. Each flag that configures the service also
 //! reads an environment variable (named in `--help`); `config::Settings` adds the TOML file.
+//! The commands that run without the service live beside this: `plan`, `train`, `selftest`.
+
+pub mod plan;
+pub mod selftest;
+pub mod train;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,11 +32,11 @@ pub enum Command {
     /// Run a worker without the HTTP server (more machines on one PostgreSQL queue).
     Worker(WorkerArgs),
     /// Plan a pipeline-parallel schedule that fits the devices' memory.
-    Plan(crate::plan_cmd::PlanArgs),
+    Plan(plan::PlanArgs),
     /// Train a job spec on this machine's devices, without the service.
-    Train(crate::train_cmd::TrainArgs),
+    Train(train::TrainArgs),
     /// Check the CUDA backend against the CPU backend and time it (needs an NVIDIA GPU).
-    Selftest(crate::selftest_cmd::SelftestArgs),
+    Selftest(selftest::SelftestArgs),
     /// Manage API keys.
     Keys(KeysArgs),
     /// Print the OpenAPI document.
