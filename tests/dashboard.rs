@@ -20,7 +20,7 @@ use common::{KEY, TestServer};
 use serde_json::{Value, json};
 use webdriver::Browser;
 
-const STEPS: u64 = 40;
+const STEPS: u64 = 60;
 const WAIT: Duration = Duration::from_secs(30);
 const PROBE: &str = "console-probe-from-the-test";
 
@@ -159,6 +159,17 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
         .await;
     browser.screenshot(&shots.join("jobs.png")).await;
 
+    // The cluster names the job on the devices it holds.
+    browser.goto(&server.url("/#/cluster")).await;
+    browser
+        .wait_for(
+            &format!("[data-testid=device-row] a[href='#/jobs/{id}']"),
+            WAIT,
+        )
+        .await;
+    browser.screenshot(&shots.join("cluster.png")).await;
+    browser.goto(&server.url("/#/jobs")).await;
+
     // Its page: the loss chart grows while it trains; the plan's timeline loads.
     let link = browser.wait_for(&format!("{row} a"), WAIT).await;
     browser.click(&link).await;
@@ -288,7 +299,7 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     assert_eq!(std::fs::read(&saved).unwrap(), expected.to_vec());
 
     new_job_form(&browser, &server, &train, &shots).await;
-    cluster_and_phone(&browser, &server, &shots).await;
+    cluster_and_phone(&browser, &server, &shots, &id).await;
 
     let log = browser.console_log().await;
     assert!(
@@ -425,26 +436,57 @@ async fn new_job_form(
     browser.screenshot(&shots.join("does-not-fit.png")).await;
 }
 
-async fn cluster_and_phone(browser: &Browser, server: &TestServer, shots: &std::path::Path) {
+async fn cluster_and_phone(
+    browser: &Browser,
+    server: &TestServer,
+    shots: &std::path::Path,
+    job: &str,
+) {
     browser.goto(&server.url("/#/cluster")).await;
     browser.wait_for("[data-testid=device-row]", WAIT).await;
     assert_eq!(browser.find_all("[data-testid=device-row]").await.len(), 2);
-    browser.screenshot(&shots.join("cluster.png")).await;
 
-    // At a phone's width the page itself does not scroll sideways (wide tables scroll inside).
-    browser.set_window(390, 844).await;
-    browser.goto(&server.url("/#/jobs")).await;
-    browser.wait_for("[data-testid=job-row]", WAIT).await;
-    let overflow = browser
+    // Dark, as a browser set to prefer it shows the page.
+    browser.prefer_dark(true).await;
+    browser.goto(&server.url(&format!("/#/jobs/{job}"))).await;
+    browser
+        .wait_until(
+            "the dark page's chart",
+            "return Number(document.querySelector('[data-testid=loss-chart]')?.dataset.points) > 0",
+            WAIT,
+        )
+        .await;
+    let background = browser
         .execute(
-            "return document.documentElement.scrollWidth - document.documentElement.clientWidth",
+            "return getComputedStyle(document.body).backgroundColor",
             vec![],
         )
         .await;
-    assert!(
-        overflow.as_i64().unwrap() <= 0,
-        "the page is {overflow} px wider than a phone"
-    );
-    browser.screenshot(&shots.join("jobs-phone.png")).await;
+    assert_ne!(background, "rgb(247, 247, 248)", "the page stayed light");
+    browser.screenshot(&shots.join("job-dark.png")).await;
+    browser.prefer_dark(false).await;
+
+    // At a phone's width no page scrolls sideways (wide tables scroll inside their box).
+    browser.set_window(390, 844).await;
+    for (page, ready, shot) in [
+        ("/#/jobs", "[data-testid=job-row]", "jobs-phone.png"),
+        (
+            &format!("/#/jobs/{job}") as &str,
+            "[data-testid=loss-chart] canvas",
+            "job-phone.png",
+        ),
+        ("/#/new", "[data-testid=new-job-form]", "new-job-phone.png"),
+    ] {
+        browser.goto(&server.url(page)).await;
+        browser.wait_for(ready, WAIT).await;
+        let overflow = browser
+            .execute("return document.documentElement.scrollWidth - document.documentElement.clientWidth", vec![])
+            .await;
+        assert!(
+            overflow.as_i64().unwrap() <= 0,
+            "{page} is {overflow} px wider than a phone"
+        );
+        browser.screenshot(&shots.join(shot)).await;
+    }
     browser.set_window(1280, 1000).await;
 }

@@ -36,10 +36,13 @@ export function mountJob(container, jobId) {
       h("div", { class: "toolbar" }, h("h1", { class: "mono" }, jobId), h("span", { class: "spacer" }), Object.values(buttons)),
       error, header, failure),
     charts.element,
-    h("div", { class: "grid" }, plan.element, h("div", {}, checkpoints.element, events.element)),
+    plan.element,
+    h("div", { class: "grid" }, checkpoints.element, events.element),
   );
 
   let budgets = new Map();
+  // A job leaves its devices when it pauses or ends; its memory rows keep their names.
+  let lastDevices = [];
   let headerTimer = null;
 
   async function refreshJob() {
@@ -52,7 +55,8 @@ export function mountJob(container, jobId) {
         budgets = new Map(devices.data.map((d) => [d.id, d.memory_bytes]));
       }
       renderHeader(job);
-      plan.update(job, budgets);
+      if (job.devices.length) lastDevices = job.devices;
+      plan.update(job, lastDevices, budgets);
     } catch (e) {
       error.textContent = `Cannot read the job: ${e.message}`;
     }
@@ -114,14 +118,24 @@ export function mountJob(container, jobId) {
   };
 }
 
-// The failure's message, and the job body with the line of its `param` marked.
+const CONTEXT_LINES = 3;
+
+// The failure's message, and the lines of the job body around its `param`, that one marked.
 function failureAtField(job) {
   const e = job.error;
-  const body = JSON.stringify(job.spec, null, 2);
-  const line = lineOfParam(body, e.param);
+  const lines = JSON.stringify(job.spec, null, 2).split("\n");
+  const line = lineOfParam(lines.join("\n"), e.param);
+  const excerpt = () => {
+    const first = Math.max(0, line - CONTEXT_LINES);
+    const last = Math.min(lines.length, line + CONTEXT_LINES + 1);
+    return h("pre", { class: "json" }, first > 0 ? "…\n" : "",
+      lines.slice(first, last).map((text, i) => first + i === line
+        ? h("mark", { testid: "error-field" }, text, `   ← ${e.message}\n`)
+        : text + "\n"),
+      last < lines.length ? "…" : "");
+  };
   return h("div", { class: "job-error", testid: "job-error", dataset: { code: e.code, param: e.param ?? "" } },
     h("p", {}, h("strong", {}, e.code), ` (${e.fault}'s side): ${e.message}`),
     e.param ? h("p", {}, "Field: ", h("code", {}, e.param), line === null ? " (not in the body: its default applies)" : "") : null,
-    line === null ? null : h("pre", { class: "json" }, body.split("\n").map((text, i) =>
-      i === line ? h("mark", { testid: "error-field" }, text, `   ← ${e.message}\n`) : text + "\n")));
+    line === null ? null : excerpt());
 }

@@ -31,11 +31,15 @@ export class MetricSeries {
 export function chartsPanel() {
   const lossBox = h("div", { class: "chart", testid: "loss-chart", dataset: { points: 0, valPoints: 0 } });
   const boxes = [lossBox, h("div", { class: "chart" }), h("div", { class: "chart" }), h("div", { class: "chart" })];
-  const element = h("section", { class: "grid", "aria-label": "Metrics" }, boxes.map((b) => h("div", { class: "card" }, b)));
+  const grid = h("div", { class: "grid", hidden: true }, boxes.map((b) => h("div", { class: "card" }, b)));
+  const waiting = h("p", { class: "card muted" }, "No metrics yet: the charts start with the first step.");
+  const element = h("section", { "aria-label": "Metrics" }, waiting, grid);
   let charts = null;
   let pending = null;
 
   function draw(series) {
+    waiting.hidden = true;
+    grid.hidden = false;
     charts ??= [
       lineChart(boxes[0], "Loss", [{ label: "training", color: "--train" }, { label: "validation", color: "--val" }]),
       lineChart(boxes[1], "Learning rate", [{ label: "lr", color: "--train" }]),

@@ -9,16 +9,11 @@ export function planPanel(jobId) {
   const summary = h("p", { class: "muted" });
   const timeline = h("div", { class: "table-wrap" }, h("p", { class: "muted" }, "No plan yet."));
   const memory = h("div", { testid: "device-memory" });
-  const element = h(
-    "section",
-    { class: "card", "aria-label": "Plan" },
-    h("h2", {}, "Plan"),
-    summary,
-    timeline,
+  const memorySection = h("div", { hidden: true },
     h("h2", {}, "Peak memory by device"),
     h("p", { class: "mem-legend muted" }, "Wide bar: the planner's prediction; thin bar: measured in the latest step; the track: the device's budget."),
-    memory,
-  );
+    memory);
+  const element = h("section", { class: "card", "aria-label": "Plan" }, h("h2", {}, "Plan"), summary, timeline, memorySection);
   let loaded = false;
 
   async function loadTimeline() {
@@ -36,14 +31,18 @@ export function planPanel(jobId) {
 
   return {
     element,
-    // `budgets` maps a device id to its memory bytes.
-    update(job, budgets) {
+    // `devices`: the ids the job runs (or last ran) on; `budgets` maps an id to its bytes.
+    update(job, devices, budgets) {
       const plan = job.plan;
-      if (!plan) return;
+      if (!plan) {
+        clear(timeline, h("p", { class: "muted" }, job.error ? "No plan: the job failed before one was made." : "No plan yet."));
+        return;
+      }
+      memorySection.hidden = false;
       summary.textContent = `${plan.schedule}, ${plan.stages} stages on ${plan.devices} devices; predicted step ${number(plan.step_time_s)} s, bubble ${(100 * plan.bubble_ratio).toFixed(1)} %`;
       if (!loaded) loadTimeline();
       clear(memory, plan.peak_bytes.map((predicted, i) =>
-        memoryRow(job.devices[i] ?? `device ${i}`, predicted, job.latest_metrics?.device_peak_bytes?.[i], budgets.get(job.devices[i]))));
+        memoryRow(devices[i] ?? `device ${i}`, predicted, job.latest_metrics?.device_peak_bytes?.[i], budgets.get(devices[i]))));
     },
   };
 }

@@ -31,7 +31,7 @@ export function mountJobs(container) {
       h("div", { class: "toolbar" }, h("h1", {}, "Jobs"), h("span", { class: "spacer" }), filter,
         h("a", { href: "#/new" }, "New job")),
       error,
-      h("div", { class: "table-wrap" }, h("table", {},
+      h("div", { class: "table-wrap" }, h("table", { class: "jobs-table" },
         h("thead", {}, h("tr", {}, ["Job", "Status", "Progress", "Loss", "Tokens/s", "Devices", "Age"].map((t) =>
           h("th", { class: ["Loss", "Tokens/s"].includes(t) ? "num" : null }, t)))),
         body)),
@@ -101,9 +101,9 @@ function row(job, spark) {
     h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, class: "mono" }, job.id)),
     h("td", {}, statusBadge(job.status)),
     h("td", {}, progressBar(job.progress.step, job.progress.total_steps), ` ${job.progress.step}/${job.progress.total_steps}`),
-    h("td", { class: "num" }, metrics ? number(metrics.loss) : "—", spark ? sparkline(spark.losses) : null),
-    h("td", { class: "num" }, metrics ? rate(metrics.tokens_per_second) : "—"),
-    h("td", {}, job.devices.length ? job.devices.join(", ") : job.plan ? `${job.plan.devices} needed` : "—"),
-    h("td", { title: new Date(job.created_at * 1000).toLocaleString() }, age(job.created_at)),
+    h("td", { class: "num", "data-label": "loss" }, metrics ? number(metrics.loss) : "—", spark ? sparkline(spark.losses) : null),
+    h("td", { class: "num", "data-label": "tokens/s" }, metrics ? rate(metrics.tokens_per_second) : "—"),
+    h("td", { "data-label": "devices" }, job.devices.length ? job.devices.join(", ") : job.plan ? `${job.plan.devices} needed` : "—"),
+    h("td", { "data-label": "age", title: new Date(job.created_at * 1000).toLocaleString() }, age(job.created_at)),
   );
 }

@@ -121,6 +121,18 @@ impl Browser {
         .await;
     }
 
+    /// Emulates a browser set to prefer a dark (or light) colour scheme.
+    pub async fn prefer_dark(&self, dark: bool) {
+        let value = if dark { "dark" } else { "light" };
+        self.command(
+            "POST",
+            "/goog/cdp/execute",
+            json!({"cmd": "Emulation.setEmulatedMedia",
+                   "params": {"features": [{"name": "prefers-color-scheme", "value": value}]}}),
+        )
+        .await;
+    }
+
     pub async fn find_all(&self, css: &str) -> Vec<Element> {
         let found = self
             .command(
