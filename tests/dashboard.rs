@@ -6,6 +6,8 @@
 //! to target/dashboard-screenshots/.
 
 mod common;
+#[path = "dashboard/proxy.rs"]
+mod proxy;
 #[path = "dashboard/webdriver.rs"]
 mod webdriver;
 
@@ -17,6 +19,7 @@ use chronospipe::jobs::{
     Engines, JobRunner, RunControl, RunEnd, RunFailure, RunRequest, RunSink, SinkError, StepMetrics,
 };
 use common::{KEY, TestServer};
+use proxy::CuttingProxy;
 use serde_json::{Value, json};
 use webdriver::Browser;
 
@@ -118,12 +121,14 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
         runner: Some(Arc::new(Paced(Duration::from_millis(150)))),
     };
     let server = TestServer::start_with(&db.url, engines, |_| {}).await;
+    // The browser reaches the server through a relay that can drop its connections.
+    let proxy = CuttingProxy::start(server.base.trim_start_matches("http://").to_owned()).await;
     let downloads = tempfile::tempdir().unwrap();
     let shots = screenshots();
     let browser = Browser::start(downloads.path()).await;
 
     // The key: a wrong one is refused in words, the right one opens the jobs page.
-    browser.goto(&server.url("/")).await;
+    browser.goto(&proxy.url("/")).await;
     let key = browser.wait_for("[data-testid=key-input]", WAIT).await;
     // Proves the console is read: this entry must come back at the end.
     browser
@@ -160,7 +165,7 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     browser.screenshot(&shots.join("jobs.png")).await;
 
     // The cluster names the job on the devices it holds.
-    browser.goto(&server.url("/#/cluster")).await;
+    browser.goto(&proxy.url("/#/cluster")).await;
     browser
         .wait_for(
             &format!("[data-testid=device-row] a[href='#/jobs/{id}']"),
@@ -168,7 +173,7 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
         )
         .await;
     browser.screenshot(&shots.join("cluster.png")).await;
-    browser.goto(&server.url("/#/jobs")).await;
+    browser.goto(&proxy.url("/#/jobs")).await;
 
     // Its page: the loss chart grows while it trains; the plan's timeline loads.
     let link = browser.wait_for(&format!("{row} a"), WAIT).await;
@@ -235,6 +240,16 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
         .wait_for("[data-testid=resume-button]:not([disabled])", WAIT)
         .await;
     browser.click(&resume).await;
+
+    // The connection drops for a moment: the stream resumes after the last event it had.
+    proxy.cut();
+    browser
+        .wait_until(
+            "the stream reconnected",
+            "return Number(document.querySelector('[data-testid=events]').dataset.connections) >= 2",
+            WAIT,
+        )
+        .await;
     status_is(&browser, "succeeded").await;
     browser
         .wait_until(
@@ -265,6 +280,19 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     for kind in ["state", "plan", "metrics", "checkpoint"] {
         assert!(kinds.contains(&kind), "no {kind} event row in {kinds:?}");
     }
+    // Every event once, none missed across the reconnection.
+    let ids = browser
+        .execute("return [...document.querySelectorAll('[data-testid=event-row]')].map(r => Number(r.cells[0].textContent))", vec![])
+        .await;
+    let mut ids: Vec<i64> = ids
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    ids.sort();
+    let all: Vec<i64> = (1..=ids.len() as i64).collect();
+    assert_eq!(ids, all, "event ids shown");
     browser.screenshot(&shots.join("job.png")).await;
 
     // A checkpoint downloads with the key: the saved file is the API's bytes.
@@ -298,8 +326,26 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(std::fs::read(&saved).unwrap(), expected.to_vec());
 
-    new_job_form(&browser, &server, &train, &shots).await;
-    cluster_and_phone(&browser, &server, &shots, &id).await;
+    new_job_form(&browser, &server, &proxy, &train, &shots).await;
+    // The status filter: only the failed (does-not-fit) job.
+    browser.goto(&proxy.url("/#/jobs")).await;
+    browser.wait_for("[data-testid=job-row]", WAIT).await;
+    browser
+        .execute(
+            "const f = document.querySelector('[data-testid=status-filter]'); f.value = 'failed'; \
+             f.dispatchEvent(new Event('change'));",
+            vec![],
+        )
+        .await;
+    browser
+        .wait_until(
+            "only failed rows",
+            "const rows = [...document.querySelectorAll('[data-testid=job-row] [data-testid=job-status]')]; \
+             return rows.length === 1 && rows[0].textContent === 'failed'",
+            WAIT,
+        )
+        .await;
+    cluster_and_phone(&browser, &proxy, &shots, &id).await;
 
     let log = browser.console_log().await;
     assert!(
@@ -315,12 +361,18 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
 }
 
 /// A console entry that is an error, other than the failed responses the scenario provokes
-/// (the wrong key, the invalid and the misfit bodies), which chromium logs for any 4xx.
+/// (the wrong key, the invalid and the misfit bodies: chromium logs any 4xx) and the requests
+/// cut by the relay.
 fn unexpected(entry: &Value) -> bool {
     let message = entry["message"].as_str().unwrap_or_default();
-    let provoked = ["status of 401", "status of 422", "status of 400"]
-        .iter()
-        .any(|s| message.contains(s));
+    let provoked = [
+        "status of 401",
+        "status of 422",
+        "status of 400",
+        "net::ERR_",
+    ]
+    .iter()
+    .any(|s| message.contains(s));
     let probe = message.contains(PROBE);
     entry["level"] == "SEVERE" && !probe && !(entry["source"] == "network" && provoked)
 }
@@ -328,10 +380,11 @@ fn unexpected(entry: &Value) -> bool {
 async fn new_job_form(
     browser: &Browser,
     server: &TestServer,
+    proxy: &CuttingProxy,
     train: &str,
     shots: &std::path::Path,
 ) {
-    browser.goto(&server.url("/#/new")).await;
+    browser.goto(&proxy.url("/#/new")).await;
     browser.wait_for("[data-testid=new-job-form]", WAIT).await;
 
     // A field the API refuses is named at its line.
@@ -401,7 +454,7 @@ async fn new_job_form(
     assert_eq!(job["spec"]["data"]["train"], file_id.as_str());
 
     // A body no plan fits: the preview explains, and the created job says why at `devices`.
-    browser.goto(&server.url("/#/new")).await;
+    browser.goto(&proxy.url("/#/new")).await;
     let mut misfit = body(train, 4);
     misfit["devices"] = json!("cpu:2x64KiB");
     set_editor(browser, &serde_json::to_string_pretty(&misfit).unwrap()).await;
@@ -438,17 +491,17 @@ async fn new_job_form(
 
 async fn cluster_and_phone(
     browser: &Browser,
-    server: &TestServer,
+    proxy: &CuttingProxy,
     shots: &std::path::Path,
     job: &str,
 ) {
-    browser.goto(&server.url("/#/cluster")).await;
+    browser.goto(&proxy.url("/#/cluster")).await;
     browser.wait_for("[data-testid=device-row]", WAIT).await;
     assert_eq!(browser.find_all("[data-testid=device-row]").await.len(), 2);
 
     // Dark, as a browser set to prefer it shows the page.
     browser.prefer_dark(true).await;
-    browser.goto(&server.url(&format!("/#/jobs/{job}"))).await;
+    browser.goto(&proxy.url(&format!("/#/jobs/{job}"))).await;
     browser
         .wait_until(
             "the dark page's chart",
@@ -477,7 +530,7 @@ async fn cluster_and_phone(
         ),
         ("/#/new", "[data-testid=new-job-form]", "new-job-phone.png"),
     ] {
-        browser.goto(&server.url(page)).await;
+        browser.goto(&proxy.url(page)).await;
         browser.wait_for(ready, WAIT).await;
         let overflow = browser
             .execute("return document.documentElement.scrollWidth - document.documentElement.clientWidth", vec![])

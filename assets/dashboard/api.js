@@ -110,8 +110,10 @@ async function readEvents(response, onEvent) {
 }
 
 // Follows a job's event stream until the job finishes or `signal` aborts. EventSource cannot
-// send the key, so this streams with fetch and resumes with Last-Event-ID after a drop.
-export async function followJobEvents(jobId, onEvent, signal) {
+// send the key, so this streams with fetch and resumes with Last-Event-ID after a drop;
+// onConnect(n) tells each (re)connection.
+export async function followJobEvents(jobId, onEvent, signal, onConnect = () => {}) {
+  let connections = 0;
   let lastId = null;
   let finished = false;
   const seen = (e) => {
@@ -132,6 +134,7 @@ export async function followJobEvents(jobId, onEvent, signal) {
         headers,
         signal,
       });
+      onConnect(++connections);
       await readEvents(response, seen);
     } catch (error) {
       if (signal.aborted) return;

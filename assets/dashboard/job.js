@@ -106,7 +106,8 @@ export function mountJob(container, jobId) {
 
   refreshJob();
   checkpoints.refresh();
-  followJobEvents(jobId, onEvent, abort.signal)
+  const connected = (n) => (events.element.dataset.connections = n);
+  followJobEvents(jobId, onEvent, abort.signal, connected)
     .then(() => refreshJob())
     .catch((e) => {
       if (!abort.signal.aborted) error.textContent = `The event stream stopped: ${e.message}`;

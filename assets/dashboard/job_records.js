@@ -23,7 +23,7 @@ function describe(kind, data) {
 
 export function eventsPanel() {
   const body = h("tbody");
-  const element = h("section", { class: "card", "aria-label": "Events" }, h("h2", {}, "Events"),
+  const element = h("section", { class: "card", "aria-label": "Events", testid: "events" }, h("h2", {}, "Events"),
     h("div", { class: "events table-wrap" }, h("table", {},
       h("thead", {}, h("tr", {}, h("th", { class: "num" }, "#"), h("th", {}, "Kind"), h("th", {}, "What"))),
       body)));
