@@ -241,6 +241,14 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
         .await;
     browser.click(&resume).await;
 
+    browser
+        .wait_until(
+            "the resume answered",
+            "return document.querySelector('.job-head [data-testid=job-status]')?.textContent !== 'paused'",
+            WAIT,
+        )
+        .await;
+
     // The connection drops for a moment: the stream resumes after the last event it had.
     proxy.cut();
     browser
@@ -346,6 +354,8 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
         )
         .await;
     cluster_and_phone(&browser, &proxy, &shots, &id).await;
+
+    validation_on_the_loss_chart(&browser).await;
 
     let log = browser.console_log().await;
     assert!(
@@ -542,4 +552,33 @@ async fn cluster_and_phone(
         browser.screenshot(&shots.join(shot)).await;
     }
     browser.set_window(1280, 1000).await;
+}
+
+/// The metrics carry no validation loss until evaluation lands (issue 21, `val_loss` in the
+/// rows of the steps that evaluated), so the chart's module is driven here with such rows.
+async fn validation_on_the_loss_chart(browser: &Browser) {
+    let drawn = browser
+        .execute(
+            "return (async () => {
+               const { MetricSeries, chartsPanel } = await import('/dashboard/job_charts.js');
+               const panel = chartsPanel();
+               document.body.append(panel.element);
+               const series = new MetricSeries();
+               const row = (step, loss, val) => ({ step, loss, learning_rate: 1e-3, grad_norm: 1,
+                 tokens_per_second: 100, ...(val === undefined ? {} : { val_loss: val }) });
+               for (let step = 1; step <= 10; step++) series.add(row(step, 3 - step / 10, step % 5 ? undefined : 3.2 - step / 10));
+               series.add(row(10, 2.05, 2.3)); // a resumed run reports step 10 again
+               panel.update(series);
+               await new Promise((done) => requestAnimationFrame(() => setTimeout(done, 0)));
+               const box = panel.element.querySelector('[data-testid=loss-chart]');
+               const labels = [...box.querySelectorAll('.u-legend .u-label')].map((l) => l.textContent);
+               const drawn = [Number(box.dataset.points), Number(box.dataset.valPoints), labels];
+               panel.destroy();
+               panel.element.remove();
+               return drawn;
+             })()",
+            vec![],
+        )
+        .await;
+    assert_eq!(drawn, json!([10, 2, ["step", "training", "validation"]]));
 }

@@ -6,7 +6,8 @@ function cssVar(name) {
   return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 }
 
-// A line chart in `el` over steps; `series` is [{label, color: "--css-var"}]. update(xs, ys)
+// A line chart in `el` over steps; `series` is [{label, color: "--css-var", points}], points
+// marking each value (for sparse series, such as evaluations). update(xs, ys)
 // redraws with ys[i] the values of series i (null where a step has none).
 export function lineChart(el, title, series) {
   const axis = { stroke: cssVar("--muted"), grid: { stroke: cssVar("--line") }, ticks: { stroke: cssVar("--line") } };
@@ -18,7 +19,7 @@ export function lineChart(el, title, series) {
     axes: [{ ...axis, label: "step" }, { ...axis, size: 60 }],
     series: [
       { label: "step" },
-      ...series.map((s) => ({ label: s.label, stroke: cssVar(s.color), width: 1.5, spanGaps: true, points: { show: false } })),
+      ...series.map((s) => ({ label: s.label, stroke: cssVar(s.color), width: 1.5, spanGaps: true, points: { show: Boolean(s.points) } })),
     ],
     legend: { live: true },
   };

@@ -91,6 +91,8 @@ export function mountJob(container, jobId) {
       renderHeader(await postJson(`${path}/${action}`));
     } catch (e) {
       error.textContent = `Cannot ${action}: ${e.message}`;
+      // The request may have landed before its answer was lost: show the state it left.
+      refreshJob();
     }
   }
 

@@ -20,7 +20,8 @@ export class MetricSeries {
     return {
       steps,
       loss: column((m) => m.loss),
-      validation: column((m) => m.validation_loss),
+      // `val_loss` is in the rows of the steps that evaluated (issue 21), absent elsewhere.
+      validation: column((m) => m.val_loss),
       lr: column((m) => m.learning_rate),
       gradNorm: column((m) => m.grad_norm),
       tokensPerSecond: column((m) => m.tokens_per_second),
@@ -35,19 +36,33 @@ export function chartsPanel() {
   const waiting = h("p", { class: "card muted" }, "No metrics yet: the charts start with the first step.");
   const element = h("section", { "aria-label": "Metrics" }, waiting, grid);
   let charts = null;
+  let validationDrawn = false;
   let pending = null;
+
+  // The loss chart gets a validation line once the metrics carry one.
+  function lossChart(withValidation) {
+    const lines = [{ label: "training", color: "--train" }];
+    if (withValidation) lines.push({ label: "validation", color: "--val", points: true });
+    return lineChart(boxes[0], "Loss", lines);
+  }
 
   function draw(series) {
     waiting.hidden = true;
     grid.hidden = false;
+    const c = series.columns();
+    const withValidation = c.validation.some((v) => v !== null);
+    if (charts && withValidation && !validationDrawn) {
+      charts[0].destroy();
+      charts[0] = lossChart(true);
+    }
     charts ??= [
-      lineChart(boxes[0], "Loss", [{ label: "training", color: "--train" }, { label: "validation", color: "--val" }]),
+      lossChart(withValidation),
       lineChart(boxes[1], "Learning rate", [{ label: "lr", color: "--train" }]),
       lineChart(boxes[2], "Gradient norm", [{ label: "grad norm", color: "--train" }]),
       lineChart(boxes[3], "Tokens/s", [{ label: "tokens/s", color: "--train" }]),
     ];
-    const c = series.columns();
-    charts[0].update(c.steps, [c.loss, c.validation]);
+    validationDrawn = withValidation;
+    charts[0].update(c.steps, withValidation ? [c.loss, c.validation] : [c.loss]);
     charts[1].update(c.steps, [c.lr]);
     charts[2].update(c.steps, [c.gradNorm]);
     charts[3].update(c.steps, [c.tokensPerSecond]);
