@@ -13,6 +13,7 @@ mod webdriver;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chronospipe::jobs::{
@@ -27,19 +28,48 @@ const STEPS: u64 = 60;
 const WAIT: Duration = Duration::from_secs(30);
 const PROBE: &str = "console-probe-from-the-test";
 
-/// The real executor, slowed after each recorded step so the job stays running long enough
-/// to be watched, paused and resumed.
-struct Paced(Duration);
+/// The real executor, slowed after each recorded step by the milliseconds the test sets,
+/// and held after step `hold_from` until a stop is requested (or the hold is lifted), so the
+/// job is still running when a slow browser gets to pause it.
+#[derive(Clone)]
+struct Paced {
+    delay_ms: Arc<AtomicU64>,
+    hold_from: Arc<AtomicU64>,
+}
+
+impl Paced {
+    fn new(delay: Duration, hold_from: u64) -> Paced {
+        Paced {
+            delay_ms: Arc::new(AtomicU64::new(delay.as_millis() as u64)),
+            hold_from: Arc::new(AtomicU64::new(hold_from)),
+        }
+    }
+
+    fn set(&self, delay: Duration, hold_from: u64) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+        self.hold_from.store(hold_from, Ordering::Relaxed);
+    }
+}
 
 struct PacedSink<'a> {
     inner: &'a mut dyn RunSink,
-    delay: Duration,
+    pace: &'a Paced,
+    control: &'a RunControl,
 }
 
 impl RunSink for PacedSink<'_> {
     fn step(&mut self, metrics: &StepMetrics) -> Result<(), SinkError> {
         self.inner.step(metrics)?;
-        std::thread::sleep(self.delay);
+        std::thread::sleep(Duration::from_millis(
+            self.pace.delay_ms.load(Ordering::Relaxed),
+        ));
+        // The worker's heartbeat turns a pause into a stop request while this waits.
+        while metrics.step >= self.pace.hold_from.load(Ordering::Relaxed)
+            && self.control.requested().is_none()
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(())
     }
     fn checkpoint(&mut self, step: u64, dir: &std::path::Path) -> Result<(), SinkError> {
@@ -63,7 +93,8 @@ impl JobRunner for Paced {
     ) -> Result<RunEnd, RunFailure> {
         let mut paced = PacedSink {
             inner: sink,
-            delay: self.0,
+            pace: self,
+            control,
         };
         chronospipe::jobs::ExecRunner.run(request, &mut paced, control)
     }
@@ -116,9 +147,12 @@ async fn set_editor(browser: &Browser, text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_follows_a_job_in_a_real_browser() {
     let db = common::TestDb::sqlite().await;
+    // Slow, and held halfway until it is paused, however slow the browser is; then quick to
+    // the end.
+    let pace = Paced::new(Duration::from_millis(150), STEPS / 2);
     let engines = Engines {
         planner: Engines::production().planner,
-        runner: Some(Arc::new(Paced(Duration::from_millis(150)))),
+        runner: Some(Arc::new(pace.clone())),
     };
     let server = TestServer::start_with(&db.url, engines, |_| {}).await;
     // The browser reaches the server through a relay that can drop its connections.
@@ -184,6 +218,13 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     let early = points(&browser).await;
     browser
         .wait_until(
+            "the loss chart grows as the job trains",
+            &format!("return Number(document.querySelector('[data-testid=loss-chart]').dataset.points) > {early}"),
+            WAIT,
+        )
+        .await;
+    browser
+        .wait_until(
             "the plan timeline image",
             "const i = document.querySelector('[data-testid=plan-timeline]'); return i && i.complete && i.naturalWidth > 0",
             WAIT,
@@ -226,6 +267,8 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
         .await;
     browser.click(&pause).await;
     status_is(&browser, "paused").await;
+    // Held again near the end, so the connection is cut while the job still runs.
+    pace.set(Duration::from_millis(100), STEPS - 5);
     let paused_at = points(&browser).await;
     assert!(
         paused_at > early && paused_at < STEPS as i64,
@@ -258,6 +301,7 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
             WAIT,
         )
         .await;
+    pace.set(Duration::from_millis(100), u64::MAX);
     status_is(&browser, "succeeded").await;
     browser
         .wait_until(
@@ -356,6 +400,7 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     cluster_and_phone(&browser, &proxy, &shots, &id).await;
 
     validation_on_the_loss_chart(&browser).await;
+    another_tenant_sees_nothing(&browser, &proxy, &db.url).await;
 
     let log = browser.console_log().await;
     assert!(
@@ -581,4 +626,29 @@ async fn validation_on_the_loss_chart(browser: &Browser) {
         )
         .await;
     assert_eq!(drawn, json!([10, 2, ["step", "training", "validation"]]));
+}
+
+/// "Forget key", then another tenant's key: the jobs table is empty for it.
+async fn another_tenant_sees_nothing(browser: &Browser, proxy: &CuttingProxy, database_url: &str) {
+    let store = chronospipe::store::connect(database_url).await.unwrap();
+    let other = chronospipe::api::create_key(store.as_ref(), "other")
+        .await
+        .unwrap();
+    browser.goto(&proxy.url("/#/jobs")).await;
+    browser.wait_for("[data-testid=job-row]", WAIT).await;
+    browser
+        .click(&browser.wait_for("#forget-key", WAIT).await)
+        .await;
+    let key = browser.wait_for("[data-testid=key-input]", WAIT).await;
+    browser.type_text(&key, &format!("{other}\n")).await;
+    let empty = browser
+        .wait_until(
+            "the other tenant's empty table",
+            "return document.querySelector('[data-testid=status-filter]') && \
+             document.querySelector('main .muted:not(:empty)')?.textContent",
+            WAIT,
+        )
+        .await;
+    assert_eq!(empty, "No jobs here yet.");
+    assert!(browser.find_all("[data-testid=job-row]").await.is_empty());
 }
