@@ -2,10 +2,12 @@
 //! server on a random port, training with the real planner and executor (paced so a person, or
 //! a test, can watch): the key, the jobs table, a job's live loss chart, its plan, pause and
 //! resume, a checkpoint download, the new-job form with its plan preview and field messages, a
-//! job that does not fit, the cluster, a phone-width layout; no console errors. Screenshots go
-//! to target/dashboard-screenshots/.
+//! job that does not fit, the cluster, dark and phone-width layouts, a dropped connection,
+//! another tenant; no console errors. Screenshots go to target/dashboard-screenshots/.
 
 mod common;
+#[path = "dashboard/paced.rs"]
+mod paced;
 #[path = "dashboard/proxy.rs"]
 mod proxy;
 #[path = "dashboard/webdriver.rs"]
@@ -13,13 +15,11 @@ mod webdriver;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use chronospipe::jobs::{
-    Engines, JobRunner, RunControl, RunEnd, RunFailure, RunRequest, RunSink, SinkError, StepMetrics,
-};
+use chronospipe::jobs::Engines;
 use common::{KEY, TestServer};
+use paced::Paced;
 use proxy::CuttingProxy;
 use serde_json::{Value, json};
 use webdriver::Browser;
@@ -27,78 +27,6 @@ use webdriver::Browser;
 const STEPS: u64 = 60;
 const WAIT: Duration = Duration::from_secs(30);
 const PROBE: &str = "console-probe-from-the-test";
-
-/// The real executor, slowed after each recorded step by the milliseconds the test sets,
-/// and held after step `hold_from` until a stop is requested (or the hold is lifted), so the
-/// job is still running when a slow browser gets to pause it.
-#[derive(Clone)]
-struct Paced {
-    delay_ms: Arc<AtomicU64>,
-    hold_from: Arc<AtomicU64>,
-}
-
-impl Paced {
-    fn new(delay: Duration, hold_from: u64) -> Paced {
-        Paced {
-            delay_ms: Arc::new(AtomicU64::new(delay.as_millis() as u64)),
-            hold_from: Arc::new(AtomicU64::new(hold_from)),
-        }
-    }
-
-    fn set(&self, delay: Duration, hold_from: u64) {
-        self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::Relaxed);
-        self.hold_from.store(hold_from, Ordering::Relaxed);
-    }
-}
-
-struct PacedSink<'a> {
-    inner: &'a mut dyn RunSink,
-    pace: &'a Paced,
-    control: &'a RunControl,
-}
-
-impl RunSink for PacedSink<'_> {
-    fn step(&mut self, metrics: &StepMetrics) -> Result<(), SinkError> {
-        self.inner.step(metrics)?;
-        std::thread::sleep(Duration::from_millis(
-            self.pace.delay_ms.load(Ordering::Relaxed),
-        ));
-        // The worker's heartbeat turns a pause into a stop request while this waits.
-        while metrics.step >= self.pace.hold_from.load(Ordering::Relaxed)
-            && self.control.requested().is_none()
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-    fn checkpoint(&mut self, step: u64, dir: &std::path::Path) -> Result<(), SinkError> {
-        self.inner.checkpoint(step, dir)
-    }
-    fn event(
-        &mut self,
-        level: chronospipe::jobs::EventLevel,
-        message: &str,
-    ) -> Result<(), SinkError> {
-        self.inner.event(level, message)
-    }
-}
-
-impl JobRunner for Paced {
-    fn run(
-        &self,
-        request: RunRequest,
-        sink: &mut dyn RunSink,
-        control: &RunControl,
-    ) -> Result<RunEnd, RunFailure> {
-        let mut paced = PacedSink {
-            inner: sink,
-            pace: self,
-            control,
-        };
-        chronospipe::jobs::ExecRunner.run(request, &mut paced, control)
-    }
-}
 
 fn body(train: &str, steps: u64) -> Value {
     json!({
