@@ -307,24 +307,7 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     assert_eq!(std::fs::read(&saved).unwrap(), expected.to_vec());
 
     new_job_form(&browser, &server, &proxy, &train, &shots).await;
-    // The status filter: only the failed (does-not-fit) job.
-    browser.goto(&proxy.url("/#/jobs")).await;
-    browser.wait_for("[data-testid=job-row]", WAIT).await;
-    browser
-        .execute(
-            "const f = document.querySelector('[data-testid=status-filter]'); f.value = 'failed'; \
-             f.dispatchEvent(new Event('change'));",
-            vec![],
-        )
-        .await;
-    browser
-        .wait_until(
-            "only failed rows",
-            "const rows = [...document.querySelectorAll('[data-testid=job-row] [data-testid=job-status]')]; \
-             return rows.length === 1 && rows[0].textContent === 'failed'",
-            WAIT,
-        )
-        .await;
+    status_filter_and_pages(&browser, &server, &proxy, &train).await;
     cluster_and_phone(&browser, &proxy, &shots, &id).await;
 
     validation_on_the_loss_chart(&browser).await;
@@ -579,4 +562,62 @@ async fn another_tenant_sees_nothing(browser: &Browser, proxy: &CuttingProxy, da
         .await;
     assert_eq!(empty, "No jobs here yet.");
     assert!(browser.find_all("[data-testid=job-row]").await.is_empty());
+}
+
+/// The status filter shows only failed jobs; 21 of them take two pages of 20, newest first.
+async fn status_filter_and_pages(
+    browser: &Browser,
+    server: &TestServer,
+    proxy: &CuttingProxy,
+    train: &str,
+) {
+    let mut misfit = body(train, 4);
+    misfit["devices"] = json!("cpu:1x64KiB");
+    let mut newest = String::new();
+    for _ in 0..20 {
+        newest = server.create_job(&misfit).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    browser.goto(&proxy.url("/#/jobs")).await;
+    browser.wait_for("[data-testid=job-row]", WAIT).await;
+    browser
+        .execute(
+            "const f = document.querySelector('[data-testid=status-filter]'); f.value = 'failed'; \
+             f.dispatchEvent(new Event('change'));",
+            vec![],
+        )
+        .await;
+    let rows = |count: usize| {
+        format!(
+            "const rows = [...document.querySelectorAll('[data-testid=job-row]')]; \
+             return rows.length === {count} && \
+               rows.every(r => r.querySelector('[data-testid=job-status]').textContent === 'failed') && \
+               rows.map(r => r.dataset.jobId)"
+        )
+    };
+    let first = browser
+        .wait_until("a page of failed jobs", &rows(20), WAIT)
+        .await;
+    assert_eq!(first[0], newest.as_str(), "newest first");
+    let older = browser
+        .wait_for("[data-testid=older-page]:not([disabled])", WAIT)
+        .await;
+    browser.click(&older).await;
+    let second = browser.wait_until("the second page", &rows(1), WAIT).await;
+    assert!(
+        !first.as_array().unwrap().contains(&second[0]),
+        "{second} again"
+    );
+    browser
+        .click(
+            &browser
+                .wait_for("[data-testid=newer-page]:not([disabled])", WAIT)
+                .await,
+        )
+        .await;
+    browser
+        .wait_until("back to the first page", &rows(20), WAIT)
+        .await;
 }

@@ -12,15 +12,15 @@ const SPARK_POINTS = 50;
 const REFRESH_MS = 2000;
 
 export function mountJobs(container) {
-  const state = { status: "", cursors: [], sparks: new Map(), timer: null, stopped: false };
+  const state = { status: "", cursors: [], sparks: new Map(), timer: null, stopped: false, seq: 0 };
   const filter = h(
     "select",
     { "aria-label": "Status", testid: "status-filter" },
     h("option", { value: "" }, "all statuses"),
     STATUSES.map((s) => h("option", { value: s }, s)),
   );
-  const older = h("button", { type: "button", class: "quiet" }, "Older");
-  const newer = h("button", { type: "button", class: "quiet" }, "Newer");
+  const older = h("button", { type: "button", class: "quiet", testid: "older-page" }, "Older");
+  const newer = h("button", { type: "button", class: "quiet", testid: "newer-page" }, "Newer");
   const body = h("tbody");
   const error = h("p", { class: "error", role: "alert" });
   const empty = h("p", { class: "muted" });
@@ -43,21 +43,24 @@ export function mountJobs(container) {
   async function refresh() {
     if (state.stopped) return;
     clearTimeout(state.timer);
+    // A later refresh (a click while one is in flight) wins; the earlier one draws nothing.
+    const seq = ++state.seq;
     const params = new URLSearchParams({ limit: PAGE });
     if (state.status) params.set("status", state.status);
     const after = state.cursors.at(-1);
     if (after) params.set("after", after);
     try {
       const list = await getJson(`/v1/jobs?${params}`);
-      if (state.stopped) return;
-      error.textContent = "";
       await sparks(list.data);
+      if (state.stopped || seq !== state.seq) return;
+      error.textContent = "";
       clear(body, list.data.map((job) => row(job, state.sparks.get(job.id))));
       empty.textContent = list.data.length ? "" : "No jobs here yet.";
       older.disabled = !list.has_more;
       older.dataset.cursor = list.data.at(-1)?.id ?? "";
       newer.disabled = state.cursors.length === 0;
     } catch (e) {
+      if (seq !== state.seq) return;
       error.textContent = `Cannot list jobs: ${e.message}`;
     }
     if (!state.stopped) state.timer = setTimeout(refresh, REFRESH_MS);
