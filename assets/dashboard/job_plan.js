@@ -47,6 +47,10 @@ export function planPanel(jobId) {
   };
 }
 
+function share(used, budget) {
+  return `${((100 * used) / budget).toFixed(used < budget / 100 ? 2 : 1)} %`;
+}
+
 function memoryRow(device, predicted, measured, budget) {
   const scale = Math.max(budget ?? 0, predicted, measured ?? 0) || 1;
   const width = (v) => `${((100 * v) / scale).toFixed(2)}%`;
@@ -60,6 +64,6 @@ function memoryRow(device, predicted, measured, budget) {
         h("span", { class: "predicted", style: { width: width(predicted) } }),
         measured === undefined ? null : h("span", { class: "measured", style: { width: width(measured) } })),
       h("span", { class: over ? "error" : "muted" },
-        `predicted ${bytes(predicted)} · measured ${measured === undefined ? "—" : bytes(measured)} · budget ${budget === undefined ? "—" : bytes(budget)}`)),
+        `predicted ${bytes(predicted)} · measured ${measured === undefined ? "—" : bytes(measured)} · budget ${budget === undefined ? "—" : `${bytes(budget)} (${share(Math.max(predicted, measured ?? 0), budget)} used)`}`)),
   );
 }
