@@ -138,8 +138,16 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     browser.goto(&proxy.url("/#/jobs")).await;
 
     // Its page: the loss chart grows while it trains; the plan's timeline loads.
-    let link = browser.wait_for(&format!("{row} a"), WAIT).await;
-    browser.click(&link).await;
+    // By keyboard: Tab to the job's link, Enter opens it.
+    browser.wait_for(&format!("{row} a"), WAIT).await;
+    let on_link = format!("return document.activeElement?.matches(\"{row} a\")");
+    let mut tabs = 0;
+    while browser.execute(&on_link, vec![]).await != true {
+        tabs += 1;
+        assert!(tabs <= 20, "the job's link is not reachable by Tab");
+        browser.press("\u{E004}").await;
+    }
+    browser.press("\u{E007}").await;
     browser
         .wait_until("two loss points", "return Number(document.querySelector('[data-testid=loss-chart]')?.dataset.points) >= 2", WAIT)
         .await;

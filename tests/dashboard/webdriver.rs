@@ -190,6 +190,13 @@ impl Browser {
         }
     }
 
+    /// Presses and releases one key (WebDriver's code points: Tab is \u{E004}, Enter \u{E007}).
+    pub async fn press(&self, key: &str) {
+        let actions = json!({"actions": [{"type": "key", "id": "keyboard", "actions": [
+            {"type": "keyDown", "value": key}, {"type": "keyUp", "value": key}]}]});
+        self.command("POST", "/actions", actions).await;
+    }
+
     pub async fn click(&self, element: &Element) {
         self.command("POST", &format!("/element/{}/click", element.0), json!({}))
             .await;
