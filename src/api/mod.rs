@@ -1,9 +1,11 @@
 //! The HTTP API: `/v1` resources (one handler file each), problem+json errors, Bearer-key
-//! auth with per-key rate limits, the OpenAPI document and Swagger UI, health and Prometheus.
+//! auth with per-key rate limits, the OpenAPI document and Swagger UI, the web dashboard at
+//! `/`, health and Prometheus.
 
 mod auth;
 mod checkpoints;
 mod cluster;
+mod dashboard;
 mod docs;
 mod events;
 mod extract;
@@ -146,6 +148,7 @@ pub fn router(state: AppState) -> Router {
         .merge(health::routes())
         .merge(prometheus::routes())
         .merge(docs::routes())
+        .merge(dashboard::routes())
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
