@@ -5,6 +5,7 @@ pub mod devices;
 mod executor;
 mod planner;
 mod resolve;
+mod resume;
 mod runner;
 mod sink;
 mod worker;

@@ -13,9 +13,8 @@ use tokio::task::JoinSet;
 
 use super::devices::DeviceInfo;
 use super::resolve::{ResolveError, resolve_files};
-use super::runner::{
-    JobRunner, ResumePoint, RunControl, RunEnd, RunFailure, RunRequest, StopRequest,
-};
+use super::resume::complete_checkpoint;
+use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopRequest};
 use super::sink::StoreSink;
 use crate::spec::JobSpec;
 use crate::store::{Claim, JobState, Store, StoreError, TransitionChange, new_id, now_ms};
@@ -245,10 +244,12 @@ impl Worker {
             .and_then(|p| p.plan)
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or(serde_json::Value::Null);
-        let resume_from = claim.resume_from.as_ref().map(|c| ResumePoint {
-            step: c.step.max(0) as u64,
-            dir: PathBuf::from(&c.path),
-        });
+        let resume_from = match &claim.resume_from {
+            Some(_) => complete_checkpoint(self.store.as_ref(), &job.id)
+                .await
+                .map_err(store_err)?,
+            None => None,
+        };
         // Steps after the checkpoint are trained again; their earlier metrics go.
         let kept = resume_from.as_ref().map_or(0, |r| r.step as i64);
         self.store

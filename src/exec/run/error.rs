@@ -1,6 +1,6 @@
 //! Why a run could not start or go on, and whose fault that is.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use thiserror::Error;
 
@@ -50,13 +50,6 @@ pub struct Blame {
 }
 
 impl RunError {
-    pub(super) fn io(path: &Path, e: std::io::Error) -> Self {
-        RunError::Io {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        }
-    }
-
     pub fn blame(&self) -> Blame {
         let user = |code, param: Option<&str>| Blame {
             user: true,
