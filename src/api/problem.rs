@@ -91,13 +91,31 @@ impl ApiError {
         )
     }
 
+    /// The cause goes to the log, not to the client: it may name the server's paths.
     pub fn internal(error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "internal error");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",
-            format!("the service failed: {error}"),
+            "the service failed; its log has the cause",
         )
+    }
+
+    /// A failed file write: 507 when the storage is full (no space, read-only, quota).
+    pub fn storage(error: std::io::Error) -> Self {
+        if crate::exec::checkpoint::is_storage_full(&error) {
+            tracing::error!(%error, "storage full");
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                format!(
+                    "the service's storage cannot take this ({}); nothing was kept",
+                    error.kind()
+                ),
+            )
+        } else {
+            ApiError::internal(error)
+        }
     }
 
     /// 422 with every problem of a job body; `param` is the first.

@@ -4,6 +4,7 @@
 pub mod devices;
 mod executor;
 mod planner;
+mod redact;
 mod resolve;
 mod resume;
 mod runner;

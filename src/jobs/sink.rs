@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 
 use super::runner::{EventLevel, RunControl, RunSink, SinkError, StepMetrics, StopRequest};
+use crate::exec::checkpoint::manifest::{MANIFEST, verify};
 use crate::store::{CheckpointRow, JobState, StepRecord, Store, StoreError, now_ms};
 
 pub(super) struct StoreSink {
@@ -60,23 +61,18 @@ impl RunSink for StoreSink {
     }
 
     fn checkpoint(&mut self, step: u64, dir: &Path) -> Result<(), SinkError> {
-        let listing = |dir: &Path| -> std::io::Result<Vec<serde_json::Value>> {
-            let mut files = Vec::new();
-            for entry in std::fs::read_dir(dir)? {
-                let entry = entry?;
-                let meta = entry.metadata()?;
-                if meta.is_file() {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    files.push(serde_json::json!({"name": name, "bytes": meta.len()}));
-                }
-            }
-            files.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-            Ok(files)
-        };
-        let files = listing(dir).map_err(|source| SinkError::Checkpoint {
-            dir: dir.to_owned(),
-            source,
+        // Only a complete checkpoint is recorded: its files are the manifest's, and the manifest.
+        let manifest = verify(dir, false).map_err(|why| SinkError::Incomplete {
+            step,
+            reason: why.to_string(),
         })?;
+        let mut files: Vec<serde_json::Value> = manifest
+            .files
+            .iter()
+            .map(|f| serde_json::json!({"name": f.name, "bytes": f.bytes}))
+            .collect();
+        let manifest_bytes = std::fs::metadata(dir.join(MANIFEST)).map_or(0, |m| m.len());
+        files.push(serde_json::json!({"name": MANIFEST, "bytes": manifest_bytes}));
         let row = CheckpointRow {
             job_id: self.job_id.clone(),
             step: step as i64,

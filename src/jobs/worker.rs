@@ -12,12 +12,16 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::devices::DeviceInfo;
+use super::redact::without_server_paths;
 use super::resolve::{ResolveError, resolve_files};
 use super::resume::complete_checkpoint;
 use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopRequest};
 use super::sink::StoreSink;
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, StoragePolicy};
 use crate::store::{Claim, JobState, Store, StoreError, TransitionChange, new_id, now_ms};
+
+/// The failure code of a checkpoint the storage refused (no space, read-only, quota).
+const STORAGE_FULL: &str = "storage_full";
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -179,8 +183,17 @@ impl Worker {
         };
         let request = match self.prepare(&claim).await {
             Ok(request) => request,
-            Err(failure) => return self.finish(&id, Ok(Err(failure)), &control).await,
+            Err(failure) => {
+                return self
+                    .finish(&id, Ok(Err(failure)), &control, StoragePolicy::Fail)
+                    .await;
+            }
         };
+        let on_storage = request
+            .spec
+            .training
+            .storage_policy()
+            .unwrap_or(StoragePolicy::Fail);
         let mut sink = StoreSink {
             handle: tokio::runtime::Handle::current(),
             store: self.store.clone(),
@@ -209,7 +222,7 @@ impl Worker {
         let outcome = outcome.map_err(|e| {
             RunFailure::service("executor_crashed", format!("the executor panicked: {e}"))
         });
-        self.finish(&id, outcome, &control).await
+        self.finish(&id, outcome, &control, on_storage).await
     }
 
     async fn prepare(&self, claim: &Claim) -> Result<RunRequest, RunFailure> {
@@ -288,6 +301,7 @@ impl Worker {
         id: &str,
         outcome: Result<Result<RunEnd, RunFailure>, RunFailure>,
         control: &RunControl,
+        on_storage: StoragePolicy,
     ) -> Result<(), WorkerError> {
         if control.requested() == Some(StopRequest::Abandon) {
             tracing::warn!(job = %id, "lease lost; leaving the job to its new worker");
@@ -315,10 +329,19 @@ impl Worker {
                     }
                 }
             }
-            Err(failure) => {
+            Err(mut failure) => {
                 tracing::warn!(job = %id, error = %failure, "job failed");
-                change.error = serde_json::to_string(&failure).ok();
-                JobState::Failed
+                failure.message = without_server_paths(&failure.message, &self.config.data_dir);
+                if failure.code == STORAGE_FULL && on_storage == StoragePolicy::Pause {
+                    change.message = Some(format!(
+                        "paused until storage is freed ({STORAGE_FULL}): {}",
+                        failure.message
+                    ));
+                    JobState::Paused
+                } else {
+                    change.error = serde_json::to_string(&failure).ok();
+                    JobState::Failed
+                }
             }
         };
         match self.store.transition(id, to, change).await {

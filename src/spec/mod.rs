@@ -11,6 +11,7 @@ mod validate;
 
 pub use model::{Architecture, ModelArch, ModelInit, ModelSpec};
 pub use parallelism::{OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages};
+pub use training::StoragePolicy;
 pub use training::{DataSpec, LrDecay, OptimizerSpec, PrecisionSpec, TrainingSpec};
 pub use validate::{InvalidSpec, SpecError};
 

@@ -51,15 +51,6 @@ impl CheckpointError {
             source,
         }
     }
-
-    /// The storage refused the write for want of room: no space, a read-only file system, or
-    /// a quota. The operator frees space; nothing in the job is at fault.
-    pub fn is_storage_full(&self) -> bool {
-        match self {
-            CheckpointError::Write { source, .. } => is_storage_full(source),
-            _ => false,
-        }
-    }
 }
 
 /// ENOSPC, EROFS, EDQUOT.
