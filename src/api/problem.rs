@@ -132,8 +132,28 @@ impl ApiError {
     }
 }
 
+/// How long a client waits before asking again while the database is away.
+pub const DATABASE_RETRY_AFTER_S: u64 = 2;
+
+impl ApiError {
+    /// 503 with `Retry-After`: the database is away; the request may be repeated as it is.
+    pub fn database_unavailable(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "database unavailable");
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the service's database does not answer; try again shortly",
+        );
+        e.retry_after = Some(DATABASE_RETRY_AFTER_S);
+        e
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_transient() {
+            return ApiError::database_unavailable(e);
+        }
         match e {
             StoreError::JobNotFound(id) => ApiError::not_found("job", &id),
             StoreError::Transition(t) => ApiError::conflict("invalid_state", t.to_string()),

@@ -13,6 +13,7 @@ mod queue_sql;
 mod rows;
 mod sqlite;
 pub mod state;
+mod transient;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ pub use postgres::PgStore;
 pub use rows::*;
 pub use sqlite::SqliteStore;
 pub use state::{InvalidTransition, JobState};
+pub use transient::{Backoff, retry_transient};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

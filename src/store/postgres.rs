@@ -14,6 +14,8 @@ impl PgStore {
     pub async fn connect(url: &str) -> StoreResult<PgStore> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            // While the database is away a request fails fast (503) rather than hang.
+            .acquire_timeout(std::time::Duration::from_secs(3))
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
