@@ -111,7 +111,7 @@ impl RunSink for StoreSink {
             step: metrics.step as i64,
             tokens: tokens as i64,
             data: serde_json::to_string(metrics).map_err(|e| SinkError::Store(e.to_string()))?,
-            lease_until: 0,
+            lease_ms: 0,
         };
         self.push(Record::Step(record))?;
         self.tokens = tokens;
@@ -201,7 +201,7 @@ async fn write_one(lease: &JobLease, record: &Record) -> Result<(), StoreError> 
         Record::Step(step) => {
             // The lease runs from when the step reaches the store.
             let step = StepRecord {
-                lease_until: now_ms() + lease.lease.as_millis() as i64,
+                lease_ms: lease.lease.as_millis() as i64,
                 ..step.clone()
             };
             match store.record_step(id, worker, &step).await? {
@@ -212,6 +212,6 @@ async fn write_one(lease: &JobLease, record: &Record) -> Result<(), StoreError> 
             Ok(())
         }
         Record::Checkpoint(row) => store.record_checkpoint(worker, row).await,
-        Record::Event { kind, data } => store.append_event(id, kind, data).await.map(|_| ()),
+        Record::Event { kind, data } => store.record_event(id, worker, kind, data).await,
     }
 }

@@ -20,7 +20,7 @@ use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopR
 use super::sink::{JobLease, store_sink};
 use crate::spec::{JobSpec, StoragePolicy};
 use crate::store::{
-    Backoff, Claim, JobState, Store, StoreError, TransitionChange, new_id, now_ms, retry_transient,
+    Backoff, Claim, JobState, Store, StoreError, TransitionChange, new_id, retry_transient,
 };
 
 /// How long the end of a job waits for an absent database before giving up (the lease then
@@ -109,19 +109,15 @@ impl Worker {
             .collect()
     }
 
-    fn lease_until(&self) -> i64 {
-        now_ms() + self.config.lease.as_millis() as i64
-    }
-
     /// Requeues expired leases, then claims the next job that fits the free devices.
     pub async fn claim_next(&self) -> Result<Option<Claim>, WorkerError> {
-        for id in self.store.requeue_expired(now_ms()).await? {
+        for id in self.store.requeue_expired().await? {
             tracing::warn!(job = %id, "lease expired; job requeued");
         }
         let free = self.free_devices();
         let Some(claim) = self
             .store
-            .claim_job(self.id(), &free, self.lease_until())
+            .claim_job(self.id(), &free, self.config.lease.as_millis() as i64)
             .await?
         else {
             return Ok(None);
@@ -417,7 +413,7 @@ async fn heartbeat(lease: JobLease, trouble: Arc<AtomicBool>) {
     loop {
         tokio::time::sleep(lease / 3).await;
         match store
-            .heartbeat(&id, &worker, now_ms() + lease.as_millis() as i64)
+            .heartbeat(&id, &worker, lease.as_millis() as i64)
             .await
         {
             Ok(state) => {
