@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use chronospipe::store::{
     JobState, NewJob, PlanRow, StepRecord, Store, StoreError, TransitionChange, connect, new_id,
-    now_ms,
 };
 
 async fn queued_job(store: &dyn Store, tenant: &str, devices_needed: i64) -> String {
@@ -51,7 +50,7 @@ async fn claims(url: &str) {
     }
     // The 3-device job is skipped while only 2 devices are free; smaller ones go first.
     let claim = store
-        .claim_job("w0", &devices(2), now_ms() + 60_000)
+        .claim_job("w0", &devices(2), 60_000)
         .await
         .unwrap()
         .unwrap();
@@ -67,7 +66,7 @@ async fn claims(url: &str) {
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             while let Some(claim) = store
-                .claim_job(&format!("w{}", w + 1), &devices(1), now_ms() + 60_000)
+                .claim_job(&format!("w{}", w + 1), &devices(1), 60_000)
                 .await
                 .unwrap()
             {
@@ -83,7 +82,7 @@ async fn claims(url: &str) {
     assert_eq!(claimed.len(), small.len(), "{claimed:?}");
     assert_eq!(claimed.iter().cloned().collect::<HashSet<_>>(), small);
     let big_claim = store
-        .claim_job("w9", &devices(4), now_ms() + 60_000)
+        .claim_job("w9", &devices(4), 60_000)
         .await
         .unwrap()
         .unwrap();
@@ -97,7 +96,7 @@ async fn leases(url: &str) {
     let tenant = store.create_tenant("t").await.unwrap().id;
     let id = queued_job(store.as_ref(), &tenant, 1).await;
     let claim = store
-        .claim_job("dead", &devices(1), now_ms() - 1)
+        .claim_job("dead", &devices(1), -1)
         .await
         .unwrap()
         .unwrap();
@@ -106,7 +105,7 @@ async fn leases(url: &str) {
         step: 1,
         tokens: 32,
         data: "{\"step\":1}".into(),
-        lease_until: now_ms() - 1,
+        lease_ms: -1,
     };
     assert_eq!(
         store.record_step(&id, "dead", &step).await.unwrap(),
@@ -117,33 +116,38 @@ async fn leases(url: &str) {
         Err(StoreError::LeaseLost { .. })
     ));
 
-    assert_eq!(
-        store.requeue_expired(now_ms()).await.unwrap(),
-        vec![id.clone()]
-    );
+    assert_eq!(store.requeue_expired().await.unwrap(), vec![id.clone()]);
     let job = store.get_job_any(&id).await.unwrap().unwrap();
     assert_eq!(
         (job.state.as_str(), job.restart_count, job.worker_id),
         ("queued", 1, None)
     );
     assert!(matches!(
-        store.heartbeat(&id, "dead", now_ms() + 1000).await,
+        store.heartbeat(&id, "dead", 1000).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    // A worker whose lease is gone writes no more events either.
+    assert!(matches!(
+        store.record_event(&id, "dead", "info", "{}").await,
         Err(StoreError::LeaseLost { .. })
     ));
 
     let claim = store
-        .claim_job("alive", &devices(1), now_ms() + 60_000)
+        .claim_job("alive", &devices(1), 60_000)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(claim.job.id, id);
     assert_eq!(
-        store
-            .heartbeat(&id, "alive", now_ms() + 60_000)
-            .await
-            .unwrap(),
+        store.heartbeat(&id, "alive", 60_000).await.unwrap(),
         JobState::Running
     );
+    // The lease runs 60 s by the database's clock: nothing has expired.
+    assert!(store.requeue_expired().await.unwrap().is_empty());
+    store
+        .record_event(&id, "alive", "info", "{}")
+        .await
+        .unwrap();
     // Without a checkpoint the resumed run starts over: its old metrics go.
     assert_eq!(store.discard_metrics_after(&id, 0).await.unwrap(), 1);
     assert_eq!(store.get_job_any(&id).await.unwrap().unwrap().step, 0);

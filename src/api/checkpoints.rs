@@ -17,6 +17,7 @@ use super::AppState;
 use super::auth::Tenant;
 use super::problem::{ApiError, ApiResult, Problem};
 use super::views::{CheckpointFile, CheckpointList, CheckpointView};
+use crate::exec::checkpoint::manifest::{Incomplete, MANIFEST, check_file, verify};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -40,6 +41,15 @@ pub async fn list(
 ) -> ApiResult<Json<CheckpointList>> {
     state.tenant_job(&tenant, &id).await?;
     let rows = state.store.list_checkpoints(&id).await?;
+    // Only complete checkpoints: a torn or truncated one is never offered (sizes suffice here;
+    // a download checks the file's sha256 too).
+    let rows = tokio::task::spawn_blocking(move || {
+        rows.into_iter()
+            .filter(|row| verify(std::path::Path::new(&row.path), false).is_ok())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(ApiError::internal)?;
     let data = rows
         .into_iter()
         .map(CheckpointView::try_from)
@@ -89,12 +99,14 @@ pub async fn download(
         .iter()
         .find(|f| f.name == name)
         .ok_or_else(|| ApiError::not_found("checkpoint file", &name))?;
-    let path = PathBuf::from(&checkpoint.path).join(&file.name);
+    let dir = PathBuf::from(&checkpoint.path);
+    let path = dir.join(&file.name);
+    check_complete(dir, file.name.clone(), step).await?;
     let meta = tokio::fs::metadata(&path).await.map_err(|e| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("checkpoint file {name} is gone from storage: {e}"),
+            format!("checkpoint file {name} is gone from storage: {}", e.kind()),
         )
     })?;
     let len = meta.len();
@@ -145,6 +157,28 @@ pub async fn download(
         h.insert(header::CONTENT_RANGE, v);
     }
     Ok(response)
+}
+
+/// Refuses a file of a checkpoint that is not complete (a file missing or of the wrong size),
+/// or that differs from its manifest (a file altered on storage is not the trained one).
+async fn check_complete(dir: PathBuf, name: String, step: i64) -> ApiResult<()> {
+    let verdict = tokio::task::spawn_blocking(move || {
+        let manifest = verify(&dir, false)?;
+        match manifest.file(&name) {
+            Some(entry) => check_file(&dir, entry, true),
+            None if name == MANIFEST => Ok(()),
+            None => Err(Incomplete::Missing { name }),
+        }
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    verdict.map_err(|why| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "checkpoint_incomplete",
+            format!("the checkpoint of step {step} is not complete: {why}"),
+        )
+    })
 }
 
 /// One range of `bytes=a-b`, `bytes=a-`, `bytes=-n`, as inclusive `(start, end)` in `len`.

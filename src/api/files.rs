@@ -72,6 +72,7 @@ struct Received {
         (status = 413, description = "The file is over the upload limit", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The content does not parse for its purpose", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Rate limited; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "The service's storage is full; nothing of the upload is kept", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn upload(
@@ -85,7 +86,7 @@ pub async fn upload(
     let dir = state.data_dir.join("files").join(&id);
     tokio::fs::create_dir_all(&dir)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::storage)?;
     let received = match receive(&state, &dir, multipart).await {
         Ok(received) => received,
         Err(e) => {
@@ -175,7 +176,7 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
     let target = dir.join(name);
     tokio::fs::rename(dir.join("upload.part"), &target)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::storage)?;
     check_content(
         &purpose,
         &target,
@@ -194,7 +195,7 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
 async fn save(mut field: Field<'_>, path: &Path, limit: u64) -> ApiResult<(u64, String)> {
     let mut out = tokio::fs::File::create(path)
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::storage)?;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
     while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
@@ -203,9 +204,11 @@ async fn save(mut field: Field<'_>, path: &Path, limit: u64) -> ApiResult<(u64, 
             return Err(ApiError::too_large(limit, "the uploaded file").param("file"));
         }
         hasher.update(&chunk);
-        out.write_all(&chunk).await.map_err(ApiError::internal)?;
+        out.write_all(&chunk).await.map_err(ApiError::storage)?;
     }
-    out.flush().await.map_err(ApiError::internal)?;
+    out.flush().await.map_err(ApiError::storage)?;
+    // Space a file system only reserves at sync (tmpfs, quotas) fails here, not at close.
+    out.sync_all().await.map_err(ApiError::storage)?;
     Ok((bytes, hex::encode(hasher.finalize())))
 }
 

@@ -1,7 +1,6 @@
 //! Liveness (`/healthz`: the process serves) and readiness (`/readyz`: the database answers).
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::{Json, Router, routing::get};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -34,16 +33,14 @@ pub async fn healthz() -> Json<Health> {
 /// The database answers.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, body = Health),
-    (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json"),
+    (status = 503, description = "The database does not answer; see Retry-After", body = Problem, content_type = "application/problem+json"),
 ))]
 pub async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
-    state.store.ping().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            format!("database does not answer: {e}"),
-        )
-    })?;
+    state
+        .store
+        .ping()
+        .await
+        .map_err(ApiError::database_unavailable)?;
     Ok(Json(Health {
         status: "ready",
         version: env!("CARGO_PKG_VERSION"),

@@ -91,13 +91,31 @@ impl ApiError {
         )
     }
 
+    /// The cause goes to the log, not to the client: it may name the server's paths.
     pub fn internal(error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "internal error");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal_error",
-            format!("the service failed: {error}"),
+            "the service failed; its log has the cause",
         )
+    }
+
+    /// A failed file write: 507 when the storage is full (no space, read-only, quota).
+    pub fn storage(error: std::io::Error) -> Self {
+        if crate::exec::checkpoint::is_storage_full(&error) {
+            tracing::error!(%error, "storage full");
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                format!(
+                    "the service's storage cannot take this ({}); nothing was kept",
+                    error.kind()
+                ),
+            )
+        } else {
+            ApiError::internal(error)
+        }
     }
 
     /// 422 with every problem of a job body; `param` is the first.
@@ -114,8 +132,28 @@ impl ApiError {
     }
 }
 
+/// How long a client waits before asking again while the database is away.
+pub const DATABASE_RETRY_AFTER_S: u64 = 2;
+
+impl ApiError {
+    /// 503 with `Retry-After`: the database is away; the request may be repeated as it is.
+    pub fn database_unavailable(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "database unavailable");
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "the service's database does not answer; try again shortly",
+        );
+        e.retry_after = Some(DATABASE_RETRY_AFTER_S);
+        e
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_transient() {
+            return ApiError::database_unavailable(e);
+        }
         match e {
             StoreError::JobNotFound(id) => ApiError::not_found("job", &id),
             StoreError::Transition(t) => ApiError::conflict("invalid_state", t.to_string()),

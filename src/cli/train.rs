@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::exec::run::{Observer, Outcome, Run, RunError, StepMetrics, drive};
 use crate::plan::render;
-use crate::spec::JobSpec;
+use crate::spec::{JobSpec, StoragePolicy};
 
 /// Devices used when neither the job nor `--devices` names any.
 pub const DEFAULT_DEVICES: &str = "cpu:1x4GiB";
@@ -103,6 +103,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
     let text = std::fs::read_to_string(&args.job)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.job.display()))?;
     let mut spec = JobSpec::from_json(&text)?;
+    if spec.training.storage_policy() == Some(StoragePolicy::Pause) {
+        anyhow::bail!(
+            "training.on_storage_error: \"pause\" needs the service, where a paused job resumes; \
+             the command line stops on a full disk (use \"fail\")"
+        );
+    }
     resolve_paths(&mut spec, args.job.parent().unwrap_or(Path::new(".")));
     if let Some(steps) = args.steps {
         spec.training.steps = steps;

@@ -200,6 +200,16 @@ impl JobRunner for ExecRunner {
 
 fn failure(e: RunError) -> RunFailure {
     let blame = e.blame();
+    if let Some(kind) = e.storage_full() {
+        tracing::error!(error = %e, "a checkpoint could not be written");
+        return RunFailure::service(
+            blame.code,
+            format!(
+                "a checkpoint could not be written: the service's storage refused it ({kind}); \
+                 the checkpoints before it are kept"
+            ),
+        );
+    }
     let message = e.to_string();
     if blame.user {
         RunFailure::user(blame.code, message, blame.param.as_deref())

@@ -4,7 +4,9 @@
 pub mod devices;
 mod executor;
 mod planner;
+mod redact;
 mod resolve;
+mod resume;
 mod runner;
 mod sink;
 mod worker;

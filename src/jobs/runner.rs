@@ -43,7 +43,8 @@ pub struct RunRequest {
 
 impl RunRequest {
     /// Where the checkpoint after `step` must be written (Hugging Face layout, plus optimizer
-    /// and trainer state), before `RunSink::checkpoint` is called for it.
+    /// and trainer state, and `manifest.json` last), before `RunSink::checkpoint` is called
+    /// for it.
     pub fn checkpoint_dir(&self, step: u64) -> PathBuf {
         self.checkpoint_root.join(format!("step-{step}"))
     }
@@ -93,11 +94,8 @@ pub enum SinkError {
     LeaseLost,
     #[error("cannot record the run: {0}")]
     Store(String),
-    #[error("cannot list checkpoint files in {dir}: {source}")]
-    Checkpoint {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("the checkpoint of step {step} is not complete: {reason}")]
+    Incomplete { step: u64, reason: String },
 }
 
 /// What the worker asks of a running job, checked by the runner between steps.

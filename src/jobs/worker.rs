@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,13 +13,25 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::devices::DeviceInfo;
+use super::redact::without_server_paths;
 use super::resolve::{ResolveError, resolve_files};
-use super::runner::{
-    JobRunner, ResumePoint, RunControl, RunEnd, RunFailure, RunRequest, StopRequest,
+use super::resume::complete_checkpoint;
+use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopRequest};
+use super::sink::{JobLease, store_sink};
+use crate::spec::{JobSpec, StoragePolicy};
+use crate::store::{
+    Backoff, Claim, JobState, Store, StoreError, TransitionChange, new_id, retry_transient,
 };
-use super::sink::StoreSink;
-use crate::spec::JobSpec;
-use crate::store::{Claim, JobState, Store, StoreError, TransitionChange, new_id, now_ms};
+
+/// How long the end of a job waits for an absent database before giving up (the lease then
+/// runs out and the job is resumed from its last recorded checkpoint).
+const PATIENCE: Duration = Duration::from_secs(600);
+
+/// The failure code of a store that did not answer.
+const STORE_UNAVAILABLE: &str = "store_unavailable";
+
+/// The failure code of a checkpoint the storage refused (no space, read-only, quota).
+const STORAGE_FULL: &str = "storage_full";
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -57,6 +70,8 @@ pub struct Worker {
     config: WorkerConfig,
     /// Jobs on this worker: their devices and stop flag.
     running: Mutex<HashMap<String, (Vec<String>, RunControl)>>,
+    /// The last renewal of a lease failed for want of the database.
+    lease_trouble: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -70,6 +85,7 @@ impl Worker {
             runner,
             config,
             running: Mutex::new(HashMap::new()),
+            lease_trouble: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -93,19 +109,15 @@ impl Worker {
             .collect()
     }
 
-    fn lease_until(&self) -> i64 {
-        now_ms() + self.config.lease.as_millis() as i64
-    }
-
     /// Requeues expired leases, then claims the next job that fits the free devices.
     pub async fn claim_next(&self) -> Result<Option<Claim>, WorkerError> {
-        for id in self.store.requeue_expired(now_ms()).await? {
+        for id in self.store.requeue_expired().await? {
             tracing::warn!(job = %id, "lease expired; job requeued");
         }
         let free = self.free_devices();
         let Some(claim) = self
             .store
-            .claim_job(self.id(), &free, self.lease_until())
+            .claim_job(self.id(), &free, self.config.lease.as_millis() as i64)
             .await?
         else {
             return Ok(None);
@@ -134,7 +146,13 @@ impl Worker {
         let mut tasks = JoinSet::new();
         tracing::info!(worker = %self.id(), devices = self.config.devices.len(), "worker started");
         while !*shutdown.borrow() {
-            match self.claim_next().await {
+            let claim = if self.lease_trouble.load(Ordering::SeqCst) {
+                // A worker that cannot renew the leases it holds takes on no more.
+                Ok(None)
+            } else {
+                self.claim_next().await
+            };
+            match claim {
                 Ok(Some(claim)) => {
                     let me = self.clone();
                     tasks.spawn(async move { me.execute(claim).await });
@@ -178,39 +196,66 @@ impl Worker {
             Some((_, control)) => control.clone(),
             None => RunControl::new(),
         };
-        let request = match self.prepare(&claim).await {
+        let request = match self.prepare_patiently(&claim).await {
             Ok(request) => request,
-            Err(failure) => return self.finish(&id, Ok(Err(failure)), &control).await,
+            Err(failure) => {
+                return self
+                    .finish(&id, Ok(Err(failure)), &control, StoragePolicy::Fail)
+                    .await;
+            }
         };
-        let mut sink = StoreSink {
-            handle: tokio::runtime::Handle::current(),
+        let on_storage = request
+            .spec
+            .training
+            .storage_policy()
+            .unwrap_or(StoragePolicy::Fail);
+        let lease = JobLease {
             store: self.store.clone(),
             job_id: id.clone(),
             worker_id: self.id().to_owned(),
             lease: self.config.lease,
             control: control.clone(),
-            tokens: self
-                .store
-                .get_job_any(&id)
-                .await?
-                .map_or(0, |j| j.tokens.max(0) as u64),
         };
-        let heartbeat = tokio::spawn(heartbeat(
-            self.store.clone(),
-            id.clone(),
-            self.id().to_owned(),
-            self.config.lease,
-            control.clone(),
-        ));
+        let tokens = retry_transient(PATIENCE, || self.store.get_job_any(&id))
+            .await?
+            .map_or(0, |j| j.tokens.max(0) as u64);
+        let (mut sink, writer) = store_sink(lease.clone(), tokens);
+        let heartbeat = tokio::spawn(heartbeat(lease, self.lease_trouble.clone()));
         let runner = self.runner.clone();
         let run_control = control.clone();
-        let outcome =
-            tokio::task::spawn_blocking(move || runner.run(request, &mut sink, &run_control)).await;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let outcome = runner.run(request, &mut sink, &run_control);
+            drop(sink);
+            outcome
+        })
+        .await;
+        // The held records reach the store before the job's end does; the lease is renewed
+        // until then.
+        let unrecorded = writer.finish().await;
         heartbeat.abort();
         let outcome = outcome.map_err(|e| {
             RunFailure::service("executor_crashed", format!("the executor panicked: {e}"))
         });
-        self.finish(&id, outcome, &control).await
+        let outcome = match (outcome, unrecorded) {
+            (Ok(Ok(_)), Some(reason)) => Ok(Err(RunFailure::service("internal", reason))),
+            (outcome, _) => outcome,
+        };
+        self.finish(&id, outcome, &control, on_storage).await
+    }
+
+    /// `prepare`, waiting out a database outage rather than failing the job for it.
+    async fn prepare_patiently(&self, claim: &Claim) -> Result<RunRequest, RunFailure> {
+        let started = tokio::time::Instant::now();
+        let mut backoff = Backoff::default();
+        loop {
+            match self.prepare(claim).await {
+                Err(f) if f.code == STORE_UNAVAILABLE && started.elapsed() < PATIENCE => {
+                    tracing::warn!(job = %claim.job.id, error = %f, "database away; preparing again");
+                    tokio::time::sleep(backoff.next_wait()).await;
+                }
+                done => return done,
+            }
+        }
     }
 
     async fn prepare(&self, claim: &Claim) -> Result<RunRequest, RunFailure> {
@@ -232,10 +277,10 @@ impl Worker {
                 ));
             }
             Err(ResolveError::Store(e)) => {
-                return Err(RunFailure::service("store_unavailable", e.to_string()));
+                return Err(store_failure(e));
             }
         };
-        let store_err = |e: StoreError| RunFailure::service("store_unavailable", e.to_string());
+        let store_err = store_failure;
         let plan_row = self
             .store
             .get_plan(&job.tenant_id, &job.id)
@@ -245,10 +290,12 @@ impl Worker {
             .and_then(|p| p.plan)
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or(serde_json::Value::Null);
-        let resume_from = claim.resume_from.as_ref().map(|c| ResumePoint {
-            step: c.step.max(0) as u64,
-            dir: PathBuf::from(&c.path),
-        });
+        let resume_from = match &claim.resume_from {
+            Some(_) => complete_checkpoint(self.store.as_ref(), &job.id)
+                .await
+                .map_err(store_err)?,
+            None => None,
+        };
         // Steps after the checkpoint are trained again; their earlier metrics go.
         let kept = resume_from.as_ref().map_or(0, |r| r.step as i64);
         self.store
@@ -287,6 +334,7 @@ impl Worker {
         id: &str,
         outcome: Result<Result<RunEnd, RunFailure>, RunFailure>,
         control: &RunControl,
+        on_storage: StoragePolicy,
     ) -> Result<(), WorkerError> {
         if control.requested() == Some(StopRequest::Abandon) {
             tracing::warn!(job = %id, "lease lost; leaving the job to its new worker");
@@ -300,7 +348,7 @@ impl Worker {
             Ok(RunEnd::Completed) => JobState::Succeeded,
             Ok(RunEnd::Cancelled) => JobState::Cancelled,
             Ok(RunEnd::Stopped { step }) => {
-                let state = match self.store.get_job_any(id).await? {
+                let state = match retry_transient(PATIENCE, || self.store.get_job_any(id)).await? {
                     Some(job) => job.job_state()?,
                     None => return Ok(()),
                 };
@@ -314,13 +362,24 @@ impl Worker {
                     }
                 }
             }
-            Err(failure) => {
+            Err(mut failure) => {
                 tracing::warn!(job = %id, error = %failure, "job failed");
-                change.error = serde_json::to_string(&failure).ok();
-                JobState::Failed
+                failure.message = without_server_paths(&failure.message, &self.config.data_dir);
+                if failure.code == STORAGE_FULL && on_storage == StoragePolicy::Pause {
+                    change.message = Some(format!(
+                        "paused until storage is freed ({STORAGE_FULL}): {}",
+                        failure.message
+                    ));
+                    JobState::Paused
+                } else {
+                    change.error = serde_json::to_string(&failure).ok();
+                    JobState::Failed
+                }
             }
         };
-        match self.store.transition(id, to, change).await {
+        let transition =
+            retry_transient(PATIENCE, || self.store.transition(id, to, change.clone()));
+        match transition.await {
             Ok(_) => Ok(()),
             Err(StoreError::LeaseLost { .. }) => {
                 tracing::warn!(job = %id, "lease lost before the job's end was recorded");
@@ -331,27 +390,48 @@ impl Worker {
     }
 }
 
-async fn heartbeat(
-    store: Arc<dyn Store>,
-    id: String,
-    worker: String,
-    lease: Duration,
-    control: RunControl,
-) {
+/// `store_unavailable` (waited out) for an outage, `internal` for anything else.
+fn store_failure(e: StoreError) -> RunFailure {
+    let code = if e.is_transient() {
+        STORE_UNAVAILABLE
+    } else {
+        "internal"
+    };
+    RunFailure::service(code, e.to_string())
+}
+
+/// Renews the job's lease every third of it. A lost lease abandons the job; a renewal the
+/// database cannot take marks the worker as unable to hold leases, so it claims nothing new.
+async fn heartbeat(lease: JobLease, trouble: Arc<AtomicBool>) {
+    let JobLease {
+        store,
+        job_id: id,
+        worker_id: worker,
+        lease,
+        control,
+    } = lease;
     loop {
         tokio::time::sleep(lease / 3).await;
         match store
-            .heartbeat(&id, &worker, now_ms() + lease.as_millis() as i64)
+            .heartbeat(&id, &worker, lease.as_millis() as i64)
             .await
         {
-            Ok(JobState::Pausing) => control.request(StopRequest::Pause),
-            Ok(JobState::Cancelling) => control.request(StopRequest::Cancel),
-            Ok(_) => {}
+            Ok(state) => {
+                trouble.store(false, Ordering::SeqCst);
+                match state {
+                    JobState::Pausing => control.request(StopRequest::Pause),
+                    JobState::Cancelling => control.request(StopRequest::Cancel),
+                    _ => {}
+                }
+            }
             Err(StoreError::LeaseLost { .. }) => {
                 control.request(StopRequest::Abandon);
                 return;
             }
-            Err(e) => tracing::warn!(job = %id, error = %e, "heartbeat failed"),
+            Err(e) => {
+                trouble.store(true, Ordering::SeqCst);
+                tracing::warn!(job = %id, error = %e, "heartbeat failed");
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ mod validate;
 pub use model::{Architecture, ModelArch, ModelInit, ModelSpec};
 pub use parallelism::{OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages};
 pub use rope::RopeScaling;
+pub use training::StoragePolicy;
 pub use training::{DataSpec, LrDecay, OptimizerSpec, PrecisionSpec, TrainingSpec};
 pub use validate::{InvalidSpec, SpecError};
 

@@ -124,6 +124,27 @@ pub struct TrainingSpec {
     pub checkpoint_every: Option<u64>,
     #[serde(default)]
     pub precision: PrecisionSpec,
+    /// What the job does when a checkpoint cannot be written for want of storage (no space,
+    /// a read-only file system, a quota): `"fail"` (the default; `code: storage_full`) or
+    /// `"pause"` (resumable once space is freed).
+    #[serde(default = "default_on_storage_error")]
+    pub on_storage_error: String,
+}
+
+/// `training.on_storage_error`, once validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoragePolicy {
+    Fail,
+    Pause,
+}
+
+const STORAGE_POLICIES: [(&str, StoragePolicy); 2] = [
+    ("fail", StoragePolicy::Fail),
+    ("pause", StoragePolicy::Pause),
+];
+
+fn default_on_storage_error() -> String {
+    "fail".to_owned()
 }
 
 /// How activations are stored and matrix products computed. Weights, gradients and optimizer
@@ -149,8 +170,25 @@ impl TrainingSpec {
         self.micro_batch_size * self.microbatches
     }
 
+    /// `None` for a value `check` refuses.
+    pub fn storage_policy(&self) -> Option<StoragePolicy> {
+        STORAGE_POLICIES
+            .iter()
+            .find(|(name, _)| *name == self.on_storage_error)
+            .map(|(_, policy)| *policy)
+    }
+
     pub(super) fn check(&self, errors: &mut Vec<SpecError>) {
         positive("training.seq_len", self.seq_len, errors);
+        if self.storage_policy().is_none() {
+            errors.push(SpecError::new(
+                "training.on_storage_error",
+                format!(
+                    "must be \"fail\" or \"pause\", got {:?}",
+                    self.on_storage_error
+                ),
+            ));
+        }
         positive("training.micro_batch_size", self.micro_batch_size, errors);
         positive("training.microbatches", self.microbatches, errors);
         positive("training.steps", self.steps as usize, errors);

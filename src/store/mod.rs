@@ -13,6 +13,7 @@ mod queue_sql;
 mod rows;
 mod sqlite;
 pub mod state;
+mod transient;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ pub use postgres::PgStore;
 pub use rows::*;
 pub use sqlite::SqliteStore;
 pub use state::{InvalidTransition, JobState};
+pub use transient::{Backoff, retry_transient};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -141,18 +143,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<JobRow>;
 
     /// Takes the oldest queued job needing at most `free_devices`, leases it to `worker_id`
-    /// until `lease_until` and records its devices. PostgreSQL: `FOR UPDATE SKIP LOCKED`.
+    /// for `lease_ms` by the database's clock and records its devices. PostgreSQL:
+    /// `FOR UPDATE SKIP LOCKED`.
     async fn claim_job(
         &self,
         worker_id: &str,
         free_devices: &[String],
-        lease_until: i64,
+        lease_ms: i64,
     ) -> StoreResult<Option<Claim>>;
     /// Extends the lease; returns the job's state, or `LeaseLost`.
-    async fn heartbeat(&self, id: &str, worker_id: &str, lease_until: i64)
-    -> StoreResult<JobState>;
+    /// Extends the lease to `lease_ms` from now by the database's clock.
+    async fn heartbeat(&self, id: &str, worker_id: &str, lease_ms: i64) -> StoreResult<JobState>;
     /// Jobs whose lease ran out go back to the queue (restart count + 1); returns their ids.
-    async fn requeue_expired(&self, now: i64) -> StoreResult<Vec<String>>;
+    /// Judged by the database's clock, so workers' clocks need not agree.
+    async fn requeue_expired(&self) -> StoreResult<Vec<String>>;
     /// Drops metrics after `step` (from a run that died before its next checkpoint).
     async fn discard_metrics_after(&self, id: &str, step: i64) -> StoreResult<u64>;
 
@@ -165,6 +169,14 @@ pub trait Store: Send + Sync + 'static {
         step: &StepRecord,
     ) -> StoreResult<JobState>;
     async fn record_checkpoint(&self, worker_id: &str, row: &CheckpointRow) -> StoreResult<()>;
+    /// A running job's event, only while it is leased to `worker_id` (else `LeaseLost`).
+    async fn record_event(
+        &self,
+        id: &str,
+        worker_id: &str,
+        kind: &str,
+        data: &str,
+    ) -> StoreResult<()>;
     async fn latest_checkpoint(&self, id: &str) -> StoreResult<Option<CheckpointRow>>;
     async fn list_checkpoints(&self, id: &str) -> StoreResult<Vec<CheckpointRow>>;
     async fn get_checkpoint(&self, id: &str, step: i64) -> StoreResult<Option<CheckpointRow>>;

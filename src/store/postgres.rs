@@ -14,6 +14,8 @@ impl PgStore {
     pub async fn connect(url: &str) -> StoreResult<PgStore> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            // While the database is away a request fails fast (503) rather than hang.
+            .acquire_timeout(std::time::Duration::from_secs(3))
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
@@ -30,5 +32,6 @@ sql_store!(
     PgStore,
     sqlx::Postgres,
     lock = " FOR UPDATE",
-    skip_locked = " FOR UPDATE SKIP LOCKED"
+    skip_locked = " FOR UPDATE SKIP LOCKED",
+    now_ms = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT"
 );

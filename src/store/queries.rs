@@ -4,8 +4,8 @@
 //! `skip_locked` to the claim's select.
 
 macro_rules! sql_store {
-    ($store:ty, $db:ty, lock = $lock:literal, skip_locked = $skip:literal) => {
-        $crate::store::queue_sql::queue_sql!($store, $db, lock = $lock, skip_locked = $skip);
+    ($store:ty, $db:ty, lock = $lock:literal, skip_locked = $skip:literal, now_ms = $now:literal) => {
+        $crate::store::queue_sql::queue_sql!($store, $db, lock = $lock, skip_locked = $skip, now_ms = $now);
 
         #[async_trait::async_trait]
         impl Store for $store {
@@ -350,22 +350,22 @@ macro_rules! sql_store {
                 &self,
                 worker_id: &str,
                 free_devices: &[String],
-                lease_until: i64,
+                lease_ms: i64,
             ) -> StoreResult<Option<Claim>> {
-                self.claim_job_query(worker_id, free_devices, lease_until).await
+                self.claim_job_query(worker_id, free_devices, lease_ms).await
             }
 
             async fn heartbeat(
                 &self,
                 id: &str,
                 worker_id: &str,
-                lease_until: i64,
+                lease_ms: i64,
             ) -> StoreResult<JobState> {
-                self.heartbeat_query(id, worker_id, lease_until).await
+                self.heartbeat_query(id, worker_id, lease_ms).await
             }
 
-            async fn requeue_expired(&self, now: i64) -> StoreResult<Vec<String>> {
-                self.requeue_expired_query(now).await
+            async fn requeue_expired(&self) -> StoreResult<Vec<String>> {
+                self.requeue_expired_query().await
             }
 
             async fn discard_metrics_after(&self, id: &str, step: i64) -> StoreResult<u64> {
@@ -383,6 +383,10 @@ macro_rules! sql_store {
 
             async fn record_checkpoint(&self, worker_id: &str, row: &CheckpointRow) -> StoreResult<()> {
                 self.record_checkpoint_query(worker_id, row).await
+            }
+
+            async fn record_event(&self, id: &str, worker_id: &str, kind: &str, data: &str) -> StoreResult<()> {
+                self.record_event_query(id, worker_id, kind, data).await
             }
         }
     };

@@ -3,7 +3,7 @@
 //! `queue_sql!` expands to inherent methods the `Store` implementation (`sql_store!`) calls.
 
 macro_rules! queue_sql {
-    ($store:ty, $db:ty, lock = $lock:literal, skip_locked = $skip:literal) => {
+    ($store:ty, $db:ty, lock = $lock:literal, skip_locked = $skip:literal, now_ms = $now:literal) => {
         impl $store {
             /// Commits on success; rolls back at once on failure, so no row stays locked until
             /// the connection is next used.
@@ -225,7 +225,7 @@ macro_rules! queue_sql {
                 &self,
                 worker_id: &str,
                 free_devices: &[String],
-                lease_until: i64,
+                lease_ms: i64,
             ) -> StoreResult<Option<Claim>> {
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
@@ -242,13 +242,13 @@ macro_rules! queue_sql {
                     let needed = (job.devices_needed.max(0) as usize).min(free_devices.len());
                     let devices = serde_json::to_string(&free_devices[..needed])
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    sqlx::query(
-                        "UPDATE jobs SET worker_id = $2, lease_expires_at = $3, devices = $4, \
+                    sqlx::query(concat!(
+                        "UPDATE jobs SET worker_id = $2, lease_expires_at = ", $now, " + $3, devices = $4, \
                          started_at = COALESCE(started_at, $5) WHERE id = $1",
-                    )
+                    ))
                     .bind(&id)
                     .bind(worker_id)
-                    .bind(lease_until)
+                    .bind(lease_ms)
                     .bind(&devices)
                     .bind(now_ms())
                     .execute(&mut *tx)
@@ -274,15 +274,15 @@ macro_rules! queue_sql {
                 &self,
                 id: &str,
                 worker_id: &str,
-                lease_until: i64,
+                lease_ms: i64,
             ) -> StoreResult<JobState> {
-                let state: Option<String> = sqlx::query_scalar(
-                    "UPDATE jobs SET lease_expires_at = $3 WHERE id = $1 AND worker_id = $2 \
+                let state: Option<String> = sqlx::query_scalar(concat!(
+                    "UPDATE jobs SET lease_expires_at = ", $now, " + $3 WHERE id = $1 AND worker_id = $2 \
                      AND state IN ('running', 'pausing', 'cancelling') RETURNING state",
-                )
+                ))
                 .bind(id)
                 .bind(worker_id)
-                .bind(lease_until)
+                .bind(lease_ms)
                 .fetch_optional(&self.pool)
                 .await?;
                 let state = state.ok_or_else(|| StoreError::LeaseLost {
@@ -292,15 +292,14 @@ macro_rules! queue_sql {
                 JobState::parse(&state).map_err(|e| StoreError::Corrupt(e.to_string()))
             }
 
-            async fn requeue_expired_query(&self, now: i64) -> StoreResult<Vec<String>> {
+            async fn requeue_expired_query(&self) -> StoreResult<Vec<String>> {
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
                     let expired: Vec<(String, String)> = sqlx::query_as(concat!(
                         "SELECT id, state FROM jobs WHERE state IN ('running', 'pausing', 'cancelling') \
-                         AND lease_expires_at < $1 ORDER BY id",
+                         AND lease_expires_at < ", $now, " ORDER BY id",
                         $skip
                     ))
-                    .bind(now)
                     .fetch_all(&mut *tx)
                     .await?;
                     let mut ids = Vec::with_capacity(expired.len());
@@ -376,18 +375,32 @@ macro_rules! queue_sql {
                     .execute(&mut *tx)
                     .await?;
                     sqlx::query(
-                        "UPDATE jobs SET step = $2, tokens = $3, latest_metrics = $4, lease_expires_at = $5 \
-                         WHERE id = $1",
+                        concat!("UPDATE jobs SET step = $2, tokens = $3, latest_metrics = $4, lease_expires_at = ",
+                        $now, " + $5 WHERE id = $1"),
                     )
                     .bind(id)
                     .bind(step.step)
                     .bind(step.tokens)
                     .bind(&step.data)
-                    .bind(step.lease_until)
+                    .bind(step.lease_ms)
                     .execute(&mut *tx)
                     .await?;
                     Self::event_in(&mut tx, id, "metrics", &step.data).await?;
                     Ok(state)
+                }
+                .await;
+                Self::settle(tx, result).await
+            }
+
+            async fn record_event_query(&self, id: &str, worker_id: &str, kind: &str, data: &str) -> StoreResult<()> {
+                let (_write, mut tx) = self.writer().await?;
+                let result: StoreResult<_> = async {
+                    let job = Self::lock_job(&mut tx, id).await?;
+                    if job.worker_id.as_deref() != Some(worker_id) {
+                        return Err(StoreError::LeaseLost { job: id.to_owned(), worker: worker_id.to_owned() });
+                    }
+                    Self::event_in(&mut tx, id, kind, data).await?;
+                    Ok(())
                 }
                 .await;
                 Self::settle(tx, result).await

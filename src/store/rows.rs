@@ -131,7 +131,8 @@ pub struct StepRecord {
     pub tokens: i64,
     /// JSON of `jobs::StepMetrics`.
     pub data: String,
-    pub lease_until: i64,
+    /// The lease runs this long from when the database takes the step, by its clock.
+    pub lease_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]

@@ -60,4 +60,10 @@ impl SqliteStore {
     }
 }
 
-sql_store!(SqliteStore, sqlx::Sqlite, lock = "", skip_locked = "");
+sql_store!(
+    SqliteStore,
+    sqlx::Sqlite,
+    lock = "",
+    skip_locked = "",
+    now_ms = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+);

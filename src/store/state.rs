@@ -96,7 +96,8 @@ impl JobState {
             (Validating, Queued | Failed | Cancelled)
                 | (Queued, Running | Cancelled | Paused)
                 // Running -> Queued: the worker stopped (shutdown, lost lease) and will resume.
-                | (Running, Succeeded | Failed | Pausing | Cancelling | Queued)
+                // Running -> Paused: a checkpoint found the storage full and the job asked to wait.
+                | (Running, Succeeded | Failed | Pausing | Cancelling | Queued | Paused)
                 | (Pausing, Paused | Succeeded | Failed | Cancelling | Queued)
                 | (Paused, Queued | Cancelled)
                 | (Cancelling, Cancelled | Succeeded | Failed)

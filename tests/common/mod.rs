@@ -417,6 +417,8 @@ pub fn write_weights(dir: &Path, weights: &[f32]) {
         r#"{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}"#,
     )
     .unwrap();
+    // Written last, as every checkpoint writer must: the checkpoint is complete.
+    chronospipe::exec::checkpoint::manifest::write_manifest(dir).unwrap();
 }
 
 pub fn read_weights(bytes: &[u8]) -> Vec<f32> {

@@ -2,6 +2,8 @@
 //! `LlamaForCausalLM.from_pretrained` loads, plus `optimizer.safetensors` and
 //! `trainer_state.json` for an exact resume.
 
+pub mod commit;
+pub mod manifest;
 pub mod model_files;
 pub mod safetensors_io;
 pub mod single_device;
@@ -18,6 +20,12 @@ use crate::exec::model::ModelError;
 pub enum CheckpointError {
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
+    /// Writing a checkpoint file failed; the OS error says whether storage is full.
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a valid checkpoint file: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: tensor {name} is missing")]
@@ -34,4 +42,22 @@ pub enum CheckpointError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Device(#[from] DeviceError),
+}
+
+impl CheckpointError {
+    pub(crate) fn write(path: &std::path::Path, source: std::io::Error) -> Self {
+        CheckpointError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// ENOSPC, EROFS, EDQUOT.
+pub fn is_storage_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::StorageFull | ErrorKind::ReadOnlyFilesystem | ErrorKind::QuotaExceeded
+    )
 }

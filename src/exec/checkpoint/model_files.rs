@@ -66,7 +66,7 @@ pub fn save_model(
     config: &LlamaConfig,
     parts: &[&PartParams],
 ) -> Result<(), CheckpointError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| CheckpointError::write(dir, e))?;
     let tensors = parts
         .iter()
         .flat_map(|p| p.names.iter().zip(&p.weights))
@@ -85,5 +85,5 @@ pub fn save_model(
     let cfg_path = dir.join("config.json");
     let text =
         serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| io_err(&cfg_path, e))?;
-    std::fs::write(&cfg_path, text).map_err(|e| io_err(&cfg_path, e))
+    std::fs::write(&cfg_path, text).map_err(|e| CheckpointError::write(&cfg_path, e))
 }

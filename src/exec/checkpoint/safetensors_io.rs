@@ -34,9 +34,15 @@ pub fn write_f32_file(
     tensors: Vec<(String, F32View<'_>)>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), CheckpointError> {
-    safetensors::serialize_to_file(tensors, &metadata, path).map_err(|e| CheckpointError::Format {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
+    safetensors::serialize_to_file(tensors, &metadata, path).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => CheckpointError::Write {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => CheckpointError::Format {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
     })
 }
 

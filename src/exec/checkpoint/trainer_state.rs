@@ -35,7 +35,7 @@ impl TrainerState {
     pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
         let path = dir.join("trainer_state.json");
         let text = serde_json::to_string_pretty(self).map_err(|e| io_err(&path, e))?;
-        std::fs::write(&path, text).map_err(|e| io_err(&path, e))
+        std::fs::write(&path, text).map_err(|e| CheckpointError::write(&path, e))
     }
 
     pub fn load(dir: &Path) -> Result<TrainerState, CheckpointError> {

@@ -1,6 +1,6 @@
 //! Why a run could not start or go on, and whose fault that is.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use thiserror::Error;
 
@@ -50,10 +50,15 @@ pub struct Blame {
 }
 
 impl RunError {
-    pub(super) fn io(path: &Path, e: std::io::Error) -> Self {
-        RunError::Io {
-            path: path.to_owned(),
-            reason: e.to_string(),
+    /// The storage's refusal, when a checkpoint could not be written for want of room.
+    pub fn storage_full(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            RunError::Checkpoint(CheckpointError::Write { source, .. })
+                if crate::exec::checkpoint::is_storage_full(source) =>
+            {
+                Some(source.kind())
+            }
+            _ => None,
         }
     }
 
@@ -78,6 +83,9 @@ impl RunError {
             RunError::Plan(PlanError::DoesNotFit { .. }) => user("does_not_fit", Some("devices")),
             RunError::Plan(_) => user("invalid_plan", Some("parallelism")),
             RunError::Data(_) => user("invalid_data", Some("data.train")),
+            RunError::Checkpoint(_) if self.storage_full().is_some() => ours("storage_full"),
+            // Writing a checkpoint is the service's business whatever went wrong.
+            RunError::Checkpoint(CheckpointError::Write { .. }) => ours("internal"),
             RunError::Checkpoint(_) => user("invalid_model", Some("model.init.from")),
             RunError::Model(_) => user("invalid_model", Some("model")),
             RunError::Pipeline(

@@ -14,6 +14,7 @@ use placement::Placement;
 pub use setup::{DeviceKind, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch};
 
 use crate::data::Batcher;
+use crate::exec::checkpoint::commit::write_checkpoint;
 use crate::exec::checkpoint::model_files::{load_weights, save_model};
 use crate::exec::checkpoint::trainer_state::{TrainerState, load_optimizer, save_optimizer};
 use crate::exec::model::LlamaConfig;
@@ -132,23 +133,25 @@ impl Run {
     }
 
     /// Writes `model.safetensors` + `config.json` (Hugging Face layout),
-    /// `optimizer.safetensors` and `trainer_state.json` into `dir`.
+    /// `optimizer.safetensors`, `trainer_state.json` and, last, `manifest.json` into `dir`,
+    /// whole or not at all (`checkpoint::commit`).
     pub fn save_checkpoint(&self, dir: &Path, last_loss: Option<f64>) -> Result<(), RunError> {
-        std::fs::create_dir_all(dir).map_err(|e| RunError::io(dir, e))?;
-        self.placement.with_state(|pairs| {
-            let parts: Vec<_> = pairs.iter().map(|(p, _)| *p).collect();
-            save_model(dir, self.placement.config(), &parts)?;
-            Ok(save_optimizer(dir, pairs)?)
-        })?;
-        let step = self.step();
-        TrainerState {
-            step,
-            data_position: step * self.spec.training.sequences_per_step() as u64,
-            rng_seed: self.spec.training.seed,
-            last_loss,
-        }
-        .save(dir)?;
-        Ok(())
+        write_checkpoint(dir, |dir| {
+            self.placement.with_state(|pairs| {
+                let parts: Vec<_> = pairs.iter().map(|(p, _)| *p).collect();
+                save_model(dir, self.placement.config(), &parts)?;
+                Ok(save_optimizer(dir, pairs)?)
+            })?;
+            let step = self.step();
+            TrainerState {
+                step,
+                data_position: step * self.spec.training.sequences_per_step() as u64,
+                rng_seed: self.spec.training.seed,
+                last_loss,
+            }
+            .save(dir)?;
+            Ok(())
+        })
     }
 
     /// Continues from a checkpoint written by `save_checkpoint` for the same model.

@@ -1,0 +1,305 @@
+//! Database outages: a PostgreSQL server this test starts itself (its own port and data
+//! directory) is stopped with `-m immediate` and started again several times while a job
+//! trains on the service. Meanwhile the API answers 503 with `Retry-After` and `/readyz` is
+//! not ready; both recover without a restart. The job keeps training through every outage
+//! (no restart), records each step's metric exactly once, and ends with the weights of an
+//! uninterrupted run. Skipped, with a message, where PostgreSQL's server binaries are missing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chronospipe::jobs::{
+    Engines, EventLevel, ExecPlanner, ExecRunner, JobRunner, RunControl, RunEnd, RunFailure,
+    RunRequest, RunSink, SinkError, StepMetrics,
+};
+use common::TestServer;
+use serde_json::{Value, json};
+
+const TEXT: &str = "Memory is a small fast cache; keep what is used soon, move the rest. ";
+const STEPS: i64 = 120;
+
+/// A PostgreSQL server of this test's own, run as the `postgres` user.
+struct OwnPostgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+fn as_postgres(bin: &Path, tool: &str, args: &[&str]) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join(tool))
+        .args(args)
+        .output()
+        .expect("runuser runs")
+}
+
+impl OwnPostgres {
+    fn start() -> Option<OwnPostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("pg_ctl").is_file())
+            .max()?;
+        let dir = tempfile::tempdir().unwrap();
+        let chown = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir.path())
+            .status();
+        if !chown.is_ok_and(|s| s.success()) {
+            println!("skipped: no postgres user to run a PostgreSQL server as");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = OwnPostgres { bin, dir, port };
+        let data = pg.data();
+        let init = as_postgres(
+            &pg.bin,
+            "initdb",
+            &["-D", &data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        );
+        if !init.status.success() {
+            println!(
+                "skipped: initdb failed: {}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+            return None;
+        }
+        pg.ctl(&["start"]);
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        format!("{}/data", self.dir.path().display())
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn ctl(&self, action: &[&str]) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            self.port,
+            self.dir.path().display()
+        );
+        let data = self.data();
+        let log = format!("{}/log", self.dir.path().display());
+        let mut args = vec!["-D", &data, "-l", &log, "-o", &options, "-w"];
+        args.extend_from_slice(action);
+        let out = as_postgres(&self.bin, "pg_ctl", &args);
+        assert!(
+            out.status.success(),
+            "pg_ctl {action:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &["-D", &data, "-m", "immediate", "stop"],
+        );
+    }
+}
+
+/// The real trainer, a few milliseconds slower per step, so that outages land mid-run.
+struct Unhurried;
+
+struct UnhurriedSink<'a>(&'a mut dyn RunSink);
+
+impl RunSink for UnhurriedSink<'_> {
+    fn step(&mut self, metrics: &StepMetrics) -> Result<(), SinkError> {
+        std::thread::sleep(Duration::from_millis(40));
+        self.0.step(metrics)
+    }
+    fn checkpoint(&mut self, step: u64, dir: &Path) -> Result<(), SinkError> {
+        self.0.checkpoint(step, dir)
+    }
+    fn event(&mut self, level: EventLevel, message: &str) -> Result<(), SinkError> {
+        self.0.event(level, message)
+    }
+}
+
+impl JobRunner for Unhurried {
+    fn run(
+        &self,
+        request: RunRequest,
+        sink: &mut dyn RunSink,
+        control: &RunControl,
+    ) -> Result<RunEnd, RunFailure> {
+        ExecRunner.run(request, &mut UnhurriedSink(sink), control)
+    }
+}
+
+fn body(train: &str) -> Value {
+    json!({
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 48, "vocab_size": 256, "init": {"seed": 5}},
+        "data": {"train": train},
+        "training": {"seq_len": 16, "micro_batch_size": 2, "microbatches": 2, "steps": STEPS,
+                     "checkpoint_every": 10, "optimizer": {"kind": "adamw", "lr": 0.003}},
+        "parallelism": {"stages": 2, "schedule": "1f1b"}
+    })
+}
+
+async fn weights(server: &TestServer, id: &str) -> bytes::Bytes {
+    let path = format!("/v1/jobs/{id}/checkpoints/{STEPS}/files/model.safetensors");
+    let response = server.get(&path).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap()
+}
+
+fn newest_checkpoint_on_disk(server: &TestServer, id: &str) -> i64 {
+    let dir = server
+        .data_dir
+        .path()
+        .join(format!("jobs/{id}/checkpoints"));
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every recorded step of the job, page by page.
+async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
+    let mut steps: Vec<i64> = Vec::new();
+    loop {
+        let after = steps.last().copied().unwrap_or(0);
+        let page = server
+            .get_json(&format!(
+                "/v1/jobs/{id}/metrics?after_step={after}&limit=100"
+            ))
+            .await;
+        let data = page["data"].as_array().unwrap();
+        if data.is_empty() {
+            return steps;
+        }
+        steps.extend(data.iter().map(|m| m["step"].as_i64().unwrap()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_trains_through_database_restarts() {
+    let Some(pg) = OwnPostgres::start() else {
+        return;
+    };
+    let engines = Engines {
+        planner: Some(Arc::new(ExecPlanner)),
+        runner: Some(Arc::new(Unhurried)),
+    };
+    let server = TestServer::start_with(&pg.url(), engines, |o| {
+        o.lease = Duration::from_secs(15);
+    })
+    .await;
+    let train = server
+        .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
+        .await;
+    let reference = server.create_job(&body(&train)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server.wait_for(&reference, "succeeded").await;
+
+    let id = server.create_job(&body(&train)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A fresh client for each question: pooled connections die with the server.
+    let ask = |path: String| {
+        let request = reqwest::Client::new()
+            .get(server.url(&path))
+            .header("authorization", format!("Bearer {}", common::KEY));
+        async move { request.send().await.unwrap() }
+    };
+    let mut seen_steps = Vec::new();
+    let mut outages = Vec::new();
+    for outage in 0..4 {
+        let step = loop {
+            let answer = ask(format!("/v1/jobs/{id}")).await;
+            if answer.status() == 200 {
+                let job: Value = answer.json().await.unwrap();
+                let step = job["progress"]["step"].as_i64().unwrap();
+                if step >= 10 + 25 * outage {
+                    break step;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        seen_steps.push(step);
+        let away = std::time::Instant::now();
+        pg.ctl(&["-m", "immediate", "stop"]);
+        for path in [format!("/v1/jobs/{id}"), "/readyz".to_owned()] {
+            let answer = ask(path.clone()).await;
+            assert_eq!(answer.status(), 503, "{path} while the database is away");
+            assert_eq!(answer.headers()["retry-after"], "2", "{path}");
+            let problem: Value = answer.json().await.unwrap();
+            assert_eq!(problem["code"], "database_unavailable", "{problem}");
+        }
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        if outage == 0 {
+            // Training went on while the database was away: newer checkpoints are on disk.
+            let newest = newest_checkpoint_on_disk(&server, &id);
+            assert!(
+                newest >= step + 10,
+                "step {step} recorded, {newest} on disk"
+            );
+        }
+        pg.ctl(&["start"]);
+        let mut ready = false;
+        for _ in 0..100 {
+            if ask("/readyz".into()).await.status() == 200 {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready, "/readyz recovers without a restart");
+        outages.push(away.elapsed().as_secs_f64());
+    }
+    assert!(
+        *seen_steps.last().unwrap() < STEPS,
+        "every outage came while the job ran: {seen_steps:?}"
+    );
+
+    let job = server.wait_for(&id, "succeeded").await;
+    let took =
+        |job: &Value| job["finished_at"].as_f64().unwrap() - job["started_at"].as_f64().unwrap();
+    let uninterrupted = server.get_json(&format!("/v1/jobs/{reference}")).await;
+    println!(
+        "database away {outages:.2?} s (at recorded steps {seen_steps:?}); the job took {:.2} s, \
+         uninterrupted {:.2} s",
+        took(&job),
+        took(&uninterrupted)
+    );
+    assert_eq!(
+        job["restart_count"], 0,
+        "trained through the outages: {job}"
+    );
+    assert_eq!(
+        metric_steps(&server, &id).await,
+        (1..=STEPS).collect::<Vec<_>>(),
+        "each step's metric exactly once"
+    );
+    assert!(
+        weights(&server, &id).await == weights(&server, &reference).await,
+        "the weights differ from an uninterrupted run's"
+    );
+    let _ = server.stop().await;
+}
