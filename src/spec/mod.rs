@@ -10,7 +10,9 @@ mod training;
 mod validate;
 
 pub use model::{Architecture, ModelArch, ModelInit, ModelSpec};
-pub use parallelism::{OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages};
+pub use parallelism::{
+    DataParallel, OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages,
+};
 pub use training::{DataSpec, LrDecay, OptimizerSpec, PrecisionSpec, TrainingSpec};
 pub use validate::{InvalidSpec, SpecError};
 
@@ -52,6 +54,7 @@ impl JobSpec {
         self.data.check(&mut errors);
         self.training.check(&mut errors);
         self.parallelism.check(&mut errors);
+        (self.parallelism).check_replica_share(self.training.microbatches, &mut errors);
         if let Some(arch) = self.model.explicit_arch() {
             validate::check_tokenizer_vocab(&self.data, arch.vocab_size, &mut errors);
         }

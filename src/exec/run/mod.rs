@@ -4,6 +4,7 @@
 
 mod error;
 mod placement;
+mod replicas;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -89,14 +90,12 @@ impl Run {
         self.spec.training.steps
     }
 
-    /// Each device's predicted peak bytes (the planner's simulation of the chosen plan).
+    /// Each run-wide device's predicted peak bytes (the planner's simulation of the chosen
+    /// plan; every replica's devices repeat the first's).
     pub fn predicted_peaks(&self) -> Vec<u64> {
-        self.answer
-            .sim
-            .devices
-            .iter()
-            .map(|d| d.peak_bytes)
-            .collect()
+        let one = self.answer.sim.devices.iter().map(|d| d.peak_bytes);
+        let replicas = self.answer.plan.replicas as usize;
+        one.collect::<Vec<_>>().repeat(replicas)
     }
 
     pub fn measured_peaks(&self) -> Vec<u64> {
