@@ -39,12 +39,17 @@ pub struct Summary {
     pub final_loss: Option<f64>,
     pub tokens_per_s: f64,
     pub plan: String,
+    /// Data-parallel replicas (1: one pipeline).
+    pub replicas: u32,
     pub devices: Vec<DeviceSummary>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct DeviceSummary {
     pub device: usize,
+    /// The replica the device belongs to, and its place in that replica's pipeline.
+    pub replica: usize,
+    pub stage: usize,
     pub measured_peak_bytes: u64,
     pub predicted_peak_bytes: u64,
 }
@@ -122,11 +127,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
     debug_assert!(matches!(outcome, Outcome::Completed { .. }));
     let elapsed = progress.started.elapsed().as_secs_f64();
     let predicted = run.predicted_peaks();
+    let stages = run.answer.plan.devices().max(1);
     let summary = Summary {
         steps: run.step(),
         final_loss: progress.last_loss,
         tokens_per_s: progress.tokens as f64 / elapsed.max(1e-9),
         plan: run.answer.best.choices.clone(),
+        replicas: run.answer.plan.replicas,
         devices: run
             .measured_peaks()
             .into_iter()
@@ -134,6 +141,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
             .enumerate()
             .map(|(device, (measured, predicted))| DeviceSummary {
                 device,
+                replica: device / stages,
+                stage: device % stages,
                 measured_peak_bytes: measured,
                 predicted_peak_bytes: predicted,
             })
