@@ -230,3 +230,35 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
     assert_eq!(field, "parallelism.data_parallel");
     assert!(message.contains("CUDA devices"), "{message}");
 }
+
+#[test]
+fn the_cli_trains_stages_x_replicas_and_says_so_in_its_summary() {
+    use chronospipe::train_cmd::{TrainArgs, run};
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let file = dir.path().join("job.json");
+    let mut spec = job(&data, 2, 2, "chronos");
+    spec.devices = None;
+    std::fs::write(&file, serde_json::to_string(&spec).unwrap()).unwrap();
+    let out = dir.path().join("out");
+    run(&TrainArgs {
+        job: file,
+        out: out.clone(),
+        devices: Some("cpu:4x64MiB".into()),
+        steps: Some(2),
+    })
+    .unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["replicas"], 2, "{summary}");
+    let devices = summary["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 4, "{summary}");
+    for (i, d) in devices.iter().enumerate() {
+        assert_eq!(d["replica"], i / 2, "{summary}");
+        assert_eq!(d["stage"], i % 2, "{summary}");
+        assert_eq!(
+            d["measured_peak_bytes"], d["predicted_peak_bytes"],
+            "{summary}"
+        );
+    }
+}
