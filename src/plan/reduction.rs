@@ -142,4 +142,48 @@ mod tests {
         let never = err("F0.0 F1.0 B0.0 B1.0", "2");
         assert!(never.contains("never reduced"), "{never}");
     }
+
+    #[test]
+    fn the_simulator_holds_the_program_for_a_ring_all_reduce_and_adds_no_memory() {
+        use crate::plan::memory::{ActionMemory, ChunkMemory};
+        use crate::plan::simulate::{simulate, uniform_costs};
+        let act = ActionMemory {
+            peak_above_start: 1,
+            net: 1,
+        };
+        let memory = ChunkMemory {
+            input_bytes: 0,
+            output_bytes: 0,
+            stash_bytes: 1,
+            kept_bytes: 0,
+            grad_in_bytes: 0,
+            grad_out_bytes: 0,
+            forward: act,
+            forward_dropping: act,
+            recompute: act,
+            backward: ActionMemory {
+                peak_above_start: 0,
+                net: -1,
+            },
+        };
+        let hw = Hardware {
+            peak_flops: 1.0,
+            efficiency: 1.0,
+            hbm_bytes_per_s: 1e30,
+            p2p_bytes_per_s: 1e6,
+            p2p_latency_s: 0.0,
+            host_bytes_per_s: 1e30,
+        };
+        let one = build(ScheduleKind::OneFOneB, 1, 2, 2).unwrap();
+        let mut costs = uniform_costs(1, memory, 1.0);
+        costs[0].grad_bytes = 1_000_000;
+        let four = with_gradient_reduction(one.clone(), 4).unwrap();
+        let (a, b) = (
+            simulate(&one, &costs, &hw, false).unwrap(),
+            simulate(&four, &costs, &hw, false).unwrap(),
+        );
+        // Each device moves 2 (4 - 1) / 4 of the gradients' megabyte at a megabyte a second.
+        assert!((b.step_time_s - a.step_time_s - 1.5).abs() < 1e-9, "{} vs {}", b.step_time_s, a.step_time_s);
+        assert_eq!(a.peak_bytes(), b.peak_bytes());
+    }
 }

@@ -505,8 +505,9 @@ fn step(plan: &Plan, s: &mut State, d: usize, a: Action) -> Result<bool, String>
                     s.m
                 ));
             }
-            let unreduced = (0..s.chunks)
-                .find(|&other| s.replicas > 1 && dev(other as u32) == Some(d) && !s.reduced[other]);
+            let unreduced = (0..s.chunks).find(|&other| {
+                s.replicas > 1 && dev(other as u32) == Some(d) && !s.reduced[other]
+            });
             if let Some(other) = unreduced {
                 return Err(format!(
                     "optimizer step of chunk {c} before AR{other}: a device steps on the \
@@ -514,25 +515,35 @@ fn step(plan: &Plan, s: &mut State, d: usize, a: Action) -> Result<bool, String>
                 ));
             }
         }
-        Action::Reduce { chunk: c } => {
-            if c as usize >= s.chunks {
-                return Err(format!("chunk {c} does not exist ({} chunks)", s.chunks));
-            }
-            holds(c)?;
-            if s.replicas < 2 {
-                return Err("a plan with one replica has no gradients to reduce".into());
-            }
-            resident(&s.grads, c, "the gradients")?;
-            if s.backwards_done[c as usize] as usize != s.m {
-                return Err(format!(
-                    "reduction of chunk {c} before all its {} backwards",
-                    s.m
-                ));
-            }
-            if std::mem::replace(&mut s.reduced[c as usize], true) {
-                return Err(format!("second reduction of chunk {c}"));
-            }
-        }
+        Action::Reduce { chunk: c } => reduction(s, c, dev(c) == Some(d))?,
     }
     Ok(true)
+}
+
+/// Checks `AR<c>` on a device (`here`: it holds the chunk) and records it.
+fn reduction(s: &mut State, c: u32, here: bool) -> Result<(), String> {
+    if c as usize >= s.chunks {
+        return Err(format!("chunk {c} does not exist ({} chunks)", s.chunks));
+    }
+    if !here {
+        return Err(format!("chunk {c} is not on this device"));
+    }
+    if s.replicas < 2 {
+        return Err("a plan with one replica has no gradients to reduce".into());
+    }
+    if s.grads[c as usize] != Place::Device {
+        return Err(format!(
+            "the gradients of chunk {c} are on the host here; prefetch them first"
+        ));
+    }
+    if s.backwards_done[c as usize] as usize != s.m {
+        return Err(format!(
+            "reduction of chunk {c} before all its {} backwards",
+            s.m
+        ));
+    }
+    if std::mem::replace(&mut s.reduced[c as usize], true) {
+        return Err(format!("second reduction of chunk {c}"));
+    }
+    Ok(())
 }

@@ -361,28 +361,7 @@ impl<E: Engine> Pipeline<E> {
                 })
                 .collect()
         });
-        let mut first_error = None;
-        let mut reports = Vec::new();
-        for result in results {
-            match result {
-                Ok((Ok(report), chunks)) => {
-                    self.chunks.push(chunks);
-                    reports.push(report);
-                }
-                Ok((Err(e), chunks)) => {
-                    self.chunks.push(chunks);
-                    // The device that failed first names the cause; the others were aborted.
-                    if first_error.is_none() || matches!(first_error, Some(PipelineError::Aborted))
-                    {
-                        first_error = Some(e);
-                    }
-                }
-                Err(e) => first_error = Some(e),
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        let reports = self.take_back(results)?;
         let totals = reports
             .iter()
             .find_map(|r| r.totals)
@@ -416,6 +395,40 @@ impl<E: Engine> Pipeline<E> {
             },
             timings,
         ))
+    }
+
+    /// Takes every device's chunks back after a step and returns the devices' reports, or
+    /// the error of the device that failed first.
+    #[allow(clippy::type_complexity)]
+    fn take_back(
+        &mut self,
+        results: Vec<
+            Result<(Result<worker::DeviceStep, PipelineError>, Vec<ChunkState<E>>), PipelineError>,
+        >,
+    ) -> Result<Vec<worker::DeviceStep>, PipelineError> {
+        let mut first_error = None;
+        let mut reports = Vec::new();
+        for result in results {
+            match result {
+                Ok((Ok(report), chunks)) => {
+                    self.chunks.push(chunks);
+                    reports.push(report);
+                }
+                Ok((Err(e), chunks)) => {
+                    self.chunks.push(chunks);
+                    // The device that failed first names the cause; the others were aborted.
+                    if first_error.is_none() || matches!(first_error, Some(PipelineError::Aborted))
+                    {
+                        first_error = Some(e);
+                    }
+                }
+                Err(e) => first_error = Some(e),
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
     }
 }
 
