@@ -32,7 +32,7 @@ pub fn with_gradient_reduction(plan: Plan, replicas: u32) -> Result<Plan, PlanEr
             let mut out = program.clone();
             // Insert from the back so earlier positions stay where they are.
             let mut at: Vec<(usize, u32)> = last_backwards(program);
-            at.sort_by(|a, b| b.0.cmp(&a.0));
+            at.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
             for (i, chunk) in at {
                 let after_send = match program.get(i + 1) {
                     Some(Action::SendGrad { chunk: c, .. }) if *c == chunk => i + 2,
@@ -183,7 +183,12 @@ mod tests {
             simulate(&four, &costs, &hw, false).unwrap(),
         );
         // Each device moves 2 (4 - 1) / 4 of the gradients' megabyte at a megabyte a second.
-        assert!((b.step_time_s - a.step_time_s - 1.5).abs() < 1e-9, "{} vs {}", b.step_time_s, a.step_time_s);
+        assert!(
+            (b.step_time_s - a.step_time_s - 1.5).abs() < 1e-9,
+            "{} vs {}",
+            b.step_time_s,
+            a.step_time_s
+        );
         assert_eq!(a.peak_bytes(), b.peak_bytes());
     }
 }

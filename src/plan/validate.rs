@@ -505,9 +505,8 @@ fn step(plan: &Plan, s: &mut State, d: usize, a: Action) -> Result<bool, String>
                     s.m
                 ));
             }
-            let unreduced = (0..s.chunks).find(|&other| {
-                s.replicas > 1 && dev(other as u32) == Some(d) && !s.reduced[other]
-            });
+            let unreduced = (0..s.chunks)
+                .find(|&other| s.replicas > 1 && dev(other as u32) == Some(d) && !s.reduced[other]);
             if let Some(other) = unreduced {
                 return Err(format!(
                     "optimizer step of chunk {c} before AR{other}: a device steps on the \

@@ -223,27 +223,31 @@ fn pretrained_init_may_omit_the_architecture_but_must_agree() {
 fn data_parallel_is_a_count_that_shares_the_micro_batches() {
     let mut spec = example();
     assert_eq!(spec.parallelism.data_parallel, DataParallel::Count(1));
-    assert!(!serde_json::to_string(&spec).unwrap().contains("data_parallel"));
+    assert!(
+        !serde_json::to_string(&spec)
+            .unwrap()
+            .contains("data_parallel")
+    );
     spec.parallelism.data_parallel = DataParallel::Count(2);
-    assert_eq!(params_of(&spec), ["model.vocab_size"]);
+    spec.validate().unwrap();
     for refused in [DataParallel::Count(0), DataParallel::Count(3)] {
         spec.parallelism.data_parallel = refused;
         assert_eq!(
             params_of(&spec),
-            ["parallelism.data_parallel", "model.vocab_size"],
+            ["parallelism.data_parallel"],
             "{refused:?}"
         );
     }
-    let auto = EXAMPLE.replace(r#""stages": 4,"#, r#""stages": 4, "data_parallel": "auto","#);
+    let auto = EXAMPLE.replace(
+        r#""stages": 4,"#,
+        r#""stages": 4, "data_parallel": "auto","#,
+    );
     let auto = JobSpec::from_json(&auto).unwrap();
     assert_eq!(auto.parallelism.data_parallel.count(), None);
     assert_eq!(params_of(&auto)[0], "parallelism.data_parallel");
     let mut sharded = example();
     sharded.parallelism.shard_optimizer = Some(false);
-    assert_eq!(params_of(&sharded), ["model.vocab_size"]);
+    sharded.validate().unwrap();
     sharded.parallelism.shard_optimizer = Some(true);
-    assert_eq!(
-        params_of(&sharded),
-        ["parallelism.shard_optimizer", "model.vocab_size"]
-    );
+    assert_eq!(params_of(&sharded), ["parallelism.shard_optimizer"]);
 }

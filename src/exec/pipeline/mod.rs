@@ -403,7 +403,13 @@ impl<E: Engine> Pipeline<E> {
     fn take_back(
         &mut self,
         results: Vec<
-            Result<(Result<worker::DeviceStep, PipelineError>, Vec<ChunkState<E>>), PipelineError>,
+            Result<
+                (
+                    Result<worker::DeviceStep, PipelineError>,
+                    Vec<ChunkState<E>>,
+                ),
+                PipelineError,
+            >,
         >,
     ) -> Result<Vec<worker::DeviceStep>, PipelineError> {
         let mut first_error = None;

@@ -18,7 +18,8 @@ fn replicated(replicas: u32) -> Vec<(String, Plan)> {
     for stages in [1, 2] {
         for kind in ScheduleKind::EACH {
             let m = 4 / replicas;
-            if matches!(kind, ScheduleKind::Interleaved { .. }) && (stages == 1 || m % stages != 0)
+            if matches!(kind, ScheduleKind::Interleaved { .. })
+                && (stages == 1 || !m.is_multiple_of(stages))
             {
                 continue;
             }
