@@ -52,6 +52,8 @@ pub struct DeviceSummary {
     pub stage: usize,
     pub measured_peak_bytes: u64,
     pub predicted_peak_bytes: u64,
+    /// Seconds in gradient reductions across replicas over the whole run.
+    pub reduction_s: f64,
 }
 
 /// Prints the plan and a progress line per step to standard error.
@@ -61,6 +63,8 @@ struct Progress {
     started: Instant,
     tokens: u64,
     last_loss: Option<f64>,
+    /// Per device, seconds in gradient reductions so far.
+    reduction_s: Vec<f64>,
 }
 
 impl Observer for Progress {
@@ -72,6 +76,10 @@ impl Observer for Progress {
     fn step(&mut self, m: &StepMetrics) -> Result<(), RunError> {
         self.tokens += m.tokens;
         self.last_loss = Some(m.loss);
+        self.reduction_s.resize(m.device_reduction_s.len(), 0.0);
+        for (total, s) in self.reduction_s.iter_mut().zip(&m.device_reduction_s) {
+            *total += s;
+        }
         let elapsed = self.started.elapsed().as_secs_f64();
         let eta = elapsed / m.step as f64 * (self.total - m.step) as f64;
         let width = 30;
@@ -122,6 +130,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
         started: Instant::now(),
         tokens: 0,
         last_loss: None,
+        reduction_s: Vec::new(),
     };
     let outcome = drive(&mut run, &mut progress)?;
     debug_assert!(matches!(outcome, Outcome::Completed { .. }));
@@ -145,6 +154,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
                 stage: device % stages,
                 measured_peak_bytes: measured,
                 predicted_peak_bytes: predicted,
+                reduction_s: progress.reduction_s.get(device).copied().unwrap_or(0.0),
             })
             .collect(),
     };

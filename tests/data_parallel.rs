@@ -260,5 +260,6 @@ fn the_cli_trains_stages_x_replicas_and_says_so_in_its_summary() {
             d["measured_peak_bytes"], d["predicted_peak_bytes"],
             "{summary}"
         );
+        assert!(d["reduction_s"].as_f64().unwrap() > 0.0, "{summary}");
     }
 }
