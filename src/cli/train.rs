@@ -39,14 +39,21 @@ pub struct Summary {
     pub final_loss: Option<f64>,
     pub tokens_per_s: f64,
     pub plan: String,
+    /// Data-parallel replicas (1: one pipeline).
+    pub replicas: u32,
     pub devices: Vec<DeviceSummary>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct DeviceSummary {
     pub device: usize,
+    /// The replica the device belongs to, and its place in that replica's pipeline.
+    pub replica: usize,
+    pub stage: usize,
     pub measured_peak_bytes: u64,
     pub predicted_peak_bytes: u64,
+    /// Seconds in gradient reductions across replicas over the whole run.
+    pub reduction_s: f64,
 }
 
 /// Prints the plan and a progress line per step to standard error.
@@ -56,6 +63,8 @@ struct Progress {
     started: Instant,
     tokens: u64,
     last_loss: Option<f64>,
+    /// Per device, seconds in gradient reductions so far.
+    reduction_s: Vec<f64>,
 }
 
 impl Observer for Progress {
@@ -67,6 +76,10 @@ impl Observer for Progress {
     fn step(&mut self, m: &StepMetrics) -> Result<(), RunError> {
         self.tokens += m.tokens;
         self.last_loss = Some(m.loss);
+        self.reduction_s.resize(m.device_reduction_s.len(), 0.0);
+        for (total, s) in self.reduction_s.iter_mut().zip(&m.device_reduction_s) {
+            *total += s;
+        }
         let elapsed = self.started.elapsed().as_secs_f64();
         let eta = elapsed / m.step as f64 * (self.total - m.step) as f64;
         let width = 30;
@@ -123,16 +136,19 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
         started: Instant::now(),
         tokens: 0,
         last_loss: None,
+        reduction_s: Vec::new(),
     };
     let outcome = drive(&mut run, &mut progress)?;
     debug_assert!(matches!(outcome, Outcome::Completed { .. }));
     let elapsed = progress.started.elapsed().as_secs_f64();
     let predicted = run.predicted_peaks();
+    let stages = run.answer.plan.devices().max(1);
     let summary = Summary {
         steps: run.step(),
         final_loss: progress.last_loss,
         tokens_per_s: progress.tokens as f64 / elapsed.max(1e-9),
         plan: run.answer.best.choices.clone(),
+        replicas: run.answer.plan.replicas,
         devices: run
             .measured_peaks()
             .into_iter()
@@ -140,8 +156,11 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
             .enumerate()
             .map(|(device, (measured, predicted))| DeviceSummary {
                 device,
+                replica: device / stages,
+                stage: device % stages,
                 measured_peak_bytes: measured,
                 predicted_peak_bytes: predicted,
+                reduction_s: progress.reduction_s.get(device).copied().unwrap_or(0.0),
             })
             .collect(),
     };

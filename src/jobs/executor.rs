@@ -117,17 +117,20 @@ fn plan_failure(e: RunError) -> PlanFailure {
 
 fn outcome(answer: &Answer) -> PlanOutcome {
     let sim = &answer.sim;
+    // Per run-wide device: every replica's devices run the first replica's programs.
+    let replicas = answer.plan.replicas as usize;
     let summary = PlanSummary {
         schedule: answer.best.schedule.clone(),
         stages: answer.best.pipeline,
-        devices: answer.plan.devices() as u32,
-        actions_per_device: answer
-            .plan
-            .programs
-            .iter()
+        devices: answer.plan.total_devices() as u32,
+        actions_per_device: (answer.plan.programs.iter())
             .map(|p| p.len() as u64)
-            .collect(),
-        peak_bytes: sim.devices.iter().map(|d| d.peak_bytes).collect(),
+            .collect::<Vec<_>>()
+            .repeat(replicas),
+        peak_bytes: (sim.devices.iter())
+            .map(|d| d.peak_bytes)
+            .collect::<Vec<_>>()
+            .repeat(replicas),
         step_time_s: sim.step_time_s,
         bubble_ratio: sim.bubble_ratio,
         runners_up: answer

@@ -17,6 +17,7 @@
 //! | `RG3.2<0` | receive gradient | receive the input gradient made by `B3.2` from device 0 |
 //! | `OFF:g` / `PRE:g` | offload / prefetch | copy group `g` to host and free it / copy it back |
 //! | `STEP1` / `STEP1.2` | optimizer step | update chunk 1's weights (slice 0 / slice 2 of them) from the accumulated gradients |
+//! | `AR1` | gradient reduction | sum chunk 1's gradients across the plan's replicas (after its last backward, before the device's first step) |
 //!
 //! Groups `g`: `S3.1` the stash of (3, 1) (whatever of it is on the device), `W1` chunk 1's
 //! weights, `G1` its gradients, `O1` / `O1.2` slice 0 / slice 2 of its optimizer state. The
@@ -31,6 +32,12 @@
 //! chunks' optimizer states (say) are never on the device together by accident. A program describes one training step and repeats: a weight,
 //! gradient or optimizer group starts the step where the program leaves it (on the host if the
 //! program's last `OFF`/`PRE` of it is an `OFF`).
+//!
+//! Data parallelism: `Plan::replicas` copies of the pipeline run the same programs, each on
+//! its own devices (replica `r`'s device `d` is run-wide device `r * devices() + d`) and each
+//! on its own `microbatches` micro-batches of the step. Device numbers in chunks, actions and
+//! peers are a replica's own. `AR<c>` meets the same action in every other replica: a
+//! reduction of one chunk's gradients across the replicas of its device.
 
 use std::fmt;
 use std::str::FromStr;
@@ -113,6 +120,10 @@ pub enum Action {
         chunk: u32,
         slice: u32,
     },
+    /// Sum of the chunk's gradients across the plan's replicas.
+    Reduce {
+        chunk: u32,
+    },
 }
 
 impl Action {
@@ -169,6 +180,7 @@ impl fmt::Display for Action {
             Action::Prefetch(g) => write!(f, "PRE:{g}"),
             Action::Step { chunk, slice: 0 } => write!(f, "STEP{chunk}"),
             Action::Step { chunk, slice } => write!(f, "STEP{chunk}.{slice}"),
+            Action::Reduce { chunk } => write!(f, "AR{chunk}"),
         }
     }
 }
@@ -253,6 +265,11 @@ impl FromStr for Action {
             return Ok(Action::Step { chunk, slice });
         }
         let two = |p: &str| s.strip_prefix(p);
+        if let Some(c) = two("AR") {
+            return Ok(Action::Reduce {
+                chunk: number(s, c)?,
+            });
+        }
         if let Some(r) = two("FD") {
             let (mb, chunk) = mb_chunk(s, r)?;
             return Ok(Action::Forward {
@@ -341,13 +358,23 @@ pub struct Plan {
     /// ranges of its flattened parameters (Adam is elementwise, so any split is exact).
     #[serde(default = "one")]
     pub optimizer_slices: u32,
+    /// Data-parallel copies of the pipeline (see the module's header); `microbatches` is
+    /// each one's share of the step.
+    #[serde(default = "one")]
+    pub replicas: u32,
     pub chunks: Vec<ChunkSpec>,
     pub programs: Vec<Vec<Action>>,
 }
 
 impl Plan {
+    /// One replica's devices: the programs.
     pub fn devices(&self) -> usize {
         self.programs.len()
+    }
+
+    /// Every replica's devices.
+    pub fn total_devices(&self) -> usize {
+        self.programs.len() * self.replicas as usize
     }
 
     /// The device holding `chunk`, if the chunk exists.
@@ -361,6 +388,9 @@ impl fmt::Display for Plan {
         writeln!(f, "microbatches {}", self.microbatches)?;
         if self.optimizer_slices != 1 {
             writeln!(f, "optimizer_slices {}", self.optimizer_slices)?;
+        }
+        if self.replicas != 1 {
+            writeln!(f, "replicas {}", self.replicas)?;
         }
         for (i, c) in self.chunks.iter().enumerate() {
             write!(f, "chunk {i} device {}", c.device)?;
@@ -401,6 +431,7 @@ impl FromStr for Plan {
         let mut plan = Plan {
             microbatches: 0,
             optimizer_slices: 1,
+            replicas: 1,
             chunks: vec![],
             programs: vec![],
         };
@@ -419,6 +450,8 @@ impl FromStr for Plan {
                 plan.microbatches = n.trim().parse().map_err(|_| bad("expected a number"))?;
             } else if let Some(n) = l.strip_prefix("optimizer_slices ") {
                 plan.optimizer_slices = n.trim().parse().map_err(|_| bad("expected a number"))?;
+            } else if let Some(n) = l.strip_prefix("replicas ") {
+                plan.replicas = n.trim().parse().map_err(|_| bad("expected a number"))?;
             } else if let Some(rest) = l.strip_prefix("chunk ") {
                 let words: Vec<&str> = rest.split_whitespace().collect();
                 let idx: usize = words
@@ -478,7 +511,9 @@ impl FromStr for Plan {
                     .collect::<Result<Vec<Action>, _>>()?;
                 plan.programs.push(program);
             } else {
-                return Err(bad("expected `microbatches`, `chunk` or `device`"));
+                return Err(bad(
+                    "expected `microbatches`, `optimizer_slices`, `replicas`, `chunk` or `device`",
+                ));
             }
         }
         Ok(plan)
@@ -486,83 +521,4 @@ impl FromStr for Plan {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn any_group() -> impl Strategy<Value = Group> {
-        prop_oneof![
-            (0u32..500, 0u32..64).prop_map(|(mb, chunk)| Group::Stash { mb, chunk }),
-            (0u32..64).prop_map(|chunk| Group::Weights { chunk }),
-            (0u32..64).prop_map(|chunk| Group::Grads { chunk }),
-            (0u32..64, 0u32..8).prop_map(|(chunk, slice)| Group::Optimizer { chunk, slice }),
-        ]
-    }
-
-    fn any_action() -> impl Strategy<Value = Action> {
-        let mc = (0u32..500, 0u32..64);
-        let mcp = (0u32..500, 0u32..64, 0u32..64);
-        prop_oneof![
-            (mc.clone(), any::<bool>()).prop_map(|((mb, chunk), drop_stash)| Action::Forward {
-                mb,
-                chunk,
-                drop_stash
-            }),
-            mc.clone()
-                .prop_map(|(mb, chunk)| Action::Recompute { mb, chunk }),
-            mc.prop_map(|(mb, chunk)| Action::Backward { mb, chunk }),
-            mcp.clone()
-                .prop_map(|(mb, chunk, peer)| Action::SendAct { mb, chunk, peer }),
-            mcp.clone()
-                .prop_map(|(mb, chunk, peer)| Action::RecvAct { mb, chunk, peer }),
-            mcp.clone()
-                .prop_map(|(mb, chunk, peer)| Action::SendGrad { mb, chunk, peer }),
-            mcp.prop_map(|(mb, chunk, peer)| Action::RecvGrad { mb, chunk, peer }),
-            any_group().prop_map(Action::Offload),
-            any_group().prop_map(Action::Prefetch),
-            (0u32..64, 0u32..8).prop_map(|(chunk, slice)| Action::Step { chunk, slice }),
-        ]
-    }
-
-    proptest! {
-        #[test]
-        fn every_action_round_trips(a in any_action()) {
-            let text = a.to_string();
-            prop_assert!(!text.contains(' '));
-            prop_assert_eq!(text.parse::<Action>().unwrap(), a);
-        }
-    }
-
-    #[test]
-    fn text_forms_read_as_documented() {
-        assert_eq!("F3.1".parse::<Action>().unwrap(), Action::forward(3, 1));
-        assert_eq!(
-            "SA3.1>2".parse::<Action>().unwrap(),
-            Action::SendAct {
-                mb: 3,
-                chunk: 1,
-                peer: 2
-            }
-        );
-        assert_eq!(
-            "OFF:O1".parse::<Action>().unwrap(),
-            Action::Offload(Group::Optimizer { chunk: 1, slice: 0 })
-        );
-        for bad in ["", "X1.2", "F1", "F1.x", "SA1.2", "OFF:Q1", "STEP"] {
-            assert!(bad.parse::<Action>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn a_plan_round_trips_and_errors_name_the_line() {
-        let text = "microbatches 1\nchunk 0 device 0 embedding layers 0..1\nchunk 1 device 1 layers 1..2 head\ndevice 0: F0.0 SA0.0>1 RG0.1<1 B0.0 STEP0\ndevice 1: RA0.0<0 F0.1 B0.1 SG0.1>0 STEP1\n";
-        let plan: Plan = text.parse().unwrap();
-        assert_eq!(plan.to_string(), text);
-        let json = serde_json::to_string(&plan).unwrap();
-        assert_eq!(serde_json::from_str::<Plan>(&json).unwrap(), plan);
-        let err = "microbatches 1\ndevice 0: F0.0 Q1"
-            .parse::<Plan>()
-            .unwrap_err();
-        assert!(matches!(err, PlanError::Parse { line: 2, .. }), "{err}");
-    }
-}
+mod tests;

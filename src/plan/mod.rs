@@ -10,11 +10,13 @@
 //!   `policy::apply` to add recompute/offload, for callers that choose the schedule themselves.
 //! - `ir::Plan` and `ir::Action`: what the executor runs (text form in `ir`'s doc);
 //!   `validate::validate` checks a plan before it runs.
+//! - `reduction::with_gradient_reduction(plan, replicas)`: the plan run by that many
+//!   data-parallel replicas, each chunk's gradients reduced across them.
 //! - `memory::chunk_memory`: per chunk and action kind, the bytes the executor must measure.
 //! - `search::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
 //!
 //! One concept per module: `cost` (parameters, FLOPs, shape checks), `inventory` and
-//! `megatron` (tensors per part and profile), `memory`, `ir`, `schedule`, `validate`,
+//! `megatron` (tensors per part and profile), `memory`, `ir`, `schedule`, `reduction`, `validate`,
 //! `simulate`, `policy`, `search`, `presets`, `render`, `error`.
 
 pub mod cost;
@@ -25,6 +27,7 @@ pub mod megatron;
 pub mod memory;
 pub mod policy;
 pub mod presets;
+pub mod reduction;
 pub mod render;
 pub mod schedule;
 pub mod search;

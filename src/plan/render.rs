@@ -120,6 +120,7 @@ fn colour(a: &Action) -> Option<&'static str> {
         Action::Step { .. } => "#b279a2",
         Action::Offload(_) => "#e45756",
         Action::Prefetch(_) => "#72b7b2",
+        Action::Reduce { .. } => "#9d755d",
         _ => return None,
     })
 }
@@ -161,6 +162,7 @@ pub fn svg(plan: &Plan, sim: &Simulation, budget_bytes: u64, title: &str) -> Str
         ("optimizer step", "#b279a2"),
         ("offload", "#e45756"),
         ("prefetch", "#72b7b2"),
+        ("reduction", "#9d755d"),
         ("memory", "#333"),
         ("usable HBM", "#d62728"),
     ];
@@ -172,12 +174,17 @@ pub fn svg(plan: &Plan, sim: &Simulation, budget_bytes: u64, title: &str) -> Str
             lx + 14.0
         );
     }
+    // One row per device of a replica: every replica runs the same programs.
+    let replicas = match plan.replicas {
+        1 => String::new(),
+        r => format!(" x{r}"),
+    };
     for (d, program) in plan.programs.iter().enumerate() {
         let y0 = 44.0 + ROW * d as f64;
         let dev = &sim.devices[d];
         let _ = writeln!(
             s,
-            r##"<text x="4" y="{}">dev {d}</text><text x="4" y="{}" fill="#666">{:.1} GiB</text>"##,
+            r##"<text x="4" y="{}">dev {d}{replicas}</text><text x="4" y="{}" fill="#666">{:.1} GiB</text>"##,
             y0 + 15.0,
             y0 + LANE + COPY + 20.0,
             gib(dev.peak_bytes)

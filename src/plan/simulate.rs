@@ -10,6 +10,11 @@
 //! allocates its buffer when its program posts the receive, the sender frees its copy when
 //! the transfer ends; an
 //! offload frees device memory when its copy ends, a prefetch allocates when its copy starts.
+//!
+//! Replicas run the same programs in lockstep, so one replica is simulated. A reduction
+//! `AR<c>` holds the program for a ring all-reduce of the chunk's gradients over the
+//! replicas (each device sends and receives `2 (r - 1) / r` of them); it sums in place, so it
+//! adds no memory.
 
 use serde::Serialize;
 
@@ -17,6 +22,7 @@ use super::error::PlanError;
 use super::inventory::{MicroShape, ModelDims, Profile, act_copy_bytes};
 use super::ir::{Action, Group, Plan};
 use super::memory::{ChunkMemory, chunk_memory};
+use super::reduction::reduction_s;
 use super::{cost, validate};
 
 /// What a device and its links can do.
@@ -443,6 +449,14 @@ pub fn simulate_trusted(
                         let end = ready + costs[c as usize].step_s / k as f64;
                         cursor[d] = end;
                         (ready, end)
+                    }
+                    Action::Reduce { chunk: c } => {
+                        let start = now.max(group_ready(&persistent[c as usize][GRADS]));
+                        stall[d] += start - now;
+                        let bytes = costs[c as usize].grad_bytes;
+                        let end = start + reduction_s(plan.replicas, bytes, hw);
+                        cursor[d] = end;
+                        (start, end)
                     }
                     Action::SendAct { mb, chunk: c, peer } => {
                         let bytes = costs[c as usize].memory.output_bytes;

@@ -7,6 +7,12 @@
 //! never block, a receive waits for its send; an action whose own-device input is not there
 //! yet can never get it (its device is the only producer), so that is an error at once; when
 //! every unfinished device waits on a receive, that is a deadlock.
+//!
+//! Replicas run the same programs, and a reduction `AR<c>` waits only for the same action in
+//! the other replicas. So the replicas can run in lockstep, and a plan whose single pipeline
+//! finishes with each `AR` taken as local finishes replicated: the logical run checks one
+//! replica. It proves each chunk reduced exactly once, after all its backwards and before any
+//! step on its device (the first step takes the norm of the reduced gradients).
 
 use std::collections::HashSet;
 
@@ -63,6 +69,8 @@ struct State {
     backwards_done: Vec<u32>,
     slices: usize,
     steps_done: Vec<u32>,
+    replicas: u32,
+    reduced: Vec<bool>,
     stash: Vec<Place>,
     weights: Vec<Place>,
     grads: Vec<Place>,
@@ -113,10 +121,11 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
         plan.chunks.len(),
         plan.programs.len(),
     );
-    if chunks == 0 || devices == 0 || m == 0 || plan.optimizer_slices == 0 {
+    if chunks == 0 || devices == 0 || m == 0 || plan.optimizer_slices == 0 || plan.replicas == 0 {
         return Err(PlanError::invalid(
             "plan",
-            "a plan needs at least one chunk, one device, one micro-batch and one optimizer slice",
+            "a plan needs at least one chunk, one device, one micro-batch, one optimizer slice \
+             and one replica",
         ));
     }
     for (c, spec) in plan.chunks.iter().enumerate() {
@@ -157,6 +166,8 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
         backwards_done: vec![0; chunks],
         slices: plan.optimizer_slices as usize,
         steps_done: vec![0; chunks * plan.optimizer_slices as usize],
+        replicas: plan.replicas,
+        reduced: vec![false; chunks],
         stash: vec![Place::Host; m * chunks],
         weights,
         grads,
@@ -207,6 +218,18 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
                 ));
             }
         }
+    }
+    if let Some(c) = (0..chunks).find(|&c| s.replicas > 1 && !s.reduced[c]) {
+        let (d, end) = last_place(plan, c as u32);
+        return Err(fail(
+            plan,
+            d,
+            end,
+            format!(
+                "chunk {c}'s gradients are never reduced across the {} replicas (AR{c})",
+                s.replicas
+            ),
+        ));
     }
     if let Some(i) = s.steps_done.iter().position(|&n| n == 0) {
         let (c, k) = (i / s.slices, i % s.slices);
@@ -482,7 +505,44 @@ fn step(plan: &Plan, s: &mut State, d: usize, a: Action) -> Result<bool, String>
                     s.m
                 ));
             }
+            let unreduced = (0..s.chunks)
+                .find(|&other| s.replicas > 1 && dev(other as u32) == Some(d) && !s.reduced[other]);
+            if let Some(other) = unreduced {
+                return Err(format!(
+                    "optimizer step of chunk {c} before AR{other}: a device steps on the \
+                     gradients summed over the replicas, all of its chunks'"
+                ));
+            }
         }
+        Action::Reduce { chunk: c } => reduction(s, c, dev(c) == Some(d))?,
     }
     Ok(true)
+}
+
+/// Checks `AR<c>` on a device (`here`: it holds the chunk) and records it.
+fn reduction(s: &mut State, c: u32, here: bool) -> Result<(), String> {
+    if c as usize >= s.chunks {
+        return Err(format!("chunk {c} does not exist ({} chunks)", s.chunks));
+    }
+    if !here {
+        return Err(format!("chunk {c} is not on this device"));
+    }
+    if s.replicas < 2 {
+        return Err("a plan with one replica has no gradients to reduce".into());
+    }
+    if s.grads[c as usize] != Place::Device {
+        return Err(format!(
+            "the gradients of chunk {c} are on the host here; prefetch them first"
+        ));
+    }
+    if s.backwards_done[c as usize] as usize != s.m {
+        return Err(format!(
+            "reduction of chunk {c} before all its {} backwards",
+            s.m
+        ));
+    }
+    if std::mem::replace(&mut s.reduced[c as usize], true) {
+        return Err(format!("second reduction of chunk {c}"));
+    }
+    Ok(())
 }

@@ -11,7 +11,9 @@ mod training;
 mod validate;
 
 pub use model::{Architecture, ModelArch, ModelInit, ModelSpec};
-pub use parallelism::{OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages};
+pub use parallelism::{
+    DataParallel, OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages,
+};
 pub use rope::RopeScaling;
 pub use training::StoragePolicy;
 pub use training::{DataSpec, LrDecay, OptimizerSpec, PrecisionSpec, TrainingSpec};
@@ -55,6 +57,7 @@ impl JobSpec {
         self.data.check(&mut errors);
         self.training.check(&mut errors);
         self.parallelism.check(&mut errors);
+        (self.parallelism).check_replica_share(self.training.microbatches, &mut errors);
         if let Some(arch) = self.model.explicit_arch() {
             validate::check_tokenizer_vocab(&self.data, arch.vocab_size, &mut errors);
         }

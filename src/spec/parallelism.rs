@@ -36,6 +36,34 @@ impl Stages {
     }
 }
 
+/// Data-parallel replicas: a count, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum DataParallel {
+    Auto(AutoKeyword),
+    Count(usize),
+}
+
+impl Default for DataParallel {
+    fn default() -> Self {
+        DataParallel::Count(1)
+    }
+}
+
+impl DataParallel {
+    /// The replica count; `None` for `"auto"`.
+    pub fn count(self) -> Option<usize> {
+        match self {
+            DataParallel::Auto(_) => None,
+            DataParallel::Count(n) => Some(n),
+        }
+    }
+
+    fn is_one(&self) -> bool {
+        *self == DataParallel::Count(1)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleChoice {
@@ -81,14 +109,63 @@ pub struct ParallelismSpec {
     pub recompute: RecomputeChoice,
     #[serde(default)]
     pub offload: OffloadChoice,
+    /// Copies of the pipeline, each on its own devices and its share of the step's
+    /// micro-batches (`training.microbatches / data_parallel` each); 1 when left out.
+    #[serde(default, skip_serializing_if = "DataParallel::is_one")]
+    pub data_parallel: DataParallel,
+    /// Each replica keeps 1/data_parallel of the optimizer state (not implemented yet: only
+    /// `false` or left out is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_optimizer: Option<bool>,
 }
 
 impl ParallelismSpec {
+    /// Each replica runs an equal share of the step's `microbatches`.
+    pub(super) fn check_replica_share(&self, microbatches: usize, errors: &mut Vec<SpecError>) {
+        let Some(dp) = self.data_parallel.count().filter(|&n| n > 1) else {
+            return;
+        };
+        if !microbatches.is_multiple_of(dp) {
+            let fits: Vec<String> = (1..=microbatches)
+                .filter(|n| microbatches.is_multiple_of(*n))
+                .map(|n| n.to_string())
+                .collect();
+            errors.push(SpecError::new(
+                "parallelism.data_parallel",
+                format!(
+                    "{dp} replicas cannot share training.microbatches = {microbatches} equally; \
+                     use a data_parallel that divides it ({}), or a multiple of {dp} \
+                     micro-batches",
+                    fits.join(", ")
+                ),
+            ));
+        }
+    }
+
     pub(super) fn check(&self, errors: &mut Vec<SpecError>) {
         if self.stages == Stages::Count(0) {
             errors.push(SpecError::new(
                 "parallelism.stages",
                 "must be at least 1, or \"auto\"",
+            ));
+        }
+        match self.data_parallel {
+            DataParallel::Count(0) => errors.push(SpecError::new(
+                "parallelism.data_parallel",
+                "must be at least 1 (1: one pipeline, no data parallelism)",
+            )),
+            DataParallel::Auto(_) => errors.push(SpecError::new(
+                "parallelism.data_parallel",
+                "\"auto\" is not implemented yet: the planner does not search data parallelism \
+                 for runs; name a count that divides the devices and training.microbatches",
+            )),
+            DataParallel::Count(_) => {}
+        }
+        if self.shard_optimizer == Some(true) {
+            errors.push(SpecError::new(
+                "parallelism.shard_optimizer",
+                "sharded optimizer state is not implemented yet: each replica keeps the whole \
+                 optimizer state; use false or leave it out",
             ));
         }
         if self.chunks_per_stage == Some(0) {

@@ -260,3 +260,36 @@ fn rope_scaling_and_architecture_are_read_and_checked() {
     let err = JobSpec::from_json(yarn).unwrap_err();
     assert!(err.to_string().contains("yarn"), "{err}");
 }
+
+#[test]
+fn data_parallel_is_a_count_that_shares_the_micro_batches() {
+    let mut spec = example();
+    assert_eq!(spec.parallelism.data_parallel, DataParallel::Count(1));
+    assert!(
+        !serde_json::to_string(&spec)
+            .unwrap()
+            .contains("data_parallel")
+    );
+    spec.parallelism.data_parallel = DataParallel::Count(2);
+    spec.validate().unwrap();
+    for refused in [DataParallel::Count(0), DataParallel::Count(3)] {
+        spec.parallelism.data_parallel = refused;
+        assert_eq!(
+            params_of(&spec),
+            ["parallelism.data_parallel"],
+            "{refused:?}"
+        );
+    }
+    let auto = EXAMPLE.replace(
+        r#""stages": 4,"#,
+        r#""stages": 4, "data_parallel": "auto","#,
+    );
+    let auto = JobSpec::from_json(&auto).unwrap();
+    assert_eq!(auto.parallelism.data_parallel.count(), None);
+    assert_eq!(params_of(&auto)[0], "parallelism.data_parallel");
+    let mut sharded = example();
+    sharded.parallelism.shard_optimizer = Some(false);
+    sharded.validate().unwrap();
+    sharded.parallelism.shard_optimizer = Some(true);
+    assert_eq!(params_of(&sharded), ["parallelism.shard_optimizer"]);
+}

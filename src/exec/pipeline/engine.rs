@@ -191,6 +191,10 @@ pub trait Engine: Sync {
         within: Range<usize>,
         src: &[f32],
     ) -> Result<()>;
+
+    /// Sums one gradient tensor's copies, one per replica, in replica order
+    /// (`copies[0] + copies[1] + ...`, element by element) and writes the sum into every copy.
+    fn sum_replicas(&self, device: u32, copies: &mut [&mut Self::Tensor]) -> Result<()>;
 }
 
 /// A host tensor between devices: its buffer, counted in no pool.
@@ -391,6 +395,30 @@ impl Engine for CpuEngine {
 
     fn write(&self, _device: u32, t: &mut Tensor, within: Range<usize>, src: &[f32]) -> Result<()> {
         t.data_mut()[within].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn sum_replicas(&self, _device: u32, copies: &mut [&mut Tensor]) -> Result<()> {
+        let Some((first, rest)) = copies.split_first_mut() else {
+            return Ok(());
+        };
+        if let Some(other) = rest.iter().find(|t| t.len() != first.len()) {
+            return Err(PipelineError::Reduction(format!(
+                "{} has {} elements in one replica and {} in another",
+                first.name(),
+                first.len(),
+                other.len()
+            )));
+        }
+        let sum = first.data_mut();
+        for other in rest.iter() {
+            for (s, o) in sum.iter_mut().zip(other.data()) {
+                *s += *o;
+            }
+        }
+        for other in rest.iter_mut() {
+            other.data_mut().copy_from_slice(sum);
+        }
         Ok(())
     }
 }

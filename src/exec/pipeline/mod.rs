@@ -8,6 +8,12 @@
 //! embedding's and RMSNorm's weight gradients, the gradient norm. GPU runs agree to rounding,
 //! not to the bit.)
 //!
+//! Data parallelism: the plan's replicas each get their own devices and threads (replica `r`'s
+//! device `d` is run-wide device `r * stages + d`), their own copy of the model and their own
+//! share of the step's micro-batches; `AR<c>` sums a chunk's gradients across them in replica
+//! order (`reduce_point`). Each replica scales its loss by the whole step's token count, so
+//! the sum is the global batch's mean gradient and every replica then takes the same step.
+//!
 //! Memory is counted at program points: a send gives the sender's bytes back, a receive takes
 //! the receiver's, an offload gives them back and a prefetch takes them when the action runs.
 //!
@@ -18,6 +24,8 @@
 mod chunk;
 pub mod engine;
 mod mailbox;
+mod reduce_point;
+mod seat;
 mod step_sync;
 mod worker;
 
@@ -41,6 +49,8 @@ pub use chunk::ChunkState;
 use engine::HostPart;
 pub use engine::{CpuEngine, Engine};
 use mailbox::{Abort, Mailbox};
+use reduce_point::ReducePoint;
+use seat::Seat;
 use step_sync::StepSync;
 use worker::{DeviceWorker, StepContext};
 
@@ -105,6 +115,8 @@ pub enum PipelineError {
         "step {step}: the gradient norm is {norm} (not finite); parameters were left unchanged"
     )]
     NonFiniteGradNorm { step: u64, norm: f64 },
+    #[error("gradient reduction across replicas: {0}")]
+    Reduction(String),
     #[error("stopped because another device failed")]
     Aborted,
     #[error("device {device}'s thread panicked")]
@@ -131,6 +143,8 @@ pub struct DeviceTiming {
     pub compute: Duration,
     /// Time waiting for messages or for the other devices at the step's meeting point.
     pub waiting: Duration,
+    /// Time in gradient reductions across replicas, waiting for the others included.
+    pub reducing: Duration,
 }
 
 /// The model split into the plan's chunks, each on its device, and the optimizer around it.
@@ -138,7 +152,7 @@ pub struct Pipeline<E: Engine = CpuEngine> {
     pub config: LlamaConfig,
     pub plan: Plan,
     pub devices: DeviceSet,
-    /// Per device, the chunks it holds.
+    /// Per run-wide device (replica by replica), the chunks it holds.
     chunks: Vec<Vec<ChunkState<E>>>,
     pub engine: E,
     pub optimizer: OptimizerConfig,
@@ -150,7 +164,7 @@ pub struct Pipeline<E: Engine = CpuEngine> {
 
 impl<E: Engine> Pipeline<E> {
     /// Places `parts` (every part of the model, in forward order, in any pool) on the plan's
-    /// devices and allocates each chunk's optimizer state there.
+    /// devices, a copy for each replica, and allocates each chunk's optimizer state there.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: LlamaConfig,
@@ -163,9 +177,9 @@ impl<E: Engine> Pipeline<E> {
         grad_clip: Option<f32>,
     ) -> Result<Self, PipelineError> {
         validate(&plan)?;
-        if plan.devices() != devices.devices.len() {
+        if plan.total_devices() != devices.devices.len() {
             return Err(PipelineError::DeviceCount {
-                plan: plan.devices(),
+                plan: plan.total_devices(),
                 given: devices.devices.len(),
             });
         }
@@ -177,46 +191,17 @@ impl<E: Engine> Pipeline<E> {
                 layers,
             });
         }
-        let mut chunks: Vec<Vec<ChunkState<E>>> = (0..plan.devices()).map(|_| Vec::new()).collect();
-        let mut parts = parts.into_iter();
-        for (index, spec) in plan.chunks.iter().enumerate() {
-            let count =
-                spec.layers() as usize + usize::from(spec.embedding) + usize::from(spec.head);
-            let pool = &devices.devices[spec.device as usize];
-            let chunk_parts = parts
-                .by_ref()
-                .take(count)
-                .map(|part| engine.adopt(part, &devices.host))
-                .collect::<Result<Vec<_>, _>>()?;
-            let chunk = index as u32;
-            // Built on the host, then each group goes to the device unless the program leaves
-            // it on the host (a program is one step that repeats), so no device ever holds
-            // more than it will in a step.
-            let mut state = ChunkState::new_on_host(
-                &engine,
-                chunk,
-                chunk_parts,
-                &optimizer,
-                plan.optimizer_slices,
-                &devices.host,
-            )?;
-            let groups = [Group::Weights { chunk }, Group::Grads { chunk }]
+        let mut chunks: Vec<Vec<ChunkState<E>>> =
+            (0..plan.total_devices()).map(|_| Vec::new()).collect();
+        let copies = (1..plan.replicas)
+            .map(|_| copy_parts(&parts, &config, &devices.host))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stages = plan.devices() as u32;
+        for (replica, parts) in std::iter::once(parts).chain(copies).enumerate() {
+            let first_device = replica as u32 * stages;
+            place_replica(&plan, &devices, &engine, &optimizer, first_device, parts)?
                 .into_iter()
-                .chain((0..plan.optimizer_slices).map(|slice| Group::Optimizer { chunk, slice }));
-            for group in groups {
-                let last_move = plan.programs[spec.device as usize]
-                    .iter()
-                    .rev()
-                    .find_map(|a| match a {
-                        Action::Offload(g) if *g == group => Some(true),
-                        Action::Prefetch(g) if *g == group => Some(false),
-                        _ => None,
-                    });
-                if last_move != Some(true) {
-                    state.place(&engine, spec.device, group, pool, false)?;
-                }
-            }
-            chunks[spec.device as usize].push(state);
+                .for_each(|(d, state)| chunks[d as usize].push(state));
         }
         Ok(Pipeline {
             config,
@@ -239,8 +224,11 @@ impl<E: Engine> Pipeline<E> {
     ) -> Result<R, PipelineError> {
         let host = &self.devices.host;
         let mut all: Vec<(HostPart<'_>, PartOptimState)> = Vec::new();
-        for chunk in self.chunks.iter().flatten() {
-            let device = self.plan.chunks[chunk.index as usize].device;
+        // Every replica holds the same state: replica 0's devices come first.
+        let replica_zero = self.chunks[..self.plan.devices()].iter().enumerate();
+        for (device, chunk) in
+            replica_zero.flat_map(|(d, cs)| cs.iter().map(move |c| (d as u32, c)))
+        {
             let parts = chunk
                 .parts
                 .iter()
@@ -262,8 +250,9 @@ impl<E: Engine> Pipeline<E> {
         mut load: impl FnMut(&mut [PartParams], &mut [PartOptimState]) -> Result<(), CheckpointError>,
     ) -> Result<(), PipelineError> {
         let host = &self.devices.host;
-        for chunk in self.chunks.iter_mut().flatten() {
-            let device = self.plan.chunks[chunk.index as usize].device;
+        // Every replica loads the same state.
+        let held = self.chunks.iter_mut().enumerate();
+        for (device, chunk) in held.flat_map(|(d, cs)| cs.iter_mut().map(move |c| (d as u32, c))) {
             let mut parts = Vec::with_capacity(chunk.parts.len());
             for p in &chunk.parts {
                 let lent = self.engine.host_part(device, p, host, &self.config)?;
@@ -298,18 +287,20 @@ impl<E: Engine> Pipeline<E> {
         &mut self,
         microbatches: &[Microbatch],
     ) -> Result<(StepReport, Vec<DeviceTiming>), PipelineError> {
-        if microbatches.len() != self.plan.microbatches as usize {
+        let step_microbatches = self.plan.microbatches * self.plan.replicas;
+        if microbatches.len() != step_microbatches as usize {
             return Err(PipelineError::MicrobatchCount {
-                plan: self.plan.microbatches,
+                plan: step_microbatches,
                 given: microbatches.len(),
             });
         }
         let total_tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
-        let mailboxes: Vec<Mailbox<E::Message>> = (0..self.plan.devices())
-            .map(|_| Mailbox::default())
-            .collect();
+        let devices = self.plan.total_devices();
+        let mailboxes: Vec<Mailbox<E::Message>> =
+            (0..devices).map(|_| Mailbox::default()).collect();
         let abort = Abort::default();
-        let sync = StepSync::new(self.plan.devices());
+        let sync = StepSync::new(devices);
+        let reduce = ReducePoint::new(self.plan.replicas as usize);
         let cx = StepContext {
             engine: &self.engine,
             config: &self.config,
@@ -318,13 +309,15 @@ impl<E: Engine> Pipeline<E> {
             mailboxes: &mailboxes,
             abort: &abort,
             sync: &sync,
+            reduce: &reduce,
             optimizer: &self.optimizer,
             schedule: &self.schedule,
             grad_clip: self.grad_clip,
             step: self.step,
             host: &self.devices.host,
         };
-        let alone = self.plan.devices() == 1;
+        let alone = devices == 1;
+        let stages = self.plan.devices() as u32;
         let held = std::mem::take(&mut self.chunks);
         let results: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = held
@@ -332,15 +325,22 @@ impl<E: Engine> Pipeline<E> {
                 .enumerate()
                 .map(|(d, chunks)| {
                     let pool = &self.devices.devices[d];
-                    let program = &self.plan.programs[d];
+                    let seat = Seat {
+                        replica: d as u32 / stages,
+                        stage: d as u32 % stages,
+                        stages,
+                        microbatches: self.plan.microbatches,
+                    };
+                    let program = &self.plan.programs[seat.stage as usize];
                     let cx = &cx;
                     scope.spawn(move || {
                         let work = move || {
-                            let mut w = DeviceWorker::new(d as u32, pool, program, chunks);
+                            let mut w = DeviceWorker::new(seat, pool, program, chunks);
                             let result = w.run(cx);
                             if result.is_err() {
                                 cx.abort.raise(cx.mailboxes);
                                 cx.sync.wake();
+                                cx.reduce.wake();
                             }
                             (result, w.chunks)
                         };
@@ -355,33 +355,13 @@ impl<E: Engine> Pipeline<E> {
                     h.join().map_err(|_| {
                         abort.raise(&mailboxes);
                         sync.wake();
+                        reduce.wake();
                         PipelineError::Panicked { device: d as u32 }
                     })
                 })
                 .collect()
         });
-        let mut first_error = None;
-        let mut reports = Vec::new();
-        for result in results {
-            match result {
-                Ok((Ok(report), chunks)) => {
-                    self.chunks.push(chunks);
-                    reports.push(report);
-                }
-                Ok((Err(e), chunks)) => {
-                    self.chunks.push(chunks);
-                    // The device that failed first names the cause; the others were aborted.
-                    if first_error.is_none() || matches!(first_error, Some(PipelineError::Aborted))
-                    {
-                        first_error = Some(e);
-                    }
-                }
-                Err(e) => first_error = Some(e),
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        let reports = self.take_back(results)?;
         let totals = reports
             .iter()
             .find_map(|r| r.totals)
@@ -403,6 +383,7 @@ impl<E: Engine> Pipeline<E> {
             .map(|r| DeviceTiming {
                 compute: r.compute,
                 waiting: r.waiting,
+                reducing: r.reducing,
             })
             .collect();
         Ok((
@@ -415,13 +396,52 @@ impl<E: Engine> Pipeline<E> {
             timings,
         ))
     }
+
+    /// Takes every device's chunks back after a step and returns the devices' reports, or
+    /// the error of the device that failed first.
+    #[allow(clippy::type_complexity)]
+    fn take_back(
+        &mut self,
+        results: Vec<
+            Result<
+                (
+                    Result<worker::DeviceStep, PipelineError>,
+                    Vec<ChunkState<E>>,
+                ),
+                PipelineError,
+            >,
+        >,
+    ) -> Result<Vec<worker::DeviceStep>, PipelineError> {
+        let mut first_error = None;
+        let mut reports = Vec::new();
+        for result in results {
+            match result {
+                Ok((Ok(report), chunks)) => {
+                    self.chunks.push(chunks);
+                    reports.push(report);
+                }
+                Ok((Err(e), chunks)) => {
+                    self.chunks.push(chunks);
+                    // The device that failed first names the cause; the others were aborted.
+                    if first_error.is_none() || matches!(first_error, Some(PipelineError::Aborted))
+                    {
+                        first_error = Some(e);
+                    }
+                }
+                Err(e) => first_error = Some(e),
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(reports),
+        }
+    }
 }
 
 impl Pipeline<CpuEngine> {
-    /// Every part, in model order.
+    /// Every part, in model order (replica 0's: every replica holds the same).
     pub fn parts(&self) -> Vec<&PartParams> {
-        let mut all: Vec<_> = self
-            .chunks
+        let mut all: Vec<_> = self.chunks[..self.plan.devices()]
             .iter()
             .flatten()
             .flat_map(|c| &c.parts)
@@ -429,6 +449,76 @@ impl Pipeline<CpuEngine> {
         all.sort_by_key(|p| p.id);
         all
     }
+}
+
+/// Host copies of `parts`' weights, for another replica.
+fn copy_parts(
+    parts: &[PartParams],
+    config: &LlamaConfig,
+    host: &crate::exec::device::PoolRef,
+) -> Result<Vec<PartParams>, DeviceError> {
+    parts
+        .iter()
+        .map(|p| {
+            let mut copy = PartParams::allocate(host, config, p.id)?;
+            copy.copy_weights_from(p);
+            Ok(copy)
+        })
+        .collect()
+}
+
+/// One replica's chunks, each with the run-wide device it goes to (`first_device` is the
+/// replica's device 0). Built on the host, then each group goes to the device unless the
+/// program leaves it on the host (a program is one step that repeats), so no device ever
+/// holds more than it will in a step.
+fn place_replica<E: Engine>(
+    plan: &Plan,
+    devices: &DeviceSet,
+    engine: &E,
+    optimizer: &OptimizerConfig,
+    first_device: u32,
+    parts: Vec<PartParams>,
+) -> Result<Vec<(u32, ChunkState<E>)>, PipelineError> {
+    let mut placed = Vec::with_capacity(plan.chunks.len());
+    let mut parts = parts.into_iter();
+    for (index, spec) in plan.chunks.iter().enumerate() {
+        let count = spec.layers() as usize + usize::from(spec.embedding) + usize::from(spec.head);
+        let device = first_device + spec.device;
+        let pool = &devices.devices[device as usize];
+        let chunk_parts = parts
+            .by_ref()
+            .take(count)
+            .map(|part| engine.adopt(part, &devices.host))
+            .collect::<Result<Vec<_>, _>>()?;
+        let chunk = index as u32;
+        let mut state = ChunkState::new_on_host(
+            engine,
+            chunk,
+            chunk_parts,
+            optimizer,
+            plan.optimizer_slices,
+            &devices.host,
+        )?;
+        let groups = [Group::Weights { chunk }, Group::Grads { chunk }]
+            .into_iter()
+            .chain((0..plan.optimizer_slices).map(|slice| Group::Optimizer { chunk, slice }));
+        for group in groups {
+            let last_move =
+                plan.programs[spec.device as usize]
+                    .iter()
+                    .rev()
+                    .find_map(|a| match a {
+                        Action::Offload(g) if *g == group => Some(true),
+                        Action::Prefetch(g) if *g == group => Some(false),
+                        _ => None,
+                    });
+            if last_move != Some(true) {
+                state.place(engine, device, group, pool, false)?;
+            }
+        }
+        placed.push((device, state));
+    }
+    Ok(placed)
 }
 
 /// Every part of a model in forward order, allocated in `pool` and initialised from `seed`.
@@ -447,5 +537,7 @@ pub fn seeded_parts(
         .collect()
 }
 
+#[cfg(test)]
+mod replica_tests;
 #[cfg(test)]
 mod tests;

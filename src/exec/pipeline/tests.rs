@@ -11,10 +11,10 @@ use crate::plan::inventory::ModelDims;
 use crate::plan::schedule::{ScheduleKind, build};
 use crate::spec::Architecture;
 
-const STEPS: u64 = 3;
+pub(super) const STEPS: u64 = 3;
 const MICROBATCHES: usize = 4;
 
-fn config() -> LlamaConfig {
+pub(super) fn config() -> LlamaConfig {
     LlamaConfig {
         dims: ModelDims {
             hidden: 32,
@@ -31,7 +31,7 @@ fn config() -> LlamaConfig {
     }
 }
 
-fn batcher() -> Batcher {
+pub(super) fn batcher() -> Batcher {
     let text = "pipelines keep every device busy while memory stays small. ".repeat(30);
     let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
     let layout = BatchLayout {
@@ -45,7 +45,7 @@ fn batcher() -> Batcher {
 }
 
 /// Weights after `STEPS` steps, in model order, as raw bits.
-fn reference_weights() -> Vec<Vec<u32>> {
+pub(super) fn reference_weights() -> Vec<Vec<u32>> {
     let mut single = SingleDevice::from_seed(
         config(),
         Pool::new("cpu:0", 256 << 20),
@@ -67,12 +67,12 @@ fn reference_weights() -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn bits(t: &crate::exec::tensor::Tensor) -> Vec<u32> {
+pub(super) fn bits(t: &crate::exec::tensor::Tensor) -> Vec<u32> {
     t.data().iter().map(|x| x.to_bits()).collect()
 }
 
-fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineError> {
-    let devices = DeviceSet::parse(&format!("cpu:{}x{budget}", plan.devices())).unwrap();
+pub(super) fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineError> {
+    let devices = DeviceSet::parse(&format!("cpu:{}x{budget}", plan.total_devices())).unwrap();
     let parts = seeded_parts(&config(), &devices.host, 7)?;
     Pipeline::new(
         config(),
@@ -88,7 +88,7 @@ fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineError> {
     )
 }
 
-fn trained_weights(plan: Plan) -> Vec<Vec<u32>> {
+pub(super) fn trained_weights(plan: Plan) -> Vec<Vec<u32>> {
     let mut p = pipeline(plan, 256 << 20).unwrap();
     let mut data = batcher();
     for step in 0..STEPS {
@@ -101,7 +101,7 @@ fn trained_weights(plan: Plan) -> Vec<Vec<u32>> {
 }
 
 /// Drops the stash of `chunks` after each forward and recomputes it just before the backward.
-fn with_recompute(mut plan: Plan, chunks: &[u32]) -> Plan {
+pub(super) fn with_recompute(mut plan: Plan, chunks: &[u32]) -> Plan {
     for program in &mut plan.programs {
         let mut out = Vec::new();
         for &a in program.iter() {
@@ -136,7 +136,7 @@ fn with_optimizer_slices(mut plan: Plan, slices: u32) -> Plan {
 
 /// Sends every stash to the host after its forward and brings it back before it is needed;
 /// keeps each chunk's optimizer state on the host between steps.
-fn with_offload(mut plan: Plan) -> Plan {
+pub(super) fn with_offload(mut plan: Plan) -> Plan {
     for program in &mut plan.programs {
         let mut out = Vec::new();
         for &a in program.iter() {
@@ -212,7 +212,7 @@ fn every_schedule_trains_bit_identically_to_one_device() {
 
 /// The planner's predicted peak (cpu-f32 inventory, simulated plan) against the pools'
 /// measured peak, device by device.
-fn peaks(plan: &Plan) -> (Vec<u64>, Vec<u64>) {
+pub(super) fn peaks(plan: &Plan) -> (Vec<u64>, Vec<u64>) {
     use crate::plan::inventory::{MicroShape, Profile};
     use crate::plan::simulate::{Hardware, chunk_costs, simulate};
     let hw = Hardware {
@@ -226,7 +226,9 @@ fn peaks(plan: &Plan) -> (Vec<u64>, Vec<u64>) {
     let micro = MicroShape { batch: 2, seq: 16 };
     let costs = chunk_costs(plan, Profile::CpuF32, &config().dims, micro, &hw);
     let sim = simulate(plan, &costs, &hw, false).unwrap();
-    let predicted = sim.devices.iter().map(|d| d.peak_bytes).collect();
+    // Every replica's devices run the same programs: one replica is simulated.
+    let one: Vec<u64> = sim.devices.iter().map(|d| d.peak_bytes).collect();
+    let predicted = one.repeat(plan.replicas as usize);
     let mut p = pipeline(plan.clone(), 256 << 20).unwrap();
     let mut data = batcher();
     for step in 0..2 {

@@ -17,6 +17,8 @@ use super::PipelineError;
 use super::chunk::ChunkState;
 use super::engine::{At, Engine, Kept, Update};
 use super::mailbox::{Abort, Mailbox, MessageKey, MessageKind};
+use super::reduce_point::{ChunkGrads, ReducePoint};
+use super::seat::Seat;
 use super::step_sync::{StepSync, StepTotals};
 
 /// What a forward leaves for its backward.
@@ -36,6 +38,7 @@ pub struct StepContext<'a, E: Engine> {
     pub mailboxes: &'a [Mailbox<E::Message>],
     pub abort: &'a Abort,
     pub sync: &'a StepSync,
+    pub reduce: &'a ReducePoint<E::Tensor>,
     pub optimizer: &'a OptimizerConfig,
     pub schedule: &'a LrSchedule,
     pub grad_clip: Option<f32>,
@@ -50,12 +53,16 @@ pub struct DeviceStep {
     pub totals: Option<StepTotals>,
     pub compute: Duration,
     pub waiting: Duration,
+    /// Time in gradient reductions (waiting for the other replicas included).
+    pub reducing: Duration,
 }
 
 type Key = (u32, u32);
 
 pub struct DeviceWorker<'a, E: Engine> {
+    /// The run-wide device index (`seat.device(seat.stage)`).
     pub device: u32,
+    pub seat: Seat,
     pub pool: &'a PoolRef,
     pub program: &'a [Action],
     pub chunks: Vec<ChunkState<E>>,
@@ -75,13 +82,14 @@ pub struct DeviceWorker<'a, E: Engine> {
 
 impl<'a, E: Engine> DeviceWorker<'a, E> {
     pub fn new(
-        device: u32,
+        seat: Seat,
         pool: &'a PoolRef,
         program: &'a [Action],
         chunks: Vec<ChunkState<E>>,
     ) -> Self {
         DeviceWorker {
-            device,
+            device: seat.device(seat.stage),
+            seat,
             pool,
             program,
             chunks,
@@ -129,8 +137,13 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             device: self.device,
             pool: self.pool,
             config: cx.config,
-            micro: cx.microbatches[mb as usize].shape,
+            micro: self.batch(cx, mb).shape,
         }
+    }
+
+    /// This replica's micro-batch `mb`.
+    fn batch<'c>(&self, cx: &'c StepContext<'_, E>, mb: u32) -> &'c Microbatch {
+        &cx.microbatches[self.seat.microbatch(mb)]
     }
 
     fn run_action(&mut self, cx: &StepContext<'_, E>, action: Action) -> Result<(), PipelineError> {
@@ -164,6 +177,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             Action::Offload(group) => self.relocate(cx, group, true),
             Action::Prefetch(group) => self.relocate(cx, group, false),
             Action::Step { chunk, slice } => self.timed(|w| w.optimizer_step(cx, chunk, slice)),
+            Action::Reduce { chunk } => self.reduce(cx, chunk),
         }
     }
 
@@ -202,6 +216,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         chunk: u32,
         tensor: E::Tensor,
     ) -> Result<(), PipelineError> {
+        let peer = self.seat.device(peer);
         let mailbox = cx
             .mailboxes
             .get(peer as usize)
@@ -257,7 +272,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         input: Option<E::Tensor>,
     ) -> Result<(Vec<E::Stash>, PartOutput<E::Tensor>), PipelineError> {
         self.require_weights(chunk)?;
-        let batch = &cx.microbatches[mb as usize];
+        let batch = self.batch(cx, mb);
         let tokens = MicroTokens {
             input_ids: &batch.input_ids,
             targets: &batch.targets,
@@ -297,7 +312,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         let input = self.forward_input(cx, mb, chunk)?;
         let (stashes, output) = self.run_parts_forward(cx, mb, chunk, input)?;
         match output {
-            PartOutput::LossSum(loss) => self.losses.push((mb, loss)),
+            PartOutput::LossSum(loss) => self.losses.push((self.seat.microbatch(mb) as u32, loss)),
             PartOutput::Hidden(t) => {
                 let t = cx.engine.regroup(t, MemGroup::Communication);
                 self.outputs.insert((mb, chunk), t);
@@ -376,7 +391,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             device: self.device,
             pool: self.pool,
             config: cx.config,
-            micro: cx.microbatches[mb as usize].shape,
+            micro: self.batch(cx, mb).shape,
         };
         let state = self
             .chunks
@@ -438,7 +453,13 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             Some(t) => t,
             None => {
                 let mut squares = Vec::new();
-                for part in self.chunks.iter().flat_map(|c| &c.parts) {
+                // Every replica holds the same reduced gradients: replica 0's count once.
+                let counted = if self.seat.replica == 0 {
+                    &self.chunks[..]
+                } else {
+                    &[]
+                };
+                for part in counted.iter().flat_map(|c| &c.parts) {
                     squares.push(PartSquares {
                         part: engine.part_id(part),
                         sum_of_squares: engine.grad_squares(device, part)?,
@@ -472,6 +493,30 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             clip_factor: factor,
         };
         state.step_slice(engine, device, update, slice)
+    }
+
+    /// Sums the chunk's gradients with the other replicas' (`AR<c>`).
+    fn reduce(&mut self, cx: &StepContext<'_, E>, chunk: u32) -> Result<(), PipelineError> {
+        let start = Instant::now();
+        let (engine, seat) = (cx.engine, self.seat);
+        let state = self.chunk(chunk)?;
+        if state.grads_on_host {
+            return Err(PipelineError::GroupOnHost {
+                group: Group::Grads { chunk },
+            });
+        }
+        let grads: ChunkGrads<E::Tensor> = (state.parts.iter_mut())
+            .map(|p| std::mem::take(engine.params_mut(p).1))
+            .collect();
+        let key = (seat.stage, chunk);
+        let (summed, result) =
+            cx.reduce
+                .reduce(engine, key, seat.replica as usize, grads, cx.abort);
+        for (part, grads) in state.parts.iter_mut().zip(summed) {
+            *engine.params_mut(part).1 = grads;
+        }
+        self.report.reducing += start.elapsed();
+        result
     }
 
     /// Offload (`to_host`) or prefetch a group. The device's bytes are given back or taken

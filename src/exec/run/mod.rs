@@ -4,6 +4,7 @@
 
 mod error;
 mod placement;
+mod replicas;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ pub struct StepMetrics {
     pub step_time_s: f64,
     /// Each device's measured peak so far.
     pub device_peak_bytes: Vec<u64>,
+    /// Seconds each device spent in gradient reductions across replicas in this step
+    /// (waiting for the other replicas included); empty for a whole-model GPU run.
+    pub device_reduction_s: Vec<f64>,
 }
 
 /// A placed model, its data and its plan, ready to step.
@@ -90,14 +94,12 @@ impl Run {
         self.spec.training.steps
     }
 
-    /// Each device's predicted peak bytes (the planner's simulation of the chosen plan).
+    /// Each run-wide device's predicted peak bytes (the planner's simulation of the chosen
+    /// plan; every replica's devices repeat the first's).
     pub fn predicted_peaks(&self) -> Vec<u64> {
-        self.answer
-            .sim
-            .devices
-            .iter()
-            .map(|d| d.peak_bytes)
-            .collect()
+        let one = self.answer.sim.devices.iter().map(|d| d.peak_bytes);
+        let replicas = self.answer.plan.replicas as usize;
+        one.collect::<Vec<_>>().repeat(replicas)
     }
 
     pub fn measured_peaks(&self) -> Vec<u64> {
@@ -118,7 +120,7 @@ impl Run {
         let microbatches = self.batcher.step(step);
         let tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
         let started = Instant::now();
-        let report = self.placement.train_step(&microbatches)?;
+        let (report, timings) = self.placement.train_step(&microbatches)?;
         let seconds = started.elapsed().as_secs_f64();
         Ok(StepMetrics {
             step: step + 1,
@@ -129,6 +131,7 @@ impl Run {
             tokens_per_s: tokens as f64 / seconds.max(1e-9),
             step_time_s: seconds,
             device_peak_bytes: self.measured_peaks(),
+            device_reduction_s: timings.iter().map(|t| t.reducing.as_secs_f64()).collect(),
         })
     }
 

@@ -9,7 +9,7 @@ use crate::exec::checkpoint::CheckpointError;
 use crate::exec::device::PoolRef;
 use crate::exec::model::{LlamaConfig, PartParams};
 use crate::exec::optim::PartOptimState;
-use crate::exec::pipeline::{Engine, Pipeline, PipelineError};
+use crate::exec::pipeline::{DeviceTiming, Engine, Pipeline, PipelineError};
 use crate::exec::train::StepReport;
 
 use super::RunError;
@@ -26,7 +26,10 @@ pub trait Stages: Send {
     fn step(&self) -> u64;
     fn set_step(&mut self, step: u64);
     fn measured_peaks(&self) -> Vec<usize>;
-    fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport, PipelineError>;
+    fn train_step(
+        &mut self,
+        microbatches: &[Microbatch],
+    ) -> Result<(StepReport, Vec<DeviceTiming>), PipelineError>;
     fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError>;
     fn load_state(&mut self, load: &mut LoadState<'_>) -> Result<(), PipelineError>;
 }
@@ -51,8 +54,11 @@ where
         Pipeline::measured_peaks(self)
     }
 
-    fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport, PipelineError> {
-        Ok(Pipeline::train_step(self, microbatches)?.0)
+    fn train_step(
+        &mut self,
+        microbatches: &[Microbatch],
+    ) -> Result<(StepReport, Vec<DeviceTiming>), PipelineError> {
+        Pipeline::train_step(self, microbatches)
     }
 
     fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError> {
@@ -104,24 +110,32 @@ impl Placement {
         }
     }
 
-    pub fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport, RunError> {
+    /// One step; with the pipeline runtime, what each device spent (none for a whole-model
+    /// GPU run).
+    pub fn train_step(
+        &mut self,
+        microbatches: &[Microbatch],
+    ) -> Result<(StepReport, Vec<DeviceTiming>), RunError> {
         match self {
             Placement::Pipeline(p) => Ok(p.train_step(microbatches)?),
             Placement::Gpu { trainer, .. } => {
-                trainer.train_step(microbatches).map_err(|e| match e {
-                    // The CPU runtime's errors for the same events, so both blame the same.
-                    CudaError::Diverged { step, loss, .. } if !loss.is_finite() => {
-                        PipelineError::NonFiniteLoss { step, loss }.into()
-                    }
-                    CudaError::Diverged {
-                        step, grad_norm, ..
-                    } => PipelineError::NonFiniteGradNorm {
-                        step,
-                        norm: grad_norm,
-                    }
-                    .into(),
-                    other => RunError::Cuda(other),
-                })
+                trainer
+                    .train_step(microbatches)
+                    .map_err(|e| match e {
+                        // The CPU runtime's errors for the same events, so both blame the same.
+                        CudaError::Diverged { step, loss, .. } if !loss.is_finite() => {
+                            PipelineError::NonFiniteLoss { step, loss }.into()
+                        }
+                        CudaError::Diverged {
+                            step, grad_norm, ..
+                        } => PipelineError::NonFiniteGradNorm {
+                            step,
+                            norm: grad_norm,
+                        }
+                        .into(),
+                        other => RunError::Cuda(other),
+                    })
+                    .map(|report| (report, Vec::new()))
             }
         }
     }

@@ -26,6 +26,7 @@ use crate::spec::{
     SpecError, Stages,
 };
 
+use super::replicas::{replica_count, replicate};
 use super::{Placement, Run, RunError};
 
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
@@ -108,9 +109,9 @@ pub fn gpu_precision(precision: PrecisionSpec) -> Precision {
     }
 }
 
-/// The fastest plan for `spec` on the first `stages` of `devices` (all of them when the
-/// spec says `auto`) whose predicted peak fits each device's budget, with the memory layout
-/// of the backend that will run it (`kind`, at the spec's precision).
+/// The fastest plan for `spec` on the first `stages` x `data_parallel` of `devices` (all of
+/// them when the spec's stages are `auto`) whose predicted peak fits each device's budget,
+/// with the memory layout of the backend that will run it (`kind`, at the spec's precision).
 pub fn plan_job(
     spec: &JobSpec,
     arch: &ModelArch,
@@ -122,11 +123,21 @@ pub fn plan_job(
         check_cuda_model(arch)?;
     }
     let available = devices.devices.len();
-    let stages = spec.parallelism.stages.count().unwrap_or(available);
-    if stages > available {
+    let replicas = replica_count(spec, available, kind)?;
+    let per_replica = available / replicas;
+    let stages = spec.parallelism.stages.count().unwrap_or(per_replica);
+    if stages > per_replica {
+        let need = if replicas == 1 {
+            format!("{stages} stages need {stages} devices")
+        } else {
+            format!(
+                "{stages} stages x {replicas} replicas need {} devices",
+                stages * replicas
+            )
+        };
         return Err(RunError::Spec(vec![SpecError::new(
             "parallelism.stages",
-            format!("{stages} stages need {stages} devices but {available} are available"),
+            format!("{need} but {available} are available"),
         )]));
     }
     let budget = devices.devices[0].budget() as u64;
@@ -137,7 +148,7 @@ pub fn plan_job(
         seq_len: t.seq_len as u32,
         global_batch: t.sequences_per_step() as u32,
         micro_batch_size: Some(t.micro_batch_size as u32),
-        microbatches: Some(t.microbatches as u32),
+        microbatches: Some((t.microbatches / replicas) as u32),
         pipeline: Some(stages as u32),
         schedule: match p.schedule {
             ScheduleChoice::Auto => None,
@@ -160,11 +171,13 @@ pub fn plan_job(
             OffloadChoice::Chronos => Offload::Chronos,
         },
     };
+    let used = (stages * replicas) as u32;
     let cluster = match kind {
-        DeviceKind::Cuda => Cluster::cuda(stages as u32, budget, profile),
-        DeviceKind::Cpu => Cluster::cpu(stages as u32, budget),
+        DeviceKind::Cuda => Cluster::cuda(used, budget, profile),
+        DeviceKind::Cpu => Cluster::cpu(used, budget),
     };
-    Ok(search(&request, &cluster)?)
+    let answer = search(&request, &cluster)?;
+    replicate(answer, replicas, &request, &cluster)
 }
 
 /// How much of a GPU's free memory a run leaves alone: the CUDA context's own allocations,
@@ -205,6 +218,12 @@ fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
                GPU 0) or `cuda:0,1`";
     if p.stages.count().is_some_and(|n| n != 1) {
         errors.push(SpecError::new("parallelism.stages", why));
+    }
+    if p.data_parallel.count().is_some_and(|n| n != 1) {
+        errors.push(SpecError::new(
+            "parallelism.data_parallel",
+            "data parallelism on GPUs is not implemented yet: use 1",
+        ));
     }
     if !matches!(p.schedule, ScheduleChoice::Auto | ScheduleChoice::OneFOneB) {
         errors.push(SpecError::new("parallelism.schedule", why));
@@ -300,7 +319,7 @@ impl Run {
     {
         let config = LlamaConfig::from_arch(arch)?;
         let answer = plan_job(&spec, arch, &devices, kind)?;
-        devices.devices.truncate(answer.plan.devices());
+        devices.devices.truncate(answer.plan.total_devices());
         let batcher = load_data(&spec, arch)?;
         let parts = initial_parts(&spec, &config, &devices.host)?;
         let t = &spec.training;

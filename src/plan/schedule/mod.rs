@@ -165,6 +165,7 @@ pub fn build(
     Ok(with_steps(with_communication(Plan {
         microbatches: m,
         optimizer_slices: 1,
+        replicas: 1,
         chunks,
         programs: order
             .into_iter()

@@ -370,6 +370,15 @@ impl Engine for GpuEngine {
         Ok(())
     }
 
+    /// Refused: GPU stages run one replica (the planner refuses `data_parallel > 1` on CUDA
+    /// devices before a plan reaches here).
+    fn sum_replicas(&self, device: u32, _copies: &mut [&mut GpuTensor]) -> Result<()> {
+        Err(PipelineError::Cuda(CudaError::Unsupported(format!(
+            "stage {device}: data parallelism on GPU stages is not implemented yet \
+             (parallelism.data_parallel must be 1 on CUDA devices)"
+        ))))
+    }
+
     fn zero_grads(&self, device: u32, part: &mut GpuPart) -> Result<()> {
         let gpu = self.gpu(device);
         for g in &mut part.grads {
