@@ -10,6 +10,9 @@ use thiserror::Error;
 pub use batching::{BatchLayout, Batcher, Microbatch};
 pub use tokenizer::Tokenizer;
 
+/// The target of a token that does not count in the loss (PyTorch's `ignore_index` default).
+pub const IGNORE_TARGET: i32 = -100;
+
 #[derive(Debug, Error)]
 pub enum DataError {
     #[error("{path}: {reason}")]

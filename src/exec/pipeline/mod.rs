@@ -304,7 +304,7 @@ impl<E: Engine> Pipeline<E> {
                 given: microbatches.len(),
             });
         }
-        let total_tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
+        let total_tokens = crate::exec::model::counted_tokens(microbatches)?;
         let mailboxes: Vec<Mailbox<E::Message>> = (0..self.plan.devices())
             .map(|_| Mailbox::default())
             .collect();
