@@ -62,6 +62,18 @@ pub enum DataError {
     NothingCounted,
 }
 
+impl DataError {
+    /// The job field at fault: the tokenizer (with its config) or the training data.
+    pub fn param(&self) -> &'static str {
+        match self {
+            DataError::Tokenizer { .. }
+            | DataError::TokenizerConfig { .. }
+            | DataError::TokenizerLacks { .. } => "data.tokenizer",
+            _ => "data.train",
+        }
+    }
+}
+
 fn field_of(field: &str) -> String {
     if field.is_empty() {
         String::new()
