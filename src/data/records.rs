@@ -180,19 +180,6 @@ impl Records {
         }
         Ok(())
     }
-
-    /// How many records there are.
-    pub fn len(&self) -> usize {
-        match self {
-            Records::Text(r) => r.len(),
-            Records::PromptCompletion(r) => r.len(),
-            Records::Chat(r) => r.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 type FieldError = (String, String);
