@@ -1,6 +1,7 @@
 // Cross-entropy over rows of logits (activations). One block per row; losses are float.
 // A row's log-sum-exp takes one pass (cp_lse_add, cp_block_lse); rows are read in 16-byte
-// vectors when the vocabulary and the buffer allow.
+// vectors when the vocabulary and the buffer allow. A negative target (the host's
+// IGNORE_TARGET, -100) does not count: its row has no loss and a zero gradient.
 
 template <int W>
 __device__ float cp_row_lse_by(const act_t* x, int vocab, float* scratch) {
@@ -23,6 +24,11 @@ extern "C" __global__ void ce_forward(float* loss_rows, const act_t* logits, con
     __shared__ float scratch[64];
     long long row = blockIdx.x;
     const act_t* x = logits + row * vocab;
+    // A row's target is the same for every thread of its block, so all leave together.
+    if (targets[row] < 0) {
+        if (threadIdx.x == 0) loss_rows[row] = 0.0f;
+        return;
+    }
     float l = cp_row_lse(x, vocab, scratch);
     if (threadIdx.x == 0) loss_rows[row] = l - cp_ld(x[targets[row]]);
 }
@@ -46,6 +52,11 @@ extern "C" __global__ void ce_backward(act_t* logits_to_grad, float* loss_rows,
     long long row = blockIdx.x;
     act_t* x = logits_to_grad + row * vocab;
     int target = targets[row];
+    if (target < 0) {
+        if (loss_rows != nullptr && threadIdx.x == 0) loss_rows[row] = 0.0f;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) x[j] = cp_st(0.0f);
+        return;
+    }
     float picked = cp_ld(x[target]);
     float l = cp_row_lse(x, vocab, scratch);
     if (loss_rows != nullptr && threadIdx.x == 0) loss_rows[row] = l - picked;

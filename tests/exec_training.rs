@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use chronospipe::data::{BatchLayout, Batcher};
+use chronospipe::data::{BatchLayout, Batcher, IGNORE_TARGET, Microbatch};
 use chronospipe::exec::backend::CpuBackend;
 use chronospipe::exec::checkpoint::CheckpointError;
 use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
@@ -249,4 +249,95 @@ fn bad_input_is_an_error_not_a_panic() {
         msg.contains("out of memory on cpu:0") && msg.contains("budget 100000"),
         "{msg}"
     );
+}
+
+fn sgd_trainer(seed: u64) -> SingleDevice {
+    SingleDevice::from_seed(
+        tiny_config(),
+        Pool::new("cpu:0", 64 << 20),
+        Box::new(CpuBackend::default()),
+        seed,
+        OptimizerConfig::Sgd,
+        LrSchedule::constant(1.0),
+        None,
+    )
+    .unwrap()
+}
+
+/// |a - b| / |b| over whole vectors, in f64.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+/// One SGD step (lr 1, so each weight moves by its gradient): the loss, the gradient norm and
+/// every parameter's change.
+fn sgd_step(mb: Microbatch) -> (f64, f64, Vec<Vec<f32>>) {
+    let mut t = sgd_trainer(6);
+    let before: Vec<Vec<f32>> = t
+        .parts
+        .iter()
+        .flat_map(|p| p.weights.iter().map(|w| w.data().to_vec()))
+        .collect();
+    let report = t.train_step(&[mb]).unwrap();
+    let after = t.parts.iter().flat_map(|p| p.weights.iter());
+    let moves = after
+        .zip(&before)
+        .map(|(w, b)| w.data().iter().zip(b).map(|(a, b)| a - b).collect())
+        .collect();
+    (report.loss, report.grad_norm, moves)
+}
+
+#[test]
+fn a_fully_masked_sequence_changes_nothing() {
+    let mut b = batcher();
+    let mut pair = b.microbatch(0, 0); // two sequences of 16
+    let seq = pair.shape.seq;
+    let mut alone = pair.clone();
+    alone.shape.batch = 1;
+    alone.windows.truncate(1);
+    alone.input_ids.truncate(seq);
+    alone.targets.truncate(seq);
+    pair.targets[seq..].fill(IGNORE_TARGET);
+    let (loss_pair, norm_pair, moves_pair) = sgd_step(pair);
+    let (loss_alone, norm_alone, moves_alone) = sgd_step(alone);
+    assert!(
+        ((loss_pair - loss_alone) / loss_alone).abs() < 1e-6,
+        "{loss_pair} vs {loss_alone}"
+    );
+    assert!(
+        ((norm_pair - norm_alone) / norm_alone).abs() < 1e-6,
+        "{norm_pair} vs {norm_alone}"
+    );
+    for (i, (p, a)) in moves_pair.iter().zip(&moves_alone).enumerate() {
+        let err = rel_err(p, a);
+        assert!(err < 1e-5, "parameter {i}: gradients differ by {err:.2e}");
+    }
+}
+
+#[test]
+fn masked_targets_average_over_counted_tokens_and_none_counted_is_an_error() {
+    let mut b = batcher();
+    let full = b.microbatch(0, 0);
+    let mut masked = full.clone();
+    // Every other target masked: the loss is the mean over the other half.
+    for t in masked.targets.iter_mut().step_by(2) {
+        *t = IGNORE_TARGET;
+    }
+    let (loss_full, _, _) = sgd_step(full.clone());
+    let (loss_masked, _, _) = sgd_step(masked.clone());
+    assert!(loss_masked.is_finite() && (loss_masked - loss_full).abs() > 1e-6);
+    let mut t = sgd_trainer(6);
+    let mut none = full;
+    none.targets.fill(IGNORE_TARGET);
+    let err = t.train_step(&[none]).unwrap_err();
+    assert!(err.to_string().contains("no target"), "{err}");
+    masked.targets[1] = -1;
+    let err = t.train_step(&[masked]).unwrap_err();
+    assert!(err.to_string().contains("-1"), "{err}");
 }

@@ -517,7 +517,8 @@ fn attn_delta_run_on_the_host_matches_the_row_sums() {
 /// builds, against the same in f64 on the host: losses within the selftest's elementwise
 /// tolerance, gradients within it (f32) or bf16's rounding. Logits up to +-8 make the running
 /// maximum move; vocabularies of 5,000 go in 16-byte vectors (several strides of a 256-thread
-/// block), of 5,001 element by element, as do logits one element off a 16-byte boundary.
+/// block), of 5,001 element by element, as do logits one element off a 16-byte boundary. A row
+/// whose target is the ignore id (-100) has no loss and a zero gradient on both paths.
 #[test]
 fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
     let dir = tempfile::tempdir().unwrap();
@@ -525,12 +526,24 @@ fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
     let mut checks = Checks::default();
     for (bf16_build, binary) in both_builds(dir.path(), "cross_entropy") {
         let grad_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
-        for (vocab, offset) in [(5000, 0), (5001, 0), (5000, 1)] {
+        let cases = [(5000, 0, None), (5001, 0, None), (5000, 1, None)];
+        let masked = [(5000, 0, Some(2)), (5001, 1, Some(4))];
+        for (vocab, offset, ignored) in cases.into_iter().chain(masked) {
             let (rows, scale) = (5, 0.25f32);
             let logits = as_acts(uniform(&mut rng, rows * vocab, 8.0), bf16_build);
-            let targets: Vec<i32> = (0..rows).map(|r| ((r * 337 + 11) % vocab) as i32).collect();
+            let targets: Vec<i32> = (0..rows)
+                .map(|r| match ignored {
+                    Some(i) if i == r => -100,
+                    _ => ((r * 337 + 11) % vocab) as i32,
+                })
+                .collect();
             let (mut loss, mut grad) = (Vec::new(), Vec::new());
             for (row, &target) in logits.chunks(vocab).zip(&targets) {
+                if target < 0 {
+                    loss.push(0.0);
+                    grad.extend(std::iter::repeat_n(0.0, vocab));
+                    continue;
+                }
                 let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
                 let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
                 let lse = max + sum.ln();
@@ -551,7 +564,8 @@ fn cross_entropy_kernels_run_on_the_host_match_f64_sums() {
             let got = exchange(dir.path(), program(&binary, args), &input);
             let shapes = [(rows, false), (rows, false), (rows * vocab, true)];
             let got = split_output(&got, bf16_build, &shapes);
-            let case = format!("bf16={bf16_build} vocab={vocab} offset={offset}");
+            let case =
+                format!("bf16={bf16_build} vocab={vocab} offset={offset} ignored={ignored:?}");
             checks.check(&format!("ce loss {case}"), &got[0], &loss, 1e-5);
             // The backward's losses are the forward's, to the bit.
             checks.check(

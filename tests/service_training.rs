@@ -225,3 +225,109 @@ both_databases!(
     crash_recovery_tests,
     super::crash_recovery_with_the_real_trainer
 );
+
+/// The chat fixture's tokenizer, uploaded with its `tokenizer_config.json` and
+/// `chat_template.jinja` (or `template` in place of the latter); returns the file's id.
+async fn upload_chat_tokenizer(server: &TestServer, template: Option<&str>) -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat");
+    let part = |name: &str, bytes: Vec<u8>| {
+        reqwest::multipart::Part::bytes(bytes).file_name(name.to_owned())
+    };
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let template = template.map_or_else(|| read("chat_template.jinja"), |t| t.as_bytes().to_vec());
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "tokenizer")
+        .part("file", part("tokenizer.json", read("tokenizer.json")))
+        .part(
+            "tokenizer_config",
+            part("tokenizer_config.json", read("tokenizer_config.json")),
+        )
+        .part("chat_template", part("chat_template.jinja", template));
+    let response = server
+        .post("/v1/files")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+    let file: Value = response.json().await.unwrap();
+    file["id"].as_str().unwrap().to_owned()
+}
+
+async fn finished_job(server: &TestServer, body: &Value) -> Value {
+    let id = server.create_job(body).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stream = server
+        .get(&format!("/v1/jobs/{id}/events/stream"))
+        .send()
+        .await
+        .unwrap();
+    read_sse(stream, |kind, data| {
+        kind == "state" && (data["to"] == "succeeded" || data["to"] == "failed")
+    })
+    .await;
+    server.get_json(&format!("/v1/jobs/{id}")).await
+}
+
+/// A chat JSONL file trains with the tokenizer's own template and reports a loss; a line that
+/// is not a chat record is a 422 at upload naming it; a template that fails to render fails the
+/// job naming the record.
+async fn chat_jsonl_trains(url: &str) {
+    let server = TestServer::start_with(url, Engines::production(), |_| {}).await;
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat");
+    let chats = std::fs::read_to_string(fixture.join("chat.jsonl")).unwrap();
+    let bad = format!("{chats}{{\"text\": \"a document\"}}\n");
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "train")
+        .part("file", reqwest::multipart::Part::bytes(bad.into_bytes()));
+    let response = server
+        .post("/v1/files")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let problem: Value = response.json().await.unwrap();
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("line 4") && detail.contains("one kind per file"),
+        "{problem}"
+    );
+
+    let train = server
+        .upload("train", "chat.jsonl", chats.repeat(4).into_bytes())
+        .await;
+    let tokenizer = upload_chat_tokenizer(&server, None).await;
+    let mut job = body(&train);
+    job["model"]["vocab_size"] = json!(320);
+    job["data"]["tokenizer"] = json!(tokenizer);
+    job["training"]["steps"] = json!(3);
+    let done = finished_job(&server, &job).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let id = done["id"].as_str().unwrap();
+    let metrics = server.get_json(&format!("/v1/jobs/{id}/metrics")).await;
+    let losses: Vec<f64> = metrics["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 3, "{metrics}");
+    // About ln(320) from a fresh model: a mean over counted tokens, not diluted by masked ones.
+    assert!(losses.iter().all(|l| (4.0..8.0).contains(l)), "{losses:?}");
+
+    let failing =
+        upload_chat_tokenizer(&server, Some("{{ raise_exception('no chats here') }}")).await;
+    job["data"]["tokenizer"] = json!(failing);
+    let failed = finished_job(&server, &job).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let message = failed["error"].to_string();
+    assert!(
+        message.contains("line 1") && message.contains("no chats here"),
+        "{failed}"
+    );
+    server.stop().await;
+}
+both_databases!(chat_jsonl_trains_tests, super::chat_jsonl_trains);

@@ -1,5 +1,6 @@
 //! `/v1/files`: uploads streamed to disk with a size limit and their sha256, checked by
-//! purpose (a model must parse as safetensors, a tokenizer as a `tokenizer.json`).
+//! purpose (a model must parse as safetensors, a tokenizer as a `tokenizer.json` with its
+//! config files, JSONL training data record by record).
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,8 @@ use super::auth::Tenant;
 use super::extract::{ApiQuery, page, page_limit, unknown_cursor};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::views::{DeletedView, FileList, FileView};
+use crate::data::tokenizer_config::{CONFIG_FILE, TEMPLATE_FILE};
+use crate::data::{Tokenizer, records};
 use crate::exec::model::{LlamaConfig, ModelError};
 use crate::store::{FileRow, new_id, now_ms};
 
@@ -53,7 +56,22 @@ pub struct UploadForm {
     /// For `purpose=model`: the Hugging Face `config.json` that goes with the weights.
     #[schema(format = Binary, content_media_type = "application/json")]
     config: Option<String>,
+    /// For `purpose=tokenizer`: its `tokenizer_config.json` (`eos_token`, `bos_token`,
+    /// `chat_template`), needed by JSONL data.
+    #[schema(format = Binary, content_media_type = "application/json")]
+    tokenizer_config: Option<String>,
+    /// For `purpose=tokenizer`: its `chat_template.jinja`, needed by chat data.
+    #[schema(format = Binary, content_media_type = "text/plain")]
+    chat_template: Option<String>,
 }
+
+/// The optional parts of the form: its name, the file it is saved as, and the purpose it
+/// goes with.
+const EXTRA_PARTS: [(&str, &str, &str); 3] = [
+    ("config", "config.json", "model"),
+    ("tokenizer_config", CONFIG_FILE, "tokenizer"),
+    ("chat_template", TEMPLATE_FILE, "tokenizer"),
+];
 
 struct Received {
     purpose: String,
@@ -120,7 +138,7 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
     let limit = state.limits.max_upload_bytes;
     let mut purpose = None;
     let mut file = None;
-    let mut has_config = false;
+    let mut extras = Vec::new();
     while let Some(field) = multipart
         .next_field()
         .await
@@ -133,18 +151,19 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
                 let (bytes, sha256) = save(field, &dir.join("upload.part"), limit).await?;
                 file = Some((filename, bytes, sha256));
             }
-            "config" => {
-                save(field, &dir.join("config.json"), limit).await?;
-                has_config = true;
-            }
-            other => {
-                return Err(ApiError::bad_request(
-                    "unknown_field",
-                    format!(
-                        "unknown form field {other:?}; send file, purpose and (for a model) config"
-                    ),
-                    other,
-                ));
+            name => {
+                let Some(&(part, file, _)) = EXTRA_PARTS.iter().find(|p| p.0 == name) else {
+                    return Err(ApiError::bad_request(
+                        "unknown_field",
+                        format!(
+                            "unknown form field {name:?}; send file, purpose and (for a model) \
+                             config or (for a tokenizer) tokenizer_config and chat_template"
+                        ),
+                        name,
+                    ));
+                };
+                save(field, &dir.join(file), limit).await?;
+                extras.push(part);
             }
         }
     }
@@ -161,12 +180,14 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
     let (filename, bytes, sha256) = file.ok_or_else(|| {
         ApiError::bad_request("missing_field", "the form needs a file part", "file")
     })?;
-    if has_config && purpose != "model" {
-        return Err(ApiError::bad_request(
-            "unknown_field",
-            "only a model file comes with a config part",
-            "config",
-        ));
+    for (part, _, with) in EXTRA_PARTS {
+        if extras.contains(&part) && purpose != with {
+            return Err(ApiError::bad_request(
+                "unknown_field",
+                format!("only a {with} file comes with a {part} part"),
+                part,
+            ));
+        }
     }
     let name = if purpose == "model" {
         "model.safetensors"
@@ -180,7 +201,7 @@ async fn receive(state: &AppState, dir: &Path, mut multipart: Multipart) -> ApiR
     check_content(
         &purpose,
         &target,
-        has_config.then(|| dir.join("config.json")),
+        extras.contains(&"config").then(|| dir.join("config.json")),
     )
     .await?;
     Ok(Received {
@@ -245,11 +266,13 @@ async fn check_content(purpose: &str, path: &Path, config: Option<PathBuf>) -> A
                     })?;
                 }
             }
-            "tokenizer" => {
-                tokenizers::Tokenizer::from_file(&path)
-                    .map_err(|e| (format!("not a Hugging Face tokenizer.json: {e}"), "file"))?;
+            "tokenizer" => check_tokenizer(&path)?,
+            _ => {
+                let raw = std::fs::read(&path).map_err(|e| (e.to_string(), "file"))?;
+                if records::is_jsonl(&raw) {
+                    records::parse(&raw).map_err(|e| (format!("JSONL {e}"), "file"))?;
+                }
             }
-            _ => {}
         }
         Ok(())
     })
@@ -258,6 +281,22 @@ async fn check_content(purpose: &str, path: &Path, config: Option<PathBuf>) -> A
     checked.map_err(|(detail, param)| {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_file", detail).param(param)
     })
+}
+
+/// A `tokenizer.json` that loads, with its config and chat template (which must compile).
+fn check_tokenizer(path: &Path) -> Result<(), (String, &'static str)> {
+    tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| (format!("not a Hugging Face tokenizer.json: {e}"), "file"))?;
+    let Tokenizer::HuggingFace(t) = Tokenizer::load(&path.display().to_string())
+        .map_err(|e| (e.to_string(), "tokenizer_config"))?
+    else {
+        return Ok(());
+    };
+    if t.config.chat_template.is_some() {
+        t.chat_template()
+            .map_err(|e| (e.to_string(), "chat_template"))?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

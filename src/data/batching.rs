@@ -3,13 +3,14 @@
 //! microbatch j of the step takes `k*B + j*micro_batch_size ..`. Sequence numbers past the end
 //! wrap into the next epoch. With `shuffle`, each epoch visits the windows in a permutation
 //! drawn from the seed and the epoch number, so any step's batch is a pure function of
-//! (data, layout, step): resuming needs only the step.
+//! (data, layout, step): resuming needs only the step. A target that does not count in the
+//! loss (a prompt, a user turn) is [`IGNORE_TARGET`].
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::data::DataError;
+use crate::data::{Corpus, DataError, IGNORE_TARGET};
 use crate::plan::inventory::MicroShape;
 
 /// How a step is cut into micro-batches.
@@ -48,6 +49,8 @@ pub struct Microbatch {
 
 #[derive(Debug)]
 pub struct Batcher {
+    /// The targets as read: the token, or [`IGNORE_TARGET`] where it does not count.
+    targets: Vec<i32>,
     tokens: Vec<i32>,
     windows: usize,
     layout: BatchLayout,
@@ -56,8 +59,28 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Checks the tokens against the vocabulary and the layout against the data.
+    /// Every token counts: see [`Batcher::of_corpus`].
     pub fn new(tokens: &[u32], vocab: usize, layout: BatchLayout) -> Result<Batcher, DataError> {
+        let counted = vec![true; tokens.len()];
+        Batcher::with_mask(tokens, &counted, vocab, layout)
+    }
+
+    pub fn of_corpus(
+        corpus: &Corpus,
+        vocab: usize,
+        layout: BatchLayout,
+    ) -> Result<Batcher, DataError> {
+        Batcher::with_mask(&corpus.tokens, &corpus.counted, vocab, layout)
+    }
+
+    /// Checks the tokens against the vocabulary and the layout against the data; a token
+    /// whose `counted` is false is no target.
+    fn with_mask(
+        tokens: &[u32],
+        counted: &[bool],
+        vocab: usize,
+        layout: BatchLayout,
+    ) -> Result<Batcher, DataError> {
         for (field, v) in [
             ("seq_len", layout.seq_len),
             ("micro_batch_size", layout.micro_batch_size),
@@ -82,7 +105,17 @@ impl Batcher {
                 vocab,
             });
         }
+        // The first token is never a target.
+        if !counted.iter().skip(1).any(|&c| c) {
+            return Err(DataError::NothingCounted);
+        }
+        let targets = tokens
+            .iter()
+            .zip(counted)
+            .map(|(&t, &c)| if c { t as i32 } else { IGNORE_TARGET })
+            .collect();
         Ok(Batcher {
+            targets,
             tokens: tokens.iter().map(|&t| t as i32).collect(),
             windows: (tokens.len() - 1) / layout.seq_len,
             layout,
@@ -139,7 +172,7 @@ impl Batcher {
             mb.input_ids
                 .extend_from_slice(&self.tokens[start..start + l.seq_len]);
             mb.targets
-                .extend_from_slice(&self.tokens[start + 1..start + 1 + l.seq_len]);
+                .extend_from_slice(&self.targets[start + 1..start + 1 + l.seq_len]);
         }
         mb
     }
@@ -210,6 +243,25 @@ mod tests {
         assert_eq!(epoch(0), epoch(0));
         assert_ne!(epoch(0), epoch(1));
         assert_ne!(epoch(0), (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn targets_that_do_not_count_are_the_ignore_id() {
+        let corpus = Corpus {
+            tokens: (0..9).collect(),
+            counted: (0..9).map(|i| i % 3 != 0).collect(),
+        };
+        let mut b = Batcher::of_corpus(&corpus, 256, layout(4, 1, 2, false)).unwrap();
+        let step = b.step(0);
+        assert_eq!(step[0].input_ids, vec![0, 1, 2, 3]);
+        assert_eq!(step[0].targets, vec![1, 2, IGNORE_TARGET, 4]);
+        assert_eq!(step[1].targets, vec![5, IGNORE_TARGET, 7, 8]);
+        let none = Corpus {
+            tokens: (0..9).collect(),
+            counted: (0..9).map(|i| i == 0).collect(),
+        };
+        let err = Batcher::of_corpus(&none, 256, layout(4, 1, 2, false)).unwrap_err();
+        assert!(matches!(err, DataError::NothingCounted), "{err}");
     }
 
     #[test]

@@ -1,14 +1,22 @@
 //! Training data: tokenizers and deterministic batching into micro-batches.
 
 pub mod batching;
+pub mod chat;
+pub mod corpus;
+pub mod records;
 pub mod tokenizer;
+pub mod tokenizer_config;
 
 use std::path::PathBuf;
 
 use thiserror::Error;
 
 pub use batching::{BatchLayout, Batcher, Microbatch};
+pub use corpus::Corpus;
 pub use tokenizer::Tokenizer;
+
+/// The target of a token that does not count in the loss (PyTorch's `ignore_index` default).
+pub const IGNORE_TARGET: i32 = -100;
 
 #[derive(Debug, Error)]
 pub enum DataError {
@@ -33,4 +41,43 @@ pub enum DataError {
     },
     #[error("batch layout: {field} must be at least 1")]
     EmptyLayout { field: &'static str },
+    #[error("line {line}{}: {reason}", field_of(field))]
+    Record {
+        line: usize,
+        field: String,
+        reason: String,
+    },
+    #[error("the chat record at line {line}: {reason}")]
+    Template { line: usize, reason: String },
+    #[error("tokenizer_config.json{}: {reason}", field_of(field))]
+    TokenizerConfig { field: String, reason: String },
+    #[error("{what} records need {needs}, which tokenizer {tokenizer:?} does not give; {fix}")]
+    TokenizerLacks {
+        what: &'static str,
+        needs: &'static str,
+        tokenizer: String,
+        fix: &'static str,
+    },
+    #[error("no target token of the data counts in the loss (every one is masked)")]
+    NothingCounted,
+}
+
+impl DataError {
+    /// The job field at fault: the tokenizer (with its config) or the training data.
+    pub fn param(&self) -> &'static str {
+        match self {
+            DataError::Tokenizer { .. }
+            | DataError::TokenizerConfig { .. }
+            | DataError::TokenizerLacks { .. } => "data.tokenizer",
+            _ => "data.train",
+        }
+    }
+}
+
+fn field_of(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!(", field {field}")
+    }
 }

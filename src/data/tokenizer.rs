@@ -1,13 +1,23 @@
-//! Tokenizers: `bytes` (a token per byte) or a Hugging Face `tokenizer.json`.
+//! Tokenizers: `bytes` (a token per byte) or a Hugging Face `tokenizer.json`, with the
+//! `tokenizer_config.json` and `chat_template.jinja` beside it when they exist.
 
 use std::path::Path;
 
 use crate::data::DataError;
+use crate::data::chat::ChatTemplate;
+use crate::data::tokenizer_config::TokenizerConfig;
 
 pub enum Tokenizer {
-    /// Token = byte value; vocabulary 256.
+    /// Token = byte value; vocabulary 256. It has no end-of-sequence token nor chat template.
     Bytes,
-    HuggingFace(Box<tokenizers::Tokenizer>),
+    HuggingFace(Box<HfTokenizer>),
+}
+
+/// A Hugging Face tokenizer and what its config says.
+pub struct HfTokenizer {
+    pub name: String,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub config: TokenizerConfig,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -17,8 +27,9 @@ impl std::fmt::Debug for Tokenizer {
             Tokenizer::HuggingFace(t) => {
                 write!(
                     f,
-                    "Tokenizer::HuggingFace(vocab {})",
-                    t.get_vocab_size(true)
+                    "Tokenizer::HuggingFace({}, vocab {})",
+                    t.name,
+                    t.tokenizer.get_vocab_size(true)
                 )
             }
         }
@@ -26,24 +37,29 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// `bytes`, or the path of a `tokenizer.json`.
+    /// `bytes`, or the path of a `tokenizer.json` (its config files are read beside it).
     pub fn load(name: &str) -> Result<Tokenizer, DataError> {
         if name == "bytes" {
             return Ok(Tokenizer::Bytes);
         }
         let path = Path::new(name);
-        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+                name: name.to_string(),
+                reason: format!("cannot load as a tokenizer.json: {e}"),
+            })?;
+        Ok(Tokenizer::HuggingFace(Box::new(HfTokenizer {
             name: name.to_string(),
-            reason: format!("cannot load as a tokenizer.json: {e}"),
-        })?;
-        Ok(Tokenizer::HuggingFace(Box::new(tok)))
+            tokenizer,
+            config: TokenizerConfig::load_beside(path)?,
+        })))
     }
 
     /// The number of distinct ids the tokenizer can produce.
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Bytes => 256,
-            Tokenizer::HuggingFace(t) => t.get_vocab_size(true),
+            Tokenizer::HuggingFace(t) => t.tokenizer.get_vocab_size(true),
         }
     }
 
@@ -53,25 +69,71 @@ impl Tokenizer {
             Tokenizer::Bytes => Ok(raw.iter().map(|&b| b as u32).collect()),
             Tokenizer::HuggingFace(t) => {
                 let text = std::str::from_utf8(raw).map_err(|e| DataError::Tokenizer {
-                    name: "tokenizer.json".into(),
+                    name: t.name.clone(),
                     reason: format!("the data is not UTF-8 text: {e}"),
                 })?;
-                let enc = t.encode(text, false).map_err(|e| DataError::Tokenizer {
-                    name: "tokenizer.json".into(),
-                    reason: e.to_string(),
-                })?;
-                Ok(enc.get_ids().to_vec())
+                Ok(t.encode(text)?.get_ids().to_vec())
             }
         }
     }
+}
 
-    /// Reads and tokenizes a file.
-    pub fn encode_file(&self, path: &Path) -> Result<Vec<u32>, DataError> {
-        let raw = std::fs::read(path).map_err(|e| DataError::Io {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
+impl HfTokenizer {
+    /// Encodes text without the tokenizer's own special tokens (special tokens written in the
+    /// text are still recognised).
+    pub fn encode(&self, text: &str) -> Result<tokenizers::Encoding, DataError> {
+        self.tokenizer
+            .encode(text, false)
+            .map_err(|e| DataError::Tokenizer {
+                name: self.name.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The id of the config's `eos_token`, which ends each document and completion.
+    pub fn eos_id(&self, what: &'static str) -> Result<u32, DataError> {
+        let lacks = |fix| DataError::TokenizerLacks {
+            what,
+            needs: "an end-of-sequence token",
+            tokenizer: self.name.clone(),
+            fix,
+        };
+        let eos = self.config.eos_token.as_deref().ok_or_else(|| {
+            lacks("give a tokenizer_config.json with eos_token beside the tokenizer.json")
         })?;
-        self.encode(&raw)
+        self.tokenizer
+            .token_to_id(eos)
+            .ok_or_else(|| lacks("tokenizer_config.json's eos_token is not in its vocabulary"))
+    }
+
+    /// The config's chat template, compiled; the tokenizer's special tokens end turns.
+    pub fn chat_template(&self) -> Result<ChatTemplate, DataError> {
+        let source =
+            self.config
+                .chat_template
+                .as_deref()
+                .ok_or_else(|| DataError::TokenizerLacks {
+                    what: "chat",
+                    needs: "a chat template",
+                    tokenizer: self.name.clone(),
+                    fix: "give tokenizer_config.json's chat_template or chat_template.jinja beside \
+                      the tokenizer.json",
+                })?;
+        let mut special: Vec<String> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
+        special.sort();
+        let c = &self.config;
+        ChatTemplate::new(source, c.bos_token.clone(), c.eos_token.clone(), special).map_err(
+            |reason| DataError::TokenizerConfig {
+                field: "chat_template".into(),
+                reason,
+            },
+        )
     }
 }
 

@@ -36,7 +36,7 @@ pub enum TrainError {
 pub struct StepReport {
     /// The step just taken, counted from 0.
     pub step: u64,
-    /// Mean cross-entropy over every predicted token of the step.
+    /// Mean cross-entropy over the step's counted (unmasked) target tokens.
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -118,7 +118,7 @@ impl SingleDevice {
         if microbatches.is_empty() {
             return Err(TrainError::NoMicrobatches);
         }
-        let total_tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
+        let total_tokens = crate::exec::model::counted_tokens(microbatches)?;
         let loss_scale = 1.0 / total_tokens as f32;
         let mut loss_sum = 0.0f64;
         for mb in microbatches {

@@ -9,10 +9,15 @@ use super::validate::{SpecError, positive};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
+    /// Plain text, or JSONL records of one kind: `{"text"}` documents, `{"prompt",
+    /// "completion"}` pairs (the completion counts in the loss) or chat `{"messages"}` (the
+    /// assistant turns count).
     pub train: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<String>,
-    /// `bytes` (token = byte value) or a Hugging Face `tokenizer.json`.
+    /// `bytes` (token = byte value) or a Hugging Face `tokenizer.json`, with the
+    /// `tokenizer_config.json` (`eos_token`, `chat_template`) and `chat_template.jinja` beside
+    /// it that JSONL data needs.
     #[serde(default = "default_tokenizer")]
     pub tokenizer: String,
 }

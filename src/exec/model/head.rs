@@ -4,7 +4,7 @@ use crate::exec::device::{DeviceError, MemGroup, PoolRef};
 use crate::exec::kernels::cross_entropy::HeadShape;
 use crate::exec::kernels::matmul::MatRef;
 use crate::exec::model::params::head_param as hp;
-use crate::exec::model::{InventoryAlloc, ModelError, PartCtx, PartParams, check_tokens};
+use crate::exec::model::{InventoryAlloc, ModelError, PartCtx, PartParams, check_targets};
 use crate::exec::tensor::Tensor;
 use crate::plan::inventory::{Part, logits_block_tokens};
 
@@ -47,7 +47,7 @@ pub fn head_forward(
     targets: &[i32],
 ) -> Result<(HeadStash, f64), ModelError> {
     let be = ctx.backend;
-    check_tokens("targets", targets, ctx.config.dims.vocab)?;
+    check_targets(targets, ctx.config.dims.vocab)?;
     let a = InventoryAlloc::new(ctx, Part::Head);
     let input = input.renamed("input");
     a.check(&input, &a.inventory().stash, "input")?;

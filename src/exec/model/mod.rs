@@ -14,6 +14,7 @@ pub mod part;
 
 use thiserror::Error;
 
+use crate::data::{IGNORE_TARGET, Microbatch};
 use crate::exec::backend::Backend;
 use crate::exec::device::{DeviceError, MemGroup, PoolRef};
 use crate::exec::tensor::{Element, Tensor};
@@ -45,6 +46,11 @@ pub enum ModelError {
     },
     #[error("{part:?}: {reason}")]
     WrongInput { part: PartId, reason: String },
+    #[error(
+        "step {step}: no target of its micro-batches counts in the loss (all are masked); \
+         the data needs counted tokens (completions, assistant turns) in every step"
+    )]
+    NothingCounted { step: u64 },
 }
 
 /// What every part's forward and backward needs besides its parameters.
@@ -138,13 +144,46 @@ impl<'a> InventoryAlloc<'a> {
     }
 }
 
-/// Checks token ids (inputs or targets) against the vocabulary.
+/// Checks input token ids against the vocabulary.
 pub(crate) fn check_tokens(
     what: &'static str,
     ids: &[i32],
     vocab: usize,
 ) -> Result<(), ModelError> {
-    match ids.iter().position(|&t| t < 0 || t as usize >= vocab) {
+    first_outside(what, ids, vocab, |_| false)
+}
+
+/// Checks targets: ids of the vocabulary, or [`IGNORE_TARGET`] for a token that does not count.
+pub(crate) fn check_targets(targets: &[i32], vocab: usize) -> Result<(), ModelError> {
+    first_outside("targets", targets, vocab, |t| t == IGNORE_TARGET)
+}
+
+/// The targets of a step that count in the loss: the loss is their mean and each one's
+/// gradient is scaled by 1 / this number.
+pub fn counted_tokens(microbatches: &[Microbatch]) -> Result<usize, ModelError> {
+    let counted = microbatches
+        .iter()
+        .flat_map(|m| &m.targets)
+        .filter(|&&t| t != IGNORE_TARGET)
+        .count();
+    match counted {
+        0 => Err(ModelError::NothingCounted {
+            step: microbatches.first().map_or(0, |m| m.step),
+        }),
+        n => Ok(n),
+    }
+}
+
+fn first_outside(
+    what: &'static str,
+    ids: &[i32],
+    vocab: usize,
+    allowed: impl Fn(i32) -> bool,
+) -> Result<(), ModelError> {
+    match ids
+        .iter()
+        .position(|&t| !allowed(t) && (t < 0 || t as usize >= vocab))
+    {
         Some(position) => Err(ModelError::TokenOutOfRange {
             what,
             id: ids[position] as i64,

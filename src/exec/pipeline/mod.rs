@@ -294,7 +294,8 @@ impl<E: Engine> Pipeline<E> {
                 given: microbatches.len(),
             });
         }
-        let total_tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
+        // Every replica scales by the whole step's counted targets: their sum is the mean.
+        let total_tokens = crate::exec::model::counted_tokens(microbatches)?;
         let devices = self.plan.total_devices();
         let mailboxes: Vec<Mailbox<E::Message>> =
             (0..devices).map(|_| Mailbox::default()).collect();

@@ -82,7 +82,10 @@ impl RunError {
             }
             RunError::Plan(PlanError::DoesNotFit { .. }) => user("does_not_fit", Some("devices")),
             RunError::Plan(_) => user("invalid_plan", Some("parallelism")),
-            RunError::Data(_) => user("invalid_data", Some("data.train")),
+            RunError::Data(e) => user("invalid_data", Some(e.param())),
+            RunError::Pipeline(PipelineError::Model(ModelError::NothingCounted { .. })) => {
+                user("invalid_data", Some("data.train"))
+            }
             RunError::Checkpoint(_) if self.storage_full().is_some() => ours("storage_full"),
             // Writing a checkpoint is the service's business whatever went wrong.
             RunError::Checkpoint(CheckpointError::Write { .. }) => ours("internal"),
@@ -125,5 +128,20 @@ mod tests {
         }
         let launch = CudaError::Driver(DriverError(CUresult::CUDA_ERROR_LAUNCH_FAILED));
         assert_eq!(RunError::Cuda(launch).blame().code, "internal");
+    }
+
+    /// Data the user gave is the user's fault, named by the field that holds it.
+    #[test]
+    fn data_errors_blame_the_field_at_fault() {
+        let tokenizer = RunError::Data(DataError::TokenizerConfig {
+            field: "chat_template".into(),
+            reason: "does not compile".into(),
+        });
+        assert_eq!(tokenizer.blame().param.as_deref(), Some("data.tokenizer"));
+        let masked =
+            RunError::Pipeline(PipelineError::Model(ModelError::NothingCounted { step: 3 }));
+        let blame = masked.blame();
+        assert!(blame.user && blame.code == "invalid_data", "{masked}");
+        assert_eq!(blame.param.as_deref(), Some("data.train"));
     }
 }

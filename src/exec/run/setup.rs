@@ -249,7 +249,7 @@ fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
 fn load_data(spec: &JobSpec, arch: &ModelArch) -> Result<Batcher, RunError> {
     let t = &spec.training;
     let tokenizer = Tokenizer::load(&spec.data.tokenizer)?;
-    let tokens = tokenizer.encode_file(Path::new(&spec.data.train))?;
+    let corpus = tokenizer.corpus_of_file(Path::new(&spec.data.train))?;
     let layout = BatchLayout {
         seq_len: t.seq_len,
         micro_batch_size: t.micro_batch_size,
@@ -257,7 +257,7 @@ fn load_data(spec: &JobSpec, arch: &ModelArch) -> Result<Batcher, RunError> {
         shuffle: t.shuffle,
         seed: t.seed,
     };
-    Ok(Batcher::new(&tokens, arch.vocab_size, layout)?)
+    Ok(Batcher::of_corpus(&corpus, arch.vocab_size, layout)?)
 }
 
 /// The model's starting parts, in `host`: seeded, or read from a Hugging Face directory.

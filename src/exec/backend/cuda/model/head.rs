@@ -12,7 +12,7 @@ use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::device::{MemGroup, PoolRef};
-use crate::exec::model::check_tokens;
+use crate::exec::model::check_targets;
 use crate::exec::model::params::head_param as hp;
 use crate::plan::inventory::{CUDA_LOGITS_BLOCK_TOKENS, Part};
 
@@ -27,7 +27,7 @@ pub struct HeadStash {
 impl HeadStash {
     /// The stash of a micro-batch whose last layer's output is `input`, its targets uploaded.
     fn new(ctx: GpuCtx<'_>, a: &Alloc<'_>, input: GpuTensor, targets: &[i32]) -> Result<Self> {
-        check_tokens("targets", targets, ctx.config.dims.vocab)?;
+        check_targets(targets, ctx.config.dims.vocab)?;
         let n = ctx.micro.tokens();
         if targets.len() != n {
             return Err(CudaError::Unsupported(format!(

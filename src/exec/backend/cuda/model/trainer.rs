@@ -172,10 +172,7 @@ impl GpuTrainer {
 
     /// One optimizer step over all of the step's micro-batches, in order.
     pub fn train_step(&mut self, microbatches: &[Microbatch]) -> Result<StepReport> {
-        let total_tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
-        if total_tokens == 0 {
-            return Err(CudaError::Unsupported("a step without tokens".into()));
-        }
+        let total_tokens = crate::exec::model::counted_tokens(microbatches)?;
         let loss_scale = 1.0 / total_tokens as f32;
         let mut loss_sum = 0.0;
         for mb in microbatches {

@@ -4,6 +4,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Check, Result, cpu_attention};
+use crate::data::IGNORE_TARGET;
 use crate::exec::backend::cuda::gemm::Gemm;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::tensor::GpuTensor;
@@ -360,7 +361,13 @@ fn head_checks(k: &mut Kit<'_>, tol: f64) -> Result<Vec<Check>> {
         block: 64,
     };
     let (x, w) = (k.rand(tokens * hidden), k.rand(vocab * hidden));
-    let targets: Vec<i32> = (0..tokens).map(|i| ((i * 13) % vocab) as i32).collect();
+    // Every seventh target is masked: both backends must give it no loss and no gradient.
+    let targets: Vec<i32> = (0..tokens)
+        .map(|i| match i % 7 {
+            3 => IGNORE_TARGET,
+            _ => ((i * 13) % vocab) as i32,
+        })
+        .collect();
     let mut block = vec![0.0; 64 * vocab];
     let loss = k.cpu.head_ce_forward(&mut block, &x, &w, &targets, sh);
     let (mut dx, mut dw) = (vec![0.0; tokens * hidden], vec![0.0; vocab * hidden]);
