@@ -17,7 +17,7 @@ use super::redact::without_server_paths;
 use super::resolve::{ResolveError, resolve_files};
 use super::resume::complete_checkpoint;
 use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopRequest};
-use super::sink::{JobLease, store_sink};
+use super::sink::{JobLease, RECORD_QUEUE, store_sink};
 use crate::spec::{JobSpec, StoragePolicy};
 use crate::store::{
     Backoff, Claim, JobState, Store, StoreError, TransitionChange, new_id, retry_transient,
@@ -44,6 +44,8 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// How often an idle worker looks for work.
     pub poll: Duration,
+    /// Records a running job may hold while the database is away before it waits.
+    pub record_queue: usize,
 }
 
 impl WorkerConfig {
@@ -54,6 +56,7 @@ impl WorkerConfig {
             data_dir,
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(500),
+            record_queue: RECORD_QUEUE,
         }
     }
 }
@@ -219,7 +222,7 @@ impl Worker {
         let tokens = retry_transient(PATIENCE, || self.store.get_job_any(&id))
             .await?
             .map_or(0, |j| j.tokens.max(0) as u64);
-        let (mut sink, writer) = store_sink(lease.clone(), tokens);
+        let (mut sink, writer) = store_sink(lease.clone(), tokens, self.config.record_queue);
         let heartbeat = tokio::spawn(heartbeat(lease, self.lease_trouble.clone()));
         let runner = self.runner.clone();
         let run_control = control.clone();
