@@ -149,6 +149,10 @@ impl Worker {
         let mut tasks = JoinSet::new();
         tracing::info!(worker = %self.id(), devices = self.config.devices.len(), "worker started");
         while !*shutdown.borrow() {
+            if self.running().is_empty() {
+                // No lease left to renew: the next claim asks the database itself.
+                self.lease_trouble.store(false, Ordering::SeqCst);
+            }
             let claim = if self.lease_trouble.load(Ordering::SeqCst) {
                 // A worker that cannot renew the leases it holds takes on no more.
                 Ok(None)
