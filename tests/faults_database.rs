@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chronospipe::jobs::{
     Engines, EventLevel, ExecPlanner, ExecRunner, JobRunner, RunControl, RunEnd, RunFailure,
-    RunRequest, RunSink, SinkError, StepMetrics,
+    RunRequest, RunSink, SinkError, StepMetrics, Worker, WorkerConfig, parse_devices,
 };
 use common::TestServer;
 use serde_json::{Value, json};
@@ -211,12 +211,6 @@ async fn a_job_trains_through_database_restarts() {
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
         .await;
-    let reference = server.create_job(&body(&train)).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    server.wait_for(&reference, "succeeded").await;
-
     let id = server.create_job(&body(&train)).await["id"]
         .as_str()
         .unwrap()
@@ -279,6 +273,12 @@ async fn a_job_trains_through_database_restarts() {
     );
 
     let job = server.wait_for(&id, "succeeded").await;
+    // The uninterrupted run, after the outages: the worker claims again by itself.
+    let reference = server.create_job(&body(&train)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server.wait_for(&reference, "succeeded").await;
     let took =
         |job: &Value| job["finished_at"].as_f64().unwrap() - job["started_at"].as_f64().unwrap();
     let uninterrupted = server.get_json(&format!("/v1/jobs/{reference}")).await;
@@ -300,6 +300,83 @@ async fn a_job_trains_through_database_restarts() {
     assert!(
         weights(&server, &id).await == weights(&server, &reference).await,
         "the weights differ from an uninterrupted run's"
+    );
+    let _ = server.stop().await;
+}
+
+/// The recorded step of the job, asked on a fresh connection; `None` while the API refuses.
+async fn recorded_step(server: &TestServer, id: &str) -> Option<i64> {
+    let answer = reqwest::Client::new()
+        .get(server.url(&format!("/v1/jobs/{id}")))
+        .header("authorization", format!("Bearer {}", common::KEY))
+        .send()
+        .await
+        .ok()?;
+    let job: Value = answer.json().await.ok()?;
+    job["progress"]["step"].as_i64()
+}
+
+/// With a record queue of 4, an outage fills it within a few steps: training then waits at a
+/// step boundary (no newer checkpoint appears) until the database is back, and the job ends
+/// as it would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_record_queue_holds_training_until_the_database_is_back() {
+    let Some(pg) = OwnPostgres::start() else {
+        return;
+    };
+    let engines = Engines {
+        planner: Some(Arc::new(ExecPlanner)),
+        runner: Some(Arc::new(Unhurried)),
+    };
+    let server = TestServer::start_with(&pg.url(), engines, |o| o.run_worker = false).await;
+    let train = server
+        .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
+        .await;
+    let id = server.create_job(&body(&train)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let config = WorkerConfig {
+        lease: Duration::from_secs(15),
+        poll: Duration::from_millis(50),
+        record_queue: 4,
+        ..WorkerConfig::new(
+            server.data_dir.path().to_owned(),
+            parse_devices("cpu:2x64MiB").unwrap(),
+        )
+    };
+    let store = chronospipe::store::connect(&pg.url()).await.unwrap();
+    let worker = Worker::new(store, Arc::new(Unhurried), config);
+    let running = tokio::spawn(async move { worker.try_execute_one().await.map(|_| ()) });
+    let step = loop {
+        if let Some(step) = recorded_step(&server, &id).await.filter(|s| *s >= 5) {
+            break step;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    pg.ctl(&["-m", "immediate", "stop"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = newest_checkpoint_on_disk(&server, &id);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        newest_checkpoint_on_disk(&server, &id),
+        held,
+        "training waits while its record queue is full"
+    );
+    // 1.5 s at 40 ms a step would be 37 steps; the queue holds 4 records and one in flight.
+    assert!(held <= step + 20, "step {step} recorded, {held} on disk");
+    pg.ctl(&["start"]);
+    tokio::time::timeout(Duration::from_secs(120), running)
+        .await
+        .expect("the job ends once the database is back")
+        .unwrap()
+        .unwrap();
+    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["restart_count"], 0, "{job}");
+    assert_eq!(
+        metric_steps(&server, &id).await,
+        (1..=STEPS).collect::<Vec<_>>()
     );
     let _ = server.stop().await;
 }

@@ -15,7 +15,7 @@ use super::runner::{EventLevel, RunControl, RunSink, SinkError, StepMetrics, Sto
 use crate::exec::checkpoint::manifest::{MANIFEST, verify};
 use crate::store::{Backoff, CheckpointRow, JobState, StepRecord, Store, StoreError, now_ms};
 
-/// Records a run may hold while the database is away before it pauses.
+/// Records a run may hold while the database is away before it pauses (by default).
 pub const RECORD_QUEUE: usize = 256;
 
 enum Record {
@@ -60,8 +60,12 @@ impl RecordWriter {
 }
 
 /// A sink and the task that writes what it is given.
-pub(super) fn store_sink(lease: JobLease, tokens: u64) -> (StoreSink, RecordWriter) {
-    let (queue, records) = mpsc::channel(RECORD_QUEUE);
+pub(super) fn store_sink(
+    lease: JobLease,
+    tokens: u64,
+    capacity: usize,
+) -> (StoreSink, RecordWriter) {
+    let (queue, records) = mpsc::channel(capacity.max(1));
     let failed = Arc::new(OnceLock::new());
     let task = tokio::spawn(write_records(lease.clone(), records, failed.clone()));
     let sink = StoreSink {
@@ -85,7 +89,7 @@ impl StoreSink {
         };
         tracing::warn!(
             job = %self.lease.job_id,
-            held = RECORD_QUEUE,
+            held = self.queue.max_capacity(),
             "the database is away and the record queue is full: training waits for it"
         );
         let started = Instant::now();

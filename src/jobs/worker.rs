@@ -17,7 +17,7 @@ use super::redact::without_server_paths;
 use super::resolve::{ResolveError, resolve_files};
 use super::resume::complete_checkpoint;
 use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopRequest};
-use super::sink::{JobLease, store_sink};
+use super::sink::{JobLease, RECORD_QUEUE, store_sink};
 use crate::spec::{JobSpec, StoragePolicy};
 use crate::store::{
     Backoff, Claim, JobState, Store, StoreError, TransitionChange, new_id, retry_transient,
@@ -44,6 +44,8 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// How often an idle worker looks for work.
     pub poll: Duration,
+    /// Records a running job may hold while the database is away before it waits.
+    pub record_queue: usize,
 }
 
 impl WorkerConfig {
@@ -54,6 +56,7 @@ impl WorkerConfig {
             data_dir,
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(500),
+            record_queue: RECORD_QUEUE,
         }
     }
 }
@@ -146,6 +149,10 @@ impl Worker {
         let mut tasks = JoinSet::new();
         tracing::info!(worker = %self.id(), devices = self.config.devices.len(), "worker started");
         while !*shutdown.borrow() {
+            if self.running().is_empty() {
+                // No lease left to renew: the next claim asks the database itself.
+                self.lease_trouble.store(false, Ordering::SeqCst);
+            }
             let claim = if self.lease_trouble.load(Ordering::SeqCst) {
                 // A worker that cannot renew the leases it holds takes on no more.
                 Ok(None)
@@ -219,7 +226,7 @@ impl Worker {
         let tokens = retry_transient(PATIENCE, || self.store.get_job_any(&id))
             .await?
             .map_or(0, |j| j.tokens.max(0) as u64);
-        let (mut sink, writer) = store_sink(lease.clone(), tokens);
+        let (mut sink, writer) = store_sink(lease.clone(), tokens, self.config.record_queue);
         let heartbeat = tokio::spawn(heartbeat(lease, self.lease_trouble.clone()));
         let runner = self.runner.clone();
         let run_control = control.clone();
