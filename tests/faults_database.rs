@@ -10,6 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chronospipe::jobs::{
@@ -116,13 +117,30 @@ impl Drop for OwnPostgres {
 }
 
 /// The real trainer, a few milliseconds slower per step, so that outages land mid-run.
-struct Unhurried;
+/// Steps from `hold_from` on wait until the test lifts it (sets it to `i64::MAX`), so an
+/// outage cannot miss the job however fast the machine trains (training goes on during
+/// outages, and a finished job's records are written as soon as the database is back).
+#[derive(Clone)]
+struct Unhurried {
+    hold_from: Arc<AtomicI64>,
+}
 
-struct UnhurriedSink<'a>(&'a mut dyn RunSink);
+impl Unhurried {
+    fn new(hold_from: i64) -> Unhurried {
+        Unhurried {
+            hold_from: Arc::new(AtomicI64::new(hold_from)),
+        }
+    }
+}
+
+struct UnhurriedSink<'a>(&'a mut dyn RunSink, &'a AtomicI64);
 
 impl RunSink for UnhurriedSink<'_> {
     fn step(&mut self, metrics: &StepMetrics) -> Result<(), SinkError> {
         std::thread::sleep(Duration::from_millis(40));
+        while metrics.step as i64 >= self.1.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.0.step(metrics)
     }
     fn checkpoint(&mut self, step: u64, dir: &Path) -> Result<(), SinkError> {
@@ -140,7 +158,7 @@ impl JobRunner for Unhurried {
         sink: &mut dyn RunSink,
         control: &RunControl,
     ) -> Result<RunEnd, RunFailure> {
-        ExecRunner.run(request, &mut UnhurriedSink(sink), control)
+        ExecRunner.run(request, &mut UnhurriedSink(sink, &self.hold_from), control)
     }
 }
 
@@ -200,9 +218,10 @@ async fn a_job_trains_through_database_restarts() {
     let Some(pg) = OwnPostgres::start() else {
         return;
     };
+    let runner = Unhurried::new(STEPS - 5);
     let engines = Engines {
         planner: Some(Arc::new(ExecPlanner)),
-        runner: Some(Arc::new(Unhurried)),
+        runner: Some(Arc::new(runner.clone())),
     };
     let server = TestServer::start_with(&pg.url(), engines, |o| {
         o.lease = Duration::from_secs(15);
@@ -239,6 +258,10 @@ async fn a_job_trains_through_database_restarts() {
         seen_steps.push(step);
         let away = std::time::Instant::now();
         pg.ctl(&["-m", "immediate", "stop"]);
+        if outage == 3 {
+            // The job's last steps train while the database is away.
+            runner.hold_from.store(i64::MAX, Ordering::Relaxed);
+        }
         for path in [format!("/v1/jobs/{id}"), "/readyz".to_owned()] {
             let answer = ask(path.clone()).await;
             assert_eq!(answer.status(), 503, "{path} while the database is away");
@@ -326,7 +349,7 @@ async fn a_full_record_queue_holds_training_until_the_database_is_back() {
     };
     let engines = Engines {
         planner: Some(Arc::new(ExecPlanner)),
-        runner: Some(Arc::new(Unhurried)),
+        runner: Some(Arc::new(Unhurried::new(i64::MAX))),
     };
     let server = TestServer::start_with(&pg.url(), engines, |o| o.run_worker = false).await;
     let train = server
@@ -346,7 +369,7 @@ async fn a_full_record_queue_holds_training_until_the_database_is_back() {
         )
     };
     let store = chronospipe::store::connect(&pg.url()).await.unwrap();
-    let worker = Worker::new(store, Arc::new(Unhurried), config);
+    let worker = Worker::new(store, Arc::new(Unhurried::new(i64::MAX)), config);
     let running = tokio::spawn(async move { worker.try_execute_one().await.map(|_| ()) });
     let step = loop {
         if let Some(step) = recorded_step(&server, &id).await.filter(|s| *s >= 5) {
