@@ -203,9 +203,20 @@ impl Worker {
             Some((_, control)) => control.clone(),
             None => RunControl::new(),
         };
+        let lease = JobLease {
+            store: self.store.clone(),
+            job_id: id.clone(),
+            worker_id: self.id().to_owned(),
+            lease: self.config.lease,
+            control: control.clone(),
+        };
+        // Renewed from the claim on: preparing (verifying a large checkpoint, waiting out the
+        // database) may take longer than one lease.
+        let heartbeat = tokio::spawn(heartbeat(lease.clone(), self.lease_trouble.clone()));
         let request = match self.prepare_patiently(&claim).await {
             Ok(request) => request,
             Err(failure) => {
+                heartbeat.abort();
                 return self
                     .finish(&id, Ok(Err(failure)), &control, StoragePolicy::Fail)
                     .await;
@@ -216,18 +227,14 @@ impl Worker {
             .training
             .storage_policy()
             .unwrap_or(StoragePolicy::Fail);
-        let lease = JobLease {
-            store: self.store.clone(),
-            job_id: id.clone(),
-            worker_id: self.id().to_owned(),
-            lease: self.config.lease,
-            control: control.clone(),
+        let tokens = match retry_transient(PATIENCE, || self.store.get_job_any(&id)).await {
+            Ok(job) => job.map_or(0, |j| j.tokens.max(0) as u64),
+            Err(e) => {
+                heartbeat.abort();
+                return Err(e.into());
+            }
         };
-        let tokens = retry_transient(PATIENCE, || self.store.get_job_any(&id))
-            .await?
-            .map_or(0, |j| j.tokens.max(0) as u64);
-        let (mut sink, writer) = store_sink(lease.clone(), tokens, self.config.record_queue);
-        let heartbeat = tokio::spawn(heartbeat(lease, self.lease_trouble.clone()));
+        let (mut sink, writer) = store_sink(lease, tokens, self.config.record_queue);
         let runner = self.runner.clone();
         let run_control = control.clone();
         let outcome = tokio::task::spawn_blocking(move || {
