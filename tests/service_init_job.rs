@@ -31,7 +31,7 @@ fn body(train: &str, init: Value) -> Value {
 struct Fixture {
     server: TestServer,
     store: Arc<dyn Store>,
-    worker: Worker,
+    worker: Arc<Worker>,
     train: String,
 }
 
@@ -46,7 +46,8 @@ impl Fixture {
             .await
             .expect("the job runs in time")
             .unwrap();
-        assert_eq!(ran.as_deref(), Some(id.as_str()));
+        let job = self.server.get_json(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(ran.as_deref(), Some(id.as_str()), "{job}");
         let job = self.server.get_json(&format!("/v1/jobs/{id}")).await;
         assert_eq!(job["status"], "succeeded", "{job}");
         id
@@ -125,7 +126,7 @@ async fn starts_from_a_job(url: &str) {
         poll: Duration::from_millis(50),
         ..WorkerConfig::new(
             server.data_dir.path().to_owned(),
-            parse_devices("cpu:1x64MiB").unwrap(),
+            parse_devices("cpu:2x64MiB").unwrap(),
         )
     };
     let worker = Worker::new(store.clone(), Arc::new(ExecRunner), config);
