@@ -276,6 +276,25 @@ async fn refusals(f: &Fixture, source: &str) {
         .await
         .unwrap();
     assert_eq!(plan.status(), 200);
+
+    // Damaged after the job was made: the run fails by field, the user's to fix, nothing loaded.
+    let doomed = f
+        .server
+        .create_job(&body(&f.train, json!({"from": source})))
+        .await;
+    let doomed = doomed["id"].as_str().unwrap();
+    let row = f.store.get_checkpoint(source, 4).await.unwrap().unwrap();
+    std::fs::remove_file(std::path::Path::new(&row.path).join("config.json")).unwrap();
+    assert_eq!(
+        f.worker.try_execute_one().await.unwrap().as_deref(),
+        Some(doomed)
+    );
+    let job = f.server.get_json(&format!("/v1/jobs/{doomed}")).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "checkpoint_unavailable", "{job}");
+    assert_eq!(job["error"]["param"], "model.init.from", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("config.json cannot be read"), "{job}");
 }
 
 /// `chronospipe train` keeps jobs nowhere: a job id in `model.init.from` is refused by name.
