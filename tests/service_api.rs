@@ -719,6 +719,7 @@ async fn queue_position_is_capped(url: &str) {
             spec: "{}".into(),
             total_steps: 1,
             file_ids: vec![],
+            checkpoint_uses: vec![],
             idempotency_key: None,
             request_hash: None,
             planned: Some(Planned::Queued {

@@ -18,6 +18,7 @@ async fn queued_job(store: &dyn Store, tenant: &str, devices_needed: i64) -> Str
         spec: "{}".into(),
         total_steps: 10,
         file_ids: vec![],
+        checkpoint_uses: vec![],
         idempotency_key: None,
         request_hash: None,
         planned: None,

@@ -80,6 +80,9 @@ pub async fn create(
     let devices = job_devices(&state, &spec)?;
     let planner = planner(&state)?;
     let canonical = serde_json::to_string(&spec).map_err(ApiError::internal)?;
+    // The body as sent decides idempotency; the stored body pins the checkpoint it starts from.
+    let request_hash = hex::encode(Sha256::digest(canonical.as_bytes()));
+    let stored = serde_json::to_string(&resolved.pinned(&spec)).map_err(ApiError::internal)?;
     // Planning is pure and quick: done first, so the job, its plan and its first states are
     // written in one transaction.
     let planned = match run_planner(planner, resolved.spec, devices).await {
@@ -101,9 +104,10 @@ pub async fn create(
         id: new_id("job"),
         tenant_id: tenant,
         total_steps: spec.training.steps as i64,
-        request_hash: Some(hex::encode(Sha256::digest(canonical.as_bytes()))),
-        spec: canonical,
+        request_hash: Some(request_hash),
+        spec: stored,
         file_ids: resolved.file_ids,
+        checkpoint_uses: resolved.checkpoint_use.into_iter().collect(),
         idempotency_key: key,
         planned: Some(planned),
     };

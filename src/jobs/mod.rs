@@ -3,6 +3,7 @@
 
 pub mod devices;
 mod executor;
+mod init_checkpoint;
 mod planner;
 mod redact;
 mod resolve;

@@ -284,8 +284,13 @@ impl Worker {
             Ok(resolved) => resolved,
             Err(ResolveError::Invalid(invalid)) => {
                 let first = invalid.first();
+                // A starting checkpoint gone since the job was made is not a missing file.
+                let code = match spec.model.init.source_job() {
+                    Some(_) if first.param == "model.init.from" => "checkpoint_unavailable",
+                    _ => "file_not_found",
+                };
                 return Err(RunFailure::user(
-                    "file_not_found",
+                    code,
                     first.message.clone(),
                     Some(&first.param),
                 ));

@@ -10,7 +10,7 @@ mod rope;
 mod training;
 mod validate;
 
-pub use model::{Architecture, ModelArch, ModelInit, ModelSpec};
+pub use model::{Architecture, JobCheckpointRef, ModelArch, ModelInit, ModelSpec};
 pub use parallelism::{
     DataParallel, OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages,
 };

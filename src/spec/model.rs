@@ -38,12 +38,58 @@ impl Architecture {
 }
 
 /// Initial weights: a seeded random init, or a Hugging Face Llama directory (CLI: a path;
-/// service: a file id).
+/// service: a model file id, or `job_…` for that job's latest checkpoint), or a given
+/// checkpoint of a job (service only). Only the weights are taken: optimizer state and step
+/// start fresh.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(untagged, deny_unknown_fields)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "model.init is {\"seed\": N}, {\"from\": \"<model file id, directory or job_…>\"} or {\"from\": {\"job\": \"job_…\", \"step\": N}}"
+)]
 pub enum ModelInit {
     Seed { seed: u64 },
     From { from: String },
+    FromCheckpoint { from: JobCheckpointRef },
+}
+
+/// One checkpoint of a job of the same tenant: `{"job": "job_…", "step": 120}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobCheckpointRef {
+    pub job: String,
+    pub step: u64,
+}
+
+/// How job ids begin, which no uploaded file id or checkpoint path does.
+const JOB_ID_PREFIX: &str = "job_";
+
+impl ModelInit {
+    /// The job (and step, when given; else its latest) whose checkpoint the weights come from.
+    pub fn source_job(&self) -> Option<(&str, Option<u64>)> {
+        match self {
+            ModelInit::From { from } if from.starts_with(JOB_ID_PREFIX) => Some((from, None)),
+            ModelInit::FromCheckpoint { from } => Some((&from.job, Some(from.step))),
+            _ => None,
+        }
+    }
+
+    /// The Hugging Face directory to load, if any. A job's checkpoint is refused here: only
+    /// the service, which keeps the jobs, turns one into a directory.
+    pub fn directory(&self) -> Result<Option<&str>, SpecError> {
+        if let Some((job, _)) = self.source_job() {
+            return Err(SpecError::new(
+                "model.init.from",
+                format!(
+                    "{job:?} names a job's checkpoint, which only the service resolves; here give                      a checkpoint directory path (e.g. ./{job} for a directory of that name)"
+                ),
+            ));
+        }
+        Ok(match self {
+            ModelInit::From { from } => Some(from),
+            _ => None,
+        })
+    }
 }
 
 impl Default for ModelInit {
@@ -298,6 +344,15 @@ impl ModelSpec {
                     ));
                 }
             }
+            (ModelInit::FromCheckpoint { .. }, None) => {}
+        }
+        if let ModelInit::FromCheckpoint { from } = &self.init
+            && !from.job.starts_with(JOB_ID_PREFIX)
+        {
+            errors.push(SpecError::new(
+                "model.init.from.job",
+                format!("{:?} is not a job id (job_…)", from.job),
+            ));
         }
     }
 }

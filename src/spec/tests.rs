@@ -293,3 +293,38 @@ fn data_parallel_is_a_count_that_shares_the_micro_batches() {
     sharded.parallelism.shard_optimizer = Some(true);
     assert_eq!(params_of(&sharded), ["parallelism.shard_optimizer"]);
 }
+
+#[test]
+fn init_names_a_seed_a_file_a_job_or_a_jobs_step() {
+    let init = |json: &str| {
+        let text = EXAMPLE.replace(r#"{"seed": 1234}"#, json);
+        JobSpec::from_json(&text).map(|spec| spec.model.init)
+    };
+    let file = init(r#"{"from": "file_01"}"#).unwrap();
+    assert_eq!(file.source_job(), None);
+    assert_eq!(file.directory().unwrap(), Some("file_01"));
+    let latest = init(r#"{"from": "job_01"}"#).unwrap();
+    assert_eq!(latest.source_job(), Some(("job_01", None)));
+    let step = init(r#"{"from": {"job": "job_01", "step": 120}}"#).unwrap();
+    assert_eq!(step.source_job(), Some(("job_01", Some(120))));
+    for job in [latest, step] {
+        assert_eq!(job.directory().unwrap_err().param, "model.init.from");
+    }
+    // A step without its job, or a job's step in the wrong type, says which forms there are.
+    for bad in [
+        r#"{"from": {"step": 3}}"#,
+        r#"{"from": {"job": "job_01", "step": "3"}}"#,
+    ] {
+        let e = init(bad).unwrap_err();
+        assert!(
+            e.first()
+                .message
+                .contains(r#"{"from": {"job": "job_…", "step": N}}"#),
+            "{}",
+            e.first().message
+        );
+    }
+    let mut spec = example();
+    spec.model.init = init(r#"{"from": {"job": "file_01", "step": 1}}"#).unwrap();
+    assert_eq!(params_of(&spec), ["model.init.from.job"]);
+}

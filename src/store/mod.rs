@@ -180,6 +180,9 @@ pub trait Store: Send + Sync + 'static {
     async fn latest_checkpoint(&self, id: &str) -> StoreResult<Option<CheckpointRow>>;
     async fn list_checkpoints(&self, id: &str) -> StoreResult<Vec<CheckpointRow>>;
     async fn get_checkpoint(&self, id: &str, step: i64) -> StoreResult<Option<CheckpointRow>>;
+    /// `(step, job)` for each checkpoint of job `id` that an unfinished job starts from: these
+    /// must be kept (a retention policy deletes only the others).
+    async fn checkpoints_in_use(&self, id: &str) -> StoreResult<Vec<(i64, String)>>;
 
     async fn append_event(&self, id: &str, kind: &str, data: &str) -> StoreResult<i64>;
     async fn list_events(&self, id: &str, after: i64, limit: i64) -> StoreResult<Vec<EventRow>>;

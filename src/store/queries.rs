@@ -255,6 +255,17 @@ macro_rules! sql_store {
                 .await?)
             }
 
+            async fn checkpoints_in_use(&self, id: &str) -> StoreResult<Vec<(i64, String)>> {
+                Ok(sqlx::query_as::<_, (i64, String)>(
+                    "SELECT c.step, j.id FROM job_checkpoints c JOIN jobs j ON j.id = c.job_id \
+                     WHERE c.source_job_id = $1 AND j.state NOT IN ('succeeded', 'failed', 'cancelled') \
+                     ORDER BY c.step, j.id",
+                )
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn get_checkpoint(&self, id: &str, step: i64) -> StoreResult<Option<CheckpointRow>> {
                 Ok(sqlx::query_as::<_, CheckpointRow>(
                     "SELECT * FROM checkpoints WHERE job_id = $1 AND step = $2",

@@ -181,6 +181,17 @@ macro_rules! queue_sql {
                         }
                         query.execute(&mut *tx).await?;
                     }
+                    for used in &job.checkpoint_uses {
+                        sqlx::query(
+                            "INSERT INTO job_checkpoints (job_id, source_job_id, step) VALUES ($1, $2, $3) \
+                             ON CONFLICT DO NOTHING",
+                        )
+                        .bind(&job.id)
+                        .bind(&used.job_id)
+                        .bind(used.step)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                     let values: Vec<String> = (0..events.len())
                         .map(|i| format!("($1, {}, ${}, $2, ${})", i + 1, 2 * i + 3, 2 * i + 4))
                         .collect();

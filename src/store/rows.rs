@@ -79,10 +79,19 @@ pub struct NewJob {
     pub spec: String,
     pub total_steps: i64,
     pub file_ids: Vec<String>,
+    /// Checkpoints of other jobs it starts from (`model.init.from`).
+    pub checkpoint_uses: Vec<CheckpointUse>,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
     /// Planning's outcome, recorded in the same transaction; `None` leaves it `validating`.
     pub planned: Option<Planned>,
+}
+
+/// A job's checkpoint that another job starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointUse {
+    pub job_id: String,
+    pub step: i64,
 }
 
 /// How planning went for a new job.

@@ -39,7 +39,9 @@ pub fn resolve_arch(spec: &JobSpec) -> Result<ModelArch, RunError> {
                 "the architecture is incomplete",
             )])
         }),
-        ModelInit::From { from } => {
+        init => {
+            let from = init.directory().map_err(|e| RunError::Spec(vec![e]))?;
+            let from = from.unwrap_or_default();
             let pretrained = read_hf_config(Path::new(from)).map_err(|e| match e {
                 // What the user's config.json sets and we do not implement is their input
                 // to change, named by its field.
@@ -266,14 +268,25 @@ fn initial_parts(
     config: &LlamaConfig,
     host: &PoolRef,
 ) -> Result<Vec<PartParams>, RunError> {
-    Ok(match &spec.model.init {
-        ModelInit::Seed { seed } => seeded_parts(config, host, *seed)?,
-        ModelInit::From { from } => load_hf_parts(
+    let directory = spec
+        .model
+        .init
+        .directory()
+        .map_err(|e| RunError::Spec(vec![e]))?;
+    Ok(match (&spec.model.init, directory) {
+        (_, Some(from)) => load_hf_parts(
             Path::new(from),
             config,
             &PartId::all(config.dims.layers),
             host,
         )?,
+        (ModelInit::Seed { seed }, None) => seeded_parts(config, host, *seed)?,
+        (_, None) => {
+            return Err(RunError::Spec(vec![SpecError::new(
+                "model.init",
+                "names neither a seed nor weights to load",
+            )]));
+        }
     })
 }
 
