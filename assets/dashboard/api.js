@@ -36,6 +36,9 @@ async function problemOf(response) {
 
 // fetch with the key; resolves to the Response when it is 2xx, throws ApiError otherwise.
 async function send(path, options = {}, key = apiKey()) {
+  // A view's timer or request chain can outlive "Forget key": with no key there is nothing
+  // to send, and no refusal to report (that would redraw the key form under the user).
+  if (!key) throw new ApiError(401, { detail: "no API key entered", code: "no_key" });
   const headers = new Headers(options.headers || {});
   headers.set("Authorization", "Bearer " + key);
   const response = await fetch(path, { ...options, headers });
