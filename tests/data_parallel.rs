@@ -192,6 +192,11 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
     );
     spec.training.microbatches = 6;
     spec.devices = Some("cpu:4x64MiB".into());
+    // One stage a replica: 3 of the 4 devices do.
+    let run = Run::prepare(spec.clone(), "").unwrap();
+    assert_eq!(run.measured_peaks().len(), 3);
+    // Stages "auto" share every device out: 3 replicas cannot split 4.
+    spec.parallelism.stages = chronospipe::spec::Stages::default();
     let (field, message) = spec_error(Run::prepare(spec, ""));
     assert_eq!(field, "parallelism.data_parallel");
     assert!(

@@ -133,6 +133,7 @@ impl Placement {
                             norm: grad_norm,
                         }
                         .into(),
+                        CudaError::Model(e) => PipelineError::Model(*e).into(),
                         other => RunError::Cuda(other),
                     })
                     .map(|report| (report, Vec::new()))

@@ -11,7 +11,7 @@ use crate::spec::{JobSpec, SpecError};
 use super::{DeviceKind, RunError};
 
 /// The replica count `spec` asks for over `available` devices of `kind`: refused by field
-/// when it does not divide them or the kind cannot run it. (`"auto"`, zero, and a share of
+/// when the kind cannot run it, or when stages are "auto" and it does not divide the devices. (`"auto"`, zero, and a share of
 /// micro-batches that does not divide are refused by the spec's own validation.)
 pub fn replica_count(
     spec: &JobSpec,
@@ -38,7 +38,9 @@ pub fn replica_count(
             ),
         )]));
     }
-    if !available.is_multiple_of(dp) {
+    // With a stage count given, `plan_job` checks that stages x replicas devices are there;
+    // only "auto" stages share every device out, and need the replicas to divide them.
+    if spec.parallelism.stages.count().is_none() && !available.is_multiple_of(dp) {
         let fits: Vec<String> = (1..=available)
             .filter(|n| available.is_multiple_of(*n))
             .map(|n| n.to_string())

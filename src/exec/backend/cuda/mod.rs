@@ -71,6 +71,10 @@ pub enum CudaError {
     },
     #[error("{0}")]
     Unsupported(String),
+    /// What the model refused (a token outside the vocabulary, a step with no counted
+    /// target): the same error, and the same blame, as on CPU devices.
+    #[error(transparent)]
+    Model(Box<crate::exec::model::ModelError>),
 }
 
 impl CudaError {

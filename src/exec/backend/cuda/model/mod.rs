@@ -137,7 +137,7 @@ impl From<ModelError> for CudaError {
     fn from(e: ModelError) -> Self {
         match e {
             ModelError::Device(d) => CudaError::Device(d),
-            other => CudaError::Unsupported(other.to_string()),
+            other => CudaError::Model(Box::new(other)),
         }
     }
 }
