@@ -69,7 +69,12 @@ async fn a_data_parallel_job_runs_on_all_its_devices(url: &str) {
     let refused = server.post("/v1/plans").json(&three).send().await.unwrap();
     assert_eq!(refused.status(), 422);
     let problem: Value = refused.json().await.unwrap();
-    assert_eq!(problem["param"], "parallelism.data_parallel", "{problem}");
+    assert_eq!(problem["param"], "parallelism.stages", "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("2 stages x 3 replicas need 6 devices but 4 are available"),
+        "{detail}"
+    );
 
     let job = server.create_job(&body(&train)).await;
     let id = job["id"].as_str().unwrap().to_owned();

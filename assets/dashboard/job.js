@@ -47,6 +47,9 @@ export function mountJob(container, jobId) {
 
   async function refreshJob() {
     headerTimer = null;
+    // An event read as the view closed can still ask for a refresh: a closed view asks
+    // nothing (the key may be another tenant's by then).
+    if (abort.signal.aborted) return;
     try {
       const job = await getJson(path);
       if (abort.signal.aborted) return;
@@ -63,6 +66,7 @@ export function mountJob(container, jobId) {
   }
 
   function scheduleRefresh() {
+    if (abort.signal.aborted) return;
     headerTimer ??= setTimeout(refreshJob, HEADER_REFRESH_MS);
   }
 
