@@ -24,6 +24,14 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
+    /// The values Llama 3.1's checkpoints ship with.
+    pub const LLAMA_3_1: RopeScaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+
     /// The `rope_type` name transformers uses.
     pub fn name(&self) -> &'static str {
         match self {

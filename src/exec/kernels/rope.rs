@@ -178,12 +178,7 @@ mod tests {
             assert_eq!(*s, p / 4.0);
         }
         let llama3 = Rope {
-            scaling: Some(RopeScaling::Llama3 {
-                factor: 8.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192,
-            }),
+            scaling: Some(RopeScaling::LLAMA_3_1),
             ..Rope::plain(500000.0)
         };
         let scaled = llama3.inv_freq(16);

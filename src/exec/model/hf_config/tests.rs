@@ -30,12 +30,7 @@ fn refused(v: &Value) -> (String, String) {
     }
 }
 
-const LLAMA3: RopeScaling = RopeScaling::Llama3 {
-    factor: 8.0,
-    low_freq_factor: 1.0,
-    high_freq_factor: 4.0,
-    original_max_position_embeddings: 8192,
-};
+const LLAMA3: RopeScaling = RopeScaling::LLAMA_3_1;
 
 #[test]
 fn llama3_scaling_reads_in_either_spelling() {

@@ -147,12 +147,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     // frequency scaling.
     let llama3 = Rope {
         theta: 500000.0,
-        scaling: Some(RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192,
-        }),
+        scaling: Some(RopeScaling::LLAMA_3_1),
     };
     for ((seq, width, hd, rope), inverse) in
         [(512, 128, 64, Rope::plain(10000.0)), (37, 48, 16, llama3)]
