@@ -1,4 +1,6 @@
-//! `GET /v1/devices` (the devices given at launch and the job on each) and `GET /v1/queue`.
+//! `GET /v1/devices` (the cluster's devices by worker and the job on each) and `GET /v1/queue`.
+
+use std::collections::HashMap;
 
 use axum::extract::State;
 use axum::routing::get;
@@ -8,6 +10,7 @@ use super::AppState;
 use super::auth::Tenant;
 use super::problem::{ApiResult, Problem};
 use super::views::{DeviceList, DeviceView, QueueEntry, QueueView};
+use crate::store::StoreError;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -15,7 +18,9 @@ pub fn routes() -> Router<AppState> {
         .route("/queue", get(queue))
 }
 
-/// This service's devices: id, kind, memory, and the job using each (named when it is yours).
+/// The cluster's devices by worker: this service's own first (the devices it was started
+/// with, and its embedded worker's jobs on them), then every other live worker's, in worker id
+/// order. Each says whether a job holds it and which, when the job is yours.
 #[utoipa::path(get, path = "/v1/devices", tag = "cluster",
     responses(
         (status = 200, body = DeviceList),
@@ -31,29 +36,74 @@ pub async fn devices(
         Some(worker) => state.store.devices_in_use(worker).await?,
         None => Vec::new(),
     };
-    let mut data = Vec::with_capacity(state.devices.len());
+    let cluster = state.store.cluster_devices().await?;
+    let local_host = cluster
+        .iter()
+        .find(|row| Some(&row.worker_id) == state.worker_id.as_ref())
+        .map(|row| row.host.clone());
+    let mut yours = Visible::new(&state, &tenant);
+    let mut data = Vec::with_capacity(state.devices.len() + cluster.len());
     for device in &state.devices {
         let job = used
             .iter()
             .find(|(d, _)| d == &device.id)
             .map(|(_, job)| job.clone());
-        let visible = match &job {
-            Some(job) => state
-                .store
-                .get_job(&tenant, job)
-                .await?
-                .map(|_| job.clone()),
-            None => None,
-        };
         data.push(DeviceView {
             id: device.id.clone(),
             kind: device.kind.clone(),
             memory_bytes: device.memory_bytes,
             in_use: job.is_some(),
-            job: visible,
+            job: yours.only_yours(job).await?,
+            worker: state.worker_id.clone(),
+            host: local_host.clone(),
+        });
+    }
+    let others = cluster
+        .into_iter()
+        .filter(|row| Some(&row.worker_id) != state.worker_id.as_ref());
+    for row in others {
+        data.push(DeviceView {
+            id: row.device_id,
+            kind: row.kind,
+            memory_bytes: row.memory_bytes.max(0) as u64,
+            in_use: row.job_id.is_some(),
+            job: yours.only_yours(row.job_id).await?,
+            worker: Some(row.worker_id),
+            host: Some(row.host),
         });
     }
     Ok(Json(DeviceList::new(data, false)))
+}
+
+/// Which jobs are the tenant's, each asked of the store once.
+struct Visible<'a> {
+    state: &'a AppState,
+    tenant: &'a str,
+    known: HashMap<String, bool>,
+}
+
+impl<'a> Visible<'a> {
+    fn new(state: &'a AppState, tenant: &'a str) -> Self {
+        Visible {
+            state,
+            tenant,
+            known: HashMap::new(),
+        }
+    }
+
+    /// `job` when it is the tenant's, else `None`.
+    async fn only_yours(&mut self, job: Option<String>) -> Result<Option<String>, StoreError> {
+        let Some(job) = job else { return Ok(None) };
+        let yours = match self.known.get(&job) {
+            Some(&yours) => yours,
+            None => {
+                let yours = self.state.store.get_job(self.tenant, &job).await?.is_some();
+                self.known.insert(job.clone(), yours);
+                yours
+            }
+        };
+        Ok(yours.then_some(job))
+    }
 }
 
 /// The queue in claim order (first 100): positions of all tenants' jobs, ids of yours.

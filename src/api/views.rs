@@ -226,6 +226,10 @@ pub struct DeviceView {
     pub in_use: bool,
     /// The job using it, when it is one of yours.
     pub job: Option<String>,
+    /// The worker it belongs to (`null` for a service without an embedded worker).
+    pub worker: Option<String>,
+    /// The machine that worker runs on, once registered.
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -1,20 +1,24 @@
 //! Jobs off the HTTP path: the contracts with the planner (`Planner`) and the executor
 //! (`JobRunner`), resolving file ids, and the worker that claims queued jobs and runs them.
 
+pub mod cluster;
 pub mod devices;
 mod executor;
 mod init_checkpoint;
 mod planner;
 mod redact;
+pub mod rendezvous;
 mod resolve;
 mod resume;
 mod runner;
 mod sink;
 mod worker;
 
+pub use cluster::{GangError, Membership, reserve_across_workers};
 pub use devices::{DeviceInfo, default_devices, gpu_ordinal, parse_devices, with_gpu_memory};
 pub use executor::{ExecPlanner, ExecRunner};
 pub use planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
+pub use rendezvous::{Rendezvous, RendezvousError};
 pub use resolve::{ResolveError, ResolvedSpec, resolve_files};
 pub use runner::{
     EventLevel, Fault, JobRunner, ResumePoint, RunControl, RunEnd, RunFailure, RunRequest, RunSink,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::cluster::Membership;
 use super::devices::DeviceInfo;
 use super::redact::without_server_paths;
 use super::resolve::{ResolveError, resolve_files};
@@ -147,6 +148,13 @@ impl Worker {
     /// to checkpoint, and waits for them to be requeued.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut tasks = JoinSet::new();
+        // Registered before the first claim, so the devices that claim takes are recorded.
+        let membership = self.membership();
+        if let Err(e) = membership.register().await {
+            tracing::warn!(error = %e, "cannot register the worker yet; trying again");
+        }
+        let (left_tx, left_rx) = watch::channel(false);
+        let membership = tokio::spawn(membership.keep(left_rx));
         tracing::info!(worker = %self.id(), devices = self.config.devices.len(), "worker started");
         while !*shutdown.borrow() {
             if self.running().is_empty() {
@@ -186,7 +194,18 @@ impl Worker {
         while let Some(done) = tasks.join_next().await {
             log_task_end(done);
         }
+        let _ = left_tx.send(true);
+        let _ = membership.await;
         tracing::info!(worker = %self.id(), "worker stopped");
+    }
+
+    fn membership(&self) -> Membership {
+        Membership::new(
+            self.store.clone(),
+            self.id(),
+            &self.config.devices,
+            self.config.lease,
+        )
     }
 
     /// Runs a claimed job until it ends, fails, stops on request, or the lease is lost.

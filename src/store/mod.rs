@@ -6,6 +6,9 @@
 //! `FOR UPDATE [SKIP LOCKED]`, SQLite one `BEGIN IMMEDIATE` writer). Migrations for each live
 //! in `migrations/postgres` and `migrations/sqlite` and run on connect.
 
+pub mod cluster;
+mod cluster_sql;
+mod gang_sql;
 mod ids;
 mod postgres;
 mod queries;
@@ -19,6 +22,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use cluster::{
+    ClusterDeviceRow, ClusterError, ClusterStore, GangOutcome, GangRefusal, RankPlacement, RankRow,
+    Reservation, WorkerDevice, WorkerRegistration,
+};
 pub use ids::{new_id, now_ms};
 pub use postgres::PgStore;
 pub use rows::*;
@@ -49,6 +56,8 @@ pub enum StoreError {
     LeaseLost { job: String, worker: String },
     #[error("stored value is corrupt: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -84,8 +93,9 @@ pub struct Claim {
     pub resume_from: Option<CheckpointRow>,
 }
 
+/// The cluster's operations (`ClusterStore`) are part of every store.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: ClusterStore + Send + Sync + 'static {
     /// `SELECT 1`, for readiness.
     async fn ping(&self) -> StoreResult<()>;
 

@@ -6,6 +6,8 @@
 macro_rules! sql_store {
     ($store:ty, $db:ty, lock = $lock:literal, skip_locked = $skip:literal, now_ms = $now:literal) => {
         $crate::store::queue_sql::queue_sql!($store, $db, lock = $lock, skip_locked = $skip, now_ms = $now);
+        $crate::store::cluster_sql::cluster_sql!($store, $db, now_ms = $now);
+        $crate::store::gang_sql::gang_sql!($store, $db, now_ms = $now);
 
         #[async_trait::async_trait]
         impl Store for $store {

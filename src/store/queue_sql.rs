@@ -70,6 +70,10 @@ macro_rules! queue_sql {
                     }
                 }
                 from.check(to)?;
+                if from.is_on_worker() && !to.is_on_worker() {
+                    let reason = change.message.clone().unwrap_or_else(|| format!("the job is {to}"));
+                    Self::release_in(tx, id, &reason).await?;
+                }
                 let now = now_ms();
                 sqlx::query(
                     "UPDATE jobs SET state = $2, error = COALESCE($3, error), \
@@ -240,6 +244,7 @@ macro_rules! queue_sql {
             ) -> StoreResult<Option<Claim>> {
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
+                    let free_devices = &Self::unheld_in(&mut tx, worker_id, free_devices).await?;
                     let id: Option<String> = sqlx::query_scalar(concat!(
                         "SELECT id FROM jobs WHERE state = 'queued' AND devices_needed <= $1 \
                          ORDER BY id LIMIT 1",
@@ -251,6 +256,7 @@ macro_rules! queue_sql {
                     let Some(id) = id else { return Ok(None) };
                     let job = Self::lock_job(&mut tx, &id).await?;
                     let needed = (job.devices_needed.max(0) as usize).min(free_devices.len());
+                    Self::hold_in(&mut tx, worker_id, &id, &free_devices[..needed]).await?;
                     let devices = serde_json::to_string(&free_devices[..needed])
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                     sqlx::query(concat!(
