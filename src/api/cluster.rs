@@ -18,9 +18,10 @@ pub fn routes() -> Router<AppState> {
         .route("/queue", get(queue))
 }
 
-/// The cluster's devices by worker: this service's own first (the devices it was started
-/// with, and its embedded worker's jobs on them), then every other live worker's, in worker id
-/// order. Each says whether a job holds it and which, when the job is yours.
+/// The cluster's devices by worker, and the job holding each (named when it is yours).
+///
+/// This service's own devices come first (those it was started with, and its embedded
+/// worker's jobs on them), then every other live worker's, in worker id order.
 #[utoipa::path(get, path = "/v1/devices", tag = "cluster",
     responses(
         (status = 200, body = DeviceList),

@@ -355,6 +355,15 @@ macro_rules! gang_sql {
             }
 
             async fn expire_reservations_query(&self) -> StoreResult<Vec<(String, i64)>> {
+                // Every worker asks on every beat; without a reservation nothing is written.
+                let active: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM job_reservations WHERE state <> 'released'",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                if active == 0 {
+                    return Ok(Vec::new());
+                }
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
                     let late: Vec<(String, i64)> = sqlx::query_as(concat!(
