@@ -147,13 +147,13 @@ pub async fn reserve_across_workers(
     ranks: &[RankPlacement],
     start_timeout: Duration,
 ) -> Result<Reservation, GangError> {
-    if let Some(first) = ranks.first() {
-        if ranks.iter().all(|r| r.worker_id == first.worker_id) {
-            return Err(GangError::OneWorker {
-                job: job_id.to_owned(),
-                worker: first.worker_id.clone(),
-            });
-        }
+    if let Some(first) = ranks.first()
+        && ranks.iter().all(|r| r.worker_id == first.worker_id)
+    {
+        return Err(GangError::OneWorker {
+            job: job_id.to_owned(),
+            worker: first.worker_id.clone(),
+        });
     }
     let timeout_ms = start_timeout.as_millis() as i64;
     match store.reserve_gang(job_id, ranks, timeout_ms).await? {
