@@ -437,6 +437,32 @@ async fn gangs(url: &str) {
     assert!(!store.release_reservation(&b, 1, "again").await.unwrap());
     assert_eq!(state(store.as_ref(), &b).await, JobState::Cancelled);
     assert!(held_by(store.as_ref(), &b).await.is_empty());
+
+    // A pause asked while the ranks run reaches each rank's heartbeat; when a rank's lease runs
+    // out the job ends paused (a restart: its ranks had started).
+    let c = queued_job(store.as_ref(), &tenant, 2).await;
+    let c_ranks = [place("w1", 0), place("w5", 0)];
+    reserved(store.reserve_gang(&c, &c_ranks, LEASE_MS).await.unwrap());
+    store.claim_rank(&c, 1, 0, "w1", LEASE_MS).await.unwrap();
+    store.claim_rank(&c, 1, 1, "w5", -1).await.unwrap();
+    store
+        .transition(&c, JobState::Pausing, TransitionChange::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .heartbeat_rank(&c, 1, 0, "w1", LEASE_MS)
+            .await
+            .unwrap(),
+        JobState::Pausing
+    );
+    assert_eq!(
+        store.expire_reservations().await.unwrap(),
+        vec![(c.clone(), 1)]
+    );
+    let job_c = store.get_job_any(&c).await.unwrap().unwrap();
+    assert_eq!((job_c.state.as_str(), job_c.restart_count), ("paused", 1));
+    assert!(held_by(store.as_ref(), &c).await.is_empty());
 }
 both_databases!(gang_tests, super::gangs);
 
