@@ -82,13 +82,14 @@ async fn validates_and_stops_early(url: &str) {
     let none_kept = body(&train, None, json!({"steps": 4, "keep_checkpoints": 0}));
     refused(&server, &none_kept, "training.keep_checkpoints").await;
 
-    // A min_delta no evaluation beats: the first evaluation is the best and two more
-    // without improvement stop the run after step 3 of 8.
+    // A learning rate that overfits the training sentence: the validation loss falls, then
+    // rises; two evaluations in a row above the lowest stop the run.
     let stopping = body(
         &train,
         Some(&valid),
-        json!({"steps": 8, "checkpoint_every": 1, "keep_checkpoints": 1,
-               "early_stopping": {"patience": 2, "min_delta": 100.0}}),
+        json!({"steps": 30, "checkpoint_every": 1, "keep_checkpoints": 1,
+               "optimizer": {"kind": "adamw", "lr": 0.05},
+               "early_stopping": {"patience": 2}}),
     );
     let job = server.create_job(&stopping).await;
     let id = job["id"].as_str().unwrap().to_owned();
@@ -100,19 +101,24 @@ async fn validates_and_stops_early(url: &str) {
     let job = server.get_json(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["stopped_early"], true, "{job}");
-    assert_eq!(job["progress"]["step"], 3, "{job}");
-    let latest = job["latest_metrics"]["val_loss"]
-        .as_f64()
-        .expect("val_loss");
-
-    let metrics = server.get_json(&format!("/v1/jobs/{id}/metrics")).await;
-    let rows = metrics["data"].as_array().unwrap();
-    assert_eq!(rows.len(), 3, "{metrics}");
-    let val: Vec<f64> = rows
-        .iter()
-        .map(|r| r["val_loss"].as_f64().unwrap())
+    let metrics = server
+        .get_json(&format!("/v1/jobs/{id}/metrics?limit=100"))
+        .await;
+    let val: Vec<f64> = (metrics["data"].as_array().unwrap().iter())
+        .map(|r| r["val_loss"].as_f64().expect("every step evaluates"))
         .collect();
-    assert_eq!(val[2], latest);
+    // Stopped at the second evaluation in a row above the lowest, not before.
+    let last = val.len();
+    let lowest = (0..last)
+        .min_by(|&a, &b| val[a].total_cmp(&val[b]))
+        .unwrap();
+    assert_eq!(lowest + 3, last, "{val:?}");
+    let (best, last) = (lowest as i64 + 1, last as i64);
+    assert_eq!(job["progress"]["step"], last, "{job}");
+    assert_eq!(
+        job["latest_metrics"]["val_loss"].as_f64(),
+        val.last().copied()
+    );
 
     let events = server
         .get_json(&format!("/v1/jobs/{id}/events?limit=100"))
@@ -124,17 +130,24 @@ async fn validates_and_stops_early(url: &str) {
             .collect()
     };
     let evaluations = of_kind("evaluation");
-    assert_eq!(evaluations.len(), 3, "{events}");
+    assert_eq!(evaluations.len(), val.len(), "{events}");
     assert_eq!(evaluations[0]["val_loss"].as_f64(), Some(val[0]));
     assert_eq!(evaluations[0]["val_windows"], 7, "{events}");
     let stopped = of_kind("stopped_early");
-    assert_eq!(stopped, [json!({"step": 3, "best_step": 1})], "{events}");
-    let deleted: Vec<i64> = (of_kind("checkpoint_deleted").iter())
+    assert_eq!(
+        stopped,
+        [json!({"step": last, "best_step": best})],
+        "{events}"
+    );
+    let mut deleted: Vec<i64> = (of_kind("checkpoint_deleted").iter())
         .map(|e| e["step"].as_i64().unwrap())
         .collect();
-    assert_eq!(deleted, [2], "{events}");
+    deleted.sort();
+    let gone: Vec<i64> = (1..last).filter(|&s| s != best).collect();
+    assert_eq!(deleted, gone, "{events}");
 
-    // The best (step 1) and the latest are kept; step 2 is gone from the store and the disk.
+    // The lowest validation loss's checkpoint and the latest are kept and the first marked
+    // best; the others are gone from the store and the disk.
     let checkpoints = server.get_json(&format!("/v1/jobs/{id}/checkpoints")).await;
     let kept: Vec<(i64, bool, Option<f64>)> = (checkpoints["data"].as_array().unwrap().iter())
         .map(|c| {
@@ -145,9 +158,10 @@ async fn validates_and_stops_early(url: &str) {
             )
         })
         .collect();
+    let at = |step: i64| Some(val[step as usize - 1]);
     assert_eq!(
         kept,
-        [(1, true, Some(val[0])), (3, false, Some(val[2]))],
+        [(best, true, at(best)), (last, false, at(last))],
         "{checkpoints}"
     );
     let on_disk = server
@@ -156,8 +170,10 @@ async fn validates_and_stops_early(url: &str) {
         .join("jobs")
         .join(&id)
         .join("checkpoints");
-    assert!(on_disk.join("step-3").exists() && on_disk.join("step-1").exists());
-    assert!(!on_disk.join("step-2").exists());
+    for step in 1..=last {
+        let there = on_disk.join(format!("step-{step}")).exists();
+        assert_eq!(there, step == best || step == last, "step {step}");
+    }
 
     // One epoch over 91 windows of 16 tokens, 4 sequences a step: 23 steps.
     let epochs = body(&train, None, json!({"epochs": 1, "checkpoint_every": 100}));
