@@ -111,9 +111,15 @@ fn val_loss_is_the_reference_forward_over_the_windows() {
     let state = TrainerState::load(&ckpt).unwrap();
     assert_eq!(state.val_loss, Some(evaluation.val_loss));
     assert_eq!(state.validation.best_step, Some(2));
-    // Evaluating trains nothing: the next step is the same as without it.
+    // A resume carries the validation record on (early stopping's patience with it).
+    let mut resumed = Run::prepare(spec, "").unwrap();
+    resumed.resume_from(&ckpt).unwrap();
+    assert_eq!(resumed.validation_progress(), run.validation_progress());
+    // Evaluating changes no weight: the same loss again, and one evaluation without
+    // improvement.
     let again = run.evaluate().unwrap().unwrap();
     assert_eq!(again.val_loss, evaluation.val_loss);
+    assert_eq!(run.validation_progress().evaluations_without_improvement, 1);
 }
 
 /// An evaluation on a fresh run (nothing trained yet, so every byte measured is the
