@@ -220,3 +220,17 @@ fn early_stopping_and_retention_through_the_cli() {
     let windows = (49 * 30 - 1) / SEQ; // "Keep what ... away. " is 49 bytes
     assert_eq!(run.total_steps(), (2 * windows as u64).div_ceil(4));
 }
+
+/// Validation data too short for one window is the user's to fix, named `data.validation`.
+#[test]
+fn validation_data_without_a_window_is_refused_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = job(dir.path(), r#"{"stages": 1}"#, r#""steps": 1"#);
+    let short = write(dir.path(), "short.txt", "too short");
+    spec.data.validation = Some(short.to_string_lossy().into_owned());
+    let err = Run::prepare(spec, "").err().expect("refused");
+    let blame = err.blame();
+    assert!(blame.user, "{err}");
+    assert_eq!(blame.param.as_deref(), Some("data.validation"), "{err}");
+    assert!(err.to_string().contains("17"), "says what it needs: {err}");
+}
