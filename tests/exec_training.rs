@@ -168,6 +168,7 @@ fn resume_from_checkpoint_is_bit_identical() {
         data_position: b.position_before(2),
         rng_seed: 3,
         last_loss: None,
+        ..Default::default()
     };
     first.save_checkpoint(dir.path(), &state).unwrap();
     let mut resumed = trainer(1234); // different init: everything must come from the checkpoint
@@ -191,6 +192,7 @@ fn hf_checkpoint_round_trips_and_mismatches_name_the_tensor() {
         data_position: 0,
         rng_seed: 0,
         last_loss: None,
+        ..Default::default()
     };
     t.save_checkpoint(dir.path(), &state).unwrap();
     let config = read_hf_config(dir.path()).unwrap();

@@ -149,6 +149,15 @@ impl RunSink for UnhurriedSink<'_> {
     fn event(&mut self, level: EventLevel, message: &str) -> Result<(), SinkError> {
         self.0.event(level, message)
     }
+    fn evaluation(&mut self, evaluation: &chronospipe::jobs::Evaluation) -> Result<(), SinkError> {
+        self.0.evaluation(evaluation)
+    }
+    fn retain_checkpoints(&mut self, keep: u64) -> Result<(), SinkError> {
+        self.0.retain_checkpoints(keep)
+    }
+    fn stopped_early(&mut self, step: u64, best_step: Option<u64>) -> Result<(), SinkError> {
+        self.0.stopped_early(step, best_step)
+    }
 }
 
 impl JobRunner for Unhurried {

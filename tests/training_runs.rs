@@ -96,7 +96,7 @@ fn resuming_from_a_checkpoint_equals_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path());
     let mut spec = job(&data, 2, "chronos", "chronos", "chronos");
-    spec.training.steps = 4;
+    spec.training.steps = Some(4);
     spec.training.checkpoint_every = Some(2);
     let whole = dir.path().join("whole");
     let (_, uninterrupted) = train(spec.clone(), &whole);
@@ -266,7 +266,7 @@ fn bad_input_stops_with_an_error_that_says_why() {
     let mut wild = job(&data, 2, "1f1b", "none", "none");
     wild.training.optimizer = chronospipe::spec::OptimizerSpec::Sgd { lr: 1e30 };
     wild.training.grad_clip = None;
-    wild.training.steps = 6;
+    wild.training.steps = Some(6);
     wild.training.checkpoint_every = Some(1);
     let out = dir.path().join("wild");
     let mut run = Run::prepare(wild, "").unwrap();

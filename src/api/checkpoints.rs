@@ -18,6 +18,7 @@ use super::auth::Tenant;
 use super::problem::{ApiError, ApiResult, Problem};
 use super::views::{CheckpointFile, CheckpointList, CheckpointView};
 use crate::exec::checkpoint::manifest::{Incomplete, MANIFEST, check_file, verify};
+use crate::exec::checkpoint::retention::{self, Kept};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -50,9 +51,20 @@ pub async fn list(
     })
     .await
     .map_err(ApiError::internal)?;
+    // The lowest validation loss among the checkpoints offered.
+    let kept: Vec<Kept> = (rows.iter())
+        .map(|r| Kept {
+            step: r.step as u64,
+            val_loss: r.val_loss,
+        })
+        .collect();
+    let best = retention::best(&kept);
     let data = rows
         .into_iter()
-        .map(CheckpointView::try_from)
+        .map(|row| {
+            let best = best == Some(row.step as u64);
+            CheckpointView::try_from(row).map(|view| CheckpointView { best, ..view })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(CheckpointList::new(data, false)))
 }

@@ -15,6 +15,7 @@ use super::extract::{ApiQuery, Body, page, page_limit, unknown_cursor};
 use super::plans::{checked_spec, job_devices, planner, run_planner};
 use super::problem::{ApiError, ApiResult, Problem};
 use super::views::{JobList, JobView};
+use crate::exec::run::count_steps;
 use crate::jobs::{PlanFailure, RunFailure};
 use crate::spec::JobSpec;
 use crate::store::{Inserted, JobRow, JobState, NewJob, PlanRow, Planned, new_id};
@@ -78,6 +79,7 @@ pub async fn create(
     }
     let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
     let devices = job_devices(&state, &spec)?;
+    let total_steps = total_steps(&resolved.spec).await?;
     let planner = planner(&state)?;
     let canonical = serde_json::to_string(&spec).map_err(ApiError::internal)?;
     // The body as sent decides idempotency; the stored body pins the checkpoint it starts from.
@@ -103,7 +105,7 @@ pub async fn create(
     let new = NewJob {
         id: new_id("job"),
         tenant_id: tenant,
-        total_steps: spec.training.steps as i64,
+        total_steps: total_steps as i64,
         request_hash: Some(request_hash),
         spec: stored,
         file_ids: resolved.file_ids,
@@ -129,6 +131,29 @@ pub async fn create(
         Inserted::Created(job) => job,
     };
     Ok((StatusCode::CREATED, Json(view(&state, job).await?)))
+}
+
+/// The job's optimizer steps: `training.steps`, or what its `training.epochs` come to over
+/// the training data (read on a blocking thread); a user's error is a 422 naming the field.
+async fn total_steps(spec: &JobSpec) -> ApiResult<u64> {
+    if let Some(steps) = spec.training.steps {
+        return Ok(steps);
+    }
+    let owned = spec.clone();
+    let counted = tokio::task::spawn_blocking(move || count_steps(&owned))
+        .await
+        .map_err(ApiError::internal)?;
+    counted.map_err(|e| {
+        let blame = e.blame();
+        if !blame.user {
+            return ApiError::internal(e);
+        }
+        let error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, blame.code, e.to_string());
+        match blame.param {
+            Some(param) => error.param(param),
+            None => error,
+        }
+    })
 }
 
 fn plan_failure(failure: PlanFailure) -> RunFailure {

@@ -88,6 +88,9 @@ pub struct JobView {
     pub finished_at: Option<i64>,
     /// Why it failed, and whether the input (`user`) or the service was at fault.
     pub error: Option<RunFailure>,
+    /// `training.early_stopping` ended its training before the last step (it succeeded; its
+    /// best checkpoint is marked `best` among its checkpoints).
+    pub stopped_early: bool,
 }
 
 impl JobView {
@@ -110,6 +113,7 @@ impl JobView {
             started_at: job.started_at.map(seconds),
             finished_at: job.finished_at.map(seconds),
             error: json_or(job.error.as_deref(), "error")?,
+            stopped_early: job.stopped_early,
             id: job.id,
             object: "job",
             status,
@@ -122,7 +126,9 @@ pub struct EventView {
     /// The event's sequence number within its job (the SSE `id`).
     pub id: i64,
     pub object: &'static str,
-    /// `state`, `plan`, `metrics`, `checkpoint`, `info`, `warning`.
+    /// `state`, `plan`, `metrics`, `checkpoint`, `info`, `warning`; with validation data
+    /// `evaluation` (`step`, `val_loss`, ...), and `checkpoint_deleted` (retention) and
+    /// `stopped_early` (`step`, `best_step`).
     pub kind: String,
     pub created_at: i64,
     pub data: serde_json::Value,
@@ -173,6 +179,10 @@ pub struct CheckpointView {
     pub created_at: i64,
     /// Download each with `GET /v1/jobs/{id}/checkpoints/{step}/files/{name}`.
     pub files: Vec<CheckpointFile>,
+    /// The validation loss evaluated at its step (`data.validation`), when one was.
+    pub val_loss: Option<f64>,
+    /// The job's checkpoint with the lowest validation loss (the earliest of equals).
+    pub best: bool,
 }
 
 impl TryFrom<CheckpointRow> for CheckpointView {
@@ -184,6 +194,8 @@ impl TryFrom<CheckpointRow> for CheckpointView {
             created_at: seconds(c.created_at),
             files: serde_json::from_str(&c.files)
                 .map_err(|e| StoreError::Corrupt(format!("checkpoint files: {e}")))?,
+            val_loss: c.val_loss,
+            best: false,
         })
     }
 }

@@ -8,7 +8,8 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 
-use crate::exec::run::{Observer, Outcome, Run, RunError, StepMetrics, drive};
+use crate::exec::checkpoint::retention::{Kept, to_delete};
+use crate::exec::run::{Evaluation, Observer, Outcome, Run, RunError, StepMetrics, drive};
 use crate::plan::render;
 use crate::spec::{JobSpec, StoragePolicy};
 
@@ -27,7 +28,7 @@ pub struct TrainArgs {
     /// stage on each); overrides the job's `devices`.
     #[arg(long)]
     pub devices: Option<String>,
-    /// Train this many steps instead of the job's `training.steps`.
+    /// Train this many steps instead of the job's `training.steps` or `training.epochs`.
     #[arg(long)]
     pub steps: Option<u64>,
 }
@@ -37,6 +38,11 @@ pub struct TrainArgs {
 pub struct Summary {
     pub steps: u64,
     pub final_loss: Option<f64>,
+    /// The last evaluation's validation loss (`data.validation`), and the best one's step.
+    pub val_loss: Option<f64>,
+    pub best_val_step: Option<u64>,
+    /// `training.early_stopping` ended the run before its last step.
+    pub stopped_early: bool,
     pub tokens_per_s: f64,
     pub plan: String,
     /// Data-parallel replicas (1: one pipeline).
@@ -65,6 +71,11 @@ struct Progress {
     last_loss: Option<f64>,
     /// Per device, seconds in gradient reductions so far.
     reduction_s: Vec<f64>,
+    /// `training.keep_checkpoints`, and the checkpoints written so far with their
+    /// directories.
+    keep: Option<u64>,
+    saved: Vec<(Kept, PathBuf)>,
+    last_eval: Option<Evaluation>,
 }
 
 impl Observer for Progress {
@@ -102,6 +113,37 @@ impl Observer for Progress {
             .map_err(|e| RunError::Observer(e.to_string()))
     }
 
+    fn evaluated(&mut self, e: &Evaluation) -> Result<(), RunError> {
+        eprintln!(
+            "\rstep {}: validation loss {:.4} over {} windows ({:.1}s)",
+            e.step, e.val_loss, e.val_windows, e.eval_time_s
+        );
+        self.last_eval = Some(e.clone());
+        Ok(())
+    }
+
+    /// Applies `training.keep_checkpoints` to the directories written so far.
+    fn checkpoint_saved(&mut self, step: u64, dir: &Path) -> Result<(), RunError> {
+        let val_loss = (self.last_eval.as_ref())
+            .filter(|e| e.step == step)
+            .map(|e| e.val_loss);
+        self.saved
+            .push((Kept { step, val_loss }, dir.to_path_buf()));
+        let Some(keep) = self.keep else {
+            return Ok(());
+        };
+        let kept: Vec<Kept> = self.saved.iter().map(|(k, _)| *k).collect();
+        let doomed = to_delete(&kept, keep as usize, &[]);
+        for (k, dir) in self.saved.iter().filter(|(k, _)| doomed.contains(&k.step)) {
+            std::fs::remove_dir_all(dir).map_err(|e| RunError::Io {
+                path: dir.clone(),
+                reason: format!("cannot delete the checkpoint of step {}: {e}", k.step),
+            })?;
+        }
+        self.saved.retain(|(k, _)| !doomed.contains(&k.step));
+        Ok(())
+    }
+
     fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf {
         if last {
             self.out.join("final")
@@ -124,7 +166,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
     }
     resolve_paths(&mut spec, args.job.parent().unwrap_or(Path::new(".")));
     if let Some(steps) = args.steps {
-        spec.training.steps = steps;
+        spec.training.steps = Some(steps);
+        spec.training.epochs = None;
     }
     if let Some(devices) = &args.devices {
         spec.devices = Some(devices.clone());
@@ -137,15 +180,25 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
         tokens: 0,
         last_loss: None,
         reduction_s: Vec::new(),
+        keep: run.spec.training.keep_checkpoints,
+        saved: Vec::new(),
+        last_eval: None,
     };
     let outcome = drive(&mut run, &mut progress)?;
-    debug_assert!(matches!(outcome, Outcome::Completed { .. }));
+    debug_assert!(matches!(
+        outcome,
+        Outcome::Completed { .. } | Outcome::StoppedEarly { .. }
+    ));
+    let validation = run.validation_progress();
     let elapsed = progress.started.elapsed().as_secs_f64();
     let predicted = run.predicted_peaks();
     let stages = run.answer.plan.devices().max(1);
     let summary = Summary {
         steps: run.step(),
         final_loss: progress.last_loss,
+        val_loss: validation.last_val_loss,
+        best_val_step: validation.best_step,
+        stopped_early: matches!(outcome, Outcome::StoppedEarly { .. }),
         tokens_per_s: progress.tokens as f64 / elapsed.max(1e-9),
         plan: run.answer.best.choices.clone(),
         replicas: run.answer.plan.replicas,

@@ -177,6 +177,32 @@ impl Batcher {
         mb
     }
 
+    /// Windows `windows` (in order, no wrapping, no shuffle) as micro-batch `index` of one
+    /// pass: how validation data is read.
+    pub fn window_batch(&self, index: usize, windows: std::ops::Range<usize>) -> Microbatch {
+        let s = self.layout.seq_len;
+        let windows: Vec<usize> = windows.filter(|&w| w < self.windows).collect();
+        let mut mb = Microbatch {
+            step: 0,
+            index,
+            shape: MicroShape {
+                batch: windows.len(),
+                seq: s,
+            },
+            windows: windows.clone(),
+            input_ids: Vec::with_capacity(windows.len() * s),
+            targets: Vec::with_capacity(windows.len() * s),
+        };
+        for w in windows {
+            let start = w * s;
+            mb.input_ids
+                .extend_from_slice(&self.tokens[start..start + s]);
+            mb.targets
+                .extend_from_slice(&self.targets[start + 1..start + 1 + s]);
+        }
+        mb
+    }
+
     /// All micro-batches of a step, in order.
     pub fn step(&mut self, step: u64) -> Vec<Microbatch> {
         (0..self.layout.microbatches)

@@ -13,7 +13,8 @@ use super::runner::{
 };
 use crate::exec::device::{DeviceSet, Pool};
 use crate::exec::run::{
-    DeviceKind, Observer, Outcome, Run, RunError, Stop, drive, plan_job, plan_on_gpu, resolve_arch,
+    DeviceKind, Evaluation, Observer, Outcome, Run, RunError, Stop, drive, plan_job, plan_on_gpu,
+    resolve_arch,
 };
 use crate::plan::PlanError;
 use crate::plan::render;
@@ -191,8 +192,16 @@ impl JobRunner for ExecRunner {
             control,
         };
         let outcome = drive(&mut run, &mut observer).map_err(failure)?;
+        if let Outcome::StoppedEarly {
+            step, best_step, ..
+        } = &outcome
+        {
+            (observer.sink)
+                .stopped_early(*step, *best_step)
+                .map_err(|e| failure(RunError::Observer(e.to_string())))?;
+        }
         Ok(match (outcome, control.requested()) {
-            (Outcome::Completed { .. }, _) => RunEnd::Completed,
+            (Outcome::Completed { .. } | Outcome::StoppedEarly { .. }, _) => RunEnd::Completed,
             (Outcome::Stopped { .. }, Some(StopRequest::Cancel | StopRequest::Abandon)) => {
                 RunEnd::Cancelled
             }
@@ -250,6 +259,7 @@ impl Observer for SinkObserver<'_> {
             tokens_per_second: m.tokens_per_s,
             step_time_ms: m.step_time_s * 1e3,
             device_peak_bytes: m.device_peak_bytes.clone(),
+            val_loss: m.val_loss,
         };
         self.sink
             .step(&metrics)
@@ -260,10 +270,19 @@ impl Observer for SinkObserver<'_> {
         self.request.checkpoint_dir(step)
     }
 
-    fn checkpoint_saved(&mut self, step: u64, dir: &Path) -> Result<(), RunError> {
+    fn evaluated(&mut self, evaluation: &Evaluation) -> Result<(), RunError> {
         self.sink
-            .checkpoint(step, dir)
+            .evaluation(evaluation)
             .map_err(|e| RunError::Observer(e.to_string()))
+    }
+
+    fn checkpoint_saved(&mut self, step: u64, dir: &Path) -> Result<(), RunError> {
+        let observed = |e: super::runner::SinkError| RunError::Observer(e.to_string());
+        self.sink.checkpoint(step, dir).map_err(observed)?;
+        match self.request.spec.training.keep_checkpoints {
+            Some(keep) => self.sink.retain_checkpoints(keep).map_err(observed),
+            None => Ok(()),
+        }
     }
 
     fn stop_requested(&mut self) -> Option<Stop> {

@@ -21,8 +21,8 @@ pub use planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner}
 pub use rendezvous::{Rendezvous, RendezvousError};
 pub use resolve::{ResolveError, ResolvedSpec, resolve_files};
 pub use runner::{
-    EventLevel, Fault, JobRunner, ResumePoint, RunControl, RunEnd, RunFailure, RunRequest, RunSink,
-    SinkError, StepMetrics, StopRequest,
+    Evaluation, EventLevel, Fault, JobRunner, ResumePoint, RunControl, RunEnd, RunFailure,
+    RunRequest, RunSink, SinkError, StepMetrics, StopRequest,
 };
 pub use worker::{Worker, WorkerConfig, WorkerError};
 

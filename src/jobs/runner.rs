@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::devices::DeviceInfo;
+pub use crate::exec::run::Evaluation;
 use crate::spec::JobSpec;
 
 /// Trains one job. Called on a blocking thread; it returns when the job finishes, fails, or
@@ -70,6 +71,9 @@ pub struct StepMetrics {
     pub step_time_ms: f64,
     /// Measured peak memory of each device during the step, in the run's device order.
     pub device_peak_bytes: Vec<u64>,
+    /// The validation loss evaluated after this step (`data.validation`), when one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -86,6 +90,15 @@ pub trait RunSink: Send {
     /// The checkpoint after `step` is complete in `dir`.
     fn checkpoint(&mut self, step: u64, dir: &Path) -> Result<(), SinkError>;
     fn event(&mut self, level: EventLevel, message: &str) -> Result<(), SinkError>;
+    /// The validation data was evaluated after `step` (an `evaluation` event).
+    fn evaluation(&mut self, evaluation: &Evaluation) -> Result<(), SinkError>;
+    /// Deletes all but the latest `keep` checkpoints and the best by validation loss, and
+    /// none that a job still starts from (`training.keep_checkpoints`), once every checkpoint
+    /// reported before is recorded.
+    fn retain_checkpoints(&mut self, keep: u64) -> Result<(), SinkError>;
+    /// Early stopping ended the run after `step`; the best validation loss was after
+    /// `best_step`.
+    fn stopped_early(&mut self, step: u64, best_step: Option<u64>) -> Result<(), SinkError>;
 }
 
 #[derive(Debug, thiserror::Error)]

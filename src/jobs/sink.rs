@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use super::runner::{EventLevel, RunControl, RunSink, SinkError, StepMetrics, StopRequest};
+use super::runner::{
+    Evaluation, EventLevel, RunControl, RunSink, SinkError, StepMetrics, StopRequest,
+};
 use crate::exec::checkpoint::manifest::{MANIFEST, verify};
+use crate::exec::checkpoint::retention::{Kept, to_delete};
+use crate::exec::checkpoint::trainer_state::TrainerState;
 use crate::store::{Backoff, CheckpointRow, JobState, StepRecord, Store, StoreError, now_ms};
 
 /// Records a run may hold while the database is away before it pauses (by default).
@@ -21,7 +25,17 @@ pub const RECORD_QUEUE: usize = 256;
 enum Record {
     Step(StepRecord),
     Checkpoint(CheckpointRow),
-    Event { kind: &'static str, data: String },
+    Event {
+        kind: &'static str,
+        data: String,
+    },
+    /// Apply `training.keep_checkpoints` to the checkpoints recorded so far.
+    Retain {
+        keep: u64,
+    },
+    StoppedEarly {
+        data: String,
+    },
 }
 
 /// What the writer task needs to know of its job.
@@ -141,8 +155,26 @@ impl RunSink for StoreSink {
             path: dir.display().to_string(),
             files: serde_json::Value::from(files).to_string(),
             created_at: now_ms(),
+            val_loss: TrainerState::load(dir).ok().and_then(|s| s.val_loss),
         };
         self.push(Record::Checkpoint(row))
+    }
+
+    fn evaluation(&mut self, e: &Evaluation) -> Result<(), SinkError> {
+        let data = serde_json::to_string(e).map_err(|e| SinkError::Store(e.to_string()))?;
+        self.push(Record::Event {
+            kind: "evaluation",
+            data,
+        })
+    }
+
+    fn retain_checkpoints(&mut self, keep: u64) -> Result<(), SinkError> {
+        self.push(Record::Retain { keep })
+    }
+
+    fn stopped_early(&mut self, step: u64, best_step: Option<u64>) -> Result<(), SinkError> {
+        let data = serde_json::json!({ "step": step, "best_step": best_step }).to_string();
+        self.push(Record::StoppedEarly { data })
     }
 
     fn event(&mut self, level: EventLevel, message: &str) -> Result<(), SinkError> {
@@ -217,5 +249,40 @@ async fn write_one(lease: &JobLease, record: &Record) -> Result<(), StoreError> 
         }
         Record::Checkpoint(row) => store.record_checkpoint(worker, row).await,
         Record::Event { kind, data } => store.record_event(id, worker, kind, data).await,
+        Record::Retain { keep } => retain(lease, *keep).await,
+        Record::StoppedEarly { data } => store.record_stopped_early(id, worker, data).await,
     }
+}
+
+/// Deletes the checkpoints `training.keep_checkpoints` lets go: the row first (a resume
+/// never finds a checkpoint whose files are going), then the directory. A directory that
+/// cannot be removed is left behind with a warning; it is no longer offered.
+async fn retain(lease: &JobLease, keep: u64) -> Result<(), StoreError> {
+    let (store, id, worker) = (&lease.store, &lease.job_id, &lease.worker_id);
+    let rows = store.list_checkpoints(id).await?;
+    let needed: Vec<u64> = (store.checkpoints_in_use(id).await?.iter())
+        .map(|(step, _)| *step as u64)
+        .collect();
+    let kept: Vec<Kept> = (rows.iter())
+        .map(|r| Kept {
+            step: r.step as u64,
+            val_loss: r.val_loss,
+        })
+        .collect();
+    for step in to_delete(&kept, keep as usize, &needed) {
+        if !store.delete_checkpoint(id, worker, step as i64).await? {
+            continue;
+        }
+        let Some(row) = rows.iter().find(|r| r.step as u64 == step) else {
+            continue;
+        };
+        match tokio::fs::remove_dir_all(&row.path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(job = %id, step, error = %e, "a pruned checkpoint's files stay on disk")
+            }
+        }
+    }
+    Ok(())
 }

@@ -4,12 +4,14 @@
 //! misspelt setting is never silently ignored; `validate` reports every problem with the
 //! JSON path of the field at fault.
 
+mod evaluation;
 mod model;
 mod parallelism;
 mod rope;
 mod training;
 mod validate;
 
+pub use evaluation::EarlyStoppingSpec;
 pub use model::{Architecture, JobCheckpointRef, ModelArch, ModelInit, ModelSpec};
 pub use parallelism::{
     DataParallel, OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages,
@@ -56,6 +58,7 @@ impl JobSpec {
         self.model.check(&mut errors);
         self.data.check(&mut errors);
         self.training.check(&mut errors);
+        self.training.check_evaluation(&self.data, &mut errors);
         self.parallelism.check(&mut errors);
         (self.parallelism).check_replica_share(self.training.microbatches, &mut errors);
         if let Some(arch) = self.model.explicit_arch() {

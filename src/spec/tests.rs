@@ -222,12 +222,40 @@ fn pretrained_init_may_omit_the_architecture_but_must_agree() {
     assert!(errors[0].message.contains("128"), "{}", errors[0]);
 }
 
-/// Validation data would be accepted and never evaluated: refused by name until it is.
+/// Validation data is evaluated; the settings that evaluate it need it, by name.
 #[test]
-fn validation_data_is_refused_until_it_is_evaluated() {
+fn validation_settings_need_validation_data() {
     let mut spec = example();
+    spec.training.eval_every = Some(10);
+    spec.training.early_stopping = Some(EarlyStoppingSpec {
+        patience: 0,
+        min_delta: -1.0,
+    });
+    spec.training.keep_checkpoints = Some(0);
+    assert_eq!(
+        params_of(&spec),
+        [
+            "training.eval_every",
+            "training.early_stopping",
+            "training.early_stopping.patience",
+            "training.early_stopping.min_delta",
+            "training.keep_checkpoints"
+        ]
+    );
     spec.data.validation = Some("valid.txt".into());
-    assert_eq!(params_of(&spec), ["data.validation"]);
+    spec.training.eval_every = Some(0);
+    assert_eq!(params_of(&spec)[0], "training.eval_every");
+    spec.training.eval_every = Some(10);
+    spec.training.early_stopping = Some(EarlyStoppingSpec {
+        patience: 2,
+        min_delta: 0.01,
+    });
+    spec.training.keep_checkpoints = Some(2);
+    spec.validate().unwrap();
+    assert!(spec.training.evaluates_at(10, 100) && spec.training.evaluates_at(100, 100));
+    assert!(!spec.training.evaluates_at(50 + 5, 100));
+    spec.training.eval_every = None; // at every checkpoint (50) and the end
+    assert!(spec.training.evaluates_at(50, 100) && !spec.training.evaluates_at(10, 100));
 }
 
 #[test]

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::evaluation::EarlyStoppingSpec;
 use super::validate::{SpecError, positive};
 
 /// Where the tokens come from. Paths on the CLI, file ids in the service.
@@ -13,6 +14,8 @@ pub struct DataSpec {
     /// "completion"}` pairs (the completion counts in the loss) or chat `{"messages"}` (the
     /// assistant turns count).
     pub train: String,
+    /// Held-out data of the same kind, evaluated forward only (`val_loss`) at every
+    /// checkpoint and after the last step, or every `training.eval_every` steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<String>,
     /// `bytes` (token = byte value) or a Hugging Face `tokenizer.json`, with the
@@ -39,11 +42,14 @@ impl DataSpec {
                 "must be \"bytes\" or name a tokenizer.json",
             ));
         }
-        if self.validation.is_some() {
-            // Accepted but never evaluated would be a silent gap; refused until it is.
+        if self
+            .validation
+            .as_deref()
+            .is_some_and(|v| v.trim().is_empty())
+        {
             errors.push(SpecError::new(
                 "data.validation",
-                "validation loss is not implemented yet; leave data.validation out",
+                "must name the validation data, or be left out",
             ));
         }
     }
@@ -110,7 +116,15 @@ pub struct TrainingSpec {
     pub seq_len: usize,
     pub micro_batch_size: usize,
     pub microbatches: usize,
-    pub steps: u64,
+    /// Optimizer steps to train; give this or `epochs`, not both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u64>,
+    /// Passes over the training data's windows, instead of `steps`: the run takes
+    /// `ceil(epochs x windows / (micro_batch_size x microbatches))` steps, where `windows =
+    /// floor((tokens - 1) / seq_len)` (the last step may take the first windows of one more
+    /// pass).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
     #[serde(default)]
     pub optimizer: OptimizerSpec,
     /// Global gradient-norm clip; `null` turns clipping off.
@@ -127,6 +141,19 @@ pub struct TrainingSpec {
     /// Save a checkpoint every this many steps (the final one is always saved).
     #[serde(default)]
     pub checkpoint_every: Option<u64>,
+    /// Keep only the latest this many checkpoints, and the best by validation loss when
+    /// there is validation data; the others are deleted (never one a resume or another job's
+    /// `model.init.from` needs). Left out: every checkpoint is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_checkpoints: Option<u64>,
+    /// With `data.validation`: evaluate the validation loss every this many steps, and after
+    /// the last. Left out: at every `checkpoint_every` and after the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<u64>,
+    /// With `data.validation`: stop early when the validation loss stops improving; the job
+    /// succeeds with `stopped_early: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<EarlyStoppingSpec>,
     #[serde(default)]
     pub precision: PrecisionSpec,
     /// What the job does when a checkpoint cannot be written for want of storage (no space,
@@ -165,6 +192,15 @@ pub enum PrecisionSpec {
     Bf16,
 }
 
+fn check_warmup(warmup_steps: u64, steps: u64, errors: &mut Vec<SpecError>) {
+    if warmup_steps > steps {
+        errors.push(SpecError::new(
+            "training.warmup_steps",
+            format!("{warmup_steps} warm-up steps exceed the {steps} training steps"),
+        ));
+    }
+}
+
 fn default_grad_clip() -> Option<f64> {
     Some(1.0)
 }
@@ -173,6 +209,26 @@ impl TrainingSpec {
     /// Sequences in one optimizer step.
     pub fn sequences_per_step(&self) -> usize {
         self.micro_batch_size * self.microbatches
+    }
+
+    /// The run's optimizer steps for training data of `windows` sequences: `steps`, or
+    /// `epochs` passes over the windows, the last step rounded up. A spec without either
+    /// (refused by `check`) has none.
+    pub fn total_steps(&self, windows: usize) -> Result<u64, SpecError> {
+        let steps = match (self.steps, self.epochs) {
+            (Some(steps), _) => steps,
+            (None, Some(epochs)) => {
+                let sequences = epochs.saturating_mul(windows as u64);
+                sequences.div_ceil(self.sequences_per_step().max(1) as u64)
+            }
+            (None, None) => 0,
+        };
+        let mut errors = Vec::new();
+        check_warmup(self.warmup_steps, steps, &mut errors);
+        match errors.pop() {
+            Some(e) => Err(e),
+            None => Ok(steps),
+        }
     }
 
     /// `None` for a value `check` refuses.
@@ -196,7 +252,18 @@ impl TrainingSpec {
         }
         positive("training.micro_batch_size", self.micro_batch_size, errors);
         positive("training.microbatches", self.microbatches, errors);
-        positive("training.steps", self.steps as usize, errors);
+        match (self.steps, self.epochs) {
+            (Some(_), Some(_)) => errors.push(SpecError::new(
+                "training.epochs",
+                "give training.steps or training.epochs, not both",
+            )),
+            (None, None) => errors.push(SpecError::new(
+                "training.steps",
+                "give training.steps (optimizer steps) or training.epochs (passes over the data)",
+            )),
+            (Some(steps), None) => positive("training.steps", steps as usize, errors),
+            (None, Some(epochs)) => positive("training.epochs", epochs as usize, errors),
+        }
         let lr = self.optimizer.lr();
         if !(lr.is_finite() && lr > 0.0) {
             errors.push(SpecError::new(
@@ -240,14 +307,8 @@ impl TrainingSpec {
                 format!("must be a positive number or null, got {clip}"),
             ));
         }
-        if self.warmup_steps > self.steps {
-            errors.push(SpecError::new(
-                "training.warmup_steps",
-                format!(
-                    "{} warm-up steps exceed the {} training steps",
-                    self.warmup_steps, self.steps
-                ),
-            ));
+        if let Some(steps) = self.steps {
+            check_warmup(self.warmup_steps, steps, errors);
         }
         if self.checkpoint_every == Some(0) {
             errors.push(SpecError::new(
@@ -257,3 +318,7 @@ impl TrainingSpec {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "training_tests.rs"]
+mod tests;

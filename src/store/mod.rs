@@ -193,6 +193,13 @@ pub trait Store: ClusterStore + Send + Sync + 'static {
     /// `(step, job)` for each checkpoint of job `id` that an unfinished job starts from: these
     /// must be kept (a retention policy deletes only the others).
     async fn checkpoints_in_use(&self, id: &str) -> StoreResult<Vec<(i64, String)>>;
+    /// Deletes the row of job `id`'s checkpoint at `step` (retention), by the worker holding
+    /// the job, with a `checkpoint_deleted` event; false, deleting nothing, while an unfinished
+    /// job starts from it (`model.init.from`).
+    async fn delete_checkpoint(&self, id: &str, worker_id: &str, step: i64) -> StoreResult<bool>;
+    /// Marks the job as stopped early by the worker holding it, with a `stopped_early` event
+    /// (`data`, JSON).
+    async fn record_stopped_early(&self, id: &str, worker_id: &str, data: &str) -> StoreResult<()>;
 
     async fn append_event(&self, id: &str, kind: &str, data: &str) -> StoreResult<i64>;
     async fn list_events(&self, id: &str, after: i64, limit: i64) -> StoreResult<Vec<EventRow>>;

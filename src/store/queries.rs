@@ -268,6 +268,52 @@ macro_rules! sql_store {
                 .await?)
             }
 
+            async fn delete_checkpoint(&self, id: &str, worker_id: &str, step: i64) -> StoreResult<bool> {
+                let (_write, mut tx) = self.writer().await?;
+                let result: StoreResult<_> = async {
+                    let job = Self::lock_job(&mut tx, id).await?;
+                    if job.worker_id.as_deref() != Some(worker_id) {
+                        return Err(StoreError::LeaseLost { job: id.to_owned(), worker: worker_id.to_owned() });
+                    }
+                    let deleted = sqlx::query(
+                        "DELETE FROM checkpoints WHERE job_id = $1 AND step = $2 AND NOT EXISTS (\
+                         SELECT 1 FROM job_checkpoints c JOIN jobs j ON j.id = c.job_id \
+                         WHERE c.source_job_id = $1 AND c.step = $2 \
+                         AND j.state NOT IN ('succeeded', 'failed', 'cancelled'))",
+                    )
+                    .bind(id)
+                    .bind(step)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if deleted > 0 {
+                        let event = serde_json::json!({"step": step, "reason": "training.keep_checkpoints"});
+                        Self::event_in(&mut tx, id, "checkpoint_deleted", &event.to_string()).await?;
+                    }
+                    Ok(deleted > 0)
+                }
+                .await;
+                Self::settle(tx, result).await
+            }
+
+            async fn record_stopped_early(&self, id: &str, worker_id: &str, data: &str) -> StoreResult<()> {
+                let (_write, mut tx) = self.writer().await?;
+                let result: StoreResult<_> = async {
+                    let job = Self::lock_job(&mut tx, id).await?;
+                    if job.worker_id.as_deref() != Some(worker_id) {
+                        return Err(StoreError::LeaseLost { job: id.to_owned(), worker: worker_id.to_owned() });
+                    }
+                    sqlx::query("UPDATE jobs SET stopped_early = TRUE WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    Self::event_in(&mut tx, id, "stopped_early", data).await?;
+                    Ok(())
+                }
+                .await;
+                Self::settle(tx, result).await
+            }
+
             async fn get_checkpoint(&self, id: &str, step: i64) -> StoreResult<Option<CheckpointRow>> {
                 Ok(sqlx::query_as::<_, CheckpointRow>(
                     "SELECT * FROM checkpoints WHERE job_id = $1 AND step = $2",

@@ -431,19 +431,23 @@ macro_rules! queue_sql {
                         return Err(StoreError::LeaseLost { job: row.job_id.clone(), worker: worker_id.to_owned() });
                     }
                     sqlx::query(
-                        "INSERT INTO checkpoints (job_id, step, path, files, created_at) VALUES ($1, $2, $3, $4, $5) \
+                        "INSERT INTO checkpoints (job_id, step, path, files, created_at, val_loss) VALUES ($1, $2, $3, $4, $5, $6) \
                          ON CONFLICT (job_id, step) DO UPDATE SET path = excluded.path, files = excluded.files, \
-                         created_at = excluded.created_at",
+                         created_at = excluded.created_at, val_loss = excluded.val_loss",
                     )
                     .bind(&row.job_id)
                     .bind(row.step)
                     .bind(&row.path)
                     .bind(&row.files)
                     .bind(row.created_at)
+                    .bind(row.val_loss)
                     .execute(&mut *tx)
                     .await?;
                     let files: serde_json::Value = serde_json::from_str(&row.files).unwrap_or_default();
-                    let event = serde_json::json!({"step": row.step, "files": files});
+                    let mut event = serde_json::json!({"step": row.step, "files": files});
+                    if let Some(val_loss) = row.val_loss {
+                        event["val_loss"] = val_loss.into();
+                    }
                     Self::event_in(&mut tx, &row.job_id, "checkpoint", &event.to_string()).await?;
                     Ok(())
                 }

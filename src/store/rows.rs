@@ -35,7 +35,8 @@ pub struct FileRow {
 
 pub const JOB_COLUMNS: &str = "id, tenant_id, state, spec, plan_summary, devices_needed, \
     total_steps, step, tokens, latest_metrics, restart_count, worker_id, lease_expires_at, \
-    devices, error, idempotency_key, request_hash, created_at, started_at, finished_at";
+    devices, error, idempotency_key, request_hash, created_at, started_at, finished_at, \
+    stopped_early";
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct JobRow {
@@ -62,6 +63,8 @@ pub struct JobRow {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// Early stopping ended its training (`training.early_stopping`).
+    pub stopped_early: bool,
 }
 
 impl JobRow {
@@ -153,6 +156,8 @@ pub struct CheckpointRow {
     /// JSON array of `{name, bytes}`.
     pub files: String,
     pub created_at: i64,
+    /// The validation loss evaluated at its step, when one was.
+    pub val_loss: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

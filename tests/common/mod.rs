@@ -440,7 +440,7 @@ impl JobRunner for ScriptedRunner {
         let sink_failed = |e: SinkError| RunFailure::service("sink_failed", e.to_string());
         let text = std::fs::read(&request.spec.data.train)
             .map_err(|e| RunFailure::user("file_not_found", e.to_string(), Some("data.train")))?;
-        let total = request.spec.training.steps;
+        let total = (request.spec.training.steps).expect("scripted jobs give training.steps");
         let every = request.spec.training.checkpoint_every.unwrap_or(1).max(1);
         let tokens =
             (request.spec.training.seq_len * request.spec.training.sequences_per_step()) as u64;
@@ -486,6 +486,7 @@ impl JobRunner for ScriptedRunner {
                 tokens_per_second: tokens as f64 / self.step_delay.as_secs_f64().max(1e-3),
                 step_time_ms: self.step_delay.as_secs_f64() * 1e3,
                 device_peak_bytes: vec![SMALLEST_FIT; request.devices.len()],
+                val_loss: None,
             };
             sink.step(&metrics).map_err(sink_failed)?;
             if step % every == 0 || step == total {

@@ -59,6 +59,15 @@ impl RunSink for PacedSink<'_> {
     fn event(&mut self, level: EventLevel, message: &str) -> Result<(), SinkError> {
         self.inner.event(level, message)
     }
+    fn evaluation(&mut self, evaluation: &chronospipe::jobs::Evaluation) -> Result<(), SinkError> {
+        self.inner.evaluation(evaluation)
+    }
+    fn retain_checkpoints(&mut self, keep: u64) -> Result<(), SinkError> {
+        self.inner.retain_checkpoints(keep)
+    }
+    fn stopped_early(&mut self, step: u64, best_step: Option<u64>) -> Result<(), SinkError> {
+        self.inner.stopped_early(step, best_step)
+    }
 }
 
 impl JobRunner for Paced {

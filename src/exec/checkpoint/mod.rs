@@ -5,6 +5,7 @@
 pub mod commit;
 pub mod manifest;
 pub mod model_files;
+pub mod retention;
 pub mod safetensors_io;
 pub mod single_device;
 pub mod trainer_state;

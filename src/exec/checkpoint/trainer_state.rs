@@ -12,7 +12,7 @@ use crate::exec::optim::PartOptimState;
 
 /// Where training stands. Batching is a pure function of the step, so the step fixes the
 /// data position; the shuffle seed is the only randomness.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Steps completed.
     pub step: u64,
@@ -22,6 +22,53 @@ pub struct TrainerState {
     pub rng_seed: u64,
     /// The loss of the last completed step.
     pub last_loss: Option<f64>,
+    /// The validation loss evaluated after this checkpoint's step, when one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// Validation so far, which early stopping's patience resumes from.
+    #[serde(default)]
+    pub validation: ValidationProgress,
+}
+
+/// The validation losses a run has seen: the lowest and when, and how many evaluations in a
+/// row have not beaten, by more than early stopping's `min_delta`, the last one that did.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct ValidationProgress {
+    /// The last evaluation: the steps completed then and its loss.
+    pub last_step: Option<u64>,
+    pub last_val_loss: Option<f64>,
+    /// The lowest validation loss so far (the earliest of equals) and its step.
+    pub best_step: Option<u64>,
+    pub best_val_loss: Option<f64>,
+    /// The loss of the last evaluation that improved by more than `min_delta`.
+    pub improved_val_loss: Option<f64>,
+    pub evaluations_without_improvement: u64,
+}
+
+impl ValidationProgress {
+    /// Records the evaluation after `step` steps; whether it improved by more than
+    /// `min_delta` on the last evaluation that did (the first always does).
+    pub fn record(&mut self, step: u64, val_loss: f64, min_delta: f64) -> bool {
+        self.last_step = Some(step);
+        self.last_val_loss = Some(val_loss);
+        if self.best_val_loss.is_none_or(|best| val_loss < best) {
+            self.best_step = Some(step);
+            self.best_val_loss = Some(val_loss);
+        }
+        let improved = (self.improved_val_loss).is_none_or(|last| last - val_loss > min_delta);
+        if improved {
+            self.improved_val_loss = Some(val_loss);
+            self.evaluations_without_improvement = 0;
+        } else {
+            self.evaluations_without_improvement += 1;
+        }
+        improved
+    }
+
+    /// The loss of the evaluation after `step` steps, if the last one was then.
+    pub fn loss_at(&self, step: u64) -> Option<f64> {
+        self.last_val_loss.filter(|_| self.last_step == Some(step))
+    }
 }
 
 fn io_err(path: &Path, e: impl ToString) -> CheckpointError {

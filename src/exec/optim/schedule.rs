@@ -22,13 +22,14 @@ impl LrSchedule {
         }
     }
 
-    /// The schedule a job spec asks for.
-    pub fn from_spec(t: &TrainingSpec) -> Self {
+    /// The schedule a job spec asks for, over a run of `total_steps`
+    /// (`TrainingSpec::total_steps`).
+    pub fn from_spec(t: &TrainingSpec, total_steps: u64) -> Self {
         LrSchedule {
             base_lr: t.optimizer.lr() as f32,
             warmup_steps: t.warmup_steps,
             decay: t.lr_decay,
-            total_steps: t.steps,
+            total_steps,
         }
     }
 

@@ -23,6 +23,7 @@
 
 mod chunk;
 pub mod engine;
+mod evaluate;
 mod mailbox;
 mod reduce_point;
 mod seat;

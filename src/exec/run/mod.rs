@@ -2,7 +2,9 @@
 //! share: resolve the model and the data, plan for the devices, place the model, then step,
 //! report and checkpoint until done or told to stop.
 
+mod drive;
 mod error;
+mod evaluate;
 mod placement;
 mod replicas;
 mod setup;
@@ -10,14 +12,20 @@ mod setup;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+pub use drive::drive;
 pub use error::RunError;
+pub use evaluate::{Evaluation, ValidationSet};
 use placement::Placement;
-pub use setup::{DeviceKind, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch};
+pub use setup::{
+    DeviceKind, count_steps, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch,
+};
 
 use crate::data::Batcher;
 use crate::exec::checkpoint::commit::write_checkpoint;
 use crate::exec::checkpoint::model_files::{load_weights, save_model};
-use crate::exec::checkpoint::trainer_state::{TrainerState, load_optimizer, save_optimizer};
+use crate::exec::checkpoint::trainer_state::{
+    TrainerState, ValidationProgress, load_optimizer, save_optimizer,
+};
 use crate::exec::model::LlamaConfig;
 use crate::plan::search::Answer;
 use crate::spec::JobSpec;
@@ -38,6 +46,8 @@ pub struct StepMetrics {
     /// Seconds each device spent in gradient reductions across replicas in this step
     /// (waiting for the other replicas included); empty for a whole-model GPU run.
     pub device_reduction_s: Vec<f64>,
+    /// The validation loss evaluated after this step, when one was.
+    pub val_loss: Option<f64>,
 }
 
 /// A placed model, its data and its plan, ready to step.
@@ -47,6 +57,12 @@ pub struct Run {
     pub answer: Answer,
     placement: Placement,
     batcher: Batcher,
+    /// `training.steps`, or the steps its `epochs` come to over the data.
+    total_steps: u64,
+    /// `data.validation`'s windows, when the spec names any.
+    validation: Option<ValidationSet>,
+    /// The evaluations so far (carried across a resume by the trainer state).
+    progress: ValidationProgress,
 }
 
 /// Why a run stopped before its last step.
@@ -63,6 +79,13 @@ pub enum Stop {
 pub enum Outcome {
     /// Every step done; the final checkpoint is in the directory given.
     Completed { final_dir: PathBuf },
+    /// Early stopping ended the run after `step` steps (checkpointed in `final_dir`); the
+    /// best validation loss was after `best_step`.
+    StoppedEarly {
+        step: u64,
+        final_dir: PathBuf,
+        best_step: Option<u64>,
+    },
     /// Stopped on request after `step` steps (checkpointed when asked to be).
     Stopped { step: u64 },
 }
@@ -74,6 +97,10 @@ pub trait Observer {
         Ok(())
     }
     fn step(&mut self, metrics: &StepMetrics) -> Result<(), RunError>;
+    /// An evaluation of the validation data, before the `step` report of the same step.
+    fn evaluated(&mut self, _evaluation: &Evaluation) -> Result<(), RunError> {
+        Ok(())
+    }
     /// Where the checkpoint after `step` goes (`last`: the run's final step).
     fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf;
     fn checkpoint_saved(&mut self, _step: u64, _dir: &Path) -> Result<(), RunError> {
@@ -91,7 +118,7 @@ impl Run {
     }
 
     pub fn total_steps(&self) -> u64 {
-        self.spec.training.steps
+        self.total_steps
     }
 
     /// Each run-wide device's predicted peak bytes (the planner's simulation of the chosen
@@ -132,7 +159,27 @@ impl Run {
             step_time_s: seconds,
             device_peak_bytes: self.measured_peaks(),
             device_reduction_s: timings.iter().map(|t| t.reducing.as_secs_f64()).collect(),
+            val_loss: None,
         })
+    }
+
+    /// Evaluates the validation data, forward only, with the weights as they are now (none
+    /// without `data.validation`), and records it for early stopping.
+    pub fn evaluate(&mut self) -> Result<Option<Evaluation>, RunError> {
+        let Some(validation) = &self.validation else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let loss_sum = self.placement.evaluate(validation.batches())?;
+        let evaluation = validation.evaluation(self.step(), loss_sum, started);
+        let min_delta = (self.spec.training.early_stopping).map_or(0.0, |e| e.min_delta);
+        (self.progress).record(evaluation.step, evaluation.val_loss, min_delta);
+        Ok(Some(evaluation))
+    }
+
+    /// The validation losses seen so far.
+    pub fn validation_progress(&self) -> ValidationProgress {
+        self.progress
     }
 
     /// Writes `model.safetensors` + `config.json` (Hugging Face layout),
@@ -151,6 +198,8 @@ impl Run {
                 data_position: step * self.spec.training.sequences_per_step() as u64,
                 rng_seed: self.spec.training.seed,
                 last_loss,
+                val_loss: self.progress.loss_at(step),
+                validation: self.progress,
             }
             .save(dir)?;
             Ok(())
@@ -167,41 +216,7 @@ impl Run {
             load_optimizer(dir, &mut pairs)
         })?;
         self.placement.set_step(state.step);
+        self.progress = state.validation;
         Ok(state)
     }
-}
-
-/// Steps `run` to the end of its training, checkpointing every `training.checkpoint_every`
-/// steps and at the end, unless the observer stops it first.
-pub fn drive(run: &mut Run, observer: &mut dyn Observer) -> Result<Outcome, RunError> {
-    observer.plan_chosen(run)?;
-    let total = run.total_steps();
-    let every = run.spec.training.checkpoint_every;
-    let mut last_loss = None;
-    while run.step() < total {
-        match observer.stop_requested() {
-            Some(Stop::Now) => return Ok(Outcome::Stopped { step: run.step() }),
-            Some(Stop::Checkpoint) => {
-                let step = run.step();
-                let dir = observer.checkpoint_dir(step, false);
-                run.save_checkpoint(&dir, last_loss)?;
-                observer.checkpoint_saved(step, &dir)?;
-                return Ok(Outcome::Stopped { step });
-            }
-            None => {}
-        }
-        let metrics = run.train_step()?;
-        last_loss = Some(metrics.loss);
-        observer.step(&metrics)?;
-        let step = metrics.step;
-        if step < total && every.is_some_and(|k| step.is_multiple_of(k)) {
-            let dir = observer.checkpoint_dir(step, false);
-            run.save_checkpoint(&dir, last_loss)?;
-            observer.checkpoint_saved(step, &dir)?;
-        }
-    }
-    let dir = observer.checkpoint_dir(run.step(), true);
-    run.save_checkpoint(&dir, last_loss)?;
-    observer.checkpoint_saved(run.step(), &dir)?;
-    Ok(Outcome::Completed { final_dir: dir })
 }

@@ -5,6 +5,7 @@
 use crate::data::Microbatch;
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::model::GpuTrainer;
+use crate::exec::backend::on_compute_pool;
 use crate::exec::checkpoint::CheckpointError;
 use crate::exec::device::PoolRef;
 use crate::exec::model::{LlamaConfig, PartParams};
@@ -13,6 +14,7 @@ use crate::exec::pipeline::{DeviceTiming, Engine, Pipeline, PipelineError};
 use crate::exec::train::StepReport;
 
 use super::RunError;
+use super::evaluate::gpu_loss_sum;
 
 /// What a checkpoint writer is given: every part with its optimizer state, in model order.
 pub type WriteState<'a> = dyn FnMut(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError> + 'a;
@@ -30,6 +32,8 @@ pub trait Stages: Send {
         &mut self,
         microbatches: &[Microbatch],
     ) -> Result<(StepReport, Vec<DeviceTiming>), PipelineError>;
+    /// The summed loss of `batches`' counted targets, forward only.
+    fn evaluate(&mut self, batches: &[Microbatch]) -> Result<f64, PipelineError>;
     fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError>;
     fn load_state(&mut self, load: &mut LoadState<'_>) -> Result<(), PipelineError>;
 }
@@ -59,6 +63,11 @@ where
         microbatches: &[Microbatch],
     ) -> Result<(StepReport, Vec<DeviceTiming>), PipelineError> {
         Pipeline::train_step(self, microbatches)
+    }
+
+    fn evaluate(&mut self, batches: &[Microbatch]) -> Result<f64, PipelineError> {
+        // One thread computes: it may run on the compute pool.
+        on_compute_pool(|| Pipeline::evaluate(self, batches))
     }
 
     fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError> {
@@ -138,6 +147,15 @@ impl Placement {
                     })
                     .map(|report| (report, Vec::new()))
             }
+        }
+    }
+
+    /// The summed loss of `batches`' counted targets, forward only, on the devices the model
+    /// trains on (`evaluate`).
+    pub fn evaluate(&mut self, batches: &[Microbatch]) -> Result<f64, RunError> {
+        match self {
+            Placement::Pipeline(p) => Ok(p.evaluate(batches)?),
+            Placement::Gpu { trainer, .. } => Ok(gpu_loss_sum(trainer, batches)?),
         }
     }
 

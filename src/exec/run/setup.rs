@@ -27,7 +27,7 @@ use crate::spec::{
 };
 
 use super::replicas::{replica_count, replicate};
-use super::{Placement, Run, RunError};
+use super::{Placement, Run, RunError, ValidationSet};
 
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
 /// (with which any field the spec gives must agree).
@@ -262,6 +262,24 @@ fn load_data(spec: &JobSpec, arch: &ModelArch) -> Result<Batcher, RunError> {
     Ok(Batcher::of_corpus(&corpus, arch.vocab_size, layout)?)
 }
 
+/// The run's optimizer steps: `training.steps`, or its epochs over the training data's
+/// windows.
+fn steps_for(spec: &JobSpec, batcher: &Batcher) -> Result<u64, RunError> {
+    (spec.training)
+        .total_steps(batcher.windows())
+        .map_err(|e| RunError::Spec(vec![e]))
+}
+
+/// The optimizer steps `spec` (validated) will train: its `training.steps`, or, for
+/// `training.epochs`, counted from its training data's windows (read and tokenized here).
+pub fn count_steps(spec: &JobSpec) -> Result<u64, RunError> {
+    if let Some(steps) = spec.training.steps {
+        return Ok(steps);
+    }
+    let arch = resolve_arch(spec)?;
+    steps_for(spec, &load_data(spec, &arch)?)
+}
+
 /// The model's starting parts, in `host`: seeded, or read from a Hugging Face directory.
 fn initial_parts(
     spec: &JobSpec,
@@ -334,6 +352,8 @@ impl Run {
         let answer = plan_job(&spec, arch, &devices, kind)?;
         devices.devices.truncate(answer.plan.total_devices());
         let batcher = load_data(&spec, arch)?;
+        let total_steps = steps_for(&spec, &batcher)?;
+        let validation = ValidationSet::load(&spec, arch)?;
         let parts = initial_parts(&spec, &config, &devices.host)?;
         let t = &spec.training;
         let pipeline = Pipeline::new(
@@ -343,7 +363,7 @@ impl Run {
             engine,
             parts,
             OptimizerConfig::from_spec(&t.optimizer),
-            LrSchedule::from_spec(t),
+            LrSchedule::from_spec(t, total_steps),
             t.grad_clip.map(|c| c as f32),
         )?;
         Ok(Run {
@@ -351,6 +371,9 @@ impl Run {
             answer,
             placement: Placement::Pipeline(Box::new(pipeline)),
             batcher,
+            total_steps,
+            validation,
+            progress: Default::default(),
         })
     }
 
@@ -367,6 +390,8 @@ impl Run {
         let config = LlamaConfig::from_arch(&arch)?;
         one_stage(&spec)?; // refused by field before the GPU is opened
         let batcher = load_data(&spec, &arch)?;
+        let total_steps = steps_for(&spec, &batcher)?;
+        let validation = ValidationSet::load(&spec, &arch)?;
         let gpu = Gpu::open(ordinal, gpu_precision(spec.training.precision))?;
         let pool = gpu.pool(cap, GPU_RESERVE)?;
         let answer = plan_on_gpu(&spec, &arch, pool.name(), pool.budget())?;
@@ -379,7 +404,7 @@ impl Run {
             config,
             &parts,
             OptimizerConfig::from_spec(&t.optimizer),
-            LrSchedule::from_spec(t),
+            LrSchedule::from_spec(t, total_steps),
             t.grad_clip.map(|c| c as f32),
         )?;
         Ok(Run {
@@ -390,6 +415,9 @@ impl Run {
                 host,
             },
             batcher,
+            total_steps,
+            validation,
+            progress: Default::default(),
         })
     }
 
