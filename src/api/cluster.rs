@@ -15,7 +15,8 @@ pub fn routes() -> Router<AppState> {
         .route("/queue", get(queue))
 }
 
-/// This service's devices: id, kind, memory, and the job using each (named when it is yours).
+/// This service's devices: id, kind, memory, and the job using each (named when it is yours);
+/// and the host memory their jobs may offload to.
 #[utoipa::path(get, path = "/v1/devices", tag = "cluster",
     responses(
         (status = 200, body = DeviceList),
@@ -53,7 +54,12 @@ pub async fn devices(
             job: visible,
         });
     }
-    Ok(Json(DeviceList::new(data, false)))
+    Ok(Json(DeviceList {
+        object: "list",
+        data,
+        has_more: false,
+        host_memory_bytes: state.host_memory_bytes,
+    }))
 }
 
 /// The queue in claim order (first 100): positions of all tenants' jobs, ids of yours.

@@ -3,6 +3,7 @@
 
 pub mod devices;
 mod executor;
+pub mod host_memory;
 mod init_checkpoint;
 mod planner;
 mod redact;

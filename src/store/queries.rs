@@ -280,7 +280,7 @@ macro_rules! sql_store {
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
                     Self::lock_job(&mut tx, id).await?;
-                    let seq = Self::event_in(&mut tx, id, kind, data).await?;
+                    let seq = Self::event_in(&mut tx, id, kind, data, None).await?;
                     Ok(seq)
                 }
                 .await;
@@ -366,38 +366,28 @@ macro_rules! sql_store {
                 self.claim_job_query(worker_id, free_devices, lease_ms).await
             }
 
-            async fn heartbeat(
-                &self,
-                id: &str,
-                worker_id: &str,
-                lease_ms: i64,
-            ) -> StoreResult<JobState> {
-                self.heartbeat_query(id, worker_id, lease_ms).await
+            async fn heartbeat(&self, lease: &Lease, lease_ms: i64) -> StoreResult<JobState> {
+                self.heartbeat_query(lease, lease_ms).await
             }
 
             async fn requeue_expired(&self) -> StoreResult<Vec<String>> {
                 self.requeue_expired_query().await
             }
 
-            async fn discard_metrics_after(&self, id: &str, step: i64) -> StoreResult<u64> {
-                self.discard_metrics_after_query(id, step).await
+            async fn discard_metrics_after(&self, lease: &Lease, step: i64) -> StoreResult<u64> {
+                self.discard_metrics_after_query(lease, step).await
             }
 
-            async fn record_step(
-                &self,
-                id: &str,
-                worker_id: &str,
-                step: &StepRecord,
-            ) -> StoreResult<JobState> {
-                self.record_step_query(id, worker_id, step).await
+            async fn record_step(&self, lease: &Lease, key: &str, step: &StepRecord) -> StoreResult<JobState> {
+                self.record_step_query(lease, key, step).await
             }
 
-            async fn record_checkpoint(&self, worker_id: &str, row: &CheckpointRow) -> StoreResult<()> {
-                self.record_checkpoint_query(worker_id, row).await
+            async fn record_checkpoint(&self, lease: &Lease, key: &str, row: &CheckpointRow) -> StoreResult<()> {
+                self.record_checkpoint_query(lease, key, row).await
             }
 
-            async fn record_event(&self, id: &str, worker_id: &str, kind: &str, data: &str) -> StoreResult<()> {
-                self.record_event_query(id, worker_id, kind, data).await
+            async fn record_event(&self, lease: &Lease, key: &str, kind: &str, data: &str) -> StoreResult<()> {
+                self.record_event_query(lease, key, kind, data).await
             }
         }
     };

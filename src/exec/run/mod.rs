@@ -3,6 +3,7 @@
 //! report and checkpoint until done or told to stop.
 
 mod error;
+mod host_budget;
 mod placement;
 mod replicas;
 mod setup;
@@ -76,6 +77,11 @@ pub trait Observer {
     fn step(&mut self, metrics: &StepMetrics) -> Result<(), RunError>;
     /// Where the checkpoint after `step` goes (`last`: the run's final step).
     fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf;
+    /// Asked before the checkpoint after `step` is written: an error stops the run without
+    /// writing it (the service's worker no longer holds the job, say).
+    fn before_checkpoint(&mut self, _step: u64) -> Result<(), RunError> {
+        Ok(())
+    }
     fn checkpoint_saved(&mut self, _step: u64, _dir: &Path) -> Result<(), RunError> {
         Ok(())
     }
@@ -182,11 +188,8 @@ pub fn drive(run: &mut Run, observer: &mut dyn Observer) -> Result<Outcome, RunE
         match observer.stop_requested() {
             Some(Stop::Now) => return Ok(Outcome::Stopped { step: run.step() }),
             Some(Stop::Checkpoint) => {
-                let step = run.step();
-                let dir = observer.checkpoint_dir(step, false);
-                run.save_checkpoint(&dir, last_loss)?;
-                observer.checkpoint_saved(step, &dir)?;
-                return Ok(Outcome::Stopped { step });
+                checkpoint(run, observer, false, last_loss)?;
+                return Ok(Outcome::Stopped { step: run.step() });
             }
             None => {}
         }
@@ -195,13 +198,24 @@ pub fn drive(run: &mut Run, observer: &mut dyn Observer) -> Result<Outcome, RunE
         observer.step(&metrics)?;
         let step = metrics.step;
         if step < total && every.is_some_and(|k| step.is_multiple_of(k)) {
-            let dir = observer.checkpoint_dir(step, false);
-            run.save_checkpoint(&dir, last_loss)?;
-            observer.checkpoint_saved(step, &dir)?;
+            checkpoint(run, observer, false, last_loss)?;
         }
     }
-    let dir = observer.checkpoint_dir(run.step(), true);
+    let final_dir = checkpoint(run, observer, true, last_loss)?;
+    Ok(Outcome::Completed { final_dir })
+}
+
+/// Writes the checkpoint of the run's current step where the observer says, once it agrees.
+fn checkpoint(
+    run: &Run,
+    observer: &mut dyn Observer,
+    last: bool,
+    last_loss: Option<f64>,
+) -> Result<PathBuf, RunError> {
+    let step = run.step();
+    observer.before_checkpoint(step)?;
+    let dir = observer.checkpoint_dir(step, last);
     run.save_checkpoint(&dir, last_loss)?;
-    observer.checkpoint_saved(run.step(), &dir)?;
-    Ok(Outcome::Completed { final_dir: dir })
+    observer.checkpoint_saved(step, &dir)?;
+    Ok(dir)
 }
