@@ -7,7 +7,6 @@
 //! written while the claim surely still holds the job.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -47,8 +46,9 @@ pub(super) struct JobLease {
     /// When the last renewal that succeeded was asked for. The database granted `duration`
     /// from a later moment, so no other claim can hold the job before `renewed + duration`.
     pub renewed: Arc<Mutex<Instant>>,
-    /// Set when the run gave up waiting for the database (`patience` passed).
-    pub gave_up: Arc<AtomicBool>,
+    /// Why the run gave up waiting for the database (`patience` passed, or the job was asked
+    /// to stop while its records could not be written): the worker gives the job back.
+    pub gave_up: Arc<OnceLock<String>>,
 }
 
 impl JobLease {
@@ -89,7 +89,7 @@ impl JobLease {
                 }
                 Err(e) if e.is_transient() => {
                     if started.elapsed() >= self.patience {
-                        return Err(self.give_up());
+                        return Err(self.give_up(self.away_too_long()));
                     }
                     tokio::time::sleep(backoff.next_wait()).await;
                 }
@@ -99,17 +99,21 @@ impl JobLease {
     }
 
     /// The run stops waiting for the database: the worker gives the job back to the queue.
-    fn give_up(&self) -> SinkError {
-        self.gave_up.store(true, Ordering::SeqCst);
-        SinkError::Store(format!(
-            "the database was away for over {} s",
-            self.patience.as_secs()
-        ))
+    fn give_up(&self, why: String) -> SinkError {
+        let _ = self.gave_up.set(why.clone());
+        SinkError::Store(why)
     }
 
-    /// Whether the run gave up waiting for the database.
-    pub fn gave_up(&self) -> bool {
-        self.gave_up.load(Ordering::SeqCst)
+    fn away_too_long(&self) -> String {
+        format!(
+            "the database was away for over {} s",
+            self.patience.as_secs()
+        )
+    }
+
+    /// Why the run gave up waiting for the database, when it did.
+    pub fn gave_up(&self) -> Option<String> {
+        self.gave_up.get().cloned()
     }
 
     /// A cancel or pause read back from the store becomes a stop request.
@@ -247,13 +251,11 @@ async fn wait_for_room(
         if let Some(stop) = lease.control.requested() {
             return Err(Some(match stop {
                 StopRequest::Abandon => SinkError::LeaseLost,
-                _ => SinkError::Store(
-                    "the database is away and the job was asked to stop".to_owned(),
-                ),
+                _ => lease.give_up("the database is away and the job was asked to stop".into()),
             }));
         }
         if started.elapsed() >= lease.patience {
-            return Err(Some(lease.give_up()));
+            return Err(Some(lease.give_up(lease.away_too_long())));
         }
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -231,7 +231,7 @@ impl Worker {
             patience,
             control: control.clone(),
             renewed: Arc::new(Mutex::new(asked)),
-            gave_up: Arc::new(AtomicBool::new(false)),
+            gave_up: Arc::new(OnceLock::new()),
         };
         // Renewed from the claim on: preparing (verifying a large checkpoint, waiting out the
         // database) may take longer than one lease.
@@ -273,14 +273,24 @@ impl Worker {
         .await;
         // The held records reach the store before the job's end does (within the worker's
         // patience); the lease is renewed until then.
-        let unrecorded = writer.finish(patience).await;
+        // A stopping worker waits one lease at most: the job resumes from what was recorded.
+        let wait = match control.requested() {
+            Some(StopRequest::Shutdown) => patience.min(self.config.lease),
+            _ => patience,
+        };
+        let unrecorded = writer.finish(wait).await;
         heartbeat.abort();
         let outcome = outcome.map_err(|e| {
             RunFailure::service("executor_crashed", format!("the executor panicked: {e}"))
         });
         let outcome = match (outcome, unrecorded) {
-            (_, Err(Unrecorded::DatabaseAway(waited))) => Ok(Err(database_away(waited))),
-            _ if lease.gave_up() => Ok(Err(database_away(patience))),
+            (_, Err(Unrecorded::DatabaseAway(waited))) => Ok(Err(database_away(format!(
+                "the database was away for over {} s",
+                waited.as_secs()
+            )))),
+            _ if lease.gave_up().is_some() => {
+                Ok(Err(database_away(lease.gave_up().unwrap_or_default())))
+            }
             (Ok(Ok(_)), Err(Unrecorded::Refused(reason))) => {
                 Ok(Err(RunFailure::service("internal", reason)))
             }
@@ -454,14 +464,11 @@ impl Worker {
     }
 }
 
-/// The database stayed away longer than the worker waits (`waited`).
-fn database_away(waited: Duration) -> RunFailure {
+/// The run gave up waiting for the database (`why`): the job goes back to the queue.
+fn database_away(why: String) -> RunFailure {
     RunFailure::service(
         STORE_UNAVAILABLE,
-        format!(
-            "the database was away for over {} s; the job resumes from its last recorded checkpoint",
-            waited.as_secs()
-        ),
+        format!("{why}; the job resumes from its last recorded checkpoint"),
     )
 }
 
