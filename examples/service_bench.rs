@@ -28,7 +28,12 @@ const KEY: &str = "cp_bench_key";
 struct FixedPlanner;
 
 impl Planner for FixedPlanner {
-    fn plan(&self, _: &JobSpec, devices: &[DeviceInfo]) -> Result<PlanOutcome, PlanFailure> {
+    fn plan(
+        &self,
+        _: &JobSpec,
+        devices: &[DeviceInfo],
+        _host_memory_bytes: u64,
+    ) -> Result<PlanOutcome, PlanFailure> {
         Ok(PlanOutcome {
             plan: json!({"schedule": "fixed"}),
             svg: String::new(),
@@ -79,6 +84,7 @@ async fn serve(url: &str, dir: &str, addr: &str) {
         },
         lease: Duration::from_secs(30),
         poll: Duration::from_millis(500),
+        host_memory_bytes: 1 << 30,
     };
     let engines = Engines {
         planner: Some(Arc::new(FixedPlanner)),

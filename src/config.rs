@@ -37,6 +37,7 @@ pub struct FileConfig {
     pub devices: Option<String>,
     pub log_format: Option<LogFormat>,
     pub api_key: Option<String>,
+    pub host_memory: Option<String>,
 }
 
 impl FileConfig {
@@ -63,6 +64,8 @@ pub struct Settings {
     pub devices: Option<String>,
     pub log_format: LogFormat,
     pub api_key: Option<String>,
+    /// Host memory for offloaded tensors, e.g. `16GiB`; `None` means the default share.
+    pub host_memory: Option<String>,
 }
 
 impl Settings {
@@ -86,6 +89,7 @@ impl Settings {
             devices: args.devices.clone().or(file.devices),
             log_format: log_format.or(file.log_format).unwrap_or_default(),
             api_key: args.api_key.clone().or(file.api_key),
+            host_memory: args.host_memory.clone().or(file.host_memory),
         })
     }
 

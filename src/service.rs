@@ -13,7 +13,9 @@ use tokio::sync::watch;
 use crate::api::{self, AppConfig, AppState, Limits};
 use crate::cli::ServiceArgs;
 use crate::config::{ConfigError, Settings};
+use crate::exec::device::parse_size;
 use crate::jobs::devices::DeviceSpecError;
+use crate::jobs::host_memory::{available_memory, default_host_memory};
 use crate::jobs::{
     DeviceInfo, Engines, Worker, WorkerConfig, default_devices, parse_devices, with_gpu_memory,
 };
@@ -42,6 +44,11 @@ pub struct ServeArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub service: ServiceArgs,
+
+    /// Seconds a claim holds a job without renewal before another worker may take it over
+    /// (renewed every third of it): how soon a dead worker's jobs resume elsewhere.
+    #[arg(long, env = "CHRONOSPIPE_LEASE_SECONDS", default_value_t = 30.0)]
+    pub lease_seconds: f64,
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +85,12 @@ pub enum ServiceError {
         source: std::io::Error,
     },
     #[error(
+        "--host-memory {0:?} is not a size: give bytes, or a number with KiB, MiB, GiB, KB, MB or GB"
+    )]
+    HostMemory(String),
+    #[error("--lease-seconds {0} is not a lease: give a number of seconds, at least 0.3")]
+    Lease(f64),
+    #[error(
         "this build has no trainer plugged in, so `chronospipe worker` has nothing to run jobs with"
     )]
     NoRunner,
@@ -94,6 +107,8 @@ pub struct ServiceOptions {
     pub limits: Limits,
     pub lease: Duration,
     pub poll: Duration,
+    /// The host pool a job's offloaded tensors live in (`--host-memory`).
+    pub host_memory_bytes: u64,
 }
 
 impl ServiceOptions {
@@ -102,6 +117,12 @@ impl ServiceOptions {
             Some(spec) => with_gpu_memory(parse_devices(spec)?)
                 .map_err(|e| ServiceError::Gpus(e.to_string()))?,
             None => default_devices(),
+        };
+        let host_memory_bytes = match &settings.host_memory {
+            Some(text) => {
+                parse_size(text).ok_or_else(|| ServiceError::HostMemory(text.clone()))? as u64
+            }
+            None => default_host_memory(available_memory().unwrap_or(0), &devices),
         };
         Ok(ServiceOptions {
             database_url: settings.effective_database_url(),
@@ -112,6 +133,7 @@ impl ServiceOptions {
             limits: Limits::default(),
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(500),
+            host_memory_bytes,
         })
     }
 
@@ -119,6 +141,7 @@ impl ServiceOptions {
         WorkerConfig {
             lease: self.lease,
             poll: self.poll,
+            host_memory_bytes: self.host_memory_bytes,
             ..WorkerConfig::new(self.data_dir.clone(), self.devices.clone())
         }
     }
@@ -162,6 +185,7 @@ pub async fn run_service(
             planner: engines.planner,
             refuse_jobs,
             devices: options.devices.clone(),
+            host_memory_bytes: options.host_memory_bytes,
             worker_id,
             data_dir: options.data_dir.clone(),
             limits: options.limits.clone(),
@@ -240,7 +264,11 @@ pub fn serve(args: &ServeArgs, log_format: Option<LogFormat>) -> Result<(), Serv
 pub fn worker(args: &WorkerArgs, log_format: Option<LogFormat>) -> Result<(), ServiceError> {
     let settings = Settings::resolve(&args.service, log_format)?;
     telemetry::init(settings.log_format);
-    let options = ServiceOptions::from_settings(&settings)?;
+    let mut options = ServiceOptions::from_settings(&settings)?;
+    if !(args.lease_seconds.is_finite() && args.lease_seconds >= 0.3) {
+        return Err(ServiceError::Lease(args.lease_seconds));
+    }
+    options.lease = Duration::from_secs_f64(args.lease_seconds);
     runtime()?.block_on(run_worker(
         options,
         Engines::production(),

@@ -142,7 +142,8 @@ async fn membership(url: &str) {
     let one = queued_job(store.as_ref(), &tenant, 1).await;
     let two = queued_job(store.as_ref(), &tenant, 2).await;
     let claim = store.claim_job("w1", &ids(2), LEASE_MS).await.unwrap();
-    assert_eq!(claim.unwrap().job.id, one);
+    let claim = claim.unwrap();
+    assert_eq!(claim.job.id, one);
     assert_eq!(
         held_by(store.as_ref(), &one).await,
         [("w1".into(), "cpu:0".into())]
@@ -158,7 +159,7 @@ async fn membership(url: &str) {
 
     // Its end frees them; then the 2-device job fits.
     let done = TransitionChange {
-        worker: Some("w1".into()),
+        lease: Some(claim.lease),
         ..TransitionChange::default()
     };
     store
@@ -414,13 +415,11 @@ async fn gangs(url: &str) {
     assert!(held_by(store.as_ref(), &a).await.is_empty());
     assert_eq!(held_by(store.as_ref(), &b).await.len(), 4);
 
-    // Whatever ends the job (here its success, recorded by rank 0's worker) frees its devices.
+    // Whatever ends the job (here its success; a gang's ranks carry no claim token yet, so
+    // the end is not fenced by one) frees its devices.
     let third = reserved(store.reserve_gang(&a, &a_ranks, LEASE_MS).await.unwrap());
     assert_eq!(third.attempt, 3);
-    let done = TransitionChange {
-        worker: Some("w1".into()),
-        ..TransitionChange::default()
-    };
+    let done = TransitionChange::default();
     store
         .transition(&a, JobState::Succeeded, done)
         .await

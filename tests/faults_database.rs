@@ -143,6 +143,9 @@ impl RunSink for UnhurriedSink<'_> {
         }
         self.0.step(metrics)
     }
+    fn before_checkpoint(&mut self, step: u64) -> Result<(), SinkError> {
+        self.0.before_checkpoint(step)
+    }
     fn checkpoint(&mut self, step: u64, dir: &Path) -> Result<(), SinkError> {
         self.0.checkpoint(step, dir)
     }
@@ -409,6 +412,90 @@ async fn a_full_record_queue_holds_training_until_the_database_is_back() {
     assert_eq!(
         metric_steps(&server, &id).await,
         (1..=STEPS).collect::<Vec<_>>()
+    );
+    let _ = server.stop().await;
+}
+
+/// A database that stays away longer than the worker's patience: the worker stops waiting for
+/// it (the job's end no longer waits without bound), and once the database is back the job,
+/// whose lease ran out, is resumed by another worker from its last recorded checkpoint and
+/// ends with each step's metric recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_gives_a_job_back_when_the_database_stays_away() {
+    let Some(pg) = OwnPostgres::start() else {
+        return;
+    };
+    let engines = Engines {
+        planner: Some(Arc::new(ExecPlanner)),
+        runner: None,
+    };
+    let server = TestServer::start_with(&pg.url(), engines, |o| o.run_worker = false).await;
+    let train = server
+        .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
+        .await;
+    let id = server.create_job(&body(&train)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let config = |patience: Duration| WorkerConfig {
+        lease: Duration::from_secs(3),
+        poll: Duration::from_millis(50),
+        patience,
+        ..WorkerConfig::new(
+            server.data_dir.path().to_owned(),
+            parse_devices("cpu:2x64MiB").unwrap(),
+        )
+    };
+    let store = chronospipe::store::connect(&pg.url()).await.unwrap();
+    let impatient = Worker::new(
+        store,
+        Arc::new(Unhurried::new(i64::MAX)),
+        config(Duration::from_secs(2)),
+    );
+    let running = tokio::spawn(async move { impatient.try_execute_one().await.map(|_| ()) });
+    let recorded = loop {
+        if let Some(step) = recorded_step(&server, &id).await.filter(|s| *s >= 15) {
+            break step;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    pg.ctl(&["-m", "immediate", "stop"]);
+    let away = std::time::Instant::now();
+    // The records' patience, then the job's end's (each a few backoff waits): not forever.
+    let ended = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the worker stops waiting for a database that does not come back")
+        .unwrap();
+    let gave_up_s = away.elapsed().as_secs_f64();
+    assert!(
+        ended.is_err(),
+        "the job's end could not be recorded: {ended:?}"
+    );
+    pg.ctl(&["start"]);
+    let store = chronospipe::store::connect(&pg.url()).await.unwrap();
+    let other = Worker::new(
+        store,
+        Arc::new(ExecRunner),
+        config(Duration::from_secs(600)),
+    );
+    let mut resumed = None;
+    for _ in 0..300 {
+        resumed = other.try_execute_one().await.unwrap();
+        if resumed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(resumed.as_deref(), Some(id.as_str()), "the job is resumed");
+    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["restart_count"], 1, "{job}");
+    assert_eq!(
+        metric_steps(&server, &id).await,
+        (1..=STEPS).collect::<Vec<_>>()
+    );
+    println!(
+        "step {recorded} recorded when the database went away; the worker gave up after {gave_up_s:.1} s"
     );
     let _ = server.stop().await;
 }

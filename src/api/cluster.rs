@@ -22,6 +22,8 @@ pub fn routes() -> Router<AppState> {
 ///
 /// This service's own devices come first (those it was started with, and its embedded
 /// worker's jobs on them), then every other live worker's, in worker id order.
+///
+/// `host_memory_bytes`: the host memory this service's jobs may offload to.
 #[utoipa::path(get, path = "/v1/devices", tag = "cluster",
     responses(
         (status = 200, body = DeviceList),
@@ -73,7 +75,12 @@ pub async fn devices(
             host: Some(row.host),
         });
     }
-    Ok(Json(DeviceList::new(data, false)))
+    Ok(Json(DeviceList {
+        object: "list",
+        data,
+        has_more: false,
+        host_memory_bytes: state.host_memory_bytes,
+    }))
 }
 
 /// Which jobs are the tenant's, each asked of the store once.

@@ -70,6 +70,8 @@ pub struct Shared {
     /// Why jobs are refused, when this service cannot run them.
     pub refuse_jobs: Option<String>,
     pub devices: Vec<DeviceInfo>,
+    /// The host memory jobs' offloaded tensors may take (`--host-memory`).
+    pub host_memory_bytes: u64,
     /// The embedded worker, whose jobs `GET /v1/devices` shows.
     pub worker_id: Option<String>,
     pub data_dir: PathBuf,
@@ -95,6 +97,7 @@ pub struct AppConfig {
     pub planner: Option<Arc<dyn Planner>>,
     pub refuse_jobs: Option<String>,
     pub devices: Vec<DeviceInfo>,
+    pub host_memory_bytes: u64,
     pub worker_id: Option<String>,
     pub data_dir: PathBuf,
     pub limits: Limits,
@@ -108,6 +111,7 @@ impl AppState {
             planner: config.planner,
             refuse_jobs: config.refuse_jobs,
             devices: config.devices,
+            host_memory_bytes: config.host_memory_bytes,
             worker_id: config.worker_id,
             data_dir: config.data_dir,
             rate: auth::RateLimiter::new(config.limits.rate_per_second, config.limits.rate_burst),

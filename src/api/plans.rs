@@ -112,8 +112,9 @@ pub(super) async fn run_planner(
     planner: Arc<dyn Planner>,
     spec: JobSpec,
     devices: Vec<DeviceInfo>,
+    host_memory_bytes: u64,
 ) -> Result<PlanOutcome, PlanFailure> {
-    tokio::task::spawn_blocking(move || planner.plan(&spec, &devices))
+    tokio::task::spawn_blocking(move || planner.plan(&spec, &devices, host_memory_bytes))
         .await
         .unwrap_or_else(|e| Err(PlanFailure::Internal(format!("the planner panicked: {e}"))))
 }
@@ -138,7 +139,7 @@ pub async fn create(
     let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
     let devices = job_devices(&state, &spec)?;
     let planner = planner(&state)?;
-    match run_planner(planner, resolved.spec, devices).await {
+    match run_planner(planner, resolved.spec, devices, state.host_memory_bytes).await {
         Ok(outcome) => Ok(Json(PlanView {
             object: "plan",
             summary: outcome.summary,

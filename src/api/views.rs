@@ -228,7 +228,18 @@ list_type!(JobList, JobView);
 list_type!(EventList, EventView);
 list_type!(MetricList, MetricView);
 list_type!(CheckpointList, CheckpointView);
-list_type!(DeviceList, DeviceView);
+
+/// The service's devices, and the host memory their jobs' offloaded tensors share.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeviceList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<DeviceView>,
+    pub has_more: bool,
+    /// The host pool a job's offloaded tensors (and its starting weights) live in, in bytes
+    /// (`--host-memory`); plans keep within it.
+    pub host_memory_bytes: u64,
+}
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeviceView {

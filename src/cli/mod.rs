@@ -82,6 +82,12 @@ pub struct ServiceArgs {
     /// API key accepted by the service (otherwise keys come from the database).
     #[arg(long, env = "CHRONOSPIPE_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// Host memory a job's offloaded tensors (and its starting weights) may take, e.g. `16GiB`
+    /// [default: three quarters of the memory available at start, less the CPU devices'
+    /// budgets and 512 MiB for the service].
+    #[arg(long, env = "CHRONOSPIPE_HOST_MEMORY")]
+    pub host_memory: Option<String>,
 }
 
 #[cfg(test)]

@@ -203,6 +203,28 @@ impl Batcher {
         mb
     }
 
+    /// The first of steps `0..steps` none of whose sequences holds a target that counts in the
+    /// loss (prompts longer than a window, say), found before training rather than at that
+    /// step. One pass over the windows, and over the steps' windows only when one is masked
+    /// whole.
+    pub fn first_step_without_targets(&mut self, steps: u64) -> Option<u64> {
+        let s = self.layout.seq_len;
+        let counts: Vec<bool> = (0..self.windows)
+            .map(|w| {
+                let targets = &self.targets[w * s + 1..w * s + 1 + s];
+                targets.iter().any(|&t| t != IGNORE_TARGET)
+            })
+            .collect();
+        if counts.iter().all(|&c| c) {
+            return None;
+        }
+        let per_step = self.layout.sequences_per_step() as u64;
+        (0..steps).find(|&step| {
+            let first = step * per_step;
+            (first..first + per_step).all(|sequence| !counts[self.window_of(sequence)])
+        })
+    }
+
     /// All micro-batches of a step, in order.
     pub fn step(&mut self, step: u64) -> Vec<Microbatch> {
         (0..self.layout.microbatches)
@@ -288,6 +310,39 @@ mod tests {
         };
         let err = Batcher::of_corpus(&none, 256, layout(4, 1, 2, false)).unwrap_err();
         assert!(matches!(err, DataError::NothingCounted), "{err}");
+    }
+
+    /// Window 1 of five holds only masked targets: with two sequences a step every step also
+    /// holds a counted window, but one sequence a step leaves step 1 (window 1) with none.
+    #[test]
+    fn a_step_of_masked_windows_is_found_before_training() {
+        let corpus = Corpus {
+            tokens: (0..21).collect(),
+            counted: (0..21).map(|i| !(5..=8).contains(&i)).collect(),
+        };
+        let mut two = Batcher::of_corpus(&corpus, 256, layout(4, 2, 1, false)).unwrap();
+        assert_eq!(two.first_step_without_targets(10), None);
+        let mut one = Batcher::of_corpus(&corpus, 256, layout(4, 1, 1, false)).unwrap();
+        assert_eq!(one.first_step_without_targets(1), None);
+        assert_eq!(one.first_step_without_targets(10), Some(1));
+        assert!(one.step(1)[0].targets.iter().all(|&t| t == IGNORE_TARGET));
+        assert!(two.step(1)[0].targets.iter().any(|&t| t != IGNORE_TARGET));
+        // With shuffling, the step that meets a masked window alone is the one found.
+        let mut shuffled = Batcher::of_corpus(&corpus, 256, layout(4, 1, 1, true)).unwrap();
+        let found = shuffled.first_step_without_targets(10).unwrap();
+        let targets = |b: &mut Batcher, k| b.step(k)[0].targets.clone();
+        assert!(
+            targets(&mut shuffled, found)
+                .iter()
+                .all(|&t| t == IGNORE_TARGET)
+        );
+        for k in 0..found {
+            assert!(
+                targets(&mut shuffled, k)
+                    .iter()
+                    .any(|&t| t != IGNORE_TARGET)
+            );
+        }
     }
 
     #[test]

@@ -60,6 +60,17 @@ pub enum DataError {
     },
     #[error("no target token of the data counts in the loss (every one is masked)")]
     NothingCounted,
+    #[error(
+        "training step {step} holds no target token that counts in the loss: each of its \
+         {sequences} sequences of {seq_len} tokens is masked whole (a prompt longer than \
+         seq_len, say); give a longer training.seq_len, more sequences per step, or data \
+         whose records fit"
+    )]
+    StepWithoutTargets {
+        step: u64,
+        sequences: usize,
+        seq_len: usize,
+    },
 }
 
 impl DataError {

@@ -112,15 +112,7 @@ pub fn with_gpu_memory(devices: Vec<DeviceInfo>) -> Result<Vec<DeviceInfo>, RunE
 
 /// Without `--devices`: one CPU device with half the available memory.
 pub fn default_devices() -> Vec<DeviceInfo> {
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kib| kib * 1024)
-        .unwrap_or(1 << 30);
+    let available = super::host_memory::available_memory().unwrap_or(1 << 30);
     vec![DeviceInfo {
         id: "cpu:0".into(),
         kind: "cpu".into(),

@@ -37,25 +37,25 @@ enum Placement<'a> {
     },
 }
 
-/// The devices as pools of the memory the service gives each.
-fn pools(devices: &[&DeviceInfo]) -> DeviceSet {
+/// The devices as pools of the memory the service gives each, and the host pool.
+fn pools(devices: &[&DeviceInfo], host_bytes: u64) -> DeviceSet {
     DeviceSet {
         devices: devices
             .iter()
             .map(|d| Pool::new(d.id.clone(), d.memory_bytes as usize))
             .collect(),
-        host: Pool::new("host", usize::MAX),
+        host: Pool::new("host", usize::try_from(host_bytes).unwrap_or(usize::MAX)),
     }
 }
 
-fn placement(devices: &[DeviceInfo]) -> Result<Placement<'_>, String> {
+fn placement(devices: &[DeviceInfo], host_bytes: u64) -> Result<Placement<'_>, String> {
     let Some(first) = devices.first() else {
         return Err("no devices are configured".into());
     };
     if is_gpu_stage(first) {
         let stages: Vec<&DeviceInfo> = devices.iter().filter(|d| is_gpu_stage(d)).collect();
         return Ok(Placement::GpuStages {
-            set: pools(&stages),
+            set: pools(&stages, host_bytes),
             ordinals: stages.iter().filter_map(|d| gpu_ordinal(d)).collect(),
         });
     }
@@ -71,7 +71,10 @@ fn placement(devices: &[DeviceInfo]) -> Result<Placement<'_>, String> {
             d.id, d.kind
         ));
     }
-    Ok(Placement::Cpu(pools(&devices.iter().collect::<Vec<_>>())))
+    Ok(Placement::Cpu(pools(
+        &devices.iter().collect::<Vec<_>>(),
+        host_bytes,
+    )))
 }
 
 /// Plans with `plan::search`: `cpu-f32` for CPU devices, `cuda-f32` (or `cuda-bf16` for
@@ -79,9 +82,14 @@ fn placement(devices: &[DeviceInfo]) -> Result<Placement<'_>, String> {
 pub struct ExecPlanner;
 
 impl Planner for ExecPlanner {
-    fn plan(&self, spec: &JobSpec, devices: &[DeviceInfo]) -> Result<PlanOutcome, PlanFailure> {
+    fn plan(
+        &self,
+        spec: &JobSpec,
+        devices: &[DeviceInfo],
+        host_memory_bytes: u64,
+    ) -> Result<PlanOutcome, PlanFailure> {
         spec.validate()?;
-        let placement = placement(devices).map_err(PlanFailure::Unavailable)?;
+        let placement = placement(devices, host_memory_bytes).map_err(PlanFailure::Unavailable)?;
         let answer = resolve_arch(spec)
             .and_then(|arch| match &placement {
                 Placement::Cpu(set) => plan_job(spec, &arch, set, DeviceKind::Cpu),
@@ -109,6 +117,12 @@ fn plan_failure(e: RunError) -> PlanFailure {
             smallest_memory_bytes: need_bytes,
             closest: json!({ "configuration": closest, "memory_bytes": need_bytes }),
         },
+        e @ RunError::HostMemory { param, .. } => {
+            PlanFailure::Invalid(InvalidSpec(vec![crate::spec::SpecError::new(
+                param,
+                e.to_string(),
+            )]))
+        }
         RunError::Plan(PlanError::Invalid { field, message }) => PlanFailure::Invalid(InvalidSpec(
             vec![crate::spec::SpecError::new(field, message)],
         )),
@@ -168,7 +182,7 @@ impl JobRunner for ExecRunner {
         sink: &mut dyn RunSink,
         control: &RunControl,
     ) -> Result<RunEnd, RunFailure> {
-        let placement = placement(&request.devices)
+        let placement = placement(&request.devices, request.host_memory_bytes)
             .map_err(|m| RunFailure::service("devices_unavailable", m))?;
         let spec = request.spec.clone();
         let mut run = match placement {
@@ -270,6 +284,12 @@ impl Observer for SinkObserver<'_> {
         self.request.checkpoint_dir(step)
     }
 
+    fn before_checkpoint(&mut self, step: u64) -> Result<(), RunError> {
+        self.sink
+            .before_checkpoint(step)
+            .map_err(|e| RunError::Observer(e.to_string()))
+    }
+
     fn evaluated(&mut self, evaluation: &Evaluation) -> Result<(), RunError> {
         self.sink
             .evaluation(evaluation)
@@ -297,6 +317,8 @@ impl Observer for SinkObserver<'_> {
 mod tests {
     use super::*;
 
+    const HOST: u64 = 4 << 30;
+
     fn spec(parallelism: &str) -> JobSpec {
         JobSpec::from_json(&format!(
             r#"{{"model": {{"hidden_size": 64, "num_layers": 4, "num_heads": 4,
@@ -321,7 +343,7 @@ mod tests {
     fn a_gpu_is_planned_as_one_stage_against_its_measured_memory() {
         let planner = ExecPlanner;
         let devices = [gpu("cuda:1", 8 << 30), gpu("cuda:2", 8 << 30)];
-        let out = planner.plan(&spec("{}"), &devices).unwrap();
+        let out = planner.plan(&spec("{}"), &devices, HOST).unwrap();
         assert_eq!((out.summary.stages, out.summary.devices), (1, 1));
         assert_eq!(out.summary.schedule, "1f1b");
         // The cuda-f32 layout is not the CPU's: the same job on a CPU device of the same size
@@ -330,14 +352,16 @@ mod tests {
             kind: "cpu".into(),
             ..gpu("cpu:0", 8 << 30)
         };
-        let on_cpu = planner.plan(&spec(r#"{"stages": 1}"#), &[cpu]).unwrap();
+        let on_cpu = planner
+            .plan(&spec(r#"{"stages": 1}"#), &[cpu], HOST)
+            .unwrap();
         assert_ne!(out.summary.peak_bytes, on_cpu.summary.peak_bytes);
 
-        match planner.plan(&spec(r#"{"stages": 2}"#), &devices) {
+        match planner.plan(&spec(r#"{"stages": 2}"#), &devices, HOST) {
             Err(PlanFailure::Invalid(e)) => assert_eq!(e.first().param, "parallelism.stages"),
             other => panic!("stages 2 on a GPU: {other:?}"),
         }
-        match planner.plan(&spec("{}"), &[gpu("cuda:0", 1 << 16)]) {
+        match planner.plan(&spec("{}"), &[gpu("cuda:0", 1 << 16)], HOST) {
             Err(PlanFailure::DoesNotFit {
                 smallest_memory_bytes,
                 ..
@@ -355,10 +379,10 @@ mod tests {
             .map(|s| gpu(&format!("cuda:0/stage{s}"), 2 << 30))
             .collect();
         let one_f_one_b = spec(r#"{"schedule": "1f1b"}"#);
-        let out = planner.plan(&one_f_one_b, &stages).unwrap();
+        let out = planner.plan(&one_f_one_b, &stages, HOST).unwrap();
         assert_eq!((out.summary.stages, out.summary.devices), (4, 4));
         assert_eq!(out.summary.schedule, "1f1b");
-        let Ok(Placement::GpuStages { set, ordinals }) = placement(&stages) else {
+        let Ok(Placement::GpuStages { set, ordinals }) = placement(&stages, HOST) else {
             panic!("stages of one GPU");
         };
         assert_eq!(ordinals, [0, 0, 0, 0]);
@@ -370,7 +394,7 @@ mod tests {
                 ..gpu(&format!("cpu:{i}"), 2 << 30)
             })
             .collect();
-        let on_cpu = planner.plan(&one_f_one_b, &cpus).unwrap();
+        let on_cpu = planner.plan(&one_f_one_b, &cpus, HOST).unwrap();
         assert_ne!(out.summary.peak_bytes, on_cpu.summary.peak_bytes);
     }
 
@@ -395,22 +419,24 @@ mod tests {
         let stages: Vec<DeviceInfo> = (0..2)
             .map(|s| gpu(&format!("cuda:0/stage{s}"), 2 << 30))
             .collect();
-        let f32_plan = planner.plan(&one_f_one_b, &stages).unwrap();
-        let bf16_plan = planner.plan(&bf16(one_f_one_b.clone()), &stages).unwrap();
+        let f32_plan = planner.plan(&one_f_one_b, &stages, HOST).unwrap();
+        let bf16_plan = planner
+            .plan(&bf16(one_f_one_b.clone()), &stages, HOST)
+            .unwrap();
         let (b, f) = (&bf16_plan.summary.peak_bytes, &f32_plan.summary.peak_bytes);
         assert_eq!(b.len(), f.len());
         assert!(
             b.iter().zip(f).all(|(b, f)| b < f),
             "bf16 {b:?} vs f32 {f:?}"
         );
-        let whole = planner.plan(&bf16(spec("{}")), &[gpu("cuda:0", 8 << 30)]);
+        let whole = planner.plan(&bf16(spec("{}")), &[gpu("cuda:0", 8 << 30)], HOST);
         assert!(whole.is_ok(), "{whole:?}");
 
         let cpu = DeviceInfo {
             kind: "cpu".into(),
             ..gpu("cpu:0", 1 << 30)
         };
-        match planner.plan(&bf16(one_f_one_b), &[cpu]) {
+        match planner.plan(&bf16(one_f_one_b), &[cpu], HOST) {
             Err(PlanFailure::Invalid(e)) => {
                 assert_eq!(e.first().param, "training.precision");
                 assert!(e.first().message.contains("CUDA"), "{}", e.first().message);
@@ -426,7 +452,9 @@ mod tests {
             kind: "cpu".into(),
             memory_bytes: 1 << 30,
         };
-        let err = placement(&[cpu, gpu("cuda:0", 1 << 30)]).err().unwrap();
+        let err = placement(&[cpu, gpu("cuda:0", 1 << 30)], HOST)
+            .err()
+            .unwrap();
         assert!(err.contains("cuda:0"), "{err}");
     }
 }

@@ -9,8 +9,14 @@ use crate::spec::{InvalidSpec, JobSpec};
 
 /// Computes plans. Pure and quick (called inside request handlers on a blocking thread).
 pub trait Planner: Send + Sync + 'static {
-    /// `spec` has its file ids resolved to local paths (see `RunRequest::spec`).
-    fn plan(&self, spec: &JobSpec, devices: &[DeviceInfo]) -> Result<PlanOutcome, PlanFailure>;
+    /// `spec` has its file ids resolved to local paths (see `RunRequest::spec`); the plan must
+    /// fit `devices` and keep what it offloads within `host_memory_bytes` in all.
+    fn plan(
+        &self,
+        spec: &JobSpec,
+        devices: &[DeviceInfo],
+        host_memory_bytes: u64,
+    ) -> Result<PlanOutcome, PlanFailure>;
 }
 
 #[derive(Debug, Clone, PartialEq)]

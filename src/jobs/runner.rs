@@ -36,6 +36,8 @@ pub struct RunRequest {
     pub plan: serde_json::Value,
     /// The devices this run may use, `plan`'s device count of them.
     pub devices: Vec<DeviceInfo>,
+    /// The host pool offloaded tensors (and the starting weights) live in, in bytes.
+    pub host_memory_bytes: u64,
     /// Checkpoints go to `checkpoint_dir(step)` under this directory.
     pub checkpoint_root: PathBuf,
     /// Continue after this checkpoint (its step was the last one completed).
@@ -87,6 +89,9 @@ pub enum EventLevel {
 /// stop (its lease was lost or the store is unreachable) and return.
 pub trait RunSink: Send {
     fn step(&mut self, metrics: &StepMetrics) -> Result<(), SinkError>;
+    /// Asked before the checkpoint after `step` is written: an error means the run must not
+    /// write it (the lease may have passed to another claim) and must stop.
+    fn before_checkpoint(&mut self, step: u64) -> Result<(), SinkError>;
     /// The checkpoint after `step` is complete in `dir`.
     fn checkpoint(&mut self, step: u64, dir: &Path) -> Result<(), SinkError>;
     fn event(&mut self, level: EventLevel, message: &str) -> Result<(), SinkError>;

@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -18,14 +18,14 @@ use super::redact::without_server_paths;
 use super::resolve::{ResolveError, resolve_files};
 use super::resume::complete_checkpoint;
 use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopRequest};
-use super::sink::{JobLease, RECORD_QUEUE, store_sink};
+use super::sink::{JobLease, RECORD_QUEUE, Unrecorded, store_sink};
 use crate::spec::{JobSpec, StoragePolicy};
 use crate::store::{
-    Backoff, Claim, JobState, Store, StoreError, TransitionChange, new_id, retry_transient,
+    Backoff, Claim, JobState, Lease, Store, StoreError, TransitionChange, new_id, retry_transient,
 };
 
-/// How long the end of a job waits for an absent database before giving up (the lease then
-/// runs out and the job is resumed from its last recorded checkpoint).
+/// How long a job waits for an absent database before the worker gives it up (it goes back
+/// to the queue, or its lease runs out, and it is resumed from its last recorded checkpoint).
 const PATIENCE: Duration = Duration::from_secs(600);
 
 /// The failure code of a store that did not answer.
@@ -47,6 +47,10 @@ pub struct WorkerConfig {
     pub poll: Duration,
     /// Records a running job may hold while the database is away before it waits.
     pub record_queue: usize,
+    /// How long a job waits for an absent database before the worker gives it up.
+    pub patience: Duration,
+    /// The host pool each run's offloaded tensors live in (`--host-memory`).
+    pub host_memory_bytes: u64,
 }
 
 impl WorkerConfig {
@@ -58,6 +62,8 @@ impl WorkerConfig {
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(500),
             record_queue: RECORD_QUEUE,
+            patience: PATIENCE,
+            host_memory_bytes: u64::MAX,
         }
     }
 }
@@ -68,12 +74,21 @@ pub enum WorkerError {
     Store(#[from] StoreError),
 }
 
+/// A claim this worker runs.
+struct Running {
+    devices: Vec<String>,
+    control: RunControl,
+    /// When the claim was asked for: its lease holds from a later moment.
+    asked: Instant,
+}
+
 pub struct Worker {
     store: Arc<dyn Store>,
     runner: Arc<dyn JobRunner>,
     config: WorkerConfig,
-    /// Jobs on this worker: their devices and stop flag.
-    running: Mutex<HashMap<String, (Vec<String>, RunControl)>>,
+    /// The claims this worker runs, by lease token (a job claimed again while an earlier
+    /// claim's run still winds down is two entries).
+    running: Mutex<HashMap<String, Running>>,
     /// The last renewal of a lease failed for want of the database.
     lease_trouble: Arc<AtomicBool>,
 }
@@ -97,7 +112,7 @@ impl Worker {
         &self.config.worker_id
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Vec<String>, RunControl)>> {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -109,7 +124,7 @@ impl Worker {
             .devices
             .iter()
             .map(|d| d.id.clone())
-            .filter(|d| !running.values().any(|(used, _)| used.contains(d)))
+            .filter(|d| !running.values().any(|r| r.devices.contains(d)))
             .collect()
     }
 
@@ -119,6 +134,7 @@ impl Worker {
             tracing::warn!(job = %id, "lease expired; job requeued");
         }
         let free = self.free_devices();
+        let asked = Instant::now();
         let Some(claim) = self
             .store
             .claim_job(self.id(), &free, self.config.lease.as_millis() as i64)
@@ -128,8 +144,12 @@ impl Worker {
         };
         let devices: Vec<String> =
             serde_json::from_str(claim.job.devices.as_deref().unwrap_or("[]")).unwrap_or_default();
-        self.running()
-            .insert(claim.job.id.clone(), (devices, RunControl::new()));
+        let running = Running {
+            devices,
+            control: RunControl::new(),
+            asked,
+        };
+        self.running().insert(claim.lease.token.clone(), running);
         tracing::info!(job = %claim.job.id, worker = %self.id(), "claimed");
         Ok(Some(claim))
     }
@@ -188,8 +208,8 @@ impl Worker {
             running = self.running().len(),
             "worker stopping: checkpointing running jobs"
         );
-        for (_, control) in self.running().values() {
-            control.request(StopRequest::Shutdown);
+        for running in self.running().values() {
+            running.control.request(StopRequest::Shutdown);
         }
         while let Some(done) = tasks.join_next().await {
             log_task_end(done);
@@ -210,24 +230,27 @@ impl Worker {
 
     /// Runs a claimed job until it ends, fails, stops on request, or the lease is lost.
     pub async fn execute(self: &Arc<Self>, claim: Claim) -> Result<(), WorkerError> {
-        let id = claim.job.id.clone();
+        let token = claim.lease.token.clone();
         let result = self.execute_inner(claim).await;
-        self.running().remove(&id);
+        self.running().remove(&token);
         result
     }
 
     async fn execute_inner(self: &Arc<Self>, claim: Claim) -> Result<(), WorkerError> {
         let id = claim.job.id.clone();
-        let control = match self.running().get(&id) {
-            Some((_, control)) => control.clone(),
-            None => RunControl::new(),
+        let patience = self.config.patience;
+        let (control, asked) = match self.running().get(&claim.lease.token) {
+            Some(running) => (running.control.clone(), running.asked),
+            None => (RunControl::new(), Instant::now()),
         };
         let lease = JobLease {
             store: self.store.clone(),
-            job_id: id.clone(),
-            worker_id: self.id().to_owned(),
-            lease: self.config.lease,
+            lease: claim.lease.clone(),
+            duration: self.config.lease,
+            patience,
             control: control.clone(),
+            renewed: Arc::new(Mutex::new(asked)),
+            gave_up: Arc::new(OnceLock::new()),
         };
         // Renewed from the claim on: preparing (verifying a large checkpoint, waiting out the
         // database) may take longer than one lease.
@@ -237,7 +260,12 @@ impl Worker {
             Err(failure) => {
                 heartbeat.abort();
                 return self
-                    .finish(&id, Ok(Err(failure)), &control, StoragePolicy::Fail)
+                    .finish(
+                        &claim.lease,
+                        Ok(Err(failure)),
+                        &control,
+                        StoragePolicy::Fail,
+                    )
                     .await;
             }
         };
@@ -246,14 +274,14 @@ impl Worker {
             .training
             .storage_policy()
             .unwrap_or(StoragePolicy::Fail);
-        let tokens = match retry_transient(PATIENCE, || self.store.get_job_any(&id)).await {
+        let tokens = match retry_transient(patience, || self.store.get_job_any(&id)).await {
             Ok(job) => job.map_or(0, |j| j.tokens.max(0) as u64),
             Err(e) => {
                 heartbeat.abort();
                 return Err(e.into());
             }
         };
-        let (mut sink, writer) = store_sink(lease, tokens, self.config.record_queue);
+        let (mut sink, writer) = store_sink(lease.clone(), tokens, self.config.record_queue);
         let runner = self.runner.clone();
         let run_control = control.clone();
         let outcome = tokio::task::spawn_blocking(move || {
@@ -262,18 +290,33 @@ impl Worker {
             outcome
         })
         .await;
-        // The held records reach the store before the job's end does; the lease is renewed
-        // until then.
-        let unrecorded = writer.finish().await;
+        // The held records reach the store before the job's end does (within the worker's
+        // patience); the lease is renewed until then.
+        // A stopping worker waits one lease at most: the job resumes from what was recorded.
+        let wait = match control.requested() {
+            Some(StopRequest::Shutdown) => patience.min(self.config.lease),
+            _ => patience,
+        };
+        let unrecorded = writer.finish(wait).await;
         heartbeat.abort();
         let outcome = outcome.map_err(|e| {
             RunFailure::service("executor_crashed", format!("the executor panicked: {e}"))
         });
         let outcome = match (outcome, unrecorded) {
-            (Ok(Ok(_)), Some(reason)) => Ok(Err(RunFailure::service("internal", reason))),
+            (_, Err(Unrecorded::DatabaseAway(waited))) => Ok(Err(database_away(format!(
+                "the database was away for over {} s",
+                waited.as_secs()
+            )))),
+            _ if lease.gave_up().is_some() => {
+                Ok(Err(database_away(lease.gave_up().unwrap_or_default())))
+            }
+            (Ok(Ok(_)), Err(Unrecorded::Refused(reason))) => {
+                Ok(Err(RunFailure::service("internal", reason)))
+            }
             (outcome, _) => outcome,
         };
-        self.finish(&id, outcome, &control, on_storage).await
+        self.finish(&claim.lease, outcome, &control, on_storage)
+            .await
     }
 
     /// `prepare`, waiting out a database outage rather than failing the job for it.
@@ -282,7 +325,9 @@ impl Worker {
         let mut backoff = Backoff::default();
         loop {
             match self.prepare(claim).await {
-                Err(f) if f.code == STORE_UNAVAILABLE && started.elapsed() < PATIENCE => {
+                Err(f)
+                    if f.code == STORE_UNAVAILABLE && started.elapsed() < self.config.patience =>
+                {
                     tracing::warn!(job = %claim.job.id, error = %f, "database away; preparing again");
                     tokio::time::sleep(backoff.next_wait()).await;
                 }
@@ -337,7 +382,7 @@ impl Worker {
         // Steps after the checkpoint are trained again; their earlier metrics go.
         let kept = resume_from.as_ref().map_or(0, |r| r.step as i64);
         self.store
-            .discard_metrics_after(&job.id, kept)
+            .discard_metrics_after(&claim.lease, kept)
             .await
             .map_err(store_err)?;
         let device_ids: Vec<String> =
@@ -357,6 +402,7 @@ impl Worker {
             spec: resolved.spec,
             plan,
             devices,
+            host_memory_bytes: self.config.host_memory_bytes,
             checkpoint_root: self
                 .config
                 .data_dir
@@ -369,24 +415,26 @@ impl Worker {
 
     async fn finish(
         &self,
-        id: &str,
+        lease: &Lease,
         outcome: Result<Result<RunEnd, RunFailure>, RunFailure>,
         control: &RunControl,
         on_storage: StoragePolicy,
     ) -> Result<(), WorkerError> {
+        let id = lease.job_id.as_str();
         if control.requested() == Some(StopRequest::Abandon) {
             tracing::warn!(job = %id, "lease lost; leaving the job to its new worker");
             return Ok(());
         }
+        let patience = self.config.patience;
         let mut change = TransitionChange {
-            worker: Some(self.id().to_owned()),
+            lease: Some(lease.clone()),
             ..Default::default()
         };
         let to = match outcome.and_then(|run| run) {
             Ok(RunEnd::Completed) => JobState::Succeeded,
             Ok(RunEnd::Cancelled) => JobState::Cancelled,
             Ok(RunEnd::Stopped { step }) => {
-                let state = match retry_transient(PATIENCE, || self.store.get_job_any(id)).await? {
+                let state = match retry_transient(patience, || self.store.get_job_any(id)).await? {
                     Some(job) => job.job_state()?,
                     None => return Ok(()),
                 };
@@ -399,6 +447,13 @@ impl Worker {
                         JobState::Queued
                     }
                 }
+            }
+            Err(failure) if failure.code == STORE_UNAVAILABLE => {
+                // Nothing is lost: the job resumes from its last recorded checkpoint.
+                tracing::warn!(job = %id, error = %failure, "database away too long; job requeued");
+                change.restart = true;
+                change.message = Some(format!("requeued: {}", failure.message));
+                JobState::Queued
             }
             Err(mut failure) => {
                 tracing::warn!(job = %id, error = %failure, "job failed");
@@ -416,7 +471,7 @@ impl Worker {
             }
         };
         let transition =
-            retry_transient(PATIENCE, || self.store.transition(id, to, change.clone()));
+            retry_transient(patience, || self.store.transition(id, to, change.clone()));
         match transition.await {
             Ok(_) => Ok(()),
             Err(StoreError::LeaseLost { .. }) => {
@@ -426,6 +481,14 @@ impl Worker {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The run gave up waiting for the database (`why`): the job goes back to the queue.
+fn database_away(why: String) -> RunFailure {
+    RunFailure::service(
+        STORE_UNAVAILABLE,
+        format!("{why}; the job resumes from its last recorded checkpoint"),
+    )
 }
 
 /// `store_unavailable` (waited out) for an outage, `internal` for anything else.
@@ -441,29 +504,19 @@ fn store_failure(e: StoreError) -> RunFailure {
 /// Renews the job's lease every third of it. A lost lease abandons the job; a renewal the
 /// database cannot take marks the worker as unable to hold leases, so it claims nothing new.
 async fn heartbeat(lease: JobLease, trouble: Arc<AtomicBool>) {
-    let JobLease {
-        store,
-        job_id: id,
-        worker_id: worker,
-        lease,
-        control,
-    } = lease;
+    let id = &lease.lease.job_id;
     loop {
-        tokio::time::sleep(lease / 3).await;
-        match store
-            .heartbeat(&id, &worker, lease.as_millis() as i64)
-            .await
-        {
+        tokio::time::sleep(lease.duration / 3).await;
+        let asked = Instant::now();
+        let lease_ms = lease.duration.as_millis() as i64;
+        match lease.store.heartbeat(&lease.lease, lease_ms).await {
             Ok(state) => {
                 trouble.store(false, Ordering::SeqCst);
-                match state {
-                    JobState::Pausing => control.request(StopRequest::Pause),
-                    JobState::Cancelling => control.request(StopRequest::Cancel),
-                    _ => {}
-                }
+                lease.renewed_at(asked);
+                lease.take_state(state);
             }
             Err(StoreError::LeaseLost { .. }) => {
-                control.request(StopRequest::Abandon);
+                lease.control.request(StopRequest::Abandon);
                 return;
             }
             Err(e) => {

@@ -10,6 +10,7 @@ pub mod cluster;
 mod cluster_sql;
 mod gang_sql;
 mod ids;
+mod lease;
 mod postgres;
 mod queries;
 mod queue_sql;
@@ -27,6 +28,7 @@ pub use cluster::{
     Reservation, WorkerDevice, WorkerRegistration,
 };
 pub use ids::{new_id, now_ms};
+pub use lease::Lease;
 pub use postgres::PgStore;
 pub use rows::*;
 pub use sqlite::SqliteStore;
@@ -80,8 +82,8 @@ pub struct TransitionChange {
     pub error: Option<String>,
     /// Add one to `restart_count` (the job leaves a worker and will be resumed).
     pub restart: bool,
-    /// Only if the job is leased to this worker.
-    pub worker: Option<String>,
+    /// Only while this claim holds the job (else `LeaseLost`).
+    pub lease: Option<Lease>,
     /// Said in the state event.
     pub message: Option<String>,
 }
@@ -91,6 +93,8 @@ pub struct TransitionChange {
 pub struct Claim {
     pub job: JobRow,
     pub resume_from: Option<CheckpointRow>,
+    /// This claim's lease: every write of its run carries it.
+    pub lease: Lease,
 }
 
 /// The cluster's operations (`ClusterStore`) are part of every store.
@@ -161,29 +165,37 @@ pub trait Store: ClusterStore + Send + Sync + 'static {
         free_devices: &[String],
         lease_ms: i64,
     ) -> StoreResult<Option<Claim>>;
-    /// Extends the lease; returns the job's state, or `LeaseLost`.
-    /// Extends the lease to `lease_ms` from now by the database's clock.
-    async fn heartbeat(&self, id: &str, worker_id: &str, lease_ms: i64) -> StoreResult<JobState>;
+    /// Extends the lease to `lease_ms` from now by the database's clock; returns the job's
+    /// state, or `LeaseLost` once the claim no longer holds the job.
+    async fn heartbeat(&self, lease: &Lease, lease_ms: i64) -> StoreResult<JobState>;
     /// Jobs whose lease ran out go back to the queue (restart count + 1); returns their ids.
     /// Judged by the database's clock, so workers' clocks need not agree.
     async fn requeue_expired(&self) -> StoreResult<Vec<String>>;
-    /// Drops metrics after `step` (from a run that died before its next checkpoint).
-    async fn discard_metrics_after(&self, id: &str, step: i64) -> StoreResult<u64>;
+    /// Drops metrics after `step` (from a run that died before its next checkpoint), for the
+    /// claim that resumes the job.
+    async fn discard_metrics_after(&self, lease: &Lease, step: i64) -> StoreResult<u64>;
 
     /// One training step: its metrics, the job's progress and a `metrics` event. Returns the
-    /// job's state so the worker sees a cancel or pause within one step.
+    /// job's state so the worker sees a cancel or pause within one step. Each record of a run
+    /// carries a key (`Lease::record_key`): one written before (a retry after a commit whose
+    /// answer was lost) is not written again.
     async fn record_step(
         &self,
-        id: &str,
-        worker_id: &str,
+        lease: &Lease,
+        key: &str,
         step: &StepRecord,
     ) -> StoreResult<JobState>;
-    async fn record_checkpoint(&self, worker_id: &str, row: &CheckpointRow) -> StoreResult<()>;
-    /// A running job's event, only while it is leased to `worker_id` (else `LeaseLost`).
+    async fn record_checkpoint(
+        &self,
+        lease: &Lease,
+        key: &str,
+        row: &CheckpointRow,
+    ) -> StoreResult<()>;
+    /// A running job's event, only while `lease` holds it (else `LeaseLost`).
     async fn record_event(
         &self,
-        id: &str,
-        worker_id: &str,
+        lease: &Lease,
+        key: &str,
         kind: &str,
         data: &str,
     ) -> StoreResult<()>;
@@ -193,13 +205,14 @@ pub trait Store: ClusterStore + Send + Sync + 'static {
     /// `(step, job)` for each checkpoint of job `id` that an unfinished job starts from: these
     /// must be kept (a retention policy deletes only the others).
     async fn checkpoints_in_use(&self, id: &str) -> StoreResult<Vec<(i64, String)>>;
-    /// Deletes the row of job `id`'s checkpoint at `step` (retention), by the worker holding
-    /// the job, with a `checkpoint_deleted` event; false, deleting nothing, while an unfinished
+    /// Deletes the row of job `id`'s checkpoint at `step` (retention), under the claim's
+    /// lease, with a `checkpoint_deleted` event; false, deleting nothing, while an unfinished
     /// job starts from it (`model.init.from`).
-    async fn delete_checkpoint(&self, id: &str, worker_id: &str, step: i64) -> StoreResult<bool>;
-    /// Marks the job as stopped early by the worker holding it, with a `stopped_early` event
+    async fn delete_checkpoint(&self, lease: &Lease, step: i64) -> StoreResult<bool>;
+    /// Marks the job as stopped early under the claim's lease, with a `stopped_early` event
     /// (`data`, JSON).
-    async fn record_stopped_early(&self, id: &str, worker_id: &str, data: &str) -> StoreResult<()>;
+    async fn record_stopped_early(&self, lease: &Lease, key: &str, data: &str)
+        -> StoreResult<()>;
 
     async fn append_event(&self, id: &str, kind: &str, data: &str) -> StoreResult<i64>;
     async fn list_events(&self, id: &str, after: i64, limit: i64) -> StoreResult<Vec<EventRow>>;

@@ -268,13 +268,11 @@ macro_rules! sql_store {
                 .await?)
             }
 
-            async fn delete_checkpoint(&self, id: &str, worker_id: &str, step: i64) -> StoreResult<bool> {
+            async fn delete_checkpoint(&self, lease: &Lease, step: i64) -> StoreResult<bool> {
                 let (_write, mut tx) = self.writer().await?;
+                let id = lease.job_id.as_str();
                 let result: StoreResult<_> = async {
-                    let job = Self::lock_job(&mut tx, id).await?;
-                    if job.worker_id.as_deref() != Some(worker_id) {
-                        return Err(StoreError::LeaseLost { job: id.to_owned(), worker: worker_id.to_owned() });
-                    }
+                    Self::lock_leased(&mut tx, lease).await?;
                     let deleted = sqlx::query(
                         "DELETE FROM checkpoints WHERE job_id = $1 AND step = $2 AND NOT EXISTS (\
                          SELECT 1 FROM job_checkpoints c JOIN jobs j ON j.id = c.job_id \
@@ -288,7 +286,7 @@ macro_rules! sql_store {
                     .rows_affected();
                     if deleted > 0 {
                         let event = serde_json::json!({"step": step, "reason": "training.keep_checkpoints"});
-                        Self::event_in(&mut tx, id, "checkpoint_deleted", &event.to_string()).await?;
+                        Self::event_in(&mut tx, id, "checkpoint_deleted", &event.to_string(), None).await?;
                     }
                     Ok(deleted > 0)
                 }
@@ -296,18 +294,19 @@ macro_rules! sql_store {
                 Self::settle(tx, result).await
             }
 
-            async fn record_stopped_early(&self, id: &str, worker_id: &str, data: &str) -> StoreResult<()> {
+            async fn record_stopped_early(&self, lease: &Lease, key: &str, data: &str) -> StoreResult<()> {
                 let (_write, mut tx) = self.writer().await?;
+                let id = lease.job_id.as_str();
                 let result: StoreResult<_> = async {
-                    let job = Self::lock_job(&mut tx, id).await?;
-                    if job.worker_id.as_deref() != Some(worker_id) {
-                        return Err(StoreError::LeaseLost { job: id.to_owned(), worker: worker_id.to_owned() });
+                    Self::lock_leased(&mut tx, lease).await?;
+                    if Self::recorded(&mut tx, id, key).await? {
+                        return Ok(());
                     }
                     sqlx::query("UPDATE jobs SET stopped_early = TRUE WHERE id = $1")
                         .bind(id)
                         .execute(&mut *tx)
                         .await?;
-                    Self::event_in(&mut tx, id, "stopped_early", data).await?;
+                    Self::event_in(&mut tx, id, "stopped_early", data, Some(key)).await?;
                     Ok(())
                 }
                 .await;
@@ -328,7 +327,7 @@ macro_rules! sql_store {
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
                     Self::lock_job(&mut tx, id).await?;
-                    let seq = Self::event_in(&mut tx, id, kind, data).await?;
+                    let seq = Self::event_in(&mut tx, id, kind, data, None).await?;
                     Ok(seq)
                 }
                 .await;
@@ -414,38 +413,28 @@ macro_rules! sql_store {
                 self.claim_job_query(worker_id, free_devices, lease_ms).await
             }
 
-            async fn heartbeat(
-                &self,
-                id: &str,
-                worker_id: &str,
-                lease_ms: i64,
-            ) -> StoreResult<JobState> {
-                self.heartbeat_query(id, worker_id, lease_ms).await
+            async fn heartbeat(&self, lease: &Lease, lease_ms: i64) -> StoreResult<JobState> {
+                self.heartbeat_query(lease, lease_ms).await
             }
 
             async fn requeue_expired(&self) -> StoreResult<Vec<String>> {
                 self.requeue_expired_query().await
             }
 
-            async fn discard_metrics_after(&self, id: &str, step: i64) -> StoreResult<u64> {
-                self.discard_metrics_after_query(id, step).await
+            async fn discard_metrics_after(&self, lease: &Lease, step: i64) -> StoreResult<u64> {
+                self.discard_metrics_after_query(lease, step).await
             }
 
-            async fn record_step(
-                &self,
-                id: &str,
-                worker_id: &str,
-                step: &StepRecord,
-            ) -> StoreResult<JobState> {
-                self.record_step_query(id, worker_id, step).await
+            async fn record_step(&self, lease: &Lease, key: &str, step: &StepRecord) -> StoreResult<JobState> {
+                self.record_step_query(lease, key, step).await
             }
 
-            async fn record_checkpoint(&self, worker_id: &str, row: &CheckpointRow) -> StoreResult<()> {
-                self.record_checkpoint_query(worker_id, row).await
+            async fn record_checkpoint(&self, lease: &Lease, key: &str, row: &CheckpointRow) -> StoreResult<()> {
+                self.record_checkpoint_query(lease, key, row).await
             }
 
-            async fn record_event(&self, id: &str, worker_id: &str, kind: &str, data: &str) -> StoreResult<()> {
-                self.record_event_query(id, worker_id, kind, data).await
+            async fn record_event(&self, lease: &Lease, key: &str, kind: &str, data: &str) -> StoreResult<()> {
+                self.record_event_query(lease, key, kind, data).await
             }
         }
     };

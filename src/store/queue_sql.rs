@@ -32,22 +32,65 @@ macro_rules! queue_sql {
                     .ok_or_else(|| StoreError::JobNotFound(id.to_owned()))
             }
 
-            /// Callers hold the job row (`lock_job`) so sequence numbers never race.
+            /// Locks the job row while `lease` holds it: its token is the job's and the job is
+            /// on a worker; else `LeaseLost`.
+            async fn lock_leased(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                lease: &Lease,
+            ) -> StoreResult<JobRow> {
+                let sql = format!("SELECT lease_token FROM jobs WHERE id = $1{}", $lock);
+                let token: Option<Option<String>> = sqlx::query_scalar(&sql)
+                    .bind(&lease.job_id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                let Some(token) = token else {
+                    return Err(StoreError::JobNotFound(lease.job_id.clone()));
+                };
+                let job = Self::lock_job(tx, &lease.job_id).await?;
+                if token.as_deref() != Some(lease.token.as_str()) || !job.job_state()?.is_on_worker() {
+                    return Err(StoreError::LeaseLost {
+                        job: lease.job_id.clone(),
+                        worker: lease.worker_id.clone(),
+                    });
+                }
+                Ok(job)
+            }
+
+            /// Whether the record `key` of job `id` was written already (its commit landed but
+            /// the answer was lost, so the run sent it again).
+            async fn recorded(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                id: &str,
+                key: &str,
+            ) -> StoreResult<bool> {
+                let found: Option<i64> =
+                    sqlx::query_scalar("SELECT seq FROM events WHERE job_id = $1 AND record_key = $2")
+                        .bind(id)
+                        .bind(key)
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                Ok(found.is_some())
+            }
+
+            /// Callers hold the job row (`lock_job`) so sequence numbers never race. `key` marks
+            /// the event of a run's record (see `recorded`).
             async fn event_in(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 id: &str,
                 kind: &str,
                 data: &str,
+                key: Option<&str>,
             ) -> StoreResult<i64> {
                 let seq: i64 = sqlx::query_scalar(
-                    "INSERT INTO events (job_id, seq, kind, created_at, data) \
-                     SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4 FROM events WHERE job_id = $1 \
+                    "INSERT INTO events (job_id, seq, kind, created_at, data, record_key) \
+                     SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5 FROM events WHERE job_id = $1 \
                      RETURNING seq",
                 )
                 .bind(id)
                 .bind(kind)
                 .bind(now_ms())
                 .bind(data)
+                .bind(key)
                 .fetch_one(&mut **tx)
                 .await?;
                 Ok(seq)
@@ -59,16 +102,11 @@ macro_rules! queue_sql {
                 to: JobState,
                 change: &TransitionChange,
             ) -> StoreResult<JobRow> {
+                if let Some(lease) = &change.lease {
+                    Self::lock_leased(tx, lease).await?;
+                }
                 let job = Self::lock_job(tx, id).await?;
                 let from = job.job_state()?;
-                if let Some(worker) = &change.worker {
-                    if job.worker_id.as_deref() != Some(worker.as_str()) {
-                        return Err(StoreError::LeaseLost {
-                            job: id.to_owned(),
-                            worker: worker.clone(),
-                        });
-                    }
-                }
                 from.check(to)?;
                 if from.is_on_worker() && !to.is_on_worker() {
                     let reason = change.message.clone().unwrap_or_else(|| format!("the job is {to}"));
@@ -80,6 +118,7 @@ macro_rules! queue_sql {
                      restart_count = restart_count + $4, finished_at = COALESCE($5, finished_at), \
                      worker_id = CASE WHEN $6 = 1 THEN worker_id ELSE NULL END, \
                      lease_expires_at = CASE WHEN $6 = 1 THEN lease_expires_at ELSE NULL END, \
+                     lease_token = CASE WHEN $6 = 1 THEN lease_token ELSE NULL END, \
                      devices = CASE WHEN $6 = 1 THEN devices ELSE NULL END \
                      WHERE id = $1",
                 )
@@ -98,7 +137,7 @@ macro_rules! queue_sql {
                 if let Some(error) = &change.error {
                     event["error"] = serde_json::from_str(error).unwrap_or_default();
                 }
-                Self::event_in(tx, id, "state", &event.to_string()).await?;
+                Self::event_in(tx, id, "state", &event.to_string(), None).await?;
                 Self::lock_job(tx, id).await
             }
 
@@ -255,19 +294,21 @@ macro_rules! queue_sql {
                     .await?;
                     let Some(id) = id else { return Ok(None) };
                     let job = Self::lock_job(&mut tx, &id).await?;
+                    let lease = Lease::mint(&id, worker_id);
                     let needed = (job.devices_needed.max(0) as usize).min(free_devices.len());
                     Self::hold_in(&mut tx, worker_id, &id, &free_devices[..needed]).await?;
                     let devices = serde_json::to_string(&free_devices[..needed])
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                     sqlx::query(concat!(
                         "UPDATE jobs SET worker_id = $2, lease_expires_at = ", $now, " + $3, devices = $4, \
-                         started_at = COALESCE(started_at, $5) WHERE id = $1",
+                         started_at = COALESCE(started_at, $5), lease_token = $6 WHERE id = $1",
                     ))
                     .bind(&id)
                     .bind(worker_id)
                     .bind(lease_ms)
                     .bind(&devices)
                     .bind(now_ms())
+                    .bind(&lease.token)
                     .execute(&mut *tx)
                     .await?;
                     let change = TransitionChange {
@@ -281,30 +322,25 @@ macro_rules! queue_sql {
                     .bind(&id)
                     .fetch_optional(&mut *tx)
                     .await?;
-                    Ok(Some(Claim { job, resume_from }))
+                    Ok(Some(Claim { job, resume_from, lease }))
                 }
                 .await;
                 Self::settle(tx, result).await
             }
 
-            async fn heartbeat_query(
-                &self,
-                id: &str,
-                worker_id: &str,
-                lease_ms: i64,
-            ) -> StoreResult<JobState> {
+            async fn heartbeat_query(&self, lease: &Lease, lease_ms: i64) -> StoreResult<JobState> {
                 let state: Option<String> = sqlx::query_scalar(concat!(
-                    "UPDATE jobs SET lease_expires_at = ", $now, " + $3 WHERE id = $1 AND worker_id = $2 \
+                    "UPDATE jobs SET lease_expires_at = ", $now, " + $3 WHERE id = $1 AND lease_token = $2 \
                      AND state IN ('running', 'pausing', 'cancelling') RETURNING state",
                 ))
-                .bind(id)
-                .bind(worker_id)
+                .bind(&lease.job_id)
+                .bind(&lease.token)
                 .bind(lease_ms)
                 .fetch_optional(&self.pool)
                 .await?;
                 let state = state.ok_or_else(|| StoreError::LeaseLost {
-                    job: id.to_owned(),
-                    worker: worker_id.to_owned(),
+                    job: lease.job_id.clone(),
+                    worker: lease.worker_id.clone(),
                 })?;
                 JobState::parse(&state).map_err(|e| StoreError::Corrupt(e.to_string()))
             }
@@ -340,10 +376,11 @@ macro_rules! queue_sql {
                 Self::settle(tx, result).await
             }
 
-            async fn discard_metrics_after_query(&self, id: &str, step: i64) -> StoreResult<u64> {
+            async fn discard_metrics_after_query(&self, lease: &Lease, step: i64) -> StoreResult<u64> {
+                let id = &lease.job_id;
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
-                    Self::lock_job(&mut tx, id).await?;
+                    Self::lock_leased(&mut tx, lease).await?;
                     let removed = sqlx::query("DELETE FROM metrics WHERE job_id = $1 AND step > $2")
                         .bind(id)
                         .bind(step)
@@ -368,16 +405,17 @@ macro_rules! queue_sql {
 
             async fn record_step_query(
                 &self,
-                id: &str,
-                worker_id: &str,
+                lease: &Lease,
+                key: &str,
                 step: &StepRecord,
             ) -> StoreResult<JobState> {
+                let id = &lease.job_id;
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
-                    let job = Self::lock_job(&mut tx, id).await?;
+                    let job = Self::lock_leased(&mut tx, lease).await?;
                     let state = job.job_state()?;
-                    if job.worker_id.as_deref() != Some(worker_id) || !state.is_on_worker() {
-                        return Err(StoreError::LeaseLost { job: id.to_owned(), worker: worker_id.to_owned() });
+                    if Self::recorded(&mut tx, id, key).await? {
+                        return Ok(state);
                     }
                     sqlx::query(
                         "INSERT INTO metrics (job_id, step, tokens, created_at, data) VALUES ($1, $2, $3, $4, $5) \
@@ -402,33 +440,37 @@ macro_rules! queue_sql {
                     .bind(step.lease_ms)
                     .execute(&mut *tx)
                     .await?;
-                    Self::event_in(&mut tx, id, "metrics", &step.data).await?;
+                    Self::event_in(&mut tx, id, "metrics", &step.data, Some(key)).await?;
                     Ok(state)
                 }
                 .await;
                 Self::settle(tx, result).await
             }
 
-            async fn record_event_query(&self, id: &str, worker_id: &str, kind: &str, data: &str) -> StoreResult<()> {
+            async fn record_event_query(&self, lease: &Lease, key: &str, kind: &str, data: &str) -> StoreResult<()> {
+                let id = &lease.job_id;
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
-                    let job = Self::lock_job(&mut tx, id).await?;
-                    if job.worker_id.as_deref() != Some(worker_id) {
-                        return Err(StoreError::LeaseLost { job: id.to_owned(), worker: worker_id.to_owned() });
+                    Self::lock_leased(&mut tx, lease).await?;
+                    if Self::recorded(&mut tx, id, key).await? {
+                        return Ok(());
                     }
-                    Self::event_in(&mut tx, id, kind, data).await?;
+                    Self::event_in(&mut tx, id, kind, data, Some(key)).await?;
                     Ok(())
                 }
                 .await;
                 Self::settle(tx, result).await
             }
 
-            async fn record_checkpoint_query(&self, worker_id: &str, row: &CheckpointRow) -> StoreResult<()> {
+            async fn record_checkpoint_query(&self, lease: &Lease, key: &str, row: &CheckpointRow) -> StoreResult<()> {
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
-                    let job = Self::lock_job(&mut tx, &row.job_id).await?;
-                    if job.worker_id.as_deref() != Some(worker_id) {
-                        return Err(StoreError::LeaseLost { job: row.job_id.clone(), worker: worker_id.to_owned() });
+                    if row.job_id != lease.job_id {
+                        return Err(StoreError::LeaseLost { job: row.job_id.clone(), worker: lease.worker_id.clone() });
+                    }
+                    Self::lock_leased(&mut tx, lease).await?;
+                    if Self::recorded(&mut tx, &row.job_id, key).await? {
+                        return Ok(());
                     }
                     sqlx::query(
                         "INSERT INTO checkpoints (job_id, step, path, files, created_at, val_loss) VALUES ($1, $2, $3, $4, $5, $6) \
@@ -448,7 +490,7 @@ macro_rules! queue_sql {
                     if let Some(val_loss) = row.val_loss {
                         event["val_loss"] = val_loss.into();
                     }
-                    Self::event_in(&mut tx, &row.job_id, "checkpoint", &event.to_string()).await?;
+                    Self::event_in(&mut tx, &row.job_id, "checkpoint", &event.to_string(), Some(key)).await?;
                     Ok(())
                 }
                 .await;

@@ -142,6 +142,7 @@ pub fn test_options(database_url: &str, data_dir: &Path) -> ServiceOptions {
         },
         lease: Duration::from_secs(2),
         poll: Duration::from_millis(50),
+        host_memory_bytes: 1 << 30,
     }
 }
 
@@ -344,7 +345,12 @@ pub struct ScriptedPlanner;
 pub const SMALLEST_FIT: u64 = 1 << 20;
 
 impl Planner for ScriptedPlanner {
-    fn plan(&self, spec: &JobSpec, devices: &[DeviceInfo]) -> Result<PlanOutcome, PlanFailure> {
+    fn plan(
+        &self,
+        spec: &JobSpec,
+        devices: &[DeviceInfo],
+        _host_memory_bytes: u64,
+    ) -> Result<PlanOutcome, PlanFailure> {
         if let Some(small) = devices.iter().find(|d| d.memory_bytes < SMALLEST_FIT) {
             return Err(PlanFailure::DoesNotFit {
                 message: format!(
@@ -457,6 +463,7 @@ impl JobRunner for ScriptedRunner {
                 Some(StopRequest::Cancel | StopRequest::Abandon) => return Ok(RunEnd::Cancelled),
                 Some(StopRequest::Pause | StopRequest::Shutdown) => {
                     if saved != step {
+                        sink.before_checkpoint(step).map_err(sink_failed)?;
                         let dir = request.checkpoint_dir(step);
                         write_weights(&dir, &weights);
                         sink.checkpoint(step, &dir).map_err(sink_failed)?;
@@ -490,6 +497,7 @@ impl JobRunner for ScriptedRunner {
             };
             sink.step(&metrics).map_err(sink_failed)?;
             if step % every == 0 || step == total {
+                sink.before_checkpoint(step).map_err(sink_failed)?;
                 let dir = request.checkpoint_dir(step);
                 write_weights(&dir, &weights);
                 sink.checkpoint(step, &dir).map_err(sink_failed)?;

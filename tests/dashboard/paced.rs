@@ -53,6 +53,9 @@ impl RunSink for PacedSink<'_> {
         }
         Ok(())
     }
+    fn before_checkpoint(&mut self, step: u64) -> Result<(), SinkError> {
+        self.inner.before_checkpoint(step)
+    }
     fn checkpoint(&mut self, step: u64, dir: &std::path::Path) -> Result<(), SinkError> {
         self.inner.checkpoint(step, dir)
     }

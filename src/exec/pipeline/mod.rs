@@ -337,12 +337,18 @@ impl<E: Engine> Pipeline<E> {
                     let cx = &cx;
                     scope.spawn(move || {
                         let work = move || {
-                            let mut w = DeviceWorker::new(seat, pool, program, chunks);
-                            let result = w.run(cx);
-                            if result.is_err() {
+                            let stop = || {
                                 cx.abort.raise(cx.mailboxes);
                                 cx.sync.wake();
                                 cx.reduce.wake();
+                            };
+                            // A panic here stops the step at once: the other devices would
+                            // otherwise wait for this one until it is joined (in device order).
+                            let _on_panic = OnPanic(stop);
+                            let mut w = DeviceWorker::new(seat, pool, program, chunks);
+                            let result = w.run(cx);
+                            if result.is_err() {
+                                stop();
                             }
                             (result, w.chunks)
                         };
@@ -537,6 +543,17 @@ pub fn seeded_parts(
             Ok(p)
         })
         .collect()
+}
+
+/// Runs its closure when dropped by a panicking thread.
+struct OnPanic<F: Fn()>(F);
+
+impl<F: Fn()> Drop for OnPanic<F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            (self.0)();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -152,3 +152,29 @@ fn a_step_takes_every_replicas_share_of_the_batch() {
         "{err}"
     );
 }
+
+/// A device thread that panics fails the step with an error naming the device. Replica 1
+/// panics (it reads micro-batch 2 + 2 of a 4-micro-batch step) while replica 0 waits for it
+/// at the gradient reduction; the waiting thread is joined first, so before the panic stopped
+/// the step itself this call never returned.
+#[test]
+fn a_panicking_device_thread_fails_the_step_instead_of_hanging_it() {
+    let layers = config().dims.layers as u32;
+    let plan = build(ScheduleKind::OneFOneB, 1, 2, layers).unwrap();
+    let mut p = pipeline(with_gradient_reduction(plan, 2).unwrap(), 256 << 20).unwrap();
+    let extra = Action::Forward {
+        mb: 2,
+        chunk: 0,
+        drop_stash: false,
+    };
+    p.plan.programs[0].insert(0, extra);
+    let (done, answer) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = p.train_step(&batcher().step(0)).map(|_| ());
+        let _ = done.send(result);
+    });
+    match answer.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(Err(PipelineError::Panicked { device: 1 })) => {}
+        other => panic!("the step should fail naming device 1: {other:?}"),
+    }
+}

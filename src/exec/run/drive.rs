@@ -1,7 +1,7 @@
 //! The training loop: step, evaluate the validation data when due, report, checkpoint; until
 //! the last step, a stop request, or early stopping.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use super::{Observer, Outcome, Run, RunError, Stop};
 
@@ -22,8 +22,7 @@ pub fn drive(run: &mut Run, observer: &mut dyn Observer) -> Result<Outcome, RunE
             Some(Stop::Now) => return Ok(Outcome::Stopped { step: run.step() }),
             Some(Stop::Checkpoint) => {
                 let step = run.step();
-                let dir = observer.checkpoint_dir(step, false);
-                save(run, observer, step, &dir, last_loss)?;
+                save(run, observer, step, false, last_loss)?;
                 return Ok(Outcome::Stopped { step });
             }
             None => {}
@@ -46,8 +45,7 @@ pub fn drive(run: &mut Run, observer: &mut dyn Observer) -> Result<Outcome, RunE
             evaluation.is_some() && progress.evaluations_without_improvement >= e.patience
         });
         if out_of_patience && step < total {
-            let dir = observer.checkpoint_dir(step, true);
-            save(run, observer, step, &dir, last_loss)?;
+            let dir = save(run, observer, step, true, last_loss)?;
             return Ok(Outcome::StoppedEarly {
                 step,
                 final_dir: dir,
@@ -57,23 +55,26 @@ pub fn drive(run: &mut Run, observer: &mut dyn Observer) -> Result<Outcome, RunE
         let new_best = early_stopping.is_some() && progress.best_step == Some(step);
         let scheduled = every.is_some_and(|k| step.is_multiple_of(k));
         if step < total && (scheduled || (evaluation.is_some() && new_best)) {
-            let dir = observer.checkpoint_dir(step, false);
-            save(run, observer, step, &dir, last_loss)?;
+            save(run, observer, step, false, last_loss)?;
         }
     }
     let step = run.step();
-    let dir = observer.checkpoint_dir(step, true);
-    save(run, observer, step, &dir, last_loss)?;
+    let dir = save(run, observer, step, true, last_loss)?;
     Ok(Outcome::Completed { final_dir: dir })
 }
 
+/// Writes the checkpoint after `step` (`last`: the run's final one) where the observer says,
+/// once it agrees; returns where.
 fn save(
     run: &Run,
     observer: &mut dyn Observer,
     step: u64,
-    dir: &Path,
+    last: bool,
     last_loss: Option<f64>,
-) -> Result<(), RunError> {
-    run.save_checkpoint(dir, last_loss)?;
-    observer.checkpoint_saved(step, dir)
+) -> Result<PathBuf, RunError> {
+    observer.before_checkpoint(step)?;
+    let dir = observer.checkpoint_dir(step, last);
+    run.save_checkpoint(&dir, last_loss)?;
+    observer.checkpoint_saved(step, &dir)?;
+    Ok(dir)
 }

@@ -36,6 +36,16 @@ pub enum RunError {
     Cuda(#[from] CudaError),
     #[error("{path}: {reason}")]
     Io { path: PathBuf, reason: String },
+    #[error(
+        "{what} need {need_bytes} bytes of host memory, more than the {have_bytes} the service \
+         gives a job (`--host-memory`); change {param}"
+    )]
+    HostMemory {
+        what: &'static str,
+        param: &'static str,
+        need_bytes: u64,
+        have_bytes: u64,
+    },
     /// The observer (a progress display, the job store) could not take a report.
     #[error("{0}")]
     Observer(String),
@@ -81,6 +91,7 @@ impl RunError {
                 user("invalid_devices", Some("devices"))
             }
             RunError::Plan(PlanError::DoesNotFit { .. }) => user("does_not_fit", Some("devices")),
+            RunError::HostMemory { param, .. } => user("does_not_fit", Some(param)),
             RunError::Plan(_) => user("invalid_plan", Some("parallelism")),
             RunError::Data(e) => user("invalid_data", Some(e.param())),
             RunError::Pipeline(PipelineError::Model(ModelError::NothingCounted { .. })) => {

@@ -5,6 +5,7 @@
 mod drive;
 mod error;
 mod evaluate;
+mod host_budget;
 mod placement;
 mod replicas;
 mod setup;
@@ -103,6 +104,11 @@ pub trait Observer {
     }
     /// Where the checkpoint after `step` goes (`last`: the run's final step).
     fn checkpoint_dir(&self, step: u64, last: bool) -> PathBuf;
+    /// Asked before the checkpoint after `step` is written: an error stops the run without
+    /// writing it (the service's worker no longer holds the job, say).
+    fn before_checkpoint(&mut self, _step: u64) -> Result<(), RunError> {
+        Ok(())
+    }
     fn checkpoint_saved(&mut self, _step: u64, _dir: &Path) -> Result<(), RunError> {
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::data::{BatchLayout, Batcher, Tokenizer};
+use crate::data::{BatchLayout, Batcher, DataError, Tokenizer};
 use crate::exec::backend::CpuBackend;
 use crate::exec::backend::cuda::engine::GpuEngine;
 use crate::exec::backend::cuda::gpu::Gpu;
@@ -20,12 +20,13 @@ use crate::exec::pipeline::{CpuEngine, Engine, Pipeline, seeded_parts};
 use crate::plan::policy::{Offload, Recompute};
 use crate::plan::presets::{Cluster, ProfileName};
 use crate::plan::schedule::ScheduleKind;
-use crate::plan::search::{Answer, Request, search};
+use crate::plan::search::{Answer, Request};
 use crate::spec::{
     JobSpec, ModelArch, ModelInit, OffloadChoice, PrecisionSpec, RecomputeChoice, ScheduleChoice,
     SpecError, Stages,
 };
 
+use super::host_budget::search_within_host;
 use super::replicas::{replica_count, replicate};
 use super::{Placement, Run, RunError, ValidationSet};
 
@@ -174,11 +175,11 @@ pub fn plan_job(
         },
     };
     let used = (stages * replicas) as u32;
-    let cluster = match kind {
+    let mut cluster = match kind {
         DeviceKind::Cuda => Cluster::cuda(used, budget, profile),
         DeviceKind::Cpu => Cluster::cpu(used, budget),
     };
-    let answer = search(&request, &cluster)?;
+    let answer = search_within_host(&request, &mut cluster, devices.host.budget())?;
     replicate(answer, replicas, &request, &cluster)
 }
 
@@ -259,7 +260,18 @@ fn load_data(spec: &JobSpec, arch: &ModelArch) -> Result<Batcher, RunError> {
         shuffle: t.shuffle,
         seed: t.seed,
     };
-    Ok(Batcher::of_corpus(&corpus, arch.vocab_size, layout)?)
+    let mut batcher = Batcher::of_corpus(&corpus, arch.vocab_size, layout)?;
+    // A step with nothing to learn from is refused now, not when training reaches it.
+    let steps = steps_for(spec, &batcher)?;
+    if let Some(step) = batcher.first_step_without_targets(steps) {
+        return Err(DataError::StepWithoutTargets {
+            step: step + 1,
+            sequences: layout.sequences_per_step(),
+            seq_len: t.seq_len,
+        }
+        .into());
+    }
+    Ok(batcher)
 }
 
 /// The run's optimizer steps: `training.steps`, or its epochs over the training data's

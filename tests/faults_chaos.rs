@@ -1,0 +1,244 @@
+//! Workers killed at random under load: three `chronospipe worker` processes on one PostgreSQL
+//! database (a database of this test's own on the `DATABASE_URL` server), twelve small jobs
+//! queued, and every few seconds one worker killed with SIGKILL and started again, for about a
+//! minute. Every job succeeds, every step's metric is recorded exactly once, every job's final
+//! weights equal those of an uninterrupted run of its job, and at the end no job is leased.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chronospipe::jobs::{Engines, ExecPlanner};
+use common::{TestDb, TestServer};
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+const TEXT: &str = "Chaos is a ladder; leases keep the climbers apart. ";
+const JOBS: usize = 12;
+const SEEDS: [u64; 3] = [3, 5, 8];
+const STEPS: i64 = 150;
+/// How long the workers are killed and restarted for, and how often one is killed.
+const CHAOS: Duration = Duration::from_secs(60);
+const KILL_EVERY: Duration = Duration::from_millis(3500);
+/// Each worker's lease: a killed worker's job is taken over this long after its last renewal.
+const LEASE_SECONDS: &str = "2";
+
+fn body(train: &str, seed: u64) -> Value {
+    json!({
+        "model": {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 96, "vocab_size": 256, "init": {"seed": seed}},
+        "data": {"train": train},
+        "training": {"seq_len": 32, "micro_batch_size": 2, "microbatches": 4, "steps": STEPS,
+                     "checkpoint_every": 4, "optimizer": {"kind": "adamw", "lr": 0.003}},
+        "parallelism": {"stages": 2, "schedule": "1f1b"}
+    })
+}
+
+/// One worker process: its log file and the running child.
+struct WorkerProcess {
+    log: std::path::PathBuf,
+    child: Child,
+}
+
+fn start_worker(database_url: &str, data_dir: &Path, logs: &Path, n: usize) -> WorkerProcess {
+    let log = logs.join(format!("worker-{n}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
+        .args([
+            "worker",
+            "--devices",
+            "cpu:2x64MiB",
+            "--lease-seconds",
+            LEASE_SECONDS,
+        ])
+        .arg("--database-url")
+        .arg(database_url)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn,chronospipe=info")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("the chronospipe binary starts");
+    WorkerProcess { log, child }
+}
+
+impl Drop for WorkerProcess {
+    /// A failing test leaves no worker behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn job_ids(
+    server: &TestServer,
+    train: &str,
+    seeds: impl Iterator<Item = u64>,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for seed in seeds {
+        let job = server.create_job(&body(train, seed)).await;
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
+async fn all_succeeded(server: &TestServer, ids: &[String]) -> Result<(), String> {
+    for id in ids {
+        let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+        match job["status"].as_str() {
+            Some("succeeded") => {}
+            Some("failed" | "cancelled") => panic!("job {id} ended badly: {job}"),
+            other => return Err(format!("{id}: {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+async fn weights(server: &TestServer, id: &str) -> bytes::Bytes {
+    let path = format!("/v1/jobs/{id}/checkpoints/{STEPS}/files/model.safetensors");
+    let response = server.get(&path).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    response.bytes().await.unwrap()
+}
+
+/// Every recorded step of the job, page by page.
+async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
+    let mut steps: Vec<i64> = Vec::new();
+    loop {
+        let after = steps.last().copied().unwrap_or(0);
+        let page = server
+            .get_json(&format!(
+                "/v1/jobs/{id}/metrics?after_step={after}&limit=100"
+            ))
+            .await;
+        let data = page["data"].as_array().unwrap();
+        if data.is_empty() {
+            return steps;
+        }
+        steps.extend(data.iter().map(|m| m["step"].as_i64().unwrap()));
+    }
+}
+
+fn tails(workers: &[WorkerProcess], dead: &[std::path::PathBuf]) -> String {
+    let mut out = String::new();
+    for log in workers.iter().map(|w| &w.log).chain(dead) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+        out.push_str(&format!("--- {}\n{tail}\n", log.display()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_survive_workers_killed_at_random() {
+    let db = TestDb::postgres().await;
+    let engines = Engines {
+        planner: Some(Arc::new(ExecPlanner)),
+        runner: None,
+    };
+    // The API only: the jobs are run by the worker processes.
+    let server = TestServer::start_with(&db.url, engines, |o| o.run_worker = false).await;
+    let train = server
+        .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
+        .await;
+    let ids = job_ids(&server, &train, (0..JOBS).map(|i| SEEDS[i % SEEDS.len()])).await;
+    let logs = tempfile::tempdir().unwrap();
+    let data_dir = server.data_dir.path().to_owned();
+    let mut workers: Vec<WorkerProcess> = (0..3)
+        .map(|n| start_worker(&db.url, &data_dir, logs.path(), n))
+        .collect();
+    let mut dead_logs = Vec::new();
+
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut rng_state = 0x2545_f491_4f6c_dd1du64;
+    while started.elapsed() < CHAOS && all_succeeded(&server, &ids).await.is_err() {
+        tokio::time::sleep(KILL_EVERY).await;
+        // xorshift: which worker dies is random but repeatable.
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        let victim = (rng_state % workers.len() as u64) as usize;
+        let n = 3 + kills;
+        let mut killed = std::mem::replace(
+            &mut workers[victim],
+            start_worker(&db.url, &data_dir, logs.path(), n),
+        );
+        // `Child::kill` is SIGKILL: no checkpoint, no requeue, no lease given back.
+        killed.child.kill().unwrap();
+        killed.child.wait().unwrap();
+        dead_logs.push(killed.log.clone());
+        kills += 1;
+    }
+    let chaos_s = started.elapsed().as_secs_f64();
+    let mut waited = 0;
+    while let Err(pending) = all_succeeded(&server, &ids).await {
+        waited += 1;
+        assert!(
+            waited < 1200,
+            "jobs still unfinished 120 s after the chaos ({pending}):\n{}",
+            tails(&workers, &dead_logs)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all_done_s = started.elapsed().as_secs_f64();
+
+    // Uninterrupted runs of each seed's job, for the weights.
+    let references = job_ids(&server, &train, SEEDS.iter().copied()).await;
+    while all_succeeded(&server, &references).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut restarts = 0;
+    for id in &ids {
+        let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+        restarts += job["restart_count"].as_i64().unwrap();
+    }
+    println!(
+        "{kills} workers killed in {chaos_s:.1} s; {restarts} job restarts; all {JOBS} jobs done \
+         {all_done_s:.1} s after the start"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            metric_steps(&server, id).await,
+            (1..=STEPS).collect::<Vec<_>>(),
+            "job {id}: each step's metric exactly once"
+        );
+        let reference = &references[i % SEEDS.len()];
+        assert!(
+            weights(&server, id).await == weights(&server, reference).await,
+            "job {id} (seed {}) ends with other weights than an uninterrupted run",
+            SEEDS[i % SEEDS.len()]
+        );
+    }
+    for id in &references {
+        let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(
+            job["restart_count"], 0,
+            "the reference ran uninterrupted: {job}"
+        );
+    }
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let leased: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT id, worker_id FROM jobs WHERE worker_id IS NOT NULL OR lease_token IS NOT NULL \
+         OR lease_expires_at IS NOT NULL",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(leased.is_empty(), "leases held at the end: {leased:?}");
+    assert!(
+        restarts > 0,
+        "no kill landed on a running job:\n{}",
+        tails(&workers, &dead_logs)
+    );
+    drop(workers);
+    drop(conn);
+    let _ = server.stop().await;
+    db.drop().await;
+}
