@@ -15,12 +15,15 @@
 //! - `memory::chunk_memory`: per chunk and action kind, the bytes the executor must measure.
 //! - `search::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
 //!
-//! One concept per module: `cost` (parameters, FLOPs, shape checks), `inventory` and
-//! `megatron` (tensors per part and profile), `memory`, `ir`, `schedule`, `reduction`, `validate`,
-//! `simulate`, `policy`, `search`, `presets`, `render`, `error`.
+//! One concept per module: `tensors` (the inventories' vocabulary), `cost` (parameters, FLOPs,
+//! shape checks), `inventory` and `megatron` (tensors per part and profile), `memory`, `ir`,
+//! `residence` (where groups start a step), `hardware` (devices, links, transfer times),
+//! `schedule`, `reduction`, `validate`, `simulate`, `policy`, `search`, `presets`, `render`,
+//! `error`.
 
 pub mod cost;
 pub mod error;
+pub mod hardware;
 pub mod inventory;
 pub mod ir;
 pub mod megatron;
@@ -29,9 +32,11 @@ pub mod policy;
 pub mod presets;
 pub mod reduction;
 pub mod render;
+pub mod residence;
 pub mod schedule;
 pub mod search;
 pub mod simulate;
+pub mod tensors;
 pub mod validate;
 
 pub use error::PlanError;

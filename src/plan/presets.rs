@@ -13,8 +13,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::{PlanError, require_positive};
+use super::hardware::Hardware;
 use super::inventory::{ModelDims, Profile};
-use super::simulate::Hardware;
 
 const GIB: u64 = 1 << 30;
 

@@ -7,6 +7,7 @@
 mod model;
 mod parallelism;
 mod rope;
+mod schedule_choice;
 mod training;
 mod validate;
 

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use super::schedule_choice::ScheduleChoice;
 use super::validate::SpecError;
 
 /// The one accepted string for "let the planner choose".
@@ -62,18 +63,6 @@ impl DataParallel {
     fn is_one(&self) -> bool {
         *self == DataParallel::Count(1)
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ScheduleChoice {
-    #[default]
-    Auto,
-    Gpipe,
-    #[serde(rename = "1f1b")]
-    OneFOneB,
-    Interleaved,
-    Chronos,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
@@ -173,6 +162,8 @@ impl ParallelismSpec {
                 "parallelism.chunks_per_stage",
                 "must be at least 1, or left out",
             ));
+        } else if let Err(e) = self.schedule.kind(self.chunks_per_stage) {
+            errors.push(e);
         }
     }
 }

@@ -36,7 +36,7 @@ fn issue_example_parses_and_validates() {
     spec.validate().unwrap();
     assert_eq!(spec.model.init, ModelInit::Seed { seed: 1234 });
     assert_eq!(spec.parallelism.stages, Stages::Count(4));
-    assert_eq!(spec.parallelism.schedule, ScheduleChoice::Chronos);
+    assert_eq!(spec.parallelism.schedule, ScheduleChoice::Named("chronos"));
     assert_eq!(spec.training.sequences_per_step(), 8);
     let arch = spec.model.explicit_arch().unwrap();
     assert_eq!(arch.dims().head_dim(), 64);

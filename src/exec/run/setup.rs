@@ -152,15 +152,7 @@ pub fn plan_job(
         micro_batch_size: Some(t.micro_batch_size as u32),
         microbatches: Some((t.microbatches / replicas) as u32),
         pipeline: Some(stages as u32),
-        schedule: match p.schedule {
-            ScheduleChoice::Auto => None,
-            ScheduleChoice::Gpipe => Some(ScheduleKind::Gpipe),
-            ScheduleChoice::OneFOneB => Some(ScheduleKind::OneFOneB),
-            ScheduleChoice::Interleaved => Some(ScheduleKind::Interleaved {
-                chunks_per_device: p.chunks_per_stage.unwrap_or(2) as u32,
-            }),
-            ScheduleChoice::Chronos => Some(ScheduleKind::Chronos { in_flight: 0 }),
-        },
+        schedule: (p.schedule.kind(p.chunks_per_stage)).map_err(|e| RunError::Spec(vec![e]))?,
         recompute: match p.recompute {
             RecomputeChoice::Auto => Recompute::Auto,
             RecomputeChoice::None => Recompute::None,
@@ -227,7 +219,8 @@ fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
             "data parallelism on GPUs is not implemented yet: use 1",
         ));
     }
-    if !matches!(p.schedule, ScheduleChoice::Auto | ScheduleChoice::OneFOneB) {
+    let one_f_one_b = ScheduleChoice::of(ScheduleKind::OneFOneB);
+    if p.schedule != ScheduleChoice::Auto && p.schedule != one_f_one_b {
         errors.push(SpecError::new("parallelism.schedule", why));
     }
     if !matches!(p.recompute, RecomputeChoice::Auto | RecomputeChoice::None) {
@@ -241,7 +234,7 @@ fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
     }
     let mut one = spec.clone();
     one.parallelism.stages = Stages::Count(1);
-    one.parallelism.schedule = ScheduleChoice::OneFOneB;
+    one.parallelism.schedule = one_f_one_b;
     one.parallelism.recompute = RecomputeChoice::None;
     one.parallelism.offload = OffloadChoice::None;
     Ok(one)

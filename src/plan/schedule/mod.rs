@@ -7,8 +7,10 @@
 //! whatever the plan.
 
 mod chronos;
+mod gpipe;
 mod interleaved;
 mod one_f_one_b;
+pub mod registry;
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::PlanError;
 use super::ir::{Action, ChunkSpec, Plan};
+use registry::{Layout, Schedule};
 
 /// A pipeline schedule and its knob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,64 +49,75 @@ impl ScheduleKind {
         ScheduleKind::Chronos { in_flight: 0 },
     ];
 
-    pub fn chunks_per_device(self) -> u32 {
+    /// The schedule's entry in the table.
+    pub fn schedule(self) -> &'static Schedule {
         match self {
-            ScheduleKind::Gpipe | ScheduleKind::OneFOneB => 1,
-            ScheduleKind::Interleaved { chunks_per_device } => chunks_per_device,
-            ScheduleKind::Chronos { .. } => 2,
+            ScheduleKind::Gpipe => &gpipe::SCHEDULE,
+            ScheduleKind::OneFOneB => &one_f_one_b::SCHEDULE,
+            ScheduleKind::Interleaved { .. } => &interleaved::SCHEDULE,
+            ScheduleKind::Chronos { .. } => &chronos::SCHEDULE,
         }
+    }
+
+    /// The knob's value (0 for a schedule without one).
+    pub fn knob(self) -> u32 {
+        match self {
+            ScheduleKind::Gpipe | ScheduleKind::OneFOneB => 0,
+            ScheduleKind::Interleaved { chunks_per_device } => chunks_per_device,
+            ScheduleKind::Chronos { in_flight } => in_flight,
+        }
+    }
+
+    pub fn chunks_per_device(self) -> u32 {
+        (self.schedule().chunks_per_device)(self.knob())
     }
 }
 
 impl fmt::Display for ScheduleKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ScheduleKind::Gpipe => write!(f, "gpipe"),
-            ScheduleKind::OneFOneB => write!(f, "1f1b"),
-            ScheduleKind::Interleaved { chunks_per_device } => {
-                write!(f, "interleaved:{chunks_per_device}")
-            }
-            ScheduleKind::Chronos { in_flight } => write!(f, "chronos:{in_flight}"),
+        let schedule = self.schedule();
+        match schedule.knob {
+            Some(_) => write!(f, "{}:{}", schedule.name, self.knob()),
+            None => write!(f, "{}", schedule.name),
         }
     }
 }
 
 impl FromStr for ScheduleKind {
     type Err = PlanError;
-    /// `gpipe`, `1f1b`, `interleaved[:V]` (default 2), `chronos:K` (K in-flight micro-batches).
+    /// A schedule's name, with `:KNOB` where it has a knob (its default when left out):
+    /// `gpipe`, `1f1b`, `interleaved[:V]`, `chronos[:K]`.
     fn from_str(s: &str) -> Result<Self, PlanError> {
         let (name, knob) = match s.split_once(':') {
             Some((n, k)) => (n, Some(k)),
             None => (s, None),
         };
-        let knob = |default: u32| -> Result<u32, PlanError> {
-            match knob {
-                None => Ok(default),
-                Some(k) => k.parse().map_err(|_| {
-                    PlanError::invalid("schedule", format!("`{k}` is not a number in `{s}`"))
-                }),
+        let Some(schedule) = registry::named(name) else {
+            return Err(PlanError::invalid(
+                "schedule",
+                format!("unknown schedule `{s}`; use {}", registry::patterns()),
+            ));
+        };
+        let value = match (&schedule.knob, knob) {
+            (Some(k), None) => k.default,
+            (Some(_), Some(k)) => k.parse().map_err(|_| {
+                PlanError::invalid("schedule", format!("`{k}` is not a number in `{s}`"))
+            })?,
+            (None, None) => 0,
+            (None, Some(_)) => {
+                return Err(PlanError::invalid(
+                    "schedule",
+                    format!("`{name}` has no knob; write it without `:` (`{s}`)"),
+                ));
             }
         };
-        match name {
-            "gpipe" => Ok(ScheduleKind::Gpipe),
-            "1f1b" => Ok(ScheduleKind::OneFOneB),
-            "interleaved" => Ok(ScheduleKind::Interleaved {
-                chunks_per_device: knob(2)?,
-            }),
-            "chronos" => Ok(ScheduleKind::Chronos {
-                in_flight: knob(0)?,
-            }),
-            _ => Err(PlanError::invalid(
-                "schedule",
-                format!("unknown schedule `{s}`; use gpipe, 1f1b, interleaved[:V] or chronos[:K]"),
-            )),
-        }
+        Ok((schedule.kind)(value))
     }
 }
 
 /// A compute slot before communication is added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
+pub enum Slot {
     F(u32, u32),
     B(u32, u32),
 }
@@ -149,21 +163,10 @@ pub fn build(
             ),
         ));
     }
-    let (p, m) = (devices, microbatches);
-    let (placement, order) = match kind {
-        ScheduleKind::Gpipe => ((0..p).collect(), gpipe(p, m)),
-        ScheduleKind::OneFOneB => ((0..p).collect(), one_f_one_b::order(p, m)),
-        ScheduleKind::Interleaved { chunks_per_device } => (
-            (0..chunks).map(|c| c % p).collect(),
-            interleaved::order(p, chunks_per_device, m)?,
-        ),
-        ScheduleKind::Chronos { in_flight } => {
-            (chronos::placement(p), chronos::order(p, m, in_flight)?)
-        }
-    };
+    let Layout { placement, order } = (kind.schedule().layout)(devices, kind.knob(), microbatches)?;
     let chunks = split_layers(layers, &placement);
     Ok(with_steps(with_communication(Plan {
-        microbatches: m,
+        microbatches,
         optimizer_slices: 1,
         replicas: 1,
         chunks,
@@ -180,17 +183,6 @@ pub fn build(
             })
             .collect(),
     })))
-}
-
-fn gpipe(p: u32, m: u32) -> Vec<Vec<Slot>> {
-    (0..p)
-        .map(|d| {
-            (0..m)
-                .map(|mb| Slot::F(mb, d))
-                .chain((0..m).map(|mb| Slot::B(mb, d)))
-                .collect()
-        })
-        .collect()
 }
 
 /// Layers spread evenly over chunks; the spare ones go to the first chunks, never to the last

@@ -1,7 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::plan::ir::Group;
+use crate::plan::ir::{Action, Group};
 use crate::plan::memory::{ActionMemory, chunk_parts};
 use crate::plan::schedule::{ScheduleKind, build};
 
