@@ -1,6 +1,8 @@
 //! The search: for a model, a cluster, a sequence length and a batch, every pipeline degree,
-//! micro-batch size, schedule and recompute/offload option is planned, fitted by the policy
-//! pass and simulated; the fastest plan whose every device fits wins. The answer keeps the
+//! micro-batch size, schedule and recompute/offload option is planned with as many
+//! data-parallel replicas as the devices and the global batch allow (each chunk's gradients
+//! reduced across them by `AR` actions), fitted by the policy pass and simulated; the fastest
+//! plan whose every device fits wins. The answer keeps the
 //! runners-up and says why each lost; when nothing fits, a typed error names the smallest
 //! memory per device that would have fitted the closest configuration.
 
@@ -12,6 +14,7 @@ use super::inventory::{MicroShape, ModelDims};
 use super::ir::Plan;
 use super::policy::{Budget, Choices, Offload, Recompute, apply};
 use super::presets::Cluster;
+use super::reduction::with_gradient_reduction;
 use super::schedule::{ScheduleKind, build, registry};
 use super::simulate::{ChunkCost, Simulation, chunk_costs, simulate};
 
@@ -31,7 +34,9 @@ pub struct Request {
     /// Fixed micro-batches per replica: with a fixed micro-batch size the global batch
     /// follows from it, otherwise the micro-batch size does.
     pub microbatches: Option<u32>,
-    /// Fixed pipeline degree; every divisor of devices / tensor parallel when `None`.
+    /// Fixed pipeline degree; every divisor of devices / tensor parallel when `None`. Each
+    /// degree `p` gets the most replicas `r` with `p x r` at most devices / tensor parallel
+    /// whose share of the global batch is whole (so a cluster of `p x r` devices fixes both).
     pub pipeline: Option<u32>,
     /// Fixed schedule; 1f1b, interleaved:2 and chronos when `None`.
     pub schedule: Option<ScheduleKind>,
@@ -91,6 +96,8 @@ pub struct Evaluated {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Config {
     pub pipeline: u32,
+    /// Replicas of the pipeline, each on its own devices, gradients reduced across them.
+    pub data_parallel: u32,
     pub micro_batch_size: u32,
     /// Micro-batches per replica.
     pub microbatches: u32,
@@ -103,10 +110,8 @@ pub struct Config {
 /// (which only adds recomputes and copies) can reach.
 struct Prepared {
     config: Config,
-    data_parallel: u32,
     plan: Plan,
     costs: Vec<ChunkCost>,
-    allreduce_s: f64,
     tokens: f64,
     best_tokens_per_s: f64,
 }
@@ -119,6 +124,7 @@ fn prepare(
 ) -> Result<Prepared, PlanError> {
     let Config {
         pipeline,
+        data_parallel,
         micro_batch_size,
         microbatches,
         schedule,
@@ -130,37 +136,18 @@ fn prepare(
         seq: seq as usize,
     };
     cost::validate(profile, model, micro)?;
-    let plan = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    let one = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    let plan = with_gradient_reduction(one, data_parallel)?;
     let hw = cluster.hardware();
     let costs = chunk_costs(&plan, profile, model, micro, &hw);
-    let dp = cluster.devices / cluster.tensor_parallel / pipeline;
-    // Data-parallel replicas all-reduce gradients after the step (ring: 2(dp-1)/dp of them).
-    let grad_bytes = (0..plan.devices() as u32)
-        .map(|d| {
-            plan.chunks
-                .iter()
-                .zip(&costs)
-                .filter(|(c, _)| c.device == d)
-                .map(|(_, k)| k.grad_bytes)
-                .sum::<u64>()
-        })
-        .max()
-        .unwrap_or(0);
-    let allreduce_s = if dp > 1 {
-        2.0 * (dp - 1) as f64 / dp as f64 * grad_bytes as f64 / hw.p2p_bytes_per_s
-    } else {
-        0.0
-    };
-    let tokens = dp as f64 * microbatches as f64 * micro_batch_size as f64 * seq as f64;
+    let tokens = data_parallel as f64 * microbatches as f64 * micro_batch_size as f64 * seq as f64;
     let base = simulate(&plan, &costs, &hw, false)?;
     Ok(Prepared {
         config,
-        data_parallel: dp,
         plan,
         costs,
-        allreduce_s,
         tokens,
-        best_tokens_per_s: tokens / (base.step_time_s + allreduce_s).max(f64::MIN_POSITIVE),
+        best_tokens_per_s: tokens / base.step_time_s.max(f64::MIN_POSITIVE),
     })
 }
 
@@ -175,10 +162,10 @@ fn fit(prepared: Prepared, cluster: &Cluster) -> Result<Evaluated, PlanError> {
     let c = p.config;
     let applied = apply(&p.plan, &p.costs, &hw, budget, c.recompute, c.offload)?;
     let sim = applied.sim;
-    let step = sim.step_time_s + p.allreduce_s;
+    let step = sim.step_time_s;
     let candidate = Candidate {
         pipeline: c.pipeline,
-        data_parallel: p.data_parallel,
+        data_parallel: c.data_parallel,
         schedule: c.schedule.to_string(),
         micro_batch_size: c.micro_batch_size,
         microbatches: c.microbatches,
@@ -261,8 +248,7 @@ fn prepare_all(
     let mut prepared: Vec<Prepared> = Vec::new();
     let mut first_error = None;
     for &p in &pipelines {
-        let dp = stages / p;
-        for (b, m) in shapes(req, dp, &mut first_error) {
+        for (dp, b, m) in shapes(req, stages / p, &mut first_error) {
             if m == 0 {
                 first_error.get_or_insert(PlanError::invalid(
                     "global_batch",
@@ -273,7 +259,7 @@ fn prepare_all(
                 ));
                 continue;
             }
-            for config in configs(req, p, b, m) {
+            for config in configs(req, (p, dp), b, m) {
                 match prepare(&req.model, cluster, req.seq_len, config) {
                     Ok(e) => prepared.push(e),
                     Err(e) => {
@@ -286,37 +272,56 @@ fn prepare_all(
     Ok((prepared, first_error))
 }
 
-/// The (micro-batch size, micro-batches per replica) pairs that give `dp` replicas the
-/// request's global batch (0 micro-batches where it is too small); what cannot is noted in
-/// `first_error`.
-fn shapes(req: &Request, dp: u32, first_error: &mut Option<PlanError>) -> Vec<(u32, u32)> {
+/// (replicas, micro-batch size, micro-batches per replica) for a pipeline degree that leaves
+/// room for at most `most` replicas: the most replicas whose share of the request's global
+/// batch is whole (0 micro-batches where it is too small); what cannot split is noted in
+/// `first_error`. With both the micro-batch size and count fixed, the global batch follows
+/// from them and every replica that fits runs.
+fn shapes(req: &Request, most: u32, first_error: &mut Option<PlanError>) -> Vec<(u32, u32, u32)> {
+    let global = req.global_batch;
+    // The most replicas (up to `most`) that split the global batch into whole shares of `unit`.
+    let replicas = |unit: u32| (1..=most).rev().find(|r| global.is_multiple_of(r * unit));
     match (req.micro_batch_size, req.microbatches) {
-        (Some(b), Some(m)) => vec![(b, m)],
+        (Some(b), Some(m)) => vec![(most, b, m)],
         // The global batch stays fixed; so the micro-batch size follows, when it can.
-        (None, Some(m)) if m > 0 && req.global_batch.is_multiple_of(dp * m) => {
-            vec![(req.global_batch / (dp * m), m)]
-        }
-        (None, Some(m)) => {
-            first_error.get_or_insert(PlanError::invalid(
-                "microbatches",
-                format!(
-                    "{m} micro-batches per replica do not divide a global batch of {} over {dp} replicas",
-                    req.global_batch
-                ),
-            ));
-            Vec::new()
-        }
-        (Some(b), None) => vec![(b, req.global_batch / dp / b.max(1))],
+        (None, Some(m)) => match replicas(m).filter(|_| m > 0) {
+            Some(r) => vec![(r, global / (r * m), m)],
+            None => {
+                first_error.get_or_insert(PlanError::invalid(
+                    "microbatches",
+                    format!(
+                        "{m} micro-batches per replica do not divide a global batch of {global} over {most} replicas or fewer"
+                    ),
+                ));
+                Vec::new()
+            }
+        },
+        (Some(b), None) => match replicas(b).filter(|_| b > 0) {
+            Some(r) => vec![(r, b, global / (r * b))],
+            None => {
+                first_error.get_or_insert(PlanError::invalid(
+                    "global_batch",
+                    format!(
+                        "{global} sequences do not split into micro-batches of {b} over {most} replicas or fewer"
+                    ),
+                ));
+                Vec::new()
+            }
+        },
         (None, None) => [1, 2, 4, 8]
             .into_iter()
-            .filter(|b| req.global_batch.is_multiple_of(dp * b))
-            .map(|b| (b, req.global_batch / (dp * b)))
+            .filter_map(|b| replicas(b).map(|r| (r, b, global / (r * b))))
             .collect(),
     }
 }
 
 /// The schedules and recompute/offload options the request allows for a shape.
-fn configs(req: &Request, pipeline: u32, micro_batch_size: u32, microbatches: u32) -> Vec<Config> {
+fn configs(
+    req: &Request,
+    (pipeline, data_parallel): (u32, u32),
+    micro_batch_size: u32,
+    microbatches: u32,
+) -> Vec<Config> {
     let schedules = match req.schedule {
         Some(s) => vec![s],
         None => registry::searched(pipeline),
@@ -337,6 +342,7 @@ fn configs(req: &Request, pipeline: u32, micro_batch_size: u32, microbatches: u3
             for &offload in &offloads {
                 out.push(Config {
                     pipeline,
+                    data_parallel,
                     micro_batch_size,
                     microbatches,
                     schedule,
@@ -399,6 +405,7 @@ fn rank(mut tried: Vec<Evaluated>, pruned: usize, budget: u64) -> Result<Answer,
         let c = &e.candidate;
         seen.insert((
             c.pipeline,
+            c.data_parallel,
             c.schedule.clone(),
             c.micro_batch_size,
             c.microbatches,
@@ -476,6 +483,13 @@ fn why_lost(c: &Candidate, best: &Candidate, budget: u64) -> String {
     }
     if c.prefetch_stall_s > best.prefetch_stall_s + 1e-3 {
         reasons.push(format!("waits {:.3} s on prefetches", c.prefetch_stall_s));
+    }
+    let (devices, best_devices) = (
+        c.pipeline * c.data_parallel,
+        best.pipeline * best.data_parallel,
+    );
+    if devices < best_devices {
+        reasons.push(format!("runs on {devices} of {best_devices} devices"));
     }
     if c.data_parallel > 1 && c.data_parallel != best.data_parallel {
         reasons.push(format!("{}-way gradient all-reduce", c.data_parallel));

@@ -286,7 +286,8 @@ fn data_parallel_is_a_count_that_shares_the_micro_batches() {
     );
     let auto = JobSpec::from_json(&auto).unwrap();
     assert_eq!(auto.parallelism.data_parallel.count(), None);
-    assert_eq!(params_of(&auto)[0], "parallelism.data_parallel");
+    // The planner searches the replicas (the run refuses it on CUDA devices).
+    auto.validate().unwrap();
     let mut sharded = example();
     sharded.parallelism.shard_optimizer = Some(false);
     sharded.validate().unwrap();

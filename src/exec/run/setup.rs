@@ -26,7 +26,7 @@ use crate::spec::{
     SpecError, Stages,
 };
 
-use super::replicas::{replica_count, replicate};
+use super::replicas;
 use super::{Placement, Run, RunError};
 
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
@@ -112,8 +112,9 @@ pub fn gpu_precision(precision: PrecisionSpec) -> Precision {
 }
 
 /// The fastest plan for `spec` on the first `stages` x `data_parallel` of `devices` (all of
-/// them when the spec's stages are `auto`) whose predicted peak fits each device's budget,
-/// with the memory layout of the backend that will run it (`kind`, at the spec's precision).
+/// them when the spec's stages are `auto`; with `"auto"` replicas, the fastest stages x
+/// replicas that the devices hold) whose predicted peak fits each device's budget, with the
+/// memory layout of the backend that will run it (`kind`, at the spec's precision).
 pub fn plan_job(
     spec: &JobSpec,
     arch: &ModelArch,
@@ -124,24 +125,7 @@ pub fn plan_job(
     if kind == DeviceKind::Cuda {
         check_cuda_model(arch)?;
     }
-    let available = devices.devices.len();
-    let replicas = replica_count(spec, available, kind)?;
-    let per_replica = available / replicas;
-    let stages = spec.parallelism.stages.count().unwrap_or(per_replica);
-    if stages > per_replica {
-        let need = if replicas == 1 {
-            format!("{stages} stages need {stages} devices")
-        } else {
-            format!(
-                "{stages} stages x {replicas} replicas need {} devices",
-                stages * replicas
-            )
-        };
-        return Err(RunError::Spec(vec![SpecError::new(
-            "parallelism.stages",
-            format!("{need} but {available} are available"),
-        )]));
-    }
+    let room = replicas::layout(spec, devices.devices.len(), kind)?;
     let budget = devices.devices[0].budget() as u64;
     let t = &spec.training;
     let p = &spec.parallelism;
@@ -150,8 +134,8 @@ pub fn plan_job(
         seq_len: t.seq_len as u32,
         global_batch: t.sequences_per_step() as u32,
         micro_batch_size: Some(t.micro_batch_size as u32),
-        microbatches: Some((t.microbatches / replicas) as u32),
-        pipeline: Some(stages as u32),
+        microbatches: None,
+        pipeline: room.pipeline.map(|s| s as u32),
         schedule: (p.schedule.kind(p.chunks_per_stage)).map_err(|e| RunError::Spec(vec![e]))?,
         recompute: match p.recompute {
             RecomputeChoice::Auto => Recompute::Auto,
@@ -165,13 +149,12 @@ pub fn plan_job(
             OffloadChoice::Chronos => Offload::Chronos,
         },
     };
-    let used = (stages * replicas) as u32;
+    let used = room.devices as u32;
     let cluster = match kind {
         DeviceKind::Cuda => Cluster::cuda(used, budget, profile),
         DeviceKind::Cpu => Cluster::cpu(used, budget),
     };
-    let answer = search(&request, &cluster)?;
-    replicate(answer, replicas, &request, &cluster)
+    Ok(search(&request, &cluster)?)
 }
 
 /// How much of a GPU's free memory a run leaves alone: the CUDA context's own allocations,

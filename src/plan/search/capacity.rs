@@ -114,6 +114,7 @@ pub fn capacity(
         };
         let config = Config {
             pipeline: p,
+            data_parallel: 1,
             micro_batch_size: shape.0,
             microbatches: shape.1,
             schedule,
@@ -188,6 +189,7 @@ fn deepest(
         };
         let config = Config {
             pipeline: p,
+            data_parallel: 1,
             micro_batch_size,
             microbatches,
             schedule,
