@@ -13,6 +13,9 @@
 //!
 //! Offloading is tried before recomputing because a hidden copy costs no compute. Moves are
 //! made per device, on the device furthest over its budget, one chunk at a time.
+//!
+//! This module decides; `realize` rewrites the programs for what it decided, and `options`
+//! holds the options' types and text forms.
 
 mod options;
 mod realize;
