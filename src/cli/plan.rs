@@ -180,7 +180,7 @@ pub fn run(args: &PlanArgs) -> Result<String, PlanCmdError> {
 fn capacity(args: &CapacityArgs) -> Result<String, PlanCmdError> {
     let (model, cluster) = resolve(&args.target)?;
     let started = Instant::now();
-    let rows = search::capacity(
+    let rows = crate::plan::capacity::capacity(
         &model,
         &cluster,
         args.target.seq_len,

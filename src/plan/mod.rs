@@ -14,14 +14,15 @@
 //! - `reduction::with_gradient_reduction(plan, replicas)`: the plan run by that many
 //!   data-parallel replicas, each chunk's gradients reduced across them.
 //! - `memory::chunk_memory`: per chunk and action kind, the bytes the executor must measure.
-//! - `search::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
+//! - `capacity::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
 //!
 //! One concept per module: `tensors` (the inventories' vocabulary), `cost` (parameters, FLOPs,
 //! shape checks), `inventory` and `megatron` (tensors per part and profile), `memory`, `ir`,
 //! `residence` (where groups start a step), `hardware` (devices, links, transfer times),
-//! `schedule`, `reduction`, `validate`, `simulate`, `policy`, `search`, `presets`, `render`,
-//! `error`.
+//! `schedule`, `reduction`, `validate`, `simulate`, `policy`, `search`, `capacity`, `presets`,
+//! `render`, `error`.
 
+pub mod capacity;
 pub mod cost;
 pub mod error;
 pub mod hardware;

@@ -21,7 +21,6 @@ mod options;
 mod realize;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt;
 
 use serde::Serialize;
 
@@ -29,7 +28,7 @@ use super::error::PlanError;
 use super::hardware::Hardware;
 use super::ir::{Action, Plan};
 use super::simulate::{ChunkCost, Simulation, simulate, simulate_trusted};
-pub use options::{Offload, Recompute};
+pub use options::{Choices, Offload, Recompute};
 use realize::realize;
 
 /// Memory the plan must fit in, per device.
@@ -37,44 +36,6 @@ use realize::realize;
 pub struct Budget {
     pub device_bytes: u64,
     pub host_bytes: u64,
-}
-
-/// What the pass chose.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Choices {
-    pub recomputed_chunks: BTreeSet<u32>,
-    pub offloaded_optimizer: BTreeSet<u32>,
-    pub offloaded_stash: BTreeSet<u32>,
-}
-
-impl fmt::Display for Choices {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |s: &BTreeSet<u32>| s.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-        let mut parts = Vec::new();
-        if !self.recomputed_chunks.is_empty() {
-            parts.push(format!(
-                "recompute chunks {}",
-                list(&self.recomputed_chunks)
-            ));
-        }
-        if !self.offloaded_stash.is_empty() {
-            parts.push(format!(
-                "offload stashes of chunks {}",
-                list(&self.offloaded_stash)
-            ));
-        }
-        if !self.offloaded_optimizer.is_empty() {
-            parts.push(format!(
-                "offload optimizer state of chunks {}",
-                list(&self.offloaded_optimizer)
-            ));
-        }
-        if parts.is_empty() {
-            write!(f, "nothing recomputed or offloaded")
-        } else {
-            write!(f, "{}", parts.join("; "))
-        }
-    }
 }
 
 /// A plan after the pass, its simulation, and whether it fits.

@@ -5,8 +5,9 @@
 
 use std::fmt::Write;
 
+use super::capacity::CapacityRow;
 use super::ir::{Action, Plan};
-use super::search::{Answer, CapacityRow, describe};
+use super::search::{Answer, describe};
 use super::simulate::Simulation;
 
 fn gib(b: u64) -> f64 {

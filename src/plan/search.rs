@@ -18,10 +18,6 @@ use super::reduction::with_gradient_reduction;
 use super::schedule::{ScheduleKind, build, registry};
 use super::simulate::{ChunkCost, Simulation, chunk_costs, simulate};
 
-mod capacity;
-
-pub use capacity::{CAPACITY_RATE_FLOOR, CapacityRow, capacity, capacity_strategies};
-
 /// What to plan.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Request {

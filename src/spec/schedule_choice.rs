@@ -9,8 +9,9 @@ use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 
 use super::validate::SpecError;
+use crate::plan::schedule::Schedule;
 use crate::plan::schedule::ScheduleKind;
-use crate::plan::schedule::registry::{self, Schedule};
+use crate::plan::schedule::registry;
 
 /// `"auto"`: the planner picks; or one schedule by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,5 +1,7 @@
-//! The policy's options: what may be recomputed and what offloaded, with their text forms.
+//! The policy's options (what may be recomputed and what offloaded, with their text forms)
+//! and its choices.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -55,3 +57,41 @@ text_enum!(Recompute, "recompute", "none" => Recompute::None, "full" => Recomput
     "chronos" => Recompute::Chronos, "auto" => Recompute::Auto);
 text_enum!(Offload, "offload", "none" => Offload::None, "chronos" => Offload::Chronos,
     "auto" => Offload::Auto);
+
+/// What the pass chose.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Choices {
+    pub recomputed_chunks: BTreeSet<u32>,
+    pub offloaded_optimizer: BTreeSet<u32>,
+    pub offloaded_stash: BTreeSet<u32>,
+}
+
+impl fmt::Display for Choices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |s: &BTreeSet<u32>| s.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let mut parts = Vec::new();
+        if !self.recomputed_chunks.is_empty() {
+            parts.push(format!(
+                "recompute chunks {}",
+                list(&self.recomputed_chunks)
+            ));
+        }
+        if !self.offloaded_stash.is_empty() {
+            parts.push(format!(
+                "offload stashes of chunks {}",
+                list(&self.offloaded_stash)
+            ));
+        }
+        if !self.offloaded_optimizer.is_empty() {
+            parts.push(format!(
+                "offload optimizer state of chunks {}",
+                list(&self.offloaded_optimizer)
+            ));
+        }
+        if parts.is_empty() {
+            write!(f, "nothing recomputed or offloaded")
+        } else {
+            write!(f, "{}", parts.join("; "))
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::super::hardware::Hardware;
 use super::super::ir::{Action, Group, Plan};
 use super::super::simulate::{ChunkCost, Simulation, slice_bytes};
-use super::Choices;
+use super::options::Choices;
 
 /// Compute actions are unique per device; a forward is known by (mb, chunk) whatever it drops.
 pub(super) fn key(a: Action) -> Action {

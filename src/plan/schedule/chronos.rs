@@ -18,8 +18,7 @@
 //! passes in the order of their planned times; since a pass's inputs are planned strictly
 //! earlier, that order cannot deadlock.
 
-use super::registry::{Knob, Layout, Schedule};
-use super::{ScheduleKind, Slot};
+use super::kind::{Knob, Layout, Schedule, ScheduleKind, Slot};
 use crate::plan::error::PlanError;
 
 pub(super) const SCHEDULE: Schedule = Schedule {

@@ -1,7 +1,6 @@
 //! GPipe: every device runs all forwards, then all backwards; one chunk per device.
 
-use super::registry::{Layout, Schedule};
-use super::{ScheduleKind, Slot};
+use super::kind::{Layout, Schedule, ScheduleKind, Slot};
 
 pub(super) const SCHEDULE: Schedule = Schedule {
     name: "gpipe",

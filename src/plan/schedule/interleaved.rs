@@ -4,8 +4,7 @@
 //! forwards (capped at m*v), then alternates, then drains. Megatron requires m to be a
 //! multiple of p, and so do we: otherwise the groups do not line up.
 
-use super::registry::{Knob, Layout, Schedule};
-use super::{ScheduleKind, Slot};
+use super::kind::{Knob, Layout, Schedule, ScheduleKind, Slot};
 use crate::plan::error::PlanError;
 
 pub(super) const SCHEDULE: Schedule = Schedule {

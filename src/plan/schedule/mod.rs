@@ -9,118 +9,13 @@
 mod chronos;
 mod gpipe;
 mod interleaved;
+mod kind;
 mod one_f_one_b;
 pub mod registry;
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
-
 use super::error::PlanError;
 use super::ir::{Action, ChunkSpec, Plan};
-use registry::{Layout, Schedule};
-
-/// A pipeline schedule and its knob.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ScheduleKind {
-    /// All forwards, then all backwards; one chunk per device.
-    Gpipe,
-    /// One forward, one backward; one chunk per device.
-    OneFOneB,
-    /// Megatron's interleaved 1F1B: `chunks_per_device` chunks per device, placed round-robin.
-    Interleaved { chunks_per_device: u32 },
-    /// V-shaped placement (device d holds chunks d and 2p-1-d, the loss on device 0), backward
-    /// passes as early as the devices allow, about `in_flight` micro-batches at most between
-    /// their first forward and their last backward (0: no bound).
-    Chronos { in_flight: u32 },
-}
-
-impl ScheduleKind {
-    /// One of each schedule (interleaved with 2 chunks per device, chronos unbounded), for
-    /// checks that run them all.
-    pub const EACH: [ScheduleKind; 4] = [
-        ScheduleKind::Gpipe,
-        ScheduleKind::OneFOneB,
-        ScheduleKind::Interleaved {
-            chunks_per_device: 2,
-        },
-        ScheduleKind::Chronos { in_flight: 0 },
-    ];
-
-    /// The schedule's entry in the table.
-    pub fn schedule(self) -> &'static Schedule {
-        match self {
-            ScheduleKind::Gpipe => &gpipe::SCHEDULE,
-            ScheduleKind::OneFOneB => &one_f_one_b::SCHEDULE,
-            ScheduleKind::Interleaved { .. } => &interleaved::SCHEDULE,
-            ScheduleKind::Chronos { .. } => &chronos::SCHEDULE,
-        }
-    }
-
-    /// The knob's value (0 for a schedule without one).
-    pub fn knob(self) -> u32 {
-        match self {
-            ScheduleKind::Gpipe | ScheduleKind::OneFOneB => 0,
-            ScheduleKind::Interleaved { chunks_per_device } => chunks_per_device,
-            ScheduleKind::Chronos { in_flight } => in_flight,
-        }
-    }
-
-    pub fn chunks_per_device(self) -> u32 {
-        (self.schedule().chunks_per_device)(self.knob())
-    }
-}
-
-impl fmt::Display for ScheduleKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let schedule = self.schedule();
-        match schedule.knob {
-            Some(_) => write!(f, "{}:{}", schedule.name, self.knob()),
-            None => write!(f, "{}", schedule.name),
-        }
-    }
-}
-
-impl FromStr for ScheduleKind {
-    type Err = PlanError;
-    /// A schedule's name, with `:KNOB` where it has a knob (its default when left out):
-    /// `gpipe`, `1f1b`, `interleaved[:V]`, `chronos[:K]`.
-    fn from_str(s: &str) -> Result<Self, PlanError> {
-        let (name, knob) = match s.split_once(':') {
-            Some((n, k)) => (n, Some(k)),
-            None => (s, None),
-        };
-        let Some(schedule) = registry::named(name) else {
-            return Err(PlanError::invalid(
-                "schedule",
-                format!("unknown schedule `{s}`; use {}", registry::patterns()),
-            ));
-        };
-        let value = match (&schedule.knob, knob) {
-            (Some(k), None) => k.default,
-            (Some(_), Some(k)) => k.parse().map_err(|_| {
-                PlanError::invalid("schedule", format!("`{k}` is not a number in `{s}`"))
-            })?,
-            (None, None) => 0,
-            (None, Some(_)) => {
-                return Err(PlanError::invalid(
-                    "schedule",
-                    format!("`{name}` has no knob; write it without `:` (`{s}`)"),
-                ));
-            }
-        };
-        Ok((schedule.kind)(value))
-    }
-}
-
-/// A compute slot before communication is added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
-    F(u32, u32),
-    B(u32, u32),
-}
+pub use kind::{Knob, Layout, Schedule, ScheduleKind, Slot};
 
 /// Builds the plan of `kind` for `devices` pipeline devices, `microbatches` micro-batches and
 /// a model of `layers` decoder layers. `Chronos { in_flight: 0 }` sets no bound.

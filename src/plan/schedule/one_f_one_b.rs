@@ -2,8 +2,7 @@
 //! backward, then drains the remaining backwards. At most `min(p-d, m)` micro-batches are in
 //! flight on device d.
 
-use super::registry::{Layout, Schedule};
-use super::{ScheduleKind, Slot};
+use super::kind::{Layout, Schedule, ScheduleKind, Slot};
 
 pub(super) const SCHEDULE: Schedule = Schedule {
     name: "1f1b",

@@ -1,10 +1,14 @@
 //! The table of schedules. A schedule is one file (its pass order and chunk placement, and
-//! its entry here) plus its line in `SCHEDULES`; names, knobs, chunks per device, whether the
+//! its `Schedule` entry) plus its line in `SCHEDULES` and its `ScheduleKind` variant; names, knobs, chunks per device, whether the
 //! search tries it, the spec's `parallelism.schedule` values and the OpenAPI enum all come
 //! from this table.
 
+use std::fmt;
+use std::str::FromStr;
+
 use super::super::error::PlanError;
-use super::{ScheduleKind, Slot, chronos, gpipe, interleaved, one_f_one_b};
+use super::kind::{Schedule, ScheduleKind};
+use super::{chronos, gpipe, interleaved, one_f_one_b};
 
 /// Every schedule, in the order users see them and the search tries them.
 pub const SCHEDULES: &[&Schedule] = &[
@@ -13,40 +17,6 @@ pub const SCHEDULES: &[&Schedule] = &[
     &interleaved::SCHEDULE,
     &chronos::SCHEDULE,
 ];
-
-/// One schedule's entry.
-pub struct Schedule {
-    /// The name users write: in a job spec, on the command line, in the plan's text.
-    pub name: &'static str,
-    /// Its one knob (`name:value` in the text form), if it has one.
-    pub knob: Option<Knob>,
-    /// Whether the search tries it (with its knob's default) when no schedule is named.
-    pub searched: bool,
-    /// The typed kind for a knob value.
-    pub kind: fn(knob: u32) -> ScheduleKind,
-    /// Model chunks each device holds, for a knob value.
-    pub chunks_per_device: fn(knob: u32) -> u32,
-    /// Which device holds each chunk and each device's order of passes, for `devices`
-    /// devices, a knob value and `microbatches` micro-batches.
-    pub layout: fn(devices: u32, knob: u32, microbatches: u32) -> Result<Layout, PlanError>,
-}
-
-/// A schedule's knob.
-pub struct Knob {
-    /// What the text form's placeholder stands for (`interleaved[:V]`).
-    pub placeholder: &'static str,
-    pub default: u32,
-    /// The knob is the number of chunks per device (a job spec's `chunks_per_stage`).
-    pub is_chunks_per_device: bool,
-}
-
-/// A schedule's pass order before communication and steps are added.
-pub struct Layout {
-    /// The device of each chunk, in model order.
-    pub placement: Vec<u32>,
-    /// Each device's forwards and backwards, in order.
-    pub order: Vec<Vec<Slot>>,
-}
 
 impl Schedule {
     /// The schedule with its knob's default.
@@ -91,4 +61,62 @@ pub fn searched(devices: u32) -> Vec<ScheduleKind> {
         .map(|s| s.default_kind())
         .filter(|k| devices > 1 || k.chunks_per_device() == 1)
         .collect()
+}
+
+impl ScheduleKind {
+    /// The schedule's entry in the table.
+    pub fn schedule(self) -> &'static Schedule {
+        match self {
+            ScheduleKind::Gpipe => &gpipe::SCHEDULE,
+            ScheduleKind::OneFOneB => &one_f_one_b::SCHEDULE,
+            ScheduleKind::Interleaved { .. } => &interleaved::SCHEDULE,
+            ScheduleKind::Chronos { .. } => &chronos::SCHEDULE,
+        }
+    }
+
+    pub fn chunks_per_device(self) -> u32 {
+        (self.schedule().chunks_per_device)(self.knob())
+    }
+}
+
+impl fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let schedule = self.schedule();
+        match schedule.knob {
+            Some(_) => write!(f, "{}:{}", schedule.name, self.knob()),
+            None => write!(f, "{}", schedule.name),
+        }
+    }
+}
+
+impl FromStr for ScheduleKind {
+    type Err = PlanError;
+    /// A schedule's name, with `:KNOB` where it has a knob (its default when left out):
+    /// `gpipe`, `1f1b`, `interleaved[:V]`, `chronos[:K]`.
+    fn from_str(s: &str) -> Result<Self, PlanError> {
+        let (name, knob) = match s.split_once(':') {
+            Some((n, k)) => (n, Some(k)),
+            None => (s, None),
+        };
+        let Some(schedule) = named(name) else {
+            return Err(PlanError::invalid(
+                "schedule",
+                format!("unknown schedule `{s}`; use {}", patterns()),
+            ));
+        };
+        let value = match (&schedule.knob, knob) {
+            (Some(k), None) => k.default,
+            (Some(_), Some(k)) => k.parse().map_err(|_| {
+                PlanError::invalid("schedule", format!("`{k}` is not a number in `{s}`"))
+            })?,
+            (None, None) => 0,
+            (None, Some(_)) => {
+                return Err(PlanError::invalid(
+                    "schedule",
+                    format!("`{name}` has no knob; write it without `:` (`{s}`)"),
+                ));
+            }
+        };
+        Ok((schedule.kind)(value))
+    }
 }

@@ -2,7 +2,26 @@
 //! category at a time), replayed in time order into the peak, the split at the peak, the
 //! host peak and, when asked, the curve.
 
-use super::MemoryPoint;
+use serde::Serialize;
+
+/// Memory categories of the curve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct MemoryPoint {
+    pub t: f64,
+    pub weights: u64,
+    pub grads: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub comm: u64,
+    /// Bytes of this device's groups held on the host.
+    pub host: u64,
+}
+
+impl MemoryPoint {
+    pub fn device_total(&self) -> u64 {
+        self.weights + self.grads + self.optimizer + self.activations + self.comm
+    }
+}
 
 pub(super) const WEIGHTS: usize = 0;
 pub(super) const GRADS: usize = 1;

@@ -4,8 +4,8 @@
 use super::super::hardware::Hardware;
 use super::super::ir::{Action, Group, Plan};
 use super::super::residence::StartingPlaces;
+use super::costs::{ChunkCost, slice_bytes};
 use super::curve::{ACTIVATIONS, COMM, GRADS, HOST, MemEvent, OPTIMIZER, WEIGHTS};
-use super::{ChunkCost, slice_bytes};
 
 /// Where a group is: on the device since `Some(t)`, or on the host since the copy ended.
 #[derive(Clone, Copy)]

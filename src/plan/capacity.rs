@@ -3,13 +3,13 @@
 
 use serde::Serialize;
 
-use super::super::cost;
-use super::super::error::{PlanError, require_positive};
-use super::super::inventory::ModelDims;
-use super::super::policy::{Offload, Recompute};
-use super::super::presets::Cluster;
-use super::super::schedule::ScheduleKind;
-use super::{Config, Evaluated, evaluate};
+use super::cost;
+use super::error::{PlanError, require_positive};
+use super::inventory::ModelDims;
+use super::policy::{Offload, Recompute};
+use super::presets::Cluster;
+use super::schedule::ScheduleKind;
+use super::search::{Config, Evaluated, evaluate};
 
 /// One row of `plan capacity`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
