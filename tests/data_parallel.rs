@@ -213,20 +213,10 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
         "{message}"
     );
     // Not implemented yet: said so by field.
-    for (patch, field) in [
-        (r#""data_parallel": "auto""#, "parallelism.data_parallel"),
-        (r#""shard_optimizer": true"#, "parallelism.shard_optimizer"),
-    ] {
-        let text = serde_json::to_string(&job(&data, 1, 1, "1f1b")).unwrap();
-        let text = text.replace(
-            r#""parallelism":{"#,
-            &format!(r#""parallelism":{{{patch},"#),
-        );
-        let spec = JobSpec::from_json(&text).unwrap();
-        let (got, message) = spec_error(Run::prepare(spec, ""));
-        assert_eq!(got, field, "{message}");
-        assert!(message.contains("not implemented yet"), "{message}");
-    }
+    let spec = patched(&job(&data, 1, 1, "1f1b"), r#""shard_optimizer": true"#);
+    let (got, message) = spec_error(Run::prepare(spec, ""));
+    assert_eq!(got, "parallelism.shard_optimizer", "{message}");
+    assert!(message.contains("not implemented yet"), "{message}");
     // GPUs run one replica for now: refused before any GPU is opened.
     let spec = job(&data, 1, 2, "1f1b");
     let arch = resolve_arch(&spec).unwrap();
@@ -234,6 +224,68 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
     let (field, message) = spec_error(plan_job(&spec, &arch, &gpus, DeviceKind::Cuda));
     assert_eq!(field, "parallelism.data_parallel");
     assert!(message.contains("CUDA devices"), "{message}");
+    // Nor does the planner search replicas for them.
+    let spec = patched(&job(&data, 1, 1, "1f1b"), r#""data_parallel": "auto""#);
+    let (field, message) = spec_error(plan_job(&spec, &arch, &gpus, DeviceKind::Cuda));
+    assert_eq!(field, "parallelism.data_parallel");
+    assert!(message.contains("on GPUs is not implemented"), "{message}");
+}
+
+/// `spec` with `patch` (a JSON member) first in its `parallelism`.
+fn patched(spec: &JobSpec, patch: &str) -> JobSpec {
+    let text = serde_json::to_string(spec).unwrap();
+    let text = text.replace(
+        r#""parallelism":{"#,
+        &format!(r#""parallelism":{{{patch},"#),
+    );
+    JobSpec::from_json(&text).unwrap()
+}
+
+#[test]
+fn auto_replicas_let_the_planner_pick_stages_x_replicas_and_train_like_one_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let model = |out: &Path| out.join("final/model.safetensors");
+    let one = dir.path().join("pp2-dp1");
+    train(job(&data, 2, 1, "1f1b"), &one);
+    // Four devices, stages and replicas left to the planner: on CPU devices (instant
+    // hand-overs and reductions) replicas beat stages' bubbles, as far as the 4 micro-batches
+    // of the step split.
+    let mut spec = patched(&job(&data, 2, 1, "1f1b"), r#""data_parallel": "auto""#);
+    spec.parallelism.stages = chronospipe::spec::Stages::default();
+    spec.devices = Some("cpu:4x64MiB".into());
+    let auto = dir.path().join("auto");
+    let (run, log) = train(spec.clone(), &auto);
+    let plan = &run.answer.plan;
+    assert_eq!(
+        (plan.devices(), plan.replicas),
+        (1, 4),
+        "{}",
+        crate_describe(&run)
+    );
+    assert_eq!(run.answer.best.data_parallel, 4);
+    assert!(plan.to_string().contains("AR0"), "{plan}");
+    let off = relative(&model(&auto), &model(&one));
+    assert!(off <= 1e-6, "{off:e} from one pipeline");
+    assert_eq!(run.predicted_peaks(), run.measured_peaks());
+    assert_eq!(log.losses.len(), 4);
+    // Stages fixed at 2: the planner fills the devices with replicas of them.
+    spec.parallelism.stages = chronospipe::spec::Stages::Count(2);
+    let run = Run::prepare(spec.clone(), "").unwrap();
+    assert_eq!(
+        (run.answer.plan.devices(), run.answer.plan.replicas),
+        (2, 2)
+    );
+    // Six micro-batches on four devices of one stage: 3 replicas share them, one device idles.
+    spec.parallelism.stages = chronospipe::spec::Stages::Count(1);
+    spec.training.microbatches = 6;
+    let run = Run::prepare(spec, "").unwrap();
+    assert_eq!(run.answer.plan.replicas, 3);
+    assert_eq!(run.measured_peaks().len(), 3);
+}
+
+fn crate_describe(run: &Run) -> String {
+    chronospipe::plan::search::describe(&run.answer.best)
 }
 
 #[test]

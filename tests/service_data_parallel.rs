@@ -63,6 +63,26 @@ async fn a_data_parallel_job_runs_on_all_its_devices(url: &str) {
         "{plan}"
     );
 
+    // "auto": the planner picks stages x replicas over the worker's 4 devices and says so.
+    let mut auto = body(&train);
+    auto["parallelism"]["data_parallel"] = json!("auto");
+    auto["parallelism"]["stages"] = json!("auto");
+    let chosen = server.post("/v1/plans").json(&auto).send().await.unwrap();
+    assert_eq!(chosen.status(), 200);
+    let chosen: Value = chosen.json().await.unwrap();
+    let replicas = &chosen["plan"]["plan"]["replicas"];
+    assert_eq!(
+        chosen["plan"]["best"]["data_parallel"], *replicas,
+        "{chosen}"
+    );
+    assert!(replicas.as_u64().unwrap() > 1, "{chosen}");
+    let (stages, devices) = (&chosen["summary"]["stages"], &chosen["summary"]["devices"]);
+    assert_eq!(
+        stages.as_u64().unwrap() * replicas.as_u64().unwrap(),
+        devices.as_u64().unwrap(),
+        "{chosen}"
+    );
+
     let mut three = body(&train);
     three["parallelism"]["data_parallel"] = json!(3);
     three["training"]["microbatches"] = json!(3);

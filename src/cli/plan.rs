@@ -35,7 +35,9 @@ pub struct Target {
     /// A preset (llama2-70b, llama2-7b, tiny) or a JSON file of model dimensions.
     #[arg(long, required = true)]
     pub model: Option<String>,
-    /// A preset (a100-80g-pp8-tp8, h100-80g-pp8-tp8, cpu-4x1g) or a JSON cluster file.
+    /// A preset (a100-80g-pp8-tp8, h100-80g-pp8-tp8, h100-80g-x8, cpu-4x1g) or a JSON cluster
+    /// file. Stages x replicas are searched: each pipeline degree gets as many replicas as the
+    /// devices and the global batch allow.
     #[arg(long, required = true)]
     pub cluster: Option<String>,
     /// Decoder layers, overriding the model's.
@@ -178,7 +180,7 @@ pub fn run(args: &PlanArgs) -> Result<String, PlanCmdError> {
 fn capacity(args: &CapacityArgs) -> Result<String, PlanCmdError> {
     let (model, cluster) = resolve(&args.target)?;
     let started = Instant::now();
-    let rows = search::capacity(
+    let rows = crate::plan::capacity::capacity(
         &model,
         &cluster,
         args.target.seq_len,

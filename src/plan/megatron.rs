@@ -23,7 +23,7 @@
 //! a SwiGLU MLP (`6sbf`), and Korthikanti leaves out the fp32 norm statistics (`8sb`). The test
 //! `korthikanti_accounting_matches` checks exactly that bookkeeping.
 
-use super::inventory::{DType, MicroShape, ModelDims, Part, PartInventory, StateBytes, TensorSpec};
+use super::tensors::{DType, MicroShape, ModelDims, Part, PartInventory, StateBytes, TensorSpec};
 
 /// 18 bytes per parameter: see the module doc.
 pub const STATE_BYTES: StateBytes = StateBytes {

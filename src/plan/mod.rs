@@ -4,8 +4,9 @@
 //! Entry points:
 //! - `search::search(&Request, &Cluster) -> Answer`: the fastest plan that fits (its `plan`,
 //!   simulation, and the runners-up), or `PlanError::DoesNotFit` with what would fit.
-//! - `search::evaluate(...)`: one fixed configuration (pipeline degree, micro-batch shape,
-//!   schedule, recompute and offload options), built, fitted and simulated.
+//! - `search::evaluate(model, cluster, seq, Config)`: one fixed configuration (pipeline degree,
+//!   replicas, micro-batch shape, schedule, recompute and offload options), built, reduced
+//!   across its replicas, fitted and simulated.
 //! - `schedule::build(kind, devices, microbatches, layers) -> Plan`, then optionally
 //!   `policy::apply` to add recompute/offload, for callers that choose the schedule themselves.
 //! - `ir::Plan` and `ir::Action`: what the executor runs (text form in `ir`'s doc);
@@ -13,14 +14,18 @@
 //! - `reduction::with_gradient_reduction(plan, replicas)`: the plan run by that many
 //!   data-parallel replicas, each chunk's gradients reduced across them.
 //! - `memory::chunk_memory`: per chunk and action kind, the bytes the executor must measure.
-//! - `search::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
+//! - `capacity::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
 //!
-//! One concept per module: `cost` (parameters, FLOPs, shape checks), `inventory` and
-//! `megatron` (tensors per part and profile), `memory`, `ir`, `schedule`, `reduction`, `validate`,
-//! `simulate`, `policy`, `search`, `presets`, `render`, `error`.
+//! One concept per module: `tensors` (the inventories' vocabulary), `cost` (parameters, FLOPs,
+//! shape checks), `inventory` and `megatron` (tensors per part and profile), `memory`, `ir`,
+//! `residence` (where groups start a step), `hardware` (devices, links, transfer times),
+//! `schedule`, `reduction`, `validate`, `simulate`, `policy`, `search`, `capacity`, `presets`,
+//! `render`, `error`.
 
+pub mod capacity;
 pub mod cost;
 pub mod error;
+pub mod hardware;
 pub mod inventory;
 pub mod ir;
 pub mod megatron;
@@ -29,9 +34,11 @@ pub mod policy;
 pub mod presets;
 pub mod reduction;
 pub mod render;
+pub mod residence;
 pub mod schedule;
 pub mod search;
 pub mod simulate;
+pub mod tensors;
 pub mod validate;
 
 pub use error::PlanError;

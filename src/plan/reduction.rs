@@ -4,7 +4,6 @@
 
 use super::error::PlanError;
 use super::ir::{Action, Plan};
-use super::simulate::Hardware;
 
 /// `plan` run by `replicas` data-parallel copies: `AR<c>` goes right after chunk `c`'s last
 /// backward (and the send of that backward's input gradient, so the upstream device is not
@@ -50,16 +49,6 @@ pub fn with_gradient_reduction(plan: Plan, replicas: u32) -> Result<Plan, PlanEr
     })
 }
 
-/// Seconds of a ring all-reduce of `bytes` over `replicas` devices on the p2p links.
-pub fn reduction_s(replicas: u32, bytes: u64, hw: &Hardware) -> f64 {
-    if replicas < 2 {
-        return 0.0;
-    }
-    let r = replicas as f64;
-    let moved = 2.0 * (r - 1.0) / r * bytes as f64;
-    moved / hw.p2p_bytes_per_s.max(1.0) + 2.0 * (r - 1.0) * hw.p2p_latency_s
-}
-
 fn is_reduce(a: &Action) -> bool {
     matches!(a, Action::Reduce { .. })
 }
@@ -81,6 +70,7 @@ fn last_backwards(program: &[Action]) -> Vec<(usize, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::hardware::Hardware;
     use crate::plan::schedule::{ScheduleKind, build};
     use crate::plan::validate::validate;
 

@@ -5,8 +5,9 @@
 
 use std::fmt::Write;
 
+use super::capacity::CapacityRow;
 use super::ir::{Action, Plan};
-use super::search::{Answer, CapacityRow, describe};
+use super::search::{Answer, describe};
 use super::simulate::Simulation;
 
 fn gib(b: u64) -> f64 {
@@ -19,6 +20,26 @@ pub fn text(answer: &Answer) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "plan: {}", describe(b));
     let _ = writeln!(s, "      {}", b.choices);
+    let plan = &answer.plan;
+    if plan.replicas > 1 {
+        let reduce_s: f64 = (plan.programs.iter().zip(&answer.sim.devices))
+            .map(|(program, dev)| {
+                (program.iter().zip(&dev.spans))
+                    .filter(|(a, _)| matches!(a, Action::Reduce { .. }))
+                    .map(|(_, (t0, t1))| t1 - t0)
+                    .sum::<f64>()
+            })
+            .fold(0.0, f64::max);
+        let _ = writeln!(
+            s,
+            "      {} replicas x {} stages on {} devices; each chunk's gradients summed across \
+             the replicas (AR) after its last backward: {reduce_s:.3} s of the step on the \
+             busiest device",
+            plan.replicas,
+            plan.devices(),
+            plan.total_devices()
+        );
+    }
     let _ = writeln!(
         s,
         "step {:.3} s, {:.0} tokens/s, bubble {:.1}%, prefetch stall {:.3} s, peak {:.2} GiB of {:.2} GiB usable",

@@ -1,6 +1,8 @@
 //! The search: for a model, a cluster, a sequence length and a batch, every pipeline degree,
-//! micro-batch size, schedule and recompute/offload option is planned, fitted by the policy
-//! pass and simulated; the fastest plan whose every device fits wins. The answer keeps the
+//! micro-batch size, schedule and recompute/offload option is planned with as many
+//! data-parallel replicas as the devices and the global batch allow (each chunk's gradients
+//! reduced across them by `AR` actions), fitted by the policy pass and simulated; the fastest
+//! plan whose every device fits wins. The answer keeps the
 //! runners-up and says why each lost; when nothing fits, a typed error names the smallest
 //! memory per device that would have fitted the closest configuration.
 
@@ -12,8 +14,9 @@ use super::inventory::{MicroShape, ModelDims};
 use super::ir::Plan;
 use super::policy::{Budget, Choices, Offload, Recompute, apply};
 use super::presets::Cluster;
-use super::schedule::{ScheduleKind, build};
-use super::simulate::{Simulation, chunk_costs};
+use super::reduction::with_gradient_reduction;
+use super::schedule::{ScheduleKind, build, registry};
+use super::simulate::{ChunkCost, Simulation, chunk_costs, simulate};
 
 /// What to plan.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -27,7 +30,9 @@ pub struct Request {
     /// Fixed micro-batches per replica: with a fixed micro-batch size the global batch
     /// follows from it, otherwise the micro-batch size does.
     pub microbatches: Option<u32>,
-    /// Fixed pipeline degree; every divisor of devices / tensor parallel when `None`.
+    /// Fixed pipeline degree; every divisor of devices / tensor parallel when `None`. Each
+    /// degree `p` gets the most replicas `r` with `p x r` at most devices / tensor parallel
+    /// whose share of the global batch is whole (so a cluster of `p x r` devices fixes both).
     pub pipeline: Option<u32>,
     /// Fixed schedule; 1f1b, interleaved:2 and chronos when `None`.
     pub schedule: Option<ScheduleKind>,
@@ -83,77 +88,62 @@ pub struct Evaluated {
     pub choices: Choices,
 }
 
+/// One configuration: everything that makes a plan besides the model and the devices.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    pub pipeline: u32,
+    /// Replicas of the pipeline, each on its own devices, gradients reduced across them.
+    pub data_parallel: u32,
+    pub micro_batch_size: u32,
+    /// Micro-batches per replica.
+    pub microbatches: u32,
+    pub schedule: ScheduleKind,
+    pub recompute: Recompute,
+    pub offload: Offload,
+}
+
 /// A configuration built and simulated before fitting: its speed then bounds what fitting
 /// (which only adds recomputes and copies) can reach.
 struct Prepared {
-    pipeline: u32,
-    data_parallel: u32,
-    micro_batch_size: u32,
-    microbatches: u32,
-    schedule: ScheduleKind,
-    recompute: Recompute,
-    offload: Offload,
+    config: Config,
     plan: Plan,
-    costs: Vec<super::simulate::ChunkCost>,
-    allreduce_s: f64,
+    costs: Vec<ChunkCost>,
     tokens: f64,
     best_tokens_per_s: f64,
 }
 
-#[allow(clippy::too_many_arguments)]
 fn prepare(
     model: &ModelDims,
     cluster: &Cluster,
     seq: u32,
-    pipeline: u32,
-    micro_batch_size: u32,
-    microbatches: u32,
-    schedule: ScheduleKind,
-    recompute: Recompute,
-    offload: Offload,
+    config: Config,
 ) -> Result<Prepared, PlanError> {
+    let Config {
+        pipeline,
+        data_parallel,
+        micro_batch_size,
+        microbatches,
+        schedule,
+        ..
+    } = config;
     let profile = cluster.profile();
     let micro = MicroShape {
         batch: micro_batch_size as usize,
         seq: seq as usize,
     };
     cost::validate(profile, model, micro)?;
-    let plan = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    let one = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    let plan = with_gradient_reduction(one, data_parallel)?;
     let hw = cluster.hardware();
     let costs = chunk_costs(&plan, profile, model, micro, &hw);
-    let dp = cluster.devices / cluster.tensor_parallel / pipeline;
-    // Data-parallel replicas all-reduce gradients after the step (ring: 2(dp-1)/dp of them).
-    let grad_bytes = (0..plan.devices() as u32)
-        .map(|d| {
-            plan.chunks
-                .iter()
-                .zip(&costs)
-                .filter(|(c, _)| c.device == d)
-                .map(|(_, k)| k.grad_bytes)
-                .sum::<u64>()
-        })
-        .max()
-        .unwrap_or(0);
-    let allreduce_s = if dp > 1 {
-        2.0 * (dp - 1) as f64 / dp as f64 * grad_bytes as f64 / hw.p2p_bytes_per_s
-    } else {
-        0.0
-    };
-    let tokens = dp as f64 * microbatches as f64 * micro_batch_size as f64 * seq as f64;
-    let base = super::simulate::simulate(&plan, &costs, &hw, false)?;
+    let tokens = data_parallel as f64 * microbatches as f64 * micro_batch_size as f64 * seq as f64;
+    let base = simulate(&plan, &costs, &hw, false)?;
     Ok(Prepared {
-        pipeline,
-        data_parallel: dp,
-        micro_batch_size,
-        microbatches,
-        schedule,
-        recompute,
-        offload,
+        config,
         plan,
         costs,
-        allreduce_s,
         tokens,
-        best_tokens_per_s: tokens / (base.step_time_s + allreduce_s).max(f64::MIN_POSITIVE),
+        best_tokens_per_s: tokens / base.step_time_s.max(f64::MIN_POSITIVE),
     })
 }
 
@@ -165,17 +155,18 @@ fn fit(prepared: Prepared, cluster: &Cluster) -> Result<Evaluated, PlanError> {
         host_bytes: cluster.host_memory_bytes,
     };
     let p = prepared;
-    let applied = apply(&p.plan, &p.costs, &hw, budget, p.recompute, p.offload)?;
+    let c = p.config;
+    let applied = apply(&p.plan, &p.costs, &hw, budget, c.recompute, c.offload)?;
     let sim = applied.sim;
-    let step = sim.step_time_s + p.allreduce_s;
+    let step = sim.step_time_s;
     let candidate = Candidate {
-        pipeline: p.pipeline,
-        data_parallel: p.data_parallel,
-        schedule: p.schedule.to_string(),
-        micro_batch_size: p.micro_batch_size,
-        microbatches: p.microbatches,
-        recompute: p.recompute,
-        offload: p.offload,
+        pipeline: c.pipeline,
+        data_parallel: c.data_parallel,
+        schedule: c.schedule.to_string(),
+        micro_batch_size: c.micro_batch_size,
+        microbatches: c.microbatches,
+        recompute: c.recompute,
+        offload: c.offload,
         choices: applied.choices.to_string(),
         fits: applied.fits,
         peak_bytes: sim.peak_bytes(),
@@ -200,30 +191,13 @@ fn fit(prepared: Prepared, cluster: &Cluster) -> Result<Evaluated, PlanError> {
 }
 
 /// Plans one configuration: build, fit, simulate.
-#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     model: &ModelDims,
     cluster: &Cluster,
     seq: u32,
-    pipeline: u32,
-    micro_batch_size: u32,
-    microbatches: u32,
-    schedule: ScheduleKind,
-    recompute: Recompute,
-    offload: Offload,
+    config: Config,
 ) -> Result<Evaluated, PlanError> {
-    let p = prepare(
-        model,
-        cluster,
-        seq,
-        pipeline,
-        micro_batch_size,
-        microbatches,
-        schedule,
-        recompute,
-        offload,
-    )?;
-    fit(p, cluster)
+    fit(prepare(model, cluster, seq, config)?, cluster)
 }
 
 fn divisors(n: u32) -> Vec<u32> {
@@ -239,6 +213,21 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
         seq: req.seq_len as usize,
     };
     cost::validate(cluster.profile(), &req.model, micro_probe)?;
+    let (prepared, first_error) = prepare_all(req, cluster)?;
+    let (tried, pruned) = fit_fastest(prepared, cluster)?;
+    if tried.is_empty() {
+        return Err(first_error
+            .unwrap_or_else(|| PlanError::invalid("pipeline", "no configuration could be built")));
+    }
+    rank(tried, pruned, cluster.budget_bytes())
+}
+
+/// Every configuration the request allows, built and simulated unfitted; and the first
+/// error met, for when none could be built.
+fn prepare_all(
+    req: &Request,
+    cluster: &Cluster,
+) -> Result<(Vec<Prepared>, Option<PlanError>), PlanError> {
     let stages = cluster.devices / cluster.tensor_parallel;
     let pipelines = match req.pipeline {
         Some(p) => {
@@ -252,18 +241,86 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
         }
         None => divisors(stages),
     };
-    let schedules = |p: u32| -> Vec<ScheduleKind> {
-        match req.schedule {
-            Some(s) => vec![s],
-            None if p == 1 => vec![ScheduleKind::OneFOneB],
-            None => vec![
-                ScheduleKind::OneFOneB,
-                ScheduleKind::Interleaved {
-                    chunks_per_device: 2,
-                },
-                ScheduleKind::Chronos { in_flight: 0 },
-            ],
+    let mut prepared: Vec<Prepared> = Vec::new();
+    let mut first_error = None;
+    for &p in &pipelines {
+        for (dp, b, m) in shapes(req, stages / p, &mut first_error) {
+            if m == 0 {
+                first_error.get_or_insert(PlanError::invalid(
+                    "global_batch",
+                    format!(
+                        "{} sequences cannot give each of {dp} replicas a micro-batch of {b}",
+                        req.global_batch
+                    ),
+                ));
+                continue;
+            }
+            for config in configs(req, (p, dp), b, m) {
+                match prepare(&req.model, cluster, req.seq_len, config) {
+                    Ok(e) => prepared.push(e),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
         }
+    }
+    Ok((prepared, first_error))
+}
+
+/// (replicas, micro-batch size, micro-batches per replica) for a pipeline degree that leaves
+/// room for at most `most` replicas: the most replicas whose share of the request's global
+/// batch is whole (0 micro-batches where it is too small); what cannot split is noted in
+/// `first_error`. With both the micro-batch size and count fixed, the global batch follows
+/// from them and every replica that fits runs.
+fn shapes(req: &Request, most: u32, first_error: &mut Option<PlanError>) -> Vec<(u32, u32, u32)> {
+    let global = req.global_batch;
+    // The most replicas (up to `most`) that split the global batch into whole shares of `unit`.
+    let replicas = |unit: u32| (1..=most).rev().find(|r| global.is_multiple_of(r * unit));
+    match (req.micro_batch_size, req.microbatches) {
+        (Some(b), Some(m)) => vec![(most, b, m)],
+        // The global batch stays fixed; so the micro-batch size follows, when it can.
+        (None, Some(m)) => match replicas(m).filter(|_| m > 0) {
+            Some(r) => vec![(r, global / (r * m), m)],
+            None => {
+                first_error.get_or_insert(PlanError::invalid(
+                    "microbatches",
+                    format!(
+                        "{m} micro-batches per replica do not divide a global batch of {global} over {most} replicas or fewer"
+                    ),
+                ));
+                Vec::new()
+            }
+        },
+        (Some(b), None) => match replicas(b).filter(|_| b > 0) {
+            Some(r) => vec![(r, b, global / (r * b))],
+            None => {
+                first_error.get_or_insert(PlanError::invalid(
+                    "global_batch",
+                    format!(
+                        "{global} sequences do not split into micro-batches of {b} over {most} replicas or fewer"
+                    ),
+                ));
+                Vec::new()
+            }
+        },
+        (None, None) => [1, 2, 4, 8]
+            .into_iter()
+            .filter_map(|b| replicas(b).map(|r| (r, b, global / (r * b))))
+            .collect(),
+    }
+}
+
+/// The schedules and recompute/offload options the request allows for a shape.
+fn configs(
+    req: &Request,
+    (pipeline, data_parallel): (u32, u32),
+    micro_batch_size: u32,
+    microbatches: u32,
+) -> Vec<Config> {
+    let schedules = match req.schedule {
+        Some(s) => vec![s],
+        None => registry::searched(pipeline),
     };
     // Chronos recompute that is not needed recomputes nothing, so it covers `none`; `full`
     // is what it ends at when everything must go.
@@ -275,60 +332,32 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
         Offload::Auto => vec![Offload::None, Offload::Chronos],
         o => vec![o],
     };
-    let mut prepared: Vec<Prepared> = Vec::new();
-    let mut first_error = None;
-    for &p in &pipelines {
-        let dp = stages / p;
-        let shapes: Vec<(u32, u32)> = match (req.micro_batch_size, req.microbatches) {
-            (Some(b), Some(m)) => vec![(b, m)],
-            // The global batch stays fixed; so the micro-batch size follows, when it can.
-            (None, Some(m)) if m > 0 && req.global_batch.is_multiple_of(dp * m) => {
-                vec![(req.global_batch / (dp * m), m)]
-            }
-            (None, Some(m)) => {
-                first_error.get_or_insert(PlanError::invalid(
-                    "microbatches",
-                    format!(
-                        "{m} micro-batches per replica do not divide a global batch of {} over {dp} replicas",
-                        req.global_batch
-                    ),
-                ));
-                continue;
-            }
-            (Some(b), None) => vec![(b, req.global_batch / dp / b.max(1))],
-            (None, None) => [1, 2, 4, 8]
-                .into_iter()
-                .filter(|b| req.global_batch.is_multiple_of(dp * b))
-                .map(|b| (b, req.global_batch / (dp * b)))
-                .collect(),
-        };
-        for (b, m) in shapes {
-            if m == 0 {
-                first_error.get_or_insert(PlanError::invalid(
-                    "global_batch",
-                    format!(
-                        "{} sequences cannot give each of {dp} replicas a micro-batch of {b}",
-                        req.global_batch
-                    ),
-                ));
-                continue;
-            }
-            for s in schedules(p) {
-                for &r in &recomputes {
-                    for &o in &offloads {
-                        match prepare(&req.model, cluster, req.seq_len, p, b, m, s, r, o) {
-                            Ok(e) => prepared.push(e),
-                            Err(e) => {
-                                first_error.get_or_insert(e);
-                            }
-                        }
-                    }
-                }
+    let mut out = Vec::new();
+    for &schedule in &schedules {
+        for &recompute in &recomputes {
+            for &offload in &offloads {
+                out.push(Config {
+                    pipeline,
+                    data_parallel,
+                    micro_batch_size,
+                    microbatches,
+                    schedule,
+                    recompute,
+                    offload,
+                });
             }
         }
     }
-    // Fit the fastest unfitted configurations first; once one fits, any configuration whose
-    // unfitted speed is no better cannot win, since fitting only adds work.
+    out
+}
+
+/// Fits the fastest unfitted configurations first; once one fits, any configuration whose
+/// unfitted speed is no better cannot win, since fitting only adds work. Returns what was
+/// fitted and how many were pruned.
+fn fit_fastest(
+    mut prepared: Vec<Prepared>,
+    cluster: &Cluster,
+) -> Result<(Vec<Evaluated>, usize), PlanError> {
     prepared.sort_by(|a, b| b.best_tokens_per_s.total_cmp(&a.best_tokens_per_s));
     let mut tried: Vec<Evaluated> = Vec::new();
     let mut best_fit = 0.0f64;
@@ -351,11 +380,12 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
         }
         tried.push(e);
     }
-    if tried.is_empty() {
-        return Err(first_error
-            .unwrap_or_else(|| PlanError::invalid("pipeline", "no configuration could be built")));
-    }
-    let budget = cluster.budget_bytes();
+    Ok((tried, pruned))
+}
+
+/// The answer from the fitted configurations (at least one): the fastest that fits and the
+/// runners-up, or what would have fitted the closest.
+fn rank(mut tried: Vec<Evaluated>, pruned: usize, budget: u64) -> Result<Answer, PlanError> {
     tried.sort_by(|a, b| {
         let (a, b) = (&a.candidate, &b.candidate);
         b.fits
@@ -371,6 +401,7 @@ pub fn search(req: &Request, cluster: &Cluster) -> Result<Answer, PlanError> {
         let c = &e.candidate;
         seen.insert((
             c.pipeline,
+            c.data_parallel,
             c.schedule.clone(),
             c.micro_batch_size,
             c.microbatches,
@@ -449,6 +480,13 @@ fn why_lost(c: &Candidate, best: &Candidate, budget: u64) -> String {
     if c.prefetch_stall_s > best.prefetch_stall_s + 1e-3 {
         reasons.push(format!("waits {:.3} s on prefetches", c.prefetch_stall_s));
     }
+    let (devices, best_devices) = (
+        c.pipeline * c.data_parallel,
+        best.pipeline * best.data_parallel,
+    );
+    if devices < best_devices {
+        reasons.push(format!("runs on {devices} of {best_devices} devices"));
+    }
     if c.data_parallel > 1 && c.data_parallel != best.data_parallel {
         reasons.push(format!("{}-way gradient all-reduce", c.data_parallel));
     }
@@ -456,232 +494,6 @@ fn why_lost(c: &Candidate, best: &Candidate, budget: u64) -> String {
         reasons.push("equal on every count; ranked by order".into());
     }
     format!("{slower:.1}% slower: {}", reasons.join(", "))
-}
-
-/// One row of `plan capacity`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CapacityRow {
-    pub name: String,
-    pub max_layers: u32,
-    pub params: u64,
-    pub tokens_per_s: f64,
-    pub peak_bytes: u64,
-    /// tokens/s x layers: the work rate, comparable across model depths.
-    pub layer_tokens_per_s: f64,
-}
-
-/// The strategies `plan capacity` compares.
-pub fn capacity_strategies() -> Vec<(&'static str, ScheduleKind, Recompute, Offload)> {
-    let chronos = ScheduleKind::Chronos { in_flight: 0 };
-    vec![
-        (
-            "1f1b",
-            ScheduleKind::OneFOneB,
-            Recompute::None,
-            Offload::None,
-        ),
-        (
-            "1f1b+recompute",
-            ScheduleKind::OneFOneB,
-            Recompute::Full,
-            Offload::None,
-        ),
-        // Not one of the paper's strategies: what optimizer and stash offload alone give
-        // 1F1B, to show how much of Chronos' depth is the offload and how much the schedule.
-        (
-            "1f1b+offload",
-            ScheduleKind::OneFOneB,
-            Recompute::None,
-            Offload::Chronos,
-        ),
-        (
-            "interleaved",
-            ScheduleKind::Interleaved {
-                chunks_per_device: 2,
-            },
-            Recompute::None,
-            Offload::None,
-        ),
-        ("chronos-pipe", chronos, Recompute::None, Offload::None),
-        (
-            "chronos-pipe+recomp",
-            chronos,
-            Recompute::Chronos,
-            Offload::None,
-        ),
-        ("chronos", chronos, Recompute::Chronos, Offload::Chronos),
-    ]
-}
-
-/// The work rate `plan capacity` holds Chronos to in its extra row, relative to 1F1B's.
-pub const CAPACITY_RATE_FLOOR: f64 = 0.9;
-
-/// For each strategy, the most decoder layers that fit (all devices in one pipeline, the
-/// model's other dimensions fixed) and the simulated throughput there. A last row gives the
-/// most layers `chronos` fits while its work rate (tokens/s x layers) stays at least
-/// `CAPACITY_RATE_FLOOR` of 1F1B's (scanned, since the rate is not monotone in depth): toward
-/// the plain maximum, recomputing trades speed for depth.
-pub fn capacity(
-    model: &ModelDims,
-    cluster: &Cluster,
-    seq: u32,
-    micro_batch_size: u32,
-    microbatches: u32,
-) -> Result<Vec<CapacityRow>, PlanError> {
-    cluster.validate()?;
-    require_positive("microbatches", microbatches as u64)?;
-    let p = cluster.devices / cluster.tensor_parallel;
-    let strategies = capacity_strategies();
-    let shape = (micro_batch_size, microbatches);
-    let mut rows = Vec::new();
-    for &strategy in &strategies {
-        let least = p * strategy.1.chunks_per_device();
-        rows.push(deepest(
-            model, cluster, seq, p, shape, strategy, least, 0.0,
-        )?);
-    }
-    let floor = CAPACITY_RATE_FLOOR * rows[0].layer_tokens_per_s;
-    let (_, schedule, r, o) = strategies[strategies.len() - 1];
-    // Shallow models pay relatively more for the embedding, head and optimizer step, so the
-    // rate is searched upward from the depth plain chronos-pipe reaches.
-    let pipe_only = rows.iter().find(|r| r.name == "chronos-pipe");
-    let start = pipe_only
-        .map_or(0, |r| r.max_layers)
-        .max(p * schedule.chunks_per_device());
-    let strategy = ("chronos@0.9x-rate", schedule, r, o);
-    // The rate falls with depth but not strictly (recompute decisions come in whole chunks),
-    // so scan every depth from chronos-pipe's up to plain chronos', in steps of one layer per
-    // chunk, then every depth just above the deepest that qualified.
-    let most = rows[rows.len() - 1].max_layers;
-    let step = p * schedule.chunks_per_device();
-    let qualifies = |depth: u32| -> Result<Option<Evaluated>, PlanError> {
-        let m = ModelDims {
-            layers: depth as usize,
-            ..*model
-        };
-        let e = evaluate(&m, cluster, seq, p, shape.0, shape.1, schedule, r, o)?;
-        let ok = e.candidate.fits && e.candidate.tokens_per_s * depth as f64 >= floor;
-        Ok(ok.then_some(e))
-    };
-    let mut best: Option<(u32, Evaluated)> = None;
-    let mut depth = start;
-    while depth <= most {
-        if let Some(e) = qualifies(depth)? {
-            best = Some((depth, e));
-        }
-        depth += step;
-    }
-    if let Some((found, _)) = &best {
-        let found = *found;
-        for depth in (found + 1..found + step).rev() {
-            if let Some(e) = qualifies(depth)? {
-                best = Some((depth, e));
-                break;
-            }
-        }
-    }
-    rows.push(match best {
-        Some((depth, e)) => {
-            let m = ModelDims {
-                layers: depth as usize,
-                ..*model
-            };
-            CapacityRow {
-                name: strategy.0.to_string(),
-                max_layers: depth,
-                params: cost::model_params(&m),
-                tokens_per_s: e.candidate.tokens_per_s,
-                peak_bytes: e.candidate.peak_bytes,
-                layer_tokens_per_s: e.candidate.tokens_per_s * depth as f64,
-            }
-        }
-        None => CapacityRow {
-            name: strategy.0.to_string(),
-            max_layers: 0,
-            params: 0,
-            tokens_per_s: 0.0,
-            peak_bytes: 0,
-            layer_tokens_per_s: 0.0,
-        },
-    });
-    Ok(rows)
-}
-
-/// The most layers that fit with a work rate of at least `min_rate`, found by doubling and
-/// bisecting (fitting, and the rate, fall with depth).
-#[allow(clippy::too_many_arguments)]
-fn deepest(
-    model: &ModelDims,
-    cluster: &Cluster,
-    seq: u32,
-    p: u32,
-    (micro_batch_size, microbatches): (u32, u32),
-    (name, schedule, r, o): (&str, ScheduleKind, Recompute, Offload),
-    least: u32,
-    min_rate: f64,
-) -> Result<CapacityRow, PlanError> {
-    let at = |layers: u32| -> Result<Option<Evaluated>, PlanError> {
-        let m = ModelDims {
-            layers: layers as usize,
-            ..*model
-        };
-        let e = evaluate(
-            &m,
-            cluster,
-            seq,
-            p,
-            micro_batch_size,
-            microbatches,
-            schedule,
-            r,
-            o,
-        )?;
-        let ok = e.candidate.fits && e.candidate.tokens_per_s * layers as f64 >= min_rate;
-        Ok(ok.then_some(e))
-    };
-    let Some(mut best) = at(least)? else {
-        return Ok(CapacityRow {
-            name: name.to_string(),
-            max_layers: 0,
-            params: 0,
-            tokens_per_s: 0.0,
-            peak_bytes: 0,
-            layer_tokens_per_s: 0.0,
-        });
-    };
-    let (mut lo, mut hi) = (least, least * 2);
-    while hi < 1 << 16 {
-        match at(hi)? {
-            Some(e) => {
-                best = e;
-                lo = hi;
-                hi *= 2;
-            }
-            None => break,
-        }
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        match at(mid)? {
-            Some(e) => {
-                best = e;
-                lo = mid;
-            }
-            None => hi = mid,
-        }
-    }
-    let m = ModelDims {
-        layers: lo as usize,
-        ..*model
-    };
-    Ok(CapacityRow {
-        name: name.to_string(),
-        max_layers: lo,
-        params: cost::model_params(&m),
-        tokens_per_s: best.candidate.tokens_per_s,
-        peak_bytes: best.candidate.peak_bytes,
-        layer_tokens_per_s: best.candidate.tokens_per_s * lo as f64,
-    })
 }
 
 #[cfg(test)]

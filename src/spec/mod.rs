@@ -8,6 +8,7 @@ mod evaluation;
 mod model;
 mod parallelism;
 mod rope;
+mod schedule_choice;
 mod training;
 mod validate;
 

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use super::schedule_choice::ScheduleChoice;
 use super::validate::SpecError;
 
 /// The one accepted string for "let the planner choose".
@@ -66,18 +67,6 @@ impl DataParallel {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum ScheduleChoice {
-    #[default]
-    Auto,
-    Gpipe,
-    #[serde(rename = "1f1b")]
-    OneFOneB,
-    Interleaved,
-    Chronos,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
 pub enum RecomputeChoice {
     #[default]
     Auto,
@@ -110,7 +99,8 @@ pub struct ParallelismSpec {
     #[serde(default)]
     pub offload: OffloadChoice,
     /// Copies of the pipeline, each on its own devices and its share of the step's
-    /// micro-batches (`training.microbatches / data_parallel` each); 1 when left out.
+    /// micro-batches (`training.microbatches / data_parallel` each); 1 when left out;
+    /// `"auto"` (CPU devices): the planner picks stages x replicas for the fastest plan.
     #[serde(default, skip_serializing_if = "DataParallel::is_one")]
     pub data_parallel: DataParallel,
     /// Each replica keeps 1/data_parallel of the optimizer state (not implemented yet: only
@@ -149,17 +139,11 @@ impl ParallelismSpec {
                 "must be at least 1, or \"auto\"",
             ));
         }
-        match self.data_parallel {
-            DataParallel::Count(0) => errors.push(SpecError::new(
+        if self.data_parallel == DataParallel::Count(0) {
+            errors.push(SpecError::new(
                 "parallelism.data_parallel",
                 "must be at least 1 (1: one pipeline, no data parallelism)",
-            )),
-            DataParallel::Auto(_) => errors.push(SpecError::new(
-                "parallelism.data_parallel",
-                "\"auto\" is not implemented yet: the planner does not search data parallelism \
-                 for runs; name a count that divides the devices and training.microbatches",
-            )),
-            DataParallel::Count(_) => {}
+            ));
         }
         if self.shard_optimizer == Some(true) {
             errors.push(SpecError::new(
@@ -173,6 +157,8 @@ impl ParallelismSpec {
                 "parallelism.chunks_per_stage",
                 "must be at least 1, or left out",
             ));
+        } else if let Err(e) = self.schedule.kind(self.chunks_per_stage) {
+            errors.push(e);
         }
     }
 }

@@ -44,6 +44,7 @@ use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::train::StepReport;
 use crate::plan::ir::{Action, Group, Plan};
+use crate::plan::residence::StartingPlaces;
 use crate::plan::validate::validate;
 
 pub use chunk::ChunkState;
@@ -489,6 +490,7 @@ fn place_replica<E: Engine>(
 ) -> Result<Vec<(u32, ChunkState<E>)>, PipelineError> {
     let mut placed = Vec::with_capacity(plan.chunks.len());
     let mut parts = parts.into_iter();
+    let starting = StartingPlaces::of(plan);
     for (index, spec) in plan.chunks.iter().enumerate() {
         let count = spec.layers() as usize + usize::from(spec.embedding) + usize::from(spec.head);
         let device = first_device + spec.device;
@@ -511,16 +513,7 @@ fn place_replica<E: Engine>(
             .into_iter()
             .chain((0..plan.optimizer_slices).map(|slice| Group::Optimizer { chunk, slice }));
         for group in groups {
-            let last_move =
-                plan.programs[spec.device as usize]
-                    .iter()
-                    .rev()
-                    .find_map(|a| match a {
-                        Action::Offload(g) if *g == group => Some(true),
-                        Action::Prefetch(g) if *g == group => Some(false),
-                        _ => None,
-                    });
-            if last_move != Some(true) {
+            if !starting.on_host(group) {
                 state.place(engine, device, group, pool, false)?;
             }
         }

@@ -1,51 +1,71 @@
-//! Data parallelism for a run: how many replicas the spec asks for on these devices, and the
-//! planned pipeline made into their plan (each chunk's gradients reduced across them).
+//! Data parallelism for a run: how many of the devices the planner may use and whether it
+//! picks the pipeline degree. The planner gives each degree as many replicas as those devices
+//! and the step's micro-batches allow, so a count of replicas is fixed by handing it exactly
+//! stages x replicas devices, and `"auto"` by handing it every device.
 
-use crate::plan::inventory::MicroShape;
-use crate::plan::presets::Cluster;
-use crate::plan::reduction::with_gradient_reduction;
-use crate::plan::search::{Answer, Request};
-use crate::plan::simulate::{chunk_costs, simulate};
 use crate::spec::{JobSpec, SpecError};
 
 use super::{DeviceKind, RunError};
 
-/// The replica count `spec` asks for over `available` devices of `kind`: refused by field
-/// when the kind cannot run it, or when stages are "auto" and it does not divide the devices. (`"auto"`, zero, and a share of
-/// micro-batches that does not divide are refused by the spec's own validation.)
-pub fn replica_count(
-    spec: &JobSpec,
-    available: usize,
-    kind: DeviceKind,
-) -> Result<usize, RunError> {
+/// What the planner gets to choose from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// The pipeline degree; `None`: the planner searches it.
+    pub pipeline: Option<usize>,
+    /// The devices the planner may use (the first of the set).
+    pub devices: usize,
+}
+
+/// The layout `spec` asks for over `available` devices of `kind`: refused by field when the
+/// kind cannot run it or the devices cannot hold it. (Zero replicas, and a count that does
+/// not divide the step's micro-batches, are refused by the spec's own validation.)
+pub fn layout(spec: &JobSpec, available: usize, kind: DeviceKind) -> Result<Layout, RunError> {
     let field = "parallelism.data_parallel";
+    let stages = spec.parallelism.stages.count();
+    let refuse =
+        |field: &str, message: String| RunError::Spec(vec![SpecError::new(field, message)]);
     let Some(dp) = spec.parallelism.data_parallel.count() else {
-        return Err(RunError::Spec(vec![SpecError::new(
-            field,
-            "\"auto\" is not implemented yet; name a count",
-        )]));
+        if kind == DeviceKind::Cuda {
+            return Err(refuse(
+                field,
+                "\"auto\" searches replicas, and data parallelism on GPUs is not implemented \
+                 yet: use 1, or CPU devices such as `cpu:4x256MiB`"
+                    .into(),
+            ));
+        }
+        return match stages {
+            None => Ok(Layout {
+                pipeline: None,
+                devices: available,
+            }),
+            Some(s) if s > available => Err(refuse(
+                "parallelism.stages",
+                format!("{s} stages need {s} devices but {available} are available"),
+            )),
+            Some(s) => Ok(Layout {
+                pipeline: Some(s),
+                devices: s * (available / s),
+            }),
+        };
     };
-    if dp <= 1 {
-        return Ok(1);
-    }
-    if kind == DeviceKind::Cuda {
-        return Err(RunError::Spec(vec![SpecError::new(
+    if dp > 1 && kind == DeviceKind::Cuda {
+        return Err(refuse(
             field,
             format!(
                 "{dp} replicas on CUDA devices: data parallelism on GPUs is not implemented \
                  yet; use 1, or CPU devices such as `cpu:{}x256MiB`",
                 2 * dp
             ),
-        )]));
+        ));
     }
-    // With a stage count given, `plan_job` checks that stages x replicas devices are there;
-    // only "auto" stages share every device out, and need the replicas to divide them.
-    if spec.parallelism.stages.count().is_none() && !available.is_multiple_of(dp) {
+    let dp = dp.max(1);
+    // Only "auto" stages share every device out, and need the replicas to divide them.
+    if stages.is_none() && !available.is_multiple_of(dp) {
         let fits: Vec<String> = (1..=available)
             .filter(|n| available.is_multiple_of(*n))
             .map(|n| n.to_string())
             .collect();
-        return Err(RunError::Spec(vec![SpecError::new(
+        return Err(refuse(
             field,
             format!(
                 "{dp} replicas do not divide the {available} devices equally; use one of {}, \
@@ -53,33 +73,26 @@ pub fn replica_count(
                 fits.join(", "),
                 available.next_multiple_of(dp)
             ),
-        )]));
+        ));
     }
-    Ok(dp)
-}
-
-/// `answer` (one replica's plan, searched on `cluster` for `request`) run by `replicas`
-/// copies: the reductions added and the plan simulated again with them.
-pub fn replicate(
-    answer: Answer,
-    replicas: usize,
-    request: &Request,
-    cluster: &Cluster,
-) -> Result<Answer, RunError> {
-    if replicas <= 1 {
-        return Ok(answer);
+    let per_replica = available / dp;
+    let stages = stages.unwrap_or(per_replica);
+    if stages > per_replica {
+        let need = if dp == 1 {
+            format!("{stages} stages need {stages} devices")
+        } else {
+            format!(
+                "{stages} stages x {dp} replicas need {} devices",
+                stages * dp
+            )
+        };
+        return Err(refuse(
+            "parallelism.stages",
+            format!("{need} but {available} are available"),
+        ));
     }
-    let plan = with_gradient_reduction(answer.plan, replicas as u32)?;
-    let micro = MicroShape {
-        batch: answer.best.micro_batch_size as usize,
-        seq: request.seq_len as usize,
-    };
-    let hw = cluster.hardware();
-    let costs = chunk_costs(&plan, cluster.profile(), &request.model, micro, &hw);
-    let sim = simulate(&plan, &costs, &hw, false)?;
-    Ok(Answer {
-        plan,
-        sim,
-        ..answer
+    Ok(Layout {
+        pipeline: Some(stages),
+        devices: stages * dp,
     })
 }

@@ -27,7 +27,7 @@ use crate::spec::{
 };
 
 use super::host_budget::search_within_host;
-use super::replicas::{replica_count, replicate};
+use super::replicas;
 use super::{Placement, Run, RunError, ValidationSet};
 
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
@@ -113,8 +113,9 @@ pub fn gpu_precision(precision: PrecisionSpec) -> Precision {
 }
 
 /// The fastest plan for `spec` on the first `stages` x `data_parallel` of `devices` (all of
-/// them when the spec's stages are `auto`) whose predicted peak fits each device's budget,
-/// with the memory layout of the backend that will run it (`kind`, at the spec's precision).
+/// them when the spec's stages are `auto`; with `"auto"` replicas, the fastest stages x
+/// replicas that the devices hold) whose predicted peak fits each device's budget, with the
+/// memory layout of the backend that will run it (`kind`, at the spec's precision).
 pub fn plan_job(
     spec: &JobSpec,
     arch: &ModelArch,
@@ -125,24 +126,7 @@ pub fn plan_job(
     if kind == DeviceKind::Cuda {
         check_cuda_model(arch)?;
     }
-    let available = devices.devices.len();
-    let replicas = replica_count(spec, available, kind)?;
-    let per_replica = available / replicas;
-    let stages = spec.parallelism.stages.count().unwrap_or(per_replica);
-    if stages > per_replica {
-        let need = if replicas == 1 {
-            format!("{stages} stages need {stages} devices")
-        } else {
-            format!(
-                "{stages} stages x {replicas} replicas need {} devices",
-                stages * replicas
-            )
-        };
-        return Err(RunError::Spec(vec![SpecError::new(
-            "parallelism.stages",
-            format!("{need} but {available} are available"),
-        )]));
-    }
+    let room = replicas::layout(spec, devices.devices.len(), kind)?;
     let budget = devices.devices[0].budget() as u64;
     let t = &spec.training;
     let p = &spec.parallelism;
@@ -151,17 +135,9 @@ pub fn plan_job(
         seq_len: t.seq_len as u32,
         global_batch: t.sequences_per_step() as u32,
         micro_batch_size: Some(t.micro_batch_size as u32),
-        microbatches: Some((t.microbatches / replicas) as u32),
-        pipeline: Some(stages as u32),
-        schedule: match p.schedule {
-            ScheduleChoice::Auto => None,
-            ScheduleChoice::Gpipe => Some(ScheduleKind::Gpipe),
-            ScheduleChoice::OneFOneB => Some(ScheduleKind::OneFOneB),
-            ScheduleChoice::Interleaved => Some(ScheduleKind::Interleaved {
-                chunks_per_device: p.chunks_per_stage.unwrap_or(2) as u32,
-            }),
-            ScheduleChoice::Chronos => Some(ScheduleKind::Chronos { in_flight: 0 }),
-        },
+        microbatches: None,
+        pipeline: room.pipeline.map(|s| s as u32),
+        schedule: (p.schedule.kind(p.chunks_per_stage)).map_err(|e| RunError::Spec(vec![e]))?,
         recompute: match p.recompute {
             RecomputeChoice::Auto => Recompute::Auto,
             RecomputeChoice::None => Recompute::None,
@@ -174,13 +150,12 @@ pub fn plan_job(
             OffloadChoice::Chronos => Offload::Chronos,
         },
     };
-    let used = (stages * replicas) as u32;
+    let used = room.devices as u32;
     let mut cluster = match kind {
         DeviceKind::Cuda => Cluster::cuda(used, budget, profile),
         DeviceKind::Cpu => Cluster::cpu(used, budget),
     };
-    let answer = search_within_host(&request, &mut cluster, devices.host.budget())?;
-    replicate(answer, replicas, &request, &cluster)
+    search_within_host(&request, &mut cluster, devices.host.budget())
 }
 
 /// How much of a GPU's free memory a run leaves alone: the CUDA context's own allocations,
@@ -228,7 +203,8 @@ fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
             "data parallelism on GPUs is not implemented yet: use 1",
         ));
     }
-    if !matches!(p.schedule, ScheduleChoice::Auto | ScheduleChoice::OneFOneB) {
+    let one_f_one_b = ScheduleChoice::of(ScheduleKind::OneFOneB);
+    if p.schedule != ScheduleChoice::Auto && p.schedule != one_f_one_b {
         errors.push(SpecError::new("parallelism.schedule", why));
     }
     if !matches!(p.recompute, RecomputeChoice::Auto | RecomputeChoice::None) {
@@ -242,7 +218,7 @@ fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
     }
     let mut one = spec.clone();
     one.parallelism.stages = Stages::Count(1);
-    one.parallelism.schedule = ScheduleChoice::OneFOneB;
+    one.parallelism.schedule = one_f_one_b;
     one.parallelism.recompute = RecomputeChoice::None;
     one.parallelism.offload = OffloadChoice::None;
     Ok(one)

@@ -18,13 +18,31 @@
 //! passes in the order of their planned times; since a pass's inputs are planned strictly
 //! earlier, that order cannot deadlock.
 
-use super::Slot;
+use super::kind::{Knob, Layout, Schedule, ScheduleKind, Slot};
 use crate::plan::error::PlanError;
+
+pub(super) const SCHEDULE: Schedule = Schedule {
+    name: "chronos",
+    knob: Some(Knob {
+        placeholder: "K",
+        default: 0,
+        is_chunks_per_device: false,
+    }),
+    searched: true,
+    kind: |k| ScheduleKind::Chronos { in_flight: k },
+    chunks_per_device: |_| 2,
+    layout: |p, k, m| {
+        Ok(Layout {
+            placement: placement(p),
+            order: order(p, m, k)?,
+        })
+    },
+};
 
 const F_UNITS: u64 = 1;
 const B_UNITS: u64 = 2;
 
-pub(super) fn placement(p: u32) -> Vec<u32> {
+fn placement(p: u32) -> Vec<u32> {
     (0..2 * p)
         .map(|c| if c < p { c } else { 2 * p - 1 - c })
         .collect()
@@ -151,7 +169,7 @@ impl Search<'_> {
     }
 }
 
-pub(super) fn order(p: u32, m: u32, in_flight: u32) -> Result<Vec<Vec<Slot>>, PlanError> {
+fn order(p: u32, m: u32, in_flight: u32) -> Result<Vec<Vec<Slot>>, PlanError> {
     let b = block(p);
     // 0: as many in flight as the steady state takes.
     let period = match in_flight {

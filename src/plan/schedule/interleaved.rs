@@ -4,8 +4,28 @@
 //! forwards (capped at m*v), then alternates, then drains. Megatron requires m to be a
 //! multiple of p, and so do we: otherwise the groups do not line up.
 
-use super::Slot;
+use super::kind::{Knob, Layout, Schedule, ScheduleKind, Slot};
 use crate::plan::error::PlanError;
+
+pub(super) const SCHEDULE: Schedule = Schedule {
+    name: "interleaved",
+    knob: Some(Knob {
+        placeholder: "V",
+        default: 2,
+        is_chunks_per_device: true,
+    }),
+    searched: true,
+    kind: |v| ScheduleKind::Interleaved {
+        chunks_per_device: v,
+    },
+    chunks_per_device: |v| v,
+    layout: |p, v, m| {
+        Ok(Layout {
+            placement: (0..p * v).map(|c| c % p).collect(),
+            order: order(p, v, m)?,
+        })
+    },
+};
 
 /// The warm-up forward count of device d.
 pub fn warmup(p: u32, v: u32, m: u32, d: u32) -> u32 {
@@ -21,7 +41,7 @@ fn slot(p: u32, v: u32, d: u32, i: u32, backward: bool) -> (u32, u32) {
     (group * p + within % p, k * p + d)
 }
 
-pub(super) fn order(p: u32, v: u32, m: u32) -> Result<Vec<Vec<Slot>>, PlanError> {
+fn order(p: u32, v: u32, m: u32) -> Result<Vec<Vec<Slot>>, PlanError> {
     if v < 2 {
         return Err(PlanError::invalid(
             "schedule.chunks_per_device",

@@ -7,106 +7,15 @@
 //! whatever the plan.
 
 mod chronos;
+mod gpipe;
 mod interleaved;
+mod kind;
 mod one_f_one_b;
-
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
+pub mod registry;
 
 use super::error::PlanError;
 use super::ir::{Action, ChunkSpec, Plan};
-
-/// A pipeline schedule and its knob.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ScheduleKind {
-    /// All forwards, then all backwards; one chunk per device.
-    Gpipe,
-    /// One forward, one backward; one chunk per device.
-    OneFOneB,
-    /// Megatron's interleaved 1F1B: `chunks_per_device` chunks per device, placed round-robin.
-    Interleaved { chunks_per_device: u32 },
-    /// V-shaped placement (device d holds chunks d and 2p-1-d, the loss on device 0), backward
-    /// passes as early as the devices allow, about `in_flight` micro-batches at most between
-    /// their first forward and their last backward (0: no bound).
-    Chronos { in_flight: u32 },
-}
-
-impl ScheduleKind {
-    /// One of each schedule (interleaved with 2 chunks per device, chronos unbounded), for
-    /// checks that run them all.
-    pub const EACH: [ScheduleKind; 4] = [
-        ScheduleKind::Gpipe,
-        ScheduleKind::OneFOneB,
-        ScheduleKind::Interleaved {
-            chunks_per_device: 2,
-        },
-        ScheduleKind::Chronos { in_flight: 0 },
-    ];
-
-    pub fn chunks_per_device(self) -> u32 {
-        match self {
-            ScheduleKind::Gpipe | ScheduleKind::OneFOneB => 1,
-            ScheduleKind::Interleaved { chunks_per_device } => chunks_per_device,
-            ScheduleKind::Chronos { .. } => 2,
-        }
-    }
-}
-
-impl fmt::Display for ScheduleKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ScheduleKind::Gpipe => write!(f, "gpipe"),
-            ScheduleKind::OneFOneB => write!(f, "1f1b"),
-            ScheduleKind::Interleaved { chunks_per_device } => {
-                write!(f, "interleaved:{chunks_per_device}")
-            }
-            ScheduleKind::Chronos { in_flight } => write!(f, "chronos:{in_flight}"),
-        }
-    }
-}
-
-impl FromStr for ScheduleKind {
-    type Err = PlanError;
-    /// `gpipe`, `1f1b`, `interleaved[:V]` (default 2), `chronos:K` (K in-flight micro-batches).
-    fn from_str(s: &str) -> Result<Self, PlanError> {
-        let (name, knob) = match s.split_once(':') {
-            Some((n, k)) => (n, Some(k)),
-            None => (s, None),
-        };
-        let knob = |default: u32| -> Result<u32, PlanError> {
-            match knob {
-                None => Ok(default),
-                Some(k) => k.parse().map_err(|_| {
-                    PlanError::invalid("schedule", format!("`{k}` is not a number in `{s}`"))
-                }),
-            }
-        };
-        match name {
-            "gpipe" => Ok(ScheduleKind::Gpipe),
-            "1f1b" => Ok(ScheduleKind::OneFOneB),
-            "interleaved" => Ok(ScheduleKind::Interleaved {
-                chunks_per_device: knob(2)?,
-            }),
-            "chronos" => Ok(ScheduleKind::Chronos {
-                in_flight: knob(0)?,
-            }),
-            _ => Err(PlanError::invalid(
-                "schedule",
-                format!("unknown schedule `{s}`; use gpipe, 1f1b, interleaved[:V] or chronos[:K]"),
-            )),
-        }
-    }
-}
-
-/// A compute slot before communication is added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    F(u32, u32),
-    B(u32, u32),
-}
+pub use kind::{Knob, Layout, Schedule, ScheduleKind, Slot};
 
 /// Builds the plan of `kind` for `devices` pipeline devices, `microbatches` micro-batches and
 /// a model of `layers` decoder layers. `Chronos { in_flight: 0 }` sets no bound.
@@ -149,21 +58,10 @@ pub fn build(
             ),
         ));
     }
-    let (p, m) = (devices, microbatches);
-    let (placement, order) = match kind {
-        ScheduleKind::Gpipe => ((0..p).collect(), gpipe(p, m)),
-        ScheduleKind::OneFOneB => ((0..p).collect(), one_f_one_b::order(p, m)),
-        ScheduleKind::Interleaved { chunks_per_device } => (
-            (0..chunks).map(|c| c % p).collect(),
-            interleaved::order(p, chunks_per_device, m)?,
-        ),
-        ScheduleKind::Chronos { in_flight } => {
-            (chronos::placement(p), chronos::order(p, m, in_flight)?)
-        }
-    };
+    let Layout { placement, order } = (kind.schedule().layout)(devices, kind.knob(), microbatches)?;
     let chunks = split_layers(layers, &placement);
     Ok(with_steps(with_communication(Plan {
-        microbatches: m,
+        microbatches,
         optimizer_slices: 1,
         replicas: 1,
         chunks,
@@ -180,17 +78,6 @@ pub fn build(
             })
             .collect(),
     })))
-}
-
-fn gpipe(p: u32, m: u32) -> Vec<Vec<Slot>> {
-    (0..p)
-        .map(|d| {
-            (0..m)
-                .map(|mb| Slot::F(mb, d))
-                .chain((0..m).map(|mb| Slot::B(mb, d)))
-                .collect()
-        })
-        .collect()
 }
 
 /// Layers spread evenly over chunks; the spare ones go to the first chunks, never to the last

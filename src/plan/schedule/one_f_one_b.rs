@@ -2,9 +2,23 @@
 //! backward, then drains the remaining backwards. At most `min(p-d, m)` micro-batches are in
 //! flight on device d.
 
-use super::Slot;
+use super::kind::{Layout, Schedule, ScheduleKind, Slot};
 
-pub(super) fn order(p: u32, m: u32) -> Vec<Vec<Slot>> {
+pub(super) const SCHEDULE: Schedule = Schedule {
+    name: "1f1b",
+    knob: None,
+    searched: true,
+    kind: |_| ScheduleKind::OneFOneB,
+    chunks_per_device: |_| 1,
+    layout: |p, _, m| {
+        Ok(Layout {
+            placement: (0..p).collect(),
+            order: order(p, m),
+        })
+    },
+};
+
+fn order(p: u32, m: u32) -> Vec<Vec<Slot>> {
     (0..p)
         .map(|d| {
             let warm = (p - d - 1).min(m);

@@ -236,3 +236,45 @@ fn chronos_builds_quickly_for_deep_pipelines() {
         );
     }
 }
+
+#[test]
+fn the_table_gives_every_schedule_its_name_knob_and_chunks() {
+    let defaults: Vec<ScheduleKind> = registry::SCHEDULES
+        .iter()
+        .map(|s| s.default_kind())
+        .collect();
+    assert_eq!(defaults, ScheduleKind::EACH.to_vec());
+    for kind in ScheduleKind::EACH {
+        let text = kind.to_string();
+        assert_eq!(text.parse::<ScheduleKind>().unwrap(), kind, "{text}");
+        assert_eq!(
+            registry::named(kind.schedule().name).unwrap().name,
+            kind.schedule().name
+        );
+    }
+    assert_eq!(
+        "interleaved:3"
+            .parse::<ScheduleKind>()
+            .unwrap()
+            .chunks_per_device(),
+        3
+    );
+    let knobless = "1f1b:2".parse::<ScheduleKind>().unwrap_err().to_string();
+    assert!(knobless.contains("`1f1b` has no knob"), "{knobless}");
+    let unknown = "zigzag".parse::<ScheduleKind>().unwrap_err().to_string();
+    assert!(
+        unknown.contains("use gpipe, 1f1b, interleaved[:V] or chronos[:K]"),
+        "{unknown}"
+    );
+    assert_eq!(
+        registry::searched(4),
+        vec![
+            ScheduleKind::OneFOneB,
+            ScheduleKind::Interleaved {
+                chunks_per_device: 2
+            },
+            ScheduleKind::Chronos { in_flight: 0 }
+        ]
+    );
+    assert_eq!(registry::searched(1), vec![ScheduleKind::OneFOneB]);
+}

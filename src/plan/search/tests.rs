@@ -1,5 +1,6 @@
 use super::*;
 use crate::plan::presets;
+use crate::plan::validate::validate;
 
 fn request(layers: usize) -> Request {
     let mut model = presets::model("llama2-70b").unwrap();
@@ -83,4 +84,93 @@ fn bad_requests_are_typed_errors() {
         search(&r, &cluster).unwrap_err().field(),
         Some("microbatches")
     );
+}
+
+fn tiny_request(global_batch: u32, pipeline: Option<u32>) -> Request {
+    Request {
+        model: presets::model("tiny").unwrap(),
+        seq_len: 64,
+        global_batch,
+        micro_batch_size: Some(2),
+        microbatches: None,
+        pipeline,
+        schedule: None,
+        recompute: Recompute::Auto,
+        offload: Offload::Auto,
+    }
+}
+
+/// Reductions per chunk in a plan's programs.
+fn reductions(plan: &Plan) -> Vec<usize> {
+    (0..plan.chunks.len() as u32)
+        .map(|c| {
+            let is_c = |a: &&crate::plan::Action| {
+                matches!(a, crate::plan::Action::Reduce { chunk } if *chunk == c)
+            };
+            plan.programs.iter().flatten().filter(is_c).count()
+        })
+        .collect()
+}
+
+#[test]
+fn each_degree_gets_the_replicas_the_devices_and_the_batch_allow() {
+    let cpu = Cluster::cpu(4, 1 << 30);
+    // 6 micro-batches of 2: one stage runs 3 replicas (4 do not split 6), two stages 2.
+    let answer = search(&tiny_request(12, None), &cpu).unwrap();
+    let mut seen = vec![(answer.best.pipeline, answer.best.data_parallel)];
+    seen.extend(
+        (answer.runners_up.iter()).map(|r| (r.candidate.pipeline, r.candidate.data_parallel)),
+    );
+    for (p, dp) in &seen {
+        let want = match p {
+            1 => 3,
+            2 => 2,
+            _ => 1,
+        };
+        assert_eq!(*dp, want, "pp{p}: {seen:?}");
+    }
+    let best = &answer.best;
+    assert_eq!(answer.plan.replicas, best.data_parallel);
+    assert_eq!(best.microbatches * best.data_parallel * 2, 12);
+    validate(&answer.plan).unwrap();
+    let each = if best.data_parallel > 1 { 1 } else { 0 };
+    assert!(reductions(&answer.plan).iter().all(|&n| n == each));
+    // A pipeline alone on the 4 devices is no faster: the search would have taken it.
+    let pp_only = search(&tiny_request(12, Some(4)), &cpu).unwrap();
+    assert_eq!(pp_only.best.data_parallel, 1);
+    assert!(pp_only.best.tokens_per_s <= best.tokens_per_s);
+    // Two stages fixed on four devices: two replicas of them.
+    let two = search(&tiny_request(12, Some(2)), &cpu).unwrap();
+    assert_eq!((two.best.pipeline, two.plan.replicas), (2, 2));
+    assert_eq!(reductions(&two.plan), vec![1; two.plan.chunks.len()]);
+}
+
+#[test]
+fn reductions_are_timed_on_the_links() {
+    // A 7B model on eight GPUs, two stages: four replicas all-reduce each chunk's gradients.
+    let mut cluster = presets::cluster("h100-80g-x8").unwrap();
+    let mut req = request(32);
+    req.model = presets::model("llama2-7b").unwrap();
+    req.pipeline = Some(2);
+    req.schedule = Some(ScheduleKind::OneFOneB);
+    let fast = search(&req, &cluster).unwrap();
+    assert_eq!(fast.best.data_parallel, 4);
+    let reducing = |a: &Answer| -> f64 {
+        (a.plan.programs[0].iter().zip(&a.sim.devices[0].spans))
+            .filter(|(a, _)| matches!(a, crate::plan::Action::Reduce { .. }))
+            .map(|(_, (t0, t1))| t1 - t0)
+            .sum()
+    };
+    // Ten times slower links: the reductions take about ten times as long, and so the step.
+    cluster.p2p_bytes_per_s /= 10.0;
+    let slow = search(&req, &cluster).unwrap();
+    assert_eq!(slow.best.data_parallel, 4);
+    assert!(reducing(&fast) > 0.0);
+    assert!(
+        reducing(&slow) > 5.0 * reducing(&fast),
+        "{} vs {}",
+        reducing(&slow),
+        reducing(&fast)
+    );
+    assert!(slow.best.step_time_s > fast.best.step_time_s);
 }

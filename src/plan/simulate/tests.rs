@@ -1,8 +1,9 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::plan::ir::Group;
-use crate::plan::memory::{ActionMemory, chunk_parts};
+use crate::plan::inventory::{MicroShape, ModelDims, Profile};
+use crate::plan::ir::{Action, Group};
+use crate::plan::memory::{ActionMemory, ChunkMemory, chunk_memory, chunk_parts};
 use crate::plan::schedule::{ScheduleKind, build};
 
 /// A link so fast and a latency so small that only compute counts.
