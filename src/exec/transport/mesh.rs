@@ -1,0 +1,645 @@
+//! A full mesh of TCP links between a run's ranks. Rank `R` listens on its own address, dials
+//! every lower rank (retrying until the deadline) and accepts every higher one; both sides
+//! greet with their rank and the run's fingerprint, so a process of another run or plan is
+//! refused before any tensor moves. One reader thread per link files what arrives by step
+//! (a fast rank may already send the next step's tensors); a link that breaks without a
+//! goodbye, or a peer that reports its own failure, fails every wait at once.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::exec::model::PartId;
+
+use super::frame::{Frame, FrameError, WireTensor};
+use super::{MessageKey, RankSpec, TransportError};
+
+/// One part's state as rank 0 receives it for a checkpoint.
+#[derive(Debug)]
+pub struct PartState {
+    pub weights: Vec<WireTensor>,
+    pub exp_avg: Vec<Vec<f32>>,
+    pub exp_avg_sq: Vec<Vec<f32>>,
+}
+
+/// A rank's share of the step's meeting point.
+pub type MeetShare = (Vec<(PartId, f64)>, Vec<(u32, f64)>);
+
+/// What has arrived from the other ranks and not been taken yet.
+#[derive(Default)]
+pub struct Inbox {
+    /// By (step, receiving device, message).
+    pub tensors: HashMap<(u64, u32, MessageKey), WireTensor>,
+    /// By (step, stage, chunk, replica): per part, per tensor.
+    pub reductions: HashMap<(u64, u32, u32, u32), Vec<Vec<Vec<f32>>>>,
+    /// By (step, sending rank).
+    pub meets: HashMap<(u64, u32), MeetShare>,
+    /// By (step, part).
+    pub states: HashMap<(u64, PartId), PartState>,
+    failure: Option<TransportError>,
+    said_bye: Vec<bool>,
+    closing: bool,
+}
+
+struct Shared {
+    inbox: Mutex<Inbox>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Link {
+    addr: String,
+    writer: Mutex<TcpStream>,
+}
+
+/// This rank's links to every other rank.
+pub struct Mesh {
+    rank: u32,
+    links: Vec<Option<Link>>,
+    shared: Arc<Shared>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// How often a wait looks at its stop condition even when nothing arrives.
+const POLL: Duration = Duration::from_millis(100);
+
+impl Mesh {
+    /// Meets every other rank of `spec` that runs the same `fingerprint`, or fails by the
+    /// spec's deadline naming the rank that did not come.
+    pub fn connect(spec: &RankSpec, fingerprint: u64) -> Result<Mesh, TransportError> {
+        let deadline = Instant::now() + spec.connect_timeout;
+        let (me, ranks) = (spec.rank, spec.ranks());
+        let own = &spec.peers[me as usize];
+        let listen_error = |reason: String| TransportError::Listen {
+            rank: me,
+            addr: own.clone(),
+            reason,
+        };
+        let listener = TcpListener::bind(own).map_err(|e| listen_error(e.to_string()))?;
+        let mut streams: Vec<Option<TcpStream>> = (0..ranks).map(|_| None).collect();
+        for peer in 0..me {
+            streams[peer as usize] = Some(dial(spec, peer, fingerprint, deadline)?);
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| listen_error(e.to_string()))?;
+        while let Some(missing) = (me + 1..ranks).find(|&p| streams[p as usize].is_none()) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let peer = greet_incoming(&stream, spec, fingerprint, deadline)?;
+                    if streams[peer as usize].is_some() {
+                        return Err(mismatch(
+                            peer,
+                            &spec.peers[peer as usize],
+                            "a second process says it is this rank".into(),
+                        ));
+                    }
+                    streams[peer as usize] = Some(stream);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(TransportError::Connect {
+                            rank: me,
+                            peer: missing,
+                            addr: spec.peers[missing as usize].clone(),
+                            secs: spec.connect_timeout.as_secs(),
+                            reason: "it never connected".into(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(listen_error(e.to_string())),
+            }
+        }
+        let shared = Arc::new(Shared {
+            inbox: Mutex::new(Inbox {
+                said_bye: vec![false; ranks as usize],
+                ..Inbox::default()
+            }),
+            changed: Condvar::new(),
+        });
+        let mut links = Vec::with_capacity(ranks as usize);
+        let mut readers = Vec::new();
+        for (peer, stream) in streams.into_iter().enumerate() {
+            let Some(stream) = stream else {
+                links.push(None);
+                continue;
+            };
+            let addr = spec.peers[peer].clone();
+            let _ = stream.set_nodelay(true);
+            let reading = stream.try_clone().map_err(|e| TransportError::PeerLost {
+                peer: peer as u32,
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+            let (shared, from) = (Arc::clone(&shared), (peer as u32, addr.clone()));
+            readers.push(std::thread::spawn(move || {
+                read_link(reading, from, &shared)
+            }));
+            links.push(Some(Link {
+                addr,
+                writer: Mutex::new(stream),
+            }));
+        }
+        Ok(Mesh {
+            rank: me,
+            links,
+            shared,
+            readers,
+        })
+    }
+
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    pub fn ranks(&self) -> u32 {
+        self.links.len() as u32
+    }
+
+    /// Sends `frame` to rank `peer`; a link that cannot take it fails the mesh.
+    pub fn send(&self, peer: u32, frame: &Frame) -> Result<(), TransportError> {
+        let link = self
+            .links
+            .get(peer as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| TransportError::Protocol(format!("no link to rank {peer}")))?;
+        if let Some(failure) = self.failure() {
+            return Err(failure);
+        }
+        let bytes = frame.encode();
+        let mut writer = link.writer.lock().unwrap_or_else(|e| e.into_inner());
+        writer
+            .write_all(&bytes)
+            .and_then(|()| writer.flush())
+            .map_err(|e| {
+                self.fail(TransportError::PeerLost {
+                    peer,
+                    addr: link.addr.clone(),
+                    reason: format!("sending failed: {e}"),
+                })
+            })
+    }
+
+    /// Waits until `take` finds what it looks for in the inbox (`Some`), `stopped` says this
+    /// process gave up (`None`), or the mesh failed (`Err`).
+    pub fn wait<T>(
+        &self,
+        mut take: impl FnMut(&mut Inbox) -> Option<T>,
+        stopped: &dyn Fn() -> bool,
+    ) -> Result<Option<T>, TransportError> {
+        let mut inbox = self.shared.lock();
+        loop {
+            if let Some(found) = take(&mut inbox) {
+                return Ok(Some(found));
+            }
+            if let Some(failure) = &inbox.failure {
+                return Err(failure.clone());
+            }
+            if stopped() {
+                return Ok(None);
+            }
+            inbox = self
+                .shared
+                .changed
+                .wait_timeout(inbox, POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Wakes every wait so it looks at its stop condition again.
+    pub fn wake(&self) {
+        let _inbox = self.shared.lock();
+        self.shared.changed.notify_all();
+    }
+
+    /// The first failure seen, if any.
+    pub fn failure(&self) -> Option<TransportError> {
+        self.shared.lock().failure.clone()
+    }
+
+    /// Records `failure` unless one is there already and wakes every wait; returns it.
+    fn fail(&self, failure: TransportError) -> TransportError {
+        record(&self.shared, failure)
+    }
+
+    /// Tells every other rank this one stopped with `reason` (best effort: a rank that is
+    /// gone already cannot be told).
+    pub fn abort(&self, reason: &str) {
+        let frame = Frame::Abort {
+            reason: reason.to_string(),
+        };
+        for peer in 0..self.ranks() {
+            if peer != self.rank {
+                let _ = self.send(peer, &frame);
+            }
+        }
+    }
+
+    /// Says goodbye to every rank and waits (up to `within`) for theirs, so nothing still in
+    /// flight is cut off when the processes end.
+    pub fn close(&self, within: Duration) -> Result<(), TransportError> {
+        for peer in 0..self.ranks() {
+            if peer != self.rank {
+                self.send(peer, &Frame::Bye)?;
+            }
+        }
+        let deadline = Instant::now() + within;
+        let me = self.rank as usize;
+        let all_said_bye = |inbox: &mut Inbox| {
+            let done = inbox
+                .said_bye
+                .iter()
+                .enumerate()
+                .all(|(p, &b)| b || p == me);
+            if done {
+                inbox.closing = true;
+            }
+            done.then_some(())
+        };
+        match self.wait(all_said_bye, &|| Instant::now() >= deadline)? {
+            Some(()) => Ok(()),
+            None => Err(TransportError::Protocol(format!(
+                "the other ranks did not finish within {} s of this one",
+                within.as_secs()
+            ))),
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        for link in self.links.iter().flatten() {
+            let writer = link.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writer.shutdown(Shutdown::Both);
+        }
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+fn record(shared: &Shared, failure: TransportError) -> TransportError {
+    let mut inbox = shared.lock();
+    let first = inbox.failure.get_or_insert(failure).clone();
+    shared.changed.notify_all();
+    first
+}
+
+/// Reaches rank `peer`, retrying until `deadline`, and checks it belongs to this run.
+fn dial(
+    spec: &RankSpec,
+    peer: u32,
+    fingerprint: u64,
+    deadline: Instant,
+) -> Result<TcpStream, TransportError> {
+    let addr = &spec.peers[peer as usize];
+    let mut last = String::from("no address");
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(TransportError::Connect {
+                rank: spec.rank,
+                peer,
+                addr: addr.clone(),
+                secs: spec.connect_timeout.as_secs(),
+                reason: last,
+            });
+        }
+        let resolved = addr.to_socket_addrs().map(|mut a| a.next());
+        match resolved {
+            Ok(Some(sa)) => match TcpStream::connect_timeout(&sa, remaining) {
+                Ok(stream) => {
+                    let hello = hello(spec, fingerprint);
+                    hello
+                        .write_to(&mut &stream)
+                        .map_err(|e| mismatch(peer, addr, e.to_string()))?;
+                    check_hello(&stream, spec, Some(peer), fingerprint, deadline)?;
+                    return Ok(stream);
+                }
+                Err(e) => last = e.to_string(),
+            },
+            Ok(None) => last = "the name resolves to no address".into(),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Checks the greeting of a rank that dialled this one and answers it; the peer's rank.
+fn greet_incoming(
+    stream: &TcpStream,
+    spec: &RankSpec,
+    fingerprint: u64,
+    deadline: Instant,
+) -> Result<u32, TransportError> {
+    let _ = stream.set_nonblocking(false);
+    let peer = check_hello(stream, spec, None, fingerprint, deadline)?;
+    hello(spec, fingerprint)
+        .write_to(&mut &*stream)
+        .map_err(|e| mismatch(peer, &spec.peers[peer as usize], e.to_string()))?;
+    Ok(peer)
+}
+
+fn hello(spec: &RankSpec, fingerprint: u64) -> Frame {
+    Frame::Hello {
+        rank: spec.rank,
+        ranks: spec.ranks(),
+        fingerprint,
+    }
+}
+
+fn mismatch(peer: u32, addr: &str, reason: String) -> TransportError {
+    TransportError::Mismatch {
+        peer,
+        addr: addr.to_string(),
+        reason,
+    }
+}
+
+/// Reads a greeting (by `deadline`) and checks it: the expected rank (`expect`, or any higher
+/// rank when accepting), the same number of ranks and the same run. A refused greeting is
+/// answered with the reason, so both sides say why.
+fn check_hello(
+    stream: &TcpStream,
+    spec: &RankSpec,
+    expect: Option<u32>,
+    fingerprint: u64,
+    deadline: Instant,
+) -> Result<u32, TransportError> {
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let _ = stream.set_read_timeout(Some(wait.max(Duration::from_millis(1))));
+    let shown = expect.map_or_else(|| "a peer".to_string(), |p| spec.peers[p as usize].clone());
+    let frame = Frame::read_from(&mut &*stream);
+    let _ = stream.set_read_timeout(None);
+    let refuse = |peer: u32, reason: String| {
+        let _ = Frame::Abort {
+            reason: reason.clone(),
+        }
+        .write_to(&mut &*stream);
+        mismatch(peer, &shown, reason)
+    };
+    let (rank, ranks, theirs) = match frame {
+        Ok(Frame::Hello {
+            rank,
+            ranks,
+            fingerprint,
+        }) => (rank, ranks, fingerprint),
+        Ok(Frame::Abort { reason }) => {
+            return Err(mismatch(expect.unwrap_or(u32::MAX), &shown, reason));
+        }
+        Ok(other) => {
+            return Err(refuse(
+                expect.unwrap_or(u32::MAX),
+                format!("it spoke before greeting ({other:?})"),
+            ));
+        }
+        Err(e) => {
+            return Err(mismatch(
+                expect.unwrap_or(u32::MAX),
+                &shown,
+                format!("no greeting: {e}"),
+            ));
+        }
+    };
+    let wanted = match expect {
+        Some(p) => rank == p,
+        None => rank > spec.rank && rank < spec.ranks(),
+    };
+    if !wanted || ranks != spec.ranks() {
+        return Err(refuse(
+            rank,
+            format!(
+                "it says it is rank {rank} of {ranks}; this is rank {} of {}",
+                spec.rank,
+                spec.ranks()
+            ),
+        ));
+    }
+    if theirs != fingerprint {
+        return Err(refuse(
+            rank,
+            format!(
+                "it runs another job or plan (fingerprint {theirs:016x}, this rank's \
+                 {fingerprint:016x}): start every rank with the same job, devices and flags"
+            ),
+        ));
+    }
+    Ok(rank)
+}
+
+/// Files every frame from rank `peer` until it says goodbye or the link breaks.
+fn read_link(stream: TcpStream, (peer, addr): (u32, String), shared: &Shared) {
+    let mut input = BufReader::with_capacity(1 << 16, stream);
+    loop {
+        let frame = match Frame::read_from(&mut input) {
+            Ok(f) => f,
+            Err(e) => {
+                let inbox = shared.lock();
+                if inbox.closing || inbox.said_bye[peer as usize] {
+                    return;
+                }
+                drop(inbox);
+                let reason = match e {
+                    FrameError::Closed => {
+                        "the connection closed without a goodbye (the process ended or was \
+                         killed)"
+                            .to_string()
+                    }
+                    other => other.to_string(),
+                };
+                record(
+                    shared,
+                    TransportError::PeerLost {
+                        peer,
+                        addr: addr.clone(),
+                        reason,
+                    },
+                );
+                return;
+            }
+        };
+        let mut inbox = shared.lock();
+        match frame {
+            Frame::Tensor {
+                step,
+                to,
+                key,
+                tensor,
+            } => {
+                inbox.tensors.insert((step, to, key), tensor);
+            }
+            Frame::Reduce {
+                step,
+                stage,
+                chunk,
+                replica,
+                grads,
+            } => {
+                inbox
+                    .reductions
+                    .insert((step, stage, chunk, replica), grads);
+            }
+            Frame::Meet {
+                step,
+                squares,
+                losses,
+            } => {
+                inbox.meets.insert((step, peer), (squares, losses));
+            }
+            Frame::State {
+                step,
+                part,
+                weights,
+                exp_avg,
+                exp_avg_sq,
+            } => {
+                let state = PartState {
+                    weights,
+                    exp_avg,
+                    exp_avg_sq,
+                };
+                inbox.states.insert((step, part), state);
+            }
+            Frame::Abort { reason } => {
+                inbox
+                    .failure
+                    .get_or_insert(TransportError::PeerFailed { peer, reason });
+            }
+            Frame::Bye => {
+                inbox.said_bye[peer as usize] = true;
+                shared.changed.notify_all();
+                return;
+            }
+            Frame::Hello { .. } => {
+                inbox.failure.get_or_insert(TransportError::PeerLost {
+                    peer,
+                    addr: addr.clone(),
+                    reason: "it greeted again in the middle of the run".into(),
+                });
+            }
+        }
+        shared.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::transport::MessageKind;
+
+    fn peers(n: usize) -> String {
+        let held: Vec<TcpListener> = (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<String> = held
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        addrs.join(",")
+    }
+
+    fn spec(rank: u32, peers: &str, secs: u64) -> RankSpec {
+        RankSpec::parse(rank, peers, Duration::from_secs(secs)).unwrap()
+    }
+
+    /// Connects ranks 0 and 1 of `peers` in two threads with these fingerprints.
+    fn pair(
+        peers: &str,
+        prints: [u64; 2],
+    ) -> (Result<Mesh, TransportError>, Result<Mesh, TransportError>) {
+        let one = {
+            let s = spec(1, peers, 10);
+            std::thread::spawn(move || Mesh::connect(&s, prints[1]))
+        };
+        let zero = Mesh::connect(&spec(0, peers, 10), prints[0]);
+        (zero, one.join().unwrap())
+    }
+
+    #[test]
+    fn two_ranks_exchange_frames_and_part_with_goodbyes() {
+        let (zero, one) = pair(&peers(2), [7, 7]);
+        let (zero, one) = (zero.unwrap(), one.unwrap());
+        let key = MessageKey {
+            kind: MessageKind::Activation,
+            mb: 1,
+            chunk: 0,
+        };
+        let tensor = WireTensor {
+            name: "h".into(),
+            shape: vec![2],
+            data: vec![0.5, -1.0],
+        };
+        let frame = Frame::Tensor {
+            step: 4,
+            to: 1,
+            key,
+            tensor: tensor.clone(),
+        };
+        zero.send(1, &frame).unwrap();
+        let got = one
+            .wait(|inbox| inbox.tensors.remove(&(4, 1, key)), &|| false)
+            .unwrap();
+        assert_eq!(got, Some(tensor));
+        let closing = std::thread::spawn(move || one.close(Duration::from_secs(5)));
+        zero.close(Duration::from_secs(5)).unwrap();
+        closing.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_rank_of_another_run_is_refused_on_both_sides() {
+        let (zero, one) = pair(&peers(2), [1, 2]);
+        for result in [zero, one] {
+            let err = result.err().expect("refused").to_string();
+            assert!(err.contains("runs another job or plan"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_rank_that_never_comes_is_named_after_the_deadline() {
+        let peers = peers(2);
+        let started = Instant::now();
+        let err = Mesh::connect(&spec(1, &peers, 1), 0).err().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let text = err.to_string();
+        assert!(
+            text.starts_with("rank 1 could not reach rank 0 at 127.0.0.1:")
+                && text.contains("within 1 s"),
+            "{text}"
+        );
+        let err = Mesh::connect(&spec(0, &peers, 1), 0).err().unwrap();
+        assert!(err.to_string().contains("rank 1 at"), "{err}");
+        assert!(err.to_string().contains("it never connected"), "{err}");
+    }
+
+    #[test]
+    fn a_rank_that_vanishes_fails_every_wait_of_the_other() {
+        let (zero, one) = pair(&peers(2), [3, 3]);
+        let (zero, one) = (zero.unwrap(), one.unwrap());
+        let waiting = std::thread::spawn(move || {
+            let got = zero.wait(|inbox| inbox.meets.remove(&(0, 1)), &|| false);
+            (got.map(|m| m.is_some()), zero)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        drop(one); // no goodbye
+        let (got, zero) = waiting.join().unwrap();
+        let err = got.unwrap_err();
+        assert!(
+            matches!(&err, TransportError::PeerLost { peer: 1, reason, .. }
+                if reason.contains("without a goodbye")),
+            "{err}"
+        );
+        // Sending to it fails too, with the same cause.
+        assert_eq!(zero.send(1, &Frame::Bye).unwrap_err(), err);
+    }
+}
