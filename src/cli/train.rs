@@ -36,6 +36,13 @@ pub struct TrainArgs {
     /// Train this many steps instead of the job's `training.steps`.
     #[arg(long)]
     pub steps: Option<u64>,
+    #[command(flatten)]
+    pub ranks: RankArgs,
+}
+
+/// Running one rank of a run spread over processes.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RankArgs {
     /// Run as rank R of a run spread over processes (needs --peers): rank R of K runs the
     /// R-th of K equal blocks of the plan's devices (replica by replica, stage by stage).
     #[arg(long, requires = "peers")]
@@ -44,9 +51,9 @@ pub struct TrainArgs {
     /// its own.
     #[arg(long, requires = "rank")]
     pub peers: Option<String>,
-    /// Seconds to keep trying to reach the other ranks.
-    #[arg(long, default_value_t = 60)]
-    pub connect_timeout: u64,
+    /// Seconds to keep trying to reach the other ranks [default: 60].
+    #[arg(long)]
+    pub connect_timeout: Option<u64>,
 }
 
 /// What `summary.json` holds.
@@ -146,9 +153,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
     if let Some(devices) = &args.devices {
         spec.devices = Some(devices.clone());
     }
-    let mut run = match (args.rank, &args.peers) {
+    let mut run = match (args.ranks.rank, &args.ranks.peers) {
         (Some(rank), Some(peers)) => {
-            let timeout = std::time::Duration::from_secs(args.connect_timeout);
+            let secs = args.ranks.connect_timeout.unwrap_or(60);
+            let timeout = std::time::Duration::from_secs(secs);
             let rank = RankSpec::parse(rank, peers, timeout)?;
             Run::prepare_rank(spec, DEFAULT_DEVICES, rank)?
         }
@@ -200,7 +208,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
             })
             .collect(),
     };
-    let path = match args.rank {
+    let path = match args.ranks.rank {
         Some(r) if r > 0 => args.out.join(format!("summary-rank-{r}.json")),
         _ => args.out.join("summary.json"),
     };

@@ -13,7 +13,7 @@ use crate::exec::model::{PartId, PartParams};
 use crate::exec::optim::PartOptimState;
 use crate::exec::optim::clip::PartSquares;
 use crate::exec::tensor::Tensor;
-use crate::exec::transport::frame::{Frame, WireTensor};
+use crate::exec::transport::frame::{Frame, ReplicaGrads, WireTensor};
 use crate::exec::transport::{Mesh, MessageKey, RankSpec};
 
 use super::PipelineError;
@@ -207,7 +207,7 @@ impl OverTcp<'_> {
         local: &[u32],
         here: &mut [ChunkGrads<Tensor>],
     ) -> Result<()> {
-        let mut remote: Vec<(u32, Vec<Vec<Vec<f32>>>)> = Vec::new();
+        let mut remote: Vec<(u32, ReplicaGrads)> = Vec::new();
         for replica in (0..self.ranks.replicas).filter(|r| !local.contains(r)) {
             let key = (self.step, stage, chunk, replica);
             remote.push((replica, self.wait(|inbox| inbox.reductions.remove(&key))?));

@@ -40,6 +40,9 @@ pub enum FrameError {
     Io(#[from] io::Error),
 }
 
+/// One replica's gradients of a chunk as they travel: per part, per tensor, its values.
+pub type ReplicaGrads = Vec<Vec<Vec<f32>>>;
+
 /// A host tensor as it travels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WireTensor {
@@ -70,7 +73,7 @@ pub enum Frame {
         stage: u32,
         chunk: u32,
         replica: u32,
-        grads: Vec<Vec<Vec<f32>>>,
+        grads: ReplicaGrads,
     },
     /// A rank's share of the step's meeting point: its parts' squared gradient norms and
     /// its heads' summed losses per micro-batch.
@@ -91,6 +94,8 @@ pub enum Frame {
     Abort { reason: String },
     /// The sender is done and sends nothing more.
     Bye,
+    /// Nothing to say, but alive: sent on a quiet link so a silent one means trouble.
+    Beat,
 }
 
 impl Frame {
@@ -103,6 +108,7 @@ impl Frame {
             Frame::State { .. } => 5,
             Frame::Abort { .. } => 6,
             Frame::Bye => 7,
+            Frame::Beat => 8,
         }
     }
 
@@ -184,7 +190,7 @@ impl Frame {
                 }
             }
             Frame::Abort { reason } => w.str(reason),
-            Frame::Bye => {}
+            Frame::Bye | Frame::Beat => {}
         }
         let payload = (w.0.len() - HEADER) as u64;
         w.0[5..HEADER].copy_from_slice(&payload.to_le_bytes());
@@ -488,6 +494,7 @@ impl Reader<'_> {
                 reason: self.str("reason")?,
             },
             7 => Frame::Bye,
+            8 => Frame::Beat,
             k => return Err(FrameError::Malformed(format!("unknown frame kind {k}"))),
         })
     }
@@ -554,6 +561,7 @@ mod tests {
                 reason: "device 1: out of memory".into(),
             },
             Frame::Bye,
+            Frame::Beat,
         ]
     }
 

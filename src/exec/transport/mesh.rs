@@ -3,18 +3,20 @@
 //! greet with their rank and the run's fingerprint, so a process of another run or plan is
 //! refused before any tensor moves. One reader thread per link files what arrives by step
 //! (a fast rank may already send the next step's tensors); a link that breaks without a
-//! goodbye, or a peer that reports its own failure, fails every wait at once.
+//! goodbye, a peer that reports its own failure, or a link silent for longer than the
+//! silence allowed (every link carries a heartbeat each second) fails every wait at once.
 
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::exec::model::PartId;
 
-use super::frame::{Frame, FrameError, WireTensor};
+use super::frame::{Frame, FrameError, ReplicaGrads, WireTensor};
 use super::{MessageKey, RankSpec, TransportError};
 
 /// One part's state as rank 0 receives it for a checkpoint.
@@ -34,7 +36,7 @@ pub struct Inbox {
     /// By (step, receiving device, message).
     pub tensors: HashMap<(u64, u32, MessageKey), WireTensor>,
     /// By (step, stage, chunk, replica): per part, per tensor.
-    pub reductions: HashMap<(u64, u32, u32, u32), Vec<Vec<Vec<f32>>>>,
+    pub reductions: HashMap<(u64, u32, u32, u32), ReplicaGrads>,
     /// By (step, sending rank).
     pub meets: HashMap<(u64, u32), MeetShare>,
     /// By (step, part).
@@ -63,18 +65,35 @@ struct Link {
 /// This rank's links to every other rank.
 pub struct Mesh {
     rank: u32,
-    links: Vec<Option<Link>>,
+    links: Arc<Vec<Option<Link>>>,
     shared: Arc<Shared>,
     readers: Vec<JoinHandle<()>>,
+    /// Cleared to stop the heartbeat.
+    beating: Arc<AtomicBool>,
+    heart: Option<JoinHandle<()>>,
 }
 
 /// How often a wait looks at its stop condition even when nothing arrives.
 const POLL: Duration = Duration::from_millis(100);
+/// How often every link carries a heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// How long a link may stay silent before its peer is given up: it hangs, or the network
+/// between is cut.
+pub const SILENCE: Duration = Duration::from_secs(10);
 
 impl Mesh {
     /// Meets every other rank of `spec` that runs the same `fingerprint`, or fails by the
     /// spec's deadline naming the rank that did not come.
     pub fn connect(spec: &RankSpec, fingerprint: u64) -> Result<Mesh, TransportError> {
+        Mesh::connect_with(spec, fingerprint, SILENCE)
+    }
+
+    /// As `connect`, giving up a link after `silence` without a frame.
+    pub fn connect_with(
+        spec: &RankSpec,
+        fingerprint: u64,
+        silence: Duration,
+    ) -> Result<Mesh, TransportError> {
         let deadline = Instant::now() + spec.connect_timeout;
         let (me, ranks) = (spec.rank, spec.ranks());
         let own = &spec.peers[me as usize];
@@ -135,25 +154,36 @@ impl Mesh {
             };
             let addr = spec.peers[peer].clone();
             let _ = stream.set_nodelay(true);
-            let reading = stream.try_clone().map_err(|e| TransportError::PeerLost {
-                peer: peer as u32,
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
+            let reading = stream
+                .try_clone()
+                .and_then(|s| s.set_read_timeout(Some(silence)).map(|()| s))
+                .map_err(|e| TransportError::PeerLost {
+                    peer: peer as u32,
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
             let (shared, from) = (Arc::clone(&shared), (peer as u32, addr.clone()));
             readers.push(std::thread::spawn(move || {
-                read_link(reading, from, &shared)
+                read_link(reading, from, silence, &shared)
             }));
             links.push(Some(Link {
                 addr,
                 writer: Mutex::new(stream),
             }));
         }
+        let links = Arc::new(links);
+        let beating = Arc::new(AtomicBool::new(true));
+        let heart = {
+            let (links, beating) = (Arc::clone(&links), Arc::clone(&beating));
+            std::thread::spawn(move || beat(&links, &beating))
+        };
         Ok(Mesh {
             rank: me,
             links,
             shared,
             readers,
+            beating,
+            heart: Some(heart),
         })
     }
 
@@ -248,6 +278,7 @@ impl Mesh {
     /// Says goodbye to every rank and waits (up to `within`) for theirs, so nothing still in
     /// flight is cut off when the processes end.
     pub fn close(&self, within: Duration) -> Result<(), TransportError> {
+        self.beating.store(false, Ordering::SeqCst);
         for peer in 0..self.ranks() {
             if peer != self.rank {
                 self.send(peer, &Frame::Bye)?;
@@ -279,12 +310,37 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         self.shared.lock().closing = true;
+        self.beating.store(false, Ordering::SeqCst);
+        if let Some(heart) = self.heart.take() {
+            let _ = heart.join();
+        }
         for link in self.links.iter().flatten() {
             let writer = link.writer.lock().unwrap_or_else(|e| e.into_inner());
             let _ = writer.shutdown(Shutdown::Both);
         }
         for reader in self.readers.drain(..) {
             let _ = reader.join();
+        }
+    }
+}
+
+/// Sends a heartbeat on every link each `HEARTBEAT` until `beating` is cleared; a link busy
+/// with a frame is alive already and is skipped.
+fn beat(links: &[Option<Link>], beating: &AtomicBool) {
+    let frame = Frame::Beat.encode();
+    let tick = Duration::from_millis(50);
+    let mut since = Duration::ZERO;
+    while beating.load(Ordering::SeqCst) {
+        std::thread::sleep(tick);
+        since += tick;
+        if since < HEARTBEAT {
+            continue;
+        }
+        since = Duration::ZERO;
+        for link in links.iter().flatten() {
+            if let Ok(mut writer) = link.writer.try_lock() {
+                let _ = writer.write_all(&frame);
+            }
         }
     }
 }
@@ -439,7 +495,7 @@ fn check_hello(
 }
 
 /// Files every frame from rank `peer` until it says goodbye or the link breaks.
-fn read_link(stream: TcpStream, (peer, addr): (u32, String), shared: &Shared) {
+fn read_link(stream: TcpStream, (peer, addr): (u32, String), silence: Duration, shared: &Shared) {
     let mut input = BufReader::with_capacity(1 << 16, stream);
     loop {
         let frame = match Frame::read_from(&mut input) {
@@ -455,6 +511,17 @@ fn read_link(stream: TcpStream, (peer, addr): (u32, String), shared: &Shared) {
                         "the connection closed without a goodbye (the process ended or was \
                          killed)"
                             .to_string()
+                    }
+                    FrameError::Io(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        format!(
+                            "nothing heard for {} s (the process hangs or the network is cut)",
+                            silence.as_secs_f64()
+                        )
                     }
                     other => other.to_string(),
                 };
@@ -521,6 +588,7 @@ fn read_link(stream: TcpStream, (peer, addr): (u32, String), shared: &Shared) {
                 shared.changed.notify_all();
                 return;
             }
+            Frame::Beat => continue,
             Frame::Hello { .. } => {
                 inbox.failure.get_or_insert(TransportError::PeerLost {
                     peer,
@@ -620,6 +688,47 @@ mod tests {
         let err = Mesh::connect(&spec(0, &peers, 1), 0).err().unwrap();
         assert!(err.to_string().contains("rank 1 at"), "{err}");
         assert!(err.to_string().contains("it never connected"), "{err}");
+    }
+
+    #[test]
+    fn a_rank_that_goes_silent_is_given_up_after_the_silence() {
+        let peers = peers(2);
+        let zero = {
+            let s = spec(0, &peers, 10);
+            std::thread::spawn(move || Mesh::connect_with(&s, 5, Duration::from_secs(1)))
+        };
+        // Rank 1 greets as it should, then hangs: no frame, not even a heartbeat.
+        let addr = peers.split(',').next().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut hung = loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let hello = Frame::Hello {
+            rank: 1,
+            ranks: 2,
+            fingerprint: 5,
+        };
+        hello.write_to(&mut hung).unwrap();
+        assert!(matches!(
+            Frame::read_from(&mut hung).unwrap(),
+            Frame::Hello { rank: 0, .. }
+        ));
+        let zero = zero.join().unwrap().unwrap();
+        let started = Instant::now();
+        let err = zero
+            .wait(|inbox| inbox.meets.remove(&(0, 1)), &|| false)
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(err.to_string().contains("nothing heard for 1 s"), "{err}");
+        // The heartbeat went the other way meanwhile.
+        assert_eq!(Frame::read_from(&mut hung).unwrap(), Frame::Beat);
     }
 
     #[test]
