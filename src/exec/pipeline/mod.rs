@@ -29,6 +29,7 @@
 mod chunk;
 pub mod engine;
 mod mailbox;
+mod placing;
 mod reduce_point;
 mod seat;
 mod step_sync;
@@ -55,6 +56,8 @@ use crate::plan::validate::validate;
 pub use chunk::ChunkState;
 use engine::HostPart;
 pub use engine::{CpuEngine, Engine};
+pub use placing::seeded_parts;
+use placing::{copy_parts, place_replica};
 use seat::Seat;
 pub use tcp_ranks::TcpRanks;
 use transport::{HostState, InProcess};
@@ -570,96 +573,6 @@ impl Pipeline<CpuEngine> {
         all.sort_by_key(|p| p.id);
         all
     }
-}
-
-/// Host copies of `parts`' weights, for another replica.
-fn copy_parts(
-    parts: &[PartParams],
-    config: &LlamaConfig,
-    host: &crate::exec::device::PoolRef,
-) -> Result<Vec<PartParams>, DeviceError> {
-    parts
-        .iter()
-        .map(|p| {
-            let mut copy = PartParams::allocate(host, config, p.id)?;
-            copy.copy_weights_from(p);
-            Ok(copy)
-        })
-        .collect()
-}
-
-/// One replica's chunks that run in this process (on devices in `local`), each with the
-/// run-wide device it goes to (`first_device` is the replica's device 0). Built on the host, then each group goes to the device unless the
-/// program leaves it on the host (a program is one step that repeats), so no device ever
-/// holds more than it will in a step.
-fn place_replica<E: Engine>(
-    plan: &Plan,
-    devices: &DeviceSet,
-    engine: &E,
-    optimizer: &OptimizerConfig,
-    (first_device, local): (u32, &std::ops::Range<u32>),
-    parts: Vec<PartParams>,
-) -> Result<Vec<(u32, ChunkState<E>)>, PipelineError> {
-    let mut placed = Vec::with_capacity(plan.chunks.len());
-    let mut parts = parts.into_iter();
-    for (index, spec) in plan.chunks.iter().enumerate() {
-        let count = spec.layers() as usize + usize::from(spec.embedding) + usize::from(spec.head);
-        let device = first_device + spec.device;
-        if !local.contains(&device) {
-            parts.by_ref().take(count).for_each(drop);
-            continue;
-        }
-        let pool = &devices.devices[device as usize];
-        let chunk_parts = parts
-            .by_ref()
-            .take(count)
-            .map(|part| engine.adopt(part, &devices.host))
-            .collect::<Result<Vec<_>, _>>()?;
-        let chunk = index as u32;
-        let mut state = ChunkState::new_on_host(
-            engine,
-            chunk,
-            chunk_parts,
-            optimizer,
-            plan.optimizer_slices,
-            &devices.host,
-        )?;
-        let groups = [Group::Weights { chunk }, Group::Grads { chunk }]
-            .into_iter()
-            .chain((0..plan.optimizer_slices).map(|slice| Group::Optimizer { chunk, slice }));
-        for group in groups {
-            let last_move =
-                plan.programs[spec.device as usize]
-                    .iter()
-                    .rev()
-                    .find_map(|a| match a {
-                        Action::Offload(g) if *g == group => Some(true),
-                        Action::Prefetch(g) if *g == group => Some(false),
-                        _ => None,
-                    });
-            if last_move != Some(true) {
-                state.place(engine, device, group, pool, false)?;
-            }
-        }
-        placed.push((device, state));
-    }
-    Ok(placed)
-}
-
-/// Every part of a model in forward order, allocated in `pool` and initialised from `seed`.
-pub fn seeded_parts(
-    config: &LlamaConfig,
-    pool: &crate::exec::device::PoolRef,
-    seed: u64,
-) -> Result<Vec<PartParams>, DeviceError> {
-    PartId::all(config.dims.layers)
-        .into_iter()
-        .map(|id| {
-            let mut p = PartParams::allocate(pool, config, id)?;
-            p.init_from_seed(seed);
-            Ok(p)
-        })
-        .collect()
 }
 
 #[cfg(test)]

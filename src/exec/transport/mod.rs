@@ -8,6 +8,7 @@
 //! engines or plans.
 
 pub mod frame;
+mod handshake;
 pub mod mesh;
 pub mod ranks;
 
