@@ -260,8 +260,10 @@ fn a_killed_rank_stops_the_other_with_an_error_naming_it() {
     );
     assert!(killed.elapsed() < Duration::from_secs(10));
     assert!(stderr.contains("lost rank 1"), "{stderr}");
+    // A clean end of stream, a reset, or a send into the dead link: which comes first is a
+    // race, the cause named is the same.
     assert!(
-        stderr.contains("the connection closed without a goodbye"),
+        stderr.contains("the process ended or was killed"),
         "{stderr}"
     );
 }

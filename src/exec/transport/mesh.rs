@@ -215,7 +215,11 @@ impl Mesh {
                 self.fail(TransportError::PeerLost {
                     peer,
                     addr: link.addr.clone(),
-                    reason: format!("sending failed: {e}"),
+                    reason: if broke(&e) {
+                        format!("sending failed ({e}): the process ended or was killed")
+                    } else {
+                        format!("sending failed: {e}")
+                    },
                 })
             })
     }
@@ -353,6 +357,15 @@ fn record(shared: &Shared, failure: TransportError) -> TransportError {
     first
 }
 
+/// Whether `e` says the other end of a link is gone (reset, closed under a write or a read).
+fn broke(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        e.kind(),
+        BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof
+    )
+}
+
 /// Files every frame from rank `peer` until it says goodbye or the link breaks.
 fn read_link(stream: TcpStream, (peer, addr): (u32, String), silence: Duration, shared: &Shared) {
     let mut input = BufReader::with_capacity(1 << 16, stream);
@@ -382,6 +395,13 @@ fn read_link(stream: TcpStream, (peer, addr): (u32, String), silence: Duration, 
                             silence.as_secs_f64()
                         )
                     }
+                    FrameError::Io(e) if broke(&e) => {
+                        format!("the connection broke ({e}): the process ended or was killed")
+                    }
+                    FrameError::Truncated(what) => format!(
+                        "the connection closed in the middle of a frame ({what}): the process \
+                         ended or was killed"
+                    ),
                     other => other.to_string(),
                 };
                 record(
