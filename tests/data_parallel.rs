@@ -303,6 +303,7 @@ fn the_cli_trains_stages_x_replicas_and_says_so_in_its_summary() {
         out: out.clone(),
         devices: Some("cpu:4x64MiB".into()),
         steps: Some(2),
+        ranks: Default::default(),
     })
     .unwrap();
     let summary: serde_json::Value =

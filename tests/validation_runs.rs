@@ -153,6 +153,7 @@ fn cli(job_path: &Path, out: &Path) -> chronospipe::cli::train::Summary {
         out: out.to_owned(),
         devices: None,
         steps: None,
+        ranks: Default::default(),
     })
     .unwrap()
 }

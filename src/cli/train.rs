@@ -1,5 +1,10 @@
 //! `chronospipe train JOB.json`: plans, trains with a progress line, writes checkpoints under
 //! `--out` (`step-<k>/` and `final/`) and `summary.json` at the end.
+//!
+//! With `--rank R --peers A,B,...` the process is rank `R` of a run spread over processes:
+//! every rank plans the same job on the same devices and runs its block of them, reaching the
+//! others over TCP; rank 0 writes the checkpoints (the whole model's, gathered) and
+//! `summary.json`, rank `R` writes `summary-rank-R.json` for its own devices.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,6 +15,7 @@ use serde::Serialize;
 
 use crate::exec::checkpoint::retention::{Kept, to_delete};
 use crate::exec::run::{Evaluation, Observer, Outcome, Run, RunError, StepMetrics, drive};
+use crate::exec::transport::RankSpec;
 use crate::plan::render;
 use crate::spec::{JobSpec, StoragePolicy};
 
@@ -31,6 +37,24 @@ pub struct TrainArgs {
     /// Train this many steps instead of the job's `training.steps` or `training.epochs`.
     #[arg(long)]
     pub steps: Option<u64>,
+    #[command(flatten)]
+    pub ranks: RankArgs,
+}
+
+/// Running one rank of a run spread over processes.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RankArgs {
+    /// Run as rank R of a run spread over processes (needs --peers): rank R of K runs the
+    /// R-th of K equal blocks of the plan's devices (replica by replica, stage by stage).
+    #[arg(long, requires = "peers")]
+    pub rank: Option<u32>,
+    /// Every rank's address, HOST:PORT, comma-separated in rank order; this rank listens on
+    /// its own.
+    #[arg(long, requires = "rank")]
+    pub peers: Option<String>,
+    /// Seconds to keep trying to reach the other ranks [default: 60].
+    #[arg(long)]
+    pub connect_timeout: Option<u64>,
 }
 
 /// What `summary.json` holds.
@@ -172,7 +196,15 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
     if let Some(devices) = &args.devices {
         spec.devices = Some(devices.clone());
     }
-    let mut run = Run::prepare(spec, DEFAULT_DEVICES)?;
+    let mut run = match (args.ranks.rank, &args.ranks.peers) {
+        (Some(rank), Some(peers)) => {
+            let secs = args.ranks.connect_timeout.unwrap_or(60);
+            let timeout = std::time::Duration::from_secs(secs);
+            let rank = RankSpec::parse(rank, peers, timeout)?;
+            Run::prepare_rank(spec, DEFAULT_DEVICES, rank)?
+        }
+        _ => Run::prepare(spec, DEFAULT_DEVICES)?,
+    };
     let mut progress = Progress {
         out: args.out.clone(),
         total: run.total_steps(),
@@ -184,15 +216,23 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
         saved: Vec::new(),
         last_eval: None,
     };
-    let outcome = drive(&mut run, &mut progress)?;
+    let outcome = match drive(&mut run, &mut progress) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            run.abort_ranks(&e.to_string());
+            return Err(e.into());
+        }
+    };
     debug_assert!(matches!(
         outcome,
         Outcome::Completed { .. } | Outcome::StoppedEarly { .. }
     ));
+    run.close_ranks()?;
     let validation = run.validation_progress();
     let elapsed = progress.started.elapsed().as_secs_f64();
     let predicted = run.predicted_peaks();
     let stages = run.answer.plan.devices().max(1);
+    let local = run.local_devices();
     let summary = Summary {
         steps: run.step(),
         final_loss: progress.last_loss,
@@ -207,17 +247,24 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
             .into_iter()
             .zip(predicted)
             .enumerate()
+            .filter(|(device, _)| local.contains(&(*device as u32)))
             .map(|(device, (measured, predicted))| DeviceSummary {
                 device,
                 replica: device / stages,
                 stage: device % stages,
                 measured_peak_bytes: measured,
                 predicted_peak_bytes: predicted,
-                reduction_s: progress.reduction_s.get(device).copied().unwrap_or(0.0),
+                reduction_s: (progress.reduction_s)
+                    .get(device - local.start as usize)
+                    .copied()
+                    .unwrap_or(0.0),
             })
             .collect(),
     };
-    let path = args.out.join("summary.json");
+    let path = match args.ranks.rank {
+        Some(r) if r > 0 => args.out.join(format!("summary-rank-{r}.json")),
+        _ => args.out.join("summary.json"),
+    };
     std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     Ok(summary)

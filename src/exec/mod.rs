@@ -30,3 +30,4 @@ pub mod pipeline;
 pub mod run;
 pub mod tensor;
 pub mod train;
+pub mod transport;

@@ -5,22 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
-/// What a message carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MessageKind {
-    /// The output of a chunk's forward.
-    Activation,
-    /// The gradient of a chunk's input, made by its backward.
-    Gradient,
-}
-
-/// A message is named by what it is, the micro-batch and the chunk that made it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MessageKey {
-    pub kind: MessageKind,
-    pub mb: u32,
-    pub chunk: u32,
-}
+use crate::exec::transport::MessageKey;
 
 /// One device's inbox of `M`s (the engine's tensors in flight).
 #[derive(Debug)]

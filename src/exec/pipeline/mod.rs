@@ -14,6 +14,11 @@
 //! order (`reduce_point`). Each replica scales its loss by the whole step's token count, so
 //! the sum is the global batch's mean gradient and every replica then takes the same step.
 //!
+//! Sends, receives, reductions and the step's meeting point go through a [`Transport`]: the
+//! hand-over between threads of this process ([`transport::InProcess`]), or, for a pipeline
+//! spread over processes ([`Ranks`], e.g. [`TcpRanks`]), links to the devices that run
+//! elsewhere, with the same orders and so the same bits.
+//!
 //! Memory is counted at program points: a send gives the sender's bytes back, a receive takes
 //! the receiver's, an offload gives them back and a prefetch takes them when the action runs.
 //!
@@ -25,9 +30,12 @@ mod chunk;
 pub mod engine;
 mod evaluate;
 mod mailbox;
+mod placing;
 mod reduce_point;
 mod seat;
 mod step_sync;
+mod tcp_ranks;
+pub mod transport;
 mod worker;
 
 use std::time::Duration;
@@ -44,16 +52,17 @@ use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::train::StepReport;
 use crate::plan::ir::{Action, Group, Plan};
-use crate::plan::residence::StartingPlaces;
 use crate::plan::validate::validate;
 
 pub use chunk::ChunkState;
 use engine::HostPart;
 pub use engine::{CpuEngine, Engine};
-use mailbox::{Abort, Mailbox};
-use reduce_point::ReducePoint;
+pub use placing::seeded_parts;
+use placing::{copy_parts, place_replica};
 use seat::Seat;
-use step_sync::StepSync;
+pub use tcp_ranks::TcpRanks;
+use transport::{HostState, InProcess};
+pub use transport::{Ranks, Transport};
 use worker::{DeviceWorker, StepContext};
 
 #[derive(Debug, Error)]
@@ -119,6 +128,8 @@ pub enum PipelineError {
     NonFiniteGradNorm { step: u64, norm: f64 },
     #[error("gradient reduction across replicas: {0}")]
     Reduction(String),
+    #[error(transparent)]
+    Transport(#[from] crate::exec::transport::TransportError),
     #[error("stopped because another device failed")]
     Aborted,
     #[error("device {device}'s thread panicked")]
@@ -162,6 +173,8 @@ pub struct Pipeline<E: Engine = CpuEngine> {
     pub grad_clip: Option<f32>,
     /// Steps completed so far.
     pub step: u64,
+    /// Set when the plan's devices are spread over processes: the others' links.
+    ranks: Option<Box<dyn Ranks<E>>>,
 }
 
 impl<E: Engine> Pipeline<E> {
@@ -177,6 +190,34 @@ impl<E: Engine> Pipeline<E> {
         optimizer: OptimizerConfig,
         schedule: LrSchedule,
         grad_clip: Option<f32>,
+    ) -> Result<Self, PipelineError> {
+        let training = (optimizer, schedule, grad_clip);
+        Self::build(config, plan, devices, engine, parts, training, None)
+    }
+
+    /// As `new`, for the devices of this process only (`ranks.local()`) in a run spread over
+    /// several: the other devices run elsewhere and are reached through `ranks`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_on_rank(
+        config: LlamaConfig,
+        plan: Plan,
+        devices: DeviceSet,
+        engine: E,
+        parts: Vec<PartParams>,
+        training: (OptimizerConfig, LrSchedule, Option<f32>),
+        ranks: Box<dyn Ranks<E>>,
+    ) -> Result<Self, PipelineError> {
+        Self::build(config, plan, devices, engine, parts, training, Some(ranks))
+    }
+
+    fn build(
+        config: LlamaConfig,
+        plan: Plan,
+        devices: DeviceSet,
+        engine: E,
+        parts: Vec<PartParams>,
+        (optimizer, schedule, grad_clip): (OptimizerConfig, LrSchedule, Option<f32>),
+        ranks: Option<Box<dyn Ranks<E>>>,
     ) -> Result<Self, PipelineError> {
         validate(&plan)?;
         if plan.total_devices() != devices.devices.len() {
@@ -195,13 +236,22 @@ impl<E: Engine> Pipeline<E> {
         }
         let mut chunks: Vec<Vec<ChunkState<E>>> =
             (0..plan.total_devices()).map(|_| Vec::new()).collect();
-        let copies = (1..plan.replicas)
-            .map(|_| copy_parts(&parts, &config, &devices.host))
-            .collect::<Result<Vec<_>, _>>()?;
         let stages = plan.devices() as u32;
-        for (replica, parts) in std::iter::once(parts).chain(copies).enumerate() {
-            let first_device = replica as u32 * stages;
-            place_replica(&plan, &devices, &engine, &optimizer, first_device, parts)?
+        let local = ranks
+            .as_ref()
+            .map_or(0..plan.total_devices() as u32, |r| r.local());
+        // Only the replicas with a device here get a copy of the model.
+        let here: Vec<u32> = (0..plan.replicas)
+            .filter(|r| (r * stages..(r + 1) * stages).any(|d| local.contains(&d)))
+            .collect();
+        let mut copies = Vec::with_capacity(here.len());
+        for _ in 1..here.len() {
+            copies.push(copy_parts(&parts, &config, &devices.host)?);
+        }
+        for (&replica, parts) in here.iter().zip(std::iter::once(parts).chain(copies)) {
+            let first_device = replica * stages;
+            let placing = (first_device, &local);
+            place_replica(&plan, &devices, &engine, &optimizer, placing, parts)?
                 .into_iter()
                 .for_each(|(d, state)| chunks[d as usize].push(state));
         }
@@ -215,15 +265,57 @@ impl<E: Engine> Pipeline<E> {
             schedule,
             grad_clip,
             step: 0,
+            ranks,
         })
+    }
+
+    /// The run-wide devices this process runs (every one unless spread over ranks).
+    pub fn local_devices(&self) -> std::ops::Range<u32> {
+        self.ranks
+            .as_ref()
+            .map_or(0..self.plan.total_devices() as u32, |r| r.local())
+    }
+
+    /// Whether this process writes the run's checkpoints (rank 0 of a spread run does).
+    pub fn writes_checkpoints(&self) -> bool {
+        self.ranks.as_ref().is_none_or(|r| r.writes_checkpoints())
+    }
+
+    /// Ends a spread run: says goodbye to the other ranks and waits for theirs.
+    pub fn close_ranks(&self) -> Result<(), PipelineError> {
+        self.ranks.as_ref().map_or(Ok(()), |r| r.close())
+    }
+
+    /// Tells the other ranks of a spread run that this one stopped with `reason`.
+    pub fn abort_ranks(&self, reason: &str) {
+        if let Some(r) = &self.ranks {
+            r.abort(reason);
+        }
     }
 
     /// Calls `write` with every part and its optimizer state, in model order, as host
     /// tensors (lent where they are host memory already, copied into the host pool otherwise).
+    /// A rank of a spread run other than rank 0 sends its parts there instead: see
+    /// `with_run_state`.
     pub fn with_state<R>(
         &self,
         write: impl FnOnce(&[(&PartParams, &PartOptimState)]) -> R,
     ) -> Result<R, PipelineError> {
+        self.with_run_state(write)?.ok_or_else(|| {
+            crate::exec::transport::TransportError::Protocol(
+                "this rank's state went to rank 0, which holds the whole model's".into(),
+            )
+            .into()
+        })
+    }
+
+    /// As `with_state`; in a run spread over ranks, rank 0 gathers the parts the others
+    /// hold and calls `write` with the whole model, and every other rank sends its parts
+    /// to rank 0 and returns `None` without calling `write`.
+    pub fn with_run_state<R>(
+        &self,
+        write: impl FnOnce(&[(&PartParams, &PartOptimState)]) -> R,
+    ) -> Result<Option<R>, PipelineError> {
         let host = &self.devices.host;
         let mut all: Vec<(HostPart<'_>, PartOptimState)> = Vec::new();
         // Every replica holds the same state: replica 0's devices come first.
@@ -240,9 +332,25 @@ impl<E: Engine> Pipeline<E> {
             let states = chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
             all.extend(parts.into_iter().zip(states));
         }
+        if let Some(ranks) = &self.ranks {
+            let missing: Vec<PartId> = PartId::all(self.config.dims.layers)
+                .into_iter()
+                .filter(|id| all.iter().all(|(p, _)| p.id != *id))
+                .collect();
+            let allocate = |id: PartId| -> Result<HostState, PipelineError> {
+                let part = PartParams::allocate(host, &self.config, id)?;
+                let state = PartOptimState::allocate(host, &self.optimizer, &part)?;
+                Ok((part, state))
+            };
+            let mine: Vec<_> = all.iter().map(|(p, s)| (&**p, s)).collect();
+            let Some(theirs) = ranks.gather(self.step, &mine, &missing, &allocate)? else {
+                return Ok(None);
+            };
+            all.extend(theirs.into_iter().map(|(p, s)| (HostPart::Copied(p), s)));
+        }
         all.sort_by_key(|(p, _)| p.id);
         let pairs: Vec<_> = all.iter().map(|(p, s)| (&**p, s)).collect();
-        Ok(write(&pairs))
+        Ok(Some(write(&pairs)))
     }
 
     /// Runs `load` on host copies of each chunk's parts and optimizer state, then keeps what
@@ -299,20 +407,20 @@ impl<E: Engine> Pipeline<E> {
         // Every replica scales by the whole step's counted targets: their sum is the mean.
         let total_tokens = crate::exec::model::counted_tokens(microbatches)?;
         let devices = self.plan.total_devices();
-        let mailboxes: Vec<Mailbox<E::Message>> =
-            (0..devices).map(|_| Mailbox::default()).collect();
-        let abort = Abort::default();
-        let sync = StepSync::new(devices);
-        let reduce = ReducePoint::new(self.plan.replicas as usize);
+        let stages = self.plan.devices() as u32;
+        let local = self.local_devices();
+        let in_process = InProcess::new(self.plan.replicas, stages, local.clone());
+        let boxed: Box<dyn Transport<E> + '_> = match &self.ranks {
+            Some(ranks) => ranks.transport(self.step, in_process),
+            None => Box::new(in_process),
+        };
+        let transport = &*boxed;
         let cx = StepContext {
             engine: &self.engine,
             config: &self.config,
             microbatches,
             loss_scale: 1.0 / total_tokens as f32,
-            mailboxes: &mailboxes,
-            abort: &abort,
-            sync: &sync,
-            reduce: &reduce,
+            transport,
             optimizer: &self.optimizer,
             schedule: &self.schedule,
             grad_clip: self.grad_clip,
@@ -320,12 +428,17 @@ impl<E: Engine> Pipeline<E> {
             host: &self.devices.host,
         };
         let alone = devices == 1;
-        let stages = self.plan.devices() as u32;
-        let held = std::mem::take(&mut self.chunks);
+        let mut held = std::mem::take(&mut self.chunks);
+        // The chunks of devices that run elsewhere (none) wait here for the step's end.
+        let elsewhere: Vec<(usize, Vec<ChunkState<E>>)> = (0..devices)
+            .filter(|d| !local.contains(&(*d as u32)))
+            .map(|d| (d, std::mem::take(&mut held[d])))
+            .collect();
         let results: Vec<_> = std::thread::scope(|scope| {
             let handles: Vec<_> = held
                 .into_iter()
                 .enumerate()
+                .filter(|(d, _)| local.contains(&(*d as u32)))
                 .map(|(d, chunks)| {
                     let pool = &self.devices.devices[d];
                     let seat = Seat {
@@ -338,18 +451,16 @@ impl<E: Engine> Pipeline<E> {
                     let cx = &cx;
                     scope.spawn(move || {
                         let work = move || {
-                            let stop = || {
-                                cx.abort.raise(cx.mailboxes);
-                                cx.sync.wake();
-                                cx.reduce.wake();
-                            };
                             // A panic here stops the step at once: the other devices would
                             // otherwise wait for this one until it is joined (in device order).
-                            let _on_panic = OnPanic(stop);
+                            let device = d as u32;
+                            let _on_panic = OnPanic(|| {
+                                cx.transport.abort(&PipelineError::Panicked { device })
+                            });
                             let mut w = DeviceWorker::new(seat, pool, program, chunks);
                             let result = w.run(cx);
-                            if result.is_err() {
-                                stop();
+                            if let Err(e) = &result {
+                                cx.transport.abort(e);
                             }
                             (result, w.chunks)
                         };
@@ -359,18 +470,18 @@ impl<E: Engine> Pipeline<E> {
                 .collect();
             handles
                 .into_iter()
-                .enumerate()
-                .map(|(d, h)| {
+                .zip(local.clone())
+                .map(|(h, d)| {
                     h.join().map_err(|_| {
-                        abort.raise(&mailboxes);
-                        sync.wake();
-                        reduce.wake();
-                        PipelineError::Panicked { device: d as u32 }
+                        let e = PipelineError::Panicked { device: d };
+                        transport.abort(&e);
+                        e
                     })
                 })
                 .collect()
         });
-        let reports = self.take_back(results)?;
+        drop(boxed);
+        let reports = self.take_back(results, local.start as usize, elsewhere)?;
         let totals = reports
             .iter()
             .find_map(|r| r.totals)
@@ -408,6 +519,8 @@ impl<E: Engine> Pipeline<E> {
 
     /// Takes every device's chunks back after a step and returns the devices' reports, or
     /// the error of the device that failed first.
+    /// `results` are those of the devices from `first` on; `elsewhere` the (empty) chunk
+    /// lists of the devices other processes run.
     #[allow(clippy::type_complexity)]
     fn take_back(
         &mut self,
@@ -420,26 +533,35 @@ impl<E: Engine> Pipeline<E> {
                 PipelineError,
             >,
         >,
+        first: usize,
+        elsewhere: Vec<(usize, Vec<ChunkState<E>>)>,
     ) -> Result<Vec<worker::DeviceStep>, PipelineError> {
         let mut first_error = None;
         let mut reports = Vec::new();
-        for result in results {
+        let mut chunks_of = Vec::with_capacity(results.len() + elsewhere.len());
+        for (d, result) in (first..).zip(results) {
             match result {
                 Ok((Ok(report), chunks)) => {
-                    self.chunks.push(chunks);
+                    chunks_of.push((d, chunks));
                     reports.push(report);
                 }
                 Ok((Err(e), chunks)) => {
-                    self.chunks.push(chunks);
+                    chunks_of.push((d, chunks));
                     // The device that failed first names the cause; the others were aborted.
                     if first_error.is_none() || matches!(first_error, Some(PipelineError::Aborted))
                     {
                         first_error = Some(e);
                     }
                 }
-                Err(e) => first_error = Some(e),
+                Err(e) => {
+                    chunks_of.push((d, Vec::new()));
+                    first_error = Some(e);
+                }
             }
         }
+        chunks_of.extend(elsewhere);
+        chunks_of.sort_by_key(|(d, _)| *d);
+        self.chunks = chunks_of.into_iter().map(|(_, c)| c).collect();
         match first_error {
             Some(e) => Err(e),
             None => Ok(reports),
@@ -458,84 +580,6 @@ impl Pipeline<CpuEngine> {
         all.sort_by_key(|p| p.id);
         all
     }
-}
-
-/// Host copies of `parts`' weights, for another replica.
-fn copy_parts(
-    parts: &[PartParams],
-    config: &LlamaConfig,
-    host: &crate::exec::device::PoolRef,
-) -> Result<Vec<PartParams>, DeviceError> {
-    parts
-        .iter()
-        .map(|p| {
-            let mut copy = PartParams::allocate(host, config, p.id)?;
-            copy.copy_weights_from(p);
-            Ok(copy)
-        })
-        .collect()
-}
-
-/// One replica's chunks, each with the run-wide device it goes to (`first_device` is the
-/// replica's device 0). Built on the host, then each group goes to the device unless the
-/// program leaves it on the host (a program is one step that repeats), so no device ever
-/// holds more than it will in a step.
-fn place_replica<E: Engine>(
-    plan: &Plan,
-    devices: &DeviceSet,
-    engine: &E,
-    optimizer: &OptimizerConfig,
-    first_device: u32,
-    parts: Vec<PartParams>,
-) -> Result<Vec<(u32, ChunkState<E>)>, PipelineError> {
-    let mut placed = Vec::with_capacity(plan.chunks.len());
-    let mut parts = parts.into_iter();
-    let starting = StartingPlaces::of(plan);
-    for (index, spec) in plan.chunks.iter().enumerate() {
-        let count = spec.layers() as usize + usize::from(spec.embedding) + usize::from(spec.head);
-        let device = first_device + spec.device;
-        let pool = &devices.devices[device as usize];
-        let chunk_parts = parts
-            .by_ref()
-            .take(count)
-            .map(|part| engine.adopt(part, &devices.host))
-            .collect::<Result<Vec<_>, _>>()?;
-        let chunk = index as u32;
-        let mut state = ChunkState::new_on_host(
-            engine,
-            chunk,
-            chunk_parts,
-            optimizer,
-            plan.optimizer_slices,
-            &devices.host,
-        )?;
-        let groups = [Group::Weights { chunk }, Group::Grads { chunk }]
-            .into_iter()
-            .chain((0..plan.optimizer_slices).map(|slice| Group::Optimizer { chunk, slice }));
-        for group in groups {
-            if !starting.on_host(group) {
-                state.place(engine, device, group, pool, false)?;
-            }
-        }
-        placed.push((device, state));
-    }
-    Ok(placed)
-}
-
-/// Every part of a model in forward order, allocated in `pool` and initialised from `seed`.
-pub fn seeded_parts(
-    config: &LlamaConfig,
-    pool: &crate::exec::device::PoolRef,
-    seed: u64,
-) -> Result<Vec<PartParams>, DeviceError> {
-    PartId::all(config.dims.layers)
-        .into_iter()
-        .map(|id| {
-            let mut p = PartParams::allocate(pool, config, id)?;
-            p.init_from_seed(seed);
-            Ok(p)
-        })
-        .collect()
 }
 
 /// Runs its closure when dropped by a panicking thread.

@@ -1,8 +1,9 @@
-//! Where the replicas of one device meet to reduce a chunk's gradients (`AR<c>`): each hands
-//! its gradient tensors over (no copy, so no memory is added), the last to arrive sums every
-//! tensor's copies in replica order (replica 0 + 1 + 2 ...) into each copy, and each replica
-//! takes its own back. The order does not depend on which thread arrives first, so a
-//! data-parallel run repeats bit for bit.
+//! Where the replicas of one device that run in this process meet to reduce a chunk's
+//! gradients (`AR<c>`): each hands its gradient tensors over (no copy, so no memory is
+//! added), the last to arrive sums every tensor's copies in replica order (replica 0 + 1 + 2
+//! ...) into each copy (with the other processes' copies, when the run is spread over ranks),
+//! and each replica takes its own back. The order does not depend on which thread arrives
+//! first, so a data-parallel run repeats bit for bit.
 
 use std::collections::HashMap;
 use std::sync::{Condvar, Mutex};
@@ -24,46 +25,59 @@ struct Slot<T> {
 
 /// The step's meeting points, one per (device of a replica, chunk).
 pub struct ReducePoint<T> {
-    replicas: usize,
     slots: Mutex<HashMap<(u32, u32), Slot<T>>>,
     changed: Condvar,
 }
 
+/// Which of the meeting's places a replica takes: `replica` of `replicas` that meet here.
+#[derive(Debug, Clone, Copy)]
+pub struct Place {
+    pub replica: usize,
+    pub replicas: usize,
+}
+
+impl<T> Default for ReducePoint<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<T> ReducePoint<T> {
-    pub fn new(replicas: usize) -> Self {
+    pub fn new() -> Self {
         ReducePoint {
-            replicas,
             slots: Mutex::new(HashMap::new()),
             changed: Condvar::new(),
         }
     }
 
-    /// Reduces `grads` (replica `replica`'s, of `chunk` on `device` of its replica) with the
-    /// other replicas' and gives them back summed, with `Ok`. When another device failed
-    /// before every replica arrived they come back unsummed, with `Err(Aborted)`.
-    pub fn reduce<E: Engine<Tensor = T>>(
+    /// Reduces `grads` (those of the replica at `place`, of `chunk` on `device` of its
+    /// replica) with the other replicas' and gives them back summed, with `Ok`. The last to
+    /// arrive sums with `sum`, given every copy here in replica order. When another device
+    /// failed before every replica arrived they come back unsummed, with `Err(Aborted)`.
+    pub fn reduce(
         &self,
-        engine: &E,
         (device, chunk): (u32, u32),
-        replica: usize,
+        place: Place,
         grads: ChunkGrads<T>,
         abort: &Abort,
+        sum: impl FnOnce(&mut [ChunkGrads<T>]) -> Result<(), PipelineError>,
     ) -> (ChunkGrads<T>, Result<(), PipelineError>) {
+        let Place { replica, replicas } = place;
         let key = (device, chunk);
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slot = slots.entry(key).or_insert_with(|| Slot {
-            posted: (0..self.replicas).map(|_| None).collect(),
+            posted: (0..replicas).map(|_| None).collect(),
             arrived: 0,
             outcome: None,
             taken: 0,
         });
         slot.posted[replica] = Some(grads);
         slot.arrived += 1;
-        if slot.arrived == self.replicas {
+        if slot.arrived == replicas {
             let mut all: Vec<ChunkGrads<T>> =
                 slot.posted.iter_mut().filter_map(Option::take).collect();
             drop(slots);
-            let outcome = sum_in_replica_order(engine, device, &mut all);
+            let outcome = sum(&mut all);
             slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(slot) = slots.get_mut(&key) {
                 for (place, grads) in slot.posted.iter_mut().zip(all) {
@@ -80,13 +94,13 @@ impl<T> ReducePoint<T> {
             if let Some(outcome) = slot.outcome.clone() {
                 let mine = slot.posted[replica].take().unwrap_or_default();
                 slot.taken += 1;
-                if slot.taken == self.replicas {
+                if slot.taken == replicas {
                     slots.remove(&key);
                 }
                 return (mine, outcome.map_err(PipelineError::Reduction));
             }
             // Until every replica is in, nobody sums: leaving takes our own gradients back.
-            if abort.is_raised() && slot.arrived < self.replicas {
+            if abort.is_raised() && slot.arrived < replicas {
                 let mine = slot.posted[replica].take().unwrap_or_default();
                 slot.arrived -= 1;
                 return (mine, Err(PipelineError::Aborted));
@@ -103,7 +117,7 @@ impl<T> ReducePoint<T> {
 }
 
 /// Sums each gradient tensor's copies in replica order into every copy.
-fn sum_in_replica_order<E: Engine>(
+pub fn sum_in_replica_order<E: Engine>(
     engine: &E,
     device: u32,
     all: &mut [ChunkGrads<E::Tensor>],

@@ -16,10 +16,11 @@ use crate::plan::ir::{Action, Group};
 use super::PipelineError;
 use super::chunk::ChunkState;
 use super::engine::{At, Engine, Kept, Update};
-use super::mailbox::{Abort, Mailbox, MessageKey, MessageKind};
-use super::reduce_point::{ChunkGrads, ReducePoint};
+use super::reduce_point::ChunkGrads;
 use super::seat::Seat;
-use super::step_sync::{StepSync, StepTotals};
+use super::step_sync::StepTotals;
+use super::transport::Transport;
+use crate::exec::transport::{MessageKey, MessageKind};
 
 /// What a forward leaves for its backward.
 enum Stash<E: Engine> {
@@ -35,10 +36,7 @@ pub struct StepContext<'a, E: Engine> {
     pub config: &'a LlamaConfig,
     pub microbatches: &'a [Microbatch],
     pub loss_scale: f32,
-    pub mailboxes: &'a [Mailbox<E::Message>],
-    pub abort: &'a Abort,
-    pub sync: &'a StepSync,
-    pub reduce: &'a ReducePoint<E::Tensor>,
+    pub transport: &'a dyn Transport<E>,
     pub optimizer: &'a OptimizerConfig,
     pub schedule: &'a LrSchedule,
     pub grad_clip: Option<f32>,
@@ -163,13 +161,13 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
                 let t = take(&mut self.grads_out, (mb, chunk), "gradient to send")?;
                 self.send(cx, peer, MessageKind::Gradient, mb, chunk, t)
             }
-            Action::RecvAct { mb, chunk, .. } => {
-                let t = self.receive(cx, MessageKind::Activation, mb, chunk)?;
+            Action::RecvAct { mb, chunk, peer } => {
+                let t = self.receive(cx, peer, MessageKind::Activation, mb, chunk)?;
                 self.inputs.insert((mb, chunk + 1), t);
                 Ok(())
             }
-            Action::RecvGrad { mb, chunk, .. } => {
-                let t = self.receive(cx, MessageKind::Gradient, mb, chunk)?;
+            Action::RecvGrad { mb, chunk, peer } => {
+                let t = self.receive(cx, peer, MessageKind::Gradient, mb, chunk)?;
                 // The validator only lets a chunk's input gradient come from chunk 1 or later.
                 self.grads_in.insert((mb, chunk.saturating_sub(1)), t);
                 Ok(())
@@ -191,20 +189,23 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         result
     }
 
+    /// Waits for the message from this replica's device `peer`.
     fn receive(
         &mut self,
         cx: &StepContext<'_, E>,
+        peer: u32,
         kind: MessageKind,
         mb: u32,
         chunk: u32,
     ) -> Result<E::Tensor, PipelineError> {
         let start = Instant::now();
         let key = MessageKey { kind, mb, chunk };
-        let message = cx.mailboxes[self.device as usize]
-            .take(key, cx.abort)
-            .ok_or(PipelineError::Aborted)?;
+        let from = self.seat.device(peer);
+        let received = cx
+            .transport
+            .receive(cx.engine, from, self.device, key, self.pool);
         self.report.waiting += start.elapsed();
-        cx.engine.receive(self.device, message, self.pool)
+        received
     }
 
     fn send(
@@ -216,14 +217,9 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         chunk: u32,
         tensor: E::Tensor,
     ) -> Result<(), PipelineError> {
-        let peer = self.seat.device(peer);
-        let mailbox = cx
-            .mailboxes
-            .get(peer as usize)
-            .ok_or(PipelineError::NoSuchDevice { device: peer })?;
-        let message = cx.engine.send(self.device, tensor)?;
-        mailbox.post(MessageKey { kind, mb, chunk }, message);
-        Ok(())
+        let key = MessageKey { kind, mb, chunk };
+        let to = self.seat.device(peer);
+        cx.transport.send(cx.engine, self.device, to, key, tensor)
     }
 
     /// The kind of the chunk's first (or `last`) part.
@@ -466,10 +462,8 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
                     });
                 }
                 let start = Instant::now();
-                let totals = cx
-                    .sync
-                    .meet(squares, std::mem::take(&mut self.losses), cx.abort)
-                    .ok_or(PipelineError::Aborted)?;
+                let losses = std::mem::take(&mut self.losses);
+                let totals = cx.transport.meet(squares, losses)?;
                 self.report.waiting += start.elapsed();
                 self.totals = Some(totals);
                 totals
@@ -508,10 +502,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         let grads: ChunkGrads<E::Tensor> = (state.parts.iter_mut())
             .map(|p| std::mem::take(engine.params_mut(p).1))
             .collect();
-        let key = (seat.stage, chunk);
-        let (summed, result) =
-            cx.reduce
-                .reduce(engine, key, seat.replica as usize, grads, cx.abort);
+        let (summed, result) = cx.transport.reduce(engine, seat, chunk, grads);
         for (part, grads) in state.parts.iter_mut().zip(summed) {
             *engine.params_mut(part).1 = grads;
         }

@@ -188,10 +188,31 @@ impl Run {
         self.progress
     }
 
+    /// The run-wide devices this process runs: all of the plan's, but in a run spread over
+    /// ranks (`prepare_rank`).
+    pub fn local_devices(&self) -> std::ops::Range<u32> {
+        self.placement.local_devices()
+    }
+
+    /// Ends a run spread over ranks: says goodbye to the others and waits for theirs, so no
+    /// rank's last frames are cut off (nothing to do in one process).
+    pub fn close_ranks(&self) -> Result<(), RunError> {
+        self.placement.close_ranks()
+    }
+
+    /// A run spread over ranks stopped here with `reason`: the other ranks stop too.
+    pub fn abort_ranks(&self, reason: &str) {
+        self.placement.abort_ranks(reason);
+    }
+
     /// Writes `model.safetensors` + `config.json` (Hugging Face layout),
     /// `optimizer.safetensors`, `trainer_state.json` and, last, `manifest.json` into `dir`,
-    /// whole or not at all (`checkpoint::commit`).
+    /// whole or not at all (`checkpoint::commit`). In a run spread over ranks, rank 0 writes
+    /// the whole model's, gathered from the others; the other ranks only send their parts.
     pub fn save_checkpoint(&self, dir: &Path, last_loss: Option<f64>) -> Result<(), RunError> {
+        if !self.placement.writes_checkpoints() {
+            return self.placement.with_state(|_| Ok(()));
+        }
         write_checkpoint(dir, |dir| {
             self.placement.with_state(|pairs| {
                 let parts: Vec<_> = pairs.iter().map(|(p, _)| *p).collect();

@@ -34,8 +34,14 @@ pub trait Stages: Send {
     ) -> Result<(StepReport, Vec<DeviceTiming>), PipelineError>;
     /// The summed loss of `batches`' counted targets, forward only.
     fn evaluate(&mut self, batches: &[Microbatch]) -> Result<f64, PipelineError>;
+    /// Calls `write` with the whole model's state, unless this is a rank of a spread run
+    /// other than rank 0, which sends its parts to rank 0 instead.
     fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError>;
     fn load_state(&mut self, load: &mut LoadState<'_>) -> Result<(), PipelineError>;
+    fn local_devices(&self) -> std::ops::Range<u32>;
+    fn writes_checkpoints(&self) -> bool;
+    fn close_ranks(&self) -> Result<(), PipelineError>;
+    fn abort_ranks(&self, reason: &str);
 }
 
 impl<E: Engine + Send> Stages for Pipeline<E>
@@ -71,11 +77,27 @@ where
     }
 
     fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError> {
-        Pipeline::with_state(self, write)?
+        Pipeline::with_run_state(self, write)?.unwrap_or(Ok(()))
     }
 
     fn load_state(&mut self, load: &mut LoadState<'_>) -> Result<(), PipelineError> {
         Pipeline::load_state(self, load)
+    }
+
+    fn local_devices(&self) -> std::ops::Range<u32> {
+        Pipeline::local_devices(self)
+    }
+
+    fn writes_checkpoints(&self) -> bool {
+        Pipeline::writes_checkpoints(self)
+    }
+
+    fn close_ranks(&self) -> Result<(), PipelineError> {
+        Pipeline::close_ranks(self)
+    }
+
+    fn abort_ranks(&self, reason: &str) {
+        Pipeline::abort_ranks(self, reason)
     }
 }
 
@@ -108,6 +130,37 @@ impl Placement {
         match self {
             Placement::Pipeline(p) => p.set_step(step),
             Placement::Gpu { trainer, .. } => trainer.step = step,
+        }
+    }
+
+    /// The run-wide devices this process runs (all but in a run spread over ranks).
+    pub fn local_devices(&self) -> std::ops::Range<u32> {
+        match self {
+            Placement::Pipeline(p) => p.local_devices(),
+            Placement::Gpu { .. } => 0..1,
+        }
+    }
+
+    /// Whether this process writes checkpoints (all but ranks other than 0 of a spread run).
+    pub fn writes_checkpoints(&self) -> bool {
+        match self {
+            Placement::Pipeline(p) => p.writes_checkpoints(),
+            Placement::Gpu { .. } => true,
+        }
+    }
+
+    /// Ends a spread run's links (nothing otherwise).
+    pub fn close_ranks(&self) -> Result<(), RunError> {
+        match self {
+            Placement::Pipeline(p) => Ok(p.close_ranks()?),
+            Placement::Gpu { .. } => Ok(()),
+        }
+    }
+
+    /// Tells a spread run's other ranks this one stopped (nothing otherwise).
+    pub fn abort_ranks(&self, reason: &str) {
+        if let Placement::Pipeline(p) = self {
+            p.abort_ranks(reason);
         }
     }
 

@@ -16,7 +16,9 @@ use crate::exec::device_spec::{DeviceSpec, Target};
 use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
-use crate::exec::pipeline::{CpuEngine, Engine, Pipeline, seeded_parts};
+use crate::exec::pipeline::{CpuEngine, Engine, Pipeline, Ranks, seeded_parts};
+use crate::exec::pipeline::{PipelineError, TcpRanks};
+use crate::exec::transport::{Mesh, RankSpec};
 use crate::plan::policy::{Offload, Recompute};
 use crate::plan::presets::{Cluster, ProfileName};
 use crate::plan::schedule::ScheduleKind;
@@ -156,6 +158,20 @@ pub fn plan_job(
         DeviceKind::Cpu => Cluster::cpu(used, budget),
     };
     search_within_host(&request, &mut cluster, devices.host.budget())
+}
+
+/// Joins a pipeline to the other ranks of its run, once its plan is known.
+type Connect<E> = Box<dyn FnOnce(&Answer) -> Result<Box<dyn Ranks<E>>, RunError>>;
+
+/// What every rank of one run shares: the job and the plan. Ranks that disagree refuse to
+/// meet instead of training different things.
+fn run_fingerprint(spec: &JobSpec, answer: &Answer) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(serde_json::to_vec(spec).unwrap_or_default());
+    hash.update(answer.plan.to_string().as_bytes());
+    let digest = hash.finalize();
+    u64::from_le_bytes(digest[..8].try_into().unwrap_or_default())
 }
 
 /// How much of a GPU's free memory a run leaves alone: the CUDA context's own allocations,
@@ -320,17 +336,72 @@ impl Run {
         let engine = CpuEngine {
             backend: Box::new(CpuBackend::default()),
         };
-        Run::on_pipeline(spec, &arch, devices, DeviceKind::Cpu, engine)
+        Run::on_pipeline(spec, &arch, devices, DeviceKind::Cpu, engine, None)
+    }
+
+    /// As `prepare`, for rank `rank.rank` of a run spread over processes: every rank plans
+    /// the whole job on the whole device list (the same plan), then runs its block of the
+    /// plan's devices and reaches the others over TCP (CPU devices only).
+    pub fn prepare_rank(
+        spec: JobSpec,
+        default_devices: &str,
+        rank: RankSpec,
+    ) -> Result<Run, RunError> {
+        let named = spec.devices.as_deref().unwrap_or(default_devices);
+        let Target::CpuPipeline(devices) = DeviceSpec::parse(named)?.target() else {
+            return Err(RunError::Spec(vec![SpecError::new(
+                "devices",
+                format!(
+                    "{named}: a run spread over ranks (--rank) runs CPU devices only (tensors \
+                     go between processes over TCP); GPUs in several processes need NCCL \
+                     between them, which is not implemented: name CPU devices such as \
+                     `cpu:2x256MiB`, or run without --rank"
+                ),
+            )]));
+        };
+        spec.validate().map_err(|e| RunError::Spec(e.0))?;
+        if spec.data.validation.is_some() {
+            return Err(RunError::Spec(vec![SpecError::new(
+                "data.validation",
+                "a run spread over ranks (--rank) does not evaluate validation data yet (the \
+                 evaluation runs replica 0's chunks in one process): leave data.validation \
+                 (and early stopping) out, or run without --rank",
+            )]));
+        }
+        let arch = resolve_arch(&spec)?;
+        let engine = CpuEngine {
+            backend: Box::new(CpuBackend::default()),
+        };
+        let fingerprint_of = spec.clone();
+        let connect = move |answer: &Answer| -> Result<Box<dyn Ranks<CpuEngine>>, RunError> {
+            let plan = &answer.plan;
+            let total = plan.total_devices() as u32;
+            rank.check_divides(total).map_err(PipelineError::from)?;
+            let fingerprint = run_fingerprint(&fingerprint_of, answer);
+            let mesh = Mesh::connect(&rank, fingerprint).map_err(PipelineError::from)?;
+            let stages = plan.devices() as u32;
+            Ok(Box::new(TcpRanks::new(mesh, rank, plan.replicas, stages)))
+        };
+        Run::on_pipeline(
+            spec,
+            &arch,
+            devices,
+            DeviceKind::Cpu,
+            engine,
+            Some(Box::new(connect)),
+        )
     }
 
     /// Plans a validated `spec` for `devices` of `kind`, loads its data and places the model
-    /// on the pipeline runtime over `engine`.
+    /// on the pipeline runtime over `engine`; with `connect`, only the devices of this
+    /// process's rank, reaching the others through what `connect` makes of the plan.
     fn on_pipeline<E>(
         spec: JobSpec,
         arch: &ModelArch,
         mut devices: DeviceSet,
         kind: DeviceKind,
         engine: E,
+        connect: Option<Connect<E>>,
     ) -> Result<Run, RunError>
     where
         E: Engine + Send + 'static,
@@ -344,16 +415,24 @@ impl Run {
         let validation = ValidationSet::load(&spec, arch)?;
         let parts = initial_parts(&spec, &config, &devices.host)?;
         let t = &spec.training;
-        let pipeline = Pipeline::new(
-            config,
-            answer.plan.clone(),
-            devices,
-            engine,
-            parts,
+        let training = (
             OptimizerConfig::from_spec(&t.optimizer),
             LrSchedule::from_spec(t, total_steps),
             t.grad_clip.map(|c| c as f32),
-        )?;
+        );
+        let plan = answer.plan.clone();
+        let pipeline = match connect {
+            None => {
+                let (optimizer, schedule, clip) = training;
+                Pipeline::new(
+                    config, plan, devices, engine, parts, optimizer, schedule, clip,
+                )?
+            }
+            Some(connect) => {
+                let ranks = connect(&answer)?;
+                Pipeline::new_on_rank(config, plan, devices, engine, parts, training, ranks)?
+            }
+        };
         Ok(Run {
             spec,
             answer,
@@ -425,7 +504,7 @@ impl Run {
             devices: stage_pools(&engine, stage_gpus, cap)?,
             host: Pool::new("host", usize::MAX),
         };
-        Run::on_pipeline(spec, &arch, devices, DeviceKind::Cuda, engine)
+        Run::on_pipeline(spec, &arch, devices, DeviceKind::Cuda, engine, None)
     }
 }
 

@@ -1,0 +1,379 @@
+//! A pipeline on CPU devices spread over processes joined by TCP (`exec::transport::Mesh`).
+//! Each call of the step's [`Transport`] goes to the devices of this process as in one
+//! process, and to the others' as frames: a send is a tensor frame to the rank that runs the
+//! receiver, a reduction sends this replica's gradients to every rank holding another replica
+//! of the device and sums all copies in replica order (the in-process order, so the same
+//! bits), and the meeting point exchanges every rank's share before the totals are taken.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::exec::device::PoolRef;
+use crate::exec::model::{PartId, PartParams};
+use crate::exec::optim::PartOptimState;
+use crate::exec::optim::clip::PartSquares;
+use crate::exec::tensor::Tensor;
+use crate::exec::transport::frame::{Frame, ReplicaGrads, WireTensor};
+use crate::exec::transport::{Mesh, MessageKey, RankSpec};
+
+use super::PipelineError;
+use super::engine::{CpuEngine, Engine, HostMessage};
+use super::reduce_point::ChunkGrads;
+use super::seat::Seat;
+use super::step_sync::{Shares, StepTotals};
+use super::transport::{HostState, InProcess, Ranks, Transport};
+
+type Result<T> = std::result::Result<T, PipelineError>;
+
+/// How long the last rank to finish waits for the others' goodbyes.
+const CLOSE_WITHIN: Duration = Duration::from_secs(60);
+
+/// This process's rank of a plan of `replicas` x `stages` devices.
+pub struct TcpRanks {
+    mesh: Mesh,
+    spec: RankSpec,
+    replicas: u32,
+    stages: u32,
+}
+
+impl TcpRanks {
+    pub fn new(mesh: Mesh, spec: RankSpec, replicas: u32, stages: u32) -> Self {
+        TcpRanks {
+            mesh,
+            spec,
+            replicas,
+            stages,
+        }
+    }
+
+    fn devices(&self) -> u32 {
+        self.replicas * self.stages
+    }
+
+    fn rank_of(&self, device: u32) -> u32 {
+        self.spec.rank_of(device, self.devices())
+    }
+}
+
+impl Ranks<CpuEngine> for TcpRanks {
+    fn local(&self) -> Range<u32> {
+        self.spec.devices_of(self.spec.rank, self.devices())
+    }
+
+    fn writes_checkpoints(&self) -> bool {
+        self.spec.rank == 0
+    }
+
+    fn transport<'a>(
+        &'a self,
+        step: u64,
+        local: InProcess<CpuEngine>,
+    ) -> Box<dyn Transport<CpuEngine> + 'a> {
+        Box::new(OverTcp {
+            ranks: self,
+            local,
+            step,
+        })
+    }
+
+    fn gather(
+        &self,
+        step: u64,
+        mine: &[(&PartParams, &PartOptimState)],
+        missing: &[PartId],
+        allocate: &dyn Fn(PartId) -> Result<HostState>,
+    ) -> Result<Option<Vec<HostState>>> {
+        if !self.writes_checkpoints() {
+            for (part, state) in mine {
+                self.mesh.send(0, &state_frame(step, part, state))?;
+            }
+            return Ok(None);
+        }
+        let mut gathered = Vec::with_capacity(missing.len());
+        for &id in missing {
+            let found = self
+                .mesh
+                .wait(|inbox| inbox.states.remove(&(step, id)), &|| false)?;
+            let Some(state) = found else {
+                return Err(PipelineError::Aborted);
+            };
+            let (mut part, mut optim) = allocate(id)?;
+            fill(
+                &mut part.weights,
+                state.weights.iter().map(|t| (&t.name, &t.data)),
+                id,
+            )?;
+            let moments = [
+                (&mut optim.exp_avg, &state.exp_avg),
+                (&mut optim.exp_avg_sq, &state.exp_avg_sq),
+            ];
+            for (into, from) in moments {
+                if from.len() != into.len() {
+                    return Err(PipelineError::Reduction(format!(
+                        "checkpoint state of {id:?}: {} optimizer moments came, {} were expected",
+                        from.len(),
+                        into.len()
+                    )));
+                }
+                let names: Vec<String> = into.iter().map(|t| t.name().to_string()).collect();
+                fill(into, names.iter().zip(from), id)?;
+            }
+            gathered.push((part, optim));
+        }
+        Ok(Some(gathered))
+    }
+
+    fn close(&self) -> Result<()> {
+        Ok(self.mesh.close(CLOSE_WITHIN)?)
+    }
+
+    fn abort(&self, reason: &str) {
+        self.mesh.abort(reason);
+    }
+}
+
+/// Copies received values into `into`'s tensors, checking names and lengths.
+fn fill<'a>(
+    into: &mut [Tensor],
+    from: impl ExactSizeIterator<Item = (&'a String, &'a Vec<f32>)>,
+    part: PartId,
+) -> Result<()> {
+    if from.len() != into.len() {
+        return Err(PipelineError::Reduction(format!(
+            "checkpoint state of {part:?}: {} tensors came, {} were expected",
+            from.len(),
+            into.len()
+        )));
+    }
+    for (t, (name, data)) in into.iter_mut().zip(from) {
+        if t.name() != name || t.len() != data.len() {
+            return Err(PipelineError::Reduction(format!(
+                "checkpoint state of {part:?}: {name} ({} values) came where {} ({} values) \
+                 was expected",
+                data.len(),
+                t.name(),
+                t.len()
+            )));
+        }
+        t.data_mut().copy_from_slice(data);
+    }
+    Ok(())
+}
+
+fn state_frame(step: u64, part: &PartParams, state: &PartOptimState) -> Frame {
+    let values = |ts: &[Tensor]| ts.iter().map(|t| t.data().to_vec()).collect();
+    Frame::State {
+        step,
+        part: part.id,
+        weights: part
+            .weights
+            .iter()
+            .map(|t| WireTensor {
+                name: t.name().to_string(),
+                shape: t.shape().to_vec(),
+                data: t.data().to_vec(),
+            })
+            .collect(),
+        exp_avg: values(&state.exp_avg),
+        exp_avg_sq: values(&state.exp_avg_sq),
+    }
+}
+
+/// One step's transport over the mesh.
+struct OverTcp<'a> {
+    ranks: &'a TcpRanks,
+    local: InProcess<CpuEngine>,
+    step: u64,
+}
+
+impl OverTcp<'_> {
+    /// Waits on the mesh for what `take` finds; stops when a device here failed.
+    fn wait<T>(
+        &self,
+        take: impl FnMut(&mut crate::exec::transport::mesh::Inbox) -> Option<T>,
+    ) -> Result<T> {
+        self.ranks
+            .mesh
+            .wait(take, &|| self.local.aborted())?
+            .ok_or(PipelineError::Aborted)
+    }
+
+    /// Every replica's copies of each gradient tensor of (stage, chunk): this process's in
+    /// `here` (replicas `local`), the others' from the mesh; sums them in replica order into
+    /// `here`'s copies.
+    fn sum_with_remote(
+        &self,
+        (stage, chunk): (u32, u32),
+        local: &[u32],
+        here: &mut [ChunkGrads<Tensor>],
+    ) -> Result<()> {
+        let mut remote: Vec<(u32, ReplicaGrads)> = Vec::new();
+        for replica in (0..self.ranks.replicas).filter(|r| !local.contains(r)) {
+            let key = (self.step, stage, chunk, replica);
+            remote.push((replica, self.wait(|inbox| inbox.reductions.remove(&key))?));
+        }
+        let Some(first) = here.first() else {
+            return Ok(());
+        };
+        let shape: Vec<Vec<usize>> = first
+            .iter()
+            .map(|part| part.iter().map(Tensor::len).collect())
+            .collect();
+        let differs = |r: &u32, sizes: Vec<Vec<usize>>| {
+            PipelineError::Reduction(format!(
+                "replica {r} of device {stage}, chunk {chunk} holds gradients of sizes \
+                 {sizes:?} where this rank's are {shape:?}"
+            ))
+        };
+        for (r, grads) in &remote {
+            let sizes: Vec<Vec<usize>> = grads
+                .iter()
+                .map(|p| p.iter().map(Vec::len).collect())
+                .collect();
+            if sizes != shape {
+                return Err(differs(r, sizes));
+            }
+        }
+        for (part, lens) in shape.iter().enumerate() {
+            for (tensor, &len) in lens.iter().enumerate() {
+                let mut sum: Option<Vec<f32>> = None;
+                let mut next_here = 0;
+                for replica in 0..self.ranks.replicas {
+                    let copy: &[f32] = if local.contains(&replica) {
+                        next_here += 1;
+                        here[next_here - 1][part][tensor].data()
+                    } else {
+                        let (_, grads) =
+                            remote.iter().find(|(r, _)| *r == replica).ok_or_else(|| {
+                                PipelineError::Reduction(format!("replica {replica} is missing"))
+                            })?;
+                        &grads[part][tensor]
+                    };
+                    match &mut sum {
+                        None => sum = Some(copy.to_vec()),
+                        Some(s) => s.iter_mut().zip(copy).for_each(|(s, c)| *s += *c),
+                    }
+                }
+                let sum = sum.unwrap_or_else(|| vec![0.0; len]);
+                for copies in here.iter_mut() {
+                    copies[part][tensor].data_mut().copy_from_slice(&sum);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Transport<CpuEngine> for OverTcp<'_> {
+    fn send(
+        &self,
+        engine: &CpuEngine,
+        from: u32,
+        to: u32,
+        key: MessageKey,
+        tensor: Tensor,
+    ) -> Result<()> {
+        if self.local.is_local(to) {
+            return self.local.send(engine, from, to, key, tensor);
+        }
+        let HostMessage { name, shape, data } = engine.send(from, tensor)?;
+        let frame = Frame::Tensor {
+            step: self.step,
+            to,
+            key,
+            tensor: WireTensor { name, shape, data },
+        };
+        Ok(self.ranks.mesh.send(self.ranks.rank_of(to), &frame)?)
+    }
+
+    fn receive(
+        &self,
+        engine: &CpuEngine,
+        from: u32,
+        at: u32,
+        key: MessageKey,
+        pool: &PoolRef,
+    ) -> Result<Tensor> {
+        if self.local.is_local(from) {
+            return self.local.receive(engine, from, at, key, pool);
+        }
+        let WireTensor { name, shape, data } =
+            self.wait(|inbox| inbox.tensors.remove(&(self.step, at, key)))?;
+        engine.receive(at, HostMessage { name, shape, data }, pool)
+    }
+
+    fn reduce(
+        &self,
+        _engine: &CpuEngine,
+        seat: Seat,
+        chunk: u32,
+        grads: ChunkGrads<Tensor>,
+    ) -> (ChunkGrads<Tensor>, Result<()>) {
+        let local = self.local.local_replicas(seat.stage);
+        let others: Vec<u32> = (0..self.ranks.replicas)
+            .filter(|r| !local.contains(r))
+            .map(|r| self.ranks.rank_of(r * self.ranks.stages + seat.stage))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !others.is_empty() {
+            let frame = Frame::Reduce {
+                step: self.step,
+                stage: seat.stage,
+                chunk,
+                replica: seat.replica,
+                grads: grads
+                    .iter()
+                    .map(|part| part.iter().map(|t| t.data().to_vec()).collect())
+                    .collect(),
+            };
+            for rank in others {
+                if let Err(e) = self.ranks.mesh.send(rank, &frame) {
+                    return (grads, Err(e.into()));
+                }
+            }
+        }
+        self.local.reduce_here(seat, chunk, grads, |here| {
+            self.sum_with_remote((seat.stage, chunk), &local, here)
+        })
+    }
+
+    fn meet(&self, squares: Vec<PartSquares>, losses: Vec<(u32, f64)>) -> Result<StepTotals> {
+        self.local.meet_here(squares, losses, |(squares, losses)| {
+            let mesh = &self.ranks.mesh;
+            let frame = Frame::Meet {
+                step: self.step,
+                squares: squares.iter().map(|s| (s.part, s.sum_of_squares)).collect(),
+                losses: losses.clone(),
+            };
+            let peers = (0..mesh.ranks()).filter(|&p| p != mesh.rank());
+            for peer in peers.clone() {
+                mesh.send(peer, &frame)?;
+            }
+            let mut theirs = Shares::default();
+            for peer in peers {
+                let (squares, losses) =
+                    self.wait(|inbox| inbox.meets.remove(&(self.step, peer)))?;
+                theirs.0.extend(
+                    squares
+                        .into_iter()
+                        .map(|(part, sum_of_squares)| PartSquares {
+                            part,
+                            sum_of_squares,
+                        }),
+                );
+                theirs.1.extend(losses);
+            }
+            Ok(theirs)
+        })
+    }
+
+    fn abort(&self, cause: &PipelineError) {
+        Transport::abort(&self.local, cause);
+        self.ranks.mesh.wake();
+        // A peer's own failure (or the step being stopped) is not news to the other ranks.
+        if !matches!(cause, PipelineError::Aborted | PipelineError::Transport(_)) {
+            self.ranks.mesh.abort(&cause.to_string());
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! How a step's devices hand each other tensors and meet: one trait, [`Transport`], that the
+//! device threads call for every send, receive, replica reduction (`AR<c>`) and the step's
+//! meeting point, whatever carries them. [`InProcess`] is the hand-over between device
+//! threads of one process (a CPU tensor's buffer changes hands, a GPU engine's `send` and
+//! `receive` make the device copy between stages); `tcp_ranks` carries the same calls to the
+//! devices of other processes. A transport between GPUs of several processes (NCCL's
+//! send/receive and all-reduce on the reduction's fixed order) would be one more
+//! implementation of the same five calls.
+
+use std::ops::Range;
+
+use crate::exec::device::PoolRef;
+use crate::exec::model::{PartId, PartParams};
+use crate::exec::optim::PartOptimState;
+use crate::exec::optim::clip::PartSquares;
+use crate::exec::transport::MessageKey;
+
+use super::PipelineError;
+use super::engine::Engine;
+use super::mailbox::{Abort, Mailbox};
+use super::reduce_point::{ChunkGrads, Place, ReducePoint, sum_in_replica_order};
+use super::seat::Seat;
+use super::step_sync::{Shares, StepSync, StepTotals};
+
+type Result<T> = std::result::Result<T, PipelineError>;
+
+/// What a device thread asks of the links between devices during one step. Devices are
+/// named by their run-wide index (replica by replica).
+pub trait Transport<E: Engine>: Sync {
+    /// Hands `tensor`, made on device `from`, to device `to` as the message `key`. Never
+    /// waits for the receiver.
+    fn send(
+        &self,
+        engine: &E,
+        from: u32,
+        to: u32,
+        key: MessageKey,
+        tensor: E::Tensor,
+    ) -> Result<()>;
+
+    /// Waits for message `key` from device `from` to device `at`, and makes it a tensor in
+    /// `pool`.
+    fn receive(
+        &self,
+        engine: &E,
+        from: u32,
+        at: u32,
+        key: MessageKey,
+        pool: &PoolRef,
+    ) -> Result<E::Tensor>;
+
+    /// Sums the gradients of `chunk` held by `seat`'s replica with every other replica's, in
+    /// replica order, and gives them back summed (unsummed with the error when the step was
+    /// stopped).
+    fn reduce(
+        &self,
+        engine: &E,
+        seat: Seat,
+        chunk: u32,
+        grads: ChunkGrads<E::Tensor>,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>);
+
+    /// Posts a device's squared gradient norms and its heads' losses; every device gets the
+    /// same totals.
+    fn meet(&self, squares: Vec<PartSquares>, losses: Vec<(u32, f64)>) -> Result<StepTotals>;
+
+    /// A device failed with `cause`: every device still waiting stops.
+    fn abort(&self, cause: &PipelineError);
+}
+
+/// The devices of one process, as threads: mailboxes, the replicas' meeting points and the
+/// step's meeting point, made new for each step.
+pub struct InProcess<E: Engine> {
+    mailboxes: Vec<Mailbox<E::Message>>,
+    abort: Abort,
+    sync: StepSync,
+    reduce: ReducePoint<E::Tensor>,
+    /// Replicas and stages of the plan; `local` its devices that run in this process.
+    replicas: u32,
+    stages: u32,
+    local: Range<u32>,
+}
+
+impl<E: Engine> InProcess<E> {
+    /// For a plan of `replicas` x `stages` devices, of which `local` run here.
+    pub fn new(replicas: u32, stages: u32, local: Range<u32>) -> Self {
+        InProcess {
+            mailboxes: (0..replicas * stages).map(|_| Mailbox::default()).collect(),
+            abort: Abort::default(),
+            sync: StepSync::new(local.len()),
+            reduce: ReducePoint::new(),
+            replicas,
+            stages,
+            local,
+        }
+    }
+
+    pub fn is_local(&self, device: u32) -> bool {
+        self.local.contains(&device)
+    }
+
+    pub fn aborted(&self) -> bool {
+        self.abort.is_raised()
+    }
+
+    /// The replicas of `stage` that run here, in replica order.
+    pub fn local_replicas(&self, stage: u32) -> Vec<u32> {
+        (0..self.replicas)
+            .filter(|r| self.is_local(r * self.stages + stage))
+            .collect()
+    }
+
+    /// Reduces with the replicas of this process; `sum` gets their copies in replica order.
+    pub fn reduce_here(
+        &self,
+        seat: Seat,
+        chunk: u32,
+        grads: ChunkGrads<E::Tensor>,
+        sum: impl FnOnce(&mut [ChunkGrads<E::Tensor>]) -> Result<()>,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        let here = self.local_replicas(seat.stage);
+        let place = Place {
+            replica: here.iter().position(|&r| r == seat.replica).unwrap_or(0),
+            replicas: here.len(),
+        };
+        let key = (seat.stage, chunk);
+        self.reduce.reduce(key, place, grads, &self.abort, sum)
+    }
+
+    /// Meets the devices of this process; the last in adds `others`' shares.
+    pub fn meet_here(
+        &self,
+        squares: Vec<PartSquares>,
+        losses: Vec<(u32, f64)>,
+        others: impl FnOnce(&Shares) -> Result<Shares>,
+    ) -> Result<StepTotals> {
+        self.sync.meet(squares, losses, &self.abort, others)
+    }
+}
+
+impl<E: Engine> Transport<E> for InProcess<E> {
+    fn send(
+        &self,
+        engine: &E,
+        from: u32,
+        to: u32,
+        key: MessageKey,
+        tensor: E::Tensor,
+    ) -> Result<()> {
+        let mailbox = self
+            .mailboxes
+            .get(to as usize)
+            .ok_or(PipelineError::NoSuchDevice { device: to })?;
+        mailbox.post(key, engine.send(from, tensor)?);
+        Ok(())
+    }
+
+    fn receive(
+        &self,
+        engine: &E,
+        _from: u32,
+        at: u32,
+        key: MessageKey,
+        pool: &PoolRef,
+    ) -> Result<E::Tensor> {
+        let mailbox = self
+            .mailboxes
+            .get(at as usize)
+            .ok_or(PipelineError::NoSuchDevice { device: at })?;
+        let message = mailbox
+            .take(key, &self.abort)
+            .ok_or(PipelineError::Aborted)?;
+        engine.receive(at, message, pool)
+    }
+
+    fn reduce(
+        &self,
+        engine: &E,
+        seat: Seat,
+        chunk: u32,
+        grads: ChunkGrads<E::Tensor>,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        let device = seat.device(seat.stage);
+        self.reduce_here(seat, chunk, grads, |all| {
+            sum_in_replica_order(engine, device, all)
+        })
+    }
+
+    fn meet(&self, squares: Vec<PartSquares>, losses: Vec<(u32, f64)>) -> Result<StepTotals> {
+        self.meet_here(squares, losses, |_| Ok(Shares::default()))
+    }
+
+    fn abort(&self, _cause: &PipelineError) {
+        self.abort.raise(&self.mailboxes);
+        self.sync.wake();
+        self.reduce.wake();
+    }
+}
+
+/// One part with its optimizer state, on the host (a checkpoint's unit).
+pub type HostState = (PartParams, PartOptimState);
+
+/// A pipeline spread over processes ("ranks"): which of the plan's devices run here and how
+/// the others are reached.
+pub trait Ranks<E: Engine>: Send + Sync {
+    /// The run-wide devices this process runs.
+    fn local(&self) -> Range<u32>;
+
+    /// Whether this process writes the run's checkpoints (rank 0 does).
+    fn writes_checkpoints(&self) -> bool;
+
+    /// Step `step`'s transport: `local` for this process's devices, links for the others.
+    fn transport<'a>(&'a self, step: u64, local: InProcess<E>) -> Box<dyn Transport<E> + 'a>;
+
+    /// Checkpoint state after `step`: rank 0 gets every part it does not hold (`allocate`
+    /// makes an empty one to fill); every other rank sends `mine` there and gets `None`.
+    fn gather(
+        &self,
+        step: u64,
+        mine: &[(&PartParams, &PartOptimState)],
+        missing: &[PartId],
+        allocate: &dyn Fn(PartId) -> Result<HostState>,
+    ) -> Result<Option<Vec<HostState>>>;
+
+    /// The run is over here: says so to the other ranks and waits for theirs.
+    fn close(&self) -> Result<()>;
+
+    /// This process stopped with `reason` outside a step: the other ranks stop too.
+    fn abort(&self, reason: &str);
+}
