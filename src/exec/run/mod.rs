@@ -3,16 +3,16 @@
 //! report and checkpoint until done or told to stop.
 
 mod error;
-mod placement;
 mod replicas;
 mod setup;
+mod training_pipeline;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub use error::RunError;
-use placement::Placement;
 pub use setup::{DeviceKind, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch};
+use training_pipeline::TrainingPipeline;
 
 use crate::data::Batcher;
 use crate::exec::checkpoint::commit::write_checkpoint;
@@ -36,7 +36,7 @@ pub struct StepMetrics {
     /// Each device's measured peak so far.
     pub device_peak_bytes: Vec<u64>,
     /// Seconds each device spent in gradient reductions across replicas in this step
-    /// (waiting for the other replicas included); empty for a whole-model GPU run.
+    /// (waiting for the other replicas included).
     pub device_reduction_s: Vec<f64>,
 }
 
@@ -45,7 +45,7 @@ pub struct Run {
     pub spec: JobSpec,
     /// The chosen plan with its predictions and the runners-up.
     pub answer: Answer,
-    placement: Placement,
+    pipeline: Box<dyn TrainingPipeline>,
     batcher: Batcher,
 }
 
@@ -87,7 +87,7 @@ pub trait Observer {
 impl Run {
     /// Steps completed.
     pub fn step(&self) -> u64 {
-        self.placement.step()
+        self.pipeline.step()
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -103,7 +103,7 @@ impl Run {
     }
 
     pub fn measured_peaks(&self) -> Vec<u64> {
-        self.placement
+        self.pipeline
             .measured_peaks()
             .into_iter()
             .map(|b| b as u64)
@@ -111,7 +111,7 @@ impl Run {
     }
 
     pub fn config(&self) -> &LlamaConfig {
-        self.placement.config()
+        self.pipeline.config()
     }
 
     /// One optimizer step on the next batch.
@@ -120,7 +120,7 @@ impl Run {
         let microbatches = self.batcher.step(step);
         let tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
         let started = Instant::now();
-        let (report, timings) = self.placement.train_step(&microbatches)?;
+        let (report, timings) = self.pipeline.train_step(&microbatches)?;
         let seconds = started.elapsed().as_secs_f64();
         Ok(StepMetrics {
             step: step + 1,
@@ -140,9 +140,9 @@ impl Run {
     /// whole or not at all (`checkpoint::commit`).
     pub fn save_checkpoint(&self, dir: &Path, last_loss: Option<f64>) -> Result<(), RunError> {
         write_checkpoint(dir, |dir| {
-            self.placement.with_state(|pairs| {
+            self.pipeline.with_state(&mut |pairs| {
                 let parts: Vec<_> = pairs.iter().map(|(p, _)| *p).collect();
-                save_model(dir, self.placement.config(), &parts)?;
+                save_model(dir, self.pipeline.config(), &parts)?;
                 Ok(save_optimizer(dir, pairs)?)
             })?;
             let step = self.step();
@@ -161,12 +161,12 @@ impl Run {
     pub fn resume_from(&mut self, dir: &Path) -> Result<TrainerState, RunError> {
         let state = TrainerState::load(dir)?;
         let weights = dir.join("model.safetensors");
-        self.placement.load_state(|parts, states| {
+        self.pipeline.load_state(&mut |parts, states| {
             load_weights(parts, &weights)?;
             let mut pairs: Vec<_> = parts.iter().zip(states.iter_mut()).collect();
             load_optimizer(dir, &mut pairs)
         })?;
-        self.placement.set_step(state.step);
+        self.pipeline.set_step(state.step);
         Ok(state)
     }
 }

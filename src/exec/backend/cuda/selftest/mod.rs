@@ -26,12 +26,12 @@ pub use timing::{
 
 use cudarc::driver::CudaContext;
 
+use crate::exec::backend::CpuBackend;
+use crate::exec::backend::cpu::kernels::attention::AttnShape;
 use crate::exec::backend::cuda::gpu::{FlashLoads, Gpu};
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::{CudaError, Precision};
-use crate::exec::backend::{Backend, CpuBackend};
 use crate::exec::compare::rel_err;
-use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::{DType, MicroShape, Profile, cuda_flash_attention};
 
 type Result<T> = std::result::Result<T, CudaError>;
