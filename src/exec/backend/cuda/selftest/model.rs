@@ -103,6 +103,23 @@ fn forward_backward(
     Ok(loss)
 }
 
+/// The CPU's forward and backward of one micro-batch; returns its mean loss.
+fn cpu_forward_backward(
+    ctx: &PartCtx<'_, CpuBackend>,
+    parts: &mut [PartParams],
+    tokens: MicroTokens<'_>,
+    scale: f32,
+) -> Result<f64> {
+    let (stash, out) = forward_chunk(ctx, parts, None, tokens).map_err(CudaError::from)?;
+    let PartOutput::LossSum(loss_sum) = out else {
+        return Err(CudaError::Unsupported(
+            "the model's last part is not the head".into(),
+        ));
+    };
+    backward_chunk(ctx, parts, stash, None, scale).map_err(CudaError::from)?;
+    Ok(loss_sum / ctx.micro.tokens() as f64)
+}
+
 /// AdamW's step 1 with `lr` and the clipping `factor` on every parameter (fresh moments).
 fn adamw_step(
     engine: &GpuEngine,
@@ -166,26 +183,18 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
     let mut gpu_model = upload(&engine, load()?, &host, &pool)?;
 
     // CPU: forward and backward of the whole batch as one micro-batch.
-    let backend = CpuBackend::default();
-    let ctx = PartCtx {
-        backend: &backend,
-        pool: &host,
-        config: &config,
-        micro,
-    };
     let tokens = MicroTokens {
         input_ids: &input_ids,
         targets: &targets,
     };
-    let (stash, out) = forward_chunk(&ctx, &cpu_parts, None, tokens).map_err(CudaError::from)?;
-    let PartOutput::LossSum(cpu_loss_sum) = out else {
-        return Err(CudaError::Unsupported(
-            "the model's last part is not the head".into(),
-        ));
-    };
     let scale = 1.0 / micro.tokens() as f32;
-    backward_chunk(&ctx, &mut cpu_parts, stash, None, scale).map_err(CudaError::from)?;
-    let cpu_loss = cpu_loss_sum / micro.tokens() as f64;
+    let cpu_ctx = PartCtx {
+        backend: &CpuBackend::default(),
+        pool: &host,
+        config: &config,
+        micro,
+    };
+    let cpu_loss = cpu_forward_backward(&cpu_ctx, &mut cpu_parts, tokens, scale)?;
 
     // GPU: the same micro-batch.
     let gpu_ctx = PartCtx {
