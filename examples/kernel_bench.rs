@@ -4,9 +4,11 @@
 
 use std::time::Instant;
 
-use chronospipe::exec::kernels::attention::{AttnShape, attention_backward, attention_forward};
-use chronospipe::exec::kernels::matmul::{MatRef, Threads, matmul};
-use chronospipe::exec::kernels::swiglu::{swiglu_backward, swiglu_forward};
+use chronospipe::exec::backend::cpu::kernels::attention::{
+    AttnShape, attention_backward, attention_forward,
+};
+use chronospipe::exec::backend::cpu::kernels::matmul::{MatRef, Threads, matmul};
+use chronospipe::exec::backend::cpu::kernels::swiglu::{swiglu_backward, swiglu_forward};
 
 /// Mean time of 10 runs after one warm-up, with the rate for `flops` per run.
 fn report<F: FnMut()>(name: &str, flops: f64, mut run: F) {

@@ -2,8 +2,8 @@
 //! gradient moved between them as a pipeline would, gives bit-identical gradients and loss.
 
 use chronospipe::exec::backend::CpuBackend;
+use chronospipe::exec::backend::cpu::kernels::rope::Rope;
 use chronospipe::exec::device::{MemGroup, Pool};
-use chronospipe::exec::kernels::rope::Rope;
 use chronospipe::exec::model::chunk::{backward_chunk, forward_chunk};
 use chronospipe::exec::model::part::{MicroTokens, PartOutput};
 use chronospipe::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
@@ -182,9 +182,9 @@ fn recompute_from_the_kept_input_gives_identical_gradients() {
         } else {
             // Offload the stash to the host and prefetch it back.
             drop(kept);
-            let away = stash.transfer(&host).unwrap();
+            let away = stash.relocate(&backend, &host, true).unwrap();
             assert!(host.live_bytes() > 0);
-            away.transfer(&pool).unwrap()
+            away.relocate(&backend, &pool, false).unwrap()
         };
         let PartOutput::Hidden(y) = out else { panic!() };
         let mut g = Tensor::zeros(&pool, "grad_output", y.shape(), MemGroup::Activations).unwrap();

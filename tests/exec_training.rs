@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use chronospipe::data::{BatchLayout, Batcher, IGNORE_TARGET, Microbatch};
 use chronospipe::exec::backend::CpuBackend;
+use chronospipe::exec::backend::cpu::kernels::rope::Rope;
 use chronospipe::exec::checkpoint::CheckpointError;
 use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use chronospipe::exec::checkpoint::trainer_state::TrainerState;
 use chronospipe::exec::device::{MemGroup, Pool};
-use chronospipe::exec::kernels::rope::Rope;
 use chronospipe::exec::model::part::{MicroTokens, backward_part, forward_part};
 use chronospipe::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use chronospipe::exec::optim::OptimizerConfig;
@@ -40,7 +40,7 @@ fn trainer(seed: u64) -> SingleDevice {
     SingleDevice::from_seed(
         tiny_config(),
         Pool::new("cpu:0", 64 << 20),
-        Box::new(CpuBackend::default()),
+        CpuBackend::default(),
         seed,
         OptimizerConfig::default(),
         LrSchedule::constant(3e-3),
@@ -240,7 +240,7 @@ fn bad_input_is_an_error_not_a_panic() {
     let small = SingleDevice::from_seed(
         tiny_config(),
         Pool::new("cpu:0", 100_000),
-        Box::new(CpuBackend::default()),
+        CpuBackend::default(),
         1,
         OptimizerConfig::default(),
         LrSchedule::constant(1e-3),
@@ -257,7 +257,7 @@ fn sgd_trainer(seed: u64) -> SingleDevice {
     SingleDevice::from_seed(
         tiny_config(),
         Pool::new("cpu:0", 64 << 20),
-        Box::new(CpuBackend::default()),
+        CpuBackend::default(),
         seed,
         OptimizerConfig::Sgd,
         LrSchedule::constant(1.0),

@@ -73,7 +73,7 @@ fn run_reference(dir: &Path, reference: &TensorFile) -> Run {
     let mut loss = 0.0;
     for p in &parts {
         if p.id == PartId::Head {
-            logits = head_logits(&ctx, p, carry.as_ref().unwrap());
+            logits = head_logits(&ctx, p, carry.as_ref().unwrap()).unwrap();
         }
         let (stash, out) = forward_part(&ctx, p, carry.take(), tokens).unwrap();
         stashes.push(stash);

@@ -17,14 +17,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use chronospipe::exec::backend::cuda::ops::flash_shared_bytes;
+use chronospipe::exec::backend::CpuBackend;
+use chronospipe::exec::backend::cpu::kernels::attention::AttnShape;
+use chronospipe::exec::backend::cpu::kernels::rope::{Rope, rope_apply};
+use chronospipe::exec::backend::cuda::limits::flash_shared_bytes;
 use chronospipe::exec::backend::cuda::selftest::{
     FLASH_OUTPUTS, cpu_attention, flash_check_shapes, flash_inputs,
 };
-use chronospipe::exec::backend::{Backend, CpuBackend};
 use chronospipe::exec::compare::rel_err;
-use chronospipe::exec::kernels::attention::AttnShape;
-use chronospipe::exec::kernels::rope::{Rope, rope_apply};
 use chronospipe::exec::optim::{OptimizerConfig, update_elements};
 use chronospipe::plan::inventory::CUDA_FLASH_HEAD_DIMS;
 use half::bf16;
@@ -227,7 +227,7 @@ fn flash_kernels_with_ldmatrix_run_on_the_host_match_the_cpu_attention() {
 }
 
 /// The dynamic shared memory the backend launches the flash kernels with
-/// (`ops::flash_shared_bytes`) is what they carve, to the 16-byte piece: the checks above run
+/// (`limits::flash_shared_bytes`) is what they carve, to the 16-byte piece: the checks above run
 /// on exactly that much, and 16 bytes less for either kernel makes the host run abort (the
 /// GPU would fault), at every head dimension.
 #[test]

@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use chronospipe::data::Microbatch;
-use chronospipe::exec::backend::{Backend, CpuBackend};
+use chronospipe::exec::backend::CpuBackend;
+use chronospipe::exec::backend::cpu::kernels::rope::Rope;
 use chronospipe::exec::device::Pool;
-use chronospipe::exec::kernels::rope::Rope;
 use chronospipe::exec::model::LlamaConfig;
 use chronospipe::exec::optim::OptimizerConfig;
 use chronospipe::exec::optim::schedule::LrSchedule;
-use chronospipe::exec::train::SingleDevice;
+use chronospipe::exec::train::{HostBackend, SingleDevice};
 use chronospipe::plan::inventory::{MicroShape, ModelDims};
 use chronospipe::spec::Architecture;
 use rand::{Rng, SeedableRng};
@@ -62,13 +62,6 @@ fn main() -> anyhow::Result<()> {
         .parse()
         .context("--steps")?;
     let profile = args.iter().any(|a| a == "--profile");
-    let backend: Box<dyn Backend> = if profile {
-        Box::new(timed::Timed {
-            inner: CpuBackend::default(),
-        })
-    } else {
-        Box::new(CpuBackend::default())
-    };
     let llama = LlamaConfig {
         dims: bench.dims,
         rms_norm_eps: 1e-5,
@@ -76,20 +69,31 @@ fn main() -> anyhow::Result<()> {
         architecture: Architecture::Llama,
         max_position_embeddings: 4096,
     };
-    let mut trainer = SingleDevice::from_seed(
-        llama,
-        Pool::new("cpu:0", usize::MAX),
-        backend,
-        0,
-        OptimizerConfig::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        },
-        LrSchedule::constant(1e-3),
-        None,
-    )?;
+    let optimizer = OptimizerConfig::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let pool = Pool::new("cpu:0", usize::MAX);
+    let (schedule, inner) = (LrSchedule::constant(1e-3), CpuBackend::default());
+    if profile {
+        let timed = timed::Timed { inner };
+        let trainer = SingleDevice::from_seed(llama, pool, timed, 0, optimizer, schedule, None)?;
+        run(trainer, &bench, steps, profile)
+    } else {
+        let trainer = SingleDevice::from_seed(llama, pool, inner, 0, optimizer, schedule, None)?;
+        run(trainer, &bench, steps, profile)
+    }
+}
+
+/// Runs `steps` steps after two warm-up steps and prints the median step's throughput.
+fn run<B: HostBackend>(
+    mut trainer: SingleDevice<B>,
+    bench: &BenchConfig,
+    steps: usize,
+    profile: bool,
+) -> anyhow::Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let shape = MicroShape {
         batch: bench.batch,

@@ -10,8 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use thiserror::Error;
 
-use crate::exec::device_spec::DeviceSpec;
-
 /// What a tensor is for; the pool counts each group separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MemGroup {
@@ -267,24 +265,6 @@ impl DeviceSet {
             host: Pool::new("host", usize::MAX),
         }
     }
-
-    /// Parses `cpu:NxSIZE` (the syntax of `device_spec`; GPUs are refused here: a run opens
-    /// a GPU itself).
-    pub fn parse(spec: &str) -> Result<DeviceSet, DeviceError> {
-        let bad = |reason: String| DeviceError::BadDeviceSpec {
-            spec: spec.to_string(),
-            reason,
-        };
-        match DeviceSpec::parse(spec).map_err(|e| bad(e.reason))? {
-            DeviceSpec::Cpu {
-                count,
-                budget_bytes,
-            } => Ok(DeviceSet::cpu(count, budget_bytes)),
-            DeviceSpec::Cuda { .. } => Err(bad(
-                "CPU device sets only: a run opens a GPU itself (`cuda` or `cuda:N`)".into(),
-            )),
-        }
-    }
 }
 
 /// Parses a byte size such as `256MiB`, `1GB` or `4096`.
@@ -310,25 +290,6 @@ pub fn parse_size(text: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_device_sets() {
-        let set = DeviceSet::parse("cpu:4x256MiB").unwrap();
-        assert_eq!(set.devices.len(), 4);
-        assert_eq!(set.devices[3].budget(), 256 << 20);
-        assert_eq!(set.devices[3].name(), "cpu:3");
-        assert_eq!(parse_size("1GB"), Some(1_000_000_000));
-        for bad in [
-            "gpu:1x1GiB",
-            "cpu:0x1MiB",
-            "cpu:4",
-            "cpu:ax1MiB",
-            "cpu:2x12PiB",
-        ] {
-            let err = DeviceSet::parse(bad).unwrap_err();
-            assert!(err.to_string().contains(bad), "{err}");
-        }
-    }
 
     #[test]
     fn counts_groups_and_peak_and_refuses_over_budget() {

@@ -6,7 +6,7 @@
 use thiserror::Error;
 
 use crate::data::Microbatch;
-use crate::exec::backend::{Backend, on_compute_pool};
+use crate::exec::backend::{Backend, CpuBackend, on_compute_pool};
 use crate::exec::device::{DeviceError, PoolRef};
 use crate::exec::model::chunk::{backward_chunk, forward_chunk};
 use crate::exec::model::part::{MicroTokens, PartOutput};
@@ -14,6 +14,7 @@ use crate::exec::model::{LlamaConfig, ModelError, PartCtx, PartId, PartParams};
 use crate::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState, update_parts};
+use crate::exec::tensor::Tensor;
 
 #[derive(Debug, Error)]
 pub enum TrainError {
@@ -43,11 +44,19 @@ pub struct StepReport {
     pub lr: f32,
 }
 
+/// A backend over host tensors (the CPU's, or one that wraps it, as the benchmark's timing
+/// of each operation does).
+pub trait HostBackend:
+    Backend<Tensor = Tensor, Ids = Tensor<i32>, Error = ModelError> + Send
+{
+}
+impl<B: Backend<Tensor = Tensor, Ids = Tensor<i32>, Error = ModelError> + Send> HostBackend for B {}
+
 /// The whole model and its optimizer on one device.
-pub struct SingleDevice {
+pub struct SingleDevice<B: HostBackend = CpuBackend> {
     pub config: LlamaConfig,
     pub pool: PoolRef,
-    pub backend: Box<dyn Backend>,
+    pub backend: B,
     /// Every part in forward order.
     pub parts: Vec<PartParams>,
     pub states: Vec<PartOptimState>,
@@ -58,12 +67,12 @@ pub struct SingleDevice {
     pub step: u64,
 }
 
-impl SingleDevice {
+impl<B: HostBackend> SingleDevice<B> {
     /// Allocates every part in `pool`, initialised from `seed`, with zeroed optimizer state.
     pub fn from_seed(
         config: LlamaConfig,
         pool: PoolRef,
-        backend: Box<dyn Backend>,
+        backend: B,
         seed: u64,
         optimizer: OptimizerConfig,
         schedule: LrSchedule,
@@ -83,7 +92,7 @@ impl SingleDevice {
     pub fn from_parts(
         config: LlamaConfig,
         pool: PoolRef,
-        backend: Box<dyn Backend>,
+        backend: B,
         parts: Vec<PartParams>,
         optimizer: OptimizerConfig,
         schedule: LrSchedule,
@@ -161,7 +170,7 @@ impl SingleDevice {
     /// Forward and backward of one micro-batch through every part; returns its summed loss.
     fn forward_backward(&mut self, mb: &Microbatch, loss_scale: f32) -> Result<f64, TrainError> {
         let ctx = PartCtx {
-            backend: self.backend.as_ref(),
+            backend: &self.backend,
             pool: &self.pool,
             config: &self.config,
             micro: mb.shape,

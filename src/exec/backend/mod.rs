@@ -1,139 +1,280 @@
-//! The compute backend: the kernels the model calls, behind one small trait. The CPU backend
-//! works on host slices. The CUDA backend (`cuda`) has its own storage type and, for now, a
-//! model of its own calling its kernels (`cuda::model`); making this trait generic over the
-//! storage so one model serves both is the next step (docs/architecture.md).
+//! The compute backend: a device's storage and the operations of Llama training over it, so
+//! the model (`exec::model`) is written once. [`cpu::CpuBackend`] stores tensors in host
+//! memory and runs the kernels of `cpu::kernels`; the CUDA backend ([`cuda`]: `Gpu`) stores
+//! them in a GPU's memory and runs NVRTC kernels and cuBLAS products.
+//!
+//! A backend's own choices show in two places only: its methods (CUDA groups products of one
+//! input, reads projection weights through bf16 copies, picks flash attention or scores
+//! through cuBLAS) and its inventory profile ([`Backend::profile`]): the scratch a choice
+//! needs (attention scores, the head's per-token losses) is listed there, and the model
+//! allocates whatever the profile lists and hands it to the backend.
 
+pub mod cpu;
 pub mod cuda;
 
-use thiserror::Error;
+use crate::exec::backend::cpu::kernels::attention::AttnShape;
+use crate::exec::backend::cpu::kernels::cross_entropy::HeadShape;
+use crate::exec::backend::cpu::kernels::rope::Rope;
+use crate::exec::device::{DeviceError, MemGroup, PoolRef};
+use crate::plan::inventory::{Profile, TensorSpec};
 
-use crate::exec::kernels::attention::{self, AttnShape};
-use crate::exec::kernels::cross_entropy::{self, HeadShape};
-use crate::exec::kernels::matmul::{self, MatRef, Threads};
-use crate::exec::kernels::rope::Rope;
-use crate::exec::kernels::{embedding, residual, rmsnorm, rope, swiglu};
+pub use cpu::CpuBackend;
 
-/// Which kind of device a backend drives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    Cpu,
-    Cuda,
+/// A layer's attention scratch, each present where the backend's profile lists it: the
+/// scores of one sequence (forward and backward) and their gradient for products through
+/// cuBLAS, or the flash kernels' f32 dQ accumulator. The CPU backend lists none.
+pub struct AttnScratch<T> {
+    pub scores: Option<T>,
+    pub d_scores: Option<T>,
+    pub dq_acc: Option<T>,
 }
 
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum BackendError {
-    #[error("the {backend} backend is unavailable: {reason}")]
-    Unavailable {
-        backend: &'static str,
-        reason: String,
-    },
+/// The gradients a layer's attention backward writes: `dq`, `dk`, `dv` and each row's
+/// `delta` (rowsum of `dO ∘ O`).
+pub struct AttnGrads<'a, T> {
+    pub dq: &'a mut T,
+    pub dk: &'a mut T,
+    pub dv: &'a mut T,
+    pub delta: &'a mut T,
 }
 
-/// The operations of Llama training. Each forward has its backward; arguments are explicit.
+/// What a layer's attention forward kept: queries, keys, values, output, log-sum-exp.
+pub struct AttnKept<'a, T> {
+    pub q: &'a T,
+    pub k: &'a T,
+    pub v: &'a T,
+    pub out: &'a T,
+    pub lse: &'a T,
+}
+
+/// The head's loss and gradient over one micro-batch, a block of logits at a time; `'w` is
+/// the weights' borrow.
+pub struct HeadLoss<'a, 'w, B: Backend + ?Sized + 'w> {
+    /// The final norm's output, the head's product input.
+    pub x: &'a B::Tensor,
+    pub lm_head: B::Weight<'w>,
+    pub targets: &'a B::Ids,
+    pub shape: HeadShape,
+}
+
+/// A device's storage and the operations of Llama training over it. Each forward has its
+/// backward; arguments are explicit and shapes come with the tensors. Every operation may
+/// fail (a GPU's driver, a missing kernel); the CPU backend never does.
 #[allow(clippy::too_many_arguments)]
-pub trait Backend: Send + Sync {
-    fn name(&self) -> &'static str;
+pub trait Backend: Sync {
+    /// Activations (of the backend's activation type), parameters and gradients (f32).
+    type Tensor: Send;
+    /// Token ids and targets (i32).
+    type Ids: Send;
+    /// A projection weight as the products read it (on CUDA with bf16 activations: its bf16
+    /// copy, refreshed where the weight changed).
+    type Weight<'a>: Copy
+    where
+        Self: 'a;
+    type Error: From<DeviceError> + Send;
 
-    /// `dst (+)= a · b`.
-    fn matmul(&self, dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool);
+    fn name(&self) -> &'static str;
+    /// The planner's inventory of what this backend allocates.
+    fn profile(&self) -> Profile;
+
+    /// A tensor of an inventory entry, contents unspecified, counted in `pool`.
+    fn alloc(
+        &self,
+        pool: &PoolRef,
+        spec: &TensorSpec,
+        group: MemGroup,
+    ) -> Result<Self::Tensor, Self::Error>;
+    fn alloc_ids(
+        &self,
+        pool: &PoolRef,
+        spec: &TensorSpec,
+        group: MemGroup,
+    ) -> Result<Self::Ids, Self::Error>;
+    fn write_ids(&self, dst: &mut Self::Ids, ids: &[i32]) -> Result<(), Self::Error>;
+    fn shape(t: &Self::Tensor) -> &[usize];
+    /// The same tensor under another name (a part's output becoming the next one's input).
+    fn renamed(t: Self::Tensor, name: &str) -> Self::Tensor;
+
+    /// Moves a tensor into `to` under `group`: the host's pool when `to_host` (an offload),
+    /// else the device's (a prefetch).
+    fn move_tensor(
+        &self,
+        t: Self::Tensor,
+        to: &PoolRef,
+        group: MemGroup,
+        to_host: bool,
+    ) -> Result<Self::Tensor, Self::Error>;
+    fn move_ids(
+        &self,
+        t: Self::Ids,
+        to: &PoolRef,
+        group: MemGroup,
+        to_host: bool,
+    ) -> Result<Self::Ids, Self::Error>;
+    /// Orders what follows after a prefetch into `t` has landed.
+    fn await_tensor(&self, t: &Self::Tensor) -> Result<(), Self::Error>;
+    fn await_ids(&self, t: &Self::Ids) -> Result<(), Self::Error>;
+
+    /// Every weight of a part as its products read it (same order).
+    fn product_weights<'a>(
+        &'a self,
+        weights: &'a [Self::Tensor],
+    ) -> Result<Vec<Self::Weight<'a>>, Self::Error>;
 
     /// `dst = src` (the residual stream's copies).
-    fn copy(&self, dst: &mut [f32], src: &[f32]);
+    fn copy(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<(), Self::Error>;
     /// `dst += src` (the residual stream's sums).
-    fn add(&self, dst: &mut [f32], src: &[f32]);
+    fn add(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<(), Self::Error>;
+    /// `dst = a + b`.
+    fn sum(
+        &self,
+        dst: &mut Self::Tensor,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+    ) -> Result<(), Self::Error>;
 
-    fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32);
-    fn rmsnorm_apply(&self, out: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32]);
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Tensor,
+        rstd: &mut Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(), Self::Error>;
+    fn rmsnorm_apply(
+        &self,
+        out: &mut Self::Tensor,
+        rstd: &Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+    ) -> Result<(), Self::Error>;
+    /// `dw += Σ dy·x·rstd`, then `dy` becomes `dx` in place.
     fn rmsnorm_backward(
         &self,
-        dy_to_dx: &mut [f32],
-        dw: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        rstd: &[f32],
-    );
+        dy_to_dx: &mut Self::Tensor,
+        dw: &mut Self::Tensor,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        rstd: &Self::Tensor,
+    ) -> Result<(), Self::Error>;
 
+    /// Rotates rows of `width` in place by their positions in sequences of `seq` rows.
     fn rope(
         &self,
-        x: &mut [f32],
+        x: &mut Self::Tensor,
         width: usize,
         seq: usize,
         head_dim: usize,
         rope: &Rope,
         inverse: bool,
-    );
+    ) -> Result<(), Self::Error>;
 
-    fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]);
-    /// Also recomputes `act` (the forward's output) in the same pass.
-    fn swiglu_backward(
+    /// `y (+)= x · W^T`, a projection's forward.
+    fn project(
         &self,
-        act: &mut [f32],
-        d_gate: &mut [f32],
-        d_act_to_d_up: &mut [f32],
-        gate: &[f32],
-        up: &[f32],
-    );
+        y: &mut Self::Tensor,
+        x: &Self::Tensor,
+        w: Self::Weight<'_>,
+        accumulate: bool,
+    ) -> Result<(), Self::Error>;
+    /// [`Backend::project`] of one input through each weight into its output.
+    fn project_each(
+        &self,
+        x: &Self::Tensor,
+        outputs: &mut [(&mut Self::Tensor, Self::Weight<'_>)],
+    ) -> Result<(), Self::Error>;
+    /// Backward of [`Backend::project`]: `dW += dy^T · x`, then `dx (+)= dy · W`.
+    fn project_backward(
+        &self,
+        dw: &mut Self::Tensor,
+        dx: &mut Self::Tensor,
+        dy: &Self::Tensor,
+        x: &Self::Tensor,
+        w: Self::Weight<'_>,
+        accumulate_dx: bool,
+    ) -> Result<(), Self::Error>;
+    /// Backward of projections of one input `x`, each `(dW, dy, W)`: every weight's
+    /// gradient, then `dx` as the sum of `dy · W` over them.
+    fn projections_backward(
+        &self,
+        dx: &mut Self::Tensor,
+        x: &Self::Tensor,
+        items: &mut [(&mut Self::Tensor, &Self::Tensor, Self::Weight<'_>)],
+    ) -> Result<(), Self::Error>;
 
-    fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[i32], hidden: usize);
-    fn embedding_backward(&self, d_table: &mut [f32], d_out: &[f32], ids: &[i32], hidden: usize);
+    fn swiglu_forward(
+        &self,
+        act: &mut Self::Tensor,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+    ) -> Result<(), Self::Error>;
+    /// Backward of `out += swiglu(gate, up) · W_down^T` from `dy`: recomputes `act`, adds
+    /// the down projection's weight gradient `d_down`, writes `d_gate` and `d_up`. Each
+    /// backend orders the steps its own way (the CPU shares the recompute's sigmoid with
+    /// SwiGLU's backward).
+    fn swiglu_down_backward(
+        &self,
+        act: &mut Self::Tensor,
+        d_gate: &mut Self::Tensor,
+        d_up: &mut Self::Tensor,
+        d_down: &mut Self::Tensor,
+        dy: &Self::Tensor,
+        gate_up: (&Self::Tensor, &Self::Tensor),
+        w_down: Self::Weight<'_>,
+    ) -> Result<(), Self::Error>;
 
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Tensor,
+        table: &Self::Tensor,
+        ids: &Self::Ids,
+        hidden: usize,
+    ) -> Result<(), Self::Error>;
+    fn embedding_backward(
+        &self,
+        d_table: &mut Self::Tensor,
+        d_out: &Self::Tensor,
+        ids: &Self::Ids,
+        hidden: usize,
+    ) -> Result<(), Self::Error>;
+
+    /// Causal grouped-query attention: fills `out` and `lse`.
     fn attention_forward(
         &self,
-        out: &mut [f32],
-        lse: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        out_lse: (&mut Self::Tensor, &mut Self::Tensor),
+        qkv: (&Self::Tensor, &Self::Tensor, &Self::Tensor),
+        scratch: &mut AttnScratch<Self::Tensor>,
         shape: AttnShape,
-    );
+    ) -> Result<(), Self::Error>;
     fn attention_backward(
         &self,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        delta: &mut [f32],
-        d_out: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        out: &[f32],
-        lse: &[f32],
+        grads: AttnGrads<'_, Self::Tensor>,
+        d_out: &Self::Tensor,
+        kept: AttnKept<'_, Self::Tensor>,
+        scratch: &mut AttnScratch<Self::Tensor>,
         shape: AttnShape,
-    );
+    ) -> Result<(), Self::Error>;
 
-    fn head_ce_forward(
+    /// Returns the summed cross-entropy of the counted targets; with `token_loss` (where the
+    /// profile stashes it), each token's loss is kept there.
+    fn head_loss_forward(
         &self,
-        logits_block: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        targets: &[i32],
-        shape: HeadShape,
-    ) -> f64;
-    fn head_ce_backward(
+        logits_block: &mut Self::Tensor,
+        token_loss: Option<&mut Self::Tensor>,
+        head: HeadLoss<'_, '_, Self>,
+    ) -> Result<f64, Self::Error>;
+    /// Adds the LM head's weight gradient `dw` and writes `dx` for a loss scaled by `scale`;
+    /// with `token_loss`, each token's loss is written there in the same pass.
+    fn head_loss_backward(
         &self,
-        dx: &mut [f32],
-        dw: &mut [f32],
-        logits_block: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        targets: &[i32],
+        dx_dw: (&mut Self::Tensor, &mut Self::Tensor),
+        logits_block: &mut Self::Tensor,
+        token_loss: Option<&mut Self::Tensor>,
+        head: HeadLoss<'_, '_, Self>,
         scale: f32,
-        shape: HeadShape,
-    );
-}
-
-/// The f32 CPU backend; `threads` is what matrix products may use.
-#[derive(Debug, Clone, Copy)]
-pub struct CpuBackend {
-    pub threads: usize,
-}
-
-impl Default for CpuBackend {
-    fn default() -> Self {
-        CpuBackend {
-            threads: rayon::current_num_threads(),
-        }
-    }
+    ) -> Result<(), Self::Error>;
+    /// The sum of per-token losses, in token order, in f64.
+    fn summed_losses(&self, token_loss: &Self::Tensor) -> Result<f64, Self::Error>;
 }
 
 /// Runs `work` on one of rayon's pool threads, the threads the CPU kernels split their loops
@@ -144,139 +285,4 @@ impl Default for CpuBackend {
 /// thread while it waits.
 pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| work())
-}
-
-/// The backend for a device kind, or why it cannot run here.
-pub fn backend_for(kind: BackendKind) -> Result<Box<dyn Backend>, BackendError> {
-    match kind {
-        BackendKind::Cpu => Ok(Box::new(CpuBackend::default())),
-        BackendKind::Cuda => Err(BackendError::Unavailable {
-            backend: "cuda",
-            reason: "this build has no CUDA kernels yet".to_string(),
-        }),
-    }
-}
-
-impl Backend for CpuBackend {
-    fn name(&self) -> &'static str {
-        "cpu"
-    }
-    fn matmul(&self, dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
-        matmul::matmul(dst, a, b, accumulate, Threads(self.threads));
-    }
-    fn copy(&self, dst: &mut [f32], src: &[f32]) {
-        residual::copy(dst, src);
-    }
-    fn add(&self, dst: &mut [f32], src: &[f32]) {
-        residual::add(dst, src);
-    }
-    fn rmsnorm_forward(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
-        rmsnorm::rmsnorm_forward(out, rstd, x, w, eps);
-    }
-    fn rmsnorm_apply(&self, out: &mut [f32], rstd: &[f32], x: &[f32], w: &[f32]) {
-        rmsnorm::rmsnorm_apply(out, rstd, x, w);
-    }
-    fn rmsnorm_backward(&self, dy: &mut [f32], dw: &mut [f32], x: &[f32], w: &[f32], rstd: &[f32]) {
-        rmsnorm::rmsnorm_backward(dy, dw, x, w, rstd);
-    }
-    fn rope(&self, x: &mut [f32], width: usize, seq: usize, hd: usize, rope: &Rope, inverse: bool) {
-        rope::rope_apply(x, width, seq, hd, rope, inverse);
-    }
-    fn swiglu_forward(&self, act: &mut [f32], gate: &[f32], up: &[f32]) {
-        swiglu::swiglu_forward(act, gate, up);
-    }
-    fn swiglu_backward(
-        &self,
-        act: &mut [f32],
-        d_gate: &mut [f32],
-        d_up: &mut [f32],
-        gate: &[f32],
-        up: &[f32],
-    ) {
-        swiglu::swiglu_backward(act, d_gate, d_up, gate, up);
-    }
-    fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[i32], hidden: usize) {
-        embedding::embedding_forward(out, table, ids, hidden);
-    }
-    fn embedding_backward(&self, d_table: &mut [f32], d_out: &[f32], ids: &[i32], hidden: usize) {
-        embedding::embedding_backward(d_table, d_out, ids, hidden);
-    }
-    fn attention_forward(
-        &self,
-        out: &mut [f32],
-        lse: &mut [f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        shape: AttnShape,
-    ) {
-        attention::attention_forward(out, lse, q, k, v, shape);
-    }
-    fn attention_backward(
-        &self,
-        dq: &mut [f32],
-        dk: &mut [f32],
-        dv: &mut [f32],
-        delta: &mut [f32],
-        d_out: &[f32],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        out: &[f32],
-        lse: &[f32],
-        shape: AttnShape,
-    ) {
-        attention::attention_backward(dq, dk, dv, delta, d_out, q, k, v, out, lse, shape);
-    }
-    fn head_ce_forward(
-        &self,
-        logits_block: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        targets: &[i32],
-        shape: HeadShape,
-    ) -> f64 {
-        cross_entropy::head_ce_forward(logits_block, x, w, targets, shape, Threads(self.threads))
-    }
-    fn head_ce_backward(
-        &self,
-        dx: &mut [f32],
-        dw: &mut [f32],
-        logits_block: &mut [f32],
-        x: &[f32],
-        w: &[f32],
-        targets: &[i32],
-        scale: f32,
-        shape: HeadShape,
-    ) {
-        cross_entropy::head_ce_backward(
-            dx,
-            dw,
-            logits_block,
-            x,
-            w,
-            targets,
-            scale,
-            shape,
-            Threads(self.threads),
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cuda_is_a_typed_unavailable_error() {
-        let err = backend_for(BackendKind::Cuda).err().unwrap();
-        assert!(matches!(
-            err,
-            BackendError::Unavailable {
-                backend: "cuda",
-                ..
-            }
-        ));
-        assert_eq!(backend_for(BackendKind::Cpu).unwrap().name(), "cpu");
-    }
 }

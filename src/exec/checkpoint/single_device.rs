@@ -7,7 +7,7 @@ use crate::exec::checkpoint::model_files::{load_weights, save_model};
 use crate::exec::checkpoint::trainer_state::{TrainerState, load_optimizer, save_optimizer};
 use crate::exec::train::SingleDevice;
 
-impl SingleDevice {
+impl<B: crate::exec::train::HostBackend> SingleDevice<B> {
     /// Writes `model.safetensors`, `config.json`, `optimizer.safetensors`, `trainer_state.json`.
     pub fn save_checkpoint(&self, dir: &Path, state: &TrainerState) -> Result<(), CheckpointError> {
         let parts: Vec<_> = self.parts.iter().collect();

@@ -1,6 +1,6 @@
 //! The model's hyper-parameters (their Hugging Face `config.json` form is `hf_config`).
 
-use crate::exec::kernels::rope::Rope;
+use crate::exec::backend::cpu::kernels::rope::Rope;
 use crate::exec::model::ModelError;
 use crate::plan::inventory::ModelDims;
 use crate::spec::{Architecture, ModelArch, RopeScaling};

@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::exec::kernels::rope::Rope;
+use crate::exec::backend::cpu::kernels::rope::Rope;
 use crate::exec::model::config::default_context;
 use crate::exec::model::{LlamaConfig, ModelError};
 use crate::plan::inventory::ModelDims;

@@ -2,61 +2,64 @@
 //! SwiGLU MLP → residual. Shapes: n = tokens of the micro-batch, h = hidden, kv = kv_width,
 //! f = ffn.
 
-use crate::exec::device::{DeviceError, MemGroup, PoolRef};
-use crate::exec::kernels::attention::AttnShape;
-use crate::exec::kernels::matmul::MatRef;
-use crate::exec::model::params::layer_param as lp;
-use crate::exec::model::{InventoryAlloc, ModelError, PartCtx, PartParams};
-use crate::exec::tensor::Tensor;
+use crate::exec::backend::cpu::kernels::attention::AttnShape;
+use crate::exec::backend::{AttnGrads, AttnKept, AttnScratch, Backend};
+use crate::exec::device::{MemGroup, PoolRef};
+use crate::exec::model::named::{layer_params, layer_weights};
+use crate::exec::model::{InventoryAlloc, ModelBackend, ModelResult, PartCtx, PartParams};
 use crate::plan::inventory::Part;
 
-/// What a layer keeps from forward to backward (the `cpu-f32` inventory's `stash`).
+/// What a layer keeps from forward to backward (the inventory's `stash`).
 #[derive(Debug)]
-pub struct LayerStash {
+pub struct LayerStash<T> {
     /// [n, h] the layer's input (the previous part's output).
-    pub input: Tensor,
+    pub input: T,
     /// [n] 1/rms of `input`.
-    pub attn_norm_rstd: Tensor,
+    pub attn_norm_rstd: T,
     /// [n, h] queries after RoPE.
-    pub q: Tensor,
+    pub q: T,
     /// [n, kv] keys after RoPE.
-    pub k: Tensor,
+    pub k: T,
     /// [n, kv]
-    pub v: Tensor,
+    pub v: T,
     /// [n, h] attention output before o_proj.
-    pub attn_out: Tensor,
+    pub attn_out: T,
     /// [batch, heads, seq] log-sum-exp of each query's scores.
-    pub attn_lse: Tensor,
+    pub attn_lse: T,
     /// [n, h] input + attention branch.
-    pub resid_mid: Tensor,
+    pub resid_mid: T,
     /// [n] 1/rms of `resid_mid`.
-    pub mlp_norm_rstd: Tensor,
+    pub mlp_norm_rstd: T,
     /// [n, f]
-    pub gate: Tensor,
+    pub gate: T,
     /// [n, f]
-    pub up: Tensor,
+    pub up: T,
 }
 
-impl LayerStash {
-    /// Moves every kept tensor to another pool (offload to the host and prefetch back).
-    pub fn transfer(self, to: &PoolRef) -> Result<Self, DeviceError> {
-        let g = MemGroup::Activations;
+impl<T> LayerStash<T> {
+    /// Every kept tensor moved into `to`: an offload to the host, or a prefetch back.
+    pub fn relocate<B>(self, be: &B, to: &PoolRef, to_host: bool) -> Result<Self, B::Error>
+    where
+        B: Backend<Tensor = T>,
+    {
+        let m = |t| be.move_tensor(t, to, MemGroup::Activations, to_host);
         Ok(LayerStash {
-            input: self.input.transfer(to, g)?,
-            attn_norm_rstd: self.attn_norm_rstd.transfer(to, g)?,
-            q: self.q.transfer(to, g)?,
-            k: self.k.transfer(to, g)?,
-            v: self.v.transfer(to, g)?,
-            attn_out: self.attn_out.transfer(to, g)?,
-            attn_lse: self.attn_lse.transfer(to, g)?,
-            resid_mid: self.resid_mid.transfer(to, g)?,
-            mlp_norm_rstd: self.mlp_norm_rstd.transfer(to, g)?,
-            gate: self.gate.transfer(to, g)?,
-            up: self.up.transfer(to, g)?,
+            input: m(self.input)?,
+            attn_norm_rstd: m(self.attn_norm_rstd)?,
+            q: m(self.q)?,
+            k: m(self.k)?,
+            v: m(self.v)?,
+            attn_out: m(self.attn_out)?,
+            attn_lse: m(self.attn_lse)?,
+            resid_mid: m(self.resid_mid)?,
+            mlp_norm_rstd: m(self.mlp_norm_rstd)?,
+            gate: m(self.gate)?,
+            up: m(self.up)?,
         })
     }
 
-    pub fn bytes(&self) -> usize {
+    /// Orders the backward after any prefetch into the stash.
+    pub fn await_ready<B: Backend<Tensor = T>>(&self, be: &B) -> Result<(), B::Error> {
         [
             &self.input,
             &self.attn_norm_rstd,
@@ -70,26 +73,33 @@ impl LayerStash {
             &self.gate,
             &self.up,
         ]
-        .iter()
-        .map(|t| t.bytes())
-        .sum()
+        .into_iter()
+        .try_for_each(|t| be.await_tensor(t))
     }
 }
 
-fn rows(t: &Tensor) -> MatRef<'_> {
-    MatRef::rows(t.data(), t.shape()[0], t.shape()[1])
+/// The attention scratch the backend's profile lists for a forward or a backward.
+fn attn_scratch<B: ModelBackend>(
+    a: &InventoryAlloc<'_, B>,
+    backward: bool,
+) -> Result<AttnScratch<B::Tensor>, B::Error> {
+    Ok(AttnScratch {
+        dq_acc: a.scratch_if_listed(backward, "attn_dq_acc")?,
+        scores: a.scratch_if_listed(backward, "attn_scores")?,
+        d_scores: a.scratch_if_listed(backward, "attn_d_scores")?,
+    })
 }
 
 /// Runs the layer on `input` [n, h]; returns its stash and its output [n, h].
-pub fn layer_forward(
-    ctx: &PartCtx<'_>,
-    params: &PartParams,
-    input: Tensor,
-) -> Result<(LayerStash, Tensor), ModelError> {
+pub fn layer_forward<B: ModelBackend>(
+    ctx: &PartCtx<'_, B>,
+    params: &PartParams<B::Tensor>,
+    input: B::Tensor,
+) -> ModelResult<B, (LayerStash<B::Tensor>, B::Tensor)> {
     let (be, cfg, m) = (ctx.backend, ctx.config, ctx.micro);
     let d = cfg.dims;
     let a = InventoryAlloc::new(ctx, Part::Layer);
-    let input = input.renamed("input");
+    let input = B::renamed(input, "input");
     a.check(&input, &a.inventory().stash, "input")?;
     let mut st = LayerStash {
         input,
@@ -106,67 +116,51 @@ pub fn layer_forward(
     };
     let mut norm_out = a.forward_scratch("norm_out")?;
     let mut act = a.forward_scratch("act")?;
+    let mut attn = attn_scratch(&a, false)?;
     let mut output = a.output()?;
-    let w = &params.weights;
+    let w = layer_weights(be, params)?;
+    let (hd, eps) = (d.head_dim(), cfg.rms_norm_eps);
 
     // Attention block.
     be.rmsnorm_forward(
-        norm_out.data_mut(),
-        st.attn_norm_rstd.data_mut(),
-        st.input.data(),
-        w[lp::INPUT_NORM].data(),
-        cfg.rms_norm_eps,
-    );
-    for (dst, wi) in [(&mut st.q, lp::Q), (&mut st.k, lp::K), (&mut st.v, lp::V)] {
-        be.matmul(dst.data_mut(), rows(&norm_out), rows(&w[wi]).t(), false);
-    }
-    let hd = d.head_dim();
-    be.rope(st.q.data_mut(), d.hidden, m.seq, hd, &cfg.rope, false);
-    be.rope(st.k.data_mut(), d.kv_width(), m.seq, hd, &cfg.rope, false);
+        &mut norm_out,
+        &mut st.attn_norm_rstd,
+        &st.input,
+        w.input_norm,
+        eps,
+    )?;
+    be.project_each(
+        &norm_out,
+        &mut [(&mut st.q, w.q), (&mut st.k, w.k), (&mut st.v, w.v)],
+    )?;
+    be.rope(&mut st.q, d.hidden, m.seq, hd, &cfg.rope, false)?;
+    be.rope(&mut st.k, d.kv_width(), m.seq, hd, &cfg.rope, false)?;
     be.attention_forward(
-        st.attn_out.data_mut(),
-        st.attn_lse.data_mut(),
-        st.q.data(),
-        st.k.data(),
-        st.v.data(),
+        (&mut st.attn_out, &mut st.attn_lse),
+        (&st.q, &st.k, &st.v),
+        &mut attn,
         attn_shape(ctx),
-    );
+    )?;
     // resid_mid = input + attn_out · Wo^T, the residual added by the product itself.
-    be.copy(st.resid_mid.data_mut(), st.input.data());
-    be.matmul(
-        st.resid_mid.data_mut(),
-        rows(&st.attn_out),
-        rows(&w[lp::O]).t(),
-        true,
-    );
+    be.copy(&mut st.resid_mid, &st.input)?;
+    be.project(&mut st.resid_mid, &st.attn_out, w.o, true)?;
 
     // MLP block.
     be.rmsnorm_forward(
-        norm_out.data_mut(),
-        st.mlp_norm_rstd.data_mut(),
-        st.resid_mid.data(),
-        w[lp::POST_NORM].data(),
-        cfg.rms_norm_eps,
-    );
-    be.matmul(
-        st.gate.data_mut(),
-        rows(&norm_out),
-        rows(&w[lp::GATE]).t(),
-        false,
-    );
-    be.matmul(
-        st.up.data_mut(),
-        rows(&norm_out),
-        rows(&w[lp::UP]).t(),
-        false,
-    );
-    be.swiglu_forward(act.data_mut(), st.gate.data(), st.up.data());
-    be.copy(output.data_mut(), st.resid_mid.data());
-    be.matmul(output.data_mut(), rows(&act), rows(&w[lp::DOWN]).t(), true);
+        &mut norm_out,
+        &mut st.mlp_norm_rstd,
+        &st.resid_mid,
+        w.post_norm,
+        eps,
+    )?;
+    be.project_each(&norm_out, &mut [(&mut st.gate, w.gate), (&mut st.up, w.up)])?;
+    be.swiglu_forward(&mut act, &st.gate, &st.up)?;
+    be.copy(&mut output, &st.resid_mid)?;
+    be.project(&mut output, &act, w.down, true)?;
     Ok((st, output))
 }
 
-pub(crate) fn attn_shape(ctx: &PartCtx<'_>) -> AttnShape {
+pub(crate) fn attn_shape<B>(ctx: &PartCtx<'_, B>) -> AttnShape {
     let d = ctx.config.dims;
     AttnShape {
         batch: ctx.micro.batch,
@@ -179,12 +173,12 @@ pub(crate) fn attn_shape(ctx: &PartCtx<'_>) -> AttnShape {
 
 /// Adds this micro-batch's parameter gradients and returns the gradient of the layer's input
 /// [n, h] (named `grad_output`: it is the previous part's incoming gradient).
-pub fn layer_backward(
-    ctx: &PartCtx<'_>,
-    params: &mut PartParams,
-    st: LayerStash,
-    grad_output: Tensor,
-) -> Result<Tensor, ModelError> {
+pub fn layer_backward<B: ModelBackend>(
+    ctx: &PartCtx<'_, B>,
+    params: &mut PartParams<B::Tensor>,
+    st: LayerStash<B::Tensor>,
+    grad_output: B::Tensor,
+) -> Result<B::Tensor, B::Error> {
     let (be, cfg, m) = (ctx.backend, ctx.config, ctx.micro);
     let d = cfg.dims;
     let a = InventoryAlloc::new(ctx, Part::Layer);
@@ -200,103 +194,71 @@ pub fn layer_backward(
     let mut d_k = a.backward_scratch("d_k")?;
     let mut d_v = a.backward_scratch("d_v")?;
     let mut attn_delta = a.backward_scratch("attn_delta")?;
-    let PartParams {
-        weights: w,
-        grads: g,
-        ..
-    } = params;
+    let mut attn = attn_scratch(&a, true)?;
+    let (w, g) = layer_params(be, params)?;
     let dy = &grad_output;
+    let hd = d.head_dim();
 
-    // MLP block, recomputing its normalised input and (with SwiGLU's backward) its activation
-    // from the stash.
-    be.rmsnorm_apply(
-        norm_out.data_mut(),
-        st.mlp_norm_rstd.data(),
-        st.resid_mid.data(),
-        w[lp::POST_NORM].data(),
-    );
-    be.matmul(d_up.data_mut(), rows(dy), rows(&w[lp::DOWN]), false);
-    be.swiglu_backward(
-        act.data_mut(),
-        d_gate.data_mut(),
-        d_up.data_mut(),
-        st.gate.data(),
-        st.up.data(),
-    );
-    be.matmul(g[lp::DOWN].data_mut(), rows(dy).t(), rows(&act), true);
-    be.matmul(
-        g[lp::GATE].data_mut(),
-        rows(&d_gate).t(),
-        rows(&norm_out),
-        true,
-    );
-    be.matmul(g[lp::UP].data_mut(), rows(&d_up).t(), rows(&norm_out), true);
-    be.matmul(
-        d_norm_out.data_mut(),
-        rows(&d_gate),
-        rows(&w[lp::GATE]),
-        false,
-    );
-    be.matmul(d_norm_out.data_mut(), rows(&d_up), rows(&w[lp::UP]), true);
+    // MLP block, recomputing its normalised input and activation from the stash.
+    be.rmsnorm_apply(&mut norm_out, &st.mlp_norm_rstd, &st.resid_mid, w.post_norm)?;
+    be.swiglu_down_backward(
+        &mut act,
+        &mut d_gate,
+        &mut d_up,
+        g.down,
+        dy,
+        (&st.gate, &st.up),
+        w.down,
+    )?;
+    be.projections_backward(
+        &mut d_norm_out,
+        &norm_out,
+        &mut [(g.gate, &d_gate, w.gate), (g.up, &d_up, w.up)],
+    )?;
     be.rmsnorm_backward(
-        d_norm_out.data_mut(),
-        g[lp::POST_NORM].data_mut(),
-        st.resid_mid.data(),
-        w[lp::POST_NORM].data(),
-        st.mlp_norm_rstd.data(),
-    );
-    be.copy(d_resid_mid.data_mut(), dy.data());
-    be.add(d_resid_mid.data_mut(), d_norm_out.data());
+        &mut d_norm_out,
+        g.post_norm,
+        &st.resid_mid,
+        w.post_norm,
+        &st.mlp_norm_rstd,
+    )?;
+    be.sum(&mut d_resid_mid, dy, &d_norm_out)?;
 
     // Attention block.
-    be.matmul(
-        g[lp::O].data_mut(),
-        rows(&d_resid_mid).t(),
-        rows(&st.attn_out),
-        true,
-    );
-    be.matmul(
-        d_attn_out.data_mut(),
-        rows(&d_resid_mid),
-        rows(&w[lp::O]),
-        false,
-    );
+    be.project_backward(g.o, &mut d_attn_out, &d_resid_mid, &st.attn_out, w.o, false)?;
     be.attention_backward(
-        d_q.data_mut(),
-        d_k.data_mut(),
-        d_v.data_mut(),
-        attn_delta.data_mut(),
-        d_attn_out.data(),
-        st.q.data(),
-        st.k.data(),
-        st.v.data(),
-        st.attn_out.data(),
-        st.attn_lse.data(),
+        AttnGrads {
+            dq: &mut d_q,
+            dk: &mut d_k,
+            dv: &mut d_v,
+            delta: &mut attn_delta,
+        },
+        &d_attn_out,
+        AttnKept {
+            q: &st.q,
+            k: &st.k,
+            v: &st.v,
+            out: &st.attn_out,
+            lse: &st.attn_lse,
+        },
+        &mut attn,
         attn_shape(ctx),
-    );
-    let hd = d.head_dim();
-    be.rope(d_q.data_mut(), d.hidden, m.seq, hd, &cfg.rope, true);
-    be.rope(d_k.data_mut(), d.kv_width(), m.seq, hd, &cfg.rope, true);
-    be.rmsnorm_apply(
-        norm_out.data_mut(),
-        st.attn_norm_rstd.data(),
-        st.input.data(),
-        w[lp::INPUT_NORM].data(),
-    );
-    let projections = [(&d_q, lp::Q), (&d_k, lp::K), (&d_v, lp::V)];
-    for (dp, wi) in projections {
-        be.matmul(g[wi].data_mut(), rows(dp).t(), rows(&norm_out), true);
-    }
-    for (i, (dp, wi)) in projections.into_iter().enumerate() {
-        be.matmul(d_norm_out.data_mut(), rows(dp), rows(&w[wi]), i > 0);
-    }
+    )?;
+    be.rope(&mut d_q, d.hidden, m.seq, hd, &cfg.rope, true)?;
+    be.rope(&mut d_k, d.kv_width(), m.seq, hd, &cfg.rope, true)?;
+    be.rmsnorm_apply(&mut norm_out, &st.attn_norm_rstd, &st.input, w.input_norm)?;
+    be.projections_backward(
+        &mut d_norm_out,
+        &norm_out,
+        &mut [(g.q, &d_q, w.q), (g.k, &d_k, w.k), (g.v, &d_v, w.v)],
+    )?;
     be.rmsnorm_backward(
-        d_norm_out.data_mut(),
-        g[lp::INPUT_NORM].data_mut(),
-        st.input.data(),
-        w[lp::INPUT_NORM].data(),
-        st.attn_norm_rstd.data(),
-    );
-    be.add(d_resid_mid.data_mut(), d_norm_out.data());
-    Ok(d_resid_mid.renamed("grad_output"))
+        &mut d_norm_out,
+        g.input_norm,
+        &st.input,
+        w.input_norm,
+        &st.attn_norm_rstd,
+    )?;
+    be.add(&mut d_resid_mid, &d_norm_out)?;
+    Ok(B::renamed(d_resid_mid, "grad_output"))
 }

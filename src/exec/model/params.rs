@@ -54,33 +54,15 @@ impl PartId {
     }
 }
 
-/// Index of each layer parameter in `PartParams::weights`, in inventory order.
-pub mod layer_param {
-    pub const INPUT_NORM: usize = 0;
-    pub const Q: usize = 1;
-    pub const K: usize = 2;
-    pub const V: usize = 3;
-    pub const O: usize = 4;
-    pub const POST_NORM: usize = 5;
-    pub const GATE: usize = 6;
-    pub const UP: usize = 7;
-    pub const DOWN: usize = 8;
-}
-
-/// Index of each head parameter.
-pub mod head_param {
-    pub const NORM: usize = 0;
-    pub const LM_HEAD: usize = 1;
-}
-
-/// A part's weights and gradients, parallel vectors in inventory order.
+/// A part's weights and gradients, parallel vectors in inventory order, on the host
+/// ([`Tensor`]) or on any backend's storage. The model takes them by name (`model::named`).
 #[derive(Debug)]
-pub struct PartParams {
+pub struct PartParams<T = Tensor> {
     pub id: PartId,
     /// Hugging Face names, e.g. `model.layers.3.mlp.up_proj.weight`.
     pub names: Vec<String>,
-    pub weights: Vec<Tensor>,
-    pub grads: Vec<Tensor>,
+    pub weights: Vec<T>,
+    pub grads: Vec<T>,
 }
 
 impl PartParams {

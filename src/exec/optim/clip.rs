@@ -5,7 +5,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::exec::kernels::reduce;
+use crate::exec::backend::cpu::kernels::reduce;
 use crate::exec::model::{PartId, PartParams};
 
 /// One part's contribution to the global norm.

@@ -8,7 +8,7 @@
 
 use std::ops::{Deref, Range};
 
-use crate::exec::backend::Backend;
+use crate::exec::backend::CpuBackend;
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::part::{MicroTokens, PartOutput, PartStash, backward_part, forward_part};
 use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
@@ -94,6 +94,38 @@ pub trait Engine: Sync {
         grad_output: Option<Self::Tensor>,
         loss_scale: f32,
     ) -> Result<Option<Self::Tensor>>;
+
+    /// Whether a head's forward followed at once by its backward runs as one pass
+    /// ([`Engine::head_forward_backward`]); the pipeline asks only for a chunk that holds the
+    /// whole model (a one-stage plan).
+    fn one_pass_head(&self) -> bool {
+        false
+    }
+
+    /// The head's forward and backward of one micro-batch in one pass: adds the head's
+    /// gradients and returns the gradient of its input and the summed loss.
+    fn head_forward_backward(
+        &self,
+        at: At<'_>,
+        part: &mut Self::Part,
+        input: Self::Tensor,
+        tokens: MicroTokens<'_>,
+        loss_scale: f32,
+    ) -> Result<(Self::Tensor, f64)> {
+        let (stash, output) = self.forward(at, part, Some(input), tokens)?;
+        let PartOutput::LossSum(loss) = output else {
+            return Err(PipelineError::Model(
+                crate::exec::model::ModelError::WrongInput {
+                    part: self.part_id(part),
+                    reason: "a one-pass head forward and backward of a part that is not the head"
+                        .into(),
+                },
+            ));
+        };
+        let grad = self.backward(at, part, stash, None, loss_scale)?;
+        let grad = grad.ok_or(PipelineError::EmptyChunk)?;
+        Ok((grad, loss))
+    }
 
     fn keep_input(&self, first: Self::Stash) -> Kept<Self::Tensor, Self::Stash>;
 
@@ -207,13 +239,13 @@ pub struct HostMessage {
 
 /// The host's engine: every device is a pool of host memory and kernels run on `backend`.
 pub struct CpuEngine {
-    pub backend: Box<dyn Backend>,
+    pub backend: CpuBackend,
 }
 
 impl CpuEngine {
-    fn ctx<'a>(&'a self, at: At<'a>) -> PartCtx<'a> {
+    fn ctx<'a>(&'a self, at: At<'a>) -> PartCtx<'a, CpuBackend> {
         PartCtx {
-            backend: self.backend.as_ref(),
+            backend: &self.backend,
             pool: at.pool,
             config: at.config,
             micro: at.micro,
@@ -255,10 +287,9 @@ impl Engine for CpuEngine {
     }
 
     fn keep_input(&self, first: PartStash) -> Kept<Tensor, PartStash> {
-        match first {
-            PartStash::Embedding(_) => Kept::Stash(first),
-            PartStash::Layer(layer) => Kept::Input(layer.input),
-            PartStash::Head(head) => Kept::Input(head.input),
+        match first.into_input() {
+            Ok(input) => Kept::Input(input),
+            Err(embedding) => Kept::Stash(embedding),
         }
     }
 
@@ -284,7 +315,7 @@ impl Engine for CpuEngine {
         to: &PoolRef,
         _to_host: bool,
     ) -> Result<PartStash> {
-        Ok(s.transfer(to)?)
+        Ok(s.relocate(&self.backend, to, false)?)
     }
 
     /// The host buffer changes hands: the sender's bytes are given back now, the receiver's

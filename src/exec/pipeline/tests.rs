@@ -4,8 +4,8 @@
 use super::*;
 use crate::data::{BatchLayout, Batcher};
 use crate::exec::backend::CpuBackend;
+use crate::exec::backend::cpu::kernels::rope::Rope;
 use crate::exec::device::Pool;
-use crate::exec::kernels::rope::Rope;
 use crate::exec::train::SingleDevice;
 use crate::plan::inventory::ModelDims;
 use crate::plan::schedule::{ScheduleKind, build};
@@ -49,7 +49,7 @@ pub(super) fn reference_weights() -> Vec<Vec<u32>> {
     let mut single = SingleDevice::from_seed(
         config(),
         Pool::new("cpu:0", 256 << 20),
-        Box::new(CpuBackend::default()),
+        CpuBackend::default(),
         7,
         OptimizerConfig::default(),
         LrSchedule::constant(1e-2),
@@ -79,7 +79,7 @@ pub(super) fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineEr
         plan,
         devices,
         CpuEngine {
-            backend: Box::new(CpuBackend::default()),
+            backend: CpuBackend::default(),
         },
         parts,
         OptimizerConfig::default(),

@@ -1,5 +1,8 @@
 //! One device's thread: runs its program from the plan, action by action, in order.
 
+mod head_pass;
+mod relocate;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -74,6 +77,8 @@ pub struct DeviceWorker<'a, E: Engine> {
     /// Gradients of chunk inputs not yet sent or handed on.
     grads_out: HashMap<Key, E::Tensor>,
     losses: Vec<(u32, f64)>,
+    /// A backward already run with its forward in one pass ([`head_pass`]).
+    done_backward: Option<Key>,
     totals: Option<StepTotals>,
     report: DeviceStep,
 }
@@ -97,6 +102,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             grads_in: HashMap::new(),
             grads_out: HashMap::new(),
             losses: Vec::new(),
+            done_backward: None,
             totals: None,
             report: DeviceStep::default(),
         }
@@ -105,7 +111,8 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
     /// Runs the program once (one training step). On error the caller aborts the step.
     pub fn run(&mut self, cx: &StepContext<'_, E>) -> Result<DeviceStep, PipelineError> {
         for (index, &action) in self.program.iter().enumerate() {
-            self.run_action(cx, action)
+            let next = self.program.get(index + 1).copied();
+            self.run_action(cx, action, next)
                 .map_err(|e| e.at(self.device, index, action))?;
         }
         let leftovers = self.inputs.len()
@@ -144,14 +151,31 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         &cx.microbatches[self.seat.microbatch(mb)]
     }
 
-    fn run_action(&mut self, cx: &StepContext<'_, E>, action: Action) -> Result<(), PipelineError> {
+    /// Runs `action`; `next` is the program's next action.
+    fn run_action(
+        &mut self,
+        cx: &StepContext<'_, E>,
+        action: Action,
+        next: Option<Action>,
+    ) -> Result<(), PipelineError> {
         match action {
+            Action::Forward {
+                mb,
+                chunk,
+                drop_stash,
+            } if !drop_stash && self.one_pass(cx, mb, chunk, next)? => {
+                self.timed(|w| w.forward_backward(cx, mb, chunk))
+            }
             Action::Forward {
                 mb,
                 chunk,
                 drop_stash,
             } => self.timed(|w| w.forward(cx, mb, chunk, drop_stash)),
             Action::Recompute { mb, chunk } => self.timed(|w| w.recompute(cx, mb, chunk)),
+            Action::Backward { mb, chunk } if self.done_backward == Some((mb, chunk)) => {
+                self.done_backward = None;
+                Ok(())
+            }
             Action::Backward { mb, chunk } => self.timed(|w| w.backward(cx, mb, chunk)),
             Action::SendAct { mb, chunk, peer } => {
                 let t = take(&mut self.outputs, (mb, chunk), "activation to send")?;
@@ -508,62 +532,6 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         }
         self.report.reducing += start.elapsed();
         result
-    }
-
-    /// Offload (`to_host`) or prefetch a group. The device's bytes are given back or taken
-    /// at this point of the program, so the measured peak does not depend on thread timing.
-    fn relocate(
-        &mut self,
-        cx: &StepContext<'_, E>,
-        group: Group,
-        to_host: bool,
-    ) -> Result<(), PipelineError> {
-        let (engine, device) = (cx.engine, self.device);
-        let target = if to_host { cx.host } else { self.pool };
-        match group {
-            Group::Stash { mb, chunk } => {
-                let (stash, on_host) =
-                    self.stashes
-                        .remove(&(mb, chunk))
-                        .ok_or(PipelineError::Missing {
-                            what: "stash to move",
-                            mb,
-                            chunk,
-                        })?;
-                if on_host == to_host {
-                    return Err(PipelineError::AlreadyThere { group, on_host });
-                }
-                let move_stash = |s| engine.move_stash(device, s, target, to_host);
-                let moved = match stash {
-                    Stash::Full(parts) => Stash::Full(
-                        parts
-                            .into_iter()
-                            .map(move_stash)
-                            .collect::<Result<_, _>>()?,
-                    ),
-                    Stash::Kept(Kept::Input(t)) => Stash::Kept(Kept::Input(engine.move_tensor(
-                        device,
-                        t,
-                        target,
-                        MemGroup::Activations,
-                        to_host,
-                    )?)),
-                    Stash::Kept(Kept::Stash(s)) => Stash::Kept(Kept::Stash(move_stash(s)?)),
-                };
-                self.stashes.insert((mb, chunk), (moved, to_host));
-            }
-            Group::Weights { chunk } | Group::Grads { chunk } | Group::Optimizer { chunk, .. } => {
-                let state = self.chunk(chunk)?;
-                if state.on_host(group) == to_host {
-                    return Err(PipelineError::AlreadyThere {
-                        group,
-                        on_host: to_host,
-                    });
-                }
-                state.place(engine, device, group, target, to_host)?;
-            }
-        }
-        Ok(())
     }
 }
 

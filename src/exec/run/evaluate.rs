@@ -8,10 +8,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::data::{BatchLayout, Batcher, DataError, Microbatch, Tokenizer};
-use crate::exec::backend::cuda::CudaError;
-use crate::exec::backend::cuda::model::{
-    GpuCtx, GpuTrainer, embedding_forward, head_forward, layer_forward,
-};
 use crate::exec::model::counted_tokens;
 use crate::spec::{JobSpec, ModelArch, SpecError};
 
@@ -100,30 +96,4 @@ impl ValidationSet {
             eval_time_s: started.elapsed().as_secs_f64(),
         }
     }
-}
-
-/// The whole-model GPU trainer's summed loss over `batches`, forward only: each layer's stash
-/// is dropped as the next layer runs.
-pub fn gpu_loss_sum(trainer: &GpuTrainer, batches: &[Microbatch]) -> Result<f64, CudaError> {
-    let layers = trainer.config.dims.layers;
-    let mut sum = 0.0;
-    for mb in batches {
-        let ctx = GpuCtx {
-            gpu: &trainer.gpu,
-            pool: &trainer.pool,
-            config: &trainer.config,
-            micro: mb.shape,
-        };
-        let (stash, mut x) = embedding_forward(ctx, &trainer.parts[0], &mb.input_ids)?;
-        drop(stash);
-        for part in &trainer.parts[1..=layers] {
-            let (stash, y) = layer_forward(ctx, part, x)?;
-            drop(stash);
-            x = y;
-        }
-        let (stash, loss) = head_forward(ctx, &trainer.parts[layers + 1], x, &mb.targets)?;
-        drop(stash);
-        sum += loss;
-    }
-    Ok(sum)
 }

@@ -6,9 +6,9 @@ mod drive;
 mod error;
 mod evaluate;
 mod host_budget;
-mod placement;
 mod replicas;
 mod setup;
+mod training_pipeline;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,10 +16,10 @@ use std::time::Instant;
 pub use drive::drive;
 pub use error::RunError;
 pub use evaluate::{Evaluation, ValidationSet};
-use placement::Placement;
 pub use setup::{
     DeviceKind, count_steps, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch,
 };
+use training_pipeline::TrainingPipeline;
 
 use crate::data::Batcher;
 use crate::exec::checkpoint::commit::write_checkpoint;
@@ -45,7 +45,7 @@ pub struct StepMetrics {
     /// Each device's measured peak so far.
     pub device_peak_bytes: Vec<u64>,
     /// Seconds each device spent in gradient reductions across replicas in this step
-    /// (waiting for the other replicas included); empty for a whole-model GPU run.
+    /// (waiting for the other replicas included).
     pub device_reduction_s: Vec<f64>,
     /// The validation loss evaluated after this step, when one was.
     pub val_loss: Option<f64>,
@@ -56,7 +56,7 @@ pub struct Run {
     pub spec: JobSpec,
     /// The chosen plan with its predictions and the runners-up.
     pub answer: Answer,
-    placement: Placement,
+    pipeline: Box<dyn TrainingPipeline>,
     batcher: Batcher,
     /// `training.steps`, or the steps its `epochs` come to over the data.
     total_steps: u64,
@@ -120,7 +120,7 @@ pub trait Observer {
 impl Run {
     /// Steps completed.
     pub fn step(&self) -> u64 {
-        self.placement.step()
+        self.pipeline.step()
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -136,7 +136,7 @@ impl Run {
     }
 
     pub fn measured_peaks(&self) -> Vec<u64> {
-        self.placement
+        self.pipeline
             .measured_peaks()
             .into_iter()
             .map(|b| b as u64)
@@ -144,7 +144,7 @@ impl Run {
     }
 
     pub fn config(&self) -> &LlamaConfig {
-        self.placement.config()
+        self.pipeline.config()
     }
 
     /// One optimizer step on the next batch.
@@ -153,7 +153,7 @@ impl Run {
         let microbatches = self.batcher.step(step);
         let tokens: usize = microbatches.iter().map(|m| m.shape.tokens()).sum();
         let started = Instant::now();
-        let (report, timings) = self.placement.train_step(&microbatches)?;
+        let (report, timings) = self.pipeline.train_step(&microbatches)?;
         let seconds = started.elapsed().as_secs_f64();
         Ok(StepMetrics {
             step: step + 1,
@@ -176,7 +176,7 @@ impl Run {
             return Ok(None);
         };
         let started = Instant::now();
-        let loss_sum = self.placement.evaluate(validation.batches())?;
+        let loss_sum = self.pipeline.evaluate(validation.batches())?;
         let evaluation = validation.evaluation(self.step(), loss_sum, started);
         let min_delta = (self.spec.training.early_stopping).map_or(0.0, |e| e.min_delta);
         (self.progress).record(evaluation.step, evaluation.val_loss, min_delta);
@@ -191,18 +191,18 @@ impl Run {
     /// The run-wide devices this process runs: all of the plan's, but in a run spread over
     /// ranks (`prepare_rank`).
     pub fn local_devices(&self) -> std::ops::Range<u32> {
-        self.placement.local_devices()
+        self.pipeline.local_devices()
     }
 
     /// Ends a run spread over ranks: says goodbye to the others and waits for theirs, so no
     /// rank's last frames are cut off (nothing to do in one process).
     pub fn close_ranks(&self) -> Result<(), RunError> {
-        self.placement.close_ranks()
+        Ok(self.pipeline.close_ranks()?)
     }
 
     /// A run spread over ranks stopped here with `reason`: the other ranks stop too.
     pub fn abort_ranks(&self, reason: &str) {
-        self.placement.abort_ranks(reason);
+        self.pipeline.abort_ranks(reason);
     }
 
     /// Writes `model.safetensors` + `config.json` (Hugging Face layout),
@@ -210,13 +210,13 @@ impl Run {
     /// whole or not at all (`checkpoint::commit`). In a run spread over ranks, rank 0 writes
     /// the whole model's, gathered from the others; the other ranks only send their parts.
     pub fn save_checkpoint(&self, dir: &Path, last_loss: Option<f64>) -> Result<(), RunError> {
-        if !self.placement.writes_checkpoints() {
-            return self.placement.with_state(|_| Ok(()));
+        if !self.pipeline.writes_checkpoints() {
+            return self.pipeline.with_state(&mut |_| Ok(()));
         }
         write_checkpoint(dir, |dir| {
-            self.placement.with_state(|pairs| {
+            self.pipeline.with_state(&mut |pairs| {
                 let parts: Vec<_> = pairs.iter().map(|(p, _)| *p).collect();
-                save_model(dir, self.placement.config(), &parts)?;
+                save_model(dir, self.pipeline.config(), &parts)?;
                 Ok(save_optimizer(dir, pairs)?)
             })?;
             let step = self.step();
@@ -237,12 +237,12 @@ impl Run {
     pub fn resume_from(&mut self, dir: &Path) -> Result<TrainerState, RunError> {
         let state = TrainerState::load(dir)?;
         let weights = dir.join("model.safetensors");
-        self.placement.load_state(|parts, states| {
+        self.pipeline.load_state(&mut |parts, states| {
             load_weights(parts, &weights)?;
             let mut pairs: Vec<_> = parts.iter().zip(states.iter_mut()).collect();
             load_optimizer(dir, &mut pairs)
         })?;
-        self.placement.set_step(state.step);
+        self.pipeline.set_step(state.step);
         self.progress = state.validation;
         Ok(state)
     }

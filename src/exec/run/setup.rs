@@ -6,8 +6,7 @@ use crate::data::{BatchLayout, Batcher, DataError, Tokenizer};
 use crate::exec::backend::CpuBackend;
 use crate::exec::backend::cuda::engine::GpuEngine;
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::model::GpuTrainer;
-use crate::exec::backend::cuda::ops::MAX_HEAD_DIM;
+use crate::exec::backend::cuda::limits::MAX_HEAD_DIM;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::checkpoint::CheckpointError;
 use crate::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
@@ -30,7 +29,7 @@ use crate::spec::{
 
 use super::host_budget::search_within_host;
 use super::replicas;
-use super::{Placement, Run, RunError, ValidationSet};
+use super::{Run, RunError, ValidationSet};
 
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
 /// (with which any field the spec gives must agree).
@@ -201,8 +200,8 @@ pub fn plan_on_gpu(
     plan_job(&one_stage(spec)?, arch, &devices, DeviceKind::Cuda)
 }
 
-/// A GPU run is one stage running each micro-batch's forward then its backward, without
-/// recompute or offload (what `GpuTrainer` does): `auto` settings become that, anything else
+/// A whole-model GPU run is one stage running each micro-batch's forward then its backward,
+/// without recompute or offload: `auto` settings become that, anything else
 /// is refused by field.
 fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
     let p = &spec.parallelism;
@@ -333,10 +332,11 @@ impl Run {
     pub fn prepare_on(spec: JobSpec, devices: DeviceSet) -> Result<Run, RunError> {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
+        let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cpu)?;
         let engine = CpuEngine {
-            backend: Box::new(CpuBackend::default()),
+            backend: CpuBackend::default(),
         };
-        Run::on_pipeline(spec, &arch, devices, DeviceKind::Cpu, engine, None)
+        Run::on_pipeline(spec, &arch, answer, devices, engine, None)
     }
 
     /// As `prepare`, for rank `rank.rank` of a run spread over processes: every rank plans
@@ -369,8 +369,9 @@ impl Run {
             )]));
         }
         let arch = resolve_arch(&spec)?;
+        let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cpu)?;
         let engine = CpuEngine {
-            backend: Box::new(CpuBackend::default()),
+            backend: CpuBackend::default(),
         };
         let fingerprint_of = spec.clone();
         let connect = move |answer: &Answer| -> Result<Box<dyn Ranks<CpuEngine>>, RunError> {
@@ -385,21 +386,21 @@ impl Run {
         Run::on_pipeline(
             spec,
             &arch,
+            answer,
             devices,
-            DeviceKind::Cpu,
             engine,
             Some(Box::new(connect)),
         )
     }
 
-    /// Plans a validated `spec` for `devices` of `kind`, loads its data and places the model
-    /// on the pipeline runtime over `engine`; with `connect`, only the devices of this
+    /// Loads a validated `spec`'s data and places the model on the pipeline runtime over
+    /// `engine`, running `answer`'s plan on `devices`; with `connect`, only the devices of this
     /// process's rank, reaching the others through what `connect` makes of the plan.
     fn on_pipeline<E>(
         spec: JobSpec,
         arch: &ModelArch,
+        answer: Answer,
         mut devices: DeviceSet,
-        kind: DeviceKind,
         engine: E,
         connect: Option<Connect<E>>,
     ) -> Result<Run, RunError>
@@ -408,7 +409,6 @@ impl Run {
         E::Part: Send,
     {
         let config = LlamaConfig::from_arch(arch)?;
-        let answer = plan_job(&spec, arch, &devices, kind)?;
         devices.devices.truncate(answer.plan.total_devices());
         let batcher = load_data(&spec, arch)?;
         let total_steps = steps_for(&spec, &batcher)?;
@@ -436,7 +436,7 @@ impl Run {
         Ok(Run {
             spec,
             answer,
-            placement: Placement::Pipeline(Box::new(pipeline)),
+            pipeline: Box::new(pipeline),
             batcher,
             total_steps,
             validation,
@@ -444,9 +444,9 @@ impl Run {
         })
     }
 
-    /// The whole model on GPU `ordinal` at the spec's precision, planned with the CUDA
-    /// backend's memory layout against the GPU's free memory less a reserve, at most `cap`
-    /// bytes.
+    /// The whole model on GPU `ordinal` at the spec's precision: a one-stage plan on the
+    /// pipeline runtime, planned with the CUDA backend's memory layout against the GPU's free
+    /// memory less a reserve, at most `cap` bytes.
     pub fn prepare_on_gpu(
         spec: JobSpec,
         ordinal: usize,
@@ -454,38 +454,15 @@ impl Run {
     ) -> Result<Run, RunError> {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
-        let config = LlamaConfig::from_arch(&arch)?;
-        one_stage(&spec)?; // refused by field before the GPU is opened
-        let batcher = load_data(&spec, &arch)?;
-        let total_steps = steps_for(&spec, &batcher)?;
-        let validation = ValidationSet::load(&spec, &arch)?;
-        let gpu = Gpu::open(ordinal, gpu_precision(spec.training.precision))?;
-        let pool = gpu.pool(cap, GPU_RESERVE)?;
-        let answer = plan_on_gpu(&spec, &arch, pool.name(), pool.budget())?;
-        let host = Pool::new("host", usize::MAX);
-        let parts = initial_parts(&spec, &config, &host)?;
-        let t = &spec.training;
-        let trainer = GpuTrainer::upload(
-            gpu,
-            pool,
-            config,
-            &parts,
-            OptimizerConfig::from_spec(&t.optimizer),
-            LrSchedule::from_spec(t, total_steps),
-            t.grad_clip.map(|c| c as f32),
-        )?;
-        Ok(Run {
-            spec,
-            answer,
-            placement: Placement::Gpu {
-                trainer: Box::new(trainer),
-                host,
-            },
-            batcher,
-            total_steps,
-            validation,
-            progress: Default::default(),
-        })
+        LlamaConfig::from_arch(&arch)?;
+        let one = one_stage(&spec)?; // refused by field before the GPU is opened
+        let engine = GpuEngine::open(&[ordinal], gpu_precision(spec.training.precision))?;
+        let devices = DeviceSet {
+            devices: vec![engine.gpu(0).pool(cap, GPU_RESERVE)?],
+            host: Pool::new("host", usize::MAX),
+        };
+        let answer = plan_job(&one, &arch, &devices, DeviceKind::Cuda)?;
+        Run::on_pipeline(spec, &arch, answer, devices, engine, None)
     }
 
     /// The pipeline runtime on GPU stages: stage `i` on GPU `stage_gpus[i]` with its own pool
@@ -504,7 +481,8 @@ impl Run {
             devices: stage_pools(&engine, stage_gpus, cap)?,
             host: Pool::new("host", usize::MAX),
         };
-        Run::on_pipeline(spec, &arch, devices, DeviceKind::Cuda, engine, None)
+        let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cuda)?;
+        Run::on_pipeline(spec, &arch, answer, devices, engine, None)
     }
 }
 

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::tensor::DevPtr;
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::tensor::Lease;
 

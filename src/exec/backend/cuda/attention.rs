@@ -11,11 +11,11 @@
 //! `0..group`: the batch runs over key/value heads `g`, query head `g * group + sub`, so every
 //! operand advances by a constant stride.
 
+use crate::exec::backend::cpu::kernels::attention::AttnShape;
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gemm::Gemm;
 use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, FlashLoads, Gpu};
-use crate::exec::backend::cuda::tensor::DevPtr;
-use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::DType;
 
 type R = Result<(), CudaError>;

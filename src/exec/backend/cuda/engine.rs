@@ -11,17 +11,15 @@ use std::ops::Range;
 
 use cudarc::driver::DevicePtr;
 
+use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::model::{
-    EmbeddingStash, GpuCtx, GpuPart, HeadStash, LayerStash, embedding_backward, embedding_forward,
-    head_backward, head_forward, layer_backward, layer_forward,
-};
 use crate::exec::backend::cuda::nccl::Nccl;
-use crate::exec::backend::cuda::tensor::{Detached, DevPtr, GpuTensor};
+use crate::exec::backend::cuda::tensor::{Detached, GpuTensor};
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{MemGroup, PoolRef};
-use crate::exec::model::part::{MicroTokens, PartOutput};
-use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
+use crate::exec::model::head::head_forward_backward;
+use crate::exec::model::part::{MicroTokens, PartOutput, StashOf, backward_part, forward_part};
+use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::clip::tensor_squares;
 use crate::exec::pipeline::PipelineError;
@@ -31,11 +29,9 @@ use crate::plan::inventory::{DType, keeps_act_copy};
 type Result<T> = std::result::Result<T, PipelineError>;
 
 /// One part's kept activations on a GPU.
-pub enum GpuStash {
-    Embedding(EmbeddingStash),
-    Layer(Box<LayerStash>),
-    Head(Box<HeadStash>),
-}
+pub type GpuStash = StashOf<Gpu>;
+/// One part's weights and gradients on a GPU (or offloaded to the host).
+pub type GpuPart = PartParams<GpuTensor>;
 
 /// A tensor between stages, and the plan device that sent it.
 pub struct GpuMessage {
@@ -86,6 +82,20 @@ impl GpuEngine {
         })
     }
 
+    /// One stage on an opened GPU.
+    pub fn of(gpu: Gpu) -> Self {
+        GpuEngine {
+            nccl: None,
+            gpus: vec![gpu],
+            stage_gpu: vec![0],
+        }
+    }
+
+    /// The GPU that runs plan device `device`, to change its settings (profiling).
+    pub fn gpu_mut(&mut self, device: u32) -> &mut Gpu {
+        &mut self.gpus[self.stage_gpu[device as usize]]
+    }
+
     /// Waits for everything queued on every GPU, NCCL's transfers included.
     pub fn synchronize(&self) -> std::result::Result<(), CudaError> {
         self.gpus.iter().try_for_each(Gpu::synchronize)?;
@@ -102,9 +112,9 @@ impl GpuEngine {
         &self.gpus[self.stage_gpu[device as usize]]
     }
 
-    fn ctx<'a>(&'a self, at: At<'a>) -> GpuCtx<'a> {
-        GpuCtx {
-            gpu: self.gpu(at.device),
+    fn ctx<'a>(&'a self, at: At<'a>) -> PartCtx<'a, Gpu> {
+        PartCtx {
+            backend: self.gpu(at.device),
             pool: at.pool,
             config: at.config,
             micro: at.micro,
@@ -118,13 +128,6 @@ fn await_part(gpu: &Gpu, part: &GpuPart) -> std::result::Result<(), CudaError> {
         t.await_ready(gpu)?;
     }
     Ok(())
-}
-
-fn wrong(part: PartId, reason: &str) -> PipelineError {
-    PipelineError::Model(ModelError::WrongInput {
-        part,
-        reason: reason.to_string(),
-    })
 }
 
 impl Engine for GpuEngine {
@@ -141,28 +144,11 @@ impl Engine for GpuEngine {
         tokens: MicroTokens<'_>,
     ) -> Result<(GpuStash, PartOutput<GpuTensor>)> {
         let ctx = self.ctx(at);
-        await_part(ctx.gpu, part)?;
+        await_part(ctx.backend, part)?;
         if let Some(x) = &input {
-            x.await_ready(ctx.gpu)?;
+            x.await_ready(ctx.backend)?;
         }
-        Ok(match (part.id, input) {
-            (PartId::Embedding, None) => {
-                let (st, out) = embedding_forward(ctx, part, tokens.input_ids)?;
-                (GpuStash::Embedding(st), PartOutput::Hidden(out))
-            }
-            (PartId::Layer(_), Some(x)) => {
-                let (st, out) = layer_forward(ctx, part, x)?;
-                (GpuStash::Layer(Box::new(st)), PartOutput::Hidden(out))
-            }
-            (PartId::Head, Some(x)) => {
-                let (st, loss) = head_forward(ctx, part, x, tokens.targets)?;
-                (GpuStash::Head(Box::new(st)), PartOutput::LossSum(loss))
-            }
-            (PartId::Embedding, Some(_)) => {
-                return Err(wrong(part.id, "the embedding takes token ids"));
-            }
-            (_, None) => return Err(wrong(part.id, "needs the previous part's output")),
-        })
+        Ok(forward_part(&ctx, part, input, tokens)?)
     }
 
     fn backward(
@@ -174,31 +160,41 @@ impl Engine for GpuEngine {
         loss_scale: f32,
     ) -> Result<Option<GpuTensor>> {
         let ctx = self.ctx(at);
-        await_part(ctx.gpu, part)?;
-        match &stash {
-            GpuStash::Embedding(st) => st.await_ready(ctx.gpu)?,
-            GpuStash::Layer(st) => st.await_ready(ctx.gpu)?,
-            GpuStash::Head(st) => st.await_ready(ctx.gpu)?,
-        }
+        await_part(ctx.backend, part)?;
+        stash.await_ready(ctx.backend)?;
         if let Some(g) = &grad_output {
-            g.await_ready(ctx.gpu)?;
+            g.await_ready(ctx.backend)?;
         }
-        Ok(match (stash, grad_output) {
-            (GpuStash::Head(st), None) => Some(head_backward(ctx, part, *st, loss_scale)?),
-            (GpuStash::Layer(st), Some(g)) => Some(layer_backward(ctx, part, *st, g)?),
-            (GpuStash::Embedding(st), Some(g)) => {
-                embedding_backward(ctx, part, st, g)?;
-                None
-            }
-            _ => return Err(wrong(part.id, "stash or gradient of another part")),
-        })
+        Ok(backward_part(&ctx, part, stash, grad_output, loss_scale)?)
+    }
+
+    /// The head's one-pass forward and backward (`model::head::head_forward_backward`), as
+    /// a one-stage plan runs it.
+    fn one_pass_head(&self) -> bool {
+        true
+    }
+
+    fn head_forward_backward(
+        &self,
+        at: At<'_>,
+        part: &mut GpuPart,
+        input: GpuTensor,
+        tokens: MicroTokens<'_>,
+        loss_scale: f32,
+    ) -> Result<(GpuTensor, f64)> {
+        let ctx = self.ctx(at);
+        await_part(ctx.backend, part)?;
+        input.await_ready(ctx.backend)?;
+        let targets = tokens.targets;
+        Ok(head_forward_backward(
+            &ctx, part, input, targets, loss_scale,
+        )?)
     }
 
     fn keep_input(&self, first: GpuStash) -> Kept<GpuTensor, GpuStash> {
-        match first {
-            GpuStash::Embedding(_) => Kept::Stash(first),
-            GpuStash::Layer(st) => Kept::Input(st.into_input()),
-            GpuStash::Head(st) => Kept::Input(st.into_input()),
+        match first.into_input() {
+            Ok(input) => Kept::Input(input),
+            Err(embedding) => Kept::Stash(embedding),
         }
     }
 
@@ -224,12 +220,7 @@ impl Engine for GpuEngine {
         to: &PoolRef,
         to_host: bool,
     ) -> Result<GpuStash> {
-        let gpu = self.gpu(device);
-        Ok(match s {
-            GpuStash::Embedding(st) => GpuStash::Embedding(st.relocate(gpu, to, to_host)?),
-            GpuStash::Layer(st) => GpuStash::Layer(Box::new(st.relocate(gpu, to, to_host)?)),
-            GpuStash::Head(st) => GpuStash::Head(Box::new(st.relocate(gpu, to, to_host)?)),
-        })
+        Ok(s.relocate(self.gpu(device), to, to_host)?)
     }
 
     fn send(&self, device: u32, t: GpuTensor) -> Result<GpuMessage> {
@@ -269,7 +260,12 @@ impl Engine for GpuEngine {
             let g = MemGroup::Gradients;
             grads.push(GpuTensor::zeros_on_host(host, name, &shape, DType::F32, g)?);
         }
-        Ok(GpuPart::new(id, weights, grads))
+        Ok(GpuPart {
+            id,
+            names,
+            weights,
+            grads,
+        })
     }
 
     fn part_id(&self, part: &GpuPart) -> PartId {

@@ -10,11 +10,10 @@ use cudarc::cublas::sys as cublas_sys;
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, sys};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::libs::Libraries;
-use crate::exec::backend::cuda::offload::PinnedCache;
-use crate::exec::backend::cuda::ops::flash_shared_bytes;
-use crate::exec::backend::cuda::product_group::GROUP_MAX;
-use crate::exec::backend::cuda::tensor::DevPtr;
+use crate::exec::backend::cuda::limits::{GROUP_MAX, flash_shared_bytes};
+use crate::exec::backend::cuda::pinned::PinnedCache;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{Pool, PoolRef};
 use crate::plan::inventory::DType;

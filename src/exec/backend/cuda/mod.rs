@@ -1,10 +1,10 @@
 //! The CUDA backend: kernels from `kernels/*.cu` compiled by NVRTC when a device is first
 //! opened, matrix products through cuBLAS (TF32 tensor cores on f32 activations, or bf16
-//! tensor cores on bf16 activations), and the Llama model's parts written against them with
-//! the same stash tensors as the CPU executor (the `cuda-f32` inventory: `cpu-f32` plus
-//! attention scores; `cuda-bf16`: the same with activations in bf16, and flash-attention
-//! kernels in place of the scores where the head dimension suits them; projection weights
-//! keep a bf16 copy beside them, [`act_copy`]).
+//! tensor cores on bf16 activations). A [`gpu::Gpu`] is the model's `Backend`
+//! ([`backend`]): the one model of `exec::model` runs on it with the CPU executor's stash
+//! tensors (the `cuda-f32` inventory: `cpu-f32` plus attention scores; `cuda-bf16`: the same
+//! with activations in bf16, and flash-attention kernels in place of the scores where the head
+//! dimension suits them; projection weights keep a bf16 copy beside them, [`act_copy`]).
 //!
 //! Everything loads at run time (cudarc's dynamic loading), so the crate builds and its tests
 //! run on machines without CUDA; opening a device there is a typed [`CudaError::Unavailable`]
@@ -15,26 +15,32 @@
 //! - [`tensor::GpuTensor`]: a device buffer counted in a [`crate::exec::device::Pool`]; an f32
 //!   weight's bf16 copy for the products ([`act_copy`]).
 //! - [`ops`]: one function per kernel; [`gemm`]: matrix products through cuBLAS;
-//!   [`product_group`]: products of one shape over several buffers in one call.
-//! - [`model`]: embedding, decoder layer and head forward/backward, and [`model::GpuTrainer`],
-//!   a whole-model training step with AdamW/SGD and global-norm clipping on one device.
+//!   [`product_group`]: products of one shape over several buffers in one call;
+//!   [`projection`]: the projections' products, grouped by shape.
+//! - [`backend`]: the model's operations on a GPU's tensors.
 //! - [`selftest`]: `chronospipe selftest --gpu`: parity with the CPU backend and timings.
 //!
-//! - [`engine::GpuEngine`]: the pipeline runtime's engine: plan devices as stages on GPUs,
+//! - [`engine::GpuEngine`]: the pipeline runtime's engine (the only way a model trains on
+//!   GPUs; the whole model on one GPU is a one-stage plan): plan devices as stages on GPUs,
 //!   offload and prefetch through pinned host memory on a copy stream ([`offload`]), sends
 //!   between GPUs through NCCL ([`nccl`]).
 
 pub mod act_copy;
 pub mod attention;
+pub mod backend;
+pub mod dev_ptr;
 pub mod engine;
 pub mod gemm;
 pub mod gpu;
+pub mod kernel_args;
 pub mod libs;
-pub mod model;
+pub mod limits;
 pub mod nccl;
 pub mod offload;
 pub mod ops;
+pub mod pinned;
 pub mod product_group;
+pub mod projection;
 pub mod selftest;
 pub mod tensor;
 
@@ -75,6 +81,15 @@ pub enum CudaError {
     /// target): the same error, and the same blame, as on CPU devices.
     #[error(transparent)]
     Model(Box<crate::exec::model::ModelError>),
+}
+
+impl From<crate::exec::model::ModelError> for CudaError {
+    fn from(e: crate::exec::model::ModelError) -> Self {
+        match e {
+            crate::exec::model::ModelError::Device(d) => CudaError::Device(d),
+            other => CudaError::Model(Box::new(other)),
+        }
+    }
 }
 
 impl CudaError {

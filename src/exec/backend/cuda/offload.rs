@@ -14,76 +14,18 @@
 //! Each carries the event of the last copy queued into or out of it ([`Pinned`]): the host
 //! reads or writes it, and frees it, only after that copy.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
-
-/// Pinned host memory and the end of the last copy queued into or out of it, which host
-/// access and the free wait for. (cudarc's pinned slices carry an event too, but record it
-/// only when the context tracks events, which `Gpu::open` turns off: without this one, a
-/// checkpoint could read offloaded optimizer state while its copy was still in flight.)
-pub struct Pinned {
-    buf: PinnedHostSlice<u8>,
-    copied: CudaEvent,
-}
-
-impl Pinned {
-    /// The bytes, once the last copy queued into them has landed.
-    pub fn as_slice(&self) -> Result<&[u8], CudaError> {
-        self.copied.synchronize()?;
-        Ok(self.buf.as_slice()?)
-    }
-
-    /// The bytes to write, once the last copy queued into or out of them is done.
-    pub fn as_mut_slice(&mut self) -> Result<&mut [u8], CudaError> {
-        self.copied.synchronize()?;
-        Ok(self.buf.as_mut_slice()?)
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // An error here has nowhere to go; the context records it for its next call.
-        let _ = self.copied.synchronize();
-    }
-}
-
-/// Pinned host buffers not in use, of any length.
-#[derive(Default)]
-pub struct PinnedCache {
-    free: Mutex<Vec<Pinned>>,
-}
-
-impl PinnedCache {
-    fn take(&self, gpu: &Gpu, len: usize) -> Result<Pinned, CudaError> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = free.iter().position(|p| p.buf.len() == len) {
-            return Ok(free.swap_remove(i));
-        }
-        drop(free);
-        // SAFETY: every byte is written by the copy that follows before anything reads it.
-        // Flags 0: ordinary (not write-combined) pinned memory, which the host reads at full
-        // speed (checkpoints read offloaded optimizer state).
-        let buf = unsafe { gpu.ctx.alloc_pinned_with_flags::<u8>(len, 0)? };
-        Ok(Pinned {
-            buf,
-            copied: gpu.copy.record_event(None)?,
-        })
-    }
-
-    fn give_back(&self, p: Pinned) {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.push(p);
-    }
-}
+pub use crate::exec::backend::cuda::pinned::Pinned;
 
 /// Copies the first `len` bytes of `buf` to pinned host memory on the copy stream and frees
 /// `buf` there once copied. Returns at once; the host's reads of the result wait for the copy.
 pub fn offload(gpu: &Gpu, buf: CudaSlice<u8>, len: usize) -> Result<Pinned, CudaError> {
-    let mut pinned = gpu.pinned.take(gpu, len)?;
+    let mut pinned = gpu.pinned.take(&gpu.ctx, &gpu.copy, len)?;
     let made = gpu.stream.record_event(None)?;
     gpu.copy.wait(&made)?;
     gpu.copy.memcpy_dtoh(&buf.slice(0..len), &mut pinned.buf)?;

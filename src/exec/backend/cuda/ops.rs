@@ -4,40 +4,18 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use crate::exec::backend::cpu::kernels::attention::AttnShape;
+use crate::exec::backend::cpu::kernels::rope::Rope;
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::{Gpu, Work};
-use crate::exec::backend::cuda::product_group::GroupPointers;
-use crate::exec::backend::cuda::tensor::DevPtr;
-use crate::exec::kernels::attention::AttnShape;
-use crate::exec::kernels::rope::Rope;
+use crate::exec::backend::cuda::kernel_args::{Arg, RopeFreqs};
+use crate::exec::backend::cuda::limits::{
+    FLASH_ROWS, FLASH_THREADS, MAX_HEAD_DIM, ROPE_MAX_HALF, flash_shared_bytes,
+};
 use crate::plan::inventory::DType;
 
 type R = Result<(), CudaError>;
-
-/// A kernel argument by value.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Arg<'a> {
-    Ptr(DevPtr),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-    RopeFreqs(&'a RopeFreqs),
-    GroupPointers(&'a GroupPointers),
-}
-
-/// `struct cp_rope_freqs` of kernels/rope.cu: a rotation's frequencies, passed by value.
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RopeFreqs([f32; ROPE_MAX_HALF]);
-
-/// `CP_ROPE_MAX_HALF`: the rope kernel takes head dimensions up to twice this.
-pub(crate) const ROPE_MAX_HALF: usize = 128;
-
-/// The largest head dimension the CUDA backend runs (its rope kernel's limit).
-pub const MAX_HEAD_DIM: usize = 2 * ROPE_MAX_HALF;
-
-// SAFETY: a plain array of f32, laid out as the kernel's struct of one float array.
-unsafe impl cudarc::driver::DeviceRepr for RopeFreqs {}
 
 impl Gpu {
     /// Launches kernel `name` with `args` in the order of its signature in kernels/*.cu; `work`
@@ -612,30 +590,5 @@ fn flash_grid(seq: usize, heads: usize, batch: usize, shared_bytes: usize) -> La
         grid_dim: (seq.div_ceil(FLASH_ROWS) as u32, heads as u32, batch as u32),
         block_dim: (FLASH_THREADS, 1, 1),
         shared_mem_bytes: shared_bytes as u32,
-    }
-}
-
-/// `FA_THREADS` of kernels/flash_attention.cu: a flash kernel's block.
-pub const FLASH_THREADS: u32 = 128;
-
-/// `FA_ROWS` and `FA_STEP` of kernels/flash_attention.cu: rows of a block's tile and of each
-/// step of its loop; `FA_PAD`, the elements that pad each row of a shared tile.
-const FLASH_ROWS: usize = 64;
-const FLASH_STEP: usize = 64;
-const FLASH_PAD: usize = 8;
-
-/// Bytes of dynamic shared memory a flash kernel's block uses for head dimension `head_dim`,
-/// as `fa_forward_shared_bytes` and `fa_backward_shared_bytes` in kernels/flash_attention.cu
-/// compute them (the host build of the kernels checks the two agree).
-pub fn flash_shared_bytes(head_dim: usize, forward: bool) -> usize {
-    let tile_row = (head_dim + FLASH_PAD) * 2;
-    if forward {
-        // The query tile, two pairs of key and value tiles.
-        (FLASH_ROWS + 4 * FLASH_STEP) * tile_row
-    } else {
-        // Key, value, query and dO tiles, dS^T, a step's lse and delta.
-        (2 * FLASH_ROWS + 2 * FLASH_STEP) * tile_row
-            + FLASH_ROWS * (FLASH_STEP + FLASH_PAD) * 2
-            + 2 * FLASH_STEP * 4
     }
 }

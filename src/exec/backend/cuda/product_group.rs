@@ -16,27 +16,12 @@ use cudarc::cublas::sys::{cublasGemmAlgo_t, cublasGemmBatchedEx};
 use cudarc::driver::{DevicePtr, LaunchConfig};
 
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gemm::{Gemm, ProductTypes, op};
 use crate::exec::backend::cuda::gpu::{Gpu, Work};
-use crate::exec::backend::cuda::ops::Arg;
-use crate::exec::backend::cuda::tensor::DevPtr;
+use crate::exec::backend::cuda::kernel_args::{Arg, GroupPointers};
+use crate::exec::backend::cuda::limits::GROUP_MAX;
 use crate::plan::inventory::DType;
-
-/// `CP_GROUP_MAX` of kernels/product_group.cu: the most products one group holds.
-pub const GROUP_MAX: usize = 4;
-
-/// `struct cp_group_pointers`: the A, B and C addresses of a group's products.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct GroupPointers {
-    a: [u64; GROUP_MAX],
-    b: [u64; GROUP_MAX],
-    c: [u64; GROUP_MAX],
-}
-
-// SAFETY: three plain arrays of u64, laid out as the kernel's struct (96 bytes, 8-aligned).
-unsafe impl cudarc::driver::DeviceRepr for GroupPointers {}
-const _: () = assert!(size_of::<GroupPointers>() == 3 * GROUP_MAX * 8);
 
 /// One product of a group: `c = op(a) op(b) (+ c)`.
 #[derive(Debug, Clone, Copy)]

@@ -11,34 +11,14 @@ use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr};
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::act_copy::ActCopy;
+use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::nccl::Nccl;
 use crate::exec::backend::cuda::offload::{self, Ready};
+use crate::exec::backend::cuda::pinned::Pinned;
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::tensor::{Element, Lease};
 use crate::plan::inventory::{DType, TensorSpec};
-
-/// A raw device address inside a [`GpuTensor`] and the type of its elements, for kernel
-/// arguments and cuBLAS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DevPtr {
-    pub(crate) addr: u64,
-    pub dtype: DType,
-}
-
-impl DevPtr {
-    pub(crate) fn new(addr: u64, dtype: DType) -> DevPtr {
-        DevPtr { addr, dtype }
-    }
-
-    /// The address `elements` further on.
-    pub fn offset(self, elements: usize) -> DevPtr {
-        DevPtr::new(
-            self.addr + (elements * self.dtype.bytes()) as u64,
-            self.dtype,
-        )
-    }
-}
 
 /// Where a tensor's bytes are.
 enum Storage {
@@ -46,7 +26,7 @@ enum Storage {
     /// Never on a device yet (a part adopted from host weights, zeroed optimizer state).
     Host(Vec<u8>),
     /// Offloaded: pinned host memory, read once the copy into it has landed.
-    Pinned(offload::Pinned),
+    Pinned(Pinned),
 }
 
 /// A dense tensor on one CUDA device (or offloaded to the host).
@@ -482,6 +462,12 @@ impl GpuTensor {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The same tensor under another name (a part's output becoming the next one's input).
+    pub fn renamed(mut self, name: &str) -> Self {
+        self.name = name.to_string();
+        self
     }
 
     pub fn dtype(&self) -> DType {

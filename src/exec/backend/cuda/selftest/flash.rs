@@ -9,11 +9,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Check, Result, cpu_attention};
+use crate::exec::backend::cpu::kernels::attention::AttnShape;
 use crate::exec::backend::cuda::gpu::{FLASH_KERNELS, FlashLoads, Gpu};
-use crate::exec::backend::cuda::ops::{FLASH_THREADS, flash_shared_bytes};
+use crate::exec::backend::cuda::limits::{FLASH_THREADS, flash_shared_bytes};
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::device::{MemGroup, Pool, PoolRef};
-use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::{CUDA_FLASH_HEAD_DIMS, DType};
 
 /// Relative error allowed against f32 (all but lse): outputs are rounded to bf16 (2^-9

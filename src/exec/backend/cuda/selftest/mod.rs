@@ -1,7 +1,7 @@
 //! `chronospipe selftest --gpu`: holds the CUDA backend against the CPU backend, kernel by
 //! kernel on random data and for a whole training step of `shared/testdata/hf-llama-tiny`
 //! (also against the PyTorch reference stored there); holds pipeline plans on GPU stages
-//! against the whole-model trainer and the planner; then times training of a ~125M Llama on
+//! against a one-stage plan of the whole model and the planner; then times training of a ~125M Llama on
 //! one GPU in each precision (and in bf16 each kernel variant), its attention and projection
 //! products alone, and the model as a 4-stage chronos plan on one GPU. Every check prints a
 //! line; the run fails if any check fails.
@@ -26,12 +26,12 @@ pub use timing::{
 
 use cudarc::driver::CudaContext;
 
+use crate::exec::backend::CpuBackend;
+use crate::exec::backend::cpu::kernels::attention::AttnShape;
 use crate::exec::backend::cuda::gpu::{FlashLoads, Gpu};
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::{CudaError, Precision};
-use crate::exec::backend::{Backend, CpuBackend};
 use crate::exec::compare::rel_err;
-use crate::exec::kernels::attention::AttnShape;
 use crate::plan::inventory::{DType, MicroShape, Profile, cuda_flash_attention};
 
 type Result<T> = std::result::Result<T, CudaError>;
@@ -207,9 +207,7 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             });
             ok &= section(&title, checks).is_some_and(|c| print_checks(&title, &c));
         }
-        let title = format!(
-            "pipeline stages on one GPU vs the whole-model trainer and the planner, {name}"
-        );
+        let title = format!("pipeline stages on one GPU vs one stage and the planner, {name}");
         ok &= section(
             &title,
             pipeline_checks(&[opts.device], precision, stage_tol),
@@ -217,8 +215,8 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
         .is_some_and(|c| print_checks(&title, &c));
         if let Some(other) = second {
             let title = format!(
-                "pipeline stages alternating between cuda:{} and cuda:{other} vs the \
-                 whole-model trainer and the planner, {name}",
+                "pipeline stages alternating between cuda:{} and cuda:{other} vs \
+                 one stage and the planner, {name}",
                 opts.device
             );
             let gpus = [opts.device, other];

@@ -3,22 +3,25 @@
 
 use std::path::Path;
 
+use super::pipeline::pipeline_error;
 use super::{Check, Result};
 use crate::data::Microbatch;
 use crate::exec::backend::CpuBackend;
 use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::engine::{GpuEngine, GpuPart};
 use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::model::GpuTrainer;
+use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use crate::exec::checkpoint::safetensors_io::TensorFile;
-use crate::exec::device::{Pool, PoolRef};
+use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::model::chunk::{backward_chunk, forward_chunk};
+use crate::exec::model::head::head_forward_backward;
 use crate::exec::model::part::{MicroTokens, PartOutput};
 use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use crate::exec::optim::clip::{clip_factor, global_norm, part_squares};
-use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
-use crate::plan::inventory::MicroShape;
+use crate::exec::pipeline::engine::{Engine, Update};
+use crate::plan::inventory::{DType, MicroShape};
 
 pub(super) fn microbatch(shape: MicroShape, input_ids: Vec<i32>, targets: Vec<i32>) -> Microbatch {
     Microbatch {
@@ -39,6 +42,120 @@ pub(super) fn host_parts(config: &LlamaConfig, pool: &PoolRef) -> Result<Vec<Par
         .collect()
 }
 
+/// Host parts as the engine's parts on its GPU: weights and zero gradients on the device.
+fn upload(
+    engine: &GpuEngine,
+    parts: Vec<PartParams>,
+    host: &PoolRef,
+    pool: &PoolRef,
+) -> Result<Vec<GpuPart>> {
+    let to_device = |t, group| engine.move_tensor(0, t, pool, group, false);
+    let mut on_gpu = Vec::with_capacity(parts.len());
+    for part in parts {
+        let mut part = engine.adopt(part, host).map_err(pipeline_error)?;
+        let (weights, grads) = (
+            std::mem::take(&mut part.weights),
+            std::mem::take(&mut part.grads),
+        );
+        part.weights = (weights.into_iter())
+            .map(|t| to_device(t, MemGroup::Weights))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(pipeline_error)?;
+        part.grads = (grads.into_iter())
+            .map(|t| to_device(t, MemGroup::Gradients))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(pipeline_error)?;
+        on_gpu.push(part);
+    }
+    Ok(on_gpu)
+}
+
+/// Copies each part's weights and gradients into host parts of the same layout.
+fn download(gpu: &Gpu, parts: &[GpuPart], host: &mut [PartParams]) -> Result<()> {
+    for (g, h) in parts.iter().zip(host.iter_mut()) {
+        let weights = g.weights.iter().zip(h.weights.iter_mut());
+        for (src, dst) in weights.chain(g.grads.iter().zip(h.grads.iter_mut())) {
+            src.read_range(gpu, 0..src.len(), dst.data_mut())?;
+        }
+    }
+    Ok(())
+}
+
+/// Forward and backward of one micro-batch through every part as a one-stage run takes it
+/// (the head's forward and backward in one pass); returns its summed loss.
+fn forward_backward(
+    ctx: &PartCtx<'_, Gpu>,
+    parts: &mut [GpuPart],
+    tokens: MicroTokens<'_>,
+    scale: f32,
+) -> Result<f64> {
+    let (head, body) = parts
+        .split_last_mut()
+        .ok_or(CudaError::Unsupported("no parts".into()))?;
+    let (stash, out) = forward_chunk(ctx, body, None, tokens)?;
+    let PartOutput::Hidden(x) = out else {
+        return Err(CudaError::Unsupported(
+            "the head is not the last part".into(),
+        ));
+    };
+    let (grad, loss) = head_forward_backward(ctx, head, x, tokens.targets, scale)?;
+    backward_chunk(ctx, body, stash, Some(grad), scale)?;
+    Ok(loss)
+}
+
+/// The CPU's forward and backward of one micro-batch; returns its mean loss.
+fn cpu_forward_backward(
+    ctx: &PartCtx<'_, CpuBackend>,
+    parts: &mut [PartParams],
+    tokens: MicroTokens<'_>,
+    scale: f32,
+) -> Result<f64> {
+    let (stash, out) = forward_chunk(ctx, parts, None, tokens).map_err(CudaError::from)?;
+    let PartOutput::LossSum(loss_sum) = out else {
+        return Err(CudaError::Unsupported(
+            "the model's last part is not the head".into(),
+        ));
+    };
+    backward_chunk(ctx, parts, stash, None, scale).map_err(CudaError::from)?;
+    Ok(loss_sum / ctx.micro.tokens() as f64)
+}
+
+/// AdamW's step 1 with `lr` and the clipping `factor` on every parameter (fresh moments).
+fn adamw_step(
+    engine: &GpuEngine,
+    parts: &mut [GpuPart],
+    pool: &PoolRef,
+    (adamw, lr, factor): (&OptimizerConfig, f32, f32),
+) -> Result<()> {
+    let coeffs = adamw.coeffs(1, lr);
+    let update = Update {
+        config: adamw,
+        coeffs: &coeffs,
+        clip_factor: factor,
+    };
+    let gpu = engine.gpu(0);
+    for part in parts {
+        for (w, g) in part.weights.iter_mut().zip(part.grads.iter_mut()) {
+            let zeros = || {
+                GpuTensor::zeros(
+                    gpu,
+                    pool,
+                    "moment",
+                    w.shape(),
+                    DType::F32,
+                    MemGroup::OptimizerState,
+                )
+            };
+            let (mut m, mut v) = (zeros()?, zeros()?);
+            let all = 0..w.len();
+            engine
+                .update(0, update, w, g, all.clone(), Some((&mut m, &mut v)), all)
+                .map_err(pipeline_error)?;
+        }
+    }
+    Ok(())
+}
+
 /// One AdamW step (clipped at 1.0) of the fixture's batch, CPU against GPU, plus the PyTorch
 /// reference for the loss, the gradient norm and every gradient.
 pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Result<Vec<Check>> {
@@ -56,52 +173,40 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
     };
     let host = Pool::new("cpu:0", usize::MAX);
     let ids = PartId::all(config.dims.layers);
-    let mut cpu_parts = load_hf_parts(fixture, &config, &ids, &host).map_err(|e| bad(&e))?;
+    let load = || load_hf_parts(fixture, &config, &ids, &host).map_err(|e| bad(&e));
+    let mut cpu_parts = load()?;
     let (lr, max_norm) = (1e-3, 1.0);
     let adamw = OptimizerConfig::default();
 
     let pool = gpu.pool(None, 1 << 30)?;
-    let mut trainer = GpuTrainer::upload(
-        gpu,
-        pool,
-        config,
-        &cpu_parts,
-        adamw,
-        LrSchedule::constant(lr),
-        Some(max_norm),
-    )?;
+    let engine = GpuEngine::of(gpu);
+    let mut gpu_model = upload(&engine, load()?, &host, &pool)?;
 
     // CPU: forward and backward of the whole batch as one micro-batch.
-    let backend = CpuBackend::default();
-    let ctx = PartCtx {
-        backend: &backend,
-        pool: &host,
-        config: &config,
-        micro,
-    };
     let tokens = MicroTokens {
         input_ids: &input_ids,
         targets: &targets,
     };
-    let (stash, out) = forward_chunk(&ctx, &cpu_parts, None, tokens).map_err(CudaError::from)?;
-    let PartOutput::LossSum(cpu_loss_sum) = out else {
-        return Err(CudaError::Unsupported(
-            "the model's last part is not the head".into(),
-        ));
-    };
     let scale = 1.0 / micro.tokens() as f32;
-    backward_chunk(&ctx, &mut cpu_parts, stash, None, scale).map_err(CudaError::from)?;
-    let cpu_loss = cpu_loss_sum / micro.tokens() as f64;
+    let cpu_ctx = PartCtx {
+        backend: &CpuBackend::default(),
+        pool: &host,
+        config: &config,
+        micro,
+    };
+    let cpu_loss = cpu_forward_backward(&cpu_ctx, &mut cpu_parts, tokens, scale)?;
 
     // GPU: the same micro-batch.
-    let gpu_loss = trainer.forward_backward(
-        &microbatch(micro, input_ids.clone(), targets.clone()),
-        scale,
-    )? / micro.tokens() as f64;
+    let gpu_ctx = PartCtx {
+        backend: engine.gpu(0),
+        pool: &pool,
+        config: &config,
+        micro,
+    };
+    let gpu_loss =
+        forward_backward(&gpu_ctx, &mut gpu_model, tokens, scale)? / micro.tokens() as f64;
     let mut gpu_parts = host_parts(&config, &host)?;
-    for (g, h) in trainer.parts.iter().zip(gpu_parts.iter_mut()) {
-        g.download(&trainer.gpu, h)?;
-    }
+    download(engine.gpu(0), &gpu_model, &mut gpu_parts)?;
     let torch = |name: &str| reference.f32(name).map(|(_, v)| v).map_err(|e| bad(&e));
     let mut checks = vec![
         Check::new("loss vs CPU", &[gpu_loss as f32], &[cpu_loss as f32], tol),
@@ -124,7 +229,11 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
         }
     }
     let cpu_norm = global_norm(&cpu_parts.iter().map(part_squares).collect::<Vec<_>>());
-    let gpu_norm = trainer.grad_norm()?;
+    let mut gpu_squares = 0.0;
+    for part in &gpu_model {
+        gpu_squares += engine.grad_squares(0, part).map_err(pipeline_error)?;
+    }
+    let gpu_norm = gpu_squares.sqrt();
     checks.push(Check::new(
         "grad_norm vs CPU",
         &[gpu_norm as f32],
@@ -152,20 +261,19 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
     // of near-zero gradients into whole steps; there the step runs on the CPU's gradients,
     // so it checks the update itself. Strict f32 runs it on the GPU's own gradients.
     let suffix = if own_grads {
-        trainer.update(1, lr, clip_factor(gpu_norm, max_norm))?;
+        let factor = clip_factor(gpu_norm, max_norm);
+        adamw_step(&engine, &mut gpu_model, &pool, (&adamw, lr, factor))?;
         ""
     } else {
-        for (g, c) in trainer.parts.iter_mut().zip(&cpu_grads) {
+        for (g, c) in gpu_model.iter_mut().zip(&cpu_grads) {
             for (dst, src) in g.grads.iter_mut().zip(c) {
-                dst.copy_from_host(&trainer.gpu, src)?;
+                dst.copy_from_host(engine.gpu(0), src)?;
             }
         }
-        trainer.update(1, lr, factor)?;
+        adamw_step(&engine, &mut gpu_model, &pool, (&adamw, lr, factor))?;
         " (same gradients)"
     };
-    for (g, h) in trainer.parts.iter().zip(gpu_parts.iter_mut()) {
-        g.download(&trainer.gpu, h)?;
-    }
+    download(engine.gpu(0), &gpu_model, &mut gpu_parts)?;
     for (c, g) in cpu_parts.iter().zip(&gpu_parts) {
         for ((name, cw), gw) in c.names.iter().zip(&c.weights).zip(&g.weights) {
             let label = format!("adamw.{name} vs CPU{suffix}");

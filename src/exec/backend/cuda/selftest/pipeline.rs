@@ -1,6 +1,6 @@
 //! Pipeline plans on GPU stages (several stages sharing one GPU): every schedule, and chronos
 //! plans the planner squeezed into less memory with recompute and offload, must train to the
-//! weights the whole-model GPU trainer reaches, and each stage's measured peak must be what
+//! weights the whole model on one GPU (a one-stage plan) reaches, and each stage's measured peak must be what
 //! the planner predicted.
 
 use std::time::Instant;
@@ -11,13 +11,11 @@ use rand_chacha::ChaCha8Rng;
 use super::model::microbatch;
 use super::{Check, Result};
 use crate::data::Microbatch;
+use crate::exec::backend::cpu::kernels::rope::Rope;
 use crate::exec::backend::cuda::engine::GpuEngine;
-use crate::exec::backend::cuda::gpu::Gpu;
-use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{DeviceSet, MemGroup, Pool, PoolRef};
-use crate::exec::kernels::rope::Rope;
 use crate::exec::model::{LlamaConfig, PartParams};
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
@@ -35,7 +33,7 @@ use crate::spec::Architecture;
 
 const SEED: u64 = 99;
 
-fn pipeline_error(e: PipelineError) -> CudaError {
+pub(super) fn pipeline_error(e: PipelineError) -> CudaError {
     match e {
         PipelineError::Cuda(e) => e,
         other => CudaError::Unsupported(other.to_string()),
@@ -147,7 +145,8 @@ pub fn train_stages(
     })
 }
 
-/// The whole-model trainer's weights and optimizer state after the same steps.
+/// The weights and optimizer state of the whole model on one GPU (a one-stage 1F1B plan)
+/// after the same steps.
 fn whole_model_state(
     ordinal: usize,
     precision: Precision,
@@ -155,25 +154,18 @@ fn whole_model_state(
     batches: &[Microbatch],
     steps: usize,
 ) -> Result<FlatState> {
-    let gpu = Gpu::open(ordinal, precision)?;
-    let pool = Pool::new(format!("cuda:{ordinal}"), usize::MAX);
-    let host = Pool::new("host", usize::MAX);
-    let parts = seeded_parts(&config, &host, SEED)?;
-    let mut t = GpuTrainer::upload(
-        gpu,
-        pool,
+    let (microbatches, layers) = (batches.len() as u32, config.dims.layers as u32);
+    let plan = build(ScheduleKind::OneFOneB, 1, microbatches, layers).map_err(planner_error)?;
+    let run = train_stages(
+        &[ordinal],
+        precision,
         config,
-        &parts,
-        OptimizerConfig::default(),
-        LrSchedule::constant(3e-4),
-        Some(1.0),
+        plan,
+        usize::MAX,
+        batches,
+        steps,
     )?;
-    for _ in 0..steps {
-        t.train_step(batches)?;
-    }
-    let pairs = t.to_host(&host)?;
-    let refs: Vec<_> = pairs.iter().map(|(p, st)| (p, st)).collect();
-    Ok(FlatState::of(&refs))
+    Ok(run.state)
 }
 
 /// The planner's fastest `stages`-stage chronos plan for `config` at `precision` when it must
@@ -235,8 +227,8 @@ fn stage_model() -> LlamaConfig {
     }
 }
 
-/// The relative error allowed between the stages' AdamW moments and the whole-model
-/// trainer's. The moments are the step's gradients averaged, so they carry the gradients'
+/// The relative error allowed between the stages' AdamW moments and the one-stage
+/// run's. The moments are the step's gradients averaged, so they carry the gradients'
 /// rounding differences (float atomics in another order, bf16 roundings that flip) rather
 /// than the weights' smaller ones; what this check is for is state read before its copy to
 /// the host landed (zeros, or another tensor's values: errors near 1).
@@ -246,7 +238,7 @@ const STAGE_MICRO: MicroShape = MicroShape { batch: 2, seq: 64 };
 const STAGE_MICROBATCHES: usize = 8;
 
 /// Every schedule on 2 and 4 stages, stage `s` on GPU `gpus[s % gpus.len()]`, and squeezed
-/// chronos plans, against the whole-model trainer on `gpus[0]` (weights and AdamW moments
+/// chronos plans, against the one-stage run on `gpus[0]` (weights and AdamW moments
 /// after three steps) and the planner (peaks per stage). The moments are held to
 /// [`MOMENTS_TOLERANCE`].
 pub fn pipeline_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result<Vec<Check>> {

@@ -3,16 +3,16 @@
 use std::time::Instant;
 
 use super::Result;
-use super::model::host_parts;
-use super::pipeline::{predicted_peaks, random_batches};
+use super::pipeline::{pipeline_error, predicted_peaks, random_batches};
+use crate::exec::backend::cpu::kernels::rope::Rope;
+use crate::exec::backend::cuda::engine::GpuEngine;
 use crate::exec::backend::cuda::gpu::{Gpu, ProfileRow};
-use crate::exec::backend::cuda::model::GpuTrainer;
 use crate::exec::backend::cuda::{CudaError, Precision};
-use crate::exec::device::Pool;
-use crate::exec::kernels::rope::Rope;
+use crate::exec::device::{DeviceSet, Pool};
 use crate::exec::model::{LlamaConfig, ModelError};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
+use crate::exec::pipeline::{Pipeline, seeded_parts};
 use crate::plan::cost::part_forward_flops;
 use crate::plan::inventory::{MicroShape, ModelDims, Part, Profile};
 use crate::plan::schedule::{ScheduleKind, build};
@@ -102,7 +102,8 @@ pub fn predicted_peak(
     Ok(predicted_peaks(&plan, precision, config, micro)?[0])
 }
 
-/// Times `steps` training steps (after `warmup`) of `config` on `gpu`, at its precision.
+/// Times `steps` training steps (after `warmup`) of `config` on `gpu`, at its precision: the
+/// whole model as a one-stage 1F1B plan on the pipeline runtime.
 pub fn time_training(
     gpu: Gpu,
     config: LlamaConfig,
@@ -113,51 +114,56 @@ pub fn time_training(
 ) -> Result<Timing> {
     let precision = gpu.precision;
     let host = Pool::new("host", usize::MAX);
-    let mut parts = host_parts(&config, &host)?;
-    for p in &mut parts {
-        p.init_from_seed(1234);
-    }
-    let pool = gpu.pool(None, 1 << 30)?;
-    let adamw = OptimizerConfig::default();
-    let mut trainer = GpuTrainer::upload(
-        gpu,
-        pool,
+    let parts = seeded_parts(&config, &host, 1234)?;
+    let devices = DeviceSet {
+        devices: vec![gpu.pool(None, 1 << 30)?],
+        host,
+    };
+    let layers = config.dims.layers as u32;
+    let plan = build(ScheduleKind::OneFOneB, 1, microbatches as u32, layers)
+        .map_err(|e| CudaError::Unsupported(format!("planner: {e}")))?;
+    let mut p = Pipeline::new(
         config,
-        &parts,
-        adamw,
+        plan,
+        devices,
+        GpuEngine::of(gpu),
+        parts,
+        OptimizerConfig::default(),
         LrSchedule::constant(3e-4),
         Some(1.0),
-    )?;
-    drop(parts);
+    )
+    .map_err(pipeline_error)?;
     let batches = random_batches(&config, micro, microbatches);
+    let step = |p: &mut Pipeline<GpuEngine>| -> Result<()> {
+        p.train_step(&batches).map_err(pipeline_error)?;
+        p.engine.synchronize()
+    };
     for _ in 0..warmup {
-        trainer.train_step(&batches)?;
+        step(&mut p)?;
     }
-    trainer.gpu.synchronize()?;
     let start = Instant::now();
     for _ in 0..steps {
-        trainer.train_step(&batches)?;
+        p.train_step(&batches).map_err(pipeline_error)?;
     }
-    trainer.gpu.synchronize()?;
+    p.engine.synchronize()?;
     let secs = start.elapsed().as_secs_f64() / steps.max(1) as f64;
     let tokens = (micro.tokens() * microbatches) as f64;
-    let mfu = peak_flops(&trainer.gpu.name, precision)
-        .map(|p| step_flops(&config, micro, microbatches) / secs / p);
+    let mfu = peak_flops(&p.engine.gpu(0).name, precision)
+        .map(|peak| step_flops(&config, micro, microbatches) / secs / peak);
     let (mut report, mut profiled_step_secs) = (Vec::new(), 0.0);
     if profile {
-        trainer.gpu.profile();
+        p.engine.gpu_mut(0).profile();
         let start = Instant::now();
-        trainer.train_step(&batches)?;
-        trainer.gpu.synchronize()?;
+        step(&mut p)?;
         profiled_step_secs = start.elapsed().as_secs_f64();
-        report = trainer.gpu.profile_report()?;
+        report = p.engine.gpu(0).profile_report()?;
     }
     Ok(Timing {
         precision,
         tokens_per_s: tokens / secs,
         step_ms: secs * 1e3,
         mfu,
-        peak_bytes: trainer.pool.peak_bytes(),
+        peak_bytes: p.measured_peaks()[0],
         predicted_peak_bytes: predicted_peak(&config, precision, micro, microbatches)?,
         profile: report,
         profiled_step_secs,

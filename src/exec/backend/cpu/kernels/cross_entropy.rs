@@ -5,8 +5,8 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use crate::data::IGNORE_TARGET;
-use crate::exec::kernels::matmul::{MatRef, Threads, matmul};
-use crate::exec::kernels::{fast_exp, reduce};
+use crate::exec::backend::cpu::kernels::matmul::{MatRef, Threads, matmul};
+use crate::exec::backend::cpu::kernels::{fast_exp, reduce};
 
 /// Shapes of one head call: `tokens` rows of `hidden` features, `vocab` classes.
 #[derive(Debug, Clone, Copy)]

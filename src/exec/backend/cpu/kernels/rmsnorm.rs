@@ -3,7 +3,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::exec::kernels::reduce;
+use crate::exec::backend::cpu::kernels::reduce;
 
 /// Rows handed to one parallel task.
 const ROWS_PER_TASK: usize = 16;

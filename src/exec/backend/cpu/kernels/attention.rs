@@ -9,9 +9,9 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::exec::kernels::disjoint::Disjoint;
-use crate::exec::kernels::matmul::matmul_raw;
-use crate::exec::kernels::{fast_exp, reduce};
+use crate::exec::backend::cpu::kernels::disjoint::Disjoint;
+use crate::exec::backend::cpu::kernels::matmul::matmul_raw;
+use crate::exec::backend::cpu::kernels::{fast_exp, reduce};
 
 /// Queries handled together: blocks of the score matrix are products through gemm. Small
 /// blocks waste less on the diagonal block's masked half, and the backward's two score blocks

@@ -3,7 +3,7 @@
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use crate::exec::kernels::fast_exp;
+use crate::exec::backend::cpu::kernels::fast_exp;
 
 const CHUNK: usize = 4096;
 

@@ -2,22 +2,25 @@
 //! projections that share an input, as one batched product per shape when the GPU batches
 //! them ([`Gpu::batch_products`], see `product_group`).
 
-use super::Result;
+use crate::exec::backend::cuda::CudaError;
+use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gemm::Gemm;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::product_group::Product;
-use crate::exec::backend::cuda::tensor::{DevPtr, GpuTensor};
+use crate::exec::backend::cuda::tensor::GpuTensor;
+
+type Result<T> = std::result::Result<T, CudaError>;
 
 /// A projection's weight `[out, in]` as the products read it.
 #[derive(Clone, Copy)]
-pub(super) struct Weight {
+pub struct Weight {
     pub ptr: DevPtr,
     pub out: usize,
     pub inp: usize,
 }
 
 /// `y[n, out] (+)= x[n, in] · W[out, in]^T`, the projections' forward.
-pub(super) fn project(
+pub(crate) fn project(
     gpu: &Gpu,
     y: DevPtr,
     x: DevPtr,
@@ -30,7 +33,7 @@ pub(super) fn project(
 
 /// Backward of [`project`]: `dW += dy^T · x` (f32) and `dx (+)= dy · W`.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn project_backward(
+pub(crate) fn project_backward(
     gpu: &Gpu,
     dw: &GpuTensor,
     dx: DevPtr,
@@ -45,7 +48,7 @@ pub(super) fn project_backward(
 }
 
 /// `dx (+)= dy · W`: the input's part of [`project_backward`].
-pub(super) fn project_input_grad(
+pub(crate) fn project_input_grad(
     gpu: &Gpu,
     dx: DevPtr,
     dy: DevPtr,
@@ -58,7 +61,7 @@ pub(super) fn project_input_grad(
 }
 
 /// [`project`] of one input `x` through each weight into its output `(y, W)`.
-pub(super) fn project_each(
+pub(crate) fn project_each(
     gpu: &Gpu,
     x: DevPtr,
     outputs: &[(DevPtr, Weight)],
@@ -79,7 +82,7 @@ pub(super) fn project_each(
 
 /// `dW += dy^T · x` for each `(dW, dy, W)` of projections of one input `x`: the weights'
 /// part of [`project_backward`].
-pub(super) fn weight_grads_each(
+pub(crate) fn weight_grads_each(
     gpu: &Gpu,
     x: DevPtr,
     grads: &[(&GpuTensor, DevPtr, Weight)],
