@@ -211,8 +211,7 @@ pub trait Store: ClusterStore + Send + Sync + 'static {
     async fn delete_checkpoint(&self, lease: &Lease, step: i64) -> StoreResult<bool>;
     /// Marks the job as stopped early under the claim's lease, with a `stopped_early` event
     /// (`data`, JSON).
-    async fn record_stopped_early(&self, lease: &Lease, key: &str, data: &str)
-        -> StoreResult<()>;
+    async fn record_stopped_early(&self, lease: &Lease, key: &str, data: &str) -> StoreResult<()>;
 
     async fn append_event(&self, id: &str, kind: &str, data: &str) -> StoreResult<i64>;
     async fn list_events(&self, id: &str, after: i64, limit: i64) -> StoreResult<Vec<EventRow>>;

@@ -454,9 +454,8 @@ impl<E: Engine> Pipeline<E> {
                             // A panic here stops the step at once: the other devices would
                             // otherwise wait for this one until it is joined (in device order).
                             let device = d as u32;
-                            let _on_panic = OnPanic(|| {
-                                cx.transport.abort(&PipelineError::Panicked { device })
-                            });
+                            let _on_panic =
+                                OnPanic(|| cx.transport.abort(&PipelineError::Panicked { device }));
                             let mut w = DeviceWorker::new(seat, pool, program, chunks);
                             let result = w.run(cx);
                             if let Err(e) = &result {
