@@ -5,6 +5,8 @@
 //! attempts; `GET /v1/devices` shows every live worker's devices.
 
 mod common;
+#[path = "common/queued_job.rs"]
+mod queued_job;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,39 +15,12 @@ use chronospipe::jobs::cluster::host_name;
 use chronospipe::jobs::rendezvous::{NCCL_UNIQUE_ID, TCP_ADDRESS};
 use chronospipe::jobs::{GangError, Rendezvous, RendezvousError, reserve_across_workers};
 use chronospipe::store::{
-    ClusterDeviceRow, ClusterError, GangOutcome, GangRefusal, JobState, NewJob, PlanRow,
-    RankPlacement, Reservation, Store, StoreError, TransitionChange, WorkerDevice,
-    WorkerRegistration, connect, new_id,
+    ClusterDeviceRow, ClusterError, GangOutcome, GangRefusal, JobState, RankPlacement, Reservation,
+    Store, StoreError, TransitionChange, WorkerDevice, WorkerRegistration, connect,
 };
+use queued_job::queued_job;
 
 const LEASE_MS: i64 = 60_000;
-
-async fn queued_job(store: &dyn Store, tenant: &str, devices_needed: i64) -> String {
-    let id = new_id("job");
-    let job = NewJob {
-        id: id.clone(),
-        tenant_id: tenant.to_owned(),
-        spec: "{}".into(),
-        total_steps: 10,
-        file_ids: vec![],
-        checkpoint_uses: vec![],
-        idempotency_key: None,
-        request_hash: None,
-        planned: None,
-    };
-    store.insert_job(&job).await.unwrap();
-    let plan = PlanRow {
-        plan: Some("{}".into()),
-        plan_svg: None,
-        plan_summary: None,
-    };
-    store.set_plan(&id, &plan, devices_needed).await.unwrap();
-    store
-        .transition(&id, JobState::Queued, TransitionChange::default())
-        .await
-        .unwrap();
-    id
-}
 
 fn registration(worker: &str, host: &str, devices: usize, runs_ranks: bool) -> WorkerRegistration {
     WorkerRegistration {

@@ -2,41 +2,16 @@
 //! hand one job to two workers; leases expire into the queue; transitions are checked.
 
 mod common;
+#[path = "common/queued_job.rs"]
+mod queued_job;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use chronospipe::store::{
-    CheckpointRow, JobState, Lease, NewJob, PlanRow, StepRecord, Store, StoreError,
-    TransitionChange, connect, new_id,
+    CheckpointRow, JobState, Lease, StepRecord, Store, StoreError, TransitionChange, connect,
 };
-
-async fn queued_job(store: &dyn Store, tenant: &str, devices_needed: i64) -> String {
-    let id = new_id("job");
-    let job = NewJob {
-        id: id.clone(),
-        tenant_id: tenant.to_owned(),
-        spec: "{}".into(),
-        total_steps: 10,
-        file_ids: vec![],
-        checkpoint_uses: vec![],
-        idempotency_key: None,
-        request_hash: None,
-        planned: None,
-    };
-    store.insert_job(&job).await.unwrap();
-    let plan = PlanRow {
-        plan: Some("{}".into()),
-        plan_svg: None,
-        plan_summary: None,
-    };
-    store.set_plan(&id, &plan, devices_needed).await.unwrap();
-    store
-        .transition(&id, JobState::Queued, TransitionChange::default())
-        .await
-        .unwrap();
-    id
-}
+use queued_job::queued_job;
 
 fn devices(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("cpu:{i}")).collect()
