@@ -294,7 +294,6 @@ pub fn attention_backward(
     sh: AttnShape,
 ) {
     let (s, d, qw, kw) = (sh.seq, sh.head_dim, sh.q_width(), sh.kv_width());
-    let scale = sh.scale();
     assert!(q.len() == sh.batch * s * qw && dq.len() == q.len() && d_out.len() == q.len());
     assert!(out.len() == q.len() && k.len() == sh.batch * s * kw);
     assert!(v.len() == k.len() && dk.len() == k.len() && dv.len() == k.len());
@@ -303,12 +302,17 @@ pub fn attention_backward(
         let (b, h) = (task / sh.heads, task % sh.heads);
         row_dots(row, d_out, out, b * s * qw + h * d, qw, d);
     });
-    let (dq_ptr, dk_ptr, dv_ptr) = (
-        Disjoint(dq.as_mut_ptr()),
-        Disjoint(dk.as_mut_ptr()),
-        Disjoint(dv.as_mut_ptr()),
-    );
-    let delta = &*delta;
+    let io = BackwardIo {
+        q,
+        k,
+        d_out,
+        lse,
+        delta,
+        dq: Disjoint(dq.as_mut_ptr()),
+        dk: Disjoint(dk.as_mut_ptr()),
+        dv: Disjoint(dv.as_mut_ptr()),
+        sh,
+    };
     // Each task is one (sequence, key/value head) and the query heads that share it, so the
     // sums into dk and dv run in a fixed order inside one task. A task zeroes the rows it sums
     // into itself: on its own thread, just before use.
@@ -320,10 +324,10 @@ pub fn attention_backward(
             let heads = g * sh.group()..(g + 1) * sh.group();
             // SAFETY: these head columns of sequence b belong to this task alone.
             unsafe {
-                zero_head(dk_ptr.at(kv_base), kw, d, s);
-                zero_head(dv_ptr.at(kv_base), kw, d, s);
+                zero_head(io.dk.at(kv_base), kw, d, s);
+                zero_head(io.dv.at(kv_base), kw, d, s);
                 for h in heads.clone() {
-                    zero_head(dq_ptr.at(b * s * qw + h * d), qw, d, s);
+                    zero_head(io.dq.at(b * s * qw + h * d), qw, d, s);
                 }
             }
             transpose_head(&mut sc.k_t, k, kv_base, kw, d);
@@ -334,100 +338,156 @@ pub fn attention_backward(
                 for q0 in (0..s).step_by(BLOCK) {
                     let rows = BLOCK.min(s - q0);
                     for k0 in (0..q0 + rows).step_by(KEY_BLOCK) {
-                        let cols = KEY_BLOCK.min(q0 + rows - k0);
-                        // SAFETY (all products below): blocks lie inside the asserted buffers;
-                        // dq rows of head h and dk/dv rows of kv head g of sequence b belong to
-                        // this task only; scores/d_scores are this thread's own.
-                        unsafe {
-                            matmul_raw(
-                                rows,
-                                cols,
-                                d,
-                                sc.scores.as_mut_ptr(),
-                                KEY_BLOCK,
-                                q.as_ptr().add(q_base + q0 * qw),
-                                qw,
-                                1,
-                                sc.k_t.as_ptr().add(k0),
-                                s,
-                                1,
-                                false,
-                            );
-                            matmul_raw(
-                                rows,
-                                cols,
-                                d,
-                                sc.d_scores.as_mut_ptr(),
-                                KEY_BLOCK,
-                                d_out.as_ptr().add(q_base + q0 * qw),
-                                qw,
-                                1,
-                                sc.v_t.as_ptr().add(k0),
-                                s,
-                                1,
-                                false,
-                            );
-                        }
-                        for r in 0..rows {
-                            let i = q0 + r;
-                            let valid = cols.min(i + 1 - k0.min(i + 1));
-                            let (lse_i, delta_i) = (lse[stats + i], delta[stats + i]);
-                            let p = &mut sc.scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
-                            let dp = &mut sc.d_scores[r * KEY_BLOCK..r * KEY_BLOCK + cols];
-                            probs_and_score_grads_row(p, dp, valid, scale, lse_i, delta_i);
-                        }
-                        unsafe {
-                            // dV_j += Pᵀ · dO_i
-                            matmul_raw(
-                                cols,
-                                d,
-                                rows,
-                                dv_ptr.at(kv_base + k0 * kw),
-                                kw,
-                                sc.scores.as_ptr(),
-                                1,
-                                KEY_BLOCK,
-                                d_out.as_ptr().add(q_base + q0 * qw),
-                                qw,
-                                1,
-                                true,
-                            );
-                            // dQ_i += dS · K_j
-                            matmul_raw(
-                                rows,
-                                d,
-                                cols,
-                                dq_ptr.at(q_base + q0 * qw),
-                                qw,
-                                sc.d_scores.as_ptr(),
-                                KEY_BLOCK,
-                                1,
-                                k.as_ptr().add(kv_base + k0 * kw),
-                                kw,
-                                1,
-                                true,
-                            );
-                            // dK_j += dSᵀ · Q_i
-                            matmul_raw(
-                                cols,
-                                d,
-                                rows,
-                                dk_ptr.at(kv_base + k0 * kw),
-                                kw,
-                                sc.d_scores.as_ptr(),
-                                1,
-                                KEY_BLOCK,
-                                q.as_ptr().add(q_base + q0 * qw),
-                                qw,
-                                1,
-                                true,
-                            );
-                        }
+                        let tile = Tile {
+                            q_base,
+                            kv_base,
+                            stats,
+                            q0,
+                            rows,
+                            k0,
+                            cols: KEY_BLOCK.min(q0 + rows - k0),
+                        };
+                        // SAFETY: the tile's dq rows (head h) and dk/dv rows (kv head g) of
+                        // sequence b belong to this task only.
+                        unsafe { io.backward_tile(sc, tile) };
                     }
                 }
             }
         },
     );
+}
+
+/// The backward's inputs and the gradients its tasks write, each task its own rows.
+struct BackwardIo<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    d_out: &'a [f32],
+    lse: &'a [f32],
+    delta: &'a [f32],
+    dq: Disjoint,
+    dk: Disjoint,
+    dv: Disjoint,
+    sh: AttnShape,
+}
+
+/// One block of `rows` queries (from `q0`) against `cols` keys (from `k0`) of one query head
+/// (`q_base`, statistics at `stats`) and its key/value head (`kv_base`).
+#[derive(Clone, Copy)]
+struct Tile {
+    q_base: usize,
+    kv_base: usize,
+    stats: usize,
+    q0: usize,
+    rows: usize,
+    k0: usize,
+    cols: usize,
+}
+
+impl BackwardIo<'_> {
+    /// Recomputes the tile's probabilities and adds its share to dV, dQ and dK.
+    ///
+    /// # Safety
+    /// No other thread may touch the tile's rows of dq, dk and dv meanwhile.
+    unsafe fn backward_tile(&self, sc: &mut BackwardScratch, t: Tile) {
+        let (qw, kw, d, s) = (
+            self.sh.q_width(),
+            self.sh.kv_width(),
+            self.sh.head_dim,
+            self.sh.seq,
+        );
+        // dO and dQ share Q's layout.
+        let q_rows = t.q_base + t.q0 * qw;
+        let kv_rows = t.kv_base + t.k0 * kw;
+        // SAFETY (all products below): blocks lie inside the asserted buffers; scores and
+        // d_scores are this thread's own; the caller owns the gradient rows.
+        unsafe {
+            // S = Q_i · K_jᵀ and dP = dO_i · V_jᵀ, through the transposed heads.
+            matmul_raw(
+                t.rows,
+                t.cols,
+                d,
+                sc.scores.as_mut_ptr(),
+                KEY_BLOCK,
+                self.q.as_ptr().add(q_rows),
+                qw,
+                1,
+                sc.k_t.as_ptr().add(t.k0),
+                s,
+                1,
+                false,
+            );
+            matmul_raw(
+                t.rows,
+                t.cols,
+                d,
+                sc.d_scores.as_mut_ptr(),
+                KEY_BLOCK,
+                self.d_out.as_ptr().add(q_rows),
+                qw,
+                1,
+                sc.v_t.as_ptr().add(t.k0),
+                s,
+                1,
+                false,
+            );
+        }
+        let scale = self.sh.scale();
+        for r in 0..t.rows {
+            let i = t.q0 + r;
+            let valid = t.cols.min(i + 1 - t.k0.min(i + 1));
+            let (lse_i, delta_i) = (self.lse[t.stats + i], self.delta[t.stats + i]);
+            let p = &mut sc.scores[r * KEY_BLOCK..r * KEY_BLOCK + t.cols];
+            let dp = &mut sc.d_scores[r * KEY_BLOCK..r * KEY_BLOCK + t.cols];
+            probs_and_score_grads_row(p, dp, valid, scale, lse_i, delta_i);
+        }
+        unsafe {
+            // dV_j += Pᵀ · dO_i
+            matmul_raw(
+                t.cols,
+                d,
+                t.rows,
+                self.dv.at(kv_rows),
+                kw,
+                sc.scores.as_ptr(),
+                1,
+                KEY_BLOCK,
+                self.d_out.as_ptr().add(q_rows),
+                qw,
+                1,
+                true,
+            );
+            // dQ_i += dS · K_j
+            matmul_raw(
+                t.rows,
+                d,
+                t.cols,
+                self.dq.at(q_rows),
+                qw,
+                sc.d_scores.as_ptr(),
+                KEY_BLOCK,
+                1,
+                self.k.as_ptr().add(kv_rows),
+                kw,
+                1,
+                true,
+            );
+            // dK_j += dSᵀ · Q_i
+            matmul_raw(
+                t.cols,
+                d,
+                t.rows,
+                self.dk.at(kv_rows),
+                kw,
+                sc.d_scores.as_ptr(),
+                1,
+                KEY_BLOCK,
+                self.q.as_ptr().add(q_rows),
+                qw,
+                1,
+                true,
+            );
+        }
+    }
 }
 
 #[cfg(test)]
