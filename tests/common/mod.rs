@@ -1,7 +1,7 @@
 //! Shared by the integration tests: a database per test (SQLite file or a fresh PostgreSQL
 //! database), a real server on 127.0.0.1:0, and the test doubles for the planner and the
-//! trainer. The doubles stand in for `crate::plan` and `crate::exec` until those are merged;
-//! `runner()` and `planner()` are the one place to swap the real ones in.
+//! trainer. The doubles make the service's own tests fast and scripted (a job's steps, its
+//! failures); suites that train for real use `Engines::production()` instead.
 
 #![allow(dead_code)]
 
