@@ -209,8 +209,9 @@ fn checkpoints_keep_their_architecture_and_rotary_scaling() {
     assert_eq!(written["architectures"][0], "MistralForCausalLM");
 }
 
-/// A Qwen2 checkpoint trains on a pipeline and is written back as a Qwen2 with its q/k/v
-/// biases, trained (they have gradients) and under transformers' names.
+/// A Qwen2 checkpoint trains on a pipeline, its memory as the planner predicted, and is
+/// written back as a Qwen2 with its q/k/v biases, trained (they have gradients) and under
+/// transformers' names.
 #[test]
 fn qwen2_checkpoints_keep_their_biases() {
     let dir = tempfile::tempdir().unwrap();
@@ -218,6 +219,8 @@ fn qwen2_checkpoints_keep_their_biases() {
     let out = dir.path().join("qwen2");
     let (run, quiet) = train(pretrained_job(&testdata("hf-qwen2-tiny"), &data), &out);
     assert!(run.config().dims.qkv_bias);
+    // The biases are in the planner's inventory: its peaks are the run's, to the byte.
+    assert_eq!(run.predicted_peaks(), run.measured_peaks());
     assert!(quiet.losses[0] > 1.0 && quiet.losses[0] < 8.0, "{:?}", quiet.losses);
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("final/config.json")).unwrap()).unwrap();
