@@ -21,6 +21,7 @@ fn config() -> LlamaConfig {
             kv_heads: 1,
             ffn: 40,
             vocab: 256,
+            qkv_bias: false,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(500000.0),

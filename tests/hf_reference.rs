@@ -1,14 +1,16 @@
 //! Holds the executor against what transformers + PyTorch computed for tiny Llamas
-//! (`shared/testdata/hf-llama-tiny`, and `hf-llama3-tiny` with Llama 3.1's rotary scaling):
-//! logits, loss, every gradient, one SGD and one AdamW step.
+//! (`shared/testdata/hf-llama-tiny`, `hf-llama3-tiny` with Llama 3.1's rotary scaling) and a
+//! tiny Qwen2 (`hf-qwen2-tiny`, biased q/k/v projections): logits, loss, every gradient, one
+//! SGD and one AdamW step, with the model on one device and split into two pipeline stages.
 
 use std::path::{Path, PathBuf};
 
 use chronospipe::exec::backend::CpuBackend;
-use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
+use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config, save_model};
 use chronospipe::exec::checkpoint::safetensors_io::TensorFile;
 use chronospipe::exec::compare::rel_err;
-use chronospipe::exec::device::Pool;
+use chronospipe::exec::device::{MemGroup, Pool};
+use chronospipe::exec::model::chunk::{backward_chunk, forward_chunk};
 use chronospipe::exec::model::head::head_logits;
 use chronospipe::exec::model::part::{
     MicroTokens, PartOutput, PartStash, backward_part, forward_part,
@@ -19,7 +21,12 @@ use chronospipe::exec::optim::{OptimizerConfig, PartOptimState, step_part};
 use chronospipe::plan::inventory::MicroShape;
 
 /// The fixtures this executor implements; each holds the same reference tensors.
-const FIXTURES: [&str; 2] = ["hf-llama-tiny", "hf-llama3-tiny"];
+const FIXTURES: [&str; 3] = ["hf-llama-tiny", "hf-llama3-tiny", "hf-qwen2-tiny"];
+
+/// How the model is split: one device, or two pipeline stages (embedding and the first layer
+/// | the other layers and the head) on two pools, the activation and its gradient moved
+/// between them.
+const STAGES: [usize; 2] = [1, 2];
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -44,12 +51,14 @@ struct Run {
     loss: f64,
 }
 
-/// Forward and backward of the whole reference batch as one micro-batch.
-fn run_reference(dir: &Path, reference: &TensorFile) -> Run {
+/// Forward and backward of the whole reference batch as one micro-batch, on `stages` devices.
+fn run_reference(dir: &Path, reference: &TensorFile, stages: usize) -> Run {
     let config = read_hf_config(dir).unwrap();
-    let pool = Pool::new("cpu:0", 64 << 20);
     let ids = PartId::all(config.dims.layers);
-    let mut parts = load_hf_parts(dir, &config, &ids, &pool).unwrap();
+    let cut = if stages == 1 { ids.len() } else { 2 };
+    let pools = [Pool::new("cpu:0", 64 << 20), Pool::new("cpu:1", 64 << 20)];
+    let mut first = load_hf_parts(dir, &config, &ids[..cut], &pools[0]).unwrap();
+    let mut second = load_hf_parts(dir, &config, &ids[cut..], &pools[1]).unwrap();
     let (shape, input_ids) = reference.i32("input_ids").unwrap();
     let (_, targets) = reference.i32("targets").unwrap();
     let micro = MicroShape {
@@ -57,55 +66,87 @@ fn run_reference(dir: &Path, reference: &TensorFile) -> Run {
         seq: shape[1],
     };
     let backend = CpuBackend::default();
-    let ctx = PartCtx {
+    let ctx = |pool| PartCtx {
         backend: &backend,
-        pool: &pool,
+        pool,
         config: &config,
         micro,
     };
+    let (c0, c1) = (ctx(&pools[0]), ctx(&pools[1]));
     let tokens = MicroTokens {
         input_ids: &input_ids,
         targets: &targets,
     };
-    let mut stashes: Vec<PartStash> = Vec::new();
-    let mut carry = None;
-    let mut logits = Vec::new();
-    let mut loss = 0.0;
-    for p in &parts {
-        if p.id == PartId::Head {
-            logits = head_logits(&ctx, p, carry.as_ref().unwrap()).unwrap();
-        }
-        let (stash, out) = forward_part(&ctx, p, carry.take(), tokens).unwrap();
-        stashes.push(stash);
-        match out {
-            PartOutput::Hidden(t) => carry = Some(t),
-            PartOutput::LossSum(l) => loss = l / micro.tokens() as f64,
-        }
-    }
     let scale = 1.0 / micro.tokens() as f32;
-    let mut grad = None;
-    for p in parts.iter_mut().rev() {
-        grad = backward_part(&ctx, p, stashes.pop().unwrap(), grad.take(), scale).unwrap();
+    let (loss, logits);
+    if second.is_empty() {
+        let mut stashes: Vec<PartStash> = Vec::new();
+        let mut carry = None;
+        let mut head_logits_seen = Vec::new();
+        let mut loss_sum = 0.0;
+        for p in &first {
+            if p.id == PartId::Head {
+                head_logits_seen = head_logits(&c0, p, carry.as_ref().unwrap()).unwrap();
+            }
+            let (stash, out) = forward_part(&c0, p, carry.take(), tokens).unwrap();
+            stashes.push(stash);
+            match out {
+                PartOutput::Hidden(t) => carry = Some(t),
+                PartOutput::LossSum(l) => loss_sum = l,
+            }
+        }
+        let mut grad = None;
+        for p in first.iter_mut().rev() {
+            grad = backward_part(&c0, p, stashes.pop().unwrap(), grad.take(), scale).unwrap();
+        }
+        (loss, logits) = (loss_sum, head_logits_seen);
+    } else {
+        let (s0, out0) = forward_chunk(&c0, &first, None, tokens).unwrap();
+        let PartOutput::Hidden(h) = out0 else {
+            panic!("the first stage hands on hidden states")
+        };
+        let sent = (h.regroup(MemGroup::Communication))
+            .transfer(&pools[1], MemGroup::Activations)
+            .unwrap();
+        let (s1, out1) = forward_chunk(&c1, &second, Some(sent), tokens).unwrap();
+        let PartOutput::LossSum(l) = out1 else {
+            panic!("the last stage ends with the loss")
+        };
+        let g = backward_chunk(&c1, &mut second, s1, None, scale)
+            .unwrap()
+            .expect("the second stage's input gradient");
+        let back = (g.regroup(MemGroup::Communication))
+            .transfer(&pools[0], MemGroup::Activations)
+            .unwrap();
+        backward_chunk(&c0, &mut first, s0, Some(back), scale).unwrap();
+        // Logits are a head-only check: the one-stage run makes it.
+        (loss, logits) = (l, Vec::new());
     }
+    first.append(&mut second);
     Run {
-        parts,
+        parts: first,
         logits,
-        loss,
+        loss: loss / micro.tokens() as f64,
     }
 }
 
 #[test]
 fn logits_loss_and_gradients_match_pytorch() {
     for name in FIXTURES {
-        println!("{name}:");
-        logits_loss_and_gradients_match(&fixture(name));
+        for stages in STAGES {
+            println!("{name}, {stages} stage(s):");
+            logits_loss_and_gradients_match(&fixture(name), stages);
+        }
     }
 }
 
-fn logits_loss_and_gradients_match(dir: &Path) {
+fn logits_loss_and_gradients_match(dir: &Path, stages: usize) {
     let reference = TensorFile::open(&dir.join("reference.safetensors")).unwrap();
-    let run = run_reference(dir, &reference);
-    let mut ok = compare("logits", &run.logits, &reference.f32("logits").unwrap().1);
+    let run = run_reference(dir, &reference, stages);
+    let mut ok = true;
+    if stages == 1 {
+        ok &= compare("logits", &run.logits, &reference.f32("logits").unwrap().1);
+    }
     let ref_loss = reference.f32("loss").unwrap().1[0];
     ok &= compare("loss", &[run.loss as f32], &[ref_loss]);
     for p in &run.parts {
@@ -126,20 +167,23 @@ fn logits_loss_and_gradients_match(dir: &Path) {
 
 fn step_and_compare(prefix: &str, config: OptimizerConfig, lr: f32, clip: Option<f32>) {
     for name in FIXTURES {
-        println!("{name}:");
-        step_and_compare_on(&fixture(name), prefix, &config, lr, clip);
+        for stages in STAGES {
+            println!("{name}, {stages} stage(s):");
+            step_and_compare_on(&fixture(name), stages, prefix, &config, lr, clip);
+        }
     }
 }
 
 fn step_and_compare_on(
     dir: &Path,
+    stages: usize,
     prefix: &str,
     config: &OptimizerConfig,
     lr: f32,
     clip: Option<f32>,
 ) {
     let reference = TensorFile::open(&dir.join("reference.safetensors")).unwrap();
-    let mut run = run_reference(dir, &reference);
+    let mut run = run_reference(dir, &reference, stages);
     let pool = Pool::new("cpu:0", 64 << 20);
     let squares: Vec<_> = run.parts.iter().map(part_squares).collect();
     let norm = global_norm(&squares);
@@ -178,4 +222,71 @@ fn adamw_step_with_clipping_matches_pytorch() {
         weight_decay: 0.1,
     };
     step_and_compare("adamw", adamw, 1e-3, Some(1.0));
+}
+
+/// Loads a model directory with transformers' `AutoModelForCausalLM.from_pretrained` and
+/// prints its class, the keys it did not find or did not expect, and the mean cross-entropy
+/// on the reference batch.
+const TRANSFORMERS_LOSS: &str = r#"
+import sys, torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+model, info = AutoModelForCausalLM.from_pretrained(
+    sys.argv[1], dtype=torch.float32, output_loading_info=True)
+ref = load_file(sys.argv[2])
+with torch.no_grad():
+    logits = model(input_ids=ref["input_ids"].long()).logits
+loss = torch.nn.functional.cross_entropy(
+    logits.reshape(-1, logits.shape[-1]), ref["targets"].long().reshape(-1))
+missing = info["missing_keys"] or ["-"]
+unexpected = info["unexpected_keys"] or ["-"]
+print(type(model).__name__, ",".join(sorted(missing)), ",".join(sorted(unexpected)), repr(loss.item()))
+"#;
+
+/// A checkpoint this project writes (`save_model`) loads in transformers as the class it came
+/// from, with every tensor it expects (Qwen2's q/k/v biases included) and none it does not,
+/// and gives the reference loss. Skipped, saying why, where Python lacks torch or transformers.
+#[test]
+fn written_checkpoints_load_in_transformers_with_the_same_loss() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers, safetensors"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED: python3 with torch, transformers and safetensors is not available");
+        return;
+    }
+    for (name, class) in [
+        ("hf-llama3-tiny", "LlamaForCausalLM"),
+        ("hf-qwen2-tiny", "Qwen2ForCausalLM"),
+    ] {
+        let dir = fixture(name);
+        let reference = TensorFile::open(&dir.join("reference.safetensors")).unwrap();
+        let run = run_reference(&dir, &reference, 1);
+        let out = tempfile::tempdir().unwrap();
+        let config = read_hf_config(&dir).unwrap();
+        save_model(out.path(), &config, &run.parts.iter().collect::<Vec<_>>()).unwrap();
+        let result = std::process::Command::new("python3")
+            .args(["-c", TRANSFORMERS_LOSS])
+            .arg(out.path())
+            .arg(dir.join("reference.safetensors"))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&result.stdout);
+        assert!(
+            result.status.success(),
+            "{name}: {stdout}\n{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let line = stdout.lines().last().unwrap_or_default();
+        let fields: Vec<&str> = line.split(' ').collect();
+        println!("{name}: {line}");
+        assert_eq!(fields.len(), 4, "{line}");
+        assert_eq!(fields[..3], [class, "-", "-"], "{name}: class, missing, unexpected");
+        let loss: f64 = fields[3].parse().unwrap();
+        assert!(
+            (loss - run.loss).abs() < 1e-5 * run.loss.abs(),
+            "{name}: transformers' loss {loss} vs ours {}",
+            run.loss
+        );
+    }
 }

@@ -6,7 +6,7 @@
 //!   launches them), with the shapes and tolerances of `selftest --gpu`'s flash checks: their
 //!   indexing, masking, online softmax and grouped heads.
 //! - The rope kernel, f32 and bf16 builds, at a thousand positions.
-//! - The elementwise kernels (residual sums, casts, SwiGLU), RMSNorm's, cross-entropy's and
+//! - The elementwise kernels (residual sums, casts, SwiGLU), projection biases, RMSNorm's, cross-entropy's and
 //!   the attention path's row kernels (softmax, probabilities, dS, delta), f32 and bf16
 //!   builds, on their 16-byte vector paths, with ragged rows or tails, and unaligned.
 //! - The flash and RMSNorm kernels built with ThreadSanitizer: no data races between threads.
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use chronospipe::exec::backend::CpuBackend;
 use chronospipe::exec::backend::cpu::kernels::attention::AttnShape;
+use chronospipe::exec::backend::cpu::kernels::bias;
 use chronospipe::exec::backend::cpu::kernels::rope::{Rope, rope_apply};
 use chronospipe::exec::backend::cuda::limits::flash_shared_bytes;
 use chronospipe::exec::backend::cuda::selftest::{
@@ -474,6 +475,46 @@ fn rmsnorm_kernels_run_on_the_host_match_the_cpu_backend() {
             for ((name, reference, tolerance), ours) in outputs.into_iter().zip(got) {
                 let case =
                     format!("rmsnorm {name}, bf16={bf16_build} rows={rows} h={h} offset={offset}");
+                checks.check(&case, &ours, &reference, tolerance);
+            }
+        }
+    }
+    checks.assert_all_passed();
+}
+
+/// The projection-bias kernels (the bias added to each row, its gradient the column sums),
+/// f32 and bf16 builds, against the CPU backend's: rows within the selftest's elementwise
+/// tolerance (f32) or bf16's rounding, the f32 gradient within the elementwise tolerance.
+/// Widths of 64 and 203 (more than a block of columns is not needed: 300 takes two), buffers
+/// aligned and one element off; 100 rows are 7 groups of 16 for the gradient's 3 blocks down
+/// the rows, so blocks take more than one group.
+#[test]
+fn bias_kernels_run_on_the_host_match_the_cpu_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    let mut checks = Checks::default();
+    for (bf16_build, binary) in both_builds(dir.path(), "bias") {
+        let act_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
+        for (rows, width, offset) in [(100, 64, 0), (37, 203, 1), (100, 300, 0)] {
+            let mut random = |n: usize| uniform(&mut rng, n, 1.0);
+            let (y, b, dy, db0) = (random(rows * width), random(width), random(rows * width), random(width));
+            let (y, dy) = (as_acts(y, bf16_build), as_acts(dy, bf16_build));
+            let input = [
+                act_bytes(&y, bf16_build),
+                f32_bytes(&b),
+                act_bytes(&dy, bf16_build),
+                f32_bytes(&db0),
+            ]
+            .concat();
+            let mut biased = y.clone();
+            bias::bias_add(&mut biased, &b);
+            let mut db = db0.clone();
+            bias::bias_backward(&mut db, &dy);
+            let bytes = exchange(dir.path(), program(&binary, [rows, width, offset]), &input);
+            let got = split_output(&bytes, bf16_build, &[(rows * width, true), (width, false)]);
+            let outputs = [("y + b", biased, act_tolerance), ("db", db, 1e-5)];
+            for ((name, reference, tolerance), ours) in outputs.into_iter().zip(got) {
+                let case = format!("{name}, bf16={bf16_build} rows={rows} width={width} offset={offset}");
                 checks.check(&case, &ours, &reference, tolerance);
             }
         }

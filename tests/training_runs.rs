@@ -209,17 +209,62 @@ fn checkpoints_keep_their_architecture_and_rotary_scaling() {
     assert_eq!(written["architectures"][0], "MistralForCausalLM");
 }
 
+/// A Qwen2 checkpoint trains on a pipeline, its memory as the planner predicted, and is
+/// written back as a Qwen2 with its q/k/v biases, trained (they have gradients) and under
+/// transformers' names.
+#[test]
+fn qwen2_checkpoints_keep_their_biases() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("qwen2");
+    let (run, quiet) = train(pretrained_job(&testdata("hf-qwen2-tiny"), &data), &out);
+    assert!(run.config().dims.qkv_bias);
+    // The biases are in the planner's inventory: its peaks are the run's, to the byte.
+    assert_eq!(run.predicted_peaks(), run.measured_peaks());
+    assert!(quiet.losses[0] > 1.0 && quiet.losses[0] < 8.0, "{:?}", quiet.losses);
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("final/config.json")).unwrap()).unwrap();
+    assert_eq!(written["architectures"][0], "Qwen2ForCausalLM");
+    assert_eq!(written["model_type"], "qwen2");
+    let before = chronospipe::exec::checkpoint::safetensors_io::TensorFile::open(
+        &testdata("hf-qwen2-tiny").join("model.safetensors"),
+    )
+    .unwrap();
+    let after = chronospipe::exec::checkpoint::safetensors_io::TensorFile::open(
+        &out.join("final/model.safetensors"),
+    )
+    .unwrap();
+    for layer in 0..2 {
+        for proj in ["q", "k", "v"] {
+            let name = format!("model.layers.{layer}.self_attn.{proj}_proj.bias");
+            let (shape, trained) = after.f32(&name).unwrap();
+            let (_, initial) = before.f32(&name).unwrap();
+            assert_eq!(shape.len(), 1, "{name}");
+            assert_ne!(trained, initial, "{name} was not trained");
+        }
+    }
+}
+
 /// Checkpoints whose config sets what the model does not compute are refused before
 /// anything runs, naming the field, as the user's input.
 #[test]
 fn checkpoints_with_settings_not_implemented_are_refused_by_field() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path());
+    // A Qwen2 with its sliding window on.
+    let windowed = dir.path().join("qwen2-windowed");
+    std::fs::create_dir(&windowed).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(testdata("hf-qwen2-tiny").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    config["use_sliding_window"] = true.into();
+    std::fs::write(windowed.join("config.json"), config.to_string()).unwrap();
     for (fixture, field) in [
-        ("hf-qwen2-tiny", "model_type"),
-        ("hf-tied-tiny", "tie_word_embeddings"),
+        (windowed, "use_sliding_window"),
+        (testdata("hf-tied-tiny"), "tie_word_embeddings"),
     ] {
-        let err = Run::prepare(pretrained_job(&testdata(fixture), &data), "")
+        let err = Run::prepare(pretrained_job(&fixture, &data), "")
             .err()
             .expect("refused");
         let blame = err.blame();
@@ -228,7 +273,8 @@ fn checkpoints_with_settings_not_implemented_are_refused_by_field() {
         assert!(
             err.to_string()
                 .contains(&format!("config.json field {field}")),
-            "{fixture}: {err}"
+            "{}: {err}",
+            fixture.display()
         );
     }
 }

@@ -111,7 +111,13 @@ pub fn part_forward_flops(
         // A table lookup: no multiply-adds worth counting.
         Part::Embedding => 0.0,
         Part::Layer => {
-            let matrix = part_params(Profile::CpuF32, dims, Part::Layer) as f64 - 2.0 * h;
+            // The projections' weights: every 2-D parameter (not the norms or biases).
+            let micro_one = MicroShape { batch: 1, seq: 1 };
+            let params = Profile::CpuF32.part(dims, micro_one, Part::Layer).params;
+            let matrix = elements(&params) as f64
+                - (params.iter().filter(|p| p.shape.len() == 1))
+                    .map(|p| p.elements() as f64)
+                    .sum::<f64>();
             2.0 * n * matrix + 2.0 * b * s * s * h
         }
         Part::Head => 2.0 * n * h * dims.vocab as f64,
@@ -131,6 +137,7 @@ mod tests {
             kv_heads: 8,
             ffn: 28672,
             vocab: 32000,
+            qkv_bias: false,
         }
     }
 

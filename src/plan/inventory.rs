@@ -84,17 +84,27 @@ fn params(d: &ModelDims, part: Part) -> Vec<TensorSpec> {
     let t = |name, shape: &[usize]| TensorSpec::new(name, shape, DType::F32);
     match part {
         Part::Embedding => vec![t("embed_tokens.weight", &[v, h])],
-        Part::Layer => vec![
-            t("input_layernorm.weight", &[h]),
-            t("self_attn.q_proj.weight", &[h, h]),
-            t("self_attn.k_proj.weight", &[kv, h]),
-            t("self_attn.v_proj.weight", &[kv, h]),
-            t("self_attn.o_proj.weight", &[h, h]),
-            t("post_attention_layernorm.weight", &[h]),
-            t("mlp.gate_proj.weight", &[f, h]),
-            t("mlp.up_proj.weight", &[f, h]),
-            t("mlp.down_proj.weight", &[h, f]),
-        ],
+        Part::Layer => {
+            let mut list = vec![
+                t("input_layernorm.weight", &[h]),
+                t("self_attn.q_proj.weight", &[h, h]),
+                t("self_attn.k_proj.weight", &[kv, h]),
+                t("self_attn.v_proj.weight", &[kv, h]),
+                t("self_attn.o_proj.weight", &[h, h]),
+                t("post_attention_layernorm.weight", &[h]),
+                t("mlp.gate_proj.weight", &[f, h]),
+                t("mlp.up_proj.weight", &[f, h]),
+                t("mlp.down_proj.weight", &[h, f]),
+            ];
+            if d.qkv_bias {
+                list.extend([
+                    t("self_attn.q_proj.bias", &[h]),
+                    t("self_attn.k_proj.bias", &[kv]),
+                    t("self_attn.v_proj.bias", &[kv]),
+                ]);
+            }
+            list
+        }
         Part::Head => vec![t("norm.weight", &[h]), t("lm_head.weight", &[v, h])],
     }
 }
@@ -299,6 +309,7 @@ mod tests {
         kv_heads: 2,
         ffn: 176,
         vocab: 256,
+        qkv_bias: false,
     };
     const MICRO: MicroShape = MicroShape { batch: 2, seq: 32 };
 

@@ -159,6 +159,7 @@ mod tests {
             kv_heads,
             ffn,
             vocab: 1000,
+            qkv_bias: false,
         }
     }
 

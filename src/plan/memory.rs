@@ -244,6 +244,7 @@ mod tests {
             kv_heads: 2,
             ffn: 40,
             vocab: 50,
+            qkv_bias: false,
         }
     }
     const M: MicroShape = MicroShape { batch: 2, seq: 8 };

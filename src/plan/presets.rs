@@ -215,6 +215,7 @@ pub fn model(name: &str) -> Option<ModelDims> {
             kv_heads: 8,
             ffn: 28672,
             vocab: 32000,
+            qkv_bias: false,
         },
         "llama2-7b" => ModelDims {
             hidden: 4096,
@@ -223,6 +224,7 @@ pub fn model(name: &str) -> Option<ModelDims> {
             kv_heads: 32,
             ffn: 11008,
             vocab: 32000,
+            qkv_bias: false,
         },
         // The size the CPU executor trains in tests.
         "tiny" => ModelDims {
@@ -232,6 +234,7 @@ pub fn model(name: &str) -> Option<ModelDims> {
             kv_heads: 2,
             ffn: 172,
             vocab: 256,
+            qkv_bias: false,
         },
         _ => return None,
     })

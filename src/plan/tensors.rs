@@ -66,6 +66,9 @@ pub struct ModelDims {
     pub kv_heads: usize,
     pub ffn: usize,
     pub vocab: usize,
+    /// Biases on the query, key and value projections (Qwen2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qkv_bias: bool,
 }
 
 impl ModelDims {

@@ -7,24 +7,31 @@ use super::rope::RopeScaling;
 use super::validate::{SpecError, positive};
 use crate::plan::inventory::ModelDims;
 
-/// The Hugging Face model class a job trains and writes back. Both compute Llama's layers;
-/// a Mistral is a Llama under another name once its sliding window is off (`null`).
+/// The Hugging Face model class a job trains and writes back. All compute Llama's layers;
+/// a Mistral is a Llama under another name once its sliding window is off (`null`), a Qwen2
+/// adds biases to its query, key and value projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     #[default]
     Llama,
     Mistral,
+    Qwen2,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 2] = [Architecture::Llama, Architecture::Mistral];
+    pub const ALL: [Architecture; 3] = [
+        Architecture::Llama,
+        Architecture::Mistral,
+        Architecture::Qwen2,
+    ];
 
     /// `config.json`'s `model_type`.
     pub fn model_type(self) -> &'static str {
         match self {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
         }
     }
 
@@ -33,7 +40,13 @@ impl Architecture {
         match self {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
         }
+    }
+
+    /// Whether the query, key and value projections carry biases.
+    pub fn qkv_bias(self) -> bool {
+        self == Architecture::Qwen2
     }
 }
 
@@ -103,7 +116,7 @@ impl Default for ModelInit {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// `llama` (the default for a random init) or `mistral`; with `init.from` the checkpoint's
+    /// `llama` (the default for a random init), `mistral` or `qwen2`; with `init.from` the checkpoint's
     /// `config.json` decides, and a value given here must agree with it.
     pub architecture: Option<Architecture>,
     pub hidden_size: Option<usize>,
@@ -151,6 +164,7 @@ impl ModelArch {
             kv_heads: self.num_kv_heads,
             ffn: self.intermediate_size,
             vocab: self.vocab_size,
+            qkv_bias: self.architecture.qkv_bias(),
         }
     }
 

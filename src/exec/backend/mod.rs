@@ -193,6 +193,10 @@ pub trait Backend: Sync {
         w: Self::Weight<'_>,
         accumulate_dx: bool,
     ) -> Result<(), Self::Error>;
+    /// `y[r, :] += b` for every row of `y`: a projection's bias (Qwen2's q, k and v).
+    fn bias_add(&self, y: &mut Self::Tensor, b: &Self::Tensor) -> Result<(), Self::Error>;
+    /// Backward of [`Backend::bias_add`]: `db += Σ_r dy[r, :]`.
+    fn bias_backward(&self, db: &mut Self::Tensor, dy: &Self::Tensor) -> Result<(), Self::Error>;
     /// Backward of projections of one input `x`, each `(dW, dy, W)`: every weight's
     /// gradient, then `dx` as the sum of `dy · W` over them.
     fn projections_backward(

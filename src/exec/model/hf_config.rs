@@ -66,7 +66,7 @@ fn bad(field: &str, reason: impl Into<String>) -> ModelError {
 }
 
 impl LlamaConfig {
-    /// Reads a transformers config (`LlamaConfig` or `MistralConfig`), refusing by name every
+    /// Reads a transformers config (`LlamaConfig`, `MistralConfig` or `Qwen2Config`), refusing by name every
     /// field set to something the model does not compute.
     pub fn from_hf_json(v: &Value) -> Result<LlamaConfig, ModelError> {
         let obj = v
@@ -115,6 +115,7 @@ impl LlamaConfig {
                 kv_heads,
                 ffn: int("intermediate_size")?,
                 vocab: int("vocab_size")?,
+                qkv_bias: architecture.qkv_bias(),
             },
             rms_norm_eps: eps as f32,
             rope,
@@ -154,6 +155,7 @@ impl LlamaConfig {
         let extra = match self.architecture {
             Architecture::Llama => json!({"attention_bias": false, "mlp_bias": false}),
             Architecture::Mistral => json!({"sliding_window": null}),
+            Architecture::Qwen2 => json!({"sliding_window": null, "use_sliding_window": false}),
         };
         let (Value::Object(out), Value::Object(extra)) = (&mut v, extra) else {
             unreachable!("both are literal objects")
@@ -184,13 +186,12 @@ fn read_architecture(obj: &Map<String, Value>) -> Result<Architecture, ModelErro
         .into_iter()
         .find(|a| a.model_type() == model_type)
         .ok_or_else(|| {
-            let why = match model_type {
-                "qwen2" => "the q/k/v projection biases of Qwen2 are not implemented yet",
-                _ => "this model type is not implemented",
-            };
             bad(
                 "model_type",
-                format!("{model_type:?}: {why}; supported: {}", supported()),
+                format!(
+                    "{model_type:?}: this model type is not implemented; supported: {}",
+                    supported()
+                ),
             )
         })?;
     if let Some(classes) = obj.get("architectures").filter(|c| !c.is_null()) {

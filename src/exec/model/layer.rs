@@ -1,4 +1,5 @@
-//! One decoder layer: RMSNorm → grouped-query attention with RoPE → residual → RMSNorm →
+//! One decoder layer: RMSNorm → grouped-query attention with RoPE (its q/k/v projections
+//! biased where the architecture says so) → residual → RMSNorm →
 //! SwiGLU MLP → residual. Shapes: n = tokens of the micro-batch, h = hidden, kv = kv_width,
 //! f = ffn.
 
@@ -133,6 +134,11 @@ pub fn layer_forward<B: ModelBackend>(
         &norm_out,
         &mut [(&mut st.q, w.q), (&mut st.k, w.k), (&mut st.v, w.v)],
     )?;
+    if let Some([bq, bk, bv]) = w.qkv_bias {
+        be.bias_add(&mut st.q, bq)?;
+        be.bias_add(&mut st.k, bk)?;
+        be.bias_add(&mut st.v, bv)?;
+    }
     be.rope(&mut st.q, d.hidden, m.seq, hd, &cfg.rope, false)?;
     be.rope(&mut st.k, d.kv_width(), m.seq, hd, &cfg.rope, false)?;
     be.attention_forward(
@@ -246,6 +252,11 @@ pub fn layer_backward<B: ModelBackend>(
     )?;
     be.rope(&mut d_q, d.hidden, m.seq, hd, &cfg.rope, true)?;
     be.rope(&mut d_k, d.kv_width(), m.seq, hd, &cfg.rope, true)?;
+    if let Some([bq, bk, bv]) = g.qkv_bias {
+        be.bias_backward(bq, &d_q)?;
+        be.bias_backward(bk, &d_k)?;
+        be.bias_backward(bv, &d_v)?;
+    }
     be.rmsnorm_apply(&mut norm_out, &st.attn_norm_rstd, &st.input, w.input_norm)?;
     be.projections_backward(
         &mut d_norm_out,

@@ -31,6 +31,15 @@ impl<'n, I> Table<'n, I> {
         at.and_then(|i| self.items.get_mut(i)?.take())
             .ok_or(missing)
     }
+
+    /// A parameter only some architectures have: none where the part's list lacks it.
+    fn take_if_listed(&mut self, name: &'static str) -> Result<Option<I>, ModelError> {
+        let full = self.id.hf_name(name);
+        match self.params_of.contains(&full) {
+            true => self.take(name).map(Some),
+            false => Ok(None),
+        }
+    }
 }
 
 /// The inventory names of a layer's parameters.
@@ -44,6 +53,9 @@ pub mod layer {
     pub const GATE: &str = "mlp.gate_proj.weight";
     pub const UP: &str = "mlp.up_proj.weight";
     pub const DOWN: &str = "mlp.down_proj.weight";
+    pub const Q_BIAS: &str = "self_attn.q_proj.bias";
+    pub const K_BIAS: &str = "self_attn.k_proj.bias";
+    pub const V_BIAS: &str = "self_attn.v_proj.bias";
 }
 
 /// The inventory names of the head's and the embedding's parameters.
@@ -53,7 +65,8 @@ pub mod head {
     pub const EMBED_TOKENS: &str = "embed_tokens.weight";
 }
 
-/// A layer's parameters: `N` for the norms' weights, `P` for the projections'.
+/// A layer's parameters: `N` for the norms' weights and the biases, `P` for the
+/// projections'.
 pub struct Layer<N, P> {
     pub input_norm: N,
     pub q: P,
@@ -64,6 +77,8 @@ pub struct Layer<N, P> {
     pub gate: P,
     pub up: P,
     pub down: P,
+    /// The q, k and v projections' biases, where the architecture has them (Qwen2).
+    pub qkv_bias: Option<[N; 3]>,
 }
 
 /// The head's parameters: `N` for the final norm's weight, `P` for the LM head's.
@@ -90,6 +105,17 @@ impl<N, P> Layer<N, P> {
         let mut p = |name| t.take(name).map(&product);
         let (q, k, v, o) = (p(Q)?, p(K)?, p(V)?, p(O)?);
         let (gate, up, down) = (p(GATE)?, p(UP)?, p(DOWN)?);
+        let biases = [Q_BIAS, K_BIAS, V_BIAS].map(|name| t.take_if_listed(name));
+        let qkv_bias = match biases {
+            [Ok(Some(q)), Ok(Some(k)), Ok(Some(v))] => Some([norm(q), norm(k), norm(v)]),
+            [Ok(None), Ok(None), Ok(None)] => None,
+            _ => {
+                return Err(ModelError::NotInInventory {
+                    part: t.id.kind(),
+                    name: "self_attn.{q,k,v}_proj.bias (all three or none)",
+                });
+            }
+        };
         Ok(Layer {
             input_norm: norm(t.take(INPUT_NORM)?),
             q,
@@ -100,6 +126,7 @@ impl<N, P> Layer<N, P> {
             gate,
             up,
             down,
+            qkv_bias,
         })
     }
 }

@@ -96,11 +96,15 @@ impl PartParams {
         Ok(p)
     }
 
-    /// transformers' default init: norms at one, every matrix normal(0, 0.02). Each tensor draws
-    /// from its own stream keyed by seed and name, so any split of the model into devices
-    /// initialises identically.
+    /// transformers' default init: norms at one, biases at zero, every matrix normal(0, 0.02).
+    /// Each tensor draws from its own stream keyed by seed and name, so any split of the model
+    /// into devices initialises identically.
     pub fn init_from_seed(&mut self, seed: u64) {
         for (name, w) in self.names.iter().zip(self.weights.iter_mut()) {
+            if name.ends_with(".bias") {
+                w.data_mut().fill(0.0);
+                continue;
+            }
             if w.shape().len() == 1 {
                 w.data_mut().fill(1.0);
                 continue;

@@ -23,6 +23,7 @@ pub(super) fn config() -> LlamaConfig {
             kv_heads: 2,
             ffn: 48,
             vocab: 256,
+            qkv_bias: false,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),

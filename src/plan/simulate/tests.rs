@@ -90,6 +90,7 @@ const TINY: ModelDims = ModelDims {
     kv_heads: 2,
     ffn: 40,
     vocab: 50,
+    qkv_bias: false,
 };
 const TINY_MICRO: MicroShape = MicroShape { batch: 1, seq: 8 };
 

@@ -14,7 +14,7 @@ use kernels::attention::{self, AttnShape};
 use kernels::cross_entropy::{self, HeadShape};
 use kernels::matmul::{self, MatRef, Threads};
 use kernels::rope::Rope;
-use kernels::{embedding, residual, rmsnorm, rope, swiglu};
+use kernels::{bias, embedding, residual, rmsnorm, rope, swiglu};
 
 /// The f32 CPU backend; `threads` is what matrix products may use.
 #[derive(Debug, Clone, Copy)]
@@ -243,6 +243,15 @@ impl Backend for CpuBackend {
     fn sum(&self, dst: &mut Tensor, a: &Tensor, b: &Tensor) -> Result<(), ModelError> {
         residual::copy(dst.data_mut(), a.data());
         residual::add(dst.data_mut(), b.data());
+        Ok(())
+    }
+
+    fn bias_add(&self, y: &mut Tensor, b: &Tensor) -> Result<(), ModelError> {
+        bias::bias_add(y.data_mut(), b.data());
+        Ok(())
+    }
+    fn bias_backward(&self, db: &mut Tensor, dy: &Tensor) -> Result<(), ModelError> {
+        bias::bias_backward(db.data_mut(), dy.data());
         Ok(())
     }
 

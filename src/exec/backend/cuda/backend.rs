@@ -115,6 +115,13 @@ impl Backend for Gpu {
         Gpu::add(self, dst.ptr(), a.ptr(), b.ptr(), dst.len())
     }
 
+    fn bias_add(&self, y: &mut GpuTensor, b: &GpuTensor) -> R {
+        Gpu::bias_add(self, y.ptr(), b.ptr(), rows(y), b.len())
+    }
+    fn bias_backward(&self, db: &mut GpuTensor, dy: &GpuTensor) -> R {
+        Gpu::bias_backward(self, db.ptr(), dy.ptr(), rows(dy), db.len())
+    }
+
     fn rmsnorm_forward(
         &self,
         out: &mut GpuTensor,

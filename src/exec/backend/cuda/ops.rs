@@ -306,6 +306,44 @@ impl Gpu {
         )
     }
 
+    /// `y[r, c] += b[c]` over `rows` rows of `width` (a projection's bias).
+    pub fn bias_add(&self, y: DevPtr, b: DevPtr, rows: usize, width: usize) -> R {
+        self.launch(
+            "bias_add",
+            elementwise(rows * width),
+            &[Ptr(y), Ptr(b), len(rows), int(width)],
+            Work::moving(rows * width, &[y, y]),
+        )
+    }
+
+    /// `db[c] += Σ_r dy[r, c]` over `rows` rows of `width` (a projection bias's gradient).
+    pub fn bias_backward(&self, db: DevPtr, dy: DevPtr, rows: usize, width: usize) -> R {
+        // As RMSNorm's weight gradient: a thread a column, blocks by groups of 16 rows.
+        const ROWS_PER_BLOCK: usize = 16;
+        const MAX_GRID_Y: usize = 65_535;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                width.div_ceil(BLOCK as usize) as u32,
+                rows.div_ceil(ROWS_PER_BLOCK).clamp(1, MAX_GRID_Y) as u32,
+                1,
+            ),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "bias_backward",
+            cfg,
+            &[
+                Ptr(db),
+                Ptr(dy),
+                int(rows),
+                int(width),
+                int(ROWS_PER_BLOCK),
+            ],
+            Work::moving(rows * width, &[dy]),
+        )
+    }
+
     /// `out` (activation type) = `x` (f32) over `n` elements, rounded.
     pub fn cast_to_act(&self, out: DevPtr, x: DevPtr, n: usize) -> R {
         self.launch(

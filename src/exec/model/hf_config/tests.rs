@@ -71,9 +71,14 @@ fn llama3_scaling_reads_in_either_spelling() {
 #[test]
 fn written_configs_read_back_the_same() {
     for architecture in Architecture::ALL {
+        let llama = LlamaConfig::from_hf_json(&llama()).unwrap();
         let cfg = LlamaConfig {
             architecture,
-            ..LlamaConfig::from_hf_json(&llama()).unwrap()
+            dims: ModelDims {
+                qkv_bias: architecture.qkv_bias(),
+                ..llama.dims
+            },
+            ..llama
         };
         let back = LlamaConfig::from_hf_json(&cfg.to_hf_json()).unwrap();
         assert_eq!(back, cfg);
@@ -93,6 +98,31 @@ fn written_configs_read_back_the_same() {
         .remove("max_position_embeddings");
     let unstated = LlamaConfig::from_hf_json(&unstated).unwrap();
     assert_eq!(unstated.to_hf_json()["max_position_embeddings"], 65536);
+}
+
+/// A Qwen2 config as transformers writes it, its sliding window off.
+fn qwen2() -> Value {
+    let mut v = with(llama(), "model_type", json!("qwen2"));
+    v = with(v, "architectures", json!(["Qwen2ForCausalLM"]));
+    let obj = v.as_object_mut().unwrap();
+    obj.remove("attention_bias");
+    obj.remove("mlp_bias");
+    v = with(v, "sliding_window", json!(4096));
+    v = with(v, "use_sliding_window", json!(false));
+    with(v, "max_window_layers", json!(28))
+}
+
+#[test]
+fn qwen2_has_qkv_biases_and_is_written_back_as_qwen2() {
+    let cfg = LlamaConfig::from_hf_json(&qwen2()).unwrap();
+    assert_eq!(cfg.architecture, Architecture::Qwen2);
+    assert!(cfg.dims.qkv_bias);
+    let written = cfg.to_hf_json();
+    assert_eq!(written["architectures"], json!(["Qwen2ForCausalLM"]));
+    assert_eq!(written["model_type"], "qwen2");
+    assert_eq!(written["use_sliding_window"], false);
+    assert_eq!(LlamaConfig::from_hf_json(&written).unwrap(), cfg);
+    assert!(!LlamaConfig::from_hf_json(&llama()).unwrap().dims.qkv_bias);
 }
 
 #[test]
@@ -116,9 +146,18 @@ fn mistral_without_a_sliding_window_is_a_llama() {
 fn every_setting_not_implemented_is_refused_by_name() {
     let cases: Vec<(Value, &str, &str)> = vec![
         (
-            with(llama(), "model_type", json!("qwen2")),
-            "model_type",
-            "biases",
+            with(
+                with(qwen2(), "sliding_window", Value::Null),
+                "use_sliding_window",
+                json!(true),
+            ),
+            "use_sliding_window",
+            "false",
+        ),
+        (
+            with(with(qwen2(), "sliding_window", json!(4096)), "use_sliding_window", Value::Null),
+            "sliding_window",
+            "sliding-window",
         ),
         (
             with(llama(), "model_type", json!("gpt2")),

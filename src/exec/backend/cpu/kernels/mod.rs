@@ -2,6 +2,7 @@
 //! split work so that every sum runs in a fixed order: results do not depend on thread count.
 
 pub mod attention;
+pub mod bias;
 pub mod cross_entropy;
 mod disjoint;
 pub mod embedding;

@@ -219,6 +219,7 @@ fn stage_model() -> LlamaConfig {
             kv_heads: 2,
             ffn: 256,
             vocab: 512,
+            qkv_bias: false,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),

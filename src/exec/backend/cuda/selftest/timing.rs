@@ -45,6 +45,7 @@ pub fn llama_125m() -> LlamaConfig {
             kv_heads: 12,
             ffn: 2048,
             vocab: 32000,
+            qkv_bias: false,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),
