@@ -2,7 +2,10 @@
 //! process running a block of the plan's CPU devices and reaching the others over TCP. This is
 //! how the distributed path is tested on one machine without GPUs: the final weights and
 //! optimizer state must be bit-identical to the same plan in one process, and a killed rank
-//! must stop the others with an error naming it, not a hang.
+//! must stop the others with an error naming it, not a hang. Every rank writes its shard of
+//! each checkpoint (Hugging Face's sharded layout): the shards hold the one-process file's
+//! bits, resume in one process (and a one-process checkpoint on ranks) exactly, load in
+//! transformers alike, and a rank killed while a checkpoint is written leaves it incomplete.
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -10,6 +13,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+#[path = "common/run_log.rs"]
+mod run_log;
+
+use chronospipe::exec::checkpoint::manifest::verify;
+use chronospipe::exec::run::{Run, drive};
+use chronospipe::exec::transport::RankSpec;
+use chronospipe::spec::JobSpec;
+use run_log::RunLog;
 
 fn chronospipe() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_chronospipe"));
@@ -24,12 +36,23 @@ fn chronospipe() -> Command {
 /// A job file of a small model on `stages` x `replicas` CPU devices, `steps` steps with a
 /// checkpoint every 2.
 fn job(dir: &Path, stages: usize, replicas: usize, steps: u64) -> PathBuf {
+    job_sized(dir, stages, replicas, steps, 48)
+}
+
+/// As `job`, with MLPs `intermediate` wide.
+fn job_sized(
+    dir: &Path,
+    stages: usize,
+    replicas: usize,
+    steps: u64,
+    intermediate: usize,
+) -> PathBuf {
     let corpus = dir.join("corpus.txt");
     let text = "Ranks pass activations and gradients over sockets, in the same order. ".repeat(60);
     std::fs::write(&corpus, text).unwrap();
     let spec = format!(
         r#"{{"model": {{"hidden_size": 32, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
-                     "intermediate_size": 48, "vocab_size": 256, "init": {{"seed": 11}}}},
+                     "intermediate_size": {intermediate}, "vocab_size": 256, "init": {{"seed": 11}}}},
             "data": {{"train": {corpus:?}}},
             "training": {{"seq_len": 16, "micro_batch_size": 2, "microbatches": 4,
                          "steps": {steps}, "checkpoint_every": 2, "grad_clip": 1.0,
@@ -152,17 +175,50 @@ fn train_on_ranks(job: &Path, out: &Path, ranks: usize) {
 fn tensor_bits(file: &Path) -> Vec<(String, Vec<u8>)> {
     let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut all: Vec<(String, Vec<u8>)> = st
-        .tensors()
+    st.tensors()
         .into_iter()
         .map(|(name, view)| (name, view.data().to_vec()))
-        .collect();
-    all.sort_by(|a, b| a.0.cmp(&b.0));
-    all
+        .collect()
 }
 
-fn assert_same_bits(a: &Path, b: &Path) {
-    let (a_bits, b_bits) = (tensor_bits(a), tensor_bits(b));
+/// Every tensor of `stem`'s files in a checkpoint by name, as raw bytes: from
+/// `STEM.safetensors`, or from the shards `STEM.safetensors.index.json` names, each tensor
+/// in the shard the index says, the index's `total_size` their bytes. Also the files read.
+fn checkpoint_bits(dir: &Path, stem: &str) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    let mut all = Vec::new();
+    let mut files = Vec::new();
+    if index.exists() {
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        files = map
+            .values()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
+        files.sort();
+        files.dedup();
+        for file in &files {
+            for (name, bits) in tensor_bits(&dir.join(file)) {
+                assert_eq!(map[&name], file.as_str(), "{name} in {file}");
+                all.push((name, bits));
+            }
+        }
+        assert_eq!(all.len(), map.len(), "{}", dir.display());
+        let bytes: usize = all.iter().map(|(_, b)| b.len()).sum();
+        assert_eq!(index["metadata"]["total_size"], bytes, "{}", dir.display());
+    } else {
+        let file = format!("{stem}.safetensors");
+        all = tensor_bits(&dir.join(&file));
+        files.push(file);
+    }
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    (all, files)
+}
+
+/// `stem`'s tensors of two checkpoints hold the same names and bits, whatever their layouts.
+fn assert_same_bits(a: &Path, b: &Path, stem: &str) {
+    let ((a_bits, _), (b_bits, _)) = (checkpoint_bits(a, stem), checkpoint_bits(b, stem));
     let names = |v: &[(String, Vec<u8>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     assert_eq!(
         names(&a_bits),
@@ -171,6 +227,7 @@ fn assert_same_bits(a: &Path, b: &Path) {
         a.display(),
         b.display()
     );
+    assert!(!a_bits.is_empty() || stem != "model");
     for ((name, x), (_, y)) in a_bits.iter().zip(&b_bits) {
         assert!(
             x == y,
@@ -181,26 +238,79 @@ fn assert_same_bits(a: &Path, b: &Path) {
     }
 }
 
+/// The hidden entries (staging left behind) of a run's output directory.
+fn staged(out: &Path) -> Vec<String> {
+    std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+fn spec_of(job: &Path) -> JobSpec {
+    JobSpec::from_json(&std::fs::read_to_string(job).unwrap()).unwrap()
+}
+
+/// Resumes `job` in one process from `checkpoint` and trains to its end into `out`.
+fn resume_in_one_process(job: &Path, checkpoint: &Path, out: &Path) {
+    let mut run = Run::prepare(spec_of(job), "cpu:1x64MiB").unwrap();
+    assert_eq!(run.resume_from(checkpoint).unwrap().step, 2);
+    drive(&mut run, &mut RunLog::new(out)).unwrap();
+}
+
+/// Resumes `job` on `ranks` ranks (threads of this process) from `checkpoint` and trains to
+/// its end into `out`.
+fn resume_on_ranks(job: &Path, checkpoint: &Path, out: &Path, ranks: u32) {
+    let peers = free_addresses(ranks as usize);
+    let threads: Vec<_> = (0..ranks)
+        .map(|r| {
+            let (spec, peers) = (spec_of(job), peers.clone());
+            let (checkpoint, out) = (checkpoint.to_owned(), out.to_owned());
+            std::thread::spawn(move || {
+                let rank = RankSpec::parse(r, &peers, Duration::from_secs(60)).unwrap();
+                let mut run = Run::prepare_rank(spec, "cpu:1x64MiB", rank).unwrap();
+                assert_eq!(run.resume_from(&checkpoint).unwrap().step, 2);
+                drive(&mut run, &mut RunLog::new(&out)).unwrap();
+                run.close_ranks().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
 fn final_loss(summary: &Path) -> u64 {
     let text = std::fs::read_to_string(summary).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["final_loss"].as_f64().unwrap().to_bits()
 }
 
-/// The same plan in one process and as two ranks: the same bits in every checkpoint.
-fn ranks_match_one_process(stages: usize, replicas: usize) {
+/// The same plan in one process and as two ranks: the same bits in every checkpoint, one
+/// file from one process, a shard from each rank; each resumes exactly in the other's way.
+fn ranks_match_one_process(
+    stages: usize,
+    replicas: usize,
+) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), stages, replicas, 4);
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     train_in_one_process(&job, &one);
     train_on_ranks(&job, &two, 2);
     for checkpoint in ["step-2", "final"] {
-        for file in ["model.safetensors", "optimizer.safetensors"] {
-            let file = Path::new(checkpoint).join(file);
-            assert_same_bits(&one.join(&file), &two.join(&file));
+        let (a, b) = (one.join(checkpoint), two.join(checkpoint));
+        for stem in ["model", "optimizer"] {
+            assert_same_bits(&a, &b, stem);
+            assert_eq!(checkpoint_bits(&a, stem).1, [format!("{stem}.safetensors")]);
+            // Each rank wrote its shard, and it holds tensors.
+            let shards: Vec<String> = (1..=2)
+                .map(|i| format!("{stem}-0000{i}-of-00002.safetensors"))
+                .collect();
+            assert_eq!(checkpoint_bits(&b, stem).1, shards, "{}", b.display());
         }
-        assert!(two.join(checkpoint).join("manifest.json").exists());
+        assert!(verify(&b, true).is_ok(), "{}", b.display());
     }
+    assert_eq!(staged(&two), Vec::<String>::new(), "nothing staged is left");
     assert_eq!(
         final_loss(&one.join("summary.json")),
         final_loss(&two.join("summary.json"))
@@ -216,11 +326,77 @@ fn ranks_match_one_process(stages: usize, replicas: usize) {
         devices[0]["measured_peak_bytes"], devices[0]["predicted_peak_bytes"],
         "{rank1}"
     );
+
+    // The ranks' checkpoint resumes in one process, and the one process's on ranks, to the
+    // uninterrupted run's bits.
+    let resumed = dir.path().join("resumed-in-one");
+    resume_in_one_process(&job, &two.join("step-2"), &resumed);
+    let spread = dir.path().join("resumed-on-ranks");
+    resume_on_ranks(&job, &one.join("step-2"), &spread, 2);
+    for out in [resumed, spread] {
+        for stem in ["model", "optimizer"] {
+            assert_same_bits(&one.join("final"), &out.join("final"), stem);
+        }
+    }
+    (dir, one, two)
+}
+
+/// Loads both checkpoints with transformers' `from_pretrained` and compares their logits on
+/// the same tokens; skipped (with the reason printed) where Python lacks torch or
+/// transformers.
+fn load_alike_in_transformers(one: &Path, sharded: &Path) {
+    let probe = Command::new("python3")
+        .args(["-c", "import torch, transformers"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            let why = String::from_utf8_lossy(&out.stderr);
+            println!("skipped the transformers check: {}", why.trim());
+            return;
+        }
+        Err(e) => {
+            println!("skipped the transformers check: no python3 ({e})");
+            return;
+        }
+    }
+    let script = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM
+ids = torch.tensor([[3, 77, 140, 9, 255, 0, 31, 12]])
+logits = []
+for path in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits.append(model(ids).logits)
+print("max_abs_diff", (logits[0] - logits[1]).abs().max().item())
+print("max_abs", logits[0].abs().max().item())
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(one)
+        .arg(sharded)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |key: &str| -> f64 {
+        let line = stdout.lines().find(|l| l.split_whitespace().next() == Some(key));
+        line.unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert!(value("max_abs") > 0.0, "{stdout}");
+    assert!(value("max_abs_diff") <= 1e-6, "{stdout}");
 }
 
 #[test]
 fn two_stages_on_two_ranks_train_the_bits_of_one_process() {
-    ranks_match_one_process(2, 1);
+    let (_dir, one, two) = ranks_match_one_process(2, 1);
+    load_alike_in_transformers(&one.join("final"), &two.join("final"));
 }
 
 #[test]
@@ -284,4 +460,59 @@ fn a_rank_of_another_job_is_refused_before_training() {
         assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{stderr}");
         assert!(stderr.contains("runs another job or plan"), "{stderr}");
     }
+}
+
+#[test]
+fn a_rank_killed_while_a_checkpoint_is_written_leaves_the_earlier_one_the_latest() {
+    let dir = tempfile::tempdir().unwrap();
+    // Wide MLPs: the shards take a while to write and hash.
+    let job = job_sized(dir.path(), 2, 1, 6, 4096);
+    let out = dir.path().join("out");
+    let peers = free_addresses(2);
+    let mut zero = Rank::start(&job, &out, 0, &peers);
+    let mut one = Rank::start(&job, &out, 1, &peers);
+    // Rank 0 completes step 2's checkpoint; step 4's is staged until every shard is written
+    // and rank 0 has hashed them all into the manifest. Rank 0 dies in between.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let staging = loop {
+        assert!(
+            Instant::now() < deadline,
+            "step 4's checkpoint was never staged: {}",
+            zero.stderr()
+        );
+        assert!(
+            zero.child.try_wait().unwrap().is_none(),
+            "{}",
+            zero.stderr()
+        );
+        let entries = std::fs::read_dir(&out).into_iter().flatten().flatten();
+        let found = entries
+            .map(|e| e.file_name().into_string().unwrap())
+            .find(|n| n.starts_with(".step-4.") && n.ends_with(".partial"));
+        if let Some(name) = found {
+            break name;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    zero.child.kill().unwrap(); // SIGKILL, mid-checkpoint
+    let status = one.wait(Duration::from_secs(30));
+    let stderr = one.stderr();
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}\n{stderr}");
+    assert!(stderr.contains("lost rank 0"), "{stderr}");
+    assert!(
+        !out.join("step-4").exists(),
+        "a checkpoint rank 0 did not complete is there"
+    );
+    assert!(verify(&out.join("step-2"), true).is_ok());
+    assert!(
+        out.join(&staging).exists(),
+        "the dead writer's staging stays"
+    );
+
+    // The next attempt stages apart from the dead one, completes step 4 and removes what the
+    // dead one left staged.
+    resume_in_one_process(&job, &out.join("step-2"), &out);
+    assert!(verify(&out.join("step-4"), true).is_ok());
+    assert!(verify(&out.join("final"), true).is_ok());
+    assert_eq!(staged(&out), Vec::<String>::new());
 }

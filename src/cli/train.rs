@@ -3,8 +3,9 @@
 //!
 //! With `--rank R --peers A,B,...` the process is rank `R` of a run spread over processes:
 //! every rank plans the same job on the same devices and runs its block of them, reaching the
-//! others over TCP; rank 0 writes the checkpoints (the whole model's, gathered) and
-//! `summary.json`, rank `R` writes `summary-rank-R.json` for its own devices.
+//! others over TCP; every rank writes its shard of each checkpoint (Hugging Face's sharded
+//! layout), rank 0 completes it and writes `summary.json`, rank `R` writes
+//! `summary-rank-R.json` for its own devices.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -4,14 +4,12 @@
 use std::path::Path;
 
 use crate::exec::checkpoint::manifest::verify;
+use crate::exec::checkpoint::sharded::{MODEL, check_listed};
 
 use crate::spec::SpecError;
 use crate::store::{CheckpointRow, Store, StoreResult};
 
 const PARAM: &str = "model.init.from";
-
-/// What a checkpoint directory must hold to start a job: the weights and their architecture.
-const MODEL_FILES: [&str; 2] = ["config.json", "model.safetensors"];
 
 /// The checkpoint of `job` (of `tenant_id`) at `step`, else its latest; a user's error names
 /// `model.init.from`.
@@ -50,7 +48,8 @@ pub async fn job_checkpoint(
 }
 
 /// The checkpoint's manifest (written last) is there and every file it lists is on disk at
-/// its size, and the model's own files are among them: a half-written, torn or pruned
+/// its size, and the model's own files are among them (`config.json` and the weights, in one
+/// file or in shards with their index): a half-written, torn or pruned
 /// checkpoint is refused rather than loaded. Sizes only: hashing every file would hold the
 /// request; a resume, which reads the files anyway, checks their sha256.
 fn check_complete(row: &CheckpointRow) -> Result<(), SpecError> {
@@ -64,10 +63,9 @@ fn check_complete(row: &CheckpointRow) -> Result<(), SpecError> {
         )
     };
     let manifest = verify(Path::new(&row.path), false).map_err(|e| incomplete(e.to_string()))?;
-    for needed in MODEL_FILES {
-        if manifest.file(needed).is_none() {
-            return Err(incomplete(format!("it has no {needed}")));
-        }
+    if manifest.file("config.json").is_none() {
+        return Err(incomplete("it has no config.json".into()));
     }
-    Ok(())
+    let dir = Path::new(&row.path);
+    check_listed(dir, &manifest, MODEL).map_err(|e| incomplete(e.to_string()))
 }

@@ -1,12 +1,13 @@
 //! Which checkpoint a claimed job resumes from: the newest recorded one whose files match its
-//! manifest. A newer one that is torn (a worker killed while storage lost its writes) or
+//! manifest and whose weights are all there, in one file or in shards with their index. A newer one that is torn (a worker killed while storage lost its writes) or
 //! altered is passed over with a warning event, so the job goes on from the one before it
 //! rather than fail.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::runner::ResumePoint;
-use crate::exec::checkpoint::manifest::{Incomplete, verify};
+use crate::exec::checkpoint::manifest::{Incomplete, Manifest, verify};
+use crate::exec::checkpoint::sharded::{MODEL, check_listed};
 use crate::store::{Store, StoreError};
 
 /// The newest complete checkpoint of `job_id`, or `None` (training starts over).
@@ -19,7 +20,7 @@ pub(super) async fn complete_checkpoint(
     for row in rows.iter().rev() {
         let dir = PathBuf::from(&row.path);
         let checked = dir.clone();
-        let verdict = tokio::task::spawn_blocking(move || verify(&checked, true))
+        let verdict = tokio::task::spawn_blocking(move || resumable(&checked))
             .await
             .unwrap_or_else(|e| Err(Incomplete::BadManifest(e.to_string())));
         match verdict {
@@ -49,6 +50,13 @@ pub(super) async fn complete_checkpoint(
         .await?;
     }
     Ok(None)
+}
+
+/// Whether `dir` is a complete checkpoint with the model's weights, whichever layout.
+pub(super) fn resumable(dir: &Path) -> Result<Manifest, Incomplete> {
+    let manifest = verify(dir, true)?;
+    check_listed(dir, &manifest, MODEL)?;
+    Ok(manifest)
 }
 
 async fn warn(store: &dyn Store, job_id: &str, message: &str) -> Result<(), StoreError> {

@@ -72,6 +72,17 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     }
 }
 
+/// Syncs the named files of `dir` to storage (a rank's shard, before rank 0 is told of it).
+pub fn sync_files(dir: &Path, names: &[String]) -> Result<(), CheckpointError> {
+    for name in names {
+        let path = dir.join(name);
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_err(&path, e))?;
+    }
+    Ok(())
+}
+
 /// Syncs every file of `dir` and writes its manifest (temp file, sync, rename, sync the
 /// directory): the last write of a checkpoint.
 pub fn write_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {

@@ -1,12 +1,14 @@
-//! Checkpoints in Hugging Face layout: `model.safetensors` + `config.json` that transformers'
-//! `LlamaForCausalLM.from_pretrained` loads, plus `optimizer.safetensors` and
-//! `trainer_state.json` for an exact resume.
+//! Checkpoints in Hugging Face layout: `model.safetensors` (or its shards and
+//! `model.safetensors.index.json`: `sharded`) + `config.json` that transformers'
+//! `LlamaForCausalLM.from_pretrained` loads, plus the optimizer state in the same layout and
+//! `trainer_state.json` for an exact resume, and `manifest.json` written last.
 
 pub mod commit;
 pub mod manifest;
 pub mod model_files;
 pub mod retention;
 pub mod safetensors_io;
+pub mod sharded;
 pub mod single_device;
 pub mod trainer_state;
 

@@ -1,9 +1,11 @@
-//! `model.safetensors` and `config.json`: the Hugging Face model directory.
+//! The weights (`model.safetensors`, or its shards and index: `sharded`) and `config.json`:
+//! the Hugging Face model directory.
 
 use std::path::Path;
 
 use crate::exec::checkpoint::CheckpointError;
-use crate::exec::checkpoint::safetensors_io::{F32View, TensorFile, write_f32_file};
+use crate::exec::checkpoint::safetensors_io::{F32View, write_f32_file};
+use crate::exec::checkpoint::sharded::{MODEL, Shard, TensorSet};
 use crate::exec::device::PoolRef;
 use crate::exec::model::{LlamaConfig, PartId, PartParams};
 
@@ -26,9 +28,8 @@ pub fn read_hf_config(dir: &Path) -> Result<LlamaConfig, CheckpointError> {
     Ok(LlamaConfig::from_hf_json(&json)?)
 }
 
-/// Copies every parameter of `parts` from a safetensors file, by Hugging Face name.
-pub fn load_weights(parts: &mut [PartParams], path: &Path) -> Result<(), CheckpointError> {
-    let file = TensorFile::open(path)?;
+/// Copies every parameter of `parts` from a model's tensors, by Hugging Face name.
+pub fn load_weights(parts: &mut [PartParams], file: &TensorSet) -> Result<(), CheckpointError> {
     for part in parts.iter_mut() {
         for (name, w) in part.names.iter().zip(part.weights.iter_mut()) {
             let (shape, data) = file.f32(name)?;
@@ -56,14 +57,14 @@ pub fn load_hf_parts(
         .iter()
         .map(|&id| PartParams::allocate(pool, config, id))
         .collect::<Result<Vec<_>, _>>()?;
-    load_weights(&mut parts, &dir.join("model.safetensors"))?;
+    load_weights(&mut parts, &TensorSet::open(dir, MODEL)?)?;
     Ok(parts)
 }
 
-/// Writes `DIR/model.safetensors` (every part given, HF names) and `DIR/config.json`.
-pub fn save_model(
+/// Writes `shard` of the model's weights into `dir`: every part given, by HF name.
+pub fn save_weights(
     dir: &Path,
-    config: &LlamaConfig,
+    shard: Shard,
     parts: &[&PartParams],
 ) -> Result<(), CheckpointError> {
     std::fs::create_dir_all(dir).map_err(|e| CheckpointError::write(dir, e))?;
@@ -81,9 +82,23 @@ pub fn save_model(
         })
         .collect();
     let meta = Some([("format".to_string(), "pt".to_string())].into());
-    write_f32_file(&dir.join("model.safetensors"), tensors, meta)?;
+    write_f32_file(&dir.join(shard.file(MODEL)), tensors, meta)
+}
+
+/// Writes `DIR/config.json`.
+pub fn save_config(dir: &Path, config: &LlamaConfig) -> Result<(), CheckpointError> {
     let cfg_path = dir.join("config.json");
     let text =
         serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| io_err(&cfg_path, e))?;
     std::fs::write(&cfg_path, text).map_err(|e| CheckpointError::write(&cfg_path, e))
+}
+
+/// Writes `DIR/model.safetensors` (every part given, HF names) and `DIR/config.json`.
+pub fn save_model(
+    dir: &Path,
+    config: &LlamaConfig,
+    parts: &[&PartParams],
+) -> Result<(), CheckpointError> {
+    save_weights(dir, Shard::ONE, parts)?;
+    save_config(dir, config)
 }

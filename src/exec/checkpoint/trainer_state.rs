@@ -1,4 +1,5 @@
-//! `optimizer.safetensors` and `trainer_state.json`: what an exact resume needs beyond weights.
+//! The optimizer state (`optimizer.safetensors`, or its shards and index: `sharded`) and
+//! `trainer_state.json`: what an exact resume needs beyond weights.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -6,7 +7,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::exec::checkpoint::CheckpointError;
-use crate::exec::checkpoint::safetensors_io::{F32View, TensorFile, write_f32_file};
+use crate::exec::checkpoint::safetensors_io::{F32View, write_f32_file};
+use crate::exec::checkpoint::sharded::{OPTIMIZER, Shard, TensorSet};
 use crate::exec::model::PartParams;
 use crate::exec::optim::PartOptimState;
 
@@ -95,10 +97,11 @@ impl TrainerState {
     }
 }
 
-/// Writes AdamW's moments of the given parts as `exp_avg.<name>` and `exp_avg_sq.<name>`
-/// (nothing but the file for SGD).
+/// Writes `shard` of AdamW's moments: those of the given parts, as `exp_avg.<name>` and
+/// `exp_avg_sq.<name>` (nothing but the file for SGD).
 pub fn save_optimizer(
     dir: &Path,
+    shard: Shard,
     parts: &[(&PartParams, &PartOptimState)],
 ) -> Result<(), CheckpointError> {
     let mut tensors = Vec::new();
@@ -116,15 +119,15 @@ pub fn save_optimizer(
         }
     }
     let meta: Option<HashMap<String, String>> = None;
-    write_f32_file(&dir.join("optimizer.safetensors"), tensors, meta)
+    write_f32_file(&dir.join(shard.file(OPTIMIZER)), tensors, meta)
 }
 
-/// Reads the moments saved by `save_optimizer` into already allocated state.
+/// Reads the moments saved by `save_optimizer` (every shard of them) into already allocated
+/// state.
 pub fn load_optimizer(
-    dir: &Path,
+    file: &TensorSet,
     parts: &mut [(&PartParams, &mut PartOptimState)],
 ) -> Result<(), CheckpointError> {
-    let file = TensorFile::open(&dir.join("optimizer.safetensors"))?;
     for (p, st) in parts.iter_mut() {
         for (i, name) in p.names.iter().enumerate() {
             for (prefix, list) in [

@@ -46,8 +46,9 @@ use crate::data::Microbatch;
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::on_compute_pool;
 use crate::exec::checkpoint::CheckpointError;
+use crate::exec::checkpoint::sharded::Shard;
 use crate::exec::device::{DeviceError, DeviceSet};
-use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
+use crate::exec::model::{LlamaConfig, ModelError, PartParams};
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::train::StepReport;
@@ -61,7 +62,7 @@ pub use placing::seeded_parts;
 use placing::{copy_parts, place_replica};
 use seat::Seat;
 pub use tcp_ranks::TcpRanks;
-use transport::{HostState, InProcess};
+use transport::InProcess;
 pub use transport::{Ranks, Transport};
 use worker::{DeviceWorker, StepContext};
 
@@ -132,6 +133,10 @@ pub enum PipelineError {
     Transport(#[from] crate::exec::transport::TransportError),
     #[error("stopped because another device failed")]
     Aborted,
+    #[error(
+        "rank {rank} did not write its shard of the checkpoint after step {step} within {secs} s"
+    )]
+    ShardLate { rank: u32, step: u64, secs: u64 },
     #[error("device {device}'s thread panicked")]
     Panicked { device: u32 },
 }
@@ -276,9 +281,35 @@ impl<E: Engine> Pipeline<E> {
             .map_or(0..self.plan.total_devices() as u32, |r| r.local())
     }
 
-    /// Whether this process writes the run's checkpoints (rank 0 of a spread run does).
-    pub fn writes_checkpoints(&self) -> bool {
-        self.ranks.as_ref().is_none_or(|r| r.writes_checkpoints())
+    /// Whether this process completes the run's checkpoints (rank 0 of a spread run does).
+    pub fn commits_checkpoints(&self) -> bool {
+        self.ranks.as_ref().is_none_or(|r| r.commits_checkpoints())
+    }
+
+    /// This process's shard of a checkpoint (the only one in one process).
+    pub fn shard(&self) -> Shard {
+        self.ranks.as_ref().map_or(Shard::ONE, |r| r.shard())
+    }
+
+    /// The staging directory of the checkpoint after the current step: see `Ranks::staging`
+    /// (in one process, `named`).
+    pub fn staging(&self, named: Option<&str>) -> Result<String, PipelineError> {
+        match (&self.ranks, named) {
+            (Some(ranks), named) => ranks.staging(self.step, named),
+            (None, Some(name)) => Ok(name.to_string()),
+            (None, None) => Err(crate::exec::transport::TransportError::Protocol(
+                "one process names its own staging directory".into(),
+            )
+            .into()),
+        }
+    }
+
+    /// This process's shard of the checkpoint after the current step is written: see
+    /// `Ranks::written` (nothing to wait for in one process).
+    pub fn shard_written(&self, within: Duration) -> Result<(), PipelineError> {
+        self.ranks
+            .as_ref()
+            .map_or(Ok(()), |r| r.written(self.step, within))
     }
 
     /// Ends a spread run: says goodbye to the other ranks and waits for theirs.
@@ -295,34 +326,37 @@ impl<E: Engine> Pipeline<E> {
 
     /// Calls `write` with every part and its optimizer state, in model order, as host
     /// tensors (lent where they are host memory already, copied into the host pool otherwise).
-    /// A rank of a spread run other than rank 0 sends its parts there instead: see
-    /// `with_run_state`.
+    /// Only in one process: a rank of a spread run holds part of the model (`with_own_state`).
     pub fn with_state<R>(
         &self,
         write: impl FnOnce(&[(&PartParams, &PartOptimState)]) -> R,
     ) -> Result<R, PipelineError> {
-        self.with_run_state(write)?.ok_or_else(|| {
-            crate::exec::transport::TransportError::Protocol(
-                "this rank's state went to rank 0, which holds the whole model's".into(),
+        if self.ranks.is_some() {
+            return Err(crate::exec::transport::TransportError::Protocol(
+                "a rank holds part of the model; its checkpoint shard is `with_own_state`'s".into(),
             )
-            .into()
-        })
+            .into());
+        }
+        self.with_own_state(write)
     }
 
-    /// As `with_state`; in a run spread over ranks, rank 0 gathers the parts the others
-    /// hold and calls `write` with the whole model, and every other rank sends its parts
-    /// to rank 0 and returns `None` without calling `write`.
-    pub fn with_run_state<R>(
+    /// As `with_state`, for the parts this process writes into a checkpoint: part `i` of the
+    /// model (forward order) is written from replica `i % replicas`'s copy (every replica
+    /// holds the same bits), by the process that runs that replica's device holding it. In
+    /// one process that is every part; over ranks, each part is written by one rank.
+    pub fn with_own_state<R>(
         &self,
         write: impl FnOnce(&[(&PartParams, &PartOptimState)]) -> R,
-    ) -> Result<Option<R>, PipelineError> {
+    ) -> Result<R, PipelineError> {
         let host = &self.devices.host;
-        let mut all: Vec<(HostPart<'_>, PartOptimState)> = Vec::new();
-        // Every replica holds the same state: replica 0's devices come first.
-        let replica_zero = self.chunks[..self.plan.devices()].iter().enumerate();
-        for (device, chunk) in
-            replica_zero.flat_map(|(d, cs)| cs.iter().map(move |c| (d as u32, c)))
+        let (stages, replicas) = (self.plan.devices(), self.plan.replicas as usize);
+        let layers = self.config.dims.layers;
+        let mut own: Vec<(HostPart<'_>, PartOptimState)> = Vec::new();
+        // Devices of other processes hold no chunks here.
+        for (device, chunk) in (self.chunks.iter().enumerate())
+            .flat_map(|(d, cs)| cs.iter().map(move |c| (d as u32, c)))
         {
+            let replica = device as usize / stages;
             let parts = chunk
                 .parts
                 .iter()
@@ -330,27 +364,12 @@ impl<E: Engine> Pipeline<E> {
                 .collect::<Result<Vec<_>, _>>()?;
             let lent: Vec<&PartParams> = parts.iter().map(|p| &**p).collect();
             let states = chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
-            all.extend(parts.into_iter().zip(states));
+            let writes = |p: &HostPart<'_>| p.id.order(layers) % replicas == replica;
+            own.extend(parts.into_iter().zip(states).filter(|(p, _)| writes(p)));
         }
-        if let Some(ranks) = &self.ranks {
-            let missing: Vec<PartId> = PartId::all(self.config.dims.layers)
-                .into_iter()
-                .filter(|id| all.iter().all(|(p, _)| p.id != *id))
-                .collect();
-            let allocate = |id: PartId| -> Result<HostState, PipelineError> {
-                let part = PartParams::allocate(host, &self.config, id)?;
-                let state = PartOptimState::allocate(host, &self.optimizer, &part)?;
-                Ok((part, state))
-            };
-            let mine: Vec<_> = all.iter().map(|(p, s)| (&**p, s)).collect();
-            let Some(theirs) = ranks.gather(self.step, &mine, &missing, &allocate)? else {
-                return Ok(None);
-            };
-            all.extend(theirs.into_iter().map(|(p, s)| (HostPart::Copied(p), s)));
-        }
-        all.sort_by_key(|(p, _)| p.id);
-        let pairs: Vec<_> = all.iter().map(|(p, s)| (&**p, s)).collect();
-        Ok(Some(write(&pairs)))
+        own.sort_by_key(|(p, _)| p.id);
+        let pairs: Vec<_> = own.iter().map(|(p, s)| (&**p, s)).collect();
+        Ok(write(&pairs))
     }
 
     /// Runs `load` on host copies of each chunk's parts and optimizer state, then keeps what

@@ -4,13 +4,14 @@
 //! receiver, a reduction sends this replica's gradients to every rank holding another replica
 //! of the device and sums all copies in replica order (the in-process order, so the same
 //! bits), and the meeting point exchanges every rank's share before the totals are taken.
+//! A checkpoint is written by every rank, each its own shard, into the staging directory rank
+//! 0 names; rank 0 completes it once every other rank says its shard is written.
 
 use std::ops::Range;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::exec::checkpoint::sharded::Shard;
 use crate::exec::device::PoolRef;
-use crate::exec::model::{PartId, PartParams};
-use crate::exec::optim::PartOptimState;
 use crate::exec::optim::clip::PartSquares;
 use crate::exec::tensor::Tensor;
 use crate::exec::transport::frame::{Frame, ReplicaGrads, WireTensor};
@@ -21,7 +22,7 @@ use super::engine::{CpuEngine, Engine, HostMessage};
 use super::reduce_point::ChunkGrads;
 use super::seat::Seat;
 use super::step_sync::{Shares, StepTotals};
-use super::transport::{HostState, InProcess, Ranks, Transport};
+use super::transport::{InProcess, Ranks, Transport};
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
@@ -60,7 +61,7 @@ impl Ranks<CpuEngine> for TcpRanks {
         self.spec.devices_of(self.spec.rank, self.devices())
     }
 
-    fn writes_checkpoints(&self) -> bool {
+    fn commits_checkpoints(&self) -> bool {
         self.spec.rank == 0
     }
 
@@ -76,51 +77,52 @@ impl Ranks<CpuEngine> for TcpRanks {
         })
     }
 
-    fn gather(
-        &self,
-        step: u64,
-        mine: &[(&PartParams, &PartOptimState)],
-        missing: &[PartId],
-        allocate: &dyn Fn(PartId) -> Result<HostState>,
-    ) -> Result<Option<Vec<HostState>>> {
-        if !self.writes_checkpoints() {
-            for (part, state) in mine {
-                self.mesh.send(0, &state_frame(step, part, state))?;
-            }
-            return Ok(None);
+    fn shard(&self) -> Shard {
+        Shard {
+            index: self.spec.rank,
+            count: self.mesh.ranks(),
         }
-        let mut gathered = Vec::with_capacity(missing.len());
-        for &id in missing {
-            let found = self
-                .mesh
-                .wait(|inbox| inbox.states.remove(&(step, id)), &|| false)?;
-            let Some(state) = found else {
-                return Err(PipelineError::Aborted);
+    }
+
+    fn staging(&self, step: u64, named: Option<&str>) -> Result<String> {
+        if let Some(name) = named {
+            let frame = Frame::Checkpoint {
+                step,
+                staging: name.to_string(),
             };
-            let (mut part, mut optim) = allocate(id)?;
-            fill(
-                &mut part.weights,
-                state.weights.iter().map(|t| (&t.name, &t.data)),
-                id,
-            )?;
-            let moments = [
-                (&mut optim.exp_avg, &state.exp_avg),
-                (&mut optim.exp_avg_sq, &state.exp_avg_sq),
-            ];
-            for (into, from) in moments {
-                if from.len() != into.len() {
-                    return Err(PipelineError::Reduction(format!(
-                        "checkpoint state of {id:?}: {} optimizer moments came, {} were expected",
-                        from.len(),
-                        into.len()
-                    )));
-                }
-                let names: Vec<String> = into.iter().map(|t| t.name().to_string()).collect();
-                fill(into, names.iter().zip(from), id)?;
+            for peer in (0..self.mesh.ranks()).filter(|&p| p != self.spec.rank) {
+                self.mesh.send(peer, &frame)?;
             }
-            gathered.push((part, optim));
+            return Ok(name.to_string());
         }
-        Ok(Some(gathered))
+        self.mesh
+            .wait(|inbox| inbox.checkpoints.remove(&step), &|| false)?
+            .ok_or(PipelineError::Aborted)
+    }
+
+    fn written(&self, step: u64, within: Duration) -> Result<()> {
+        if !self.commits_checkpoints() {
+            return Ok(self.mesh.send(0, &Frame::Written { step })?);
+        }
+        let deadline = Instant::now() + within;
+        for peer in 1..self.mesh.ranks() {
+            let late = || Instant::now() > deadline;
+            if self
+                .mesh
+                .wait(
+                    |inbox| inbox.written.remove(&(step, peer)).then_some(()),
+                    &late,
+                )?
+                .is_none()
+            {
+                return Err(PipelineError::ShardLate {
+                    rank: peer,
+                    step,
+                    secs: within.as_secs(),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn close(&self) -> Result<()> {
@@ -129,53 +131,6 @@ impl Ranks<CpuEngine> for TcpRanks {
 
     fn abort(&self, reason: &str) {
         self.mesh.abort(reason);
-    }
-}
-
-/// Copies received values into `into`'s tensors, checking names and lengths.
-fn fill<'a>(
-    into: &mut [Tensor],
-    from: impl ExactSizeIterator<Item = (&'a String, &'a Vec<f32>)>,
-    part: PartId,
-) -> Result<()> {
-    if from.len() != into.len() {
-        return Err(PipelineError::Reduction(format!(
-            "checkpoint state of {part:?}: {} tensors came, {} were expected",
-            from.len(),
-            into.len()
-        )));
-    }
-    for (t, (name, data)) in into.iter_mut().zip(from) {
-        if t.name() != name || t.len() != data.len() {
-            return Err(PipelineError::Reduction(format!(
-                "checkpoint state of {part:?}: {name} ({} values) came where {} ({} values) \
-                 was expected",
-                data.len(),
-                t.name(),
-                t.len()
-            )));
-        }
-        t.data_mut().copy_from_slice(data);
-    }
-    Ok(())
-}
-
-fn state_frame(step: u64, part: &PartParams, state: &PartOptimState) -> Frame {
-    let values = |ts: &[Tensor]| ts.iter().map(|t| t.data().to_vec()).collect();
-    Frame::State {
-        step,
-        part: part.id,
-        weights: part
-            .weights
-            .iter()
-            .map(|t| WireTensor {
-                name: t.name().to_string(),
-                shape: t.shape().to_vec(),
-                data: t.data().to_vec(),
-            })
-            .collect(),
-        exp_avg: values(&state.exp_avg),
-        exp_avg_sq: values(&state.exp_avg_sq),
     }
 }
 

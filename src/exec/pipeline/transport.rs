@@ -9,9 +9,8 @@
 
 use std::ops::Range;
 
+use crate::exec::checkpoint::sharded::Shard;
 use crate::exec::device::PoolRef;
-use crate::exec::model::{PartId, PartParams};
-use crate::exec::optim::PartOptimState;
 use crate::exec::optim::clip::PartSquares;
 use crate::exec::transport::MessageKey;
 
@@ -197,30 +196,29 @@ impl<E: Engine> Transport<E> for InProcess<E> {
     }
 }
 
-/// One part with its optimizer state, on the host (a checkpoint's unit).
-pub type HostState = (PartParams, PartOptimState);
-
 /// A pipeline spread over processes ("ranks"): which of the plan's devices run here and how
 /// the others are reached.
 pub trait Ranks<E: Engine>: Send + Sync {
     /// The run-wide devices this process runs.
     fn local(&self) -> Range<u32>;
 
-    /// Whether this process writes the run's checkpoints (rank 0 does).
-    fn writes_checkpoints(&self) -> bool;
+    /// Whether this process completes the run's checkpoints (rank 0 does); every rank writes
+    /// its own shard of them.
+    fn commits_checkpoints(&self) -> bool;
+
+    /// This process's shard of a checkpoint: its rank of the ranks.
+    fn shard(&self) -> Shard;
 
     /// Step `step`'s transport: `local` for this process's devices, links for the others.
     fn transport<'a>(&'a self, step: u64, local: InProcess<E>) -> Box<dyn Transport<E> + 'a>;
 
-    /// Checkpoint state after `step`: rank 0 gets every part it does not hold (`allocate`
-    /// makes an empty one to fill); every other rank sends `mine` there and gets `None`.
-    fn gather(
-        &self,
-        step: u64,
-        mine: &[(&PartParams, &PartOptimState)],
-        missing: &[PartId],
-        allocate: &dyn Fn(PartId) -> Result<HostState>,
-    ) -> Result<Option<Vec<HostState>>>;
+    /// The staging directory of the checkpoint after `step`: rank 0 names it (`named`) and
+    /// tells every other rank, which wait for that name (`None`).
+    fn staging(&self, step: u64, named: Option<&str>) -> Result<String>;
+
+    /// This rank's shard of the checkpoint after `step` is written: every other rank tells
+    /// rank 0, which waits (up to `within`) until every one of them has.
+    fn written(&self, step: u64, within: std::time::Duration) -> Result<()>;
 
     /// The run is over here: says so to the other ranks and waits for theirs.
     fn close(&self) -> Result<()>;

@@ -64,7 +64,8 @@ pub fn drive(run: &mut Run, observer: &mut dyn Observer) -> Result<Outcome, RunE
 }
 
 /// Writes the checkpoint after `step` (`last`: the run's final one) where the observer says,
-/// once it agrees; returns where.
+/// once it agrees; returns where. In a run over ranks only the rank that completes the
+/// checkpoint reports it saved (the others wrote their shards of it).
 fn save(
     run: &Run,
     observer: &mut dyn Observer,
@@ -75,6 +76,8 @@ fn save(
     observer.before_checkpoint(step)?;
     let dir = observer.checkpoint_dir(step, last);
     run.save_checkpoint(&dir, last_loss)?;
-    observer.checkpoint_saved(step, &dir)?;
+    if run.commits_checkpoints() {
+        observer.checkpoint_saved(step, &dir)?;
+    }
     Ok(dir)
 }

@@ -2,6 +2,7 @@
 //! share: resolve the model and the data, plan for the devices, place the model, then step,
 //! report and checkpoint until done or told to stop.
 
+mod checkpointing;
 mod drive;
 mod error;
 mod evaluate;
@@ -22,11 +23,7 @@ pub use setup::{
 use training_pipeline::TrainingPipeline;
 
 use crate::data::Batcher;
-use crate::exec::checkpoint::commit::write_checkpoint;
-use crate::exec::checkpoint::model_files::{load_weights, save_model};
-use crate::exec::checkpoint::trainer_state::{
-    TrainerState, ValidationProgress, load_optimizer, save_optimizer,
-};
+use crate::exec::checkpoint::trainer_state::ValidationProgress;
 use crate::exec::model::LlamaConfig;
 use crate::plan::search::Answer;
 use crate::spec::JobSpec;
@@ -200,50 +197,14 @@ impl Run {
         Ok(self.pipeline.close_ranks()?)
     }
 
+    /// Whether this process completes the run's checkpoints (in a run over ranks, rank 0;
+    /// the others write their shards only).
+    pub fn commits_checkpoints(&self) -> bool {
+        self.pipeline.commits_checkpoints()
+    }
+
     /// A run spread over ranks stopped here with `reason`: the other ranks stop too.
     pub fn abort_ranks(&self, reason: &str) {
         self.pipeline.abort_ranks(reason);
-    }
-
-    /// Writes `model.safetensors` + `config.json` (Hugging Face layout),
-    /// `optimizer.safetensors`, `trainer_state.json` and, last, `manifest.json` into `dir`,
-    /// whole or not at all (`checkpoint::commit`). In a run spread over ranks, rank 0 writes
-    /// the whole model's, gathered from the others; the other ranks only send their parts.
-    pub fn save_checkpoint(&self, dir: &Path, last_loss: Option<f64>) -> Result<(), RunError> {
-        if !self.pipeline.writes_checkpoints() {
-            return self.pipeline.with_state(&mut |_| Ok(()));
-        }
-        write_checkpoint(dir, |dir| {
-            self.pipeline.with_state(&mut |pairs| {
-                let parts: Vec<_> = pairs.iter().map(|(p, _)| *p).collect();
-                save_model(dir, self.pipeline.config(), &parts)?;
-                Ok(save_optimizer(dir, pairs)?)
-            })?;
-            let step = self.step();
-            TrainerState {
-                step,
-                data_position: step * self.spec.training.sequences_per_step() as u64,
-                rng_seed: self.spec.training.seed,
-                last_loss,
-                val_loss: self.progress.loss_at(step),
-                validation: self.progress,
-            }
-            .save(dir)?;
-            Ok(())
-        })
-    }
-
-    /// Continues from a checkpoint written by `save_checkpoint` for the same model.
-    pub fn resume_from(&mut self, dir: &Path) -> Result<TrainerState, RunError> {
-        let state = TrainerState::load(dir)?;
-        let weights = dir.join("model.safetensors");
-        self.pipeline.load_state(&mut |parts, states| {
-            load_weights(parts, &weights)?;
-            let mut pairs: Vec<_> = parts.iter().zip(states.iter_mut()).collect();
-            load_optimizer(dir, &mut pairs)
-        })?;
-        self.pipeline.set_step(state.step);
-        self.progress = state.validation;
-        Ok(state)
     }
 }

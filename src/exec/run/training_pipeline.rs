@@ -5,6 +5,7 @@
 use crate::data::Microbatch;
 use crate::exec::backend::on_compute_pool;
 use crate::exec::checkpoint::CheckpointError;
+use crate::exec::checkpoint::sharded::Shard;
 use crate::exec::model::{LlamaConfig, PartParams};
 use crate::exec::optim::PartOptimState;
 use crate::exec::pipeline::{DeviceTiming, Engine, Pipeline, PipelineError};
@@ -12,7 +13,8 @@ use crate::exec::train::StepReport;
 
 use super::RunError;
 
-/// What a checkpoint writer is given: every part with its optimizer state, in model order.
+/// What a checkpoint writer is given: the parts this process writes with their optimizer
+/// state, in model order.
 pub type WriteState<'a> = dyn FnMut(&[(&PartParams, &PartOptimState)]) -> Result<(), RunError> + 'a;
 /// What a checkpoint reader fills in: each chunk's parts and their optimizer state.
 pub type LoadState<'a> =
@@ -30,14 +32,21 @@ pub trait TrainingPipeline: Send {
     ) -> Result<(StepReport, Vec<DeviceTiming>), PipelineError>;
     /// The summed loss of `batches`' counted targets, forward only.
     fn evaluate(&mut self, batches: &[Microbatch]) -> Result<f64, PipelineError>;
-    /// Calls `write` with the whole model's state, unless this is a rank of a spread run
-    /// other than rank 0, which sends its parts to rank 0 instead.
-    fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError>;
+    /// Calls `write` with the state of the parts this process writes into a checkpoint (the
+    /// whole model's in one process): `Pipeline::with_own_state`.
+    fn with_own_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError>;
     fn load_state(&mut self, load: &mut LoadState<'_>) -> Result<(), PipelineError>;
     /// The run-wide devices this process runs (all but in a run spread over ranks).
     fn local_devices(&self) -> std::ops::Range<u32>;
-    /// Whether this process writes checkpoints (all but ranks other than 0 of a spread run).
-    fn writes_checkpoints(&self) -> bool;
+    /// Whether this process completes checkpoints (all but ranks other than 0 of a spread
+    /// run, which write their shards only).
+    fn commits_checkpoints(&self) -> bool;
+    /// This process's shard of a checkpoint.
+    fn shard(&self) -> Shard;
+    /// The staging directory of the checkpoint after the current step: `Pipeline::staging`.
+    fn staging(&self, named: Option<&str>) -> Result<String, PipelineError>;
+    /// This process's shard of the checkpoint is written: `Pipeline::shard_written`.
+    fn shard_written(&self, within: std::time::Duration) -> Result<(), PipelineError>;
     /// Ends a spread run's links (nothing otherwise).
     fn close_ranks(&self) -> Result<(), PipelineError>;
     /// Tells a spread run's other ranks this one stopped (nothing otherwise).
@@ -76,8 +85,8 @@ where
         on_compute_pool(|| Pipeline::evaluate(self, batches))
     }
 
-    fn with_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError> {
-        Pipeline::with_run_state(self, write)?.unwrap_or(Ok(()))
+    fn with_own_state(&self, write: &mut WriteState<'_>) -> Result<(), RunError> {
+        Pipeline::with_own_state(self, write)?
     }
 
     fn load_state(&mut self, load: &mut LoadState<'_>) -> Result<(), PipelineError> {
@@ -88,8 +97,20 @@ where
         Pipeline::local_devices(self)
     }
 
-    fn writes_checkpoints(&self) -> bool {
-        Pipeline::writes_checkpoints(self)
+    fn commits_checkpoints(&self) -> bool {
+        Pipeline::commits_checkpoints(self)
+    }
+
+    fn shard(&self) -> Shard {
+        Pipeline::shard(self)
+    }
+
+    fn staging(&self, named: Option<&str>) -> Result<String, PipelineError> {
+        Pipeline::staging(self, named)
+    }
+
+    fn shard_written(&self, within: std::time::Duration) -> Result<(), PipelineError> {
+        Pipeline::shard_written(self, within)
     }
 
     fn close_ranks(&self) -> Result<(), PipelineError> {

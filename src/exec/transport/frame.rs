@@ -82,14 +82,11 @@ pub enum Frame {
         squares: Vec<(PartId, f64)>,
         losses: Vec<(u32, f64)>,
     },
-    /// One part's weights and optimizer moments, sent to rank 0 for a checkpoint.
-    State {
-        step: u64,
-        part: PartId,
-        weights: Vec<WireTensor>,
-        exp_avg: Vec<Vec<f32>>,
-        exp_avg_sq: Vec<Vec<f32>>,
-    },
+    /// Rank 0 to every other rank: write your shard of the checkpoint after `step` into the
+    /// staging directory named `staging`, beside the checkpoint's directory.
+    Checkpoint { step: u64, staging: String },
+    /// To rank 0: the sender's shard of the checkpoint after `step` is written and synced.
+    Written { step: u64 },
     /// The sender stopped with this error; every rank stops.
     Abort { reason: String },
     /// The sender is done and sends nothing more.
@@ -105,10 +102,11 @@ impl Frame {
             Frame::Tensor { .. } => 2,
             Frame::Reduce { .. } => 3,
             Frame::Meet { .. } => 4,
-            Frame::State { .. } => 5,
+            Frame::Checkpoint { .. } => 5,
             Frame::Abort { .. } => 6,
             Frame::Bye => 7,
             Frame::Beat => 8,
+            Frame::Written { .. } => 9,
         }
     }
 
@@ -173,22 +171,11 @@ impl Frame {
                     w.f64(*l);
                 }
             }
-            Frame::State {
-                step,
-                part,
-                weights,
-                exp_avg,
-                exp_avg_sq,
-            } => {
+            Frame::Checkpoint { step, staging } => {
                 w.u64(*step);
-                w.part(*part);
-                w.u64(weights.len() as u64);
-                weights.iter().for_each(|t| w.tensor(t));
-                for moments in [exp_avg, exp_avg_sq] {
-                    w.u64(moments.len() as u64);
-                    moments.iter().for_each(|m| w.f32s(m));
-                }
+                w.str(staging);
             }
+            Frame::Written { step } => w.u64(*step),
             Frame::Abort { reason } => w.str(reason),
             Frame::Bye | Frame::Beat => {}
         }
@@ -204,15 +191,6 @@ impl Frame {
         match self {
             Frame::Tensor { tensor, .. } => f(&tensor.data),
             Frame::Reduce { grads, .. } => grads.iter().flatten().map(f).sum(),
-            Frame::State {
-                weights,
-                exp_avg,
-                exp_avg_sq,
-                ..
-            } => {
-                weights.iter().map(|t| f(&t.data)).sum::<usize>()
-                    + exp_avg.iter().chain(exp_avg_sq).map(f).sum::<usize>()
-            }
             _ => 0,
         }
     }
@@ -470,31 +448,18 @@ impl Reader<'_> {
                     losses,
                 }
             }
-            5 => {
-                let (step, part) = (self.u64("step")?, self.part()?);
-                let n = self.count(8, "weights")?;
-                let weights = (0..n).map(|_| self.tensor()).collect::<Result<_, _>>()?;
-                let mut moments = [Vec::new(), Vec::new()];
-                for m in &mut moments {
-                    let n = self.count(8, "moments")?;
-                    *m = (0..n)
-                        .map(|_| self.f32s("moment"))
-                        .collect::<Result<_, _>>()?;
-                }
-                let [exp_avg, exp_avg_sq] = moments;
-                Frame::State {
-                    step,
-                    part,
-                    weights,
-                    exp_avg,
-                    exp_avg_sq,
-                }
-            }
+            5 => Frame::Checkpoint {
+                step: self.u64("step")?,
+                staging: self.str("staging")?,
+            },
             6 => Frame::Abort {
                 reason: self.str("reason")?,
             },
             7 => Frame::Bye,
             8 => Frame::Beat,
+            9 => Frame::Written {
+                step: self.u64("step")?,
+            },
             k => return Err(FrameError::Malformed(format!("unknown frame kind {k}"))),
         })
     }

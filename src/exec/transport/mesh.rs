@@ -6,7 +6,7 @@
 //! goodbye, a peer that reports its own failure, or a link silent for longer than the
 //! silence allowed (every link carries a heartbeat each second) fails every wait at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,14 +20,6 @@ use super::frame::{Frame, FrameError, ReplicaGrads, WireTensor};
 use super::handshake::{dial, greet_incoming, mismatch};
 use super::{MessageKey, RankSpec, TransportError};
 
-/// One part's state as rank 0 receives it for a checkpoint.
-#[derive(Debug)]
-pub struct PartState {
-    pub weights: Vec<WireTensor>,
-    pub exp_avg: Vec<Vec<f32>>,
-    pub exp_avg_sq: Vec<Vec<f32>>,
-}
-
 /// A rank's share of the step's meeting point.
 pub type MeetShare = (Vec<(PartId, f64)>, Vec<(u32, f64)>);
 
@@ -40,8 +32,10 @@ pub struct Inbox {
     pub reductions: HashMap<(u64, u32, u32, u32), ReplicaGrads>,
     /// By (step, sending rank).
     pub meets: HashMap<(u64, u32), MeetShare>,
-    /// By (step, part).
-    pub states: HashMap<(u64, PartId), PartState>,
+    /// By step: the staging directory rank 0 named for the checkpoint after it.
+    pub checkpoints: HashMap<u64, String>,
+    /// (step, sending rank): that rank's shard of the checkpoint after `step` is written.
+    pub written: HashSet<(u64, u32)>,
     failure: Option<TransportError>,
     said_bye: Vec<bool>,
     closing: bool,
@@ -443,19 +437,11 @@ fn read_link(stream: TcpStream, (peer, addr): (u32, String), silence: Duration, 
             } => {
                 inbox.meets.insert((step, peer), (squares, losses));
             }
-            Frame::State {
-                step,
-                part,
-                weights,
-                exp_avg,
-                exp_avg_sq,
-            } => {
-                let state = PartState {
-                    weights,
-                    exp_avg,
-                    exp_avg_sq,
-                };
-                inbox.states.insert((step, part), state);
+            Frame::Checkpoint { step, staging } => {
+                inbox.checkpoints.insert(step, staging);
+            }
+            Frame::Written { step } => {
+                inbox.written.insert((step, peer));
             }
             Frame::Abort { reason } => {
                 inbox

@@ -43,17 +43,11 @@ fn every_kind() -> Vec<Frame> {
             ],
             losses: vec![(0, 3.5), (7, 1e-9)],
         },
-        Frame::State {
+        Frame::Checkpoint {
             step: 2,
-            part: PartId::Layer(0),
-            weights: vec![WireTensor {
-                name: "model.layers.0.mlp.up_proj.weight".into(),
-                shape: vec![1, 2],
-                data: vec![4.0, 5.0],
-            }],
-            exp_avg: vec![vec![0.25, 0.5]],
-            exp_avg_sq: vec![vec![1e-8, 2e-8]],
+            staging: ".step-2.00ff00ff00ff00ff.partial".into(),
         },
+        Frame::Written { step: 2 },
         Frame::Abort {
             reason: "device 1: out of memory".into(),
         },
