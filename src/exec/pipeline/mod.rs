@@ -329,7 +329,12 @@ impl<E: Engine> Pipeline<E> {
                 .map(|p| self.engine.host_part(device, p, host, &self.config))
                 .collect::<Result<Vec<_>, _>>()?;
             let lent: Vec<&PartParams> = parts.iter().map(|p| &**p).collect();
-            let states = chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
+            let mut states =
+                chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
+            if self.plan.sharded(chunk.index) {
+                // Each replica keeps its shard of the state: gather them all.
+                self.fill_other_shards(device, chunk.index, &mut states)?;
+            }
             all.extend(parts.into_iter().zip(states));
         }
         if let Some(ranks) = &self.ranks {
@@ -351,6 +356,25 @@ impl<E: Engine> Pipeline<E> {
         all.sort_by_key(|(p, _)| p.id);
         let pairs: Vec<_> = all.iter().map(|(p, s)| (&**p, s)).collect();
         Ok(Some(write(&pairs)))
+    }
+
+    /// Fills the shards of `chunk`'s optimizer state that the replicas other than 0 keep
+    /// into `states` (the chunk is on replica 0's `device`).
+    fn fill_other_shards(
+        &self,
+        device: u32,
+        chunk: u32,
+        states: &mut [PartOptimState],
+    ) -> Result<(), PipelineError> {
+        let stages = self.plan.devices() as u32;
+        for replica in 1..self.plan.replicas {
+            let at = replica * stages + device;
+            let copy = (self.chunks.get(at as usize))
+                .and_then(|held| held.iter().find(|c| c.index == chunk))
+                .ok_or(PipelineError::NotHere { chunk })?;
+            copy.fill_states(&self.engine, at, states)?;
+        }
+        Ok(())
     }
 
     /// Runs `load` on host copies of each chunk's parts and optimizer state, then keeps what
@@ -442,6 +466,7 @@ impl<E: Engine> Pipeline<E> {
                 .map(|(d, chunks)| {
                     let pool = &self.devices.devices[d];
                     let seat = Seat {
+                        replicas: self.plan.replicas,
                         replica: d as u32 / stages,
                         stage: d as u32 % stages,
                         stages,
