@@ -10,7 +10,7 @@ mod run_log;
 
 use chronospipe::exec::device::DeviceSet;
 use chronospipe::exec::run::{DeviceKind, Outcome, Run, RunError, drive, plan_job, resolve_arch};
-use chronospipe::spec::JobSpec;
+use chronospipe::spec::{JobSpec, OffloadChoice, RecomputeChoice};
 use run_log::RunLog;
 
 fn corpus(dir: &Path) -> PathBuf {
@@ -264,7 +264,11 @@ fn auto_replicas_let_the_planner_pick_stages_x_replicas_and_train_like_one_pipel
         crate_describe(&run)
     );
     assert_eq!(run.answer.best.data_parallel, 4);
-    assert!(plan.to_string().contains("AR0"), "{plan}");
+    // More than one replica: the optimizer state is sharded by default.
+    assert!(
+        plan.to_string().contains("RS0") && plan.to_string().contains("AG0"),
+        "{plan}"
+    );
     let off = relative(&model(&auto), &model(&one));
     assert!(off <= 1e-6, "{off:e} from one pipeline");
     assert_eq!(run.predicted_peaks(), run.measured_peaks());
@@ -358,7 +362,8 @@ fn sharded_optimizer_state_trains_like_whole_state_and_keeps_only_its_shard() {
         (2, 2, "chronos"),
     ] {
         let label = format!("pp{stages} dp{replicas} {schedule}");
-        let spec = patched(&job(&data, stages, replicas, schedule), r#""offload": "none""#);
+        let mut spec = job(&data, stages, replicas, schedule);
+        spec.parallelism.offload = OffloadChoice::None;
         let whole_spec = patched(&spec, r#""shard_optimizer": false"#);
         let (sharded, _) = train(spec, &dir.path().join(&label));
         let whole_out = dir.path().join(format!("{label} whole"));
@@ -414,7 +419,8 @@ fn a_replica_offloads_its_own_shard_of_the_optimizer_state() {
     let model = |out: &Path| out.join("final/model.safetensors");
     let one = dir.path().join("pp2-dp1");
     train(job(&data, 2, 1, "1f1b"), &one);
-    let base = patched(&job(&data, 2, 2, "1f1b"), r#""recompute": "none""#);
+    let mut base = job(&data, 2, 2, "1f1b");
+    base.parallelism.recompute = RecomputeChoice::None;
     // A budget that whole optimizer state does not fit without offloading half of it.
     let roomy = Run::prepare(patched(&base, r#""shard_optimizer": false"#), "").unwrap();
     let params = chunk_params(&roomy, &model(&one));
@@ -426,7 +432,8 @@ fn a_replica_offloads_its_own_shard_of_the_optimizer_state() {
             per
         });
     let budget = peak - largest.iter().min().unwrap() / 2;
-    let mut spec = patched(&base, r#""offload": "chronos""#);
+    let mut spec = base;
+    spec.parallelism.offload = OffloadChoice::Chronos;
     spec.devices = Some(format!("cpu:4x{budget}"));
     let out = dir.path().join("offloaded");
     let (run, _) = train(spec, &out);

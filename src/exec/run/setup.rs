@@ -334,14 +334,6 @@ impl Run {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
         let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cpu)?;
-        if answer.plan.sharded(0) {
-            return Err(RunError::Spec(vec![SpecError::new(
-                "parallelism.shard_optimizer",
-                "a run spread over ranks (--rank) reduces whole gradients between processes; \
-                 sharding the optimizer state over the replicas needs them in one process: set \
-                 shard_optimizer to false, or run without --rank",
-            )]));
-        }
         let engine = CpuEngine {
             backend: CpuBackend::default(),
         };
