@@ -10,7 +10,7 @@ mod run_log;
 
 use chronospipe::exec::device::DeviceSet;
 use chronospipe::exec::run::{DeviceKind, Outcome, Run, RunError, drive, plan_job, resolve_arch};
-use chronospipe::spec::JobSpec;
+use chronospipe::spec::{JobSpec, OffloadChoice, RecomputeChoice};
 use run_log::RunLog;
 
 fn corpus(dir: &Path) -> PathBuf {
@@ -212,11 +212,11 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
         message.contains("2 stages x 2 replicas need 4 devices"),
         "{message}"
     );
-    // Not implemented yet: said so by field.
+    // Nothing to shard over with one replica: said so by field.
     let spec = patched(&job(&data, 1, 1, "1f1b"), r#""shard_optimizer": true"#);
     let (got, message) = spec_error(Run::prepare(spec, ""));
     assert_eq!(got, "parallelism.shard_optimizer", "{message}");
-    assert!(message.contains("not implemented yet"), "{message}");
+    assert!(message.contains("data_parallel is 1"), "{message}");
     // GPUs run one replica for now: refused before any GPU is opened.
     let spec = job(&data, 1, 2, "1f1b");
     let arch = resolve_arch(&spec).unwrap();
@@ -264,7 +264,11 @@ fn auto_replicas_let_the_planner_pick_stages_x_replicas_and_train_like_one_pipel
         crate_describe(&run)
     );
     assert_eq!(run.answer.best.data_parallel, 4);
-    assert!(plan.to_string().contains("AR0"), "{plan}");
+    // More than one replica: the optimizer state is sharded by default.
+    assert!(
+        plan.to_string().contains("RS0") && plan.to_string().contains("AG0"),
+        "{plan}"
+    );
     let off = relative(&model(&auto), &model(&one));
     assert!(off <= 1e-6, "{off:e} from one pipeline");
     assert_eq!(run.predicted_peaks(), run.measured_peaks());
@@ -319,5 +323,168 @@ fn the_cli_trains_stages_x_replicas_and_says_so_in_its_summary() {
             "{summary}"
         );
         assert!(d["reduction_s"].as_f64().unwrap() > 0.0, "{summary}");
+    }
+}
+
+/// Parameters of each chunk of `run`'s plan, counted from a model file's tensors.
+fn chunk_params(run: &Run, model: &Path) -> Vec<u64> {
+    let all = tensors(model);
+    let count = |prefix: &str| -> u64 {
+        (all.iter())
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, v)| v.len() as u64)
+            .sum()
+    };
+    (run.answer.plan.chunks.iter())
+        .map(|c| {
+            let layers: u64 = (c.first_layer..c.end_layer)
+                .map(|l| count(&format!("model.layers.{l}.")))
+                .sum();
+            let embedding = if c.embedding { count("model.embed_tokens.") } else { 0 };
+            let head = if c.head { count("model.norm.") + count("lm_head.") } else { 0 };
+            embedding + layers + head
+        })
+        .collect()
+}
+
+#[test]
+fn sharded_optimizer_state_trains_like_whole_state_and_keeps_only_its_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let model = |out: &Path| out.join("final/model.safetensors");
+    let one = dir.path().join("pp2-dp1");
+    train(job(&data, 2, 1, "1f1b"), &one);
+    for (stages, replicas, schedule) in [
+        (1, 2, "1f1b"),
+        (1, 4, "1f1b"),
+        (2, 2, "1f1b"),
+        (2, 2, "gpipe"),
+        (2, 2, "chronos"),
+    ] {
+        let label = format!("pp{stages} dp{replicas} {schedule}");
+        let mut spec = job(&data, stages, replicas, schedule);
+        spec.parallelism.offload = OffloadChoice::None;
+        let whole_spec = patched(&spec, r#""shard_optimizer": false"#);
+        let (sharded, _) = train(spec, &dir.path().join(&label));
+        let whole_out = dir.path().join(format!("{label} whole"));
+        let (whole, _) = train(whole_spec, &whole_out);
+        let text = sharded.answer.plan.to_string();
+        assert!(
+            text.contains("RS0") && text.contains("AG0") && !text.contains("AR"),
+            "{label}: {text}"
+        );
+        assert!(whole.answer.plan.to_string().contains("AR0"), "{label}");
+        for out in [dir.path().join(&label), whole_out] {
+            let off = relative(&model(&out), &model(&one));
+            assert!(off <= 1e-6, "{label}: {off:e} from one pipeline");
+        }
+        assert_eq!(sharded.predicted_peaks(), sharded.measured_peaks(), "{label}");
+        assert_eq!(whole.predicted_peaks(), whole.measured_peaks(), "{label}");
+        // AdamW's two f32 moments: each replica keeps ceil(n / replicas) of a chunk's n.
+        let params = chunk_params(&sharded, &model(&one));
+        let plan = &sharded.answer.plan;
+        let r = replicas as u64;
+        for (device, (s, w)) in sharded
+            .measured_peaks()
+            .iter()
+            .zip(whole.measured_peaks())
+            .enumerate()
+        {
+            let stage = (device % stages) as u32;
+            let saved: u64 = (plan.chunks.iter().zip(&params))
+                .filter(|(c, _)| c.device == stage)
+                .map(|(_, &n)| (n - n.div_ceil(r)) * 8)
+                .sum();
+            assert!(saved > 0, "{label}");
+            assert_eq!(w - s, saved, "{label}: device {device}");
+        }
+    }
+    // Two runs of one sharded plan: the same bits.
+    let again = dir.path().join("again");
+    train(job(&data, 2, 2, "1f1b"), &again);
+    let first = dir.path().join("pp2 dp2 1f1b");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(first.join("final").join(file)).unwrap()
+                == std::fs::read(again.join("final").join(file)).unwrap(),
+            "{file}: two runs of the same sharded plan differ"
+        );
+    }
+}
+
+#[test]
+fn a_replica_offloads_its_own_shard_of_the_optimizer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let model = |out: &Path| out.join("final/model.safetensors");
+    let one = dir.path().join("pp2-dp1");
+    train(job(&data, 2, 1, "1f1b"), &one);
+    let mut base = job(&data, 2, 2, "1f1b");
+    base.parallelism.recompute = RecomputeChoice::None;
+    // A budget that whole optimizer state does not fit without offloading half of it.
+    let roomy = Run::prepare(patched(&base, r#""shard_optimizer": false"#), "").unwrap();
+    let params = chunk_params(&roomy, &model(&one));
+    let peak = *roomy.predicted_peaks().iter().max().unwrap();
+    let largest = (roomy.answer.plan.chunks.iter().zip(&params))
+        .map(|(c, &n)| (c.device, n * 8))
+        .fold([0u64; 2], |mut per, (d, bytes)| {
+            per[d as usize] += bytes;
+            per
+        });
+    let budget = peak - largest.iter().min().unwrap() / 2;
+    let mut spec = base;
+    spec.parallelism.offload = OffloadChoice::Chronos;
+    spec.devices = Some(format!("cpu:4x{budget}"));
+    let out = dir.path().join("offloaded");
+    let (run, _) = train(spec, &out);
+    let text = run.answer.plan.to_string();
+    assert!(text.contains("OFF:O") && text.contains("RS0"), "{text}");
+    assert_eq!(run.predicted_peaks(), run.measured_peaks());
+    let off = relative(&model(&out), &model(&one));
+    assert!(off <= 1e-6, "{off:e} from one pipeline");
+}
+
+#[test]
+fn a_sharded_dp4_checkpoint_resumes_exactly_on_dp4_dp2_and_dp1() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let whole = dir.path().join("whole");
+    let (run, uninterrupted) = train(job(&data, 1, 4, "1f1b"), &whole);
+    assert!(run.answer.plan.sharded(0));
+    let checkpoint = whole.join("step-2");
+
+    let resumed = dir.path().join("resumed");
+    let mut run = Run::prepare(job(&data, 1, 4, "1f1b"), "").unwrap();
+    assert_eq!(run.resume_from(&checkpoint).unwrap().step, 2);
+    let mut log = RunLog::new(&resumed);
+    drive(&mut run, &mut log).unwrap();
+    assert_eq!(log.losses, uninterrupted.losses[2..]);
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(whole.join("final").join(file)).unwrap()
+                == std::fs::read(resumed.join("final").join(file)).unwrap(),
+            "{file} differs after resume"
+        );
+    }
+    for replicas in [2, 1] {
+        let mut run = Run::prepare(job(&data, 1, replicas, "1f1b"), "").unwrap();
+        assert_eq!(run.answer.plan.sharded(0), replicas > 1);
+        run.resume_from(&checkpoint).unwrap();
+        let copy = dir.path().join(format!("copy-dp{replicas}"));
+        run.save_checkpoint(&copy, None).unwrap();
+        for file in ["model.safetensors", "optimizer.safetensors"] {
+            assert!(
+                std::fs::read(checkpoint.join(file)).unwrap()
+                    == std::fs::read(copy.join(file)).unwrap(),
+                "dp{replicas}: {file} did not load exactly"
+            );
+        }
+        let out = dir.path().join(format!("resumed-dp{replicas}"));
+        drive(&mut run, &mut RunLog::new(&out)).unwrap();
+        let off = relative(
+            &out.join("final/model.safetensors"),
+            &whole.join("final/model.safetensors"),
+        );
+        assert!(off <= 1e-6, "dp{replicas}: {off:e} after resume");
     }
 }

@@ -41,4 +41,16 @@ impl Hardware {
         let moved = 2.0 * (r - 1.0) / r * bytes as f64;
         moved / self.p2p_bytes_per_s.max(1.0) + 2.0 * (r - 1.0) * self.p2p_latency_s
     }
+
+    /// Seconds for one half of a ring all-reduce of `bytes` over `replicas`: a
+    /// reduce-scatter (`RS<c>`) or an all-gather (`AG<c>`), each device sending and
+    /// receiving `(r - 1) / r` of them.
+    pub fn ring_half_s(&self, replicas: u32, bytes: u64) -> f64 {
+        if replicas < 2 {
+            return 0.0;
+        }
+        let r = replicas as f64;
+        let moved = (r - 1.0) / r * bytes as f64;
+        moved / self.p2p_bytes_per_s.max(1.0) + (r - 1.0) * self.p2p_latency_s
+    }
 }

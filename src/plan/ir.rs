@@ -18,6 +18,8 @@
 //! | `OFF:g` / `PRE:g` | offload / prefetch | copy group `g` to host and free it / copy it back |
 //! | `STEP1` / `STEP1.2` | optimizer step | update chunk 1's weights (slice 0 / slice 2 of them) from the accumulated gradients |
 //! | `AR1` | gradient reduction | sum chunk 1's gradients across the plan's replicas (after its last backward, before the device's first step) |
+//! | `RS1` | sharded gradient reduction | the same sum, but each replica keeps only its shard of it (`reduction::shard`), and keeps and steps only that shard's optimizer state |
+//! | `AG1` | weight gathering | after chunk 1's last step (of a chunk reduced by `RS1`): each replica hands the weights of its shard to every other replica |
 //!
 //! Groups `g`: `S3.1` the stash of (3, 1) (whatever of it is on the device), `W1` chunk 1's
 //! weights, `G1` its gradients, `O1` / `O1.2` slice 0 / slice 2 of its optimizer state. The
@@ -120,8 +122,15 @@ pub enum Action {
         chunk: u32,
         slice: u32,
     },
-    /// Sum of the chunk's gradients across the plan's replicas.
+    /// Sum of the chunk's gradients across the plan's replicas; `shard`: each replica keeps
+    /// the sum of its own shard only, and its optimizer state is that shard's (ZeRO-1).
     Reduce {
+        chunk: u32,
+        shard: bool,
+    },
+    /// Each replica's updated shard of the chunk's weights copied to every other replica
+    /// (after a sharded reduction and the chunk's steps).
+    Gather {
         chunk: u32,
     },
 }
@@ -180,7 +189,12 @@ impl fmt::Display for Action {
             Action::Prefetch(g) => write!(f, "PRE:{g}"),
             Action::Step { chunk, slice: 0 } => write!(f, "STEP{chunk}"),
             Action::Step { chunk, slice } => write!(f, "STEP{chunk}.{slice}"),
-            Action::Reduce { chunk } => write!(f, "AR{chunk}"),
+            Action::Reduce {
+                chunk,
+                shard: false,
+            } => write!(f, "AR{chunk}"),
+            Action::Reduce { chunk, shard: true } => write!(f, "RS{chunk}"),
+            Action::Gather { chunk } => write!(f, "AG{chunk}"),
         }
     }
 }
@@ -265,8 +279,16 @@ impl FromStr for Action {
             return Ok(Action::Step { chunk, slice });
         }
         let two = |p: &str| s.strip_prefix(p);
-        if let Some(c) = two("AR") {
-            return Ok(Action::Reduce {
+        for (prefix, shard) in [("AR", false), ("RS", true)] {
+            if let Some(c) = two(prefix) {
+                return Ok(Action::Reduce {
+                    chunk: number(s, c)?,
+                    shard,
+                });
+            }
+        }
+        if let Some(c) = two("AG") {
+            return Ok(Action::Gather {
                 chunk: number(s, c)?,
             });
         }
@@ -375,6 +397,12 @@ impl Plan {
     /// Every replica's devices.
     pub fn total_devices(&self) -> usize {
         self.programs.len() * self.replicas as usize
+    }
+
+    /// Whether `chunk`'s optimizer state is sharded over the replicas (reduced by `RS<c>`).
+    pub fn sharded(&self, chunk: u32) -> bool {
+        (self.programs.iter().flatten())
+            .any(|a| *a == Action::Reduce { chunk, shard: true })
     }
 
     /// The device holding `chunk`, if the chunk exists.

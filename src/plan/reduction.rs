@@ -1,9 +1,30 @@
 //! The data-parallel pass: a plan for one pipeline becomes a plan for `replicas` copies of
 //! it, each chunk's gradients reduced across the copies by an `AR<c>` action. One pass for
-//! every schedule: it only reads where each chunk's last backward is.
+//! every schedule: it only reads where each chunk's last backward is. The sharding pass then
+//! makes each replica keep 1/replicas of every chunk's optimizer state (ZeRO-1): `RS<c>` for
+//! `AR<c>`, and `AG<c>` after the chunk's last step.
+
+use std::ops::Range;
 
 use super::error::PlanError;
 use super::ir::{Action, Plan};
+
+/// Elements of a chunk's flattened parameters (parts in model order, tensors in inventory
+/// order) whose optimizer state a replica keeps when it is sharded over `replicas`: every
+/// replica allocates this many (the last shard may own fewer, the rest of its state is
+/// padding), so every replica's device holds the same bytes.
+pub fn shard_len(params: usize, replicas: u32) -> usize {
+    params.div_ceil(replicas.max(1) as usize)
+}
+
+/// The elements replica `replica` of `replicas` owns: it keeps their optimizer state, keeps
+/// their summed gradients at a sharded reduction, updates their weights and hands them to
+/// the other replicas. The one place that decides it, for the planner and the runtime.
+pub fn shard(params: usize, replicas: u32, replica: u32) -> Range<usize> {
+    let len = shard_len(params, replicas);
+    let start = (replica as usize * len).min(params);
+    start..(start + len).min(params)
+}
 
 /// `plan` run by `replicas` data-parallel copies: `AR<c>` goes right after chunk `c`'s last
 /// backward (and the send of that backward's input gradient, so the upstream device is not
@@ -37,7 +58,13 @@ pub fn with_gradient_reduction(plan: Plan, replicas: u32) -> Result<Plan, PlanEr
                     Some(Action::SendGrad { chunk: c, .. }) if *c == chunk => i + 2,
                     _ => i + 1,
                 };
-                out.insert(after_send, Action::Reduce { chunk });
+                out.insert(
+                    after_send,
+                    Action::Reduce {
+                        chunk,
+                        shard: false,
+                    },
+                );
             }
             out
         })
@@ -47,6 +74,44 @@ pub fn with_gradient_reduction(plan: Plan, replicas: u32) -> Result<Plan, PlanEr
         programs,
         ..plan
     })
+}
+
+/// `plan` (replicated by [`with_gradient_reduction`]) with every chunk's optimizer state
+/// sharded over the replicas: each `AR<c>` becomes `RS<c>`, and `AG<c>` follows the chunk's
+/// last step on its device (before anything can move its weights off the device).
+pub fn with_sharded_optimizer(plan: Plan) -> Result<Plan, PlanError> {
+    if plan.replicas < 2 {
+        return Err(PlanError::invalid(
+            "shard_optimizer",
+            "sharding the optimizer state needs at least 2 replicas (data_parallel > 1)",
+        ));
+    }
+    let mut programs = Vec::with_capacity(plan.programs.len());
+    for program in &plan.programs {
+        let mut out = Vec::with_capacity(program.len() + plan.chunks.len());
+        for (i, &a) in program.iter().enumerate() {
+            match a {
+                Action::Reduce { chunk, .. } => out.push(Action::Reduce { chunk, shard: true }),
+                Action::Gather { .. } => {
+                    return Err(PlanError::invalid(
+                        "shard_optimizer",
+                        "the plan's optimizer state is sharded already",
+                    ));
+                }
+                other => out.push(other),
+            }
+            if let Action::Step { chunk, .. } = a {
+                let later = program[i + 1..]
+                    .iter()
+                    .any(|b| matches!(b, Action::Step { chunk: c, .. } if *c == chunk));
+                if !later {
+                    out.push(Action::Gather { chunk });
+                }
+            }
+        }
+        programs.push(out);
+    }
+    Ok(Plan { programs, ..plan })
 }
 
 fn is_reduce(a: &Action) -> bool {
@@ -85,8 +150,78 @@ mod tests {
             "microbatches 2\nreplicas 2\nchunk 0 device 0 embedding layers 0..1\nchunk 1 device 1 layers 1..2 head\ndevice 0: F0.0 SA0.0>1 F1.0 SA1.0>1 RG0.1<1 B0.0 RG1.1<1 B1.0 AR0 STEP0\ndevice 1: RA0.0<0 F0.1 B0.1 SG0.1>0 RA1.0<0 F1.1 B1.1 SG1.1>0 AR1 STEP1\n"
         );
         validate(&two).unwrap();
+        let sharded = with_sharded_optimizer(two.clone()).unwrap();
+        assert!(
+            sharded.to_string().ends_with(
+                "B1.0 RS0 STEP0 AG0\ndevice 1: RA0.0<0 F0.1 B0.1 SG0.1>0 RA1.0<0 F1.1 B1.1 SG1.1>0 RS1 STEP1 AG1\n"
+            ),
+            "{sharded}"
+        );
+        validate(&sharded).unwrap();
+        assert!(sharded.sharded(0) && !two.sharded(0));
+        let twice = with_sharded_optimizer(sharded).unwrap_err();
+        assert_eq!(twice.field(), Some("shard_optimizer"));
         let again = with_gradient_reduction(two, 2).unwrap_err();
         assert_eq!(again.field(), Some("replicas"));
+    }
+
+    #[test]
+    fn the_shards_cover_a_chunk_once_in_replica_order() {
+        for params in [0, 1, 5, 7, 8, 1000, 1001] {
+            for replicas in [1, 2, 3, 4, 8] {
+                let mut next = 0;
+                for r in 0..replicas {
+                    let owned = shard(params, replicas, r);
+                    assert_eq!(owned.start, next, "{params} over {replicas}");
+                    assert!(owned.len() <= shard_len(params, replicas));
+                    next = owned.end;
+                }
+                assert_eq!(next, params, "{params} over {replicas}");
+            }
+        }
+        assert_eq!(shard(10, 4, 3), 9..10);
+        assert_eq!(shard_len(10, 4), 3);
+    }
+
+    #[test]
+    fn every_schedule_shards_into_a_valid_plan_with_a_gathering_after_each_chunks_steps() {
+        for kind in ScheduleKind::EACH {
+            let plan = build(kind, 2, 4, 4).unwrap();
+            let two = with_gradient_reduction(plan.clone(), 2).unwrap();
+            let sharded = with_sharded_optimizer(two).unwrap();
+            validate(&sharded).unwrap_or_else(|e| panic!("{kind}: {e}"));
+            for c in 0..plan.chunks.len() as u32 {
+                assert!(sharded.sharded(c), "{kind}");
+            }
+            let one = with_sharded_optimizer(plan).unwrap_err();
+            assert_eq!(one.field(), Some("shard_optimizer"));
+        }
+    }
+
+    #[test]
+    fn the_validator_refuses_a_missing_early_or_unsharded_gathering() {
+        let head = "microbatches 2\nreplicas 2\noptimizer_slices 2\nchunk 0 device 0 embedding layers 0..1 head\n";
+        let err = |program: &str| {
+            let text = format!("{head}device 0: {program}\n");
+            validate(&text.parse().unwrap()).unwrap_err().to_string()
+        };
+        validate(
+            &format!("{head}device 0: F0.0 F1.0 B0.0 B1.0 RS0 STEP0 STEP0.1 AG0\n")
+                .parse()
+                .unwrap(),
+        )
+        .unwrap();
+        let never = err("F0.0 F1.0 B0.0 B1.0 RS0 STEP0 STEP0.1");
+        assert!(never.contains("never gathered"), "{never}");
+        let early = err("F0.0 F1.0 B0.0 B1.0 RS0 STEP0 AG0 STEP0.1");
+        assert!(early.contains("before all its optimizer slices"), "{early}");
+        let whole = err("F0.0 F1.0 B0.0 B1.0 AR0 STEP0 STEP0.1 AG0");
+        assert!(whole.contains("reduce chunk 0 by RS0 first"), "{whole}");
+        let twice = err("F0.0 F1.0 B0.0 B1.0 RS0 STEP0 STEP0.1 AG0 AG0");
+        assert!(twice.contains("second gathering"), "{twice}");
+        let away = err("F0.0 F1.0 B0.0 B1.0 RS0 STEP0 STEP0.1 OFF:W0 AG0 PRE:W0");
+        assert!(away.contains("AG0<<"), "{away}");
+        assert!(away.contains("weights of chunk 0 are on the host"), "{away}");
     }
 
     #[test]
@@ -180,5 +315,19 @@ mod tests {
             a.step_time_s
         );
         assert_eq!(a.peak_bytes(), b.peak_bytes());
+        // Sharded: a reduce-scatter of the gradients (0.75 s) and an all-gather of the 2 MB
+        // of weights (1.5 s) for the all-reduce's 1.5 s.
+        costs[0].weight_bytes = 2_000_000;
+        let sharded = with_sharded_optimizer(four.clone()).unwrap();
+        let (b, c) = (
+            simulate(&four, &costs, &hw, false).unwrap(),
+            simulate(&sharded, &costs, &hw, false).unwrap(),
+        );
+        assert!(
+            (c.step_time_s - b.step_time_s - 0.75).abs() < 1e-9,
+            "{} vs {}",
+            c.step_time_s,
+            b.step_time_s
+        );
     }
 }

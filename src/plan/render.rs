@@ -25,16 +25,22 @@ pub fn text(answer: &Answer) -> String {
         let reduce_s: f64 = (plan.programs.iter().zip(&answer.sim.devices))
             .map(|(program, dev)| {
                 (program.iter().zip(&dev.spans))
-                    .filter(|(a, _)| matches!(a, Action::Reduce { .. }))
+                    .filter(|(a, _)| matches!(a, Action::Reduce { .. } | Action::Gather { .. }))
                     .map(|(_, (t0, t1))| t1 - t0)
                     .sum::<f64>()
             })
             .fold(0.0, f64::max);
+        let sharded = !plan.chunks.is_empty() && plan.sharded(0);
+        let how = if sharded {
+            "reduce-scattered (RS) after its last backward, each replica stepping its shard of \
+             the optimizer state, the weights gathered (AG) after the step"
+        } else {
+            "summed across the replicas (AR) after its last backward"
+        };
         let _ = writeln!(
             s,
-            "      {} replicas x {} stages on {} devices; each chunk's gradients summed across \
-             the replicas (AR) after its last backward: {reduce_s:.3} s of the step on the \
-             busiest device",
+            "      {} replicas x {} stages on {} devices; each chunk's gradients {how}: \
+             {reduce_s:.3} s of the step on the busiest device",
             plan.replicas,
             plan.devices(),
             plan.total_devices()
@@ -141,7 +147,7 @@ fn colour(a: &Action) -> Option<&'static str> {
         Action::Step { .. } => "#b279a2",
         Action::Offload(_) => "#e45756",
         Action::Prefetch(_) => "#72b7b2",
-        Action::Reduce { .. } => "#9d755d",
+        Action::Reduce { .. } | Action::Gather { .. } => "#9d755d",
         _ => return None,
     })
 }

@@ -14,7 +14,9 @@
 //! Replicas run the same programs in lockstep, so one replica is simulated. A reduction
 //! `AR<c>` holds the program for a ring all-reduce of the chunk's gradients over the
 //! replicas (each device sends and receives `2 (r - 1) / r` of them); it sums in place, so it
-//! adds no memory.
+//! adds no memory. A sharded reduction `RS<c>` and the gathering `AG<c>` of the weights after
+//! the steps each hold it for one half of that ring, in place too; a sharded chunk's
+//! optimizer state is its replica's shard (`reduction::shard_len` of its parameters).
 
 use serde::Serialize;
 

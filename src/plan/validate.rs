@@ -12,7 +12,9 @@
 //! the other replicas. So the replicas can run in lockstep, and a plan whose single pipeline
 //! finishes with each `AR` taken as local finishes replicated: the logical run checks one
 //! replica. It proves each chunk reduced exactly once, after all its backwards and before any
-//! step on its device (the first step takes the norm of the reduced gradients).
+//! step on its device (the first step takes the norm of the reduced gradients), and each
+//! chunk reduced by a sharded `RS<c>` gathered by `AG<c>` once, after all its steps, its
+//! weights on the device.
 
 mod logical;
 
@@ -138,6 +140,18 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
             format!(
                 "chunk {c}'s gradients are never reduced across the {} replicas (AR{c})",
                 s.replicas
+            ),
+        ));
+    }
+    if let Some(c) = (0..chunks).find(|&c| s.sharded[c] && !s.gathered[c]) {
+        let (d, end) = last_place(plan, c as u32);
+        return Err(fail(
+            plan,
+            d,
+            end,
+            format!(
+                "chunk {c}'s optimizer state is sharded (RS{c}) but its weights are never \
+                 gathered after its steps (AG{c})"
             ),
         ));
     }

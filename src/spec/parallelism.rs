@@ -103,13 +103,20 @@ pub struct ParallelismSpec {
     /// `"auto"` (CPU devices): the planner picks stages x replicas for the fastest plan.
     #[serde(default, skip_serializing_if = "DataParallel::is_one")]
     pub data_parallel: DataParallel,
-    /// Each replica keeps 1/data_parallel of the optimizer state (not implemented yet: only
-    /// `false` or left out is accepted).
+    /// Each replica keeps and steps 1/data_parallel of every chunk's optimizer state
+    /// (ZeRO-1: gradients reduce-scattered, weights gathered after the step); left out, it
+    /// is on whenever there is more than one replica. `false` keeps the whole state on every
+    /// replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_optimizer: Option<bool>,
 }
 
 impl ParallelismSpec {
+    /// Whether a run of `replicas` replicas shards its optimizer state.
+    pub fn shards_optimizer(&self, replicas: u32) -> bool {
+        replicas > 1 && self.shard_optimizer != Some(false)
+    }
+
     /// Each replica runs an equal share of the step's `microbatches`.
     pub(super) fn check_replica_share(&self, microbatches: usize, errors: &mut Vec<SpecError>) {
         let Some(dp) = self.data_parallel.count().filter(|&n| n > 1) else {
@@ -145,11 +152,12 @@ impl ParallelismSpec {
                 "must be at least 1 (1: one pipeline, no data parallelism)",
             ));
         }
-        if self.shard_optimizer == Some(true) {
+        if self.shard_optimizer == Some(true) && self.data_parallel == DataParallel::Count(1) {
             errors.push(SpecError::new(
                 "parallelism.shard_optimizer",
-                "sharded optimizer state is not implemented yet: each replica keeps the whole \
-                 optimizer state; use false or leave it out",
+                "shards the optimizer state over data-parallel replicas, and \
+                 parallelism.data_parallel is 1: set data_parallel to 2 or more (or \"auto\"), \
+                 or leave shard_optimizer out",
             ));
         }
         if self.chunks_per_stage == Some(0) {

@@ -38,10 +38,14 @@ fn chunk_squares(xs: &[f32]) -> f64 {
 }
 
 /// The L2 norm over every gradient of the model from each part's contribution, combined in
-/// the parts' forward order regardless of the order given.
+/// the parts' forward order regardless of the order given. A part may come in several
+/// shares (one per replica when the optimizer state is sharded): they are added smallest
+/// first, so whichever replica posted first, the sum has the same bits.
 pub fn global_norm(partials: &[PartSquares]) -> f64 {
     let mut sorted = partials.to_vec();
-    sorted.sort_by_key(|p| p.part);
+    sorted.sort_by(|a, b| {
+        (a.part.cmp(&b.part)).then(a.sum_of_squares.total_cmp(&b.sum_of_squares))
+    });
     sorted.iter().map(|p| p.sum_of_squares).sum::<f64>().sqrt()
 }
 

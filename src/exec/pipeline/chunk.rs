@@ -1,6 +1,8 @@
 //! A chunk's parameters and optimizer state on its device. The optimizer state comes in the
 //! plan's slices: equal contiguous ranges of the chunk's flattened parameters (parts in model
-//! order, tensors in inventory order), each offloaded, prefetched and stepped on its own.
+//! order, tensors in inventory order), each offloaded, prefetched and stepped on its own. A
+//! chunk whose optimizer state is sharded over the replicas (ZeRO-1) splits only its
+//! replica's shard (`plan::reduction::shard`) into the slices.
 
 use std::ops::Range;
 
@@ -8,6 +10,7 @@ use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::PartParams;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::plan::ir::Group;
+use crate::plan::reduction::{shard, shard_len};
 
 use super::PipelineError;
 use super::engine::{Engine, Update};
@@ -23,6 +26,9 @@ pub struct OptimizerSlice<T> {
 pub struct ChunkState<E: Engine> {
     pub index: u32,
     pub parts: Vec<E::Part>,
+    /// The flattened parameters whose optimizer state this copy keeps and steps: all of
+    /// them, or its replica's shard.
+    pub owned: Range<usize>,
     pub optimizer: Vec<OptimizerSlice<E::Tensor>>,
     pub weights_on_host: bool,
     pub grads_on_host: bool,
@@ -66,24 +72,33 @@ fn overlaps<T>(lens: &[Vec<usize>], slices: &[OptimizerSlice<T>]) -> Vec<Overlap
 
 impl<E: Engine> ChunkState<E> {
     /// The chunk with `parts` (the engine's, in the host pool `host`) and zeroed optimizer
-    /// state in `slices` slices, every group on the host.
+    /// state in `slices` slices, every group on the host. With `sharded` = (replica,
+    /// replicas) the state is that replica's shard's, padded to the length every replica
+    /// allocates.
     pub fn new_on_host(
         engine: &E,
         index: u32,
         parts: Vec<E::Part>,
         optimizer: &OptimizerConfig,
-        slices: u32,
+        (slices, sharded): (u32, Option<(u32, u32)>),
         host: &PoolRef,
     ) -> Result<Self, PipelineError> {
         let total: usize = parts
             .iter()
             .map(|p| engine.param_lens(p).iter().sum::<usize>())
             .sum();
+        let (owned, kept) = match sharded {
+            Some((replica, replicas)) => (
+                shard(total, replicas, replica),
+                shard_len(total, replicas),
+            ),
+            None => (0..total, total),
+        };
         let k = slices.max(1) as usize;
-        let mut start = 0;
+        let mut start = owned.start;
         let mut state = Vec::with_capacity(k);
         for i in 0..k {
-            let len = total / k + usize::from(i < total % k);
+            let len = kept / k + usize::from(i < kept % k);
             let moments = match optimizer {
                 OptimizerConfig::Sgd => None,
                 OptimizerConfig::AdamW { .. } => {
@@ -95,17 +110,20 @@ impl<E: Engine> ChunkState<E> {
                     ))
                 }
             };
+            // The padding past the owned range (the last shard's) is allocated, never used.
+            let end = (start + len).min(owned.end);
             state.push(OptimizerSlice {
                 start,
-                end: start + len,
+                end,
                 moments,
                 on_host: true,
             });
-            start += len;
+            start = end;
         }
         Ok(ChunkState {
             index,
             parts,
+            owned,
             optimizer: state,
             weights_on_host: true,
             grads_on_host: true,
@@ -174,7 +192,7 @@ impl<E: Engine> ChunkState<E> {
         Ok(())
     }
 
-    fn lens(&self, engine: &E) -> Vec<Vec<usize>> {
+    pub fn lens(&self, engine: &E) -> Vec<Vec<usize>> {
         self.parts.iter().map(|p| engine.param_lens(p)).collect()
     }
 
@@ -210,7 +228,8 @@ impl<E: Engine> ChunkState<E> {
         Ok(())
     }
 
-    /// The optimizer state per part and tensor, copied into `pool` (for checkpoints).
+    /// The optimizer state per part and tensor, copied into `pool` (for checkpoints); of a
+    /// sharded chunk only this copy's shard, the rest zero (see `fill_states`).
     pub fn gather_states(
         &self,
         engine: &E,
@@ -223,6 +242,18 @@ impl<E: Engine> ChunkState<E> {
             .iter()
             .map(|p| PartOptimState::allocate(pool, config, p))
             .collect::<Result<Vec<_>, _>>()?;
+        self.fill_states(engine, device, &mut states)?;
+        Ok(states)
+    }
+
+    /// Copies the optimizer state this copy keeps into its places in `states` (per part and
+    /// tensor): every replica's copy of a sharded chunk fills its own shard.
+    pub fn fill_states(
+        &self,
+        engine: &E,
+        device: u32,
+        states: &mut [PartOptimState],
+    ) -> Result<(), PipelineError> {
         for o in overlaps(&self.lens(engine), &self.optimizer) {
             let Some((m, v)) = &self.optimizer[o.slice].moments else {
                 continue;
@@ -233,7 +264,7 @@ impl<E: Engine> ChunkState<E> {
             let dst = &mut st.exp_avg_sq[o.tensor].data_mut()[o.local];
             engine.read(device, v, o.within, dst)?;
         }
-        Ok(states)
+        Ok(())
     }
 
     /// Loads per-part optimizer state (from a checkpoint) into the slices.
@@ -255,4 +286,21 @@ impl<E: Engine> ChunkState<E> {
         }
         Ok(())
     }
+}
+
+/// Each tensor's elements in `owned` (of the flattened chunk), as (part, tensor, range in
+/// the tensor); `lens` holds each part's tensor lengths.
+pub fn owned_ranges(lens: &[Vec<usize>], owned: &Range<usize>) -> Vec<(usize, usize, Range<usize>)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (part, tensors) in lens.iter().enumerate() {
+        for (tensor, &len) in tensors.iter().enumerate() {
+            let (lo, hi) = (start.max(owned.start), (start + len).min(owned.end));
+            if lo < hi {
+                out.push((part, tensor, lo - start..hi - start));
+            }
+            start += len;
+        }
+    }
+    out
 }

@@ -363,13 +363,40 @@ impl<E: Engine> Pipeline<E> {
                 .map(|p| self.engine.host_part(device, p, host, &self.config))
                 .collect::<Result<Vec<_>, _>>()?;
             let lent: Vec<&PartParams> = parts.iter().map(|p| &**p).collect();
-            let states = chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
+            let mut states =
+                chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
+            if self.plan.sharded(chunk.index) {
+                // Each replica keeps its shard of the state: gather the others'.
+                self.fill_other_shards(device, chunk.index, &mut states)?;
+            }
             let writes = |p: &HostPart<'_>| p.id.order(layers) % replicas == replica;
             own.extend(parts.into_iter().zip(states).filter(|(p, _)| writes(p)));
         }
         own.sort_by_key(|(p, _)| p.id);
         let pairs: Vec<_> = own.iter().map(|(p, s)| (&**p, s)).collect();
         Ok(write(&pairs))
+    }
+
+    /// Fills into `states` the shards of `chunk`'s optimizer state that the other replicas
+    /// keep (the chunk is on the run-wide `device`; sharded runs are in one process).
+    fn fill_other_shards(
+        &self,
+        device: u32,
+        chunk: u32,
+        states: &mut [PartOptimState],
+    ) -> Result<(), PipelineError> {
+        let stages = self.plan.devices() as u32;
+        for replica in 0..self.plan.replicas {
+            let at = replica * stages + device % stages;
+            if at == device {
+                continue;
+            }
+            let copy = (self.chunks.get(at as usize))
+                .and_then(|held| held.iter().find(|c| c.index == chunk))
+                .ok_or(PipelineError::NotHere { chunk })?;
+            copy.fill_states(&self.engine, at, states)?;
+        }
+        Ok(())
     }
 
     /// Runs `load` on host copies of each chunk's parts and optimizer state, then keeps what
@@ -461,6 +488,7 @@ impl<E: Engine> Pipeline<E> {
                 .map(|(d, chunks)| {
                     let pool = &self.devices.devices[d];
                     let seat = Seat {
+                        replicas: self.plan.replicas,
                         replica: d as u32 / stages,
                         stage: d as u32 % stages,
                         stages,

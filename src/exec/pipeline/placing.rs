@@ -56,12 +56,14 @@ pub fn place_replica<E: Engine>(
             .map(|part| engine.adopt(part, &devices.host))
             .collect::<Result<Vec<_>, _>>()?;
         let chunk = index as u32;
+        let replica = first_device / plan.devices().max(1) as u32;
+        let sharded = plan.sharded(chunk).then_some((replica, plan.replicas));
         let mut state = ChunkState::new_on_host(
             engine,
             chunk,
             chunk_parts,
             optimizer,
-            plan.optimizer_slices,
+            (plan.optimizer_slices, sharded),
             &devices.host,
         )?;
         let groups = [Group::Weights { chunk }, Group::Grads { chunk }]

@@ -3,9 +3,13 @@
 //! added), the last to arrive sums every tensor's copies in replica order (replica 0 + 1 + 2
 //! ...) into each copy (with the other processes' copies, when the run is spread over ranks),
 //! and each replica takes its own back. The order does not depend on which thread arrives
-//! first, so a data-parallel run repeats bit for bit.
+//! first, so a data-parallel run repeats bit for bit. Sharded optimizer state (ZeRO-1) meets
+//! the same way twice: a reduce-scatter sums each replica's shard in the same replica order
+//! into that replica's copy, and an all-gather copies each replica's updated shard of the
+//! weights into the others'.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Condvar, Mutex};
 
 use super::PipelineError;
@@ -14,6 +18,10 @@ use super::mailbox::Abort;
 
 /// One replica's gradients of a chunk: per part, its gradient tensors.
 pub type ChunkGrads<T> = Vec<Vec<T>>;
+
+/// Per replica (in replica order), the elements of a chunk it owns: (part, tensor, range in
+/// the tensor), from `plan::reduction::shard`.
+pub type Shards = Vec<Vec<(usize, usize, Range<usize>)>>;
 
 struct Slot<T> {
     posted: Vec<Option<ChunkGrads<T>>>,
@@ -139,6 +147,83 @@ pub fn sum_in_replica_order<E: Engine>(
                 all.iter_mut().map(|r| &mut r[part][tensor]).collect();
             engine.sum_replicas(device, &mut copies)?;
         }
+    }
+    Ok(())
+}
+
+/// `RS<c>`: sums each replica's owned elements over every copy in replica order (as
+/// `sum_in_replica_order` does, so the same bits) into that replica's copy, and zeroes them in
+/// the others' (their next step accumulates from zero). Whole tensors' host copies of one
+/// range at a time go through the engine's `read`/`write`.
+pub fn scatter_sums<E: Engine>(
+    engine: &E,
+    device: u32,
+    all: &mut [ChunkGrads<E::Tensor>],
+    shards: &Shards,
+) -> Result<(), PipelineError> {
+    check_shards(all, shards)?;
+    for (owner, owned) in shards.iter().enumerate() {
+        for (part, tensor, range) in owned {
+            let (part, tensor) = (*part, *tensor);
+            let mut sum = vec![0f32; range.len()];
+            let mut other = vec![0f32; range.len()];
+            engine.read(device, &all[0][part][tensor], range.clone(), &mut sum)?;
+            for copy in &all[1..] {
+                engine.read(device, &copy[part][tensor], range.clone(), &mut other)?;
+                for (s, o) in sum.iter_mut().zip(&other) {
+                    *s += *o;
+                }
+            }
+            other.fill(0.0);
+            for (r, copy) in all.iter_mut().enumerate() {
+                let values = if r == owner { &sum } else { &other };
+                engine.write(device, &mut copy[part][tensor], range.clone(), values)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `AG<c>`: copies each replica's owned elements of the weights into every other copy.
+pub fn gather_shards<E: Engine>(
+    engine: &E,
+    device: u32,
+    all: &mut [ChunkGrads<E::Tensor>],
+    shards: &Shards,
+) -> Result<(), PipelineError> {
+    check_shards(all, shards)?;
+    for (owner, owned) in shards.iter().enumerate() {
+        for (part, tensor, range) in owned {
+            let (part, tensor) = (*part, *tensor);
+            let mut values = vec![0f32; range.len()];
+            engine.read(device, &all[owner][part][tensor], range.clone(), &mut values)?;
+            for (r, copy) in all.iter_mut().enumerate() {
+                if r != owner {
+                    engine.write(device, &mut copy[part][tensor], range.clone(), &values)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every replica met, and each owned place exists in every copy.
+fn check_shards<T>(all: &[ChunkGrads<T>], shards: &Shards) -> Result<(), PipelineError> {
+    if all.len() != shards.len() {
+        return Err(PipelineError::Reduction(format!(
+            "{} replicas met where the shards are {}'s",
+            all.len(),
+            shards.len()
+        )));
+    }
+    let missing = shards.iter().flatten().any(|(part, tensor, _)| {
+        all.iter()
+            .any(|copy| copy.get(*part).is_none_or(|p| p.get(*tensor).is_none()))
+    });
+    if missing {
+        return Err(PipelineError::Reduction(
+            "the replicas hold different parts of the chunk".into(),
+        ));
     }
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! A device thread's place in a data-parallel run: which replica, which of its devices.
 
-/// Where a device thread sits: device `stage` of replica `replica`, whose pipelines have
-/// `stages` devices and `microbatches` micro-batches each.
+/// Where a device thread sits: device `stage` of replica `replica` of `replicas`, whose
+/// pipelines have `stages` devices and `microbatches` micro-batches each.
 #[derive(Debug, Clone, Copy)]
 pub struct Seat {
     pub replica: u32,
+    pub replicas: u32,
     pub stage: u32,
     pub stages: u32,
     pub microbatches: u32,

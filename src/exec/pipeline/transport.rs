@@ -17,7 +17,9 @@ use crate::exec::transport::MessageKey;
 use super::PipelineError;
 use super::engine::Engine;
 use super::mailbox::{Abort, Mailbox};
-use super::reduce_point::{ChunkGrads, Place, ReducePoint, sum_in_replica_order};
+use super::reduce_point::{
+    ChunkGrads, Place, ReducePoint, Shards, gather_shards, scatter_sums, sum_in_replica_order,
+};
 use super::seat::Seat;
 use super::step_sync::{Shares, StepSync, StepTotals};
 
@@ -59,12 +61,47 @@ pub trait Transport<E: Engine>: Sync {
         grads: ChunkGrads<E::Tensor>,
     ) -> (ChunkGrads<E::Tensor>, Result<()>);
 
+    /// A sharded reduction (`RS<c>`): as `reduce`, but each replica's gradients come back
+    /// holding the sum only over the elements it owns (`shards`, every replica's), zero
+    /// elsewhere. Transports that cannot refuse it by name.
+    fn reduce_scatter(
+        &self,
+        _engine: &E,
+        _seat: Seat,
+        _chunk: u32,
+        grads: ChunkGrads<E::Tensor>,
+        _shards: &Shards,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        (grads, Err(sharding_unsupported()))
+    }
+
+    /// `AG<c>`: each replica's `weights` of `chunk` come back with every other replica's
+    /// owned elements (`shards`) copied in.
+    fn all_gather(
+        &self,
+        _engine: &E,
+        _seat: Seat,
+        _chunk: u32,
+        weights: ChunkGrads<E::Tensor>,
+        _shards: &Shards,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        (weights, Err(sharding_unsupported()))
+    }
+
     /// Posts a device's squared gradient norms and its heads' losses; every device gets the
     /// same totals.
     fn meet(&self, squares: Vec<PartSquares>, losses: Vec<(u32, f64)>) -> Result<StepTotals>;
 
     /// A device failed with `cause`: every device still waiting stops.
     fn abort(&self, cause: &PipelineError);
+}
+
+fn sharding_unsupported() -> PipelineError {
+    PipelineError::Reduction(
+        "parallelism.shard_optimizer: this transport reduces whole gradients only (run the \
+         replicas in one process, or set shard_optimizer to false)"
+            .into(),
+    )
 }
 
 /// The devices of one process, as threads: mailboxes, the replicas' meeting points and the
@@ -74,6 +111,10 @@ pub struct InProcess<E: Engine> {
     abort: Abort,
     sync: StepSync,
     reduce: ReducePoint<E::Tensor>,
+    /// The meeting points of sharded reductions and of weight gatherings: their own, so a
+    /// replica that moved on never meets another's earlier meeting of the same chunk.
+    scatter: ReducePoint<E::Tensor>,
+    gather: ReducePoint<E::Tensor>,
     /// Replicas and stages of the plan; `local` its devices that run in this process.
     replicas: u32,
     stages: u32,
@@ -88,6 +129,8 @@ impl<E: Engine> InProcess<E> {
             abort: Abort::default(),
             sync: StepSync::new(local.len()),
             reduce: ReducePoint::new(),
+            scatter: ReducePoint::new(),
+            gather: ReducePoint::new(),
             replicas,
             stages,
             local,
@@ -117,13 +160,31 @@ impl<E: Engine> InProcess<E> {
         grads: ChunkGrads<E::Tensor>,
         sum: impl FnOnce(&mut [ChunkGrads<E::Tensor>]) -> Result<()>,
     ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        self.meet_replicas(&self.reduce, seat, chunk, grads, sum)
+    }
+
+    /// Meets the replicas of this process at `point`; `work` gets their copies in replica
+    /// order.
+    fn meet_replicas(
+        &self,
+        point: &ReducePoint<E::Tensor>,
+        seat: Seat,
+        chunk: u32,
+        tensors: ChunkGrads<E::Tensor>,
+        work: impl FnOnce(&mut [ChunkGrads<E::Tensor>]) -> Result<()>,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
         let here = self.local_replicas(seat.stage);
         let place = Place {
             replica: here.iter().position(|&r| r == seat.replica).unwrap_or(0),
             replicas: here.len(),
         };
         let key = (seat.stage, chunk);
-        self.reduce.reduce(key, place, grads, &self.abort, sum)
+        point.reduce(key, place, tensors, &self.abort, work)
+    }
+
+    /// Whether every replica of `stage` runs here (a sharded meeting needs them all).
+    fn all_here(&self, stage: u32) -> bool {
+        self.local_replicas(stage).len() == self.replicas as usize
     }
 
     /// Meets the devices of this process; the last in adds `others`' shares.
@@ -185,6 +246,40 @@ impl<E: Engine> Transport<E> for InProcess<E> {
         })
     }
 
+    fn reduce_scatter(
+        &self,
+        engine: &E,
+        seat: Seat,
+        chunk: u32,
+        grads: ChunkGrads<E::Tensor>,
+        shards: &Shards,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        if !self.all_here(seat.stage) {
+            return (grads, Err(sharding_unsupported()));
+        }
+        let device = seat.device(seat.stage);
+        self.meet_replicas(&self.scatter, seat, chunk, grads, |all| {
+            scatter_sums(engine, device, all, shards)
+        })
+    }
+
+    fn all_gather(
+        &self,
+        engine: &E,
+        seat: Seat,
+        chunk: u32,
+        weights: ChunkGrads<E::Tensor>,
+        shards: &Shards,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        if !self.all_here(seat.stage) {
+            return (weights, Err(sharding_unsupported()));
+        }
+        let device = seat.device(seat.stage);
+        self.meet_replicas(&self.gather, seat, chunk, weights, |all| {
+            gather_shards(engine, device, all, shards)
+        })
+    }
+
     fn meet(&self, squares: Vec<PartSquares>, losses: Vec<(u32, f64)>) -> Result<StepTotals> {
         self.meet_here(squares, losses, |_| Ok(Shares::default()))
     }
@@ -193,6 +288,8 @@ impl<E: Engine> Transport<E> for InProcess<E> {
         self.abort.raise(&self.mailboxes);
         self.sync.wake();
         self.reduce.wake();
+        self.scatter.wake();
+        self.gather.wake();
     }
 }
 

@@ -19,7 +19,8 @@ use crate::plan::ir::{Action, Group};
 use super::PipelineError;
 use super::chunk::ChunkState;
 use super::engine::{At, Engine, Kept, Update};
-use super::reduce_point::ChunkGrads;
+use super::chunk::owned_ranges;
+use super::reduce_point::{ChunkGrads, Shards};
 use super::seat::Seat;
 use super::step_sync::StepTotals;
 use super::transport::Transport;
@@ -199,7 +200,8 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             Action::Offload(group) => self.relocate(cx, group, true),
             Action::Prefetch(group) => self.relocate(cx, group, false),
             Action::Step { chunk, slice } => self.timed(|w| w.optimizer_step(cx, chunk, slice)),
-            Action::Reduce { chunk } => self.reduce(cx, chunk),
+            Action::Reduce { chunk, shard } => self.reduce(cx, chunk, shard),
+            Action::Gather { chunk } => self.gather(cx, chunk),
         }
     }
 
@@ -473,13 +475,14 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             Some(t) => t,
             None => {
                 let mut squares = Vec::new();
-                // Every replica holds the same reduced gradients: replica 0's count once.
-                let counted = if self.seat.replica == 0 {
-                    &self.chunks[..]
-                } else {
-                    &[]
-                };
-                for part in counted.iter().flat_map(|c| &c.parts) {
+                // Every replica holds the same all-reduced gradients: replica 0's count
+                // once. A sharded reduction leaves each replica its shard's sums and zeros
+                // elsewhere: every replica counts its own.
+                let replica = self.seat.replica;
+                let counted = (self.chunks.iter())
+                    .filter(|c| replica == 0 || self.sharded(c.index))
+                    .flat_map(|c| &c.parts);
+                for part in counted {
                     squares.push(PartSquares {
                         part: engine.part_id(part),
                         sum_of_squares: engine.grad_squares(device, part)?,
@@ -513,8 +516,19 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         state.step_slice(engine, device, update, slice)
     }
 
-    /// Sums the chunk's gradients with the other replicas' (`AR<c>`).
-    fn reduce(&mut self, cx: &StepContext<'_, E>, chunk: u32) -> Result<(), PipelineError> {
+    /// Whether the program reduces `chunk` sharded (`RS<c>`).
+    fn sharded(&self, chunk: u32) -> bool {
+        (self.program.iter()).any(|a| *a == Action::Reduce { chunk, shard: true })
+    }
+
+    /// Sums the chunk's gradients with the other replicas' (`AR<c>`), or each replica's
+    /// shard of them into that replica (`RS<c>`).
+    fn reduce(
+        &mut self,
+        cx: &StepContext<'_, E>,
+        chunk: u32,
+        shard: bool,
+    ) -> Result<(), PipelineError> {
         let start = Instant::now();
         let (engine, seat) = (cx.engine, self.seat);
         let state = self.chunk(chunk)?;
@@ -523,16 +537,56 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
                 group: Group::Grads { chunk },
             });
         }
+        let shards = shard.then(|| every_shard(engine, state, seat.replicas));
         let grads: ChunkGrads<E::Tensor> = (state.parts.iter_mut())
             .map(|p| std::mem::take(engine.params_mut(p).1))
             .collect();
-        let (summed, result) = cx.transport.reduce(engine, seat, chunk, grads);
+        let (summed, result) = match &shards {
+            Some(shards) => cx
+                .transport
+                .reduce_scatter(engine, seat, chunk, grads, shards),
+            None => cx.transport.reduce(engine, seat, chunk, grads),
+        };
         for (part, grads) in state.parts.iter_mut().zip(summed) {
             *engine.params_mut(part).1 = grads;
         }
         self.report.reducing += start.elapsed();
         result
     }
+
+    /// Hands this replica's updated shard of the chunk's weights to the other replicas and
+    /// takes theirs (`AG<c>`).
+    fn gather(&mut self, cx: &StepContext<'_, E>, chunk: u32) -> Result<(), PipelineError> {
+        let start = Instant::now();
+        let (engine, seat) = (cx.engine, self.seat);
+        let state = self.chunk(chunk)?;
+        if state.weights_on_host {
+            return Err(PipelineError::GroupOnHost {
+                group: Group::Weights { chunk },
+            });
+        }
+        let shards = every_shard(engine, state, seat.replicas);
+        let weights: ChunkGrads<E::Tensor> = (state.parts.iter_mut())
+            .map(|p| std::mem::take(engine.params_mut(p).0))
+            .collect();
+        let (gathered, result) = cx
+            .transport
+            .all_gather(engine, seat, chunk, weights, &shards);
+        for (part, weights) in state.parts.iter_mut().zip(gathered) {
+            *engine.params_mut(part).0 = weights;
+        }
+        self.report.reducing += start.elapsed();
+        result
+    }
+}
+
+/// What each of `replicas` owns of `state`'s chunk, in replica order.
+fn every_shard<E: Engine>(engine: &E, state: &ChunkState<E>, replicas: u32) -> Shards {
+    let lens = state.lens(engine);
+    let total = lens.iter().flatten().sum();
+    (0..replicas)
+        .map(|r| owned_ranges(&lens, &crate::plan::reduction::shard(total, replicas, r)))
+        .collect()
 }
 
 fn take<T>(map: &mut HashMap<Key, T>, key: Key, what: &'static str) -> Result<T, PipelineError> {

@@ -156,7 +156,8 @@ pub fn plan_job(
         DeviceKind::Cuda => Cluster::cuda(used, budget, profile),
         DeviceKind::Cpu => Cluster::cpu(used, budget),
     };
-    search_within_host(&request, &mut cluster, devices.host.budget())
+    let answer = search_within_host(&request, &mut cluster, devices.host.budget())?;
+    replicas::shard_optimizer(spec, answer, &arch.dims(), &cluster)
 }
 
 /// Joins a pipeline to the other ranks of its run, once its plan is known.
@@ -370,6 +371,14 @@ impl Run {
         }
         let arch = resolve_arch(&spec)?;
         let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cpu)?;
+        if answer.plan.sharded(0) {
+            return Err(RunError::Spec(vec![SpecError::new(
+                "parallelism.shard_optimizer",
+                "a run spread over ranks (--rank) reduces whole gradients between processes; \
+                 sharding the optimizer state over the replicas needs them in one process: set \
+                 shard_optimizer to false, or run without --rank",
+            )]));
+        }
         let engine = CpuEngine {
             backend: CpuBackend::default(),
         };

@@ -32,7 +32,8 @@ fn any_action() -> impl Strategy<Value = Action> {
         any_group().prop_map(Action::Offload),
         any_group().prop_map(Action::Prefetch),
         (0u32..64, 0u32..8).prop_map(|(chunk, slice)| Action::Step { chunk, slice }),
-        (0u32..64).prop_map(|chunk| Action::Reduce { chunk }),
+        (0u32..64, any::<bool>()).prop_map(|(chunk, shard)| Action::Reduce { chunk, shard }),
+        (0u32..64).prop_map(|chunk| Action::Gather { chunk }),
     ]
 }
 
@@ -62,10 +63,24 @@ fn text_forms_read_as_documented() {
     );
     assert_eq!(
         "AR2".parse::<Action>().unwrap(),
-        Action::Reduce { chunk: 2 }
+        Action::Reduce {
+            chunk: 2,
+            shard: false
+        }
+    );
+    assert_eq!(
+        "RS2".parse::<Action>().unwrap(),
+        Action::Reduce {
+            chunk: 2,
+            shard: true
+        }
+    );
+    assert_eq!(
+        "AG2".parse::<Action>().unwrap(),
+        Action::Gather { chunk: 2 }
     );
     for bad in [
-        "", "X1.2", "F1", "F1.x", "SA1.2", "OFF:Q1", "STEP", "AR", "AR1.2",
+        "", "X1.2", "F1", "F1.x", "SA1.2", "OFF:Q1", "STEP", "AR", "AR1.2", "RS", "AG1.0",
     ] {
         assert!(bad.parse::<Action>().is_err(), "{bad}");
     }

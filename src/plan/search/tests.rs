@@ -105,7 +105,7 @@ fn reductions(plan: &Plan) -> Vec<usize> {
     (0..plan.chunks.len() as u32)
         .map(|c| {
             let is_c = |a: &&crate::plan::Action| {
-                matches!(a, crate::plan::Action::Reduce { chunk } if *chunk == c)
+                matches!(a, crate::plan::Action::Reduce { chunk, .. } if *chunk == c)
             };
             plan.programs.iter().flatten().filter(is_c).count()
         })

@@ -8,6 +8,7 @@ use super::super::hardware::Hardware;
 use super::super::inventory::{MicroShape, ModelDims, Profile, act_copy_bytes};
 use super::super::ir::Plan;
 use super::super::memory::{ChunkMemory, chunk_memory};
+use super::super::reduction::shard_len;
 
 /// Time and memory of one chunk per micro-batch.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -24,6 +25,9 @@ pub struct ChunkCost {
     /// prefetch allocates them when it starts (the runtime casts them afresh).
     pub act_copy_bytes: u64,
     pub grad_bytes: u64,
+    /// The parameters whose optimizer state the device keeps: all of the chunk's, or its
+    /// replica's shard of them (padded to the same length on every replica).
+    pub optimizer_params: u64,
     pub optimizer_bytes: u64,
 }
 
@@ -42,24 +46,31 @@ pub fn chunk_costs(
     let per_param = (state.weight + state.grad + state.optimizer) as f64;
     plan.chunks
         .iter()
-        .map(|spec| {
+        .enumerate()
+        .map(|(c, spec)| {
             let parts = spec.parts();
             let fwd: f64 = parts.iter().map(|&p| flops(p)).sum::<f64>() / rate;
             let n: u64 = parts.iter().map(|&p| params(p)).sum();
+            let kept = if plan.sharded(c as u32) {
+                shard_len(n as usize, plan.replicas) as u64
+            } else {
+                n
+            };
             let act_copies: u64 = (parts.iter())
                 .map(|&p| act_copy_bytes(profile, dims, p))
                 .sum();
             ChunkCost {
                 forward_s: fwd,
                 backward_s: 2.0 * fwd,
-                // Adam reads and writes every state byte once.
-                step_s: 2.0 * per_param * n as f64 / hw.hbm_bytes_per_s.max(1.0),
+                // Adam reads and writes every state byte of the parameters it steps once.
+                step_s: 2.0 * per_param * kept as f64 / hw.hbm_bytes_per_s.max(1.0),
                 memory: chunk_memory(profile, dims, micro, &parts),
                 params: n,
                 weight_bytes: n * state.weight as u64,
                 act_copy_bytes: act_copies,
                 grad_bytes: n * state.grad as u64,
-                optimizer_bytes: n * state.optimizer as u64,
+                optimizer_params: kept,
+                optimizer_bytes: kept * state.optimizer as u64,
             }
         })
         .collect()
@@ -77,20 +88,22 @@ pub fn uniform_costs(chunks: usize, memory: ChunkMemory, forward_s: f64) -> Vec<
             weight_bytes: 0,
             act_copy_bytes: 0,
             grad_bytes: 0,
+            optimizer_params: 0,
             optimizer_bytes: 0,
         };
         chunks
     ]
 }
 
-/// Bytes of slice `slice` of `k` of a chunk's optimizer state. Slices split the chunk's
-/// parameters (not bytes): `params / k` each, the first ones one more, as the executor does.
-/// Costs given in bytes alone (no parameter count) split the bytes instead.
+/// Bytes of slice `slice` of `k` of a chunk's optimizer state. Slices split the parameters
+/// the device keeps state for (not bytes): `optimizer_params / k` each, the first ones one
+/// more, as the executor does. Costs given in bytes alone (no parameter count) split the
+/// bytes instead.
 pub fn slice_bytes(cost: &ChunkCost, k: usize, slice: usize) -> u64 {
     let k = k.max(1) as u64;
     let share = |total: u64| total / k + u64::from((slice as u64) < total % k);
-    match cost.optimizer_bytes.checked_div(cost.params) {
-        Some(per_param) => share(cost.params) * per_param,
+    match cost.optimizer_bytes.checked_div(cost.optimizer_params) {
+        Some(per_param) => share(cost.optimizer_params) * per_param,
         None => share(cost.optimizer_bytes),
     }
 }

@@ -151,7 +151,8 @@ impl<'a> Timeline<'a> {
             Action::Recompute { mb, chunk } => self.recompute(d, mb, chunk),
             Action::Backward { mb, chunk } => self.backward(d, mb, chunk),
             Action::Step { chunk, slice } => Some(self.step(d, chunk, slice)),
-            Action::Reduce { chunk } => Some(self.reduce(d, chunk)),
+            Action::Reduce { chunk, shard } => Some(self.reduce(d, chunk, shard)),
+            Action::Gather { chunk } => Some(self.gather(d, chunk)),
             Action::SendAct { mb, chunk, peer } => Some(self.send(d, mb, chunk, peer, true)),
             Action::SendGrad { mb, chunk, peer } => Some(self.send(d, mb, chunk, peer, false)),
             Action::RecvAct { mb, chunk, .. } => self.receive(d, mb, chunk, true),
@@ -296,12 +297,29 @@ impl<'a> Timeline<'a> {
         (ready, end)
     }
 
-    fn reduce(&mut self, d: usize, c: u32) -> (f64, f64) {
+    /// An all-reduce of the chunk's gradients, or (`shard`) its reduce-scatter half.
+    fn reduce(&mut self, d: usize, c: u32, shard: bool) -> (f64, f64) {
         let now = self.cursor[d];
         let start = now.max(self.persistent[c as usize][GRADS].ready());
         self.stall[d] += start - now;
-        let bytes = self.costs[c as usize].grad_bytes;
-        let end = start + self.hw.reduction_s(self.plan.replicas, bytes);
+        let (replicas, bytes) = (self.plan.replicas, self.costs[c as usize].grad_bytes);
+        let end = start
+            + if shard {
+                self.hw.ring_half_s(replicas, bytes)
+            } else {
+                self.hw.reduction_s(replicas, bytes)
+            };
+        self.cursor[d] = end;
+        (start, end)
+    }
+
+    /// The all-gather of the chunk's updated weights: in place, no memory added.
+    fn gather(&mut self, d: usize, c: u32) -> (f64, f64) {
+        let now = self.cursor[d];
+        let start = now.max(self.persistent[c as usize][WEIGHTS].ready());
+        self.stall[d] += start - now;
+        let bytes = self.costs[c as usize].weight_bytes;
+        let end = start + self.hw.ring_half_s(self.plan.replicas, bytes);
         self.cursor[d] = end;
         (start, end)
     }

@@ -39,6 +39,9 @@ pub(super) struct State<'a> {
     pub steps_done: Vec<u32>,
     pub replicas: u32,
     pub reduced: Vec<bool>,
+    /// Chunks reduced by `RS<c>`, and those of them whose weights `AG<c>` gathered.
+    pub sharded: Vec<bool>,
+    pub gathered: Vec<bool>,
     stash: Vec<Place>,
     weights: Vec<Place>,
     grads: Vec<Place>,
@@ -82,6 +85,8 @@ impl<'a> State<'a> {
             steps_done: vec![0; chunks * slices],
             replicas: plan.replicas,
             reduced: vec![false; chunks],
+            sharded: vec![false; chunks],
+            gathered: vec![false; chunks],
             stash: vec![Place::Host; m * chunks],
             weights: per_chunk(|chunk| Group::Weights { chunk }),
             grads: per_chunk(|chunk| Group::Grads { chunk }),
@@ -110,7 +115,8 @@ impl<'a> State<'a> {
             Action::Offload(g) => self.relocate(d, g, Place::Host),
             Action::Prefetch(g) => self.relocate(d, g, Place::Device),
             Action::Step { chunk, slice } => self.step(d, chunk, slice),
-            Action::Reduce { chunk } => self.reduction(d, chunk),
+            Action::Reduce { chunk, shard } => self.reduction(d, chunk, shard),
+            Action::Gather { chunk } => self.gather(d, chunk),
         }
     }
 
@@ -397,8 +403,8 @@ impl<'a> State<'a> {
         Ok(true)
     }
 
-    /// `AR<c>`: after all of the chunk's backwards, once, on its device.
-    fn reduction(&mut self, d: usize, c: u32) -> Checked {
+    /// `AR<c>` / `RS<c>`: after all of the chunk's backwards, once, on its device.
+    fn reduction(&mut self, d: usize, c: u32, shard: bool) -> Checked {
         if c as usize >= self.chunks {
             return Err(format!("chunk {c} does not exist ({} chunks)", self.chunks));
         }
@@ -421,6 +427,34 @@ impl<'a> State<'a> {
         }
         if std::mem::replace(&mut self.reduced[c as usize], true) {
             return Err(format!("second reduction of chunk {c}"));
+        }
+        self.sharded[c as usize] = shard;
+        Ok(true)
+    }
+
+    /// `AG<c>`: after every step of a chunk reduced by `RS<c>`, once, its weights on the
+    /// device.
+    fn gather(&mut self, d: usize, c: u32) -> Checked {
+        if c as usize >= self.chunks {
+            return Err(format!("chunk {c} does not exist ({} chunks)", self.chunks));
+        }
+        if self.dev(c) != Some(d) {
+            return Err(format!("chunk {c} is not on this device"));
+        }
+        if !self.sharded[c as usize] {
+            return Err(format!(
+                "AG{c} gathers the shards of a sharded chunk: reduce chunk {c} by RS{c} first"
+            ));
+        }
+        let slices = c as usize * self.slices..(c as usize + 1) * self.slices;
+        if self.steps_done[slices].contains(&0) {
+            return Err(format!(
+                "weights of chunk {c} gathered before all its optimizer slices stepped"
+            ));
+        }
+        Self::resident(&self.weights, c, "the weights")?;
+        if std::mem::replace(&mut self.gathered[c as usize], true) {
+            return Err(format!("second gathering of chunk {c}"));
         }
         Ok(true)
     }
