@@ -49,6 +49,12 @@ pub struct WorkerArgs {
     /// (renewed every third of it): how soon a dead worker's jobs resume elsewhere.
     #[arg(long, env = "CHRONOSPIPE_LEASE_SECONDS", default_value_t = 30.0)]
     pub lease_seconds: f64,
+
+    /// The host (name or address) other workers reach this worker's ranks at, when a job
+    /// spans workers; each rank listens there on a port the OS chooses [default: this
+    /// machine's host name].
+    #[arg(long, env = "CHRONOSPIPE_RANK_ADDRESS")]
+    pub rank_address: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -109,6 +115,9 @@ pub struct ServiceOptions {
     pub poll: Duration,
     /// The host pool a job's offloaded tensors live in (`--host-memory`).
     pub host_memory_bytes: u64,
+    /// The host other workers reach this worker's ranks at (`worker --rank-address`); `None`:
+    /// this machine's host name.
+    pub rank_address: Option<String>,
 }
 
 impl ServiceOptions {
@@ -134,15 +143,20 @@ impl ServiceOptions {
             lease: Duration::from_secs(30),
             poll: Duration::from_millis(500),
             host_memory_bytes,
+            rank_address: None,
         })
     }
 
     fn worker_config(&self) -> WorkerConfig {
+        let config = WorkerConfig::new(self.data_dir.clone(), self.devices.clone());
         WorkerConfig {
             lease: self.lease,
             poll: self.poll,
             host_memory_bytes: self.host_memory_bytes,
-            ..WorkerConfig::new(self.data_dir.clone(), self.devices.clone())
+            rank_address: (self.rank_address.clone()).unwrap_or(config.rank_address.clone()),
+            // Ranks are picked up on the workers' polls: a few leases, ten seconds at least.
+            gang_start: (self.lease * 3).max(Duration::from_secs(10)),
+            ..config
         }
     }
 }
@@ -269,6 +283,7 @@ pub fn worker(args: &WorkerArgs, log_format: Option<LogFormat>) -> Result<(), Se
         return Err(ServiceError::Lease(args.lease_seconds));
     }
     options.lease = Duration::from_secs_f64(args.lease_seconds);
+    options.rank_address = args.rank_address.clone();
     runtime()?.block_on(run_worker(
         options,
         Engines::production(),

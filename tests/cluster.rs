@@ -240,6 +240,34 @@ async fn gangs(url: &str) {
     assert_eq!(job_a.state, "running");
     assert_eq!(job_a.worker_id.as_deref(), Some("w1"));
     assert_eq!(held_by(store.as_ref(), &a).await.len(), 4);
+    // Every rank has its own claim token, rank 0's included; rank 0's fences the job's records.
+    let tokens: Vec<String> = (first.ranks.iter())
+        .map(|r| r.lease_token.clone().expect("every rank has a token"))
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = tokens.iter().collect();
+    assert_eq!(distinct.len(), 4, "{tokens:?}");
+    let rank0 = chronospipe::store::Lease {
+        job_id: a.clone(),
+        worker_id: "w1".into(),
+        token: tokens[0].clone(),
+    };
+    store.heartbeat(&rank0, LEASE_MS).await.unwrap();
+    let rank1 = chronospipe::store::Lease {
+        token: tokens[1].clone(),
+        ..rank0.clone()
+    };
+    assert!(matches!(
+        store.heartbeat(&rank1, LEASE_MS).await,
+        Err(StoreError::LeaseLost { .. })
+    ));
+    // Queued jobs too big for a worker of two devices: A is running, B and the small one not.
+    let over: Vec<String> = (store.queued_jobs_over(2).await.unwrap().into_iter())
+        .map(|(job, needed)| {
+            assert_eq!(needed, 4);
+            job
+        })
+        .collect();
+    assert_eq!(over, [b.clone()]);
 
     // B needs two of A's devices: it takes none, not even those that are free.
     let b_ranks = [

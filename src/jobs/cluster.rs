@@ -3,9 +3,9 @@
 //! gang reservations whose ranks did not start in time or lost their lease. And the
 //! planner-facing call that reserves a job across workers.
 //!
-//! This build's worker runs each job inside itself: it registers without `runs_ranks`, so the
-//! store refuses to reserve a job across its devices (`GangRefusal::RanksUnsupported`) and
-//! every job takes the one-worker claim.
+//! A worker whose runner can run one rank of a job spanning workers registers with
+//! `runs_ranks`; the store reserves such jobs only on those workers
+//! (`GangRefusal::RanksUnsupported` otherwise).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,9 +17,6 @@ use crate::store::{
     Backoff, ClusterError, GangOutcome, GangRefusal, RankPlacement, Reservation, Store, StoreError,
     WorkerDevice, WorkerRegistration,
 };
-
-/// Whether this build's worker can run one rank of a job spanning workers.
-pub const RUNS_RANKS: bool = false;
 
 /// The machine's name: the kernel's host name, else `$HOSTNAME`, else `unknown`.
 pub fn host_name() -> String {
@@ -43,6 +40,7 @@ impl Membership {
         store: Arc<dyn Store>,
         worker_id: &str,
         devices: &[DeviceInfo],
+        runs_ranks: bool,
         lease: Duration,
     ) -> Membership {
         let devices = devices
@@ -58,7 +56,7 @@ impl Membership {
             registration: WorkerRegistration {
                 worker_id: worker_id.to_owned(),
                 host: host_name(),
-                runs_ranks: RUNS_RANKS,
+                runs_ranks,
                 devices,
             },
             lease,

@@ -16,6 +16,7 @@ use crate::exec::run::{
     DeviceKind, Evaluation, Observer, Outcome, Run, RunError, Stop, drive, plan_job, plan_on_gpu,
     resolve_arch,
 };
+use crate::exec::transport::RankSpec;
 use crate::plan::PlanError;
 use crate::plan::render;
 use crate::plan::search::Answer;
@@ -197,31 +198,77 @@ impl JobRunner for ExecRunner {
             }
         }
         .map_err(failure)?;
-        if let Some(resume) = &request.resume_from {
-            run.resume_from(&resume.dir).map_err(failure)?;
-        }
-        let mut observer = SinkObserver {
-            request: &request,
-            sink,
-            control,
-        };
-        let outcome = drive(&mut run, &mut observer).map_err(failure)?;
-        if let Outcome::StoppedEarly {
-            step, best_step, ..
-        } = &outcome
-        {
-            (observer.sink)
-                .stopped_early(*step, *best_step)
-                .map_err(|e| failure(RunError::Observer(e.to_string())))?;
-        }
-        Ok(match (outcome, control.requested()) {
-            (Outcome::Completed { .. } | Outcome::StoppedEarly { .. }, _) => RunEnd::Completed,
-            (Outcome::Stopped { .. }, Some(StopRequest::Cancel | StopRequest::Abandon)) => {
-                RunEnd::Cancelled
-            }
-            (Outcome::Stopped { step }, _) => RunEnd::Stopped { step },
-        })
+        run_to_end(&mut run, &request, sink, control, false)
     }
+
+    fn runs_ranks(&self) -> bool {
+        true
+    }
+
+    /// Rank `rank.rank` of a job spanning workers: CPU devices only, over TCP (the job's
+    /// `devices` name the whole plan's devices, as `chronospipe train` of it would).
+    fn run_rank(
+        &self,
+        request: RunRequest,
+        rank: RankSpec,
+        sink: &mut dyn RunSink,
+        control: &RunControl,
+    ) -> Result<RunEnd, RunFailure> {
+        if request.spec.devices.is_none() {
+            return Err(RunFailure::user(
+                "devices_unnamed",
+                "a job spanning workers names the plan's devices (`devices`, e.g. \
+                 `cpu:6x64MiB`): every rank plans the same job on them",
+                Some("devices"),
+            ));
+        }
+        let mut run =
+            Run::prepare_rank(request.spec.clone(), "", rank).map_err(failure)?;
+        let end = run_to_end(&mut run, &request, sink, control, true);
+        match &end {
+            Ok(RunEnd::Completed) => run.close_ranks().map_err(failure)?,
+            Ok(_) => run.abort_ranks("the rank was stopped"),
+            Err(f) => run.abort_ranks(&f.message),
+        }
+        end
+    }
+}
+
+/// Resumes `run` when asked, then drives it to its end, reporting to `sink`. A rank of a job
+/// spanning workers stops at once on any request (the ranks cannot meet at one checkpoint:
+/// the attempt is released and resumes from the last complete checkpoint).
+fn run_to_end(
+    run: &mut Run,
+    request: &RunRequest,
+    sink: &mut dyn RunSink,
+    control: &RunControl,
+    rank: bool,
+) -> Result<RunEnd, RunFailure> {
+    if let Some(resume) = &request.resume_from {
+        run.resume_from(&resume.dir).map_err(failure)?;
+    }
+    let mut observer = SinkObserver {
+        request,
+        sink,
+        control,
+        rank,
+    };
+    let outcome = drive(run, &mut observer).map_err(failure)?;
+    if let Outcome::StoppedEarly {
+        step, best_step, ..
+    } = &outcome
+    {
+        (observer.sink)
+            .stopped_early(*step, *best_step)
+            .map_err(|e| failure(RunError::Observer(e.to_string())))?;
+    }
+    Ok(match (outcome, control.requested()) {
+        (Outcome::Completed { .. } | Outcome::StoppedEarly { .. }, _) => RunEnd::Completed,
+        (Outcome::Stopped { .. }, Some(StopRequest::Cancel | StopRequest::Abandon)) => {
+            RunEnd::Cancelled
+        }
+        (Outcome::Stopped { step }, _) => RunEnd::Stopped { step },
+    })
 }
 
 fn failure(e: RunError) -> RunFailure {
@@ -249,6 +296,8 @@ struct SinkObserver<'a> {
     request: &'a RunRequest,
     sink: &'a mut dyn RunSink,
     control: &'a RunControl,
+    /// A rank of a job spanning workers: every stop is immediate.
+    rank: bool,
 }
 
 impl Observer for SinkObserver<'_> {
@@ -307,6 +356,7 @@ impl Observer for SinkObserver<'_> {
 
     fn stop_requested(&mut self) -> Option<Stop> {
         match self.control.requested()? {
+            _ if self.rank => Some(Stop::Now),
             StopRequest::Pause | StopRequest::Shutdown => Some(Stop::Checkpoint),
             StopRequest::Cancel | StopRequest::Abandon => Some(Stop::Now),
         }

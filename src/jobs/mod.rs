@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod devices;
 mod executor;
+pub mod gang;
 pub mod host_memory;
 mod init_checkpoint;
 mod planner;

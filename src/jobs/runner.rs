@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 
 use super::devices::DeviceInfo;
 pub use crate::exec::run::Evaluation;
+use crate::exec::transport::RankSpec;
 use crate::spec::JobSpec;
 
 /// Trains one job. Called on a blocking thread; it returns when the job finishes, fails, or
@@ -22,6 +23,32 @@ pub trait JobRunner: Send + Sync + 'static {
         sink: &mut dyn RunSink,
         control: &RunControl,
     ) -> Result<RunEnd, RunFailure>;
+
+    /// Whether it can run one rank of a job spanning workers (`run_rank`); the worker
+    /// registers so, and only such workers are reserved for those jobs.
+    fn runs_ranks(&self) -> bool {
+        false
+    }
+
+    /// Runs rank `rank.rank` of a job spanning workers, reaching the other ranks at the
+    /// addresses in `rank`. Only rank 0 records (its `sink`); the others get a sink that
+    /// records nothing.
+    fn run_rank(
+        &self,
+        request: RunRequest,
+        rank: RankSpec,
+        sink: &mut dyn RunSink,
+        control: &RunControl,
+    ) -> Result<RunEnd, RunFailure> {
+        let _ = (request, sink, control);
+        Err(RunFailure::service(
+            "ranks_unsupported",
+            format!(
+                "this worker cannot run rank {} of a job spanning workers",
+                rank.rank
+            ),
+        ))
+    }
 }
 
 /// Everything a run needs, with file ids already resolved to local paths.

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+mod rank;
+
 use super::cluster::Membership;
 use super::devices::DeviceInfo;
 use super::redact::without_server_paths;
@@ -21,12 +23,16 @@ use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopR
 use super::sink::{JobLease, RECORD_QUEUE, Unrecorded, store_sink};
 use crate::spec::{JobSpec, StoragePolicy};
 use crate::store::{
-    Backoff, Claim, JobState, Lease, Store, StoreError, TransitionChange, new_id, retry_transient,
+    Backoff, Claim, JobRow, JobState, Lease, Store, StoreError, TransitionChange, new_id,
+    retry_transient,
 };
 
 /// How long a job waits for an absent database before the worker gives it up (it goes back
 /// to the queue, or its lease runs out, and it is resumed from its last recorded checkpoint).
 const PATIENCE: Duration = Duration::from_secs(600);
+
+/// How long a job reserved across workers waits for all its ranks to start.
+const GANG_START: Duration = Duration::from_secs(30);
 
 /// The failure code of a store that did not answer.
 const STORE_UNAVAILABLE: &str = "store_unavailable";
@@ -51,6 +57,12 @@ pub struct WorkerConfig {
     pub patience: Duration,
     /// The host pool each run's offloaded tensors live in (`--host-memory`).
     pub host_memory_bytes: u64,
+    /// The host other workers reach this worker's ranks at (`--rank-address`); each rank
+    /// listens on a port the OS chooses there and publishes `host:port` to the others.
+    pub rank_address: String,
+    /// How long the ranks of a job reserved across workers have to all start, and then to
+    /// meet, before the reservation is released and the job queued again.
+    pub gang_start: Duration,
 }
 
 impl WorkerConfig {
@@ -64,6 +76,8 @@ impl WorkerConfig {
             record_queue: RECORD_QUEUE,
             patience: PATIENCE,
             host_memory_bytes: u64::MAX,
+            rank_address: super::cluster::host_name(),
+            gang_start: GANG_START,
         }
     }
 }
@@ -193,7 +207,11 @@ impl Worker {
                     tasks.spawn(async move { me.execute(claim).await });
                     continue;
                 }
-                Ok(None) => {}
+                Ok(None) => {
+                    if self.runner.runs_ranks() && !self.lease_trouble.load(Ordering::SeqCst) {
+                        self.start_ranks(&mut tasks).await;
+                    }
+                }
                 Err(e) => tracing::error!(error = %e, "cannot claim a job"),
             }
             while let Some(done) = tasks.try_join_next() {
@@ -224,6 +242,7 @@ impl Worker {
             self.store.clone(),
             self.id(),
             &self.config.devices,
+            self.runner.runs_ranks(),
             self.config.lease,
         )
     }
@@ -337,7 +356,20 @@ impl Worker {
     }
 
     async fn prepare(&self, claim: &Claim) -> Result<RunRequest, RunFailure> {
-        let job = &claim.job;
+        let resuming = claim.resume_from.is_some();
+        self.prepare_job(&claim.job, resuming, Some(&claim.lease))
+            .await
+    }
+
+    /// The run of `job`: its files resolved, resuming from its last complete checkpoint when
+    /// `resuming`. With the `records` lease, the metrics of steps after that checkpoint go
+    /// (they are trained again).
+    async fn prepare_job(
+        &self,
+        job: &JobRow,
+        resuming: bool,
+        records: Option<&Lease>,
+    ) -> Result<RunRequest, RunFailure> {
         let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|e| {
             RunFailure::service(
                 "corrupt_job",
@@ -373,18 +405,20 @@ impl Worker {
             .and_then(|p| p.plan)
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or(serde_json::Value::Null);
-        let resume_from = match &claim.resume_from {
-            Some(_) => complete_checkpoint(self.store.as_ref(), &job.id)
+        let resume_from = match resuming {
+            true => complete_checkpoint(self.store.as_ref(), &job.id)
                 .await
                 .map_err(store_err)?,
-            None => None,
+            false => None,
         };
         // Steps after the checkpoint are trained again; their earlier metrics go.
-        let kept = resume_from.as_ref().map_or(0, |r| r.step as i64);
-        self.store
-            .discard_metrics_after(&claim.lease, kept)
-            .await
-            .map_err(store_err)?;
+        if let Some(lease) = records {
+            let kept = resume_from.as_ref().map_or(0, |r| r.step as i64);
+            self.store
+                .discard_metrics_after(lease, kept)
+                .await
+                .map_err(store_err)?;
+        }
         let device_ids: Vec<String> =
             serde_json::from_str(job.devices.as_deref().unwrap_or("[]")).unwrap_or_default();
         let devices = device_ids

@@ -62,6 +62,9 @@ pub struct RankRow {
     pub device_id: String,
     pub state: String,
     pub lease_expires_at: Option<i64>,
+    /// The rank's claim token, minted with the reservation (rank 0's is the job's lease
+    /// token, which fences the job's records).
+    pub lease_token: Option<String>,
 }
 
 /// One attempt at running a job across workers.
@@ -156,6 +159,9 @@ pub trait ClusterStore: Send + Sync {
         ranks: &[RankPlacement],
         start_timeout_ms: i64,
     ) -> StoreResult<GangOutcome>;
+    /// `(job, devices_needed)` of the queued jobs needing more than `devices` devices (more
+    /// than any one worker has: they run across workers), in queue order.
+    async fn queued_jobs_over(&self, devices: i64) -> StoreResult<Vec<(String, i64)>>;
     /// The ranks reserved for or run by `worker_id` in attempts not yet over.
     async fn worker_ranks(&self, worker_id: &str) -> StoreResult<Vec<RankRow>>;
     /// The worker starts a rank: it holds it for `lease_ms`; once every rank has started the

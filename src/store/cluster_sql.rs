@@ -240,6 +240,10 @@ macro_rules! cluster_sql {
                 self.reserve_gang_query(job_id, ranks, start_timeout_ms).await
             }
 
+            async fn queued_jobs_over(&self, devices: i64) -> StoreResult<Vec<(String, i64)>> {
+                self.queued_jobs_over_query(devices).await
+            }
+
             async fn worker_ranks(&self, worker_id: &str) -> StoreResult<Vec<RankRow>> {
                 self.worker_ranks_query(worker_id).await
             }

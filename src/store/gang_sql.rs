@@ -124,16 +124,20 @@ macro_rules! gang_sql {
                     .bind(start_timeout_ms)
                     .execute(&mut *tx)
                     .await?;
-                    for (rank, place) in ranks.iter().enumerate() {
+                    // Every rank's claim token, rank 0's included: it is the job's lease token.
+                    let leases: Vec<Lease> =
+                        ranks.iter().map(|r| Lease::mint(job_id, &r.worker_id)).collect();
+                    for (rank, (place, lease)) in ranks.iter().zip(&leases).enumerate() {
                         sqlx::query(
-                            "INSERT INTO job_ranks (job_id, attempt, rank, worker_id, device_id, state) \
-                             VALUES ($1, $2, $3, $4, $5, 'reserved')",
+                            "INSERT INTO job_ranks (job_id, attempt, rank, worker_id, device_id, state, lease_token) \
+                             VALUES ($1, $2, $3, $4, $5, 'reserved', $6)",
                         )
                         .bind(job_id)
                         .bind(attempt)
                         .bind(rank as i64)
                         .bind(&place.worker_id)
                         .bind(&place.device_id)
+                        .bind(&lease.token)
                         .execute(&mut *tx)
                         .await?;
                     }
@@ -141,16 +145,18 @@ macro_rules! gang_sql {
                         ranks.iter().map(|r| format!("{}/{}", r.worker_id, r.device_id)).collect();
                     let devices = serde_json::to_string(&placed)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    // Rank 0's worker records the job's steps; the ranks' own leases, not the
-                    // job's, say whether the attempt lives.
+                    // Rank 0's worker records the job's steps under rank 0's token; the ranks'
+                    // own leases say whether the attempt lives (the job's lease runs from rank
+                    // 0's first renewal).
                     sqlx::query(
                         "UPDATE jobs SET worker_id = $2, lease_expires_at = NULL, devices = $3, \
-                         started_at = COALESCE(started_at, $4) WHERE id = $1",
+                         started_at = COALESCE(started_at, $4), lease_token = $5 WHERE id = $1",
                     )
                     .bind(job_id)
                     .bind(&ranks[0].worker_id)
                     .bind(&devices)
                     .bind(now_ms())
+                    .bind(&leases[0].token)
                     .execute(&mut *tx)
                     .await?;
                     let change = TransitionChange {
@@ -178,9 +184,19 @@ macro_rules! gang_sql {
                     .ok_or_else(|| StoreError::JobNotFound(job_id.to_owned()))
             }
 
+            async fn queued_jobs_over_query(&self, devices: i64) -> StoreResult<Vec<(String, i64)>> {
+                Ok(sqlx::query_as(
+                    "SELECT id, devices_needed FROM jobs WHERE state = 'queued' AND devices_needed > $1 \
+                     ORDER BY id",
+                )
+                .bind(devices)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn ranks_query(&self, job_id: &str, attempt: i64) -> StoreResult<Vec<RankRow>> {
                 Ok(sqlx::query_as::<_, RankRow>(
-                    "SELECT job_id, attempt, rank, worker_id, device_id, state, lease_expires_at \
+                    "SELECT job_id, attempt, rank, worker_id, device_id, state, lease_expires_at, lease_token \
                      FROM job_ranks WHERE job_id = $1 AND attempt = $2 ORDER BY rank",
                 )
                 .bind(job_id)
@@ -222,7 +238,7 @@ macro_rules! gang_sql {
 
             async fn worker_ranks_query(&self, worker_id: &str) -> StoreResult<Vec<RankRow>> {
                 Ok(sqlx::query_as::<_, RankRow>(
-                    "SELECT job_id, attempt, rank, worker_id, device_id, state, lease_expires_at \
+                    "SELECT job_id, attempt, rank, worker_id, device_id, state, lease_expires_at, lease_token \
                      FROM job_ranks WHERE worker_id = $1 AND state <> 'released' \
                      ORDER BY job_id, attempt, rank",
                 )
@@ -270,7 +286,7 @@ macro_rules! gang_sql {
                         "UPDATE job_ranks SET state = 'running', lease_expires_at = ", $now, " + $5 \
                          WHERE job_id = $1 AND attempt = $2 AND rank = $3 AND worker_id = $4 \
                          AND state <> 'released' \
-                         RETURNING job_id, attempt, rank, worker_id, device_id, state, lease_expires_at"
+                         RETURNING job_id, attempt, rank, worker_id, device_id, state, lease_expires_at, lease_token"
                     ))
                     .bind(job_id)
                     .bind(attempt)

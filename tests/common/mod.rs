@@ -143,6 +143,7 @@ pub fn test_options(database_url: &str, data_dir: &Path) -> ServiceOptions {
         lease: Duration::from_secs(2),
         poll: Duration::from_millis(50),
         host_memory_bytes: 1 << 30,
+        rank_address: None,
     }
 }
 

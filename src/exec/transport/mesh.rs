@@ -97,7 +97,14 @@ impl Mesh {
             addr: own.clone(),
             reason,
         };
-        let listener = TcpListener::bind(own).map_err(|e| listen_error(e.to_string()))?;
+        let bound;
+        let listener = match &spec.listener {
+            Some(held) => &*held.0,
+            None => {
+                bound = TcpListener::bind(own).map_err(|e| listen_error(e.to_string()))?;
+                &bound
+            }
+        };
         let mut streams: Vec<Option<TcpStream>> = (0..ranks).map(|_| None).collect();
         for peer in 0..me {
             streams[peer as usize] = Some(dial(spec, peer, fingerprint, deadline)?);

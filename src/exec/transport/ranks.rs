@@ -15,7 +15,22 @@ pub struct RankSpec {
     pub peers: Vec<String>,
     /// How long to keep trying to reach the other ranks before giving up.
     pub connect_timeout: Duration,
+    /// This rank's socket, bound before its address was published (a port the OS chose, as
+    /// a worker's rank does); without it the rank binds its own address from `peers`.
+    pub listener: Option<Bound>,
 }
+
+/// A listening socket bound ahead of the mesh; two are equal when bound to one address.
+#[derive(Debug, Clone)]
+pub struct Bound(pub std::sync::Arc<std::net::TcpListener>);
+
+impl PartialEq for Bound {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.local_addr().ok() == other.0.local_addr().ok()
+    }
+}
+
+impl Eq for Bound {}
 
 impl RankSpec {
     /// `peers` is a comma-separated list of `host:port`, one per rank.
@@ -49,6 +64,7 @@ impl RankSpec {
             rank,
             peers,
             connect_timeout,
+            listener: None,
         })
     }
 

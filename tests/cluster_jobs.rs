@@ -1,0 +1,244 @@
+//! Jobs across worker processes: the API alone (`serve --no-worker`) plus three
+//! `chronospipe worker --devices cpu:2x64MiB` processes on one PostgreSQL database (a database
+//! of this test's own on the `DATABASE_URL` server). A job planned over 6 devices is too big
+//! for any one worker: it is reserved across the three, each runs its ranks inside itself,
+//! they meet through the store's rendezvous rows and train over TCP. Its final weights are
+//! bit-identical to `chronospipe train` of the same job on `cpu:6x64MiB` in one process. Then
+//! a worker is killed with SIGKILL mid-job and another started: the job is requeued once,
+//! resumes from its last complete checkpoint, records each step's metric once and ends with
+//! the same weights. Last, two jobs that each need 4 of the 6 devices both finish, one after
+//! the other.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chronospipe::jobs::{Engines, ExecPlanner};
+use common::{TestDb, TestServer};
+use serde_json::{Value, json};
+
+const TEXT: &str = "Ranks on three workers meet through the store and talk over sockets. ";
+const STEPS: u64 = 40;
+const LEASE_SECONDS: &str = "3";
+
+fn body(train: &str, stages: u64, replicas: u64, steps: u64) -> Value {
+    json!({
+        "model": {"hidden_size": 32, "num_layers": 6, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 48, "vocab_size": 256, "init": {"seed": 11}},
+        "data": {"train": train},
+        "training": {"seq_len": 16, "micro_batch_size": 2, "microbatches": 4, "steps": steps,
+                     "checkpoint_every": 4, "grad_clip": 1.0,
+                     "optimizer": {"kind": "adamw", "lr": 0.01}, "seed": 5},
+        "parallelism": {"stages": stages, "schedule": "1f1b", "data_parallel": replicas},
+        "devices": format!("cpu:{}x64MiB", stages * replicas)
+    })
+}
+
+struct WorkerProcess {
+    log: PathBuf,
+    child: Child,
+}
+
+fn start_worker(database_url: &str, data_dir: &Path, logs: &Path, n: usize) -> WorkerProcess {
+    let log = logs.join(format!("worker-{n}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
+        .args(["worker", "--devices", "cpu:2x64MiB"])
+        .args(["--lease-seconds", LEASE_SECONDS, "--rank-address", "127.0.0.1"])
+        .arg("--database-url")
+        .arg(database_url)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn,chronospipe=info")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("the chronospipe binary starts");
+    WorkerProcess { log, child }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tails(workers: &[WorkerProcess], dead: &[PathBuf]) -> String {
+    let mut out = String::new();
+    for log in workers.iter().map(|w| &w.log).chain(dead) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        out.push_str(&format!("--- {}\n{tail}\n", log.display()));
+    }
+    out
+}
+
+/// Polls until the job ends; panics with the workers' logs if it fails or takes too long.
+async fn finished(
+    server: &TestServer,
+    id: &str,
+    workers: &[WorkerProcess],
+    dead: &[PathBuf],
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+        match job["status"].as_str() {
+            Some("succeeded") => return job,
+            Some("failed" | "cancelled") => {
+                panic!("job {id} ended badly: {job}\n{}", tails(workers, dead))
+            }
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} unfinished: {job}\n{}",
+            tails(workers, dead)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every tensor of a `model.safetensors`, by name, as raw bytes.
+fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect()
+}
+
+async fn weights(server: &TestServer, id: &str, step: u64) -> BTreeMap<String, Vec<u8>> {
+    let path = format!("/v1/jobs/{id}/checkpoints/{step}/files/model.safetensors");
+    let response = server.get(&path).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    tensors(&response.bytes().await.unwrap())
+}
+
+/// `chronospipe train` of the same job in one process on `cpu:6x64MiB`.
+fn one_process_weights(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, TEXT.repeat(40)).unwrap();
+    let job = dir.join("job.json");
+    let spec = body(corpus.to_str().unwrap(), 3, 2, STEPS);
+    std::fs::write(&job, spec.to_string()).unwrap();
+    let out = dir.join("out");
+    let ran = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
+        .arg("train")
+        .arg(&job)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    tensors(&std::fs::read(out.join("final/model.safetensors")).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_too_big_for_one_worker_runs_across_three() {
+    let db = TestDb::postgres().await;
+    let engines = Engines {
+        planner: Some(Arc::new(ExecPlanner)),
+        runner: None,
+    };
+    let server = TestServer::start_with(&db.url, engines, |o| o.run_worker = false).await;
+    let train = server
+        .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
+        .await;
+    let logs = tempfile::tempdir().unwrap();
+    let data_dir = server.data_dir.path().to_owned();
+    let mut workers: Vec<WorkerProcess> = (0..3)
+        .map(|n| start_worker(&db.url, &data_dir, logs.path(), n))
+        .collect();
+    let mut dead = Vec::new();
+    let reference_dir = tempfile::tempdir().unwrap();
+    let reference = tokio::task::spawn_blocking({
+        let dir = reference_dir.path().to_owned();
+        move || one_process_weights(&dir)
+    });
+
+    // Across the three workers: 2 replicas x 3 stages, six ranks.
+    let whole = server.create_job(&body(&train, 3, 2, STEPS)).await;
+    let whole = whole["id"].as_str().unwrap().to_owned();
+    let job = finished(&server, &whole, &workers, &dead).await;
+    assert_eq!(job["restart_count"], 0, "{job}");
+    let across = weights(&server, &whole, STEPS).await;
+    let reference = reference.await.unwrap();
+    assert!(!across.is_empty());
+    assert!(
+        across == reference,
+        "the weights across workers differ from one process's"
+    );
+    let devices = server.get_json("/v1/devices").await;
+    let listed: Vec<&Value> = (devices["data"].as_array().unwrap().iter())
+        .filter(|d| d["worker"].is_string())
+        .collect();
+    assert_eq!(listed.len(), 6, "the three workers' devices: {devices}");
+    assert!(
+        listed.iter().all(|d| d["in_use"] == false),
+        "the job's end freed its devices: {devices}"
+    );
+
+    // A worker killed mid-job, another started: requeued once, resumed, the same weights.
+    let killed_job = server.create_job(&body(&train, 3, 2, STEPS)).await;
+    let killed_job = killed_job["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let job = server.get_json(&format!("/v1/jobs/{killed_job}")).await;
+        if job["step"].as_u64().unwrap_or(0) >= 10 {
+            assert_eq!(job["status"], "running", "too late to kill: {job}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job never got going: {job}\n{}",
+            tails(&workers, &dead)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut victim = workers.remove(1);
+    // `Child::kill` is SIGKILL: no goodbye, no lease given back.
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    dead.push(victim.log.clone());
+    workers.push(start_worker(&db.url, &data_dir, logs.path(), 3));
+    let job = finished(&server, &killed_job, &workers, &dead).await;
+    assert_eq!(
+        job["restart_count"],
+        1,
+        "{job}\n{}",
+        tails(&workers, &dead)
+    );
+    assert_eq!(
+        server.metric_steps(&killed_job).await,
+        (1..=STEPS as i64).collect::<Vec<_>>(),
+        "each step's metric once"
+    );
+    assert!(
+        weights(&server, &killed_job, STEPS).await == reference,
+        "the resumed job's weights differ from an uninterrupted run's"
+    );
+
+    // Two jobs each needing 4 of the 6 devices: never each holding part; both finish.
+    let a = server.create_job(&body(&train, 2, 2, 8)).await;
+    let b = server.create_job(&body(&train, 2, 2, 8)).await;
+    for id in [&a, &b] {
+        let id = id["id"].as_str().unwrap();
+        let job = finished(&server, id, &workers, &dead).await;
+        assert_eq!(job["restart_count"], 0, "{job}");
+    }
+
+    drop(workers);
+    let _ = server.stop().await;
+    db.drop().await;
+}
