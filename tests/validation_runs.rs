@@ -144,6 +144,40 @@ fn evaluation_peaks_at_the_predicted_evaluation_peak() {
     }
 }
 
+/// Devices too small for the plan that keeps everything: the planner recomputes and moves
+/// state to the host, and the evaluation (which brings weights resting on the host in for
+/// their chunk) still peaks at the predicted evaluation peak, within the budget.
+#[test]
+fn evaluation_peak_is_predicted_when_state_rests_on_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let roomy = r#"{"stages": 2, "schedule": "1f1b", "recompute": "none", "offload": "none"}"#;
+    let run = Run::prepare(job(dir.path(), roomy, r#""steps": 1"#), "").unwrap();
+    let need = *run.predicted_peaks().iter().max().unwrap();
+    let spec = job(
+        dir.path(),
+        r#"{"stages": 2, "schedule": "1f1b", "recompute": "chronos", "offload": "chronos"}"#,
+        r#""steps": 1"#,
+    );
+    // The first of these budgets whose plan rests weights, gradients or optimizer state on
+    // the host.
+    let (budget, mut run) = [3, 2, 1]
+        .into_iter()
+        .find_map(|quarters| {
+            let budget = need * quarters / 4;
+            let mut spec = spec.clone();
+            spec.devices = Some(format!("cpu:2x{budget}"));
+            let run = Run::prepare(spec, "").ok()?;
+            let text = run.plan().to_string();
+            let state_moves = ["OFF:W", "OFF:G", "OFF:O"].iter().any(|m| text.contains(m));
+            state_moves.then_some((budget, run))
+        })
+        .expect("a budget whose plan offloads");
+    run.evaluate().unwrap().unwrap();
+    let (measured, predicted) = (run.measured_peaks(), run.predicted_eval_peaks());
+    assert_eq!(measured, predicted);
+    assert!(predicted.iter().all(|&p| p <= budget), "{predicted:?} in {budget}");
+}
+
 fn cli(job_path: &Path, out: &Path) -> chronospipe::cli::train::Summary {
     use chronospipe::cli::train::{TrainArgs, run};
     run(&TrainArgs {

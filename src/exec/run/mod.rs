@@ -135,6 +135,11 @@ impl Run {
         one.collect::<Vec<_>>().repeat(replicas)
     }
 
+    /// The plan the run follows (replica 0's programs).
+    pub fn plan(&self) -> &crate::plan::Plan {
+        &self.answer.plan
+    }
+
     /// Each run-wide device's predicted peak bytes during an evaluation between steps
     /// (`data.validation`), as `predicted_peaks`.
     pub fn predicted_eval_peaks(&self) -> Vec<u64> {
