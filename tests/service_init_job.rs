@@ -1,7 +1,8 @@
 //! `model.init.from` naming another job's checkpoint, on SQLite and PostgreSQL: a job starts
 //! from a job's latest or a given checkpoint with exactly the weights it would get from the
 //! same files uploaded as a model; each way of naming a checkpoint wrongly is a 422 naming
-//! `model.init.from`; the checkpoints unfinished jobs start from are reported in use. The CLI,
+//! `model.init.from`; the checkpoints unfinished jobs start from are reported in use, and one
+//! deleted by retention while a job naming it is created refuses that job. The CLI,
 //! which has no jobs, refuses a job id there.
 
 mod common;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use chronospipe::exec::run::{Run, RunError};
 use chronospipe::jobs::{Engines, ExecRunner, Worker, WorkerConfig, parse_devices};
 use chronospipe::spec::JobSpec;
-use chronospipe::store::Store;
+use chronospipe::store::{CheckpointUse, NewJob, Store, StoreError, new_id};
 use common::TestServer;
 use serde_json::{Value, json};
 
@@ -190,6 +191,31 @@ async fn starts_from_a_job(url: &str) {
     let step_loss = f.first_loss(&at_step).await;
     assert_eq!(step_loss, f.first_loss(&from_file).await);
     assert_ne!(step_loss, latest_loss, "step 2's weights are not step 4's");
+
+    // Retention deleting a checkpoint between a new job's check and its insert: the insert,
+    // which locks the checkpoint's row before it holds it, finds no step 3 and writes nothing.
+    let late = NewJob {
+        id: new_id("job"),
+        tenant_id: "tenant_late".into(),
+        spec: "{}".into(),
+        total_steps: 4,
+        file_ids: vec![],
+        checkpoint_uses: vec![CheckpointUse {
+            job_id: source.clone(),
+            step: 3,
+        }],
+        idempotency_key: None,
+        request_hash: None,
+        planned: None,
+    };
+    let err = f.store.insert_job(&late).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::CheckpointGone { step: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("keep_checkpoints"), "{err}");
+    let found = f.store.get_job("tenant_late", &late.id).await.unwrap();
+    assert!(found.is_none());
 
     refusals(&f, &source).await;
     f.server.stop().await;

@@ -1,5 +1,6 @@
 //! Validation loss, early stopping, checkpoint retention and epochs through the service, on
-//! SQLite and PostgreSQL: each bad combination is a 422 naming its field; a job with
+//! SQLite and PostgreSQL: each bad combination, and data too short for a window, is a 422 at
+//! creation naming its field; a job with
 //! validation data reports `val_loss` in its metric rows, its events and its latest metrics,
 //! stops early and succeeds with `stopped_early`, marks its best checkpoint and deletes the
 //! checkpoints retention lets go, from the store and from disk; an `epochs` job trains the
@@ -81,6 +82,24 @@ async fn validates_and_stops_early(url: &str) {
     refused(&server, &blind, "training.early_stopping").await;
     let none_kept = body(&train, None, json!({"steps": 4, "keep_checkpoints": 0}));
     refused(&server, &none_kept, "training.keep_checkpoints").await;
+    // Data too short is refused when the job is created, not when it starts: validation
+    // data without one window of 16 tokens and a target (17 bytes) ...
+    let short = server
+        .upload("validation", "short.txt", b"too short".to_vec())
+        .await;
+    let detail = refused(
+        &server,
+        &body(&train, Some(&short), json!({"steps": 4})),
+        "data.validation",
+    )
+    .await;
+    assert!(detail.contains("9 tokens") && detail.contains("17"), "{detail}");
+    // ... and, with epochs, training data without one window.
+    let tiny = server
+        .upload("train", "tiny.txt", b"two words".to_vec())
+        .await;
+    let detail = refused(&server, &body(&tiny, None, json!({"epochs": 1})), "data.train").await;
+    assert!(detail.contains("9 tokens") && detail.contains("17"), "{detail}");
 
     // A learning rate that overfits the training sentence: the validation loss falls, then
     // rises; two evaluations in a row above the lowest stop the run.

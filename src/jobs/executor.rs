@@ -147,6 +147,10 @@ fn outcome(answer: &Answer) -> PlanOutcome {
             .map(|d| d.peak_bytes)
             .collect::<Vec<_>>()
             .repeat(replicas),
+        eval_peak_bytes: (sim.devices.iter())
+            .map(|d| d.eval_peak_bytes)
+            .collect::<Vec<_>>()
+            .repeat(replicas),
         step_time_s: sim.step_time_s,
         bubble_ratio: sim.bubble_ratio,
         runners_up: answer

@@ -40,6 +40,10 @@ pub struct PlanSummary {
     pub actions_per_device: Vec<u64>,
     /// Predicted peak bytes of each device, in device order.
     pub peak_bytes: Vec<u64>,
+    /// Predicted peak bytes of each device during an evaluation of `data.validation` between
+    /// steps (forward only), in device order; the plan fits both.
+    #[serde(default)]
+    pub eval_peak_bytes: Vec<u64>,
     pub step_time_s: f64,
     /// Fraction of device time idle in the pipeline.
     pub bubble_ratio: f64,

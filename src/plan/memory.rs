@@ -22,6 +22,9 @@
 //!   first part), or the token ids when the chunk starts with the embedding.
 //! - **Recompute** runs the forward again from that kept input, rebuilding the stash; it writes
 //!   the last part's output too and frees it when it ends (nothing is sent).
+//! - **Evaluation** (validation loss, forward only) drops each part's stash, its input with it,
+//!   as soon as the part's forward ends: a part holds its input, its fresh stash, its scratch
+//!   and its output at once, and the chunk ends holding its output alone.
 //!
 //! "Peak above start" is the highest level the action reaches above the device's level when
 //! it starts; "net" is the change of level when it ends.
@@ -57,6 +60,8 @@ pub struct ChunkMemory {
     pub forward_dropping: ActionMemory,
     pub recompute: ActionMemory,
     pub backward: ActionMemory,
+    /// The evaluation's forward, its input already there.
+    pub evaluate: ActionMemory,
 }
 
 fn named(inv: &PartInventory, list: Which, name: &str) -> u64 {
@@ -160,6 +165,24 @@ pub fn chunk_memory(
         net: (stash_bytes - kept_bytes) as i64,
     };
 
+    // Evaluation: one part's input, fresh stash, scratch and output at a time. The first
+    // part's input is the chunk's, already there when it starts.
+    let epeak = parts
+        .iter()
+        .map(|&p| {
+            let inv = all.get(p);
+            named(inv, Which::Stash, "input")
+                + fresh_stash(p)
+                + output_of(p)
+                + total_bytes(&inv.forward_scratch) as u64
+        })
+        .max()
+        .unwrap_or(0);
+    let evaluate = ActionMemory {
+        peak_above_start: epeak.saturating_sub(input_bytes),
+        net: output_bytes as i64 - input_bytes as i64,
+    };
+
     // Backward, in reverse: starts with the whole stash and the arriving gradient.
     let grad_in_bytes = output_of(last);
     let (mut level, mut bpeak) = (0i64, 0i64);
@@ -194,6 +217,7 @@ pub fn chunk_memory(
         forward_dropping,
         recompute,
         backward,
+        evaluate,
     }
 }
 
@@ -214,6 +238,7 @@ impl ChunkMemory {
             forward_dropping: zero,
             recompute: zero,
             backward: zero,
+            evaluate: zero,
         }
     }
 }
@@ -281,6 +306,27 @@ mod tests {
         // Dropping keeps the input only; the recompute rebuilds the rest.
         assert_eq!(m.forward_dropping.net, out as i64);
         assert_eq!(m.recompute.net, (bytes(&l.stash) - input) as i64);
+        // Evaluation holds the input, the stash and scratch, and the output; then the output.
+        assert_eq!(
+            m.evaluate.peak_above_start,
+            bytes(&l.stash) - input + out + bytes(&l.forward_scratch)
+        );
+        assert_eq!(m.evaluate.net, out as i64 - input as i64);
+    }
+
+    #[test]
+    fn evaluation_holds_one_part_at_a_time() {
+        let parts = chunk_parts(true, 3, true);
+        let m = chunk_memory(Profile::CpuF32, &tiny(), M, &parts);
+        let one = |p: Part| {
+            let i = inv(p);
+            bytes(&i.stash) + i.output.as_ref().map_or(0, |t| t.bytes() as u64)
+                + bytes(&i.forward_scratch)
+        };
+        let widest = [Part::Embedding, Part::Layer, Part::Head].map(one);
+        assert_eq!(m.evaluate.peak_above_start, *widest.iter().max().unwrap());
+        assert!(m.evaluate.peak_above_start < m.forward.peak_above_start);
+        assert_eq!(m.evaluate.net, 0);
     }
 
     #[test]

@@ -232,9 +232,11 @@ fn finish(plan: Plan, sim: Simulation, choices: Choices, fits: bool) -> Result<A
     })
 }
 
+/// Bytes over budget on device `d`: a step's or an evaluation's, whichever is higher.
 fn over_budget(sim: &Simulation, d: usize, budget: Budget) -> u64 {
     let dev = &sim.devices[d];
-    dev.peak_bytes.saturating_sub(budget.device_bytes)
+    let peak = dev.peak_bytes.max(dev.eval_peak_bytes);
+    peak.saturating_sub(budget.device_bytes)
         + dev.host_peak_bytes.saturating_sub(budget.host_bytes)
 }
 

@@ -290,6 +290,7 @@ mod tests {
                 peak_above_start: 0,
                 net: -1,
             },
+            evaluate: act,
         };
         let hw = Hardware {
             peak_flops: 1.0,

@@ -53,12 +53,21 @@ pub struct Candidate {
     pub choices: String,
     pub fits: bool,
     pub peak_bytes: u64,
+    /// The highest device peak of an evaluation (validation loss) between steps; it fits too.
+    pub eval_peak_bytes: u64,
     pub host_peak_bytes: u64,
     pub step_time_s: f64,
     pub tokens_per_s: f64,
     pub bubble_ratio: f64,
     pub prefetch_stall_s: f64,
     pub recomputed_chunks: usize,
+}
+
+impl Candidate {
+    /// The device memory it needs: a step's peak or an evaluation's, whichever is higher.
+    pub fn needs_bytes(&self) -> u64 {
+        self.peak_bytes.max(self.eval_peak_bytes)
+    }
 }
 
 /// A candidate that lost, and why.
@@ -170,6 +179,7 @@ fn fit(prepared: Prepared, cluster: &Cluster) -> Result<Evaluated, PlanError> {
         choices: applied.choices.to_string(),
         fits: applied.fits,
         peak_bytes: sim.peak_bytes(),
+        eval_peak_bytes: sim.eval_peak_bytes(),
         host_peak_bytes: sim
             .devices
             .iter()
@@ -411,12 +421,12 @@ fn rank(mut tried: Vec<Evaluated>, pruned: usize, budget: u64) -> Result<Answer,
     if !tried[0].candidate.fits {
         let closest = tried
             .iter()
-            .min_by_key(|e| e.candidate.peak_bytes)
+            .min_by_key(|e| e.candidate.needs_bytes())
             .map(|e| &e.candidate)
             .expect("tried is not empty");
         return Err(PlanError::DoesNotFit {
             have_bytes: budget,
-            need_bytes: closest.peak_bytes,
+            need_bytes: closest.needs_bytes(),
             closest: describe(closest),
         });
     }

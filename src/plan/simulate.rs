@@ -22,6 +22,7 @@ use serde::Serialize;
 
 mod costs;
 mod curve;
+mod evaluation;
 mod timeline;
 
 use super::error::PlanError;
@@ -37,6 +38,9 @@ use timeline::Timeline;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeviceReport {
     pub peak_bytes: u64,
+    /// The peak of an evaluation (validation loss, forward only) between steps; a plan fits
+    /// only when this fits too (`evaluation`).
+    pub eval_peak_bytes: u64,
     /// The split of memory at the peak.
     pub at_peak: MemoryPoint,
     pub host_peak_bytes: u64,
@@ -62,6 +66,13 @@ pub struct Simulation {
 impl Simulation {
     pub fn peak_bytes(&self) -> u64 {
         self.devices.iter().map(|d| d.peak_bytes).max().unwrap_or(0)
+    }
+    /// The highest device peak of an evaluation between steps.
+    pub fn eval_peak_bytes(&self) -> u64 {
+        (self.devices.iter())
+            .map(|d| d.eval_peak_bytes)
+            .max()
+            .unwrap_or(0)
     }
     pub fn prefetch_stall_s(&self) -> f64 {
         self.devices
@@ -144,11 +155,13 @@ pub fn simulate_trusted(
     } else {
         0.0
     };
+    let eval_peaks = evaluation::evaluation_peaks(plan, costs);
     let devices = (0..p)
         .map(|d| {
             let replayed = replay(&mut timeline.events[d], curve);
             DeviceReport {
                 peak_bytes: replayed.peak,
+                eval_peak_bytes: eval_peaks[d],
                 at_peak: replayed.at_peak,
                 host_peak_bytes: replayed.host_peak,
                 busy_s: timeline.busy[d],

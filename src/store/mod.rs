@@ -54,6 +54,11 @@ pub enum StoreError {
     Transition(#[from] InvalidTransition),
     #[error("file {file} is used by job {job}, which has not finished")]
     FileInUse { file: String, job: String },
+    #[error(
+        "the checkpoint of job {job} at step {step} was deleted (that job's \
+         training.keep_checkpoints) before this job could hold it; name another checkpoint"
+    )]
+    CheckpointGone { job: String, step: i64 },
     #[error("job {job} is no longer leased to worker {worker}")]
     LeaseLost { job: String, worker: String },
     #[error("stored value is corrupt: {0}")]

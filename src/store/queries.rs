@@ -273,6 +273,17 @@ macro_rules! sql_store {
                 let id = lease.job_id.as_str();
                 let result: StoreResult<_> = async {
                     Self::lock_leased(&mut tx, lease).await?;
+                    // Locked before the holders are looked for, as `insert_job` locks it
+                    // before it holds it: a job being created with it is seen, or refused.
+                    let sql = format!(
+                        "SELECT step FROM checkpoints WHERE job_id = $1 AND step = $2{}",
+                        $lock
+                    );
+                    sqlx::query_scalar::<_, i64>(&sql)
+                        .bind(id)
+                        .bind(step)
+                        .fetch_optional(&mut *tx)
+                        .await?;
                     let deleted = sqlx::query(
                         "DELETE FROM checkpoints WHERE job_id = $1 AND step = $2 AND NOT EXISTS (\
                          SELECT 1 FROM job_checkpoints c JOIN jobs j ON j.id = c.job_id \

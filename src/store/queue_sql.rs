@@ -225,6 +225,24 @@ macro_rules! queue_sql {
                         query.execute(&mut *tx).await?;
                     }
                     for used in &job.checkpoint_uses {
+                        // The checkpoint row, locked until this job holds it: retention
+                        // (`delete_checkpoint`) locks it too before it looks for holders, so it
+                        // either deletes it first (and this job is refused) or sees this job.
+                        let sql = format!(
+                            "SELECT step FROM checkpoints WHERE job_id = $1 AND step = $2{}",
+                            $lock
+                        );
+                        let there: Option<i64> = sqlx::query_scalar(&sql)
+                            .bind(&used.job_id)
+                            .bind(used.step)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        if there.is_none() {
+                            return Err(StoreError::CheckpointGone {
+                                job: used.job_id.clone(),
+                                step: used.step,
+                            });
+                        }
                         sqlx::query(
                             "INSERT INTO job_checkpoints (job_id, source_job_id, step) VALUES ($1, $2, $3) \
                              ON CONFLICT DO NOTHING",

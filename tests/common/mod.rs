@@ -377,6 +377,7 @@ impl Planner for ScriptedPlanner {
                 devices: stages,
                 actions_per_device: vec![2; stages as usize],
                 peak_bytes: vec![SMALLEST_FIT; stages as usize],
+                eval_peak_bytes: vec![SMALLEST_FIT; stages as usize],
                 step_time_s: 0.01,
                 bubble_ratio: 0.0,
                 runners_up: vec![PlanCandidate {

@@ -132,6 +132,19 @@ impl Run {
         one.collect::<Vec<_>>().repeat(replicas)
     }
 
+    /// The plan the run follows (replica 0's programs).
+    pub fn plan(&self) -> &crate::plan::Plan {
+        &self.answer.plan
+    }
+
+    /// Each run-wide device's predicted peak bytes during an evaluation between steps
+    /// (`data.validation`), as `predicted_peaks`.
+    pub fn predicted_eval_peaks(&self) -> Vec<u64> {
+        let one = self.answer.sim.devices.iter().map(|d| d.eval_peak_bytes);
+        let replicas = self.answer.plan.replicas as usize;
+        one.collect::<Vec<_>>().repeat(replicas)
+    }
+
     pub fn measured_peaks(&self) -> Vec<u64> {
         self.pipeline
             .measured_peaks()

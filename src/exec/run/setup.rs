@@ -275,13 +275,17 @@ fn steps_for(spec: &JobSpec, batcher: &Batcher) -> Result<u64, RunError> {
 }
 
 /// The optimizer steps `spec` (validated) will train: its `training.steps`, or, for
-/// `training.epochs`, counted from its training data's windows (read and tokenized here).
+/// `training.epochs`, counted from its training data's windows (read and tokenized here, so
+/// training data without a whole step is refused now). Validation data is read and cut as
+/// the run will: without a whole window with a counted target it is the user's error now,
+/// naming `data.validation`, not the run's when it starts.
 pub fn count_steps(spec: &JobSpec) -> Result<u64, RunError> {
-    if let Some(steps) = spec.training.steps {
-        return Ok(steps);
-    }
     let arch = resolve_arch(spec)?;
-    steps_for(spec, &load_data(spec, &arch)?)
+    ValidationSet::load(spec, &arch)?;
+    match spec.training.steps {
+        Some(steps) => Ok(steps),
+        None => steps_for(spec, &load_data(spec, &arch)?),
+    }
 }
 
 /// The model's starting parts, in `host`: seeded, or read from a Hugging Face directory.

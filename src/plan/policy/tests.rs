@@ -39,6 +39,11 @@ fn memory() -> ChunkMemory {
             peak_above_start: 0,
             net: -10,
         },
+        // The evaluation holds one byte at a time: it never decides a fit here.
+        evaluate: ActionMemory {
+            peak_above_start: 1,
+            net: 0,
+        },
     }
 }
 
@@ -233,6 +238,23 @@ fn large_optimizer_state_moves_in_slices_two_at_a_time() {
         .max()
         .unwrap();
     assert!(most <= 3 << 30, "{most}");
+}
+
+/// A plan whose step fits but whose evaluation does not is not a fit.
+#[test]
+fn an_evaluation_over_budget_does_not_fit() {
+    let plan = build(ScheduleKind::OneFOneB, 2, 4, 2).unwrap();
+    let mut wide = memory();
+    wide.evaluate.peak_above_start = 1000;
+    let costs = uniform_costs(2, wide, 1.0);
+    let roomy = apply(&plan, &costs, &hw(1.0), budget(1000), Recompute::None, Offload::None)
+        .unwrap();
+    assert!(roomy.fits);
+    let step = roomy.sim.peak_bytes();
+    assert!(step < 1000, "the step alone fits in {step}");
+    let tight = apply(&plan, &costs, &hw(1.0), budget(999), Recompute::Chronos, Offload::Chronos)
+        .unwrap();
+    assert!(!tight.fits, "an evaluation of 1000 bytes in 999");
 }
 
 #[test]

@@ -44,6 +44,10 @@ fn unit_memory() -> ChunkMemory {
             peak_above_start: 0,
             net: -1,
         },
+        evaluate: ActionMemory {
+            peak_above_start: 1,
+            net: 0,
+        },
     }
 }
 
@@ -111,6 +115,75 @@ fn real_chunk_memory_adds_up_on_one_device() {
     assert_eq!(sim.devices[0].peak_bytes, state + act);
     let end = sim.devices[0].curve.last().unwrap();
     assert_eq!(end.activations + end.comm, 0, "everything freed at the end");
+}
+
+/// An evaluation holds the state at rest and one part's forward at a time: on one device,
+/// the state and the widest part; on two, each device's state and its widest part, the
+/// second device's part with its received input.
+#[test]
+fn evaluation_peak_is_the_state_and_the_widest_part() {
+    let (dims, micro) = (TINY, TINY_MICRO);
+    let hw = ideal();
+    let one = build(ScheduleKind::OneFOneB, 1, 2, 2).unwrap();
+    let costs = chunk_costs(&one, Profile::CpuF32, &dims, micro, &hw);
+    let sim = simulate(&one, &costs, &hw, false).unwrap();
+    let c = &costs[0];
+    let state = c.weight_bytes + c.act_copy_bytes + c.grad_bytes + c.optimizer_bytes;
+    let part = |p| {
+        let inv = Profile::CpuF32.part(&dims, micro, p);
+        let bytes = |v: &[crate::plan::inventory::TensorSpec]| {
+            v.iter().map(|t| t.bytes() as u64).sum::<u64>()
+        };
+        bytes(&inv.stash)
+            + inv.output.as_ref().map_or(0, |t| t.bytes() as u64)
+            + bytes(&inv.forward_scratch)
+    };
+    use crate::plan::inventory::Part;
+    let widest = [Part::Embedding, Part::Layer, Part::Head].map(part);
+    let widest = *widest.iter().max().unwrap();
+    assert_eq!(sim.devices[0].eval_peak_bytes, state + widest);
+    assert!(sim.devices[0].eval_peak_bytes < sim.devices[0].peak_bytes);
+
+    let two = build(ScheduleKind::OneFOneB, 2, 2, 2).unwrap();
+    let costs = chunk_costs(&two, Profile::CpuF32, &dims, micro, &hw);
+    let sim = simulate(&two, &costs, &hw, false).unwrap();
+    for (d, c) in costs.iter().enumerate() {
+        let state = c.weight_bytes + c.act_copy_bytes + c.grad_bytes + c.optimizer_bytes;
+        let parts = two.chunks[d].parts();
+        let widest = parts.iter().map(|&p| part(p)).max().unwrap();
+        assert_eq!(sim.devices[d].eval_peak_bytes, state + widest, "device {d}");
+    }
+}
+
+/// Weights resting on the host come in for their chunk's evaluation only.
+#[test]
+fn evaluation_brings_offloaded_weights_one_chunk_at_a_time() {
+    let (dims, micro) = (TINY, TINY_MICRO);
+    let hw = ideal();
+    let kept = build(ScheduleKind::OneFOneB, 1, 1, 2).unwrap();
+    let costs = chunk_costs(&kept, Profile::CpuF32, &dims, micro, &hw);
+    let base = simulate(&kept, &costs, &hw, false).unwrap();
+    let mut offloaded = kept.clone();
+    let w = Group::Weights { chunk: 0 };
+    offloaded.programs[0].insert(0, Action::Prefetch(w));
+    offloaded.programs[0].push(Action::Offload(w));
+    let sim = simulate(&offloaded, &costs, &hw, false).unwrap();
+    // The same peak: the weights are on the device while the chunk runs either way.
+    assert_eq!(sim.devices[0].eval_peak_bytes, base.devices[0].eval_peak_bytes);
+    // Offloading the gradients lowers it by their bytes.
+    let mut grads_off = kept.clone();
+    let g = Group::Grads { chunk: 0 };
+    let at = grads_off.programs[0]
+        .iter()
+        .position(|a| matches!(a, Action::Backward { .. }))
+        .unwrap();
+    grads_off.programs[0].insert(at, Action::Prefetch(g));
+    grads_off.programs[0].push(Action::Offload(g));
+    let sim = simulate(&grads_off, &costs, &hw, false).unwrap();
+    assert_eq!(
+        sim.devices[0].eval_peak_bytes,
+        base.devices[0].eval_peak_bytes - costs[0].grad_bytes
+    );
 }
 
 /// With bf16 activations a chunk's weights carry their bf16 copies: 2 bytes more per
