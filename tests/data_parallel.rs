@@ -217,18 +217,21 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
     let (got, message) = spec_error(Run::prepare(spec, ""));
     assert_eq!(got, "parallelism.shard_optimizer", "{message}");
     assert!(message.contains("data_parallel is 1"), "{message}");
-    // GPUs run one replica for now: refused before any GPU is opened.
+    // GPUs run replicas too: planned with the CUDA layout, before any GPU is opened.
     let spec = job(&data, 1, 2, "1f1b");
     let arch = resolve_arch(&spec).unwrap();
     let gpus = DeviceSet::parse("cpu:2x1GiB").unwrap();
-    let (field, message) = spec_error(plan_job(&spec, &arch, &gpus, DeviceKind::Cuda));
-    assert_eq!(field, "parallelism.data_parallel");
-    assert!(message.contains("CUDA devices"), "{message}");
-    // Nor does the planner search replicas for them.
+    let answer = plan_job(&spec, &arch, &gpus, DeviceKind::Cuda).unwrap();
+    assert_eq!((answer.best.pipeline, answer.plan.replicas), (1, 2));
+    // And the planner searches replicas for them.
     let spec = patched(&job(&data, 1, 1, "1f1b"), r#""data_parallel": "auto""#);
+    let answer = plan_job(&spec, &arch, &gpus, DeviceKind::Cuda).unwrap();
+    assert_eq!(answer.plan.total_devices(), 2);
+    // Sharded optimizer state is still refused on GPUs, by field.
+    let spec = patched(&job(&data, 1, 2, "1f1b"), r#""shard_optimizer": true"#);
     let (field, message) = spec_error(plan_job(&spec, &arch, &gpus, DeviceKind::Cuda));
-    assert_eq!(field, "parallelism.data_parallel");
-    assert!(message.contains("on GPUs is not implemented"), "{message}");
+    assert_eq!(field, "parallelism.shard_optimizer");
+    assert!(message.contains("CUDA devices"), "{message}");
 }
 
 /// `spec` with `patch` (a JSON member) first in its `parallelism`.

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::jobs::{PlanSummary, RunFailure, StepMetrics};
+use crate::jobs::{PlacementEntry, PlanSummary, RunFailure, StepMetrics};
 use crate::spec::JobSpec;
 use crate::store::{CheckpointRow, EventRow, FileRow, JobRow, JobState, MetricRow, StoreError};
 
@@ -82,6 +82,9 @@ pub struct JobView {
     pub restart_count: i64,
     /// Devices it runs on, while on a worker.
     pub devices: Vec<String>,
+    /// Which device runs each replica's pipeline stages, while on a worker (every device
+    /// kind): `devices` in order, replica by replica.
+    pub placement: Vec<PlacementEntry>,
     /// Unix seconds.
     pub created_at: i64,
     pub started_at: Option<i64>,
@@ -96,10 +99,14 @@ pub struct JobView {
 impl JobView {
     pub fn new(job: JobRow, queue_position: Option<i64>) -> Result<JobView, StoreError> {
         let status = job.job_state()?;
+        let plan: Option<PlanSummary> = json_or(job.plan_summary.as_deref(), "plan summary")?;
+        let devices: Vec<String> =
+            json_or(job.devices.as_deref(), "devices")?.unwrap_or_default();
         Ok(JobView {
             spec: serde_json::from_str(&job.spec)
                 .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?,
-            plan: json_or(job.plan_summary.as_deref(), "plan summary")?,
+            placement: plan.as_ref().map_or(Vec::new(), |p| p.placement(&devices)),
+            plan,
             progress: Progress {
                 step: job.step,
                 total_steps: job.total_steps,
@@ -108,7 +115,7 @@ impl JobView {
             latest_metrics: json_or(job.latest_metrics.as_deref(), "metrics")?,
             queue_position,
             restart_count: job.restart_count,
-            devices: json_or(job.devices.as_deref(), "devices")?.unwrap_or_default(),
+            devices,
             created_at: seconds(job.created_at),
             started_at: job.started_at.map(seconds),
             finished_at: job.finished_at.map(seconds),

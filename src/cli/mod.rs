@@ -73,9 +73,9 @@ pub struct ServiceArgs {
     #[arg(long, env = "CHRONOSPIPE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// Devices to train on, e.g. `cpu:4x256MiB`, `cuda` or `cuda:0,1@40GiB` (one job per GPU,
-    /// at most 40 GiB each), `cuda:0x4` (each job a pipeline over four stages sharing GPU 0)
-    /// [default: one CPU device, half the free memory].
+    /// Devices to train on, e.g. `cpu:4x256MiB`, `cuda` or `cuda:0,1@40GiB` (each job on as
+    /// many of the GPUs as its replicas x stages, at most 40 GiB each), `cuda:0x4` (four
+    /// stages sharing GPU 0) [default: one CPU device, half the free memory].
     #[arg(long, env = "CHRONOSPIPE_DEVICES")]
     pub devices: Option<String>,
 

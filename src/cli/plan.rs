@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// Pipeline stages [default: searched].
     #[arg(long)]
     pub pipeline: Option<u32>,
+    /// Data-parallel replicas [default: searched]. Fixed, the search runs on --pipeline x
+    /// replicas of the cluster's devices, or without --pipeline on all of them, each replica
+    /// a pipeline of devices / replicas stages.
+    #[arg(long)]
+    pub data_parallel: Option<u32>,
     /// auto, gpipe, 1f1b, interleaved[:V], chronos[:IN_FLIGHT].
     #[arg(long, default_value = "auto")]
     pub schedule: String,
@@ -118,6 +123,11 @@ pub enum PlanCmdError {
     },
     #[error("--{0} is required")]
     Missing(&'static str),
+    #[error("--{flag}: {message}")]
+    Invalid {
+        flag: &'static str,
+        message: String,
+    },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -205,8 +215,50 @@ fn capacity(args: &CapacityArgs) -> Result<String, PlanCmdError> {
     ))
 }
 
+/// Fixes the replicas at `--data-parallel`: the pipeline degree and the devices the search
+/// may use become those of that many replicas. Returns the pipeline degree.
+fn fix_replicas(args: &RunArgs, cluster: &mut Cluster) -> Result<Option<u32>, PlanCmdError> {
+    let Some(dp) = args.data_parallel else {
+        return Ok(args.pipeline);
+    };
+    let invalid = |message: String| PlanCmdError::Invalid {
+        flag: "data-parallel",
+        message,
+    };
+    let tp = cluster.tensor_parallel.max(1);
+    let usable = cluster.devices / tp;
+    if dp == 0 {
+        return Err(invalid("must be at least 1".into()));
+    }
+    let pipeline = match args.pipeline {
+        Some(p) if p.saturating_mul(dp) > usable => {
+            return Err(invalid(format!(
+                "{p} stages x {dp} replicas need {} pipeline devices; {} has {usable}",
+                p.saturating_mul(dp),
+                cluster.name
+            )));
+        }
+        Some(p) => p,
+        None if usable % dp != 0 || dp > usable => {
+            let fits: Vec<String> = (1..=usable)
+                .filter(|n| usable.is_multiple_of(*n))
+                .map(|n| n.to_string())
+                .collect();
+            return Err(invalid(format!(
+                "{dp} replicas do not divide the {usable} pipeline devices of {}; use one of {}",
+                cluster.name,
+                fits.join(", ")
+            )));
+        }
+        None => usable / dp,
+    };
+    cluster.devices = pipeline * dp * tp;
+    Ok(Some(pipeline))
+}
+
 fn plan(args: &RunArgs) -> Result<String, PlanCmdError> {
-    let (model, cluster) = resolve(&args.target)?;
+    let (model, mut cluster) = resolve(&args.target)?;
+    let pipeline = fix_replicas(args, &mut cluster)?;
     let schedule = match args.schedule.as_str() {
         "auto" => None,
         s => Some(s.parse::<ScheduleKind>()?),
@@ -217,7 +269,7 @@ fn plan(args: &RunArgs) -> Result<String, PlanCmdError> {
         global_batch: args.global_batch,
         micro_batch_size: args.micro_batch_size,
         microbatches: args.microbatches,
-        pipeline: args.pipeline,
+        pipeline,
         schedule,
         recompute: args.recompute.parse::<Recompute>()?,
         offload: args.offload.parse::<Offload>()?,
@@ -225,6 +277,18 @@ fn plan(args: &RunArgs) -> Result<String, PlanCmdError> {
     let started = Instant::now();
     let answer = search::search(&req, &cluster)?;
     let elapsed = started.elapsed().as_secs_f64();
+    if let Some(dp) = args.data_parallel.filter(|&dp| dp != answer.plan.replicas) {
+        return Err(PlanCmdError::Invalid {
+            flag: "data-parallel",
+            message: format!(
+                "a global batch of {} sequences (micro-batches of {}) does not split over {dp} \
+                 replicas; the search found {}",
+                req.global_batch,
+                answer.best.micro_batch_size,
+                answer.plan.replicas
+            ),
+        });
+    }
     if let Some(path) = &args.svg {
         // The search skips memory curves for speed; draw from a detailed re-run.
         let micro = MicroShape {
@@ -327,6 +391,39 @@ mod tests {
         assert!(out.contains("plan: pp"), "{out}");
         assert!(out.contains("device 0:"), "{out}");
         assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    }
+
+    /// `--data-parallel` fixes the replicas (with `--pipeline`, or the pipeline degree as the
+    /// devices' share), and a count the devices or the batch cannot hold is refused by flag.
+    #[test]
+    fn data_parallel_fixes_the_replicas() {
+        let base = ["--model", "tiny", "--cluster", "cpu-4x1g", "--seq-len", "64"];
+        let json = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let out = run(&parse(&args)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let best = &v["answer"]["best"];
+            (best["pipeline"].as_u64(), v["answer"]["plan"]["replicas"].as_u64())
+        };
+        let batch = ["--global-batch", "8", "--json"];
+        let two: Vec<&str> = batch.iter().chain(&["--data-parallel", "2"]).copied().collect();
+        assert_eq!(json(&two), (Some(2), Some(2)));
+        let four: Vec<&str> = batch.iter().chain(&["--data-parallel", "4"]).copied().collect();
+        assert_eq!(json(&four), (Some(1), Some(4)));
+        let one_by_two: Vec<&str> = (batch.iter())
+            .chain(&["--data-parallel", "2", "--pipeline", "1"])
+            .copied()
+            .collect();
+        assert_eq!(json(&one_by_two), (Some(1), Some(2)));
+        for (extra, says) in [
+            (&["--data-parallel", "3"][..], "do not divide the 4"),
+            (&["--data-parallel", "2", "--pipeline", "3"][..], "need 6"),
+            (&["--data-parallel", "4", "--global-batch", "6"][..], "does not split"),
+        ] {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            let err = run(&parse(&args)).unwrap_err().to_string();
+            assert!(err.starts_with("--data-parallel") && err.contains(says), "{err}");
+        }
     }
 
     #[test]

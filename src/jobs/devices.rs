@@ -17,8 +17,8 @@ pub struct DeviceInfo {
 }
 
 /// The service's devices from `devices` text (`exec::device_spec`'s syntax): `cpu:NxSIZE`,
-/// GPUs each running whole-model jobs (`cuda`, `cuda:N`, `cuda:I,J,...`), or pipeline stages
-/// sharing one GPU (`cuda:NxK`: devices `cuda:N/stage0` to `cuda:N/stageK-1`), GPUs optionally
+/// whole GPUs (`cuda`, `cuda:N`, `cuda:I,J,...`), each a device of a job's pipeline, or
+/// pipeline devices sharing one GPU (`cuda:NxK`: devices `cuda:N/stage0` to `cuda:N/stageK-1`), GPUs optionally
 /// `@SIZE` (each stage's cap). A GPU's memory is its cap, else unknown here (0) until
 /// `with_gpu_memory` measures it.
 pub fn parse_devices(spec: &str) -> Result<Vec<DeviceInfo>, DeviceSpecError> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::devices::{DeviceInfo, gpu_ordinal, is_gpu_stage};
+use super::devices::{DeviceInfo, gpu_ordinal};
 use super::planner::{PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
 use super::runner::{
     EventLevel, JobRunner, RunControl, RunEnd, RunFailure, RunRequest, RunSink, StepMetrics,
@@ -13,8 +13,7 @@ use super::runner::{
 };
 use crate::exec::device::{DeviceSet, Pool};
 use crate::exec::run::{
-    DeviceKind, Evaluation, Observer, Outcome, Run, RunError, Stop, drive, plan_job, plan_on_gpu,
-    resolve_arch,
+    DeviceKind, Evaluation, Observer, Outcome, Run, RunError, Stop, drive, plan_job, resolve_arch,
 };
 use crate::exec::transport::RankSpec;
 use crate::plan::PlanError;
@@ -22,24 +21,22 @@ use crate::plan::render;
 use crate::plan::search::Answer;
 use crate::spec::{InvalidSpec, JobSpec};
 
-/// Where a job runs on the service's devices: a pipeline over CPU pools, the whole model on
-/// one GPU (the first given), or a pipeline over the stages sharing a GPU (`cuda:NxK`).
-enum Placement<'a> {
+/// Where a job runs on the service's devices: a pipeline over CPU pools, or over GPU devices
+/// (whole GPUs, `cuda:N`, or stages sharing one, `cuda:N/stageS`), replica by replica, as
+/// many of them as the job's `parallelism` asks or the planner picks. A job on one GPU is a
+/// one-stage pipeline like any other.
+enum Placement {
     Cpu(DeviceSet),
     Gpu {
-        device: &'a DeviceInfo,
-        ordinal: usize,
-    },
-    GpuStages {
-        /// One pool per stage, of the memory the service gives it.
+        /// One pool per device, of the memory the service gives it.
         set: DeviceSet,
-        /// Each stage's GPU.
+        /// Each device's GPU.
         ordinals: Vec<usize>,
     },
 }
 
 /// The devices as pools of the memory the service gives each, and the host pool.
-fn pools(devices: &[&DeviceInfo], host_bytes: u64) -> DeviceSet {
+fn pools(devices: &[DeviceInfo], host_bytes: u64) -> DeviceSet {
     DeviceSet {
         devices: devices
             .iter()
@@ -49,37 +46,33 @@ fn pools(devices: &[&DeviceInfo], host_bytes: u64) -> DeviceSet {
     }
 }
 
-fn placement(devices: &[DeviceInfo], host_bytes: u64) -> Result<Placement<'_>, String> {
+fn placement(devices: &[DeviceInfo], host_bytes: u64) -> Result<Placement, String> {
     let Some(first) = devices.first() else {
         return Err("no devices are configured".into());
     };
-    if is_gpu_stage(first) {
-        let stages: Vec<&DeviceInfo> = devices.iter().filter(|d| is_gpu_stage(d)).collect();
-        return Ok(Placement::GpuStages {
-            set: pools(&stages, host_bytes),
-            ordinals: stages.iter().filter_map(|d| gpu_ordinal(d)).collect(),
-        });
-    }
-    if let Some(ordinal) = gpu_ordinal(first) {
-        return Ok(Placement::Gpu {
-            device: first,
-            ordinal,
-        });
-    }
-    if let Some(d) = devices.iter().find(|d| d.kind != "cpu") {
+    let kinds = |d: &DeviceInfo| (d.kind.clone(), gpu_ordinal(d).is_some());
+    if let Some(d) = devices.iter().find(|d| kinds(d) != kinds(first)) {
         return Err(format!(
-            "device {} is {}: a job runs on CPU devices or on one GPU",
-            d.id, d.kind
+            "device {} is {} but {} is {}: a job runs on CPU devices or on GPUs, not both",
+            d.id, d.kind, first.id, first.kind
         ));
     }
-    Ok(Placement::Cpu(pools(
-        &devices.iter().collect::<Vec<_>>(),
-        host_bytes,
-    )))
+    let set = pools(devices, host_bytes);
+    if first.kind == "cpu" {
+        return Ok(Placement::Cpu(set));
+    }
+    let ordinals: Option<Vec<usize>> = devices.iter().map(gpu_ordinal).collect();
+    match ordinals {
+        Some(ordinals) => Ok(Placement::Gpu { set, ordinals }),
+        None => Err(format!(
+            "device {} is {}: a job runs on CPU devices or on GPUs",
+            first.id, first.kind
+        )),
+    }
 }
 
 /// Plans with `plan::search`: `cpu-f32` for CPU devices, `cuda-f32` (or `cuda-bf16` for
-/// bf16 jobs) for a GPU's measured memory.
+/// bf16 jobs) for GPUs' measured memory.
 pub struct ExecPlanner;
 
 impl Planner for ExecPlanner {
@@ -94,10 +87,7 @@ impl Planner for ExecPlanner {
         let answer = resolve_arch(spec)
             .and_then(|arch| match &placement {
                 Placement::Cpu(set) => plan_job(spec, &arch, set, DeviceKind::Cpu),
-                Placement::GpuStages { set, .. } => plan_job(spec, &arch, set, DeviceKind::Cuda),
-                Placement::Gpu { device, .. } => {
-                    plan_on_gpu(spec, &arch, &device.id, device.memory_bytes as usize)
-                }
+                Placement::Gpu { set, .. } => plan_job(spec, &arch, set, DeviceKind::Cuda),
             })
             .map_err(plan_failure)?;
         Ok(outcome(&answer))
@@ -138,6 +128,7 @@ fn outcome(answer: &Answer) -> PlanOutcome {
     let summary = PlanSummary {
         schedule: answer.best.schedule.clone(),
         stages: answer.best.pipeline,
+        replicas: answer.plan.replicas,
         devices: answer.plan.total_devices() as u32,
         actions_per_device: (answer.plan.programs.iter())
             .map(|p| p.len() as u64)
@@ -176,8 +167,7 @@ fn outcome(answer: &Answer) -> PlanOutcome {
     }
 }
 
-/// Trains with `exec::run`: a pipeline on CPU devices or on stages sharing a GPU, or the
-/// whole model on one GPU.
+/// Trains with `exec::run`: a pipeline (replicas x stages) on CPU devices or on GPUs.
 pub struct ExecRunner;
 
 impl JobRunner for ExecRunner {
@@ -193,10 +183,7 @@ impl JobRunner for ExecRunner {
         let mut run = match placement {
             Placement::Cpu(set) => Run::prepare_on(spec, set),
             // Within the memory the job was planned for (measured, or capped, at start).
-            Placement::Gpu { device, ordinal } => {
-                Run::prepare_on_gpu(spec, ordinal, Some(device.memory_bytes as usize))
-            }
-            Placement::GpuStages { set, ordinals } => {
+            Placement::Gpu { set, ordinals } => {
                 let each = set.devices.iter().map(|p| p.budget()).min();
                 Run::prepare_on_gpu_stages(spec, &ordinals, each)
             }
@@ -393,13 +380,23 @@ mod tests {
         }
     }
 
+    fn gpus(count: usize, memory_bytes: u64) -> Vec<DeviceInfo> {
+        (0..count)
+            .map(|g| gpu(&format!("cuda:{g}"), memory_bytes))
+            .collect()
+    }
+
+    /// One GPU runs a one-stage pipeline, planned with the CUDA layout against its measured
+    /// memory; a job asking for more stages than the GPUs is refused by field.
     #[test]
     fn a_gpu_is_planned_as_one_stage_against_its_measured_memory() {
         let planner = ExecPlanner;
-        let devices = [gpu("cuda:1", 8 << 30), gpu("cuda:2", 8 << 30)];
+        let devices = [gpu("cuda:1", 8 << 30)];
         let out = planner.plan(&spec("{}"), &devices, HOST).unwrap();
-        assert_eq!((out.summary.stages, out.summary.devices), (1, 1));
-        assert_eq!(out.summary.schedule, "1f1b");
+        assert_eq!(
+            (out.summary.stages, out.summary.replicas, out.summary.devices),
+            (1, 1, 1)
+        );
         // The cuda-f32 layout is not the CPU's: the same job on a CPU device of the same size
         // is planned with its own (different) peak.
         let cpu = DeviceInfo {
@@ -424,6 +421,117 @@ mod tests {
         }
     }
 
+    /// Whole GPUs (`serve --devices cuda:0,1,2,3`): a job takes as many as its stages x
+    /// replicas, replica by replica, each device on its own GPU; the rest stay free for
+    /// other jobs (the worker claims the first free ones: a 2 x 2 job given GPUs 2 to 5 runs
+    /// replica 0 on GPUs 2 and 3, replica 1 on 4 and 5).
+    #[test]
+    fn a_job_takes_stages_x_replicas_gpus() {
+        let planner = ExecPlanner;
+        let eight = gpus(8, 8 << 30);
+        let two_by_two = spec(r#"{"stages": 2, "data_parallel": 2, "schedule": "1f1b"}"#);
+        let out = planner.plan(&two_by_two, &eight, HOST).unwrap();
+        let s = &out.summary;
+        assert_eq!((s.stages, s.replicas, s.devices), (2, 2, 4));
+        assert_eq!(s.peak_bytes.len(), 4);
+        assert_eq!(out.plan["plan"]["replicas"], 2);
+        let Ok(Placement::Gpu { set, ordinals }) = placement(&eight[2..6], HOST) else {
+            panic!("four GPUs");
+        };
+        assert_eq!(ordinals, [2, 3, 4, 5]);
+        assert_eq!(set.devices[1].name(), "cuda:3");
+        let devices: Vec<String> = eight[2..6].iter().map(|d| d.id.clone()).collect();
+        let placed = s.placement(&devices);
+        let got: Vec<(u32, u32, &str)> = (placed.iter())
+            .map(|p| (p.replica, p.stage, p.device.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 0, "cuda:2"),
+                (0, 1, "cuda:3"),
+                (1, 0, "cuda:4"),
+                (1, 1, "cuda:5")
+            ]
+        );
+        // Two smaller jobs each take what they ask, so both fit the 8 side by side.
+        let stages_only = planner
+            .plan(&spec(r#"{"stages": 2}"#), &eight, HOST)
+            .unwrap();
+        let replicas_only = planner
+            .plan(&spec(r#"{"stages": 1, "data_parallel": 4}"#), &eight, HOST)
+            .unwrap();
+        assert_eq!(
+            (stages_only.summary.devices, replicas_only.summary.devices),
+            (2, 4)
+        );
+        assert_eq!(replicas_only.summary.replicas, 4);
+    }
+
+    /// `"auto"` replicas on GPUs: the planner picks stages x replicas within the GPUs, no
+    /// slower than any layout it could have been given.
+    #[test]
+    fn auto_replicas_on_gpus_pick_the_fastest_layout() {
+        let planner = ExecPlanner;
+        let four = gpus(4, 8 << 30);
+        let auto = planner
+            .plan(
+                &spec(r#"{"stages": "auto", "data_parallel": "auto", "schedule": "1f1b"}"#),
+                &four,
+                HOST,
+            )
+            .unwrap();
+        let a = &auto.summary;
+        assert_eq!(a.stages * a.replicas, a.devices);
+        assert!(a.devices <= 4);
+        assert_eq!(auto.plan["best"]["data_parallel"], a.replicas);
+        for (stages, replicas) in [(1, 4), (2, 2), (4, 1)] {
+            let fixed = planner
+                .plan(
+                    &spec(&format!(
+                        r#"{{"stages": {stages}, "data_parallel": {replicas}, "schedule": "1f1b"}}"#
+                    )),
+                    &four,
+                    HOST,
+                )
+                .unwrap();
+            assert!(
+                a.step_time_s <= fixed.summary.step_time_s * (1.0 + 1e-9),
+                "auto {} x {}: {} s; {stages} x {replicas}: {} s",
+                a.stages,
+                a.replicas,
+                a.step_time_s,
+                fixed.summary.step_time_s
+            );
+        }
+    }
+
+    /// What the GPUs cannot hold, or the runtime cannot run on them, is refused by field.
+    #[test]
+    fn gpu_layouts_that_do_not_fit_are_refused_by_field() {
+        let planner = ExecPlanner;
+        let four = gpus(4, 8 << 30);
+        let refused = |parallelism: &str, microbatches: usize| {
+            let mut s = spec(parallelism);
+            s.training.microbatches = microbatches;
+            match planner.plan(&s, &four, HOST) {
+                Err(PlanFailure::Invalid(e)) => {
+                    (e.first().param.clone(), e.first().message.clone())
+                }
+                other => panic!("{parallelism}: {other:?}"),
+            }
+        };
+        let (param, message) = refused(r#"{"stages": "auto", "data_parallel": 3}"#, 3);
+        assert_eq!(param, "parallelism.data_parallel");
+        assert!(message.contains("do not divide the 4 devices"), "{message}");
+        let (param, message) = refused(r#"{"stages": 3, "data_parallel": 2}"#, 4);
+        assert_eq!(param, "parallelism.stages");
+        assert!(message.contains("need 6 devices but 4"), "{message}");
+        let (param, message) = refused(r#"{"stages": 1, "data_parallel": 3}"#, 4);
+        assert_eq!(param, "parallelism.data_parallel");
+        assert!(message.contains("training.microbatches"), "{message}");
+    }
+
     /// Stages sharing a GPU (`serve --devices cuda:0x4`) are a pipeline planned with the
     /// CUDA layout, each stage within the memory the service gives it.
     #[test]
@@ -436,7 +544,7 @@ mod tests {
         let out = planner.plan(&one_f_one_b, &stages, HOST).unwrap();
         assert_eq!((out.summary.stages, out.summary.devices), (4, 4));
         assert_eq!(out.summary.schedule, "1f1b");
-        let Ok(Placement::GpuStages { set, ordinals }) = placement(&stages, HOST) else {
+        let Ok(Placement::Gpu { set, ordinals }) = placement(&stages, HOST) else {
             panic!("stages of one GPU");
         };
         assert_eq!(ordinals, [0, 0, 0, 0]);

@@ -33,8 +33,14 @@ pub struct PlanOutcome {
 pub struct PlanSummary {
     /// Schedule name, e.g. `chronos`, `1f1b`.
     pub schedule: String,
+    /// Devices of each replica's pipeline.
     pub stages: u32,
-    /// How many of the devices the plan uses (a worker claims the job when it has this many free).
+    /// Copies of the pipeline (data parallelism), each on its own `stages` devices: run-wide
+    /// device `d` is stage `d % stages` of replica `d / stages`.
+    #[serde(default = "one_replica")]
+    pub replicas: u32,
+    /// How many of the devices the plan uses, stages x replicas (a worker claims the job when
+    /// it has this many free).
     pub devices: u32,
     /// Programs: actions per device, in device order.
     pub actions_per_device: Vec<u64>,
@@ -49,6 +55,34 @@ pub struct PlanSummary {
     pub bubble_ratio: f64,
     /// Next-best plans considered.
     pub runners_up: Vec<PlanCandidate>,
+}
+
+impl PlanSummary {
+    /// The plan's replicas x stages on `devices` (those a worker gave the job, in order):
+    /// device `d` is stage `d % stages` of replica `d / stages`.
+    pub fn placement(&self, devices: &[String]) -> Vec<PlacementEntry> {
+        let stages = self.stages.max(1) as usize;
+        (devices.iter().enumerate())
+            .map(|(d, device)| PlacementEntry {
+                replica: (d / stages) as u32,
+                stage: (d % stages) as u32,
+                device: device.clone(),
+            })
+            .collect()
+    }
+}
+
+/// One device of a job: stage `stage` of replica `replica`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlacementEntry {
+    pub replica: u32,
+    pub stage: u32,
+    pub device: String,
+}
+
+/// Summaries stored before replicas were shown ran one.
+fn one_replica() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

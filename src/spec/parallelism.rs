@@ -100,13 +100,13 @@ pub struct ParallelismSpec {
     pub offload: OffloadChoice,
     /// Copies of the pipeline, each on its own devices and its share of the step's
     /// micro-batches (`training.microbatches / data_parallel` each); 1 when left out;
-    /// `"auto"` (CPU devices): the planner picks stages x replicas for the fastest plan.
+    /// `"auto"`: the planner picks stages x replicas for the fastest plan.
     #[serde(default, skip_serializing_if = "DataParallel::is_one")]
     pub data_parallel: DataParallel,
     /// Each replica keeps and steps 1/data_parallel of every chunk's optimizer state
     /// (ZeRO-1: gradients reduce-scattered, weights gathered after the step); left out, it
-    /// is on whenever there is more than one replica. `false` keeps the whole state on every
-    /// replica.
+    /// is on whenever there is more than one replica on CPU devices. `false` keeps the whole
+    /// state on every replica, as GPU replicas always do (`true` is refused there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_optimizer: Option<bool>,
 }

@@ -374,6 +374,7 @@ impl Planner for ScriptedPlanner {
             summary: PlanSummary {
                 schedule: "scripted".into(),
                 stages,
+                replicas: 1,
                 devices: stages,
                 actions_per_device: vec![2; stages as usize],
                 peak_bytes: vec![SMALLEST_FIT; stages as usize],

@@ -30,15 +30,15 @@ pub fn layout(spec: &JobSpec, available: usize, kind: DeviceKind) -> Result<Layo
     let stages = spec.parallelism.stages.count();
     let refuse =
         |field: &str, message: String| RunError::Spec(vec![SpecError::new(field, message)]);
+    if kind == DeviceKind::Cuda && spec.parallelism.shard_optimizer == Some(true) {
+        return Err(refuse(
+            "parallelism.shard_optimizer",
+            "sharded optimizer state on CUDA devices is not implemented yet: each GPU replica \
+             keeps the whole optimizer state; use false or leave it out"
+                .into(),
+        ));
+    }
     let Some(dp) = spec.parallelism.data_parallel.count() else {
-        if kind == DeviceKind::Cuda {
-            return Err(refuse(
-                field,
-                "\"auto\" searches replicas, and data parallelism on GPUs is not implemented \
-                 yet: use 1, or CPU devices such as `cpu:4x256MiB`"
-                    .into(),
-            ));
-        }
         return match stages {
             None => Ok(Layout {
                 pipeline: None,
@@ -54,16 +54,6 @@ pub fn layout(spec: &JobSpec, available: usize, kind: DeviceKind) -> Result<Layo
             }),
         };
     };
-    if dp > 1 && kind == DeviceKind::Cuda {
-        return Err(refuse(
-            field,
-            format!(
-                "{dp} replicas on CUDA devices: data parallelism on GPUs is not implemented \
-                 yet; use 1, or CPU devices such as `cpu:{}x256MiB`",
-                2 * dp
-            ),
-        ));
-    }
     let dp = dp.max(1);
     // Only "auto" stages share every device out, and need the replicas to divide them.
     if stages.is_none() && !available.is_multiple_of(dp) {

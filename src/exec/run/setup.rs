@@ -157,7 +157,11 @@ pub fn plan_job(
         DeviceKind::Cpu => Cluster::cpu(used, budget),
     };
     let answer = search_within_host(&request, &mut cluster, devices.host.budget())?;
-    replicas::shard_optimizer(spec, answer, &arch.dims(), &cluster)
+    match kind {
+        // GPU replicas keep whole state (`shard_optimizer: true` is refused in `layout`).
+        DeviceKind::Cuda => Ok(answer),
+        DeviceKind::Cpu => replicas::shard_optimizer(spec, answer, &arch.dims(), &cluster),
+    }
 }
 
 /// Joins a pipeline to the other ranks of its run, once its plan is known.
@@ -216,7 +220,8 @@ fn one_stage(spec: &JobSpec) -> Result<JobSpec, RunError> {
     if p.data_parallel.count().is_some_and(|n| n != 1) {
         errors.push(SpecError::new(
             "parallelism.data_parallel",
-            "data parallelism on GPUs is not implemented yet: use 1",
+            "one GPU holding the whole model runs one replica: for replicas name devices for \
+             them, as `cuda:0x2` (two sharing GPU 0) or `cuda:0,1`",
         ));
     }
     let one_f_one_b = ScheduleChoice::of(ScheduleKind::OneFOneB);
@@ -478,9 +483,10 @@ impl Run {
         Run::on_pipeline(spec, &arch, answer, devices, engine, None)
     }
 
-    /// The pipeline runtime on GPU stages: stage `i` on GPU `stage_gpus[i]` with its own pool
-    /// of `cap` bytes, or an equal share of what its GPU has free less a reserve. Planned
-    /// with the CUDA backend's memory layout at the spec's precision.
+    /// The pipeline runtime on GPU stages: run-wide device `i` (replica by replica, as
+    /// `parallelism` asks or the planner picks) on GPU `stage_gpus[i]` with its own pool of
+    /// `cap` bytes, or an equal share of what its GPU has free less a reserve. Planned with the
+    /// CUDA backend's memory layout at the spec's precision.
     pub fn prepare_on_gpu_stages(
         spec: JobSpec,
         stage_gpus: &[usize],
@@ -489,12 +495,14 @@ impl Run {
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
         let arch = resolve_arch(&spec)?;
         LlamaConfig::from_arch(&arch)?; // refused before the GPUs are opened
-        let engine = GpuEngine::open(stage_gpus, gpu_precision(spec.training.precision))?;
+        let mut engine = GpuEngine::open(stage_gpus, gpu_precision(spec.training.precision))?;
         let devices = DeviceSet {
             devices: stage_pools(&engine, stage_gpus, cap)?,
             host: Pool::new("host", usize::MAX),
         };
         let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cuda)?;
+        let plan = &answer.plan;
+        engine.replicate(plan.devices(), plan.replicas as usize)?;
         Run::on_pipeline(spec, &arch, answer, devices, engine, None)
     }
 }

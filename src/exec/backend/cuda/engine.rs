@@ -3,7 +3,10 @@
 //! so a tensor handed from one to the next is ordered after the kernels that made it without
 //! any event; a send between stages on one GPU hands the buffer over. A send between GPUs goes
 //! through NCCL (`nccl`: one communicator for the job's GPUs), or through host memory where
-//! NCCL is missing or cannot start. Offload and prefetch run on the GPU's copy stream through pinned
+//! NCCL is missing or cannot start. Data parallelism sums a gradient's replica copies
+//! (`sum_replicas`): copies on one GPU with a device add kernel in replica order, then the
+//! per-GPU sums across GPUs with an NCCL all-reduce (through host memory without NCCL), then
+//! each GPU's sum into its other copies. Offload and prefetch run on the GPU's copy stream through pinned
 //! host memory (`offload`), overlapping compute: every operation here first makes the compute
 //! stream wait for prefetches into the tensors it reads.
 
@@ -14,6 +17,7 @@ use cudarc::driver::DevicePtr;
 use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::nccl::Nccl;
+use crate::exec::backend::cuda::offload;
 use crate::exec::backend::cuda::tensor::{Detached, GpuTensor};
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{MemGroup, PoolRef};
@@ -46,8 +50,12 @@ pub struct GpuEngine {
     nccl: Option<Nccl>,
     /// Each GPU once.
     gpus: Vec<Gpu>,
-    /// For each plan device (stage), the index in `gpus` of the GPU it runs on.
+    /// For each run-wide plan device (replica by replica), the index in `gpus` of the GPU it
+    /// runs on.
     stage_gpu: Vec<usize>,
+    /// Devices per replica: run-wide device `d` is stage `d % stages` of replica
+    /// `d / stages` (every device one replica's until `replicate` says otherwise).
+    stages: usize,
 }
 
 impl GpuEngine {
@@ -75,11 +83,57 @@ impl GpuEngine {
                 })
                 .ok(),
         };
+        let stages = stage_gpu.len();
         Ok(GpuEngine {
             nccl,
             gpus,
             stage_gpu,
+            stages,
         })
+    }
+
+    /// Runs `replicas` copies of a `stages`-device pipeline on the first stages x replicas
+    /// devices given to `open`, replica by replica; makes the NCCL communicator of each
+    /// stage's replicas on distinct GPUs.
+    pub fn replicate(&mut self, stages: usize, replicas: usize) -> std::result::Result<(), CudaError> {
+        if stages == 0 || stages * replicas > self.stage_gpu.len() {
+            return Err(CudaError::Unsupported(format!(
+                "{replicas} replicas of {stages} stages need {} devices; the engine has {}",
+                stages * replicas,
+                self.stage_gpu.len()
+            )));
+        }
+        self.stages = stages;
+        for stage in 0..stages {
+            let gpus = self.replica_gpus(stage, replicas);
+            if gpus.len() < 2 {
+                continue;
+            }
+            match &self.nccl {
+                Some(nccl) => {
+                    let ordinals: Vec<usize> = gpus.iter().map(|&g| self.gpus[g].ordinal).collect();
+                    nccl.add_group(&ordinals)?;
+                }
+                None => tracing::warn!(
+                    stage,
+                    "replicas on different GPUs sum their gradients through host memory (no NCCL)"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// The GPUs (indices in `gpus`) that hold stage `stage` of the first `replicas` replicas,
+    /// each once, in replica order.
+    fn replica_gpus(&self, stage: usize, replicas: usize) -> Vec<usize> {
+        let mut gpus = Vec::new();
+        for r in 0..replicas {
+            let g = self.stage_gpu[r * self.stages + stage];
+            if !gpus.contains(&g) {
+                gpus.push(g);
+            }
+        }
+        gpus
     }
 
     /// One stage on an opened GPU.
@@ -88,6 +142,7 @@ impl GpuEngine {
             nccl: None,
             gpus: vec![gpu],
             stage_gpu: vec![0],
+            stages: 1,
         }
     }
 
@@ -366,13 +421,63 @@ impl Engine for GpuEngine {
         Ok(())
     }
 
-    /// Refused: GPU stages run one replica (the planner refuses `data_parallel > 1` on CUDA
-    /// devices before a plan reaches here).
-    fn sum_replicas(&self, device: u32, _copies: &mut [&mut GpuTensor]) -> Result<()> {
-        Err(PipelineError::Cuda(CudaError::Unsupported(format!(
-            "stage {device}: data parallelism on GPU stages is not implemented yet \
-             (parallelism.data_parallel must be 1 on CUDA devices)"
-        ))))
+    /// Sums on each GPU its copies in replica order (`replica_add` into the first), then
+    /// the GPUs' sums across GPUs (NCCL all-reduce, or through host memory without NCCL),
+    /// then copies each GPU's sum into its other copies. Copy `r` is replica `r`'s, on the
+    /// GPU of its device for this stage.
+    fn sum_replicas(&self, device: u32, copies: &mut [&mut GpuTensor]) -> Result<()> {
+        let Some(first) = copies.first() else {
+            return Ok(());
+        };
+        let (name, len) = (first.name().to_string(), first.len());
+        let stage = device as usize % self.stages;
+        let reduction = |m: String| PipelineError::Reduction(m);
+        if (copies.len() - 1) * self.stages + stage >= self.stage_gpu.len() {
+            return Err(reduction(format!(
+                "{} replica copies of {name} on stage {stage}, but the engine runs {} devices \
+                 of {} stages",
+                copies.len(),
+                self.stage_gpu.len(),
+                self.stages
+            )));
+        }
+        if let Some(other) = copies.iter().find(|t| t.len() != len || t.is_on_host()) {
+            return Err(reduction(format!(
+                "{name} has {len} elements in replica 0 and {} in another, or is in host \
+                 memory there",
+                other.len()
+            )));
+        }
+        let gpu_of = |r: usize| self.stage_gpu[r * self.stages + stage];
+        // Per GPU (in replica order of first appearance): the replica whose copy holds its sum.
+        let mut holders: Vec<(usize, usize)> = Vec::new();
+        for r in 0..copies.len() {
+            let g = gpu_of(r);
+            match holders.iter().find(|(h, _)| *h == g) {
+                None => holders.push((g, r)),
+                Some(&(_, holder)) => {
+                    let gpu = &self.gpus[g];
+                    copies[holder].await_ready(gpu)?;
+                    copies[r].await_ready(gpu)?;
+                    gpu.replica_add(copies[holder].ptr(), copies[r].ptr(), len)
+                        .map_err(PipelineError::Cuda)?;
+                }
+            }
+        }
+        if holders.len() > 1 {
+            self.sum_across_gpus(copies, &holders, len)?;
+        }
+        for r in 0..copies.len() {
+            let g = gpu_of(r);
+            let Some(&(_, holder)) = holders.iter().find(|(h, _)| *h == g) else {
+                continue;
+            };
+            if holder != r {
+                let (sum, copy) = pair_mut(copies, holder, r);
+                copy.copy_from(&self.gpus[g], sum)?;
+            }
+        }
+        Ok(())
     }
 
     fn zero_grads(&self, device: u32, part: &mut GpuPart) -> Result<()> {
@@ -425,5 +530,52 @@ impl Engine for GpuEngine {
         src: &[f32],
     ) -> Result<()> {
         Ok(t.write_range(self.gpu(device), within, src)?)
+    }
+}
+
+impl GpuEngine {
+    /// Sums the copies of `holders` (per GPU, the replica whose copy holds that GPU's sum)
+    /// into each of them: an NCCL all-reduce whose end their readers wait for, or without NCCL
+    /// through host memory, in `holders`' order.
+    fn sum_across_gpus(
+        &self,
+        copies: &mut [&mut GpuTensor],
+        holders: &[(usize, usize)],
+        len: usize,
+    ) -> Result<()> {
+        if let Some(nccl) = &self.nccl {
+            let buffers: Vec<(&Gpu, u64, Option<&offload::Ready>)> = (holders.iter())
+                .map(|&(g, r)| (&self.gpus[g], copies[r].ptr().addr, copies[r].ready()))
+                .collect();
+            let ends = nccl.all_reduce_sum(&buffers, len)?;
+            for (&(_, r), end) in holders.iter().zip(ends) {
+                copies[r].set_ready(end);
+            }
+            return Ok(());
+        }
+        let mut sum = vec![0f32; len];
+        for (i, &(g, r)) in holders.iter().enumerate() {
+            let values = copies[r].to_host::<f32>(&self.gpus[g])?;
+            if i == 0 {
+                sum = values;
+            } else {
+                sum.iter_mut().zip(&values).for_each(|(s, v)| *s += v);
+            }
+        }
+        for &(g, r) in holders {
+            copies[r].write_range(&self.gpus[g], 0..len, &sum)?;
+        }
+        Ok(())
+    }
+}
+
+/// Two distinct elements of `items`, the first shared and the second mutable.
+fn pair_mut<'a, T>(items: &'a mut [&mut T], a: usize, b: usize) -> (&'a T, &'a mut T) {
+    if a < b {
+        let (left, right) = items.split_at_mut(b);
+        (&*left[a], &mut *right[0])
+    } else {
+        let (left, right) = items.split_at_mut(a);
+        (&*right[0], &mut *left[b])
     }
 }

@@ -19,7 +19,7 @@ use crate::exec::device::{Pool, PoolRef};
 use crate::plan::inventory::DType;
 
 /// The kernel sources, compiled together as one program (the header first).
-pub const KERNEL_SOURCES: [(&str, &str); 11] = [
+pub const KERNEL_SOURCES: [(&str, &str); 12] = [
     ("common.cuh", include_str!("../../../../kernels/common.cuh")),
     ("rmsnorm.cu", include_str!("../../../../kernels/rmsnorm.cu")),
     ("rope.cu", include_str!("../../../../kernels/rope.cu")),
@@ -46,6 +46,10 @@ pub const KERNEL_SOURCES: [(&str, &str); 11] = [
         include_str!("../../../../kernels/product_group.cu"),
     ),
     ("bias.cu", include_str!("../../../../kernels/bias.cu")),
+    (
+        "replica_sum.cu",
+        include_str!("../../../../kernels/replica_sum.cu"),
+    ),
 ];
 
 /// The flash-attention kernels, compiled after [`KERNEL_SOURCES`] and built only with bf16

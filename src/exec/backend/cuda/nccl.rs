@@ -9,10 +9,15 @@
 //! - the receive, on the receiver's transfer stream, into a buffer allocated on its compute
 //!   stream; the new tensor carries the receive's event, which its first reader waits for.
 //!
-//! One lock orders every transfer of the job, so each rank's stream holds its operations in
-//! one global order and every send meets its receive at the same place in both orders: pairs
-//! cannot cross, and no operation waits on one queued after it. NCCL's communicators are not
-//! thread-safe; the lock covers that too.
+//! Data parallelism sums a gradient's copies on distinct GPUs with an all-reduce in a
+//! communicator of its own per group of GPUs (the replicas of a stage), made when the run
+//! knows its replicas (`add_group`); one thread issues every rank's all-reduce in one group,
+//! on the same transfer streams as the sends.
+//!
+//! One lock orders every transfer and all-reduce of the job, so each rank's stream holds its
+//! operations in one global order and every send meets its receive (every all-reduce its
+//! peers) at the same place in every order: pairs cannot cross, and no operation waits on one
+//! queued after it. NCCL's communicators are not thread-safe; the lock covers that too.
 
 use std::ffi::CStr;
 use std::sync::{Arc, Mutex};
@@ -39,6 +44,9 @@ struct Ranks {
     ordinals: Vec<usize>,
     comms: Vec<sys::ncclComm_t>,
     streams: Vec<Arc<CudaStream>>,
+    /// The all-reduce communicators: per group of GPUs (their ordinals, in replica order), a
+    /// communicator per GPU of the group, in that order.
+    groups: Vec<(Vec<usize>, Vec<sys::ncclComm_t>)>,
 }
 
 // SAFETY: the communicators are only used with the `Nccl` lock held.
@@ -94,6 +102,7 @@ impl Nccl {
                 ordinals,
                 comms,
                 streams,
+                groups: Vec::new(),
             }),
         })
     }
@@ -160,6 +169,90 @@ impl Nccl {
         Ok((dst, Ready::record(s_to, to)?))
     }
 
+    /// Makes the all-reduce communicator of `ordinals` (two or more distinct GPUs of this job,
+    /// in replica order), unless it exists already.
+    pub fn add_group(&self, ordinals: &[usize]) -> Result<(), CudaError> {
+        let mut ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
+        if ranks.groups.iter().any(|(g, _)| g == ordinals) {
+            return Ok(());
+        }
+        let distinct = ordinals
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if ordinals.len() < 2 || distinct < ordinals.len() {
+            return Err(CudaError::Unsupported(format!(
+                "an all-reduce group needs two or more distinct GPUs, not {ordinals:?}"
+            )));
+        }
+        if let Some(o) = ordinals.iter().find(|o| !ranks.ordinals.contains(o)) {
+            return Err(CudaError::Unsupported(format!(
+                "cuda:{o} is not one of this job's GPUs ({:?})",
+                ranks.ordinals
+            )));
+        }
+        let devices: Vec<i32> = ordinals.iter().map(|&o| o as i32).collect();
+        let mut comms = vec![std::ptr::null_mut(); devices.len()];
+        // SAFETY: `comms` has room for one communicator per device in `devices`.
+        unsafe { nccl::comm_init_all(comms.as_mut_ptr(), devices.len() as i32, devices.as_ptr()) }
+            .map_err(nccl_error)?;
+        ranks.groups.push((ordinals.to_vec(), comms));
+        Ok(())
+    }
+
+    /// Sums `len` f32 elements at each of `buffers` (one per GPU of a group made by
+    /// `add_group`, in its order) into every one of them, on the transfer streams, after what
+    /// each GPU's compute stream has queued so far and after each buffer's prefetch, if any.
+    /// Returns, per buffer, the all-reduce's end, which its readers wait for.
+    pub fn all_reduce_sum(
+        &self,
+        buffers: &[(&Gpu, u64, Option<&Ready>)],
+        len: usize,
+    ) -> Result<Vec<Ready>, CudaError> {
+        let ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
+        let ordinals: Vec<usize> = buffers.iter().map(|(g, _, _)| g.ordinal).collect();
+        let Some((_, comms)) = ranks.groups.iter().find(|(g, _)| *g == ordinals) else {
+            return Err(CudaError::Unsupported(format!(
+                "no all-reduce group of GPUs {ordinals:?} was made for this job"
+            )));
+        };
+        let mut streams = Vec::with_capacity(buffers.len());
+        for &(gpu, _, ready) in buffers {
+            let stream = &ranks.streams[ranks.rank(gpu)?];
+            stream.wait(&gpu.stream.record_event(None)?)?;
+            if let Some(r) = ready {
+                r.wait_on(stream)?;
+            }
+            streams.push(stream);
+        }
+        nccl::group_start().map_err(nccl_error)?;
+        // SAFETY: each buffer holds at least `len` f32 values on its GPU and stays allocated
+        // until its GPU's compute stream passes the returned event (its readers, and its
+        // freeing, wait for it).
+        let queued = buffers
+            .iter()
+            .zip(comms)
+            .zip(&streams)
+            .try_for_each(|((&(_, ptr, _), &comm), stream)| unsafe {
+                nccl::all_reduce(
+                    ptr as *const _,
+                    ptr as *mut _,
+                    len,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream.cu_stream() as _,
+                )
+                .map(|_| ())
+            });
+        let ended = nccl::group_end();
+        queued.map_err(nccl_error)?;
+        ended.map_err(nccl_error)?;
+        (buffers.iter().zip(streams))
+            .map(|(&(gpu, _, _), stream)| Ready::record(stream, gpu))
+            .collect()
+    }
+
     /// Waits for every transfer queued so far (sends included, which no reader waits for).
     pub fn synchronize(&self) -> Result<(), CudaError> {
         let ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
@@ -177,18 +270,24 @@ impl Drop for Nccl {
         for s in &ranks.streams {
             let _ = s.synchronize();
         }
+        let every = || {
+            (ranks.comms.iter())
+                .chain(ranks.groups.iter().flat_map(|(_, comms)| comms))
+                .copied()
+        };
         // One thread finalizes every rank, so the finalizes go in one group (each may wait for
         // the others'); then each is destroyed.
-        // SAFETY: each communicator was made by `comm_init_all`, is finalized and destroyed
-        // once, with nothing of it left on its stream.
+        // SAFETY: each communicator (the job's and every group's) was made by
+        // `comm_init_all`, is finalized and destroyed once, with nothing of it left on its
+        // stream.
         unsafe {
             if nccl::group_start().is_ok() {
-                for &c in &ranks.comms {
+                for c in every() {
                     let _ = nccl::comm_finalize(c);
                 }
                 let _ = nccl::group_end();
             }
-            for &c in &ranks.comms {
+            for c in every() {
                 let _ = nccl::comm_destroy(c);
             }
         }

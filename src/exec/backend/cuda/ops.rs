@@ -460,6 +460,16 @@ impl Gpu {
         )
     }
 
+    /// `acc += x` over `n` f32 elements (one replica's gradient into the sum of those before).
+    pub fn replica_add(&self, acc: DevPtr, x: DevPtr, n: usize) -> R {
+        self.launch(
+            "replica_add",
+            elementwise(n),
+            &[Ptr(acc), Ptr(x), len(n)],
+            Work::moving(n, &[acc, x, acc]),
+        )
+    }
+
     /// `*acc += Σ x²` in f64 (`acc` addresses one double).
     pub fn sum_squares(&self, acc: DevPtr, x: DevPtr, n: usize) -> R {
         let mut cfg = elementwise(n);

@@ -283,6 +283,18 @@ impl GpuTensor {
         Ok(())
     }
 
+    /// The end of work queued on another stream that wrote the tensor (an all-reduce), which
+    /// kernels reading it wait for as for a prefetch. Replaces the previous one, which that
+    /// work waited for.
+    pub fn set_ready(&mut self, ready: Ready) {
+        self.ready = Some(ready);
+    }
+
+    /// The prefetch or all-reduce that kernels reading the tensor wait for, if any.
+    pub fn ready(&self) -> Option<&Ready> {
+        self.ready.as_ref()
+    }
+
     /// The same tensor counted under another group of its pool.
     pub fn regroup(mut self, group: MemGroup) -> Self {
         self.lease.regroup(group);

@@ -19,7 +19,9 @@ pub use flash::{
 };
 pub use kernels::kernel_checks;
 pub use model::model_checks;
-pub use pipeline::{pipeline_checks, squeezed_chronos, train_stages, transfer_checks};
+pub use pipeline::{
+    pipeline_checks, replica_checks, squeezed_chronos, train_stages, transfer_checks,
+};
 pub use timing::{
     Timing, llama_125m, llama_125m_with_heads, predicted_peak, step_flops, time_training,
 };
@@ -221,6 +223,25 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             );
             let gpus = [opts.device, other];
             ok &= section(&title, pipeline_checks(&gpus, precision, stage_tol))
+                .is_some_and(|c| print_checks(&title, &c));
+        }
+        let title = format!(
+            "data parallelism: 2 replicas sharing cuda:{} (device add) vs one, {name}",
+            opts.device
+        );
+        ok &= section(
+            &title,
+            replica_checks(&[opts.device], precision, stage_tol),
+        )
+        .is_some_and(|c| print_checks(&title, &c));
+        if let Some(other) = second {
+            let title = format!(
+                "data parallelism: replicas on cuda:{} and cuda:{other} (NCCL all-reduce, or \
+                 host memory without NCCL: see the transfers above) vs one, {name}",
+                opts.device
+            );
+            let gpus = [opts.device, other];
+            ok &= section(&title, replica_checks(&gpus, precision, stage_tol))
                 .is_some_and(|c| print_checks(&title, &c));
         }
     }

@@ -26,6 +26,7 @@ use crate::plan::inventory::{MicroShape, ModelDims};
 use crate::plan::ir::{Action, Plan};
 use crate::plan::policy::{Offload, Recompute};
 use crate::plan::presets::Cluster;
+use crate::plan::reduction::with_gradient_reduction;
 use crate::plan::schedule::{ScheduleKind, build};
 use crate::plan::search::{Answer, Request, search};
 use crate::plan::simulate::{Hardware, chunk_costs, simulate};
@@ -103,7 +104,28 @@ pub fn train_stages(
     steps: usize,
 ) -> Result<StagesRun> {
     let ordinals: Vec<usize> = (0..plan.devices()).map(|s| gpus[s % gpus.len()]).collect();
-    let engine = GpuEngine::open(&ordinals, precision)?;
+    train_on(&ordinals, precision, config, plan, budget, batches, steps)
+}
+
+/// As [`train_stages`], with run-wide device `d` (replica by replica) on GPU `ordinals[d]`.
+fn train_on(
+    ordinals: &[usize],
+    precision: Precision,
+    config: LlamaConfig,
+    plan: Plan,
+    budget: usize,
+    batches: &[Microbatch],
+    steps: usize,
+) -> Result<StagesRun> {
+    if ordinals.len() != plan.total_devices() {
+        return Err(CudaError::Unsupported(format!(
+            "{} GPUs given for a plan of {} devices",
+            ordinals.len(),
+            plan.total_devices()
+        )));
+    }
+    let mut engine = GpuEngine::open(ordinals, precision)?;
+    engine.replicate(plan.devices(), plan.replicas as usize)?;
     let host = Pool::new("host", usize::MAX);
     let devices = DeviceSet {
         devices: (ordinals.iter().enumerate())
@@ -298,6 +320,73 @@ pub fn pipeline_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result
             &run.measured_peaks,
             &predicted,
         ));
+    }
+    Ok(checks)
+}
+
+/// Data parallelism on GPUs: 2 replicas of 1- and 2-stage 1F1B plans sharing a step's
+/// micro-batches, replica `r` on GPU `gpus[r % gpus.len()]` (on one GPU its stages share it
+/// and sum with the device add kernel; on two GPUs through NCCL, or host memory without it),
+/// against one replica on `gpus[0]`: weights within `tol` and AdamW moments after three
+/// steps, and each device's measured peak against the planner's.
+pub fn replica_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result<Vec<Check>> {
+    let (config, micro, microbatches) = (stage_model(), STAGE_MICRO, STAGE_MICROBATCHES);
+    let (steps, replicas) = (3, 2);
+    let batches = random_batches(&config, micro, microbatches);
+    let layers = config.dims.layers as u32;
+    let one_f_one_b = |microbatches: usize, stages: u32| {
+        build(ScheduleKind::OneFOneB, stages, microbatches as u32, layers).map_err(planner_error)
+    };
+    let mut checks = Vec::new();
+    for stages in [1usize, 2] {
+        let single = one_f_one_b(microbatches, stages as u32)?;
+        let reference = train_stages(
+            &gpus[..1],
+            precision,
+            config,
+            single,
+            usize::MAX,
+            &batches,
+            steps,
+        )?;
+        let plan = one_f_one_b(microbatches / replicas, stages as u32)?;
+        let plan = with_gradient_reduction(plan, replicas as u32).map_err(planner_error)?;
+        let predicted = predicted_peaks(&plan, precision, &config, micro)?.repeat(replicas);
+        let ordinals: Vec<usize> = (0..replicas * stages)
+            .map(|d| gpus[(d / stages) % gpus.len()])
+            .collect();
+        let run = train_on(
+            &ordinals,
+            precision,
+            config,
+            plan,
+            usize::MAX,
+            &batches,
+            steps,
+        )?;
+        let label = format!("{stages} stage(s) x {replicas} replicas on {ordinals:?}");
+        let (ours, theirs) = (&run.state, &reference.state);
+        checks.extend([
+            Check::new(
+                format!("{label}: weights"),
+                &ours.weights,
+                &theirs.weights,
+                tol,
+            ),
+            Check::new(
+                format!("{label}: AdamW first moments"),
+                &ours.exp_avg,
+                &theirs.exp_avg,
+                MOMENTS_TOLERANCE,
+            ),
+            Check::new(
+                format!("{label}: AdamW second moments"),
+                &ours.exp_avg_sq,
+                &theirs.exp_avg_sq,
+                MOMENTS_TOLERANCE,
+            ),
+            peak_check(format!("{label}: peaks"), &run.measured_peaks, &predicted),
+        ]);
     }
     Ok(checks)
 }
