@@ -281,7 +281,11 @@ fn written_checkpoints_load_in_transformers_with_the_same_loss() {
         let fields: Vec<&str> = line.split(' ').collect();
         println!("{name}: {line}");
         assert_eq!(fields.len(), 4, "{line}");
-        assert_eq!(fields[..3], [class, "-", "-"], "{name}: class, missing, unexpected");
+        assert_eq!(
+            fields[..3],
+            [class, "-", "-"],
+            "{name}: class, missing, unexpected"
+        );
         let loss: f64 = fields[3].parse().unwrap();
         assert!(
             (loss - run.loss).abs() < 1e-5 * run.loss.abs(),

@@ -497,7 +497,12 @@ fn bias_kernels_run_on_the_host_match_the_cpu_backend() {
         let act_tolerance = if bf16_build { 4e-3 } else { 1e-5 };
         for (rows, width, offset) in [(100, 64, 0), (37, 203, 1), (100, 300, 0)] {
             let mut random = |n: usize| uniform(&mut rng, n, 1.0);
-            let (y, b, dy, db0) = (random(rows * width), random(width), random(rows * width), random(width));
+            let (y, b, dy, db0) = (
+                random(rows * width),
+                random(width),
+                random(rows * width),
+                random(width),
+            );
             let (y, dy) = (as_acts(y, bf16_build), as_acts(dy, bf16_build));
             let input = [
                 act_bytes(&y, bf16_build),
@@ -514,7 +519,8 @@ fn bias_kernels_run_on_the_host_match_the_cpu_backend() {
             let got = split_output(&bytes, bf16_build, &[(rows * width, true), (width, false)]);
             let outputs = [("y + b", biased, act_tolerance), ("db", db, 1e-5)];
             for ((name, reference, tolerance), ours) in outputs.into_iter().zip(got) {
-                let case = format!("{name}, bf16={bf16_build} rows={rows} width={width} offset={offset}");
+                let case =
+                    format!("{name}, bf16={bf16_build} rows={rows} width={width} offset={offset}");
                 checks.check(&case, &ours, &reference, tolerance);
             }
         }

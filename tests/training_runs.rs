@@ -221,7 +221,11 @@ fn qwen2_checkpoints_keep_their_biases() {
     assert!(run.config().dims.qkv_bias);
     // The biases are in the planner's inventory: its peaks are the run's, to the byte.
     assert_eq!(run.predicted_peaks(), run.measured_peaks());
-    assert!(quiet.losses[0] > 1.0 && quiet.losses[0] < 8.0, "{:?}", quiet.losses);
+    assert!(
+        quiet.losses[0] > 1.0 && quiet.losses[0] < 8.0,
+        "{:?}",
+        quiet.losses
+    );
     let written: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("final/config.json")).unwrap()).unwrap();
     assert_eq!(written["architectures"][0], "Qwen2ForCausalLM");

@@ -333,13 +333,7 @@ impl Gpu {
         self.launch(
             "bias_backward",
             cfg,
-            &[
-                Ptr(db),
-                Ptr(dy),
-                int(rows),
-                int(width),
-                int(ROWS_PER_BLOCK),
-            ],
+            &[Ptr(db), Ptr(dy), int(rows), int(width), int(ROWS_PER_BLOCK)],
             Work::moving(rows * width, &[dy]),
         )
     }

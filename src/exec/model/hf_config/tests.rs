@@ -155,7 +155,11 @@ fn every_setting_not_implemented_is_refused_by_name() {
             "false",
         ),
         (
-            with(with(qwen2(), "sliding_window", json!(4096)), "use_sliding_window", Value::Null),
+            with(
+                with(qwen2(), "sliding_window", json!(4096)),
+                "use_sliding_window",
+                Value::Null,
+            ),
             "sliding_window",
             "sliding-window",
         ),
