@@ -99,7 +99,10 @@ fn masked_loss_and_gradients_match_pytorch_on_one_device() {
             ok &= compare(&format!("grad.{name}"), g.data(), &want);
         }
     }
-    assert!(ok, "masked loss or gradients differ from PyTorch's (see NOT OK lines)");
+    assert!(
+        ok,
+        "masked loss or gradients differ from PyTorch's (see NOT OK lines)"
+    );
 }
 
 #[test]
@@ -153,5 +156,8 @@ fn a_masked_sgd_step_on_a_pipeline_matches_pytorch() {
             ok &= compare(&format!("sgd.{name}"), w.data(), &want);
         }
     }
-    assert!(ok, "the masked SGD step differs from PyTorch's (see NOT OK lines)");
+    assert!(
+        ok,
+        "the masked SGD step differs from PyTorch's (see NOT OK lines)"
+    );
 }

@@ -194,9 +194,10 @@ async fn starts_from_a_job(url: &str) {
 
     // Retention deleting a checkpoint between a new job's check and its insert: the insert,
     // which locks the checkpoint's row before it holds it, finds no step 3 and writes nothing.
+    let tenant = f.store.create_tenant("late").await.unwrap().id;
     let late = NewJob {
         id: new_id("job"),
-        tenant_id: "tenant_late".into(),
+        tenant_id: tenant.clone(),
         spec: "{}".into(),
         total_steps: 4,
         file_ids: vec![],
@@ -214,7 +215,7 @@ async fn starts_from_a_job(url: &str) {
         "{err}"
     );
     assert!(err.to_string().contains("keep_checkpoints"), "{err}");
-    let found = f.store.get_job("tenant_late", &late.id).await.unwrap();
+    let found = f.store.get_job(&tenant, &late.id).await.unwrap();
     assert!(found.is_none());
 
     refusals(&f, &source).await;

@@ -93,13 +93,24 @@ async fn validates_and_stops_early(url: &str) {
         "data.validation",
     )
     .await;
-    assert!(detail.contains("9 tokens") && detail.contains("17"), "{detail}");
+    assert!(
+        detail.contains("9 tokens") && detail.contains("17"),
+        "{detail}"
+    );
     // ... and, with epochs, training data without one window.
     let tiny = server
         .upload("train", "tiny.txt", b"two words".to_vec())
         .await;
-    let detail = refused(&server, &body(&tiny, None, json!({"epochs": 1})), "data.train").await;
-    assert!(detail.contains("9 tokens") && detail.contains("17"), "{detail}");
+    let detail = refused(
+        &server,
+        &body(&tiny, None, json!({"epochs": 1})),
+        "data.train",
+    )
+    .await;
+    assert!(
+        detail.contains("9 tokens") && detail.contains("17"),
+        "{detail}"
+    );
 
     // A learning rate that overfits the training sentence: the validation loss falls, then
     // rises; two evaluations in a row above the lowest stop the run.

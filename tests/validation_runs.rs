@@ -139,7 +139,10 @@ fn evaluation_peaks_at_the_predicted_evaluation_peak() {
         let (measured, predicted) = (run.measured_peaks(), run.predicted_eval_peaks());
         assert_eq!(measured, predicted, "{parallelism}: evaluation peaks");
         for (e, p) in predicted.iter().zip(run.predicted_peaks()) {
-            assert!(*e <= p, "{parallelism}: evaluation {predicted:?} over the step's");
+            assert!(
+                *e <= p,
+                "{parallelism}: evaluation {predicted:?} over the step's"
+            );
         }
     }
 }
@@ -175,7 +178,10 @@ fn evaluation_peak_is_predicted_when_state_rests_on_the_host() {
     run.evaluate().unwrap().unwrap();
     let (measured, predicted) = (run.measured_peaks(), run.predicted_eval_peaks());
     assert_eq!(measured, predicted);
-    assert!(predicted.iter().all(|&p| p <= budget), "{predicted:?} in {budget}");
+    assert!(
+        predicted.iter().all(|&p| p <= budget),
+        "{predicted:?} in {budget}"
+    );
 }
 
 fn cli(job_path: &Path, out: &Path) -> chronospipe::cli::train::Summary {

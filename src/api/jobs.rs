@@ -135,9 +135,10 @@ pub async fn create(
 }
 
 /// The job's optimizer steps: `training.steps`, or what its `training.epochs` come to over
-/// the training data (read on a blocking thread); a user's error is a 422 naming the field.
+/// the training data; its validation data, if any, cut into windows (both read on a blocking
+/// thread, and only when needed). A user's error is a 422 naming the field.
 async fn total_steps(spec: &JobSpec) -> ApiResult<u64> {
-    if let Some(steps) = spec.training.steps {
+    if let (Some(steps), None) = (spec.training.steps, &spec.data.validation) {
         return Ok(steps);
     }
     let owned = spec.clone();

@@ -158,10 +158,12 @@ impl From<StoreError> for ApiError {
             StoreError::JobNotFound(id) => ApiError::not_found("job", &id),
             StoreError::Transition(t) => ApiError::conflict("invalid_state", t.to_string()),
             StoreError::FileInUse { .. } => ApiError::conflict("file_in_use", e.to_string()),
-            StoreError::CheckpointGone { .. } => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_spec", e.to_string())
-                    .param("model.init.from")
-            }
+            StoreError::CheckpointGone { .. } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_spec",
+                e.to_string(),
+            )
+            .param("model.init.from"),
             other => ApiError::internal(other),
         }
     }

@@ -320,7 +320,8 @@ mod tests {
         let m = chunk_memory(Profile::CpuF32, &tiny(), M, &parts);
         let one = |p: Part| {
             let i = inv(p);
-            bytes(&i.stash) + i.output.as_ref().map_or(0, |t| t.bytes() as u64)
+            bytes(&i.stash)
+                + i.output.as_ref().map_or(0, |t| t.bytes() as u64)
                 + bytes(&i.forward_scratch)
         };
         let widest = [Part::Embedding, Part::Layer, Part::Head].map(one);

@@ -236,8 +236,7 @@ fn finish(plan: Plan, sim: Simulation, choices: Choices, fits: bool) -> Result<A
 fn over_budget(sim: &Simulation, d: usize, budget: Budget) -> u64 {
     let dev = &sim.devices[d];
     let peak = dev.peak_bytes.max(dev.eval_peak_bytes);
-    peak.saturating_sub(budget.device_bytes)
-        + dev.host_peak_bytes.saturating_sub(budget.host_bytes)
+    peak.saturating_sub(budget.device_bytes) + dev.host_peak_bytes.saturating_sub(budget.host_bytes)
 }
 
 /// Mean idle interval of each chunk's stash (end of forward to start of backward), from

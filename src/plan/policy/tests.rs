@@ -247,13 +247,27 @@ fn an_evaluation_over_budget_does_not_fit() {
     let mut wide = memory();
     wide.evaluate.peak_above_start = 1000;
     let costs = uniform_costs(2, wide, 1.0);
-    let roomy = apply(&plan, &costs, &hw(1.0), budget(1000), Recompute::None, Offload::None)
-        .unwrap();
+    let roomy = apply(
+        &plan,
+        &costs,
+        &hw(1.0),
+        budget(1000),
+        Recompute::None,
+        Offload::None,
+    )
+    .unwrap();
     assert!(roomy.fits);
     let step = roomy.sim.peak_bytes();
     assert!(step < 1000, "the step alone fits in {step}");
-    let tight = apply(&plan, &costs, &hw(1.0), budget(999), Recompute::Chronos, Offload::Chronos)
-        .unwrap();
+    let tight = apply(
+        &plan,
+        &costs,
+        &hw(1.0),
+        budget(999),
+        Recompute::Chronos,
+        Offload::Chronos,
+    )
+    .unwrap();
     assert!(!tight.fits, "an evaluation of 1000 bytes in 999");
 }
 

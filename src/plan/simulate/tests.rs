@@ -169,7 +169,10 @@ fn evaluation_brings_offloaded_weights_one_chunk_at_a_time() {
     offloaded.programs[0].push(Action::Offload(w));
     let sim = simulate(&offloaded, &costs, &hw, false).unwrap();
     // The same peak: the weights are on the device while the chunk runs either way.
-    assert_eq!(sim.devices[0].eval_peak_bytes, base.devices[0].eval_peak_bytes);
+    assert_eq!(
+        sim.devices[0].eval_peak_bytes,
+        base.devices[0].eval_peak_bytes
+    );
     // Offloading the gradients lowers it by their bytes.
     let mut grads_off = kept.clone();
     let g = Group::Grads { chunk: 0 };
