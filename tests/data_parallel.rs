@@ -351,8 +351,16 @@ fn chunk_params(run: &Run, model: &Path) -> Vec<u64> {
             let layers: u64 = (c.first_layer..c.end_layer)
                 .map(|l| count(&format!("model.layers.{l}.")))
                 .sum();
-            let embedding = if c.embedding { count("model.embed_tokens.") } else { 0 };
-            let head = if c.head { count("model.norm.") + count("lm_head.") } else { 0 };
+            let embedding = if c.embedding {
+                count("model.embed_tokens.")
+            } else {
+                0
+            };
+            let head = if c.head {
+                count("model.norm.") + count("lm_head.")
+            } else {
+                0
+            };
             embedding + layers + head
         })
         .collect()
@@ -389,7 +397,11 @@ fn sharded_optimizer_state_trains_like_whole_state_and_keeps_only_its_shard() {
             let off = relative(&model(&out), &model(&one));
             assert!(off <= 1e-6, "{label}: {off:e} from one pipeline");
         }
-        assert_eq!(sharded.predicted_peaks(), sharded.measured_peaks(), "{label}");
+        assert_eq!(
+            sharded.predicted_peaks(),
+            sharded.measured_peaks(),
+            "{label}"
+        );
         assert_eq!(whole.predicted_peaks(), whole.measured_peaks(), "{label}");
         // AdamW's two f32 moments: each replica keeps ceil(n / replicas) of a chunk's n.
         let params = chunk_params(&sharded, &model(&one));
