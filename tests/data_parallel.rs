@@ -217,6 +217,17 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
     let (got, message) = spec_error(Run::prepare(spec, ""));
     assert_eq!(got, "parallelism.shard_optimizer", "{message}");
     assert!(message.contains("data_parallel is 1"), "{message}");
+    // Ranks reduce whole gradients: asking them to shard is refused by field, before any
+    // connection is tried.
+    let spec = patched(&job(&data, 1, 2, "1f1b"), r#""shard_optimizer": true"#);
+    let rank = chronospipe::exec::transport::RankSpec {
+        rank: 0,
+        peers: vec!["127.0.0.1:9".into(), "127.0.0.1:9".into()],
+        connect_timeout: std::time::Duration::from_millis(1),
+    };
+    let (got, message) = spec_error(Run::prepare_rank(spec, "", rank));
+    assert_eq!(got, "parallelism.shard_optimizer", "{message}");
+    assert!(message.contains("--rank"), "{message}");
     // GPUs run replicas too: planned with the CUDA layout, before any GPU is opened.
     let spec = job(&data, 1, 2, "1f1b");
     let arch = resolve_arch(&spec).unwrap();
@@ -343,8 +354,16 @@ fn chunk_params(run: &Run, model: &Path) -> Vec<u64> {
             let layers: u64 = (c.first_layer..c.end_layer)
                 .map(|l| count(&format!("model.layers.{l}.")))
                 .sum();
-            let embedding = if c.embedding { count("model.embed_tokens.") } else { 0 };
-            let head = if c.head { count("model.norm.") + count("lm_head.") } else { 0 };
+            let embedding = if c.embedding {
+                count("model.embed_tokens.")
+            } else {
+                0
+            };
+            let head = if c.head {
+                count("model.norm.") + count("lm_head.")
+            } else {
+                0
+            };
             embedding + layers + head
         })
         .collect()
@@ -381,7 +400,11 @@ fn sharded_optimizer_state_trains_like_whole_state_and_keeps_only_its_shard() {
             let off = relative(&model(&out), &model(&one));
             assert!(off <= 1e-6, "{label}: {off:e} from one pipeline");
         }
-        assert_eq!(sharded.predicted_peaks(), sharded.measured_peaks(), "{label}");
+        assert_eq!(
+            sharded.predicted_peaks(),
+            sharded.measured_peaks(),
+            "{label}"
+        );
         assert_eq!(whole.predicted_peaks(), whole.measured_peaks(), "{label}");
         // AdamW's two f32 moments: each replica keeps ceil(n / replicas) of a chunk's n.
         let params = chunk_params(&sharded, &model(&one));

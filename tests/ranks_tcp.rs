@@ -34,7 +34,8 @@ fn chronospipe() -> Command {
 }
 
 /// A job file of a small model on `stages` x `replicas` CPU devices, `steps` steps with a
-/// checkpoint every 2.
+/// checkpoint every 2. Each replica keeps the whole optimizer state (ranks do not shard it),
+/// so one process runs the same plan.
 fn job(dir: &Path, stages: usize, replicas: usize, steps: u64) -> PathBuf {
     job_sized(dir, stages, replicas, steps, 48)
 }
@@ -59,7 +60,7 @@ fn job_sized(
                          "optimizer": {{"kind": "adamw", "lr": 0.01}}, "shuffle": true,
                          "seed": 5}},
             "parallelism": {{"stages": {stages}, "schedule": "1f1b",
-                            "data_parallel": {replicas}}},
+                            "data_parallel": {replicas}, "shard_optimizer": false}},
             "devices": "cpu:{}x64MiB"}}"#,
         stages * replicas
     );

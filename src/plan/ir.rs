@@ -401,8 +401,7 @@ impl Plan {
 
     /// Whether `chunk`'s optimizer state is sharded over the replicas (reduced by `RS<c>`).
     pub fn sharded(&self, chunk: u32) -> bool {
-        (self.programs.iter().flatten())
-            .any(|a| *a == Action::Reduce { chunk, shard: true })
+        (self.programs.iter().flatten()).any(|a| *a == Action::Reduce { chunk, shard: true })
     }
 
     /// The device holding `chunk`, if the chunk exists.

@@ -12,7 +12,9 @@
 //! - `ir::Plan` and `ir::Action`: what the executor runs (text form in `ir`'s doc);
 //!   `validate::validate` checks a plan before it runs.
 //! - `reduction::with_gradient_reduction(plan, replicas)`: the plan run by that many
-//!   data-parallel replicas, each chunk's gradients reduced across them.
+//!   data-parallel replicas, each chunk's gradients reduced across them;
+//!   `reduction::with_sharded_optimizer` then shards each chunk's optimizer state over them
+//!   (ZeRO-1), `reduction::shard` deciding which elements each replica owns.
 //! - `memory::chunk_memory`: per chunk and action kind, the bytes the executor must measure.
 //! - `capacity::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
 //!

@@ -221,7 +221,10 @@ mod tests {
         assert!(twice.contains("second gathering"), "{twice}");
         let away = err("F0.0 F1.0 B0.0 B1.0 RS0 STEP0 STEP0.1 OFF:W0 AG0 PRE:W0");
         assert!(away.contains("AG0<<"), "{away}");
-        assert!(away.contains("weights of chunk 0 are on the host"), "{away}");
+        assert!(
+            away.contains("weights of chunk 0 are on the host"),
+            "{away}"
+        );
     }
 
     #[test]

@@ -43,9 +43,8 @@ fn chunk_squares(xs: &[f32]) -> f64 {
 /// first, so whichever replica posted first, the sum has the same bits.
 pub fn global_norm(partials: &[PartSquares]) -> f64 {
     let mut sorted = partials.to_vec();
-    sorted.sort_by(|a, b| {
-        (a.part.cmp(&b.part)).then(a.sum_of_squares.total_cmp(&b.sum_of_squares))
-    });
+    sorted
+        .sort_by(|a, b| (a.part.cmp(&b.part)).then(a.sum_of_squares.total_cmp(&b.sum_of_squares)));
     sorted.iter().map(|p| p.sum_of_squares).sum::<f64>().sqrt()
 }
 

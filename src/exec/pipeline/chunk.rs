@@ -88,10 +88,9 @@ impl<E: Engine> ChunkState<E> {
             .map(|p| engine.param_lens(p).iter().sum::<usize>())
             .sum();
         let (owned, kept) = match sharded {
-            Some((replica, replicas)) => (
-                shard(total, replicas, replica),
-                shard_len(total, replicas),
-            ),
+            Some((replica, replicas)) => {
+                (shard(total, replicas, replica), shard_len(total, replicas))
+            }
             None => (0..total, total),
         };
         let k = slices.max(1) as usize;
@@ -290,7 +289,10 @@ impl<E: Engine> ChunkState<E> {
 
 /// Each tensor's elements in `owned` (of the flattened chunk), as (part, tensor, range in
 /// the tensor); `lens` holds each part's tensor lengths.
-pub fn owned_ranges(lens: &[Vec<usize>], owned: &Range<usize>) -> Vec<(usize, usize, Range<usize>)> {
+pub fn owned_ranges(
+    lens: &[Vec<usize>],
+    owned: &Range<usize>,
+) -> Vec<(usize, usize, Range<usize>)> {
     let mut out = Vec::new();
     let mut start = 0;
     for (part, tensors) in lens.iter().enumerate() {

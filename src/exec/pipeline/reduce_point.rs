@@ -196,7 +196,12 @@ pub fn gather_shards<E: Engine>(
         for (part, tensor, range) in owned {
             let (part, tensor) = (*part, *tensor);
             let mut values = vec![0f32; range.len()];
-            engine.read(device, &all[owner][part][tensor], range.clone(), &mut values)?;
+            engine.read(
+                device,
+                &all[owner][part][tensor],
+                range.clone(),
+                &mut values,
+            )?;
             for (r, copy) in all.iter_mut().enumerate() {
                 if r != owner {
                     engine.write(device, &mut copy[part][tensor], range.clone(), &values)?;

@@ -18,8 +18,8 @@ use crate::plan::ir::{Action, Group};
 
 use super::PipelineError;
 use super::chunk::ChunkState;
-use super::engine::{At, Engine, Kept, Update};
 use super::chunk::owned_ranges;
+use super::engine::{At, Engine, Kept, Update};
 use super::reduce_point::{ChunkGrads, Shards};
 use super::seat::Seat;
 use super::step_sync::StepTotals;

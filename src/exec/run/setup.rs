@@ -378,16 +378,20 @@ impl Run {
                  (and early stopping) out, or run without --rank",
             )]));
         }
-        let arch = resolve_arch(&spec)?;
-        let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cpu)?;
-        if answer.plan.sharded(0) {
+        if spec.parallelism.shard_optimizer == Some(true) {
             return Err(RunError::Spec(vec![SpecError::new(
                 "parallelism.shard_optimizer",
                 "a run spread over ranks (--rank) reduces whole gradients between processes; \
                  sharding the optimizer state over the replicas needs them in one process: set \
-                 shard_optimizer to false, or run without --rank",
+                 shard_optimizer to false or leave it out (each replica then keeps the whole \
+                 state), or run without --rank",
             )]));
         }
+        let arch = resolve_arch(&spec)?;
+        // Left out, the replicas of a run over ranks keep the whole optimizer state.
+        let mut whole = spec.clone();
+        whole.parallelism.shard_optimizer = Some(false);
+        let answer = plan_job(&whole, &arch, &devices, DeviceKind::Cpu)?;
         let engine = CpuEngine {
             backend: CpuBackend::default(),
         };
