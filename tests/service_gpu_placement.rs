@@ -1,8 +1,9 @@
 //! A service on four GPUs (`cuda:0,1,2,3@8GiB`, no GPU needed: the planner only plans and a
-//! scripted runner stands in for training), on SQLite and PostgreSQL: each job is planned over
-//! as many GPUs as its `parallelism` asks or the planner picks, smaller jobs run side by side
-//! on disjoint GPUs, `/v1/devices` names the job on each GPU, and the job view shows its
-//! replica x stage placement. Layouts the GPUs cannot hold are refused by field.
+//! scripted runner stands in for training), and on four CPU devices, on SQLite and
+//! PostgreSQL: each job is planned over as many devices as its `parallelism` asks or the
+//! planner picks, smaller jobs run side by side on disjoint devices, `/v1/devices` names the
+//! job on each, and the job view shows its replica x stage placement while it runs. Layouts
+//! the devices cannot hold are refused by field.
 
 mod common;
 
@@ -32,7 +33,10 @@ async fn refused(server: &TestServer, body: &Value) -> (String, String) {
     assert_eq!(response.status(), 422);
     let problem: Value = response.json().await.unwrap();
     let param = problem["param"].as_str().unwrap_or_default().to_owned();
-    (param, problem["detail"].as_str().unwrap_or_default().to_owned())
+    (
+        param,
+        problem["detail"].as_str().unwrap_or_default().to_owned(),
+    )
 }
 
 /// (stages, replicas, devices, step time) of a plan response.
@@ -48,6 +52,15 @@ fn shape(plan: &Value) -> (u64, u64, u64, f64) {
 }
 
 async fn jobs_share_out_the_gpus(url: &str) {
+    jobs_share_out_the_devices(url, "cuda:0,1,2,3@8GiB", "cuda").await;
+}
+
+/// The same on CPU devices: the view's placement is the same for every device kind.
+async fn jobs_share_out_the_cpus(url: &str) {
+    jobs_share_out_the_devices(url, "cpu:4x1GiB", "cpu").await;
+}
+
+async fn jobs_share_out_the_devices(url: &str, spec: &str, kind: &str) {
     let engines = Engines {
         planner: Some(Arc::new(ExecPlanner)),
         runner: Some(Arc::new(ScriptedRunner {
@@ -56,11 +69,15 @@ async fn jobs_share_out_the_gpus(url: &str) {
         })),
     };
     let server = TestServer::start_with(url, engines, |o| {
-        o.devices = parse_devices("cuda:0,1,2,3@8GiB").unwrap();
+        o.devices = parse_devices(spec).unwrap();
     })
     .await;
     let train = server
-        .upload("train", "corpus.txt", "GPUs side by side. ".repeat(40).into())
+        .upload(
+            "train",
+            "corpus.txt",
+            "GPUs side by side. ".repeat(40).into(),
+        )
         .await;
 
     // Fixed layouts use exactly stages x replicas GPUs.
@@ -137,18 +154,31 @@ async fn jobs_share_out_the_gpus(url: &str) {
         (v["placement"].as_array().unwrap().iter())
             .map(|p| {
                 let n = |k: &str| p[k].as_u64().unwrap();
-                (n("replica"), n("stage"), p["device"].as_str().unwrap().into())
+                (
+                    n("replica"),
+                    n("stage"),
+                    p["device"].as_str().unwrap().into(),
+                )
             })
             .collect()
     };
     let (pa, pb) = (placement(&a_view), placement(&b_view));
     assert_eq!(pa.len(), 2, "{a_view}");
     assert_eq!(pb.len(), 2, "{b_view}");
-    assert_eq!((pa[0].0, pa[0].1, pa[1].0, pa[1].1), (0, 0, 0, 1), "{a_view}");
-    assert_eq!((pb[0].0, pb[0].1, pb[1].0, pb[1].1), (0, 0, 1, 0), "{b_view}");
+    assert_eq!(
+        (pa[0].0, pa[0].1, pa[1].0, pa[1].1),
+        (0, 0, 0, 1),
+        "{a_view}"
+    );
+    assert_eq!(
+        (pb[0].0, pb[0].1, pb[1].0, pb[1].1),
+        (0, 0, 1, 0),
+        "{b_view}"
+    );
     let mut held: Vec<&String> = pa.iter().chain(&pb).map(|p| &p.2).collect();
     held.sort();
-    assert_eq!(held, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]);
+    let all: Vec<String> = (0..4).map(|d| format!("{kind}:{d}")).collect();
+    assert_eq!(held, all.iter().collect::<Vec<_>>());
     let queued = server.get_json(&format!("/v1/jobs/{c}")).await;
     assert_eq!(queued["status"], "queued", "{queued}");
     assert_eq!(queued["placement"], json!([]), "{queued}");
@@ -158,7 +188,7 @@ async fn jobs_share_out_the_gpus(url: &str) {
     for device in devices["data"].as_array().unwrap() {
         let on = device["id"].as_str().unwrap();
         let job = if pa.iter().any(|p| p.2 == on) { &a } else { &b };
-        assert_eq!(device["kind"], "cuda", "{devices}");
+        assert_eq!(device["kind"], kind, "{devices}");
         assert_eq!(device["job"].as_str(), Some(job.as_str()), "{devices}");
     }
 
@@ -173,3 +203,4 @@ async fn jobs_share_out_the_gpus(url: &str) {
 }
 
 both_databases!(gpu_placement_tests, super::jobs_share_out_the_gpus);
+both_databases!(cpu_placement_tests, super::jobs_share_out_the_cpus);

@@ -100,8 +100,7 @@ impl JobView {
     pub fn new(job: JobRow, queue_position: Option<i64>) -> Result<JobView, StoreError> {
         let status = job.job_state()?;
         let plan: Option<PlanSummary> = json_or(job.plan_summary.as_deref(), "plan summary")?;
-        let devices: Vec<String> =
-            json_or(job.devices.as_deref(), "devices")?.unwrap_or_default();
+        let devices: Vec<String> = json_or(job.devices.as_deref(), "devices")?.unwrap_or_default();
         Ok(JobView {
             spec: serde_json::from_str(&job.spec)
                 .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?,

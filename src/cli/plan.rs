@@ -124,10 +124,7 @@ pub enum PlanCmdError {
     #[error("--{0} is required")]
     Missing(&'static str),
     #[error("--{flag}: {message}")]
-    Invalid {
-        flag: &'static str,
-        message: String,
-    },
+    Invalid { flag: &'static str, message: String },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -283,9 +280,7 @@ fn plan(args: &RunArgs) -> Result<String, PlanCmdError> {
             message: format!(
                 "a global batch of {} sequences (micro-batches of {}) does not split over {dp} \
                  replicas; the search found {}",
-                req.global_batch,
-                answer.best.micro_batch_size,
-                answer.plan.replicas
+                req.global_batch, answer.best.micro_batch_size, answer.plan.replicas
             ),
         });
     }
@@ -397,18 +392,36 @@ mod tests {
     /// devices' share), and a count the devices or the batch cannot hold is refused by flag.
     #[test]
     fn data_parallel_fixes_the_replicas() {
-        let base = ["--model", "tiny", "--cluster", "cpu-4x1g", "--seq-len", "64"];
+        let base = [
+            "--model",
+            "tiny",
+            "--cluster",
+            "cpu-4x1g",
+            "--seq-len",
+            "64",
+        ];
         let json = |extra: &[&str]| {
             let args: Vec<&str> = base.iter().chain(extra).copied().collect();
             let out = run(&parse(&args)).unwrap();
             let v: serde_json::Value = serde_json::from_str(&out).unwrap();
             let best = &v["answer"]["best"];
-            (best["pipeline"].as_u64(), v["answer"]["plan"]["replicas"].as_u64())
+            (
+                best["pipeline"].as_u64(),
+                v["answer"]["plan"]["replicas"].as_u64(),
+            )
         };
         let batch = ["--global-batch", "8", "--json"];
-        let two: Vec<&str> = batch.iter().chain(&["--data-parallel", "2"]).copied().collect();
+        let two: Vec<&str> = batch
+            .iter()
+            .chain(&["--data-parallel", "2"])
+            .copied()
+            .collect();
         assert_eq!(json(&two), (Some(2), Some(2)));
-        let four: Vec<&str> = batch.iter().chain(&["--data-parallel", "4"]).copied().collect();
+        let four: Vec<&str> = batch
+            .iter()
+            .chain(&["--data-parallel", "4"])
+            .copied()
+            .collect();
         assert_eq!(json(&four), (Some(1), Some(4)));
         let one_by_two: Vec<&str> = (batch.iter())
             .chain(&["--data-parallel", "2", "--pipeline", "1"])
@@ -418,11 +431,17 @@ mod tests {
         for (extra, says) in [
             (&["--data-parallel", "3"][..], "do not divide the 4"),
             (&["--data-parallel", "2", "--pipeline", "3"][..], "need 6"),
-            (&["--data-parallel", "4", "--global-batch", "6"][..], "does not split"),
+            (
+                &["--data-parallel", "4", "--global-batch", "6"][..],
+                "does not split",
+            ),
         ] {
             let args: Vec<&str> = base.iter().chain(extra).copied().collect();
             let err = run(&parse(&args)).unwrap_err().to_string();
-            assert!(err.starts_with("--data-parallel") && err.contains(says), "{err}");
+            assert!(
+                err.starts_with("--data-parallel") && err.contains(says),
+                "{err}"
+            );
         }
     }
 

@@ -394,7 +394,11 @@ mod tests {
         let devices = [gpu("cuda:1", 8 << 30)];
         let out = planner.plan(&spec("{}"), &devices, HOST).unwrap();
         assert_eq!(
-            (out.summary.stages, out.summary.replicas, out.summary.devices),
+            (
+                out.summary.stages,
+                out.summary.replicas,
+                out.summary.devices
+            ),
             (1, 1, 1)
         );
         // The cuda-f32 layout is not the CPU's: the same job on a CPU device of the same size

@@ -19,9 +19,7 @@ mod worker;
 pub use cluster::{GangError, Membership, reserve_across_workers};
 pub use devices::{DeviceInfo, default_devices, gpu_ordinal, parse_devices, with_gpu_memory};
 pub use executor::{ExecPlanner, ExecRunner};
-pub use planner::{
-    PlacementEntry, PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner,
-};
+pub use planner::{PlacementEntry, PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};
 pub use rendezvous::{Rendezvous, RendezvousError};
 pub use resolve::{ResolveError, ResolvedSpec, resolve_files};
 pub use runner::{

@@ -95,7 +95,11 @@ impl GpuEngine {
     /// Runs `replicas` copies of a `stages`-device pipeline on the first stages x replicas
     /// devices given to `open`, replica by replica; makes the NCCL communicator of each
     /// stage's replicas on distinct GPUs.
-    pub fn replicate(&mut self, stages: usize, replicas: usize) -> std::result::Result<(), CudaError> {
+    pub fn replicate(
+        &mut self,
+        stages: usize,
+        replicas: usize,
+    ) -> std::result::Result<(), CudaError> {
         if stages == 0 || stages * replicas > self.stage_gpu.len() {
             return Err(CudaError::Unsupported(format!(
                 "{replicas} replicas of {stages} stages need {} devices; the engine has {}",

@@ -229,11 +229,8 @@ impl Nccl {
         // SAFETY: each buffer holds at least `len` f32 values on its GPU and stays allocated
         // until its GPU's compute stream passes the returned event (its readers, and its
         // freeing, wait for it).
-        let queued = buffers
-            .iter()
-            .zip(comms)
-            .zip(&streams)
-            .try_for_each(|((&(_, ptr, _), &comm), stream)| unsafe {
+        let queued = buffers.iter().zip(comms).zip(&streams).try_for_each(
+            |((&(_, ptr, _), &comm), stream)| unsafe {
                 nccl::all_reduce(
                     ptr as *const _,
                     ptr as *mut _,
@@ -244,7 +241,8 @@ impl Nccl {
                     stream.cu_stream() as _,
                 )
                 .map(|_| ())
-            });
+            },
+        );
         let ended = nccl::group_end();
         queued.map_err(nccl_error)?;
         ended.map_err(nccl_error)?;

@@ -229,11 +229,8 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
             "data parallelism: 2 replicas sharing cuda:{} (device add) vs one, {name}",
             opts.device
         );
-        ok &= section(
-            &title,
-            replica_checks(&[opts.device], precision, stage_tol),
-        )
-        .is_some_and(|c| print_checks(&title, &c));
+        ok &= section(&title, replica_checks(&[opts.device], precision, stage_tol))
+            .is_some_and(|c| print_checks(&title, &c));
         if let Some(other) = second {
             let title = format!(
                 "data parallelism: replicas on cuda:{} and cuda:{other} (NCCL all-reduce, or \
