@@ -111,7 +111,7 @@ impl Worker {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(job = %job_id, attempt, rank, worker = %self.id(), "rank started");
-        let beating = tokio::spawn(rank_heartbeat(
+        let mut beating = tokio::spawn(rank_heartbeat(
             self.store.clone(),
             row.clone(),
             self.config.lease,
@@ -136,7 +136,9 @@ impl Worker {
             }
             Ok(RunEnd::Completed) => {
                 // Renewed until rank 0 records the end, which releases the attempt.
-                let _ = tokio::time::timeout(AFTER_END, beating).await;
+                if tokio::time::timeout(AFTER_END, &mut beating).await.is_err() {
+                    beating.abort();
+                }
                 Ok(())
             }
             Err(failure) if rank == 0 && failure.fault == Fault::User => {
