@@ -48,7 +48,12 @@ fn start_worker(database_url: &str, data_dir: &Path, logs: &Path, n: usize) -> W
     let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
         .args(["worker", "--devices", "cpu:2x64MiB"])
-        .args(["--lease-seconds", LEASE_SECONDS, "--rank-address", "127.0.0.1"])
+        .args([
+            "--lease-seconds",
+            LEASE_SECONDS,
+            "--rank-address",
+            "127.0.0.1",
+        ])
         .arg("--database-url")
         .arg(database_url)
         .arg("--data-dir")
@@ -228,12 +233,7 @@ async fn a_job_too_big_for_one_worker_runs_across_three() {
     dead.push(victim.log.clone());
     workers.push(start_worker(&db.url, &data_dir, logs.path(), 3));
     let job = finished(&server, &killed_job, &workers, &dead).await;
-    assert_eq!(
-        job["restart_count"],
-        1,
-        "{job}\n{}",
-        tails(&workers, &dead)
-    );
+    assert_eq!(job["restart_count"], 1, "{job}\n{}", tails(&workers, &dead));
     assert_eq!(
         metric_steps(&server, &killed_job).await,
         (1..=STEPS as i64).collect::<Vec<_>>(),
