@@ -23,8 +23,8 @@ use crate::exec::transport::ranks::Bound;
 use crate::jobs::gang::reserve_next;
 use crate::jobs::rendezvous::{Rendezvous, TCP_ADDRESS};
 use crate::jobs::runner::{
-    Evaluation, EventLevel, Fault, RunControl, RunEnd, RunFailure, RunSink,
-    SinkError, StepMetrics, StopRequest,
+    Evaluation, EventLevel, Fault, RunControl, RunEnd, RunFailure, RunSink, SinkError, StepMetrics,
+    StopRequest,
 };
 use crate::jobs::sink::{JobLease, Unrecorded, store_sink};
 use crate::spec::StoragePolicy;
@@ -111,7 +111,7 @@ impl Worker {
             Err(e) => return Err(e.into()),
         }
         tracing::info!(job = %job_id, attempt, rank, worker = %self.id(), "rank started");
-        let beating = tokio::spawn(rank_heartbeat(
+        let mut beating = tokio::spawn(rank_heartbeat(
             self.store.clone(),
             row.clone(),
             self.config.lease,
@@ -136,7 +136,9 @@ impl Worker {
             }
             Ok(RunEnd::Completed) => {
                 // Renewed until rank 0 records the end, which releases the attempt.
-                let _ = tokio::time::timeout(AFTER_END, beating).await;
+                if tokio::time::timeout(AFTER_END, &mut beating).await.is_err() {
+                    beating.abort();
+                }
                 Ok(())
             }
             Err(failure) if rank == 0 && failure.fault == Fault::User => {
@@ -246,7 +248,8 @@ impl Worker {
             .map_err(|e| unmet(e.to_string()))?
             .port();
         let address = format!("{host}:{port}");
-        (meeting.publish(TCP_ADDRESS, address.as_bytes()).await).map_err(|e| unmet(e.to_string()))?;
+        (meeting.publish(TCP_ADDRESS, address.as_bytes()).await)
+            .map_err(|e| unmet(e.to_string()))?;
         let peers: Vec<String> = (meeting.wait_for_all(TCP_ADDRESS).await)
             .map_err(|e| unmet(e.to_string()))?
             .into_iter()
@@ -273,12 +276,7 @@ fn crashed(
 
 /// Renews a started rank's lease every third of it; a pause or cancel of the job stops the
 /// rank, and an attempt found over abandons it. Returns once the attempt is over.
-async fn rank_heartbeat(
-    store: Arc<dyn Store>,
-    row: RankRow,
-    lease: Duration,
-    control: RunControl,
-) {
+async fn rank_heartbeat(store: Arc<dyn Store>, row: RankRow, lease: Duration, control: RunControl) {
     let lease_ms = lease.as_millis() as i64;
     loop {
         tokio::time::sleep(lease / 3).await;
@@ -293,7 +291,9 @@ async fn rank_heartbeat(
                 control.request(StopRequest::Abandon);
                 return;
             }
-            Err(e) => tracing::warn!(job = %row.job_id, rank = row.rank, error = %e, "rank heartbeat failed"),
+            Err(e) => {
+                tracing::warn!(job = %row.job_id, rank = row.rank, error = %e, "rank heartbeat failed")
+            }
         }
     }
 }
