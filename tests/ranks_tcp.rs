@@ -387,8 +387,15 @@ print("max_abs", logits[0].abs().max().item())
         String::from_utf8_lossy(&out.stderr)
     );
     let value = |key: &str| -> f64 {
-        let line = stdout.lines().find(|l| l.split_whitespace().next() == Some(key));
-        line.unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(key));
+        line.unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert!(value("max_abs") > 0.0, "{stdout}");
     assert!(value("max_abs_diff") <= 1e-6, "{stdout}");
