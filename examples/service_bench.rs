@@ -85,6 +85,7 @@ async fn serve(url: &str, dir: &str, addr: &str) {
         lease: Duration::from_secs(30),
         poll: Duration::from_millis(500),
         host_memory_bytes: 1 << 30,
+        rank_address: None,
     };
     let engines = Engines {
         planner: Some(Arc::new(FixedPlanner)),

@@ -267,7 +267,7 @@ async fn gangs(url: &str) {
             job
         })
         .collect();
-    assert_eq!(over, [b.clone()]);
+    assert_eq!(over, std::slice::from_ref(&b));
 
     // B needs two of A's devices: it takes none, not even those that are free.
     let b_ranks = [
