@@ -224,6 +224,7 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
         rank: 0,
         peers: vec!["127.0.0.1:9".into(), "127.0.0.1:9".into()],
         connect_timeout: std::time::Duration::from_millis(1),
+        listener: None,
     };
     let (got, message) = spec_error(Run::prepare_rank(spec, "", rank));
     assert_eq!(got, "parallelism.shard_optimizer", "{message}");
