@@ -43,6 +43,7 @@ impl Planner for FixedPlanner {
                 devices: 1,
                 actions_per_device: vec![2],
                 peak_bytes: vec![devices.first().map_or(0, |d| d.memory_bytes / 2)],
+                eval_peak_bytes: vec![devices.first().map_or(0, |d| d.memory_bytes / 4)],
                 step_time_s: 0.01,
                 bubble_ratio: 0.0,
                 runners_up: vec![],
