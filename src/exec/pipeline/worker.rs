@@ -518,7 +518,8 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
 
     /// Whether the program reduces `chunk` sharded (`RS<c>`).
     fn sharded(&self, chunk: u32) -> bool {
-        (self.program.iter()).any(|a| *a == Action::Reduce { chunk, shard: true })
+        self.program
+            .contains(&Action::Reduce { chunk, shard: true })
     }
 
     /// Sums the chunk's gradients with the other replicas' (`AR<c>`), or each replica's
