@@ -40,6 +40,7 @@ impl Planner for FixedPlanner {
             summary: PlanSummary {
                 schedule: "fixed".into(),
                 stages: 1,
+                replicas: 1,
                 devices: 1,
                 actions_per_device: vec![2],
                 peak_bytes: vec![devices.first().map_or(0, |d| d.memory_bytes / 2)],

@@ -236,7 +236,7 @@ fn fix_replicas(args: &RunArgs, cluster: &mut Cluster) -> Result<Option<u32>, Pl
             )));
         }
         Some(p) => p,
-        None if usable % dp != 0 || dp > usable => {
+        None if !usable.is_multiple_of(dp) || dp > usable => {
             let fits: Vec<String> = (1..=usable)
                 .filter(|n| usable.is_multiple_of(*n))
                 .map(|n| n.to_string())
