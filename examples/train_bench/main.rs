@@ -42,6 +42,7 @@ fn config(name: &str) -> anyhow::Result<BenchConfig> {
             kv_heads: heads,
             ffn,
             vocab: 256,
+            qkv_bias: false,
         },
         seq,
         batch,

@@ -111,6 +111,12 @@ impl Backend for Timed {
     fn add(&self, dst: &mut Tensor, src: &Tensor) -> R {
         self.time("residual add", || self.inner.add(dst, src))
     }
+    fn bias_add(&self, y: &mut Tensor, b: &Tensor) -> R {
+        self.time("bias add", || self.inner.bias_add(y, b))
+    }
+    fn bias_backward(&self, db: &mut Tensor, dy: &Tensor) -> R {
+        self.time("bias backward", || self.inner.bias_backward(db, dy))
+    }
     fn sum(&self, dst: &mut Tensor, a: &Tensor, b: &Tensor) -> R {
         self.time("residual sum", || self.inner.sum(dst, a, b))
     }
