@@ -125,7 +125,7 @@ async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
     }
 }
 
-/// Every tensor of a `model.safetensors`, by name, as raw bytes.
+/// Every tensor of a safetensors file, by name, as raw bytes.
 fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
     let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
     file.tensors()
@@ -134,11 +134,27 @@ fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// The weights of a checkpoint the ranks wrote in Hugging Face's sharded layout: every file
+/// its index names, downloaded through the API.
 async fn weights(server: &TestServer, id: &str, step: u64) -> BTreeMap<String, Vec<u8>> {
-    let path = format!("/v1/jobs/{id}/checkpoints/{step}/files/model.safetensors");
-    let response = server.get(&path).send().await.unwrap();
-    assert_eq!(response.status(), 200, "{path}");
-    tensors(&response.bytes().await.unwrap())
+    let download = |file: String| async move {
+        let path = format!("/v1/jobs/{id}/checkpoints/{step}/files/{file}");
+        let response = server.get(&path).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        response.bytes().await.unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&download("model.safetensors.index.json".into()).await).unwrap();
+    let files: std::collections::BTreeSet<String> = (index["weight_map"].as_object().unwrap())
+        .values()
+        .map(|f| f.as_str().unwrap().to_owned())
+        .collect();
+    assert!(files.len() > 1, "one shard per writing rank: {files:?}");
+    let mut all = BTreeMap::new();
+    for file in files {
+        all.extend(tensors(&download(file).await));
+    }
+    all
 }
 
 /// `chronospipe train` of the same job in one process on `cpu:6x64MiB`.

@@ -404,7 +404,7 @@ async fn error_statuses(url: &str) {
     let p = problem(
         server
             .post("/v1/files")
-            .multipart(model_form("hf-qwen2-tiny"))
+            .multipart(model_form("hf-tied-tiny"))
             .send()
             .await
             .unwrap(),
@@ -414,7 +414,10 @@ async fn error_statuses(url: &str) {
     .await;
     assert_eq!(p["param"], "config");
     let detail = p["detail"].as_str().unwrap();
-    assert!(detail.contains("config.json field model_type"), "{detail}");
+    assert!(
+        detail.contains("config.json field tie_word_embeddings"),
+        "{detail}"
+    );
     // 422: no plan fits; the smallest memory that would and the closest configuration
     let mut small = job_body(&train, 2);
     small["devices"] = json!("cpu:2x1KiB");
