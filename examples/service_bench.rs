@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use chronospipe::api::Limits;
 use chronospipe::jobs::{
-    DeviceInfo, Engines, PlanFailure, PlanOutcome, PlanSummary, Planner, parse_devices,
+    Capabilities, DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, parse_devices,
 };
 use chronospipe::service::{ServiceOptions, run_service, shutdown_signal};
 use chronospipe::spec::JobSpec;
@@ -89,13 +89,13 @@ async fn serve(url: &str, dir: &str, addr: &str) {
         host_memory_bytes: 1 << 30,
         rank_address: None,
     };
-    let engines = Engines {
+    let capabilities = Capabilities {
         planner: Some(Arc::new(FixedPlanner)),
         runner: None,
     };
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     eprintln!("serving on {}", listener.local_addr().unwrap());
-    run_service(options, engines, listener, shutdown_signal())
+    run_service(options, capabilities, listener, shutdown_signal())
         .await
         .unwrap();
 }

@@ -17,7 +17,7 @@ use crate::exec::device::parse_size;
 use crate::jobs::devices::DeviceSpecError;
 use crate::jobs::host_memory::{available_memory, default_host_memory};
 use crate::jobs::{
-    DeviceInfo, Engines, Worker, WorkerConfig, default_devices, parse_devices, with_gpu_memory,
+    Capabilities, DeviceInfo, Worker, WorkerConfig, default_devices, parse_devices, with_gpu_memory,
 };
 use crate::store::{self, StoreError};
 use crate::telemetry::{self, LogFormat};
@@ -166,7 +166,7 @@ impl ServiceOptions {
 /// returns once they have.
 pub async fn run_service(
     options: ServiceOptions,
-    engines: Engines,
+    capabilities: Capabilities,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
@@ -179,7 +179,7 @@ pub async fn run_service(
     let mut worker_id = None;
     let mut refuse_jobs = None;
     if options.run_worker {
-        match engines.runner.clone() {
+        match capabilities.runner.clone() {
             Some(runner) => {
                 let worker = Worker::new(store.clone(), runner, options.worker_config());
                 worker_id = Some(worker.id().to_owned());
@@ -196,7 +196,7 @@ pub async fn run_service(
     let state = AppState::new(
         store,
         AppConfig {
-            planner: engines.planner,
+            planner: capabilities.planner,
             refuse_jobs,
             devices: options.devices.clone(),
             host_memory_bytes: options.host_memory_bytes,
@@ -231,10 +231,10 @@ pub async fn run_service(
 /// A worker without the HTTP server, until `shutdown`.
 pub async fn run_worker(
     options: ServiceOptions,
-    engines: Engines,
+    capabilities: Capabilities,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
-    let runner = engines.runner.ok_or(ServiceError::NoRunner)?;
+    let runner = capabilities.runner.ok_or(ServiceError::NoRunner)?;
     let store = store::connect(&options.database_url).await?;
     let worker: Arc<Worker> = Worker::new(store, runner, options.worker_config());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -270,7 +270,13 @@ pub fn serve(args: &ServeArgs, log_format: Option<LogFormat>) -> Result<(), Serv
                     what: format!("listen on {}", settings.listen),
                     source,
                 })?;
-        run_service(options, Engines::production(), listener, shutdown_signal()).await
+        run_service(
+            options,
+            Capabilities::production(),
+            listener,
+            shutdown_signal(),
+        )
+        .await
     })
 }
 
@@ -286,7 +292,7 @@ pub fn worker(args: &WorkerArgs, log_format: Option<LogFormat>) -> Result<(), Se
     options.rank_address = args.rank_address.clone();
     runtime()?.block_on(run_worker(
         options,
-        Engines::production(),
+        Capabilities::production(),
         shutdown_signal(),
     ))
 }

@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chronospipe::jobs::{Engines, ExecPlanner};
+use chronospipe::jobs::{Capabilities, ExecPlanner};
 use common::{TestDb, TestServer};
 use serde_json::{Value, json};
 
@@ -183,11 +183,11 @@ fn one_process_weights(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_too_big_for_one_worker_runs_across_three() {
     let db = TestDb::postgres().await;
-    let engines = Engines {
+    let capabilities = Capabilities {
         planner: Some(Arc::new(ExecPlanner)),
         runner: None,
     };
-    let server = TestServer::start_with(&db.url, engines, |o| o.run_worker = false).await;
+    let server = TestServer::start_with(&db.url, capabilities, |o| o.run_worker = false).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
         .await;

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronospipe::jobs::Engines;
+use chronospipe::jobs::Capabilities;
 use common::{KEY, TestServer};
 use paced::Paced;
 use proxy::CuttingProxy;
@@ -78,11 +78,11 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
     // Slow, and held halfway until it is paused, however slow the browser is; then quick to
     // the end.
     let pace = Paced::new(Duration::from_millis(150), STEPS / 2);
-    let engines = Engines {
-        planner: Engines::production().planner,
+    let capabilities = Capabilities {
+        planner: Capabilities::production().planner,
         runner: Some(Arc::new(pace.clone())),
     };
-    let server = TestServer::start_with(&db.url, engines, |_| {}).await;
+    let server = TestServer::start_with(&db.url, capabilities, |_| {}).await;
     // The browser reaches the server through a relay that can drop its connections.
     let proxy = CuttingProxy::start(server.base.trim_start_matches("http://").to_owned()).await;
     let downloads = tempfile::tempdir().unwrap();

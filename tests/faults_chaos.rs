@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chronospipe::jobs::{Engines, ExecPlanner};
+use chronospipe::jobs::{Capabilities, ExecPlanner};
 use common::{TestDb, TestServer};
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -138,12 +138,12 @@ fn tails(workers: &[WorkerProcess], dead: &[std::path::PathBuf]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_survive_workers_killed_at_random() {
     let db = TestDb::postgres().await;
-    let engines = Engines {
+    let capabilities = Capabilities {
         planner: Some(Arc::new(ExecPlanner)),
         runner: None,
     };
     // The API only: the jobs are run by the worker processes.
-    let server = TestServer::start_with(&db.url, engines, |o| o.run_worker = false).await;
+    let server = TestServer::start_with(&db.url, capabilities, |o| o.run_worker = false).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
         .await;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronospipe::jobs::Engines;
+use chronospipe::jobs::Capabilities;
 use chronospipe::jobs::{ExecRunner, Worker, WorkerConfig, parse_devices};
 use common::TestServer;
 use serde_json::{Value, json};
@@ -120,7 +120,8 @@ async fn weights(server: &TestServer, id: &str) -> bytes::Bytes {
 }
 
 async fn torn_and_altered(url: &str) {
-    let server = TestServer::start_with(url, Engines::production(), |o| o.run_worker = false).await;
+    let server =
+        TestServer::start_with(url, Capabilities::production(), |o| o.run_worker = false).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
         .await;

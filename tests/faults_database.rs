@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chronospipe::jobs::{
-    Engines, EventLevel, ExecPlanner, ExecRunner, JobRunner, RunControl, RunEnd, RunFailure,
+    Capabilities, EventLevel, ExecPlanner, ExecRunner, JobRunner, RunControl, RunEnd, RunFailure,
     RunRequest, RunSink, SinkError, StepMetrics, Worker, WorkerConfig, parse_devices,
 };
 use common::TestServer;
@@ -231,11 +231,11 @@ async fn a_job_trains_through_database_restarts() {
         return;
     };
     let runner = Unhurried::new(STEPS - 5);
-    let engines = Engines {
+    let capabilities = Capabilities {
         planner: Some(Arc::new(ExecPlanner)),
         runner: Some(Arc::new(runner.clone())),
     };
-    let server = TestServer::start_with(&pg.url(), engines, |o| {
+    let server = TestServer::start_with(&pg.url(), capabilities, |o| {
         o.lease = Duration::from_secs(15);
     })
     .await;
@@ -359,11 +359,11 @@ async fn a_full_record_queue_holds_training_until_the_database_is_back() {
     let Some(pg) = OwnPostgres::start() else {
         return;
     };
-    let engines = Engines {
+    let capabilities = Capabilities {
         planner: Some(Arc::new(ExecPlanner)),
         runner: Some(Arc::new(Unhurried::new(i64::MAX))),
     };
-    let server = TestServer::start_with(&pg.url(), engines, |o| o.run_worker = false).await;
+    let server = TestServer::start_with(&pg.url(), capabilities, |o| o.run_worker = false).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
         .await;
@@ -425,11 +425,11 @@ async fn a_worker_gives_a_job_back_when_the_database_stays_away() {
     let Some(pg) = OwnPostgres::start() else {
         return;
     };
-    let engines = Engines {
+    let capabilities = Capabilities {
         planner: Some(Arc::new(ExecPlanner)),
         runner: None,
     };
-    let server = TestServer::start_with(&pg.url(), engines, |o| o.run_worker = false).await;
+    let server = TestServer::start_with(&pg.url(), capabilities, |o| o.run_worker = false).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
         .await;

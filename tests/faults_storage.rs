@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use chronospipe::jobs::Engines;
+use chronospipe::jobs::Capabilities;
 use common::TestServer;
 use serde_json::{Value, json};
 
@@ -130,7 +130,7 @@ async fn full_disks(url: &str) {
         return;
     };
     let data_dir = tempfile::tempdir_in(tmpfs.path()).unwrap();
-    let server = TestServer::start_in(url, Engines::production(), data_dir, |_| {}).await;
+    let server = TestServer::start_in(url, Capabilities::production(), data_dir, |_| {}).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
         .await;

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use chronospipe::jobs::{Engines, ExecPlanner, parse_devices};
+use chronospipe::jobs::{Capabilities, ExecPlanner, parse_devices};
 use common::{TestDb, TestServer};
 use serde_json::{Value, json};
 
@@ -24,11 +24,11 @@ fn body(train: &str, layers: u32) -> Value {
 }
 
 async fn server_with_host(db: &TestDb, host_memory_bytes: u64) -> TestServer {
-    let engines = Engines {
+    let capabilities = Capabilities {
         planner: Some(Arc::new(ExecPlanner)),
         runner: None,
     };
-    TestServer::start_with(&db.url, engines, |o| {
+    TestServer::start_with(&db.url, capabilities, |o| {
         // Too small for the weights, gradients and AdamW state of a device's chunks (~2 MiB):
         // the optimizer state must be offloaded.
         o.devices = parse_devices("cpu:2x1900KiB").unwrap();

@@ -27,7 +27,8 @@ async fn problem(response: reqwest::Response, status: StatusCode, code: &str) ->
 }
 
 async fn tenant_isolation(url: &str) {
-    let server = TestServer::start_with(url, common::engines(), |o| o.run_worker = false).await;
+    let server =
+        TestServer::start_with(url, common::capabilities(), |o| o.run_worker = false).await;
     let store = chronospipe::store::connect(url).await.unwrap();
     let other = chronospipe::api::create_key(store.as_ref(), "other")
         .await
@@ -125,7 +126,8 @@ async fn tenant_isolation(url: &str) {
 both_databases!(tenant_isolation_tests, super::tenant_isolation);
 
 async fn idempotency(url: &str) {
-    let server = TestServer::start_with(url, common::engines(), |o| o.run_worker = false).await;
+    let server =
+        TestServer::start_with(url, common::capabilities(), |o| o.run_worker = false).await;
     let train = server.upload("train", "a.txt", b"some text".to_vec()).await;
     let body = job_body(&train, 3);
     let first = server
@@ -201,7 +203,8 @@ async fn idempotency(url: &str) {
 both_databases!(idempotency_tests, super::idempotency);
 
 async fn error_statuses(url: &str) {
-    let server = TestServer::start_with(url, common::engines(), |o| o.run_worker = false).await;
+    let server =
+        TestServer::start_with(url, common::capabilities(), |o| o.run_worker = false).await;
     let train = server.upload("train", "a.txt", b"text".to_vec()).await;
 
     // 401
@@ -504,7 +507,7 @@ async fn error_statuses(url: &str) {
     let data_dir = server.stop().await;
 
     // 413 upload and 429 with Retry-After, on a server with small limits.
-    let server = TestServer::start_in(url, common::engines(), data_dir, |o| {
+    let server = TestServer::start_in(url, common::capabilities(), data_dir, |o| {
         o.run_worker = false;
         o.limits.max_upload_bytes = 1000;
         o.limits.rate_per_second = 1.0;
@@ -547,7 +550,8 @@ async fn error_statuses(url: &str) {
 both_databases!(error_status_tests, super::error_statuses);
 
 async fn pagination(url: &str) {
-    let server = TestServer::start_with(url, common::engines(), |o| o.run_worker = false).await;
+    let server =
+        TestServer::start_with(url, common::capabilities(), |o| o.run_worker = false).await;
     let train = server.upload("train", "a.txt", b"text".to_vec()).await;
     let mut created = Vec::new();
     for _ in 0..5 {
@@ -643,7 +647,8 @@ async fn pagination(url: &str) {
 both_databases!(pagination_tests, super::pagination);
 
 async fn refuses_jobs_without_a_trainer(url: &str) {
-    let server = TestServer::start_with(url, chronospipe::jobs::Engines::default(), |_| {}).await;
+    let server =
+        TestServer::start_with(url, chronospipe::jobs::Capabilities::default(), |_| {}).await;
     let train = server.upload("train", "a.txt", b"text".to_vec()).await;
     let response = server
         .post("/v1/jobs")
@@ -675,7 +680,7 @@ async fn refuses_jobs_without_a_trainer(url: &str) {
 both_databases!(no_trainer_tests, super::refuses_jobs_without_a_trainer);
 
 async fn event_stream_keeps_alive(url: &str) {
-    let server = TestServer::start_with(url, common::engines(), |o| {
+    let server = TestServer::start_with(url, common::capabilities(), |o| {
         o.run_worker = false;
         o.limits.keep_alive = std::time::Duration::from_millis(200);
     })

@@ -1,4 +1,4 @@
-//! A data-parallel job through the service (`Engines::production()`) on SQLite and
+//! A data-parallel job through the service (`Capabilities::production()`) on SQLite and
 //! PostgreSQL: 2 replicas x 2 stages on a worker's 4 CPU devices, planned over all of them,
 //! trained, and its checkpoint byte-identical to the same job run directly.
 
@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 
 use chronospipe::exec::run::{Observer, Run, RunError, StepMetrics, drive};
-use chronospipe::jobs::{Engines, parse_devices};
+use chronospipe::jobs::{Capabilities, parse_devices};
 use chronospipe::spec::JobSpec;
 use common::{TestServer, read_sse};
 use serde_json::{Value, json};
@@ -37,7 +37,7 @@ impl Observer for Direct {
 }
 
 async fn a_data_parallel_job_runs_on_all_its_devices(url: &str) {
-    let server = TestServer::start_with(url, Engines::production(), |o| {
+    let server = TestServer::start_with(url, Capabilities::production(), |o| {
         o.devices = parse_devices("cpu:4x64MiB").unwrap();
     })
     .await;

@@ -290,7 +290,7 @@ async fn sigterm_requeues(url: &str) {
     tokio::time::sleep(Duration::from_millis(350)).await;
     // Stopping is what SIGTERM does in `serve`: the running job checkpoints and is requeued.
     let data_dir = server.stop().await;
-    let server = TestServer::start_in(url, common::engines(), data_dir, |_| {}).await;
+    let server = TestServer::start_in(url, common::capabilities(), data_dir, |_| {}).await;
     let job = server.get_json(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job["restart_count"], 1, "{job}");
     let job = server.wait_for(&id, "succeeded").await;

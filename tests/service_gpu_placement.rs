@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronospipe::jobs::{Engines, ExecPlanner, parse_devices};
+use chronospipe::jobs::{Capabilities, ExecPlanner, parse_devices};
 use common::{ScriptedRunner, TestServer, job_body};
 use serde_json::{Value, json};
 
@@ -61,14 +61,14 @@ async fn jobs_share_out_the_cpus(url: &str) {
 }
 
 async fn jobs_share_out_the_devices(url: &str, spec: &str, kind: &str) {
-    let engines = Engines {
+    let capabilities = Capabilities {
         planner: Some(Arc::new(ExecPlanner)),
         runner: Some(Arc::new(ScriptedRunner {
             step_delay: Duration::from_millis(50),
             fail_at: None,
         })),
     };
-    let server = TestServer::start_with(url, engines, |o| {
+    let server = TestServer::start_with(url, capabilities, |o| {
         o.devices = parse_devices(spec).unwrap();
     })
     .await;

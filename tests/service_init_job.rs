@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chronospipe::exec::run::{Run, RunError};
-use chronospipe::jobs::{Engines, ExecRunner, Worker, WorkerConfig, parse_devices};
+use chronospipe::jobs::{Capabilities, ExecRunner, Worker, WorkerConfig, parse_devices};
 use chronospipe::spec::JobSpec;
 use chronospipe::store::{CheckpointUse, NewJob, Store, StoreError, new_id};
 use common::TestServer;
@@ -120,7 +120,8 @@ impl Fixture {
 }
 
 async fn starts_from_a_job(url: &str) {
-    let server = TestServer::start_with(url, Engines::production(), |o| o.run_worker = false).await;
+    let server =
+        TestServer::start_with(url, Capabilities::production(), |o| o.run_worker = false).await;
     let store = chronospipe::store::connect(url).await.unwrap();
     let config = WorkerConfig {
         worker_id: "worker_init".to_owned(),

@@ -1,4 +1,4 @@
-//! The service with the real planner and trainer (`Engines::production()`), on SQLite and
+//! The service with the real planner and trainer (`Capabilities::production()`), on SQLite and
 //! PostgreSQL: a job trains through the pipeline executor, streams its metrics, and its
 //! downloaded checkpoint is byte-identical to the same job run directly through `exec::run`
 //! and loads with the executor's loader.
@@ -14,7 +14,7 @@ use chronospipe::exec::run::{Observer, Run, RunError, StepMetrics, drive};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronospipe::jobs::{Engines, ExecRunner, Worker, WorkerConfig, parse_devices};
+use chronospipe::jobs::{Capabilities, ExecRunner, Worker, WorkerConfig, parse_devices};
 use chronospipe::spec::JobSpec;
 use common::{TestServer, read_sse};
 use serde_json::{Value, json};
@@ -44,7 +44,7 @@ impl Observer for Direct {
 }
 
 async fn trains_for_real(url: &str) {
-    let server = TestServer::start_with(url, Engines::production(), |_| {}).await;
+    let server = TestServer::start_with(url, Capabilities::production(), |_| {}).await;
     let corpus = TEXT.repeat(20);
     let train = server
         .upload("train", "corpus.txt", corpus.clone().into_bytes())
@@ -144,7 +144,8 @@ both_databases!(trains_for_real_tests, super::trains_for_real);
 /// A worker killed mid-job: another finishes it from its last checkpoint, every step's metrics
 /// are recorded exactly once, and the final weights equal an uninterrupted run's.
 async fn crash_recovery_with_the_real_trainer(url: &str) {
-    let server = TestServer::start_with(url, Engines::production(), |o| o.run_worker = false).await;
+    let server =
+        TestServer::start_with(url, Capabilities::production(), |o| o.run_worker = false).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(20).into_bytes())
         .await;
@@ -275,7 +276,7 @@ async fn finished_job(server: &TestServer, body: &Value) -> Value {
 /// is not a chat record is a 422 at upload naming it; a template that fails to render fails the
 /// job naming the record.
 async fn chat_jsonl_trains(url: &str) {
-    let server = TestServer::start_with(url, Engines::production(), |_| {}).await;
+    let server = TestServer::start_with(url, Capabilities::production(), |_| {}).await;
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat");
     let chats = std::fs::read_to_string(fixture.join("chat.jsonl")).unwrap();
     let bad = format!("{chats}{{\"text\": \"a document\"}}\n");

@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chronospipe::jobs::{Engines, ExecRunner, Worker, WorkerConfig, parse_devices};
+use chronospipe::jobs::{Capabilities, ExecRunner, Worker, WorkerConfig, parse_devices};
 use common::TestServer;
 use serde_json::{Value, json};
 
@@ -44,7 +44,8 @@ async fn refused(server: &TestServer, body: &Value, param: &str) -> String {
 }
 
 async fn validates_and_stops_early(url: &str) {
-    let server = TestServer::start_with(url, Engines::production(), |o| o.run_worker = false).await;
+    let server =
+        TestServer::start_with(url, Capabilities::production(), |o| o.run_worker = false).await;
     let store = chronospipe::store::connect(url).await.unwrap();
     let config = WorkerConfig {
         worker_id: "worker_validation".to_owned(),

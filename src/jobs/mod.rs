@@ -33,16 +33,16 @@ use std::sync::Arc;
 /// The planner and trainer this build runs with. The service checks for `None` and refuses
 /// the work with a clear error rather than pretend.
 #[derive(Clone, Default)]
-pub struct Engines {
+pub struct Capabilities {
     pub planner: Option<Arc<dyn Planner>>,
     pub runner: Option<Arc<dyn JobRunner>>,
 }
 
-impl Engines {
-    /// The engines `serve` and `worker` use: the planner (`crate::plan`) and the executor
+impl Capabilities {
+    /// The capabilities `serve` and `worker` use: the planner (`crate::plan`) and the executor
     /// (`crate::exec`).
-    pub fn production() -> Engines {
-        Engines {
+    pub fn production() -> Capabilities {
+        Capabilities {
             planner: Some(Arc::new(executor::ExecPlanner)),
             runner: Some(Arc::new(executor::ExecRunner)),
         }

@@ -1,7 +1,7 @@
 //! Shared by the integration tests: a database per test (SQLite file or a fresh PostgreSQL
 //! database), a real server on 127.0.0.1:0, and the test doubles for the planner and the
 //! trainer. The doubles make the service's own tests fast and scripted (a job's steps, its
-//! failures); suites that train for real use `Engines::production()` instead.
+//! failures); suites that train for real use `Capabilities::production()` instead.
 
 #![allow(dead_code)]
 
@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use chronospipe::api::Limits;
 use chronospipe::jobs::{
-    DeviceInfo, Engines, JobRunner, PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner,
-    RunControl, RunEnd, RunFailure, RunRequest, RunSink, SinkError, StepMetrics, StopRequest,
-    parse_devices,
+    Capabilities, DeviceInfo, JobRunner, PlanCandidate, PlanFailure, PlanOutcome, PlanSummary,
+    Planner, RunControl, RunEnd, RunFailure, RunRequest, RunSink, SinkError, StepMetrics,
+    StopRequest, parse_devices,
 };
 use chronospipe::service::{ServiceOptions, run_service};
 use chronospipe::spec::JobSpec;
@@ -32,8 +32,8 @@ pub fn planner() -> Arc<dyn Planner> {
     Arc::new(ScriptedPlanner)
 }
 
-pub fn engines() -> Engines {
-    Engines {
+pub fn capabilities() -> Capabilities {
+    Capabilities {
         planner: Some(planner()),
         runner: Some(runner()),
     }
@@ -149,17 +149,17 @@ pub fn test_options(database_url: &str, data_dir: &Path) -> ServiceOptions {
 
 impl TestServer {
     pub async fn start(database_url: &str) -> TestServer {
-        Self::start_with(database_url, engines(), |_| {}).await
+        Self::start_with(database_url, capabilities(), |_| {}).await
     }
 
     pub async fn start_with(
         database_url: &str,
-        engines: Engines,
+        capabilities: Capabilities,
         configure: impl FnOnce(&mut ServiceOptions),
     ) -> TestServer {
         Self::start_in(
             database_url,
-            engines,
+            capabilities,
             tempfile::tempdir().unwrap(),
             configure,
         )
@@ -168,7 +168,7 @@ impl TestServer {
 
     pub async fn start_in(
         database_url: &str,
-        engines: Engines,
+        capabilities: Capabilities,
         data_dir: tempfile::TempDir,
         configure: impl FnOnce(&mut ServiceOptions),
     ) -> TestServer {
@@ -178,7 +178,7 @@ impl TestServer {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            run_service(options, engines, listener, async move {
+            run_service(options, capabilities, listener, async move {
                 let _ = stopped.await;
             })
             .await

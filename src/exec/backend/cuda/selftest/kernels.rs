@@ -60,6 +60,9 @@ impl Kit<'_> {
     }
 }
 
+/// Elementwise kernels' bound against the CPU backend.
+const ELEMENTWISE_TOL: f64 = 1e-5;
+
 /// Every kernel against its CPU counterpart on random inputs; products held to `gemm_tol`.
 pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     let mut k = Kit {
@@ -68,10 +71,19 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         cpu: CpuBackend::default(),
         rng: ChaCha8Rng::seed_from_u64(11),
     };
-    let mut checks = Vec::new();
-    let ew = 1e-5;
+    let mut checks = product_checks(&mut k, gemm_tol)?;
+    checks.extend(norm_and_rope_checks(&mut k)?);
+    checks.extend(swiglu_and_embedding_checks(&mut k)?);
+    checks.extend(attention_checks(&mut k, gemm_tol)?);
+    checks.extend(head_checks(&mut k, gemm_tol)?);
+    checks.extend(adamw_checks(&mut k)?);
+    Ok(checks)
+}
 
-    // Products, plain and transposed.
+/// Products, plain and transposed, against the CPU backend's.
+fn product_checks(k: &mut Kit<'_>, gemm_tol: f64) -> Result<Vec<Check>> {
+    let gpu = k.gpu;
+    let mut checks = Vec::new();
     for (ta, tb) in [(false, true), (true, false), (false, false)] {
         let (m, n, kk) = (67, 45, 33);
         let a = k.rand(m * kk);
@@ -103,7 +115,13 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
             gemm_tol,
         ));
     }
+    Ok(checks)
+}
 
+/// RMSNorm and RoPE, forward and backward.
+fn norm_and_rope_checks(k: &mut Kit<'_>) -> Result<Vec<Check>> {
+    let gpu = k.gpu;
+    let mut checks = Vec::new();
     // RMSNorm forward and backward: rows of 768 in 16-byte vectors, rows of 203 element by
     // element; 37 rows leave warps of the last block idle.
     let rows = 37;
@@ -117,13 +135,13 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
             format!("rmsnorm forward h={h}"),
             &down(gpu, &go)?,
             &out,
-            ew,
+            ELEMENTWISE_TOL,
         ));
         checks.push(Check::new(
             format!("rmsnorm forward rstd h={h}"),
             &down(gpu, &gr)?,
             &rstd,
-            ew,
+            ELEMENTWISE_TOL,
         ));
         let (mut dx, mut dw) = (dy.clone(), dw0.clone());
         k.cpu.rmsnorm_backward(&mut dx, &mut dw, &x, &w, &rstd);
@@ -133,13 +151,13 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
             format!("rmsnorm backward dx h={h}"),
             &down(gpu, &gdy)?,
             &dx,
-            ew,
+            ELEMENTWISE_TOL,
         ));
         checks.push(Check::new(
             format!("rmsnorm backward dw (accumulate) h={h}"),
             &down(gpu, &gdw)?,
             &dw,
-            ew,
+            ELEMENTWISE_TOL,
         ));
     }
 
@@ -166,10 +184,16 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
             ),
             &down(gpu, &gx)?,
             &want,
-            ew,
+            ELEMENTWISE_TOL,
         ));
     }
+    Ok(checks)
+}
 
+/// SwiGLU and the embedding, forward and backward.
+fn swiglu_and_embedding_checks(k: &mut Kit<'_>) -> Result<Vec<Check>> {
+    let gpu = k.gpu;
+    let mut checks = Vec::new();
     // SwiGLU: 16-byte vectors, then a ragged tail.
     let n = 1003;
     let (g, u, da) = (k.rand(n), k.rand(n), k.rand(n));
@@ -177,7 +201,12 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
     k.cpu.swiglu_forward(&mut act, &g, &u);
     let (gg, gu, gact) = (k.up(&g)?, k.up(&u)?, k.up(&act)?);
     gpu.swiglu_forward(gact.ptr(), gg.ptr(), gu.ptr(), n)?;
-    checks.push(Check::new("swiglu forward", &down(gpu, &gact)?, &act, ew));
+    checks.push(Check::new(
+        "swiglu forward",
+        &down(gpu, &gact)?,
+        &act,
+        ELEMENTWISE_TOL,
+    ));
     let (mut dg, mut du) = (vec![0.0; n], da.clone());
     k.cpu.swiglu_backward(&mut act, &mut dg, &mut du, &g, &u);
     let (gdg, gdu) = (k.up(&dg)?, k.up(&da)?);
@@ -186,13 +215,13 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         "swiglu backward d_gate",
         &down(gpu, &gdg)?,
         &dg,
-        ew,
+        ELEMENTWISE_TOL,
     ));
     checks.push(Check::new(
         "swiglu backward d_up",
         &down(gpu, &gdu)?,
         &du,
-        ew,
+        ELEMENTWISE_TOL,
     ));
 
     // Embedding.
@@ -207,7 +236,7 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         "embedding forward",
         &down(gpu, &gout)?,
         &out,
-        ew,
+        ELEMENTWISE_TOL,
     ));
     let d_out = k.rand(tokens * hidden);
     let mut d_table = table.clone();
@@ -218,12 +247,15 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         "embedding backward (accumulate)",
         &down(gpu, &gt)?,
         &d_table,
-        ew,
+        ELEMENTWISE_TOL,
     ));
+    Ok(checks)
+}
 
-    checks.extend(attention_checks(&mut k, gemm_tol)?);
-    checks.extend(head_checks(&mut k, gemm_tol)?);
-
+/// One AdamW step with a clipping factor.
+fn adamw_checks(k: &mut Kit<'_>) -> Result<Vec<Check>> {
+    let gpu = k.gpu;
+    let mut checks = Vec::new();
     // AdamW with a clipping factor.
     let n = 1003;
     let (w0, g, m0, v0) = (
@@ -251,9 +283,24 @@ pub fn kernel_checks(gpu: &Gpu, gemm_tol: f64) -> Result<Vec<Check>> {
         (0.9, 0.95, 1e-8),
         c.kernel_args(),
     )?;
-    checks.push(Check::new("adamw weights", &down(gpu, &gw)?, &w, ew));
-    checks.push(Check::new("adamw exp_avg", &down(gpu, &gm)?, &m, ew));
-    checks.push(Check::new("adamw exp_avg_sq", &down(gpu, &gv)?, &v, ew));
+    checks.push(Check::new(
+        "adamw weights",
+        &down(gpu, &gw)?,
+        &w,
+        ELEMENTWISE_TOL,
+    ));
+    checks.push(Check::new(
+        "adamw exp_avg",
+        &down(gpu, &gm)?,
+        &m,
+        ELEMENTWISE_TOL,
+    ));
+    checks.push(Check::new(
+        "adamw exp_avg_sq",
+        &down(gpu, &gv)?,
+        &v,
+        ELEMENTWISE_TOL,
+    ));
     let left = down(gpu, &gg)?
         .iter()
         .fold(0.0f64, |m, &x| m.max(x.abs() as f64));

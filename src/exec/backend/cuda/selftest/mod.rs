@@ -163,212 +163,232 @@ pub fn run(opts: &SelftestOptions) -> Result<bool> {
     let asked = |p: &Precision| opts.precisions.contains(p);
     let checked = PRECISIONS.into_iter().filter(|(p, ..)| asked(p));
     for (i, (precision, tol, stage_tol)) in checked.enumerate() {
-        let mut gpu = Gpu::open(opts.device, precision)?;
-        if i == 0 {
-            let (free, total) = gpu.ctx.mem_get_info()?;
-            let (major, minor) = gpu.ctx.compute_capability()?;
-            println!(
-                "device cuda:{}: {} (sm_{major}{minor}), {} MiB free of {} MiB, cuBLAS \
-                 workspace {} MiB",
-                opts.device,
-                gpu.name,
-                free >> 20,
-                total >> 20,
-                gpu.blas_workspace_bytes() >> 20
-            );
-        }
-        if opts.skip_checks {
-            continue;
-        }
-        let name = precision.name();
-        if precision.activations() == DType::F32 {
-            let title = format!("kernels vs CPU, products in {name}");
-            ok &=
-                section(&title, kernel_checks(&gpu, tol)).is_some_and(|c| print_checks(&title, &c));
-        } else {
-            ok &= section("flash kernels as compiled", print_flash_kernels(&gpu)).is_some();
-            let title = "flash attention (bf16) vs CPU attention on the same inputs";
-            ok &= section(title, flash_checks(&mut gpu)).is_some_and(|c| print_checks(title, &c));
-        }
-        let fixture = opts
-            .fixture
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy();
-        let title = format!("{fixture} training step vs CPU and PyTorch, {name}");
-        ok &= section(
-            &title,
-            model_checks(gpu, &opts.fixture, tol, precision == Precision::F32),
-        )
-        .is_some_and(|c| print_checks(&title, &c));
-        if precision == Precision::Bf16 {
-            let title = format!("{title}, products that share an input batched");
-            let checks = Gpu::open(opts.device, precision).and_then(|mut gpu| {
-                gpu.batch_products = true;
-                model_checks(gpu, &opts.fixture, tol, false)
-            });
-            ok &= section(&title, checks).is_some_and(|c| print_checks(&title, &c));
-        }
-        let title = format!("pipeline stages on one GPU vs one stage and the planner, {name}");
-        ok &= section(
-            &title,
-            pipeline_checks(&[opts.device], precision, stage_tol),
-        )
-        .is_some_and(|c| print_checks(&title, &c));
-        if let Some(other) = second {
-            let title = format!(
-                "pipeline stages alternating between cuda:{} and cuda:{other} vs \
-                 one stage and the planner, {name}",
-                opts.device
-            );
-            let gpus = [opts.device, other];
-            ok &= section(&title, pipeline_checks(&gpus, precision, stage_tol))
-                .is_some_and(|c| print_checks(&title, &c));
-        }
-        let title = format!(
-            "data parallelism: 2 replicas sharing cuda:{} (device add) vs one, {name}",
-            opts.device
-        );
-        ok &= section(&title, replica_checks(&[opts.device], precision, stage_tol))
-            .is_some_and(|c| print_checks(&title, &c));
-        if let Some(other) = second {
-            let title = format!(
-                "data parallelism: replicas on cuda:{} and cuda:{other} (NCCL all-reduce, or \
-                 host memory without NCCL: see the transfers above) vs one, {name}",
-                opts.device
-            );
-            let gpus = [opts.device, other];
-            ok &= section(&title, replica_checks(&gpus, precision, stage_tol))
-                .is_some_and(|c| print_checks(&title, &c));
-        }
+        ok &= precision_checks(opts, (precision, tol, stage_tol), i == 0, second)?;
     }
     if !opts.skip_timing && (asked(&Precision::Tf32) || asked(&Precision::Bf16)) {
-        let config = llama_125m_with_heads(opts.timing_heads)
-            .map_err(|e| CudaError::Unsupported(format!("--timing-heads: {e}")))?;
-        let flash = cuda_flash_attention(Profile::CudaBf16, &config.dims);
-        let micro = MicroShape {
-            batch: opts.micro_batch_size,
-            seq: 1024,
-        };
-        println!(
-            "\ntraining throughput: ~125M Llama (hidden 768, 12 layers, {} heads, FFN 2048, \
-             vocab 32000), seq 1024, AdamW; micro-batches x sequences per step",
-            config.dims.heads
-        );
-        println!(
-            "| precision | step | tokens/s | step ms | MFU | measured peak MiB | predicted peak MiB |"
-        );
-        println!("|---|---|---:|---:|---:|---:|---:|");
-        // The asked-for step, profiled if asked, then one micro-batch of `large_micro_batch`
-        // sequences (larger products, as throughput runs use); with bf16, the asked-for step
-        // again on the flash kernels that load fragments with ldmatrix, and again with the
-        // products that share an input batched.
-        let asked_step = TimedStep {
-            microbatches: opts.microbatches,
-            batch: opts.micro_batch_size,
-            loads: FlashLoads::Scalar,
-            batch_products: false,
-        };
-        let mut rows = Vec::new();
-        for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
-            rows.push((precision, asked_step, opts.profile));
-            if opts.large_micro_batch > 0 {
-                let large = TimedStep {
-                    microbatches: 1,
-                    batch: opts.large_micro_batch,
-                    ..asked_step
-                };
-                rows.push((precision, large, false));
-            }
-            if precision == Precision::Bf16 && flash {
-                let ldmatrix = TimedStep {
-                    loads: FlashLoads::Ldmatrix,
-                    ..asked_step
-                };
-                let batched = TimedStep {
-                    batch_products: true,
-                    ..asked_step
-                };
-                rows.push((precision, ldmatrix, false));
-                rows.push((precision, batched, false));
-            }
-        }
-        let mut profiles = Vec::new();
-        for (precision, step, profile) in rows {
-            let TimedStep {
-                microbatches,
-                batch,
-                loads,
-                batch_products,
-            } = step;
-            let attention = if flash {
-                loads.name()
-            } else {
-                "attention through cuBLAS"
-            };
-            let label = match precision {
-                Precision::Bf16 if batch_products => {
-                    format!("{} ({attention}, batched products)", precision.name())
-                }
-                Precision::Bf16 => format!("{} ({attention})", precision.name()),
-                _ => precision.name().to_string(),
-            };
-            let timed = Gpu::open(opts.device, precision).and_then(|mut gpu| {
-                gpu.flash_loads = loads;
-                gpu.batch_products = batch_products;
-                time_training(
-                    gpu,
-                    config,
-                    MicroShape { batch, seq: 1024 },
-                    microbatches,
-                    (2, opts.steps),
-                    profile,
-                )
-            });
-            let Some(t) = section(&label, timed) else {
-                ok = false;
-                continue;
-            };
-            let mfu = t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
-            println!(
-                "| {label} | {microbatches} x {batch} | {:.0} | {:.1} | {mfu} | {:.1} | {:.1} |",
-                t.tokens_per_s,
-                t.step_ms,
-                t.peak_bytes as f64 / MIB,
-                t.predicted_peak_bytes as f64 / MIB
-            );
-            profiles.push((precision, t));
-        }
-        if asked(&Precision::Bf16) {
-            ok &= section(
-                "attention alone, bf16",
-                attention_table(opts.device, &config, micro, opts.steps),
-            )
-            .is_some();
-        }
-        if asked(&Precision::Bf16) {
-            let title = "projection products alone, bf16";
-            ok &= section(
-                title,
-                products_table(opts.device, &config, micro, opts.steps),
-            )
-            .unwrap_or(false);
-        }
-        if asked(&Precision::Tf32) {
-            ok &= section(
-                "4-stage chronos plan on one GPU",
-                stages_table(opts.device, config, micro, opts.microbatches),
-            )
-            .unwrap_or(false);
-        }
-        for (precision, t) in profiles.iter().filter(|(_, t)| !t.profile.is_empty()) {
-            print_profile(precision.name(), t);
-        }
+        ok &= timing_tables(opts)?;
     }
     if second.is_none() {
         println!(
             "\nnot run: transfers and pipeline stages between GPUs (NCCL), this machine has one GPU"
         );
+    }
+    Ok(ok)
+}
+
+/// The checks of one precision (and the device's description before the first), printed;
+/// `Ok(false)` when one failed.
+fn precision_checks(
+    opts: &SelftestOptions,
+    (precision, tol, stage_tol): (Precision, f64, f64),
+    first: bool,
+    second: Option<usize>,
+) -> Result<bool> {
+    let mut ok = true;
+    let mut gpu = Gpu::open(opts.device, precision)?;
+    if first {
+        let (free, total) = gpu.ctx.mem_get_info()?;
+        let (major, minor) = gpu.ctx.compute_capability()?;
+        println!(
+            "device cuda:{}: {} (sm_{major}{minor}), {} MiB free of {} MiB, cuBLAS \
+             workspace {} MiB",
+            opts.device,
+            gpu.name,
+            free >> 20,
+            total >> 20,
+            gpu.blas_workspace_bytes() >> 20
+        );
+    }
+    if opts.skip_checks {
+        return Ok(true);
+    }
+    let name = precision.name();
+    if precision.activations() == DType::F32 {
+        let title = format!("kernels vs CPU, products in {name}");
+        ok &= section(&title, kernel_checks(&gpu, tol)).is_some_and(|c| print_checks(&title, &c));
+    } else {
+        ok &= section("flash kernels as compiled", print_flash_kernels(&gpu)).is_some();
+        let title = "flash attention (bf16) vs CPU attention on the same inputs";
+        ok &= section(title, flash_checks(&mut gpu)).is_some_and(|c| print_checks(title, &c));
+    }
+    let fixture = opts
+        .fixture
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    let title = format!("{fixture} training step vs CPU and PyTorch, {name}");
+    ok &= section(
+        &title,
+        model_checks(gpu, &opts.fixture, tol, precision == Precision::F32),
+    )
+    .is_some_and(|c| print_checks(&title, &c));
+    if precision == Precision::Bf16 {
+        let title = format!("{title}, products that share an input batched");
+        let checks = Gpu::open(opts.device, precision).and_then(|mut gpu| {
+            gpu.batch_products = true;
+            model_checks(gpu, &opts.fixture, tol, false)
+        });
+        ok &= section(&title, checks).is_some_and(|c| print_checks(&title, &c));
+    }
+    let title = format!("pipeline stages on one GPU vs one stage and the planner, {name}");
+    ok &= section(
+        &title,
+        pipeline_checks(&[opts.device], precision, stage_tol),
+    )
+    .is_some_and(|c| print_checks(&title, &c));
+    if let Some(other) = second {
+        let title = format!(
+            "pipeline stages alternating between cuda:{} and cuda:{other} vs \
+             one stage and the planner, {name}",
+            opts.device
+        );
+        let gpus = [opts.device, other];
+        ok &= section(&title, pipeline_checks(&gpus, precision, stage_tol))
+            .is_some_and(|c| print_checks(&title, &c));
+    }
+    let title = format!(
+        "data parallelism: 2 replicas sharing cuda:{} (device add) vs one, {name}",
+        opts.device
+    );
+    ok &= section(&title, replica_checks(&[opts.device], precision, stage_tol))
+        .is_some_and(|c| print_checks(&title, &c));
+    if let Some(other) = second {
+        let title = format!(
+            "data parallelism: replicas on cuda:{} and cuda:{other} (NCCL all-reduce, or \
+             host memory without NCCL: see the transfers above) vs one, {name}",
+            opts.device
+        );
+        let gpus = [opts.device, other];
+        ok &= section(&title, replica_checks(&gpus, precision, stage_tol))
+            .is_some_and(|c| print_checks(&title, &c));
+    }
+    Ok(ok)
+}
+
+/// The throughput tables of the asked-for precisions, printed; `Ok(false)` when one failed.
+fn timing_tables(opts: &SelftestOptions) -> Result<bool> {
+    let mut ok = true;
+    let asked = |p: &Precision| opts.precisions.contains(p);
+    let config = llama_125m_with_heads(opts.timing_heads)
+        .map_err(|e| CudaError::Unsupported(format!("--timing-heads: {e}")))?;
+    let flash = cuda_flash_attention(Profile::CudaBf16, &config.dims);
+    let micro = MicroShape {
+        batch: opts.micro_batch_size,
+        seq: 1024,
+    };
+    println!(
+        "\ntraining throughput: ~125M Llama (hidden 768, 12 layers, {} heads, FFN 2048, \
+         vocab 32000), seq 1024, AdamW; micro-batches x sequences per step",
+        config.dims.heads
+    );
+    println!(
+        "| precision | step | tokens/s | step ms | MFU | measured peak MiB | predicted peak MiB |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    // The asked-for step, profiled if asked, then one micro-batch of `large_micro_batch`
+    // sequences (larger products, as throughput runs use); with bf16, the asked-for step
+    // again on the flash kernels that load fragments with ldmatrix, and again with the
+    // products that share an input batched.
+    let asked_step = TimedStep {
+        microbatches: opts.microbatches,
+        batch: opts.micro_batch_size,
+        loads: FlashLoads::Scalar,
+        batch_products: false,
+    };
+    let mut rows = Vec::new();
+    for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
+        rows.push((precision, asked_step, opts.profile));
+        if opts.large_micro_batch > 0 {
+            let large = TimedStep {
+                microbatches: 1,
+                batch: opts.large_micro_batch,
+                ..asked_step
+            };
+            rows.push((precision, large, false));
+        }
+        if precision == Precision::Bf16 && flash {
+            let ldmatrix = TimedStep {
+                loads: FlashLoads::Ldmatrix,
+                ..asked_step
+            };
+            let batched = TimedStep {
+                batch_products: true,
+                ..asked_step
+            };
+            rows.push((precision, ldmatrix, false));
+            rows.push((precision, batched, false));
+        }
+    }
+    let mut profiles = Vec::new();
+    for (precision, step, profile) in rows {
+        let TimedStep {
+            microbatches,
+            batch,
+            loads,
+            batch_products,
+        } = step;
+        let attention = if flash {
+            loads.name()
+        } else {
+            "attention through cuBLAS"
+        };
+        let label = match precision {
+            Precision::Bf16 if batch_products => {
+                format!("{} ({attention}, batched products)", precision.name())
+            }
+            Precision::Bf16 => format!("{} ({attention})", precision.name()),
+            _ => precision.name().to_string(),
+        };
+        let timed = Gpu::open(opts.device, precision).and_then(|mut gpu| {
+            gpu.flash_loads = loads;
+            gpu.batch_products = batch_products;
+            time_training(
+                gpu,
+                config,
+                MicroShape { batch, seq: 1024 },
+                microbatches,
+                (2, opts.steps),
+                profile,
+            )
+        });
+        let Some(t) = section(&label, timed) else {
+            ok = false;
+            continue;
+        };
+        let mfu = t.mfu.map_or("-".into(), |m| format!("{:.1}%", 100.0 * m));
+        println!(
+            "| {label} | {microbatches} x {batch} | {:.0} | {:.1} | {mfu} | {:.1} | {:.1} |",
+            t.tokens_per_s,
+            t.step_ms,
+            t.peak_bytes as f64 / MIB,
+            t.predicted_peak_bytes as f64 / MIB
+        );
+        profiles.push((precision, t));
+    }
+    if asked(&Precision::Bf16) {
+        ok &= section(
+            "attention alone, bf16",
+            attention_table(opts.device, &config, micro, opts.steps),
+        )
+        .is_some();
+    }
+    if asked(&Precision::Bf16) {
+        let title = "projection products alone, bf16";
+        ok &= section(
+            title,
+            products_table(opts.device, &config, micro, opts.steps),
+        )
+        .unwrap_or(false);
+    }
+    if asked(&Precision::Tf32) {
+        ok &= section(
+            "4-stage chronos plan on one GPU",
+            stages_table(opts.device, config, micro, opts.microbatches),
+        )
+        .unwrap_or(false);
+    }
+    for (precision, t) in profiles.iter().filter(|(_, t)| !t.profile.is_empty()) {
+        print_profile(precision.name(), t);
     }
     Ok(ok)
 }
