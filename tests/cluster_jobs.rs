@@ -10,16 +10,19 @@
 //! the other.
 
 mod common;
+#[path = "common/worker_process.rs"]
+mod worker_process;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chronospipe::jobs::{Capabilities, ExecPlanner};
 use common::{TestDb, TestServer};
 use serde_json::{Value, json};
+use worker_process::{WorkerProcess, tails};
 
 const TEXT: &str = "Ranks on three workers meet through the store and talk over sockets. ";
 const STEPS: u64 = 300;
@@ -38,52 +41,6 @@ fn body(train: &str, stages: u64, replicas: u64, steps: u64) -> Value {
     })
 }
 
-struct WorkerProcess {
-    log: PathBuf,
-    child: Child,
-}
-
-fn start_worker(database_url: &str, data_dir: &Path, logs: &Path, n: usize) -> WorkerProcess {
-    let log = logs.join(format!("worker-{n}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
-        .args(["worker", "--devices", "cpu:2x64MiB"])
-        .args([
-            "--lease-seconds",
-            LEASE_SECONDS,
-            "--rank-address",
-            "127.0.0.1",
-        ])
-        .arg("--database-url")
-        .arg(database_url)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn,chronospipe=info")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("the chronospipe binary starts");
-    WorkerProcess { log, child }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tails(workers: &[WorkerProcess], dead: &[PathBuf]) -> String {
-    let mut out = String::new();
-    for log in workers.iter().map(|w| &w.log).chain(dead) {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-        out.push_str(&format!("--- {}\n{tail}\n", log.display()));
-    }
-    out
-}
-
 /// Polls until the job ends; panics with the workers' logs if it fails or takes too long.
 async fn finished(
     server: &TestServer,
@@ -97,14 +54,14 @@ async fn finished(
         match job["status"].as_str() {
             Some("succeeded") => return job,
             Some("failed" | "cancelled") => {
-                panic!("job {id} ended badly: {job}\n{}", tails(workers, dead))
+                panic!("job {id} ended badly: {job}\n{}", tails(workers, dead, 20))
             }
             _ => {}
         }
         assert!(
             Instant::now() < deadline,
             "job {id} unfinished: {job}\n{}",
-            tails(workers, dead)
+            tails(workers, dead, 20)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -194,7 +151,7 @@ async fn a_job_too_big_for_one_worker_runs_across_three() {
     let logs = tempfile::tempdir().unwrap();
     let data_dir = server.data_dir.path().to_owned();
     let mut workers: Vec<WorkerProcess> = (0..3)
-        .map(|n| start_worker(&db.url, &data_dir, logs.path(), n))
+        .map(|n| WorkerProcess::start(&db.url, &data_dir, logs.path(), n, LEASE_SECONDS))
         .collect();
     let mut dead = Vec::new();
     let reference_dir = tempfile::tempdir().unwrap();
@@ -238,18 +195,27 @@ async fn a_job_too_big_for_one_worker_runs_across_three() {
         assert!(
             Instant::now() < deadline,
             "job never got going: {job}\n{}",
-            tails(&workers, &dead)
+            tails(&workers, &dead, 20)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut victim = workers.remove(1);
+    let victim = workers.remove(1);
     // `Child::kill` is SIGKILL: no goodbye, no lease given back.
-    victim.child.kill().unwrap();
-    victim.child.wait().unwrap();
-    dead.push(victim.log.clone());
-    workers.push(start_worker(&db.url, &data_dir, logs.path(), 3));
+    dead.push(victim.kill());
+    workers.push(WorkerProcess::start(
+        &db.url,
+        &data_dir,
+        logs.path(),
+        3,
+        LEASE_SECONDS,
+    ));
     let job = finished(&server, &killed_job, &workers, &dead).await;
-    assert_eq!(job["restart_count"], 1, "{job}\n{}", tails(&workers, &dead));
+    assert_eq!(
+        job["restart_count"],
+        1,
+        "{job}\n{}",
+        tails(&workers, &dead, 20)
+    );
     assert_eq!(
         metric_steps(&server, &killed_job).await,
         (1..=STEPS as i64).collect::<Vec<_>>(),

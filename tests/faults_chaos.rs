@@ -5,9 +5,9 @@
 //! weights equal those of an uninterrupted run of its job, and at the end no job is leased.
 
 mod common;
+#[path = "common/worker_process.rs"]
+mod worker_process;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use chronospipe::jobs::{Capabilities, ExecPlanner};
 use common::{TestDb, TestServer};
 use serde_json::{Value, json};
 use sqlx::Connection;
+use worker_process::{WorkerProcess, tails};
 
 const TEXT: &str = "Chaos is a ladder; leases keep the climbers apart. ";
 const JOBS: usize = 12;
@@ -35,43 +36,6 @@ fn body(train: &str, seed: u64) -> Value {
                      "checkpoint_every": 4, "optimizer": {"kind": "adamw", "lr": 0.003}},
         "parallelism": {"stages": 2, "schedule": "1f1b"}
     })
-}
-
-/// One worker process: its log file and the running child.
-struct WorkerProcess {
-    log: std::path::PathBuf,
-    child: Child,
-}
-
-fn start_worker(database_url: &str, data_dir: &Path, logs: &Path, n: usize) -> WorkerProcess {
-    let log = logs.join(format!("worker-{n}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
-        .args([
-            "worker",
-            "--devices",
-            "cpu:2x64MiB",
-            "--lease-seconds",
-            LEASE_SECONDS,
-        ])
-        .arg("--database-url")
-        .arg(database_url)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn,chronospipe=info")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("the chronospipe binary starts");
-    WorkerProcess { log, child }
-}
-
-impl Drop for WorkerProcess {
-    /// A failing test leaves no worker behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 async fn job_ids(
@@ -124,17 +88,6 @@ async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
     }
 }
 
-fn tails(workers: &[WorkerProcess], dead: &[std::path::PathBuf]) -> String {
-    let mut out = String::new();
-    for log in workers.iter().map(|w| &w.log).chain(dead) {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-        out.push_str(&format!("--- {}\n{tail}\n", log.display()));
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_survive_workers_killed_at_random() {
     let db = TestDb::postgres().await;
@@ -151,7 +104,7 @@ async fn jobs_survive_workers_killed_at_random() {
     let logs = tempfile::tempdir().unwrap();
     let data_dir = server.data_dir.path().to_owned();
     let mut workers: Vec<WorkerProcess> = (0..3)
-        .map(|n| start_worker(&db.url, &data_dir, logs.path(), n))
+        .map(|n| WorkerProcess::start(&db.url, &data_dir, logs.path(), n, LEASE_SECONDS))
         .collect();
     let mut dead_logs = Vec::new();
 
@@ -166,14 +119,12 @@ async fn jobs_survive_workers_killed_at_random() {
         rng_state ^= rng_state << 17;
         let victim = (rng_state % workers.len() as u64) as usize;
         let n = 3 + kills;
-        let mut killed = std::mem::replace(
+        let killed = std::mem::replace(
             &mut workers[victim],
-            start_worker(&db.url, &data_dir, logs.path(), n),
+            WorkerProcess::start(&db.url, &data_dir, logs.path(), n, LEASE_SECONDS),
         );
         // `Child::kill` is SIGKILL: no checkpoint, no requeue, no lease given back.
-        killed.child.kill().unwrap();
-        killed.child.wait().unwrap();
-        dead_logs.push(killed.log.clone());
+        dead_logs.push(killed.kill());
         kills += 1;
     }
     let chaos_s = started.elapsed().as_secs_f64();
@@ -183,7 +134,7 @@ async fn jobs_survive_workers_killed_at_random() {
         assert!(
             waited < 1200,
             "jobs still unfinished 120 s after the chaos ({pending}):\n{}",
-            tails(&workers, &dead_logs)
+            tails(&workers, &dead_logs, 15)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -235,7 +186,7 @@ async fn jobs_survive_workers_killed_at_random() {
     assert!(
         restarts > 0,
         "no kill landed on a running job:\n{}",
-        tails(&workers, &dead_logs)
+        tails(&workers, &dead_logs, 15)
     );
     drop(workers);
     drop(conn);
