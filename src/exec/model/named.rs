@@ -94,8 +94,17 @@ pub type LayerGrads<'a, T> = Layer<&'a mut T, &'a mut T>;
 pub type HeadWeights<'a, B> = Head<&'a <B as Backend>::Tensor, <B as Backend>::Weight<'a>>;
 pub type HeadGrads<'a, T> = Head<&'a mut T, &'a mut T>;
 
-impl<N, P> Layer<N, P> {
-    /// Takes every parameter out of `t`, norms through `norm`, projections through `product`.
+/// A part's named parameters, taken out of its table: norms' weights and biases through
+/// `norm`, projections' through `product`.
+trait Named<N, P>: Sized {
+    fn take<I>(
+        t: &mut Table<'_, I>,
+        norm: impl Fn(I) -> N,
+        product: impl Fn(I) -> P,
+    ) -> Result<Self, ModelError>;
+}
+
+impl<N, P> Named<N, P> for Layer<N, P> {
     fn take<I>(
         t: &mut Table<'_, I>,
         norm: impl Fn(I) -> N,
@@ -131,7 +140,7 @@ impl<N, P> Layer<N, P> {
     }
 }
 
-impl<N, P> Head<N, P> {
+impl<N, P> Named<N, P> for Head<N, P> {
     fn take<I>(
         t: &mut Table<'_, I>,
         norm: impl Fn(I) -> N,
@@ -170,16 +179,47 @@ fn same<I>(i: I) -> I {
     i
 }
 
+/// A part's weights as `S` (a [`Layer`] or a [`Head`] of weights), for its forward.
+fn weights_of<'a, B: Backend, S>(be: &'a B, p: &'a PartParams<B::Tensor>) -> ModelResult<B, S>
+where
+    B::Error: From<ModelError>,
+    S: Named<&'a B::Tensor, B::Weight<'a>>,
+{
+    let mut t = weight_table(be, p.id, &p.names, &p.weights)?;
+    Ok(S::take(&mut t, weight, product)?)
+}
+
+/// A part's weights as `S` and its gradients as `G`, for its backward.
+fn params_of<'a, B: Backend, S, G>(
+    be: &'a B,
+    p: &'a mut PartParams<B::Tensor>,
+) -> ModelResult<B, (S, G)>
+where
+    B::Error: From<ModelError>,
+    S: Named<&'a B::Tensor, B::Weight<'a>>,
+    G: Named<&'a mut B::Tensor, &'a mut B::Tensor>,
+{
+    let PartParams {
+        id,
+        names,
+        weights,
+        grads,
+    } = p;
+    let names: &[String] = names;
+    let w = S::take(&mut weight_table(be, *id, names, weights)?, weight, product)?;
+    let mut g = Table::new(*id, names, grads.iter_mut());
+    Ok((w, G::take(&mut g, same, same)?))
+}
+
 /// A layer's weights, for its forward.
 pub fn layer_weights<'a, B: Backend>(
     be: &'a B,
     p: &'a PartParams<B::Tensor>,
-) -> Result<LayerWeights<'a, B>, B::Error>
+) -> ModelResult<B, LayerWeights<'a, B>>
 where
     B::Error: From<ModelError>,
 {
-    let mut t = weight_table(be, p.id, &p.names, &p.weights)?;
-    Ok(Layer::take(&mut t, weight, product)?)
+    weights_of(be, p)
 }
 
 /// A layer's weights and its gradients, for its backward.
@@ -190,29 +230,21 @@ pub fn layer_params<'a, B: Backend>(
 where
     B::Error: From<ModelError>,
 {
-    let PartParams {
-        id,
-        names,
-        weights,
-        grads,
-    } = p;
-    let names: &[String] = names;
-    let w = Layer::take(&mut weight_table(be, *id, names, weights)?, weight, product)?;
-    let mut g = Table::new(*id, names, grads.iter_mut());
-    Ok((w, Layer::take(&mut g, same, same)?))
+    params_of(be, p)
 }
 
+/// The head's weights, for its forward.
 pub fn head_weights<'a, B: Backend>(
     be: &'a B,
     p: &'a PartParams<B::Tensor>,
-) -> Result<HeadWeights<'a, B>, B::Error>
+) -> ModelResult<B, HeadWeights<'a, B>>
 where
     B::Error: From<ModelError>,
 {
-    let mut t = weight_table(be, p.id, &p.names, &p.weights)?;
-    Ok(Head::take(&mut t, weight, product)?)
+    weights_of(be, p)
 }
 
+/// The head's weights and its gradients, for its backward.
 pub fn head_params<'a, B: Backend>(
     be: &'a B,
     p: &'a mut PartParams<B::Tensor>,
@@ -220,16 +252,7 @@ pub fn head_params<'a, B: Backend>(
 where
     B::Error: From<ModelError>,
 {
-    let PartParams {
-        id,
-        names,
-        weights,
-        grads,
-    } = p;
-    let names: &[String] = names;
-    let w = Head::take(&mut weight_table(be, *id, names, weights)?, weight, product)?;
-    let mut g = Table::new(*id, names, grads.iter_mut());
-    Ok((w, Head::take(&mut g, same, same)?))
+    params_of(be, p)
 }
 
 /// The embedding's table.
