@@ -27,6 +27,7 @@
 
 pub mod act_copy;
 pub mod attention;
+mod attention_kernels;
 pub mod backend;
 pub mod dev_ptr;
 pub mod engine;

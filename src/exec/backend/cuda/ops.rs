@@ -1,18 +1,16 @@
-//! One function per kernel of `kernels/*.cu` (matrix products are `gemm`'s).
+//! One function per kernel of `kernels/*.cu` (matrix products are `gemm`'s; the attention
+//! kernels' are `attention_kernels`').
 //! Pointers come from [`GpuTensor`](super::tensor::GpuTensor)s; callers pass the shapes the
 //! buffers were made for (a wrong shape reads or writes out of bounds, as any kernel would).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use crate::exec::backend::cpu::kernels::attention::AttnShape;
 use crate::exec::backend::cpu::kernels::rope::Rope;
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::{Gpu, Work};
 use crate::exec::backend::cuda::kernel_args::{Arg, RopeFreqs};
-use crate::exec::backend::cuda::limits::{
-    FLASH_ROWS, FLASH_THREADS, MAX_HEAD_DIM, ROPE_MAX_HALF, flash_shared_bytes,
-};
+use crate::exec::backend::cuda::limits::{MAX_HEAD_DIM, ROPE_MAX_HALF};
 use crate::plan::inventory::DType;
 
 type R = Result<(), CudaError>;
@@ -57,7 +55,7 @@ use Arg::{F32, I32, I64, Ptr};
 const BLOCK: u32 = 256;
 
 /// One block of 256 threads per row.
-fn per_row(rows: usize) -> LaunchConfig {
+pub(super) fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -66,7 +64,7 @@ fn per_row(rows: usize) -> LaunchConfig {
 }
 
 /// One warp per row, `CP_RMS_ROWS` (kernels/rmsnorm.cu) rows to a 256-thread block.
-fn warp_per_row(rows: usize) -> LaunchConfig {
+pub(super) fn warp_per_row(rows: usize) -> LaunchConfig {
     const ROWS_PER_BLOCK: usize = 8;
     LaunchConfig {
         grid_dim: (rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1, 1),
@@ -76,7 +74,7 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
 }
 
 /// Enough 256-thread blocks for `n` elements, capped (the kernels loop over the rest).
-fn elementwise(n: usize) -> LaunchConfig {
+pub(super) fn elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(BLOCK as usize).clamp(1, 16384) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
@@ -85,11 +83,11 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-fn len(n: usize) -> Arg<'static> {
+pub(super) fn len(n: usize) -> Arg<'static> {
     I64(n as i64)
 }
 
-fn int(n: usize) -> Arg<'static> {
+pub(super) fn int(n: usize) -> Arg<'static> {
     I32(n as i32)
 }
 
@@ -475,162 +473,9 @@ impl Gpu {
             Work::moving(n, &[x]),
         )
     }
-
-    /// Scaled scores of `rows` rows of `seq` become causal probabilities; writes each lse.
-    pub(crate) fn launch_softmax(&self, scores: DevPtr, lse: DevPtr, rows: usize, seq: usize) -> R {
-        self.launch(
-            "attn_softmax",
-            per_row(rows),
-            &[Ptr(scores), Ptr(lse), int(seq)],
-            Work::moving(rows * seq, &[scores, scores]),
-        )
-    }
-
-    /// Scaled scores become probabilities again from the kept lse.
-    pub(crate) fn launch_probs(&self, scores: DevPtr, lse: DevPtr, rows: usize, seq: usize) -> R {
-        self.launch(
-            "attn_probs",
-            per_row(rows),
-            &[Ptr(scores), Ptr(lse), int(seq)],
-            Work::moving(rows * seq, &[scores, scores]),
-        )
-    }
-
-    /// `delta = Σ dO·O` per query row, for every sequence and head.
-    pub(crate) fn launch_delta(
-        &self,
-        delta: DevPtr,
-        d_out: DevPtr,
-        out: DevPtr,
-        sh: &AttnShape,
-    ) -> R {
-        let n = sh.batch * sh.heads * sh.seq;
-        self.launch(
-            "attn_delta",
-            elementwise(n),
-            &[
-                Ptr(delta),
-                Ptr(d_out),
-                Ptr(out),
-                len(sh.batch),
-                int(sh.heads),
-                int(sh.seq),
-                int(sh.head_dim),
-            ],
-            Work::moving(n * sh.head_dim, &[d_out, out]),
-        )
-    }
-
-    /// `dP` becomes `dS = P·(dP - delta)·scale` in place.
-    pub(crate) fn launch_dscores(
-        &self,
-        d_scores: DevPtr,
-        probs: DevPtr,
-        delta: DevPtr,
-        rows: usize,
-        seq: usize,
-        scale: f32,
-    ) -> R {
-        self.launch(
-            "attn_dscores",
-            per_row(rows),
-            &[Ptr(d_scores), Ptr(probs), Ptr(delta), int(seq), F32(scale)],
-            Work::moving(rows * seq, &[d_scores, probs, d_scores]),
-        )
-    }
-
-    /// The flash forward for head dimension `hd`'s kernel: one block of four warps per 64
-    /// queries, head and sequence.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn launch_flash_forward(
-        &self,
-        kernel: &'static str,
-        (out, lse): (DevPtr, DevPtr),
-        (q, k, v): (DevPtr, DevPtr, DevPtr),
-        sh: &AttnShape,
-        scale: f32,
-    ) -> R {
-        // Q K^T and P V over the causal half.
-        let work = Work::products(2.0 * 2.0 * causal_half_products(sh));
-        self.launch(
-            kernel,
-            flash_grid(
-                sh.seq,
-                sh.heads,
-                sh.batch,
-                flash_shared_bytes(sh.head_dim, true),
-            ),
-            &[
-                Ptr(out),
-                Ptr(lse),
-                Ptr(q),
-                Ptr(k),
-                Ptr(v),
-                int(sh.seq),
-                int(sh.heads),
-                int(sh.kv_heads),
-                F32(scale),
-            ],
-            work,
-        )
-    }
-
-    /// The flash backward: one block per 64 keys, key/value head and sequence.
-    pub(crate) fn launch_flash_backward(
-        &self,
-        kernel: &'static str,
-        (dq_acc, dk, dv): (DevPtr, DevPtr, DevPtr),
-        (q, k, v, d_out, lse, delta): (DevPtr, DevPtr, DevPtr, DevPtr, DevPtr, DevPtr),
-        sh: &AttnShape,
-        scale: f32,
-    ) -> R {
-        // Q K^T again, dO V^T, dS K, dS^T Q and P^T dO over the causal half.
-        let work = Work::products(5.0 * 2.0 * causal_half_products(sh));
-        self.launch(
-            kernel,
-            flash_grid(
-                sh.seq,
-                sh.kv_heads,
-                sh.batch,
-                flash_shared_bytes(sh.head_dim, false),
-            ),
-            &[
-                Ptr(dq_acc),
-                Ptr(dk),
-                Ptr(dv),
-                Ptr(q),
-                Ptr(k),
-                Ptr(v),
-                Ptr(d_out),
-                Ptr(lse),
-                Ptr(delta),
-                int(sh.seq),
-                int(sh.heads),
-                int(sh.kv_heads),
-                F32(scale),
-            ],
-            work,
-        )
-    }
-}
-
-/// Multiply-adds of one `seq x seq x head_dim` product per head and sequence over the causal
-/// half of the scores.
-fn causal_half_products(sh: &AttnShape) -> f64 {
-    (sh.batch * sh.heads * sh.seq * sh.seq * sh.head_dim) as f64 / 2.0
 }
 
 /// A kernel's optional pointer argument: null when absent.
 fn or_null(p: Option<DevPtr>) -> DevPtr {
     p.unwrap_or(DevPtr::new(0, DType::F32))
-}
-
-/// The flash kernels' grid: 64-row tiles of the sequence, by heads, by sequences, each block
-/// with `shared_bytes` of dynamic shared memory.
-fn flash_grid(seq: usize, heads: usize, batch: usize, shared_bytes: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (seq.div_ceil(FLASH_ROWS) as u32, heads as u32, batch as u32),
-        block_dim: (FLASH_THREADS, 1, 1),
-        shared_mem_bytes: shared_bytes as u32,
-    }
 }

@@ -285,40 +285,7 @@ fn timing_tables(opts: &SelftestOptions) -> Result<bool> {
         "| precision | step | tokens/s | step ms | MFU | measured peak MiB | predicted peak MiB |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|");
-    // The asked-for step, profiled if asked, then one micro-batch of `large_micro_batch`
-    // sequences (larger products, as throughput runs use); with bf16, the asked-for step
-    // again on the flash kernels that load fragments with ldmatrix, and again with the
-    // products that share an input batched.
-    let asked_step = TimedStep {
-        microbatches: opts.microbatches,
-        batch: opts.micro_batch_size,
-        loads: FlashLoads::Scalar,
-        batch_products: false,
-    };
-    let mut rows = Vec::new();
-    for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
-        rows.push((precision, asked_step, opts.profile));
-        if opts.large_micro_batch > 0 {
-            let large = TimedStep {
-                microbatches: 1,
-                batch: opts.large_micro_batch,
-                ..asked_step
-            };
-            rows.push((precision, large, false));
-        }
-        if precision == Precision::Bf16 && flash {
-            let ldmatrix = TimedStep {
-                loads: FlashLoads::Ldmatrix,
-                ..asked_step
-            };
-            let batched = TimedStep {
-                batch_products: true,
-                ..asked_step
-            };
-            rows.push((precision, ldmatrix, false));
-            rows.push((precision, batched, false));
-        }
-    }
+    let rows = timed_rows(opts, flash);
     let mut profiles = Vec::new();
     for (precision, step, profile) in rows {
         let TimedStep {
@@ -391,6 +358,45 @@ fn timing_tables(opts: &SelftestOptions) -> Result<bool> {
         print_profile(precision.name(), t);
     }
     Ok(ok)
+}
+
+/// The timing table's rows, each with whether to profile it: the asked-for step, profiled if
+/// asked, then one micro-batch of `large_micro_batch` sequences (larger products, as
+/// throughput runs use); with bf16, the asked-for step again on the flash kernels that load
+/// fragments with ldmatrix, and again with the products that share an input batched.
+fn timed_rows(opts: &SelftestOptions, flash: bool) -> Vec<(Precision, TimedStep, bool)> {
+    let asked = |p: &Precision| opts.precisions.contains(p);
+    let asked_step = TimedStep {
+        microbatches: opts.microbatches,
+        batch: opts.micro_batch_size,
+        loads: FlashLoads::Scalar,
+        batch_products: false,
+    };
+    let mut rows = Vec::new();
+    for precision in [Precision::Tf32, Precision::Bf16].into_iter().filter(asked) {
+        rows.push((precision, asked_step, opts.profile));
+        if opts.large_micro_batch > 0 {
+            let large = TimedStep {
+                microbatches: 1,
+                batch: opts.large_micro_batch,
+                ..asked_step
+            };
+            rows.push((precision, large, false));
+        }
+        if precision == Precision::Bf16 && flash {
+            let ldmatrix = TimedStep {
+                loads: FlashLoads::Ldmatrix,
+                ..asked_step
+            };
+            let batched = TimedStep {
+                batch_products: true,
+                ..asked_step
+            };
+            rows.push((precision, ldmatrix, false));
+            rows.push((precision, batched, false));
+        }
+    }
+    rows
 }
 
 /// One row of the timing table: the step's shape and the kernels' variants.

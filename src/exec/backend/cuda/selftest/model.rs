@@ -120,6 +120,29 @@ fn cpu_forward_backward(
     Ok(loss_sum / ctx.micro.tokens() as f64)
 }
 
+/// One AdamW step on the CPU parts, each with fresh optimizer state.
+fn cpu_adamw_step(
+    parts: &mut [PartParams],
+    host: &PoolRef,
+    (adamw, lr, factor): (&OptimizerConfig, f32, f32),
+) -> Result<()> {
+    for p in parts {
+        let mut state = PartOptimState::allocate(host, adamw, p)?;
+        crate::exec::optim::step_part(adamw, 1, lr, factor, p, &mut state);
+    }
+    Ok(())
+}
+
+/// Gives the GPU parts the CPU's gradients (per part, per tensor).
+fn upload_grads(gpu: &Gpu, parts: &mut [GpuPart], grads: &[Vec<Vec<f32>>]) -> Result<()> {
+    for (g, c) in parts.iter_mut().zip(grads) {
+        for (dst, src) in g.grads.iter_mut().zip(c) {
+            dst.copy_from_host(gpu, src)?;
+        }
+    }
+    Ok(())
+}
+
 /// AdamW's step 1 with `lr` and the clipping `factor` on every parameter (fresh moments).
 fn adamw_step(
     engine: &GpuEngine,
@@ -253,10 +276,7 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
         .map(|p| p.grads.iter().map(|g| g.data().to_vec()).collect())
         .collect();
     let factor = clip_factor(cpu_norm, max_norm);
-    for p in &mut cpu_parts {
-        let mut state = PartOptimState::allocate(&host, &adamw, p)?;
-        crate::exec::optim::step_part(&adamw, 1, lr, factor, p, &mut state);
-    }
+    cpu_adamw_step(&mut cpu_parts, &host, (&adamw, lr, factor))?;
     // With rounded products, AdamW's first step (about lr·sign(g)) turns the rounding noise
     // of near-zero gradients into whole steps; there the step runs on the CPU's gradients,
     // so it checks the update itself. Strict f32 runs it on the GPU's own gradients.
@@ -265,11 +285,7 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
         adamw_step(&engine, &mut gpu_model, &pool, (&adamw, lr, factor))?;
         ""
     } else {
-        for (g, c) in gpu_model.iter_mut().zip(&cpu_grads) {
-            for (dst, src) in g.grads.iter_mut().zip(c) {
-                dst.copy_from_host(engine.gpu(0), src)?;
-            }
-        }
+        upload_grads(engine.gpu(0), &mut gpu_model, &cpu_grads)?;
         adamw_step(&engine, &mut gpu_model, &pool, (&adamw, lr, factor))?;
         " (same gradients)"
     };
