@@ -19,7 +19,7 @@ use crate::exec::pipeline::{CpuEngine, Engine, Pipeline, Ranks, seeded_parts};
 use crate::exec::pipeline::{PipelineError, TcpRanks};
 use crate::exec::transport::{Mesh, RankSpec};
 use crate::plan::policy::{Offload, Recompute};
-use crate::plan::presets::{Cluster, ProfileName};
+use crate::plan::presets::Cluster;
 use crate::plan::schedule::ScheduleKind;
 use crate::plan::search::{Answer, Request};
 use crate::spec::{
@@ -29,7 +29,7 @@ use crate::spec::{
 
 use super::host_budget::search_within_host;
 use super::replicas;
-use super::{Run, RunError, ValidationSet};
+use super::{DeviceKind, Run, RunError, ValidationSet};
 
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
 /// (with which any field the spec gives must agree).
@@ -59,33 +59,6 @@ pub fn resolve_arch(spec: &JobSpec) -> Result<ModelArch, RunError> {
                 .merge_pretrained(&pretrained.arch())
                 .map_err(RunError::Spec)
         }
-    }
-}
-
-/// What a run's devices are. With the spec's precision it decides the memory layout the
-/// planner counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
-}
-
-impl DeviceKind {
-    /// The backend's memory layout for `precision` on these devices; bf16 on CPU devices is
-    /// refused by field.
-    pub fn profile(self, precision: PrecisionSpec) -> Result<ProfileName, RunError> {
-        Ok(match (self, precision) {
-            (DeviceKind::Cpu, PrecisionSpec::F32) => ProfileName::CpuF32,
-            (DeviceKind::Cpu, PrecisionSpec::Bf16) => {
-                return Err(RunError::Spec(vec![SpecError::new(
-                    "training.precision",
-                    "bf16 runs on CUDA devices only and these are CPU devices; use f32, or \
-                     CUDA devices such as `cuda` or `cuda:0x4`",
-                )]));
-            }
-            (DeviceKind::Cuda, PrecisionSpec::F32) => ProfileName::CudaF32,
-            (DeviceKind::Cuda, PrecisionSpec::Bf16) => ProfileName::CudaBf16,
-        })
     }
 }
 
