@@ -252,18 +252,16 @@ fn steps_for(spec: &JobSpec, batcher: &Batcher) -> Result<u64, RunError> {
         .map_err(|e| RunError::Spec(vec![e]))
 }
 
-/// The optimizer steps `spec` (validated) will train: its `training.steps`, or, for
-/// `training.epochs`, counted from its training data's windows (read and tokenized here, so
-/// training data without a whole step is refused now). Validation data is read and cut as
-/// the run will: without a whole window with a counted target it is the user's error now,
-/// naming `data.validation`, not the run's when it starts.
+/// The optimizer steps `spec` (validated) will train: its `training.steps`, or its epochs
+/// over the training data's windows. The training data is read, tokenized and cut as the run
+/// will, so what the run would refuse when it starts is the user's error now, by field:
+/// training data without one whole window (a run cycles through the windows, so one window
+/// serves any number of steps), a token outside the vocabulary, a step with no counted
+/// target. Validation data likewise, naming `data.validation`.
 pub fn count_steps(spec: &JobSpec) -> Result<u64, RunError> {
     let arch = resolve_arch(spec)?;
     ValidationSet::load(spec, &arch)?;
-    match spec.training.steps {
-        Some(steps) => Ok(steps),
-        None => steps_for(spec, &load_data(spec, &arch)?),
-    }
+    steps_for(spec, &load_data(spec, &arch)?)
 }
 
 /// The model's starting parts, in `host`: seeded, or read from a Hugging Face directory.
