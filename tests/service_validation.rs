@@ -223,7 +223,7 @@ async fn validates_and_stops_early(url: &str) {
     // One window (17 bytes) is all a run needs: its steps cycle through the windows, so a
     // job of more sequences than the data has windows is accepted and trains.
     let one = server
-        .upload("train", "one.txt", TRAIN[..17].as_bytes().to_vec())
+        .upload("train", "one.txt", TRAIN.as_bytes()[..17].to_vec())
         .await;
     let job = server
         .create_job(&body(&one, None, json!({"steps": 3})))
