@@ -1,19 +1,56 @@
 //! Service configuration. Precedence, highest first: command-line flags, environment variables
 //! (`CHRONOSPIPE_*`, `DATABASE_URL`), the TOML file given by `--config`, built-in defaults.
 //!
-//! Flags and environment variables are read by clap (see `cli::ServiceArgs`); this module
-//! merges them over the file and the defaults and redacts secrets for printing.
+//! Flags and environment variables are read by clap into [`ServiceArgs`] (the flags of
+//! `serve`, `worker` and `config print`); this module merges them over the file and the
+//! defaults and redacts secrets for printing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::ServiceArgs;
 use crate::telemetry::LogFormat;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATA_DIR: &str = "data";
+
+/// Settings shared by `serve`, `worker` and `config print`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServiceArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "CHRONOSPIPE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "CHRONOSPIPE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// `postgres://...` or `sqlite://PATH` [default: a SQLite file in the data directory].
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Directory for uploaded files, checkpoints and the embedded database [default: data].
+    #[arg(long, env = "CHRONOSPIPE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Devices to train on, e.g. `cpu:4x256MiB`, `cuda` or `cuda:0,1@40GiB` (each job on as
+    /// many of the GPUs as its replicas x stages, at most 40 GiB each), `cuda:0x4` (four
+    /// stages sharing GPU 0) [default: one CPU device, half the free memory].
+    #[arg(long, env = "CHRONOSPIPE_DEVICES")]
+    pub devices: Option<String>,
+
+    /// API key accepted by the service (otherwise keys come from the database).
+    #[arg(long, env = "CHRONOSPIPE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Host memory a job's offloaded tensors (and its starting weights) may take, e.g. `16GiB`
+    /// [default: three quarters of the memory available at start, less the CPU devices'
+    /// budgets and 512 MiB for the service].
+    #[arg(long, env = "CHRONOSPIPE_HOST_MEMORY")]
+    pub host_memory: Option<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -11,10 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{self, AppConfig, AppState, Limits};
-use crate::cli::ServiceArgs;
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, ServiceArgs, Settings};
 use crate::exec::device::parse_size;
-use crate::jobs::devices::DeviceSpecError;
+use crate::jobs::devices::{DeviceSpecError, cpu_device_bytes};
 use crate::jobs::host_memory::{available_memory, default_host_memory};
 use crate::jobs::{
     Capabilities, DeviceInfo, Worker, WorkerConfig, default_devices, parse_devices, with_gpu_memory,
@@ -131,7 +130,10 @@ impl ServiceOptions {
             Some(text) => {
                 parse_size(text).ok_or_else(|| ServiceError::HostMemory(text.clone()))? as u64
             }
-            None => default_host_memory(available_memory().unwrap_or(0), &devices),
+            None => {
+                let available = available_memory().unwrap_or(0);
+                default_host_memory(available, cpu_device_bytes(&devices))
+            }
         };
         Ok(ServiceOptions {
             database_url: settings.effective_database_url(),

@@ -115,13 +115,7 @@ fn replicas_train_the_global_batch_like_one_pipeline_and_repeat_bit_for_bit() {
     let again = dir.path().join("again");
     train(job(&data, 2, 2, "1f1b"), &again);
     let first = dir.path().join("pp2 dp2 1f1b");
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(
-            std::fs::read(first.join("final").join(file)).unwrap()
-                == std::fs::read(again.join("final").join(file)).unwrap(),
-            "{file}: two runs of the same dp plan differ"
-        );
-    }
+    same_final_files(&first, &again, "two runs of the same dp plan differ");
 }
 
 #[test]
@@ -130,45 +124,64 @@ fn a_data_parallel_checkpoint_resumes_exactly_on_any_degree() {
     let data = corpus(dir.path());
     let whole = dir.path().join("whole");
     let (_, uninterrupted) = train(job(&data, 2, 2, "chronos"), &whole);
-    let checkpoint = whole.join("step-2");
 
     // The same degree: the rest of the run is the uninterrupted run's, bit for bit.
-    let resumed = dir.path().join("resumed");
-    let mut run = Run::prepare(job(&data, 2, 2, "chronos"), "").unwrap();
-    assert_eq!(run.resume_from(&checkpoint).unwrap().step, 2);
-    let mut log = RunLog::new(&resumed);
+    let run = Run::prepare(job(&data, 2, 2, "chronos"), "").unwrap();
+    resumes_bit_for_bit(run, &whole, &uninterrupted, &dir.path().join("resumed"));
+
+    // Another degree loads the same state exactly and finishes within rounding.
+    for (stages, replicas) in [(2, 1), (1, 4)] {
+        let run = Run::prepare(job(&data, stages, replicas, "1f1b"), "").unwrap();
+        resumes_within_rounding(run, &whole, dir.path(), &format!("{stages}x{replicas}"));
+    }
+}
+
+const RUN_FILES: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
+
+/// Resumes `run` (the uninterrupted run's degree) from `whole`'s step-2 checkpoint into
+/// `out`: the rest of its losses are the uninterrupted run's and its final files the same
+/// bytes.
+fn resumes_bit_for_bit(mut run: Run, whole: &Path, uninterrupted: &RunLog, out: &Path) {
+    assert_eq!(run.resume_from(&whole.join("step-2")).unwrap().step, 2);
+    let mut log = RunLog::new(out);
     drive(&mut run, &mut log).unwrap();
     assert_eq!(log.losses, uninterrupted.losses[2..]);
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(
-            std::fs::read(whole.join("final").join(file)).unwrap()
-                == std::fs::read(resumed.join("final").join(file)).unwrap(),
-            "{file} differs after resume"
-        );
-    }
+    same_final_files(whole, out, "differs after resume");
+}
 
-    // Another degree loads the same state exactly (written back, the same bytes) and
-    // finishes within rounding of the uninterrupted run.
-    for (stages, replicas) in [(2, 1), (1, 4)] {
-        let mut run = Run::prepare(job(&data, stages, replicas, "1f1b"), "").unwrap();
-        run.resume_from(&checkpoint).unwrap();
-        let copy = dir.path().join(format!("copy-{stages}x{replicas}"));
-        run.save_checkpoint(&copy, None).unwrap();
-        for file in ["model.safetensors", "optimizer.safetensors"] {
-            assert!(
-                std::fs::read(checkpoint.join(file)).unwrap()
-                    == std::fs::read(copy.join(file)).unwrap(),
-                "pp{stages} dp{replicas}: {file} did not load exactly"
-            );
-        }
-        let out = dir.path().join(format!("resumed-{stages}x{replicas}"));
-        drive(&mut run, &mut RunLog::new(&out)).unwrap();
-        let off = relative(
-            &out.join("final/model.safetensors"),
-            &whole.join("final/model.safetensors"),
+/// `a`'s and `b`'s final model and optimizer files are the same bytes.
+fn same_final_files(a: &Path, b: &Path, otherwise: &str) {
+    for file in RUN_FILES {
+        assert!(
+            std::fs::read(a.join("final").join(file)).unwrap()
+                == std::fs::read(b.join("final").join(file)).unwrap(),
+            "{file}: {otherwise}"
         );
-        assert!(off <= 1e-6, "pp{stages} dp{replicas}: {off:e} after resume");
     }
+}
+
+/// Resumes `run` (another degree, `label`) from `whole`'s step-2 checkpoint under `dir`: the
+/// state loads exactly (written back, the same bytes) and the run finishes within 1e-6 of
+/// the uninterrupted run's weights.
+fn resumes_within_rounding(mut run: Run, whole: &Path, dir: &Path, label: &str) {
+    let checkpoint = whole.join("step-2");
+    run.resume_from(&checkpoint).unwrap();
+    let copy = dir.join(format!("copy-{label}"));
+    run.save_checkpoint(&copy, None).unwrap();
+    for file in RUN_FILES {
+        assert!(
+            std::fs::read(checkpoint.join(file)).unwrap()
+                == std::fs::read(copy.join(file)).unwrap(),
+            "{label}: {file} did not load exactly"
+        );
+    }
+    let out = dir.join(format!("resumed-{label}"));
+    drive(&mut run, &mut RunLog::new(&out)).unwrap();
+    let off = relative(
+        &out.join("final/model.safetensors"),
+        &whole.join("final/model.safetensors"),
+    );
+    assert!(off <= 1e-6, "{label}: {off:e} after resume");
 }
 
 fn spec_error(result: Result<impl Sized, RunError>) -> (String, String) {
@@ -430,13 +443,7 @@ fn sharded_optimizer_state_trains_like_whole_state_and_keeps_only_its_shard() {
     let again = dir.path().join("again");
     train(job(&data, 2, 2, "1f1b"), &again);
     let first = dir.path().join("pp2 dp2 1f1b");
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(
-            std::fs::read(first.join("final").join(file)).unwrap()
-                == std::fs::read(again.join("final").join(file)).unwrap(),
-            "{file}: two runs of the same sharded plan differ"
-        );
-    }
+    same_final_files(&first, &again, "two runs of the same sharded plan differ");
 }
 
 #[test]
@@ -478,40 +485,12 @@ fn a_sharded_dp4_checkpoint_resumes_exactly_on_dp4_dp2_and_dp1() {
     let whole = dir.path().join("whole");
     let (run, uninterrupted) = train(job(&data, 1, 4, "1f1b"), &whole);
     assert!(run.answer.plan.sharded(0));
-    let checkpoint = whole.join("step-2");
 
-    let resumed = dir.path().join("resumed");
-    let mut run = Run::prepare(job(&data, 1, 4, "1f1b"), "").unwrap();
-    assert_eq!(run.resume_from(&checkpoint).unwrap().step, 2);
-    let mut log = RunLog::new(&resumed);
-    drive(&mut run, &mut log).unwrap();
-    assert_eq!(log.losses, uninterrupted.losses[2..]);
-    for file in ["model.safetensors", "optimizer.safetensors"] {
-        assert!(
-            std::fs::read(whole.join("final").join(file)).unwrap()
-                == std::fs::read(resumed.join("final").join(file)).unwrap(),
-            "{file} differs after resume"
-        );
-    }
+    let run = Run::prepare(job(&data, 1, 4, "1f1b"), "").unwrap();
+    resumes_bit_for_bit(run, &whole, &uninterrupted, &dir.path().join("resumed"));
     for replicas in [2, 1] {
-        let mut run = Run::prepare(job(&data, 1, replicas, "1f1b"), "").unwrap();
+        let run = Run::prepare(job(&data, 1, replicas, "1f1b"), "").unwrap();
         assert_eq!(run.answer.plan.sharded(0), replicas > 1);
-        run.resume_from(&checkpoint).unwrap();
-        let copy = dir.path().join(format!("copy-dp{replicas}"));
-        run.save_checkpoint(&copy, None).unwrap();
-        for file in ["model.safetensors", "optimizer.safetensors"] {
-            assert!(
-                std::fs::read(checkpoint.join(file)).unwrap()
-                    == std::fs::read(copy.join(file)).unwrap(),
-                "dp{replicas}: {file} did not load exactly"
-            );
-        }
-        let out = dir.path().join(format!("resumed-dp{replicas}"));
-        drive(&mut run, &mut RunLog::new(&out)).unwrap();
-        let off = relative(
-            &out.join("final/model.safetensors"),
-            &whole.join("final/model.safetensors"),
-        );
-        assert!(off <= 1e-6, "dp{replicas}: {off:e} after resume");
+        resumes_within_rounding(run, &whole, dir.path(), &format!("dp{replicas}"));
     }
 }

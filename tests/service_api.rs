@@ -34,7 +34,7 @@ async fn tenant_isolation(url: &str) {
         .await
         .unwrap();
     let train = server
-        .upload("train", "a.txt", b"tenant a's text".to_vec())
+        .upload("train", "a.txt", common::ONE_WINDOW.to_vec())
         .await;
     let job = server.create_job(&job_body(&train, 2)).await["id"]
         .as_str()
@@ -128,7 +128,9 @@ both_databases!(tenant_isolation_tests, super::tenant_isolation);
 async fn idempotency(url: &str) {
     let server =
         TestServer::start_with(url, common::capabilities(), |o| o.run_worker = false).await;
-    let train = server.upload("train", "a.txt", b"some text".to_vec()).await;
+    let train = server
+        .upload("train", "a.txt", common::ONE_WINDOW.to_vec())
+        .await;
     let body = job_body(&train, 3);
     let first = server
         .post("/v1/jobs")
@@ -205,7 +207,9 @@ both_databases!(idempotency_tests, super::idempotency);
 async fn error_statuses(url: &str) {
     let server =
         TestServer::start_with(url, common::capabilities(), |o| o.run_worker = false).await;
-    let train = server.upload("train", "a.txt", b"text".to_vec()).await;
+    let train = server
+        .upload("train", "a.txt", common::ONE_WINDOW.to_vec())
+        .await;
 
     // 401
     let none = server
@@ -552,7 +556,9 @@ both_databases!(error_status_tests, super::error_statuses);
 async fn pagination(url: &str) {
     let server =
         TestServer::start_with(url, common::capabilities(), |o| o.run_worker = false).await;
-    let train = server.upload("train", "a.txt", b"text".to_vec()).await;
+    let train = server
+        .upload("train", "a.txt", common::ONE_WINDOW.to_vec())
+        .await;
     let mut created = Vec::new();
     for _ in 0..5 {
         created.push(
@@ -649,7 +655,9 @@ both_databases!(pagination_tests, super::pagination);
 async fn refuses_jobs_without_a_trainer(url: &str) {
     let server =
         TestServer::start_with(url, chronospipe::jobs::Capabilities::default(), |_| {}).await;
-    let train = server.upload("train", "a.txt", b"text".to_vec()).await;
+    let train = server
+        .upload("train", "a.txt", common::ONE_WINDOW.to_vec())
+        .await;
     let response = server
         .post("/v1/jobs")
         .json(&job_body(&train, 2))
@@ -685,7 +693,9 @@ async fn event_stream_keeps_alive(url: &str) {
         o.limits.keep_alive = std::time::Duration::from_millis(200);
     })
     .await;
-    let train = server.upload("train", "a.txt", b"text".to_vec()).await;
+    let train = server
+        .upload("train", "a.txt", common::ONE_WINDOW.to_vec())
+        .await;
     let id = server.create_job(&job_body(&train, 2)).await["id"]
         .as_str()
         .unwrap()

@@ -322,12 +322,16 @@ async fn chat_jsonl_trains(url: &str) {
     let failing =
         upload_chat_tokenizer(&server, Some("{{ raise_exception('no chats here') }}")).await;
     job["data"]["tokenizer"] = json!(failing);
-    let failed = finished_job(&server, &job).await;
-    assert_eq!(failed["status"], "failed", "{failed}");
-    let message = failed["error"].to_string();
+    // The training data is rendered when the job is made: a 422 naming the record, not a
+    // job that fails when it starts.
+    let response = server.post("/v1/jobs").json(&job).send().await.unwrap();
+    assert_eq!(response.status(), 422);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["param"], "data.train", "{problem}");
+    let message = problem["detail"].as_str().unwrap();
     assert!(
         message.contains("line 1") && message.contains("no chats here"),
-        "{failed}"
+        "{problem}"
     );
     server.stop().await;
 }

@@ -1,6 +1,6 @@
 //! Validation loss, early stopping, checkpoint retention and epochs through the service, on
 //! SQLite and PostgreSQL: each bad combination, and data too short for a window, is a 422 at
-//! creation naming its field; a job with
+//! creation naming its field (data of one window trains any number of steps); a job with
 //! validation data reports `val_loss` in its metric rows, its events and its latest metrics,
 //! stops early and succeeds with `stopped_early`, marks its best checkpoint and deletes the
 //! checkpoints retention lets go, from the store and from disk; an `epochs` job trains the
@@ -98,20 +98,20 @@ async fn validates_and_stops_early(url: &str) {
         detail.contains("9 tokens") && detail.contains("17"),
         "{detail}"
     );
-    // ... and, with epochs, training data without one window.
+    // ... and training data without one window, with epochs or with steps; what would fit
+    // is named.
     let tiny = server
         .upload("train", "tiny.txt", b"two words".to_vec())
         .await;
-    let detail = refused(
-        &server,
-        &body(&tiny, None, json!({"epochs": 1})),
-        "data.train",
-    )
-    .await;
-    assert!(
-        detail.contains("9 tokens") && detail.contains("17"),
-        "{detail}"
-    );
+    for training in [json!({"epochs": 1}), json!({"steps": 4})] {
+        let detail = refused(&server, &body(&tiny, None, training), "data.train").await;
+        assert!(
+            detail.contains("9 tokens")
+                && detail.contains("17")
+                && detail.contains("training.seq_len of at most 8"),
+            "{detail}"
+        );
+    }
 
     // A learning rate that overfits the training sentence: the validation loss falls, then
     // rises; two evaluations in a row above the lowest stop the run.
@@ -219,6 +219,24 @@ async fn validates_and_stops_early(url: &str) {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["progress"]["step"], 23, "{job}");
     assert_eq!(job["stopped_early"], false, "{job}");
+
+    // One window (17 bytes) is all a run needs: its steps cycle through the windows, so a
+    // job of more sequences than the data has windows is accepted and trains.
+    let one = server
+        .upload("train", "one.txt", TRAIN.as_bytes()[..17].to_vec())
+        .await;
+    let job = server
+        .create_job(&body(&one, None, json!({"steps": 3})))
+        .await;
+    assert_eq!(job["progress"]["total_steps"], 3, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    tokio::time::timeout(Duration::from_secs(120), worker.try_execute_one())
+        .await
+        .expect("the job runs in time")
+        .unwrap();
+    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["progress"]["step"], 3, "{job}");
     server.stop().await;
 }
 both_databases!(

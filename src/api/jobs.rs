@@ -135,12 +135,10 @@ pub async fn create(
 }
 
 /// The job's optimizer steps: `training.steps`, or what its `training.epochs` come to over
-/// the training data; its validation data, if any, cut into windows (both read on a blocking
-/// thread, and only when needed). A user's error is a 422 naming the field.
+/// the training data. Its training and validation data are read and cut into windows as the
+/// run will (on a blocking thread), so data the run could not train on is a 422 naming the
+/// field now, not a failure when the job starts.
 async fn total_steps(spec: &JobSpec) -> ApiResult<u64> {
-    if let (Some(steps), None) = (spec.training.steps, &spec.data.validation) {
-        return Ok(steps);
-    }
     let owned = spec.clone();
     let counted = tokio::task::spawn_blocking(move || count_steps(&owned))
         .await

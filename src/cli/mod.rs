@@ -1,16 +1,15 @@
 //! The command line: subcommands and their flags. Each flag that configures the service also
-//! reads an environment variable (named in `--help`); `config::Settings` adds the TOML file.
+//! reads an environment variable (named in `--help`); the service's flags are
+//! `config::ServiceArgs`, which `config::Settings` merges over the TOML file.
 //! The commands that run without the service live beside this: `plan`, `train`, `selftest`.
 
 pub mod plan;
 pub mod selftest;
 pub mod train;
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use clap::{Parser, Subcommand};
 
-use clap::{Args, Parser, Subcommand};
-
+use crate::config::ServiceArgs;
 pub use crate::service::{KeysArgs, ServeArgs, WorkerArgs};
 use crate::telemetry::LogFormat;
 
@@ -52,42 +51,6 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Print the effective configuration as TOML, secrets redacted.
     Print(ServiceArgs),
-}
-
-/// Settings shared by `serve`, `worker` and `config print`.
-#[derive(Debug, Clone, Default, Args)]
-pub struct ServiceArgs {
-    /// TOML configuration file; flags and environment variables override it.
-    #[arg(long, env = "CHRONOSPIPE_CONFIG")]
-    pub config: Option<PathBuf>,
-
-    /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, env = "CHRONOSPIPE_LISTEN")]
-    pub listen: Option<SocketAddr>,
-
-    /// `postgres://...` or `sqlite://PATH` [default: a SQLite file in the data directory].
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
-
-    /// Directory for uploaded files, checkpoints and the embedded database [default: data].
-    #[arg(long, env = "CHRONOSPIPE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-
-    /// Devices to train on, e.g. `cpu:4x256MiB`, `cuda` or `cuda:0,1@40GiB` (each job on as
-    /// many of the GPUs as its replicas x stages, at most 40 GiB each), `cuda:0x4` (four
-    /// stages sharing GPU 0) [default: one CPU device, half the free memory].
-    #[arg(long, env = "CHRONOSPIPE_DEVICES")]
-    pub devices: Option<String>,
-
-    /// API key accepted by the service (otherwise keys come from the database).
-    #[arg(long, env = "CHRONOSPIPE_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-
-    /// Host memory a job's offloaded tensors (and its starting weights) may take, e.g. `16GiB`
-    /// [default: three quarters of the memory available at start, less the CPU devices'
-    /// budgets and 512 MiB for the service].
-    #[arg(long, env = "CHRONOSPIPE_HOST_MEMORY")]
-    pub host_memory: Option<String>,
 }
 
 #[cfg(test)]

@@ -341,16 +341,24 @@ mod tests {
         }
     }
 
+    /// The tiny model on four CPU devices, 64-token sequences.
+    const TINY_ON_CPU: [&str; 6] = [
+        "--model",
+        "tiny",
+        "--cluster",
+        "cpu-4x1g",
+        "--seq-len",
+        "64",
+    ];
+
+    /// `plan` of the tiny model on CPU devices with `extra` flags.
+    fn tiny(extra: &[&str]) -> PlanArgs {
+        parse(&[&TINY_ON_CPU[..], extra].concat())
+    }
+
     #[test]
     fn plan_and_capacity_parse() {
-        let p = parse(&[
-            "--model",
-            "tiny",
-            "--cluster",
-            "cpu-4x1g",
-            "--seq-len",
-            "64",
-        ]);
+        let p = tiny(&[]);
         assert!(p.command.is_none());
         assert_eq!(p.run.target.seq_len, 64);
         let p = parse(&[
@@ -369,19 +377,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let svg = dir.path().join("t.svg");
         let svg_arg = svg.to_str().unwrap();
-        let p = parse(&[
-            "--model",
-            "tiny",
-            "--cluster",
-            "cpu-4x1g",
-            "--seq-len",
-            "64",
-            "--global-batch",
-            "8",
-            "--ir",
-            "--svg",
-            svg_arg,
-        ]);
+        let p = tiny(&["--global-batch", "8", "--ir", "--svg", svg_arg]);
         let out = run(&p).unwrap();
         assert!(out.contains("plan: pp"), "{out}");
         assert!(out.contains("device 0:"), "{out}");
@@ -392,17 +388,9 @@ mod tests {
     /// devices' share), and a count the devices or the batch cannot hold is refused by flag.
     #[test]
     fn data_parallel_fixes_the_replicas() {
-        let base = [
-            "--model",
-            "tiny",
-            "--cluster",
-            "cpu-4x1g",
-            "--seq-len",
-            "64",
-        ];
-        let json = |extra: &[&str]| {
-            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-            let out = run(&parse(&args)).unwrap();
+        let fixed = |extra: &[&str]| {
+            let args = [&["--global-batch", "8", "--json"][..], extra].concat();
+            let out = run(&tiny(&args)).unwrap();
             let v: serde_json::Value = serde_json::from_str(&out).unwrap();
             let best = &v["answer"]["best"];
             (
@@ -410,24 +398,10 @@ mod tests {
                 v["answer"]["plan"]["replicas"].as_u64(),
             )
         };
-        let batch = ["--global-batch", "8", "--json"];
-        let two: Vec<&str> = batch
-            .iter()
-            .chain(&["--data-parallel", "2"])
-            .copied()
-            .collect();
-        assert_eq!(json(&two), (Some(2), Some(2)));
-        let four: Vec<&str> = batch
-            .iter()
-            .chain(&["--data-parallel", "4"])
-            .copied()
-            .collect();
-        assert_eq!(json(&four), (Some(1), Some(4)));
-        let one_by_two: Vec<&str> = (batch.iter())
-            .chain(&["--data-parallel", "2", "--pipeline", "1"])
-            .copied()
-            .collect();
-        assert_eq!(json(&one_by_two), (Some(1), Some(2)));
+        assert_eq!(fixed(&["--data-parallel", "2"]), (Some(2), Some(2)));
+        assert_eq!(fixed(&["--data-parallel", "4"]), (Some(1), Some(4)));
+        let one_by_two = ["--data-parallel", "2", "--pipeline", "1"];
+        assert_eq!(fixed(&one_by_two), (Some(1), Some(2)));
         for (extra, says) in [
             (&["--data-parallel", "3"][..], "do not divide the 4"),
             (&["--data-parallel", "2", "--pipeline", "3"][..], "need 6"),
@@ -436,8 +410,7 @@ mod tests {
                 "does not split",
             ),
         ] {
-            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-            let err = run(&parse(&args)).unwrap_err().to_string();
+            let err = run(&tiny(extra)).unwrap_err().to_string();
             assert!(
                 err.starts_with("--data-parallel") && err.contains(says),
                 "{err}"
@@ -451,33 +424,16 @@ mod tests {
         let err = run(&p).unwrap_err().to_string();
         assert!(err.starts_with("--model"), "{err}");
         assert!(err.contains("llama2-70b"), "{err}");
-        let p = parse(&[
-            "--model",
-            "tiny",
-            "--cluster",
-            "cpu-4x1g",
-            "--schedule",
-            "zigzag",
-        ]);
+        let p = tiny(&["--schedule", "zigzag"]);
         assert!(run(&p).unwrap_err().to_string().starts_with("schedule"));
-        let p = parse(&["--model", "tiny", "--cluster", "cpu-4x1g", "--layers", "0"]);
+        let p = tiny(&["--layers", "0"]);
         assert!(run(&p).unwrap_err().to_string().starts_with("model.layers"));
     }
 
     #[test]
     fn capacity_json_has_the_documented_fields() {
-        let p = parse(&[
-            "capacity",
-            "--model",
-            "tiny",
-            "--cluster",
-            "cpu-4x1g",
-            "--seq-len",
-            "64",
-            "--microbatches",
-            "8",
-            "--json",
-        ]);
+        let flags = ["--microbatches", "8", "--json"];
+        let p = parse(&[&["capacity"][..], &TINY_ON_CPU, &flags].concat());
         let out = run(&p).unwrap();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let rows = v["strategies"].as_array().unwrap();

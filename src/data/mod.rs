@@ -26,7 +26,9 @@ pub enum DataError {
     Tokenizer { name: String, reason: String },
     #[error(
         "the data has {tokens} tokens, fewer than one sequence needs ({needed}: seq_len {seq_len} \
-         plus one target); give more text or a shorter seq_len"
+         plus one target), so it has no window to train or evaluate on; a run cycles through \
+         the windows, so one is enough for any number of steps: give more text{}",
+        shorter_seq_len(*tokens)
     )]
     TooShort {
         tokens: usize,
@@ -82,6 +84,14 @@ impl DataError {
             | DataError::TokenizerLacks { .. } => "data.tokenizer",
             _ => "data.train",
         }
+    }
+}
+
+/// The longest `training.seq_len` that `tokens` tokens hold a window of, if any.
+fn shorter_seq_len(tokens: usize) -> String {
+    match tokens {
+        0 | 1 => String::new(),
+        _ => format!(" or a training.seq_len of at most {}", tokens - 1),
     }
 }
 

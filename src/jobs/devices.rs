@@ -110,6 +110,14 @@ pub fn with_gpu_memory(devices: Vec<DeviceInfo>) -> Result<Vec<DeviceInfo>, RunE
         .collect()
 }
 
+/// The host memory the CPU devices' budgets take (a GPU's memory is its own).
+pub fn cpu_device_bytes(devices: &[DeviceInfo]) -> u64 {
+    (devices.iter())
+        .filter(|d| d.kind == "cpu")
+        .map(|d| d.memory_bytes)
+        .sum()
+}
+
 /// Without `--devices`: one CPU device with half the available memory.
 pub fn default_devices() -> Vec<DeviceInfo> {
     let available = super::host_memory::available_memory().unwrap_or(1 << 30);
@@ -150,5 +158,14 @@ mod tests {
         assert!(stages.iter().all(|d| d.memory_bytes == 1 << 30));
         assert_eq!(gpu_ordinal(&stages[2]), Some(1));
         assert!(is_gpu_stage(&stages[2]) && !is_gpu_stage(&gpus[1]) && !is_gpu_stage(&d[0]));
+    }
+
+    #[test]
+    fn only_cpu_devices_take_host_memory() {
+        assert_eq!(
+            cpu_device_bytes(&parse_devices("cpu:2x1GiB").unwrap()),
+            2 << 30
+        );
+        assert_eq!(cpu_device_bytes(&parse_devices("cuda:0@40GiB").unwrap()), 0);
     }
 }

@@ -1,25 +1,8 @@
-//! The training settings that read the validation data or prune checkpoints:
+//! The rules of the training settings that read the validation data or prune checkpoints:
 //! `training.eval_every`, `training.early_stopping` and `training.keep_checkpoints`.
-
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use super::training::{DataSpec, TrainingSpec};
 use super::validate::SpecError;
-
-/// Stop training once `patience` evaluations in a row have not improved: an evaluation
-/// improves when its loss is more than `min_delta` below the last one that improved (the first
-/// always does).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EarlyStoppingSpec {
-    /// Evaluations without improvement before the run stops (at least 1).
-    pub patience: u64,
-    /// How much lower than the last improvement a validation loss must be to count as one
-    /// (0 or more; default 0: any decrease).
-    #[serde(default)]
-    pub min_delta: f64,
-}
 
 impl TrainingSpec {
     /// Whether the validation loss is evaluated after `step` of `total` steps: every

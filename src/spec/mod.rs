@@ -12,14 +12,15 @@ mod schedule_choice;
 mod training;
 mod validate;
 
-pub use evaluation::EarlyStoppingSpec;
 pub use model::{Architecture, JobCheckpointRef, ModelArch, ModelInit, ModelSpec};
 pub use parallelism::{
     DataParallel, OffloadChoice, ParallelismSpec, RecomputeChoice, ScheduleChoice, Stages,
 };
 pub use rope::RopeScaling;
 pub use training::StoragePolicy;
-pub use training::{DataSpec, LrDecay, OptimizerSpec, PrecisionSpec, TrainingSpec};
+pub use training::{
+    DataSpec, EarlyStoppingSpec, LrDecay, OptimizerSpec, PrecisionSpec, TrainingSpec,
+};
 pub use validate::{InvalidSpec, SpecError};
 
 use serde::{Deserialize, Serialize};
@@ -63,7 +64,7 @@ impl JobSpec {
         self.parallelism.check(&mut errors);
         (self.parallelism).check_replica_share(self.training.microbatches, &mut errors);
         if let Some(arch) = self.model.explicit_arch() {
-            validate::check_tokenizer_vocab(&self.data, arch.vocab_size, &mut errors);
+            self.data.check_vocab(arch.vocab_size, &mut errors);
         }
         if errors.is_empty() {
             Ok(())

@@ -3,7 +3,6 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::evaluation::EarlyStoppingSpec;
 use super::validate::{SpecError, positive};
 
 /// Where the tokens come from. Paths on the CLI, file ids in the service.
@@ -32,6 +31,16 @@ fn default_tokenizer() -> String {
 }
 
 impl DataSpec {
+    /// What the tokenizer asks of a model with `vocab` token ids.
+    pub(super) fn check_vocab(&self, vocab: usize, errors: &mut Vec<SpecError>) {
+        if self.tokenizer == BYTES_TOKENIZER && vocab < 256 {
+            errors.push(SpecError::new(
+                "model.vocab_size",
+                format!("the bytes tokenizer needs vocab_size >= 256, got {vocab}"),
+            ));
+        }
+    }
+
     pub(super) fn check(&self, errors: &mut Vec<SpecError>) {
         if self.train.trim().is_empty() {
             errors.push(SpecError::new("data.train", "must name the training data"));
@@ -161,6 +170,20 @@ pub struct TrainingSpec {
     /// `"pause"` (resumable once space is freed).
     #[serde(default = "default_on_storage_error")]
     pub on_storage_error: String,
+}
+
+/// Stop training once `patience` evaluations in a row have not improved: an evaluation
+/// improves when its loss is more than `min_delta` below the last one that improved (the first
+/// always does).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStoppingSpec {
+    /// Evaluations without improvement before the run stops (at least 1).
+    pub patience: u64,
+    /// How much lower than the last improvement a validation loss must be to count as one
+    /// (0 or more; default 0: any decrease).
+    #[serde(default)]
+    pub min_delta: f64,
 }
 
 /// `training.on_storage_error`, once validated.

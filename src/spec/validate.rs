@@ -3,8 +3,6 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::training::{BYTES_TOKENIZER, DataSpec};
-
 /// One problem with a job spec: the JSON path of the field (`model.num_kv_heads`) and what
 /// is wrong with it, including what would be accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema, thiserror::Error)]
@@ -38,14 +36,5 @@ impl InvalidSpec {
 pub(super) fn positive(param: &str, value: usize, errors: &mut Vec<SpecError>) {
     if value == 0 {
         errors.push(SpecError::new(param, "must be at least 1"));
-    }
-}
-
-pub(super) fn check_tokenizer_vocab(data: &DataSpec, vocab: usize, errors: &mut Vec<SpecError>) {
-    if data.tokenizer == BYTES_TOKENIZER && vocab < 256 {
-        errors.push(SpecError::new(
-            "model.vocab_size",
-            format!("the bytes tokenizer needs vocab_size >= 256, got {vocab}"),
-        ));
     }
 }

@@ -287,7 +287,11 @@ impl TestServer {
     }
 }
 
-/// A tiny job over `train`: 6 steps, a checkpoint every 2.
+/// Training text of one window of `job_body`'s 16 tokens and a target: the least a job is
+/// created with.
+pub const ONE_WINDOW: &[u8] = b"a window of text.";
+
+/// A tiny job over `train`: `steps` steps, a checkpoint every 2.
 pub fn job_body(train: &str, steps: u64) -> Value {
     json!({
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 176, "vocab_size": 256,

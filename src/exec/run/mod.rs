@@ -3,6 +3,7 @@
 //! report and checkpoint until done or told to stop.
 
 mod checkpointing;
+mod device_kind;
 mod drive;
 mod error;
 mod evaluate;
@@ -14,12 +15,11 @@ mod training_pipeline;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+pub use device_kind::DeviceKind;
 pub use drive::drive;
 pub use error::RunError;
 pub use evaluate::{Evaluation, ValidationSet};
-pub use setup::{
-    DeviceKind, count_steps, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch,
-};
+pub use setup::{count_steps, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch};
 use training_pipeline::TrainingPipeline;
 
 use crate::data::Batcher;

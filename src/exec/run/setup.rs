@@ -19,7 +19,7 @@ use crate::exec::pipeline::{CpuEngine, Engine, Pipeline, Ranks, seeded_parts};
 use crate::exec::pipeline::{PipelineError, TcpRanks};
 use crate::exec::transport::{Mesh, RankSpec};
 use crate::plan::policy::{Offload, Recompute};
-use crate::plan::presets::{Cluster, ProfileName};
+use crate::plan::presets::Cluster;
 use crate::plan::schedule::ScheduleKind;
 use crate::plan::search::{Answer, Request};
 use crate::spec::{
@@ -29,7 +29,7 @@ use crate::spec::{
 
 use super::host_budget::search_within_host;
 use super::replicas;
-use super::{Run, RunError, ValidationSet};
+use super::{DeviceKind, Run, RunError, ValidationSet};
 
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
 /// (with which any field the spec gives must agree).
@@ -59,33 +59,6 @@ pub fn resolve_arch(spec: &JobSpec) -> Result<ModelArch, RunError> {
                 .merge_pretrained(&pretrained.arch())
                 .map_err(RunError::Spec)
         }
-    }
-}
-
-/// What a run's devices are. With the spec's precision it decides the memory layout the
-/// planner counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
-}
-
-impl DeviceKind {
-    /// The backend's memory layout for `precision` on these devices; bf16 on CPU devices is
-    /// refused by field.
-    pub fn profile(self, precision: PrecisionSpec) -> Result<ProfileName, RunError> {
-        Ok(match (self, precision) {
-            (DeviceKind::Cpu, PrecisionSpec::F32) => ProfileName::CpuF32,
-            (DeviceKind::Cpu, PrecisionSpec::Bf16) => {
-                return Err(RunError::Spec(vec![SpecError::new(
-                    "training.precision",
-                    "bf16 runs on CUDA devices only and these are CPU devices; use f32, or \
-                     CUDA devices such as `cuda` or `cuda:0x4`",
-                )]));
-            }
-            (DeviceKind::Cuda, PrecisionSpec::F32) => ProfileName::CudaF32,
-            (DeviceKind::Cuda, PrecisionSpec::Bf16) => ProfileName::CudaBf16,
-        })
     }
 }
 
@@ -279,18 +252,16 @@ fn steps_for(spec: &JobSpec, batcher: &Batcher) -> Result<u64, RunError> {
         .map_err(|e| RunError::Spec(vec![e]))
 }
 
-/// The optimizer steps `spec` (validated) will train: its `training.steps`, or, for
-/// `training.epochs`, counted from its training data's windows (read and tokenized here, so
-/// training data without a whole step is refused now). Validation data is read and cut as
-/// the run will: without a whole window with a counted target it is the user's error now,
-/// naming `data.validation`, not the run's when it starts.
+/// The optimizer steps `spec` (validated) will train: its `training.steps`, or its epochs
+/// over the training data's windows. The training data is read, tokenized and cut as the run
+/// will, so what the run would refuse when it starts is the user's error now, by field:
+/// training data without one whole window (a run cycles through the windows, so one window
+/// serves any number of steps), a token outside the vocabulary, a step with no counted
+/// target. Validation data likewise, naming `data.validation`.
 pub fn count_steps(spec: &JobSpec) -> Result<u64, RunError> {
     let arch = resolve_arch(spec)?;
     ValidationSet::load(spec, &arch)?;
-    match spec.training.steps {
-        Some(steps) => Ok(steps),
-        None => steps_for(spec, &load_data(spec, &arch)?),
-    }
+    steps_for(spec, &load_data(spec, &arch)?)
 }
 
 /// The model's starting parts, in `host`: seeded, or read from a Hugging Face directory.

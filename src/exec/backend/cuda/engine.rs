@@ -17,7 +17,7 @@ use cudarc::driver::DevicePtr;
 use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::nccl::Nccl;
-use crate::exec::backend::cuda::offload;
+use crate::exec::backend::cuda::ready::Ready;
 use crate::exec::backend::cuda::tensor::{Detached, GpuTensor};
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{MemGroup, PoolRef};
@@ -548,7 +548,7 @@ impl GpuEngine {
         len: usize,
     ) -> Result<()> {
         if let Some(nccl) = &self.nccl {
-            let buffers: Vec<(&Gpu, u64, Option<&offload::Ready>)> = (holders.iter())
+            let buffers: Vec<(&Gpu, u64, Option<&Ready>)> = (holders.iter())
                 .map(|&(g, r)| (&self.gpus[g], copies[r].ptr().addr, copies[r].ready()))
                 .collect();
             let ends = nccl.all_reduce_sum(&buffers, len)?;

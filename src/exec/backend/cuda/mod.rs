@@ -23,7 +23,8 @@
 //! - [`engine::GpuEngine`]: the pipeline runtime's engine (the only way a model trains on
 //!   GPUs; the whole model on one GPU is a one-stage plan): plan devices as stages on GPUs,
 //!   offload and prefetch through pinned host memory on a copy stream ([`offload`]), sends
-//!   between GPUs through NCCL ([`nccl`]).
+//!   between GPUs through NCCL ([`nccl`]); a buffer copied in either way carries the copy's
+//!   end ([`ready::Ready`]), which its readers wait for.
 
 pub mod act_copy;
 pub mod attention;
@@ -42,6 +43,7 @@ pub mod ops;
 pub mod pinned;
 pub mod product_group;
 pub mod projection;
+pub mod ready;
 pub mod selftest;
 pub mod tensor;
 

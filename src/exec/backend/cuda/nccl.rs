@@ -29,7 +29,7 @@ use cudarc::nccl::sys;
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::libs::Libraries;
-use crate::exec::backend::cuda::offload::Ready;
+use crate::exec::backend::cuda::ready::Ready;
 
 /// NCCL's own words for an error code.
 fn nccl_error(e: NcclError) -> CudaError {

@@ -6,21 +6,20 @@
 //!   the tensor), copies into a pinned buffer, and frees the device buffer on the copy stream
 //!   after the copy, so the compute stream never waits for an offload;
 //! - prefetch: the buffer is allocated on the compute stream, the copy stream waits for that
-//!   point and copies into it, and the tensor carries the copy's event: the first kernel that
-//!   reads the tensor waits for it ([`crate::exec::backend::cuda::tensor::GpuTensor::await_ready`]),
-//!   so the kernels queued between the prefetch and that use overlap the copy.
+//!   point and copies into it, and the buffer comes back with the copy's [`Ready`]: its first
+//!   reader waits for that, so the kernels queued between the prefetch and that use overlap
+//!   the copy.
 //!
 //! Pinned buffers are kept for reuse per GPU: page-locking memory costs far more than a copy.
 //! Each carries the event of the last copy queued into or out of it ([`Pinned`]): the host
 //! reads or writes it, and frees it, only after that copy.
 
-use std::sync::Arc;
-
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
+use cudarc::driver::CudaSlice;
 
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::gpu::Gpu;
 pub use crate::exec::backend::cuda::pinned::Pinned;
+use crate::exec::backend::cuda::ready::Ready;
 
 /// Copies the first `len` bytes of `buf` to pinned host memory on the copy stream and frees
 /// `buf` there once copied. Returns at once; the host's reads of the result wait for the copy.
@@ -36,36 +35,6 @@ pub fn offload(gpu: &Gpu, buf: CudaSlice<u8>, len: usize) -> Result<Pinned, Cuda
     // copy stream frees it there, after the copy just queued.
     drop(unsafe { gpu.copy.upgrade_device_ptr::<u8>(ptr, allocated) });
     Ok(pinned)
-}
-
-/// The end of a prefetch's copy into a device buffer. Kernels that read the buffer wait for
-/// it ([`Ready::wait_on`]); dropping it makes the compute stream wait too, so a buffer dropped
-/// unused (a step that failed) is freed after the copy into it, never during.
-pub struct Ready {
-    event: CudaEvent,
-    compute: Arc<CudaStream>,
-}
-
-impl Ready {
-    /// The point `stream` has reached, which `gpu`'s compute stream waits for before the
-    /// buffer it guards is read or freed.
-    pub fn record(stream: &CudaStream, gpu: &Gpu) -> Result<Ready, CudaError> {
-        Ok(Ready {
-            event: stream.record_event(None)?,
-            compute: gpu.stream.clone(),
-        })
-    }
-
-    pub fn wait_on(&self, stream: &CudaStream) -> Result<(), CudaError> {
-        Ok(stream.wait(&self.event)?)
-    }
-}
-
-impl Drop for Ready {
-    fn drop(&mut self) {
-        // An error here has nowhere to go; the context records it for its next call.
-        let _ = self.compute.wait(&self.event);
-    }
 }
 
 /// Copies pinned host memory into a new device buffer (of at least one byte) on the copy

@@ -6,6 +6,7 @@
 //! products alone, and the model as a 4-stage chronos plan on one GPU. Every check prints a
 //! line; the run fails if any check fails.
 
+mod batches;
 mod flash;
 mod kernels;
 mod model;
@@ -34,9 +35,18 @@ use crate::exec::backend::cuda::gpu::{FlashLoads, Gpu};
 use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::compare::rel_err;
+use crate::exec::pipeline::PipelineError;
 use crate::plan::inventory::{DType, MicroShape, Profile, cuda_flash_attention};
 
 type Result<T> = std::result::Result<T, CudaError>;
+
+/// The runtime's error as the selftest reports it: a CUDA error as itself, the rest as text.
+fn pipeline_error(e: PipelineError) -> CudaError {
+    match e {
+        PipelineError::Cuda(e) => e,
+        other => CudaError::Unsupported(other.to_string()),
+    }
+}
 
 const MIB: f64 = (1 << 20) as f64;
 
@@ -535,7 +545,7 @@ fn stages_table(
     let microbatches = microbatches.max(2 * STAGES);
     let answer = squeezed_chronos(&config, Precision::Tf32, micro, microbatches, STAGES, 0.7)?;
     let predicted: Vec<u64> = answer.sim.devices.iter().map(|d| d.peak_bytes).collect();
-    let batches = pipeline::random_batches(&config, micro, microbatches);
+    let batches = batches::random_batches(&config, micro, microbatches);
     let plan = answer.plan.clone();
     let budget = answer.budget_bytes as usize;
     let run = train_stages(

@@ -3,9 +3,7 @@
 
 use std::path::Path;
 
-use super::pipeline::pipeline_error;
-use super::{Check, Result};
-use crate::data::Microbatch;
+use super::{Check, Result, pipeline_error};
 use crate::exec::backend::CpuBackend;
 use crate::exec::backend::cuda::CudaError;
 use crate::exec::backend::cuda::engine::{GpuEngine, GpuPart};
@@ -22,17 +20,6 @@ use crate::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::pipeline::engine::{Engine, Update};
 use crate::plan::inventory::{DType, MicroShape};
-
-pub(super) fn microbatch(shape: MicroShape, input_ids: Vec<i32>, targets: Vec<i32>) -> Microbatch {
-    Microbatch {
-        step: 0,
-        index: 0,
-        shape,
-        windows: Vec::new(),
-        input_ids,
-        targets,
-    }
-}
 
 /// A fresh host copy of every part's layout (for downloads).
 pub(super) fn host_parts(config: &LlamaConfig, pool: &PoolRef) -> Result<Vec<PartParams>> {

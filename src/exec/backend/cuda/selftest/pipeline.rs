@@ -8,8 +8,8 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::model::microbatch;
-use super::{Check, Result};
+use super::batches::random_batches;
+use super::{Check, Result, pipeline_error};
 use crate::data::Microbatch;
 use crate::exec::backend::cpu::kernels::rope::Rope;
 use crate::exec::backend::cuda::engine::GpuEngine;
@@ -20,7 +20,7 @@ use crate::exec::model::{LlamaConfig, PartParams};
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
 use crate::exec::pipeline::engine::Engine;
-use crate::exec::pipeline::{Pipeline, PipelineError, seeded_parts};
+use crate::exec::pipeline::{Pipeline, seeded_parts};
 use crate::exec::tensor::{Element, Tensor};
 use crate::plan::inventory::{MicroShape, ModelDims};
 use crate::plan::ir::{Action, Plan};
@@ -34,29 +34,8 @@ use crate::spec::Architecture;
 
 const SEED: u64 = 99;
 
-pub(super) fn pipeline_error(e: PipelineError) -> CudaError {
-    match e {
-        PipelineError::Cuda(e) => e,
-        other => CudaError::Unsupported(other.to_string()),
-    }
-}
-
 fn planner_error(e: impl std::fmt::Display) -> CudaError {
     CudaError::Unsupported(format!("planner: {e}"))
-}
-
-/// `microbatches` micro-batches of random tokens.
-pub fn random_batches(config: &LlamaConfig, micro: MicroShape, count: usize) -> Vec<Microbatch> {
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let vocab = config.dims.vocab as i32;
-    (0..count)
-        .map(|_| {
-            let ids: Vec<i32> = (0..micro.tokens() + 1)
-                .map(|_| rng.gen_range(0..vocab))
-                .collect();
-            microbatch(micro, ids[..micro.tokens()].to_vec(), ids[1..].to_vec())
-        })
-        .collect()
 }
 
 /// A plan's stages trained on one GPU: the final weights and optimizer state, each stage's
@@ -259,6 +238,8 @@ const MOMENTS_TOLERANCE: f64 = 1e-2;
 
 const STAGE_MICRO: MicroShape = MicroShape { batch: 2, seq: 64 };
 const STAGE_MICROBATCHES: usize = 8;
+/// Steps each stage check trains: the first and the last are left out of its timing.
+const STAGE_STEPS: usize = 3;
 
 /// Every schedule on 2 and 4 stages, stage `s` on GPU `gpus[s % gpus.len()]`, and squeezed
 /// chronos plans, against the one-stage run on `gpus[0]` (weights and AdamW moments
@@ -266,8 +247,7 @@ const STAGE_MICROBATCHES: usize = 8;
 /// [`MOMENTS_TOLERANCE`].
 pub fn pipeline_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result<Vec<Check>> {
     let (config, micro, microbatches) = (stage_model(), STAGE_MICRO, STAGE_MICROBATCHES);
-    let steps = 3;
-    let batches = random_batches(&config, micro, microbatches);
+    let (batches, steps) = (random_batches(&config, micro, microbatches), STAGE_STEPS);
     let reference = whole_model_state(gpus[0], precision, config, &batches, steps)?;
     let layers = config.dims.layers as u32;
     let mut plans = Vec::new();
@@ -294,34 +274,42 @@ pub fn pipeline_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result
     for (label, plan, budget) in plans {
         let predicted = predicted_peaks(&plan, precision, &config, micro)?;
         let run = train_stages(gpus, precision, config, plan, budget, &batches, steps)?;
-        let (ours, theirs) = (&run.state, &reference);
-        checks.extend([
-            Check::new(
-                format!("{label}: weights"),
-                &ours.weights,
-                &theirs.weights,
-                tol,
-            ),
-            Check::new(
-                format!("{label}: AdamW first moments"),
-                &ours.exp_avg,
-                &theirs.exp_avg,
-                MOMENTS_TOLERANCE,
-            ),
-            Check::new(
-                format!("{label}: AdamW second moments"),
-                &ours.exp_avg_sq,
-                &theirs.exp_avg_sq,
-                MOMENTS_TOLERANCE,
-            ),
-        ]);
-        checks.push(peak_check(
-            format!("{label}: peaks"),
-            &run.measured_peaks,
-            &predicted,
-        ));
+        checks.extend(run_checks(&label, &run, &reference, &predicted, tol));
     }
     Ok(checks)
+}
+
+/// A run against the reference state (weights within `tol`, AdamW moments within
+/// [`MOMENTS_TOLERANCE`]) and its measured peaks against the planner's.
+fn run_checks(
+    label: &str,
+    run: &StagesRun,
+    reference: &FlatState,
+    predicted: &[u64],
+    tol: f64,
+) -> [Check; 4] {
+    let (ours, theirs) = (&run.state, reference);
+    [
+        Check::new(
+            format!("{label}: weights"),
+            &ours.weights,
+            &theirs.weights,
+            tol,
+        ),
+        Check::new(
+            format!("{label}: AdamW first moments"),
+            &ours.exp_avg,
+            &theirs.exp_avg,
+            MOMENTS_TOLERANCE,
+        ),
+        Check::new(
+            format!("{label}: AdamW second moments"),
+            &ours.exp_avg_sq,
+            &theirs.exp_avg_sq,
+            MOMENTS_TOLERANCE,
+        ),
+        peak_check(format!("{label}: peaks"), &run.measured_peaks, predicted),
+    ]
 }
 
 /// Data parallelism on GPUs: 2 replicas of 1- and 2-stage 1F1B plans sharing a step's
@@ -331,8 +319,8 @@ pub fn pipeline_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result
 /// steps, and each device's measured peak against the planner's.
 pub fn replica_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result<Vec<Check>> {
     let (config, micro, microbatches) = (stage_model(), STAGE_MICRO, STAGE_MICROBATCHES);
-    let (steps, replicas) = (3, 2);
-    let batches = random_batches(&config, micro, microbatches);
+    let (batches, steps) = (random_batches(&config, micro, microbatches), STAGE_STEPS);
+    let replicas = 2;
     let layers = config.dims.layers as u32;
     let one_f_one_b = |microbatches: usize, stages: u32| {
         build(ScheduleKind::OneFOneB, stages, microbatches as u32, layers).map_err(planner_error)
@@ -365,28 +353,7 @@ pub fn replica_checks(gpus: &[usize], precision: Precision, tol: f64) -> Result<
             steps,
         )?;
         let label = format!("{stages} stage(s) x {replicas} replicas on {ordinals:?}");
-        let (ours, theirs) = (&run.state, &reference.state);
-        checks.extend([
-            Check::new(
-                format!("{label}: weights"),
-                &ours.weights,
-                &theirs.weights,
-                tol,
-            ),
-            Check::new(
-                format!("{label}: AdamW first moments"),
-                &ours.exp_avg,
-                &theirs.exp_avg,
-                MOMENTS_TOLERANCE,
-            ),
-            Check::new(
-                format!("{label}: AdamW second moments"),
-                &ours.exp_avg_sq,
-                &theirs.exp_avg_sq,
-                MOMENTS_TOLERANCE,
-            ),
-            peak_check(format!("{label}: peaks"), &run.measured_peaks, &predicted),
-        ]);
+        checks.extend(run_checks(&label, &run, &reference.state, &predicted, tol));
     }
     Ok(checks)
 }

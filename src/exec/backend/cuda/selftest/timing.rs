@@ -2,8 +2,9 @@
 
 use std::time::Instant;
 
-use super::Result;
-use super::pipeline::{pipeline_error, predicted_peaks, random_batches};
+use super::batches::random_batches;
+use super::pipeline::predicted_peaks;
+use super::{Result, pipeline_error};
 use crate::exec::backend::cpu::kernels::rope::Rope;
 use crate::exec::backend::cuda::engine::GpuEngine;
 use crate::exec::backend::cuda::gpu::{Gpu, ProfileRow};
