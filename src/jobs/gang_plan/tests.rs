@@ -54,7 +54,7 @@ fn a_layout_pins_the_ranks_devices_and_degrees() {
     let mut spec: JobSpec = serde_json::from_value(serde_json::json!({
         "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "vocab_size": 256},
         "data": {"train": "file_x"},
-        "training": {"seq_len": 16, "steps": 1},
+        "training": {"seq_len": 16, "micro_batch_size": 1, "microbatches": 4, "steps": 1},
         "parallelism": {"stages": "auto", "data_parallel": "auto"}
     }))
     .unwrap();
