@@ -16,10 +16,10 @@ use crate::config::{ConfigError, Settings};
 use crate::exec::device::parse_size;
 use crate::jobs::devices::DeviceSpecError;
 use crate::jobs::host_memory::{available_memory, default_host_memory};
-use crate::plan::machines::Network;
 use crate::jobs::{
     Capabilities, DeviceInfo, Worker, WorkerConfig, default_devices, parse_devices, with_gpu_memory,
 };
+use crate::plan::machines::Network;
 use crate::store::{self, StoreError};
 use crate::telemetry::{self, LogFormat};
 

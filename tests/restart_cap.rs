@@ -27,7 +27,10 @@ async fn register(store: &dyn Store, worker: &str) {
             })
             .collect(),
     };
-    store.register_worker(&registration, LEASE_MS).await.unwrap();
+    store
+        .register_worker(&registration, LEASE_MS)
+        .await
+        .unwrap();
 }
 
 /// A queued job needing four devices that may be requeued `max_restarts` times.

@@ -14,11 +14,11 @@ use super::AppState;
 use super::auth::Tenant;
 use super::extract::Body;
 use super::problem::{ApiError, ApiResult, Problem};
+use crate::jobs::gang_plan::cluster_for_new_jobs;
 use crate::jobs::{
     DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, ResolveError, ResolvedSpec,
     parse_devices, resolve_files,
 };
-use crate::jobs::gang_plan::cluster_for_new_jobs;
 use crate::spec::{JobSpec, SpecError};
 
 pub fn routes() -> Router<AppState> {

@@ -83,10 +83,13 @@ pub async fn reserve_next(
                     tracing::info!(%job, devices = used, "fits one worker now: left to its claim");
                     continue;
                 }
-                let reserved = reserve_laid_out(store, &job, &plan.ranks, &plan.layout, start_timeout).await;
+                let reserved =
+                    reserve_laid_out(store, &job, &plan.ranks, &plan.layout, start_timeout).await;
                 if reserved.is_ok() {
                     tracing::info!(%job, "{}", plan.describe());
-                    store.set_plan(&job, &plan.plan_row(), plan.ranks.len() as i64).await?;
+                    store
+                        .set_plan(&job, &plan.plan_row(), plan.ranks.len() as i64)
+                        .await?;
                 }
                 reserved
             }
@@ -108,10 +111,7 @@ pub async fn reserve_next(
 }
 
 /// The queued job when its body names no `devices` (it is planned over the cluster).
-async fn unnamed(
-    store: &dyn Store,
-    job: &str,
-) -> Result<Option<crate::store::JobRow>, StoreError> {
+async fn unnamed(store: &dyn Store, job: &str) -> Result<Option<crate::store::JobRow>, StoreError> {
     let Some(row) = store.get_job_any(job).await? else {
         return Ok(None);
     };

@@ -148,11 +148,10 @@ pub async fn plan_over_cluster(
     on_cluster.devices = Some(cpu_devices(slots.len(), least));
     let infos: Vec<DeviceInfo> = parse_devices(on_cluster.devices.as_deref()?).ok()?;
     let planning = on_cluster.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        planner.plan(&planning, &infos, host_memory_bytes)
-    })
-    .await
-    .ok()?;
+    let outcome =
+        tokio::task::spawn_blocking(move || planner.plan(&planning, &infos, host_memory_bytes))
+            .await
+            .ok()?;
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => {

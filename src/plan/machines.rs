@@ -77,7 +77,10 @@ pub fn traffic(
     // One ring hop of a collective moving `halves` halves of an all-reduce of `bytes`.
     let ring = |bytes: f64, halves: f64| {
         let r = replicas as f64;
-        (halves * (r - 1.0) / r * bytes, (halves as u32) * (replicas - 1))
+        (
+            halves * (r - 1.0) / r * bytes,
+            (halves as u32) * (replicas - 1),
+        )
     };
     let mut traffic = Traffic::default();
     for replica in 0..replicas {

@@ -49,8 +49,14 @@ mod tests {
         assert_eq!(error["code"], "too_many_restarts");
         assert_eq!(error["fault"], "service");
         let message = error["message"].as_str().unwrap();
-        assert!(message.contains("requeued 2 times (max_restarts 2)"), "{message}");
+        assert!(
+            message.contains("requeued 2 times (max_restarts 2)"),
+            "{message}"
+        );
         assert!(message.contains("rank 2 of attempt 3"), "{message}");
-        assert!(past_cap(0, 0, &requeue).is_some(), "a cap of 0 never requeues");
+        assert!(
+            past_cap(0, 0, &requeue).is_some(),
+            "a cap of 0 never requeues"
+        );
     }
 }

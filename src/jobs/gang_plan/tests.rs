@@ -33,14 +33,21 @@ fn new_jobs_are_planned_over_several_cpu_workers_at_the_least_memory() {
         device("a", "cpu:0", "cpu", 64 << 20, None),
         device("a", "cpu:1", "cpu", 64 << 20, None),
     ];
-    assert_eq!(cluster_for_new_jobs(&one), None, "one worker: its own devices");
+    assert_eq!(
+        cluster_for_new_jobs(&one),
+        None,
+        "one worker: its own devices"
+    );
     let two = [
         device("a", "cpu:0", "cpu", 64 << 20, None),
         device("b", "cpu:0", "cpu", 32 << 20, Some("held")),
         device("b", "cpu:1", "cpu", 100, None),
     ];
     assert_eq!(cluster_for_new_jobs(&two).as_deref(), Some("cpu:3x100"));
-    assert_eq!(cluster_for_new_jobs(&two[..2]).as_deref(), Some("cpu:2x32MiB"));
+    assert_eq!(
+        cluster_for_new_jobs(&two[..2]).as_deref(),
+        Some("cpu:2x32MiB")
+    );
     let gpu = [
         device("a", "cpu:0", "cpu", 64 << 20, None),
         device("b", "cuda:0", "cuda", 1 << 30, None),

@@ -50,7 +50,11 @@ impl Worker {
             network: self.config.network,
             host_memory_bytes: self.config.host_memory_bytes,
         });
-        let reserved = reserve_next(self.store.as_ref(), planning.as_ref(), self.config.gang_start);
+        let reserved = reserve_next(
+            self.store.as_ref(),
+            planning.as_ref(),
+            self.config.gang_start,
+        );
         match reserved.await {
             Ok(Some(r)) => tracing::info!(
                 job = %r.job_id, attempt = r.attempt, ranks = r.ranks.len(),
@@ -246,7 +250,10 @@ impl Worker {
             return Ok(None);
         };
         serde_json::from_str(&text).map(Some).map_err(|e| {
-            RunFailure::service("internal", format!("the attempt's layout does not parse: {e}"))
+            RunFailure::service(
+                "internal",
+                format!("the attempt's layout does not parse: {e}"),
+            )
         })
     }
 

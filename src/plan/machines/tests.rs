@@ -66,5 +66,9 @@ fn the_pairs_that_talk_most_share_a_machine() {
     // message paying the latency.
     let boundary = (4 * 256 * 4) as f64;
     let crossing = 4.0 * (boundary / network.bytes_per_s + network.latency_s);
-    assert!((p.network_s - crossing).abs() < 1e-12, "{} vs {crossing}", p.network_s);
+    assert!(
+        (p.network_s - crossing).abs() < 1e-12,
+        "{} vs {crossing}",
+        p.network_s
+    );
 }
