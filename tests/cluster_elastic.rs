@@ -294,6 +294,20 @@ async fn jobs_planned_over_the_cluster_survive_losing_workers() {
         requeued, 2,
         "queued when made, released once, then run: {events:?}"
     );
+    let planned: Vec<&str> = (events.iter())
+        .filter(|e| e["kind"] == "info")
+        .filter_map(|e| e["data"]["message"].as_str())
+        .filter(|m| m.starts_with("planned over the cluster"))
+        .collect();
+    assert_eq!(planned.len(), 2, "{planned:?}");
+    assert!(
+        planned[0].contains("cpu:6x64MiB: 2 stages x 3 replicas"),
+        "{planned:?}"
+    );
+    assert!(
+        planned[1].contains("cpu:4x64MiB: 2 stages x 2 replicas"),
+        "{planned:?}"
+    );
 
     // Six devices again; a worker killed mid-job and none to replace it.
     workers.push(start(3));

@@ -86,10 +86,12 @@ pub async fn reserve_next(
                 let reserved =
                     reserve_laid_out(store, &job, &plan.ranks, &plan.layout, start_timeout).await;
                 if reserved.is_ok() {
-                    tracing::info!(%job, "{}", plan.describe());
-                    store
-                        .set_plan(&job, &plan.plan_row(), plan.ranks.len() as i64)
-                        .await?;
+                    let said = plan.describe();
+                    tracing::info!(%job, "{said}");
+                    let used = plan.ranks.len() as i64;
+                    store.set_plan(&job, &plan.plan_row(), used).await?;
+                    let data = serde_json::json!({ "message": said }).to_string();
+                    store.append_event(&job, "info", &data).await?;
                 }
                 reserved
             }
