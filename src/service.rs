@@ -18,6 +18,7 @@ use crate::jobs::host_memory::{available_memory, default_host_memory};
 use crate::jobs::{
     Capabilities, DeviceInfo, Worker, WorkerConfig, default_devices, parse_devices, with_gpu_memory,
 };
+use crate::plan::machines::Network;
 use crate::store::{self, StoreError};
 use crate::telemetry::{self, LogFormat};
 
@@ -37,6 +38,11 @@ pub struct ServeArgs {
     /// Largest uploaded file, in bytes.
     #[arg(long, env = "CHRONOSPIPE_MAX_UPLOAD_BYTES", default_value_t = 4 << 30)]
     pub max_upload_bytes: u64,
+
+    /// How many times a job may go back to the queue after its run was lost (its worker or a
+    /// rank died, the database stayed away) before it fails with `too_many_restarts`.
+    #[arg(long, env = "CHRONOSPIPE_MAX_RESTARTS", default_value_t = crate::store::DEFAULT_MAX_RESTARTS)]
+    pub max_restarts: i64,
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +60,16 @@ pub struct WorkerArgs {
     /// machine's host name].
     #[arg(long, env = "CHRONOSPIPE_RANK_ADDRESS")]
     pub rank_address: Option<String>,
+
+    /// Bandwidth between two workers, per second (e.g. `1250MB`: 10 Gb/s Ethernet), with
+    /// which a job naming no `devices` is placed across workers so that the devices that talk
+    /// most share one [default: 1250MB].
+    #[arg(long, env = "CHRONOSPIPE_NETWORK_BANDWIDTH")]
+    pub network_bandwidth: Option<String>,
+
+    /// Latency of one message between two workers, in milliseconds.
+    #[arg(long, env = "CHRONOSPIPE_NETWORK_LATENCY_MS", default_value_t = 0.05)]
+    pub network_latency_ms: f64,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +111,15 @@ pub enum ServiceError {
     HostMemory(String),
     #[error("--lease-seconds {0} is not a lease: give a number of seconds, at least 0.3")]
     Lease(f64),
+    #[error("--max-restarts {0} is not a count: give 0 (never requeue) or more")]
+    MaxRestarts(i64),
+    #[error(
+        "--network-bandwidth {0:?} is not a bandwidth: give bytes per second, or a number with \
+         KiB, MiB, GiB, KB, MB or GB (per second), more than 0"
+    )]
+    NetworkBandwidth(String),
+    #[error("--network-latency-ms {0} is not a latency: give milliseconds, 0 or more")]
+    NetworkLatency(f64),
     #[error(
         "this build has no trainer plugged in, so `chronospipe worker` has nothing to run jobs with"
     )]
@@ -117,6 +142,8 @@ pub struct ServiceOptions {
     /// The host other workers reach this worker's ranks at (`worker --rank-address`); `None`:
     /// this machine's host name.
     pub rank_address: Option<String>,
+    /// The link between workers (`worker --network-bandwidth`, `--network-latency-ms`).
+    pub network: Network,
 }
 
 impl ServiceOptions {
@@ -146,6 +173,7 @@ impl ServiceOptions {
             poll: Duration::from_millis(500),
             host_memory_bytes,
             rank_address: None,
+            network: Network::default(),
         })
     }
 
@@ -158,6 +186,7 @@ impl ServiceOptions {
             rank_address: (self.rank_address.clone()).unwrap_or(config.rank_address.clone()),
             // Ranks are picked up on the workers' polls: a few leases, ten seconds at least.
             gang_start: (self.lease * 3).max(Duration::from_secs(10)),
+            network: self.network,
             ..config
         }
     }
@@ -183,7 +212,9 @@ pub async fn run_service(
     if options.run_worker {
         match capabilities.runner.clone() {
             Some(runner) => {
-                let worker = Worker::new(store.clone(), runner, options.worker_config());
+                let config = options.worker_config();
+                let planner = capabilities.planner.clone();
+                let worker = Worker::with_planner(store.clone(), runner, planner, config);
                 worker_id = Some(worker.id().to_owned());
                 worker_task = Some(tokio::spawn(worker.run(stop_rx.clone())));
             }
@@ -238,7 +269,8 @@ pub async fn run_worker(
 ) -> Result<(), ServiceError> {
     let runner = capabilities.runner.ok_or(ServiceError::NoRunner)?;
     let store = store::connect(&options.database_url).await?;
-    let worker: Arc<Worker> = Worker::new(store, runner, options.worker_config());
+    let config = options.worker_config();
+    let worker: Arc<Worker> = Worker::with_planner(store, runner, capabilities.planner, config);
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -264,6 +296,10 @@ pub fn serve(args: &ServeArgs, log_format: Option<LogFormat>) -> Result<(), Serv
     options.limits.rate_per_second = args.rate_limit;
     options.limits.rate_burst = args.rate_limit * 2.0;
     options.limits.max_upload_bytes = args.max_upload_bytes;
+    if args.max_restarts < 0 {
+        return Err(ServiceError::MaxRestarts(args.max_restarts));
+    }
+    options.limits.max_restarts = args.max_restarts;
     runtime()?.block_on(async move {
         let listener =
             TcpListener::bind(settings.listen)
@@ -292,11 +328,28 @@ pub fn worker(args: &WorkerArgs, log_format: Option<LogFormat>) -> Result<(), Se
     }
     options.lease = Duration::from_secs_f64(args.lease_seconds);
     options.rank_address = args.rank_address.clone();
+    options.network = network(args)?;
     runtime()?.block_on(run_worker(
         options,
         Capabilities::production(),
         shutdown_signal(),
     ))
+}
+
+/// The link between workers from `worker`'s flags.
+fn network(args: &WorkerArgs) -> Result<Network, ServiceError> {
+    let mut network = Network::default();
+    if let Some(text) = &args.network_bandwidth {
+        let bytes = parse_size(text).filter(|b| *b > 0);
+        let bytes = bytes.ok_or_else(|| ServiceError::NetworkBandwidth(text.clone()))?;
+        network.bytes_per_s = bytes as f64;
+    }
+    let latency = args.network_latency_ms;
+    if !(latency.is_finite() && latency >= 0.0) {
+        return Err(ServiceError::NetworkLatency(latency));
+    }
+    network.latency_s = latency / 1e3;
+    Ok(network)
 }
 
 /// `chronospipe keys create --name NAME`.

@@ -748,6 +748,7 @@ async fn queue_position_is_capped(url: &str) {
                 },
                 devices_needed: 1,
             }),
+            max_restarts: None,
         };
         store.insert_job(&job).await.unwrap();
     }

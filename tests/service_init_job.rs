@@ -209,6 +209,7 @@ async fn starts_from_a_job(url: &str) {
         idempotency_key: None,
         request_hash: None,
         planned: None,
+        max_restarts: None,
     };
     let err = f.store.insert_job(&late).await.unwrap_err();
     assert!(

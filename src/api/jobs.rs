@@ -78,7 +78,7 @@ pub async fn create(
         ));
     }
     let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
-    let devices = job_devices(&state, &spec)?;
+    let devices = job_devices(&state, &spec).await?;
     let total_steps = total_steps(&resolved.spec).await?;
     let planner = planner(&state)?;
     let canonical = serde_json::to_string(&spec).map_err(ApiError::internal)?;
@@ -113,6 +113,7 @@ pub async fn create(
         checkpoint_uses: resolved.checkpoint_use.into_iter().collect(),
         idempotency_key: key,
         planned: Some(planned),
+        max_restarts: Some(state.limits.max_restarts),
     };
     let job = match state.store.insert_job(&new).await? {
         Inserted::Existing(job) if job.request_hash == new.request_hash => {

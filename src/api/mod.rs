@@ -49,6 +49,9 @@ pub struct Limits {
     pub rate_burst: f64,
     /// Server-Sent Events comment sent when idle.
     pub keep_alive: Duration,
+    /// How many times a job created here may be requeued after its run was lost before it
+    /// fails (`serve --max-restarts`).
+    pub max_restarts: i64,
 }
 
 impl Default for Limits {
@@ -59,6 +62,7 @@ impl Default for Limits {
             rate_per_second: 100.0,
             rate_burst: 200.0,
             keep_alive: Duration::from_secs(15),
+            max_restarts: crate::store::DEFAULT_MAX_RESTARTS,
         }
     }
 }

@@ -14,6 +14,7 @@ use super::AppState;
 use super::auth::Tenant;
 use super::extract::Body;
 use super::problem::{ApiError, ApiResult, Problem};
+use crate::jobs::gang_plan::cluster_for_new_jobs;
 use crate::jobs::{
     DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, ResolveError, ResolvedSpec,
     parse_devices, resolve_files,
@@ -57,7 +58,19 @@ pub(super) async fn checked_spec(
 
 /// The devices a job body asks for, else the service's. CPU devices may be any size (they
 /// are the plan's budget); GPUs must be the service's own, whose memory it measured.
-pub(super) fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<DeviceInfo>> {
+/// The devices a job body is planned on: those it names; else, on a cluster of several
+/// CPU workers, all of theirs (a job too big for one worker is planned again over the free
+/// ones when it is reserved); else the service's own.
+pub(super) async fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<DeviceInfo>> {
+    if spec.devices.is_none()
+        && let Some(text) = cluster_for_new_jobs(&state.store.cluster_devices().await?)
+    {
+        return parse_devices(&text).map_err(ApiError::internal);
+    }
+    named_devices(state, spec)
+}
+
+fn named_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<DeviceInfo>> {
     let invalid = |message: String| {
         ApiError::invalid_spec(crate::spec::InvalidSpec(vec![SpecError::new(
             "devices", message,
@@ -137,7 +150,7 @@ pub async fn create(
     Body(body): Body,
 ) -> ApiResult<Json<PlanView>> {
     let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
-    let devices = job_devices(&state, &spec)?;
+    let devices = job_devices(&state, &spec).await?;
     let planner = planner(&state)?;
     match run_planner(planner, resolved.spec, devices, state.host_memory_bytes).await {
         Ok(outcome) => Ok(Json(PlanView {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::devices::DeviceInfo;
+use super::gang_plan::GangLayout;
 use crate::store::{
     Backoff, ClusterError, GangOutcome, GangRefusal, RankPlacement, Reservation, Store, StoreError,
     WorkerDevice, WorkerRegistration,
@@ -145,6 +146,29 @@ pub async fn reserve_across_workers(
     ranks: &[RankPlacement],
     start_timeout: Duration,
 ) -> Result<Reservation, GangError> {
+    reserve(store, job_id, ranks, None, start_timeout).await
+}
+
+/// `reserve_across_workers` for a job planned over the cluster: its ranks plan on `layout`.
+pub async fn reserve_laid_out(
+    store: &dyn Store,
+    job_id: &str,
+    ranks: &[RankPlacement],
+    layout: &GangLayout,
+    start_timeout: Duration,
+) -> Result<Reservation, GangError> {
+    let layout = serde_json::to_string(layout)
+        .map_err(|e| GangError::Store(StoreError::Corrupt(e.to_string())))?;
+    reserve(store, job_id, ranks, Some(&layout), start_timeout).await
+}
+
+async fn reserve(
+    store: &dyn Store,
+    job_id: &str,
+    ranks: &[RankPlacement],
+    layout: Option<&str>,
+    start_timeout: Duration,
+) -> Result<Reservation, GangError> {
     if let Some(first) = ranks.first()
         && ranks.iter().all(|r| r.worker_id == first.worker_id)
     {
@@ -154,7 +178,7 @@ pub async fn reserve_across_workers(
         });
     }
     let timeout_ms = start_timeout.as_millis() as i64;
-    match store.reserve_gang(job_id, ranks, timeout_ms).await? {
+    match (store.reserve_gang_laid_out(job_id, ranks, timeout_ms, layout)).await? {
         GangOutcome::Reserved(reservation) => Ok(reservation),
         GangOutcome::Refused(refusal) => Err(GangError::Refused {
             job: job_id.to_owned(),

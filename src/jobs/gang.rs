@@ -1,27 +1,25 @@
 //! Which queued jobs run across workers, and where: a job needing more devices than any one
 //! live worker has is reserved on the free devices of the workers that run ranks, whole
-//! workers first, so consecutive ranks (the pipeline's adjacent stages, which talk most) share
-//! a worker and its fast links.
+//! workers first. A job naming its `devices` takes consecutive ranks (a replica's adjacent
+//! stages) on one worker; one naming none is planned over the free devices and placed by
+//! its traffic (`gang_plan`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::cluster::{GangError, reserve_across_workers};
+use super::cluster::{GangError, reserve_across_workers, reserve_laid_out};
+use super::gang_plan::{free_in_order, plan_over_cluster};
+use super::planner::Planner;
+use crate::plan::machines::Network;
+use crate::spec::JobSpec;
 use crate::store::{ClusterDeviceRow, RankPlacement, Reservation, Store, StoreError};
 
 /// Places `needed` ranks on the free devices among `devices` (every live worker's, in the
 /// store's order): the workers with the most free devices first (ties by id), each worker's
 /// devices in its own order. `None` when fewer are free.
 pub fn place(devices: &[ClusterDeviceRow], needed: usize) -> Option<Vec<RankPlacement>> {
-    let mut free: BTreeMap<&str, Vec<&ClusterDeviceRow>> = BTreeMap::new();
-    for d in devices.iter().filter(|d| d.job_id.is_none()) {
-        free.entry(d.worker_id.as_str()).or_default().push(d);
-    }
-    let mut workers: Vec<(&str, Vec<&ClusterDeviceRow>)> = free.into_iter().collect();
-    workers.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(b.0)));
-    let ranks: Vec<RankPlacement> = workers
-        .into_iter()
-        .flat_map(|(_, devices)| devices)
+    let ranks: Vec<RankPlacement> = (free_in_order(devices).into_iter())
         .take(needed)
         .map(|d| RankPlacement {
             worker_id: d.worker_id.clone(),
@@ -40,11 +38,23 @@ pub fn largest_worker(devices: &[ClusterDeviceRow]) -> usize {
     counts.into_values().max().unwrap_or(0)
 }
 
+/// How a worker plans the jobs it reserves that name no `devices`.
+#[derive(Clone)]
+pub struct GangPlanning {
+    pub planner: Arc<dyn Planner>,
+    pub network: Network,
+    pub host_memory_bytes: u64,
+}
+
 /// Reserves the first queued job (in queue order) that needs more devices than any one worker
 /// has and fits the cluster's free devices now; a job that does not fit waits while later
-/// ones that fit go first. Two workers racing for one job: one reserves it, the other moves on.
+/// ones that fit go first. A job naming no `devices` is planned over the free devices first
+/// (with `planning`); one whose plan then fits one worker is left to the one-worker claim
+/// (its `devices_needed` lowered to the plan's). Two workers racing for one job: one reserves
+/// it, the other moves on.
 pub async fn reserve_next(
     store: &dyn Store,
+    planning: Option<&GangPlanning>,
     start_timeout: Duration,
 ) -> Result<Option<Reservation>, StoreError> {
     let devices = store.cluster_devices().await?;
@@ -53,10 +63,46 @@ pub async fn reserve_next(
         return Ok(None);
     }
     for (job, needed) in store.queued_jobs_over(largest as i64).await? {
-        let Some(ranks) = place(&devices, needed.max(0) as usize) else {
-            continue;
+        let reserved = match (planning, unnamed(store, &job).await?) {
+            (Some(planning), Some(row)) => {
+                let Some(plan) = plan_over_cluster(
+                    store,
+                    planning.planner.clone(),
+                    planning.network,
+                    planning.host_memory_bytes,
+                    &row,
+                    &devices,
+                )
+                .await
+                else {
+                    continue;
+                };
+                if plan.one_worker() {
+                    let used = plan.ranks.len() as i64;
+                    store.set_plan(&job, &plan.plan_row(), used).await?;
+                    tracing::info!(%job, devices = used, "fits one worker now: left to its claim");
+                    continue;
+                }
+                let reserved =
+                    reserve_laid_out(store, &job, &plan.ranks, &plan.layout, start_timeout).await;
+                if reserved.is_ok() {
+                    let said = plan.describe();
+                    tracing::info!(%job, "{said}");
+                    let used = plan.ranks.len() as i64;
+                    store.set_plan(&job, &plan.plan_row(), used).await?;
+                    let data = serde_json::json!({ "message": said }).to_string();
+                    store.append_event(&job, "info", &data).await?;
+                }
+                reserved
+            }
+            _ => {
+                let Some(ranks) = place(&devices, needed.max(0) as usize) else {
+                    continue;
+                };
+                reserve_across_workers(store, &job, &ranks, start_timeout).await
+            }
         };
-        match reserve_across_workers(store, &job, &ranks, start_timeout).await {
+        match reserved {
             Ok(reservation) => return Ok(Some(reservation)),
             Err(GangError::Store(e)) if e.is_transient() => return Err(e),
             // Taken, cancelled or its devices held since the cluster was read: the next.
@@ -64,6 +110,15 @@ pub async fn reserve_next(
         }
     }
     Ok(None)
+}
+
+/// The queued job when its body names no `devices` (it is planned over the cluster).
+async fn unnamed(store: &dyn Store, job: &str) -> Result<Option<crate::store::JobRow>, StoreError> {
+    let Some(row) = store.get_job_any(job).await? else {
+        return Ok(None);
+    };
+    let spec: Option<JobSpec> = serde_json::from_str(&row.spec).ok();
+    Ok(spec.filter(|s| s.devices.is_none()).map(|_| row))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod devices;
 mod executor;
 pub mod gang;
+pub mod gang_plan;
 pub mod host_memory;
 mod init_checkpoint;
 mod planner;
@@ -16,7 +17,7 @@ mod runner;
 mod sink;
 mod worker;
 
-pub use cluster::{GangError, Membership, reserve_across_workers};
+pub use cluster::{GangError, Membership, reserve_across_workers, reserve_laid_out};
 pub use devices::{DeviceInfo, default_devices, gpu_ordinal, parse_devices, with_gpu_memory};
 pub use executor::{ExecPlanner, ExecRunner};
 pub use planner::{PlacementEntry, PlanCandidate, PlanFailure, PlanOutcome, PlanSummary, Planner};

@@ -16,11 +16,13 @@ mod rank;
 
 use super::cluster::Membership;
 use super::devices::DeviceInfo;
+use super::planner::Planner;
 use super::redact::without_server_paths;
 use super::resolve::{ResolveError, resolve_files};
 use super::resume::complete_checkpoint;
 use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopRequest};
 use super::sink::{JobLease, RECORD_QUEUE, Unrecorded, store_sink};
+use crate::plan::machines::Network;
 use crate::spec::{JobSpec, StoragePolicy};
 use crate::store::{
     Backoff, Claim, JobRow, JobState, Lease, Store, StoreError, TransitionChange, new_id,
@@ -63,6 +65,8 @@ pub struct WorkerConfig {
     /// How long the ranks of a job reserved across workers have to all start, and then to
     /// meet, before the reservation is released and the job queued again.
     pub gang_start: Duration,
+    /// The link between workers, for placing jobs planned over the cluster.
+    pub network: Network,
 }
 
 impl WorkerConfig {
@@ -78,6 +82,7 @@ impl WorkerConfig {
             host_memory_bytes: u64::MAX,
             rank_address: super::cluster::host_name(),
             gang_start: GANG_START,
+            network: Network::default(),
         }
     }
 }
@@ -99,6 +104,9 @@ struct Running {
 pub struct Worker {
     store: Arc<dyn Store>,
     runner: Arc<dyn JobRunner>,
+    /// Plans jobs naming no `devices` over the cluster's free devices (none: such jobs run
+    /// only where they fit one worker).
+    planner: Option<Arc<dyn Planner>>,
     config: WorkerConfig,
     /// The claims this worker runs, by lease token (a job claimed again while an earlier
     /// claim's run still winds down is two entries).
@@ -113,9 +121,20 @@ impl Worker {
         runner: Arc<dyn JobRunner>,
         config: WorkerConfig,
     ) -> Arc<Self> {
+        Self::with_planner(store, runner, None, config)
+    }
+
+    /// A worker that also plans jobs naming no `devices` over the cluster's free devices.
+    pub fn with_planner(
+        store: Arc<dyn Store>,
+        runner: Arc<dyn JobRunner>,
+        planner: Option<Arc<dyn Planner>>,
+        config: WorkerConfig,
+    ) -> Arc<Self> {
         Arc::new(Worker {
             store,
             runner,
+            planner,
             config,
             running: Mutex::new(HashMap::new()),
             lease_trouble: Arc::new(AtomicBool::new(false)),

@@ -21,6 +21,7 @@
 //! One concept per module: `tensors` (the inventories' vocabulary), `cost` (parameters, FLOPs,
 //! shape checks), `inventory` and `megatron` (tensors per part and profile), `memory`, `ir`,
 //! `residence` (where groups start a step), `hardware` (devices, links, transfer times),
+//! `machines` (a plan's traffic between devices, placed on several machines),
 //! `schedule`, `reduction`, `validate`, `simulate`, `policy`, `search`, `capacity`, `presets`,
 //! `render`, `error`.
 
@@ -30,6 +31,7 @@ pub mod error;
 pub mod hardware;
 pub mod inventory;
 pub mod ir;
+pub mod machines;
 pub mod megatron;
 pub mod memory;
 pub mod policy;

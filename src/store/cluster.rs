@@ -78,6 +78,8 @@ pub struct Reservation {
     pub start_deadline: i64,
     /// Why it was released.
     pub reason: Option<String>,
+    /// What its ranks plan on, when the reserving worker planned the job over the cluster.
+    pub layout: Option<String>,
     /// In rank order.
     pub ranks: Vec<RankRow>,
 }
@@ -158,6 +160,18 @@ pub trait ClusterStore: Send + Sync {
         job_id: &str,
         ranks: &[RankPlacement],
         start_timeout_ms: i64,
+    ) -> StoreResult<GangOutcome> {
+        self.reserve_gang_laid_out(job_id, ranks, start_timeout_ms, None)
+            .await
+    }
+    /// `reserve_gang`, keeping `layout` (what the ranks plan on: opaque to the store) on the
+    /// attempt's reservation, written in the same transaction.
+    async fn reserve_gang_laid_out(
+        &self,
+        job_id: &str,
+        ranks: &[RankPlacement],
+        start_timeout_ms: i64,
+        layout: Option<&str>,
     ) -> StoreResult<GangOutcome>;
     /// `(job, devices_needed)` of the queued jobs needing more than `devices` devices (more
     /// than any one worker has: they run across workers), in queue order.

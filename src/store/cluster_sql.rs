@@ -231,13 +231,14 @@ macro_rules! cluster_sql {
                 self.cluster_devices_query().await
             }
 
-            async fn reserve_gang(
+            async fn reserve_gang_laid_out(
                 &self,
                 job_id: &str,
                 ranks: &[RankPlacement],
                 start_timeout_ms: i64,
+                layout: Option<&str>,
             ) -> StoreResult<GangOutcome> {
-                self.reserve_gang_query(job_id, ranks, start_timeout_ms).await
+                self.reserve_gang_query(job_id, ranks, start_timeout_ms, layout).await
             }
 
             async fn queued_jobs_over(&self, devices: i64) -> StoreResult<Vec<(String, i64)>> {

@@ -3,8 +3,8 @@
 //! free, so two reservations never each hold part of what both need); it ends through
 //! `release_in` whenever its job leaves its workers, whatever the reason.
 
-/// `(job_id, attempt, state, start_deadline, reason)` of a reservation.
-pub(super) type ReservationHead = (String, i64, String, i64, Option<String>);
+/// `(job_id, attempt, state, start_deadline, reason, layout)` of a reservation.
+pub(super) type ReservationHead = (String, i64, String, i64, Option<String>, Option<String>);
 
 /// Checks the placements before any row is touched.
 pub(super) fn check_placements(ranks: &[super::RankPlacement]) -> Result<(), super::GangRefusal> {
@@ -97,6 +97,7 @@ macro_rules! gang_sql {
                 job_id: &str,
                 ranks: &[RankPlacement],
                 start_timeout_ms: i64,
+                layout: Option<&str>,
             ) -> StoreResult<GangOutcome> {
                 if let Err(refusal) = $crate::store::gang_sql::check_placements(ranks) {
                     return Ok(GangOutcome::Refused(refusal));
@@ -115,13 +116,14 @@ macro_rules! gang_sql {
                         return Ok(Err(refusal));
                     }
                     sqlx::query(concat!(
-                        "INSERT INTO job_reservations (job_id, attempt, state, created_at, start_deadline) \
-                         VALUES ($1, $2, 'reserved', $3, ", $now, " + $4)"
+                        "INSERT INTO job_reservations (job_id, attempt, state, created_at, start_deadline, layout) \
+                         VALUES ($1, $2, 'reserved', $3, ", $now, " + $4, $5)"
                     ))
                     .bind(job_id)
                     .bind(attempt)
                     .bind(now_ms())
                     .bind(start_timeout_ms)
+                    .bind(layout)
                     .execute(&mut *tx)
                     .await?;
                     // Every rank's claim token, rank 0's included: it is the job's lease token.
@@ -206,16 +208,16 @@ macro_rules! gang_sql {
             }
 
             async fn reservation_from(&self, head: Option<$crate::store::gang_sql::ReservationHead>) -> StoreResult<Option<Reservation>> {
-                let Some((job_id, attempt, state, start_deadline, reason)) = head else {
+                let Some((job_id, attempt, state, start_deadline, reason, layout)) = head else {
                     return Ok(None);
                 };
                 let ranks = self.ranks_query(&job_id, attempt).await?;
-                Ok(Some(Reservation { job_id, attempt, state, start_deadline, reason, ranks }))
+                Ok(Some(Reservation { job_id, attempt, state, start_deadline, reason, layout, ranks }))
             }
 
             async fn reservation_query(&self, job_id: &str, attempt: i64) -> StoreResult<Option<Reservation>> {
                 let head = sqlx::query_as(
-                    "SELECT job_id, attempt, state, start_deadline, reason FROM job_reservations \
+                    "SELECT job_id, attempt, state, start_deadline, reason, layout FROM job_reservations \
                      WHERE job_id = $1 AND attempt = $2",
                 )
                 .bind(job_id)
@@ -227,7 +229,7 @@ macro_rules! gang_sql {
 
             async fn latest_reservation_query(&self, job_id: &str) -> StoreResult<Option<Reservation>> {
                 let head = sqlx::query_as(
-                    "SELECT job_id, attempt, state, start_deadline, reason FROM job_reservations \
+                    "SELECT job_id, attempt, state, start_deadline, reason, layout FROM job_reservations \
                      WHERE job_id = $1 ORDER BY attempt DESC LIMIT 1",
                 )
                 .bind(job_id)

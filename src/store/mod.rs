@@ -14,6 +14,7 @@ mod lease;
 mod postgres;
 mod queries;
 mod queue_sql;
+pub mod restarts;
 mod rows;
 mod sqlite;
 pub mod state;
@@ -30,6 +31,7 @@ pub use cluster::{
 pub use ids::{new_id, now_ms};
 pub use lease::Lease;
 pub use postgres::PgStore;
+pub use restarts::DEFAULT_MAX_RESTARTS;
 pub use rows::*;
 pub use sqlite::SqliteStore;
 pub use state::{InvalidTransition, JobState};

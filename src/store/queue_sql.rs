@@ -107,6 +107,14 @@ macro_rules! queue_sql {
                 }
                 let job = Self::lock_job(tx, id).await?;
                 let from = job.job_state()?;
+                let capped;
+                let (to, change) = match Self::over_restarts_in(tx, &job, to, change).await? {
+                    Some(failed) => {
+                        capped = failed;
+                        (JobState::Failed, &capped)
+                    }
+                    None => (to, change),
+                };
                 from.check(to)?;
                 if from.is_on_worker() && !to.is_on_worker() {
                     let reason = change.message.clone().unwrap_or_else(|| format!("the job is {to}"));
@@ -139,6 +147,26 @@ macro_rules! queue_sql {
                 }
                 Self::event_in(tx, id, "state", &event.to_string(), None).await?;
                 Self::lock_job(tx, id).await
+            }
+
+            /// A requeue past the job's `max_restarts` fails it instead: the change that
+            /// does, naming the cause of the last restart. `None` when the requeue may go on.
+            async fn over_restarts_in(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                job: &JobRow,
+                to: JobState,
+                change: &TransitionChange,
+            ) -> StoreResult<Option<TransitionChange>> {
+                if to != JobState::Queued || !change.restart {
+                    return Ok(None);
+                }
+                let cap: Option<i64> =
+                    sqlx::query_scalar("SELECT max_restarts FROM jobs WHERE id = $1")
+                        .bind(&job.id)
+                        .fetch_one(&mut **tx)
+                        .await?;
+                let cap = cap.unwrap_or($crate::store::DEFAULT_MAX_RESTARTS);
+                Ok($crate::store::restarts::past_cap(job.restart_count, cap, change))
             }
 
             async fn find_idempotent(
@@ -190,7 +218,8 @@ macro_rules! queue_sql {
                     let sql = format!(
                         "INSERT INTO jobs (id, tenant_id, state, spec, total_steps, idempotency_key, \
                          request_hash, created_at, plan, plan_svg, plan_summary, devices_needed, error, \
-                         finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                         finished_at, max_restarts) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                          RETURNING {JOB_COLUMNS}"
                     );
                     let inserted = sqlx::query_as::<_, JobRow>(&sql)
@@ -208,6 +237,7 @@ macro_rules! queue_sql {
                         .bind(devices_needed)
                         .bind(error)
                         .bind(state.is_finished().then_some(now))
+                        .bind(job.max_restarts)
                         .fetch_one(&mut *tx)
                         .await;
                     let row = inserted?;

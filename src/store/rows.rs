@@ -88,6 +88,9 @@ pub struct NewJob {
     pub request_hash: Option<String>,
     /// Planning's outcome, recorded in the same transaction; `None` leaves it `validating`.
     pub planned: Option<Planned>,
+    /// How many times it may go back to the queue after its run was lost (a worker or rank
+    /// died, the database was away) before it fails; `None`: `DEFAULT_MAX_RESTARTS`.
+    pub max_restarts: Option<i64>,
 }
 
 /// A job's checkpoint that another job starts from.

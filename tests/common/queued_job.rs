@@ -15,6 +15,7 @@ pub async fn queued_job(store: &dyn Store, tenant: &str, devices_needed: i64) ->
         idempotency_key: None,
         request_hash: None,
         planned: None,
+        max_restarts: None,
     };
     store.insert_job(&job).await.unwrap();
     let plan = PlanRow {

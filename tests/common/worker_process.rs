@@ -20,6 +20,18 @@ impl WorkerProcess {
         n: usize,
         lease_seconds: &str,
     ) -> WorkerProcess {
+        Self::start_with_env(database_url, data_dir, logs, n, lease_seconds, &[])
+    }
+
+    /// `start`, with `env` set in the worker's environment (fault injection).
+    pub fn start_with_env(
+        database_url: &str,
+        data_dir: &Path,
+        logs: &Path,
+        n: usize,
+        lease_seconds: &str,
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let log = logs.join(format!("worker-{n}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
@@ -31,6 +43,7 @@ impl WorkerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "warn,chronospipe=info")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
             .spawn()

@@ -20,7 +20,8 @@ use tokio::task::JoinSet;
 use super::{Running, Worker, WorkerError, heartbeat, store_failure};
 use crate::exec::transport::RankSpec;
 use crate::exec::transport::ranks::Bound;
-use crate::jobs::gang::reserve_next;
+use crate::jobs::gang::{GangPlanning, reserve_next};
+use crate::jobs::gang_plan::GangLayout;
 use crate::jobs::rendezvous::{Rendezvous, TCP_ADDRESS};
 use crate::jobs::runner::{
     Evaluation, EventLevel, Fault, RunControl, RunEnd, RunFailure, RunSink, SinkError, StepMetrics,
@@ -44,7 +45,17 @@ impl Worker {
         self: &Arc<Self>,
         tasks: &mut JoinSet<Result<(), WorkerError>>,
     ) {
-        match reserve_next(self.store.as_ref(), self.config.gang_start).await {
+        let planning = self.planner.clone().map(|planner| GangPlanning {
+            planner,
+            network: self.config.network,
+            host_memory_bytes: self.config.host_memory_bytes,
+        });
+        let reserved = reserve_next(
+            self.store.as_ref(),
+            planning.as_ref(),
+            self.config.gang_start,
+        );
+        match reserved.await {
             Ok(Some(r)) => tracing::info!(
                 job = %r.job_id, attempt = r.attempt, ranks = r.ranks.len(),
                 "job reserved across workers"
@@ -63,6 +74,7 @@ impl Worker {
             let Some(token) = row.lease_token.clone() else {
                 continue;
             };
+            exit_before_rendezvous_if_asked(&row);
             {
                 let mut running = self.running();
                 if running.contains_key(&token) {
@@ -175,7 +187,10 @@ impl Worker {
             let job = (self.store.get_job_any(&row.job_id).await)
                 .map_err(store_failure)?
                 .ok_or_else(|| RunFailure::service("internal", "the job is gone"))?;
-            let request = self.prepare_job(&job, true, records).await?;
+            let mut request = self.prepare_job(&job, true, records).await?;
+            if let Some(layout) = self.layout(row).await? {
+                layout.apply(&mut request.spec);
+            }
             let rank = self.meet(row).await?;
             Ok::<_, RunFailure>((job, request, rank))
         };
@@ -226,6 +241,22 @@ impl Worker {
         (ended, storage)
     }
 
+    /// What the attempt's ranks plan on, when the job was planned over the cluster.
+    async fn layout(&self, row: &RankRow) -> Result<Option<GangLayout>, RunFailure> {
+        let reservation = (self.store.latest_reservation(&row.job_id).await)
+            .map_err(store_failure)?
+            .filter(|r| r.attempt == row.attempt);
+        let Some(text) = reservation.and_then(|r| r.layout) else {
+            return Ok(None);
+        };
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            RunFailure::service(
+                "internal",
+                format!("the attempt's layout does not parse: {e}"),
+            )
+        })
+    }
+
     /// Publishes this rank's address and reads every rank's, within the start deadline.
     async fn meet(&self, row: &RankRow) -> Result<RankSpec, RunFailure> {
         let unmet = |what: String| RunFailure::service("rendezvous_failed", what);
@@ -259,6 +290,21 @@ impl Worker {
             .map_err(|e| unmet(e.to_string()))?;
         spec.listener = Some(Bound(Arc::new(listener)));
         Ok(spec)
+    }
+}
+
+/// The environment variable that makes a worker process exit as soon as it finds a rank
+/// reserved on its devices, before starting it (fault injection: a worker that dies between
+/// the reservation and the rendezvous; `tests/cluster_elastic.rs`).
+const FAULT_EXIT_BEFORE_RENDEZVOUS: &str = "CHRONOSPIPE_FAULT_EXIT_BEFORE_RENDEZVOUS";
+
+fn exit_before_rendezvous_if_asked(row: &RankRow) {
+    if std::env::var_os(FAULT_EXIT_BEFORE_RENDEZVOUS).is_some() {
+        tracing::error!(
+            job = %row.job_id, attempt = row.attempt, rank = row.rank,
+            "{FAULT_EXIT_BEFORE_RENDEZVOUS} is set: exiting before the rank starts"
+        );
+        std::process::exit(86);
     }
 }
 

@@ -1,0 +1,164 @@
+//! A plan's devices on several machines: what one step moves between each pair of run-wide
+//! devices (activations and gradients between pipeline neighbours, each chunk's gradient
+//! reduction and weight gathering around its replicas' ring), what that costs where a pair
+//! sits on two machines (the network's bandwidth and latency), and the placement that keeps
+//! the pairs that talk most on one machine. Devices on one machine are taken to talk for free.
+
+use std::collections::BTreeMap;
+
+use super::cost::part_params;
+use super::inventory::Profile;
+use super::ir::{Action, Plan};
+use super::tensors::{MicroShape, ModelDims};
+
+/// The link between two machines.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Network {
+    pub bytes_per_s: f64,
+    pub latency_s: f64,
+}
+
+impl Default for Network {
+    /// A 10 Gb/s Ethernet link with 50 us per message.
+    fn default() -> Self {
+        Network {
+            bytes_per_s: 1.25e9,
+            latency_s: 50e-6,
+        }
+    }
+}
+
+/// What one step moves from one run-wide device to another: bytes and messages.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Traffic {
+    pub links: BTreeMap<(u32, u32), (f64, u32)>,
+}
+
+impl Traffic {
+    fn add(&mut self, from: u32, to: u32, bytes: f64, messages: u32) {
+        let link = self.links.entry((from, to)).or_default();
+        link.0 += bytes;
+        link.1 += messages;
+    }
+
+    /// Seconds a step spends on the links between machines, `machine[d]` being run-wide
+    /// device `d`'s (no overlap with compute assumed: an upper bound).
+    pub fn network_s(&self, machine: &[usize], network: &Network) -> f64 {
+        (self.links.iter())
+            .filter(|((a, b), _)| machine[*a as usize] != machine[*b as usize])
+            .map(|(_, (bytes, messages))| {
+                bytes / network.bytes_per_s.max(1.0) + *messages as f64 * network.latency_s
+            })
+            .sum()
+    }
+}
+
+/// The traffic of `plan`, run by `plan.replicas` replicas (run-wide device `d` is stage
+/// `d % stages` of replica `d / stages`), for a model of `dims` whose tensors take
+/// `element_bytes` each, in micro-batches of `micro`.
+pub fn traffic(
+    plan: &Plan,
+    profile: Profile,
+    dims: &ModelDims,
+    micro: MicroShape,
+    element_bytes: u64,
+) -> Traffic {
+    let stages = plan.devices() as u32;
+    let replicas = plan.replicas.max(1);
+    let boundary = (micro.batch * micro.seq * dims.hidden) as f64 * element_bytes as f64;
+    let chunk_bytes: Vec<f64> = (plan.chunks.iter())
+        .map(|c| {
+            let params: u64 = (c.parts().into_iter())
+                .map(|p| part_params(profile, dims, p))
+                .sum();
+            params as f64 * element_bytes as f64
+        })
+        .collect();
+    // One ring hop of a collective moving `halves` halves of an all-reduce of `bytes`.
+    let ring = |bytes: f64, halves: f64| {
+        let r = replicas as f64;
+        (
+            halves * (r - 1.0) / r * bytes,
+            (halves as u32) * (replicas - 1),
+        )
+    };
+    let mut traffic = Traffic::default();
+    for replica in 0..replicas {
+        let base = replica * stages;
+        let next = ((replica + 1) % replicas) * stages;
+        for (device, program) in plan.programs.iter().enumerate() {
+            let device = device as u32;
+            for action in program {
+                let hop = match *action {
+                    Action::SendAct { peer, .. } | Action::SendGrad { peer, .. } => {
+                        traffic.add(base + device, base + peer, boundary, 1);
+                        continue;
+                    }
+                    Action::Reduce { chunk, shard } => {
+                        ring(chunk_bytes[chunk as usize], if shard { 1.0 } else { 2.0 })
+                    }
+                    Action::Gather { chunk } => ring(chunk_bytes[chunk as usize], 1.0),
+                    _ => continue,
+                };
+                if replicas > 1 {
+                    traffic.add(base + device, next + device, hop.0, hop.1);
+                }
+            }
+        }
+    }
+    traffic
+}
+
+/// Where each run-wide device goes among the slots, and what the network costs a step then.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// `slot[d]`: the slot of run-wide device `d`.
+    pub slot: Vec<usize>,
+    pub network_s: f64,
+    /// `replicas` (a replica's stages side by side) or `stages` (a stage's replicas side by
+    /// side).
+    pub order: &'static str,
+}
+
+/// Places `stages x replicas` run-wide devices on slots whose machines are `slot_machine`
+/// (machines filled in turn, so slots of one machine are consecutive): either each replica's
+/// pipeline side by side (its neighbours share machines) or each stage's replicas side by side
+/// (its gradient ring shares machines), whichever sends less time over the network; a tie
+/// keeps replicas together.
+pub fn place(
+    stages: u32,
+    replicas: u32,
+    traffic: &Traffic,
+    slot_machine: &[usize],
+    network: &Network,
+) -> Placement {
+    let devices = (stages * replicas) as usize;
+    let by_replica: Vec<usize> = (0..devices).collect();
+    // Slot k holds stage k / replicas of replica k % replicas.
+    let mut by_stage = vec![0; devices];
+    for slot in 0..devices {
+        let (stage, replica) = (slot as u32 / replicas, slot as u32 % replicas);
+        by_stage[(replica * stages + stage) as usize] = slot;
+    }
+    let cost = |slot: &[usize]| {
+        let machine: Vec<usize> = slot.iter().map(|s| slot_machine[*s]).collect();
+        traffic.network_s(&machine, network)
+    };
+    let (a, b) = (cost(&by_replica), cost(&by_stage));
+    if b < a {
+        Placement {
+            slot: by_stage,
+            network_s: b,
+            order: "stages",
+        }
+    } else {
+        Placement {
+            slot: by_replica,
+            network_s: a,
+            order: "replicas",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,74 @@
+use super::*;
+use crate::plan::reduction::with_gradient_reduction;
+use crate::plan::schedule::{ScheduleKind, build};
+
+fn dims(hidden: usize, ffn: usize, vocab: usize) -> ModelDims {
+    ModelDims {
+        hidden,
+        layers: 4,
+        heads: 4,
+        kv_heads: 4,
+        ffn,
+        vocab,
+        qkv_bias: false,
+    }
+}
+
+/// Two stages, two replicas, 1F1B over `microbatches`.
+fn pp2_dp2(microbatches: u32) -> Plan {
+    let one = build(ScheduleKind::OneFOneB, 2, microbatches, 4).unwrap();
+    with_gradient_reduction(one, 2).unwrap()
+}
+
+#[test]
+fn neighbours_send_each_micro_batch_once_each_way() {
+    let plan = pp2_dp2(4);
+    let micro = MicroShape { batch: 2, seq: 8 };
+    let t = traffic(&plan, Profile::CpuF32, &dims(16, 32, 64), micro, 4);
+    let boundary = (2 * 8 * 16 * 4) as f64;
+    // Replica 0 is devices 0 and 1, replica 1 devices 2 and 3.
+    for (a, b) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
+        assert_eq!(t.links[&(a, b)], (4.0 * boundary, 4), "{a}->{b}");
+    }
+    // Each stage's ring: 0 <-> 2, 1 <-> 3; an all-reduce over two moves half of it twice.
+    for (a, b) in [(0, 2), (2, 0), (1, 3), (3, 1)] {
+        let (bytes, messages) = t.links[&(a, b)];
+        assert!(bytes > 0.0 && messages > 0, "{a}->{b}");
+    }
+    assert!(!t.links.contains_key(&(0, 3)));
+    // All on one machine: nothing crosses.
+    assert_eq!(t.network_s(&[0, 0, 0, 0], &Network::default()), 0.0);
+}
+
+#[test]
+fn the_pairs_that_talk_most_share_a_machine() {
+    // Two machines of two slots each.
+    let machines = [0, 0, 1, 1];
+    let network = Network::default();
+    // Wide activations, few parameters: pipeline neighbours talk most.
+    let plan = pp2_dp2(16);
+    let wide = MicroShape { batch: 8, seq: 512 };
+    let t = traffic(&plan, Profile::CpuF32, &dims(64, 64, 32), wide, 4);
+    let p = place(2, 2, &t, &machines, &network);
+    assert_eq!(p.order, "replicas");
+    assert_eq!(p.slot, [0, 1, 2, 3]);
+    // Many parameters, small micro-batches: the gradient rings talk most.
+    let plan = pp2_dp2(1);
+    let small = MicroShape { batch: 1, seq: 4 };
+    let t = traffic(&plan, Profile::CpuF32, &dims(256, 4096, 32000), small, 4);
+    let p = place(2, 2, &t, &machines, &network);
+    assert_eq!(p.order, "stages");
+    // Stage 0 of both replicas (devices 0 and 2) on machine 0.
+    assert_eq!(p.slot, [0, 2, 1, 3]);
+    let replica_major = t.network_s(&[0, 0, 1, 1], &network);
+    assert!(p.network_s < replica_major);
+    // What crosses now is the neighbours' sends: a micro-batch each way per replica, each
+    // message paying the latency.
+    let boundary = (4 * 256 * 4) as f64;
+    let crossing = 4.0 * (boundary / network.bytes_per_s + network.latency_s);
+    assert!(
+        (p.network_s - crossing).abs() < 1e-12,
+        "{} vs {crossing}",
+        p.network_s
+    );
+}
