@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// none, chronos or auto.
     #[arg(long, default_value = "auto")]
     pub offload: String,
+    /// Whether replicas shard the optimizer state among them (ZeRO-1), as a job's
+    /// `parallelism.shard_optimizer` does by default; false: each keeps the whole state.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub shard_optimizer: bool,
     /// Print the answer as JSON.
     #[arg(long)]
     pub json: bool,
@@ -270,6 +274,7 @@ fn plan(args: &RunArgs) -> Result<String, PlanCmdError> {
         schedule,
         recompute: args.recompute.parse::<Recompute>()?,
         offload: args.offload.parse::<Offload>()?,
+        shard_optimizer: args.shard_optimizer,
     };
     let started = Instant::now();
     let answer = search::search(&req, &cluster)?;

@@ -8,7 +8,7 @@
 //! into that replica's copy, and an all-gather copies each replica's updated shard of the
 //! weights into the others'.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::{Condvar, Mutex};
 
@@ -153,8 +153,7 @@ pub fn sum_in_replica_order<E: Engine>(
 
 /// `RS<c>`: sums each replica's owned elements over every copy in replica order (as
 /// `sum_in_replica_order` does, so the same bits) into that replica's copy, and zeroes them in
-/// the others' (their next step accumulates from zero). Whole tensors' host copies of one
-/// range at a time go through the engine's `read`/`write`.
+/// the others' (their next step accumulates from zero), tensor by tensor on the engine.
 pub fn scatter_sums<E: Engine>(
     engine: &E,
     device: u32,
@@ -162,24 +161,10 @@ pub fn scatter_sums<E: Engine>(
     shards: &Shards,
 ) -> Result<(), PipelineError> {
     check_shards(all, shards)?;
-    for (owner, owned) in shards.iter().enumerate() {
-        for (part, tensor, range) in owned {
-            let (part, tensor) = (*part, *tensor);
-            let mut sum = vec![0f32; range.len()];
-            let mut other = vec![0f32; range.len()];
-            engine.read(device, &all[0][part][tensor], range.clone(), &mut sum)?;
-            for copy in &all[1..] {
-                engine.read(device, &copy[part][tensor], range.clone(), &mut other)?;
-                for (s, o) in sum.iter_mut().zip(&other) {
-                    *s += *o;
-                }
-            }
-            other.fill(0.0);
-            for (r, copy) in all.iter_mut().enumerate() {
-                let values = if r == owner { &sum } else { &other };
-                engine.write(device, &mut copy[part][tensor], range.clone(), values)?;
-            }
-        }
+    for ((part, tensor), owned) in by_tensor(shards) {
+        let mut copies: Vec<&mut E::Tensor> =
+            all.iter_mut().map(|r| &mut r[part][tensor]).collect();
+        engine.scatter_ranges(device, &mut copies, &owned)?;
     }
     Ok(())
 }
@@ -192,24 +177,24 @@ pub fn gather_shards<E: Engine>(
     shards: &Shards,
 ) -> Result<(), PipelineError> {
     check_shards(all, shards)?;
-    for (owner, owned) in shards.iter().enumerate() {
-        for (part, tensor, range) in owned {
-            let (part, tensor) = (*part, *tensor);
-            let mut values = vec![0f32; range.len()];
-            engine.read(
-                device,
-                &all[owner][part][tensor],
-                range.clone(),
-                &mut values,
-            )?;
-            for (r, copy) in all.iter_mut().enumerate() {
-                if r != owner {
-                    engine.write(device, &mut copy[part][tensor], range.clone(), &values)?;
-                }
-            }
-        }
+    for ((part, tensor), owned) in by_tensor(shards) {
+        let mut copies: Vec<&mut E::Tensor> =
+            all.iter_mut().map(|r| &mut r[part][tensor]).collect();
+        engine.gather_ranges(device, &mut copies, &owned)?;
     }
     Ok(())
+}
+
+/// The shards per tensor: by (part, tensor), the (owner, range) in it, in replica order.
+fn by_tensor(shards: &Shards) -> BTreeMap<(usize, usize), Vec<(usize, Range<usize>)>> {
+    let mut out: BTreeMap<(usize, usize), Vec<(usize, Range<usize>)>> = BTreeMap::new();
+    for (owner, owned) in shards.iter().enumerate() {
+        for (part, tensor, range) in owned {
+            let ranges = out.entry((*part, *tensor)).or_default();
+            ranges.push((owner, range.clone()));
+        }
+    }
+    out
 }
 
 /// Every replica met, and each owned place exists in every copy.
