@@ -540,8 +540,7 @@ fn check_ranges(copies: &[&mut Tensor], owned: &[(usize, Range<usize>)]) -> Resu
             other.len()
         )));
     }
-    if let Some((owner, range)) = (owned.iter()).find(|(o, r)| *o >= copies.len() || r.end > len)
-    {
+    if let Some((owner, range)) = (owned.iter()).find(|(o, r)| *o >= copies.len() || r.end > len) {
         return Err(PipelineError::Reduction(format!(
             "{}: replica {owner} of {} cannot own elements {range:?} of {len}",
             first.name(),

@@ -150,8 +150,8 @@ pub fn plan_job(
             OffloadChoice::None => Offload::None,
             OffloadChoice::Chronos => Offload::Chronos,
         },
-        // On by default: candidates with replicas are planned as they will run.
-        shard_optimizer: p.shard_optimizer != Some(false),
+        // Candidates with replicas are planned as they will run.
+        shard_optimizer: p.shards_optimizer(),
     };
     let used = room.devices as u32;
     let mut cluster = match kind {

@@ -84,6 +84,7 @@ pub struct RootedOp {
 }
 
 /// The NCCL communicator of a job's GPUs.
+pub struct Nccl {
     ranks: Mutex<Ranks>,
 }
 
@@ -285,7 +286,10 @@ impl Nccl {
                 "no replica group of GPUs {ordinals:?} was made for this job"
             )));
         };
-        if let Some(op) = ops.iter().find(|op| op.addrs.len() != gpus.len() || op.root >= gpus.len()) {
+        if let Some(op) = ops
+            .iter()
+            .find(|op| op.addrs.len() != gpus.len() || op.root >= gpus.len())
+        {
             return Err(CudaError::Unsupported(format!(
                 "a collective rooted at {} with {} buffers over {} GPUs",
                 op.root,
@@ -305,8 +309,9 @@ impl Nccl {
         // compute stream passes the end of this group, which it waits for below.
         let queued = ops.iter().try_for_each(|op| {
             (op.addrs.iter().zip(comms).zip(&streams)).try_for_each(|((&ptr, &comm), stream)| {
-                let (root, s) = (op.root as i32, stream.cu_stream() as _);
-                unsafe {
+                let root = op.root as i32;
+                // SAFETY: as above.
+                let queued = unsafe {
                     match kind {
                         Rooted::Sum => nccl::reduce(
                             ptr as *const _,
@@ -316,14 +321,20 @@ impl Nccl {
                             sys::ncclRedOp_t::ncclSum,
                             root,
                             comm,
-                            s,
+                            stream.cu_stream() as _,
                         ),
-                        Rooted::Copy => {
-                            nccl::broadcast(ptr as *const _, ptr as *mut _, op.len, f32s, root, comm, s)
-                        }
+                        Rooted::Copy => nccl::broadcast(
+                            ptr as *const _,
+                            ptr as *mut _,
+                            op.len,
+                            f32s,
+                            root,
+                            comm,
+                            stream.cu_stream() as _,
+                        ),
                     }
-                }
-                .map(|_| ())
+                };
+                queued.map(|_| ())
             })
         });
         let ended = nccl::group_end();

@@ -166,7 +166,11 @@ impl GpuEngine {
             let owner_gpu = spread.gpu_of[*owner];
             for r in 0..copies.len() {
                 let g = spread.gpu_of[r];
-                let src = if g == owner_gpu { *owner } else { spread.holder_of(r) };
+                let src = if g == owner_gpu {
+                    *owner
+                } else {
+                    spread.holder_of(r)
+                };
                 if src != r {
                     let (from, copy) = pair_mut(copies, src, r);
                     copy.copy_range_from(&self.gpus[g], from, range.clone())?;
@@ -292,7 +296,10 @@ impl GpuEngine {
 /// Every owner is a replica here and every range within the copies.
 fn check_owned(copies: &[&mut GpuTensor], owned: &[(usize, Range<usize>)]) -> Result<()> {
     let len = copies.first().map_or(0, |c| c.len());
-    match owned.iter().find(|(o, r)| *o >= copies.len() || r.end > len) {
+    match owned
+        .iter()
+        .find(|(o, r)| *o >= copies.len() || r.end > len)
+    {
         Some((owner, range)) => Err(PipelineError::Reduction(format!(
             "replica {owner} of {} cannot own elements {range:?} of {len}",
             copies.len()
