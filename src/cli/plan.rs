@@ -433,6 +433,16 @@ mod tests {
             .copied()
             .collect();
         assert_eq!(json(&one_by_two), (Some(1), Some(2)));
+        // Replicas shard the optimizer state unless told not to, as a job's do.
+        let sharded = |extra: &[&str]| {
+            let args: Vec<&str> = (base.iter().chain(&batch).chain(extra)).copied().collect();
+            let out = run(&parse(&args)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            v["answer"]["best"]["shard_optimizer"].as_bool()
+        };
+        assert_eq!(sharded(&["--data-parallel", "2"]), Some(true));
+        let whole = ["--data-parallel", "2", "--shard-optimizer", "false"];
+        assert_eq!(sharded(&whole), Some(false));
         for (extra, says) in [
             (&["--data-parallel", "3"][..], "do not divide the 4"),
             (&["--data-parallel", "2", "--pipeline", "3"][..], "need 6"),
