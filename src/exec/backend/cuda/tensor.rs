@@ -416,8 +416,7 @@ impl GpuTensor {
         self.copy_range_from(gpu, src, 0..src.len())
     }
 
-    /// Overwrites elements `range` with `src`'s, a tensor of the same length and type on the
-    /// same GPU (device to device).
+    /// Overwrites elements `range` with `src`'s (same length and type, same GPU).
     pub fn copy_range_from(
         &mut self,
         gpu: &Gpu,
@@ -447,6 +446,11 @@ impl GpuTensor {
             _ => return Err(self.offloaded()),
         }
         Ok(())
+    }
+
+    /// Its values were written from outside (an NCCL collective): its copy is stale.
+    pub fn mark_written(&mut self) {
+        self.act_copy.mark_stale();
     }
 
     pub fn fill_zero(&mut self, gpu: &Gpu) -> Result<(), CudaError> {

@@ -233,6 +233,12 @@ impl GpuEngine {
             if !ops.is_empty() {
                 nccl.rooted(&gpus, kind, &ops)?;
             }
+            if kind == Rooted::Copy {
+                // The broadcasts wrote the other GPUs' weights: their bf16 copies are stale.
+                for &(_, holder) in &spread.holders {
+                    copies[holder].mark_written();
+                }
+            }
             return Ok(());
         }
         for (owner, range) in owned {
