@@ -252,11 +252,15 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
     let spec = patched(&job(&data, 1, 1, "1f1b"), r#""data_parallel": "auto""#);
     let answer = plan_job(&spec, &arch, &gpus, DeviceKind::Cuda).unwrap();
     assert_eq!(answer.plan.total_devices(), 2);
-    // Sharded optimizer state is still refused on GPUs, by field.
+    // GPU replicas shard the optimizer state as CPU ones do: by default, asked, or not.
+    let answer = plan_job(&job(&data, 1, 2, "1f1b"), &arch, &gpus, DeviceKind::Cuda).unwrap();
+    assert!(answer.plan.sharded(0) && answer.best.shard_optimizer);
     let spec = patched(&job(&data, 1, 2, "1f1b"), r#""shard_optimizer": true"#);
-    let (field, message) = spec_error(plan_job(&spec, &arch, &gpus, DeviceKind::Cuda));
-    assert_eq!(field, "parallelism.shard_optimizer");
-    assert!(message.contains("CUDA devices"), "{message}");
+    let answer = plan_job(&spec, &arch, &gpus, DeviceKind::Cuda).unwrap();
+    assert!(answer.plan.sharded(0));
+    let spec = patched(&job(&data, 1, 2, "1f1b"), r#""shard_optimizer": false"#);
+    let answer = plan_job(&spec, &arch, &gpus, DeviceKind::Cuda).unwrap();
+    assert!(!answer.plan.sharded(0) && answer.plan.to_string().contains("AR0"));
 }
 
 /// `spec` with `patch` (a JSON member) first in its `parallelism`.
@@ -447,6 +451,33 @@ fn sharded_optimizer_state_trains_like_whole_state_and_keeps_only_its_shard() {
 }
 
 #[test]
+fn the_planner_finds_a_replicated_plan_that_fits_only_with_sharded_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let mut base = job(&data, 1, 2, "1f1b");
+    base.parallelism.recompute = RecomputeChoice::None;
+    base.parallelism.offload = OffloadChoice::None;
+    let whole_spec = patched(&base, r#""shard_optimizer": false"#);
+    let peak = |run: &Run| *run.predicted_peaks().iter().max().unwrap();
+    let whole = peak(&Run::prepare(whole_spec.clone(), "").unwrap());
+    let sharded = peak(&Run::prepare(base.clone(), "").unwrap());
+    assert!(sharded < whole, "sharded {sharded} vs whole {whole}");
+    // Between the two peaks: whole state fits no plan, the sharded plan is found.
+    let devices = format!("cpu:2x{}", (whole + sharded) / 2);
+    let mut tight = whole_spec;
+    tight.devices = Some(devices.clone());
+    let err = Run::prepare(tight, "").map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("no plan fits"), "{err}");
+    let mut spec = base;
+    spec.devices = Some(devices);
+    let out = dir.path().join("sharded");
+    let (run, _) = train(spec, &out);
+    assert!(run.answer.best.shard_optimizer && run.answer.plan.sharded(0));
+    assert_eq!(peak(&run), sharded);
+    assert_eq!(run.predicted_peaks(), run.measured_peaks());
+}
+
+#[test]
 fn a_replica_offloads_its_own_shard_of_the_optimizer_state() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path());
@@ -455,12 +486,15 @@ fn a_replica_offloads_its_own_shard_of_the_optimizer_state() {
     train(job(&data, 2, 1, "1f1b"), &one);
     let mut base = job(&data, 2, 2, "1f1b");
     base.parallelism.recompute = RecomputeChoice::None;
-    // A budget that whole optimizer state does not fit without offloading half of it.
-    let roomy = Run::prepare(patched(&base, r#""shard_optimizer": false"#), "").unwrap();
+    // A budget that even a replica's shard of the optimizer state does not fit without
+    // offloading half of it.
+    base.parallelism.offload = OffloadChoice::None;
+    let roomy = Run::prepare(base.clone(), "").unwrap();
+    assert!(roomy.answer.plan.sharded(0));
     let params = chunk_params(&roomy, &model(&one));
     let peak = *roomy.predicted_peaks().iter().max().unwrap();
     let largest = (roomy.answer.plan.chunks.iter().zip(&params))
-        .map(|(c, &n)| (c.device, n * 8))
+        .map(|(c, &n)| (c.device, n.div_ceil(2) * 8))
         .fold([0u64; 2], |mut per, (d, bytes)| {
             per[d as usize] += bytes;
             per

@@ -154,6 +154,7 @@ fn searches(out: &mut String) {
         schedule: None,
         recompute: Recompute::Auto,
         offload: Offload::Auto,
+        shard_optimizer: false,
     };
     let cpu = presets::cluster("cpu-4x1g").unwrap();
     answer(

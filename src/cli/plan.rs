@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// none, chronos or auto.
     #[arg(long, default_value = "auto")]
     pub offload: String,
+    /// Whether replicas shard the optimizer state among them (ZeRO-1), as a job's
+    /// `parallelism.shard_optimizer` does by default; false: each keeps the whole state.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub shard_optimizer: bool,
     /// Print the answer as JSON.
     #[arg(long)]
     pub json: bool,
@@ -270,6 +274,7 @@ fn plan(args: &RunArgs) -> Result<String, PlanCmdError> {
         schedule,
         recompute: args.recompute.parse::<Recompute>()?,
         offload: args.offload.parse::<Offload>()?,
+        shard_optimizer: args.shard_optimizer,
     };
     let started = Instant::now();
     let answer = search::search(&req, &cluster)?;
@@ -402,6 +407,16 @@ mod tests {
         assert_eq!(fixed(&["--data-parallel", "4"]), (Some(1), Some(4)));
         let one_by_two = ["--data-parallel", "2", "--pipeline", "1"];
         assert_eq!(fixed(&one_by_two), (Some(1), Some(2)));
+        // Replicas shard the optimizer state unless told not to, as a job's do.
+        let sharded = |extra: &[&str]| {
+            let args = [&["--global-batch", "8", "--json"][..], extra].concat();
+            let out = run(&tiny(&args)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            v["answer"]["best"]["shard_optimizer"].as_bool()
+        };
+        assert_eq!(sharded(&["--data-parallel", "2"]), Some(true));
+        let whole = ["--data-parallel", "2", "--shard-optimizer", "false"];
+        assert_eq!(sharded(&whole), Some(false));
         for (extra, says) in [
             (&["--data-parallel", "3"][..], "do not divide the 4"),
             (&["--data-parallel", "2", "--pipeline", "3"][..], "need 6"),

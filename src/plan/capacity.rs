@@ -120,6 +120,7 @@ pub fn capacity(
             schedule,
             recompute: r,
             offload: o,
+            shard_optimizer: false,
         };
         let e = evaluate(&m, cluster, seq, config)?;
         let ok = e.candidate.fits && e.candidate.tokens_per_s * depth as f64 >= floor;
@@ -195,6 +196,7 @@ fn deepest(
             schedule,
             recompute: r,
             offload: o,
+            shard_optimizer: false,
         };
         let e = evaluate(&m, cluster, seq, config)?;
         let ok = e.candidate.fits && e.candidate.tokens_per_s * layers as f64 >= min_rate;

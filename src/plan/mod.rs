@@ -5,8 +5,8 @@
 //! - `search::search(&Request, &Cluster) -> Answer`: the fastest plan that fits (its `plan`,
 //!   simulation, and the runners-up), or `PlanError::DoesNotFit` with what would fit.
 //! - `search::evaluate(model, cluster, seq, Config)`: one fixed configuration (pipeline degree,
-//!   replicas, micro-batch shape, schedule, recompute and offload options), built, reduced
-//!   across its replicas, fitted and simulated.
+//!   replicas, micro-batch shape, schedule, recompute and offload options, sharded optimizer
+//!   state), built, reduced across its replicas, fitted and simulated.
 //! - `schedule::build(kind, devices, microbatches, layers) -> Plan`, then optionally
 //!   `policy::apply` to add recompute/offload, for callers that choose the schedule themselves.
 //! - `ir::Plan` and `ir::Action`: what the executor runs (text form in `ir`'s doc);

@@ -1,8 +1,9 @@
 //! The search: for a model, a cluster, a sequence length and a batch, every pipeline degree,
 //! micro-batch size, schedule and recompute/offload option is planned with as many
 //! data-parallel replicas as the devices and the global batch allow (each chunk's gradients
-//! reduced across them by `AR` actions), fitted by the policy pass and simulated; the fastest
-//! plan whose every device fits wins. The answer keeps the
+//! reduced across them by `AR` actions, or with sharded optimizer state by `RS` and `AG`, as
+//! the plan will run), fitted by the policy pass and simulated; the fastest plan whose every
+//! device fits wins. The answer keeps the
 //! runners-up and says why each lost; when nothing fits, a typed error names the smallest
 //! memory per device that would have fitted the closest configuration.
 
@@ -14,7 +15,7 @@ use super::inventory::{MicroShape, ModelDims};
 use super::ir::Plan;
 use super::policy::{Budget, Choices, Offload, Recompute, apply};
 use super::presets::Cluster;
-use super::reduction::with_gradient_reduction;
+use super::reduction::{with_gradient_reduction, with_sharded_optimizer};
 use super::schedule::{ScheduleKind, build, registry};
 use super::simulate::{ChunkCost, Simulation, chunk_costs, simulate};
 
@@ -38,6 +39,10 @@ pub struct Request {
     pub schedule: Option<ScheduleKind>,
     pub recompute: Recompute,
     pub offload: Offload,
+    /// Whether candidates with more than one replica shard each chunk's optimizer state over
+    /// the replicas (ZeRO-1: `RS<c>` and `AG<c>` for `AR<c>`), so their memory and time are
+    /// those of the sharded run.
+    pub shard_optimizer: bool,
 }
 
 /// One configuration tried, and how it did.
@@ -50,6 +55,8 @@ pub struct Candidate {
     pub microbatches: u32,
     pub recompute: Recompute,
     pub offload: Offload,
+    /// Whether each replica keeps only its shard of the optimizer state.
+    pub shard_optimizer: bool,
     pub choices: String,
     pub fits: bool,
     pub peak_bytes: u64,
@@ -109,6 +116,8 @@ pub struct Config {
     pub schedule: ScheduleKind,
     pub recompute: Recompute,
     pub offload: Offload,
+    /// With more than one replica: each keeps 1/replicas of the optimizer state.
+    pub shard_optimizer: bool,
 }
 
 /// A configuration built and simulated before fitting: its speed then bounds what fitting
@@ -133,6 +142,7 @@ fn prepare(
         micro_batch_size,
         microbatches,
         schedule,
+        shard_optimizer,
         ..
     } = config;
     let profile = cluster.profile();
@@ -142,7 +152,10 @@ fn prepare(
     };
     cost::validate(profile, model, micro)?;
     let one = build(schedule, pipeline, microbatches, model.layers as u32)?;
-    let plan = with_gradient_reduction(one, data_parallel)?;
+    let mut plan = with_gradient_reduction(one, data_parallel)?;
+    if shard_optimizer && data_parallel > 1 {
+        plan = with_sharded_optimizer(plan)?;
+    }
     let hw = cluster.hardware();
     let costs = chunk_costs(&plan, profile, model, micro, &hw);
     let tokens = data_parallel as f64 * microbatches as f64 * micro_batch_size as f64 * seq as f64;
@@ -176,6 +189,7 @@ fn fit(prepared: Prepared, cluster: &Cluster) -> Result<Evaluated, PlanError> {
         microbatches: c.microbatches,
         recompute: c.recompute,
         offload: c.offload,
+        shard_optimizer: c.shard_optimizer && c.data_parallel > 1,
         choices: applied.choices.to_string(),
         fits: applied.fits,
         peak_bytes: sim.peak_bytes(),
@@ -354,6 +368,7 @@ fn configs(
                     schedule,
                     recompute,
                     offload,
+                    shard_optimizer: req.shard_optimizer,
                 });
             }
         }
@@ -452,9 +467,10 @@ fn rank(mut tried: Vec<Evaluated>, pruned: usize, budget: u64) -> Result<Answer,
 /// One line naming a configuration.
 pub fn describe(c: &Candidate) -> String {
     format!(
-        "pp{} dp{} {} mbs{} x{} recompute={} offload={}",
+        "pp{} dp{}{} {} mbs{} x{} recompute={} offload={}",
         c.pipeline,
         c.data_parallel,
+        if c.shard_optimizer { " sharded" } else { "" },
         c.schedule,
         c.micro_batch_size,
         c.microbatches,

@@ -105,16 +105,16 @@ pub struct ParallelismSpec {
     pub data_parallel: DataParallel,
     /// Each replica keeps and steps 1/data_parallel of every chunk's optimizer state
     /// (ZeRO-1: gradients reduce-scattered, weights gathered after the step); left out, it
-    /// is on whenever there is more than one replica on CPU devices. `false` keeps the whole
-    /// state on every replica, as GPU replicas always do (`true` is refused there).
+    /// is on whenever there is more than one replica (CPU or GPU devices), and the planner
+    /// searches the replicated plans that way. `false` keeps the whole state on every replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard_optimizer: Option<bool>,
 }
 
 impl ParallelismSpec {
-    /// Whether a run of `replicas` replicas shards its optimizer state.
-    pub fn shards_optimizer(&self, replicas: u32) -> bool {
-        replicas > 1 && self.shard_optimizer != Some(false)
+    /// Whether replicas, where there are more than one, shard the optimizer state.
+    pub fn shards_optimizer(&self) -> bool {
+        self.shard_optimizer != Some(false)
     }
 
     /// Each replica runs an equal share of the step's `microbatches`.

@@ -227,6 +227,25 @@ pub trait Engine: Sync {
     /// Sums one gradient tensor's copies, one per replica, in replica order
     /// (`copies[0] + copies[1] + ...`, element by element) and writes the sum into every copy.
     fn sum_replicas(&self, device: u32, copies: &mut [&mut Self::Tensor]) -> Result<()>;
+
+    /// A sharded reduction of one gradient tensor (`RS<c>`): for each `(owner, range)` of
+    /// `owned`, sums elements `range` of the copies (one per replica) in replica order, the
+    /// same sum as `sum_replicas`, into copy `owner`'s, and zeroes them in the others'.
+    fn scatter_ranges(
+        &self,
+        device: u32,
+        copies: &mut [&mut Self::Tensor],
+        owned: &[(usize, Range<usize>)],
+    ) -> Result<()>;
+
+    /// A gathering of one weight tensor (`AG<c>`): for each `(owner, range)` of `owned`,
+    /// copies elements `range` of copy `owner` into every other copy.
+    fn gather_ranges(
+        &self,
+        device: u32,
+        copies: &mut [&mut Self::Tensor],
+        owned: &[(usize, Range<usize>)],
+    ) -> Result<()>;
 }
 
 /// A host tensor between devices: its buffer, counted in no pool.
@@ -452,4 +471,81 @@ impl Engine for CpuEngine {
         }
         Ok(())
     }
+
+    /// Sums each range into copy 0's elements (so in replica order), moves the sum to its
+    /// owner's copy and zeroes the rest: no buffer besides the copies.
+    fn scatter_ranges(
+        &self,
+        _device: u32,
+        copies: &mut [&mut Tensor],
+        owned: &[(usize, Range<usize>)],
+    ) -> Result<()> {
+        check_ranges(copies, owned)?;
+        let Some((first, rest)) = copies.split_first_mut() else {
+            return Ok(());
+        };
+        for (owner, range) in owned {
+            let sum = &mut first.data_mut()[range.clone()];
+            for other in rest.iter() {
+                for (s, o) in sum.iter_mut().zip(&other.data()[range.clone()]) {
+                    *s += *o;
+                }
+            }
+            for (r, other) in rest.iter_mut().enumerate() {
+                let values = &mut other.data_mut()[range.clone()];
+                if r + 1 == *owner {
+                    values.copy_from_slice(sum);
+                } else {
+                    values.fill(0.0);
+                }
+            }
+            if *owner != 0 {
+                sum.fill(0.0);
+            }
+        }
+        Ok(())
+    }
+
+    fn gather_ranges(
+        &self,
+        _device: u32,
+        copies: &mut [&mut Tensor],
+        owned: &[(usize, Range<usize>)],
+    ) -> Result<()> {
+        check_ranges(copies, owned)?;
+        for (owner, range) in owned {
+            let (before, rest) = copies.split_at_mut(*owner);
+            let Some((src, after)) = rest.split_first_mut() else {
+                continue;
+            };
+            let values = &src.data()[range.clone()];
+            for dst in before.iter_mut().chain(after.iter_mut()) {
+                dst.data_mut()[range.clone()].copy_from_slice(values);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every copy has the first's length, and every owner and range is within them.
+fn check_ranges(copies: &[&mut Tensor], owned: &[(usize, Range<usize>)]) -> Result<()> {
+    let Some(first) = copies.first() else {
+        return Ok(());
+    };
+    let len = first.len();
+    if let Some(other) = copies.iter().find(|t| t.len() != len) {
+        return Err(PipelineError::Reduction(format!(
+            "{} has {len} elements in one replica and {} in another",
+            first.name(),
+            other.len()
+        )));
+    }
+    if let Some((owner, range)) = (owned.iter()).find(|(o, r)| *o >= copies.len() || r.end > len) {
+        return Err(PipelineError::Reduction(format!(
+            "{}: replica {owner} of {} cannot own elements {range:?} of {len}",
+            first.name(),
+            copies.len()
+        )));
+    }
+    Ok(())
 }

@@ -8,7 +8,7 @@
 //! into that replica's copy, and an all-gather copies each replica's updated shard of the
 //! weights into the others'.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::{Condvar, Mutex};
 
@@ -22,6 +22,9 @@ pub type ChunkGrads<T> = Vec<Vec<T>>;
 /// Per replica (in replica order), the elements of a chunk it owns: (part, tensor, range in
 /// the tensor), from `plan::reduction::shard`.
 pub type Shards = Vec<Vec<(usize, usize, Range<usize>)>>;
+
+/// One tensor's owned elements: (owner replica, range in the tensor), in replica order.
+type Owned = Vec<(usize, Range<usize>)>;
 
 struct Slot<T> {
     posted: Vec<Option<ChunkGrads<T>>>,
@@ -153,8 +156,7 @@ pub fn sum_in_replica_order<E: Engine>(
 
 /// `RS<c>`: sums each replica's owned elements over every copy in replica order (as
 /// `sum_in_replica_order` does, so the same bits) into that replica's copy, and zeroes them in
-/// the others' (their next step accumulates from zero). Whole tensors' host copies of one
-/// range at a time go through the engine's `read`/`write`.
+/// the others' (their next step accumulates from zero), tensor by tensor on the engine.
 pub fn scatter_sums<E: Engine>(
     engine: &E,
     device: u32,
@@ -162,24 +164,10 @@ pub fn scatter_sums<E: Engine>(
     shards: &Shards,
 ) -> Result<(), PipelineError> {
     check_shards(all, shards)?;
-    for (owner, owned) in shards.iter().enumerate() {
-        for (part, tensor, range) in owned {
-            let (part, tensor) = (*part, *tensor);
-            let mut sum = vec![0f32; range.len()];
-            let mut other = vec![0f32; range.len()];
-            engine.read(device, &all[0][part][tensor], range.clone(), &mut sum)?;
-            for copy in &all[1..] {
-                engine.read(device, &copy[part][tensor], range.clone(), &mut other)?;
-                for (s, o) in sum.iter_mut().zip(&other) {
-                    *s += *o;
-                }
-            }
-            other.fill(0.0);
-            for (r, copy) in all.iter_mut().enumerate() {
-                let values = if r == owner { &sum } else { &other };
-                engine.write(device, &mut copy[part][tensor], range.clone(), values)?;
-            }
-        }
+    for ((part, tensor), owned) in by_tensor(shards) {
+        let mut copies: Vec<&mut E::Tensor> =
+            all.iter_mut().map(|r| &mut r[part][tensor]).collect();
+        engine.scatter_ranges(device, &mut copies, &owned)?;
     }
     Ok(())
 }
@@ -192,24 +180,24 @@ pub fn gather_shards<E: Engine>(
     shards: &Shards,
 ) -> Result<(), PipelineError> {
     check_shards(all, shards)?;
-    for (owner, owned) in shards.iter().enumerate() {
-        for (part, tensor, range) in owned {
-            let (part, tensor) = (*part, *tensor);
-            let mut values = vec![0f32; range.len()];
-            engine.read(
-                device,
-                &all[owner][part][tensor],
-                range.clone(),
-                &mut values,
-            )?;
-            for (r, copy) in all.iter_mut().enumerate() {
-                if r != owner {
-                    engine.write(device, &mut copy[part][tensor], range.clone(), &values)?;
-                }
-            }
-        }
+    for ((part, tensor), owned) in by_tensor(shards) {
+        let mut copies: Vec<&mut E::Tensor> =
+            all.iter_mut().map(|r| &mut r[part][tensor]).collect();
+        engine.gather_ranges(device, &mut copies, &owned)?;
     }
     Ok(())
+}
+
+/// The shards per tensor: by (part, tensor), the (owner, range) in it, in replica order.
+fn by_tensor(shards: &Shards) -> BTreeMap<(usize, usize), Owned> {
+    let mut out: BTreeMap<(usize, usize), Owned> = BTreeMap::new();
+    for (owner, owned) in shards.iter().enumerate() {
+        for (part, tensor, range) in owned {
+            let ranges = out.entry((*part, *tensor)).or_default();
+            ranges.push((owner, range.clone()));
+        }
+    }
+    out
 }
 
 /// Every replica met, and each owned place exists in every copy.
@@ -231,4 +219,74 @@ fn check_shards<T>(all: &[ChunkGrads<T>], shards: &Shards) -> Result<(), Pipelin
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::backend::CpuBackend;
+    use crate::exec::device::{MemGroup, Pool};
+    use crate::exec::pipeline::engine::CpuEngine;
+    use crate::exec::tensor::Tensor;
+
+    /// Three replicas' copies of a chunk of two tensors (5 and 4 elements) whose values do
+    /// not add exactly in f32, so any other order of the sum shows.
+    fn copies() -> Vec<ChunkGrads<Tensor>> {
+        let pool = Pool::new("test", 1 << 20);
+        (0..3)
+            .map(|r| {
+                let tensor = |len: usize, salt: f32| {
+                    let data = (0..len)
+                        .map(|i| (1.0 + 0.1 * i as f32 + salt) * 10f32.powi(r * 3 - 3))
+                        .collect();
+                    Tensor::from_data(&pool, "g", &[len], data, MemGroup::Gradients).unwrap()
+                };
+                vec![vec![tensor(5, 0.3), tensor(4, 0.7)]]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scattered_sums_are_the_whole_sums_bits_and_gathering_copies_the_owned_ranges() {
+        let engine = CpuEngine {
+            backend: CpuBackend::default(),
+        };
+        let mut whole = copies();
+        sum_in_replica_order(&engine, 0, &mut whole).unwrap();
+        // 9 elements over 3 replicas: 0..3 of the first tensor, 3..5 and 0..1, 1..4.
+        let shards: Shards = vec![
+            vec![(0, 0, 0..3)],
+            vec![(0, 0, 3..5), (0, 1, 0..1)],
+            vec![(0, 1, 1..4)],
+        ];
+        let mut scattered = copies();
+        scatter_sums(&engine, 0, &mut scattered, &shards).unwrap();
+        for (owner, owned) in shards.iter().enumerate() {
+            for (part, tensor, range) in owned {
+                for (r, copy) in scattered.iter().enumerate() {
+                    let got = &copy[*part][*tensor].data()[range.clone()];
+                    if r == owner {
+                        let want = &whole[0][*part][*tensor].data()[range.clone()];
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(got), bits(want), "replica {r} {range:?}");
+                    } else {
+                        assert!(got.iter().all(|&x| x == 0.0), "replica {r} {range:?}");
+                    }
+                }
+            }
+        }
+        // Each replica's owned elements, gathered, are everybody's: the whole sums.
+        gather_shards(&engine, 0, &mut scattered, &shards).unwrap();
+        for copy in &scattered {
+            for (got, want) in copy[0].iter().zip(&whole[0][0]) {
+                assert_eq!(got.data(), want.data());
+            }
+        }
+        let wrong: Shards = vec![vec![(0, 0, 0..6)], vec![], vec![]];
+        let err = scatter_sums(&engine, 0, &mut scattered, &wrong).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot own elements 0..6"),
+            "{err}"
+        );
+    }
 }

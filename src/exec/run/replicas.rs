@@ -2,16 +2,12 @@
 //! picks the pipeline degree. The planner gives each degree as many replicas as those devices
 //! and the step's micro-batches allow, so a count of replicas is fixed by handing it exactly
 //! stages x replicas devices, and `"auto"` by handing it every device. With more than one
-//! replica the optimizer state is sharded over them unless the spec says not to.
+//! replica the optimizer state is sharded over them unless the spec says not to: the search
+//! plans every candidate with replicas that way (`search::Request::shard_optimizer`).
 
-use crate::plan::presets::Cluster;
-use crate::plan::reduction::with_sharded_optimizer;
-use crate::plan::search::Answer;
-use crate::plan::simulate::{chunk_costs, simulate};
-use crate::plan::tensors::{MicroShape, ModelDims};
 use crate::spec::{JobSpec, SpecError};
 
-use super::{DeviceKind, RunError};
+use super::RunError;
 
 /// What the planner gets to choose from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,22 +18,14 @@ pub struct Layout {
     pub devices: usize,
 }
 
-/// The layout `spec` asks for over `available` devices of `kind`: refused by field when the
-/// kind cannot run it or the devices cannot hold it. (Zero replicas, and a count that does
-/// not divide the step's micro-batches, are refused by the spec's own validation.)
-pub fn layout(spec: &JobSpec, available: usize, kind: DeviceKind) -> Result<Layout, RunError> {
+/// The layout `spec` asks for over `available` devices: refused by field when the devices
+/// cannot hold it. (Zero replicas, and a count that does not divide the step's
+/// micro-batches, are refused by the spec's own validation.)
+pub fn layout(spec: &JobSpec, available: usize) -> Result<Layout, RunError> {
     let field = "parallelism.data_parallel";
     let stages = spec.parallelism.stages.count();
     let refuse =
         |field: &str, message: String| RunError::Spec(vec![SpecError::new(field, message)]);
-    if kind == DeviceKind::Cuda && spec.parallelism.shard_optimizer == Some(true) {
-        return Err(refuse(
-            "parallelism.shard_optimizer",
-            "sharded optimizer state on CUDA devices is not implemented yet: each GPU replica \
-             keeps the whole optimizer state; use false or leave it out"
-                .into(),
-        ));
-    }
     let Some(dp) = spec.parallelism.data_parallel.count() else {
         return match stages {
             None => Ok(Layout {
@@ -90,54 +78,5 @@ pub fn layout(spec: &JobSpec, available: usize, kind: DeviceKind) -> Result<Layo
     Ok(Layout {
         pipeline: Some(stages),
         devices: stages * dp,
-    })
-}
-
-/// `answer` with each replica keeping its shard of the optimizer state when `spec` asks for
-/// it (`parallelism.shard_optimizer`, on by default with more than one replica): the plan's
-/// reductions become `RS<c>` and `AG<c>`, and it is simulated again with each device's
-/// shard of the state. The search chose the plan with whole state on every replica, which
-/// needs more memory, so the sharded plan fits wherever that one did.
-pub fn shard_optimizer(
-    spec: &JobSpec,
-    answer: Answer,
-    dims: &ModelDims,
-    cluster: &Cluster,
-) -> Result<Answer, RunError> {
-    if !spec.parallelism.shards_optimizer(answer.plan.replicas) {
-        return Ok(answer);
-    }
-    let Answer {
-        mut best,
-        budget_bytes,
-        plan,
-        runners_up,
-        candidates_tried,
-        ..
-    } = answer;
-    let plan = with_sharded_optimizer(plan)?;
-    let hw = cluster.hardware();
-    let micro = MicroShape {
-        batch: best.micro_batch_size as usize,
-        seq: spec.training.seq_len,
-    };
-    let costs = chunk_costs(&plan, cluster.profile(), dims, micro, &hw);
-    let sim = simulate(&plan, &costs, &hw, false)?;
-    let tokens = best.tokens_per_s * best.step_time_s;
-    best.step_time_s = sim.step_time_s;
-    best.tokens_per_s = tokens / sim.step_time_s.max(f64::MIN_POSITIVE);
-    best.peak_bytes = sim.peak_bytes();
-    best.host_peak_bytes = (sim.devices.iter())
-        .map(|d| d.host_peak_bytes)
-        .max()
-        .unwrap_or(0);
-    best.bubble_ratio = sim.bubble_ratio;
-    Ok(Answer {
-        best,
-        budget_bytes,
-        plan,
-        sim,
-        runners_up,
-        candidates_tried,
     })
 }

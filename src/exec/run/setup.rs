@@ -100,7 +100,7 @@ pub fn plan_job(
     if kind == DeviceKind::Cuda {
         check_cuda_model(arch)?;
     }
-    let room = replicas::layout(spec, devices.devices.len(), kind)?;
+    let room = replicas::layout(spec, devices.devices.len())?;
     let budget = devices.devices[0].budget() as u64;
     let t = &spec.training;
     let p = &spec.parallelism;
@@ -123,18 +123,15 @@ pub fn plan_job(
             OffloadChoice::None => Offload::None,
             OffloadChoice::Chronos => Offload::Chronos,
         },
+        // Candidates with replicas are planned as they will run.
+        shard_optimizer: p.shards_optimizer(),
     };
     let used = room.devices as u32;
     let mut cluster = match kind {
         DeviceKind::Cuda => Cluster::cuda(used, budget, profile),
         DeviceKind::Cpu => Cluster::cpu(used, budget),
     };
-    let answer = search_within_host(&request, &mut cluster, devices.host.budget())?;
-    match kind {
-        // GPU replicas keep whole state (`shard_optimizer: true` is refused in `layout`).
-        DeviceKind::Cuda => Ok(answer),
-        DeviceKind::Cpu => replicas::shard_optimizer(spec, answer, &arch.dims(), &cluster),
-    }
+    search_within_host(&request, &mut cluster, devices.host.budget())
 }
 
 /// Joins a pipeline to the other ranks of its run, once its plan is known.

@@ -15,6 +15,7 @@ fn request(layers: usize) -> Request {
         schedule: None,
         recompute: Recompute::Auto,
         offload: Offload::Auto,
+        shard_optimizer: false,
     }
 }
 
@@ -97,6 +98,7 @@ fn tiny_request(global_batch: u32, pipeline: Option<u32>) -> Request {
         schedule: None,
         recompute: Recompute::Auto,
         offload: Offload::Auto,
+        shard_optimizer: false,
     }
 }
 
@@ -173,4 +175,36 @@ fn reductions_are_timed_on_the_links() {
         reducing(&fast)
     );
     assert!(slow.best.step_time_s > fast.best.step_time_s);
+}
+
+#[test]
+fn a_plan_that_fits_only_with_sharded_optimizer_state_is_found() {
+    // One stage on two devices: two replicas. Between the sharded and the whole plan's
+    // peaks, only the sharded one fits, and the search plans candidates sharded.
+    let mut req = tiny_request(8, Some(1));
+    req.recompute = Recompute::None;
+    req.offload = Offload::None;
+    let roomy = Cluster::cpu(2, 1 << 30);
+    let whole = search(&req, &roomy).unwrap();
+    req.shard_optimizer = true;
+    let sharded = search(&req, &roomy).unwrap();
+    assert_eq!((whole.plan.replicas, sharded.plan.replicas), (2, 2));
+    assert!(!whole.plan.sharded(0) && !whole.best.shard_optimizer);
+    assert!(sharded.best.shard_optimizer, "{}", describe(&sharded.best));
+    for c in 0..sharded.plan.chunks.len() as u32 {
+        assert!(sharded.plan.sharded(c));
+    }
+    validate(&sharded.plan).unwrap();
+    let (w, s) = (whole.best.needs_bytes(), sharded.best.needs_bytes());
+    assert!(s < w, "sharded {s} vs whole {w}");
+    let tight = Cluster::cpu(2, (w + s) / 2);
+    req.shard_optimizer = false;
+    let err = search(&req, &tight).unwrap_err();
+    assert!(matches!(err, PlanError::DoesNotFit { .. }), "{err}");
+    req.shard_optimizer = true;
+    let found = search(&req, &tight).unwrap();
+    assert!(found.best.fits && found.plan.sharded(0));
+    assert_eq!(found.best.needs_bytes(), s);
+    assert_eq!(found.sim.peak_bytes(), found.best.peak_bytes);
+    assert!(describe(&found.best).starts_with("pp1 dp2 sharded "));
 }

@@ -3,12 +3,11 @@
 //! so a tensor handed from one to the next is ordered after the kernels that made it without
 //! any event; a send between stages on one GPU hands the buffer over. A send between GPUs goes
 //! through NCCL (`nccl`: one communicator for the job's GPUs), or through host memory where
-//! NCCL is missing or cannot start. Data parallelism sums a gradient's replica copies
-//! (`sum_replicas`): copies on one GPU with a device add kernel in replica order, then the
-//! per-GPU sums across GPUs with an NCCL all-reduce (through host memory without NCCL), then
-//! each GPU's sum into its other copies. Offload and prefetch run on the GPU's copy stream through pinned
-//! host memory (`offload`), overlapping compute: every operation here first makes the compute
-//! stream wait for prefetches into the tensors it reads.
+//! NCCL is missing or cannot start. Data parallelism sums a gradient's replica copies, whole
+//! or (sharded optimizer state) by owned ranges, and gathers updated weights (`replicas`).
+//! Offload and prefetch run on the GPU's copy stream through pinned host memory (`offload`),
+//! overlapping compute: every operation here first makes the compute stream wait for
+//! prefetches into the tensors it reads.
 
 use std::ops::Range;
 
@@ -17,7 +16,6 @@ use cudarc::driver::DevicePtr;
 use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::nccl::Nccl;
-use crate::exec::backend::cuda::ready::Ready;
 use crate::exec::backend::cuda::tensor::{Detached, GpuTensor};
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{MemGroup, PoolRef};
@@ -29,6 +27,8 @@ use crate::exec::optim::clip::tensor_squares;
 use crate::exec::pipeline::PipelineError;
 use crate::exec::pipeline::engine::{At, Engine, HostPart, Kept, Update};
 use crate::plan::inventory::{DType, keeps_act_copy};
+
+mod replicas;
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
@@ -430,58 +430,28 @@ impl Engine for GpuEngine {
     /// then copies each GPU's sum into its other copies. Copy `r` is replica `r`'s, on the
     /// GPU of its device for this stage.
     fn sum_replicas(&self, device: u32, copies: &mut [&mut GpuTensor]) -> Result<()> {
-        let Some(first) = copies.first() else {
-            return Ok(());
-        };
-        let (name, len) = (first.name().to_string(), first.len());
-        let stage = device as usize % self.stages;
-        let reduction = |m: String| PipelineError::Reduction(m);
-        if (copies.len() - 1) * self.stages + stage >= self.stage_gpu.len() {
-            return Err(reduction(format!(
-                "{} replica copies of {name} on stage {stage}, but the engine runs {} devices \
-                 of {} stages",
-                copies.len(),
-                self.stage_gpu.len(),
-                self.stages
-            )));
-        }
-        if let Some(other) = copies.iter().find(|t| t.len() != len || t.is_on_host()) {
-            return Err(reduction(format!(
-                "{name} has {len} elements in replica 0 and {} in another, or is in host \
-                 memory there",
-                other.len()
-            )));
-        }
-        let gpu_of = |r: usize| self.stage_gpu[r * self.stages + stage];
-        // Per GPU (in replica order of first appearance): the replica whose copy holds its sum.
-        let mut holders: Vec<(usize, usize)> = Vec::new();
-        for r in 0..copies.len() {
-            let g = gpu_of(r);
-            match holders.iter().find(|(h, _)| *h == g) {
-                None => holders.push((g, r)),
-                Some(&(_, holder)) => {
-                    let gpu = &self.gpus[g];
-                    copies[holder].await_ready(gpu)?;
-                    copies[r].await_ready(gpu)?;
-                    gpu.replica_add(copies[holder].ptr(), copies[r].ptr(), len)
-                        .map_err(PipelineError::Cuda)?;
-                }
-            }
-        }
-        if holders.len() > 1 {
-            self.sum_across_gpus(copies, &holders, len)?;
-        }
-        for r in 0..copies.len() {
-            let g = gpu_of(r);
-            let Some(&(_, holder)) = holders.iter().find(|(h, _)| *h == g) else {
-                continue;
-            };
-            if holder != r {
-                let (sum, copy) = pair_mut(copies, holder, r);
-                copy.copy_from(&self.gpus[g], sum)?;
-            }
-        }
-        Ok(())
+        self.sum_copies(device, copies)
+    }
+
+    /// As `sum_replicas` over each owned range, then into its owner's copy (NCCL reduce
+    /// into the owner's GPU across GPUs), zeros elsewhere.
+    fn scatter_ranges(
+        &self,
+        device: u32,
+        copies: &mut [&mut GpuTensor],
+        owned: &[(usize, Range<usize>)],
+    ) -> Result<()> {
+        self.scatter_copies(device, copies, owned)
+    }
+
+    /// Device copies from the owner's copy (NCCL broadcast from its GPU across GPUs).
+    fn gather_ranges(
+        &self,
+        device: u32,
+        copies: &mut [&mut GpuTensor],
+        owned: &[(usize, Range<usize>)],
+    ) -> Result<()> {
+        self.gather_copies(device, copies, owned)
     }
 
     fn zero_grads(&self, device: u32, part: &mut GpuPart) -> Result<()> {
@@ -534,52 +504,5 @@ impl Engine for GpuEngine {
         src: &[f32],
     ) -> Result<()> {
         Ok(t.write_range(self.gpu(device), within, src)?)
-    }
-}
-
-impl GpuEngine {
-    /// Sums the copies of `holders` (per GPU, the replica whose copy holds that GPU's sum)
-    /// into each of them: an NCCL all-reduce whose end their readers wait for, or without NCCL
-    /// through host memory, in `holders`' order.
-    fn sum_across_gpus(
-        &self,
-        copies: &mut [&mut GpuTensor],
-        holders: &[(usize, usize)],
-        len: usize,
-    ) -> Result<()> {
-        if let Some(nccl) = &self.nccl {
-            let buffers: Vec<(&Gpu, u64, Option<&Ready>)> = (holders.iter())
-                .map(|&(g, r)| (&self.gpus[g], copies[r].ptr().addr, copies[r].ready()))
-                .collect();
-            let ends = nccl.all_reduce_sum(&buffers, len)?;
-            for (&(_, r), end) in holders.iter().zip(ends) {
-                copies[r].set_ready(end);
-            }
-            return Ok(());
-        }
-        let mut sum = vec![0f32; len];
-        for (i, &(g, r)) in holders.iter().enumerate() {
-            let values = copies[r].to_host::<f32>(&self.gpus[g])?;
-            if i == 0 {
-                sum = values;
-            } else {
-                sum.iter_mut().zip(&values).for_each(|(s, v)| *s += v);
-            }
-        }
-        for &(g, r) in holders {
-            copies[r].write_range(&self.gpus[g], 0..len, &sum)?;
-        }
-        Ok(())
-    }
-}
-
-/// Two distinct elements of `items`, the first shared and the second mutable.
-fn pair_mut<'a, T>(items: &'a mut [&mut T], a: usize, b: usize) -> (&'a T, &'a mut T) {
-    if a < b {
-        let (left, right) = items.split_at_mut(b);
-        (&*left[a], &mut *right[0])
-    } else {
-        let (left, right) = items.split_at_mut(a);
-        (&*right[0], &mut *left[b])
     }
 }

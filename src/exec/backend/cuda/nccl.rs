@@ -12,7 +12,9 @@
 //! Data parallelism sums a gradient's copies on distinct GPUs with an all-reduce in a
 //! communicator of its own per group of GPUs (the replicas of a stage), made when the run
 //! knows its replicas (`add_group`); one thread issues every rank's all-reduce in one group,
-//! on the same transfer streams as the sends.
+//! on the same transfer streams as the sends. Sharded optimizer state uses the same groups:
+//! per range a replica owns, a reduce into its GPU and, after the update, a broadcast from it
+//! (`rooted`).
 //!
 //! One lock orders every transfer and all-reduce of the job, so each rank's stream holds its
 //! operations in one global order and every send meets its receive (every all-reduce its
@@ -61,6 +63,24 @@ impl Ranks {
             ))
         })
     }
+}
+
+/// What a collective rooted at one GPU does (see [`Nccl::rooted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rooted {
+    /// Every GPU's values summed into the root's.
+    Sum,
+    /// The root's values copied into every other GPU's.
+    Copy,
+}
+
+/// One rooted collective: per GPU of the group (in its order) the address of its elements,
+/// the root's position among them, and how many f32 elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootedOp {
+    pub root: usize,
+    pub addrs: Vec<u64>,
+    pub len: usize,
 }
 
 /// The NCCL communicator of a job's GPUs.
@@ -249,6 +269,81 @@ impl Nccl {
         (buffers.iter().zip(streams))
             .map(|(&(gpu, _, _), stream)| Ready::record(stream, gpu))
             .collect()
+    }
+
+    /// For each of `ops`, one collective rooted at one GPU of the group of `gpus` (a group
+    /// made by `add_group`, in its order), over `len` f32 elements at each GPU's address: a
+    /// sum into the root's buffer (`ncclReduce`) or the root's values copied into every other
+    /// buffer (`ncclBroadcast`). All in one NCCL group on the transfer streams, after what each
+    /// GPU's compute stream has queued so far; each compute stream then waits for their end.
+    /// This is the sharded reduction's reduce-scatter and the gathering's all-gather, range by
+    /// range: a replica's shard need not be an equal slice of each tensor.
+    pub fn rooted(&self, gpus: &[&Gpu], kind: Rooted, ops: &[RootedOp]) -> Result<(), CudaError> {
+        let ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
+        let ordinals: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
+        let Some((_, comms)) = ranks.groups.iter().find(|(g, _)| *g == ordinals) else {
+            return Err(CudaError::Unsupported(format!(
+                "no replica group of GPUs {ordinals:?} was made for this job"
+            )));
+        };
+        if let Some(op) = ops
+            .iter()
+            .find(|op| op.addrs.len() != gpus.len() || op.root >= gpus.len())
+        {
+            return Err(CudaError::Unsupported(format!(
+                "a collective rooted at {} with {} buffers over {} GPUs",
+                op.root,
+                op.addrs.len(),
+                gpus.len()
+            )));
+        }
+        let mut streams = Vec::with_capacity(gpus.len());
+        for gpu in gpus {
+            let stream = &ranks.streams[ranks.rank(gpu)?];
+            stream.wait(&gpu.stream.record_event(None)?)?;
+            streams.push(stream);
+        }
+        nccl::group_start().map_err(nccl_error)?;
+        let f32s = sys::ncclDataType_t::ncclFloat32;
+        // SAFETY: each address holds at least `len` f32 values on its GPU, allocated until its
+        // compute stream passes the end of this group, which it waits for below.
+        let queued = ops.iter().try_for_each(|op| {
+            (op.addrs.iter().zip(comms).zip(&streams)).try_for_each(|((&ptr, &comm), stream)| {
+                let root = op.root as i32;
+                // SAFETY: as above.
+                let queued = unsafe {
+                    match kind {
+                        Rooted::Sum => nccl::reduce(
+                            ptr as *const _,
+                            ptr as *mut _,
+                            op.len,
+                            f32s,
+                            sys::ncclRedOp_t::ncclSum,
+                            root,
+                            comm,
+                            stream.cu_stream() as _,
+                        ),
+                        Rooted::Copy => nccl::broadcast(
+                            ptr as *const _,
+                            ptr as *mut _,
+                            op.len,
+                            f32s,
+                            root,
+                            comm,
+                            stream.cu_stream() as _,
+                        ),
+                    }
+                };
+                queued.map(|_| ())
+            })
+        });
+        let ended = nccl::group_end();
+        queued.map_err(nccl_error)?;
+        ended.map_err(nccl_error)?;
+        for (gpu, stream) in gpus.iter().zip(streams) {
+            Ready::record(stream, gpu)?.wait_on(&gpu.stream)?;
+        }
+        Ok(())
     }
 
     /// Waits for every transfer queued so far (sends included, which no reader waits for).

@@ -414,9 +414,19 @@ impl GpuTensor {
 
     /// Overwrites the tensor with another of the same length and type (device to device).
     pub fn copy_from(&mut self, gpu: &Gpu, src: &GpuTensor) -> Result<(), CudaError> {
-        if src.len() != self.len() || src.dtype != self.dtype {
+        self.copy_range_from(gpu, src, 0..src.len())
+    }
+
+    /// Overwrites elements `range` with `src`'s (same length and type, same GPU).
+    pub fn copy_range_from(
+        &mut self,
+        gpu: &Gpu,
+        src: &GpuTensor,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), CudaError> {
+        if src.len() != self.len() || src.dtype != self.dtype || range.end > self.len() {
             return Err(CudaError::Unsupported(format!(
-                "copying {} ({} {:?}) into {} ({} {:?})",
+                "copying elements {range:?} of {} ({} {:?}) into {} ({} {:?})",
                 src.name,
                 src.len(),
                 src.dtype,
@@ -428,15 +438,20 @@ impl GpuTensor {
         src.await_ready(gpu)?;
         self.await_ready(gpu)?;
         self.act_copy.mark_stale();
-        let bytes = self.bytes();
+        let bytes = self.byte_range(range);
         match (&src.storage, &mut self.storage) {
-            _ if bytes == 0 => {}
+            _ if bytes.is_empty() => {}
             (Storage::Device(s), Storage::Device(d)) => gpu
                 .stream
-                .memcpy_dtod(&s.slice(0..bytes), &mut d.slice_mut(0..bytes))?,
+                .memcpy_dtod(&s.slice(bytes.clone()), &mut d.slice_mut(bytes))?,
             _ => return Err(self.offloaded()),
         }
         Ok(())
+    }
+
+    /// Its values were written from outside (an NCCL collective): its copy is stale.
+    pub fn mark_written(&mut self) {
+        self.act_copy.mark_stale();
     }
 
     pub fn fill_zero(&mut self, gpu: &Gpu) -> Result<(), CudaError> {

@@ -189,6 +189,7 @@ pub fn squeezed_chronos(
         schedule: Some(ScheduleKind::Chronos { in_flight: 0 }),
         recompute: Recompute::Chronos,
         offload: Offload::Chronos,
+        shard_optimizer: false,
     };
     let profile = precision.profile_name();
     let cluster = |memory_bytes| Cluster::cuda(stages as u32, memory_bytes, profile);
