@@ -15,6 +15,7 @@ use super::ir::Plan;
 use super::policy::{Budget, Choices, Offload, Recompute, apply};
 use super::presets::Cluster;
 use super::reduction::with_gradient_reduction;
+use super::tying::with_tied_embeddings;
 use super::schedule::{ScheduleKind, build, registry};
 use super::simulate::{ChunkCost, Simulation, chunk_costs, simulate};
 
@@ -141,7 +142,10 @@ fn prepare(
         seq: seq as usize,
     };
     cost::validate(profile, model, micro)?;
-    let one = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    let mut one = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    if model.tied_embeddings {
+        one = with_tied_embeddings(one)?;
+    }
     let plan = with_gradient_reduction(one, data_parallel)?;
     let hw = cluster.hardware();
     let costs = chunk_costs(&plan, profile, model, micro, &hw);

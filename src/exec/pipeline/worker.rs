@@ -2,6 +2,7 @@
 
 mod head_pass;
 mod relocate;
+mod tie;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -47,6 +48,10 @@ pub struct StepContext<'a, E: Engine> {
     /// The step being taken, from 0.
     pub step: u64,
     pub host: &'a PoolRef,
+    /// The stages holding chunk 0 (the embedding) and the last chunk (the head), which `TIE`
+    /// joins, and the last chunk's index.
+    pub tie_stages: [u32; 2],
+    pub last_chunk: u32,
 }
 
 /// What one device measured during the step.
@@ -202,6 +207,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             Action::Step { chunk, slice } => self.timed(|w| w.optimizer_step(cx, chunk, slice)),
             Action::Reduce { chunk, shard } => self.reduce(cx, chunk, shard),
             Action::Gather { chunk } => self.gather(cx, chunk),
+            Action::Tie => self.tie(cx),
         }
     }
 

@@ -338,6 +338,10 @@ impl Engine for GpuEngine {
         (&mut part.weights, &mut part.grads)
     }
 
+    fn param_names<'p>(&self, part: &'p GpuPart) -> &'p [String] {
+        &part.names
+    }
+
     fn param_lens(&self, part: &GpuPart) -> Vec<usize> {
         part.weights.iter().map(GpuTensor::len).collect()
     }
@@ -366,7 +370,7 @@ impl Engine for GpuEngine {
         // A device's first step sums every local part's gradients, and a plan may hold
         // another chunk's in host memory until its own step: those are summed here.
         let mut on_host = 0.0;
-        for g in &part.grads {
+        for g in part.counted().map(|(i, _)| &part.grads[i]) {
             if g.is_on_host() {
                 on_host += tensor_squares(&g.to_host::<f32>(gpu)?);
             } else {
@@ -480,6 +484,32 @@ impl Engine for GpuEngine {
                 let (sum, copy) = pair_mut(copies, holder, r);
                 copy.copy_from(&self.gpus[g], sum)?;
             }
+        }
+        Ok(())
+    }
+
+    fn sum_here(&self, device: u32, copies: &mut [&mut GpuTensor]) -> Result<()> {
+        let gpu = self.gpu(device);
+        let Some((first, rest)) = copies.split_first_mut() else {
+            return Ok(());
+        };
+        let len = first.len();
+        let elsewhere = |t: &GpuTensor| t.len() != len || t.is_on_host();
+        if elsewhere(first) || rest.iter().any(|t| elsewhere(t)) {
+            return Err(PipelineError::Reduction(format!(
+                "{}: the copies summed on device {device} differ in length or one is in host \
+                 memory",
+                first.name()
+            )));
+        }
+        first.await_ready(gpu)?;
+        for other in rest.iter() {
+            other.await_ready(gpu)?;
+            gpu.replica_add(first.ptr(), other.ptr(), len)
+                .map_err(PipelineError::Cuda)?;
+        }
+        for other in rest.iter_mut() {
+            other.copy_from(gpu, first)?;
         }
         Ok(())
     }
