@@ -54,24 +54,27 @@ pub fn with_gradient_reduction(plan: Plan, replicas: u32) -> Result<Plan, PlanEr
         .map(|program| {
             let tie = program.iter().position(|a| *a == Action::Tie);
             let mut out = program.clone();
-            // Insert from the back so earlier positions stay where they are.
-            let mut at: Vec<(usize, u32)> = last_backwards(program);
+            // Where each reduction goes in `program`, inserted from the back so earlier
+            // positions stay where they are.
+            let mut at: Vec<(usize, u32)> = (last_backwards(program).into_iter())
+                .map(|(i, chunk)| {
+                    let after_send = match program.get(i + 1) {
+                        Some(Action::SendGrad { chunk: c, .. }) if *c == chunk => i + 2,
+                        _ => i + 1,
+                    };
+                    match tie.filter(|_| tied_chunks.contains(&chunk)) {
+                        Some(t) => (after_send.max(t + 1), chunk),
+                        None => (after_send, chunk),
+                    }
+                })
+                .collect();
             at.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
             for (i, chunk) in at {
-                let mut after_send = match program.get(i + 1) {
-                    Some(Action::SendGrad { chunk: c, .. }) if *c == chunk => i + 2,
-                    _ => i + 1,
+                let reduce = Action::Reduce {
+                    chunk,
+                    shard: false,
                 };
-                if let Some(t) = tie.filter(|_| tied_chunks.contains(&chunk)) {
-                    after_send = after_send.max(t + 1);
-                }
-                out.insert(
-                    after_send,
-                    Action::Reduce {
-                        chunk,
-                        shard: false,
-                    },
-                );
+                out.insert(i, reduce);
             }
             out
         })

@@ -88,6 +88,15 @@ pub struct PartParams<T = Tensor> {
     pub grads: Vec<T>,
 }
 
+impl<T> PartParams<T> {
+    /// The parameters a checkpoint stores and the gradient norm counts: all but the head's
+    /// copy of a tied table.
+    pub fn counted(&self) -> impl Iterator<Item = (usize, &String)> {
+        let id = self.id;
+        (self.names.iter().enumerate()).filter(move |(_, n)| !id.is_tied_copy(n))
+    }
+}
+
 impl PartParams {
     /// Zero weights and gradients, shaped by the `cpu-f32` inventory, counted in `pool`.
     pub fn allocate(pool: &PoolRef, config: &LlamaConfig, id: PartId) -> Result<Self, DeviceError> {
@@ -157,13 +166,6 @@ impl PartParams {
 
     pub fn zero_grads(&mut self) {
         self.grads.iter_mut().for_each(Tensor::fill_zero);
-    }
-
-    /// The parameters a checkpoint stores and the gradient norm counts: all but the head's
-    /// copy of a tied table.
-    pub fn counted(&self) -> impl Iterator<Item = (usize, &String)> {
-        let id = self.id;
-        (self.names.iter().enumerate()).filter(move |(_, n)| !id.is_tied_copy(n))
     }
 
     pub fn param_count(&self) -> usize {
