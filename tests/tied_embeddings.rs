@@ -36,13 +36,22 @@ fn testdata(name: &str) -> PathBuf {
 fn compare(name: &str, ours: &[f32], reference: &[f32]) -> bool {
     let err = rel_err(ours, reference);
     let ok = err < 1e-4;
-    println!("{} {name}: rel err {err:.2e}", if ok { "OK    " } else { "NOT OK" });
+    println!(
+        "{} {name}: rel err {err:.2e}",
+        if ok { "OK    " } else { "NOT OK" }
+    );
     ok
 }
 
 /// One step of the reference batch (one micro-batch) through a tied 1F1B plan on `stages`
 /// devices; compares the loss, the gradient norm and every weight after the step.
-fn step_on_pipeline(stages: u32, prefix: &str, optimizer: OptimizerConfig, lr: f32, clip: Option<f32>) {
+fn step_on_pipeline(
+    stages: u32,
+    prefix: &str,
+    optimizer: OptimizerConfig,
+    lr: f32,
+    clip: Option<f32>,
+) {
     let dir = testdata("hf-tied-tiny");
     let reference = TensorFile::open(&dir.join("reference.safetensors")).unwrap();
     let config = read_hf_config(&dir).unwrap();
@@ -55,14 +64,21 @@ fn step_on_pipeline(stages: u32, prefix: &str, optimizer: OptimizerConfig, lr: f
         "the embedding and the head sit on different devices"
     );
     let devices = DeviceSet::parse(&format!("cpu:{stages}x64MiB")).unwrap();
-    let parts = load_hf_parts(&dir, &config, &PartId::all(config.dims.layers), &devices.host)
-        .unwrap();
+    let parts = load_hf_parts(
+        &dir,
+        &config,
+        &PartId::all(config.dims.layers),
+        &devices.host,
+    )
+    .unwrap();
     let engine = CpuEngine {
         backend: CpuBackend::default(),
     };
     let schedule = LrSchedule::constant(lr);
-    let mut p = Pipeline::new(config, plan, devices, engine, parts, optimizer, schedule, clip)
-        .unwrap();
+    let mut p = Pipeline::new(
+        config, plan, devices, engine, parts, optimizer, schedule, clip,
+    )
+    .unwrap();
     let (shape, input_ids) = reference.i32("input_ids").unwrap();
     let (_, targets) = reference.i32("targets").unwrap();
     let batch = Microbatch {
@@ -84,11 +100,18 @@ fn step_on_pipeline(stages: u32, prefix: &str, optimizer: OptimizerConfig, lr: f
     for part in p.parts() {
         for (name, w) in part.names.iter().zip(&part.weights) {
             copies += usize::from(name == "model.embed_tokens.weight");
-            ok &= compare(&format!("{prefix}.{name}"), w.data(), &value(&format!("{prefix}.{name}")));
+            ok &= compare(
+                &format!("{prefix}.{name}"),
+                w.data(),
+                &value(&format!("{prefix}.{name}")),
+            );
         }
     }
     assert_eq!(copies, 2, "the embedding's table and the head's copy");
-    assert!(ok, "{stages} stage(s), {prefix}: some values differ from PyTorch (NOT OK lines)");
+    assert!(
+        ok,
+        "{stages} stage(s), {prefix}: some values differ from PyTorch (NOT OK lines)"
+    );
 }
 
 #[test]
@@ -152,7 +175,13 @@ fn a_tied_job_stores_the_table_once_and_resumes_exactly() {
     let model = TensorFile::open(&whole.join("final/model.safetensors")).unwrap();
     let names = model.names();
     assert!(!names.iter().any(|n| n.starts_with("lm_head")), "{names:?}");
-    assert_eq!(names.iter().filter(|n| *n == "model.embed_tokens.weight").count(), 1);
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| *n == "model.embed_tokens.weight")
+            .count(),
+        1
+    );
     let moments = TensorFile::open(&whole.join("final/optimizer.safetensors")).unwrap();
     assert!(!moments.names().iter().any(|n| n.contains("lm_head")));
     let written: serde_json::Value =
@@ -175,7 +204,10 @@ fn a_tied_job_stores_the_table_once_and_resumes_exactly() {
     assert_eq!(quiet.losses, log.losses[1..]);
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let read = |d: &Path| std::fs::read(d.join("final").join(file)).unwrap();
-        assert!(read(&whole) == read(&resumed), "{file} differs after resume");
+        assert!(
+            read(&whole) == read(&resumed),
+            "{file} differs after resume"
+        );
     }
     transformers_loads_tied(&whole.join("final"));
 }

@@ -15,9 +15,9 @@ use super::ir::Plan;
 use super::policy::{Budget, Choices, Offload, Recompute, apply};
 use super::presets::Cluster;
 use super::reduction::with_gradient_reduction;
-use super::tying::with_tied_embeddings;
 use super::schedule::{ScheduleKind, build, registry};
 use super::simulate::{ChunkCost, Simulation, chunk_costs, simulate};
+use super::tying::with_tied_embeddings;
 
 /// What to plan.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -19,9 +19,10 @@ pub fn with_tied_embeddings(plan: Plan) -> Result<Plan, PlanError> {
             "the pass takes one pipeline's plan before its reductions and without TIE",
         ));
     }
-    let last = plan.chunks.len().checked_sub(1).ok_or_else(|| {
-        PlanError::invalid("tie_embeddings", "a plan needs at least one chunk")
-    })?;
+    let last =
+        plan.chunks.len().checked_sub(1).ok_or_else(|| {
+            PlanError::invalid("tie_embeddings", "a plan needs at least one chunk")
+        })?;
     let mut devices = vec![plan.chunks[0].device, plan.chunks[last].device];
     devices.dedup();
     let mut programs = plan.programs.clone();
@@ -43,11 +44,12 @@ fn after_last_backward(program: &[Action]) -> Option<usize> {
         .iter()
         .rposition(|a| matches!(a, Action::Backward { .. }))?;
     Some(match (program[last], program.get(last + 1)) {
-        (Action::Backward { mb, chunk }, Some(&Action::SendGrad { mb: m, chunk: c, .. }))
-            if (m, c) == (mb, chunk) =>
-        {
-            last + 2
-        }
+        (
+            Action::Backward { mb, chunk },
+            Some(&Action::SendGrad {
+                mb: m, chunk: c, ..
+            }),
+        ) if (m, c) == (mb, chunk) => last + 2,
         _ => last + 1,
     })
 }
@@ -87,7 +89,10 @@ mod tests {
         let early = check("device 0: F0.0 SA0.0>1 TIE RG0.1<1 B0.0 STEP0\ndevice 1: RA0.0<0 F0.1 B0.1 SG0.1>0 TIE STEP1\n").unwrap_err();
         assert!(early.to_string().contains("backwards"), "{early}");
         let late = check("device 0: F0.0 SA0.0>1 RG0.1<1 B0.0 STEP0 TIE\ndevice 1: RA0.0<0 F0.1 B0.1 SG0.1>0 TIE STEP1\n").unwrap_err();
-        assert!(late.to_string().contains("before the device's TIE"), "{late}");
+        assert!(
+            late.to_string().contains("before the device's TIE"),
+            "{late}"
+        );
     }
 
     /// Every schedule, on one device and on several, tied then reduced (sharded or not),
@@ -101,7 +106,11 @@ mod tests {
                 };
                 let tied = with_tied_embeddings(plan).unwrap();
                 validate(&tied).unwrap_or_else(|e| panic!("{kind} on {devices}: {e}"));
-                let ties = tied.programs.iter().flatten().filter(|a| **a == Action::Tie);
+                let ties = tied
+                    .programs
+                    .iter()
+                    .flatten()
+                    .filter(|a| **a == Action::Tie);
                 let holders = [tied.chunks[0].device, tied.chunks.last().unwrap().device];
                 let want = if holders[0] == holders[1] { 1 } else { 2 };
                 assert_eq!(ties.count(), want, "{kind} on {devices}");

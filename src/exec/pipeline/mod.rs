@@ -109,7 +109,9 @@ pub enum PipelineError {
     NotHere { chunk: u32 },
     #[error("a chunk has no parts")]
     EmptyChunk,
-    #[error("{part:?} holds no copy of the tied embedding table: the model's embeddings are not tied")]
+    #[error(
+        "{part:?} holds no copy of the tied embedding table: the model's embeddings are not tied"
+    )]
     Untied { part: crate::exec::model::PartId },
     #[error(
         "the model's tie_word_embeddings is {tied} but the plan {} TIE actions (plan a tied          model with plan::tying::with_tied_embeddings, an untied one without)",

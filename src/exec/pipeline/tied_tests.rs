@@ -77,9 +77,15 @@ fn a_tied_model_needs_a_tied_plan_and_the_reverse() {
     let layers = config_tied(true).dims.layers as u32;
     let plan = build(ScheduleKind::OneFOneB, 2, 4, layers).unwrap();
     let err = pipeline_of(config_tied(true), plan.clone(), 256 << 20).err();
-    assert!(matches!(err, Some(PipelineError::TiedPlan { tied: true })), "{err:?}");
+    assert!(
+        matches!(err, Some(PipelineError::TiedPlan { tied: true })),
+        "{err:?}"
+    );
     let err = pipeline_of(config_tied(false), tied(plan), 256 << 20).err();
-    assert!(matches!(err, Some(PipelineError::TiedPlan { tied: false })), "{err:?}");
+    assert!(
+        matches!(err, Some(PipelineError::TiedPlan { tied: false })),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -120,8 +126,14 @@ fn tied_replicas_whole_or_sharded_match_one_device() {
             let diff = (got.concat().iter().zip(reference.concat()))
                 .map(|(a, b)| (f32::from_bits(*a) - f32::from_bits(b)).abs())
                 .fold(0.0f32, f32::max);
-            assert!(diff < 1e-5, "{stages} stages, {name}: {diff:e} from one device");
-            assert!(trained_weights_of(config, variant.clone()) == got, "{name}: repeat");
+            assert!(
+                diff < 1e-5,
+                "{stages} stages, {name}: {diff:e} from one device"
+            );
+            assert!(
+                trained_weights_of(config, variant.clone()) == got,
+                "{name}: repeat"
+            );
             let (predicted, measured) = peaks_of(config, &variant);
             assert_eq!(predicted, measured, "{stages} stages, {name}\n{variant}");
         }

@@ -104,8 +104,8 @@ fn written_configs_read_back_the_same() {
 /// `tie_word_embeddings` is read (true, false, left out or null) and written back as read.
 #[test]
 fn tied_embeddings_are_read_and_written_back() {
-    let tied = LlamaConfig::from_hf_json(&with(llama(), "tie_word_embeddings", json!(true)))
-        .unwrap();
+    let tied =
+        LlamaConfig::from_hf_json(&with(llama(), "tie_word_embeddings", json!(true))).unwrap();
     assert!(tied.dims.tied_embeddings);
     assert_eq!(tied.to_hf_json()["tie_word_embeddings"], json!(true));
     assert_eq!(LlamaConfig::from_hf_json(&tied.to_hf_json()).unwrap(), tied);
@@ -116,7 +116,10 @@ fn tied_embeddings_are_read_and_written_back() {
         assert!(!cfg.unwrap().dims.tied_embeddings);
     }
     let mut unstated = llama();
-    unstated.as_object_mut().unwrap().remove("tie_word_embeddings");
+    unstated
+        .as_object_mut()
+        .unwrap()
+        .remove("tie_word_embeddings");
     let cfg = LlamaConfig::from_hf_json(&unstated).unwrap();
     assert!(!cfg.dims.tied_embeddings);
     assert_eq!(cfg.to_hf_json()["tie_word_embeddings"], json!(false));

@@ -46,7 +46,12 @@ impl<E: Engine> DeviceWorker<'_, E> {
 
     /// Where the table's gradient is in `part` of `chunk`: the part's index in the chunk and
     /// the tensor's in the part.
-    fn tied_at(&self, engine: &E, chunk: u32, part: PartId) -> Result<(usize, usize), PipelineError> {
+    fn tied_at(
+        &self,
+        engine: &E,
+        chunk: u32,
+        part: PartId,
+    ) -> Result<(usize, usize), PipelineError> {
         let state = (self.chunks.iter().find(|c| c.index == chunk))
             .ok_or(PipelineError::NotHere { chunk })?;
         if state.grads_on_host {
@@ -89,10 +94,17 @@ impl<E: Engine> DeviceWorker<'_, E> {
             }
         }
         let found: Vec<&mut E::Tensor> = found.into_iter().flatten().collect();
-        found.try_into().map_err(|_| PipelineError::Untied { part: at[0].1 })
+        found
+            .try_into()
+            .map_err(|_| PipelineError::Untied { part: at[0].1 })
     }
 
-    fn take_tied_grad(&mut self, engine: &E, chunk: u32, part: PartId) -> Result<E::Tensor, PipelineError> {
+    fn take_tied_grad(
+        &mut self,
+        engine: &E,
+        chunk: u32,
+        part: PartId,
+    ) -> Result<E::Tensor, PipelineError> {
         let (p, t) = self.tied_at(engine, chunk, part)?;
         let state = self.chunk(chunk)?;
         Ok(engine.params_mut(&mut state.parts[p]).1.remove(t))

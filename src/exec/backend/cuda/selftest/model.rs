@@ -16,8 +16,8 @@ use crate::exec::checkpoint::safetensors_io::TensorFile;
 use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::model::chunk::{backward_chunk, forward_chunk};
 use crate::exec::model::head::head_forward_backward;
-use crate::exec::model::part::{MicroTokens, PartOutput};
 use crate::exec::model::params::TIED_TABLE;
+use crate::exec::model::part::{MicroTokens, PartOutput};
 use crate::exec::model::tied::sum_tied_grads;
 use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use crate::exec::optim::clip::{clip_factor, global_norm, part_squares};
@@ -119,7 +119,9 @@ fn sum_tied(engine: &GpuEngine, parts: &mut [GpuPart]) -> Result<()> {
         .last_mut()
         .ok_or(CudaError::Unsupported("no head".into()))?;
     let (Some(e), Some(h)) = (tied(embedding), tied(head)) else {
-        return Err(CudaError::Unsupported("a tied model without its table".into()));
+        return Err(CudaError::Unsupported(
+            "a tied model without its table".into(),
+        ));
     };
     let copies = &mut [&mut embedding.grads[e], &mut head.grads[h]];
     engine.sum_here(0, copies).map_err(pipeline_error)
