@@ -125,7 +125,7 @@ fn tied_steps_through_the_runtime_match_pytorch() {
     for stages in [1, 2] {
         println!("{stages} stage(s):");
         step_on_pipeline(stages, "sgd", OptimizerConfig::Sgd, 0.5, None);
-        step_on_pipeline(stages, "adamw", adamw.clone(), 1e-3, Some(1.0));
+        step_on_pipeline(stages, "adamw", adamw, 1e-3, Some(1.0));
     }
 }
 

@@ -17,7 +17,6 @@ use cudarc::driver::DevicePtr;
 use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::nccl::Nccl;
-use crate::exec::backend::cuda::offload;
 use crate::exec::backend::cuda::tensor::{Detached, GpuTensor};
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{MemGroup, PoolRef};
@@ -47,15 +46,15 @@ pub struct GpuMessage {
 pub struct GpuEngine {
     /// The communicator between the GPUs, when there are several and NCCL is here (dropped
     /// before the GPUs).
-    nccl: Option<Nccl>,
+    pub(super) nccl: Option<Nccl>,
     /// Each GPU once.
-    gpus: Vec<Gpu>,
+    pub(super) gpus: Vec<Gpu>,
     /// For each run-wide plan device (replica by replica), the index in `gpus` of the GPU it
     /// runs on.
-    stage_gpu: Vec<usize>,
+    pub(super) stage_gpu: Vec<usize>,
     /// Devices per replica: run-wide device `d` is stage `d % stages` of replica
     /// `d / stages` (every device one replica's until `replicate` says otherwise).
-    stages: usize,
+    pub(super) stages: usize,
 }
 
 impl GpuEngine {
@@ -434,84 +433,11 @@ impl Engine for GpuEngine {
     /// then copies each GPU's sum into its other copies. Copy `r` is replica `r`'s, on the
     /// GPU of its device for this stage.
     fn sum_replicas(&self, device: u32, copies: &mut [&mut GpuTensor]) -> Result<()> {
-        let Some(first) = copies.first() else {
-            return Ok(());
-        };
-        let (name, len) = (first.name().to_string(), first.len());
-        let stage = device as usize % self.stages;
-        let reduction = |m: String| PipelineError::Reduction(m);
-        if (copies.len() - 1) * self.stages + stage >= self.stage_gpu.len() {
-            return Err(reduction(format!(
-                "{} replica copies of {name} on stage {stage}, but the engine runs {} devices \
-                 of {} stages",
-                copies.len(),
-                self.stage_gpu.len(),
-                self.stages
-            )));
-        }
-        if let Some(other) = copies.iter().find(|t| t.len() != len || t.is_on_host()) {
-            return Err(reduction(format!(
-                "{name} has {len} elements in replica 0 and {} in another, or is in host \
-                 memory there",
-                other.len()
-            )));
-        }
-        let gpu_of = |r: usize| self.stage_gpu[r * self.stages + stage];
-        // Per GPU (in replica order of first appearance): the replica whose copy holds its sum.
-        let mut holders: Vec<(usize, usize)> = Vec::new();
-        for r in 0..copies.len() {
-            let g = gpu_of(r);
-            match holders.iter().find(|(h, _)| *h == g) {
-                None => holders.push((g, r)),
-                Some(&(_, holder)) => {
-                    let gpu = &self.gpus[g];
-                    copies[holder].await_ready(gpu)?;
-                    copies[r].await_ready(gpu)?;
-                    gpu.replica_add(copies[holder].ptr(), copies[r].ptr(), len)
-                        .map_err(PipelineError::Cuda)?;
-                }
-            }
-        }
-        if holders.len() > 1 {
-            self.sum_across_gpus(copies, &holders, len)?;
-        }
-        for r in 0..copies.len() {
-            let g = gpu_of(r);
-            let Some(&(_, holder)) = holders.iter().find(|(h, _)| *h == g) else {
-                continue;
-            };
-            if holder != r {
-                let (sum, copy) = pair_mut(copies, holder, r);
-                copy.copy_from(&self.gpus[g], sum)?;
-            }
-        }
-        Ok(())
+        self.sum_replica_copies(device, copies)
     }
 
     fn sum_here(&self, device: u32, copies: &mut [&mut GpuTensor]) -> Result<()> {
-        let gpu = self.gpu(device);
-        let Some((first, rest)) = copies.split_first_mut() else {
-            return Ok(());
-        };
-        let len = first.len();
-        let elsewhere = |t: &GpuTensor| t.len() != len || t.is_on_host();
-        if elsewhere(first) || rest.iter().any(|t| elsewhere(t)) {
-            return Err(PipelineError::Reduction(format!(
-                "{}: the copies summed on device {device} differ in length or one is in host \
-                 memory",
-                first.name()
-            )));
-        }
-        first.await_ready(gpu)?;
-        for other in rest.iter() {
-            other.await_ready(gpu)?;
-            gpu.replica_add(first.ptr(), other.ptr(), len)
-                .map_err(PipelineError::Cuda)?;
-        }
-        for other in rest.iter_mut() {
-            other.copy_from(gpu, first)?;
-        }
-        Ok(())
+        self.sum_on_gpu(device, copies)
     }
 
     fn zero_grads(&self, device: u32, part: &mut GpuPart) -> Result<()> {
@@ -564,52 +490,5 @@ impl Engine for GpuEngine {
         src: &[f32],
     ) -> Result<()> {
         Ok(t.write_range(self.gpu(device), within, src)?)
-    }
-}
-
-impl GpuEngine {
-    /// Sums the copies of `holders` (per GPU, the replica whose copy holds that GPU's sum)
-    /// into each of them: an NCCL all-reduce whose end their readers wait for, or without NCCL
-    /// through host memory, in `holders`' order.
-    fn sum_across_gpus(
-        &self,
-        copies: &mut [&mut GpuTensor],
-        holders: &[(usize, usize)],
-        len: usize,
-    ) -> Result<()> {
-        if let Some(nccl) = &self.nccl {
-            let buffers: Vec<(&Gpu, u64, Option<&offload::Ready>)> = (holders.iter())
-                .map(|&(g, r)| (&self.gpus[g], copies[r].ptr().addr, copies[r].ready()))
-                .collect();
-            let ends = nccl.all_reduce_sum(&buffers, len)?;
-            for (&(_, r), end) in holders.iter().zip(ends) {
-                copies[r].set_ready(end);
-            }
-            return Ok(());
-        }
-        let mut sum = vec![0f32; len];
-        for (i, &(g, r)) in holders.iter().enumerate() {
-            let values = copies[r].to_host::<f32>(&self.gpus[g])?;
-            if i == 0 {
-                sum = values;
-            } else {
-                sum.iter_mut().zip(&values).for_each(|(s, v)| *s += v);
-            }
-        }
-        for &(g, r) in holders {
-            copies[r].write_range(&self.gpus[g], 0..len, &sum)?;
-        }
-        Ok(())
-    }
-}
-
-/// Two distinct elements of `items`, the first shared and the second mutable.
-fn pair_mut<'a, T>(items: &'a mut [&mut T], a: usize, b: usize) -> (&'a T, &'a mut T) {
-    if a < b {
-        let (left, right) = items.split_at_mut(b);
-        (&*left[a], &mut *right[0])
-    } else {
-        let (left, right) = items.split_at_mut(a);
-        (&*right[0], &mut *left[b])
     }
 }

@@ -31,6 +31,7 @@ mod attention_kernels;
 pub mod backend;
 pub mod dev_ptr;
 pub mod engine;
+mod engine_sums;
 pub mod gemm;
 pub mod gpu;
 pub mod kernel_args;
