@@ -22,6 +22,7 @@ fn config() -> LlamaConfig {
             ffn: 40,
             vocab: 256,
             qkv_bias: false,
+            tied_embeddings: false,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(500000.0),

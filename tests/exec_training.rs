@@ -29,6 +29,7 @@ fn tiny_config() -> LlamaConfig {
             ffn: 48,
             vocab: 256,
             qkv_bias: false,
+            tied_embeddings: false,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),

@@ -1,7 +1,9 @@
 //! Holds the executor against what transformers + PyTorch computed for tiny Llamas
-//! (`shared/testdata/hf-llama-tiny`, `hf-llama3-tiny` with Llama 3.1's rotary scaling) and a
-//! tiny Qwen2 (`hf-qwen2-tiny`, biased q/k/v projections): logits, loss, every gradient, one
-//! SGD and one AdamW step, with the model on one device and split into two pipeline stages.
+//! (`shared/testdata/hf-llama-tiny`, `hf-llama3-tiny` with Llama 3.1's rotary scaling,
+//! `hf-tied-tiny` with tied embeddings) and a tiny Qwen2 (`hf-qwen2-tiny`, biased q/k/v
+//! projections): logits, loss, every gradient, one SGD and one AdamW step, with the model on
+//! one device and split into two pipeline stages (a tied table's two gradients summed into
+//! both copies, as the runtime's `TIE` does; `tests/tied_embeddings.rs` runs that runtime).
 
 use std::path::{Path, PathBuf};
 
@@ -15,13 +17,19 @@ use chronospipe::exec::model::head::head_logits;
 use chronospipe::exec::model::part::{
     MicroTokens, PartOutput, PartStash, backward_part, forward_part,
 };
+use chronospipe::exec::model::tied::sum_tied_grads;
 use chronospipe::exec::model::{PartCtx, PartId, PartParams};
 use chronospipe::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use chronospipe::exec::optim::{OptimizerConfig, PartOptimState, step_part};
 use chronospipe::plan::inventory::MicroShape;
 
 /// The fixtures this executor implements; each holds the same reference tensors.
-const FIXTURES: [&str; 3] = ["hf-llama-tiny", "hf-llama3-tiny", "hf-qwen2-tiny"];
+const FIXTURES: [&str; 4] = [
+    "hf-llama-tiny",
+    "hf-llama3-tiny",
+    "hf-tied-tiny",
+    "hf-qwen2-tiny",
+];
 
 /// How the model is split: one device, or two pipeline stages (embedding and the first layer
 /// | the other layers and the head) on two pools, the activation and its gradient moved
@@ -123,6 +131,7 @@ fn run_reference(dir: &Path, reference: &TensorFile, stages: usize) -> Run {
         (loss, logits) = (l, Vec::new());
     }
     first.append(&mut second);
+    sum_tied_grads(&mut first).unwrap();
     Run {
         parts: first,
         logits,
@@ -257,6 +266,7 @@ fn written_checkpoints_load_in_transformers_with_the_same_loss() {
     }
     for (name, class) in [
         ("hf-llama3-tiny", "LlamaForCausalLM"),
+        ("hf-tied-tiny", "LlamaForCausalLM"),
         ("hf-qwen2-tiny", "Qwen2ForCausalLM"),
     ] {
         let dir = fixture(name);

@@ -292,9 +292,20 @@ fn final_loss(summary: &Path) -> u64 {
 fn ranks_match_one_process(
     stages: usize,
     replicas: usize,
+    tied: bool,
 ) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), stages, replicas, 4);
+    if tied {
+        // Tied embeddings: the table's two gradients meet over the link (`TIE`).
+        let text = std::fs::read_to_string(&job).unwrap();
+        let tied = text.replace(
+            r#""vocab_size": 256,"#,
+            r#""vocab_size": 256, "tie_embeddings": true,"#,
+        );
+        assert_ne!(tied, text);
+        std::fs::write(&job, tied).unwrap();
+    }
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     train_in_one_process(&job, &one);
     train_on_ranks(&job, &two, 2);
@@ -403,13 +414,38 @@ print("max_abs", logits[0].abs().max().item())
 
 #[test]
 fn two_stages_on_two_ranks_train_the_bits_of_one_process() {
-    let (_dir, one, two) = ranks_match_one_process(2, 1);
+    let (_dir, one, two) = ranks_match_one_process(2, 1, false);
+    load_alike_in_transformers(&one.join("final"), &two.join("final"));
+}
+
+/// Tied embeddings with the embedding on rank 0 and the head on rank 1: the bits of one
+/// process, the table written once (by rank 0, not by rank 1 beside the head's norm), both
+/// loading alike in transformers.
+#[test]
+fn tied_embeddings_on_two_ranks_train_the_bits_of_one_process() {
+    let (_dir, one, two) = ranks_match_one_process(2, 1, true);
+    let config = std::fs::read_to_string(two.join("final/config.json")).unwrap();
+    assert!(
+        config.contains(r#""tie_word_embeddings": true"#),
+        "{config}"
+    );
+    let names: Vec<String> = tensor_bits(&two.join("final/model-00002-of-00002.safetensors"))
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert!(names.iter().any(|n| n == "model.norm.weight"), "{names:?}");
+    let table = |n: &&String| n.contains("embed_tokens") || n.starts_with("lm_head");
+    assert_eq!(
+        names.iter().find(table),
+        None,
+        "rank 1 holds the head, not the table"
+    );
     load_alike_in_transformers(&one.join("final"), &two.join("final"));
 }
 
 #[test]
 fn two_replicas_on_two_ranks_train_the_bits_of_one_process() {
-    ranks_match_one_process(1, 2);
+    ranks_match_one_process(1, 2, false);
 }
 
 #[test]

@@ -43,6 +43,7 @@ fn config(name: &str) -> anyhow::Result<BenchConfig> {
             ffn,
             vocab: 256,
             qkv_bias: false,
+            tied_embeddings: false,
         },
         seq,
         batch,

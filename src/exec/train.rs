@@ -133,6 +133,8 @@ impl<B: HostBackend> SingleDevice<B> {
         for mb in microbatches {
             loss_sum += self.forward_backward(mb, loss_scale)?;
         }
+        // The table's two uses accumulate apart, as a pipeline's copies do, then add up.
+        crate::exec::model::tied::sum_tied_grads(&mut self.parts)?;
         let step = self.step;
         let loss = loss_sum / total_tokens as f64;
         if !loss.is_finite() {

@@ -138,6 +138,7 @@ mod tests {
             ffn: 28672,
             vocab: 32000,
             qkv_bias: false,
+            tied_embeddings: false,
         }
     }
 

@@ -310,6 +310,7 @@ mod tests {
         ffn: 176,
         vocab: 256,
         qkv_bias: false,
+        tied_embeddings: false,
     };
     const MICRO: MicroShape = MicroShape { batch: 2, seq: 32 };
 

@@ -20,6 +20,7 @@
 //! | `AR1` | gradient reduction | sum chunk 1's gradients across the plan's replicas (after its last backward, before the device's first step) |
 //! | `RS1` | sharded gradient reduction | the same sum, but each replica keeps only its shard of it (`reduction::shard`), and keeps and steps only that shard's optimizer state |
 //! | `AG1` | weight gathering | after chunk 1's last step (of a chunk reduced by `RS1`): each replica hands the weights of its shard to every other replica |
+//! | `TIE` | tied gradient sum | tied embeddings: the embedding's table gradient (chunk 0) plus the head's copy's (the last chunk), in that order, into both; on the devices holding those chunks, after their last backwards and before their reductions and steps |
 //!
 //! Groups `g`: `S3.1` the stash of (3, 1) (whatever of it is on the device), `W1` chunk 1's
 //! weights, `G1` its gradients, `O1` / `O1.2` slice 0 / slice 2 of its optimizer state. The
@@ -133,6 +134,10 @@ pub enum Action {
     Gather {
         chunk: u32,
     },
+    /// Tied embeddings: the gradient of the embedding's table (chunk 0) and of the head's copy
+    /// of it (the last chunk) summed, the embedding's first, into both; the devices holding
+    /// the two chunks meet (one device: a local sum).
+    Tie,
 }
 
 impl Action {
@@ -195,6 +200,7 @@ impl fmt::Display for Action {
             } => write!(f, "AR{chunk}"),
             Action::Reduce { chunk, shard: true } => write!(f, "RS{chunk}"),
             Action::Gather { chunk } => write!(f, "AG{chunk}"),
+            Action::Tie => write!(f, "TIE"),
         }
     }
 }
@@ -268,6 +274,9 @@ impl FromStr for Action {
     type Err = PlanError;
     fn from_str(s: &str) -> Result<Self, PlanError> {
         // Longest prefixes first: `FD` before `F`, `STEP` before `SA`/`SG`.
+        if s == "TIE" {
+            return Ok(Action::Tie);
+        }
         if let Some(g) = s.strip_prefix("OFF:") {
             return Ok(Action::Offload(g.parse()?));
         }

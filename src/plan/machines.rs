@@ -82,6 +82,11 @@ pub fn traffic(
             (halves as u32) * (replicas - 1),
         )
     };
+    // Tied embeddings: the two devices holding the table's uses each send it once a step.
+    let tie_devices: Vec<u32> = (0..stages)
+        .filter(|&d| plan.programs[d as usize].contains(&Action::Tie))
+        .collect();
+    let table = (dims.vocab * dims.hidden) as f64 * element_bytes as f64;
     let mut traffic = Traffic::default();
     for replica in 0..replicas {
         let base = replica * stages;
@@ -98,6 +103,12 @@ pub fn traffic(
                         ring(chunk_bytes[chunk as usize], if shard { 1.0 } else { 2.0 })
                     }
                     Action::Gather { chunk } => ring(chunk_bytes[chunk as usize], 1.0),
+                    Action::Tie => {
+                        if let Some(&peer) = tie_devices.iter().find(|&&d| d != device) {
+                            traffic.add(base + device, base + peer, table, 1);
+                        }
+                        continue;
+                    }
                     _ => continue,
                 };
                 if replicas > 1 {

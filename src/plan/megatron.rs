@@ -160,6 +160,7 @@ mod tests {
             ffn,
             vocab: 1000,
             qkv_bias: false,
+            tied_embeddings: false,
         }
     }
 

@@ -270,6 +270,7 @@ mod tests {
             ffn: 40,
             vocab: 50,
             qkv_bias: false,
+            tied_embeddings: false,
         }
     }
     const M: MicroShape = MicroShape { batch: 2, seq: 8 };

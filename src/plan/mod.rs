@@ -15,6 +15,9 @@
 //!   data-parallel replicas, each chunk's gradients reduced across them;
 //!   `reduction::with_sharded_optimizer` then shards each chunk's optimizer state over them
 //!   (ZeRO-1), `reduction::shard` deciding which elements each replica owns.
+//! - `tying::with_tied_embeddings(plan)`: for a model with tied embeddings, `TIE` (the sum of
+//!   the table's two gradients) on the devices of the first and last chunks, before the
+//!   reduction pass.
 //! - `memory::chunk_memory`: per chunk and action kind, the bytes the executor must measure.
 //! - `capacity::capacity`: the `plan capacity` table; `render` turns answers into text and SVG.
 //!
@@ -22,7 +25,7 @@
 //! shape checks), `inventory` and `megatron` (tensors per part and profile), `memory`, `ir`,
 //! `residence` (where groups start a step), `hardware` (devices, links, transfer times),
 //! `machines` (a plan's traffic between devices, placed on several machines),
-//! `schedule`, `reduction`, `validate`, `simulate`, `policy`, `search`, `capacity`, `presets`,
+//! `schedule`, `reduction`, `tying`, `validate`, `simulate`, `policy`, `search`, `capacity`, `presets`,
 //! `render`, `error`.
 
 pub mod capacity;
@@ -43,6 +46,7 @@ pub mod schedule;
 pub mod search;
 pub mod simulate;
 pub mod tensors;
+pub mod tying;
 pub mod validate;
 
 pub use error::PlanError;

@@ -216,6 +216,7 @@ pub fn model(name: &str) -> Option<ModelDims> {
             ffn: 28672,
             vocab: 32000,
             qkv_bias: false,
+            tied_embeddings: false,
         },
         "llama2-7b" => ModelDims {
             hidden: 4096,
@@ -225,6 +226,7 @@ pub fn model(name: &str) -> Option<ModelDims> {
             ffn: 11008,
             vocab: 32000,
             qkv_bias: false,
+            tied_embeddings: false,
         },
         // The size the CPU executor trains in tests.
         "tiny" => ModelDims {
@@ -235,6 +237,7 @@ pub fn model(name: &str) -> Option<ModelDims> {
             ffn: 172,
             vocab: 256,
             qkv_bias: false,
+            tied_embeddings: false,
         },
         _ => return None,
     })

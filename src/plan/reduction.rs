@@ -28,7 +28,9 @@ pub fn shard(params: usize, replicas: u32, replica: u32) -> Range<usize> {
 
 /// `plan` run by `replicas` data-parallel copies: `AR<c>` goes right after chunk `c`'s last
 /// backward (and the send of that backward's input gradient, so the upstream device is not
-/// held up by the reduction), before any step on the device. One replica is `plan` itself.
+/// held up by the reduction), before any step on the device; for a chunk whose gradients
+/// `TIE` sums (tied embeddings: the first and the last chunk), right after the device's
+/// `TIE`. One replica is `plan` itself.
 pub fn with_gradient_reduction(plan: Plan, replicas: u32) -> Result<Plan, PlanError> {
     if replicas == 0 {
         return Err(PlanError::invalid(
@@ -45,26 +47,34 @@ pub fn with_gradient_reduction(plan: Plan, replicas: u32) -> Result<Plan, PlanEr
     if replicas == 1 {
         return Ok(plan);
     }
+    let tied_chunks = [0, plan.chunks.len().saturating_sub(1) as u32];
     let programs = plan
         .programs
         .iter()
         .map(|program| {
+            let tie = program.iter().position(|a| *a == Action::Tie);
             let mut out = program.clone();
-            // Insert from the back so earlier positions stay where they are.
-            let mut at: Vec<(usize, u32)> = last_backwards(program);
+            // Where each reduction goes in `program`, inserted from the back so earlier
+            // positions stay where they are.
+            let mut at: Vec<(usize, u32)> = (last_backwards(program).into_iter())
+                .map(|(i, chunk)| {
+                    let after_send = match program.get(i + 1) {
+                        Some(Action::SendGrad { chunk: c, .. }) if *c == chunk => i + 2,
+                        _ => i + 1,
+                    };
+                    match tie.filter(|_| tied_chunks.contains(&chunk)) {
+                        Some(t) => (after_send.max(t + 1), chunk),
+                        None => (after_send, chunk),
+                    }
+                })
+                .collect();
             at.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
             for (i, chunk) in at {
-                let after_send = match program.get(i + 1) {
-                    Some(Action::SendGrad { chunk: c, .. }) if *c == chunk => i + 2,
-                    _ => i + 1,
+                let reduce = Action::Reduce {
+                    chunk,
+                    shard: false,
                 };
-                out.insert(
-                    after_send,
-                    Action::Reduce {
-                        chunk,
-                        shard: false,
-                    },
-                );
+                out.insert(i, reduce);
             }
             out
         })

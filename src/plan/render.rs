@@ -147,7 +147,7 @@ fn colour(a: &Action) -> Option<&'static str> {
         Action::Step { .. } => "#b279a2",
         Action::Offload(_) => "#e45756",
         Action::Prefetch(_) => "#72b7b2",
-        Action::Reduce { .. } | Action::Gather { .. } => "#9d755d",
+        Action::Reduce { .. } | Action::Gather { .. } | Action::Tie => "#9d755d",
         _ => return None,
     })
 }

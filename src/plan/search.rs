@@ -18,6 +18,7 @@ use super::presets::Cluster;
 use super::reduction::{with_gradient_reduction, with_sharded_optimizer};
 use super::schedule::{ScheduleKind, build, registry};
 use super::simulate::{ChunkCost, Simulation, chunk_costs, simulate};
+use super::tying::with_tied_embeddings;
 
 /// What to plan.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -151,7 +152,10 @@ fn prepare(
         seq: seq as usize,
     };
     cost::validate(profile, model, micro)?;
-    let one = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    let mut one = build(schedule, pipeline, microbatches, model.layers as u32)?;
+    if model.tied_embeddings {
+        one = with_tied_embeddings(one)?;
+    }
     let mut plan = with_gradient_reduction(one, data_parallel)?;
     if shard_optimizer && data_parallel > 1 {
         plan = with_sharded_optimizer(plan)?;

@@ -69,6 +69,10 @@ pub struct ModelDims {
     /// Biases on the query, key and value projections (Qwen2).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub qkv_bias: bool,
+    /// The LM head reads the embedding's table (`tie_word_embeddings`): one weight, two uses.
+    /// The head holds a copy of it, kept equal to the embedding's by the plan's `TIE`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tied_embeddings: bool,
 }
 
 impl ModelDims {

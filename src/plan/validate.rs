@@ -14,7 +14,9 @@
 //! replica. It proves each chunk reduced exactly once, after all its backwards and before any
 //! step on its device (the first step takes the norm of the reduced gradients), and each
 //! chunk reduced by a sharded `RS<c>` gathered by `AG<c>` once, after all its steps, its
-//! weights on the device.
+//! weights on the device. With tied embeddings, `TIE` comes once on each device holding the
+//! embedding's or the head's chunk, after their backwards and before their reductions and
+//! steps, and waits for the other device's.
 
 mod logical;
 
@@ -129,6 +131,21 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
                     format!("micro-batch {mb} never runs its {what} on chunk {c}"),
                 ));
             }
+        }
+    }
+    let last = chunks as u32 - 1;
+    for c in [0, last] {
+        let d = plan.chunks[c as usize].device as usize;
+        if s.tied && !s.tie_done[d] {
+            return Err(fail(
+                plan,
+                d,
+                plan.programs[d].len(),
+                format!(
+                    "the plan sums tied gradients (TIE) but device {d}, holding chunk {c}, \
+                     never does"
+                ),
+            ));
         }
     }
     if let Some(c) = (0..chunks).find(|&c| s.replicas > 1 && !s.reduced[c]) {

@@ -131,6 +131,10 @@ pub struct ModelSpec {
     /// Rotary scaling (`{"rope_type": "llama3", ...}` or `{"rope_type": "linear", ...}`);
     /// absent means none.
     pub rope_scaling: Option<RopeScaling>,
+    /// One weight for the embedding and the LM head (`tie_word_embeddings` in `config.json`;
+    /// Llama 3.2 1B/3B, SmolLM2, small Qwen2.5). Default false for a random init; with
+    /// `init.from` the checkpoint's `config.json` decides, and a value given here must agree.
+    pub tie_embeddings: Option<bool>,
     #[serde(default)]
     pub init: ModelInit,
 }
@@ -150,6 +154,9 @@ pub struct ModelArch {
     pub rope_scaling: Option<RopeScaling>,
     /// A pretrained model's stated context length, written back unchanged.
     pub max_position_embeddings: Option<usize>,
+    /// The LM head reads the embedding's table (`tie_word_embeddings`).
+    #[serde(default)]
+    pub tie_embeddings: bool,
 }
 
 pub const DEFAULT_RMS_NORM_EPS: f64 = 1e-5;
@@ -165,6 +172,7 @@ impl ModelArch {
             ffn: self.intermediate_size,
             vocab: self.vocab_size,
             qkv_bias: self.architecture.qkv_bias(),
+            tied_embeddings: self.tie_embeddings,
         }
     }
 
@@ -252,6 +260,7 @@ impl ModelSpec {
             rope_theta: self.rope_theta.unwrap_or(DEFAULT_ROPE_THETA),
             rope_scaling: self.rope_scaling,
             max_position_embeddings: None,
+            tie_embeddings: self.tie_embeddings.unwrap_or(false),
         })
     }
 
@@ -312,6 +321,18 @@ impl ModelSpec {
                     given.model_type(),
                     pretrained.architecture.model_type(),
                     pretrained.architecture.model_type()
+                ),
+            ));
+        }
+        if let Some(given) = self.tie_embeddings
+            && given != pretrained.tie_embeddings
+        {
+            errors.push(SpecError::new(
+                "model.tie_embeddings",
+                format!(
+                    "is {given} but the pretrained model's config.json says tie_word_embeddings: \
+                     {}; leave it out or set {}",
+                    pretrained.tie_embeddings, pretrained.tie_embeddings
                 ),
             ));
         }

@@ -208,6 +208,7 @@ fn pretrained_init_may_omit_the_architecture_but_must_agree() {
         rope_theta: 10000.0,
         rope_scaling: None,
         max_position_embeddings: Some(64),
+        tie_embeddings: false,
     };
     assert_eq!(
         spec.model.merge_pretrained(&pretrained).unwrap(),
@@ -220,6 +221,16 @@ fn pretrained_init_may_omit_the_architecture_but_must_agree() {
     let errors = spec.model.merge_pretrained(&other).unwrap_err();
     assert_eq!(errors[0].param, "model.hidden_size");
     assert!(errors[0].message.contains("128"), "{}", errors[0]);
+    // Tied embeddings are the checkpoint's to decide; a given value must agree.
+    let tied = ModelArch {
+        tie_embeddings: true,
+        ..pretrained
+    };
+    let mut untied = spec.model.clone();
+    untied.tie_embeddings = Some(false);
+    let errors = untied.merge_pretrained(&tied).unwrap_err();
+    assert_eq!(errors[0].param, "model.tie_embeddings");
+    assert_eq!(spec.model.merge_pretrained(&tied).unwrap(), tied);
 }
 
 /// Validation data is evaluated; the settings that evaluate it need it, by name.

@@ -70,7 +70,7 @@ pub fn save_weights(
     std::fs::create_dir_all(dir).map_err(|e| CheckpointError::write(dir, e))?;
     let tensors = parts
         .iter()
-        .flat_map(|p| p.names.iter().zip(&p.weights))
+        .flat_map(|p| p.counted().map(|(i, name)| (name, &p.weights[i])))
         .map(|(name, w)| {
             (
                 name.clone(),

@@ -106,7 +106,7 @@ pub fn save_optimizer(
 ) -> Result<(), CheckpointError> {
     let mut tensors = Vec::new();
     for (p, st) in parts {
-        for (i, name) in p.names.iter().enumerate() {
+        for (i, name) in p.counted() {
             for (prefix, list) in [("exp_avg", &st.exp_avg), ("exp_avg_sq", &st.exp_avg_sq)] {
                 if let Some(t) = list.get(i) {
                     let view = F32View {

@@ -97,6 +97,7 @@ impl LlamaConfig {
             rope_theta: self.rope.theta as f64,
             rope_scaling: self.rope.scaling,
             max_position_embeddings: Some(self.max_position_embeddings),
+            tie_embeddings: d.tied_embeddings,
         }
     }
 }

@@ -43,12 +43,12 @@ const READ: &[&str] = &[
     "rope_parameters",
     "rope_scaling",
     "max_position_embeddings",
+    "tie_word_embeddings",
 ];
 
 /// Fields whose every value but one (or null) changes the model: `(field, what it must be)`.
 const FIXED: &[(&str, &str)] = &[
     ("hidden_act", "\"silu\""),
-    ("tie_word_embeddings", "false"),
     ("attention_bias", "false"),
     ("mlp_bias", "false"),
     ("use_sliding_window", "false"),
@@ -116,6 +116,7 @@ impl LlamaConfig {
                 ffn: int("intermediate_size")?,
                 vocab: int("vocab_size")?,
                 qkv_bias: architecture.qkv_bias(),
+                tied_embeddings: read_tied(obj)?,
             },
             rms_norm_eps: eps as f32,
             rope,
@@ -147,7 +148,7 @@ impl LlamaConfig {
             "rope_theta": shortest(self.rope.theta),
             "rope_scaling": self.rope.scaling,
             "hidden_act": "silu",
-            "tie_word_embeddings": false,
+            "tie_word_embeddings": d.tied_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": 0.02,
             "torch_dtype": "float32",
@@ -169,6 +170,19 @@ impl LlamaConfig {
 /// written config states the value the one it came from did.
 fn shortest(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(x as f64)
+}
+
+/// `tie_word_embeddings`: true, false, or left out or null (false, transformers' default for
+/// every class read here).
+fn read_tied(obj: &Map<String, Value>) -> Result<bool, ModelError> {
+    match obj.get("tie_word_embeddings") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(tied)) => Ok(*tied),
+        Some(other) => Err(bad(
+            "tie_word_embeddings",
+            format!("{other} is not true, false or null"),
+        )),
+    }
 }
 
 /// `model_type`, and `architectures` when given, must name a class this project implements.

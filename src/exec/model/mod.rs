@@ -14,6 +14,7 @@ pub mod layer;
 pub mod named;
 pub mod params;
 pub mod part;
+pub mod tied;
 
 use thiserror::Error;
 

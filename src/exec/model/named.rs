@@ -27,7 +27,9 @@ impl<'n, I> Table<'n, I> {
             part: self.id.kind(),
             name,
         };
-        let at = self.params_of.iter().position(|n| *n == full);
+        // A tied model's head holds its LM head under the table's name.
+        let tied = |n: &String| name == head::LM_HEAD && self.id.is_tied_copy(n);
+        let at = (self.params_of.iter()).position(|n| *n == full || tied(n));
         at.and_then(|i| self.items.get_mut(i)?.take())
             .ok_or(missing)
     }

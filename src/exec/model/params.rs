@@ -43,16 +43,39 @@ impl PartId {
         }
     }
 
+    /// The name a parameter goes by in a model whose embeddings are `tied` or not: the
+    /// head's LM head of a tied model is its copy of the embedding's table, and goes by the
+    /// table's name (so it initialises, loads and resumes as the table does).
+    pub fn param_name(self, inventory_name: &str, tied: bool) -> String {
+        if tied && self == PartId::Head && inventory_name == LM_HEAD {
+            return TIED_TABLE.to_string();
+        }
+        self.hf_name(inventory_name)
+    }
+
+    /// Whether `name`, a parameter of this part, is the head's copy of a tied table: equal to
+    /// the embedding's, so it is counted (gradient norm) and stored (checkpoints) once, as
+    /// the embedding's.
+    pub fn is_tied_copy(self, name: &str) -> bool {
+        self == PartId::Head && name == TIED_TABLE
+    }
+
     /// The Hugging Face name of a parameter given its inventory name.
     pub fn hf_name(self, inventory_name: &str) -> String {
         match self {
             PartId::Embedding => format!("model.{inventory_name}"),
             PartId::Layer(i) => format!("model.layers.{i}.{inventory_name}"),
-            PartId::Head if inventory_name == "lm_head.weight" => inventory_name.to_string(),
+            PartId::Head if inventory_name == LM_HEAD => inventory_name.to_string(),
             PartId::Head => format!("model.{inventory_name}"),
         }
     }
 }
+
+/// The LM head's inventory name.
+const LM_HEAD: &str = "lm_head.weight";
+
+/// The embedding's table, by its Hugging Face name: what a tied model's head reads.
+pub const TIED_TABLE: &str = "model.embed_tokens.weight";
 
 /// A part's weights and gradients, parallel vectors in inventory order, on the host
 /// ([`Tensor`]) or on any backend's storage. The model takes them by name (`model::named`).
@@ -63,6 +86,15 @@ pub struct PartParams<T = Tensor> {
     pub names: Vec<String>,
     pub weights: Vec<T>,
     pub grads: Vec<T>,
+}
+
+impl<T> PartParams<T> {
+    /// The parameters a checkpoint stores and the gradient norm counts: all but the head's
+    /// copy of a tied table.
+    pub fn counted(&self) -> impl Iterator<Item = (usize, &String)> {
+        let id = self.id;
+        (self.names.iter().enumerate()).filter(move |(_, n)| !id.is_tied_copy(n))
+    }
 }
 
 impl PartParams {
@@ -78,7 +110,7 @@ impl PartParams {
             grads: Vec::new(),
         };
         for spec in &inv.params {
-            let name = id.hf_name(spec.name);
+            let name = id.param_name(spec.name, config.dims.tied_embeddings);
             p.weights.push(Tensor::zeros(
                 pool,
                 name.clone(),

@@ -17,7 +17,8 @@ pub struct PartSquares {
 
 /// Sum of squared gradients of one part, tensor by tensor in a fixed order, in f64.
 pub fn part_squares(part: &PartParams) -> PartSquares {
-    let sum_of_squares = part.grads.iter().map(|g| tensor_squares(g.data())).sum();
+    let counted = part.counted().map(|(i, _)| &part.grads[i]);
+    let sum_of_squares = counted.map(|g| tensor_squares(g.data())).sum();
     PartSquares {
         part: part.id,
         sum_of_squares,

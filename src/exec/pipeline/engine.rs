@@ -165,6 +165,8 @@ pub trait Engine: Sync {
     ) -> (&'p mut Vec<Self::Tensor>, &'p mut Vec<Self::Tensor>);
     /// The lengths of the part's parameter tensors, in inventory order.
     fn param_lens(&self, part: &Self::Part) -> Vec<usize>;
+    /// The Hugging Face names of the part's parameters, in inventory order.
+    fn param_names<'p>(&self, part: &'p Self::Part) -> &'p [String];
 
     /// A zero-filled tensor in the host's pool (optimizer moments start there).
     fn host_zeros(
@@ -246,6 +248,10 @@ pub trait Engine: Sync {
         copies: &mut [&mut Self::Tensor],
         owned: &[(usize, Range<usize>)],
     ) -> Result<()>;
+
+    /// Sums copies of one tensor that are all on `device` itself, in the order given
+    /// (`copies[0] + copies[1] + ...`), into every copy: tied embeddings' `TIE`.
+    fn sum_here(&self, device: u32, copies: &mut [&mut Self::Tensor]) -> Result<()>;
 }
 
 /// A host tensor between devices: its buffer, counted in no pool.
@@ -374,6 +380,10 @@ impl Engine for CpuEngine {
         (&mut part.weights, &mut part.grads)
     }
 
+    fn param_names<'p>(&self, part: &'p PartParams) -> &'p [String] {
+        &part.names
+    }
+
     fn param_lens(&self, part: &PartParams) -> Vec<usize> {
         part.weights.iter().map(Tensor::len).collect()
     }
@@ -446,6 +456,11 @@ impl Engine for CpuEngine {
     fn write(&self, _device: u32, t: &mut Tensor, within: Range<usize>, src: &[f32]) -> Result<()> {
         t.data_mut()[within].copy_from_slice(src);
         Ok(())
+    }
+
+    fn sum_here(&self, device: u32, copies: &mut [&mut Tensor]) -> Result<()> {
+        // Host tensors: where they are does not change the sum.
+        self.sum_replicas(device, copies)
     }
 
     fn sum_replicas(&self, _device: u32, copies: &mut [&mut Tensor]) -> Result<()> {

@@ -109,6 +109,15 @@ pub enum PipelineError {
     NotHere { chunk: u32 },
     #[error("a chunk has no parts")]
     EmptyChunk,
+    #[error(
+        "{part:?} holds no copy of the tied embedding table: the model's embeddings are not tied"
+    )]
+    Untied { part: crate::exec::model::PartId },
+    #[error(
+        "the model's tie_word_embeddings is {tied} but the plan {} TIE actions (plan a tied          model with plan::tying::with_tied_embeddings, an untied one without)",
+        if *tied { "has no" } else { "has" }
+    )]
+    TiedPlan { tied: bool },
     #[error("the plan has no optimizer step: no device computed the step's loss and gradient norm")]
     NoStep,
     #[error("group {group} belongs to a micro-batch, not to a chunk")]
@@ -225,6 +234,10 @@ impl<E: Engine> Pipeline<E> {
         ranks: Option<Box<dyn Ranks<E>>>,
     ) -> Result<Self, PipelineError> {
         validate(&plan)?;
+        let tied = config.dims.tied_embeddings;
+        if tied != plan.programs.iter().flatten().any(|a| *a == Action::Tie) {
+            return Err(PipelineError::TiedPlan { tied });
+        }
         if plan.total_devices() != devices.devices.len() {
             return Err(PipelineError::DeviceCount {
                 plan: plan.total_devices(),
@@ -367,6 +380,8 @@ impl<E: Engine> Pipeline<E> {
             grad_clip: self.grad_clip,
             step: self.step,
             host: &self.devices.host,
+            tie_stages: [0, self.plan.chunks.len() - 1].map(|c| self.plan.chunks[c].device),
+            last_chunk: self.plan.chunks.len() as u32 - 1,
         };
         let alone = devices == 1;
         let mut held = std::mem::take(&mut self.chunks);
@@ -548,3 +563,5 @@ impl<F: Fn()> Drop for OnPanic<F> {
 mod replica_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tied_tests;

@@ -15,6 +15,11 @@ pub(super) const STEPS: u64 = 3;
 const MICROBATCHES: usize = 4;
 
 pub(super) fn config() -> LlamaConfig {
+    config_tied(false)
+}
+
+/// The test model, its embeddings `tied` or not.
+pub(super) fn config_tied(tied: bool) -> LlamaConfig {
     LlamaConfig {
         dims: ModelDims {
             hidden: 32,
@@ -24,6 +29,7 @@ pub(super) fn config() -> LlamaConfig {
             ffn: 48,
             vocab: 256,
             qkv_bias: false,
+            tied_embeddings: tied,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),
@@ -47,8 +53,12 @@ pub(super) fn batcher() -> Batcher {
 
 /// Weights after `STEPS` steps, in model order, as raw bits.
 pub(super) fn reference_weights() -> Vec<Vec<u32>> {
+    reference_weights_of(config())
+}
+
+pub(super) fn reference_weights_of(config: LlamaConfig) -> Vec<Vec<u32>> {
     let mut single = SingleDevice::from_seed(
-        config(),
+        config,
         Pool::new("cpu:0", 256 << 20),
         CpuBackend::default(),
         7,
@@ -73,10 +83,18 @@ pub(super) fn bits(t: &crate::exec::tensor::Tensor) -> Vec<u32> {
 }
 
 pub(super) fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineError> {
+    pipeline_of(config(), plan, budget)
+}
+
+pub(super) fn pipeline_of(
+    config: LlamaConfig,
+    plan: Plan,
+    budget: usize,
+) -> Result<Pipeline, PipelineError> {
     let devices = DeviceSet::parse(&format!("cpu:{}x{budget}", plan.total_devices())).unwrap();
-    let parts = seeded_parts(&config(), &devices.host, 7)?;
+    let parts = seeded_parts(&config, &devices.host, 7)?;
     Pipeline::new(
-        config(),
+        config,
         plan,
         devices,
         CpuEngine {
@@ -90,7 +108,11 @@ pub(super) fn pipeline(plan: Plan, budget: usize) -> Result<Pipeline, PipelineEr
 }
 
 pub(super) fn trained_weights(plan: Plan) -> Vec<Vec<u32>> {
-    let mut p = pipeline(plan, 256 << 20).unwrap();
+    trained_weights_of(config(), plan)
+}
+
+pub(super) fn trained_weights_of(config: LlamaConfig, plan: Plan) -> Vec<Vec<u32>> {
+    let mut p = pipeline_of(config, plan, 256 << 20).unwrap();
     let mut data = batcher();
     for step in 0..STEPS {
         p.train_step(&data.step(step)).unwrap();
@@ -127,7 +149,7 @@ pub(super) fn with_recompute(mut plan: Plan, chunks: &[u32]) -> Plan {
 }
 
 /// The plan with each chunk's optimizer state and step cut into `slices`.
-fn with_optimizer_slices(mut plan: Plan, slices: u32) -> Plan {
+pub(super) fn with_optimizer_slices(mut plan: Plan, slices: u32) -> Plan {
     for program in &mut plan.programs {
         program.retain(|a| !matches!(a, Action::Step { .. }));
     }
@@ -170,7 +192,7 @@ pub(super) fn with_offload(mut plan: Plan) -> Plan {
 }
 
 /// Every schedule on 1, 2 and 4 devices (interleaved needs 2 or more), with its label.
-fn every_schedule() -> Vec<(String, Plan)> {
+pub(super) fn every_schedule() -> Vec<(String, Plan)> {
     let m = MICROBATCHES as u32;
     let layers = config().dims.layers as u32;
     let mut plans = Vec::new();
@@ -214,6 +236,10 @@ fn every_schedule_trains_bit_identically_to_one_device() {
 /// The planner's predicted peak (cpu-f32 inventory, simulated plan) against the pools'
 /// measured peak, device by device.
 pub(super) fn peaks(plan: &Plan) -> (Vec<u64>, Vec<u64>) {
+    peaks_of(config(), plan)
+}
+
+pub(super) fn peaks_of(config: LlamaConfig, plan: &Plan) -> (Vec<u64>, Vec<u64>) {
     use crate::plan::inventory::{MicroShape, Profile};
     use crate::plan::simulate::{Hardware, chunk_costs, simulate};
     let hw = Hardware {
@@ -225,12 +251,12 @@ pub(super) fn peaks(plan: &Plan) -> (Vec<u64>, Vec<u64>) {
         host_bytes_per_s: 1e30,
     };
     let micro = MicroShape { batch: 2, seq: 16 };
-    let costs = chunk_costs(plan, Profile::CpuF32, &config().dims, micro, &hw);
+    let costs = chunk_costs(plan, Profile::CpuF32, &config.dims, micro, &hw);
     let sim = simulate(plan, &costs, &hw, false).unwrap();
     // Every replica's devices run the same programs: one replica is simulated.
     let one: Vec<u64> = sim.devices.iter().map(|d| d.peak_bytes).collect();
     let predicted = one.repeat(plan.replicas as usize);
-    let mut p = pipeline(plan.clone(), 256 << 20).unwrap();
+    let mut p = pipeline_of(config, plan.clone(), 256 << 20).unwrap();
     let mut data = batcher();
     for step in 0..2 {
         p.train_step(&data.step(step)).unwrap();

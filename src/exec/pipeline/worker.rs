@@ -1,7 +1,9 @@
 //! One device's thread: runs its program from the plan, action by action, in order.
 
 mod head_pass;
+mod reduce;
 mod relocate;
+mod tie;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,9 +20,7 @@ use crate::plan::ir::{Action, Group};
 
 use super::PipelineError;
 use super::chunk::ChunkState;
-use super::chunk::owned_ranges;
 use super::engine::{At, Engine, Kept, Update};
-use super::reduce_point::{ChunkGrads, Shards};
 use super::seat::Seat;
 use super::step_sync::StepTotals;
 use super::transport::Transport;
@@ -47,6 +47,10 @@ pub struct StepContext<'a, E: Engine> {
     /// The step being taken, from 0.
     pub step: u64,
     pub host: &'a PoolRef,
+    /// The stages holding chunk 0 (the embedding) and the last chunk (the head), which `TIE`
+    /// joins, and the last chunk's index.
+    pub tie_stages: [u32; 2],
+    pub last_chunk: u32,
 }
 
 /// What one device measured during the step.
@@ -202,6 +206,7 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
             Action::Step { chunk, slice } => self.timed(|w| w.optimizer_step(cx, chunk, slice)),
             Action::Reduce { chunk, shard } => self.reduce(cx, chunk, shard),
             Action::Gather { chunk } => self.gather(cx, chunk),
+            Action::Tie => self.tie(cx),
         }
     }
 
@@ -515,79 +520,6 @@ impl<'a, E: Engine> DeviceWorker<'a, E> {
         };
         state.step_slice(engine, device, update, slice)
     }
-
-    /// Whether the program reduces `chunk` sharded (`RS<c>`).
-    fn sharded(&self, chunk: u32) -> bool {
-        self.program
-            .contains(&Action::Reduce { chunk, shard: true })
-    }
-
-    /// Sums the chunk's gradients with the other replicas' (`AR<c>`), or each replica's
-    /// shard of them into that replica (`RS<c>`).
-    fn reduce(
-        &mut self,
-        cx: &StepContext<'_, E>,
-        chunk: u32,
-        shard: bool,
-    ) -> Result<(), PipelineError> {
-        let start = Instant::now();
-        let (engine, seat) = (cx.engine, self.seat);
-        let state = self.chunk(chunk)?;
-        if state.grads_on_host {
-            return Err(PipelineError::GroupOnHost {
-                group: Group::Grads { chunk },
-            });
-        }
-        let shards = shard.then(|| every_shard(engine, state, seat.replicas));
-        let grads: ChunkGrads<E::Tensor> = (state.parts.iter_mut())
-            .map(|p| std::mem::take(engine.params_mut(p).1))
-            .collect();
-        let (summed, result) = match &shards {
-            Some(shards) => cx
-                .transport
-                .reduce_scatter(engine, seat, chunk, grads, shards),
-            None => cx.transport.reduce(engine, seat, chunk, grads),
-        };
-        for (part, grads) in state.parts.iter_mut().zip(summed) {
-            *engine.params_mut(part).1 = grads;
-        }
-        self.report.reducing += start.elapsed();
-        result
-    }
-
-    /// Hands this replica's updated shard of the chunk's weights to the other replicas and
-    /// takes theirs (`AG<c>`).
-    fn gather(&mut self, cx: &StepContext<'_, E>, chunk: u32) -> Result<(), PipelineError> {
-        let start = Instant::now();
-        let (engine, seat) = (cx.engine, self.seat);
-        let state = self.chunk(chunk)?;
-        if state.weights_on_host {
-            return Err(PipelineError::GroupOnHost {
-                group: Group::Weights { chunk },
-            });
-        }
-        let shards = every_shard(engine, state, seat.replicas);
-        let weights: ChunkGrads<E::Tensor> = (state.parts.iter_mut())
-            .map(|p| std::mem::take(engine.params_mut(p).0))
-            .collect();
-        let (gathered, result) = cx
-            .transport
-            .all_gather(engine, seat, chunk, weights, &shards);
-        for (part, weights) in state.parts.iter_mut().zip(gathered) {
-            *engine.params_mut(part).0 = weights;
-        }
-        self.report.reducing += start.elapsed();
-        result
-    }
-}
-
-/// What each of `replicas` owns of `state`'s chunk, in replica order.
-fn every_shard<E: Engine>(engine: &E, state: &ChunkState<E>, replicas: u32) -> Shards {
-    let lens = state.lens(engine);
-    let total = lens.iter().flatten().sum();
-    (0..replicas)
-        .map(|r| owned_ranges(&lens, &crate::plan::reduction::shard(total, replicas, r)))
-        .collect()
 }
 
 fn take<T>(map: &mut HashMap<Key, T>, key: Key, what: &'static str) -> Result<T, PipelineError> {

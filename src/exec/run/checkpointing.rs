@@ -82,7 +82,9 @@ impl Run {
                 return Ok(sync_files(dir, &files)?);
             }
             let bytes = |p: &&crate::exec::model::PartParams| {
-                p.weights.iter().map(|w| w.len() as u64 * 4).sum::<u64>()
+                p.counted()
+                    .map(|(i, _)| p.weights[i].len() as u64 * 4)
+                    .sum::<u64>()
             };
             let sizes: Vec<u64> = parts.iter().map(bytes).collect();
             let (groups, n) = split_by_size(&sizes, MAX_SHARD_BYTES);

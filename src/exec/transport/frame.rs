@@ -373,6 +373,7 @@ impl Reader<'_> {
         let kind = match self.u8("message kind")? {
             k if k == MessageKind::Activation as u8 => MessageKind::Activation,
             k if k == MessageKind::Gradient as u8 => MessageKind::Gradient,
+            k if k == MessageKind::Tied as u8 => MessageKind::Tied,
             k => return Err(FrameError::Malformed(format!("message kind {k}"))),
         };
         Ok(MessageKey {

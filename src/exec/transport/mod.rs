@@ -25,6 +25,9 @@ pub enum MessageKind {
     Activation = 1,
     /// The gradient of a chunk's input, made by its backward.
     Gradient = 2,
+    /// Tied embeddings' `TIE`: the embedding's table gradient to the head's device (micro-batch
+    /// 0), the sum back (micro-batch 1).
+    Tied = 3,
 }
 
 /// A message is named by what it is, the micro-batch and the chunk that made it.

@@ -34,6 +34,7 @@ fn any_action() -> impl Strategy<Value = Action> {
         (0u32..64, 0u32..8).prop_map(|(chunk, slice)| Action::Step { chunk, slice }),
         (0u32..64, any::<bool>()).prop_map(|(chunk, shard)| Action::Reduce { chunk, shard }),
         (0u32..64).prop_map(|chunk| Action::Gather { chunk }),
+        Just(Action::Tie),
     ]
 }
 

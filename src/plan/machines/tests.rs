@@ -11,6 +11,7 @@ fn dims(hidden: usize, ffn: usize, vocab: usize) -> ModelDims {
         ffn,
         vocab,
         qkv_bias: false,
+        tied_embeddings: false,
     }
 }
 
@@ -71,4 +72,18 @@ fn the_pairs_that_talk_most_share_a_machine() {
         "{} vs {crossing}",
         p.network_s
     );
+}
+
+#[test]
+fn tied_embeddings_send_the_table_between_first_and_last_stage() {
+    let one = build(ScheduleKind::OneFOneB, 2, 4, 4).unwrap();
+    let tied = crate::plan::tying::with_tied_embeddings(one.clone()).unwrap();
+    let micro = MicroShape { batch: 2, seq: 8 };
+    let untied = traffic(&one, Profile::CpuF32, &dims(16, 32, 64), micro, 4);
+    let t = traffic(&tied, Profile::CpuF32, &dims(16, 32, 64), micro, 4);
+    let table = (64 * 16 * 4) as f64;
+    for (a, b) in [(0, 1), (1, 0)] {
+        let (bytes, messages) = untied.links[&(a, b)];
+        assert_eq!(t.links[&(a, b)], (bytes + table, messages + 1), "{a}->{b}");
+    }
 }

@@ -29,6 +29,9 @@ pub struct ChunkCost {
     /// replica's shard of them (padded to the same length on every replica).
     pub optimizer_params: u64,
     pub optimizer_bytes: u64,
+    /// The head's chunk of a model with tied embeddings: the bytes of the table's gradient
+    /// that `TIE` hands between the embedding's device and the head's (0 elsewhere).
+    pub tie_bytes: u64,
 }
 
 /// Costs of every chunk of `plan` for a model, micro-batch shape and device.
@@ -71,6 +74,10 @@ pub fn chunk_costs(
                 grad_bytes: n * state.grad as u64,
                 optimizer_params: kept,
                 optimizer_bytes: kept * state.optimizer as u64,
+                tie_bytes: match dims.tied_embeddings && spec.head {
+                    true => (dims.vocab * dims.hidden) as u64 * state.grad as u64,
+                    false => 0,
+                },
             }
         })
         .collect()
@@ -90,6 +97,7 @@ pub fn uniform_costs(chunks: usize, memory: ChunkMemory, forward_s: f64) -> Vec<
             grad_bytes: 0,
             optimizer_params: 0,
             optimizer_bytes: 0,
+            tie_bytes: 0,
         };
         chunks
     ]

@@ -95,6 +95,7 @@ const TINY: ModelDims = ModelDims {
     ffn: 40,
     vocab: 50,
     qkv_bias: false,
+    tied_embeddings: false,
 };
 const TINY_MICRO: MicroShape = MicroShape { batch: 1, seq: 8 };
 

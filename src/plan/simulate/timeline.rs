@@ -55,6 +55,8 @@ pub(super) struct Timeline<'a> {
     link_free: Vec<f64>,
     pub busy: Vec<f64>,
     pub stall: Vec<f64>,
+    /// When each device reached its `TIE`.
+    tie_posted: Vec<Option<f64>>,
 }
 
 impl<'a> Timeline<'a> {
@@ -132,6 +134,7 @@ impl<'a> Timeline<'a> {
             link_free: vec![0f64; p * p],
             busy: vec![0f64; p],
             stall: vec![0f64; p],
+            tie_posted: vec![None; p],
         }
     }
 
@@ -153,6 +156,7 @@ impl<'a> Timeline<'a> {
             Action::Step { chunk, slice } => Some(self.step(d, chunk, slice)),
             Action::Reduce { chunk, shard } => Some(self.reduce(d, chunk, shard)),
             Action::Gather { chunk } => Some(self.gather(d, chunk)),
+            Action::Tie => self.tie(d),
             Action::SendAct { mb, chunk, peer } => Some(self.send(d, mb, chunk, peer, true)),
             Action::SendGrad { mb, chunk, peer } => Some(self.send(d, mb, chunk, peer, false)),
             Action::RecvAct { mb, chunk, .. } => self.receive(d, mb, chunk, true),
@@ -322,6 +326,28 @@ impl<'a> Timeline<'a> {
         let end = start + self.hw.ring_half_s(self.plan.replicas, bytes);
         self.cursor[d] = end;
         (start, end)
+    }
+
+    /// `TIE`: the embedding's device and the head's meet; the table's gradient goes to the
+    /// head's device, which adds it to its copy's and sends the sum back, holding the one it
+    /// received meanwhile. On one device, a local sum.
+    fn tie(&mut self, d: usize) -> Option<(f64, f64)> {
+        let posted = *self.tie_posted[d].get_or_insert(self.cursor[d]);
+        let (e, h) = (self.dev(0), self.dev(self.last()));
+        let start = self.tie_posted[e]?.max(self.tie_posted[h]?);
+        let bytes = self.costs[self.last() as usize].tie_bytes;
+        let mut end = start;
+        if e != h {
+            let link = self.hw.p2p_s(bytes) + self.hw.p2p_latency_s;
+            end += 2.0 * link;
+            if d == h {
+                self.push(h, start + link, bytes as i64, COMM);
+                self.push(h, end - link, -(bytes as i64), COMM);
+            }
+        }
+        self.stall[d] += start - posted;
+        self.cursor[d] = end;
+        Some((posted, end))
     }
 
     /// A send is queued on its link when the program reaches it and does not hold the

@@ -42,6 +42,11 @@ pub(super) struct State<'a> {
     /// Chunks reduced by `RS<c>`, and those of them whose weights `AG<c>` gathered.
     pub sharded: Vec<bool>,
     pub gathered: Vec<bool>,
+    /// Whether the plan sums tied embeddings' gradients (`TIE`), and the devices that have
+    /// reached and passed their `TIE`.
+    pub tied: bool,
+    tie_posted: Vec<bool>,
+    pub tie_done: Vec<bool>,
     stash: Vec<Place>,
     weights: Vec<Place>,
     grads: Vec<Place>,
@@ -87,6 +92,9 @@ impl<'a> State<'a> {
             reduced: vec![false; chunks],
             sharded: vec![false; chunks],
             gathered: vec![false; chunks],
+            tied: plan.programs.iter().flatten().any(|a| *a == Action::Tie),
+            tie_posted: vec![false; plan.programs.len()],
+            tie_done: vec![false; plan.programs.len()],
             stash: vec![Place::Host; m * chunks],
             weights: per_chunk(|chunk| Group::Weights { chunk }),
             grads: per_chunk(|chunk| Group::Grads { chunk }),
@@ -117,6 +125,7 @@ impl<'a> State<'a> {
             Action::Step { chunk, slice } => self.step(d, chunk, slice),
             Action::Reduce { chunk, shard } => self.reduction(d, chunk, shard),
             Action::Gather { chunk } => self.gather(d, chunk),
+            Action::Tie => self.tie(d),
         }
     }
 
@@ -364,6 +373,7 @@ impl<'a> State<'a> {
         self.holds(d, c)?;
         Self::resident(&self.weights, c, "the weights")?;
         Self::resident(&self.grads, c, "the gradients")?;
+        self.tied_before(d, c, "optimizer step")?;
         let i = c as usize * self.slices + slice as usize;
         if self.optimizer[i] != Place::Device {
             return Err(format!(
@@ -425,6 +435,7 @@ impl<'a> State<'a> {
                 self.m
             ));
         }
+        self.tied_before(d, c, "reduction")?;
         if std::mem::replace(&mut self.reduced[c as usize], true) {
             return Err(format!("second reduction of chunk {c}"));
         }
@@ -456,6 +467,55 @@ impl<'a> State<'a> {
         if std::mem::replace(&mut self.gathered[c as usize], true) {
             return Err(format!("second gathering of chunk {c}"));
         }
+        Ok(true)
+    }
+
+    /// The chunks whose gradients `TIE` sums (the embedding's and the head's) on device `d`.
+    fn tied_here(&self, d: usize) -> Vec<u32> {
+        let mut ends = vec![0, self.last()];
+        ends.dedup();
+        ends.retain(|&c| self.dev(c) == Some(d));
+        ends
+    }
+
+    /// In a plan with `TIE`, a tied chunk's `what` comes after its device's `TIE`.
+    fn tied_before(&self, d: usize, c: u32, what: &str) -> Result<(), String> {
+        if self.tied && self.tied_here(d).contains(&c) && !self.tie_done[d] {
+            return Err(format!(
+                "{what} of chunk {c} before the device's TIE: it needs the tied gradients summed"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `TIE`: once on each device holding the embedding's or the head's chunk, after all their
+    /// backwards, their gradients on the device; waits for the other device's `TIE`.
+    fn tie(&mut self, d: usize) -> Checked {
+        let here = self.tied_here(d);
+        if here.is_empty() {
+            return Err(
+                "TIE runs only on the devices holding chunk 0 (the embedding) and the last \
+                 chunk (the head)"
+                    .into(),
+            );
+        }
+        if self.tie_done[d] {
+            return Err("second TIE on this device".into());
+        }
+        if !self.tie_posted[d] {
+            for &c in &here {
+                if self.backwards_done[c as usize] as usize != self.m {
+                    return Err(format!("TIE before all {} backwards of chunk {c}", self.m));
+                }
+                Self::resident(&self.grads, c, "the gradients")?;
+            }
+            self.tie_posted[d] = true;
+        }
+        let ends = [0, self.last()].map(|c| self.dev(c));
+        if !ends.iter().flatten().all(|&p| self.tie_posted[p]) {
+            return Ok(false);
+        }
+        self.tie_done[d] = true;
         Ok(true)
     }
 }

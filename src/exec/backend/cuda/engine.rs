@@ -47,15 +47,15 @@ pub struct GpuMessage {
 pub struct GpuEngine {
     /// The communicator between the GPUs, when there are several and NCCL is here (dropped
     /// before the GPUs).
-    nccl: Option<Nccl>,
+    pub(super) nccl: Option<Nccl>,
     /// Each GPU once.
-    gpus: Vec<Gpu>,
+    pub(super) gpus: Vec<Gpu>,
     /// For each run-wide plan device (replica by replica), the index in `gpus` of the GPU it
     /// runs on.
-    stage_gpu: Vec<usize>,
+    pub(super) stage_gpu: Vec<usize>,
     /// Devices per replica: run-wide device `d` is stage `d % stages` of replica
     /// `d / stages` (every device one replica's until `replicate` says otherwise).
-    stages: usize,
+    pub(super) stages: usize,
 }
 
 impl GpuEngine {
@@ -338,6 +338,10 @@ impl Engine for GpuEngine {
         (&mut part.weights, &mut part.grads)
     }
 
+    fn param_names<'p>(&self, part: &'p GpuPart) -> &'p [String] {
+        &part.names
+    }
+
     fn param_lens(&self, part: &GpuPart) -> Vec<usize> {
         part.weights.iter().map(GpuTensor::len).collect()
     }
@@ -366,7 +370,7 @@ impl Engine for GpuEngine {
         // A device's first step sums every local part's gradients, and a plan may hold
         // another chunk's in host memory until its own step: those are summed here.
         let mut on_host = 0.0;
-        for g in &part.grads {
+        for g in part.counted().map(|(i, _)| &part.grads[i]) {
             if g.is_on_host() {
                 on_host += tensor_squares(&g.to_host::<f32>(gpu)?);
             } else {
@@ -452,6 +456,10 @@ impl Engine for GpuEngine {
         owned: &[(usize, Range<usize>)],
     ) -> Result<()> {
         self.gather_copies(device, copies, owned)
+    }
+
+    fn sum_here(&self, device: u32, copies: &mut [&mut GpuTensor]) -> Result<()> {
+        self.sum_on_gpu(device, copies)
     }
 
     fn zero_grads(&self, device: u32, part: &mut GpuPart) -> Result<()> {

@@ -76,6 +76,7 @@ fn written_configs_read_back_the_same() {
             architecture,
             dims: ModelDims {
                 qkv_bias: architecture.qkv_bias(),
+                tied_embeddings: false,
                 ..llama.dims
             },
             ..llama
@@ -98,6 +99,30 @@ fn written_configs_read_back_the_same() {
         .remove("max_position_embeddings");
     let unstated = LlamaConfig::from_hf_json(&unstated).unwrap();
     assert_eq!(unstated.to_hf_json()["max_position_embeddings"], 65536);
+}
+
+/// `tie_word_embeddings` is read (true, false, left out or null) and written back as read.
+#[test]
+fn tied_embeddings_are_read_and_written_back() {
+    let tied =
+        LlamaConfig::from_hf_json(&with(llama(), "tie_word_embeddings", json!(true))).unwrap();
+    assert!(tied.dims.tied_embeddings);
+    assert_eq!(tied.to_hf_json()["tie_word_embeddings"], json!(true));
+    assert_eq!(LlamaConfig::from_hf_json(&tied.to_hf_json()).unwrap(), tied);
+    assert!(tied.arch().tie_embeddings);
+    assert_eq!(LlamaConfig::from_arch(&tied.arch()).unwrap(), tied);
+    for untied in [json!(false), Value::Null] {
+        let cfg = LlamaConfig::from_hf_json(&with(llama(), "tie_word_embeddings", untied));
+        assert!(!cfg.unwrap().dims.tied_embeddings);
+    }
+    let mut unstated = llama();
+    unstated
+        .as_object_mut()
+        .unwrap()
+        .remove("tie_word_embeddings");
+    let cfg = LlamaConfig::from_hf_json(&unstated).unwrap();
+    assert!(!cfg.dims.tied_embeddings);
+    assert_eq!(cfg.to_hf_json()["tie_word_embeddings"], json!(false));
 }
 
 /// A Qwen2 config as transformers writes it, its sliding window off.
@@ -219,9 +244,9 @@ fn every_setting_not_implemented_is_refused_by_name() {
             "disagrees",
         ),
         (
-            with(llama(), "tie_word_embeddings", json!(true)),
+            with(llama(), "tie_word_embeddings", json!("yes")),
             "tie_word_embeddings",
-            "false",
+            "true, false or null",
         ),
         (
             with(llama(), "attention_bias", json!(true)),

@@ -3,7 +3,8 @@
 //! in replica order (so one GPU sums as the CPU engine does, bit for bit) and handed on with
 //! device copies; across GPUs, the GPUs' sums meet through NCCL in the stage's replica group
 //! (an all-reduce for a whole sum; for sharded state, per owned range, a reduce into the
-//! owner's GPU and a broadcast from it), or through host memory where NCCL is missing.
+//! owner's GPU and a broadcast from it), or through host memory where NCCL is missing. Tied
+//! embeddings' `TIE` sums copies on one GPU the same way.
 
 use std::ops::Range;
 
@@ -114,6 +115,33 @@ impl GpuEngine {
                 let (sum, copy) = pair_mut(copies, holder, r);
                 copy.copy_from(&self.gpus[spread.gpu_of[r]], sum)?;
             }
+        }
+        Ok(())
+    }
+
+    /// `Engine::sum_here`: copies on one GPU summed in the order given into each.
+    pub(super) fn sum_on_gpu(&self, device: u32, copies: &mut [&mut GpuTensor]) -> Result<()> {
+        let gpu = self.gpu(device);
+        let Some((first, rest)) = copies.split_first_mut() else {
+            return Ok(());
+        };
+        let len = first.len();
+        let elsewhere = |t: &GpuTensor| t.len() != len || t.is_on_host();
+        if elsewhere(first) || rest.iter().any(|t| elsewhere(t)) {
+            return Err(PipelineError::Reduction(format!(
+                "{}: the copies summed on device {device} differ in length or one is in host \
+                 memory",
+                first.name()
+            )));
+        }
+        first.await_ready(gpu)?;
+        for other in rest.iter() {
+            other.await_ready(gpu)?;
+            gpu.replica_add(first.ptr(), other.ptr(), len)
+                .map_err(PipelineError::Cuda)?;
+        }
+        for other in rest.iter_mut() {
+            other.copy_from(gpu, first)?;
         }
         Ok(())
     }

@@ -14,7 +14,9 @@ use crate::exec::checkpoint::safetensors_io::TensorFile;
 use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::model::chunk::{backward_chunk, forward_chunk};
 use crate::exec::model::head::head_forward_backward;
+use crate::exec::model::params::TIED_TABLE;
 use crate::exec::model::part::{MicroTokens, PartOutput};
+use crate::exec::model::tied::sum_tied_grads;
 use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use crate::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use crate::exec::optim::{OptimizerConfig, PartOptimState};
@@ -90,6 +92,33 @@ fn forward_backward(
     Ok(loss)
 }
 
+/// Tied embeddings (a no-op otherwise): the table's gradients of its two uses summed into both
+/// copies on the GPU, as the pipeline's `TIE` sums them on one device.
+fn sum_tied(engine: &GpuEngine, parts: &mut [GpuPart]) -> Result<()> {
+    let tied = |p: &GpuPart| p.names.iter().position(|n| n == TIED_TABLE);
+    if !config_tied(parts) {
+        return Ok(());
+    }
+    let Some((embedding, rest)) = parts.split_first_mut() else {
+        return Ok(());
+    };
+    let head = rest
+        .last_mut()
+        .ok_or(CudaError::Unsupported("no head".into()))?;
+    let (Some(e), Some(h)) = (tied(embedding), tied(head)) else {
+        return Err(CudaError::Unsupported(
+            "a tied model without its table".into(),
+        ));
+    };
+    let copies = &mut [&mut embedding.grads[e], &mut head.grads[h]];
+    engine.sum_here(0, copies).map_err(pipeline_error)
+}
+
+/// Whether the model's head holds a copy of the embedding's table.
+fn config_tied(parts: &[GpuPart]) -> bool {
+    (parts.last()).is_some_and(|h| h.names.iter().any(|n| h.id.is_tied_copy(n)))
+}
+
 /// The CPU's forward and backward of one micro-batch; returns its mean loss.
 fn cpu_forward_backward(
     ctx: &PartCtx<'_, CpuBackend>,
@@ -104,6 +133,7 @@ fn cpu_forward_backward(
         ));
     };
     backward_chunk(ctx, parts, stash, None, scale).map_err(CudaError::from)?;
+    sum_tied_grads(parts).map_err(CudaError::from)?;
     Ok(loss_sum / ctx.micro.tokens() as f64)
 }
 
@@ -215,6 +245,7 @@ pub fn model_checks(gpu: Gpu, fixture: &Path, tol: f64, own_grads: bool) -> Resu
     };
     let gpu_loss =
         forward_backward(&gpu_ctx, &mut gpu_model, tokens, scale)? / micro.tokens() as f64;
+    sum_tied(&engine, &mut gpu_model)?;
     let mut gpu_parts = host_parts(&config, &host)?;
     download(engine.gpu(0), &gpu_model, &mut gpu_parts)?;
     let torch = |name: &str| reference.f32(name).map(|(_, v)| v).map_err(|e| bad(&e));

@@ -222,6 +222,7 @@ fn stage_model() -> LlamaConfig {
             ffn: 256,
             vocab: 512,
             qkv_bias: false,
+            tied_embeddings: false,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),

@@ -47,6 +47,7 @@ pub fn llama_125m() -> LlamaConfig {
             ffn: 2048,
             vocab: 32000,
             qkv_bias: false,
+            tied_embeddings: false,
         },
         rms_norm_eps: 1e-5,
         rope: Rope::plain(10000.0),
