@@ -376,11 +376,13 @@ async fn error_statuses(url: &str) {
     )
     .await;
     // A real safetensors model with its config uploads; a config whose settings the model
-    // does not compute (Qwen2's biases) is refused naming the config's field.
+    // does not compute (biases on the MLP) is refused naming the config's field.
     let dir = tempfile::tempdir().unwrap();
     common::write_weights(dir.path(), &[1.0, 2.0]);
     let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata");
-    let model_form = |config: &str| {
+    let config_of =
+        |fixture: &str| std::fs::read(testdata.join(fixture).join("config.json")).unwrap();
+    let model_form = |config: Vec<u8>| {
         reqwest::multipart::Form::new()
             .text("purpose", "model")
             .part(
@@ -392,26 +394,26 @@ async fn error_statuses(url: &str) {
             )
             .part(
                 "config",
-                reqwest::multipart::Part::bytes(
-                    std::fs::read(testdata.join(config).join("config.json")).unwrap(),
-                )
-                .file_name("config.json"),
+                reqwest::multipart::Part::bytes(config).file_name("config.json"),
             )
     };
     assert_eq!(
         server
             .post("/v1/files")
-            .multipart(model_form("hf-llama-tiny"))
+            .multipart(model_form(config_of("hf-llama-tiny")))
             .send()
             .await
             .unwrap()
             .status(),
         201
     );
+    let mut config: Value = serde_json::from_slice(&config_of("hf-llama-tiny")).unwrap();
+    config["mlp_bias"] = true.into();
+    let mlp_bias = config.to_string().into_bytes();
     let p = problem(
         server
             .post("/v1/files")
-            .multipart(model_form("hf-tied-tiny"))
+            .multipart(model_form(mlp_bias))
             .send()
             .await
             .unwrap(),
@@ -421,10 +423,7 @@ async fn error_statuses(url: &str) {
     .await;
     assert_eq!(p["param"], "config");
     let detail = p["detail"].as_str().unwrap();
-    assert!(
-        detail.contains("config.json field tie_word_embeddings"),
-        "{detail}"
-    );
+    assert!(detail.contains("config.json field mlp_bias"), "{detail}");
     // 422: no plan fits; the smallest memory that would and the closest configuration
     let mut small = job_body(&train, 2);
     small["devices"] = json!("cpu:2x1KiB");

@@ -264,10 +264,16 @@ fn checkpoints_with_settings_not_implemented_are_refused_by_field() {
     .unwrap();
     config["use_sliding_window"] = true.into();
     std::fs::write(windowed.join("config.json"), config.to_string()).unwrap();
-    for (fixture, field) in [
-        (windowed, "use_sliding_window"),
-        (testdata("hf-tied-tiny"), "tie_word_embeddings"),
-    ] {
+    // A Llama with biases on its MLP.
+    let mlp_bias = dir.path().join("llama-mlp-bias");
+    std::fs::create_dir(&mlp_bias).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(testdata("hf-llama-tiny").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    config["mlp_bias"] = true.into();
+    std::fs::write(mlp_bias.join("config.json"), config.to_string()).unwrap();
+    for (fixture, field) in [(windowed, "use_sliding_window"), (mlp_bias, "mlp_bias")] {
         let err = Run::prepare(pretrained_job(&fixture, &data), "")
             .err()
             .expect("refused");

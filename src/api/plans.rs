@@ -14,7 +14,7 @@ use super::AppState;
 use super::auth::Tenant;
 use super::extract::Body;
 use super::problem::{ApiError, ApiResult, Problem};
-use crate::jobs::gang_plan::cluster_for_new_jobs;
+use crate::jobs::gang_plan::{as_ranks_run, cluster_for_new_jobs};
 use crate::jobs::{
     DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, ResolveError, ResolvedSpec,
     parse_devices, resolve_files,
@@ -61,10 +61,16 @@ pub(super) async fn checked_spec(
 /// The devices a job body is planned on: those it names; else, on a cluster of several
 /// CPU workers, all of theirs (a job too big for one worker is planned again over the free
 /// ones when it is reserved); else the service's own.
-pub(super) async fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<DeviceInfo>> {
+/// Planned over the cluster, `planning` becomes the spec as its ranks run it.
+pub(super) async fn job_devices(
+    state: &AppState,
+    spec: &JobSpec,
+    planning: &mut JobSpec,
+) -> ApiResult<Vec<DeviceInfo>> {
     if spec.devices.is_none()
-        && let Some(text) = cluster_for_new_jobs(&state.store.cluster_devices().await?)
+        && let Some(text) = cluster_for_new_jobs(&state.store.cluster_devices().await?, spec)
     {
+        *planning = as_ranks_run(planning);
         return parse_devices(&text).map_err(ApiError::internal);
     }
     named_devices(state, spec)
@@ -149,8 +155,8 @@ pub async fn create(
     Tenant(tenant): Tenant,
     Body(body): Body,
 ) -> ApiResult<Json<PlanView>> {
-    let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
-    let devices = job_devices(&state, &spec).await?;
+    let (spec, mut resolved) = checked_spec(&state, &tenant, &body).await?;
+    let devices = job_devices(&state, &spec, &mut resolved.spec).await?;
     let planner = planner(&state)?;
     match run_planner(planner, resolved.spec, devices, state.host_memory_bytes).await {
         Ok(outcome) => Ok(Json(PlanView {

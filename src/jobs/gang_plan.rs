@@ -110,15 +110,45 @@ pub fn cpu_devices(count: usize, bytes: i64) -> String {
 
 /// The devices a job naming none is planned on when it is created: every live worker's CPU
 /// devices (each taken at the least memory among them), when there are several workers and
-/// they all have CPU devices only. `None`: plan on the service's own devices.
-pub fn cluster_for_new_jobs(devices: &[ClusterDeviceRow]) -> Option<String> {
+/// they all have CPU devices only; a job that asks for sharded optimizer state (which needs
+/// its replicas in one process) gets the largest worker's alone. `None`: plan on the
+/// service's own devices.
+pub fn cluster_for_new_jobs(devices: &[ClusterDeviceRow], spec: &JobSpec) -> Option<String> {
     let first = devices.first()?;
     let several = devices.iter().any(|d| d.worker_id != first.worker_id);
     if !several || devices.iter().any(|d| d.kind != "cpu") {
         return None;
     }
+    let mut devices: Vec<&ClusterDeviceRow> = devices.iter().collect();
+    if one_process(spec) {
+        let count = |w: &str| devices.iter().filter(|d| d.worker_id == w).count();
+        let largest = (devices.iter())
+            .max_by(|a, b| {
+                count(&a.worker_id)
+                    .cmp(&count(&b.worker_id))
+                    .then(b.worker_id.cmp(&a.worker_id))
+            })?
+            .worker_id
+            .clone();
+        devices.retain(|d| d.worker_id == largest);
+    }
     let least = devices.iter().map(|d| d.memory_bytes).min()?;
     Some(cpu_devices(devices.len(), least))
+}
+
+/// Whether `spec` must run in one process: it asks for sharded optimizer state, which ranks
+/// in several processes do not implement (they reduce whole gradients over TCP).
+fn one_process(spec: &JobSpec) -> bool {
+    spec.parallelism.shard_optimizer == Some(true)
+}
+
+/// `spec` as its ranks run it across workers: replicas keep the whole optimizer state where
+/// the spec leaves sharding to the default, so a plan made over the cluster is the one they
+/// run (a one-worker run shards by default, which only takes less memory).
+pub fn as_ranks_run(spec: &JobSpec) -> JobSpec {
+    let mut spec = spec.clone();
+    spec.parallelism.shard_optimizer.get_or_insert(false);
+    spec
 }
 
 /// Plans `job` (which names no `devices`) over the free CPU devices among `devices` (every
@@ -140,11 +170,16 @@ pub async fn plan_over_cluster(
             return None;
         }
     };
-    let slots: Vec<&ClusterDeviceRow> = (free_in_order(devices).into_iter())
+    let mut slots: Vec<&ClusterDeviceRow> = (free_in_order(devices).into_iter())
         .filter(|d| d.kind == "cpu")
         .collect();
+    if one_process(&resolved) {
+        // The worker with the most free devices comes first.
+        let first = slots.first()?.worker_id.clone();
+        slots.retain(|d| d.worker_id == first);
+    }
     let least = slots.iter().map(|d| d.memory_bytes).min()?;
-    let mut on_cluster = resolved.clone();
+    let mut on_cluster = as_ranks_run(&resolved);
     on_cluster.devices = Some(cpu_devices(slots.len(), least));
     let infos: Vec<DeviceInfo> = parse_devices(on_cluster.devices.as_deref()?).ok()?;
     let planning = on_cluster.clone();

@@ -27,14 +27,25 @@ fn free_devices_come_whole_workers_first() {
     assert_eq!(order, ["b/cpu:0", "b/cpu:1", "a/cpu:1"]);
 }
 
+fn spec(parallelism: serde_json::Value) -> JobSpec {
+    serde_json::from_value(serde_json::json!({
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "vocab_size": 256},
+        "data": {"train": "file_x"},
+        "training": {"seq_len": 16, "micro_batch_size": 1, "microbatches": 4, "steps": 1},
+        "parallelism": parallelism
+    }))
+    .unwrap()
+}
+
 #[test]
 fn new_jobs_are_planned_over_several_cpu_workers_at_the_least_memory() {
+    let spec = spec(serde_json::json!({"stages": "auto", "data_parallel": "auto"}));
     let one = [
         device("a", "cpu:0", "cpu", 64 << 20, None),
         device("a", "cpu:1", "cpu", 64 << 20, None),
     ];
     assert_eq!(
-        cluster_for_new_jobs(&one),
+        cluster_for_new_jobs(&one, &spec),
         None,
         "one worker: its own devices"
     );
@@ -43,28 +54,58 @@ fn new_jobs_are_planned_over_several_cpu_workers_at_the_least_memory() {
         device("b", "cpu:0", "cpu", 32 << 20, Some("held")),
         device("b", "cpu:1", "cpu", 100, None),
     ];
-    assert_eq!(cluster_for_new_jobs(&two).as_deref(), Some("cpu:3x100"));
     assert_eq!(
-        cluster_for_new_jobs(&two[..2]).as_deref(),
+        cluster_for_new_jobs(&two, &spec).as_deref(),
+        Some("cpu:3x100")
+    );
+    assert_eq!(
+        cluster_for_new_jobs(&two[..2], &spec).as_deref(),
         Some("cpu:2x32MiB")
     );
     let gpu = [
         device("a", "cpu:0", "cpu", 64 << 20, None),
         device("b", "cuda:0", "cuda", 1 << 30, None),
     ];
-    assert_eq!(cluster_for_new_jobs(&gpu), None, "GPUs do not span workers");
+    assert_eq!(
+        cluster_for_new_jobs(&gpu, &spec),
+        None,
+        "GPUs do not span workers"
+    );
     assert!(parse_devices("cpu:3x100").is_ok());
+}
+
+/// Sharded optimizer state needs the replicas in one process: such a job is planned on the
+/// largest worker alone, and a plan over several workers keeps the whole state its ranks run.
+#[test]
+fn sharded_jobs_stay_on_one_worker_and_ranks_keep_whole_state() {
+    let three = [
+        device("a", "cpu:0", "cpu", 64 << 20, None),
+        device("b", "cpu:0", "cpu", 64 << 20, None),
+        device("b", "cpu:1", "cpu", 64 << 20, None),
+    ];
+    let sharded = spec(serde_json::json!({"data_parallel": "auto", "shard_optimizer": true}));
+    assert_eq!(
+        cluster_for_new_jobs(&three, &sharded).as_deref(),
+        Some("cpu:2x64MiB")
+    );
+    assert_eq!(
+        as_ranks_run(&sharded).parallelism.shard_optimizer,
+        Some(true)
+    );
+    let default = spec(serde_json::json!({"data_parallel": "auto"}));
+    assert_eq!(
+        cluster_for_new_jobs(&three, &default).as_deref(),
+        Some("cpu:3x64MiB")
+    );
+    assert_eq!(
+        as_ranks_run(&default).parallelism.shard_optimizer,
+        Some(false)
+    );
 }
 
 #[test]
 fn a_layout_pins_the_ranks_devices_and_degrees() {
-    let mut spec: JobSpec = serde_json::from_value(serde_json::json!({
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "vocab_size": 256},
-        "data": {"train": "file_x"},
-        "training": {"seq_len": 16, "micro_batch_size": 1, "microbatches": 4, "steps": 1},
-        "parallelism": {"stages": "auto", "data_parallel": "auto"}
-    }))
-    .unwrap();
+    let mut spec = spec(serde_json::json!({"stages": "auto", "data_parallel": "auto"}));
     let layout = GangLayout {
         devices: "cpu:4x64MiB".into(),
         stages: 2,
