@@ -52,6 +52,15 @@ fn fail(plan: &Plan, device: usize, index: usize, message: impl Into<String>) ->
 
 /// Checks `plan`; `Ok` means every device finishes and every pass ran once.
 pub fn validate(plan: &Plan) -> Result<(), PlanError> {
+    check_layout(plan)?;
+    let mut s = State::new(plan);
+    run_programs(plan, &mut s)?;
+    check_everything_ran(plan, &s)
+}
+
+/// The plan's counts and chunks: at least one of each, chunks on existing devices, the
+/// embedding and head where they belong, a chunk on every device.
+fn check_layout(plan: &Plan) -> Result<(), PlanError> {
     let (m, chunks, devices) = (
         plan.microbatches as usize,
         plan.chunks.len(),
@@ -86,7 +95,13 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
             format!("device {d} holds no chunk: every device needs at least one"),
         ));
     }
-    let mut s = State::new(plan);
+    Ok(())
+}
+
+/// Runs every device's program in turn, each as far as its receives allow, until all end or
+/// none can go on (a deadlock).
+fn run_programs(plan: &Plan, s: &mut State) -> Result<(), PlanError> {
+    let devices = plan.programs.len();
     let mut pc = vec![0usize; devices];
     loop {
         let mut progress = false;
@@ -118,6 +133,13 @@ pub fn validate(plan: &Plan) -> Result<(), PlanError> {
             ));
         }
     }
+    Ok(())
+}
+
+/// After the programs: every micro-batch ran both passes on every chunk, and each sum,
+/// reduction, gather and optimizer slice the plan needs happened.
+fn check_everything_ran(plan: &Plan, s: &State) -> Result<(), PlanError> {
+    let (m, chunks) = (plan.microbatches as usize, plan.chunks.len());
     for mb in 0..m as u32 {
         for c in 0..chunks as u32 {
             let i = s.at(mb, c);

@@ -193,26 +193,7 @@ macro_rules! queue_sql {
                     }
                 }
                 let now = now_ms();
-                let mut events = vec![("state", r#"{"to":"validating"}"#.to_owned())];
-                let (state, plan, devices_needed, error) = match &job.planned {
-                    None => (JobState::Validating, None, 0, None),
-                    Some(Planned::Queued { plan, devices_needed }) => {
-                        JobState::Validating.check(JobState::Queued)?;
-                        events.push(("plan", plan.plan_summary.clone().unwrap_or_else(|| "{}".into())));
-                        (JobState::Queued, Some(plan), *devices_needed, None)
-                    }
-                    Some(Planned::Failed { error }) => {
-                        JobState::Validating.check(JobState::Failed)?;
-                        (JobState::Failed, None, 0, Some(error.as_str()))
-                    }
-                };
-                if state != JobState::Validating {
-                    let mut event = serde_json::json!({"from": JobState::Validating, "to": state});
-                    if let Some(error) = error {
-                        event["error"] = serde_json::from_str(error).unwrap_or_default();
-                    }
-                    events.push(("state", event.to_string()));
-                }
+                let FirstStates { state, plan, devices_needed, error, events } = job.first_states()?;
                 let (_write, mut tx) = self.writer().await?;
                 let result: StoreResult<_> = async {
                     let sql = format!(

@@ -1,7 +1,7 @@
 //! Rows as stored. JSON columns are TEXT in both databases and times are milliseconds since
 //! the epoch, so one `FromRow` serves PostgreSQL and SQLite.
 
-use super::{JobState, StoreError};
+use super::{JobState, StoreError, StoreResult};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct TenantRow {
@@ -107,6 +107,54 @@ pub enum Planned {
     Queued { plan: PlanRow, devices_needed: i64 },
     /// Fail it with this `error` JSON.
     Failed { error: String },
+}
+
+/// What a new job is written as, in the one transaction that inserts it: its state after
+/// validation, its plan, the devices it needs, its error and its first events.
+pub struct FirstStates<'a> {
+    pub state: JobState,
+    pub plan: Option<&'a PlanRow>,
+    pub devices_needed: i64,
+    pub error: Option<&'a str>,
+    pub events: Vec<(&'static str, String)>,
+}
+
+impl NewJob {
+    /// The job goes from `validating` to its planned state (each step checked), with an
+    /// event for each.
+    pub fn first_states(&self) -> StoreResult<FirstStates<'_>> {
+        let mut events = vec![("state", r#"{"to":"validating"}"#.to_owned())];
+        let (state, plan, devices_needed, error) = match &self.planned {
+            None => (JobState::Validating, None, 0, None),
+            Some(Planned::Queued {
+                plan,
+                devices_needed,
+            }) => {
+                JobState::Validating.check(JobState::Queued)?;
+                let summary = plan.plan_summary.clone().unwrap_or_else(|| "{}".into());
+                events.push(("plan", summary));
+                (JobState::Queued, Some(plan), *devices_needed, None)
+            }
+            Some(Planned::Failed { error }) => {
+                JobState::Validating.check(JobState::Failed)?;
+                (JobState::Failed, None, 0, Some(error.as_str()))
+            }
+        };
+        if state != JobState::Validating {
+            let mut event = serde_json::json!({"from": JobState::Validating, "to": state});
+            if let Some(error) = error {
+                event["error"] = serde_json::from_str(error).unwrap_or_default();
+            }
+            events.push(("state", event.to_string()));
+        }
+        Ok(FirstStates {
+            state,
+            plan,
+            devices_needed,
+            error,
+            events,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
