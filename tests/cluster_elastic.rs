@@ -13,6 +13,8 @@
 //! (and those of an uninterrupted six-device run within rounding: another plan sums in
 //! another order).
 
+#[path = "common/cluster_job.rs"]
+mod cluster_job;
 mod common;
 #[path = "common/run_log.rs"]
 mod run_log;
@@ -20,14 +22,14 @@ mod run_log;
 mod worker_process;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chronospipe::exec::run::{Run, drive};
 use chronospipe::jobs::{Capabilities, ExecPlanner};
 use chronospipe::spec::JobSpec;
+use cluster_job::{finished, metric_steps, sharded_weights, tensors, train_in_one_process};
 use common::{TestDb, TestServer};
 use run_log::RunLog;
 use serde_json::{Value, json};
@@ -56,32 +58,6 @@ async fn job(server: &TestServer, id: &str) -> Value {
     server.get_json(&format!("/v1/jobs/{id}")).await
 }
 
-/// Polls until the job ends; panics with the workers' logs if it fails or takes too long.
-async fn finished(
-    server: &TestServer,
-    id: &str,
-    workers: &[WorkerProcess],
-    dead: &[PathBuf],
-) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(150);
-    loop {
-        let job = job(server, id).await;
-        match job["status"].as_str() {
-            Some("succeeded") => return job,
-            Some("failed" | "cancelled") => {
-                panic!("job {id} ended badly: {job}\n{}", tails(workers, dead, 30))
-            }
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} unfinished: {job}\n{}",
-            tails(workers, dead, 30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Waits until the live workers' devices are `count`.
 async fn cluster_of(server: &TestServer, count: usize, workers: &[WorkerProcess]) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -102,56 +78,6 @@ async fn cluster_of(server: &TestServer, count: usize, workers: &[WorkerProcess]
     }
 }
 
-/// Every recorded step of the job, page by page.
-async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
-    let mut steps: Vec<i64> = Vec::new();
-    loop {
-        let after = steps.last().copied().unwrap_or(0);
-        let path = format!("/v1/jobs/{id}/metrics?after_step={after}&limit=100");
-        let page = server.get_json(&path).await;
-        let data = page["data"].as_array().unwrap();
-        if data.is_empty() {
-            return steps;
-        }
-        steps.extend(data.iter().map(|m| m["step"].as_i64().unwrap()));
-    }
-}
-
-/// Every f32 tensor of a safetensors file, by name.
-fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<f32>> {
-    let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    (file.tensors().into_iter())
-        .map(|(name, view)| {
-            let values = (view.data().chunks_exact(4))
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (name, values)
-        })
-        .collect()
-}
-
-/// The weights of the job's checkpoint after `step` (Hugging Face's sharded layout), through
-/// the API.
-async fn weights(server: &TestServer, id: &str, step: u64) -> BTreeMap<String, Vec<f32>> {
-    let download = |file: String| async move {
-        let path = format!("/v1/jobs/{id}/checkpoints/{step}/files/{file}");
-        let response = server.get(&path).send().await.unwrap();
-        assert_eq!(response.status(), 200, "{path}");
-        response.bytes().await.unwrap()
-    };
-    let index: Value =
-        serde_json::from_slice(&download("model.safetensors.index.json".into()).await).unwrap();
-    let files: std::collections::BTreeSet<String> = (index["weight_map"].as_object().unwrap())
-        .values()
-        .map(|f| f.as_str().unwrap().to_owned())
-        .collect();
-    let mut all = BTreeMap::new();
-    for file in files {
-        all.extend(tensors(&download(file).await));
-    }
-    all
-}
-
 /// The job's body in `dir` with its corpus, on `devices`.
 fn local_body(dir: &Path, devices: &str) -> Value {
     let corpus = dir.join("corpus.txt");
@@ -162,26 +88,16 @@ fn local_body(dir: &Path, devices: &str) -> Value {
 }
 
 /// `chronospipe train` of the same job in one process on `cpu:6x64MiB`, into `dir/out`.
-fn six_device_weights(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+fn six_device_weights(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let job = dir.join("job.json");
     std::fs::write(&job, local_body(dir, "cpu:6x64MiB").to_string()).unwrap();
-    let out = dir.join("out");
-    let ran = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
-        .arg("train")
-        .arg(&job)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&ran.stderr);
-    assert!(ran.status.success(), "{log}");
-    tensors(&std::fs::read(out.join("final/model.safetensors")).unwrap())
+    train_in_one_process(&job, &dir.join("out"))
 }
 
 /// The six-device run of `dir/out` resumed in one process from its checkpoint after `step`
 /// on four devices, two stages x two replicas (what the cluster planned after losing a
 /// worker).
-fn resumed_on_four(dir: &Path, step: u64) -> BTreeMap<String, Vec<f32>> {
+fn resumed_on_four(dir: &Path, step: u64) -> BTreeMap<String, Vec<u8>> {
     let mut spec = local_body(dir, "cpu:4x64MiB");
     spec["parallelism"]["data_parallel"] = 2.into();
     let spec = JobSpec::from_json(&spec.to_string()).unwrap();
@@ -227,14 +143,19 @@ async fn all_events(server: &TestServer, id: &str) -> Vec<Value> {
     }
 }
 
-/// sqrt(sum (a - b)^2 / sum b^2) over every tensor.
-fn relative(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f64 {
+/// sqrt(sum (a - b)^2 / sum b^2) over every tensor, their bytes read as f32.
+fn relative(a: &BTreeMap<String, Vec<u8>>, b: &BTreeMap<String, Vec<u8>>) -> f64 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let f32s = |bytes: &[u8]| -> Vec<f64> {
+        (bytes.chunks_exact(4))
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+            .collect()
+    };
     let (mut diff, mut norm) = (0.0, 0.0);
     for (x, y) in a.values().zip(b.values()) {
-        for (x, y) in x.iter().zip(y) {
-            diff += (*x as f64 - *y as f64).powi(2);
-            norm += (*y as f64).powi(2);
+        for (x, y) in f32s(x).into_iter().zip(f32s(y)) {
+            diff += (x - y).powi(2);
+            norm += y.powi(2);
         }
     }
     (diff / norm).sqrt()
@@ -269,7 +190,7 @@ async fn jobs_planned_over_the_cluster_survive_losing_workers() {
     let never_met = server.create_job(&body(&train, 8)).await;
     assert_eq!(never_met["plan"]["devices"], 6, "{never_met}");
     let never_met = never_met["id"].as_str().unwrap().to_owned();
-    let done = finished(&server, &never_met, &workers, &[]).await;
+    let done = finished(&server, &never_met, &workers, &[], Duration::from_secs(150)).await;
     assert_eq!(
         done["restart_count"], 0,
         "an attempt that never met: {done}"
@@ -331,7 +252,7 @@ async fn jobs_planned_over_the_cluster_survive_losing_workers() {
     }
     // `Child::kill` is SIGKILL: no goodbye, no lease given back.
     dead.push(workers.remove(1).kill());
-    let done = finished(&server, &elastic, &workers, &dead).await;
+    let done = finished(&server, &elastic, &workers, &dead, Duration::from_secs(150)).await;
     assert_eq!(
         done["restart_count"],
         1,
@@ -346,7 +267,7 @@ async fn jobs_planned_over_the_cluster_survive_losing_workers() {
     );
     // Exactly a one-process run resumed the same way; and near the uninterrupted run (each
     // of the ~90 steps after the resume sums its gradients in another order).
-    let across = weights(&server, &elastic, STEPS).await;
+    let (_, across) = sharded_weights(&server, &elastic, STEPS).await;
     let reference = reference.await.unwrap();
     let step = resumed_from(&server, &elastic).await;
     let dir = reference_dir.path().to_owned();

@@ -9,17 +9,19 @@
 //! the same weights. Last, two jobs that each need 4 of the 6 devices both finish, one after
 //! the other.
 
+#[path = "common/cluster_job.rs"]
+mod cluster_job;
 mod common;
 #[path = "common/worker_process.rs"]
 mod worker_process;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chronospipe::jobs::{Capabilities, ExecPlanner};
+use cluster_job::{finished, metric_steps, sharded_weights, train_in_one_process};
 use common::{TestDb, TestServer};
 use serde_json::{Value, json};
 use worker_process::{WorkerProcess, tails};
@@ -41,79 +43,6 @@ fn body(train: &str, stages: u64, replicas: u64, steps: u64) -> Value {
     })
 }
 
-/// Polls until the job ends; panics with the workers' logs if it fails or takes too long.
-async fn finished(
-    server: &TestServer,
-    id: &str,
-    workers: &[WorkerProcess],
-    dead: &[PathBuf],
-) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let job = server.get_json(&format!("/v1/jobs/{id}")).await;
-        match job["status"].as_str() {
-            Some("succeeded") => return job,
-            Some("failed" | "cancelled") => {
-                panic!("job {id} ended badly: {job}\n{}", tails(workers, dead, 20))
-            }
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} unfinished: {job}\n{}",
-            tails(workers, dead, 20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Every recorded step of the job, page by page.
-async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
-    let mut steps: Vec<i64> = Vec::new();
-    loop {
-        let after = steps.last().copied().unwrap_or(0);
-        let path = format!("/v1/jobs/{id}/metrics?after_step={after}&limit=100");
-        let page = server.get_json(&path).await;
-        let data = page["data"].as_array().unwrap();
-        if data.is_empty() {
-            return steps;
-        }
-        steps.extend(data.iter().map(|m| m["step"].as_i64().unwrap()));
-    }
-}
-
-/// Every tensor of a safetensors file, by name, as raw bytes.
-fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
-    let file = safetensors::SafeTensors::deserialize(bytes).unwrap();
-    file.tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.data().to_vec()))
-        .collect()
-}
-
-/// The weights of a checkpoint the ranks wrote in Hugging Face's sharded layout: every file
-/// its index names, downloaded through the API.
-async fn weights(server: &TestServer, id: &str, step: u64) -> BTreeMap<String, Vec<u8>> {
-    let download = |file: String| async move {
-        let path = format!("/v1/jobs/{id}/checkpoints/{step}/files/{file}");
-        let response = server.get(&path).send().await.unwrap();
-        assert_eq!(response.status(), 200, "{path}");
-        response.bytes().await.unwrap()
-    };
-    let index: serde_json::Value =
-        serde_json::from_slice(&download("model.safetensors.index.json".into()).await).unwrap();
-    let files: std::collections::BTreeSet<String> = (index["weight_map"].as_object().unwrap())
-        .values()
-        .map(|f| f.as_str().unwrap().to_owned())
-        .collect();
-    assert!(files.len() > 1, "one shard per writing rank: {files:?}");
-    let mut all = BTreeMap::new();
-    for file in files {
-        all.extend(tensors(&download(file).await));
-    }
-    all
-}
-
 /// `chronospipe train` of the same job in one process on `cpu:6x64MiB`.
 fn one_process_weights(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let corpus = dir.join("corpus.txt");
@@ -121,20 +50,7 @@ fn one_process_weights(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let job = dir.join("job.json");
     let spec = body(corpus.to_str().unwrap(), 3, 2, STEPS);
     std::fs::write(&job, spec.to_string()).unwrap();
-    let out = dir.join("out");
-    let ran = Command::new(env!("CARGO_BIN_EXE_chronospipe"))
-        .arg("train")
-        .arg(&job)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        ran.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ran.stderr)
-    );
-    tensors(&std::fs::read(out.join("final/model.safetensors")).unwrap())
+    train_in_one_process(&job, &dir.join("out"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -163,9 +79,10 @@ async fn a_job_too_big_for_one_worker_runs_across_three() {
     // Across the three workers: 2 replicas x 3 stages, six ranks.
     let whole = server.create_job(&body(&train, 3, 2, STEPS)).await;
     let whole = whole["id"].as_str().unwrap().to_owned();
-    let job = finished(&server, &whole, &workers, &dead).await;
+    let job = finished(&server, &whole, &workers, &dead, Duration::from_secs(240)).await;
     assert_eq!(job["restart_count"], 0, "{job}");
-    let across = weights(&server, &whole, STEPS).await;
+    let (files, across) = sharded_weights(&server, &whole, STEPS).await;
+    assert!(files > 1, "one shard per writing rank: {files} files");
     let reference = reference.await.unwrap();
     assert!(!across.is_empty());
     assert!(
@@ -209,7 +126,14 @@ async fn a_job_too_big_for_one_worker_runs_across_three() {
         3,
         LEASE_SECONDS,
     ));
-    let job = finished(&server, &killed_job, &workers, &dead).await;
+    let job = finished(
+        &server,
+        &killed_job,
+        &workers,
+        &dead,
+        Duration::from_secs(240),
+    )
+    .await;
     assert_eq!(
         job["restart_count"],
         1,
@@ -221,8 +145,10 @@ async fn a_job_too_big_for_one_worker_runs_across_three() {
         (1..=STEPS as i64).collect::<Vec<_>>(),
         "each step's metric once"
     );
+    let (files, resumed) = sharded_weights(&server, &killed_job, STEPS).await;
+    assert!(files > 1, "one shard per writing rank: {files} files");
     assert!(
-        weights(&server, &killed_job, STEPS).await == reference,
+        resumed == reference,
         "the resumed job's weights differ from an uninterrupted run's"
     );
 
@@ -231,7 +157,7 @@ async fn a_job_too_big_for_one_worker_runs_across_three() {
     let b = server.create_job(&body(&train, 2, 2, 8)).await;
     for id in [&a, &b] {
         let id = id["id"].as_str().unwrap();
-        let job = finished(&server, id, &workers, &dead).await;
+        let job = finished(&server, id, &workers, &dead, Duration::from_secs(240)).await;
         assert_eq!(job["restart_count"], 0, "{job}");
     }
 
