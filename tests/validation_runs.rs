@@ -1,6 +1,7 @@
 //! Validation loss, early stopping, epochs and checkpoint retention through `exec::run` and
 //! `chronospipe train`: the evaluated loss equals the single-device reference's forward over
-//! the same windows with the same weights; an evaluation stays within the plan's predicted
+//! the same windows with the same weights (and transformers' loss with that checkpoint, where
+//! Python has torch and transformers); an evaluation stays within the plan's predicted
 //! peak; early stopping and retention keep what they say on disk and in `summary.json`.
 
 use std::path::{Path, PathBuf};
@@ -83,6 +84,50 @@ fn reference_val_loss(spec: &JobSpec, dir: &Path) -> f64 {
     sum / (windows * SEQ) as f64
 }
 
+/// The checkpoint in `dir` loaded by transformers, its mean loss over every whole window of
+/// the validation file (bytes are the token ids), each window its own sequence.
+const TRANSFORMERS_VAL_LOSS: &str = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
+tokens = list(open(sys.argv[2], "rb").read())
+seq = int(sys.argv[3])
+windows = (len(tokens) - 1) // seq
+total = 0.0
+with torch.no_grad():
+    for w in range(windows):
+        ids = torch.tensor([tokens[w * seq:w * seq + seq + 1]])
+        logits = model(input_ids=ids[:, :-1]).logits[0]
+        total += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+print(repr(total / (windows * seq)))
+"#;
+
+/// `TRANSFORMERS_VAL_LOSS` for the checkpoint in `dir`; `None` (saying so) where Python lacks
+/// torch or transformers.
+fn transformers_val_loss(dir: &Path, validation: &str) -> Option<f64> {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers, safetensors"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED (transformers): python3 with torch and transformers is not available");
+        return None;
+    }
+    let result = std::process::Command::new("python3")
+        .args(["-c", TRANSFORMERS_VAL_LOSS])
+        .arg(dir)
+        .arg(validation)
+        .arg(SEQ.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        result.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    Some(stdout.lines().last().unwrap().trim().parse().unwrap())
+}
+
 /// On a V-shaped pipeline with recompute and offload, after two steps: the evaluated loss is
 /// the reference's with the checkpointed weights, and the trainer state carries it.
 #[test]
@@ -108,6 +153,17 @@ fn val_loss_is_the_reference_forward_over_the_windows() {
         "pipeline {} vs reference {reference}",
         evaluation.val_loss
     );
+    if let Some(loss) = transformers_val_loss(&ckpt, spec.data.validation.as_ref().unwrap()) {
+        println!(
+            "val_loss: pipeline {} transformers {loss}",
+            evaluation.val_loss
+        );
+        assert!(
+            (evaluation.val_loss - loss).abs() <= 1e-4,
+            "pipeline {} vs transformers {loss}",
+            evaluation.val_loss
+        );
+    }
     let state = TrainerState::load(&ckpt).unwrap();
     assert_eq!(state.val_loss, Some(evaluation.val_loss));
     assert_eq!(state.validation.best_step, Some(2));
