@@ -23,13 +23,11 @@ mod worker_process;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chronospipe::exec::run::{Run, drive};
-use chronospipe::jobs::{Capabilities, ExecPlanner};
 use chronospipe::spec::JobSpec;
-use cluster_job::{finished, metric_steps, sharded_weights, tensors, train_in_one_process};
+use cluster_job::{finished, sharded_weights, tensors, train_in_one_process};
 use common::{TestDb, TestServer};
 use run_log::RunLog;
 use serde_json::{Value, json};
@@ -164,11 +162,7 @@ fn relative(a: &BTreeMap<String, Vec<u8>>, b: &BTreeMap<String, Vec<u8>>) -> f64
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_planned_over_the_cluster_survive_losing_workers() {
     let db = TestDb::postgres().await;
-    let capabilities = Capabilities {
-        planner: Some(Arc::new(ExecPlanner)),
-        runner: None,
-    };
-    let server = TestServer::start_with(&db.url, capabilities, |o| o.run_worker = false).await;
+    let server = TestServer::api_for_workers(&db.url).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
         .await;
@@ -261,7 +255,7 @@ async fn jobs_planned_over_the_cluster_survive_losing_workers() {
     );
     assert_eq!(done["plan"]["devices"], 4, "resumed over four: {done}");
     assert_eq!(
-        metric_steps(&server, &elastic).await,
+        server.metric_steps(&elastic).await,
         (1..=STEPS as i64).collect::<Vec<_>>(),
         "each step's metric once"
     );

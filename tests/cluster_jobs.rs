@@ -17,11 +17,9 @@ mod worker_process;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chronospipe::jobs::{Capabilities, ExecPlanner};
-use cluster_job::{finished, metric_steps, sharded_weights, train_in_one_process};
+use cluster_job::{finished, sharded_weights, train_in_one_process};
 use common::{TestDb, TestServer};
 use serde_json::{Value, json};
 use worker_process::{WorkerProcess, tails};
@@ -56,11 +54,7 @@ fn one_process_weights(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_too_big_for_one_worker_runs_across_three() {
     let db = TestDb::postgres().await;
-    let capabilities = Capabilities {
-        planner: Some(Arc::new(ExecPlanner)),
-        runner: None,
-    };
-    let server = TestServer::start_with(&db.url, capabilities, |o| o.run_worker = false).await;
+    let server = TestServer::api_for_workers(&db.url).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
         .await;
@@ -141,7 +135,7 @@ async fn a_job_too_big_for_one_worker_runs_across_three() {
         tails(&workers, &dead, 20)
     );
     assert_eq!(
-        metric_steps(&server, &killed_job).await,
+        server.metric_steps(&killed_job).await,
         (1..=STEPS as i64).collect::<Vec<_>>(),
         "each step's metric once"
     );

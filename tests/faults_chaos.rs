@@ -8,10 +8,8 @@ mod common;
 #[path = "common/worker_process.rs"]
 mod worker_process;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chronospipe::jobs::{Capabilities, ExecPlanner};
 use common::{TestDb, TestServer};
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -70,33 +68,10 @@ async fn weights(server: &TestServer, id: &str) -> bytes::Bytes {
     response.bytes().await.unwrap()
 }
 
-/// Every recorded step of the job, page by page.
-async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
-    let mut steps: Vec<i64> = Vec::new();
-    loop {
-        let after = steps.last().copied().unwrap_or(0);
-        let page = server
-            .get_json(&format!(
-                "/v1/jobs/{id}/metrics?after_step={after}&limit=100"
-            ))
-            .await;
-        let data = page["data"].as_array().unwrap();
-        if data.is_empty() {
-            return steps;
-        }
-        steps.extend(data.iter().map(|m| m["step"].as_i64().unwrap()));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_survive_workers_killed_at_random() {
     let db = TestDb::postgres().await;
-    let capabilities = Capabilities {
-        planner: Some(Arc::new(ExecPlanner)),
-        runner: None,
-    };
-    // The API only: the jobs are run by the worker processes.
-    let server = TestServer::start_with(&db.url, capabilities, |o| o.run_worker = false).await;
+    let server = TestServer::api_for_workers(&db.url).await;
     let train = server
         .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
         .await;
@@ -156,7 +131,7 @@ async fn jobs_survive_workers_killed_at_random() {
     );
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(
-            metric_steps(&server, id).await,
+            server.metric_steps(id).await,
             (1..=STEPS).collect::<Vec<_>>(),
             "job {id}: each step's metric exactly once"
         );

@@ -207,24 +207,6 @@ fn newest_checkpoint_on_disk(server: &TestServer, id: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// Every recorded step of the job, page by page.
-async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
-    let mut steps: Vec<i64> = Vec::new();
-    loop {
-        let after = steps.last().copied().unwrap_or(0);
-        let page = server
-            .get_json(&format!(
-                "/v1/jobs/{id}/metrics?after_step={after}&limit=100"
-            ))
-            .await;
-        let data = page["data"].as_array().unwrap();
-        if data.is_empty() {
-            return steps;
-        }
-        steps.extend(data.iter().map(|m| m["step"].as_i64().unwrap()));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_trains_through_database_restarts() {
     let Some(pg) = OwnPostgres::start() else {
@@ -328,7 +310,7 @@ async fn a_job_trains_through_database_restarts() {
         "trained through the outages: {job}"
     );
     assert_eq!(
-        metric_steps(&server, &id).await,
+        server.metric_steps(&id).await,
         (1..=STEPS).collect::<Vec<_>>(),
         "each step's metric exactly once"
     );
@@ -410,7 +392,7 @@ async fn a_full_record_queue_holds_training_until_the_database_is_back() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["restart_count"], 0, "{job}");
     assert_eq!(
-        metric_steps(&server, &id).await,
+        server.metric_steps(&id).await,
         (1..=STEPS).collect::<Vec<_>>()
     );
     let _ = server.stop().await;
@@ -491,7 +473,7 @@ async fn a_worker_gives_a_job_back_when_the_database_stays_away() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["restart_count"], 1, "{job}");
     assert_eq!(
-        metric_steps(&server, &id).await,
+        server.metric_steps(&id).await,
         (1..=STEPS).collect::<Vec<_>>()
     );
     println!(

@@ -5,12 +5,14 @@
 //! one device and split into two pipeline stages (a tied table's two gradients summed into
 //! both copies, as the runtime's `TIE` does; `tests/tied_embeddings.rs` runs that runtime).
 
-use std::path::{Path, PathBuf};
+#[path = "common/reference.rs"]
+mod reference;
+
+use std::path::Path;
 
 use chronospipe::exec::backend::CpuBackend;
 use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config, save_model};
 use chronospipe::exec::checkpoint::safetensors_io::TensorFile;
-use chronospipe::exec::compare::rel_err;
 use chronospipe::exec::device::{MemGroup, Pool};
 use chronospipe::exec::model::chunk::{backward_chunk, forward_chunk};
 use chronospipe::exec::model::head::head_logits;
@@ -22,6 +24,7 @@ use chronospipe::exec::model::{PartCtx, PartId, PartParams};
 use chronospipe::exec::optim::clip::{clip_factor, global_norm, part_squares};
 use chronospipe::exec::optim::{OptimizerConfig, PartOptimState, step_part};
 use chronospipe::plan::inventory::MicroShape;
+use reference::{compare, python_last_line, testdata, transformers_available};
 
 /// The fixtures this executor implements; each holds the same reference tensors.
 const FIXTURES: [&str; 4] = [
@@ -35,23 +38,6 @@ const FIXTURES: [&str; 4] = [
 /// | the other layers and the head) on two pools, the activation and its gradient moved
 /// between them.
 const STAGES: [usize; 2] = [1, 2];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/testdata")
-        .join(name)
-}
-
-/// Prints an OK / NOT OK line and returns whether it passed.
-fn compare(name: &str, ours: &[f32], reference: &[f32]) -> bool {
-    let err = rel_err(ours, reference);
-    let ok = err < 1e-4;
-    println!(
-        "{} {name}: rel err {err:.2e}",
-        if ok { "OK    " } else { "NOT OK" }
-    );
-    ok
-}
 
 struct Run {
     parts: Vec<PartParams>,
@@ -144,7 +130,7 @@ fn logits_loss_and_gradients_match_pytorch() {
     for name in FIXTURES {
         for stages in STAGES {
             println!("{name}, {stages} stage(s):");
-            logits_loss_and_gradients_match(&fixture(name), stages);
+            logits_loss_and_gradients_match(&testdata(name), stages);
         }
     }
 }
@@ -178,7 +164,7 @@ fn step_and_compare(prefix: &str, config: OptimizerConfig, lr: f32, clip: Option
     for name in FIXTURES {
         for stages in STAGES {
             println!("{name}, {stages} stage(s):");
-            step_and_compare_on(&fixture(name), stages, prefix, &config, lr, clip);
+            step_and_compare_on(&testdata(name), stages, prefix, &config, lr, clip);
         }
     }
 }
@@ -257,11 +243,7 @@ print(type(model).__name__, ",".join(sorted(missing)), ",".join(sorted(unexpecte
 /// and gives the reference loss. Skipped, saying why, where Python lacks torch or transformers.
 #[test]
 fn written_checkpoints_load_in_transformers_with_the_same_loss() {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import torch, transformers, safetensors"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        println!("SKIPPED: python3 with torch, transformers and safetensors is not available");
+    if !transformers_available() {
         return;
     }
     for (name, class) in [
@@ -269,25 +251,14 @@ fn written_checkpoints_load_in_transformers_with_the_same_loss() {
         ("hf-tied-tiny", "LlamaForCausalLM"),
         ("hf-qwen2-tiny", "Qwen2ForCausalLM"),
     ] {
-        let dir = fixture(name);
+        let dir = testdata(name);
         let reference = TensorFile::open(&dir.join("reference.safetensors")).unwrap();
         let run = run_reference(&dir, &reference, 1);
         let out = tempfile::tempdir().unwrap();
         let config = read_hf_config(&dir).unwrap();
         save_model(out.path(), &config, &run.parts.iter().collect::<Vec<_>>()).unwrap();
-        let result = std::process::Command::new("python3")
-            .args(["-c", TRANSFORMERS_LOSS])
-            .arg(out.path())
-            .arg(dir.join("reference.safetensors"))
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&result.stdout);
-        assert!(
-            result.status.success(),
-            "{name}: {stdout}\n{}",
-            String::from_utf8_lossy(&result.stderr)
-        );
-        let line = stdout.lines().last().unwrap_or_default();
+        let reference_file = dir.join("reference.safetensors");
+        let line = python_last_line(TRANSFORMERS_LOSS, &[out.path(), &reference_file]);
         let fields: Vec<&str> = line.split(' ').collect();
         println!("{name}: {line}");
         assert_eq!(fields.len(), 4, "{line}");

@@ -5,13 +5,15 @@
 //! forward/backward on one device, and the loss and every parameter after one SGD step on a
 //! two-stage pipeline whose micro-batches are the fixture's two sequences.
 
+#[path = "common/reference.rs"]
+mod reference;
+
 use std::path::{Path, PathBuf};
 
 use chronospipe::data::{IGNORE_TARGET, Microbatch};
 use chronospipe::exec::backend::CpuBackend;
 use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use chronospipe::exec::checkpoint::safetensors_io::TensorFile;
-use chronospipe::exec::compare::rel_err;
 use chronospipe::exec::device::{DeviceSet, Pool};
 use chronospipe::exec::model::part::{
     MicroTokens, PartOutput, PartStash, backward_part, forward_part,
@@ -22,6 +24,7 @@ use chronospipe::exec::optim::schedule::LrSchedule;
 use chronospipe::exec::pipeline::{CpuEngine, Pipeline};
 use chronospipe::plan::inventory::MicroShape;
 use chronospipe::plan::schedule::{ScheduleKind, build};
+use reference::compare;
 
 const LR: f32 = 0.5;
 
@@ -33,17 +36,6 @@ fn reference() -> TensorFile {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/masked_loss/reference.safetensors");
     TensorFile::open(&path).unwrap()
-}
-
-/// Prints an OK / NOT OK line and returns whether it passed.
-fn compare(name: &str, ours: &[f32], reference: &[f32]) -> bool {
-    let err = rel_err(ours, reference);
-    let ok = err < 1e-4;
-    println!(
-        "{} {name}: rel err {err:.2e}",
-        if ok { "OK    " } else { "NOT OK" }
-    );
-    ok
 }
 
 /// The fixture's windows and targets, and how many targets count.

@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+#[path = "common/reference.rs"]
+mod reference;
 #[path = "common/run_log.rs"]
 mod run_log;
 
@@ -13,7 +15,6 @@ use chronospipe::data::Microbatch;
 use chronospipe::exec::backend::CpuBackend;
 use chronospipe::exec::checkpoint::model_files::{load_hf_parts, read_hf_config};
 use chronospipe::exec::checkpoint::safetensors_io::TensorFile;
-use chronospipe::exec::compare::rel_err;
 use chronospipe::exec::device::DeviceSet;
 use chronospipe::exec::model::PartId;
 use chronospipe::exec::optim::OptimizerConfig;
@@ -24,24 +25,8 @@ use chronospipe::plan::inventory::MicroShape;
 use chronospipe::plan::schedule::{ScheduleKind, build};
 use chronospipe::plan::tying::with_tied_embeddings;
 use chronospipe::spec::JobSpec;
+use reference::{compare, python_last_line, testdata, transformers_available};
 use run_log::RunLog;
-
-fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/testdata")
-        .join(name)
-}
-
-/// Prints an OK / NOT OK line and returns whether it passed.
-fn compare(name: &str, ours: &[f32], reference: &[f32]) -> bool {
-    let err = rel_err(ours, reference);
-    let ok = err < 1e-4;
-    println!(
-        "{} {name}: rel err {err:.2e}",
-        if ok { "OK    " } else { "NOT OK" }
-    );
-    ok
-}
 
 /// One step of the reference batch (one micro-batch) through a tied 1F1B plan on `stages`
 /// devices; compares the loss, the gradient norm and every weight after the step.
@@ -251,25 +236,10 @@ missing = info["missing_keys"] or ["-"]
 unexpected = info["unexpected_keys"] or ["-"]
 print(type(model).__name__, ",".join(sorted(missing)), ",".join(sorted(unexpected)), same)
 "#;
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import torch, transformers, safetensors"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        println!("SKIPPED: python3 with torch, transformers and safetensors is not available");
+    if !transformers_available() {
         return;
     }
-    let result = std::process::Command::new("python3")
-        .args(["-c", SCRIPT])
-        .arg(dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let line = stdout.lines().last().unwrap_or_default();
+    let line = python_last_line(SCRIPT, &[dir]);
     println!("transformers: {line}");
     assert_eq!(line, "LlamaForCausalLM - - True");
 }

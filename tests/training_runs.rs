@@ -4,11 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
+#[path = "common/reference.rs"]
+mod reference;
 #[path = "common/run_log.rs"]
 mod run_log;
 
 use chronospipe::exec::run::{Outcome, Run, drive};
 use chronospipe::spec::JobSpec;
+use reference::testdata;
 use run_log::RunLog;
 
 fn corpus(dir: &Path) -> PathBuf {
@@ -147,12 +150,6 @@ fn a_run_starts_from_hugging_face_weights() {
         .err()
         .expect("a disagreeing architecture is refused");
     assert!(err.to_string().contains("model.hidden_size"), "{err}");
-}
-
-fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/testdata")
-        .join(name)
 }
 
 fn pretrained_job(from: &Path, data: &Path) -> JobSpec {

@@ -4,6 +4,9 @@
 //! Python has torch and transformers); an evaluation stays within the plan's predicted
 //! peak; early stopping and retention keep what they say on disk and in `summary.json`.
 
+#[path = "common/reference.rs"]
+mod reference;
+
 use std::path::{Path, PathBuf};
 
 use chronospipe::exec::backend::CpuBackend;
@@ -16,6 +19,7 @@ use chronospipe::exec::model::{PartCtx, PartId};
 use chronospipe::exec::run::Run;
 use chronospipe::plan::inventory::MicroShape;
 use chronospipe::spec::JobSpec;
+use reference::{python_last_line, transformers_available};
 
 const SEQ: usize = 16;
 
@@ -105,27 +109,13 @@ print(repr(total / (windows * seq)))
 /// `TRANSFORMERS_VAL_LOSS` for the checkpoint in `dir`; `None` (saying so) where Python lacks
 /// torch or transformers.
 fn transformers_val_loss(dir: &Path, validation: &str) -> Option<f64> {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import torch, transformers, safetensors"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        println!("SKIPPED (transformers): python3 with torch and transformers is not available");
+    if !transformers_available() {
         return None;
     }
-    let result = std::process::Command::new("python3")
-        .args(["-c", TRANSFORMERS_VAL_LOSS])
-        .arg(dir)
-        .arg(validation)
-        .arg(SEQ.to_string())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        result.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    Some(stdout.lines().last().unwrap().trim().parse().unwrap())
+    let seq = SEQ.to_string();
+    let args: [&std::ffi::OsStr; 3] = [dir.as_ref(), validation.as_ref(), seq.as_ref()];
+    let line = python_last_line(TRANSFORMERS_VAL_LOSS, &args);
+    Some(line.parse().unwrap())
 }
 
 /// On a V-shaped pipeline with recompute and offload, after two steps: the evaluated loss is

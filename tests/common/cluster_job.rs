@@ -1,5 +1,5 @@
-//! A job across worker processes, seen through the API: waiting for its end, its step
-//! metrics, its sharded checkpoint's tensors; and the same job trained in one process.
+//! A job across worker processes, seen through the API: waiting for its end, its sharded
+//! checkpoint's tensors; and the same job trained in one process.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -36,21 +36,6 @@ pub async fn finished(
             tails(workers, dead, 30)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Every recorded step of the job, page by page.
-pub async fn metric_steps(server: &TestServer, id: &str) -> Vec<i64> {
-    let mut steps: Vec<i64> = Vec::new();
-    loop {
-        let after = steps.last().copied().unwrap_or(0);
-        let path = format!("/v1/jobs/{id}/metrics?after_step={after}&limit=100");
-        let page = server.get_json(&path).await;
-        let data = page["data"].as_array().unwrap();
-        if data.is_empty() {
-            return steps;
-        }
-        steps.extend(data.iter().map(|m| m["step"].as_i64().unwrap()));
     }
 }
 

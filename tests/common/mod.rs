@@ -153,6 +153,15 @@ impl TestServer {
         Self::start_with(database_url, capabilities(), |_| {}).await
     }
 
+    /// The API alone with the real planner: jobs are run by worker processes.
+    pub async fn api_for_workers(database_url: &str) -> TestServer {
+        let capabilities = Capabilities {
+            planner: Some(Arc::new(chronospipe::jobs::ExecPlanner)),
+            runner: None,
+        };
+        Self::start_with(database_url, capabilities, |o| o.run_worker = false).await
+    }
+
     pub async fn start_with(
         database_url: &str,
         capabilities: Capabilities,
@@ -262,17 +271,19 @@ impl TestServer {
         response.json().await.unwrap()
     }
 
-    /// The steps of the job's recorded metrics, in order.
+    /// The steps of the job's recorded metrics, in order, page by page.
     pub async fn metric_steps(&self, id: &str) -> Vec<i64> {
-        let metrics = self
-            .get_json(&format!("/v1/jobs/{id}/metrics?limit=100"))
-            .await;
-        metrics["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["step"].as_i64().unwrap())
-            .collect()
+        let mut steps: Vec<i64> = Vec::new();
+        loop {
+            let after = steps.last().copied().unwrap_or(0);
+            let path = format!("/v1/jobs/{id}/metrics?after_step={after}&limit=100");
+            let page = self.get_json(&path).await;
+            let data = page["data"].as_array().unwrap();
+            if data.is_empty() {
+                return steps;
+            }
+            steps.extend(data.iter().map(|m| m["step"].as_i64().unwrap()));
+        }
     }
 
     /// Polls until the job is in `status`.
