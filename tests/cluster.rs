@@ -5,8 +5,8 @@
 //! attempts; `GET /v1/devices` shows every live worker's devices.
 
 mod common;
-#[path = "common/queued_job.rs"]
-mod queued_job;
+#[path = "common/store_rows.rs"]
+mod store_rows;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,26 +16,11 @@ use chronospipe::jobs::rendezvous::{NCCL_UNIQUE_ID, TCP_ADDRESS};
 use chronospipe::jobs::{GangError, Rendezvous, RendezvousError, reserve_across_workers};
 use chronospipe::store::{
     ClusterDeviceRow, ClusterError, GangOutcome, GangRefusal, JobState, RankPlacement, Reservation,
-    Store, StoreError, TransitionChange, WorkerDevice, WorkerRegistration, connect,
+    Store, StoreError, TransitionChange, WorkerDevice, connect,
 };
-use queued_job::queued_job;
+use store_rows::{queued_job, registration};
 
 const LEASE_MS: i64 = 60_000;
-
-fn registration(worker: &str, host: &str, devices: usize, runs_ranks: bool) -> WorkerRegistration {
-    WorkerRegistration {
-        worker_id: worker.to_owned(),
-        host: host.to_owned(),
-        runs_ranks,
-        devices: (0..devices)
-            .map(|i| WorkerDevice {
-                device_id: format!("cpu:{i}"),
-                kind: "cpu".into(),
-                memory_bytes: 64 << 20,
-            })
-            .collect(),
-    }
-}
 
 fn place(worker: &str, device: usize) -> RankPlacement {
     RankPlacement {

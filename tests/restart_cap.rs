@@ -4,29 +4,18 @@
 //! keeps for its ranks.
 
 mod common;
+#[path = "common/store_rows.rs"]
+mod store_rows;
 
 use std::sync::Arc;
 
-use chronospipe::store::{
-    GangOutcome, JobState, NewJob, PlanRow, Planned, RankPlacement, Store, WorkerDevice,
-    WorkerRegistration, connect, new_id,
-};
+use chronospipe::store::{GangOutcome, JobState, RankPlacement, Store, connect};
+use store_rows::{planned_job, registration};
 
 const LEASE_MS: i64 = 60_000;
 
 async fn register(store: &dyn Store, worker: &str) {
-    let registration = WorkerRegistration {
-        worker_id: worker.to_owned(),
-        host: "h".into(),
-        runs_ranks: true,
-        devices: (0..2)
-            .map(|i| WorkerDevice {
-                device_id: format!("cpu:{i}"),
-                kind: "cpu".into(),
-                memory_bytes: 64 << 20,
-            })
-            .collect(),
-    };
+    let registration = registration(worker, "h", 2, true);
     store
         .register_worker(&registration, LEASE_MS)
         .await
@@ -35,28 +24,9 @@ async fn register(store: &dyn Store, worker: &str) {
 
 /// A queued job needing four devices that may be requeued `max_restarts` times.
 async fn queued(store: &dyn Store, tenant: &str, max_restarts: i64) -> String {
-    let id = new_id("job");
-    let job = NewJob {
-        id: id.clone(),
-        tenant_id: tenant.to_owned(),
-        spec: "{}".into(),
-        total_steps: 10,
-        file_ids: vec![],
-        checkpoint_uses: vec![],
-        idempotency_key: None,
-        request_hash: None,
-        planned: Some(Planned::Queued {
-            plan: PlanRow {
-                plan: Some("{}".into()),
-                plan_svg: None,
-                plan_summary: None,
-            },
-            devices_needed: 4,
-        }),
-        max_restarts: Some(max_restarts),
-    };
+    let job = planned_job(tenant, 4, Some(max_restarts));
     store.insert_job(&job).await.unwrap();
-    id
+    job.id
 }
 
 fn ranks() -> Vec<RankPlacement> {

@@ -2,8 +2,8 @@
 //! hand one job to two workers; leases expire into the queue; transitions are checked.
 
 mod common;
-#[path = "common/queued_job.rs"]
-mod queued_job;
+#[path = "common/store_rows.rs"]
+mod store_rows;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use chronospipe::store::{
     CheckpointRow, JobState, Lease, StepRecord, Store, StoreError, TransitionChange, connect,
 };
-use queued_job::queued_job;
+use store_rows::queued_job;
 
 fn devices(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("cpu:{i}")).collect()
