@@ -43,6 +43,16 @@ async fn refused(server: &TestServer, body: &Value, param: &str) -> String {
     problem["detail"].as_str().unwrap().to_owned()
 }
 
+/// Has `worker` run the queued job `id` and returns its view once it ended.
+async fn run_queued(server: &TestServer, worker: &Arc<Worker>, id: &str) -> Value {
+    let ran = tokio::time::timeout(Duration::from_secs(120), worker.try_execute_one())
+        .await
+        .expect("the job runs in time")
+        .unwrap();
+    assert_eq!(ran.as_deref(), Some(id));
+    server.get_json(&format!("/v1/jobs/{id}")).await
+}
+
 async fn validates_and_stops_early(url: &str) {
     let server =
         TestServer::start_with(url, Capabilities::production(), |o| o.run_worker = false).await;
@@ -124,12 +134,7 @@ async fn validates_and_stops_early(url: &str) {
     );
     let job = server.create_job(&stopping).await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let ran = tokio::time::timeout(Duration::from_secs(120), worker.try_execute_one())
-        .await
-        .expect("the job runs in time")
-        .unwrap();
-    assert_eq!(ran.as_deref(), Some(id.as_str()));
-    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+    let job = run_queued(&server, &worker, &id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["stopped_early"], true, "{job}");
     let metrics = server
@@ -211,11 +216,7 @@ async fn validates_and_stops_early(url: &str) {
     let job = server.create_job(&epochs).await;
     assert_eq!(job["progress"]["total_steps"], 23, "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
-    tokio::time::timeout(Duration::from_secs(120), worker.try_execute_one())
-        .await
-        .expect("the job runs in time")
-        .unwrap();
-    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+    let job = run_queued(&server, &worker, &id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["progress"]["step"], 23, "{job}");
     assert_eq!(job["stopped_early"], false, "{job}");
@@ -230,11 +231,7 @@ async fn validates_and_stops_early(url: &str) {
         .await;
     assert_eq!(job["progress"]["total_steps"], 3, "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
-    tokio::time::timeout(Duration::from_secs(120), worker.try_execute_one())
-        .await
-        .expect("the job runs in time")
-        .unwrap();
-    let job = server.get_json(&format!("/v1/jobs/{id}")).await;
+    let job = run_queued(&server, &worker, &id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["progress"]["step"], 3, "{job}");
     server.stop().await;
