@@ -464,17 +464,10 @@ impl Engine for CpuEngine {
     }
 
     fn sum_replicas(&self, _device: u32, copies: &mut [&mut Tensor]) -> Result<()> {
+        check_lengths(copies)?;
         let Some((first, rest)) = copies.split_first_mut() else {
             return Ok(());
         };
-        if let Some(other) = rest.iter().find(|t| t.len() != first.len()) {
-            return Err(PipelineError::Reduction(format!(
-                "{} has {} elements in one replica and {} in another",
-                first.name(),
-                first.len(),
-                other.len()
-            )));
-        }
         let sum = first.data_mut();
         for other in rest.iter() {
             for (s, o) in sum.iter_mut().zip(other.data()) {
@@ -542,8 +535,8 @@ impl Engine for CpuEngine {
     }
 }
 
-/// Every copy has the first's length, and every owner and range is within them.
-fn check_ranges(copies: &[&mut Tensor], owned: &[(usize, Range<usize>)]) -> Result<()> {
+/// Every copy has the first's length.
+fn check_lengths(copies: &[&mut Tensor]) -> Result<()> {
     let Some(first) = copies.first() else {
         return Ok(());
     };
@@ -555,6 +548,16 @@ fn check_ranges(copies: &[&mut Tensor], owned: &[(usize, Range<usize>)]) -> Resu
             other.len()
         )));
     }
+    Ok(())
+}
+
+/// Every copy has the first's length, and every owner and range is within them.
+fn check_ranges(copies: &[&mut Tensor], owned: &[(usize, Range<usize>)]) -> Result<()> {
+    check_lengths(copies)?;
+    let Some(first) = copies.first() else {
+        return Ok(());
+    };
+    let len = first.len();
     if let Some((owner, range)) = (owned.iter()).find(|(o, r)| *o >= copies.len() || r.end > len) {
         return Err(PipelineError::Reduction(format!(
             "{}: replica {owner} of {} cannot own elements {range:?} of {len}",
