@@ -14,7 +14,8 @@ use super::AppState;
 use super::auth::Tenant;
 use super::extract::Body;
 use super::problem::{ApiError, ApiResult, Problem};
-use crate::jobs::gang_plan::{as_ranks_run, cluster_for_new_jobs};
+use crate::exec::run::as_ranks_run;
+use crate::jobs::gang_plan::cluster_for_new_jobs;
 use crate::jobs::{
     DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, ResolveError, ResolvedSpec,
     parse_devices, resolve_files,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::devices::{DeviceInfo, parse_devices};
 use super::planner::{PlanOutcome, Planner};
 use super::resolve::resolve_files;
-use crate::exec::run::resolve_arch;
+use crate::exec::run::{as_ranks_run, resolve_arch};
 use crate::plan::Plan;
 use crate::plan::inventory::Profile;
 use crate::plan::machines::{Network, place, traffic};
@@ -140,15 +140,6 @@ pub fn cluster_for_new_jobs(devices: &[ClusterDeviceRow], spec: &JobSpec) -> Opt
 /// in several processes do not implement (they reduce whole gradients over TCP).
 fn one_process(spec: &JobSpec) -> bool {
     spec.parallelism.shard_optimizer == Some(true)
-}
-
-/// `spec` as its ranks run it across workers: replicas keep the whole optimizer state where
-/// the spec leaves sharding to the default, so a plan made over the cluster is the one they
-/// run (a one-worker run shards by default, which only takes less memory).
-pub fn as_ranks_run(spec: &JobSpec) -> JobSpec {
-    let mut spec = spec.clone();
-    spec.parallelism.shard_optimizer.get_or_insert(false);
-    spec
 }
 
 /// Plans `job` (which names no `devices`) over the free CPU devices among `devices` (every

@@ -31,6 +31,16 @@ use super::host_budget::search_within_host;
 use super::replicas;
 use super::{DeviceKind, Run, RunError, ValidationSet};
 
+/// `spec` as ranks in several processes run it: they sum whole gradients between processes,
+/// so where the spec leaves sharding to the default their replicas keep the whole optimizer
+/// state (a spec asking for sharding is refused by such a run). A plan made for them, here or
+/// over a cluster, is made from this.
+pub fn as_ranks_run(spec: &JobSpec) -> JobSpec {
+    let mut spec = spec.clone();
+    spec.parallelism.shard_optimizer.get_or_insert(false);
+    spec
+}
+
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
 /// (with which any field the spec gives must agree).
 pub fn resolve_arch(spec: &JobSpec) -> Result<ModelArch, RunError> {
@@ -356,10 +366,7 @@ impl Run {
             )]));
         }
         let arch = resolve_arch(&spec)?;
-        // Left out, the replicas of a run over ranks keep the whole optimizer state.
-        let mut whole = spec.clone();
-        whole.parallelism.shard_optimizer = Some(false);
-        let answer = plan_job(&whole, &arch, &devices, DeviceKind::Cpu)?;
+        let answer = plan_job(&as_ranks_run(&spec), &arch, &devices, DeviceKind::Cpu)?;
         let engine = CpuEngine {
             backend: CpuBackend::default(),
         };
