@@ -560,3 +560,45 @@ fn a_rank_killed_while_a_checkpoint_is_written_leaves_the_earlier_one_the_latest
     assert!(verify(&out.join("final"), true).is_ok());
     assert_eq!(staged(&out), Vec::<String>::new());
 }
+
+/// Validation data on a run spread over ranks: the hidden states of an evaluation cross
+/// between the processes and the losses meet, so every rank reports the validation loss of
+/// one process to the bit, with the pipeline's stages on two ranks and with replica 0
+/// wholly on rank 0.
+#[test]
+fn validation_on_two_ranks_gives_the_loss_of_one_process() {
+    for (stages, replicas) in [(2, 1), (1, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let job = job(dir.path(), stages, replicas, 4);
+        let validation = dir.path().join("validation.txt");
+        let held_out = "Held-out text is evaluated forward only, between the steps. ";
+        std::fs::write(&validation, held_out.repeat(12)).unwrap();
+        let text = std::fs::read_to_string(&job).unwrap();
+        let with = text.replace(
+            r#""data": {"#,
+            &format!(r#""data": {{"validation": {validation:?}, "#),
+        );
+        assert_ne!(with, text);
+        std::fs::write(&job, with).unwrap();
+        let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+        train_in_one_process(&job, &one);
+        train_on_ranks(&job, &two, 2);
+        let val_loss = |summary: PathBuf| {
+            let text = std::fs::read_to_string(&summary).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["val_loss"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no val_loss in {}: {v}", summary.display()))
+        };
+        let expected = val_loss(one.join("summary.json"));
+        assert!(expected.is_finite() && expected > 0.0, "{expected}");
+        for summary in ["summary.json", "summary-rank-1.json"] {
+            assert_eq!(
+                val_loss(two.join(summary)).to_bits(),
+                expected.to_bits(),
+                "{stages} stages x {replicas} replicas: {summary}"
+            );
+        }
+        assert_same_bits(&one.join("final"), &two.join("final"), "model");
+    }
+}

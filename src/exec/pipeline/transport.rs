@@ -122,12 +122,23 @@ pub struct InProcess<E: Engine> {
 }
 
 impl<E: Engine> InProcess<E> {
-    /// For a plan of `replicas` x `stages` devices, of which `local` run here.
+    /// For a plan of `replicas` x `stages` devices, of which `local` run here, each on its
+    /// own thread.
     pub fn new(replicas: u32, stages: u32, local: Range<u32>) -> Self {
+        let threads = local.len();
+        Self::meeting(replicas, stages, local, threads)
+    }
+
+    /// As `new`, for one thread driving every device here (an evaluation): one meets.
+    pub fn on_one_thread(replicas: u32, stages: u32, local: Range<u32>) -> Self {
+        Self::meeting(replicas, stages, local, 1)
+    }
+
+    fn meeting(replicas: u32, stages: u32, local: Range<u32>, threads: usize) -> Self {
         InProcess {
             mailboxes: (0..replicas * stages).map(|_| Mailbox::default()).collect(),
             abort: Abort::default(),
-            sync: StepSync::new(local.len()),
+            sync: StepSync::new(threads),
             reduce: ReducePoint::new(),
             scatter: ReducePoint::new(),
             gather: ReducePoint::new(),

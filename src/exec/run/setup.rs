@@ -348,14 +348,6 @@ impl Run {
             )]));
         };
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
-        if spec.data.validation.is_some() {
-            return Err(RunError::Spec(vec![SpecError::new(
-                "data.validation",
-                "a run spread over ranks (--rank) does not evaluate validation data yet (the \
-                 evaluation runs replica 0's chunks in one process): leave data.validation \
-                 (and early stopping) out, or run without --rank",
-            )]));
-        }
         if spec.parallelism.shard_optimizer == Some(true) {
             return Err(RunError::Spec(vec![SpecError::new(
                 "parallelism.shard_optimizer",
