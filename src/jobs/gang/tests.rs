@@ -164,7 +164,7 @@ mod planning_once {
         let timeout = Duration::from_secs(60);
         let poll = || reserve_next(&store, Some(&planning), timeout);
         assert!(poll().await.unwrap().is_none(), "three devices are too few");
-        // Over w2's two and then all three: 1x2, 3x1, 2x1.
+        // Over all three free devices, then over w2's two: 1x2, 3x1, then 2x1.
         assert_eq!(calls(), 3);
         assert_eq!(planning.unfit.len(), 1);
         for _ in 0..5 {
