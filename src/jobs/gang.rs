@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cluster::{GangError, reserve_across_workers, reserve_laid_out};
-use super::gang_plan::{free_in_order, plan_over_cluster};
+use super::gang_plan::{NotPlanned, free_in_order, plan_over_cluster};
 use super::planner::Planner;
 use crate::plan::machines::Network;
 use crate::spec::JobSpec;
-use crate::store::{ClusterDeviceRow, RankPlacement, Reservation, Store, StoreError};
+use crate::store::{ClusterDeviceRow, JobRow, RankPlacement, Reservation, Store, StoreError};
+use unfit::{Asked, UnfitMemo};
 
 /// Places `needed` ranks on the free devices among `devices` (every live worker's, in the
 /// store's order): the workers with the most free devices first (ties by id), each worker's
@@ -38,20 +39,34 @@ pub fn largest_worker(devices: &[ClusterDeviceRow]) -> usize {
     counts.into_values().max().unwrap_or(0)
 }
 
-/// How a worker plans the jobs it reserves that name no `devices`.
+/// How a worker plans the jobs it reserves that name no `devices`, and what it remembers of
+/// those that did not fit (kept across polls: build it once per worker).
 #[derive(Clone)]
 pub struct GangPlanning {
     pub planner: Arc<dyn Planner>,
     pub network: Network,
     pub host_memory_bytes: u64,
+    pub unfit: Arc<UnfitMemo>,
+}
+
+impl GangPlanning {
+    pub fn new(planner: Arc<dyn Planner>, network: Network, host_memory_bytes: u64) -> Self {
+        GangPlanning {
+            planner,
+            network,
+            host_memory_bytes,
+            unfit: Arc::new(UnfitMemo::default()),
+        }
+    }
 }
 
 /// Reserves the first queued job (in queue order) that needs more devices than any one worker
 /// has and fits the cluster's free devices now; a job that does not fit waits while later
 /// ones that fit go first. A job naming no `devices` is planned over the free devices first
-/// (with `planning`); one whose plan then fits one worker is left to the one-worker claim
-/// (its `devices_needed` lowered to the plan's). Two workers racing for one job: one reserves
-/// it, the other moves on.
+/// (with `planning`, which remembers a job that did not fit until its body or the free
+/// devices change); one whose plan then fits one worker is left to the one-worker claim (its
+/// `devices_needed` lowered to the plan's). Two workers racing for one job: one reserves it,
+/// the other moves on.
 pub async fn reserve_next(
     store: &dyn Store,
     planning: Option<&GangPlanning>,
@@ -62,38 +77,18 @@ pub async fn reserve_next(
     if largest == 0 {
         return Ok(None);
     }
-    for (job, needed) in store.queued_jobs_over(largest as i64).await? {
+    let queued = store.queued_jobs_over(largest as i64).await?;
+    if let Some(planning) = planning {
+        let ids: Vec<&str> = queued.iter().map(|(job, _)| job.as_str()).collect();
+        planning.unfit.keep_only(&ids);
+    }
+    for (job, needed) in queued {
         let reserved = match (planning, unnamed(store, &job).await?) {
             (Some(planning), Some(row)) => {
-                let Some(plan) = plan_over_cluster(
-                    store,
-                    planning.planner.clone(),
-                    planning.network,
-                    planning.host_memory_bytes,
-                    &row,
-                    &devices,
-                )
-                .await
-                else {
-                    continue;
-                };
-                if plan.one_worker() {
-                    let used = plan.ranks.len() as i64;
-                    store.set_plan(&job, &plan.plan_row(), used).await?;
-                    tracing::info!(%job, devices = used, "fits one worker now: left to its claim");
-                    continue;
+                match reserve_planned(store, planning, &row, &devices, start_timeout).await? {
+                    Some(reserved) => reserved,
+                    None => continue,
                 }
-                let reserved =
-                    reserve_laid_out(store, &job, &plan.ranks, &plan.layout, start_timeout).await;
-                if reserved.is_ok() {
-                    let said = plan.describe();
-                    tracing::info!(%job, "{said}");
-                    let used = plan.ranks.len() as i64;
-                    store.set_plan(&job, &plan.plan_row(), used).await?;
-                    let data = serde_json::json!({ "message": said }).to_string();
-                    store.append_event(&job, "info", &data).await?;
-                }
-                reserved
             }
             _ => {
                 let Some(ranks) = place(&devices, needed.max(0) as usize) else {
@@ -112,8 +107,51 @@ pub async fn reserve_next(
     Ok(None)
 }
 
+/// Plans `job` (naming no `devices`) over the cluster and reserves it as planned; `None` when
+/// it does not fit now (remembered, or found so) or fits one worker (left to its claim).
+async fn reserve_planned(
+    store: &dyn Store,
+    planning: &GangPlanning,
+    job: &JobRow,
+    devices: &[ClusterDeviceRow],
+    start_timeout: Duration,
+) -> Result<Option<Result<Reservation, GangError>>, StoreError> {
+    let (network, host_memory) = (planning.network, planning.host_memory_bytes);
+    let asked = Asked::new(&job.spec, devices, host_memory, network);
+    if planning.unfit.knows_unfit(&job.id, &asked) {
+        return Ok(None);
+    }
+    let planner = planning.planner.clone();
+    let plan = match plan_over_cluster(store, planner, network, host_memory, job, devices).await {
+        Ok(plan) => plan,
+        Err(NotPlanned::DoesNotFit(_)) => {
+            planning.unfit.remember(&job.id, asked);
+            return Ok(None);
+        }
+        Err(NotPlanned::Unanswered(why)) => {
+            tracing::debug!(job = %job.id, %why, "not planned over the cluster");
+            return Ok(None);
+        }
+    };
+    let used = plan.ranks.len() as i64;
+    if plan.one_worker() {
+        store.set_plan(&job.id, &plan.plan_row(), used).await?;
+        tracing::info!(job = %job.id, devices = used, "fits one worker now: left to its claim");
+        return Ok(None);
+    }
+    let reserved = reserve_laid_out(store, &job.id, &plan.ranks, &plan.layout, start_timeout).await;
+    if reserved.is_ok() {
+        let said = plan.describe();
+        tracing::info!(job = %job.id, "{said}");
+        store.set_plan(&job.id, &plan.plan_row(), used).await?;
+        let data = serde_json::json!({ "message": said }).to_string();
+        store.append_event(&job.id, "info", &data).await?;
+    }
+    Ok(Some(reserved))
+}
+
 /// The queued job when its body names no `devices` (it is planned over the cluster).
-async fn unnamed(store: &dyn Store, job: &str) -> Result<Option<crate::store::JobRow>, StoreError> {
+async fn unnamed(store: &dyn Store, job: &str) -> Result<Option<JobRow>, StoreError> {
     let Some(row) = store.get_job_any(job).await? else {
         return Ok(None);
     };
@@ -121,46 +159,7 @@ async fn unnamed(store: &dyn Store, job: &str) -> Result<Option<crate::store::Jo
     Ok(spec.filter(|s| s.devices.is_none()).map(|_| row))
 }
 
+mod unfit;
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn device(worker: &str, id: &str, job: Option<&str>) -> ClusterDeviceRow {
-        ClusterDeviceRow {
-            worker_id: worker.into(),
-            host: "h".into(),
-            device_id: id.into(),
-            kind: "cpu".into(),
-            memory_bytes: 1 << 26,
-            job_id: job.map(Into::into),
-            attempt: None,
-            rank: None,
-        }
-    }
-
-    fn names(ranks: &[RankPlacement]) -> Vec<String> {
-        ranks
-            .iter()
-            .map(|r| format!("{}/{}", r.worker_id, r.device_id))
-            .collect()
-    }
-
-    #[test]
-    fn whole_workers_first_so_adjacent_ranks_share_one() {
-        let cluster = [
-            device("a", "cpu:0", Some("other")),
-            device("a", "cpu:1", None),
-            device("b", "cpu:0", None),
-            device("b", "cpu:1", None),
-            device("c", "cpu:0", None),
-            device("c", "cpu:1", None),
-        ];
-        let ranks = place(&cluster, 5).unwrap();
-        assert_eq!(
-            names(&ranks),
-            ["b/cpu:0", "b/cpu:1", "c/cpu:0", "c/cpu:1", "a/cpu:1"]
-        );
-        assert!(place(&cluster, 6).is_none(), "one device is held");
-        assert_eq!(largest_worker(&cluster), 2);
-    }
-}
+mod tests;

@@ -1,17 +1,20 @@
 //! A job that names no `devices`, planned over the cluster when it is reserved across workers:
-//! over every free CPU device of the live workers (whole workers first), the planner picks the
-//! degrees (within what the job's `parallelism` allows), then the plan's devices go on the
-//! workers so that the pairs that talk most (pipeline neighbours, or a stage's replicas) share
-//! a worker (`plan::machines`, with the cluster's network). The attempt keeps the layout its
-//! ranks plan on (`GangLayout`), so every rank runs the same plan. A requeued job is planned
-//! again on what is free then: a checkpoint is plan-independent, so it resumes on more or
-//! fewer devices than before.
+//! over the free CPU devices of the live workers (whole workers first), every degree pair
+//! (stages x replicas) the job's `parallelism` allows over the first one, two, ... workers is
+//! planned (`degrees`; the planner picks schedule, micro-batches, recompute and offload within
+//! each), each plan's devices go on the workers so that the pairs that talk most (pipeline
+//! neighbours, or a stage's replicas) share a worker (`plan::machines`, with the cluster's
+//! network), and the plan with the least simulated step time plus network time per step runs
+//! (`choice`): a plan a little faster in simulation that sends much over a slow network loses
+//! to one kept on one machine. The attempt keeps the layout its ranks plan on (`GangLayout`),
+//! so every rank runs the same plan. A requeued job is planned again on what is free then: a
+//! checkpoint is plan-independent, so it resumes on more or fewer devices than before.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::devices::{DeviceInfo, parse_devices};
+use super::devices::parse_devices;
 use super::planner::{PlanOutcome, Planner};
 use super::resolve::resolve_files;
 use crate::exec::run::{as_ranks_run, resolve_arch};
@@ -21,6 +24,9 @@ use crate::plan::machines::{Network, place, traffic};
 use crate::plan::tensors::MicroShape;
 use crate::spec::{DataParallel, JobSpec, Stages};
 use crate::store::{ClusterDeviceRow, JobRow, PlanRow, RankPlacement, Store};
+pub use choice::{Compared, Rival};
+use choice::{choose, milliseconds};
+use degrees::degree_pairs;
 
 /// Bytes of one tensor element on the CPU devices jobs spanning workers run on (f32).
 const CPU_ELEMENT_BYTES: u64 = 4;
@@ -41,6 +47,14 @@ impl GangLayout {
         spec.parallelism.stages = Stages::Count(self.stages as usize);
         spec.parallelism.data_parallel = DataParallel::Count(self.data_parallel as usize);
     }
+
+    /// `2 stages x 3 replicas on cpu:6x64MiB`.
+    pub fn said(&self) -> String {
+        format!(
+            "{} stages x {} replicas on {}",
+            self.stages, self.data_parallel, self.devices
+        )
+    }
 }
 
 /// A job planned over the cluster's free devices.
@@ -53,6 +67,8 @@ pub struct ClusterPlan {
     pub network_s: f64,
     /// Which devices were kept side by side (`replicas` or `stages`).
     pub order: &'static str,
+    /// What it was chosen over.
+    pub compared: Compared,
 }
 
 impl ClusterPlan {
@@ -70,13 +86,19 @@ impl ClusterPlan {
         }
     }
 
-    /// Said when it is reserved.
+    /// Said when it is reserved: the plan, its step and network times, and what it beat.
     pub fn describe(&self) -> String {
         let s = &self.outcome.summary;
         format!(
             "planned over the cluster on {}: {} stages x {} replicas, {} kept on one worker, \
-             {:.3} s a step on the network",
-            self.layout.devices, s.stages, s.replicas, self.order, self.network_s
+             {} a step simulated + {} on the network; {}",
+            self.layout.devices,
+            s.stages,
+            s.replicas,
+            self.order,
+            milliseconds(s.step_time_s),
+            milliseconds(self.network_s),
+            self.compared.describe()
         )
     }
 }
@@ -142,9 +164,20 @@ fn one_process(spec: &JobSpec) -> bool {
     spec.parallelism.shard_optimizer == Some(true)
 }
 
+/// Why a job naming no `devices` is not planned over the cluster now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotPlanned {
+    /// No answer now: its body does not parse, its files do not resolve (the claim that runs
+    /// it reports that) or the planning was interrupted.
+    Unanswered(String),
+    /// No degree pair's plan fits the free devices: the answer while they stay as they are.
+    DoesNotFit(String),
+}
+
 /// Plans `job` (which names no `devices`) over the free CPU devices among `devices` (every
-/// live worker's): `None` when it does not fit them now (it waits) or its files no longer
-/// resolve (the claim that runs it reports that).
+/// live worker's): each degree pair its `parallelism` allows over the first workers' free
+/// devices (`degrees`) is planned, placed, and the one with the least simulated step time
+/// plus network time per step taken (`choice`).
 pub async fn plan_over_cluster(
     store: &dyn Store,
     planner: Arc<dyn Planner>,
@@ -152,40 +185,112 @@ pub async fn plan_over_cluster(
     host_memory_bytes: u64,
     job: &JobRow,
     devices: &[ClusterDeviceRow],
-) -> Option<ClusterPlan> {
-    let spec: JobSpec = serde_json::from_str(&job.spec).ok()?;
-    let resolved = match resolve_files(store, &job.tenant_id, &spec).await {
-        Ok(resolved) => resolved.spec,
-        Err(e) => {
-            tracing::debug!(job = %job.id, error = %e, "not planned over the cluster");
-            return None;
-        }
-    };
+) -> Result<ClusterPlan, NotPlanned> {
+    let unanswered = |e: &dyn std::fmt::Display| NotPlanned::Unanswered(e.to_string());
+    let spec: JobSpec = serde_json::from_str(&job.spec).map_err(|e| unanswered(&e))?;
+    let resolved = (resolve_files(store, &job.tenant_id, &spec).await)
+        .map_err(|e| unanswered(&e))?
+        .spec;
+    let planned = plan_resolved(planner, network, host_memory_bytes, &resolved, devices).await;
+    if let Err(NotPlanned::DoesNotFit(why)) = &planned {
+        tracing::debug!(job = %job.id, %why, "does not fit the cluster's free devices");
+    }
+    planned
+}
+
+/// `plan_over_cluster` for a body whose files are resolved.
+async fn plan_resolved(
+    planner: Arc<dyn Planner>,
+    network: Network,
+    host_memory_bytes: u64,
+    resolved: &JobSpec,
+    devices: &[ClusterDeviceRow],
+) -> Result<ClusterPlan, NotPlanned> {
     let mut slots: Vec<&ClusterDeviceRow> = (free_in_order(devices).into_iter())
         .filter(|d| d.kind == "cpu")
         .collect();
-    if one_process(&resolved) {
+    if one_process(resolved) {
         // The worker with the most free devices comes first.
-        let first = slots.first()?.worker_id.clone();
-        slots.retain(|d| d.worker_id == first);
+        let first = slots.first().map(|d| d.worker_id.clone());
+        slots.retain(|d| Some(&d.worker_id) == first.as_ref());
     }
-    let least = slots.iter().map(|d| d.memory_bytes).min()?;
-    let mut on_cluster = as_ranks_run(&resolved);
-    on_cluster.devices = Some(cpu_devices(slots.len(), least));
-    let infos: Vec<DeviceInfo> = parse_devices(on_cluster.devices.as_deref()?).ok()?;
-    let planning = on_cluster.clone();
-    let outcome =
-        tokio::task::spawn_blocking(move || planner.plan(&planning, &infos, host_memory_bytes))
-            .await
-            .ok()?;
-    let outcome = match outcome {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            tracing::debug!(job = %job.id, error = %e, "does not fit the cluster's free devices");
-            return None;
+    let on_cluster = as_ranks_run(resolved);
+    let pairs = degree_pairs(
+        &on_cluster.parallelism,
+        on_cluster.training.microbatches,
+        &whole_workers(&slots),
+    );
+    let layouts: Vec<GangLayout> = (pairs.iter())
+        .map(|d| GangLayout {
+            devices: cpu_devices(d.devices(), least_memory(&slots[..d.devices()])),
+            stages: d.stages as u32,
+            data_parallel: d.replicas as u32,
+        })
+        .collect();
+    let planned = plan_each(planner, &on_cluster, &layouts, host_memory_bytes).await?;
+    let mut placed = Vec::new();
+    let mut refusals = Vec::new();
+    for (layout, outcome) in layouts.into_iter().zip(planned) {
+        let mut spec = on_cluster.clone();
+        layout.apply(&mut spec);
+        let used = (layout.stages * layout.data_parallel) as usize;
+        let least = least_memory(&slots[..used]);
+        match outcome.map(|o| place_plan(&spec, o, &slots, least, network)) {
+            Ok(Some(plan)) => placed.push(plan),
+            Ok(None) => refusals.push(format!("{}: its plan cannot be placed", layout.said())),
+            Err(e) => refusals.push(format!("{}: {e}", layout.said())),
         }
+    }
+    choose(placed).ok_or_else(|| {
+        NotPlanned::DoesNotFit(if refusals.is_empty() {
+            format!("no degree pair fits the {} free CPU devices", slots.len())
+        } else {
+            refusals.join("; ")
+        })
+    })
+}
+
+/// The planner's answer for `spec` on each layout, all on one blocking thread.
+async fn plan_each(
+    planner: Arc<dyn Planner>,
+    spec: &JobSpec,
+    layouts: &[GangLayout],
+    host_memory_bytes: u64,
+) -> Result<Vec<Result<PlanOutcome, String>>, NotPlanned> {
+    let asked: Vec<(JobSpec, String)> = (layouts.iter())
+        .map(|layout| {
+            let mut pinned = spec.clone();
+            layout.apply(&mut pinned);
+            (pinned, layout.devices.clone())
+        })
+        .collect();
+    let planning = move || {
+        (asked.into_iter())
+            .map(|(spec, devices)| {
+                let infos = parse_devices(&devices).map_err(|e| e.to_string())?;
+                (planner.plan(&spec, &infos, host_memory_bytes)).map_err(|e| e.to_string())
+            })
+            .collect()
     };
-    place_plan(&on_cluster, outcome, &slots, least, network)
+    (tokio::task::spawn_blocking(planning).await)
+        .map_err(|e| NotPlanned::Unanswered(format!("planning stopped: {e}")))
+}
+
+/// The free devices of the first worker, the first two, ... of `slots` (in placement order).
+fn whole_workers(slots: &[&ClusterDeviceRow]) -> Vec<usize> {
+    let mut counts = Vec::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let next = slots.get(i + 1);
+        if next.is_none_or(|n| n.worker_id != slot.worker_id) {
+            counts.push(i + 1);
+        }
+    }
+    counts
+}
+
+/// The least memory among `slots` (every device of a plan is taken at it).
+fn least_memory(slots: &[&ClusterDeviceRow]) -> i64 {
+    slots.iter().map(|d| d.memory_bytes).min().unwrap_or(0)
 }
 
 /// Puts a plan made over `slots` on them: its devices on the first slots, ordered so the
@@ -240,8 +345,11 @@ fn place_plan(
         network_s: placed.network_s,
         order: placed.order,
         outcome,
+        compared: Compared::default(),
     })
 }
 
+mod choice;
+mod degrees;
 #[cfg(test)]
 mod tests;

@@ -16,6 +16,7 @@ mod rank;
 
 use super::cluster::Membership;
 use super::devices::DeviceInfo;
+use super::gang::GangPlanning;
 use super::planner::Planner;
 use super::redact::without_server_paths;
 use super::resolve::{ResolveError, resolve_files};
@@ -104,9 +105,9 @@ struct Running {
 pub struct Worker {
     store: Arc<dyn Store>,
     runner: Arc<dyn JobRunner>,
-    /// Plans jobs naming no `devices` over the cluster's free devices (none: such jobs run
-    /// only where they fit one worker).
-    planner: Option<Arc<dyn Planner>>,
+    /// Plans jobs naming no `devices` over the cluster's free devices, remembering those that
+    /// did not fit (none: such jobs run only where they fit one worker).
+    planning: Option<GangPlanning>,
     config: WorkerConfig,
     /// The claims this worker runs, by lease token (a job claimed again while an earlier
     /// claim's run still winds down is two entries).
@@ -131,10 +132,12 @@ impl Worker {
         planner: Option<Arc<dyn Planner>>,
         config: WorkerConfig,
     ) -> Arc<Self> {
+        let planning = planner
+            .map(|planner| GangPlanning::new(planner, config.network, config.host_memory_bytes));
         Arc::new(Worker {
             store,
             runner,
-            planner,
+            planning,
             config,
             running: Mutex::new(HashMap::new()),
             lease_trouble: Arc::new(AtomicBool::new(false)),

@@ -29,7 +29,7 @@ fn free_devices_come_whole_workers_first() {
 
 fn spec(parallelism: serde_json::Value) -> JobSpec {
     serde_json::from_value(serde_json::json!({
-        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "vocab_size": 256},
+        "model": {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "intermediate_size": 48, "vocab_size": 256},
         "data": {"train": "file_x"},
         "training": {"seq_len": 16, "micro_batch_size": 1, "microbatches": 4, "steps": 1},
         "parallelism": parallelism
@@ -117,4 +117,163 @@ fn a_layout_pins_the_ranks_devices_and_degrees() {
     assert_eq!(spec.parallelism.data_parallel, DataParallel::Count(2));
     let text = serde_json::to_string(&layout).unwrap();
     assert_eq!(serde_json::from_str::<GangLayout>(&text).unwrap(), layout);
+}
+
+/// Two workers of two CPU devices each, all free.
+fn two_workers() -> Vec<ClusterDeviceRow> {
+    ["a", "b"]
+        .into_iter()
+        .flat_map(|w| (0..2).map(move |i| device(w, &format!("cpu:{i}"), "cpu", 64 << 20, None)))
+        .collect()
+}
+
+fn auto_degrees() -> JobSpec {
+    spec(serde_json::json!({"stages": "auto", "data_parallel": "auto"}))
+}
+
+async fn over_two_workers(network: Network) -> ClusterPlan {
+    let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
+    plan_resolved(planner, network, u64::MAX, &auto_degrees(), &two_workers())
+        .await
+        .expect("a plan fits four devices of 64 MiB")
+}
+
+/// Links between workers that cost nothing: the choice is the simulation's alone.
+fn free_links() -> Network {
+    Network {
+        bytes_per_s: f64::INFINITY,
+        latency_s: 0.0,
+    }
+}
+
+/// Links so slow that a step sending anything between workers takes seconds.
+fn slow_links() -> Network {
+    Network {
+        bytes_per_s: 1e3,
+        latency_s: 1.0,
+    }
+}
+
+fn degrees(plan: &ClusterPlan) -> (u32, u32, usize) {
+    (
+        plan.layout.stages,
+        plan.layout.data_parallel,
+        plan.ranks.len(),
+    )
+}
+
+/// With links that cost nothing the pick is the planner's own over every free device: the
+/// fastest in simulation.
+#[tokio::test]
+async fn free_links_take_the_planners_own_pick() {
+    let blind = over_two_workers(free_links()).await;
+    let mut on_four = as_ranks_run(&auto_degrees());
+    on_four.devices = Some("cpu:4x64MiB".into());
+    let infos = parse_devices("cpu:4x64MiB").unwrap();
+    let own = crate::jobs::ExecPlanner
+        .plan(&on_four, &infos, u64::MAX)
+        .unwrap();
+    assert_eq!(
+        (blind.layout.stages, blind.layout.data_parallel),
+        (own.summary.stages, own.summary.replicas),
+        "{}",
+        blind.describe()
+    );
+    assert_eq!(blind.outcome.summary.step_time_s, own.summary.step_time_s);
+    assert_eq!(blind.network_s, 0.0);
+    assert!(blind.compared.pairs >= 3, "{}", blind.describe());
+}
+
+/// The fastest plan in simulation spans both workers; over slow links a plan on one worker
+/// wins, and the description says what lost and why.
+#[tokio::test]
+async fn slow_links_keep_the_job_on_one_worker() {
+    let blind = over_two_workers(free_links()).await;
+    assert_eq!(blind.ranks.len(), 4, "{}", blind.describe());
+    assert!(!blind.one_worker());
+    let slow = over_two_workers(slow_links()).await;
+    assert!(slow.one_worker(), "{}", slow.describe());
+    assert_eq!(slow.ranks.len(), 2, "{}", slow.describe());
+    assert_eq!(slow.network_s, 0.0);
+    assert!(
+        slow.outcome.summary.step_time_s > blind.outcome.summary.step_time_s,
+        "it lost in simulation and won on the network: {}",
+        slow.describe()
+    );
+    // The network-blind pick, placed on the slow links, is what it beat.
+    let said = slow.describe();
+    let beaten = &blind.layout.said();
+    assert!(said.contains(beaten), "{said} does not name {beaten}");
+    // The other plan on one worker is next; the fastest in simulation is said apart.
+    let next = slow.compared.next.as_ref().unwrap();
+    assert_eq!(next.network_s, 0.0, "{said}");
+    let fastest = slow.compared.fastest_simulated.as_ref().unwrap();
+    assert_eq!(fastest.layout, blind.layout, "{said}");
+    assert!(fastest.network_s >= 1.0, "{said}");
+}
+
+/// Links of 100 GB/s and 1 us: this small model's traffic costs little beside its step, so the
+/// pick is the one blind to the network, now with its network time said. (On the default
+/// 10 Gb/s and 50 us its gradient ring would cost more than a replica saves.)
+#[tokio::test]
+async fn fast_links_keep_the_fastest_pick() {
+    let blind = over_two_workers(free_links()).await;
+    let fast = Network {
+        bytes_per_s: 100e9,
+        latency_s: 1e-6,
+    };
+    let planned = over_two_workers(fast).await;
+    assert_eq!(degrees(&planned), degrees(&blind), "{}", planned.describe());
+    assert!(planned.network_s > 0.0, "{}", planned.describe());
+    assert!(
+        planned.network_s < 0.2 * planned.outcome.summary.step_time_s,
+        "{}",
+        planned.describe()
+    );
+    assert!(planned.describe().starts_with(&format!(
+        "planned over the cluster on cpu:4x64MiB: {} stages x {} replicas",
+        blind.layout.stages, blind.layout.data_parallel
+    )));
+}
+
+/// Given counts stay as given: two stages and "auto" replicas compare one and two replicas.
+#[tokio::test]
+async fn given_stages_stay_fixed() {
+    let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
+    let two_stages = spec(serde_json::json!({"stages": 2, "data_parallel": "auto"}));
+    let plan = plan_resolved(
+        planner.clone(),
+        slow_links(),
+        u64::MAX,
+        &two_stages,
+        &two_workers(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(degrees(&plan), (2, 1, 2), "{}", plan.describe());
+    assert_eq!(plan.compared.pairs, 2, "{}", plan.describe());
+    let four = spec(serde_json::json!({"stages": 4}));
+    let plan = plan_resolved(
+        planner.clone(),
+        slow_links(),
+        u64::MAX,
+        &four,
+        &two_workers(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        degrees(&plan),
+        (4, 1, 4),
+        "the only pair: {}",
+        plan.describe()
+    );
+    assert!(plan.network_s >= 1.0);
+    let five = spec(serde_json::json!({"stages": 5}));
+    let refused = plan_resolved(planner, slow_links(), u64::MAX, &five, &two_workers()).await;
+    assert!(
+        matches!(&refused, Err(NotPlanned::DoesNotFit(why)) if why.contains("4 free CPU devices")),
+        "{:?}",
+        refused.err()
+    );
 }

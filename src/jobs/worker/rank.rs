@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use super::{Running, Worker, WorkerError, heartbeat, store_failure};
 use crate::exec::transport::RankSpec;
 use crate::exec::transport::ranks::Bound;
-use crate::jobs::gang::{GangPlanning, reserve_next};
+use crate::jobs::gang::reserve_next;
 use crate::jobs::gang_plan::GangLayout;
 use crate::jobs::rendezvous::{Rendezvous, TCP_ADDRESS};
 use crate::jobs::runner::{
@@ -45,14 +45,9 @@ impl Worker {
         self: &Arc<Self>,
         tasks: &mut JoinSet<Result<(), WorkerError>>,
     ) {
-        let planning = self.planner.clone().map(|planner| GangPlanning {
-            planner,
-            network: self.config.network,
-            host_memory_bytes: self.config.host_memory_bytes,
-        });
         let reserved = reserve_next(
             self.store.as_ref(),
-            planning.as_ref(),
+            self.planning.as_ref(),
             self.config.gang_start,
         );
         match reserved.await {
