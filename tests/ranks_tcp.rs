@@ -34,8 +34,8 @@ fn chronospipe() -> Command {
 }
 
 /// A job file of a small model on `stages` x `replicas` CPU devices, `steps` steps with a
-/// checkpoint every 2. Each replica keeps the whole optimizer state (ranks do not shard it),
-/// so one process runs the same plan.
+/// checkpoint every 2. Each replica keeps the whole optimizer state unless a test edits
+/// `shard_optimizer`.
 fn job(dir: &Path, stages: usize, replicas: usize, steps: u64) -> PathBuf {
     job_sized(dir, stages, replicas, steps, 48)
 }
@@ -289,22 +289,19 @@ fn final_loss(summary: &Path) -> u64 {
 
 /// The same plan in one process and as two ranks: the same bits in every checkpoint, one
 /// file from one process, a shard from each rank; each resumes exactly in the other's way.
+/// `edit` replaces a piece of the job's text.
 fn ranks_match_one_process(
     stages: usize,
     replicas: usize,
-    tied: bool,
+    edit: Option<(&str, &str)>,
 ) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path(), stages, replicas, 4);
-    if tied {
-        // Tied embeddings: the table's two gradients meet over the link (`TIE`).
+    if let Some((from, to)) = edit {
         let text = std::fs::read_to_string(&job).unwrap();
-        let tied = text.replace(
-            r#""vocab_size": 256,"#,
-            r#""vocab_size": 256, "tie_embeddings": true,"#,
-        );
-        assert_ne!(tied, text);
-        std::fs::write(&job, tied).unwrap();
+        let edited = text.replace(from, to);
+        assert_ne!(edited, text);
+        std::fs::write(&job, edited).unwrap();
     }
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     train_in_one_process(&job, &one);
@@ -414,7 +411,7 @@ print("max_abs", logits[0].abs().max().item())
 
 #[test]
 fn two_stages_on_two_ranks_train_the_bits_of_one_process() {
-    let (_dir, one, two) = ranks_match_one_process(2, 1, false);
+    let (_dir, one, two) = ranks_match_one_process(2, 1, None);
     load_alike_in_transformers(&one.join("final"), &two.join("final"));
 }
 
@@ -423,7 +420,12 @@ fn two_stages_on_two_ranks_train_the_bits_of_one_process() {
 /// loading alike in transformers.
 #[test]
 fn tied_embeddings_on_two_ranks_train_the_bits_of_one_process() {
-    let (_dir, one, two) = ranks_match_one_process(2, 1, true);
+    // The table's two gradients meet over the link (`TIE`).
+    let tied = (
+        r#""vocab_size": 256,"#,
+        r#""vocab_size": 256, "tie_embeddings": true,"#,
+    );
+    let (_dir, one, two) = ranks_match_one_process(2, 1, Some(tied));
     let config = std::fs::read_to_string(two.join("final/config.json")).unwrap();
     assert!(
         config.contains(r#""tie_word_embeddings": true"#),
@@ -445,7 +447,34 @@ fn tied_embeddings_on_two_ranks_train_the_bits_of_one_process() {
 
 #[test]
 fn two_replicas_on_two_ranks_train_the_bits_of_one_process() {
-    ranks_match_one_process(1, 2, false);
+    ranks_match_one_process(1, 2, None);
+}
+
+/// Sharded optimizer state (ZeRO-1) with each replica in its own process: the gradients'
+/// shards and the updated weights' cross the link, and the checkpoint's optimizer state is
+/// gathered from both ranks, all to one process's bits.
+#[test]
+fn sharded_replicas_on_two_ranks_train_the_bits_of_one_process() {
+    let sharded = (r#""shard_optimizer": false"#, r#""shard_optimizer": true"#);
+    let (dir, one, _) = ranks_match_one_process(1, 2, Some(sharded));
+    // The plan shards: each device holds less than with the whole state.
+    let whole_dir = dir.path().join("whole");
+    std::fs::create_dir(&whole_dir).unwrap();
+    let whole = whole_dir.join("out");
+    train_in_one_process(&job(&whole_dir, 1, 2, 4), &whole);
+    let peaks = |out: &Path| -> Vec<u64> {
+        let text = std::fs::read_to_string(out.join("summary.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (v["devices"].as_array().unwrap().iter())
+            .map(|d| d["measured_peak_bytes"].as_u64().unwrap())
+            .collect()
+    };
+    let (sharded, whole) = (peaks(&one), peaks(&whole));
+    assert_eq!(sharded.len(), 2);
+    assert!(
+        sharded.iter().zip(&whole).all(|(s, w)| s < w),
+        "sharded {sharded:?}, whole {whole:?}"
+    );
 }
 
 #[test]

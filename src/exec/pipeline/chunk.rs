@@ -14,6 +14,7 @@ use crate::plan::reduction::{shard, shard_len};
 
 use super::PipelineError;
 use super::engine::{Engine, Update};
+use super::reduce_point::Shards;
 
 /// AdamW's moments for one range of the chunk's parameters (none for SGD).
 pub struct OptimizerSlice<T> {
@@ -193,6 +194,15 @@ impl<E: Engine> ChunkState<E> {
 
     pub fn lens(&self, engine: &E) -> Vec<Vec<usize>> {
         self.parts.iter().map(|p| engine.param_lens(p)).collect()
+    }
+
+    /// What each of `replicas` owns of the chunk when its state is sharded, in replica order.
+    pub fn shards(&self, engine: &E, replicas: u32) -> Shards {
+        let lens = self.lens(engine);
+        let total = lens.iter().flatten().sum();
+        (0..replicas)
+            .map(|r| owned_ranges(&lens, &shard(total, replicas, r)))
+            .collect()
     }
 
     /// Clips, updates and zeroes the gradients of the parameters in slice `slice`, element by

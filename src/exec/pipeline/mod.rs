@@ -36,6 +36,7 @@ mod seat;
 mod state;
 mod step_sync;
 mod tcp_ranks;
+mod tcp_shards;
 pub mod transport;
 mod worker;
 

@@ -1,12 +1,18 @@
 //! A pipeline's state as host tensors, for checkpoints: every part's weights and optimizer
-//! state handed to a writer (the shards of sharded optimizer state gathered), and a
-//! checkpoint's state loaded back into every replica.
+//! state handed to a writer (the shards of sharded optimizer state gathered, from the other
+//! processes too when the run is spread over ranks), and a checkpoint's state loaded back
+//! into every replica.
 
+use std::collections::BTreeMap;
+
+use super::chunk::ChunkState;
 use super::engine::{Engine, HostPart};
+use super::tcp_shards::{Payload, fill_state, owned_state};
 use super::{Pipeline, PipelineError};
 use crate::exec::checkpoint::CheckpointError;
 use crate::exec::model::PartParams;
-use crate::exec::optim::PartOptimState;
+use crate::exec::optim::{OptimizerConfig, PartOptimState};
+use crate::exec::transport::frame::ReplicaGrads;
 
 impl<E: Engine> Pipeline<E> {
     /// Calls `write` with every part and its optimizer state, in model order, as host
@@ -36,6 +42,9 @@ impl<E: Engine> Pipeline<E> {
         let host = &self.devices.host;
         let (stages, replicas) = (self.plan.devices(), self.plan.replicas as usize);
         let layers = self.config.dims.layers;
+        self.send_state_shards()?;
+        // Other processes' shards, by (chunk, replica), as they come.
+        let mut taken: BTreeMap<(u32, u32), ReplicaGrads> = BTreeMap::new();
         let mut own: Vec<(HostPart<'_>, PartOptimState)> = Vec::new();
         // Devices of other processes hold no chunks here.
         for (device, chunk) in (self.chunks.iter().enumerate())
@@ -50,11 +59,11 @@ impl<E: Engine> Pipeline<E> {
             let lent: Vec<&PartParams> = parts.iter().map(|p| &**p).collect();
             let mut states =
                 chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
-            if self.plan.sharded(chunk.index) {
-                // Each replica keeps its shard of the state: gather the others'.
-                self.fill_other_shards(device, chunk.index, &mut states)?;
-            }
             let writes = |p: &HostPart<'_>| p.id.order(layers) % replicas == replica;
+            if self.plan.sharded(chunk.index) && parts.iter().any(writes) {
+                // Each replica keeps its shard of the state: gather the others'.
+                self.fill_other_shards(device, chunk, &mut states, &mut taken)?;
+            }
             own.extend(parts.into_iter().zip(states).filter(|(p, _)| writes(p)));
         }
         own.sort_by_key(|(p, _)| p.id);
@@ -63,23 +72,86 @@ impl<E: Engine> Pipeline<E> {
     }
 
     /// Fills into `states` the shards of `chunk`'s optimizer state that the other replicas
-    /// keep (the chunk is on the run-wide `device`; sharded runs are in one process).
+    /// keep (the chunk is on the run-wide `device`): from their copies here, or as the other
+    /// processes sent them (`taken` keeps those for the next copy here that needs them).
     fn fill_other_shards(
         &self,
         device: u32,
-        chunk: u32,
+        chunk: &ChunkState<E>,
         states: &mut [PartOptimState],
+        taken: &mut BTreeMap<(u32, u32), ReplicaGrads>,
     ) -> Result<(), PipelineError> {
         let stages = self.plan.devices() as u32;
+        let stage = device % stages;
+        let shards = chunk.shards(&self.engine, self.plan.replicas);
         for replica in 0..self.plan.replicas {
-            let at = replica * stages + device % stages;
+            let at = replica * stages + stage;
             if at == device {
                 continue;
             }
             let copy = (self.chunks.get(at as usize))
-                .and_then(|held| held.iter().find(|c| c.index == chunk))
-                .ok_or(PipelineError::NotHere { chunk })?;
-            copy.fill_states(&self.engine, at, states)?;
+                .and_then(|held| held.iter().find(|c| c.index == chunk.index));
+            match (copy, &self.ranks) {
+                (Some(copy), _) => copy.fill_states(&self.engine, at, states)?,
+                (None, Some(ranks)) if self.keeps_moments() => {
+                    let key = (chunk.index, replica);
+                    let values = match taken.get(&key) {
+                        Some(values) => values.clone(),
+                        None => ranks.take_state_shard(self.step, (stage, chunk.index, replica))?,
+                    };
+                    taken.insert(key, values.clone());
+                    fill_state(
+                        states,
+                        &shards[replica as usize],
+                        Payload::new(replica, values),
+                    )?;
+                }
+                (None, Some(_)) => {}
+                (None, None) => return Err(PipelineError::NotHere { chunk: chunk.index }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the optimizer keeps state per parameter (AdamW's moments; SGD keeps none).
+    fn keeps_moments(&self) -> bool {
+        matches!(self.optimizer, OptimizerConfig::AdamW { .. })
+    }
+
+    /// Over ranks: sends this process's replicas' shards of each sharded chunk's optimizer
+    /// state to the processes that write some of the chunk's parts into the checkpoint.
+    fn send_state_shards(&self) -> Result<(), PipelineError> {
+        let Some(ranks) = &self.ranks else {
+            return Ok(());
+        };
+        if !self.keeps_moments() {
+            return Ok(());
+        }
+        let host = &self.devices.host;
+        let stages = self.plan.devices() as u32;
+        let (replicas, layers) = (self.plan.replicas, self.config.dims.layers);
+        let local = ranks.local();
+        for (device, chunk) in (self.chunks.iter().enumerate())
+            .flat_map(|(d, cs)| cs.iter().map(move |c| (d as u32, c)))
+            .filter(|(_, c)| self.plan.sharded(c.index))
+        {
+            let (replica, stage) = (device / stages, device % stages);
+            let parts = (chunk.parts.iter())
+                .map(|p| self.engine.host_part(device, p, host, &self.config))
+                .collect::<Result<Vec<_>, _>>()?;
+            // The devices of the replicas that write some of the chunk's parts, elsewhere.
+            let writers: Vec<u32> = (parts.iter())
+                .map(|p| (p.id.order(layers) as u32 % replicas) * stages + stage)
+                .filter(|d| !local.contains(d))
+                .collect();
+            if writers.is_empty() {
+                continue;
+            }
+            let lent: Vec<&PartParams> = parts.iter().map(|p| &**p).collect();
+            let states = chunk.gather_states(&self.engine, device, &self.optimizer, &lent, host)?;
+            let shards = chunk.shards(&self.engine, replicas);
+            let values = owned_state(&states, &shards[replica as usize])?;
+            ranks.send_state_shard(self.step, (stage, chunk.index, replica), &writers, values)?;
         }
         Ok(())
     }

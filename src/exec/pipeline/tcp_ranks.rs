@@ -7,6 +7,7 @@
 //! A checkpoint is written by every rank, each its own shard, into the staging directory rank
 //! 0 names; rank 0 completes it once every other rank says its shard is written.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -15,13 +16,14 @@ use crate::exec::device::PoolRef;
 use crate::exec::optim::clip::PartSquares;
 use crate::exec::tensor::Tensor;
 use crate::exec::transport::frame::{Frame, ReplicaGrads, WireTensor};
-use crate::exec::transport::{Mesh, MessageKey, RankSpec};
+use crate::exec::transport::{Collective, Mesh, MessageKey, RankSpec};
 
 use super::PipelineError;
 use super::engine::{CpuEngine, Engine, HostMessage};
-use super::reduce_point::ChunkGrads;
+use super::reduce_point::{ChunkGrads, Shards};
 use super::seat::Seat;
 use super::step_sync::{Shares, StepTotals};
+use super::tcp_shards::{Payload, gather_with, owned_values, scatter_with};
 use super::transport::{InProcess, Ranks, Transport};
 
 type Result<T> = std::result::Result<T, PipelineError>;
@@ -53,6 +55,18 @@ impl TcpRanks {
 
     fn rank_of(&self, device: u32) -> u32 {
         self.spec.rank_of(device, self.devices())
+    }
+
+    /// The other ranks that run a replica of `stage`, each with those replicas in order.
+    fn others_of_stage(&self, stage: u32) -> BTreeMap<u32, Vec<u32>> {
+        let mut others: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for replica in 0..self.replicas {
+            let rank = self.rank_of(replica * self.stages + stage);
+            if rank != self.spec.rank {
+                others.entry(rank).or_default().push(replica);
+            }
+        }
+        others
     }
 }
 
@@ -97,6 +111,42 @@ impl Ranks<CpuEngine> for TcpRanks {
         }
         self.mesh
             .wait(|inbox| inbox.checkpoints.remove(&step), &|| false)?
+            .ok_or(PipelineError::Aborted)
+    }
+
+    fn send_state_shard(
+        &self,
+        step: u64,
+        (stage, chunk, replica): (u32, u32, u32),
+        devices: &[u32],
+        values: ReplicaGrads,
+    ) -> Result<()> {
+        let ranks: BTreeSet<u32> = (devices.iter())
+            .map(|&d| self.rank_of(d))
+            .filter(|&r| r != self.spec.rank)
+            .collect();
+        let frame = Frame::Reduce {
+            step,
+            stage,
+            chunk,
+            replica,
+            what: Collective::OptimizerState,
+            grads: values,
+        };
+        for rank in ranks {
+            self.mesh.send(rank, &frame)?;
+        }
+        Ok(())
+    }
+
+    fn take_state_shard(
+        &self,
+        step: u64,
+        (stage, chunk, replica): (u32, u32, u32),
+    ) -> Result<ReplicaGrads> {
+        let key = (step, stage, chunk, replica, Collective::OptimizerState);
+        self.mesh
+            .wait(|inbox| inbox.reductions.remove(&key), &|| false)?
             .ok_or(PipelineError::Aborted)
     }
 
@@ -153,6 +203,58 @@ impl OverTcp<'_> {
             .ok_or(PipelineError::Aborted)
     }
 
+    /// What every replica of (stage, chunk) that runs in another process sent for `what`,
+    /// by replica.
+    fn take_remote(
+        &self,
+        (stage, chunk): (u32, u32),
+        local: &[u32],
+        what: Collective,
+    ) -> Result<BTreeMap<u32, ReplicaGrads>> {
+        let mut remote = BTreeMap::new();
+        for replica in (0..self.ranks.replicas).filter(|r| !local.contains(r)) {
+            let key = (self.step, stage, chunk, replica, what);
+            remote.insert(replica, self.wait(|inbox| inbox.reductions.remove(&key))?);
+        }
+        Ok(remote)
+    }
+
+    /// Sends `seat`'s values of `chunk` for `what` to every other rank running a replica of
+    /// its stage: `values` of those replicas (in order).
+    fn send_to_others(
+        &self,
+        seat: Seat,
+        chunk: u32,
+        what: Collective,
+        values: impl Fn(&[u32]) -> Result<ReplicaGrads>,
+    ) -> Result<()> {
+        for (rank, replicas) in self.ranks.others_of_stage(seat.stage) {
+            let frame = Frame::Reduce {
+                step: self.step,
+                stage: seat.stage,
+                chunk,
+                replica: seat.replica,
+                what,
+                grads: values(&replicas)?,
+            };
+            self.ranks.mesh.send(rank, &frame)?;
+        }
+        Ok(())
+    }
+
+    /// As `take_remote`, each ready to be read.
+    fn payloads(
+        &self,
+        at: (u32, u32),
+        local: &[u32],
+        what: Collective,
+    ) -> Result<BTreeMap<u32, Payload>> {
+        let remote = self.take_remote(at, local, what)?;
+        Ok((remote.into_iter())
+            .map(|(r, values)| (r, Payload::new(r, values)))
+            .collect())
+    }
+
     /// Every replica's copies of each gradient tensor of (stage, chunk): this process's in
     /// `here` (replicas `local`), the others' from the mesh; sums them in replica order into
     /// `here`'s copies.
@@ -162,11 +264,10 @@ impl OverTcp<'_> {
         local: &[u32],
         here: &mut [ChunkGrads<Tensor>],
     ) -> Result<()> {
-        let mut remote: Vec<(u32, ReplicaGrads)> = Vec::new();
-        for replica in (0..self.ranks.replicas).filter(|r| !local.contains(r)) {
-            let key = (self.step, stage, chunk, replica);
-            remote.push((replica, self.wait(|inbox| inbox.reductions.remove(&key))?));
-        }
+        let remote: Vec<(u32, ReplicaGrads)> = self
+            .take_remote((stage, chunk), local, Collective::Sum)?
+            .into_iter()
+            .collect();
         let Some(first) = here.first() else {
             return Ok(());
         };
@@ -265,31 +366,57 @@ impl Transport<CpuEngine> for OverTcp<'_> {
         grads: ChunkGrads<Tensor>,
     ) -> (ChunkGrads<Tensor>, Result<()>) {
         let local = self.local.local_replicas(seat.stage);
-        let others: Vec<u32> = (0..self.ranks.replicas)
-            .filter(|r| !local.contains(r))
-            .map(|r| self.ranks.rank_of(r * self.ranks.stages + seat.stage))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if !others.is_empty() {
-            let frame = Frame::Reduce {
-                step: self.step,
-                stage: seat.stage,
-                chunk,
-                replica: seat.replica,
-                grads: grads
-                    .iter()
-                    .map(|part| part.iter().map(|t| t.data().to_vec()).collect())
-                    .collect(),
-            };
-            for rank in others {
-                if let Err(e) = self.ranks.mesh.send(rank, &frame) {
-                    return (grads, Err(e.into()));
-                }
-            }
+        let whole = |_: &[u32]| {
+            Ok(grads
+                .iter()
+                .map(|p| p.iter().map(|t| t.data().to_vec()).collect())
+                .collect())
+        };
+        if let Err(e) = self.send_to_others(seat, chunk, Collective::Sum, whole) {
+            return (grads, Err(e));
         }
         self.local.reduce_here(seat, chunk, grads, |here| {
             self.sum_with_remote((seat.stage, chunk), &local, here)
+        })
+    }
+
+    fn reduce_scatter(
+        &self,
+        _engine: &CpuEngine,
+        seat: Seat,
+        chunk: u32,
+        grads: ChunkGrads<Tensor>,
+        shards: &Shards,
+    ) -> (ChunkGrads<Tensor>, Result<()>) {
+        // To each other rank, this replica's gradients over what its replicas own.
+        let theirs = |owners: &[u32]| owned_values(&grads, shards, owners);
+        if let Err(e) = self.send_to_others(seat, chunk, Collective::Scatter, theirs) {
+            return (grads, Err(e));
+        }
+        let local = self.local.local_replicas(seat.stage);
+        self.local.scatter_here(seat, chunk, grads, |here| {
+            let mut remote = self.payloads((seat.stage, chunk), &local, Collective::Scatter)?;
+            scatter_with(here, &local, &mut remote, shards)
+        })
+    }
+
+    fn all_gather(
+        &self,
+        _engine: &CpuEngine,
+        seat: Seat,
+        chunk: u32,
+        weights: ChunkGrads<Tensor>,
+        shards: &Shards,
+    ) -> (ChunkGrads<Tensor>, Result<()>) {
+        // To each other rank, what this replica owns of its updated weights.
+        let mine = |_: &[u32]| owned_values(&weights, shards, &[seat.replica]);
+        if let Err(e) = self.send_to_others(seat, chunk, Collective::Gather, mine) {
+            return (weights, Err(e));
+        }
+        let local = self.local.local_replicas(seat.stage);
+        self.local.gather_here(seat, chunk, weights, |here| {
+            let mut remote = self.payloads((seat.stage, chunk), &local, Collective::Gather)?;
+            gather_with(here, &local, &mut remote, shards)
         })
     }
 

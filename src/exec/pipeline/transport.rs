@@ -13,6 +13,7 @@ use crate::exec::checkpoint::sharded::Shard;
 use crate::exec::device::PoolRef;
 use crate::exec::optim::clip::PartSquares;
 use crate::exec::transport::MessageKey;
+use crate::exec::transport::frame::ReplicaGrads;
 
 use super::PipelineError;
 use super::engine::Engine;
@@ -174,6 +175,28 @@ impl<E: Engine> InProcess<E> {
         self.meet_replicas(&self.reduce, seat, chunk, grads, sum)
     }
 
+    /// As `reduce_here`, at the sharded reductions' meeting point (`RS<c>`).
+    pub fn scatter_here(
+        &self,
+        seat: Seat,
+        chunk: u32,
+        grads: ChunkGrads<E::Tensor>,
+        work: impl FnOnce(&mut [ChunkGrads<E::Tensor>]) -> Result<()>,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        self.meet_replicas(&self.scatter, seat, chunk, grads, work)
+    }
+
+    /// As `reduce_here`, at the weight gatherings' meeting point (`AG<c>`).
+    pub fn gather_here(
+        &self,
+        seat: Seat,
+        chunk: u32,
+        weights: ChunkGrads<E::Tensor>,
+        work: impl FnOnce(&mut [ChunkGrads<E::Tensor>]) -> Result<()>,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        self.meet_replicas(&self.gather, seat, chunk, weights, work)
+    }
+
     /// Meets the replicas of this process at `point`; `work` gets their copies in replica
     /// order.
     fn meet_replicas(
@@ -269,7 +292,7 @@ impl<E: Engine> Transport<E> for InProcess<E> {
             return (grads, Err(sharding_unsupported()));
         }
         let device = seat.device(seat.stage);
-        self.meet_replicas(&self.scatter, seat, chunk, grads, |all| {
+        self.scatter_here(seat, chunk, grads, |all| {
             scatter_sums(engine, device, all, shards)
         })
     }
@@ -286,7 +309,7 @@ impl<E: Engine> Transport<E> for InProcess<E> {
             return (weights, Err(sharding_unsupported()));
         }
         let device = seat.device(seat.stage);
-        self.meet_replicas(&self.gather, seat, chunk, weights, |all| {
+        self.gather_here(seat, chunk, weights, |all| {
             gather_shards(engine, device, all, shards)
         })
     }
@@ -323,6 +346,20 @@ pub trait Ranks<E: Engine>: Send + Sync {
     /// The staging directory of the checkpoint after `step`: rank 0 names it (`named`) and
     /// tells every other rank, which wait for that name (`None`).
     fn staging(&self, step: u64, named: Option<&str>) -> Result<String>;
+
+    /// Sends replica `replica`'s shard of the optimizer state of (stage, chunk), `values`, for
+    /// the checkpoint after `step`, to the processes running `devices` (once to each).
+    fn send_state_shard(
+        &self,
+        step: u64,
+        at: (u32, u32, u32),
+        devices: &[u32],
+        values: ReplicaGrads,
+    ) -> Result<()>;
+
+    /// Waits for what `send_state_shard` sent of replica `replica`'s shard of (stage, chunk)
+    /// for the checkpoint after `step`.
+    fn take_state_shard(&self, step: u64, at: (u32, u32, u32)) -> Result<ReplicaGrads>;
 
     /// This rank's shard of the checkpoint after `step` is written: every other rank tells
     /// rank 0, which waits (up to `within`) until every one of them has.

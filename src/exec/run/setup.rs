@@ -348,17 +348,8 @@ impl Run {
             )]));
         };
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
-        if spec.parallelism.shard_optimizer == Some(true) {
-            return Err(RunError::Spec(vec![SpecError::new(
-                "parallelism.shard_optimizer",
-                "a run spread over ranks (--rank) reduces whole gradients between processes; \
-                 sharding the optimizer state over the replicas needs them in one process: set \
-                 shard_optimizer to false or leave it out (each replica then keeps the whole \
-                 state), or run without --rank",
-            )]));
-        }
         let arch = resolve_arch(&spec)?;
-        let answer = plan_job(&as_ranks_run(&spec), &arch, &devices, DeviceKind::Cpu)?;
+        let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cpu)?;
         let engine = CpuEngine {
             backend: CpuBackend::default(),
         };

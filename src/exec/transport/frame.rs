@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::exec::model::PartId;
 
-use super::MessageKey;
+use super::{Collective, MessageKey};
 
 #[cfg(target_endian = "big")]
 compile_error!("frames carry f32 data in host order, which must be little-endian");
@@ -67,12 +67,14 @@ pub enum Frame {
         key: MessageKey,
         tensor: WireTensor,
     },
-    /// One replica's gradients of a chunk (per part, per tensor) for a reduction (`AR<c>`).
+    /// One replica's values of a chunk (per part, per tensor) for a reduction (`AR<c>`,
+    /// `RS<c>`), a gathering (`AG<c>`) or a checkpoint (`what`).
     Reduce {
         step: u64,
         stage: u32,
         chunk: u32,
         replica: u32,
+        what: Collective,
         grads: ReplicaGrads,
     },
     /// A rank's share of the step's meeting point: its parts' squared gradient norms and
@@ -142,12 +144,14 @@ impl Frame {
                 stage,
                 chunk,
                 replica,
+                what,
                 grads,
             } => {
                 w.u64(*step);
                 w.u32(*stage);
                 w.u32(*chunk);
                 w.u32(*replica);
+                w.0.push(*what as u8);
                 w.u64(grads.len() as u64);
                 for part in grads {
                     w.u64(part.len() as u64);
@@ -382,6 +386,15 @@ impl Reader<'_> {
             chunk: self.u32("chunk")?,
         })
     }
+    fn collective(&mut self) -> Result<Collective, FrameError> {
+        Ok(match self.u8("collective")? {
+            k if k == Collective::Sum as u8 => Collective::Sum,
+            k if k == Collective::Scatter as u8 => Collective::Scatter,
+            k if k == Collective::Gather as u8 => Collective::Gather,
+            k if k == Collective::OptimizerState as u8 => Collective::OptimizerState,
+            k => return Err(FrameError::Malformed(format!("collective {k}"))),
+        })
+    }
     fn tensor(&mut self) -> Result<WireTensor, FrameError> {
         let name = self.str("tensor name")?;
         let dims = self.count(8, "tensor shape")?;
@@ -415,6 +428,7 @@ impl Reader<'_> {
             3 => {
                 let (step, stage) = (self.u64("step")?, self.u32("stage")?);
                 let (chunk, replica) = (self.u32("chunk")?, self.u32("replica")?);
+                let what = self.collective()?;
                 let parts = self.count(8, "parts")?;
                 let mut grads = Vec::with_capacity(parts);
                 for _ in 0..parts {
@@ -430,6 +444,7 @@ impl Reader<'_> {
                     stage,
                     chunk,
                     replica,
+                    what,
                     grads,
                 }
             }

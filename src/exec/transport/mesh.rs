@@ -18,7 +18,7 @@ use crate::exec::model::PartId;
 
 use super::frame::{Frame, FrameError, ReplicaGrads, WireTensor};
 use super::handshake::{dial, greet_incoming, mismatch};
-use super::{MessageKey, RankSpec, TransportError};
+use super::{Collective, MessageKey, RankSpec, TransportError};
 
 /// A rank's share of the step's meeting point.
 pub type MeetShare = (Vec<(PartId, f64)>, Vec<(u32, f64)>);
@@ -28,8 +28,8 @@ pub type MeetShare = (Vec<(PartId, f64)>, Vec<(u32, f64)>);
 pub struct Inbox {
     /// By (step, receiving device, message).
     pub tensors: HashMap<(u64, u32, MessageKey), WireTensor>,
-    /// By (step, stage, chunk, replica): per part, per tensor.
-    pub reductions: HashMap<(u64, u32, u32, u32), ReplicaGrads>,
+    /// By (step, stage, chunk, replica, what for): per part, per tensor.
+    pub reductions: HashMap<(u64, u32, u32, u32, Collective), ReplicaGrads>,
     /// By (step, sending rank).
     pub meets: HashMap<(u64, u32), MeetShare>,
     /// By step: the staging directory rank 0 named for the checkpoint after it.
@@ -431,11 +431,12 @@ fn read_link(stream: TcpStream, (peer, addr): (u32, String), silence: Duration, 
                 stage,
                 chunk,
                 replica,
+                what,
                 grads,
             } => {
                 inbox
                     .reductions
-                    .insert((step, stage, chunk, replica), grads);
+                    .insert((step, stage, chunk, replica, what), grads);
             }
             Frame::Meet {
                 step,

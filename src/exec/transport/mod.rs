@@ -30,6 +30,20 @@ pub enum MessageKind {
     Tied = 3,
 }
 
+/// What one replica's values of a chunk (a `Reduce` frame) are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Collective {
+    /// Its whole gradients, summed with the other replicas' (`AR<c>`).
+    Sum = 1,
+    /// Its gradients over the elements the receiving rank's replicas own (`RS<c>`).
+    Scatter = 2,
+    /// Its updated weights over the elements it owns (`AG<c>`).
+    Gather = 3,
+    /// Its shard of the chunk's optimizer state, for a checkpoint written elsewhere.
+    OptimizerState = 4,
+}
+
 /// A message is named by what it is, the micro-batch and the chunk that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MessageKey {

@@ -5,9 +5,8 @@ use std::time::Instant;
 
 use super::{DeviceWorker, StepContext};
 use crate::exec::pipeline::PipelineError;
-use crate::exec::pipeline::chunk::{ChunkState, owned_ranges};
 use crate::exec::pipeline::engine::Engine;
-use crate::exec::pipeline::reduce_point::{ChunkGrads, Shards};
+use crate::exec::pipeline::reduce_point::ChunkGrads;
 use crate::plan::ir::{Action, Group};
 
 impl<E: Engine> DeviceWorker<'_, E> {
@@ -33,7 +32,7 @@ impl<E: Engine> DeviceWorker<'_, E> {
                 group: Group::Grads { chunk },
             });
         }
-        let shards = shard.then(|| every_shard(engine, state, seat.replicas));
+        let shards = shard.then(|| state.shards(engine, seat.replicas));
         let grads: ChunkGrads<E::Tensor> = (state.parts.iter_mut())
             .map(|p| std::mem::take(engine.params_mut(p).1))
             .collect();
@@ -65,7 +64,7 @@ impl<E: Engine> DeviceWorker<'_, E> {
                 group: Group::Weights { chunk },
             });
         }
-        let shards = every_shard(engine, state, seat.replicas);
+        let shards = state.shards(engine, seat.replicas);
         let weights: ChunkGrads<E::Tensor> = (state.parts.iter_mut())
             .map(|p| std::mem::take(engine.params_mut(p).0))
             .collect();
@@ -78,13 +77,4 @@ impl<E: Engine> DeviceWorker<'_, E> {
         self.report.reducing += start.elapsed();
         result
     }
-}
-
-/// What each of `replicas` owns of `state`'s chunk, in replica order.
-fn every_shard<E: Engine>(engine: &E, state: &ChunkState<E>, replicas: u32) -> Shards {
-    let lens = state.lens(engine);
-    let total = lens.iter().flatten().sum();
-    (0..replicas)
-        .map(|r| owned_ranges(&lens, &crate::plan::reduction::shard(total, replicas, r)))
-        .collect()
 }

@@ -1,6 +1,6 @@
 //! Frames round-trip bit for bit; a cut, flipped or malformed frame is an error.
 use super::*;
-use crate::exec::transport::MessageKind;
+use crate::exec::transport::{Collective, MessageKind};
 
 fn tensor_frame() -> Frame {
     Frame::Tensor {
@@ -32,6 +32,7 @@ fn every_kind() -> Vec<Frame> {
             stage: 1,
             chunk: 2,
             replica: 3,
+            what: Collective::Scatter,
             grads: vec![vec![vec![0.5, 1.5], vec![]], vec![vec![3.0]]],
         },
         Frame::Meet {
