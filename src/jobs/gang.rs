@@ -1,7 +1,7 @@
 //! Which queued jobs run across workers, and where: a job needing more devices than any one
 //! live worker has is reserved on the free devices of the workers that run ranks, whole
-//! workers first. A job naming its `devices` takes consecutive ranks (a replica's adjacent
-//! stages) on one worker; one naming none is planned over the free devices and placed by
+//! machines first. A job naming its `devices` takes consecutive ranks (a replica's adjacent
+//! stages) on one machine and worker; one naming none is planned over the free devices and placed by
 //! its traffic (`gang_plan`).
 
 use std::collections::BTreeMap;
@@ -12,12 +12,13 @@ use super::cluster::{GangError, reserve_across_workers, reserve_laid_out};
 use super::gang_plan::{free_in_order, plan_over_cluster};
 use super::planner::Planner;
 use crate::plan::machines::Network;
+use crate::plan::network::{Configured, NetworkFigures};
 use crate::spec::JobSpec;
 use crate::store::{ClusterDeviceRow, RankPlacement, Reservation, Store, StoreError};
 
 /// Places `needed` ranks on the free devices among `devices` (every live worker's, in the
-/// store's order): the workers with the most free devices first (ties by id), each worker's
-/// devices in its own order. `None` when fewer are free.
+/// store's order) in `free_in_order`'s order: whole machines first, on each whole workers
+/// first. `None` when fewer are free.
 pub fn place(devices: &[ClusterDeviceRow], needed: usize) -> Option<Vec<RankPlacement>> {
     let ranks: Vec<RankPlacement> = (free_in_order(devices).into_iter())
         .take(needed)
@@ -42,8 +43,23 @@ pub fn largest_worker(devices: &[ClusterDeviceRow]) -> usize {
 #[derive(Clone)]
 pub struct GangPlanning {
     pub planner: Arc<dyn Planner>,
-    pub network: Network,
+    /// The operator's network figures; those unset are the measured links', else assumed.
+    pub network: Configured,
     pub host_memory_bytes: u64,
+}
+
+impl GangPlanning {
+    /// The cluster's network: the configured figures over the links the store has measured.
+    async fn figures(&self, store: &dyn Store) -> Result<NetworkFigures, StoreError> {
+        let measured = (store.network_links().await?.into_iter()).map(|link| {
+            let network = Network {
+                bytes_per_s: link.bytes_per_s,
+                latency_s: link.latency_s,
+            };
+            (link.machine_a, link.machine_b, network)
+        });
+        Ok(NetworkFigures::new(self.network, measured))
+    }
 }
 
 /// Reserves the first queued job (in queue order) that needs more devices than any one worker
@@ -62,13 +78,18 @@ pub async fn reserve_next(
     if largest == 0 {
         return Ok(None);
     }
+    let mut network = None;
     for (job, needed) in store.queued_jobs_over(largest as i64).await? {
         let reserved = match (planning, unnamed(store, &job).await?) {
             (Some(planning), Some(row)) => {
+                if network.is_none() {
+                    network = Some(planning.figures(store).await?);
+                }
+                let figures = network.clone().unwrap_or_default();
                 let Some(plan) = plan_over_cluster(
                     store,
                     planning.planner.clone(),
-                    planning.network,
+                    &figures,
                     planning.host_memory_bytes,
                     &row,
                     &devices,

@@ -1,8 +1,9 @@
 //! A job that names no `devices`, planned over the cluster when it is reserved across workers:
-//! over every free CPU device of the live workers (whole workers first), the planner picks the
+//! over every free CPU device of the live workers (whole machines first), the planner picks the
 //! degrees (within what the job's `parallelism` allows), then the plan's devices go on the
-//! workers so that the pairs that talk most (pipeline neighbours, or a stage's replicas) share
-//! a worker (`plan::machines`, with the cluster's network). The attempt keeps the layout its
+//! machines (workers' hosts: devices on one machine talk for free) so that the pairs that talk
+//! most (pipeline neighbours, or a stage's replicas) share a machine (`plan::machines`, each
+//! pair of machines costed by its link: `plan::network`). The attempt keeps the layout its
 //! ranks plan on (`GangLayout`), so every rank runs the same plan. A requeued job is planned
 //! again on what is free then: a checkpoint is plan-independent, so it resumes on more or
 //! fewer devices than before.
@@ -17,7 +18,8 @@ use super::resolve::resolve_files;
 use crate::exec::run::{as_ranks_run, resolve_arch};
 use crate::plan::Plan;
 use crate::plan::inventory::Profile;
-use crate::plan::machines::{Network, place, traffic};
+use crate::plan::machines::{place, traffic};
+use crate::plan::network::NetworkFigures;
 use crate::plan::tensors::MicroShape;
 use crate::spec::{DataParallel, JobSpec, Stages};
 use crate::store::{ClusterDeviceRow, JobRow, PlanRow, RankPlacement, Store};
@@ -49,8 +51,10 @@ pub struct ClusterPlan {
     pub ranks: Vec<RankPlacement>,
     pub layout: GangLayout,
     pub outcome: PlanOutcome,
-    /// What a step is predicted to spend on links between workers.
+    /// What a step is predicted to spend on links between machines.
     pub network_s: f64,
+    /// The links between the plan's machines and where their figures came from.
+    pub links: String,
     /// Which devices were kept side by side (`replicas` or `stages`).
     pub order: &'static str,
 }
@@ -74,21 +78,30 @@ impl ClusterPlan {
     pub fn describe(&self) -> String {
         let s = &self.outcome.summary;
         format!(
-            "planned over the cluster on {}: {} stages x {} replicas, {} kept on one worker, \
-             {:.3} s a step on the network",
-            self.layout.devices, s.stages, s.replicas, self.order, self.network_s
+            "planned over the cluster on {}: {} stages x {} replicas, {} kept on one machine, \
+             {:.3} s a step on the network ({})",
+            self.layout.devices, s.stages, s.replicas, self.order, self.network_s, self.links
         )
     }
 }
 
-/// The free devices in placement order: the workers with the most free devices first (ties by
-/// id), each worker's devices in its own order.
+/// The free devices in placement order, one machine's consecutive: the machines (hosts) with
+/// the most free devices first (ties by name), on each the workers with the most free devices
+/// first (ties by id), each worker's devices in its own order.
 pub fn free_in_order(devices: &[ClusterDeviceRow]) -> Vec<&ClusterDeviceRow> {
     let mut free: Vec<&ClusterDeviceRow> = devices.iter().filter(|d| d.job_id.is_none()).collect();
     let count = |worker: &str| free_count(devices, worker);
+    let on_host = |host: &str| {
+        (devices.iter())
+            .filter(|d| d.host == host && d.job_id.is_none())
+            .count()
+    };
     // Stable: each worker's devices keep the store's order.
     free.sort_by(|a, b| {
-        (count(&b.worker_id).cmp(&count(&a.worker_id))).then(a.worker_id.cmp(&b.worker_id))
+        (on_host(&b.host).cmp(&on_host(&a.host)))
+            .then(a.host.cmp(&b.host))
+            .then(count(&b.worker_id).cmp(&count(&a.worker_id)))
+            .then(a.worker_id.cmp(&b.worker_id))
     });
     free
 }
@@ -143,12 +156,13 @@ fn one_process(spec: &JobSpec) -> bool {
 }
 
 /// Plans `job` (which names no `devices`) over the free CPU devices among `devices` (every
-/// live worker's): `None` when it does not fit them now (it waits) or its files no longer
-/// resolve (the claim that runs it reports that).
+/// live worker's), costing the links between machines by `network`: `None` when it does not
+/// fit them now (it waits) or its files no longer resolve (the claim that runs it reports
+/// that).
 pub async fn plan_over_cluster(
     store: &dyn Store,
     planner: Arc<dyn Planner>,
-    network: Network,
+    network: &NetworkFigures,
     host_memory_bytes: u64,
     job: &JobRow,
     devices: &[ClusterDeviceRow],
@@ -165,9 +179,13 @@ pub async fn plan_over_cluster(
         .filter(|d| d.kind == "cpu")
         .collect();
     if one_process(&resolved) {
-        // The worker with the most free devices comes first.
-        let first = slots.first()?.worker_id.clone();
-        slots.retain(|d| d.worker_id == first);
+        // The worker with the most free devices (ties by id).
+        let count = |d: &&ClusterDeviceRow| free_count(devices, &d.worker_id);
+        let largest = (slots.iter())
+            .max_by(|a, b| count(a).cmp(&count(b)).then(b.worker_id.cmp(&a.worker_id)))?
+            .worker_id
+            .clone();
+        slots.retain(|d| d.worker_id == largest);
     }
     let least = slots.iter().map(|d| d.memory_bytes).min()?;
     let mut on_cluster = as_ranks_run(&resolved);
@@ -189,13 +207,13 @@ pub async fn plan_over_cluster(
 }
 
 /// Puts a plan made over `slots` on them: its devices on the first slots, ordered so the
-/// pairs that talk most share a worker.
+/// pairs that talk most share a machine (a host: one machine's slots are consecutive).
 fn place_plan(
     spec: &JobSpec,
     outcome: PlanOutcome,
     slots: &[&ClusterDeviceRow],
     least: i64,
-    network: Network,
+    network: &NetworkFigures,
 ) -> Option<ClusterPlan> {
     let summary = &outcome.summary;
     let used = (summary.devices as usize).min(slots.len());
@@ -207,22 +225,23 @@ fn place_plan(
         seq: spec.training.seq_len,
     };
     let moved = traffic(&plan, Profile::CpuF32, &dims, micro, CPU_ELEMENT_BYTES);
-    let mut workers: Vec<&str> = Vec::new();
+    let mut machines: Vec<String> = Vec::new();
     let slot_machine: Vec<usize> = (slots.iter())
-        .map(|d| match workers.iter().position(|w| *w == d.worker_id) {
+        .map(|d| match machines.iter().position(|m| *m == d.host) {
             Some(i) => i,
             None => {
-                workers.push(&d.worker_id);
-                workers.len() - 1
+                machines.push(d.host.clone());
+                machines.len() - 1
             }
         })
         .collect();
+    let links = network.for_machines(&machines);
     let placed = place(
         summary.stages,
         summary.replicas,
         &moved,
         &slot_machine,
-        &network,
+        &links,
     );
     let ranks = (placed.slot.iter())
         .map(|s| RankPlacement {
@@ -238,6 +257,7 @@ fn place_plan(
             data_parallel: summary.replicas,
         },
         network_s: placed.network_s,
+        links: links.describe(),
         order: placed.order,
         outcome,
     })

@@ -1,6 +1,7 @@
 //! `chronospipe worker` child processes for the suites that kill workers: each on
 //! `cpu:2x64MiB`, logging to its own file, its ranks reachable on 127.0.0.1; a dropped one is
 //! killed, so a failing test leaves no worker behind.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

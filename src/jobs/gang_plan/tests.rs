@@ -27,6 +27,42 @@ fn free_devices_come_whole_workers_first() {
     assert_eq!(order, ["b/cpu:0", "b/cpu:1", "a/cpu:1"]);
 }
 
+/// Two workers on one host are one machine: its slots come together, the fuller machine first,
+/// even when a worker of another machine has more free devices than either of them.
+#[test]
+fn one_machines_free_devices_are_consecutive() {
+    let on = |host: &str, worker: &str, id: &str| ClusterDeviceRow {
+        host: host.into(),
+        ..device(worker, id, "cpu", 64 << 20, None)
+    };
+    let cluster = [
+        on("m1", "a", "cpu:0"),
+        on("m2", "b", "cpu:0"),
+        on("m2", "b", "cpu:1"),
+        on("m2", "b", "cpu:2"),
+        on("m1", "c", "cpu:0"),
+        on("m1", "c", "cpu:1"),
+        on("m1", "d", "cpu:0"),
+        on("m1", "d", "cpu:1"),
+    ];
+    let order: Vec<String> = (free_in_order(&cluster).iter())
+        .map(|d| format!("{}/{}/{}", d.host, d.worker_id, d.device_id))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "m1/c/cpu:0",
+            "m1/c/cpu:1",
+            "m1/d/cpu:0",
+            "m1/d/cpu:1",
+            "m1/a/cpu:0",
+            "m2/b/cpu:0",
+            "m2/b/cpu:1",
+            "m2/b/cpu:2",
+        ]
+    );
+}
+
 fn spec(parallelism: serde_json::Value) -> JobSpec {
     serde_json::from_value(serde_json::json!({
         "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "vocab_size": 256},
