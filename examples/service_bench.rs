@@ -88,6 +88,7 @@ async fn serve(url: &str, dir: &str, addr: &str) {
         poll: Duration::from_millis(500),
         host_memory_bytes: 1 << 30,
         rank_address: None,
+        machine: None,
         network: Default::default(),
     };
     let capabilities = Capabilities {

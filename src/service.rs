@@ -18,7 +18,7 @@ use crate::jobs::host_memory::{available_memory, default_host_memory};
 use crate::jobs::{
     Capabilities, DeviceInfo, Worker, WorkerConfig, default_devices, parse_devices, with_gpu_memory,
 };
-use crate::plan::machines::Network;
+use crate::plan::network::Configured;
 use crate::store::{self, StoreError};
 use crate::telemetry::{self, LogFormat};
 
@@ -61,15 +61,23 @@ pub struct WorkerArgs {
     #[arg(long, env = "CHRONOSPIPE_RANK_ADDRESS")]
     pub rank_address: Option<String>,
 
-    /// Bandwidth between two workers, per second (e.g. `1250MB`: 10 Gb/s Ethernet), with
-    /// which a job naming no `devices` is placed across workers so that the devices that talk
-    /// most share one [default: 1250MB].
+    /// The name of the machine this worker runs on: workers naming one machine share it
+    /// (their devices talk for free in a plan), and the links between machines are measured
+    /// and looked up by these names [default: this machine's host name].
+    #[arg(long, env = "CHRONOSPIPE_MACHINE")]
+    pub machine: Option<String>,
+
+    /// Bandwidth between any two machines, per second (e.g. `1250MB`: 10 Gb/s Ethernet), with
+    /// which a job naming no `devices` is placed across machines so that the devices that talk
+    /// most share one [default: each pair's measured bandwidth, else the median of the
+    /// measured pairs, else 1250MB].
     #[arg(long, env = "CHRONOSPIPE_NETWORK_BANDWIDTH")]
     pub network_bandwidth: Option<String>,
 
-    /// Latency of one message between two workers, in milliseconds.
-    #[arg(long, env = "CHRONOSPIPE_NETWORK_LATENCY_MS", default_value_t = 0.05)]
-    pub network_latency_ms: f64,
+    /// Latency of one message between any two machines, in milliseconds [default: each
+    /// pair's measured latency, else the median of the measured pairs, else 0.05].
+    #[arg(long, env = "CHRONOSPIPE_NETWORK_LATENCY_MS")]
+    pub network_latency_ms: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +128,8 @@ pub enum ServiceError {
     NetworkBandwidth(String),
     #[error("--network-latency-ms {0} is not a latency: give milliseconds, 0 or more")]
     NetworkLatency(f64),
+    #[error("--machine {0:?} is not a machine name: give a non-empty name")]
+    Machine(String),
     #[error(
         "this build has no trainer plugged in, so `chronospipe worker` has nothing to run jobs with"
     )]
@@ -142,8 +152,11 @@ pub struct ServiceOptions {
     /// The host other workers reach this worker's ranks at (`worker --rank-address`); `None`:
     /// this machine's host name.
     pub rank_address: Option<String>,
-    /// The link between workers (`worker --network-bandwidth`, `--network-latency-ms`).
-    pub network: Network,
+    /// The machine the worker runs on (`worker --machine`); `None`: the kernel's host name.
+    pub machine: Option<String>,
+    /// The operator's figures for the links between machines (`worker --network-bandwidth`,
+    /// `--network-latency-ms`); unset ones are measured, else assumed.
+    pub network: Configured,
 }
 
 impl ServiceOptions {
@@ -173,7 +186,8 @@ impl ServiceOptions {
             poll: Duration::from_millis(500),
             host_memory_bytes,
             rank_address: None,
-            network: Network::default(),
+            machine: None,
+            network: Configured::default(),
         })
     }
 
@@ -186,6 +200,7 @@ impl ServiceOptions {
             rank_address: (self.rank_address.clone()).unwrap_or(config.rank_address.clone()),
             // Ranks are picked up on the workers' polls: a few leases, ten seconds at least.
             gang_start: (self.lease * 3).max(Duration::from_secs(10)),
+            machine: (self.machine.clone()).unwrap_or(config.machine.clone()),
             network: self.network,
             ..config
         }
@@ -328,6 +343,7 @@ pub fn worker(args: &WorkerArgs, log_format: Option<LogFormat>) -> Result<(), Se
     }
     options.lease = Duration::from_secs_f64(args.lease_seconds);
     options.rank_address = args.rank_address.clone();
+    options.machine = machine(args)?;
     options.network = network(args)?;
     runtime()?.block_on(run_worker(
         options,
@@ -336,19 +352,28 @@ pub fn worker(args: &WorkerArgs, log_format: Option<LogFormat>) -> Result<(), Se
     ))
 }
 
-/// The link between workers from `worker`'s flags.
-fn network(args: &WorkerArgs) -> Result<Network, ServiceError> {
-    let mut network = Network::default();
+/// The machine `worker --machine` names; `None`: the kernel's host name.
+fn machine(args: &WorkerArgs) -> Result<Option<String>, ServiceError> {
+    match &args.machine {
+        Some(name) if name.trim().is_empty() => Err(ServiceError::Machine(name.clone())),
+        name => Ok(name.as_ref().map(|n| n.trim().to_owned())),
+    }
+}
+
+/// The operator's network figures from `worker`'s flags (those not given stay unset).
+fn network(args: &WorkerArgs) -> Result<Configured, ServiceError> {
+    let mut network = Configured::default();
     if let Some(text) = &args.network_bandwidth {
         let bytes = parse_size(text).filter(|b| *b > 0);
         let bytes = bytes.ok_or_else(|| ServiceError::NetworkBandwidth(text.clone()))?;
-        network.bytes_per_s = bytes as f64;
+        network.bytes_per_s = Some(bytes as f64);
     }
-    let latency = args.network_latency_ms;
-    if !(latency.is_finite() && latency >= 0.0) {
-        return Err(ServiceError::NetworkLatency(latency));
+    if let Some(latency) = args.network_latency_ms {
+        if !(latency.is_finite() && latency >= 0.0) {
+            return Err(ServiceError::NetworkLatency(latency));
+        }
+        network.latency_s = Some(latency / 1e3);
     }
-    network.latency_s = latency / 1e3;
     Ok(network)
 }
 
@@ -385,3 +410,6 @@ pub async fn shutdown_signal() {
     };
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
+
+#[cfg(test)]
+mod tests;

@@ -238,6 +238,7 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
         peers: vec!["127.0.0.1:9".into(), "127.0.0.1:9".into()],
         connect_timeout: std::time::Duration::from_millis(1),
         listener: None,
+        probe: None,
     };
     let (got, message) = spec_error(Run::prepare_rank(spec, "", rank));
     assert_eq!(got, "parallelism.shard_optimizer", "{message}");

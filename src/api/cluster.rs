@@ -1,4 +1,5 @@
-//! `GET /v1/devices` (the cluster's devices by worker and the job on each) and `GET /v1/queue`.
+//! `GET /v1/devices` (the cluster's devices by worker and the job on each, and the measured
+//! links between its machines) and `GET /v1/queue`.
 
 use std::collections::HashMap;
 
@@ -9,7 +10,7 @@ use axum::{Json, Router};
 use super::AppState;
 use super::auth::Tenant;
 use super::problem::{ApiResult, Problem};
-use super::views::{DeviceList, DeviceView, QueueEntry, QueueView};
+use super::views::{DeviceList, DeviceView, LinkView, QueueEntry, QueueView};
 use crate::store::StoreError;
 
 pub fn routes() -> Router<AppState> {
@@ -23,7 +24,8 @@ pub fn routes() -> Router<AppState> {
 /// This service's own devices come first (those it was started with, and its embedded
 /// worker's jobs on them), then every other live worker's, in worker id order.
 ///
-/// `host_memory_bytes`: the host memory this service's jobs may offload to.
+/// `host_memory_bytes`: the host memory this service's jobs may offload to. `links`: the
+/// links between machines as ranks of jobs spanning them measured them.
 #[utoipa::path(get, path = "/v1/devices", tag = "cluster",
     responses(
         (status = 200, body = DeviceList),
@@ -75,11 +77,13 @@ pub async fn devices(
             host: Some(row.host),
         });
     }
+    let links = state.store.network_links().await?;
     Ok(Json(DeviceList {
         object: "list",
         data,
         has_more: false,
         host_memory_bytes: state.host_memory_bytes,
+        links: links.into_iter().map(LinkView::from).collect(),
     }))
 }
 

@@ -78,8 +78,8 @@ pub async fn create(
         ));
     }
     let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
-    let mut planning = resolved.spec.clone();
-    let devices = job_devices(&state, &spec, &mut planning).await?;
+    let planning = resolved.spec.clone();
+    let devices = job_devices(&state, &spec).await?;
     let total_steps = total_steps(&resolved.spec).await?;
     let planner = planner(&state)?;
     let canonical = serde_json::to_string(&spec).map_err(ApiError::internal)?;

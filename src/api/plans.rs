@@ -14,7 +14,6 @@ use super::AppState;
 use super::auth::Tenant;
 use super::extract::Body;
 use super::problem::{ApiError, ApiResult, Problem};
-use crate::exec::run::as_ranks_run;
 use crate::jobs::gang_plan::cluster_for_new_jobs;
 use crate::jobs::{
     DeviceInfo, PlanFailure, PlanOutcome, PlanSummary, Planner, ResolveError, ResolvedSpec,
@@ -62,16 +61,10 @@ pub(super) async fn checked_spec(
 /// The devices a job body is planned on: those it names; else, on a cluster of several
 /// CPU workers, all of theirs (a job too big for one worker is planned again over the free
 /// ones when it is reserved); else the service's own.
-/// Planned over the cluster, `planning` becomes the spec as its ranks run it.
-pub(super) async fn job_devices(
-    state: &AppState,
-    spec: &JobSpec,
-    planning: &mut JobSpec,
-) -> ApiResult<Vec<DeviceInfo>> {
+pub(super) async fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<DeviceInfo>> {
     if spec.devices.is_none()
-        && let Some(text) = cluster_for_new_jobs(&state.store.cluster_devices().await?, spec)
+        && let Some(text) = cluster_for_new_jobs(&state.store.cluster_devices().await?)
     {
-        *planning = as_ranks_run(planning);
         return parse_devices(&text).map_err(ApiError::internal);
     }
     named_devices(state, spec)
@@ -156,8 +149,8 @@ pub async fn create(
     Tenant(tenant): Tenant,
     Body(body): Body,
 ) -> ApiResult<Json<PlanView>> {
-    let (spec, mut resolved) = checked_spec(&state, &tenant, &body).await?;
-    let devices = job_devices(&state, &spec, &mut resolved.spec).await?;
+    let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
+    let devices = job_devices(&state, &spec).await?;
     let planner = planner(&state)?;
     match run_planner(planner, resolved.spec, devices, state.host_memory_bytes).await {
         Ok(outcome) => Ok(Json(PlanView {

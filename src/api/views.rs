@@ -5,7 +5,9 @@ use utoipa::ToSchema;
 
 use crate::jobs::{PlacementEntry, PlanSummary, RunFailure, StepMetrics};
 use crate::spec::JobSpec;
-use crate::store::{CheckpointRow, EventRow, FileRow, JobRow, JobState, MetricRow, StoreError};
+use crate::store::{
+    CheckpointRow, EventRow, FileRow, JobRow, JobState, LinkRow, MetricRow, StoreError,
+};
 
 fn seconds(ms: i64) -> i64 {
     ms / 1000
@@ -245,6 +247,34 @@ pub struct DeviceList {
     /// The host pool a job's offloaded tensors (and its starting weights) live in, in bytes
     /// (`--host-memory`); plans keep within it.
     pub host_memory_bytes: u64,
+    /// The links between the cluster's machines as ranks on them last measured them (pairs
+    /// not measured yet are absent), by machine names.
+    pub links: Vec<LinkView>,
+}
+
+/// The link between two machines as the ranks of a job spanning them measured it, before
+/// its first step; jobs placed across machines are costed by it (unless the workers'
+/// `--network-bandwidth` / `--network-latency-ms` say otherwise).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LinkView {
+    /// The two machines (the workers' `--machine`, by default their host names).
+    pub machines: Vec<String>,
+    pub bytes_per_s: f64,
+    /// One message, one way, in seconds.
+    pub latency_s: f64,
+    /// When it was measured (Unix seconds).
+    pub measured_at: i64,
+}
+
+impl From<LinkRow> for LinkView {
+    fn from(link: LinkRow) -> Self {
+        LinkView {
+            machines: vec![link.machine_a, link.machine_b],
+            bytes_per_s: link.bytes_per_s,
+            latency_s: link.latency_s,
+            measured_at: seconds(link.measured_at),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -19,7 +19,8 @@ use crate::store::{
     WorkerDevice, WorkerRegistration,
 };
 
-/// The machine's name: the kernel's host name, else `$HOSTNAME`, else `unknown`.
+/// This machine's name by default (`worker --machine` names it otherwise): the kernel's host
+/// name, else `$HOSTNAME`, else `unknown`.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -37,9 +38,11 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// `machine`: the name of the machine the worker runs on (its registration's `host`).
     pub fn new(
         store: Arc<dyn Store>,
         worker_id: &str,
+        machine: &str,
         devices: &[DeviceInfo],
         runs_ranks: bool,
         lease: Duration,
@@ -56,7 +59,7 @@ impl Membership {
             store,
             registration: WorkerRegistration {
                 worker_id: worker_id.to_owned(),
-                host: host_name(),
+                host: machine.to_owned(),
                 runs_ranks,
                 devices,
             },

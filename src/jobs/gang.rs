@@ -1,7 +1,7 @@
 //! Which queued jobs run across workers, and where: a job needing more devices than any one
 //! live worker has is reserved on the free devices of the workers that run ranks, whole
-//! workers first. A job naming its `devices` takes consecutive ranks (a replica's adjacent
-//! stages) on one worker; one naming none is planned over the free devices and placed by
+//! machines first. A job naming its `devices` takes consecutive ranks (a replica's adjacent
+//! stages) on one machine and worker; one naming none is planned over the free devices and placed by
 //! its traffic (`gang_plan`).
 
 use std::collections::BTreeMap;
@@ -12,13 +12,14 @@ use super::cluster::{GangError, reserve_across_workers, reserve_laid_out};
 use super::gang_plan::{NotPlanned, free_in_order, plan_over_cluster};
 use super::planner::Planner;
 use crate::plan::machines::Network;
+use crate::plan::network::{Configured, NetworkFigures};
 use crate::spec::JobSpec;
 use crate::store::{ClusterDeviceRow, JobRow, RankPlacement, Reservation, Store, StoreError};
 use unfit::{Asked, UnfitMemo};
 
 /// Places `needed` ranks on the free devices among `devices` (every live worker's, in the
-/// store's order): the workers with the most free devices first (ties by id), each worker's
-/// devices in its own order. `None` when fewer are free.
+/// store's order) in `free_in_order`'s order: whole machines first, on each whole workers
+/// first. `None` when fewer are free.
 pub fn place(devices: &[ClusterDeviceRow], needed: usize) -> Option<Vec<RankPlacement>> {
     let ranks: Vec<RankPlacement> = (free_in_order(devices).into_iter())
         .take(needed)
@@ -44,19 +45,34 @@ pub fn largest_worker(devices: &[ClusterDeviceRow]) -> usize {
 #[derive(Clone)]
 pub struct GangPlanning {
     pub planner: Arc<dyn Planner>,
-    pub network: Network,
+    /// The operator's network figures; those unset are the measured links', else assumed.
+    pub network: Configured,
     pub host_memory_bytes: u64,
     pub unfit: Arc<UnfitMemo>,
 }
 
 impl GangPlanning {
-    pub fn new(planner: Arc<dyn Planner>, network: Network, host_memory_bytes: u64) -> Self {
+    pub fn new(planner: Arc<dyn Planner>, network: Configured, host_memory_bytes: u64) -> Self {
         GangPlanning {
             planner,
             network,
             host_memory_bytes,
             unfit: Arc::new(UnfitMemo::default()),
         }
+    }
+}
+
+impl GangPlanning {
+    /// The cluster's network: the configured figures over the links the store has measured.
+    async fn figures(&self, store: &dyn Store) -> Result<NetworkFigures, StoreError> {
+        let measured = (store.network_links().await?.into_iter()).map(|link| {
+            let network = Network {
+                bytes_per_s: link.bytes_per_s,
+                latency_s: link.latency_s,
+            };
+            (link.machine_a, link.machine_b, network)
+        });
+        Ok(NetworkFigures::new(self.network, measured))
     }
 }
 
@@ -82,10 +98,18 @@ pub async fn reserve_next(
         let ids: Vec<&str> = queued.iter().map(|(job, _)| job.as_str()).collect();
         planning.unfit.keep_only(&ids);
     }
+    // The network's figures, read once a poll when some job is planned.
+    let mut figures: Option<NetworkFigures> = None;
     for (job, needed) in queued {
         let reserved = match (planning, unnamed(store, &job).await?) {
             (Some(planning), Some(row)) => {
-                match reserve_planned(store, planning, &row, &devices, start_timeout).await? {
+                let figures = match &figures {
+                    Some(figures) => figures,
+                    None => figures.insert(planning.figures(store).await?),
+                };
+                let planned =
+                    reserve_planned(store, planning, figures, &row, &devices, start_timeout);
+                match planned.await? {
                     Some(reserved) => reserved,
                     None => continue,
                 }
@@ -112,17 +136,18 @@ pub async fn reserve_next(
 async fn reserve_planned(
     store: &dyn Store,
     planning: &GangPlanning,
+    figures: &NetworkFigures,
     job: &JobRow,
     devices: &[ClusterDeviceRow],
     start_timeout: Duration,
 ) -> Result<Option<Result<Reservation, GangError>>, StoreError> {
-    let (network, host_memory) = (planning.network, planning.host_memory_bytes);
-    let asked = Asked::new(&job.spec, devices, host_memory, network);
+    let host_memory = planning.host_memory_bytes;
+    let asked = Asked::new(&job.spec, devices, host_memory, figures.clone());
     if planning.unfit.knows_unfit(&job.id, &asked) {
         return Ok(None);
     }
     let planner = planning.planner.clone();
-    let plan = match plan_over_cluster(store, planner, network, host_memory, job, devices).await {
+    let plan = match plan_over_cluster(store, planner, figures, host_memory, job, devices).await {
         Ok(plan) => plan,
         Err(NotPlanned::DoesNotFit(_)) => {
             planning.unfit.remember(&job.id, asked);

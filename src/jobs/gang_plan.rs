@@ -1,10 +1,11 @@
 //! A job that names no `devices`, planned over the cluster when it is reserved across workers:
-//! over the free CPU devices of the live workers (whole workers first), every degree pair
-//! (stages x replicas) the job's `parallelism` allows over the first one, two, ... workers is
-//! planned (`degrees`; the planner picks schedule, micro-batches, recompute and offload within
-//! each), each plan's devices go on the workers so that the pairs that talk most (pipeline
-//! neighbours, or a stage's replicas) share a worker (`plan::machines`, with the cluster's
-//! network), and the plan with the least simulated step time plus network time per step runs
+//! over the free CPU devices of the live workers (whole machines first, on each whole workers
+//! first), every degree pair (stages x replicas) the job's `parallelism` allows over the first
+//! one, two, ... workers is planned (`degrees`; the planner picks schedule, micro-batches,
+//! recompute, offload and sharding within each), each plan's devices go on the machines
+//! (workers' hosts: devices on one machine talk for free) so that the pairs that talk most
+//! (pipeline neighbours, or a stage's replicas) share a machine (`plan::machines`, each pair of
+//! machines costed by its link: `plan::network`), and the plan with the least simulated step time plus network time per step runs
 //! (`choice`): a plan a little faster in simulation that sends much over a slow network loses
 //! to one kept on one machine. The attempt keeps the layout its ranks plan on (`GangLayout`),
 //! so every rank runs the same plan. A requeued job is planned again on what is free then: a
@@ -17,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use super::devices::parse_devices;
 use super::planner::{PlanOutcome, Planner};
 use super::resolve::resolve_files;
-use crate::exec::run::{as_ranks_run, resolve_arch};
+use crate::exec::run::resolve_arch;
 use crate::plan::Plan;
 use crate::plan::inventory::Profile;
-use crate::plan::machines::{Network, place, traffic};
+use crate::plan::machines::{place, traffic};
+use crate::plan::network::NetworkFigures;
 use crate::plan::tensors::MicroShape;
 use crate::spec::{DataParallel, JobSpec, Stages};
 use crate::store::{ClusterDeviceRow, JobRow, PlanRow, RankPlacement, Store};
@@ -63,8 +65,10 @@ pub struct ClusterPlan {
     pub ranks: Vec<RankPlacement>,
     pub layout: GangLayout,
     pub outcome: PlanOutcome,
-    /// What a step is predicted to spend on links between workers.
+    /// What a step is predicted to spend on links between machines.
     pub network_s: f64,
+    /// The links between the plan's machines and where their figures came from.
+    pub links: String,
     /// Which devices were kept side by side (`replicas` or `stages`).
     pub order: &'static str,
     /// What it was chosen over.
@@ -90,27 +94,37 @@ impl ClusterPlan {
     pub fn describe(&self) -> String {
         let s = &self.outcome.summary;
         format!(
-            "planned over the cluster on {}: {} stages x {} replicas, {} kept on one worker, \
-             {} a step simulated + {} on the network; {}",
+            "planned over the cluster on {}: {} stages x {} replicas, {} kept on one machine, \
+             {} a step simulated + {} on the network ({}); {}",
             self.layout.devices,
             s.stages,
             s.replicas,
             self.order,
             milliseconds(s.step_time_s),
             milliseconds(self.network_s),
+            self.links,
             self.compared.describe()
         )
     }
 }
 
-/// The free devices in placement order: the workers with the most free devices first (ties by
-/// id), each worker's devices in its own order.
+/// The free devices in placement order, one machine's consecutive: the machines (hosts) with
+/// the most free devices first (ties by name), on each the workers with the most free devices
+/// first (ties by id), each worker's devices in its own order.
 pub fn free_in_order(devices: &[ClusterDeviceRow]) -> Vec<&ClusterDeviceRow> {
     let mut free: Vec<&ClusterDeviceRow> = devices.iter().filter(|d| d.job_id.is_none()).collect();
     let count = |worker: &str| free_count(devices, worker);
+    let on_host = |host: &str| {
+        (devices.iter())
+            .filter(|d| d.host == host && d.job_id.is_none())
+            .count()
+    };
     // Stable: each worker's devices keep the store's order.
     free.sort_by(|a, b| {
-        (count(&b.worker_id).cmp(&count(&a.worker_id))).then(a.worker_id.cmp(&b.worker_id))
+        (on_host(&b.host).cmp(&on_host(&a.host)))
+            .then(a.host.cmp(&b.host))
+            .then(count(&b.worker_id).cmp(&count(&a.worker_id)))
+            .then(a.worker_id.cmp(&b.worker_id))
     });
     free
 }
@@ -132,36 +146,15 @@ pub fn cpu_devices(count: usize, bytes: i64) -> String {
 
 /// The devices a job naming none is planned on when it is created: every live worker's CPU
 /// devices (each taken at the least memory among them), when there are several workers and
-/// they all have CPU devices only; a job that asks for sharded optimizer state (which needs
-/// its replicas in one process) gets the largest worker's alone. `None`: plan on the
-/// service's own devices.
-pub fn cluster_for_new_jobs(devices: &[ClusterDeviceRow], spec: &JobSpec) -> Option<String> {
+/// they all have CPU devices only. `None`: plan on the service's own devices.
+pub fn cluster_for_new_jobs(devices: &[ClusterDeviceRow]) -> Option<String> {
     let first = devices.first()?;
     let several = devices.iter().any(|d| d.worker_id != first.worker_id);
     if !several || devices.iter().any(|d| d.kind != "cpu") {
         return None;
     }
-    let mut devices: Vec<&ClusterDeviceRow> = devices.iter().collect();
-    if one_process(spec) {
-        let count = |w: &str| devices.iter().filter(|d| d.worker_id == w).count();
-        let largest = (devices.iter())
-            .max_by(|a, b| {
-                count(&a.worker_id)
-                    .cmp(&count(&b.worker_id))
-                    .then(b.worker_id.cmp(&a.worker_id))
-            })?
-            .worker_id
-            .clone();
-        devices.retain(|d| d.worker_id == largest);
-    }
     let least = devices.iter().map(|d| d.memory_bytes).min()?;
     Some(cpu_devices(devices.len(), least))
-}
-
-/// Whether `spec` must run in one process: it asks for sharded optimizer state, which ranks
-/// in several processes do not implement (they reduce whole gradients over TCP).
-fn one_process(spec: &JobSpec) -> bool {
-    spec.parallelism.shard_optimizer == Some(true)
 }
 
 /// Why a job naming no `devices` is not planned over the cluster now.
@@ -181,7 +174,7 @@ pub enum NotPlanned {
 pub async fn plan_over_cluster(
     store: &dyn Store,
     planner: Arc<dyn Planner>,
-    network: Network,
+    network: &NetworkFigures,
     host_memory_bytes: u64,
     job: &JobRow,
     devices: &[ClusterDeviceRow],
@@ -201,20 +194,15 @@ pub async fn plan_over_cluster(
 /// `plan_over_cluster` for a body whose files are resolved.
 async fn plan_resolved(
     planner: Arc<dyn Planner>,
-    network: Network,
+    network: &NetworkFigures,
     host_memory_bytes: u64,
     resolved: &JobSpec,
     devices: &[ClusterDeviceRow],
 ) -> Result<ClusterPlan, NotPlanned> {
-    let mut slots: Vec<&ClusterDeviceRow> = (free_in_order(devices).into_iter())
+    let slots: Vec<&ClusterDeviceRow> = (free_in_order(devices).into_iter())
         .filter(|d| d.kind == "cpu")
         .collect();
-    if one_process(resolved) {
-        // The worker with the most free devices comes first.
-        let first = slots.first().map(|d| d.worker_id.clone());
-        slots.retain(|d| Some(&d.worker_id) == first.as_ref());
-    }
-    let on_cluster = as_ranks_run(resolved);
+    let on_cluster = resolved.clone();
     let pairs = degree_pairs(
         &on_cluster.parallelism,
         on_cluster.training.microbatches,
@@ -294,13 +282,13 @@ fn least_memory(slots: &[&ClusterDeviceRow]) -> i64 {
 }
 
 /// Puts a plan made over `slots` on them: its devices on the first slots, ordered so the
-/// pairs that talk most share a worker.
+/// pairs that talk most share a machine (a host: one machine's slots are consecutive).
 fn place_plan(
     spec: &JobSpec,
     outcome: PlanOutcome,
     slots: &[&ClusterDeviceRow],
     least: i64,
-    network: Network,
+    network: &NetworkFigures,
 ) -> Option<ClusterPlan> {
     let summary = &outcome.summary;
     let used = (summary.devices as usize).min(slots.len());
@@ -312,22 +300,23 @@ fn place_plan(
         seq: spec.training.seq_len,
     };
     let moved = traffic(&plan, Profile::CpuF32, &dims, micro, CPU_ELEMENT_BYTES);
-    let mut workers: Vec<&str> = Vec::new();
+    let mut machines: Vec<String> = Vec::new();
     let slot_machine: Vec<usize> = (slots.iter())
-        .map(|d| match workers.iter().position(|w| *w == d.worker_id) {
+        .map(|d| match machines.iter().position(|m| *m == d.host) {
             Some(i) => i,
             None => {
-                workers.push(&d.worker_id);
-                workers.len() - 1
+                machines.push(d.host.clone());
+                machines.len() - 1
             }
         })
         .collect();
+    let links = network.for_machines(&machines);
     let placed = place(
         summary.stages,
         summary.replicas,
         &moved,
         &slot_machine,
-        &network,
+        &links,
     );
     let ranks = (placed.slot.iter())
         .map(|s| RankPlacement {
@@ -343,6 +332,7 @@ fn place_plan(
             data_parallel: summary.replicas,
         },
         network_s: placed.network_s,
+        links: links.describe(),
         order: placed.order,
         outcome,
         compared: Compared::default(),

@@ -15,6 +15,9 @@ use crate::store::{Backoff, ClusterError, Reservation, Store, StoreError};
 pub const NCCL_UNIQUE_ID: &str = "nccl_unique_id";
 /// A rank's `host:port` for tensors over TCP between CPU devices of different processes.
 pub const TCP_ADDRESS: &str = "tcp_address";
+/// The machine a rank runs on (its worker's `--machine`): ranks on different machines measure
+/// the link between them.
+pub const MACHINE: &str = "machine";
 
 /// How often a waiting rank reads the rows again.
 const POLL: Duration = Duration::from_millis(50);

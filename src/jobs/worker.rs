@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+mod links;
 mod rank;
 
 use super::cluster::Membership;
@@ -23,7 +24,7 @@ use super::resolve::{ResolveError, resolve_files};
 use super::resume::complete_checkpoint;
 use super::runner::{JobRunner, RunControl, RunEnd, RunFailure, RunRequest, StopRequest};
 use super::sink::{JobLease, RECORD_QUEUE, Unrecorded, store_sink};
-use crate::plan::machines::Network;
+use crate::plan::network::Configured;
 use crate::spec::{JobSpec, StoragePolicy};
 use crate::store::{
     Backoff, Claim, JobRow, JobState, Lease, Store, StoreError, TransitionChange, new_id,
@@ -66,8 +67,13 @@ pub struct WorkerConfig {
     /// How long the ranks of a job reserved across workers have to all start, and then to
     /// meet, before the reservation is released and the job queued again.
     pub gang_start: Duration,
-    /// The link between workers, for placing jobs planned over the cluster.
-    pub network: Network,
+    /// The machine this worker runs on (`--machine`, default the kernel's host name):
+    /// workers naming one machine are planned as sharing it (their devices talk for free),
+    /// and links between machines are measured and looked up by these names.
+    pub machine: String,
+    /// The operator's figures for the links between machines, for placing jobs planned over
+    /// the cluster; unset figures are the measured links', else assumed.
+    pub network: Configured,
 }
 
 impl WorkerConfig {
@@ -83,7 +89,8 @@ impl WorkerConfig {
             host_memory_bytes: u64::MAX,
             rank_address: super::cluster::host_name(),
             gang_start: GANG_START,
-            network: Network::default(),
+            machine: super::cluster::host_name(),
+            network: Configured::default(),
         }
     }
 }
@@ -263,6 +270,7 @@ impl Worker {
         Membership::new(
             self.store.clone(),
             self.id(),
+            &self.config.machine,
             &self.config.devices,
             self.runner.runs_ranks(),
             self.config.lease,

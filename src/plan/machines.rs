@@ -1,8 +1,9 @@
 //! A plan's devices on several machines: what one step moves between each pair of run-wide
 //! devices (activations and gradients between pipeline neighbours, each chunk's gradient
 //! reduction and weight gathering around its replicas' ring), what that costs where a pair
-//! sits on two machines (the network's bandwidth and latency), and the placement that keeps
-//! the pairs that talk most on one machine. Devices on one machine are taken to talk for free.
+//! sits on two machines (the bandwidth and latency of the link between those two, which may
+//! differ from pair to pair: `Links`), and the placement that keeps the pairs that talk most
+//! on one machine. Devices on one machine are taken to talk for free.
 
 use std::collections::BTreeMap;
 
@@ -28,6 +29,19 @@ impl Default for Network {
     }
 }
 
+/// The link between each pair of a placement's machines (by their index in the placement).
+pub trait Links {
+    /// The network between machines `a` and `b` (`a != b`).
+    fn between(&self, a: usize, b: usize) -> Network;
+}
+
+/// One network between every pair of machines.
+impl Links for Network {
+    fn between(&self, _: usize, _: usize) -> Network {
+        *self
+    }
+}
+
 /// What one step moves from one run-wide device to another: bytes and messages.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Traffic {
@@ -42,11 +56,14 @@ impl Traffic {
     }
 
     /// Seconds a step spends on the links between machines, `machine[d]` being run-wide
-    /// device `d`'s (no overlap with compute assumed: an upper bound).
-    pub fn network_s(&self, machine: &[usize], network: &Network) -> f64 {
+    /// device `d`'s, each pair of machines paying its own link's figures (no overlap with
+    /// compute assumed: an upper bound).
+    pub fn network_s(&self, machine: &[usize], links: &dyn Links) -> f64 {
         (self.links.iter())
-            .filter(|((a, b), _)| machine[*a as usize] != machine[*b as usize])
-            .map(|(_, (bytes, messages))| {
+            .map(|((a, b), link)| (machine[*a as usize], machine[*b as usize], link))
+            .filter(|(a, b, _)| a != b)
+            .map(|(a, b, (bytes, messages))| {
+                let network = links.between(a, b);
                 bytes / network.bytes_per_s.max(1.0) + *messages as f64 * network.latency_s
             })
             .sum()
@@ -141,7 +158,7 @@ pub fn place(
     replicas: u32,
     traffic: &Traffic,
     slot_machine: &[usize],
-    network: &Network,
+    links: &dyn Links,
 ) -> Placement {
     let devices = (stages * replicas) as usize;
     let by_replica: Vec<usize> = (0..devices).collect();
@@ -153,7 +170,7 @@ pub fn place(
     }
     let cost = |slot: &[usize]| {
         let machine: Vec<usize> = slot.iter().map(|s| slot_machine[*s]).collect();
-        traffic.network_s(&machine, network)
+        traffic.network_s(&machine, links)
     };
     let (a, b) = (cost(&by_replica), cost(&by_stage));
     if b < a {

@@ -24,7 +24,8 @@
 //! One concept per module: `tensors` (the inventories' vocabulary), `cost` (parameters, FLOPs,
 //! shape checks), `inventory` and `megatron` (tensors per part and profile), `memory`, `ir`,
 //! `residence` (where groups start a step), `hardware` (devices, links, transfer times),
-//! `machines` (a plan's traffic between devices, placed on several machines),
+//! `machines` (a plan's traffic between devices, placed on several machines), `network`
+//! (each pair of machines' link: configured, measured or assumed),
 //! `schedule`, `reduction`, `tying`, `validate`, `simulate`, `policy`, `search`, `capacity`, `presets`,
 //! `render`, `error`.
 
@@ -37,6 +38,7 @@ pub mod ir;
 pub mod machines;
 pub mod megatron;
 pub mod memory;
+pub mod network;
 pub mod policy;
 pub mod presets;
 pub mod reduction;

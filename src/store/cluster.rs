@@ -1,8 +1,8 @@
 //! The cluster in the store: which workers are live and what devices they have, which job holds
 //! each device, gang reservations of jobs that span workers (every device of every rank in one
-//! transaction, or none), each rank's lease, and the rendezvous rows ranks meet through. Every
-//! row of a reservation carries its attempt, so a restarted job never meets a rank of an
-//! earlier attempt. `ClusterStore` is implemented once for both databases (`cluster_sql.rs`,
+//! transaction, or none), each rank's lease, the rendezvous rows ranks meet through, and the
+//! links between machines as ranks measured them. Every row of a reservation carries its
+//! attempt, so a restarted job never meets a rank of an earlier attempt. `ClusterStore` is implemented once for both databases (`cluster_sql.rs`,
 //! `gang_sql.rs`).
 
 use async_trait::async_trait;
@@ -42,6 +42,19 @@ pub struct ClusterDeviceRow {
     /// The holder's reservation attempt and rank when it is held for a job spanning workers.
     pub attempt: Option<i64>,
     pub rank: Option<i64>,
+}
+
+/// The link between two machines as ranks on them last measured it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct LinkRow {
+    /// The pair's machine names, the lesser first.
+    pub machine_a: String,
+    pub machine_b: String,
+    pub bytes_per_s: f64,
+    /// One way, one message.
+    pub latency_s: f64,
+    /// Milliseconds since the Unix epoch.
+    pub measured_at: i64,
 }
 
 /// Where one rank of a job spanning workers runs.
@@ -130,6 +143,11 @@ pub enum ClusterError {
     },
     #[error("attempt {attempt} of job {job} is over (released or never reserved)")]
     AttemptOver { job: String, attempt: i64 },
+    #[error(
+        "not a measured link between machines {a:?} and {b:?}: {why} (two different machines, \
+         a bandwidth and a latency above 0)"
+    )]
+    BadLink { a: String, b: String, why: String },
     #[error("rank {rank} of attempt {attempt} of job {job} is not held by worker {worker}")]
     RankLost {
         job: String,
@@ -222,6 +240,19 @@ pub trait ClusterStore: Send + Sync {
         key: &str,
         value: &[u8],
     ) -> StoreResult<()>;
+    /// Records what ranks measured between machines `a` and `b` (named in either order),
+    /// replacing the pair's earlier figures; `BadLink` for one machine or a figure that is
+    /// not above 0.
+    async fn record_link(
+        &self,
+        a: &str,
+        b: &str,
+        bytes_per_s: f64,
+        latency_s: f64,
+    ) -> StoreResult<()>;
+    /// Every measured link, by machine names.
+    async fn network_links(&self) -> StoreResult<Vec<LinkRow>>;
+
     /// `(rank, value)` of every rank that said `key` in this attempt, in rank order;
     /// `AttemptOver` once the attempt is released.
     async fn read_rendezvous(

@@ -1,6 +1,7 @@
 //! The cluster's SQL shared by both databases: workers and their devices, which job holds each
 //! device (`hold_in` when a job is claimed, `release_in` when it leaves its workers), and the
-//! `ClusterStore` implementation, whose gang and rendezvous queries are in `gang_sql.rs`.
+//! measured links between machines, and the `ClusterStore` implementation, whose gang and
+//! rendezvous queries are in `gang_sql.rs`.
 
 /// A worker dead this long (and holding nothing) is forgotten when another registers.
 pub(super) const FORGET_WORKERS_AFTER_MS: i64 = 24 * 3600 * 1000;
@@ -198,6 +199,51 @@ macro_rules! cluster_sql {
                 Ok(())
             }
 
+            async fn record_link_query(
+                &self,
+                a: &str,
+                b: &str,
+                bytes_per_s: f64,
+                latency_s: f64,
+            ) -> StoreResult<()> {
+                let bad = |why: &str| ClusterError::BadLink {
+                    a: a.to_owned(),
+                    b: b.to_owned(),
+                    why: why.to_owned(),
+                };
+                if a == b {
+                    return Err(bad("one machine").into());
+                }
+                let positive = |v: f64| v.is_finite() && v > 0.0;
+                if !(positive(bytes_per_s) && positive(latency_s)) {
+                    return Err(bad(&format!("{bytes_per_s} bytes/s, {latency_s} s")).into());
+                }
+                let (a, b) = if a < b { (a, b) } else { (b, a) };
+                sqlx::query(
+                    "INSERT INTO network_links (machine_a, machine_b, bytes_per_s, latency_s, measured_at) \
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (machine_a, machine_b) DO UPDATE \
+                     SET bytes_per_s = excluded.bytes_per_s, latency_s = excluded.latency_s, \
+                     measured_at = excluded.measured_at",
+                )
+                .bind(a)
+                .bind(b)
+                .bind(bytes_per_s)
+                .bind(latency_s)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn network_links_query(&self) -> StoreResult<Vec<LinkRow>> {
+                Ok(sqlx::query_as::<_, LinkRow>(
+                    "SELECT machine_a, machine_b, bytes_per_s, latency_s, measured_at \
+                     FROM network_links ORDER BY machine_a, machine_b",
+                )
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
             async fn cluster_devices_query(&self) -> StoreResult<Vec<ClusterDeviceRow>> {
                 Ok(sqlx::query_as::<_, ClusterDeviceRow>(concat!(
                     "SELECT d.worker_id, w.host, d.device_id, d.kind, d.memory_bytes, d.job_id, \
@@ -306,6 +352,20 @@ macro_rules! cluster_sql {
                 key: &str,
             ) -> StoreResult<Vec<(i64, Vec<u8>)>> {
                 self.read_rendezvous_query(job_id, attempt, key).await
+            }
+
+            async fn record_link(
+                &self,
+                a: &str,
+                b: &str,
+                bytes_per_s: f64,
+                latency_s: f64,
+            ) -> StoreResult<()> {
+                self.record_link_query(a, b, bytes_per_s, latency_s).await
+            }
+
+            async fn network_links(&self) -> StoreResult<Vec<LinkRow>> {
+                self.network_links_query().await
             }
         }
     };

@@ -25,8 +25,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 pub use cluster::{
-    ClusterDeviceRow, ClusterError, ClusterStore, GangOutcome, GangRefusal, RankPlacement, RankRow,
-    Reservation, WorkerDevice, WorkerRegistration,
+    ClusterDeviceRow, ClusterError, ClusterStore, GangOutcome, GangRefusal, LinkRow, RankPlacement,
+    RankRow, Reservation, WorkerDevice, WorkerRegistration,
 };
 pub use ids::{new_id, now_ms};
 pub use lease::Lease;

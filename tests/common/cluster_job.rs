@@ -1,5 +1,6 @@
 //! A job across worker processes, seen through the API: waiting for its end, its sharded
 //! checkpoint's tensors; and the same job trained in one process.
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

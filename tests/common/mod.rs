@@ -144,6 +144,7 @@ pub fn test_options(database_url: &str, data_dir: &Path) -> ServiceOptions {
         poll: Duration::from_millis(50),
         host_memory_bytes: 1 << 30,
         rank_address: None,
+        machine: None,
         network: Default::default(),
     }
 }

@@ -19,9 +19,7 @@ pub use device_kind::DeviceKind;
 pub use drive::drive;
 pub use error::RunError;
 pub use evaluate::{Evaluation, ValidationSet};
-pub use setup::{
-    as_ranks_run, count_steps, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch,
-};
+pub use setup::{count_steps, gpu_budget, gpu_precision, plan_job, plan_on_gpu, resolve_arch};
 use training_pipeline::TrainingPipeline;
 
 use crate::data::Batcher;

@@ -31,16 +31,6 @@ use super::host_budget::search_within_host;
 use super::replicas;
 use super::{DeviceKind, Run, RunError, ValidationSet};
 
-/// `spec` as ranks in several processes run it: they sum whole gradients between processes,
-/// so where the spec leaves sharding to the default their replicas keep the whole optimizer
-/// state (a spec asking for sharding is refused by such a run). A plan made for them, here or
-/// over a cluster, is made from this.
-pub fn as_ranks_run(spec: &JobSpec) -> JobSpec {
-    let mut spec = spec.clone();
-    spec.parallelism.shard_optimizer.get_or_insert(false);
-    spec
-}
-
 /// The model's architecture: the spec's fields, or the pretrained model's `config.json`
 /// (with which any field the spec gives must agree).
 pub fn resolve_arch(spec: &JobSpec) -> Result<ModelArch, RunError> {

@@ -95,10 +95,13 @@ pub enum Frame {
     Bye,
     /// Nothing to say, but alive: sent on a quiet link so a silent one means trouble.
     Beat,
+    /// Measuring the link before the first step (`probe`): bytes that mean nothing.
+    Probe { payload: Vec<u8> },
 }
 
 impl Frame {
-    fn kind(&self) -> u8 {
+    /// The kind byte that starts the frame on the wire.
+    pub fn kind(&self) -> u8 {
         match self {
             Frame::Hello { .. } => 1,
             Frame::Tensor { .. } => 2,
@@ -109,6 +112,7 @@ impl Frame {
             Frame::Bye => 7,
             Frame::Beat => 8,
             Frame::Written { .. } => 9,
+            Frame::Probe { .. } => 10,
         }
     }
 
@@ -181,6 +185,10 @@ impl Frame {
             }
             Frame::Written { step } => w.u64(*step),
             Frame::Abort { reason } => w.str(reason),
+            Frame::Probe { payload } => {
+                w.u64(payload.len() as u64);
+                w.0.extend_from_slice(payload);
+            }
             Frame::Bye | Frame::Beat => {}
         }
         let payload = (w.0.len() - HEADER) as u64;
@@ -195,6 +203,7 @@ impl Frame {
         match self {
             Frame::Tensor { tensor, .. } => f(&tensor.data),
             Frame::Reduce { grads, .. } => grads.iter().flatten().map(f).sum(),
+            Frame::Probe { payload } => payload.len(),
             _ => 0,
         }
     }
@@ -476,6 +485,12 @@ impl Reader<'_> {
             9 => Frame::Written {
                 step: self.u64("step")?,
             },
+            10 => {
+                let n = self.count(1, "probe")?;
+                Frame::Probe {
+                    payload: self.take(n, "probe")?.to_vec(),
+                }
+            }
             k => return Err(FrameError::Malformed(format!("unknown frame kind {k}"))),
         })
     }

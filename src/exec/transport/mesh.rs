@@ -1,7 +1,8 @@
 //! A full mesh of TCP links between a run's ranks. Rank `R` listens on its own address, dials
 //! every lower rank (retrying until the deadline) and accepts every higher one; both sides
 //! greet with their rank and the run's fingerprint, so a process of another run or plan is
-//! refused before any tensor moves. One reader thread per link files what arrives by step
+//! refused before any tensor moves. When the spec names the ranks' machines, the links between
+//! machines are measured then, before anything else crosses (`probe`). One reader thread per link files what arrives by step
 //! (a fast rank may already send the next step's tensors); a link that breaks without a
 //! goodbye, a peer that reports its own failure, or a link silent for longer than the
 //! silence allowed (every link carries a heartbeat each second) fails every wait at once.
@@ -139,6 +140,9 @@ impl Mesh {
                 }
                 Err(e) => return Err(listen_error(e.to_string())),
             }
+        }
+        if let Some(probe) = &spec.probe {
+            super::probe::run(me, &spec.peers, probe, &streams, deadline)?;
         }
         let shared = Arc::new(Shared {
             inbox: Mutex::new(Inbox {
@@ -467,6 +471,15 @@ fn read_link(stream: TcpStream, (peer, addr): (u32, String), silence: Duration, 
                     peer,
                     addr: addr.clone(),
                     reason: "it greeted again in the middle of the run".into(),
+                });
+            }
+            Frame::Probe { .. } => {
+                inbox.failure.get_or_insert(TransportError::PeerLost {
+                    peer,
+                    addr: addr.clone(),
+                    reason: "it measures the link, which this rank does not (the ranks were \
+                             told different machines)"
+                        .into(),
                 });
             }
         }

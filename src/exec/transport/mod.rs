@@ -3,18 +3,21 @@
 //! Frames are length-prefixed and checksummed (`frame`); a full mesh of links carries
 //! activations, gradients, replica reductions, the step's meeting point and checkpoint state
 //! (`mesh`), in the same fixed orders as in one process, so a run spread over ranks gives the
-//! same bits as the same plan in one process. The pipeline's `Transport` trait
+//! same bits as the same plan in one process. Ranks on different machines measure the link
+//! between them as the mesh connects, before the first step (`probe`). The pipeline's `Transport` trait
 //! (`exec::pipeline::transport`) is what the runtime sees; this module knows nothing of
 //! engines or plans.
 
 pub mod frame;
 mod handshake;
 pub mod mesh;
+pub mod probe;
 pub mod ranks;
 
 use thiserror::Error;
 
 pub use mesh::Mesh;
+pub use probe::{LinkProbe, MeasuredLink};
 pub use ranks::RankSpec;
 
 /// What a point-to-point message carries.

@@ -7,6 +7,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use super::TransportError;
+use super::probe::LinkProbe;
 
 /// This process's rank and every rank's address (`host:port`), in rank order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,9 @@ pub struct RankSpec {
     /// This rank's socket, bound before its address was published (a port the OS chose, as
     /// a worker's rank does); without it the rank binds its own address from `peers`.
     pub listener: Option<Bound>,
+    /// Where each rank runs, when the links between machines are to be measured as the mesh
+    /// connects (`probe`); `None` measures nothing.
+    pub probe: Option<LinkProbe>,
 }
 
 /// A listening socket bound ahead of the mesh; two are equal when bound to one address.
@@ -65,6 +69,7 @@ impl RankSpec {
             peers,
             connect_timeout,
             listener: None,
+            probe: None,
         })
     }
 

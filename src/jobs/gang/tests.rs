@@ -159,7 +159,7 @@ mod planning_once {
 
         let counting = Arc::new(CountingPlanner::default());
         let planner: Arc<dyn Planner> = counting.clone();
-        let planning = GangPlanning::new(planner, Network::default(), u64::MAX);
+        let planning = GangPlanning::new(planner, Configured::default(), u64::MAX);
         let calls = || counting.calls.load(Ordering::SeqCst);
         let timeout = Duration::from_secs(60);
         let poll = || reserve_next(&store, Some(&planning), timeout);

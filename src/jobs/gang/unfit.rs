@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::plan::machines::Network;
+use crate::plan::network::NetworkFigures;
 use crate::store::ClusterDeviceRow;
 
 /// Jobs remembered at most (a longer queue plans the rest on every poll, as before).
@@ -30,7 +30,7 @@ pub struct Asked {
     spec: String,
     free: Vec<FreeDevice>,
     host_memory_bytes: u64,
-    network: Network,
+    network: NetworkFigures,
 }
 
 impl Asked {
@@ -39,7 +39,7 @@ impl Asked {
         spec: &str,
         devices: &[ClusterDeviceRow],
         host_memory_bytes: u64,
-        network: Network,
+        network: NetworkFigures,
     ) -> Asked {
         let free = (devices.iter())
             .filter(|d| d.job_id.is_none())
@@ -103,6 +103,7 @@ impl UnfitMemo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::network::Configured;
 
     fn device(worker: &str, id: &str, memory: i64, job: Option<&str>) -> ClusterDeviceRow {
         ClusterDeviceRow {
@@ -124,8 +125,9 @@ mod tests {
             device("a", "cpu:0", 64, Some("other")),
             device("a", "cpu:1", 64, None),
         ];
-        let asked =
-            |cluster: &[ClusterDeviceRow]| Asked::new("{}", cluster, 1 << 30, Network::default());
+        let asked = |cluster: &[ClusterDeviceRow]| {
+            Asked::new("{}", cluster, 1 << 30, NetworkFigures::default())
+        };
         memo.remember("job", asked(&cluster));
         assert!(memo.knows_unfit("job", &asked(&cluster)));
         assert!(!memo.knows_unfit("another", &asked(&cluster)));
@@ -145,21 +147,21 @@ mod tests {
             device("a", "cpu:1", 128, None),
         ];
         assert!(!memo.knows_unfit("job", &asked(&more_memory)));
-        let other_body = Asked::new("{\"x\":1}", &cluster, 1 << 30, Network::default());
+        let other_body = Asked::new("{\"x\":1}", &cluster, 1 << 30, NetworkFigures::default());
         assert!(!memo.knows_unfit("job", &other_body));
-        let other_host = Asked::new("{}", &cluster, 1 << 31, Network::default());
+        let other_host = Asked::new("{}", &cluster, 1 << 31, NetworkFigures::default());
         assert!(!memo.knows_unfit("job", &other_host));
-        let slow = Network {
-            bytes_per_s: 1.0,
-            latency_s: 1.0,
-        };
+        let slow = NetworkFigures::configured(Configured {
+            bytes_per_s: Some(1.0),
+            latency_s: Some(1.0),
+        });
         assert!(!memo.knows_unfit("job", &Asked::new("{}", &cluster, 1 << 30, slow)));
     }
 
     #[test]
     fn only_queued_jobs_are_kept_and_at_most_so_many() {
         let memo = UnfitMemo::default();
-        let asked = Asked::new("{}", &[], 0, Network::default());
+        let asked = Asked::new("{}", &[], 0, NetworkFigures::default());
         for i in 0..MOST_REMEMBERED + 5 {
             memo.remember(&format!("job-{i}"), asked.clone());
         }

@@ -1,4 +1,6 @@
 use super::*;
+use crate::plan::machines::Network;
+use crate::plan::network::Configured;
 
 fn device(worker: &str, id: &str, kind: &str, memory: i64, job: Option<&str>) -> ClusterDeviceRow {
     ClusterDeviceRow {
@@ -27,6 +29,42 @@ fn free_devices_come_whole_workers_first() {
     assert_eq!(order, ["b/cpu:0", "b/cpu:1", "a/cpu:1"]);
 }
 
+/// Two workers on one host are one machine: its slots come together, the fuller machine first,
+/// even when a worker of another machine has more free devices than either of them.
+#[test]
+fn one_machines_free_devices_are_consecutive() {
+    let on = |host: &str, worker: &str, id: &str| ClusterDeviceRow {
+        host: host.into(),
+        ..device(worker, id, "cpu", 64 << 20, None)
+    };
+    let cluster = [
+        on("m1", "a", "cpu:0"),
+        on("m2", "b", "cpu:0"),
+        on("m2", "b", "cpu:1"),
+        on("m2", "b", "cpu:2"),
+        on("m1", "c", "cpu:0"),
+        on("m1", "c", "cpu:1"),
+        on("m1", "d", "cpu:0"),
+        on("m1", "d", "cpu:1"),
+    ];
+    let order: Vec<String> = (free_in_order(&cluster).iter())
+        .map(|d| format!("{}/{}/{}", d.host, d.worker_id, d.device_id))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "m1/c/cpu:0",
+            "m1/c/cpu:1",
+            "m1/d/cpu:0",
+            "m1/d/cpu:1",
+            "m1/a/cpu:0",
+            "m2/b/cpu:0",
+            "m2/b/cpu:1",
+            "m2/b/cpu:2",
+        ]
+    );
+}
+
 fn spec(parallelism: serde_json::Value) -> JobSpec {
     serde_json::from_value(serde_json::json!({
         "model": {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "intermediate_size": 48, "vocab_size": 256},
@@ -39,13 +77,12 @@ fn spec(parallelism: serde_json::Value) -> JobSpec {
 
 #[test]
 fn new_jobs_are_planned_over_several_cpu_workers_at_the_least_memory() {
-    let spec = spec(serde_json::json!({"stages": "auto", "data_parallel": "auto"}));
     let one = [
         device("a", "cpu:0", "cpu", 64 << 20, None),
         device("a", "cpu:1", "cpu", 64 << 20, None),
     ];
     assert_eq!(
-        cluster_for_new_jobs(&one, &spec),
+        cluster_for_new_jobs(&one),
         None,
         "one worker: its own devices"
     );
@@ -54,53 +91,17 @@ fn new_jobs_are_planned_over_several_cpu_workers_at_the_least_memory() {
         device("b", "cpu:0", "cpu", 32 << 20, Some("held")),
         device("b", "cpu:1", "cpu", 100, None),
     ];
+    assert_eq!(cluster_for_new_jobs(&two).as_deref(), Some("cpu:3x100"));
     assert_eq!(
-        cluster_for_new_jobs(&two, &spec).as_deref(),
-        Some("cpu:3x100")
-    );
-    assert_eq!(
-        cluster_for_new_jobs(&two[..2], &spec).as_deref(),
+        cluster_for_new_jobs(&two[..2]).as_deref(),
         Some("cpu:2x32MiB")
     );
     let gpu = [
         device("a", "cpu:0", "cpu", 64 << 20, None),
         device("b", "cuda:0", "cuda", 1 << 30, None),
     ];
-    assert_eq!(
-        cluster_for_new_jobs(&gpu, &spec),
-        None,
-        "GPUs do not span workers"
-    );
+    assert_eq!(cluster_for_new_jobs(&gpu), None, "GPUs do not span workers");
     assert!(parse_devices("cpu:3x100").is_ok());
-}
-
-/// Sharded optimizer state needs the replicas in one process: such a job is planned on the
-/// largest worker alone, and a plan over several workers keeps the whole state its ranks run.
-#[test]
-fn sharded_jobs_stay_on_one_worker_and_ranks_keep_whole_state() {
-    let three = [
-        device("a", "cpu:0", "cpu", 64 << 20, None),
-        device("b", "cpu:0", "cpu", 64 << 20, None),
-        device("b", "cpu:1", "cpu", 64 << 20, None),
-    ];
-    let sharded = spec(serde_json::json!({"data_parallel": "auto", "shard_optimizer": true}));
-    assert_eq!(
-        cluster_for_new_jobs(&three, &sharded).as_deref(),
-        Some("cpu:2x64MiB")
-    );
-    assert_eq!(
-        as_ranks_run(&sharded).parallelism.shard_optimizer,
-        Some(true)
-    );
-    let default = spec(serde_json::json!({"data_parallel": "auto"}));
-    assert_eq!(
-        cluster_for_new_jobs(&three, &default).as_deref(),
-        Some("cpu:3x64MiB")
-    );
-    assert_eq!(
-        as_ranks_run(&default).parallelism.shard_optimizer,
-        Some(false)
-    );
 }
 
 #[test]
@@ -119,39 +120,52 @@ fn a_layout_pins_the_ranks_devices_and_degrees() {
     assert_eq!(serde_json::from_str::<GangLayout>(&text).unwrap(), layout);
 }
 
-/// Two workers of two CPU devices each, all free.
+/// Two workers of two CPU devices each, all free, each on a machine of its own.
 fn two_workers() -> Vec<ClusterDeviceRow> {
     ["a", "b"]
         .into_iter()
-        .flat_map(|w| (0..2).map(move |i| device(w, &format!("cpu:{i}"), "cpu", 64 << 20, None)))
+        .flat_map(|w| {
+            (0..2).map(move |i| ClusterDeviceRow {
+                host: format!("machine-{w}"),
+                ..device(w, &format!("cpu:{i}"), "cpu", 64 << 20, None)
+            })
+        })
         .collect()
+}
+
+/// Every link of the cluster at `network`, as the operator would configure it.
+fn everywhere(network: Network) -> NetworkFigures {
+    NetworkFigures::configured(Configured {
+        bytes_per_s: Some(network.bytes_per_s),
+        latency_s: Some(network.latency_s),
+    })
 }
 
 fn auto_degrees() -> JobSpec {
     spec(serde_json::json!({"stages": "auto", "data_parallel": "auto"}))
 }
 
-async fn over_two_workers(network: Network) -> ClusterPlan {
+async fn over_two_workers(network: NetworkFigures) -> ClusterPlan {
     let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
-    plan_resolved(planner, network, u64::MAX, &auto_degrees(), &two_workers())
+    plan_resolved(planner, &network, u64::MAX, &auto_degrees(), &two_workers())
         .await
         .expect("a plan fits four devices of 64 MiB")
 }
 
 /// Links between workers that cost nothing: the choice is the simulation's alone.
-fn free_links() -> Network {
-    Network {
+fn free_links() -> NetworkFigures {
+    everywhere(Network {
         bytes_per_s: f64::INFINITY,
         latency_s: 0.0,
-    }
+    })
 }
 
 /// Links so slow that a step sending anything between workers takes seconds.
-fn slow_links() -> Network {
-    Network {
+fn slow_links() -> NetworkFigures {
+    everywhere(Network {
         bytes_per_s: 1e3,
         latency_s: 1.0,
-    }
+    })
 }
 
 fn degrees(plan: &ClusterPlan) -> (u32, u32, usize) {
@@ -167,7 +181,7 @@ fn degrees(plan: &ClusterPlan) -> (u32, u32, usize) {
 #[tokio::test]
 async fn free_links_take_the_planners_own_pick() {
     let blind = over_two_workers(free_links()).await;
-    let mut on_four = as_ranks_run(&auto_degrees());
+    let mut on_four = auto_degrees();
     on_four.devices = Some("cpu:4x64MiB".into());
     let infos = parse_devices("cpu:4x64MiB").unwrap();
     let own = crate::jobs::ExecPlanner
@@ -218,10 +232,10 @@ async fn slow_links_keep_the_job_on_one_worker() {
 #[tokio::test]
 async fn fast_links_keep_the_fastest_pick() {
     let blind = over_two_workers(free_links()).await;
-    let fast = Network {
+    let fast = everywhere(Network {
         bytes_per_s: 100e9,
         latency_s: 1e-6,
-    };
+    });
     let planned = over_two_workers(fast).await;
     assert_eq!(degrees(&planned), degrees(&blind), "{}", planned.describe());
     assert!(planned.network_s > 0.0, "{}", planned.describe());
@@ -243,7 +257,7 @@ async fn given_stages_stay_fixed() {
     let two_stages = spec(serde_json::json!({"stages": 2, "data_parallel": "auto"}));
     let plan = plan_resolved(
         planner.clone(),
-        slow_links(),
+        &slow_links(),
         u64::MAX,
         &two_stages,
         &two_workers(),
@@ -255,7 +269,7 @@ async fn given_stages_stay_fixed() {
     let four = spec(serde_json::json!({"stages": 4}));
     let plan = plan_resolved(
         planner.clone(),
-        slow_links(),
+        &slow_links(),
         u64::MAX,
         &four,
         &two_workers(),
@@ -270,7 +284,7 @@ async fn given_stages_stay_fixed() {
     );
     assert!(plan.network_s >= 1.0);
     let five = spec(serde_json::json!({"stages": 5}));
-    let refused = plan_resolved(planner, slow_links(), u64::MAX, &five, &two_workers()).await;
+    let refused = plan_resolved(planner, &slow_links(), u64::MAX, &five, &two_workers()).await;
     assert!(
         matches!(&refused, Err(NotPlanned::DoesNotFit(why)) if why.contains("4 free CPU devices")),
         "{:?}",

@@ -1,9 +1,10 @@
 //! One rank of a job reserved across workers, run inside the worker: the worker reserves jobs
 //! too big for one worker when the cluster has room (`gang::reserve_next`), picks up the ranks
 //! reserved on its devices, starts each under the rank's own lease, publishes the rank's
-//! `host:port` through the attempt's rendezvous rows and reads the others', then runs its rank
-//! over TCP. Rank 0 records the job's metrics, events and checkpoints under its token (the
-//! job's lease token); the other ranks record nothing and renew their rank's lease.
+//! `host:port` and machine through the attempt's rendezvous rows and reads the others', then
+//! runs its rank over TCP (ranks on different machines first measure their links: `links`).
+//! Rank 0 records the job's metrics, events and checkpoints under its token (the job's lease
+//! token); the other ranks record nothing and renew their rank's lease.
 //!
 //! Any rank that fails, is stopped or loses its lease ends the attempt: its peers see the
 //! broken links within seconds, the reservation is released, and the job goes back to the
@@ -22,7 +23,7 @@ use crate::exec::transport::RankSpec;
 use crate::exec::transport::ranks::Bound;
 use crate::jobs::gang::reserve_next;
 use crate::jobs::gang_plan::GangLayout;
-use crate::jobs::rendezvous::{Rendezvous, TCP_ADDRESS};
+use crate::jobs::rendezvous::{MACHINE, Rendezvous, TCP_ADDRESS};
 use crate::jobs::runner::{
     Evaluation, EventLevel, Fault, RunControl, RunEnd, RunFailure, RunSink, SinkError, StepMetrics,
     StopRequest,
@@ -252,7 +253,8 @@ impl Worker {
         })
     }
 
-    /// Publishes this rank's address and reads every rank's, within the start deadline.
+    /// Publishes this rank's machine and address and reads every rank's, within the start
+    /// deadline.
     async fn meet(&self, row: &RankRow) -> Result<RankSpec, RunFailure> {
         let unmet = |what: String| RunFailure::service("rendezvous_failed", what);
         let reservation = (self.store.latest_reservation(&row.job_id).await)
@@ -274,16 +276,23 @@ impl Worker {
             .map_err(|e| unmet(e.to_string()))?
             .port();
         let address = format!("{host}:{port}");
+        let machine = self.config.machine.as_bytes();
+        (meeting.publish(MACHINE, machine).await).map_err(|e| unmet(e.to_string()))?;
         (meeting.publish(TCP_ADDRESS, address.as_bytes()).await)
             .map_err(|e| unmet(e.to_string()))?;
-        let peers: Vec<String> = (meeting.wait_for_all(TCP_ADDRESS).await)
-            .map_err(|e| unmet(e.to_string()))?
-            .into_iter()
-            .map(|a| String::from_utf8_lossy(&a).into_owned())
-            .collect();
+        let all = |values: Vec<Vec<u8>>| -> Vec<String> {
+            (values.into_iter())
+                .map(|a| String::from_utf8_lossy(&a).into_owned())
+                .collect()
+        };
+        let peers =
+            all((meeting.wait_for_all(TCP_ADDRESS).await).map_err(|e| unmet(e.to_string()))?);
+        let machines =
+            all((meeting.wait_for_all(MACHINE).await).map_err(|e| unmet(e.to_string()))?);
         let mut spec = RankSpec::parse(row.rank as u32, &peers.join(","), CONNECT)
             .map_err(|e| unmet(e.to_string()))?;
         spec.listener = Some(Bound(Arc::new(listener)));
+        spec.probe = Some(self.link_probe(machines));
         Ok(spec)
     }
 }

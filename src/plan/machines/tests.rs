@@ -87,3 +87,59 @@ fn tied_embeddings_send_the_table_between_first_and_last_stage() {
         assert_eq!(t.links[&(a, b)], (bytes + table, messages + 1), "{a}->{b}");
     }
 }
+
+/// Machine 0 to 1 is fast, 1 to 2 slow.
+struct TwoLinks;
+
+impl Links for TwoLinks {
+    fn between(&self, a: usize, b: usize) -> Network {
+        match (a.min(b), a.max(b)) {
+            (0, 1) => Network {
+                bytes_per_s: 1e10,
+                latency_s: 1e-6,
+            },
+            _ => Network {
+                bytes_per_s: 1e8,
+                latency_s: 1e-3,
+            },
+        }
+    }
+}
+
+#[test]
+fn each_pair_of_machines_pays_its_own_link() {
+    let plan = pp2_dp2(4);
+    let micro = MicroShape { batch: 2, seq: 8 };
+    let t = traffic(&plan, Profile::CpuF32, &dims(16, 32, 64), micro, 4);
+    let boundary = (2 * 8 * 16 * 4) as f64;
+    // Each stage's replicas share a machine, so only the pipelines cross: four micro-batches
+    // each way in each of the two replicas.
+    let sends = |n: &Network| 16.0 * (boundary / n.bytes_per_s + n.latency_s);
+    let fast = t.network_s(&[0, 1, 0, 1], &TwoLinks);
+    assert!(
+        (fast - sends(&TwoLinks.between(0, 1))).abs() < 1e-12,
+        "{fast}"
+    );
+    let slow = t.network_s(&[1, 2, 1, 2], &TwoLinks);
+    assert!(
+        (slow - sends(&TwoLinks.between(1, 2))).abs() < 1e-12,
+        "{slow}"
+    );
+    assert!(slow > 100.0 * fast);
+    // The same machines with one network everywhere cost what that network says.
+    let flat = Network::default();
+    assert!((t.network_s(&[1, 2, 1, 2], &flat) - sends(&flat)).abs() < 1e-12);
+}
+
+#[test]
+fn a_placement_is_costed_by_the_link_it_crosses() {
+    // Two slots on each of two machines: the rings talk most, so a stage's replicas share a
+    // machine either way, and the pipelines' crossing costs what the link between says.
+    let plan = pp2_dp2(1);
+    let small = MicroShape { batch: 1, seq: 4 };
+    let t = traffic(&plan, Profile::CpuF32, &dims(256, 4096, 32000), small, 4);
+    let fast = place(2, 2, &t, &[0, 0, 1, 1], &TwoLinks);
+    let slow = place(2, 2, &t, &[1, 1, 2, 2], &TwoLinks);
+    assert_eq!((fast.order, slow.order), ("stages", "stages"));
+    assert!(slow.network_s > fast.network_s * 10.0, "{slow:?} {fast:?}");
+}

@@ -54,6 +54,10 @@ fn every_kind() -> Vec<Frame> {
         },
         Frame::Bye,
         Frame::Beat,
+        Frame::Probe {
+            payload: vec![7, 0, 255],
+        },
+        Frame::Probe { payload: vec![] },
     ]
 }
 
