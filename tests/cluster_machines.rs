@@ -138,7 +138,9 @@ async fn ranks_on_two_machines_measure_the_link_between_them() {
     assert_eq!(listed[0]["latency_s"], link.latency_s);
 
     // Planned over the cluster: the placement is costed by the measured link, and says so.
-    let planned = body(&train, None, "auto".into());
+    // Two stages x two replicas need both machines (with "auto" replicas, the measured link
+    // may rightly keep two stages on one worker).
+    let planned = body(&train, None, 2.into());
     let planned = server.create_job(&planned).await["id"]
         .as_str()
         .unwrap()

@@ -230,19 +230,6 @@ fn degrees_that_do_not_fit_are_refused_by_field() {
     let (got, message) = spec_error(Run::prepare(spec, ""));
     assert_eq!(got, "parallelism.shard_optimizer", "{message}");
     assert!(message.contains("data_parallel is 1"), "{message}");
-    // Ranks reduce whole gradients: asking them to shard is refused by field, before any
-    // connection is tried.
-    let spec = patched(&job(&data, 1, 2, "1f1b"), r#""shard_optimizer": true"#);
-    let rank = chronospipe::exec::transport::RankSpec {
-        rank: 0,
-        peers: vec!["127.0.0.1:9".into(), "127.0.0.1:9".into()],
-        connect_timeout: std::time::Duration::from_millis(1),
-        listener: None,
-        probe: None,
-    };
-    let (got, message) = spec_error(Run::prepare_rank(spec, "", rank));
-    assert_eq!(got, "parallelism.shard_optimizer", "{message}");
-    assert!(message.contains("--rank"), "{message}");
     // GPUs run replicas too: planned with the CUDA layout, before any GPU is opened.
     let spec = job(&data, 1, 2, "1f1b");
     let arch = resolve_arch(&spec).unwrap();
