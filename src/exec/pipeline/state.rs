@@ -95,17 +95,15 @@ impl<E: Engine> Pipeline<E> {
                 (Some(copy), _) => copy.fill_states(&self.engine, at, states)?,
                 (None, Some(ranks)) if self.keeps_moments() => {
                     let key = (chunk.index, replica);
-                    let values = match taken.get(&key) {
-                        Some(values) => values.clone(),
+                    let values = match taken.remove(&key) {
+                        Some(values) => values,
                         None => ranks.take_state_shard(self.step, (stage, chunk.index, replica))?,
                     };
-                    taken.insert(key, values.clone());
-                    fill_state(
-                        states,
-                        &shards[replica as usize],
-                        Payload::new(replica, values),
-                    )?;
+                    let payload = Payload::new(replica, values.clone());
+                    fill_state(states, &shards[replica as usize], payload)?;
+                    taken.insert(key, values);
                 }
+                // SGD keeps no state to gather.
                 (None, Some(_)) => {}
                 (None, None) => return Err(PipelineError::NotHere { chunk: chunk.index }),
             }
