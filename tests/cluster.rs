@@ -69,11 +69,13 @@ async fn membership(url: &str) {
         .register_worker(&registration("w1", "h1", 2, false), LEASE_MS)
         .await
         .unwrap();
-    store
-        .register_worker(&registration("w2", "h2", 1, false), LEASE_MS)
-        .await
-        .unwrap();
+    let mut bounded = registration("w2", "h2", 1, false);
+    bounded.host_memory_bytes = Some(3 << 30);
+    store.register_worker(&bounded, LEASE_MS).await.unwrap();
     let devices = store.cluster_devices().await.unwrap();
+    // Each device comes with its worker's host memory (none: unbounded).
+    let host_memory: Vec<Option<i64>> = devices.iter().map(|d| d.host_memory_bytes).collect();
+    assert_eq!(host_memory, [None, None, Some(3 << 30)]);
     let listed: Vec<(&str, &str, &str)> = devices
         .iter()
         .map(|d| (d.worker_id.as_str(), d.host.as_str(), d.device_id.as_str()))

@@ -269,7 +269,7 @@ fn resume_on_ranks(job: &Path, checkpoint: &Path, out: &Path, ranks: u32) {
             let (checkpoint, out) = (checkpoint.to_owned(), out.to_owned());
             std::thread::spawn(move || {
                 let rank = RankSpec::parse(r, &peers, Duration::from_secs(60)).unwrap();
-                let mut run = Run::prepare_rank(spec, "cpu:1x64MiB", rank).unwrap();
+                let mut run = Run::prepare_rank(spec, "cpu:1x64MiB", rank, u64::MAX).unwrap();
                 assert_eq!(run.resume_from(&checkpoint).unwrap().step, 2);
                 drive(&mut run, &mut RunLog::new(&out)).unwrap();
                 run.close_ranks().unwrap();

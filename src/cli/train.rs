@@ -202,7 +202,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<Summary> {
             let secs = args.ranks.connect_timeout.unwrap_or(60);
             let timeout = std::time::Duration::from_secs(secs);
             let rank = RankSpec::parse(rank, peers, timeout)?;
-            Run::prepare_rank(spec, DEFAULT_DEVICES, rank)?
+            Run::prepare_rank(spec, DEFAULT_DEVICES, rank, u64::MAX)?
         }
         _ => Run::prepare(spec, DEFAULT_DEVICES)?,
     };

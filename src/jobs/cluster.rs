@@ -38,13 +38,15 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// `machine`: the name of the machine the worker runs on (its registration's `host`).
+    /// `machine`: the name of the machine the worker runs on (its registration's `host`);
+    /// `host_memory_bytes`: what its runs may hold in host memory (`u64::MAX`: unbounded).
     pub fn new(
         store: Arc<dyn Store>,
         worker_id: &str,
         machine: &str,
         devices: &[DeviceInfo],
         runs_ranks: bool,
+        host_memory_bytes: u64,
         lease: Duration,
     ) -> Membership {
         let devices = devices
@@ -61,6 +63,8 @@ impl Membership {
                 worker_id: worker_id.to_owned(),
                 host: machine.to_owned(),
                 runs_ranks,
+                host_memory_bytes: (host_memory_bytes != u64::MAX)
+                    .then(|| i64::try_from(host_memory_bytes).unwrap_or(i64::MAX)),
                 devices,
             },
             lease,

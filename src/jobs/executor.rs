@@ -213,7 +213,8 @@ impl JobRunner for ExecRunner {
                 Some("devices"),
             ));
         }
-        let mut run = Run::prepare_rank(request.spec.clone(), "", rank).map_err(failure)?;
+        let host = request.host_memory_bytes;
+        let mut run = Run::prepare_rank(request.spec.clone(), "", rank, host).map_err(failure)?;
         let end = run_to_end(&mut run, &request, sink, control, true);
         match &end {
             Ok(RunEnd::Completed) => run.close_ranks().map_err(failure)?,

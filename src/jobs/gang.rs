@@ -47,16 +47,14 @@ pub struct GangPlanning {
     pub planner: Arc<dyn Planner>,
     /// The operator's network figures; those unset are the measured links', else assumed.
     pub network: Configured,
-    pub host_memory_bytes: u64,
     pub unfit: Arc<UnfitMemo>,
 }
 
 impl GangPlanning {
-    pub fn new(planner: Arc<dyn Planner>, network: Configured, host_memory_bytes: u64) -> Self {
+    pub fn new(planner: Arc<dyn Planner>, network: Configured) -> Self {
         GangPlanning {
             planner,
             network,
-            host_memory_bytes,
             unfit: Arc::new(UnfitMemo::default()),
         }
     }
@@ -141,13 +139,12 @@ async fn reserve_planned(
     devices: &[ClusterDeviceRow],
     start_timeout: Duration,
 ) -> Result<Option<Result<Reservation, GangError>>, StoreError> {
-    let host_memory = planning.host_memory_bytes;
-    let asked = Asked::new(&job.spec, devices, host_memory, figures.clone());
+    let asked = Asked::new(&job.spec, devices, figures.clone());
     if planning.unfit.knows_unfit(&job.id, &asked) {
         return Ok(None);
     }
     let planner = planning.planner.clone();
-    let plan = match plan_over_cluster(store, planner, figures, host_memory, job, devices).await {
+    let plan = match plan_over_cluster(store, planner, figures, job, devices).await {
         Ok(plan) => plan,
         Err(NotPlanned::DoesNotFit(_)) => {
             planning.unfit.remember(&job.id, asked);

@@ -11,6 +11,7 @@
 //! so every rank runs the same plan. A requeued job is planned again on what is free then: a
 //! checkpoint is plan-independent, so it resumes on more or fewer devices than before.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -34,12 +35,16 @@ use degrees::degree_pairs;
 const CPU_ELEMENT_BYTES: u64 = 4;
 
 /// What every rank of one attempt plans on: the devices (as `chronospipe train` would name
-/// them) and the degrees the reserving worker's plan chose. Kept on the attempt's reservation.
+/// them), the degrees the reserving worker's plan chose and the host memory it was planned
+/// within. Kept on the attempt's reservation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GangLayout {
     pub devices: String,
     pub stages: u32,
     pub data_parallel: u32,
+    /// The host memory the plan offloads into, in all (`host_budget`); `None`: unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_memory_bytes: Option<u64>,
 }
 
 impl GangLayout {
@@ -175,7 +180,6 @@ pub async fn plan_over_cluster(
     store: &dyn Store,
     planner: Arc<dyn Planner>,
     network: &NetworkFigures,
-    host_memory_bytes: u64,
     job: &JobRow,
     devices: &[ClusterDeviceRow],
 ) -> Result<ClusterPlan, NotPlanned> {
@@ -184,7 +188,7 @@ pub async fn plan_over_cluster(
     let resolved = (resolve_files(store, &job.tenant_id, &spec).await)
         .map_err(|e| unanswered(&e))?
         .spec;
-    let planned = plan_resolved(planner, network, host_memory_bytes, &resolved, devices).await;
+    let planned = plan_resolved(planner, network, &resolved, devices).await;
     if let Err(NotPlanned::DoesNotFit(why)) = &planned {
         tracing::debug!(job = %job.id, %why, "does not fit the cluster's free devices");
     }
@@ -195,7 +199,6 @@ pub async fn plan_over_cluster(
 async fn plan_resolved(
     planner: Arc<dyn Planner>,
     network: &NetworkFigures,
-    host_memory_bytes: u64,
     resolved: &JobSpec,
     devices: &[ClusterDeviceRow],
 ) -> Result<ClusterPlan, NotPlanned> {
@@ -213,9 +216,10 @@ async fn plan_resolved(
             devices: cpu_devices(d.devices(), least_memory(&slots[..d.devices()])),
             stages: d.stages as u32,
             data_parallel: d.replicas as u32,
+            host_memory_bytes: host_budget(&slots[..d.devices()]),
         })
         .collect();
-    let planned = plan_each(planner, &on_cluster, &layouts, host_memory_bytes).await?;
+    let planned = plan_each(planner, &on_cluster, &layouts).await?;
     let mut placed = Vec::new();
     let mut refusals = Vec::new();
     for (layout, outcome) in layouts.into_iter().zip(planned) {
@@ -243,20 +247,20 @@ async fn plan_each(
     planner: Arc<dyn Planner>,
     spec: &JobSpec,
     layouts: &[GangLayout],
-    host_memory_bytes: u64,
 ) -> Result<Vec<Result<PlanOutcome, String>>, NotPlanned> {
-    let asked: Vec<(JobSpec, String)> = (layouts.iter())
+    let asked: Vec<(JobSpec, GangLayout)> = (layouts.iter())
         .map(|layout| {
             let mut pinned = spec.clone();
             layout.apply(&mut pinned);
-            (pinned, layout.devices.clone())
+            (pinned, layout.clone())
         })
         .collect();
     let planning = move || {
         (asked.into_iter())
-            .map(|(spec, devices)| {
-                let infos = parse_devices(&devices).map_err(|e| e.to_string())?;
-                (planner.plan(&spec, &infos, host_memory_bytes)).map_err(|e| e.to_string())
+            .map(|(spec, layout)| {
+                let infos = parse_devices(&layout.devices).map_err(|e| e.to_string())?;
+                let host = layout.host_memory_bytes.unwrap_or(u64::MAX);
+                (planner.plan(&spec, &infos, host)).map_err(|e| e.to_string())
             })
             .collect()
     };
@@ -274,6 +278,27 @@ fn whole_workers(slots: &[&ClusterDeviceRow]) -> Vec<usize> {
         }
     }
     counts
+}
+
+/// The host memory a plan on `slots` may use, in all: each worker's `--host-memory` shared
+/// equally among its slots, the least share times the slots (the planner gives each device
+/// an equal share of the whole), and never more than the least worker's whole (every rank
+/// loads the starting weights into its own host memory). `None` when every worker's is
+/// unbounded.
+fn host_budget(slots: &[&ClusterDeviceRow]) -> Option<u64> {
+    let mut workers: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for slot in slots {
+        if let Some(bytes) = slot.host_memory_bytes {
+            let (_, count) = (workers.entry(&slot.worker_id)).or_insert((bytes.max(0) as u64, 0));
+            *count += 1;
+        }
+    }
+    let share = workers
+        .values()
+        .map(|&(bytes, count)| bytes / count)
+        .min()?;
+    let least = workers.values().map(|&(bytes, _)| bytes).min()?;
+    Some((share * slots.len() as u64).min(least))
 }
 
 /// The least memory among `slots` (every device of a plan is taken at it).
@@ -330,6 +355,7 @@ fn place_plan(
             devices: cpu_devices(used, least),
             stages: summary.stages,
             data_parallel: summary.replicas,
+            host_memory_bytes: host_budget(slots),
         },
         network_s: placed.network_s,
         links: links.describe(),

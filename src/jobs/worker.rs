@@ -139,8 +139,7 @@ impl Worker {
         planner: Option<Arc<dyn Planner>>,
         config: WorkerConfig,
     ) -> Arc<Self> {
-        let planning = planner
-            .map(|planner| GangPlanning::new(planner, config.network, config.host_memory_bytes));
+        let planning = planner.map(|planner| GangPlanning::new(planner, config.network));
         Arc::new(Worker {
             store,
             runner,
@@ -273,6 +272,7 @@ impl Worker {
             &self.config.machine,
             &self.config.devices,
             self.runner.runs_ranks(),
+            self.config.host_memory_bytes,
             self.config.lease,
         )
     }

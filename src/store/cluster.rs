@@ -18,6 +18,8 @@ pub struct WorkerRegistration {
     /// Whether it can run one rank of a job spanning workers; a gang is reserved only on
     /// workers that can.
     pub runs_ranks: bool,
+    /// The host memory its runs may hold (`--host-memory`); `None`: unbounded.
+    pub host_memory_bytes: Option<i64>,
     pub devices: Vec<WorkerDevice>,
 }
 
@@ -34,6 +36,8 @@ pub struct WorkerDevice {
 pub struct ClusterDeviceRow {
     pub worker_id: String,
     pub host: String,
+    /// Its worker's host memory (`None`: unbounded).
+    pub host_memory_bytes: Option<i64>,
     pub device_id: String,
     pub kind: String,
     pub memory_bytes: i64,

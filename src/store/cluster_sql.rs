@@ -128,16 +128,18 @@ macro_rules! cluster_sql {
                     .execute(&mut *tx)
                     .await?;
                     sqlx::query(concat!(
-                        "INSERT INTO workers (id, host, runs_ranks, registered_at, lease_expires_at) \
-                         VALUES ($1, $2, $3, $4, ", $now, " + $5) \
+                        "INSERT INTO workers (id, host, runs_ranks, registered_at, lease_expires_at, \
+                         host_memory_bytes) VALUES ($1, $2, $3, $4, ", $now, " + $5, $6) \
                          ON CONFLICT (id) DO UPDATE SET host = excluded.host, \
-                         runs_ranks = excluded.runs_ranks, lease_expires_at = excluded.lease_expires_at"
+                         runs_ranks = excluded.runs_ranks, lease_expires_at = excluded.lease_expires_at, \
+                         host_memory_bytes = excluded.host_memory_bytes"
                     ))
                     .bind(&worker.worker_id)
                     .bind(&worker.host)
                     .bind(worker.runs_ranks as i64)
                     .bind(now_ms())
                     .bind(lease_ms)
+                    .bind(worker.host_memory_bytes)
                     .execute(&mut *tx)
                     .await?;
                     for (position, device) in worker.devices.iter().enumerate() {
@@ -246,8 +248,8 @@ macro_rules! cluster_sql {
 
             async fn cluster_devices_query(&self) -> StoreResult<Vec<ClusterDeviceRow>> {
                 Ok(sqlx::query_as::<_, ClusterDeviceRow>(concat!(
-                    "SELECT d.worker_id, w.host, d.device_id, d.kind, d.memory_bytes, d.job_id, \
-                     d.attempt, d.rank FROM worker_devices d JOIN workers w ON w.id = d.worker_id \
+                    "SELECT d.worker_id, w.host, w.host_memory_bytes, d.device_id, d.kind, \
+                     d.memory_bytes, d.job_id, d.attempt, d.rank FROM worker_devices d JOIN workers w ON w.id = d.worker_id \
                      WHERE w.lease_expires_at >= ", $now, " ORDER BY d.worker_id, d.position"
                 ))
                 .fetch_all(&self.pool)

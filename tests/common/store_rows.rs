@@ -63,6 +63,7 @@ pub fn registration(
         worker_id: worker.to_owned(),
         host: host.to_owned(),
         runs_ranks,
+        host_memory_bytes: None,
         devices: (0..devices)
             .map(|i| WorkerDevice {
                 device_id: format!("cpu:{i}"),

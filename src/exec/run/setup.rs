@@ -318,15 +318,17 @@ impl Run {
     }
 
     /// As `prepare`, for rank `rank.rank` of a run spread over processes: every rank plans
-    /// the whole job on the whole device list (the same plan), then runs its block of the
+    /// the whole job on the whole device list (the same plan, so every rank is given the same
+    /// `host_bytes` of host memory, `u64::MAX` for unbounded), then runs its block of the
     /// plan's devices and reaches the others over TCP (CPU devices only).
     pub fn prepare_rank(
         spec: JobSpec,
         default_devices: &str,
         rank: RankSpec,
+        host_bytes: u64,
     ) -> Result<Run, RunError> {
         let named = spec.devices.as_deref().unwrap_or(default_devices);
-        let Target::CpuPipeline(devices) = DeviceSpec::parse(named)?.target() else {
+        let Target::CpuPipeline(mut devices) = DeviceSpec::parse(named)?.target() else {
             return Err(RunError::Spec(vec![SpecError::new(
                 "devices",
                 format!(
@@ -338,6 +340,7 @@ impl Run {
             )]));
         };
         spec.validate().map_err(|e| RunError::Spec(e.0))?;
+        devices.host = Pool::new("host", usize::try_from(host_bytes).unwrap_or(usize::MAX));
         let arch = resolve_arch(&spec)?;
         let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cpu)?;
         let engine = CpuEngine {

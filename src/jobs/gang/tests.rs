@@ -4,6 +4,7 @@ fn device(worker: &str, id: &str, job: Option<&str>) -> ClusterDeviceRow {
     ClusterDeviceRow {
         worker_id: worker.into(),
         host: "h".into(),
+        host_memory_bytes: None,
         device_id: id.into(),
         kind: "cpu".into(),
         memory_bytes: 1 << 26,
@@ -80,6 +81,7 @@ mod planning_once {
             worker_id: worker.into(),
             host: format!("host-{worker}"),
             runs_ranks: true,
+            host_memory_bytes: None,
             devices: (0..2)
                 .map(|i| WorkerDevice {
                     device_id: format!("cpu:{i}"),
@@ -159,7 +161,7 @@ mod planning_once {
 
         let counting = Arc::new(CountingPlanner::default());
         let planner: Arc<dyn Planner> = counting.clone();
-        let planning = GangPlanning::new(planner, Configured::default(), u64::MAX);
+        let planning = GangPlanning::new(planner, Configured::default());
         let calls = || counting.calls.load(Ordering::SeqCst);
         let timeout = Duration::from_secs(60);
         let poll = || reserve_next(&store, Some(&planning), timeout);

@@ -22,6 +22,7 @@ struct FreeDevice {
     device_id: String,
     kind: String,
     memory_bytes: i64,
+    host_memory_bytes: Option<i64>,
 }
 
 /// What a job was planned with over the cluster.
@@ -29,18 +30,12 @@ struct FreeDevice {
 pub struct Asked {
     spec: String,
     free: Vec<FreeDevice>,
-    host_memory_bytes: u64,
     network: NetworkFigures,
 }
 
 impl Asked {
     /// The job's body `spec` over the free devices among `devices`, in the store's order.
-    pub fn new(
-        spec: &str,
-        devices: &[ClusterDeviceRow],
-        host_memory_bytes: u64,
-        network: NetworkFigures,
-    ) -> Asked {
+    pub fn new(spec: &str, devices: &[ClusterDeviceRow], network: NetworkFigures) -> Asked {
         let free = (devices.iter())
             .filter(|d| d.job_id.is_none())
             .map(|d| FreeDevice {
@@ -49,12 +44,12 @@ impl Asked {
                 device_id: d.device_id.clone(),
                 kind: d.kind.clone(),
                 memory_bytes: d.memory_bytes,
+                host_memory_bytes: d.host_memory_bytes,
             })
             .collect();
         Asked {
             spec: spec.to_owned(),
             free,
-            host_memory_bytes,
             network,
         }
     }
@@ -109,6 +104,7 @@ mod tests {
         ClusterDeviceRow {
             worker_id: worker.into(),
             host: format!("host-{worker}"),
+            host_memory_bytes: None,
             device_id: id.into(),
             kind: "cpu".into(),
             memory_bytes: memory,
@@ -125,9 +121,8 @@ mod tests {
             device("a", "cpu:0", 64, Some("other")),
             device("a", "cpu:1", 64, None),
         ];
-        let asked = |cluster: &[ClusterDeviceRow]| {
-            Asked::new("{}", cluster, 1 << 30, NetworkFigures::default())
-        };
+        let asked =
+            |cluster: &[ClusterDeviceRow]| Asked::new("{}", cluster, NetworkFigures::default());
         memo.remember("job", asked(&cluster));
         assert!(memo.knows_unfit("job", &asked(&cluster)));
         assert!(!memo.knows_unfit("another", &asked(&cluster)));
@@ -147,21 +142,27 @@ mod tests {
             device("a", "cpu:1", 128, None),
         ];
         assert!(!memo.knows_unfit("job", &asked(&more_memory)));
-        let other_body = Asked::new("{\"x\":1}", &cluster, 1 << 30, NetworkFigures::default());
+        let other_body = Asked::new("{\"x\":1}", &cluster, NetworkFigures::default());
         assert!(!memo.knows_unfit("job", &other_body));
-        let other_host = Asked::new("{}", &cluster, 1 << 31, NetworkFigures::default());
+        let bounded: Vec<ClusterDeviceRow> = (cluster.iter())
+            .map(|d| ClusterDeviceRow {
+                host_memory_bytes: Some(1 << 31),
+                ..d.clone()
+            })
+            .collect();
+        let other_host = Asked::new("{}", &bounded, NetworkFigures::default());
         assert!(!memo.knows_unfit("job", &other_host));
         let slow = NetworkFigures::configured(Configured {
             bytes_per_s: Some(1.0),
             latency_s: Some(1.0),
         });
-        assert!(!memo.knows_unfit("job", &Asked::new("{}", &cluster, 1 << 30, slow)));
+        assert!(!memo.knows_unfit("job", &Asked::new("{}", &cluster, slow)));
     }
 
     #[test]
     fn only_queued_jobs_are_kept_and_at_most_so_many() {
         let memo = UnfitMemo::default();
-        let asked = Asked::new("{}", &[], 0, NetworkFigures::default());
+        let asked = Asked::new("{}", &[], NetworkFigures::default());
         for i in 0..MOST_REMEMBERED + 5 {
             memo.remember(&format!("job-{i}"), asked.clone());
         }

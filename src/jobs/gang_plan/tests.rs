@@ -6,6 +6,7 @@ fn device(worker: &str, id: &str, kind: &str, memory: i64, job: Option<&str>) ->
     ClusterDeviceRow {
         worker_id: worker.into(),
         host: "h".into(),
+        host_memory_bytes: None,
         device_id: id.into(),
         kind: kind.into(),
         memory_bytes: memory,
@@ -104,6 +105,49 @@ fn new_jobs_are_planned_over_several_cpu_workers_at_the_least_memory() {
     assert!(parse_devices("cpu:3x100").is_ok());
 }
 
+fn refs(slots: &[ClusterDeviceRow]) -> Vec<&ClusterDeviceRow> {
+    slots.iter().collect()
+}
+
+/// Each worker's host memory is shared among its slots; the plan gets the least share per
+/// slot, never more than the least worker's whole.
+#[test]
+fn the_host_budget_is_the_least_workers_share() {
+    let with = |worker: &str, id: &str, host: Option<i64>| ClusterDeviceRow {
+        host_memory_bytes: host,
+        ..device(worker, id, "cpu", 64 << 20, None)
+    };
+    let unbounded = [with("a", "cpu:0", None), with("b", "cpu:0", None)];
+    assert_eq!(host_budget(&refs(&unbounded)), None);
+    // a: 8 GiB over 2 slots, b: 6 GiB over 1, c unbounded: 4 GiB a slot, 4 slots, but at most
+    // the 6 GiB a rank on b may hold.
+    let mixed = [
+        with("a", "cpu:0", Some(8 << 30)),
+        with("a", "cpu:1", Some(8 << 30)),
+        with("b", "cpu:0", Some(6 << 30)),
+        with("c", "cpu:0", None),
+    ];
+    assert_eq!(host_budget(&refs(&mixed)), Some(6 << 30));
+    // Without b: 4 GiB a slot over 3 slots, within a's 8 GiB.
+    let without_b = [mixed[0].clone(), mixed[1].clone(), mixed[3].clone()];
+    assert_eq!(host_budget(&refs(&without_b)), Some(8 << 30));
+    let roomy = [
+        with("a", "cpu:0", Some(40 << 30)),
+        with("b", "cpu:0", Some(40 << 30)),
+    ];
+    assert_eq!(host_budget(&refs(&roomy)), Some(40 << 30));
+    let tight = [
+        with("a", "cpu:0", Some(2 << 30)),
+        with("a", "cpu:1", Some(2 << 30)),
+        with("b", "cpu:0", Some(40 << 30)),
+    ];
+    assert_eq!(
+        host_budget(&refs(&tight)),
+        Some(2 << 30),
+        "1 GiB a slot, 3 slots, at most a's 2"
+    );
+}
+
 #[test]
 fn a_layout_pins_the_ranks_devices_and_degrees() {
     let mut spec = spec(serde_json::json!({"stages": "auto", "data_parallel": "auto"}));
@@ -111,6 +155,7 @@ fn a_layout_pins_the_ranks_devices_and_degrees() {
         devices: "cpu:4x64MiB".into(),
         stages: 2,
         data_parallel: 2,
+        host_memory_bytes: Some(3 << 30),
     };
     layout.apply(&mut spec);
     assert_eq!(spec.devices.as_deref(), Some("cpu:4x64MiB"));
@@ -147,7 +192,7 @@ fn auto_degrees() -> JobSpec {
 
 async fn over_two_workers(network: NetworkFigures) -> ClusterPlan {
     let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
-    plan_resolved(planner, &network, u64::MAX, &auto_degrees(), &two_workers())
+    plan_resolved(planner, &network, &auto_degrees(), &two_workers())
         .await
         .expect("a plan fits four devices of 64 MiB")
 }
@@ -255,27 +300,15 @@ async fn fast_links_keep_the_fastest_pick() {
 async fn given_stages_stay_fixed() {
     let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
     let two_stages = spec(serde_json::json!({"stages": 2, "data_parallel": "auto"}));
-    let plan = plan_resolved(
-        planner.clone(),
-        &slow_links(),
-        u64::MAX,
-        &two_stages,
-        &two_workers(),
-    )
-    .await
-    .unwrap();
+    let plan = plan_resolved(planner.clone(), &slow_links(), &two_stages, &two_workers())
+        .await
+        .unwrap();
     assert_eq!(degrees(&plan), (2, 1, 2), "{}", plan.describe());
     assert_eq!(plan.compared.pairs, 2, "{}", plan.describe());
     let four = spec(serde_json::json!({"stages": 4}));
-    let plan = plan_resolved(
-        planner.clone(),
-        &slow_links(),
-        u64::MAX,
-        &four,
-        &two_workers(),
-    )
-    .await
-    .unwrap();
+    let plan = plan_resolved(planner.clone(), &slow_links(), &four, &two_workers())
+        .await
+        .unwrap();
     assert_eq!(
         degrees(&plan),
         (4, 1, 4),
@@ -284,7 +317,7 @@ async fn given_stages_stay_fixed() {
     );
     assert!(plan.network_s >= 1.0);
     let five = spec(serde_json::json!({"stages": 5}));
-    let refused = plan_resolved(planner, &slow_links(), u64::MAX, &five, &two_workers()).await;
+    let refused = plan_resolved(planner, &slow_links(), &five, &two_workers()).await;
     assert!(
         matches!(&refused, Err(NotPlanned::DoesNotFit(why)) if why.contains("4 free CPU devices")),
         "{:?}",

@@ -184,8 +184,12 @@ impl Worker {
                 .map_err(store_failure)?
                 .ok_or_else(|| RunFailure::service("internal", "the job is gone"))?;
             let mut request = self.prepare_job(&job, true, records).await?;
+            // Every rank plans within the same host memory, or they would plan apart: the
+            // layout's, else none.
+            request.host_memory_bytes = u64::MAX;
             if let Some(layout) = self.layout(row).await? {
                 layout.apply(&mut request.spec);
+                request.host_memory_bytes = layout.host_memory_bytes.unwrap_or(u64::MAX);
             }
             let rank = self.meet(row).await?;
             Ok::<_, RunFailure>((job, request, rank))
