@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use chronospipe::exec::run::{Run, drive};
 use chronospipe::spec::JobSpec;
-use cluster_job::{finished, sharded_weights, tensors, train_in_one_process};
-use common::{TestDb, TestServer};
+use cluster_job::{Cluster, cluster, finished, sharded_weights, tensors, train_in_one_process};
+use common::TestServer;
 use run_log::RunLog;
 use serde_json::{Value, json};
 use worker_process::{WorkerProcess, tails};
@@ -162,13 +162,13 @@ fn relative(a: &BTreeMap<String, Vec<u8>>, b: &BTreeMap<String, Vec<u8>>) -> f64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_planned_over_the_cluster_survive_losing_workers() {
-    let db = TestDb::postgres().await;
-    let server = TestServer::api_for_workers(&db.url).await;
-    let train = server
-        .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
-        .await;
-    let logs = tempfile::tempdir().unwrap();
-    let data_dir = server.data_dir.path().to_owned();
+    let Cluster {
+        db,
+        server,
+        train,
+        data_dir,
+        logs,
+    } = cluster(&TEXT.repeat(40)).await;
     // The workers share this machine: their links cost nothing in the plan.
     let start = |n: usize| WorkerProcess::start(&db.url, &data_dir, logs.path(), n, LEASE_SECONDS);
     let reference_dir = tempfile::tempdir().unwrap();

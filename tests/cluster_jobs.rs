@@ -19,8 +19,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cluster_job::{finished, sharded_weights, train_in_one_process};
-use common::{TestDb, TestServer};
+use cluster_job::{Cluster, cluster, finished, sharded_weights, train_in_one_process};
 use serde_json::{Value, json};
 use worker_process::{WorkerProcess, tails};
 
@@ -53,13 +52,13 @@ fn one_process_weights(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_too_big_for_one_worker_runs_across_three() {
-    let db = TestDb::postgres().await;
-    let server = TestServer::api_for_workers(&db.url).await;
-    let train = server
-        .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
-        .await;
-    let logs = tempfile::tempdir().unwrap();
-    let data_dir = server.data_dir.path().to_owned();
+    let Cluster {
+        db,
+        server,
+        train,
+        data_dir,
+        logs,
+    } = cluster(&TEXT.repeat(40)).await;
     let mut workers: Vec<WorkerProcess> = (0..3)
         .map(|n| WorkerProcess::start(&db.url, &data_dir, logs.path(), n, LEASE_SECONDS))
         .collect();

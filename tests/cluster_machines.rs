@@ -16,8 +16,8 @@ mod worker_process;
 use std::time::{Duration, Instant};
 
 use chronospipe::store::connect;
-use cluster_job::{finished, sharded_weights, train_in_one_process};
-use common::{TestDb, TestServer};
+use cluster_job::{Cluster, cluster, finished, sharded_weights, train_in_one_process};
+use common::TestServer;
 use serde_json::{Value, json};
 use worker_process::{WorkerProcess, tails};
 
@@ -66,13 +66,13 @@ async fn both_registered(server: &TestServer, workers: &[WorkerProcess]) -> Valu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ranks_on_two_machines_measure_the_link_between_them() {
-    let db = TestDb::postgres().await;
-    let server = TestServer::api_for_workers(&db.url).await;
-    let train = server
-        .upload("train", "corpus.txt", TEXT.repeat(40).into_bytes())
-        .await;
-    let logs = tempfile::tempdir().unwrap();
-    let data_dir = server.data_dir.path().to_owned();
+    let Cluster {
+        db,
+        server,
+        train,
+        data_dir,
+        logs,
+    } = cluster(&TEXT.repeat(40)).await;
     let workers: Vec<WorkerProcess> = (0..2)
         .map(|n| {
             let env = [("CHRONOSPIPE_MACHINE", MACHINES[n])];

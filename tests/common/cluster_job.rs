@@ -1,5 +1,6 @@
-//! A job across worker processes, seen through the API: waiting for its end, its sharded
-//! checkpoint's tensors; and the same job trained in one process.
+//! A job across worker processes, seen through the API: the API on its own database with the
+//! training text uploaded, waiting for a job's end, its sharded checkpoint's tensors; and the
+//! same job trained in one process.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,8 +10,33 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::TestServer;
+use crate::common::{TestDb, TestServer};
 use crate::worker_process::{WorkerProcess, tails};
+
+/// What a test of worker processes starts from: the API (no worker of its own) on a new
+/// PostgreSQL database, the training text uploaded (`train`, its file id), the shared data
+/// directory and a folder for the workers' logs.
+pub struct Cluster {
+    pub db: TestDb,
+    pub server: TestServer,
+    pub train: String,
+    pub data_dir: PathBuf,
+    pub logs: tempfile::TempDir,
+}
+
+pub async fn cluster(text: &str) -> Cluster {
+    let db = TestDb::postgres().await;
+    let server = TestServer::api_for_workers(&db.url).await;
+    let train = (server.upload("train", "corpus.txt", text.as_bytes().to_vec())).await;
+    let data_dir = server.data_dir.path().to_owned();
+    Cluster {
+        db,
+        server,
+        train,
+        data_dir,
+        logs: tempfile::tempdir().unwrap(),
+    }
+}
 
 /// Polls until the job ends; panics with the workers' logs if it fails or takes longer than
 /// `within`.

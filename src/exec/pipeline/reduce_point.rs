@@ -222,7 +222,7 @@ fn check_shards<T>(all: &[ChunkGrads<T>], shards: &Shards) -> Result<(), Pipelin
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::exec::backend::CpuBackend;
     use crate::exec::device::{MemGroup, Pool};
@@ -231,7 +231,7 @@ mod tests {
 
     /// Three replicas' copies of a chunk of two tensors (5 and 4 elements) whose values do
     /// not add exactly in f32, so any other order of the sum shows.
-    fn copies() -> Vec<ChunkGrads<Tensor>> {
+    pub(in crate::exec::pipeline) fn copies() -> Vec<ChunkGrads<Tensor>> {
         let pool = Pool::new("test", 1 << 20);
         (0..3)
             .map(|r| {

@@ -1,24 +1,8 @@
 use super::*;
 use crate::exec::backend::CpuBackend;
-use crate::exec::device::{MemGroup, Pool, PoolRef};
 use crate::exec::pipeline::engine::CpuEngine;
+use crate::exec::pipeline::reduce_point::tests::copies;
 use crate::exec::pipeline::reduce_point::{gather_shards, scatter_sums};
-
-/// Three replicas' copies of a chunk of two tensors (5 and 4 elements) whose values do not
-/// add exactly in f32, so any other order of the sum shows.
-fn copies(pool: &PoolRef) -> Vec<ChunkGrads<Tensor>> {
-    (0..3)
-        .map(|r| {
-            let tensor = |len: usize, salt: f32| {
-                let data = (0..len)
-                    .map(|i| (1.0 + 0.1 * i as f32 + salt) * 10f32.powi(r * 3 - 3))
-                    .collect();
-                Tensor::from_data(pool, "g", &[len], data, MemGroup::Gradients).unwrap()
-            };
-            vec![vec![tensor(5, 0.3), tensor(4, 0.7)]]
-        })
-        .collect()
-}
 
 /// 9 elements over 3 replicas: 0..3 of the first tensor, 3..5 and 0..1, 1..4.
 fn shards() -> Shards {
@@ -42,13 +26,12 @@ fn split_like_one_process(
     spread: impl Fn(&mut [ChunkGrads<Tensor>], &[u32], &mut BTreeMap<u32, Payload>) -> Result<()>,
     owners_sent: impl Fn(u32, &[u32]) -> Vec<u32>,
 ) {
-    let pool = Pool::new("test", 1 << 20);
-    let mut whole = copies(&pool);
+    let mut whole = copies();
     one(&mut whole);
-    let all = copies(&pool);
+    let all = copies();
     let shards = shards();
     for local in [vec![0u32, 2], vec![1]] {
-        let mut here: Vec<ChunkGrads<Tensor>> = copies(&pool)
+        let mut here: Vec<ChunkGrads<Tensor>> = copies()
             .into_iter()
             .enumerate()
             .filter(|(r, _)| local.contains(&(*r as u32)))
@@ -96,10 +79,9 @@ fn gathering_over_processes_gives_one_process_bits() {
 
 #[test]
 fn a_payload_of_another_length_is_refused() {
-    let pool = Pool::new("test", 1 << 20);
-    let all = copies(&pool);
+    let all = copies();
     let shards = shards();
-    let mut here = vec![copies(&pool).swap_remove(1)];
+    let mut here = vec![copies().swap_remove(1)];
     // Replica 0's payload carries what replicas 1 and 2 own: more than this process reads.
     let too_long = owned_values(&all[0], &shards, &[1, 2]).unwrap();
     let short = owned_values(&all[2], &shards, &[]).unwrap();
