@@ -78,7 +78,6 @@ pub async fn create(
         ));
     }
     let (spec, resolved) = checked_spec(&state, &tenant, &body).await?;
-    let planning = resolved.spec.clone();
     let devices = job_devices(&state, &spec).await?;
     let total_steps = total_steps(&resolved.spec).await?;
     let planner = planner(&state)?;
@@ -88,7 +87,8 @@ pub async fn create(
     let stored = serde_json::to_string(&resolved.pinned(&spec)).map_err(ApiError::internal)?;
     // Planning is pure and quick: done first, so the job, its plan and its first states are
     // written in one transaction.
-    let planned = match run_planner(planner, planning, devices, state.host_memory_bytes).await {
+    let planned = match run_planner(planner, resolved.spec, devices, state.host_memory_bytes).await
+    {
         Ok(outcome) => Planned::Queued {
             devices_needed: outcome.summary.devices as i64,
             plan: PlanRow {

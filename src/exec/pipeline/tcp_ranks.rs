@@ -264,10 +264,7 @@ impl OverTcp<'_> {
         local: &[u32],
         here: &mut [ChunkGrads<Tensor>],
     ) -> Result<()> {
-        let remote: Vec<(u32, ReplicaGrads)> = self
-            .take_remote((stage, chunk), local, Collective::Sum)?
-            .into_iter()
-            .collect();
+        let remote = self.take_remote((stage, chunk), local, Collective::Sum)?;
         let Some(first) = here.first() else {
             return Ok(());
         };
@@ -299,10 +296,9 @@ impl OverTcp<'_> {
                         next_here += 1;
                         here[next_here - 1][part][tensor].data()
                     } else {
-                        let (_, grads) =
-                            remote.iter().find(|(r, _)| *r == replica).ok_or_else(|| {
-                                PipelineError::Reduction(format!("replica {replica} is missing"))
-                            })?;
+                        let grads = remote.get(&replica).ok_or_else(|| {
+                            PipelineError::Reduction(format!("replica {replica} is missing"))
+                        })?;
                         &grads[part][tensor]
                     };
                     match &mut sum {

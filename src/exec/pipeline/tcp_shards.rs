@@ -8,6 +8,7 @@
 //! writes the chunk's parts into a checkpoint: per part, the first moments' tensors, then
 //! the second moments'.
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -25,13 +26,13 @@ fn malformed(what: String) -> PipelineError {
 }
 
 /// Elements `range` of tensor `(part, tensor)` of a chunk's `values`.
-fn elements<'a>(
-    values: &'a ChunkGrads<Tensor>,
+fn elements<'a, T: Borrow<Tensor>>(
+    values: &'a ChunkGrads<T>,
     (part, tensor): (usize, usize),
     range: &Range<usize>,
 ) -> Result<&'a [f32]> {
     (values.get(part).and_then(|p| p.get(tensor)))
-        .and_then(|t| t.data().get(range.clone()))
+        .and_then(|t| t.borrow().data().get(range.clone()))
         .ok_or_else(|| {
             malformed(format!(
                 "part {part}, tensor {tensor} has no elements {range:?}"
@@ -59,15 +60,30 @@ pub fn owned_values(
     shards: &Shards,
     owners: &[u32],
 ) -> Result<ReplicaGrads> {
-    let mut out: ReplicaGrads = values.iter().map(|p| vec![Vec::new(); p.len()]).collect();
+    let mut out = nothing_of(values);
     for &owner in owners {
         let owned = shards.get(owner as usize).map_or(&[][..], Vec::as_slice);
-        for (part, tensor, range) in owned {
-            let taken = elements(values, (*part, *tensor), range)?;
-            out[*part][*tensor].extend_from_slice(taken);
-        }
+        take_owned(&mut out, values, owned)?;
     }
     Ok(out)
+}
+
+/// A payload of no elements, shaped as `values`.
+fn nothing_of<T>(values: &ChunkGrads<T>) -> ReplicaGrads {
+    values.iter().map(|p| vec![Vec::new(); p.len()]).collect()
+}
+
+/// Appends `values`' elements at `owned` to `out`, tensor by tensor, in `owned`'s order.
+fn take_owned<T: Borrow<Tensor>>(
+    out: &mut ReplicaGrads,
+    values: &ChunkGrads<T>,
+    owned: &[(usize, usize, Range<usize>)],
+) -> Result<()> {
+    for (part, tensor, range) in owned {
+        let taken = elements(values, (*part, *tensor), range)?;
+        out[*part][*tensor].extend_from_slice(taken);
+    }
+    Ok(())
 }
 
 /// One replica's payload from another process, read in the order it was written.
@@ -213,17 +229,8 @@ pub fn owned_state(
     owned: &[(usize, usize, Range<usize>)],
 ) -> Result<ReplicaGrads> {
     let tensors = moments(states);
-    let mut out: ReplicaGrads = tensors.iter().map(|p| vec![Vec::new(); p.len()]).collect();
-    for (part, tensor, range) in moment_shards(owned, states) {
-        let values = (tensors.get(part).and_then(|p| p.get(tensor)))
-            .and_then(|t| t.data().get(range.clone()))
-            .ok_or_else(|| {
-                malformed(format!(
-                    "part {part} has no optimizer state {tensor} at {range:?}"
-                ))
-            })?;
-        out[part][tensor].extend_from_slice(values);
-    }
+    let mut out = nothing_of(&tensors);
+    take_owned(&mut out, &tensors, &moment_shards(owned, states))?;
     Ok(out)
 }
 
