@@ -125,16 +125,12 @@ impl DeviceSpec {
                         cap_bytes,
                     });
                 }
+                // A GPU named again holds another stage (in one process, as `cuda:0x2` does;
+                // over ranks, each entry is a GPU of its own rank's machine).
                 let gpus = rest
                     .split(',')
                     .map(|g| count(g, "GPU index"))
                     .collect::<Result<Vec<_>, _>>()?;
-                let mut sorted = gpus.clone();
-                sorted.sort_unstable();
-                sorted.dedup();
-                if sorted.len() != gpus.len() {
-                    return Err(bad("a GPU is named twice"));
-                }
                 Ok(DeviceSpec::Cuda {
                     gpus,
                     stages_per_gpu: 1,
@@ -305,7 +301,6 @@ mod tests {
             ("cpu:2x12PiB", "256MiB"),
             ("cuda:a", "GPU index"),
             ("cuda:0x0", "at least 1"),
-            ("cuda:1,1", "named twice"),
             ("tpu:1", "unknown device kind"),
             ("cuda@lots", "the cap is not like"),
             ("cuda:1@0MiB", "more than 0 bytes"),
@@ -330,6 +325,8 @@ mod tests {
             ("cuda:2@1MiB", gpu(2, Some(1 << 20))),
             ("cuda:0,1", stages(&[0, 1], None)),
             ("cuda:1x3@2GiB", stages(&[1, 1, 1], Some(2 << 30))),
+            // A GPU named again holds another stage: over ranks, a GPU of another machine.
+            ("cuda:0,1,0,1@1GiB", stages(&[0, 1, 0, 1], Some(1 << 30))),
         ] {
             let got = target(text);
             assert_eq!(format!("{got:?}"), format!("{want:?}"), "{text}");

@@ -1,4 +1,6 @@
-//! A pipeline on CPU devices spread over processes joined by TCP (`exec::transport::Mesh`).
+//! A pipeline spread over processes joined by TCP (`exec::transport::Mesh`), on any engine:
+//! what leaves a process is staged through host memory (`Engine::wire_out`, `values`), so GPU
+//! ranks meet as CPU ranks do.
 //! Each call of the step's [`Transport`] goes to the devices of this process as in one
 //! process, and to the others' as frames: a send is a tensor frame to the rank that runs the
 //! receiver, a reduction sends this replica's gradients to every rank holding another replica
@@ -7,6 +9,7 @@
 //! A checkpoint is written by every rank, each its own shard, into the staging directory rank
 //! 0 names; rank 0 completes it once every other rank says its shard is written.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -14,16 +17,15 @@ use std::time::{Duration, Instant};
 use crate::exec::checkpoint::sharded::Shard;
 use crate::exec::device::PoolRef;
 use crate::exec::optim::clip::PartSquares;
-use crate::exec::tensor::Tensor;
 use crate::exec::transport::frame::{Frame, ReplicaGrads, WireTensor};
 use crate::exec::transport::{Collective, Mesh, MessageKey, RankSpec};
 
 use super::PipelineError;
-use super::engine::{CpuEngine, Engine, HostMessage};
+use super::engine::{Engine, HostMessage};
 use super::reduce_point::{ChunkGrads, Shards};
 use super::seat::Seat;
 use super::step_sync::{Shares, StepTotals};
-use super::tcp_shards::{Payload, gather_with, owned_values, scatter_with};
+use super::tcp_shards::{Access, OnDevice, Payload, gather_with, owned_values, scatter_with};
 use super::transport::{InProcess, Ranks, Transport};
 
 type Result<T> = std::result::Result<T, PipelineError>;
@@ -49,6 +51,11 @@ impl TcpRanks {
         }
     }
 
+    /// Rank 0, which completes the checkpoints.
+    fn is_first(&self) -> bool {
+        self.spec.rank == 0
+    }
+
     fn devices(&self) -> u32 {
         self.replicas * self.stages
     }
@@ -70,20 +77,16 @@ impl TcpRanks {
     }
 }
 
-impl Ranks<CpuEngine> for TcpRanks {
+impl<E: Engine + Send + 'static> Ranks<E> for TcpRanks {
     fn local(&self) -> Range<u32> {
         self.spec.devices_of(self.spec.rank, self.devices())
     }
 
     fn commits_checkpoints(&self) -> bool {
-        self.spec.rank == 0
+        self.is_first()
     }
 
-    fn transport<'a>(
-        &'a self,
-        step: u64,
-        local: InProcess<CpuEngine>,
-    ) -> Box<dyn Transport<CpuEngine> + 'a> {
+    fn transport<'a>(&'a self, step: u64, local: InProcess<E>) -> Box<dyn Transport<E> + 'a> {
         Box::new(OverTcp {
             ranks: self,
             local,
@@ -151,7 +154,7 @@ impl Ranks<CpuEngine> for TcpRanks {
     }
 
     fn written(&self, step: u64, within: Duration) -> Result<()> {
-        if !self.commits_checkpoints() {
+        if !self.is_first() {
             return Ok(self.mesh.send(0, &Frame::Written { step })?);
         }
         let deadline = Instant::now() + within;
@@ -185,13 +188,13 @@ impl Ranks<CpuEngine> for TcpRanks {
 }
 
 /// One step's transport over the mesh.
-struct OverTcp<'a> {
+struct OverTcp<'a, E: Engine> {
     ranks: &'a TcpRanks,
-    local: InProcess<CpuEngine>,
+    local: InProcess<E>,
     step: u64,
 }
 
-impl OverTcp<'_> {
+impl<E: Engine> OverTcp<'_, E> {
     /// Waits on the mesh for what `take` finds; stops when a device here failed.
     fn wait<T>(
         &self,
@@ -255,22 +258,37 @@ impl OverTcp<'_> {
             .collect())
     }
 
+    /// How this process reads and writes replica `replica`'s copies of `stage`'s tensors.
+    fn access<'e>(&self, engine: &'e E, stage: u32, replica: u32) -> OnDevice<'e, E> {
+        OnDevice {
+            engine,
+            device: replica * self.ranks.stages + stage,
+        }
+    }
+
+    /// As `access`, for each of `local`'s replicas.
+    fn accesses<'e>(&self, engine: &'e E, stage: u32, local: &[u32]) -> Vec<OnDevice<'e, E>> {
+        (local.iter())
+            .map(|&r| self.access(engine, stage, r))
+            .collect()
+    }
+
     /// Every replica's copies of each gradient tensor of (stage, chunk): this process's in
     /// `here` (replicas `local`), the others' from the mesh; sums them in replica order into
     /// `here`'s copies.
     fn sum_with_remote(
         &self,
+        engine: &E,
         (stage, chunk): (u32, u32),
         local: &[u32],
-        here: &mut [ChunkGrads<Tensor>],
+        here: &mut [ChunkGrads<E::Tensor>],
     ) -> Result<()> {
         let remote = self.take_remote((stage, chunk), local, Collective::Sum)?;
         let Some(first) = here.first() else {
             return Ok(());
         };
-        let shape: Vec<Vec<usize>> = first
-            .iter()
-            .map(|part| part.iter().map(Tensor::len).collect())
+        let shape: Vec<Vec<usize>> = (first.iter())
+            .map(|part| part.iter().map(|t| engine.len(t)).collect())
             .collect();
         let differs = |r: &u32, sizes: Vec<Vec<usize>>| {
             PipelineError::Reduction(format!(
@@ -287,28 +305,29 @@ impl OverTcp<'_> {
                 return Err(differs(r, sizes));
             }
         }
+        let access = self.accesses(engine, stage, local);
         for (part, lens) in shape.iter().enumerate() {
             for (tensor, &len) in lens.iter().enumerate() {
-                let mut sum: Option<Vec<f32>> = None;
-                let mut next_here = 0;
+                let mut sum: Vec<f32> = Vec::with_capacity(len);
                 for replica in 0..self.ranks.replicas {
-                    let copy: &[f32] = if local.contains(&replica) {
-                        next_here += 1;
-                        here[next_here - 1][part][tensor].data()
-                    } else {
-                        let grads = remote.get(&replica).ok_or_else(|| {
-                            PipelineError::Reduction(format!("replica {replica} is missing"))
-                        })?;
-                        &grads[part][tensor]
+                    let copy = match local.iter().position(|&l| l == replica) {
+                        Some(j) => access[j].read(&here[j][part][tensor], 0..len)?,
+                        None => match remote.get(&replica) {
+                            Some(grads) => Cow::Borrowed(&grads[part][tensor][..]),
+                            None => {
+                                return Err(PipelineError::Reduction(format!(
+                                    "replica {replica} is missing"
+                                )));
+                            }
+                        },
                     };
-                    match &mut sum {
-                        None => sum = Some(copy.to_vec()),
-                        Some(s) => s.iter_mut().zip(copy).for_each(|(s, c)| *s += *c),
+                    match replica {
+                        0 => sum.extend_from_slice(&copy),
+                        _ => sum.iter_mut().zip(copy.iter()).for_each(|(s, c)| *s += *c),
                     }
                 }
-                let sum = sum.unwrap_or_else(|| vec![0.0; len]);
-                for copies in here.iter_mut() {
-                    copies[part][tensor].data_mut().copy_from_slice(&sum);
+                for (j, copies) in here.iter_mut().enumerate() {
+                    access[j].write(&mut copies[part][tensor], 0..len, &sum)?;
                 }
             }
         }
@@ -316,19 +335,19 @@ impl OverTcp<'_> {
     }
 }
 
-impl Transport<CpuEngine> for OverTcp<'_> {
+impl<E: Engine> Transport<E> for OverTcp<'_, E> {
     fn send(
         &self,
-        engine: &CpuEngine,
+        engine: &E,
         from: u32,
         to: u32,
         key: MessageKey,
-        tensor: Tensor,
+        tensor: E::Tensor,
     ) -> Result<()> {
         if self.local.is_local(to) {
             return self.local.send(engine, from, to, key, tensor);
         }
-        let HostMessage { name, shape, data } = engine.send(from, tensor)?;
+        let HostMessage { name, shape, data } = engine.wire_out(from, tensor)?;
         let frame = Frame::Tensor {
             step: self.step,
             to,
@@ -340,79 +359,87 @@ impl Transport<CpuEngine> for OverTcp<'_> {
 
     fn receive(
         &self,
-        engine: &CpuEngine,
+        engine: &E,
         from: u32,
         at: u32,
         key: MessageKey,
         pool: &PoolRef,
-    ) -> Result<Tensor> {
+    ) -> Result<E::Tensor> {
         if self.local.is_local(from) {
             return self.local.receive(engine, from, at, key, pool);
         }
         let WireTensor { name, shape, data } =
             self.wait(|inbox| inbox.tensors.remove(&(self.step, at, key)))?;
-        engine.receive(at, HostMessage { name, shape, data }, pool)
+        engine.wire_in(at, HostMessage { name, shape, data }, pool)
     }
 
     fn reduce(
         &self,
-        _engine: &CpuEngine,
+        engine: &E,
         seat: Seat,
         chunk: u32,
-        grads: ChunkGrads<Tensor>,
-    ) -> (ChunkGrads<Tensor>, Result<()>) {
+        grads: ChunkGrads<E::Tensor>,
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
         let local = self.local.local_replicas(seat.stage);
+        let mine = self.access(engine, seat.stage, seat.replica);
         let whole = |_: &[u32]| {
-            Ok(grads
-                .iter()
-                .map(|p| p.iter().map(|t| t.data().to_vec()).collect())
-                .collect())
+            (grads.iter())
+                .map(|p| {
+                    (p.iter())
+                        .map(|t| Ok(mine.read(t, 0..engine.len(t))?.into_owned()))
+                        .collect()
+                })
+                .collect()
         };
         if let Err(e) = self.send_to_others(seat, chunk, Collective::Sum, whole) {
             return (grads, Err(e));
         }
         self.local.reduce_here(seat, chunk, grads, |here| {
-            self.sum_with_remote((seat.stage, chunk), &local, here)
+            self.sum_with_remote(engine, (seat.stage, chunk), &local, here)
         })
     }
 
     fn reduce_scatter(
         &self,
-        _engine: &CpuEngine,
+        engine: &E,
         seat: Seat,
         chunk: u32,
-        grads: ChunkGrads<Tensor>,
+        grads: ChunkGrads<E::Tensor>,
         shards: &Shards,
-    ) -> (ChunkGrads<Tensor>, Result<()>) {
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
         // To each other rank, this replica's gradients over what its replicas own.
-        let theirs = |owners: &[u32]| owned_values(&grads, shards, owners);
+        let mine = self.access(engine, seat.stage, seat.replica);
+        let theirs = |owners: &[u32]| owned_values(&mine, &grads, shards, owners);
         if let Err(e) = self.send_to_others(seat, chunk, Collective::Scatter, theirs) {
             return (grads, Err(e));
         }
         let local = self.local.local_replicas(seat.stage);
         self.local.scatter_here(seat, chunk, grads, |here| {
             let mut remote = self.payloads((seat.stage, chunk), &local, Collective::Scatter)?;
-            scatter_with(here, &local, &mut remote, shards)
+            let access = self.accesses(engine, seat.stage, &local);
+            scatter_with(&access, here, &local, &mut remote, shards)
         })
     }
 
     fn all_gather(
         &self,
-        _engine: &CpuEngine,
+        engine: &E,
         seat: Seat,
         chunk: u32,
-        weights: ChunkGrads<Tensor>,
+        weights: ChunkGrads<E::Tensor>,
         shards: &Shards,
-    ) -> (ChunkGrads<Tensor>, Result<()>) {
+    ) -> (ChunkGrads<E::Tensor>, Result<()>) {
         // To each other rank, what this replica owns of its updated weights.
-        let mine = |_: &[u32]| owned_values(&weights, shards, &[seat.replica]);
-        if let Err(e) = self.send_to_others(seat, chunk, Collective::Gather, mine) {
+        let mine = self.access(engine, seat.stage, seat.replica);
+        let owned = |_: &[u32]| owned_values(&mine, &weights, shards, &[seat.replica]);
+        if let Err(e) = self.send_to_others(seat, chunk, Collective::Gather, owned) {
             return (weights, Err(e));
         }
         let local = self.local.local_replicas(seat.stage);
         self.local.gather_here(seat, chunk, weights, |here| {
             let mut remote = self.payloads((seat.stage, chunk), &local, Collective::Gather)?;
-            gather_with(here, &local, &mut remote, shards)
+            let access = self.accesses(engine, seat.stage, &local);
+            gather_with(&access, here, &local, &mut remote, shards)
         })
     }
 

@@ -1,14 +1,15 @@
-//! Sharded optimizer state (ZeRO-1) between ranks, on CPU tensors: what one replica sends of
+//! Sharded optimizer state (ZeRO-1) between ranks: what one replica sends of
 //! a chunk (the elements some replicas own, owner by owner, each owner's ranges in shard
 //! order) and how a process combines the other processes' payloads with its own replicas'
-//! copies. Sums run in replica order and copies are exact, so a sharded run over ranks keeps
+//! copies, read and written through an [`Access`] (the engine's, so GPU tensors are staged
+//! through host memory). Sums run in replica order and copies are exact, so a sharded run over ranks keeps
 //! the bits of one process (`reduce_point::scatter_sums`, `gather_shards`).
 //!
 //! The same payloads carry a replica's shard of a chunk's optimizer state to the rank that
 //! writes the chunk's parts into a checkpoint: per part, the first moments' tensors, then
 //! the second moments'.
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
 use std::ops::Range;
 
@@ -17,6 +18,7 @@ use crate::exec::tensor::Tensor;
 use crate::exec::transport::frame::ReplicaGrads;
 
 use super::PipelineError;
+use super::engine::{Engine, host_range, host_write};
 use super::reduce_point::{ChunkGrads, Shards};
 
 type Result<T> = std::result::Result<T, PipelineError>;
@@ -25,45 +27,96 @@ fn malformed(what: String) -> PipelineError {
     PipelineError::Reduction(what)
 }
 
+/// How a chunk's tensors are read and written: host tensors ([`Host`]), or an engine's on
+/// one of its devices ([`OnDevice`]).
+pub trait Access {
+    type Tensor;
+    /// Elements `range` of `t` (checked).
+    fn read<'t>(&self, t: &'t Self::Tensor, range: Range<usize>) -> Result<Cow<'t, [f32]>>;
+    /// Overwrites elements `range` of `t` (checked) with `src`.
+    fn write(&self, t: &mut Self::Tensor, range: Range<usize>, src: &[f32]) -> Result<()>;
+}
+
+/// Host tensors (a checkpoint's optimizer state).
+#[derive(Debug, Clone, Copy)]
+pub struct Host;
+
+/// The engine's tensors on one device.
+pub struct OnDevice<'a, E> {
+    pub engine: &'a E,
+    pub device: u32,
+}
+
+impl Access for Host {
+    type Tensor = Tensor;
+
+    fn read<'t>(&self, t: &'t Tensor, range: Range<usize>) -> Result<Cow<'t, [f32]>> {
+        host_range(t, range).map(Cow::Borrowed)
+    }
+
+    fn write(&self, t: &mut Tensor, range: Range<usize>, src: &[f32]) -> Result<()> {
+        host_write(t, range, src)
+    }
+}
+
+impl<E: Engine> Access for OnDevice<'_, E> {
+    type Tensor = E::Tensor;
+
+    fn read<'t>(&self, t: &'t E::Tensor, range: Range<usize>) -> Result<Cow<'t, [f32]>> {
+        self.engine.values(self.device, t, range)
+    }
+
+    fn write(&self, t: &mut E::Tensor, range: Range<usize>, src: &[f32]) -> Result<()> {
+        let len = self.engine.len(t);
+        if range.end > len || range.len() != src.len() {
+            return Err(malformed(format!(
+                "a tensor of {len} elements cannot take {} at {range:?}",
+                src.len()
+            )));
+        }
+        self.engine.write(self.device, t, range, src)
+    }
+}
+
 /// Elements `range` of tensor `(part, tensor)` of a chunk's `values`.
-fn elements<'a, T: Borrow<Tensor>>(
+fn elements<'a, A: Access, T: Borrow<A::Tensor>>(
+    access: &A,
     values: &'a ChunkGrads<T>,
     (part, tensor): (usize, usize),
     range: &Range<usize>,
-) -> Result<&'a [f32]> {
-    (values.get(part).and_then(|p| p.get(tensor)))
-        .and_then(|t| t.borrow().data().get(range.clone()))
-        .ok_or_else(|| {
-            malformed(format!(
-                "part {part}, tensor {tensor} has no elements {range:?}"
-            ))
-        })
+) -> Result<Cow<'a, [f32]>>
+where
+    A::Tensor: 'a,
+{
+    let t = (values.get(part).and_then(|p| p.get(tensor)))
+        .ok_or_else(|| malformed(format!("part {part} has no tensor {tensor}")))?;
+    access.read(t.borrow(), range.clone())
 }
 
-fn elements_mut<'a>(
-    values: &'a mut ChunkGrads<Tensor>,
+/// Overwrites elements `range` of tensor `(part, tensor)` of a chunk's `values` with `src`.
+fn write_elements<A: Access>(
+    access: &A,
+    values: &mut ChunkGrads<A::Tensor>,
     (part, tensor): (usize, usize),
     range: &Range<usize>,
-) -> Result<&'a mut [f32]> {
-    (values.get_mut(part).and_then(|p| p.get_mut(tensor)))
-        .and_then(|t| t.data_mut().get_mut(range.clone()))
-        .ok_or_else(|| {
-            malformed(format!(
-                "part {part}, tensor {tensor} has no elements {range:?}"
-            ))
-        })
+    src: &[f32],
+) -> Result<()> {
+    let t = (values.get_mut(part).and_then(|p| p.get_mut(tensor)))
+        .ok_or_else(|| malformed(format!("part {part} has no tensor {tensor}")))?;
+    access.write(t, range.clone(), src)
 }
 
 /// `values`' elements that `owners` own (in the order given), per part and tensor.
-pub fn owned_values(
-    values: &ChunkGrads<Tensor>,
+pub fn owned_values<A: Access>(
+    access: &A,
+    values: &ChunkGrads<A::Tensor>,
     shards: &Shards,
     owners: &[u32],
 ) -> Result<ReplicaGrads> {
     let mut out = nothing_of(values);
     for &owner in owners {
         let owned = shards.get(owner as usize).map_or(&[][..], Vec::as_slice);
-        take_owned(&mut out, values, owned)?;
+        take_owned(access, &mut out, values, owned)?;
     }
     Ok(out)
 }
@@ -74,14 +127,15 @@ fn nothing_of<T>(values: &ChunkGrads<T>) -> ReplicaGrads {
 }
 
 /// Appends `values`' elements at `owned` to `out`, tensor by tensor, in `owned`'s order.
-fn take_owned<T: Borrow<Tensor>>(
+fn take_owned<A: Access, T: Borrow<A::Tensor>>(
+    access: &A,
     out: &mut ReplicaGrads,
     values: &ChunkGrads<T>,
     owned: &[(usize, usize, Range<usize>)],
 ) -> Result<()> {
     for (part, tensor, range) in owned {
-        let taken = elements(values, (*part, *tensor), range)?;
-        out[*part][*tensor].extend_from_slice(taken);
+        let taken = elements(access, values, (*part, *tensor), range)?;
+        out[*part][*tensor].extend_from_slice(&taken);
     }
     Ok(())
 }
@@ -137,11 +191,13 @@ fn payload(remote: &mut BTreeMap<u32, Payload>, replica: u32) -> Result<&mut Pay
     (remote.get_mut(&replica)).ok_or_else(|| malformed(format!("replica {replica} is missing")))
 }
 
-/// `RS<c>` for this process's replicas `local` (their copies `here`, in replica order), with
-/// the other replicas' payloads `remote` (each the elements `local` own): each local owner's
-/// elements summed over every replica in replica order into its copy, zero in the others.
-pub fn scatter_with(
-    here: &mut [ChunkGrads<Tensor>],
+/// `RS<c>` for this process's replicas `local` (their copies `here`, in replica order, each
+/// read and written through `access[j]`), with the other replicas' payloads `remote` (each
+/// the elements `local` own): each local owner's elements summed over every replica in
+/// replica order into its copy, zero in the others.
+pub fn scatter_with<A: Access>(
+    access: &[A],
+    here: &mut [ChunkGrads<A::Tensor>],
     local: &[u32],
     remote: &mut BTreeMap<u32, Payload>,
     shards: &Shards,
@@ -155,21 +211,22 @@ pub fn scatter_with(
             if index(owner).is_some() {
                 for r in 0..replicas {
                     let copy = match index(r) {
-                        Some(j) => elements(&here[j], at, range)?,
-                        None => payload(remote, r)?.next(at, range.len())?,
+                        Some(j) => elements(&access[j], &here[j], at, range)?,
+                        None => Cow::Borrowed(payload(remote, r)?.next(at, range.len())?),
                     };
                     match r {
-                        0 => sum.extend_from_slice(copy),
-                        _ => sum.iter_mut().zip(copy).for_each(|(s, c)| *s += *c),
+                        0 => sum.extend_from_slice(&copy),
+                        _ => sum.iter_mut().zip(copy.iter()).for_each(|(s, c)| *s += *c),
                     }
                 }
             }
+            let zeros = vec![0.0; range.len()];
             for (j, copy) in here.iter_mut().enumerate() {
-                let values = elements_mut(copy, at, range)?;
-                match index(owner) == Some(j) {
-                    true => values.copy_from_slice(&sum),
-                    false => values.fill(0.0),
-                }
+                let values = match index(owner) == Some(j) {
+                    true => &sum,
+                    false => &zeros,
+                };
+                write_elements(&access[j], copy, at, range, values)?;
             }
         }
     }
@@ -177,9 +234,10 @@ pub fn scatter_with(
 }
 
 /// `AG<c>`: every owner's elements (its copy's here, or its payload's) into every other
-/// copy `here`.
-pub fn gather_with(
-    here: &mut [ChunkGrads<Tensor>],
+/// copy `here` (each read and written through `access[j]`).
+pub fn gather_with<A: Access>(
+    access: &[A],
+    here: &mut [ChunkGrads<A::Tensor>],
     local: &[u32],
     remote: &mut BTreeMap<u32, Payload>,
     shards: &Shards,
@@ -189,12 +247,12 @@ pub fn gather_with(
         for (part, tensor, range) in owned {
             let at = (*part, *tensor);
             let values = match index(owner) {
-                Some(i) => elements(&here[i], at, range)?.to_vec(),
+                Some(i) => elements(&access[i], &here[i], at, range)?.into_owned(),
                 None => payload(remote, owner)?.next(at, range.len())?.to_vec(),
             };
             for (j, copy) in here.iter_mut().enumerate() {
                 if index(owner) != Some(j) {
-                    elements_mut(copy, at, range)?.copy_from_slice(&values);
+                    write_elements(&access[j], copy, at, range, &values)?;
                 }
             }
         }
@@ -230,7 +288,7 @@ pub fn owned_state(
 ) -> Result<ReplicaGrads> {
     let tensors = moments(states);
     let mut out = nothing_of(&tensors);
-    take_owned(&mut out, &tensors, &moment_shards(owned, states))?;
+    take_owned(&Host, &mut out, &tensors, &moment_shards(owned, states))?;
     Ok(out)
 }
 
@@ -250,13 +308,9 @@ pub fn fill_state(
             true => state.exp_avg.get_mut(tensor),
             false => state.exp_avg_sq.get_mut(tensor - n),
         };
-        t.and_then(|t| t.data_mut().get_mut(range.clone()))
-            .ok_or_else(|| {
-                malformed(format!(
-                    "part {part} has no optimizer state {tensor} at {range:?}"
-                ))
-            })?
-            .copy_from_slice(values);
+        let t =
+            t.ok_or_else(|| malformed(format!("part {part} has no optimizer state {tensor}")))?;
+        Host.write(t, range, values)?;
     }
     payload.finished()
 }

@@ -8,6 +8,7 @@ mod drive;
 mod error;
 mod evaluate;
 mod host_budget;
+mod over_ranks;
 mod replicas;
 mod setup;
 mod training_pipeline;

@@ -16,8 +16,6 @@ use crate::exec::model::{LlamaConfig, ModelError, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::schedule::LrSchedule;
 use crate::exec::pipeline::{CpuEngine, Engine, Pipeline, Ranks, seeded_parts};
-use crate::exec::pipeline::{PipelineError, TcpRanks};
-use crate::exec::transport::{Mesh, RankSpec};
 use crate::plan::policy::{Offload, Recompute};
 use crate::plan::presets::Cluster;
 use crate::plan::schedule::ScheduleKind;
@@ -135,11 +133,11 @@ pub fn plan_job(
 }
 
 /// Joins a pipeline to the other ranks of its run, once its plan is known.
-type Connect<E> = Box<dyn FnOnce(&Answer) -> Result<Box<dyn Ranks<E>>, RunError>>;
+pub(super) type Connect<E> = Box<dyn FnOnce(&Answer) -> Result<Box<dyn Ranks<E>>, RunError>>;
 
 /// What every rank of one run shares: the job and the plan. Ranks that disagree refuse to
 /// meet instead of training different things.
-fn run_fingerprint(spec: &JobSpec, answer: &Answer) -> u64 {
+pub(super) fn run_fingerprint(spec: &JobSpec, answer: &Answer) -> u64 {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
     hash.update(serde_json::to_vec(spec).unwrap_or_default());
@@ -150,7 +148,7 @@ fn run_fingerprint(spec: &JobSpec, answer: &Answer) -> u64 {
 
 /// How much of a GPU's free memory a run leaves alone: the CUDA context's own allocations,
 /// cuBLAS workspaces and the compiled kernels are not counted in the device's pool.
-const GPU_RESERVE: usize = 1 << 30;
+pub const GPU_RESERVE: usize = 1 << 30;
 
 /// The memory a whole-model run on GPU `ordinal` may use now: its free memory less a
 /// reserve, at most `cap`. Opens the GPU (a clear error where there is no driver or no such
@@ -317,59 +315,10 @@ impl Run {
         Run::on_pipeline(spec, &arch, answer, devices, engine, None)
     }
 
-    /// As `prepare`, for rank `rank.rank` of a run spread over processes: every rank plans
-    /// the whole job on the whole device list (the same plan, so every rank is given the same
-    /// `host_bytes` of host memory, `u64::MAX` for unbounded), then runs its block of the
-    /// plan's devices and reaches the others over TCP (CPU devices only).
-    pub fn prepare_rank(
-        spec: JobSpec,
-        default_devices: &str,
-        rank: RankSpec,
-        host_bytes: u64,
-    ) -> Result<Run, RunError> {
-        let named = spec.devices.as_deref().unwrap_or(default_devices);
-        let Target::CpuPipeline(mut devices) = DeviceSpec::parse(named)?.target() else {
-            return Err(RunError::Spec(vec![SpecError::new(
-                "devices",
-                format!(
-                    "{named}: a run spread over ranks (--rank) runs CPU devices only (tensors \
-                     go between processes over TCP); GPUs in several processes need NCCL \
-                     between them, which is not implemented: name CPU devices such as \
-                     `cpu:2x256MiB`, or run without --rank"
-                ),
-            )]));
-        };
-        spec.validate().map_err(|e| RunError::Spec(e.0))?;
-        devices.host = Pool::new("host", usize::try_from(host_bytes).unwrap_or(usize::MAX));
-        let arch = resolve_arch(&spec)?;
-        let answer = plan_job(&spec, &arch, &devices, DeviceKind::Cpu)?;
-        let engine = CpuEngine {
-            backend: CpuBackend::default(),
-        };
-        let fingerprint_of = spec.clone();
-        let connect = move |answer: &Answer| -> Result<Box<dyn Ranks<CpuEngine>>, RunError> {
-            let plan = &answer.plan;
-            let total = plan.total_devices() as u32;
-            rank.check_divides(total).map_err(PipelineError::from)?;
-            let fingerprint = run_fingerprint(&fingerprint_of, answer);
-            let mesh = Mesh::connect(&rank, fingerprint).map_err(PipelineError::from)?;
-            let stages = plan.devices() as u32;
-            Ok(Box::new(TcpRanks::new(mesh, rank, plan.replicas, stages)))
-        };
-        Run::on_pipeline(
-            spec,
-            &arch,
-            answer,
-            devices,
-            engine,
-            Some(Box::new(connect)),
-        )
-    }
-
     /// Loads a validated `spec`'s data and places the model on the pipeline runtime over
     /// `engine`, running `answer`'s plan on `devices`; with `connect`, only the devices of this
     /// process's rank, reaching the others through what `connect` makes of the plan.
-    fn on_pipeline<E>(
+    pub(super) fn on_pipeline<E>(
         spec: JobSpec,
         arch: &ModelArch,
         answer: Answer,
@@ -482,7 +431,7 @@ fn stage_pools(
 }
 
 /// Each stage's pool name and budget, given what each stage's GPU has free (`free[stage]`).
-fn stage_budgets(
+pub(super) fn stage_budgets(
     stage_gpus: &[usize],
     cap: Option<usize>,
     free: &[usize],

@@ -9,6 +9,7 @@
 //! overlapping compute: every operation here first makes the compute stream wait for
 //! prefetches into the tensors it reads.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use cudarc::driver::DevicePtr;
@@ -25,10 +26,11 @@ use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::clip::tensor_squares;
 use crate::exec::pipeline::PipelineError;
-use crate::exec::pipeline::engine::{At, Engine, HostPart, Kept, Update};
+use crate::exec::pipeline::engine::{At, Engine, HostMessage, HostPart, Kept, Update};
 use crate::plan::inventory::{DType, keeps_act_copy};
 
 mod replicas;
+mod wire;
 
 type Result<T> = std::result::Result<T, PipelineError>;
 
@@ -56,6 +58,9 @@ pub struct GpuEngine {
     /// Devices per replica: run-wide device `d` is stage `d % stages` of replica
     /// `d / stages` (every device one replica's until `replicate` says otherwise).
     pub(super) stages: usize,
+    /// The run-wide index of `stage_gpu[0]`: 0, or where a rank's devices start
+    /// (`open_rank`).
+    first: usize,
 }
 
 impl GpuEngine {
@@ -89,7 +94,30 @@ impl GpuEngine {
             gpus,
             stage_gpu,
             stages,
+            first: 0,
         })
+    }
+
+    /// The GPUs of one rank of a run spread over processes: run-wide devices `local` on GPUs
+    /// `ordinals` (one per device, repeats allowed), each GPU opened once. The run's other
+    /// devices are other processes' and never asked of this engine. No replica groups: a
+    /// rank's replicas meet the others' through host memory (`TcpRanks`), which never asks
+    /// the engine to sum replicas.
+    pub fn open_rank(
+        ordinals: &[usize],
+        local: Range<u32>,
+        precision: Precision,
+    ) -> std::result::Result<Self, CudaError> {
+        if ordinals.len() != local.len() {
+            return Err(CudaError::Unsupported(format!(
+                "devices {local:?} of a rank need {} GPUs; {} were named",
+                local.len(),
+                ordinals.len()
+            )));
+        }
+        let mut engine = GpuEngine::open(ordinals, precision)?;
+        engine.first = local.start as usize;
+        Ok(engine)
     }
 
     /// Runs `replicas` copies of a `stages`-device pipeline on the first stages x replicas
@@ -147,12 +175,13 @@ impl GpuEngine {
             gpus: vec![gpu],
             stage_gpu: vec![0],
             stages: 1,
+            first: 0,
         }
     }
 
     /// The GPU that runs plan device `device`, to change its settings (profiling).
     pub fn gpu_mut(&mut self, device: u32) -> &mut Gpu {
-        &mut self.gpus[self.stage_gpu[device as usize]]
+        &mut self.gpus[self.stage_gpu[device as usize - self.first]]
     }
 
     /// Waits for everything queued on every GPU, NCCL's transfers included.
@@ -168,7 +197,7 @@ impl GpuEngine {
 
     /// The GPU that runs plan device `device`.
     pub fn gpu(&self, device: u32) -> &Gpu {
-        &self.gpus[self.stage_gpu[device as usize]]
+        &self.gpus[self.stage_gpu[device as usize - self.first]]
     }
 
     fn ctx<'a>(&'a self, at: At<'a>) -> PartCtx<'a, Gpu> {
@@ -294,6 +323,27 @@ impl Engine for GpuEngine {
         let (from, to) = (self.gpu(m.from), self.gpu(device));
         let group = MemGroup::Activations;
         Ok(m.tensor.attach(from, to, self.nccl.as_ref(), pool, group)?)
+    }
+
+    fn wire_out(&self, device: u32, t: GpuTensor) -> Result<HostMessage> {
+        self.copy_out(device, t)
+    }
+
+    fn wire_in(&self, device: u32, m: HostMessage, pool: &PoolRef) -> Result<GpuTensor> {
+        self.copy_in(device, m, pool)
+    }
+
+    fn values<'t>(
+        &self,
+        device: u32,
+        t: &'t GpuTensor,
+        within: Range<usize>,
+    ) -> Result<Cow<'t, [f32]>> {
+        self.read_values(device, t, within)
+    }
+
+    fn len(&self, t: &GpuTensor) -> usize {
+        t.len()
     }
 
     /// Host weights become host-resident GPU tensors without a copy; the pipeline uploads

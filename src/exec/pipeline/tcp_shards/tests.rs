@@ -13,6 +13,11 @@ fn shards() -> Shards {
     ]
 }
 
+/// Host access for each of `local`'s copies.
+fn hosts(local: &[u32]) -> Vec<Host> {
+    vec![Host; local.len()]
+}
+
 fn bits(copy: &ChunkGrads<Tensor>) -> Vec<Vec<u32>> {
     (copy.iter().flatten())
         .map(|t| t.data().iter().map(|x| x.to_bits()).collect())
@@ -40,7 +45,7 @@ fn split_like_one_process(
         let mut remote: BTreeMap<u32, Payload> = (0..3u32)
             .filter(|r| !local.contains(r))
             .map(|r| {
-                let sent = owned_values(&all[r as usize], &shards, &owners_sent(r, &local));
+                let sent = owned_values(&Host, &all[r as usize], &shards, &owners_sent(r, &local));
                 (r, Payload::new(r, sent.unwrap()))
             })
             .collect();
@@ -58,7 +63,7 @@ fn scattering_over_processes_gives_one_process_bits() {
     };
     split_like_one_process(
         |all| scatter_sums(&engine, 0, all, &shards()).unwrap(),
-        |here, local, remote| scatter_with(here, local, remote, &shards()),
+        |here, local, remote| scatter_with(&hosts(local), here, local, remote, &shards()),
         // A replica sends what the receiving process's replicas own.
         |_, local| local.to_vec(),
     );
@@ -71,7 +76,7 @@ fn gathering_over_processes_gives_one_process_bits() {
     };
     split_like_one_process(
         |all| gather_shards(&engine, 0, all, &shards()).unwrap(),
-        |here, local, remote| gather_with(here, local, remote, &shards()),
+        |here, local, remote| gather_with(&hosts(local), here, local, remote, &shards()),
         // A replica sends what it owns.
         |sender, _| vec![sender],
     );
@@ -83,10 +88,10 @@ fn a_payload_of_another_length_is_refused() {
     let shards = shards();
     let mut here = vec![copies().swap_remove(1)];
     // Replica 0's payload carries what replicas 1 and 2 own: more than this process reads.
-    let too_long = owned_values(&all[0], &shards, &[1, 2]).unwrap();
-    let short = owned_values(&all[2], &shards, &[]).unwrap();
+    let too_long = owned_values(&Host, &all[0], &shards, &[1, 2]).unwrap();
+    let short = owned_values(&Host, &all[2], &shards, &[]).unwrap();
     let mut remote = BTreeMap::from([(0, Payload::new(0, too_long)), (2, Payload::new(2, short))]);
-    let err = scatter_with(&mut here, &[1], &mut remote, &shards).unwrap_err();
+    let err = scatter_with(&[Host], &mut here, &[1], &mut remote, &shards).unwrap_err();
     assert!(
         err.to_string()
             .contains("replica 2's payload holds too few"),
@@ -95,14 +100,14 @@ fn a_payload_of_another_length_is_refused() {
     let mut remote = BTreeMap::from([
         (
             0,
-            Payload::new(0, owned_values(&all[0], &shards, &[1, 2]).unwrap()),
+            Payload::new(0, owned_values(&Host, &all[0], &shards, &[1, 2]).unwrap()),
         ),
         (
             2,
-            Payload::new(2, owned_values(&all[2], &shards, &[1]).unwrap()),
+            Payload::new(2, owned_values(&Host, &all[2], &shards, &[1]).unwrap()),
         ),
     ]);
-    let err = scatter_with(&mut here, &[1], &mut remote, &shards).unwrap_err();
+    let err = scatter_with(&[Host], &mut here, &[1], &mut remote, &shards).unwrap_err();
     assert!(
         err.to_string().contains("replica 0's payload holds more"),
         "{err}"
