@@ -165,6 +165,28 @@ mod tests {
         assert!(!memo.knows_unfit("job", &Asked::new("{}", &cluster, slow)));
     }
 
+    /// A CPU worker whose devices are all held leaves: the free devices are the same GPUs,
+    /// but the cluster now plans over them.
+    #[test]
+    fn the_clusters_kind_is_part_of_the_question() {
+        let gpu = ClusterDeviceRow {
+            kind: "cuda".into(),
+            ..device("g", "cuda:0", 1 << 30, None)
+        };
+        let with_cpu = [device("c", "cpu:0", 64, Some("other")), gpu.clone()];
+        let memo = UnfitMemo::default();
+        memo.remember(
+            "job",
+            Asked::new("{}", &with_cpu, NetworkFigures::default()),
+        );
+        assert!(memo.knows_unfit(
+            "job",
+            &Asked::new("{}", &with_cpu, NetworkFigures::default())
+        ));
+        let gpus_only = Asked::new("{}", &[gpu], NetworkFigures::default());
+        assert!(!memo.knows_unfit("job", &gpus_only));
+    }
+
     #[test]
     fn only_queued_jobs_are_kept_and_at_most_so_many() {
         let memo = UnfitMemo::default();
