@@ -56,16 +56,16 @@ pub(super) async fn checked_spec(
     Ok((spec, resolved))
 }
 
-/// The devices a job body asks for, else the service's. CPU devices may be any size (they
-/// are the plan's budget); GPUs must be the service's own, whose memory it measured.
-/// The devices a job body is planned on: those it names; else, on a cluster of several
-/// CPU workers, all of theirs (a job too big for one worker is planned again over the free
-/// ones when it is reserved); else the service's own.
+/// The devices a job body is planned on: those it names (CPU devices may be any size, they
+/// are the plan's budget; GPUs must be the service's own, whose memory it measured); else, on
+/// a cluster of several workers of CPU devices only or of GPUs only, all of theirs (a job too
+/// big for one worker is planned again over the free ones when it is reserved); else the
+/// service's own.
 pub(super) async fn job_devices(state: &AppState, spec: &JobSpec) -> ApiResult<Vec<DeviceInfo>> {
     if spec.devices.is_none()
-        && let Some(text) = cluster_for_new_jobs(&state.store.cluster_devices().await?)
+        && let Some(cluster) = cluster_for_new_jobs(&state.store.cluster_devices().await?)
     {
-        return parse_devices(&text).map_err(ApiError::internal);
+        return Ok(cluster.devices);
     }
     named_devices(state, spec)
 }

@@ -196,8 +196,10 @@ impl JobRunner for ExecRunner {
         true
     }
 
-    /// Rank `rank.rank` of a job spanning workers: CPU devices only, over TCP (the job's
-    /// `devices` name the whole plan's devices, as `chronospipe train` of it would).
+    /// Rank `rank.rank` of a job spanning workers, over TCP (the job's `devices` name the
+    /// whole plan's devices, as `chronospipe train` of it would: `cpu:NxSIZE`, or each
+    /// run-wide device's GPU on its own worker with one cap, `cuda:0,1,0,1@40GiB`; what
+    /// `Run::prepare_rank` does not take it refuses by name).
     fn run_rank(
         &self,
         request: RunRequest,

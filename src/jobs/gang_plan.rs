@@ -1,5 +1,6 @@
 //! A job that names no `devices`, planned over the cluster when it is reserved across workers:
-//! over the free CPU devices of the live workers (whole machines first, on each whole workers
+//! over the free devices of one kind (`kind`: GPUs when every live worker's devices are GPUs,
+//! else the CPU devices) of the live workers (whole machines first, on each whole workers
 //! first), every degree pair (stages x replicas) the job's `parallelism` allows over the first
 //! one, two, ... workers is planned (`degrees`; the planner picks schedule, micro-batches,
 //! recompute, offload and sharding within each), each plan's devices go on the machines
@@ -16,12 +17,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::devices::parse_devices;
+use super::devices::DeviceInfo;
 use super::planner::{PlanOutcome, Planner};
 use super::resolve::resolve_files;
 use crate::exec::run::resolve_arch;
 use crate::plan::Plan;
-use crate::plan::inventory::Profile;
 use crate::plan::machines::{place, traffic};
 use crate::plan::network::NetworkFigures;
 use crate::plan::tensors::MicroShape;
@@ -30,9 +30,7 @@ use crate::store::{ClusterDeviceRow, JobRow, PlanRow, RankPlacement, Store};
 pub use choice::{Compared, Rival};
 use choice::{choose, milliseconds};
 use degrees::degree_pairs;
-
-/// Bytes of one tensor element on the CPU devices jobs spanning workers run on (f32).
-const CPU_ELEMENT_BYTES: u64 = 4;
+pub use kind::{GangKind, cpu_devices, cuda_devices};
 
 /// What every rank of one attempt plans on: the devices (as `chronospipe train` would name
 /// them), the degrees the reserving worker's plan chose and the host memory it was planned
@@ -140,26 +138,32 @@ fn free_count(devices: &[ClusterDeviceRow], worker: &str) -> usize {
         .count()
 }
 
-/// `cpu:NxSIZE` for `count` CPU devices of `bytes` each.
-pub fn cpu_devices(count: usize, bytes: i64) -> String {
-    let bytes = bytes.max(0);
-    match bytes % (1 << 20) {
-        0 => format!("cpu:{count}x{}MiB", bytes >> 20),
-        _ => format!("cpu:{count}x{bytes}"),
-    }
+/// The devices a job is planned on: as `chronospipe train` would name them, and as the
+/// planner takes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedDevices {
+    pub text: String,
+    pub devices: Vec<DeviceInfo>,
 }
 
-/// The devices a job naming none is planned on when it is created: every live worker's CPU
+/// The devices a job naming none is planned on when it is created: every live worker's
 /// devices (each taken at the least memory among them), when there are several workers and
-/// they all have CPU devices only. `None`: plan on the service's own devices.
-pub fn cluster_for_new_jobs(devices: &[ClusterDeviceRow]) -> Option<String> {
+/// their devices are all CPU devices (`cpu:NxSIZE`) or all GPUs (`cuda:I,J,...@CAP`, each
+/// GPU's ordinal on its worker, in the store's order). `None`: plan on the service's own
+/// devices (one worker, or CPU devices and GPUs mixed: see `kind`).
+pub fn cluster_for_new_jobs(devices: &[ClusterDeviceRow]) -> Option<NamedDevices> {
     let first = devices.first()?;
     let several = devices.iter().any(|d| d.worker_id != first.worker_id);
-    if !several || devices.iter().any(|d| d.kind != "cpu") {
+    let kind = GangKind::of_cluster(devices);
+    if !several || !devices.iter().all(|d| kind.takes(d)) {
         return None;
     }
     let least = devices.iter().map(|d| d.memory_bytes).min()?;
-    Some(cpu_devices(devices.len(), least))
+    let all: Vec<&ClusterDeviceRow> = devices.iter().collect();
+    Some(NamedDevices {
+        text: kind.devices(&all, least),
+        devices: kind.infos(&all, least),
+    })
 }
 
 /// Why a job naming no `devices` is not planned over the cluster now.
@@ -172,10 +176,10 @@ pub enum NotPlanned {
     DoesNotFit(String),
 }
 
-/// Plans `job` (which names no `devices`) over the free CPU devices among `devices` (every
-/// live worker's): each degree pair its `parallelism` allows over the first workers' free
-/// devices (`degrees`) is planned, placed, and the one with the least simulated step time
-/// plus network time per step taken (`choice`).
+/// Plans `job` (which names no `devices`) over the free devices of the cluster's kind among
+/// `devices` (every live worker's): each degree pair its `parallelism` allows over the first
+/// workers' free devices (`degrees`) is planned, placed, and the one with the least simulated
+/// step time plus network time per step taken (`choice`).
 pub async fn plan_over_cluster(
     store: &dyn Store,
     planner: Arc<dyn Planner>,
@@ -202,8 +206,9 @@ async fn plan_resolved(
     resolved: &JobSpec,
     devices: &[ClusterDeviceRow],
 ) -> Result<ClusterPlan, NotPlanned> {
+    let kind = GangKind::of_cluster(devices);
     let slots: Vec<&ClusterDeviceRow> = (free_in_order(devices).into_iter())
-        .filter(|d| d.kind == "cpu")
+        .filter(|d| kind.takes(d))
         .collect();
     let on_cluster = resolved.clone();
     let pairs = degree_pairs(
@@ -211,23 +216,29 @@ async fn plan_resolved(
         on_cluster.training.microbatches,
         &whole_workers(&slots),
     );
-    let layouts: Vec<GangLayout> = (pairs.iter())
-        .map(|d| GangLayout {
-            devices: cpu_devices(d.devices(), least_memory(&slots[..d.devices()])),
-            stages: d.stages as u32,
-            data_parallel: d.replicas as u32,
-            host_memory_bytes: host_budget(&slots[..d.devices()]),
+    // Planned on the first slots; `place_plan` orders them (a GPU layout's ordinals with them).
+    let layouts: Vec<(GangLayout, Vec<DeviceInfo>)> = (pairs.iter())
+        .map(|d| {
+            let first = &slots[..d.devices()];
+            let least = least_memory(first);
+            let layout = GangLayout {
+                devices: kind.devices(first, least),
+                stages: d.stages as u32,
+                data_parallel: d.replicas as u32,
+                host_memory_bytes: host_budget(first),
+            };
+            (layout, kind.infos(first, least))
         })
         .collect();
     let planned = plan_each(planner, &on_cluster, &layouts).await?;
     let mut placed = Vec::new();
     let mut refusals = Vec::new();
-    for (layout, outcome) in layouts.into_iter().zip(planned) {
+    for ((layout, _), outcome) in layouts.into_iter().zip(planned) {
         let mut spec = on_cluster.clone();
         layout.apply(&mut spec);
         let used = (layout.stages * layout.data_parallel) as usize;
         let least = least_memory(&slots[..used]);
-        match outcome.map(|o| place_plan(&spec, o, &slots, least, network)) {
+        match outcome.map(|o| place_plan(&spec, o, kind, &slots, least, network)) {
             Ok(Some(plan)) => placed.push(plan),
             Ok(None) => refusals.push(format!("{}: its plan cannot be placed", layout.said())),
             Err(e) => refusals.push(format!("{}: {e}", layout.said())),
@@ -235,31 +246,35 @@ async fn plan_resolved(
     }
     choose(placed).ok_or_else(|| {
         NotPlanned::DoesNotFit(if refusals.is_empty() {
-            format!("no degree pair fits the {} free CPU devices", slots.len())
+            format!(
+                "no degree pair fits the {} free {}",
+                slots.len(),
+                kind.plural()
+            )
         } else {
             refusals.join("; ")
         })
     })
 }
 
-/// The planner's answer for `spec` on each layout, all on one blocking thread.
+/// The planner's answer for `spec` on each layout (with the devices it names), all on one
+/// blocking thread.
 async fn plan_each(
     planner: Arc<dyn Planner>,
     spec: &JobSpec,
-    layouts: &[GangLayout],
+    layouts: &[(GangLayout, Vec<DeviceInfo>)],
 ) -> Result<Vec<Result<PlanOutcome, String>>, NotPlanned> {
-    let asked: Vec<(JobSpec, GangLayout)> = (layouts.iter())
-        .map(|layout| {
+    let asked: Vec<(JobSpec, Vec<DeviceInfo>, u64)> = (layouts.iter())
+        .map(|(layout, infos)| {
             let mut pinned = spec.clone();
             layout.apply(&mut pinned);
-            (pinned, layout.clone())
+            let host = layout.host_memory_bytes.unwrap_or(u64::MAX);
+            (pinned, infos.clone(), host)
         })
         .collect();
     let planning = move || {
         (asked.into_iter())
-            .map(|(spec, layout)| {
-                let infos = parse_devices(&layout.devices).map_err(|e| e.to_string())?;
-                let host = layout.host_memory_bytes.unwrap_or(u64::MAX);
+            .map(|(spec, infos, host)| {
                 (planner.plan(&spec, &infos, host)).map_err(|e| e.to_string())
             })
             .collect()
@@ -306,11 +321,13 @@ fn least_memory(slots: &[&ClusterDeviceRow]) -> i64 {
     slots.iter().map(|d| d.memory_bytes).min().unwrap_or(0)
 }
 
-/// Puts a plan made over `slots` on them: its devices on the first slots, ordered so the
-/// pairs that talk most share a machine (a host: one machine's slots are consecutive).
+/// Puts a plan made over `slots` (of `kind`) on them: its devices on the first slots, ordered
+/// so the pairs that talk most share a machine (a host: one machine's slots are consecutive).
+/// Its traffic is counted at the sizes the devices' backend sends at the spec's precision.
 fn place_plan(
     spec: &JobSpec,
     outcome: PlanOutcome,
+    kind: GangKind,
     slots: &[&ClusterDeviceRow],
     least: i64,
     network: &NetworkFigures,
@@ -324,7 +341,8 @@ fn place_plan(
         batch: spec.training.micro_batch_size,
         seq: spec.training.seq_len,
     };
-    let moved = traffic(&plan, Profile::CpuF32, &dims, micro, CPU_ELEMENT_BYTES);
+    let profile = kind.profile(spec.training.precision)?;
+    let moved = traffic(&plan, profile, &dims, micro);
     let mut machines: Vec<String> = Vec::new();
     let slot_machine: Vec<usize> = (slots.iter())
         .map(|d| match machines.iter().position(|m| *m == d.host) {
@@ -343,16 +361,18 @@ fn place_plan(
         &slot_machine,
         &links,
     );
-    let ranks = (placed.slot.iter())
-        .map(|s| RankPlacement {
-            worker_id: slots[*s].worker_id.clone(),
-            device_id: slots[*s].device_id.clone(),
+    // Rank `r` (run-wide device `r`) on `by_rank[r]`.
+    let by_rank: Vec<&ClusterDeviceRow> = placed.slot.iter().map(|s| slots[*s]).collect();
+    let ranks = (by_rank.iter())
+        .map(|d| RankPlacement {
+            worker_id: d.worker_id.clone(),
+            device_id: d.device_id.clone(),
         })
         .collect();
     Some(ClusterPlan {
         ranks,
         layout: GangLayout {
-            devices: cpu_devices(used, least),
+            devices: kind.devices(&by_rank, least),
             stages: summary.stages,
             data_parallel: summary.replicas,
             host_memory_bytes: host_budget(slots),
@@ -367,5 +387,6 @@ fn place_plan(
 
 mod choice;
 mod degrees;
+mod kind;
 #[cfg(test)]
 mod tests;

@@ -55,6 +55,14 @@ impl Profile {
         }
     }
 
+    /// The type of the activations (what pipeline neighbours send each other).
+    pub fn activation_dtype(self) -> DType {
+        match self {
+            Profile::CpuF32 | Profile::CudaF32 => DType::F32,
+            Profile::CudaBf16 | Profile::MegatronBf16 { .. } => DType::Bf16,
+        }
+    }
+
     /// Ranks one tensor-parallel group spans (1 for the CPU profile).
     pub fn tensor_parallel(self) -> usize {
         match self {

@@ -71,24 +71,21 @@ impl Traffic {
 }
 
 /// The traffic of `plan`, run by `plan.replicas` replicas (run-wide device `d` is stage
-/// `d % stages` of replica `d / stages`), for a model of `dims` whose tensors take
-/// `element_bytes` each, in micro-batches of `micro`.
-pub fn traffic(
-    plan: &Plan,
-    profile: Profile,
-    dims: &ModelDims,
-    micro: MicroShape,
-    element_bytes: u64,
-) -> Traffic {
+/// `d % stages` of replica `d / stages`), for a model of `dims` laid out as `profile` (which
+/// says the bytes of an activation, a gradient and a weight), in micro-batches of `micro`.
+pub fn traffic(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShape) -> Traffic {
     let stages = plan.devices() as u32;
     let replicas = plan.replicas.max(1);
-    let boundary = (micro.batch * micro.seq * dims.hidden) as f64 * element_bytes as f64;
-    let chunk_bytes: Vec<f64> = (plan.chunks.iter())
+    let activation = profile.activation_dtype().bytes() as f64;
+    let state = profile.state_bytes();
+    let boundary = (micro.batch * micro.seq * dims.hidden) as f64 * activation;
+    // A chunk's parameters: its gradients are reduced, its weights gathered.
+    let chunk_params: Vec<f64> = (plan.chunks.iter())
         .map(|c| {
             let params: u64 = (c.parts().into_iter())
                 .map(|p| part_params(profile, dims, p))
                 .sum();
-            params as f64 * element_bytes as f64
+            params as f64
         })
         .collect();
     // One ring hop of a collective moving `halves` halves of an all-reduce of `bytes`.
@@ -103,7 +100,8 @@ pub fn traffic(
     let tie_devices: Vec<u32> = (0..stages)
         .filter(|&d| plan.programs[d as usize].contains(&Action::Tie))
         .collect();
-    let table = (dims.vocab * dims.hidden) as f64 * element_bytes as f64;
+    // The tied table's gradient.
+    let table = (dims.vocab * dims.hidden) as f64 * state.grad as f64;
     let mut traffic = Traffic::default();
     for replica in 0..replicas {
         let base = replica * stages;
@@ -117,9 +115,12 @@ pub fn traffic(
                         continue;
                     }
                     Action::Reduce { chunk, shard } => {
-                        ring(chunk_bytes[chunk as usize], if shard { 1.0 } else { 2.0 })
+                        let bytes = chunk_params[chunk as usize] * state.grad as f64;
+                        ring(bytes, if shard { 1.0 } else { 2.0 })
                     }
-                    Action::Gather { chunk } => ring(chunk_bytes[chunk as usize], 1.0),
+                    Action::Gather { chunk } => {
+                        ring(chunk_params[chunk as usize] * state.weight as f64, 1.0)
+                    }
                     Action::Tie => {
                         if let Some(&peer) = tie_devices.iter().find(|&&d| d != device) {
                             traffic.add(base + device, base + peer, table, 1);

@@ -44,6 +44,7 @@ mod planning_once {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::jobs::gang_plan::GangLayout;
     use crate::jobs::{DeviceInfo, ExecPlanner, PlanFailure, PlanOutcome};
     use crate::store::{
         ClusterStore, FileRow, NewJob, PlanRow, Planned, SqliteStore, WorkerDevice,
@@ -77,6 +78,11 @@ mod planning_once {
     }
 
     fn registration(worker: &str) -> WorkerRegistration {
+        registered(worker, "cpu", 64 << 20)
+    }
+
+    /// A worker of two devices of `kind` (`cpu:0`, `cpu:1` or `cuda:0`, `cuda:1`).
+    fn registered(worker: &str, kind: &str, memory_bytes: i64) -> WorkerRegistration {
         WorkerRegistration {
             worker_id: worker.into(),
             host: format!("host-{worker}"),
@@ -84,11 +90,77 @@ mod planning_once {
             host_memory_bytes: None,
             devices: (0..2)
                 .map(|i| WorkerDevice {
-                    device_id: format!("cpu:{i}"),
-                    kind: "cpu".into(),
-                    memory_bytes: 64 << 20,
+                    device_id: format!("{kind}:{i}"),
+                    kind: kind.into(),
+                    memory_bytes,
                 })
                 .collect(),
+        }
+    }
+
+    /// A store of one tenant with the training text uploaded as `file_train`.
+    async fn store_with_text(dir: &std::path::Path) -> (SqliteStore, String) {
+        let url = format!("sqlite://{}", dir.join("store.db").display());
+        let store = SqliteStore::connect(&url).await.unwrap();
+        let tenant = store.create_tenant("t").await.unwrap().id;
+        let corpus = dir.join("corpus.txt");
+        std::fs::write(&corpus, "a corpus").unwrap();
+        let file = FileRow {
+            id: "file_train".into(),
+            tenant_id: tenant.clone(),
+            purpose: "train".into(),
+            filename: "corpus.txt".into(),
+            bytes: 8,
+            sha256: String::new(),
+            path: corpus.display().to_string(),
+            created_at: 0,
+        };
+        store.insert_file(&file).await.unwrap();
+        (store, tenant)
+    }
+
+    /// Two GPU workers: a four-stage job naming no devices is reserved across both, each
+    /// rank on a GPU of its worker (where that worker picks it up), and the layout kept with
+    /// the reservation names each rank's GPU by its ordinal there.
+    #[tokio::test]
+    async fn gpu_workers_take_ranks_of_a_job_planned_over_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, tenant) = store_with_text(dir.path()).await;
+        for worker in ["g1", "g2"] {
+            let registration = registered(worker, "cuda", 40 << 30);
+            store.register_worker(&registration, 60_000).await.unwrap();
+        }
+        let body = serde_json::json!({
+            "model": {"hidden_size": 32, "num_layers": 4, "num_heads": 4, "intermediate_size": 48, "vocab_size": 256},
+            "data": {"train": "file_train"},
+            "training": {"seq_len": 16, "micro_batch_size": 1, "microbatches": 4, "steps": 1},
+            "parallelism": {"stages": 4}
+        });
+        let job = queued(&tenant, &body.to_string(), 4);
+        store.insert_job(&job).await.unwrap();
+        let planning = GangPlanning::new(Arc::new(ExecPlanner), Configured::default());
+        let reserved = reserve_next(&store, Some(&planning), Duration::from_secs(60))
+            .await
+            .unwrap()
+            .expect("four GPUs hold four stages");
+        assert_eq!(reserved.job_id, job.id);
+        let layout: GangLayout = serde_json::from_str(reserved.layout.as_deref().unwrap()).unwrap();
+        assert_eq!(layout.devices, "cuda:0,1,0,1@40GiB");
+        assert_eq!((layout.stages, layout.data_parallel), (4, 1));
+        for worker in ["g1", "g2"] {
+            let ranks = store.worker_ranks(worker).await.unwrap();
+            let held: Vec<(i64, &str, &str)> = (ranks.iter())
+                .map(|r| (r.rank, r.device_id.as_str(), r.state.as_str()))
+                .collect();
+            let (first, second) = if worker == "g1" { (0, 1) } else { (2, 3) };
+            assert_eq!(
+                held,
+                [
+                    (first, "cuda:0", "reserved"),
+                    (second, "cuda:1", "reserved")
+                ],
+                "{worker}"
+            );
         }
     }
 
@@ -119,22 +191,7 @@ mod planning_once {
     #[tokio::test]
     async fn an_unchanged_cluster_is_not_planned_again() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("store.db").display());
-        let store = SqliteStore::connect(&url).await.unwrap();
-        let tenant = store.create_tenant("t").await.unwrap().id;
-        let corpus = dir.path().join("corpus.txt");
-        std::fs::write(&corpus, "a corpus").unwrap();
-        let file = FileRow {
-            id: "file_train".into(),
-            tenant_id: tenant.clone(),
-            purpose: "train".into(),
-            filename: "corpus.txt".into(),
-            bytes: 8,
-            sha256: String::new(),
-            path: corpus.display().to_string(),
-            created_at: 0,
-        };
-        store.insert_file(&file).await.unwrap();
+        let (store, tenant) = store_with_text(dir.path()).await;
         for worker in ["w1", "w2"] {
             let registration = registration(worker);
             store.register_worker(&registration, 60_000).await.unwrap();

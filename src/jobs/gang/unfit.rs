@@ -1,13 +1,15 @@
 //! What a worker remembers of the queued jobs that did not fit the cluster's free devices, so
 //! an idle worker polling an unchanged cluster does not resolve files and plan them again on
-//! every poll. The answer is kept with what it depends on (`Asked`: the job's body, the free
-//! devices with their workers, hosts and memory, the host memory and the network's figures);
-//! any change in those plans the job again. Only the last answer per job is kept, only for
-//! jobs still queued, and at most `MOST_REMEMBERED` of them.
+//! every poll. The answer is kept with what it depends on (`Asked`: the job's body, the kind
+//! of devices the cluster plans on, the free devices with their workers, hosts and memory, the
+//! host memory and the network's figures); any change in those plans the job again. Only the
+//! last answer per job is kept, only for jobs still queued, and at most `MOST_REMEMBERED` of
+//! them.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::jobs::gang_plan::GangKind;
 use crate::plan::network::NetworkFigures;
 use crate::store::ClusterDeviceRow;
 
@@ -29,6 +31,9 @@ struct FreeDevice {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Asked {
     spec: String,
+    /// The kind of devices the cluster plans on (a worker leaving may change it while the
+    /// free devices stay).
+    kind: GangKind,
     free: Vec<FreeDevice>,
     network: NetworkFigures,
 }
@@ -49,6 +54,7 @@ impl Asked {
             .collect();
         Asked {
             spec: spec.to_owned(),
+            kind: GangKind::of_cluster(devices),
             free,
             network,
         }
@@ -157,6 +163,28 @@ mod tests {
             latency_s: Some(1.0),
         });
         assert!(!memo.knows_unfit("job", &Asked::new("{}", &cluster, slow)));
+    }
+
+    /// A CPU worker whose devices are all held leaves: the free devices are the same GPUs,
+    /// but the cluster now plans over them.
+    #[test]
+    fn the_clusters_kind_is_part_of_the_question() {
+        let gpu = ClusterDeviceRow {
+            kind: "cuda".into(),
+            ..device("g", "cuda:0", 1 << 30, None)
+        };
+        let with_cpu = [device("c", "cpu:0", 64, Some("other")), gpu.clone()];
+        let memo = UnfitMemo::default();
+        memo.remember(
+            "job",
+            Asked::new("{}", &with_cpu, NetworkFigures::default()),
+        );
+        assert!(memo.knows_unfit(
+            "job",
+            &Asked::new("{}", &with_cpu, NetworkFigures::default())
+        ));
+        let gpus_only = Asked::new("{}", &[gpu], NetworkFigures::default());
+        assert!(!memo.knows_unfit("job", &gpus_only));
     }
 
     #[test]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::jobs::devices::parse_devices;
 use crate::plan::machines::Network;
 use crate::plan::network::Configured;
 
@@ -92,17 +93,46 @@ fn new_jobs_are_planned_over_several_cpu_workers_at_the_least_memory() {
         device("b", "cpu:0", "cpu", 32 << 20, Some("held")),
         device("b", "cpu:1", "cpu", 100, None),
     ];
-    assert_eq!(cluster_for_new_jobs(&two).as_deref(), Some("cpu:3x100"));
-    assert_eq!(
-        cluster_for_new_jobs(&two[..2]).as_deref(),
-        Some("cpu:2x32MiB")
-    );
-    let gpu = [
+    let text = |devices: &[ClusterDeviceRow]| cluster_for_new_jobs(devices).map(|c| c.text);
+    assert_eq!(text(&two).as_deref(), Some("cpu:3x100"));
+    assert_eq!(text(&two[..2]).as_deref(), Some("cpu:2x32MiB"));
+    let named = cluster_for_new_jobs(&two).unwrap();
+    assert_eq!(named.devices, parse_devices("cpu:3x100").unwrap());
+    let mixed = [
         device("a", "cpu:0", "cpu", 64 << 20, None),
         device("b", "cuda:0", "cuda", 1 << 30, None),
     ];
-    assert_eq!(cluster_for_new_jobs(&gpu), None, "GPUs do not span workers");
-    assert!(parse_devices("cpu:3x100").is_ok());
+    assert_eq!(
+        cluster_for_new_jobs(&mixed),
+        None,
+        "CPU devices and GPUs: the service's own"
+    );
+}
+
+/// On GPU workers only, a new job is planned over every GPU by its ordinal on its worker, all
+/// at the least memory registered.
+#[test]
+fn new_jobs_are_planned_over_several_gpu_workers_by_ordinal() {
+    let gpus = [
+        device("a", "cuda:0", "cuda", 40 << 30, None),
+        device("a", "cuda:1", "cuda", 40 << 30, Some("held")),
+        device("b", "cuda:0", "cuda", 30 << 30, None),
+        device("b", "cuda:1", "cuda", 40 << 30, None),
+    ];
+    let named = cluster_for_new_jobs(&gpus).unwrap();
+    assert_eq!(named.text, "cuda:0,1,0,1@30GiB");
+    let ids: Vec<&str> = named.devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]);
+    assert!(
+        (named.devices.iter()).all(|d| d.kind == "cuda" && d.memory_bytes == 30 << 30),
+        "{:?}",
+        named.devices
+    );
+    assert_eq!(
+        cluster_for_new_jobs(&gpus[..2]),
+        None,
+        "one worker: its own devices"
+    );
 }
 
 fn refs(slots: &[ClusterDeviceRow]) -> Vec<&ClusterDeviceRow> {
@@ -318,6 +348,163 @@ async fn given_stages_stay_fixed() {
     assert!(plan.network_s >= 1.0);
     let five = spec(serde_json::json!({"stages": 5}));
     let refused = plan_resolved(planner, &slow_links(), &five, &two_workers()).await;
+    assert!(
+        matches!(&refused, Err(NotPlanned::DoesNotFit(why)) if why.contains("4 free CPU devices")),
+        "{:?}",
+        refused.err()
+    );
+}
+
+/// A GPU worker on its own machine: `gpus` GPUs (`cuda:0`, `cuda:1`, ...) of `memory` each.
+fn gpu_worker(worker: &str, gpus: usize, memory: i64) -> Vec<ClusterDeviceRow> {
+    (0..gpus)
+        .map(|i| ClusterDeviceRow {
+            host: format!("machine-{worker}"),
+            ..device(worker, &format!("cuda:{i}"), "cuda", memory, None)
+        })
+        .collect()
+}
+
+/// The GPU ordinals a plan's ranks hold, each on its own worker, and their workers.
+fn rank_gpus(plan: &ClusterPlan) -> (Vec<usize>, Vec<&str>) {
+    let ordinals = (plan.ranks.iter())
+        .map(|r| r.device_id.strip_prefix("cuda:").unwrap().parse().unwrap())
+        .collect();
+    let workers = plan.ranks.iter().map(|r| r.worker_id.as_str()).collect();
+    (ordinals, workers)
+}
+
+/// Two GPU workers of two GPUs, links that cost nothing: the pick is the planner's own over
+/// the four GPUs at the least memory, and the layout names each rank's GPU by its ordinal on
+/// its worker, with that memory as the cap.
+#[tokio::test]
+async fn gpu_workers_are_planned_like_cpu_workers() {
+    let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
+    let cluster = [gpu_worker("a", 2, 40 << 30), gpu_worker("b", 2, 30 << 30)].concat();
+    let blind = plan_resolved(planner, &free_links(), &auto_degrees(), &cluster)
+        .await
+        .expect("a plan fits four GPUs");
+    let said = blind.describe();
+    let (ordinals, workers) = rank_gpus(&blind);
+    assert_eq!(
+        blind.layout.devices,
+        cuda_devices(&ordinals, 30 << 30),
+        "{said}"
+    );
+    let on_four = GangKind::Cuda.infos(&cluster.iter().collect::<Vec<_>>(), 30 << 30);
+    let mut pinned = auto_degrees();
+    pinned.devices = Some(cuda_devices(&[0, 1, 0, 1], 30 << 30));
+    let own = (crate::jobs::ExecPlanner.plan(&pinned, &on_four, u64::MAX)).unwrap();
+    assert_eq!(
+        (blind.layout.stages, blind.layout.data_parallel),
+        (own.summary.stages, own.summary.replicas),
+        "{said}"
+    );
+    assert_eq!(blind.outcome.summary.step_time_s, own.summary.step_time_s);
+    assert_eq!(blind.ranks.len(), 4, "{said}");
+    assert!(workers.contains(&"a") && workers.contains(&"b"), "{said}");
+    assert!(
+        said.starts_with("planned over the cluster on cuda:"),
+        "{said}"
+    );
+    assert!(said.contains("@30GiB"), "{said}");
+}
+
+/// Three GPU workers on three machines, four stages: the two fuller workers' GPUs, the cap the
+/// least among those placed (not the smaller GPU left out), a replica's stages kept on each
+/// machine in turn.
+#[tokio::test]
+async fn four_stages_take_the_fuller_gpu_workers() {
+    let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
+    let mut a = gpu_worker("a", 2, 40 << 30);
+    a[1].memory_bytes = 38 << 30;
+    let cluster = [
+        a,
+        gpu_worker("b", 2, 40 << 30),
+        gpu_worker("c", 1, 24 << 30),
+    ]
+    .concat();
+    let four = spec(serde_json::json!({"stages": 4}));
+    let plan = plan_resolved(planner, &slow_links(), &four, &cluster)
+        .await
+        .unwrap();
+    let said = plan.describe();
+    assert_eq!(degrees(&plan), (4, 1, 4), "{said}");
+    let (ordinals, workers) = rank_gpus(&plan);
+    assert_eq!(workers, ["a", "a", "b", "b"], "{said}");
+    assert_eq!(ordinals, [0, 1, 0, 1], "{said}");
+    assert_eq!(plan.layout.devices, "cuda:0,1,0,1@38GiB", "{said}");
+    assert!(plan.network_s >= 1.0, "one link crossed: {said}");
+}
+
+/// Over slow links a small job stays on one GPU worker: the one-worker claim runs it.
+#[tokio::test]
+async fn a_job_fitting_one_gpu_worker_is_left_to_its_claim() {
+    let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
+    let cluster = [gpu_worker("a", 2, 40 << 30), gpu_worker("b", 2, 40 << 30)].concat();
+    let plan = plan_resolved(planner, &slow_links(), &auto_degrees(), &cluster)
+        .await
+        .unwrap();
+    let said = plan.describe();
+    assert!(plan.one_worker(), "{said}");
+    assert_eq!(plan.network_s, 0.0, "{said}");
+    let (ordinals, _) = rank_gpus(&plan);
+    assert_eq!(
+        plan.layout.devices,
+        cuda_devices(&ordinals, 40 << 30),
+        "{said}"
+    );
+}
+
+/// bf16 plans with the CUDA backend's bf16 layout, and its activations cross the network at
+/// half the bytes of f32's (gradients stay f32); CPU devices do not run it.
+#[tokio::test]
+async fn bf16_on_gpus_sends_half_the_activations() {
+    let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
+    let cluster = [gpu_worker("a", 2, 40 << 30), gpu_worker("b", 2, 40 << 30)].concat();
+    let f32_spec = spec(serde_json::json!({"stages": 4}));
+    let mut bf16_spec = f32_spec.clone();
+    bf16_spec.training.precision = crate::spec::PrecisionSpec::Bf16;
+    let links = everywhere(Network {
+        bytes_per_s: 1e3,
+        latency_s: 0.0,
+    });
+    let f32_plan = plan_resolved(planner.clone(), &links, &f32_spec, &cluster)
+        .await
+        .unwrap();
+    let bf16_plan = plan_resolved(planner.clone(), &links, &bf16_spec, &cluster)
+        .await
+        .unwrap();
+    assert_eq!(degrees(&f32_plan), degrees(&bf16_plan));
+    assert_eq!(f32_plan.ranks, bf16_plan.ranks);
+    let (f32_s, bf16_s) = (f32_plan.network_s, bf16_plan.network_s);
+    // The activations halve; a tied table's gradient (f32 in both) does not.
+    assert!(bf16_s < f32_s && bf16_s >= f32_s / 2.0, "{f32_s} {bf16_s}");
+    let refused = plan_resolved(planner, &links, &bf16_spec, &two_workers()).await;
+    assert!(
+        matches!(&refused, Err(NotPlanned::DoesNotFit(why)) if why.contains("bf16")),
+        "{:?}",
+        refused.err()
+    );
+}
+
+/// CPU devices and GPUs in one cluster: jobs span workers over the CPU devices alone.
+#[tokio::test]
+async fn a_mixed_cluster_spans_its_cpu_devices_only() {
+    let planner: Arc<dyn Planner> = Arc::new(crate::jobs::ExecPlanner);
+    let cluster = [two_workers(), gpu_worker("g", 4, 40 << 30)].concat();
+    let four = spec(serde_json::json!({"stages": 4}));
+    let plan = plan_resolved(planner.clone(), &slow_links(), &four, &cluster)
+        .await
+        .unwrap();
+    let said = plan.describe();
+    assert_eq!(plan.layout.devices, "cpu:4x64MiB", "{said}");
+    assert!(
+        plan.ranks.iter().all(|r| r.device_id.starts_with("cpu:")),
+        "{said}"
+    );
+    let five = spec(serde_json::json!({"stages": 5}));
+    let refused = plan_resolved(planner, &slow_links(), &five, &cluster).await;
     assert!(
         matches!(&refused, Err(NotPlanned::DoesNotFit(why)) if why.contains("4 free CPU devices")),
         "{:?}",

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use super::{Running, Worker, WorkerError, heartbeat, store_failure};
+use super::finish::store_failure;
+use super::heartbeat::heartbeat;
+use super::{Running, Worker, WorkerError};
 use crate::exec::transport::RankSpec;
 use crate::exec::transport::ranks::Bound;
 use crate::jobs::gang::reserve_next;

@@ -25,7 +25,7 @@ fn pp2_dp2(microbatches: u32) -> Plan {
 fn neighbours_send_each_micro_batch_once_each_way() {
     let plan = pp2_dp2(4);
     let micro = MicroShape { batch: 2, seq: 8 };
-    let t = traffic(&plan, Profile::CpuF32, &dims(16, 32, 64), micro, 4);
+    let t = traffic(&plan, Profile::CpuF32, &dims(16, 32, 64), micro);
     let boundary = (2 * 8 * 16 * 4) as f64;
     // Replica 0 is devices 0 and 1, replica 1 devices 2 and 3.
     for (a, b) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
@@ -49,14 +49,14 @@ fn the_pairs_that_talk_most_share_a_machine() {
     // Wide activations, few parameters: pipeline neighbours talk most.
     let plan = pp2_dp2(16);
     let wide = MicroShape { batch: 8, seq: 512 };
-    let t = traffic(&plan, Profile::CpuF32, &dims(64, 64, 32), wide, 4);
+    let t = traffic(&plan, Profile::CpuF32, &dims(64, 64, 32), wide);
     let p = place(2, 2, &t, &machines, &network);
     assert_eq!(p.order, "replicas");
     assert_eq!(p.slot, [0, 1, 2, 3]);
     // Many parameters, small micro-batches: the gradient rings talk most.
     let plan = pp2_dp2(1);
     let small = MicroShape { batch: 1, seq: 4 };
-    let t = traffic(&plan, Profile::CpuF32, &dims(256, 4096, 32000), small, 4);
+    let t = traffic(&plan, Profile::CpuF32, &dims(256, 4096, 32000), small);
     let p = place(2, 2, &t, &machines, &network);
     assert_eq!(p.order, "stages");
     // Stage 0 of both replicas (devices 0 and 2) on machine 0.
@@ -79,8 +79,8 @@ fn tied_embeddings_send_the_table_between_first_and_last_stage() {
     let one = build(ScheduleKind::OneFOneB, 2, 4, 4).unwrap();
     let tied = crate::plan::tying::with_tied_embeddings(one.clone()).unwrap();
     let micro = MicroShape { batch: 2, seq: 8 };
-    let untied = traffic(&one, Profile::CpuF32, &dims(16, 32, 64), micro, 4);
-    let t = traffic(&tied, Profile::CpuF32, &dims(16, 32, 64), micro, 4);
+    let untied = traffic(&one, Profile::CpuF32, &dims(16, 32, 64), micro);
+    let t = traffic(&tied, Profile::CpuF32, &dims(16, 32, 64), micro);
     let table = (64 * 16 * 4) as f64;
     for (a, b) in [(0, 1), (1, 0)] {
         let (bytes, messages) = untied.links[&(a, b)];
@@ -110,7 +110,7 @@ impl Links for TwoLinks {
 fn each_pair_of_machines_pays_its_own_link() {
     let plan = pp2_dp2(4);
     let micro = MicroShape { batch: 2, seq: 8 };
-    let t = traffic(&plan, Profile::CpuF32, &dims(16, 32, 64), micro, 4);
+    let t = traffic(&plan, Profile::CpuF32, &dims(16, 32, 64), micro);
     let boundary = (2 * 8 * 16 * 4) as f64;
     // Each stage's replicas share a machine, so only the pipelines cross: four micro-batches
     // each way in each of the two replicas.
@@ -137,9 +137,29 @@ fn a_placement_is_costed_by_the_link_it_crosses() {
     // machine either way, and the pipelines' crossing costs what the link between says.
     let plan = pp2_dp2(1);
     let small = MicroShape { batch: 1, seq: 4 };
-    let t = traffic(&plan, Profile::CpuF32, &dims(256, 4096, 32000), small, 4);
+    let t = traffic(&plan, Profile::CpuF32, &dims(256, 4096, 32000), small);
     let fast = place(2, 2, &t, &[0, 0, 1, 1], &TwoLinks);
     let slow = place(2, 2, &t, &[1, 1, 2, 2], &TwoLinks);
     assert_eq!((fast.order, slow.order), ("stages", "stages"));
     assert!(slow.network_s > fast.network_s * 10.0, "{slow:?} {fast:?}");
+}
+
+/// With bf16 activations (the CUDA backend's bf16 layout) neighbours send half the bytes of
+/// f32's; the gradient rings stay f32.
+#[test]
+fn bf16_halves_the_sends_and_not_the_gradients() {
+    let plan = pp2_dp2(4);
+    let micro = MicroShape { batch: 2, seq: 8 };
+    let f32_cuda = traffic(&plan, Profile::CudaF32, &dims(16, 32, 64), micro);
+    let bf16 = traffic(&plan, Profile::CudaBf16, &dims(16, 32, 64), micro);
+    let cpu = traffic(&plan, Profile::CpuF32, &dims(16, 32, 64), micro);
+    let boundary = (2 * 8 * 16 * 2) as f64;
+    for (a, b) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
+        assert_eq!(bf16.links[&(a, b)], (4.0 * boundary, 4), "{a}->{b}");
+        assert_eq!(f32_cuda.links[&(a, b)], (8.0 * boundary, 4), "{a}->{b}");
+    }
+    for (a, b) in [(0, 2), (2, 0), (1, 3), (3, 1)] {
+        assert_eq!(bf16.links[&(a, b)], f32_cuda.links[&(a, b)], "{a}->{b}");
+        assert_eq!(cpu.links[&(a, b)], f32_cuda.links[&(a, b)], "{a}->{b}");
+    }
 }
