@@ -13,6 +13,7 @@ use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::model::part::{MicroTokens, PartOutput};
 use crate::exec::model::{LlamaConfig, PartId, PartParams};
 use crate::exec::optim::{OptimizerConfig, UpdateCoeffs};
+use crate::exec::transport::frame::WireTensor;
 use crate::plan::inventory::MicroShape;
 
 use super::PipelineError;
@@ -152,13 +153,13 @@ pub trait Engine: Sync {
     fn send(&self, device: u32, t: Self::Tensor) -> Result<Self::Message>;
     fn receive(&self, device: u32, m: Self::Message, pool: &PoolRef) -> Result<Self::Tensor>;
 
-    /// A tensor leaving this process (for another process's device): its values on the host,
-    /// as f32.
-    fn wire_out(&self, device: u32, t: Self::Tensor) -> Result<HostMessage>;
+    /// A tensor leaving this process (for another process's device): its values on the host
+    /// (a bf16 tensor's widened, and marked so that they travel as bf16).
+    fn wire_out(&self, device: u32, t: Self::Tensor) -> Result<WireTensor>;
 
     /// A tensor from another process, on `device` in `pool`, in the activations' element
     /// type (what goes between processes is hidden states and their gradients).
-    fn wire_in(&self, device: u32, m: HostMessage, pool: &PoolRef) -> Result<Self::Tensor>;
+    fn wire_in(&self, device: u32, t: WireTensor, pool: &PoolRef) -> Result<Self::Tensor>;
 
     /// Elements `within` of an f32 tensor on the host: borrowed where the tensor is in host
     /// memory, else copied out (what the collectives between processes read).

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use crate::exec::checkpoint::sharded::Shard;
 use crate::exec::device::PoolRef;
 use crate::exec::optim::clip::PartSquares;
-use crate::exec::transport::frame::{Frame, ReplicaGrads, WireTensor};
+use crate::exec::transport::frame::{Frame, ReplicaGrads};
 use crate::exec::transport::{Collective, Mesh, MessageKey, RankSpec};
 
 use super::PipelineError;
-use super::engine::{Engine, HostMessage};
+use super::engine::Engine;
 use super::reduce_point::{ChunkGrads, Shards};
 use super::seat::Seat;
 use super::step_sync::{Shares, StepTotals};
@@ -347,12 +347,11 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
         if self.local.is_local(to) {
             return self.local.send(engine, from, to, key, tensor);
         }
-        let HostMessage { name, shape, data } = engine.wire_out(from, tensor)?;
         let frame = Frame::Tensor {
             step: self.step,
             to,
             key,
-            tensor: WireTensor { name, shape, data },
+            tensor: engine.wire_out(from, tensor)?,
         };
         Ok(self.ranks.mesh.send(self.ranks.rank_of(to), &frame)?)
     }
@@ -368,9 +367,8 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
         if self.local.is_local(from) {
             return self.local.receive(engine, from, at, key, pool);
         }
-        let WireTensor { name, shape, data } =
-            self.wait(|inbox| inbox.tensors.remove(&(self.step, at, key)))?;
-        engine.wire_in(at, HostMessage { name, shape, data }, pool)
+        let tensor = self.wait(|inbox| inbox.tensors.remove(&(self.step, at, key)))?;
+        engine.wire_in(at, tensor, pool)
     }
 
     fn reduce(

@@ -4,6 +4,7 @@
 //! checksum or does not parse is an error naming what was wrong, never a tensor with other
 //! numbers in it.
 
+use half::bf16;
 use std::io::{self, Read, Write};
 
 use thiserror::Error;
@@ -49,6 +50,8 @@ pub struct WireTensor {
     pub name: String,
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+    /// Every value is a bf16's, widened (a bf16 tensor's): it travels in 2 bytes, exactly.
+    pub bf16: bool,
 }
 
 /// Everything ranks say to each other.
@@ -314,7 +317,17 @@ impl Writer {
         self.str(&t.name);
         self.u64(t.shape.len() as u64);
         t.shape.iter().for_each(|&d| self.u64(d as u64));
-        self.f32s(&t.data);
+        self.0.push(u8::from(t.bf16));
+        match t.bf16 {
+            false => self.f32s(&t.data),
+            true => {
+                self.u64(t.data.len() as u64);
+                (t.data.iter()).for_each(|&v| {
+                    self.0
+                        .extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes())
+                });
+            }
+        }
     }
 }
 
@@ -374,6 +387,14 @@ impl Reader<'_> {
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
     }
+    /// bf16 values, widened to f32 (exactly).
+    fn bf16s(&mut self, what: &str) -> Result<Vec<f32>, FrameError> {
+        let n = self.count(2, what)?;
+        let bytes = self.take(n * 2, what)?;
+        Ok((bytes.chunks_exact(2))
+            .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect())
+    }
     fn part(&mut self) -> Result<PartId, FrameError> {
         Ok(match self.u32("part")? {
             0 => PartId::Embedding,
@@ -410,7 +431,15 @@ impl Reader<'_> {
         let shape = (0..dims)
             .map(|_| self.u64("tensor shape").map(|d| d as usize))
             .collect::<Result<Vec<_>, _>>()?;
-        let data = self.f32s("tensor data")?;
+        let (data, bf16) = match self.u8("tensor element type")? {
+            0 => (self.f32s("tensor data")?, false),
+            1 => (self.bf16s("tensor data")?, true),
+            other => {
+                return Err(FrameError::Malformed(format!(
+                    "tensor {name}: element type {other} (0 is f32, 1 bf16)"
+                )));
+            }
+        };
         let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         if elements != Some(data.len()) {
             return Err(FrameError::Malformed(format!(
@@ -418,7 +447,12 @@ impl Reader<'_> {
                 data.len()
             )));
         }
-        Ok(WireTensor { name, shape, data })
+        Ok(WireTensor {
+            name,
+            shape,
+            data,
+            bf16,
+        })
     }
 
     fn frame(&mut self, kind: u8) -> Result<Frame, FrameError> {

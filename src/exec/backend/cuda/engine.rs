@@ -26,7 +26,8 @@ use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::clip::tensor_squares;
 use crate::exec::pipeline::PipelineError;
-use crate::exec::pipeline::engine::{At, Engine, HostMessage, HostPart, Kept, Update};
+use crate::exec::pipeline::engine::{At, Engine, HostPart, Kept, Update};
+use crate::exec::transport::frame::WireTensor;
 use crate::plan::inventory::{DType, keeps_act_copy};
 
 mod replicas;
@@ -325,12 +326,12 @@ impl Engine for GpuEngine {
         Ok(m.tensor.attach(from, to, self.nccl.as_ref(), pool, group)?)
     }
 
-    fn wire_out(&self, device: u32, t: GpuTensor) -> Result<HostMessage> {
+    fn wire_out(&self, device: u32, t: GpuTensor) -> Result<WireTensor> {
         self.copy_out(device, t)
     }
 
-    fn wire_in(&self, device: u32, m: HostMessage, pool: &PoolRef) -> Result<GpuTensor> {
-        self.copy_in(device, m, pool)
+    fn wire_in(&self, device: u32, t: WireTensor, pool: &PoolRef) -> Result<GpuTensor> {
+        self.copy_in(device, t, pool)
     }
 
     fn values<'t>(

@@ -13,6 +13,8 @@ use crate::exec::tensor::Tensor;
 
 use crate::exec::pipeline::PipelineError;
 
+use crate::exec::transport::frame::WireTensor;
+
 use super::{At, Engine, HostMessage, HostPart, Kept, Update};
 
 type Result<T> = std::result::Result<T, PipelineError>;
@@ -134,12 +136,21 @@ impl Engine for CpuEngine {
         Ok(Tensor::from_data(pool, m.name, &m.shape, m.data, group)?)
     }
 
-    fn wire_out(&self, device: u32, t: Tensor) -> Result<HostMessage> {
-        self.send(device, t)
+    fn wire_out(&self, device: u32, t: Tensor) -> Result<WireTensor> {
+        let HostMessage { name, shape, data } = self.send(device, t)?;
+        Ok(WireTensor {
+            name,
+            shape,
+            data,
+            bf16: false,
+        })
     }
 
-    fn wire_in(&self, device: u32, m: HostMessage, pool: &PoolRef) -> Result<Tensor> {
-        self.receive(device, m, pool)
+    fn wire_in(&self, device: u32, t: WireTensor, pool: &PoolRef) -> Result<Tensor> {
+        let WireTensor {
+            name, shape, data, ..
+        } = t;
+        self.receive(device, HostMessage { name, shape, data }, pool)
     }
 
     fn values<'t>(

@@ -15,8 +15,64 @@ fn tensor_frame() -> Frame {
             name: "act".into(),
             shape: vec![2, 3],
             data: vec![1.0, -2.5, f32::MIN_POSITIVE, 0.1, -0.0, 7e30],
+            bf16: false,
         },
     }
+}
+
+/// A bf16 tensor's values, widened: they travel in 2 bytes each and arrive the same.
+fn bf16_tensor_frame() -> Frame {
+    let data: Vec<f32> = [
+        1.0f32,
+        -2.5,
+        0.15625,
+        -0.0,
+        65536.0,
+        half::bf16::MAX.to_f32(),
+    ]
+    .to_vec();
+    Frame::Tensor {
+        step: 3,
+        to: 0,
+        key: MessageKey {
+            kind: MessageKind::Activation,
+            mb: 1,
+            chunk: 0,
+        },
+        tensor: WireTensor {
+            name: "act".into(),
+            shape: vec![3, 2],
+            data,
+            bf16: true,
+        },
+    }
+}
+
+#[test]
+fn a_bf16_tensor_travels_in_half_the_bytes() {
+    let bytes = |frame: &Frame| {
+        let mut out = Vec::new();
+        frame.write_to(&mut out).unwrap();
+        out
+    };
+    let half = bytes(&bf16_tensor_frame());
+    let Frame::Tensor {
+        step,
+        to,
+        key,
+        mut tensor,
+    } = bf16_tensor_frame()
+    else {
+        unreachable!()
+    };
+    tensor.bf16 = false;
+    let whole = bytes(&Frame::Tensor {
+        step,
+        to,
+        key,
+        tensor,
+    });
+    assert_eq!(whole.len() - half.len(), 6 * 2);
 }
 
 fn every_kind() -> Vec<Frame> {
@@ -27,6 +83,7 @@ fn every_kind() -> Vec<Frame> {
             fingerprint: 0xdead_beef_0123,
         },
         tensor_frame(),
+        bf16_tensor_frame(),
         Frame::Reduce {
             step: 9,
             stage: 1,
@@ -147,6 +204,7 @@ fn a_checksummed_frame_whose_content_does_not_parse_is_malformed() {
         name: "x".into(),
         shape: vec![2, 3],
         data: vec![1.0, 2.0],
+        bf16: false,
     });
     let len = (w.0.len() - HEADER) as u64;
     w.0[5..HEADER].copy_from_slice(&len.to_le_bytes());

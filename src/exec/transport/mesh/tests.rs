@@ -44,6 +44,7 @@ fn two_ranks_exchange_frames_and_part_with_goodbyes() {
         name: "h".into(),
         shape: vec![2],
         data: vec![0.5, -1.0],
+        bf16: false,
     };
     let frame = Frame::Tensor {
         step: 4,

@@ -1,6 +1,7 @@
 //! GPU tensors between processes, staged through host memory: what leaves is copied to the
-//! host as f32 (bf16 activations widened, which is exact), what arrives is copied onto the
-//! GPU in the activations' element type (narrowed back, exact for values that were bf16).
+//! host as f32 (bf16 activations widened, exactly, and marked so that they travel as bf16),
+//! what arrives is copied onto the GPU in the activations' element type (narrowed back,
+//! exact for values that were bf16).
 //! Collectives between processes read f32 tensors (gradients, weights) range by range.
 
 use std::borrow::Cow;
@@ -11,7 +12,7 @@ use half::bf16;
 use crate::exec::backend::cuda::tensor::GpuTensor;
 use crate::exec::device::{MemGroup, PoolRef};
 use crate::exec::pipeline::PipelineError;
-use crate::exec::pipeline::engine::HostMessage;
+use crate::exec::transport::frame::WireTensor;
 use crate::plan::inventory::DType;
 
 use super::GpuEngine;
@@ -19,22 +20,24 @@ use super::GpuEngine;
 type Result<T> = std::result::Result<T, PipelineError>;
 
 impl GpuEngine {
-    pub(super) fn copy_out(&self, device: u32, t: GpuTensor) -> Result<HostMessage> {
+    pub(super) fn copy_out(&self, device: u32, t: GpuTensor) -> Result<WireTensor> {
         let gpu = self.gpu(device);
-        let data = match t.dtype() {
-            DType::Bf16 => (t.to_host::<bf16>(gpu)?.into_iter())
+        let bf16 = t.dtype() == DType::Bf16;
+        let data = match bf16 {
+            true => (t.to_host::<bf16>(gpu)?.into_iter())
                 .map(f32::from)
                 .collect(),
-            _ => t.to_host::<f32>(gpu)?,
+            false => t.to_host::<f32>(gpu)?,
         };
-        Ok(HostMessage {
+        Ok(WireTensor {
             name: t.name().to_string(),
             shape: t.shape().to_vec(),
             data,
+            bf16,
         })
     }
 
-    pub(super) fn copy_in(&self, device: u32, m: HostMessage, pool: &PoolRef) -> Result<GpuTensor> {
+    pub(super) fn copy_in(&self, device: u32, m: WireTensor, pool: &PoolRef) -> Result<GpuTensor> {
         let gpu = self.gpu(device);
         let (name, shape, group) = (&m.name, &m.shape, MemGroup::Activations);
         Ok(match gpu.precision.activations() {
