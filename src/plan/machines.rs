@@ -1,6 +1,7 @@
 //! A plan's devices on several machines: what one step moves between each pair of run-wide
 //! devices (activations and gradients between pipeline neighbours, each chunk's gradient
-//! reduction and weight gathering around its replicas' ring), what that costs where a pair
+//! reduction and weight gathering among its replicas, as the ranks' TCP transport sends
+//! them), what that costs where a pair
 //! sits on two machines (the bandwidth and latency of the link between those two, which may
 //! differ from pair to pair: `Links`), and the placement that keeps the pairs that talk most
 //! on one machine. Devices on one machine are taken to talk for free.
@@ -88,13 +89,13 @@ pub fn traffic(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShap
             params as f64
         })
         .collect();
-    // One ring hop of a collective moving `halves` halves of an all-reduce of `bytes`.
-    let ring = |bytes: f64, halves: f64| {
-        let r = replicas as f64;
-        (
-            halves * (r - 1.0) / r * bytes,
-            (halves as u32) * (replicas - 1),
-        )
+    // What a replica sends each other replica of its stage, as the ranks over TCP do
+    // (`pipeline::tcp_ranks`): for a whole reduction its whole gradient (every rank then sums
+    // all copies in replica order), for a sharded one (`RS`) or a gathering (`AG`) the share
+    // the receiver owns.
+    let to_each = |bytes: f64, whole: bool| match whole {
+        true => bytes,
+        false => bytes / replicas as f64,
     };
     // Tied embeddings: the two devices holding the table's uses each send it once a step.
     let tie_devices: Vec<u32> = (0..stages)
@@ -105,21 +106,19 @@ pub fn traffic(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShap
     let mut traffic = Traffic::default();
     for replica in 0..replicas {
         let base = replica * stages;
-        let next = ((replica + 1) % replicas) * stages;
         for (device, program) in plan.programs.iter().enumerate() {
             let device = device as u32;
             for action in program {
-                let hop = match *action {
+                let each = match *action {
                     Action::SendAct { peer, .. } | Action::SendGrad { peer, .. } => {
                         traffic.add(base + device, base + peer, boundary, 1);
                         continue;
                     }
                     Action::Reduce { chunk, shard } => {
-                        let bytes = chunk_params[chunk as usize] * state.grad as f64;
-                        ring(bytes, if shard { 1.0 } else { 2.0 })
+                        to_each(chunk_params[chunk as usize] * state.grad as f64, !shard)
                     }
                     Action::Gather { chunk } => {
-                        ring(chunk_params[chunk as usize] * state.weight as f64, 1.0)
+                        to_each(chunk_params[chunk as usize] * state.weight as f64, false)
                     }
                     Action::Tie => {
                         if let Some(&peer) = tie_devices.iter().find(|&&d| d != device) {
@@ -129,8 +128,8 @@ pub fn traffic(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShap
                     }
                     _ => continue,
                 };
-                if replicas > 1 {
-                    traffic.add(base + device, next + device, hop.0, hop.1);
+                for other in (0..replicas).filter(|&r| r != replica) {
+                    traffic.add(base + device, other * stages + device, each, 1);
                 }
             }
         }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::plan::reduction::with_gradient_reduction;
+use crate::plan::reduction::{with_gradient_reduction, with_sharded_optimizer};
 use crate::plan::schedule::{ScheduleKind, build};
 
 fn dims(hidden: usize, ffn: usize, vocab: usize) -> ModelDims {
@@ -31,10 +31,10 @@ fn neighbours_send_each_micro_batch_once_each_way() {
     for (a, b) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
         assert_eq!(t.links[&(a, b)], (4.0 * boundary, 4), "{a}->{b}");
     }
-    // Each stage's ring: 0 <-> 2, 1 <-> 3; an all-reduce over two moves half of it twice.
+    // Each stage's replicas: 0 <-> 2, 1 <-> 3, each sending the other its chunk's gradient.
     for (a, b) in [(0, 2), (2, 0), (1, 3), (3, 1)] {
         let (bytes, messages) = t.links[&(a, b)];
-        assert!(bytes > 0.0 && messages > 0, "{a}->{b}");
+        assert!(bytes > 0.0 && messages == 1, "{a}->{b}");
     }
     assert!(!t.links.contains_key(&(0, 3)));
     // All on one machine: nothing crosses.
@@ -142,6 +142,31 @@ fn a_placement_is_costed_by_the_link_it_crosses() {
     let slow = place(2, 2, &t, &[1, 1, 2, 2], &TwoLinks);
     assert_eq!((fast.order, slow.order), ("stages", "stages"));
     assert!(slow.network_s > fast.network_s * 10.0, "{slow:?} {fast:?}");
+}
+
+/// Over four replicas, a whole reduction sends each other replica the whole gradient (the
+/// ranks over TCP sum every copy in replica order), a sharded one and the gathering only
+/// the share the receiver owns: a quarter each.
+#[test]
+fn replicas_send_each_other_what_the_tcp_ranks_send() {
+    let one = build(ScheduleKind::OneFOneB, 1, 4, 4).unwrap();
+    let whole = with_gradient_reduction(one, 4).unwrap();
+    let micro = MicroShape { batch: 1, seq: 8 };
+    let t = traffic(&whole, Profile::CpuF32, &dims(16, 32, 64), micro);
+    let grads = t.links[&(0, 1)].0;
+    for a in 0..4u32 {
+        for b in (0..4u32).filter(|&b| b != a) {
+            assert_eq!(t.links[&(a, b)], (grads, 1), "{a}->{b}");
+        }
+    }
+    let sharded = with_sharded_optimizer(whole).unwrap();
+    let t = traffic(&sharded, Profile::CpuF32, &dims(16, 32, 64), micro);
+    // A reduce-scatter and a gathering, a quarter each (f32 gradients and weights alike).
+    for a in 0..4u32 {
+        for b in (0..4u32).filter(|&b| b != a) {
+            assert_eq!(t.links[&(a, b)], (grads / 2.0, 2), "{a}->{b}");
+        }
+    }
 }
 
 /// With bf16 activations (the CUDA backend's bf16 layout) neighbours send half the bytes of
