@@ -162,7 +162,8 @@ pub trait Engine: Sync {
     fn wire_in(&self, device: u32, t: WireTensor, pool: &PoolRef) -> Result<Self::Tensor>;
 
     /// Elements `within` of an f32 tensor on the host: borrowed where the tensor is in host
-    /// memory, else copied out (what the collectives between processes read).
+    /// memory, else copied out (what the collectives between processes read); a range the
+    /// tensor does not hold is refused by name.
     fn values<'t>(
         &self,
         device: u32,
@@ -236,7 +237,8 @@ pub trait Engine: Sync {
         dst: &mut [f32],
     ) -> Result<()>;
 
-    /// Overwrites elements `within` of a moment tensor with `src`.
+    /// Overwrites elements `within` of a tensor with `src` (as many values); a range the
+    /// tensor does not hold is refused by name.
     fn write(
         &self,
         device: u32,

@@ -342,7 +342,7 @@ impl GpuTensor {
         dst: &mut [T],
     ) -> Result<(), CudaError> {
         check_dtype::<T>(&self.name, self.dtype)?;
-        let bytes = self.byte_range(range);
+        let bytes = self.byte_range(range, Some(dst.len()))?;
         if bytes.is_empty() {
             return Ok(());
         }
@@ -368,7 +368,7 @@ impl GpuTensor {
         check_dtype::<T>(&self.name, self.dtype)?;
         self.await_ready(gpu)?;
         self.act_copy.mark_stale();
-        let bytes = self.byte_range(range);
+        let bytes = self.byte_range(range, Some(src.len()))?;
         if bytes.is_empty() {
             return Ok(());
         }
@@ -389,7 +389,7 @@ impl GpuTensor {
     ) -> Result<(), CudaError> {
         self.await_ready(gpu)?;
         self.act_copy.mark_stale();
-        let bytes = self.byte_range(range);
+        let bytes = self.byte_range(range, None)?;
         if bytes.is_empty() {
             return Ok(());
         }
@@ -440,7 +440,7 @@ impl GpuTensor {
         src.await_ready(gpu)?;
         self.await_ready(gpu)?;
         self.act_copy.mark_stale();
-        let bytes = self.byte_range(range);
+        let bytes = self.byte_range(range, None)?;
         match (&src.storage, &mut self.storage) {
             _ if bytes.is_empty() => {}
             (Storage::Device(s), Storage::Device(d)) => gpu
@@ -468,10 +468,24 @@ impl GpuTensor {
         ))
     }
 
-    /// The bytes of elements `range`.
-    fn byte_range(&self, range: std::ops::Range<usize>) -> std::ops::Range<usize> {
+    /// The bytes of elements `range`, refused by name unless the tensor holds them and
+    /// `given` host values (where there are some) are as many.
+    fn byte_range(
+        &self,
+        range: std::ops::Range<usize>,
+        given: Option<usize>,
+    ) -> Result<std::ops::Range<usize>, CudaError> {
+        let inside = range.start <= range.end && range.end <= self.len();
+        if !inside || given.is_some_and(|n| n != range.len()) {
+            return Err(CudaError::Unsupported(format!(
+                "elements {range:?} of {} ({} elements){}",
+                self.name,
+                self.len(),
+                given.map_or(String::new(), |n| format!(" with {n} host values"))
+            )));
+        }
         let size = self.dtype.bytes();
-        range.start * size..range.end * size
+        Ok(range.start * size..range.end * size)
     }
 
     fn bytes(&self) -> usize {
