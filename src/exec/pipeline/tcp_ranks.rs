@@ -25,7 +25,9 @@ use super::engine::Engine;
 use super::reduce_point::{ChunkGrads, Shards};
 use super::seat::Seat;
 use super::step_sync::{Shares, StepTotals};
-use super::tcp_shards::{Access, OnDevice, Payload, gather_with, owned_values, scatter_with};
+use super::tcp_shards::{
+    Access, OnDevice, Payload, add_in_order, gather_with, owned_values, scatter_with,
+};
 use super::transport::{InProcess, Ranks, Transport};
 
 type Result<T> = std::result::Result<T, PipelineError>;
@@ -321,10 +323,7 @@ impl<E: Engine> OverTcp<'_, E> {
                             }
                         },
                     };
-                    match replica {
-                        0 => sum.extend_from_slice(&copy),
-                        _ => sum.iter_mut().zip(copy.iter()).for_each(|(s, c)| *s += *c),
-                    }
+                    add_in_order(&mut sum, replica, &copy);
                 }
                 for (j, copies) in here.iter_mut().enumerate() {
                     access[j].write(&mut copies[part][tensor], 0..len, &sum)?;

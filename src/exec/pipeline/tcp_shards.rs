@@ -179,6 +179,15 @@ impl Payload {
     }
 }
 
+/// Adds replica `replica`'s copy to `sum`, the sum of the copies before it: replica 0's copy
+/// starts it, the others add in replica order (the one-process order, so the same bits).
+pub fn add_in_order(sum: &mut Vec<f32>, replica: u32, copy: &[f32]) {
+    match replica {
+        0 => sum.extend_from_slice(copy),
+        _ => sum.iter_mut().zip(copy).for_each(|(s, c)| *s += *c),
+    }
+}
+
 /// The payload of `replica`, from `remote`.
 fn payload(remote: &mut BTreeMap<u32, Payload>, replica: u32) -> Result<&mut Payload> {
     (remote.get_mut(&replica)).ok_or_else(|| malformed(format!("replica {replica} is missing")))
@@ -207,10 +216,7 @@ pub fn scatter_with<A: Access>(
                         Some(j) => elements(&access[j], &here[j], at, range)?,
                         None => Cow::Borrowed(payload(remote, r)?.next(at, range.len())?),
                     };
-                    match r {
-                        0 => sum.extend_from_slice(&copy),
-                        _ => sum.iter_mut().zip(copy.iter()).for_each(|(s, c)| *s += *c),
-                    }
+                    add_in_order(&mut sum, r, &copy);
                 }
             }
             let zeros = vec![0.0; range.len()];
