@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chronospipe::jobs::cluster::host_name;
-use chronospipe::jobs::rendezvous::{NCCL_UNIQUE_ID, TCP_ADDRESS};
+use chronospipe::jobs::rendezvous::TCP_ADDRESS;
 use chronospipe::jobs::{GangError, Rendezvous, RendezvousError, reserve_across_workers};
 use chronospipe::store::{
     ClusterDeviceRow, ClusterError, GangOutcome, GangRefusal, JobState, RankPlacement, Reservation,
@@ -21,6 +21,8 @@ use chronospipe::store::{
 use store_rows::{queued_job, registration};
 
 const LEASE_MS: i64 = 60_000;
+/// A rendezvous key that only rank 0 publishes.
+const FROM_RANK_0: &str = "from_rank_0";
 
 fn place(worker: &str, device: usize) -> RankPlacement {
     RankPlacement {
@@ -541,13 +543,13 @@ async fn rendezvous(url: &str) {
         .await
         .unwrap();
 
-    // Both ranks publish and meet: rank 0's NCCL id reaches rank 1, and each sees both
-    // addresses in rank order.
-    let nccl_id: Vec<u8> = (0..128).collect();
+    // Both ranks publish and meet: what rank 0 alone publishes reaches rank 1, and each sees
+    // both addresses in rank order.
+    let blob: Vec<u8> = (0..128).collect();
     let mut meetings = Vec::new();
     for rank in 0..2 {
         let meet = Rendezvous::new(store.clone(), &first, rank, Duration::from_secs(20)).unwrap();
-        let nccl_id = nccl_id.clone();
+        let blob = blob.clone();
         meetings.push(tokio::spawn(async move {
             if rank == 1 {
                 // The other rank waits for this one's address meanwhile.
@@ -556,16 +558,16 @@ async fn rendezvous(url: &str) {
             let address = format!("10.0.0.{rank}:2900{rank}");
             meet.publish(TCP_ADDRESS, address.as_bytes()).await.unwrap();
             if rank == 0 {
-                meet.publish(NCCL_UNIQUE_ID, &nccl_id).await.unwrap();
+                meet.publish(FROM_RANK_0, &blob).await.unwrap();
             }
-            let id = meet.wait_for_rank(NCCL_UNIQUE_ID, 0).await.unwrap();
+            let id = meet.wait_for_rank(FROM_RANK_0, 0).await.unwrap();
             let addresses = meet.wait_for_all(TCP_ADDRESS).await.unwrap();
             (id, addresses)
         }));
     }
     for meeting in meetings {
         let (id, addresses) = meeting.await.unwrap();
-        assert_eq!(id, nccl_id);
+        assert_eq!(id, blob);
         assert_eq!(
             addresses,
             [b"10.0.0.0:29000".to_vec(), b"10.0.0.1:29001".to_vec()]
@@ -626,7 +628,7 @@ async fn rendezvous(url: &str) {
     );
     // A rank waiting when its attempt is released elsewhere stops at once.
     let waiter = Rendezvous::new(store.clone(), &second, 1, Duration::from_secs(20)).unwrap();
-    let waiting = tokio::spawn(async move { waiter.wait_for_rank(NCCL_UNIQUE_ID, 0).await });
+    let waiting = tokio::spawn(async move { waiter.wait_for_rank(FROM_RANK_0, 0).await });
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(
         store

@@ -1,8 +1,9 @@
 //! Ranks of one attempt meet through the store: each publishes what the others need to reach
-//! it (rank 0 the NCCL unique id, every rank of a CPU transport its host:port) and waits for
-//! what it needs, until a deadline. Rows are keyed by attempt, so a restarted job never meets
-//! a rank of an earlier attempt; a rank that waits past the deadline releases the reservation
-//! (its devices freed, the job queued for its next attempt) and says which ranks were missing.
+//! it (its host:port for the ranks' TCP mesh, over which GPU ranks then share NCCL ids) and
+//! waits for what it needs, until a deadline. Rows are keyed by attempt, so a restarted job
+//! never meets a rank of an earlier attempt; a rank that waits past the deadline releases the
+//! reservation (its devices freed, the job queued for its next attempt) and says which ranks
+//! were missing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +12,6 @@ use tokio::time::Instant;
 
 use crate::store::{Backoff, ClusterError, Reservation, Store, StoreError};
 
-/// Rank 0's NCCL unique id (128 bytes), which every rank needs to join the communicator.
-pub const NCCL_UNIQUE_ID: &str = "nccl_unique_id";
 /// A rank's `host:port` for tensors over TCP between CPU devices of different processes.
 pub const TCP_ADDRESS: &str = "tcp_address";
 /// The machine a rank runs on (its worker's `--machine`): ranks on different machines measure

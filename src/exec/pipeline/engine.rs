@@ -273,6 +273,40 @@ pub trait Engine: Sync {
     /// Sums copies of one tensor that are all on `device` itself, in the order given
     /// (`copies[0] + copies[1] + ...`), into every copy: tied embeddings' `TIE`.
     fn sum_here(&self, device: u32, copies: &mut [&mut Self::Tensor]) -> Result<()>;
+
+    /// Whether the replicas of `stage` in this process meet those of other processes over
+    /// the engine's own links (NCCL between ranks' GPUs) rather than through host memory.
+    fn links_ranks(&self, _stage: u32) -> bool {
+        false
+    }
+
+    /// One replica collective of one tensor over those links: `copies` are this process's
+    /// replicas' (`replicas`, run-wide, in order) of `device`'s stage; the other processes'
+    /// replicas take part from their side. Only asked where `links_ranks` says so.
+    fn across_ranks(
+        &self,
+        device: u32,
+        _op: AcrossRanks,
+        _replicas: &[u32],
+        _copies: &mut [&mut Self::Tensor],
+    ) -> Result<()> {
+        Err(PipelineError::Reduction(format!(
+            "device {device}: this engine has no links between processes"
+        )))
+    }
+}
+
+/// A replica collective across processes, as `Engine::across_ranks` runs it; owners are
+/// run-wide replicas.
+#[derive(Debug, Clone, Copy)]
+pub enum AcrossRanks<'a> {
+    /// Every replica's copies summed into each (`AR<c>`).
+    Sum,
+    /// Per (owner, range), the range's sum into the owner's copy, zeros in the others'
+    /// (`RS<c>`).
+    Scatter(&'a [(usize, Range<usize>)]),
+    /// Per (owner, range), the owner's elements into every other copy (`AG<c>`).
+    Gather(&'a [(usize, Range<usize>)]),
 }
 
 /// A host tensor between devices: its buffer, counted in no pool.

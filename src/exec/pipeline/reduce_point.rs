@@ -13,7 +13,7 @@ use std::ops::Range;
 use std::sync::{Condvar, Mutex};
 
 use super::PipelineError;
-use super::engine::Engine;
+use super::engine::{AcrossRanks, Engine};
 use super::mailbox::Abort;
 
 /// One replica's gradients of a chunk: per part, its gradient tensors.
@@ -188,6 +188,53 @@ pub fn gather_shards<E: Engine>(
     Ok(())
 }
 
+/// A replica collective over the engine's own links between processes
+/// (`Engine::across_ranks`), tensor by tensor: `here` holds this process's replicas'
+/// (`local`) copies of the chunk; `shards` (every replica's) for a sharded reduction
+/// (`gather` false) or a gathering (`gather` true), none for a whole sum. `each` runs the
+/// collective on one tensor's copies.
+pub fn across_ranks<T>(
+    local: &[u32],
+    here: &mut [ChunkGrads<T>],
+    shards: Option<&Shards>,
+    gather: bool,
+    mut each: impl FnMut(AcrossRanks, &mut [&mut T]) -> Result<(), PipelineError>,
+) -> Result<(), PipelineError> {
+    let shape: Vec<usize> = here
+        .first()
+        .map_or(vec![], |r| r.iter().map(Vec::len).collect());
+    let differs = here
+        .iter()
+        .any(|r| r.iter().map(Vec::len).ne(shape.iter().copied()));
+    if here.len() != local.len() || differs {
+        return Err(PipelineError::Reduction(format!(
+            "{} copies of the chunk met for replicas {local:?}, or they hold different parts",
+            here.len()
+        )));
+    }
+    let tensors: Vec<((usize, usize), Owned)> = match shards {
+        None => (shape.iter().enumerate())
+            .flat_map(|(part, &n)| (0..n).map(move |t| ((part, t), Vec::new())))
+            .collect(),
+        Some(shards) => by_tensor(shards).into_iter().collect(),
+    };
+    for ((part, tensor), owned) in &tensors {
+        if shape.get(*part).is_none_or(|&n| *tensor >= n) {
+            return Err(PipelineError::Reduction(format!(
+                "the shards name tensor {tensor} of part {part}, which the chunk does not hold"
+            )));
+        }
+        let op = match (shards, gather) {
+            (None, _) => AcrossRanks::Sum,
+            (Some(_), false) => AcrossRanks::Scatter(owned),
+            (Some(_), true) => AcrossRanks::Gather(owned),
+        };
+        let mut copies: Vec<&mut T> = here.iter_mut().map(|r| &mut r[*part][*tensor]).collect();
+        each(op, &mut copies)?;
+    }
+    Ok(())
+}
+
 /// The shards per tensor: by (part, tensor), the (owner, range) in it, in replica order.
 fn by_tensor(shards: &Shards) -> BTreeMap<(usize, usize), Owned> {
     let mut out: BTreeMap<(usize, usize), Owned> = BTreeMap::new();
@@ -288,5 +335,44 @@ pub(super) mod tests {
             err.to_string().contains("cannot own elements 0..6"),
             "{err}"
         );
+    }
+
+    /// What an engine linking processes is asked: this process's copies of each tensor
+    /// (replicas 0 and 2 of 3 here), with every replica's owned ranges of that tensor.
+    #[test]
+    fn across_ranks_hands_each_tensors_local_copies_with_its_owners() {
+        let mut here: Vec<ChunkGrads<Tensor>> = copies().into_iter().step_by(2).collect();
+        let mut asked = Vec::new();
+        let mut record = |op: AcrossRanks, copies: &mut [&mut Tensor]| {
+            let lens: Vec<usize> = copies.iter().map(|c| c.data().len()).collect();
+            asked.push(format!("{op:?} {lens:?}"));
+            Ok(())
+        };
+        across_ranks(&[0, 2], &mut here, None, false, &mut record).unwrap();
+        let shards: Shards = vec![
+            vec![(0, 0, 0..3)],
+            vec![(0, 0, 3..5), (0, 1, 0..1)],
+            vec![(0, 1, 1..4)],
+        ];
+        across_ranks(&[0, 2], &mut here, Some(&shards), true, &mut record).unwrap();
+        assert_eq!(
+            asked,
+            [
+                "Sum [5, 5]",
+                "Sum [4, 4]",
+                "Gather([(0, 0..3), (1, 3..5)]) [5, 5]",
+                "Gather([(1, 0..1), (2, 1..4)]) [4, 4]",
+            ]
+        );
+        let none = |_: AcrossRanks, _: &mut [&mut Tensor]| Ok(());
+        let err = across_ranks(&[0], &mut here, None, false, none).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("2 copies of the chunk met for replicas [0]"),
+            "{err}"
+        );
+        let beyond: Shards = vec![vec![(0, 2, 0..1)], vec![], vec![]];
+        let err = across_ranks(&[0, 2], &mut here, Some(&beyond), false, none);
+        assert!(err.unwrap_err().to_string().contains("tensor 2 of part 0"));
     }
 }

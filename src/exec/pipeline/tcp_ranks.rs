@@ -1,6 +1,8 @@
 //! A pipeline spread over processes joined by TCP (`exec::transport::Mesh`), on any engine:
 //! what leaves a process is staged through host memory (`Engine::wire_out`, `values`), so GPU
-//! ranks meet as CPU ranks do.
+//! ranks meet as CPU ranks do, except where the engine links a stage's replicas across
+//! processes itself (`Engine::links_ranks`: NCCL between GPUs), which then carries that
+//! stage's reductions and gatherings.
 //! Each call of the step's [`Transport`] goes to the devices of this process as in one
 //! process, and to the others' as frames: a send is a tensor frame to the rank that runs the
 //! receiver, a reduction sends this replica's gradients to every rank holding another replica
@@ -22,7 +24,7 @@ use crate::exec::transport::{Collective, Mesh, MessageKey, RankSpec};
 
 use super::PipelineError;
 use super::engine::Engine;
-use super::reduce_point::{ChunkGrads, Shards};
+use super::reduce_point::{ChunkGrads, Shards, across_ranks};
 use super::seat::Seat;
 use super::step_sync::{Shares, StepTotals};
 use super::tcp_shards::{
@@ -378,6 +380,14 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
         grads: ChunkGrads<E::Tensor>,
     ) -> (ChunkGrads<E::Tensor>, Result<()>) {
         let local = self.local.local_replicas(seat.stage);
+        if engine.links_ranks(seat.stage) {
+            let device = seat.device(seat.stage);
+            return self.local.reduce_here(seat, chunk, grads, |here| {
+                across_ranks(&local, here, None, false, |op, copies| {
+                    engine.across_ranks(device, op, &local, copies)
+                })
+            });
+        }
         let mine = self.access(engine, seat.stage, seat.replica);
         let whole = |_: &[u32]| {
             (grads.iter())
@@ -404,6 +414,17 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
         grads: ChunkGrads<E::Tensor>,
         shards: &Shards,
     ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        if engine.links_ranks(seat.stage) {
+            let (device, local) = (
+                seat.device(seat.stage),
+                self.local.local_replicas(seat.stage),
+            );
+            return self.local.scatter_here(seat, chunk, grads, |here| {
+                across_ranks(&local, here, Some(shards), false, |op, copies| {
+                    engine.across_ranks(device, op, &local, copies)
+                })
+            });
+        }
         // To each other rank, this replica's gradients over what its replicas own.
         let mine = self.access(engine, seat.stage, seat.replica);
         let theirs = |owners: &[u32]| owned_values(&mine, &grads, shards, owners);
@@ -426,6 +447,17 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
         weights: ChunkGrads<E::Tensor>,
         shards: &Shards,
     ) -> (ChunkGrads<E::Tensor>, Result<()>) {
+        if engine.links_ranks(seat.stage) {
+            let (device, local) = (
+                seat.device(seat.stage),
+                self.local.local_replicas(seat.stage),
+            );
+            return self.local.gather_here(seat, chunk, weights, |here| {
+                across_ranks(&local, here, Some(shards), true, |op, copies| {
+                    engine.across_ranks(device, op, &local, copies)
+                })
+            });
+        }
         // To each other rank, what this replica owns of its updated weights.
         let mine = self.access(engine, seat.stage, seat.replica);
         let owned = |_: &[u32]| owned_values(&mine, &weights, shards, &[seat.replica]);

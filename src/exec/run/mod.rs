@@ -9,6 +9,7 @@ mod error;
 mod evaluate;
 mod host_budget;
 mod over_ranks;
+mod rank_links;
 mod replicas;
 mod setup;
 mod training_pipeline;

@@ -1,8 +1,9 @@
 //! A run spread over processes (ranks): every rank plans the whole job on the whole device
 //! list, so all plan alike, then runs its block of the plan's devices and reaches the others
 //! over TCP (`TcpRanks`). CPU devices are pools of host memory; GPUs name their ordinals on
-//! their own machines and one cap, the memory every rank plans each device with, and
-//! exchange what crosses processes through host memory.
+//! their own machines and one cap, the memory every rank plans each device with; what crosses
+//! processes goes through host memory, except the replica collectives of stages the ranks
+//! link GPU to GPU (`rank_links`).
 
 use std::ops::Range;
 
@@ -16,6 +17,7 @@ use crate::exec::transport::{Mesh, RankSpec};
 use crate::plan::search::Answer;
 use crate::spec::{JobSpec, SpecError};
 
+use super::rank_links::link_gpu_ranks;
 use super::setup::{
     Connect, GPU_RESERVE, gpu_precision, plan_job, resolve_arch, run_fingerprint, stage_budgets,
 };
@@ -77,7 +79,7 @@ impl Run {
         let engine = CpuEngine {
             backend: CpuBackend::default(),
         };
-        let connect = connect(&spec, rank);
+        let connect = connect(&spec, rank, |_, _, _, _| Ok(()));
         Run::on_pipeline(spec, &arch, answer, devices, engine, Some(connect))
     }
 
@@ -95,9 +97,12 @@ impl Run {
         let local = local_devices(&rank, &answer)?;
         let here = &stage_gpus[local.start as usize..local.end as usize];
         let precision = gpu_precision(spec.training.precision);
-        let engine = GpuEngine::open_rank(here, local.clone(), precision)?;
+        let stages = answer.plan.devices();
+        let engine = GpuEngine::open_rank(here, local.clone(), stages, precision)?;
         check_free(&engine, here, local, devices.devices[0].budget())?;
-        let connect = connect(&spec, rank);
+        let connect = connect(&spec, rank, |mesh, rank, answer, engine| {
+            link_gpu_ranks(mesh, rank, answer, engine).map(drop)
+        });
         Run::on_pipeline(spec, &arch, answer, devices, engine, Some(connect))
     }
 }
@@ -124,16 +129,24 @@ fn check_free(
     stage_budgets(here, Some(cap), &free).map(|_| ())
 }
 
+/// What an engine sets up with the other ranks once they are reached (GPUs: their links).
+type Link<E> = fn(&Mesh, &RankSpec, &Answer, &mut E) -> Result<(), RunError>;
+
 /// Joins the other ranks once the plan is known: every rank's mesh checks the others run the
-/// same job and plan.
-fn connect<E: Engine + Send + 'static>(spec: &JobSpec, rank: RankSpec) -> Connect<E> {
+/// same job and plan; then `link` sets up what the engine needs of them.
+fn connect<E: Engine + Send + 'static>(
+    spec: &JobSpec,
+    rank: RankSpec,
+    link: Link<E>,
+) -> Connect<E> {
     let fingerprint_of = spec.clone();
     Box::new(
-        move |answer: &Answer| -> Result<Box<dyn Ranks<E>>, RunError> {
+        move |answer: &Answer, engine: &mut E| -> Result<Box<dyn Ranks<E>>, RunError> {
             let plan = &answer.plan;
             local_devices(&rank, answer)?;
             let fingerprint = run_fingerprint(&fingerprint_of, answer);
             let mesh = Mesh::connect(&rank, fingerprint).map_err(PipelineError::from)?;
+            link(&mesh, &rank, answer, engine)?;
             let stages = plan.devices() as u32;
             Ok(Box::new(TcpRanks::new(mesh, rank, plan.replicas, stages)))
         },

@@ -133,7 +133,8 @@ pub fn plan_job(
 }
 
 /// Joins a pipeline to the other ranks of its run, once its plan is known.
-pub(super) type Connect<E> = Box<dyn FnOnce(&Answer) -> Result<Box<dyn Ranks<E>>, RunError>>;
+pub(super) type Connect<E> =
+    Box<dyn FnOnce(&Answer, &mut E) -> Result<Box<dyn Ranks<E>>, RunError>>;
 
 /// What every rank of one run shares: the job and the plan. Ranks that disagree refuse to
 /// meet instead of training different things.
@@ -323,7 +324,7 @@ impl Run {
         arch: &ModelArch,
         answer: Answer,
         mut devices: DeviceSet,
-        engine: E,
+        mut engine: E,
         connect: Option<Connect<E>>,
     ) -> Result<Run, RunError>
     where
@@ -351,7 +352,7 @@ impl Run {
                 )?
             }
             Some(connect) => {
-                let ranks = connect(&answer)?;
+                let ranks = connect(&answer, &mut engine)?;
                 Pipeline::new_on_rank(config, plan, devices, engine, parts, training, ranks)?
             }
         };

@@ -100,6 +100,9 @@ pub enum Frame {
     Beat,
     /// Measuring the link before the first step (`probe`): bytes that mean nothing.
     Probe { payload: Vec<u8> },
+    /// What a transport between the ranks' devices needs before the first step, under its
+    /// `key` (a rank's GPU ids, an NCCL unique id).
+    Setup { key: String, bytes: Vec<u8> },
 }
 
 impl Frame {
@@ -116,6 +119,7 @@ impl Frame {
             Frame::Beat => 8,
             Frame::Written { .. } => 9,
             Frame::Probe { .. } => 10,
+            Frame::Setup { .. } => 11,
         }
     }
 
@@ -191,6 +195,11 @@ impl Frame {
             Frame::Probe { payload } => {
                 w.u64(payload.len() as u64);
                 w.0.extend_from_slice(payload);
+            }
+            Frame::Setup { key, bytes } => {
+                w.str(key);
+                w.u64(bytes.len() as u64);
+                w.0.extend_from_slice(bytes);
             }
             Frame::Bye | Frame::Beat => {}
         }
@@ -523,6 +532,14 @@ impl Reader<'_> {
                 let n = self.count(1, "probe")?;
                 Frame::Probe {
                     payload: self.take(n, "probe")?.to_vec(),
+                }
+            }
+            11 => {
+                let key = self.str("setup key")?;
+                let n = self.count(1, "setup")?;
+                Frame::Setup {
+                    key,
+                    bytes: self.take(n, "setup")?.to_vec(),
                 }
             }
             k => return Err(FrameError::Malformed(format!("unknown frame kind {k}"))),

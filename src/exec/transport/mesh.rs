@@ -37,6 +37,8 @@ pub struct Inbox {
     pub checkpoints: HashMap<u64, String>,
     /// (step, sending rank): that rank's shard of the checkpoint after `step` is written.
     pub written: HashSet<(u64, u32)>,
+    /// By (sending rank, key): what it said to set up a transport (`Frame::Setup`).
+    pub setup: HashMap<(u32, String), Vec<u8>>,
     failure: Option<TransportError>,
     said_bye: Vec<bool>,
     closing: bool,
@@ -454,6 +456,9 @@ fn read_link(stream: TcpStream, (peer, addr): (u32, String), silence: Duration, 
             }
             Frame::Written { step } => {
                 inbox.written.insert((step, peer));
+            }
+            Frame::Setup { key, bytes } => {
+                inbox.setup.insert((peer, key), bytes);
             }
             Frame::Abort { reason } => {
                 inbox

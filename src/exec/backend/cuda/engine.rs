@@ -17,6 +17,7 @@ use cudarc::driver::DevicePtr;
 use crate::exec::backend::cuda::dev_ptr::DevPtr;
 use crate::exec::backend::cuda::gpu::Gpu;
 use crate::exec::backend::cuda::nccl::Nccl;
+use crate::exec::backend::cuda::nccl_ranks::RankLinks;
 use crate::exec::backend::cuda::tensor::{Detached, GpuTensor};
 use crate::exec::backend::cuda::{CudaError, Precision};
 use crate::exec::device::{MemGroup, PoolRef};
@@ -26,10 +27,11 @@ use crate::exec::model::{LlamaConfig, PartCtx, PartId, PartParams};
 use crate::exec::optim::OptimizerConfig;
 use crate::exec::optim::clip::tensor_squares;
 use crate::exec::pipeline::PipelineError;
-use crate::exec::pipeline::engine::{At, Engine, HostPart, Kept, Update};
+use crate::exec::pipeline::engine::{AcrossRanks, At, Engine, HostPart, Kept, Update};
 use crate::exec::transport::frame::WireTensor;
 use crate::plan::inventory::{DType, keeps_act_copy};
 
+mod ranks;
 mod replicas;
 mod wire;
 
@@ -51,6 +53,9 @@ pub struct GpuEngine {
     /// The communicator between the GPUs, when there are several and NCCL is here (dropped
     /// before the GPUs).
     pub(super) nccl: Option<Nccl>,
+    /// A rank's links to the other processes' replicas of its stages (`ranks`), dropped
+    /// before the GPUs too.
+    rank_links: Option<RankLinks>,
     /// Each GPU once.
     pub(super) gpus: Vec<Gpu>,
     /// For each run-wide plan device (replica by replica), the index in `gpus` of the GPU it
@@ -92,33 +97,12 @@ impl GpuEngine {
         let stages = stage_gpu.len();
         Ok(GpuEngine {
             nccl,
+            rank_links: None,
             gpus,
             stage_gpu,
             stages,
             first: 0,
         })
-    }
-
-    /// The GPUs of one rank of a run spread over processes: run-wide devices `local` on GPUs
-    /// `ordinals` (one per device, repeats allowed), each GPU opened once. The run's other
-    /// devices are other processes' and never asked of this engine. No replica groups: a
-    /// rank's replicas meet the others' through host memory (`TcpRanks`), which never asks
-    /// the engine to sum replicas.
-    pub fn open_rank(
-        ordinals: &[usize],
-        local: Range<u32>,
-        precision: Precision,
-    ) -> std::result::Result<Self, CudaError> {
-        if ordinals.len() != local.len() {
-            return Err(CudaError::Unsupported(format!(
-                "devices {local:?} of a rank need {} GPUs; {} were named",
-                local.len(),
-                ordinals.len()
-            )));
-        }
-        let mut engine = GpuEngine::open(ordinals, precision)?;
-        engine.first = local.start as usize;
-        Ok(engine)
     }
 
     /// Runs `replicas` copies of a `stages`-device pipeline on the first stages x replicas
@@ -173,6 +157,7 @@ impl GpuEngine {
     pub fn of(gpu: Gpu) -> Self {
         GpuEngine {
             nccl: None,
+            rank_links: None,
             gpus: vec![gpu],
             stage_gpu: vec![0],
             stages: 1,
@@ -511,6 +496,20 @@ impl Engine for GpuEngine {
 
     fn sum_here(&self, device: u32, copies: &mut [&mut GpuTensor]) -> Result<()> {
         self.sum_on_gpu(device, copies)
+    }
+
+    fn links_ranks(&self, stage: u32) -> bool {
+        (self.rank_links.as_ref()).is_some_and(|links| links.links(stage))
+    }
+
+    fn across_ranks(
+        &self,
+        device: u32,
+        op: AcrossRanks,
+        replicas: &[u32],
+        copies: &mut [&mut GpuTensor],
+    ) -> Result<()> {
+        self.meet_ranks(device, op, replicas, copies)
     }
 
     fn zero_grads(&self, device: u32, part: &mut GpuPart) -> Result<()> {

@@ -24,7 +24,9 @@
 //!   GPUs; the whole model on one GPU is a one-stage plan): plan devices as stages on GPUs,
 //!   offload and prefetch through pinned host memory on a copy stream ([`offload`]), sends
 //!   between GPUs through NCCL ([`nccl`]); a buffer copied in either way carries the copy's
-//!   end ([`ready::Ready`]), which its readers wait for.
+//!   end ([`ready::Ready`]), which its readers wait for. A rank of a run spread over
+//!   processes links its replicas to the other ranks' GPU to GPU where it can
+//!   ([`nccl_ranks`]).
 
 pub mod act_copy;
 pub mod attention;
@@ -38,6 +40,7 @@ pub mod kernel_args;
 pub mod libs;
 pub mod limits;
 pub mod nccl;
+pub mod nccl_ranks;
 pub mod offload;
 pub mod ops;
 pub mod pinned;

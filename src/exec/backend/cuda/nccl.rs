@@ -34,7 +34,7 @@ use crate::exec::backend::cuda::libs::Libraries;
 use crate::exec::backend::cuda::ready::Ready;
 
 /// NCCL's own words for an error code.
-fn nccl_error(e: NcclError) -> CudaError {
+pub(super) fn nccl_error(e: NcclError) -> CudaError {
     // SAFETY: NCCL returns a static string for every code.
     let text = unsafe { CStr::from_ptr(sys::ncclGetErrorString(e.0)) };
     CudaError::Nccl(format!("{:?}: {}", e.0, text.to_string_lossy()))
@@ -55,6 +55,25 @@ struct Ranks {
 unsafe impl Send for Ranks {}
 
 impl Ranks {
+    /// The replica group of `gpus` (made by `add_group`): per GPU, its communicator in the
+    /// group and its transfer stream.
+    fn group(&self, gpus: &[&Gpu]) -> Result<Vec<Member<'_>>, CudaError> {
+        let ordinals: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
+        let Some((_, comms)) = self.groups.iter().find(|(g, _)| *g == ordinals) else {
+            return Err(CudaError::Unsupported(format!(
+                "no replica group of GPUs {ordinals:?} was made for this job"
+            )));
+        };
+        (gpus.iter().zip(comms))
+            .map(|(gpu, &comm)| {
+                Ok(Member {
+                    comm,
+                    stream: &self.streams[self.rank(gpu)?],
+                })
+            })
+            .collect()
+    }
+
     fn rank(&self, gpu: &Gpu) -> Result<usize, CudaError> {
         (self.ordinals.iter().position(|&o| o == gpu.ordinal)).ok_or_else(|| {
             CudaError::Unsupported(format!(
@@ -63,6 +82,126 @@ impl Ranks {
             ))
         })
     }
+}
+
+/// One GPU's place in a collective: its communicator (its NCCL rank within it) and the stream
+/// the collective runs on.
+pub(super) struct Member<'a> {
+    pub comm: sys::ncclComm_t,
+    pub stream: &'a CudaStream,
+}
+
+/// Sums `len` f32 elements at each of `buffers` (per GPU of `members`, in their order) into
+/// every one of them, on the members' streams, after what each GPU's compute stream has
+/// queued so far and after each buffer's prefetch, if any. Returns, per buffer, the
+/// all-reduce's end, which its readers wait for.
+pub(super) fn all_reduce_on(
+    members: &[Member],
+    buffers: &[(&Gpu, u64, Option<&Ready>)],
+    len: usize,
+) -> Result<Vec<Ready>, CudaError> {
+    if members.len() != buffers.len() {
+        return Err(CudaError::Unsupported(format!(
+            "an all-reduce of {} buffers over {} GPUs",
+            buffers.len(),
+            members.len()
+        )));
+    }
+    for (&(gpu, _, ready), m) in buffers.iter().zip(members) {
+        m.stream.wait(&gpu.stream.record_event(None)?)?;
+        if let Some(r) = ready {
+            r.wait_on(m.stream)?;
+        }
+    }
+    nccl::group_start().map_err(nccl_error)?;
+    // SAFETY: each buffer holds at least `len` f32 values on its GPU and stays allocated
+    // until its GPU's compute stream passes the returned event (its readers, and its
+    // freeing, wait for it).
+    let queued = buffers
+        .iter()
+        .zip(members)
+        .try_for_each(|(&(_, ptr, _), m)| unsafe {
+            nccl::all_reduce(
+                ptr as *const _,
+                ptr as *mut _,
+                len,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                m.comm,
+                m.stream.cu_stream() as _,
+            )
+            .map(|_| ())
+        });
+    let ended = nccl::group_end();
+    queued.map_err(nccl_error)?;
+    ended.map_err(nccl_error)?;
+    (buffers.iter().zip(members))
+        .map(|(&(gpu, _, _), m)| Ready::record(m.stream, gpu))
+        .collect()
+}
+
+/// For each of `ops`, over `len` f32 elements at each member's address (per GPU of `gpus`,
+/// the members' GPUs in order): a sum into the root's buffer (`ncclReduce`) or the root's
+/// values copied into every other buffer (`ncclBroadcast`), the root named by its NCCL rank in
+/// the members' communicators. All in one NCCL group on the members' streams, after what each
+/// GPU's compute stream has queued so far; each compute stream then waits for their end.
+pub(super) fn rooted_on(
+    members: &[Member],
+    gpus: &[&Gpu],
+    kind: Rooted,
+    ops: &[RootedOp],
+) -> Result<(), CudaError> {
+    if let Some(op) = ops.iter().find(|op| op.addrs.len() != members.len()) {
+        return Err(CudaError::Unsupported(format!(
+            "a collective rooted at {} with {} buffers over {} GPUs",
+            op.root,
+            op.addrs.len(),
+            members.len()
+        )));
+    }
+    for (gpu, m) in gpus.iter().zip(members) {
+        m.stream.wait(&gpu.stream.record_event(None)?)?;
+    }
+    nccl::group_start().map_err(nccl_error)?;
+    let f32s = sys::ncclDataType_t::ncclFloat32;
+    let queued = ops.iter().try_for_each(|op| {
+        (op.addrs.iter().zip(members)).try_for_each(|(&ptr, m)| {
+            let (root, stream) = (op.root as i32, m.stream.cu_stream() as _);
+            // SAFETY: each address holds at least `len` f32 values on its GPU, allocated
+            // until its compute stream passes the end of this group, which it waits for below.
+            let queued = unsafe {
+                match kind {
+                    Rooted::Sum => nccl::reduce(
+                        ptr as *const _,
+                        ptr as *mut _,
+                        op.len,
+                        f32s,
+                        sys::ncclRedOp_t::ncclSum,
+                        root,
+                        m.comm,
+                        stream,
+                    ),
+                    Rooted::Copy => nccl::broadcast(
+                        ptr as *const _,
+                        ptr as *mut _,
+                        op.len,
+                        f32s,
+                        root,
+                        m.comm,
+                        stream,
+                    ),
+                }
+            };
+            queued.map(|_| ())
+        })
+    });
+    let ended = nccl::group_end();
+    queued.map_err(nccl_error)?;
+    ended.map_err(nccl_error)?;
+    for (gpu, m) in gpus.iter().zip(members) {
+        Ready::record(m.stream, gpu)?.wait_on(&gpu.stream)?;
+    }
+    Ok(())
 }
 
 /// What a collective rooted at one GPU does (see [`Nccl::rooted`]).
@@ -75,7 +214,7 @@ pub enum Rooted {
 }
 
 /// One rooted collective: per GPU of the group (in its order) the address of its elements,
-/// the root's position among them, and how many f32 elements.
+/// the root's NCCL rank in the group, and how many f32 elements.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootedOp {
     pub root: usize,
@@ -221,129 +360,33 @@ impl Nccl {
     }
 
     /// Sums `len` f32 elements at each of `buffers` (one per GPU of a group made by
-    /// `add_group`, in its order) into every one of them, on the transfer streams, after what
-    /// each GPU's compute stream has queued so far and after each buffer's prefetch, if any.
-    /// Returns, per buffer, the all-reduce's end, which its readers wait for.
+    /// `add_group`, in its order) into every one of them (see [`all_reduce_on`]).
     pub fn all_reduce_sum(
         &self,
         buffers: &[(&Gpu, u64, Option<&Ready>)],
         len: usize,
     ) -> Result<Vec<Ready>, CudaError> {
         let ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
-        let ordinals: Vec<usize> = buffers.iter().map(|(g, _, _)| g.ordinal).collect();
-        let Some((_, comms)) = ranks.groups.iter().find(|(g, _)| *g == ordinals) else {
-            return Err(CudaError::Unsupported(format!(
-                "no all-reduce group of GPUs {ordinals:?} was made for this job"
-            )));
-        };
-        let mut streams = Vec::with_capacity(buffers.len());
-        for &(gpu, _, ready) in buffers {
-            let stream = &ranks.streams[ranks.rank(gpu)?];
-            stream.wait(&gpu.stream.record_event(None)?)?;
-            if let Some(r) = ready {
-                r.wait_on(stream)?;
-            }
-            streams.push(stream);
-        }
-        nccl::group_start().map_err(nccl_error)?;
-        // SAFETY: each buffer holds at least `len` f32 values on its GPU and stays allocated
-        // until its GPU's compute stream passes the returned event (its readers, and its
-        // freeing, wait for it).
-        let queued = buffers.iter().zip(comms).zip(&streams).try_for_each(
-            |((&(_, ptr, _), &comm), stream)| unsafe {
-                nccl::all_reduce(
-                    ptr as *const _,
-                    ptr as *mut _,
-                    len,
-                    sys::ncclDataType_t::ncclFloat32,
-                    sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    stream.cu_stream() as _,
-                )
-                .map(|_| ())
-            },
-        );
-        let ended = nccl::group_end();
-        queued.map_err(nccl_error)?;
-        ended.map_err(nccl_error)?;
-        (buffers.iter().zip(streams))
-            .map(|(&(gpu, _, _), stream)| Ready::record(stream, gpu))
-            .collect()
+        let gpus: Vec<&Gpu> = buffers.iter().map(|(g, _, _)| *g).collect();
+        let members = ranks.group(&gpus)?;
+        all_reduce_on(&members, buffers, len)
     }
 
     /// For each of `ops`, one collective rooted at one GPU of the group of `gpus` (a group
-    /// made by `add_group`, in its order), over `len` f32 elements at each GPU's address: a
-    /// sum into the root's buffer (`ncclReduce`) or the root's values copied into every other
-    /// buffer (`ncclBroadcast`). All in one NCCL group on the transfer streams, after what each
-    /// GPU's compute stream has queued so far; each compute stream then waits for their end.
-    /// This is the sharded reduction's reduce-scatter and the gathering's all-gather, range by
-    /// range: a replica's shard need not be an equal slice of each tensor.
+    /// made by `add_group`, in its order; see [`rooted_on`]). This is the sharded
+    /// reduction's reduce-scatter and the gathering's all-gather, range by range: a replica's
+    /// shard need not be an equal slice of each tensor.
     pub fn rooted(&self, gpus: &[&Gpu], kind: Rooted, ops: &[RootedOp]) -> Result<(), CudaError> {
         let ranks = self.ranks.lock().unwrap_or_else(|e| e.into_inner());
-        let ordinals: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
-        let Some((_, comms)) = ranks.groups.iter().find(|(g, _)| *g == ordinals) else {
+        let members = ranks.group(gpus)?;
+        if let Some(op) = ops.iter().find(|op| op.root >= gpus.len()) {
             return Err(CudaError::Unsupported(format!(
-                "no replica group of GPUs {ordinals:?} was made for this job"
-            )));
-        };
-        if let Some(op) = ops
-            .iter()
-            .find(|op| op.addrs.len() != gpus.len() || op.root >= gpus.len())
-        {
-            return Err(CudaError::Unsupported(format!(
-                "a collective rooted at {} with {} buffers over {} GPUs",
+                "a collective rooted at {} over {} GPUs",
                 op.root,
-                op.addrs.len(),
                 gpus.len()
             )));
         }
-        let mut streams = Vec::with_capacity(gpus.len());
-        for gpu in gpus {
-            let stream = &ranks.streams[ranks.rank(gpu)?];
-            stream.wait(&gpu.stream.record_event(None)?)?;
-            streams.push(stream);
-        }
-        nccl::group_start().map_err(nccl_error)?;
-        let f32s = sys::ncclDataType_t::ncclFloat32;
-        // SAFETY: each address holds at least `len` f32 values on its GPU, allocated until its
-        // compute stream passes the end of this group, which it waits for below.
-        let queued = ops.iter().try_for_each(|op| {
-            (op.addrs.iter().zip(comms).zip(&streams)).try_for_each(|((&ptr, &comm), stream)| {
-                let root = op.root as i32;
-                // SAFETY: as above.
-                let queued = unsafe {
-                    match kind {
-                        Rooted::Sum => nccl::reduce(
-                            ptr as *const _,
-                            ptr as *mut _,
-                            op.len,
-                            f32s,
-                            sys::ncclRedOp_t::ncclSum,
-                            root,
-                            comm,
-                            stream.cu_stream() as _,
-                        ),
-                        Rooted::Copy => nccl::broadcast(
-                            ptr as *const _,
-                            ptr as *mut _,
-                            op.len,
-                            f32s,
-                            root,
-                            comm,
-                            stream.cu_stream() as _,
-                        ),
-                    }
-                };
-                queued.map(|_| ())
-            })
-        });
-        let ended = nccl::group_end();
-        queued.map_err(nccl_error)?;
-        ended.map_err(nccl_error)?;
-        for (gpu, stream) in gpus.iter().zip(streams) {
-            Ready::record(stream, gpu)?.wait_on(&gpu.stream)?;
-        }
-        Ok(())
+        rooted_on(&members, gpus, kind, ops)
     }
 
     /// Waits for every transfer queued so far (sends included, which no reader waits for).

@@ -115,6 +115,14 @@ fn every_kind() -> Vec<Frame> {
             payload: vec![7, 0, 255],
         },
         Frame::Probe { payload: vec![] },
+        Frame::Setup {
+            key: "nccl/3".into(),
+            bytes: (0..=255).collect(),
+        },
+        Frame::Setup {
+            key: String::new(),
+            bytes: vec![],
+        },
     ]
 }
 

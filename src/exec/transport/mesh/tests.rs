@@ -57,6 +57,16 @@ fn two_ranks_exchange_frames_and_part_with_goodbyes() {
         .wait(|inbox| inbox.tensors.remove(&(4, 1, key)), &|| false)
         .unwrap();
     assert_eq!(got, Some(tensor));
+    // What a transport's setup says lands under the sender's rank and the key.
+    let setup = Frame::Setup {
+        key: "gpus".into(),
+        bytes: vec![1, 2, 3],
+    };
+    one.send(0, &setup).unwrap();
+    let said = zero
+        .wait(|inbox| inbox.setup.remove(&(1, "gpus".into())), &|| false)
+        .unwrap();
+    assert_eq!(said, Some(vec![1, 2, 3]));
     let closing = std::thread::spawn(move || one.close(Duration::from_secs(5)));
     zero.close(Duration::from_secs(5)).unwrap();
     closing.join().unwrap().unwrap();
