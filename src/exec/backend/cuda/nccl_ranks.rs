@@ -12,7 +12,7 @@
 //! every replica, so every member meets its peers' calls in one order.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::CudaStream;
 use cudarc::nccl::result as nccl;
@@ -76,11 +76,14 @@ struct Linked {
 /// This process's members of the stages' communicators across ranks.
 pub struct RankLinks {
     replicas: u32,
-    /// Per linked stage, this process's replicas of it, in replica order.
-    stages: Mutex<BTreeMap<u32, Vec<Linked>>>,
+    /// Per linked stage, this process's replicas of it, in replica order. A lock per stage:
+    /// a collective may wait in NCCL for the other ranks (their first use of a communicator
+    /// connects them), and one lock for every stage could then wait on a stage whose peers
+    /// wait on this one.
+    stages: BTreeMap<u32, Mutex<Vec<Linked>>>,
 }
 
-// SAFETY: the communicators are only used with the `stages` lock held.
+// SAFETY: each stage's communicators are only used with that stage's lock held.
 unsafe impl Send for RankLinks {}
 unsafe impl Sync for RankLinks {}
 
@@ -96,9 +99,9 @@ impl RankLinks {
     /// joins in that order, so no two wait on each other's later stage). Blocks until every
     /// rank of each stage has joined.
     pub fn join(replicas: u32, joins: Vec<Join>) -> Result<RankLinks, CudaError> {
-        let links = RankLinks {
+        let mut links = RankLinks {
             replicas,
-            stages: Mutex::new(BTreeMap::new()),
+            stages: BTreeMap::new(),
         };
         let mut joins = joins;
         joins.sort_by_key(|j| j.stage);
@@ -125,20 +128,24 @@ impl RankLinks {
             });
             let ended = nccl::group_end();
             // Kept before the errors are looked at, so dropping `links` frees what was made.
-            links.lock().insert(join.stage, members);
+            links.stages.insert(join.stage, Mutex::new(members));
             queued?;
             ended.map_err(nccl_error)?;
         }
         Ok(links)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Vec<Linked>>> {
-        self.stages.lock().unwrap_or_else(|e| e.into_inner())
+    /// This process's members of `stage`, locked.
+    fn lock(&self, stage: u32) -> Result<MutexGuard<'_, Vec<Linked>>, CudaError> {
+        let linked = self.stages.get(&stage).ok_or_else(|| {
+            CudaError::Unsupported(format!("stage {stage} has no links to the other ranks"))
+        })?;
+        Ok(linked.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Whether `stage`'s replicas meet here.
     pub fn links(&self, stage: u32) -> bool {
-        self.lock().contains_key(&stage)
+        self.stages.contains_key(&stage)
     }
 
     /// Sums `len` f32 elements at each of `buffers` (this process's replicas `replicas` of
@@ -151,9 +158,8 @@ impl RankLinks {
         buffers: &[(&Gpu, u64, Option<&Ready>)],
         len: usize,
     ) -> Result<Vec<Ready>, CudaError> {
-        let stages = self.lock();
-        let members = members(&stages, stage, replicas)?;
-        all_reduce_on(&members, buffers, len)
+        let linked = self.lock(stage)?;
+        all_reduce_on(&members(&linked, stage, replicas)?, buffers, len)
     }
 
     /// Per op, a reduce into (`Sum`) or a broadcast from (`Copy`) replica `op.root` of
@@ -172,20 +178,18 @@ impl RankLinks {
                 op.root, self.replicas
             )));
         }
-        let stages = self.lock();
-        let members = members(&stages, stage, replicas)?;
-        rooted_on(&members, gpus, kind, ops)
+        let linked = self.lock(stage)?;
+        rooted_on(&members(&linked, stage, replicas)?, gpus, kind, ops)
     }
 }
 
-/// The members of `stage` for `replicas`, which must be exactly this process's replicas of
-/// it, in order.
+/// The members of `stage` (`linked`) for `replicas`, which must be exactly this process's
+/// replicas of it, in order.
 fn members<'a>(
-    stages: &'a BTreeMap<u32, Vec<Linked>>,
+    linked: &'a [Linked],
     stage: u32,
     replicas: &[u32],
 ) -> Result<Vec<Member<'a>>, CudaError> {
-    let linked = stages.get(&stage).map_or(&[][..], Vec::as_slice);
     if !linked
         .iter()
         .map(|l| l.replica)
@@ -207,9 +211,11 @@ fn members<'a>(
 
 impl Drop for RankLinks {
     fn drop(&mut self) {
-        let stages = self.stages.get_mut().unwrap_or_else(|e| e.into_inner());
+        let linked: Vec<&Linked> = (self.stages.values_mut())
+            .flat_map(|m| m.get_mut().unwrap_or_else(|e| e.into_inner()).iter())
+            .collect();
         // Errors here have nowhere to go: the run is over.
-        for l in stages.values().flatten() {
+        for l in &linked {
             let _ = l.stream.synchronize();
         }
         // SAFETY: each communicator was made by `comm_init_rank`, is finalized and destroyed
@@ -217,12 +223,12 @@ impl Drop for RankLinks {
         // so this process's are finalized in one group.
         unsafe {
             if nccl::group_start().is_ok() {
-                for l in stages.values().flatten() {
+                for l in &linked {
                     let _ = nccl::comm_finalize(l.comm);
                 }
                 let _ = nccl::group_end();
             }
-            for l in stages.values().flatten() {
+            for l in &linked {
                 let _ = nccl::comm_destroy(l.comm);
             }
         }
