@@ -277,6 +277,27 @@ impl<E: Engine> OverTcp<'_, E> {
             .collect()
     }
 
+    /// What this process's replicas of `seat`'s stage do once met, where the engine links
+    /// them to the other ranks' (`Engine::links_ranks`): the collective on those links, tensor
+    /// by tensor (`shards` and `gather` as in `reduce_point::across_ranks`).
+    fn on_links<'s>(
+        &self,
+        engine: &'s E,
+        seat: Seat,
+        shards: Option<&'s Shards>,
+        gather: bool,
+    ) -> impl FnOnce(&mut [ChunkGrads<E::Tensor>]) -> Result<()> + 's {
+        let (device, local) = (
+            seat.device(seat.stage),
+            self.local.local_replicas(seat.stage),
+        );
+        move |here| {
+            across_ranks(&local, here, shards, gather, |op, copies| {
+                engine.across_ranks(device, op, &local, copies)
+            })
+        }
+    }
+
     /// Every replica's copies of each gradient tensor of (stage, chunk): this process's in
     /// `here` (replicas `local`), the others' from the mesh; sums them in replica order into
     /// `here`'s copies.
@@ -381,12 +402,8 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
     ) -> (ChunkGrads<E::Tensor>, Result<()>) {
         let local = self.local.local_replicas(seat.stage);
         if engine.links_ranks(seat.stage) {
-            let device = seat.device(seat.stage);
-            return self.local.reduce_here(seat, chunk, grads, |here| {
-                across_ranks(&local, here, None, false, |op, copies| {
-                    engine.across_ranks(device, op, &local, copies)
-                })
-            });
+            let linked = self.on_links(engine, seat, None, false);
+            return self.local.reduce_here(seat, chunk, grads, linked);
         }
         let mine = self.access(engine, seat.stage, seat.replica);
         let whole = |_: &[u32]| {
@@ -415,15 +432,8 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
         shards: &Shards,
     ) -> (ChunkGrads<E::Tensor>, Result<()>) {
         if engine.links_ranks(seat.stage) {
-            let (device, local) = (
-                seat.device(seat.stage),
-                self.local.local_replicas(seat.stage),
-            );
-            return self.local.scatter_here(seat, chunk, grads, |here| {
-                across_ranks(&local, here, Some(shards), false, |op, copies| {
-                    engine.across_ranks(device, op, &local, copies)
-                })
-            });
+            let linked = self.on_links(engine, seat, Some(shards), false);
+            return self.local.scatter_here(seat, chunk, grads, linked);
         }
         // To each other rank, this replica's gradients over what its replicas own.
         let mine = self.access(engine, seat.stage, seat.replica);
@@ -448,15 +458,8 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
         shards: &Shards,
     ) -> (ChunkGrads<E::Tensor>, Result<()>) {
         if engine.links_ranks(seat.stage) {
-            let (device, local) = (
-                seat.device(seat.stage),
-                self.local.local_replicas(seat.stage),
-            );
-            return self.local.gather_here(seat, chunk, weights, |here| {
-                across_ranks(&local, here, Some(shards), true, |op, copies| {
-                    engine.across_ranks(device, op, &local, copies)
-                })
-            });
+            let linked = self.on_links(engine, seat, Some(shards), true);
+            return self.local.gather_here(seat, chunk, weights, linked);
         }
         // To each other rank, what this replica owns of its updated weights.
         let mine = self.access(engine, seat.stage, seat.replica);
