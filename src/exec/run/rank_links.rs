@@ -4,7 +4,9 @@
 //! replicas all run on distinct GPUs (NCCL refuses two ranks of one communicator on one GPU,
 //! so ranks sharing a GPU keep to host memory). For each, the rank of its first replica draws
 //! the communicator's id and sends it to the others running that stage; each rank joins with
-//! its replicas of it. The remaining stages meet through host memory, as CPU ranks do.
+//! its replicas of it. The remaining stages meet through host memory, as CPU ranks do. When
+//! the mesh fails (a rank lost, or one stopped), the links are aborted, so nothing waits in
+//! NCCL for a rank that will not come.
 
 use std::collections::BTreeSet;
 
@@ -53,7 +55,14 @@ pub(super) fn link_gpu_ranks(
     let linked = linked_stages(&gpus, replicas, stages);
     let ids = share_ids(mesh, rank, (replicas, stages), &linked, nccl_ranks::new_id)?;
     if !ids.is_empty() {
-        engine.link_ranks(replicas, &ids)?;
+        let links = engine.link_ranks(replicas, &ids)?;
+        // A rank that fails leaves this one's collectives waiting in NCCL for it, where no
+        // failed wait reaches: aborting the links ends them with an error.
+        mesh.on_failure(move || {
+            if let Some(links) = links.upgrade() {
+                links.abort();
+            }
+        });
     }
     tracing::info!(
         "the replicas of stages {linked:?} meet GPU to GPU through NCCL; the other stages' \

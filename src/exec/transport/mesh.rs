@@ -44,14 +44,25 @@ pub struct Inbox {
     closing: bool,
 }
 
+/// What runs when the mesh fails (`Mesh::on_failure`).
+type OnFailure = Box<dyn FnOnce() + Send>;
+
 struct Shared {
     inbox: Mutex<Inbox>,
     changed: Condvar,
+    /// What runs once the mesh fails or this rank aborts; `None` once it has run.
+    on_failure: Mutex<Option<Vec<OnFailure>>>,
 }
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inbox> {
         self.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs (once) what waits for the mesh's failure.
+    fn failed(&self) {
+        let hooks = (self.on_failure.lock().unwrap_or_else(|e| e.into_inner())).take();
+        hooks.into_iter().flatten().for_each(|hook| hook());
     }
 }
 
@@ -152,6 +163,7 @@ impl Mesh {
                 ..Inbox::default()
             }),
             changed: Condvar::new(),
+            on_failure: Mutex::new(Some(Vec::new())),
         });
         let mut links = Vec::with_capacity(ranks as usize);
         let mut readers = Vec::new();
@@ -274,6 +286,24 @@ impl Mesh {
         record(&self.shared, failure)
     }
 
+    /// Runs `hook` once, when the mesh first fails (a peer lost or failed) or this rank
+    /// aborts: at once if that has happened. For what a failed wait cannot reach, such as
+    /// device work waiting on the other ranks outside the mesh.
+    pub fn on_failure(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut hooks = self
+            .shared
+            .on_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match hooks.as_mut() {
+            Some(waiting) => waiting.push(Box::new(hook)),
+            None => {
+                drop(hooks);
+                hook();
+            }
+        }
+    }
+
     /// Tells every other rank this one stopped with `reason` (best effort: a rank that is
     /// gone already cannot be told).
     pub fn abort(&self, reason: &str) {
@@ -285,6 +315,7 @@ impl Mesh {
                 let _ = self.send(peer, &frame);
             }
         }
+        self.shared.failed();
     }
 
     /// Says goodbye to every rank and waits (up to `within`) for theirs, so nothing still in
@@ -361,6 +392,8 @@ fn record(shared: &Shared, failure: TransportError) -> TransportError {
     let mut inbox = shared.lock();
     let first = inbox.failure.get_or_insert(failure).clone();
     shared.changed.notify_all();
+    drop(inbox);
+    shared.failed();
     first
 }
 
@@ -489,6 +522,10 @@ fn read_link(stream: TcpStream, (peer, addr): (u32, String), silence: Duration, 
             }
         }
         shared.changed.notify_all();
+        if inbox.failure.is_some() {
+            drop(inbox);
+            shared.failed();
+        }
     }
 }
 

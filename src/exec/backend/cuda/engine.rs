@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 use cudarc::driver::DevicePtr;
 
@@ -54,8 +55,9 @@ pub struct GpuEngine {
     /// before the GPUs).
     pub(super) nccl: Option<Nccl>,
     /// A rank's links to the other processes' replicas of its stages (`ranks`), dropped
-    /// before the GPUs too.
-    rank_links: Option<RankLinks>,
+    /// before the GPUs too (the links' streams hold their contexts, should the mesh's
+    /// failure hook hold them a moment longer).
+    rank_links: Option<Arc<RankLinks>>,
     /// Each GPU once.
     pub(super) gpus: Vec<Gpu>,
     /// For each run-wide plan device (replica by replica), the index in `gpus` of the GPU it

@@ -12,6 +12,7 @@
 //! every replica, so every member meets its peers' calls in one order.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::CudaStream;
@@ -81,9 +82,14 @@ pub struct RankLinks {
     /// connects them), and one lock for every stage could then wait on a stage whose peers
     /// wait on this one.
     stages: BTreeMap<u32, Mutex<Vec<Linked>>>,
+    /// Every communicator here, for `abort`, which takes no lock.
+    comms: Vec<sys::ncclComm_t>,
+    /// Set by `abort`: the communicators are gone.
+    aborted: AtomicBool,
 }
 
-// SAFETY: each stage's communicators are only used with that stage's lock held.
+// SAFETY: each stage's communicators are only used with that stage's lock held and while not
+// aborted, except by `abort`, which NCCL allows while operations are in flight.
 unsafe impl Send for RankLinks {}
 unsafe impl Sync for RankLinks {}
 
@@ -102,6 +108,8 @@ impl RankLinks {
         let mut links = RankLinks {
             replicas,
             stages: BTreeMap::new(),
+            comms: Vec::new(),
+            aborted: AtomicBool::new(false),
         };
         let mut joins = joins;
         joins.sort_by_key(|j| j.stage);
@@ -128,6 +136,7 @@ impl RankLinks {
             });
             let ended = nccl::group_end();
             // Kept before the errors are looked at, so dropping `links` frees what was made.
+            links.comms.extend(members.iter().map(|m| m.comm));
             links.stages.insert(join.stage, Mutex::new(members));
             queued?;
             ended.map_err(nccl_error)?;
@@ -135,12 +144,32 @@ impl RankLinks {
         Ok(links)
     }
 
-    /// This process's members of `stage`, locked.
+    /// This process's members of `stage`, locked, unless the links were aborted.
     fn lock(&self, stage: u32) -> Result<MutexGuard<'_, Vec<Linked>>, CudaError> {
         let linked = self.stages.get(&stage).ok_or_else(|| {
             CudaError::Unsupported(format!("stage {stage} has no links to the other ranks"))
         })?;
-        Ok(linked.lock().unwrap_or_else(|e| e.into_inner()))
+        let linked = linked.lock().unwrap_or_else(|e| e.into_inner());
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(CudaError::Nccl(
+                "the links to the other ranks were aborted (a rank failed)".into(),
+            ));
+        }
+        Ok(linked)
+    }
+
+    /// Aborts every communicator, from any thread, also while collectives are queued or
+    /// running on them: what waits on the other ranks (a collective whose peers stopped) ends
+    /// with an error instead of waiting forever. Later collectives are refused.
+    pub fn abort(&self) {
+        if self.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for &comm in &self.comms {
+            // SAFETY: each communicator was made by `join` and is aborted once (the flag);
+            // nothing uses it afterwards (`lock` refuses, `Drop` skips it).
+            let _ = unsafe { nccl::comm_abort(comm) };
+        }
     }
 
     /// Whether `stage`'s replicas meet here.
@@ -211,6 +240,9 @@ fn members<'a>(
 
 impl Drop for RankLinks {
     fn drop(&mut self) {
+        if *self.aborted.get_mut() {
+            return; // `abort` freed the communicators
+        }
         let linked: Vec<&Linked> = (self.stages.values_mut())
             .flat_map(|m| m.get_mut().unwrap_or_else(|e| e.into_inner()).iter())
             .collect();

@@ -139,14 +139,37 @@ fn a_rank_that_goes_silent_is_given_up_after_the_silence() {
     assert_eq!(Frame::read_from(&mut hung).unwrap(), Frame::Beat);
 }
 
+/// Counts how often what `on_failure` was given has run.
+fn counted(mesh: &Mesh) -> Arc<std::sync::atomic::AtomicUsize> {
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&runs);
+    mesh.on_failure(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    runs
+}
+
 #[test]
 fn a_rank_that_fails_tells_the_other_why() {
     let (zero, one) = pair(&peers(2), [9, 9]);
     let (zero, one) = (zero.unwrap(), one.unwrap());
+    let (zero_hook, one_hook) = (counted(&zero), counted(&one));
     one.abort("device 1, action 4 (B0.1): out of memory");
+    // The aborting rank's hooks run at once, the other's when the news arrives; once each.
+    assert_eq!(one_hook.load(Ordering::SeqCst), 1);
+    one.abort("again");
+    assert_eq!(one_hook.load(Ordering::SeqCst), 1);
     let err = zero
         .wait(|inbox| inbox.meets.remove(&(0, 1)), &|| false)
         .unwrap_err();
+    // (run by the reader thread right after it files the failure the wait saw)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while zero_hook.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(zero_hook.load(Ordering::SeqCst), 1);
+    // One given after the failure runs at once.
+    assert_eq!(counted(&zero).load(Ordering::SeqCst), 1);
     assert_eq!(
         err.to_string(),
         "rank 1 stopped: device 1, action 4 (B0.1): out of memory"

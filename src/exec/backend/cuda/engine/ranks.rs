@@ -4,6 +4,7 @@
 //! gatherings go GPU to GPU; the other stages' meet through host memory (`TcpRanks`).
 
 use std::ops::Range;
+use std::sync::{Arc, Weak};
 
 use crate::exec::backend::cuda::nccl::{Rooted, RootedOp};
 use crate::exec::backend::cuda::nccl_ranks::{GpuId, Join, LinkId, RankLinks};
@@ -52,12 +53,13 @@ impl GpuEngine {
     }
 
     /// Joins, for each of `stages` (with its id), the communicator of its `replicas`
-    /// replicas across the ranks, with this rank's replicas of it.
+    /// replicas across the ranks, with this rank's replicas of it. Returns the links, to
+    /// abort when a rank fails (the engine keeps them; the handle does not).
     pub fn link_ranks(
         &mut self,
         replicas: u32,
         stages: &[(u32, LinkId)],
-    ) -> std::result::Result<(), CudaError> {
+    ) -> std::result::Result<Weak<RankLinks>, CudaError> {
         let last = (self.first + self.stage_gpu.len()) as u32;
         let joins = (stages.iter())
             .map(|&(stage, id)| Join {
@@ -74,8 +76,10 @@ impl GpuEngine {
             })
             .filter(|join| !join.members.is_empty())
             .collect();
-        self.rank_links = Some(RankLinks::join(replicas, joins)?);
-        Ok(())
+        let links = Arc::new(RankLinks::join(replicas, joins)?);
+        let handle = Arc::downgrade(&links);
+        self.rank_links = Some(links);
+        Ok(handle)
     }
 
     /// `Engine::across_ranks`: this rank's copies (replicas `replicas` of `device`'s stage,
