@@ -260,7 +260,15 @@ impl Engine for CpuEngine {
     }
 
     fn read(&self, _device: u32, t: &Tensor, within: Range<usize>, dst: &mut [f32]) -> Result<()> {
-        dst.copy_from_slice(&t.data()[within]);
+        let values = host_range(t, within.clone())?;
+        if values.len() != dst.len() {
+            return Err(PipelineError::Reduction(format!(
+                "elements {within:?} of {} cannot fill {} values",
+                t.name(),
+                dst.len()
+            )));
+        }
+        dst.copy_from_slice(values);
         Ok(())
     }
 
@@ -376,4 +384,37 @@ fn check_ranges(copies: &[&mut Tensor], owned: &[(usize, Range<usize>)]) -> Resu
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::device::{MemGroup, Pool};
+
+    /// Ranged reads and writes of a host tensor refuse, by name, a range it does not hold or
+    /// a buffer of another length, instead of panicking.
+    #[test]
+    fn ranges_a_tensor_does_not_hold_are_refused_by_name() {
+        let engine = CpuEngine {
+            backend: CpuBackend::default(),
+        };
+        let pool = Pool::new("test", 1 << 10);
+        let data = vec![1.0, 2.0, 3.0];
+        let mut t = Tensor::from_data(&pool, "w", &[3], data, MemGroup::Weights).unwrap();
+        let mut two = [0f32; 2];
+        engine.read(0, &t, 1..3, &mut two).unwrap();
+        assert_eq!(two, [2.0, 3.0]);
+        let err = engine.read(0, &t, 2..4, &mut two).unwrap_err().to_string();
+        assert!(err.contains("w holds 3 elements, not 2..4"), "{err}");
+        let err = engine.read(0, &t, 0..3, &mut two).unwrap_err().to_string();
+        assert!(
+            err.contains("elements 0..3 of w cannot fill 2 values"),
+            "{err}"
+        );
+        let err = engine.write(0, &mut t, 0..1, &two).unwrap_err().to_string();
+        assert!(
+            err.contains("2 values cannot overwrite elements 0..1 of w"),
+            "{err}"
+        );
+    }
 }
