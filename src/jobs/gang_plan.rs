@@ -342,7 +342,7 @@ fn place_plan(
         seq: spec.training.seq_len,
     };
     let profile = kind.profile(spec.training.precision)?;
-    let moved = traffic(&plan, profile, &dims, micro);
+    let moved = traffic(&plan, profile, &dims, micro, kind.collectives());
     let mut machines: Vec<String> = Vec::new();
     let slot_machine: Vec<usize> = (slots.iter())
         .map(|d| match machines.iter().position(|m| *m == d.host) {

@@ -1,7 +1,7 @@
 //! A plan's devices on several machines: what one step moves between each pair of run-wide
 //! devices (activations and gradients between pipeline neighbours, each chunk's gradient
-//! reduction and weight gathering among its replicas, as the ranks' TCP transport sends
-//! them), what that costs where a pair
+//! reduction and weight gathering among its replicas, as the ranks' TCP transport or NCCL
+//! sends them: `Collectives`), what that costs where a pair
 //! sits on two machines (the bandwidth and latency of the link between those two, which may
 //! differ from pair to pair: `Links`), and the placement that keeps the pairs that talk most
 //! on one machine. Devices on one machine are taken to talk for free.
@@ -43,6 +43,19 @@ impl Links for Network {
     }
 }
 
+/// How the replicas of a stage exchange a reduction or a gathering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collectives {
+    /// As the ranks over TCP do (`pipeline::tcp_ranks`): a replica sends every other its whole
+    /// gradient for a whole reduction (each then sums all copies in replica order), and the
+    /// share the receiver owns for a sharded one (`RS`) or a gathering (`AG`).
+    AllToAll,
+    /// As a ring (NCCL between GPUs, `cuda::nccl_ranks`): a replica sends only to the next
+    /// one, `2(r-1)/r` of the gradient in `2(r-1)` messages for a whole reduction, `(r-1)/r`
+    /// in `r-1` for `RS` or `AG`.
+    Ring,
+}
+
 /// What one step moves from one run-wide device to another: bytes and messages.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Traffic {
@@ -73,8 +86,15 @@ impl Traffic {
 
 /// The traffic of `plan`, run by `plan.replicas` replicas (run-wide device `d` is stage
 /// `d % stages` of replica `d / stages`), for a model of `dims` laid out as `profile` (which
-/// says the bytes of an activation, a gradient and a weight), in micro-batches of `micro`.
-pub fn traffic(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShape) -> Traffic {
+/// says the bytes of an activation, a gradient and a weight), in micro-batches of `micro`,
+/// the replicas' collectives sent as `collectives` says.
+pub fn traffic(
+    plan: &Plan,
+    profile: Profile,
+    dims: &ModelDims,
+    micro: MicroShape,
+    collectives: Collectives,
+) -> Traffic {
     let stages = plan.devices() as u32;
     let replicas = plan.replicas.max(1);
     let activation = profile.activation_dtype().bytes() as f64;
@@ -89,13 +109,25 @@ pub fn traffic(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShap
             params as f64
         })
         .collect();
-    // What a replica sends each other replica of its stage, as the ranks over TCP do
-    // (`pipeline::tcp_ranks`): for a whole reduction its whole gradient (every rank then sums
-    // all copies in replica order), for a sharded one (`RS`) or a gathering (`AG`) the share
-    // the receiver owns.
-    let to_each = |bytes: f64, whole: bool| match whole {
-        true => bytes,
-        false => bytes / replicas as f64,
+    // What one replica of a stage sends for a collective over `bytes` (a whole reduction or
+    // not), to which replicas: (receiving replica, bytes, messages).
+    let r = replicas as f64;
+    let sends = |replica: u32, bytes: f64, whole: bool| -> Vec<(u32, f64, u32)> {
+        let others = (0..replicas).filter(move |&o| o != replica);
+        match (collectives, whole) {
+            (Collectives::AllToAll, true) => others.map(|o| (o, bytes, 1)).collect(),
+            (Collectives::AllToAll, false) => others.map(|o| (o, bytes / r, 1)).collect(),
+            (Collectives::Ring, _) if replicas < 2 => Vec::new(),
+            (Collectives::Ring, whole) => {
+                let rounds = if whole {
+                    2 * (replicas - 1)
+                } else {
+                    replicas - 1
+                };
+                let next = (replica + 1) % replicas;
+                vec![(next, bytes * f64::from(rounds) / r, rounds)]
+            }
+        }
     };
     // Tied embeddings: the two devices holding the table's uses each send it once a step.
     let tie_devices: Vec<u32> = (0..stages)
@@ -109,16 +141,16 @@ pub fn traffic(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShap
         for (device, program) in plan.programs.iter().enumerate() {
             let device = device as u32;
             for action in program {
-                let each = match *action {
+                let (bytes, whole) = match *action {
                     Action::SendAct { peer, .. } | Action::SendGrad { peer, .. } => {
                         traffic.add(base + device, base + peer, boundary, 1);
                         continue;
                     }
                     Action::Reduce { chunk, shard } => {
-                        to_each(chunk_params[chunk as usize] * state.grad as f64, !shard)
+                        (chunk_params[chunk as usize] * state.grad as f64, !shard)
                     }
                     Action::Gather { chunk } => {
-                        to_each(chunk_params[chunk as usize] * state.weight as f64, false)
+                        (chunk_params[chunk as usize] * state.weight as f64, false)
                     }
                     Action::Tie => {
                         if let Some(&peer) = tie_devices.iter().find(|&&d| d != device) {
@@ -128,8 +160,8 @@ pub fn traffic(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShap
                     }
                     _ => continue,
                 };
-                for other in (0..replicas).filter(|&r| r != replica) {
-                    traffic.add(base + device, other * stages + device, each, 1);
+                for (other, bytes, messages) in sends(replica, bytes, whole) {
+                    traffic.add(base + device, other * stages + device, bytes, messages);
                 }
             }
         }

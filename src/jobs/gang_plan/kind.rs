@@ -11,6 +11,7 @@
 use crate::exec::run::DeviceKind;
 use crate::jobs::devices::{DeviceInfo, gpu_ordinal};
 use crate::plan::inventory::Profile;
+use crate::plan::machines::Collectives;
 use crate::plan::presets::ProfileName;
 use crate::spec::PrecisionSpec;
 use crate::store::ClusterDeviceRow;
@@ -37,6 +38,16 @@ impl GangKind {
         match self {
             GangKind::Cpu => device.kind == "cpu",
             GangKind::Cuda => ordinal(device).is_some(),
+        }
+    }
+
+    /// How the gang's replicas exchange their reductions and gatherings: CPU ranks over TCP,
+    /// GPUs (each replica of a stage on its own GPU, as a gang's are unless a worker
+    /// registered stages sharing one) through NCCL's ring.
+    pub fn collectives(self) -> Collectives {
+        match self {
+            GangKind::Cpu => Collectives::AllToAll,
+            GangKind::Cuda => Collectives::Ring,
         }
     }
 
