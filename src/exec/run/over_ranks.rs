@@ -100,9 +100,7 @@ impl Run {
         let stages = answer.plan.devices();
         let engine = GpuEngine::open_rank(here, local.clone(), stages, precision)?;
         check_free(&engine, here, local, devices.devices[0].budget())?;
-        let connect = connect(&spec, rank, |mesh, rank, answer, engine| {
-            link_gpu_ranks(mesh, rank, answer, engine).map(drop)
-        });
+        let connect = connect(&spec, rank, link_gpu_ranks);
         Run::on_pipeline(spec, &arch, answer, devices, engine, Some(connect))
     }
 }

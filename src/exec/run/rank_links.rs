@@ -32,17 +32,17 @@ fn id_key(stage: u32) -> String {
 }
 
 /// Links this rank's replicas of every stage the ranks can link through NCCL (see the module
-/// documentation); returns those stages.
+/// documentation).
 pub(super) fn link_gpu_ranks(
     mesh: &Mesh,
     rank: &RankSpec,
     answer: &Answer,
     engine: &mut GpuEngine,
-) -> Result<Vec<u32>, RunError> {
+) -> Result<(), RunError> {
     let plan = &answer.plan;
     let (replicas, stages) = (plan.replicas, plan.devices() as u32);
     if replicas < 2 {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let willing = nccl_ranks::available() && std::env::var(NCCL_RANKS_ENV).as_deref() != Ok("0");
     let mine = engine.gpu_ids()?;
@@ -50,7 +50,7 @@ pub(super) fn link_gpu_ranks(
         tracing::info!(
             "a rank has no NCCL (or {NCCL_RANKS_ENV}=0): replicas meet through host memory"
         );
-        return Ok(Vec::new());
+        return Ok(());
     };
     let linked = linked_stages(&gpus, replicas, stages);
     let ids = share_ids(mesh, rank, (replicas, stages), &linked, nccl_ranks::new_id)?;
@@ -68,7 +68,7 @@ pub(super) fn link_gpu_ranks(
         "the replicas of stages {linked:?} meet GPU to GPU through NCCL; the other stages' \
          through host memory"
     );
-    Ok(linked)
+    Ok(())
 }
 
 /// Says this rank's GPU ids (`mine`, its devices' in order) and whether it will link
