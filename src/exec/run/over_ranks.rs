@@ -144,7 +144,10 @@ fn connect<E: Engine + Send + 'static>(
             local_devices(&rank, answer)?;
             let fingerprint = run_fingerprint(&fingerprint_of, answer);
             let mesh = Mesh::connect(&rank, fingerprint).map_err(PipelineError::from)?;
-            link(&mesh, &rank, answer, engine)?;
+            if let Err(e) = link(&mesh, &rank, answer, engine) {
+                mesh.abort(&e.to_string()); // the others stop waiting for this one
+                return Err(e);
+            }
             let stages = plan.devices() as u32;
             Ok(Box::new(TcpRanks::new(mesh, rank, plan.replicas, stages)))
         },

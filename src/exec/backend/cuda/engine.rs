@@ -64,7 +64,7 @@ pub struct GpuEngine {
     /// runs on.
     pub(super) stage_gpu: Vec<usize>,
     /// Devices per replica: run-wide device `d` is stage `d % stages` of replica
-    /// `d / stages` (every device one replica's until `replicate` says otherwise).
+    /// `d / stages` (every device one replica's until `replicate` or `open_rank` says otherwise).
     pub(super) stages: usize,
     /// The run-wide index of `stage_gpu[0]`: 0, or where a rank's devices start
     /// (`open_rank`).
