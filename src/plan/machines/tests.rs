@@ -4,6 +4,11 @@ use super::*;
 use crate::plan::reduction::{with_gradient_reduction, with_sharded_optimizer};
 use crate::plan::schedule::{ScheduleKind, build};
 
+/// `plan`'s traffic as the ranks over TCP send it.
+fn over_tcp(plan: &Plan, profile: Profile, dims: &ModelDims, micro: MicroShape) -> Traffic {
+    traffic(plan, profile, dims, micro, Collectives::AllToAll)
+}
+
 fn dims(hidden: usize, ffn: usize, vocab: usize) -> ModelDims {
     ModelDims {
         hidden,
@@ -27,13 +32,7 @@ fn pp2_dp2(microbatches: u32) -> Plan {
 fn neighbours_send_each_micro_batch_once_each_way() {
     let plan = pp2_dp2(4);
     let micro = MicroShape { batch: 2, seq: 8 };
-    let t = traffic(
-        &plan,
-        Profile::CpuF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
+    let t = over_tcp(&plan, Profile::CpuF32, &dims(16, 32, 64), micro);
     let boundary = (2 * 8 * 16 * 4) as f64;
     // Replica 0 is devices 0 and 1, replica 1 devices 2 and 3.
     for (a, b) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
@@ -57,26 +56,14 @@ fn the_pairs_that_talk_most_share_a_machine() {
     // Wide activations, few parameters: pipeline neighbours talk most.
     let plan = pp2_dp2(16);
     let wide = MicroShape { batch: 8, seq: 512 };
-    let t = traffic(
-        &plan,
-        Profile::CpuF32,
-        &dims(64, 64, 32),
-        wide,
-        Collectives::AllToAll,
-    );
+    let t = over_tcp(&plan, Profile::CpuF32, &dims(64, 64, 32), wide);
     let p = place(2, 2, &t, &machines, &network);
     assert_eq!(p.order, "replicas");
     assert_eq!(p.slot, [0, 1, 2, 3]);
     // Many parameters, small micro-batches: the gradient rings talk most.
     let plan = pp2_dp2(1);
     let small = MicroShape { batch: 1, seq: 4 };
-    let t = traffic(
-        &plan,
-        Profile::CpuF32,
-        &dims(256, 4096, 32000),
-        small,
-        Collectives::AllToAll,
-    );
+    let t = over_tcp(&plan, Profile::CpuF32, &dims(256, 4096, 32000), small);
     let p = place(2, 2, &t, &machines, &network);
     assert_eq!(p.order, "stages");
     // Stage 0 of both replicas (devices 0 and 2) on machine 0.
@@ -99,20 +86,8 @@ fn tied_embeddings_send_the_table_between_first_and_last_stage() {
     let one = build(ScheduleKind::OneFOneB, 2, 4, 4).unwrap();
     let tied = crate::plan::tying::with_tied_embeddings(one.clone()).unwrap();
     let micro = MicroShape { batch: 2, seq: 8 };
-    let untied = traffic(
-        &one,
-        Profile::CpuF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
-    let t = traffic(
-        &tied,
-        Profile::CpuF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
+    let untied = over_tcp(&one, Profile::CpuF32, &dims(16, 32, 64), micro);
+    let t = over_tcp(&tied, Profile::CpuF32, &dims(16, 32, 64), micro);
     let table = (64 * 16 * 4) as f64;
     for (a, b) in [(0, 1), (1, 0)] {
         let (bytes, messages) = untied.links[&(a, b)];
@@ -142,13 +117,7 @@ impl Links for TwoLinks {
 fn each_pair_of_machines_pays_its_own_link() {
     let plan = pp2_dp2(4);
     let micro = MicroShape { batch: 2, seq: 8 };
-    let t = traffic(
-        &plan,
-        Profile::CpuF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
+    let t = over_tcp(&plan, Profile::CpuF32, &dims(16, 32, 64), micro);
     let boundary = (2 * 8 * 16 * 4) as f64;
     // Each stage's replicas share a machine, so only the pipelines cross: four micro-batches
     // each way in each of the two replicas.
@@ -175,13 +144,7 @@ fn a_placement_is_costed_by_the_link_it_crosses() {
     // machine either way, and the pipelines' crossing costs what the link between says.
     let plan = pp2_dp2(1);
     let small = MicroShape { batch: 1, seq: 4 };
-    let t = traffic(
-        &plan,
-        Profile::CpuF32,
-        &dims(256, 4096, 32000),
-        small,
-        Collectives::AllToAll,
-    );
+    let t = over_tcp(&plan, Profile::CpuF32, &dims(256, 4096, 32000), small);
     let fast = place(2, 2, &t, &[0, 0, 1, 1], &TwoLinks);
     let slow = place(2, 2, &t, &[1, 1, 2, 2], &TwoLinks);
     assert_eq!((fast.order, slow.order), ("stages", "stages"));
@@ -196,13 +159,7 @@ fn replicas_send_each_other_what_the_tcp_ranks_send() {
     let one = build(ScheduleKind::OneFOneB, 1, 4, 4).unwrap();
     let whole = with_gradient_reduction(one, 4).unwrap();
     let micro = MicroShape { batch: 1, seq: 8 };
-    let t = traffic(
-        &whole,
-        Profile::CpuF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
+    let t = over_tcp(&whole, Profile::CpuF32, &dims(16, 32, 64), micro);
     let grads = t.links[&(0, 1)].0;
     for a in 0..4u32 {
         for b in (0..4u32).filter(|&b| b != a) {
@@ -210,13 +167,7 @@ fn replicas_send_each_other_what_the_tcp_ranks_send() {
         }
     }
     let sharded = with_sharded_optimizer(whole).unwrap();
-    let t = traffic(
-        &sharded,
-        Profile::CpuF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
+    let t = over_tcp(&sharded, Profile::CpuF32, &dims(16, 32, 64), micro);
     // A reduce-scatter and a gathering, a quarter each (f32 gradients and weights alike).
     for a in 0..4u32 {
         for b in (0..4u32).filter(|&b| b != a) {
@@ -231,27 +182,9 @@ fn replicas_send_each_other_what_the_tcp_ranks_send() {
 fn bf16_halves_the_sends_and_not_the_gradients() {
     let plan = pp2_dp2(4);
     let micro = MicroShape { batch: 2, seq: 8 };
-    let f32_cuda = traffic(
-        &plan,
-        Profile::CudaF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
-    let bf16 = traffic(
-        &plan,
-        Profile::CudaBf16,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
-    let cpu = traffic(
-        &plan,
-        Profile::CpuF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
+    let f32_cuda = over_tcp(&plan, Profile::CudaF32, &dims(16, 32, 64), micro);
+    let bf16 = over_tcp(&plan, Profile::CudaBf16, &dims(16, 32, 64), micro);
+    let cpu = over_tcp(&plan, Profile::CpuF32, &dims(16, 32, 64), micro);
     let boundary = (2 * 8 * 16 * 2) as f64;
     for (a, b) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
         assert_eq!(bf16.links[&(a, b)], (4.0 * boundary, 4), "{a}->{b}");
@@ -270,13 +203,7 @@ fn ring_replicas_send_only_to_the_next() {
     let one = build(ScheduleKind::OneFOneB, 1, 4, 4).unwrap();
     let whole = with_gradient_reduction(one, 4).unwrap();
     let micro = MicroShape { batch: 1, seq: 8 };
-    let all = traffic(
-        &whole,
-        Profile::CpuF32,
-        &dims(16, 32, 64),
-        micro,
-        Collectives::AllToAll,
-    );
+    let all = over_tcp(&whole, Profile::CpuF32, &dims(16, 32, 64), micro);
     let grads = all.links[&(0, 1)].0;
     let ring = traffic(
         &whole,
