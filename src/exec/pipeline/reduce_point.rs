@@ -133,17 +133,7 @@ pub fn sum_in_replica_order<E: Engine>(
     device: u32,
     all: &mut [ChunkGrads<E::Tensor>],
 ) -> Result<(), PipelineError> {
-    let shape: Vec<usize> = all
-        .first()
-        .map_or(vec![], |r| r.iter().map(Vec::len).collect());
-    if all
-        .iter()
-        .any(|r| r.iter().map(Vec::len).ne(shape.iter().copied()))
-    {
-        return Err(PipelineError::Reduction(
-            "the replicas hold different parts of the chunk".into(),
-        ));
-    }
+    let shape = common_shape(all)?;
     for (part, &tensors) in shape.iter().enumerate() {
         for tensor in 0..tensors {
             let mut copies: Vec<&mut E::Tensor> =
@@ -200,18 +190,13 @@ pub fn across_ranks<T>(
     gather: bool,
     mut each: impl FnMut(AcrossRanks, &mut [&mut T]) -> Result<(), PipelineError>,
 ) -> Result<(), PipelineError> {
-    let shape: Vec<usize> = here
-        .first()
-        .map_or(vec![], |r| r.iter().map(Vec::len).collect());
-    let differs = here
-        .iter()
-        .any(|r| r.iter().map(Vec::len).ne(shape.iter().copied()));
-    if here.len() != local.len() || differs {
+    if here.len() != local.len() {
         return Err(PipelineError::Reduction(format!(
-            "{} copies of the chunk met for replicas {local:?}, or they hold different parts",
+            "{} copies of the chunk met for replicas {local:?}",
             here.len()
         )));
     }
+    let shape = common_shape(here)?;
     let tensors: Vec<((usize, usize), Owned)> = match shards {
         None => (shape.iter().enumerate())
             .flat_map(|(part, &n)| (0..n).map(move |t| ((part, t), Vec::new())))
@@ -233,6 +218,22 @@ pub fn across_ranks<T>(
         each(op, &mut copies)?;
     }
     Ok(())
+}
+
+/// How many tensors each part of the chunk has, the same in every copy (or an error).
+fn common_shape<T>(all: &[ChunkGrads<T>]) -> Result<Vec<usize>, PipelineError> {
+    let shape: Vec<usize> = all
+        .first()
+        .map_or(vec![], |r| r.iter().map(Vec::len).collect());
+    if all
+        .iter()
+        .any(|r| r.iter().map(Vec::len).ne(shape.iter().copied()))
+    {
+        return Err(PipelineError::Reduction(
+            "the replicas hold different parts of the chunk".into(),
+        ));
+    }
+    Ok(shape)
 }
 
 /// The shards per tensor: by (part, tensor), the (owner, range) in it, in replica order.

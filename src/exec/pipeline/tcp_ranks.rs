@@ -111,9 +111,7 @@ impl<E: Engine + Send + 'static> Ranks<E> for TcpRanks {
                 step,
                 staging: name.to_string(),
             };
-            for peer in (0..self.mesh.ranks()).filter(|&p| p != self.spec.rank) {
-                self.mesh.send(peer, &frame)?;
-            }
+            self.mesh.send_to_others(&frame)?;
             return Ok(name.to_string());
         }
         self.mesh
@@ -400,11 +398,11 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
         chunk: u32,
         grads: ChunkGrads<E::Tensor>,
     ) -> (ChunkGrads<E::Tensor>, Result<()>) {
-        let local = self.local.local_replicas(seat.stage);
         if engine.links_ranks(seat.stage) {
             let linked = self.on_links(engine, seat, None, false);
             return self.local.reduce_here(seat, chunk, grads, linked);
         }
+        let local = self.local.local_replicas(seat.stage);
         let mine = self.access(engine, seat.stage, seat.replica);
         let whole = |_: &[u32]| {
             (grads.iter())
@@ -483,12 +481,9 @@ impl<E: Engine> Transport<E> for OverTcp<'_, E> {
                 squares: squares.iter().map(|s| (s.part, s.sum_of_squares)).collect(),
                 losses: losses.clone(),
             };
-            let peers = (0..mesh.ranks()).filter(|&p| p != mesh.rank());
-            for peer in peers.clone() {
-                mesh.send(peer, &frame)?;
-            }
+            mesh.send_to_others(&frame)?;
             let mut theirs = Shares::default();
-            for peer in peers {
+            for peer in (0..mesh.ranks()).filter(|&p| p != mesh.rank()) {
                 let (squares, losses) =
                     self.wait(|inbox| inbox.meets.remove(&(self.step, peer)))?;
                 theirs.0.extend(

@@ -84,15 +84,10 @@ fn every_rank_gpus(
     let said: Vec<u8> = std::iter::once(u8::from(willing))
         .chain(mine.iter().flatten().copied())
         .collect();
-    for peer in (0..mesh.ranks()).filter(|&p| p != rank.rank) {
-        mesh.send(
-            peer,
-            &Frame::Setup {
-                key: GPUS.into(),
-                bytes: said.clone(),
-            },
-        )?;
-    }
+    mesh.send_to_others(&Frame::Setup {
+        key: GPUS.into(),
+        bytes: said.clone(),
+    })?;
     let (mut gpus, mut all_willing) = (Vec::with_capacity(devices as usize), true);
     for r in 0..mesh.ranks() {
         let bytes = match r == rank.rank {

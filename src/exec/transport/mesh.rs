@@ -318,15 +318,19 @@ impl Mesh {
         self.shared.failed();
     }
 
+    /// Sends `frame` to every other rank in rank order, up to the first link that cannot
+    /// take it (which fails the mesh).
+    pub fn send_to_others(&self, frame: &Frame) -> Result<(), TransportError> {
+        (0..self.ranks())
+            .filter(|&peer| peer != self.rank)
+            .try_for_each(|peer| self.send(peer, frame))
+    }
+
     /// Says goodbye to every rank and waits (up to `within`) for theirs, so nothing still in
     /// flight is cut off when the processes end.
     pub fn close(&self, within: Duration) -> Result<(), TransportError> {
         self.beating.store(false, Ordering::SeqCst);
-        for peer in 0..self.ranks() {
-            if peer != self.rank {
-                self.send(peer, &Frame::Bye)?;
-            }
-        }
+        self.send_to_others(&Frame::Bye)?;
         let deadline = Instant::now() + within;
         let me = self.rank as usize;
         let all_said_bye = |inbox: &mut Inbox| {

@@ -87,6 +87,19 @@ impl Libraries {
         }
         Ok(())
     }
+
+    /// NCCL, which communicators between GPUs need, or how to provide it.
+    pub fn require_nccl(&self) -> Result<(), CudaError> {
+        match self.nccl {
+            true => Ok(()),
+            false => Err(CudaError::Unavailable {
+                library: "libnccl.so (NCCL)",
+                hint: "install NCCL (e.g. the nvidia-nccl-cu13 wheel) and link libnccl.so to its \
+                       libnccl.so.2 in a folder on LD_LIBRARY_PATH"
+                    .into(),
+            }),
+        }
+    }
 }
 
 fn version(v: Option<i32>) -> String {

@@ -230,15 +230,7 @@ pub struct Nccl {
 impl Nccl {
     /// A communicator over `gpus` (distinct devices, at least two).
     pub fn open(gpus: &[Gpu]) -> Result<Nccl, CudaError> {
-        let libraries = Libraries::probe();
-        if !libraries.nccl {
-            return Err(CudaError::Unavailable {
-                library: "libnccl.so (NCCL)",
-                hint: "install NCCL (e.g. the nvidia-nccl-cu13 wheel) and link libnccl.so to its \
-                       libnccl.so.2 in a folder on LD_LIBRARY_PATH"
-                    .into(),
-            });
-        }
+        Libraries::probe().require_nccl()?;
         let ordinals: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
         let distinct = ordinals
             .iter()

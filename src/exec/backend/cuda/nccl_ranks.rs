@@ -57,12 +57,7 @@ pub fn available() -> bool {
 
 /// A fresh id for one stage's communicator.
 pub fn new_id() -> Result<LinkId, CudaError> {
-    if !available() {
-        return Err(CudaError::Unavailable {
-            library: "libnccl.so (NCCL)",
-            hint: "install NCCL on every machine of the run".into(),
-        });
-    }
+    Libraries::probe().require_nccl()?;
     let id = nccl::get_uniqueid().map_err(nccl_error)?;
     Ok(id.internal.map(|c| c as u8))
 }
