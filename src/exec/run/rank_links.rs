@@ -17,6 +17,7 @@ use crate::exec::pipeline::PipelineError;
 use crate::exec::transport::frame::Frame;
 use crate::exec::transport::{Mesh, RankSpec};
 use crate::plan::search::Answer;
+use crate::spec::SpecError;
 
 use super::RunError;
 
@@ -39,12 +40,13 @@ pub(super) fn link_gpu_ranks(
     answer: &Answer,
     engine: &mut GpuEngine,
 ) -> Result<(), RunError> {
+    let wanted = nccl_wanted(std::env::var(NCCL_RANKS_ENV).ok().as_deref())?;
     let plan = &answer.plan;
     let (replicas, stages) = (plan.replicas, plan.devices() as u32);
     if replicas < 2 {
         return Ok(());
     }
-    let willing = nccl_ranks::available() && std::env::var(NCCL_RANKS_ENV).as_deref() != Ok("0");
+    let willing = wanted && nccl_ranks::available();
     let mine = engine.gpu_ids()?;
     let Some(gpus) = every_rank_gpus(mesh, rank, replicas * stages, willing, &mine)? else {
         tracing::info!(
@@ -69,6 +71,19 @@ pub(super) fn link_gpu_ranks(
          through host memory"
     );
     Ok(())
+}
+
+/// Whether `CHRONOSPIPE_NCCL_RANKS` (`value`, if set) lets the ranks link through NCCL:
+/// unset or `1` yes, `0` no, anything else refused by name.
+fn nccl_wanted(value: Option<&str>) -> Result<bool, RunError> {
+    match value {
+        None | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(RunError::Spec(vec![SpecError::new(
+            NCCL_RANKS_ENV,
+            format!("`{other}` is neither 0 (host memory only) nor 1 (NCCL where it can)"),
+        )])),
+    }
 }
 
 /// Says this rank's GPU ids (`mine`, its devices' in order) and whether it will link
@@ -200,6 +215,18 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    #[test]
+    fn the_switch_is_0_or_1_or_unset_and_anything_else_is_refused_by_name() {
+        assert!(nccl_wanted(None).unwrap());
+        assert!(nccl_wanted(Some("1")).unwrap());
+        assert!(!nccl_wanted(Some("0")).unwrap());
+        let err = nccl_wanted(Some("false")).unwrap_err().to_string();
+        assert!(
+            err.contains("CHRONOSPIPE_NCCL_RANKS") && err.contains("`false`"),
+            "{err}"
+        );
     }
 
     #[test]
