@@ -177,21 +177,20 @@ async fn the_dashboard_follows_a_job_in_a_real_browser() {
             WAIT,
         )
         .await;
-    let rows = browser.find_all("[data-testid=device-memory-row]").await;
+    // Read in one script: the page redraws the rows as it polls, so rows found by one
+    // WebDriver call may be gone by the next.
+    let rows = browser
+        .execute(
+            "return [...document.querySelectorAll('[data-testid=device-memory-row]')] \
+             .map(r => [r.dataset.measured, r.dataset.budget])",
+            vec![],
+        )
+        .await;
+    let rows = rows.as_array().unwrap();
     assert_eq!(rows.len() as u64, job["plan"]["devices"].as_u64().unwrap());
-    for row in &rows {
-        let measured: u64 = browser
-            .attribute(row, "data-measured")
-            .await
-            .unwrap()
-            .parse()
-            .unwrap();
-        let budget: u64 = browser
-            .attribute(row, "data-budget")
-            .await
-            .unwrap()
-            .parse()
-            .unwrap();
+    for row in rows {
+        let measured: u64 = row[0].as_str().unwrap().parse().unwrap();
+        let budget: u64 = row[1].as_str().unwrap().parse().unwrap();
         assert!(
             measured > 0 && measured <= budget,
             "measured {measured}, budget {budget}"
